@@ -1,0 +1,87 @@
+"""The frozen config tree. Parsed from CLI/YAML only at the edge; everything inside reads it.
+
+    EngineConfig
+      model: ModelConfig        architecture facts of the checkpoint (from config.json / GGUF metadata)
+      cache: CacheConfig        paged KV pool geometry and budget
+      sched: SchedulerConfig    batching limits
+      device, dtype, attention backend, threads
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Llama-family decoder geometry. Units: tokens, elements; never bytes."""
+
+    name: str                       # display name (folder or file stem)
+    path: str                       # HF folder or .gguf file
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None   # frozen dict items (llama3 scaling etc.)
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False    # Qwen2: bias on q/k/v projections
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    gguf_file: str | None = None    # set when `path` is a GGUF file (tokenizer uses it too)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """K and V for every layer of one token."""
+        return 2 * self.num_layers * self.kv_size * dtype_bytes
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16                 # tokens per KV block
+    num_blocks: int | None = None        # explicit pool size; None = derive from the budget below
+    kv_cache_memory: int | None = None   # bytes for K+V of all layers; None = use memory_fraction
+    memory_fraction: float = 0.3         # of free device memory (host RAM on CPU) when no budget given
+    enable_prefix_caching: bool = True
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64               # running requests per step
+    max_num_batched_tokens: int = 2048   # token budget per step (prefill chunks + decodes)
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    sched: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: str = "cpu"
+    dtype: str = "float32"               # float32 | bfloat16 | float16
+    attention_backend: str = "auto"      # auto (triton on cuda, torch on cpu) | torch | triton
+    num_threads: int | None = None       # torch.set_num_threads on CPU hosts
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model.max_position_embeddings
+
+    def with_(self, **kw) -> "EngineConfig":
+        return replace(self, **kw)
