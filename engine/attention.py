@@ -1,0 +1,74 @@
+"""Paged attention on the torch path (CPU; the reference semantics of kernels/ on CUDA).
+
+Cache layout per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim].
+Token t of a sequence lives at slot block_table[t // block_size] * block_size + t % block_size.
+
+A step's tokens are laid out as [prefill chunks ..., decode tokens ...]:
+  - prefill chunk i: rows q_start..q_start+q_len of the flat batch, attending causally to the
+    first ctx_len positions of its sequence (ctx_len - q_len of them cached before this step);
+  - decodes: one row each, attending to seq_lens[j] positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSeq:
+    q_start: int                    # first row in the flat batch
+    q_len: int                      # new tokens this step
+    ctx_len: int                    # positions attended (cached prefix + this chunk)
+    block_table: torch.Tensor       # int64 [cdiv(ctx_len, block_size)]
+
+
+@dataclass
+class AttnMeta:
+    slot_mapping: torch.Tensor      # int64 [num_tokens]: cache slot of each new token
+    prefills: list[PrefillSeq]
+    num_prefill_tokens: int         # decode rows start here
+    decode_block_tables: torch.Tensor | None   # int64 [num_decodes, max_blocks]
+    decode_seq_lens: torch.Tensor | None       # int64 [num_decodes] (includes the new token)
+    decode_mask: torch.Tensor | None           # bool [num_decodes, 1, 1, max_blocks * block_size]
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, kv_heads, head_dim] into their slots."""
+    nb, bs, h, d = k_cache.shape
+    k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k)
+    v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v)
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
+    """[n, kv_heads, head_dim] of positions 0..n-1 of the sequence."""
+    return cache[block_table].flatten(0, 1)[:n]
+
+
+def prefill_attention(q, k, v, k_cache, v_cache, seq: PrefillSeq, scale: float) -> torch.Tensor:
+    """q: [q_len, H, D]; k, v: [q_len, KVH, D] (this chunk). Returns [q_len, H, D]."""
+    H, KVH = q.shape[1], k.shape[1]
+    if seq.ctx_len > seq.q_len:  # a cached prefix: attend over the paged cache
+        k = _gather(k_cache, seq.block_table, seq.ctx_len)
+        v = _gather(v_cache, seq.block_table, seq.ctx_len)
+        qpos = torch.arange(seq.ctx_len - seq.q_len, seq.ctx_len).unsqueeze(1)
+        mask = torch.arange(seq.ctx_len).unsqueeze(0) <= qpos           # [q_len, ctx_len]
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                           attn_mask=mask, scale=scale, enable_gqa=H != KVH)
+    else:
+        o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                           is_causal=True, scale=scale, enable_gqa=H != KVH)
+    return o.transpose(0, 1)
+
+
+def decode_attention(q, k_cache, v_cache, block_tables, mask, scale: float) -> torch.Tensor:
+    """q: [B, H, D]; block_tables [B, max_blocks]; mask [B, 1, 1, L]. Returns [B, H, D].
+    GQA is folded into the query length: each KV head serves its group of H/KVH query heads."""
+    B, H, D = q.shape
+    KVH = k_cache.shape[2]
+    k = k_cache[block_tables].flatten(1, 2).transpose(1, 2)   # [B, KVH, L, D]
+    v = v_cache[block_tables].flatten(1, 2).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.view(B, KVH, H // KVH, D), k, v, attn_mask=mask, scale=scale)
+    return o.reshape(B, H, D)

@@ -1,0 +1,52 @@
+"""Incremental detokenization with stop strings.
+
+Text is released only in whole UTF-8 characters: a byte-level BPE token can end inside a
+character, which decodes to U+FFFD until the rest arrives. While stop strings are set, the last
+(max stop length - 1) characters are held back so a stop string is never partly emitted.
+"""
+from __future__ import annotations
+
+
+class Detokenizer:
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = ()):
+        self.tok = tokenizer
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = []
+        # Decode with a few prompt tokens of left context so leading spaces come out right.
+        self.ctx = list(prompt_ids[-4:])
+        self.text = ""          # all complete text so far (stop string excluded once matched)
+        self.emitted = 0        # characters of self.text already returned
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def push(self, token_ids: list[int]) -> str:
+        """Add tokens; return newly releasable text. Sets self.stopped when a stop string matched."""
+        if self.stopped:
+            return ""
+        self.ids += token_ids
+        prefix = self._decode(self.ctx)
+        full = self._decode(self.ctx + self.ids)
+        if full.endswith("\ufffd"):      # an incomplete character: wait for more bytes
+            return ""
+        new_text = full[len(prefix):]
+        start = max(0, len(self.text) - self.hold - 1)
+        self.text = new_text
+        for s in self.stop:
+            j = self.text.find(s, start)
+            if j != -1:
+                self.text = self.text[:j]
+                self.stopped = True
+        return self._release(final=self.stopped)
+
+    def flush(self) -> str:
+        """Everything not yet released (at finish)."""
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        end = len(self.text) if final or not self.stop else max(self.emitted, len(self.text) - self.hold)
+        out = self.text[self.emitted:end]
+        self.emitted = end
+        return out

@@ -1,0 +1,93 @@
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) in plain PyTorch over a paged KV cache.
+
+Shapes: T = tokens in the step (all requests flattened), E = hidden size, H/KVH = query/KV heads,
+D = head dim. q/k/v and gate/up projections are fused into one matmul each at load time.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from engine.attention import AttnMeta, decode_attention, prefill_attention, store_kv
+from engine.config import ModelConfig
+from engine.rotary import apply_rotary, cos_sin_cache
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF LlamaRMSNorm: normalize in float32, scale in the input dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+class Layer:
+    __slots__ = ("qkv_w", "qkv_b", "o_w", "gate_up_w", "down_w", "in_norm", "post_norm")
+
+    def __init__(self, sd: dict[str, torch.Tensor], p: str, bias: bool):
+        a, m = f"{p}.self_attn", f"{p}.mlp"
+        self.qkv_w = torch.cat([sd[f"{a}.q_proj.weight"], sd[f"{a}.k_proj.weight"], sd[f"{a}.v_proj.weight"]])
+        self.qkv_b = (torch.cat([sd[f"{a}.q_proj.bias"], sd[f"{a}.k_proj.bias"], sd[f"{a}.v_proj.bias"]])
+                      if bias else None)
+        self.o_w = sd[f"{a}.o_proj.weight"]
+        self.gate_up_w = torch.cat([sd[f"{m}.gate_proj.weight"], sd[f"{m}.up_proj.weight"]])
+        self.down_w = sd[f"{m}.down_proj.weight"]
+        self.in_norm = sd[f"{p}.input_layernorm.weight"]
+        self.post_norm = sd[f"{p}.post_attention_layernorm.weight"]
+
+
+class LlamaModel:
+    def __init__(self, cfg: ModelConfig, sd: dict[str, torch.Tensor], device: str, dtype: torch.dtype):
+        self.cfg = cfg
+        self.dtype = dtype
+        sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
+        self.embed = sd["model.embed_tokens.weight"]                       # [V, E]
+        self.lm_head = self.embed if cfg.tie_word_embeddings else sd["lm_head.weight"]
+        self.norm = sd["model.norm.weight"]
+        self.layers = [Layer(sd, f"model.layers.{i}", cfg.attention_bias) for i in range(cfg.num_layers)]
+        self.cos_sin = cos_sin_cache(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta,
+                                     cfg.rope_scaling_dict).to(device)  # float32 [max_pos, D]
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta,
+                k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+                layer_hook: Callable[[int], None] | None = None) -> torch.Tensor:
+        """input_ids, positions: int64 [T]. Returns hidden states [T, E] after the final norm.
+        layer_hook(l) runs after layer l's KV is in the cache (layer-wise KV transfer)."""
+        c = self.cfg
+        T, H, KVH, D = input_ids.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+        cs = self.cos_sin[positions].unsqueeze(1)                           # [T, 1, D] float32
+        half = D // 2
+        cos = torch.cat([cs[..., :half], cs[..., :half]], -1).to(self.dtype)
+        sin = torch.cat([cs[..., half:], cs[..., half:]], -1).to(self.dtype)
+        h = F.embedding(input_ids, self.embed)                              # [T, E]
+        P = meta.num_prefill_tokens
+        for li, L in enumerate(self.layers):
+            x = rms_norm(h, L.in_norm, c.rms_norm_eps)
+            qkv = F.linear(x, L.qkv_w, L.qkv_b)                             # [T, (H + 2 KVH) D]
+            q, k, v = qkv.split([H * D, KVH * D, KVH * D], dim=-1)
+            q = apply_rotary(q.view(T, H, D), cos, sin)
+            k = apply_rotary(k.view(T, KVH, D), cos, sin)
+            v = v.view(T, KVH, D)
+            store_kv(k, v, k_caches[li], v_caches[li], meta.slot_mapping)
+            parts = []
+            for s in meta.prefills:
+                sl = slice(s.q_start, s.q_start + s.q_len)
+                parts.append(prefill_attention(q[sl], k[sl], v[sl], k_caches[li], v_caches[li], s, self.scale))
+            if P < T:
+                parts.append(decode_attention(q[P:], k_caches[li], v_caches[li], meta.decode_block_tables,
+                                              meta.decode_mask, self.scale))
+            attn = parts[0] if len(parts) == 1 else torch.cat(parts, 0)     # [T, H, D]
+            h = h + F.linear(attn.reshape(T, H * D), L.o_w)
+            x = rms_norm(h, L.post_norm, c.rms_norm_eps)
+            gu = F.linear(x, L.gate_up_w)                                   # [T, 2 I]
+            g, u = gu.chunk(2, dim=-1)
+            h = h + F.linear(F.silu(g) * u, L.down_w)
+            if layer_hook is not None:
+                layer_hook(li)
+        return rms_norm(h, self.norm, c.rms_norm_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, E] -> float32 [N, V]."""
+        return F.linear(hidden, self.lm_head).float()

@@ -1,0 +1,129 @@
+"""Turns a ScheduledBatch into tensors, runs the model, samples. Owns the KV cache tensors.
+
+KV cache memory (per layer, K and V each):   [num_blocks, block_size, num_kv_heads, head_dim]
+    block 0 | block 1 | ... | block N-1       <- block ids handed out by the BlockPool
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from engine.attention import AttnMeta, PrefillSeq
+from engine.config import EngineConfig
+from engine.llama import LlamaModel
+from engine.request import Request
+from engine.sampler import make_generator, sample
+from engine.scheduler import ScheduledBatch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def host_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def num_kv_blocks(cfg: EngineConfig) -> int:
+    """Pool size from the explicit count, the byte budget, or a fraction of free memory."""
+    c = cfg.cache
+    if c.num_blocks is not None:
+        return c.num_blocks
+    per_block = c.block_size * cfg.model.kv_bytes_per_token(DTYPES[cfg.dtype].itemsize)
+    budget = c.kv_cache_memory
+    if budget is None:
+        if cfg.device.startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info()
+        else:
+            free = host_available_bytes()
+        budget = int(free * c.memory_fraction)
+        # Never more than every sequence slot filled to the context length.
+        budget = min(budget, cfg.sched.max_num_seqs * cfg.max_model_len * per_block // c.block_size)
+    n = budget // per_block
+    if n < 1:
+        raise ValueError(f"KV cache budget {budget} bytes is smaller than one block ({per_block} bytes)")
+    return n
+
+
+class ModelRunner:
+    def __init__(self, cfg: EngineConfig, model: LlamaModel, num_blocks: int):
+        self.cfg = cfg
+        self.model = model
+        self.device = cfg.device
+        self.block_size = cfg.cache.block_size
+        m, dt = cfg.model, DTYPES[cfg.dtype]
+        shape = (num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        # zeros, not empty: masked positions must hold finite values (0 * NaN would poison SDPA)
+        self.k_caches = [torch.zeros(shape, dtype=dt, device=self.device) for _ in range(m.num_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=dt, device=self.device) for _ in range(m.num_layers)]
+        self.generators: dict[str, torch.Generator | None] = {}
+
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_caches + self.v_caches)
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttnMeta, list[int]]:
+        """Flatten the batch (prefill chunks first, then decodes). Returns input ids, positions,
+        attention metadata and, per request in `order`, its row in the flat batch."""
+        bs = self.block_size
+        pre = [i for i, n in enumerate(batch.num_new_tokens) if n > 1 or batch.reqs[i].num_computed_tokens == 0]
+        dec = [i for i, n in enumerate(batch.num_new_tokens) if i not in set(pre)]
+        ids, pos, slots, prefills, last_row = [], [], [], [], [0] * len(batch)
+        for i in pre + dec:
+            r, n = batch.reqs[i], batch.num_new_tokens[i]
+            start = r.num_computed_tokens
+            p = list(range(start, start + n))
+            if i in pre:
+                prefills.append(PrefillSeq(len(ids), n, start + n,
+                                           torch.tensor(r.block_ids[:-(-(start + n) // bs)], dtype=torch.int64)))
+            ids += r.token_ids[start:start + n]
+            pos += p
+            slots += [r.block_ids[t // bs] * bs + t % bs for t in p]
+            last_row[i] = len(ids) - 1
+        P = sum(s.q_len for s in prefills)
+        tables = lens = mask = None
+        if dec:
+            width = max(len(batch.reqs[i].block_ids) for i in dec)
+            tables = torch.tensor([batch.reqs[i].block_ids + [0] * (width - len(batch.reqs[i].block_ids))
+                                   for i in dec], dtype=torch.int64)
+            lens = torch.tensor([batch.reqs[i].num_computed_tokens + 1 for i in dec], dtype=torch.int64)
+            mask = (torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)).view(len(dec), 1, 1, -1)
+        meta = AttnMeta(torch.tensor(slots, dtype=torch.int64), prefills, P, tables, lens, mask)
+        dev = self.device
+        if dev != "cpu":
+            meta = AttnMeta(meta.slot_mapping.to(dev), [PrefillSeq(s.q_start, s.q_len, s.ctx_len,
+                            s.block_table.to(dev)) for s in prefills], P,
+                            *(t.to(dev) if t is not None else None for t in (tables, lens, mask)))
+        return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
+                meta, last_row)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, layer_hook: Callable[[int], None] | None = None) -> list[int | None]:
+        """One forward step. Returns a sampled token per request (None for a partial prefill chunk)."""
+        ids, pos, meta, rows = self.prepare(batch)
+        hidden = self.model.forward(ids, pos, meta, self.k_caches, self.v_caches, layer_hook)
+        want = [i for i in range(len(batch)) if batch.samples(i)]
+        out: list[int | None] = [None] * len(batch)
+        if not want:
+            return out
+        logits = self.model.logits(hidden[[rows[i] for i in want]])
+        reqs = [batch.reqs[i] for i in want]
+        gens = [self._generator(r) for r in reqs]
+        for i, t in zip(want, sample(logits, [r.params for r in reqs], gens)):
+            out[i] = t
+        return out
+
+    def _generator(self, req: Request) -> torch.Generator | None:
+        if req.request_id not in self.generators:
+            self.generators[req.request_id] = make_generator(req.params)
+        return self.generators[req.request_id]
+
+    def release(self, request_id: str) -> None:
+        self.generators.pop(request_id, None)

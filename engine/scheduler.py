@@ -1,0 +1,180 @@
+"""Continuous-batching scheduler with chunked prefill and recompute preemption. Pure Python.
+
+No prefill/decode phases: each step gives every running request `num_tokens -
+num_computed_tokens` more tokens (capped by the step's token budget), then admits waiting
+requests while budget, sequence slots and KV blocks last. A request whose chunk reaches its
+last token is sampled. When the pool runs dry, the newest running request is preempted
+(blocks freed, recomputed later; the prefix cache usually gives most of them back).
+
+Invariant that rules out deadlock: admission (`check_fits`) rejects any request whose whole
+lifetime (prompt + max_tokens) could not fit the pool alone, so the oldest running request can
+always progress once everything newer is preempted.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.config import SchedulerConfig
+from engine.kv_cache_manager import KVCacheManager, cdiv
+from engine.request import Request, Status
+
+
+@dataclass
+class ScheduledBatch:
+    reqs: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)   # tokens computed this step, per request
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def samples(self, i: int) -> bool:
+        """Does request i's chunk reach its last token (so the step samples for it)?"""
+        r = self.reqs[i]
+        return r.num_computed_tokens + self.num_new_tokens[i] == r.num_tokens
+
+    def __len__(self) -> int:
+        return len(self.reqs)
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+        self.cfg = cfg
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+
+    # admission
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """ValueError unless a request of this size can ever run here."""
+        if num_prompt_tokens + max_tokens > self.max_model_len:
+            raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds "
+                             f"the context length {self.max_model_len}")
+        need = cdiv(num_prompt_tokens + max_tokens, self.kv.block_size)
+        if need > self.kv.num_blocks:
+            raise ValueError(f"prompt + max_tokens needs {need} KV blocks; the pool has {self.kv.num_blocks}")
+
+    def add(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in flight")
+        self.check_fits(req.num_prompt_tokens, req.params.max_tokens)
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def add_running(self, req: Request) -> None:
+        """Admit a request whose blocks are allocated and whose KV is already computed
+        (it arrived from a prefill worker)."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in flight")
+        req.status = Status.RUNNING
+        self.requests[req.request_id] = req
+        self.running.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting_tokens(self) -> int:
+        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+
+    # step
+    def schedule(self) -> ScheduledBatch:
+        out = ScheduledBatch()
+        budget = self.cfg.max_num_batched_tokens
+        scheduled: set[str] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0:
+                i += 1
+                continue
+            while not self.kv.can_allocate(req, n):
+                victim = self.running[-1]
+                self._preempt(victim, out)
+                if victim is req:
+                    break
+            if req.status is not Status.RUNNING:  # preempted itself: nothing older left to evict
+                break
+            self.kv.allocate(req, n)
+            out.reqs.append(req)
+            out.num_new_tokens.append(n)
+            scheduled.add(req.request_id)
+            budget -= n
+            i += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not out.preempted:
+            req = self.waiting[0]
+            hits = self.kv.computed_blocks(req) if req.num_computed_tokens == 0 else []
+            n = req.num_tokens - (len(hits) * self.kv.block_size if hits else req.num_computed_tokens)
+            if n > budget:
+                if not self.cfg.enable_chunked_prefill:
+                    break
+                n = budget
+            if not self.kv.can_allocate(req, n, hits):
+                break
+            self.waiting.popleft()
+            self.kv.allocate(req, n, hits)
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = len(hits) * self.kv.block_size
+            req.status = Status.RUNNING
+            self.running.append(req)
+            out.reqs.append(req)
+            out.num_new_tokens.append(n)
+            budget -= n
+        return out
+
+    def _preempt(self, req: Request, out: ScheduledBatch) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+        out.preempted.append(req)
+
+    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Request]:
+        """Advance counters after the forward pass; append sampled tokens; return newly finished."""
+        finished = []
+        for req, n, tok in zip(batch.reqs, batch.num_new_tokens, sampled):
+            if req.is_finished:  # aborted while the step ran
+                continue
+            req.num_computed_tokens += n
+            self.kv.cache_computed_blocks(req)
+            if tok is None:
+                continue
+            req.append_token(tok)
+            status = self.stop_status(req, tok)
+            if status is not None:
+                self.finish(req, status)
+                finished.append(req)
+        return finished
+
+    def stop_status(self, req: Request, tok: int) -> Status | None:
+        if tok in req.eos_token_ids or tok in req.params.stop_token_ids:
+            return Status.FINISHED_STOPPED
+        if req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+            return Status.FINISHED_LENGTH
+        return None
+
+    def finish(self, req: Request, status: Status) -> None:
+        """Finish (or abort) a request anywhere in the queues and free its blocks."""
+        if req.is_finished:
+            return
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        req.status = status
+        self.requests.pop(req.request_id, None)
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is not None:
+            self.finish(req, Status.FINISHED_ABORTED)
+        return req

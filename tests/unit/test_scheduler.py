@@ -1,0 +1,141 @@
+"""Scheduler: budget, chunked prefill, prefix hits, preemption without deadlock (no torch)."""
+import random
+
+import pytest
+
+from engine.config import SchedulerConfig
+from engine.kv_cache_manager import KVCacheManager
+from engine.request import Request, Status
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+
+BS = 4
+
+
+def make(num_blocks=16, budget=16, max_seqs=8, chunked=True, max_len=1000):
+    kv = KVCacheManager(num_blocks, BS)
+    return Scheduler(SchedulerConfig(max_seqs, budget, chunked), kv, max_len)
+
+
+def req(n, max_tokens=4, start=0, rid=None):
+    return Request(list(range(start, start + n)), SamplingParams(max_tokens=max_tokens, temperature=0),
+                   request_id=rid, eos_token_ids=(99999,), block_size=BS)
+
+
+def run_step(s, tok=7):
+    b = s.schedule()
+    sampled = [tok if b.samples(i) else None for i in range(len(b))]
+    fin = s.update(b, sampled)
+    return b, fin
+
+
+def test_chunked_prefill_splits_long_prompt_and_mixes_decodes():
+    s = make(budget=8)
+    a, b = req(3, rid="a"), req(20, start=100, rid="b")
+    s.add(a)
+    s.add(b)
+    batch, _ = run_step(s)
+    assert [r.request_id for r in batch.reqs] == ["a", "b"] and batch.num_new_tokens == [3, 5]
+    assert a.num_output_tokens == 1 and b.num_output_tokens == 0 and b.num_computed_tokens == 5
+    batch, _ = run_step(s)
+    assert batch.num_new_tokens == [1, 7]     # a decodes, b's next chunk fills the budget
+    batch, _ = run_step(s)
+    assert batch.num_new_tokens == [1, 7]
+    assert b.num_computed_tokens == 19 and b.num_output_tokens == 0
+    batch, _ = run_step(s)
+    assert batch.num_new_tokens[1] == 1 and b.num_output_tokens == 1   # last prompt token sampled
+
+
+def test_no_chunking_waits_for_budget():
+    s = make(budget=8, chunked=False)
+    s.add(req(20))
+    assert len(s.schedule()) == 0
+
+
+def test_prefix_hit_skips_computation_and_records_cached_tokens():
+    s = make()
+    a = req(9, max_tokens=1)
+    s.add(a)
+    run_step(s)
+    assert a.status is Status.FINISHED_LENGTH
+    b = req(9, max_tokens=1)
+    s.add(b)
+    batch, _ = run_step(s)
+    assert batch.num_new_tokens == [1] and b.num_cached_tokens == 8
+
+
+def test_finish_by_length_and_stop_token_frees_blocks():
+    s = make()
+    a = req(5, max_tokens=2)
+    s.add(a)
+    run_step(s)
+    _, fin = run_step(s)
+    assert fin == [a] and a.status is Status.FINISHED_LENGTH and a.output_token_ids == [7, 7]
+    assert s.kv.num_free_blocks == 16
+    c = Request([1, 2], SamplingParams(max_tokens=9, stop_token_ids=[7]), block_size=BS)
+    s.add(c)
+    _, fin = run_step(s)
+    assert fin == [c] and c.status is Status.FINISHED_STOPPED
+
+
+def test_preemption_recomputes_and_never_deadlocks():
+    s = make(num_blocks=6, budget=64)
+    reqs = [req(6, max_tokens=10, start=10 * i) for i in range(4)]   # 4 x 4 blocks > 6 blocks
+    for r in reqs:
+        s.add(r)
+    steps, preempted = 0, 0
+    while s.has_work():
+        b, _ = run_step(s)
+        preempted += len(b.preempted)
+        steps += 1
+        assert steps < 500, "no progress"
+        assert s.kv.num_free_blocks >= 0
+    assert preempted > 0
+    assert all(r.status is Status.FINISHED_LENGTH and r.num_output_tokens == 10 for r in reqs)
+    assert s.kv.num_free_blocks == 6
+
+
+def test_admission_rejects_what_can_never_fit():
+    s = make(num_blocks=4, max_len=50)
+    with pytest.raises(ValueError, match="context length"):
+        s.add(req(40, max_tokens=11))
+    with pytest.raises(ValueError, match="KV blocks"):
+        s.add(req(14, max_tokens=3))     # 17 tokens = 5 blocks > 4
+    s.add(req(3, rid="x"))
+    with pytest.raises(ValueError, match="already in flight"):
+        s.add(req(3, rid="x"))
+
+
+def test_abort_anywhere_frees_everything():
+    s = make(num_blocks=8, budget=8)
+    rs = [req(9, max_tokens=8, start=50 * i) for i in range(3)]
+    for r in rs:
+        s.add(r)
+    run_step(s)
+    for r in rs:
+        s.abort(r.request_id)
+    assert not s.has_work() and s.kv.num_free_blocks == 8
+
+
+def test_random_workload_keeps_pool_consistent():
+    rng = random.Random(0)
+    s = make(num_blocks=12, budget=10, max_seqs=4)
+    live = []
+    for step in range(400):
+        if rng.random() < 0.3:
+            r = req(rng.randint(1, 20), max_tokens=rng.randint(1, 12), start=rng.choice([0, 0, 500]))
+            s.add(r)
+            live.append(r)
+        if live and rng.random() < 0.05:
+            s.abort(rng.choice(live).request_id)
+        run_step(s)
+        used = sum(1 for b in s.kv.pool.blocks if b.ref_cnt > 0)
+        assert used + s.kv.num_free_blocks == 12
+        owned = {}
+        for r in s.running:
+            for bid in r.block_ids:
+                owned[bid] = owned.get(bid, 0) + 1
+        assert all(s.kv.pool.blocks[b].ref_cnt == c for b, c in owned.items())
+    while s.has_work():
+        run_step(s)
+    assert s.kv.num_free_blocks == 12
