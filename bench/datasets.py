@@ -1,0 +1,203 @@
+"""Benchmark workloads: each dataset is a list of BenchRequest, deterministic from the seed.
+
+Datasets (`--dataset`):
+  random         token-id prompts of ~input_len tokens, outputs of ~output_len tokens
+  shared-prefix  num_groups groups; every prompt of a group starts with the group's prefix_len-token
+                 system prompt, then suffix_len tokens of its own (prefix-cache workload)
+  multi-turn     num_conversations conversations of `turns` turns; turn k resends the whole history
+                 (every earlier user turn and reply) plus input_len new tokens
+  mixed          num_prompts prompts, round(long_fraction * num_prompts) of them long_input_len long,
+                 the rest input_len long (head-of-line blocking workload)
+  sharegpt:PATH  ShareGPT JSON: first human turn as a text prompt, the following gpt turn's length in
+                 whitespace words as the output length (or output_len when given)
+Lengths are in tokens (words for ShareGPT); range_ratio spreads input/output lengths uniformly over
+[len * (1 - r), len * (1 + r)] like vLLM's random dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+DEFAULT_OUTPUT_LEN = 128  # tokens, for every dataset but sharegpt (which takes the gpt turn's length)
+
+# One source for the CLI defaults and for build_dataset's keyword defaults.
+DEFAULTS: dict[str, Any] = {
+    "dataset": "random",
+    "num_prompts": 100,
+    "seed": 0,
+    "ignore_eos": False,
+    "input_len": 512,
+    "output_len": None,  # None: DEFAULT_OUTPUT_LEN, or the ShareGPT reply length
+    "range_ratio": 0.0,
+    "num_groups": 4,
+    "prompts_per_group": 16,
+    "prefix_len": 512,
+    "suffix_len": 64,
+    "num_conversations": 16,
+    "turns": 4,
+    "long_fraction": 0.1,
+    "long_input_len": 4096,
+}
+
+DATASETS = ("random", "shared-prefix", "multi-turn", "mixed", "sharegpt:PATH")
+
+# ShareGPT filters (vLLM's is_valid_sequence, in whitespace words instead of tokens).
+SHAREGPT_MIN_LEN = 4
+SHAREGPT_MAX_PROMPT_LEN = 1024
+SHAREGPT_MAX_TOTAL_LEN = 2048
+
+
+@dataclass
+class BenchRequest:
+    """One request to send. Exactly one of prompt_ids / prompt_text is set.
+
+    Multi-turn: requests sharing `conversation` form one conversation, `turn` = 0, 1, ...;
+    for turn > 0, prompt_ids holds only the new user tokens, and the client sends
+    previous turn's prompt + previous turn's reply token ids + prompt_ids, once that reply arrived.
+    """
+
+    prompt_ids: list[int] | None = None
+    prompt_text: str | None = None
+    output_len: int = DEFAULT_OUTPUT_LEN  # tokens (max_tokens)
+    ignore_eos: bool = False
+    conversation: int | None = None
+    turn: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. {"group": 2} or {"long": True}
+
+
+def build_dataset(args: argparse.Namespace | dict[str, Any], vocab_size: int) -> list[BenchRequest]:
+    """The requests of `args.dataset` (a Namespace from add_arguments, or a dict of DEFAULTS keys)."""
+    opts = dict(DEFAULTS)
+    opts.update(vars(args) if isinstance(args, argparse.Namespace) else args)
+    rng = np.random.default_rng(opts["seed"])
+    name = opts["dataset"]
+    if name.startswith("sharegpt:"):
+        reqs = _sharegpt(name.removeprefix("sharegpt:"), opts)
+    elif name == "random":
+        reqs = _random(rng, vocab_size, opts)
+    elif name == "shared-prefix":
+        reqs = _shared_prefix(rng, vocab_size, opts)
+    elif name == "multi-turn":
+        reqs = _multi_turn(rng, vocab_size, opts)
+    elif name == "mixed":
+        reqs = _mixed(rng, vocab_size, opts)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    for r in reqs:
+        r.ignore_eos = bool(opts["ignore_eos"])
+    return reqs
+
+
+def _output_len(opts: dict[str, Any]) -> int:
+    return opts["output_len"] if opts["output_len"] is not None else DEFAULT_OUTPUT_LEN
+
+
+def _lengths(rng: np.random.Generator, mean: int, range_ratio: float, n: int) -> list[int]:
+    """n lengths uniform in [mean * (1 - r), mean * (1 + r)], each >= 1."""
+    if not 0.0 <= range_ratio < 1.0:
+        raise ValueError(f"range_ratio must be in [0, 1), got {range_ratio}")
+    low = max(1, int(mean * (1 - range_ratio)))
+    high = max(low, int(mean * (1 + range_ratio)))
+    return [int(x) for x in rng.integers(low, high + 1, size=n)]
+
+
+def _ids(rng: np.random.Generator, vocab_size: int, n: int) -> list[int]:
+    return [int(x) for x in rng.integers(0, vocab_size, size=n)]
+
+
+def _random(rng: np.random.Generator, vocab_size: int, opts: dict[str, Any]) -> list[BenchRequest]:
+    n = opts["num_prompts"]
+    in_lens = _lengths(rng, opts["input_len"], opts["range_ratio"], n)
+    out_lens = _lengths(rng, _output_len(opts), opts["range_ratio"], n)
+    return [BenchRequest(prompt_ids=_ids(rng, vocab_size, i), output_len=o) for i, o in zip(in_lens, out_lens)]
+
+
+def _shared_prefix(rng: np.random.Generator, vocab_size: int, opts: dict[str, Any]) -> list[BenchRequest]:
+    prefixes = [_ids(rng, vocab_size, opts["prefix_len"]) for _ in range(opts["num_groups"])]
+    reqs = [
+        BenchRequest(
+            prompt_ids=prefix + _ids(rng, vocab_size, opts["suffix_len"]),
+            output_len=_output_len(opts),
+            meta={"group": g},
+        )
+        for g, prefix in enumerate(prefixes)
+        for _ in range(opts["prompts_per_group"])
+    ]
+    order = rng.permutation(len(reqs))  # interleave the groups in arrival order
+    return [reqs[i] for i in order]
+
+
+def _multi_turn(rng: np.random.Generator, vocab_size: int, opts: dict[str, Any]) -> list[BenchRequest]:
+    """Turn-major order (every conversation's turn 0, then every turn 1, ...), so that all
+    conversations are live at once and a turn's arrival comes after its predecessor's."""
+    n_conv, turns = opts["num_conversations"], opts["turns"]
+    in_lens = _lengths(rng, opts["input_len"], opts["range_ratio"], n_conv * turns)
+    out_lens = _lengths(rng, _output_len(opts), opts["range_ratio"], n_conv * turns)
+    return [
+        BenchRequest(
+            prompt_ids=_ids(rng, vocab_size, in_lens[t * n_conv + c]),
+            output_len=out_lens[t * n_conv + c],
+            conversation=c,
+            turn=t,
+        )
+        for t in range(turns)
+        for c in range(n_conv)
+    ]
+
+
+def _mixed(rng: np.random.Generator, vocab_size: int, opts: dict[str, Any]) -> list[BenchRequest]:
+    n = opts["num_prompts"]
+    if not 0.0 <= opts["long_fraction"] <= 1.0:
+        raise ValueError(f"long_fraction must be in [0, 1], got {opts['long_fraction']}")
+    is_long = np.zeros(n, dtype=bool)
+    is_long[rng.permutation(n)[: round(opts["long_fraction"] * n)]] = True
+    short = _lengths(rng, opts["input_len"], opts["range_ratio"], n)
+    long = _lengths(rng, opts["long_input_len"], opts["range_ratio"], n)
+    out_lens = _lengths(rng, _output_len(opts), opts["range_ratio"], n)
+    return [
+        BenchRequest(
+            prompt_ids=_ids(rng, vocab_size, long[i] if is_long[i] else short[i]),
+            output_len=out_lens[i],
+            meta={"long": bool(is_long[i])},
+        )
+        for i in range(n)
+    ]
+
+
+def _sharegpt(path: str, opts: dict[str, Any]) -> list[BenchRequest]:
+    """Like vLLM's ShareGPTDataset: keep entries with >= 2 turns, shuffle by seed, take the first
+    human turn and the gpt turn after it, skip too-short/too-long pairs, stop at num_prompts."""
+    with open(path, encoding="utf-8") as f:
+        data = [e for e in json.load(f) if len(e.get("conversations", [])) >= 2]
+    random.Random(opts["seed"]).shuffle(data)
+    fixed_out = opts["output_len"]
+    reqs: list[BenchRequest] = []
+    for entry in data:
+        if len(reqs) >= opts["num_prompts"]:
+            break
+        pair = _first_exchange(entry["conversations"])
+        if pair is None:
+            continue
+        prompt, reply = pair
+        prompt_len = len(prompt.split())  # whitespace words
+        out_len = fixed_out if fixed_out is not None else len(reply.split())
+        too_short = prompt_len < SHAREGPT_MIN_LEN or (fixed_out is None and out_len < SHAREGPT_MIN_LEN)
+        too_long = prompt_len > SHAREGPT_MAX_PROMPT_LEN or prompt_len + out_len > SHAREGPT_MAX_TOTAL_LEN
+        if not (too_short or too_long):
+            reqs.append(BenchRequest(prompt_text=prompt, output_len=out_len))
+    return reqs
+
+
+def _first_exchange(turns: list[dict[str, str]]) -> tuple[str, str] | None:
+    """(first human turn, the gpt turn right after it), or None."""
+    for i, turn in enumerate(turns[:-1]):
+        if turn.get("from") == "human":
+            nxt = turns[i + 1]
+            return (turn.get("value", ""), nxt.get("value", "")) if nxt.get("from") == "gpt" else None
+    return None

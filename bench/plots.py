@@ -1,0 +1,40 @@
+"""Comparison figure of several benchmark results (run_benchmark's dicts), one PNG.
+
+Layout (2 x 3): latency CDFs of TTFT, TPOT, ITL, E2EL (ms), one line per named result;
+then output token throughput (tok/s) and request throughput / goodput (req/s) bars.
+Uses a bare matplotlib Figure (Agg canvas), so no pyplot state or display is involved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+_CDFS = (("ttfts", "TTFT"), ("tpots", "TPOT"), ("itls", "ITL"), ("e2els", "E2E latency"))
+
+
+def plot_comparison(results: dict[str, dict[str, Any]], path: str) -> None:
+    fig = Figure(figsize=(15, 8), layout="constrained")
+    axes = fig.subplots(2, 3)
+    for ax, (key, title) in zip(axes.flat, _CDFS):
+        for name, result in results.items():
+            values = np.sort(np.asarray(result[key], dtype=float))  # ms
+            if values.size:
+                ax.plot(values, np.arange(1, values.size + 1) / values.size, label=name)
+        ax.set(title=f"{title} CDF", xlabel="ms", ylabel="fraction of samples", ylim=(0, 1.02))
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    names = list(results)
+    x = np.arange(len(names))
+    tok = axes.flat[4]
+    tok.bar(x, [results[n]["output_throughput"] for n in names])
+    tok.set(title="Output token throughput", ylabel="tok/s", xticks=x, xticklabels=names)
+    req = axes.flat[5]
+    width = 0.4
+    req.bar(x - width / 2, [results[n]["request_throughput"] for n in names], width, label="throughput")
+    req.bar(x + width / 2, [results[n]["request_goodput"] or 0.0 for n in names], width, label="goodput")
+    req.set(title="Requests", ylabel="req/s", xticks=x, xticklabels=names)
+    req.legend()
+    fig.savefig(path, dpi=100)
