@@ -34,6 +34,23 @@ class StepOutput:
         return self.request.status.value if self.finished else None
 
 
+@dataclass
+class StepStats:
+    """Counters of forward steps (for metrics and the router's online rate estimates)."""
+    steps: int = 0
+    tokens: int = 0
+    busy_s: float = 0.0
+    last_step_s: float = 0.0
+    last_step_tokens: int = 0
+    last_step_seqs: int = 0
+
+    def record(self, tokens: int, seqs: int, seconds: float) -> None:
+        self.steps += 1
+        self.tokens += tokens
+        self.busy_s += seconds
+        self.last_step_s, self.last_step_tokens, self.last_step_seqs = seconds, tokens, seqs
+
+
 def build_config(model: str | None = None, *, dtype: str = "float32", device: str = "cpu",
                  block_size: int = 16, num_blocks: int | None = None, kv_cache_memory: int | None = None,
                  enable_prefix_caching: bool = True, max_num_seqs: int = 64,
@@ -79,6 +96,7 @@ class LLMEngine:
         self.scheduler = Scheduler(cfg.sched, self.kv, cfg.max_model_len)
         self.runner = ModelRunner(cfg, self.model, n_blocks)
         self.detoks: dict[str, Detokenizer] = {}
+        self.stats = StepStats()
         self.load_seconds = time.perf_counter() - t0
         log.info("engine ready: %s, %d KV blocks x %d tokens (%.0f MiB), %.1fs", cfg.model.name, n_blocks,
                  cfg.cache.block_size, self.runner.kv_cache_bytes() / 2**20, self.load_seconds)
@@ -118,10 +136,15 @@ class LLMEngine:
 
     # step
     def step(self, layer_hook=None) -> list[StepOutput]:
+        """One scheduler step. layer_hook(layer, batch), if given, runs after each layer's KV is
+        stored (the prefill worker streams that layer's blocks from there)."""
         batch = self.scheduler.schedule()
         if not batch.reqs:
             return []
-        sampled = self.runner.run(batch, layer_hook)
+        t0 = time.perf_counter()
+        hook = (lambda layer: layer_hook(layer, batch)) if layer_hook else None
+        sampled = self.runner.run(batch, hook)
+        self.stats.record(batch.total_tokens, len(batch), time.perf_counter() - t0)
         finished = set(id(r) for r in self.scheduler.update(batch, sampled))
         outs = []
         for req, tok in zip(batch.reqs, sampled):

@@ -1,0 +1,73 @@
+"""Ray actor around DecodeWorker (the only Ray code on the decode side). Tokens stream back
+through a Ray streaming generator."""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import ray
+
+from engine.sampling_params import SamplingParams
+
+
+class DecodeActor:
+    def __init__(self, worker_id: str, engine_kwargs: dict, num_threads: int, worker_kwargs: dict):
+        import torch
+
+        from decode_worker.worker import DecodeWorker
+        from engine.llm_engine import LLMEngine, build_config
+        torch.set_num_threads(num_threads)
+        engine = LLMEngine(build_config(**engine_kwargs, num_threads=num_threads))
+        if worker_kwargs.pop("bind_node_ip", False):
+            worker_kwargs["kv_host"] = ray.util.get_node_ip_address()
+        self.worker = DecodeWorker(worker_id, engine, **worker_kwargs)
+        self.pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="decode-rpc")
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def reserve(self, request_id: str, prompt_ids: list[int], params: dict,
+                      cache_salt: str | None = None) -> dict:
+        """{"ok": True, kv_address, dst_id, skip_blocks, dst_block_ids, cached_tokens} or
+        {"ok": False, "reason": ...} when the pool is full right now."""
+        from decode_worker.worker import NoCapacity
+        try:
+            r = await self._run(self.worker.reserve, request_id, prompt_ids, SamplingParams(**params), cache_salt)
+        except NoCapacity as e:
+            return dict(ok=False, reason=str(e))
+        return dict(ok=True, **r)
+
+    async def stream(self, request_id: str, first_token: int | None, prompt_ids: list[int] | None = None,
+                     params: dict | None = None, cache_salt: str | None = None):
+        """Yields token items until finished. first_token given: continue a remote prefill whose KV
+        was reserved; else prefill prompt_ids locally."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        sink = lambda item: loop.call_soon_threadsafe(q.put_nowait, item)  # noqa: E731
+        if first_token is not None:
+            await self._run(self.worker.start, request_id, first_token, sink)
+        else:
+            await self._run(self.worker.generate, request_id, prompt_ids, SamplingParams(**params), cache_salt, sink)
+        try:
+            while True:
+                item = await q.get()
+                yield item
+                if item["finished"]:
+                    break
+        finally:
+            self.worker.finished(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self._run(self.worker.abort, request_id)
+
+    async def status(self) -> dict:
+        return self.worker.status()
+
+    async def shutdown(self) -> None:
+        self.worker.close()
+
+
+def spawn(worker_id: str, engine_kwargs: dict, num_threads: int, use_gpu: bool = False, **worker_kwargs):
+    from deploy.worker_options import actor_options
+    return ray.remote(DecodeActor).options(**actor_options("decode", worker_id, num_threads, use_gpu)).remote(
+        worker_id, engine_kwargs, num_threads, worker_kwargs)

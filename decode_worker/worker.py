@@ -1,0 +1,164 @@
+"""Decode worker: continuous batching over requests whose KV arrived; can also prefill locally.
+
+Remote-prefill protocol (one owner per block at every moment):
+  reserve(rid, prompt)  -> blocks for the whole prompt are allocated here first (prefix-cache hits
+                           reused), the KV receiver is told to expect the missing ones; the router
+                           gets the KV address, how many leading blocks to skip, and the block ids.
+  (prefill worker streams K/V into exactly those blocks; frames for any other id are dropped)
+  start(rid, first_tok) -> the transfer must be complete; the request joins the running batch with
+                           num_computed_tokens = prompt length and the first token appended.
+  abort(rid)            -> from any state: the receiver fences the id, the blocks are freed.
+Tokens of every request are pushed to its TokenStream, drained by the RPC layer.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+from engine.engine_thread import EngineThread
+from engine.llm_engine import LLMEngine, StepOutput
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from kv_transfer import KVReceiver, KVServer, TransferState, cache_writer
+
+log = logging.getLogger(__name__)
+
+
+class TokenStream:
+    """{"token_ids", "finished", "finish_reason", "num_cached_tokens"} items for one request, pushed
+    from the engine thread: into `sink` when given (e.g. an event loop's queue), else a queue."""
+
+    def __init__(self, sink=None):
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.sink = sink or self.q.put
+
+    def push(self, o: StepOutput) -> None:
+        self.sink(dict(token_ids=o.new_token_ids, finished=o.finished, finish_reason=o.finish_reason,
+                       num_cached_tokens=max(o.request.num_cached_tokens, 0)))
+
+    def get(self, timeout: float | None = None) -> dict:
+        return self.q.get(timeout=timeout)
+
+
+class NoCapacity(Exception):
+    """Not enough free KV blocks to reserve a prompt right now (the router places elsewhere)."""
+
+
+class DecodeWorker:
+    def __init__(self, worker_id: str, engine: LLMEngine, kv_host: str = "127.0.0.1", kv_port: int = 0,
+                 secret: str | None = None, transfer_timeout_s: float = 30.0):
+        self.worker_id = worker_id
+        self.engine = engine
+        self.receiver = KVReceiver()
+        self.server = KVServer(self.receiver, host=kv_host, port=kv_port, secret=secret)
+        self.server.start_sync()
+        self.transfer_timeout_s = transfer_timeout_s
+        self.streams: dict[str, TokenStream] = {}
+        self._reserved: dict[str, tuple[Request, object]] = {}   # engine thread only
+        self._lock = threading.Lock()
+        self.loop = EngineThread(engine, name=f"decode-{worker_id}")
+
+    @property
+    def kv_address(self) -> str:
+        return self.server.address
+
+    def _listen(self, rid: str, sink=None) -> TokenStream:
+        s = TokenStream(sink)
+        with self._lock:
+            self.streams[rid] = s
+        self.loop.listeners[rid] = s.push
+        return s
+
+    # remote prefill
+    def reserve(self, rid: str, prompt_ids: list[int], params: SamplingParams,
+                cache_salt: str | None = None) -> dict:
+        def _reserve(engine: LLMEngine) -> dict:
+            if rid in self._reserved or rid in engine.scheduler.requests:
+                raise ValueError(f"request_id {rid!r} is already in flight")
+            req = engine.make_request(prompt_ids, params, rid, cache_salt)
+            kv = engine.kv
+            hits = kv.computed_blocks(req)
+            n_new = req.num_prompt_tokens - len(hits) * kv.block_size
+            if not kv.can_allocate(req, n_new, hits):
+                raise NoCapacity(f"{self.worker_id}: {kv.num_free_blocks} free KV blocks")
+            kv.allocate(req, n_new, hits)
+            dst = req.block_ids[len(hits):]
+            pending = self.receiver.expect(rid, dst, engine.cfg.model.num_layers,
+                                           cache_writer(engine.runner.k_caches, engine.runner.v_caches))
+            self._reserved[rid] = (req, pending)
+            return dict(kv_address=self.kv_address, dst_id=self.worker_id, skip_blocks=len(hits),
+                        dst_block_ids=dst, cached_tokens=len(hits) * kv.block_size)
+        return self.loop.run(_reserve)
+
+    def start(self, rid: str, first_token: int, sink=None) -> TokenStream:
+        """The transfer finished (the prefill worker holds the ack): join the running batch."""
+        def _start(engine: LLMEngine) -> None:
+            req, pending = self._reserved.pop(rid)
+            if pending.state is not TransferState.COMPLETE:
+                engine.kv.free(req)
+                self.receiver.abort(rid)
+                raise RuntimeError(f"KV for {rid} not complete: {pending.state.value}")
+            req.num_computed_tokens = req.num_prompt_tokens
+            engine.kv.cache_computed_blocks(req)
+            req.append_token(first_token)
+            if engine.scheduler.stop_status(req, first_token) is not None:
+                engine.kv.free(req)
+                raise ValueError("the first token already finishes the request; nothing to decode")
+            engine.scheduler.add_running(req)
+        stream = self._listen(rid, sink)
+        try:
+            deadline = time.monotonic() + self.transfer_timeout_s
+            pending = self.loop.run(lambda e: self._reserved[rid][1])
+            pending.wait(max(0.0, deadline - time.monotonic()))
+            self.loop.run(_start)
+        except BaseException:
+            self._drop_stream(rid)
+            raise
+        return stream
+
+    # local prefill
+    def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams,
+                 cache_salt: str | None = None, sink=None) -> TokenStream:
+        stream = self._listen(rid, sink)
+        try:
+            self.loop.run(lambda e: e.add_request(prompt_ids, params, rid, cache_salt, detokenize=False))
+        except BaseException:
+            self._drop_stream(rid)
+            raise
+        return stream
+
+    def abort(self, rid: str) -> None:
+        """Stop rid wherever it is and free its blocks (idempotent)."""
+        def _abort(engine: LLMEngine) -> None:
+            self.receiver.abort(rid)
+            entry = self._reserved.pop(rid, None)
+            if entry is not None:
+                engine.kv.free(entry[0])
+            req = engine.scheduler.requests.get(rid)
+            engine.abort(rid)
+            cb = self.loop.listeners.pop(rid, None)
+            if cb and req is not None:
+                cb(StepOutput(req, [], "", True))
+        self.loop.run(_abort)
+        self._drop_stream(rid)
+
+    def _drop_stream(self, rid: str) -> None:
+        self.loop.listeners.pop(rid, None)
+        with self._lock:
+            self.streams.pop(rid, None)
+
+    def finished(self, rid: str) -> None:
+        self._drop_stream(rid)
+
+    def status(self) -> dict:
+        e = self.engine
+        return dict(worker_id=self.worker_id, role="decode", running=len(e.scheduler.running),
+                    waiting=len(e.scheduler.waiting), reserved=len(self._reserved),
+                    free_blocks=e.kv.num_free_blocks, num_blocks=e.kv.num_blocks,
+                    steps=e.stats.steps, busy_s=e.stats.busy_s, kv_address=self.kv_address)
+
+    def close(self) -> None:
+        self.loop.stop()
+        self.server.stop_sync()

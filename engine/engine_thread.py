@@ -1,0 +1,87 @@
+"""Runs an LLMEngine on its own thread so a worker's RPC side never blocks on a forward pass.
+
+The engine is single-threaded by design: every mutation (add, abort, reserve, ...) is a command
+queued to this thread and run between steps; results come back as concurrent Futures. Step
+outputs are delivered to the per-request listener registered with the command that created it.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable
+
+from engine.llm_engine import LLMEngine, StepOutput
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[StepOutput], None]
+
+
+class EngineThread:
+    def __init__(self, engine: LLMEngine, layer_hook=None, name: str = "engine"):
+        self.engine = engine
+        self.layer_hook = layer_hook          # (layer, batch) -> None, on this thread
+        self.listeners: dict[str, Listener] = {}
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[..., Any], *args) -> Future:
+        """Run fn(engine, *args) on the engine thread between steps."""
+        fut: Future = Future()
+        self._cmds.put((fn, args, fut))
+        return fut
+
+    def run(self, fn: Callable[..., Any], *args, timeout: float | None = 60.0) -> Any:
+        return self.call(fn, *args).result(timeout)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._cmds.put(None)
+        self._thread.join(timeout=10)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self._cmds.get(timeout=0.5) if block else self._cmds.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            fn, args, fut = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(self.engine, *args))
+                except BaseException as e:  # the caller sees it; the loop goes on
+                    fut.set_exception(e)
+            try:
+                item = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain(block=not self.engine.has_work())
+            if self._stop.is_set() or not self.engine.has_work():
+                continue
+            try:
+                outs = self.engine.step(self.layer_hook)
+            except Exception:
+                log.exception("engine step failed; aborting the running batch")
+                for req in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
+                    self.engine.abort(req.request_id)
+                    cb = self.listeners.pop(req.request_id, None)
+                    if cb:
+                        cb(StepOutput(req, [], "", True))
+                continue
+            for o in outs:
+                rid = o.request.request_id
+                cb = self.listeners.get(rid)
+                if o.finished:
+                    self.listeners.pop(rid, None)
+                if cb is not None:
+                    try:
+                        cb(o)
+                    except Exception:
+                        log.exception("listener for %s failed", rid)

@@ -1,0 +1,43 @@
+"""Ray actor around PrefillWorker (the only Ray code on the prefill side)."""
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import ray
+
+from engine.sampling_params import SamplingParams
+
+
+class PrefillActor:
+    def __init__(self, worker_id: str, engine_kwargs: dict, num_threads: int, worker_kwargs: dict):
+        import torch
+
+        from engine.llm_engine import LLMEngine, build_config
+        from prefill_worker.worker import PrefillWorker
+        torch.set_num_threads(num_threads)
+        engine = LLMEngine(build_config(**engine_kwargs, num_threads=num_threads))
+        self.worker = PrefillWorker(worker_id, engine, **worker_kwargs)
+        self.pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="prefill-rpc")
+
+    async def prefill(self, request_id: str, prompt_ids: list[int], params: dict, dest: dict | None,
+                      cache_salt: str | None = None) -> dict:
+        from prefill_worker.worker import KVDestination
+        d = KVDestination(**dest) if dest else None
+        return await asyncio.get_running_loop().run_in_executor(
+            self.pool, self.worker.prefill, request_id, prompt_ids, SamplingParams(**params), d, cache_salt)
+
+    async def abort(self, request_id: str) -> None:
+        await asyncio.get_running_loop().run_in_executor(self.pool, self.worker.abort, request_id)
+
+    async def status(self) -> dict:
+        return self.worker.status()
+
+    async def shutdown(self) -> None:
+        self.worker.close()
+
+
+def spawn(worker_id: str, engine_kwargs: dict, num_threads: int, use_gpu: bool = False, **worker_kwargs):
+    from deploy.worker_options import actor_options
+    return ray.remote(PrefillActor).options(**actor_options("prefill", worker_id, num_threads, use_gpu)).remote(
+        worker_id, engine_kwargs, num_threads, worker_kwargs)

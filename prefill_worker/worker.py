@@ -1,0 +1,126 @@
+"""Prefill worker: batched, chunked prefill with the prefix cache; ships KV layer by layer.
+
+A remote prefill runs the prompt to its first sampled token (max_tokens=1 here; the decode worker
+continues from there). After each layer of the step that completes a prompt, that layer's blocks
+(only those the decode worker lacks) are gathered and handed to kv_transfer, which streams them
+while the next layer computes. The request's blocks stay in this worker's prefix cache afterwards.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+
+import torch
+
+from engine.engine_thread import EngineThread
+from engine.llm_engine import LLMEngine, StepOutput
+from engine.sampling_params import SamplingParams
+from kv_transfer import BandwidthMeter, GrpcKVTransport, KVTransferError, LayerwiseSender
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class KVDestination:
+    address: str                 # decode worker's KV server "host:port"
+    dst_id: str                  # decode worker id (names the link in the meter)
+    skip_blocks: int             # leading blocks the decode worker already holds
+    dst_block_ids: list[int]     # reserved blocks for the rest, in order
+
+
+class PrefillWorker:
+    def __init__(self, worker_id: str, engine: LLMEngine, secret: str | None = None,
+                 bandwidth_limit_bytes_per_s: float | None = None, transfer_timeout_s: float = 30.0):
+        self.worker_id = worker_id
+        self.engine = engine
+        self.meter = BandwidthMeter()
+        self.transport = GrpcKVTransport(secret=secret, meter=self.meter, src_id=worker_id,
+                                         bandwidth_limit_bytes_per_s=bandwidth_limit_bytes_per_s)
+        self.transfer_timeout_s = transfer_timeout_s
+        self._sends: dict[str, tuple[LayerwiseSender, int]] = {}   # touched on the engine thread only
+        self._lock = threading.Lock()
+        self.in_flight = 0
+        self.loop = EngineThread(engine, layer_hook=self._on_layer, name=f"prefill-{worker_id}")
+
+    # the layer hook (engine thread): ship this layer of every prompt completing in this step
+    def _on_layer(self, layer: int, batch) -> None:
+        kc, vc = self.engine.runner.k_caches[layer], self.engine.runner.v_caches[layer]
+        for i, req in enumerate(batch.reqs):
+            entry = self._sends.get(req.request_id)
+            if entry is None or not batch.samples(i):
+                continue
+            sender, skip = entry
+            ids = torch.tensor(req.block_ids[skip:], dtype=torch.int64, device=kc.device)
+            sender.send_layer(layer, kc.index_select(0, ids).cpu(), vc.index_select(0, ids).cpu())
+
+    def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                dest: KVDestination | None, cache_salt: str | None = None) -> dict:
+        """Blocking: prefill, stream the KV to `dest`, return the first token and figures."""
+        done: Future = Future()
+        t0 = time.perf_counter()
+
+        def listener(o: StepOutput) -> None:
+            done.set_result((o.new_token_ids[0] if o.new_token_ids else None, o.request))
+
+        def add(engine: LLMEngine):
+            req = engine.add_request(prompt_ids, replace(params, max_tokens=1, stop=()), request_id,
+                                     cache_salt, detokenize=False)
+            if dest is not None:
+                n = -(-len(prompt_ids) // engine.cfg.cache.block_size) - dest.skip_blocks
+                if n != len(dest.dst_block_ids):
+                    engine.abort(request_id)
+                    raise ValueError(f"decode reserved {len(dest.dst_block_ids)} blocks, prefill needs {n}")
+                sender = self.transport.open(dest.address, request_id, dest.dst_block_ids, dest.dst_id)
+                self._sends[request_id] = (sender, dest.skip_blocks)
+            self.loop.listeners[request_id] = listener
+            return req
+
+        with self._lock:
+            self.in_flight += 1
+        try:
+            self.loop.run(add)
+            token, req = done.result()
+            t_prefill = time.perf_counter() - t0
+            stats = None
+            entry = self.loop.run(lambda e: self._sends.pop(request_id, None))
+            if entry is not None:
+                if token is None:
+                    entry[0].abort()
+                    raise KVTransferError("prefill aborted before the KV was sent")
+                stats = entry[0].finish(timeout=self.transfer_timeout_s)
+            if token is None:
+                raise RuntimeError(f"prefill of {request_id} was aborted")
+            return dict(first_token=token, cached_tokens=max(req.num_cached_tokens, 0),
+                        prefill_s=t_prefill, kv_bytes=stats.bytes if stats else 0,
+                        kv_transfer_ms=stats.exposed_s * 1e3 if stats else 0.0,
+                        kv_wall_ms=stats.wall_s * 1e3 if stats else 0.0)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def abort(self, request_id: str) -> None:
+        def _abort(engine: LLMEngine):
+            entry = self._sends.pop(request_id, None)
+            if entry:
+                entry[0].abort()
+            req = engine.scheduler.requests.get(request_id)
+            engine.abort(request_id)
+            cb = self.loop.listeners.pop(request_id, None)
+            if cb and req is not None:
+                cb(StepOutput(req, [], "", True))
+        self.loop.run(_abort)
+
+    def status(self) -> dict:
+        e = self.engine
+        return dict(worker_id=self.worker_id, role="prefill", in_flight=self.in_flight,
+                    waiting_tokens=e.scheduler.num_waiting_tokens, free_blocks=e.kv.num_free_blocks,
+                    num_blocks=e.kv.num_blocks, steps=e.stats.steps, busy_s=e.stats.busy_s,
+                    links=self.meter.snapshot())
+
+    def close(self) -> None:
+        self.loop.stop()
+        self.transport.close()
+

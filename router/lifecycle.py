@@ -1,0 +1,226 @@
+"""One request's life at the router: place, reserve, prefill, relay tokens, finish or clean up.
+
+    reserve KV on decode d  ->  prefill on p (streams KV to d)  ->  first token to the client
+    ->  d decodes, tokens relayed with incremental detokenization  ->  usage on the last message
+On any exit that is not a normal finish (client cancel, deadline, error) every worker that holds
+state for the request is told to abort, which frees its blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from engine.detokenizer import Detokenizer
+from engine.sampling_params import SamplingParams
+from router.placement import LeastLoaded, WorkerLoad
+from router.validate import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+
+class Unavailable(Exception):
+    """No worker can take the request (maps to UNAVAILABLE)."""
+
+
+class Overloaded(Exception):
+    """The admission queue is full (maps to RESOURCE_EXHAUSTED)."""
+
+
+@dataclass
+class Event:
+    """One message for the client."""
+    token_ids: list[int]
+    text: str = ""
+    finish_reason: str | None = None        # "stop" | "length" | "abort"
+    usage: dict | None = None
+    placement: dict | None = None
+
+
+@dataclass
+class RouterConfig:
+    max_in_flight: int = 512                # admission bound; beyond it RESOURCE_EXHAUSTED at once
+    max_attempts: int = 3                   # placements tried before UNAVAILABLE
+    local_prefill_max_tokens: int = 0       # prompts this short prefill on the decode worker
+    remote_prefill: bool = True
+    status_interval_s: float = 0.5
+
+
+@dataclass
+class Pools:
+    prefill: dict = field(default_factory=dict)   # worker id -> PrefillClient
+    decode: dict = field(default_factory=dict)    # worker id -> DecodeClient
+    loads: dict = field(default_factory=dict)     # worker id -> WorkerLoad
+
+
+class Router:
+    def __init__(self, cfg: RouterConfig, tokenizer, eos_token_ids: tuple[int, ...], max_context: int,
+                 pools: Pools):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.eos = tuple(eos_token_ids)
+        self.max_context = max_context
+        self.pools = pools
+        self.policy = LeastLoaded(cfg.local_prefill_max_tokens, cfg.remote_prefill)
+        self.in_flight: set[str] = set()
+        self.finished_log: list[dict] = []
+
+    # pools
+    def add_worker(self, role: str, client) -> None:
+        (self.pools.prefill if role == "prefill" else self.pools.decode)[client.worker_id] = client
+        self.pools.loads[client.worker_id] = WorkerLoad(client.worker_id, role)
+
+    def ready(self) -> bool:
+        return bool(self.pools.decode) and (bool(self.pools.prefill) or not self.cfg.remote_prefill)
+
+    async def refresh_loads(self) -> None:
+        """Poll each worker's status (free KV blocks) for placement."""
+        for wid, c in list(self.pools.prefill.items()) + list(self.pools.decode.items()):
+            try:
+                s = await asyncio.wait_for(c.status(), 5.0)
+            except Exception:
+                self.pools.loads[wid].healthy = False
+                continue
+            w = self.pools.loads[wid]
+            w.healthy, w.free_blocks, w.num_blocks = True, s.get("free_blocks", 0), s.get("num_blocks", 1)
+
+    # requests
+    async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "",
+                       cache_salt: str | None = None):
+        """Async iterator of Events. Raises InvalidRequest / Overloaded / Unavailable before the
+        first event; after it, failures end the stream with finish_reason "abort"."""
+        rid = request_id or uuid.uuid4().hex
+        if rid in self.in_flight:
+            raise InvalidRequest(f"request_id {rid!r} is already in flight", code="ALREADY_EXISTS")
+        if len(self.in_flight) >= self.cfg.max_in_flight:
+            raise Overloaded(f"admission queue full ({self.cfg.max_in_flight} requests in flight)")
+        self.in_flight.add(rid)
+        try:
+            async for ev in self._run(rid, prompt_ids, params, cache_salt):
+                yield ev
+        finally:
+            self.in_flight.discard(rid)
+
+    def _first_token_finishes(self, params: SamplingParams, prompt_len: int, tok: int) -> str | None:
+        if (tok in self.eos and not params.ignore_eos) or tok in params.stop_token_ids:
+            return "stop"
+        if params.max_tokens <= 1 or prompt_len + 1 >= self.max_context:
+            return "length"
+        return None
+
+    async def _run(self, rid: str, ids: list[int], params: SamplingParams, salt: str | None):
+        pd = dataclasses.asdict(params)
+        detok = Detokenizer(self.tokenizer, ids, params.stop)
+        t0 = time.perf_counter()
+        exclude: set[str] = set()
+        holders: list = []           # workers that may hold state for rid
+        n_out, cached, placement = 0, 0, None
+        finished = False
+        try:
+            stream = first = None
+            for _ in range(self.cfg.max_attempts):
+                dec = self.policy.choose(len(ids), list(self._loads("prefill")), list(self._loads("decode")), exclude)
+                if dec is None:
+                    break
+                d = self.pools.decode[dec.decode]
+                if dec.kind == "local":
+                    stream, placement = d.stream(rid, None, ids, pd, salt), dict(
+                        prefill_worker=dec.decode, decode_worker=dec.decode, remote_prefill=False,
+                        kv_bytes_transferred=0, kv_transfer_ms=0.0)
+                    holders = [d]
+                    break
+                p = self.pools.prefill[dec.prefill]
+                r = await d.reserve(rid, ids, pd, salt)
+                if not r.pop("ok"):
+                    exclude.add(dec.decode)
+                    continue
+                holders = [d, p]
+                self._charge(dec.prefill, len(ids), +1)
+                try:
+                    pre = await p.prefill(rid, ids, pd, {k: r[k] for k in ("dst_id", "skip_blocks", "dst_block_ids")}
+                                          | {"address": r["kv_address"]}, salt)
+                except Exception as e:
+                    log.warning("prefill of %s on %s failed (%s); placing again", rid, dec.prefill, e)
+                    await self._abort_all(rid, holders)
+                    holders = []
+                    exclude.add(dec.prefill)
+                    continue
+                finally:
+                    self._charge(dec.prefill, len(ids), -1)
+                first, cached = pre["first_token"], pre["cached_tokens"]
+                placement = dict(prefill_worker=dec.prefill, decode_worker=dec.decode, remote_prefill=True,
+                                 kv_bytes_transferred=pre["kv_bytes"], kv_transfer_ms=pre["kv_transfer_ms"])
+                break
+            if placement is None:
+                raise Unavailable(f"no worker could take request {rid} (tried {sorted(exclude) or 'none ready'})")
+
+            self._charge(placement["decode_worker"], 0, +1)
+            try:
+                if first is not None:   # remote prefill: the first token came from the prefill worker
+                    n_out = 1
+                    reason = self._first_token_finishes(params, len(ids), first)
+                    text = detok.push([first])
+                    if detok.stopped:
+                        reason = "stop"
+                    if reason:
+                        finished = True
+                        await self._abort_all(rid, holders[:1])
+                        yield Event([first], text + detok.flush(), reason, self._usage(ids, n_out, cached), placement)
+                        return
+                    yield Event([first], text, None, None, placement)
+                    placement = None
+                    stream = self.pools.decode[holders[0].worker_id].stream(rid, first)
+                async for item in stream:
+                    toks = item["token_ids"]
+                    if not cached and item.get("num_cached_tokens"):
+                        cached = item["num_cached_tokens"]
+                    n_out += len(toks)
+                    text = detok.push(toks) if toks else ""
+                    reason = item["finish_reason"] if item["finished"] else None
+                    if detok.stopped and reason is None:
+                        reason = "stop"
+                        finished = True
+                        await self._abort_all(rid, holders[:1])
+                    if reason:
+                        finished = True
+                        text += detok.flush()
+                    yield Event(toks, text, reason, self._usage(ids, n_out, cached) if reason else None, placement)
+                    placement = None
+                    if reason:
+                        return
+                finished = True   # stream ended without a finish item: the worker aborted it
+                yield Event([], detok.flush(), "abort", self._usage(ids, n_out, cached), placement)
+            finally:
+                self._charge(holders[0].worker_id if holders else "", 0, -1)
+        finally:
+            if not finished and holders:
+                await asyncio.shield(self._abort_all(rid, holders))
+            self._log(rid, placement, len(ids), n_out, t0, finished)
+
+    def _loads(self, role: str):
+        pool = self.pools.prefill if role == "prefill" else self.pools.decode
+        return (self.pools.loads[w] for w in pool)
+
+    def _charge(self, wid: str, tokens: int, sign: int) -> None:
+        w = self.pools.loads.get(wid)
+        if w is not None:
+            w.in_flight += sign
+            w.queued_tokens += sign * tokens
+
+    async def _abort_all(self, rid: str, holders) -> None:
+        for h in holders:
+            try:
+                await asyncio.wait_for(h.abort(rid), 10.0)
+            except Exception as e:
+                log.warning("abort of %s on %s failed: %s", rid, h.worker_id, e)
+
+    @staticmethod
+    def _usage(ids, n_out, cached) -> dict:
+        return dict(prompt_tokens=len(ids), completion_tokens=n_out, cached_prompt_tokens=cached)
+
+    def _log(self, rid, placement, n_in, n_out, t0, finished) -> None:
+        log.info("request %s done: ok=%s prompt=%d completion=%d e2e=%.1fms", rid, finished, n_in, n_out,
+                 (time.perf_counter() - t0) * 1e3)

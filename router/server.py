@@ -1,0 +1,93 @@
+"""The router's gRPC front door (API.md): Generation, grpc.health.v1.Health, server reflection.
+A thin layer: protobuf <-> Router, exceptions -> status codes."""
+from __future__ import annotations
+
+import logging
+import uuid
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from router.lifecycle import Overloaded, Router, Unavailable
+from router.proto import generation_pb2 as pb
+from router.proto import generation_pb2_grpc as pb_grpc
+from router.validate import InvalidRequest, parse_request
+
+log = logging.getLogger(__name__)
+
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, router: Router, model_name: str, vocab_size: int):
+        self.router = router
+        self.model_name = model_name
+        self.vocab_size = vocab_size
+
+    async def Generate(self, request, context: grpc.aio.ServicerContext):
+        r = self.router
+        try:
+            parsed = parse_request(request, r.tokenizer, self.vocab_size, r.max_context)
+            rid = request.request_id or uuid.uuid4().hex
+            events = r.generate(parsed.prompt_ids, parsed.params, rid)
+            first = True
+            async for ev in events:
+                msg = pb.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=ev.text,
+                                          finish_reason=FINISH.get(ev.finish_reason, pb.FINISH_REASON_UNSPECIFIED))
+                if ev.placement:
+                    msg.placement.CopyFrom(pb.Placement(**ev.placement))
+                if ev.usage:
+                    msg.usage.CopyFrom(pb.Usage(**ev.usage))
+                first = False
+                yield msg
+        except InvalidRequest as e:
+            await context.abort(getattr(grpc.StatusCode, e.code), str(e))
+        except Overloaded as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except Unavailable as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # never let one request take the router down
+            log.exception("request failed")
+            await context.abort(grpc.StatusCode.UNAVAILABLE if first else grpc.StatusCode.INTERNAL,
+                                f"request failed: {e}")
+
+    async def GetModelInfo(self, request, context):
+        p = self.router.pools
+        return pb.ModelInfo(model=self.model_name, max_context_tokens=self.router.max_context,
+                            vocab_size=self.vocab_size, prefill_workers=len(p.prefill), decode_workers=len(p.decode))
+
+
+class RouterServer:
+    def __init__(self, router: Router, model_name: str, vocab_size: int, host: str = "127.0.0.1", port: int = 50051):
+        self.router = router
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 2**20)])
+        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(router, model_name, vocab_size), self.server)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, self.server)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {host}:{port}")
+        self.host = host
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self.set_serving(self.router.ready())
+
+    async def set_serving(self, ok: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            await _maybe_await(self.health.set(name, status))
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.server.stop(grace)
+
+
+async def _maybe_await(x):
+    if hasattr(x, "__await__"):
+        await x

@@ -1,0 +1,84 @@
+"""GenerateRequest -> (prompt token ids, SamplingParams), or an InvalidRequest naming the field.
+
+Pure Python given a tokenizer; the gRPC layer maps InvalidRequest.code to a status code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.sampling_params import SamplingParams
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+class InvalidRequest(Exception):
+    def __init__(self, message: str, code: str = "INVALID_ARGUMENT"):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Parsed:
+    prompt_ids: list[int]
+    params: SamplingParams
+
+
+def sampling_from_proto(s) -> SamplingParams:
+    if s.max_tokens < 1:
+        raise InvalidRequest("sampling.max_tokens is required and must be >= 1")
+    if not s.temperature >= 0:
+        raise InvalidRequest(f"sampling.temperature must be >= 0, got {s.temperature}")
+    if not 0 <= s.top_p <= 1:
+        raise InvalidRequest(f"sampling.top_p must be in [0, 1], got {s.top_p}")
+    stop = list(s.stop)
+    if any(not x for x in stop):
+        raise InvalidRequest("sampling.stop strings must be non-empty")
+    if len(stop) > 64 or any(len(x) > 1024 for x in stop):
+        raise InvalidRequest("sampling.stop: at most 64 strings of at most 1024 characters")
+    try:
+        return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature,
+                              top_p=s.top_p if s.top_p > 0 else 1.0, top_k=s.top_k,
+                              seed=s.seed if s.HasField("seed") else None, stop=tuple(stop),
+                              stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
+    except ValueError as e:
+        raise InvalidRequest(f"sampling: {e}") from None
+
+
+def parse_request(req, tokenizer, vocab_size: int, max_context: int) -> Parsed:
+    """Validate everything API.md's error table names; tokenize text or chat prompts."""
+    if not req.HasField("sampling"):
+        raise InvalidRequest("sampling is required (sampling.max_tokens >= 1)")
+    params = sampling_from_proto(req.sampling)
+    kind = req.WhichOneof("prompt")
+    if kind is None:
+        raise InvalidRequest("prompt is required: set text, token_ids or chat")
+    if kind == "text":
+        if not req.text:
+            raise InvalidRequest("prompt text is empty")
+        ids = tokenizer.encode(req.text, add_special_tokens=False)
+    elif kind == "token_ids":
+        ids = list(req.token_ids.ids)
+        bad = next((t for t in ids if t >= vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"token_ids: id {bad} is >= the vocab size {vocab_size}")
+    else:
+        msgs = [{"role": m.role, "content": m.content} for m in req.chat.messages]
+        if not msgs:
+            raise InvalidRequest("chat.messages is empty")
+        for m in msgs:
+            if m["role"] not in CHAT_ROLES:
+                raise InvalidRequest(f"chat.messages: unknown role {m['role']!r} (one of {', '.join(CHAT_ROLES)})")
+        from engine.tokenizer import apply_chat_template
+        try:
+            ids = apply_chat_template(tokenizer, msgs)
+        except Exception as e:  # the template itself rejects the conversation
+            raise InvalidRequest(f"chat.messages: {e}") from None
+    if not ids:
+        raise InvalidRequest("prompt is empty after tokenization")
+    bad = next((t for t in params.stop_token_ids if t >= vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"sampling.stop_token_ids: id {bad} is >= the vocab size {vocab_size}")
+    if len(ids) + params.max_tokens > max_context:
+        raise InvalidRequest(f"prompt ({len(ids)} tokens) + sampling.max_tokens ({params.max_tokens}) exceeds "
+                             f"the context length {max_context}")
+    return Parsed(ids, params)
