@@ -1,0 +1,130 @@
+"""`pdcluster` command line: serve, generate, bench serve."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="router bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="router gRPC port (default 50051)")
+    p.add_argument("--prefill-workers", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--address", default=None, help="join a running Ray cluster ('auto'); default: start one here")
+    p.add_argument("--threads-per-worker", type=int, default=1, help="CPU hosts: torch threads per worker actor")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker actor (CUDA hosts)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--kv-cache-memory", type=int, default=512, help="MiB of KV cache per worker (default 512)")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--local-prefill", action="store_true",
+                   help="prefill every request on its decode worker (no remote prefill)")
+    p.add_argument("--local-prefill-max-tokens", type=int, default=0,
+                   help="prompts up to this many tokens prefill on the decode worker (default 0)")
+    p.add_argument("--log-level", default="INFO")
+
+
+def cmd_serve(a) -> int:
+    import uvloop
+
+    from deploy.launch import Cluster, ClusterConfig
+    logging.basicConfig(level=a.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = ClusterConfig(model=a.model, host=a.host, port=a.port, prefill_workers=a.prefill_workers,
+                        decode_workers=a.decode_workers, address=a.address, threads_per_worker=a.threads_per_worker,
+                        use_gpu=a.gpu, dtype=a.dtype, kv_cache_memory=a.kv_cache_memory * 2**20,
+                        max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
+                        max_model_len=a.max_model_len, remote_prefill=not a.local_prefill,
+                        local_prefill_max_tokens=a.local_prefill_max_tokens)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(s, stop.set)
+        print(f"starting pdcluster: {cfg.prefill_workers} prefill + {cfg.decode_workers} decode workers ...",
+              flush=True)
+        cluster = await Cluster(cfg).start()
+        print(f"pdcluster serving on {cluster.address} (Ctrl-C to stop)", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            print("shutting down ...", flush=True)
+            await cluster.stop()
+
+    uvloop.run(main())
+    return 0
+
+
+def cmd_generate(a) -> int:
+    import grpc
+
+    from router.proto import generation_pb2 as pb
+    from router.proto import generation_pb2_grpc as pbg
+
+    async def main() -> int:
+        sp = pb.SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                               stop=a.stop or [])
+        if a.seed is not None:
+            sp.seed = a.seed
+        req = pb.GenerateRequest(sampling=sp)
+        if a.chat:
+            req.chat.messages.add(role="user", content=a.prompt)
+        else:
+            req.text = a.prompt
+        async with grpc.aio.insecure_channel(a.addr) as ch:
+            try:
+                last = None
+                async for m in pbg.GenerationStub(ch).Generate(req, timeout=a.timeout):
+                    sys.stdout.write(m.text)
+                    sys.stdout.flush()
+                    last = m
+            except grpc.aio.AioRpcError as e:
+                print(f"\nerror: {e.code().name}: {e.details()}", file=sys.stderr)
+                return 1
+        if last is not None and a.verbose:
+            print(f"\n[{pb.FinishReason.Name(last.finish_reason)}] {last.usage}", file=sys.stderr)
+        print()
+        return 0
+
+    return asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ap = argparse.ArgumentParser(prog="pdcluster", description="Disaggregated prefill/decode LLM serving.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="start (or join) a Ray cluster, the workers and the gRPC router; blocks",
+                       description="Start the workers and the router. Ctrl-C or SIGTERM shuts everything down.")
+    _serve_args(s)
+    s.set_defaults(fn=cmd_serve)
+    g = sub.add_parser("generate", help="stream a completion from a running server")
+    g.add_argument("prompt")
+    g.add_argument("--chat", action="store_true", help="send as a chat message (chat template applied)")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--addr", default="127.0.0.1:50051")
+    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    g.add_argument("-v", "--verbose", action="store_true", help="print finish reason and usage")
+    g.set_defaults(fn=cmd_generate)
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench_cmd", required=True)
+    from bench import serve as bench_serve
+    bs = bsub.add_parser("serve", help="load a running router and report TTFT/TPOT/ITL/E2E, throughput, goodput")
+    bench_serve.add_arguments(bs)
+    bs.set_defaults(fn=bench_serve.main)
+    a = ap.parse_args(argv)
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The product end to end on loopback: router + 1 prefill + 1 decode Ray actor, real gRPC."""
+import asyncio
+import json
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from deploy.launch import Cluster, ClusterConfig
+from engine import SamplingParams
+from router.proto import generation_pb2 as pb
+from router.proto import generation_pb2_grpc as pbg
+from tests.e2e.conftest import PROMPTS
+
+MAX_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    loop = asyncio.new_event_loop()
+    c = loop.run_until_complete(Cluster(ClusterConfig(port=0, kv_cache_memory=96 * 2**20)).start())
+    c.loop = loop
+    c.run = loop.run_until_complete
+    yield c
+    loop.run_until_complete(c.stop())
+    loop.close()
+
+
+async def collect(stub, req, cancel_after=None):
+    msgs = []
+    call = stub.Generate(req)
+    async for m in call:
+        msgs.append(m)
+        if cancel_after is not None and len(msgs) >= cancel_after:
+            call.cancel()
+            break
+    return msgs
+
+
+def greedy(ids=None, text=None, max_tokens=MAX_NEW, rid=""):
+    sp = pb.SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    if ids is not None:
+        return pb.GenerateRequest(request_id=rid, token_ids=pb.TokenIds(ids=ids), sampling=sp)
+    return pb.GenerateRequest(request_id=rid, text=text, sampling=sp)
+
+
+async def idle_pools(cluster, timeout=15.0):
+    """Wait until every worker's free-block count is back to its pool size."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        st = await cluster.worker_status()
+        if all(s["free_blocks"] == s["num_blocks"] for s in st.values()):
+            return st
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"blocks not freed: {st}")
+        await asyncio.sleep(0.2)
+
+
+def test_cluster_greedy_equals_offline_engine_8_at_a_time(cluster, llm):
+    tok = llm.tokenizer
+    prompts = [tok.encode(p, add_special_tokens=False) for p in PROMPTS]
+    offline = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0))]
+
+    async def go():
+        sem = asyncio.Semaphore(8)
+        async with grpc.aio.insecure_channel(cluster.address) as ch:
+            stub = pbg.GenerationStub(ch)
+
+            async def one(ids):
+                async with sem:
+                    return await collect(stub, greedy(ids))
+            return await asyncio.gather(*(one(p) for p in prompts))
+
+    results = cluster.run(go())
+    for ids, msgs, ref in zip(prompts, results, offline):
+        toks = [t for m in msgs for t in m.token_ids]
+        assert toks == ref
+        assert msgs[0].HasField("placement") and msgs[0].placement.remote_prefill
+        assert msgs[0].placement.kv_bytes_transferred > 0
+        last = msgs[-1]
+        assert last.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+        assert last.usage.prompt_tokens == len(ids) and last.usage.completion_tokens == len(toks)
+        assert "".join(m.text for m in msgs) == tok.decode(toks, skip_special_tokens=True)
+
+
+def test_cached_prompt_sends_only_uncached_blocks(cluster, llm):
+    ids = llm.tokenizer.encode(PROMPTS[15] * 2, add_special_tokens=False)      # > 3 blocks
+    assert len(ids) > 48
+
+    async def go():
+        async with grpc.aio.insecure_channel(cluster.address) as ch:
+            stub = pbg.GenerationStub(ch)
+            a = await collect(stub, greedy(ids + [11], max_tokens=4))
+            b = await collect(stub, greedy(ids + [12], max_tokens=4))
+            return a, b
+
+    a, b = cluster.run(go())
+    m = llm.engine.cfg.model
+    per_block = 16 * m.kv_bytes_per_token(4)
+    n_blocks = -(-(len(ids) + 1) // 16)
+    assert a[0].placement.kv_bytes_transferred <= n_blocks * per_block
+    sent_b = b[0].placement.kv_bytes_transferred
+    assert 0 < sent_b < a[0].placement.kv_bytes_transferred
+    skipped = n_blocks - sent_b // per_block
+    assert skipped == len(ids) // 16 or skipped == (len(ids) + 1 - 1) // 16
+    assert b[-1].usage.cached_prompt_tokens >= 16 * (len(ids) // 16) - 16
+
+
+def test_cancel_mid_stream_frees_blocks_on_both_workers(cluster):
+    async def go():
+        before = await idle_pools(cluster)
+        async with grpc.aio.insecure_channel(cluster.address) as ch:
+            stub = pbg.GenerationStub(ch)
+            req = pb.GenerateRequest(text="Write a long story about the sea. " * 4,
+                                     sampling=pb.SamplingParams(max_tokens=400, ignore_eos=True))
+            msgs = await collect(stub, req, cancel_after=3)
+            assert len(msgs) == 3
+            mid = await cluster.worker_status()
+            after = await idle_pools(cluster)
+            # the next request is served normally
+            ok = await collect(stub, greedy(text="Hello", max_tokens=3))
+        return before, mid, after, ok
+
+    before, mid, after, ok = cluster.run(go())
+    assert {k: v["free_blocks"] for k, v in after.items()} == {k: v["free_blocks"] for k, v in before.items()}
+    assert ok[-1].finish_reason == pb.FINISH_REASON_LENGTH
+
+
+@pytest.mark.parametrize("req, code, field", [
+    (pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=4)), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (pb.GenerateRequest(text="", sampling=pb.SamplingParams(max_tokens=4)), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+    (pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=0)), grpc.StatusCode.INVALID_ARGUMENT,
+     "max_tokens"),
+    (pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=2, temperature=-1)),
+     grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=2, top_p=1.5)),
+     grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 49152]), sampling=pb.SamplingParams(max_tokens=2)),
+     grpc.StatusCode.INVALID_ARGUMENT, "vocab"),
+    (pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=10**6)),
+     grpc.StatusCode.INVALID_ARGUMENT, "context length"),
+])
+def test_bad_input_gets_status_code_and_next_request_is_served(cluster, req, code, field):
+    async def go():
+        async with grpc.aio.insecure_channel(cluster.address) as ch:
+            stub = pbg.GenerationStub(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await collect(stub, req)
+            ok = await collect(stub, greedy(text="Hi", max_tokens=2))
+            return e.value, ok
+    err, ok = cluster.run(go())
+    assert err.code() == code and field in err.details()
+    assert ok[-1].usage.completion_tokens == 2
+
+
+def test_duplicate_in_flight_request_id(cluster):
+    async def go():
+        async with grpc.aio.insecure_channel(cluster.address) as ch:
+            stub = pbg.GenerationStub(ch)
+            long = pb.GenerateRequest(request_id="dup", text="Count to one hundred:",
+                                      sampling=pb.SamplingParams(max_tokens=60, ignore_eos=True))
+            t = asyncio.ensure_future(collect(stub, long))
+            await asyncio.sleep(0.3)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await collect(stub, pb.GenerateRequest(request_id="dup", text="x",
+                                                       sampling=pb.SamplingParams(max_tokens=2)))
+            first = await t
+            return e.value, first
+    err, first = cluster.run(go())
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert first[-1].usage.completion_tokens == 60
+
+
+def test_health_reflection_and_model_info(cluster):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async def go():
+        async with grpc.aio.insecure_channel(cluster.address) as ch:
+            h = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""))
+            info = await pbg.GenerationStub(ch).GetModelInfo(pb.ModelInfoRequest())
+            refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+            names = []
+            async for r in refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
+                names += [s.name for s in r.list_services_response.service]
+            return h, info, names
+    h, info, names = cluster.run(go())
+    assert h.status == health_pb2.HealthCheckResponse.SERVING
+    assert info.vocab_size == 49152 and info.prefill_workers == 1 and info.decode_workers == 1
+    assert "pdcluster.v1.Generation" in names and "grpc.health.v1.Health" in names
+
+
+def test_bench_serve_against_live_cluster(cluster, tmp_path):
+    from bench.datasets import build_dataset
+    from bench.serve import run_benchmark
+    reqs = build_dataset({"dataset": "random", "num_prompts": 6, "input_len": 40, "output_len": 8,
+                          "seed": 0, "ignore_eos": True}, 49152)
+    res = cluster.run(run_benchmark(cluster.address, reqs, request_rate=float("inf"), burstiness=1.0,
+                                    max_concurrency=4, seed=0, goodput={"tpot": 10_000.0}, progress=False))
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps(res))
+    d = json.loads(out.read_text())
+    for k in ("mean_ttft_ms", "p99_tpot_ms", "median_itl_ms", "p90_e2el_ms", "request_throughput",
+              "output_throughput", "request_goodput", "prefix_cache_hit_rate", "kv_bytes_transferred"):
+        assert k in d, k
+    assert d["completed"] == 6 and d["failed"] == 0 and d["kv_bytes_transferred"] > 0
