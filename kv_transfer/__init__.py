@@ -1,0 +1,44 @@
+"""kv_transfer: a prefill worker streams a request's KV cache, layer by layer, to a decode worker.
+
+Modules (one job each):
+    wire.py            frame format: msgpack header + raw K/V bytes, chunking, crc32, ack
+    errors.py          KVTransferError and kin, each naming its gRPC status
+    receiver.py        decode side: KVReceiver (reservations, fencing, completion), InboundStream
+    server.py          KVServer: the thin grpc.aio service around a KVReceiver
+    transport.py       KVTransport / LayerwiseSender interfaces, TransferStats
+    grpc_transport.py  GrpcKVTransport: the gRPC/TCP implementation (RDMA comes later)
+    loop_thread.py     the process's shared uvloop thread that drives streams
+    malloc_tuning.py   glibc thresholds so ~1 MiB frames reuse heap instead of mmap per message
+    throttle.py        token bucket for emulated slow links
+    meter.py           BandwidthMeter: per-link bandwidth figures for the router
+
+Push, not pull. The decode worker reserves its destination blocks before the prefill starts
+(`KVReceiver.expect`), so nothing needs negotiating when KV is ready: the prefill worker opens one
+client-streaming `Push` RPC per request and writes layer l's frames the moment layer l is computed,
+while layer l+1 runs. Pull would add a round trip per layer (or a notify-then-fetch protocol) and
+make the prefill side hold its blocks until the decode side got round to asking. The RPC's reply is
+the handoff: when the prefill worker holds the ack, every (layer, block) landed and was checksummed
+on the decode side, so it may free its copy; the decode side's completion fires at the same point.
+
+Raw-bytes generic handler, not a .proto. The service has a single method whose messages are
+already bytes (msgpack header + tensor bytes), so it is registered with
+`grpc.method_handlers_generic_handler` and identity (de)serializers: gRPC hands the received
+message to us as one `bytes` object, which `torch.frombuffer` views without copying, and sending
+costs one copy (the frame join). A protobuf `bytes` field would add a parse/serialize copy of every
+payload for no gain; the header keeps its own schema (wire.py) and version field.
+
+Trust: the server binds 127.0.0.1 unless told otherwise; an optional shared secret travels as
+`x-pdcluster-secret` metadata and is compared in constant time. No pickle crosses the socket.
+"""
+from kv_transfer.errors import KVTransferError
+from kv_transfer.grpc_transport import GrpcKVTransport
+from kv_transfer.meter import BandwidthMeter
+from kv_transfer.receiver import KVReceiver, PendingTransfer, TransferState, cache_writer
+from kv_transfer.server import KVServer
+from kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
+
+__all__ = [
+    "BandwidthMeter", "GrpcKVTransport", "KVReceiver", "KVServer", "KVTransferError",
+    "KVTransport", "LayerwiseSender", "PendingTransfer", "TransferState", "TransferStats",
+    "cache_writer",
+]

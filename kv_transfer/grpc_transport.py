@@ -1,0 +1,185 @@
+"""KVTransport over gRPC/TCP: one client-streaming Push RPC per request, driven on the shared loop.
+
+Threads: `send_layer` (compute thread) only enqueues onto an asyncio.Queue via
+`call_soon_threadsafe`; the per-request coroutine on the shared loop thread chunks, checksums and
+writes frames while the compute thread runs the next layer (torch matmuls release the GIL).
+Device tensors are copied to CPU by that coroutine, so the compute thread never waits on it.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from typing import Sequence
+
+import grpc
+import torch
+
+from kv_transfer import wire
+from kv_transfer.errors import KVTransferError
+from kv_transfer.loop_thread import shared_loop
+from kv_transfer.malloc_tuning import keep_large_buffers
+from kv_transfer.meter import BandwidthMeter
+from kv_transfer.throttle import TokenBucket
+from kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
+
+_HEADER_ROOM = 64 << 10  # bytes a frame may exceed chunk_bytes by (prefix + msgpack header)
+_END = object()  # queue sentinel: finish() was called
+
+
+class GrpcKVTransport(KVTransport):
+    """One per prefill process. Channels and throttles are per decode address, touched only on
+    the shared loop thread. `bandwidth_limit_bytes_per_s` paces all streams to one address
+    together (a token bucket with a one-frame burst), emulating a slow link."""
+
+    def __init__(self, *, chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES,
+                 max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES, secret: str | None = None,
+                 bandwidth_limit_bytes_per_s: float | None = None,
+                 meter: BandwidthMeter | None = None, src_id: str = "local"):
+        if not 0 < chunk_bytes <= max_message_bytes - _HEADER_ROOM:
+            raise ValueError(f"chunk_bytes {chunk_bytes} must leave {_HEADER_ROOM} bytes of room "
+                             f"under max_message_bytes {max_message_bytes}")
+        self.chunk_bytes = chunk_bytes
+        self.meter, self.src_id = meter, src_id
+        self._max_message_bytes = max_message_bytes
+        self._metadata = ((wire.SECRET_METADATA_KEY, secret),) if secret is not None else ()
+        self._limit = bandwidth_limit_bytes_per_s
+        self._loop = shared_loop()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._pushes: dict[str, grpc.aio.StreamUnaryMultiCallable] = {}
+        self._buckets: dict[str, TokenBucket] = {}
+        keep_large_buffers()
+
+    def open(self, address: str, request_id: str, dst_block_ids: Sequence[int],
+             dst_id: str | None = None) -> LayerwiseSender:
+        return GrpcLayerwiseSender(self, address, dst_id or address, request_id, dst_block_ids)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result()
+
+    async def _close(self) -> None:
+        channels, self._channels = self._channels, {}
+        self._pushes.clear()
+        for channel in channels.values():
+            await channel.close()
+
+    # loop thread only, below
+    def _push(self, address: str) -> grpc.aio.StreamUnaryMultiCallable:
+        if address not in self._pushes:
+            opts = [("grpc.max_send_message_length", self._max_message_bytes),
+                    ("grpc.max_receive_message_length", self._max_message_bytes)]
+            self._channels[address] = channel = grpc.aio.insecure_channel(address, options=opts)
+            self._pushes[address] = channel.stream_unary(wire.PUSH_METHOD)  # raw bytes both ways
+        return self._pushes[address]
+
+    def _bucket(self, address: str) -> TokenBucket | None:
+        if self._limit is None:
+            return None
+        if address not in self._buckets:
+            self._buckets[address] = TokenBucket(self._limit, burst=self.chunk_bytes)
+        return self._buckets[address]
+
+
+class GrpcLayerwiseSender(LayerwiseSender):
+    def __init__(self, transport: GrpcKVTransport, address: str, dst_id: str, request_id: str,
+                 dst_block_ids: Sequence[int]):
+        self.request_id, self.address, self.dst_id = request_id, address, dst_id
+        self._transport = transport
+        self._loop = transport._loop
+        self._dst = tuple(dst_block_ids)
+        self._lock = threading.Lock()  # guards _closed and the timestamps
+        self._closed = False  # finish() or abort() called
+        self._t_first: float | None = None  # perf_counter() of the first / last send_layer
+        self._t_last: float | None = None
+        self._queue: asyncio.Queue = asyncio.Queue()  # (layer, first, k, v) | _END; loop-side
+        self._future = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
+
+    def send_layer(self, layer: int, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
+                   first: int = 0) -> None:
+        n = k_blocks.shape[0] if k_blocks.dim() else 0
+        if layer < 0 or first < 0 or first + n > len(self._dst):
+            raise ValueError(f"layer {layer}, blocks [{first}, {first + n}) outside the "
+                             f"{len(self._dst)} reserved blocks")
+        wire.check_blocks(self._dst[first:first + n], k_blocks, v_blocks)
+        block_bytes = 2 * k_blocks[:1].numel() * k_blocks.element_size()  # a frame holds >= 1 block
+        if block_bytes > self._transport._max_message_bytes - _HEADER_ROOM:
+            raise ValueError(f"a {block_bytes}-byte K+V block does not fit a gRPC message of "
+                             f"{self._transport._max_message_bytes} bytes")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"send_layer after finish/abort of {self.request_id!r}")
+            self._t_last = time.perf_counter()
+            self._t_first = self._t_first or self._t_last
+            if n and not self._future.done():  # once failed, drop: finish() reports why
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, (layer, first, k_blocks, v_blocks))
+
+    def finish(self, timeout: float | None = None) -> TransferStats:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, _END)
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.CancelledError:
+            raise KVTransferError(f"transfer of {self.request_id!r} was aborted", "CANCELLED") from None
+
+    def abort(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._future.cancel()  # cancels _run on the loop, which cancels the RPC
+
+    async def _run(self) -> TransferStats:
+        t_open = time.perf_counter()
+        sent = wire_bytes = 0
+        busy = receiver_s = 0.0
+        call = None
+        if self._dst:  # an empty reservation needs no RPC; open early so connecting overlaps compute
+            call = self._transport._push(self.address)(metadata=self._transport._metadata)
+        bucket = self._transport._bucket(self.address)
+        try:
+            while (item := await self._queue.get()) is not _END:
+                layer, first, k, v = item
+                ids = self._dst[first:first + k.shape[0]]
+                for frame in wire.encode_chunks(self.request_id, layer, ids, k, v,
+                                                self._transport.chunk_bytes):
+                    if bucket is not None and (delay := bucket.reserve(len(frame))) > 0:
+                        await asyncio.sleep(delay)
+                    t0 = time.perf_counter()
+                    await _write(call, frame)
+                    busy += time.perf_counter() - t0
+                    wire_bytes += len(frame)
+                sent += 2 * k.numel() * k.element_size()
+                del item, k, v  # free the layer's tensors while waiting for the next one
+            t0 = time.perf_counter()
+            if call is not None:
+                await call.done_writing()
+                ack = wire.decode_ack(await call)
+                receiver_s = ack.receiver_seconds
+            t_ack = time.perf_counter()
+            busy += t_ack - t0
+        except grpc.aio.AioRpcError as e:
+            raise KVTransferError(f"KV transfer of {self.request_id!r} to {self.address} failed: "
+                                  f"{e.code().name}: {e.details()}", e.code().name) from None
+        finally:
+            if call is not None:
+                call.cancel()  # no-op once the RPC has finished
+            while not self._queue.empty():  # drop tensors queued behind a failure
+                self._queue.get_nowait()
+        if self._transport.meter is not None and sent:
+            self._transport.meter.record(self._transport.src_id, self.dst_id, sent, busy)
+        with self._lock:
+            t_first, t_last = self._t_first or t_open, self._t_last or t_open
+        return TransferStats(request_id=self.request_id, bytes=sent, wire_bytes=wire_bytes,
+                             wall_s=t_ack - t_first, exposed_s=max(0.0, t_ack - t_last),
+                             busy_s=busy, receiver_s=receiver_s)
+
+
+async def _write(call: grpc.aio.StreamUnaryCall, frame: bytes) -> None:
+    try:
+        await call.write(frame)
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        # The receiver ended the RPC under us. A write racing that end reports a local INTERNAL
+        # error; awaiting the call yields the receiver's own status (e.g. NOT_FOUND) instead.
+        await call
+        raise

@@ -1,0 +1,72 @@
+"""Thin grpc.aio wrapper serving a KVReceiver: one Push RPC (client stream of raw-bytes frames)."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+
+import grpc
+
+from kv_transfer import wire
+from kv_transfer.errors import KVTransferError
+from kv_transfer.loop_thread import shared_loop
+from kv_transfer.malloc_tuning import keep_large_buffers
+from kv_transfer.receiver import InboundStream, KVReceiver
+
+
+class KVServer:
+    """Binds host:port (port 0 = ephemeral; `port` holds the bound one after start). With a
+    secret, a Push without the matching x-pdcluster-secret metadata gets UNAUTHENTICATED."""
+
+    def __init__(self, receiver: KVReceiver, *, host: str = "127.0.0.1", port: int = 0,
+                 secret: str | None = None,
+                 max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES):
+        self.receiver, self.host, self.port = receiver, host, port
+        self._secret = secret.encode() if secret is not None else None
+        self._max_message_bytes = max_message_bytes
+        self._server: grpc.aio.Server | None = None
+        keep_large_buffers()
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Serve on the running event loop."""
+        opts = [("grpc.max_send_message_length", self._max_message_bytes),
+                ("grpc.max_receive_message_length", self._max_message_bytes)]
+        self._server = grpc.aio.server(options=opts)
+        handler = grpc.stream_unary_rpc_method_handler(self._push)  # raw bytes in and out
+        self._server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(wire.SERVICE, {"Push": handler}),))
+        self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        await self._server.start()
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+    def start_sync(self) -> None:
+        """Serve on the process's shared KV loop thread (for callers without an event loop)."""
+        asyncio.run_coroutine_threadsafe(self.start(), shared_loop()).result()
+
+    def stop_sync(self, grace: float | None = None) -> None:
+        asyncio.run_coroutine_threadsafe(self.stop(grace), shared_loop()).result()
+
+    async def _push(self, frames, context: grpc.aio.ServicerContext) -> bytes:
+        if self._secret is not None:
+            got = dict(context.invocation_metadata()).get(wire.SECRET_METADATA_KEY, "")
+            if not hmac.compare_digest(got.encode(), self._secret):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    f"missing or wrong {wire.SECRET_METADATA_KEY} metadata")
+        stream = InboundStream(self.receiver)
+        try:
+            async for frame in frames:
+                stream.feed(frame)
+            return wire.encode_ack(stream.close())
+        except KVTransferError as e:  # the reservation fails, the sender gets the status
+            stream.fail(e)
+            await context.abort(grpc.StatusCode[e.status], str(e))
+        except BaseException as e:  # cancelled by the client, or a bug: fail, never complete
+            stream.fail(e)
+            raise
