@@ -44,12 +44,13 @@ def cmd_serve(a) -> int:
 
     async def main() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for s in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(s, stop.set)
         print(f"starting pdcluster: {cfg.prefill_workers} prefill + {cfg.decode_workers} decode workers ...",
               flush=True)
         cluster = await Cluster(cfg).start()
+        # after ray.init: Ray's driver installs its own fatal-signal handlers, ours must win
+        loop = asyncio.get_running_loop()
+        for s in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(s, stop.set)
         print(f"pdcluster serving on {cluster.address} (Ctrl-C to stop)", flush=True)
         try:
             await stop.wait()
