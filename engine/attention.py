@@ -32,6 +32,10 @@ class AttnMeta:
     decode_block_tables: torch.Tensor | None   # int64 [num_decodes, max_blocks]
     decode_seq_lens: torch.Tensor | None       # int64 [num_decodes] (includes the new token)
     decode_mask: torch.Tensor | None           # bool [num_decodes, 1, 1, max_blocks * block_size]
+    # the same prefills as padded tensors, for the Triton kernel (one launch for all of them)
+    prefill_block_tables: torch.Tensor | None = None   # int32 [num_prefills, max_blocks]
+    prefill_cu_seqlens_q: torch.Tensor | None = None   # int32 [num_prefills + 1]
+    prefill_seq_lens_k: torch.Tensor | None = None     # int32 [num_prefills]
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -38,8 +38,14 @@ class Layer:
 
 
 class LlamaModel:
-    def __init__(self, cfg: ModelConfig, sd: dict[str, torch.Tensor], device: str, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, sd: dict[str, torch.Tensor], device: str, dtype: torch.dtype,
+                 attention_backend: str = "auto"):
+        from kernels.select import get_ops
+
         self.cfg = cfg
+        # Triton kernels on CUDA (or when forced); otherwise the torch path in engine/attention.py
+        self.ops = get_ops(attention_backend, device)
+        self.triton = self.ops.backend == "triton"
         self.dtype = dtype
         sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
         self.embed = sd["model.embed_tokens.weight"]                       # [V, E]
@@ -64,6 +70,14 @@ class LlamaModel:
         h = F.embedding(input_ids, self.embed)                              # [T, E]
         P = meta.num_prefill_tokens
         for li, L in enumerate(self.layers):
+            if self.triton:
+                h = h + self._triton_attention(li, L, h, positions, meta, k_caches[li], v_caches[li])
+                x = self.ops.rms_norm(h, L.post_norm, c.rms_norm_eps)
+                g, u = F.linear(x, L.gate_up_w).chunk(2, dim=-1)
+                h = h + F.linear(F.silu(g) * u, L.down_w)
+                if layer_hook is not None:
+                    layer_hook(li)
+                continue
             x = rms_norm(h, L.in_norm, c.rms_norm_eps)
             qkv = F.linear(x, L.qkv_w, L.qkv_b)                             # [T, (H + 2 KVH) D]
             q, k, v = qkv.split([H * D, KVH * D, KVH * D], dim=-1)
@@ -87,6 +101,26 @@ class LlamaModel:
             if layer_hook is not None:
                 layer_hook(li)
         return rms_norm(h, self.norm, c.rms_norm_eps)
+
+    def _triton_attention(self, li, L, h, positions, meta: AttnMeta, kc, vc) -> torch.Tensor:
+        """The attention half of a layer on the kernels/ ops (one launch per phase). Returns [T, E]."""
+        c, ops = self.cfg, self.ops
+        T, H, KVH, D = h.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
+        x = ops.rms_norm(h, L.in_norm, c.rms_norm_eps)
+        q, k, v = F.linear(x, L.qkv_w, L.qkv_b).split([H * D, KVH * D, KVH * D], dim=-1)
+        q, k, v = q.contiguous().view(T, H, D), k.contiguous().view(T, KVH, D), v.contiguous().view(T, KVH, D)
+        ops.rotary_embedding(positions, q, k, self.cos_sin, D)
+        ops.store_kv(k, v, kc, vc, meta.slot_mapping)
+        P = meta.num_prefill_tokens
+        parts = []
+        if P:
+            parts.append(ops.prefill_attention(q[:P], kc, vc, meta.prefill_block_tables, meta.prefill_cu_seqlens_q,
+                                               meta.prefill_seq_lens_k, self.scale))
+        if P < T:
+            parts.append(ops.decode_attention(q[P:], kc, vc, meta.decode_block_tables, meta.decode_seq_lens,
+                                              self.scale))
+        attn = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        return F.linear(attn.reshape(T, H * D), L.o_w)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, E] -> float32 [N, V]."""

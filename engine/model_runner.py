@@ -95,12 +95,18 @@ class ModelRunner:
                                    for i in dec], dtype=torch.int64)
             lens = torch.tensor([batch.reqs[i].num_computed_tokens + 1 for i in dec], dtype=torch.int64)
             mask = (torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)).view(len(dec), 1, 1, -1)
-        meta = AttnMeta(torch.tensor(slots, dtype=torch.int64), prefills, P, tables, lens, mask)
+        pt = cu = sk = None
+        if prefills and self.model.triton:
+            w = max(len(s.block_table) for s in prefills)
+            pt = torch.tensor([s.block_table.tolist() + [0] * (w - len(s.block_table)) for s in prefills],
+                              dtype=torch.int32)
+            cu = torch.tensor([0] + [s.q_start + s.q_len for s in prefills], dtype=torch.int32)
+            sk = torch.tensor([s.ctx_len for s in prefills], dtype=torch.int32)
         dev = self.device
-        if dev != "cpu":
-            meta = AttnMeta(meta.slot_mapping.to(dev), [PrefillSeq(s.q_start, s.q_len, s.ctx_len,
-                            s.block_table.to(dev)) for s in prefills], P,
-                            *(t.to(dev) if t is not None else None for t in (tables, lens, mask)))
+        to = (lambda t: t.to(dev) if t is not None else None)
+        meta = AttnMeta(to(torch.tensor(slots, dtype=torch.int64)),
+                        [PrefillSeq(s.q_start, s.q_len, s.ctx_len, to(s.block_table)) for s in prefills], P,
+                        to(tables), to(lens), to(mask), to(pt), to(cu), to(sk))
         return (torch.tensor(ids, dtype=torch.int64, device=dev), torch.tensor(pos, dtype=torch.int64, device=dev),
                 meta, last_row)
 

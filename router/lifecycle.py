@@ -86,6 +86,7 @@ class Router:
                 continue
             w = self.pools.loads[wid]
             w.healthy, w.free_blocks, w.num_blocks = True, s.get("free_blocks", 0), s.get("num_blocks", 1)
+            w.links = tuple(s.get("links", ()))   # per-link transfer figures, kept for placement
 
     # requests
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "",

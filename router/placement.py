@@ -18,6 +18,7 @@ class WorkerLoad:
     free_blocks: int = 0            # last reported (decode)
     num_blocks: int = 1
     healthy: bool = True
+    links: tuple = ()               # prefill: measured KV links [{dst_id, ewma_bytes_per_s, ...}]
 
 
 @dataclass

@@ -189,6 +189,12 @@ def test_health_reflection_and_model_info(cluster):
     assert "pdcluster.v1.Generation" in names and "grpc.health.v1.Health" in names
 
 
+def test_router_keeps_measured_link_bandwidth(cluster):
+    cluster.run(cluster.router.refresh_loads())
+    links = cluster.router.pools.loads["prefill-0"].links
+    assert links and links[0]["dst_id"] == "decode-0" and links[0]["ewma_bytes_per_s"] > 0 and links[0]["count"] > 0
+
+
 def test_bench_serve_against_live_cluster(cluster, tmp_path):
     from bench.datasets import build_dataset
     from bench.serve import run_benchmark
