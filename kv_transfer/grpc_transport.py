@@ -129,20 +129,29 @@ class GrpcLayerwiseSender(LayerwiseSender):
             self._closed = True
         self._future.cancel()  # cancels _run on the loop, which cancels the RPC
 
+    def _wake_if_rejected(self, notice: asyncio.Future) -> None:
+        if _rejected(notice):  # a sender idle between layers must half-close now, not at finish()
+            self._queue.put_nowait(_END)
+
     async def _run(self) -> TransferStats:
         t_open = time.perf_counter()
         sent = wire_bytes = 0
         busy = receiver_s = 0.0
-        call = None
+        call = notice = None
         if self._dst:  # an empty reservation needs no RPC; open early so connecting overlaps compute
             call = self._transport._push(self.address)(metadata=self._transport._metadata)
+            # the server's initial metadata arrives early only when it rejects the stream
+            notice = asyncio.ensure_future(call.initial_metadata())
+            notice.add_done_callback(self._wake_if_rejected)
         bucket = self._transport._bucket(self.address)
         try:
-            while (item := await self._queue.get()) is not _END:
+            while not _rejected(notice) and (item := await self._queue.get()) is not _END:
                 layer, first, k, v = item
                 ids = self._dst[first:first + k.shape[0]]
                 for frame in wire.encode_chunks(self.request_id, layer, ids, k, v,
                                                 self._transport.chunk_bytes):
+                    if _rejected(notice):  # stop writing: half-close below, then read the status
+                        break
                     if bucket is not None and (delay := bucket.reserve(len(frame))) > 0:
                         await asyncio.sleep(delay)
                     t0 = time.perf_counter()
@@ -164,6 +173,7 @@ class GrpcLayerwiseSender(LayerwiseSender):
         finally:
             if call is not None:
                 call.cancel()  # no-op once the RPC has finished
+                notice.cancel()
             while not self._queue.empty():  # drop tensors queued behind a failure
                 self._queue.get_nowait()
         if self._transport.meter is not None and sent:
@@ -175,11 +185,19 @@ class GrpcLayerwiseSender(LayerwiseSender):
                              busy_s=busy, receiver_s=receiver_s)
 
 
+def _rejected(notice: asyncio.Future | None) -> bool:
+    """True once the server sent its early "rejected" initial metadata (wire.REJECTED_METADATA_KEY)."""
+    if notice is None or not notice.done() or notice.cancelled() or notice.exception() is not None:
+        return False
+    return any(key == wire.REJECTED_METADATA_KEY for key, _ in notice.result())
+
+
 async def _write(call: grpc.aio.StreamUnaryCall, frame: bytes) -> None:
     try:
         await call.write(frame)
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-        # The receiver ended the RPC under us. A write racing that end reports a local INTERNAL
-        # error; awaiting the call yields the receiver's own status (e.g. NOT_FOUND) instead.
+        # The RPC ended under us (the server went away, or cut off a rejected stream). A write
+        # racing that end may report a local INTERNAL error; awaiting the call yields the status
+        # the server sent when it arrived after that error.
         await call
         raise

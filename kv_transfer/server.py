@@ -12,6 +12,8 @@ from kv_transfer.loop_thread import shared_loop
 from kv_transfer.malloc_tuning import keep_large_buffers
 from kv_transfer.receiver import InboundStream, KVReceiver
 
+REJECT_DRAIN_S = 10.0  # how long a rejected stream may keep writing before it is cut off, seconds
+
 
 class KVServer:
     """Binds host:port (port 0 = ephemeral; `port` holds the bound one after start). With a
@@ -57,8 +59,8 @@ class KVServer:
         if self._secret is not None:
             got = dict(context.invocation_metadata()).get(wire.SECRET_METADATA_KEY, "")
             if not hmac.compare_digest(got.encode(), self._secret):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                    f"missing or wrong {wire.SECRET_METADATA_KEY} metadata")
+                await _reject(frames, context, KVTransferError(
+                    f"missing or wrong {wire.SECRET_METADATA_KEY} metadata", "UNAUTHENTICATED"))
         stream = InboundStream(self.receiver)
         try:
             async for frame in frames:
@@ -66,7 +68,24 @@ class KVServer:
             return wire.encode_ack(stream.close())
         except KVTransferError as e:  # the reservation fails, the sender gets the status
             stream.fail(e)
-            await context.abort(grpc.StatusCode[e.status], str(e))
+            await _reject(frames, context, e)
         except BaseException as e:  # cancelled by the client, or a bug: fail, never complete
             stream.fail(e)
             raise
+
+
+async def _reject(frames, context: grpc.aio.ServicerContext, error: KVTransferError) -> None:
+    """End the RPC with error's status once the client stopped writing (see REJECTED_METADATA_KEY).
+    Frames still arriving are dropped unread; a client that keeps writing is cut off after
+    REJECT_DRAIN_S seconds."""
+    await context.send_initial_metadata(((wire.REJECTED_METADATA_KEY, error.status),))
+    try:
+        await asyncio.wait_for(_discard(frames), REJECT_DRAIN_S)
+    except asyncio.TimeoutError:
+        pass
+    await context.abort(grpc.StatusCode[error.status], str(error))
+
+
+async def _discard(frames) -> None:
+    async for _ in frames:
+        pass

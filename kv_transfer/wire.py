@@ -60,6 +60,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 << 20  # set explicitly on server and channel; > c
 SERVICE = "pdcluster.kv.v1.KVTransfer"
 PUSH_METHOD = f"/{SERVICE}/Push"
 SECRET_METADATA_KEY = "x-pdcluster-secret"
+# Sent by the server as initial metadata the moment it rejects a stream: "stop writing, half-close,
+# then read my status". Ending the RPC while the client still writes would instead race the
+# client's in-flight write, whose failure gRPC Python reports as a local INTERNAL error.
+REJECTED_METADATA_KEY = "x-pdcluster-kv-rejected"
 
 # Received frames are immutable `bytes`; the tensors viewing them are only ever read (copied into
 # the cache), so torch's one-time "buffer is not writable" warning carries no information here.

@@ -104,6 +104,32 @@ def test_layers_stream_from_a_compute_thread_in_pieces(server, transport, caches
     assert stats.exposed_s < stats.wall_s  # earlier layers moved while later ones computed
 
 
+def test_concurrent_requests_from_several_threads(server, transport, caches):
+    kc, vc = caches
+    reservations = {f"r{i}": list(range(8 * i, 8 * i + 8)) for i in range(3)}
+    pending = {rid: server.receiver.expect(rid, ids, L, cache_writer(kc, vc))
+               for rid, ids in reservations.items()}
+    data = {rid: _layers(8, seed=i) for i, rid in enumerate(reservations)}
+    results = {}
+
+    def prefill(rid):
+        sender = transport.open(server.address, rid, reservations[rid])
+        for layer, (k, v) in enumerate(data[rid]):
+            sender.send_layer(layer, k, v)
+        results[rid] = sender.finish(timeout=20)
+
+    threads = [threading.Thread(target=prefill, args=(rid,)) for rid in reservations]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == sorted(reservations)
+    for rid, ids in reservations.items():
+        assert pending[rid].state is TransferState.COMPLETE
+        for layer, (k, v) in enumerate(data[rid]):
+            assert torch.equal(kc[layer][ids], k) and torch.equal(vc[layer][ids], v)
+
+
 def test_send_layer_checks_shapes_and_range(server, transport):
     server.receiver.expect("req", [1, 2], L, lambda *a: None)
     sender = transport.open(server.address, "req", [1, 2])
