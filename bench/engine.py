@@ -6,7 +6,7 @@ Measures (float32 by default, same weights for both engines):
   decode   output tokens/s at each batch size (128-token prompts, 128 new tokens, EOS ignored),
            ours (LLM.generate) vs transformers' generate(do_sample=False)
   prefill  prompt tokens/s (8 prompts x 512 tokens, 1 new token) for both
-  limits   decode: weight bytes per step / measured copy bandwidth (tokens/s ceiling at that batch);
+  limits   decode: weight bytes per step / measured read bandwidth (tokens/s ceiling at that batch);
            prefill: 2 x params x tokens / measured matmul FLOP rate
 Runs are interleaved (ours, theirs, ours, ...) and the median of --repeats is reported, so machine
 drift hits both sides alike; only the ratios are meant to be compared across runs.
@@ -37,6 +37,17 @@ def copy_bandwidth(nbytes: int = 256 * 2**20, reps: int = 5) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - t)
     return 2 * nbytes / best
+
+
+def read_bandwidth(nbytes: int = 512 * 2**20, reps: int = 5) -> float:
+    """Bytes/s read by a reduction over a large tensor (what a decode step does to the weights)."""
+    x = torch.ones(nbytes // 4)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
 
 
 def matmul_flops(m: int = 2048, k: int = 576, n: int = 3072, reps: int = 5) -> float:
@@ -94,10 +105,10 @@ def main(argv=None) -> int:
     c = llm.engine.cfg.model
     V = c.vocab_size
     layer_params = sum(t.numel() for L in llm.engine.model.layers
-                       for t in (L.qkv_w, L.o_w, L.gate_up_w, L.down_w))
-    head_params = llm.engine.model.lm_head.numel()
+                       for t in (L.qkv.weight, L.o.weight, L.gate_up.weight, L.down.weight))
+    head_params = llm.engine.model.lm_head.weight.numel()
     weight_bytes = (layer_params + head_params) * dt.itemsize      # read once per decode step
-    bw, flops = copy_bandwidth(), matmul_flops()
+    bw, rbw, flops = copy_bandwidth(), read_bandwidth(), matmul_flops()
     g = torch.Generator().manual_seed(0)
 
     def prompts(n, length):
@@ -139,7 +150,7 @@ def main(argv=None) -> int:
         for _ in range(a.repeats):
             o.append(ours_decode(b))
             h.append(hf_decode(b))
-        limit = b * bw / weight_bytes   # tokens/s if every step only streamed the weights once
+        limit = b * rbw / weight_bytes  # tokens/s if every step only read the weights once
         rows.append(dict(kind=f"decode b={b}", ours=statistics.median(o), hf=statistics.median(h), limit=limit))
     o, h = [], []
     for _ in range(a.repeats):
@@ -149,6 +160,7 @@ def main(argv=None) -> int:
                      hf=statistics.median(h), limit=flops / (2 * layer_params)))
 
     print(f"\nmachine: {torch.get_num_threads()} torch threads, copy bandwidth {bw / 1e9:.1f} GB/s, "
+          f"read bandwidth {rbw / 1e9:.1f} GB/s, "
           f"matmul {flops / 1e9:.1f} GFLOP/s; {a.dtype}; weights {weight_bytes / 2**20:.0f} MiB/step")
     print(f"{'workload':<18}{'ours tok/s':>12}{'hf tok/s':>12}{'ours/hf':>10}{'limit tok/s':>13}{'ours/limit':>12}")
     for r in rows:
@@ -157,7 +169,8 @@ def main(argv=None) -> int:
         print(f"{r['kind']:<18}{r['ours']:>12.1f}{r['hf']:>12.1f}{r['ratio']:>9.2f}x{r['limit']:>13.1f}"
               f"{r['of_limit']:>11.0%}")
     if a.out:
-        Path(a.out).write_text(json.dumps(dict(copy_bandwidth=bw, matmul_flops=flops, dtype=a.dtype,
+        Path(a.out).write_text(json.dumps(dict(copy_bandwidth=bw, read_bandwidth=rbw, matmul_flops=flops,
+                                               dtype=a.dtype,
                                                rows=rows), indent=2))
     return 0
 

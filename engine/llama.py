@@ -22,19 +22,46 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * xf.to(x.dtype)
 
 
-class Layer:
-    __slots__ = ("qkv_w", "qkv_b", "o_w", "gate_up_w", "down_w", "in_norm", "post_norm")
+class Linear:
+    """y = x @ w.T + b. On CPU the weight is prepacked for oneDNN (mkldnn), whose kernels run the
+    skinny decode GEMMs ~1.2-1.8x faster than the default path here (bench/RESULTS.md); elsewhere
+    plain F.linear. Once packed, `weight` is only a meta tensor of the [out, in] shape (no second
+    copy of the weights in memory)."""
 
-    def __init__(self, sd: dict[str, torch.Tensor], p: str, bias: bool):
+    __slots__ = ("weight", "bias", "_packed")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool):
+        self.weight, self.bias, self._packed = weight, bias, None
+        if prepack:
+            self._packed = (weight.to_mkldnn(), bias.to_mkldnn() if bias is not None else None)
+            self.weight = weight.to("meta")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None:
+            w, b = self._packed
+            return torch.ops.aten.mkldnn_linear(x.contiguous().to_mkldnn(), w, b).to_dense()
+        return F.linear(x, self.weight, self.bias)
+
+
+class Layer:
+    __slots__ = ("qkv", "o", "gate_up", "down", "in_norm", "post_norm")
+
+    def __init__(self, sd: dict[str, torch.Tensor], p: str, bias: bool, prepack: bool):
         a, m = f"{p}.self_attn", f"{p}.mlp"
-        self.qkv_w = torch.cat([sd[f"{a}.q_proj.weight"], sd[f"{a}.k_proj.weight"], sd[f"{a}.v_proj.weight"]])
-        self.qkv_b = (torch.cat([sd[f"{a}.q_proj.bias"], sd[f"{a}.k_proj.bias"], sd[f"{a}.v_proj.bias"]])
-                      if bias else None)
-        self.o_w = sd[f"{a}.o_proj.weight"]
-        self.gate_up_w = torch.cat([sd[f"{m}.gate_proj.weight"], sd[f"{m}.up_proj.weight"]])
-        self.down_w = sd[f"{m}.down_proj.weight"]
+        qkv_w = torch.cat([sd[f"{a}.q_proj.weight"], sd[f"{a}.k_proj.weight"], sd[f"{a}.v_proj.weight"]])
+        qkv_b = (torch.cat([sd[f"{a}.q_proj.bias"], sd[f"{a}.k_proj.bias"], sd[f"{a}.v_proj.bias"]])
+                 if bias else None)
+        self.qkv = Linear(qkv_w, qkv_b, prepack)
+        self.o = Linear(sd[f"{a}.o_proj.weight"], None, prepack)
+        self.gate_up = Linear(torch.cat([sd[f"{m}.gate_proj.weight"], sd[f"{m}.up_proj.weight"]]), None, prepack)
+        self.down = Linear(sd[f"{m}.down_proj.weight"], None, prepack)
         self.in_norm = sd[f"{p}.input_layernorm.weight"]
         self.post_norm = sd[f"{p}.post_attention_layernorm.weight"]
+
+
+def use_mkldnn(device: str, dtype: torch.dtype) -> bool:
+    return (torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available())
 
 
 class LlamaModel:
@@ -49,9 +76,10 @@ class LlamaModel:
         self.dtype = dtype
         sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
         self.embed = sd["model.embed_tokens.weight"]                       # [V, E]
-        self.lm_head = self.embed if cfg.tie_word_embeddings else sd["lm_head.weight"]
+        prepack = use_mkldnn(device, dtype) and not self.triton
+        self.lm_head = Linear(self.embed if cfg.tie_word_embeddings else sd["lm_head.weight"], None, prepack)
         self.norm = sd["model.norm.weight"]
-        self.layers = [Layer(sd, f"model.layers.{i}", cfg.attention_bias) for i in range(cfg.num_layers)]
+        self.layers = [Layer(sd, f"model.layers.{i}", cfg.attention_bias, prepack) for i in range(cfg.num_layers)]
         self.cos_sin = cos_sin_cache(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta,
                                      cfg.rope_scaling_dict).to(device)  # float32 [max_pos, D]
         self.scale = cfg.head_dim ** -0.5
@@ -73,13 +101,13 @@ class LlamaModel:
             if self.triton:
                 h = h + self._triton_attention(li, L, h, positions, meta, k_caches[li], v_caches[li])
                 x = self.ops.rms_norm(h, L.post_norm, c.rms_norm_eps)
-                g, u = F.linear(x, L.gate_up_w).chunk(2, dim=-1)
-                h = h + F.linear(F.silu(g) * u, L.down_w)
+                g, u = L.gate_up(x).chunk(2, dim=-1)
+                h = h + L.down(F.silu(g) * u)
                 if layer_hook is not None:
                     layer_hook(li)
                 continue
             x = rms_norm(h, L.in_norm, c.rms_norm_eps)
-            qkv = F.linear(x, L.qkv_w, L.qkv_b)                             # [T, (H + 2 KVH) D]
+            qkv = L.qkv(x)                                                  # [T, (H + 2 KVH) D]
             q, k, v = qkv.split([H * D, KVH * D, KVH * D], dim=-1)
             q = apply_rotary(q.view(T, H, D), cos, sin)
             k = apply_rotary(k.view(T, KVH, D), cos, sin)
@@ -93,11 +121,10 @@ class LlamaModel:
                 parts.append(decode_attention(q[P:], k_caches[li], v_caches[li], meta.decode_block_tables,
                                               meta.decode_mask, self.scale))
             attn = parts[0] if len(parts) == 1 else torch.cat(parts, 0)     # [T, H, D]
-            h = h + F.linear(attn.reshape(T, H * D), L.o_w)
+            h = h + L.o(attn.reshape(T, H * D))
             x = rms_norm(h, L.post_norm, c.rms_norm_eps)
-            gu = F.linear(x, L.gate_up_w)                                   # [T, 2 I]
-            g, u = gu.chunk(2, dim=-1)
-            h = h + F.linear(F.silu(g) * u, L.down_w)
+            g, u = L.gate_up(x).chunk(2, dim=-1)                            # [T, I] each
+            h = h + L.down(F.silu(g) * u)
             if layer_hook is not None:
                 layer_hook(li)
         return rms_norm(h, self.norm, c.rms_norm_eps)
@@ -107,7 +134,7 @@ class LlamaModel:
         c, ops = self.cfg, self.ops
         T, H, KVH, D = h.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
         x = ops.rms_norm(h, L.in_norm, c.rms_norm_eps)
-        q, k, v = F.linear(x, L.qkv_w, L.qkv_b).split([H * D, KVH * D, KVH * D], dim=-1)
+        q, k, v = L.qkv(x).split([H * D, KVH * D, KVH * D], dim=-1)
         q, k, v = q.contiguous().view(T, H, D), k.contiguous().view(T, KVH, D), v.contiguous().view(T, KVH, D)
         ops.rotary_embedding(positions, q, k, self.cos_sin, D)
         ops.store_kv(k, v, kc, vc, meta.slot_mapping)
@@ -120,8 +147,8 @@ class LlamaModel:
             parts.append(ops.decode_attention(q[P:], kc, vc, meta.decode_block_tables, meta.decode_seq_lens,
                                               self.scale))
         attn = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
-        return F.linear(attn.reshape(T, H * D), L.o_w)
+        return L.o(attn.reshape(T, H * D))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, E] -> float32 [N, V]."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
