@@ -20,9 +20,41 @@ FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abo
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 
 
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED unless `authorization: Bearer <token>` names a known token. The health service
+    stays open so load balancers can probe."""
+
+    OPEN = ("/grpc.health.v1.Health/",)
+
+    def __init__(self, auth):
+        self.auth = auth
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid authorization bearer token")
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(self.OPEN):
+            return await continuation(details)
+        md = dict(details.invocation_metadata or ())
+        if self.auth.tenant(md.get("authorization")) is None:
+            return self._deny_stream if details.method.endswith("/Generate") else self._deny_unary
+        return await continuation(details)
+
+
+def tenant_of(context, auth) -> str | None:
+    """Cache salt for this call: the authenticated tenant (never taken from the client)."""
+    if auth is None:
+        return None
+    md = dict(context.invocation_metadata() or ())
+    return auth.tenant(md.get("authorization"))
+
+
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, router: Router, model_name: str, vocab_size: int):
+    def __init__(self, router: Router, model_name: str, vocab_size: int, auth=None):
         self.router = router
+        self.auth = auth
         self.model_name = model_name
         self.vocab_size = vocab_size
 
@@ -31,7 +63,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             parsed = parse_request(request, r.tokenizer, self.vocab_size, r.max_context)
             rid = request.request_id or uuid.uuid4().hex
-            events = r.generate(parsed.prompt_ids, parsed.params, rid)
+            events = r.generate(parsed.prompt_ids, parsed.params, rid, cache_salt=tenant_of(context, self.auth))
             first = True
             async for ev in events:
                 msg = pb.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=ev.text,
@@ -62,15 +94,23 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
 
 class RouterServer:
-    def __init__(self, router: Router, model_name: str, vocab_size: int, host: str = "127.0.0.1", port: int = 50051):
+    def __init__(self, router: Router, model_name: str, vocab_size: int, host: str = "127.0.0.1", port: int = 50051,
+                 auth=None, tls_cert: str | None = None, tls_key: str | None = None):
         self.router = router
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 2**20)])
-        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(router, model_name, vocab_size), self.server)
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 2**20)],
+                                      interceptors=[AuthInterceptor(auth)] if auth else None)
+        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(router, model_name, vocab_size, auth), self.server)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if tls_cert or tls_key:
+            if not (tls_cert and tls_key):
+                raise ValueError("TLS needs both --tls-cert and --tls-key")
+            creds = grpc.ssl_server_credentials([(open(tls_key, "rb").read(), open(tls_cert, "rb").read())])
+            self.port = self.server.add_secure_port(f"{host}:{port}", creds)
+        else:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise RuntimeError(f"could not bind {host}:{port}")
         self.host = host

@@ -61,3 +61,19 @@ def check_top5(model, prompt: list[int], ours: list[int], ref: list[int]) -> Non
             return
     # a stop/length difference: both must agree on the common part (checked above)
     assert len(ours) == len(ref) or ours[-1:] == [2] or ref[-1:] == [2], (ours, ref)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """One router + 1 prefill + 1 decode Ray actor for the whole session (Ray names actors uniquely).
+    Drive it with cluster.run(coro): the gRPC server lives on this fixture's event loop."""
+    import asyncio
+
+    from deploy.launch import Cluster, ClusterConfig
+    loop = asyncio.new_event_loop()
+    c = loop.run_until_complete(Cluster(ClusterConfig(port=0, kv_cache_memory=96 * 2**20)).start())
+    c.loop = loop
+    c.run = loop.run_until_complete
+    yield c
+    loop.run_until_complete(c.stop())
+    loop.close()

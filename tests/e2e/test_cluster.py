@@ -6,24 +6,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from deploy.launch import Cluster, ClusterConfig
 from engine import SamplingParams
 from router.proto import generation_pb2 as pb
 from router.proto import generation_pb2_grpc as pbg
 from tests.e2e.conftest import PROMPTS
 
 MAX_NEW = 16
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    loop = asyncio.new_event_loop()
-    c = loop.run_until_complete(Cluster(ClusterConfig(port=0, kv_cache_memory=96 * 2**20)).start())
-    c.loop = loop
-    c.run = loop.run_until_complete
-    yield c
-    loop.run_until_complete(c.stop())
-    loop.close()
 
 
 async def collect(stub, req, cancel_after=None):
