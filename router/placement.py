@@ -1,8 +1,11 @@
 """Placement policy: which (prefill, decode) pair serves a request. Pure Python.
 
-For now `least-loaded`: the prefill worker with the fewest queued prompt tokens and the decode
-worker with the most free KV blocks relative to its running requests; prompts shorter than
-`local_prefill_max_tokens` (a plain switch until the cost model lands) prefill on the decode worker.
+The shared types: `WorkerLoad` (what the router knows of one worker), `Decision` (the answer) and
+`LeastLoaded`: the prefill worker with the fewest queued prompt tokens and the decode worker with the
+most free KV blocks relative to its running requests; prompts up to `local_prefill_max_tokens`
+prefill on the decode worker. The other policies (round-robin, cache-aware, cost-model) live in
+`router/policies.py` and `router/cost_model.py`; every policy answers
+`choose(prompt_len, prefills, decodes, exclude, *, hashes=None, now=None) -> Decision | None`.
 """
 from __future__ import annotations
 
@@ -19,6 +22,17 @@ class WorkerLoad:
     num_blocks: int = 1
     healthy: bool = True
     links: tuple = ()               # prefill: measured KV links [{dst_id, ewma_bytes_per_s, ...}]
+    # optional, for the cache-aware and cost-model policies (defaults keep older callers working)
+    zone: str = ""                  # topology label; links inside a zone are priced apart from across
+    running: int = 0                # decode: requests in its running batch (last reported)
+    waiting_tokens: int = 0         # prefill: prompt tokens waiting in its scheduler (last reported)
+    prefill_tps: float | None = None        # prefill rate override, tokens/s (else learned online)
+    decode_step_s: tuple | None = None      # decode step-time override (base_s, per_seq_s)
+
+    @property
+    def capacity_known(self) -> bool:
+        """False until a status poll reported the KV pool (a fresh WorkerLoad has num_blocks=1)."""
+        return self.num_blocks > 1
 
 
 @dataclass
@@ -26,6 +40,7 @@ class Decision:
     prefill: str | None             # None = prefill locally on the decode worker
     decode: str
     kind: str                       # "remote" | "local"
+    estimate: dict | None = None    # the policy's breakdown (cost model: TTFT terms in seconds)
 
 
 @dataclass
@@ -34,7 +49,7 @@ class LeastLoaded:
     remote_prefill: bool = True
 
     def choose(self, prompt_len: int, prefills: list[WorkerLoad], decodes: list[WorkerLoad],
-               exclude: set[str] = frozenset()) -> Decision | None:
+               exclude: set[str] = frozenset(), *, hashes=None, now=None) -> Decision | None:
         ds = [d for d in decodes if d.healthy and d.worker_id not in exclude]
         if not ds:
             return None

@@ -1,0 +1,303 @@
+"""Pool autoscaler: per-pool replica decisions from load signals, and the loop that carries them out.
+
+Pure Python: no Ray, no gRPC, no sockets. The loop gets its inputs and effects as callables
+(`read_metrics`, `add_replica`, `drain_and_remove_replica`) and its time from an injected clock,
+so `deploy/` can wire it to Ray actors and tests can drive it with synthetic series.
+
+Signals (one per pool, chosen in deploy/pools.yaml; `load` = value / target, dimensionless):
+    prefill  queued_prompt_tokens_per_replica   tokens      target: tokens per replica
+             p90_ttft                           ms          target: ttft_slo_ms
+    decode   kv_utilization                     fraction    target: a fraction in (0, 1]
+             p90_tpot                           ms          target: tpot_slo_ms
+
+Hysteresis band, in multiples of the target:
+
+      load  0 ......... down_ratio ............. up_ratio .........>
+            | scale down |        hold           | scale up        |
+              (held for downscale_delay_s)         (held for upscale_delay_s)
+
+A direction's condition must hold on every tick for its delay (any tick outside it restarts the
+timer); after each action the pool is in cooldown for `cooldown_s` and both timers restart, so a
+pool never flaps. A step of k replicas moves the projected load to the middle of the band
+(`replicas * load / mid`), at least 1, at most `max_step`, always inside [min, max]. Replica
+counts outside [min, max] are corrected at once (still `max_step` at a time), whatever the load.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+log = logging.getLogger(__name__)
+
+POOLS = ("prefill", "decode")
+SIGNALS = {
+    "prefill": ("queued_prompt_tokens_per_replica", "p90_ttft"),
+    "decode": ("kv_utilization", "p90_tpot"),
+}
+SIGNAL_UNITS = {"queued_prompt_tokens_per_replica": " tok/replica", "p90_ttft": "ms",
+                "kv_utilization": "", "p90_tpot": "ms"}
+
+
+@dataclass(frozen=True)
+class ScalingRule:
+    """One pool's autoscaling knobs (built from deploy/pools.yaml by `PoolConfig.scaling_rule`)."""
+    signal: str                     # one of SIGNALS[pool]
+    target: float                   # in the signal's units (tokens per replica, ms, or a fraction)
+    min_replicas: int = 1
+    max_replicas: int = 1
+    up_ratio: float = 1.0           # scale up while load > up_ratio
+    down_ratio: float = 0.5         # scale down while load < down_ratio  (0 < down < up)
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 300.0
+    max_step: int = 1               # replicas added or removed per action
+    cooldown_s: float = 60.0        # no load-driven action this long after the last one
+
+    def __post_init__(self):
+        if not 0 < self.down_ratio < self.up_ratio:
+            raise ValueError(f"need 0 < down_ratio < up_ratio, got {self.down_ratio}, {self.up_ratio}")
+        if not 0 <= self.min_replicas <= self.max_replicas:
+            raise ValueError(f"need 0 <= min_replicas <= max_replicas, got {self.min_replicas}, {self.max_replicas}")
+        if self.target <= 0 or self.max_step < 1:
+            raise ValueError("target must be > 0 and max_step >= 1")
+        if self.upscale_delay_s < 0 or self.downscale_delay_s < 0 or self.cooldown_s < 0:
+            raise ValueError("delays and cooldown must be >= 0")
+
+
+@dataclass(frozen=True)
+class PoolMetrics:
+    """One pool at one instant, as `read_metrics` reports it.
+
+    replicas counts every replica the pool has, starting ones included (so load a starting
+    replica will absorb is not answered with yet another replica)."""
+    replicas: int
+    queued_prompt_tokens: int = 0           # prefill: prompt tokens sent to the pool, not yet prefilled
+    p90_ttft_ms: float | None = None        # over the recent window; None = no first token in it
+    kv_utilization: float = 0.0             # decode: blocks held by running/reserved requests / all, pool mean
+    p90_tpot_ms: float | None = None        # over the recent window; None = no finished request in it
+
+    @property
+    def idle(self) -> bool:
+        return self.queued_prompt_tokens == 0 and self.kv_utilization == 0.0
+
+
+MetricsSnapshot = Mapping[str, PoolMetrics]     # pool name -> its metrics
+
+
+def signal_value(signal: str, m: PoolMetrics) -> float | None:
+    """The signal in its units; None = no data (a latency with no sample while the pool is busy).
+    A latency with no sample on an idle pool reads 0: an idle pool may shrink."""
+    if signal == "queued_prompt_tokens_per_replica":
+        return m.queued_prompt_tokens / max(m.replicas, 1)
+    if signal == "kv_utilization":
+        return m.kv_utilization
+    v = {"p90_ttft": m.p90_ttft_ms, "p90_tpot": m.p90_tpot_ms}[signal]
+    if v is None:
+        return 0.0 if m.idle else None
+    return v
+
+
+@dataclass(frozen=True)
+class Decision:
+    pool: str
+    delta: int                      # +k add, -k drain and remove, 0 hold
+    replicas: int                   # the pool's replicas when decided
+    reason: str
+    signal: str = ""
+    value: float | None = None      # signal value, its units
+    load: float | None = None       # value / target
+
+    @property
+    def direction(self) -> str:
+        return "up" if self.delta > 0 else "down" if self.delta < 0 else "hold"
+
+    @property
+    def target_replicas(self) -> int:
+        return self.replicas + self.delta
+
+
+class PoolPolicy:
+    """The decision state machine of one pool: condition timers and the cooldown clock."""
+
+    def __init__(self, pool: str, rule: ScalingRule):
+        if pool in SIGNALS and rule.signal not in SIGNALS[pool]:
+            raise ValueError(f"{pool}: signal {rule.signal!r} is not one of {SIGNALS[pool]}")
+        self.pool = pool
+        self.rule = rule
+        self.up_since: float | None = None      # first tick of the current run of load > up_ratio
+        self.down_since: float | None = None    # first tick of the current run of load < down_ratio
+        self.last_action: float | None = None   # when the last action was decided or completed
+
+    def action_done(self, now: float) -> None:
+        """An action was decided or finished at `now`: cooldown and both delays start over."""
+        self.last_action = now
+        self.up_since = self.down_since = None
+
+    def decide(self, m: PoolMetrics, now: float) -> Decision:
+        r, n = self.rule, m.replicas
+        value = signal_value(r.signal, m)
+        load = None if value is None else value / r.target
+        d = lambda delta, why: self._act(Decision(self.pool, delta, n, why, r.signal, value, load), now)
+        # bounds first: a hard invariant, no delay or cooldown
+        if n < r.min_replicas:
+            return d(min(r.min_replicas - n, r.max_step), f"below min_replicas={r.min_replicas}")
+        if n > r.max_replicas:
+            return d(-min(n - r.max_replicas, r.max_step), f"above max_replicas={r.max_replicas}")
+        if load is None:
+            self.up_since = self.down_since = None
+            return d(0, f"no data: {r.signal} has no sample while the pool is busy")
+        desc = f"{r.signal}={value:.4g}{SIGNAL_UNITS.get(r.signal, '')} load={load:.2f}x target"
+        mid = (r.up_ratio + r.down_ratio) / 2
+        if load > r.up_ratio:
+            self.down_since = None
+            self.up_since = now if self.up_since is None else self.up_since
+            held = now - self.up_since
+            if n >= r.max_replicas:
+                return d(0, f"{desc} > {r.up_ratio}: at max_replicas={r.max_replicas}")
+            if held < r.upscale_delay_s:
+                return d(0, f"{desc} > {r.up_ratio} for {held:.0f}s of upscale_delay_s={r.upscale_delay_s:g}")
+            if self._cooling(now):
+                return d(0, f"{desc} > {r.up_ratio}: cooldown, {self._cooldown_left(now):.0f}s left")
+            want = math.ceil(n * load / mid)
+            k = max(1, min(want - n, r.max_step, r.max_replicas - n))
+            return d(k, f"{desc} > {r.up_ratio} for {held:.0f}s: {n} -> {n + k} (wants {want})")
+        if load < r.down_ratio:
+            self.up_since = None
+            self.down_since = now if self.down_since is None else self.down_since
+            held = now - self.down_since
+            if n <= r.min_replicas:
+                return d(0, f"{desc} < {r.down_ratio}: at min_replicas={r.min_replicas}")
+            if held < r.downscale_delay_s:
+                return d(0, f"{desc} < {r.down_ratio} for {held:.0f}s of downscale_delay_s={r.downscale_delay_s:g}")
+            if self._cooling(now):
+                return d(0, f"{desc} < {r.down_ratio}: cooldown, {self._cooldown_left(now):.0f}s left")
+            want = max(math.ceil(n * load / mid), r.min_replicas)
+            k = min(n - want, r.max_step)
+            if k < 1:       # one fewer replica may still be fine if it keeps the load under up_ratio
+                after = math.inf if n == 1 else n * load / (n - 1)
+                if not (load == 0 or after < r.up_ratio):
+                    return d(0, f"{desc} < {r.down_ratio}, but {n - 1} replicas would be at {after:.2f}x")
+                k = 1
+            return d(-k, f"{desc} < {r.down_ratio} for {held:.0f}s: {n} -> {n - k} (wants {want})")
+        self.up_since = self.down_since = None
+        return d(0, f"{desc} within [{r.down_ratio}, {r.up_ratio}]")
+
+    def _act(self, dec: Decision, now: float) -> Decision:
+        if dec.delta:
+            self.action_done(now)
+        return dec
+
+    def _cooling(self, now: float) -> bool:
+        return self.last_action is not None and now - self.last_action < self.rule.cooldown_s
+
+    def _cooldown_left(self, now: float) -> float:
+        return self.rule.cooldown_s - (now - self.last_action)
+
+
+async def _maybe_await(x: Any) -> Any:
+    return await x if inspect.isawaitable(x) else x
+
+
+class PoolAutoscaler:
+    """The control loop: every `interval_s`, read metrics, decide per pool, add or drain replicas.
+
+    read_metrics() -> MetricsSnapshot               sync or async
+    add_replica(pool) -> Any                        sync or async; returns once the replica is placed
+    drain_and_remove_replica(pool) -> Any           sync or async; stops routing to one replica, waits
+                                                    for its requests to finish, then removes it
+    An action runs in the background; while one is in flight for a pool that pool holds, and the
+    cooldown restarts when it completes. Failed calls are logged and counted, never retried early.
+    Counters for metrics: `decisions[(pool, "up"|"down"|"hold")]`, `replicas_added[pool]`,
+    `replicas_removed[pool]`, `action_errors[pool]`.
+    """
+
+    def __init__(self, rules: Mapping[str, ScalingRule], read_metrics: Callable[[], Any],
+                 add_replica: Callable[[str], Any], drain_and_remove_replica: Callable[[str], Any],
+                 clock: Callable[[], float] = time.monotonic, interval_s: float = 5.0):
+        self.policies = {pool: PoolPolicy(pool, rule) for pool, rule in rules.items()}
+        self.read_metrics = read_metrics
+        self.add_replica = add_replica
+        self.drain_and_remove_replica = drain_and_remove_replica
+        self.clock = clock
+        self.interval_s = interval_s
+        self.decisions: Counter = Counter()
+        self.replicas_added: Counter = Counter()
+        self.replicas_removed: Counter = Counter()
+        self.action_errors: Counter = Counter()
+        self.last: dict[str, Decision] = {}
+        self._inflight: dict[str, asyncio.Task] = {}
+
+    async def step(self) -> dict[str, Decision]:
+        """One tick: decide every pool and start its action (if any); returns the decisions."""
+        snap = await _maybe_await(self.read_metrics())
+        now = self.clock()
+        out = {}
+        for pool, pol in self.policies.items():
+            m = snap.get(pool)
+            task = self._inflight.get(pool)
+            if task is not None and not task.done():
+                dec = Decision(pool, 0, m.replicas if m else 0, "previous action still in flight")
+            elif m is None:
+                dec = Decision(pool, 0, 0, "no metrics for this pool")
+            else:
+                dec = pol.decide(m, now)
+            self.decisions[(pool, dec.direction)] += 1
+            self.last[pool] = out[pool] = dec
+            if dec.delta:
+                log.info("autoscale %s %+d (%d -> %d): %s", pool, dec.delta, dec.replicas, dec.target_replicas,
+                         dec.reason)
+                task = self._inflight[pool] = asyncio.ensure_future(self._carry_out(dec))
+                task.add_done_callback(lambda t, p=pool: self._inflight.pop(p) if self._inflight.get(p) is t else None)
+            else:
+                log.debug("autoscale %s hold at %d: %s", pool, dec.replicas, dec.reason)
+        return out
+
+    async def _carry_out(self, dec: Decision) -> None:
+        fn = self.add_replica if dec.delta > 0 else self.drain_and_remove_replica
+        done = self.replicas_added if dec.delta > 0 else self.replicas_removed
+        res = await asyncio.gather(*(_maybe_await_call(fn, dec.pool) for _ in range(abs(dec.delta))),
+                                   return_exceptions=True)
+        for r in res:
+            if isinstance(r, BaseException):
+                self.action_errors[dec.pool] += 1
+                log.warning("autoscale %s %s failed: %r", dec.pool, dec.direction, r)
+            else:
+                done[dec.pool] += 1
+        self.policies[dec.pool].action_done(self.clock())
+
+    async def join(self) -> None:
+        """Wait for every action in flight."""
+        await asyncio.gather(*list(self._inflight.values()), return_exceptions=True)
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Tick until `stop` is set (or the task is cancelled); a failing tick is logged, not fatal."""
+        stop = stop or asyncio.Event()
+        while not stop.is_set():
+            try:
+                await self.step()
+            except Exception:
+                log.exception("autoscaler tick failed")
+            try:
+                await asyncio.wait_for(stop.wait(), self.interval_s)
+            except asyncio.TimeoutError:
+                pass
+        await self.join()
+
+    def counters(self) -> dict[str, dict]:
+        """Plain dicts for a metrics exporter."""
+        return {"decisions": {f"{p}/{d}": n for (p, d), n in sorted(self.decisions.items())},
+                "replicas_added": dict(self.replicas_added), "replicas_removed": dict(self.replicas_removed),
+                "action_errors": dict(self.action_errors)}
+
+
+async def _maybe_await_call(fn: Callable[[str], Any], pool: str) -> Any:
+    return await _maybe_await(fn(pool))
+
+
+__all__ = ["POOLS", "SIGNALS", "ScalingRule", "PoolMetrics", "MetricsSnapshot", "signal_value", "Decision",
+           "PoolPolicy", "PoolAutoscaler"]

@@ -1,0 +1,220 @@
+"""Global prefix index: which worker holds which KV block (by chain hash). Pure Python.
+
+Workers publish their block pool's events (`engine.block_pool.BlockPool(on_event=...)`):
+("stored" | "removed", [chain hashes]), each numbered by a per-worker sequence number. Because a
+chain hash names its whole prefix (`engine.hashing`), "worker w holds hashes[0..n)" means w can
+skip the first n blocks of the prompt; the tenant's cache salt is inside every hash, so prompts of
+different tenants never match each other's blocks.
+
+Exactness and how it degrades (the documented choice)
+- A worker is EXACT while its events arrive in order (seq = last + 1) and it was heard from (an
+  event or a heartbeat) within `silent_after_s`.
+- It turns APPROXIMATE when
+    * it goes silent (nothing for > silent_after_s): stale since its last message, or
+    * a sequence gap shows events were lost (an event or heartbeat with seq > last + 1): stale
+      since the gap was seen, until `resync(w, all_hashes, seq)` replaces its entries.
+  Its entries stay in the index and still answer `match`, but `confidence(w)` = exp(-age / tau_s)
+  (age = seconds stale) discounts them; the cost model multiplies the cached-token estimate by it.
+  Events that arrive after a gap are still applied (they are true), the worker just stays
+  approximate until resynced.
+- Past `horizon_s` stale its confidence is 0, and `expire(now)` (call it from the status loop)
+  drops its entries outright: it then counts as holding nothing, which only under-promises, and
+  `needs_resync()` lists it until a resync arrives.
+Time is the caller's clock (`now`, default time.time()); single-threaded (the router's event loop).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+
+@dataclass
+class WorkerIndexState:
+    last_seq: int | None = None      # last applied event's seq (None: unnumbered so far)
+    last_heard: float = 0.0          # time of the last event or heartbeat
+    gap_since: float | None = None   # time a sequence gap was seen (None: no gap since the last resync)
+    dropped: bool = False            # entries dropped after the horizon (until a resync)
+
+
+class PrefixIndex:
+    def __init__(self, silent_after_s: float = 5.0, tau_s: float = 30.0, horizon_s: float = 300.0):
+        if silent_after_s < 0 or tau_s <= 0 or horizon_s < 0:
+            raise ValueError("silent_after_s and horizon_s must be >= 0 and tau_s > 0")
+        self.silent_after_s, self.tau_s, self.horizon_s = silent_after_s, tau_s, horizon_s
+        self._holders: dict[int, set[str]] = {}       # chain hash -> workers holding it
+        self._by_worker: dict[str, set[int]] = {}     # worker -> chain hashes it holds
+        self._state: dict[str, WorkerIndexState] = {}
+
+    # events
+    def add_worker(self, worker_id: str, now: float | None = None) -> None:
+        """Know a worker (holding nothing yet); idempotent."""
+        if worker_id not in self._state:
+            self._state[worker_id] = WorkerIndexState(last_heard=_now(now))
+            self._by_worker[worker_id] = set()
+
+    def apply(self, worker_id: str, kind: str, hashes: Iterable[int], seq: int | None = None,
+              now: float | None = None) -> bool:
+        """Apply one block event. seq: the worker's event number, 1, 2, ... from its start (or from
+        the seq of the last resync); an old or repeated seq is ignored (returns False), a jump marks
+        the worker approximate. Returns True if applied."""
+        if kind not in ("stored", "removed"):
+            raise ValueError(f"unknown block event kind {kind!r}")
+        t = _now(now)
+        self.add_worker(worker_id, t)
+        st = self._state[worker_id]
+        st.last_heard = t
+        if seq is not None:
+            if st.last_seq is not None and seq <= st.last_seq:
+                return False
+            expected = 1 if st.last_seq is None else st.last_seq + 1
+            if seq > expected and st.gap_since is None:
+                st.gap_since = t
+            st.last_seq = seq
+        mine = self._by_worker[worker_id]
+        if kind == "stored":
+            for h in hashes:
+                if h not in mine:
+                    mine.add(h)
+                    self._holders.setdefault(h, set()).add(worker_id)
+        else:
+            for h in hashes:
+                if h in mine:
+                    mine.discard(h)
+                    self._unhold(h, worker_id)
+        return True
+
+    def heartbeat(self, worker_id: str, seq: int | None = None, now: float | None = None) -> None:
+        """The worker is alive; seq = the number of its latest event (all events up to it were sent).
+        A seq beyond the last applied one means events were lost: approximate until resync."""
+        t = _now(now)
+        self.add_worker(worker_id, t)
+        st = self._state[worker_id]
+        st.last_heard = t
+        if seq is not None:
+            if st.last_seq is None:
+                if seq > 0 and st.gap_since is None:   # events before we knew it are missing
+                    st.gap_since = t
+                st.last_seq = seq
+            elif seq > st.last_seq:
+                if st.gap_since is None:
+                    st.gap_since = t
+                st.last_seq = seq
+
+    def resync(self, worker_id: str, all_hashes: Iterable[int], seq: int | None = None,
+               now: float | None = None) -> None:
+        """Replace the worker's entries by a full snapshot taken at its event number `seq`
+        (later events, seq + 1 on, apply on top). Clears the approximate state."""
+        self._clear(worker_id)
+        t = _now(now)
+        self._state[worker_id] = WorkerIndexState(last_seq=seq, last_heard=t)
+        mine = self._by_worker[worker_id] = set(all_hashes)
+        for h in mine:
+            self._holders.setdefault(h, set()).add(worker_id)
+
+    def remove_worker(self, worker_id: str) -> None:
+        self._clear(worker_id)
+        self._state.pop(worker_id, None)
+        self._by_worker.pop(worker_id, None)
+
+    # freshness
+    def stale_age(self, worker_id: str, now: float | None = None) -> float:
+        """Seconds the worker's entries have been approximate (0.0 = exact). Unknown: inf."""
+        st = self._state.get(worker_id)
+        if st is None:
+            return math.inf
+        t = _now(now)
+        age = 0.0
+        if t - st.last_heard > self.silent_after_s:
+            age = t - st.last_heard
+        if st.gap_since is not None:
+            age = max(age, t - st.gap_since)
+        return age
+
+    def is_exact(self, worker_id: str, now: float | None = None) -> bool:
+        st = self._state.get(worker_id)
+        return (st is not None and not st.dropped and st.gap_since is None
+                and _now(now) - st.last_heard <= self.silent_after_s)
+
+    def confidence(self, worker_id: str, now: float | None = None) -> float:
+        """1.0 when exact; exp(-age / tau_s) when approximate; 0.0 past the horizon (or unknown).
+        Entries kept after a horizon drop are all true (a subset of the worker's cache), so they are
+        trusted again once the worker is heard from in order."""
+        age = self.stale_age(worker_id, now)
+        if age > self.horizon_s:
+            return 0.0
+        return math.exp(-age / self.tau_s) if age > 0 else 1.0
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Drop the entries of workers stale past the horizon; returns the workers dropped now."""
+        t = _now(now)
+        out = []
+        for w, st in self._state.items():
+            if not st.dropped and self.stale_age(w, t) > self.horizon_s:
+                self._clear(w)
+                st.dropped = True
+                out.append(w)
+        return out
+
+    def needs_resync(self) -> list[str]:
+        """Workers whose entries are known to be wrong (a sequence gap, or dropped), sorted."""
+        return sorted(w for w, st in self._state.items() if st.gap_since is not None or st.dropped)
+
+    # queries
+    @property
+    def workers(self) -> list[str]:
+        return sorted(self._state)
+
+    def num_blocks(self, worker_id: str) -> int:
+        return len(self._by_worker.get(worker_id, ()))
+
+    def holders(self, block_hash: int) -> frozenset[str]:
+        return frozenset(self._holders.get(block_hash, ()))
+
+    def match(self, hashes: Iterable[int], workers: Iterable[str] | None = None) -> dict[str, int]:
+        """Longest cached prefix (in blocks) of a prompt with these chain hashes, on every known
+        worker (or only `workers`) at once: one walk over the hashes, intersecting holder sets,
+        stopping as soon as no worker holds the next block."""
+        want = self._state.keys() if workers is None else list(workers)
+        out = dict.fromkeys(want, 0)
+        alive = set(out)
+        n = 0
+        for h in hashes:
+            holders = self._holders.get(h)
+            if not holders:
+                break
+            nxt = alive & holders
+            for w in alive - nxt:
+                out[w] = n
+            alive = nxt
+            if not alive:
+                break
+            n += 1
+        for w in alive:
+            out[w] = n
+        return out
+
+    def match_weighted(self, hashes: Iterable[int], workers: Iterable[str] | None = None,
+                       now: float | None = None) -> dict[str, float]:
+        """match() times confidence(w): the expected number of reusable blocks per worker."""
+        t = _now(now)
+        return {w: n * self.confidence(w, t) if n else 0.0 for w, n in self.match(hashes, workers).items()}
+
+    # internals
+    def _unhold(self, h: int, worker_id: str) -> None:
+        s = self._holders.get(h)
+        if s is not None:
+            s.discard(worker_id)
+            if not s:
+                del self._holders[h]
+
+    def _clear(self, worker_id: str) -> None:
+        for h in self._by_worker.get(worker_id, ()):
+            self._unhold(h, worker_id)
+        if worker_id in self._by_worker:
+            self._by_worker[worker_id] = set()
+
+
+def _now(now: float | None) -> float:
+    return time.time() if now is None else now

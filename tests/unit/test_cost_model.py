@@ -1,0 +1,244 @@
+"""router.cost_model over simulated worker states: online estimators, link pricing, crafted choices,
+and the local/remote threshold sweep (conditional disaggregation)."""
+from dataclasses import replace
+
+import pytest
+
+from engine.hashing import block_hashes
+from kv_transfer.meter import BandwidthMeter
+from router.cost_model import CostConfig, CostModel, RateEstimator, StepTimeModel, Telemetry
+from router.placement import WorkerLoad
+from router.prefix_index import PrefixIndex
+
+pytestmark = pytest.mark.timeout(60)
+
+BS = 16
+KVB = 46_080                     # bytes per token (SmolLM2-135M, fp32)
+
+
+def cfg(**kw):
+    base = dict(block_size=BS, kv_bytes_per_token=KVB, num_layers=30, remote_overhead_s=0.005,
+                local_penalty=0.5, local_chunk_tokens=512, tpot_slo_s=0.25)
+    return CostConfig(**(base | kw))
+
+
+def P(wid, tps=10_000.0, queued=0, zone="z1", **kw):
+    return WorkerLoad(wid, "prefill", queued_tokens=queued, prefill_tps=tps, zone=zone, num_blocks=1000,
+                      free_blocks=1000, **kw)
+
+
+def D(wid, tps=5_000.0, running=2, step=(0.02, 0.001), zone="z1", free=10_000, **kw):
+    return WorkerLoad(wid, "decode", running=running, prefill_tps=tps, decode_step_s=step, zone=zone,
+                      num_blocks=10_000, free_blocks=free, **kw)
+
+
+# estimators
+def test_rate_estimator_prior_then_learns():
+    r = RateEstimator(prior_tps=1000.0, alpha=0.2)
+    assert r.rate == pytest.approx(1000.0) and r.count == 0
+    r.observe(0, 1.0)                                    # empty samples are ignored
+    for _ in range(40):
+        r.observe(4000, 0.5)                             # true rate 8000 tok/s
+    assert r.rate == pytest.approx(8000.0, rel=0.01) and r.count == 40
+
+
+def test_step_time_model_fits_line_and_keeps_prior_slope_at_one_batch_size():
+    m = StepTimeModel(base_s=0.02, per_seq_s=0.001, alpha=0.2)
+    assert m.step_s(10) == pytest.approx(0.03)
+    for i in range(60):
+        n = 1 + (i * 7) % 32
+        m.observe(n, 0.005 + 0.0005 * n)                 # truth: 5 ms + 0.5 ms per sequence
+    a, b = m.coeffs()
+    assert a == pytest.approx(0.005, rel=0.05) and b == pytest.approx(0.0005, rel=0.05)
+    flat = StepTimeModel(0.02, 0.001)
+    for _ in range(60):
+        flat.observe(8, 0.04)                            # every step at batch 8
+    assert flat.step_s(8) == pytest.approx(0.04, rel=0.02)
+    assert flat.coeffs()[1] == pytest.approx(0.001, rel=0.2)   # slope stays near the prior's
+
+
+def test_telemetry_learns_from_status_counter_deltas():
+    t = Telemetry(cfg(prior_prefill_tps=2000.0))
+    p, d = WorkerLoad("p0", "prefill"), WorkerLoad("d0", "decode")
+    assert t.prefill_tps(p) == pytest.approx(2000.0)
+    tok = busy = 0
+    for i in range(30):                                  # today's status fields: tokens/steps/busy_s
+        tok, busy = tok + 3000, busy + 0.5
+        t.ingest_status(p, dict(tokens=tok, steps=i, busy_s=busy, waiting_tokens=70))
+    assert t.prefill_tps(p) == pytest.approx(6000.0, rel=0.02) and p.waiting_tokens == 70
+    # split counters on a decode worker: decode steps at batch 4, 10 ms each, and a local prefill rate
+    s = dict(decode_steps=0, decode_seqs=0, decode_s=0.0, prefill_tokens=0, prefill_s=0.0, running=4)
+    for _ in range(40):
+        s = s | dict(decode_steps=s["decode_steps"] + 10, decode_seqs=s["decode_seqs"] + 40,
+                     decode_s=s["decode_s"] + 0.1, prefill_tokens=s["prefill_tokens"] + 500,
+                     prefill_s=s["prefill_s"] + 0.25)
+        t.ingest_status(d, s)
+    assert d.running == 4
+    assert t.step_s(d, 4) == pytest.approx(0.01, rel=0.05)
+    assert t.prefill_tps(d) == pytest.approx(2000.0, rel=0.02)
+    before = t.prefill_tps(p)
+    t.ingest_status(p, dict(tokens=10, steps=1, busy_s=0.001))      # counters went back: restart
+    assert t.prefill_tps(p) == before
+
+
+# links
+def test_links_measured_zone_measured_and_zone_prior():
+    c = cfg(intra_zone_bps=1e9, cross_zone_bps=1e8, zone_pair_bps=(("east", "far", 1e7),), probe_after_s=30.0)
+    t = Telemetry(c)
+    zones = {"p0": "east", "p1": "east", "d0": "west", "d1": "west", "d2": "east"}
+    assert t.links.bandwidth("p0", "d2", "east", "east") == (1e9, "zone-prior")
+    assert t.links.bandwidth("p0", "d0", "east", "west") == (1e8, "zone-prior")
+    assert t.links.bandwidth("p0", "dx", "far", "east") == (1e7, "zone-prior")   # configured pair, both ways
+    m = BandwidthMeter(alpha=1.0)
+    m.record("p0", "d0", 3_000_000, 1.0, now=100.0)      # a measured cross-zone link: 3 MB/s
+    t.ingest_status(WorkerLoad("p0", "prefill"), {"links": m.snapshot()}, zones)
+    assert t.links.bandwidth("p0", "d0", "east", "west") == (3e6, "measured")
+    # an unmeasured link of the same zone pair is priced from the pair's measurements, not the prior
+    assert t.links.bandwidth("p1", "d1", "east", "west") == (3e6, "zone-measured")
+    assert t.links.bandwidth("p1", "d2", "east", "east") == (1e9, "zone-prior")
+    assert not t.links.probe_needed("p0", "d0", now=110.0)
+    assert t.links.probe_needed("p0", "d0", now=131.0)   # idle longer than probe_after_s
+    assert t.links.probe_needed("p1", "d1", now=110.0)   # never measured
+    assert t.links.probes_needed(["p0", "p1"], ["d0"], now=110.0) == [("p1", "d0")]
+
+
+# crafted choices
+def test_cached_prefill_worker_wins():
+    ix = PrefixIndex()
+    hs = block_hashes(list(range(1, 2049)), BS, "t1")    # 128 blocks
+    ix.apply("p1", "stored", hs[:120], now=0.0)
+    cm = CostModel(cfg(), index=ix)
+    ps, ds = [P("p0"), P("p1")], [D("d0", running=8)]
+    dec = cm.choose(2048, ps, ds, hashes=hs, now=1.0)
+    assert (dec.prefill, dec.decode, dec.kind) == ("p1", "d0", "remote")
+    assert dec.estimate["cached_tokens"] == 120 * BS
+    assert dec.estimate["compute_s"] == pytest.approx((2048 - 1920) / 10_000)
+    # another tenant's identical prompt has different hashes: no hit, the tie goes to p0
+    other = block_hashes(list(range(1, 2049)), BS, "t2")
+    assert cm.choose(2048, ps, ds, hashes=other, now=1.0).prefill == "p0"
+
+
+def test_stale_index_entries_are_discounted():
+    ix = PrefixIndex(silent_after_s=5.0, tau_s=10.0, horizon_s=60.0)
+    hs = block_hashes(list(range(1, 2049)), BS)
+    ix.apply("p1", "stored", hs, now=0.0)
+    cm = CostModel(cfg(), index=ix)
+    ps, ds = [P("p0"), P("p1")], [D("d0", running=8)]
+    fresh = cm.choose(2048, ps, ds, hashes=hs, now=1.0)
+    old = cm.choose(2048, ps, ds, hashes=hs, now=30.0)
+    assert fresh.prefill == old.prefill == "p1"
+    assert fresh.estimate["cached_tokens"] == 2032          # the last token always computes
+    assert 0 < old.estimate["cached_tokens"] < fresh.estimate["cached_tokens"]
+    assert cm.choose(2048, ps, ds, hashes=hs, now=100.0).estimate["cached_tokens"] == 0   # past the horizon
+
+
+def test_mostly_cached_prompt_prefills_locally_on_the_decode_worker():
+    ix = PrefixIndex()
+    hs = block_hashes(list(range(1, 2049)), BS)
+    cm = CostModel(cfg(), index=ix)
+    ps, ds = [P("p0")], [D("d0", running=2)]
+    assert cm.choose(2048, ps, ds, hashes=hs, now=0.0).kind == "remote"
+    ix.apply("d0", "stored", hs[:125], now=0.0)             # d0 holds 2000 of the 2048 tokens
+    dec = cm.choose(2048, ps, ds, hashes=hs, now=0.0)
+    assert (dec.prefill, dec.decode, dec.kind) == (None, "d0", "local")
+    assert dec.estimate["compute_s"] == pytest.approx(48 / 5000)
+
+
+def test_slow_cross_zone_link_makes_local_prefill_win():
+    cm = CostModel(cfg(intra_zone_bps=1.25e9, cross_zone_bps=2.5e7))
+    near = cm.choose(2048, [P("p0", zone="east")], [D("d0", zone="east")])
+    far = cm.choose(2048, [P("p0", zone="east")], [D("d0", zone="west")])
+    assert near.kind == "remote" and near.estimate["bandwidth_source"] == "zone-prior"
+    assert far.kind == "local"
+    remote_far = cm.estimate_remote(2048, P("p0", zone="east"), D("d0", zone="west"))
+    assert remote_far.exposed_transfer_s == pytest.approx(2048 * KVB / 2.5e7 - 2048 / 10_000)
+    assert remote_far.probe_needed
+    # a measurement showing the cross-zone link is actually fast turns it back to remote
+    m = BandwidthMeter(alpha=1.0)
+    m.record("p0", "d0", 2_000_000_000, 1.0)
+    cm.telemetry.links.ingest(m.snapshot(), {"p0": "east", "d0": "west"})
+    fast = cm.choose(2048, [P("p0", zone="east")], [D("d0", zone="west")])
+    assert fast.kind == "remote" and fast.estimate["bandwidth_source"] == "measured"
+
+
+def test_layerwise_overlap_hides_transfer_behind_compute():
+    cm = CostModel(cfg())
+    e = cm.estimate_remote(1024, P("p0", tps=1000.0), D("d0"))    # compute 1.02 s >> transfer
+    assert e.transfer_s == pytest.approx(1024 * KVB / 1.25e9)
+    assert e.exposed_transfer_s == pytest.approx(e.transfer_s / 30)  # only the last layer shows
+
+
+def test_full_decode_pool_excluded():
+    cm = CostModel(cfg())
+    ps = [P("p0")]
+    ds = [D("d0", running=0, free=10), D("d1", running=30)]        # d0 is idle but cannot hold 2048 tokens
+    dec = cm.choose(2048, ps, ds)
+    assert dec.decode == "d1" and dec.estimate["blocks_needed"] == 129
+    assert cm.choose(2048, ps, [D("d0", running=0, free=10)]) is None
+    assert cm.choose(100, ps, [D("d0", running=0, free=10)]).decode == "d0"   # a short one still fits
+    fresh = WorkerLoad("d9", "decode")                                # never polled: capacity unknown
+    assert cm.choose(2048, ps, [fresh]).decode == "d9"
+    assert cm.choose(2048, ps, ds, exclude={"d1"}) is None
+    assert cm.choose(2048, ps, [D("d0", healthy=False)]) is None
+
+
+def test_tpot_guard():
+    # d0 holds the prompt's prefix (cheapest by far over a slow link) but one more request would
+    # push its decode step past the SLO; d1 is chosen instead
+    ix = PrefixIndex()
+    hs = block_hashes(list(range(1, 4097)), BS)
+    ix.apply("d0", "stored", hs[:250], now=0.0)
+    cm = CostModel(cfg(cross_zone_bps=1.25e8, tpot_slo_s=0.1), index=ix)
+    ps = [P("p0", zone="east")]
+    d0 = D("d0", running=40, step=(0.02, 0.002), zone="west")        # step(41) = 0.102 s
+    d1 = D("d1", running=10, zone="west")
+    unguarded = CostModel(cfg(cross_zone_bps=1.25e8, tpot_slo_s=None), index=ix)
+    assert unguarded.choose(4096, ps, [d0, d1], hashes=hs, now=0.0).decode == "d0"
+    dec = cm.choose(4096, ps, [d0, d1], hashes=hs, now=0.0)
+    assert dec.decode == "d1" and dec.estimate["tpot_ok"]
+    # every option past the guard: the cheapest still serves (soft), or None when strict
+    soft = cm.choose(4096, ps, [d0], hashes=hs, now=0.0)
+    assert soft.decode == "d0" and not soft.estimate["tpot_ok"]
+    assert CostModel(cfg(tpot_slo_s=0.1, tpot_strict=True), index=ix).choose(4096, ps, [d0], hashes=hs) is None
+    # local prefill with requests running: one prefill chunk's step must also fit the SLO
+    e = cm.estimate_local(4096, D("d2", running=4), 0.0)
+    assert e.step_s_after == pytest.approx(0.024 + 512 / 5000) and not e.tpot_ok
+
+
+def test_remote_or_local_only():
+    assert CostModel(cfg(allow_remote=False)).choose(4096, [P("p0")], [D("d0")]).kind == "local"
+    assert CostModel(cfg(allow_local=False)).choose(16, [P("p0")], [D("d0")]).kind == "remote"
+    assert CostModel(cfg(local_max_tokens=100)).choose(101, [P("p0", zone="a")],
+                                                       [D("d0", zone="b")]).kind == "remote"
+    assert CostModel(cfg()).choose(4096, [], [D("d0")]).kind == "local"   # no prefill worker up
+
+
+# conditional disaggregation
+def threshold(cm, ps, ds, lengths=range(16, 8193, 16)):
+    """The first prompt length that goes remote; every length after it must go remote too."""
+    kinds = [cm.choose(n, ps, ds).kind for n in lengths]
+    if "remote" not in kinds:
+        return None
+    i = kinds.index("remote")
+    assert set(kinds[:i]) <= {"local"} and set(kinds[i:]) == {"remote"}, kinds
+    return list(lengths)[i]
+
+
+def test_threshold_sweep_moves_with_bandwidth_queue_and_load():
+    c = cfg(intra_zone_bps=2.5e8)
+    ps, ds = [P("p0", queued=1000)], [D("d0", running=2)]
+    base = threshold(CostModel(c), ps, ds)
+    assert base is not None and 16 < base < 8192            # short local, long remote
+    # analytic crossover: (queue + overhead) / (local slope - remote slope)
+    slope_local = (1 + 0.5 * 2) / 5000
+    slope_remote = KVB / 2.5e8                               # transfer exceeds compute: exposed = transfer - compute
+    expect = (1000 / 10_000 + 0.005) / (slope_local - slope_remote)
+    assert abs(base - expect) <= 16
+    slow = threshold(CostModel(replace(c, intra_zone_bps=1.25e8)), ps, ds)
+    assert slow is not None and slow > base                  # half the bandwidth: more goes local
+    busy_p = threshold(CostModel(c), [P("p0", queued=2000)], ds)
+    assert busy_p > base                                     # a longer prefill queue: more goes local
+    busy_d = threshold(CostModel(c), ps, [D("d0", running=6)])
+    assert busy_d < base                                     # a busier decode worker: more goes remote
+    dec = CostModel(c).choose(base, ps, ds)
+    assert dec.kind == "remote" and dec.estimate["ttft_s"] > 0 and "exposed_transfer_s" in dec.estimate

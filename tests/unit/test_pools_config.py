@@ -1,0 +1,193 @@
+"""deploy/pools.yaml -> ServeConfig: the shipped file, defaults, and errors naming key and line."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from deploy.launch import ClusterConfig
+from deploy.pools import PoolsConfigError, ServeConfig, load_pools_config, parse_pools_config
+from router.autoscaler import ScalingRule
+
+SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "pools.yaml"
+TEXT = SHIPPED.read_text()
+
+
+def edited(old: str, new: str, text: str = TEXT, after: str = "") -> tuple[str, int]:
+    """`text` with the first `old` (after the first `after`) replaced by `new`, and the 1-based line
+    where the replacement starts."""
+    i = text.index(old, text.index(after) if after else 0)
+    return text[:i] + new + text[i + len(old):], text[:i].count("\n") + 1
+
+
+def issues(text: str, tmp_path: Path) -> tuple[str, list]:
+    p = tmp_path / "pools.yaml"
+    p.write_text(text)
+    with pytest.raises(PoolsConfigError) as ei:
+        load_pools_config(p)
+    return str(ei.value), [(i.key, i.line) for i in ei.value.issues]
+
+
+# the shipped file
+
+def test_shipped_file_loads():
+    c = load_pools_config(SHIPPED)
+    assert isinstance(c, ServeConfig) and c.source.endswith("pools.yaml")
+    assert c.model is None and c.router.port == 50051 and c.router.policy == "cost-model"
+    p, d = c.prefill, c.decode
+    assert p.min_replicas <= p.initial_replicas <= p.max_replicas
+    assert d.min_replicas <= d.initial_replicas <= d.max_replicas
+    assert p.autoscale.signal == "queued_prompt_tokens_per_replica" and p.autoscale.signal_target == 8192
+    assert d.autoscale.signal == "kv_utilization" and 0 < d.autoscale.signal_target <= 1
+    assert p.autoscale.scale_down_below < p.autoscale.scale_up_above
+    assert p.autoscale.max_step == 2 and isinstance(p.autoscale.upscale_delay_s, float)
+
+
+def test_tree_is_frozen():
+    c = load_pools_config(SHIPPED)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.prefill.max_replicas = 9
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.decode.autoscale.target = 0.1
+
+
+def test_to_cluster_kwargs_builds_a_cluster_config():
+    c = load_pools_config(SHIPPED)
+    kw = c.to_cluster_kwargs()
+    cc = ClusterConfig(**kw)
+    assert cc.prefill_workers == c.prefill.initial_replicas and cc.decode_workers == c.decode.initial_replicas
+    assert cc.host == c.router.host and cc.port == c.router.port and cc.model == c.model
+    assert cc.threads_per_worker == c.prefill.resources.threads and cc.use_gpu == (c.prefill.resources.gpus == 1)
+    assert cc.metrics_port == c.router.metrics_port
+
+
+def test_to_cluster_kwargs_refuses_what_cluster_config_cannot_express():
+    text, _ = edited("    cpus: 2\n    gpus: 1\n    threads: 2\n", "    cpus: 4\n    gpus: 1\n    threads: 4\n",
+                     after="\ndecode:")
+    with pytest.raises(ValueError, match="threads: prefill 2 != decode 4"):
+        parse_pools_config(text).to_cluster_kwargs()
+    text, _ = edited("    cpus: 2 ", "    cpus: 3 ")
+    with pytest.raises(ValueError, match=r"prefill: resources.cpus \(3\) != resources.threads \(2\)"):
+        parse_pools_config(text).to_cluster_kwargs()
+
+
+def test_scaling_rules_match_the_file():
+    c = load_pools_config(SHIPPED)
+    r = c.scaling_rules()
+    assert r["prefill"] == ScalingRule(signal="queued_prompt_tokens_per_replica", target=8192.0, min_replicas=1,
+                                       max_replicas=4, up_ratio=1.0, down_ratio=0.5, upscale_delay_s=30.0,
+                                       downscale_delay_s=300.0, max_step=2, cooldown_s=120.0)
+    assert r["decode"].signal == "kv_utilization" and r["decode"].target == 0.8
+
+
+def test_latency_signal_uses_its_slo_as_target():
+    text, _ = edited("signal: kv_utilization ", "signal: p90_tpot ")
+    text, _ = edited("signal: queued_prompt_tokens_per_replica ", "signal: p90_ttft ", text)
+    c = parse_pools_config(text)
+    assert c.scaling_rules()["prefill"].target == 1000 and c.scaling_rules()["prefill"].signal == "p90_ttft"
+    assert c.scaling_rules()["decode"].target == 50
+
+
+def test_minimal_file_gets_defaults():
+    c = parse_pools_config("prefill: {max_replicas: 3}\n")
+    assert c.router.host == "127.0.0.1" and c.autoscaler.enabled and c.autoscaler.interval_s == 5.0
+    assert (c.prefill.min_replicas, c.prefill.initial_replicas, c.prefill.max_replicas) == (1, 1, 3)
+    assert c.decode.max_replicas == 1 and c.decode.autoscale.signal == "kv_utilization"
+    assert c.prefill.autoscale.signal_target == 4096.0
+
+
+# errors: key and line
+
+@pytest.mark.parametrize("old,new,after,key,msg", [
+    ("max_step: 2 ", "max_step: 0 ", "", "prefill.autoscale.max_step", "must be >= 1"),
+    ("port: 50051", "port: 70000", "", "router.port", "must be in [0, 65535]"),
+    ("target: 0.8 ", "target: 1.5 ", "", "decode.autoscale.target", "must be in (0, 1]"),
+    ("gpus: 1 ", "gpus: 2 ", "", "prefill.resources.gpus", "must be in [0, 1]"),
+    ("upscale_delay_s: 30 ", "upscale_delay_s: -1 ", "", "prefill.autoscale.upscale_delay_s", "must be >= 0"),
+    ("initial_replicas: 1 ", "initial_replicas: 9 ", "", "prefill.initial_replicas", "[1, 4]"),
+    ("max_replicas: 4", "max_replicas: 0", "\ndecode:", "decode.max_replicas", "must be >= 1"),
+    ("scale_down_below: 0.5 ", "scale_down_below: 1.5 ", "", "prefill.autoscale.scale_down_below",
+     "need scale_down_below < scale_up_above (got 1.5 and 1.0)"),
+    ("cpus: 2 ", 'cpus: "2" ', "", "prefill.resources.cpus", "expected an integer"),
+    ("enabled: true ", "enabled: 1 ", "", "autoscaler.enabled", "expected true or false"),
+    ("policy: cost-model ", "policy: random ", "", "router.policy", "must be one of round-robin"),
+    ("signal: kv_utilization ", "signal: p90_ttft ", "", "decode.autoscale.signal", "must be one of kv_utilization"),
+    ("interval_s: 5 ", "interval_s: 0 ", "", "autoscaler.interval_s", "must be > 0"),
+    ("target: 8192 ", "target: [1, 2] ", "", "prefill.autoscale.target", "expected a single value"),
+    ("target: 8192 ", "target: 1e3 ", "", "prefill.autoscale.target", "expected a number (got '1e3')"),
+])
+def test_out_of_range_values_name_key_and_line(tmp_path, old, new, after, key, msg):
+    text, line = edited(old, new, after=after)
+    err, found = issues(text, tmp_path)
+    assert found == [(key, line)], err
+    assert f"pools.yaml:{line}: {key}: " in err and msg in err
+
+
+def test_up_threshold_below_the_default_down_threshold(tmp_path):
+    err, found = issues("decode:\n  autoscale:\n    scale_up_above: 0.4\n", tmp_path)
+    assert found == [("decode.autoscale.scale_up_above", 3)] and "(got 0.5 and 0.4)" in err
+
+
+def test_max_below_min_names_max_line(tmp_path):
+    text, line = edited("  min_replicas: 1\n  max_replicas: 4\n", "  min_replicas: 3\n  max_replicas: 2\n")
+    err, found = issues(text, tmp_path)
+    assert found == [("prefill.max_replicas", line + 1), ("prefill.initial_replicas", line + 2)], err
+    assert "must be >= min_replicas (3) (got 2)" in err and "[3, 2] (got 1)" in err
+
+
+@pytest.mark.parametrize("old,new,key,offset", [
+    ("  host: ", "  hots: ", "router.hots", 0),
+    ("max_step: 2 ", "max_stp: 2 ", "prefill.autoscale.max_stp", 0),
+    ("    threads: 2 ", "    gpu: 1\n    threads: 2 ", "prefill.resources.gpu", 0),
+    ("model: null", "modle: null", "modle", 0),
+    ("  min_replicas: 1\n", "  min_replicas: 1\n  replicas: 3\n", "prefill.replicas", 1),
+])
+def test_unknown_keys_name_key_and_line(tmp_path, old, new, key, offset):
+    text, line = edited(old, new)
+    err, found = issues(text, tmp_path)
+    assert found == [(key, line + offset)], err
+    assert "unknown key" in err
+
+
+def test_slo_of_the_other_pool_is_refused(tmp_path):
+    text, line = edited("    tpot_slo_ms: 50 ", "    ttft_slo_ms: 50 ")
+    err, found = issues(text, tmp_path)
+    assert found == [("decode.autoscale.ttft_slo_ms", line)] and "the decode latency target is tpot_slo_ms" in err
+
+
+def test_latency_signal_without_its_slo(tmp_path):
+    text, _ = edited("    ttft_slo_ms: 1000 ", "    # no slo ")
+    text, line = edited("signal: queued_prompt_tokens_per_replica ", "signal: p90_ttft ", text)
+    err, found = issues(text, tmp_path)
+    assert found == [("prefill.autoscale.ttft_slo_ms", line)] and "required when signal is p90_ttft" in err
+
+
+def test_repeated_key(tmp_path):
+    text, line = edited("  port: 50051\n", "  port: 50051\n  port: 50052\n")
+    err, found = issues(text, tmp_path)
+    assert found == [("router.port", line + 1)] and f"first on line {line}" in err
+
+
+def test_every_error_is_reported_in_line_order(tmp_path):
+    text, l1 = edited("max_step: 1\n", "max_step: x\n")
+    text, l2 = edited("port: 50051", "port: -1", text)
+    text, l3 = edited("gpus: 1 ", "gpus: 3 ", text)
+    err, found = issues(text, tmp_path)
+    assert [ln for _, ln in found] == sorted([l1, l2, l3]) and len(err.splitlines()) == 3
+    assert [k for k, _ in found] == ["router.port", "prefill.resources.gpus", "decode.autoscale.max_step"]
+
+
+def test_section_of_the_wrong_shape(tmp_path):
+    err, found = issues("router: [1]\nprefill: 3\n", tmp_path)
+    assert found == [("router", 1), ("prefill", 2)] and "expected a mapping" in err
+
+
+def test_syntax_error_has_a_line(tmp_path):
+    err, found = issues("router:\n  port: 1\n bad indent: [\n", tmp_path)
+    assert found and found[0][0] == "(syntax)" and found[0][1] >= 3
+
+
+def test_empty_file(tmp_path):
+    err, found = issues("# nothing\n", tmp_path)
+    assert found == [("(top level)", 1)] and "empty" in err

@@ -1,0 +1,133 @@
+"""router.prefix_index: exact answers with tiny hash lists, salts, silent workers, event gaps."""
+import math
+
+import pytest
+
+from engine.block_pool import BlockPool
+from engine.hashing import block_hashes
+from engine.kv_cache_manager import KVCacheManager
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from router.prefix_index import PrefixIndex
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def idx(**kw):
+    return PrefixIndex(silent_after_s=5.0, tau_s=10.0, horizon_s=100.0, **kw)
+
+
+def test_match_every_worker_in_one_pass():
+    ix = idx()
+    ix.apply("a", "stored", [1, 2, 3], now=0)
+    ix.apply("b", "stored", [1, 2], now=0)
+    ix.apply("c", "stored", [2, 3], now=0)      # holds later blocks but not block 0: no prefix
+    ix.add_worker("d", now=0)
+    assert ix.match([1, 2, 3, 4]) == {"a": 3, "b": 2, "c": 0, "d": 0}
+    assert ix.match([1, 9, 3]) == {"a": 1, "b": 1, "c": 0, "d": 0}
+    assert ix.match([]) == {"a": 0, "b": 0, "c": 0, "d": 0}
+    assert ix.match([1, 2, 3], workers=["b", "zz"]) == {"b": 2, "zz": 0}
+    ix.apply("a", "removed", [2], now=0)       # a hole ends a's prefix there
+    assert ix.match([1, 2, 3]) == {"a": 1, "b": 2, "c": 0, "d": 0}
+    assert ix.holders(1) == {"a", "b"} and ix.holders(2) == {"b", "c"}
+    assert ix.num_blocks("a") == 2
+
+
+def test_removed_unknown_and_stored_twice_are_idempotent():
+    ix = idx()
+    ix.apply("a", "stored", [1, 1, 2], now=0)
+    ix.apply("a", "stored", [1], now=0)
+    ix.apply("a", "removed", [7], now=0)
+    assert ix.num_blocks("a") == 2 and ix.match([1, 2]) == {"a": 2}
+    with pytest.raises(ValueError):
+        ix.apply("a", "evicted", [1])
+
+
+def test_remove_worker_forgets_everything():
+    ix = idx()
+    ix.apply("a", "stored", [1, 2], now=0)
+    ix.apply("b", "stored", [1], now=0)
+    ix.remove_worker("a")
+    assert ix.workers == ["b"] and ix.holders(2) == frozenset() and ix.match([1, 2]) == {"b": 1}
+    assert ix.confidence("a", 0) == 0.0
+
+
+def test_follows_a_real_block_pool_and_salts_never_cross():
+    """Events straight from BlockPool(on_event=...), hashes from engine.hashing with per-tenant salts."""
+    ix, bs = idx(), 4
+    seq = iter(range(1, 1000))
+    kv = KVCacheManager(num_blocks=8, block_size=bs,
+                        on_event=lambda kind, hs: ix.apply("w0", kind, hs, seq=next(seq), now=0))
+    toks = list(range(100, 113))                         # 3 full blocks + 1 token
+    r = Request(toks, SamplingParams(max_tokens=1), cache_salt="tenant-a", block_size=bs)
+    kv.allocate(r, len(toks))
+    r.num_computed_tokens = len(toks)
+    kv.cache_computed_blocks(r)
+    a = block_hashes(toks, bs, "tenant-a")
+    assert ix.match(a) == {"w0": 3} and ix.is_exact("w0", 0)
+    assert ix.match(block_hashes(toks, bs, "tenant-b")) == {"w0": 0}     # other tenant: no hit
+    assert ix.match(block_hashes(toks, bs)) == {"w0": 0}                 # no salt: no hit either
+    kv.free(r)
+    kv.pool.allocate(8)                                  # evicts every cached block -> "removed"
+    assert ix.match(a) == {"w0": 0} and ix.num_blocks("w0") == 0
+
+
+def test_reset_prefix_cache_event():
+    ix = idx()
+    pool = BlockPool(4, on_event=lambda kind, hs: ix.apply("w", kind, hs, now=0))
+    b = pool.allocate(2)
+    pool.cache_block(b[0], 11)
+    pool.cache_block(b[1], 12)
+    assert ix.match([11, 12]) == {"w": 2}
+    pool.free(b)
+    pool.reset_prefix_cache()
+    assert ix.match([11, 12]) == {"w": 0}
+
+
+def test_silent_worker_decays_then_drops():
+    ix = idx()
+    ix.apply("a", "stored", [1, 2], now=0)
+    assert ix.confidence("a", 4.0) == 1.0 and ix.is_exact("a", 4.0)
+    assert not ix.is_exact("a", 6.0)
+    assert ix.confidence("a", 10.0) == pytest.approx(math.exp(-10.0 / 10.0))   # age since last heard
+    assert ix.match([1, 2]) == {"a": 2}                                         # still answers...
+    assert ix.match_weighted([1, 2], now=10.0)["a"] == pytest.approx(2 * math.exp(-1.0))  # ...discounted
+    ix.heartbeat("a", now=20.0)                                                 # heard again: exact
+    assert ix.confidence("a", 20.0) == 1.0
+    assert ix.confidence("a", 121.0) == 0.0                                     # past the horizon
+    assert ix.expire(now=121.0) == ["a"] and ix.num_blocks("a") == 0
+    assert ix.needs_resync() == ["a"]
+    ix.resync("a", [1], seq=None, now=130.0)
+    assert ix.needs_resync() == [] and ix.match([1, 2]) == {"a": 1} and ix.is_exact("a", 130.0)
+
+
+def test_sequence_gap_marks_approximate_until_resync():
+    ix = idx()
+    ix.apply("a", "stored", [1], seq=1, now=0)
+    ix.apply("a", "stored", [2], seq=2, now=0)
+    assert not ix.apply("a", "stored", [9], seq=2, now=0)      # repeated seq: ignored
+    assert ix.is_exact("a", 0) and ix.match([1, 2]) == {"a": 2}
+    ix.apply("a", "stored", [3], seq=5, now=1.0)               # 3 and 4 were lost
+    assert not ix.is_exact("a", 1.0) and ix.needs_resync() == ["a"]
+    assert ix.match([1, 2, 3]) == {"a": 3}                     # the event after the gap still applies
+    assert ix.confidence("a", 11.0) == pytest.approx(math.exp(-1.0))
+    ix.heartbeat("a", seq=5, now=11.0)                         # heartbeats keep it alive, not exact
+    assert not ix.is_exact("a", 11.0)
+    ix.resync("a", [1, 2], seq=7, now=12.0)                    # snapshot at seq 7
+    assert ix.is_exact("a", 12.0) and ix.match([1, 2, 3]) == {"a": 2}
+    assert not ix.apply("a", "stored", [3], seq=7, now=12.0)   # already in the snapshot
+    ix.apply("a", "stored", [3], seq=8, now=12.0)
+    assert ix.is_exact("a", 12.0) and ix.match([1, 2, 3]) == {"a": 3}
+
+
+def test_heartbeat_seq_reveals_lost_tail_and_late_join():
+    ix = idx()
+    ix.apply("a", "stored", [1], seq=1, now=0)
+    ix.heartbeat("a", seq=1, now=1)
+    assert ix.is_exact("a", 1)
+    ix.heartbeat("a", seq=3, now=2)                            # events 2 and 3 never arrived
+    assert not ix.is_exact("a", 2)
+    ix.apply("b", "stored", [1], seq=4, now=0)                 # first event seen is #4: 1..3 missed
+    assert ix.needs_resync() == ["a", "b"]
+    ix.heartbeat("c", seq=0, now=0)                            # a fresh worker: nothing missed
+    assert ix.is_exact("c", 0)
