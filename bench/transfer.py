@@ -1,14 +1,16 @@
-"""KV transfer throughput between two processes on loopback: kv_transfer (gRPC) vs a raw TCP socket.
+"""KV transfer throughput between two processes on loopback: kv_transfer (gRPC and TCP) vs a raw socket.
 
-A receiver process runs a KVServer whose KVReceiver writes into real per-layer cache tensors, and a
-raw TCP listener that recv_into()s the same cache tensors. A sender process pushes the same
-`layers x blocks` K/V blocks through GrpcKVTransport (all layers enqueued at once, so the figure is
-the transport's, not compute's) and, alternately, through a plain socket with sendall(). Each mode
-runs --repeats times after one untimed warm-up each; the table shows payload GB/s (1 GB = 1e9 B,
-K+V bytes only, first byte sent to the receiver's acknowledgement) and the medians' ratio.
+A receiver process runs a KVServer and a KVTcpServer whose KVReceiver writes into real per-layer
+cache tensors, and a raw TCP listener that recv_into()s the same cache tensors. A sender process
+pushes the same `layers x blocks` K/V blocks through GrpcKVTransport and TcpKVTransport (all layers
+enqueued at once, so the figure is the transport's, not compute's) and through a plain socket with
+sendall(), in turn. Each mode runs --repeats times after one untimed warm-up each; the table shows
+payload GB/s (1 GB = 1e9 B, K+V bytes only, first byte sent to the receiver's acknowledgement) and
+each transport's median over the raw socket's median.
 
     python bench/transfer.py                      # 30 layers x 400 blocks, fp32: ~295 MB per run
     python bench/transfer.py --dtype bfloat16 --blocks 800 --chunk-bytes 2097152
+    python bench/transfer.py --modes tcp,raw      # skip gRPC
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ def _recv_exact(sock: socket.socket, buf: memoryview) -> None:
 
 
 def receiver_main(conn, args) -> None:
-    from kv_transfer import KVReceiver, KVServer, TransferState, cache_writer
+    from kv_transfer import KVReceiver, KVServer, KVTcpServer, TransferState, cache_writer
 
     torch.set_num_threads(1)
     shape = (args.blocks, args.block_size, args.kv_heads, args.head_dim)
@@ -64,8 +66,10 @@ def receiver_main(conn, args) -> None:
     receiver = KVReceiver()
     server = KVServer(receiver, max_message_bytes=args.chunk_bytes + (1 << 20))
     server.start_sync()
+    tcp_server = KVTcpServer(receiver)
+    tcp_server.start_sync()
     listener = socket.create_server(("127.0.0.1", 0))
-    conn.send((server.port, listener.getsockname()[1]))
+    conn.send((server.port, tcp_server.port, listener.getsockname()[1]))
     raw_sock, _ = listener.accept()
     pending = None
     while (msg := conn.recv())[0] != "quit":
@@ -89,21 +93,26 @@ def receiver_main(conn, args) -> None:
             raw_sock.sendall(b"k")
             conn.send(_cpu_s() - cpu0)
     server.stop_sync()
+    tcp_server.stop_sync()
 
 
-def sender_main(conn, args, grpc_port: int, raw_port: int) -> None:
-    from kv_transfer import GrpcKVTransport
+def sender_main(conn, args, grpc_port: int, tcp_port: int, raw_port: int) -> None:
+    from kv_transfer import GrpcKVTransport, TcpKVTransport
 
     torch.set_num_threads(1)
     layers = _layers(args)
-    transport = GrpcKVTransport(chunk_bytes=args.chunk_bytes,
-                                max_message_bytes=args.chunk_bytes + (1 << 20))
+    transports = {
+        "grpc": (GrpcKVTransport(chunk_bytes=args.chunk_bytes,
+                                 max_message_bytes=args.chunk_bytes + (1 << 20)), grpc_port),
+        "tcp": (TcpKVTransport(chunk_bytes=args.tcp_chunk_bytes), tcp_port),
+    }
     raw_sock = socket.create_connection(("127.0.0.1", raw_port))
     conn.send("ready")
     while (msg := conn.recv())[0] != "quit":
         nl, cpu0 = msg[2], _cpu_s()
-        if msg[0] == "kv":
-            sender = transport.open(f"127.0.0.1:{grpc_port}", msg[1], range(args.blocks))
+        if msg[0] in transports:
+            transport, port = transports[msg[0]]
+            sender = transport.open(f"127.0.0.1:{port}", msg[1], range(args.blocks))
             for l in range(nl):  # the bench reuses its tensors: the sender only reads them
                 sender.send_layer(l, *layers[l])
             seconds = sender.finish(120).wall_s
@@ -115,7 +124,8 @@ def sender_main(conn, args, grpc_port: int, raw_port: int) -> None:
             raw_sock.recv(1)
             seconds = time.perf_counter() - t0
         conn.send((seconds, _cpu_s() - cpu0))
-    transport.close()
+    for transport, _ in transports.values():
+        transport.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,17 +137,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     ap.add_argument("--chunk-bytes", type=int, default=1 << 20, help="payload bytes per gRPC message")
+    ap.add_argument("--tcp-chunk-bytes", type=int, default=None,
+                    help="payload bytes per TCP frame (default: TcpKVTransport's)")
+    ap.add_argument("--modes", default="grpc,tcp,raw", help="comma-separated subset of grpc,tcp,raw")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    modes = [m for m in ("grpc", "tcp", "raw") if m in args.modes.split(",")]
+    if "raw" not in modes or len(modes) < 2:
+        ap.error("--modes needs raw and at least one of grpc, tcp")
+    if args.tcp_chunk_bytes is None:
+        from kv_transfer.tcp_protocol import DEFAULT_CHUNK_BYTES
+        args.tcp_chunk_bytes = DEFAULT_CHUNK_BYTES
 
     ctx = mp.get_context("spawn")
     r_conn, r_child = ctx.Pipe()
     s_conn, s_child = ctx.Pipe()
     receiver = ctx.Process(target=receiver_main, args=(r_child, args), daemon=True)
     receiver.start()
-    grpc_port, raw_port = r_conn.recv()
-    sender = ctx.Process(target=sender_main, args=(s_child, args, grpc_port, raw_port), daemon=True)
+    ports = r_conn.recv()
+    sender = ctx.Process(target=sender_main, args=(s_child, args, *ports), daemon=True)
     sender.start()
     assert s_conn.recv() == "ready"
 
@@ -147,51 +166,56 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(mode: str, n: int, nl: int, check_exact: bool = False) -> tuple[float, float, float]:
         """(wall seconds, sender CPU seconds, receiver CPU seconds) of one transfer."""
-        if mode == "kv":
-            r_conn.send(("expect", f"bench-{n}", nl))
+        rid = f"bench-{mode}-{n}"
+        if mode != "raw":
+            r_conn.send(("expect", rid, nl))
             assert r_conn.recv() == "ok"
         else:
             r_conn.send(("raw", nl))
-        s_conn.send((mode, f"bench-{n}", nl))
+        s_conn.send((mode, rid, nl))
         seconds, sender_cpu = s_conn.recv()
-        if mode == "kv":
+        if mode != "raw":
             r_conn.send(("check", check_exact))
             ok, error, exact, receiver_cpu = r_conn.recv()
             if not ok or exact is False:
-                raise SystemExit(f"kv transfer {n} failed: complete={ok} error={error} exact={exact}")
+                raise SystemExit(f"{mode} transfer {n} failed: complete={ok} error={error} exact={exact}")
         else:
             receiver_cpu = r_conn.recv()
         return seconds, sender_cpu, receiver_cpu
 
-    run("kv", -1, min(2, args.layers))  # warm-ups: connection, allocator, page faults
-    run("raw", -2, min(2, args.layers))
+    for mode in modes:  # warm-ups: connection, allocator, page faults
+        run(mode, -1, min(2, args.layers))
     gb = total / 1e9
     # per mode, per run: (GB/s, sender CPU s/GB, receiver CPU s/GB)
-    results: dict[str, list[tuple[float, float, float]]] = {"kv": [], "raw": []}
+    results: dict[str, list[tuple[float, float, float]]] = {m: [] for m in modes}
     for i in range(args.repeats):
-        for mode in ("kv", "raw"):  # alternate, so both see the same background load
-            seconds, s_cpu, r_cpu = run(mode, i, args.layers, check_exact=(mode == "kv" and i == 0))
+        for mode in modes:  # alternate, so all see the same background load
+            seconds, s_cpu, r_cpu = run(mode, i, args.layers, check_exact=(mode != "raw" and i == 0))
             results[mode].append((gb / seconds, s_cpu / gb, r_cpu / gb))
     r_conn.send(("quit",))
     s_conn.send(("quit",))
     sender.join(30)
     receiver.join(30)
 
+    from kv_transfer.crc import BACKEND
     print(f"geometry: {args.layers} layers x {args.blocks} blocks x [{args.block_size}, {args.kv_heads}, "
-          f"{args.head_dim}] {args.dtype}; K+V {total / 1e6:.1f} MB per transfer; "
-          f"chunk {args.chunk_bytes} B; exact equality verified on run 1")
+          f"{args.head_dim}] {args.dtype}; K+V {total / 1e6:.1f} MB per transfer; chunk {args.chunk_bytes} B "
+          f"(gRPC), {args.tcp_chunk_bytes} B (TCP); crc32 via {BACKEND}; exact equality verified on run 1")
     print("GB/s = 1e9 payload bytes per second; CPU = process CPU seconds (all threads) per GB, "
           "sender + receiver")
-    print(f"{'run':>6} | {'kv_transfer GB/s':>16} | {'raw socket GB/s':>15} | "
-          f"{'kv CPU s/GB':>11} | {'raw CPU s/GB':>12}")
-    rows = [[f"{i + 1}", *(results[m][i] for m in ("kv", "raw"))] for i in range(args.repeats)]
+    names = {"grpc": "gRPC", "tcp": "TCP", "raw": "raw"}
+    print(f"{'run':>6} | " + " | ".join(f"{names[m] + ' GB/s':>9}" for m in modes) + " | "
+          + " | ".join(f"{names[m] + ' CPU s/GB':>13}" for m in modes))
+    rows = [[f"{i + 1}", *(results[m][i] for m in modes)] for i in range(args.repeats)]
     rows.append(["median", *(tuple(statistics.median(r[c] for r in results[m]) for c in range(3))
-                             for m in ("kv", "raw"))])
-    for name, kv, raw in rows:
-        print(f"{name:>6} | {kv[0]:>16.3f} | {raw[0]:>15.3f} | {kv[1]:>5.2f}+{kv[2]:<5.2f} | "
-              f"{raw[1]:>6.2f}+{raw[2]:<5.2f}")
-    kv, raw = rows[-1][1][0], rows[-1][2][0]
-    print(f"ratio kv_transfer / raw socket = {kv / raw:.2f} (target >= 0.70)")
+                             for m in modes)])
+    for name, *cols in rows:
+        print(f"{name:>6} | " + " | ".join(f"{c[0]:>9.3f}" for c in cols) + " | "
+              + " | ".join(f"{c[1]:>6.2f}+{c[2]:<6.2f}" for c in cols))
+    medians = dict(zip(modes, rows[-1][1:]))
+    for m in modes[:-1]:
+        print(f"ratio {names[m]} kv_transfer / raw socket = {medians[m][0] / medians['raw'][0]:.2f} "
+              f"(target >= 0.70)")
     return 0
 
 

@@ -6,7 +6,11 @@ Modules (one job each):
     receiver.py        decode side: KVReceiver (reservations, fencing, completion), InboundStream
     server.py          KVServer: the thin grpc.aio service around a KVReceiver
     transport.py       KVTransport / LayerwiseSender interfaces, TransferStats
-    grpc_transport.py  GrpcKVTransport: the gRPC/TCP implementation (RDMA comes later)
+    grpc_transport.py  GrpcKVTransport: the gRPC implementation
+    tcp_protocol.py    the plain-TCP socket protocol: length-prefixed wire frames, handshake, ACK
+    tcp_transport.py   TcpKVTransport: the same frames over one persistent socket per decode address
+    tcp_server.py      KVTcpServer: the decode side of it, beside KVServer (RDMA comes later)
+    crc.py             crc32 == zlib.crc32, through libdeflate when the host has it
     loop_thread.py     the process's shared uvloop thread that drives streams
     malloc_tuning.py   glibc thresholds so ~1 MiB frames reuse heap instead of mmap per message
     throttle.py        token bucket for emulated slow links
@@ -29,16 +33,27 @@ payload for no gain; the header keeps its own schema (wire.py) and version field
 
 Trust: the server binds 127.0.0.1 unless told otherwise; an optional shared secret travels as
 `x-pdcluster-secret` metadata and is compared in constant time. No pickle crosses the socket.
+
+Two byte movers, one receiver. gRPC Python costs ~1.5 CPU-s per GB in per-message handling, so
+`TcpKVTransport` moves the same frames over a plain socket: one persistent connection per (prefill
+process, decode address), frames of many requests multiplexed by their header's request id, each
+request's stream closed by END and answered by ACK (the handoff, as the Push reply) or ERROR (the
+same status names). Frames go out as sendmsg of [header, K, V] memoryviews and land by recv_into
+in a reusable aligned buffer that K, V view; crc32 runs once per frame on each side. The decode
+worker runs `KVTcpServer` beside `KVServer` on the same `KVReceiver`, so reservations, fencing and
+completion are shared. Its handshake is an HMAC of a server nonce with the shared secret.
 """
 from kv_transfer.errors import KVTransferError
 from kv_transfer.grpc_transport import GrpcKVTransport
 from kv_transfer.meter import BandwidthMeter
 from kv_transfer.receiver import KVReceiver, PendingTransfer, TransferState, cache_writer
 from kv_transfer.server import KVServer
+from kv_transfer.tcp_server import KVTcpServer
+from kv_transfer.tcp_transport import TcpKVTransport
 from kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
 
 __all__ = [
-    "BandwidthMeter", "GrpcKVTransport", "KVReceiver", "KVServer", "KVTransferError",
-    "KVTransport", "LayerwiseSender", "PendingTransfer", "TransferState", "TransferStats",
-    "cache_writer",
+    "BandwidthMeter", "GrpcKVTransport", "KVReceiver", "KVServer", "KVTcpServer", "KVTransferError",
+    "KVTransport", "LayerwiseSender", "PendingTransfer", "TcpKVTransport", "TransferState",
+    "TransferStats", "cache_writer",
 ]

@@ -1,0 +1,191 @@
+"""The KV TCP socket protocol: length-prefixed messages carrying wire.py frames, plus control.
+
+Every message on the socket, both directions:
+
+    0      1     4          8
+    | type | pad | length u32le | body (length bytes) |
+
+    type     dir  body
+    HELLO    s>c  msgpack {proto, v, nonce}      first message on a connection
+    AUTH     c>s  msgpack {v, mac}               mac = HMAC-SHA256(secret, AUTH_CONTEXT + nonce)
+    WELCOME  s>c  msgpack {}                     the connection is open for frames
+    CLOSE    s>c  msgpack {status, message}      connection-level failure (bad secret, protocol
+                                                 error); the server closes after it
+    FRAME    c>s  one wire.py frame, unchanged   "PDKV" | H | msgpack header | pad | K | V
+    END      c>s  msgpack {rid}                  the sender finished rid's stream (half-close)
+    CANCEL   c>s  msgpack {rid}                  the sender aborted rid; the reservation fails
+    ACK      s>c  msgpack {rid, bytes, seconds}  every (layer, block) of rid landed: ownership
+                                                 handoff, as the gRPC Push reply
+    ERROR    s>c  msgpack {rid, status, message} rid failed (status: a grpc.StatusCode name);
+                                                 its later frames are dropped unread-into-cache
+
+One connection carries many requests: frames name their request id (wire header "rid"), a piece's
+chunks are contiguous on the socket, and each request's stream ends with exactly one END or
+CANCEL from the sender; the server answers each END with one ACK or ERROR (or has already sent
+ERROR, in which case END only clears its state). A frame's payload starts 16-byte aligned inside
+the frame, and the receiver reads each frame at offset 0 of an aligned buffer, so K and V are
+tensor views of that buffer without a copy.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import socket
+import struct
+
+import msgpack
+import torch
+
+from kv_transfer import wire
+from kv_transfer.crc import crc32
+from kv_transfer.errors import DataLoss, KVTransferError, MalformedFrame
+
+PROTO = "pdkv-tcp"
+VERSION = 1
+AUTH_CONTEXT = b"pdcluster-kv-tcp-v1:"
+ENVELOPE = struct.Struct("<BxxxI")  # message type, body length in bytes
+HELLO, AUTH, WELCOME, CLOSE, FRAME, END, CANCEL, ACK, ERROR = range(1, 10)
+MAX_CONTROL_BYTES = 64 << 10  # body limit of every message but FRAME
+DEFAULT_MAX_FRAME_BYTES = 64 << 20  # server's FRAME body limit (client chunks stay far below)
+DEFAULT_CHUNK_BYTES = 4 << 20  # payload bytes per frame
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+class ConnectionLost(KVTransferError):
+    """The peer closed the connection or it broke (a truncated stream, seen from the receiver)."""
+
+    status = "UNAVAILABLE"
+
+
+def mac(secret: str | None, nonce: bytes) -> bytes:
+    """The AUTH proof for `nonce`: b"" without a secret (accepted only by a secret-less server)."""
+    if secret is None:
+        return b""
+    return hmac.new(secret.encode(), AUTH_CONTEXT + nonce, hashlib.sha256).digest()
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # END / ACK are tiny and urgent
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+# sending: the caller serializes writers on one socket
+def send_all(sock: socket.socket, parts: list) -> int:
+    """Write every buffer in `parts` (bytes / memoryviews, no join), looping over partial writes."""
+    total = sum(memoryview(p).nbytes for p in parts)
+    left = total
+    while left:
+        n = sock.sendmsg(parts)
+        left -= n
+        if not left:
+            break
+        while n:  # drop what went out
+            size = memoryview(parts[0]).nbytes
+            if n >= size:
+                n -= size
+                parts = parts[1:]
+            else:
+                parts = [memoryview(parts[0]).cast("B")[n:], *parts[1:]]
+                n = 0
+    return total
+
+
+def send_control(sock: socket.socket, kind: int, body: dict) -> None:
+    data = msgpack.packb(body)
+    send_all(sock, [ENVELOPE.pack(kind, len(data)), data])
+
+
+def frame_parts(request_id: str, layer: int, block_ids, k: torch.Tensor, v: torch.Tensor,
+                chunk: int, chunks: int) -> tuple[list, int, int]:
+    """FRAME message for K, V (contiguous CPU tensors, shape[0] == len(block_ids)) as buffers to
+    write in order: [envelope + wire prefix + header + pad, K bytes, V bytes]; its payload bytes
+    and message bytes. Same frame as wire.encode_frame, with the crc computed once and no join."""
+    kb, vb = wire._raw(k), wire._raw(v)
+    nbytes = kb.nbytes + vb.nbytes
+    header = msgpack.packb({
+        "v": wire.VERSION, "rid": request_id, "layer": layer, "blocks": list(block_ids),
+        "dtype": wire._DTYPE_NAMES[k.dtype], "shape": list(k.shape), "nbytes": nbytes,
+        "crc": crc32(vb, crc32(kb)), "chunk": chunk, "chunks": chunks,
+    })
+    pad = -(wire._PREFIX.size + len(header)) % wire._ALIGN
+    size = wire._PREFIX.size + len(header) + pad + nbytes
+    head = b"".join((ENVELOPE.pack(FRAME, size), wire._PREFIX.pack(wire.MAGIC, len(header)),
+                     header, bytes(pad)))
+    return [head, kb, vb], nbytes, len(head) + nbytes
+
+
+# receiving
+def recv_exact(sock: socket.socket, buf: memoryview) -> bool:
+    """Fill buf; False if the peer closed before the first byte, ConnectionLost if mid-way."""
+    want, got = buf.nbytes, 0
+    while got < want:
+        n = sock.recv_into(buf[got:])
+        if n == 0:
+            if got == 0:
+                return False
+            raise ConnectionLost(f"connection closed {got} bytes into a {want}-byte read")
+        got += n
+    return True
+
+
+def recv_control(sock: socket.socket, expect: tuple[int, ...] | None = None) -> tuple[int, dict] | None:
+    """Read one control message: (type, body dict), or None on a clean close between messages.
+    Raises MalformedFrame for an unexpected type, an oversized or undecodable body."""
+    env = bytearray(ENVELOPE.size)
+    if not recv_exact(sock, memoryview(env)):
+        return None
+    kind, length = ENVELOPE.unpack(env)
+    if (expect is not None and kind not in expect) or length > MAX_CONTROL_BYTES:
+        raise MalformedFrame(f"unexpected message type {kind} of {length} bytes")
+    body = bytearray(length)
+    if length and not recv_exact(sock, memoryview(body)):
+        raise ConnectionLost("connection closed inside a message")
+    try:
+        data = msgpack.unpackb(body, raw=False) if length else {}
+    except (ValueError, msgpack.UnpackException) as e:
+        raise MalformedFrame(f"control message is not valid msgpack: {e}") from None
+    if not isinstance(data, dict):
+        raise MalformedFrame("control message is not a msgpack map")
+    return kind, data
+
+
+def parse_frame(frame: memoryview) -> tuple[str | None, wire.FrameHeader | None, KVTransferError | None, int]:
+    """Validate a FRAME body in place: (rid, header, error, payload offset). The rid is known as
+    soon as the header is a map with a string "rid" (errors then fail that request alone); the
+    error, if any, is what wire.decode_frame would raise for the same bytes."""
+    n = frame.nbytes
+    if n < wire._PREFIX.size:
+        return None, None, DataLoss(f"frame of {n} bytes is shorter than its {wire._PREFIX.size}-byte prefix"), 0
+    magic, hlen = wire._PREFIX.unpack_from(frame)
+    if magic != wire.MAGIC:
+        return None, None, MalformedFrame(f"bad magic {bytes(magic)!r}, expected {wire.MAGIC!r}"), 0
+    off = wire._PREFIX.size + hlen
+    if off > n:
+        return None, None, DataLoss(f"header length {hlen} runs past the {n}-byte frame"), 0
+    try:
+        raw = msgpack.unpackb(frame[wire._PREFIX.size:off], raw=False)
+    except (ValueError, msgpack.UnpackException) as e:
+        return None, None, MalformedFrame(f"header is not valid msgpack: {e}"), 0
+    rid = raw.get("rid") if isinstance(raw, dict) and isinstance(raw.get("rid"), str) else None
+    try:
+        header = wire._parse_header(raw)
+    except KVTransferError as e:
+        return rid, None, e, 0
+    off += -off % wire._ALIGN
+    if n - off != header.nbytes:
+        return rid, header, DataLoss(f"payload is {n - off} bytes, header says {header.nbytes}"), off
+    crc = crc32(frame[off:])
+    if crc != header.crc:
+        return rid, header, DataLoss(f"checksum mismatch in layer {header.layer} chunk {header.chunk}: "
+                                     f"crc32 {crc:#010x}, header says {header.crc:#010x}"), off
+    return rid, header, None, off
+
+
+def frame_tensors(buf: torch.Tensor, header: wire.FrameHeader, off: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V as views of the uint8 buffer `buf` (the frame at offset 0, payload at `off`)."""
+    dtype, half = wire.DTYPES[header.dtype], header.nbytes // 2
+    if half == 0:
+        return torch.empty(header.shape, dtype=dtype), torch.empty(header.shape, dtype=dtype)
+    k = buf[off:off + half].view(dtype).view(header.shape)
+    v = buf[off + half:off + 2 * half].view(dtype).view(header.shape)
+    return k, v

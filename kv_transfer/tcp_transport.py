@@ -1,0 +1,352 @@
+"""KVTransport over plain TCP (tcp_protocol.py): one persistent connection per decode address.
+
+Threads per connection: a writer, which connects, proves the secret, then turns queued pieces
+into frames (crc32 once, header, sendmsg of [head, K, V] memoryviews: no join, no copy in user
+space); and a reader, which turns ACK / ERROR / CLOSE into each sender's result. `send_layer`
+(the compute thread) only enqueues, so layer l is written while layer l+1 computes; the blocking
+socket calls and the checksum release the GIL. Requests to one address share the connection: the
+writer handles one piece at a time, so pieces of different requests interleave frame-run by
+frame-run, and each request's stream ends with END (or CANCEL after abort()).
+
+A connection that fails (refused, bad secret, reset, CLOSE) fails every request on it with the
+reason's status; the next open() to that address connects afresh.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import socket
+import threading
+import time
+from typing import Sequence
+
+import torch
+
+from kv_transfer import tcp_protocol as proto
+from kv_transfer import wire
+from kv_transfer.errors import KVTransferError
+from kv_transfer.malloc_tuning import keep_large_buffers
+from kv_transfer.meter import BandwidthMeter
+from kv_transfer.throttle import TokenBucket
+from kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
+
+_END, _CANCEL, _STOP = object(), object(), object()  # queue items besides (sender, layer, first, k, v)
+_HEADER_ROOM = 64 << 10  # bytes a frame may exceed its payload by (prefix + msgpack header)
+_BATCH_FRAMES = 256  # frames per sendmsg (3 buffers each; Linux takes at most 1024)
+_READER_GRACE_S = 2.0  # after a failed write, how long the reader may take to report the server's reason
+
+
+class TcpKVTransport(KVTransport):
+    """One per prefill process. `bandwidth_limit_bytes_per_s` paces each connection (all requests
+    to one address together) with a token bucket of one frame's burst, emulating a slow link."""
+
+    def __init__(self, *, chunk_bytes: int = proto.DEFAULT_CHUNK_BYTES, secret: str | None = None,
+                 bandwidth_limit_bytes_per_s: float | None = None,
+                 meter: BandwidthMeter | None = None, src_id: str = "local",
+                 connect_timeout_s: float = proto.HANDSHAKE_TIMEOUT_S):
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+        self.chunk_bytes = chunk_bytes
+        self.meter, self.src_id = meter, src_id
+        self.secret = secret
+        self.limit = bandwidth_limit_bytes_per_s
+        self.connect_timeout_s = connect_timeout_s
+        self._lock = threading.Lock()
+        self._conns: dict[str, _Connection] = {}
+        keep_large_buffers()
+
+    def open(self, address: str, request_id: str, dst_block_ids: Sequence[int],
+             dst_id: str | None = None) -> LayerwiseSender:
+        conn = None
+        if dst_block_ids:  # an empty reservation needs no connection
+            with self._lock:
+                conn = self._conns.get(address)
+                if conn is None or conn.dead:
+                    conn = self._conns[address] = _Connection(self, address)
+        sender = TcpLayerwiseSender(self, conn, address, dst_id or address, request_id, dst_block_ids)
+        if conn is not None:
+            conn.register(sender)
+        return sender
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
+            conn.close()
+
+
+class TcpLayerwiseSender(LayerwiseSender):
+    def __init__(self, transport: TcpKVTransport, conn: _Connection | None, address: str,
+                 dst_id: str, request_id: str, dst_block_ids: Sequence[int]):
+        self.request_id, self.address, self.dst_id = request_id, address, dst_id
+        self._transport, self._conn = transport, conn
+        self._dst = tuple(dst_block_ids)
+        self._lock = threading.Lock()  # guards _closed and the timestamps
+        self._closed = False  # finish() or abort() called
+        self._t_open = time.perf_counter()
+        self._t_first: float | None = None  # perf_counter() of the first / last send_layer
+        self._t_last: float | None = None
+        self._future: concurrent.futures.Future = concurrent.futures.Future()
+        # writer thread only
+        self._wire = "new"  # -> "open" (a frame went out) -> "closed" (END or CANCEL went out)
+        self._sent = self._wire_bytes = 0
+        self._busy = 0.0
+        self._t_end = 0.0  # perf_counter() when END was written
+
+    def send_layer(self, layer: int, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
+                   first: int = 0) -> None:
+        n = k_blocks.shape[0] if k_blocks.dim() else 0
+        if layer < 0 or first < 0 or first + n > len(self._dst):
+            raise ValueError(f"layer {layer}, blocks [{first}, {first + n}) outside the "
+                             f"{len(self._dst)} reserved blocks")
+        wire.check_blocks(self._dst[first:first + n], k_blocks, v_blocks)
+        block_bytes = 2 * k_blocks[:1].numel() * k_blocks.element_size()  # a frame holds >= 1 block
+        if block_bytes > proto.DEFAULT_MAX_FRAME_BYTES - _HEADER_ROOM:
+            raise ValueError(f"a {block_bytes}-byte K+V block does not fit a frame of "
+                             f"{proto.DEFAULT_MAX_FRAME_BYTES} bytes")
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"send_layer after finish/abort of {self.request_id!r}")
+            self._t_last = time.perf_counter()
+            self._t_first = self._t_first or self._t_last
+            if n and not self._future.done():  # once failed, drop: finish() reports why
+                self._conn.put((self, layer, first, k_blocks, v_blocks))
+
+    def finish(self, timeout: float | None = None) -> TransferStats:
+        with self._lock:
+            first_call, self._closed = not self._closed, True
+        if first_call and self._conn is not None:
+            self._conn.put((self, _END))
+        elif first_call:  # an empty reservation: nothing to send
+            self._settle(self._stats(time.perf_counter(), 0.0))
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.CancelledError:
+            raise KVTransferError(f"transfer of {self.request_id!r} was aborted", "CANCELLED") from None
+
+    def abort(self) -> None:
+        with self._lock:
+            self._closed = True
+        self._future.cancel()  # no-op once finished; finish() then reports the outcome
+        if self._conn is not None:  # the writer sends CANCEL if the stream is still open
+            self._conn.put((self, _CANCEL))
+
+    # any thread
+    def _settle(self, result: TransferStats | BaseException) -> None:
+        try:
+            if isinstance(result, BaseException):
+                self._future.set_exception(result)
+            else:
+                self._future.set_result(result)
+        except concurrent.futures.InvalidStateError:
+            pass  # aborted (or already failed) first
+
+    def _stats(self, t_ack: float, receiver_s: float) -> TransferStats:
+        with self._lock:
+            t_first, t_last = self._t_first or self._t_open, self._t_last or self._t_open
+        busy = self._busy + (t_ack - self._t_end if self._t_end else 0.0)
+        return TransferStats(request_id=self.request_id, bytes=self._sent, wire_bytes=self._wire_bytes,
+                             wall_s=t_ack - t_first, exposed_s=max(0.0, t_ack - t_last),
+                             busy_s=busy, receiver_s=receiver_s)
+
+
+class _Connection:
+    """One socket to one decode address, with its writer and reader threads."""
+
+    def __init__(self, transport: TcpKVTransport, address: str):
+        self.transport, self.address = transport, address
+        self.dead = False
+        self.error: KVTransferError | None = None
+        self._lock = threading.Lock()  # guards dead, error, inflight
+        self._inflight: dict[str, TcpLayerwiseSender] = {}  # registered, no ACK/ERROR yet
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._sock: socket.socket | None = None
+        self._reader: threading.Thread | None = None
+        limit = transport.limit
+        self._bucket = TokenBucket(limit, burst=transport.chunk_bytes) if limit is not None else None
+        self._writer = threading.Thread(target=self._write_loop, name=f"kv-tcp-send-{address}", daemon=True)
+        self._writer.start()
+
+    def register(self, sender: TcpLayerwiseSender) -> None:
+        with self._lock:
+            error = self.error
+            if error is None and sender.request_id in self._inflight:
+                error = KVTransferError(f"request {sender.request_id!r} is already being sent to "
+                                        f"{self.address}", "ALREADY_EXISTS")
+            elif error is None:
+                self._inflight[sender.request_id] = sender
+        if error is not None:
+            sender._settle(KVTransferError(str(error), error.status))
+
+    def put(self, item: tuple) -> None:
+        if not self.dead:
+            self._queue.put(item)
+
+    def close(self) -> None:
+        self._fail_all(KVTransferError(f"KV transport to {self.address} closed", "CANCELLED"))
+        for thread in (self._writer, self._reader):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(5.0)
+
+    def _fail_all(self, error: KVTransferError) -> None:
+        """Fail every registered request with `error` (the first reason wins) and cut the socket."""
+        with self._lock:
+            if self.dead:
+                return
+            self.dead, self.error = True, error
+            senders, self._inflight = list(self._inflight.values()), {}
+        for sender in senders:
+            sender._settle(KVTransferError(str(error), error.status))
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._queue.put(_STOP)
+
+    def _pop(self, rid, sender: TcpLayerwiseSender | None = None) -> TcpLayerwiseSender | None:
+        """Unregister rid (only if registered by `sender`, when given)."""
+        with self._lock:
+            found = self._inflight.get(rid)
+            if found is None or (sender is not None and found is not sender):
+                return None
+            return self._inflight.pop(rid)
+
+    # writer thread
+    def _connect(self) -> socket.socket:
+        host, _, port = self.address.rpartition(":")
+        timeout = self.transport.connect_timeout_s
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+        try:
+            proto.tune(sock)
+            msg = proto.recv_control(sock, expect=(proto.HELLO, proto.CLOSE))
+            if msg is None or msg[0] == proto.CLOSE:
+                body = msg[1] if msg else {}
+                raise KVTransferError(f"KV server {self.address} refused the connection: "
+                                      f"{body.get('message', 'closed')}", body.get("status", "UNAVAILABLE"))
+            hello = msg[1]
+            if hello.get("proto") != proto.PROTO or hello.get("v") != proto.VERSION:
+                raise KVTransferError(f"{self.address} speaks {hello.get('proto')!r} "
+                                      f"v{hello.get('v')!r}, not {proto.PROTO} v{proto.VERSION}", "UNAVAILABLE")
+            proto.send_control(sock, proto.AUTH, {"v": proto.VERSION,
+                                                  "mac": proto.mac(self.transport.secret, hello["nonce"])})
+            kind, body = proto.recv_control(sock, expect=(proto.WELCOME, proto.CLOSE)) or (proto.CLOSE, {})
+            if kind == proto.CLOSE:
+                raise KVTransferError(f"KV server {self.address} refused the connection: "
+                                      f"{body.get('message', 'closed')}", body.get("status", "UNAVAILABLE"))
+            sock.settimeout(None)
+            return sock
+        except BaseException:
+            sock.close()
+            raise
+
+    def _write_loop(self) -> None:
+        try:
+            sock = self._connect()
+        except KVTransferError as e:
+            if e.status == "INVALID_ARGUMENT":  # not our protocol on the other end
+                e = KVTransferError(f"{self.address} is not a KV TCP server: {e}", "UNAVAILABLE")
+            self._fail_all(e)
+            return
+        except (OSError, KeyError, TypeError) as e:
+            self._fail_all(KVTransferError(f"cannot connect to KV server {self.address}: {e!r}", "UNAVAILABLE"))
+            return
+        with self._lock:
+            self._sock = sock
+            dead = self.dead
+        if dead:  # closed while connecting
+            sock.close()
+            return
+        self._reader = threading.Thread(target=self._read_loop, args=(sock,),
+                                        name=f"kv-tcp-recv-{self.address}", daemon=True)
+        self._reader.start()
+        try:
+            while (item := self._queue.get()) is not _STOP:
+                sender = item[0]
+                if item[1] is _END:
+                    self._end(sock, sender, cancel=sender._future.cancelled())
+                elif item[1] is _CANCEL:
+                    self._end(sock, sender, cancel=True)
+                elif not sender._future.done():
+                    self._write_piece(sock, *item)
+                del item, sender  # free the piece's tensors while waiting for the next one
+        except OSError as e:
+            self._reader.join(_READER_GRACE_S)  # it reports the server's CLOSE reason, if any
+            self._fail_all(KVTransferError(f"KV connection to {self.address} broke: {e!r}", "UNAVAILABLE"))
+        finally:
+            self._fail_all(KVTransferError(f"KV transport to {self.address} closed", "CANCELLED"))
+            sock.close()
+
+    def _write_piece(self, sock: socket.socket, sender: TcpLayerwiseSender, layer: int, first: int,
+                     k: torch.Tensor, v: torch.Tensor) -> None:
+        """Frames of one piece, written by the batch: a single sendmsg per layer when unthrottled
+        (one syscall per frame costs ~15% more CPU on loopback), one frame at a time when paced."""
+        k, v = wire._cpu_contiguous(k), wire._cpu_contiguous(v)
+        ids = sender._dst[first:first + k.shape[0]]
+        n = k.shape[0]
+        block_bytes = 2 * k[:1].numel() * k.element_size()
+        per_frame = max(1, self.transport.chunk_bytes // block_bytes) if block_bytes else max(1, n)
+        chunks = -(-n // per_frame)
+        batch_frames = 1 if self._bucket is not None else _BATCH_FRAMES
+        sender._wire = "open"
+        for c0 in range(0, chunks, batch_frames):
+            if sender._future.done():  # failed or aborted meanwhile: END/CANCEL follows
+                return
+            parts, payload, size = [], 0, 0
+            for c in range(c0, min(chunks, c0 + batch_frames)):
+                lo, hi = c * per_frame, min(n, (c + 1) * per_frame)
+                frame, nbytes, nwire = proto.frame_parts(sender.request_id, layer, ids[lo:hi],
+                                                         k[lo:hi], v[lo:hi], c, chunks)
+                parts += frame
+                payload, size = payload + nbytes, size + nwire
+            if self._bucket is not None and (delay := self._bucket.reserve(size)) > 0:
+                time.sleep(delay)
+            t0 = time.perf_counter()
+            proto.send_all(sock, parts)
+            sender._busy += time.perf_counter() - t0
+            sender._wire_bytes += size
+            sender._sent += payload
+
+    def _end(self, sock: socket.socket, sender: TcpLayerwiseSender, cancel: bool) -> None:
+        """Close sender's stream on the wire: END (the server answers ACK or ERROR), or CANCEL
+        after abort() (never answered). Nothing is sent for a stream the server never saw."""
+        if sender._wire == "closed":
+            return
+        was_open, sender._wire = sender._wire == "open", "closed"
+        if cancel:
+            self._pop(sender.request_id, sender)
+            if was_open:
+                proto.send_control(sock, proto.CANCEL, {"rid": sender.request_id})
+        elif was_open or not sender._future.done():  # after an ERROR, END clears the server's state
+            sender._t_end = time.perf_counter()
+            proto.send_control(sock, proto.END, {"rid": sender.request_id})
+        else:  # failed before its first frame (e.g. a duplicate id): the server knows nothing of it
+            self._pop(sender.request_id, sender)
+
+    # reader thread
+    def _read_loop(self, sock: socket.socket) -> None:
+        error = KVTransferError(f"KV server {self.address} closed the connection", "UNAVAILABLE")
+        try:
+            while (msg := proto.recv_control(sock, expect=(proto.ACK, proto.ERROR, proto.CLOSE))) is not None:
+                kind, body = msg
+                if kind == proto.CLOSE:
+                    error = KVTransferError(f"KV server {self.address} closed the connection: "
+                                            f"{body.get('message')}", body.get("status", "UNAVAILABLE"))
+                    break
+                sender = self._pop(body.get("rid"))
+                if sender is None:
+                    continue  # aborted meanwhile
+                if kind == proto.ACK:
+                    t_ack = time.perf_counter()
+                    stats = sender._stats(t_ack, body["seconds"])
+                    meter = self.transport.meter
+                    if meter is not None and stats.bytes:
+                        meter.record(self.transport.src_id, sender.dst_id, stats.bytes, stats.busy_s)
+                    sender._settle(stats)
+                else:
+                    sender._settle(KVTransferError(
+                        f"KV transfer of {sender.request_id!r} to {self.address} failed: "
+                        f"{body.get('status')}: {body.get('message')}", body.get("status", "UNKNOWN")))
+        except Exception as e:  # reset, or a message we cannot read: the connection is unusable
+            error = KVTransferError(f"KV connection to {self.address} broke: {e!r}", "UNAVAILABLE")
+        self._fail_all(error)

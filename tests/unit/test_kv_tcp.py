@@ -1,0 +1,463 @@
+"""kv_transfer over plain TCP on 127.0.0.1 (ephemeral ports): KVTcpServer + KVReceiver <- TcpKVTransport."""
+import socket
+import threading
+import time
+
+import msgpack
+import pytest
+import torch
+
+from kv_transfer import (BandwidthMeter, KVReceiver, KVTcpServer, KVTransferError, TcpKVTransport,
+                         TransferState, cache_writer, wire)
+from kv_transfer import tcp_protocol as proto
+from kv_transfer.crc import crc32
+
+pytestmark = pytest.mark.timeout(60)
+
+L, NB, BLOCK = 4, 32, (16, 3, 64)  # layers, cache blocks, [block_size, kv_heads, head_dim]
+BLOCK_BYTES = 2 * 16 * 3 * 64 * 2  # K + V of one bf16 block
+SECRET = "s3cret"
+
+
+@pytest.fixture
+def caches():
+    return ([torch.zeros(NB, *BLOCK, dtype=torch.bfloat16) for _ in range(L)],
+            [torch.zeros(NB, *BLOCK, dtype=torch.bfloat16) for _ in range(L)])
+
+
+@pytest.fixture
+def server():
+    srv = KVTcpServer(KVReceiver(), secret=SECRET)  # 127.0.0.1, port 0
+    srv.start_sync()
+    yield srv
+    srv.stop_sync()
+
+
+@pytest.fixture
+def transport():
+    tr = TcpKVTransport(chunk_bytes=64 << 10, secret=SECRET, meter=BandwidthMeter(), src_id="p0")
+    yield tr
+    tr.close()
+
+
+def _layers(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, *BLOCK, generator=g).bfloat16(), torch.randn(n, *BLOCK, generator=g).bfloat16())
+            for _ in range(L)]
+
+
+def _assert_landed(caches, ids, data):
+    kc, vc = caches
+    for layer, (k, v) in enumerate(data):
+        assert torch.equal(kc[layer][ids], k) and torch.equal(vc[layer][ids], v)
+
+
+class RawClient:
+    """A bare protocol client: handshake, then hand-made messages."""
+
+    def __init__(self, address, secret=SECRET):
+        host, port = address.rsplit(":", 1)
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        kind, hello = proto.recv_control(self.sock)
+        assert kind == proto.HELLO and hello["proto"] == proto.PROTO
+        proto.send_control(self.sock, proto.AUTH, {"v": proto.VERSION, "mac": proto.mac(secret, hello["nonce"])})
+        self.welcome = proto.recv_control(self.sock)
+
+    def frame(self, frame: bytes):
+        self.sock.sendall(proto.ENVELOPE.pack(proto.FRAME, len(frame)) + frame)
+
+    def end(self, rid):
+        proto.send_control(self.sock, proto.END, {"rid": rid})
+
+    def reply(self):
+        return proto.recv_control(self.sock)
+
+    def close(self):
+        self.sock.close()
+
+
+def test_server_binds_loopback_ephemeral_port(server):
+    assert server.host == "127.0.0.1" and server.port > 0 and server.address.startswith("127.0.0.1:")
+
+
+def test_protocol_frame_is_the_wire_frame():
+    k, v = _layers(3)[0]
+    parts, nbytes, size = proto.frame_parts("r", 2, [5, 6, 7], k, v, 1, 4)
+    message = b"".join(bytes(memoryview(p).cast("B")) for p in parts)
+    assert len(message) == size and nbytes == 3 * BLOCK_BYTES
+    assert proto.ENVELOPE.unpack_from(message) == (proto.FRAME, size - proto.ENVELOPE.size)
+    assert message[proto.ENVELOPE.size:] == wire.encode_frame("r", 2, [5, 6, 7], k, v, 1, 4)
+
+
+def test_crc32_matches_zlib():
+    import zlib
+    data = torch.randn(10_000).numpy().tobytes()
+    for piece in (b"", b"x", data, memoryview(data)[3:], bytearray(data[:777])):
+        assert crc32(piece) == zlib.crc32(piece) and crc32(piece, 12345) == zlib.crc32(piece, 12345)
+
+
+def test_multi_layer_transfer_lands_exactly(server, transport, caches):
+    ids = [17, 3, 8, 30, 0, 21, 9]  # scattered destination blocks, 7 x 6 KiB x 2 per layer
+    pending = server.receiver.expect("req", ids, L, cache_writer(*caches))
+    data = _layers(len(ids))
+    sender = transport.open(server.address, "req", ids, dst_id="d0")
+    for layer, (k, v) in enumerate(data):
+        sender.send_layer(layer, k.clone(), v.clone())
+    stats = sender.finish(timeout=20)
+    assert pending.wait(5) is TransferState.COMPLETE
+    _assert_landed(caches, ids, data)
+    assert caches[0][0][[b for b in range(NB) if b not in ids]].abs().sum() == 0
+    payload = L * len(ids) * BLOCK_BYTES
+    assert stats.bytes == payload == pending.bytes_received and stats.wire_bytes > payload
+    assert stats.wall_s >= stats.exposed_s >= 0 and stats.busy_s > 0 and stats.receiver_s > 0
+    (link,) = transport.meter.snapshot()
+    assert (link["src_id"], link["dst_id"], link["total_bytes"], link["count"]) == ("p0", "d0", payload, 1)
+
+
+def test_pieces_are_chunked_into_frames(server, caches):
+    ids = list(range(20))  # 20 x 12 KiB per layer; 32 KiB chunks -> 2 blocks per frame
+    pending = server.receiver.expect("req", ids, L, cache_writer(*caches))
+    data = _layers(len(ids), seed=3)
+    tr = TcpKVTransport(chunk_bytes=32 << 10, secret=SECRET)
+    sender = tr.open(server.address, "req", ids)
+    for layer, (k, v) in enumerate(data):
+        sender.send_layer(layer, k, v)
+    stats = sender.finish(timeout=20)
+    tr.close()
+    assert pending.state is TransferState.COMPLETE
+    _assert_landed(caches, ids, data)
+    assert stats.wire_bytes - stats.bytes >= L * 10 * (proto.ENVELOPE.size + 8 + 32)  # 10 frames a layer
+
+
+def test_layers_stream_from_a_compute_thread_in_pieces(server, transport, caches):
+    ids = list(range(10, 22))
+    pending = server.receiver.expect("req", ids, L, cache_writer(*caches))
+    data = _layers(len(ids), seed=1)
+    sender = transport.open(server.address, "req", ids)
+    enqueue_s = []
+
+    def compute():  # each layer "computes" 20 ms, then hands over its blocks in two pieces
+        for layer, (k, v) in enumerate(data):
+            time.sleep(0.02)
+            t0 = time.perf_counter()
+            sender.send_layer(layer, k[:5].clone(), v[:5].clone())
+            sender.send_layer(layer, k[5:].clone(), v[5:].clone(), first=5)
+            enqueue_s.append(time.perf_counter() - t0)
+
+    worker = threading.Thread(target=compute)
+    worker.start()
+    worker.join(20)
+    stats = sender.finish(timeout=20)
+    assert pending.state is TransferState.COMPLETE
+    _assert_landed(caches, ids, data)
+    assert max(enqueue_s) < 0.01  # send_layer only enqueues
+    assert stats.exposed_s < stats.wall_s  # earlier layers moved while later ones computed
+
+
+def test_concurrent_requests_share_one_connection(server, transport, caches):
+    reservations = {f"r{i}": list(range(8 * i, 8 * i + 8)) for i in range(4)}
+    pending = {rid: server.receiver.expect(rid, ids, L, cache_writer(*caches))
+               for rid, ids in reservations.items()}
+    data = {rid: _layers(8, seed=i) for i, rid in enumerate(reservations)}
+    results, start = {}, threading.Barrier(len(reservations))
+
+    def prefill(rid):
+        sender = transport.open(server.address, rid, reservations[rid])
+        start.wait()
+        for layer, (k, v) in enumerate(data[rid]):
+            sender.send_layer(layer, k[:4], v[:4])  # two pieces a layer, interleaved across requests
+            sender.send_layer(layer, k[4:], v[4:], first=4)
+        results[rid] = sender.finish(timeout=20)
+
+    threads = [threading.Thread(target=prefill, args=(rid,)) for rid in reservations]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == sorted(reservations)
+    for rid, ids in reservations.items():
+        assert pending[rid].state is TransferState.COMPLETE
+        _assert_landed(caches, ids, data[rid])
+    assert len(transport._conns) == 1 and len(server._conns) == 1
+
+
+def test_sequential_requests_reuse_the_connection(server, transport, caches):
+    for i in range(3):
+        ids = [i, 10 + i]
+        pending = server.receiver.expect(f"q{i}", ids, L, cache_writer(*caches))
+        sender = transport.open(server.address, f"q{i}", ids)
+        for layer, (k, v) in enumerate(_layers(2, seed=i)):
+            sender.send_layer(layer, k, v)
+        sender.finish(timeout=20)
+        assert pending.state is TransferState.COMPLETE
+    assert len(server._conns) == 1
+
+
+def test_duplicate_request_on_one_connection_is_already_exists(server, transport, caches):
+    pending = server.receiver.expect("req", [1, 2], L, cache_writer(*caches))
+    first = transport.open(server.address, "req", [1, 2])
+    second = transport.open(server.address, "req", [1, 2])
+    with pytest.raises(KVTransferError) as e:
+        second.finish(timeout=5)
+    assert e.value.status == "ALREADY_EXISTS"
+    data = _layers(2)
+    for layer, (k, v) in enumerate(data):
+        first.send_layer(layer, k, v)
+    first.finish(timeout=20)
+    assert pending.state is TransferState.COMPLETE
+    _assert_landed(caches, [1, 2], data)
+
+
+def test_send_layer_checks_shapes_and_range(server, transport):
+    server.receiver.expect("req", [1, 2], L, lambda *a: None)
+    sender = transport.open(server.address, "req", [1, 2])
+    k = torch.zeros(2, *BLOCK)
+    with pytest.raises(ValueError):
+        sender.send_layer(0, k, k, first=1)  # blocks [1, 3) of 2 reserved
+    with pytest.raises(ValueError):
+        sender.send_layer(0, k, torch.zeros(2, 16, 3, 32))
+    sender.abort()
+
+
+def test_unknown_request_is_not_found_and_not_written(server, transport, caches):
+    sender = transport.open(server.address, "nobody-expects-me", [1, 2])
+    for layer, (k, v) in enumerate(_layers(2)):
+        sender.send_layer(layer, k, v)
+    with pytest.raises(KVTransferError) as e:
+        sender.finish(timeout=20)
+    assert e.value.status == "NOT_FOUND"
+    assert all(c.abs().sum() == 0 for c in caches[0] + caches[1])
+    # the connection survives a failed request
+    pending = server.receiver.expect("next", [3], L, cache_writer(*caches))
+    sender = transport.open(server.address, "next", [3])
+    for layer, (k, v) in enumerate(_layers(1)):
+        sender.send_layer(layer, k, v)
+    sender.finish(timeout=20)
+    assert pending.state is TransferState.COMPLETE and len(server._conns) == 1
+
+
+def test_receiver_abort_fences_the_rest_of_the_stream(server, transport, caches):
+    kc, vc = caches
+    ids = [4, 5, 6]
+    pending = server.receiver.expect("req", ids, L, cache_writer(kc, vc))
+    data = _layers(len(ids), seed=2)
+    sender = transport.open(server.address, "req", ids)
+    sender.send_layer(0, *data[0])
+    deadline = time.monotonic() + 10
+    while pending.bytes_received < len(ids) * BLOCK_BYTES and time.monotonic() < deadline:
+        time.sleep(0.005)  # layer 0 landed
+    assert server.receiver.abort("req")
+    for layer in range(1, L):
+        sender.send_layer(layer, *data[layer])
+    with pytest.raises(KVTransferError) as e:
+        sender.finish(timeout=20)
+    assert e.value.status == "ABORTED" and pending.state is TransferState.ABORTED
+    assert torch.equal(kc[0][ids], data[0][0])
+    assert all(kc[l].abs().sum() == 0 and vc[l].abs().sum() == 0 for l in range(1, L))
+
+
+def test_truncated_transfer_is_data_loss_and_fails_the_request(server, transport, caches):
+    pending = server.receiver.expect("req", [1, 2], L, cache_writer(*caches))
+    sender = transport.open(server.address, "req", [1, 2])
+    sender.send_layer(0, *_layers(2)[0])  # 1 layer of 4, then finish
+    with pytest.raises(KVTransferError, match="truncated") as e:
+        sender.finish(timeout=20)
+    assert e.value.status == "DATA_LOSS"
+    assert pending.wait(5) is TransferState.FAILED and "truncated" in pending.error
+
+
+def test_connection_cut_mid_frame_fails_the_request(server, caches):
+    pending = server.receiver.expect("req", [1, 2], 1, cache_writer(*caches))
+    k = torch.ones(1, *BLOCK, dtype=torch.bfloat16)
+    second = wire.encode_frame("req", 0, [2], k, k, 1, 2)
+    client = RawClient(server.address)
+    client.frame(wire.encode_frame("req", 0, [1], k, k, 0, 2))
+    client.sock.sendall(proto.ENVELOPE.pack(proto.FRAME, len(second)) + second[:len(second) // 2])
+    client.close()
+    assert pending.wait(10) is TransferState.FAILED and "truncated" in pending.error
+    assert caches[0][0][1].abs().sum() > 0 and caches[0][0][2].abs().sum() == 0
+
+
+def test_cut_between_frames_fails_the_request(server, caches):
+    pending = server.receiver.expect("req", [1, 2], 1, cache_writer(*caches))
+    k = torch.ones(1, *BLOCK, dtype=torch.bfloat16)
+    client = RawClient(server.address)
+    client.frame(wire.encode_frame("req", 0, [1], k, k, 0, 2))  # chunk 0 of 2, then the socket closes
+    time.sleep(0.2)
+    client.close()
+    assert pending.wait(10) is TransferState.FAILED and "truncated" in pending.error
+
+
+def test_bad_checksum_is_data_loss_in_finish(server, transport, caches, monkeypatch):
+    pending = server.receiver.expect("req", [1, 2], L, cache_writer(*caches))
+    encode = proto.frame_parts
+
+    def corrupt(*args):
+        parts, nbytes, size = encode(*args)
+        v = bytearray(memoryview(parts[2]).cast("B"))
+        v[7] ^= 0xFF
+        return [parts[0], parts[1], bytes(v)], nbytes, size
+
+    monkeypatch.setattr(proto, "frame_parts", corrupt)
+    sender = transport.open(server.address, "req", [1, 2])
+    for layer, (k, v) in enumerate(_layers(2)):
+        sender.send_layer(layer, k, v)
+    with pytest.raises(KVTransferError, match="checksum") as e:
+        sender.finish(timeout=20)
+    assert e.value.status == "DATA_LOSS"
+    assert all(c.abs().sum() == 0 for c in caches[0] + caches[1])  # checked before it lands
+
+
+def test_corrupt_frame_over_the_wire_is_data_loss(server, caches):
+    pending = server.receiver.expect("req", [1], 1, cache_writer(*caches))
+    k = torch.ones(1, *BLOCK, dtype=torch.bfloat16)
+    frame = bytearray(wire.encode_frame("req", 0, [1], k, k))
+    frame[-3] ^= 0xFF
+    client = RawClient(server.address)
+    client.frame(bytes(frame))
+    kind, body = client.reply()
+    assert kind == proto.ERROR and body["rid"] == "req" and body["status"] == "DATA_LOSS"
+    assert "checksum" in body["message"]
+    client.end("req")  # clears the server's state for req; no second answer
+    client.close()
+    assert caches[0][0].abs().sum() == 0 and pending.state is TransferState.PENDING
+
+
+def test_malformed_header_is_invalid_argument(server, caches):
+    client = RawClient(server.address)
+    header = msgpack.packb({"v": wire.VERSION, "rid": "req", "dtype": "complex64"})
+    bad = wire._PREFIX.pack(wire.MAGIC, len(header)) + header
+    client.frame(bad + bytes(-len(bad) % 16))  # a request id, but an invalid header: that request fails
+    kind, body = client.reply()
+    assert (kind, body["rid"], body["status"]) == (proto.ERROR, "req", "INVALID_ARGUMENT")
+    client.frame(b"PDKV\x02\x00\x00\x00\xc1\xc1" + bytes(6))  # no request to blame: the connection fails
+    kind, body = client.reply()
+    assert (kind, body["status"]) == (proto.CLOSE, "INVALID_ARGUMENT")
+    assert client.reply() is None  # closed
+    client.close()
+    assert caches[0][0].abs().sum() == 0
+
+
+def test_end_without_frames_is_invalid_argument(server, transport, caches):
+    server.receiver.expect("req", [1], 1, cache_writer(*caches))
+    sender = transport.open(server.address, "req", [1])
+    with pytest.raises(KVTransferError) as e:
+        sender.finish(timeout=20)
+    assert e.value.status == "INVALID_ARGUMENT"
+
+
+def test_sender_abort_fails_the_request(server, transport, caches):
+    pending = server.receiver.expect("req", [1, 2], L, cache_writer(*caches))
+    sender = transport.open(server.address, "req", [1, 2])
+    sender.send_layer(0, *_layers(2)[0])
+    time.sleep(0.1)
+    sender.abort()
+    with pytest.raises(KVTransferError) as e:
+        sender.finish(timeout=5)
+    assert e.value.status == "CANCELLED"
+    assert pending.wait(10) is TransferState.FAILED
+
+
+@pytest.mark.parametrize("secret", [None, "wrong"])
+def test_secret_mismatch_is_unauthenticated(server, caches, secret):
+    server.receiver.expect("req", [1], 1, cache_writer(*caches))
+    tr = TcpKVTransport(secret=secret)
+    sender = tr.open(server.address, "req", [1])
+    sender.send_layer(0, *(t[:1] for t in _layers(1)[0]))
+    with pytest.raises(KVTransferError) as e:
+        sender.finish(timeout=20)
+    tr.close()
+    assert e.value.status == "UNAUTHENTICATED"
+    assert caches[0][0].abs().sum() == 0
+    client = RawClient(server.address, secret="wrong")
+    assert client.welcome[0] == proto.CLOSE and client.welcome[1]["status"] == "UNAUTHENTICATED"
+    client.close()
+
+
+def test_server_without_secret_accepts_any_client(caches):
+    srv = KVTcpServer(KVReceiver())
+    srv.start_sync()
+    try:
+        pending = srv.receiver.expect("req", [1], L, cache_writer(*caches))
+        tr = TcpKVTransport(secret="anything")
+        sender = tr.open(srv.address, "req", [1])
+        for layer, (k, v) in enumerate(_layers(1)):
+            sender.send_layer(layer, k, v)
+        sender.finish(timeout=20)
+        tr.close()
+        assert pending.state is TransferState.COMPLETE
+    finally:
+        srv.stop_sync()
+
+
+def test_unreachable_server_is_unavailable(transport):
+    probe = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{probe.getsockname()[1]}"
+    probe.close()  # nothing listens there now
+    sender = transport.open(address, "req", [1])
+    with pytest.raises(KVTransferError) as e:
+        sender.finish(timeout=20)
+    assert e.value.status == "UNAVAILABLE"
+
+
+def test_a_broken_connection_is_replaced(caches):
+    srv = KVTcpServer(KVReceiver(), secret=SECRET)
+    srv.start_sync()
+    port = srv.port
+    tr = TcpKVTransport(secret=SECRET)
+    try:
+        srv.receiver.expect("a", [1], L, cache_writer(*caches))
+        sender = tr.open(srv.address, "a", [1])
+        for layer, (k, v) in enumerate(_layers(1)):
+            sender.send_layer(layer, k, v)
+        sender.finish(timeout=20)
+        srv.stop_sync()  # cuts the connection
+        srv = KVTcpServer(KVReceiver(), secret=SECRET, port=port)
+        srv.start_sync()
+        pending = srv.receiver.expect("b", [2], L, cache_writer(*caches))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the old connection's failure may take a moment to be seen
+            sender = tr.open(srv.address, "b", [2])
+            for layer, (k, v) in enumerate(_layers(1, seed=5)):
+                sender.send_layer(layer, k, v)
+            try:
+                sender.finish(timeout=20)
+                break
+            except KVTransferError as e:
+                assert e.status == "UNAVAILABLE"
+                time.sleep(0.05)
+        assert pending.state is TransferState.COMPLETE
+    finally:
+        tr.close()
+        srv.stop_sync()
+
+
+def test_empty_reservation_needs_no_connection(transport):
+    sender = transport.open("127.0.0.1:1", "req", [])  # nothing listens there: no connection is made
+    sender.send_layer(0, torch.zeros(0, *BLOCK), torch.zeros(0, *BLOCK))
+    stats = sender.finish(timeout=5)
+    assert stats.bytes == 0 and stats.wire_bytes == 0 and not transport._conns
+
+
+def test_bandwidth_limit_paces_the_stream(server, caches):
+    ids = list(range(8))  # 4 layers x 8 blocks x 12 KiB = 384 KiB
+    pending = server.receiver.expect("req", ids, L, cache_writer(*caches))
+    rate = 2e6  # bytes/s
+    tr = TcpKVTransport(chunk_bytes=32 << 10, secret=SECRET, bandwidth_limit_bytes_per_s=rate)
+    sender = tr.open(server.address, "req", ids)
+    for layer, (k, v) in enumerate(_layers(len(ids))):
+        sender.send_layer(layer, k, v)
+    stats = sender.finish(timeout=20)
+    tr.close()
+    assert pending.state is TransferState.COMPLETE
+    assert stats.wall_s >= (stats.wire_bytes - (32 << 10) - 4096) / rate  # one frame of burst
+
+
+def test_close_fails_open_senders(server, caches):
+    server.receiver.expect("req", [1, 2], L, cache_writer(*caches))
+    tr = TcpKVTransport(secret=SECRET)
+    sender = tr.open(server.address, "req", [1, 2])
+    sender.send_layer(0, *_layers(2)[0])
+    tr.close()
+    with pytest.raises(KVTransferError):
+        sender.finish(timeout=5)
