@@ -21,7 +21,9 @@ from engine.engine_thread import EngineThread
 from engine.llm_engine import LLMEngine, StepOutput
 from engine.request import Request
 from engine.sampling_params import SamplingParams
-from kv_transfer import KVReceiver, KVServer, TransferState, cache_writer
+from kv_transfer import KVReceiver, KVServer, KVTcpServer, TransferState, cache_writer
+
+KV_TRANSPORTS = ("tcp", "grpc")
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +49,23 @@ class NoCapacity(Exception):
 
 
 class DecodeWorker:
+    """Receives KV on two servers sharing one KVReceiver: gRPC (KVServer) and plain TCP
+    (KVTcpServer). `kv_transport` picks the one advertised as `kv_address` (what the router hands
+    the prefill worker, whose transport must match); reserve() returns both addresses too."""
+
     def __init__(self, worker_id: str, engine: LLMEngine, kv_host: str = "127.0.0.1", kv_port: int = 0,
-                 secret: str | None = None, transfer_timeout_s: float = 30.0):
+                 secret: str | None = None, transfer_timeout_s: float = 30.0,
+                 kv_transport: str = "grpc", kv_tcp_port: int = 0):
+        if kv_transport not in KV_TRANSPORTS:
+            raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {kv_transport!r}")
         self.worker_id = worker_id
         self.engine = engine
+        self.kv_transport = kv_transport
         self.receiver = KVReceiver()
         self.server = KVServer(self.receiver, host=kv_host, port=kv_port, secret=secret)
         self.server.start_sync()
+        self.tcp_server = KVTcpServer(self.receiver, host=kv_host, port=kv_tcp_port, secret=secret)
+        self.tcp_server.start_sync()
         self.transfer_timeout_s = transfer_timeout_s
         self.streams: dict[str, TokenStream] = {}
         self._reserved: dict[str, tuple[Request, object]] = {}   # engine thread only
@@ -62,7 +74,8 @@ class DecodeWorker:
 
     @property
     def kv_address(self) -> str:
-        return self.server.address
+        """The advertised KV address: that of the `kv_transport` server."""
+        return self.tcp_server.address if self.kv_transport == "tcp" else self.server.address
 
     def _listen(self, rid: str, sink=None) -> TokenStream:
         s = TokenStream(sink)
@@ -88,7 +101,8 @@ class DecodeWorker:
             pending = self.receiver.expect(rid, dst, engine.cfg.model.num_layers,
                                            cache_writer(engine.runner.k_caches, engine.runner.v_caches))
             self._reserved[rid] = (req, pending)
-            return dict(kv_address=self.kv_address, dst_id=self.worker_id, skip_blocks=len(hits),
+            return dict(kv_address=self.kv_address, kv_grpc_address=self.server.address,
+                        kv_tcp_address=self.tcp_server.address, dst_id=self.worker_id, skip_blocks=len(hits),
                         dst_block_ids=dst, cached_tokens=len(hits) * kv.block_size)
         return self.loop.run(_reserve)
 
@@ -157,8 +171,10 @@ class DecodeWorker:
         return dict(worker_id=self.worker_id, role="decode", running=len(e.scheduler.running),
                     waiting=len(e.scheduler.waiting), reserved=len(self._reserved),
                     free_blocks=e.kv.num_free_blocks, num_blocks=e.kv.num_blocks,
-                    steps=e.stats.steps, busy_s=e.stats.busy_s, kv_address=self.kv_address)
+                    steps=e.stats.steps, busy_s=e.stats.busy_s, kv_address=self.kv_address,
+                    prefix_hits=e.kv.pool.hits, prefix_queries=e.kv.pool.queries)
 
     def close(self) -> None:
         self.loop.stop()
         self.server.stop_sync()
+        self.tcp_server.stop_sync()

@@ -1,4 +1,4 @@
-"""`pdcluster` command line: serve, generate, bench serve."""
+"""`pdcluster` command line: serve, generate, bench serve, bench scenario."""
 from __future__ import annotations
 
 import argparse
@@ -27,6 +27,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="prefill every request on its decode worker (no remote prefill)")
     p.add_argument("--local-prefill-max-tokens", type=int, default=0,
                    help="prompts up to this many tokens prefill on the decode worker (default 0)")
+    p.add_argument("--metrics-port", type=int, default=9090,
+                   help="Prometheus /metrics of the router on --host:PORT (default 9090; 0 = off)")
+    p.add_argument("--kv-transport", default="grpc", choices=["grpc", "tcp"],
+                   help="how prefill workers push KV to decode workers: gRPC (default) or a plain TCP socket")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -40,7 +44,8 @@ def cmd_serve(a) -> int:
                         use_gpu=a.gpu, dtype=a.dtype, kv_cache_memory=a.kv_cache_memory * 2**20,
                         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                         max_model_len=a.max_model_len, remote_prefill=not a.local_prefill,
-                        local_prefill_max_tokens=a.local_prefill_max_tokens)
+                        local_prefill_max_tokens=a.local_prefill_max_tokens, metrics_port=a.metrics_port,
+                        kv_transport=a.kv_transport)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -52,6 +57,8 @@ def cmd_serve(a) -> int:
         for s in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(s, stop.set)
         print(f"pdcluster serving on {cluster.address} (Ctrl-C to stop)", flush=True)
+        if cluster.metrics_port:
+            print(f"metrics on http://{cfg.host}:{cluster.metrics_port}/metrics", flush=True)
         try:
             await stop.wait()
         finally:
@@ -123,6 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     bs = bsub.add_parser("serve", help="load a running router and report TTFT/TPOT/ITL/E2E, throughput, goodput")
     bench_serve.add_arguments(bs)
     bs.set_defaults(fn=bench_serve.main)
+    from bench import scenario as bench_scenario
+    bc = bsub.add_parser("scenario", help="run two cluster configurations side by side on one seeded workload",
+                         description=bench_scenario.__doc__.split("\n\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=bench_scenario.epilog())
+    bench_scenario.add_arguments(bc)
+    bc.set_defaults(fn=bench_scenario.main)
     a = ap.parse_args(argv)
     return a.fn(a)
 

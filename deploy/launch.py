@@ -32,7 +32,9 @@ class ClusterConfig:
     local_prefill_max_tokens: int = 0
     max_in_flight: int = 512
     kv_bandwidth_limit: float | None = None  # bytes/s: emulate a slow prefill->decode link
+    kv_transport: str = "grpc"               # "grpc" or "tcp" (plain socket): how KV goes prefill->decode
     engine_extra: dict = field(default_factory=dict)
+    metrics_port: int = 0                    # router's Prometheus /metrics on host:port; 0 = not served
 
     def engine_kwargs(self) -> dict:
         kw = dict(model=self.model, dtype=self.dtype, device="cuda" if self.use_gpu else "cpu",
@@ -49,6 +51,7 @@ class Cluster:
         self.actors: dict[str, object] = {}
         self._owns_ray = False
         self._poller = None
+        self.metrics_port: int | None = None     # bound /metrics port when served
 
     async def start(self) -> "Cluster":
         import ray
@@ -79,8 +82,8 @@ class Cluster:
             mcfg = replace(mcfg, max_position_embeddings=min(c.max_model_len, mcfg.max_position_embeddings))
         tok = load_tokenizer(mcfg)
         ek = c.engine_kwargs()
-        wk_pre = dict(bandwidth_limit_bytes_per_s=c.kv_bandwidth_limit)
-        wk_dec = dict(bind_node_ip=bool(c.address))
+        wk_pre = dict(bandwidth_limit_bytes_per_s=c.kv_bandwidth_limit, transport=c.kv_transport)
+        wk_dec = dict(bind_node_ip=bool(c.address), kv_transport=c.kv_transport)
         pre = {f"prefill-{i}": prefill_actor.spawn(f"prefill-{i}", ek, c.threads_per_worker, c.use_gpu, **wk_pre)
                for i in range(c.prefill_workers if c.remote_prefill else 0)}
         dec = {f"decode-{i}": decode_actor.spawn(f"decode-{i}", ek, c.threads_per_worker, c.use_gpu, **wk_dec)
@@ -98,6 +101,8 @@ class Cluster:
         self.server = RouterServer(self.router, mcfg.name, mcfg.vocab_size, c.host, c.port)
         await self.server.start()
         self._poller = asyncio.ensure_future(self._poll())
+        if c.metrics_port:
+            self.metrics_port = self.router.metrics.serve_http(c.host, c.metrics_port)
         log.info("serving %s on %s:%d (%d prefill, %d decode workers)", mcfg.name, c.host, self.server.port,
                  len(pre), len(dec))
         return self
@@ -123,6 +128,8 @@ class Cluster:
         import ray
         if self._poller:
             self._poller.cancel()
+        if self.router is not None:
+            self.router.metrics.stop_http()
         if self.server:
             await self.server.set_serving(False)
             await self.server.stop(1.0)

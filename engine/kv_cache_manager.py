@@ -34,7 +34,9 @@ class KVCacheManager:
     # prefix cache
     def computed_blocks(self, req: Request) -> list[Block]:
         """Longest run of cached blocks for req's leading full blocks, leaving >= 1 token to compute
-        (the last token must run through the model to produce logits)."""
+        (the last token must run through the model to produce logits). Counts the lookup in
+        pool.queries / pool.hits (tokens), once per call as vLLM does: a request retried at the head
+        of the waiting queue counts again."""
         if not self.enable_caching:
             return []
         max_blocks = (req.num_tokens - 1) // self.block_size
@@ -44,6 +46,8 @@ class KVCacheManager:
             if b is None:
                 break
             hits.append(b)
+        self.pool.queries += req.num_tokens
+        self.pool.hits += len(hits) * self.block_size
         return hits
 
     def num_cached_prefix_tokens(self, token_hashes: list[int]) -> int:

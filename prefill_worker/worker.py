@@ -18,14 +18,16 @@ import torch
 from engine.engine_thread import EngineThread
 from engine.llm_engine import LLMEngine, StepOutput
 from engine.sampling_params import SamplingParams
-from kv_transfer import BandwidthMeter, GrpcKVTransport, KVTransferError, LayerwiseSender
+from kv_transfer import BandwidthMeter, GrpcKVTransport, KVTransferError, LayerwiseSender, TcpKVTransport
+
+KV_TRANSPORTS = {"tcp": TcpKVTransport, "grpc": GrpcKVTransport}
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class KVDestination:
-    address: str                 # decode worker's KV server "host:port"
+    address: str                 # decode worker's KV server "host:port" (of this worker's transport)
     dst_id: str                  # decode worker id (names the link in the meter)
     skip_blocks: int             # leading blocks the decode worker already holds
     dst_block_ids: list[int]     # reserved blocks for the rest, in order
@@ -33,12 +35,17 @@ class KVDestination:
 
 class PrefillWorker:
     def __init__(self, worker_id: str, engine: LLMEngine, secret: str | None = None,
-                 bandwidth_limit_bytes_per_s: float | None = None, transfer_timeout_s: float = 30.0):
+                 bandwidth_limit_bytes_per_s: float | None = None, transfer_timeout_s: float = 30.0,
+                 transport: str = "grpc"):
+        """transport: "tcp" (TcpKVTransport) or "grpc" (GrpcKVTransport); the decode workers must
+        advertise the matching server (DecodeWorker's kv_transport)."""
+        if transport not in KV_TRANSPORTS:
+            raise ValueError(f"transport must be one of {sorted(KV_TRANSPORTS)}, got {transport!r}")
         self.worker_id = worker_id
         self.engine = engine
         self.meter = BandwidthMeter()
-        self.transport = GrpcKVTransport(secret=secret, meter=self.meter, src_id=worker_id,
-                                         bandwidth_limit_bytes_per_s=bandwidth_limit_bytes_per_s)
+        self.transport = KV_TRANSPORTS[transport](secret=secret, meter=self.meter, src_id=worker_id,
+                                                  bandwidth_limit_bytes_per_s=bandwidth_limit_bytes_per_s)
         self.transfer_timeout_s = transfer_timeout_s
         self._sends: dict[str, tuple[LayerwiseSender, int]] = {}   # touched on the engine thread only
         self._lock = threading.Lock()
@@ -118,7 +125,8 @@ class PrefillWorker:
         return dict(worker_id=self.worker_id, role="prefill", in_flight=self.in_flight,
                     waiting_tokens=e.scheduler.num_waiting_tokens, free_blocks=e.kv.num_free_blocks,
                     num_blocks=e.kv.num_blocks, steps=e.stats.steps, busy_s=e.stats.busy_s,
-                    links=self.meter.snapshot())
+                    links=self.meter.snapshot(),
+                    prefix_hits=e.kv.pool.hits, prefix_queries=e.kv.pool.queries)
 
     def close(self) -> None:
         self.loop.stop()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from engine.detokenizer import Detokenizer
 from engine.sampling_params import SamplingParams
+from router.metrics import RouterMetrics
 from router.placement import LeastLoaded, WorkerLoad
 from router.validate import InvalidRequest
 
@@ -50,6 +51,17 @@ class RouterConfig:
 
 
 @dataclass
+class Trace:
+    """What the per-request log line and the metrics need, filled in as the request goes."""
+    t0: float                               # perf_counter() at admission
+    t_first: float | None = None            # perf_counter() of the first event carrying a token
+    placement: dict | None = None           # the settled Placement fields
+    n_out: int = 0
+    cached: int = 0
+    status: str | None = None               # a finish reason, "cancelled", "unavailable" or "error"
+
+
+@dataclass
 class Pools:
     prefill: dict = field(default_factory=dict)   # worker id -> PrefillClient
     decode: dict = field(default_factory=dict)    # worker id -> DecodeClient
@@ -58,8 +70,9 @@ class Pools:
 
 class Router:
     def __init__(self, cfg: RouterConfig, tokenizer, eos_token_ids: tuple[int, ...], max_context: int,
-                 pools: Pools):
+                 pools: Pools, metrics: RouterMetrics | None = None):
         self.cfg = cfg
+        self.metrics = metrics if metrics is not None else RouterMetrics()
         self.tokenizer = tokenizer
         self.eos = tuple(eos_token_ids)
         self.max_context = max_context
@@ -72,6 +85,7 @@ class Router:
     def add_worker(self, role: str, client) -> None:
         (self.pools.prefill if role == "prefill" else self.pools.decode)[client.worker_id] = client
         self.pools.loads[client.worker_id] = WorkerLoad(client.worker_id, role)
+        self.metrics.add_worker(client.worker_id, role)
 
     def ready(self) -> bool:
         return bool(self.pools.decode) and (bool(self.pools.prefill) or not self.cfg.remote_prefill)
@@ -83,7 +97,9 @@ class Router:
                 s = await asyncio.wait_for(c.status(), 5.0)
             except Exception:
                 self.pools.loads[wid].healthy = False
+                self.metrics.worker_status(wid, None)
                 continue
+            self.metrics.worker_status(wid, s)
             w = self.pools.loads[wid]
             w.healthy, w.free_blocks, w.num_blocks = True, s.get("free_blocks", 0), s.get("num_blocks", 1)
             w.links = tuple(s.get("links", ()))   # per-link transfer figures, kept for placement
@@ -97,13 +113,34 @@ class Router:
         if rid in self.in_flight:
             raise InvalidRequest(f"request_id {rid!r} is already in flight", code="ALREADY_EXISTS")
         if len(self.in_flight) >= self.cfg.max_in_flight:
+            self.metrics.rejected("overloaded")
             raise Overloaded(f"admission queue full ({self.cfg.max_in_flight} requests in flight)")
         self.in_flight.add(rid)
+        trace = Trace(time.perf_counter())
+        self.metrics.admitted()
+        run = self._run(rid, prompt_ids, params, cache_salt, trace)
         try:
-            async for ev in self._run(rid, prompt_ids, params, cache_salt):
+            async for ev in run:
+                if trace.t_first is None and ev.token_ids:
+                    trace.t_first = time.perf_counter()
+                    self.metrics.first_token(trace.t_first - trace.t0)
+                if ev.finish_reason:
+                    trace.status = ev.finish_reason
                 yield ev
+        except (asyncio.CancelledError, GeneratorExit):
+            trace.status = trace.status or "cancelled"
+            raise
+        except Unavailable:
+            trace.status = "unavailable"
+            raise
         finally:
+            trace.status = trace.status or "error"
             self.in_flight.discard(rid)
+            await run.aclose()   # run's own cleanup (aborts on the workers) before the figures are final
+            e2e = time.perf_counter() - trace.t0
+            ttft = trace.t_first - trace.t0 if trace.t_first is not None else None
+            self.metrics.finished(trace.status, ttft, e2e, trace.n_out)
+            self._log(rid, trace, len(prompt_ids), ttft, e2e)
 
     def _first_token_finishes(self, params: SamplingParams, prompt_len: int, tok: int) -> str | None:
         if (tok in self.eos and not params.ignore_eos) or tok in params.stop_token_ids:
@@ -112,10 +149,9 @@ class Router:
             return "length"
         return None
 
-    async def _run(self, rid: str, ids: list[int], params: SamplingParams, salt: str | None):
+    async def _run(self, rid: str, ids: list[int], params: SamplingParams, salt: str | None, trace: Trace):
         pd = dataclasses.asdict(params)
         detok = Detokenizer(self.tokenizer, ids, params.stop)
-        t0 = time.perf_counter()
         exclude: set[str] = set()
         holders: list = []           # workers that may hold state for rid
         n_out, cached, placement = 0, 0, None
@@ -157,6 +193,8 @@ class Router:
                 break
             if placement is None:
                 raise Unavailable(f"no worker could take request {rid} (tried {sorted(exclude) or 'none ready'})")
+            trace.placement = placement
+            self.metrics.placed("remote" if placement["remote_prefill"] else "local")
 
             self._charge(placement["decode_worker"], 0, +1)
             try:
@@ -199,7 +237,7 @@ class Router:
         finally:
             if not finished and holders:
                 await asyncio.shield(self._abort_all(rid, holders))
-            self._log(rid, placement, len(ids), n_out, t0, finished)
+            trace.n_out, trace.cached = n_out, cached
 
     def _loads(self, role: str):
         pool = self.pools.prefill if role == "prefill" else self.pools.decode
@@ -222,6 +260,13 @@ class Router:
     def _usage(ids, n_out, cached) -> dict:
         return dict(prompt_tokens=len(ids), completion_tokens=n_out, cached_prompt_tokens=cached)
 
-    def _log(self, rid, placement, n_in, n_out, t0, finished) -> None:
-        log.info("request %s done: ok=%s prompt=%d completion=%d e2e=%.1fms", rid, finished, n_in, n_out,
-                 (time.perf_counter() - t0) * 1e3)
+    def _log(self, rid: str, trace: Trace, n_in: int, ttft_s: float | None, e2e_s: float) -> None:
+        """One logfmt line per request at its end (also attached as `record.request` for JSON handlers)."""
+        p = trace.placement or {}
+        rec = dict(id=rid, status=trace.status, prefill=p.get("prefill_worker", "-"),
+                   decode=p.get("decode_worker", "-"),
+                   kind=("remote" if p.get("remote_prefill") else "local") if p else "-",
+                   prompt=n_in, completion=trace.n_out, cached=trace.cached,
+                   ttft_ms=round(ttft_s * 1e3, 1) if ttft_s is not None else None, e2e_ms=round(e2e_s * 1e3, 1))
+        log.info("request done %s", " ".join(f"{k}={'-' if v is None else v}" for k, v in rec.items()),
+                 extra={"request": rec})

@@ -197,3 +197,41 @@ def test_bench_serve_against_live_cluster(cluster, tmp_path):
               "output_throughput", "request_goodput", "prefix_cache_hit_rate", "kv_bytes_transferred"):
         assert k in d, k
     assert d["completed"] == 6 and d["failed"] == 0 and d["kv_bytes_transferred"] > 0
+
+
+def test_prometheus_metrics_move_with_a_request(cluster):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = cluster.router.metrics
+    port = m.serve_http("127.0.0.1", 0)          # the exporter `pdcluster serve --metrics-port` starts
+
+    async def scrape() -> dict:
+        await cluster.router.refresh_loads()     # what the 0.5 s status poll does
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(body) for s in fam.samples}
+
+    async def go():
+        before = await scrape()
+        async with grpc.aio.insecure_channel(cluster.address) as ch:
+            msgs = await collect(pbg.GenerationStub(ch), greedy(text="Metrics are numbers about", max_tokens=4))
+        return before, msgs, await scrape()
+
+    try:
+        before, msgs, after = cluster.run(go())
+    finally:
+        m.stop_http()
+    link = ("pdcluster_kv_transfer_bytes_total", (("dst", "decode-0"), ("src", "prefill-0")))
+    ttft = ("pdcluster_ttft_seconds_count", ())
+    remote = ("pdcluster_placement_decisions_total", (("kind", "remote"),))
+    assert after[ttft] == before[ttft] + 1
+    assert after[remote] == before[remote] + 1
+    assert after[link] - before.get(link, 0) == msgs[0].placement.kv_bytes_transferred > 0
+    assert after[("pdcluster_requests_total", (("status", "length"),))] >= 1
+    assert after[("pdcluster_kv_blocks_free", (("worker", "decode-0"),))] > 0
+    assert after[("pdcluster_prefix_cache_queries_tokens_total", (("worker", "prefill-0"),))] > 0
+    assert after[("pdcluster_pool_replicas", (("pool", "prefill"),))] == 1
+    assert after[("pdcluster_queue_depth", ())] == 0 and after[("pdcluster_running_requests", ())] == 0

@@ -1,0 +1,348 @@
+"""`pdcluster bench scenario NAME`: two cluster configurations, one seeded workload, side by side.
+
+Both configurations run on this machine, one cluster up at a time (same model, same total cores),
+alternating baseline, candidate, baseline, candidate, ... for --rounds rounds, so that drift of a
+shared machine hits both. Each run starts its cluster, sends a few warm-up requests (not measured),
+drives the same seeded workload (same prompts, same arrival times) through bench.serve's
+run_benchmark, and stops the cluster. Each side's rounds are merged (latency samples pooled,
+throughputs = totals / summed durations) and ratios = candidate / baseline are printed.
+
+A scenario is a `Scenario` in `SCENARIOS`; adding one is a few lines:
+
+    register(Scenario(
+        name="two-decode", summary="1P1D vs 1P2D",
+        baseline=ClusterConfig(prefill_workers=1, decode_workers=1),
+        candidate=ClusterConfig(prefill_workers=1, decode_workers=2),
+        dataset={"dataset": "random", "num_prompts": 24, "input_len": 128, "output_len": 32},
+        request_rate=2.0, goodput={"tpot": 200.0}, metrics=("p99_tpot_ms", "request_goodput")))
+
+Result file (--out): {"scenario": {...the scenario and run settings...}, "baseline": merged result,
+"candidate": merged result, "ratios": {metric: candidate / baseline or null}}. The merged results
+keep run_benchmark's keys (sample lists included, so the figure can be redrawn) plus "config"
+(the ClusterConfig), "runs" (the per-round figures of the ratio metrics) and "workers" (each
+worker's busy seconds / steps during the measured runs).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from bench.metrics import _stats, parse_goodput
+from deploy.launch import ClusterConfig
+
+SUM_KEYS = ("duration", "completed", "failed", "total_input_tokens", "total_output_tokens", "kv_bytes_transferred")
+SAMPLE_KEYS = ("ttfts", "tpots", "itls", "e2els", "input_lens", "output_lens")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    summary: str
+    baseline: ClusterConfig
+    candidate: ClusterConfig
+    dataset: dict                                  # build_dataset keys (bench/datasets.py DEFAULTS)
+    request_rate: float                            # req/s, Poisson unless burstiness != 1
+    goodput: dict[str, float]                      # SLO targets in ms: ttft / tpot / e2el
+    metrics: tuple[str, ...]                       # result keys to compare (ratio = candidate / baseline)
+    labels: tuple[str, str] = ("baseline", "candidate")
+    burstiness: float = 1.0
+    max_concurrency: int | None = None
+    warmup: int = 4                                # unmeasured requests after each cluster start
+    notes: str = ""                                # how the defaults were chosen
+
+
+SCENARIOS: dict[str, Scenario] = {}
+
+
+def register(s: Scenario) -> Scenario:
+    SCENARIOS[s.name] = s
+    return s
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.endswith("_ms")
+
+
+# Pure parts: ratios, merging rounds, the result file, the table.
+def ratios(baseline: dict, candidate: dict, metrics: tuple[str, ...]) -> dict[str, float | None]:
+    """candidate / baseline per metric; None where either is missing or the baseline is 0."""
+    out: dict[str, float | None] = {}
+    for m in metrics:
+        b, c = baseline.get(m), candidate.get(m)
+        out[m] = c / b if b and c is not None else None
+    return out
+
+
+def merge_results(runs: list[dict]) -> dict:
+    """One result from several run_benchmark results of the same workload: sums for counts and
+    durations, pooled samples for the latency statistics, totals / summed durations for rates."""
+    if not runs:
+        raise ValueError("no runs to merge")
+    m: dict[str, Any] = {k: sum(r[k] for r in runs) for k in SUM_KEYS}
+    for k in SAMPLE_KEYS:
+        m[k] = [x for r in runs for x in r.get(k, [])]
+    d = m["duration"]
+    m["request_throughput"] = m["completed"] / d if d else 0.0
+    m["output_throughput"] = m["total_output_tokens"] / d if d else 0.0
+    m["total_token_throughput"] = (m["total_input_tokens"] + m["total_output_tokens"]) / d if d else 0.0
+    gp = [r.get("request_goodput") for r in runs]
+    m["request_goodput"] = None if any(g is None for g in gp) or not d else sum(
+        g * r["duration"] for g, r in zip(gp, runs)) / d
+    for name, key in (("ttft", "ttfts"), ("tpot", "tpots"), ("itl", "itls"), ("e2el", "e2els")):
+        m.update(_stats(name, m[key]))
+    n_in = m["total_input_tokens"]
+    m["prefix_cache_hit_rate"] = (sum((r.get("prefix_cache_hit_rate") or 0.0) * r["total_input_tokens"]
+                                      for r in runs) / n_in) if n_in else None
+    remote = [(r.get("remote_prefill_fraction") or 0.0) * r["completed"] for r in runs]
+    kv_ms = sum((r.get("mean_kv_transfer_ms") or 0.0) * n for r, n in zip(runs, remote))
+    m["remote_prefill_fraction"] = sum(remote) / m["completed"] if m["completed"] else None
+    m["mean_kv_transfer_ms"] = kv_ms / sum(remote) if sum(remote) else None
+    m["kv_transfer_bandwidth_gbps"] = m["kv_bytes_transferred"] * 8e-6 / kv_ms if kv_ms else None
+    errors: dict[str, int] = {}
+    for r in runs:
+        for code, n in r.get("errors", {}).items():
+            errors[code] = errors.get(code, 0) + n
+    m["errors"] = errors
+    for k in ("request_rate", "burstiness", "max_concurrency"):
+        if k in runs[0]:
+            m[k] = runs[0][k]
+    return m
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, float) and x == float("inf"):
+        return "inf"
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def build_report(sc: Scenario, settings: dict, baseline_runs: list[dict], candidate_runs: list[dict],
+                 workers: dict[str, list[dict]] | None = None) -> dict:
+    """The --out document: {"scenario", "baseline", "candidate", "ratios"}."""
+    workers = workers or {}
+    sides = {}
+    for side, runs, cfg in (("baseline", baseline_runs, sc.baseline), ("candidate", candidate_runs, sc.candidate)):
+        merged = merge_results(runs)
+        merged["label"] = sc.labels[0 if side == "baseline" else 1]
+        merged["config"] = dataclasses.asdict(cfg)
+        merged["runs"] = [{k: r.get(k) for k in ("duration", "completed", "failed") + tuple(sc.metrics)}
+                          for r in runs]
+        merged["workers"] = workers.get(side, [])
+        sides[side] = merged
+    scenario = dict(name=sc.name, summary=sc.summary, labels=list(sc.labels), dataset=sc.dataset,
+                    request_rate=sc.request_rate, burstiness=sc.burstiness, max_concurrency=sc.max_concurrency,
+                    goodput=sc.goodput, metrics=list(sc.metrics), warmup=sc.warmup, notes=sc.notes) | settings
+    return _jsonable(dict(scenario=scenario, baseline=sides["baseline"], candidate=sides["candidate"],
+                          ratios=ratios(sides["baseline"], sides["candidate"], sc.metrics)))
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.3f}" if isinstance(v, float) and abs(v) < 10 else (f"{v:.1f}" if isinstance(v, float) else str(v))
+
+
+def format_report(report: dict) -> str:
+    """The side-by-side table: per-run rows, the merged baseline and candidate rows, the ratios."""
+    sc = report["scenario"]
+    metrics = sc["metrics"]
+    names = [f"{s} ({report[s]['label']})" for s in ("baseline", "candidate")]
+    rows: list[tuple[str, list[str]]] = []
+    for side, name in zip(("baseline", "candidate"), names):
+        for i, run in enumerate(report[side]["runs"]):
+            rows.append((f"  round {i + 1} {side}", [_fmt(run.get(m)) for m in metrics]))
+    rows += [(name, [_fmt(report[s].get(m)) for m in metrics]) for s, name in zip(("baseline", "candidate"), names)]
+    rows.append(("ratio candidate/baseline", [_fmt(report["ratios"][m]) + ("x" if report["ratios"][m] else "")
+                                              for m in metrics]))
+    rows.append(("  better when", ["lower" if lower_is_better(m) else "higher" for m in metrics]))
+    w0 = max(len(r[0]) for r in rows)
+    ws = [max(len(m), *(len(r[1][i]) for r in rows)) for i, m in enumerate(metrics)]
+    line = lambda label, cells: "  ".join([label.ljust(w0)] + [c.rjust(w) for c, w in zip(cells, ws)])  # noqa: E731
+    ds = sc["dataset"]
+    goodput = ", ".join(f"{k} <= {v:g} ms" for k, v in sc["goodput"].items()) or "none"
+    head = [f"scenario {sc['name']}: {sc['summary']}",
+            f"workload: {json.dumps(ds)}; {sc['request_rate']} req/s (burstiness {sc['burstiness']}); "
+            f"{sc['rounds']} round(s), alternating; goodput target: {goodput}",
+            line("", metrics)]
+    body = [line(label, cells) for label, cells in rows]
+    fails = [f"{s}: {report[s]['failed']} failed {report[s]['errors']}" for s in ("baseline", "candidate")
+             if report[s]["failed"]]
+    return "\n".join(head + body + fails)
+
+
+# Running: one cluster at a time.
+async def _ticker(bar) -> None:
+    while True:
+        await asyncio.sleep(0.5)
+        bar.refresh()
+
+
+async def _warmup(addr: str, n: int, vocab_size: int) -> None:
+    """n short concurrent requests, so that every worker has run a prefill and a decode step."""
+    from bench.datasets import build_dataset
+    from bench.serve import run_benchmark
+    if n <= 0:
+        return
+    reqs = build_dataset({"dataset": "random", "num_prompts": n, "input_len": 32, "output_len": 4,
+                          "seed": 12345, "ignore_eos": True}, vocab_size)
+    await run_benchmark(addr, reqs, float("inf"), 1.0, None, 0, None, progress=False)
+
+
+async def run_once(cfg: ClusterConfig, sc: Scenario, requests, seed: int, vocab_size: int, bar=None,
+                   progress: bool = True) -> tuple[dict, dict]:
+    """Start cfg's cluster, warm it up, run the workload, stop it: (result, worker figures)."""
+    from bench.serve import run_benchmark
+    from deploy.launch import Cluster
+
+    def phase(text: str) -> None:
+        if bar is not None:
+            bar.set_postfix_str(text)
+
+    phase("starting cluster")
+    tick = asyncio.ensure_future(_ticker(bar)) if bar is not None else None
+    cluster = Cluster(replace(cfg, port=0, metrics_port=0))
+    try:
+        await cluster.start()
+        phase("warm-up")
+        await _warmup(cluster.address, sc.warmup, vocab_size)
+        before = await cluster.worker_status()
+        phase("running")
+        if tick is not None:
+            tick.cancel()
+            tick = None
+        result = await run_benchmark(cluster.address, requests, sc.request_rate, sc.burstiness,
+                                     sc.max_concurrency, seed, sc.goodput or None, progress=progress)
+        after = await cluster.worker_status()
+        phase("stopping cluster")
+    finally:
+        if tick is not None:
+            tick.cancel()
+        await cluster.stop()
+    workers = {wid: dict(busy_s=after[wid].get("busy_s", 0.0) - before[wid].get("busy_s", 0.0),
+                         steps=after[wid].get("steps", 0) - before[wid].get("steps", 0),
+                         busy_fraction=(after[wid].get("busy_s", 0.0) - before[wid].get("busy_s", 0.0))
+                         / result["duration"])
+               for wid in after}
+    return result, workers
+
+
+async def run_scenario(sc: Scenario, rounds: int, seed: int, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from bench.datasets import build_dataset
+    from engine.loader import load_model_config
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    vocab = load_model_config(sc.baseline.model).vocab_size
+    requests = build_dataset(dict(sc.dataset, seed=seed), vocab)
+    runs: dict[str, list[dict]] = {"baseline": [], "candidate": []}
+    workers: dict[str, list[dict]] = {"baseline": [], "candidate": []}
+    t0 = time.perf_counter()
+    bar = tqdm(total=2 * rounds, desc="runs", disable=not progress, position=0, leave=True)
+    try:
+        for i in range(rounds):
+            for side, cfg, label in (("baseline", sc.baseline, sc.labels[0]),
+                                     ("candidate", sc.candidate, sc.labels[1])):
+                bar.set_description(f"round {i + 1}/{rounds} {side} ({label})")
+                res, w = await run_once(cfg, sc, requests, seed, vocab, bar if progress else None, progress)
+                runs[side].append(res)
+                workers[side].append(w)
+                bar.update(1)
+    finally:
+        bar.close()
+    settings = dict(rounds=rounds, seed=seed, num_requests=len(requests),
+                    wall_s=round(time.perf_counter() - t0, 1))
+    return build_report(sc, settings, runs["baseline"], runs["candidate"], workers)
+
+
+# CLI
+def epilog() -> str:
+    lines = ["scenarios:"]
+    for s in SCENARIOS.values():
+        lines.append(f"  {s.name}: {s.summary}")
+        lines.append(f"    workload {json.dumps(s.dataset)} at {s.request_rate} req/s; goodput {s.goodput}; "
+                     f"compares {', '.join(s.metrics)}")
+    return "\n".join(lines)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", choices=sorted(SCENARIOS), metavar="NAME",
+                   help=f"scenario to run: {', '.join(sorted(SCENARIOS))}")
+    p.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="baseline/candidate pairs, run alternately (default 2: B, C, B, C)")
+    p.add_argument("--num-prompts", type=int, default=None, help="override the scenario's request count")
+    p.add_argument("--request-rate", type=float, default=None, help="override the scenario's rate (req/s; inf)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the workload and the arrivals (same for every run)")
+    p.add_argument("--goodput", nargs="+", metavar="NAME:MS", default=None,
+                   help="override the scenario's SLO targets, e.g. --goodput tpot:250")
+    p.add_argument("--warmup", type=int, default=None, help="unmeasured requests after each cluster start")
+    p.add_argument("--out", default=None, help="write {scenario, baseline, candidate, ratios} JSON here")
+    p.add_argument("--plot", default=None, metavar="FILE.png", help="latency CDFs and throughput, side by side")
+    p.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
+
+
+def main(a: argparse.Namespace) -> int:
+    if a.list or not a.name:
+        print(epilog())
+        return 0 if a.list else 2
+    sc = SCENARIOS[a.name]
+    try:
+        if a.num_prompts is not None:
+            sc = replace(sc, dataset=dict(sc.dataset, num_prompts=a.num_prompts))
+        if a.request_rate is not None:
+            sc = replace(sc, request_rate=a.request_rate)
+        if a.goodput:
+            sc = replace(sc, goodput=parse_goodput(a.goodput))
+        if a.warmup is not None:
+            sc = replace(sc, warmup=a.warmup)
+    except ValueError as e:
+        print(f"bench scenario: {e}", file=sys.stderr)
+        return 2
+    report = asyncio.run(run_scenario(sc, a.rounds, a.seed, progress=not a.disable_tqdm))
+    print(format_report(report))
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {a.out}")
+    if a.plot:
+        from bench.plots import plot_comparison
+        plot_comparison({report[s]["label"]: report[s] for s in ("baseline", "candidate")}, a.plot)
+        print(f"wrote {a.plot}")
+    return 0
+
+
+# The scenarios. Defaults sized for the 2-core build machine (whole scenario < 5 minutes).
+#
+# colocated-vs-disagg, "near saturation": a probe (one cluster per side, this workload with fresh
+# seeds at several Poisson rates, 2026-11-22, machine load average 2.5-4 from other jobs) measured
+#   offered req/s        inf    0.6    0.9    1.2
+#   colocated achieved   1.30   0.37   0.76   1.35   (median TTFT 0.4-0.5 s up to 1.2 req/s)
+#   disagg achieved      1.34   0.37   0.73   0.97   (at 1.2: median TTFT 6.1 s, a queue builds)
+# so the single prefill worker saturates near 1.0 req/s and two colocated workers near 1.3-1.4;
+# 0.9 req/s is ~90% of the disagg capacity and ~70% of the colocated one. With 24 requests a run
+# takes ~30 s, a cluster start + warm-up + stop ~15 s: 2 rounds (4 runs) take about 3 minutes.
+# The TPOT target, 200 ms (5 tokens/s, about reading speed), was fixed before the comparison runs.
+register(Scenario(
+    name="colocated-vs-disagg",
+    summary="2 colocated workers (prefill+decode on each) vs 1 prefill + 1 decode worker, 1 core per worker",
+    baseline=ClusterConfig(prefill_workers=0, decode_workers=2, remote_prefill=False, threads_per_worker=1),
+    candidate=ClusterConfig(prefill_workers=1, decode_workers=1, remote_prefill=True, threads_per_worker=1),
+    labels=("colocated", "disagg"),
+    dataset={"dataset": "mixed", "num_prompts": 24, "input_len": 64, "long_input_len": 384,
+             "long_fraction": 0.25, "output_len": 24, "range_ratio": 0.25, "ignore_eos": True},
+    request_rate=0.9,
+    goodput={"tpot": 200.0},
+    metrics=("p99_tpot_ms", "p99_itl_ms", "median_ttft_ms", "p99_ttft_ms", "request_goodput", "output_throughput"),
+    notes="rate 0.9 req/s = ~90% of the 1P1D capacity (~1.0 req/s) and ~70% of 2 colocated (~1.3 req/s), "
+          "measured by a rate probe on the 2-core build machine; TPOT target 200 ms = 5 tok/s",
+))

@@ -1,0 +1,154 @@
+"""The router's Prometheus metrics: one registry per Router, served over HTTP by `serve_http`.
+
+Request-side figures are recorded by the Router's lifecycle hooks (`admitted`, `first_token`,
+`placed`, `finished`). Worker-side figures arrive through the router's status polling
+(`Router.refresh_loads` -> `worker_status`) and are rendered at scrape time by a collector, labelled
+by worker id (and by link for KV transfer), so workers open no ports of their own. Counters taken
+from a worker's status are that worker's running totals (they restart at 0 if the worker does).
+
+Exported (units in the names; counters get `_total` in the exposition):
+  pdcluster_ttft_seconds / _tpot_seconds / _e2e_seconds   histograms (TPOT = (e2e - ttft) / (n - 1))
+  pdcluster_requests_total{status}                       finished requests: stop|length|abort|...
+  pdcluster_queue_depth                                  admitted, no token streamed yet
+  pdcluster_running_requests                             streaming tokens
+  pdcluster_placement_decisions_total{kind}              remote | local
+  pdcluster_pool_replicas{pool}                          workers registered per pool
+  pdcluster_worker_up{worker,pool}                       1 when the last status poll answered
+  pdcluster_kv_blocks_used{worker} / _kv_blocks_free{worker}
+  pdcluster_prefix_cache_hits_tokens_total{worker} / _prefix_cache_queries_tokens_total{worker}
+  pdcluster_kv_transfer_bytes_total{src,dst} / _kv_transfer_seconds_total{src,dst}
+  pdcluster_worker_busy_seconds_total{worker} / _worker_steps_total{worker}
+"""
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+# seconds
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+PLACEMENT_KINDS = ("remote", "local")
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = r = registry if registry is not None else CollectorRegistry()
+        self.ttft = Histogram("pdcluster_ttft_seconds", "Time to first token, from admission at the router",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("pdcluster_tpot_seconds", "Mean time per output token after the first, per request",
+                              buckets=TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("pdcluster_e2e_seconds", "End-to-end latency of finished requests",
+                             buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("pdcluster_requests", "Requests ended, by status", ["status"], registry=r)
+        self.queue_depth = Gauge("pdcluster_queue_depth", "Requests admitted that have not streamed a token yet",
+                                 registry=r)
+        self.running = Gauge("pdcluster_running_requests", "Requests streaming tokens", registry=r)
+        self.placements = Counter("pdcluster_placement_decisions", "Placements made, by kind", ["kind"], registry=r)
+        for kind in PLACEMENT_KINDS:
+            self.placements.labels(kind)
+        self._lock = threading.Lock()
+        self._pools: dict[str, str] = {}              # worker id -> pool ("prefill" | "decode")
+        self._status: dict[str, dict | None] = {}     # worker id -> last status (None = poll failed)
+        r.register(_WorkerCollector(self))
+        self._http = None
+
+    # request hooks (the Router's event loop)
+    def admitted(self) -> None:
+        self.queue_depth.inc()
+
+    def first_token(self, ttft_s: float) -> None:
+        self.ttft.observe(ttft_s)
+        self.queue_depth.dec()
+        self.running.inc()
+
+    def placed(self, kind: str) -> None:
+        self.placements.labels(kind).inc()
+
+    def finished(self, status: str, ttft_s: float | None, e2e_s: float, completion_tokens: int) -> None:
+        """Every admitted request ends here once. Latencies count only for normal finishes."""
+        (self.queue_depth if ttft_s is None else self.running).dec()
+        self.requests.labels(status).inc()
+        if status in ("stop", "length"):
+            self.e2e.observe(e2e_s)
+            if ttft_s is not None and completion_tokens > 1:
+                self.tpot.observe((e2e_s - ttft_s) / (completion_tokens - 1))
+
+    def rejected(self, status: str) -> None:
+        """A request refused before admission (e.g. "overloaded")."""
+        self.requests.labels(status).inc()
+
+    # worker hooks (status polling)
+    def add_worker(self, worker_id: str, pool: str) -> None:
+        with self._lock:
+            self._pools[worker_id] = pool
+            self._status.setdefault(worker_id, None)
+
+    def worker_status(self, worker_id: str, status: dict | None) -> None:
+        with self._lock:
+            self._status[worker_id] = dict(status) if status is not None else None
+
+    # exposition
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def serve_http(self, host: str = "127.0.0.1", port: int = 9090) -> int:
+        """Serve /metrics on host:port (0 = an ephemeral port) from a daemon thread; returns the port."""
+        if self._http is None:
+            self._http = start_http_server(port, addr=host, registry=self.registry)
+        return self._http[0].server_port
+
+    def stop_http(self) -> None:
+        if self._http is not None:
+            httpd, thread = self._http
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join(5.0)
+            self._http = None
+
+
+class _WorkerCollector:
+    """Renders the last polled worker figures at scrape time."""
+
+    def __init__(self, m: RouterMetrics):
+        self.m = m
+
+    def collect(self):
+        with self.m._lock:
+            pools, status = dict(self.m._pools), dict(self.m._status)
+        replicas = GaugeMetricFamily("pdcluster_pool_replicas", "Workers registered per pool", labels=["pool"])
+        for pool in ("prefill", "decode"):
+            replicas.add_metric([pool], sum(1 for p in pools.values() if p == pool))
+        up = GaugeMetricFamily("pdcluster_worker_up", "1 when the worker's last status poll answered",
+                               labels=["worker", "pool"])
+        used = GaugeMetricFamily("pdcluster_kv_blocks_used", "KV cache blocks in use", labels=["worker"])
+        free = GaugeMetricFamily("pdcluster_kv_blocks_free", "KV cache blocks free", labels=["worker"])
+        hits = CounterMetricFamily("pdcluster_prefix_cache_hits_tokens",
+                                   "Prompt tokens found in the worker's prefix cache", labels=["worker"])
+        queries = CounterMetricFamily("pdcluster_prefix_cache_queries_tokens",
+                                      "Prompt tokens looked up in the worker's prefix cache", labels=["worker"])
+        busy = CounterMetricFamily("pdcluster_worker_busy_seconds", "Seconds the worker spent in forward steps",
+                                   labels=["worker"])
+        steps = CounterMetricFamily("pdcluster_worker_steps", "Forward steps run by the worker", labels=["worker"])
+        kv_bytes = CounterMetricFamily("pdcluster_kv_transfer_bytes", "KV bytes sent prefill -> decode, per link",
+                                       labels=["src", "dst"])
+        kv_secs = CounterMetricFamily("pdcluster_kv_transfer_seconds",
+                                      "Seconds spent sending KV, per link (sum over transfers)", labels=["src", "dst"])
+        for wid, pool in sorted(pools.items()):
+            s = status.get(wid)
+            up.add_metric([wid, pool], 0.0 if s is None else 1.0)
+            if s is None:
+                continue
+            n, f = s.get("num_blocks", 0), s.get("free_blocks", 0)
+            used.add_metric([wid], n - f)
+            free.add_metric([wid], f)
+            hits.add_metric([wid], s.get("prefix_hits", 0))
+            queries.add_metric([wid], s.get("prefix_queries", 0))
+            busy.add_metric([wid], s.get("busy_s", 0.0))
+            steps.add_metric([wid], s.get("steps", 0))
+            for link in s.get("links", ()):
+                src = link.get("src_id", wid)
+                kv_bytes.add_metric([src, link["dst_id"]], link.get("total_bytes", 0))
+                kv_secs.add_metric([src, link["dst_id"]], link.get("total_seconds", 0.0))
+        yield from (replicas, up, used, free, hits, queries, busy, steps, kv_bytes, kv_secs)

@@ -1,0 +1,107 @@
+"""The router's Prometheus metrics: names rendered, values move with observations (no cluster)."""
+from prometheus_client.parser import text_string_to_metric_families
+
+from engine.kv_cache_manager import KVCacheManager
+from engine.request import Request
+from engine.sampling_params import SamplingParams
+from router.metrics import RouterMetrics
+
+
+def samples(m: RouterMetrics) -> dict[tuple, float]:
+    """{(sample name, sorted labels): value} of one scrape."""
+    out = {}
+    for fam in text_string_to_metric_families(m.render().decode()):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_named_metrics_are_rendered():
+    m = RouterMetrics()
+    m.add_worker("prefill-0", "prefill")
+    m.add_worker("decode-0", "decode")
+    names = {name for name, _ in samples(m)}
+    for n in ("pdcluster_ttft_seconds_count", "pdcluster_tpot_seconds_bucket", "pdcluster_e2e_seconds_sum",
+              "pdcluster_queue_depth", "pdcluster_running_requests", "pdcluster_placement_decisions_total",
+              "pdcluster_pool_replicas", "pdcluster_worker_up"):
+        assert n in names, n
+    s = samples(m)
+    assert s[("pdcluster_pool_replicas", (("pool", "prefill"),))] == 1
+    assert s[("pdcluster_placement_decisions_total", (("kind", "local"),))] == 0
+    assert s[("pdcluster_worker_up", (("pool", "decode"), ("worker", "decode-0")))] == 0   # not polled yet
+
+
+def test_request_hooks_move_histograms_and_gauges():
+    m = RouterMetrics()
+    m.admitted()
+    m.admitted()
+    s = samples(m)
+    assert s[("pdcluster_queue_depth", ())] == 2 and s[("pdcluster_running_requests", ())] == 0
+    m.placed("remote")
+    m.first_token(0.3)
+    s = samples(m)
+    assert s[("pdcluster_queue_depth", ())] == 1 and s[("pdcluster_running_requests", ())] == 1
+    assert s[("pdcluster_ttft_seconds_count", ())] == 1 and abs(s[("pdcluster_ttft_seconds_sum", ())] - 0.3) < 1e-9
+    assert s[("pdcluster_ttft_seconds_bucket", (("le", "0.25"),))] == 0
+    assert s[("pdcluster_ttft_seconds_bucket", (("le", "0.5"),))] == 1
+    m.finished("length", 0.3, 1.3, 11)                 # TPOT = (1.3 - 0.3) / 10 = 0.1 s
+    m.finished("cancelled", None, 0.5, 0)              # never streamed: leaves the queue, no latency
+    s = samples(m)
+    assert s[("pdcluster_queue_depth", ())] == 0 and s[("pdcluster_running_requests", ())] == 0
+    assert abs(s[("pdcluster_tpot_seconds_sum", ())] - 0.1) < 1e-9
+    assert s[("pdcluster_e2e_seconds_count", ())] == 1
+    assert s[("pdcluster_requests_total", (("status", "length"),))] == 1
+    assert s[("pdcluster_requests_total", (("status", "cancelled"),))] == 1
+    assert s[("pdcluster_placement_decisions_total", (("kind", "remote"),))] == 1
+
+
+def test_worker_status_becomes_labelled_series():
+    m = RouterMetrics()
+    m.add_worker("prefill-0", "prefill")
+    m.add_worker("decode-0", "decode")
+    link = dict(src_id="prefill-0", dst_id="decode-0", total_bytes=4096, total_seconds=0.25, count=2)
+    m.worker_status("prefill-0", dict(free_blocks=90, num_blocks=100, prefix_hits=32, prefix_queries=80,
+                                      busy_s=1.5, steps=7, links=[link]))
+    m.worker_status("decode-0", dict(free_blocks=60, num_blocks=100, busy_s=2.0, steps=40))
+    s = samples(m)
+    w = lambda wid: (("worker", wid),)  # noqa: E731
+    assert s[("pdcluster_kv_blocks_used", w("prefill-0"))] == 10
+    assert s[("pdcluster_kv_blocks_free", w("decode-0"))] == 60
+    assert s[("pdcluster_prefix_cache_hits_tokens_total", w("prefill-0"))] == 32
+    assert s[("pdcluster_prefix_cache_queries_tokens_total", w("prefill-0"))] == 80
+    assert s[("pdcluster_worker_busy_seconds_total", w("decode-0"))] == 2.0
+    lk = (("dst", "decode-0"), ("src", "prefill-0"))
+    assert s[("pdcluster_kv_transfer_bytes_total", lk)] == 4096
+    assert s[("pdcluster_kv_transfer_seconds_total", lk)] == 0.25
+    assert s[("pdcluster_worker_up", (("pool", "prefill"), ("worker", "prefill-0")))] == 1
+    link["total_bytes"] = 8192                            # the next poll's running total
+    m.worker_status("prefill-0", dict(free_blocks=90, num_blocks=100, links=[link]))
+    m.worker_status("decode-0", None)                     # poll failed: down, no stale figures
+    s = samples(m)
+    assert s[("pdcluster_kv_transfer_bytes_total", lk)] == 8192
+    assert s[("pdcluster_worker_up", (("pool", "decode"), ("worker", "decode-0")))] == 0
+    assert ("pdcluster_kv_blocks_free", w("decode-0")) not in s
+
+
+def test_http_exporter_serves_the_registry():
+    import urllib.request
+    m = RouterMetrics()
+    m.admitted()
+    port = m.serve_http("127.0.0.1", 0)
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        m.stop_http()
+    assert "pdcluster_queue_depth 1.0" in body
+
+
+def test_prefix_lookups_count_tokens_in_the_pool():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    a = Request(list(range(10)), SamplingParams(max_tokens=2), block_size=4)
+    kv.allocate(a, 10, kv.computed_blocks(a))
+    assert (kv.pool.queries, kv.pool.hits) == (10, 0)
+    a.num_computed_tokens = 10
+    kv.cache_computed_blocks(a)
+    b = Request(list(range(9)) + [99], SamplingParams(max_tokens=2), block_size=4)
+    assert len(kv.computed_blocks(b)) == 2
+    assert (kv.pool.queries, kv.pool.hits) == (20, 8)

@@ -1,0 +1,80 @@
+"""bench scenario's pure parts with fake results: ratios, merging rounds, the --out layout, the table."""
+import json
+
+import pytest
+
+from bench.scenario import SCENARIOS, Scenario, build_report, format_report, merge_results, ratios
+from deploy.launch import ClusterConfig
+
+
+def fake(duration, ttfts, tpots, out_tokens, goodput, remote=0.0, kv_ms=None, hit=0.0):
+    n = len(ttfts)
+    r = dict(duration=duration, completed=n, failed=0, total_input_tokens=100 * n, total_output_tokens=out_tokens,
+             kv_bytes_transferred=1000 * n if remote else 0, ttfts=list(ttfts), tpots=list(tpots),
+             itls=list(tpots), e2els=[t + 100 for t in ttfts], input_lens=[100] * n, output_lens=[1] * n,
+             request_goodput=goodput, prefix_cache_hit_rate=hit, remote_prefill_fraction=remote,
+             mean_kv_transfer_ms=kv_ms, errors={}, request_rate=1.0, burstiness=1.0, max_concurrency=None)
+    r.update(request_throughput=n / duration, output_throughput=out_tokens / duration,
+             p99_tpot_ms=max(tpots), median_ttft_ms=sorted(ttfts)[n // 2])
+    return r
+
+
+SC = Scenario(name="t", summary="test", baseline=ClusterConfig(decode_workers=2, prefill_workers=0,
+                                                              remote_prefill=False),
+              candidate=ClusterConfig(), dataset={"dataset": "random", "num_prompts": 2}, request_rate=1.0,
+              goodput={"tpot": 50.0}, metrics=("p99_tpot_ms", "median_ttft_ms", "request_goodput", "output_throughput"),
+              labels=("colo", "disagg"))
+
+
+def test_ratios_are_candidate_over_baseline_and_none_without_a_baseline():
+    r = ratios({"a": 200.0, "b": 0.0, "c": 1.0, "d": None}, {"a": 100.0, "b": 5.0, "c": None, "d": 1.0},
+               ("a", "b", "c", "d", "e"))
+    assert r == {"a": 0.5, "b": None, "c": None, "d": None, "e": None}
+
+
+def test_merge_pools_samples_and_divides_totals_by_summed_durations():
+    a = fake(10.0, [100, 300], [20, 40], 50, goodput=0.1, remote=1.0, kv_ms=2.0, hit=0.5)
+    b = fake(30.0, [200, 400], [10, 80], 150, goodput=0.0, remote=0.5, kv_ms=4.0, hit=0.0)
+    m = merge_results([a, b])
+    assert m["completed"] == 4 and m["duration"] == 40.0 and m["total_output_tokens"] == 200
+    assert m["ttfts"] == [100, 300, 200, 400]
+    assert m["output_throughput"] == 5.0 and m["request_throughput"] == 0.1
+    assert m["request_goodput"] == pytest.approx(1 / 40)          # 1 good request in 40 s
+    assert m["median_ttft_ms"] == 250.0 and m["mean_tpot_ms"] == 37.5
+    assert m["prefix_cache_hit_rate"] == pytest.approx(0.25)
+    assert m["remote_prefill_fraction"] == pytest.approx(0.75)     # 2 + 1 of 4
+    assert m["mean_kv_transfer_ms"] == pytest.approx((2 * 2.0 + 1 * 4.0) / 3)
+    assert merge_results([a, dict(b, request_goodput=None)])["request_goodput"] is None
+
+
+def test_report_layout_is_json_and_ratios_use_merged_sides():
+    base = [fake(10.0, [100, 300], [40, 60], 40, 0.1), fake(10.0, [100, 300], [40, 80], 40, 0.1)]
+    cand = [fake(10.0, [200, 600], [20, 30], 40, 0.2), fake(10.0, [200, 600], [20, 40], 40, 0.2)]
+    workers = {"baseline": [{"decode-0": {"busy_s": 5.0}}] * 2, "candidate": [{"prefill-0": {"busy_s": 1.0}}] * 2}
+    rep = build_report(SC, dict(rounds=2, seed=0), base, cand, workers)
+    rep = json.loads(json.dumps(rep))                                # plain JSON, no Infinity
+    assert set(rep) == {"scenario", "baseline", "candidate", "ratios"}
+    assert rep["scenario"]["name"] == "t" and rep["scenario"]["rounds"] == 2
+    assert rep["baseline"]["label"] == "colo" and rep["candidate"]["label"] == "disagg"
+    assert rep["baseline"]["config"]["decode_workers"] == 2 and rep["candidate"]["config"]["remote_prefill"]
+    assert len(rep["baseline"]["runs"]) == 2 and rep["baseline"]["runs"][1]["p99_tpot_ms"] == 80
+    assert rep["candidate"]["workers"][0]["prefill-0"]["busy_s"] == 1.0
+    assert set(rep["ratios"]) == set(SC.metrics)
+    assert rep["ratios"]["median_ttft_ms"] == pytest.approx(rep["candidate"]["median_ttft_ms"]
+                                                            / rep["baseline"]["median_ttft_ms"])
+    assert rep["ratios"]["request_goodput"] == pytest.approx(2.0)
+    assert rep["ratios"]["output_throughput"] == pytest.approx(1.0)
+    assert len(rep["candidate"]["ttfts"]) == 4                      # samples kept for the plot
+    table = format_report(rep)
+    assert "baseline (colo)" in table and "candidate (disagg)" in table and "2.000x" in table
+    assert table.count("round ") == 4
+
+
+def test_registered_scenario_compares_same_cores():
+    sc = SCENARIOS["colocated-vs-disagg"]
+    b, c = sc.baseline, sc.candidate
+    assert (b.remote_prefill, b.prefill_workers, b.decode_workers) == (False, 0, 2)
+    assert (c.remote_prefill, c.prefill_workers, c.decode_workers) == (True, 1, 1)
+    assert b.threads_per_worker == c.threads_per_worker == 1
+    assert sc.dataset["dataset"] == "mixed" and "tpot" in sc.goodput
+    assert {"p99_tpot_ms", "p99_itl_ms", "request_goodput"} <= set(sc.metrics)
