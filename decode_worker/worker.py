@@ -55,7 +55,7 @@ class DecodeWorker:
 
     def __init__(self, worker_id: str, engine: LLMEngine, kv_host: str = "127.0.0.1", kv_port: int = 0,
                  secret: str | None = None, transfer_timeout_s: float = 30.0,
-                 kv_transport: str = "grpc", kv_tcp_port: int = 0):
+                 kv_transport: str = "tcp", kv_tcp_port: int = 0):
         if kv_transport not in KV_TRANSPORTS:
             raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {kv_transport!r}")
         self.worker_id = worker_id

@@ -29,8 +29,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="prompts up to this many tokens prefill on the decode worker (default 0)")
     p.add_argument("--metrics-port", type=int, default=9090,
                    help="Prometheus /metrics of the router on --host:PORT (default 9090; 0 = off)")
-    p.add_argument("--kv-transport", default="grpc", choices=["grpc", "tcp"],
-                   help="how prefill workers push KV to decode workers: gRPC (default) or a plain TCP socket")
+    p.add_argument("--kv-transport", default="tcp", choices=["grpc", "tcp"],
+                   help="how prefill workers push KV to decode workers: a plain TCP socket (default) or gRPC")
     p.add_argument("--log-level", default="INFO")
 
 

@@ -32,7 +32,7 @@ class ClusterConfig:
     local_prefill_max_tokens: int = 0
     max_in_flight: int = 512
     kv_bandwidth_limit: float | None = None  # bytes/s: emulate a slow prefill->decode link
-    kv_transport: str = "grpc"               # "grpc" or "tcp" (plain socket): how KV goes prefill->decode
+    kv_transport: str = "tcp"                # "tcp" (plain socket, default) or "grpc": how KV goes prefill->decode
     engine_extra: dict = field(default_factory=dict)
     metrics_port: int = 0                    # router's Prometheus /metrics on host:port; 0 = not served
 
@@ -128,6 +128,10 @@ class Cluster:
         import ray
         if self._poller:
             self._poller.cancel()
+            try:
+                await self._poller
+            except (asyncio.CancelledError, Exception):
+                pass
         if self.router is not None:
             self.router.metrics.stop_http()
         if self.server:

@@ -51,9 +51,17 @@ def cache_writer(k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tens
                              f"cache blocks are {kc.dtype}{list(kc.shape[1:])}")
         if block_ids and max(block_ids) >= kc.shape[0]:
             raise ValueError(f"block id {max(block_ids)} outside a cache of {kc.shape[0]} blocks")
-        idx = torch.tensor(block_ids, dtype=torch.long, device=kc.device)
-        kc.index_copy_(0, idx, k.to(kc.device))
-        vc.index_copy_(0, idx, v.to(vc.device))
+        # Runs of consecutive ids (the usual case: the pool hands out blocks in order) are plain
+        # slice copies, measurably cheaper than index_copy_ on the receive path.
+        i = 0
+        while i < len(block_ids):
+            j = i + 1
+            while j < len(block_ids) and block_ids[j] == block_ids[j - 1] + 1:
+                j += 1
+            lo = block_ids[i]
+            kc[lo:lo + j - i].copy_(k[i:j])
+            vc[lo:lo + j - i].copy_(v[i:j])
+            i = j
 
     return write
 

@@ -36,7 +36,7 @@ class KVDestination:
 class PrefillWorker:
     def __init__(self, worker_id: str, engine: LLMEngine, secret: str | None = None,
                  bandwidth_limit_bytes_per_s: float | None = None, transfer_timeout_s: float = 30.0,
-                 transport: str = "grpc"):
+                 transport: str = "tcp"):
         """transport: "tcp" (TcpKVTransport) or "grpc" (GrpcKVTransport); the decode workers must
         advertise the matching server (DecodeWorker's kv_transport)."""
         if transport not in KV_TRANSPORTS:
