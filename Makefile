@@ -42,6 +42,7 @@ serve: install  ## serve the embedded model on 127.0.0.1:50051
 
 test: install  ## the whole test suite: unit, kernels (Triton interpreter), end to end
 	$(PY) -m pytest -q tests/unit tests/e2e $(PYTEST_ARGS)
+	$(PY) -m pytest -q -s tests/faults $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels $(PYTEST_ARGS)
 
 test-unit: install

@@ -31,6 +31,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="Prometheus /metrics of the router on --host:PORT (default 9090; 0 = off)")
     p.add_argument("--kv-transport", default="tcp", choices=["grpc", "tcp"],
                    help="how prefill workers push KV to decode workers: a plain TCP socket (default) or gRPC")
+    p.add_argument("--auth-token-file", default=None,
+                   help="require `authorization: Bearer <token>`; one token (or tenant:token) per line; the "
+                        "tenant also isolates its prefix cache")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate: serve the public endpoint over TLS")
+    p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    p.add_argument("--config", default=None,
+                   help="serving config YAML (see deploy/pools.yaml): model, router host/port/metrics port and "
+                        "the initial size and resources of each pool; it overrides the matching flags")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -45,7 +53,20 @@ def cmd_serve(a) -> int:
                         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                         max_model_len=a.max_model_len, remote_prefill=not a.local_prefill,
                         local_prefill_max_tokens=a.local_prefill_max_tokens, metrics_port=a.metrics_port,
-                        kv_transport=a.kv_transport)
+                        kv_transport=a.kv_transport,
+                        auth_token_file=a.auth_token_file, tls_cert=a.tls_cert, tls_key=a.tls_key)
+    if a.config:
+        from dataclasses import replace
+
+        from deploy.pools import load_pools_config
+        pools = load_pools_config(a.config)
+        kw = pools.to_cluster_kwargs()
+        kw.pop("policy", None)   # the router's placement policy is not configurable yet
+        cfg = replace(cfg, **kw)
+        if pools.autoscaler.enabled:
+            logging.getLogger("pdcluster").warning(
+                "%s: autoscaler.enabled is set, but the pool autoscaler loop is not wired into serve yet; "
+                "pools stay at initial_replicas", a.config)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -88,7 +109,8 @@ def cmd_generate(a) -> int:
         async with grpc.aio.insecure_channel(a.addr) as ch:
             try:
                 last = None
-                async for m in pbg.GenerationStub(ch).Generate(req, timeout=a.timeout):
+                md = (("authorization", f"Bearer {a.auth_token}"),) if a.auth_token else None
+                async for m in pbg.GenerationStub(ch).Generate(req, timeout=a.timeout, metadata=md):
                     sys.stdout.write(m.text)
                     sys.stdout.flush()
                     last = m
@@ -122,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--addr", default="127.0.0.1:50051")
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    g.add_argument("--auth-token", default=os.environ.get("PDCLUSTER_TOKEN"),
+                   help="bearer token for a server started with --auth-token-file (default: $PDCLUSTER_TOKEN)")
     g.add_argument("-v", "--verbose", action="store_true", help="print finish reason and usage")
     g.set_defaults(fn=cmd_generate)
     b = sub.add_parser("bench", help="benchmarks")

@@ -35,6 +35,9 @@ class ClusterConfig:
     kv_transport: str = "tcp"                # "tcp" (plain socket, default) or "grpc": how KV goes prefill->decode
     engine_extra: dict = field(default_factory=dict)
     metrics_port: int = 0                    # router's Prometheus /metrics on host:port; 0 = not served
+    auth_token_file: str | None = None       # bearer tokens (`tenant:token` lines); None = no auth
+    tls_cert: str | None = None              # PEM files: serve the public endpoint over TLS
+    tls_key: str | None = None
 
     def engine_kwargs(self) -> dict:
         kw = dict(model=self.model, dtype=self.dtype, device="cuda" if self.use_gpu else "cpu",
@@ -98,7 +101,10 @@ class Cluster:
         for wid, h in dec.items():
             self.router.add_worker("decode", DecodeClient(wid, h))
         await self.router.refresh_loads()
-        self.server = RouterServer(self.router, mcfg.name, mcfg.vocab_size, c.host, c.port)
+        from router.auth import TokenAuth
+        auth = TokenAuth.from_file(c.auth_token_file) if c.auth_token_file else None
+        self.server = RouterServer(self.router, mcfg.name, mcfg.vocab_size, c.host, c.port, auth=auth,
+                                   tls_cert=c.tls_cert, tls_key=c.tls_key)
         await self.server.start()
         self._poller = asyncio.ensure_future(self._poll())
         if c.metrics_port:

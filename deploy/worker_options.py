@@ -8,7 +8,8 @@ def actor_options(role: str, name: str, num_cpus: int, use_gpu: bool) -> dict:
     """Ray .options(): a GPU per actor on GPU nodes; on CPU hosts a fixed core share (and the worker
     sets torch.set_num_threads to the same number) so two actors on one host act like two devices."""
     res = {POOL_RESOURCE[role]: 1}
-    opts = dict(name=name, num_cpus=num_cpus, resources=res, max_concurrency=1024, max_restarts=0)
+    # Anonymous actors (the router holds the handles), so several clusters can share one Ray instance.
+    opts = dict(num_cpus=num_cpus, resources=res, max_concurrency=1024, max_restarts=0)
     if use_gpu:
         opts["num_gpus"] = 1
     return opts

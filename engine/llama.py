@@ -23,10 +23,12 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Linear:
-    """y = x @ w.T + b. On CPU the weight is prepacked for oneDNN (mkldnn), whose kernels run the
-    skinny decode GEMMs ~1.2-1.8x faster than the default path here (bench/RESULTS.md); elsewhere
-    plain F.linear. Once packed, `weight` is only a meta tensor of the [out, in] shape (no second
-    copy of the weights in memory)."""
+    """y = x @ w.T + b. On CPU, small batches (decode steps, <= PACKED_MAX_ROWS rows) go through a
+    oneDNN-prepacked copy of the weight, which runs those skinny GEMMs 1.1-1.3x faster here; large
+    ones (prefill chunks) through plain F.linear, where MKL's GEMM is faster than oneDNN's
+    (bench/RESULTS.md). The price is a second copy of the weights in host memory."""
+
+    PACKED_MAX_ROWS = 64
 
     __slots__ = ("weight", "bias", "_packed")
 
@@ -34,10 +36,9 @@ class Linear:
         self.weight, self.bias, self._packed = weight, bias, None
         if prepack:
             self._packed = (weight.to_mkldnn(), bias.to_mkldnn() if bias is not None else None)
-            self.weight = weight.to("meta")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None:
+        if self._packed is not None and x.shape[0] <= self.PACKED_MAX_ROWS:
             w, b = self._packed
             return torch.ops.aten.mkldnn_linear(x.contiguous().to_mkldnn(), w, b).to_dense()
         return F.linear(x, self.weight, self.bias)

@@ -12,13 +12,14 @@ import dataclasses
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.detokenizer import Detokenizer
 from engine.sampling_params import SamplingParams
 from router.metrics import RouterMetrics
 from router.placement import LeastLoaded, WorkerLoad
 from router.validate import InvalidRequest
+from router.errors import WorkerLost
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class Event:
 @dataclass
 class RouterConfig:
     max_in_flight: int = 512                # admission bound; beyond it RESOURCE_EXHAUSTED at once
-    max_attempts: int = 3                   # placements tried before UNAVAILABLE
+    max_attempts: int = 3                   # placements tried per attempt before UNAVAILABLE
+    max_migrations: int = 2                 # lost decode workers survived per request
     local_prefill_max_tokens: int = 0       # prompts this short prefill on the decode worker
     remote_prefill: bool = True
     status_interval_s: float = 0.5
@@ -142,102 +144,135 @@ class Router:
             self.metrics.finished(trace.status, ttft, e2e, trace.n_out)
             self._log(rid, trace, len(prompt_ids), ttft, e2e)
 
-    def _first_token_finishes(self, params: SamplingParams, prompt_len: int, tok: int) -> str | None:
+    def _finishes(self, params: SamplingParams, n_prompt: int, out: list[int], tok: int) -> str | None:
+        """Finish reason after `tok` (already appended to `out`), by the same rules as the engine."""
         if (tok in self.eos and not params.ignore_eos) or tok in params.stop_token_ids:
             return "stop"
-        if params.max_tokens <= 1 or prompt_len + 1 >= self.max_context:
+        if len(out) >= params.max_tokens or n_prompt + len(out) >= self.max_context:
             return "length"
         return None
 
-    async def _run(self, rid: str, ids: list[int], params: SamplingParams, salt: str | None, trace: Trace):
-        pd = dataclasses.asdict(params)
-        detok = Detokenizer(self.tokenizer, ids, params.stop)
-        exclude: set[str] = set()
-        holders: list = []           # workers that may hold state for rid
-        n_out, cached, placement = 0, 0, None
-        finished = False
-        try:
-            stream = first = None
-            for _ in range(self.cfg.max_attempts):
-                dec = self.policy.choose(len(ids), list(self._loads("prefill")), list(self._loads("decode")), exclude)
-                if dec is None:
-                    break
-                d = self.pools.decode[dec.decode]
-                if dec.kind == "local":
-                    stream, placement = d.stream(rid, None, ids, pd, salt), dict(
-                        prefill_worker=dec.decode, decode_worker=dec.decode, remote_prefill=False,
-                        kv_bytes_transferred=0, kv_transfer_ms=0.0)
-                    holders = [d]
-                    break
-                p = self.pools.prefill[dec.prefill]
-                r = await d.reserve(rid, ids, pd, salt)
-                if not r.pop("ok"):
-                    exclude.add(dec.decode)
-                    continue
-                holders = [d, p]
-                self._charge(dec.prefill, len(ids), +1)
-                try:
-                    pre = await p.prefill(rid, ids, pd, {k: r[k] for k in ("dst_id", "skip_blocks", "dst_block_ids")}
-                                          | {"address": r["kv_address"]}, salt)
-                except Exception as e:
-                    log.warning("prefill of %s on %s failed (%s); placing again", rid, dec.prefill, e)
-                    await self._abort_all(rid, holders)
-                    holders = []
-                    exclude.add(dec.prefill)
-                    continue
-                finally:
-                    self._charge(dec.prefill, len(ids), -1)
-                first, cached = pre["first_token"], pre["cached_tokens"]
-                placement = dict(prefill_worker=dec.prefill, decode_worker=dec.decode, remote_prefill=True,
-                                 kv_bytes_transferred=pre["kv_bytes"], kv_transfer_ms=pre["kv_transfer_ms"])
+    async def _place(self, wid: str, ids: list[int], pd: dict, salt: str | None, exclude: set[str]):
+        """Reserve + prefill (remote) or start a local prefill, trying placements until one works.
+        Returns (stream or None, first token or None, placement dict, holders, cached tokens)."""
+        for _ in range(self.cfg.max_attempts):
+            dec = self.policy.choose(len(ids), list(self._loads("prefill")), list(self._loads("decode")), exclude)
+            if dec is None:
                 break
-            if placement is None:
-                raise Unavailable(f"no worker could take request {rid} (tried {sorted(exclude) or 'none ready'})")
-            trace.placement = placement
-            self.metrics.placed("remote" if placement["remote_prefill"] else "local")
-
-            self._charge(placement["decode_worker"], 0, +1)
+            d = self.pools.decode[dec.decode]
+            if dec.kind == "local":
+                placement = dict(prefill_worker=dec.decode, decode_worker=dec.decode, remote_prefill=False,
+                                 kv_bytes_transferred=0, kv_transfer_ms=0.0)
+                return d.stream(wid, None, ids, pd, salt), None, placement, [d], 0
+            p = self.pools.prefill[dec.prefill]
             try:
-                if first is not None:   # remote prefill: the first token came from the prefill worker
-                    n_out = 1
-                    reason = self._first_token_finishes(params, len(ids), first)
-                    text = detok.push([first])
-                    if detok.stopped:
-                        reason = "stop"
-                    if reason:
-                        finished = True
-                        await self._abort_all(rid, holders[:1])
-                        yield Event([first], text + detok.flush(), reason, self._usage(ids, n_out, cached), placement)
-                        return
-                    yield Event([first], text, None, None, placement)
-                    placement = None
-                    stream = self.pools.decode[holders[0].worker_id].stream(rid, first)
-                async for item in stream:
-                    toks = item["token_ids"]
-                    if not cached and item.get("num_cached_tokens"):
-                        cached = item["num_cached_tokens"]
-                    n_out += len(toks)
-                    text = detok.push(toks) if toks else ""
-                    reason = item["finish_reason"] if item["finished"] else None
-                    if detok.stopped and reason is None:
-                        reason = "stop"
-                        finished = True
-                        await self._abort_all(rid, holders[:1])
-                    if reason:
-                        finished = True
-                        text += detok.flush()
-                    yield Event(toks, text, reason, self._usage(ids, n_out, cached) if reason else None, placement)
-                    placement = None
-                    if reason:
-                        return
-                finished = True   # stream ended without a finish item: the worker aborted it
-                yield Event([], detok.flush(), "abort", self._usage(ids, n_out, cached), placement)
+                r = await d.reserve(wid, ids, pd, salt)
+            except WorkerLost as e:
+                log.warning("reserve of %s: %s; placing again", wid, e)
+                exclude.add(dec.decode)
+                continue
+            if not r.pop("ok"):
+                exclude.add(dec.decode)
+                continue
+            self._charge(dec.prefill, len(ids), +1)
+            try:
+                pre = await p.prefill(wid, ids, pd, {k: r[k] for k in ("dst_id", "skip_blocks", "dst_block_ids")}
+                                      | {"address": r["kv_address"]}, salt)
+            except Exception as e:   # lost worker, failed or corrupted transfer: recompute elsewhere
+                log.warning("prefill of %s on %s failed (%s); placing again", wid, dec.prefill, e)
+                await self._abort_all(wid, [d, p])
+                exclude.add(dec.prefill)
+                continue
             finally:
-                self._charge(holders[0].worker_id if holders else "", 0, -1)
+                self._charge(dec.prefill, len(ids), -1)
+            placement = dict(prefill_worker=dec.prefill, decode_worker=dec.decode, remote_prefill=True,
+                             kv_bytes_transferred=pre["kv_bytes"], kv_transfer_ms=pre["kv_transfer_ms"])
+            return None, pre["first_token"], placement, [d, p], pre["cached_tokens"]
+        raise Unavailable(f"no worker could take request {wid} (excluded: {sorted(exclude) or 'none ready'})")
+
+    async def _run(self, rid: str, ids: list[int], params: SamplingParams, salt: str | None, trace: Trace):
+        """Place, stream, and on a lost decode worker migrate: re-prefill prompt + the tokens the
+        client already has on another worker and continue, so the client sees no gap and no repeat."""
+        detok = Detokenizer(self.tokenizer, ids, params.stop)
+        out: list[int] = []          # tokens already sent to the client
+        exclude: set[str] = set()
+        holders: list = []           # workers that may hold state for the current attempt
+        cached, attempt, wid = 0, 0, rid
+        first_message, finished = True, False
+        try:
+            while True:
+                wid = rid if attempt == 0 else f"{rid}#m{attempt}"   # worker-side id of this attempt
+                p_now = replace(params, max_tokens=params.max_tokens - len(out))
+                try:
+                    stream, first, placement, holders, c = await self._place(
+                        wid, ids + out, dataclasses.asdict(p_now), salt, exclude)
+                except Unavailable:
+                    if not out:
+                        raise
+                    finished = True
+                    yield Event([], detok.flush(), "abort", self._usage(ids, len(out), cached))
+                    return
+                if attempt == 0:
+                    cached = c
+                    trace.placement = placement
+                self.metrics.placed("remote" if placement["remote_prefill"] else "local")
+                dw = placement["decode_worker"]
+                self._charge(dw, 0, +1)
+                try:
+                    if first is not None:   # remote prefill: the first token came from the prefill worker
+                        out.append(first)
+                        text = detok.push([first])
+                        reason = "stop" if detok.stopped else self._finishes(params, len(ids), out, first)
+                        if reason:
+                            finished = True
+                            await self._abort_all(wid, holders[:1])
+                            yield Event([first], text + detok.flush(), reason, self._usage(ids, len(out), cached),
+                                        placement if first_message else None)
+                            return
+                        yield Event([first], text, None, None, placement if first_message else None)
+                        first_message = False
+                        stream = self.pools.decode[dw].stream(wid, first)
+                    async for item in stream:
+                        toks = item["token_ids"]
+                        if not cached and item.get("num_cached_tokens") and attempt == 0:
+                            cached = item["num_cached_tokens"]
+                        out += toks
+                        text = detok.push(toks) if toks else ""
+                        reason = item["finish_reason"] if item["finished"] else None
+                        if detok.stopped and reason is None:
+                            reason = "stop"
+                            await self._abort_all(wid, holders[:1])
+                        if reason:
+                            finished = True
+                            text += detok.flush()
+                        yield Event(toks, text, reason, self._usage(ids, len(out), cached) if reason else None,
+                                    placement if first_message else None)
+                        first_message = False
+                        if reason:
+                            return
+                    raise WorkerLost(dw, "stream ended without a finish")
+                except Exception as e:
+                    # a lost decode worker (or a failed start, e.g. KV that never completed): migrate
+                    attempt += 1
+                    lost = e.worker_id if isinstance(e, WorkerLost) else None
+                    log.warning("request %s: %s; migrating with %d tokens sent (attempt %d)", rid, e, len(out),
+                                attempt)
+                    if lost:
+                        exclude.add(lost)
+                    await self._abort_all(wid, holders)
+                    holders = []
+                    if attempt > self.cfg.max_migrations:
+                        if not out:
+                            raise Unavailable(f"request {rid}: every retry spent ({e})") from None
+                        finished = True
+                        yield Event([], detok.flush(), "abort", self._usage(ids, len(out), cached))
+                        return
+                finally:
+                    self._charge(dw, 0, -1)
         finally:
             if not finished and holders:
-                await asyncio.shield(self._abort_all(rid, holders))
-            trace.n_out, trace.cached = n_out, cached
+                await asyncio.shield(self._abort_all(wid, holders))
+            trace.n_out, trace.cached = len(out), cached
 
     def _loads(self, role: str):
         pool = self.pools.prefill if role == "prefill" else self.pools.decode
