@@ -92,7 +92,12 @@ class Cluster:
         dec = {f"decode-{i}": decode_actor.spawn(f"decode-{i}", ek, c.threads_per_worker, c.use_gpu, **wk_dec)
                for i in range(c.decode_workers)}
         self.actors = pre | dec
-        await asyncio.gather(*(a.status.remote() for a in self.actors.values()))   # model loaded
+        from tqdm import tqdm  # each actor answers status once its model is loaded
+        with tqdm(total=len(self.actors), desc="starting workers (loading the model)", unit="worker",
+                  disable=None) as bar:
+            for fut in asyncio.as_completed([a.status.remote() for a in self.actors.values()]):
+                await fut
+                bar.update(1)
         self.router = Router(RouterConfig(max_in_flight=c.max_in_flight, remote_prefill=c.remote_prefill,
                                           local_prefill_max_tokens=c.local_prefill_max_tokens),
                              tok, mcfg.eos_token_ids, mcfg.max_position_embeddings, Pools())

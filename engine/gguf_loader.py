@@ -12,6 +12,8 @@ import functools
 import math
 import os
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType
@@ -168,7 +170,8 @@ def load_weights(cfg: ModelConfig, names: list[str], dtype: torch.dtype) -> dict
     r = _reader(cfg.path)
     permuted = _field(r, "general.architecture") == "llama"
     wanted, out = set(names), {}
-    for t in r.tensors:
+    from tqdm import tqdm  # progress on a terminal only (disable=None), silent in logs and tests
+    for t in tqdm(r.tensors, desc=f"loading {Path(cfg.path).name}", unit="tensor", disable=None, leave=False):
         name = _hf_name(t.name)
         if name not in wanted:
             continue
