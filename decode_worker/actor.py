@@ -60,8 +60,11 @@ class DecodeActor:
     async def abort(self, request_id: str) -> None:
         await self._run(self.worker.abort, request_id)
 
-    async def status(self) -> dict:
-        return self.worker.status()
+    async def status(self, drain_events: bool = False) -> dict:
+        return self.worker.status(drain_events)
+
+    async def cached_hashes(self) -> tuple[int, list[int]]:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.worker.cached_hashes)
 
     async def shutdown(self) -> None:
         self.worker.close()

@@ -17,6 +17,7 @@ import queue
 import threading
 import time
 
+from engine.block_events import BlockEventLog
 from engine.engine_thread import EngineThread
 from engine.llm_engine import LLMEngine, StepOutput
 from engine.request import Request
@@ -60,6 +61,8 @@ class DecodeWorker:
             raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {kv_transport!r}")
         self.worker_id = worker_id
         self.engine = engine
+        self.events = BlockEventLog()      # prefix-cache events for the router's global index
+        self.events.attach(engine.kv.pool)
         self.kv_transport = kv_transport
         self.receiver = KVReceiver()
         self.server = KVServer(self.receiver, host=kv_host, port=kv_port, secret=secret)
@@ -166,13 +169,21 @@ class DecodeWorker:
     def finished(self, rid: str) -> None:
         self._drop_stream(rid)
 
-    def status(self) -> dict:
+    def status(self, drain_events: bool = False) -> dict:
+        """Load figures; with drain_events (the router's poll) also the block events since the last drain."""
         e = self.engine
+        seq, events = self.events.drain() if drain_events else (None, [])
         return dict(worker_id=self.worker_id, role="decode", running=len(e.scheduler.running),
                     waiting=len(e.scheduler.waiting), reserved=len(self._reserved),
                     free_blocks=e.kv.num_free_blocks, num_blocks=e.kv.num_blocks,
-                    steps=e.stats.steps, busy_s=e.stats.busy_s, kv_address=self.kv_address,
-                    prefix_hits=e.kv.pool.hits, prefix_queries=e.kv.pool.queries)
+                    kv_address=self.kv_address, waiting_tokens=e.scheduler.num_waiting_tokens,
+                    prefix_hits=e.kv.pool.hits, prefix_queries=e.kv.pool.queries,
+                    block_seq=seq, block_events=events,
+                    **e.stats.as_dict())
+
+    def cached_hashes(self) -> tuple[int, list[int]]:
+        """(event sequence number, every cached chain hash): a full resync for the router's index."""
+        return self.loop.run(lambda e: self.events.snapshot(e.kv.pool))
 
     def close(self) -> None:
         self.loop.stop()

@@ -31,6 +31,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="Prometheus /metrics of the router on --host:PORT (default 9090; 0 = off)")
     p.add_argument("--kv-transport", default="tcp", choices=["grpc", "tcp"],
                    help="how prefill workers push KV to decode workers: a plain TCP socket (default) or gRPC")
+    p.add_argument("--policy", default="least-loaded",
+                   choices=["round-robin", "least-loaded", "cache-aware", "cost-model"],
+                   help="placement policy (default least-loaded; cost-model prices each (prefill, decode) pair "
+                        "by cache hits, learned rates and measured link bandwidth)")
     p.add_argument("--auth-token-file", default=None,
                    help="require `authorization: Bearer <token>`; one token (or tenant:token) per line; the "
                         "tenant also isolates its prefix cache")
@@ -54,14 +58,14 @@ def cmd_serve(a) -> int:
                         max_model_len=a.max_model_len, remote_prefill=not a.local_prefill,
                         local_prefill_max_tokens=a.local_prefill_max_tokens, metrics_port=a.metrics_port,
                         kv_transport=a.kv_transport,
-                        auth_token_file=a.auth_token_file, tls_cert=a.tls_cert, tls_key=a.tls_key)
+                        auth_token_file=a.auth_token_file, tls_cert=a.tls_cert, tls_key=a.tls_key,
+                        policy=a.policy)
     if a.config:
         from dataclasses import replace
 
         from deploy.pools import load_pools_config
         pools = load_pools_config(a.config)
         kw = pools.to_cluster_kwargs()
-        kw.pop("policy", None)   # the router's placement policy is not configurable yet
         cfg = replace(cfg, **kw)
         if pools.autoscaler.enabled:
             logging.getLogger("pdcluster").warning(

@@ -35,6 +35,7 @@ class ClusterConfig:
     kv_transport: str = "tcp"                # "tcp" (plain socket, default) or "grpc": how KV goes prefill->decode
     engine_extra: dict = field(default_factory=dict)
     metrics_port: int = 0                    # router's Prometheus /metrics on host:port; 0 = not served
+    policy: str = "least-loaded"             # placement: round-robin | least-loaded | cache-aware | cost-model
     auth_token_file: str | None = None       # bearer tokens (`tenant:token` lines); None = no auth
     tls_cert: str | None = None              # PEM files: serve the public endpoint over TLS
     tls_key: str | None = None
@@ -98,9 +99,14 @@ class Cluster:
             for fut in asyncio.as_completed([a.status.remote() for a in self.actors.values()]):
                 await fut
                 bar.update(1)
+        from router.cost_model import CostConfig
+        dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[c.dtype]
+        block_size = int(ek.get("block_size", 16))
         self.router = Router(RouterConfig(max_in_flight=c.max_in_flight, remote_prefill=c.remote_prefill,
-                                          local_prefill_max_tokens=c.local_prefill_max_tokens),
-                             tok, mcfg.eos_token_ids, mcfg.max_position_embeddings, Pools())
+                                          local_prefill_max_tokens=c.local_prefill_max_tokens, policy=c.policy,
+                                          block_size=block_size),
+                             tok, mcfg.eos_token_ids, mcfg.max_position_embeddings, Pools(),
+                             cost_config=CostConfig.for_model(mcfg, dtype_bytes, block_size))
         for wid, h in pre.items():
             self.router.add_worker("prefill", PrefillClient(wid, h))
         for wid, h in dec.items():

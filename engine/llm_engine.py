@@ -43,12 +43,29 @@ class StepStats:
     last_step_s: float = 0.0
     last_step_tokens: int = 0
     last_step_seqs: int = 0
+    prefill_tokens: int = 0    # steps with any prompt chunk in them
+    prefill_s: float = 0.0
+    decode_steps: int = 0      # steps of single-token decodes only
+    decode_seqs: int = 0
+    decode_s: float = 0.0
 
     def record(self, tokens: int, seqs: int, seconds: float) -> None:
         self.steps += 1
         self.tokens += tokens
         self.busy_s += seconds
         self.last_step_s, self.last_step_tokens, self.last_step_seqs = seconds, tokens, seqs
+        if tokens == seqs:
+            self.decode_steps += 1
+            self.decode_seqs += seqs
+            self.decode_s += seconds
+        else:
+            self.prefill_tokens += tokens
+            self.prefill_s += seconds
+
+    def as_dict(self) -> dict:
+        return dict(steps=self.steps, tokens=self.tokens, busy_s=self.busy_s, prefill_tokens=self.prefill_tokens,
+                    prefill_s=self.prefill_s, decode_steps=self.decode_steps, decode_seqs=self.decode_seqs,
+                    decode_s=self.decode_s)
 
 
 def build_config(model: str | None = None, *, dtype: str = "float32", device: str = "cpu",

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from engine.block_events import BlockEventLog
 from engine.engine_thread import EngineThread
 from engine.llm_engine import LLMEngine, StepOutput
 from engine.sampling_params import SamplingParams
@@ -43,6 +44,8 @@ class PrefillWorker:
             raise ValueError(f"transport must be one of {sorted(KV_TRANSPORTS)}, got {transport!r}")
         self.worker_id = worker_id
         self.engine = engine
+        self.events = BlockEventLog()      # prefix-cache events for the router's global index
+        self.events.attach(engine.kv.pool)
         self.meter = BandwidthMeter()
         self.transport = KV_TRANSPORTS[transport](secret=secret, meter=self.meter, src_id=worker_id,
                                                   bandwidth_limit_bytes_per_s=bandwidth_limit_bytes_per_s)
@@ -120,13 +123,21 @@ class PrefillWorker:
                 cb(StepOutput(req, [], "", True))
         self.loop.run(_abort)
 
-    def status(self) -> dict:
+    def status(self, drain_events: bool = False) -> dict:
+        """Load figures; with drain_events (the router's poll) also the block events since the last drain."""
         e = self.engine
+        seq, events = self.events.drain() if drain_events else (None, [])
         return dict(worker_id=self.worker_id, role="prefill", in_flight=self.in_flight,
                     waiting_tokens=e.scheduler.num_waiting_tokens, free_blocks=e.kv.num_free_blocks,
-                    num_blocks=e.kv.num_blocks, steps=e.stats.steps, busy_s=e.stats.busy_s,
+                    num_blocks=e.kv.num_blocks,
                     links=self.meter.snapshot(),
-                    prefix_hits=e.kv.pool.hits, prefix_queries=e.kv.pool.queries)
+                    prefix_hits=e.kv.pool.hits, prefix_queries=e.kv.pool.queries,
+                    block_seq=seq, block_events=events,
+                    **e.stats.as_dict())
+
+    def cached_hashes(self) -> tuple[int, list[int]]:
+        """(event sequence number, every cached chain hash): a full resync for the router's index."""
+        return self.loop.run(lambda e: self.events.snapshot(e.kv.pool))
 
     def close(self) -> None:
         self.loop.stop()

@@ -17,7 +17,11 @@ from dataclasses import dataclass, field, replace
 from engine.detokenizer import Detokenizer
 from engine.sampling_params import SamplingParams
 from router.metrics import RouterMetrics
-from router.placement import LeastLoaded, WorkerLoad
+from engine.hashing import block_hashes
+from router.cost_model import CostConfig, Telemetry
+from router.placement import WorkerLoad
+from router.policies import make_policy
+from router.prefix_index import PrefixIndex
 from router.validate import InvalidRequest
 from router.errors import WorkerLost
 
@@ -50,6 +54,8 @@ class RouterConfig:
     local_prefill_max_tokens: int = 0       # prompts this short prefill on the decode worker
     remote_prefill: bool = True
     status_interval_s: float = 0.5
+    policy: str = "least-loaded"            # round-robin | least-loaded | cache-aware | cost-model
+    block_size: int = 16                    # the workers' KV block size (prefix hashes are per block)
 
 
 @dataclass
@@ -72,14 +78,20 @@ class Pools:
 
 class Router:
     def __init__(self, cfg: RouterConfig, tokenizer, eos_token_ids: tuple[int, ...], max_context: int,
-                 pools: Pools, metrics: RouterMetrics | None = None):
+                 pools: Pools, metrics: RouterMetrics | None = None, cost_config: CostConfig | None = None):
         self.cfg = cfg
         self.metrics = metrics if metrics is not None else RouterMetrics()
         self.tokenizer = tokenizer
         self.eos = tuple(eos_token_ids)
         self.max_context = max_context
         self.pools = pools
-        self.policy = LeastLoaded(cfg.local_prefill_max_tokens, cfg.remote_prefill)
+        # the global prefix index (fed by the workers' block events) and learned rates
+        self.index = PrefixIndex()
+        self.telemetry = Telemetry(cost_config or CostConfig(block_size=cfg.block_size))
+        self.policy = make_policy(cfg.policy, index=self.index, telemetry=self.telemetry,
+                                  local_prefill_max_tokens=cfg.local_prefill_max_tokens,
+                                  remote_prefill=cfg.remote_prefill,
+                                  **({"config": cost_config} if cost_config and cfg.policy == "cost-model" else {}))
         self.in_flight: set[str] = set()
         self.finished_log: list[dict] = []
 
@@ -88,15 +100,19 @@ class Router:
         (self.pools.prefill if role == "prefill" else self.pools.decode)[client.worker_id] = client
         self.pools.loads[client.worker_id] = WorkerLoad(client.worker_id, role)
         self.metrics.add_worker(client.worker_id, role)
+        self.index.add_worker(client.worker_id)
 
     def ready(self) -> bool:
         return bool(self.pools.decode) and (bool(self.pools.prefill) or not self.cfg.remote_prefill)
 
     async def refresh_loads(self) -> None:
-        """Poll each worker's status (free KV blocks) for placement."""
-        for wid, c in list(self.pools.prefill.items()) + list(self.pools.decode.items()):
+        """Poll each worker's status: free KV blocks, step timings (learned rates), link figures,
+        and its prefix-cache block events for the global index (resynced after a gap)."""
+        now = time.time()
+        clients = dict(self.pools.prefill) | dict(self.pools.decode)
+        for wid, c in clients.items():
             try:
-                s = await asyncio.wait_for(c.status(), 5.0)
+                s = await asyncio.wait_for(c.status(drain_events=True), 5.0)
             except Exception:
                 self.pools.loads[wid].healthy = False
                 self.metrics.worker_status(wid, None)
@@ -105,6 +121,18 @@ class Router:
             w = self.pools.loads[wid]
             w.healthy, w.free_blocks, w.num_blocks = True, s.get("free_blocks", 0), s.get("num_blocks", 1)
             w.links = tuple(s.get("links", ()))   # per-link transfer figures, kept for placement
+            for seq, kind, hashes in s.get("block_events", ()):
+                self.index.apply(wid, kind, hashes, seq=seq, now=now)
+            self.index.heartbeat(wid, seq=s.get("block_seq"), now=now)
+            self.telemetry.ingest_status(w, s, {k: v.zone for k, v in self.pools.loads.items()})
+        self.index.expire(now)
+        for wid in self.index.needs_resync():
+            if wid in clients:
+                try:
+                    seq, hashes = await clients[wid].cached_hashes()
+                    self.index.resync(wid, hashes, seq=seq, now=now)
+                except Exception as e:
+                    log.warning("prefix index resync of %s failed: %s", wid, e)
 
     # requests
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "",
@@ -156,7 +184,9 @@ class Router:
         """Reserve + prefill (remote) or start a local prefill, trying placements until one works.
         Returns (stream or None, first token or None, placement dict, holders, cached tokens)."""
         for _ in range(self.cfg.max_attempts):
-            dec = self.policy.choose(len(ids), list(self._loads("prefill")), list(self._loads("decode")), exclude)
+            hashes = block_hashes(ids, self.cfg.block_size, salt)
+            dec = self.policy.choose(len(ids), list(self._loads("prefill")), list(self._loads("decode")), exclude,
+                                     hashes=hashes, now=time.time())
             if dec is None:
                 break
             d = self.pools.decode[dec.decode]

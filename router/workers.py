@@ -35,8 +35,11 @@ class PrefillClient:
     async def abort(self, rid: str) -> None:
         await _call(self.worker_id, self.handle.abort.remote(rid), 10.0)
 
-    async def status(self) -> dict:
-        return await _call(self.worker_id, self.handle.status.remote(), 5.0)
+    async def status(self, drain_events: bool = False) -> dict:
+        return await _call(self.worker_id, self.handle.status.remote(drain_events), 5.0)
+
+    async def cached_hashes(self) -> tuple[int, list[int]]:
+        return await _call(self.worker_id, self.handle.cached_hashes.remote(), 10.0)
 
 
 class DecodeClient:
@@ -63,5 +66,8 @@ class DecodeClient:
     async def abort(self, rid: str) -> None:
         await _call(self.worker_id, self.handle.abort.remote(rid), 10.0)
 
-    async def status(self) -> dict:
-        return await _call(self.worker_id, self.handle.status.remote(), 5.0)
+    async def status(self, drain_events: bool = False) -> dict:
+        return await _call(self.worker_id, self.handle.status.remote(drain_events), 5.0)
+
+    async def cached_hashes(self) -> tuple[int, list[int]]:
+        return await _call(self.worker_id, self.handle.cached_hashes.remote(), 10.0)

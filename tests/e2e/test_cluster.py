@@ -235,3 +235,33 @@ def test_prometheus_metrics_move_with_a_request(cluster):
     assert after[("pdcluster_prefix_cache_queries_tokens_total", (("worker", "prefill-0"),))] > 0
     assert after[("pdcluster_pool_replicas", (("pool", "prefill"),))] == 1
     assert after[("pdcluster_queue_depth", ())] == 0 and after[("pdcluster_running_requests", ())] == 0
+
+
+def test_global_prefix_index_tracks_worker_caches_and_cost_model_places(cluster, llm):
+    from engine.hashing import block_hashes
+    from router.policies import make_policy
+    r = cluster.router
+    ids = llm.tokenizer.encode(PROMPTS[15] * 3, add_special_tokens=False)
+    hashes = block_hashes(ids, 16)
+
+    async def go():
+        async with grpc.aio.insecure_channel(cluster.address) as ch:
+            stub = pbg.GenerationStub(ch)
+            await collect(stub, greedy(ids, max_tokens=2))
+            await r.refresh_loads()                      # the poll that carries the block events
+            match = r.index.match(hashes)
+            old = r.policy
+            r.policy = make_policy("cost-model", index=r.index, telemetry=r.telemetry)
+            try:
+                short = await collect(stub, greedy(text="Hi there", max_tokens=4))
+            finally:
+                r.policy = old
+            return match, short
+
+    match, short = cluster.run(go())
+    full = (len(ids) - 1) // 16
+    assert match.get("prefill-0", 0) >= full - 1 and match.get("decode-0", 0) >= full - 1, match
+    # an idle decode worker and an 2-token prompt: the cost model prefills it locally
+    assert short[0].placement.remote_prefill is False and short[0].placement.decode_worker == "decode-0"
+    ref = llm.generate(["Hi there"], SamplingParams(max_tokens=4, temperature=0))[0].token_ids
+    assert [t for m in short for t in m.token_ids] == ref

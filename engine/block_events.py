@@ -1,0 +1,37 @@
+"""A worker's numbered log of prefix-cache block events, drained by the router's status poll.
+
+Events are ("stored" | "removed", [chain hashes]) from the BlockPool, appended on the engine thread.
+Sequence numbers let the router's global index spot lost events (a full buffer drops the oldest)
+and ask for a full resync.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+
+class BlockEventLog:
+    def __init__(self, maxlen: int = 4096):
+        self._buf: deque = deque(maxlen=maxlen)
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def attach(self, pool) -> None:
+        pool.on_event = self.record
+
+    def record(self, kind: str, hashes: list[int]) -> None:
+        with self._lock:
+            self._seq += 1
+            self._buf.append((self._seq, kind, list(hashes)))
+
+    def drain(self) -> tuple[int, list[tuple[int, str, list[int]]]]:
+        """(last sequence number, events since the previous drain)."""
+        with self._lock:
+            out = list(self._buf)
+            self._buf.clear()
+            return self._seq, out
+
+    def snapshot(self, pool) -> tuple[int, list[int]]:
+        """(sequence number, every hash cached now); call on the engine thread so both agree."""
+        with self._lock:
+            return self._seq, list(pool.cached)
