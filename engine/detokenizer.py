@@ -12,9 +12,12 @@ class Detokenizer:
         self.tok = tokenizer
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
-        self.ids: list[int] = []
-        # Decode with a few prompt tokens of left context so leading spaces come out right.
-        self.ctx = list(prompt_ids[-4:])
+        # Decode windows, not the whole output: ids[prefix:read] were already turned into text; a new
+        # step decodes ids[prefix:] and keeps what extends the previous window's text. A few prompt
+        # tokens of left context make leading spaces come out as in a full decode.
+        self.ids: list[int] = list(prompt_ids[-4:])
+        self.prefix = 0
+        self.read = len(self.ids)
         self.text = ""          # all complete text so far (stop string excluded once matched)
         self.emitted = 0        # characters of self.text already returned
         self.stopped = False
@@ -27,13 +30,13 @@ class Detokenizer:
         if self.stopped:
             return ""
         self.ids += token_ids
-        prefix = self._decode(self.ctx)
-        full = self._decode(self.ctx + self.ids)
-        if full.endswith("\ufffd"):      # an incomplete character: wait for more bytes
+        prefix = self._decode(self.ids[self.prefix:self.read])
+        window = self._decode(self.ids[self.prefix:])
+        if window.endswith("\ufffd"):    # an incomplete character: wait for more bytes
             return ""
-        new_text = full[len(prefix):]
         start = max(0, len(self.text) - self.hold - 1)
-        self.text = new_text
+        self.text += window[len(prefix):]
+        self.prefix, self.read = self.read, len(self.ids)
         for s in self.stop:
             j = self.text.find(s, start)
             if j != -1:

@@ -73,14 +73,15 @@ class ModelRunner:
         """Flatten the batch (prefill chunks first, then decodes). Returns input ids, positions,
         attention metadata and, per request in `order`, its row in the flat batch."""
         bs = self.block_size
-        pre = [i for i, n in enumerate(batch.num_new_tokens) if n > 1 or batch.reqs[i].num_computed_tokens == 0]
-        dec = [i for i, n in enumerate(batch.num_new_tokens) if i not in set(pre)]
+        is_pre = [n > 1 or r.num_computed_tokens == 0 for r, n in zip(batch.reqs, batch.num_new_tokens)]
+        pre = [i for i, p in enumerate(is_pre) if p]
+        dec = [i for i, p in enumerate(is_pre) if not p]
         ids, pos, slots, prefills, last_row = [], [], [], [], [0] * len(batch)
         for i in pre + dec:
             r, n = batch.reqs[i], batch.num_new_tokens[i]
             start = r.num_computed_tokens
             p = list(range(start, start + n))
-            if i in pre:
+            if is_pre[i]:
                 prefills.append(PrefillSeq(len(ids), n, start + n,
                                            torch.tensor(r.block_ids[:-(-(start + n) // bs)], dtype=torch.int64)))
             ids += r.token_ids[start:start + n]
