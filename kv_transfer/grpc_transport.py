@@ -22,7 +22,7 @@ from kv_transfer.loop_thread import shared_loop
 from kv_transfer.malloc_tuning import keep_large_buffers
 from kv_transfer.meter import BandwidthMeter
 from kv_transfer.throttle import TokenBucket
-from kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
+from kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats, check_send
 
 _HEADER_ROOM = 64 << 10  # bytes a frame may exceed chunk_bytes by (prefix + msgpack header)
 _END = object()  # queue sentinel: finish() was called
@@ -97,15 +97,8 @@ class GrpcLayerwiseSender(LayerwiseSender):
 
     def send_layer(self, layer: int, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
                    first: int = 0) -> None:
-        n = k_blocks.shape[0] if k_blocks.dim() else 0
-        if layer < 0 or first < 0 or first + n > len(self._dst):
-            raise ValueError(f"layer {layer}, blocks [{first}, {first + n}) outside the "
-                             f"{len(self._dst)} reserved blocks")
-        wire.check_blocks(self._dst[first:first + n], k_blocks, v_blocks)
-        block_bytes = 2 * k_blocks[:1].numel() * k_blocks.element_size()  # a frame holds >= 1 block
-        if block_bytes > self._transport._max_message_bytes - _HEADER_ROOM:
-            raise ValueError(f"a {block_bytes}-byte K+V block does not fit a gRPC message of "
-                             f"{self._transport._max_message_bytes} bytes")
+        n = check_send(self._dst, layer, first, k_blocks, v_blocks,
+                       self._transport._max_message_bytes - _HEADER_ROOM, "a gRPC message")
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"send_layer after finish/abort of {self.request_id!r}")

@@ -57,3 +57,19 @@ class KVTransport(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release connections; senders still open fail."""
+
+
+def check_send(dst: Sequence[int], layer: int, first: int, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
+               max_frame_payload: int, what: str) -> int:
+    """Validate one send_layer call against the reservation; returns the block count n.
+    A frame must hold at least one whole K+V block (max_frame_payload bytes, headers excluded)."""
+    from kv_transfer import wire
+    n = k_blocks.shape[0] if k_blocks.dim() else 0
+    if layer < 0 or first < 0 or first + n > len(dst):
+        raise ValueError(f"layer {layer}, blocks [{first}, {first + n}) outside the {len(dst)} reserved blocks")
+    wire.check_blocks(dst[first:first + n], k_blocks, v_blocks)
+    block_bytes = 2 * k_blocks[:1].numel() * k_blocks.element_size()
+    if block_bytes > max_frame_payload:
+        raise ValueError(f"a {block_bytes}-byte K+V block does not fit {what} of {max_frame_payload} payload bytes")
+    return n
+
