@@ -51,6 +51,7 @@ class PrefillWorker:
                                                   bandwidth_limit_bytes_per_s=bandwidth_limit_bytes_per_s)
         self.transfer_timeout_s = transfer_timeout_s
         self._sends: dict[str, tuple[LayerwiseSender, int]] = {}   # touched on the engine thread only
+        self._shipping: list = []        # this step's (sender, source block ids), set at layer 0
         self._lock = threading.Lock()
         self.in_flight = 0
         self.loop = EngineThread(engine, layer_hook=self._on_layer, name=f"prefill-{worker_id}")
@@ -58,12 +59,14 @@ class PrefillWorker:
     # the layer hook (engine thread): ship this layer of every prompt completing in this step
     def _on_layer(self, layer: int, batch) -> None:
         kc, vc = self.engine.runner.k_caches[layer], self.engine.runner.v_caches[layer]
-        for i, req in enumerate(batch.reqs):
-            entry = self._sends.get(req.request_id)
-            if entry is None or not batch.samples(i):
-                continue
-            sender, skip = entry
-            ids = torch.tensor(req.block_ids[skip:], dtype=torch.int64, device=kc.device)
+        if layer == 0:   # which prompts complete this step, and their source blocks: once per step
+            self._shipping = []
+            for i, req in enumerate(batch.reqs):
+                entry = self._sends.get(req.request_id)
+                if entry is not None and batch.samples(i):
+                    ids = torch.tensor(req.block_ids[entry[1]:], dtype=torch.int64, device=kc.device)
+                    self._shipping.append((entry[0], ids))
+        for sender, ids in self._shipping:
             sender.send_layer(layer, kc.index_select(0, ids).cpu(), vc.index_select(0, ids).cpu())
 
     def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
