@@ -35,6 +35,7 @@ class ClusterConfig:
     kv_transport: str = "tcp"                # "tcp" (plain socket, default) or "grpc": how KV goes prefill->decode
     engine_extra: dict = field(default_factory=dict)
     metrics_port: int = 0                    # router's Prometheus /metrics on host:port; 0 = not served
+    start_timeout_s: float = 600.0           # give up (clear error) if workers cannot be placed/loaded
     policy: str = "least-loaded"             # placement: round-robin | least-loaded | cache-aware | cost-model
     auth_token_file: str | None = None       # bearer tokens (`tenant:token` lines); None = no auth
     tls_cert: str | None = None              # PEM files: serve the public endpoint over TLS
@@ -96,9 +97,18 @@ class Cluster:
         from tqdm import tqdm  # each actor answers status once its model is loaded
         with tqdm(total=len(self.actors), desc="starting workers (loading the model)", unit="worker",
                   disable=None) as bar:
-            for fut in asyncio.as_completed([a.status.remote() for a in self.actors.values()]):
-                await fut
-                bar.update(1)
+            try:
+                for fut in asyncio.as_completed([a.status.remote() for a in self.actors.values()],
+                                                timeout=c.start_timeout_s):
+                    await fut
+                    bar.update(1)
+            except asyncio.TimeoutError:
+                for a in self.actors.values():
+                    ray.kill(a)
+                need = "GPU and " if c.use_gpu else ""
+                raise RuntimeError(
+                    f"workers did not start within {c.start_timeout_s:.0f}s: does the Ray cluster have free "
+                    f"{need}prefill_pool/decode_pool resources? (ray status shows them)") from None
         from router.cost_model import CostConfig
         dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[c.dtype]
         block_size = int(ek.get("block_size", 16))

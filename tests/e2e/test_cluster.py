@@ -265,3 +265,18 @@ def test_global_prefix_index_tracks_worker_caches_and_cost_model_places(cluster,
     assert short[0].placement.remote_prefill is False and short[0].placement.decode_worker == "decode-0"
     ref = llm.generate(["Hi there"], SamplingParams(max_tokens=4, temperature=0))[0].token_ids
     assert [t for m in short for t in m.token_ids] == ref
+
+
+def test_workers_that_cannot_be_placed_fail_clearly_instead_of_hanging(cluster):
+    from deploy.launch import Cluster, ClusterConfig
+    # the session cluster holds every pool resource and this host has no GPU: nothing can be placed
+    c2 = Cluster(ClusterConfig(port=0, use_gpu=True, start_timeout_s=3, kv_cache_memory=32 * 2**20))
+    with pytest.raises(RuntimeError, match="did not start within 3s"):
+        cluster.run(c2.start())
+    ok = cluster.run(collect_one(cluster))
+    assert ok[-1].usage.completion_tokens == 2
+
+
+async def collect_one(cluster):
+    async with grpc.aio.insecure_channel(cluster.address) as ch:
+        return await collect(pbg.GenerationStub(ch), greedy(text="Hi", max_tokens=2))
