@@ -93,7 +93,6 @@ class Router:
                                   remote_prefill=cfg.remote_prefill,
                                   **({"config": cost_config} if cost_config and cfg.policy == "cost-model" else {}))
         self.in_flight: set[str] = set()
-        self.finished_log: list[dict] = []
 
     # pools
     def add_worker(self, role: str, client) -> None:
