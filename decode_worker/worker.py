@@ -175,11 +175,7 @@ class DecodeWorker:
         seq, events = self.events.drain() if drain_events else (None, [])
         return dict(worker_id=self.worker_id, role="decode", running=len(e.scheduler.running),
                     waiting=len(e.scheduler.waiting), reserved=len(self._reserved),
-                    free_blocks=e.kv.num_free_blocks, num_blocks=e.kv.num_blocks,
-                    kv_address=self.kv_address, waiting_tokens=e.scheduler.num_waiting_tokens,
-                    prefix_hits=e.kv.pool.hits, prefix_queries=e.kv.pool.queries,
-                    block_seq=seq, block_events=events,
-                    **e.stats.as_dict())
+                    kv_address=self.kv_address, block_seq=seq, block_events=events, **e.figures())
 
     def cached_hashes(self) -> tuple[int, list[int]]:
         """(event sequence number, every cached chain hash): a full resync for the router's index."""

@@ -151,6 +151,13 @@ class LLMEngine:
     def has_work(self) -> bool:
         return self.scheduler.has_work()
 
+    def figures(self) -> dict:
+        """KV pool, queue, prefix-cache and step counters: what every worker reports to the router."""
+        kv = self.kv
+        return dict(free_blocks=kv.num_free_blocks, num_blocks=kv.num_blocks,
+                    waiting_tokens=self.scheduler.num_waiting_tokens, prefix_hits=kv.pool.hits,
+                    prefix_queries=kv.pool.queries, **self.stats.as_dict())
+
     # step
     def step(self, layer_hook=None) -> list[StepOutput]:
         """One scheduler step. layer_hook(layer, batch), if given, runs after each layer's KV is

@@ -131,12 +131,7 @@ class PrefillWorker:
         e = self.engine
         seq, events = self.events.drain() if drain_events else (None, [])
         return dict(worker_id=self.worker_id, role="prefill", in_flight=self.in_flight,
-                    waiting_tokens=e.scheduler.num_waiting_tokens, free_blocks=e.kv.num_free_blocks,
-                    num_blocks=e.kv.num_blocks,
-                    links=self.meter.snapshot(),
-                    prefix_hits=e.kv.pool.hits, prefix_queries=e.kv.pool.queries,
-                    block_seq=seq, block_events=events,
-                    **e.stats.as_dict())
+                    links=self.meter.snapshot(), block_seq=seq, block_events=events, **e.figures())
 
     def cached_hashes(self) -> tuple[int, list[int]]:
         """(event sequence number, every cached chain hash): a full resync for the router's index."""

@@ -182,8 +182,8 @@ class Router:
     async def _place(self, wid: str, ids: list[int], pd: dict, salt: str | None, exclude: set[str]):
         """Reserve + prefill (remote) or start a local prefill, trying placements until one works.
         Returns (stream or None, first token or None, placement dict, holders, cached tokens)."""
+        hashes = block_hashes(ids, self.cfg.block_size, salt)   # once per placement, not per attempt
         for _ in range(self.cfg.max_attempts):
-            hashes = block_hashes(ids, self.cfg.block_size, salt)
             dec = self.policy.choose(len(ids), list(self._loads("prefill")), list(self._loads("decode")), exclude,
                                      hashes=hashes, now=time.time())
             if dec is None:
