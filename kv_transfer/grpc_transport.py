@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import threading
 import time
 from typing import Sequence
 
@@ -22,7 +21,7 @@ from kv_transfer.loop_thread import shared_loop
 from kv_transfer.malloc_tuning import keep_large_buffers
 from kv_transfer.meter import BandwidthMeter
 from kv_transfer.throttle import TokenBucket
-from kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats, check_send
+from kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
 
 _HEADER_ROOM = 64 << 10  # bytes a frame may exceed chunk_bytes by (prefix + msgpack header)
 _END = object()  # queue sentinel: finish() was called
@@ -84,28 +83,20 @@ class GrpcKVTransport(KVTransport):
 class GrpcLayerwiseSender(LayerwiseSender):
     def __init__(self, transport: GrpcKVTransport, address: str, dst_id: str, request_id: str,
                  dst_block_ids: Sequence[int]):
-        self.request_id, self.address, self.dst_id = request_id, address, dst_id
+        self._init_sender(request_id, address, dst_id, dst_block_ids)
         self._transport = transport
         self._loop = transport._loop
-        self._dst = tuple(dst_block_ids)
-        self._lock = threading.Lock()  # guards _closed and the timestamps
-        self._closed = False  # finish() or abort() called
-        self._t_first: float | None = None  # perf_counter() of the first / last send_layer
-        self._t_last: float | None = None
         self._queue: asyncio.Queue = asyncio.Queue()  # (layer, first, k, v) | _END; loop-side
         self._future = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
 
-    def send_layer(self, layer: int, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
-                   first: int = 0) -> None:
-        n = check_send(self._dst, layer, first, k_blocks, v_blocks,
-                       self._transport._max_message_bytes - _HEADER_ROOM, "a gRPC message")
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"send_layer after finish/abort of {self.request_id!r}")
-            self._t_last = time.perf_counter()
-            self._t_first = self._t_first or self._t_last
-            if n and not self._future.done():  # once failed, drop: finish() reports why
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, (layer, first, k_blocks, v_blocks))
+    def _frame_limit(self) -> tuple[int, str]:
+        return self._transport._max_message_bytes - _HEADER_ROOM, "a gRPC message"
+
+    def _failed(self) -> bool:
+        return self._future.done()
+
+    def _enqueue(self, layer: int, first: int, k_blocks: torch.Tensor, v_blocks: torch.Tensor) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (layer, first, k_blocks, v_blocks))
 
     def finish(self, timeout: float | None = None) -> TransferStats:
         with self._lock:

@@ -9,7 +9,11 @@ Life of a reservation (`PendingTransfer`):
 Invariants:
 - A frame is written only while its reservation is PENDING, into blocks of that reservation, and
   each (layer, block) exactly once. Writes and state changes hold the reservation's lock, so once
-  `abort()` returns no byte of that request is written again (fencing).
+  `abort()` returns no byte of that request is written again (fencing). The TCP server writes
+  straight into the cache (`target` -> `locked` writes -> `commit`): each of its writes is a
+  bounded copy under that lock, so `abort()` waits for at most one, never for the network.
+- Blocks count as landed only at `write` / `commit`, after the frame's checksum passed: bytes of a
+  corrupt frame may sit in this reservation's own blocks, but it never completes from them.
 - A terminal reservation leaves the registry at once: later frames name an unknown request
   (NOT_FOUND), while a stream already bound to it sees it closed (ABORTED). A stream binds to the
   reservation object on its first frame, so a later `expect()` of the same id is never written by
@@ -41,29 +45,54 @@ class TransferState(enum.Enum):
     ABORTED = "aborted"
 
 
-def cache_writer(k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor]) -> WriteFn:
-    """A WriteFn copying into per-layer caches k_caches[l], v_caches[l]: [num_blocks, *block_shape]."""
+def _runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Runs of consecutive ids (the usual case: the pool hands out blocks in order) as
+    (index in block_ids, first id, length)."""
+    runs, i = [], 0
+    while i < len(block_ids):
+        j = i + 1
+        while j < len(block_ids) and block_ids[j] == block_ids[j - 1] + 1:
+            j += 1
+        runs.append((i, block_ids[i], j - i))
+        i = j
+    return runs
 
-    def write(layer: int, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        kc, vc = k_caches[layer], v_caches[layer]
-        if k.dtype != kc.dtype or k.shape[1:] != kc.shape[1:]:
-            raise ValueError(f"layer {layer}: frame blocks are {k.dtype}{list(k.shape[1:])}, "
+
+class CacheWriter:
+    """WriteFn copying into per-layer caches k_caches[l], v_caches[l]: [num_blocks, *block_shape];
+    on contiguous CPU caches it also hands out the destination bytes themselves (`views`)."""
+
+    def __init__(self, k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor]):
+        self.k_caches, self.v_caches = k_caches, v_caches
+        self.viewable = all(c.device.type == "cpu" and c.is_contiguous() for c in [*k_caches, *v_caches])
+
+    def _check(self, layer: int, block_ids: Sequence[int], dtype: torch.dtype, block_shape) -> None:
+        kc = self.k_caches[layer]
+        if dtype != kc.dtype or tuple(block_shape) != tuple(kc.shape[1:]):
+            raise ValueError(f"layer {layer}: frame blocks are {dtype}{list(block_shape)}, "
                              f"cache blocks are {kc.dtype}{list(kc.shape[1:])}")
         if block_ids and max(block_ids) >= kc.shape[0]:
             raise ValueError(f"block id {max(block_ids)} outside a cache of {kc.shape[0]} blocks")
-        # Runs of consecutive ids (the usual case: the pool hands out blocks in order) are plain
-        # slice copies, measurably cheaper than index_copy_ on the receive path.
-        i = 0
-        while i < len(block_ids):
-            j = i + 1
-            while j < len(block_ids) and block_ids[j] == block_ids[j - 1] + 1:
-                j += 1
-            lo = block_ids[i]
-            kc[lo:lo + j - i].copy_(k[i:j])
-            vc[lo:lo + j - i].copy_(v[i:j])
-            i = j
 
-    return write
+    def __call__(self, layer: int, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        self._check(layer, block_ids, k.dtype, k.shape[1:])
+        kc, vc = self.k_caches[layer], self.v_caches[layer]
+        for i, lo, n in _runs(block_ids):  # slice copies: cheaper than index_copy_
+            kc[lo:lo + n].copy_(k[i:i + n])
+            vc[lo:lo + n].copy_(v[i:i + n])
+
+    def views(self, layer: int, block_ids: Sequence[int], dtype: torch.dtype, block_shape) -> list[memoryview]:
+        """Writable byte views of blocks `block_ids` of layer `layer`, in wire payload order: the K
+        bytes of every block, then the V bytes (one view per run of consecutive ids). Raises
+        ValueError for a dtype, shape or block id the cache does not have."""
+        self._check(layer, block_ids, dtype, block_shape)
+        runs = _runs(block_ids)
+        return [memoryview(c[lo:lo + n].view(-1).view(torch.uint8).numpy())
+                for c in (self.k_caches[layer], self.v_caches[layer]) for _, lo, n in runs]
+
+
+def cache_writer(k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor]) -> CacheWriter:
+    return CacheWriter(k_caches, v_caches)
 
 
 class PendingTransfer:
@@ -110,37 +139,82 @@ class PendingTransfer:
         fn(self)
 
     def write(self, header: wire.FrameHeader, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Land one decoded frame; raises TransferClosed / MalformedFrame without writing."""
-        callbacks = None
+        """Land one decoded, checksummed frame; raises TransferClosed / MalformedFrame without writing."""
         with self._lock:
-            if self._state is not TransferState.PENDING:
-                raise TransferClosed(f"request {self.request_id!r} is {self._state.value}: "
-                                     f"frame for layer {header.layer} dropped")
-            if header.layer >= self.num_layers:
-                raise MalformedFrame(f"layer {header.layer} >= num_layers {self.num_layers}")
-            landed = self._landed[header.layer]
-            positions: dict[int, None] = {}  # ordered set of indices into block_ids
-            for b in header.block_ids:
-                p = self._pos.get(b)
-                if p is None:
-                    raise MalformedFrame(f"block {b} is not reserved for {self.request_id!r}")
-                if landed[p] or p in positions:
-                    raise MalformedFrame(f"block {b} of layer {header.layer} sent twice")
-                positions[p] = None
+            positions = self._positions(header)
             try:
                 self._write_fn(header.layer, list(header.block_ids), k, v)
             except (ValueError, TypeError) as e:
                 raise MalformedFrame(str(e)) from None
-            for p in positions:
-                landed[p] = 1
-            self.bytes_received += header.nbytes
-            self._landed_count[header.layer] += len(positions)
-            if positions and self._landed_count[header.layer] == len(self.block_ids):
-                self._layers_left -= 1
-                if self._layers_left == 0:
-                    callbacks = self._finish(TransferState.COMPLETE, None)
+            callbacks = self._mark(header, positions)
         if callbacks is not None:
             self._run(callbacks)
+
+    # Direct landing, all on the stream's thread: target() -> locked() writes -> checksum -> commit().
+    def target(self, header: wire.FrameHeader) -> tuple[list[int], list[memoryview] | None]:
+        """Validate `header` against this reservation before any byte of its payload is read:
+        PENDING, layer in range, every block reserved and not landed yet, dtype and block shape
+        those of the cache. Returns the positions it fills (for commit) and writable views of its
+        destination bytes in payload order (None if the cache cannot be viewed: use write())."""
+        with self._lock:
+            positions = self._positions(header)
+        writer = self._write_fn
+        if not isinstance(writer, CacheWriter) or not writer.viewable:
+            return positions, None
+        try:
+            return positions, writer.views(header.layer, header.block_ids, wire.DTYPES[header.dtype],
+                                           header.shape[1:])
+        except (ValueError, TypeError) as e:
+            raise MalformedFrame(str(e)) from None
+
+    def locked(self, fn: Callable, *args):
+        """fn(*args) (a bounded write into this reservation's target views) iff still PENDING,
+        atomically with respect to end(): after abort() returns, no such write runs or is running."""
+        with self._lock:
+            if self._state is not TransferState.PENDING:
+                raise TransferClosed(f"request {self.request_id!r} is {self._state.value}: frame dropped")
+            return fn(*args)
+
+    def commit(self, header: wire.FrameHeader, positions: list[int]) -> None:
+        """The frame target() returned `positions` for landed whole and its checksum passed."""
+        with self._lock:
+            if self._state is not TransferState.PENDING:
+                raise TransferClosed(f"request {self.request_id!r} is {self._state.value}: "
+                                     f"frame for layer {header.layer} dropped")
+            callbacks = self._mark(header, positions)
+        if callbacks is not None:
+            self._run(callbacks)
+
+    def _positions(self, header: wire.FrameHeader) -> list[int]:
+        """Indices into block_ids the frame fills; raises unless it may land now. Caller holds the lock."""
+        if self._state is not TransferState.PENDING:
+            raise TransferClosed(f"request {self.request_id!r} is {self._state.value}: "
+                                 f"frame for layer {header.layer} dropped")
+        if header.layer >= self.num_layers:
+            raise MalformedFrame(f"layer {header.layer} >= num_layers {self.num_layers}")
+        landed = self._landed[header.layer]
+        positions: dict[int, None] = {}  # ordered set
+        for b in header.block_ids:
+            p = self._pos.get(b)
+            if p is None:
+                raise MalformedFrame(f"block {b} is not reserved for {self.request_id!r}")
+            if landed[p] or p in positions:
+                raise MalformedFrame(f"block {b} of layer {header.layer} sent twice")
+            positions[p] = None
+        return list(positions)
+
+    def _mark(self, header: wire.FrameHeader, positions: list[int]) -> list | None:
+        """Record a landed frame; the callbacks to run if that completed the transfer. Caller holds the lock."""
+        landed = self._landed[header.layer]
+        for p in positions:
+            landed[p] = 1
+        self.bytes_received += header.nbytes
+        self._landed_count[header.layer] += len(positions)
+        if positions and self._landed_count[header.layer] == len(self.block_ids):
+            self._layers_left -= 1
+            if self._layers_left == 0:
+                return self._finish(TransferState.COMPLETE, None)
+        return None
 
     def missing(self) -> str:
         """Human-readable list of layers not fully landed ('' when none)."""

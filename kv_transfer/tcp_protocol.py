@@ -22,14 +22,15 @@ Every message on the socket, both directions:
 One connection carries many requests: frames name their request id (wire header "rid"), a piece's
 chunks are contiguous on the socket, and each request's stream ends with exactly one END or
 CANCEL from the sender; the server answers each END with one ACK or ERROR (or has already sent
-ERROR, in which case END only clears its state). A frame's payload starts 16-byte aligned inside
-the frame, and the receiver reads each frame at offset 0 of an aligned buffer, so K and V are
-tensor views of that buffer without a copy.
+ERROR, in which case END only clears its state). The receiver reads a FRAME's prefix and header
+first, checks them against the reservation, then reads the payload straight into the destination
+cache blocks (K runs, then V runs) and checksums it there.
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
+import select
 import socket
 import struct
 
@@ -38,7 +39,7 @@ import torch
 
 from kv_transfer import wire
 from kv_transfer.crc import crc32
-from kv_transfer.errors import DataLoss, KVTransferError, MalformedFrame
+from kv_transfer.errors import KVTransferError, MalformedFrame
 
 PROTO = "pdkv-tcp"
 VERSION = 1
@@ -149,43 +150,54 @@ def recv_control(sock: socket.socket, expect: tuple[int, ...] | None = None) -> 
     return kind, data
 
 
-def parse_frame(frame: memoryview) -> tuple[str | None, wire.FrameHeader | None, KVTransferError | None, int]:
-    """Validate a FRAME body in place: (rid, header, error, payload offset). The rid is known as
+def parse_header(prefix: bytes, header: memoryview) -> tuple[str | None, wire.FrameHeader | None, KVTransferError | None]:
+    """Validate a FRAME's wire prefix and msgpack header: (rid, header, error). The rid is known as
     soon as the header is a map with a string "rid" (errors then fail that request alone); the
-    error, if any, is what wire.decode_frame would raise for the same bytes."""
-    n = frame.nbytes
-    if n < wire._PREFIX.size:
-        return None, None, DataLoss(f"frame of {n} bytes is shorter than its {wire._PREFIX.size}-byte prefix"), 0
-    magic, hlen = wire._PREFIX.unpack_from(frame)
+    error, if any, is what wire.decode_frame would raise for the same header."""
+    magic, _ = wire._PREFIX.unpack(prefix)
     if magic != wire.MAGIC:
-        return None, None, MalformedFrame(f"bad magic {bytes(magic)!r}, expected {wire.MAGIC!r}"), 0
-    off = wire._PREFIX.size + hlen
-    if off > n:
-        return None, None, DataLoss(f"header length {hlen} runs past the {n}-byte frame"), 0
+        return None, None, MalformedFrame(f"bad magic {bytes(magic)!r}, expected {wire.MAGIC!r}")
     try:
-        raw = msgpack.unpackb(frame[wire._PREFIX.size:off], raw=False)
+        raw = msgpack.unpackb(header, raw=False)
     except (ValueError, msgpack.UnpackException) as e:
-        return None, None, MalformedFrame(f"header is not valid msgpack: {e}"), 0
+        return None, None, MalformedFrame(f"header is not valid msgpack: {e}")
     rid = raw.get("rid") if isinstance(raw, dict) and isinstance(raw.get("rid"), str) else None
     try:
-        header = wire._parse_header(raw)
+        return rid, wire._parse_header(raw), None
     except KVTransferError as e:
-        return rid, None, e, 0
-    off += -off % wire._ALIGN
-    if n - off != header.nbytes:
-        return rid, header, DataLoss(f"payload is {n - off} bytes, header says {header.nbytes}"), off
-    crc = crc32(frame[off:])
-    if crc != header.crc:
-        return rid, header, DataLoss(f"checksum mismatch in layer {header.layer} chunk {header.chunk}: "
-                                     f"crc32 {crc:#010x}, header says {header.crc:#010x}"), off
-    return rid, header, None, off
+        return rid, None, e
 
 
-def frame_tensors(buf: torch.Tensor, header: wire.FrameHeader, off: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """K, V as views of the uint8 buffer `buf` (the frame at offset 0, payload at `off`)."""
-    dtype, half = wire.DTYPES[header.dtype], header.nbytes // 2
-    if half == 0:
-        return torch.empty(header.shape, dtype=dtype), torch.empty(header.shape, dtype=dtype)
-    k = buf[off:off + half].view(dtype).view(header.shape)
-    v = buf[off + half:off + 2 * half].view(dtype).view(header.shape)
-    return k, v
+def recv_guarded(sock: socket.socket, poller: select.poll, views: list[memoryview], guard,
+                 scratch: memoryview) -> None:
+    """Fill `views` in order from sock. Every recv_into runs as guard(sock.recv_into, ...) (the
+    reservation's lock: PendingTransfer.locked) and only takes bytes already queued on the socket
+    (MSG_DONTWAIT), so whoever waits on that lock waits for one bounded copy, never for the peer;
+    waiting for data (poller: sock registered for POLLIN) happens outside it. If guard raises
+    (the reservation closed), the rest of the payload is read through `scratch` and dropped, and
+    the error re-raised; ConnectionLost if the peer closes."""
+    recv_into, flags, done = sock.recv_into, socket.MSG_DONTWAIT, 0
+    for view in views:
+        got, want = 0, view.nbytes
+        while got < want:
+            try:
+                n = guard(recv_into, view[got:], 0, flags)
+            except BlockingIOError:
+                poller.poll()
+                continue
+            except KVTransferError:
+                skip(sock, sum(v.nbytes for v in views) - done, scratch)
+                raise
+            if n == 0:
+                raise ConnectionLost(f"connection closed {got} bytes into a {want}-byte payload run")
+            got += n
+            done += n
+
+
+def skip(sock: socket.socket, nbytes: int, scratch: memoryview) -> None:
+    """Read and drop nbytes (a payload not to be landed), through `scratch`."""
+    while nbytes > 0:
+        n = sock.recv_into(scratch[:nbytes])
+        if n == 0:
+            raise ConnectionLost(f"connection closed with {nbytes} bytes of a frame unread")
+        nbytes -= n

@@ -1,10 +1,11 @@
 """KVTcpServer: serves a KVReceiver over plain TCP (protocol: tcp_protocol.py). Runs beside KVServer.
 
-Threads, not the event loop: one acceptor, and two threads per connection (a connection per
-prefill process). The reader recv_into()s each FRAME straight into one of a few reusable
-64-byte-aligned buffers; the lander checks its crc32 once and lets the reservation copy K, V
-(tensor views of that buffer) into the cache, while the reader fills the next buffer. Blocking
-recv_into, crc32 and the copy release the GIL, so the decode engine keeps running.
+Threads, not the event loop: one acceptor, and one thread per connection (a connection per
+prefill process). That thread reads each FRAME's header, validates it against the reservation
+(PendingTransfer.target), then recv_into()s the payload straight into the destination cache
+blocks, checksums the landed bytes and commits them: no staging buffer, no copy. A cache that is
+not a contiguous CPU tensor (CUDA) gets the payload through a staging buffer and write().
+Blocking recv_into and crc32 release the GIL, so the decode engine keeps running.
 
 Per connection: `streams` holds an InboundStream per request id mid-stream, `rejected` the ids
 answered with ERROR whose END/CANCEL has not arrived yet (their frames are read and dropped).
@@ -14,7 +15,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-import queue
+import select
 import socket
 import threading
 import time
@@ -23,41 +24,42 @@ import msgpack
 import torch
 
 from kv_transfer import tcp_protocol as proto
-from kv_transfer.errors import DataLoss, KVTransferError, MalformedFrame
+from kv_transfer import wire
+from kv_transfer.crc import crc32
+from kv_transfer.errors import DataLoss, KVTransferError, MalformedFrame, TransferClosed
 from kv_transfer.malloc_tuning import keep_large_buffers
-from kv_transfer.receiver import InboundStream, KVReceiver
+from kv_transfer.receiver import InboundStream, KVReceiver, PendingTransfer, TransferState
 
 log = logging.getLogger(__name__)
 
 CLOSE_DRAIN_S = 10.0  # after CLOSE, how long a peer may keep writing before the socket is cut
-_BUFFERS = 3  # frame buffers per connection: one being read, the others landing / queued
-_FATAL = object()  # inbox item kind: the reader hit a connection-level error
+_SCRATCH_BYTES = 1 << 20  # buffer that dropped payloads are read through
 
 
 class _Inbound(InboundStream):
-    """InboundStream fed frames that are already parsed and checksummed (tcp_protocol.parse_frame)."""
+    """InboundStream whose frames land straight into the cache: begin(), the payload, then
+    PendingTransfer.commit() (or write() for a staged payload)."""
 
-    def feed_parsed(self, header, k: torch.Tensor, v: torch.Tensor) -> None:
+    trusted = False  # a frame of this stream passed its checksum: its request id is the sender's
+
+    def begin(self, header: wire.FrameHeader) -> tuple[PendingTransfer, list[int], list[memoryview] | None]:
+        """Bind (first frame), check order, validate against the reservation: (entry, *target())."""
         if self._entry is None:
             self._t_first = time.perf_counter()
             self._entry = self._receiver.claim(header.request_id)
         self._check_order(header)
-        self._entry.write(header, k, v)
+        return (self._entry, *self._entry.target(header))
 
 
 class KVTcpServer:
     """Binds host:port (port 0 = ephemeral; `port` holds the bound one after start). With a
-    secret, a connection must prove it (HMAC of a fresh nonce) or is closed with UNAUTHENTICATED.
-    pipeline=False lands frames on the reading thread: one thread per connection and no
-    read-ahead (in one A/B run on the 2-core bench host it used slightly more receiver CPU)."""
+    secret, a connection must prove it (HMAC of a fresh nonce) or is closed with UNAUTHENTICATED."""
 
     def __init__(self, receiver: KVReceiver, *, host: str = "127.0.0.1", port: int = 0,
-                 secret: str | None = None, max_frame_bytes: int = proto.DEFAULT_MAX_FRAME_BYTES,
-                 pipeline: bool = True):
+                 secret: str | None = None, max_frame_bytes: int = proto.DEFAULT_MAX_FRAME_BYTES):
         self.receiver, self.host, self.port = receiver, host, port
         self._secret = secret
         self._max_frame_bytes = max_frame_bytes
-        self._pipeline = pipeline
         self._listener: socket.socket | None = None
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
@@ -126,10 +128,11 @@ class _Connection:
         self.streams: dict[str, _Inbound] = {}
         self.rejected: set[str] = set()
         self.env = bytearray(proto.ENVELOPE.size)
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # reader -> lander, in arrival order
-        self.free: queue.SimpleQueue = queue.SimpleQueue()  # FRAME bodies land in these, at offset 0
-        for _ in range(_BUFFERS):
-            self.free.put(torch.empty(0, dtype=torch.uint8))
+        self.prefix = bytearray(wire._PREFIX.size)
+        self.scratch = memoryview(bytearray(_SCRATCH_BYTES))
+        self.staging = torch.empty(0, dtype=torch.uint8)  # staged payloads (non-CPU caches), at offset 0
+        self.poller = select.poll()  # readable: the wait of proto.recv_guarded
+        self.poller.register(sock, select.POLLIN)
         self.closing = False  # CLOSE sent (or the socket failed): read no more, answer nothing
 
     def handshake(self) -> bool:
@@ -159,31 +162,19 @@ class _Connection:
         return True
 
     def run(self) -> None:
-        """Read messages on this thread; land them here (inline) or on a second thread."""
-        lander = None
-        if self.server._pipeline:
-            lander = threading.Thread(target=self._land_loop, daemon=True,
-                                      name=f"{threading.current_thread().name}-land")
-            lander.start()
+        """Read and land messages until the peer closes or the connection fails."""
         try:
             self._read_loop()
         except (proto.ConnectionLost, OSError):
             pass  # open streams fail as truncated, below
         except KVTransferError as e:  # the byte stream cannot be resynchronized: close it
-            self._deliver((_FATAL, e))
-        finally:
-            if lander is not None:
-                self.inbox.put(None)
-                lander.join()
+            self._close_with(e)
+        except Exception as e:  # a bug
+            log.exception("KV TCP connection failed")
+            self._close_with(KVTransferError(f"internal error: {e!r}", "INTERNAL"))
         self.fail_open_streams()
         if self.closing:
             self._drain()
-
-    def _deliver(self, item: tuple) -> None:
-        if self.server._pipeline:
-            self.inbox.put(item)
-        else:
-            self._land(item)
 
     def _read_loop(self) -> None:
         sock, env = self.sock, memoryview(self.env)
@@ -193,72 +184,109 @@ class _Connection:
                 if length > self.server._max_frame_bytes:
                     raise MalformedFrame(f"frame of {length} bytes exceeds the server's "
                                          f"{self.server._max_frame_bytes}-byte limit")
-                buf = self.free.get()  # back-pressure: at most _BUFFERS frames read ahead
-                if buf.numel() < length:
-                    buf = torch.empty(max(length, 2 * buf.numel()), dtype=torch.uint8)
-                try:
-                    if not proto.recv_exact(sock, memoryview(buf.numpy())[:length]):
-                        raise proto.ConnectionLost("connection closed before a frame")
-                except BaseException:
-                    self.free.put(buf)
-                    raise
-                self._deliver((buf, length))
+                self._frame(length)
             elif kind in (proto.END, proto.CANCEL) and length <= proto.MAX_CONTROL_BYTES:
                 body = bytearray(length)
                 if length and not proto.recv_exact(sock, memoryview(body)):
                     raise proto.ConnectionLost("connection closed inside a message")
-                self._deliver((kind, body))
+                self._control(kind, body)
             else:
                 raise MalformedFrame(f"unexpected message type {kind} of {length} bytes")
 
-    def _land_loop(self) -> None:
-        """The lander thread: messages in arrival order, while the reader fills the next buffer
-        (recv_into, crc32 and the cache copy all release the GIL)."""
-        while (item := self.inbox.get()) is not None:
-            self._land(item)
-
-    def _land(self, item: tuple) -> None:
-        """Check and land a frame, or answer END / CANCEL; the buffer goes back to `free`."""
-        kind, arg = item
-        try:
-            if isinstance(kind, torch.Tensor):
-                if not self.closing:
-                    self._frame(kind, arg)
-            elif kind is _FATAL:
-                self._close_with(arg)
-            elif not self.closing:
-                self._control(kind, arg)
-        except KVTransferError as e:
-            self._close_with(e)
-        except OSError:
-            self.closing = True  # cannot answer: stop
-        except Exception as e:  # a bug: never leave the reader waiting for a buffer
-            log.exception("KV TCP connection failed")
-            self._close_with(KVTransferError(f"internal error: {e!r}", "INTERNAL"))
-        finally:
-            if isinstance(kind, torch.Tensor):
-                self.free.put(kind)
-
-    def _frame(self, buf: torch.Tensor, length: int) -> None:
-        rid, header, error, off = proto.parse_frame(memoryview(buf.numpy())[:length])
+    def _frame(self, length: int) -> None:
+        """One FRAME body of `length` bytes: header, then the payload into the cache (or dropped).
+        Raises only for connection-level failures; a request's failure is answered with ERROR."""
+        sock, psize = self.sock, wire._PREFIX.size
+        if length < psize:
+            raise DataLoss(f"frame of {length} bytes is shorter than its {psize}-byte prefix")
+        self._recv(memoryview(self.prefix))
+        hlen = wire._PREFIX.unpack(self.prefix)[1]
+        if psize + hlen > length:
+            raise DataLoss(f"header length {hlen} runs past the {length}-byte frame")
+        off = psize + hlen + -(psize + hlen) % wire._ALIGN  # payload offset in the frame
+        header_buf = bytearray(min(off, length) - psize)
+        self._recv(memoryview(header_buf))
+        rid, header, error = proto.parse_header(self.prefix, memoryview(header_buf)[:hlen])
         if rid is None:
             raise error  # no request to blame: the connection fails
-        if rid in self.rejected:
+        payload = length - min(off, length)
+        if error is None and length - off != header.nbytes:
+            error = DataLoss(f"payload is {length - off} bytes, header says {header.nbytes}")
+        if rid in self.rejected or error is not None:
+            proto.skip(sock, payload, self.scratch)
+            if error is not None and rid not in self.rejected:
+                self._fail(rid, self.streams.get(rid), error)
             return
         stream = self.streams.get(rid)
         try:
-            if error is not None:
-                raise error
             if stream is None:
                 stream = self.streams[rid] = _Inbound(self.receiver)
-            stream.feed_parsed(header, *proto.frame_tensors(buf, header, off))
-        except Exception as e:  # the reservation fails, the sender gets the status
-            if not isinstance(e, KVTransferError):
-                log.exception("landing a frame of %r failed", rid)
-                e = KVTransferError(f"internal error: {e!r}", "INTERNAL")
-            if stream is not None:
-                stream.fail(e)
-            self._reject(rid, e)
+            entry, positions, views = stream.begin(header)  # bounds checked before any byte lands
+        except Exception as e:
+            proto.skip(sock, payload, self.scratch)
+            self._fail(rid, stream, e)
+            return
+        try:
+            if views is None:  # a cache that cannot be viewed: staged, landed by write() below
+                crc = self._recv_staged(header.nbytes)
+            else:
+                proto.recv_guarded(sock, self.poller, views, entry.locked, self.scratch)
+                crc = 0
+                for view in views:
+                    crc = crc32(view, crc)
+        except proto.ConnectionLost:
+            raise
+        except KVTransferError as e:  # aborted or failed mid-payload: the rest was dropped
+            self._fail(rid, stream, e)
+            return
+        if crc != header.crc and entry.state is not TransferState.PENDING:  # not corruption: its
+            self._fail(rid, stream, TransferClosed(  # blocks were freed meanwhile and may be reused
+                f"request {rid!r} is {entry.state.value}: frame for layer {header.layer} dropped"))
+            return
+        if crc != header.crc:  # the bytes sit in rid's own reserved blocks, never committed
+            error = DataLoss(f"checksum mismatch in layer {header.layer} chunk {header.chunk}: "
+                             f"crc32 {crc:#010x}, header says {header.crc:#010x}")
+            # A first frame that fails its checksum may carry a corrupt request id: then fail
+            # only the sender's stream, not the reservation it names.
+            self._fail(rid, stream if stream.trusted else None, error)
+            return
+        stream.trusted = True
+        try:
+            if views is None:
+                entry.write(header, *self._staged_tensors(header))
+            else:
+                entry.commit(header, positions)
+        except KVTransferError as e:
+            self._fail(rid, stream, e)
+
+    def _recv(self, buf: memoryview) -> None:
+        if not proto.recv_exact(self.sock, buf):
+            raise proto.ConnectionLost("connection closed inside a frame")
+
+    def _recv_staged(self, nbytes: int) -> int:
+        """Read a payload into the staging buffer (at offset 0: aligned for any dtype); its crc32."""
+        if self.staging.numel() < nbytes:
+            self.staging = torch.empty(max(nbytes, 2 * self.staging.numel()), dtype=torch.uint8)
+        view = memoryview(self.staging.numpy())[:nbytes]
+        self._recv(view)
+        return crc32(view)
+
+    def _staged_tensors(self, header: wire.FrameHeader) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of the staged payload: views of the staging buffer."""
+        dtype, half = wire.DTYPES[header.dtype], header.nbytes // 2
+        if half == 0:
+            return torch.empty(header.shape, dtype=dtype), torch.empty(header.shape, dtype=dtype)
+        k = self.staging[:half].view(dtype).view(header.shape)
+        return k, self.staging[half:2 * half].view(dtype).view(header.shape)
+
+    def _fail(self, rid: str, stream: _Inbound | None, error: BaseException) -> None:
+        """rid failed: so does its reservation (if `stream` is bound to one); the sender gets ERROR."""
+        if not isinstance(error, KVTransferError):
+            log.error("landing a frame of %r failed", rid, exc_info=error)
+            error = KVTransferError(f"internal error: {error!r}", "INTERNAL")
+        if stream is not None:
+            stream.fail(error)
+        self._reject(rid, error)
 
     def _control(self, kind: int, body: bytearray) -> None:
         try:

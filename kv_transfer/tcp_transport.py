@@ -28,7 +28,7 @@ from kv_transfer.errors import KVTransferError
 from kv_transfer.malloc_tuning import keep_large_buffers
 from kv_transfer.meter import BandwidthMeter
 from kv_transfer.throttle import TokenBucket
-from kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats, check_send
+from kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
 
 _END, _CANCEL, _STOP = object(), object(), object()  # queue items besides (sender, layer, first, k, v)
 _HEADER_ROOM = 64 << 10  # bytes a frame may exceed its payload by (prefix + msgpack header)
@@ -78,14 +78,9 @@ class TcpKVTransport(KVTransport):
 class TcpLayerwiseSender(LayerwiseSender):
     def __init__(self, transport: TcpKVTransport, conn: _Connection | None, address: str,
                  dst_id: str, request_id: str, dst_block_ids: Sequence[int]):
-        self.request_id, self.address, self.dst_id = request_id, address, dst_id
+        self._init_sender(request_id, address, dst_id, dst_block_ids)
         self._transport, self._conn = transport, conn
-        self._dst = tuple(dst_block_ids)
-        self._lock = threading.Lock()  # guards _closed and the timestamps
-        self._closed = False  # finish() or abort() called
         self._t_open = time.perf_counter()
-        self._t_first: float | None = None  # perf_counter() of the first / last send_layer
-        self._t_last: float | None = None
         self._future: concurrent.futures.Future = concurrent.futures.Future()
         # writer thread only
         self._wire = "new"  # -> "open" (a frame went out) -> "closed" (END or CANCEL went out)
@@ -93,17 +88,14 @@ class TcpLayerwiseSender(LayerwiseSender):
         self._busy = 0.0
         self._t_end = 0.0  # perf_counter() when END was written
 
-    def send_layer(self, layer: int, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
-                   first: int = 0) -> None:
-        n = check_send(self._dst, layer, first, k_blocks, v_blocks, proto.DEFAULT_MAX_FRAME_BYTES - _HEADER_ROOM,
-                       "a TCP frame")
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"send_layer after finish/abort of {self.request_id!r}")
-            self._t_last = time.perf_counter()
-            self._t_first = self._t_first or self._t_last
-            if n and not self._future.done():  # once failed, drop: finish() reports why
-                self._conn.put((self, layer, first, k_blocks, v_blocks))
+    def _frame_limit(self) -> tuple[int, str]:
+        return proto.DEFAULT_MAX_FRAME_BYTES - _HEADER_ROOM, "a TCP frame"
+
+    def _failed(self) -> bool:
+        return self._future.done()
+
+    def _enqueue(self, layer: int, first: int, k_blocks: torch.Tensor, v_blocks: torch.Tensor) -> None:
+        self._conn.put((self, layer, first, k_blocks, v_blocks))
 
     def finish(self, timeout: float | None = None) -> TransferStats:
         with self._lock:

@@ -5,6 +5,8 @@ RDMA. Both keep the same contract, so the prefill worker never knows which one i
 """
 from __future__ import annotations
 
+import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Sequence
@@ -27,15 +29,43 @@ class LayerwiseSender(ABC):
     """Streams one request's KV to one decode worker, layer by layer. Thread-safe.
 
     `dst_block_ids` (given at open) are the decode worker's reserved blocks, in the order of the
-    blocks the caller will send. Each (layer, block) must be sent exactly once."""
+    blocks the caller will send. Each (layer, block) must be sent exactly once. Implementations
+    call `_init_sender` and provide `_frame_limit`, `_failed` and `_enqueue`."""
 
-    @abstractmethod
+    def _init_sender(self, request_id: str, address: str, dst_id: str, dst_block_ids: Sequence[int]) -> None:
+        self.request_id, self.address, self.dst_id = request_id, address, dst_id
+        self._dst = tuple(dst_block_ids)
+        self._lock = threading.Lock()  # guards _closed and the timestamps
+        self._closed = False  # finish() or abort() called
+        self._t_first: float | None = None  # perf_counter() of the first / last send_layer
+        self._t_last: float | None = None
+
     def send_layer(self, layer: int, k_blocks: torch.Tensor, v_blocks: torch.Tensor,
                    first: int = 0) -> None:
         """Enqueue K, V [n, block_size, num_kv_heads, head_dim] of `layer`, destined for
         dst_block_ids[first:first + n]; returns at once. The sender owns the tensors from now on
         (pass fresh gathered copies, never cache views). Raises ValueError on a shape mismatch;
         transfer failures surface in finish()."""
+        n = check_send(self._dst, layer, first, k_blocks, v_blocks, *self._frame_limit())
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"send_layer after finish/abort of {self.request_id!r}")
+            self._t_last = time.perf_counter()
+            self._t_first = self._t_first or self._t_last
+            if n and not self._failed():  # once failed, drop: finish() reports why
+                self._enqueue(layer, first, k_blocks, v_blocks)
+
+    @abstractmethod
+    def _frame_limit(self) -> tuple[int, str]:
+        """(payload bytes one frame/message/slot can hold, its name for errors)."""
+
+    @abstractmethod
+    def _failed(self) -> bool:
+        """True once the transfer has failed (further layers are dropped)."""
+
+    @abstractmethod
+    def _enqueue(self, layer: int, first: int, k_blocks: torch.Tensor, v_blocks: torch.Tensor) -> None:
+        """Hand one checked layer piece to the sending side (called under self._lock)."""
 
     @abstractmethod
     def finish(self, timeout: float | None = None) -> TransferStats:

@@ -186,7 +186,10 @@ def test_sender_abort_fails_the_request(server, transport, caches):
     pending = server.receiver.expect("req", [1, 2], L, cache_writer(*caches))
     sender = transport.open(server.address, "req", [1, 2])
     sender.send_layer(0, *_layers(2)[0])
-    time.sleep(0.1)
+    deadline = time.monotonic() + 10    # the frame reached the receiver (a busy host can take a while)
+    while caches[0][0][1].abs().sum() == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     sender.abort()
     with pytest.raises(KVTransferError) as e:
         sender.finish(timeout=5)

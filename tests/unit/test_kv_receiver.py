@@ -1,5 +1,6 @@
 """kv_transfer.receiver without sockets: reservations, fencing, completion, stream checks."""
 import threading
+import time
 
 import pytest
 import torch
@@ -107,7 +108,7 @@ def test_re_expecting_an_id_is_not_written_by_the_old_stream():
 def test_truncated_stream_fails_the_request():
     kc, vc = _caches()
     rx = KVReceiver()
-    pt = rx.expect("r", [1, 2], L, cache_writer(kc, vc))
+    rx.expect("r", [1, 2], L, cache_writer(kc, vc))
     s = InboundStream(rx)
     s.feed(_frames("r", 0, [1, 2], 0)[0][0])
     with pytest.raises(DataLoss, match=r"1 \(0/2 blocks\), 2 \(0/2 blocks\)"):
@@ -220,3 +221,61 @@ def test_wait_from_another_thread():
     InboundStream(rx).feed(_frames("r", 0, [3], 0)[0][0])
     waiter.join(10)
     assert states == [TransferState.COMPLETE]
+
+
+def test_direct_landing_targets_views_then_commits():
+    kc, vc = _caches()
+    rx = KVReceiver()
+    pt = rx.expect("r", [4, 5, 9], 1, cache_writer(kc, vc))
+    frame = _frames("r", 0, [4, 5, 9], 0)[0][0]
+    header, k, v = wire.decode_frame(frame)
+    positions, views = pt.target(header)
+    assert positions == [0, 1, 2] and [m.nbytes for m in views] == [2 * 256, 256, 2 * 256, 256]  # K runs, V runs
+    payload = memoryview(frame)[len(frame) - header.nbytes:]
+    at = 0
+    for m in views:
+        pt.locked(m.__setitem__, slice(None), payload[at:at + m.nbytes])
+        at += m.nbytes
+    assert pt.state is TransferState.PENDING  # landed, not committed
+    pt.commit(header, positions)
+    assert pt.state is TransferState.COMPLETE
+    assert torch.equal(kc[0][[4, 5, 9]], k) and torch.equal(vc[0][[4, 5, 9]], v)
+
+
+def test_abort_waits_for_a_write_in_progress_and_fences_the_next():
+    kc, vc = _caches()
+    rx = KVReceiver()
+    pt = rx.expect("r", [1], 1, cache_writer(kc, vc))
+    header = wire.decode_frame(_frames("r", 0, [1], 0)[0][0])[0]
+    _, views = pt.target(header)
+    started, order = threading.Event(), []
+
+    def slow_write():
+        started.set()
+        time.sleep(0.2)
+        order.append("write done")
+
+    writer = threading.Thread(target=pt.locked, args=(slow_write,))
+    writer.start()
+    started.wait(5)
+    assert rx.abort("r")
+    order.append("abort returned")
+    writer.join(5)
+    assert order == ["write done", "abort returned"]
+    with pytest.raises(TransferClosed):
+        pt.locked(views[0].__setitem__, slice(None), bytes(views[0].nbytes))
+    with pytest.raises(TransferClosed):
+        pt.commit(header, [0])
+
+
+def test_target_checks_before_anything_lands():
+    kc, vc = _caches()
+    rx = KVReceiver()
+    pt = rx.expect("r", [1, 2], 2, cache_writer(kc, vc))
+    for ids, layer, reason in [([1, 7], 0, "not reserved"), ([1, 1], 0, "sent twice"), ([1], 2, "num_layers")]:
+        with pytest.raises(MalformedFrame, match=reason):
+            pt.target(wire.decode_frame(_frames("r", layer, ids, 0)[0][0])[0])
+    k = torch.zeros(1, 4, 2, 9)
+    with pytest.raises(MalformedFrame, match=r"\[4, 2, 9\]"):
+        pt.target(wire.decode_frame(wire.encode_frame("r", 0, [1], k, k))[0])
+    assert pt.state is TransferState.PENDING and all(c.abs().sum() == 0 for c in kc + vc)

@@ -275,7 +275,8 @@ def test_connection_cut_mid_frame_fails_the_request(server, caches):
     client.sock.sendall(proto.ENVELOPE.pack(proto.FRAME, len(second)) + second[:len(second) // 2])
     client.close()
     assert pending.wait(10) is TransferState.FAILED and "truncated" in pending.error
-    assert caches[0][0][1].abs().sum() > 0 and caches[0][0][2].abs().sum() == 0
+    assert caches[0][0][1].abs().sum() > 0  # half of block 2 may have landed: it is reserved, never committed
+    assert caches[0][0][0].abs().sum() == 0 and caches[0][0][3:].abs().sum() == 0
 
 
 def test_cut_between_frames_fails_the_request(server, caches):
@@ -305,7 +306,9 @@ def test_bad_checksum_is_data_loss_in_finish(server, transport, caches, monkeypa
     with pytest.raises(KVTransferError, match="checksum") as e:
         sender.finish(timeout=20)
     assert e.value.status == "DATA_LOSS"
-    assert all(c.abs().sum() == 0 for c in caches[0] + caches[1])  # checked before it lands
+    # the corrupt first frame landed in its own reserved blocks only, and was never committed
+    assert pending.state is not TransferState.COMPLETE and pending.bytes_received == 0
+    assert all(c[[b for b in range(NB) if b not in (1, 2)]].abs().sum() == 0 for c in caches[0] + caches[1])
 
 
 def test_corrupt_frame_over_the_wire_is_data_loss(server, caches):
@@ -320,7 +323,10 @@ def test_corrupt_frame_over_the_wire_is_data_loss(server, caches):
     assert "checksum" in body["message"]
     client.end("req")  # clears the server's state for req; no second answer
     client.close()
-    assert caches[0][0].abs().sum() == 0 and pending.state is TransferState.PENDING
+    # a first frame's request id is untrusted when its checksum fails: the reservation stays pending
+    # (the decode worker aborts it), with nothing committed and nothing outside block 1 written
+    assert pending.state is TransferState.PENDING and pending.bytes_received == 0
+    assert caches[0][0][2:].abs().sum() == 0 and caches[1][0][2:].abs().sum() == 0
 
 
 def test_malformed_header_is_invalid_argument(server, caches):
@@ -461,3 +467,133 @@ def test_close_fails_open_senders(server, caches):
     tr.close()
     with pytest.raises(KVTransferError):
         sender.finish(timeout=5)
+
+
+# Direct landing: payloads are read straight into the reserved cache blocks.
+BIG_NB = 512  # blocks of a cache for 3 MiB frames
+
+
+def _frame_message(rid, layer, ids, k, v, chunk=0, chunks=1) -> bytes:
+    frame = wire.encode_frame(rid, layer, ids, k, v, chunk, chunks)
+    return proto.ENVELOPE.pack(proto.FRAME, len(frame)) + frame
+
+
+@pytest.mark.parametrize("when", ["before the payload", "mid-payload"])
+def test_abort_during_a_large_frame_never_touches_the_reused_blocks(server, when):
+    kc = [torch.zeros(BIG_NB, *BLOCK, dtype=torch.bfloat16)]
+    vc = [torch.zeros(BIG_NB, *BLOCK, dtype=torch.bfloat16)]
+    ids = list(range(256))  # one 3 MiB frame
+    pending = server.receiver.expect("req", ids, 1, cache_writer(kc, vc))
+    ones = torch.ones(len(ids), *BLOCK, dtype=torch.bfloat16)
+    message = _frame_message("req", 0, ids, ones, ones)
+    cut = len(message) - ones.numel() * 2 * 2 + (0 if when == "before the payload" else 1 << 20)
+    client = RawClient(server.address)
+    client.sock.sendall(message[:cut])
+    deadline = time.monotonic() + 10
+    while not pending.claimed or (when == "mid-payload" and kc[0].abs().sum() == 0):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)  # the header was read (and, mid-payload, the first MiB is landing)
+    t0 = time.monotonic()
+    assert server.receiver.abort("req")
+    assert time.monotonic() - t0 < 1.0  # abort waits for one bounded copy, never for the peer
+    for c in kc + vc:  # the blocks are freed and reused by another request
+        c.fill_(7.0)
+    client.sock.sendall(message[cut:])
+    kind, body = client.reply()
+    assert (kind, body["rid"], body["status"]) == (proto.ERROR, "req", "ABORTED")
+    assert all(bool((c == 7.0).all()) for c in kc + vc)
+    # the connection stays in sync: the next request on it lands and is acknowledged
+    server.receiver.expect("next", [300], 1, cache_writer(kc, vc))
+    client.sock.sendall(_frame_message("next", 0, [300], ones[:1] * 2, ones[:1] * 3))
+    client.end("next")
+    kind, body = client.reply()
+    assert (kind, body["rid"]) == (proto.ACK, "next") and bool((kc[0][300] == 2).all())
+    client.close()
+    assert pending.state is TransferState.ABORTED
+
+
+def test_abort_racing_full_speed_frames_never_writes_after_it_returns(server):
+    """Abort at random moments while frames stream at full speed; whatever abort() returned
+    before, nothing of that request lands in the (reused) blocks afterwards."""
+    import random
+    rng = random.Random(0)
+    kc = [torch.zeros(BIG_NB, *BLOCK, dtype=torch.bfloat16)]
+    vc = [torch.zeros(BIG_NB, *BLOCK, dtype=torch.bfloat16)]
+    ones = torch.ones(128, *BLOCK, dtype=torch.bfloat16)
+    client = RawClient(server.address)
+    outcomes = []
+    for i in range(12):
+        rid, ids = f"r{i}", list(range(128 * (i % 4), 128 * (i % 4 + 1)))
+        for c in kc + vc:
+            c.zero_()
+        server.receiver.expect(rid, ids, 1, cache_writer(kc, vc))
+        frames = b"".join(_frame_message(rid, 0, ids[j:j + 32], ones[:32], ones[:32], j // 32, 4)
+                          for j in range(0, 128, 32))  # 4 frames of 768 KiB
+        writer = threading.Thread(target=_trickle, args=(client.sock, frames))  # ~25 ms
+        writer.start()
+        time.sleep(rng.uniform(0, 0.03))
+        aborted = server.receiver.abort(rid)
+        outcomes.append(aborted)
+        for c in kc + vc:  # reused at once
+            c.fill_(7.0)
+        writer.join(10)
+        client.end(rid)
+        kind, body = client.reply()
+        if aborted:  # NOT_FOUND when abort() came before the first header was read
+            assert kind == proto.ERROR and body["status"] in ("ABORTED", "NOT_FOUND"), body
+        else:  # every block landed before the abort
+            assert kind == proto.ACK
+        time.sleep(0.05)  # anything still in flight would have landed by now
+        assert all(bool((c == 7.0).all()) for c in kc + vc), f"write after abort in {rid}"
+    client.close()
+    assert any(outcomes), "no abort raced a transfer"
+
+
+def _trickle(sock, data: bytes, piece: int = 64 << 10) -> None:
+    for i in range(0, len(data), piece):
+        sock.sendall(data[i:i + piece])
+        time.sleep(0.0005)
+
+
+@pytest.mark.parametrize("ids", [[1, 40], [1, 9], [1, 1]])  # beyond the cache, not reserved, twice
+def test_blocks_are_checked_before_any_byte_lands(server, caches, ids):
+    kc, vc = caches
+    pending = server.receiver.expect("req", [1, 2], 1, cache_writer(kc, vc))
+    ones = torch.ones(len(ids), *BLOCK, dtype=torch.bfloat16)
+    client = RawClient(server.address)
+    client.sock.sendall(_frame_message("req", 0, ids, ones, ones))
+    kind, body = client.reply()
+    assert (kind, body["rid"], body["status"]) == (proto.ERROR, "req", "INVALID_ARGUMENT")
+    assert all(c.abs().sum() == 0 for c in kc + vc) and pending.state is TransferState.FAILED
+    client.end("req")
+    server.receiver.expect("next", [3], 1, cache_writer(kc, vc))  # the stream stayed in sync
+    client.sock.sendall(_frame_message("next", 0, [3], ones[:1], ones[:1]))
+    client.end("next")
+    assert client.reply()[:1] == (proto.ACK,) and kc[0][3].abs().sum() > 0
+    client.close()
+
+
+def test_dtype_mismatch_with_the_cache_is_rejected_unwritten(server, caches):
+    kc, vc = caches
+    pending = server.receiver.expect("req", [1], 1, cache_writer(kc, vc))
+    k = torch.ones(1, *BLOCK, dtype=torch.float16)  # the cache is bf16
+    client = RawClient(server.address)
+    client.sock.sendall(_frame_message("req", 0, [1], k, k))
+    kind, body = client.reply()
+    assert (kind, body["status"]) == (proto.ERROR, "INVALID_ARGUMENT") and "bfloat16" in body["message"]
+    client.close()
+    assert all(c.abs().sum() == 0 for c in kc + vc) and pending.state is TransferState.FAILED
+
+
+def test_a_cache_that_cannot_be_viewed_lands_through_the_staging_buffer(server, transport, caches):
+    writer = cache_writer(*caches)
+    staged = lambda *args: writer(*args)  # noqa: E731  a plain WriteFn: no views
+    ids = [5, 6, 9]
+    pending = server.receiver.expect("req", ids, L, staged)
+    data = _layers(len(ids), seed=4)
+    sender = transport.open(server.address, "req", ids)
+    for layer, (k, v) in enumerate(data):
+        sender.send_layer(layer, k, v)
+    sender.finish(timeout=20)
+    assert pending.state is TransferState.COMPLETE
+    _assert_landed(caches, ids, data)
