@@ -1,4 +1,4 @@
-"""KV transfer throughput between two processes on loopback: kv_transfer (gRPC and TCP) vs a raw socket.
+"""KV transfer throughput between two processes on loopback: kv_transfer (gRPC, TCP, Mooncake) vs a raw socket.
 
 A receiver process runs a KVServer and a KVTcpServer whose KVReceiver writes into real per-layer
 cache tensors, and a raw TCP listener that recv_into()s the same cache tensors. A sender process
@@ -11,6 +11,8 @@ each transport's median over the raw socket's median.
     python bench/transfer.py                      # 30 layers x 400 blocks, fp32: ~295 MB per run
     python bench/transfer.py --dtype bfloat16 --blocks 800 --chunk-bytes 2097152
     python bench/transfer.py --modes tcp,raw      # skip gRPC
+    python bench/transfer.py --modes grpc,tcp,mooncake,raw   # add the mooncake transport (pull; its
+                                                  # "tcp" protocol here, needs pdcluster[rdma])
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ def _recv_exact(sock: socket.socket, buf: memoryview) -> None:
 
 
 def receiver_main(conn, args) -> None:
-    from kv_transfer import KVReceiver, KVServer, KVTcpServer, TransferState, cache_writer
+    from kv_transfer import KVReceiver, KVServer, KVTcpServer, MooncakeKVServer, TransferState, cache_writer
 
     torch.set_num_threads(1)
     shape = (args.blocks, args.block_size, args.kv_heads, args.head_dim)
@@ -68,8 +70,11 @@ def receiver_main(conn, args) -> None:
     server.start_sync()
     tcp_server = KVTcpServer(receiver)
     tcp_server.start_sync()
+    mc_server = MooncakeKVServer(receiver, kc, vc) if "mooncake" in args.modes.split(",") else None
+    if mc_server is not None:
+        mc_server.start_sync()
     listener = socket.create_server(("127.0.0.1", 0))
-    conn.send((server.port, tcp_server.port, listener.getsockname()[1]))
+    conn.send((server.port, tcp_server.port, listener.getsockname()[1], mc_server.port if mc_server else 0))
     raw_sock, _ = listener.accept()
     pending = None
     while (msg := conn.recv())[0] != "quit":
@@ -94,10 +99,12 @@ def receiver_main(conn, args) -> None:
             conn.send(_cpu_s() - cpu0)
     server.stop_sync()
     tcp_server.stop_sync()
+    if mc_server is not None:
+        mc_server.stop_sync()
 
 
-def sender_main(conn, args, grpc_port: int, tcp_port: int, raw_port: int) -> None:
-    from kv_transfer import GrpcKVTransport, TcpKVTransport
+def sender_main(conn, args, grpc_port: int, tcp_port: int, raw_port: int, mc_port: int) -> None:
+    from kv_transfer import GrpcKVTransport, MooncakeKVTransport, TcpKVTransport
 
     torch.set_num_threads(1)
     layers = _layers(args)
@@ -106,6 +113,8 @@ def sender_main(conn, args, grpc_port: int, tcp_port: int, raw_port: int) -> Non
                                  max_message_bytes=args.chunk_bytes + (1 << 20)), grpc_port),
         "tcp": (TcpKVTransport(chunk_bytes=args.tcp_chunk_bytes), tcp_port),
     }
+    if mc_port:
+        transports["mooncake"] = (MooncakeKVTransport(), mc_port)
     raw_sock = socket.create_connection(("127.0.0.1", raw_port))
     conn.send("ready")
     while (msg := conn.recv())[0] != "quit":
@@ -139,13 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk-bytes", type=int, default=1 << 20, help="payload bytes per gRPC message")
     ap.add_argument("--tcp-chunk-bytes", type=int, default=None,
                     help="payload bytes per TCP frame (default: TcpKVTransport's)")
-    ap.add_argument("--modes", default="grpc,tcp,raw", help="comma-separated subset of grpc,tcp,raw")
+    ap.add_argument("--modes", default="grpc,tcp,raw", help="comma-separated subset of grpc,tcp,mooncake,raw")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    modes = [m for m in ("grpc", "tcp", "raw") if m in args.modes.split(",")]
+    modes = [m for m in ("grpc", "tcp", "mooncake", "raw") if m in args.modes.split(",")]
     if "raw" not in modes or len(modes) < 2:
-        ap.error("--modes needs raw and at least one of grpc, tcp")
+        ap.error("--modes needs raw and at least one of grpc, tcp, mooncake")
     if args.tcp_chunk_bytes is None:
         from kv_transfer.tcp_protocol import DEFAULT_CHUNK_BYTES
         args.tcp_chunk_bytes = DEFAULT_CHUNK_BYTES
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(gRPC), {args.tcp_chunk_bytes} B (TCP); crc32 via {BACKEND}; exact equality verified on run 1")
     print("GB/s = 1e9 payload bytes per second; CPU = process CPU seconds (all threads) per GB, "
           "sender + receiver")
-    names = {"grpc": "gRPC", "tcp": "TCP", "raw": "raw"}
+    names = {"grpc": "gRPC", "tcp": "TCP", "mooncake": "Mooncake", "raw": "raw"}
     print(f"{'run':>6} | " + " | ".join(f"{names[m] + ' GB/s':>9}" for m in modes) + " | "
           + " | ".join(f"{names[m] + ' CPU s/GB':>13}" for m in modes))
     rows = [[f"{i + 1}", *(results[m][i] for m in modes)] for i in range(args.repeats)]

@@ -9,7 +9,12 @@ Modules (one job each):
     grpc_transport.py  GrpcKVTransport: the gRPC implementation
     tcp_protocol.py    the plain-TCP socket protocol: length-prefixed wire frames, handshake, ACK
     tcp_transport.py   TcpKVTransport: the same frames over one persistent socket per decode address
-    tcp_server.py      KVTcpServer: the decode side of it, beside KVServer (RDMA comes later)
+    tcp_server.py      KVTcpServer: the decode side of it, beside KVServer
+    mooncake_engine.py    the Mooncake TransferEngine (imported only when that transport is built)
+    mooncake_arena.py     the prefill side's registered staging arena: fixed slots, back-pressure
+    mooncake_protocol.py  the Pull control stream (gRPC, msgpack): hello / stage / read / ack
+    mooncake_transport.py MooncakeKVTransport: stages chunks, the decode side READs them (RDMA/TCP)
+    mooncake_server.py    MooncakeKVServer: READs staged chunks into reserved blocks, under fencing
     crc.py             crc32 == zlib.crc32, through libdeflate when the host has it
     loop_thread.py     the process's shared uvloop thread that drives streams
     malloc_tuning.py   glibc thresholds so ~1 MiB frames reuse heap instead of mmap per message
@@ -39,13 +44,21 @@ Two byte movers, one receiver. gRPC Python costs ~1.5 CPU-s per GB in per-messag
 process, decode address), frames of many requests multiplexed by their header's request id, each
 request's stream closed by END and answered by ACK (the handoff, as the Push reply) or ERROR (the
 same status names). Frames go out as sendmsg of [header, K, V] memoryviews and land by recv_into
-in a reusable aligned buffer that K, V view; crc32 runs once per frame on each side. The decode
+straight into the reserved cache blocks (checked against the reservation first, checksummed in
+place); crc32 runs once per frame on each side. The decode
 worker runs `KVTcpServer` beside `KVServer` on the same `KVReceiver`, so reservations, fencing and
 completion are shared. Its handshake is an HMAC of a server nonce with the shared secret.
+
+The one pull: RDMA. With Mooncake (`MooncakeKVTransport`) the bytes move by one-sided operations,
+which the receiver's lock cannot fence when the prefill side issues them; so there the prefill side
+stages each chunk in a registered arena and announces it on a gRPC control stream, and the decode
+side READs it into the reserved blocks under the reservation's lock (mooncake_transport.py).
 """
 from kv_transfer.errors import KVTransferError
 from kv_transfer.grpc_transport import GrpcKVTransport
 from kv_transfer.meter import BandwidthMeter
+from kv_transfer.mooncake_server import MooncakeKVServer
+from kv_transfer.mooncake_transport import MooncakeKVTransport
 from kv_transfer.receiver import KVReceiver, PendingTransfer, TransferState, cache_writer
 from kv_transfer.server import KVServer
 from kv_transfer.tcp_server import KVTcpServer
@@ -54,6 +67,6 @@ from kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
 
 __all__ = [
     "BandwidthMeter", "GrpcKVTransport", "KVReceiver", "KVServer", "KVTcpServer", "KVTransferError",
-    "KVTransport", "LayerwiseSender", "PendingTransfer", "TcpKVTransport", "TransferState",
-    "TransferStats", "cache_writer",
+    "KVTransport", "LayerwiseSender", "MooncakeKVServer", "MooncakeKVTransport", "PendingTransfer",
+    "TcpKVTransport", "TransferState", "TransferStats", "cache_writer",
 ]

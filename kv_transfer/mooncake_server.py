@@ -1,0 +1,175 @@
+"""MooncakeKVServer: the decode side of the mooncake transport, beside KVServer and KVTcpServer.
+
+A grpc.aio server (on the shared KV loop) serving the Pull stream (mooncake_protocol.py) over a
+KVReceiver, and a TransferEngine with this worker's KV cache tensors registered once at start.
+Each "stage" message is landed on a reader thread, exactly as KVTcpServer lands a frame:
+
+    PendingTransfer.target(header)        checked against the reservation before any byte moves
+    PendingTransfer.locked(engine.read)   READ from the prefill arena into the reserved blocks
+    crc32 of the landed bytes             against the header's
+    PendingTransfer.commit(...)           only now do the blocks count as landed
+
+The READ runs under the reservation's lock, so `KVReceiver.abort()` returns only when no READ
+into that request's blocks is in flight, and none starts afterwards: its blocks can be freed and
+reused at once. abort() waits for at most one chunk READ (one arena slot; its time is bounded by
+Mooncake's MC_TRANSFER_TIMEOUT). Needs contiguous CPU caches (registered whole).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hmac
+import logging
+import time
+from typing import Sequence
+
+import grpc
+import numpy as np
+import torch
+
+from kv_transfer import mooncake_protocol as proto
+from kv_transfer import wire
+from kv_transfer.crc import crc32
+from kv_transfer.errors import DataLoss, KVTransferError, MalformedFrame, TransferClosed
+from kv_transfer.loop_thread import shared_loop
+from kv_transfer.mooncake_engine import Engine
+from kv_transfer.receiver import InboundStream, PendingTransfer, KVReceiver, TransferState
+
+log = logging.getLogger(__name__)
+
+
+class _PullStream(InboundStream):
+    """The reservation one Pull stream is bound to (at "hello"), and its chunk order."""
+
+    def bind(self, request_id: str) -> None:
+        self._t_first = time.perf_counter()
+        self._entry = self._receiver.claim(request_id)
+
+    def begin(self, header: wire.FrameHeader) -> tuple[PendingTransfer, list[int], list[memoryview] | None]:
+        if self._entry is None:
+            raise MalformedFrame("stage message before hello")
+        if header.request_id != self._entry.request_id:
+            raise MalformedFrame(f"chunk for {header.request_id!r} in the stream of {self._entry.request_id!r}")
+        self._check_order(header)
+        return (self._entry, *self._entry.target(header))
+
+
+class MooncakeKVServer:
+    """Binds host:port for the control plane (port 0 = ephemeral); the engine's own listeners
+    are Mooncake's (see mooncake_engine). With a secret, a Pull without the matching
+    x-pdcluster-secret metadata is answered UNAUTHENTICATED before anything is read."""
+
+    def __init__(self, receiver: KVReceiver, k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor],
+                 *, host: str = "127.0.0.1", port: int = 0, secret: str | None = None,
+                 protocol: str = "tcp", device: str = "", read_threads: int = 4):
+        caches = [*k_caches, *v_caches]
+        if not all(c.device.type == "cpu" and c.is_contiguous() for c in caches):
+            raise ValueError("the mooncake transport needs contiguous CPU KV caches here "
+                             "(GPU caches need the CUDA build's GPU memory registration)")
+        self.receiver, self.host, self.port = receiver, host, port
+        self._secret = secret.encode() if secret is not None else None
+        self.engine = Engine(host, protocol, device)
+        for c in caches:
+            self.engine.register(c)
+        self._readers = concurrent.futures.ThreadPoolExecutor(read_threads, thread_name_prefix="kv-mooncake-read")
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        opts = [("grpc.max_send_message_length", proto.MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", proto.MAX_MESSAGE_BYTES)]
+        self._server = grpc.aio.server(options=opts)
+        handler = grpc.stream_stream_rpc_method_handler(self._pull)  # raw bytes in and out
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(proto.SERVICE, {"Pull": handler}),))
+        self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        await self._server.start()
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+    def start_sync(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.start(), shared_loop()).result()
+
+    def stop_sync(self, grace: float | None = None) -> None:
+        asyncio.run_coroutine_threadsafe(self.stop(grace), shared_loop()).result()
+        self._readers.shutdown(wait=True)
+        self.engine.close()
+
+    async def _pull(self, requests, context: grpc.aio.ServicerContext):
+        """Handle one message at a time (see mooncake_protocol); every answer is a yield."""
+        if self._secret is not None:
+            got = dict(context.invocation_metadata()).get(wire.SECRET_METADATA_KEY, "")
+            if not hmac.compare_digest(got.encode(), self._secret):
+                yield _error(KVTransferError(f"missing or wrong {wire.SECRET_METADATA_KEY} metadata",
+                                             "UNAUTHENTICATED"))
+                return
+        stream, session, read_s = _PullStream(self.receiver), None, 0.0
+        loop = asyncio.get_running_loop()
+        try:
+            async for data in requests:
+                msg = proto.unpack(data)
+                kind = msg["t"]
+                if kind == "hello" and session is None:
+                    if msg.get("v") != proto.VERSION or not isinstance(msg.get("rid"), str) \
+                            or not isinstance(msg.get("session"), str):
+                        raise MalformedFrame(f"bad hello (version {msg.get('v')!r})")
+                    stream.bind(msg["rid"])
+                    session = msg["session"]
+                elif kind == "stage" and session is not None:
+                    seq, addr, header = proto.parse_stage(msg)
+                    read_s += await loop.run_in_executor(self._readers, self._land, stream, session, addr, header)
+                    yield proto.pack("read", seq=seq)
+                elif kind == "end" and session is not None:
+                    ack = stream.close()
+                    yield proto.pack("ack", bytes=ack.bytes_received, seconds=ack.receiver_seconds, read_s=read_s)
+                    return
+                elif kind == "cancel":
+                    raise KVTransferError("the sender cancelled the transfer", "CANCELLED")
+                else:
+                    raise MalformedFrame(f"unexpected {kind!r} message")
+            raise DataLoss("stream ended without end or cancel")
+        except KVTransferError as e:  # the reservation fails, the sender gets the status
+            stream.fail(e)
+            yield _error(e)
+        except (asyncio.CancelledError, GeneratorExit) as e:  # the client cancelled or went away
+            stream.fail(KVTransferError(f"the Pull stream ended early: {e!r}", "CANCELLED"))
+            raise
+        except Exception as e:  # a bug: fail, never complete
+            log.exception("mooncake Pull stream failed")
+            stream.fail(e)
+            yield _error(KVTransferError(f"internal error: {e!r}", "INTERNAL"))
+
+    def _land(self, stream: _PullStream, session: str, addr: int, header: wire.FrameHeader) -> float:
+        """READ one staged chunk into its reserved blocks, checksum, commit; seconds the READ took."""
+        entry, positions, views = stream.begin(header)
+        if views is None:
+            raise MalformedFrame("the reservation's cache cannot be read into")  # excluded at start
+        local = [np.frombuffer(v, dtype=np.uint8).ctypes.data for v in views]
+        lengths = [v.nbytes for v in views]
+        remote = (addr + np.cumsum([0, *lengths[:-1]])).tolist()  # K runs, then V runs, back to back
+        t0 = time.perf_counter()
+        try:
+            entry.locked(self.engine.read, session, local, remote, lengths)
+        except OSError as e:
+            raise KVTransferError(f"reading layer {header.layer} chunk {header.chunk}: {e}", "UNAVAILABLE") from None
+        seconds = time.perf_counter() - t0
+        crc = 0
+        for view in views:
+            crc = crc32(view, crc)
+        if crc != header.crc and entry.state is not TransferState.PENDING:
+            raise TransferClosed(f"request {header.request_id!r} is {entry.state.value}: "
+                                 f"chunk for layer {header.layer} dropped")
+        if crc != header.crc:  # the bytes sit in this request's own blocks, never committed
+            raise DataLoss(f"checksum mismatch in layer {header.layer} chunk {header.chunk}: "
+                           f"crc32 {crc:#010x}, header says {header.crc:#010x}")
+        entry.commit(header, positions)
+        return seconds
+
+
+def _error(e: KVTransferError) -> bytes:
+    return proto.pack("error", status=e.status, message=str(e))

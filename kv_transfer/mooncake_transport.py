@@ -1,0 +1,244 @@
+"""KVTransport through the Mooncake Transfer Engine, pull mode: the decode side READs staged KV.
+
+Per request: send_layer() (compute thread) only enqueues; a coroutine on the shared KV loop
+stages each chunk (whole blocks, at most one arena slot of K+V bytes) into the registered staging
+arena on a stager thread (copy + crc32), then tells the decode worker over the Pull stream
+(mooncake_protocol.py) where it is. The decode worker READs it straight into the reserved cache
+blocks, checksums, commits and answers "read"; the slot is then free for the next chunk. The
+final "ack" is the ownership handoff, as the TCP/gRPC acks.
+
+Why pull: a READ is issued by the side that owns the destination blocks, under the reservation's
+lock, so abort and fencing stay local to the decode worker. One-sided WRITEs from here could land
+in blocks the decode worker already freed and reused.
+
+Slots of a stream still held when it ends (error, cancel) are released once the server answered
+(it handles one message at a time, so no READ of them is in flight) or, if it never answers, after
+the RPC is cancelled: a READ that outlives that lands only in its own failing reservation.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import time
+from typing import Sequence
+
+import grpc
+import torch
+
+from kv_transfer import mooncake_protocol as proto
+from kv_transfer import wire
+from kv_transfer.crc import crc32
+from kv_transfer.errors import KVTransferError
+from kv_transfer.loop_thread import shared_loop
+from kv_transfer.meter import BandwidthMeter
+from kv_transfer.mooncake_arena import ArenaFull, StagingArena
+from kv_transfer.mooncake_engine import Engine
+from kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
+
+_END, _CANCEL = object(), object()  # queue items besides (layer, first, k, v)
+DEFAULT_ARENA_BYTES = 256 << 20
+DEFAULT_SLOT_BYTES = 4 << 20  # payload bytes per staged chunk (one READ batch on the decode side)
+
+
+class MooncakeKVTransport(KVTransport):
+    """One per prefill process: one TransferEngine, one registered staging arena.
+
+    host: the address the decode workers reach this engine at (default $PDCLUSTER_MOONCAKE_HOST,
+    else 127.0.0.1). protocol "tcp" or "rdma", device: RDMA device names ("" = all).
+    stage_timeout_s: how long a chunk may wait for a free slot before its request fails
+    (RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, *, secret: str | None = None, meter: BandwidthMeter | None = None,
+                 src_id: str = "local", bandwidth_limit_bytes_per_s: float | None = None,
+                 host: str | None = None, protocol: str = "tcp", device: str = "",
+                 arena_bytes: int = DEFAULT_ARENA_BYTES, slot_bytes: int = DEFAULT_SLOT_BYTES,
+                 stage_timeout_s: float = 10.0):
+        if bandwidth_limit_bytes_per_s is not None:
+            raise ValueError("the mooncake transport cannot emulate a slow link; use the tcp transport")
+        self.meter, self.src_id = meter, src_id
+        self.stage_timeout_s = stage_timeout_s
+        self.engine = Engine(host or os.environ.get("PDCLUSTER_MOONCAKE_HOST", "127.0.0.1"), protocol, device)
+        self.arena = StagingArena(arena_bytes, slot_bytes)
+        self.engine.register(self.arena.buffer)
+        self._metadata = ((wire.SECRET_METADATA_KEY, secret),) if secret is not None else ()
+        self._stagers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="kv-mooncake-stage")
+        self._loop = shared_loop()
+        self._channels: dict[str, grpc.aio.Channel] = {}  # loop thread only
+
+    def open(self, address: str, request_id: str, dst_block_ids: Sequence[int],
+             dst_id: str | None = None) -> LayerwiseSender:
+        return MooncakeLayerwiseSender(self, address, dst_id or address, request_id, dst_block_ids)
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result()
+        self._stagers.shutdown(wait=True)
+        self.engine.close()
+
+    async def _close(self) -> None:
+        channels, self._channels = self._channels, {}
+        for channel in channels.values():
+            await channel.close()
+
+    def _pull(self, address: str):  # loop thread
+        if address not in self._channels:
+            opts = [("grpc.max_send_message_length", proto.MAX_MESSAGE_BYTES),
+                    ("grpc.max_receive_message_length", proto.MAX_MESSAGE_BYTES)]
+            self._channels[address] = grpc.aio.insecure_channel(address, options=opts)
+        return self._channels[address].stream_stream(proto.PULL_METHOD)  # raw bytes both ways
+
+
+class MooncakeLayerwiseSender(LayerwiseSender):
+    def __init__(self, transport: MooncakeKVTransport, address: str, dst_id: str, request_id: str,
+                 dst_block_ids: Sequence[int]):
+        self._init_sender(request_id, address, dst_id, dst_block_ids)
+        self._transport = transport
+        self._loop = transport._loop
+        self._stop = False  # abort() called: a stager waiting for a slot gives up
+        self._queue: asyncio.Queue = asyncio.Queue()  # loop side
+        self._seq = 0  # next chunk number of this stream; loop side
+        self._future = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
+
+    def _frame_limit(self) -> tuple[int, str]:
+        return self._transport.arena.slot_bytes, "a staging slot"
+
+    def _failed(self) -> bool:
+        return self._future.done()
+
+    def _enqueue(self, layer: int, first: int, k_blocks: torch.Tensor, v_blocks: torch.Tensor) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (layer, first, k_blocks, v_blocks))
+
+    def finish(self, timeout: float | None = None) -> TransferStats:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._loop.call_soon_threadsafe(self._queue.put_nowait, _END)
+        return self._future.result(timeout)
+
+    def abort(self) -> None:
+        with self._lock:
+            if self._closed and self._stop:
+                return
+            self._closed = self._stop = True
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, _CANCEL)
+        self._transport.arena.wake()
+
+    # stager thread
+    def _stage(self, layer: int, ids: Sequence[int], k: torch.Tensor, v: torch.Tensor, chunk: int,
+               chunks: int) -> tuple[int, wire.FrameHeader] | None:
+        """Copy one chunk into a free slot: (slot, its header), or None if aborted meanwhile."""
+        arena = self._transport.arena
+        try:
+            slot = arena.acquire(self._transport.stage_timeout_s, stop=lambda: self._stop)
+        except ArenaFull as e:
+            raise KVTransferError(f"KV staging arena full: {e}", "RESOURCE_EXHAUSTED") from None
+        if slot is None:
+            return None
+        kb, vb = k.reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)
+        dst = arena.view(slot, kb.numel() + vb.numel())
+        dst[:kb.numel()].copy_(kb)
+        dst[kb.numel():].copy_(vb)
+        header = wire.FrameHeader(self.request_id, layer, tuple(ids), wire._DTYPE_NAMES[k.dtype],
+                                  tuple(k.shape), dst.numel(), crc32(dst.numpy()), chunk, chunks)
+        return slot, header
+
+    # loop thread
+    async def _run(self) -> TransferStats:
+        t_open = time.perf_counter()
+        if not self._dst:  # an empty reservation: nothing to move, no RPC
+            while (await self._queue.get()) not in (_END, _CANCEL):
+                pass
+            return self._stats(t_open, time.perf_counter(), 0, {})
+        t = self._transport
+        loop = asyncio.get_running_loop()
+        held: dict[int, int] = {}  # seq -> slot: staged, not reported read yet
+        call = t._pull(self.address)(metadata=t._metadata)
+        reader = asyncio.ensure_future(self._read(call, held))
+        sent, item = 0, None
+        try:
+            try:
+                await call.write(proto.pack("hello", v=proto.VERSION, rid=self.request_id,
+                                            session=t.engine.session_id))
+                while item not in (_END, _CANCEL):
+                    getter = asyncio.ensure_future(self._queue.get())
+                    await asyncio.wait((getter, reader), return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():  # the server answered early: an error
+                        getter.cancel()
+                        break
+                    item = getter.result()
+                    if item in (_END, _CANCEL):
+                        break
+                    sent += await self._send_piece(loop, call, held, *item)
+                    del item
+                    item = None
+                cancel = self._stop
+                await call.write(proto.pack("cancel" if cancel else "end"))
+                await call.done_writing()
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass  # the RPC ended under us: the reader has the reason
+            timeout = proto.CANCEL_GRACE_S if self._stop else None
+            ack = await asyncio.wait_for(asyncio.shield(reader), timeout)
+            if self._stop:
+                raise KVTransferError(f"transfer of {self.request_id!r} was aborted", "CANCELLED")
+        except asyncio.TimeoutError:
+            raise KVTransferError(f"transfer of {self.request_id!r} was aborted "
+                                  f"(no answer from {self.address})", "CANCELLED") from None
+        finally:
+            if not (reader.done() and not reader.cancelled() and reader.exception() is None):
+                call.cancel()  # no ack: stop the RPC (after an ack the server ends it itself)
+            reader.cancel()
+            for slot in held.values():
+                t.arena.release(slot)
+            held.clear()
+            while not self._queue.empty():  # drop tensors queued behind a failure
+                self._queue.get_nowait()
+        t_ack = time.perf_counter()
+        if t.meter is not None and sent and ack.get("read_s", 0) > 0:
+            t.meter.record(t.src_id, self.dst_id, sent, ack["read_s"])
+        return self._stats(t_open, t_ack, sent, ack)
+
+    async def _send_piece(self, loop, call, held: dict[int, int], layer: int, first: int,
+                          k: torch.Tensor, v: torch.Tensor) -> int:
+        """Stage and announce one piece's chunks, numbered on from self._seq; payload bytes staged."""
+        t = self._transport
+        k, v = wire._cpu_contiguous(k), wire._cpu_contiguous(v)
+        n = k.shape[0]
+        block_bytes = 2 * k[:1].numel() * k.element_size()
+        per_chunk = max(1, t.arena.slot_bytes // block_bytes) if block_bytes else max(1, n)
+        chunks, staged = -(-n // per_chunk), 0
+        for c in range(chunks):
+            lo, hi = c * per_chunk, min(n, (c + 1) * per_chunk)
+            ids = self._dst[first + lo:first + hi]
+            got = await loop.run_in_executor(t._stagers, self._stage, layer, ids, k[lo:hi], v[lo:hi], c, chunks)
+            if got is None:  # aborted
+                return staged
+            slot, header = got
+            seq, self._seq = self._seq, self._seq + 1
+            held[seq] = slot
+            await call.write(proto.stage_message(seq, t.arena.address(slot), header))
+            staged += header.nbytes
+        return staged
+
+    async def _read(self, call, held: dict[int, int]) -> dict:
+        """Release slots as the server reads them; the "ack" message, or raise its error."""
+        arena = self._transport.arena
+        while (data := await call.read()) is not grpc.aio.EOF:
+            msg = proto.unpack(data)
+            if msg["t"] == "read" and (slot := held.pop(msg.get("seq"), None)) is not None:
+                arena.release(slot)
+            elif msg["t"] == "ack":
+                return msg
+            elif msg["t"] == "error":
+                raise KVTransferError(f"KV transfer of {self.request_id!r} to {self.address} failed: "
+                                      f"{msg.get('status')}: {msg.get('message')}", msg.get("status", "UNKNOWN"))
+        code = await call.code()
+        raise KVTransferError(f"KV transfer of {self.request_id!r} to {self.address} failed: "
+                              f"{code.name}: {await call.details()}",
+                              code.name if code != grpc.StatusCode.OK else "DATA_LOSS")
+
+    def _stats(self, t_open: float, t_ack: float, sent: int, ack: dict) -> TransferStats:
+        with self._lock:
+            t_first, t_last = self._t_first or t_open, self._t_last or t_open
+        return TransferStats(request_id=self.request_id, bytes=sent, wire_bytes=sent,
+                             wall_s=t_ack - t_first, exposed_s=max(0.0, t_ack - t_last),
+                             busy_s=ack.get("read_s", 0.0), receiver_s=ack.get("seconds", 0.0))

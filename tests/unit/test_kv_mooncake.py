@@ -1,0 +1,235 @@
+"""The mooncake transport (pull over the Mooncake Transfer Engine, protocol "tcp" on loopback):
+exact tokens against the TCP transport with real workers, fencing on abort, the secret, and the
+staging arena's slots all free afterwards. Skipped where `mooncake.engine` cannot be imported."""
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from kv_transfer import KVReceiver, KVTransferError, TransferState, cache_writer
+from kv_transfer import mooncake_engine
+from kv_transfer.mooncake_arena import ArenaFull, SlotPool
+
+UNAVAILABLE = mooncake_engine.available()
+needs_mooncake = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"{UNAVAILABLE}")
+SECRET = "mooncake-test-secret"
+LAYERS, BLOCKS, BLOCK = 4, 32, (16, 3, 64)  # block shape: [block_size, kv_heads, head_dim]
+
+
+def wait_until(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+# no mooncake needed
+def test_unavailable_is_a_clear_error(monkeypatch):
+    from prefill_worker.worker import KV_TRANSPORTS
+
+    def missing():
+        raise mooncake_engine.MooncakeUnavailable(
+            f"mooncake transport unavailable: ImportError('libibverbs.so.1'); {mooncake_engine.HINT}")
+    monkeypatch.setattr(mooncake_engine, "_engine_class", missing)
+    with pytest.raises(mooncake_engine.MooncakeUnavailable, match=r"pip install 'pdcluster\[rdma\]'"):
+        KV_TRANSPORTS["mooncake"](secret=SECRET)
+
+
+def test_other_transports_do_not_import_mooncake():
+    code = ("import sys, kv_transfer, prefill_worker.worker, decode_worker.worker; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mooncake'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_slot_pool_back_pressure_and_stop():
+    pool = SlotPool(2)
+    a, b = pool.acquire(1.0), pool.acquire(1.0)
+    assert {a, b} == {0, 1} and pool.num_free == 0
+    with pytest.raises(ArenaFull):
+        pool.acquire(0.05)
+    threading.Timer(0.05, pool.release, args=(a,)).start()
+    assert pool.acquire(2.0) == a  # a waiter gets the slot released meanwhile
+    stop = threading.Event()
+    threading.Timer(0.05, lambda: (stop.set(), pool.wake())).start()
+    assert pool.acquire(2.0, stop.is_set) is None
+    with pytest.raises(ValueError):
+        pool.release(5)
+
+
+# transport level: a real MooncakeKVServer over a KVReceiver and plain cache tensors
+@pytest.fixture(scope="module")
+def link():
+    if UNAVAILABLE is not None:
+        pytest.skip(UNAVAILABLE)
+    from kv_transfer.mooncake_server import MooncakeKVServer
+    from kv_transfer.mooncake_transport import MooncakeKVTransport
+    kc = [torch.zeros(BLOCKS, *BLOCK) for _ in range(LAYERS)]
+    vc = [torch.zeros(BLOCKS, *BLOCK) for _ in range(LAYERS)]
+    receiver = KVReceiver()
+    server = MooncakeKVServer(receiver, kc, vc, secret=SECRET)
+    server.start_sync()
+    block_bytes = 2 * BLOCK[0] * BLOCK[1] * BLOCK[2] * 4
+    transport = MooncakeKVTransport(secret=SECRET, arena_bytes=8 * block_bytes, slot_bytes=2 * block_bytes,
+                                    stage_timeout_s=5.0)
+    yield receiver, server, transport, kc, vc
+    transport.close()
+    server.stop_sync()
+
+
+def layer_kv(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *BLOCK, generator=g), torch.randn(n, *BLOCK, generator=g)
+
+
+@needs_mooncake
+def test_transfer_lands_exactly_and_frees_every_slot(link):
+    receiver, server, transport, kc, vc = link
+    dst = [1, 2, 3, 7, 8, 20, 21]  # 7 blocks in slots of 2: 4 chunks per layer, arena of 4 slots
+    pending = receiver.expect("exact", dst, LAYERS, cache_writer(kc, vc))
+    sender = transport.open(server.address, "exact", dst)
+    sent = [layer_kv(len(dst), l) for l in range(LAYERS)]
+    for l, (k, v) in enumerate(sent):
+        sender.send_layer(l, k, v)
+    stats = sender.finish(30)
+    assert pending.state is TransferState.COMPLETE and stats.bytes == sum(2 * k.nbytes for k, _ in sent)
+    for l, (k, v) in enumerate(sent):
+        assert torch.equal(kc[l][dst], k) and torch.equal(vc[l][dst], v)
+    assert transport.arena.num_free == transport.arena.n
+
+
+@needs_mooncake
+def test_decode_abort_mid_transfer_fences_reused_blocks(link):
+    """Layer 0 lands; the decode side aborts and hands the blocks to another request; the rest of
+    the transfer must never touch them, and both sides free everything."""
+    receiver, server, transport, kc, vc = link
+    dst = [10, 11, 12]
+    pending = receiver.expect("fenced", dst, LAYERS, cache_writer(kc, vc))
+    sender = transport.open(server.address, "fenced", dst)
+    sender.send_layer(0, *layer_kv(3, 0))
+    wait_until(lambda: pending.bytes_received > 0 and transport.arena.num_free == transport.arena.n)
+    assert receiver.abort("fenced")
+    for l in range(LAYERS):  # another request now owns the blocks
+        kc[l][dst] = 7.0
+        vc[l][dst] = 7.0
+    for l in range(1, LAYERS):
+        sender.send_layer(l, *layer_kv(3, l))
+    with pytest.raises(KVTransferError) as e:
+        sender.finish(30)
+    assert e.value.status == "ABORTED"
+    assert all(bool((c[dst] == 7.0).all()) for c in (*kc, *vc))
+    assert pending.state is TransferState.ABORTED and not receiver.pending()
+    assert transport.arena.num_free == transport.arena.n
+
+
+@needs_mooncake
+def test_prefill_abort_fails_the_reservation_and_frees_the_arena(link):
+    receiver, server, transport, kc, vc = link
+    dst = [4, 5, 6]
+    pending = receiver.expect("cancelled", dst, LAYERS, cache_writer(kc, vc))
+    sender = transport.open(server.address, "cancelled", dst)
+    sender.send_layer(0, *layer_kv(3, 0))
+    sender.abort()
+    with pytest.raises(KVTransferError) as e:
+        sender.finish(30)
+    assert e.value.status == "CANCELLED"
+    assert pending.wait(10) is TransferState.FAILED and not receiver.pending()
+    wait_until(lambda: transport.arena.num_free == transport.arena.n)
+
+
+@needs_mooncake
+def test_wrong_secret_is_refused(link):
+    from kv_transfer.mooncake_transport import MooncakeKVTransport
+    receiver, server, _, kc, vc = link
+    pending = receiver.expect("intruder", [30], LAYERS, cache_writer(kc, vc))
+    kc[0][30] = 3.0
+    intruder = MooncakeKVTransport(secret="not-the-secret")
+    try:
+        sender = intruder.open(server.address, "intruder", [30])
+        sender.send_layer(0, *layer_kv(1, 0))
+        with pytest.raises(KVTransferError) as e:
+            sender.finish(30)
+        assert e.value.status == "UNAUTHENTICATED"
+        assert pending.state is TransferState.PENDING and bool((kc[0][30] == 3.0).all())
+        assert intruder.arena.num_free == intruder.arena.n
+    finally:
+        intruder.close()
+        receiver.abort("intruder")
+
+
+# worker level: real PrefillWorker and DecodeWorker (no Ray), the embedded model
+
+@pytest.fixture(scope="module")
+def workers():
+    if UNAVAILABLE is not None:
+        pytest.skip(UNAVAILABLE)
+    from decode_worker.worker import DecodeWorker
+    from engine.llm_engine import LLMEngine, build_config
+    from prefill_worker.worker import PrefillWorker
+    mk = lambda: LLMEngine(build_config(kv_cache_memory=48 * 2**20, num_threads=1))  # noqa: E731
+    d = DecodeWorker("d", mk(), kv_transport="mooncake", secret=SECRET)
+    p_mc = PrefillWorker("p-mc", mk(), transport="mooncake", secret=SECRET, transfer_timeout_s=20)
+    p_tcp = PrefillWorker("p-tcp", mk(), transport="tcp", secret=SECRET, transfer_timeout_s=20)
+    yield d, p_mc, p_tcp
+    for w in (p_mc, p_tcp, d):
+        w.close()
+
+
+def remote(p, d, rid, ids, salt, address_key):
+    from engine.sampling_params import SamplingParams
+    from prefill_worker.worker import KVDestination
+    params = SamplingParams(max_tokens=12, temperature=0)
+    r = d.reserve(rid, ids, params, cache_salt=salt)
+    dest = KVDestination(r[address_key], "d", r["skip_blocks"], r["dst_block_ids"])
+    first = p.prefill(rid, ids, params, dest, cache_salt=salt)["first_token"]
+    stream = d.start(rid, first)
+    toks = [first]
+    while True:
+        item = stream.get(timeout=30)
+        toks += item["token_ids"]
+        if item["finished"]:
+            return toks
+
+
+@needs_mooncake
+def test_workers_same_greedy_tokens_as_tcp_and_nothing_leaks(workers):
+    d, p_mc, p_tcp = workers
+    ids = d.engine.tokenizer.encode("Describe a lighthouse on a stormy night. " * 12, add_special_tokens=False)
+    got = remote(p_mc, d, "mc-1", ids, "salt-mc", "kv_address")
+    ref = remote(p_tcp, d, "tcp-1", ids, "salt-tcp", "kv_tcp_address")
+    assert got == ref and len(got) == 12
+    d.finished("mc-1"), d.finished("tcp-1")
+    arena = p_mc.transport.arena
+    assert arena.num_free == arena.n and not d.receiver.pending()
+    assert p_mc.meter.snapshot()[0]["total_bytes"] > 0
+
+
+@needs_mooncake
+def test_workers_abort_frees_both_sides(workers):
+    from engine.sampling_params import SamplingParams
+    from prefill_worker.worker import KVDestination
+    d, p_mc, _ = workers
+    params = SamplingParams(max_tokens=12, temperature=0)
+    ids = d.engine.tokenizer.encode("A long list of harbours and their lights. " * 30, add_special_tokens=False)
+    free = d.engine.kv.num_free_blocks
+    r = d.reserve("mc-abort", ids, params, cache_salt="salt-abort")
+    dest = KVDestination(r["kv_address"], "d", r["skip_blocks"], r["dst_block_ids"])
+    errors = []
+
+    def run():
+        try:
+            p_mc.prefill("mc-abort", ids, params, dest, cache_salt="salt-abort")
+        except Exception as e:  # noqa: BLE001 - the expected outcome
+            errors.append(e)
+    t = threading.Thread(target=run)
+    t.start()
+    wait_until(lambda: d._reserved["mc-abort"][1].bytes_received > 0, 60)  # mid-transfer
+    d.abort("mc-abort")
+    assert d.engine.kv.num_free_blocks == free and not d.receiver.pending()
+    t.join(60)
+    assert errors and isinstance(errors[0], KVTransferError)
+    wait_until(lambda: p_mc.transport.arena.num_free == p_mc.transport.arena.n)
