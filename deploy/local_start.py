@@ -5,7 +5,7 @@ cannot come from the cluster YAML; deploy/cluster-local.yaml runs this instead o
 
     python -m deploy.local_start --map MAP --head --autoscaling-config ~/ray_bootstrap_config.yaml
     python -m deploy.local_start --map MAP --address $RAY_HEAD_IP:6379
-    (MAP = ~/pdcluster-site/local-hosts.yaml: this repo's deploy/ folder, synced there by `ray up`)
+    (MAP = ~/pdcluster/deploy/local-hosts.yaml: this checkout, synced there by `ray up`)
 
 It finds this host's entry in the map (the entry whose address is bound on this machine, or
 --ip), then exec's `ray start ... --resources '{"prefill_pool": N, "decode_pool": M}'`

@@ -97,6 +97,13 @@ class ServeConfig:
     def scaling_rules(self) -> dict[str, ScalingRule]:
         return {name: p.scaling_rule() for name, p in self.pools.items()}
 
+    def autoscaling_rules(self) -> dict[str, ScalingRule]:
+        """The rules `serve` runs the pool autoscaler with: pools with min_replicas < max_replicas, none
+        when autoscaler.enabled is false (then each pool stays at initial_replicas)."""
+        if not self.autoscaler.enabled:
+            return {}
+        return {name: p.scaling_rule() for name, p in self.pools.items() if p.min_replicas < p.max_replicas}
+
     def to_cluster_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `deploy.launch.ClusterConfig` (the serve-time fields it has; the
         placement policy too once ClusterConfig has a `policy` field).
@@ -114,7 +121,8 @@ class ServeConfig:
                              + "; ".join(bad))
         kw = dict(model=self.model, host=self.router.host, port=self.router.port,
                   metrics_port=self.router.metrics_port, prefill_workers=self.prefill.initial_replicas,
-                  decode_workers=self.decode.initial_replicas, threads_per_worker=p.threads, use_gpu=p.gpus > 0)
+                  decode_workers=self.decode.initial_replicas, threads_per_worker=p.threads, use_gpu=p.gpus > 0,
+                  max_prefill_workers=self.prefill.max_replicas, max_decode_workers=self.decode.max_replicas)
         if "policy" in {f.name for f in fields(ClusterConfig)}:
             kw["policy"] = self.router.policy
         return kw

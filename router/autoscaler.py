@@ -2,7 +2,8 @@
 
 Pure Python: no Ray, no gRPC, no sockets. The loop gets its inputs and effects as callables
 (`read_metrics`, `add_replica`, `drain_and_remove_replica`) and its time from an injected clock,
-so `deploy/` can wire it to Ray actors and tests can drive it with synthetic series.
+so `deploy/scaling.py` wires it to Ray actors (reading `pool_metrics` of the router's WorkerLoads,
+the same view placement uses) and tests drive it with synthetic series.
 
 Signals (one per pool, chosen in deploy/pools.yaml; `load` = value / target, dimensionless):
     prefill  queued_prompt_tokens_per_replica   tokens      target: tokens per replica
@@ -31,7 +32,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,12 @@ SIGNALS = {
     "prefill": ("queued_prompt_tokens_per_replica", "p90_ttft"),
     "decode": ("kv_utilization", "p90_tpot"),
 }
+# Decision.cause: why a tick decided what it did (a metrics label; the reason says it in words)
+CAUSES = ("load",                                   # up/down: the signal held outside the band long enough
+          "below_min", "above_max",                 # up/down: bounds, corrected at once
+          "in_band", "delay", "cooldown",           # hold: inside the band / waiting out a delay / cooling down
+          "at_min", "at_max", "would_overload",     # hold: at a bound, or one fewer replica would be too busy
+          "no_data", "in_flight", "no_metrics")     # hold: no latency sample, an action running, no snapshot
 SIGNAL_UNITS = {"queued_prompt_tokens_per_replica": " tok/replica", "p90_ttft": "ms",
                 "kv_utilization": "", "p90_tpot": "ms"}
 
@@ -102,6 +109,23 @@ def signal_value(signal: str, m: PoolMetrics) -> float | None:
     return v
 
 
+def pool_metrics(pool: str, loads: Iterable[Any], starting: int = 0, p90_ttft_ms: float | None = None,
+                 p90_tpot_ms: float | None = None) -> PoolMetrics:
+    """One pool's PoolMetrics from the router's own view (the WorkerLoads placement reads).
+
+    Draining workers are leaving: they count neither as replicas nor towards the queue or the KV
+    mean (their remaining work finishes there). `starting`: replicas spawned, not yet registered.
+    prefill: queued_prompt_tokens = prompt tokens the router has sent to the pool's prefill calls and
+    not yet seen finish. decode: kv_utilization = mean over workers whose KV size is known of
+    used / all blocks (cached free blocks count as free). Each pool reports only its own figures,
+    so `idle` means no queue (prefill) or no KV held (decode)."""
+    live = [w for w in loads if w.role == pool and not w.draining]
+    kv = [1.0 - w.free_blocks / w.num_blocks for w in live if w.capacity_known] if pool == "decode" else []
+    queued = sum(w.queued_tokens for w in live) if pool == "prefill" else 0
+    return PoolMetrics(replicas=len(live) + starting, queued_prompt_tokens=queued, p90_ttft_ms=p90_ttft_ms,
+                       kv_utilization=sum(kv) / len(kv) if kv else 0.0, p90_tpot_ms=p90_tpot_ms)
+
+
 @dataclass(frozen=True)
 class Decision:
     pool: str
@@ -111,6 +135,7 @@ class Decision:
     signal: str = ""
     value: float | None = None      # signal value, its units
     load: float | None = None       # value / target
+    cause: str = ""                 # a short keyword for metrics labels (one of CAUSES), the reason in words
 
     @property
     def direction(self) -> str:
@@ -142,15 +167,15 @@ class PoolPolicy:
         r, n = self.rule, m.replicas
         value = signal_value(r.signal, m)
         load = None if value is None else value / r.target
-        d = lambda delta, why: self._act(Decision(self.pool, delta, n, why, r.signal, value, load), now)
+        d = lambda delta, cause, why: self._act(Decision(self.pool, delta, n, why, r.signal, value, load, cause), now)
         # bounds first: a hard invariant, no delay or cooldown
         if n < r.min_replicas:
-            return d(min(r.min_replicas - n, r.max_step), f"below min_replicas={r.min_replicas}")
+            return d(min(r.min_replicas - n, r.max_step), "below_min", f"below min_replicas={r.min_replicas}")
         if n > r.max_replicas:
-            return d(-min(n - r.max_replicas, r.max_step), f"above max_replicas={r.max_replicas}")
+            return d(-min(n - r.max_replicas, r.max_step), "above_max", f"above max_replicas={r.max_replicas}")
         if load is None:
             self.up_since = self.down_since = None
-            return d(0, f"no data: {r.signal} has no sample while the pool is busy")
+            return d(0, "no_data", f"no data: {r.signal} has no sample while the pool is busy")
         desc = f"{r.signal}={value:.4g}{SIGNAL_UNITS.get(r.signal, '')} load={load:.2f}x target"
         mid = (r.up_ratio + r.down_ratio) / 2
         if load > r.up_ratio:
@@ -158,34 +183,36 @@ class PoolPolicy:
             self.up_since = now if self.up_since is None else self.up_since
             held = now - self.up_since
             if n >= r.max_replicas:
-                return d(0, f"{desc} > {r.up_ratio}: at max_replicas={r.max_replicas}")
+                return d(0, "at_max", f"{desc} > {r.up_ratio}: at max_replicas={r.max_replicas}")
             if held < r.upscale_delay_s:
-                return d(0, f"{desc} > {r.up_ratio} for {held:.0f}s of upscale_delay_s={r.upscale_delay_s:g}")
+                return d(0, "delay", f"{desc} > {r.up_ratio} for {held:.0f}s of upscale_delay_s={r.upscale_delay_s:g}")
             if self._cooling(now):
-                return d(0, f"{desc} > {r.up_ratio}: cooldown, {self._cooldown_left(now):.0f}s left")
+                return d(0, "cooldown", f"{desc} > {r.up_ratio}: cooldown, {self._cooldown_left(now):.0f}s left")
             want = math.ceil(n * load / mid)
             k = max(1, min(want - n, r.max_step, r.max_replicas - n))
-            return d(k, f"{desc} > {r.up_ratio} for {held:.0f}s: {n} -> {n + k} (wants {want})")
+            return d(k, "load", f"{desc} > {r.up_ratio} for {held:.0f}s: {n} -> {n + k} (wants {want})")
         if load < r.down_ratio:
             self.up_since = None
             self.down_since = now if self.down_since is None else self.down_since
             held = now - self.down_since
             if n <= r.min_replicas:
-                return d(0, f"{desc} < {r.down_ratio}: at min_replicas={r.min_replicas}")
+                return d(0, "at_min", f"{desc} < {r.down_ratio}: at min_replicas={r.min_replicas}")
             if held < r.downscale_delay_s:
-                return d(0, f"{desc} < {r.down_ratio} for {held:.0f}s of downscale_delay_s={r.downscale_delay_s:g}")
+                return d(0, "delay", f"{desc} < {r.down_ratio} for {held:.0f}s of "
+                                     f"downscale_delay_s={r.downscale_delay_s:g}")
             if self._cooling(now):
-                return d(0, f"{desc} < {r.down_ratio}: cooldown, {self._cooldown_left(now):.0f}s left")
+                return d(0, "cooldown", f"{desc} < {r.down_ratio}: cooldown, {self._cooldown_left(now):.0f}s left")
             want = max(math.ceil(n * load / mid), r.min_replicas)
             k = min(n - want, r.max_step)
             if k < 1:       # one fewer replica may still be fine if it keeps the load under up_ratio
                 after = math.inf if n == 1 else n * load / (n - 1)
                 if not (load == 0 or after < r.up_ratio):
-                    return d(0, f"{desc} < {r.down_ratio}, but {n - 1} replicas would be at {after:.2f}x")
+                    return d(0, "would_overload",
+                             f"{desc} < {r.down_ratio}, but {n - 1} replicas would be at {after:.2f}x")
                 k = 1
-            return d(-k, f"{desc} < {r.down_ratio} for {held:.0f}s: {n} -> {n - k} (wants {want})")
+            return d(-k, "load", f"{desc} < {r.down_ratio} for {held:.0f}s: {n} -> {n - k} (wants {want})")
         self.up_since = self.down_since = None
-        return d(0, f"{desc} within [{r.down_ratio}, {r.up_ratio}]")
+        return d(0, "in_band", f"{desc} within [{r.down_ratio}, {r.up_ratio}]")
 
     def _act(self, dec: Decision, now: float) -> Decision:
         if dec.delta:
@@ -213,18 +240,21 @@ class PoolAutoscaler:
     An action runs in the background; while one is in flight for a pool that pool holds, and the
     cooldown restarts when it completes. Failed calls are logged and counted, never retried early.
     Counters for metrics: `decisions[(pool, "up"|"down"|"hold")]`, `replicas_added[pool]`,
-    `replicas_removed[pool]`, `action_errors[pool]`.
+    `replicas_removed[pool]`, `action_errors[pool]`; `observer` (e.g. RouterMetrics), if given, gets
+    `autoscale_decision(decision)` every tick and `autoscale_action(pool, "add"|"remove", ok)` per replica.
+    Logging: actions and changes of a pool's hold cause at INFO, repeated holds at DEBUG.
     """
 
     def __init__(self, rules: Mapping[str, ScalingRule], read_metrics: Callable[[], Any],
                  add_replica: Callable[[str], Any], drain_and_remove_replica: Callable[[str], Any],
-                 clock: Callable[[], float] = time.monotonic, interval_s: float = 5.0):
+                 clock: Callable[[], float] = time.monotonic, interval_s: float = 5.0, observer: Any = None):
         self.policies = {pool: PoolPolicy(pool, rule) for pool, rule in rules.items()}
         self.read_metrics = read_metrics
         self.add_replica = add_replica
         self.drain_and_remove_replica = drain_and_remove_replica
         self.clock = clock
         self.interval_s = interval_s
+        self.observer = observer
         self.decisions: Counter = Counter()
         self.replicas_added: Counter = Counter()
         self.replicas_removed: Counter = Counter()
@@ -241,20 +271,25 @@ class PoolAutoscaler:
             m = snap.get(pool)
             task = self._inflight.get(pool)
             if task is not None and not task.done():
-                dec = Decision(pool, 0, m.replicas if m else 0, "previous action still in flight")
+                dec = Decision(pool, 0, m.replicas if m else 0, "previous action still in flight", cause="in_flight")
             elif m is None:
-                dec = Decision(pool, 0, 0, "no metrics for this pool")
+                dec = Decision(pool, 0, 0, "no metrics for this pool", cause="no_metrics")
             else:
                 dec = pol.decide(m, now)
             self.decisions[(pool, dec.direction)] += 1
+            prev = self.last.get(pool)
             self.last[pool] = out[pool] = dec
+            if self.observer is not None:
+                self.observer.autoscale_decision(dec)
             if dec.delta:
                 log.info("autoscale %s %+d (%d -> %d): %s", pool, dec.delta, dec.replicas, dec.target_replicas,
                          dec.reason)
                 task = self._inflight[pool] = asyncio.ensure_future(self._carry_out(dec))
                 task.add_done_callback(lambda t, p=pool: self._inflight.pop(p) if self._inflight.get(p) is t else None)
             else:
-                log.debug("autoscale %s hold at %d: %s", pool, dec.replicas, dec.reason)
+                changed = prev is None or prev.delta or prev.cause != dec.cause
+                log.log(logging.INFO if changed else logging.DEBUG, "autoscale %s hold at %d: %s", pool,
+                        dec.replicas, dec.reason)
         return out
 
     async def _carry_out(self, dec: Decision) -> None:
@@ -263,16 +298,25 @@ class PoolAutoscaler:
         res = await asyncio.gather(*(_maybe_await_call(fn, dec.pool) for _ in range(abs(dec.delta))),
                                    return_exceptions=True)
         for r in res:
-            if isinstance(r, BaseException):
+            ok = not isinstance(r, BaseException)
+            if ok:
+                done[dec.pool] += 1
+            else:
                 self.action_errors[dec.pool] += 1
                 log.warning("autoscale %s %s failed: %r", dec.pool, dec.direction, r)
-            else:
-                done[dec.pool] += 1
+            if self.observer is not None:
+                self.observer.autoscale_action(dec.pool, "add" if dec.delta > 0 else "remove", ok)
         self.policies[dec.pool].action_done(self.clock())
 
     async def join(self) -> None:
         """Wait for every action in flight."""
         await asyncio.gather(*list(self._inflight.values()), return_exceptions=True)
+
+    async def cancel_actions(self) -> None:
+        """Cancel every action in flight (shutdown) and wait for them to unwind."""
+        for t in list(self._inflight.values()):
+            t.cancel()
+        await self.join()
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Tick until `stop` is set (or the task is cancelled); a failing tick is logged, not fatal."""
@@ -299,5 +343,5 @@ async def _maybe_await_call(fn: Callable[[str], Any], pool: str) -> Any:
     return await _maybe_await(fn(pool))
 
 
-__all__ = ["POOLS", "SIGNALS", "ScalingRule", "PoolMetrics", "MetricsSnapshot", "signal_value", "Decision",
-           "PoolPolicy", "PoolAutoscaler"]
+__all__ = ["POOLS", "SIGNALS", "CAUSES", "ScalingRule", "PoolMetrics", "MetricsSnapshot", "signal_value", "pool_metrics",
+           "Decision", "PoolPolicy", "PoolAutoscaler"]

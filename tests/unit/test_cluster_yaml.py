@@ -97,10 +97,22 @@ def test_aws_node_types_carry_the_pool_resources():
         assert set(nt["resources"]) & set(POOL_RES.values()) == {res}     # a node serves one pool
 
 
+@pytest.mark.parametrize("name", ["cluster-aws.yaml", "cluster-local.yaml"])
+def test_nodes_get_this_checkout_without_its_venv_or_git(name):
+    cfg = load(name)
+    assert cfg["file_mounts"] == {"~/pdcluster": "."}               # `ray up` from the repository root
+    assert (ROOT / "pyproject.toml").is_file() and ".gitignore" in cfg["rsync_filter"]
+    assert ".venv/" in (ROOT / ".gitignore").read_text().split()     # so the local .venv is not synced
+    assert "**/.git" in cfg["rsync_exclude"] and not cfg.get("file_mounts_sync_continuously", False)
+    assert "YOUR_ORG" not in (DEPLOY / name).read_text() and "git clone" not in (DEPLOY / name).read_text()
+    setup = " ".join(cfg["setup_commands"] + cfg.get("head_setup_commands", []) + cfg.get("worker_setup_commands", []))
+    assert "cd ~/pdcluster && " in setup and "make install" in setup
+
+
 def test_aws_installs_pdcluster_and_starts_the_router():
     cfg = load("cluster-aws.yaml")
     setup = " ".join(cfg["setup_commands"] + cfg["head_setup_commands"] + cfg["worker_setup_commands"])
-    assert "git clone" in setup and "make install" in setup
+    assert "make install" in setup
     head = " ".join(cfg["head_start_ray_commands"])
     assert "ray start --head" in head and "--autoscaling-config" in head
     assert "pdcluster serve --config deploy/pools.yaml --address auto" in head
@@ -137,10 +149,10 @@ def test_local_hosts_all_mapped_and_capacity_covers_max_replicas():
 def test_local_start_commands_use_the_synced_map():
     cfg = load("cluster-local.yaml")
     [(remote, local)] = cfg["file_mounts"].items()
-    assert (ROOT / local / "local-hosts.yaml").is_file()
+    assert (ROOT / local / "deploy" / "local-hosts.yaml").is_file()
     for key, role in (("head_start_ray_commands", "--head"), ("worker_start_ray_commands", "--address")):
         [cmd] = [c for c in cfg[key] if "deploy.local_start" in c]
-        assert f"--map {remote}/local-hosts.yaml" in cmd and role in cmd
+        assert f"--map {remote}/deploy/local-hosts.yaml" in cmd and role in cmd
     assert any("pdcluster serve --config" in c and "--address auto" in c for c in cfg["head_start_ray_commands"])
 
 

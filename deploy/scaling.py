@@ -1,0 +1,121 @@
+"""Add and retire worker replicas while serving, and run the pool autoscaler on the router's view.
+
+The scaling half of `deploy.launch.Cluster` (a mixin); the policy is router/autoscaler.py.
+
+    add_replica(role)       spawn an actor asking for one unit of the pool's Ray resource (on a `ray up`
+                            cluster an actor nobody can place makes Ray's autoscaler launch a node of
+                            that type), wait until it has loaded the model, register it with the router
+    remove_replica(role)    Router.retire_worker: drain (no new placements, running requests finish or,
+                            after drain_timeout_s, migrate), forget it, shut the actor down, ray.kill it
+    start_autoscaler(...)   PoolAutoscaler as a task: reads pool_metrics(), calls the two above
+
+One source of truth: placement and the autoscaler both read `router.pools.loads` (the WorkerLoads
+refreshed by the status poll and charged per request) and the router's metrics.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Mapping
+
+log = logging.getLogger(__name__)
+
+
+class Scaling:
+    """Mixed into Cluster; uses its cfg, router, actors, timeouts, worker_kwargs, starting, _next_index."""
+
+    async def add_replica(self, role: str) -> str:
+        """One more `role` worker, registered once loaded; returns its id. A replica that does not load
+        within cfg.replica_start_timeout_s is killed and the call raises (the pool stays as it was)."""
+        import ray
+
+        from decode_worker import actor as decode_actor
+        from prefill_worker import actor as prefill_actor
+        from router.workers import DecodeClient, PrefillClient
+        c = self.cfg
+        spawn, client = {"prefill": (prefill_actor.spawn, PrefillClient),
+                         "decode": (decode_actor.spawn, DecodeClient)}[role]
+        wid = f"{role}-{self._next_index[role]}"
+        self._next_index[role] += 1
+        h = self.starting[wid] = spawn(wid, c.engine_kwargs(), c.threads_per_worker, c.use_gpu,
+                                       **self.worker_kwargs[role])
+        log.info("adding %s: waiting for a free %s_pool slot and the model load (up to %.0fs)", wid, role,
+                 c.replica_start_timeout_s)
+        try:
+            await asyncio.wait_for(h.status.remote(), c.replica_start_timeout_s)
+        except BaseException as e:
+            ray.kill(h)
+            why = (f"not placed and loaded within {c.replica_start_timeout_s:.0f}s: does the Ray cluster have "
+                   f"(or can its autoscaler launch) a node with a free {role}_pool unit?"
+                   if isinstance(e, asyncio.TimeoutError) else repr(e))
+            log.error("adding %s failed, killed it: %s", wid, why)
+            if isinstance(e, Exception):
+                raise RuntimeError(f"{wid}: {why}") from None
+            raise
+        finally:
+            self.starting.pop(wid, None)
+        self.actors[wid] = h
+        self.router.add_worker(role, client(wid, h, self.timeouts), zone=c.zone(role))
+        log.info("added %s: the %s pool has %d workers", wid, role, len(self._pool(role)))
+        return wid
+
+    async def remove_replica(self, role: str, worker_id: str | None = None) -> str:
+        """Retire one `role` worker (default: the non-draining one with the fewest requests, newest on
+        ties) without dropping a request; returns its id. Never retires the pool's last live worker."""
+        import ray
+        loads = self.router.pools.loads
+        live = [w for w in loads.values() if w.role == role and not w.draining]
+        if worker_id is None:
+            if len(live) <= 1:
+                raise RuntimeError(f"not removing the last live {role} worker")
+            worker_id = min(live, key=lambda w: (w.in_flight, -int(w.worker_id.rsplit("-", 1)[1]))).worker_id
+        h = self.actors[worker_id]
+
+        async def stop():
+            try:
+                await asyncio.wait_for(h.shutdown.remote(), 10.0)
+            except Exception as e:
+                log.warning("shutdown of %s: %r; killing it", worker_id, e)
+            ray.kill(h)
+            self.actors.pop(worker_id, None)
+
+        await self.router.retire_worker(worker_id, stop, drain_timeout_s=self.cfg.drain_timeout_s,
+                                        migrate_timeout_s=self.cfg.worker_timeout_s)
+        log.info("removed %s: the %s pool has %d workers", worker_id, role, len(self._pool(role)))
+        return worker_id
+
+    def _pool(self, role: str) -> dict:
+        return self.router.pools.prefill if role == "prefill" else self.router.pools.decode
+
+    def pool_metrics(self) -> dict:
+        """router.autoscaler.MetricsSnapshot from the router's live view (p90s over the metrics' recent window)."""
+        from router.autoscaler import pool_metrics
+        m, loads = self.router.metrics, list(self.router.pools.loads.values())
+        ms = lambda s: None if s is None else s * 1e3
+        starting = {r: sum(1 for w in self.starting if w.startswith(r + "-")) for r in ("prefill", "decode")}
+        return {"prefill": pool_metrics("prefill", loads, starting["prefill"],
+                                        p90_ttft_ms=ms(m.recent_ttft.quantile(0.9))),
+                "decode": pool_metrics("decode", loads, starting["decode"],
+                                       p90_tpot_ms=ms(m.recent_tpot.quantile(0.9)))}
+
+    def start_autoscaler(self, rules: Mapping, interval_s: float = 5.0) -> None:
+        """Run the pool autoscaler as a task on this event loop (rules: pool -> ScalingRule). Without
+        remote prefill the prefill pool is not scaled."""
+        from router.autoscaler import PoolAutoscaler
+        rules = {p: r for p, r in rules.items() if p == "decode" or self.cfg.remote_prefill}
+        self.autoscaler = PoolAutoscaler(rules, self.pool_metrics, self.add_replica, self.remove_replica,
+                                         interval_s=interval_s, observer=self.router.metrics)
+        self._autoscaler_stop = asyncio.Event()
+        self._autoscaler_task = asyncio.ensure_future(self.autoscaler.run(self._autoscaler_stop))
+        log.info("pool autoscaler on, every %gs: %s", interval_s,
+                 "; ".join(f"{p} {r.signal} target {r.target:g} replicas [{r.min_replicas}, {r.max_replicas}]"
+                           for p, r in rules.items()))
+
+    async def stop_autoscaler(self) -> None:
+        """Stop ticking; cancel the actions in flight (a replica still loading is killed, a drain stops
+        where it is: the whole cluster is going down)."""
+        if self._autoscaler_task is not None:
+            self._autoscaler_stop.set()
+            await self.autoscaler.cancel_actions()
+            await self._autoscaler_task
+            self._autoscaler_task = None
