@@ -13,9 +13,11 @@ Tokens of every request are pushed to its TokenStream, drained by the RPC layer.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
+import uuid
 
 from engine.block_events import BlockEventLog
 from engine.engine_thread import EngineThread
@@ -24,7 +26,7 @@ from engine.request import Request
 from engine.sampling_params import SamplingParams
 from kv_transfer import KVReceiver, KVServer, KVTcpServer, TransferState, cache_writer
 
-KV_TRANSPORTS = ("tcp", "grpc")
+KV_TRANSPORTS = ("tcp", "grpc", "mooncake")
 
 log = logging.getLogger(__name__)
 
@@ -51,33 +53,48 @@ class NoCapacity(Exception):
 
 class DecodeWorker:
     """Receives KV on two servers sharing one KVReceiver: gRPC (KVServer) and plain TCP
-    (KVTcpServer). `kv_transport` picks the one advertised as `kv_address` (what the router hands
-    the prefill worker, whose transport must match); reserve() returns both addresses too."""
+    (KVTcpServer), plus MooncakeKVServer (pull over Mooncake) when kv_transport is "mooncake".
+    `kv_transport` picks the one advertised as `kv_address` (what the router hands the prefill
+    worker, whose transport must match); reserve() returns the gRPC and TCP addresses too."""
 
     def __init__(self, worker_id: str, engine: LLMEngine, kv_host: str = "127.0.0.1", kv_port: int = 0,
-                 secret: str | None = None, transfer_timeout_s: float = 30.0,
+                 secret: str | None = None, transfer_timeout_s: float = 30.0, reservation_ttl_s: float = 300.0,
                  kv_transport: str = "tcp", kv_tcp_port: int = 0):
         if kv_transport not in KV_TRANSPORTS:
             raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {kv_transport!r}")
         self.worker_id = worker_id
+        self.incarnation = uuid.uuid4().hex   # new on every (re)start of the process
         self.engine = engine
         self.events = BlockEventLog()      # prefix-cache events for the router's global index
         self.events.attach(engine.kv.pool)
         self.kv_transport = kv_transport
         self.receiver = KVReceiver()
+        self.mooncake_server = None   # only when chosen: it needs the mooncake package and registers the cache;
+        # first, so that a host without it fails before anything else is started
+        if kv_transport == "mooncake":
+            from kv_transfer.mooncake_server import MooncakeKVServer
+            self.mooncake_server = MooncakeKVServer(self.receiver, engine.runner.k_caches, engine.runner.v_caches,
+                                                    host=kv_host, secret=secret)
+            self.mooncake_server.start_sync()
         self.server = KVServer(self.receiver, host=kv_host, port=kv_port, secret=secret)
         self.server.start_sync()
         self.tcp_server = KVTcpServer(self.receiver, host=kv_host, port=kv_tcp_port, secret=secret)
         self.tcp_server.start_sync()
         self.transfer_timeout_s = transfer_timeout_s
         self.streams: dict[str, TokenStream] = {}
-        self._reserved: dict[str, tuple[Request, object]] = {}   # engine thread only
+        # rid -> (request, pending transfer, monotonic expiry); engine thread only. A reservation that
+        # is neither started nor aborted by its expiry (its router lost track of it) is freed.
+        self._reserved: dict[str, tuple[Request, object, float]] = {}
+        # longer than the router waits for the prefill that fills it (queue + compute + transfer)
+        self.reservation_ttl_s = reservation_ttl_s
         self._lock = threading.Lock()
         self.loop = EngineThread(engine, name=f"decode-{worker_id}")
 
     @property
     def kv_address(self) -> str:
         """The advertised KV address: that of the `kv_transport` server."""
+        if self.mooncake_server is not None:
+            return self.mooncake_server.address
         return self.tcp_server.address if self.kv_transport == "tcp" else self.server.address
 
     def _listen(self, rid: str, sink=None) -> TokenStream:
@@ -103,7 +120,7 @@ class DecodeWorker:
             dst = req.block_ids[len(hits):]
             pending = self.receiver.expect(rid, dst, engine.cfg.model.num_layers,
                                            cache_writer(engine.runner.k_caches, engine.runner.v_caches))
-            self._reserved[rid] = (req, pending)
+            self._reserved[rid] = (req, pending, time.monotonic() + self.reservation_ttl_s)
             return dict(kv_address=self.kv_address, kv_grpc_address=self.server.address,
                         kv_tcp_address=self.tcp_server.address, dst_id=self.worker_id, skip_blocks=len(hits),
                         dst_block_ids=dst, cached_tokens=len(hits) * kv.block_size)
@@ -112,7 +129,7 @@ class DecodeWorker:
     def start(self, rid: str, first_token: int, sink=None) -> TokenStream:
         """The transfer finished (the prefill worker holds the ack): join the running batch."""
         def _start(engine: LLMEngine) -> None:
-            req, pending = self._reserved.pop(rid)
+            req, pending, _ = self._reserved.pop(rid)
             if pending.state is not TransferState.COMPLETE:
                 engine.kv.free(req)
                 self.receiver.abort(rid)
@@ -169,11 +186,23 @@ class DecodeWorker:
     def finished(self, rid: str) -> None:
         self._drop_stream(rid)
 
+    def _expire_reservations(self, engine: LLMEngine) -> None:
+        now = time.monotonic()
+        for rid in [r for r, (_, _, expiry) in self._reserved.items() if expiry < now]:
+            log.warning("%s: reservation %s expired unclaimed after %.0fs; freeing its blocks", self.worker_id,
+                        rid, self.reservation_ttl_s)
+            req, _, _ = self._reserved.pop(rid)
+            self.receiver.abort(rid)
+            engine.kv.free(req)
+
     def status(self, drain_events: bool = False) -> dict:
-        """Load figures; with drain_events (the router's poll) also the block events since the last drain."""
+        """Load figures; with drain_events (the router's poll) also the block events since the last drain.
+        Each poll also sweeps expired reservations (queued on the engine thread, not waited for)."""
+        self.loop.call(self._expire_reservations)
         e = self.engine
         seq, events = self.events.drain() if drain_events else (None, [])
-        return dict(worker_id=self.worker_id, role="decode", running=len(e.scheduler.running),
+        return dict(worker_id=self.worker_id, role="decode", incarnation=self.incarnation, pid=os.getpid(),
+                    running=len(e.scheduler.running),
                     waiting=len(e.scheduler.waiting), reserved=len(self._reserved),
                     kv_address=self.kv_address, block_seq=seq, block_events=events, **e.figures())
 
@@ -185,3 +214,5 @@ class DecodeWorker:
         self.loop.stop()
         self.server.stop_sync()
         self.tcp_server.stop_sync()
+        if self.mooncake_server is not None:
+            self.mooncake_server.stop_sync()

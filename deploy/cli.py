@@ -29,27 +29,51 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="prompts up to this many tokens prefill on the decode worker (default 0)")
     p.add_argument("--metrics-port", type=int, default=9090,
                    help="Prometheus /metrics of the router on --host:PORT (default 9090; 0 = off)")
-    p.add_argument("--kv-transport", default="tcp", choices=["grpc", "tcp"],
-                   help="how prefill workers push KV to decode workers: a plain TCP socket (default) or gRPC")
-    p.add_argument("--policy", default="least-loaded",
+    p.add_argument("--kv-transport", default="tcp", choices=["grpc", "tcp", "mooncake"],
+                   help="how KV goes from prefill to decode workers: a plain TCP socket (default), gRPC, or "
+                        "mooncake (the decode side pulls over the Mooncake Transfer Engine, RDMA where NICs "
+                        "exist; needs pip install 'pdcluster[rdma]' and libibverbs1)")
+    p.add_argument("--policy", default="cost-model",
                    choices=["round-robin", "least-loaded", "cache-aware", "cost-model"],
-                   help="placement policy (default least-loaded; cost-model prices each (prefill, decode) pair "
-                        "by cache hits, learned rates and measured link bandwidth)")
+                   help="placement policy (default cost-model: prices each (prefill, decode) pair and local "
+                        "prefill by cache hits, learned rates and measured link bandwidth)")
     p.add_argument("--auth-token-file", default=None,
                    help="require `authorization: Bearer <token>`; one token (or tenant:token) per line; the "
                         "tenant also isolates its prefix cache")
     p.add_argument("--tls-cert", default=None, help="PEM certificate: serve the public endpoint over TLS")
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    p.add_argument("--cluster-secret-file", default=None,
+                   help="shared secret (first line, >= 16 chars) that the internal KV endpoints require; "
+                        "default: a fresh random secret per serve (the router hands it to the workers it spawns)")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="Ray restarts a crashed worker actor this often; it re-registers with the router (default 3)")
+    p.add_argument("--worker-timeout", type=float, default=60.0,
+                   help="seconds of silence inside a token stream (or for a reserve) after which a decode worker "
+                        "counts as lost and its requests migrate (default 60)")
+    p.add_argument("--prefill-timeout", type=float, default=120.0,
+                   help="seconds one remote prefill + KV transfer may take before it is recomputed elsewhere")
+    p.add_argument("--health-timeout", type=float, default=5.0,
+                   help="a worker that misses a status poll for this long is unhealthy (no new placements)")
+    p.add_argument("--transfer-timeout", type=float, default=30.0,
+                   help="seconds one request's KV transfer may take on either end before it fails and is recomputed")
     p.add_argument("--config", default=None,
-                   help="serving config YAML (see deploy/pools.yaml): model, router host/port/metrics port and "
-                        "the initial size and resources of each pool; it overrides the matching flags")
+                   help="serving config YAML (see deploy/pools.yaml): model, router host/port/metrics port, "
+                        "the size bounds, resources and autoscaling knobs of each pool; it overrides the matching "
+                        "flags. A pool with min_replicas < max_replicas is scaled by the pool autoscaler "
+                        "(unless autoscaler.enabled is false): replicas are added and drained while serving")
     p.add_argument("--log-level", default="INFO")
 
 
 def cmd_serve(a) -> int:
     import uvloop
+    rules, interval_s = {}, 5.0        # pool autoscaling: only from --config
 
     from deploy.launch import Cluster, ClusterConfig
+    if a.kv_transport == "mooncake":
+        from kv_transfer.mooncake_engine import available
+        if (reason := available()) is not None:
+            print(reason, file=sys.stderr)
+            return 2
     logging.basicConfig(level=a.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = ClusterConfig(model=a.model, host=a.host, port=a.port, prefill_workers=a.prefill_workers,
                         decode_workers=a.decode_workers, address=a.address, threads_per_worker=a.threads_per_worker,
@@ -59,7 +83,9 @@ def cmd_serve(a) -> int:
                         local_prefill_max_tokens=a.local_prefill_max_tokens, metrics_port=a.metrics_port,
                         kv_transport=a.kv_transport,
                         auth_token_file=a.auth_token_file, tls_cert=a.tls_cert, tls_key=a.tls_key,
-                        policy=a.policy)
+                        policy=a.policy, cluster_secret_file=a.cluster_secret_file, max_restarts=a.max_restarts,
+                        worker_timeout_s=a.worker_timeout, prefill_timeout_s=a.prefill_timeout,
+                        health_timeout_s=a.health_timeout, transfer_timeout_s=a.transfer_timeout)
     if a.config:
         from dataclasses import replace
 
@@ -67,16 +93,18 @@ def cmd_serve(a) -> int:
         pools = load_pools_config(a.config)
         kw = pools.to_cluster_kwargs()
         cfg = replace(cfg, **kw)
-        if pools.autoscaler.enabled:
-            logging.getLogger("pdcluster").warning(
-                "%s: autoscaler.enabled is set, but the pool autoscaler loop is not wired into serve yet; "
-                "pools stay at initial_replicas", a.config)
+        rules, interval_s = pools.autoscaling_rules(), pools.autoscaler.interval_s
+        if pools.autoscaler.enabled and not rules:
+            logging.getLogger("pdcluster").info("%s: every pool has min_replicas == max_replicas: no autoscaling",
+                                                a.config)
 
     async def main() -> None:
         stop = asyncio.Event()
         print(f"starting pdcluster: {cfg.prefill_workers} prefill + {cfg.decode_workers} decode workers ...",
               flush=True)
         cluster = await Cluster(cfg).start()
+        if rules:
+            cluster.start_autoscaler(rules, interval_s)
         # after ray.init: Ray's driver installs its own fatal-signal handlers, ours must win
         loop = asyncio.get_running_loop()
         for s in (signal.SIGINT, signal.SIGTERM):

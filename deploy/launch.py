@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 from dataclasses import dataclass, field
+
+from deploy.scaling import Scaling
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +35,34 @@ class ClusterConfig:
     local_prefill_max_tokens: int = 0
     max_in_flight: int = 512
     kv_bandwidth_limit: float | None = None  # bytes/s: emulate a slow prefill->decode link
-    kv_transport: str = "tcp"                # "tcp" (plain socket, default) or "grpc": how KV goes prefill->decode
+    kv_transport: str = "tcp"                # how KV goes prefill->decode: "tcp" (plain socket, default), "grpc"
+                                             # or "mooncake" (decode pulls over Mooncake: RDMA/TCP)
+    kv_layerwise: bool = True                # False: ship a request's KV only after its last layer (whole-request)
+    prefill_zone: str = ""                   # topology labels of the pools' workers (cost model: links inside a
+    decode_zone: str = ""                    #   zone and across zones are priced apart)
     engine_extra: dict = field(default_factory=dict)
+    cost_model: dict = field(default_factory=dict)   # router.cost_model.CostConfig fields (e.g. tpot_slo_s)
     metrics_port: int = 0                    # router's Prometheus /metrics on host:port; 0 = not served
     start_timeout_s: float = 600.0           # give up (clear error) if workers cannot be placed/loaded
-    policy: str = "least-loaded"             # placement: round-robin | least-loaded | cache-aware | cost-model
+    policy: str = "cost-model"               # placement: round-robin | least-loaded | cache-aware | cost-model
     auth_token_file: str | None = None       # bearer tokens (`tenant:token` lines); None = no auth
     tls_cert: str | None = None              # PEM files: serve the public endpoint over TLS
     tls_key: str | None = None
+    cluster_secret_file: str | None = None   # internal KV endpoints' shared secret; None = a fresh random one
+    max_restarts: int = 3                    # Ray restarts a dead worker actor this often; it re-registers
+    prefill_timeout_s: float = 120.0         # bound on one remote prefill + its KV transfer
+    worker_timeout_s: float = 60.0           # bound on a reserve and on the silence inside a token stream
+    health_timeout_s: float = 5.0            # a worker that misses a status poll this long is unhealthy
+    transfer_timeout_s: float = 30.0         # one request's KV transfer (both ends); an unclaimed decode-side
+                                             # reservation is freed after prefill_timeout_s + 2x this
+    slow_reader_timeout_s: float = 30.0      # a client write stalled this long cancels the request
+    max_prefill_workers: int = 0             # pool bounds for the autoscaler (0 = the initial count): a Ray
+    max_decode_workers: int = 0              #   started here offers this many prefill_pool / decode_pool units
+    replica_start_timeout_s: float = 600.0   # a replica added while serving must load within this (node launch too)
+    drain_timeout_s: float = 30.0            # scale-down: running requests finish within this, else they migrate
+
+    def zone(self, role: str) -> str:
+        return self.prefill_zone if role == "prefill" else self.decode_zone
 
     def engine_kwargs(self) -> dict:
         kw = dict(model=self.model, dtype=self.dtype, device="cuda" if self.use_gpu else "cpu",
@@ -48,7 +71,20 @@ class ClusterConfig:
         return kw | dict(self.engine_extra)
 
 
-class Cluster:
+def cluster_secret(path: str | None) -> str:
+    """The secret every internal KV endpoint requires (HMAC handshake / metadata): the first line of
+    `path` (the same file on every host), or a fresh random one for this cluster (the router spawns
+    every worker, so it hands them the secret; nothing outside learns it)."""
+    if path is None:
+        return secrets.token_urlsafe(32)
+    with open(path) as f:
+        s = f.readline().strip()
+    if len(s) < 16:
+        raise ValueError(f"{path}: the cluster secret must be at least 16 characters on its first line")
+    return s
+
+
+class Cluster(Scaling):
     def __init__(self, cfg: ClusterConfig):
         self.cfg = cfg
         self.router = None
@@ -57,6 +93,11 @@ class Cluster:
         self._owns_ray = False
         self._poller = None
         self.metrics_port: int | None = None     # bound /metrics port when served
+        # scaling (deploy/scaling.py): ids prefill-0.. / decode-0.. are taken by start(), later ones count on;
+        self._next_index = {"prefill": cfg.prefill_workers, "decode": cfg.decode_workers}
+        self.starting: dict[str, object] = {}    # worker id -> actor spawned by add_replica, still loading
+        self.autoscaler = None                   # router.autoscaler.PoolAutoscaler once start_autoscaler ran
+        self._autoscaler_task = None
 
     async def start(self) -> "Cluster":
         import ray
@@ -67,16 +108,21 @@ class Cluster:
         from prefill_worker import actor as prefill_actor
         from router.lifecycle import Pools, Router, RouterConfig
         from router.server import RouterServer
-        from router.workers import DecodeClient, PrefillClient
+        from router.workers import DecodeClient, PrefillClient, Timeouts
 
         c = self.cfg
+        self.timeouts = Timeouts(prefill_s=c.prefill_timeout_s, stream_gap_s=c.worker_timeout_s,
+                                 health_s=c.health_timeout_s)
         if not ray.is_initialized():
             if c.address:
                 ray.init(address=c.address, log_to_driver=False)
             else:
                 n = c.threads_per_worker
-                ray.init(num_cpus=n * (c.prefill_workers + c.decode_workers) + 1,
-                         resources={"prefill_pool": c.prefill_workers, "decode_pool": c.decode_workers},
+                n_pre = max(c.prefill_workers, c.max_prefill_workers)     # pool units: room up to max replicas
+                n_dec = max(c.decode_workers, c.max_decode_workers)
+                # address="local": a fresh instance, even where a `ray start` cluster runs on this host
+                ray.init(address="local", num_cpus=n * (n_pre + n_dec) + 1,
+                         resources={"prefill_pool": n_pre, "decode_pool": n_dec},
                          include_dashboard=False, log_to_driver=False,
                          runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                                                    "TOKENIZERS_PARALLELISM": "false"}})
@@ -87,8 +133,16 @@ class Cluster:
             mcfg = replace(mcfg, max_position_embeddings=min(c.max_model_len, mcfg.max_position_embeddings))
         tok = load_tokenizer(mcfg)
         ek = c.engine_kwargs()
-        wk_pre = dict(bandwidth_limit_bytes_per_s=c.kv_bandwidth_limit, transport=c.kv_transport)
-        wk_dec = dict(bind_node_ip=bool(c.address), kv_transport=c.kv_transport)
+        secret = cluster_secret(c.cluster_secret_file)
+        wk_pre = dict(bandwidth_limit_bytes_per_s=c.kv_bandwidth_limit, transport=c.kv_transport,
+                      kv_layerwise=c.kv_layerwise, secret=secret,
+                      max_restarts=c.max_restarts, transfer_timeout_s=c.transfer_timeout_s)
+        wk_dec = dict(bind_node_ip=bool(c.address), kv_transport=c.kv_transport, secret=secret,
+                      max_restarts=c.max_restarts, transfer_timeout_s=c.transfer_timeout_s,
+                      # the router gives up on a prefill after prefill_timeout_s and aborts; only a
+                      # reservation whose router lost track of it lives past that
+                      reservation_ttl_s=c.prefill_timeout_s + 2 * c.transfer_timeout_s)
+        self.worker_kwargs = {"prefill": wk_pre, "decode": wk_dec}   # what every spawn of a role gets
         pre = {f"prefill-{i}": prefill_actor.spawn(f"prefill-{i}", ek, c.threads_per_worker, c.use_gpu, **wk_pre)
                for i in range(c.prefill_workers if c.remote_prefill else 0)}
         dec = {f"decode-{i}": decode_actor.spawn(f"decode-{i}", ek, c.threads_per_worker, c.use_gpu, **wk_dec)
@@ -116,16 +170,17 @@ class Cluster:
                                           local_prefill_max_tokens=c.local_prefill_max_tokens, policy=c.policy,
                                           block_size=block_size),
                              tok, mcfg.eos_token_ids, mcfg.max_position_embeddings, Pools(),
-                             cost_config=CostConfig.for_model(mcfg, dtype_bytes, block_size))
+                             cost_config=CostConfig.for_model(mcfg, dtype_bytes, block_size, **c.cost_model))
         for wid, h in pre.items():
-            self.router.add_worker("prefill", PrefillClient(wid, h))
+            self.router.add_worker("prefill", PrefillClient(wid, h, self.timeouts), zone=c.zone("prefill"))
         for wid, h in dec.items():
-            self.router.add_worker("decode", DecodeClient(wid, h))
+            self.router.add_worker("decode", DecodeClient(wid, h, self.timeouts), zone=c.zone("decode"))
         await self.router.refresh_loads()
         from router.auth import TokenAuth
         auth = TokenAuth.from_file(c.auth_token_file) if c.auth_token_file else None
         self.server = RouterServer(self.router, mcfg.name, mcfg.vocab_size, c.host, c.port, auth=auth,
-                                   tls_cert=c.tls_cert, tls_key=c.tls_key)
+                                   tls_cert=c.tls_cert, tls_key=c.tls_key,
+                                   slow_reader_timeout_s=c.slow_reader_timeout_s)
         await self.server.start()
         self._poller = asyncio.ensure_future(self._poll())
         if c.metrics_port:
@@ -153,6 +208,7 @@ class Cluster:
 
     async def stop(self) -> None:
         import ray
+        await self.stop_autoscaler()
         if self._poller:
             self._poller.cancel()
             try:

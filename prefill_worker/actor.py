@@ -40,7 +40,11 @@ class PrefillActor:
         self.worker.close()
 
 
-def spawn(worker_id: str, engine_kwargs: dict, num_threads: int, use_gpu: bool = False, **worker_kwargs):
+def spawn(worker_id: str, engine_kwargs: dict, num_threads: int, use_gpu: bool = False, max_restarts: int = 0,
+          **worker_kwargs):
+    """A worker actor; Ray restarts it up to max_restarts times after a crash (same arguments, fresh
+    process: the router sees a new incarnation and re-registers it)."""
     from deploy.worker_options import actor_options
-    return ray.remote(PrefillActor).options(**actor_options("prefill", worker_id, num_threads, use_gpu)).remote(
+    opts = actor_options("prefill", worker_id, num_threads, use_gpu, max_restarts)
+    return ray.remote(PrefillActor).options(**opts).remote(
         worker_id, engine_kwargs, num_threads, worker_kwargs)

@@ -8,8 +8,10 @@ while the next layer computes. The request's blocks stay in this worker's prefix
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
@@ -19,9 +21,11 @@ from engine.block_events import BlockEventLog
 from engine.engine_thread import EngineThread
 from engine.llm_engine import LLMEngine, StepOutput
 from engine.sampling_params import SamplingParams
-from kv_transfer import BandwidthMeter, GrpcKVTransport, KVTransferError, LayerwiseSender, TcpKVTransport
+from kv_transfer import (BandwidthMeter, GrpcKVTransport, KVTransferError, LayerwiseSender, MooncakeKVTransport,
+                         TcpKVTransport)
 
-KV_TRANSPORTS = {"tcp": TcpKVTransport, "grpc": GrpcKVTransport}
+# "mooncake" imports the mooncake package only when built (MooncakeUnavailable if it cannot)
+KV_TRANSPORTS = {"tcp": TcpKVTransport, "grpc": GrpcKVTransport, "mooncake": MooncakeKVTransport}
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +41,16 @@ class KVDestination:
 class PrefillWorker:
     def __init__(self, worker_id: str, engine: LLMEngine, secret: str | None = None,
                  bandwidth_limit_bytes_per_s: float | None = None, transfer_timeout_s: float = 30.0,
-                 transport: str = "tcp"):
-        """transport: "tcp" (TcpKVTransport) or "grpc" (GrpcKVTransport); the decode workers must
-        advertise the matching server (DecodeWorker's kv_transport)."""
+                 transport: str = "tcp", kv_layerwise: bool = True):
+        """transport: "tcp" (TcpKVTransport), "grpc" (GrpcKVTransport) or "mooncake"
+        (MooncakeKVTransport: the decode side pulls over Mooncake); the decode workers must
+        advertise the matching server (DecodeWorker's kv_transport). kv_layerwise False: whole-request
+        transfer, every layer is handed to the sender after the last layer computed (the baseline
+        that layer-wise streaming is measured against)."""
         if transport not in KV_TRANSPORTS:
             raise ValueError(f"transport must be one of {sorted(KV_TRANSPORTS)}, got {transport!r}")
         self.worker_id = worker_id
+        self.incarnation = uuid.uuid4().hex   # new on every (re)start of the process
         self.engine = engine
         self.events = BlockEventLog()      # prefix-cache events for the router's global index
         self.events.attach(engine.kv.pool)
@@ -50,6 +58,7 @@ class PrefillWorker:
         self.transport = KV_TRANSPORTS[transport](secret=secret, meter=self.meter, src_id=worker_id,
                                                   bandwidth_limit_bytes_per_s=bandwidth_limit_bytes_per_s)
         self.transfer_timeout_s = transfer_timeout_s
+        self.kv_layerwise = kv_layerwise
         self._sends: dict[str, tuple[LayerwiseSender, int]] = {}   # touched on the engine thread only
         self._shipping: list = []        # this step's (sender, source block ids), set at layer 0
         self._lock = threading.Lock()
@@ -57,8 +66,10 @@ class PrefillWorker:
         self.loop = EngineThread(engine, layer_hook=self._on_layer, name=f"prefill-{worker_id}")
 
     # the layer hook (engine thread): ship this layer of every prompt completing in this step
+    # (whole-request mode: every layer at the last one; the cache still holds them all then)
     def _on_layer(self, layer: int, batch) -> None:
-        kc, vc = self.engine.runner.k_caches[layer], self.engine.runner.v_caches[layer]
+        runner = self.engine.runner
+        kc = runner.k_caches[layer]
         if layer == 0:   # which prompts complete this step, and their source blocks: once per step
             self._shipping = []
             for i, req in enumerate(batch.reqs):
@@ -66,8 +77,14 @@ class PrefillWorker:
                 if entry is not None and batch.samples(i):
                     ids = torch.tensor(req.block_ids[entry[1]:], dtype=torch.int64, device=kc.device)
                     self._shipping.append((entry[0], ids))
+        if self.kv_layerwise:
+            layers = (layer,)
+        else:
+            layers = range(len(runner.k_caches)) if layer == len(runner.k_caches) - 1 else ()
         for sender, ids in self._shipping:
-            sender.send_layer(layer, kc.index_select(0, ids).cpu(), vc.index_select(0, ids).cpu())
+            for li in layers:
+                k, v = runner.k_caches[li], runner.v_caches[li]
+                sender.send_layer(li, k.index_select(0, ids).cpu(), v.index_select(0, ids).cpu())
 
     def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                 dest: KVDestination | None, cache_salt: str | None = None) -> dict:
@@ -130,7 +147,8 @@ class PrefillWorker:
         """Load figures; with drain_events (the router's poll) also the block events since the last drain."""
         e = self.engine
         seq, events = self.events.drain() if drain_events else (None, [])
-        return dict(worker_id=self.worker_id, role="prefill", in_flight=self.in_flight,
+        return dict(worker_id=self.worker_id, role="prefill", incarnation=self.incarnation, pid=os.getpid(),
+                    in_flight=self.in_flight,
                     links=self.meter.snapshot(), block_seq=seq, block_events=events, **e.figures())
 
     def cached_hashes(self) -> tuple[int, list[int]]:

@@ -17,7 +17,9 @@ alone ("local": d prefills it itself). Estimates, in seconds (rates learned onli
 Constraints on d (either kind): free KV blocks >= blocks the prompt needs beyond d's cached prefix;
 TPOT guard: step_s(running_d + 1) <= tpot_slo_s, and for local with requests running, one prefill
 chunk's step (step_s(running_d) + chunk / rate_d) <= tpot_slo_s. If no option passes the guard the
-cheapest KV-feasible one is taken anyway (estimate["tpot_ok"] False) unless `tpot_strict`.
+cheapest KV-feasible one is taken anyway (estimate["tpot_ok"] False) unless `tpot_strict`. If no
+option is KV-feasible, the cheapest local one is taken: a local prefill waits in d's own queue for
+blocks, while a remote one needs its reservation now (so only remote options are refused).
 
 Cached tokens come from the global PrefixIndex: min(match blocks, (L-1)//block_size) * block_size
 (the last token always computes), times the index's confidence in that worker.
@@ -364,8 +366,8 @@ class CostModel:
                   exclude: Iterable[str] = frozenset(), *, hashes=None, now: float | None = None) -> list[Estimate]:
         """Every option for the prompt (feasible or not), cheapest first."""
         c, t = self.cfg, (time.time() if now is None else now)
-        ds = [d for d in decodes if d.healthy and d.worker_id not in exclude]
-        ps = [p for p in prefills if p.healthy and p.worker_id not in exclude] if c.allow_remote else []
+        ds = [d for d in decodes if d.placeable and d.worker_id not in exclude]
+        ps = [p for p in prefills if p.placeable and p.worker_id not in exclude] if c.allow_remote else []
         cached: dict[str, float] = {}
         if hashes:
             hits = self.index.match(hashes, [w.worker_id for w in ps + ds])
@@ -383,10 +385,15 @@ class CostModel:
 
     def choose(self, prompt_len: int, prefills: list[WorkerLoad], decodes: list[WorkerLoad],
                exclude: Iterable[str] = frozenset(), *, hashes=None, now: float | None = None) -> Decision | None:
-        ests = [e for e in self.estimates(prompt_len, prefills, decodes, exclude, hashes=hashes, now=now) if e.kv_ok]
+        every = self.estimates(prompt_len, prefills, decodes, exclude, hashes=hashes, now=now)
+        ests = [e for e in every if e.kv_ok]
         best = next((e for e in ests if e.tpot_ok), None)
         if best is None and not self.cfg.tpot_strict and ests:
             best = ests[0]
+        if best is None and not ests:                   # every pool full now: queue locally where it fits
+            loads = {d.worker_id: d for d in decodes}
+            best = next((e for e in every if e.kind == "local" and e.blocks_needed <= loads[e.decode].num_blocks),
+                        None)
         if best is None:
             return None
         return Decision(best.prefill, best.decode, best.kind, best.as_dict() | {"options_kv_ok": len(ests)})

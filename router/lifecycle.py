@@ -20,7 +20,7 @@ from router.metrics import RouterMetrics
 from engine.hashing import block_hashes
 from router.cost_model import CostConfig, Telemetry
 from router.placement import WorkerLoad
-from router.policies import make_policy
+from router.policies import DEFAULT_POLICY, make_policy
 from router.prefix_index import PrefixIndex
 from router.validate import InvalidRequest
 from router.errors import WorkerLost
@@ -54,7 +54,7 @@ class RouterConfig:
     local_prefill_max_tokens: int = 0       # prompts this short prefill on the decode worker
     remote_prefill: bool = True
     status_interval_s: float = 0.5
-    policy: str = "least-loaded"            # round-robin | least-loaded | cache-aware | cost-model
+    policy: str = DEFAULT_POLICY            # round-robin | least-loaded | cache-aware | cost-model
     block_size: int = 16                    # the workers' KV block size (prefix hashes are per block)
 
 
@@ -93,31 +93,98 @@ class Router:
                                   remote_prefill=cfg.remote_prefill,
                                   **({"config": cost_config} if cost_config and cfg.policy == "cost-model" else {}))
         self.in_flight: set[str] = set()
+        self._background: set[asyncio.Task] = set()   # aborts sent to lost workers
 
     # pools
-    def add_worker(self, role: str, client) -> None:
+    def add_worker(self, role: str, client, zone: str = "") -> None:
+        """zone: the worker's topology label (the cost model prices links inside and across zones apart)."""
         (self.pools.prefill if role == "prefill" else self.pools.decode)[client.worker_id] = client
-        self.pools.loads[client.worker_id] = WorkerLoad(client.worker_id, role)
+        self.pools.loads[client.worker_id] = WorkerLoad(client.worker_id, role, zone=zone)
         self.metrics.add_worker(client.worker_id, role)
         self.index.add_worker(client.worker_id)
 
     def ready(self) -> bool:
         return bool(self.pools.decode) and (bool(self.pools.prefill) or not self.cfg.remote_prefill)
 
+    def remove_worker(self, worker_id: str) -> None:
+        """Forget a worker: pools, loads, metrics, prefix index, learned rates. A request that still
+        held it finds it gone and is placed again (retire_worker makes that the exception)."""
+        self.pools.prefill.pop(worker_id, None)
+        self.pools.decode.pop(worker_id, None)
+        self.pools.loads.pop(worker_id, None)
+        self.metrics.remove_worker(worker_id)
+        self.index.remove_worker(worker_id)
+        self.telemetry.remove_worker(worker_id)
+
+    async def retire_worker(self, worker_id: str, stop, drain_timeout_s: float = 30.0,
+                            migrate_timeout_s: float = 60.0) -> dict:
+        """Scale one worker down without dropping a request. `stop`: async, ends the worker process.
+          1. drain: it takes no new placements (WorkerLoad.draining); wait up to drain_timeout_s for
+             the requests that hold it (in_flight: placing on it, prefilling or streaming) to finish;
+          2. still busy: stop it now. Its streams end as WorkerLost, so decode requests migrate (prompt
+             + tokens sent, re-prefilled elsewhere) and prefills are placed again; wait up to
+             migrate_timeout_s for them to leave;
+          3. remove it from the router's view, then stop it (if step 2 did not).
+        Returns {"waited_s": seconds, "stopped_busy": bool, "left": requests still holding it at removal}."""
+        w = self.pools.loads[worker_id]
+        w.draining = True
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        log.info("draining %s: %d request(s) on it, waiting up to %.0fs", worker_id, w.in_flight, drain_timeout_s)
+        idle = await self._wait_idle(w, drain_timeout_s)
+        if not idle:
+            log.warning("drain of %s: %d request(s) still running after %.1fs; stopping it, they migrate",
+                        worker_id, w.in_flight, drain_timeout_s)
+            await stop()
+            await self._wait_idle(w, migrate_timeout_s)
+        left = w.in_flight
+        self.remove_worker(worker_id)
+        if idle:
+            await stop()
+        waited = loop.time() - t0
+        log.info("removed %s after %.1fs (%s)", worker_id, waited,
+                 "drained" if idle else f"stopped busy, {left} request(s) left")
+        return {"waited_s": waited, "stopped_busy": not idle, "left": left}
+
+    @staticmethod
+    async def _wait_idle(w: WorkerLoad, timeout_s: float, poll_s: float = 0.05) -> bool:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while w.in_flight > 0:
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(poll_s)
+        return True
+
     async def refresh_loads(self) -> None:
-        """Poll each worker's status: free KV blocks, step timings (learned rates), link figures,
-        and its prefix-cache block events for the global index (resynced after a gap)."""
+        """Poll every worker's status at once (each poll bounded by the client's health timeout):
+        free KV blocks, step timings (learned rates), link figures, and its prefix-cache block events
+        for the global index (resynced after a gap). A worker that misses the poll (dead, restarting,
+        hung) is unhealthy, so placement skips it, until it answers again; one that answers with a new
+        incarnation was restarted by Ray (max_restarts) and re-registers with an empty cache."""
         now = time.time()
         clients = dict(self.pools.prefill) | dict(self.pools.decode)
-        for wid, c in clients.items():
-            try:
-                s = await asyncio.wait_for(c.status(drain_events=True), 5.0)
-            except Exception:
-                self.pools.loads[wid].healthy = False
+        polls = await asyncio.gather(*(c.status(drain_events=True) for c in clients.values()), return_exceptions=True)
+        for (wid, c), s in zip(clients.items(), polls):
+            w = self.pools.loads.get(wid)
+            if w is None:      # removed while the poll was out
+                continue
+            if isinstance(s, BaseException):
+                if w.healthy:
+                    log.warning("worker %s missed its status poll (%s): unhealthy until it answers", wid, s)
+                w.healthy = False
                 self.metrics.worker_status(wid, None)
                 continue
+            inc = s.get("incarnation")
+            if w.incarnation is not None and inc != w.incarnation:
+                log.warning("worker %s restarted (incarnation %s -> %s): re-registered, its prefix index reset",
+                            wid, w.incarnation, inc)
+                self.metrics.worker_restarted(wid)
+                self.index.remove_worker(wid)
+                self.index.add_worker(wid, now=now)
+            elif not w.healthy:
+                log.info("worker %s answers again: healthy", wid)
+            w.incarnation = inc
             self.metrics.worker_status(wid, s)
-            w = self.pools.loads[wid]
             w.healthy, w.free_blocks, w.num_blocks = True, s.get("free_blocks", 0), s.get("num_blocks", 1)
             w.links = tuple(s.get("links", ()))   # per-link transfer figures, kept for placement
             for seq, kind, hashes in s.get("block_events", ()):
@@ -194,29 +261,36 @@ class Router:
                                  kv_bytes_transferred=0, kv_transfer_ms=0.0)
                 return d.stream(wid, None, ids, pd, salt), None, placement, [d], 0
             p = self.pools.prefill[dec.prefill]
+            self._charge(dec.decode, 0, +1)   # from the reserve on the request holds d: a drain waits for it
             try:
-                r = await d.reserve(wid, ids, pd, salt)
-            except WorkerLost as e:
-                log.warning("reserve of %s: %s; placing again", wid, e)
-                exclude.add(dec.decode)
-                continue
-            if not r.pop("ok"):
-                exclude.add(dec.decode)
-                continue
-            self._charge(dec.prefill, len(ids), +1)
-            try:
-                pre = await p.prefill(wid, ids, pd, {k: r[k] for k in ("dst_id", "skip_blocks", "dst_block_ids")}
-                                      | {"address": r["kv_address"]}, salt)
-            except Exception as e:   # lost worker, failed or corrupted transfer: recompute elsewhere
-                log.warning("prefill of %s on %s failed (%s); placing again", wid, dec.prefill, e)
-                await self._abort_all(wid, [d, p])
-                exclude.add(dec.prefill)
-                continue
+                try:
+                    r = await d.reserve(wid, ids, pd, salt)
+                except WorkerLost as e:
+                    log.warning("reserve of %s: %s; placing again", wid, e)
+                    exclude.add(dec.decode)
+                    continue
+                if not r.pop("ok"):
+                    exclude.add(dec.decode)
+                    continue
+                self._charge(dec.prefill, len(ids), +1)
+                try:
+                    dest = {k: r[k] for k in ("dst_id", "skip_blocks", "dst_block_ids")} | {"address": r["kv_address"]}
+                    # the transfer needs both ends: either worker missing its health poll (hung,
+                    # dead) ends the attempt now rather than at the prefill timeout
+                    pre = await self._while_healthy(p.prefill(wid, ids, pd, dest, salt), dec.decode, dec.prefill)
+                except Exception as e:   # lost worker, failed or corrupted transfer: recompute elsewhere
+                    lost = e.worker_id if isinstance(e, WorkerLost) else None
+                    log.warning("prefill of %s on %s failed (%s); placing again", wid, dec.prefill, e)
+                    await self._abort_all(wid, [d, p], lost=lost)
+                    exclude.add(lost or dec.prefill)
+                    continue
+                finally:
+                    self._charge(dec.prefill, len(ids), -1)
+                placement = dict(prefill_worker=dec.prefill, decode_worker=dec.decode, remote_prefill=True,
+                                 kv_bytes_transferred=pre["kv_bytes"], kv_transfer_ms=pre["kv_transfer_ms"])
+                return None, pre["first_token"], placement, [d, p], pre["cached_tokens"]
             finally:
-                self._charge(dec.prefill, len(ids), -1)
-            placement = dict(prefill_worker=dec.prefill, decode_worker=dec.decode, remote_prefill=True,
-                             kv_bytes_transferred=pre["kv_bytes"], kv_transfer_ms=pre["kv_transfer_ms"])
-            return None, pre["first_token"], placement, [d, p], pre["cached_tokens"]
+                self._charge(dec.decode, 0, -1)
         raise Unavailable(f"no worker could take request {wid} (excluded: {sorted(exclude) or 'none ready'})")
 
     async def _run(self, rid: str, ids: list[int], params: SamplingParams, salt: str | None, trace: Trace):
@@ -288,7 +362,7 @@ class Router:
                                 attempt)
                     if lost:
                         exclude.add(lost)
-                    await self._abort_all(wid, holders)
+                    await self._abort_all(wid, holders, lost=lost)
                     holders = []
                     if attempt > self.cfg.max_migrations:
                         if not out:
@@ -303,6 +377,22 @@ class Router:
                 await asyncio.shield(self._abort_all(wid, holders))
             trace.n_out, trace.cached = len(out), cached
 
+    async def _while_healthy(self, aw, *wids: str):
+        """Await `aw` unless one of the workers `wids` is marked unhealthy (or removed) first: then
+        WorkerLost naming it."""
+        task = asyncio.ensure_future(aw)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.cfg.status_interval_s)
+                if done:
+                    return task.result()
+                for wid in wids:
+                    w = self.pools.loads.get(wid)
+                    if w is None or not w.healthy:
+                        raise WorkerLost(wid, "missed its health poll")
+        finally:
+            task.cancel()   # no-op once done
+
     def _loads(self, role: str):
         pool = self.pools.prefill if role == "prefill" else self.pools.decode
         return (self.pools.loads[w] for w in pool)
@@ -313,12 +403,29 @@ class Router:
             w.in_flight += sign
             w.queued_tokens += sign * tokens
 
-    async def _abort_all(self, rid: str, holders) -> None:
+    async def _abort_all(self, rid: str, holders, lost: str | None = None) -> None:
+        """Tell every holder to abort `rid` (frees its blocks, fences late KV), all at once. The lost
+        worker's abort runs in the background and is retried for a few minutes: a hung worker must
+        not delay the migration, and when it answers again the abort frees what it held (a worker
+        also frees reservations nobody claims, as a last resort)."""
+        async def one(h, tries: int = 1):
+            for i in range(tries):
+                try:
+                    return await h.abort(rid)
+                except Exception as e:
+                    if i == tries - 1:
+                        log.warning("abort of %s on %s failed: %s", rid, h.worker_id, e)
+                    else:
+                        await asyncio.sleep(min(2.0 ** i, 10.0))
+        waits = []
         for h in holders:
-            try:
-                await asyncio.wait_for(h.abort(rid), 10.0)
-            except Exception as e:
-                log.warning("abort of %s on %s failed: %s", rid, h.worker_id, e)
+            if h.worker_id == lost:
+                t = asyncio.ensure_future(one(h, tries=20))
+                self._background.add(t)
+                t.add_done_callback(self._background.discard)
+            else:
+                waits.append(one(h))
+        await asyncio.gather(*waits)
 
     @staticmethod
     def _usage(ids, n_out, cached) -> dict:

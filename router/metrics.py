@@ -18,10 +18,20 @@ Exported (units in the names; counters get `_total` in the exposition):
   pdcluster_prefix_cache_hits_tokens_total{worker} / _prefix_cache_queries_tokens_total{worker}
   pdcluster_kv_transfer_bytes_total{src,dst} / _kv_transfer_seconds_total{src,dst}
   pdcluster_worker_busy_seconds_total{worker} / _worker_steps_total{worker}
+  pdcluster_autoscaler_decisions_total{pool,direction,cause}  every tick's decision: up|down|hold and why
+  pdcluster_autoscaler_actions_total{pool,action,result}     replicas added|removed: ok|failed
+  pdcluster_autoscaler_load{pool}                            the pool's signal / its target (NaN: no data)
+  pdcluster_autoscaler_target_replicas{pool}                 replicas the last decision aims at
+
+The autoscaler's latency signals (p90 TTFT/TPOT) come from `recent_ttft` / `recent_tpot`, the
+samples of the last `recent_window_s` seconds (the histograms above are cumulative).
 """
 from __future__ import annotations
 
+import math
 import threading
+import time
+from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -32,8 +42,29 @@ TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 
 PLACEMENT_KINDS = ("remote", "local")
 
 
+class RecentWindow:
+    """Samples of the last `window_s` seconds (monotonic clock) and their quantiles. Pure Python."""
+
+    def __init__(self, window_s: float = 30.0, clock=time.monotonic):
+        self.window_s, self.clock = window_s, clock
+        self._samples: deque[tuple[float, float]] = deque()     # (time, value), oldest first
+
+    def add(self, value: float) -> None:
+        self._samples.append((self.clock(), value))
+
+    def quantile(self, q: float) -> float | None:
+        """The q-quantile (nearest rank) of the window's samples; None when there are none."""
+        cutoff = self.clock() - self.window_s
+        while self._samples and self._samples[0][0] < cutoff:
+            self._samples.popleft()
+        if not self._samples:
+            return None
+        vals = sorted(v for _, v in self._samples)
+        return vals[min(len(vals) - 1, max(0, math.ceil(q * len(vals)) - 1))]
+
+
 class RouterMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, recent_window_s: float = 30.0):
         self.registry = r = registry if registry is not None else CollectorRegistry()
         self.ttft = Histogram("pdcluster_ttft_seconds", "Time to first token, from admission at the router",
                               buckets=LATENCY_BUCKETS, registry=r)
@@ -48,6 +79,18 @@ class RouterMetrics:
         self.placements = Counter("pdcluster_placement_decisions", "Placements made, by kind", ["kind"], registry=r)
         for kind in PLACEMENT_KINDS:
             self.placements.labels(kind)
+        self.restarts = Counter("pdcluster_worker_restarts", "Worker restarts seen (re-registrations)", ["worker"],
+                                registry=r)
+        self.scale_decisions = Counter("pdcluster_autoscaler_decisions", "Autoscaler decisions per tick, by cause",
+                                       ["pool", "direction", "cause"], registry=r)
+        self.scale_actions = Counter("pdcluster_autoscaler_actions", "Replicas the autoscaler added or removed",
+                                     ["pool", "action", "result"], registry=r)
+        self.scale_load = Gauge("pdcluster_autoscaler_load", "Pool signal / its target at the last tick (NaN: no data)",
+                                ["pool"], registry=r)
+        self.scale_target = Gauge("pdcluster_autoscaler_target_replicas", "Replicas the last decision aims at",
+                                  ["pool"], registry=r)
+        self.recent_ttft = RecentWindow(recent_window_s)     # seconds
+        self.recent_tpot = RecentWindow(recent_window_s)     # seconds per output token
         self._lock = threading.Lock()
         self._pools: dict[str, str] = {}              # worker id -> pool ("prefill" | "decode")
         self._status: dict[str, dict | None] = {}     # worker id -> last status (None = poll failed)
@@ -60,6 +103,7 @@ class RouterMetrics:
 
     def first_token(self, ttft_s: float) -> None:
         self.ttft.observe(ttft_s)
+        self.recent_ttft.add(ttft_s)
         self.queue_depth.dec()
         self.running.inc()
 
@@ -74,6 +118,7 @@ class RouterMetrics:
             self.e2e.observe(e2e_s)
             if ttft_s is not None and completion_tokens > 1:
                 self.tpot.observe((e2e_s - ttft_s) / (completion_tokens - 1))
+                self.recent_tpot.add((e2e_s - ttft_s) / (completion_tokens - 1))
 
     def rejected(self, status: str) -> None:
         """A request refused before admission (e.g. "overloaded")."""
@@ -84,6 +129,28 @@ class RouterMetrics:
         with self._lock:
             self._pools[worker_id] = pool
             self._status.setdefault(worker_id, None)
+
+    def remove_worker(self, worker_id: str) -> None:
+        with self._lock:
+            self._pools.pop(worker_id, None)
+            self._status.pop(worker_id, None)
+        try:
+            self.restarts.remove(worker_id)
+        except KeyError:
+            pass
+
+    # autoscaler hooks (PoolAutoscaler's observer)
+    def autoscale_decision(self, dec) -> None:
+        """dec: router.autoscaler.Decision."""
+        self.scale_decisions.labels(dec.pool, dec.direction, dec.cause or "none").inc()
+        self.scale_load.labels(dec.pool).set(math.nan if dec.load is None else dec.load)
+        self.scale_target.labels(dec.pool).set(dec.target_replicas)
+
+    def autoscale_action(self, pool: str, action: str, ok: bool) -> None:
+        self.scale_actions.labels(pool, action, "ok" if ok else "failed").inc()
+
+    def worker_restarted(self, worker_id: str) -> None:
+        self.restarts.labels(worker_id).inc()
 
     def worker_status(self, worker_id: str, status: dict | None) -> None:
         with self._lock:

@@ -20,7 +20,9 @@ class WorkerLoad:
     queued_tokens: int = 0          # prompt tokens this router sent and not yet finished (prefill)
     free_blocks: int = 0            # last reported (decode)
     num_blocks: int = 1
-    healthy: bool = True
+    healthy: bool = True            # answered its last status poll
+    incarnation: str | None = None  # the worker process's id as last reported; changes on a restart
+    draining: bool = False          # being removed (scale-down): takes no new placements
     links: tuple = ()               # prefill: measured KV links [{dst_id, ewma_bytes_per_s, ...}]
     # optional, for the cache-aware and cost-model policies (defaults keep older callers working)
     zone: str = ""                  # topology label; links inside a zone are priced apart from across
@@ -28,6 +30,11 @@ class WorkerLoad:
     waiting_tokens: int = 0         # prefill: prompt tokens waiting in its scheduler (last reported)
     prefill_tps: float | None = None        # prefill rate override, tokens/s (else learned online)
     decode_step_s: tuple | None = None      # decode step-time override (base_s, per_seq_s)
+
+    @property
+    def placeable(self) -> bool:
+        """May take a new request: answered its last status poll and is not draining."""
+        return self.healthy and not self.draining
 
     @property
     def capacity_known(self) -> bool:
@@ -50,11 +57,11 @@ class LeastLoaded:
 
     def choose(self, prompt_len: int, prefills: list[WorkerLoad], decodes: list[WorkerLoad],
                exclude: set[str] = frozenset(), *, hashes=None, now=None) -> Decision | None:
-        ds = [d for d in decodes if d.healthy and d.worker_id not in exclude]
+        ds = [d for d in decodes if d.placeable and d.worker_id not in exclude]
         if not ds:
             return None
         d = min(ds, key=lambda w: (w.in_flight - w.free_blocks / max(w.num_blocks, 1), w.worker_id))
-        ps = [p for p in prefills if p.healthy and p.worker_id not in exclude]
+        ps = [p for p in prefills if p.placeable and p.worker_id not in exclude]
         if not self.remote_prefill or not ps or prompt_len <= self.local_prefill_max_tokens:
             return Decision(None, d.worker_id, "local")
         p = min(ps, key=lambda w: (w.queued_tokens, w.in_flight, w.worker_id))

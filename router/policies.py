@@ -30,7 +30,7 @@ class Policy(Protocol):
 
 
 def _usable(ws: list[WorkerLoad], exclude) -> list[WorkerLoad]:
-    return [w for w in ws if w.healthy and w.worker_id not in exclude]
+    return [w for w in ws if w.placeable and w.worker_id not in exclude]
 
 
 def _decode_key(w: WorkerLoad):

@@ -2,10 +2,13 @@
 A thin layer: protobuf <-> Router, exceptions -> status codes."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -18,6 +21,41 @@ log = logging.getLogger(__name__)
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+
+
+class Malformed:
+    """What a request that is not valid protobuf (corrupt wire format, non-UTF-8 in a string field)
+    deserializes to, so the servicer answers INVALID_ARGUMENT instead of the library's UNKNOWN."""
+
+    def __init__(self, kind: str, error: Exception):
+        self.message = f"request is not a valid {kind} protobuf message: {error}"
+
+
+def _lenient(msg_type):
+    def parse(data: bytes):
+        try:
+            return msg_type.FromString(data)
+        except DecodeError as e:
+            return Malformed(msg_type.DESCRIPTOR.name, e)
+    return parse
+
+
+def add_generation_service(servicer, server) -> None:
+    """generation_pb2_grpc.add_GenerationServicer_to_server, with lenient request parsing."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=_lenient(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo, request_deserializer=_lenient(pb.ModelInfoRequest),
+            response_serializer=pb.ModelInfo.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+class SlowReader(Exception):
+    """The client left a write stalled past the slow-reader bound (maps to RESOURCE_EXHAUSTED)."""
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -52,31 +90,44 @@ def tenant_of(context, auth) -> str | None:
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, router: Router, model_name: str, vocab_size: int, auth=None):
+    def __init__(self, router: Router, model_name: str, vocab_size: int, auth=None,
+                 slow_reader_timeout_s: float = 30.0):
         self.router = router
         self.auth = auth
         self.model_name = model_name
         self.vocab_size = vocab_size
+        # Buffering bound for a client that stops reading: gRPC's flow control stalls our writes once
+        # its window (a few MB) is full; a write stalled this long cancels the request (its KV blocks
+        # are freed on every worker) with RESOURCE_EXHAUSTED instead of holding its slot forever.
+        self.slow_reader_timeout_s = slow_reader_timeout_s
 
-    async def Generate(self, request, context: grpc.aio.ServicerContext):
+    async def Generate(self, request, context: grpc.aio.ServicerContext) -> None:
         r = self.router
+        first = True
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
             parsed = parse_request(request, r.tokenizer, self.vocab_size, r.max_context)
             rid = request.request_id or uuid.uuid4().hex
             events = r.generate(parsed.prompt_ids, parsed.params, rid, cache_salt=tenant_of(context, self.auth))
-            first = True
-            async for ev in events:
-                msg = pb.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=ev.text,
-                                          finish_reason=FINISH.get(ev.finish_reason, pb.FINISH_REASON_UNSPECIFIED))
-                if ev.placement:
-                    msg.placement.CopyFrom(pb.Placement(**ev.placement))
-                if ev.usage:
-                    msg.usage.CopyFrom(pb.Usage(**ev.usage))
-                first = False
-                yield msg
+            async with contextlib.aclosing(events):
+                async for ev in events:
+                    msg = pb.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=ev.text,
+                                              finish_reason=FINISH.get(ev.finish_reason,
+                                                                       pb.FINISH_REASON_UNSPECIFIED))
+                    if ev.placement:
+                        msg.placement.CopyFrom(pb.Placement(**ev.placement))
+                    if ev.usage:
+                        msg.usage.CopyFrom(pb.Usage(**ev.usage))
+                    first = False
+                    try:
+                        await asyncio.wait_for(context.write(msg), self.slow_reader_timeout_s)
+                    except asyncio.TimeoutError:
+                        raise SlowReader(f"client stopped reading: no message accepted for "
+                                         f"{self.slow_reader_timeout_s:g}s; request {rid} cancelled") from None
         except InvalidRequest as e:
             await context.abort(getattr(grpc.StatusCode, e.code), str(e))
-        except Overloaded as e:
+        except (Overloaded, SlowReader) as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except Unavailable as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
@@ -88,6 +139,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                                 f"request failed: {e}")
 
     async def GetModelInfo(self, request, context):
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         p = self.router.pools
         return pb.ModelInfo(model=self.model_name, max_context_tokens=self.router.max_context,
                             vocab_size=self.vocab_size, prefill_workers=len(p.prefill), decode_workers=len(p.decode))
@@ -95,11 +148,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
 class RouterServer:
     def __init__(self, router: Router, model_name: str, vocab_size: int, host: str = "127.0.0.1", port: int = 50051,
-                 auth=None, tls_cert: str | None = None, tls_key: str | None = None):
+                 auth=None, tls_cert: str | None = None, tls_key: str | None = None,
+                 slow_reader_timeout_s: float = 30.0):
         self.router = router
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 2**20)],
                                       interceptors=[AuthInterceptor(auth)] if auth else None)
-        pb_grpc.add_GenerationServicer_to_server(GenerationServicer(router, model_name, vocab_size, auth), self.server)
+        add_generation_service(GenerationServicer(router, model_name, vocab_size, auth, slow_reader_timeout_s),
+                                                self.server)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)

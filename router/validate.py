@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from engine.sampling_params import SamplingParams
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+MAX_CHARS_PER_TOKEN = 64     # no token of a real vocab is longer: longer text can't fit, so it is
+                             # rejected before the tokenizer spends time on it
+MAX_REQUEST_ID = 256         # characters
 
 
 class InvalidRequest(Exception):
@@ -49,12 +52,18 @@ def parse_request(req, tokenizer, vocab_size: int, max_context: int) -> Parsed:
     if not req.HasField("sampling"):
         raise InvalidRequest("sampling is required (sampling.max_tokens >= 1)")
     params = sampling_from_proto(req.sampling)
+    if len(req.request_id) > MAX_REQUEST_ID:
+        raise InvalidRequest(f"request_id is {len(req.request_id)} characters; at most {MAX_REQUEST_ID}")
+    max_chars = max_context * MAX_CHARS_PER_TOKEN
     kind = req.WhichOneof("prompt")
     if kind is None:
         raise InvalidRequest("prompt is required: set text, token_ids or chat")
     if kind == "text":
         if not req.text:
             raise InvalidRequest("prompt text is empty")
+        if len(req.text) > max_chars:
+            raise InvalidRequest(f"prompt text is {len(req.text)} characters: more than the context length "
+                                 f"({max_context} tokens) can hold")
         ids = tokenizer.encode(req.text, add_special_tokens=False)
     elif kind == "token_ids":
         ids = list(req.token_ids.ids)
@@ -65,6 +74,10 @@ def parse_request(req, tokenizer, vocab_size: int, max_context: int) -> Parsed:
         msgs = [{"role": m.role, "content": m.content} for m in req.chat.messages]
         if not msgs:
             raise InvalidRequest("chat.messages is empty")
+        n_chars = sum(len(m["content"]) for m in msgs)
+        if n_chars > max_chars:
+            raise InvalidRequest(f"chat.messages hold {n_chars} characters: more than the context length "
+                                 f"({max_context} tokens) can hold")
         for m in msgs:
             if m["role"] not in CHAT_ROLES:
                 raise InvalidRequest(f"chat.messages: unknown role {m['role']!r} (one of {', '.join(CHAT_ROLES)})")

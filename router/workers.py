@@ -1,16 +1,26 @@
 """The router's handles on worker actors: the only Ray code on the router side.
 
-Every call is bounded in time, and a dead, restarting or unreachable actor surfaces as WorkerLost
-(the router re-places or migrates the request), never as a Ray exception type.
+Every call is bounded in time, and a dead, restarting, hung or unreachable actor surfaces as
+WorkerLost (the router re-places or migrates the request), never as a Ray exception type.
 """
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import ray.exceptions
 
 from router.errors import WorkerLost
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Bounds on every call to a worker, seconds. A call past its bound means a lost worker."""
+    prefill_s: float = 120.0        # one remote prefill incl. its KV transfer (long prompts on CPU)
+    stream_gap_s: float = 60.0      # reserve, and the longest silence between two token items
+    health_s: float = 5.0           # a status poll; a worker that misses it is marked unhealthy
+    control_s: float = 10.0         # abort, prefix-index resync
 
 
 async def _call(worker_id: str, ref, timeout: float):
@@ -24,50 +34,50 @@ async def _call(worker_id: str, ref, timeout: float):
 
 
 class PrefillClient:
-    def __init__(self, worker_id: str, handle, timeout_s: float = 120.0):
-        self.worker_id, self.handle, self.timeout_s = worker_id, handle, timeout_s
+    def __init__(self, worker_id: str, handle, timeouts: Timeouts = Timeouts()):
+        self.worker_id, self.handle, self.t = worker_id, handle, timeouts
 
     async def prefill(self, rid: str, prompt_ids: list[int], params: dict, dest: dict | None,
                       cache_salt: str | None) -> dict:
         return await _call(self.worker_id, self.handle.prefill.remote(rid, prompt_ids, params, dest, cache_salt),
-                           self.timeout_s)
+                           self.t.prefill_s)
 
     async def abort(self, rid: str) -> None:
-        await _call(self.worker_id, self.handle.abort.remote(rid), 10.0)
+        await _call(self.worker_id, self.handle.abort.remote(rid), self.t.control_s)
 
     async def status(self, drain_events: bool = False) -> dict:
-        return await _call(self.worker_id, self.handle.status.remote(drain_events), 5.0)
+        return await _call(self.worker_id, self.handle.status.remote(drain_events), self.t.health_s)
 
     async def cached_hashes(self) -> tuple[int, list[int]]:
-        return await _call(self.worker_id, self.handle.cached_hashes.remote(), 10.0)
+        return await _call(self.worker_id, self.handle.cached_hashes.remote(), self.t.control_s)
 
 
 class DecodeClient:
-    def __init__(self, worker_id: str, handle, timeout_s: float = 60.0):
-        self.worker_id, self.handle, self.timeout_s = worker_id, handle, timeout_s
+    def __init__(self, worker_id: str, handle, timeouts: Timeouts = Timeouts()):
+        self.worker_id, self.handle, self.t = worker_id, handle, timeouts
 
     async def reserve(self, rid: str, prompt_ids: list[int], params: dict, cache_salt: str | None) -> dict:
         return await _call(self.worker_id, self.handle.reserve.remote(rid, prompt_ids, params, cache_salt),
-                           self.timeout_s)
+                           self.t.stream_gap_s)
 
     async def stream(self, rid: str, first_token: int | None, prompt_ids: list[int] | None = None,
                      params: dict | None = None, cache_salt: str | None = None) -> AsyncIterator[dict]:
-        """Token items; a gap longer than timeout_s between items counts as a lost worker."""
+        """Token items; a gap longer than stream_gap_s between items counts as a lost worker."""
         gen = self.handle.stream.options(num_returns="streaming").remote(
             rid, first_token, prompt_ids, params, cache_salt)
         it = gen.__aiter__()
         while True:
             try:
-                ref = await _call(self.worker_id, it.__anext__(), self.timeout_s)
+                ref = await _call(self.worker_id, it.__anext__(), self.t.stream_gap_s)
             except StopAsyncIteration:
                 return
-            yield await _call(self.worker_id, ref, self.timeout_s)
+            yield await _call(self.worker_id, ref, self.t.stream_gap_s)
 
     async def abort(self, rid: str) -> None:
-        await _call(self.worker_id, self.handle.abort.remote(rid), 10.0)
+        await _call(self.worker_id, self.handle.abort.remote(rid), self.t.control_s)
 
     async def status(self, drain_events: bool = False) -> dict:
-        return await _call(self.worker_id, self.handle.status.remote(drain_events), 5.0)
+        return await _call(self.worker_id, self.handle.status.remote(drain_events), self.t.health_s)
 
     async def cached_hashes(self) -> tuple[int, list[int]]:
-        return await _call(self.worker_id, self.handle.cached_hashes.remote(), 10.0)
+        return await _call(self.worker_id, self.handle.cached_hashes.remote(), self.t.control_s)

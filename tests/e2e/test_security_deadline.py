@@ -1,6 +1,5 @@
 """Bearer-token auth, tenant isolation of the prefix cache, and client deadlines, on the live cluster."""
 import ast
-import asyncio
 import pathlib
 import time
 
@@ -11,7 +10,7 @@ from router.auth import TokenAuth
 from router.proto import generation_pb2 as pb
 from router.proto import generation_pb2_grpc as pbg
 from router.server import RouterServer
-from tests.e2e.test_cluster import collect, idle_pools
+from tests.e2e.test_cluster import idle_pools
 
 TOKENS = {"alice": "alice-secret-token-0001", "bob": "bob-secret-token-00002"}
 
@@ -107,3 +106,25 @@ def test_no_unpickling_anywhere_in_the_project():
                                                                                "dill"):
                     bad.append(f"{f.relative_to(root)}:{node.lineno}")
     assert bad == []
+
+
+def test_internal_kv_endpoint_requires_the_cluster_secret(cluster):
+    """The decode worker's KV endpoint binds loopback and refuses a sender without the cluster secret
+    (serve generates one when --cluster-secret-file is not given); nothing lands, nothing leaks."""
+    import torch
+
+    from kv_transfer import KVTransferError, TcpKVTransport
+    st = cluster.run(cluster.worker_status())
+    dec = next(s for s in st.values() if s["role"] == "decode")
+    assert dec["kv_address"].startswith("127.0.0.1:")
+    for secret in (None, "not-the-cluster-secret"):
+        tr = TcpKVTransport(secret=secret)
+        sender = tr.open(dec["kv_address"], "intruder", [0])
+        block = torch.zeros(1, 16, 3, 64)   # one block: (blocks, block_size, kv_heads, head_dim)
+        sender.send_layer(0, block, block)
+        with pytest.raises(KVTransferError) as e:
+            sender.finish(timeout=20)
+        tr.close()
+        assert e.value.status == "UNAUTHENTICATED"
+    after = cluster.run(cluster.worker_status())
+    assert all(s["free_blocks"] == s["num_blocks"] for s in after.values())

@@ -111,3 +111,23 @@ def test_bad_transfer_detected_fenced_and_recomputed_exactly(workers, mode):
         if item["finished"]:
             break
     assert got == ref and len(got) == 12
+
+
+def test_unclaimed_reservation_expires_and_frees_its_blocks(workers):
+    """A reservation that its router never starts nor aborts (the router lost track of it, or its
+    abort could not reach a hung worker in time) is freed by the worker's own sweep."""
+    import time
+    _, d = workers
+    idle = d.status()["free_blocks"]
+    ttl, d.reservation_ttl_s = d.reservation_ttl_s, 0.3
+    try:
+        d.reserve("orphan", list(range(1, 80)), GREEDY)
+        assert d.status()["reserved"] == 1 and d.status()["free_blocks"] < idle
+        deadline = time.monotonic() + 10
+        while (st := d.status())["reserved"] or st["free_blocks"] != idle:
+            assert time.monotonic() < deadline, st
+            time.sleep(0.1)
+    finally:
+        d.reservation_ttl_s = ttl
+    with pytest.raises(Exception):
+        d.start("orphan", 5)   # gone: a late start fails instead of decoding freed blocks

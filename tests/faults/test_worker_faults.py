@@ -7,10 +7,9 @@ import grpc
 import pytest
 import ray
 
-from deploy.launch import Cluster, ClusterConfig
-from engine import LLM, SamplingParams
 from router.proto import generation_pb2 as pb
 from router.proto import generation_pb2_grpc as pbg
+from tests.faults.clusters import greedy_reference, running_cluster
 
 N = 16
 MAX_NEW = 24
@@ -19,21 +18,13 @@ PROMPTS = [f"Question {i}: name a city in Europe and describe it in a few words.
 
 @pytest.fixture(scope="module")
 def faulty():
-    loop = asyncio.new_event_loop()
-    c = loop.run_until_complete(Cluster(ClusterConfig(port=0, prefill_workers=1, decode_workers=2,
-                                                      kv_cache_memory=96 * 2**20)).start())
-    c.run = loop.run_until_complete
-    yield c
-    loop.run_until_complete(c.stop())
-    loop.close()
+    with running_cluster(prefill_workers=1, decode_workers=2, kv_cache_memory=96 * 2**20) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
 def reference():
-    llm = LLM(kv_cache_memory=64 * 2**20)
-    ids = [llm.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
-    outs = llm.generate(ids, SamplingParams(max_tokens=MAX_NEW, temperature=0))
-    return ids, [o.token_ids for o in outs]
+    return greedy_reference(PROMPTS, MAX_NEW)
 
 
 async def stream_all(addr, ids, on_tokens):

@@ -1,0 +1,229 @@
+"""Bad input on the public endpoint of a real cluster (router + 1 prefill + 1 decode actor): every
+row of API.md's error table, malformed and oversized protobuf, non-UTF-8 strings, unknown roles,
+empty or enormous stop strings get the right status code with a message naming the field, and the
+next valid request is served; then a few thousand mutated requests crash nothing and leak nothing."""
+import asyncio
+import collections
+import os
+import random
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from router.proto import generation_pb2 as pb
+from tests.faults.clusters import running_cluster
+
+GENERATE = "/pdcluster.v1.Generation/Generate"
+INFO = "/pdcluster.v1.Generation/GetModelInfo"
+INVALID, EXISTS, EXHAUSTED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS,
+                              grpc.StatusCode.RESOURCE_EXHAUSTED)
+VOCAB = 49152   # the embedded model's
+
+
+@pytest.fixture(scope="module")
+def c():
+    with running_cluster(kv_cache_memory=64 * 2**20) as cl:
+        yield cl
+
+
+def req(text="Hi", max_tokens=2, **sampling) -> pb.GenerateRequest:
+    return pb.GenerateRequest(text=text, sampling=pb.SamplingParams(max_tokens=max_tokens, **sampling))
+
+
+def ser(m) -> bytes:
+    return m.SerializeToString()
+
+
+def with_bytes(m, placeholder: str, raw: bytes) -> bytes:
+    """m serialized with the string `placeholder` replaced by raw bytes of the same length."""
+    b = ser(m)
+    assert len(raw) == len(placeholder.encode()) and b.count(placeholder.encode()) == 1
+    return b.replace(placeholder.encode(), raw)
+
+
+def chat(*msgs, max_tokens=2) -> pb.GenerateRequest:
+    return pb.GenerateRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=t) for r, t in msgs]),
+                              sampling=pb.SamplingParams(max_tokens=max_tokens))
+
+
+# (name, serialized request, expected code, a word the message must contain)
+MATRIX = [
+    ("no prompt", ser(pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=2))), INVALID, "prompt"),
+    ("empty text", ser(req(text="")), INVALID, "prompt"),
+    ("empty token_ids", ser(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[]),
+                                               sampling=pb.SamplingParams(max_tokens=2))), INVALID, "prompt"),
+    ("empty chat", ser(chat()), INVALID, "chat.messages"),
+    ("no sampling", ser(pb.GenerateRequest(text="Hi")), INVALID, "sampling"),
+    ("max_tokens = 0", ser(req(max_tokens=0)), INVALID, "max_tokens"),
+    ("temperature < 0", ser(req(temperature=-0.5)), INVALID, "temperature"),
+    ("temperature NaN", ser(req(temperature=float("nan"))), INVALID, "temperature"),
+    ("top_p > 1", ser(req(top_p=1.5)), INVALID, "top_p"),
+    ("top_p inf", ser(req(top_p=float("inf"))), INVALID, "top_p"),
+    ("token id = vocab", ser(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, VOCAB]),
+                                                sampling=pb.SamplingParams(max_tokens=2))), INVALID, "vocab"),
+    ("token id 2^32-1", ser(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[2**32 - 1]),
+                                               sampling=pb.SamplingParams(max_tokens=2))), INVALID, "vocab"),
+    ("stop token id >= vocab", ser(req(stop_token_ids=[VOCAB + 7])), INVALID, "stop_token_ids"),
+    ("prompt + max_tokens > context", ser(req(max_tokens=10**6)), INVALID, "context length"),
+    ("text longer than any context (2 MB)", ser(req(text="a" * (2 << 20))), INVALID, "context length"),
+    ("unknown chat role", ser(chat(("wizard", "hello"))), INVALID, "role"),
+    ("empty stop string", ser(req(stop=["", "x"])), INVALID, "stop"),
+    ("enormous stop string (1 MB)", ser(req(stop=["z" * (1 << 20)])), INVALID, "stop"),
+    ("65 stop strings", ser(req(stop=[f"s{i}" for i in range(65)])), INVALID, "stop"),
+    ("request_id of 1000 chars", ser(pb.GenerateRequest(request_id="r" * 1000, text="Hi",
+                                                        sampling=pb.SamplingParams(max_tokens=2))),
+     INVALID, "request_id"),
+    ("malformed protobuf", b"\xff\xff\xff\xff\x0f", INVALID, "protobuf"),
+    ("truncated protobuf", ser(req(text="Hello there"))[:-1], INVALID, "protobuf"),
+    ("non-UTF-8 text", with_bytes(req(text="XXXX"), "XXXX", b"\xff\xfe\xc3\x28"), INVALID, "UTF-8"),
+    ("non-UTF-8 chat content", with_bytes(chat(("user", "YYYY")), "YYYY", b"\xc0\xaf\xed\xa0"), INVALID, "UTF-8"),
+    ("non-UTF-8 stop string", with_bytes(req(stop=["QQ"]), "QQ", b"\x80\x81"), INVALID, "UTF-8"),
+    ("oversized message (17 MB)", ser(req(text="b" * (17 << 20))), EXHAUSTED, "larger than max"),
+]
+
+
+async def call(ch, data: bytes, timeout: float = 60.0, cancel_after: int | None = None):
+    """(status code, details, messages) of one raw Generate call."""
+    stub = ch.unary_stream(GENERATE, request_serializer=None, response_deserializer=pb.GenerateResponse.FromString)
+    msgs = []
+    try:
+        it = stub(data, timeout=timeout)
+        async for m in it:
+            msgs.append(m)
+            if cancel_after is not None and len(msgs) >= cancel_after:
+                it.cancel()
+                return grpc.StatusCode.CANCELLED, "cancelled by the test", msgs
+        return grpc.StatusCode.OK, "", msgs
+    except grpc.aio.AioRpcError as e:
+        return e.code(), e.details() or "", msgs
+
+
+def served(code, msgs) -> bool:
+    return code == grpc.StatusCode.OK and msgs and msgs[-1].usage.completion_tokens >= 1
+
+
+def assert_unharmed(c, incarnations):
+    """No worker restarted, every pool idle, the router SERVING and answering."""
+    async def check():
+        t0 = time.monotonic()
+        while True:
+            st = await c.worker_status()
+            if all(s["free_blocks"] == s["num_blocks"] and s.get("reserved", 0) == 0 for s in st.values()):
+                break
+            assert time.monotonic() - t0 < 30, f"blocks not back to idle: {st}"
+            await asyncio.sleep(0.2)
+        assert {w: s["incarnation"] for w, s in st.items()} == incarnations, "a worker restarted"
+        async with grpc.aio.insecure_channel(c.address) as ch:
+            h = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+            assert h.status == health_pb2.HealthCheckResponse.SERVING
+            code, _, msgs = await call(ch, ser(req()))
+            assert served(code, msgs)
+    c.run(check())
+
+
+def incarnations(c) -> dict:
+    return {w: s["incarnation"] for w, s in c.run(c.worker_status()).items()}
+
+
+def test_bad_input_matrix_codes_and_next_request_served(c):
+    before = incarnations(c)
+
+    async def run():
+        rows = []
+        async with grpc.aio.insecure_channel(c.address) as ch:
+            for name, data, code, word in MATRIX:
+                got, details, _ = await call(ch, data)
+                nxt, _, msgs = await call(ch, ser(req()))
+                rows.append((name, got, details, got == code and word in details, served(nxt, msgs)))
+            # the duplicate in-flight id (ALREADY_EXISTS) and GetModelInfo with garbage
+            long = pb.GenerateRequest(request_id="dup", text="Count to one hundred:",
+                                      sampling=pb.SamplingParams(max_tokens=40, ignore_eos=True))
+            first = asyncio.ensure_future(call(ch, ser(long)))
+            await asyncio.sleep(0.5)
+            got, details, _ = await call(ch, ser(pb.GenerateRequest(request_id="dup", text="x",
+                                                                    sampling=pb.SamplingParams(max_tokens=2))))
+            code1, _, msgs1 = await first
+            rows.append(("duplicate in-flight request_id", got, details, got == EXISTS and "request_id" in details,
+                         served(code1, msgs1)))
+            info = ch.unary_unary(INFO, request_serializer=None, response_deserializer=None)
+            try:
+                await info(b"\xff\xff\xff", timeout=10)
+                got, details = grpc.StatusCode.OK, ""
+            except grpc.aio.AioRpcError as e:
+                got, details = e.code(), e.details()
+            nxt, _, msgs = await call(ch, ser(req()))
+            rows.append(("GetModelInfo malformed", got, details, got == INVALID and "protobuf" in details,
+                         served(nxt, msgs)))
+        return rows
+    rows = c.run(run())
+    right = sum(ok for *_, ok, _ in rows)
+    print(f"\n[faults] bad-input matrix: {right}/{len(rows)} correct codes, next request served after "
+          f"{sum(s for *_, s in rows)}/{len(rows)}, 0 crashes")
+    for name, got, details, ok, nxt in rows:
+        print(f"  {'ok ' if ok and nxt else 'BAD'} {name:38s} {got.name:18s} {details[:90]}")
+    assert right == len(rows) and all(s for *_, s in rows)
+    assert_unharmed(c, before)
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    b = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(6)
+        i = rng.randrange(len(b) + 1)
+        if op == 0 and b:                                   # flip a bit
+            j = min(i, len(b) - 1)
+            b[j] ^= 1 << rng.randrange(8)
+        elif op == 1 and b:                                 # overwrite a byte
+            b[min(i, len(b) - 1)] = rng.randrange(256)
+        elif op == 2:                                       # insert random bytes
+            b[i:i] = rng.randbytes(rng.randint(1, 8))
+        elif op == 3 and b:                                 # delete a slice
+            del b[i:i + rng.randint(1, 6)]
+        elif op == 4:                                       # truncate
+            del b[i:]
+        else:                                               # duplicate a slice (repeated fields)
+            j = rng.randrange(len(b) + 1)
+            b[i:i] = b[min(i, j):max(i, j)][:64]
+    return bytes(b)
+
+
+FUZZ_OK = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS,
+           grpc.StatusCode.CANCELLED}
+
+
+def test_fuzz_thousands_of_mutated_requests(c):
+    n = int(os.environ.get("PDCLUSTER_FUZZ_N", "3000"))
+    seed = int(os.environ.get("PDCLUSTER_FUZZ_SEED", random.randrange(2**32)))
+    rng = random.Random(seed)
+    bases = [ser(req("Hello, how are you?", 3)),
+             ser(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 504, 2683, 314]),
+                                    sampling=pb.SamplingParams(max_tokens=3, temperature=0.7, top_p=0.9, top_k=20,
+                                                               seed=7))),
+             ser(chat(("system", "Be brief."), ("user", "Name a color."), max_tokens=3)),
+             ser(req("List fruits:", 4, stop=["\n", "banana"], stop_token_ids=[2], ignore_eos=True))]
+    before = incarnations(c)
+
+    async def run():
+        codes = collections.Counter()
+        unexpected = []
+        sem = asyncio.Semaphore(16)
+        async with grpc.aio.insecure_channel(c.address) as ch:
+            async def one(k):
+                data = mutate(rng, bases[k % len(bases)])
+                async with sem:
+                    # a mutant that parses with a big max_tokens is cut off after 8 messages
+                    code, details, _ = await call(ch, data, timeout=60, cancel_after=8)
+                codes[code.name] += 1
+                if code not in FUZZ_OK:
+                    unexpected.append((data.hex()[:120], code.name, details[:200]))
+            t0 = time.monotonic()
+            await asyncio.gather(*(one(k) for k in range(n)))
+            return codes, unexpected, time.monotonic() - t0
+    codes, unexpected, took = c.run(run())
+    print(f"\n[faults] fuzz: {n} mutated requests (seed {seed}) in {took:.0f}s: {dict(codes)}; "
+          f"{len(unexpected)} unexpected codes, 0 crashes")
+    assert not unexpected, f"seed {seed}: {unexpected[:5]}"
+    assert codes["OK"] + codes["CANCELLED"] > 0 and codes["INVALID_ARGUMENT"] > 0   # both paths exercised
+    assert_unharmed(c, before)

@@ -1,0 +1,168 @@
+"""A hung worker (alive, not answering: SIGSTOP) is detected by the health poll within a bounded time
+and its streams migrate token-exact; a crashed worker is restarted by Ray (max_restarts) and
+re-registers with the router, which then places requests on it again; a client that stops reading
+is cut off after the slow-reader bound. After each fault every pool's free-block count returns to
+its idle value."""
+import asyncio
+import os
+import signal
+import time
+
+import grpc
+import pytest
+import ray
+
+from router.proto import generation_pb2 as pb
+from router.proto import generation_pb2_grpc as pbg
+from tests.faults.clusters import greedy_reference, running_cluster
+
+N = 16
+MAX_NEW = 24
+PROMPTS = [f"Request {i}: write one sentence about the sea and the wind." for i in range(N)]
+HEALTH_S = 1.0      # status poll bound in this cluster
+GAP_S = 3.0         # token-stream silence bound in this cluster
+
+
+@pytest.fixture(scope="module")
+def c():
+    with running_cluster(prefill_workers=1, decode_workers=2, kv_cache_memory=96 * 2**20, max_restarts=1,
+                         worker_timeout_s=GAP_S, health_timeout_s=HEALTH_S, prefill_timeout_s=15.0,
+                         slow_reader_timeout_s=2.0) as cl:
+        yield cl
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return greedy_reference(PROMPTS, MAX_NEW)
+
+
+async def stream_all(addr, ids, on_tokens=None):
+    """Every prompt at once; returns [(tokens, finish_reason, decode worker of the placement)]."""
+    async with grpc.aio.insecure_channel(addr) as ch:
+        stub = pbg.GenerationStub(ch)
+
+        async def one(p):
+            toks, reason, where = [], None, None
+            async for m in stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=p),
+                                                            sampling=pb.SamplingParams(max_tokens=MAX_NEW))):
+                toks += m.token_ids
+                reason = m.finish_reason
+                where = where or (m.placement.decode_worker if m.HasField("placement") else None)
+                if on_tokens:
+                    await on_tokens(len(toks))
+            return toks, reason, where
+        return await asyncio.gather(*(one(p) for p in ids))
+
+
+async def wait_until(pred, timeout: float, step: float = 0.05) -> float:
+    """Seconds until pred() held; fails the test past timeout."""
+    t0 = time.monotonic()
+    while not pred():
+        assert time.monotonic() - t0 < timeout, f"condition not met within {timeout}s"
+        await asyncio.sleep(step)
+    return time.monotonic() - t0
+
+
+def assert_idle(c, timeout: float = 30.0):
+    """Every worker's pool back to its idle value: all blocks free, nothing running or reserved."""
+    async def idle():
+        t0 = time.monotonic()
+        while True:
+            st = await c.worker_status()
+            if all(s["free_blocks"] == s["num_blocks"] and s.get("running", 0) == 0 and s.get("reserved", 0) == 0
+                   for s in st.values()):
+                return
+            assert time.monotonic() - t0 < timeout, f"blocks not back to idle: {st}"
+            await asyncio.sleep(0.2)
+    c.run(idle())
+
+
+def test_hung_decode_worker_is_detected_and_its_streams_migrate(c, reference):
+    ids, ref = reference
+    load = c.router.pools.loads["decode-0"]
+    pid = c.run(c.actors["decode-0"].status.remote())["pid"]
+    fired = {}
+
+    async def on_tokens(n):
+        if "t" not in fired and n >= 4:
+            fired["t"] = time.monotonic()
+            os.kill(pid, signal.SIGSTOP)      # alive, holding its sockets, answering nothing
+
+    async def run():
+        async def detect():
+            await wait_until(lambda: "t" in fired, 60)
+            await wait_until(lambda: not load.healthy, 10 * HEALTH_S)
+            fired["detected_s"] = time.monotonic() - fired["t"]
+        return await asyncio.gather(stream_all(c.address, ids, on_tokens), detect())
+    try:
+        t0 = time.monotonic()
+        res, _ = c.run(run())
+        took = time.monotonic() - t0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    ok = sum(toks == r for (toks, _, _), r in zip(res, ref))
+    print(f"\n[faults] hung decode worker (SIGSTOP): detected unhealthy in {fired['detected_s']:.2f}s "
+          f"(poll bound {HEALTH_S:g}s + {c.router.cfg.status_interval_s:g}s interval); {ok}/{N} streams complete "
+          f"and token-exact ({took:.1f}s, stream-gap bound {GAP_S:g}s)")
+    assert ok == N
+    assert fired["detected_s"] <= HEALTH_S + c.router.cfg.status_interval_s + 1.0
+    c.run(wait_until(lambda: load.healthy, 10))    # resumed: it answers the poll again
+    assert_idle(c)                                 # the background aborts freed what it held
+
+
+def test_crashed_worker_is_restarted_and_re_registers(c, reference):
+    ids, ref = reference
+    load = c.router.pools.loads["decode-0"]
+    before = load.incarnation
+    fired = {}
+
+    async def on_tokens(n):
+        if not fired and n >= 4:
+            fired["t"] = time.monotonic()
+            ray.kill(c.actors["decode-0"], no_restart=False)    # crash; Ray restarts it (max_restarts=1)
+
+    res = c.run(stream_all(c.address, ids, on_tokens))
+    ok = sum(toks == r for (toks, _, _), r in zip(res, ref))
+    back = c.run(wait_until(lambda: load.healthy and load.incarnation not in (None, before), 120, 0.2))
+    restarts = c.router.metrics.restarts.labels("decode-0")._value.get()
+    # the restarted worker takes traffic again: enough streams that least-loaded uses both workers
+    res2 = c.run(stream_all(c.address, ids))
+    ok2 = sum(toks == r for (toks, _, _), r in zip(res2, ref))
+    on_restarted = sum(where == "decode-0" for _, _, where in res2)
+    print(f"\n[faults] decode worker crashed mid-stream: {ok}/{N} streams complete and token-exact; restarted and "
+          f"re-registered {back:.1f}s later; afterwards {ok2}/{N} exact, {on_restarted} placed on the restarted worker")
+    assert ok == N and ok2 == N
+    assert restarts == 1 and on_restarted > 0
+    assert_idle(c)
+
+
+def test_slow_reader_is_cut_off_and_frees_its_blocks(c):
+    """A client with a tiny HTTP/2 window that never reads: the router's writes stall, and after the
+    slow-reader bound the request is cancelled (RESOURCE_EXHAUSTED) and its KV freed; meanwhile a
+    normal client is served."""
+    addr = c.address
+    tiny = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 256)]
+
+    async def run():
+        async with grpc.aio.insecure_channel(addr, options=tiny) as slow_ch, grpc.aio.insecure_channel(addr) as ch:
+            req = pb.GenerateRequest(text="Tell me a long story about a lighthouse keeper.",
+                                     sampling=pb.SamplingParams(max_tokens=400, ignore_eos=True))
+            slow = pbg.GenerationStub(slow_ch).Generate(req)
+            await slow.wait_for_connection()
+            t0 = time.monotonic()
+            await wait_until(lambda: len(c.router.in_flight) == 1, 30)
+            normal = [m async for m in pbg.GenerationStub(ch).Generate(pb.GenerateRequest(
+                text="Hi", sampling=pb.SamplingParams(max_tokens=4)))]
+            await wait_until(lambda: not c.router.in_flight, 60)   # the stalled request is gone
+            freed_s = time.monotonic() - t0
+            got = 0
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                async for m in slow:
+                    got += len(m.token_ids)
+            return normal, freed_s, got, e.value
+    normal, freed_s, got, err = c.run(run())
+    print(f"\n[faults] slow reader (window 256 B, never reads, 400 tokens asked): cancelled after {freed_s:.1f}s "
+          f"with {err.code().name} ({got} tokens were buffered for it); a normal client was served meanwhile")
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "stopped reading" in err.details()
+    assert got < 400 and normal[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+    assert_idle(c)
