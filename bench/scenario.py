@@ -335,8 +335,12 @@ def main(a: argparse.Namespace) -> int:
 register(Scenario(
     name="colocated-vs-disagg",
     summary="2 colocated workers (prefill+decode on each) vs 1 prefill + 1 decode worker, 1 core per worker",
-    baseline=ClusterConfig(prefill_workers=0, decode_workers=2, remote_prefill=False, threads_per_worker=1),
-    candidate=ClusterConfig(prefill_workers=1, decode_workers=1, remote_prefill=True, threads_per_worker=1),
+    # least-loaded on both sides: the disagg side prefills every prompt remotely (the cost model,
+    # the default policy, would prefill short prompts on the decode worker)
+    baseline=ClusterConfig(prefill_workers=0, decode_workers=2, remote_prefill=False, threads_per_worker=1,
+                           policy="least-loaded"),
+    candidate=ClusterConfig(prefill_workers=1, decode_workers=1, remote_prefill=True, threads_per_worker=1,
+                            policy="least-loaded"),
     labels=("colocated", "disagg"),
     dataset={"dataset": "mixed", "num_prompts": 24, "input_len": 64, "long_input_len": 384,
              "long_fraction": 0.25, "output_len": 24, "range_ratio": 0.25, "ignore_eos": True},
@@ -345,4 +349,95 @@ register(Scenario(
     metrics=("p99_tpot_ms", "p99_itl_ms", "median_ttft_ms", "p99_ttft_ms", "request_goodput", "output_throughput"),
     notes="rate 0.9 req/s = ~90% of the 1P1D capacity (~1.0 req/s) and ~70% of 2 colocated (~1.3 req/s), "
           "measured by a rate probe on the 2-core build machine; TPOT target 200 ms = 5 tok/s",
+))
+
+
+# Placement scenarios (issue 5). Sizes in the embedded model's units:
+KV_BYTES_PER_TOKEN = 46_080                    # SmolLM2-135M, float32: 2 (K, V) * 30 layers * 3 heads * 64 * 4 B
+KV_BLOCK_BYTES = 16 * KV_BYTES_PER_TOKEN       # one 16-token KV block
+
+
+def kv_blocks(n: int) -> int:
+    """kv_cache_memory (bytes) for a pool of n 16-token blocks of the embedded model in float32."""
+    return n * KV_BLOCK_BYTES
+
+
+# prefix-routing: 8 prefixes of 384 tokens (24 blocks each) and a pool of PREFIX_POOL_BLOCKS per
+# worker: 4 prefixes (96 blocks) plus room for the running requests' own blocks, so each worker
+# holds about half the prefixes. Topology: 2 workers that prefill locally (no prefill pool), so
+# the prefix cache that a placement hits is the one that computes the prompt; with remote prefill
+# workers the decode pool's cache only saves transfer bytes, not the prefill compute that TTFT is.
+PREFIX_POOL_BLOCKS = 112
+_prefix_cfg = dict(prefill_workers=0, decode_workers=2, remote_prefill=False, threads_per_worker=1,
+                   kv_cache_memory=kv_blocks(PREFIX_POOL_BLOCKS))
+register(Scenario(
+    name="prefix-routing",
+    summary="shared-prefix workload on 2 local-prefill workers, each pool ~half the prefixes: round-robin vs cost-model",
+    baseline=ClusterConfig(policy="round-robin", **_prefix_cfg),
+    candidate=ClusterConfig(policy="cost-model", **_prefix_cfg),
+    labels=("round-robin", "cost-model"),
+    dataset={"dataset": "shared-prefix", "num_groups": 8, "prompts_per_group": 6, "prefix_len": 384,
+             "suffix_len": 24, "output_len": 8, "ignore_eos": True},
+    request_rate=1.0,
+    goodput={"ttft": 1000.0},
+    metrics=("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "prefix_cache_hit_rate", "request_goodput",
+             "request_throughput"),
+    notes=f"2 workers x {PREFIX_POOL_BLOCKS} blocks (4 of the 8 prefixes + working room); local prefill so the "
+          "cache hit is where the prompt computes; 1.0 req/s ~ round-robin's capacity (it served 0.91 req/s "
+          "at 1.5 offered on 2026-12-01)",
+))
+
+
+# layerwise-transfer: 1P+1D, prompts 512-2048 tokens one at a time (no queueing: TTFT = prefill +
+# the exposed part of the transfer), the KV link throttled by the transport's token bucket to
+# LAYERWISE_LINK_BPS = KV bytes per token * the prefill rate, so that shipping a prompt's KV takes
+# about as long as computing it. Both sides least-loaded with remote prefill: every prompt crosses.
+LAYERWISE_PREFILL_TPS = 150.0                  # prefill tokens/s of one 1-thread worker at 1280 tokens (measured
+                                               #   2026-12-01: 220 at 512, 153 at 1280, 115 at 2048)
+LAYERWISE_LINK_BPS = KV_BYTES_PER_TOKEN * LAYERWISE_PREFILL_TPS
+_layer_cfg = dict(prefill_workers=1, decode_workers=1, threads_per_worker=1, policy="least-loaded",
+                  kv_bandwidth_limit=LAYERWISE_LINK_BPS)
+register(Scenario(
+    name="layerwise-transfer",
+    summary="1P1D, 512-2048-token prompts, KV link throttled so transfer ~= prefill: whole-request vs layer-wise",
+    baseline=ClusterConfig(kv_layerwise=False, **_layer_cfg),
+    candidate=ClusterConfig(kv_layerwise=True, **_layer_cfg),
+    labels=("whole-request", "layer-wise"),
+    dataset={"dataset": "random", "num_prompts": 4, "input_len": 1280, "range_ratio": 0.6, "output_len": 4,
+             "ignore_eos": True},
+    request_rate=float("inf"),
+    max_concurrency=1,
+    goodput={},
+    metrics=("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_kv_transfer_ms", "request_throughput"),
+    notes=f"token bucket in the transport at {LAYERWISE_LINK_BPS / 1e6:.1f} MB/s (no netns/tc: needs root); "
+          "one request at a time so TTFT is prefill + exposed transfer",
+))
+
+
+# selective-offload: the paper's setting in miniature. Zone "pfaas" holds the prefill worker, zone
+# "local" the decode worker; the cross-zone KV link is throttled (SELECTIVE_LINK_BPS). The decode
+# worker's local prefill capacity is small: it has one core, which also runs every decode step, and
+# the cost model's TPOT guard keeps long prompts off it. Mixed lengths: 75% short (~64 tokens), 25%
+# long (~768). Baseline: every prompt prefills remotely (least-loaded, the naive heterogeneous
+# setup); candidate: the cost model picks local or remote per prompt. Its per-step stall guard
+# (CostConfig.tpot_slo_s) is 0.5 s: on this CPU one 64-token prefill chunk alone takes ~0.3 s, so
+# the default 0.25 s would forbid every local prefill next to a running decode; an occasional
+# 0.5 s step keeps the mean TPOT (the SLO below) under 200 ms.
+SELECTIVE_LINK_BPS = 12e6
+_sel_cfg = dict(prefill_workers=1, decode_workers=1, threads_per_worker=1, prefill_zone="pfaas",
+                decode_zone="local", kv_bandwidth_limit=SELECTIVE_LINK_BPS, cost_model={"tpot_slo_s": 0.5})
+register(Scenario(
+    name="selective-offload",
+    summary="2 zones, 1P (remote zone, throttled link) + 1D, skewed prompt lengths: all-remote vs cost-model",
+    baseline=ClusterConfig(policy="least-loaded", **_sel_cfg),
+    candidate=ClusterConfig(policy="cost-model", **_sel_cfg),
+    labels=("all-remote", "cost-model"),
+    dataset={"dataset": "mixed", "num_prompts": 32, "input_len": 64, "long_input_len": 768,
+             "long_fraction": 0.25, "output_len": 24, "range_ratio": 0.25, "ignore_eos": True},
+    request_rate=0.6,
+    goodput={"ttft": 2500.0, "tpot": 200.0},
+    metrics=("request_goodput", "median_ttft_ms", "p99_ttft_ms", "p99_tpot_ms", "remote_prefill_fraction",
+             "output_throughput"),
+    notes=f"cross-zone link {SELECTIVE_LINK_BPS / 1e6:.0f} MB/s (token bucket); decode zone = 1 core that "
+          "also decodes; SLO ttft 2.5 s, tpot 200 ms",
 ))

@@ -66,12 +66,16 @@ def check_top5(model, prompt: list[int], ours: list[int], ref: list[int]) -> Non
 @pytest.fixture(scope="session")
 def cluster():
     """One router + 1 prefill + 1 decode Ray actor for the whole session (Ray names actors uniquely).
-    Drive it with cluster.run(coro): the gRPC server lives on this fixture's event loop."""
+    Drive it with cluster.run(coro): the gRPC server lives on this fixture's event loop.
+    Policy least-loaded: every request prefills remotely, so these tests exercise the disaggregated
+    path (KV transfer, placement.remote_prefill); the default cost model would prefill these short
+    prompts on the idle decode worker. Tests of the cost model swap it in (test_cluster.py)."""
     import asyncio
 
     from deploy.launch import Cluster, ClusterConfig
     loop = asyncio.new_event_loop()
-    c = loop.run_until_complete(Cluster(ClusterConfig(port=0, kv_cache_memory=96 * 2**20)).start())
+    c = loop.run_until_complete(Cluster(ClusterConfig(port=0, kv_cache_memory=96 * 2**20,
+                                                      policy="least-loaded")).start())
     c.loop = loop
     c.run = loop.run_until_complete
     yield c

@@ -174,11 +174,15 @@ def test_full_decode_pool_excluded():
     ds = [D("d0", running=0, free=10), D("d1", running=30)]        # d0 is idle but cannot hold 2048 tokens
     dec = cm.choose(2048, ps, ds)
     assert dec.decode == "d1" and dec.estimate["blocks_needed"] == 129
-    assert cm.choose(2048, ps, [D("d0", running=0, free=10)]) is None
+    # no pool has the blocks now: a remote reservation would fail, a local prefill queues at d0
+    full = cm.choose(2048, ps, [D("d0", running=0, free=10)])
+    assert (full.kind, full.decode, full.estimate["kv_ok"]) == ("local", "d0", False)
+    assert cm.choose(2048, ps, ds, exclude={"d1"}).kind == "local"
+    assert cm.choose(2048, ps, [replace(D("d0", free=10), num_blocks=100)]) is None   # would never fit
+    assert CostModel(cfg(allow_local=False)).choose(2048, ps, [D("d0", free=10)]) is None
     assert cm.choose(100, ps, [D("d0", running=0, free=10)]).decode == "d0"   # a short one still fits
     fresh = WorkerLoad("d9", "decode")                                # never polled: capacity unknown
     assert cm.choose(2048, ps, [fresh]).decode == "d9"
-    assert cm.choose(2048, ps, ds, exclude={"d1"}) is None
     assert cm.choose(2048, ps, [D("d0", healthy=False)]) is None
 
 
@@ -242,3 +246,19 @@ def test_threshold_sweep_moves_with_bandwidth_queue_and_load():
     assert busy_d < base                                     # a busier decode worker: more goes remote
     dec = CostModel(c).choose(base, ps, ds)
     assert dec.kind == "remote" and dec.estimate["ttft_s"] > 0 and "exposed_transfer_s" in dec.estimate
+
+
+def test_router_registers_each_workers_zone_and_prices_cross_zone_links_apart():
+    from router.lifecycle import Pools, Router, RouterConfig
+
+    class Client:
+        def __init__(self, wid):
+            self.worker_id = wid
+
+    r = Router(RouterConfig(), None, (2,), 2048, Pools(), cost_config=cfg())
+    r.add_worker("prefill", Client("p0"), zone="far")
+    r.add_worker("decode", Client("d0"), zone="near")
+    p, d = r.pools.loads["p0"], r.pools.loads["d0"]
+    assert (p.zone, d.zone) == ("far", "near")
+    e = r.policy.estimate_remote(1000, p, d)
+    assert (e.bandwidth_bps, e.bandwidth_source) == (CostConfig().cross_zone_bps, "zone-prior")

@@ -78,3 +78,32 @@ def test_registered_scenario_compares_same_cores():
     assert b.threads_per_worker == c.threads_per_worker == 1
     assert sc.dataset["dataset"] == "mixed" and "tpot" in sc.goodput
     assert {"p99_tpot_ms", "p99_itl_ms", "request_goodput"} <= set(sc.metrics)
+
+
+def test_placement_scenarios_are_registered_and_build():
+    """prefix-routing, layerwise-transfer, selective-offload: each builds its workload and differs
+    from its baseline only in what it compares."""
+    from dataclasses import asdict
+
+    from bench.datasets import build_dataset
+    from bench.scenario import KV_BLOCK_BYTES
+    for name, knob in (("prefix-routing", "policy"), ("layerwise-transfer", "kv_layerwise"),
+                       ("selective-offload", "policy")):
+        sc = SCENARIOS[name]
+        b, c = asdict(sc.baseline), asdict(sc.candidate)
+        assert {k for k in b if b[k] != c[k]} == {knob}, name
+        reqs = build_dataset(dict(sc.dataset, seed=0), 1000)
+        ds = sc.dataset
+        assert len(reqs) == ds.get("num_prompts") or len(reqs) == ds["num_groups"] * ds["prompts_per_group"]
+    pr = SCENARIOS["prefix-routing"]
+    assert (pr.baseline.policy, pr.candidate.policy) == ("round-robin", "cost-model")
+    blocks = pr.baseline.kv_cache_memory // KV_BLOCK_BYTES
+    per_prefix = pr.dataset["prefix_len"] // 16
+    assert 4 * per_prefix <= blocks < 5 * per_prefix          # about half of the 8 prefixes per worker
+    lw = SCENARIOS["layerwise-transfer"]
+    lens = [len(r.prompt_ids) for r in build_dataset(dict(lw.dataset, seed=0), 1000)]
+    assert 512 <= min(lens) and max(lens) <= 2048 and lw.baseline.kv_bandwidth_limit
+    so = SCENARIOS["selective-offload"]
+    assert so.baseline.prefill_zone != so.baseline.decode_zone and so.baseline.kv_bandwidth_limit
+    assert so.baseline.policy == "least-loaded" and so.baseline.local_prefill_max_tokens == 0
+    assert so.dataset["dataset"] == "mixed" and "request_goodput" in so.metrics
