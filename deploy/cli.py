@@ -33,6 +33,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="how KV goes from prefill to decode workers: a plain TCP socket (default), gRPC, or "
                         "mooncake (the decode side pulls over the Mooncake Transfer Engine, RDMA where NICs "
                         "exist; needs pip install 'pdcluster[rdma]' and libibverbs1)")
+    p.add_argument("--kv-compression", default="off", choices=["off", "int8", "fp8", "auto"],
+                   help="KV compression on the wire (tcp and grpc transports): int8 or fp8 (e4m3) with a scale "
+                        "per block and KV head, ~4x fewer bytes for fp32 caches, 2x for 16-bit ones; auto "
+                        "compresses (int8) a transfer when the link's measured bandwidth would make it take "
+                        "longer than the prefill it overlaps with (default off: every byte exact)")
     p.add_argument("--policy", default="cost-model",
                    choices=["round-robin", "least-loaded", "cache-aware", "cost-model"],
                    help="placement policy (default cost-model: prices each (prefill, decode) pair and local "
@@ -81,7 +86,7 @@ def cmd_serve(a) -> int:
                         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
                         max_model_len=a.max_model_len, remote_prefill=not a.local_prefill,
                         local_prefill_max_tokens=a.local_prefill_max_tokens, metrics_port=a.metrics_port,
-                        kv_transport=a.kv_transport,
+                        kv_transport=a.kv_transport, kv_compression=a.kv_compression,
                         auth_token_file=a.auth_token_file, tls_cert=a.tls_cert, tls_key=a.tls_key,
                         policy=a.policy, cluster_secret_file=a.cluster_secret_file, max_restarts=a.max_restarts,
                         worker_timeout_s=a.worker_timeout, prefill_timeout_s=a.prefill_timeout,

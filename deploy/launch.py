@@ -38,6 +38,8 @@ class ClusterConfig:
     kv_transport: str = "tcp"                # how KV goes prefill->decode: "tcp" (plain socket, default), "grpc"
                                              # or "mooncake" (decode pulls over Mooncake: RDMA/TCP)
     kv_layerwise: bool = True                # False: ship a request's KV only after its last layer (whole-request)
+    kv_compression: str = "off"              # KV on the wire: "off", "int8", "fp8" or "auto" (compress when the
+                                             #   link is the bottleneck; kv_transfer/codec_policy.py); tcp/grpc only
     prefill_zone: str = ""                   # topology labels of the pools' workers (cost model: links inside a
     decode_zone: str = ""                    #   zone and across zones are priced apart)
     engine_extra: dict = field(default_factory=dict)
@@ -135,7 +137,7 @@ class Cluster(Scaling):
         ek = c.engine_kwargs()
         secret = cluster_secret(c.cluster_secret_file)
         wk_pre = dict(bandwidth_limit_bytes_per_s=c.kv_bandwidth_limit, transport=c.kv_transport,
-                      kv_layerwise=c.kv_layerwise, secret=secret,
+                      kv_layerwise=c.kv_layerwise, kv_compression=c.kv_compression, secret=secret,
                       max_restarts=c.max_restarts, transfer_timeout_s=c.transfer_timeout_s)
         wk_dec = dict(bind_node_ip=bool(c.address), kv_transport=c.kv_transport, secret=secret,
                       max_restarts=c.max_restarts, transfer_timeout_s=c.transfer_timeout_s,

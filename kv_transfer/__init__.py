@@ -2,6 +2,8 @@
 
 Modules (one job each):
     wire.py            frame format: msgpack header + raw K/V bytes, chunking, crc32, ack
+    codec.py           KV compression on the wire: int8 / fp8 (e4m3), a scale per (block, kv_head)
+    codec_policy.py    CompressionPolicy: per transfer, off | int8 | fp8 | auto (link-bound -> int8)
     errors.py          KVTransferError and kin, each naming its gRPC status
     receiver.py        decode side: KVReceiver (reservations, fencing, completion), InboundStream
     server.py          KVServer: the thin grpc.aio service around a KVReceiver
@@ -48,6 +50,13 @@ straight into the reserved cache blocks (checked against the reservation first, 
 place); crc32 runs once per frame on each side. The decode
 worker runs `KVTcpServer` beside `KVServer` on the same `KVReceiver`, so reservations, fencing and
 completion are shared. Its handshake is an HMAC of a server nonce with the shared secret.
+
+Compression (optional, per transfer; TCP and gRPC). The prefill worker's policy picks a codec when
+it opens a sender; the sender's writer quantizes each frame, whose header names the codec and
+carries the scales. The receiver validates both with the rest of the header, before any payload
+byte is read; such a frame is received into a staging buffer (not straight into the cache),
+checksummed there, dequantized, and copied into the reserved blocks under the reservation's lock,
+so fencing, bounds and checksums hold as for raw frames. Mooncake moves raw cache bytes only.
 
 The one pull: RDMA. With Mooncake (`MooncakeKVTransport`) the bytes move by one-sided operations,
 which the receiver's lock cannot fence when the prefill side issues them; so there the prefill side

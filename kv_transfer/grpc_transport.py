@@ -15,6 +15,7 @@ from typing import Sequence
 import grpc
 import torch
 
+from kv_transfer import codec as kvcodec
 from kv_transfer import wire
 from kv_transfer.errors import KVTransferError
 from kv_transfer.loop_thread import shared_loop
@@ -30,7 +31,11 @@ _END = object()  # queue sentinel: finish() was called
 class GrpcKVTransport(KVTransport):
     """One per prefill process. Channels and throttles are per decode address, touched only on
     the shared loop thread. `bandwidth_limit_bytes_per_s` paces all streams to one address
-    together (a token bucket with a one-frame burst), emulating a slow link."""
+    together (a token bucket with a one-frame burst), emulating a slow link. Its busy time
+    (TransferStats.busy_s, hence the meter) counts the bucket's waits and is at least wire bytes /
+    limit: the burst is pacing slack, not capacity (as TcpKVTransport)."""
+
+    codecs = kvcodec.CODECS  # what open(codec=...) accepts
 
     def __init__(self, *, chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES,
                  max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES, secret: str | None = None,
@@ -51,8 +56,10 @@ class GrpcKVTransport(KVTransport):
         keep_large_buffers()
 
     def open(self, address: str, request_id: str, dst_block_ids: Sequence[int],
-             dst_id: str | None = None) -> LayerwiseSender:
-        return GrpcLayerwiseSender(self, address, dst_id or address, request_id, dst_block_ids)
+             dst_id: str | None = None, codec: str = "none") -> LayerwiseSender:
+        """codec: how this request's K/V go on the wire (codec.py), encoded on the loop thread."""
+        kvcodec.check_codec(codec)
+        return GrpcLayerwiseSender(self, address, dst_id or address, request_id, dst_block_ids, codec)
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self._close(), self._loop).result()
@@ -82,9 +89,10 @@ class GrpcKVTransport(KVTransport):
 
 class GrpcLayerwiseSender(LayerwiseSender):
     def __init__(self, transport: GrpcKVTransport, address: str, dst_id: str, request_id: str,
-                 dst_block_ids: Sequence[int]):
+                 dst_block_ids: Sequence[int], codec: str = "none"):
         self._init_sender(request_id, address, dst_id, dst_block_ids)
         self._transport = transport
+        self.codec = codec
         self._loop = transport._loop
         self._queue: asyncio.Queue = asyncio.Queue()  # (layer, first, k, v) | _END; loop-side
         self._future = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
@@ -133,16 +141,16 @@ class GrpcLayerwiseSender(LayerwiseSender):
                 layer, first, k, v = item
                 ids = self._dst[first:first + k.shape[0]]
                 for frame in wire.encode_chunks(self.request_id, layer, ids, k, v,
-                                                self._transport.chunk_bytes):
+                                                self._transport.chunk_bytes, self.codec):
                     if _rejected(notice):  # stop writing: half-close below, then read the status
                         break
-                    if bucket is not None and (delay := bucket.reserve(len(frame))) > 0:
-                        await asyncio.sleep(delay)
                     t0 = time.perf_counter()
+                    if bucket is not None and (delay := bucket.reserve(len(frame))) > 0:
+                        await asyncio.sleep(delay)  # the emulated link is busy with earlier bytes
                     await _write(call, frame)
                     busy += time.perf_counter() - t0
                     wire_bytes += len(frame)
-                sent += 2 * k.numel() * k.element_size()
+                sent += kvcodec.payload_bytes(self.codec, k.shape, k.dtype)
                 del item, k, v  # free the layer's tensors while waiting for the next one
             t0 = time.perf_counter()
             if call is not None:
@@ -160,6 +168,8 @@ class GrpcLayerwiseSender(LayerwiseSender):
                 notice.cancel()
             while not self._queue.empty():  # drop tensors queued behind a failure
                 self._queue.get_nowait()
+        if self._transport._limit is not None:
+            busy = max(busy, wire_bytes / self._transport._limit)
         if self._transport.meter is not None and sent:
             self._transport.meter.record(self._transport.src_id, self.dst_id, sent, busy)
         with self._lock:

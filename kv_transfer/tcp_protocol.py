@@ -24,7 +24,8 @@ chunks are contiguous on the socket, and each request's stream ends with exactly
 CANCEL from the sender; the server answers each END with one ACK or ERROR (or has already sent
 ERROR, in which case END only clears its state). The receiver reads a FRAME's prefix and header
 first, checks them against the reservation, then reads the payload straight into the destination
-cache blocks (K runs, then V runs) and checksums it there.
+cache blocks (K runs, then V runs) and checksums it there; a compressed frame (header codec "int8" /
+"fp8", wire.py) is read into a staging buffer instead and dequantized into those blocks.
 """
 from __future__ import annotations
 
@@ -97,17 +98,26 @@ def send_control(sock: socket.socket, kind: int, body: dict) -> None:
 
 
 def frame_parts(request_id: str, layer: int, block_ids, k: torch.Tensor, v: torch.Tensor,
-                chunk: int, chunks: int) -> tuple[list, int, int]:
+                chunk: int, chunks: int, codec: str = "none") -> tuple[list, int, int]:
     """FRAME message for K, V (contiguous CPU tensors, shape[0] == len(block_ids)) as buffers to
     write in order: [envelope + wire prefix + header + pad, K bytes, V bytes]; its payload bytes
-    and message bytes. Same frame as wire.encode_frame, with the crc computed once and no join."""
+    and message bytes. Same frame as wire.encode_frame, with the crc computed once and no join.
+    A quantizing codec encodes K, V here (wire.pack): on the writer thread, not the compute one."""
+    dtype, shape = k.dtype, list(k.shape)
+    scales = b""
+    if codec != "none":
+        k, v, scales = wire.pack(codec, k, v)
     kb, vb = wire._raw(k), wire._raw(v)
     nbytes = kb.nbytes + vb.nbytes
-    header = msgpack.packb({
+    fields = {
         "v": wire.VERSION, "rid": request_id, "layer": layer, "blocks": list(block_ids),
-        "dtype": wire._DTYPE_NAMES[k.dtype], "shape": list(k.shape), "nbytes": nbytes,
-        "crc": crc32(vb, crc32(kb)), "chunk": chunk, "chunks": chunks,
-    })
+        "dtype": wire._DTYPE_NAMES[dtype], "shape": shape, "nbytes": nbytes,
+        "crc": crc32(vb, crc32(kb, crc32(scales) if scales else 0)), "chunk": chunk, "chunks": chunks,
+        "codec": codec,
+    }
+    if scales:
+        fields["scales"] = scales
+    header = msgpack.packb(fields)
     pad = -(wire._PREFIX.size + len(header)) % wire._ALIGN
     size = wire._PREFIX.size + len(header) + pad + nbytes
     head = b"".join((ENVELOPE.pack(FRAME, size), wire._PREFIX.pack(wire.MAGIC, len(header)),

@@ -4,7 +4,10 @@ Threads, not the event loop: one acceptor, and one thread per connection (a conn
 prefill process). That thread reads each FRAME's header, validates it against the reservation
 (PendingTransfer.target), then recv_into()s the payload straight into the destination cache
 blocks, checksums the landed bytes and commits them: no staging buffer, no copy. A cache that is
-not a contiguous CPU tensor (CUDA) gets the payload through a staging buffer and write().
+not a contiguous CPU tensor (CUDA), or a compressed frame (header codec "int8" / "fp8", codec.py),
+gets the payload through a staging buffer: checksummed there, dequantized into new tensors, then
+copied into the cache by write() under the reservation's lock (the header, scales included, was
+validated and the reservation checked by target() before any payload byte was read).
 Blocking recv_into and crc32 release the GIL, so the decode engine keeps running.
 
 Per connection: `streams` holds an InboundStream per request id mid-stream, `rejected` the ids
@@ -130,7 +133,7 @@ class _Connection:
         self.env = bytearray(proto.ENVELOPE.size)
         self.prefix = bytearray(wire._PREFIX.size)
         self.scratch = memoryview(bytearray(_SCRATCH_BYTES))
-        self.staging = torch.empty(0, dtype=torch.uint8)  # staged payloads (non-CPU caches), at offset 0
+        self.staging = torch.empty(0, dtype=torch.uint8)  # staged payloads (see the module doc), at offset 0
         self.poller = select.poll()  # readable: the wait of proto.recv_guarded
         self.poller.register(sock, select.POLLIN)
         self.closing = False  # CLOSE sent (or the socket failed): read no more, answer nothing
@@ -226,9 +229,10 @@ class _Connection:
             proto.skip(sock, payload, self.scratch)
             self._fail(rid, stream, e)
             return
+        staged = views is None or header.codec != "none"  # landed by write() below
         try:
-            if views is None:  # a cache that cannot be viewed: staged, landed by write() below
-                crc = self._recv_staged(header.nbytes)
+            if staged:
+                crc = self._recv_staged(header.nbytes, header.scales)
             else:
                 proto.recv_guarded(sock, self.poller, views, entry.locked, self.scratch)
                 crc = 0
@@ -252,8 +256,8 @@ class _Connection:
             return
         stream.trusted = True
         try:
-            if views is None:
-                entry.write(header, *self._staged_tensors(header))
+            if staged:
+                entry.write(header, *wire.payload_tensors(header, self.staging[:header.nbytes]))
             else:
                 entry.commit(header, positions)
         except KVTransferError as e:
@@ -263,21 +267,14 @@ class _Connection:
         if not proto.recv_exact(self.sock, buf):
             raise proto.ConnectionLost("connection closed inside a frame")
 
-    def _recv_staged(self, nbytes: int) -> int:
-        """Read a payload into the staging buffer (at offset 0: aligned for any dtype); its crc32."""
+    def _recv_staged(self, nbytes: int, scales: bytes) -> int:
+        """Read a payload into the staging buffer (at offset 0: aligned for any dtype); the frame's
+        crc32 (over the header's scales, then the payload)."""
         if self.staging.numel() < nbytes:
             self.staging = torch.empty(max(nbytes, 2 * self.staging.numel()), dtype=torch.uint8)
         view = memoryview(self.staging.numpy())[:nbytes]
         self._recv(view)
-        return crc32(view)
-
-    def _staged_tensors(self, header: wire.FrameHeader) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V of the staged payload: views of the staging buffer."""
-        dtype, half = wire.DTYPES[header.dtype], header.nbytes // 2
-        if half == 0:
-            return torch.empty(header.shape, dtype=dtype), torch.empty(header.shape, dtype=dtype)
-        k = self.staging[:half].view(dtype).view(header.shape)
-        return k, self.staging[half:2 * half].view(dtype).view(header.shape)
+        return crc32(view, crc32(scales) if scales else 0)
 
     def _fail(self, rid: str, stream: _Inbound | None, error: BaseException) -> None:
         """rid failed: so does its reservation (if `stream` is bound to one); the sender gets ERROR."""

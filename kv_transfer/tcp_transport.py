@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from kv_transfer import codec as kvcodec
 from kv_transfer import tcp_protocol as proto
 from kv_transfer import wire
 from kv_transfer.errors import KVTransferError
@@ -38,7 +39,12 @@ _READER_GRACE_S = 2.0  # after a failed write, how long the reader may take to r
 
 class TcpKVTransport(KVTransport):
     """One per prefill process. `bandwidth_limit_bytes_per_s` paces each connection (all requests
-    to one address together) with a token bucket of one frame's burst, emulating a slow link."""
+    to one address together) with a token bucket of one frame's burst, emulating a slow link. Its
+    busy time (TransferStats.busy_s, hence the meter) counts the bucket's waits and is at least
+    wire bytes / limit: the burst is pacing slack, not capacity, so a transfer smaller than one
+    burst does not make the emulated link look faster than its rate."""
+
+    codecs = kvcodec.CODECS  # what open(codec=...) accepts
 
     def __init__(self, *, chunk_bytes: int = proto.DEFAULT_CHUNK_BYTES, secret: str | None = None,
                  bandwidth_limit_bytes_per_s: float | None = None,
@@ -56,14 +62,17 @@ class TcpKVTransport(KVTransport):
         keep_large_buffers()
 
     def open(self, address: str, request_id: str, dst_block_ids: Sequence[int],
-             dst_id: str | None = None) -> LayerwiseSender:
+             dst_id: str | None = None, codec: str = "none") -> LayerwiseSender:
+        """codec: how this request's K/V go on the wire (codec.py), encoded on the writer thread."""
+        kvcodec.check_codec(codec)
         conn = None
         if dst_block_ids:  # an empty reservation needs no connection
             with self._lock:
                 conn = self._conns.get(address)
                 if conn is None or conn.dead:
                     conn = self._conns[address] = _Connection(self, address)
-        sender = TcpLayerwiseSender(self, conn, address, dst_id or address, request_id, dst_block_ids)
+        sender = TcpLayerwiseSender(self, conn, address, dst_id or address, request_id, dst_block_ids,
+                                    codec)
         if conn is not None:
             conn.register(sender)
         return sender
@@ -77,9 +86,10 @@ class TcpKVTransport(KVTransport):
 
 class TcpLayerwiseSender(LayerwiseSender):
     def __init__(self, transport: TcpKVTransport, conn: _Connection | None, address: str,
-                 dst_id: str, request_id: str, dst_block_ids: Sequence[int]):
+                 dst_id: str, request_id: str, dst_block_ids: Sequence[int], codec: str = "none"):
         self._init_sender(request_id, address, dst_id, dst_block_ids)
         self._transport, self._conn = transport, conn
+        self.codec = codec  # codec.CODECS: how this request's K/V go on the wire
         self._t_open = time.perf_counter()
         self._future: concurrent.futures.Future = concurrent.futures.Future()
         # writer thread only
@@ -130,6 +140,8 @@ class TcpLayerwiseSender(LayerwiseSender):
         with self._lock:
             t_first, t_last = self._t_first or self._t_open, self._t_last or self._t_open
         busy = self._busy + (t_ack - self._t_end if self._t_end else 0.0)
+        if self._transport.limit is not None:
+            busy = max(busy, self._wire_bytes / self._transport.limit)
         return TransferStats(request_id=self.request_id, bytes=self._sent, wire_bytes=self._wire_bytes,
                              wall_s=t_ack - t_first, exposed_s=max(0.0, t_ack - t_last),
                              busy_s=busy, receiver_s=receiver_s)
@@ -268,9 +280,8 @@ class _Connection:
         (one syscall per frame costs ~15% more CPU on loopback), one frame at a time when paced."""
         k, v = wire._cpu_contiguous(k), wire._cpu_contiguous(v)
         ids = sender._dst[first:first + k.shape[0]]
-        n = k.shape[0]
-        block_bytes = 2 * k[:1].numel() * k.element_size()
-        per_frame = max(1, self.transport.chunk_bytes // block_bytes) if block_bytes else max(1, n)
+        n, codec = k.shape[0], sender.codec
+        per_frame = wire.blocks_per_frame(k, self.transport.chunk_bytes, codec)
         chunks = -(-n // per_frame)
         batch_frames = 1 if self._bucket is not None else _BATCH_FRAMES
         sender._wire = "open"
@@ -281,12 +292,12 @@ class _Connection:
             for c in range(c0, min(chunks, c0 + batch_frames)):
                 lo, hi = c * per_frame, min(n, (c + 1) * per_frame)
                 frame, nbytes, nwire = proto.frame_parts(sender.request_id, layer, ids[lo:hi],
-                                                         k[lo:hi], v[lo:hi], c, chunks)
+                                                         k[lo:hi], v[lo:hi], c, chunks, codec)
                 parts += frame
                 payload, size = payload + nbytes, size + nwire
-            if self._bucket is not None and (delay := self._bucket.reserve(size)) > 0:
-                time.sleep(delay)
             t0 = time.perf_counter()
+            if self._bucket is not None and (delay := self._bucket.reserve(size)) > 0:
+                time.sleep(delay)  # the emulated link is busy with earlier bytes
             proto.send_all(sock, parts)
             sender._busy += time.perf_counter() - t0
             sender._wire_bytes += size

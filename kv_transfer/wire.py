@@ -16,6 +16,13 @@ Header keys (all required):
     crc     zlib.crc32 of the payload (K bytes then V bytes)
     chunk   index of this frame within its send_layer piece, 0 <= chunk < chunks
     chunks  number of frames the piece was split into
+Optional (absent means "none"; codec.py):
+    codec   "none" | "int8" | "fp8": how K and V are encoded. "none": raw `dtype` bytes. Otherwise
+            the payload is K, V quantized to 1-byte elements, `dtype` is the cache dtype they
+            decode into, `shape` is [n, block_size, num_kv_heads, head_dim] and
+            nbytes == 2 * prod(shape)
+    scales  (quantized codecs only) float32 little-endian bytes [2, n, num_kv_heads]: K's scales
+            then V's; crc covers them: crc == crc32(payload, crc32(scales))
 
 A piece (one `send_layer` call) is split on block boundaries into frames of at most `chunk_bytes`
 payload (at least one block per frame), so every frame stays below gRPC's message limit and the
@@ -25,6 +32,8 @@ Zero-copy: the sender builds each frame with a single copy (`bytes.join` over th
 tensors' numpy memoryviews: gRPC Python needs a `bytes` message). The receiver's K/V tensors are
 `torch.frombuffer` views into the received message; the only copy on that side is into the cache.
 The payload starts 16-byte aligned inside the message so those views are aligned for any dtype.
+A compressed frame (codec "int8" / "fp8") costs one more pass on each side: quantizing on the
+sender, dequantizing into new tensors on the receiver.
 No pickle: the header is msgpack of plain ints, strings and lists.
 """
 from __future__ import annotations
@@ -37,8 +46,10 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import msgpack
+import numpy as np
 import torch
 
+from kv_transfer import codec as kvcodec
 from kv_transfer.errors import DataLoss, MalformedFrame
 
 MAGIC = b"PDKV"
@@ -81,6 +92,8 @@ class FrameHeader:
     crc: int
     chunk: int
     chunks: int
+    codec: str = "none"  # one of codec.CODECS
+    scales: bytes = b""  # float32 LE [2, n, num_kv_heads] for a quantized codec, else b""
 
 
 @dataclass(frozen=True)
@@ -110,33 +123,59 @@ def check_blocks(block_ids: Sequence[int], k: torch.Tensor, v: torch.Tensor) -> 
         raise ValueError(f"dtype {k.dtype} is not one of {sorted(DTYPES)}")
 
 
+def pack(codec: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bytes]:
+    """K, V as they go on the wire under `codec` (contiguous CPU tensors) and the header's scales
+    bytes (b"" for "none"). Raises ValueError for a codec that cannot encode these blocks."""
+    kvcodec.check_codec(codec)
+    k, v = _cpu_contiguous(k), _cpu_contiguous(v)
+    if codec == "none":
+        return k, v, b""
+    if k.dim() != 4 or k.dtype not in kvcodec.FLOAT_DTYPES:
+        raise ValueError(f"codec {codec!r} needs float K/V [n, block_size, kv_heads, head_dim], "
+                         f"got {k.dtype}{list(k.shape)}")
+    (kq, ks), (vq, vs) = kvcodec.encode(codec, k), kvcodec.encode(codec, v)
+    return kq, vq, torch.stack((ks, vs)).numpy().astype("<f4", copy=False).tobytes()
+
+
 def encode_frame(request_id: str, layer: int, block_ids: Sequence[int], k: torch.Tensor,
-                 v: torch.Tensor, chunk: int = 0, chunks: int = 1) -> bytes:
+                 v: torch.Tensor, chunk: int = 0, chunks: int = 1, codec: str = "none") -> bytes:
     """One frame for K/V blocks `k`, `v` (same shape and dtype, shape[0] == len(block_ids))."""
     check_blocks(block_ids, k, v)
-    k, v = _cpu_contiguous(k), _cpu_contiguous(v)
+    dtype, shape = k.dtype, list(k.shape)
+    k, v, scales = pack(codec, k, v)
     kb, vb = _raw(k), _raw(v)
-    header = msgpack.packb({
+    fields = {
         "v": VERSION, "rid": request_id, "layer": layer, "blocks": list(block_ids),
-        "dtype": _DTYPE_NAMES[k.dtype], "shape": list(k.shape), "nbytes": kb.nbytes + vb.nbytes,
-        "crc": zlib.crc32(vb, zlib.crc32(kb)), "chunk": chunk, "chunks": chunks,
-    })
+        "dtype": _DTYPE_NAMES[dtype], "shape": shape, "nbytes": kb.nbytes + vb.nbytes,
+        "crc": zlib.crc32(vb, zlib.crc32(kb, zlib.crc32(scales))), "chunk": chunk, "chunks": chunks,
+        "codec": codec,
+    }
+    if scales:
+        fields["scales"] = scales
+    header = msgpack.packb(fields)
     pad = -(_PREFIX.size + len(header)) % _ALIGN
     return b"".join((_PREFIX.pack(MAGIC, len(header)), header, bytes(pad), kb, vb))
 
 
+def blocks_per_frame(k: torch.Tensor, chunk_bytes: int, codec: str = "none") -> int:
+    """Blocks of K/V `k` [n, ...] per frame: payload (+ scales) <= chunk_bytes, >= 1 block."""
+    block_bytes = kvcodec.block_wire_bytes(k[0], codec) if k.shape[0] else 0
+    return max(1, chunk_bytes // block_bytes) if block_bytes else max(1, k.shape[0])
+
+
 def encode_chunks(request_id: str, layer: int, block_ids: Sequence[int], k: torch.Tensor,
-                  v: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
-    """Frames for one piece: blocks split so each frame's payload is <= chunk_bytes (>= 1 block)."""
+                  v: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                  codec: str = "none") -> Iterator[bytes]:
+    """Frames for one piece: blocks split so each frame's payload (+ scales) is <= chunk_bytes
+    (>= 1 block)."""
     check_blocks(block_ids, k, v)
     k, v = _cpu_contiguous(k), _cpu_contiguous(v)
     n = k.shape[0]
-    block_bytes = 2 * k[:1].numel() * k.element_size()  # K + V of one block
-    per_frame = max(1, chunk_bytes // block_bytes) if block_bytes else max(1, n)
+    per_frame = blocks_per_frame(k, chunk_bytes, codec)
     chunks = max(1, math.ceil(n / per_frame))
     for c in range(chunks):
         lo, hi = c * per_frame, min(n, (c + 1) * per_frame)
-        yield encode_frame(request_id, layer, block_ids[lo:hi], k[lo:hi], v[lo:hi], c, chunks)
+        yield encode_frame(request_id, layer, block_ids[lo:hi], k[lo:hi], v[lo:hi], c, chunks, codec)
 
 
 def _field(h: dict, key: str, kind: type):
@@ -161,16 +200,57 @@ def _parse_header(h: object) -> FrameHeader:
     dtype = _field(h, "dtype", str)
     if dtype not in DTYPES:
         raise MalformedFrame(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    codec, scales = h.get("codec", "none"), h.get("scales", b"")
+    if codec not in kvcodec.CODECS:
+        raise MalformedFrame(f"codec {codec!r:.40} is not one of {kvcodec.CODECS}")
+    if codec != "none":
+        _check_quantized(dtype, shape, scales)
+    elif scales != b"":
+        raise MalformedFrame("header 'scales' given for an unquantized frame")
     header = FrameHeader(
         request_id=_field(h, "rid", str), layer=_field(h, "layer", int), block_ids=tuple(blocks),
         dtype=dtype, shape=tuple(shape), nbytes=_field(h, "nbytes", int), crc=_field(h, "crc", int),
-        chunk=_field(h, "chunk", int), chunks=_field(h, "chunks", int))
+        chunk=_field(h, "chunk", int), chunks=_field(h, "chunks", int), codec=codec, scales=scales)
     if header.layer < 0 or not 0 <= header.chunk < header.chunks:
         raise MalformedFrame(f"bad layer {header.layer} or chunk {header.chunk} of {header.chunks}")
-    expected = 2 * math.prod(shape) * DTYPES[dtype].itemsize
+    expected = kvcodec.payload_bytes(codec, shape, DTYPES[dtype])
     if header.nbytes != expected:
-        raise MalformedFrame(f"header nbytes {header.nbytes} != {expected} for 2 x {dtype}{shape}")
+        raise MalformedFrame(f"header nbytes {header.nbytes} != {expected} for 2 x {codec} {dtype}{shape}")
     return header
+
+
+def _check_quantized(dtype: str, shape: list, scales: object) -> None:
+    """A quantized frame decodes into a float cache of 4-D blocks and carries one finite scale >= 0
+    per (K/V, block, kv_head)."""
+    if DTYPES[dtype] not in kvcodec.FLOAT_DTYPES or len(shape) != 4:
+        raise MalformedFrame(f"a quantized frame needs float [n, block_size, kv_heads, head_dim] "
+                             f"blocks, got {dtype}{shape}")
+    want = kvcodec.num_scales(shape) * kvcodec.SCALE_BYTES
+    if not isinstance(scales, bytes) or len(scales) != want:
+        got = len(scales) if isinstance(scales, bytes) else type(scales).__name__
+        raise MalformedFrame(f"header 'scales' must be {want} bytes (2 x {shape[0]} blocks x "
+                             f"{shape[2]} kv heads x float32), got {got}")
+    if (why := kvcodec.check_scales(_scales(scales))) is not None:
+        raise MalformedFrame(f"header 'scales': {why}")
+
+
+def _scales(scales: bytes) -> torch.Tensor:
+    """The header's scales bytes as float32 [2 * n * kv_heads] (a copy: the header is transient)."""
+    return torch.from_numpy(np.frombuffer(scales, dtype="<f4").astype(np.float32))
+
+
+def payload_tensors(header: FrameHeader, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V of a checked frame from its payload (uint8 tensor of header.nbytes, 16-byte aligned):
+    views for codec "none", new tensors of header.dtype dequantized from it otherwise."""
+    dtype, half = DTYPES[header.dtype], header.nbytes // 2
+    if half == 0:
+        return torch.empty(header.shape, dtype=dtype), torch.empty(header.shape, dtype=dtype)
+    if header.codec == "none":
+        return (payload[:half].view(dtype).view(header.shape),
+                payload[half:2 * half].view(dtype).view(header.shape))
+    q = payload[:2 * half].view(kvcodec.QUANT[header.codec]).view(2, *header.shape)
+    s = _scales(header.scales).view(2, header.shape[0], header.shape[2])
+    return kvcodec.decode(q[0], s[0], dtype), kvcodec.decode(q[1], s[1], dtype)
 
 
 def decode_frame(frame: bytes) -> tuple[FrameHeader, torch.Tensor, torch.Tensor]:
@@ -191,13 +271,16 @@ def decode_frame(frame: bytes) -> tuple[FrameHeader, torch.Tensor, torch.Tensor]
     off += -off % _ALIGN
     if len(frame) - off != header.nbytes:
         raise DataLoss(f"payload is {len(frame) - off} bytes, header says {header.nbytes}")
-    crc = zlib.crc32(memoryview(frame)[off:])
+    crc = zlib.crc32(memoryview(frame)[off:], zlib.crc32(header.scales))
     if crc != header.crc:
         raise DataLoss(f"checksum mismatch in layer {header.layer} chunk {header.chunk}: "
                        f"crc32 {crc:#010x}, header says {header.crc:#010x}")
     dtype, half = DTYPES[header.dtype], header.nbytes // 2
     if half == 0:
         return header, torch.empty(header.shape, dtype=dtype), torch.empty(header.shape, dtype=dtype)
+    if header.codec != "none":
+        payload = torch.frombuffer(frame, dtype=torch.uint8, count=header.nbytes, offset=off)
+        return header, *payload_tensors(header, payload)
     count = half // dtype.itemsize
     k = torch.frombuffer(frame, dtype=dtype, count=count, offset=off).view(header.shape)
     v = torch.frombuffer(frame, dtype=dtype, count=count, offset=off + half).view(header.shape)

@@ -23,6 +23,7 @@ from engine.llm_engine import LLMEngine, StepOutput
 from engine.sampling_params import SamplingParams
 from kv_transfer import (BandwidthMeter, GrpcKVTransport, KVTransferError, LayerwiseSender, MooncakeKVTransport,
                          TcpKVTransport)
+from kv_transfer.codec_policy import CompressionPolicy, prefill_seconds
 
 # "mooncake" imports the mooncake package only when built (MooncakeUnavailable if it cannot)
 KV_TRANSPORTS = {"tcp": TcpKVTransport, "grpc": GrpcKVTransport, "mooncake": MooncakeKVTransport}
@@ -41,14 +42,19 @@ class KVDestination:
 class PrefillWorker:
     def __init__(self, worker_id: str, engine: LLMEngine, secret: str | None = None,
                  bandwidth_limit_bytes_per_s: float | None = None, transfer_timeout_s: float = 30.0,
-                 transport: str = "tcp", kv_layerwise: bool = True):
+                 transport: str = "tcp", kv_layerwise: bool = True, kv_compression: str = "off"):
         """transport: "tcp" (TcpKVTransport), "grpc" (GrpcKVTransport) or "mooncake"
         (MooncakeKVTransport: the decode side pulls over Mooncake); the decode workers must
         advertise the matching server (DecodeWorker's kv_transport). kv_layerwise False: whole-request
         transfer, every layer is handed to the sender after the last layer computed (the baseline
-        that layer-wise streaming is measured against)."""
+        that layer-wise streaming is measured against). kv_compression: "off", "int8", "fp8" or
+        "auto" (kv_transfer/codec_policy.py: per transfer, by the link's measured bandwidth);
+        tcp and grpc only (Mooncake moves the cache bytes uncompressed)."""
         if transport not in KV_TRANSPORTS:
             raise ValueError(f"transport must be one of {sorted(KV_TRANSPORTS)}, got {transport!r}")
+        self.compression = CompressionPolicy(kv_compression)
+        if kv_compression != "off" and not hasattr(KV_TRANSPORTS[transport], "codecs"):
+            raise ValueError(f"kv_compression {kv_compression!r} needs the tcp or grpc transport, not {transport!r}")
         self.worker_id = worker_id
         self.incarnation = uuid.uuid4().hex   # new on every (re)start of the process
         self.engine = engine
@@ -59,7 +65,8 @@ class PrefillWorker:
                                                   bandwidth_limit_bytes_per_s=bandwidth_limit_bytes_per_s)
         self.transfer_timeout_s = transfer_timeout_s
         self.kv_layerwise = kv_layerwise
-        self._sends: dict[str, tuple[LayerwiseSender, int]] = {}   # touched on the engine thread only
+        # request id -> (sender, skip_blocks, codec); touched on the engine thread only
+        self._sends: dict[str, tuple[LayerwiseSender, int, str]] = {}
         self._shipping: list = []        # this step's (sender, source block ids), set at layer 0
         self._lock = threading.Lock()
         self.in_flight = 0
@@ -103,8 +110,10 @@ class PrefillWorker:
                 if n != len(dest.dst_block_ids):
                     engine.abort(request_id)
                     raise ValueError(f"decode reserved {len(dest.dst_block_ids)} blocks, prefill needs {n}")
-                sender = self.transport.open(dest.address, request_id, dest.dst_block_ids, dest.dst_id)
-                self._sends[request_id] = (sender, dest.skip_blocks)
+                codec = self._codec(dest, len(prompt_ids))
+                kw = {"codec": codec} if codec != "none" else {}  # Mooncake's open() takes no codec
+                sender = self.transport.open(dest.address, request_id, dest.dst_block_ids, dest.dst_id, **kw)
+                self._sends[request_id] = (sender, dest.skip_blocks, codec)
             self.loop.listeners[request_id] = listener
             return req
 
@@ -126,10 +135,21 @@ class PrefillWorker:
             return dict(first_token=token, cached_tokens=max(req.num_cached_tokens, 0),
                         prefill_s=t_prefill, kv_bytes=stats.bytes if stats else 0,
                         kv_transfer_ms=stats.exposed_s * 1e3 if stats else 0.0,
-                        kv_wall_ms=stats.wall_s * 1e3 if stats else 0.0)
+                        kv_wall_ms=stats.wall_s * 1e3 if stats else 0.0,
+                        kv_codec=entry[2] if entry is not None else "none")
         finally:
             with self._lock:
                 self.in_flight -= 1
+
+    def _codec(self, dest: KVDestination, tokens: int) -> str:
+        """The codec for one transfer (engine thread): the policy, given the uncompressed K+V bytes
+        of the reserved blocks, the link's measured bandwidth and the time to prefill `tokens` at
+        this worker's learned rate (the whole prompt: its prefix hit is not known yet)."""
+        kc = self.engine.runner.k_caches
+        nbytes = len(dest.dst_block_ids) * 2 * kc[0][0].numel() * kc[0].element_size() * len(kc)
+        stats = self.engine.stats
+        return self.compression.choose(nbytes, prefill_seconds(tokens, stats.prefill_tokens, stats.prefill_s),
+                                       self.meter.bandwidth(self.worker_id, dest.dst_id))
 
     def abort(self, request_id: str) -> None:
         def _abort(engine: LLMEngine):
