@@ -74,7 +74,8 @@ def ray_head():
     tmp = Path(tempfile.mkdtemp(prefix="pdc-ray-", dir="/tmp"))     # short: Ray's socket paths have a limit
     port = free_port()
     log = tmp / "ray-start.log"
-    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
+                        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                         "TOKENIZERS_PARALLELISM": "false"}
     argv = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
             "--resources=" + json.dumps({"prefill_pool": 1, "decode_pool": 1}), f"--temp-dir={tmp}",
