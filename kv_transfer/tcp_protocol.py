@@ -18,6 +18,8 @@ Every message on the socket, both directions:
                                                  handoff, as the gRPC Push reply
     ERROR    s>c  msgpack {rid, status, message} rid failed (status: a grpc.StatusCode name);
                                                  its later frames are dropped unread-into-cache
+    PROBE    c>s  n filler bytes (n <= 16 MiB)   a bandwidth probe of an idle link: read, dropped
+    PROBED   s>c  msgpack {bytes}                the PROBE's n bytes arrived (answered in order)
 
 One connection carries many requests: frames name their request id (wire header "rid"), a piece's
 chunks are contiguous on the socket, and each request's stream ends with exactly one END or
@@ -46,10 +48,11 @@ PROTO = "pdkv-tcp"
 VERSION = 1
 AUTH_CONTEXT = b"pdcluster-kv-tcp-v1:"
 ENVELOPE = struct.Struct("<BxxxI")  # message type, body length in bytes
-HELLO, AUTH, WELCOME, CLOSE, FRAME, END, CANCEL, ACK, ERROR = range(1, 10)
+HELLO, AUTH, WELCOME, CLOSE, FRAME, END, CANCEL, ACK, ERROR, PROBE, PROBED = range(1, 12)
 MAX_CONTROL_BYTES = 64 << 10  # body limit of every message but FRAME
 DEFAULT_MAX_FRAME_BYTES = 64 << 20  # server's FRAME body limit (client chunks stay far below)
 DEFAULT_CHUNK_BYTES = 4 << 20  # payload bytes per frame
+MAX_PROBE_BYTES = 16 << 20  # PROBE body limit
 HANDSHAKE_TIMEOUT_S = 10.0
 
 

@@ -193,6 +193,9 @@ class _Connection:
                 if length and not proto.recv_exact(sock, memoryview(body)):
                     raise proto.ConnectionLost("connection closed inside a message")
                 self._control(kind, body)
+            elif kind == proto.PROBE and length <= proto.MAX_PROBE_BYTES:
+                proto.skip(sock, length, self.scratch)
+                proto.send_control(sock, proto.PROBED, {"bytes": length})
             else:
                 raise MalformedFrame(f"unexpected message type {kind} of {length} bytes")
 

@@ -13,6 +13,7 @@ reason's status; the next open() to that address connects afresh.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import queue
 import socket
@@ -31,7 +32,8 @@ from kv_transfer.meter import BandwidthMeter
 from kv_transfer.throttle import TokenBucket
 from kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
 
-_END, _CANCEL, _STOP = object(), object(), object()  # queue items besides (sender, layer, first, k, v)
+_END, _CANCEL, _STOP, _PROBE = object(), object(), object(), object()  # besides (sender, layer, first, k, v)
+PROBE_BYTES = 4 << 20  # default size of an idle-link probe
 _HEADER_ROOM = 64 << 10  # bytes a frame may exceed its payload by (prefix + msgpack header)
 _BATCH_FRAMES = 256  # frames per sendmsg (3 buffers each; Linux takes at most 1024)
 _READER_GRACE_S = 2.0  # after a failed write, how long the reader may take to report the server's reason
@@ -76,6 +78,28 @@ class TcpKVTransport(KVTransport):
         if conn is not None:
             conn.register(sender)
         return sender
+
+    def probe(self, address: str, dst_id: str | None = None, nbytes: int = PROBE_BYTES,
+              timeout: float = 30.0) -> float:
+        """Measure the link to `address` with nbytes of filler that the server reads and drops (an
+        idle link has no fresh transfer figures); returns bytes/s and records it in the meter as one
+        sample of link (src_id, dst_id or address). Paced like transfers on a throttled transport.
+        Raises KVTransferError if the link fails, TimeoutError past `timeout` seconds."""
+        if not 0 < nbytes <= proto.MAX_PROBE_BYTES:
+            raise ValueError(f"a probe is 1..{proto.MAX_PROBE_BYTES} bytes, got {nbytes}")
+        with self._lock:
+            conn = self._conns.get(address)
+            if conn is None or conn.dead:
+                conn = self._conns[address] = _Connection(self, address)
+        result: concurrent.futures.Future = concurrent.futures.Future()
+        if not conn.put((result, _PROBE, nbytes)):
+            raise KVTransferError(f"KV connection to {address} failed: {conn.error}", "UNAVAILABLE")
+        seconds = result.result(timeout)
+        if self.limit is not None:
+            seconds = max(seconds, nbytes / self.limit)   # the burst is pacing slack, not capacity
+        if self.meter is not None:
+            self.meter.record(self.src_id, dst_id or address, nbytes, seconds)
+        return nbytes / seconds
 
     def close(self) -> None:
         with self._lock:
@@ -156,6 +180,7 @@ class _Connection:
         self.error: KVTransferError | None = None
         self._lock = threading.Lock()  # guards dead, error, inflight
         self._inflight: dict[str, TcpLayerwiseSender] = {}  # registered, no ACK/ERROR yet
+        self._probes: collections.deque = collections.deque()  # (future, t0) of PROBEs sent, unanswered
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._sock: socket.socket | None = None
         self._reader: threading.Thread | None = None
@@ -175,9 +200,12 @@ class _Connection:
         if error is not None:
             sender._settle(KVTransferError(str(error), error.status))
 
-    def put(self, item: tuple) -> None:
-        if not self.dead:
-            self._queue.put(item)
+    def put(self, item: tuple) -> bool:
+        """Queue an item for the writer; False once the connection is dead (nothing queued)."""
+        with self._lock:
+            if not self.dead:
+                self._queue.put(item)
+            return not self.dead
 
     def close(self) -> None:
         self._fail_all(KVTransferError(f"KV transport to {self.address} closed", "CANCELLED"))
@@ -192,8 +220,19 @@ class _Connection:
                 return
             self.dead, self.error = True, error
             senders, self._inflight = list(self._inflight.values()), {}
+            probes, self._probes = list(self._probes), collections.deque()
+            while True:   # probes still queued: nobody else will answer them
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not _STOP and len(item) == 3 and item[1] is _PROBE:
+                    probes.append((item[0], 0.0))
         for sender in senders:
             sender._settle(KVTransferError(str(error), error.status))
+        for result, _ in probes:
+            if not result.done():
+                result.set_exception(KVTransferError(str(error), error.status))
         if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)
@@ -260,7 +299,9 @@ class _Connection:
         try:
             while (item := self._queue.get()) is not _STOP:
                 sender = item[0]
-                if item[1] is _END:
+                if item[1] is _PROBE:
+                    self._probe(sock, sender, item[2])
+                elif item[1] is _END:
                     self._end(sock, sender, cancel=sender._future.cancelled())
                 elif item[1] is _CANCEL:
                     self._end(sock, sender, cancel=True)
@@ -303,6 +344,15 @@ class _Connection:
             sender._wire_bytes += size
             sender._sent += payload
 
+    def _probe(self, sock: socket.socket, result: concurrent.futures.Future, nbytes: int) -> None:
+        """PROBE with nbytes of zeros; the reader resolves `result` with the seconds to PROBED."""
+        t0 = time.perf_counter()
+        with self._lock:
+            self._probes.append((result, t0))
+        if self._bucket is not None and (delay := self._bucket.reserve(nbytes)) > 0:
+            time.sleep(delay)
+        proto.send_all(sock, [proto.ENVELOPE.pack(proto.PROBE, nbytes), bytes(nbytes)])
+
     def _end(self, sock: socket.socket, sender: TcpLayerwiseSender, cancel: bool) -> None:
         """Close sender's stream on the wire: END (the server answers ACK or ERROR), or CANCEL
         after abort() (never answered). Nothing is sent for a stream the server never saw."""
@@ -323,8 +373,15 @@ class _Connection:
     def _read_loop(self, sock: socket.socket) -> None:
         error = KVTransferError(f"KV server {self.address} closed the connection", "UNAVAILABLE")
         try:
-            while (msg := proto.recv_control(sock, expect=(proto.ACK, proto.ERROR, proto.CLOSE))) is not None:
+            expect = (proto.ACK, proto.ERROR, proto.CLOSE, proto.PROBED)
+            while (msg := proto.recv_control(sock, expect=expect)) is not None:
                 kind, body = msg
+                if kind == proto.PROBED:   # answered in the order sent
+                    with self._lock:
+                        result, t0 = self._probes.popleft() if self._probes else (None, 0.0)
+                    if result is not None and not result.done():
+                        result.set_result(time.perf_counter() - t0)
+                    continue
                 if kind == proto.CLOSE:
                     error = KVTransferError(f"KV server {self.address} closed the connection: "
                                             f"{body.get('message')}", body.get("status", "UNAVAILABLE"))

@@ -30,6 +30,9 @@ class PrefillActor:
     async def abort(self, request_id: str) -> None:
         await asyncio.get_running_loop().run_in_executor(self.pool, self.worker.abort, request_id)
 
+    async def probe(self, address: str, dst_id: str) -> float | None:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.worker.probe, address, dst_id)
+
     async def status(self, drain_events: bool = False) -> dict:
         return self.worker.status(drain_events)
 

@@ -163,6 +163,12 @@ class PrefillWorker:
                 cb(StepOutput(req, [], "", True))
         self.loop.run(_abort)
 
+    def probe(self, address: str, dst_id: str) -> float | None:
+        """Measure the idle link to a decode worker's KV endpoint (bytes/s, also a meter sample, so
+        it reaches the router with the next status); None where the transport has no probe."""
+        probe = getattr(self.transport, "probe", None)
+        return probe(address, dst_id, timeout=self.transfer_timeout_s) if probe is not None else None
+
     def status(self, drain_events: bool = False) -> dict:
         """Load figures; with drain_events (the router's poll) also the block events since the last drain."""
         e = self.engine

@@ -93,7 +93,8 @@ class Router:
                                   remote_prefill=cfg.remote_prefill,
                                   **({"config": cost_config} if cost_config and cfg.policy == "cost-model" else {}))
         self.in_flight: set[str] = set()
-        self._background: set[asyncio.Task] = set()   # aborts sent to lost workers
+        self._background: set[asyncio.Task] = set()   # aborts sent to lost workers, link probes
+        self._probed_at: dict[tuple[str, str], float] = {}   # (prefill, decode) -> time.time() of its last probe
 
     # pools
     def add_worker(self, role: str, client, zone: str = "") -> None:
@@ -187,11 +188,13 @@ class Router:
             self.metrics.worker_status(wid, s)
             w.healthy, w.free_blocks, w.num_blocks = True, s.get("free_blocks", 0), s.get("num_blocks", 1)
             w.links = tuple(s.get("links", ()))   # per-link transfer figures, kept for placement
+            w.kv_address = s.get("kv_address", w.kv_address)
             for seq, kind, hashes in s.get("block_events", ()):
                 self.index.apply(wid, kind, hashes, seq=seq, now=now)
             self.index.heartbeat(wid, seq=s.get("block_seq"), now=now)
             self.telemetry.ingest_status(w, s, {k: v.zone for k, v in self.pools.loads.items()})
         self.index.expire(now)
+        self._probe_idle_links(now)
         for wid in self.index.needs_resync():
             if wid in clients:
                 try:
@@ -376,6 +379,38 @@ class Router:
             if not finished and holders:
                 await asyncio.shield(self._abort_all(wid, holders))
             trace.n_out, trace.cached = len(out), cached
+
+    def _probe_idle_links(self, now: float) -> None:
+        """Links with no transfer for probe_after_s (or never measured) get a probe from their
+        prefill worker, in the background: one probe per idle prefill worker at a time, never while
+        it has requests (a busy link is measured by its transfers). Its sample reaches the link
+        table with that worker's next status poll."""
+        loads = self.pools.loads
+        busy = {t.get_name() for t in self._background}
+        idle = [p for p, c in self.pools.prefill.items()
+                if loads[p].placeable and loads[p].in_flight == 0 and f"probe:{p}" not in busy]
+        dsts = [d for d in self.pools.decode if loads[d].placeable and loads[d].kv_address]
+        every = self.telemetry.cfg.probe_after_s
+        for p in idle:
+            wanted = [(p, d) for _, d in self.telemetry.links.probes_needed([p], dsts, now)
+                      if now - self._probed_at.get((p, d), -every) >= every]   # at most once per period
+            if wanted:
+                d = wanted[0][1]
+                self._probed_at[(p, d)] = now
+                t = asyncio.ensure_future(self._probe(p, d, loads[d].kv_address))
+                t.set_name(f"probe:{p}")
+                self._background.add(t)
+                t.add_done_callback(self._background.discard)
+
+    async def _probe(self, p: str, d: str, address: str) -> None:
+        client = self.pools.prefill.get(p)
+        try:
+            bps = await client.probe(address, d) if client is not None else None
+        except Exception as e:
+            log.info("probe of link %s -> %s failed: %s", p, d, e)
+            return
+        if bps:
+            log.debug("probe of link %s -> %s: %.1f MB/s", p, d, bps / 1e6)
 
     async def _while_healthy(self, aw, *wids: str):
         """Await `aw` unless one of the workers `wids` is marked unhealthy (or removed) first: then

@@ -22,6 +22,7 @@ class WorkerLoad:
     num_blocks: int = 1
     healthy: bool = True            # answered its last status poll
     incarnation: str | None = None  # the worker process's id as last reported; changes on a restart
+    kv_address: str = ""            # decode: its advertised KV endpoint (what a probe measures)
     draining: bool = False          # being removed (scale-down): takes no new placements
     links: tuple = ()               # prefill: measured KV links [{dst_id, ewma_bytes_per_s, ...}]
     # optional, for the cache-aware and cost-model policies (defaults keep older callers working)

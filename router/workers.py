@@ -51,6 +51,10 @@ class PrefillClient:
     async def cached_hashes(self) -> tuple[int, list[int]]:
         return await _call(self.worker_id, self.handle.cached_hashes.remote(), self.t.control_s)
 
+    async def probe(self, address: str, dst_id: str) -> float | None:
+        """bytes/s of the link to a decode worker's KV endpoint (None: the transport cannot probe)."""
+        return await _call(self.worker_id, self.handle.probe.remote(address, dst_id), self.t.prefill_s)
+
 
 class DecodeClient:
     def __init__(self, worker_id: str, handle, timeouts: Timeouts = Timeouts()):

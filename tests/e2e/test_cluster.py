@@ -183,6 +183,23 @@ def test_router_keeps_measured_link_bandwidth(cluster):
     assert links and links[0]["dst_id"] == "decode-0" and links[0]["ewma_bytes_per_s"] > 0 and links[0]["count"] > 0
 
 
+def test_idle_link_probe_through_the_prefill_actor(cluster):
+    """The router's probe path end to end: prefill actor -> its TCP transport -> the decode worker's
+    KV endpoint (secret checked); the sample reaches the router's link table with the next poll."""
+    r = cluster.router
+    d = r.pools.loads["decode-0"]
+
+    async def go():
+        before = next((ln["count"] for ln in r.pools.loads["prefill-0"].links if ln["dst_id"] == "decode-0"), 0)
+        bps = await r.pools.prefill["prefill-0"].probe(d.kv_address, "decode-0")
+        await r.refresh_loads()
+        after = next(ln["count"] for ln in r.pools.loads["prefill-0"].links if ln["dst_id"] == "decode-0")
+        return before, bps, after
+    before, bps, after = cluster.run(go())
+    assert d.kv_address and bps > 1e6 and after > before   # (the router's own probes may add samples)
+    assert r.telemetry.links.links[("prefill-0", "decode-0")].count == after
+
+
 def test_bench_serve_against_live_cluster(cluster, tmp_path):
     from bench.datasets import build_dataset
     from bench.serve import run_benchmark

@@ -597,3 +597,43 @@ def test_a_cache_that_cannot_be_viewed_lands_through_the_staging_buffer(server, 
     sender.finish(timeout=20)
     assert pending.state is TransferState.COMPLETE
     _assert_landed(caches, ids, data)
+
+
+def test_idle_link_probe_measures_and_shares_the_connection(server, transport, caches):
+    """A probe's filler is read and dropped by the server; the probe is one meter sample of the
+    link, and transfers on the same connection before and after it land exactly."""
+    bps = transport.probe(server.address, "d0", nbytes=1 << 20, timeout=20)
+    (link,) = transport.meter.snapshot()
+    assert bps > 0 and (link["dst_id"], link["total_bytes"], link["count"]) == ("d0", 1 << 20, 1)
+    ids = [4, 5]
+    pending = server.receiver.expect("after", ids, L, cache_writer(*caches))
+    data = _layers(len(ids), seed=3)
+    sender = transport.open(server.address, "after", ids, dst_id="d0")
+    for layer, (k, v) in enumerate(data):
+        sender.send_layer(layer, k.clone(), v.clone())
+    bps2 = transport.probe(server.address, "d0", nbytes=64 << 10, timeout=20)   # queued behind the frames
+    sender.finish(timeout=20)
+    assert pending.wait(5) is TransferState.COMPLETE and bps2 > 0
+    _assert_landed(caches, ids, data)
+    assert transport.meter.snapshot()[0]["count"] == 3
+    with pytest.raises(ValueError):
+        transport.probe(server.address, nbytes=proto.MAX_PROBE_BYTES + 1)
+
+
+def test_probe_of_a_throttled_link_reads_at_most_its_rate(server):
+    limit = 8e6   # bytes/s
+    tr = TcpKVTransport(secret=SECRET, bandwidth_limit_bytes_per_s=limit)
+    try:
+        assert tr.probe(server.address, nbytes=2 << 20, timeout=20) <= limit * 1.001
+    finally:
+        tr.close()
+
+
+def test_probe_of_a_dead_address_fails_cleanly():
+    from kv_transfer import KVTransferError
+    tr = TcpKVTransport(secret=SECRET, connect_timeout_s=2)
+    try:
+        with pytest.raises(KVTransferError):
+            tr.probe("127.0.0.1:1", timeout=10)
+    finally:
+        tr.close()
