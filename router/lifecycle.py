@@ -259,10 +259,16 @@ class Router:
             if dec is None:
                 break
             d = self.pools.decode[dec.decode]
+            # the workers that will cache this prompt's blocks hold them from now on, tentatively:
+            # the next prompts with this prefix follow instead of racing elsewhere
+            for w in {dec.decode, dec.prefill or dec.decode}:
+                self.index.expect(w, hashes, time.time())
             if dec.kind == "local":
                 placement = dict(prefill_worker=dec.decode, decode_worker=dec.decode, remote_prefill=False,
                                  kv_bytes_transferred=0, kv_transfer_ms=0.0)
-                return d.stream(wid, None, ids, pd, salt), None, placement, [d], 0
+                queued = max(0, len(ids) - int((dec.estimate or {}).get("cached_tokens", 0)))
+                return (self._queued_until_first(d.stream(wid, None, ids, pd, salt), dec.decode, queued),
+                        None, placement, [d], 0)
             p = self.pools.prefill[dec.prefill]
             self._charge(dec.decode, 0, +1)   # from the reserve on the request holds d: a drain waits for it
             try:
@@ -379,6 +385,22 @@ class Router:
             if not finished and holders:
                 await asyncio.shield(self._abort_all(wid, holders))
             trace.n_out, trace.cached = len(out), cached
+
+    async def _queued_until_first(self, stream, wid: str, tokens: int):
+        """A local prefill's uncached prompt tokens count in its decode worker's queue (what the
+        cost model reads as that worker's prefill backlog) until the first item: prefill done."""
+        w = self.pools.loads.get(wid)
+        if w is not None:
+            w.queued_tokens += tokens
+        try:
+            async for item in stream:
+                if tokens and w is not None:
+                    w.queued_tokens -= tokens
+                tokens = 0
+                yield item
+        finally:
+            if tokens and w is not None:
+                w.queued_tokens -= tokens
 
     def _probe_idle_links(self, now: float) -> None:
         """Links with no transfer for probe_after_s (or never measured) get a probe from their

@@ -20,6 +20,11 @@ Exactness and how it degrades (the documented choice)
 - Past `horizon_s` stale its confidence is 0, and `expire(now)` (call it from the status loop)
   drops its entries outright: it then counts as holding nothing, which only under-promises, and
   `needs_resync()` lists it until a resync arrives.
+- Placements run ahead of events: `expect(w, hashes)` (the router, when it sends a prompt to w)
+  counts w as holding those blocks at once, tentatively, so the next prompts with the same prefix
+  follow it instead of racing to other workers while the first one prefills and the status poll
+  has not reported its blocks yet. A "stored" event confirms a tentative block, "removed" drops
+  it, and `expire` drops what no event confirmed within `expect_ttl_s`.
 Time is the caller's clock (`now`, default time.time()); single-threaded (the router's event loop).
 """
 from __future__ import annotations
@@ -39,10 +44,13 @@ class WorkerIndexState:
 
 
 class PrefixIndex:
-    def __init__(self, silent_after_s: float = 5.0, tau_s: float = 30.0, horizon_s: float = 300.0):
-        if silent_after_s < 0 or tau_s <= 0 or horizon_s < 0:
-            raise ValueError("silent_after_s and horizon_s must be >= 0 and tau_s > 0")
+    def __init__(self, silent_after_s: float = 5.0, tau_s: float = 30.0, horizon_s: float = 300.0,
+                 expect_ttl_s: float = 30.0):
+        if silent_after_s < 0 or tau_s <= 0 or horizon_s < 0 or expect_ttl_s < 0:
+            raise ValueError("silent_after_s, horizon_s and expect_ttl_s must be >= 0 and tau_s > 0")
         self.silent_after_s, self.tau_s, self.horizon_s = silent_after_s, tau_s, horizon_s
+        self.expect_ttl_s = expect_ttl_s
+        self._tentative: dict[str, dict[int, float]] = {}   # worker -> {hash: expiry} not yet confirmed
         self._holders: dict[int, set[str]] = {}       # chain hash -> workers holding it
         self._by_worker: dict[str, set[int]] = {}     # worker -> chain hashes it holds
         self._state: dict[str, WorkerIndexState] = {}
@@ -72,18 +80,36 @@ class PrefixIndex:
             if seq > expected and st.gap_since is None:
                 st.gap_since = t
             st.last_seq = seq
-        mine = self._by_worker[worker_id]
+        mine, tentative = self._by_worker[worker_id], self._tentative.get(worker_id, {})
         if kind == "stored":
             for h in hashes:
+                tentative.pop(h, None)          # confirmed
                 if h not in mine:
                     mine.add(h)
                     self._holders.setdefault(h, set()).add(worker_id)
         else:
             for h in hashes:
+                tentative.pop(h, None)
                 if h in mine:
                     mine.discard(h)
                     self._unhold(h, worker_id)
         return True
+
+    def expect(self, worker_id: str, hashes: Iterable[int], now: float | None = None) -> None:
+        """A prompt with these chain hashes was just sent to worker_id, which will cache its blocks:
+        count them as held now, tentatively, until an event confirms or removes them or
+        expect_ttl_s passes."""
+        t = _now(now)
+        self.add_worker(worker_id, t)
+        mine = self._by_worker[worker_id]
+        tentative = self._tentative.setdefault(worker_id, {})
+        for h in hashes:
+            if h not in mine:
+                mine.add(h)
+                self._holders.setdefault(h, set()).add(worker_id)
+                tentative[h] = t + self.expect_ttl_s
+            elif h in tentative:
+                tentative[h] = t + self.expect_ttl_s
 
     def heartbeat(self, worker_id: str, seq: int | None = None, now: float | None = None) -> None:
         """The worker is alive; seq = the number of its latest event (all events up to it were sent).
@@ -115,6 +141,7 @@ class PrefixIndex:
 
     def remove_worker(self, worker_id: str) -> None:
         self._clear(worker_id)
+        self._tentative.pop(worker_id, None)
         self._state.pop(worker_id, None)
         self._by_worker.pop(worker_id, None)
 
@@ -147,8 +174,15 @@ class PrefixIndex:
         return math.exp(-age / self.tau_s) if age > 0 else 1.0
 
     def expire(self, now: float | None = None) -> list[str]:
-        """Drop the entries of workers stale past the horizon; returns the workers dropped now."""
+        """Drop tentative entries no event confirmed in time, and the entries of workers stale past
+        the horizon; returns the workers dropped now."""
         t = _now(now)
+        for w, tentative in self._tentative.items():
+            for h in [h for h, expiry in tentative.items() if expiry < t]:
+                del tentative[h]
+                if h in self._by_worker.get(w, ()):
+                    self._by_worker[w].discard(h)
+                    self._unhold(h, w)
         out = []
         for w, st in self._state.items():
             if not st.dropped and self.stale_age(w, t) > self.horizon_s:
@@ -168,6 +202,10 @@ class PrefixIndex:
 
     def num_blocks(self, worker_id: str) -> int:
         return len(self._by_worker.get(worker_id, ()))
+
+    def pending(self, worker_id: str) -> frozenset[int]:
+        """Blocks counted for worker_id only tentatively (expect()ed, no event confirmed them yet)."""
+        return frozenset(self._tentative.get(worker_id, ()))
 
     def holders(self, block_hash: int) -> frozenset[str]:
         return frozenset(self._holders.get(block_hash, ()))
@@ -210,6 +248,7 @@ class PrefixIndex:
                 del self._holders[h]
 
     def _clear(self, worker_id: str) -> None:
+        self._tentative.pop(worker_id, None)
         for h in self._by_worker.get(worker_id, ()):
             self._unhold(h, worker_id)
         if worker_id in self._by_worker:

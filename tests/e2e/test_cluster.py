@@ -267,17 +267,19 @@ def test_global_prefix_index_tracks_worker_caches_and_cost_model_places(cluster,
             await collect(stub, greedy(ids, max_tokens=2))
             await r.refresh_loads()                      # the poll that carries the block events
             match = r.index.match(hashes)
+            pending = r.index.pending("prefill-0") | r.index.pending("decode-0")
             old = r.policy
             r.policy = make_policy("cost-model", index=r.index, telemetry=r.telemetry)
             try:
                 short = await collect(stub, greedy(text="Hi there", max_tokens=4))
             finally:
                 r.policy = old
-            return match, short
+            return match, pending, short
 
-    match, short = cluster.run(go())
+    match, pending, short = cluster.run(go())
     full = (len(ids) - 1) // 16
     assert match.get("prefill-0", 0) >= full - 1 and match.get("decode-0", 0) >= full - 1, match
+    assert not pending & set(hashes[:full - 1])     # the workers' own events confirmed the placement's guess
     # an idle decode worker and an 2-token prompt: the cost model prefills it locally
     assert short[0].placement.remote_prefill is False and short[0].placement.decode_worker == "decode-0"
     ref = llm.generate(["Hi there"], SamplingParams(max_tokens=4, temperature=0))[0].token_ids

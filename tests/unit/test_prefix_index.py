@@ -131,3 +131,24 @@ def test_heartbeat_seq_reveals_lost_tail_and_late_join():
     assert ix.needs_resync() == ["a", "b"]
     ix.heartbeat("c", seq=0, now=0)                            # a fresh worker: nothing missed
     assert ix.is_exact("c", 0)
+
+
+def test_expected_blocks_count_at_once_until_confirmed_removed_or_expired():
+    index = PrefixIndex(expect_ttl_s=10.0)
+    index.add_worker("a", now=0.0)
+    index.add_worker("b", now=0.0)
+    prompt = [11, 12, 13]
+    index.expect("a", prompt, now=1.0)                      # placed on a: its prefill is in flight
+    assert index.match(prompt) == {"a": 3, "b": 0}
+    index.apply("a", "stored", [11, 12], seq=1, now=2.0)    # two blocks confirmed by the worker
+    index.expect("b", [11], now=2.0)
+    index.apply("b", "removed", [11], seq=1, now=3.0)       # evicted before it was confirmed
+    assert index.match(prompt) == {"a": 3, "b": 0} and index.pending("a") == {13} and not index.pending("b")
+    index.expire(now=11.5)                                   # block 13 was never confirmed: gone
+    assert index.match(prompt) == {"a": 2, "b": 0} and index.holders(13) == frozenset()
+    index.expire(now=100.0)
+    assert index.match(prompt)["a"] == 2                     # confirmed blocks stay
+    index.expect("a", [11, 12, 99], now=100.0)
+    index.resync("a", [11], seq=5, now=101.0)               # a snapshot replaces tentative entries too
+    index.expire(now=200.0)
+    assert index.match([11, 12]) == {"a": 1, "b": 0}
