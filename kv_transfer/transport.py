@@ -1,7 +1,8 @@
 """The prefill side's view of a KV transport: open a layer-wise sender per request.
 
-Two implementations are planned: gRPC over TCP (`grpc_transport.GrpcKVTransport`, this one) and
-RDMA. Both keep the same contract, so the prefill worker never knows which one it holds.
+Three implementations keep this contract, so the prefill worker never knows which one it holds:
+plain TCP (`tcp_transport.TcpKVTransport`, the default), gRPC (`grpc_transport.GrpcKVTransport`)
+and Mooncake (`mooncake_transport.MooncakeKVTransport`: the decode side pulls, RDMA where NICs exist).
 """
 from __future__ import annotations
 
