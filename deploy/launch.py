@@ -222,6 +222,8 @@ class Cluster(Scaling):
         if self.server:
             await self.server.set_serving(False)
             await self.server.stop(1.0)
+        if self.router is not None:
+            await self.router.close()
         for a in self.actors.values():
             try:
                 await asyncio.wait_for(a.shutdown.remote(), 10)

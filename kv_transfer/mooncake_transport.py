@@ -95,6 +95,7 @@ class MooncakeLayerwiseSender(LayerwiseSender):
         self._transport = transport
         self._loop = transport._loop
         self._stop = False  # abort() called: a stager waiting for a slot gives up
+        self._peer_done = False  # the server answered (ack or error): a stager waiting for a slot gives up
         self._queue: asyncio.Queue = asyncio.Queue()  # loop side
         self._seq = 0  # next chunk number of this stream; loop side
         self._future = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
@@ -129,7 +130,7 @@ class MooncakeLayerwiseSender(LayerwiseSender):
         """Copy one chunk into a free slot: (slot, its header), or None if aborted meanwhile."""
         arena = self._transport.arena
         try:
-            slot = arena.acquire(self._transport.stage_timeout_s, stop=lambda: self._stop)
+            slot = arena.acquire(self._transport.stage_timeout_s, stop=lambda: self._stop or self._peer_done)
         except ArenaFull as e:
             raise KVTransferError(f"KV staging arena full: {e}", "RESOURCE_EXHAUSTED") from None
         if slot is None:
@@ -154,6 +155,7 @@ class MooncakeLayerwiseSender(LayerwiseSender):
         held: dict[int, int] = {}  # seq -> slot: staged, not reported read yet
         call = t._pull(self.address)(metadata=t._metadata)
         reader = asyncio.ensure_future(self._read(call, held))
+        reader.add_done_callback(self._on_peer_done)
         sent, item = 0, None
         try:
             try:
@@ -196,6 +198,12 @@ class MooncakeLayerwiseSender(LayerwiseSender):
         if t.meter is not None and sent and ack.get("read_s", 0) > 0:
             t.meter.record(t.src_id, self.dst_id, sent, ack["read_s"])
         return self._stats(t_open, t_ack, sent, ack)
+
+    def _on_peer_done(self, _reader) -> None:
+        """The server ended the stream (e.g. the decode side aborted): slots it holds are never
+        reported read, so a stager waiting for one must not wait out its timeout."""
+        self._peer_done = True
+        self._transport.arena.wake()
 
     async def _send_piece(self, loop, call, held: dict[int, int], layer: int, first: int,
                           k: torch.Tensor, v: torch.Tensor) -> int:

@@ -402,6 +402,13 @@ class Router:
             if tokens and w is not None:
                 w.queued_tokens -= tokens
 
+    async def close(self) -> None:
+        """Cancel the background work (abort retries, link probes): the cluster is going down."""
+        tasks = list(self._background)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def _probe_idle_links(self, now: float) -> None:
         """Links with no transfer for probe_after_s (or never measured) get a probe from their
         prefill worker, in the background: one probe per idle prefill worker at a time, never while
