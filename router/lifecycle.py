@@ -211,6 +211,7 @@ class Router:
         rid = request_id or uuid.uuid4().hex
         if rid in self.in_flight:
             raise InvalidRequest(f"request_id {rid!r} is already in flight", code="ALREADY_EXISTS")
+        self._check_capacity(len(prompt_ids), params.max_tokens)
         if len(self.in_flight) >= self.cfg.max_in_flight:
             self.metrics.rejected("overloaded")
             raise Overloaded(f"admission queue full ({self.cfg.max_in_flight} requests in flight)")
@@ -240,6 +241,16 @@ class Router:
             ttft = trace.t_first - trace.t0 if trace.t_first is not None else None
             self.metrics.finished(trace.status, ttft, e2e, trace.n_out)
             self._log(rid, trace, len(prompt_ids), ttft, e2e)
+
+    def _check_capacity(self, n_prompt: int, max_tokens: int) -> None:
+        """InvalidRequest when no decode worker's KV pool (as last reported) can ever hold the
+        request: its worker would refuse it on every placement."""
+        sizes = [w.num_blocks for w in self._loads("decode") if w.capacity_known]
+        need = -(-(n_prompt + max_tokens) // self.cfg.block_size)
+        if sizes and need > max(sizes):
+            raise InvalidRequest(f"prompt ({n_prompt} tokens) + sampling.max_tokens ({max_tokens}) needs {need} KV "
+                                 f"blocks of {self.cfg.block_size} tokens; the largest decode worker holds "
+                                 f"{max(sizes)}")
 
     def _finishes(self, params: SamplingParams, n_prompt: int, out: list[int], tok: int) -> str | None:
         """Finish reason after `tok` (already appended to `out`), by the same rules as the engine."""

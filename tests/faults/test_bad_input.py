@@ -67,6 +67,7 @@ MATRIX = [
                                                sampling=pb.SamplingParams(max_tokens=2))), INVALID, "vocab"),
     ("stop token id >= vocab", ser(req(stop_token_ids=[VOCAB + 7])), INVALID, "stop_token_ids"),
     ("prompt + max_tokens > context", ser(req(max_tokens=10**6)), INVALID, "context length"),
+    ("prompt + max_tokens > every KV pool", ser(req(max_tokens=6000)), INVALID, "KV blocks"),
     ("text longer than any context (2 MB)", ser(req(text="a" * (2 << 20))), INVALID, "context length"),
     ("unknown chat role", ser(chat(("wizard", "hello"))), INVALID, "role"),
     ("empty stop string", ser(req(stop=["", "x"])), INVALID, "stop"),
