@@ -196,7 +196,10 @@ FUZZ_OK = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode
 
 def test_fuzz_thousands_of_mutated_requests(c):
     n = int(os.environ.get("PDCLUSTER_FUZZ_N", "3000"))
-    seed = int(os.environ.get("PDCLUSTER_FUZZ_SEED", random.randrange(2**32)))
+    # a fixed seed by default, so the suite gates on a known corpus; PDCLUSTER_FUZZ_SEED=random
+    # (or a number) explores further and prints the seed of any failure
+    env = os.environ.get("PDCLUSTER_FUZZ_SEED", "50187262")
+    seed = random.randrange(2**32) if env == "random" else int(env)
     rng = random.Random(seed)
     bases = [ser(req("Hello, how are you?", 3)),
              ser(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 504, 2683, 314]),
