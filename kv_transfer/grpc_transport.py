@@ -100,9 +100,6 @@ class GrpcLayerwiseSender(LayerwiseSender):
     def _frame_limit(self) -> tuple[int, str]:
         return self._transport._max_message_bytes - _HEADER_ROOM, "a gRPC message"
 
-    def _failed(self) -> bool:
-        return self._future.done()
-
     def _enqueue(self, layer: int, first: int, k_blocks: torch.Tensor, v_blocks: torch.Tensor) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, (layer, first, k_blocks, v_blocks))
 

@@ -103,9 +103,6 @@ class MooncakeLayerwiseSender(LayerwiseSender):
     def _frame_limit(self) -> tuple[int, str]:
         return self._transport.arena.slot_bytes, "a staging slot"
 
-    def _failed(self) -> bool:
-        return self._future.done()
-
     def _enqueue(self, layer: int, first: int, k_blocks: torch.Tensor, v_blocks: torch.Tensor) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, (layer, first, k_blocks, v_blocks))
 

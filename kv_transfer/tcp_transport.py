@@ -125,9 +125,6 @@ class TcpLayerwiseSender(LayerwiseSender):
     def _frame_limit(self) -> tuple[int, str]:
         return proto.DEFAULT_MAX_FRAME_BYTES - _HEADER_ROOM, "a TCP frame"
 
-    def _failed(self) -> bool:
-        return self._future.done()
-
     def _enqueue(self, layer: int, first: int, k_blocks: torch.Tensor, v_blocks: torch.Tensor) -> None:
         self._conn.put((self, layer, first, k_blocks, v_blocks))
 

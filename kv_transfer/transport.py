@@ -60,9 +60,10 @@ class LayerwiseSender(ABC):
     def _frame_limit(self) -> tuple[int, str]:
         """(payload bytes one frame/message/slot can hold, its name for errors)."""
 
-    @abstractmethod
     def _failed(self) -> bool:
-        """True once the transfer has failed (further layers are dropped)."""
+        """True once the transfer has ended early (failed or aborted): further layers are dropped.
+        Every implementation settles `self._future` (a concurrent.futures.Future) with its outcome."""
+        return self._future.done()
 
     @abstractmethod
     def _enqueue(self, layer: int, first: int, k_blocks: torch.Tensor, v_blocks: torch.Tensor) -> None:

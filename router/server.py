@@ -120,9 +120,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                     if ev.usage:
                         msg.usage.CopyFrom(pb.Usage(**ev.usage))
                     first = False
-                    try:
-                        await asyncio.wait_for(context.write(msg), self.slow_reader_timeout_s)
-                    except asyncio.TimeoutError:
+                    try:   # asyncio.timeout, not wait_for: no task per message
+                        async with asyncio.timeout(self.slow_reader_timeout_s):
+                            await context.write(msg)
+                    except TimeoutError:
                         raise SlowReader(f"client stopped reading: no message accepted for "
                                          f"{self.slow_reader_timeout_s:g}s; request {rid} cancelled") from None
         except InvalidRequest as e:
