@@ -23,22 +23,35 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Linear:
-    """y = x @ w.T + b. On CPU, small batches (decode steps, <= PACKED_MAX_ROWS rows) go through a
-    oneDNN-prepacked copy of the weight, which runs those skinny GEMMs 1.1-1.3x faster here; large
-    ones (prefill chunks) through plain F.linear, where MKL's GEMM is faster than oneDNN's
-    (bench/RESULTS.md). The price is a second copy of the weights in host memory."""
+    """y = x @ w.T + b, by the fastest of three paths measured on CPU (bench/RESULTS.md):
+    - <= SPLIT_MAX_ROWS rows (decode at batch 1-4): torch.bmm over the weight viewed as
+      [SPLIT, out / SPLIT, in], a view, no copy. MKL's GEMV and oneDNN's skinny GEMM run one row on
+      one core at 9-12 GB/s; the batched GEMM runs the SPLIT slices on all cores at 21-27 GB/s, and a
+      decode step at batch 1 is nothing but weight reads.
+    - <= PACKED_MAX_ROWS rows (other decode steps): a oneDNN-prepacked copy of the weight, 1.1-1.3x
+      faster than MKL for those skinny GEMMs; the price is a second copy of the weights in memory.
+    - larger (prefill chunks): plain F.linear, where MKL's GEMM is faster than oneDNN's."""
 
+    SPLIT, SPLIT_MAX_ROWS = 4, 4
     PACKED_MAX_ROWS = 64
 
-    __slots__ = ("weight", "bias", "_packed")
+    __slots__ = ("weight", "bias", "_packed", "_split")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool):
-        self.weight, self.bias, self._packed = weight, bias, None
+        self.weight, self.bias, self._packed, self._split = weight, bias, None, None
         if prepack:
             self._packed = (weight.to_mkldnn(), bias.to_mkldnn() if bias is not None else None)
+            if weight.shape[0] % self.SPLIT == 0 and weight.is_contiguous():
+                self._split = weight.view(self.SPLIT, weight.shape[0] // self.SPLIT, weight.shape[1])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None and x.shape[0] <= self.PACKED_MAX_ROWS:
+        n = x.shape[0]
+        if self._split is not None and n <= self.SPLIT_MAX_ROWS:
+            w = self._split                                                 # [S, out / S, in]
+            y = torch.bmm(w, x.t().unsqueeze(0).expand(w.shape[0], -1, -1))  # [S, out / S, n]
+            y = y.permute(2, 0, 1).reshape(n, -1)                           # [n, out]
+            return y if self.bias is None else y + self.bias
+        if self._packed is not None and n <= self.PACKED_MAX_ROWS:
             w, b = self._packed
             return torch.ops.aten.mkldnn_linear(x.contiguous().to_mkldnn(), w, b).to_dense()
         return F.linear(x, self.weight, self.bias)
