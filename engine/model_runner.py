@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+import numpy as np
 import torch
 
 from engine.attention import AttnMeta, PrefillSeq
@@ -53,6 +54,16 @@ def num_kv_blocks(cfg: EngineConfig) -> int:
     return n
 
 
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A zero tensor. On CPU through numpy's calloc: a large one is fresh mmap'd pages that the
+    kernel zeroes on first touch, so a multi-GB KV pool costs nothing until its blocks are used
+    (torch.zeros writes every byte up front: ~3 s for the default 30%-of-RAM pool here)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    raw = np.zeros(shape[:-1] + (shape[-1] * dtype.itemsize,), dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype)
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, model: LlamaModel, num_blocks: int):
         self.cfg = cfg
@@ -62,8 +73,8 @@ class ModelRunner:
         m, dt = cfg.model, DTYPES[cfg.dtype]
         shape = (num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
         # zeros, not empty: masked positions must hold finite values (0 * NaN would poison SDPA)
-        self.k_caches = [torch.zeros(shape, dtype=dt, device=self.device) for _ in range(m.num_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=dt, device=self.device) for _ in range(m.num_layers)]
+        self.k_caches = [_zeros(shape, dt, self.device) for _ in range(m.num_layers)]
+        self.v_caches = [_zeros(shape, dt, self.device) for _ in range(m.num_layers)]
         self.generators: dict[str, torch.Generator | None] = {}
 
     def kv_cache_bytes(self) -> int:
