@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sys
@@ -55,6 +56,8 @@ class Scenario:
     max_concurrency: int | None = None
     warmup: int = 4                                # unmeasured requests after each cluster start
     notes: str = ""                                # how the defaults were chosen
+    shaped_link: bool = False                      # kv_bandwidth_limit as a real veth+tbf link (deploy/netns.py)
+                                                   #   where the machine allows it, else the transport's bucket
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -172,6 +175,7 @@ def format_report(report: dict) -> str:
     head = [f"scenario {sc['name']}: {sc['summary']}",
             f"workload: {json.dumps(ds)}; {sc['request_rate']} req/s (burstiness {sc['burstiness']}); "
             f"{sc['rounds']} round(s), alternating; goodput target: {goodput}",
+            *([f"KV link: {sc['kv_link']}"] if sc.get("kv_link") else []),
             line("", metrics)]
     body = [line(label, cells) for label, cells in rows]
     fails = [f"{s}: {report[s]['failed']} failed {report[s]['errors']}" for s in ("baseline", "candidate")
@@ -235,6 +239,30 @@ async def run_once(cfg: ClusterConfig, sc: Scenario, requests, seed: int, vocab_
     return result, workers
 
 
+@contextlib.contextmanager
+def kv_link(cfg: ClusterConfig, shaped: bool, notes: dict[str, None]):
+    """cfg for one run: its kv_bandwidth_limit as a shaped veth+tbf link made for the run (removed
+    after it) when `shaped`, else as is (the transport's token bucket). Adds what ran to `notes`."""
+    rate = cfg.kv_bandwidth_limit
+    if not rate or not shaped:
+        if rate:
+            notes[f"token bucket in the transport at {rate / 1e6:.1f} MB/s"] = None
+        yield cfg
+        return
+    from deploy import netns
+    with netns.shaped_link(netns.line_rate(rate)) as link:
+        notes[link.describe().replace(link.prefill_ns, "pdkv<pid>p").replace(link.decode_ns, "pdkv<pid>d")] = None
+        yield replace(cfg, kv_bandwidth_limit=None, kv_link=link)
+
+
+def link_mode(sc: Scenario) -> tuple[bool, str]:
+    """(shaped, why not): whether this scenario's throttled KV link runs as a real shaped link."""
+    if not sc.shaped_link or not (sc.baseline.kv_bandwidth_limit or sc.candidate.kv_bandwidth_limit):
+        return False, ""
+    from deploy import netns
+    return netns.available()
+
+
 async def run_scenario(sc: Scenario, rounds: int, seed: int, progress: bool = True) -> dict:
     from tqdm import tqdm
 
@@ -246,6 +274,8 @@ async def run_scenario(sc: Scenario, rounds: int, seed: int, progress: bool = Tr
     requests = build_dataset(dict(sc.dataset, seed=seed), vocab)
     runs: dict[str, list[dict]] = {"baseline": [], "candidate": []}
     workers: dict[str, list[dict]] = {"baseline": [], "candidate": []}
+    shaped, why_not = link_mode(sc)
+    links: dict[str, None] = {}  # what throttled the KV link, in run order, once each
     t0 = time.perf_counter()
     bar = tqdm(total=2 * rounds, desc="runs", disable=not progress, position=0, leave=True)
     try:
@@ -253,7 +283,8 @@ async def run_scenario(sc: Scenario, rounds: int, seed: int, progress: bool = Tr
             for side, cfg, label in (("baseline", sc.baseline, sc.labels[0]),
                                      ("candidate", sc.candidate, sc.labels[1])):
                 bar.set_description(f"round {i + 1}/{rounds} {side} ({label})")
-                res, w = await run_once(cfg, sc, requests, seed, vocab, bar if progress else None, progress)
+                with kv_link(cfg, shaped, links) as run_cfg:
+                    res, w = await run_once(run_cfg, sc, requests, seed, vocab, bar if progress else None, progress)
                 runs[side].append(res)
                 workers[side].append(w)
                 bar.update(1)
@@ -261,6 +292,8 @@ async def run_scenario(sc: Scenario, rounds: int, seed: int, progress: bool = Tr
         bar.close()
     settings = dict(rounds=rounds, seed=seed, num_requests=len(requests),
                     wall_s=round(time.perf_counter() - t0, 1))
+    if links:
+        settings["kv_link"] = "; ".join(links) + (f" (no shaped link: {why_not})" if why_not else "")
     return build_report(sc, settings, runs["baseline"], runs["candidate"], workers)
 
 
@@ -280,7 +313,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     p.add_argument("--rounds", type=int, default=2,
                    help="baseline/candidate pairs, run alternately (default 2: B, C, B, C)")
-    p.add_argument("--num-prompts", type=int, default=None, help="override the scenario's request count")
+    p.add_argument("--num-prompts", type=int, default=None,
+                   help="override the scenario's request count (shared-prefix: spread over its groups, rounded up)")
     p.add_argument("--request-rate", type=float, default=None, help="override the scenario's rate (req/s; inf)")
     p.add_argument("--seed", type=int, default=0, help="seeds the workload and the arrivals (same for every run)")
     p.add_argument("--goodput", nargs="+", metavar="NAME:MS", default=None,
@@ -297,7 +331,10 @@ def main(a: argparse.Namespace) -> int:
         return 0 if a.list else 2
     sc = SCENARIOS[a.name]
     try:
-        if a.num_prompts is not None:
+        if a.num_prompts is not None and sc.dataset["dataset"] == "shared-prefix":  # n spread over the groups
+            per_group = max(1, -(-a.num_prompts // sc.dataset["num_groups"]))
+            sc = replace(sc, dataset=dict(sc.dataset, prompts_per_group=per_group))
+        elif a.num_prompts is not None:
             sc = replace(sc, dataset=dict(sc.dataset, num_prompts=a.num_prompts))
         if a.request_rate is not None:
             sc = replace(sc, request_rate=a.request_rate)
@@ -389,8 +426,9 @@ register(Scenario(
 
 
 # layerwise-transfer: 1P+1D, prompts 512-2048 tokens one at a time (no queueing: TTFT = prefill +
-# the exposed part of the transfer), the KV link throttled by the transport's token bucket to
-# LAYERWISE_LINK_BPS = KV bytes per token * the prefill rate, so that shipping a prompt's KV takes
+# the exposed part of the transfer), the KV link throttled to LAYERWISE_LINK_BPS of TCP payload (a
+# veth pair shaped by tc tbf between two network namespaces where the machine allows it, else the
+# transport's token bucket) = KV bytes per token * the prefill rate, so that shipping a prompt's KV takes
 # about as long as computing it. Both sides least-loaded with remote prefill: every prompt crosses.
 LAYERWISE_PREFILL_TPS = 150.0                  # prefill tokens/s of one 1-thread worker at 1280 tokens (measured
                                                #   2026-12-01: 220 at 512, 153 at 1280, 115 at 2048)
@@ -409,8 +447,10 @@ register(Scenario(
     max_concurrency=1,
     goodput={},
     metrics=("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_kv_transfer_ms", "request_throughput"),
-    notes=f"token bucket in the transport at {LAYERWISE_LINK_BPS / 1e6:.1f} MB/s (no netns/tc: needs root); "
+    notes=f"KV link {LAYERWISE_LINK_BPS / 1e6:.1f} MB/s: veth+tbf between two netns where the machine allows "
+          "it (root, iproute2), else the transport's token bucket (scenario.kv_link says which ran); "
           "one request at a time so TTFT is prefill + exposed transfer",
+    shaped_link=True,
 ))
 
 
@@ -438,6 +478,7 @@ register(Scenario(
     goodput={"ttft": 2500.0, "tpot": 200.0},
     metrics=("request_goodput", "median_ttft_ms", "p99_ttft_ms", "p99_tpot_ms", "remote_prefill_fraction",
              "output_throughput"),
-    notes=f"cross-zone link {SELECTIVE_LINK_BPS / 1e6:.0f} MB/s (token bucket); decode zone = 1 core that "
-          "also decodes; SLO ttft 2.5 s, tpot 200 ms",
+    notes=f"cross-zone link {SELECTIVE_LINK_BPS / 1e6:.0f} MB/s (veth+tbf where the machine allows it, else "
+          "token bucket: scenario.kv_link); decode zone = 1 core that also decodes; SLO ttft 2.5 s, tpot 200 ms",
+    shaped_link=True,
 ))

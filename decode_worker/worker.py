@@ -55,11 +55,14 @@ class DecodeWorker:
     """Receives KV on two servers sharing one KVReceiver: gRPC (KVServer) and plain TCP
     (KVTcpServer), plus MooncakeKVServer (pull over Mooncake) when kv_transport is "mooncake".
     `kv_transport` picks the one advertised as `kv_address` (what the router hands the prefill
-    worker, whose transport must match); reserve() returns the gRPC and TCP addresses too."""
+    worker, whose transport must match); reserve() returns the gRPC and TCP addresses too.
+    kv_tcp_netns / kv_tcp_host: the TCP server listens on kv_tcp_host (default kv_host) inside that
+    `ip netns` namespace (a shaped link's decode end: deploy/netns.py); the other servers stay."""
 
     def __init__(self, worker_id: str, engine: LLMEngine, kv_host: str = "127.0.0.1", kv_port: int = 0,
                  secret: str | None = None, transfer_timeout_s: float = 30.0, reservation_ttl_s: float = 300.0,
-                 kv_transport: str = "tcp", kv_tcp_port: int = 0):
+                 kv_transport: str = "tcp", kv_tcp_port: int = 0, kv_tcp_netns: str | None = None,
+                 kv_tcp_host: str | None = None):
         if kv_transport not in KV_TRANSPORTS:
             raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {kv_transport!r}")
         self.worker_id = worker_id
@@ -78,7 +81,8 @@ class DecodeWorker:
             self.mooncake_server.start_sync()
         self.server = KVServer(self.receiver, host=kv_host, port=kv_port, secret=secret)
         self.server.start_sync()
-        self.tcp_server = KVTcpServer(self.receiver, host=kv_host, port=kv_tcp_port, secret=secret)
+        self.tcp_server = KVTcpServer(self.receiver, host=kv_tcp_host or kv_host, port=kv_tcp_port, secret=secret,
+                                      netns=kv_tcp_netns)
         self.tcp_server.start_sync()
         self.transfer_timeout_s = transfer_timeout_s
         self.streams: dict[str, TokenStream] = {}

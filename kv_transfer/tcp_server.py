@@ -26,6 +26,7 @@ import time
 import msgpack
 import torch
 
+from kv_transfer import netns as kvnetns
 from kv_transfer import tcp_protocol as proto
 from kv_transfer import wire
 from kv_transfer.crc import crc32
@@ -56,11 +57,15 @@ class _Inbound(InboundStream):
 
 class KVTcpServer:
     """Binds host:port (port 0 = ephemeral; `port` holds the bound one after start). With a
-    secret, a connection must prove it (HMAC of a fresh nonce) or is closed with UNAUTHENTICATED."""
+    secret, a connection must prove it (HMAC of a fresh nonce) or is closed with UNAUTHENTICATED.
+    With `netns` (an `ip netns` name) the listener, hence every connection, lives in that network
+    namespace (kv_transfer/netns.py): `host` is an address there."""
 
     def __init__(self, receiver: KVReceiver, *, host: str = "127.0.0.1", port: int = 0,
-                 secret: str | None = None, max_frame_bytes: int = proto.DEFAULT_MAX_FRAME_BYTES):
+                 secret: str | None = None, max_frame_bytes: int = proto.DEFAULT_MAX_FRAME_BYTES,
+                 netns: str | None = None):
         self.receiver, self.host, self.port = receiver, host, port
+        self.netns = netns
         self._secret = secret
         self._max_frame_bytes = max_frame_bytes
         self._listener: socket.socket | None = None
@@ -75,7 +80,7 @@ class KVTcpServer:
 
     def start_sync(self) -> None:
         """Bind and serve on background threads (named like KVServer's, which needs a loop)."""
-        self._listener = socket.create_server((self.host, self.port), backlog=64)
+        self._listener = kvnetns.create_server(self.netns, (self.host, self.port), backlog=64)
         self.port = self._listener.getsockname()[1]
         self._acceptor = threading.Thread(target=self._accept_loop, args=(self._listener,),
                                           name=f"kv-tcp-accept-{self.port}", daemon=True)

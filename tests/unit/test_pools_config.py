@@ -191,3 +191,13 @@ def test_syntax_error_has_a_line(tmp_path):
 def test_empty_file(tmp_path):
     err, found = issues("# nothing\n", tmp_path)
     assert found == [("(top level)", 1)] and "empty" in err
+
+
+def test_shaped_kv_link_needs_tcp_on_one_host():
+    from deploy.netns import ShapedLink
+    link = ShapedLink("ap", "ad", "10.231.0.1", "10.231.0.2", 1e6, 65536, 50.0)
+    assert ClusterConfig(kv_link=link).kv_link is link
+    with pytest.raises(ValueError, match="kv_transport 'tcp'"):
+        ClusterConfig(kv_link=link, kv_transport="grpc")
+    with pytest.raises(ValueError, match="cluster on this host"):
+        ClusterConfig(kv_link=link, address="auto")

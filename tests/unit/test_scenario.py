@@ -107,3 +107,18 @@ def test_placement_scenarios_are_registered_and_build():
     assert so.baseline.prefill_zone != so.baseline.decode_zone and so.baseline.kv_bandwidth_limit
     assert so.baseline.policy == "least-loaded" and so.baseline.local_prefill_max_tokens == 0
     assert so.dataset["dataset"] == "mixed" and "request_goodput" in so.metrics
+
+
+def test_kv_link_says_which_throttle_ran():
+    from bench.scenario import kv_link, link_mode
+    cfg, notes = ClusterConfig(kv_bandwidth_limit=5e6), {}
+    with kv_link(cfg, False, notes) as run_cfg:         # no shaped link: the transport's token bucket
+        assert run_cfg is cfg
+    with kv_link(ClusterConfig(), True, notes) as run_cfg:  # no throttle at all: nothing to say
+        assert run_cfg.kv_link is None
+    assert list(notes) == ["token bucket in the transport at 5.0 MB/s"]
+    assert link_mode(SC) == (False, "")                  # SC throttles nothing
+    assert SCENARIOS["layerwise-transfer"].shaped_link and SCENARIOS["selective-offload"].shaped_link
+    base = [fake(10.0, [100, 300], [40, 60], 40, 0.1)]
+    rep = build_report(SC, dict(rounds=1, seed=0, kv_link="token bucket in the transport at 5.0 MB/s"), base, base)
+    assert "KV link: token bucket in the transport at 5.0 MB/s" in format_report(rep)
