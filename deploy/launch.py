@@ -11,6 +11,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 
+from deploy.netns import ShapedLink
 from deploy.scaling import Scaling
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,9 @@ class ClusterConfig:
     local_prefill_max_tokens: int = 0
     max_in_flight: int = 512
     kv_bandwidth_limit: float | None = None  # bytes/s: emulate a slow prefill->decode link
+    kv_link: ShapedLink | None = None        # a real shaped link (deploy/netns.py; tcp transport, one host): the
+                                             #   decode workers' KV TCP servers listen on its decode end, the
+                                             #   prefill workers connect from its prefill end
     kv_transport: str = "tcp"                # how KV goes prefill->decode: "tcp" (plain socket, default), "grpc"
                                              # or "mooncake" (decode pulls over Mooncake: RDMA/TCP)
     kv_layerwise: bool = True                # False: ship a request's KV only after its last layer (whole-request)
@@ -62,6 +66,12 @@ class ClusterConfig:
     max_decode_workers: int = 0              #   started here offers this many prefill_pool / decode_pool units
     replica_start_timeout_s: float = 600.0   # a replica added while serving must load within this (node launch too)
     drain_timeout_s: float = 30.0            # scale-down: running requests finish within this, else they migrate
+
+    def __post_init__(self):
+        if self.kv_link is not None and (self.kv_transport != "tcp" or self.address):
+            raise ValueError(f"kv_link (a shaped link between namespaces of this host) needs kv_transport "
+                             f"'tcp' and a cluster on this host, not {self.kv_transport!r} / address "
+                             f"{self.address!r}")
 
     def zone(self, role: str) -> str:
         return self.prefill_zone if role == "prefill" else self.decode_zone
@@ -138,12 +148,16 @@ class Cluster(Scaling):
         secret = cluster_secret(c.cluster_secret_file)
         wk_pre = dict(bandwidth_limit_bytes_per_s=c.kv_bandwidth_limit, transport=c.kv_transport,
                       kv_layerwise=c.kv_layerwise, kv_compression=c.kv_compression, secret=secret,
-                      max_restarts=c.max_restarts, transfer_timeout_s=c.transfer_timeout_s)
+                      max_restarts=c.max_restarts, transfer_timeout_s=c.transfer_timeout_s,
+                      bind_node_ip=bool(c.address))   # Mooncake: decode workers READ from this node's IP
         wk_dec = dict(bind_node_ip=bool(c.address), kv_transport=c.kv_transport, secret=secret,
                       max_restarts=c.max_restarts, transfer_timeout_s=c.transfer_timeout_s,
                       # the router gives up on a prefill after prefill_timeout_s and aborts; only a
                       # reservation whose router lost track of it lives past that
                       reservation_ttl_s=c.prefill_timeout_s + 2 * c.transfer_timeout_s)
+        if c.kv_link is not None:   # checked in ClusterConfig: tcp, one host
+            wk_pre["kv_netns"] = c.kv_link.prefill_ns
+            wk_dec |= dict(kv_tcp_netns=c.kv_link.decode_ns, kv_tcp_host=c.kv_link.decode_ip)
         self.worker_kwargs = {"prefill": wk_pre, "decode": wk_dec}   # what every spawn of a role gets
         pre = {f"prefill-{i}": prefill_actor.spawn(f"prefill-{i}", ek, c.threads_per_worker, c.use_gpu, **wk_pre)
                for i in range(c.prefill_workers if c.remote_prefill else 0)}
@@ -172,7 +186,8 @@ class Cluster(Scaling):
                                           local_prefill_max_tokens=c.local_prefill_max_tokens, policy=c.policy,
                                           block_size=block_size),
                              tok, mcfg.eos_token_ids, mcfg.max_position_embeddings, Pools(),
-                             cost_config=CostConfig.for_model(mcfg, dtype_bytes, block_size, **c.cost_model))
+                             cost_config=CostConfig.for_model(mcfg, dtype_bytes, block_size,
+                                                              **{"kv_compression": c.kv_compression, **c.cost_model}))
         for wid, h in pre.items():
             self.router.add_worker("prefill", PrefillClient(wid, h, self.timeouts), zone=c.zone("prefill"))
         for wid, h in dec.items():

@@ -21,6 +21,7 @@ Modules (one job each):
     loop_thread.py     the process's shared uvloop thread that drives streams
     malloc_tuning.py   glibc thresholds so ~1 MiB frames reuse heap instead of mmap per message
     throttle.py        token bucket for emulated slow links
+    netns.py           make a socket inside a named network namespace (a real shaped link: deploy/netns.py)
     meter.py           BandwidthMeter: per-link bandwidth figures for the router
 
 Push, not pull. The decode worker reserves its destination blocks before the prefill starts

@@ -167,8 +167,8 @@ class GrpcLayerwiseSender(LayerwiseSender):
                 self._queue.get_nowait()
         if self._transport._limit is not None:
             busy = max(busy, wire_bytes / self._transport._limit)
-        if self._transport.meter is not None and sent:
-            self._transport.meter.record(self._transport.src_id, self.dst_id, sent, busy)
+        if self._transport.meter is not None and sent:  # wire bytes/s (headers, scales included)
+            self._transport.meter.record(self._transport.src_id, self.dst_id, wire_bytes, busy)
         with self._lock:
             t_first, t_last = self._t_first or t_open, self._t_last or t_open
         return TransferStats(request_id=self.request_id, bytes=sent, wire_bytes=wire_bytes,

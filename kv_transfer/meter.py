@@ -22,8 +22,11 @@ class LinkStats:
 
 
 class BandwidthMeter:
-    """Figures per directed link (src_id, dst_id). Each sample is one transfer's (bytes, seconds);
-    the EWMA weighs the newest sample's bandwidth by `alpha`, the first sample sets it outright."""
+    """Figures per directed link (src_id, dst_id). Each sample is one transfer's (bytes, seconds):
+    the bytes it put on the wire (TransferStats.wire_bytes: frame headers and a codec's scales
+    included, so a compressed transfer counts its compressed size) over its link-busy seconds, so
+    bandwidths are wire bytes/s. The EWMA weighs the newest sample's bandwidth by `alpha`, the
+    first sample sets it outright."""
 
     def __init__(self, alpha: float = 0.3):
         if not 0.0 < alpha <= 1.0:

@@ -39,13 +39,21 @@ from kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
 _END, _CANCEL = object(), object()  # queue items besides (layer, first, k, v)
 DEFAULT_ARENA_BYTES = 256 << 20
 DEFAULT_SLOT_BYTES = 4 << 20  # payload bytes per staged chunk (one READ batch on the decode side)
+HOST_ENV = "PDCLUSTER_MOONCAKE_HOST"
+
+
+def mooncake_host(host: str | None = None) -> str:
+    """The address decode workers reach this process's Transfer Engine at: $PDCLUSTER_MOONCAKE_HOST
+    when set (an operator's explicit choice, e.g. one NIC of several), else `host` (the prefill
+    worker passes its node's IP on a multi-node cluster), else loopback (one host)."""
+    return os.environ.get(HOST_ENV) or host or "127.0.0.1"
 
 
 class MooncakeKVTransport(KVTransport):
     """One per prefill process: one TransferEngine, one registered staging arena.
 
-    host: the address the decode workers reach this engine at (default $PDCLUSTER_MOONCAKE_HOST,
-    else 127.0.0.1). protocol "tcp" or "rdma", device: RDMA device names ("" = all).
+    host: the address the decode workers reach this engine at (mooncake_host: $PDCLUSTER_MOONCAKE_HOST
+    overrides it; None: 127.0.0.1). protocol "tcp" or "rdma", device: RDMA device names ("" = all).
     stage_timeout_s: how long a chunk may wait for a free slot before its request fails
     (RESOURCE_EXHAUSTED)."""
 
@@ -58,7 +66,8 @@ class MooncakeKVTransport(KVTransport):
             raise ValueError("the mooncake transport cannot emulate a slow link; use the tcp transport")
         self.meter, self.src_id = meter, src_id
         self.stage_timeout_s = stage_timeout_s
-        self.engine = Engine(host or os.environ.get("PDCLUSTER_MOONCAKE_HOST", "127.0.0.1"), protocol, device)
+        self.host = mooncake_host(host)
+        self.engine = Engine(self.host, protocol, device)
         self.arena = StagingArena(arena_bytes, slot_bytes)
         self.engine.register(self.arena.buffer)
         self._metadata = ((wire.SECRET_METADATA_KEY, secret),) if secret is not None else ()

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from kv_transfer import codec as kvcodec
+from kv_transfer import netns as kvnetns
 from kv_transfer import tcp_protocol as proto
 from kv_transfer import wire
 from kv_transfer.errors import KVTransferError
@@ -47,14 +48,16 @@ class TcpKVTransport(KVTransport):
     to one address together) with a token bucket of one frame's burst, emulating a slow link. Its
     busy time (TransferStats.busy_s, hence the meter) counts the bucket's waits and is at least
     wire bytes / limit: the burst is pacing slack, not capacity, so a transfer smaller than one
-    burst does not make the emulated link look faster than its rate."""
+    burst does not make the emulated link look faster than its rate. `netns` (an `ip netns` name):
+    each connection's socket is created inside that network namespace (kv_transfer/netns.py), so
+    its bytes take that namespace's routes, e.g. a real shaped link (deploy/netns.py)."""
 
     codecs = kvcodec.CODECS  # what open(codec=...) accepts
 
     def __init__(self, *, chunk_bytes: int = proto.DEFAULT_CHUNK_BYTES, secret: str | None = None,
                  bandwidth_limit_bytes_per_s: float | None = None,
                  meter: BandwidthMeter | None = None, src_id: str = "local",
-                 connect_timeout_s: float = proto.HANDSHAKE_TIMEOUT_S):
+                 connect_timeout_s: float = proto.HANDSHAKE_TIMEOUT_S, netns: str | None = None):
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
         self.chunk_bytes = chunk_bytes
@@ -62,6 +65,7 @@ class TcpKVTransport(KVTransport):
         self.secret = secret
         self.limit = bandwidth_limit_bytes_per_s
         self.connect_timeout_s = connect_timeout_s
+        self.netns = netns
         self._lock = threading.Lock()
         self._conns: dict[str, _Connection] = {}
         keep_large_buffers()
@@ -252,7 +256,7 @@ class _Connection:
     def _connect(self) -> socket.socket:
         host, _, port = self.address.rpartition(":")
         timeout = self.transport.connect_timeout_s
-        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+        sock = kvnetns.create_connection(self.transport.netns, (host.strip("[]"), int(port)), timeout=timeout)
         try:
             proto.tune(sock)
             msg = proto.recv_control(sock, expect=(proto.HELLO, proto.CLOSE))
@@ -394,8 +398,8 @@ class _Connection:
                     t_ack = time.perf_counter()
                     stats = sender._stats(t_ack, body["seconds"])
                     meter = self.transport.meter
-                    if meter is not None and stats.bytes:
-                        meter.record(self.transport.src_id, sender.dst_id, stats.bytes, stats.busy_s)
+                    if meter is not None and stats.bytes:  # wire bytes/s: what a codec's choice divides
+                        meter.record(self.transport.src_id, sender.dst_id, stats.wire_bytes, stats.busy_s)
                     sender._settle(stats)
                 else:
                     sender._settle(KVTransferError(

@@ -17,6 +17,8 @@ class PrefillActor:
         from prefill_worker.worker import PrefillWorker
         torch.set_num_threads(num_threads)
         engine = LLMEngine(build_config(**engine_kwargs, num_threads=num_threads))
+        if worker_kwargs.pop("bind_node_ip", False):  # multi-node: decode workers reach this node's IP
+            worker_kwargs["kv_host"] = ray.util.get_node_ip_address()
         self.worker = PrefillWorker(worker_id, engine, **worker_kwargs)
         self.pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="prefill-rpc")
 

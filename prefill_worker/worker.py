@@ -42,27 +42,38 @@ class KVDestination:
 class PrefillWorker:
     def __init__(self, worker_id: str, engine: LLMEngine, secret: str | None = None,
                  bandwidth_limit_bytes_per_s: float | None = None, transfer_timeout_s: float = 30.0,
-                 transport: str = "tcp", kv_layerwise: bool = True, kv_compression: str = "off"):
+                 transport: str = "tcp", kv_layerwise: bool = True, kv_compression: str = "off",
+                 kv_netns: str | None = None, kv_host: str | None = None):
         """transport: "tcp" (TcpKVTransport), "grpc" (GrpcKVTransport) or "mooncake"
         (MooncakeKVTransport: the decode side pulls over Mooncake); the decode workers must
         advertise the matching server (DecodeWorker's kv_transport). kv_layerwise False: whole-request
         transfer, every layer is handed to the sender after the last layer computed (the baseline
         that layer-wise streaming is measured against). kv_compression: "off", "int8", "fp8" or
         "auto" (kv_transfer/codec_policy.py: per transfer, by the link's measured bandwidth);
-        tcp and grpc only (Mooncake moves the cache bytes uncompressed)."""
+        tcp and grpc only (Mooncake moves the cache bytes uncompressed). kv_netns: tcp only, the KV
+        connections' sockets are made in that `ip netns` namespace (a shaped link: deploy/netns.py)."""
         if transport not in KV_TRANSPORTS:
             raise ValueError(f"transport must be one of {sorted(KV_TRANSPORTS)}, got {transport!r}")
         self.compression = CompressionPolicy(kv_compression)
         if kv_compression != "off" and not hasattr(KV_TRANSPORTS[transport], "codecs"):
             raise ValueError(f"kv_compression {kv_compression!r} needs the tcp or grpc transport, not {transport!r}")
+        if kv_netns is not None and transport != "tcp":
+            raise ValueError(f"kv_netns needs the tcp transport, not {transport!r}")
         self.worker_id = worker_id
         self.incarnation = uuid.uuid4().hex   # new on every (re)start of the process
         self.engine = engine
         self.events = BlockEventLog()      # prefix-cache events for the router's global index
         self.events.attach(engine.kv.pool)
         self.meter = BandwidthMeter()
+        # kv_host: the address decode workers reach this worker's transport at. Only Mooncake listens
+        # on the prefill side (the decode side READs its staging arena), so only it takes one: the
+        # node's IP on a multi-node cluster (the actor's bind_node_ip); None: the transport's default
+        # (loopback; $PDCLUSTER_MOONCAKE_HOST overrides either, mooncake_transport.mooncake_host).
+        host = {"host": kv_host} if transport == "mooncake" and kv_host else {}
         self.transport = KV_TRANSPORTS[transport](secret=secret, meter=self.meter, src_id=worker_id,
-                                                  bandwidth_limit_bytes_per_s=bandwidth_limit_bytes_per_s)
+                                                  bandwidth_limit_bytes_per_s=bandwidth_limit_bytes_per_s, **host)
+        if kv_netns is not None:
+            self.transport.netns = kv_netns  # read when a connection is made: none is yet
         self.transfer_timeout_s = transfer_timeout_s
         self.kv_layerwise = kv_layerwise
         # request id -> (sender, skip_blocks, codec); touched on the engine thread only

@@ -6,7 +6,9 @@ alone ("local": d prefills it itself). Estimates, in seconds (rates learned onli
   remote(p, d) = queue_p + compute_p + exposed + join_d + remote_overhead
       queue_p    = tokens queued at p / rate_p
       compute_p  = (L - cached at p) / rate_p
-      transfer   = (L - cached at d) * kv_bytes_per_token / bandwidth(p -> d)
+      transfer   = (L - cached at d) * wire bytes per token / bandwidth(p -> d)
+                   (wire bytes: what the cluster's kv_compression puts on the wire, see
+                   wire_bytes_per_token and kv_codec; bandwidth: the meter's wire bytes/s)
       exposed    = max(transfer / num_layers, transfer - compute_p)   (layer-wise streaming hides
                    the rest behind the next layers' compute)
       join_d     = one decode step of d's running batch
@@ -38,12 +40,38 @@ from typing import Iterable, Mapping
 from router.placement import Decision, WorkerLoad
 from router.prefix_index import PrefixIndex
 
+# KV compression, mirrored from kv_transfer (which imports torch; the router must not). Pinned to
+# kv_transfer.codec / codec_policy by tests/unit/test_cost_model.py.
+KV_COMPRESSION_MODES = ("off", "int8", "fp8", "auto")   # codec_policy.MODES
+AUTO_CODEC = "int8"                                     # codec_policy.AUTO_CODEC
+CODEC_ITEM_BYTES = {"int8": 1, "fp8": 1}                # codec.QUANT[codec].itemsize
+SCALE_BYTES = 4                                         # codec.SCALE_BYTES: one float32 per scale
+
+
+def wire_bytes_per_token(codec: str, kv_bytes_per_token: float, dtype_bytes: int, num_layers: int,
+                         num_kv_heads: int, block_size: int) -> float:
+    """Bytes one token's K+V (all layers) costs on the wire under `codec` ("none", "int8", "fp8"),
+    payload + scales: kv_transfer/codec.py sends each element in CODEC_ITEM_BYTES instead of the
+    cache's `dtype_bytes`, plus a float32 scale per (K/V, block, kv_head) of every layer, i.e.
+    2 * num_layers * num_kv_heads * SCALE_BYTES per block of `block_size` tokens. Frame headers
+    (a few hundred bytes per frame of ~2 MiB) are left out, compressed or not."""
+    if codec == "none":
+        return float(kv_bytes_per_token)
+    if codec not in CODEC_ITEM_BYTES:
+        raise ValueError(f"codec must be 'none' or one of {sorted(CODEC_ITEM_BYTES)}, got {codec!r}")
+    payload = kv_bytes_per_token / dtype_bytes * CODEC_ITEM_BYTES[codec]
+    return payload + 2 * num_layers * num_kv_heads * SCALE_BYTES / block_size
+
 
 @dataclass(frozen=True)
 class CostConfig:
     block_size: int = 16                    # tokens per KV block (the engine's)
     kv_bytes_per_token: int = 46_080        # K+V of all layers; SmolLM2-135M fp32 = 2*30*3*64*4
     num_layers: int = 30
+    num_kv_heads: int = 3                   # with kv_dtype_bytes: a compressed transfer's scales and payload
+    kv_dtype_bytes: int = 4                 # bytes per element of the KV cache (fp32 4, bf16/fp16 2)
+    kv_compression: str = "off"             # the cluster's KV codec policy (ClusterConfig.kv_compression):
+                                            #   off | int8 | fp8 | auto; transfers are priced at its wire bytes
     # priors until measurements arrive
     prior_prefill_tps: float = 2_000.0      # prefill worker, tokens/s
     prior_local_prefill_tps: float | None = None   # decode worker prefilling (None: prior_prefill_tps)
@@ -65,11 +93,20 @@ class CostConfig:
     allow_remote: bool = True
     local_max_tokens: int | None = None     # local only for prompts up to this (None: any)
 
+    def __post_init__(self):
+        if self.kv_compression not in KV_COMPRESSION_MODES:
+            raise ValueError(f"kv_compression must be one of {KV_COMPRESSION_MODES}, got {self.kv_compression!r}")
+
     @classmethod
     def for_model(cls, model_cfg, dtype_bytes: int, block_size: int, **kw) -> "CostConfig":
         """From engine.config.ModelConfig: the KV geometry the transfer is priced with."""
         return cls(block_size=block_size, kv_bytes_per_token=model_cfg.kv_bytes_per_token(dtype_bytes),
-                   num_layers=model_cfg.num_layers, **kw)
+                   num_layers=model_cfg.num_layers, num_kv_heads=model_cfg.num_kv_heads,
+                   kv_dtype_bytes=dtype_bytes, **kw)
+
+    def wire_bytes_per_token(self, codec: str) -> float:
+        return wire_bytes_per_token(codec, self.kv_bytes_per_token, self.kv_dtype_bytes, self.num_layers,
+                                    self.num_kv_heads, self.block_size)
 
 
 # estimators
@@ -152,7 +189,8 @@ class LinkInfo:
 
 
 class LinkTable:
-    """Measured KV links (from `kv_transfer.BandwidthMeter.snapshot()` dicts) and zone-pair figures.
+    """Measured KV links (from `kv_transfer.BandwidthMeter.snapshot()` dicts: wire bytes/s, headers
+    and scales included, compressed or not) and zone-pair figures.
     Zone pairs are tracked apart: an EWMA over the measured links of each directed (src zone, dst
     zone) pair prices a link that has no measurement of its own; before any, the configured prior
     (intra-zone fast, cross-zone slow, or `zone_pair_bps`)."""
@@ -291,8 +329,9 @@ class Estimate:
     local_penalty_s: float = 0.0
     cached_tokens: float = 0.0              # expected at the worker that prefills
     cached_tokens_decode: float = 0.0       # expected at d (skipped by the transfer)
-    transfer_bytes: float = 0.0
-    bandwidth_bps: float = 0.0
+    transfer_bytes: float = 0.0             # on the wire, under kv_codec
+    kv_codec: str = "none"                  # the codec p's CompressionPolicy is expected to pick
+    bandwidth_bps: float = 0.0              # wire bytes/s
     bandwidth_source: str = ""
     probe_needed: bool = False
     step_s_after: float = 0.0               # d's estimated decode step with the added load
@@ -327,6 +366,32 @@ class CostModel:
         e.step_s_after = max(self.telemetry.step_s(d, n_d + 1), stall_s)
         e.tpot_ok = self.cfg.tpot_slo_s is None or e.step_s_after <= self.cfg.tpot_slo_s
 
+    def kv_codec(self, prompt_len: int, p: WorkerLoad, cached_d: float, measured_bps: float | None) -> str:
+        """The codec p will pick for this transfer: kv_transfer/codec_policy.py's rule on the figures p
+        itself uses (prefill_worker.worker._codec). "auto" compresses (AUTO_CODEC) when the reserved
+        blocks' uncompressed K+V bytes / the link's own measured bandwidth (p's meter EWMA; None for
+        an unmeasured link, priced from zone figures) > the whole prompt's prefill seconds at p's
+        lifetime mean rate (its cumulative prefill_tokens / prefill_s, as last polled; a WorkerLoad
+        prefill_tps override wins; None before p's first prefill step). Unknown figures: "none"."""
+        mode = self.cfg.kv_compression
+        if mode == "off":
+            return "none"
+        if mode != "auto":
+            return mode
+        c = self.cfg
+        blocks = -(-prompt_len // c.block_size) - int(cached_d // c.block_size)
+        nbytes = blocks * c.block_size * c.kv_bytes_per_token
+        counters = self.telemetry.perf_of(p.worker_id, p.role).counters
+        if p.prefill_tps:
+            compute_s = prompt_len / p.prefill_tps
+        elif counters.get("prefill_tokens", 0) > 0 and counters.get("prefill_s", 0) > 0:
+            compute_s = prompt_len * counters["prefill_s"] / counters["prefill_tokens"]
+        else:
+            compute_s = None
+        if not measured_bps or compute_s is None or nbytes <= 0:
+            return "none"
+        return AUTO_CODEC if nbytes / measured_bps > compute_s else "none"
+
     def estimate_remote(self, prompt_len: int, p: WorkerLoad, d: WorkerLoad, cached_p: float = 0.0,
                         cached_d: float = 0.0, now: float | None = None) -> Estimate:
         c, t = self.cfg, self.telemetry
@@ -335,10 +400,12 @@ class CostModel:
         e = Estimate("remote", p.worker_id, d.worker_id, cached_tokens=cached_p, cached_tokens_decode=cached_d)
         e.queue_s = max(p.queued_tokens, p.waiting_tokens) / rate
         e.compute_s = (prompt_len - cached_p) / rate
-        e.transfer_bytes = (prompt_len - cached_d) * c.kv_bytes_per_token
         e.bandwidth_bps, e.bandwidth_source = t.links.bandwidth(p.worker_id, d.worker_id, p.zone, d.zone)
         e.probe_needed = t.links.probe_needed(p.worker_id, d.worker_id, now)
-        e.transfer_s = e.transfer_bytes / max(e.bandwidth_bps, 1.0)
+        e.kv_codec = self.kv_codec(prompt_len, p, cached_d, e.bandwidth_bps if e.bandwidth_source == "measured"
+                                   else None)
+        e.transfer_bytes = (prompt_len - cached_d) * c.wire_bytes_per_token(e.kv_codec)
+        e.transfer_s = e.transfer_bytes / max(e.bandwidth_bps, 1.0)   # wire bytes / wire bytes/s
         e.exposed_transfer_s = max(e.transfer_s / max(c.num_layers, 1), e.transfer_s - e.compute_s)
         e.join_s = t.step_s(d, n_d)
         e.overhead_s = c.remote_overhead_s
@@ -404,4 +471,4 @@ def config_fields() -> set[str]:
 
 
 __all__ = ["CostConfig", "CostModel", "Estimate", "LinkTable", "RateEstimator", "StepTimeModel", "Telemetry",
-           "WorkerPerf", "config_fields"]
+           "WorkerPerf", "config_fields", "wire_bytes_per_token"]

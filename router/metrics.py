@@ -198,7 +198,8 @@ class _WorkerCollector:
         busy = CounterMetricFamily("pdcluster_worker_busy_seconds", "Seconds the worker spent in forward steps",
                                    labels=["worker"])
         steps = CounterMetricFamily("pdcluster_worker_steps", "Forward steps run by the worker", labels=["worker"])
-        kv_bytes = CounterMetricFamily("pdcluster_kv_transfer_bytes", "KV bytes sent prefill -> decode, per link",
+        kv_bytes = CounterMetricFamily("pdcluster_kv_transfer_bytes",
+                                       "KV bytes on the wire prefill -> decode (compressed size), per link",
                                        labels=["src", "dst"])
         kv_secs = CounterMetricFamily("pdcluster_kv_transfer_seconds",
                                       "Seconds spent sending KV, per link (sum over transfers)", labels=["src", "dst"])

@@ -262,3 +262,90 @@ def test_router_registers_each_workers_zone_and_prices_cross_zone_links_apart():
     assert (p.zone, d.zone) == ("far", "near")
     e = r.policy.estimate_remote(1000, p, d)
     assert (e.bandwidth_bps, e.bandwidth_source) == (CostConfig().cross_zone_bps, "zone-prior")
+
+
+# KV compression: transfers priced at the bytes the prefill worker's codec puts on the wire
+def test_wire_bytes_per_token_matches_the_codec_and_its_policy():
+    import torch
+
+    from kv_transfer import codec as kvcodec
+    from kv_transfer import codec_policy
+    from router import cost_model as cmod
+
+    assert cmod.KV_COMPRESSION_MODES == codec_policy.MODES and cmod.AUTO_CODEC == codec_policy.AUTO_CODEC
+    assert cmod.SCALE_BYTES == kvcodec.SCALE_BYTES
+    assert cmod.CODEC_ITEM_BYTES == {c: kvcodec.QUANT[c].itemsize for c in kvcodec.CODECS if c != "none"}
+    for dtype, layers, heads, head_dim, bs in ((torch.float32, 30, 3, 64, 16), (torch.bfloat16, 4, 2, 32, 8),
+                                                (torch.float16, 28, 8, 128, 32)):
+        kvb = 2 * layers * heads * head_dim * dtype.itemsize
+        block = torch.zeros(bs, heads, head_dim, dtype=dtype)
+        for codec in kvcodec.CODECS:
+            want = kvcodec.block_wire_bytes(block, codec) * layers / bs    # one block of every layer, per token
+            assert cmod.wire_bytes_per_token(codec, kvb, dtype.itemsize, layers, heads, bs) == pytest.approx(want)
+    c = cfg(kv_compression="int8")
+    assert c.wire_bytes_per_token("int8") == 2 * 30 * 3 * 64 + 2 * 30 * 3 * 4 / BS == 11_565   # vs 46_080
+    with pytest.raises(ValueError):
+        cfg(kv_compression="zstd")
+
+
+def test_for_model_carries_the_kv_geometry_and_compression():
+    from engine.config import ModelConfig
+    m = ModelConfig(name="m", path="", vocab_size=10, hidden_size=64, intermediate_size=128, num_layers=4,
+                    num_heads=4, num_kv_heads=2, head_dim=16)
+    c = CostConfig.for_model(m, 2, 8, kv_compression="fp8")
+    assert (c.kv_bytes_per_token, c.num_kv_heads, c.kv_dtype_bytes, c.block_size) == (2 * 4 * 32 * 2, 2, 2, 8)
+    assert c.wire_bytes_per_token("fp8") == 2 * 4 * 32 + 2 * 4 * 2 * 4 / 8
+
+
+def test_int8_prices_the_transfer_at_its_wire_bytes_and_can_flip_local_to_remote():
+    slow = dict(cross_zone_bps=5e7)
+    ps, ds = [P("p0", zone="east")], [D("d0", zone="west")]
+    off, int8 = CostModel(cfg(**slow)), CostModel(cfg(kv_compression="int8", **slow))
+    e_off, e_int8 = off.estimate_remote(2048, ps[0], ds[0]), int8.estimate_remote(2048, ps[0], ds[0])
+    assert (e_off.kv_codec, e_int8.kv_codec) == ("none", "int8")
+    assert e_off.transfer_bytes == 2048 * KVB
+    assert e_int8.transfer_bytes / e_off.transfer_bytes == pytest.approx(11_565 / KVB, rel=1e-12)
+    assert e_int8.transfer_s / e_off.transfer_s == pytest.approx(11_565 / KVB, rel=1e-12)
+    assert off.choose(2048, ps, ds).kind == "local"          # 1.9 s of KV on a 50 MB/s link
+    dec = int8.choose(2048, ps, ds)
+    assert dec.kind == "remote" and dec.estimate["kv_codec"] == "int8"   # a quarter of it: remote wins
+    fp8 = CostModel(cfg(kv_compression="fp8", **slow)).estimate_remote(2048, ps[0], ds[0])
+    assert fp8.transfer_bytes == e_int8.transfer_bytes       # same size on the wire
+    # the decode worker's cached prefix is skipped either way
+    part = int8.estimate_remote(2048, ps[0], ds[0], cached_d=1024)
+    assert part.transfer_bytes == pytest.approx(1024 * 11_565)
+
+
+def test_auto_prices_what_the_prefill_workers_policy_picks():
+    from kv_transfer.codec_policy import CompressionPolicy
+
+    policy = CompressionPolicy("auto")
+    cm = CostModel(cfg(kv_compression="auto", cross_zone_bps=5e7))
+    p, d = P("p0", zone="east"), D("d0", zone="west")
+    # unmeasured link (zone prior): the worker does not know it yet and sends uncompressed
+    e = cm.estimate_remote(2048, p, d)
+    assert e.bandwidth_source == "zone-prior" and e.kv_codec == "none" and e.transfer_bytes == 2048 * KVB
+    assert cm.choose(2048, [p], [d]).kind == "local"
+    nbytes, compute_s = 2048 * KVB, 2048 / 10_000           # 128 whole blocks; p's rate override
+
+    def measured(bps):
+        m = BandwidthMeter(alpha=1.0)
+        m.record("p0", "d0", int(bps), 1.0)
+        cm.telemetry.links.ingest(m.snapshot())
+        return cm.estimate_remote(2048, p, d)
+
+    slow = measured(5e7)                                     # link-bound: 1.9 s of KV vs 0.2 s of compute
+    assert slow.bandwidth_source == "measured"
+    assert slow.kv_codec == policy.choose(nbytes, compute_s, 5e7) == "int8"
+    assert slow.transfer_bytes == pytest.approx(2048 * 11_565)
+    assert cm.choose(2048, [p], [d]).kind == "remote"
+    fast = measured(2e9)                                     # compute-bound: nothing to gain
+    assert fast.kv_codec == policy.choose(nbytes, compute_s, 2e9) == "none" and fast.transfer_bytes == 2048 * KVB
+    # no rate override: the worker's lifetime rate from its polled counters; none before its first prefill
+    q = WorkerLoad("p0", "prefill", zone="east", num_blocks=1000, free_blocks=1000)
+    measured(5e7)
+    assert cm.estimate_remote(2048, q, d).kv_codec == policy.choose(nbytes, None, 5e7) == "none"
+    cm.telemetry.ingest_status(q, dict(prefill_tokens=40_000, prefill_s=2.0))   # 20k tok/s: 0.1 s
+    assert cm.estimate_remote(2048, q, d).kv_codec == policy.choose(nbytes, 0.1024, 5e7) == "int8"
+    cm.telemetry.ingest_status(q, dict(prefill_tokens=40_000, prefill_s=80.0))  # 500 tok/s: 4 s
+    assert cm.estimate_remote(2048, q, d).kv_codec == policy.choose(nbytes, 4.096, 5e7) == "none"

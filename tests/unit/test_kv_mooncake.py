@@ -61,6 +61,56 @@ def test_slot_pool_back_pressure_and_stop():
         pool.release(5)
 
 
+def test_host_is_the_env_override_then_the_given_host_then_loopback(monkeypatch):
+    from kv_transfer.mooncake_transport import HOST_ENV, mooncake_host
+    monkeypatch.delenv(HOST_ENV, raising=False)
+    assert mooncake_host() == "127.0.0.1" and mooncake_host("10.0.0.5") == "10.0.0.5"
+    monkeypatch.setenv(HOST_ENV, "192.168.7.7")
+    assert mooncake_host() == mooncake_host("10.0.0.5") == "192.168.7.7"
+
+
+def test_prefill_worker_gives_mooncake_its_kv_host(monkeypatch):
+    """The worker hands kv_host to the Mooncake transport as `host` (a stand-in transport here, so no
+    mooncake package is needed); the push transports listen nowhere and get none."""
+    from engine.llm_engine import LLMEngine, build_config
+    from prefill_worker import worker as pw
+    seen = []
+
+    class StandIn:
+        def __init__(self, **kw):
+            seen.append(kw)
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(pw.KV_TRANSPORTS, "mooncake", StandIn)
+    engine = LLMEngine(build_config(kv_cache_memory=8 * 2**20, num_threads=1))
+    for kv_host in ("10.1.2.3", None):
+        pw.PrefillWorker("p", engine, transport="mooncake", kv_host=kv_host).close()
+    assert seen[0]["host"] == "10.1.2.3" and "host" not in seen[1]    # None: the transport's default
+    tcp = pw.PrefillWorker("p", engine, transport="tcp", kv_host="10.1.2.3")
+    tcp.close()
+
+
+def test_prefill_actor_binds_mooncake_to_its_node_ip_on_a_multi_node_cluster(monkeypatch):
+    """bind_node_ip (deploy/launch.py: a `--address` cluster) -> kv_host = the node's IP, from Ray in
+    the actor wrapper; without it the worker gets no kv_host (loopback)."""
+    import ray
+
+    import engine.llm_engine
+    import prefill_worker.worker
+    from prefill_worker.actor import PrefillActor
+    made = []
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.9.8.7")
+    monkeypatch.setattr(engine.llm_engine, "build_config", lambda **kw: kw)
+    monkeypatch.setattr(engine.llm_engine, "LLMEngine", lambda cfg: "engine")
+    monkeypatch.setattr(prefill_worker.worker, "PrefillWorker", lambda wid, eng, **kw: made.append(kw))
+    for bind in (True, False):
+        actor = PrefillActor("p", {}, torch.get_num_threads(), dict(transport="mooncake", bind_node_ip=bind))
+        actor.pool.shutdown()
+    assert made == [dict(transport="mooncake", kv_host="10.9.8.7"), dict(transport="mooncake")]
+
+
 # transport level: a real MooncakeKVServer over a KVReceiver and plain cache tensors
 @pytest.fixture(scope="module")
 def link():
