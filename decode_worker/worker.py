@@ -72,7 +72,8 @@ class DecodeWorker:
         self.events.attach(engine.kv.pool)
         self.kv_transport = kv_transport
         self.receiver = KVReceiver()
-        self.mooncake_server = None   # only when chosen: it needs the mooncake package and registers the cache;
+        self.mooncake_server = None   # only when chosen: it needs the mooncake package and registers the cache
+        # (CPU caches; GPU caches land through its registered host staging buffers, chosen by the server itself);
         # first, so that a host without it fails before anything else is started
         if kv_transport == "mooncake":
             from kv_transfer.mooncake_server import MooncakeKVServer

@@ -62,7 +62,9 @@ so fencing, bounds and checksums hold as for raw frames. Mooncake moves raw cach
 The one pull: RDMA. With Mooncake (`MooncakeKVTransport`) the bytes move by one-sided operations,
 which the receiver's lock cannot fence when the prefill side issues them; so there the prefill side
 stages each chunk in a registered arena and announces it on a gRPC control stream, and the decode
-side READs it into the reserved blocks under the reservation's lock (mooncake_transport.py).
+side READs it into the reserved blocks under the reservation's lock, or, for caches that are not
+host memory (GPU), into a registered host buffer, checksums it there and copies it into the blocks
+under that lock (mooncake_transport.py, mooncake_server.py).
 """
 from kv_transfer.errors import KVTransferError
 from kv_transfer.grpc_transport import GrpcKVTransport

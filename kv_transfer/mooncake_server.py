@@ -1,18 +1,30 @@
 """MooncakeKVServer: the decode side of the mooncake transport, beside KVServer and KVTcpServer.
 
 A grpc.aio server (on the shared KV loop) serving the Pull stream (mooncake_protocol.py) over a
-KVReceiver, and a TransferEngine with this worker's KV cache tensors registered once at start.
-Each "stage" message is landed on a reader thread, exactly as KVTcpServer lands a frame:
+KVReceiver, and a TransferEngine with host memory registered once at start. Each "stage" message
+is landed on a reader thread (read_threads of them), as KVTcpServer lands a frame, on one of two
+paths fixed at construction:
 
+direct (contiguous CPU caches; the caches themselves are registered):
     PendingTransfer.target(header)        checked against the reservation before any byte moves
     PendingTransfer.locked(engine.read)   READ from the prefill arena into the reserved blocks
     crc32 of the landed bytes             against the header's
     PendingTransfer.commit(...)           only now do the blocks count as landed
 
-The READ runs under the reservation's lock, so `KVReceiver.abort()` returns only when no READ
-into that request's blocks is in flight, and none starts afterwards: its blocks can be freed and
-reused at once. abort() waits for at most one chunk READ (one arena slot; its time is bounded by
-Mooncake's MC_TRANSFER_TIMEOUT). Needs contiguous CPU caches (registered whole).
+staged (any other cache, e.g. CUDA, or staged=True; one registered host buffer per reader thread,
+each staging_bytes >= the prefill side's slot_bytes; the caches are not registered):
+    PendingTransfer.target(header)        checked against the reservation before any byte moves
+    engine.read                           READ the chunk into this reader's staging buffer
+    crc32 of the staged bytes             against the header's: a bad chunk is never written
+    PendingTransfer.write(header, k, v)   copy into the reserved blocks under the lock, mark landed
+
+Fencing: a direct READ runs under the reservation's lock, so `KVReceiver.abort()` returns only
+when no READ into that request's blocks is in flight, and none starts afterwards: its blocks can
+be freed and reused at once. abort() waits for at most one chunk READ (one arena slot; its time is
+bounded by Mooncake's MC_TRANSFER_TIMEOUT). A staged READ touches only the reader's own buffer and
+runs outside the lock; the copy into the cache is write()'s, under the lock and only while PENDING,
+so abort() waits for at most one bounded copy (<= staging_bytes) and nothing lands after it returns.
+Chunks are raw cache bytes (codec "none"): the prefill side stages no compressed chunks.
 """
 from __future__ import annotations
 
@@ -20,6 +32,7 @@ import asyncio
 import concurrent.futures
 import hmac
 import logging
+import queue
 import time
 from typing import Sequence
 
@@ -33,6 +46,7 @@ from kv_transfer.crc import crc32
 from kv_transfer.errors import DataLoss, KVTransferError, MalformedFrame, TransferClosed
 from kv_transfer.loop_thread import shared_loop
 from kv_transfer.mooncake_engine import Engine
+from kv_transfer.mooncake_transport import DEFAULT_SLOT_BYTES
 from kv_transfer.receiver import InboundStream, PendingTransfer, KVReceiver, TransferState
 
 log = logging.getLogger(__name__)
@@ -57,20 +71,32 @@ class _PullStream(InboundStream):
 class MooncakeKVServer:
     """Binds host:port for the control plane (port 0 = ephemeral); the engine's own listeners
     are Mooncake's (see mooncake_engine). With a secret, a Pull without the matching
-    x-pdcluster-secret metadata is answered UNAUTHENTICATED before anything is read."""
+    x-pdcluster-secret metadata is answered UNAUTHENTICATED before anything is read.
+
+    staged: land through host staging buffers (module docstring); forced on for caches that are
+    not contiguous CPU tensors. staging_bytes: each buffer's size, the largest chunk (payload
+    bytes) accepted on that path; at least the prefill side's slot_bytes."""
 
     def __init__(self, receiver: KVReceiver, k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor],
                  *, host: str = "127.0.0.1", port: int = 0, secret: str | None = None,
-                 protocol: str = "tcp", device: str = "", read_threads: int = 4):
+                 protocol: str = "tcp", device: str = "", read_threads: int = 4,
+                 staged: bool = False, staging_bytes: int = DEFAULT_SLOT_BYTES):
         caches = [*k_caches, *v_caches]
-        if not all(c.device.type == "cpu" and c.is_contiguous() for c in caches):
-            raise ValueError("the mooncake transport needs contiguous CPU KV caches here "
-                             "(GPU caches need the CUDA build's GPU memory registration)")
+        self.staged = staged or not all(c.device.type == "cpu" and c.is_contiguous() for c in caches)
         self.receiver, self.host, self.port = receiver, host, port
         self._secret = secret.encode() if secret is not None else None
         self.engine = Engine(host, protocol, device)
-        for c in caches:
-            self.engine.register(c)
+        self.staging_bytes = staging_bytes
+        self._staging: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()  # free buffers, uint8 [staging_bytes]
+        if self.staged:  # one per reader thread, so a reader never waits for one
+            pin = any(c.is_cuda for c in caches)  # page-locked: faster host -> GPU copies
+            for _ in range(read_threads):
+                buf = torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=pin)
+                self.engine.register(buf)
+                self._staging.put(buf)
+        else:
+            for c in caches:
+                self.engine.register(c)
         self._readers = concurrent.futures.ThreadPoolExecutor(read_threads, thread_name_prefix="kv-mooncake-read")
         self._server: grpc.aio.Server | None = None
 
@@ -145,8 +171,13 @@ class MooncakeKVServer:
             yield _error(KVTransferError(f"internal error: {e!r}", "INTERNAL"))
 
     def _land(self, stream: _PullStream, session: str, addr: int, header: wire.FrameHeader) -> float:
-        """READ one staged chunk into its reserved blocks, checksum, commit; seconds the READ took."""
+        """Land one staged chunk in its reserved blocks (direct or staged path, module docstring);
+        seconds the READ took."""
+        if header.codec != "none":  # mooncake_protocol carries no scales; the arena holds raw bytes
+            raise MalformedFrame(f"codec {header.codec!r}: the mooncake transport moves raw cache bytes only")
         entry, positions, views = stream.begin(header)
+        if self.staged:
+            return self._land_staged(entry, session, addr, header)
         if views is None:
             raise MalformedFrame("the reservation's cache cannot be read into")  # excluded at start
         local = [np.frombuffer(v, dtype=np.uint8).ctypes.data for v in views]
@@ -168,6 +199,35 @@ class MooncakeKVServer:
             raise DataLoss(f"checksum mismatch in layer {header.layer} chunk {header.chunk}: "
                            f"crc32 {crc:#010x}, header says {header.crc:#010x}")
         entry.commit(header, positions)
+        return seconds
+
+    def _land_staged(self, entry: PendingTransfer, session: str, addr: int, header: wire.FrameHeader) -> float:
+        """READ one chunk (validated by target()) into a staging buffer, checksum it there, then
+        write() it into the reserved blocks; seconds the READ took."""
+        if header.nbytes > self.staging_bytes:
+            raise MalformedFrame(f"layer {header.layer} chunk {header.chunk} is {header.nbytes} bytes, over this "
+                                 f"decode worker's {self.staging_bytes}-byte mooncake staging buffer: the "
+                                 f"prefill side's slot_bytes must not exceed the decode side's staging_bytes")
+        buf = self._staging.get()  # at most read_threads landings at once: never empty
+        try:
+            t0 = time.perf_counter()
+            try:  # outside the lock: the READ writes only this reader's own buffer
+                self.engine.read(session, [buf.data_ptr()], [addr], [header.nbytes])
+            except OSError as e:
+                raise KVTransferError(f"reading layer {header.layer} chunk {header.chunk}: {e}",
+                                      "UNAVAILABLE") from None
+            seconds = time.perf_counter() - t0
+            crc = crc32(memoryview(buf.numpy())[:header.nbytes])
+            if crc != header.crc and entry.state is not TransferState.PENDING:
+                raise TransferClosed(f"request {header.request_id!r} is {entry.state.value}: "
+                                     f"chunk for layer {header.layer} dropped")
+            if crc != header.crc:  # nothing of it was written to the cache
+                raise DataLoss(f"checksum mismatch in layer {header.layer} chunk {header.chunk}: "
+                               f"crc32 {crc:#010x}, header says {header.crc:#010x}")
+            # copies (synchronously) out of buf under the reservation's lock, iff still PENDING
+            entry.write(header, *wire.payload_tensors(header, buf[:header.nbytes]))
+        finally:
+            self._staging.put(buf)
         return seconds
 
 

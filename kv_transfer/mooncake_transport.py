@@ -4,7 +4,8 @@ Per request: send_layer() (compute thread) only enqueues; a coroutine on the sha
 stages each chunk (whole blocks, at most one arena slot of K+V bytes) into the registered staging
 arena on a stager thread (copy + crc32), then tells the decode worker over the Pull stream
 (mooncake_protocol.py) where it is. The decode worker READs it straight into the reserved cache
-blocks, checksums, commits and answers "read"; the slot is then free for the next chunk. The
+blocks (or, for GPU caches, into a host staging buffer: mooncake_server.py), checksums, lands it
+and answers "read"; the slot is then free for the next chunk. K and V may be on any device. The
 final "ack" is the ownership handoff, as the TCP/gRPC acks.
 
 Why pull: a READ is issued by the side that owns the destination blocks, under the reservation's
@@ -133,7 +134,8 @@ class MooncakeLayerwiseSender(LayerwiseSender):
     # stager thread
     def _stage(self, layer: int, ids: Sequence[int], k: torch.Tensor, v: torch.Tensor, chunk: int,
                chunks: int) -> tuple[int, wire.FrameHeader] | None:
-        """Copy one chunk into a free slot: (slot, its header), or None if aborted meanwhile."""
+        """Copy one chunk (K, V on any device, any layout) into a free slot: (slot, its header), or
+        None if aborted meanwhile."""
         arena = self._transport.arena
         try:
             slot = arena.acquire(self._transport.stage_timeout_s, stop=lambda: self._stop or self._peer_done)
@@ -141,9 +143,9 @@ class MooncakeLayerwiseSender(LayerwiseSender):
             raise KVTransferError(f"KV staging arena full: {e}", "RESOURCE_EXHAUSTED") from None
         if slot is None:
             return None
-        kb, vb = k.reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)
-        dst = arena.view(slot, kb.numel() + vb.numel())
-        dst[:kb.numel()].copy_(kb)
+        kb, vb = k.reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)  # on k's device
+        dst = arena.view(slot, kb.numel() + vb.numel())  # host
+        dst[:kb.numel()].copy_(kb)  # device -> host: synchronous (blocking copy_), before the crc
         dst[kb.numel():].copy_(vb)
         header = wire.FrameHeader(self.request_id, layer, tuple(ids), wire._DTYPE_NAMES[k.dtype],
                                   tuple(k.shape), dst.numel(), crc32(dst.numpy()), chunk, chunks)
@@ -215,7 +217,7 @@ class MooncakeLayerwiseSender(LayerwiseSender):
                           k: torch.Tensor, v: torch.Tensor) -> int:
         """Stage and announce one piece's chunks, numbered on from self._seq; payload bytes staged."""
         t = self._transport
-        k, v = wire._cpu_contiguous(k), wire._cpu_contiguous(v)
+        k, v = k.detach(), v.detach()  # any device: _stage copies each chunk into the arena
         n = k.shape[0]
         block_bytes = 2 * k[:1].numel() * k.element_size()
         per_chunk = max(1, t.arena.slot_bytes // block_bytes) if block_bytes else max(1, n)

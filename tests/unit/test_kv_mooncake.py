@@ -1,6 +1,7 @@
 """The mooncake transport (pull over the Mooncake Transfer Engine, protocol "tcp" on loopback):
 exact tokens against the TCP transport with real workers, fencing on abort, the secret, and the
 staging arena's slots all free afterwards. Skipped where `mooncake.engine` cannot be imported."""
+import ctypes
 import subprocess
 import sys
 import threading
@@ -153,10 +154,11 @@ def test_transfer_lands_exactly_and_frees_every_slot(link):
 
 
 @needs_mooncake
-def test_decode_abort_mid_transfer_fences_reused_blocks(link):
+@pytest.mark.parametrize("path", ["link", "staged_link"])
+def test_decode_abort_mid_transfer_fences_reused_blocks(path, request):
     """Layer 0 lands; the decode side aborts and hands the blocks to another request; the rest of
     the transfer must never touch them, and both sides free everything."""
-    receiver, server, transport, kc, vc = link
+    receiver, server, transport, kc, vc = request.getfixturevalue(path)
     dst = [10, 11, 12]
     pending = receiver.expect("fenced", dst, LAYERS, cache_writer(kc, vc))
     sender = transport.open(server.address, "fenced", dst)
@@ -209,6 +211,165 @@ def test_wrong_secret_is_refused(link):
     finally:
         intruder.close()
         receiver.abort("intruder")
+
+
+# staged path: the decode side READs into registered host buffers, then write()s into the cache
+@pytest.fixture(scope="module")
+def staged_link(link):
+    """A second server, forced onto the staged path (as GPU caches are), over its own receiver and
+    caches; staging buffers of exactly one of `link`'s transport slots; the same prefill transport."""
+    from kv_transfer.mooncake_server import MooncakeKVServer
+    transport = link[2]
+    kc = [torch.zeros(BLOCKS, *BLOCK) for _ in range(LAYERS)]
+    vc = [torch.zeros(BLOCKS, *BLOCK) for _ in range(LAYERS)]
+    receiver = KVReceiver()
+    server = MooncakeKVServer(receiver, kc, vc, secret=SECRET, staged=True, read_threads=2,
+                              staging_bytes=transport.arena.slot_bytes)
+    server.start_sync()
+    yield receiver, server, transport, kc, vc
+    server.stop_sync()
+
+
+def hook_reads(monkeypatch, server, after):
+    """Run after(local_addresses) right after each of the server's READs returns."""
+    real = server.engine.read
+
+    def read(session, local, remote, lengths):
+        real(session, local, remote, lengths)
+        after(local)
+    monkeypatch.setattr(server.engine, "read", read)
+
+
+@needs_mooncake
+def test_staged_path_lands_the_same_bytes_as_the_direct_path(link, staged_link):
+    dst = [13, 14, 15, 22, 23, 24, 31]  # 7 blocks in slots of 2: 4 chunks per layer
+    g = torch.Generator().manual_seed(99)  # layer 0 non-contiguous: staged from a strided source
+    sent = [tuple(torch.randn(BLOCK[0], len(dst), *BLOCK[1:], generator=g).transpose(0, 1) for _ in "kv")]
+    sent += [layer_kv(len(dst), l) for l in range(1, LAYERS)]
+    landed = []
+    for receiver, server, transport, kc, vc in (link, staged_link):
+        pending = receiver.expect("same-bytes", dst, LAYERS, cache_writer(kc, vc))
+        sender = transport.open(server.address, "same-bytes", dst)
+        for l, (k, v) in enumerate(sent):
+            sender.send_layer(l, k, v)
+        stats = sender.finish(30)
+        assert pending.state is TransferState.COMPLETE and stats.bytes == sum(2 * k.nbytes for k, _ in sent)
+        landed.append([(kc[l][dst].clone(), vc[l][dst].clone()) for l in range(LAYERS)])
+    (direct, staged), server = landed, staged_link[1]
+    for l, (k, v) in enumerate(sent):
+        assert torch.equal(direct[l][0], k) and torch.equal(direct[l][1], v)
+        assert torch.equal(staged[l][0], direct[l][0]) and torch.equal(staged[l][1], direct[l][1])
+    assert server.staged and not link[1].staged
+    assert len(server.engine._registered) == 2  # its two staging buffers, not the caches
+    assert link[2].arena.num_free == link[2].arena.n and server._staging.qsize() == 2
+
+
+@needs_mooncake
+def test_staged_corrupt_chunk_is_rejected_and_nothing_lands(staged_link, monkeypatch):
+    receiver, server, transport, kc, vc = staged_link
+    dst = [1, 2, 3]
+    for c in (*kc, *vc):
+        c[dst] = 5.0
+    reads = []
+
+    def corrupt(local):  # flip a byte of the first chunk as it sits in the staging buffer
+        reads.append(local)
+        if len(reads) == 1:
+            ctypes.c_uint8.from_address(local[0]).value ^= 0xFF
+    hook_reads(monkeypatch, server, corrupt)
+    pending = receiver.expect("corrupt", dst, LAYERS, cache_writer(kc, vc))
+    sender = transport.open(server.address, "corrupt", dst)
+    for l in range(LAYERS):
+        sender.send_layer(l, *layer_kv(3, l))
+    with pytest.raises(KVTransferError, match="checksum mismatch") as e:
+        sender.finish(30)
+    assert e.value.status == "DATA_LOSS" and len(reads) == 1  # nothing read after the bad chunk
+    assert pending.state is TransferState.FAILED and pending.bytes_received == 0 and not receiver.pending()
+    assert all(bool((c[dst] == 5.0).all()) for c in (*kc, *vc))
+    wait_until(lambda: transport.arena.num_free == transport.arena.n)
+
+
+@needs_mooncake
+def test_staged_abort_between_read_and_write_lands_nothing(staged_link, monkeypatch):
+    """Layer 0 lands; then the decode side aborts while a chunk of layer 1 sits read but not yet
+    written, and hands the blocks to another request: that chunk must not land, nor any after."""
+    receiver, server, transport, kc, vc = staged_link
+    dst = [16, 17, 18]
+    pending = receiver.expect("abort-staged", dst, LAYERS, cache_writer(kc, vc))
+    sender = transport.open(server.address, "abort-staged", dst)
+    k0, v0 = layer_kv(3, 0)
+    sender.send_layer(0, k0, v0)
+    wait_until(lambda: pending.bytes_received == 2 * k0.nbytes)
+    assert torch.equal(kc[0][dst], k0) and torch.equal(vc[0][dst], v0)
+
+    def abort_and_reuse(local):
+        if receiver.abort("abort-staged"):  # returns: the reservation is fenced off
+            for c in (*kc, *vc):
+                c[dst] = 7.0
+    hook_reads(monkeypatch, server, abort_and_reuse)
+    for l in range(1, LAYERS):
+        sender.send_layer(l, *layer_kv(3, l))
+    with pytest.raises(KVTransferError) as e:
+        sender.finish(30)
+    assert e.value.status == "ABORTED"
+    assert pending.state is TransferState.ABORTED and not receiver.pending()
+    assert pending.bytes_received == 2 * k0.nbytes  # only layer 0 ever counted
+    assert all(bool((c[dst] == 7.0).all()) for c in (*kc, *vc))
+    wait_until(lambda: transport.arena.num_free == transport.arena.n)
+    assert server._staging.qsize() == 2
+
+
+@needs_mooncake
+def test_staged_oversize_chunk_is_rejected(staged_link):
+    """A prefill side whose slots exceed the decode side's staging buffers fails the request with
+    a clear error before anything is read; the decode side's blocks stay untouched."""
+    from kv_transfer.mooncake_transport import MooncakeKVTransport
+    receiver, server, _, kc, vc = staged_link
+    dst = [26, 27, 28, 29]
+    for c in (*kc, *vc):
+        c[dst] = 5.0
+    big = MooncakeKVTransport(secret=SECRET, arena_bytes=4 * server.staging_bytes,
+                              slot_bytes=2 * server.staging_bytes)
+    try:
+        pending = receiver.expect("oversize", dst, LAYERS, cache_writer(kc, vc))
+        sender = big.open(server.address, "oversize", dst)
+        sender.send_layer(0, *layer_kv(4, 0))  # 4 blocks: one chunk of twice the staging buffer
+        with pytest.raises(KVTransferError, match=r"over this decode worker's \d+-byte mooncake staging buffer") as e:
+            sender.finish(30)
+        assert e.value.status == "INVALID_ARGUMENT"
+        assert pending.state is TransferState.FAILED and not receiver.pending()
+        assert all(bool((c[dst] == 5.0).all()) for c in (*kc, *vc))
+        wait_until(lambda: big.arena.num_free == big.arena.n)
+    finally:
+        big.close()
+
+
+@needs_mooncake
+def test_caches_that_cannot_be_registered_take_the_staged_path_by_themselves():
+    """Non-contiguous CPU caches stand in for GPU caches here: no flag, no error, exact landing."""
+    from kv_transfer.mooncake_server import MooncakeKVServer
+    from kv_transfer.mooncake_transport import MooncakeKVTransport
+    kc = [torch.zeros(BLOCK[0], BLOCKS, *BLOCK[1:]).transpose(0, 1) for _ in range(2)]  # [BLOCKS, *BLOCK]
+    vc = [torch.zeros(BLOCK[0], BLOCKS, *BLOCK[1:]).transpose(0, 1) for _ in range(2)]
+    receiver = KVReceiver()
+    server = MooncakeKVServer(receiver, kc, vc, read_threads=1)
+    transport = MooncakeKVTransport()
+    try:
+        assert server.staged and len(server.engine._registered) == 1
+        server.start_sync()
+        dst = [3, 9, 4]
+        pending = receiver.expect("strided", dst, 2, cache_writer(kc, vc))
+        sender = transport.open(server.address, "strided", dst)
+        sent = [layer_kv(3, l) for l in range(2)]
+        for l, (k, v) in enumerate(sent):
+            sender.send_layer(l, k, v)
+        sender.finish(30)
+        assert pending.state is TransferState.COMPLETE
+        for l, (k, v) in enumerate(sent):
+            assert torch.equal(kc[l][dst], k) and torch.equal(vc[l][dst], v)
+    finally:
+        transport.close()
+        server.stop_sync()
 
 
 # worker level: real PrefillWorker and DecodeWorker (no Ray), the embedded model
