@@ -69,11 +69,11 @@ class PrefillWorker:
         # on the prefill side (the decode side READs its staging arena), so only it takes one: the
         # node's IP on a multi-node cluster (the actor's bind_node_ip); None: the transport's default
         # (loopback; $PDCLUSTER_MOONCAKE_HOST overrides either, mooncake_transport.mooncake_host).
-        host = {"host": kv_host} if transport == "mooncake" and kv_host else {}
-        self.transport = KV_TRANSPORTS[transport](secret=secret, meter=self.meter, src_id=worker_id,
-                                                  bandwidth_limit_bytes_per_s=bandwidth_limit_bytes_per_s, **host)
+        extra = {"host": kv_host} if transport == "mooncake" and kv_host else {}
         if kv_netns is not None:
-            self.transport.netns = kv_netns  # read when a connection is made: none is yet
+            extra["netns"] = kv_netns
+        self.transport = KV_TRANSPORTS[transport](secret=secret, meter=self.meter, src_id=worker_id,
+                                                  bandwidth_limit_bytes_per_s=bandwidth_limit_bytes_per_s, **extra)
         self.transfer_timeout_s = transfer_timeout_s
         self.kv_layerwise = kv_layerwise
         # request id -> (sender, skip_blocks, codec); touched on the engine thread only

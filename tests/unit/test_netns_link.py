@@ -107,3 +107,18 @@ def test_scenario_run_gets_a_shaped_link_instead_of_the_bucket(can_shape):
         assert cfg.kv_bandwidth_limit is None and link.goodput_bytes_per_s == pytest.approx(5e6)
         assert not _gone(link)
     assert _gone(link) and list(notes)[0].startswith("veth+tbf at 5.0 MB/s")
+
+
+def test_workers_take_their_namespace_for_the_kv_tcp_sockets_only():
+    """No namespace needed: PrefillWorker hands kv_netns to TcpKVTransport (its connections are made
+    there) and refuses it for a transport that cannot use it."""
+    from engine.llm_engine import LLMEngine, build_config
+    from prefill_worker.worker import PrefillWorker
+    engine = LLMEngine(build_config(kv_cache_memory=8 * 2**20, num_threads=1))
+    w = PrefillWorker("p", engine, transport="tcp", kv_netns="pdkv-test-p")
+    try:
+        assert isinstance(w.transport, TcpKVTransport) and w.transport.netns == "pdkv-test-p"
+    finally:
+        w.close()
+    with pytest.raises(ValueError, match="kv_netns needs the tcp transport"):
+        PrefillWorker("p", engine, transport="grpc", kv_netns="pdkv-test-p")
