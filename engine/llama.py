@@ -27,7 +27,7 @@ class Linear:
     - <= SPLIT_MAX_ROWS rows (decode at batch 1-4): torch.bmm over the weight viewed as
       [SPLIT, out / SPLIT, in], a view, no copy. MKL's GEMV and oneDNN's skinny GEMM run one row on
       one core at 9-12 GB/s; the batched GEMM runs the SPLIT slices on all cores at 21-27 GB/s, and a
-      decode step at batch 1 is nothing but weight reads.
+      decode step at batch 1 is nothing but weight reads (float32; in bfloat16 the two tie here).
     - <= PACKED_MAX_ROWS rows (other decode steps): a oneDNN-prepacked copy of the weight, 1.1-1.3x
       faster than MKL for those skinny GEMMs; the price is a second copy of the weights in memory.
     - larger (prefill chunks): plain F.linear, where MKL's GEMM is faster than oneDNN's."""
