@@ -41,6 +41,8 @@ class RequestOutput:
     itl: list[float] = field(default_factory=list)  # s, one per token-carrying message after the first
     latency: float = 0.0  # s, end to end
     remote_prefill: bool = False
+    prefill_worker: str = ""  # placement: who prefilled ("" with remote_prefill False: the decode worker)
+    decode_worker: str = ""
     kv_bytes: int = 0  # bytes moved prefill -> decode
     kv_transfer_ms: float = 0.0  # ms the transfer added beyond the prefill
     token_ids: list[int] = field(default_factory=list)  # the reply, for multi-turn histories
@@ -60,6 +62,7 @@ class StreamRecorder:
         if msg.HasField("placement"):
             p = msg.placement
             self.out.remote_prefill = p.remote_prefill
+            self.out.prefill_worker, self.out.decode_worker = p.prefill_worker, p.decode_worker
             self.out.kv_bytes = p.kv_bytes_transferred
             self.out.kv_transfer_ms = p.kv_transfer_ms
         if msg.HasField("usage"):
@@ -178,6 +181,10 @@ def calculate_metrics(
             "errors": errors,
             "input_lens": [o.prompt_tokens for o in ok],
             "output_lens": [o.output_tokens for o in ok],
+            # per completed request, in the order of input_lens (ours): what placement and the cache did
+            "cached_lens": [o.cached_prompt_tokens for o in ok],
+            "decode_workers": [o.decode_worker for o in ok],
+            "prefill_workers": [o.prefill_worker if o.remote_prefill else "" for o in ok],
             "ttfts": ttfts,
             "tpots": tpots,
             "itls": itls,

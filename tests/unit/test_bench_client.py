@@ -117,6 +117,8 @@ def test_streams_and_failures_counted_by_code():
     for ttft, tpot, e2el in zip(r["ttfts"], r["tpots"], r["e2els"], strict=True):
         assert ttft + 2 * tpot == pytest.approx(e2el)
     assert r["prefix_cache_hit_rate"] == pytest.approx(0.5)
+    assert r["cached_lens"] == [2] * 4 and r["input_lens"] == [4] * 4     # per request, same order
+    assert r["decode_workers"] == ["d0"] * 4 and r["prefill_workers"] == ["p0"] * 4
     assert r["kv_bytes_transferred"] == 4 * KV_BYTES and r["remote_prefill_fraction"] == 1.0
     assert r["mean_kv_transfer_ms"] == pytest.approx(KV_MS)
     assert r["kv_transfer_bandwidth_gbps"] == pytest.approx(KV_BYTES * 8e-6 / KV_MS)
