@@ -38,7 +38,8 @@ from bench.metrics import _stats, parse_goodput
 from deploy.launch import ClusterConfig
 
 SUM_KEYS = ("duration", "completed", "failed", "total_input_tokens", "total_output_tokens", "kv_bytes_transferred")
-SAMPLE_KEYS = ("ttfts", "tpots", "itls", "e2els", "input_lens", "output_lens")
+SAMPLE_KEYS = ("ttfts", "tpots", "itls", "e2els", "input_lens", "output_lens", "cached_lens", "decode_workers",
+               "prefill_workers")
 
 
 @dataclass(frozen=True)
