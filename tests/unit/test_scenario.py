@@ -122,3 +122,14 @@ def test_kv_link_says_which_throttle_ran():
     base = [fake(10.0, [100, 300], [40, 60], 40, 0.1)]
     rep = build_report(SC, dict(rounds=1, seed=0, kv_link="token bucket in the transport at 5.0 MB/s"), base, base)
     assert "KV link: token bucket in the transport at 5.0 MB/s" in format_report(rep)
+
+
+def test_prefix_breakdown_classes_each_request_against_earlier_holders():
+    from types import SimpleNamespace
+
+    from bench.prefix_breakdown import classify
+    reqs = [SimpleNamespace(meta={"group": g}) for g in (0, 0, 1, 0, 1)]
+    result = {"ttfts": [10, 20, 30, 40, 50], "decode_workers": ["a", "a", "b", "b", "b"],
+              "cached_lens": [0, 384, 0, 0, 100]}
+    kinds = classify(reqs, result, prefix_len=384)
+    assert kinds == {"cold": [10, 30], "hit": [20], "miss, sent elsewhere": [40], "miss on a holder": [50]}

@@ -1,0 +1,78 @@
+"""Break a prefix-routing scenario result down per request: cold / hit / miss on a holder / sent elsewhere.
+
+    python bench/prefix_breakdown.py bench/prefix-routing-16pg-breakdown.json --prompts-per-group 16
+
+Each request of the seeded shared-prefix workload is classed against the decode workers that served
+its prefix earlier in the same run: "cold" (first of its prefix), "hit" (>= prefix_len tokens
+cached), "miss on a holder" (sent to a worker that served the prefix before, yet missed: evicted,
+or still being computed for an earlier prompt), "miss, sent elsewhere". Needs a result written
+with the per-request lists (cached_lens, decode_workers) and the scenario's workload settings.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.datasets import build_dataset  # noqa: E402
+
+KINDS = ("cold", "hit", "miss on a holder", "miss, sent elsewhere")
+
+
+def classify(reqs, result: dict, prefix_len: int) -> dict[str, list[float]]:
+    """kind -> TTFTs (ms) over every run pooled in `result` (runs back to back, in workload order)."""
+    n = len(reqs)
+    runs = len(result["ttfts"]) // n
+    out: dict[str, list[float]] = collections.defaultdict(list)
+    for k in range(runs):
+        served: dict[int, set] = collections.defaultdict(set)
+        for i, r in enumerate(reqs):
+            j, g = k * n + i, r.meta["group"]
+            w, cached = result["decode_workers"][j], result["cached_lens"][j]
+            if not served[g]:
+                kind = "cold"
+            elif cached >= prefix_len:
+                kind = "hit"
+            else:
+                kind = "miss on a holder" if w in served[g] else "miss, sent elsewhere"
+            out[kind].append(result["ttfts"][j])
+            served[g].add(w)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("result", help="JSON written by `pdcluster bench scenario prefix-routing --out`")
+    ap.add_argument("--prompts-per-group", type=int, default=6)
+    ap.add_argument("--num-groups", type=int, default=8)
+    ap.add_argument("--prefix-len", type=int, default=384)
+    ap.add_argument("--suffix-len", type=int, default=24)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab-size", type=int, default=49152, help="the model's (SmolLM2: 49152)")
+    a = ap.parse_args(argv)
+    data = json.loads(Path(a.result).read_text())
+    reqs = build_dataset({"dataset": "shared-prefix", "num_groups": a.num_groups, "prompts_per_group":
+                          a.prompts_per_group, "prefix_len": a.prefix_len, "suffix_len": a.suffix_len,
+                          "output_len": 8, "ignore_eos": True, "seed": a.seed}, a.vocab_size)
+    for side in ("baseline", "candidate"):
+        res = data[side]
+        if "cached_lens" not in res or len(res["ttfts"]) % len(reqs):
+            print(f"{side}: no per-request placement lists, or not this workload", file=sys.stderr)
+            return 2
+        kinds = classify(reqs, res, a.prefix_len)
+        total = sum(sum(v) for v in kinds.values())
+        print(f"{side} ({res.get('label', '')}, {len(res['ttfts']) // len(reqs)} runs)")
+        for kind in KINDS:
+            v = kinds.get(kind, [])
+            mean = sum(v) / len(v) if v else 0.0
+            print(f"  {kind:<22} n={len(v):4d}  mean TTFT {mean:7.0f} ms  share of summed TTFT "
+                  f"{sum(v) / total if total else 0:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
