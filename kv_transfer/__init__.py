@@ -66,19 +66,26 @@ side READs it into the reserved blocks under the reservation's lock, or, for cac
 host memory (GPU), into a registered host buffer, checksums it there and copies it into the blocks
 under that lock (mooncake_transport.py, mooncake_server.py).
 """
-from kv_transfer.errors import KVTransferError
-from kv_transfer.grpc_transport import GrpcKVTransport
-from kv_transfer.meter import BandwidthMeter
-from kv_transfer.mooncake_server import MooncakeKVServer
-from kv_transfer.mooncake_transport import MooncakeKVTransport
-from kv_transfer.receiver import KVReceiver, PendingTransfer, TransferState, cache_writer
-from kv_transfer.server import KVServer
-from kv_transfer.tcp_server import KVTcpServer
-from kv_transfer.tcp_transport import TcpKVTransport
-from kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
+import importlib
 
-__all__ = [
-    "BandwidthMeter", "GrpcKVTransport", "KVReceiver", "KVServer", "KVTcpServer", "KVTransferError",
-    "KVTransport", "LayerwiseSender", "MooncakeKVServer", "MooncakeKVTransport", "PendingTransfer",
-    "TcpKVTransport", "TransferState", "TransferStats", "cache_writer",
-]
+# Public names -> their module, imported on first use (PEP 562): importing a pure-Python submodule
+# (codec_policy, meter, errors) pulls in neither torch nor gRPC, so the router's cost model can share
+# the workers' CompressionPolicy instead of mirroring it.
+_EXPORTS = {
+    "KVTransferError": "errors", "GrpcKVTransport": "grpc_transport", "BandwidthMeter": "meter",
+    "MooncakeKVServer": "mooncake_server", "MooncakeKVTransport": "mooncake_transport",
+    "KVReceiver": "receiver", "PendingTransfer": "receiver", "TransferState": "receiver",
+    "cache_writer": "receiver", "KVServer": "server", "KVTcpServer": "tcp_server",
+    "TcpKVTransport": "tcp_transport", "KVTransport": "transport", "LayerwiseSender": "transport",
+    "TransferStats": "transport",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kv_transfer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"kv_transfer.{module}"), name)
+    globals()[name] = value
+    return value

@@ -37,13 +37,12 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Iterable, Mapping
 
+from kv_transfer.codec_policy import CompressionPolicy, prefill_seconds   # pure Python, no torch
 from router.placement import Decision, WorkerLoad
 from router.prefix_index import PrefixIndex
 
-# KV compression, mirrored from kv_transfer (which imports torch; the router must not). Pinned to
-# kv_transfer.codec / codec_policy by tests/unit/test_cost_model.py.
-KV_COMPRESSION_MODES = ("off", "int8", "fp8", "auto")   # codec_policy.MODES
-AUTO_CODEC = "int8"                                     # codec_policy.AUTO_CODEC
+# Wire sizes of kv_transfer/codec.py (which needs torch; the router must not import it). Pinned to
+# it by tests/unit/test_cost_model.py.
 CODEC_ITEM_BYTES = {"int8": 1, "fp8": 1}                # codec.QUANT[codec].itemsize
 SCALE_BYTES = 4                                         # codec.SCALE_BYTES: one float32 per scale
 
@@ -94,8 +93,7 @@ class CostConfig:
     local_max_tokens: int | None = None     # local only for prompts up to this (None: any)
 
     def __post_init__(self):
-        if self.kv_compression not in KV_COMPRESSION_MODES:
-            raise ValueError(f"kv_compression must be one of {KV_COMPRESSION_MODES}, got {self.kv_compression!r}")
+        CompressionPolicy(self.kv_compression)   # ValueError naming the modes
 
     @classmethod
     def for_model(cls, model_cfg, dtype_bytes: int, block_size: int, **kw) -> "CostConfig":
@@ -367,30 +365,19 @@ class CostModel:
         e.tpot_ok = self.cfg.tpot_slo_s is None or e.step_s_after <= self.cfg.tpot_slo_s
 
     def kv_codec(self, prompt_len: int, p: WorkerLoad, cached_d: float, measured_bps: float | None) -> str:
-        """The codec p will pick for this transfer: kv_transfer/codec_policy.py's rule on the figures p
+        """The codec p will pick for this transfer: p's own CompressionPolicy, on the figures p
         itself uses (prefill_worker.worker._codec). "auto" compresses (AUTO_CODEC) when the reserved
         blocks' uncompressed K+V bytes / the link's own measured bandwidth (p's meter EWMA; None for
         an unmeasured link, priced from zone figures) > the whole prompt's prefill seconds at p's
         lifetime mean rate (its cumulative prefill_tokens / prefill_s, as last polled; a WorkerLoad
         prefill_tps override wins; None before p's first prefill step). Unknown figures: "none"."""
-        mode = self.cfg.kv_compression
-        if mode == "off":
-            return "none"
-        if mode != "auto":
-            return mode
         c = self.cfg
         blocks = -(-prompt_len // c.block_size) - int(cached_d // c.block_size)
-        nbytes = blocks * c.block_size * c.kv_bytes_per_token
         counters = self.telemetry.perf_of(p.worker_id, p.role).counters
-        if p.prefill_tps:
-            compute_s = prompt_len / p.prefill_tps
-        elif counters.get("prefill_tokens", 0) > 0 and counters.get("prefill_s", 0) > 0:
-            compute_s = prompt_len * counters["prefill_s"] / counters["prefill_tokens"]
-        else:
-            compute_s = None
-        if not measured_bps or compute_s is None or nbytes <= 0:
-            return "none"
-        return AUTO_CODEC if nbytes / measured_bps > compute_s else "none"
+        compute_s = (prompt_len / p.prefill_tps if p.prefill_tps else
+                     prefill_seconds(prompt_len, counters.get("prefill_tokens", 0), counters.get("prefill_s", 0.0)))
+        return CompressionPolicy(c.kv_compression).choose(blocks * c.block_size * c.kv_bytes_per_token,
+                                                          compute_s, measured_bps)
 
     def estimate_remote(self, prompt_len: int, p: WorkerLoad, d: WorkerLoad, cached_p: float = 0.0,
                         cached_d: float = 0.0, now: float | None = None) -> Estimate:

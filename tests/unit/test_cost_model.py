@@ -272,7 +272,10 @@ def test_wire_bytes_per_token_matches_the_codec_and_its_policy():
     from kv_transfer import codec_policy
     from router import cost_model as cmod
 
-    assert cmod.KV_COMPRESSION_MODES == codec_policy.MODES and cmod.AUTO_CODEC == codec_policy.AUTO_CODEC
+    for mode in codec_policy.MODES:      # the router takes exactly the workers' modes
+        assert cmod.CostConfig(kv_compression=mode).kv_compression == mode
+    with pytest.raises(ValueError, match="kv compression must be one of"):
+        cmod.CostConfig(kv_compression="zstd")
     assert cmod.SCALE_BYTES == kvcodec.SCALE_BYTES
     assert cmod.CODEC_ITEM_BYTES == {c: kvcodec.QUANT[c].itemsize for c in kvcodec.CODECS if c != "none"}
     for dtype, layers, heads, head_dim, bs in ((torch.float32, 30, 3, 64, 16), (torch.bfloat16, 4, 2, 32, 8),
