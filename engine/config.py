@@ -67,6 +67,9 @@ class SchedulerConfig:
     max_num_seqs: int = 64               # running requests per step
     max_num_batched_tokens: int = 2048   # token budget per step (prefill chunks + decodes)
     enable_chunked_prefill: bool = True
+    wait_for_inflight_prefix: bool = True  # a waiting request whose next uncached block a running
+                                           #   request is computing waits for it (then hits) instead
+                                           #   of computing the same prefix twice
 
 
 @dataclass(frozen=True)

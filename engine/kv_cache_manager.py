@@ -32,23 +32,30 @@ class KVCacheManager:
         return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
 
     # prefix cache
-    def computed_blocks(self, req: Request) -> list[Block]:
+    def computed_blocks(self, req: Request, count: bool = True) -> list[Block]:
         """Longest run of cached blocks for req's leading full blocks, leaving >= 1 token to compute
-        (the last token must run through the model to produce logits). Counts the lookup in
-        pool.queries / pool.hits (tokens), once per call as vLLM does: a request retried at the head
-        of the waiting queue counts again."""
+        (the last token must run through the model to produce logits). With `count`, the lookup is
+        counted in pool.queries / pool.hits (tokens), once per call as vLLM does: a request retried
+        at the head of the waiting queue counts again (`count_lookup` counts one made uncounted)."""
         if not self.enable_caching:
             return []
-        max_blocks = (req.num_tokens - 1) // self.block_size
         hits = []
-        for h in req.block_hashes()[:max_blocks]:
+        for h in req.block_hashes()[:self.max_hit_blocks(req)]:
             b = self.pool.lookup(h)
             if b is None:
                 break
             hits.append(b)
-        self.pool.queries += req.num_tokens
-        self.pool.hits += len(hits) * self.block_size
+        if count:
+            self.count_lookup(req, len(hits))
         return hits
+
+    def max_hit_blocks(self, req: Request) -> int:
+        """Leading full blocks a prefix hit may cover: all but the block of the last token."""
+        return (req.num_tokens - 1) // self.block_size
+
+    def count_lookup(self, req: Request, num_hit_blocks: int) -> None:
+        self.pool.queries += req.num_tokens
+        self.pool.hits += num_hit_blocks * self.block_size
 
     def num_cached_prefix_tokens(self, token_hashes: list[int]) -> int:
         """Tokens of a prompt (given its full-block hashes) already cached here; for placement."""

@@ -6,6 +6,10 @@ requests while budget, sequence slots and KV blocks last. A request whose chunk 
 last token is sampled. When the pool runs dry, the newest running request is preempted
 (blocks freed, recomputed later; the prefix cache usually gives most of them back).
 
+A waiting request whose next uncached prompt block a running request is still computing is
+passed over (the rest of the queue goes on) until that block is published, then admitted with
+the hit: two prompts that share a cold prefix compute it once (`wait_for_inflight_prefix`).
+
 Invariant that rules out deadlock: admission (`check_fits`) rejects any request whose whole
 lifetime (prompt + max_tokens) could not fit the pool alone, so the oldest running request can
 always progress once everything newer is preempted.
@@ -107,9 +111,22 @@ class Scheduler:
             budget -= n
             i += 1
 
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not out.preempted:
-            req = self.waiting[0]
-            hits = self.kv.computed_blocks(req) if req.num_computed_tokens == 0 else []
+        wait = self.cfg.wait_for_inflight_prefix
+        inflight = self._inflight_hashes() if wait and self.waiting else set()
+        j = 0                                   # waiting[:j] are deferred on an in-flight prefix
+        while j < len(self.waiting) and budget > 0 and len(self.running) < self.cfg.max_num_seqs \
+                and not out.preempted:
+            req = self.waiting[j]
+            hits = self.kv.computed_blocks(req, count=False) if req.num_computed_tokens == 0 else []
+            if wait and req.num_computed_tokens == 0:
+                hashes = req.block_hashes()
+                k = len(hits)
+                if k < self.kv.max_hit_blocks(req) and hashes[k] in inflight:
+                    req.num_prefix_waits += 1
+                    j += 1                      # its next block is being computed: wait, then hit
+                    continue
+            if req.num_computed_tokens == 0:
+                self.kv.count_lookup(req, len(hits))
             n = req.num_tokens - (len(hits) * self.kv.block_size if hits else req.num_computed_tokens)
             if n > budget:
                 if not self.cfg.enable_chunked_prefill:
@@ -117,7 +134,7 @@ class Scheduler:
                 n = budget
             if not self.kv.can_allocate(req, n, hits):
                 break
-            self.waiting.popleft()
+            del self.waiting[j]
             self.kv.allocate(req, n, hits)
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = len(hits) * self.kv.block_size
@@ -126,7 +143,27 @@ class Scheduler:
             out.reqs.append(req)
             out.num_new_tokens.append(n)
             budget -= n
+            if wait:
+                inflight.update(self._computing(req))
         return out
+
+    def _inflight_hashes(self) -> set[int]:
+        """Chain hashes of the full prompt blocks running requests are still computing (scheduled
+        in an earlier step or this one, not yet cached). A waiting request whose next uncached
+        block is among them is deferred: once the running request's step publishes the block
+        (update -> cache_computed_blocks) it becomes a prefix hit. No deadlock: the running
+        request makes progress (the oldest always can), and if it is preempted or aborted it
+        leaves `running`, so nothing waits on it any more."""
+        out: set[int] = set()
+        for r in self.running:
+            out.update(self._computing(r))
+        return out
+
+    def _computing(self, r: Request) -> list[int]:
+        """Hashes of r's full prompt blocks not computed yet (r is running: it will compute them)."""
+        bs = self.kv.block_size
+        done, full = r.num_computed_tokens // bs, r.num_prompt_tokens // bs
+        return r.block_hashes()[done:full] if done < full else []
 
     def _preempt(self, req: Request, out: ScheduledBatch) -> None:
         self.running.remove(req)

@@ -139,3 +139,108 @@ def test_random_workload_keeps_pool_consistent():
     while s.has_work():
         run_step(s)
     assert s.kv.num_free_blocks == 12
+
+
+# a waiting prompt whose next uncached block a running request is computing waits for it
+def make_wait(wait=True, **kw):
+    kv = KVCacheManager(kw.pop("num_blocks", 32), BS)
+    cfg = SchedulerConfig(kw.pop("max_seqs", 8), kw.pop("budget", 64), True, wait_for_inflight_prefix=wait)
+    return Scheduler(cfg, kv, 1000)
+
+
+def shared(n_prefix, suffix_start, n_suffix=2, rid=None, max_tokens=1, prefix_start=0):
+    """A prompt: n_prefix tokens from prefix_start (the shared prefix) then its own suffix."""
+    return Request(list(range(prefix_start, prefix_start + n_prefix)) + list(range(suffix_start, suffix_start + n_suffix)),
+                   SamplingParams(max_tokens=max_tokens, temperature=0), request_id=rid,
+                   eos_token_ids=(99999,), block_size=BS)
+
+
+def test_prompt_sharing_a_cold_prefix_waits_and_hits_instead_of_recomputing():
+    s = make_wait()
+    a, b = shared(12, 500, rid="a"), shared(12, 600, rid="b")   # 3 shared blocks + 2 own tokens each
+    s.add(a)
+    s.add(b)
+    batch, _ = run_step(s)
+    assert [r.request_id for r in batch.reqs] == ["a"] and batch.num_new_tokens == [14]
+    assert b.status is Status.WAITING and b.num_prefix_waits == 1
+    batch, _ = run_step(s)
+    assert [r.request_id for r in batch.reqs] == ["b"] and batch.num_new_tokens == [2]
+    assert b.num_cached_tokens == 12
+    assert s.kv.pool.queries == 28 and s.kv.pool.hits == 12     # b's lookup counted once, when admitted
+
+    off = make_wait(wait=False)                 # the same two prompts without waiting: both compute it
+    a, b = shared(12, 500, rid="a"), shared(12, 600, rid="b")
+    off.add(a)
+    off.add(b)
+    batch, _ = run_step(off)
+    assert batch.num_new_tokens == [14, 14] and b.num_cached_tokens == 0
+
+
+def test_waiting_on_a_chunked_prefix_lets_unrelated_prompts_pass():
+    s = make_wait(budget=8)
+    a = shared(20, 500, rid="a")                # 5 shared blocks, chunked 8 tokens a step
+    b = shared(20, 600, rid="b")
+    c = Request(list(range(900, 902)), SamplingParams(max_tokens=1, temperature=0), request_id="c",
+                eos_token_ids=(99999,), block_size=BS)
+    for r in (a, b, c):
+        s.add(r)
+    batch, _ = run_step(s)
+    assert [r.request_id for r in batch.reqs] == ["a"] and batch.num_new_tokens == [8]
+    batch, _ = run_step(s)                      # a's next chunk leaves no budget
+    assert [r.request_id for r in batch.reqs] == ["a"] and batch.num_new_tokens == [8]
+    batch, _ = run_step(s)                      # a: 6 left (4 shared + 2 own); c passes b
+    assert [r.request_id for r in batch.reqs] == ["a"] + ["c"] and batch.num_new_tokens == [6, 2]
+    assert b.status is Status.WAITING and c.status is Status.FINISHED_LENGTH
+    batch, _ = run_step(s)                      # a finished at its last token; b hits all 5 blocks
+    assert [r.request_id for r in batch.reqs] == ["b"] and batch.num_new_tokens == [2]
+    assert b.num_cached_tokens == 20 and b.num_prefix_waits == 1   # passed over once (step 3)
+
+
+def test_prompt_stops_waiting_when_the_prefix_owner_is_aborted_or_preempted():
+    s = make_wait(budget=4)
+    a, b = shared(12, 500, rid="a"), shared(12, 600, rid="b")
+    s.add(a)
+    s.add(b)
+    run_step(s)                                 # a: first block
+    assert b.status is Status.WAITING
+    s.abort("a")
+    batch, _ = run_step(s)                      # nobody computes the prefix now: b does, from a's cached block
+    assert [r.request_id for r in batch.reqs] == ["b"] and b.num_cached_tokens == 4
+
+    s = make_wait(num_blocks=6, budget=4)       # a preempted by an older request's growth
+    old = Request(list(range(700, 707)), SamplingParams(max_tokens=12, temperature=0), request_id="old",
+                  eos_token_ids=(99999,), block_size=BS)
+    a, b = shared(12, 500, rid="a"), shared(12, 600, rid="b")
+    for r in (old, a, b):
+        s.add(r)
+    steps = 0
+    while s.has_work():
+        run_step(s)
+        steps += 1
+        assert steps < 200, "no progress"
+    assert all(r.status is Status.FINISHED_LENGTH for r in (old, a, b))
+    assert a.num_preemptions + b.num_preemptions > 0 and s.kv.num_free_blocks == 6
+
+
+def test_random_shared_prefix_workload_with_waiting_finishes_and_stays_consistent():
+    rng = random.Random(1)
+    s = make_wait(num_blocks=16, budget=8, max_seqs=4)
+    live = []
+    for step in range(500):
+        if rng.random() < 0.35:
+            r = shared(rng.choice([8, 12, 20]), 10_000 + step * 7, n_suffix=rng.randint(1, 5),
+                       max_tokens=rng.randint(1, 6), prefix_start=100 * rng.randrange(6))
+            s.add(r)
+            live.append(r)
+        if live and rng.random() < 0.03:
+            s.abort(rng.choice(live).request_id)
+        run_step(s)
+        assert sum(1 for b in s.kv.pool.blocks if b.ref_cnt > 0) + s.kv.num_free_blocks == 16
+    steps = 0
+    while s.has_work():
+        run_step(s)
+        steps += 1
+        assert steps < 500, "no progress"
+    assert s.kv.num_free_blocks == 16
+    assert sum(r.num_prefix_waits for r in live) > 0
+    assert all(r.is_finished for r in live)
