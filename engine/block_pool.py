@@ -1,11 +1,19 @@
 """KV block pool: reference counts, prefix cache by chain hash, LRU eviction. Pure Python.
 
 Invariants
-- Every block is in exactly one of: in use (ref_cnt > 0), or the free queue (ref_cnt == 0).
+- Every block is in exactly one of: in use (ref_cnt > 0), the free queue, or the protected
+  queue (both ref_cnt == 0).
 - A free block may still be cached (its hash maps to it); allocating it evicts that entry.
-- The free queue is LRU: blocks freed earliest are reused first. A request frees its blocks
-  tail first, so a prefix's last blocks are evicted before its first ones (a shorter
-  prefix stays usable longer).
+- Eviction is segmented LRU (SLRU). A cached block that a prefix hit has reused (`reused`) joins
+  the protected queue when freed; every other free block (uncached, or cached and never hit:
+  a prompt's own suffix, generated tokens) joins the free queue. Allocation takes the free
+  queue's LRU end first and the protected queue's only when the free queue is empty, so blocks
+  used once cannot flush a prefix that requests share. The protected queue holds at most
+  `protected_fraction` of the pool; past that its LRU blocks are demoted to the free queue's
+  MRU end, so a prefix that stopped being used still ages out and a new one gets room.
+- Within each queue: blocks freed earliest are reused first. A request frees its blocks tail
+  first, so a prefix's last blocks are evicted before its first ones (a shorter prefix stays
+  usable longer).
 """
 from __future__ import annotations
 
@@ -14,12 +22,13 @@ from typing import Callable, Iterable
 
 
 class Block:
-    __slots__ = ("block_id", "ref_cnt", "block_hash")
+    __slots__ = ("block_id", "ref_cnt", "block_hash", "reused")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_cnt = 0
         self.block_hash: int | None = None
+        self.reused = False          # a prefix hit took it since it was cached (-> protected when freed)
 
     def __repr__(self) -> str:
         return f"Block({self.block_id}, ref={self.ref_cnt}, hash={self.block_hash})"
@@ -27,13 +36,17 @@ class Block:
 
 class BlockPool:
     def __init__(self, num_blocks: int, enable_caching: bool = True,
-                 on_event: Callable[[str, list[int]], None] | None = None):
+                 on_event: Callable[[str, list[int]], None] | None = None, protected_fraction: float = 0.9):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if not 0.0 <= protected_fraction <= 1.0:
+            raise ValueError(f"protected_fraction must be in [0, 1], got {protected_fraction}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.protected: OrderedDict[int, None] = OrderedDict()   # free, cached and reused
+        self.max_protected = int(protected_fraction * num_blocks)
         self.cached: dict[int, Block] = {}           # chain hash -> block holding it
         self.on_event = on_event                      # ("stored"|"removed", hashes) for the router index
         self.hits = 0                                 # prefix-cache queried/hit tokens, for metrics
@@ -42,7 +55,7 @@ class BlockPool:
     # queries
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_queue)
+        return len(self.free_queue) + len(self.protected)
 
     def lookup(self, block_hash: int) -> Block | None:
         return self.cached.get(block_hash)
@@ -50,16 +63,17 @@ class BlockPool:
     # allocate / free
     def allocate(self, n: int) -> list[Block]:
         """n fresh blocks with ref_cnt 1 (evicting cached ones LRU). Caller checked capacity."""
-        if n > len(self.free_queue):
-            raise RuntimeError(f"allocate({n}) with only {len(self.free_queue)} free blocks")
+        if n > self.num_free_blocks:
+            raise RuntimeError(f"allocate({n}) with only {self.num_free_blocks} free blocks")
         out, evicted = [], []
         for _ in range(n):
-            block_id, _ = self.free_queue.popitem(last=False)
+            block_id, _ = (self.free_queue or self.protected).popitem(last=False)
             b = self.blocks[block_id]
             if b.block_hash is not None:
                 evicted.append(b.block_hash)
                 del self.cached[b.block_hash]
                 b.block_hash = None
+            b.reused = False
             b.ref_cnt = 1
             out.append(b)
         if evicted and self.on_event:
@@ -70,17 +84,30 @@ class BlockPool:
         """Take a reference on cached blocks (a prefix hit), pulling free ones out of the queue."""
         for b in blocks:
             if b.ref_cnt == 0:
-                del self.free_queue[b.block_id]
+                if b.block_id in self.protected:
+                    del self.protected[b.block_id]
+                else:
+                    del self.free_queue[b.block_id]
+            if b.block_hash is not None:
+                b.reused = True
             b.ref_cnt += 1
 
     def free(self, blocks: Iterable[Block]) -> None:
-        """Drop one reference on each block; blocks reaching 0 join the free queue in the given order."""
+        """Drop one reference on each block; blocks reaching 0 join the free queue (or, cached and
+        reused, the protected queue) in the given order."""
         for b in blocks:
             if b.ref_cnt <= 0:
                 raise RuntimeError(f"double free of block {b.block_id}")
             b.ref_cnt -= 1
             if b.ref_cnt == 0:
-                self.free_queue[b.block_id] = None
+                if b.reused and b.block_hash is not None:
+                    self.protected[b.block_id] = None
+                else:
+                    self.free_queue[b.block_id] = None
+        while len(self.protected) > self.max_protected:      # demote the protected LRU: it ages out
+            block_id, _ = self.protected.popitem(last=False)
+            self.blocks[block_id].reused = False
+            self.free_queue[block_id] = None
 
     def cache_block(self, block: Block, block_hash: int) -> None:
         """Register a full, computed block under its chain hash (first writer wins)."""
@@ -95,6 +122,10 @@ class BlockPool:
         """Forget every cached hash of unreferenced blocks (blocks in use keep theirs)."""
         removed = [h for h, b in self.cached.items() if b.ref_cnt == 0]
         for h in removed:
-            self.cached.pop(h).block_hash = None
+            b = self.cached.pop(h)
+            b.block_hash, b.reused = None, False
+            if b.block_id in self.protected:             # uncached now: an ordinary free block
+                del self.protected[b.block_id]
+                self.free_queue[b.block_id] = None
         if removed and self.on_event:
             self.on_event("removed", removed)

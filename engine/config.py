@@ -60,6 +60,8 @@ class CacheConfig:
     kv_cache_memory: int | None = None   # bytes for K+V of all layers; None = use memory_fraction
     memory_fraction: float = 0.3         # of free device memory (host RAM on CPU) when no budget given
     enable_prefix_caching: bool = True
+    protected_fraction: float = 0.9      # most of the pool that reused prefix blocks may hold when
+                                         #   free, ahead of used-once blocks (SLRU, engine/block_pool.py)
 
 
 @dataclass(frozen=True)

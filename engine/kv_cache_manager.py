@@ -15,9 +15,10 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True, on_event=None):
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True, on_event=None,
+                 protected_fraction: float = 0.9):
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks, enable_caching, on_event)
+        self.pool = BlockPool(num_blocks, enable_caching, on_event, protected_fraction)
         self.enable_caching = enable_caching
 
     @property

@@ -109,7 +109,8 @@ class LLMEngine:
         self.model = LlamaModel(cfg.model, weights, cfg.device, DTYPES[cfg.dtype], cfg.attention_backend)
         del weights
         n_blocks = num_kv_blocks(cfg)
-        self.kv = KVCacheManager(n_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching, on_block_event)
+        self.kv = KVCacheManager(n_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching, on_block_event,
+                                 cfg.cache.protected_fraction)
         self.scheduler = Scheduler(cfg.sched, self.kv, cfg.max_model_len)
         self.runner = ModelRunner(cfg, self.model, n_blocks)
         self.detoks: dict[str, Detokenizer] = {}

@@ -95,3 +95,70 @@ def test_freed_cached_blocks_are_reused_then_evicted_lru():
     assert other.block_ids == [2, 1, 0]
     assert ("removed", 2) in events
     assert kv.computed_blocks(req(range(9))) == []
+
+
+# segmented LRU: prefix blocks a hit reused outlive blocks used once
+def _run(kv, tokens):
+    """Compute and cache a whole prompt as one request, then finish it; returns its block ids."""
+    r = req(tokens)
+    hits = kv.computed_blocks(r)
+    n = r.num_tokens - len(hits) * kv.block_size
+    kv.allocate(r, n, hits)
+    r.num_computed_tokens = r.num_tokens
+    kv.cache_computed_blocks(r)
+    ids = list(r.block_ids)
+    kv.free(r)
+    return ids
+
+
+def test_reused_prefix_survives_one_off_prompts_that_plain_lru_would_let_flush_it():
+    kv = KVCacheManager(num_blocks=8, block_size=4)
+    prefix = list(range(8))                              # 2 blocks
+    _run(kv, prefix + [100, 101, 102, 103, 104])         # computes the prefix
+    _run(kv, prefix + [200, 201, 202, 203, 204])         # hits it: its 2 blocks are now protected
+    assert sorted(kv.pool.protected) == [0, 1]
+    for k in range(6):                                   # 6 one-off prompts of 3 blocks each
+        _run(kv, list(range(1000 + 20 * k, 1012 + 20 * k)))
+    assert len(kv.computed_blocks(req(prefix + [300]))) == 2     # the shared prefix is still cached
+    assert kv.num_free_blocks == 8 and not set(kv.pool.protected) & set(kv.pool.free_queue)
+
+    lru = KVCacheManager(num_blocks=8, block_size=4, protected_fraction=0.0)   # plain LRU
+    _run(lru, prefix + [100, 101, 102, 103, 104])
+    _run(lru, prefix + [200, 201, 202, 203, 204])
+    for k in range(6):
+        _run(lru, list(range(1000 + 20 * k, 1012 + 20 * k)))
+    assert lru.computed_blocks(req(prefix + [300])) == []
+
+
+def test_protected_queue_is_capped_and_its_lru_ages_out():
+    kv = KVCacheManager(num_blocks=8, block_size=4, protected_fraction=0.25)    # at most 2 protected
+    a, b = list(range(8)), list(range(50, 58))
+    for p in (a, b):                                     # both 2-block prefixes computed, then reused
+        _run(kv, p + [1, 2])
+        _run(kv, p + [3, 4])
+    assert len(kv.pool.protected) == 2                   # b's blocks; a's were demoted to the free queue
+    assert all(kv.pool.blocks[i].block_hash is not None for i in kv.pool.protected)
+    _run(kv, list(range(900, 924)))                      # 6 fresh blocks: the whole free queue, a included
+    assert len(kv.computed_blocks(req(b + [9]))) == 2
+    assert kv.computed_blocks(req(a + [9])) == []
+    with pytest.raises(ValueError, match="protected_fraction"):
+        BlockPool(4, protected_fraction=1.5)
+
+
+def test_allocation_falls_back_to_protected_blocks_and_reset_clears_them():
+    events = []
+    kv = KVCacheManager(num_blocks=4, block_size=4, on_event=lambda kind, hs: events.append((kind, len(hs))))
+    prefix = list(range(8))
+    _run(kv, prefix + [1])
+    _run(kv, prefix + [2])
+    assert sorted(kv.pool.protected) == [0, 1]
+    r = req(range(500, 516))                             # needs all 4 blocks: takes the protected ones last
+    kv.allocate(r, 16)
+    assert r.block_ids[-2:] == [1, 0] and kv.num_free_blocks == 0 and not kv.pool.protected
+    assert events[-1] == ("removed", 2)
+    kv.free(r)
+    _run(kv, prefix + [1])
+    _run(kv, prefix + [2])
+    assert kv.pool.protected
+    kv.pool.reset_prefix_cache()
+    assert not kv.pool.protected and kv.num_free_blocks == 4 and not kv.pool.cached
