@@ -16,6 +16,13 @@ alone ("local": d prefills it itself). Estimates, in seconds (rates learned onli
       compute_d  = (L - cached at d) / local prefill rate of d
       penalty    = local_penalty * running_d * compute_d   (the decode stall its running requests
                    suffer while d prefills; a cost, not part of the TTFT)
+Either kind also pays a duplicate-prefill cost (a cost, not part of the TTFT):
+      duplicate  = duplicate_penalty * (most cached anywhere - cached where it prefills) / that rate
+   the prefix compute this option repeats although another worker holds it. It stands for what a
+   plain TTFT estimate leaves out: the repeat takes capacity from the requests that queue behind it,
+   and its blocks evict another prefix on the worker that computes it (the cache pollution that
+   turns one busy moment on a prefix's holder into misses later). So a prompt waits a little for
+   its prefix's holder, and moves away only when the holder's queue costs more than the repeat.
 Constraints on d (either kind): free KV blocks >= blocks the prompt needs beyond d's cached prefix;
 TPOT guard: step_s(running_d + 1) <= tpot_slo_s, and for local with requests running, one prefill
 chunk's step (step_s(running_d) + chunk / rate_d) <= tpot_slo_s. If no option passes the guard the
@@ -85,6 +92,7 @@ class CostConfig:
     # choice
     remote_overhead_s: float = 0.005        # reserve + prefill RPC hops of a remote placement
     local_penalty: float = 0.5              # weight of running requests' stall vs the new TTFT
+    duplicate_penalty: float = 1.0          # weight of recomputing a prefix another worker holds (s per s)
     local_chunk_tokens: int = 512           # prefill tokens per step on a decode worker (TPOT guard)
     tpot_slo_s: float | None = 0.25         # decode step-time SLO; None disables the guard
     tpot_strict: bool = False               # True: no option past the guard -> None
@@ -316,7 +324,7 @@ class Estimate:
     kind: str                               # "remote" | "local"
     prefill: str | None
     decode: str
-    cost_s: float = 0.0                     # what is minimized: ttft_s + local_penalty_s
+    cost_s: float = 0.0                     # what is minimized: ttft_s + local_penalty_s + duplicate_penalty_s
     ttft_s: float = 0.0
     queue_s: float = 0.0
     compute_s: float = 0.0
@@ -325,6 +333,7 @@ class Estimate:
     join_s: float = 0.0
     overhead_s: float = 0.0
     local_penalty_s: float = 0.0
+    duplicate_penalty_s: float = 0.0       # cost of repeating prefix compute another worker holds
     cached_tokens: float = 0.0              # expected at the worker that prefills
     cached_tokens_decode: float = 0.0       # expected at d (skipped by the transfer)
     transfer_bytes: float = 0.0             # on the wire, under kv_codec
@@ -434,6 +443,15 @@ class CostModel:
                 out.append(self.estimate_local(prompt_len, d, cd))
             for p in ps:
                 out.append(self.estimate_remote(prompt_len, p, d, cached.get(p.worker_id, 0.0), cd, t))
+        best_cached = max(cached.values(), default=0.0)
+        if c.duplicate_penalty and best_cached:
+            loads = {w.worker_id: w for w in ps + ds}
+            for e in out:
+                repeat = best_cached - e.cached_tokens
+                if repeat > 0:
+                    rate = self.telemetry.prefill_tps(loads[e.prefill or e.decode])
+                    e.duplicate_penalty_s = c.duplicate_penalty * repeat / rate
+                    e.cost_s += e.duplicate_penalty_s
         out.sort(key=lambda e: (e.cost_s, e.kind != "local", e.decode, e.prefill or ""))
         return out
 

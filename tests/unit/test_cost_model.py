@@ -352,3 +352,24 @@ def test_auto_prices_what_the_prefill_workers_policy_picks():
     assert cm.estimate_remote(2048, q, d).kv_codec == policy.choose(nbytes, 0.1024, 5e7) == "int8"
     cm.telemetry.ingest_status(q, dict(prefill_tokens=40_000, prefill_s=80.0))  # 500 tok/s: 4 s
     assert cm.estimate_remote(2048, q, d).kv_codec == policy.choose(nbytes, 4.096, 5e7) == "none"
+
+
+def test_duplicate_penalty_keeps_a_prompt_on_its_prefix_holder_until_the_queue_outweighs_the_repeat():
+    ix = PrefixIndex()
+    hs = block_hashes(list(range(1, 409)), BS)               # 408 tokens: 25 full blocks
+    ix.apply("d0", "stored", hs[:24], now=0.0)               # d0 holds the 384-token prefix
+    loads = lambda queued: [D("d0", tps=200.0, running=0, queued_tokens=queued), D("d1", tps=200.0, running=0)]
+    plain = CostModel(cfg(duplicate_penalty=0.0), index=ix)
+    cm = CostModel(cfg(), index=ix)                          # default: 1.0
+    # d0 has 2 s of queue: by TTFT alone d1 (408 tokens, 2.04 s) edges out d0 (2 s + 24 tokens)
+    assert plain.choose(408, [], loads(400), hashes=hs, now=0.0).decode == "d1"
+    dec = cm.choose(408, [], loads(400), hashes=hs, now=0.0)
+    assert dec.decode == "d0" and dec.estimate["duplicate_penalty_s"] == 0.0
+    away = {e.decode: e for e in cm.estimates(408, [], loads(400), hashes=hs, now=0.0)}["d1"]
+    assert away.duplicate_penalty_s == pytest.approx(384 / 200.0)
+    assert away.cost_s == pytest.approx(away.ttft_s + 384 / 200.0)
+    # 6 s of queue on the holder outweighs repeating the prefix: it moves
+    assert cm.choose(408, [], loads(1200), hashes=hs, now=0.0).decode == "d1"
+    # nobody holds anything: no penalty anywhere
+    cold = block_hashes(list(range(5000, 5408)), BS)
+    assert all(e.duplicate_penalty_s == 0.0 for e in cm.estimates(408, [], loads(400), hashes=cold, now=0.0))
