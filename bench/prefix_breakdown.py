@@ -1,12 +1,14 @@
 """Break a prefix-routing scenario result down per request: cold / hit / miss on a holder / sent elsewhere.
 
-    python bench/prefix_breakdown.py bench/prefix-routing-16pg-breakdown.json --prompts-per-group 16
+    python bench/prefix_breakdown.py bench/prefix-routing.json
+    python bench/prefix_breakdown.py bench/prefix-routing-16pg-breakdown.json --prefix-len 384 --suffix-len 24
 
 Each request of the seeded shared-prefix workload is classed against the decode workers that served
 its prefix earlier in the same run: "cold" (first of its prefix), "hit" (>= prefix_len tokens
 cached), "miss on a holder" (sent to a worker that served the prefix before, yet missed: evicted,
 or still being computed for an earlier prompt), "miss, sent elsewhere". Needs a result written
-with the per-request lists (cached_lens, decode_workers) and the scenario's workload settings.
+with the per-request lists (cached_lens, decode_workers); the workload defaults to the registered
+scenario's (pass the lengths for a result of an older workload).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.datasets import build_dataset  # noqa: E402
+from bench.scenario import SCENARIOS  # noqa: E402
 
 KINDS = ("cold", "hit", "miss on a holder", "miss, sent elsewhere")
 
@@ -44,20 +47,39 @@ def classify(reqs, result: dict, prefix_len: int) -> dict[str, list[float]]:
     return out
 
 
+def ideal_hit_rate(reqs, prefix_len: int, block_size: int = 16) -> float:
+    """The prefix-cache hit rate of a perfect placement on this workload: every prompt but its
+    prefix's first hits the whole prefix (in full blocks, and never its own last token) and nothing
+    else, in cached tokens / prompt tokens. No router can do better; compare the measured rates."""
+    seen, cached, total = set(), 0, 0
+    for r in reqs:
+        n = len(r.prompt_ids)
+        total += n
+        if r.meta["group"] in seen:
+            cached += min(prefix_len // block_size, (n - 1) // block_size) * block_size
+        seen.add(r.meta["group"])
+    return cached / total if total else 0.0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("result", help="JSON written by `pdcluster bench scenario prefix-routing --out`")
-    ap.add_argument("--prompts-per-group", type=int, default=6)
-    ap.add_argument("--num-groups", type=int, default=8)
-    ap.add_argument("--prefix-len", type=int, default=384)
-    ap.add_argument("--suffix-len", type=int, default=24)
+    ds = SCENARIOS["prefix-routing"].dataset
+    ap.add_argument("--prompts-per-group", type=int, default=None,
+                    help="default: the result's num_requests / num_groups")
+    ap.add_argument("--num-groups", type=int, default=ds["num_groups"])
+    ap.add_argument("--prefix-len", type=int, default=ds["prefix_len"])
+    ap.add_argument("--suffix-len", type=int, default=ds["suffix_len"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab-size", type=int, default=49152, help="the model's (SmolLM2: 49152)")
     a = ap.parse_args(argv)
     data = json.loads(Path(a.result).read_text())
+    per_group = a.prompts_per_group or data["scenario"]["num_requests"] // a.num_groups
     reqs = build_dataset({"dataset": "shared-prefix", "num_groups": a.num_groups, "prompts_per_group":
-                          a.prompts_per_group, "prefix_len": a.prefix_len, "suffix_len": a.suffix_len,
+                          per_group, "prefix_len": a.prefix_len, "suffix_len": a.suffix_len,
                           "output_len": 8, "ignore_eos": True, "seed": a.seed}, a.vocab_size)
+    ideal = ideal_hit_rate(reqs, a.prefix_len)
+    print(f"hit rate of a perfect placement on this workload: {ideal:.3f}")
     for side in ("baseline", "candidate"):
         res = data[side]
         if "cached_lens" not in res or len(res["ttfts"]) % len(reqs):
@@ -65,7 +87,9 @@ def main(argv=None) -> int:
             return 2
         kinds = classify(reqs, res, a.prefix_len)
         total = sum(sum(v) for v in kinds.values())
-        print(f"{side} ({res.get('label', '')}, {len(res['ttfts']) // len(reqs)} runs)")
+        rate = res.get("prefix_cache_hit_rate") or 0.0
+        print(f"{side} ({res.get('label', '')}, {len(res['ttfts']) // len(reqs)} runs): hit rate {rate:.3f} = "
+              f"{rate / ideal if ideal else 0:.0%} of the perfect placement's")
         for kind in KINDS:
             v = kinds.get(kind, [])
             mean = sum(v) / len(v) if v else 0.0

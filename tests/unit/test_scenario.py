@@ -133,3 +133,14 @@ def test_prefix_breakdown_classes_each_request_against_earlier_holders():
               "cached_lens": [0, 384, 0, 0, 100]}
     kinds = classify(reqs, result, prefix_len=384)
     assert kinds == {"cold": [10, 30], "hit": [20], "miss, sent elsewhere": [40], "miss on a holder": [50]}
+
+
+def test_ideal_hit_rate_counts_every_prompt_but_each_prefixs_first_in_whole_blocks():
+    from types import SimpleNamespace
+
+    from bench.prefix_breakdown import ideal_hit_rate
+    reqs = [SimpleNamespace(meta={"group": g}, prompt_ids=[0] * n) for g, n in ((0, 40), (0, 40), (1, 40), (1, 33))]
+    # prefix 32 tokens (2 blocks of 16): prompts 2 and 4 hit 32 tokens each; 4's last token is its 33rd
+    assert ideal_hit_rate(reqs, prefix_len=32) == pytest.approx(64 / 153)
+    short = [SimpleNamespace(meta={"group": 0}, prompt_ids=[0] * 32)] * 2      # a prompt that is only the prefix
+    assert ideal_hit_rate(short, prefix_len=32) == pytest.approx(16 / 64)      # its last token always computes
