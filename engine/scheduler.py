@@ -111,7 +111,7 @@ class Scheduler:
             budget -= n
             i += 1
 
-        wait = self.cfg.wait_for_inflight_prefix
+        wait = self.cfg.wait_for_inflight_prefix and self.kv.enable_caching   # no cache: nothing to wait for
         inflight = self._inflight_hashes() if wait and self.waiting else set()
         j = 0                                   # waiting[:j] are deferred on an in-flight prefix
         while j < len(self.waiting) and budget > 0 and len(self.running) < self.cfg.max_num_seqs \

@@ -175,6 +175,13 @@ def test_prompt_sharing_a_cold_prefix_waits_and_hits_instead_of_recomputing():
     batch, _ = run_step(off)
     assert batch.num_new_tokens == [14, 14] and b.num_cached_tokens == 0
 
+    nocache = Scheduler(SchedulerConfig(8, 64, True), KVCacheManager(32, BS, enable_caching=False), 1000)
+    a, b = shared(12, 500, rid="a"), shared(12, 600, rid="b")   # no prefix cache: waiting would gain nothing
+    nocache.add(a)
+    nocache.add(b)
+    batch, _ = run_step(nocache)
+    assert batch.num_new_tokens == [14, 14] and b.num_prefix_waits == 0
+
 
 def test_waiting_on_a_chunked_prefix_lets_unrelated_prompts_pass():
     s = make_wait(budget=8)
