@@ -270,7 +270,7 @@ def test_wire_bytes_per_token_matches_the_codec_and_its_policy():
 
     from kv_transfer import codec as kvcodec
     from kv_transfer import codec_policy
-    from router import cost_model as cmod
+    from router import cost_config as cmod
 
     for mode in codec_policy.MODES:      # the router takes exactly the workers' modes
         assert cmod.CostConfig(kv_compression=mode).kv_compression == mode

@@ -1,0 +1,73 @@
+"""The cost model's configuration and the KV wire size it prices transfers at. Pure Python (no torch)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kv_transfer.codec_policy import CompressionPolicy   # pure Python, no torch
+
+
+# Wire sizes of kv_transfer/codec.py (which needs torch; the router must not import it). Pinned to
+# it by tests/unit/test_cost_model.py.
+CODEC_ITEM_BYTES = {"int8": 1, "fp8": 1}                # codec.QUANT[codec].itemsize
+SCALE_BYTES = 4                                         # codec.SCALE_BYTES: one float32 per scale
+
+
+def wire_bytes_per_token(codec: str, kv_bytes_per_token: float, dtype_bytes: int, num_layers: int,
+                         num_kv_heads: int, block_size: int) -> float:
+    """Bytes one token's K+V (all layers) costs on the wire under `codec` ("none", "int8", "fp8"),
+    payload + scales: kv_transfer/codec.py sends each element in CODEC_ITEM_BYTES instead of the
+    cache's `dtype_bytes`, plus a float32 scale per (K/V, block, kv_head) of every layer, i.e.
+    2 * num_layers * num_kv_heads * SCALE_BYTES per block of `block_size` tokens. Frame headers
+    (a few hundred bytes per frame of ~2 MiB) are left out, compressed or not."""
+    if codec == "none":
+        return float(kv_bytes_per_token)
+    if codec not in CODEC_ITEM_BYTES:
+        raise ValueError(f"codec must be 'none' or one of {sorted(CODEC_ITEM_BYTES)}, got {codec!r}")
+    payload = kv_bytes_per_token / dtype_bytes * CODEC_ITEM_BYTES[codec]
+    return payload + 2 * num_layers * num_kv_heads * SCALE_BYTES / block_size
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    block_size: int = 16                    # tokens per KV block (the engine's)
+    kv_bytes_per_token: int = 46_080        # K+V of all layers; SmolLM2-135M fp32 = 2*30*3*64*4
+    num_layers: int = 30
+    num_kv_heads: int = 3                   # with kv_dtype_bytes: a compressed transfer's scales and payload
+    kv_dtype_bytes: int = 4                 # bytes per element of the KV cache (fp32 4, bf16/fp16 2)
+    kv_compression: str = "off"             # the cluster's KV codec policy (ClusterConfig.kv_compression):
+                                            #   off | int8 | fp8 | auto; transfers are priced at its wire bytes
+    # priors until measurements arrive
+    prior_prefill_tps: float = 2_000.0      # prefill worker, tokens/s
+    prior_local_prefill_tps: float | None = None   # decode worker prefilling (None: prior_prefill_tps)
+    prior_decode_base_s: float = 0.02       # decode step seconds = base + per_seq * running
+    prior_decode_per_seq_s: float = 0.001
+    alpha: float = 0.2                      # EWMA weight of the newest sample
+    # links, bytes/s
+    intra_zone_bps: float = 1.25e9          # same zone, unmeasured (10 GbE)
+    cross_zone_bps: float = 1.25e8          # across zones, unmeasured (1 GbE)
+    zone_pair_bps: tuple = ()               # ((zone_a, zone_b, bytes/s), ...): priors per pair (both ways)
+    probe_after_s: float = 30.0             # a link with no sample for this long wants a probe
+    # choice
+    remote_overhead_s: float = 0.005        # reserve + prefill RPC hops of a remote placement
+    local_penalty: float = 0.5              # weight of running requests' stall vs the new TTFT
+    duplicate_penalty: float = 1.0          # weight of recomputing a prefix another worker holds (s per s)
+    local_chunk_tokens: int = 512           # prefill tokens per step on a decode worker (TPOT guard)
+    tpot_slo_s: float | None = 0.25         # decode step-time SLO; None disables the guard
+    tpot_strict: bool = False               # True: no option past the guard -> None
+    allow_local: bool = True
+    allow_remote: bool = True
+    local_max_tokens: int | None = None     # local only for prompts up to this (None: any)
+
+    def __post_init__(self):
+        CompressionPolicy(self.kv_compression)   # ValueError naming the modes
+
+    @classmethod
+    def for_model(cls, model_cfg, dtype_bytes: int, block_size: int, **kw) -> "CostConfig":
+        """From engine.config.ModelConfig: the KV geometry the transfer is priced with."""
+        return cls(block_size=block_size, kv_bytes_per_token=model_cfg.kv_bytes_per_token(dtype_bytes),
+                   num_layers=model_cfg.num_layers, num_kv_heads=model_cfg.num_kv_heads,
+                   kv_dtype_bytes=dtype_bytes, **kw)
+
+    def wire_bytes_per_token(self, codec: str) -> float:
+        return wire_bytes_per_token(codec, self.kv_bytes_per_token, self.kv_dtype_bytes, self.num_layers,
+                                    self.num_kv_heads, self.block_size)

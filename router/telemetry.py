@@ -1,0 +1,212 @@
+"""What the router learns online for the cost model: per-worker prefill rates and decode step times
+(from the workers' step counters) and KV link bandwidths (from their meters). Pure Python."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from router.cost_config import CostConfig
+from router.placement import WorkerLoad
+
+
+class RateEstimator:
+    """Tokens/s from (tokens, seconds) samples: a ratio of exponentially decayed sums (big samples
+    weigh more than tiny ones). The prior is a pseudo-sample of `prior_s` seconds at `prior_tps`
+    that decays like any other sample."""
+
+    def __init__(self, prior_tps: float, alpha: float = 0.2, prior_s: float = 1.0):
+        if prior_tps <= 0 or not 0 < alpha <= 1:
+            raise ValueError("prior_tps must be > 0 and alpha in (0, 1]")
+        self.alpha, self.count = alpha, 0
+        self._tokens, self._seconds = prior_tps * prior_s, prior_s
+
+    def observe(self, tokens: float, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        keep = 1.0 - self.alpha
+        self._tokens = keep * self._tokens + tokens
+        self._seconds = keep * self._seconds + seconds
+        self.count += 1
+
+    @property
+    def rate(self) -> float:
+        return self._tokens / self._seconds
+
+
+class StepTimeModel:
+    """Decode step seconds ~ base_s + per_seq_s * seqs, fitted online by exponentially weighted
+    least squares over (seqs, seconds) samples. The prior enters as two pseudo-samples (at 1 and
+    16 seqs) that decay like samples; a small ridge keeps the slope at the prior's while every
+    sample has the same batch size."""
+
+    def __init__(self, base_s: float, per_seq_s: float, alpha: float = 0.2, prior_weight: float = 2.0,
+                 ridge: float = 1.0):
+        self.alpha, self.ridge, self.prior, self.count = alpha, ridge, (base_s, per_seq_s), 0
+        self._s = [0.0] * 5                 # weight, sum x, sum y, sum xx, sum xy
+        for x in (1.0, 16.0):
+            self._add(x, base_s + per_seq_s * x, prior_weight / 2)
+
+    def _add(self, x: float, y: float, w: float) -> None:
+        s = self._s
+        s[0] += w; s[1] += w * x; s[2] += w * y; s[3] += w * x * x; s[4] += w * x * y
+
+    def observe(self, seqs: float, seconds: float, weight: float = 1.0) -> None:
+        if seqs <= 0 or seconds <= 0:
+            return
+        keep = 1.0 - self.alpha
+        self._s = [keep * v for v in self._s]
+        self._add(seqs, seconds, weight)
+        self.count += 1
+
+    def coeffs(self) -> tuple[float, float]:
+        w, sx, sy, sxx, sxy = self._s
+        mx, my = sx / w, sy / w
+        var, cov = sxx / w - mx * mx, sxy / w - mx * my
+        b = max(0.0, (cov + self.ridge * self.prior[1]) / (var + self.ridge))
+        a = my - b * mx
+        if a < 0:
+            a, b = 0.0, my / mx
+        return a, b
+
+    def step_s(self, seqs: float) -> float:
+        a, b = self.coeffs()
+        return a + b * seqs
+
+
+@dataclass
+class WorkerPerf:
+    prefill: RateEstimator                  # prefill tokens/s (on a decode worker: local prefill)
+    decode: StepTimeModel                   # decode step seconds vs batch size
+    counters: dict = field(default_factory=dict)   # last cumulative status counters seen
+
+
+@dataclass
+class LinkInfo:
+    bytes_per_s: float
+    count: int
+    last_sample_time: float
+
+
+class LinkTable:
+    """Measured KV links (from `kv_transfer.BandwidthMeter.snapshot()` dicts: wire bytes/s, headers
+    and scales included, compressed or not) and zone-pair figures.
+    Zone pairs are tracked apart: an EWMA over the measured links of each directed (src zone, dst
+    zone) pair prices a link that has no measurement of its own; before any, the configured prior
+    (intra-zone fast, cross-zone slow, or `zone_pair_bps`)."""
+
+    def __init__(self, cfg: CostConfig):
+        self.cfg = cfg
+        self.links: dict[tuple[str, str], LinkInfo] = {}
+        self.zone_bps: dict[tuple[str, str], float] = {}       # learned, directed zone pair
+        self._prior = {}
+        for za, zb, bps in cfg.zone_pair_bps:
+            self._prior[(za, zb)] = self._prior[(zb, za)] = float(bps)
+
+    def ingest(self, snapshots: Iterable[Mapping], zones: Mapping[str, str] | None = None) -> None:
+        """Take a worker's meter snapshot; links with new samples also feed their zone pair's EWMA."""
+        zones = zones or {}
+        for s in snapshots:
+            bps = float(s.get("ewma_bytes_per_s") or 0.0)
+            if bps <= 0:
+                continue
+            key = (s["src_id"], s["dst_id"])
+            old = self.links.get(key)
+            count = int(s.get("count", 0))
+            self.links[key] = LinkInfo(bps, count, float(s.get("last_sample_time", 0.0)))
+            if old is None or count > old.count:
+                zk = (zones.get(key[0], ""), zones.get(key[1], ""))
+                prev = self.zone_bps.get(zk)
+                self.zone_bps[zk] = bps if prev is None else self.cfg.alpha * bps + (1 - self.cfg.alpha) * prev
+
+    def zone_prior(self, src_zone: str, dst_zone: str) -> tuple[float, str]:
+        zk = (src_zone, dst_zone)
+        if zk in self.zone_bps:
+            return self.zone_bps[zk], "zone-measured"
+        if zk in self._prior:
+            return self._prior[zk], "zone-prior"
+        return (self.cfg.intra_zone_bps if src_zone == dst_zone else self.cfg.cross_zone_bps), "zone-prior"
+
+    def bandwidth(self, src: str, dst: str, src_zone: str = "", dst_zone: str = "") -> tuple[float, str]:
+        """(bytes/s, source): source is "measured", "zone-measured" or "zone-prior"."""
+        link = self.links.get((src, dst))
+        if link is not None:
+            return link.bytes_per_s, "measured"
+        return self.zone_prior(src_zone, dst_zone)
+
+    def probe_needed(self, src: str, dst: str, now: float | None = None) -> bool:
+        """True when the link was never measured or its last sample is older than probe_after_s."""
+        link = self.links.get((src, dst))
+        t = time.time() if now is None else now
+        return link is None or t - link.last_sample_time > self.cfg.probe_after_s
+
+    def probes_needed(self, srcs: Iterable[str], dsts: Iterable[str], now: float | None = None) -> list:
+        dsts = list(dsts)
+        return [(s, d) for s in srcs for d in dsts if self.probe_needed(s, d, now)]
+
+
+class Telemetry:
+    """What the router learns online: per-worker rates (from their step timings) and the links.
+
+    `ingest_status(load, status)` takes one status poll. Step counters are cumulative; each poll's
+    deltas are one sample. Preferred fields (split by step kind):
+        prefill_tokens, prefill_s             steps that prefilled (tokens, busy seconds)
+        decode_steps, decode_seqs, decode_s   decode-only steps (count, sum of batch sizes, seconds)
+    Fallback (today's status): tokens, steps, busy_s, read as prefill on a prefill worker and as
+    decode steps (batch = tokens / step) on a decode worker. Also read: running, waiting_tokens,
+    links (a prefill worker's BandwidthMeter snapshot)."""
+
+    def __init__(self, cfg: CostConfig | None = None):
+        self.cfg = cfg or CostConfig()
+        self.perf: dict[str, WorkerPerf] = {}
+        self.links = LinkTable(self.cfg)
+
+    def perf_of(self, worker_id: str, role: str = "prefill") -> WorkerPerf:
+        p = self.perf.get(worker_id)
+        if p is None:
+            c = self.cfg
+            tps = c.prior_prefill_tps if role == "prefill" else (c.prior_local_prefill_tps or c.prior_prefill_tps)
+            p = self.perf[worker_id] = WorkerPerf(RateEstimator(tps, c.alpha),
+                                                  StepTimeModel(c.prior_decode_base_s, c.prior_decode_per_seq_s, c.alpha))
+        return p
+
+    def remove_worker(self, worker_id: str) -> None:
+        self.perf.pop(worker_id, None)
+
+    def observe_prefill(self, worker_id: str, tokens: float, seconds: float, role: str = "prefill") -> None:
+        self.perf_of(worker_id, role).prefill.observe(tokens, seconds)
+
+    def observe_decode(self, worker_id: str, seqs: float, seconds: float) -> None:
+        self.perf_of(worker_id, "decode").decode.observe(seqs, seconds)
+
+    def ingest_status(self, load: WorkerLoad, status: Mapping, zones: Mapping[str, str] | None = None) -> None:
+        load.running = int(status.get("running", load.running))
+        load.waiting_tokens = int(status.get("waiting_tokens", load.waiting_tokens))
+        perf = self.perf_of(load.worker_id, load.role)
+        new = {k: status[k] for k in ("prefill_tokens", "prefill_s", "decode_steps", "decode_seqs",
+                                      "decode_s", "tokens", "steps", "busy_s") if k in status}
+        old, perf.counters = perf.counters, new
+        d = {k: new[k] - old[k] for k in new if k in old}
+        if any(v < 0 for v in d.values()):
+            return                                  # the worker restarted: new baseline, no sample
+        if "prefill_tokens" in d and "prefill_s" in d:
+            perf.prefill.observe(d["prefill_tokens"], d["prefill_s"])
+        if "decode_steps" in d and d["decode_steps"] > 0 and "decode_seqs" in d and "decode_s" in d:
+            perf.decode.observe(d["decode_seqs"] / d["decode_steps"], d["decode_s"] / d["decode_steps"])
+        if "prefill_tokens" not in new and {"tokens", "busy_s"} <= d.keys():
+            if load.role == "prefill":
+                perf.prefill.observe(d["tokens"], d["busy_s"])
+            elif d.get("steps", 0) > 0:
+                perf.decode.observe(d["tokens"] / d["steps"], d["busy_s"] / d["steps"])
+        if status.get("links"):
+            self.links.ingest(status["links"], zones)
+
+    # figures for one worker (a WorkerLoad override wins over the learned figure)
+    def prefill_tps(self, load: WorkerLoad) -> float:
+        return load.prefill_tps or self.perf_of(load.worker_id, load.role).prefill.rate
+
+    def step_s(self, load: WorkerLoad, seqs: float) -> float:
+        if load.decode_step_s is not None:
+            base, per_seq = load.decode_step_s
+            return base + per_seq * seqs
+        return self.perf_of(load.worker_id, "decode").decode.step_s(seqs)
