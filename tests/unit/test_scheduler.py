@@ -117,28 +117,41 @@ def test_abort_anywhere_frees_everything():
     assert not s.has_work() and s.kv.num_free_blocks == 8
 
 
-def test_random_workload_keeps_pool_consistent():
-    rng = random.Random(0)
-    s = make(num_blocks=12, budget=10, max_seqs=4)
-    live = []
-    for step in range(400):
-        if rng.random() < 0.3:
-            r = req(rng.randint(1, 20), max_tokens=rng.randint(1, 12), start=rng.choice([0, 0, 500]))
+def drive_random(s, rng, new_req, steps, p_add, p_abort, drain_limit=1000):
+    """Add new_req(step) with probability p_add and abort a random earlier one with p_abort, each
+    step for `steps` steps, checking the block accounting after every step (every block in use or
+    free; a running request's blocks carry exactly its references); then run until idle (within
+    drain_limit steps) and check that the pool is whole again. Returns the requests added."""
+    total, live = s.kv.num_blocks, []
+    for step in range(steps):
+        if rng.random() < p_add:
+            r = new_req(step)
             s.add(r)
             live.append(r)
-        if live and rng.random() < 0.05:
+        if live and rng.random() < p_abort:
             s.abort(rng.choice(live).request_id)
         run_step(s)
         used = sum(1 for b in s.kv.pool.blocks if b.ref_cnt > 0)
-        assert used + s.kv.num_free_blocks == 12
+        assert used + s.kv.num_free_blocks == total
         owned = {}
         for r in s.running:
             for bid in r.block_ids:
                 owned[bid] = owned.get(bid, 0) + 1
         assert all(s.kv.pool.blocks[b].ref_cnt == c for b, c in owned.items())
+    steps = 0
     while s.has_work():
         run_step(s)
-    assert s.kv.num_free_blocks == 12
+        steps += 1
+        assert steps < drain_limit, "no progress"
+    assert s.kv.num_free_blocks == total
+    return live
+
+
+def test_random_workload_keeps_pool_consistent():
+    rng = random.Random(0)
+    s = make(num_blocks=12, budget=10, max_seqs=4)
+    drive_random(s, rng, lambda step: req(rng.randint(1, 20), max_tokens=rng.randint(1, 12),
+                                          start=rng.choice([0, 0, 500])), steps=400, p_add=0.3, p_abort=0.05)
 
 
 # a waiting prompt whose next uncached block a running request is computing waits for it
@@ -232,22 +245,9 @@ def test_prompt_stops_waiting_when_the_prefix_owner_is_aborted_or_preempted():
 def test_random_shared_prefix_workload_with_waiting_finishes_and_stays_consistent():
     rng = random.Random(1)
     s = make_wait(num_blocks=16, budget=8, max_seqs=4)
-    live = []
-    for step in range(500):
-        if rng.random() < 0.35:
-            r = shared(rng.choice([8, 12, 20]), 10_000 + step * 7, n_suffix=rng.randint(1, 5),
-                       max_tokens=rng.randint(1, 6), prefix_start=100 * rng.randrange(6))
-            s.add(r)
-            live.append(r)
-        if live and rng.random() < 0.03:
-            s.abort(rng.choice(live).request_id)
-        run_step(s)
-        assert sum(1 for b in s.kv.pool.blocks if b.ref_cnt > 0) + s.kv.num_free_blocks == 16
-    steps = 0
-    while s.has_work():
-        run_step(s)
-        steps += 1
-        assert steps < 500, "no progress"
-    assert s.kv.num_free_blocks == 16
+    live = drive_random(s, rng, lambda step: shared(rng.choice([8, 12, 20]), 10_000 + step * 7,
+                                                    n_suffix=rng.randint(1, 5), max_tokens=rng.randint(1, 6),
+                                                    prefix_start=100 * rng.randrange(6)),
+                        steps=500, p_add=0.35, p_abort=0.03, drain_limit=500)
     assert sum(r.num_prefix_waits for r in live) > 0
     assert all(r.is_finished for r in live)
