@@ -1,6 +1,6 @@
 """Engine speed vs transformers, side by side in one run, against this machine's physical limits.
 
-    python bench/engine.py [--repeats 3] [--batches 1 8 32] [--out bench/engine.json]
+    python -m pdcluster.bench.engine [--repeats 3] [--batches 1 8 32] [--out bench/engine.json]
 
 Measures (float32 by default, same weights for both engines):
   decode   output tokens/s at each batch size (128-token prompts, 128 new tokens, EOS ignored),
@@ -24,7 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -69,7 +68,7 @@ def build_hf(llm, dtype):
     """transformers' LlamaForCausalLM holding exactly our weights (no second GGUF dequantization)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.loader import load_weights
+    from pdcluster.engine.loader import load_weights
     c = llm.engine.cfg.model
     hc = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                      num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
@@ -98,7 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the results as JSON")
     a = ap.parse_args(argv)
 
-    from engine import LLM, SamplingParams
+    from pdcluster.engine import LLM, SamplingParams
     if a.threads:
         torch.set_num_threads(a.threads)
     dt = getattr(torch, a.dtype)

@@ -2,10 +2,10 @@
 
 Needs an NVIDIA GPU; on any other machine it prints why and exits with status 2.
 
-    python bench/kernels.py                              # Llama-3-8B-like layer: 32 q / 8 kv heads, d=128, bf16
-    python bench/kernels.py --batch 64 --context 4096    # the decode target: >= 70% of copy bandwidth
-    python bench/kernels.py --only decode --num-splits 1 2 4 8      # sweep the split-KV count
-    python bench/kernels.py --heads 9 --kv-heads 3 --head-dim 64 --hidden 576   # SmolLM2-135M
+    python -m pdcluster.bench.kernels                              # Llama-3-8B-like layer: 32 q / 8 kv heads, d=128, bf16
+    python -m pdcluster.bench.kernels --batch 64 --context 4096    # the decode target: >= 70% of copy bandwidth
+    python -m pdcluster.bench.kernels --only decode --num-splits 1 2 4 8      # sweep the split-KV count
+    python -m pdcluster.bench.kernels --heads 9 --kv-heads 3 --head-dim 64 --hidden 576   # SmolLM2-135M
 
 Method.  "copy BW" is the device's measured copy bandwidth: bytes read + written by `dst.copy_(src)`
 on a 1 GiB tensor.  Every call is timed with triton.testing.do_bench (CUDA events, L2 flushed before
@@ -27,12 +27,10 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-NO_GPU = ("bench/kernels.py needs an NVIDIA GPU (torch.cuda.is_available() is False on this machine).\n"
-          "Run it on a GPU host:  python bench/kernels.py    (python bench/kernels.py --cpu-smoke only "
+NO_GPU = ("pdcluster.bench.kernels needs an NVIDIA GPU (torch.cuda.is_available() is False on this machine).\n"
+          "Run it on a GPU host:  python -m pdcluster.bench.kernels    (python -m pdcluster.bench.kernels --cpu-smoke only "
           "checks the script)")
 KERNELS = ("decode", "prefill", "store_kv", "rms_norm", "rotary", "pack_kv", "unpack_kv")
 
@@ -151,7 +149,7 @@ def case_decode(a, torch, K, dev, dtype, timer) -> list[Row]:
     for ns in (a.num_splits or [None]):
         out = K.paged_decode_attention(q, kc, vc, bt, lens, scale, num_splits=ns)
         if ns is None:
-            from kernels.decode_attention import default_num_splits
+            from pdcluster.kernels.decode_attention import default_num_splits
 
             ns = default_num_splits(B, kvh, bt.shape[1] * a.block_size, q.device)
         ms = timer(lambda: K.paged_decode_attention(q, kc, vc, bt, lens, scale, num_splits=ns))
@@ -298,7 +296,7 @@ def main(argv=None) -> int:
     if not a.cpu_smoke and not torch.cuda.is_available():
         print(NO_GPU, file=sys.stderr)
         return 2
-    import kernels as K
+    import pdcluster.kernels as K
 
     dev = "cpu" if a.cpu_smoke else "cuda"
     dtype = getattr(torch, a.dtype)

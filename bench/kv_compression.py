@@ -20,24 +20,21 @@ Modes run in the order given, "off" first: "auto" reads the meter, so it should 
 token bucket lets a transfer smaller than its burst, one 4 MiB chunk, through at loopback speed, so
 compressed transfers can make an emulated link look faster than it is; a real link would not).
 
-    python bench/kv_compression.py                          # 6 prompts of ~400 tokens, 3 MB/s slow link
-    python bench/kv_compression.py --modes off,int8 --link-mbps 5
+    python -m pdcluster.bench.kv_compression                          # 6 prompts of ~400 tokens, 3 MB/s slow link
+    python -m pdcluster.bench.kv_compression --modes off,int8 --link-mbps 5
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from decode_worker.worker import DecodeWorker  # noqa: E402
-from engine.llm_engine import LLMEngine, build_config  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
-from kv_transfer.codec_policy import MODES, CompressionPolicy  # noqa: E402
-from prefill_worker.worker import KVDestination, PrefillWorker  # noqa: E402
+from pdcluster.decode_worker.worker import DecodeWorker  # noqa: E402
+from pdcluster.engine.llm_engine import LLMEngine, build_config  # noqa: E402
+from pdcluster.engine.sampling_params import SamplingParams  # noqa: E402
+from pdcluster.kv_transfer.codec_policy import MODES, CompressionPolicy  # noqa: E402
+from pdcluster.prefill_worker.worker import KVDestination, PrefillWorker  # noqa: E402
 
 TOPICS = [
     "the history of lighthouses and the keepers who lived in them",

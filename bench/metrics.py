@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from router.proto import generation_pb2 as pb
+from pdcluster.router.proto import generation_pb2 as pb
 
 GOODPUT_METRICS = ("ttft", "tpot", "e2el")
 PERCENTILES = (90, 99)

@@ -1,7 +1,7 @@
 """Break a prefix-routing scenario result down per request: cold / hit / miss on a holder / sent elsewhere.
 
-    python bench/prefix_breakdown.py bench/prefix-routing.json
-    python bench/prefix_breakdown.py bench/prefix-routing-16pg-breakdown.json --prefix-len 384 --suffix-len 24
+    python -m pdcluster.bench.prefix_breakdown bench/prefix-routing.json
+    python -m pdcluster.bench.prefix_breakdown bench/prefix-routing-16pg-breakdown.json --prefix-len 384 --suffix-len 24
 
 Each request of the seeded shared-prefix workload is classed against the decode workers that served
 its prefix earlier in the same run: "cold" (first of its prefix), "hit" (>= prefix_len tokens
@@ -18,10 +18,9 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.datasets import build_dataset  # noqa: E402
-from bench.scenario import SCENARIOS  # noqa: E402
+from pdcluster.bench.datasets import build_dataset  # noqa: E402
+from pdcluster.bench.scenario import SCENARIOS  # noqa: E402
 
 KINDS = ("cold", "hit", "miss on a holder", "miss, sent elsewhere")
 

@@ -6,8 +6,8 @@ Starts its own local Ray with room for each pool's max_replicas (pool resources 
 (deploy/scaling.py) with the pools config below (or --pools FILE), and sends an open-loop Poisson
 stream of random-token prompts (bench.datasets "random") over gRPC, the rate changing per step.
 
-    python bench/ramp.py                             # default ramp, ~5 min on 2 CPU cores
-    python bench/ramp.py --steps 1,4,8,4,1 --step-s 30 --out bench/ramp
+    python -m pdcluster.bench.ramp                             # default ramp, ~5 min on 2 CPU cores
+    python -m pdcluster.bench.ramp --steps 1,4,8,4,1 --step-s 30 --out bench/ramp
 
 Per window (--window-s): offered and finished requests, p90 TTFT and p90 TPOT of the requests sent in
 it (ms), and the pools' replicas sampled every second (registered; draining ones still count until
@@ -27,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run as a script from anywhere
 
-from bench.datasets import build_dataset                          # noqa: E402
-from bench.metrics import RequestOutput, StreamRecorder           # noqa: E402
+from pdcluster.bench.datasets import build_dataset                          # noqa: E402
+from pdcluster.bench.metrics import RequestOutput, StreamRecorder           # noqa: E402
 
 POOLS_YAML = """\
 # bench/ramp.py's default pools: short delays so a ~5 minute ramp shows both directions
@@ -106,10 +105,10 @@ async def run(a: argparse.Namespace) -> dict:
     import grpc
     from tqdm import tqdm
 
-    from deploy.launch import Cluster, ClusterConfig
-    from deploy.pools import load_pools_config, parse_pools_config
-    from router.proto import generation_pb2 as pb
-    from router.proto import generation_pb2_grpc as pbg
+    from pdcluster.deploy.launch import Cluster, ClusterConfig
+    from pdcluster.deploy.pools import load_pools_config, parse_pools_config
+    from pdcluster.router.proto import generation_pb2 as pb
+    from pdcluster.router.proto import generation_pb2_grpc as pbg
 
     serve = load_pools_config(a.pools) if a.pools else parse_pools_config(POOLS_YAML, "bench/ramp.py")
     cfg = replace(ClusterConfig(**serve.to_cluster_kwargs()), port=0, metrics_port=0, policy=a.policy,
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench/ramp", help="writes OUT.json and OUT.png (default bench/ramp)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for name in ("router.lifecycle",):          # one line per request: too much for a progress bar
+    for name in ("pdcluster.router.lifecycle",):          # one line per request: too much for a progress bar
         logging.getLogger(name).setLevel(logging.WARNING)
     result = asyncio.run(run(a))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

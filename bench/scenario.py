@@ -34,8 +34,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from bench.metrics import _stats, parse_goodput
-from deploy.launch import ClusterConfig
+from pdcluster.bench.metrics import _stats, parse_goodput
+from pdcluster.deploy.launch import ClusterConfig
 
 SUM_KEYS = ("duration", "completed", "failed", "total_input_tokens", "total_output_tokens", "kv_bytes_transferred")
 SAMPLE_KEYS = ("ttfts", "tpots", "itls", "e2els", "input_lens", "output_lens", "cached_lens", "decode_workers",
@@ -193,8 +193,8 @@ async def _ticker(bar) -> None:
 
 async def _warmup(addr: str, n: int, vocab_size: int) -> None:
     """n short concurrent requests, so that every worker has run a prefill and a decode step."""
-    from bench.datasets import build_dataset
-    from bench.serve import run_benchmark
+    from pdcluster.bench.datasets import build_dataset
+    from pdcluster.bench.serve import run_benchmark
     if n <= 0:
         return
     reqs = build_dataset({"dataset": "random", "num_prompts": n, "input_len": 32, "output_len": 4,
@@ -205,8 +205,8 @@ async def _warmup(addr: str, n: int, vocab_size: int) -> None:
 async def run_once(cfg: ClusterConfig, sc: Scenario, requests, seed: int, vocab_size: int, bar=None,
                    progress: bool = True) -> tuple[dict, dict]:
     """Start cfg's cluster, warm it up, run the workload, stop it: (result, worker figures)."""
-    from bench.serve import run_benchmark
-    from deploy.launch import Cluster
+    from pdcluster.bench.serve import run_benchmark
+    from pdcluster.deploy.launch import Cluster
 
     def phase(text: str) -> None:
         if bar is not None:
@@ -250,7 +250,7 @@ def kv_link(cfg: ClusterConfig, shaped: bool, notes: dict[str, None]):
             notes[f"token bucket in the transport at {rate / 1e6:.1f} MB/s"] = None
         yield cfg
         return
-    from deploy import netns
+    from pdcluster.deploy import netns
     with netns.shaped_link(netns.line_rate(rate)) as link:
         notes[link.describe().replace(link.prefill_ns, "pdkv<pid>p").replace(link.decode_ns, "pdkv<pid>d")] = None
         yield replace(cfg, kv_bandwidth_limit=None, kv_link=link)
@@ -260,15 +260,15 @@ def link_mode(sc: Scenario) -> tuple[bool, str]:
     """(shaped, why not): whether this scenario's throttled KV link runs as a real shaped link."""
     if not sc.shaped_link or not (sc.baseline.kv_bandwidth_limit or sc.candidate.kv_bandwidth_limit):
         return False, ""
-    from deploy import netns
+    from pdcluster.deploy import netns
     return netns.available()
 
 
 async def run_scenario(sc: Scenario, rounds: int, seed: int, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    from bench.datasets import build_dataset
-    from engine.loader import load_model_config
+    from pdcluster.bench.datasets import build_dataset
+    from pdcluster.engine.loader import load_model_config
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     vocab = load_model_config(sc.baseline.model).vocab_size
@@ -353,7 +353,7 @@ def main(a: argparse.Namespace) -> int:
             json.dump(report, f, indent=1)
         print(f"wrote {a.out}")
     if a.plot:
-        from bench.plots import plot_comparison
+        from pdcluster.bench.plots import plot_comparison
         plot_comparison({report[s]["label"]: report[s] for s in ("baseline", "candidate")}, a.plot)
         print(f"wrote {a.plot}")
     return 0

@@ -4,7 +4,7 @@ Library use (e.g. a scenario runner, inside its own event loop):
     reqs = build_dataset({"dataset": "shared-prefix", "seed": 1}, vocab_size)
     result = await run_benchmark("127.0.0.1:50051", reqs, request_rate=8.0, burstiness=1.0,
                                  max_concurrency=None, seed=1, goodput={"ttft": 500.0}, progress=False)
-CLI: python -m bench.serve --dataset random --num-prompts 50 --request-rate 4 --out result.json
+CLI: python -m pdcluster.bench.serve --dataset random --num-prompts 50 --request-rate 4 --out result.json
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
-from bench.datasets import DATASETS, DEFAULTS, BenchRequest, build_dataset
-from bench.metrics import RequestOutput, StreamRecorder, calculate_metrics, format_table, parse_goodput
-from router.proto import generation_pb2 as pb
-from router.proto import generation_pb2_grpc as pb_grpc
+from pdcluster.bench.datasets import DATASETS, DEFAULTS, BenchRequest, build_dataset
+from pdcluster.bench.metrics import RequestOutput, StreamRecorder, calculate_metrics, format_table, parse_goodput
+from pdcluster.router.proto import generation_pb2 as pb
+from pdcluster.router.proto import generation_pb2_grpc as pb_grpc
 
 SKIPPED = "SKIPPED"  # error key of a multi-turn turn whose previous turn failed (never sent)
 

@@ -8,10 +8,10 @@ sendall(), in turn. Each mode runs --repeats times after one untimed warm-up eac
 payload GB/s (1 GB = 1e9 B, K+V bytes only, first byte sent to the receiver's acknowledgement) and
 each transport's median over the raw socket's median.
 
-    python bench/transfer.py                      # 30 layers x 400 blocks, fp32: ~295 MB per run
-    python bench/transfer.py --dtype bfloat16 --blocks 800 --chunk-bytes 2097152
-    python bench/transfer.py --modes tcp,raw      # skip gRPC
-    python bench/transfer.py --modes grpc,tcp,mooncake,raw   # add the mooncake transport (pull; its
+    python -m pdcluster.bench.transfer                      # 30 layers x 400 blocks, fp32: ~295 MB per run
+    python -m pdcluster.bench.transfer --dtype bfloat16 --blocks 800 --chunk-bytes 2097152
+    python -m pdcluster.bench.transfer --modes tcp,raw      # skip gRPC
+    python -m pdcluster.bench.transfer --modes grpc,tcp,mooncake,raw   # add the mooncake transport (pull; its
                                                   # "tcp" protocol here, needs pdcluster[rdma])
 """
 from __future__ import annotations
@@ -23,9 +23,7 @@ import socket
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 import torch  # noqa: E402
 
@@ -59,7 +57,7 @@ def _recv_exact(sock: socket.socket, buf: memoryview) -> None:
 
 
 def receiver_main(conn, args) -> None:
-    from kv_transfer import KVReceiver, KVServer, KVTcpServer, MooncakeKVServer, TransferState, cache_writer
+    from pdcluster.kv_transfer import KVReceiver, KVServer, KVTcpServer, MooncakeKVServer, TransferState, cache_writer
 
     torch.set_num_threads(1)
     shape = (args.blocks, args.block_size, args.kv_heads, args.head_dim)
@@ -104,7 +102,7 @@ def receiver_main(conn, args) -> None:
 
 
 def sender_main(conn, args, grpc_port: int, tcp_port: int, raw_port: int, mc_port: int) -> None:
-    from kv_transfer import GrpcKVTransport, MooncakeKVTransport, TcpKVTransport
+    from pdcluster.kv_transfer import GrpcKVTransport, MooncakeKVTransport, TcpKVTransport
 
     torch.set_num_threads(1)
     layers = _layers(args)
@@ -156,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if "raw" not in modes or len(modes) < 2:
         ap.error("--modes needs raw and at least one of grpc, tcp, mooncake")
     if args.tcp_chunk_bytes is None:
-        from kv_transfer.tcp_protocol import DEFAULT_CHUNK_BYTES
+        from pdcluster.kv_transfer.tcp_protocol import DEFAULT_CHUNK_BYTES
         args.tcp_chunk_bytes = DEFAULT_CHUNK_BYTES
 
     ctx = mp.get_context("spawn")
@@ -206,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     sender.join(30)
     receiver.join(30)
 
-    from kv_transfer.crc import BACKEND
+    from pdcluster.kv_transfer.crc import BACKEND
     print(f"geometry: {args.layers} layers x {args.blocks} blocks x [{args.block_size}, {args.kv_heads}, "
           f"{args.head_dim}] {args.dtype}; K+V {total / 1e6:.1f} MB per transfer; chunk {args.chunk_bytes} B "
           f"(gRPC), {args.tcp_chunk_bytes} B (TCP); crc32 via {BACKEND}; exact equality verified on run 1")

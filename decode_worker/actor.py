@@ -7,15 +7,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import ray
 
-from engine.sampling_params import SamplingParams
+from pdcluster.engine.sampling_params import SamplingParams
 
 
 class DecodeActor:
     def __init__(self, worker_id: str, engine_kwargs: dict, num_threads: int, worker_kwargs: dict):
         import torch
 
-        from decode_worker.worker import DecodeWorker
-        from engine.llm_engine import LLMEngine, build_config
+        from pdcluster.decode_worker.worker import DecodeWorker
+        from pdcluster.engine.llm_engine import LLMEngine, build_config
         torch.set_num_threads(num_threads)
         engine = LLMEngine(build_config(**engine_kwargs, num_threads=num_threads))
         if worker_kwargs.pop("bind_node_ip", False):
@@ -30,7 +30,7 @@ class DecodeActor:
                       cache_salt: str | None = None) -> dict:
         """{"ok": True, kv_address, dst_id, skip_blocks, dst_block_ids, cached_tokens} or
         {"ok": False, "reason": ...} when the pool is full right now."""
-        from decode_worker.worker import NoCapacity
+        from pdcluster.decode_worker.worker import NoCapacity
         try:
             r = await self._run(self.worker.reserve, request_id, prompt_ids, SamplingParams(**params), cache_salt)
         except NoCapacity as e:
@@ -74,7 +74,7 @@ def spawn(worker_id: str, engine_kwargs: dict, num_threads: int, use_gpu: bool =
           **worker_kwargs):
     """A worker actor; Ray restarts it up to max_restarts times after a crash (same arguments, fresh
     process: the router sees a new incarnation and re-registers it)."""
-    from deploy.worker_options import actor_options
+    from pdcluster.deploy.worker_options import actor_options
     opts = actor_options("decode", worker_id, num_threads, use_gpu, max_restarts)
     return ray.remote(DecodeActor).options(**opts).remote(
         worker_id, engine_kwargs, num_threads, worker_kwargs)

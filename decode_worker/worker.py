@@ -19,12 +19,12 @@ import threading
 import time
 import uuid
 
-from engine.block_events import BlockEventLog
-from engine.engine_thread import EngineThread
-from engine.llm_engine import LLMEngine, StepOutput
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from kv_transfer import KVReceiver, KVServer, KVTcpServer, TransferState, cache_writer
+from pdcluster.engine.block_events import BlockEventLog
+from pdcluster.engine.engine_thread import EngineThread
+from pdcluster.engine.llm_engine import LLMEngine, StepOutput
+from pdcluster.engine.request import Request
+from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.kv_transfer import KVReceiver, KVServer, KVTcpServer, TransferState, cache_writer
 
 KV_TRANSPORTS = ("tcp", "grpc", "mooncake")
 
@@ -76,7 +76,7 @@ class DecodeWorker:
         # (CPU caches; GPU caches land through its registered host staging buffers, chosen by the server itself);
         # first, so that a host without it fails before anything else is started
         if kv_transport == "mooncake":
-            from kv_transfer.mooncake_server import MooncakeKVServer
+            from pdcluster.kv_transfer.mooncake_server import MooncakeKVServer
             self.mooncake_server = MooncakeKVServer(self.receiver, engine.runner.k_caches, engine.runner.v_caches,
                                                     host=kv_host, secret=secret)
             self.mooncake_server.start_sync()

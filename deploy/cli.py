@@ -73,9 +73,9 @@ def cmd_serve(a) -> int:
     import uvloop
     rules, interval_s = {}, 5.0        # pool autoscaling: only from --config
 
-    from deploy.launch import Cluster, ClusterConfig
+    from pdcluster.deploy.launch import Cluster, ClusterConfig
     if a.kv_transport == "mooncake":
-        from kv_transfer.mooncake_engine import available
+        from pdcluster.kv_transfer.mooncake_engine import available
         if (reason := available()) is not None:
             print(reason, file=sys.stderr)
             return 2
@@ -94,7 +94,7 @@ def cmd_serve(a) -> int:
     if a.config:
         from dataclasses import replace
 
-        from deploy.pools import load_pools_config
+        from pdcluster.deploy.pools import load_pools_config
         pools = load_pools_config(a.config)
         kw = pools.to_cluster_kwargs()
         cfg = replace(cfg, **kw)
@@ -103,11 +103,26 @@ def cmd_serve(a) -> int:
             logging.getLogger("pdcluster").info("%s: every pool has min_replicas == max_replicas: no autoscaling",
                                                 a.config)
 
+    from pdcluster.ports import PortInUse, check_free
+    via = " (or router.port / router.metrics_port in --config)" if a.config else ""
+    try:    # before Ray and the workers start: a taken port fails in a second, not after the model loads
+        check_free(cfg.host, cfg.port, "the router's gRPC endpoint", "--port" + via)
+        check_free(cfg.host, cfg.metrics_port, "the router's Prometheus metrics",
+                   "--metrics-port (0 turns metrics off)" + via)
+    except PortInUse as e:
+        print(f"pdcluster serve: {e.strerror}", file=sys.stderr)
+        return 2
+
     async def main() -> None:
         stop = asyncio.Event()
         print(f"starting pdcluster: {cfg.prefill_workers} prefill + {cfg.decode_workers} decode workers ...",
               flush=True)
-        cluster = await Cluster(cfg).start()
+        cluster = Cluster(cfg)
+        try:
+            await cluster.start()
+        except BaseException:
+            await cluster.stop()     # whatever started (Ray, actors, servers) goes again
+            raise
         if rules:
             cluster.start_autoscaler(rules, interval_s)
         # after ray.init: Ray's driver installs its own fatal-signal handlers, ours must win
@@ -123,15 +138,19 @@ def cmd_serve(a) -> int:
             print("shutting down ...", flush=True)
             await cluster.stop()
 
-    uvloop.run(main())
+    try:
+        uvloop.run(main())
+    except PortInUse as e:    # taken between the check above and the bind
+        print(f"pdcluster serve: {e.strerror}", file=sys.stderr)
+        return 2
     return 0
 
 
 def cmd_generate(a) -> int:
     import grpc
 
-    from router.proto import generation_pb2 as pb
-    from router.proto import generation_pb2_grpc as pbg
+    from pdcluster.router.proto import generation_pb2 as pb
+    from pdcluster.router.proto import generation_pb2_grpc as pbg
 
     async def main() -> int:
         sp = pb.SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
@@ -187,11 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     g.set_defaults(fn=cmd_generate)
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench_cmd", required=True)
-    from bench import serve as bench_serve
+    from pdcluster.bench import serve as bench_serve
     bs = bsub.add_parser("serve", help="load a running router and report TTFT/TPOT/ITL/E2E, throughput, goodput")
     bench_serve.add_arguments(bs)
     bs.set_defaults(fn=bench_serve.main)
-    from bench import scenario as bench_scenario
+    from pdcluster.bench import scenario as bench_scenario
     bc = bsub.add_parser("scenario", help="run two cluster configurations side by side on one seeded workload",
                          description=bench_scenario.__doc__.split("\n\n")[0],
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=bench_scenario.epilog())

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 from dataclasses import dataclass, field
 
-from deploy.netns import ShapedLink
-from deploy.scaling import Scaling
+from pdcluster.deploy.netns import ShapedLink
+from pdcluster.deploy.scaling import Scaling
 
 log = logging.getLogger(__name__)
 
@@ -114,20 +113,21 @@ class Cluster(Scaling):
     async def start(self) -> "Cluster":
         import ray
 
-        from decode_worker import actor as decode_actor
-        from engine.loader import load_model_config
-        from engine.tokenizer import load_tokenizer
-        from prefill_worker import actor as prefill_actor
-        from router.lifecycle import Pools, Router, RouterConfig
-        from router.server import RouterServer
-        from router.workers import DecodeClient, PrefillClient, Timeouts
+        from pdcluster.decode_worker import actor as decode_actor
+        from pdcluster.deploy.ray_env import runtime_env
+        from pdcluster.engine.loader import load_model_config
+        from pdcluster.engine.tokenizer import load_tokenizer
+        from pdcluster.prefill_worker import actor as prefill_actor
+        from pdcluster.router.lifecycle import Pools, Router, RouterConfig
+        from pdcluster.router.server import RouterServer
+        from pdcluster.router.workers import DecodeClient, PrefillClient, Timeouts
 
         c = self.cfg
         self.timeouts = Timeouts(prefill_s=c.prefill_timeout_s, stream_gap_s=c.worker_timeout_s,
                                  health_s=c.health_timeout_s)
         if not ray.is_initialized():
             if c.address:
-                ray.init(address=c.address, log_to_driver=False)
+                ray.init(address=c.address, log_to_driver=False, runtime_env=runtime_env())
             else:
                 n = c.threads_per_worker
                 n_pre = max(c.prefill_workers, c.max_prefill_workers)     # pool units: room up to max replicas
@@ -135,9 +135,7 @@ class Cluster(Scaling):
                 # address="local": a fresh instance, even where a `ray start` cluster runs on this host
                 ray.init(address="local", num_cpus=n * (n_pre + n_dec) + 1,
                          resources={"prefill_pool": n_pre, "decode_pool": n_dec},
-                         include_dashboard=False, log_to_driver=False,
-                         runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                                                   "TOKENIZERS_PARALLELISM": "false"}})
+                         include_dashboard=False, log_to_driver=False, runtime_env=runtime_env())
                 self._owns_ray = True
         mcfg = load_model_config(c.model)
         if c.max_model_len:
@@ -179,7 +177,7 @@ class Cluster(Scaling):
                 raise RuntimeError(
                     f"workers did not start within {c.start_timeout_s:.0f}s: does the Ray cluster have free "
                     f"{need}prefill_pool/decode_pool resources? (ray status shows them)") from None
-        from router.cost_model import CostConfig
+        from pdcluster.router.cost_model import CostConfig
         dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[c.dtype]
         block_size = int(ek.get("block_size", 16))
         self.router = Router(RouterConfig(max_in_flight=c.max_in_flight, remote_prefill=c.remote_prefill,
@@ -193,7 +191,7 @@ class Cluster(Scaling):
         for wid, h in dec.items():
             self.router.add_worker("decode", DecodeClient(wid, h, self.timeouts), zone=c.zone("decode"))
         await self.router.refresh_loads()
-        from router.auth import TokenAuth
+        from pdcluster.router.auth import TokenAuth
         auth = TokenAuth.from_file(c.auth_token_file) if c.auth_token_file else None
         self.server = RouterServer(self.router, mcfg.name, mcfg.vocab_size, c.host, c.port, auth=auth,
                                    tls_cert=c.tls_cert, tls_key=c.tls_key,

@@ -3,8 +3,8 @@
 Ray's launcher refuses `available_node_types` for `provider: local`, so the pool a host serves
 cannot come from the cluster YAML; deploy/cluster-local.yaml runs this instead of `ray start`:
 
-    python -m deploy.local_start --map MAP --head --autoscaling-config ~/ray_bootstrap_config.yaml
-    python -m deploy.local_start --map MAP --address $RAY_HEAD_IP:6379
+    python -m pdcluster.deploy.local_start --map MAP --head --autoscaling-config ~/ray_bootstrap_config.yaml
+    python -m pdcluster.deploy.local_start --map MAP --address $RAY_HEAD_IP:6379
     (MAP = ~/pdcluster/deploy/local-hosts.yaml: this checkout, synced there by `ray up`)
 
 It finds this host's entry in the map (the entry whose address is bound on this machine, or
@@ -32,7 +32,7 @@ from typing import Callable, Iterable
 
 import yaml
 
-from deploy.worker_options import POOL_RESOURCE
+from pdcluster.deploy.worker_options import POOL_RESOURCE
 
 HOST_KEYS = ("prefill", "decode", "num_cpus", "num_gpus")
 
@@ -134,7 +134,7 @@ def _ray_executable() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m deploy.local_start", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m pdcluster.deploy.local_start", description=__doc__.split("\n\n")[0])
     ap.add_argument("--map", required=True, help="host-to-pool map (deploy/local-hosts.yaml)")
     role = ap.add_mutually_exclusive_group(required=True)
     role.add_argument("--head", action="store_true", help="start the head node")

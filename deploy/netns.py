@@ -162,7 +162,7 @@ def _check() -> tuple[bool, str]:
         if shutil.which(tool) is None:
             return False, f"`{tool}` (iproute2) is not installed"
     try:
-        from kv_transfer.netns import run_in
+        from pdcluster.kv_transfer.netns import run_in
         with shaped_link(1e6) as link:
             run_in(link.prefill_ns, lambda: None)
     except Exception as e:

@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 import yaml
 
-from router.autoscaler import SIGNALS, ScalingRule
-from router.policies import DEFAULT_POLICY, POLICY_NAMES
+from pdcluster.router.autoscaler import SIGNALS, ScalingRule
+from pdcluster.router.policies import DEFAULT_POLICY, POLICY_NAMES
 SLO_KEY = {"p90_ttft": "ttft_slo_ms", "p90_tpot": "tpot_slo_ms"}    # latency signals take their target here
 
 
@@ -110,7 +110,7 @@ class ServeConfig:
 
         ClusterConfig sizes both pools alike and reserves `threads_per_worker` Ray CPUs per actor,
         so per-pool sizes it cannot express are refused here rather than silently dropped."""
-        from deploy.launch import ClusterConfig
+        from pdcluster.deploy.launch import ClusterConfig
         p, d = self.prefill.resources, self.decode.resources
         bad = [f"{k}: prefill {getattr(p, k)} != decode {getattr(d, k)}" for k in ("threads", "gpus")
                if getattr(p, k) != getattr(d, k)]

@@ -1,10 +1,11 @@
 """Regenerate (or check) the committed protobuf/gRPC stubs.
 
-    python -m deploy.protogen           # rewrite the *_pb2*.py files beside each .proto
-    python -m deploy.protogen --check   # exit 1 if a committed stub differs from a fresh build
+    python -m pdcluster.deploy.protogen           # rewrite the *_pb2*.py files beside each .proto
+    python -m pdcluster.deploy.protogen --check   # exit 1 if a committed stub differs from a fresh build
 
-Every .proto under PROTO_DIRS is compiled with the repo root as the include path, so the
-generated gRPC module imports its message module by package path (``router.proto...``).
+Every .proto under PROTO_DIRS is compiled as ``pdcluster/<dir>/<name>.proto`` (a staging folder
+links ``pdcluster`` to the repo root), so the generated gRPC module imports its message module by
+its installed path (``pdcluster.router.proto...``).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIRS = ("router/proto", "kv_transfer/proto")
+PROTO_DIRS = ("router/proto",)
 SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
 
 
@@ -24,12 +25,24 @@ def proto_files() -> list[str]:
 
 
 def generate(out_dir: Path) -> None:
+    """Compile every proto; the stubs land in out_dir/<dir>/ (the same layout as the repo)."""
+    import shutil
+
     from grpc_tools import protoc  # dev dependency (grpcio-tools)
 
-    args = ["protoc", f"-I{ROOT}", f"--python_out={out_dir}", f"--pyi_out={out_dir}",
-            f"--grpc_python_out={out_dir}", *proto_files()]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed: {' '.join(args)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "src", Path(tmp) / "out"
+        src.mkdir()
+        out.mkdir()
+        (src / "pdcluster").symlink_to(ROOT, target_is_directory=True)
+        args = ["protoc", f"-I{src}", f"--python_out={out}", f"--pyi_out={out}",
+                f"--grpc_python_out={out}", *(f"pdcluster/{p}" for p in proto_files())]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed: {' '.join(args)}")
+        for f in (out / "pdcluster").rglob("*.py*"):
+            dest = out_dir / f.relative_to(out / "pdcluster")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, dest)
 
 
 def stale_stubs() -> list[str]:

@@ -29,9 +29,9 @@ class Scaling:
         within cfg.replica_start_timeout_s is killed and the call raises (the pool stays as it was)."""
         import ray
 
-        from decode_worker import actor as decode_actor
-        from prefill_worker import actor as prefill_actor
-        from router.workers import DecodeClient, PrefillClient
+        from pdcluster.decode_worker import actor as decode_actor
+        from pdcluster.prefill_worker import actor as prefill_actor
+        from pdcluster.router.workers import DecodeClient, PrefillClient
         c = self.cfg
         spawn, client = {"prefill": (prefill_actor.spawn, PrefillClient),
                          "decode": (decode_actor.spawn, DecodeClient)}[role]
@@ -89,7 +89,7 @@ class Scaling:
 
     def pool_metrics(self) -> dict:
         """router.autoscaler.MetricsSnapshot from the router's live view (p90s over the metrics' recent window)."""
-        from router.autoscaler import pool_metrics
+        from pdcluster.router.autoscaler import pool_metrics
         m, loads = self.router.metrics, list(self.router.pools.loads.values())
         ms = lambda s: None if s is None else s * 1e3
         starting = {r: sum(1 for w in self.starting if w.startswith(r + "-")) for r in ("prefill", "decode")}
@@ -101,7 +101,7 @@ class Scaling:
     def start_autoscaler(self, rules: Mapping, interval_s: float = 5.0) -> None:
         """Run the pool autoscaler as a task on this event loop (rules: pool -> ScalingRule). Without
         remote prefill the prefill pool is not scaled."""
-        from router.autoscaler import PoolAutoscaler
+        from pdcluster.router.autoscaler import PoolAutoscaler
         rules = {p: r for p, r in rules.items() if p == "decode" or self.cfg.remote_prefill}
         self.autoscaler = PoolAutoscaler(rules, self.pool_metrics, self.add_replica, self.remove_replica,
                                          interval_s=interval_s, observer=self.router.metrics)

@@ -12,7 +12,7 @@ import threading
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from engine.llm_engine import LLMEngine, StepOutput
+from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 
 log = logging.getLogger(__name__)
 

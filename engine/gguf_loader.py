@@ -19,7 +19,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
-from engine.config import ModelConfig
+from pdcluster.engine.config import ModelConfig
 
 ARCHITECTURES = ("llama", "qwen2")   # Mistral GGUFs use "llama"
 

@@ -11,7 +11,7 @@ import os
 import torch
 from safetensors import safe_open
 
-from engine.config import ModelConfig
+from pdcluster.engine.config import ModelConfig
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")   # config.json model_type; SmolLM2 is "llama"
 

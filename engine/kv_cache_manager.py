@@ -6,8 +6,8 @@ so an allocation never fails half way.
 """
 from __future__ import annotations
 
-from engine.block_pool import Block, BlockPool
-from engine.request import Request
+from pdcluster.engine.block_pool import Block, BlockPool
+from pdcluster.engine.request import Request
 
 
 def cdiv(a: int, b: int) -> int:

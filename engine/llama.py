@@ -10,9 +10,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from engine.attention import AttnMeta, decode_attention, prefill_attention, store_kv
-from engine.config import ModelConfig
-from engine.rotary import apply_rotary, cos_sin_cache
+from pdcluster.engine.attention import AttnMeta, decode_attention, prefill_attention, store_kv
+from pdcluster.engine.config import ModelConfig
+from pdcluster.engine.rotary import apply_rotary, cos_sin_cache
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -81,7 +81,7 @@ def use_mkldnn(device: str, dtype: torch.dtype) -> bool:
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, sd: dict[str, torch.Tensor], device: str, dtype: torch.dtype,
                  attention_backend: str = "auto"):
-        from kernels.select import get_ops
+        from pdcluster.kernels.select import get_ops
 
         self.cfg = cfg
         # Triton kernels on CUDA (or when forced); otherwise the torch path in engine/attention.py

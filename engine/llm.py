@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.llm_engine import LLMEngine, build_config
-from engine.sampling_params import SamplingParams
+from pdcluster.engine.llm_engine import LLMEngine, build_config
+from pdcluster.engine.sampling_params import SamplingParams
 
 
 @dataclass

@@ -10,14 +10,14 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from engine.detokenizer import Detokenizer
-from engine.kv_cache_manager import KVCacheManager
-from engine.llama import LlamaModel
-from engine.model_runner import DTYPES, ModelRunner, num_kv_blocks
-from engine.request import Request, Status
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from pdcluster.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pdcluster.engine.detokenizer import Detokenizer
+from pdcluster.engine.kv_cache_manager import KVCacheManager
+from pdcluster.engine.llama import LlamaModel
+from pdcluster.engine.model_runner import DTYPES, ModelRunner, num_kv_blocks
+from pdcluster.engine.request import Request, Status
+from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def build_config(model: str | None = None, *, dtype: str = "float32", device: st
     """The edge: keyword arguments (CLI flags, YAML) into the frozen tree."""
     from dataclasses import replace
 
-    from engine.loader import load_model_config
+    from pdcluster.engine.loader import load_model_config
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -97,8 +97,8 @@ def build_config(model: str | None = None, *, dtype: str = "float32", device: st
 
 class LLMEngine:
     def __init__(self, cfg: EngineConfig, on_block_event=None):
-        from engine.loader import load_weights
-        from engine.tokenizer import load_tokenizer
+        from pdcluster.engine.loader import load_weights
+        from pdcluster.engine.tokenizer import load_tokenizer
 
         self.cfg = cfg
         if cfg.num_threads:

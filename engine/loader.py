@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from engine.config import ModelConfig
+from pdcluster.engine.config import ModelConfig
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -30,7 +30,7 @@ def embedded_model_path() -> str:
 
 def load_model_config(path: str | None = None) -> ModelConfig:
     """`path`: HF folder (config.json + *.safetensors) or a .gguf file; None = the embedded model."""
-    from engine import gguf_loader, hf_loader
+    from pdcluster.engine import gguf_loader, hf_loader
 
     path = os.path.abspath(os.path.expanduser(path)) if path else embedded_model_path()
     if os.path.isdir(path):
@@ -42,7 +42,7 @@ def load_model_config(path: str | None = None) -> ModelConfig:
 
 def load_weights(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """All weights of `cfg`'s checkpoint on CPU in `dtype`, named as in HF LlamaForCausalLM."""
-    from engine import gguf_loader, hf_loader
+    from pdcluster.engine import gguf_loader, hf_loader
 
     names = weight_names(cfg)
     sd = (gguf_loader if cfg.gguf_file else hf_loader).load_weights(cfg, names, dtype)

@@ -11,12 +11,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from engine.attention import AttnMeta, PrefillSeq
-from engine.config import EngineConfig
-from engine.llama import LlamaModel
-from engine.request import Request
-from engine.sampler import make_generator, sample
-from engine.scheduler import ScheduledBatch
+from pdcluster.engine.attention import AttnMeta, PrefillSeq
+from pdcluster.engine.config import EngineConfig
+from pdcluster.engine.llama import LlamaModel
+from pdcluster.engine.request import Request
+from pdcluster.engine.sampler import make_generator, sample
+from pdcluster.engine.scheduler import ScheduledBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

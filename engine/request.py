@@ -10,8 +10,8 @@ import enum
 import itertools
 import time
 
-from engine.hashing import ROOT_HASH, block_hashes
-from engine.sampling_params import SamplingParams
+from pdcluster.engine.hashing import ROOT_HASH, block_hashes
+from pdcluster.engine.sampling_params import SamplingParams
 
 
 class Status(enum.Enum):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.sampling_params import SamplingParams
+from pdcluster.engine.sampling_params import SamplingParams
 
 
 def make_generator(params: SamplingParams, device: str = "cpu") -> torch.Generator | None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from engine.config import SchedulerConfig
-from engine.kv_cache_manager import KVCacheManager, cdiv
-from engine.request import Request, Status
+from pdcluster.engine.config import SchedulerConfig
+from pdcluster.engine.kv_cache_manager import KVCacheManager, cdiv
+from pdcluster.engine.request import Request, Status
 
 
 @dataclass

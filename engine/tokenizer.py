@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 
-from engine.config import ModelConfig
+from pdcluster.engine.config import ModelConfig
 
 
 def _cache_dir(gguf_path: str) -> str:

@@ -3,13 +3,13 @@
 The engine picks one set with `get_ops(backend, device)` (Triton on CUDA, references on CPU).
 Importing this package never needs a GPU, nor TRITON_INTERPRET, nor even a working Triton.
 """
-from kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
-from kernels.pack_kv import pack_kv, pack_kv_ref, unpack_kv, unpack_kv_ref
-from kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
-from kernels.rms_norm import rms_norm, rms_norm_ref
-from kernels.rotary import rotary_embedding, rotary_embedding_ref
-from kernels.select import Ops, get_ops
-from kernels.store_kv import store_kv, store_kv_ref
+from pdcluster.kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
+from pdcluster.kernels.pack_kv import pack_kv, pack_kv_ref, unpack_kv, unpack_kv_ref
+from pdcluster.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
+from pdcluster.kernels.rms_norm import rms_norm, rms_norm_ref
+from pdcluster.kernels.rotary import rotary_embedding, rotary_embedding_ref
+from pdcluster.kernels.select import Ops, get_ops
+from pdcluster.kernels.store_kv import store_kv, store_kv_ref
 
 __all__ = [
     "paged_decode_attention", "paged_decode_attention_ref",

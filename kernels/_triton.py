@@ -1,7 +1,7 @@
 """Triton import shim and launcher checks shared by every kernel file.
 
-`import kernels` must work on a CPU-only box even where Triton is missing or broken: the torch
-references are what the engine runs there.  Kernel files do `from kernels._triton import triton, tl`;
+`import pdcluster.kernels` must work on a CPU-only box even where Triton is missing or broken: the torch
+references are what the engine runs there.  Kernel files do `from pdcluster.kernels._triton import triton, tl`;
 when Triton is unusable these are stubs good enough to *define* (never launch) a @triton.jit kernel.
 
 Where a kernel can launch:
@@ -45,7 +45,7 @@ def triton_usable_on(device: str | torch.device) -> str | None:
         return None                    # compiled (or, under TRITON_INTERPRET=1, interpreted: slow)
     if dev.type == "cpu":
         return None if INTERPRET else ("Triton kernels on CPU need TRITON_INTERPRET=1 set before "
-                                       "`import kernels`; use the torch backend on CPU")
+                                       "`import pdcluster.kernels`; use the torch backend on CPU")
     return f"no Triton backend for device type {dev.type!r}"
 
 

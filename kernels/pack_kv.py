@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import FLOAT_DTYPES, check, check_launch, new_empty, tl, triton
+from pdcluster.kernels._triton import FLOAT_DTYPES, check, check_launch, new_empty, tl, triton
 
 QUANT = {None: None, "int8": torch.int8, "fp8": torch.float8_e4m3fn}
 QMAX = {"int8": 127.0, "fp8": 448.0}

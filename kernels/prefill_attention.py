@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import FLOAT_DTYPES, INDEX_DTYPES, check, check_launch, new_empty, next_pow2, tl, triton
+from pdcluster.kernels._triton import FLOAT_DTYPES, INDEX_DTYPES, check, check_launch, new_empty, next_pow2, tl, triton
 
 LOG2E = 1.4426950408889634
 

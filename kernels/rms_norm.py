@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import FLOAT_DTYPES, check, check_launch, new_empty, next_pow2, tl, triton
+from pdcluster.kernels._triton import FLOAT_DTYPES, check, check_launch, new_empty, next_pow2, tl, triton
 
 
 @triton.jit

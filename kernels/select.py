@@ -14,14 +14,14 @@ from typing import Callable
 
 import torch
 
-# `from kernels.<module> import ...`: the package re-exports functions named like their modules.
-from kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
-from kernels.pack_kv import pack_kv, pack_kv_ref, unpack_kv, unpack_kv_ref
-from kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
-from kernels.rms_norm import rms_norm, rms_norm_ref
-from kernels.rotary import rotary_embedding, rotary_embedding_ref
-from kernels.store_kv import store_kv, store_kv_ref
-from kernels._triton import triton_usable_on
+# `from pdcluster.kernels.<module> import ...`: the package re-exports functions named like their modules.
+from pdcluster.kernels.decode_attention import paged_decode_attention, paged_decode_attention_ref
+from pdcluster.kernels.pack_kv import pack_kv, pack_kv_ref, unpack_kv, unpack_kv_ref
+from pdcluster.kernels.prefill_attention import paged_prefill_attention, paged_prefill_attention_ref
+from pdcluster.kernels.rms_norm import rms_norm, rms_norm_ref
+from pdcluster.kernels.rotary import rotary_embedding, rotary_embedding_ref
+from pdcluster.kernels.store_kv import store_kv, store_kv_ref
+from pdcluster.kernels._triton import triton_usable_on
 
 BACKENDS = ("auto", "triton", "torch")
 

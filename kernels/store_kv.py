@@ -7,7 +7,7 @@ One program per token writes all its kv heads of K and V.
 """
 from __future__ import annotations
 
-from kernels._triton import FLOAT_DTYPES, INDEX_DTYPES, check, check_launch, next_pow2, tl, triton
+from pdcluster.kernels._triton import FLOAT_DTYPES, INDEX_DTYPES, check, check_launch, next_pow2, tl, triton
 
 
 @triton.jit

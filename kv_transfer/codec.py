@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from kernels.pack_kv import QMAX, QUANT
+from pdcluster.kernels.pack_kv import QMAX, QUANT
 
 CODECS = ("none", "int8", "fp8")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # caches a codec may decode into

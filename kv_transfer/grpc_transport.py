@@ -15,14 +15,14 @@ from typing import Sequence
 import grpc
 import torch
 
-from kv_transfer import codec as kvcodec
-from kv_transfer import wire
-from kv_transfer.errors import KVTransferError
-from kv_transfer.loop_thread import shared_loop
-from kv_transfer.malloc_tuning import keep_large_buffers
-from kv_transfer.meter import BandwidthMeter
-from kv_transfer.throttle import TokenBucket
-from kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
+from pdcluster.kv_transfer import codec as kvcodec
+from pdcluster.kv_transfer import wire
+from pdcluster.kv_transfer.errors import KVTransferError
+from pdcluster.kv_transfer.loop_thread import shared_loop
+from pdcluster.kv_transfer.malloc_tuning import keep_large_buffers
+from pdcluster.kv_transfer.meter import BandwidthMeter
+from pdcluster.kv_transfer.throttle import TokenBucket
+from pdcluster.kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
 
 _HEADER_ROOM = 64 << 10  # bytes a frame may exceed chunk_bytes by (prefix + msgpack header)
 _END = object()  # queue sentinel: finish() was called

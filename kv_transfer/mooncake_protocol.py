@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import msgpack
 
-from kv_transfer import wire
-from kv_transfer.errors import MalformedFrame
+from pdcluster.kv_transfer import wire
+from pdcluster.kv_transfer.errors import MalformedFrame
 
 VERSION = 1
 SERVICE = "pdcluster.kv.v1.MooncakePull"

@@ -40,14 +40,15 @@ import grpc
 import numpy as np
 import torch
 
-from kv_transfer import mooncake_protocol as proto
-from kv_transfer import wire
-from kv_transfer.crc import crc32
-from kv_transfer.errors import DataLoss, KVTransferError, MalformedFrame, TransferClosed
-from kv_transfer.loop_thread import shared_loop
-from kv_transfer.mooncake_engine import Engine
-from kv_transfer.mooncake_transport import DEFAULT_SLOT_BYTES
-from kv_transfer.receiver import InboundStream, PendingTransfer, KVReceiver, TransferState
+from pdcluster.kv_transfer import mooncake_protocol as proto
+from pdcluster.kv_transfer import wire
+from pdcluster.kv_transfer.crc import crc32
+from pdcluster.kv_transfer.errors import DataLoss, KVTransferError, MalformedFrame, TransferClosed
+from pdcluster.kv_transfer.loop_thread import shared_loop
+from pdcluster.kv_transfer.mooncake_engine import Engine
+from pdcluster.kv_transfer.mooncake_transport import DEFAULT_SLOT_BYTES
+from pdcluster.ports import GRPC_NO_REUSEPORT, bind_grpc
+from pdcluster.kv_transfer.receiver import InboundStream, PendingTransfer, KVReceiver, TransferState
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +107,11 @@ class MooncakeKVServer:
 
     async def start(self) -> None:
         opts = [("grpc.max_send_message_length", proto.MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", proto.MAX_MESSAGE_BYTES)]
+                ("grpc.max_receive_message_length", proto.MAX_MESSAGE_BYTES), GRPC_NO_REUSEPORT]
         self._server = grpc.aio.server(options=opts)
         handler = grpc.stream_stream_rpc_method_handler(self._pull)  # raw bytes in and out
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(proto.SERVICE, {"Pull": handler}),))
-        self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        self.port = bind_grpc(self._server, self.host, self.port, "a decode worker's Mooncake control listener", "its kv_port (0, the default, takes any free port)")
         await self._server.start()
 
     async def stop(self, grace: float | None = None) -> None:

@@ -27,15 +27,15 @@ from typing import Sequence
 import grpc
 import torch
 
-from kv_transfer import mooncake_protocol as proto
-from kv_transfer import wire
-from kv_transfer.crc import crc32
-from kv_transfer.errors import KVTransferError
-from kv_transfer.loop_thread import shared_loop
-from kv_transfer.meter import BandwidthMeter
-from kv_transfer.mooncake_arena import ArenaFull, StagingArena
-from kv_transfer.mooncake_engine import Engine
-from kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
+from pdcluster.kv_transfer import mooncake_protocol as proto
+from pdcluster.kv_transfer import wire
+from pdcluster.kv_transfer.crc import crc32
+from pdcluster.kv_transfer.errors import KVTransferError
+from pdcluster.kv_transfer.loop_thread import shared_loop
+from pdcluster.kv_transfer.meter import BandwidthMeter
+from pdcluster.kv_transfer.mooncake_arena import ArenaFull, StagingArena
+from pdcluster.kv_transfer.mooncake_engine import Engine
+from pdcluster.kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
 
 _END, _CANCEL = object(), object()  # queue items besides (layer, first, k, v)
 DEFAULT_ARENA_BYTES = 256 << 20

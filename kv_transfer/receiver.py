@@ -29,8 +29,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from kv_transfer import wire
-from kv_transfer.errors import (DataLoss, DuplicateStream, KVTransferError, MalformedFrame,
+from pdcluster.kv_transfer import wire
+from pdcluster.kv_transfer.errors import (DataLoss, DuplicateStream, KVTransferError, MalformedFrame,
                                 TransferClosed, UnknownRequest)
 
 # write_fn(layer, dst_block_ids, k, v): copy k, v [len(dst_block_ids), *block_shape] into the cache.

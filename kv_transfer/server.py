@@ -6,11 +6,12 @@ import hmac
 
 import grpc
 
-from kv_transfer import wire
-from kv_transfer.errors import KVTransferError
-from kv_transfer.loop_thread import shared_loop
-from kv_transfer.malloc_tuning import keep_large_buffers
-from kv_transfer.receiver import InboundStream, KVReceiver
+from pdcluster.kv_transfer import wire
+from pdcluster.kv_transfer.errors import KVTransferError
+from pdcluster.kv_transfer.loop_thread import shared_loop
+from pdcluster.kv_transfer.malloc_tuning import keep_large_buffers
+from pdcluster.kv_transfer.receiver import InboundStream, KVReceiver
+from pdcluster.ports import GRPC_NO_REUSEPORT, bind_grpc
 
 REJECT_DRAIN_S = 10.0  # how long a rejected stream may keep writing before it is cut off, seconds
 
@@ -35,12 +36,12 @@ class KVServer:
     async def start(self) -> None:
         """Serve on the running event loop."""
         opts = [("grpc.max_send_message_length", self._max_message_bytes),
-                ("grpc.max_receive_message_length", self._max_message_bytes)]
+                ("grpc.max_receive_message_length", self._max_message_bytes), GRPC_NO_REUSEPORT]
         self._server = grpc.aio.server(options=opts)
         handler = grpc.stream_unary_rpc_method_handler(self._push)  # raw bytes in and out
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(wire.SERVICE, {"Push": handler}),))
-        self.port = self._server.add_insecure_port(f"{self.host}:{self.port}")
+        self.port = bind_grpc(self._server, self.host, self.port, "a decode worker's gRPC KV listener", "its kv_port (0, the default, takes any free port)")
         await self._server.start()
 
     async def stop(self, grace: float | None = None) -> None:

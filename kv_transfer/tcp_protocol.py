@@ -40,9 +40,9 @@ import struct
 import msgpack
 import torch
 
-from kv_transfer import wire
-from kv_transfer.crc import crc32
-from kv_transfer.errors import KVTransferError, MalformedFrame
+from pdcluster.kv_transfer import wire
+from pdcluster.kv_transfer.crc import crc32
+from pdcluster.kv_transfer.errors import KVTransferError, MalformedFrame
 
 PROTO = "pdkv-tcp"
 VERSION = 1

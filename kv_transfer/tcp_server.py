@@ -26,13 +26,14 @@ import time
 import msgpack
 import torch
 
-from kv_transfer import netns as kvnetns
-from kv_transfer import tcp_protocol as proto
-from kv_transfer import wire
-from kv_transfer.crc import crc32
-from kv_transfer.errors import DataLoss, KVTransferError, MalformedFrame, TransferClosed
-from kv_transfer.malloc_tuning import keep_large_buffers
-from kv_transfer.receiver import InboundStream, KVReceiver, PendingTransfer, TransferState
+from pdcluster.kv_transfer import netns as kvnetns
+from pdcluster.kv_transfer import tcp_protocol as proto
+from pdcluster.kv_transfer import wire
+from pdcluster.kv_transfer.crc import crc32
+from pdcluster.kv_transfer.errors import DataLoss, KVTransferError, MalformedFrame, TransferClosed
+from pdcluster.kv_transfer.malloc_tuning import keep_large_buffers
+from pdcluster.kv_transfer.receiver import InboundStream, KVReceiver, PendingTransfer, TransferState
+from pdcluster.ports import bind_tcp
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,9 @@ class KVTcpServer:
 
     def start_sync(self) -> None:
         """Bind and serve on background threads (named like KVServer's, which needs a loop)."""
-        self._listener = kvnetns.create_server(self.netns, (self.host, self.port), backlog=64)
+        self._listener = bind_tcp(lambda: kvnetns.create_server(self.netns, (self.host, self.port), backlog=64),
+                                  self.host, self.port, "a decode worker's TCP KV listener",
+                                  "its kv_tcp_port (0, the default, takes any free port)")
         self.port = self._listener.getsockname()[1]
         self._acceptor = threading.Thread(target=self._accept_loop, args=(self._listener,),
                                           name=f"kv-tcp-accept-{self.port}", daemon=True)

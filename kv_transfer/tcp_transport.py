@@ -23,15 +23,15 @@ from typing import Sequence
 
 import torch
 
-from kv_transfer import codec as kvcodec
-from kv_transfer import netns as kvnetns
-from kv_transfer import tcp_protocol as proto
-from kv_transfer import wire
-from kv_transfer.errors import KVTransferError
-from kv_transfer.malloc_tuning import keep_large_buffers
-from kv_transfer.meter import BandwidthMeter
-from kv_transfer.throttle import TokenBucket
-from kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
+from pdcluster.kv_transfer import codec as kvcodec
+from pdcluster.kv_transfer import netns as kvnetns
+from pdcluster.kv_transfer import tcp_protocol as proto
+from pdcluster.kv_transfer import wire
+from pdcluster.kv_transfer.errors import KVTransferError
+from pdcluster.kv_transfer.malloc_tuning import keep_large_buffers
+from pdcluster.kv_transfer.meter import BandwidthMeter
+from pdcluster.kv_transfer.throttle import TokenBucket
+from pdcluster.kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
 
 _END, _CANCEL, _STOP, _PROBE = object(), object(), object(), object()  # besides (sender, layer, first, k, v)
 PROBE_BYTES = 4 << 20  # default size of an idle-link probe

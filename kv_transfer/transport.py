@@ -95,7 +95,7 @@ def check_send(dst: Sequence[int], layer: int, first: int, k_blocks: torch.Tenso
                max_frame_payload: int, what: str) -> int:
     """Validate one send_layer call against the reservation; returns the block count n.
     A frame must hold at least one whole K+V block (max_frame_payload bytes, headers excluded)."""
-    from kv_transfer import wire
+    from pdcluster.kv_transfer import wire
     n = k_blocks.shape[0] if k_blocks.dim() else 0
     if layer < 0 or first < 0 or first + n > len(dst):
         raise ValueError(f"layer {layer}, blocks [{first}, {first + n}) outside the {len(dst)} reserved blocks")

@@ -49,8 +49,8 @@ import msgpack
 import numpy as np
 import torch
 
-from kv_transfer import codec as kvcodec
-from kv_transfer.errors import DataLoss, MalformedFrame
+from pdcluster.kv_transfer import codec as kvcodec
+from pdcluster.kv_transfer.errors import DataLoss, MalformedFrame
 
 MAGIC = b"PDKV"
 VERSION = 1

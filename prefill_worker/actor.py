@@ -6,15 +6,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import ray
 
-from engine.sampling_params import SamplingParams
+from pdcluster.engine.sampling_params import SamplingParams
 
 
 class PrefillActor:
     def __init__(self, worker_id: str, engine_kwargs: dict, num_threads: int, worker_kwargs: dict):
         import torch
 
-        from engine.llm_engine import LLMEngine, build_config
-        from prefill_worker.worker import PrefillWorker
+        from pdcluster.engine.llm_engine import LLMEngine, build_config
+        from pdcluster.prefill_worker.worker import PrefillWorker
         torch.set_num_threads(num_threads)
         engine = LLMEngine(build_config(**engine_kwargs, num_threads=num_threads))
         if worker_kwargs.pop("bind_node_ip", False):  # multi-node: decode workers reach this node's IP
@@ -24,7 +24,7 @@ class PrefillActor:
 
     async def prefill(self, request_id: str, prompt_ids: list[int], params: dict, dest: dict | None,
                       cache_salt: str | None = None) -> dict:
-        from prefill_worker.worker import KVDestination
+        from pdcluster.prefill_worker.worker import KVDestination
         d = KVDestination(**dest) if dest else None
         return await asyncio.get_running_loop().run_in_executor(
             self.pool, self.worker.prefill, request_id, prompt_ids, SamplingParams(**params), d, cache_salt)
@@ -49,7 +49,7 @@ def spawn(worker_id: str, engine_kwargs: dict, num_threads: int, use_gpu: bool =
           **worker_kwargs):
     """A worker actor; Ray restarts it up to max_restarts times after a crash (same arguments, fresh
     process: the router sees a new incarnation and re-registers it)."""
-    from deploy.worker_options import actor_options
+    from pdcluster.deploy.worker_options import actor_options
     opts = actor_options("prefill", worker_id, num_threads, use_gpu, max_restarts)
     return ray.remote(PrefillActor).options(**opts).remote(
         worker_id, engine_kwargs, num_threads, worker_kwargs)

@@ -17,13 +17,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from engine.block_events import BlockEventLog
-from engine.engine_thread import EngineThread
-from engine.llm_engine import LLMEngine, StepOutput
-from engine.sampling_params import SamplingParams
-from kv_transfer import (BandwidthMeter, GrpcKVTransport, KVTransferError, LayerwiseSender, MooncakeKVTransport,
+from pdcluster.engine.block_events import BlockEventLog
+from pdcluster.engine.engine_thread import EngineThread
+from pdcluster.engine.llm_engine import LLMEngine, StepOutput
+from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.kv_transfer import (BandwidthMeter, GrpcKVTransport, KVTransferError, LayerwiseSender, MooncakeKVTransport,
                          TcpKVTransport)
-from kv_transfer.codec_policy import CompressionPolicy, prefill_seconds
+from pdcluster.kv_transfer.codec_policy import CompressionPolicy, prefill_seconds
 
 # "mooncake" imports the mooncake package only when built (MooncakeUnavailable if it cannot)
 KV_TRANSPORTS = {"tcp": TcpKVTransport, "grpc": GrpcKVTransport, "mooncake": MooncakeKVTransport}

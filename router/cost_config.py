@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kv_transfer.codec_policy import CompressionPolicy   # pure Python, no torch
+from pdcluster.kv_transfer.codec_policy import CompressionPolicy   # pure Python, no torch
 
 
 # Wire sizes of kv_transfer/codec.py (which needs torch; the router must not import it). Pinned to

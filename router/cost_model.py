@@ -46,11 +46,11 @@ import time
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Iterable
 
-from kv_transfer.codec_policy import CompressionPolicy, prefill_seconds   # pure Python, no torch
-from router.cost_config import CostConfig, wire_bytes_per_token
-from router.placement import Decision, WorkerLoad
-from router.prefix_index import PrefixIndex
-from router.telemetry import LinkTable, RateEstimator, StepTimeModel, Telemetry, WorkerPerf
+from pdcluster.kv_transfer.codec_policy import CompressionPolicy, prefill_seconds   # pure Python, no torch
+from pdcluster.router.cost_config import CostConfig, wire_bytes_per_token
+from pdcluster.router.placement import Decision, WorkerLoad
+from pdcluster.router.prefix_index import PrefixIndex
+from pdcluster.router.telemetry import LinkTable, RateEstimator, StepTimeModel, Telemetry, WorkerPerf
 
 
 # the policy

@@ -14,16 +14,16 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 
-from engine.detokenizer import Detokenizer
-from engine.sampling_params import SamplingParams
-from router.metrics import RouterMetrics
-from engine.hashing import block_hashes
-from router.cost_model import CostConfig, Telemetry
-from router.placement import WorkerLoad
-from router.policies import DEFAULT_POLICY, make_policy
-from router.prefix_index import PrefixIndex
-from router.validate import InvalidRequest
-from router.errors import WorkerLost
+from pdcluster.engine.detokenizer import Detokenizer
+from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.router.metrics import RouterMetrics
+from pdcluster.engine.hashing import block_hashes
+from pdcluster.router.cost_model import CostConfig, Telemetry
+from pdcluster.router.placement import WorkerLoad
+from pdcluster.router.policies import DEFAULT_POLICY, make_policy
+from pdcluster.router.prefix_index import PrefixIndex
+from pdcluster.router.validate import InvalidRequest
+from pdcluster.router.errors import WorkerLost
 
 log = logging.getLogger(__name__)
 

@@ -36,6 +36,8 @@ from collections import deque
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from pdcluster.ports import bind_tcp
+
 # seconds
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
@@ -163,7 +165,8 @@ class RouterMetrics:
     def serve_http(self, host: str = "127.0.0.1", port: int = 9090) -> int:
         """Serve /metrics on host:port (0 = an ephemeral port) from a daemon thread; returns the port."""
         if self._http is None:
-            self._http = start_http_server(port, addr=host, registry=self.registry)
+            self._http = bind_tcp(lambda: start_http_server(port, addr=host, registry=self.registry), host, port,
+                                  "the router's Prometheus metrics", "--metrics-port (0 turns metrics off)")
         return self._http[0].server_port
 
     def stop_http(self) -> None:

@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from router.cost_model import CostConfig, CostModel, Telemetry, config_fields
-from router.placement import Decision, LeastLoaded, WorkerLoad
-from router.prefix_index import PrefixIndex
+from pdcluster.router.cost_model import CostConfig, CostModel, Telemetry, config_fields
+from pdcluster.router.placement import Decision, LeastLoaded, WorkerLoad
+from pdcluster.router.prefix_index import PrefixIndex
 
 DEFAULT_POLICY = "cost-model"
 

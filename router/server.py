@@ -12,10 +12,11 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from router.lifecycle import Overloaded, Router, Unavailable
-from router.proto import generation_pb2 as pb
-from router.proto import generation_pb2_grpc as pb_grpc
-from router.validate import InvalidRequest, parse_request
+from pdcluster.ports import GRPC_NO_REUSEPORT, bind_grpc
+from pdcluster.router.lifecycle import Overloaded, Router, Unavailable
+from pdcluster.router.proto import generation_pb2 as pb
+from pdcluster.router.proto import generation_pb2_grpc as pb_grpc
+from pdcluster.router.validate import InvalidRequest, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ class RouterServer:
                  auth=None, tls_cert: str | None = None, tls_key: str | None = None,
                  slow_reader_timeout_s: float = 30.0):
         self.router = router
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 2**20)],
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 * 2**20), GRPC_NO_REUSEPORT],
                                       interceptors=[AuthInterceptor(auth)] if auth else None)
         add_generation_service(GenerationServicer(router, model_name, vocab_size, auth, slow_reader_timeout_s),
                                                 self.server)
@@ -164,11 +165,9 @@ class RouterServer:
             if not (tls_cert and tls_key):
                 raise ValueError("TLS needs both --tls-cert and --tls-key")
             creds = grpc.ssl_server_credentials([(open(tls_key, "rb").read(), open(tls_cert, "rb").read())])
-            self.port = self.server.add_secure_port(f"{host}:{port}", creds)
         else:
-            self.port = self.server.add_insecure_port(f"{host}:{port}")
-        if self.port == 0:
-            raise RuntimeError(f"could not bind {host}:{port}")
+            creds = None
+        self.port = bind_grpc(self.server, host, port, "the router's gRPC endpoint", "--port", creds)
         self.host = host
 
     async def start(self) -> None:

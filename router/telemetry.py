@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from router.cost_config import CostConfig
-from router.placement import WorkerLoad
+from pdcluster.router.cost_config import CostConfig
+from pdcluster.router.placement import WorkerLoad
 
 
 class RateEstimator:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.sampling_params import SamplingParams
+from pdcluster.engine.sampling_params import SamplingParams
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_CHARS_PER_TOKEN = 64     # no token of a real vocab is longer: longer text can't fit, so it is
@@ -81,7 +81,7 @@ def parse_request(req, tokenizer, vocab_size: int, max_context: int) -> Parsed:
         for m in msgs:
             if m["role"] not in CHAT_ROLES:
                 raise InvalidRequest(f"chat.messages: unknown role {m['role']!r} (one of {', '.join(CHAT_ROLES)})")
-        from engine.tokenizer import apply_chat_template
+        from pdcluster.engine.tokenizer import apply_chat_template
         try:
             ids = apply_chat_template(tokenizer, msgs)
         except Exception as e:  # the template itself rejects the conversation

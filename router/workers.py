@@ -11,7 +11,7 @@ from typing import AsyncIterator
 
 import ray.exceptions
 
-from router.errors import WorkerLost
+from pdcluster.router.errors import WorkerLost
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from router.proto import generation_pb2 as router_dot_proto_dot_generation__pb2
+from pdcluster.router.proto import generation_pb2 as pdcluster_dot_router_dot_proto_dot_generation__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in router/proto/generation_pb2_grpc.py depends on'
+        + ' but the generated code in pdcluster/router/proto/generation_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,13 +36,13 @@ class GenerationStub:
         """
         self.Generate = channel.unary_stream(
                 '/pdcluster.v1.Generation/Generate',
-                request_serializer=router_dot_proto_dot_generation__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=router_dot_proto_dot_generation__pb2.GenerateResponse.FromString,
+                request_serializer=pdcluster_dot_router_dot_proto_dot_generation__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=pdcluster_dot_router_dot_proto_dot_generation__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/pdcluster.v1.Generation/GetModelInfo',
-                request_serializer=router_dot_proto_dot_generation__pb2.ModelInfoRequest.SerializeToString,
-                response_deserializer=router_dot_proto_dot_generation__pb2.ModelInfo.FromString,
+                request_serializer=pdcluster_dot_router_dot_proto_dot_generation__pb2.ModelInfoRequest.SerializeToString,
+                response_deserializer=pdcluster_dot_router_dot_proto_dot_generation__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -68,13 +68,13 @@ def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=router_dot_proto_dot_generation__pb2.GenerateRequest.FromString,
-                    response_serializer=router_dot_proto_dot_generation__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=pdcluster_dot_router_dot_proto_dot_generation__pb2.GenerateRequest.FromString,
+                    response_serializer=pdcluster_dot_router_dot_proto_dot_generation__pb2.GenerateResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=router_dot_proto_dot_generation__pb2.ModelInfoRequest.FromString,
-                    response_serializer=router_dot_proto_dot_generation__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=pdcluster_dot_router_dot_proto_dot_generation__pb2.ModelInfoRequest.FromString,
+                    response_serializer=pdcluster_dot_router_dot_proto_dot_generation__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -102,8 +102,8 @@ class Generation:
             request,
             target,
             '/pdcluster.v1.Generation/Generate',
-            router_dot_proto_dot_generation__pb2.GenerateRequest.SerializeToString,
-            router_dot_proto_dot_generation__pb2.GenerateResponse.FromString,
+            pdcluster_dot_router_dot_proto_dot_generation__pb2.GenerateRequest.SerializeToString,
+            pdcluster_dot_router_dot_proto_dot_generation__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -129,8 +129,8 @@ class Generation:
             request,
             target,
             '/pdcluster.v1.Generation/GetModelInfo',
-            router_dot_proto_dot_generation__pb2.ModelInfoRequest.SerializeToString,
-            router_dot_proto_dot_generation__pb2.ModelInfo.FromString,
+            pdcluster_dot_router_dot_proto_dot_generation__pb2.ModelInfoRequest.SerializeToString,
+            pdcluster_dot_router_dot_proto_dot_generation__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -37,7 +37,7 @@ def hf_ref():
 
 @pytest.fixture(scope="session")
 def llm():
-    from engine import LLM
+    from pdcluster.engine import LLM
     return LLM(dtype="float32", kv_cache_memory=256 * 2**20, max_num_seqs=32)
 
 
@@ -72,7 +72,7 @@ def cluster():
     prompts on the idle decode worker. Tests of the cost model swap it in (test_cluster.py)."""
     import asyncio
 
-    from deploy.launch import Cluster, ClusterConfig
+    from pdcluster.deploy.launch import Cluster, ClusterConfig
     loop = asyncio.new_event_loop()
     c = loop.run_until_complete(Cluster(ClusterConfig(port=0, kv_cache_memory=96 * 2**20,
                                                       policy="least-loaded")).start())

@@ -6,9 +6,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from engine import SamplingParams
-from router.proto import generation_pb2 as pb
-from router.proto import generation_pb2_grpc as pbg
+from pdcluster.engine import SamplingParams
+from pdcluster.router.proto import generation_pb2 as pb
+from pdcluster.router.proto import generation_pb2_grpc as pbg
 from tests.e2e.conftest import PROMPTS
 
 MAX_NEW = 16
@@ -201,8 +201,8 @@ def test_idle_link_probe_through_the_prefill_actor(cluster):
 
 
 def test_bench_serve_against_live_cluster(cluster, tmp_path):
-    from bench.datasets import build_dataset
-    from bench.serve import run_benchmark
+    from pdcluster.bench.datasets import build_dataset
+    from pdcluster.bench.serve import run_benchmark
     reqs = build_dataset({"dataset": "random", "num_prompts": 6, "input_len": 40, "output_len": 8,
                           "seed": 0, "ignore_eos": True}, 49152)
     res = cluster.run(run_benchmark(cluster.address, reqs, request_rate=float("inf"), burstiness=1.0,
@@ -257,8 +257,8 @@ def test_prometheus_metrics_move_with_a_request(cluster):
 
 
 def test_global_prefix_index_tracks_worker_caches_and_cost_model_places(cluster, llm):
-    from engine.hashing import block_hashes
-    from router.policies import make_policy
+    from pdcluster.engine.hashing import block_hashes
+    from pdcluster.router.policies import make_policy
     r = cluster.router
     ids = llm.tokenizer.encode(PROMPTS[15] * 3, add_special_tokens=False)
     hashes = block_hashes(ids, 16)
@@ -289,7 +289,7 @@ def test_global_prefix_index_tracks_worker_caches_and_cost_model_places(cluster,
 
 
 def test_workers_that_cannot_be_placed_fail_clearly_instead_of_hanging(cluster):
-    from deploy.launch import Cluster, ClusterConfig
+    from pdcluster.deploy.launch import Cluster, ClusterConfig
     # the session cluster holds every pool resource and this host has no GPU: nothing can be placed
     c2 = Cluster(ClusterConfig(port=0, use_gpu=True, start_timeout_s=3, kv_cache_memory=32 * 2**20))
     with pytest.raises(RuntimeError, match="did not start within 3s"):

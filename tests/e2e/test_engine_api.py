@@ -1,7 +1,7 @@
 """Offline API behaviour: validation, sampling determinism, stop handling, detokenization."""
 import pytest
 
-from engine import SamplingParams
+from pdcluster.engine import SamplingParams
 
 
 @pytest.mark.parametrize("prompt, params, field", [

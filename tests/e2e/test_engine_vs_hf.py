@@ -1,7 +1,7 @@
 """Greedy output of the engine vs transformers (float32, embedded model), under every scheduler path."""
 import pytest
 
-from engine import LLM, SamplingParams
+from pdcluster.engine import LLM, SamplingParams
 
 from tests.e2e.conftest import PROMPTS, check_top5, hf_greedy
 
@@ -42,7 +42,7 @@ def test_prefix_cache_hits_give_same_tokens(llm, hf_ref, refs):
 
 
 def test_chunked_prefill_of_long_prompt(hf_ref):
-    from engine.loader import load_model_config  # noqa: F401  (same model as the fixture)
+    from pdcluster.engine.loader import load_model_config  # noqa: F401  (same model as the fixture)
     small = LLM(kv_cache_memory=64 * 2**20, max_num_batched_tokens=48, enable_prefix_caching=False)
     prompt = small.tokenizer.encode(" ".join(PROMPTS), add_special_tokens=False)
     assert len(prompt) > 3 * 48

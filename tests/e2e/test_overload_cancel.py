@@ -5,8 +5,8 @@ import time
 
 import grpc
 
-from router.proto import generation_pb2 as pb
-from router.proto import generation_pb2_grpc as pbg
+from pdcluster.router.proto import generation_pb2 as pb
+from pdcluster.router.proto import generation_pb2_grpc as pbg
 from tests.e2e.test_cluster import collect, greedy, idle_pools
 
 

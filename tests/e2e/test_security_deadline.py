@@ -6,10 +6,10 @@ import time
 import grpc
 import pytest
 
-from router.auth import TokenAuth
-from router.proto import generation_pb2 as pb
-from router.proto import generation_pb2_grpc as pbg
-from router.server import RouterServer
+from pdcluster.router.auth import TokenAuth
+from pdcluster.router.proto import generation_pb2 as pb
+from pdcluster.router.proto import generation_pb2_grpc as pbg
+from pdcluster.router.server import RouterServer
 from tests.e2e.test_cluster import idle_pools
 
 TOKENS = {"alice": "alice-secret-token-0001", "bob": "bob-secret-token-00002"}
@@ -113,7 +113,7 @@ def test_internal_kv_endpoint_requires_the_cluster_secret(cluster):
     (serve generates one when --cluster-secret-file is not given); nothing lands, nothing leaks."""
     import torch
 
-    from kv_transfer import KVTransferError, TcpKVTransport
+    from pdcluster.kv_transfer import KVTransferError, TcpKVTransport
     st = cluster.run(cluster.worker_status())
     dec = next(s for s in st.values() if s["role"] == "decode")
     assert dec["kv_address"].startswith("127.0.0.1:")

@@ -2,8 +2,8 @@
 import asyncio
 from contextlib import contextmanager
 
-from deploy.launch import Cluster, ClusterConfig
-from engine import LLM, SamplingParams
+from pdcluster.deploy.launch import Cluster, ClusterConfig
+from pdcluster.engine import LLM, SamplingParams
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from router.proto import generation_pb2 as pb
+from pdcluster.router.proto import generation_pb2 as pb
 from tests.faults.clusters import running_cluster
 
 GENERATE = "/pdcluster.v1.Generation/Generate"

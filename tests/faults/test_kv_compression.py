@@ -4,11 +4,11 @@ check_top5, with transformers' own load of the embedded model as the judge of ne
 fewer bytes."""
 import pytest
 
-from decode_worker.worker import DecodeWorker
-from engine.llm_engine import LLMEngine, build_config
-from engine.sampling_params import SamplingParams
-from kv_transfer.codec_policy import CompressionPolicy
-from prefill_worker.worker import KVDestination, PrefillWorker
+from pdcluster.decode_worker.worker import DecodeWorker
+from pdcluster.engine.llm_engine import LLMEngine, build_config
+from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.kv_transfer.codec_policy import CompressionPolicy
+from pdcluster.prefill_worker.worker import KVDestination, PrefillWorker
 from tests.e2e.conftest import PROMPTS, check_top5
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)

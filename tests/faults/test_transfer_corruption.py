@@ -6,11 +6,11 @@ import threading
 
 import pytest
 
-from decode_worker.worker import DecodeWorker
-from engine.llm_engine import LLMEngine, build_config
-from engine.sampling_params import SamplingParams
-from kv_transfer import KVTransferError
-from prefill_worker.worker import KVDestination, PrefillWorker
+from pdcluster.decode_worker.worker import DecodeWorker
+from pdcluster.engine.llm_engine import LLMEngine, build_config
+from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.kv_transfer import KVTransferError
+from pdcluster.prefill_worker.worker import KVDestination, PrefillWorker
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 

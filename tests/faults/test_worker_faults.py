@@ -7,8 +7,8 @@ import grpc
 import pytest
 import ray
 
-from router.proto import generation_pb2 as pb
-from router.proto import generation_pb2_grpc as pbg
+from pdcluster.router.proto import generation_pb2 as pb
+from pdcluster.router.proto import generation_pb2_grpc as pbg
 from tests.faults.clusters import greedy_reference, running_cluster
 
 N = 16

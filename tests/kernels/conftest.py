@@ -1,6 +1,6 @@
 """Kernel tests: every Triton kernel against its torch reference, on CPU under TRITON_INTERPRET=1.
 
-Run: TRITON_INTERPRET=1 .venv/bin/python -m pytest -q tests/kernels
+Run: .venv/bin/pytest -q tests/kernels
 Inputs are fresh random per test; the seed is printed (shown on failure) and can be pinned with
 KERNEL_TEST_SEED=<n>.  Launcher-allocated outputs are poisoned (NaN / -128) for every test.
 """
@@ -9,16 +9,9 @@ import os
 import pytest
 import torch
 
-# @triton.jit picks interpreted kernels when TRITON_INTERPRET=1 at decoration time (the first
-# `import kernels`), and Triton reads it again while interpreting, so it stays set for the session.
-# Only on hosts without a GPU: there the engine runs the torch references whatever the variable
-# says, so processes started later in a whole-tree run (Ray workers of tests/e2e) are unaffected.
-# On a GPU host the tests below run the compiled kernels on CUDA instead.  If `kernels` was
-# imported before this file without the variable, the `device` fixture skips with the reason.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import kernels._triton as kt  # noqa: E402
+# TRITON_INTERPRET=1 is set by tests/conftest.py on hosts without a GPU, before any kernel file is
+# imported; on a GPU host these tests run the compiled kernels on CUDA instead.
+import pdcluster.kernels._triton as kt
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from .kernel_testlib import assert_rel, gather_seq, make_paged, naive_attention
 
-from kernels import paged_decode_attention, paged_decode_attention_ref
+from pdcluster.kernels import paged_decode_attention, paged_decode_attention_ref
 
 KVH, D = 2, 32
 # ragged, none a multiple of 16 or 32 except 64; 1 = a one-token sequence; 0 = an empty slot

@@ -2,13 +2,13 @@
 chunked prefill, a prefix-cache hit and batched decodes. A tiny random Llama keeps the interpreter quick."""
 import torch
 
-from engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from engine.kv_cache_manager import KVCacheManager
-from engine.llama import LlamaModel
-from engine.model_runner import ModelRunner
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from pdcluster.engine.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdcluster.engine.kv_cache_manager import KVCacheManager
+from pdcluster.engine.llama import LlamaModel
+from pdcluster.engine.model_runner import ModelRunner
+from pdcluster.engine.request import Request
+from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.engine.scheduler import Scheduler
 
 CFG = ModelConfig(name="tiny", path="-", vocab_size=96, hidden_size=48, intermediate_size=64, num_layers=2,
                   num_heads=6, num_kv_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True)

@@ -3,7 +3,7 @@ int8/fp8 within the documented quantization error."""
 import pytest
 import torch
 
-from kernels import pack_kv, pack_kv_ref, unpack_kv, unpack_kv_ref
+from pdcluster.kernels import pack_kv, pack_kv_ref, unpack_kv, unpack_kv_ref
 
 KVH, D, NUM_BLOCKS = 3, 16, 12
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from .kernel_testlib import assert_rel, gather_seq, make_paged, naive_attention
 
-from kernels import paged_decode_attention, paged_prefill_attention, paged_prefill_attention_ref
+from pdcluster.kernels import paged_decode_attention, paged_prefill_attention, paged_prefill_attention_ref
 
 KVH, D = 2, 32
 # (cached prefix, new tokens): fresh prompt, prefix + chunk crossing blocks, one new token after a

@@ -3,7 +3,7 @@ import pytest
 import torch
 from .kernel_testlib import assert_rel
 
-from kernels import rms_norm, rms_norm_ref
+from pdcluster.kernels import rms_norm, rms_norm_ref
 
 
 @pytest.mark.parametrize("hidden", [576, 64])                # SmolLM2 width (not a power of 2)

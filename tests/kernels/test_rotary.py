@@ -3,7 +3,7 @@ import pytest
 import torch
 from .kernel_testlib import assert_rel
 
-from kernels import rotary_embedding, rotary_embedding_ref
+from pdcluster.kernels import rotary_embedding, rotary_embedding_ref
 
 
 def _cos_sin_cache(max_pos, rot_dim, base=10000.0):

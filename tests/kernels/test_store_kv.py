@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import store_kv, store_kv_ref
+from pdcluster.kernels import store_kv, store_kv_ref
 
 D = 32
 

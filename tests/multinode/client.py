@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router.proto import generation_pb2 as pb
-from router.proto import generation_pb2_grpc as pbg
+from pdcluster.router.proto import generation_pb2 as pb
+from pdcluster.router.proto import generation_pb2_grpc as pbg
 
 
 @dataclass

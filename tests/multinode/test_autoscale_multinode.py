@@ -18,15 +18,15 @@ The router runs in this process (the driver). Each worker runs 1 torch thread. B
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 
 import grpc
 import pytest
 
-from deploy.pools import parse_pools_config
-from router.proto import generation_pb2_grpc as pbg
+from pdcluster.deploy.pools import parse_pools_config
+from pdcluster.router.proto import generation_pb2_grpc as pbg
+from pdcluster.deploy.ray_env import runtime_env
 from tests.e2e.conftest import PROMPTS
 from tests.multinode.client import generate
 
@@ -60,9 +60,7 @@ def ray_nodes():
         nodes.add_node(num_cpus=1, resources={"prefill_pool": 1})
         nodes.add_node(num_cpus=1, resources={"prefill_pool": 1})
         nodes.wait_for_nodes()
-        ray.init(address=nodes.address, log_to_driver=False,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-                                           "TOKENIZERS_PARALLELISM": "false"}})
+        ray.init(address=nodes.address, log_to_driver=False, runtime_env=runtime_env())
         yield nodes
     finally:
         ray.shutdown()
@@ -82,8 +80,8 @@ def long_prompts(tok) -> list[list[int]]:
 def test_prefill_pool_grows_under_a_burst_serves_and_shrinks_back(ray_nodes):
     from dataclasses import replace
 
-    from deploy.launch import Cluster, ClusterConfig
-    from engine import LLM, SamplingParams
+    from pdcluster.deploy.launch import Cluster, ClusterConfig
+    from pdcluster.engine import LLM, SamplingParams
 
     serve = parse_pools_config(POOLS_YAML, "test-pools.yaml")
     cfg = replace(ClusterConfig(**serve.to_cluster_kwargs()), port=0, metrics_port=0, kv_cache_memory=64 * 2**20,

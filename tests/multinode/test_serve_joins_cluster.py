@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from router.proto import generation_pb2_grpc as pbg
+from pdcluster.router.proto import generation_pb2_grpc as pbg
 from tests.multinode.client import generate
 
 BIN = Path(sys.executable).parent
@@ -92,7 +92,7 @@ def ray_head():
 
 
 def test_serve_address_auto_joins_ray_start_head(ray_head):
-    from engine import LLM, SamplingParams
+    from pdcluster.engine import LLM, SamplingParams
     llm = LLM(dtype="float32", kv_cache_memory=32 * 2**20, max_num_seqs=1)
     ids = llm.tokenizer.encode(PROMPT, add_special_tokens=False)
     [want] = [o.token_ids for o in llm.generate([ids], SamplingParams(max_tokens=MAX_NEW, temperature=0))]

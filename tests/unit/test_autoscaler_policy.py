@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.pools import load_pools_config
-from router.autoscaler import Decision, PoolAutoscaler, PoolMetrics, PoolPolicy, ScalingRule, signal_value
+from pdcluster.deploy.pools import load_pools_config
+from pdcluster.router.autoscaler import Decision, PoolAutoscaler, PoolMetrics, PoolPolicy, ScalingRule, signal_value
 
 TARGET = 1000.0         # queued prompt tokens per replica
 RULE = ScalingRule(signal="queued_prompt_tokens_per_replica", target=TARGET, min_replicas=1, max_replicas=8,
@@ -244,7 +244,7 @@ def test_loop_scales_both_pools_and_counts(caplog):
     c, clock = FakeCluster(), Clock()
     a = PoolAutoscaler(RULES, c.read_metrics, c.add, c.drain, clock=clock)
     c.queued, c.kv = 3500, 2.0        # prefill 3.5x target on 1 replica; decode wants ~2.5 replicas
-    caplog.set_level(logging.INFO, logger="router.autoscaler")
+    caplog.set_level(logging.INFO, logger="pdcluster.router.autoscaler")
     asyncio.run(drive(a, clock, 300))
     assert c.replicas == {"prefill": 5, "decode": 3}
     assert a.replicas_added == {"prefill": 4, "decode": 2} and not a.replicas_removed and not a.action_errors
@@ -306,7 +306,7 @@ def test_loop_counts_failed_actions_and_does_not_hammer(caplog):
     a = PoolAutoscaler({"prefill": replace(RULE, upscale_delay_s=0, max_step=2)}, c.read_metrics, broken_add,
                        c.drain, clock=clock)
     c.queued = 10**6
-    caplog.set_level(logging.WARNING, logger="router.autoscaler")
+    caplog.set_level(logging.WARNING, logger="pdcluster.router.autoscaler")
     asyncio.run(drive(a, clock, 100))
     assert a.action_errors["prefill"] == 4 and not a.replicas_added     # two actions (t=0, t=60), 2 calls each
     assert c.replicas["prefill"] == 1

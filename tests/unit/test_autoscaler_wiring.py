@@ -8,12 +8,12 @@ import math
 
 import pytest
 
-from deploy.pools import load_pools_config, parse_pools_config
-from router.autoscaler import Decision, PoolAutoscaler, PoolMetrics, ScalingRule, pool_metrics
-from router.lifecycle import Pools, Router, RouterConfig
-from router.metrics import RecentWindow, RouterMetrics
-from router.placement import WorkerLoad
-from router.policies import POLICY_NAMES, make_policy
+from pdcluster.deploy.pools import load_pools_config, parse_pools_config
+from pdcluster.router.autoscaler import Decision, PoolAutoscaler, PoolMetrics, ScalingRule, pool_metrics
+from pdcluster.router.lifecycle import Pools, Router, RouterConfig
+from pdcluster.router.metrics import RecentWindow, RouterMetrics
+from pdcluster.router.placement import WorkerLoad
+from pdcluster.router.policies import POLICY_NAMES, make_policy
 from tests.unit.test_pools_config import SHIPPED
 
 
@@ -166,7 +166,7 @@ def test_loop_reports_to_its_observer_and_logs_hold_causes_once(caplog):
     queued = [0]
     a = PoolAutoscaler({"prefill": rule}, lambda: {"prefill": PoolMetrics(n["prefill"], queued[0])},
                        lambda p: n.__setitem__(p, n[p] + 1), lambda p: None, clock=lambda: 0.0, observer=Observer())
-    caplog.set_level(logging.INFO, logger="router.autoscaler")
+    caplog.set_level(logging.INFO, logger="pdcluster.router.autoscaler")
 
     async def go():
         for q in (0, 0, 0, 500):
@@ -182,7 +182,7 @@ def test_loop_reports_to_its_observer_and_logs_hold_causes_once(caplog):
 
 
 def test_every_decision_names_a_known_cause():
-    from router.autoscaler import CAUSES, PoolPolicy
+    from pdcluster.router.autoscaler import CAUSES, PoolPolicy
     rule = ScalingRule("queued_prompt_tokens_per_replica", 100.0, 1, 3, upscale_delay_s=10, downscale_delay_s=10,
                        cooldown_s=30)
     pol, causes = PoolPolicy("prefill", rule), set()

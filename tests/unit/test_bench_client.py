@@ -9,10 +9,10 @@ import grpc
 import numpy as np
 import pytest
 
-from bench.datasets import BenchRequest, build_dataset
-from bench.serve import arrival_offsets, longest_context, run_benchmark
-from router.proto import generation_pb2 as pb
-from router.proto import generation_pb2_grpc as pb_grpc
+from pdcluster.bench.datasets import BenchRequest, build_dataset
+from pdcluster.bench.serve import arrival_offsets, longest_context, run_benchmark
+from pdcluster.router.proto import generation_pb2 as pb
+from pdcluster.router.proto import generation_pb2_grpc as pb_grpc
 
 FIRST_DELAY_S = 0.05  # before the first token
 TOKEN_DELAY_S = 0.02  # between later tokens
@@ -162,7 +162,7 @@ def test_cli_writes_json_and_table(tmp_path):
     async def body():
         async with scripted_server() as (addr, _):
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "bench.serve", "--addr", addr, "--num-prompts", "3", "--input-len", "5",
+                sys.executable, "-m", "pdcluster.bench.serve", "--addr", addr, "--num-prompts", "3", "--input-len", "5",
                 "--output-len", "2", "--request-rate", "50", "--burstiness", "0.5", "--goodput", "ttft:60000",
                 "--disable-tqdm", "--out", str(out), stdout=asyncio.subprocess.PIPE)
             stdout, _ = await proc.communicate()

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-from bench import serve
-from bench.datasets import BenchRequest, build_dataset
-from bench.metrics import StreamRecorder, calculate_metrics, format_table, parse_goodput
-from bench.plots import plot_comparison
-from router.proto import generation_pb2 as pb
+from pdcluster.bench import serve
+from pdcluster.bench.datasets import BenchRequest, build_dataset
+from pdcluster.bench.metrics import StreamRecorder, calculate_metrics, format_table, parse_goodput
+from pdcluster.bench.plots import plot_comparison
+from pdcluster.router.proto import generation_pb2 as pb
 
 VOCAB = 1000
 

@@ -1,11 +1,11 @@
 """BlockPool / KVCacheManager bookkeeping with tiny pools and exact block ids (no torch)."""
 import pytest
 
-from engine.block_pool import BlockPool
-from engine.hashing import block_hashes, hash_block
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request
-from engine.sampling_params import SamplingParams
+from pdcluster.engine.block_pool import BlockPool
+from pdcluster.engine.hashing import block_hashes, hash_block
+from pdcluster.engine.kv_cache_manager import KVCacheManager
+from pdcluster.engine.request import Request
+from pdcluster.engine.sampling_params import SamplingParams
 
 
 def req(tokens, salt=None, bs=4):

@@ -14,8 +14,8 @@ import yaml
 import ray
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from deploy.local_start import HostEntry, find_this_host, load_host_map, main, parse_host_map, ray_start_argv
-from deploy.pools import load_pools_config
+from pdcluster.deploy.local_start import HostEntry, find_this_host, load_host_map, main, parse_host_map, ray_start_argv
+from pdcluster.deploy.pools import load_pools_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -151,7 +151,7 @@ def test_local_start_commands_use_the_synced_map():
     [(remote, local)] = cfg["file_mounts"].items()
     assert (ROOT / local / "deploy" / "local-hosts.yaml").is_file()
     for key, role in (("head_start_ray_commands", "--head"), ("worker_start_ray_commands", "--address")):
-        [cmd] = [c for c in cfg[key] if "deploy.local_start" in c]
+        [cmd] = [c for c in cfg[key] if "pdcluster.deploy.local_start" in c]
         assert f"--map {remote}/deploy/local-hosts.yaml" in cmd and role in cmd
     assert any("pdcluster serve --config" in c and "--address auto" in c for c in cfg["head_start_ray_commands"])
 

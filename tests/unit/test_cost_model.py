@@ -4,11 +4,11 @@ from dataclasses import replace
 
 import pytest
 
-from engine.hashing import block_hashes
-from kv_transfer.meter import BandwidthMeter
-from router.cost_model import CostConfig, CostModel, RateEstimator, StepTimeModel, Telemetry
-from router.placement import WorkerLoad
-from router.prefix_index import PrefixIndex
+from pdcluster.engine.hashing import block_hashes
+from pdcluster.kv_transfer.meter import BandwidthMeter
+from pdcluster.router.cost_model import CostConfig, CostModel, RateEstimator, StepTimeModel, Telemetry
+from pdcluster.router.placement import WorkerLoad
+from pdcluster.router.prefix_index import PrefixIndex
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -249,7 +249,7 @@ def test_threshold_sweep_moves_with_bandwidth_queue_and_load():
 
 
 def test_router_registers_each_workers_zone_and_prices_cross_zone_links_apart():
-    from router.lifecycle import Pools, Router, RouterConfig
+    from pdcluster.router.lifecycle import Pools, Router, RouterConfig
 
     class Client:
         def __init__(self, wid):
@@ -268,9 +268,9 @@ def test_router_registers_each_workers_zone_and_prices_cross_zone_links_apart():
 def test_wire_bytes_per_token_matches_the_codec_and_its_policy():
     import torch
 
-    from kv_transfer import codec as kvcodec
-    from kv_transfer import codec_policy
-    from router import cost_config as cmod
+    from pdcluster.kv_transfer import codec as kvcodec
+    from pdcluster.kv_transfer import codec_policy
+    from pdcluster.router import cost_config as cmod
 
     for mode in codec_policy.MODES:      # the router takes exactly the workers' modes
         assert cmod.CostConfig(kv_compression=mode).kv_compression == mode
@@ -292,7 +292,7 @@ def test_wire_bytes_per_token_matches_the_codec_and_its_policy():
 
 
 def test_for_model_carries_the_kv_geometry_and_compression():
-    from engine.config import ModelConfig
+    from pdcluster.engine.config import ModelConfig
     m = ModelConfig(name="m", path="", vocab_size=10, hidden_size=64, intermediate_size=128, num_layers=4,
                     num_heads=4, num_kv_heads=2, head_dim=16)
     c = CostConfig.for_model(m, 2, 8, kv_compression="fp8")
@@ -320,7 +320,7 @@ def test_int8_prices_the_transfer_at_its_wire_bytes_and_can_flip_local_to_remote
 
 
 def test_auto_prices_what_the_prefill_workers_policy_picks():
-    from kv_transfer.codec_policy import CompressionPolicy
+    from pdcluster.kv_transfer.codec_policy import CompressionPolicy
 
     policy = CompressionPolicy("auto")
     cm = CostModel(cfg(kv_compression="auto", cross_zone_bps=5e7))

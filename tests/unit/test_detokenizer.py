@@ -2,9 +2,9 @@
 decode, stop strings cut and never partly emitted."""
 import pytest
 
-from engine.detokenizer import Detokenizer
-from engine.loader import load_model_config
-from engine.tokenizer import load_tokenizer
+from pdcluster.engine.detokenizer import Detokenizer
+from pdcluster.engine.loader import load_model_config
+from pdcluster.engine.tokenizer import load_tokenizer
 
 TEXTS = ["Hello, world! Ünïcödé façade — naïve café.", "日本語のテキストと絵文字 🎉🚀👍 mixed in.",
          "  leading spaces\n\tand tabs, then 123,456.78"]

@@ -6,13 +6,13 @@ import msgpack
 import pytest
 import torch
 
-from kernels.pack_kv import pack_kv_ref
-from kv_transfer import (BandwidthMeter, GrpcKVTransport, KVReceiver, KVServer, KVTcpServer, TcpKVTransport,
+from pdcluster.kernels.pack_kv import pack_kv_ref
+from pdcluster.kv_transfer import (BandwidthMeter, GrpcKVTransport, KVReceiver, KVServer, KVTcpServer, TcpKVTransport,
                          TransferState, cache_writer, wire)
-from kv_transfer import codec as kvcodec
-from kv_transfer import tcp_protocol as proto
-from kv_transfer.codec_policy import AUTO_CODEC, CompressionPolicy, prefill_seconds
-from kv_transfer.errors import DataLoss, MalformedFrame
+from pdcluster.kv_transfer import codec as kvcodec
+from pdcluster.kv_transfer import tcp_protocol as proto
+from pdcluster.kv_transfer.codec_policy import AUTO_CODEC, CompressionPolicy, prefill_seconds
+from pdcluster.kv_transfer.errors import DataLoss, MalformedFrame
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -7,9 +7,9 @@ import grpc
 import pytest
 import torch
 
-from kv_transfer import (BandwidthMeter, GrpcKVTransport, KVReceiver, KVServer, KVTransferError,
+from pdcluster.kv_transfer import (BandwidthMeter, GrpcKVTransport, KVReceiver, KVServer, KVTransferError,
                          TransferState, cache_writer, wire)
-from kv_transfer.loop_thread import shared_loop
+from pdcluster.kv_transfer.loop_thread import shared_loop
 
 # received frames are read-only bytes viewed by torch; wire.py silences this outside pytest
 pytestmark = [pytest.mark.timeout(60), pytest.mark.filterwarnings("ignore:The given buffer is not writable")]

@@ -3,8 +3,8 @@ import threading
 
 import pytest
 
-from kv_transfer.meter import BandwidthMeter
-from kv_transfer.throttle import TokenBucket
+from pdcluster.kv_transfer.meter import BandwidthMeter
+from pdcluster.kv_transfer.throttle import TokenBucket
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from kv_transfer import KVReceiver, KVTransferError, TransferState, cache_writer
-from kv_transfer import mooncake_engine
-from kv_transfer.mooncake_arena import ArenaFull, SlotPool
+from pdcluster.kv_transfer import KVReceiver, KVTransferError, TransferState, cache_writer
+from pdcluster.kv_transfer import mooncake_engine
+from pdcluster.kv_transfer.mooncake_arena import ArenaFull, SlotPool
 
 UNAVAILABLE = mooncake_engine.available()
 needs_mooncake = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"{UNAVAILABLE}")
@@ -29,7 +29,7 @@ def wait_until(cond, timeout=10.0):
 
 # no mooncake needed
 def test_unavailable_is_a_clear_error(monkeypatch):
-    from prefill_worker.worker import KV_TRANSPORTS
+    from pdcluster.prefill_worker.worker import KV_TRANSPORTS
 
     def missing():
         raise mooncake_engine.MooncakeUnavailable(
@@ -40,7 +40,7 @@ def test_unavailable_is_a_clear_error(monkeypatch):
 
 
 def test_other_transports_do_not_import_mooncake():
-    code = ("import sys, kv_transfer, prefill_worker.worker, decode_worker.worker; "
+    code = ("import sys, pdcluster.kv_transfer, pdcluster.prefill_worker.worker, pdcluster.decode_worker.worker; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mooncake'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -63,7 +63,7 @@ def test_slot_pool_back_pressure_and_stop():
 
 
 def test_host_is_the_env_override_then_the_given_host_then_loopback(monkeypatch):
-    from kv_transfer.mooncake_transport import HOST_ENV, mooncake_host
+    from pdcluster.kv_transfer.mooncake_transport import HOST_ENV, mooncake_host
     monkeypatch.delenv(HOST_ENV, raising=False)
     assert mooncake_host() == "127.0.0.1" and mooncake_host("10.0.0.5") == "10.0.0.5"
     monkeypatch.setenv(HOST_ENV, "192.168.7.7")
@@ -73,8 +73,8 @@ def test_host_is_the_env_override_then_the_given_host_then_loopback(monkeypatch)
 def test_prefill_worker_gives_mooncake_its_kv_host(monkeypatch):
     """The worker hands kv_host to the Mooncake transport as `host` (a stand-in transport here, so no
     mooncake package is needed); the push transports listen nowhere and get none."""
-    from engine.llm_engine import LLMEngine, build_config
-    from prefill_worker import worker as pw
+    from pdcluster.engine.llm_engine import LLMEngine, build_config
+    from pdcluster.prefill_worker import worker as pw
     seen = []
 
     class StandIn:
@@ -98,14 +98,14 @@ def test_prefill_actor_binds_mooncake_to_its_node_ip_on_a_multi_node_cluster(mon
     the actor wrapper; without it the worker gets no kv_host (loopback)."""
     import ray
 
-    import engine.llm_engine
-    import prefill_worker.worker
-    from prefill_worker.actor import PrefillActor
+    import pdcluster.engine.llm_engine as llm_engine_mod
+    import pdcluster.prefill_worker.worker as prefill_worker_mod
+    from pdcluster.prefill_worker.actor import PrefillActor
     made = []
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.9.8.7")
-    monkeypatch.setattr(engine.llm_engine, "build_config", lambda **kw: kw)
-    monkeypatch.setattr(engine.llm_engine, "LLMEngine", lambda cfg: "engine")
-    monkeypatch.setattr(prefill_worker.worker, "PrefillWorker", lambda wid, eng, **kw: made.append(kw))
+    monkeypatch.setattr(llm_engine_mod, "build_config", lambda **kw: kw)
+    monkeypatch.setattr(llm_engine_mod, "LLMEngine", lambda cfg: "engine")
+    monkeypatch.setattr(prefill_worker_mod, "PrefillWorker", lambda wid, eng, **kw: made.append(kw))
     for bind in (True, False):
         actor = PrefillActor("p", {}, torch.get_num_threads(), dict(transport="mooncake", bind_node_ip=bind))
         actor.pool.shutdown()
@@ -117,8 +117,8 @@ def test_prefill_actor_binds_mooncake_to_its_node_ip_on_a_multi_node_cluster(mon
 def link():
     if UNAVAILABLE is not None:
         pytest.skip(UNAVAILABLE)
-    from kv_transfer.mooncake_server import MooncakeKVServer
-    from kv_transfer.mooncake_transport import MooncakeKVTransport
+    from pdcluster.kv_transfer.mooncake_server import MooncakeKVServer
+    from pdcluster.kv_transfer.mooncake_transport import MooncakeKVTransport
     kc = [torch.zeros(BLOCKS, *BLOCK) for _ in range(LAYERS)]
     vc = [torch.zeros(BLOCKS, *BLOCK) for _ in range(LAYERS)]
     receiver = KVReceiver()
@@ -195,7 +195,7 @@ def test_prefill_abort_fails_the_reservation_and_frees_the_arena(link):
 
 @needs_mooncake
 def test_wrong_secret_is_refused(link):
-    from kv_transfer.mooncake_transport import MooncakeKVTransport
+    from pdcluster.kv_transfer.mooncake_transport import MooncakeKVTransport
     receiver, server, _, kc, vc = link
     pending = receiver.expect("intruder", [30], LAYERS, cache_writer(kc, vc))
     kc[0][30] = 3.0
@@ -218,7 +218,7 @@ def test_wrong_secret_is_refused(link):
 def staged_link(link):
     """A second server, forced onto the staged path (as GPU caches are), over its own receiver and
     caches; staging buffers of exactly one of `link`'s transport slots; the same prefill transport."""
-    from kv_transfer.mooncake_server import MooncakeKVServer
+    from pdcluster.kv_transfer.mooncake_server import MooncakeKVServer
     transport = link[2]
     kc = [torch.zeros(BLOCKS, *BLOCK) for _ in range(LAYERS)]
     vc = [torch.zeros(BLOCKS, *BLOCK) for _ in range(LAYERS)]
@@ -323,7 +323,7 @@ def test_staged_abort_between_read_and_write_lands_nothing(staged_link, monkeypa
 def test_staged_oversize_chunk_is_rejected(staged_link):
     """A prefill side whose slots exceed the decode side's staging buffers fails the request with
     a clear error before anything is read; the decode side's blocks stay untouched."""
-    from kv_transfer.mooncake_transport import MooncakeKVTransport
+    from pdcluster.kv_transfer.mooncake_transport import MooncakeKVTransport
     receiver, server, _, kc, vc = staged_link
     dst = [26, 27, 28, 29]
     for c in (*kc, *vc):
@@ -347,8 +347,8 @@ def test_staged_oversize_chunk_is_rejected(staged_link):
 @needs_mooncake
 def test_caches_that_cannot_be_registered_take_the_staged_path_by_themselves():
     """Non-contiguous CPU caches stand in for GPU caches here: no flag, no error, exact landing."""
-    from kv_transfer.mooncake_server import MooncakeKVServer
-    from kv_transfer.mooncake_transport import MooncakeKVTransport
+    from pdcluster.kv_transfer.mooncake_server import MooncakeKVServer
+    from pdcluster.kv_transfer.mooncake_transport import MooncakeKVTransport
     kc = [torch.zeros(BLOCK[0], BLOCKS, *BLOCK[1:]).transpose(0, 1) for _ in range(2)]  # [BLOCKS, *BLOCK]
     vc = [torch.zeros(BLOCK[0], BLOCKS, *BLOCK[1:]).transpose(0, 1) for _ in range(2)]
     receiver = KVReceiver()
@@ -378,9 +378,9 @@ def test_caches_that_cannot_be_registered_take_the_staged_path_by_themselves():
 def workers():
     if UNAVAILABLE is not None:
         pytest.skip(UNAVAILABLE)
-    from decode_worker.worker import DecodeWorker
-    from engine.llm_engine import LLMEngine, build_config
-    from prefill_worker.worker import PrefillWorker
+    from pdcluster.decode_worker.worker import DecodeWorker
+    from pdcluster.engine.llm_engine import LLMEngine, build_config
+    from pdcluster.prefill_worker.worker import PrefillWorker
     mk = lambda: LLMEngine(build_config(kv_cache_memory=48 * 2**20, num_threads=1))  # noqa: E731
     d = DecodeWorker("d", mk(), kv_transport="mooncake", secret=SECRET)
     p_mc = PrefillWorker("p-mc", mk(), transport="mooncake", secret=SECRET, transfer_timeout_s=20)
@@ -391,8 +391,8 @@ def workers():
 
 
 def remote(p, d, rid, ids, salt, address_key):
-    from engine.sampling_params import SamplingParams
-    from prefill_worker.worker import KVDestination
+    from pdcluster.engine.sampling_params import SamplingParams
+    from pdcluster.prefill_worker.worker import KVDestination
     params = SamplingParams(max_tokens=12, temperature=0)
     r = d.reserve(rid, ids, params, cache_salt=salt)
     dest = KVDestination(r[address_key], "d", r["skip_blocks"], r["dst_block_ids"])
@@ -421,8 +421,8 @@ def test_workers_same_greedy_tokens_as_tcp_and_nothing_leaks(workers):
 
 @needs_mooncake
 def test_workers_abort_frees_both_sides(workers):
-    from engine.sampling_params import SamplingParams
-    from prefill_worker.worker import KVDestination
+    from pdcluster.engine.sampling_params import SamplingParams
+    from pdcluster.prefill_worker.worker import KVDestination
     d, p_mc, _ = workers
     params = SamplingParams(max_tokens=12, temperature=0)
     ids = d.engine.tokenizer.encode("A long list of harbours and their lights. " * 30, add_special_tokens=False)

@@ -5,9 +5,9 @@ import time
 import pytest
 import torch
 
-from kv_transfer import wire
-from kv_transfer.errors import DataLoss, DuplicateStream, MalformedFrame, TransferClosed, UnknownRequest
-from kv_transfer.receiver import InboundStream, KVReceiver, TransferState, cache_writer
+from pdcluster.kv_transfer import wire
+from pdcluster.kv_transfer.errors import DataLoss, DuplicateStream, MalformedFrame, TransferClosed, UnknownRequest
+from pdcluster.kv_transfer.receiver import InboundStream, KVReceiver, TransferState, cache_writer
 
 # received frames are read-only bytes viewed by torch; wire.py silences this outside pytest
 pytestmark = [pytest.mark.timeout(60), pytest.mark.filterwarnings("ignore:The given buffer is not writable")]

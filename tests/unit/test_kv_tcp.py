@@ -7,10 +7,10 @@ import msgpack
 import pytest
 import torch
 
-from kv_transfer import (BandwidthMeter, KVReceiver, KVTcpServer, KVTransferError, TcpKVTransport,
+from pdcluster.kv_transfer import (BandwidthMeter, KVReceiver, KVTcpServer, KVTransferError, TcpKVTransport,
                          TransferState, cache_writer, wire)
-from kv_transfer import tcp_protocol as proto
-from kv_transfer.crc import crc32
+from pdcluster.kv_transfer import tcp_protocol as proto
+from pdcluster.kv_transfer.crc import crc32
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -630,7 +630,7 @@ def test_probe_of_a_throttled_link_reads_at_most_its_rate(server):
 
 
 def test_probe_of_a_dead_address_fails_cleanly():
-    from kv_transfer import KVTransferError
+    from pdcluster.kv_transfer import KVTransferError
     tr = TcpKVTransport(secret=SECRET, connect_timeout_s=2)
     try:
         with pytest.raises(KVTransferError):

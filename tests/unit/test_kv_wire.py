@@ -6,8 +6,8 @@ import msgpack
 import pytest
 import torch
 
-from kv_transfer import wire
-from kv_transfer.errors import DataLoss, MalformedFrame
+from pdcluster.kv_transfer import wire
+from pdcluster.kv_transfer.errors import DataLoss, MalformedFrame
 
 # received frames are read-only bytes viewed by torch; wire.py silences this outside pytest
 pytestmark = [pytest.mark.timeout(60), pytest.mark.filterwarnings("ignore:The given buffer is not writable")]

@@ -1,8 +1,8 @@
 """Idle-link probes from the router (no Ray): which links get probed, when, and how often."""
 import asyncio
 
-from router.cost_model import CostConfig
-from router.lifecycle import Pools, Router, RouterConfig
+from pdcluster.router.cost_model import CostConfig
+from pdcluster.router.lifecycle import Pools, Router, RouterConfig
 
 
 class Prefill:

@@ -12,8 +12,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from engine.loader import embedded_model_path, load_model_config, load_weights, weight_names  # noqa: E402
-from engine.tokenizer import apply_chat_template, load_tokenizer  # noqa: E402
+from pdcluster.engine.loader import embedded_model_path, load_model_config, load_weights, weight_names  # noqa: E402
+from pdcluster.engine.tokenizer import apply_chat_template, load_tokenizer  # noqa: E402
 
 # tiny geometry: E=256, H=4, KVH=2, D=64 (llama3 rope needs D/2 >= ~16 frequencies), F=48, V=64, 2 layers
 TINY = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,

@@ -1,10 +1,10 @@
 """The router's Prometheus metrics: names rendered, values move with observations (no cluster)."""
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from router.metrics import RouterMetrics
+from pdcluster.engine.kv_cache_manager import KVCacheManager
+from pdcluster.engine.request import Request
+from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.router.metrics import RouterMetrics
 
 
 def samples(m: RouterMetrics) -> dict[tuple, float]:

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from deploy import netns
-from kv_transfer import KVReceiver, KVTcpServer, TcpKVTransport, TransferState, cache_writer
-from kv_transfer.netns import run_in
+from pdcluster.deploy import netns
+from pdcluster.kv_transfer import KVReceiver, KVTcpServer, TcpKVTransport, TransferState, cache_writer
+from pdcluster.kv_transfer.netns import run_in
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -99,8 +99,8 @@ def test_namespaces_are_removed_when_the_body_raises(can_shape, error):
 
 
 def test_scenario_run_gets_a_shaped_link_instead_of_the_bucket(can_shape):
-    from bench.scenario import kv_link
-    from deploy.launch import ClusterConfig
+    from pdcluster.bench.scenario import kv_link
+    from pdcluster.deploy.launch import ClusterConfig
     notes = {}
     with kv_link(ClusterConfig(kv_bandwidth_limit=5e6), True, notes) as cfg:
         link = cfg.kv_link
@@ -112,8 +112,8 @@ def test_scenario_run_gets_a_shaped_link_instead_of_the_bucket(can_shape):
 def test_workers_take_their_namespace_for_the_kv_tcp_sockets_only():
     """No namespace needed: PrefillWorker hands kv_netns to TcpKVTransport (its connections are made
     there) and refuses it for a transport that cannot use it."""
-    from engine.llm_engine import LLMEngine, build_config
-    from prefill_worker.worker import PrefillWorker
+    from pdcluster.engine.llm_engine import LLMEngine, build_config
+    from pdcluster.prefill_worker.worker import PrefillWorker
     engine = LLMEngine(build_config(kv_cache_memory=8 * 2**20, num_threads=1))
     w = PrefillWorker("p", engine, transport="tcp", kv_netns="pdkv-test-p")
     try:

@@ -1,11 +1,11 @@
 """router.policies: every policy by name, one interface; round-robin cycles; cache-aware hits."""
 import pytest
 
-from engine.hashing import block_hashes
-from router.cost_model import CostModel, Telemetry
-from router.placement import Decision, LeastLoaded, WorkerLoad
-from router.policies import DEFAULT_POLICY, POLICY_NAMES, CacheAware, RoundRobin, make_policy
-from router.prefix_index import PrefixIndex
+from pdcluster.engine.hashing import block_hashes
+from pdcluster.router.cost_model import CostModel, Telemetry
+from pdcluster.router.placement import Decision, LeastLoaded, WorkerLoad
+from pdcluster.router.policies import DEFAULT_POLICY, POLICY_NAMES, CacheAware, RoundRobin, make_policy
+from pdcluster.router.prefix_index import PrefixIndex
 
 pytestmark = pytest.mark.timeout(60)
 

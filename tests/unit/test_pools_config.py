@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from deploy.launch import ClusterConfig
-from deploy.pools import PoolsConfigError, ServeConfig, load_pools_config, parse_pools_config
-from router.autoscaler import ScalingRule
+from pdcluster.deploy.launch import ClusterConfig
+from pdcluster.deploy.pools import PoolsConfigError, ServeConfig, load_pools_config, parse_pools_config
+from pdcluster.router.autoscaler import ScalingRule
 
 SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "pools.yaml"
 TEXT = SHIPPED.read_text()
@@ -194,7 +194,7 @@ def test_empty_file(tmp_path):
 
 
 def test_shaped_kv_link_needs_tcp_on_one_host():
-    from deploy.netns import ShapedLink
+    from pdcluster.deploy.netns import ShapedLink
     link = ShapedLink("ap", "ad", "10.231.0.1", "10.231.0.2", 1e6, 65536, 50.0)
     assert ClusterConfig(kv_link=link).kv_link is link
     with pytest.raises(ValueError, match="kv_transport 'tcp'"):

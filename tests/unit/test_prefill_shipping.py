@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from prefill_worker.worker import PrefillWorker
+from pdcluster.prefill_worker.worker import PrefillWorker
 
 LAYERS, BLOCKS = 4, 6
 

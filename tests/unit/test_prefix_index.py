@@ -3,12 +3,12 @@ import math
 
 import pytest
 
-from engine.block_pool import BlockPool
-from engine.hashing import block_hashes
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request
-from engine.sampling_params import SamplingParams
-from router.prefix_index import PrefixIndex
+from pdcluster.engine.block_pool import BlockPool
+from pdcluster.engine.hashing import block_hashes
+from pdcluster.engine.kv_cache_manager import KVCacheManager
+from pdcluster.engine.request import Request
+from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.router.prefix_index import PrefixIndex
 
 pytestmark = pytest.mark.timeout(60)
 

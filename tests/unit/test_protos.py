@@ -1,5 +1,5 @@
 """The committed protobuf/gRPC stubs are what the .proto files generate."""
-from deploy.protogen import proto_files, stale_stubs
+from pdcluster.deploy.protogen import proto_files, stale_stubs
 
 
 def test_committed_stubs_are_current():
@@ -8,7 +8,7 @@ def test_committed_stubs_are_current():
 
 
 def test_api_field_numbers_are_the_contract():
-    from router.proto import generation_pb2 as pb
+    from pdcluster.router.proto import generation_pb2 as pb
     f = {x.name: x.number for x in pb.GenerateRequest.DESCRIPTOR.fields}
     assert f == {"request_id": 1, "text": 2, "token_ids": 3, "chat": 4, "sampling": 5}
     s = {x.name: x.number for x in pb.SamplingParams.DESCRIPTOR.fields}

@@ -1,8 +1,8 @@
 """Sampler statistics and the incremental detokenizer (torch, no model)."""
 import torch
 
-from engine.sampler import filter_logits, make_generator, sample
-from engine.sampling_params import SamplingParams
+from pdcluster.engine.sampler import filter_logits, make_generator, sample
+from pdcluster.engine.sampling_params import SamplingParams
 
 
 def test_temperature_sampling_follows_softmax_chi_square():

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from bench.scenario import SCENARIOS, Scenario, build_report, format_report, merge_results, ratios
-from deploy.launch import ClusterConfig
+from pdcluster.bench.scenario import SCENARIOS, Scenario, build_report, format_report, merge_results, ratios
+from pdcluster.deploy.launch import ClusterConfig
 
 
 def fake(duration, ttfts, tpots, out_tokens, goodput, remote=0.0, kv_ms=None, hit=0.0):
@@ -85,8 +85,8 @@ def test_placement_scenarios_are_registered_and_build():
     from its baseline only in what it compares."""
     from dataclasses import asdict
 
-    from bench.datasets import build_dataset
-    from bench.scenario import KV_BLOCK_BYTES
+    from pdcluster.bench.datasets import build_dataset
+    from pdcluster.bench.scenario import KV_BLOCK_BYTES
     for name, knob in (("prefix-routing", "policy"), ("layerwise-transfer", "kv_layerwise"),
                        ("selective-offload", "policy")):
         sc = SCENARIOS[name]
@@ -110,7 +110,7 @@ def test_placement_scenarios_are_registered_and_build():
 
 
 def test_kv_link_says_which_throttle_ran():
-    from bench.scenario import kv_link, link_mode
+    from pdcluster.bench.scenario import kv_link, link_mode
     cfg, notes = ClusterConfig(kv_bandwidth_limit=5e6), {}
     with kv_link(cfg, False, notes) as run_cfg:         # no shaped link: the transport's token bucket
         assert run_cfg is cfg
@@ -127,7 +127,7 @@ def test_kv_link_says_which_throttle_ran():
 def test_prefix_breakdown_classes_each_request_against_earlier_holders():
     from types import SimpleNamespace
 
-    from bench.prefix_breakdown import classify
+    from pdcluster.bench.prefix_breakdown import classify
     reqs = [SimpleNamespace(meta={"group": g}) for g in (0, 0, 1, 0, 1)]
     result = {"ttfts": [10, 20, 30, 40, 50], "decode_workers": ["a", "a", "b", "b", "b"],
               "cached_lens": [0, 384, 0, 0, 100]}
@@ -138,7 +138,7 @@ def test_prefix_breakdown_classes_each_request_against_earlier_holders():
 def test_ideal_hit_rate_counts_every_prompt_but_each_prefixs_first_in_whole_blocks():
     from types import SimpleNamespace
 
-    from bench.prefix_breakdown import ideal_hit_rate
+    from pdcluster.bench.prefix_breakdown import ideal_hit_rate
     reqs = [SimpleNamespace(meta={"group": g}, prompt_ids=[0] * n) for g, n in ((0, 40), (0, 40), (1, 40), (1, 33))]
     # prefix 32 tokens (2 blocks of 16): prompts 2 and 4 hit 32 tokens each; 4's last token is its 33rd
     assert ideal_hit_rate(reqs, prefix_len=32) == pytest.approx(64 / 153)

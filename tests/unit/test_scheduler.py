@@ -3,11 +3,11 @@ import random
 
 import pytest
 
-from engine.config import SchedulerConfig
-from engine.kv_cache_manager import KVCacheManager
-from engine.request import Request, Status
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from pdcluster.engine.config import SchedulerConfig
+from pdcluster.engine.kv_cache_manager import KVCacheManager
+from pdcluster.engine.request import Request, Status
+from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.engine.scheduler import Scheduler
 
 BS = 4
 

@@ -1,0 +1,78 @@
+"""A taken port gives one clear error naming the port and the flag that moves it: the router's gRPC
+and metrics ports (checked by `pdcluster serve` before anything starts, and again at bind), and the
+decode workers' KV listeners. gRPC servers must not share a taken port through SO_REUSEPORT."""
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pdcluster.ports import PortInUse, check_free
+
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def taken():
+    """A port held by a listening socket for the test's duration."""
+    s = socket.create_server(("127.0.0.1", 0))
+    yield s.getsockname()[1]
+    s.close()
+
+
+def test_check_free(taken):
+    check_free("127.0.0.1", 0, "x", "--x")               # ephemeral: always free
+    with pytest.raises(PortInUse) as e:
+        check_free("127.0.0.1", taken, "the thing", "--thing-port")
+    assert e.value.port == taken and e.value.strerror == (
+        f"port {taken} on 127.0.0.1 (the thing) is already in use: pick another with --thing-port")
+
+
+def test_metrics_port_taken(taken):
+    from pdcluster.router.metrics import RouterMetrics
+    m = RouterMetrics()
+    with pytest.raises(PortInUse, match=f"port {taken} .*metrics.* --metrics-port"):
+        m.serve_http("127.0.0.1", taken)
+    assert m._http is None
+
+
+def test_grpc_ports_taken_are_refused_not_shared(taken):
+    """Without so_reuseport=0 a grpc server would bind a port another socket holds."""
+    from pdcluster.kv_transfer.receiver import KVReceiver
+    from pdcluster.kv_transfer.server import KVServer
+    from pdcluster.router.server import RouterServer
+
+    async def router():
+        with pytest.raises(PortInUse, match=f"port {taken} .*router's gRPC endpoint.*--port"):
+            RouterServer(None, "m", 10, "127.0.0.1", taken)
+    asyncio.run(router())
+
+    async def kv():
+        srv = KVServer(KVReceiver(), host="127.0.0.1", port=taken)
+        with pytest.raises(PortInUse, match=f"port {taken} .*gRPC KV listener.*kv_port"):
+            await srv.start()
+        await srv.stop()
+    asyncio.run(kv())
+
+
+def test_kv_tcp_port_taken(taken):
+    from pdcluster.kv_transfer.receiver import KVReceiver
+    from pdcluster.kv_transfer.tcp_server import KVTcpServer
+    with pytest.raises(PortInUse, match=f"port {taken} .*TCP KV listener.*kv_tcp_port"):
+        KVTcpServer(KVReceiver(), host="127.0.0.1", port=taken).start_sync()
+
+
+@pytest.mark.parametrize("flag, what", [("--metrics-port", "metrics"), ("--port", "gRPC endpoint")])
+def test_serve_on_a_taken_port_says_so_in_one_line(taken, flag, what, tmp_path):
+    """A second `pdcluster serve` on a taken port: exit 2 and one line, before Ray or a model starts."""
+    other = ["--port", "0"] if flag == "--metrics-port" else ["--metrics-port", "0"]
+    r = subprocess.run([str(VENV_BIN / "pdcluster"), "serve", flag, str(taken), *other], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"port {taken} on 127.0.0.1" in lines[0] and what in lines[0] and f"pick another with {flag}" in lines[0]
+    assert "starting pdcluster" not in r.stdout
