@@ -313,7 +313,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"scenario to run: {', '.join(sorted(SCENARIOS))}")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     p.add_argument("--rounds", type=int, default=2,
-                   help="baseline/candidate pairs, run alternately (default 2: B, C, B, C)")
+                   help="baseline/candidate pairs, run alternately (2: B, C, B, C)")
     p.add_argument("--num-prompts", type=int, default=None,
                    help="override the scenario's request count (shared-prefix: spread over its groups, rounded up)")
     p.add_argument("--request-rate", type=float, default=None, help="override the scenario's rate (req/s; inf)")

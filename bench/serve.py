@@ -180,13 +180,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset", type=_dataset_name, default=d["dataset"], help=" | ".join(DATASETS))
     data.add_argument("--input-len", type=int, default=d["input_len"], help="prompt tokens (per turn in multi-turn)")
     data.add_argument("--output-len", type=int, default=d["output_len"],
-                      help="max output tokens (default 128; sharegpt: the reply's word count)")
+                      help="max output tokens (sharegpt: the reply's word count)")
     data.add_argument("--range-ratio", type=float, default=d["range_ratio"], help="lengths vary by +-ratio")
     data.add_argument("--num-groups", type=int, default=d["num_groups"], help="shared-prefix groups")
-    data.add_argument("--prompts-per-group", type=int, default=d["prompts_per_group"])
+    data.add_argument("--prompts-per-group", type=int, default=d["prompts_per_group"], help="prompts per shared prefix")
     data.add_argument("--prefix-len", type=int, default=d["prefix_len"], help="shared system prompt tokens")
     data.add_argument("--suffix-len", type=int, default=d["suffix_len"], help="per-prompt tokens after it")
-    data.add_argument("--num-conversations", type=int, default=d["num_conversations"])
+    data.add_argument("--num-conversations", type=int, default=d["num_conversations"], help="multi-turn conversations")
     data.add_argument("--turns", type=int, default=d["turns"], help="turns per conversation")
     data.add_argument("--long-fraction", type=float, default=d["long_fraction"], help="mixed: share of long prompts")
     data.add_argument("--long-input-len", type=int, default=d["long_input_len"], help="mixed: long prompt tokens")
@@ -222,6 +222,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    cli = argparse.ArgumentParser(prog="pdcluster bench serve", description=__doc__.splitlines()[0])
+    from pdcluster.deploy.cli import HelpFormatter
+    cli = argparse.ArgumentParser(prog="pdcluster bench serve", description=__doc__.splitlines()[0],
+                                  formatter_class=HelpFormatter)
     add_arguments(cli)
     sys.exit(main(cli.parse_args()))

@@ -10,9 +10,17 @@ import ray
 from pdcluster.engine.sampling_params import SamplingParams
 
 
+# A stream with no token for this long yields a heartbeat carrying the engine's step count: the
+# router judges a worker by it (alive, and stepping) rather than by the time to its next token.
+HEARTBEAT_S = 2.0
+
+
 class DecodeActor:
     def __init__(self, worker_id: str, engine_kwargs: dict, num_threads: int, worker_kwargs: dict):
         import torch
+
+        from pdcluster.logs import install_escaping
+        install_escaping()              # request ids reach this worker's log lines
 
         from pdcluster.decode_worker.worker import DecodeWorker
         from pdcluster.engine.llm_engine import LLMEngine, build_config
@@ -50,7 +58,11 @@ class DecodeActor:
             await self._run(self.worker.generate, request_id, prompt_ids, SamplingParams(**params), cache_salt, sink)
         try:
             while True:
-                item = await q.get()
+                try:
+                    item = await asyncio.wait_for(q.get(), HEARTBEAT_S)
+                except asyncio.TimeoutError:    # nothing new (a long prefill): prove life and progress
+                    yield {"heartbeat": True, "finished": False, "steps": self.worker.steps()}
+                    continue
                 yield item
                 if item["finished"]:
                     break

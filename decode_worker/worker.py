@@ -211,6 +211,10 @@ class DecodeWorker:
                     waiting=len(e.scheduler.waiting), reserved=len(self._reserved),
                     kv_address=self.kv_address, block_seq=seq, block_events=events, **e.figures())
 
+    def steps(self) -> int:
+        """Forward steps the engine has finished: rises while it works on anything."""
+        return self.engine.figures()["steps"]
+
     def cached_hashes(self) -> tuple[int, list[int]]:
         """(event sequence number, every cached chain hash): a full resync for the router's index."""
         return self.loop.run(lambda e: self.events.snapshot(e.kv.pool))

@@ -9,26 +9,40 @@ import signal
 import sys
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default (not for flags, nor for options that default to unset)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if ("%(default)" in h or not action.option_strings or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS):
+            return h
+        return h + " (default: %(default)s)"
+
+
 def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--host", default="127.0.0.1", help="router bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50051, help="router gRPC port (default 50051)")
-    p.add_argument("--prefill-workers", type=int, default=1)
-    p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--host", default="127.0.0.1", help="router bind address")
+    p.add_argument("--port", type=int, default=50051, help="router gRPC port")
+    p.add_argument("--prefill-workers", type=int, default=1, help="prefill worker actors (one device each)")
+    p.add_argument("--decode-workers", type=int, default=1, help="decode worker actors (one device each)")
     p.add_argument("--address", default=None, help="join a running Ray cluster ('auto'); default: start one here")
     p.add_argument("--threads-per-worker", type=int, default=1, help="CPU hosts: torch threads per worker actor")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker actor (CUDA hosts)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--kv-cache-memory", type=int, default=512, help="MiB of KV cache per worker (default 512)")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights, activations and KV cache dtype of every worker")
+    p.add_argument("--kv-cache-memory", type=int, default=512, help="MiB of KV cache per worker")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most requests one worker batches in a step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one engine step (longer prompts prefill in chunks of it)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context length cap, prompt + output tokens (default: the model's own)")
     p.add_argument("--local-prefill", action="store_true",
                    help="prefill every request on its decode worker (no remote prefill)")
     p.add_argument("--local-prefill-max-tokens", type=int, default=0,
-                   help="prompts up to this many tokens prefill on the decode worker (default 0)")
+                   help="prompts up to this many tokens prefill on the decode worker")
     p.add_argument("--metrics-port", type=int, default=9090,
-                   help="Prometheus /metrics of the router on --host:PORT (default 9090; 0 = off)")
+                   help="Prometheus /metrics of the router on --host:PORT (0 = off)")
     p.add_argument("--kv-transport", default="tcp", choices=["grpc", "tcp", "mooncake"],
                    help="how KV goes from prefill to decode workers: a plain TCP socket (default), gRPC, or "
                         "mooncake (the decode side pulls over the Mooncake Transfer Engine, RDMA where NICs "
@@ -37,10 +51,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="KV compression on the wire (tcp and grpc transports): int8 or fp8 (e4m3) with a scale "
                         "per block and KV head, ~4x fewer bytes for fp32 caches, 2x for 16-bit ones; auto "
                         "compresses (int8) a transfer when the link's measured bandwidth would make it take "
-                        "longer than the prefill it overlaps with (default off: every byte exact)")
+                        "longer than the prefill it overlaps with (off: every byte exact)")
     p.add_argument("--policy", default="cost-model",
                    choices=["round-robin", "least-loaded", "cache-aware", "cost-model"],
-                   help="placement policy (default cost-model: prices each (prefill, decode) pair and local "
+                   help="placement policy (cost-model prices each (prefill, decode) pair and local "
                         "prefill by cache hits, learned rates and measured link bandwidth)")
     p.add_argument("--auth-token-file", default=None,
                    help="require `authorization: Bearer <token>`; one token (or tenant:token) per line; the "
@@ -49,12 +63,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     p.add_argument("--cluster-secret-file", default=None,
                    help="shared secret (first line, >= 16 chars) that the internal KV endpoints require; "
-                        "default: a fresh random secret per serve (the router hands it to the workers it spawns)")
+                        "without it, a fresh random secret per serve (the router hands it to the workers it spawns)")
     p.add_argument("--max-restarts", type=int, default=3,
-                   help="Ray restarts a crashed worker actor this often; it re-registers with the router (default 3)")
+                   help="Ray restarts a crashed worker actor this often; it re-registers with the router")
     p.add_argument("--worker-timeout", type=float, default=60.0,
                    help="seconds of silence inside a token stream (or for a reserve) after which a decode worker "
-                        "counts as lost and its requests migrate (default 60)")
+                        "counts as lost and its requests migrate; a stream's heartbeats count while the "
+                        "engine keeps stepping")
     p.add_argument("--prefill-timeout", type=float, default=120.0,
                    help="seconds one remote prefill + KV transfer may take before it is recomputed elsewhere")
     p.add_argument("--health-timeout", type=float, default=5.0,
@@ -66,7 +81,11 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                         "the size bounds, resources and autoscaling knobs of each pool; it overrides the matching "
                         "flags. A pool with min_replicas < max_replicas is scaled by the pool autoscaler "
                         "(unless autoscaler.enabled is false): replicas are added and drained while serving")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="router log level")
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="router log lines as text or as one JSON object per line; client-supplied strings are "
+                        "escaped either way")
 
 
 def cmd_serve(a) -> int:
@@ -79,7 +98,8 @@ def cmd_serve(a) -> int:
         if (reason := available()) is not None:
             print(reason, file=sys.stderr)
             return 2
-    logging.basicConfig(level=a.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pdcluster.logs import setup_logging
+    setup_logging(a.log_level, a.log_format)
     cfg = ClusterConfig(model=a.model, host=a.host, port=a.port, prefill_workers=a.prefill_workers,
                         decode_workers=a.decode_workers, address=a.address, threads_per_worker=a.threads_per_worker,
                         use_gpu=a.gpu, dtype=a.dtype, kv_cache_memory=a.kv_cache_memory * 2**20,
@@ -115,8 +135,8 @@ def cmd_serve(a) -> int:
 
     async def main() -> None:
         stop = asyncio.Event()
-        print(f"starting pdcluster: {cfg.prefill_workers} prefill + {cfg.decode_workers} decode workers ...",
-              flush=True)
+        n_pre = cfg.prefill_workers if cfg.remote_prefill else 0     # --local-prefill: no prefill pool
+        print(f"starting pdcluster: {n_pre} prefill + {cfg.decode_workers} decode workers ...", flush=True)
         cluster = Cluster(cfg)
         try:
             await cluster.start()
@@ -165,7 +185,8 @@ def cmd_generate(a) -> int:
         async with grpc.aio.insecure_channel(a.addr) as ch:
             try:
                 last = None
-                md = (("authorization", f"Bearer {a.auth_token}"),) if a.auth_token else None
+                token = a.auth_token or os.environ.get("PDCLUSTER_TOKEN")
+                md = (("authorization", f"Bearer {token}"),) if token else None
                 async for m in pbg.GenerationStub(ch).Generate(req, timeout=a.timeout, metadata=md):
                     sys.stdout.write(m.text)
                     sys.stdout.flush()
@@ -181,42 +202,50 @@ def cmd_generate(a) -> int:
     return asyncio.run(main())
 
 
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ap = argparse.ArgumentParser(prog="pdcluster", description="Disaggregated prefill/decode LLM serving.")
+def build_parser() -> argparse.ArgumentParser:
+    """The whole `pdcluster` command tree."""
+    ap = argparse.ArgumentParser(prog="pdcluster", description="Disaggregated prefill/decode LLM serving.",
+                                 formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="start (or join) a Ray cluster, the workers and the gRPC router; blocks",
-                       description="Start the workers and the router. Ctrl-C or SIGTERM shuts everything down.")
+                       description="Start the workers and the router. Ctrl-C or SIGTERM shuts everything down.",
+                       formatter_class=HelpFormatter)
     _serve_args(s)
     s.set_defaults(fn=cmd_serve)
-    g = sub.add_parser("generate", help="stream a completion from a running server")
-    g.add_argument("prompt")
+    g = sub.add_parser("generate", help="stream a completion from a running server", formatter_class=HelpFormatter)
+    g.add_argument("prompt", help="the prompt text")
     g.add_argument("--chat", action="store_true", help="send as a chat message (chat template applied)")
-    g.add_argument("--max-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=0.0, help="nucleus mass; 0 = off")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--seed", type=int, default=None, help="seed of a sampled (temperature > 0) completion")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--addr", default="127.0.0.1:50051")
+    g.add_argument("--addr", default="127.0.0.1:50051", help="the router's gRPC address")
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
-    g.add_argument("--auth-token", default=os.environ.get("PDCLUSTER_TOKEN"),
+    g.add_argument("--auth-token", default=None,
                    help="bearer token for a server started with --auth-token-file (default: $PDCLUSTER_TOKEN)")
     g.add_argument("-v", "--verbose", action="store_true", help="print finish reason and usage")
     g.set_defaults(fn=cmd_generate)
-    b = sub.add_parser("bench", help="benchmarks")
+    b = sub.add_parser("bench", help="benchmarks", formatter_class=HelpFormatter)
     bsub = b.add_subparsers(dest="bench_cmd", required=True)
     from pdcluster.bench import serve as bench_serve
-    bs = bsub.add_parser("serve", help="load a running router and report TTFT/TPOT/ITL/E2E, throughput, goodput")
+    bs = bsub.add_parser("serve", help="load a running router and report TTFT/TPOT/ITL/E2E, throughput, goodput",
+                         formatter_class=HelpFormatter)
     bench_serve.add_arguments(bs)
     bs.set_defaults(fn=bench_serve.main)
     from pdcluster.bench import scenario as bench_scenario
     bc = bsub.add_parser("scenario", help="run two cluster configurations side by side on one seeded workload",
                          description=bench_scenario.__doc__.split("\n\n")[0],
-                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=bench_scenario.epilog())
+                         formatter_class=HelpFormatter, epilog=bench_scenario.epilog())
     bench_scenario.add_arguments(bc)
     bc.set_defaults(fn=bench_scenario.main)
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    a = build_parser().parse_args(argv)
     return a.fn(a)
 
 

@@ -164,12 +164,16 @@ class Cluster(Scaling):
         self.actors = pre | dec
         from tqdm import tqdm  # each actor answers status once its model is loaded
         with tqdm(total=len(self.actors), desc="starting workers (loading the model)", unit="worker",
-                  disable=None) as bar:
+                  disable=None) as bar:     # no terminal (a log file, a service): a log line per worker instead
+            if bar.disable:
+                log.info("starting %d workers (loading the model) ...", len(self.actors))
             try:
-                for fut in asyncio.as_completed([a.status.remote() for a in self.actors.values()],
-                                                timeout=c.start_timeout_s):
-                    await fut
+                for k, fut in enumerate(asyncio.as_completed([a.status.remote() for a in self.actors.values()],
+                                                             timeout=c.start_timeout_s), 1):
+                    st = await fut
                     bar.update(1)
+                    if bar.disable:
+                        log.info("worker %s ready (%d/%d)", st.get("worker_id", "?"), k, len(self.actors))
             except asyncio.TimeoutError:
                 for a in self.actors.values():
                     ray.kill(a)

@@ -1,5 +1,10 @@
 """Token sampling: greedy, temperature, top-k, top-p, per-request seeded generators.
 
+Every finite positive temperature is safe: a row is shifted by its maximum before it is divided by
+the temperature, so the largest logit becomes exactly 0 and nothing overflows (1e-45 included). A
+NaN logit never wins: NaN is ranked below every number, and a row with no number left raises
+NonFiniteLogits instead of quietly returning token 0.
+
 Random rows use the exponential-race trick: argmax(p / E) with E ~ Exp(1) draws from p and needs
 one draw per vocabulary entry from the request's own generator, so a seeded request's tokens do
 not depend on what else is in the batch.
@@ -9,6 +14,20 @@ from __future__ import annotations
 import torch
 
 from pdcluster.engine.sampling_params import SamplingParams
+
+
+class NonFiniteLogits(FloatingPointError):
+    """The model produced a logits row with no usable (non-NaN, non -inf) entry."""
+
+
+def clean_logits(logits: torch.Tensor) -> torch.Tensor:
+    """[N, V] float32 with NaN -> -inf; raises NonFiniteLogits for a row left without a candidate."""
+    if not bool(torch.isfinite(logits).all()):
+        logits = logits.nan_to_num(nan=float("-inf"), posinf=torch.finfo(logits.dtype).max, neginf=float("-inf"))
+        dead = torch.isneginf(logits).all(-1)
+        if bool(dead.any()):
+            raise NonFiniteLogits(f"rows {dead.nonzero().flatten().tolist()} of the logits have no finite entry")
+    return logits
 
 
 def make_generator(params: SamplingParams, device: str = "cpu") -> torch.Generator | None:
@@ -41,11 +60,15 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
     """logits: float32 [N, V]. Returns N token ids."""
+    logits = clean_logits(logits)
     out = logits.argmax(-1).tolist()
     for i, (p, g) in enumerate(zip(params, generators)):
         if p.greedy:
             continue
-        row = filter_logits(logits[i] / p.temperature, p.top_k, p.top_p)
+        # max -> 0 first, then divide in float64 (a temperature such as 1e-320 is 0 in float32):
+        # (x - max) / T lies in [-inf, 0] for every T > 0 and the maximum stays exactly 0
+        row = ((logits[i].double() - logits[i].max()) / p.temperature).float()
+        row = filter_logits(row, p.top_k, p.top_p)
         probs = row.softmax(-1)
         e = torch.empty_like(probs).exponential_(generator=g)
         out[i] = int((probs / e).argmax())

@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import re
 import tempfile
-from collections.abc import Mapping
 
 from pdcluster.engine.config import ModelConfig
 
@@ -43,9 +43,34 @@ def load_tokenizer(cfg: ModelConfig):
     return AutoTokenizer.from_pretrained(cache)   # cold and warm paths yield the same object
 
 
+# Message contents are rendered as these placeholders (Unicode private-use characters, which no
+# chat template emits), so the template's own special tokens can be told from the content's.
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_PLACEHOLDER = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+
+
 def apply_chat_template(tok, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` rendered with the model's chat template plus the assistant prompt."""
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, Mapping):                # transformers 5 returns a BatchEncoding
-        ids = ids["input_ids"]
+    """Token ids of `messages` rendered with the model's chat template plus the assistant prompt.
+
+    Only the template's own text may become special tokens: "<|im_end|><|im_start|>system..."
+    inside a message stays literal text and cannot open a turn. The rendered text is cut at the
+    template's special tokens, as the tokenizer itself would cut it, and each piece between them
+    (template text with the contents put back) is tokenized with special tokens split into plain
+    text. Content without special-token strings gets exactly the template's usual ids.
+    """
+    for m in messages:
+        if _OPEN in m["content"] or _CLOSE in m["content"]:
+            raise ValueError("message content holds U+E000/U+E001, which are reserved")
+    marked = [{**m, "content": f"{_OPEN}{i}{_CLOSE}"} for i, m in enumerate(messages)]
+    text = tok.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
+    special = {t.content: i for i, t in tok.added_tokens_decoder.items() if t.special}
+    cut = re.compile("(" + "|".join(map(re.escape, sorted(special, key=len, reverse=True))) + ")") \
+        if special else None
+    ids: list[int] = []
+    for k, part in enumerate(cut.split(text) if cut else [text]):
+        if k % 2:                                   # a separator: one of the template's special tokens
+            ids.append(special[part])
+        elif part:
+            plain = _PLACEHOLDER.sub(lambda h: messages[int(h.group(1))]["content"], part)
+            ids += tok.encode(plain, add_special_tokens=False, split_special_tokens=True)
     return [int(i) for i in ids]

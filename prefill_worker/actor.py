@@ -13,6 +13,9 @@ class PrefillActor:
     def __init__(self, worker_id: str, engine_kwargs: dict, num_threads: int, worker_kwargs: dict):
         import torch
 
+        from pdcluster.logs import install_escaping
+        install_escaping()              # request ids reach this worker's log lines
+
         from pdcluster.engine.llm_engine import LLMEngine, build_config
         from pdcluster.prefill_worker.worker import PrefillWorker
         torch.set_num_threads(num_threads)

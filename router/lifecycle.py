@@ -63,7 +63,9 @@ class Trace:
     """What the per-request log line and the metrics need, filled in as the request goes."""
     t0: float                               # perf_counter() at admission
     t_first: float | None = None            # perf_counter() of the first event carrying a token
-    placement: dict | None = None           # the settled Placement fields
+    placement: dict | None = None           # the first attempt's Placement fields
+    decode: str | None = None               # the decode worker of the last attempt (after migrations)
+    migrations: int = 0
     n_out: int = 0
     cached: int = 0
     status: str | None = None               # a finish reason, "cancelled", "unavailable" or "error"
@@ -340,6 +342,7 @@ class Router:
                     trace.placement = placement
                 self.metrics.placed("remote" if placement["remote_prefill"] else "local")
                 dw = placement["decode_worker"]
+                trace.decode, trace.migrations = dw, attempt
                 self._charge(dw, 0, +1)
                 try:
                     if first is not None:   # remote prefill: the first token came from the prefill worker
@@ -510,7 +513,7 @@ class Router:
         """One logfmt line per request at its end (also attached as `record.request` for JSON handlers)."""
         p = trace.placement or {}
         rec = dict(id=rid, status=trace.status, prefill=p.get("prefill_worker", "-"),
-                   decode=p.get("decode_worker", "-"),
+                   decode=trace.decode or p.get("decode_worker", "-"), migrations=trace.migrations,
                    kind=("remote" if p.get("remote_prefill") else "local") if p else "-",
                    prompt=n_in, completion=trace.n_out, cached=trace.cached,
                    ttft_ms=round(ttft_s * 1e3, 1) if ttft_s is not None else None, e2e_ms=round(e2e_s * 1e3, 1))

@@ -66,16 +66,28 @@ class DecodeClient:
 
     async def stream(self, rid: str, first_token: int | None, prompt_ids: list[int] | None = None,
                      params: dict | None = None, cache_salt: str | None = None) -> AsyncIterator[dict]:
-        """Token items; a gap longer than stream_gap_s between items counts as a lost worker."""
+        """Token items. The worker is lost after stream_gap_s without an item, or after stream_gap_s of
+        heartbeats whose engine step count stands still (alive but stuck); a long prefill that keeps
+        stepping is never lost. Heartbeats are consumed here."""
         gen = self.handle.stream.options(num_returns="streaming").remote(
             rid, first_token, prompt_ids, params, cache_salt)
         it = gen.__aiter__()
+        loop = asyncio.get_running_loop()
+        steps, since = None, loop.time()        # the last step count seen, and when it last moved
         while True:
             try:
                 ref = await _call(self.worker_id, it.__anext__(), self.t.stream_gap_s)
             except StopAsyncIteration:
                 return
-            yield await _call(self.worker_id, ref, self.t.stream_gap_s)
+            item = await _call(self.worker_id, ref, self.t.stream_gap_s)
+            if not item.get("heartbeat"):
+                steps, since = None, loop.time()
+                yield item
+                continue
+            if item["steps"] != steps:
+                steps, since = item["steps"], loop.time()
+            elif loop.time() - since > self.t.stream_gap_s:
+                raise WorkerLost(self.worker_id, f"no engine step in {self.t.stream_gap_s:.0f}s")
 
     async def abort(self, rid: str) -> None:
         await _call(self.worker_id, self.handle.abort.remote(rid), self.t.control_s)

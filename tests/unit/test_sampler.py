@@ -1,7 +1,8 @@
 """Sampler statistics and the incremental detokenizer (torch, no model)."""
+import pytest
 import torch
 
-from pdcluster.engine.sampler import filter_logits, make_generator, sample
+from pdcluster.engine.sampler import NonFiniteLogits, filter_logits, make_generator, sample
 from pdcluster.engine.sampling_params import SamplingParams
 
 
@@ -44,3 +45,46 @@ def test_seed_is_per_request_and_batch_independent():
     gens = [make_generator(q), make_generator(p), make_generator(q)]
     batched = sample(logits[[1, 0, 2]], [q, p, q], gens)
     assert batched[1] == alone[0]
+
+
+def test_tiny_temperatures_sample_the_argmax_not_token_0():
+    """1e-38 .. 5e-324 used to overflow logits / T to inf, NaN after softmax, then token 0."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1000) * 5
+    want = logits.argmax(-1).tolist()
+    assert 0 not in want
+    for t in (1e-30, 1e-38, 1e-45, 1e-300, 5e-324):
+        params = [SamplingParams(temperature=t, seed=i) for i in range(3)]
+        assert sample(logits, params, [make_generator(p) for p in params]) == want, t
+
+
+def test_huge_logits_and_a_positive_inf_still_sample():
+    logits = torch.full((2, 50), -3e38)
+    logits[0, 7], logits[1, 9] = 3e38, float("inf")
+    params = [SamplingParams(temperature=0.5, seed=1)] * 2
+    assert sample(logits, params, [make_generator(p) for p in params]) == [7, 9]
+
+
+def test_nan_logits_never_win_and_an_all_nan_row_raises():
+    logits = torch.randn(2, 10)
+    logits[0, 0] = float("nan")
+    logits[1, 3] = float("nan")
+    greedy = [SamplingParams(temperature=0)] * 2
+    got = sample(logits.clone(), greedy, [None, None])
+    clean = logits.nan_to_num(nan=float("-inf"))
+    assert got == clean.argmax(-1).tolist() and got[0] != 0 and got[1] != 3
+    rnd = [SamplingParams(temperature=1.0, seed=s) for s in range(2)]
+    for _ in range(20):
+        got = sample(logits.clone(), rnd, [make_generator(p) for p in rnd])
+        assert got[0] != 0 and got[1] != 3
+    bad = torch.full((1, 10), float("nan"))
+    with pytest.raises(NonFiniteLogits):
+        sample(bad, greedy[:1], [None])
+    with pytest.raises(NonFiniteLogits):
+        sample(torch.full((1, 10), float("-inf")), rnd[:1], [make_generator(rnd[0])])
+
+
+def test_infinite_or_nan_temperature_is_rejected():
+    for t in (float("inf"), float("nan"), -1e-9):
+        with pytest.raises(ValueError, match="temperature"):
+            SamplingParams(temperature=t)
