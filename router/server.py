@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdcluster.ports import GRPC_NO_REUSEPORT, bind_grpc
+from pdcluster.router.conn_reset import reset_connection
 from pdcluster.router.lifecycle import Overloaded, Router, Unavailable
 from pdcluster.router.proto import generation_pb2 as pb
 from pdcluster.router.proto import generation_pb2_grpc as pb_grpc
@@ -105,6 +106,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         # its window (a few MB) is full; a write stalled this long cancels the request (its KV blocks
         # are freed on every worker) with RESOURCE_EXHAUSTED instead of holding its slot forever.
         self.slow_reader_timeout_s = slow_reader_timeout_s
+        self.port = 0                   # the bound port, set by RouterServer (conn_reset matches on it)
         # Tokenizing a long prompt is CPU work (a 600 KB text: ~1 s): it runs on this thread, never
         # on the event loop. One thread: a fast tokenizer must not be entered by two at once.
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-tokenize")
@@ -130,6 +132,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                         msg.placement.CopyFrom(pb.Placement(**ev.placement))
                     if ev.usage:
                         msg.usage.CopyFrom(pb.Usage(**ev.usage))
+                    if first:   # its own batch: an abort must not resend it while a write is stuck
+                        await context.send_initial_metadata(())
                     first = False
                     try:   # asyncio.timeout, not wait_for: no task per message
                         async with asyncio.timeout(self.slow_reader_timeout_s):
@@ -139,7 +143,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                                          f"{self.slow_reader_timeout_s:g}s; request {rid} cancelled") from None
         except InvalidRequest as e:
             await context.abort(getattr(grpc.StatusCode, e.code), str(e))
-        except (Overloaded, SlowReader) as e:
+        except SlowReader as e:
+            await self._cut_off(context, str(e))
+        except Overloaded as e:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except Unavailable as e:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
@@ -149,6 +155,22 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             log.exception("request failed")
             await context.abort(grpc.StatusCode.UNAVAILABLE if first else grpc.StatusCode.INTERNAL,
                                 f"request failed: {e}")
+
+    async def _cut_off(self, context, reason: str) -> None:
+        """A slow reader's request is already cancelled (its KV freed). Its status waits behind the
+        data the client has not taken: if that does not drain within the bound, reset the client's
+        connection (router/conn_reset.py), after which gRPC cancels this call."""
+        log.warning("%s", reason)
+        try:
+            await asyncio.wait_for(context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason),
+                                   self.slow_reader_timeout_s)
+        except asyncio.TimeoutError:
+            if reset_connection(context.peer(), self.port):
+                log.warning("reset the connection of %s: it took no data for %gs", context.peer(),
+                            2 * self.slow_reader_timeout_s)
+                await asyncio.sleep(30)     # gRPC cancels this task as it sees the connection go
+            else:
+                log.warning("could not reset the connection of %s; its stream stays open", context.peer())
 
     async def GetModelInfo(self, request, context):
         if isinstance(request, Malformed):
@@ -178,7 +200,8 @@ class RouterServer:
             creds = grpc.ssl_server_credentials([(open(tls_key, "rb").read(), open(tls_cert, "rb").read())])
         else:
             creds = None
-        self.port = bind_grpc(self.server, host, port, "the router's gRPC endpoint", "--port", creds)
+        self.port = self.servicer.port = bind_grpc(self.server, host, port, "the router's gRPC endpoint", "--port",
+                                                   creds)
         self.host = host
 
     async def start(self) -> None:

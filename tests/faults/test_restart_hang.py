@@ -4,6 +4,7 @@ re-registers with the router, which then places requests on it again; a client t
 is cut off after the slow-reader bound. After each fault every pool's free-block count returns to
 its idle value."""
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -21,13 +22,14 @@ MAX_NEW = 24
 PROMPTS = [f"Request {i}: write one sentence about the sea and the wind." for i in range(N)]
 HEALTH_S = 1.0      # status poll bound in this cluster
 GAP_S = 3.0         # token-stream silence bound in this cluster
+SLOW_READER_S = 2.0  # a write stalled this long cancels the request
 
 
 @pytest.fixture(scope="module")
 def c():
     with running_cluster(prefill_workers=1, decode_workers=2, kv_cache_memory=96 * 2**20, max_restarts=1,
                          worker_timeout_s=GAP_S, health_timeout_s=HEALTH_S, prefill_timeout_s=15.0,
-                         slow_reader_timeout_s=2.0) as cl:
+                         slow_reader_timeout_s=SLOW_READER_S) as cl:
         yield cl
 
 
@@ -166,3 +168,66 @@ def test_slow_reader_is_cut_off_and_frees_its_blocks(c):
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "stopped reading" in err.details()
     assert got < 400 and normal[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
     assert_idle(c)
+
+
+def h2_reader_without_window(addr: str, body: bytes, limit_s: float) -> tuple[list, float]:
+    """A raw HTTP/2 client (h2) that grants INITIAL_WINDOW_SIZE 0 and never reads a byte of data.
+    Returns what ended its stream ("closed", "reset", "rst" or a grpc-status) and when."""
+    import socket
+
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+    host, port = addr.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":authority", addr),
+                            (":path", "/pdcluster.v1.Generation/Generate"), ("content-type", "application/grpc"),
+                            ("te", "trailers")])
+    conn.send_data(sid, b"\x00" + len(body).to_bytes(4, "big") + body, end_stream=True)
+    s.sendall(conn.data_to_send())
+    s.settimeout(0.25)
+    ended, t0 = [], time.monotonic()
+    try:
+        while not ended and time.monotonic() - t0 < limit_s:
+            try:
+                data = s.recv(1 << 16)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                ended.append("reset")
+                break
+            if not data:
+                ended.append("closed")
+                break
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.StreamReset):
+                    ended.append("rst")
+                elif isinstance(ev, h2.events.TrailersReceived):
+                    ended.append(dict(ev.headers).get(b"grpc-status"))
+            s.sendall(conn.data_to_send())       # settings acks and pings; never a WINDOW_UPDATE
+    finally:
+        s.close()
+    return ended, time.monotonic() - t0
+
+
+def test_reader_granting_no_window_gets_its_stream_ended_without_a_traceback(c, caplog):
+    """No message, so no status either, can reach a client whose window stays 0. After the slow-reader
+    bound the request is cancelled (KV freed); after a second bound the router resets the client's
+    connection. The log holds warnings, no traceback."""
+    caplog.set_level(logging.WARNING)
+    bound = SLOW_READER_S
+    body = pb.GenerateRequest(text="Tell me a long story about a lighthouse keeper.",
+                              sampling=pb.SamplingParams(max_tokens=400, ignore_eos=True)).SerializeToString()
+    ended, took = c.run(asyncio.to_thread(h2_reader_without_window, c.address, body, 60.0))
+    print(f"\n[faults] reader with HTTP/2 window 0: stream ended by {ended} after {took:.1f}s "
+          f"(slow-reader bound {bound:g}s)")
+    assert ended and ended[0] in ("closed", "reset", "rst", b"8"), ended
+    assert took < 2 * bound + 10
+    assert_idle(c)
+    bad = [r for r in caplog.records if r.exc_info or "ExecuteBatchError" in r.getMessage()]
+    assert not bad, [r.getMessage() for r in bad]
