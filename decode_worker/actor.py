@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import ray
 
+from pdcluster.deploy.worker_options import leave_terminal_group
 from pdcluster.engine.sampling_params import SamplingParams
 
 
@@ -21,6 +22,7 @@ class DecodeActor:
 
         from pdcluster.logs import install_escaping
         install_escaping()              # request ids reach this worker's log lines
+        leave_terminal_group()
 
         from pdcluster.decode_worker.worker import DecodeWorker
         from pdcluster.engine.llm_engine import LLMEngine, build_config

@@ -76,6 +76,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="a worker that misses a status poll for this long is unhealthy (no new placements)")
     p.add_argument("--transfer-timeout", type=float, default=30.0,
                    help="seconds one request's KV transfer may take on either end before it fails and is recomputed")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGINT/SIGTERM: seconds the streams in flight may take to finish (new requests are "
+                        "refused at once, health turns NOT_SERVING); those left then end with UNAVAILABLE")
     p.add_argument("--config", default=None,
                    help="serving config YAML (see deploy/pools.yaml): model, router host/port/metrics port, "
                         "the size bounds, resources and autoscaling knobs of each pool; it overrides the matching "
@@ -154,6 +157,11 @@ def cmd_serve(a) -> int:
             print(f"metrics on http://{cfg.host}:{cluster.metrics_port}/metrics", flush=True)
         try:
             await stop.wait()
+            n = len(cluster.router.in_flight)
+            print(f"shutting down: no new requests; draining {n} stream(s) for up to {a.drain_timeout:g}s ...",
+                  flush=True)
+            cut = await cluster.server.drain(a.drain_timeout)
+            print(f"drained; {cut} stream(s) cut at the bound" if cut else "drained", flush=True)
         finally:
             print("shutting down ...", flush=True)
             await cluster.stop()

@@ -16,3 +16,14 @@ def actor_options(role: str, name: str, num_cpus: int, use_gpu: bool, max_restar
     if use_gpu:
         opts["num_gpus"] = 1
     return opts
+
+
+def leave_terminal_group() -> None:
+    """Called in each worker actor's process: move it out of the terminal's foreground process
+    group, so the Ctrl-C meant for `pdcluster serve` does not kill the workers under the drain
+    (`serve` stops them itself, after the streams have ended). Ray's own daemons block SIGINT."""
+    import os
+    try:
+        os.setpgid(0, 0)
+    except OSError:     # already a group leader, or not permitted: nothing to move
+        pass

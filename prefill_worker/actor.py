@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import ray
 
+from pdcluster.deploy.worker_options import leave_terminal_group
 from pdcluster.engine.sampling_params import SamplingParams
 
 
@@ -15,6 +16,7 @@ class PrefillActor:
 
         from pdcluster.logs import install_escaping
         install_escaping()              # request ids reach this worker's log lines
+        leave_terminal_group()
 
         from pdcluster.engine.llm_engine import LLMEngine, build_config
         from pdcluster.prefill_worker.worker import PrefillWorker

@@ -107,6 +107,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         # are freed on every worker) with RESOURCE_EXHAUSTED instead of holding its slot forever.
         self.slow_reader_timeout_s = slow_reader_timeout_s
         self.port = 0                   # the bound port, set by RouterServer (conn_reset matches on it)
+        self.draining = False           # set by RouterServer.drain: new calls get UNAVAILABLE
+        self._calls: set[asyncio.Task] = set()      # Generate handlers in progress
+        self._cut: str | None = None    # why the calls left after a drain are being ended
         # Tokenizing a long prompt is CPU work (a 600 KB text: ~1 s): it runs on this thread, never
         # on the event loop. One thread: a fast tokenizer must not be entered by two at once.
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-tokenize")
@@ -114,10 +117,20 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             self._tokenize.submit(max_token_bytes, router.tokenizer)     # the size bound, computed once
 
     async def Generate(self, request, context: grpc.aio.ServicerContext) -> None:
-        r = self.router
-        first = True
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down: retry on another")
+        task = asyncio.current_task()
+        self._calls.add(task)
+        try:
+            await self._generate(request, context, task)
+        finally:
+            self._calls.discard(task)
+
+    async def _generate(self, request, context, task) -> None:
+        r = self.router
+        first = True
         try:
             parsed = await asyncio.get_running_loop().run_in_executor(
                 self._tokenize, parse_request, request, r.tokenizer, self.vocab_size, r.max_context)
@@ -151,6 +164,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
         except grpc.aio.AbortError:
             raise
+        except asyncio.CancelledError:
+            if self._cut is None:
+                raise                       # the client went away
+            if hasattr(task, "uncancel"):   # shutdown after the drain bound: tell the client why
+                task.uncancel()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self._cut)
         except Exception as e:  # never let one request take the router down
             log.exception("request failed")
             await context.abort(grpc.StatusCode.UNAVAILABLE if first else grpc.StatusCode.INTERNAL,
@@ -212,6 +231,24 @@ class RouterServer:
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE):
             await _maybe_await(self.health.set(name, status))
+
+    async def drain(self, timeout_s: float) -> int:
+        """Graceful stop, first half: health NOT_SERVING, new calls UNAVAILABLE, the streams in
+        flight run to their end for up to timeout_s; those left then end with UNAVAILABLE (their
+        requests cancelled on the workers). Returns how many were cut."""
+        self.servicer.draining = True
+        await self.set_serving(False)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.servicer._calls and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        left = list(self.servicer._calls)
+        if left:
+            self.servicer._cut = f"the server is shutting down: stream cut after the {timeout_s:g}s drain bound"
+            for t in left:
+                t.cancel()
+            await asyncio.wait(left, timeout=10)
+        return len(left)
 
     async def stop(self, grace: float = 2.0) -> None:
         await self.server.stop(grace)
