@@ -90,7 +90,7 @@ def test_cached_prompt_sends_only_uncached_blocks(cluster, llm):
     sent_b = b[0].placement.kv_bytes_transferred
     assert 0 < sent_b < a[0].placement.kv_bytes_transferred
     skipped = n_blocks - sent_b // per_block
-    assert skipped == len(ids) // 16 or skipped == (len(ids) + 1 - 1) // 16
+    assert skipped == len(ids) // 16                       # every full prompt block came from the cache
     assert b[-1].usage.cached_prompt_tokens >= 16 * (len(ids) // 16) - 16
 
 
@@ -103,13 +103,12 @@ def test_cancel_mid_stream_frees_blocks_on_both_workers(cluster):
                                      sampling=pb.SamplingParams(max_tokens=400, ignore_eos=True))
             msgs = await collect(stub, req, cancel_after=3)
             assert len(msgs) == 3
-            mid = await cluster.worker_status()
             after = await idle_pools(cluster)
             # the next request is served normally
             ok = await collect(stub, greedy(text="Hello", max_tokens=3))
-        return before, mid, after, ok
+        return before, after, ok
 
-    before, mid, after, ok = cluster.run(go())
+    before, after, ok = cluster.run(go())
     assert {k: v["free_blocks"] for k, v in after.items()} == {k: v["free_blocks"] for k, v in before.items()}
     assert ok[-1].finish_reason == pb.FINISH_REASON_LENGTH
 

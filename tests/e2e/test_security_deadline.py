@@ -93,18 +93,43 @@ def test_deadline_exceeded_frees_blocks(cluster):
     assert {k: v["free_blocks"] for k, v in after.items()} == {k: v["free_blocks"] for k, v in before.items()}
 
 
+UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "marshal", "shelve", "joblib"}
+UNSAFE_CALLS = {"loads", "load", "Unpickler"}
+
+
+def unsafe_loads(tree: ast.AST) -> list[int]:
+    """Lines that import an unpickling module (any form) or call a loader: pickle.loads(...),
+    `from pickle import loads`, torch.load(...) (a pickle underneath)."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] in UNSAFE_MODULES for a in node.names):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UNSAFE_MODULES:
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in UNSAFE_CALLS:
+            owner = node.func.value
+            name = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", "")
+            if name in UNSAFE_MODULES | {"torch"}:
+                lines.append(node.lineno)
+    return lines
+
+
+def test_the_unpickling_scan_catches_each_form():
+    for code in ("import pickle", "import cloudpickle as cp", "from pickle import loads", "from marshal import *",
+                 "import torch\ntorch.load(f)", "x = pickle.loads(b)", "import dill.settings"):
+        assert unsafe_loads(ast.parse(code)), code
+    assert not unsafe_loads(ast.parse("import json\njson.loads(s)\nimport msgpack\nmsgpack.loads(b)"))
+
+
 def test_no_unpickling_anywhere_in_the_project():
-    """Nothing received from the network is unpickled: no pickle/cloudpickle/marshal loads in our code."""
+    """Nothing received from the network is unpickled: no unpickling module is even imported, and
+    no torch.load, anywhere in the installed code."""
     root = pathlib.Path(__file__).resolve().parents[2]
     bad = []
-    for d in ("engine", "router", "prefill_worker", "decode_worker", "kv_transfer", "kernels", "deploy", "bench"):
+    for d in ("pdcluster", "engine", "router", "prefill_worker", "decode_worker", "kv_transfer", "kernels", "deploy",
+              "bench"):
         for f in (root / d).rglob("*.py"):
-            tree = ast.parse(f.read_text())
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Attribute) and node.attr in ("loads", "load", "Unpickler") and \
-                        isinstance(node.value, ast.Name) and node.value.id in ("pickle", "cloudpickle", "marshal",
-                                                                               "dill"):
-                    bad.append(f"{f.relative_to(root)}:{node.lineno}")
+            bad += [f"{f.relative_to(root)}:{n}" for n in unsafe_loads(ast.parse(f.read_text()))]
     assert bad == []
 
 

@@ -74,3 +74,5 @@ def test_compressed_transfers_keep_greedy_tokens_within_top5(workers, judge):
                 diverged.append(next(j for j, (a, b) in enumerate(zip(toks, want)) if a != b))
         print(f"\n[kv compression] {mode}: {same}/{len(prompts)} prompts token-exact vs uncompressed, "
               f"first divergences at {diverged}")
+        # near-ties may flip a token (every step stays within the top-5 rule above); most must not
+        assert same >= len(prompts) - 2, (mode, same, diverged)

@@ -129,5 +129,5 @@ def test_unclaimed_reservation_expires_and_frees_its_blocks(workers):
             time.sleep(0.1)
     finally:
         d.reservation_ttl_s = ttl
-    with pytest.raises(Exception):
+    with pytest.raises(KeyError, match="orphan"):
         d.start("orphan", 5)   # gone: a late start fails instead of decoding freed blocks
