@@ -76,6 +76,10 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="a worker that misses a status poll for this long is unhealthy (no new placements)")
     p.add_argument("--transfer-timeout", type=float, default=30.0,
                    help="seconds one request's KV transfer may take on either end before it fails and is recomputed")
+    p.add_argument("--max-queue-wait", type=float, default=30.0,
+                   help="admission: a request whose prefill could not start within this many seconds (the "
+                        "queued prompt tokens / the measured prefill rate), or within its own gRPC deadline, "
+                        "gets RESOURCE_EXHAUSTED at once; 0 = only the deadline")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGINT/SIGTERM: seconds the streams in flight may take to finish (new requests are "
                         "refused at once, health turns NOT_SERVING); those left then end with UNAVAILABLE")
@@ -113,7 +117,8 @@ def cmd_serve(a) -> int:
                         auth_token_file=a.auth_token_file, tls_cert=a.tls_cert, tls_key=a.tls_key,
                         policy=a.policy, cluster_secret_file=a.cluster_secret_file, max_restarts=a.max_restarts,
                         worker_timeout_s=a.worker_timeout, prefill_timeout_s=a.prefill_timeout,
-                        health_timeout_s=a.health_timeout, transfer_timeout_s=a.transfer_timeout)
+                        health_timeout_s=a.health_timeout, transfer_timeout_s=a.transfer_timeout,
+                        max_queue_wait_s=a.max_queue_wait or None)
     if a.config:
         from dataclasses import replace
 

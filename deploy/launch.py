@@ -34,6 +34,7 @@ class ClusterConfig:
     remote_prefill: bool = True
     local_prefill_max_tokens: int = 0
     max_in_flight: int = 512
+    max_queue_wait_s: float | None = 30.0    # admission: expected wait before a prefill starts (None: off)
     kv_bandwidth_limit: float | None = None  # bytes/s: emulate a slow prefill->decode link
     kv_link: ShapedLink | None = None        # a real shaped link (deploy/netns.py; tcp transport, one host): the
                                              #   decode workers' KV TCP servers listen on its decode end, the
@@ -184,7 +185,8 @@ class Cluster(Scaling):
         from pdcluster.router.cost_model import CostConfig
         dtype_bytes = {"float32": 4, "bfloat16": 2, "float16": 2}[c.dtype]
         block_size = int(ek.get("block_size", 16))
-        self.router = Router(RouterConfig(max_in_flight=c.max_in_flight, remote_prefill=c.remote_prefill,
+        self.router = Router(RouterConfig(max_in_flight=c.max_in_flight, max_queue_wait_s=c.max_queue_wait_s,
+                                          remote_prefill=c.remote_prefill,
                                           local_prefill_max_tokens=c.local_prefill_max_tokens, policy=c.policy,
                                           block_size=block_size),
                              tok, mcfg.eos_token_ids, mcfg.max_position_embeddings, Pools(),

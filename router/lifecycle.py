@@ -18,6 +18,7 @@ from pdcluster.engine.detokenizer import Detokenizer
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.router.metrics import RouterMetrics
 from pdcluster.engine.hashing import block_hashes
+from pdcluster.router.admission import admission_limit, expected_wait_s
 from pdcluster.router.cost_model import CostConfig, Telemetry
 from pdcluster.router.placement import WorkerLoad
 from pdcluster.router.policies import DEFAULT_POLICY, make_policy
@@ -49,6 +50,7 @@ class Event:
 @dataclass
 class RouterConfig:
     max_in_flight: int = 512                # admission bound; beyond it RESOURCE_EXHAUSTED at once
+    max_queue_wait_s: float | None = 30.0   # expected wait before a prefill starts; beyond it the same
     max_attempts: int = 3                   # placements tried per attempt before UNAVAILABLE
     max_migrations: int = 2                 # lost decode workers survived per request
     local_prefill_max_tokens: int = 0       # prompts this short prefill on the decode worker
@@ -207,9 +209,10 @@ class Router:
 
     # requests
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "",
-                       cache_salt: str | None = None):
+                       cache_salt: str | None = None, deadline_s: float | None = None):
         """Async iterator of Events. Raises InvalidRequest / Overloaded / Unavailable before the
-        first event; after it, failures end the stream with finish_reason "abort"."""
+        first event; after it, failures end the stream with finish_reason "abort". deadline_s: the
+        client's remaining time (None: none set)."""
         rid = request_id or uuid.uuid4().hex
         if rid in self.in_flight:
             raise InvalidRequest(f"request_id {rid!r} is already in flight", code="ALREADY_EXISTS")
@@ -217,6 +220,7 @@ class Router:
         if len(self.in_flight) >= self.cfg.max_in_flight:
             self.metrics.rejected("overloaded")
             raise Overloaded(f"admission queue full ({self.cfg.max_in_flight} requests in flight)")
+        self._admit_by_wait(len(prompt_ids), deadline_s)
         self.in_flight.add(rid)
         trace = Trace(time.perf_counter())
         self.metrics.admitted()
@@ -243,6 +247,22 @@ class Router:
             ttft = trace.t_first - trace.t0 if trace.t_first is not None else None
             self.metrics.finished(trace.status, ttft, e2e, trace.n_out)
             self._log(rid, trace, len(prompt_ids), ttft, e2e)
+
+    def _admit_by_wait(self, n_prompt: int, deadline_s: float | None) -> None:
+        """Overloaded (RESOURCE_EXHAUSTED) now when the prompt's prefill could not start within
+        the tighter of --max-queue-wait and the client's deadline (router/admission.py)."""
+        limit = admission_limit(self.cfg.max_queue_wait_s, deadline_s)
+        if limit is None:
+            return
+        c = self.cfg
+        may_prefill = list(self._loads("prefill")) if c.remote_prefill else []
+        if not c.remote_prefill or c.policy == "cost-model" or n_prompt <= c.local_prefill_max_tokens:
+            may_prefill += list(self._loads("decode"))          # a local prefill is an option too
+        wait = expected_wait_s(may_prefill, self.telemetry.prefill_tps)
+        if wait is not None and wait > limit[0]:
+            self.metrics.rejected("overloaded")
+            raise Overloaded(f"expected wait before the prefill starts is {wait:.1f}s, over {limit[1]} "
+                             f"({limit[0]:.1f}s): retry later or elsewhere")
 
     def _check_capacity(self, n_prompt: int, max_tokens: int) -> None:
         """InvalidRequest when no decode worker's KV pool (as last reported) can ever hold the

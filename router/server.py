@@ -135,7 +135,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             parsed = await asyncio.get_running_loop().run_in_executor(
                 self._tokenize, parse_request, request, r.tokenizer, self.vocab_size, r.max_context)
             rid = request.request_id or uuid.uuid4().hex
-            events = r.generate(parsed.prompt_ids, parsed.params, rid, cache_salt=tenant_of(context, self.auth))
+            events = r.generate(parsed.prompt_ids, parsed.params, rid, cache_salt=tenant_of(context, self.auth),
+                                deadline_s=context.time_remaining())
             async with contextlib.aclosing(events):
                 async for ev in events:
                     msg = pb.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=ev.text,
