@@ -140,6 +140,16 @@ def cmd_serve(a) -> int:
     except PortInUse as e:
         print(f"pdcluster serve: {e.strerror}", file=sys.stderr)
         return 2
+    from pdcluster.deploy.launch import cluster_secret
+    from pdcluster.router.auth import TokenAuth
+    try:    # the files a request path would read late: bad ones stop serve now, in one line
+        if cfg.auth_token_file:
+            TokenAuth.from_file(cfg.auth_token_file)
+        if cfg.cluster_secret_file:
+            cluster_secret(cfg.cluster_secret_file)
+    except (OSError, ValueError) as e:
+        print(f"pdcluster serve: {e}", file=sys.stderr)
+        return 2
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -195,7 +205,12 @@ def cmd_generate(a) -> int:
             req.chat.messages.add(role="user", content=a.prompt)
         else:
             req.text = a.prompt
-        async with grpc.aio.insecure_channel(a.addr) as ch:
+        if a.tls_ca:
+            with open(a.tls_ca, "rb") as f:
+                ch = grpc.aio.secure_channel(a.addr, grpc.ssl_channel_credentials(f.read()))
+        else:
+            ch = grpc.aio.insecure_channel(a.addr)
+        async with ch:
             try:
                 last = None
                 token = a.auth_token or os.environ.get("PDCLUSTER_TOKEN")
@@ -236,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--addr", default="127.0.0.1:50051", help="the router's gRPC address")
     g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    g.add_argument("--tls-ca", default=None, help="PEM CA (or the server's own certificate): connect over TLS")
     g.add_argument("--auth-token", default=None,
                    help="bearer token for a server started with --auth-token-file (default: $PDCLUSTER_TOKEN)")
     g.add_argument("-v", "--verbose", action="store_true", help="print finish reason and usage")
