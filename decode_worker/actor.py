@@ -61,8 +61,9 @@ class DecodeActor:
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(q.get(), HEARTBEAT_S)
-                except asyncio.TimeoutError:    # nothing new (a long prefill): prove life and progress
+                    async with asyncio.timeout(HEARTBEAT_S):    # no task per token, unlike wait_for
+                        item = await q.get()
+                except TimeoutError:            # nothing new (a long prefill): prove life and progress
                     yield {"heartbeat": True, "finished": False, "steps": self.worker.steps()}
                     continue
                 yield item

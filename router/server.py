@@ -168,8 +168,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except asyncio.CancelledError:
             if self._cut is None:
                 raise                       # the client went away
-            if hasattr(task, "uncancel"):   # shutdown after the drain bound: tell the client why
-                task.uncancel()
+            task.uncancel()                 # shutdown after the drain bound: tell the client why
             await context.abort(grpc.StatusCode.UNAVAILABLE, self._cut)
         except Exception as e:  # never let one request take the router down
             log.exception("request failed")
