@@ -50,7 +50,9 @@ def test_burst_beyond_the_expected_wait_is_refused_at_once():
           f"{MAX_WAIT_S:g}s: {len(served)} served "
           f"(slowest {max(t for _, t, _ in served):.1f}s), {len(refused)} refused "
           f"(slowest refusal {max((t for _, t, _ in refused), default=0):.2f}s); short deadline: {short[0]}")
-    assert served and refused and len(served) + len(refused) == len(burst), burst
+    other = [b for b in burst if b[0] not in ("ok", "RESOURCE_EXHAUSTED")]
+    # admitted past the decode pool's KV (256 MiB: ~10 of these) may end UNAVAILABLE: capacity, not admission
+    assert served and refused and all(code == "UNAVAILABLE" for code, _, _ in other), other
     assert all("expected wait" in d and "--max-queue-wait" in d for _, _, d in refused)
     assert max(t for _, t, _ in refused) < 1.0                   # refused at once, not after queueing
     assert short[0] == "RESOURCE_EXHAUSTED" and "deadline" in short[2], short
