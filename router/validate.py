@@ -40,7 +40,7 @@ def sampling_from_proto(s) -> SamplingParams:
     stop = list(s.stop)
     if any(not x for x in stop):
         raise InvalidRequest("sampling.stop strings must be non-empty")
-    if len(stop) > 64 or any(len(x) > 1024 for x in stop):
+    if any(len(x) > 1024 for x in stop):                 # the count was checked above
         raise InvalidRequest("sampling.stop: at most 64 strings of at most 1024 characters")
     try:
         return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature,
