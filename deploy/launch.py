@@ -115,7 +115,7 @@ class Cluster(Scaling):
         import ray
 
         from pdcluster.decode_worker import actor as decode_actor
-        from pdcluster.deploy.ray_env import runtime_env
+        from pdcluster.deploy.ray_env import loopback_only, runtime_env
         from pdcluster.engine.loader import load_model_config
         from pdcluster.engine.tokenizer import load_tokenizer
         from pdcluster.prefill_worker import actor as prefill_actor
@@ -134,9 +134,12 @@ class Cluster(Scaling):
                 n_pre = max(c.prefill_workers, c.max_prefill_workers)     # pool units: room up to max replicas
                 n_dec = max(c.decode_workers, c.max_decode_workers)
                 # address="local": a fresh instance, even where a `ray start` cluster runs on this host
-                ray.init(address="local", num_cpus=n * (n_pre + n_dec) + 1,
-                         resources={"prefill_pool": n_pre, "decode_pool": n_dec},
-                         include_dashboard=False, log_to_driver=False, runtime_env=runtime_env())
+                # a single-host Ray: every one of its ports on loopback, no dashboard UI (issue 15)
+                with loopback_only() as loopback:
+                    ray.init(address="local", num_cpus=n * (n_pre + n_dec) + 1,
+                             resources={"prefill_pool": n_pre, "decode_pool": n_dec},
+                             include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(),
+                             **loopback)
                 self._owns_ray = True
         mcfg = load_model_config(c.model)
         if c.max_model_len:

@@ -39,7 +39,7 @@ def served(tmp_path_factory):
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=d)
     try:
         wait_for(lambda: "pdcluster serving on" in log.read_text(), 240, "pdcluster serve", proc, log)
-        yield {"addr": f"localhost:{port}", "cert": cert, "log": log}
+        yield {"addr": f"localhost:{port}", "cert": cert, "log": log, "pid": proc.pid}
     finally:
         stop_group(proc, signal.SIGINT, 60)     # the graceful stop
 
@@ -93,3 +93,25 @@ def test_health_needs_no_token_and_kv_crosses_grpc_compressed(served, llm):
     assert p.remote_prefill and p.prefill_worker == "prefill-0"
     fp32 = len(ids) * llm.engine.cfg.model.kv_bytes_per_token(4)
     assert 0 < p.kv_bytes_transferred < fp32 / 3          # int8 on the wire: about a quarter of fp32
+
+
+def test_a_single_host_serve_and_its_ray_listen_on_loopback_only(served):
+    """Issue 15 (8): `serve` without --address starts Ray with every port on 127.0.0.1 (GCS, raylet,
+    agents, workers, metrics exporters) and no dashboard UI."""
+    import psutil
+    procs = [psutil.Process(served["pid"])]
+    procs += procs[0].children(recursive=True)        # GCS, raylet, agents, worker actors
+    listening = [(p.pid, p.name(), c.laddr) for p in procs for c in _listeners(p)]
+    assert len(listening) >= 6, listening             # router, GCS, raylet, agents, workers' gRPC servers
+    assert any(a.port == int(served["addr"].rsplit(":", 1)[1]) for _, _, a in listening)
+    exposed = [x for x in listening if x[2].ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    assert not exposed, exposed
+    assert not any(a.port == 8265 for _, _, a in listening), "Ray's dashboard UI is up"
+
+
+def _listeners(p):
+    import psutil
+    try:
+        return [c for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    except psutil.NoSuchProcess:
+        return []
