@@ -28,6 +28,7 @@ class DecodeActor:
         from pdcluster.engine.llm_engine import LLMEngine, build_config
         torch.set_num_threads(num_threads)
         engine = LLMEngine(build_config(**engine_kwargs, num_threads=num_threads))
+        engine.warmup()                 # the router's first status poll brings a measured prefill rate
         if worker_kwargs.pop("bind_node_ip", False):
             worker_kwargs["kv_host"] = ray.util.get_node_ip_address()
         self.worker = DecodeWorker(worker_id, engine, **worker_kwargs)

@@ -78,8 +78,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help="seconds one request's KV transfer may take on either end before it fails and is recomputed")
     p.add_argument("--max-queue-wait", type=float, default=30.0,
                    help="admission: a request whose prefill could not start within this many seconds (the "
-                        "queued prompt tokens / the measured prefill rate), or within its own gRPC deadline, "
-                        "gets RESOURCE_EXHAUSTED at once; 0 = only the deadline")
+                        "queued prompt tokens / the measured prefill rate), or whose first token could not "
+                        "come within its own gRPC deadline, gets RESOURCE_EXHAUSTED at once; 0 = only the "
+                        "deadline")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="on SIGINT/SIGTERM: seconds the streams in flight may take to finish (new requests are "
                         "refused at once, health turns NOT_SERVING); those left then end with UNAVAILABLE")

@@ -118,9 +118,10 @@ class BlockPool:
         if self.on_event:
             self.on_event("stored", [block_hash])
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached hash of unreferenced blocks (blocks in use keep theirs)."""
-        removed = [h for h, b in self.cached.items() if b.ref_cnt == 0]
+    def reset_prefix_cache(self, only: set[int] | None = None) -> None:
+        """Forget the cached hashes of unreferenced blocks, every one or those in `only` (blocks in
+        use keep theirs)."""
+        removed = [h for h, b in self.cached.items() if b.ref_cnt == 0 and (only is None or h in only)]
         for h in removed:
             b = self.cached.pop(h)
             b.block_hash, b.reused = None, False

@@ -119,6 +119,34 @@ class LLMEngine:
         log.info("engine ready: %s, %d KV blocks x %d tokens (%.0f MiB), %.1fs", cfg.model.name, n_blocks,
                  cfg.cache.block_size, self.runner.kv_cache_bytes() / 2**20, self.load_seconds)
 
+    def warmup(self, num_tokens: int = 256) -> float:
+        """Before serving: one synthetic prompt of num_tokens (capped by the step budget, the context
+        and the pool) prefilled, plus one decode step. It warms the kernels and gives the step
+        counters (stats) a prefill and a decode sample of this host, so the router's rate estimates
+        (admission, cost model) start measured rather than at their priors. Leaves the KV pool as
+        it was: nothing cached, no block events, prefix-hit counters unchanged. Returns seconds."""
+        from pdcluster.engine.sampling_params import SamplingParams
+        c, pool = self.cfg, self.kv.pool
+        n = min(num_tokens, c.sched.max_num_batched_tokens, c.max_model_len - 2,
+                (pool.num_free_blocks - 1) * c.cache.block_size)
+        if n < 1:
+            return 0.0
+        t0 = time.perf_counter()
+        saved = pool.on_event, pool.queries, pool.hits
+        pool.on_event = None
+        ids = [(7919 * i) % c.model.vocab_size for i in range(n)]     # any in-vocabulary tokens
+        req = self.add_request(ids, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
+                               request_id="warmup", cache_salt=f"warmup-{time.time_ns()}", detokenize=False)
+        try:
+            while not req.is_finished:
+                self.step()
+        finally:
+            if not req.is_finished:
+                self.abort(req.request_id)
+            pool.reset_prefix_cache(only=set(req.block_hashes()))    # its own blocks, salted: no one else's
+            pool.on_event, pool.queries, pool.hits = saved
+        return time.perf_counter() - t0
+
     # requests
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """ValueError naming the field for anything this engine can never serve."""

@@ -22,6 +22,7 @@ class PrefillActor:
         from pdcluster.prefill_worker.worker import PrefillWorker
         torch.set_num_threads(num_threads)
         engine = LLMEngine(build_config(**engine_kwargs, num_threads=num_threads))
+        engine.warmup()                 # the router's first status poll brings a measured prefill rate
         if worker_kwargs.pop("bind_node_ip", False):  # multi-node: decode workers reach this node's IP
             worker_kwargs["kv_host"] = ray.util.get_node_ip_address()
         self.worker = PrefillWorker(worker_id, engine, **worker_kwargs)

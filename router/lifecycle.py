@@ -18,7 +18,7 @@ from pdcluster.engine.detokenizer import Detokenizer
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.router.metrics import RouterMetrics
 from pdcluster.engine.hashing import block_hashes
-from pdcluster.router.admission import admission_limit, expected_wait_s
+from pdcluster.router.admission import refusal
 from pdcluster.router.cost_model import CostConfig, Telemetry
 from pdcluster.router.placement import WorkerLoad
 from pdcluster.router.policies import DEFAULT_POLICY, make_policy
@@ -250,19 +250,18 @@ class Router:
 
     def _admit_by_wait(self, n_prompt: int, deadline_s: float | None) -> None:
         """Overloaded (RESOURCE_EXHAUSTED) now when the prompt's prefill could not start within
-        the tighter of --max-queue-wait and the client's deadline (router/admission.py)."""
-        limit = admission_limit(self.cfg.max_queue_wait_s, deadline_s)
-        if limit is None:
-            return
+        --max-queue-wait, or its first token not come within the client's deadline
+        (router/admission.py)."""
         c = self.cfg
+        if c.max_queue_wait_s is None and deadline_s is None:
+            return
         may_prefill = list(self._loads("prefill")) if c.remote_prefill else []
         if not c.remote_prefill or c.policy == "cost-model" or n_prompt <= c.local_prefill_max_tokens:
             may_prefill += list(self._loads("decode"))          # a local prefill is an option too
-        wait = expected_wait_s(may_prefill, self.telemetry.prefill_tps)
-        if wait is not None and wait > limit[0]:
+        why = refusal(may_prefill, self.telemetry.prefill_tps, n_prompt, c.max_queue_wait_s, deadline_s)
+        if why:
             self.metrics.rejected("overloaded")
-            raise Overloaded(f"expected wait before the prefill starts is {wait:.1f}s, over {limit[1]} "
-                             f"({limit[0]:.1f}s): retry later or elsewhere")
+            raise Overloaded(why)
 
     def _check_capacity(self, n_prompt: int, max_tokens: int) -> None:
         """InvalidRequest when no decode worker's KV pool (as last reported) can ever hold the
@@ -304,6 +303,9 @@ class Router:
                         None, placement, [d], 0)
             p = self.pools.prefill[dec.prefill]
             self._charge(dec.decode, 0, +1)   # from the reserve on the request holds d: a drain waits for it
+            # charged to the prefill worker from the choice on, before the first await: a burst's next
+            # admission and placement see this prompt in its backlog (router/admission.py)
+            self._charge(dec.prefill, len(ids), +1)
             try:
                 try:
                     r = await d.reserve(wid, ids, pd, salt)
@@ -314,7 +316,6 @@ class Router:
                 if not r.pop("ok"):
                     exclude.add(dec.decode)
                     continue
-                self._charge(dec.prefill, len(ids), +1)
                 try:
                     dest = {k: r[k] for k in ("dst_id", "skip_blocks", "dst_block_ids")} | {"address": r["kv_address"]}
                     # the transfer needs both ends: either worker missing its health poll (hung,
@@ -326,12 +327,11 @@ class Router:
                     await self._abort_all(wid, [d, p], lost=lost)
                     exclude.add(lost or dec.prefill)
                     continue
-                finally:
-                    self._charge(dec.prefill, len(ids), -1)
                 placement = dict(prefill_worker=dec.prefill, decode_worker=dec.decode, remote_prefill=True,
                                  kv_bytes_transferred=pre["kv_bytes"], kv_transfer_ms=pre["kv_transfer_ms"])
                 return None, pre["first_token"], placement, [d, p], pre["cached_tokens"]
             finally:
+                self._charge(dec.prefill, len(ids), -1)
                 self._charge(dec.decode, 0, -1)
         raise Unavailable(f"no worker could take request {wid} (excluded: {sorted(exclude) or 'none ready'})")
 

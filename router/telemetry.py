@@ -12,19 +12,19 @@ from pdcluster.router.placement import WorkerLoad
 
 class RateEstimator:
     """Tokens/s from (tokens, seconds) samples: a ratio of exponentially decayed sums (big samples
-    weigh more than tiny ones). The prior is a pseudo-sample of `prior_s` seconds at `prior_tps`
-    that decays like any other sample."""
+    weigh more than tiny ones). `prior_tps` answers until the first sample, which replaces it
+    whole: a guess must not outweigh a measurement (workers send one from their warm-up)."""
 
-    def __init__(self, prior_tps: float, alpha: float = 0.2, prior_s: float = 1.0):
+    def __init__(self, prior_tps: float, alpha: float = 0.2):
         if prior_tps <= 0 or not 0 < alpha <= 1:
             raise ValueError("prior_tps must be > 0 and alpha in (0, 1]")
         self.alpha, self.count = alpha, 0
-        self._tokens, self._seconds = prior_tps * prior_s, prior_s
+        self._tokens, self._seconds = prior_tps, 1.0
 
     def observe(self, tokens: float, seconds: float) -> None:
         if tokens <= 0 or seconds <= 0:
             return
-        keep = 1.0 - self.alpha
+        keep = 1.0 - self.alpha if self.count else 0.0
         self._tokens = keep * self._tokens + tokens
         self._seconds = keep * self._seconds + seconds
         self.count += 1
@@ -185,7 +185,8 @@ class Telemetry:
         perf = self.perf_of(load.worker_id, load.role)
         new = {k: status[k] for k in ("prefill_tokens", "prefill_s", "decode_steps", "decode_seqs",
                                       "decode_s", "tokens", "steps", "busy_s") if k in status}
-        old, perf.counters = perf.counters, new
+        # counters start at zero with the worker: its first poll is a sample too (the warm-up's)
+        old, perf.counters = perf.counters or dict.fromkeys(new, 0), new
         d = {k: new[k] - old[k] for k in new if k in old}
         if any(v < 0 for v in d.values()):
             return                                  # the worker restarted: new baseline, no sample

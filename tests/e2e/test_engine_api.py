@@ -60,3 +60,26 @@ def test_eos_and_ignore_eos(llm):
     forced = llm.generate([ids], SamplingParams(max_tokens=len(out.token_ids) + 3, temperature=0,
                                                 ignore_eos=True))[0]
     assert forced.finish_reason == "length" and len(forced.token_ids) == len(out.token_ids) + 3
+
+
+def test_warmup_measures_a_prefill_and_leaves_the_pool_as_it_was(llm):
+    """Workers warm up before serving (engine.warmup): the step counters gain a prefill and a decode
+    sample (the router's first rate estimates); the pool keeps no block, cache entry or event of it."""
+    e = llm.engine
+    PARIS = "Paris is the capital and largest city of France, on the Seine. " * 3   # 2+ full blocks
+    events, pool = [], e.kv.pool
+    want = llm.generate([PARIS], SamplingParams(max_tokens=6, temperature=0))[0].token_ids
+    pool.on_event = lambda kind, hashes: events.append(kind)
+    try:
+        before = (e.kv.num_free_blocks, set(pool.cached), pool.queries, pool.hits)
+        stats = e.stats.as_dict()
+        assert e.warmup(num_tokens=200) > 0
+        assert (e.kv.num_free_blocks, set(pool.cached), pool.queries, pool.hits) == before and events == []
+        s = e.stats.as_dict()
+        assert s["prefill_tokens"] - stats["prefill_tokens"] == 200 and s["prefill_s"] > stats["prefill_s"]
+        assert s["decode_steps"] - stats["decode_steps"] == 1
+        got = llm.generate([PARIS], SamplingParams(max_tokens=6, temperature=0))[0].token_ids
+        assert got == want                               # and the cached prompt still hits
+        assert pool.hits > before[3]
+    finally:
+        pool.on_event = None

@@ -227,6 +227,54 @@ def test_big_cheap_requests_do_not_stall_the_event_loop(c):
     assert len(lat) >= 3 and lat[len(lat) * 9 // 10] < 0.1 and lat[-1] < 0.25
 
 
+def test_a_burst_past_the_expected_wait_is_refused_at_once(c, monkeypatch):
+    """Admission weighs the expected wait (backlog / measured prefill rate) against --max-queue-wait
+    and the deadline. Before: the rate was the 2,000 tokens/s prior (this host: ~250) and a burst's
+    requests were not counted until their reserve returned, so a 1.5 s bound let 7 of 16 ~600-token
+    prompts in, with a TTFT of 14.7 s."""
+    N = 300                                                # prompt tokens; 3 of them fit the decode KV
+    rng = random.Random(15)
+    prompts = [[rng.randrange(1000, VOCAB) for _ in range(N)] for _ in range(12)]
+    p0 = c.router.pools.loads["prefill-0"]
+
+    async def run():
+        async with grpc.aio.insecure_channel(c.address) as ch:
+            t0 = time.monotonic()
+            while c.router.in_flight or p0.queued_tokens:   # earlier tests' streams: gone
+                assert time.monotonic() - t0 < 30
+                await asyncio.sleep(0.05)
+            tps = c.router.telemetry.prefill_tps(p0)        # measured: the warm-up, earlier tests
+            bound = 2.2 * N / tps                           # 3 prompts' worth of prefill may queue (2 + 1 idle)
+            monkeypatch.setattr(c.router.cfg, "max_queue_wait_s", bound)
+
+            async def one(ids, timeout=60.0):
+                t = time.monotonic()
+                code, details, msgs = await call(ch, ser(pb.GenerateRequest(
+                    token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(max_tokens=2))), timeout=timeout)
+                return code, details, time.monotonic() - t, len(msgs)
+            # no queue, but a deadline shorter than the prompt's own prefill: refused now, not
+            # DEADLINE_EXCEEDED later
+            short = await one(prompts[0][::-1], timeout=0.7 * N / tps)
+            burst = await asyncio.gather(*(one(ids) for ids in prompts))
+            return burst, short, tps, bound
+    burst, short, tps, bound = c.run(run())
+    served = [b for b in burst if b[0] == grpc.StatusCode.OK]
+    refused = [b for b in burst if b[0] == EXHAUSTED]
+    own_s = N / tps
+    print(f"\n[faults] burst of {len(burst)} {N}-token prompts at a measured {tps:.0f} tokens/s, --max-queue-wait "
+          f"{bound:.2f}s: {len(served)} served (slowest {max((t for *_, t, _ in served), default=0):.1f}s, bound + own prefill "
+          f"{bound + own_s:.1f}s), {len(refused)} refused (slowest refusal {max((t for *_, t, _ in refused), default=0):.2f}s); "
+          f"deadline of 0.7x its own prefill: {short[0].name}")
+    assert len(served) + len(refused) == len(burst), [b[:2] for b in burst]
+    # admitted while the backlog ahead was within the bound: at most floor(bound / own_s) + 1 (= 3)
+    assert 1 <= len(served) <= 3 and all(n == 2 for *_, n in served)
+    assert all("expected wait" in d and "--max-queue-wait" in d for _, d, _, _ in refused)
+    assert max(t for *_, t, _ in refused) < 2.0                        # at once, not after queueing
+    # the rate was honest: the admitted ones' first tokens came about when expected (slack for load)
+    assert max(t for *_, t, _ in served) < 3 * (bound + own_s)
+    assert short[0] == EXHAUSTED and "deadline" in short[1], short[:2]
+
+
 def test_tiny_temperatures_sample_like_greedy(c):
     """Temperatures down to the smallest double used to overflow into NaN and return token 0."""
     async def run():

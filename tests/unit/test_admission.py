@@ -1,5 +1,5 @@
 """router/admission.py: the expected wait before a prefill starts, and the limit it is held to."""
-from pdcluster.router.admission import admission_limit, expected_wait_s
+from pdcluster.router.admission import expected_wait_s, refusal
 from pdcluster.router.placement import WorkerLoad
 
 RATES = {"p0": 1000.0, "p1": 4000.0, "d0": 500.0}
@@ -21,8 +21,18 @@ def test_the_least_backlogged_candidate_sets_the_wait():
     assert expected_wait_s([WorkerLoad("p0", "prefill")], rate) == 0.0   # idle: no wait
 
 
-def test_the_tighter_limit_wins_and_says_which():
-    assert admission_limit(30.0, None) == (30.0, "--max-queue-wait")
-    assert admission_limit(30.0, 2.5) == (2.5, "the request's deadline")
-    assert admission_limit(None, 40.0) == (40.0, "the request's deadline")
-    assert admission_limit(None, None) is None
+def test_own_prefill_counts_toward_the_first_token():
+    p0 = WorkerLoad("p0", "prefill", queued_tokens=3000)
+    p1 = WorkerLoad("p1", "prefill", queued_tokens=6000)
+    assert expected_wait_s([p0, p1], rate, own_tokens=1000) == 1.75   # p1: 7000 / 4000 beats p0's 4 s
+
+
+def test_refused_on_the_queue_bound_or_on_the_deadline_and_says_which():
+    p0 = WorkerLoad("p0", "prefill", queued_tokens=3000)              # starts in 3 s, first token after 4 s
+    assert refusal([p0], rate, 1000, None, None) is None
+    assert refusal([p0], rate, 1000, 3.5, None) is None
+    assert "--max-queue-wait (2.0s)" in refusal([p0], rate, 1000, 2.0, None)
+    assert refusal([p0], rate, 1000, None, 4.5) is None
+    why = refusal([p0], rate, 1000, 30.0, 3.5)                        # starts in time, yet finishes too late
+    assert "deadline" in why and "4.0s" in why
+    assert refusal([], rate, 1000, 0.1, 0.1) is None                  # no candidate: placement's answer

@@ -37,9 +37,23 @@ def test_rate_estimator_prior_then_learns():
     r = RateEstimator(prior_tps=1000.0, alpha=0.2)
     assert r.rate == pytest.approx(1000.0) and r.count == 0
     r.observe(0, 1.0)                                    # empty samples are ignored
+    assert r.rate == pytest.approx(1000.0) and r.count == 0
+    r.observe(250, 1.0)                                  # the first sample replaces the prior whole
+    assert r.rate == pytest.approx(250.0) and r.count == 1
     for _ in range(40):
         r.observe(4000, 0.5)                             # true rate 8000 tok/s
-    assert r.rate == pytest.approx(8000.0, rel=0.01) and r.count == 40
+    assert r.rate == pytest.approx(8000.0, rel=0.01) and r.count == 41
+
+
+def test_a_workers_first_status_poll_is_a_sample():
+    t = Telemetry(CostConfig(prior_prefill_tps=2000.0))
+    w = WorkerLoad("p0", "prefill")
+    t.ingest_status(w, {"prefill_tokens": 256, "prefill_s": 0.8, "decode_steps": 0, "decode_seqs": 0,
+                        "decode_s": 0.0})                # the worker's warm-up, counted from zero
+    assert t.prefill_tps(w) == pytest.approx(320.0)
+    t.ingest_status(w, {"prefill_tokens": 256, "prefill_s": 0.8, "decode_steps": 0, "decode_seqs": 0,
+                        "decode_s": 0.0})                # no change since: no new sample
+    assert t.prefill_tps(w) == pytest.approx(320.0)
 
 
 def test_step_time_model_fits_line_and_keeps_prior_slope_at_one_batch_size():

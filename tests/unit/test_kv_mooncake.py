@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 import torch
@@ -104,7 +105,7 @@ def test_prefill_actor_binds_mooncake_to_its_node_ip_on_a_multi_node_cluster(mon
     made = []
     monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.9.8.7")
     monkeypatch.setattr(llm_engine_mod, "build_config", lambda **kw: kw)
-    monkeypatch.setattr(llm_engine_mod, "LLMEngine", lambda cfg: "engine")
+    monkeypatch.setattr(llm_engine_mod, "LLMEngine", lambda cfg: types.SimpleNamespace(warmup=lambda: 0.0))
     monkeypatch.setattr(prefill_worker_mod, "PrefillWorker", lambda wid, eng, **kw: made.append(kw))
     for bind in (True, False):
         actor = PrefillActor("p", {}, torch.get_num_threads(), dict(transport="mooncake", bind_node_ip=bind))
