@@ -5,8 +5,6 @@ and remote prefills whose KV crosses the gRPC transport int8-compressed, tokens 
 import asyncio
 import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import grpc
 import pytest
@@ -15,9 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdcluster import SamplingParams
 from pdcluster.router.proto import generation_pb2 as pb
 from pdcluster.router.proto import generation_pb2_grpc as pbg
-from tests.multinode.test_serve_joins_cluster import free_port, stop_group, wait_for
+from tests.procs import BIN, serving_port, stop_group, wait_for
 
-BIN = Path(sys.executable).parent
 PROMPT = "The capital of France is"
 
 
@@ -30,8 +27,8 @@ def served(tmp_path_factory):
                    check=True, capture_output=True, timeout=60)
     (d / "tokens").write_text("alice:tok-alice-0123456789\n")
     (d / "secret").write_text("a-cluster-secret-of-some-length\n")
-    port, log = free_port(), d / "serve.log"
-    argv = [str(BIN / "pdcluster"), "serve", "--port", str(port), "--metrics-port", "0", "--kv-cache-memory", "64",
+    log = d / "serve.log"
+    argv = [str(BIN / "pdcluster"), "serve", "--port", "0", "--metrics-port", "0", "--kv-cache-memory", "64",
             "--tls-cert", str(cert), "--tls-key", str(key), "--auth-token-file", str(d / "tokens"),
             "--cluster-secret-file", str(d / "secret"), "--kv-transport", "grpc", "--kv-compression", "int8",
             "--policy", "least-loaded"]
@@ -39,17 +36,25 @@ def served(tmp_path_factory):
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=d)
     try:
         wait_for(lambda: "pdcluster serving on" in log.read_text(), 240, "pdcluster serve", proc, log)
+        port = serving_port(log)                    # --port 0: no port picked early and lost
         yield {"addr": f"localhost:{port}", "cert": cert, "log": log, "pid": proc.pid}
     finally:
         stop_group(proc, signal.SIGINT, 60)     # the graceful stop
 
 
-def test_a_bad_token_file_stops_serve_at_once_in_one_line(tmp_path):
-    (tmp_path / "tokens").write_text("alice:short\n")
-    r = subprocess.run([str(BIN / "pdcluster"), "serve", "--port", "0", "--metrics-port", "0",
-                        "--auth-token-file", str(tmp_path / "tokens")], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "shorter than 16" in r.stderr, r.stderr
-    assert "starting pdcluster" not in r.stdout
+@pytest.mark.parametrize("flag, content, words", [
+    ("--auth-token-file", "alice:short\n", "shorter than 16"),
+    ("--cluster-secret-file", "too-short\n", "at least 16 characters"),
+    ("--cluster-secret-file", None, "No such file"),
+])
+def test_a_bad_token_or_secret_file_stops_serve_at_once_in_one_line(tmp_path, flag, content, words):
+    f = tmp_path / "file"
+    if content is not None:
+        f.write_text(content)
+    r = subprocess.run([str(BIN / "pdcluster"), "serve", "--port", "0", "--metrics-port", "0", flag, str(f)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and words in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "starting pdcluster" not in r.stdout
 
 
 def generate(s, *extra):

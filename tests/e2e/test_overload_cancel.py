@@ -38,7 +38,8 @@ def test_overload_rejected_at_once_with_resource_exhausted(cluster):
         r.cfg.max_in_flight = limit
     print(f"\n[overload] 8 requests at a queue of 4: {sum(c == grpc.StatusCode.RESOURCE_EXHAUSTED for c, _ in rejected)}"
           f" rejected, slowest answer {max(t for _, t in rejected) * 1e3:.1f} ms")
-    assert all(c == grpc.StatusCode.RESOURCE_EXHAUSTED and t < 0.1 for c, t in rejected)
+    # at once: a round trip, not a queue (a served one takes seconds; 0.5 s holds on a loaded host)
+    assert all(c == grpc.StatusCode.RESOURCE_EXHAUSTED and t < 0.5 for c, t in rejected)
     assert all(d[-1].usage.completion_tokens == 40 for d in done)
 
 

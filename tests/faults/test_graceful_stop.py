@@ -14,21 +14,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pdcluster.router.proto import generation_pb2 as pb
 from pdcluster.router.proto import generation_pb2_grpc as pbg
-from tests.multinode.test_serve_joins_cluster import BIN, free_port, stop_group, wait_for
+from tests.procs import BIN, serving_port, stop_group, wait_for
 
 DRAIN_S = 20.0
 SHORT, LONG = 40, 2000      # output tokens: one stream ends within the drain bound, one cannot
 
 
 def test_sigint_drains_streams_then_stops(tmp_path):
-    port = free_port()
     log = tmp_path / "serve.log"
-    argv = [str(BIN / "pdcluster"), "serve", "--port", str(port), "--metrics-port", "0", "--kv-cache-memory", "256",
+    argv = [str(BIN / "pdcluster"), "serve", "--port", "0", "--metrics-port", "0", "--kv-cache-memory", "256",
             "--drain-timeout", str(DRAIN_S)]
     with open(log, "w") as out:
         serve = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
     try:
         wait_for(lambda: "pdcluster serving on" in log.read_text(), 240, "pdcluster serve", serve, log)
+        port = serving_port(log)
 
         async def run():
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:

@@ -150,7 +150,9 @@ def test_layers_stream_from_a_compute_thread_in_pieces(server, transport, caches
     stats = sender.finish(timeout=20)
     assert pending.state is TransferState.COMPLETE
     _assert_landed(caches, ids, data)
-    assert max(enqueue_s) < 0.01  # send_layer only enqueues
+    # send_layer only enqueues: the typical call takes well under the 20 ms "compute" (the median, so
+    # one scheduling hiccup on a loaded host does not count)
+    assert sorted(enqueue_s)[len(enqueue_s) // 2] < 0.01
     assert stats.exposed_s < stats.wall_s  # earlier layers moved while later ones computed
 
 
@@ -284,7 +286,10 @@ def test_cut_between_frames_fails_the_request(server, caches):
     k = torch.ones(1, *BLOCK, dtype=torch.bfloat16)
     client = RawClient(server.address)
     client.frame(wire.encode_frame("req", 0, [1], k, k, 0, 2))  # chunk 0 of 2, then the socket closes
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while not pending.claimed:                                  # the server has read the frame's header
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     client.close()
     assert pending.wait(10) is TransferState.FAILED and "truncated" in pending.error
 
@@ -356,7 +361,10 @@ def test_sender_abort_fails_the_request(server, transport, caches):
     pending = server.receiver.expect("req", [1, 2], L, cache_writer(*caches))
     sender = transport.open(server.address, "req", [1, 2])
     sender.send_layer(0, *_layers(2)[0])
-    time.sleep(0.1)
+    deadline = time.monotonic() + 10    # the frame reached the receiver (a busy host can take a while)
+    while caches[0][0][1].abs().sum() == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     sender.abort()
     with pytest.raises(KVTransferError) as e:
         sender.finish(timeout=5)
@@ -397,12 +405,11 @@ def test_server_without_secret_accepts_any_client(caches):
 
 
 def test_unreachable_server_is_unavailable(transport):
-    probe = socket.create_server(("127.0.0.1", 0))
-    address = f"127.0.0.1:{probe.getsockname()[1]}"
-    probe.close()  # nothing listens there now
-    sender = transport.open(address, "req", [1])
-    with pytest.raises(KVTransferError) as e:
-        sender.finish(timeout=20)
+    with socket.socket() as held:       # bound, never listening: refused, and no one else can take it
+        held.bind(("127.0.0.1", 0))
+        sender = transport.open(f"127.0.0.1:{held.getsockname()[1]}", "req", [1])
+        with pytest.raises(KVTransferError) as e:
+            sender.finish(timeout=20)
     assert e.value.status == "UNAVAILABLE"
 
 
