@@ -16,8 +16,8 @@ from pdcluster.router.proto import generation_pb2 as pb
 from pdcluster.router.proto import generation_pb2_grpc as pbg
 from tests.procs import BIN, serving_port, stop_group, wait_for
 
-DRAIN_S = 20.0
-SHORT, LONG = 40, 2000      # output tokens: one stream ends within the drain bound, one cannot
+DRAIN_S = 10.0
+SHORT, LONG = 20, 2000      # output tokens: one stream ends within the drain bound, one cannot
 
 
 def test_sigint_drains_streams_then_stops(tmp_path):
