@@ -41,10 +41,10 @@ class DecodeActor:
                       cache_salt: str | None = None) -> dict:
         """{"ok": True, kv_address, dst_id, skip_blocks, dst_block_ids, cached_tokens} or
         {"ok": False, "reason": ...} when the pool is full right now."""
-        from pdcluster.decode_worker.worker import NoCapacity
+        from pdcluster.engine.scheduler import NoKVCapacity
         try:
             r = await self._run(self.worker.reserve, request_id, prompt_ids, SamplingParams(**params), cache_salt)
-        except NoCapacity as e:
+        except NoKVCapacity as e:
             return dict(ok=False, reason=str(e))
         return dict(ok=True, **r)
 

@@ -15,16 +15,14 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import threading
 import time
 import uuid
 
-from pdcluster.engine.block_events import BlockEventLog
 from pdcluster.engine.engine_thread import EngineThread
 from pdcluster.engine.llm_engine import LLMEngine, StepOutput
-from pdcluster.engine.request import Request
 from pdcluster.engine.sampling_params import SamplingParams
-from pdcluster.kv_transfer import KVReceiver, KVServer, KVTcpServer, TransferState, cache_writer
+from pdcluster.engine.scheduler import NoKVCapacity
+from pdcluster.kv_transfer import KVReceiver, KVServer, KVTcpServer, ReceiveConnector
 
 KV_TRANSPORTS = ("tcp", "grpc", "mooncake")
 
@@ -47,10 +45,6 @@ class TokenStream:
         return self.q.get(timeout=timeout)
 
 
-class NoCapacity(Exception):
-    """Not enough free KV blocks to reserve a prompt right now (the router places elsewhere)."""
-
-
 class DecodeWorker:
     """Receives KV on two servers sharing one KVReceiver: gRPC (KVServer) and plain TCP
     (KVTcpServer), plus MooncakeKVServer (pull over Mooncake) when kv_transport is "mooncake".
@@ -68,17 +62,17 @@ class DecodeWorker:
         self.worker_id = worker_id
         self.incarnation = uuid.uuid4().hex   # new on every (re)start of the process
         self.engine = engine
-        self.events = BlockEventLog()      # prefix-cache events for the router's global index
-        self.events.attach(engine.kv.pool)
+        self.events = engine.block_events()      # prefix-cache events for the router's global index
         self.kv_transport = kv_transport
         self.receiver = KVReceiver()
+        engine.connector = ReceiveConnector(self.receiver, engine.cfg.model.num_layers)
+        k_caches, v_caches = engine.kv_caches()
         self.mooncake_server = None   # only when chosen: it needs the mooncake package and registers the cache
         # (CPU caches; GPU caches land through its registered host staging buffers, chosen by the server itself);
         # first, so that a host without it fails before anything else is started
         if kv_transport == "mooncake":
             from pdcluster.kv_transfer.mooncake_server import MooncakeKVServer
-            self.mooncake_server = MooncakeKVServer(self.receiver, engine.runner.k_caches, engine.runner.v_caches,
-                                                    host=kv_host, secret=secret)
+            self.mooncake_server = MooncakeKVServer(self.receiver, k_caches, v_caches, host=kv_host, secret=secret)
             self.mooncake_server.start_sync()
         self.server = KVServer(self.receiver, host=kv_host, port=kv_port, secret=secret)
         self.server.start_sync()
@@ -86,13 +80,11 @@ class DecodeWorker:
                                       netns=kv_tcp_netns)
         self.tcp_server.start_sync()
         self.transfer_timeout_s = transfer_timeout_s
-        self.streams: dict[str, TokenStream] = {}
-        # rid -> (request, pending transfer, monotonic expiry); engine thread only. A reservation that
-        # is neither started nor aborted by its expiry (its router lost track of it) is freed.
-        self._reserved: dict[str, tuple[Request, object, float]] = {}
+        # rid -> monotonic expiry of its reservation; engine thread only. A reservation that is
+        # neither started nor aborted by its expiry (its router lost track of it) is freed.
+        self._reserved: dict[str, float] = {}
         # longer than the router waits for the prefill that fills it (queue + compute + transfer)
         self.reservation_ttl_s = reservation_ttl_s
-        self._lock = threading.Lock()
         self.loop = EngineThread(engine, name=f"decode-{worker_id}")
 
     @property
@@ -104,8 +96,6 @@ class DecodeWorker:
 
     def _listen(self, rid: str, sink=None) -> TokenStream:
         s = TokenStream(sink)
-        with self._lock:
-            self.streams[rid] = s
         self.loop.listeners[rid] = s.push
         return s
 
@@ -113,44 +103,26 @@ class DecodeWorker:
     def reserve(self, rid: str, prompt_ids: list[int], params: SamplingParams,
                 cache_salt: str | None = None) -> dict:
         def _reserve(engine: LLMEngine) -> dict:
-            if rid in self._reserved or rid in engine.scheduler.requests:
-                raise ValueError(f"request_id {rid!r} is already in flight")
-            req = engine.make_request(prompt_ids, params, rid, cache_salt)
-            kv = engine.kv
-            hits = kv.computed_blocks(req)
-            n_new = req.num_prompt_tokens - len(hits) * kv.block_size
-            if not kv.can_allocate(req, n_new, hits):
-                raise NoCapacity(f"{self.worker_id}: {kv.num_free_blocks} free KV blocks")
-            kv.allocate(req, n_new, hits)
-            dst = req.block_ids[len(hits):]
-            pending = self.receiver.expect(rid, dst, engine.cfg.model.num_layers,
-                                           cache_writer(engine.runner.k_caches, engine.runner.v_caches))
-            self._reserved[rid] = (req, pending, time.monotonic() + self.reservation_ttl_s)
+            try:
+                r = engine.reserve_remote(prompt_ids, params, rid, cache_salt)
+            except NoKVCapacity as e:
+                raise NoKVCapacity(f"{self.worker_id}: {e}") from None
+            self._reserved[rid] = time.monotonic() + self.reservation_ttl_s
             return dict(kv_address=self.kv_address, kv_grpc_address=self.server.address,
-                        kv_tcp_address=self.tcp_server.address, dst_id=self.worker_id, skip_blocks=len(hits),
-                        dst_block_ids=dst, cached_tokens=len(hits) * kv.block_size)
+                        kv_tcp_address=self.tcp_server.address, dst_id=self.worker_id, skip_blocks=r.skip_blocks,
+                        dst_block_ids=r.block_ids, cached_tokens=r.cached_tokens)
         return self.loop.run(_reserve)
 
     def start(self, rid: str, first_token: int, sink=None) -> TokenStream:
         """The transfer finished (the prefill worker holds the ack): join the running batch."""
         def _start(engine: LLMEngine) -> None:
-            req, pending, _ = self._reserved.pop(rid)
-            if pending.state is not TransferState.COMPLETE:
-                engine.kv.free(req)
-                self.receiver.abort(rid)
-                raise RuntimeError(f"KV for {rid} not complete: {pending.state.value}")
-            req.num_computed_tokens = req.num_prompt_tokens
-            engine.kv.cache_computed_blocks(req)
-            req.append_token(first_token)
-            if engine.scheduler.stop_status(req, first_token) is not None:
-                engine.kv.free(req)
-                raise ValueError("the first token already finishes the request; nothing to decode")
-            engine.scheduler.add_running(req)
+            self._reserved.pop(rid)
+            engine.start_remote(rid, first_token)
         stream = self._listen(rid, sink)
         try:
-            deadline = time.monotonic() + self.transfer_timeout_s
-            pending = self.loop.run(lambda e: self._reserved[rid][1])
-            pending.wait(max(0.0, deadline - time.monotonic()))
+            if not self.loop.run(lambda e: rid in self._reserved):
+                raise KeyError(rid)
+            self.engine.connector.wait_loaded(rid, self.transfer_timeout_s)
             self.loop.run(_start)
         except BaseException:
             self._drop_stream(rid)
@@ -171,12 +143,8 @@ class DecodeWorker:
     def abort(self, rid: str) -> None:
         """Stop rid wherever it is and free its blocks (idempotent)."""
         def _abort(engine: LLMEngine) -> None:
-            self.receiver.abort(rid)
-            entry = self._reserved.pop(rid, None)
-            if entry is not None:
-                engine.kv.free(entry[0])
-            req = engine.scheduler.requests.get(rid)
-            engine.abort(rid)
+            self._reserved.pop(rid, None)
+            req = engine.abort(rid)          # the connector fences late KV for rid, reserved or not
             cb = self.loop.listeners.pop(rid, None)
             if cb and req is not None:
                 cb(StepOutput(req, [], "", True))
@@ -185,20 +153,17 @@ class DecodeWorker:
 
     def _drop_stream(self, rid: str) -> None:
         self.loop.listeners.pop(rid, None)
-        with self._lock:
-            self.streams.pop(rid, None)
 
     def finished(self, rid: str) -> None:
         self._drop_stream(rid)
 
     def _expire_reservations(self, engine: LLMEngine) -> None:
         now = time.monotonic()
-        for rid in [r for r, (_, _, expiry) in self._reserved.items() if expiry < now]:
+        for rid in [r for r, expiry in self._reserved.items() if expiry < now]:
             log.warning("%s: reservation %s expired unclaimed after %.0fs; freeing its blocks", self.worker_id,
                         rid, self.reservation_ttl_s)
-            req, _, _ = self._reserved.pop(rid)
-            self.receiver.abort(rid)
-            engine.kv.free(req)
+            del self._reserved[rid]
+            engine.abort(rid)
 
     def status(self, drain_events: bool = False) -> dict:
         """Load figures; with drain_events (the router's poll) also the block events since the last drain.
@@ -206,9 +171,9 @@ class DecodeWorker:
         self.loop.call(self._expire_reservations)
         e = self.engine
         seq, events = self.events.drain() if drain_events else (None, [])
+        running, waiting = e.queue_lengths()
         return dict(worker_id=self.worker_id, role="decode", incarnation=self.incarnation, pid=os.getpid(),
-                    running=len(e.scheduler.running),
-                    waiting=len(e.scheduler.waiting), reserved=len(self._reserved),
+                    running=running, waiting=waiting, reserved=len(self._reserved),
                     kv_address=self.kv_address, block_seq=seq, block_events=events, **e.figures())
 
     def steps(self) -> int:
@@ -217,7 +182,7 @@ class DecodeWorker:
 
     def cached_hashes(self) -> tuple[int, list[int]]:
         """(event sequence number, every cached chain hash): a full resync for the router's index."""
-        return self.loop.run(lambda e: self.events.snapshot(e.kv.pool))
+        return self.loop.run(lambda e: e.block_snapshot())
 
     def close(self) -> None:
         self.loop.stop()

@@ -12,7 +12,7 @@ errors of a file are reported at once: `PoolsConfigError.issues` is the list.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,12 +105,10 @@ class ServeConfig:
         return {name: p.scaling_rule() for name, p in self.pools.items() if p.min_replicas < p.max_replicas}
 
     def to_cluster_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `deploy.launch.ClusterConfig` (the serve-time fields it has; the
-        placement policy too once ClusterConfig has a `policy` field).
+        """Keyword arguments for `deploy.launch.ClusterConfig` (the serve-time fields it has).
 
         ClusterConfig sizes both pools alike and reserves `threads_per_worker` Ray CPUs per actor,
         so per-pool sizes it cannot express are refused here rather than silently dropped."""
-        from pdcluster.deploy.launch import ClusterConfig
         p, d = self.prefill.resources, self.decode.resources
         bad = [f"{k}: prefill {getattr(p, k)} != decode {getattr(d, k)}" for k in ("threads", "gpus")
                if getattr(p, k) != getattr(d, k)]
@@ -122,9 +120,8 @@ class ServeConfig:
         kw = dict(model=self.model, host=self.router.host, port=self.router.port,
                   metrics_port=self.router.metrics_port, prefill_workers=self.prefill.initial_replicas,
                   decode_workers=self.decode.initial_replicas, threads_per_worker=p.threads, use_gpu=p.gpus > 0,
-                  max_prefill_workers=self.prefill.max_replicas, max_decode_workers=self.decode.max_replicas)
-        if "policy" in {f.name for f in fields(ClusterConfig)}:
-            kw["policy"] = self.router.policy
+                  max_prefill_workers=self.prefill.max_replicas, max_decode_workers=self.decode.max_replicas,
+                  policy=self.router.policy)
         return kw
 
 

@@ -8,7 +8,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -87,6 +87,3 @@ class EngineConfig:
     @property
     def max_model_len(self) -> int:
         return self.model.max_position_embeddings
-
-    def with_(self, **kw) -> "EngineConfig":
-        return replace(self, **kw)

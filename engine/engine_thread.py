@@ -20,9 +20,8 @@ Listener = Callable[[StepOutput], None]
 
 
 class EngineThread:
-    def __init__(self, engine: LLMEngine, layer_hook=None, name: str = "engine"):
+    def __init__(self, engine: LLMEngine, name: str = "engine"):
         self.engine = engine
-        self.layer_hook = layer_hook          # (layer, batch) -> None, on this thread
         self.listeners: dict[str, Listener] = {}
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
@@ -66,7 +65,7 @@ class EngineThread:
             if self._stop.is_set() or not self.engine.has_work():
                 continue
             try:
-                outs = self.engine.step(self.layer_hook)
+                outs = self.engine.step()
             except Exception:
                 log.exception("engine step failed; aborting the running batch")
                 for req in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):

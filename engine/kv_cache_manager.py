@@ -29,10 +29,6 @@ class KVCacheManager:
     def num_blocks(self) -> int:
         return self.pool.num_blocks
 
-    def usage(self) -> float:
-        return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
-
-    # prefix cache
     def computed_blocks(self, req: Request, count: bool = True) -> list[Block]:
         """Longest run of cached blocks for req's leading full blocks, leaving >= 1 token to compute
         (the last token must run through the model to produce logits). With `count`, the lookup is
@@ -58,16 +54,6 @@ class KVCacheManager:
         self.pool.queries += req.num_tokens
         self.pool.hits += num_hit_blocks * self.block_size
 
-    def num_cached_prefix_tokens(self, token_hashes: list[int]) -> int:
-        """Tokens of a prompt (given its full-block hashes) already cached here; for placement."""
-        n = 0
-        for h in token_hashes:
-            if self.pool.lookup(h) is None:
-                break
-            n += 1
-        return n * self.block_size
-
-    # allocation
     def blocks_needed(self, req: Request, num_new_tokens: int, num_hit_blocks: int = 0) -> int:
         """Fresh blocks to hold num_new_tokens after the computed ones (or after the hit blocks,
         on first admission)."""

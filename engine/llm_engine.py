@@ -10,16 +10,26 @@ from dataclasses import dataclass
 
 import torch
 
+from pdcluster.engine.block_events import BlockEventLog
 from pdcluster.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from pdcluster.engine.detokenizer import Detokenizer
 from pdcluster.engine.kv_cache_manager import KVCacheManager
+from pdcluster.engine.kv_connector import CompletingPrompt, KVConnector
 from pdcluster.engine.llama import LlamaModel
 from pdcluster.engine.model_runner import DTYPES, ModelRunner, num_kv_blocks
 from pdcluster.engine.request import Request, Status
 from pdcluster.engine.sampling_params import SamplingParams
-from pdcluster.engine.scheduler import Scheduler
+from pdcluster.engine.scheduler import NoKVCapacity, Scheduler  # noqa: F401  (NoKVCapacity: reserve_remote's)
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RemoteKV:
+    """A reservation for a prompt's KV computed elsewhere (reserve_remote)."""
+    skip_blocks: int                # leading blocks already here (prefix-cache hits)
+    block_ids: list[int]            # the blocks to fill, in order
+    cached_tokens: int              # skip_blocks x block size
 
 
 @dataclass
@@ -96,7 +106,7 @@ def build_config(model: str | None = None, *, dtype: str = "float32", device: st
 
 
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig, on_block_event=None):
+    def __init__(self, cfg: EngineConfig, connector: KVConnector | None = None):
         from pdcluster.engine.loader import load_weights
         from pdcluster.engine.tokenizer import load_tokenizer
 
@@ -109,8 +119,10 @@ class LLMEngine:
         self.model = LlamaModel(cfg.model, weights, cfg.device, DTYPES[cfg.dtype], cfg.attention_backend)
         del weights
         n_blocks = num_kv_blocks(cfg)
-        self.kv = KVCacheManager(n_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching, on_block_event,
-                                 cfg.cache.protected_fraction)
+        self.kv = KVCacheManager(n_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching,
+                                 protected_fraction=cfg.cache.protected_fraction)
+        self.connector = connector or KVConnector()     # KV in and out of this engine (engine/kv_connector.py)
+        self.events: BlockEventLog | None = None        # prefix-cache events, once a worker asks for them
         self.scheduler = Scheduler(cfg.sched, self.kv, cfg.max_model_len)
         self.runner = ModelRunner(cfg, self.model, n_blocks)
         self.detoks: dict[str, Detokenizer] = {}
@@ -173,9 +185,69 @@ class LLMEngine:
             self.detoks[req.request_id] = Detokenizer(self.tokenizer, prompt_ids, params.stop)
         return req
 
-    def abort(self, request_id: str) -> None:
-        self.scheduler.abort(request_id)
+    def abort(self, request_id: str) -> Request | None:
+        """End request_id wherever it is (queued, running, waiting for remote KV), free its blocks
+        and tell the connector first (it fences late KV before the blocks are free); the request,
+        or None if it was not here. Idempotent."""
+        self.connector.request_aborted(request_id)
+        req = self.scheduler.abort(request_id)
         self._release(request_id)
+        return req
+
+    # KV from outside (a decode worker's half of a remote prefill; engine/kv_connector.py)
+    def reserve_remote(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                       cache_salt: str | None = None) -> RemoteKV:
+        """Allocate the whole prompt's blocks (prefix hits reused) for KV computed elsewhere and have
+        the connector expect it; the request waits until start_remote. NoKVCapacity: no room now."""
+        req = self.make_request(prompt_ids, params, request_id, cache_salt)
+        skip, block_ids = self.scheduler.add_remote(req)
+        try:
+            self.connector.start_load(request_id, block_ids, self.runner.k_caches, self.runner.v_caches)
+        except BaseException:
+            self.scheduler.abort(request_id)
+            raise
+        return RemoteKV(skip_blocks=skip, block_ids=block_ids, cached_tokens=skip * self.cfg.cache.block_size)
+
+    def start_remote(self, request_id: str, first_token: int) -> None:
+        """The prompt's KV should be in (the connector says): the request runs from first_token on.
+        RuntimeError (request aborted) if the KV is incomplete; ValueError (request finished) if
+        first_token already ends it; KeyError if request_id holds no reservation."""
+        req = self.scheduler.requests.get(request_id)
+        if req is None or req.status is not Status.WAITING_FOR_REMOTE_KV:
+            raise KeyError(f"no KV reservation for {request_id!r}")
+        why = self.connector.take_loaded(request_id)
+        if why is not None:
+            self.abort(request_id)
+            raise RuntimeError(f"KV for {request_id} not complete: {why}")
+        self.scheduler.remote_kv_done(req, first_token)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self.scheduler.requests
+
+    def queue_lengths(self) -> tuple[int, int]:
+        """(running, waiting) requests; reservations for remote KV are in neither."""
+        return len(self.scheduler.running), len(self.scheduler.waiting)
+
+    def kv_caches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per-layer K and V caches, [num_blocks, block_size, kv_heads, head_dim] each: what a
+        transport registers or writes into (the cache outlives every connector)."""
+        return self.runner.k_caches, self.runner.v_caches
+
+    def kv_block_bytes(self) -> int:
+        """Bytes of one block's K and V over all layers."""
+        k = self.runner.k_caches
+        return 2 * k[0][0].numel() * k[0].element_size() * len(k)
+
+    def block_events(self) -> BlockEventLog:
+        """The log of this engine's prefix-cache events (created and attached on first call)."""
+        if self.events is None:
+            self.events = BlockEventLog()
+            self.events.attach(self.kv.pool)
+        return self.events
+
+    def block_snapshot(self) -> tuple[int, list[int]]:
+        """(event sequence number, every cached chain hash): a full resync; engine thread."""
+        return self.block_events().snapshot(self.kv.pool)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -188,14 +260,19 @@ class LLMEngine:
                     prefix_queries=kv.pool.queries, **self.stats.as_dict())
 
     # step
-    def step(self, layer_hook=None) -> list[StepOutput]:
-        """One scheduler step. layer_hook(layer, batch), if given, runs after each layer's KV is
-        stored (the prefill worker streams that layer's blocks from there)."""
+    def step(self) -> list[StepOutput]:
+        """One scheduler step. A saving connector gets each layer as soon as it is stored (the
+        prefill worker streams that layer's blocks from there)."""
         batch = self.scheduler.schedule()
         if not batch.reqs:
             return []
         t0 = time.perf_counter()
-        hook = (lambda layer: layer_hook(layer, batch)) if layer_hook else None
+        hook = None
+        if self.connector.saves:
+            done = [CompletingPrompt(r.request_id, tuple(r.block_ids))
+                    for i, r in enumerate(batch.reqs) if batch.samples(i)]
+            k, v = self.runner.k_caches, self.runner.v_caches
+            hook = lambda layer: self.connector.save_layer(layer, k, v, done)   # noqa: E731
         sampled = self.runner.run(batch, hook)
         self.stats.record(batch.total_tokens, len(batch), time.perf_counter() - t0)
         finished = set(id(r) for r in self.scheduler.update(batch, sampled))

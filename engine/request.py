@@ -16,6 +16,7 @@ from pdcluster.engine.sampling_params import SamplingParams
 
 class Status(enum.Enum):
     WAITING = "waiting"
+    WAITING_FOR_REMOTE_KV = "waiting_for_remote_kv"   # blocks held, its prompt's KV arriving from outside
     RUNNING = "running"
     FINISHED_STOPPED = "stop"      # EOS, stop token, stop string
     FINISHED_LENGTH = "length"     # max_tokens or context length

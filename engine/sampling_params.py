@@ -1,4 +1,4 @@
-"""Per-request sampling parameters (the offline twin of API.md's SamplingParams)."""
+"""Per-request sampling parameters (the offline twin of the gRPC SamplingParams, router/proto/generation.proto)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

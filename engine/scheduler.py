@@ -20,8 +20,13 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pdcluster.engine.config import SchedulerConfig
-from pdcluster.engine.kv_cache_manager import KVCacheManager, cdiv
+from pdcluster.engine.kv_cache_manager import KVCacheManager
 from pdcluster.engine.request import Request, Status
+from pdcluster.engine.rules import blocks_for_lifetime, finish_reason
+
+
+class NoKVCapacity(Exception):
+    """Not enough free KV blocks for a request right now (a router places it elsewhere)."""
 
 
 @dataclass
@@ -58,7 +63,7 @@ class Scheduler:
         if num_prompt_tokens + max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds "
                              f"the context length {self.max_model_len}")
-        need = cdiv(num_prompt_tokens + max_tokens, self.kv.block_size)
+        need = blocks_for_lifetime(num_prompt_tokens, max_tokens, self.kv.block_size)
         if need > self.kv.num_blocks:
             raise ValueError(f"prompt + max_tokens needs {need} KV blocks; the pool has {self.kv.num_blocks}")
 
@@ -69,13 +74,35 @@ class Scheduler:
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
-    def add_running(self, req: Request) -> None:
-        """Admit a request whose blocks are allocated and whose KV is already computed
-        (it arrived from a prefill worker)."""
+    def add_remote(self, req: Request) -> tuple[int, list[int]]:
+        """A request whose prompt KV comes from outside (a prefill worker): blocks for the whole
+        prompt are allocated now, prefix hits reused, and it waits in WAITING_FOR_REMOTE_KV (in
+        no queue: it is not stepped) until remote_kv_done. Returns (hit blocks, the ids of the
+        blocks to fill, in order). NoKVCapacity when the pool cannot hold it now."""
         if req.request_id in self.requests:
             raise ValueError(f"request_id {req.request_id!r} is already in flight")
-        req.status = Status.RUNNING
+        self.check_fits(req.num_prompt_tokens, req.params.max_tokens)
+        hits = self.kv.computed_blocks(req)
+        n_new = req.num_prompt_tokens - len(hits) * self.kv.block_size
+        if not self.kv.can_allocate(req, n_new, hits):
+            raise NoKVCapacity(f"{self.kv.num_free_blocks} free KV blocks")
+        self.kv.allocate(req, n_new, hits)
+        req.status = Status.WAITING_FOR_REMOTE_KV
         self.requests[req.request_id] = req
+        return len(hits), req.block_ids[len(hits):]
+
+    def remote_kv_done(self, req: Request, first_token: int) -> None:
+        """Its prompt's KV is in: the prompt counts as computed (and cached), the first token,
+        sampled where the prompt was prefilled, is appended, and it runs. If that token already
+        ends it, it finishes here (blocks freed) and ValueError says so: nothing to decode."""
+        assert req.status is Status.WAITING_FOR_REMOTE_KV
+        req.num_computed_tokens = req.num_prompt_tokens
+        self.kv.cache_computed_blocks(req)
+        req.append_token(first_token)
+        if (status := self.stop_status(req, first_token)) is not None:
+            self.finish(req, status)
+            raise ValueError("the first token already finishes the request; nothing to decode")
+        req.status = Status.RUNNING
         self.running.append(req)
 
     def has_work(self) -> bool:
@@ -192,11 +219,9 @@ class Scheduler:
         return finished
 
     def stop_status(self, req: Request, tok: int) -> Status | None:
-        if tok in req.eos_token_ids or tok in req.params.stop_token_ids:
-            return Status.FINISHED_STOPPED
-        if req.num_output_tokens >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
-            return Status.FINISHED_LENGTH
-        return None
+        reason = finish_reason(tok, req.num_output_tokens, req.num_tokens, req.params, req.eos_token_ids,
+                               self.max_model_len)
+        return Status(reason) if reason else None
 
     def finish(self, req: Request, status: Status) -> None:
         """Finish (or abort) a request anywhere in the queues and free its blocks."""

@@ -15,14 +15,12 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 
-import torch
 
-from pdcluster.engine.block_events import BlockEventLog
 from pdcluster.engine.engine_thread import EngineThread
 from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 from pdcluster.engine.sampling_params import SamplingParams
-from pdcluster.kv_transfer import (BandwidthMeter, GrpcKVTransport, KVTransferError, LayerwiseSender, MooncakeKVTransport,
-                         TcpKVTransport)
+from pdcluster.kv_transfer import (BandwidthMeter, GrpcKVTransport, KVTransferError, MooncakeKVTransport, SendConnector,
+                                   TcpKVTransport)
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy, prefill_seconds
 
 # "mooncake" imports the mooncake package only when built (MooncakeUnavailable if it cannot)
@@ -62,8 +60,7 @@ class PrefillWorker:
         self.worker_id = worker_id
         self.incarnation = uuid.uuid4().hex   # new on every (re)start of the process
         self.engine = engine
-        self.events = BlockEventLog()      # prefix-cache events for the router's global index
-        self.events.attach(engine.kv.pool)
+        self.events = engine.block_events()      # prefix-cache events for the router's global index
         self.meter = BandwidthMeter()
         # kv_host: the address decode workers reach this worker's transport at. Only Mooncake listens
         # on the prefill side (the decode side READs its staging arena), so only it takes one: the
@@ -75,34 +72,11 @@ class PrefillWorker:
         self.transport = KV_TRANSPORTS[transport](secret=secret, meter=self.meter, src_id=worker_id,
                                                   bandwidth_limit_bytes_per_s=bandwidth_limit_bytes_per_s, **extra)
         self.transfer_timeout_s = transfer_timeout_s
-        self.kv_layerwise = kv_layerwise
-        # request id -> (sender, skip_blocks, codec); touched on the engine thread only
-        self._sends: dict[str, tuple[LayerwiseSender, int, str]] = {}
-        self._shipping: list = []        # this step's (sender, source block ids), set at layer 0
+        # ships each prompt's layers from the engine thread (whole-request mode: every layer after the last)
+        self.sends = engine.connector = SendConnector(layerwise=kv_layerwise)
         self._lock = threading.Lock()
         self.in_flight = 0
-        self.loop = EngineThread(engine, layer_hook=self._on_layer, name=f"prefill-{worker_id}")
-
-    # the layer hook (engine thread): ship this layer of every prompt completing in this step
-    # (whole-request mode: every layer at the last one; the cache still holds them all then)
-    def _on_layer(self, layer: int, batch) -> None:
-        runner = self.engine.runner
-        kc = runner.k_caches[layer]
-        if layer == 0:   # which prompts complete this step, and their source blocks: once per step
-            self._shipping = []
-            for i, req in enumerate(batch.reqs):
-                entry = self._sends.get(req.request_id)
-                if entry is not None and batch.samples(i):
-                    ids = torch.tensor(req.block_ids[entry[1]:], dtype=torch.int64, device=kc.device)
-                    self._shipping.append((entry[0], ids))
-        if self.kv_layerwise:
-            layers = (layer,)
-        else:
-            layers = range(len(runner.k_caches)) if layer == len(runner.k_caches) - 1 else ()
-        for sender, ids in self._shipping:
-            for li in layers:
-                k, v = runner.k_caches[li], runner.v_caches[li]
-                sender.send_layer(li, k.index_select(0, ids).cpu(), v.index_select(0, ids).cpu())
+        self.loop = EngineThread(engine, name=f"prefill-{worker_id}")
 
     def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                 dest: KVDestination | None, cache_salt: str | None = None) -> dict:
@@ -124,7 +98,7 @@ class PrefillWorker:
                 codec = self._codec(dest, len(prompt_ids))
                 kw = {"codec": codec} if codec != "none" else {}  # Mooncake's open() takes no codec
                 sender = self.transport.open(dest.address, request_id, dest.dst_block_ids, dest.dst_id, **kw)
-                self._sends[request_id] = (sender, dest.skip_blocks, codec)
+                self.sends.add(request_id, sender, dest.skip_blocks, codec)
             self.loop.listeners[request_id] = listener
             return req
 
@@ -135,7 +109,7 @@ class PrefillWorker:
             token, req = done.result()
             t_prefill = time.perf_counter() - t0
             stats = None
-            entry = self.loop.run(lambda e: self._sends.pop(request_id, None))
+            entry = self.loop.run(lambda e: self.sends.pop(request_id))
             if entry is not None:
                 if token is None:
                     entry[0].abort()
@@ -156,19 +130,14 @@ class PrefillWorker:
         """The codec for one transfer (engine thread): the policy, given the uncompressed K+V bytes
         of the reserved blocks, the link's measured bandwidth and the time to prefill `tokens` at
         this worker's learned rate (the whole prompt: its prefix hit is not known yet)."""
-        kc = self.engine.runner.k_caches
-        nbytes = len(dest.dst_block_ids) * 2 * kc[0][0].numel() * kc[0].element_size() * len(kc)
+        nbytes = len(dest.dst_block_ids) * self.engine.kv_block_bytes()
         stats = self.engine.stats
         return self.compression.choose(nbytes, prefill_seconds(tokens, stats.prefill_tokens, stats.prefill_s),
                                        self.meter.bandwidth(self.worker_id, dest.dst_id))
 
     def abort(self, request_id: str) -> None:
         def _abort(engine: LLMEngine):
-            entry = self._sends.pop(request_id, None)
-            if entry:
-                entry[0].abort()
-            req = engine.scheduler.requests.get(request_id)
-            engine.abort(request_id)
+            req = engine.abort(request_id)       # the connector aborts its sender first
             cb = self.loop.listeners.pop(request_id, None)
             if cb and req is not None:
                 cb(StepOutput(req, [], "", True))
@@ -190,7 +159,7 @@ class PrefillWorker:
 
     def cached_hashes(self) -> tuple[int, list[int]]:
         """(event sequence number, every cached chain hash): a full resync for the router's index."""
-        return self.loop.run(lambda e: self.events.snapshot(e.kv.pool))
+        return self.loop.run(lambda e: e.block_snapshot())
 
     def close(self) -> None:
         self.loop.stop()

@@ -15,11 +15,12 @@ import uuid
 from dataclasses import dataclass, field, replace
 
 from pdcluster.engine.detokenizer import Detokenizer
-from pdcluster.engine.sampling_params import SamplingParams
-from pdcluster.router.metrics import RouterMetrics
 from pdcluster.engine.hashing import block_hashes
+from pdcluster.engine.rules import blocks_for_lifetime, finish_reason
+from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.router.admission import refusal
 from pdcluster.router.cost_model import CostConfig, Telemetry
+from pdcluster.router.metrics import RouterMetrics
 from pdcluster.router.placement import WorkerLoad
 from pdcluster.router.policies import DEFAULT_POLICY, make_policy
 from pdcluster.router.prefix_index import PrefixIndex
@@ -267,19 +268,11 @@ class Router:
         """InvalidRequest when no decode worker's KV pool (as last reported) can ever hold the
         request: its worker would refuse it on every placement."""
         sizes = [w.num_blocks for w in self._loads("decode") if w.capacity_known]
-        need = -(-(n_prompt + max_tokens) // self.cfg.block_size)
+        need = blocks_for_lifetime(n_prompt, max_tokens, self.cfg.block_size)    # the workers' own rule
         if sizes and need > max(sizes):
             raise InvalidRequest(f"prompt ({n_prompt} tokens) + sampling.max_tokens ({max_tokens}) needs {need} KV "
                                  f"blocks of {self.cfg.block_size} tokens; the largest decode worker holds "
                                  f"{max(sizes)}")
-
-    def _finishes(self, params: SamplingParams, n_prompt: int, out: list[int], tok: int) -> str | None:
-        """Finish reason after `tok` (already appended to `out`), by the same rules as the engine."""
-        if (tok in self.eos and not params.ignore_eos) or tok in params.stop_token_ids:
-            return "stop"
-        if len(out) >= params.max_tokens or n_prompt + len(out) >= self.max_context:
-            return "length"
-        return None
 
     async def _place(self, wid: str, ids: list[int], pd: dict, salt: str | None, exclude: set[str]):
         """Reserve + prefill (remote) or start a local prefill, trying placements until one works.
@@ -368,7 +361,8 @@ class Router:
                     if first is not None:   # remote prefill: the first token came from the prefill worker
                         out.append(first)
                         text = detok.push([first])
-                        reason = "stop" if detok.stopped else self._finishes(params, len(ids), out, first)
+                        reason = "stop" if detok.stopped else finish_reason(   # the engine's own rule
+                            first, len(out), len(ids) + len(out), params, self.eos, self.max_context)
                         if reason:
                             finished = True
                             await self._abort_all(wid, holders[:1])

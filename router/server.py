@@ -1,4 +1,4 @@
-"""The router's gRPC front door (API.md): Generation, grpc.health.v1.Health, server reflection.
+"""The router's gRPC front door (router/proto/generation.proto): Generation, grpc.health.v1.Health, server reflection.
 A thin layer: protobuf <-> Router, exceptions -> status codes."""
 from __future__ import annotations
 

@@ -173,12 +173,6 @@ class Telemetry:
     def remove_worker(self, worker_id: str) -> None:
         self.perf.pop(worker_id, None)
 
-    def observe_prefill(self, worker_id: str, tokens: float, seconds: float, role: str = "prefill") -> None:
-        self.perf_of(worker_id, role).prefill.observe(tokens, seconds)
-
-    def observe_decode(self, worker_id: str, seqs: float, seconds: float) -> None:
-        self.perf_of(worker_id, "decode").decode.observe(seqs, seconds)
-
     def ingest_status(self, load: WorkerLoad, status: Mapping, zones: Mapping[str, str] | None = None) -> None:
         load.running = int(status.get("running", load.running))
         load.waiting_tokens = int(status.get("waiting_tokens", load.waiting_tokens))

@@ -63,7 +63,7 @@ def max_token_bytes(tokenizer) -> int:
 
 
 def parse_request(req, tokenizer, vocab_size: int, max_context: int) -> Parsed:
-    """Validate everything API.md's error table names; tokenize text or chat prompts.
+    """Validate everything the public contract's error table names; tokenize text or chat prompts.
 
     Sizes are checked before anything costs time in proportion to them: list lengths first, a
     text's UTF-8 size against what the context could hold, and only then the tokenizer. CPU-bound:

@@ -7,7 +7,7 @@ from pdcluster.engine.config import SchedulerConfig
 from pdcluster.engine.kv_cache_manager import KVCacheManager
 from pdcluster.engine.request import Request, Status
 from pdcluster.engine.sampling_params import SamplingParams
-from pdcluster.engine.scheduler import Scheduler
+from pdcluster.engine.scheduler import NoKVCapacity, Scheduler
 
 BS = 4
 
@@ -115,6 +115,37 @@ def test_abort_anywhere_frees_everything():
     for r in rs:
         s.abort(r.request_id)
     assert not s.has_work() and s.kv.num_free_blocks == 8
+
+
+def test_remote_kv_request_holds_its_blocks_unstepped_then_runs_from_the_first_token():
+    s = make(num_blocks=8, budget=8)
+    warm = req(8, max_tokens=1, rid="warm")                    # caches blocks 0..1 of the shared prefix
+    s.add(warm)
+    run_step(s)
+    r = req(10, max_tokens=3, rid="r")                         # same first 8 tokens
+    skip, fill = s.add_remote(r)
+    assert (skip, len(fill)) == (2, 1) and r.status is Status.WAITING_FOR_REMOTE_KV   # the cached prefix is skipped
+    assert not s.has_work() and s.kv.num_free_blocks == 8 - 3 and "r" in s.requests
+    with pytest.raises(ValueError, match="already in flight"):
+        s.add_remote(req(4, rid="r"))
+    s.remote_kv_done(r, 5)
+    assert r.status is Status.RUNNING and r.num_computed_tokens == 10 and r.output_token_ids == [5]
+    b, _ = run_step(s)
+    assert b.reqs == [r] and b.num_new_tokens == [1]            # a decode step, no prompt recompute
+    with pytest.raises(NoKVCapacity):
+        s.add_remote(req(28, max_tokens=1, start=100, rid="big"))   # 7 blocks: 5 free
+    assert "big" not in s.requests and s.kv.num_free_blocks == 8 - 3
+
+
+def test_remote_kv_request_aborted_or_ended_by_its_first_token_frees_its_blocks():
+    s = make(num_blocks=8, budget=8)
+    a, b = req(9, rid="a"), req(9, max_tokens=1, start=100, rid="b")
+    s.add_remote(a)
+    s.add_remote(b)
+    assert s.abort("a") is a and a.status is Status.FINISHED_ABORTED
+    with pytest.raises(ValueError, match="nothing to decode"):
+        s.remote_kv_done(b, 5)                                 # max_tokens=1: the first token ends it
+    assert b.status is Status.FINISHED_LENGTH and not s.requests and s.kv.num_free_blocks == 8
 
 
 def drive_random(s, rng, new_req, steps, p_add, p_abort, drain_limit=1000):
@@ -251,3 +282,21 @@ def test_random_shared_prefix_workload_with_waiting_finishes_and_stays_consisten
                         steps=500, p_add=0.35, p_abort=0.03, drain_limit=500)
     assert sum(r.num_prefix_waits for r in live) > 0
     assert all(r.is_finished for r in live)
+
+
+def test_the_stop_rule_the_router_shares():
+    """engine/rules.py is the one stop rule: the scheduler's verdicts, and the router's (it calls
+    finish_reason for the first token, which the prefill worker sampled)."""
+    from pdcluster.engine.rules import blocks_for_lifetime, finish_reason
+    s = make(max_len=20)
+    cases = [((4, 7, False), None), ((1, 7, False), "length"), ((4, 99999, False), "stop"),
+             ((4, 99999, True), None), ((4, 3, False), "stop"), ((20, 7, False), None)]
+    for (max_tokens, tok, ignore), want in cases:
+        p = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=ignore, stop_token_ids=[3])
+        r = Request(list(range(11)), p, eos_token_ids=(99999,), block_size=BS)
+        r.append_token(tok)
+        got = s.stop_status(r, tok)
+        assert (got.value if got else None) == want, (max_tokens, tok, ignore)
+        assert finish_reason(tok, 1, 12, p, (99999,), 20) == want
+    assert finish_reason(7, 1, 20, SamplingParams(max_tokens=4), (), 20) == "length"     # the context is full
+    assert blocks_for_lifetime(5, 3, 4) == 2 and blocks_for_lifetime(5, 4, 4) == 3

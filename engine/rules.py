@@ -1,0 +1,25 @@
+"""The request rules the engine and the router both apply, defined once. Pure Python.
+
+The router ends a stream by the same rule the engine stops a request by (its first token comes from
+the prefill worker, so the router judges that one itself), and refuses a request no decode worker's
+pool could ever hold by the engine's own admission arithmetic.
+"""
+from __future__ import annotations
+
+from pdcluster.engine.sampling_params import SamplingParams
+
+
+def finish_reason(token: int, num_output: int, num_tokens: int, params: SamplingParams,
+                  eos_token_ids, max_model_len: int) -> str | None:
+    """"stop" | "length" | None, right after `token` was appended: num_output tokens generated so
+    far, num_tokens in all (prompt + output). Stop strings are the detokenizer's to judge."""
+    if (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+        return "stop"
+    if num_output >= params.max_tokens or num_tokens >= max_model_len:
+        return "length"
+    return None
+
+
+def blocks_for_lifetime(num_prompt_tokens: int, max_tokens: int, block_size: int) -> int:
+    """KV blocks a request holds at its longest (prompt + every output token)."""
+    return -(-(num_prompt_tokens + max_tokens) // block_size)
