@@ -26,6 +26,7 @@ compressed transfers can make an emulated link look faster than it is; a real li
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -34,7 +35,7 @@ from pdcluster.decode_worker.worker import DecodeWorker  # noqa: E402
 from pdcluster.engine.llm_engine import LLMEngine, build_config  # noqa: E402
 from pdcluster.engine.sampling_params import SamplingParams  # noqa: E402
 from pdcluster.kv_transfer.codec_policy import MODES, CompressionPolicy  # noqa: E402
-from pdcluster.prefill_worker.worker import KVDestination, PrefillWorker  # noqa: E402
+from pdcluster.prefill_worker.worker import PrefillWorker  # noqa: E402
 
 TOPICS = [
     "the history of lighthouses and the keepers who lived in them",
@@ -62,14 +63,14 @@ def _prompt(topic: str, tokens: int, tokenizer) -> list[int]:
 def _run(p: PrefillWorker, d: DecodeWorker, rid: str, ids: list[int], params: SamplingParams,
          salt: str) -> tuple[list[int], dict]:
     r = d.reserve(rid, ids, params, cache_salt=salt)
-    dest = KVDestination(r["kv_tcp_address"], "d", r["skip_blocks"], r["dst_block_ids"])
+    dest = r.destination(r.kv_tcp_address)
     t0 = time.perf_counter()
-    res = p.prefill(rid, ids, params, dest, cache_salt=salt)
+    res = dataclasses.asdict(p.prefill(rid, ids, params, dest, cache_salt=salt))
     res["call_s"] = time.perf_counter() - t0
     stream, toks = d.start(rid, res["first_token"]), [res["first_token"]]
-    while not (item := stream.get(timeout=120))["finished"]:
-        toks += item["token_ids"]
-    return toks + item["token_ids"], res
+    while not (item := stream.get(timeout=120)).finished:
+        toks += item.token_ids
+    return toks + item.token_ids, res
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ import ray
 
 from pdcluster.deploy.worker_options import leave_terminal_group
 from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.messages import Heartbeat, NoRoom, Reservation
 
 
 # A stream with no token for this long yields a heartbeat carrying the engine's step count: the
@@ -38,15 +39,13 @@ class DecodeActor:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     async def reserve(self, request_id: str, prompt_ids: list[int], params: dict,
-                      cache_salt: str | None = None) -> dict:
-        """{"ok": True, kv_address, dst_id, skip_blocks, dst_block_ids, cached_tokens} or
-        {"ok": False, "reason": ...} when the pool is full right now."""
+                      cache_salt: str | None = None) -> Reservation | NoRoom:
+        """A Reservation, or NoRoom when the pool cannot hold the prompt right now."""
         from pdcluster.engine.scheduler import NoKVCapacity
         try:
-            r = await self._run(self.worker.reserve, request_id, prompt_ids, SamplingParams(**params), cache_salt)
+            return await self._run(self.worker.reserve, request_id, prompt_ids, SamplingParams(**params), cache_salt)
         except NoKVCapacity as e:
-            return dict(ok=False, reason=str(e))
-        return dict(ok=True, **r)
+            return NoRoom(str(e))
 
     async def stream(self, request_id: str, first_token: int | None, prompt_ids: list[int] | None = None,
                      params: dict | None = None, cache_salt: str | None = None):
@@ -65,10 +64,10 @@ class DecodeActor:
                     async with asyncio.timeout(HEARTBEAT_S):    # no task per token, unlike wait_for
                         item = await q.get()
                 except TimeoutError:            # nothing new (a long prefill): prove life and progress
-                    yield {"heartbeat": True, "finished": False, "steps": self.worker.steps()}
+                    yield Heartbeat(self.worker.steps())
                     continue
                 yield item
-                if item["finished"]:
+                if item.finished:
                     break
         finally:
             self.worker.finished(request_id)

@@ -23,6 +23,7 @@ from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.engine.scheduler import NoKVCapacity
 from pdcluster.kv_transfer import KVReceiver, KVServer, KVTcpServer, ReceiveConnector
+from pdcluster.messages import Reservation, TokenItem
 
 KV_TRANSPORTS = ("tcp", "grpc", "mooncake")
 
@@ -30,18 +31,18 @@ log = logging.getLogger(__name__)
 
 
 class TokenStream:
-    """{"token_ids", "finished", "finish_reason", "num_cached_tokens"} items for one request, pushed
-    from the engine thread: into `sink` when given (e.g. an event loop's queue), else a queue."""
+    """TokenItems for one request, pushed from the engine thread: into `sink` when given (e.g. an
+    event loop's queue), else a queue."""
 
     def __init__(self, sink=None):
         self.q: queue.SimpleQueue = queue.SimpleQueue()
         self.sink = sink or self.q.put
 
     def push(self, o: StepOutput) -> None:
-        self.sink(dict(token_ids=o.new_token_ids, finished=o.finished, finish_reason=o.finish_reason,
-                       num_cached_tokens=max(o.request.num_cached_tokens, 0)))
+        self.sink(TokenItem(token_ids=o.new_token_ids, finished=o.finished, finish_reason=o.finish_reason,
+                            num_cached_tokens=max(o.request.num_cached_tokens, 0)))
 
-    def get(self, timeout: float | None = None) -> dict:
+    def get(self, timeout: float | None = None) -> TokenItem:
         return self.q.get(timeout=timeout)
 
 
@@ -101,16 +102,17 @@ class DecodeWorker:
 
     # remote prefill
     def reserve(self, rid: str, prompt_ids: list[int], params: SamplingParams,
-                cache_salt: str | None = None) -> dict:
-        def _reserve(engine: LLMEngine) -> dict:
+                cache_salt: str | None = None) -> Reservation:
+        """Blocks for the prompt's KV, computed elsewhere; NoKVCapacity when there is no room now."""
+        def _reserve(engine: LLMEngine) -> Reservation:
             try:
                 r = engine.reserve_remote(prompt_ids, params, rid, cache_salt)
             except NoKVCapacity as e:
                 raise NoKVCapacity(f"{self.worker_id}: {e}") from None
             self._reserved[rid] = time.monotonic() + self.reservation_ttl_s
-            return dict(kv_address=self.kv_address, kv_grpc_address=self.server.address,
-                        kv_tcp_address=self.tcp_server.address, dst_id=self.worker_id, skip_blocks=r.skip_blocks,
-                        dst_block_ids=r.block_ids, cached_tokens=r.cached_tokens)
+            return Reservation(kv_address=self.kv_address, kv_grpc_address=self.server.address,
+                               kv_tcp_address=self.tcp_server.address, dst_id=self.worker_id,
+                               skip_blocks=r.skip_blocks, dst_block_ids=r.block_ids, cached_tokens=r.cached_tokens)
         return self.loop.run(_reserve)
 
     def start(self, rid: str, first_token: int, sink=None) -> TokenStream:

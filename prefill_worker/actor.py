@@ -8,6 +8,7 @@ import ray
 
 from pdcluster.deploy.worker_options import leave_terminal_group
 from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.messages import KVDestination, PrefillResult
 
 
 class PrefillActor:
@@ -28,12 +29,10 @@ class PrefillActor:
         self.worker = PrefillWorker(worker_id, engine, **worker_kwargs)
         self.pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="prefill-rpc")
 
-    async def prefill(self, request_id: str, prompt_ids: list[int], params: dict, dest: dict | None,
-                      cache_salt: str | None = None) -> dict:
-        from pdcluster.prefill_worker.worker import KVDestination
-        d = KVDestination(**dest) if dest else None
+    async def prefill(self, request_id: str, prompt_ids: list[int], params: dict, dest: KVDestination | None,
+                      cache_salt: str | None = None) -> PrefillResult:
         return await asyncio.get_running_loop().run_in_executor(
-            self.pool, self.worker.prefill, request_id, prompt_ids, SamplingParams(**params), d, cache_salt)
+            self.pool, self.worker.prefill, request_id, prompt_ids, SamplingParams(**params), dest, cache_salt)
 
     async def abort(self, request_id: str) -> None:
         await asyncio.get_running_loop().run_in_executor(self.pool, self.worker.abort, request_id)

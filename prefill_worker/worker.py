@@ -13,12 +13,13 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 
 from pdcluster.engine.engine_thread import EngineThread
 from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.messages import KVDestination, PrefillResult
 from pdcluster.kv_transfer import (BandwidthMeter, GrpcKVTransport, KVTransferError, MooncakeKVTransport, SendConnector,
                                    TcpKVTransport)
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy, prefill_seconds
@@ -27,14 +28,6 @@ from pdcluster.kv_transfer.codec_policy import CompressionPolicy, prefill_second
 KV_TRANSPORTS = {"tcp": TcpKVTransport, "grpc": GrpcKVTransport, "mooncake": MooncakeKVTransport}
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class KVDestination:
-    address: str                 # decode worker's KV server "host:port" (of this worker's transport)
-    dst_id: str                  # decode worker id (names the link in the meter)
-    skip_blocks: int             # leading blocks the decode worker already holds
-    dst_block_ids: list[int]     # reserved blocks for the rest, in order
 
 
 class PrefillWorker:
@@ -79,7 +72,7 @@ class PrefillWorker:
         self.loop = EngineThread(engine, name=f"prefill-{worker_id}")
 
     def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                dest: KVDestination | None, cache_salt: str | None = None) -> dict:
+                dest: KVDestination | None, cache_salt: str | None = None) -> PrefillResult:
         """Blocking: prefill, stream the KV to `dest`, return the first token and figures."""
         done: Future = Future()
         t0 = time.perf_counter()
@@ -117,11 +110,11 @@ class PrefillWorker:
                 stats = entry[0].finish(timeout=self.transfer_timeout_s)
             if token is None:
                 raise RuntimeError(f"prefill of {request_id} was aborted")
-            return dict(first_token=token, cached_tokens=max(req.num_cached_tokens, 0),
-                        prefill_s=t_prefill, kv_bytes=stats.bytes if stats else 0,
-                        kv_transfer_ms=stats.exposed_s * 1e3 if stats else 0.0,
-                        kv_wall_ms=stats.wall_s * 1e3 if stats else 0.0,
-                        kv_codec=entry[2] if entry is not None else "none")
+            return PrefillResult(first_token=token, cached_tokens=max(req.num_cached_tokens, 0), prefill_s=t_prefill,
+                                 kv_bytes=stats.bytes if stats else 0,
+                                 kv_transfer_ms=stats.exposed_s * 1e3 if stats else 0.0,
+                                 kv_wall_ms=stats.wall_s * 1e3 if stats else 0.0,
+                                 kv_codec=entry[2] if entry is not None else "none")
         finally:
             with self._lock:
                 self.in_flight -= 1

@@ -18,6 +18,7 @@ from pdcluster.engine.detokenizer import Detokenizer
 from pdcluster.engine.hashing import block_hashes
 from pdcluster.engine.rules import blocks_for_lifetime, finish_reason
 from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.messages import NoRoom
 from pdcluster.router.admission import refusal
 from pdcluster.router.cost_model import CostConfig, Telemetry
 from pdcluster.router.metrics import RouterMetrics
@@ -306,11 +307,11 @@ class Router:
                     log.warning("reserve of %s: %s; placing again", wid, e)
                     exclude.add(dec.decode)
                     continue
-                if not r.pop("ok"):
+                if isinstance(r, NoRoom):
                     exclude.add(dec.decode)
                     continue
                 try:
-                    dest = {k: r[k] for k in ("dst_id", "skip_blocks", "dst_block_ids")} | {"address": r["kv_address"]}
+                    dest = r.destination()
                     # the transfer needs both ends: either worker missing its health poll (hung,
                     # dead) ends the attempt now rather than at the prefill timeout
                     pre = await self._while_healthy(p.prefill(wid, ids, pd, dest, salt), dec.decode, dec.prefill)
@@ -321,8 +322,8 @@ class Router:
                     exclude.add(lost or dec.prefill)
                     continue
                 placement = dict(prefill_worker=dec.prefill, decode_worker=dec.decode, remote_prefill=True,
-                                 kv_bytes_transferred=pre["kv_bytes"], kv_transfer_ms=pre["kv_transfer_ms"])
-                return None, pre["first_token"], placement, [d, p], pre["cached_tokens"]
+                                 kv_bytes_transferred=pre.kv_bytes, kv_transfer_ms=pre.kv_transfer_ms)
+                return None, pre.first_token, placement, [d, p], pre.cached_tokens
             finally:
                 self._charge(dec.prefill, len(ids), -1)
                 self._charge(dec.decode, 0, -1)
@@ -373,12 +374,12 @@ class Router:
                         first_message = False
                         stream = self.pools.decode[dw].stream(wid, first)
                     async for item in stream:
-                        toks = item["token_ids"]
-                        if not cached and item.get("num_cached_tokens") and attempt == 0:
-                            cached = item["num_cached_tokens"]
+                        toks = item.token_ids
+                        if not cached and item.num_cached_tokens and attempt == 0:
+                            cached = item.num_cached_tokens
                         out += toks
                         text = detok.push(toks) if toks else ""
-                        reason = item["finish_reason"] if item["finished"] else None
+                        reason = item.finish_reason if item.finished else None
                         if detok.stopped and reason is None:
                             reason = "stop"
                             await self._abort_all(wid, holders[:1])

@@ -11,6 +11,7 @@ from typing import AsyncIterator
 
 import ray.exceptions
 
+from pdcluster.messages import Heartbeat, KVDestination, NoRoom, PrefillResult, Reservation, TokenItem
 from pdcluster.router.errors import WorkerLost
 
 
@@ -37,8 +38,8 @@ class PrefillClient:
     def __init__(self, worker_id: str, handle, timeouts: Timeouts = Timeouts()):
         self.worker_id, self.handle, self.t = worker_id, handle, timeouts
 
-    async def prefill(self, rid: str, prompt_ids: list[int], params: dict, dest: dict | None,
-                      cache_salt: str | None) -> dict:
+    async def prefill(self, rid: str, prompt_ids: list[int], params: dict, dest: KVDestination | None,
+                      cache_salt: str | None) -> PrefillResult:
         return await _call(self.worker_id, self.handle.prefill.remote(rid, prompt_ids, params, dest, cache_salt),
                            self.t.prefill_s)
 
@@ -60,12 +61,13 @@ class DecodeClient:
     def __init__(self, worker_id: str, handle, timeouts: Timeouts = Timeouts()):
         self.worker_id, self.handle, self.t = worker_id, handle, timeouts
 
-    async def reserve(self, rid: str, prompt_ids: list[int], params: dict, cache_salt: str | None) -> dict:
+    async def reserve(self, rid: str, prompt_ids: list[int], params: dict,
+                      cache_salt: str | None) -> Reservation | NoRoom:
         return await _call(self.worker_id, self.handle.reserve.remote(rid, prompt_ids, params, cache_salt),
                            self.t.stream_gap_s)
 
     async def stream(self, rid: str, first_token: int | None, prompt_ids: list[int] | None = None,
-                     params: dict | None = None, cache_salt: str | None = None) -> AsyncIterator[dict]:
+                     params: dict | None = None, cache_salt: str | None = None) -> AsyncIterator[TokenItem]:
         """Token items. The worker is lost after stream_gap_s without an item, or after stream_gap_s of
         heartbeats whose engine step count stands still (alive but stuck); a long prefill that keeps
         stepping is never lost. Heartbeats are consumed here."""
@@ -80,12 +82,12 @@ class DecodeClient:
             except StopAsyncIteration:
                 return
             item = await _call(self.worker_id, ref, self.t.stream_gap_s)
-            if not item.get("heartbeat"):
+            if not isinstance(item, Heartbeat):
                 steps, since = None, loop.time()
                 yield item
                 continue
-            if item["steps"] != steps:
-                steps, since = item["steps"], loop.time()
+            if item.steps != steps:
+                steps, since = item.steps, loop.time()
             elif loop.time() - since > self.t.stream_gap_s:
                 raise WorkerLost(self.worker_id, f"no engine step in {self.t.stream_gap_s:.0f}s")
 

@@ -8,7 +8,7 @@ from pdcluster.decode_worker.worker import DecodeWorker
 from pdcluster.engine.llm_engine import LLMEngine, build_config
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy
-from pdcluster.prefill_worker.worker import KVDestination, PrefillWorker
+from pdcluster.prefill_worker.worker import PrefillWorker
 from tests.e2e.conftest import PROMPTS, check_top5
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
@@ -29,15 +29,14 @@ def remote(p, d, rid, ids, salt) -> tuple[list[int], dict]:
     """Prefill on p, KV over TCP, decode on d: (tokens, the prefill's figures). The cache salt
     keeps each mode off the decode side's prefix cache: every block crosses the link."""
     r = d.reserve(rid, ids, GREEDY, cache_salt=salt)
-    assert r["skip_blocks"] == 0
-    dest = KVDestination(r["kv_tcp_address"], "d", r["skip_blocks"], r["dst_block_ids"])
-    res = p.prefill(rid, ids, GREEDY, dest, cache_salt=salt)
-    stream = d.start(rid, res["first_token"])
-    toks = [res["first_token"]]
+    assert r.skip_blocks == 0
+    res = p.prefill(rid, ids, GREEDY, r.destination(r.kv_tcp_address), cache_salt=salt)
+    stream = d.start(rid, res.first_token)
+    toks = [res.first_token]
     while True:
         item = stream.get(timeout=30)
-        toks += item["token_ids"]
-        if item["finished"]:
+        toks += item.token_ids
+        if item.finished:
             return toks, res
 
 
@@ -65,8 +64,8 @@ def test_compressed_transfers_keep_greedy_tokens_within_top5(workers, judge):
     for mode in ("int8", "fp8"):
         same, diverged = 0, []
         for ids, (toks, res), want, (_, base) in zip(prompts, runs[mode], ref, runs["off"]):
-            assert res["kv_codec"] == mode and base["kv_codec"] == "none"
-            assert base["kv_bytes"] / 4.1 < res["kv_bytes"] <= base["kv_bytes"] / 4  # fp32 cache -> 1 byte
+            assert res.kv_codec == mode and base.kv_codec == "none"
+            assert base.kv_bytes / 4.1 < res.kv_bytes <= base.kv_bytes / 4  # fp32 cache -> 1 byte
             check_top5(judge, ids, toks, want)
             if toks == want:
                 same += 1

@@ -10,7 +10,7 @@ from pdcluster.decode_worker.worker import DecodeWorker
 from pdcluster.engine.llm_engine import LLMEngine, build_config
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.kv_transfer import KVTransferError
-from pdcluster.prefill_worker.worker import KVDestination, PrefillWorker
+from pdcluster.prefill_worker.worker import PrefillWorker
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 
@@ -71,14 +71,14 @@ def workers():
 
 def remote(p, d, rid, ids, address=None):
     r = d.reserve(rid, ids, GREEDY)
-    dest = KVDestination(address or r["kv_tcp_address"], "d", r["skip_blocks"], r["dst_block_ids"])
-    first = p.prefill(rid, ids, GREEDY, dest)["first_token"]
+    dest = r.destination(address or r.kv_tcp_address)
+    first = p.prefill(rid, ids, GREEDY, dest).first_token
     stream = d.start(rid, first)
     toks = [first]
     while True:
         item = stream.get(timeout=30)
-        toks += item["token_ids"]
-        if item["finished"]:
+        toks += item.token_ids
+        if item.finished:
             return toks
 
 
@@ -88,8 +88,8 @@ def test_bad_transfer_detected_fenced_and_recomputed_exactly(workers, mode):
     ids = d.engine.tokenizer.encode("Describe a lighthouse on a stormy night. " * 20, add_special_tokens=False)
     free = d.engine.kv.num_free_blocks
     r = d.reserve(f"bad-{mode}", ids, GREEDY)
-    proxy = Proxy(r["kv_tcp_address"], mode)
-    dest = KVDestination(proxy.address, "d", r["skip_blocks"], r["dst_block_ids"])
+    proxy = Proxy(r.kv_tcp_address, mode)
+    dest = r.destination(proxy.address)
     with pytest.raises(KVTransferError) as e:
         p.prefill(f"bad-{mode}", ids, GREEDY, dest)
     assert proxy.fired
@@ -107,8 +107,8 @@ def test_bad_transfer_detected_fenced_and_recomputed_exactly(workers, mode):
     ref = []
     while True:
         item = local.get(timeout=60)
-        ref += item["token_ids"]
-        if item["finished"]:
+        ref += item.token_ids
+        if item.finished:
             break
     assert got == ref and len(got) == 12
 

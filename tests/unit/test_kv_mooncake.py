@@ -395,17 +395,15 @@ def workers():
 
 def remote(p, d, rid, ids, salt, address_key):
     from pdcluster.engine.sampling_params import SamplingParams
-    from pdcluster.prefill_worker.worker import KVDestination
     params = SamplingParams(max_tokens=12, temperature=0)
     r = d.reserve(rid, ids, params, cache_salt=salt)
-    dest = KVDestination(r[address_key], "d", r["skip_blocks"], r["dst_block_ids"])
-    first = p.prefill(rid, ids, params, dest, cache_salt=salt)["first_token"]
+    first = p.prefill(rid, ids, params, r.destination(getattr(r, address_key)), cache_salt=salt).first_token
     stream = d.start(rid, first)
     toks = [first]
     while True:
         item = stream.get(timeout=30)
-        toks += item["token_ids"]
-        if item["finished"]:
+        toks += item.token_ids
+        if item.finished:
             return toks
 
 
@@ -425,13 +423,12 @@ def test_workers_same_greedy_tokens_as_tcp_and_nothing_leaks(workers):
 @needs_mooncake
 def test_workers_abort_frees_both_sides(workers):
     from pdcluster.engine.sampling_params import SamplingParams
-    from pdcluster.prefill_worker.worker import KVDestination
     d, p_mc, _ = workers
     params = SamplingParams(max_tokens=12, temperature=0)
     ids = d.engine.tokenizer.encode("A long list of harbours and their lights. " * 30, add_special_tokens=False)
     free = d.engine.kv.num_free_blocks
     r = d.reserve("mc-abort", ids, params, cache_salt="salt-abort")
-    dest = KVDestination(r["kv_address"], "d", r["skip_blocks"], r["dst_block_ids"])
+    dest = r.destination()
     errors = []
 
     def run():
