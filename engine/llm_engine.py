@@ -19,7 +19,7 @@ from pdcluster.engine.llama import LlamaModel
 from pdcluster.engine.model_runner import DTYPES, ModelRunner, num_kv_blocks
 from pdcluster.engine.request import Request, Status
 from pdcluster.engine.sampling_params import SamplingParams
-from pdcluster.engine.scheduler import NoKVCapacity, Scheduler  # noqa: F401  (NoKVCapacity: reserve_remote's)
+from pdcluster.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,6 @@ class LLMEngine:
         counters (stats) a prefill and a decode sample of this host, so the router's rate estimates
         (admission, cost model) start measured rather than at their priors. Leaves the KV pool as
         it was: nothing cached, no block events, prefix-hit counters unchanged. Returns seconds."""
-        from pdcluster.engine.sampling_params import SamplingParams
         c, pool = self.cfg, self.kv.pool
         n = min(num_tokens, c.sched.max_num_batched_tokens, c.max_model_len - 2,
                 (pool.num_free_blocks - 1) * c.cache.block_size)
@@ -198,7 +197,8 @@ class LLMEngine:
     def reserve_remote(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                        cache_salt: str | None = None) -> RemoteKV:
         """Allocate the whole prompt's blocks (prefix hits reused) for KV computed elsewhere and have
-        the connector expect it; the request waits until start_remote. NoKVCapacity: no room now."""
+        the connector expect it; the request waits until start_remote. Scheduler's NoKVCapacity: no
+        room now."""
         req = self.make_request(prompt_ids, params, request_id, cache_salt)
         skip, block_ids = self.scheduler.add_remote(req)
         try:
@@ -220,9 +220,6 @@ class LLMEngine:
             self.abort(request_id)
             raise RuntimeError(f"KV for {request_id} not complete: {why}")
         self.scheduler.remote_kv_done(req, first_token)
-
-    def has_request(self, request_id: str) -> bool:
-        return request_id in self.scheduler.requests
 
     def queue_lengths(self) -> tuple[int, int]:
         """(running, waiting) requests; reservations for remote KV are in neither."""
