@@ -41,7 +41,7 @@ class DecodeActor:
     async def reserve(self, request_id: str, prompt_ids: list[int], params: dict,
                       cache_salt: str | None = None) -> Reservation | NoRoom:
         """A Reservation, or NoRoom when the pool cannot hold the prompt right now."""
-        from pdcluster.engine.scheduler import NoKVCapacity
+        from pdcluster.engine.kv_connector import NoKVCapacity
         try:
             return await self._run(self.worker.reserve, request_id, prompt_ids, SamplingParams(**params), cache_salt)
         except NoKVCapacity as e:

@@ -21,7 +21,7 @@ import uuid
 from pdcluster.engine.engine_thread import EngineThread
 from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 from pdcluster.engine.sampling_params import SamplingParams
-from pdcluster.engine.scheduler import NoKVCapacity
+from pdcluster.engine.kv_connector import NoKVCapacity
 from pdcluster.kv_transfer import KVReceiver, KVServer, KVTcpServer, ReceiveConnector
 from pdcluster.messages import Reservation, TokenItem
 
@@ -66,7 +66,7 @@ class DecodeWorker:
         self.events = engine.block_events()      # prefix-cache events for the router's global index
         self.kv_transport = kv_transport
         self.receiver = KVReceiver()
-        engine.connector = ReceiveConnector(self.receiver, engine.cfg.model.num_layers)
+        self.connector = engine.connector = ReceiveConnector(self.receiver, engine.cfg.model.num_layers)
         k_caches, v_caches = engine.kv_caches()
         self.mooncake_server = None   # only when chosen: it needs the mooncake package and registers the cache
         # (CPU caches; GPU caches land through its registered host staging buffers, chosen by the server itself);
@@ -124,7 +124,7 @@ class DecodeWorker:
         try:
             if not self.loop.run(lambda e: rid in self._reserved):
                 raise KeyError(rid)
-            self.engine.connector.wait_loaded(rid, self.transfer_timeout_s)
+            self.connector.wait_loaded(rid, self.transfer_timeout_s)
             self.loop.run(_start)
         except BaseException:
             self._drop_stream(rid)

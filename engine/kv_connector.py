@@ -20,8 +20,15 @@ Either side:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:       # annotations only: the scheduler imports this module and stays torch-free
+    import torch
+
+
+class NoKVCapacity(Exception):
+    """Not enough free KV blocks to reserve a prompt's KV right now (LLMEngine.reserve_remote; a
+    router places the request elsewhere)."""
 
 
 @dataclass(frozen=True)

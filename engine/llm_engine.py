@@ -197,8 +197,8 @@ class LLMEngine:
     def reserve_remote(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                        cache_salt: str | None = None) -> RemoteKV:
         """Allocate the whole prompt's blocks (prefix hits reused) for KV computed elsewhere and have
-        the connector expect it; the request waits until start_remote. Scheduler's NoKVCapacity: no
-        room now."""
+        the connector expect it; the request waits until start_remote. NoKVCapacity
+        (engine/kv_connector.py): no room now."""
         req = self.make_request(prompt_ids, params, request_id, cache_salt)
         skip, block_ids = self.scheduler.add_remote(req)
         try:

@@ -21,12 +21,9 @@ from dataclasses import dataclass, field
 
 from pdcluster.engine.config import SchedulerConfig
 from pdcluster.engine.kv_cache_manager import KVCacheManager
+from pdcluster.engine.kv_connector import NoKVCapacity
 from pdcluster.engine.request import Request, Status
 from pdcluster.engine.rules import blocks_for_lifetime, finish_reason
-
-
-class NoKVCapacity(Exception):
-    """Not enough free KV blocks for a request right now (a router places it elsewhere)."""
 
 
 @dataclass

@@ -98,7 +98,7 @@ def test_bad_transfer_detected_fenced_and_recomputed_exactly(workers, mode):
     # nothing landed as complete; the router's abort (here by hand) fences the id and frees the blocks.
     # (A frame that fails its checksum may carry a corrupted request id, so the receiver does not fail
     # a reservation on its word; the prefill side's error is what triggers the abort.)
-    assert d.engine.connector.transfer(f"bad-{mode}").state.value != "complete"
+    assert d.connector.transfer(f"bad-{mode}").state.value != "complete"
     d.abort(f"bad-{mode}")
     assert d.engine.kv.num_free_blocks == free and not d.receiver.pending()   # fenced and freed
     # recompute (another transfer, a clean link): exactly the undisturbed tokens

@@ -438,7 +438,7 @@ def test_workers_abort_frees_both_sides(workers):
             errors.append(e)
     t = threading.Thread(target=run)
     t.start()
-    wait_until(lambda: d.engine.connector.transfer("mc-abort").bytes_received > 0, 60)  # mid-transfer
+    wait_until(lambda: d.connector.transfer("mc-abort").bytes_received > 0, 60)  # mid-transfer
     d.abort("mc-abort")
     assert d.engine.kv.num_free_blocks == free and not d.receiver.pending()
     t.join(60)

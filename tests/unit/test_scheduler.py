@@ -5,9 +5,10 @@ import pytest
 
 from pdcluster.engine.config import SchedulerConfig
 from pdcluster.engine.kv_cache_manager import KVCacheManager
+from pdcluster.engine.kv_connector import NoKVCapacity
 from pdcluster.engine.request import Request, Status
 from pdcluster.engine.sampling_params import SamplingParams
-from pdcluster.engine.scheduler import NoKVCapacity, Scheduler
+from pdcluster.engine.scheduler import Scheduler
 
 BS = 4
 
