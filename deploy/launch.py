@@ -119,9 +119,11 @@ class Cluster(Scaling):
         from pdcluster.engine.loader import load_model_config
         from pdcluster.engine.tokenizer import load_tokenizer
         from pdcluster.prefill_worker import actor as prefill_actor
-        from pdcluster.router.lifecycle import Pools, Router, RouterConfig
+        from pdcluster.router.config import RouterConfig
+        from pdcluster.router.lifecycle import Pools, Router
         from pdcluster.router.server import RouterServer
-        from pdcluster.router.workers import DecodeClient, PrefillClient, Timeouts
+        from pdcluster.router.config import Timeouts
+        from pdcluster.router.workers import DecodeClient, PrefillClient
 
         c = self.cfg
         self.timeouts = Timeouts(prefill_s=c.prefill_timeout_s, stream_gap_s=c.worker_timeout_s,

@@ -23,7 +23,8 @@ from pdcluster.router.admission import refusal
 from pdcluster.router.cost_model import CostConfig, Telemetry
 from pdcluster.router.metrics import RouterMetrics
 from pdcluster.router.placement import WorkerLoad
-from pdcluster.router.policies import DEFAULT_POLICY, make_policy
+from pdcluster.router.config import RouterConfig
+from pdcluster.router.policies import make_policy
 from pdcluster.router.prefix_index import PrefixIndex
 from pdcluster.router.validate import InvalidRequest
 from pdcluster.router.errors import WorkerLost
@@ -47,19 +48,6 @@ class Event:
     finish_reason: str | None = None        # "stop" | "length" | "abort"
     usage: dict | None = None
     placement: dict | None = None
-
-
-@dataclass
-class RouterConfig:
-    max_in_flight: int = 512                # admission bound; beyond it RESOURCE_EXHAUSTED at once
-    max_queue_wait_s: float | None = 30.0   # expected wait before a prefill starts; beyond it the same
-    max_attempts: int = 3                   # placements tried per attempt before UNAVAILABLE
-    max_migrations: int = 2                 # lost decode workers survived per request
-    local_prefill_max_tokens: int = 0       # prompts this short prefill on the decode worker
-    remote_prefill: bool = True
-    status_interval_s: float = 0.5
-    policy: str = DEFAULT_POLICY            # round-robin | least-loaded | cache-aware | cost-model
-    block_size: int = 16                    # the workers' KV block size (prefix hashes are per block)
 
 
 @dataclass

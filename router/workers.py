@@ -6,22 +6,13 @@ WorkerLost (the router re-places or migrates the request), never as a Ray except
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from typing import AsyncIterator
 
 import ray.exceptions
 
 from pdcluster.messages import Heartbeat, KVDestination, NoRoom, PrefillResult, Reservation, TokenItem
+from pdcluster.router.config import Timeouts
 from pdcluster.router.errors import WorkerLost
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Bounds on every call to a worker, seconds. A call past its bound means a lost worker."""
-    prefill_s: float = 120.0        # one remote prefill incl. its KV transfer (long prompts on CPU)
-    stream_gap_s: float = 60.0      # reserve, and the longest silence between two token items
-    health_s: float = 5.0           # a status poll; a worker that misses it is marked unhealthy
-    control_s: float = 10.0         # abort, prefix-index resync
 
 
 async def _call(worker_id: str, ref, timeout: float):

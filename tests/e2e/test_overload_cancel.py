@@ -2,6 +2,7 @@
 import asyncio
 import random
 import time
+from dataclasses import replace
 
 import grpc
 
@@ -12,7 +13,7 @@ from tests.e2e.test_cluster import collect, greedy, idle_pools
 
 def test_overload_rejected_at_once_with_resource_exhausted(cluster):
     r = cluster.router
-    limit, r.cfg.max_in_flight = r.cfg.max_in_flight, 4
+    saved, r.cfg = r.cfg, replace(r.cfg, max_in_flight=4)
 
     async def go():
         async with grpc.aio.insecure_channel(cluster.address) as ch:
@@ -35,7 +36,7 @@ def test_overload_rejected_at_once_with_resource_exhausted(cluster):
     try:
         rejected, done = cluster.run(go())
     finally:
-        r.cfg.max_in_flight = limit
+        r.cfg = saved
     print(f"\n[overload] 8 requests at a queue of 4: {sum(c == grpc.StatusCode.RESOURCE_EXHAUSTED for c, _ in rejected)}"
           f" rejected, slowest answer {max(t for _, t in rejected) * 1e3:.1f} ms")
     # at once: a round trip, not a queue (a served one takes seconds; 0.5 s holds on a loaded host)

@@ -10,7 +10,8 @@ import pytest
 
 from pdcluster.deploy.pools import load_pools_config, parse_pools_config
 from pdcluster.router.autoscaler import Decision, PoolAutoscaler, PoolMetrics, ScalingRule, pool_metrics
-from pdcluster.router.lifecycle import Pools, Router, RouterConfig
+from pdcluster.router.config import RouterConfig
+from pdcluster.router.lifecycle import Pools, Router
 from pdcluster.router.metrics import RecentWindow, RouterMetrics
 from pdcluster.router.placement import WorkerLoad
 from pdcluster.router.policies import POLICY_NAMES, make_policy

@@ -263,7 +263,8 @@ def test_threshold_sweep_moves_with_bandwidth_queue_and_load():
 
 
 def test_router_registers_each_workers_zone_and_prices_cross_zone_links_apart():
-    from pdcluster.router.lifecycle import Pools, Router, RouterConfig
+    from pdcluster.router.config import RouterConfig
+    from pdcluster.router.lifecycle import Pools, Router
 
     class Client:
         def __init__(self, wid):

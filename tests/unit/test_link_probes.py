@@ -2,7 +2,8 @@
 import asyncio
 
 from pdcluster.router.cost_model import CostConfig
-from pdcluster.router.lifecycle import Pools, Router, RouterConfig
+from pdcluster.router.config import RouterConfig
+from pdcluster.router.lifecycle import Pools, Router
 
 
 class Prefill:
