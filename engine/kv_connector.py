@@ -1,20 +1,27 @@
 """The seam between the engine and KV transfer, after vLLM v1's KV connector.
 
 An engine holds one KVConnector and calls it on the engine thread only (wait_loaded aside). A
-connector is handed request ids, block ids and the per-layer cache tensors, never the scheduler,
-the block pool or the runner: what lies outside engine/ reaches the engine through this and
-LLMEngine's public methods alone.
+connector is handed requests, block ids and the per-layer cache tensors, never the scheduler, the
+block pool or the runner: what lies outside engine/ reaches the engine through this and LLMEngine's
+public methods alone.
 
-Save side (a prefill worker):
+Scheduler side (pure Python, asked while the scheduler admits and finishes requests):
+  external_tokens(request, num_local_tokens)  prompt tokens past the local prefix hits that this
+      connector can supply (another cache tier, a peer); the scheduler allocates blocks for them and
+      parks the request in WAITING_FOR_REMOTE_KV until finished_loading names it;
+  after_alloc(request, block_ids, num_external_tokens)  those blocks are the request's now: start
+      filling them (a remote prefill's reservation takes this path too, with every prompt token
+      external);
+  request_finished(request_id, block_ids) -> hold  True keeps the blocks allocated after the request
+      ends, because the connector still reads them; finished_sending later names the ids to free;
+  finished_loading() / finished_sending()  polled once per engine step.
+Worker side:
+  register_caches(k_caches, v_caches)  once, when the engine takes the connector;
   save_layer(layer, k_caches, v_caches, completing)  after each layer of a step: `completing` names
       the prompts whose last chunk is in this step, with their block ids; layer `layer` of their KV
-      is in the cache now (the rest of the step still computes).
-Load side (a decode worker):
-  start_load(request_id, block_ids, k_caches, v_caches)  the scheduler reserved these blocks for a
-      prompt whose KV comes from outside (the request waits in WAITING_FOR_REMOTE_KV);
-  wait_loaded(request_id, timeout_s)  blocks (any thread) until that KV is in or failed;
-  take_loaded(request_id) -> None, or why the KV is not all there; forgets the request.
-Either side:
+      is in the cache now (the rest of the step still computes);
+  wait_loaded(request_id, timeout_s)  blocks (any thread) until a remote prefill's KV is in or failed;
+  take_loaded(request_id) -> None, or why the KV is not all there; forgets the request;
   request_aborted(request_id)  the request ended early: stop moving its KV, fence late bytes.
 """
 from __future__ import annotations
@@ -24,6 +31,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:       # annotations only: the scheduler imports this module and stays torch-free
     import torch
+
+    from pdcluster.engine.request import Request
 
 
 class NoKVCapacity(Exception):
@@ -42,13 +51,36 @@ class KVConnector:
 
     saves = False                   # save_layer wanted (the engine skips the per-step bookkeeping if not)
 
+    # scheduler side
+    def external_tokens(self, request: Request, num_local_tokens: int) -> int:
+        """Tokens after the first num_local_tokens this connector can load; < the prompt's length
+        minus num_local_tokens (the last prompt token is always computed here, for its logits)."""
+        return 0
+
+    def after_alloc(self, request: Request, block_ids: list[int], num_external_tokens: int) -> None:
+        """block_ids (in order) receive the request's next num_external_tokens tokens from outside.
+        An exception undoes the allocation."""
+        if num_external_tokens:
+            raise NotImplementedError("this engine's connector receives no KV from outside")
+
+    def request_finished(self, request_id: str, block_ids: list[int]) -> bool:
+        return False
+
+    def finished_loading(self) -> list[tuple[str, bool]]:
+        """(request id, its KV is all in) for the loads external_tokens started that ended."""
+        return []
+
+    def finished_sending(self) -> list[str]:
+        """Ids whose blocks request_finished held and that may be freed now."""
+        return []
+
+    # worker side
+    def register_caches(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        pass
+
     def save_layer(self, layer: int, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
                    completing: list[CompletingPrompt]) -> None:
         pass
-
-    def start_load(self, request_id: str, block_ids: list[int], k_caches: list[torch.Tensor],
-                   v_caches: list[torch.Tensor]) -> None:
-        raise NotImplementedError("this engine's connector receives no KV from outside")
 
     def wait_loaded(self, request_id: str, timeout_s: float) -> None:
         pass

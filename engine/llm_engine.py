@@ -121,15 +121,25 @@ class LLMEngine:
         n_blocks = num_kv_blocks(cfg)
         self.kv = KVCacheManager(n_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching,
                                  protected_fraction=cfg.cache.protected_fraction)
-        self.connector = connector or KVConnector()     # KV in and out of this engine (engine/kv_connector.py)
         self.events: BlockEventLog | None = None        # prefix-cache events, once a worker asks for them
         self.scheduler = Scheduler(cfg.sched, self.kv, cfg.max_model_len)
         self.runner = ModelRunner(cfg, self.model, n_blocks)
+        self.connector = connector or KVConnector()     # KV in and out of this engine (engine/kv_connector.py)
         self.detoks: dict[str, Detokenizer] = {}
         self.stats = StepStats()
         self.load_seconds = time.perf_counter() - t0
         log.info("engine ready: %s, %d KV blocks x %d tokens (%.0f MiB), %.1fs", cfg.model.name, n_blocks,
                  cfg.cache.block_size, self.runner.kv_cache_bytes() / 2**20, self.load_seconds)
+
+    @property
+    def connector(self) -> KVConnector:
+        return self.scheduler.connector
+
+    @connector.setter
+    def connector(self, connector: KVConnector) -> None:
+        """Swap the connector (a worker sets its own once, before serving); it gets the caches."""
+        connector.register_caches(self.runner.k_caches, self.runner.v_caches)
+        self.scheduler.connector = connector
 
     def warmup(self, num_tokens: int = 256) -> float:
         """Before serving: one synthetic prompt of num_tokens (capped by the step budget, the context
@@ -196,16 +206,11 @@ class LLMEngine:
     # KV from outside (a decode worker's half of a remote prefill; engine/kv_connector.py)
     def reserve_remote(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
                        cache_salt: str | None = None) -> RemoteKV:
-        """Allocate the whole prompt's blocks (prefix hits reused) for KV computed elsewhere and have
-        the connector expect it; the request waits until start_remote. NoKVCapacity
-        (engine/kv_connector.py): no room now."""
+        """Allocate the whole prompt's blocks (prefix hits reused) for KV computed elsewhere; the
+        connector learns of them through after_alloc and the request waits until start_remote.
+        NoKVCapacity (engine/kv_connector.py): no room now."""
         req = self.make_request(prompt_ids, params, request_id, cache_salt)
         skip, block_ids = self.scheduler.add_remote(req)
-        try:
-            self.connector.start_load(request_id, block_ids, self.runner.k_caches, self.runner.v_caches)
-        except BaseException:
-            self.scheduler.abort(request_id)
-            raise
         return RemoteKV(skip_blocks=skip, block_ids=block_ids, cached_tokens=skip * self.cfg.cache.block_size)
 
     def start_remote(self, request_id: str, first_token: int) -> None:
@@ -259,9 +264,15 @@ class LLMEngine:
     # step
     def step(self) -> list[StepOutput]:
         """One scheduler step. A saving connector gets each layer as soon as it is stored (the
-        prefill worker streams that layer's blocks from there)."""
-        batch = self.scheduler.schedule()
+        prefill worker streams that layer's blocks from there). The connector's finished loads
+        and sends are taken in first."""
+        sched, conn = self.scheduler, self.connector
+        sched.loads_done(conn.finished_loading())
+        sched.sends_done(conn.finished_sending())
+        batch = sched.schedule()
         if not batch.reqs:
+            if sched.loading or sched.held:
+                time.sleep(0.001)       # only the connector can make progress: poll it, don't spin
             return []
         t0 = time.perf_counter()
         hook = None

@@ -46,6 +46,7 @@ class Request:
         self.block_ids: list[int] = []  # this worker's KV blocks, in position order
         self.status = Status.WAITING
         self.num_preemptions = 0
+        self.num_external_tokens = 0       # tokens the KV connector is loading (WAITING_FOR_REMOTE_KV)
         self.num_prefix_waits = 0          # times the scheduler passed it over: a running request was computing its next block
         self._hashes: list[int] = []    # chain hashes of the full blocks of token_ids
 

@@ -10,6 +10,12 @@ A waiting request whose next uncached prompt block a running request is still co
 passed over (the rest of the queue goes on) until that block is published, then admitted with
 the hit: two prompts that share a cold prefix compute it once (`wait_for_inflight_prefix`).
 
+KV from outside goes through the engine's KV connector (engine/kv_connector.py): a waiting
+request whose prompt continues past its local prefix hits in what the connector can supply gets
+blocks for those tokens and waits in WAITING_FOR_REMOTE_KV (`loading`) until the load ends; a
+remote prefill's reservation (add_remote) is the case where every prompt token comes from outside.
+A finished request whose blocks the connector still reads stays in `held` until it lets go.
+
 Invariant that rules out deadlock: admission (`check_fits`) rejects any request whose whole
 lifetime (prompt + max_tokens) could not fit the pool alone, so the oldest running request can
 always progress once everything newer is preempted.
@@ -21,7 +27,7 @@ from dataclasses import dataclass, field
 
 from pdcluster.engine.config import SchedulerConfig
 from pdcluster.engine.kv_cache_manager import KVCacheManager
-from pdcluster.engine.kv_connector import NoKVCapacity
+from pdcluster.engine.kv_connector import KVConnector, NoKVCapacity
 from pdcluster.engine.request import Request, Status
 from pdcluster.engine.rules import blocks_for_lifetime, finish_reason
 
@@ -46,13 +52,17 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+    def __init__(self, cfg: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 connector: KVConnector | None = None):
         self.cfg = cfg
         self.kv = kv
         self.max_model_len = max_model_len
+        self.connector = connector or KVConnector()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.requests: dict[str, Request] = {}
+        self.requests: dict[str, Request] = {}              # every unfinished request, by id
+        self.loading: dict[str, Request] = {}               # waiting for the connector's load
+        self.held: dict[str, Request] = {}                  # finished; blocks kept for the connector
 
     # admission
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -83,10 +93,15 @@ class Scheduler:
         n_new = req.num_prompt_tokens - len(hits) * self.kv.block_size
         if not self.kv.can_allocate(req, n_new, hits):
             raise NoKVCapacity(f"{self.kv.num_free_blocks} free KV blocks")
-        self.kv.allocate(req, n_new, hits)
+        fill = self.kv.allocate(req, n_new, hits)
+        try:
+            self.connector.after_alloc(req, fill, n_new)
+        except BaseException:
+            self.kv.free(req)
+            raise
         req.status = Status.WAITING_FOR_REMOTE_KV
         self.requests[req.request_id] = req
-        return len(hits), req.block_ids[len(hits):]
+        return len(hits), fill
 
     def remote_kv_done(self, req: Request, first_token: int) -> None:
         """Its prompt's KV is in: the prompt counts as computed (and cached), the first token,
@@ -102,8 +117,33 @@ class Scheduler:
         req.status = Status.RUNNING
         self.running.append(req)
 
+    def loads_done(self, results: list[tuple[str, bool]]) -> None:
+        """The connector's loads that ended: a complete one counts its tokens as computed (and
+        cached) and queues the request first; a failed one frees its blocks to recompute them."""
+        for request_id, ok in results:
+            req = self.loading.pop(request_id, None)
+            if req is None:                     # aborted meanwhile
+                continue
+            if ok:
+                req.num_computed_tokens += req.num_external_tokens
+                self.kv.cache_computed_blocks(req)
+                req.num_cached_tokens = req.num_computed_tokens
+            else:
+                self.kv.free(req)
+                req.num_computed_tokens = 0
+            req.num_external_tokens = 0
+            req.status = Status.WAITING
+            self.waiting.appendleft(req)
+
+    def sends_done(self, request_ids: list[str]) -> None:
+        """Free the blocks of finished requests the connector no longer reads."""
+        for request_id in request_ids:
+            req = self.held.pop(request_id, None)
+            if req is not None:
+                self.kv.free(req)
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading or self.held)
 
     @property
     def num_waiting_tokens(self) -> int:
@@ -151,6 +191,9 @@ class Scheduler:
                     continue
             if req.num_computed_tokens == 0:
                 self.kv.count_lookup(req, len(hits))
+                if self._start_load(req, hits):
+                    del self.waiting[j]
+                    continue
             n = req.num_tokens - (len(hits) * self.kv.block_size if hits else req.num_computed_tokens)
             if n > budget:
                 if not self.cfg.enable_chunked_prefill:
@@ -170,6 +213,28 @@ class Scheduler:
             if wait:
                 inflight.update(self._computing(req))
         return out
+
+    def _start_load(self, req: Request, hits: list) -> bool:
+        """Does the connector supply tokens past req's local hits? Then their blocks (and the hits)
+        are req's and it waits in `loading`. False also when the pool cannot hold them now."""
+        local = len(hits) * self.kv.block_size
+        n_ext = self.connector.external_tokens(req, local)
+        if n_ext <= 0:
+            return False
+        assert local + n_ext < req.num_prompt_tokens, "the last prompt token is computed here"
+        if not self.kv.can_allocate(req, n_ext, hits):
+            return False
+        fill = self.kv.allocate(req, n_ext, hits)
+        try:
+            self.connector.after_alloc(req, fill, n_ext)
+        except Exception:
+            self.kv.free(req)
+            req.num_computed_tokens = 0
+            raise
+        req.num_external_tokens = n_ext
+        req.status = Status.WAITING_FOR_REMOTE_KV
+        self.loading[req.request_id] = req
+        return True
 
     def _inflight_hashes(self) -> set[int]:
         """Chain hashes of the full prompt blocks running requests are still computing (scheduled
@@ -221,14 +286,19 @@ class Scheduler:
         return Status(reason) if reason else None
 
     def finish(self, req: Request, status: Status) -> None:
-        """Finish (or abort) a request anywhere in the queues and free its blocks."""
+        """Finish (or abort) a request anywhere in the queues and free its blocks, unless the
+        connector still reads them (then they wait in `held` for sends_done)."""
         if req.is_finished:
             return
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.kv.free(req)
+        self.loading.pop(req.request_id, None)
+        if self.connector.request_finished(req.request_id, req.block_ids):
+            self.held[req.request_id] = req
+        else:
+            self.kv.free(req)
         req.status = status
         self.requests.pop(req.request_id, None)
 

@@ -21,11 +21,15 @@ class ReceiveConnector(KVConnector):
     def __init__(self, receiver: KVReceiver, num_layers: int):
         self.receiver, self.num_layers = receiver, num_layers
         self._pending: dict[str, PendingTransfer] = {}       # engine thread writes; wait_loaded reads
+        self._write = None                                   # into the engine's caches, once registered
 
-    def start_load(self, request_id: str, block_ids: list[int], k_caches: list[torch.Tensor],
-                   v_caches: list[torch.Tensor]) -> None:
-        self._pending[request_id] = self.receiver.expect(request_id, block_ids, self.num_layers,
-                                                         cache_writer(k_caches, v_caches))
+    def register_caches(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        self._write = cache_writer(k_caches, v_caches)
+
+    def after_alloc(self, request, block_ids: list[int], num_external_tokens: int) -> None:
+        """A remote prefill's reservation: the KVReceiver expects its blocks from now on."""
+        rid = request.request_id
+        self._pending[rid] = self.receiver.expect(rid, block_ids, self.num_layers, self._write)
 
     def transfer(self, request_id: str) -> PendingTransfer | None:
         """The transfer filling request_id's reservation (its state, bytes so far), if one is expected."""

@@ -5,7 +5,7 @@ import pytest
 
 from pdcluster.engine.config import SchedulerConfig
 from pdcluster.engine.kv_cache_manager import KVCacheManager
-from pdcluster.engine.kv_connector import NoKVCapacity
+from pdcluster.engine.kv_connector import KVConnector, NoKVCapacity
 from pdcluster.engine.request import Request, Status
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.engine.scheduler import Scheduler
@@ -13,9 +13,18 @@ from pdcluster.engine.scheduler import Scheduler
 BS = 4
 
 
-def make(num_blocks=16, budget=16, max_seqs=8, chunked=True, max_len=1000):
+def make(num_blocks=16, budget=16, max_seqs=8, chunked=True, max_len=1000, connector=None):
     kv = KVCacheManager(num_blocks, BS)
-    return Scheduler(SchedulerConfig(max_seqs, budget, chunked), kv, max_len)
+    return Scheduler(SchedulerConfig(max_seqs, budget, chunked), kv, max_len, connector)
+
+
+class Reserving(KVConnector):
+    """A decode worker's connector, minus the transport: records the reservations it is told of."""
+    def __init__(self):
+        self.allocs = {}
+
+    def after_alloc(self, request, block_ids, num_external_tokens):
+        self.allocs[request.request_id] = (list(block_ids), num_external_tokens)
 
 
 def req(n, max_tokens=4, start=0, rid=None):
@@ -119,13 +128,14 @@ def test_abort_anywhere_frees_everything():
 
 
 def test_remote_kv_request_holds_its_blocks_unstepped_then_runs_from_the_first_token():
-    s = make(num_blocks=8, budget=8)
+    s = make(num_blocks=8, budget=8, connector=Reserving())
     warm = req(8, max_tokens=1, rid="warm")                    # caches blocks 0..1 of the shared prefix
     s.add(warm)
     run_step(s)
     r = req(10, max_tokens=3, rid="r")                         # same first 8 tokens
     skip, fill = s.add_remote(r)
     assert (skip, len(fill)) == (2, 1) and r.status is Status.WAITING_FOR_REMOTE_KV   # the cached prefix is skipped
+    assert s.connector.allocs == {"r": (fill, 2)}               # told: 2 prompt tokens come from outside
     assert not s.has_work() and s.kv.num_free_blocks == 8 - 3 and "r" in s.requests
     with pytest.raises(ValueError, match="already in flight"):
         s.add_remote(req(4, rid="r"))
@@ -139,7 +149,7 @@ def test_remote_kv_request_holds_its_blocks_unstepped_then_runs_from_the_first_t
 
 
 def test_remote_kv_request_aborted_or_ended_by_its_first_token_frees_its_blocks():
-    s = make(num_blocks=8, budget=8)
+    s = make(num_blocks=8, budget=8, connector=Reserving())
     a, b = req(9, rid="a"), req(9, max_tokens=1, start=100, rid="b")
     s.add_remote(a)
     s.add_remote(b)
@@ -301,3 +311,10 @@ def test_the_stop_rule_the_router_shares():
         assert finish_reason(tok, 1, 12, p, (99999,), 20) == want
     assert finish_reason(7, 1, 20, SamplingParams(max_tokens=4), (), 20) == "length"     # the context is full
     assert blocks_for_lifetime(5, 3, 4) == 2 and blocks_for_lifetime(5, 4, 4) == 3
+
+
+def test_a_connector_that_cannot_receive_refuses_a_remote_reservation_and_keeps_nothing():
+    s = make(num_blocks=8)                                      # the plain KVConnector: no KV from outside
+    with pytest.raises(NotImplementedError):
+        s.add_remote(req(9, rid="r"))
+    assert not s.requests and s.kv.num_free_blocks == 8
