@@ -129,6 +129,14 @@ def _sdpa(torch, q, k, v, causal, scale):
         return "sdpa", lambda: F.scaled_dot_product_attention(q, k2, v2, is_causal=causal, scale=scale)
 
 
+def versus_ref(a, timer, ours, ref) -> tuple[dict, float | None]:
+    """({"ref": ms of ref()}, relative error of `ours` against ref()'s output); ({}, None) with --no-ref."""
+    if a.no_ref:
+        return {}, None
+    err = rel_err(ours, ref())
+    return {"ref": timer(ref)}, err
+
+
 def case_decode(a, torch, K, dev, dtype, timer) -> list[Row]:
     B, ctx, H, kvh, D = a.batch, a.context, a.heads, a.kv_heads, a.head_dim
     kc, vc, bt = _paged(torch, B, ctx, kvh, D, a.block_size, dtype, dev)
@@ -172,11 +180,7 @@ def case_prefill(a, torch, K, dev, dtype, timer) -> list[Row]:
     def run():
         return K.paged_prefill_attention(q, kc, vc, bt, cu, lens, scale, max_seqlen_q=n)
 
-    out = run()
-    base, err = {}, None
-    if not a.no_ref:
-        err = rel_err(out, K.paged_prefill_attention_ref(q, kc, vc, bt, cu, lens, scale))
-        base["ref"] = timer(lambda: K.paged_prefill_attention_ref(q, kc, vc, bt, cu, lens, scale))
+    base, err = versus_ref(a, timer, run(), lambda: K.paged_prefill_attention_ref(q, kc, vc, bt, cu, lens, scale))
     kd = torch.randn(S, kvh, n, D, device=dev).to(dtype)
     name, sdpa = _sdpa(torch, q.view(S, n, H, D).transpose(1, 2).contiguous(), kd, kd.clone(), True, scale)
     base[name] = timer(sdpa)
@@ -190,13 +194,8 @@ def case_store_kv(a, torch, K, dev, dtype, timer) -> list[Row]:
     k, v = torch.randn(T, kvh, D, device=dev).to(dtype), torch.randn(T, kvh, D, device=dev).to(dtype)
     slots = torch.randperm(kc.shape[0] * bs, device=dev)[:T]
     K.store_kv(k, v, kc, vc, slots)
-    err = None
-    base = {}
-    if not a.no_ref:
-        kr, vr = torch.zeros_like(kc), torch.zeros_like(vc)
-        K.store_kv_ref(k, v, kr, vr, slots)
-        err = rel_err(kc, kr)
-        base["ref"] = timer(lambda: K.store_kv_ref(k, v, kr, vr, slots))
+    kr, vr = torch.zeros_like(kc), torch.zeros_like(vc)
+    base, err = versus_ref(a, timer, kc, lambda: (K.store_kv_ref(k, v, kr, vr, slots), kr)[1])
     ms = timer(lambda: K.store_kv(k, v, kc, vc, slots))
     return [Row(f"store_kv T={T}", ms, 4 * k.numel() * k.element_size() + 8 * T, 0, base, err)]
 
@@ -206,10 +205,7 @@ def case_rms_norm(a, torch, K, dev, dtype, timer) -> list[Row]:
     x, r = torch.randn(T, h, device=dev).to(dtype), torch.randn(T, h, device=dev).to(dtype)
     w = torch.randn(h, device=dev).to(dtype)
     out, _ = K.rms_norm(x, w, 1e-5, residual=r)
-    base, err = {}, None
-    if not a.no_ref:
-        err = rel_err(out, K.rms_norm_ref(x, w, 1e-5, residual=r)[0])
-        base["ref"] = timer(lambda: K.rms_norm_ref(x, w, 1e-5, residual=r))
+    base, err = versus_ref(a, timer, out, lambda: K.rms_norm_ref(x, w, 1e-5, residual=r)[0])
     ms = timer(lambda: K.rms_norm(x, w, 1e-5, residual=r))
     return [Row(f"rms_norm+residual {T}x{h}", ms, 4 * x.numel() * x.element_size(), 0, base, err)]
 
@@ -225,11 +221,15 @@ def case_rotary(a, torch, K, dev, dtype, timer) -> list[Row]:
     f2 = fused.clone()
     q2, k2 = f2[:, : H * D], f2[:, H * D:(H + kvh) * D]
     K.rotary_embedding(pos, q, k, cs, D)
-    base, err = {}, None
-    if not a.no_ref:
+    f2_once = None
+
+    def ref():      # the error is taken after one application, like ours; timing re-applies it
+        nonlocal f2_once
         K.rotary_embedding_ref(pos, q2, k2, cs, D)
-        err = rel_err(fused, f2)
-        base["ref"] = timer(lambda: K.rotary_embedding_ref(pos, q2, k2, cs, D))
+        if f2_once is None:
+            f2_once = f2.clone()
+        return f2_once
+    base, err = versus_ref(a, timer, fused, ref)
     ms = timer(lambda: K.rotary_embedding(pos, q, k, cs, D))
     nbytes = 2 * T * (H + kvh) * D * fused.element_size() + T * D * 4 + T * 8
     return [Row(f"rotary T={T}", ms, nbytes, 0, base, err)]
@@ -245,21 +245,14 @@ def case_pack(a, torch, K, dev, dtype, timer, unpack: bool) -> list[Row]:
     for quant in (None, "int8", "fp8"):
         buf, sc = K.pack_kv(kc, vc, ids, quant=quant)
         moved = 2 * n * bs * kvh * D * (kc.element_size() + buf.element_size())
-        base, err = {}, None
         if unpack:
             k2, v2 = torch.zeros_like(kc), torch.zeros_like(vc)
             K.unpack_kv(buf, sc, k2, v2, dst)
-            if not a.no_ref:
-                k3, v3 = torch.zeros_like(kc), torch.zeros_like(vc)
-                K.unpack_kv_ref(buf, sc, k3, v3, dst)
-                err = rel_err(k2, k3)
-                base["ref"] = timer(lambda: K.unpack_kv_ref(buf, sc, k3, v3, dst))
+            k3, v3 = torch.zeros_like(kc), torch.zeros_like(vc)
+            base, err = versus_ref(a, timer, k2, lambda: (K.unpack_kv_ref(buf, sc, k3, v3, dst), k3)[1])
             ms = timer(lambda: K.unpack_kv(buf, sc, k2, v2, dst))
         else:
-            if not a.no_ref:
-                br, _ = K.pack_kv_ref(kc, vc, ids, quant=quant)
-                err = rel_err(buf, br)
-                base["ref"] = timer(lambda: K.pack_kv_ref(kc, vc, ids, quant=quant))
+            base, err = versus_ref(a, timer, buf, lambda: K.pack_kv_ref(kc, vc, ids, quant=quant)[0])
             ms = timer(lambda: K.pack_kv(kc, vc, ids, quant=quant))
         rows.append(Row(f"{'unpack' if unpack else 'pack'}_kv {n} blocks {quant or 'raw'}", ms, moved, 0, base, err))
     return rows

@@ -176,7 +176,7 @@ class Scheduler:
             i += 1
 
         wait = self.cfg.wait_for_inflight_prefix and self.kv.enable_caching   # no cache: nothing to wait for
-        inflight = self._inflight_hashes() if wait and self.waiting else set()
+        inflight = inflight_hashes(self.running, self.kv.block_size) if wait and self.waiting else set()
         j = 0                                   # waiting[:j] are deferred on an in-flight prefix
         while j < len(self.waiting) and budget > 0 and len(self.running) < self.cfg.max_num_seqs \
                 and not out.preempted:
@@ -211,7 +211,7 @@ class Scheduler:
             out.num_new_tokens.append(n)
             budget -= n
             if wait:
-                inflight.update(self._computing(req))
+                inflight.update(computing(req, self.kv.block_size))
         return out
 
     def _start_load(self, req: Request, hits: list) -> bool:
@@ -235,24 +235,6 @@ class Scheduler:
         req.status = Status.WAITING_FOR_REMOTE_KV
         self.loading[req.request_id] = req
         return True
-
-    def _inflight_hashes(self) -> set[int]:
-        """Chain hashes of the full prompt blocks running requests are still computing (scheduled
-        in an earlier step or this one, not yet cached). A waiting request whose next uncached
-        block is among them is deferred: once the running request's step publishes the block
-        (update -> cache_computed_blocks) it becomes a prefix hit. No deadlock: the running
-        request makes progress (the oldest always can), and if it is preempted or aborted it
-        leaves `running`, so nothing waits on it any more."""
-        out: set[int] = set()
-        for r in self.running:
-            out.update(self._computing(r))
-        return out
-
-    def _computing(self, r: Request) -> list[int]:
-        """Hashes of r's full prompt blocks not computed yet (r is running: it will compute them)."""
-        bs = self.kv.block_size
-        done, full = r.num_computed_tokens // bs, r.num_prompt_tokens // bs
-        return r.block_hashes()[done:full] if done < full else []
 
     def _preempt(self, req: Request, out: ScheduledBatch) -> None:
         self.running.remove(req)
@@ -307,3 +289,22 @@ class Scheduler:
         if req is not None:
             self.finish(req, Status.FINISHED_ABORTED)
         return req
+
+
+def inflight_hashes(running: list[Request], block_size: int) -> set[int]:
+    """Chain hashes of the full prompt blocks running requests are still computing (scheduled
+    in an earlier step or this one, not yet cached). A waiting request whose next uncached
+    block is among them is deferred: once the running request's step publishes the block
+    (update -> cache_computed_blocks) it becomes a prefix hit. No deadlock: the running
+    request makes progress (the oldest always can), and if it is preempted or aborted it
+    leaves `running`, so nothing waits on it any more."""
+    out: set[int] = set()
+    for r in running:
+        out.update(computing(r, block_size))
+    return out
+
+
+def computing(r: Request, bs: int) -> list[int]:
+    """Hashes of r's full prompt blocks not computed yet (r is running: it will compute them)."""
+    done, full = r.num_computed_tokens // bs, r.num_prompt_tokens // bs
+    return r.block_hashes()[done:full] if done < full else []

@@ -65,6 +65,22 @@ def check(cond: bool, name: str, msg: str) -> None:
         raise ValueError(f"{name}: {msg}")
 
 
+def check_paged_kv(n: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """q [tokens, num_heads, head_dim] against paged caches [num_blocks, block_size, num_kv_heads,
+    head_dim]: shapes, GQA grouping, one float dtype, unit-stride head_dim."""
+    check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape, n,
+          f"k_cache/v_cache must be equal [num_blocks, block_size, num_kv_heads, head_dim], "
+          f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    check(k_cache.shape[3] == head_dim, n, f"head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
+    check(num_heads % num_kv_heads == 0, n, f"num_heads {num_heads} % num_kv_heads {num_kv_heads} != 0")
+    check(q.dtype in FLOAT_DTYPES and q.dtype == k_cache.dtype == v_cache.dtype, n,
+          f"q/k_cache/v_cache must share one float dtype, got {q.dtype}/{k_cache.dtype}/{v_cache.dtype}")
+    check(q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, n,
+          "head_dim must be the unit-stride dimension of q, k_cache and v_cache")
+
+
 # Tests set POISON = True: every buffer a launcher allocates starts as NaN (floats) or -128 (ints),
 # so an element the kernel forgets to write fails the comparison instead of passing by luck.
 POISON = False

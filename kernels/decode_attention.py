@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from pdcluster.kernels._triton import FLOAT_DTYPES, INDEX_DTYPES, check, check_launch, new_empty, next_pow2, tl, triton
+from pdcluster.kernels._triton import INDEX_DTYPES, check, check_launch, check_paged_kv, new_empty, next_pow2, tl, triton
 
 LOG2E = 1.4426950408889634
 
@@ -126,17 +126,8 @@ def _decode_reduce_kernel(
 def _check(q, k_cache, v_cache, block_tables, seq_lens) -> None:
     n = "paged_decode_attention"
     check(q.dim() == 3, n, f"q must be [num_seqs, num_heads, head_dim], got {tuple(q.shape)}")
-    check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape, n,
-          f"k_cache/v_cache must be equal [num_blocks, block_size, num_kv_heads, head_dim], "
-          f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    check(k_cache.shape[3] == head_dim, n, f"head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
-    check(num_heads % num_kv_heads == 0, n, f"num_heads {num_heads} % num_kv_heads {num_kv_heads} != 0")
-    check(q.dtype in FLOAT_DTYPES and q.dtype == k_cache.dtype == v_cache.dtype, n,
-          f"q/k_cache/v_cache must share one float dtype, got {q.dtype}/{k_cache.dtype}/{v_cache.dtype}")
-    check(q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, n,
-          "head_dim must be the unit-stride dimension of q, k_cache and v_cache")
+    check_paged_kv(n, q, k_cache, v_cache)
+    num_seqs = q.shape[0]
     check(block_tables.dtype in INDEX_DTYPES and block_tables.dim() == 2
           and block_tables.shape[0] == num_seqs and block_tables.stride(1) == 1, n,
           f"block_tables must be int32/int64 [num_seqs={num_seqs}, max_blocks] with unit column stride, "

@@ -46,6 +46,15 @@ def _round_to_e4m3(y):
 
 
 @triton.jit
+def _copy(dst, src, ELEMS: tl.constexpr, CHUNK: tl.constexpr):
+    """ELEMS elements src -> dst, CHUNK at a time (no codec)."""
+    offs = tl.arange(0, CHUNK)
+    for c0 in range(0, ELEMS, CHUNK):
+        m = c0 + offs < ELEMS
+        tl.store(dst + c0 + offs, tl.load(src + c0 + offs, mask=m), mask=m)
+
+
+@triton.jit
 def _pack_kernel(
     cache_ptr, ids_ptr, buf_ptr, scale_ptr,
     s_cb,                                      # cache block stride (elements)
@@ -58,9 +67,7 @@ def _pack_kernel(
     dst = buf_ptr + i * ELEMS
     offs = tl.arange(0, CHUNK)
     if QUANT == 0:
-        for c0 in range(0, ELEMS, CHUNK):
-            m = c0 + offs < ELEMS
-            tl.store(dst + c0 + offs, tl.load(src + c0 + offs, mask=m), mask=m)
+        _copy(dst, src, ELEMS, CHUNK)
     else:
         amax = tl.zeros([CHUNK], tl.float32)
         for c0 in range(0, ELEMS, CHUNK):
@@ -92,9 +99,7 @@ def _unpack_kernel(
     src = buf_ptr + i * ELEMS
     offs = tl.arange(0, CHUNK)
     if QUANT == 0:
-        for c0 in range(0, ELEMS, CHUNK):
-            m = c0 + offs < ELEMS
-            tl.store(dst + c0 + offs, tl.load(src + c0 + offs, mask=m), mask=m)
+        _copy(dst, src, ELEMS, CHUNK)
     else:
         s = tl.load(scale_ptr + i)
         for c0 in range(0, ELEMS, CHUNK):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from pdcluster.kernels._triton import FLOAT_DTYPES, INDEX_DTYPES, check, check_launch, new_empty, next_pow2, tl, triton
+from pdcluster.kernels._triton import INDEX_DTYPES, check, check_launch, check_paged_kv, new_empty, next_pow2, tl, triton
 
 LOG2E = 1.4426950408889634
 
@@ -90,17 +90,7 @@ def _prefill_kernel(
 def _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k) -> None:
     n = "paged_prefill_attention"
     check(q.dim() == 3, n, f"q must be [total_new_tokens, num_heads, head_dim], got {tuple(q.shape)}")
-    check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape, n,
-          f"k_cache/v_cache must be equal [num_blocks, block_size, num_kv_heads, head_dim], "
-          f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    _, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    check(k_cache.shape[3] == head_dim, n, f"head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
-    check(num_heads % num_kv_heads == 0, n, f"num_heads {num_heads} % num_kv_heads {num_kv_heads} != 0")
-    check(q.dtype in FLOAT_DTYPES and q.dtype == k_cache.dtype == v_cache.dtype, n,
-          f"q/k_cache/v_cache must share one float dtype, got {q.dtype}/{k_cache.dtype}/{v_cache.dtype}")
-    check(q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, n,
-          "head_dim must be the unit-stride dimension of q, k_cache and v_cache")
+    check_paged_kv(n, q, k_cache, v_cache)
     num_seqs = seq_lens_k.shape[0] if seq_lens_k.dim() == 1 else -1
     check(seq_lens_k.dtype in INDEX_DTYPES and seq_lens_k.dim() == 1 and seq_lens_k.stride(0) == 1, n,
           f"seq_lens_k must be contiguous int32/int64 [num_seqs], got {seq_lens_k.dtype} {tuple(seq_lens_k.shape)}")
