@@ -23,7 +23,7 @@ from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.engine.kv_connector import NoKVCapacity
 from pdcluster.kv_transfer import KVReceiver, KVServer, KVTcpServer, ReceiveConnector
-from pdcluster.messages import Reservation, TokenItem
+from pdcluster.messages import Reservation, TokenItem, WorkerStatus
 
 KV_TRANSPORTS = ("tcp", "grpc", "mooncake")
 
@@ -167,16 +167,14 @@ class DecodeWorker:
             del self._reserved[rid]
             engine.abort(rid)
 
-    def status(self, drain_events: bool = False) -> dict:
+    def status(self, drain_events: bool = False) -> WorkerStatus:
         """Load figures; with drain_events (the router's poll) also the block events since the last drain.
         Each poll also sweeps expired reservations (queued on the engine thread, not waited for)."""
         self.loop.call(self._expire_reservations)
-        e = self.engine
-        seq, events = self.events.drain() if drain_events else (None, [])
-        running, waiting = e.queue_lengths()
-        return dict(worker_id=self.worker_id, role="decode", incarnation=self.incarnation, pid=os.getpid(),
-                    running=running, waiting=waiting, reserved=len(self._reserved),
-                    kv_address=self.kv_address, block_seq=seq, block_events=events, **e.figures())
+        running, waiting = self.engine.queue_lengths()
+        return WorkerStatus.of(self.worker_id, "decode", self.incarnation, os.getpid(), self.engine.figures(),
+                               self.events.drain() if drain_events else (None, ()), running=running,
+                               waiting=waiting, reserved=len(self._reserved), kv_address=self.kv_address)
 
     def steps(self) -> int:
         """Forward steps the engine has finished: rises while it works on anything."""

@@ -75,3 +75,84 @@ class TokenItem(Message):
 class Heartbeat(Message):
     """Sent on a token stream that has been quiet for a while (a long prefill): alive, and how far."""
     steps: int                      # the worker's engine steps so far: rises while it works
+
+
+class Figures(Message):
+    """Figures a producer keeps as a plain mapping (LLMEngine.figures(), BandwidthMeter.snapshot())."""
+
+    @classmethod
+    def of(cls, figures):
+        """Its fields out of the mapping; other keys are ignored (the producer may report more)."""
+        return cls(**{f.name: figures[f.name] for f in dataclasses.fields(cls) if f.name in figures})
+
+
+@dataclass(frozen=True)
+class EngineFigures(Figures):
+    """An engine's KV pool, queue, prefix-cache and cumulative step counters (LLMEngine.figures()).
+    Counters start at 0 with the worker process and only rise; seconds are busy forward-step time."""
+    free_blocks: int = 0
+    num_blocks: int = 0
+    waiting_tokens: int = 0         # prompt tokens waiting in its scheduler
+    prefix_hits: int = 0            # prompt tokens found in its prefix cache
+    prefix_queries: int = 0         # prompt tokens looked up
+    steps: int = 0
+    tokens: int = 0
+    busy_s: float = 0.0
+    prefill_tokens: int = 0         # steps with any prompt chunk in them
+    prefill_s: float = 0.0
+    decode_steps: int = 0           # single-token decode steps only
+    decode_seqs: int = 0            # sum of their batch sizes
+    decode_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class LinkFigures(Figures):
+    """One KV link as a prefill worker's bandwidth meter measured it (wire bytes, seconds since the epoch)."""
+    src_id: str
+    dst_id: str
+    total_bytes: int = 0
+    total_seconds: float = 0.0
+    count: int = 0
+    ewma_bytes_per_s: float = 0.0   # 0.0 until the first timed sample
+    last_sample_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class BlockEvent(Message):
+    """One prefix-cache change on a worker, numbered in its BlockEventLog."""
+    seq: int
+    kind: str                       # "stored" | "removed"
+    hashes: list[int]               # chain hashes
+
+
+@dataclass(frozen=True)
+class WorkerStatus(Message):
+    """A worker's answer to the router's status poll (its health check, load figures and index feed)."""
+    worker_id: str
+    role: str                       # "prefill" | "decode"
+    incarnation: str                # the worker process's id: changes when Ray restarts it
+    pid: int
+    engine: EngineFigures
+    block_seq: int | None = None    # last event number (None: events not drained by this call)
+    block_events: tuple[BlockEvent, ...] = ()
+    running: int = 0                # decode: requests in the running batch
+    waiting: int = 0                # decode: requests waiting
+    reserved: int = 0               # decode: reservations awaiting their KV
+    kv_address: str = ""            # decode: its KV server of the cluster's transport
+    in_flight: int = 0              # prefill: prefill calls in progress
+    links: tuple[LinkFigures, ...] = ()     # prefill: its outgoing KV links
+
+    @classmethod
+    def of(cls, worker_id: str, role: str, incarnation: str, pid: int, figures, drained=(None, ()),
+           **extra) -> "WorkerStatus":
+        """From a worker's plain figures: LLMEngine.figures() and a BlockEventLog.drain() (seq, events)."""
+        seq, events = drained
+        return cls(worker_id, role, incarnation, pid, EngineFigures.of(figures), seq,
+                   tuple(BlockEvent(*e) for e in events), **extra)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "WorkerStatus":
+        d = msgpack.unpackb(data, strict_map_key=True)
+        return cls(**d | dict(engine=EngineFigures(**d["engine"]),
+                              block_events=tuple(BlockEvent(**e) for e in d["block_events"]),
+                              links=tuple(LinkFigures(**x) for x in d["links"])))

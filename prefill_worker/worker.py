@@ -19,7 +19,7 @@ from dataclasses import replace
 from pdcluster.engine.engine_thread import EngineThread
 from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 from pdcluster.engine.sampling_params import SamplingParams
-from pdcluster.messages import KVDestination, PrefillResult
+from pdcluster.messages import KVDestination, LinkFigures, PrefillResult, WorkerStatus
 from pdcluster.kv_transfer import (BandwidthMeter, GrpcKVTransport, KVTransferError, MooncakeKVTransport, SendConnector,
                                    TcpKVTransport)
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy, prefill_seconds
@@ -142,13 +142,11 @@ class PrefillWorker:
         probe = getattr(self.transport, "probe", None)
         return probe(address, dst_id, timeout=self.transfer_timeout_s) if probe is not None else None
 
-    def status(self, drain_events: bool = False) -> dict:
+    def status(self, drain_events: bool = False) -> WorkerStatus:
         """Load figures; with drain_events (the router's poll) also the block events since the last drain."""
-        e = self.engine
-        seq, events = self.events.drain() if drain_events else (None, [])
-        return dict(worker_id=self.worker_id, role="prefill", incarnation=self.incarnation, pid=os.getpid(),
-                    in_flight=self.in_flight,
-                    links=self.meter.snapshot(), block_seq=seq, block_events=events, **e.figures())
+        return WorkerStatus.of(self.worker_id, "prefill", self.incarnation, os.getpid(), self.engine.figures(),
+                               self.events.drain() if drain_events else (None, ()), in_flight=self.in_flight,
+                               links=tuple(LinkFigures.of(x) for x in self.meter.snapshot()))
 
     def cached_hashes(self) -> tuple[int, list[int]]:
         """(event sequence number, every cached chain hash): a full resync for the router's index."""

@@ -41,7 +41,7 @@ SIGNALS = {
     "prefill": ("queued_prompt_tokens_per_replica", "p90_ttft"),
     "decode": ("kv_utilization", "p90_tpot"),
 }
-# Decision.cause: why a tick decided what it did (a metrics label; the reason says it in words)
+# ScaleDecision.cause: why a tick decided what it did (a metrics label; the reason says it in words)
 CAUSES = ("load",                                   # up/down: the signal held outside the band long enough
           "below_min", "above_max",                 # up/down: bounds, corrected at once
           "in_band", "delay", "cooldown",           # hold: inside the band / waiting out a delay / cooling down
@@ -127,7 +127,7 @@ def pool_metrics(pool: str, loads: Iterable[Any], starting: int = 0, p90_ttft_ms
 
 
 @dataclass(frozen=True)
-class Decision:
+class ScaleDecision:
     pool: str
     delta: int                      # +k add, -k drain and remove, 0 hold
     replicas: int                   # the pool's replicas when decided
@@ -163,11 +163,12 @@ class PoolPolicy:
         self.last_action = now
         self.up_since = self.down_since = None
 
-    def decide(self, m: PoolMetrics, now: float) -> Decision:
+    def decide(self, m: PoolMetrics, now: float) -> ScaleDecision:
         r, n = self.rule, m.replicas
         value = signal_value(r.signal, m)
         load = None if value is None else value / r.target
-        d = lambda delta, cause, why: self._act(Decision(self.pool, delta, n, why, r.signal, value, load, cause), now)
+        d = lambda delta, cause, why: self._act(  # noqa: E731
+            ScaleDecision(self.pool, delta, n, why, r.signal, value, load, cause), now)
         # bounds first: a hard invariant, no delay or cooldown
         if n < r.min_replicas:
             return d(min(r.min_replicas - n, r.max_step), "below_min", f"below min_replicas={r.min_replicas}")
@@ -214,7 +215,7 @@ class PoolPolicy:
         self.up_since = self.down_since = None
         return d(0, "in_band", f"{desc} within [{r.down_ratio}, {r.up_ratio}]")
 
-    def _act(self, dec: Decision, now: float) -> Decision:
+    def _act(self, dec: ScaleDecision, now: float) -> ScaleDecision:
         if dec.delta:
             self.action_done(now)
         return dec
@@ -259,10 +260,10 @@ class PoolAutoscaler:
         self.replicas_added: Counter = Counter()
         self.replicas_removed: Counter = Counter()
         self.action_errors: Counter = Counter()
-        self.last: dict[str, Decision] = {}
+        self.last: dict[str, ScaleDecision] = {}
         self._inflight: dict[str, asyncio.Task] = {}
 
-    async def step(self) -> dict[str, Decision]:
+    async def step(self) -> dict[str, ScaleDecision]:
         """One tick: decide every pool and start its action (if any); returns the decisions."""
         snap = await _maybe_await(self.read_metrics())
         now = self.clock()
@@ -271,9 +272,10 @@ class PoolAutoscaler:
             m = snap.get(pool)
             task = self._inflight.get(pool)
             if task is not None and not task.done():
-                dec = Decision(pool, 0, m.replicas if m else 0, "previous action still in flight", cause="in_flight")
+                dec = ScaleDecision(pool, 0, m.replicas if m else 0, "previous action still in flight",
+                                    cause="in_flight")
             elif m is None:
-                dec = Decision(pool, 0, 0, "no metrics for this pool", cause="no_metrics")
+                dec = ScaleDecision(pool, 0, 0, "no metrics for this pool", cause="no_metrics")
             else:
                 dec = pol.decide(m, now)
             self.decisions[(pool, dec.direction)] += 1
@@ -292,7 +294,7 @@ class PoolAutoscaler:
                         dec.replicas, dec.reason)
         return out
 
-    async def _carry_out(self, dec: Decision) -> None:
+    async def _carry_out(self, dec: ScaleDecision) -> None:
         fn = self.add_replica if dec.delta > 0 else self.drain_and_remove_replica
         done = self.replicas_added if dec.delta > 0 else self.replicas_removed
         res = await asyncio.gather(*(_maybe_await_call(fn, dec.pool) for _ in range(abs(dec.delta))),
@@ -343,5 +345,5 @@ async def _maybe_await_call(fn: Callable[[str], Any], pool: str) -> Any:
     return await _maybe_await(fn(pool))
 
 
-__all__ = ["POOLS", "SIGNALS", "CAUSES", "ScalingRule", "PoolMetrics", "MetricsSnapshot", "signal_value", "pool_metrics",
-           "Decision", "PoolPolicy", "PoolAutoscaler"]
+__all__ = ["POOLS", "SIGNALS", "CAUSES", "ScalingRule", "PoolMetrics", "MetricsSnapshot", "signal_value",
+           "pool_metrics", "ScaleDecision", "PoolPolicy", "PoolAutoscaler"]

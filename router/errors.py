@@ -1,4 +1,4 @@
-"""Errors the router's request lifecycle handles (kept free of Ray so lifecycle stays pure)."""
+"""Errors of the router's request lifecycle (kept free of Ray so lifecycle stays pure)."""
 
 
 class WorkerLost(Exception):
@@ -7,3 +7,11 @@ class WorkerLost(Exception):
     def __init__(self, worker_id: str, why: str):
         super().__init__(f"worker {worker_id} lost: {why}")
         self.worker_id = worker_id
+
+
+class Unavailable(Exception):
+    """No worker can take the request (maps to UNAVAILABLE)."""
+
+
+class Overloaded(Exception):
+    """The admission queue is full (maps to RESOURCE_EXHAUSTED)."""

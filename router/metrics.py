@@ -2,7 +2,7 @@
 
 Request-side figures are recorded by the Router's lifecycle hooks (`admitted`, `first_token`,
 `placed`, `finished`). Worker-side figures arrive through the router's status polling
-(`Router.refresh_loads` -> `worker_status`) and are rendered at scrape time by a collector, labelled
+(`Registry.refresh` -> `worker_status`) and are rendered at scrape time by a collector, labelled
 by worker id (and by link for KV transfer), so workers open no ports of their own. Counters taken
 from a worker's status are that worker's running totals (they restart at 0 if the worker does).
 
@@ -36,6 +36,7 @@ from collections import deque
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from pdcluster.messages import WorkerStatus
 from pdcluster.ports import bind_tcp
 
 # seconds
@@ -95,7 +96,7 @@ class RouterMetrics:
         self.recent_tpot = RecentWindow(recent_window_s)     # seconds per output token
         self._lock = threading.Lock()
         self._pools: dict[str, str] = {}              # worker id -> pool ("prefill" | "decode")
-        self._status: dict[str, dict | None] = {}     # worker id -> last status (None = poll failed)
+        self._status: dict[str, WorkerStatus | None] = {}     # worker id -> last status (None = poll failed)
         r.register(_WorkerCollector(self))
         self._http = None
 
@@ -143,7 +144,7 @@ class RouterMetrics:
 
     # autoscaler hooks (PoolAutoscaler's observer)
     def autoscale_decision(self, dec) -> None:
-        """dec: router.autoscaler.Decision."""
+        """dec: router.autoscaler.ScaleDecision."""
         self.scale_decisions.labels(dec.pool, dec.direction, dec.cause or "none").inc()
         self.scale_load.labels(dec.pool).set(math.nan if dec.load is None else dec.load)
         self.scale_target.labels(dec.pool).set(dec.target_replicas)
@@ -154,9 +155,9 @@ class RouterMetrics:
     def worker_restarted(self, worker_id: str) -> None:
         self.restarts.labels(worker_id).inc()
 
-    def worker_status(self, worker_id: str, status: dict | None) -> None:
+    def worker_status(self, worker_id: str, status: WorkerStatus | None) -> None:
         with self._lock:
-            self._status[worker_id] = dict(status) if status is not None else None
+            self._status[worker_id] = status
 
     # exposition
     def render(self) -> bytes:
@@ -211,15 +212,14 @@ class _WorkerCollector:
             up.add_metric([wid, pool], 0.0 if s is None else 1.0)
             if s is None:
                 continue
-            n, f = s.get("num_blocks", 0), s.get("free_blocks", 0)
-            used.add_metric([wid], n - f)
-            free.add_metric([wid], f)
-            hits.add_metric([wid], s.get("prefix_hits", 0))
-            queries.add_metric([wid], s.get("prefix_queries", 0))
-            busy.add_metric([wid], s.get("busy_s", 0.0))
-            steps.add_metric([wid], s.get("steps", 0))
-            for link in s.get("links", ()):
-                src = link.get("src_id", wid)
-                kv_bytes.add_metric([src, link["dst_id"]], link.get("total_bytes", 0))
-                kv_secs.add_metric([src, link["dst_id"]], link.get("total_seconds", 0.0))
+            e = s.engine
+            used.add_metric([wid], e.num_blocks - e.free_blocks)
+            free.add_metric([wid], e.free_blocks)
+            hits.add_metric([wid], e.prefix_hits)
+            queries.add_metric([wid], e.prefix_queries)
+            busy.add_metric([wid], e.busy_s)
+            steps.add_metric([wid], e.steps)
+            for link in s.links:
+                kv_bytes.add_metric([link.src_id, link.dst_id], link.total_bytes)
+                kv_secs.add_metric([link.src_id, link.dst_id], link.total_seconds)
         yield from (replicas, up, used, free, hits, queries, busy, steps, kv_bytes, kv_secs)

@@ -15,7 +15,8 @@ from grpc_reflection.v1alpha import reflection
 
 from pdcluster.ports import GRPC_NO_REUSEPORT, bind_grpc
 from pdcluster.router.conn_reset import reset_connection
-from pdcluster.router.lifecycle import Overloaded, Router, Unavailable
+from pdcluster.router.errors import Overloaded, Unavailable
+from pdcluster.router.lifecycle import Router
 from pdcluster.router.proto import generation_pb2 as pb
 from pdcluster.router.proto import generation_pb2_grpc as pb_grpc
 from pdcluster.router.validate import InvalidRequest, max_token_bytes, parse_request
@@ -194,7 +195,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def GetModelInfo(self, request, context):
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        p = self.router.pools
+        p = self.router.workers
         return pb.ModelInfo(model=self.model_name, max_context_tokens=self.router.max_context,
                             vocab_size=self.vocab_size, prefill_workers=len(p.prefill), decode_workers=len(p.decode))
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Mapping
 
+from pdcluster.messages import EngineFigures, LinkFigures, WorkerStatus
 from pdcluster.router.cost_config import CostConfig
-from pdcluster.router.placement import WorkerLoad
+
+if TYPE_CHECKING:
+    from pdcluster.router.placement.load import WorkerLoad
+
+# cumulative EngineFigures counters: any of them going back means the worker restarted
+COUNTERS = ("prefill_tokens", "prefill_s", "decode_steps", "decode_seqs", "decode_s", "tokens", "steps", "busy_s")
 
 
 class RateEstimator:
@@ -78,7 +84,7 @@ class StepTimeModel:
 class WorkerPerf:
     prefill: RateEstimator                  # prefill tokens/s (on a decode worker: local prefill)
     decode: StepTimeModel                   # decode step seconds vs batch size
-    counters: dict = field(default_factory=dict)   # last cumulative status counters seen
+    counters: EngineFigures | None = None   # the last status poll's figures (None: none yet)
 
 
 @dataclass
@@ -89,8 +95,8 @@ class LinkInfo:
 
 
 class LinkTable:
-    """Measured KV links (from `kv_transfer.BandwidthMeter.snapshot()` dicts: wire bytes/s, headers
-    and scales included, compressed or not) and zone-pair figures.
+    """Measured KV links (a prefill worker's LinkFigures: wire bytes/s, headers and scales included,
+    compressed or not) and zone-pair figures.
     Zone pairs are tracked apart: an EWMA over the measured links of each directed (src zone, dst
     zone) pair prices a link that has no measurement of its own; before any, the configured prior
     (intra-zone fast, cross-zone slow, or `zone_pair_bps`)."""
@@ -103,17 +109,17 @@ class LinkTable:
         for za, zb, bps in cfg.zone_pair_bps:
             self._prior[(za, zb)] = self._prior[(zb, za)] = float(bps)
 
-    def ingest(self, snapshots: Iterable[Mapping], zones: Mapping[str, str] | None = None) -> None:
-        """Take a worker's meter snapshot; links with new samples also feed their zone pair's EWMA."""
+    def ingest(self, links: Iterable[LinkFigures], zones: Mapping[str, str] | None = None) -> None:
+        """Take a worker's measured links; links with new samples also feed their zone pair's EWMA."""
         zones = zones or {}
-        for s in snapshots:
-            bps = float(s.get("ewma_bytes_per_s") or 0.0)
+        for s in links:
+            bps = float(s.ewma_bytes_per_s)
             if bps <= 0:
                 continue
-            key = (s["src_id"], s["dst_id"])
+            key = (s.src_id, s.dst_id)
             old = self.links.get(key)
-            count = int(s.get("count", 0))
-            self.links[key] = LinkInfo(bps, count, float(s.get("last_sample_time", 0.0)))
+            count = s.count
+            self.links[key] = LinkInfo(bps, count, float(s.last_sample_time))
             if old is None or count > old.count:
                 zk = (zones.get(key[0], ""), zones.get(key[1], ""))
                 prev = self.zone_bps.get(zk)
@@ -148,13 +154,11 @@ class LinkTable:
 class Telemetry:
     """What the router learns online: per-worker rates (from their step timings) and the links.
 
-    `ingest_status(load, status)` takes one status poll. Step counters are cumulative; each poll's
-    deltas are one sample. Preferred fields (split by step kind):
+    `ingest_status(load, status)` takes one WorkerStatus. Step counters are cumulative; each poll's
+    deltas are one sample:
         prefill_tokens, prefill_s             steps that prefilled (tokens, busy seconds)
         decode_steps, decode_seqs, decode_s   decode-only steps (count, sum of batch sizes, seconds)
-    Fallback (today's status): tokens, steps, busy_s, read as prefill on a prefill worker and as
-    decode steps (batch = tokens / step) on a decode worker. Also read: running, waiting_tokens,
-    links (a prefill worker's BandwidthMeter snapshot)."""
+    Also read: running (decode), waiting_tokens, links (a prefill worker's measured links)."""
 
     def __init__(self, cfg: CostConfig | None = None):
         self.cfg = cfg or CostConfig()
@@ -166,35 +170,30 @@ class Telemetry:
         if p is None:
             c = self.cfg
             tps = c.prior_prefill_tps if role == "prefill" else (c.prior_local_prefill_tps or c.prior_prefill_tps)
-            p = self.perf[worker_id] = WorkerPerf(RateEstimator(tps, c.alpha),
-                                                  StepTimeModel(c.prior_decode_base_s, c.prior_decode_per_seq_s, c.alpha))
+            steps = StepTimeModel(c.prior_decode_base_s, c.prior_decode_per_seq_s, c.alpha)
+            p = self.perf[worker_id] = WorkerPerf(RateEstimator(tps, c.alpha), steps)
         return p
 
     def remove_worker(self, worker_id: str) -> None:
         self.perf.pop(worker_id, None)
 
-    def ingest_status(self, load: WorkerLoad, status: Mapping, zones: Mapping[str, str] | None = None) -> None:
-        load.running = int(status.get("running", load.running))
-        load.waiting_tokens = int(status.get("waiting_tokens", load.waiting_tokens))
+    def ingest_status(self, load: WorkerLoad, status: WorkerStatus,
+                      zones: Mapping[str, str] | None = None) -> None:
+        new = status.engine
+        if status.role == "decode":
+            load.running = status.running
+        load.waiting_tokens = new.waiting_tokens
         perf = self.perf_of(load.worker_id, load.role)
-        new = {k: status[k] for k in ("prefill_tokens", "prefill_s", "decode_steps", "decode_seqs",
-                                      "decode_s", "tokens", "steps", "busy_s") if k in status}
         # counters start at zero with the worker: its first poll is a sample too (the warm-up's)
-        old, perf.counters = perf.counters or dict.fromkeys(new, 0), new
-        d = {k: new[k] - old[k] for k in new if k in old}
+        old, perf.counters = perf.counters or EngineFigures(), new
+        d = {k: getattr(new, k) - getattr(old, k) for k in COUNTERS}
         if any(v < 0 for v in d.values()):
             return                                  # the worker restarted: new baseline, no sample
-        if "prefill_tokens" in d and "prefill_s" in d:
-            perf.prefill.observe(d["prefill_tokens"], d["prefill_s"])
-        if "decode_steps" in d and d["decode_steps"] > 0 and "decode_seqs" in d and "decode_s" in d:
+        perf.prefill.observe(d["prefill_tokens"], d["prefill_s"])
+        if d["decode_steps"] > 0:
             perf.decode.observe(d["decode_seqs"] / d["decode_steps"], d["decode_s"] / d["decode_steps"])
-        if "prefill_tokens" not in new and {"tokens", "busy_s"} <= d.keys():
-            if load.role == "prefill":
-                perf.prefill.observe(d["tokens"], d["busy_s"])
-            elif d.get("steps", 0) > 0:
-                perf.decode.observe(d["tokens"] / d["steps"], d["busy_s"] / d["steps"])
-        if status.get("links"):
-            self.links.ingest(status["links"], zones)
+        if status.links:
+            self.links.ingest(status.links, zones)
 
     # figures for one worker (a WorkerLoad override wins over the learned figure)
     def prefill_tps(self, load: WorkerLoad) -> float:

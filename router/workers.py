@@ -10,7 +10,7 @@ from typing import AsyncIterator
 
 import ray.exceptions
 
-from pdcluster.messages import Heartbeat, KVDestination, NoRoom, PrefillResult, Reservation, TokenItem
+from pdcluster.messages import Heartbeat, KVDestination, NoRoom, PrefillResult, Reservation, TokenItem, WorkerStatus
 from pdcluster.router.config import Timeouts
 from pdcluster.router.errors import WorkerLost
 
@@ -25,45 +25,47 @@ async def _call(worker_id: str, ref, timeout: float):
         raise WorkerLost(worker_id, type(e).__name__) from None
 
 
-class PrefillClient:
+class WorkerClient:
+    """The calls every worker answers: abort a request, report its status, list its cached blocks."""
+
     def __init__(self, worker_id: str, handle, timeouts: Timeouts = Timeouts()):
         self.worker_id, self.handle, self.t = worker_id, handle, timeouts
 
-    async def prefill(self, rid: str, prompt_ids: list[int], params: dict, dest: KVDestination | None,
-                      cache_salt: str | None) -> PrefillResult:
-        return await _call(self.worker_id, self.handle.prefill.remote(rid, prompt_ids, params, dest, cache_salt),
-                           self.t.prefill_s)
+    async def abort(self, request_id: str) -> None:
+        await _call(self.worker_id, self.handle.abort.remote(request_id), self.t.control_s)
 
-    async def abort(self, rid: str) -> None:
-        await _call(self.worker_id, self.handle.abort.remote(rid), self.t.control_s)
-
-    async def status(self, drain_events: bool = False) -> dict:
+    async def status(self, drain_events: bool = False) -> WorkerStatus:
         return await _call(self.worker_id, self.handle.status.remote(drain_events), self.t.health_s)
 
     async def cached_hashes(self) -> tuple[int, list[int]]:
         return await _call(self.worker_id, self.handle.cached_hashes.remote(), self.t.control_s)
+
+
+class PrefillClient(WorkerClient):
+    async def prefill(self, request_id: str, prompt_ids: list[int], params: dict, dest: KVDestination | None,
+                      cache_salt: str | None) -> PrefillResult:
+        return await _call(self.worker_id,
+                           self.handle.prefill.remote(request_id, prompt_ids, params, dest, cache_salt),
+                           self.t.prefill_s)
 
     async def probe(self, address: str, dst_id: str) -> float | None:
         """bytes/s of the link to a decode worker's KV endpoint (None: the transport cannot probe)."""
         return await _call(self.worker_id, self.handle.probe.remote(address, dst_id), self.t.prefill_s)
 
 
-class DecodeClient:
-    def __init__(self, worker_id: str, handle, timeouts: Timeouts = Timeouts()):
-        self.worker_id, self.handle, self.t = worker_id, handle, timeouts
-
-    async def reserve(self, rid: str, prompt_ids: list[int], params: dict,
+class DecodeClient(WorkerClient):
+    async def reserve(self, request_id: str, prompt_ids: list[int], params: dict,
                       cache_salt: str | None) -> Reservation | NoRoom:
-        return await _call(self.worker_id, self.handle.reserve.remote(rid, prompt_ids, params, cache_salt),
+        return await _call(self.worker_id, self.handle.reserve.remote(request_id, prompt_ids, params, cache_salt),
                            self.t.stream_gap_s)
 
-    async def stream(self, rid: str, first_token: int | None, prompt_ids: list[int] | None = None,
+    async def stream(self, request_id: str, first_token: int | None, prompt_ids: list[int] | None = None,
                      params: dict | None = None, cache_salt: str | None = None) -> AsyncIterator[TokenItem]:
         """Token items. The worker is lost after stream_gap_s without an item, or after stream_gap_s of
         heartbeats whose engine step count stands still (alive but stuck); a long prefill that keeps
         stepping is never lost. Heartbeats are consumed here."""
         gen = self.handle.stream.options(num_returns="streaming").remote(
-            rid, first_token, prompt_ids, params, cache_salt)
+            request_id, first_token, prompt_ids, params, cache_salt)
         it = gen.__aiter__()
         loop = asyncio.get_running_loop()
         steps, since = None, loop.time()        # the last step count seen, and when it last moved
@@ -81,12 +83,3 @@ class DecodeClient:
                 steps, since = item.steps, loop.time()
             elif loop.time() - since > self.t.stream_gap_s:
                 raise WorkerLost(self.worker_id, f"no engine step in {self.t.stream_gap_s:.0f}s")
-
-    async def abort(self, rid: str) -> None:
-        await _call(self.worker_id, self.handle.abort.remote(rid), self.t.control_s)
-
-    async def status(self, drain_events: bool = False) -> dict:
-        return await _call(self.worker_id, self.handle.status.remote(drain_events), self.t.health_s)
-
-    async def cached_hashes(self) -> tuple[int, list[int]]:
-        return await _call(self.worker_id, self.handle.cached_hashes.remote(), self.t.control_s)

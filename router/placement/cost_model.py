@@ -43,43 +43,47 @@ p's queue grows or the p -> d bandwidth falls, and down as d gets busier.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Iterable
 
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy, prefill_seconds   # pure Python, no torch
-from pdcluster.router.cost_config import CostConfig, wire_bytes_per_token
-from pdcluster.router.placement import Decision, WorkerLoad
+from pdcluster.messages import EngineFigures
+from pdcluster.router.cost_config import CostConfig
+from pdcluster.router.placement.base import Placement
+from pdcluster.router.placement.load import WorkerLoad
 from pdcluster.router.prefix_index import PrefixIndex
-from pdcluster.router.telemetry import LinkTable, RateEstimator, StepTimeModel, Telemetry, WorkerPerf
+from pdcluster.router.telemetry import Telemetry
 
 
 # the policy
 @dataclass
 class Estimate:
+    """One option's figures: seconds, tokens, bytes; the constraints' verdicts."""
     kind: str                               # "remote" | "local"
     prefill: str | None
     decode: str
-    cost_s: float = 0.0                     # what is minimized: ttft_s + local_penalty_s + duplicate_penalty_s
+    # the TTFT and what is minimized (cost_s = ttft_s + local_penalty_s + duplicate_penalty_s)
+    cost_s: float = 0.0
     ttft_s: float = 0.0
     queue_s: float = 0.0
     compute_s: float = 0.0
+    kv_codec: str = "none"                  # the codec p's CompressionPolicy is expected to pick
     transfer_s: float = 0.0
     exposed_transfer_s: float = 0.0
+    transfer_bytes: float = 0.0             # on the wire, under kv_codec
+    bandwidth_bps: float = 0.0              # wire bytes/s
+    bandwidth_source: str = ""
+    probe_needed: bool = False
     join_s: float = 0.0
     overhead_s: float = 0.0
     local_penalty_s: float = 0.0
     duplicate_penalty_s: float = 0.0       # cost of repeating prefix compute another worker holds
+    tpot_ok: bool = True
     cached_tokens: float = 0.0              # expected at the worker that prefills
     cached_tokens_decode: float = 0.0       # expected at d (skipped by the transfer)
-    transfer_bytes: float = 0.0             # on the wire, under kv_codec
-    kv_codec: str = "none"                  # the codec p's CompressionPolicy is expected to pick
-    bandwidth_bps: float = 0.0              # wire bytes/s
-    bandwidth_source: str = ""
-    probe_needed: bool = False
     step_s_after: float = 0.0               # d's estimated decode step with the added load
     blocks_needed: int = 0
     kv_ok: bool = True
-    tpot_ok: bool = True
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -117,9 +121,9 @@ class CostModel:
         prefill_tps override wins; None before p's first prefill step). Unknown figures: "none"."""
         c = self.cfg
         blocks = -(-prompt_len // c.block_size) - int(cached_d // c.block_size)
-        counters = self.telemetry.perf_of(p.worker_id, p.role).counters
+        seen = self.telemetry.perf_of(p.worker_id, p.role).counters or EngineFigures()
         compute_s = (prompt_len / p.prefill_tps if p.prefill_tps else
-                     prefill_seconds(prompt_len, counters.get("prefill_tokens", 0), counters.get("prefill_s", 0.0)))
+                     prefill_seconds(prompt_len, seen.prefill_tokens, seen.prefill_s))
         return CompressionPolicy(c.kv_compression).choose(blocks * c.block_size * c.kv_bytes_per_token,
                                                           compute_s, measured_bps)
 
@@ -191,7 +195,7 @@ class CostModel:
         return out
 
     def choose(self, prompt_len: int, prefills: list[WorkerLoad], decodes: list[WorkerLoad],
-               exclude: Iterable[str] = frozenset(), *, hashes=None, now: float | None = None) -> Decision | None:
+               exclude: Iterable[str] = frozenset(), *, hashes=None, now: float | None = None) -> Placement | None:
         every = self.estimates(prompt_len, prefills, decodes, exclude, hashes=hashes, now=now)
         ests = [e for e in every if e.kv_ok]
         best = next((e for e in ests if e.tpot_ok), None)
@@ -203,12 +207,4 @@ class CostModel:
                         None)
         if best is None:
             return None
-        return Decision(best.prefill, best.decode, best.kind, best.as_dict() | {"options_kv_ok": len(ests)})
-
-
-def config_fields() -> set[str]:
-    return {f.name for f in fields(CostConfig)}
-
-
-__all__ = ["CostConfig", "CostModel", "Estimate", "LinkTable", "RateEstimator", "StepTimeModel", "Telemetry",
-           "WorkerPerf", "config_fields", "wire_bytes_per_token"]
+        return Placement(best.prefill, best.decode, best.kind, best.as_dict() | {"options_kv_ok": len(ests)})

@@ -37,7 +37,7 @@ async def idle_pools(cluster, timeout=15.0):
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         st = await cluster.worker_status()
-        if all(s["free_blocks"] == s["num_blocks"] for s in st.values()):
+        if all(s.engine.free_blocks == s.engine.num_blocks for s in st.values()):
             return st
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"blocks not freed: {st}")
@@ -109,7 +109,7 @@ def test_cancel_mid_stream_frees_blocks_on_both_workers(cluster):
         return before, after, ok
 
     before, after, ok = cluster.run(go())
-    assert {k: v["free_blocks"] for k, v in after.items()} == {k: v["free_blocks"] for k, v in before.items()}
+    assert {k: v.engine.free_blocks for k, v in after.items()} == {k: v.engine.free_blocks for k, v in before.items()}
     assert ok[-1].finish_reason == pb.FINISH_REASON_LENGTH
 
 
@@ -178,21 +178,21 @@ def test_health_reflection_and_model_info(cluster):
 
 def test_router_keeps_measured_link_bandwidth(cluster):
     cluster.run(cluster.router.refresh_loads())
-    links = cluster.router.pools.loads["prefill-0"].links
-    assert links and links[0]["dst_id"] == "decode-0" and links[0]["ewma_bytes_per_s"] > 0 and links[0]["count"] > 0
+    links = cluster.router.workers.loads["prefill-0"].links
+    assert links and links[0].dst_id == "decode-0" and links[0].ewma_bytes_per_s > 0 and links[0].count > 0
 
 
 def test_idle_link_probe_through_the_prefill_actor(cluster):
     """The router's probe path end to end: prefill actor -> its TCP transport -> the decode worker's
     KV endpoint (secret checked); the sample reaches the router's link table with the next poll."""
     r = cluster.router
-    d = r.pools.loads["decode-0"]
+    d = r.workers.loads["decode-0"]
 
     async def go():
-        before = next((ln["count"] for ln in r.pools.loads["prefill-0"].links if ln["dst_id"] == "decode-0"), 0)
-        bps = await r.pools.prefill["prefill-0"].probe(d.kv_address, "decode-0")
+        before = next((ln.count for ln in r.workers.loads["prefill-0"].links if ln.dst_id == "decode-0"), 0)
+        bps = await r.workers.prefill["prefill-0"].probe(d.kv_address, "decode-0")
         await r.refresh_loads()
-        after = next(ln["count"] for ln in r.pools.loads["prefill-0"].links if ln["dst_id"] == "decode-0")
+        after = next(ln.count for ln in r.workers.loads["prefill-0"].links if ln.dst_id == "decode-0")
         return before, bps, after
     before, bps, after = cluster.run(go())
     assert d.kv_address and bps > 1e6 and after > before   # (the router's own probes may add samples)
@@ -257,7 +257,7 @@ def test_prometheus_metrics_move_with_a_request(cluster):
 
 def test_global_prefix_index_tracks_worker_caches_and_cost_model_places(cluster, llm):
     from pdcluster.engine.hashing import block_hashes
-    from pdcluster.router.policies import make_policy
+    from pdcluster.router.placement import make_policy
     r = cluster.router
     ids = llm.tokenizer.encode(PROMPTS[15] * 3, add_special_tokens=False)
     hashes = block_hashes(ids, 16)
@@ -288,12 +288,9 @@ def test_global_prefix_index_tracks_worker_caches_and_cost_model_places(cluster,
 
 
 def test_workers_that_cannot_be_placed_fail_clearly_instead_of_hanging(cluster):
-    from pdcluster.deploy.flags import dotted, override
     from pdcluster.deploy.launch import Cluster, ClusterConfig
     # the session cluster holds every pool resource and this host has no GPU: nothing can be placed
-    c2 = Cluster(override(ClusterConfig(), dotted(server__port=0, server__metrics_port=0, engine__use_gpu=True,
-                                                  pools__start_timeout_s=3,
-                                                  engine__cache__kv_cache_memory=32 * 2**20)))
+    c2 = Cluster(ClusterConfig(port=0, use_gpu=True, start_timeout_s=3, kv_cache_memory=32 * 2**20))
     with pytest.raises(RuntimeError, match="did not start within 3s"):
         cluster.run(c2.start())
     ok = cluster.run(collect_one(cluster))

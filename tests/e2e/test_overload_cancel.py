@@ -63,7 +63,7 @@ def test_hundred_random_cancellations_leak_no_blocks(cluster):
             ok = await collect(stub, greedy(text="Hello", max_tokens=3))
         return before, after, ok
     before, after, ok = cluster.run(go())
-    leaked = sum(before[w]["free_blocks"] - after[w]["free_blocks"] for w in before)
+    leaked = sum(before[w].engine.free_blocks - after[w].engine.free_blocks for w in before)
     print(f"\n[cancel] 100 streams cancelled at random points: {leaked} leaked blocks")
     assert leaked == 0 and not cluster.router.in_flight
     assert ok[-1].usage.completion_tokens == 3

@@ -90,7 +90,7 @@ def test_deadline_exceeded_frees_blocks(cluster):
         return e.value.code(), took, before, after
     code, took, before, after = cluster.run(go())
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED and took < 2.5
-    assert {k: v["free_blocks"] for k, v in after.items()} == {k: v["free_blocks"] for k, v in before.items()}
+    assert {k: v.engine.free_blocks for k, v in after.items()} == {k: v.engine.free_blocks for k, v in before.items()}
 
 
 UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "marshal", "shelve", "joblib"}
@@ -140,11 +140,11 @@ def test_internal_kv_endpoint_requires_the_cluster_secret(cluster):
 
     from pdcluster.kv_transfer import KVTransferError, TcpKVTransport
     st = cluster.run(cluster.worker_status())
-    dec = next(s for s in st.values() if s["role"] == "decode")
-    assert dec["kv_address"].startswith("127.0.0.1:")
+    dec = next(s for s in st.values() if s.role == "decode")
+    assert dec.kv_address.startswith("127.0.0.1:")
     for secret in (None, "not-the-cluster-secret"):
         tr = TcpKVTransport(secret=secret)
-        sender = tr.open(dec["kv_address"], "intruder", [0])
+        sender = tr.open(dec.kv_address, "intruder", [0])
         block = torch.zeros(1, 16, 3, 64)   # one block: (blocks, block_size, kv_heads, head_dim)
         sender.send_layer(0, block, block)
         with pytest.raises(KVTransferError) as e:
@@ -152,4 +152,4 @@ def test_internal_kv_endpoint_requires_the_cluster_secret(cluster):
         tr.close()
         assert e.value.status == "UNAUTHENTICATED"
     after = cluster.run(cluster.worker_status())
-    assert all(s["free_blocks"] == s["num_blocks"] for s in after.values())
+    assert all(s.engine.free_blocks == s.engine.num_blocks for s in after.values())

@@ -133,11 +133,11 @@ def assert_unharmed(c, incarnations):
         t0 = time.monotonic()
         while True:
             st = await c.worker_status()
-            if all(s["free_blocks"] == s["num_blocks"] and s.get("reserved", 0) == 0 for s in st.values()):
+            if all(s.engine.free_blocks == s.engine.num_blocks and s.reserved == 0 for s in st.values()):
                 break
             assert time.monotonic() - t0 < 30, f"blocks not back to idle: {st}"
             await asyncio.sleep(0.2)
-        assert {w: s["incarnation"] for w, s in st.items()} == incarnations, "a worker restarted"
+        assert {w: s.incarnation for w, s in st.items()} == incarnations, "a worker restarted"
         async with grpc.aio.insecure_channel(c.address) as ch:
             h = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
             assert h.status == health_pb2.HealthCheckResponse.SERVING
@@ -147,7 +147,7 @@ def assert_unharmed(c, incarnations):
 
 
 def incarnations(c) -> dict:
-    return {w: s["incarnation"] for w, s in c.run(c.worker_status()).items()}
+    return {w: s.incarnation for w, s in c.run(c.worker_status()).items()}
 
 
 def test_bad_input_matrix_codes_and_next_request_served(c):
@@ -235,7 +235,7 @@ def test_a_burst_past_the_expected_wait_is_refused_at_once(c, monkeypatch):
     N = 300                                                # prompt tokens; 3 of them fit the decode KV
     rng = random.Random(15)
     prompts = [[rng.randrange(1000, VOCAB) for _ in range(N)] for _ in range(12)]
-    p0 = c.router.pools.loads["prefill-0"]
+    p0 = c.router.workers.loads["prefill-0"]
 
     async def run():
         async with grpc.aio.insecure_channel(c.address) as ch:

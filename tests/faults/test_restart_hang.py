@@ -71,7 +71,7 @@ def assert_idle(c, timeout: float = 30.0):
         t0 = time.monotonic()
         while True:
             st = await c.worker_status()
-            if all(s["free_blocks"] == s["num_blocks"] and s.get("running", 0) == 0 and s.get("reserved", 0) == 0
+            if all(s.engine.free_blocks == s.engine.num_blocks and s.running == 0 and s.reserved == 0
                    for s in st.values()):
                 return
             assert time.monotonic() - t0 < timeout, f"blocks not back to idle: {st}"
@@ -81,8 +81,8 @@ def assert_idle(c, timeout: float = 30.0):
 
 def test_hung_decode_worker_is_detected_and_its_streams_migrate(c, reference):
     ids, ref = reference
-    load = c.router.pools.loads["decode-0"]
-    pid = c.run(c.actors["decode-0"].status.remote())["pid"]
+    load = c.router.workers.loads["decode-0"]
+    pid = c.run(c.actors["decode-0"].status.remote()).pid
     fired = {}
 
     async def on_tokens(n):
@@ -114,7 +114,7 @@ def test_hung_decode_worker_is_detected_and_its_streams_migrate(c, reference):
 
 def test_crashed_worker_is_restarted_and_re_registers(c, reference):
     ids, ref = reference
-    load = c.router.pools.loads["decode-0"]
+    load = c.router.workers.loads["decode-0"]
     before = load.incarnation
     fired = {}
 

@@ -118,13 +118,13 @@ def test_unclaimed_reservation_expires_and_frees_its_blocks(workers):
     abort could not reach a hung worker in time) is freed by the worker's own sweep."""
     import time
     _, d = workers
-    idle = d.status()["free_blocks"]
+    idle = d.status().engine.free_blocks
     ttl, d.reservation_ttl_s = d.reservation_ttl_s, 0.3
     try:
         d.reserve("orphan", list(range(1, 80)), GREEDY)
-        assert d.status()["reserved"] == 1 and d.status()["free_blocks"] < idle
+        assert d.status().reserved == 1 and d.status().engine.free_blocks < idle
         deadline = time.monotonic() + 10
-        while (st := d.status())["reserved"] or st["free_blocks"] != idle:
+        while (st := d.status()).reserved or st.engine.free_blocks != idle:
             assert time.monotonic() < deadline, st
             time.sleep(0.1)
     finally:

@@ -95,4 +95,4 @@ def test_prefill_worker_killed_requests_prefill_locally_and_complete(faulty, ref
         await asyncio.sleep(0.5)
         return (await faulty.actors["decode-1"].status.remote())
     st = faulty.run(pools())
-    assert st["free_blocks"] == st["num_blocks"] and st["running"] == 0 and st["reserved"] == 0
+    assert st.engine.free_blocks == st.engine.num_blocks and st.running == 0 and st.reserved == 0

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pdcluster.deploy.pools import load_pools_config
-from pdcluster.router.autoscaler import Decision, PoolAutoscaler, PoolMetrics, PoolPolicy, ScalingRule, signal_value
+from pdcluster.router.autoscaler import (PoolAutoscaler, PoolMetrics, PoolPolicy, ScaleDecision, ScalingRule,
+                                         signal_value)
 
 TARGET = 1000.0         # queued prompt tokens per replica
 RULE = ScalingRule(signal="queued_prompt_tokens_per_replica", target=TARGET, min_replicas=1, max_replicas=8,
@@ -190,9 +191,9 @@ def test_rule_and_pool_validation():
 
 
 def test_decision_properties():
-    d = Decision("decode", -2, 5, "x")
+    d = ScaleDecision("decode", -2, 5, "x")
     assert (d.direction, d.target_replicas) == ("down", 3)
-    assert Decision("decode", 0, 5, "x").direction == "hold"
+    assert ScaleDecision("decode", 0, 5, "x").direction == "hold"
 
 
 # the control loop
@@ -339,7 +340,7 @@ def test_run_ticks_until_stopped():
 
 
 def test_rules_from_the_shipped_pools_config():
-    cfg = load_pools_config(Path(__file__).resolve().parents[2] / "deploy" / "pools.yaml").pools
+    cfg = load_pools_config(Path(__file__).resolve().parents[2] / "deploy" / "pools.yaml")
     c, clock = FakeCluster(cfg.prefill.initial_replicas, cfg.decode.initial_replicas), Clock()
     a = PoolAutoscaler(cfg.scaling_rules(), c.read_metrics, c.add, c.drain, clock=clock,
                        interval_s=cfg.autoscaler.interval_s)

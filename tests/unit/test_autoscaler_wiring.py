@@ -9,12 +9,12 @@ import math
 import pytest
 
 from pdcluster.deploy.pools import load_pools_config, parse_pools_config
-from pdcluster.router.autoscaler import Decision, PoolAutoscaler, PoolMetrics, ScalingRule, pool_metrics
+from pdcluster.router.autoscaler import ScaleDecision, PoolAutoscaler, PoolMetrics, ScalingRule, pool_metrics
 from pdcluster.router.config import RouterConfig
-from pdcluster.router.lifecycle import Pools, Router
+from pdcluster.router.lifecycle import Router
 from pdcluster.router.metrics import RecentWindow, RouterMetrics
 from pdcluster.router.placement import WorkerLoad
-from pdcluster.router.policies import POLICY_NAMES, make_policy
+from pdcluster.router.placement import POLICY_NAMES, make_policy
 from tests.unit.test_pools_config import SHIPPED
 
 
@@ -63,14 +63,14 @@ class FakeClient:
 
 def make_router():
     # least-loaded: every placement is remote, so a draining prefill worker's skip is visible
-    r = Router(RouterConfig(policy="least-loaded"), None, (2,), 2048, Pools())
+    r = Router(RouterConfig(policy="least-loaded"), None, (2,), 2048)
     for wid, role in (("prefill-0", "prefill"), ("prefill-1", "prefill"), ("decode-0", "decode")):
         r.add_worker(role, FakeClient(wid))
     return r
 
 
 def forgotten(r, wid):
-    return (wid not in r.pools.prefill and wid not in r.pools.loads and wid not in r.index.workers
+    return (wid not in r.workers.prefill and wid not in r.workers.loads and wid not in r.index.workers
             and wid not in r.metrics._pools)
 
 
@@ -78,12 +78,13 @@ def test_retire_waits_for_running_requests_then_removes_and_stops():
     r, events = make_router(), []
 
     async def go():
-        w = r.pools.loads["prefill-1"]
+        w = r.workers.loads["prefill-1"]
         w.in_flight = 2
 
         async def finish_later():
             await asyncio.sleep(0.2)
-            assert r.policy.choose(100, list(r._loads("prefill")), list(r._loads("decode"))).prefill == "prefill-0"
+            choice = r.policy.choose(100, r.workers.loads_of("prefill"), r.workers.loads_of("decode"))
+            assert choice.prefill == "prefill-0"
             w.in_flight = 0
             events.append("finished")
 
@@ -99,18 +100,18 @@ def test_retire_waits_for_running_requests_then_removes_and_stops():
     res = asyncio.run(go())
     assert events == ["finished", "stopped"]
     assert not res["stopped_busy"] and res["left"] == 0 and 0.15 < res["waited_s"] < 2.0
-    assert set(r.pools.prefill) == {"prefill-0"}
+    assert set(r.workers.prefill) == {"prefill-0"}
 
 
 def test_retire_stops_a_busy_worker_after_the_bound_so_its_requests_migrate():
     r, events = make_router(), []
 
     async def go():
-        w = r.pools.loads["prefill-1"]
+        w = r.workers.loads["prefill-1"]
         w.in_flight = 1
 
         async def stop():                              # stopping makes the stream fail: the request moves
-            events.append(("stopped", w.in_flight, "prefill-1" in r.pools.prefill))
+            events.append(("stopped", w.in_flight, "prefill-1" in r.workers.prefill))
             await asyncio.sleep(0.05)
             w.in_flight = 0
 
@@ -141,8 +142,8 @@ def test_router_metrics_feed_the_windows_and_export_autoscaler_decisions():
     m.first_token(0.25)
     m.finished("stop", 0.25, 1.25, 11)
     assert m.recent_ttft.quantile(0.9) == 0.25 and m.recent_tpot.quantile(0.9) == pytest.approx(0.1)
-    m.autoscale_decision(Decision("prefill", 1, 1, "busy", "p90_ttft", 3000.0, 3.0, "load"))
-    m.autoscale_decision(Decision("decode", 0, 1, "no data", cause="no_data"))
+    m.autoscale_decision(ScaleDecision("prefill", 1, 1, "busy", "p90_ttft", 3000.0, 3.0, "load"))
+    m.autoscale_decision(ScaleDecision("decode", 0, 1, "no data", cause="no_data"))
     m.autoscale_action("prefill", "add", True)
     text = m.render().decode()
     assert 'pdcluster_autoscaler_decisions_total{cause="load",direction="up",pool="prefill"} 1.0' in text
@@ -195,12 +196,11 @@ def test_every_decision_names_a_known_cause():
 # serve's choice of rules
 
 def test_serve_autoscales_the_pools_with_room_to_scale():
-    c = load_pools_config(SHIPPED).pools
+    c = load_pools_config(SHIPPED)
     assert set(c.autoscaling_rules()) == {"prefill", "decode"}
-    assert (c.prefill.hi, c.decode.hi) == (4, 4)     # the Ray pool units a serve-started Ray offers
-    fixed = parse_pools_config("decode: {min_replicas: 2, max_replicas: 2}\nprefill: {max_replicas: 3}\n").pools
+    kw = c.to_cluster_kwargs()
+    assert kw["max_prefill_workers"] == c.prefill.max_replicas and kw["max_decode_workers"] == c.decode.max_replicas
+    fixed = parse_pools_config("decode: {min_replicas: 2, max_replicas: 2}\nprefill: {max_replicas: 3}\n")
     assert set(fixed.autoscaling_rules()) == {"prefill"}
-    off = parse_pools_config("autoscaler: {enabled: false}\nprefill: {max_replicas: 3}\n").pools
+    off = parse_pools_config("autoscaler: {enabled: false}\nprefill: {max_replicas: 3}\n")
     assert off.autoscaling_rules() == {}
-    from pdcluster.deploy.config import ClusterConfig
-    assert ClusterConfig().pools.autoscaling_rules() == {}    # flags alone: fixed pools, no autoscaling

@@ -1,4 +1,4 @@
-"""router.cost_model over simulated worker states: online estimators, link pricing, crafted choices,
+"""router.placement.cost_model over simulated worker states: online estimators, link pricing, crafted choices,
 and the local/remote threshold sweep (conditional disaggregation)."""
 from dataclasses import replace
 
@@ -6,14 +6,26 @@ import pytest
 
 from pdcluster.engine.hashing import block_hashes
 from pdcluster.kv_transfer.meter import BandwidthMeter
-from pdcluster.router.cost_model import CostConfig, CostModel, RateEstimator, StepTimeModel, Telemetry
+from pdcluster.messages import EngineFigures, LinkFigures, WorkerStatus
+from pdcluster.router.cost_config import CostConfig
 from pdcluster.router.placement import WorkerLoad
+from pdcluster.router.placement.cost_model import CostModel
+from pdcluster.router.telemetry import RateEstimator, StepTimeModel, Telemetry
 from pdcluster.router.prefix_index import PrefixIndex
 
 pytestmark = pytest.mark.timeout(60)
 
 BS = 16
 KVB = 46_080                     # bytes per token (SmolLM2-135M, fp32)
+
+
+def status(role="prefill", links=(), running=0, **figures) -> WorkerStatus:
+    """A worker's status poll with these engine figures (the rest 0)."""
+    return WorkerStatus("w", role, "inc", 1, EngineFigures(**figures), running=running, links=links)
+
+
+def links_of(meter: BandwidthMeter) -> tuple:
+    return tuple(LinkFigures.of(s) for s in meter.snapshot())
 
 
 def cfg(**kw):
@@ -48,11 +60,9 @@ def test_rate_estimator_prior_then_learns():
 def test_a_workers_first_status_poll_is_a_sample():
     t = Telemetry(CostConfig(prior_prefill_tps=2000.0))
     w = WorkerLoad("p0", "prefill")
-    t.ingest_status(w, {"prefill_tokens": 256, "prefill_s": 0.8, "decode_steps": 0, "decode_seqs": 0,
-                        "decode_s": 0.0})                # the worker's warm-up, counted from zero
+    t.ingest_status(w, status(prefill_tokens=256, prefill_s=0.8))   # the worker's warm-up, counted from zero
     assert t.prefill_tps(w) == pytest.approx(320.0)
-    t.ingest_status(w, {"prefill_tokens": 256, "prefill_s": 0.8, "decode_steps": 0, "decode_seqs": 0,
-                        "decode_s": 0.0})                # no change since: no new sample
+    t.ingest_status(w, status(prefill_tokens=256, prefill_s=0.8))   # no change since: no new sample
     assert t.prefill_tps(w) == pytest.approx(320.0)
 
 
@@ -76,22 +86,22 @@ def test_telemetry_learns_from_status_counter_deltas():
     p, d = WorkerLoad("p0", "prefill"), WorkerLoad("d0", "decode")
     assert t.prefill_tps(p) == pytest.approx(2000.0)
     tok = busy = 0
-    for i in range(30):                                  # today's status fields: tokens/steps/busy_s
+    for i in range(30):                                  # prefill steps: tokens and busy seconds
         tok, busy = tok + 3000, busy + 0.5
-        t.ingest_status(p, dict(tokens=tok, steps=i, busy_s=busy, waiting_tokens=70))
+        t.ingest_status(p, status(prefill_tokens=tok, prefill_s=busy, steps=i, tokens=tok, busy_s=busy,
+                                  waiting_tokens=70))
     assert t.prefill_tps(p) == pytest.approx(6000.0, rel=0.02) and p.waiting_tokens == 70
     # split counters on a decode worker: decode steps at batch 4, 10 ms each, and a local prefill rate
-    s = dict(decode_steps=0, decode_seqs=0, decode_s=0.0, prefill_tokens=0, prefill_s=0.0, running=4)
+    s = EngineFigures()
     for _ in range(40):
-        s = s | dict(decode_steps=s["decode_steps"] + 10, decode_seqs=s["decode_seqs"] + 40,
-                     decode_s=s["decode_s"] + 0.1, prefill_tokens=s["prefill_tokens"] + 500,
-                     prefill_s=s["prefill_s"] + 0.25)
-        t.ingest_status(d, s)
+        s = replace(s, decode_steps=s.decode_steps + 10, decode_seqs=s.decode_seqs + 40, decode_s=s.decode_s + 0.1,
+                    prefill_tokens=s.prefill_tokens + 500, prefill_s=s.prefill_s + 0.25)
+        t.ingest_status(d, WorkerStatus("d0", "decode", "inc", 1, s, running=4))
     assert d.running == 4
     assert t.step_s(d, 4) == pytest.approx(0.01, rel=0.05)
     assert t.prefill_tps(d) == pytest.approx(2000.0, rel=0.02)
     before = t.prefill_tps(p)
-    t.ingest_status(p, dict(tokens=10, steps=1, busy_s=0.001))      # counters went back: restart
+    t.ingest_status(p, status(prefill_tokens=10, prefill_s=0.001, tokens=10, steps=1, busy_s=0.001))  # a restart
     assert t.prefill_tps(p) == before
 
 
@@ -105,7 +115,7 @@ def test_links_measured_zone_measured_and_zone_prior():
     assert t.links.bandwidth("p0", "dx", "far", "east") == (1e7, "zone-prior")   # configured pair, both ways
     m = BandwidthMeter(alpha=1.0)
     m.record("p0", "d0", 3_000_000, 1.0, now=100.0)      # a measured cross-zone link: 3 MB/s
-    t.ingest_status(WorkerLoad("p0", "prefill"), {"links": m.snapshot()}, zones)
+    t.ingest_status(WorkerLoad("p0", "prefill"), status(links=links_of(m)), zones)
     assert t.links.bandwidth("p0", "d0", "east", "west") == (3e6, "measured")
     # an unmeasured link of the same zone pair is priced from the pair's measurements, not the prior
     assert t.links.bandwidth("p1", "d1", "east", "west") == (3e6, "zone-measured")
@@ -170,7 +180,7 @@ def test_slow_cross_zone_link_makes_local_prefill_win():
     # a measurement showing the cross-zone link is actually fast turns it back to remote
     m = BandwidthMeter(alpha=1.0)
     m.record("p0", "d0", 2_000_000_000, 1.0)
-    cm.telemetry.links.ingest(m.snapshot(), {"p0": "east", "d0": "west"})
+    cm.telemetry.links.ingest(links_of(m), {"p0": "east", "d0": "west"})
     fast = cm.choose(2048, [P("p0", zone="east")], [D("d0", zone="west")])
     assert fast.kind == "remote" and fast.estimate["bandwidth_source"] == "measured"
 
@@ -264,16 +274,16 @@ def test_threshold_sweep_moves_with_bandwidth_queue_and_load():
 
 def test_router_registers_each_workers_zone_and_prices_cross_zone_links_apart():
     from pdcluster.router.config import RouterConfig
-    from pdcluster.router.lifecycle import Pools, Router
+    from pdcluster.router.lifecycle import Router
 
     class Client:
         def __init__(self, wid):
             self.worker_id = wid
 
-    r = Router(RouterConfig(), None, (2,), 2048, Pools(), cost_config=cfg())
+    r = Router(RouterConfig(), None, (2,), 2048, cost_config=cfg())
     r.add_worker("prefill", Client("p0"), zone="far")
     r.add_worker("decode", Client("d0"), zone="near")
-    p, d = r.pools.loads["p0"], r.pools.loads["d0"]
+    p, d = r.workers.loads["p0"], r.workers.loads["d0"]
     assert (p.zone, d.zone) == ("far", "near")
     e = r.policy.estimate_remote(1000, p, d)
     assert (e.bandwidth_bps, e.bandwidth_source) == (CostConfig().cross_zone_bps, "zone-prior")
@@ -349,7 +359,7 @@ def test_auto_prices_what_the_prefill_workers_policy_picks():
     def measured(bps):
         m = BandwidthMeter(alpha=1.0)
         m.record("p0", "d0", int(bps), 1.0)
-        cm.telemetry.links.ingest(m.snapshot())
+        cm.telemetry.links.ingest(links_of(m))
         return cm.estimate_remote(2048, p, d)
 
     slow = measured(5e7)                                     # link-bound: 1.9 s of KV vs 0.2 s of compute
@@ -363,9 +373,9 @@ def test_auto_prices_what_the_prefill_workers_policy_picks():
     q = WorkerLoad("p0", "prefill", zone="east", num_blocks=1000, free_blocks=1000)
     measured(5e7)
     assert cm.estimate_remote(2048, q, d).kv_codec == policy.choose(nbytes, None, 5e7) == "none"
-    cm.telemetry.ingest_status(q, dict(prefill_tokens=40_000, prefill_s=2.0))   # 20k tok/s: 0.1 s
+    cm.telemetry.ingest_status(q, status(prefill_tokens=40_000, prefill_s=2.0))   # 20k tok/s: 0.1 s
     assert cm.estimate_remote(2048, q, d).kv_codec == policy.choose(nbytes, 0.1024, 5e7) == "int8"
-    cm.telemetry.ingest_status(q, dict(prefill_tokens=40_000, prefill_s=80.0))  # 500 tok/s: 4 s
+    cm.telemetry.ingest_status(q, status(prefill_tokens=40_000, prefill_s=80.0))  # 500 tok/s: 4 s
     assert cm.estimate_remote(2048, q, d).kv_codec == policy.choose(nbytes, 4.096, 5e7) == "none"
 
 

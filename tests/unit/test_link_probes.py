@@ -1,9 +1,11 @@
 """Idle-link probes from the router (no Ray): which links get probed, when, and how often."""
 import asyncio
 
-from pdcluster.router.cost_model import CostConfig
+from pdcluster.messages import LinkFigures
+
+from pdcluster.router.cost_config import CostConfig
 from pdcluster.router.config import RouterConfig
-from pdcluster.router.lifecycle import Pools, Router
+from pdcluster.router.lifecycle import Router
 
 
 class Prefill:
@@ -21,20 +23,20 @@ class Decode:
 
 
 def make_router(calls):
-    r = Router(RouterConfig(policy="least-loaded"), None, (2,), 2048, Pools(),
+    r = Router(RouterConfig(policy="least-loaded"), None, (2,), 2048,
                cost_config=CostConfig(probe_after_s=30.0))
     for p in ("prefill-0", "prefill-1"):
         r.add_worker("prefill", Prefill(p, calls))
     for d in ("decode-0", "decode-1"):
         r.add_worker("decode", Decode(d))
-        r.pools.loads[d].kv_address = f"127.0.0.1:{9000 + int(d[-1])}"
+        r.workers.loads[d].kv_address = f"127.0.0.1:{9000 + int(d[-1])}"
     return r
 
 
 def run_probes(r, now):
     async def go():
-        r._probe_idle_links(now)
-        await asyncio.gather(*list(r._background))
+        r.workers.prober.probe_idle_links(now)
+        await asyncio.gather(*list(r.workers.background))
     asyncio.run(go())
 
 
@@ -57,10 +59,10 @@ def test_unmeasured_links_are_probed_once_per_period_by_idle_workers():
 def test_busy_unhealthy_or_measured_links_are_not_probed():
     calls = []
     r = make_router(calls)
-    r.pools.loads["prefill-0"].in_flight = 1          # busy: its transfers measure the link
-    r.pools.loads["decode-1"].healthy = False
-    r.telemetry.links.ingest([{"src_id": "prefill-1", "dst_id": "decode-0", "ewma_bytes_per_s": 5e8,
-                               "count": 1, "last_sample_time": 995.0}])
+    r.workers.loads["prefill-0"].in_flight = 1          # busy: its transfers measure the link
+    r.workers.loads["decode-1"].healthy = False
+    r.telemetry.links.ingest([LinkFigures("prefill-1", "decode-0", ewma_bytes_per_s=5e8, count=1,
+                                         last_sample_time=995.0)])
     run_probes(r, 1000.0)
     assert calls == []                                # prefill-1 -> decode-0 is fresh, decode-1 is down
     run_probes(r, 1026.0)                             # the sample is now 31 s old

@@ -3,7 +3,8 @@ import dataclasses
 
 import pytest
 
-from pdcluster.messages import Heartbeat, KVDestination, NoRoom, PrefillResult, Reservation, TokenItem
+from pdcluster.messages import (BlockEvent, EngineFigures, Heartbeat, KVDestination, LinkFigures, NoRoom, PrefillResult,
+                                Reservation, TokenItem, WorkerStatus)
 
 RES = Reservation(kv_address="127.0.0.1:1", kv_grpc_address="127.0.0.1:2", kv_tcp_address="127.0.0.1:1",
                   dst_id="decode-0", skip_blocks=2, dst_block_ids=[7, 9, 11], cached_tokens=32)
@@ -29,3 +30,31 @@ def test_a_reservation_names_its_destination_and_unknown_fields_are_refused():
     import msgpack
     with pytest.raises(TypeError):
         NoRoom.from_bytes(msgpack.packb({"reason": "x", "extra": 1}))
+
+
+# the status poll's answer: nested figures, links and block events travel typed both ways
+FIGURES = dict(free_blocks=90, num_blocks=100, waiting_tokens=12, prefix_hits=32, prefix_queries=80, steps=7,
+               tokens=900, busy_s=1.5, prefill_tokens=800, prefill_s=1.25, decode_steps=5, decode_seqs=20,
+               decode_s=0.25)
+SNAPSHOT = dict(src_id="prefill-0", dst_id="decode-0", total_bytes=4096, total_seconds=0.25, count=2,
+                ewma_bytes_per_s=16384.0, last_sample_time=100.0, mean_bytes_per_s=16384.0)
+
+
+def test_worker_status_round_trips_with_its_nested_figures():
+    pre = WorkerStatus.of("prefill-0", "prefill", "abc", 42, FIGURES | {"a_new_counter": 1},
+                          (7, [(6, "stored", [1, 2]), (7, "removed", [3])]), in_flight=1,
+                          links=(LinkFigures.of(SNAPSHOT),))
+    assert pre.engine == EngineFigures(**FIGURES)                   # extra engine keys are not part of the contract
+    assert pre.block_events == (BlockEvent(6, "stored", [1, 2]), BlockEvent(7, "removed", [3]))
+    assert pre.links[0].ewma_bytes_per_s == 16384.0 and pre.block_seq == 7
+    dec = WorkerStatus.of("decode-0", "decode", "def", 43, FIGURES, running=3, waiting=1, reserved=2,
+                          kv_address="127.0.0.1:5")
+    assert dec.block_seq is None and dec.block_events == () and dec.links == ()
+    for msg in (pre, dec):
+        data = msg.to_bytes()
+        assert b"\x80\x04" not in data[:2]
+        back = WorkerStatus.from_bytes(data)
+        assert back == msg and isinstance(back.engine, EngineFigures)
+        assert all(isinstance(x, LinkFigures) for x in back.links)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pre.engine.free_blocks = 0

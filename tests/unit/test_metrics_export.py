@@ -1,9 +1,12 @@
 """The router's Prometheus metrics: names rendered, values move with observations (no cluster)."""
+from dataclasses import replace
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdcluster.engine.kv_cache_manager import KVCacheManager
 from pdcluster.engine.request import Request
 from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.messages import EngineFigures, LinkFigures, WorkerStatus
 from pdcluster.router.metrics import RouterMetrics
 
 
@@ -55,14 +58,19 @@ def test_request_hooks_move_histograms_and_gauges():
     assert s[("pdcluster_placement_decisions_total", (("kind", "remote"),))] == 1
 
 
+def status(worker_id, role, figures, links=()) -> WorkerStatus:
+    return WorkerStatus(worker_id, role, "inc", 1, figures, links=links)
+
+
 def test_worker_status_becomes_labelled_series():
     m = RouterMetrics()
     m.add_worker("prefill-0", "prefill")
     m.add_worker("decode-0", "decode")
-    link = dict(src_id="prefill-0", dst_id="decode-0", total_bytes=4096, total_seconds=0.25, count=2)
-    m.worker_status("prefill-0", dict(free_blocks=90, num_blocks=100, prefix_hits=32, prefix_queries=80,
-                                      busy_s=1.5, steps=7, links=[link]))
-    m.worker_status("decode-0", dict(free_blocks=60, num_blocks=100, busy_s=2.0, steps=40))
+    link = LinkFigures("prefill-0", "decode-0", total_bytes=4096, total_seconds=0.25, count=2)
+    m.worker_status("prefill-0", status("prefill-0", "prefill", EngineFigures(
+        free_blocks=90, num_blocks=100, prefix_hits=32, prefix_queries=80, busy_s=1.5, steps=7), links=(link,)))
+    m.worker_status("decode-0", status("decode-0", "decode",
+                                       EngineFigures(free_blocks=60, num_blocks=100, busy_s=2.0, steps=40)))
     s = samples(m)
     w = lambda wid: (("worker", wid),)  # noqa: E731
     assert s[("pdcluster_kv_blocks_used", w("prefill-0"))] == 10
@@ -74,8 +82,9 @@ def test_worker_status_becomes_labelled_series():
     assert s[("pdcluster_kv_transfer_bytes_total", lk)] == 4096
     assert s[("pdcluster_kv_transfer_seconds_total", lk)] == 0.25
     assert s[("pdcluster_worker_up", (("pool", "prefill"), ("worker", "prefill-0")))] == 1
-    link["total_bytes"] = 8192                            # the next poll's running total
-    m.worker_status("prefill-0", dict(free_blocks=90, num_blocks=100, links=[link]))
+    link = replace(link, total_bytes=8192)                # the next poll's running total
+    m.worker_status("prefill-0", status("prefill-0", "prefill", EngineFigures(free_blocks=90, num_blocks=100),
+                                        links=(link,)))
     m.worker_status("decode-0", None)                     # poll failed: down, no stale figures
     s = samples(m)
     assert s[("pdcluster_kv_transfer_bytes_total", lk)] == 8192

@@ -1,10 +1,13 @@
-"""router.policies: every policy by name, one interface; round-robin cycles; cache-aware hits."""
+"""router.placement: every policy by name, one interface; round-robin cycles; cache-aware hits."""
 import pytest
 
 from pdcluster.engine.hashing import block_hashes
-from pdcluster.router.cost_model import CostModel, Telemetry
-from pdcluster.router.placement import Decision, LeastLoaded, WorkerLoad
-from pdcluster.router.policies import DEFAULT_POLICY, POLICY_NAMES, CacheAware, RoundRobin, make_policy
+from pdcluster.router.placement import DEFAULT_POLICY, POLICY_NAMES, Placement, WorkerLoad, make_policy
+from pdcluster.router.placement.cache_aware import CacheAware
+from pdcluster.router.placement.cost_model import CostModel
+from pdcluster.router.placement.least_loaded import LeastLoaded
+from pdcluster.router.placement.round_robin import RoundRobin
+from pdcluster.router.telemetry import Telemetry
 from pdcluster.router.prefix_index import PrefixIndex
 
 pytestmark = pytest.mark.timeout(60)
@@ -31,7 +34,7 @@ def test_make_policy_by_name():
         d1 = pol.choose(64, ps, ds, set())
         d2 = pol.choose(64, ps, ds, set(), hashes=block_hashes(list(range(64)), 16), now=0.0)
         for dec in (d1, d2):
-            assert isinstance(dec, Decision) and dec.decode in {"d0", "d1", "d2"}
+            assert isinstance(dec, Placement) and dec.decode in {"d0", "d1", "d2"}
             assert dec.kind in ("remote", "local") and (dec.prefill is None) == (dec.kind == "local")
         assert pol.choose(64, ps, ds, {"d0", "d1", "d2"}) is None
     assert make_policy("cache-aware", index=ix).index is ix

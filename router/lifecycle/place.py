@@ -1,0 +1,115 @@
+"""One attempt's placement: ask the policy, then reserve + prefill remotely or start a local prefill,
+trying other workers until one works (or max_attempts)."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from pdcluster.engine.hashing import block_hashes
+from pdcluster.messages import NoRoom, TokenItem
+from pdcluster.router.errors import Unavailable, WorkerLost
+from pdcluster.router.placement import Placement
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Attempt:
+    """A placed attempt: where it runs, who holds state for it, and how its tokens start."""
+    placement: dict                 # Event.placement fields: prefill_worker, decode_worker, remote_prefill, kv_*
+    holders: list                   # clients that hold state for it, decode worker first (abort on failure)
+    stream: AsyncIterator[TokenItem] | None = None   # local prefill: the decode worker's stream, started
+    first_token: int | None = None  # remote prefill: the prefill worker's first token
+    cached_tokens: int = 0          # remote prefill: prompt tokens from the prefill worker's cache
+
+    @property
+    def decode_worker(self) -> str:
+        return self.placement["decode_worker"]
+
+
+async def place(router, attempt_id: str, ids: list[int], params: dict, salt: str | None,
+                exclude: set[str]) -> Attempt:
+    """Place attempt `attempt_id` of prompt `ids` on a worker not in `exclude` (failed ones are added)."""
+    workers, cfg = router.workers, router.cfg
+    hashes = block_hashes(ids, cfg.block_size, salt)   # once per placement, not per try
+    for _ in range(cfg.max_attempts):
+        choice = router.policy.choose(len(ids), workers.loads_of("prefill"), workers.loads_of("decode"), exclude,
+                                      hashes=hashes, now=time.time())
+        if choice is None:
+            break
+        # the workers that will cache this prompt's blocks hold them from now on, tentatively:
+        # the next prompts with this prefix follow instead of racing elsewhere
+        for w in {choice.decode, choice.prefill or choice.decode}:
+            router.index.expect(w, hashes, time.time())
+        if choice.kind == "local":
+            return _start_local(workers, attempt_id, ids, params, salt, choice)
+        attempt = await _prefill_remote(workers, attempt_id, ids, params, salt, choice, exclude)
+        if attempt is not None:
+            return attempt
+    raise Unavailable(f"no worker could take request {attempt_id} (excluded: {sorted(exclude) or 'none ready'})")
+
+
+def _start_local(workers, attempt_id: str, ids: list[int], params: dict, salt: str | None,
+                 choice: Placement) -> Attempt:
+    d = workers.decode[choice.decode]
+    queued = max(0, len(ids) - int((choice.estimate or {}).get("cached_tokens", 0)))
+    stream = _queued_until_first(workers, d.stream(attempt_id, None, ids, params, salt), choice.decode, queued)
+    return Attempt(dict(prefill_worker=choice.decode, decode_worker=choice.decode, remote_prefill=False,
+                        kv_bytes_transferred=0, kv_transfer_ms=0.0), [d], stream=stream)
+
+
+async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: dict, salt: str | None,
+                          choice: Placement, exclude: set[str]) -> Attempt | None:
+    """Reserve KV on the decode worker, then prefill on the prefill worker (which streams the KV
+    there). None: this pair failed, the failed worker is in `exclude` now."""
+    d, p = workers.decode[choice.decode], workers.prefill[choice.prefill]
+    workers.charge(choice.decode, 0, +1)   # from the reserve on the request holds d: a drain waits for it
+    # charged to the prefill worker from the choice on, before the first await: a burst's next
+    # admission and placement see this prompt in its backlog (router/admission.py)
+    workers.charge(choice.prefill, len(ids), +1)
+    try:
+        try:
+            r = await d.reserve(attempt_id, ids, params, salt)
+        except WorkerLost as e:
+            log.warning("reserve of %s: %s; placing again", attempt_id, e)
+            exclude.add(choice.decode)
+            return None
+        if isinstance(r, NoRoom):
+            exclude.add(choice.decode)
+            return None
+        try:
+            # the transfer needs both ends: either worker missing its health poll (hung, dead)
+            # ends the attempt now rather than at the prefill timeout
+            pre = await workers.while_healthy(p.prefill(attempt_id, ids, params, r.destination(), salt),
+                                              choice.decode, choice.prefill)
+        except Exception as e:   # lost worker, failed or corrupted transfer: recompute elsewhere
+            lost = e.worker_id if isinstance(e, WorkerLost) else None
+            log.warning("prefill of %s on %s failed (%s); placing again", attempt_id, choice.prefill, e)
+            await workers.abort(attempt_id, [d, p], lost=lost)
+            exclude.add(lost or choice.prefill)
+            return None
+        return Attempt(dict(prefill_worker=choice.prefill, decode_worker=choice.decode, remote_prefill=True,
+                            kv_bytes_transferred=pre.kv_bytes, kv_transfer_ms=pre.kv_transfer_ms),
+                       [d, p], first_token=pre.first_token, cached_tokens=pre.cached_tokens)
+    finally:
+        workers.charge(choice.prefill, len(ids), -1)
+        workers.charge(choice.decode, 0, -1)
+
+
+async def _queued_until_first(workers, stream, worker_id: str, tokens: int):
+    """A local prefill's uncached prompt tokens count in its decode worker's queue (what the
+    cost model reads as that worker's prefill backlog) until the first item: prefill done."""
+    w = workers.loads.get(worker_id)
+    if w is not None:
+        w.queued_tokens += tokens
+    try:
+        async for item in stream:
+            if tokens and w is not None:
+                w.queued_tokens -= tokens
+            tokens = 0
+            yield item
+    finally:
+        if tokens and w is not None:
+            w.queued_tokens -= tokens

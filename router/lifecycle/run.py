@@ -1,0 +1,162 @@
+"""One request's steps at the router, top to bottom:
+
+    place an attempt  ->  relay its tokens (a remote prefill's first token, then the decode stream)
+    ->  finish, or on a lost decode worker migrate: place again with prompt + tokens sent
+A migration re-prefills elsewhere and continues, so the client sees no gap and no repeat. On any
+exit that is not a normal finish every worker that holds state for the attempt is told to abort.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from pdcluster.engine.detokenizer import Detokenizer
+from pdcluster.engine.rules import finish_reason
+from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.router.errors import Unavailable, WorkerLost
+from pdcluster.router.lifecycle.log import Trace
+from pdcluster.router.lifecycle.place import Attempt, place
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Event:
+    """One message for the client."""
+    token_ids: list[int]
+    text: str = ""
+    finish_reason: str | None = None        # "stop" | "length" | "abort"
+    usage: dict | None = None
+    placement: dict | None = None           # the first message's: where the request went
+
+
+class RequestRun:
+    def __init__(self, router, request_id: str, ids: list[int], params: SamplingParams, salt: str | None,
+                 trace: Trace):
+        self.router, self.request_id, self.ids, self.params, self.salt, self.trace = (
+            router, request_id, ids, params, salt, trace)
+        self.detok = Detokenizer(router.tokenizer, ids, params.stop)
+        self.out: list[int] = []            # tokens already sent to the client
+        self.exclude: set[str] = set()      # workers this request will not be placed on again
+        self.holders: list = []             # clients that may hold state for the current attempt
+        self.cached = 0                     # prompt tokens served from a prefix cache (first attempt)
+        self.migrations = 0
+        self.attempt_id = request_id        # the workers' id of the current attempt
+        self.announced = False              # the client has had its first message (with the placement)
+        self.finished = False               # the client has had its last message
+
+    async def events(self):
+        """The client's Events. Raises Unavailable when no worker could take it before any token."""
+        workers = self.router.workers
+        try:
+            while True:
+                attempt = await self._place()
+                if attempt is None:
+                    yield self._abort_event()
+                    return
+                workers.charge(attempt.decode_worker, 0, +1)
+                try:
+                    async with aclosing(self._relay(attempt)) as relay:
+                        async for ev in relay:
+                            yield ev
+                    if self.finished:
+                        return
+                    raise WorkerLost(attempt.decode_worker, "stream ended without a finish")
+                except Exception as e:
+                    if not await self._migrate(e):
+                        yield self._abort_event()
+                        return
+                finally:
+                    workers.charge(attempt.decode_worker, 0, -1)
+        finally:
+            if not self.finished and self.holders:
+                await asyncio.shield(workers.abort(self.attempt_id, self.holders))
+            self.trace.n_out, self.trace.cached = len(self.out), self.cached
+
+    # steps
+    async def _place(self) -> Attempt | None:
+        """Place the current attempt for prompt + tokens sent. None: no worker, but tokens were sent."""
+        m = self.migrations
+        self.attempt_id = self.request_id if m == 0 else f"{self.request_id}#m{m}"
+        rest = dataclasses.replace(self.params, max_tokens=self.params.max_tokens - len(self.out))
+        try:
+            attempt = await place(self.router, self.attempt_id, self.ids + self.out, dataclasses.asdict(rest),
+                                  self.salt, self.exclude)
+        except Unavailable:
+            if not self.out:
+                raise
+            return None
+        self.holders = attempt.holders
+        if m == 0:
+            self.cached, self.trace.placement = attempt.cached_tokens, attempt.placement
+        self.router.metrics.placed("remote" if attempt.placement["remote_prefill"] else "local")
+        self.trace.decode, self.trace.migrations = attempt.decode_worker, m
+        return attempt
+
+    async def _relay(self, attempt: Attempt):
+        """The attempt's tokens to the client until a finish (self.finished) or the stream's end."""
+        stream = attempt.stream
+        if attempt.first_token is not None:     # remote prefill: the first token came from the prefill worker
+            first = attempt.first_token
+            text = self._push([first])
+            reason = "stop" if self.detok.stopped else finish_reason(    # the engine's own rule
+                first, len(self.out), len(self.ids) + len(self.out), self.params, self.router.eos,
+                self.router.max_context)
+            if reason:                          # the decode worker holds a reservation: free it
+                self.finished = True
+                await self.router.workers.abort(self.attempt_id, self.holders[:1])
+            yield self._event([first], text, reason, attempt.placement)
+            if reason:
+                return
+            stream = self.router.workers.decode[attempt.decode_worker].stream(self.attempt_id, first)
+        async for item in stream:
+            if not self.cached and item.num_cached_tokens and self.migrations == 0:
+                self.cached = item.num_cached_tokens
+            text = self._push(item.token_ids)
+            reason = item.finish_reason if item.finished else None
+            if self.detok.stopped and reason is None:   # a stop string the worker does not know
+                reason = "stop"
+                await self.router.workers.abort(self.attempt_id, self.holders[:1])
+            yield self._event(item.token_ids, text, reason, attempt.placement)
+            if reason:
+                return
+
+    async def _migrate(self, e: Exception) -> bool:
+        """A lost decode worker (or a failed start, e.g. KV that never completed): free the attempt's
+        state, exclude the lost worker. False when every migration is spent and tokens were sent."""
+        self.migrations += 1
+        lost = e.worker_id if isinstance(e, WorkerLost) else None
+        log.warning("request %s: %s; migrating with %d tokens sent (attempt %d)", self.request_id, e, len(self.out),
+                    self.migrations)
+        if lost:
+            self.exclude.add(lost)
+        await self.router.workers.abort(self.attempt_id, self.holders, lost=lost)
+        self.holders = []
+        if self.migrations > self.router.cfg.max_migrations:
+            if not self.out:
+                raise Unavailable(f"request {self.request_id}: every retry spent ({e})") from None
+            return False
+        return True
+
+    # messages
+    def _push(self, toks: list[int]) -> str:
+        self.out += toks
+        return self.detok.push(toks) if toks else ""
+
+    def _event(self, toks: list[int], text: str, reason: str | None, placement: dict) -> Event:
+        if reason:
+            self.finished = True
+            text += self.detok.flush()
+        ev = Event(toks, text, reason, self._usage() if reason else None, None if self.announced else placement)
+        self.announced = True
+        return ev
+
+    def _abort_event(self) -> Event:
+        self.finished = True
+        return Event([], self.detok.flush(), "abort", self._usage())
+
+    def _usage(self) -> dict:
+        return dict(prompt_tokens=len(self.ids), completion_tokens=len(self.out), cached_prompt_tokens=self.cached)

@@ -1,0 +1,45 @@
+"""What the router knows of one worker: its load as placement, admission and the autoscaler read it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class WorkerLoad:
+    worker_id: str
+    role: str                       # "prefill" | "decode"
+    in_flight: int = 0              # requests this router has on it now
+    queued_tokens: int = 0          # prompt tokens this router sent and not yet finished (prefill)
+    free_blocks: int = 0            # last reported (decode)
+    num_blocks: int = 1
+    healthy: bool = True            # answered its last status poll
+    incarnation: str | None = None  # the worker process's id as last reported; changes on a restart
+    kv_address: str = ""            # decode: its advertised KV endpoint (what a probe measures)
+    draining: bool = False          # being removed (scale-down): takes no new placements
+    links: tuple = ()               # prefill: measured KV links (messages.LinkFigures)
+    # optional, for the cache-aware and cost-model policies (defaults keep older callers working)
+    zone: str = ""                  # topology label; links inside a zone are priced apart from across
+    running: int = 0                # decode: requests in its running batch (last reported)
+    waiting_tokens: int = 0         # prompt tokens waiting in its scheduler (last reported)
+    prefill_tps: float | None = None        # prefill rate override, tokens/s (else learned online)
+    decode_step_s: tuple | None = None      # decode step-time override (base_s, per_seq_s)
+
+    @property
+    def placeable(self) -> bool:
+        """May take a new request: answered its last status poll and is not draining."""
+        return self.healthy and not self.draining
+
+    @property
+    def capacity_known(self) -> bool:
+        """False until a status poll reported the KV pool (a fresh WorkerLoad has num_blocks=1)."""
+        return self.num_blocks > 1
+
+
+def usable(workers: list[WorkerLoad], exclude) -> list[WorkerLoad]:
+    """The placeable workers not in `exclude` (ids)."""
+    return [w for w in workers if w.placeable and w.worker_id not in exclude]
+
+
+def decode_key(w: WorkerLoad) -> float:
+    """Lower is a better decode worker: requests on it, less its free share of KV."""
+    return w.in_flight - w.free_blocks / max(w.num_blocks, 1)

@@ -1,0 +1,212 @@
+"""The router's workers: who is registered, whether each is healthy, and what each last reported.
+
+Each status poll is a health check (a worker that misses it takes no placements until it answers),
+a load report (KV blocks, queues, step counters for the learned rates, measured links) and the feed
+of the global prefix index (block events, resynced after a gap). Link probes and background aborts
+run from here too. Pure asyncio: the clients (router/workers.py) hold the Ray calls.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from pdcluster.messages import WorkerStatus
+from pdcluster.router.config import RouterConfig
+from pdcluster.router.errors import WorkerLost
+from pdcluster.router.metrics import RouterMetrics
+from pdcluster.router.placement import WorkerLoad
+from pdcluster.router.prefix_index import PrefixIndex
+from pdcluster.router.probes import LinkProber
+from pdcluster.router.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+class WorkerRegistry:
+    def __init__(self, cfg: RouterConfig, metrics: RouterMetrics, index: PrefixIndex, telemetry: Telemetry):
+        self.cfg, self.metrics, self.index, self.telemetry = cfg, metrics, index, telemetry
+        self.prefill: dict = {}                     # worker id -> PrefillClient
+        self.decode: dict = {}                      # worker id -> DecodeClient
+        self.loads: dict[str, WorkerLoad] = {}      # worker id -> what the router knows of it
+        self.background: set[asyncio.Task] = set()  # aborts sent to lost workers, link probes
+        self.prober = LinkProber(self)
+
+    # membership
+    def add(self, role: str, client, zone: str = "") -> None:
+        """zone: the worker's topology label (the cost model prices links inside and across zones apart)."""
+        (self.prefill if role == "prefill" else self.decode)[client.worker_id] = client
+        self.loads[client.worker_id] = WorkerLoad(client.worker_id, role, zone=zone)
+        self.metrics.add_worker(client.worker_id, role)
+        self.index.add_worker(client.worker_id)
+
+    def remove(self, worker_id: str) -> None:
+        """Forget a worker: clients, load, metrics, prefix index, learned rates. A request that still
+        held it finds it gone and is placed again (retire makes that the exception)."""
+        self.prefill.pop(worker_id, None)
+        self.decode.pop(worker_id, None)
+        self.loads.pop(worker_id, None)
+        self.metrics.remove_worker(worker_id)
+        self.index.remove_worker(worker_id)
+        self.telemetry.remove_worker(worker_id)
+
+    def ready(self) -> bool:
+        return bool(self.decode) and (bool(self.prefill) or not self.cfg.remote_prefill)
+
+    def loads_of(self, role: str) -> list[WorkerLoad]:
+        return [self.loads[w] for w in (self.prefill if role == "prefill" else self.decode)]
+
+    def charge(self, worker_id: str, tokens: int, sign: int) -> None:
+        """Count a request (and its prompt tokens queued there) on a worker (+1) or off it (-1)."""
+        w = self.loads.get(worker_id)
+        if w is not None:
+            w.in_flight += sign
+            w.queued_tokens += sign * tokens
+
+    async def retire(self, worker_id: str, stop, drain_timeout_s: float = 30.0,
+                     migrate_timeout_s: float = 60.0) -> dict:
+        """Scale one worker down without dropping a request. `stop`: async, ends the worker process.
+          1. drain: it takes no new placements (WorkerLoad.draining); wait up to drain_timeout_s for
+             the requests that hold it (in_flight: placing on it, prefilling or streaming) to finish;
+          2. still busy: stop it now. Its streams end as WorkerLost, so decode requests migrate (prompt
+             + tokens sent, re-prefilled elsewhere) and prefills are placed again; wait up to
+             migrate_timeout_s for them to leave;
+          3. remove it from the router's view, then stop it (if step 2 did not).
+        Returns {"waited_s": seconds, "stopped_busy": bool, "left": requests still holding it at removal}."""
+        w = self.loads[worker_id]
+        w.draining = True
+        clock = asyncio.get_running_loop()
+        t0 = clock.time()
+        log.info("draining %s: %d request(s) on it, waiting up to %.0fs", worker_id, w.in_flight, drain_timeout_s)
+        idle = await _wait_idle(w, drain_timeout_s)
+        if not idle:
+            log.warning("drain of %s: %d request(s) still running after %.1fs; stopping it, they migrate",
+                        worker_id, w.in_flight, drain_timeout_s)
+            await stop()
+            await _wait_idle(w, migrate_timeout_s)
+        left = w.in_flight
+        self.remove(worker_id)
+        if idle:
+            await stop()
+        waited = clock.time() - t0
+        log.info("removed %s after %.1fs (%s)", worker_id, waited,
+                 "drained" if idle else f"stopped busy, {left} request(s) left")
+        return {"waited_s": waited, "stopped_busy": not idle, "left": left}
+
+    # health and load
+    async def refresh(self) -> None:
+        """Poll every worker's status at once (each poll bounded by the client's health timeout):
+        free KV blocks, step timings (learned rates), link figures, and its prefix-cache block events
+        for the global index (resynced after a gap). A worker that misses the poll (dead, restarting,
+        hung) is unhealthy, so placement skips it, until it answers again; one that answers with a new
+        incarnation was restarted by Ray (max_restarts) and re-registers with an empty cache."""
+        now = time.time()
+        clients = dict(self.prefill) | dict(self.decode)
+        polls = await asyncio.gather(*(c.status(drain_events=True) for c in clients.values()), return_exceptions=True)
+        for worker_id, s in zip(clients, polls):
+            w = self.loads.get(worker_id)
+            if w is None:      # removed while the poll was out
+                continue
+            if isinstance(s, BaseException):
+                if w.healthy:
+                    log.warning("worker %s missed its status poll (%s): unhealthy until it answers", worker_id, s)
+                w.healthy = False
+                self.metrics.worker_status(worker_id, None)
+                continue
+            self._ingest(w, s, now)
+        self.index.expire(now)
+        self.prober.probe_idle_links(now)
+        for worker_id in self.index.needs_resync():
+            if worker_id in clients:
+                try:
+                    seq, hashes = await clients[worker_id].cached_hashes()
+                    self.index.resync(worker_id, hashes, seq=seq, now=now)
+                except Exception as e:
+                    log.warning("prefix index resync of %s failed: %s", worker_id, e)
+
+    def _ingest(self, w: WorkerLoad, s: WorkerStatus, now: float) -> None:
+        """One answered poll: health (and a restart), load figures, index events, learned rates."""
+        worker_id = w.worker_id
+        if w.incarnation is not None and s.incarnation != w.incarnation:
+            log.warning("worker %s restarted (incarnation %s -> %s): re-registered, its prefix index reset",
+                        worker_id, w.incarnation, s.incarnation)
+            self.metrics.worker_restarted(worker_id)
+            self.index.remove_worker(worker_id)
+            self.index.add_worker(worker_id, now=now)
+        elif not w.healthy:
+            log.info("worker %s answers again: healthy", worker_id)
+        w.incarnation = s.incarnation
+        self.metrics.worker_status(worker_id, s)
+        w.healthy, w.free_blocks, w.num_blocks = True, s.engine.free_blocks, s.engine.num_blocks
+        w.links = s.links                       # per-link transfer figures, kept for placement
+        w.kv_address = s.kv_address or w.kv_address
+        for e in s.block_events:
+            self.index.apply(worker_id, e.kind, e.hashes, seq=e.seq, now=now)
+        self.index.heartbeat(worker_id, seq=s.block_seq, now=now)
+        self.telemetry.ingest_status(w, s, {k: v.zone for k, v in self.loads.items()})
+
+    async def while_healthy(self, aw, *worker_ids: str):
+        """Await `aw` unless one of the workers is marked unhealthy (or removed) first: then
+        WorkerLost naming it."""
+        task = asyncio.ensure_future(aw)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.cfg.status_interval_s)
+                if done:
+                    return task.result()
+                for worker_id in worker_ids:
+                    w = self.loads.get(worker_id)
+                    if w is None or not w.healthy:
+                        raise WorkerLost(worker_id, "missed its health poll")
+        finally:
+            task.cancel()   # no-op once done
+
+    # requests' state on the workers
+    async def abort(self, request_id: str, holders, lost: str | None = None) -> None:
+        """Tell every holder to abort `request_id` (frees its blocks, fences late KV), all at once. The
+        lost worker's abort runs in the background and is retried for a few minutes: a hung worker
+        must not delay the migration, and when it answers again the abort frees what it held (a
+        worker also frees reservations nobody claims, as a last resort)."""
+        async def one(h, tries: int = 1):
+            for i in range(tries):
+                try:
+                    return await h.abort(request_id)
+                except Exception as e:
+                    if i == tries - 1:
+                        log.warning("abort of %s on %s failed: %s", request_id, h.worker_id, e)
+                    else:
+                        await asyncio.sleep(min(2.0 ** i, 10.0))
+        waits = []
+        for h in holders:
+            if h.worker_id == lost:
+                self.spawn(one(h, tries=20))
+            else:
+                waits.append(one(h))
+        await asyncio.gather(*waits)
+
+    # background work
+    def spawn(self, coro, name: str | None = None) -> asyncio.Task:
+        """Run `coro` in the background until it ends or close() cancels it."""
+        t = asyncio.ensure_future(coro)
+        if name is not None:
+            t.set_name(name)
+        self.background.add(t)
+        t.add_done_callback(self.background.discard)
+        return t
+
+    async def close(self) -> None:
+        """Cancel the background work (abort retries, link probes): the cluster is going down."""
+        tasks = list(self.background)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _wait_idle(w: WorkerLoad, timeout_s: float, poll_s: float = 0.05) -> bool:
+    """True once no request holds `w`; False after timeout_s."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while w.in_flight > 0:
+        if asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(poll_s)
+    return True
