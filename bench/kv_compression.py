@@ -63,7 +63,7 @@ def _prompt(topic: str, tokens: int, tokenizer) -> list[int]:
 def _run(p: PrefillWorker, d: DecodeWorker, rid: str, ids: list[int], params: SamplingParams,
          salt: str) -> tuple[list[int], dict]:
     r = d.reserve(rid, ids, params, cache_salt=salt)
-    dest = r.destination(r.kv_tcp_address)
+    dest = r.destination()
     t0 = time.perf_counter()
     res = dataclasses.asdict(p.prefill(rid, ids, params, dest, cache_salt=salt))
     res["call_s"] = time.perf_counter() - t0

@@ -22,10 +22,9 @@ from pdcluster.engine.engine_thread import EngineThread
 from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.engine.kv_connector import NoKVCapacity
-from pdcluster.kv_transfer import KVReceiver, KVServer, KVTcpServer, ReceiveConnector
+from pdcluster.kv_transfer import KVReceiver, ReceiveConnector
+from pdcluster.kv_transfer.registry import check, server_class
 from pdcluster.messages import Reservation, TokenItem, WorkerStatus
-
-KV_TRANSPORTS = ("tcp", "grpc", "mooncake")
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +46,16 @@ class TokenStream:
 
 
 class DecodeWorker:
-    """Receives KV on two servers sharing one KVReceiver: gRPC (KVServer) and plain TCP
-    (KVTcpServer), plus MooncakeKVServer (pull over Mooncake) when kv_transport is "mooncake".
-    `kv_transport` picks the one advertised as `kv_address` (what the router hands the prefill
-    worker, whose transport must match); reserve() returns the gRPC and TCP addresses too.
-    kv_tcp_netns / kv_tcp_host: the TCP server listens on kv_tcp_host (default kv_host) inside that
-    `ip netns` namespace (a shaped link's decode end: deploy/netns.py); the other servers stay."""
+    """Receives KV on the one server of its `kv_transport` (kv_transfer/registry.py) over a
+    KVReceiver; its address is `kv_address` (what the router hands the prefill worker, whose
+    transport must match). It listens on kv_host:kv_port; tcp only: on kv_tcp_host / kv_tcp_port when
+    given, inside the `ip netns` namespace kv_tcp_netns (a shaped link's decode end: deploy/netns.py)."""
 
     def __init__(self, worker_id: str, engine: LLMEngine, kv_host: str = "127.0.0.1", kv_port: int = 0,
                  secret: str | None = None, transfer_timeout_s: float = 30.0, reservation_ttl_s: float = 300.0,
                  kv_transport: str = "tcp", kv_tcp_port: int = 0, kv_tcp_netns: str | None = None,
                  kv_tcp_host: str | None = None):
-        if kv_transport not in KV_TRANSPORTS:
-            raise ValueError(f"kv_transport must be one of {KV_TRANSPORTS}, got {kv_transport!r}")
+        check(kv_transport)
         self.worker_id = worker_id
         self.incarnation = uuid.uuid4().hex   # new on every (re)start of the process
         self.engine = engine
@@ -67,19 +63,12 @@ class DecodeWorker:
         self.kv_transport = kv_transport
         self.receiver = KVReceiver()
         self.connector = engine.connector = ReceiveConnector(self.receiver, engine.cfg.model.num_layers)
-        k_caches, v_caches = engine.kv_caches()
-        self.mooncake_server = None   # only when chosen: it needs the mooncake package and registers the cache
-        # (CPU caches; GPU caches land through its registered host staging buffers, chosen by the server itself);
-        # first, so that a host without it fails before anything else is started
-        if kv_transport == "mooncake":
-            from pdcluster.kv_transfer.mooncake_server import MooncakeKVServer
-            self.mooncake_server = MooncakeKVServer(self.receiver, k_caches, v_caches, host=kv_host, secret=secret)
-            self.mooncake_server.start_sync()
-        self.server = KVServer(self.receiver, host=kv_host, port=kv_port, secret=secret)
+        tcp = kv_transport == "tcp"
+        # Mooncake registers the caches (CPU; GPU caches land through its own host staging buffers)
+        self.server = server_class(kv_transport).for_worker(
+            self.receiver, *engine.kv_caches(), host=(tcp and kv_tcp_host) or kv_host,
+            port=(tcp and kv_tcp_port) or kv_port, secret=secret, netns=kv_tcp_netns if tcp else None)
         self.server.start_sync()
-        self.tcp_server = KVTcpServer(self.receiver, host=kv_tcp_host or kv_host, port=kv_tcp_port, secret=secret,
-                                      netns=kv_tcp_netns)
-        self.tcp_server.start_sync()
         self.transfer_timeout_s = transfer_timeout_s
         # rid -> monotonic expiry of its reservation; engine thread only. A reservation that is
         # neither started nor aborted by its expiry (its router lost track of it) is freed.
@@ -91,9 +80,7 @@ class DecodeWorker:
     @property
     def kv_address(self) -> str:
         """The advertised KV address: that of the `kv_transport` server."""
-        if self.mooncake_server is not None:
-            return self.mooncake_server.address
-        return self.tcp_server.address if self.kv_transport == "tcp" else self.server.address
+        return self.server.address
 
     def _listen(self, rid: str, sink=None) -> TokenStream:
         s = TokenStream(sink)
@@ -110,9 +97,7 @@ class DecodeWorker:
             except NoKVCapacity as e:
                 raise NoKVCapacity(f"{self.worker_id}: {e}") from None
             self._reserved[rid] = time.monotonic() + self.reservation_ttl_s
-            return Reservation(kv_address=self.kv_address, kv_grpc_address=self.server.address,
-                               kv_tcp_address=self.tcp_server.address, dst_id=self.worker_id,
-                               skip_blocks=r.skip_blocks, dst_block_ids=r.block_ids, cached_tokens=r.cached_tokens)
+            return Reservation(kv_address=self.kv_address, dst_id=self.worker_id, skip_blocks=r.skip_blocks, dst_block_ids=r.block_ids, cached_tokens=r.cached_tokens)
         return self.loop.run(_reserve)
 
     def start(self, rid: str, first_token: int, sink=None) -> TokenStream:
@@ -187,6 +172,3 @@ class DecodeWorker:
     def close(self) -> None:
         self.loop.stop()
         self.server.stop_sync()
-        self.tcp_server.stop_sync()
-        if self.mooncake_server is not None:
-            self.mooncake_server.stop_sync()

@@ -5,9 +5,11 @@ Why it looks as it does:
   layer l goes out the moment it is computed; the request's ack is the handoff of ownership.
 - Raw bytes, not protobuf: a frame is a msgpack header + tensor bytes (wire.py), received with
   one copy at most; the header has its own schema, version and crc32.
-- Two byte movers on one KVReceiver (reservations, fencing, completion): gRPC (server.py,
-  grpc_transport.py) and a plain TCP socket (tcp_*.py, ~1.5 CPU-s/GB cheaper than gRPC Python).
-- The one pull is RDMA (mooncake_*.py): one-sided writes could not be fenced, so the decode side
+- A shared core (wire, receiver, codec, crc, meter, the two interfaces transport.py and serving.py)
+  and one sub-package per transport, registered by name (registry.py); a worker starts only its
+  transport's half. Byte movers over one KVReceiver (reservations, fencing, completion): a plain TCP
+  socket (tcp/, ~1.5 CPU-s/GB cheaper than gRPC Python) and gRPC (grpc/).
+- The one pull is RDMA (mooncake/): one-sided writes could not be fenced, so the decode side
   READs staged chunks under the reservation's lock.
 - Trust: loopback unless told otherwise; a shared secret (HMAC handshake / metadata); no pickle.
 connectors.py plugs all of it into the engine (engine/kv_connector.py). README's module map lists
@@ -19,12 +21,13 @@ import importlib
 # (codec_policy, meter, errors) pulls in neither torch nor gRPC, so the router's cost model can share
 # the workers' CompressionPolicy instead of mirroring it.
 _EXPORTS = {
-    "KVTransferError": "errors", "GrpcKVTransport": "grpc_transport", "BandwidthMeter": "meter",
-    "MooncakeKVServer": "mooncake_server", "MooncakeKVTransport": "mooncake_transport",
+    "KVTransferError": "errors", "GrpcKVTransport": "grpc.transport", "BandwidthMeter": "meter",
+    "MooncakeKVServer": "mooncake.server", "MooncakeKVTransport": "mooncake.transport",
     "KVReceiver": "receiver", "PendingTransfer": "receiver", "TransferState": "receiver",
-    "cache_writer": "receiver", "KVServer": "server", "KVTcpServer": "tcp_server",
-    "TcpKVTransport": "tcp_transport", "KVTransport": "transport", "LayerwiseSender": "transport",
-    "TransferStats": "transport", "ReceiveConnector": "connectors", "SendConnector": "connectors",
+    "cache_writer": "receiver", "KVServer": "grpc.server", "KVTcpServer": "tcp.server",
+    "TcpKVTransport": "tcp.transport", "KVTransport": "transport", "LayerwiseSender": "transport",
+    "TransferStats": "transport", "KVServerBase": "serving", "ReceiveConnector": "connectors",
+    "SendConnector": "connectors", "TRANSPORTS": "registry",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,11 +1,13 @@
 """The prefill side's view of a KV transport: open a layer-wise sender per request.
 
-Three implementations keep this contract, so the prefill worker never knows which one it holds:
-plain TCP (`tcp_transport.TcpKVTransport`, the default), gRPC (`grpc_transport.GrpcKVTransport`)
-and Mooncake (`mooncake_transport.MooncakeKVTransport`: the decode side pulls, RDMA where NICs exist).
+Three implementations keep this contract, so the prefill worker never knows which one it holds
+(registry.py names them): plain TCP (`tcp/transport.py`, the default), gRPC (`grpc/transport.py`)
+and Mooncake (`mooncake/transport.py`: the decode side pulls, RDMA where NICs exist).
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -13,6 +15,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from pdcluster.kv_transfer.errors import KVTransferError
+
+END = object()  # LoopSender queue item: finish() was called
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,40 @@ class LayerwiseSender(ABC):
     @abstractmethod
     def abort(self) -> None:
         """Stop sending and cancel the stream; the receiver marks the request failed."""
+
+    def _outcome(self, timeout: float | None) -> TransferStats:
+        """self._future's result; a future cancelled by abort() raises KVTransferError CANCELLED."""
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.CancelledError:
+            raise KVTransferError(f"transfer of {self.request_id!r} was aborted", "CANCELLED") from None
+
+
+class LoopSender(LayerwiseSender):
+    """A sender driven by one coroutine (`_run`) on an event loop (the shared KV loop): send_layer
+    and finish() only put items on its asyncio.Queue, thread-safely. Call `_start` last in __init__."""
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()  # (layer, first, k, v) | END | ...; loop side
+        self._future = asyncio.run_coroutine_threadsafe(self._run(), loop)
+
+    def _put(self, item) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def _enqueue(self, layer: int, first: int, k_blocks: torch.Tensor, v_blocks: torch.Tensor) -> None:
+        self._put((layer, first, k_blocks, v_blocks))
+
+    def finish(self, timeout: float | None = None) -> TransferStats:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._put(END)
+        return self._outcome(timeout)
+
+    @abstractmethod
+    async def _run(self) -> TransferStats:
+        """Send what the queue brings until END (or an end of the transfer's own); its stats."""
 
 
 class KVTransport(ABC):

@@ -32,9 +32,7 @@ class KVDestination(Message):
 @dataclass(frozen=True)
 class Reservation(Message):
     """A decode worker's answer to reserve: blocks held for a prompt's KV computed elsewhere."""
-    kv_address: str                 # its KV server of the cluster's transport
-    kv_grpc_address: str            # its gRPC and TCP KV servers (both always run: tests and benches
-    kv_tcp_address: str             #   compare transports against one decode worker)
+    kv_address: str                 # its KV server: the one of the cluster's transport
     dst_id: str
     skip_blocks: int
     dst_block_ids: list[int]

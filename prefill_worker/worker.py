@@ -20,12 +20,9 @@ from pdcluster.engine.engine_thread import EngineThread
 from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.messages import KVDestination, LinkFigures, PrefillResult, WorkerStatus
-from pdcluster.kv_transfer import (BandwidthMeter, GrpcKVTransport, KVTransferError, MooncakeKVTransport, SendConnector,
-                                   TcpKVTransport)
+from pdcluster.kv_transfer import BandwidthMeter, KVTransferError, SendConnector
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy, prefill_seconds
-
-# "mooncake" imports the mooncake package only when built (MooncakeUnavailable if it cannot)
-KV_TRANSPORTS = {"tcp": TcpKVTransport, "grpc": GrpcKVTransport, "mooncake": MooncakeKVTransport}
+from pdcluster.kv_transfer.registry import sender_class
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +32,17 @@ class PrefillWorker:
                  bandwidth_limit_bytes_per_s: float | None = None, transfer_timeout_s: float = 30.0,
                  transport: str = "tcp", kv_layerwise: bool = True, kv_compression: str = "off",
                  kv_netns: str | None = None, kv_host: str | None = None):
-        """transport: "tcp" (TcpKVTransport), "grpc" (GrpcKVTransport) or "mooncake"
-        (MooncakeKVTransport: the decode side pulls over Mooncake); the decode workers must
+        """transport: a name in kv_transfer/registry.py: "tcp", "grpc" or "mooncake" (the decode side
+        pulls over Mooncake; its package is imported only when built); the decode workers must
         advertise the matching server (DecodeWorker's kv_transport). kv_layerwise False: whole-request
         transfer, every layer is handed to the sender after the last layer computed (the baseline
         that layer-wise streaming is measured against). kv_compression: "off", "int8", "fp8" or
         "auto" (kv_transfer/codec_policy.py: per transfer, by the link's measured bandwidth);
         tcp and grpc only (Mooncake moves the cache bytes uncompressed). kv_netns: tcp only, the KV
         connections' sockets are made in that `ip netns` namespace (a shaped link: deploy/netns.py)."""
-        if transport not in KV_TRANSPORTS:
-            raise ValueError(f"transport must be one of {sorted(KV_TRANSPORTS)}, got {transport!r}")
+        sender = sender_class(transport)
         self.compression = CompressionPolicy(kv_compression)
-        if kv_compression != "off" and not hasattr(KV_TRANSPORTS[transport], "codecs"):
+        if kv_compression != "off" and not hasattr(sender, "codecs"):
             raise ValueError(f"kv_compression {kv_compression!r} needs the tcp or grpc transport, not {transport!r}")
         if kv_netns is not None and transport != "tcp":
             raise ValueError(f"kv_netns needs the tcp transport, not {transport!r}")
@@ -58,12 +54,12 @@ class PrefillWorker:
         # kv_host: the address decode workers reach this worker's transport at. Only Mooncake listens
         # on the prefill side (the decode side READs its staging arena), so only it takes one: the
         # node's IP on a multi-node cluster (the actor's bind_node_ip); None: the transport's default
-        # (loopback; $PDCLUSTER_MOONCAKE_HOST overrides either, mooncake_transport.mooncake_host).
+        # (loopback; $PDCLUSTER_MOONCAKE_HOST overrides either, kv_transfer/mooncake/transport.py mooncake_host).
         extra = {"host": kv_host} if transport == "mooncake" and kv_host else {}
         if kv_netns is not None:
             extra["netns"] = kv_netns
-        self.transport = KV_TRANSPORTS[transport](secret=secret, meter=self.meter, src_id=worker_id,
-                                                  bandwidth_limit_bytes_per_s=bandwidth_limit_bytes_per_s, **extra)
+        self.transport = sender(secret=secret, meter=self.meter, src_id=worker_id,
+                                bandwidth_limit_bytes_per_s=bandwidth_limit_bytes_per_s, **extra)
         self.transfer_timeout_s = transfer_timeout_s
         # ships each prompt's layers from the engine thread (whole-request mode: every layer after the last)
         self.sends = engine.connector = SendConnector(layerwise=kv_layerwise)

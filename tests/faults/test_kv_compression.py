@@ -4,40 +4,26 @@ check_top5, with transformers' own load of the embedded model as the judge of ne
 fewer bytes."""
 import pytest
 
-from pdcluster.decode_worker.worker import DecodeWorker
-from pdcluster.engine.llm_engine import LLMEngine, build_config
-from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy
-from pdcluster.prefill_worker.worker import PrefillWorker
+from pdcluster.messages import PrefillResult
 from tests.e2e.conftest import PROMPTS, check_top5
-
-GREEDY = SamplingParams(max_tokens=12, temperature=0)
+from tests.unit import kv_workers
+from tests.unit.kv_workers import GREEDY, pair
 CASES = PROMPTS[::3] + ["Describe a lighthouse on a stormy night. " * 12]  # 7 prompts, 5-110 tokens
 
 
 @pytest.fixture(scope="module")
 def workers():
-    mk = lambda: LLMEngine(build_config(kv_cache_memory=48 * 2**20, num_threads=1))  # noqa: E731
-    d = DecodeWorker("d", mk(), kv_transport="tcp")
-    p = PrefillWorker("p", mk(), transport="tcp", transfer_timeout_s=20)
+    p, d = pair("tcp")
     yield p, d
     p.close()
     d.close()
 
 
-def remote(p, d, rid, ids, salt) -> tuple[list[int], dict]:
+def remote(p, d, rid, ids, salt) -> tuple[list[int], PrefillResult]:
     """Prefill on p, KV over TCP, decode on d: (tokens, the prefill's figures). The cache salt
     keeps each mode off the decode side's prefix cache: every block crosses the link."""
-    r = d.reserve(rid, ids, GREEDY, cache_salt=salt)
-    assert r.skip_blocks == 0
-    res = p.prefill(rid, ids, GREEDY, r.destination(r.kv_tcp_address), cache_salt=salt)
-    stream = d.start(rid, res.first_token)
-    toks = [res.first_token]
-    while True:
-        item = stream.get(timeout=30)
-        toks += item.token_ids
-        if item.finished:
-            return toks, res
+    return kv_workers.remote(p, d, rid, ids, GREEDY, salt, fresh=True)
 
 
 @pytest.fixture(scope="module")

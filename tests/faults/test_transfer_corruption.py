@@ -6,13 +6,8 @@ import threading
 
 import pytest
 
-from pdcluster.decode_worker.worker import DecodeWorker
-from pdcluster.engine.llm_engine import LLMEngine, build_config
-from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.kv_transfer import KVTransferError
-from pdcluster.prefill_worker.worker import PrefillWorker
-
-GREEDY = SamplingParams(max_tokens=12, temperature=0)
+from tests.unit.kv_workers import GREEDY, pair, remote, tokens
 
 
 class Proxy:
@@ -61,25 +56,10 @@ class Proxy:
 
 @pytest.fixture(scope="module")
 def workers():
-    mk = lambda: LLMEngine(build_config(kv_cache_memory=48 * 2**20, num_threads=1))  # noqa: E731
-    d = DecodeWorker("d", mk(), kv_transport="tcp")
-    p = PrefillWorker("p", mk(), transport="tcp", transfer_timeout_s=10)
+    p, d = pair("tcp", transfer_timeout_s=10)
     yield p, d
     p.close()
     d.close()
-
-
-def remote(p, d, rid, ids, address=None):
-    r = d.reserve(rid, ids, GREEDY)
-    dest = r.destination(address or r.kv_tcp_address)
-    first = p.prefill(rid, ids, GREEDY, dest).first_token
-    stream = d.start(rid, first)
-    toks = [first]
-    while True:
-        item = stream.get(timeout=30)
-        toks += item.token_ids
-        if item.finished:
-            return toks
 
 
 @pytest.mark.parametrize("mode", ["corrupt", "drop"])
@@ -88,7 +68,7 @@ def test_bad_transfer_detected_fenced_and_recomputed_exactly(workers, mode):
     ids = d.engine.tokenizer.encode("Describe a lighthouse on a stormy night. " * 20, add_special_tokens=False)
     free = d.engine.kv.num_free_blocks
     r = d.reserve(f"bad-{mode}", ids, GREEDY)
-    proxy = Proxy(r.kv_tcp_address, mode)
+    proxy = Proxy(r.kv_address, mode)
     dest = r.destination(proxy.address)
     with pytest.raises(KVTransferError) as e:
         p.prefill(f"bad-{mode}", ids, GREEDY, dest)
@@ -102,14 +82,8 @@ def test_bad_transfer_detected_fenced_and_recomputed_exactly(workers, mode):
     d.abort(f"bad-{mode}")
     assert d.engine.kv.num_free_blocks == free and not d.receiver.pending()   # fenced and freed
     # recompute (another transfer, a clean link): exactly the undisturbed tokens
-    got = remote(p, d, f"again-{mode}", ids)
-    local = d.generate(f"local-{mode}", ids, GREEDY)
-    ref = []
-    while True:
-        item = local.get(timeout=60)
-        ref += item.token_ids
-        if item.finished:
-            break
+    got, _ = remote(p, d, f"again-{mode}", ids)
+    ref = tokens(d.generate(f"local-{mode}", ids, GREEDY), timeout=60)
     assert got == ref and len(got) == 12
 
 

@@ -10,7 +10,7 @@ from pdcluster.kernels.pack_kv import pack_kv_ref
 from pdcluster.kv_transfer import (BandwidthMeter, GrpcKVTransport, KVReceiver, KVServer, KVTcpServer, TcpKVTransport,
                          TransferState, cache_writer, wire)
 from pdcluster.kv_transfer import codec as kvcodec
-from pdcluster.kv_transfer import tcp_protocol as proto
+from pdcluster.kv_transfer.tcp import protocol as proto
 from pdcluster.kv_transfer.codec_policy import AUTO_CODEC, CompressionPolicy, prefill_seconds
 from pdcluster.kv_transfer.errors import DataLoss, MalformedFrame
 

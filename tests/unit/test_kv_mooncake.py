@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from pdcluster.kv_transfer import KVReceiver, KVTransferError, TransferState, cache_writer
-from pdcluster.kv_transfer import mooncake_engine
-from pdcluster.kv_transfer.mooncake_arena import ArenaFull, SlotPool
+from pdcluster.kv_transfer.mooncake import engine as mooncake_engine
+from pdcluster.kv_transfer.mooncake.arena import ArenaFull, SlotPool
+from tests.unit.kv_workers import pair, remote
 
 UNAVAILABLE = mooncake_engine.available()
 needs_mooncake = pytest.mark.skipif(UNAVAILABLE is not None, reason=f"{UNAVAILABLE}")
@@ -33,10 +34,10 @@ def test_unavailable_is_a_clear_error(monkeypatch):
     """Choosing the transport where `mooncake.engine` cannot be imported: the real import fails (a
     None in sys.modules stops it, on hosts that have the package too) and the transport's
     constructor says why and how to fix it."""
-    from pdcluster.prefill_worker.worker import KV_TRANSPORTS
+    from pdcluster.kv_transfer.registry import sender_class
     monkeypatch.setitem(sys.modules, "mooncake.engine", None)
     with pytest.raises(mooncake_engine.MooncakeUnavailable) as e:
-        KV_TRANSPORTS["mooncake"](secret=SECRET)
+        sender_class("mooncake")(secret=SECRET)
     assert "mooncake transport unavailable: ModuleNotFoundError" in str(e.value)
     assert mooncake_engine.HINT in str(e.value)
     assert mooncake_engine.available() == str(e.value)
@@ -66,7 +67,7 @@ def test_slot_pool_back_pressure_and_stop():
 
 
 def test_host_is_the_env_override_then_the_given_host_then_loopback(monkeypatch):
-    from pdcluster.kv_transfer.mooncake_transport import HOST_ENV, mooncake_host
+    from pdcluster.kv_transfer.mooncake.transport import HOST_ENV, mooncake_host
     monkeypatch.delenv(HOST_ENV, raising=False)
     assert mooncake_host() == "127.0.0.1" and mooncake_host("10.0.0.5") == "10.0.0.5"
     monkeypatch.setenv(HOST_ENV, "192.168.7.7")
@@ -87,7 +88,8 @@ def test_prefill_worker_gives_mooncake_its_kv_host(monkeypatch):
         def close(self):
             pass
 
-    monkeypatch.setitem(pw.KV_TRANSPORTS, "mooncake", StandIn)
+    real = pw.sender_class
+    monkeypatch.setattr(pw, "sender_class", lambda name: StandIn if name == "mooncake" else real(name))
     engine = LLMEngine(build_config(kv_cache_memory=8 * 2**20, num_threads=1))
     for kv_host in ("10.1.2.3", None):
         pw.PrefillWorker("p", engine, transport="mooncake", kv_host=kv_host).close()
@@ -120,8 +122,8 @@ def test_prefill_actor_binds_mooncake_to_its_node_ip_on_a_multi_node_cluster(mon
 def link():
     if UNAVAILABLE is not None:
         pytest.skip(UNAVAILABLE)
-    from pdcluster.kv_transfer.mooncake_server import MooncakeKVServer
-    from pdcluster.kv_transfer.mooncake_transport import MooncakeKVTransport
+    from pdcluster.kv_transfer.mooncake.server import MooncakeKVServer
+    from pdcluster.kv_transfer.mooncake.transport import MooncakeKVTransport
     kc = [torch.zeros(BLOCKS, *BLOCK) for _ in range(LAYERS)]
     vc = [torch.zeros(BLOCKS, *BLOCK) for _ in range(LAYERS)]
     receiver = KVReceiver()
@@ -198,7 +200,7 @@ def test_prefill_abort_fails_the_reservation_and_frees_the_arena(link):
 
 @needs_mooncake
 def test_wrong_secret_is_refused(link):
-    from pdcluster.kv_transfer.mooncake_transport import MooncakeKVTransport
+    from pdcluster.kv_transfer.mooncake.transport import MooncakeKVTransport
     receiver, server, _, kc, vc = link
     pending = receiver.expect("intruder", [30], LAYERS, cache_writer(kc, vc))
     kc[0][30] = 3.0
@@ -221,7 +223,7 @@ def test_wrong_secret_is_refused(link):
 def staged_link(link):
     """A second server, forced onto the staged path (as GPU caches are), over its own receiver and
     caches; staging buffers of exactly one of `link`'s transport slots; the same prefill transport."""
-    from pdcluster.kv_transfer.mooncake_server import MooncakeKVServer
+    from pdcluster.kv_transfer.mooncake.server import MooncakeKVServer
     transport = link[2]
     kc = [torch.zeros(BLOCKS, *BLOCK) for _ in range(LAYERS)]
     vc = [torch.zeros(BLOCKS, *BLOCK) for _ in range(LAYERS)]
@@ -326,7 +328,7 @@ def test_staged_abort_between_read_and_write_lands_nothing(staged_link, monkeypa
 def test_staged_oversize_chunk_is_rejected(staged_link):
     """A prefill side whose slots exceed the decode side's staging buffers fails the request with
     a clear error before anything is read; the decode side's blocks stay untouched."""
-    from pdcluster.kv_transfer.mooncake_transport import MooncakeKVTransport
+    from pdcluster.kv_transfer.mooncake.transport import MooncakeKVTransport
     receiver, server, _, kc, vc = staged_link
     dst = [26, 27, 28, 29]
     for c in (*kc, *vc):
@@ -350,8 +352,8 @@ def test_staged_oversize_chunk_is_rejected(staged_link):
 @needs_mooncake
 def test_caches_that_cannot_be_registered_take_the_staged_path_by_themselves():
     """Non-contiguous CPU caches stand in for GPU caches here: no flag, no error, exact landing."""
-    from pdcluster.kv_transfer.mooncake_server import MooncakeKVServer
-    from pdcluster.kv_transfer.mooncake_transport import MooncakeKVTransport
+    from pdcluster.kv_transfer.mooncake.server import MooncakeKVServer
+    from pdcluster.kv_transfer.mooncake.transport import MooncakeKVTransport
     kc = [torch.zeros(BLOCK[0], BLOCKS, *BLOCK[1:]).transpose(0, 1) for _ in range(2)]  # [BLOCKS, *BLOCK]
     vc = [torch.zeros(BLOCK[0], BLOCKS, *BLOCK[1:]).transpose(0, 1) for _ in range(2)]
     receiver = KVReceiver()
@@ -379,42 +381,24 @@ def test_caches_that_cannot_be_registered_take_the_staged_path_by_themselves():
 
 @pytest.fixture(scope="module")
 def workers():
+    """A mooncake pair and, as the reference, a tcp pair (a decode worker serves one transport)."""
     if UNAVAILABLE is not None:
         pytest.skip(UNAVAILABLE)
-    from pdcluster.decode_worker.worker import DecodeWorker
-    from pdcluster.engine.llm_engine import LLMEngine, build_config
-    from pdcluster.prefill_worker.worker import PrefillWorker
-    mk = lambda: LLMEngine(build_config(kv_cache_memory=48 * 2**20, num_threads=1))  # noqa: E731
-    d = DecodeWorker("d", mk(), kv_transport="mooncake", secret=SECRET)
-    p_mc = PrefillWorker("p-mc", mk(), transport="mooncake", secret=SECRET, transfer_timeout_s=20)
-    p_tcp = PrefillWorker("p-tcp", mk(), transport="tcp", secret=SECRET, transfer_timeout_s=20)
-    yield d, p_mc, p_tcp
-    for w in (p_mc, p_tcp, d):
+    p_mc, d = pair("mooncake", secret=SECRET)
+    p_tcp, d_tcp = pair("tcp", secret=SECRET)
+    yield d, p_mc, p_tcp, d_tcp
+    for w in (p_mc, p_tcp, d, d_tcp):
         w.close()
-
-
-def remote(p, d, rid, ids, salt, address_key):
-    from pdcluster.engine.sampling_params import SamplingParams
-    params = SamplingParams(max_tokens=12, temperature=0)
-    r = d.reserve(rid, ids, params, cache_salt=salt)
-    first = p.prefill(rid, ids, params, r.destination(getattr(r, address_key)), cache_salt=salt).first_token
-    stream = d.start(rid, first)
-    toks = [first]
-    while True:
-        item = stream.get(timeout=30)
-        toks += item.token_ids
-        if item.finished:
-            return toks
 
 
 @needs_mooncake
 def test_workers_same_greedy_tokens_as_tcp_and_nothing_leaks(workers):
-    d, p_mc, p_tcp = workers
+    d, p_mc, p_tcp, d_tcp = workers
     ids = d.engine.tokenizer.encode("Describe a lighthouse on a stormy night. " * 12, add_special_tokens=False)
-    got = remote(p_mc, d, "mc-1", ids, "salt-mc", "kv_address")
-    ref = remote(p_tcp, d, "tcp-1", ids, "salt-tcp", "kv_tcp_address")
+    got, _ = remote(p_mc, d, "mc-1", ids, salt="salt-mc")
+    ref, _ = remote(p_tcp, d_tcp, "tcp-1", ids, salt="salt-tcp")
     assert got == ref and len(got) == 12
-    d.finished("mc-1"), d.finished("tcp-1")
+    d.finished("mc-1"), d_tcp.finished("tcp-1")
     arena = p_mc.transport.arena
     assert arena.num_free == arena.n and not d.receiver.pending()
     assert p_mc.meter.snapshot()[0]["total_bytes"] > 0
@@ -423,7 +407,7 @@ def test_workers_same_greedy_tokens_as_tcp_and_nothing_leaks(workers):
 @needs_mooncake
 def test_workers_abort_frees_both_sides(workers):
     from pdcluster.engine.sampling_params import SamplingParams
-    d, p_mc, _ = workers
+    d, p_mc, _, _ = workers
     params = SamplingParams(max_tokens=12, temperature=0)
     ids = d.engine.tokenizer.encode("A long list of harbours and their lights. " * 30, add_special_tokens=False)
     free = d.engine.kv.num_free_blocks

@@ -9,7 +9,7 @@ import torch
 
 from pdcluster.kv_transfer import (BandwidthMeter, KVReceiver, KVTcpServer, KVTransferError, TcpKVTransport,
                          TransferState, cache_writer, wire)
-from pdcluster.kv_transfer import tcp_protocol as proto
+from pdcluster.kv_transfer.tcp import protocol as proto
 from pdcluster.kv_transfer.crc import crc32
 
 pytestmark = pytest.mark.timeout(60)

@@ -42,7 +42,7 @@ def test_metrics_port_taken(taken):
 def test_grpc_ports_taken_are_refused_not_shared(taken):
     """Without so_reuseport=0 a grpc server would bind a port another socket holds."""
     from pdcluster.kv_transfer.receiver import KVReceiver
-    from pdcluster.kv_transfer.server import KVServer
+    from pdcluster.kv_transfer.grpc.server import KVServer
     from pdcluster.router.server import RouterServer
 
     async def router():
@@ -60,7 +60,7 @@ def test_grpc_ports_taken_are_refused_not_shared(taken):
 
 def test_kv_tcp_port_taken(taken):
     from pdcluster.kv_transfer.receiver import KVReceiver
-    from pdcluster.kv_transfer.tcp_server import KVTcpServer
+    from pdcluster.kv_transfer.tcp.server import KVTcpServer
     with pytest.raises(PortInUse, match=f"port {taken} .*TCP KV listener.*kv_tcp_port"):
         KVTcpServer(KVReceiver(), host="127.0.0.1", port=taken).start_sync()
 

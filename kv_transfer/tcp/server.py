@@ -1,4 +1,4 @@
-"""KVTcpServer: serves a KVReceiver over plain TCP (protocol: tcp_protocol.py). Runs beside KVServer.
+"""KVTcpServer: serves a KVReceiver over plain TCP (protocol: tcp/protocol.py). The tcp transport's decode side.
 
 Threads, not the event loop: one acceptor, and one thread per connection (a connection per
 prefill process). That thread reads each FRAME's header, validates it against the reservation
@@ -27,12 +27,13 @@ import msgpack
 import torch
 
 from pdcluster.kv_transfer import netns as kvnetns
-from pdcluster.kv_transfer import tcp_protocol as proto
+from pdcluster.kv_transfer.tcp import protocol as proto
 from pdcluster.kv_transfer import wire
 from pdcluster.kv_transfer.crc import crc32
 from pdcluster.kv_transfer.errors import DataLoss, KVTransferError, MalformedFrame, TransferClosed
 from pdcluster.kv_transfer.malloc_tuning import keep_large_buffers
 from pdcluster.kv_transfer.receiver import InboundStream, KVReceiver, PendingTransfer, TransferState
+from pdcluster.kv_transfer.serving import KVServerBase
 from pdcluster.ports import bind_tcp
 
 log = logging.getLogger(__name__)
@@ -56,16 +57,17 @@ class _Inbound(InboundStream):
         return (self._entry, *self._entry.target(header))
 
 
-class KVTcpServer:
+class KVTcpServer(KVServerBase):
     """Binds host:port (port 0 = ephemeral; `port` holds the bound one after start). With a
     secret, a connection must prove it (HMAC of a fresh nonce) or is closed with UNAUTHENTICATED.
     With `netns` (an `ip netns` name) the listener, hence every connection, lives in that network
     namespace (kv_transfer/netns.py): `host` is an address there."""
+    namespaced = True
 
     def __init__(self, receiver: KVReceiver, *, host: str = "127.0.0.1", port: int = 0,
                  secret: str | None = None, max_frame_bytes: int = proto.DEFAULT_MAX_FRAME_BYTES,
                  netns: str | None = None):
-        self.receiver, self.host, self.port = receiver, host, port
+        super().__init__(receiver, host=host, port=port)
         self.netns = netns
         self._secret = secret
         self._max_frame_bytes = max_frame_bytes
@@ -74,10 +76,6 @@ class KVTcpServer:
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._acceptor: threading.Thread | None = None
         keep_large_buffers()
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
 
     def start_sync(self) -> None:
         """Bind and serve on background threads (named like KVServer's, which needs a loop)."""

@@ -8,24 +8,22 @@ Device tensors are copied to CPU by that coroutine, so the compute thread never 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import time
 from typing import Sequence
 
 import grpc
-import torch
 
 from pdcluster.kv_transfer import codec as kvcodec
 from pdcluster.kv_transfer import wire
 from pdcluster.kv_transfer.errors import KVTransferError
+from pdcluster.kv_transfer.grpc.base import Channels
 from pdcluster.kv_transfer.loop_thread import shared_loop
 from pdcluster.kv_transfer.malloc_tuning import keep_large_buffers
 from pdcluster.kv_transfer.meter import BandwidthMeter
 from pdcluster.kv_transfer.throttle import TokenBucket
-from pdcluster.kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
+from pdcluster.kv_transfer.transport import END, KVTransport, LayerwiseSender, LoopSender, TransferStats
 
 _HEADER_ROOM = 64 << 10  # bytes a frame may exceed chunk_bytes by (prefix + msgpack header)
-_END = object()  # queue sentinel: finish() was called
 
 
 class GrpcKVTransport(KVTransport):
@@ -50,7 +48,7 @@ class GrpcKVTransport(KVTransport):
         self._metadata = ((wire.SECRET_METADATA_KEY, secret),) if secret is not None else ()
         self._limit = bandwidth_limit_bytes_per_s
         self._loop = shared_loop()
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._channels = Channels(max_message_bytes)  # loop thread only, as _pushes
         self._pushes: dict[str, grpc.aio.StreamUnaryMultiCallable] = {}
         self._buckets: dict[str, TokenBucket] = {}
         keep_large_buffers()
@@ -65,18 +63,13 @@ class GrpcKVTransport(KVTransport):
         asyncio.run_coroutine_threadsafe(self._close(), self._loop).result()
 
     async def _close(self) -> None:
-        channels, self._channels = self._channels, {}
         self._pushes.clear()
-        for channel in channels.values():
-            await channel.close()
+        await self._channels.close()
 
     # loop thread only, below
     def _push(self, address: str) -> grpc.aio.StreamUnaryMultiCallable:
-        if address not in self._pushes:
-            opts = [("grpc.max_send_message_length", self._max_message_bytes),
-                    ("grpc.max_receive_message_length", self._max_message_bytes)]
-            self._channels[address] = channel = grpc.aio.insecure_channel(address, options=opts)
-            self._pushes[address] = channel.stream_unary(wire.PUSH_METHOD)  # raw bytes both ways
+        if address not in self._pushes:  # raw bytes both ways
+            self._pushes[address] = self._channels.get(address).stream_unary(wire.PUSH_METHOD)
         return self._pushes[address]
 
     def _bucket(self, address: str) -> TokenBucket | None:
@@ -87,31 +80,16 @@ class GrpcKVTransport(KVTransport):
         return self._buckets[address]
 
 
-class GrpcLayerwiseSender(LayerwiseSender):
+class GrpcLayerwiseSender(LoopSender):
     def __init__(self, transport: GrpcKVTransport, address: str, dst_id: str, request_id: str,
                  dst_block_ids: Sequence[int], codec: str = "none"):
         self._init_sender(request_id, address, dst_id, dst_block_ids)
         self._transport = transport
         self.codec = codec
-        self._loop = transport._loop
-        self._queue: asyncio.Queue = asyncio.Queue()  # (layer, first, k, v) | _END; loop-side
-        self._future = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
+        self._start(transport._loop)
 
     def _frame_limit(self) -> tuple[int, str]:
         return self._transport._max_message_bytes - _HEADER_ROOM, "a gRPC message"
-
-    def _enqueue(self, layer: int, first: int, k_blocks: torch.Tensor, v_blocks: torch.Tensor) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, (layer, first, k_blocks, v_blocks))
-
-    def finish(self, timeout: float | None = None) -> TransferStats:
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, _END)
-        try:
-            return self._future.result(timeout)
-        except concurrent.futures.CancelledError:
-            raise KVTransferError(f"transfer of {self.request_id!r} was aborted", "CANCELLED") from None
 
     def abort(self) -> None:
         with self._lock:
@@ -120,7 +98,7 @@ class GrpcLayerwiseSender(LayerwiseSender):
 
     def _wake_if_rejected(self, notice: asyncio.Future) -> None:
         if _rejected(notice):  # a sender idle between layers must half-close now, not at finish()
-            self._queue.put_nowait(_END)
+            self._queue.put_nowait(END)
 
     async def _run(self) -> TransferStats:
         t_open = time.perf_counter()
@@ -134,7 +112,7 @@ class GrpcLayerwiseSender(LayerwiseSender):
             notice.add_done_callback(self._wake_if_rejected)
         bucket = self._transport._bucket(self.address)
         try:
-            while not _rejected(notice) and (item := await self._queue.get()) is not _END:
+            while not _rejected(notice) and (item := await self._queue.get()) is not END:
                 layer, first, k, v = item
                 ids = self._dst[first:first + k.shape[0]]
                 for frame in wire.encode_chunks(self.request_id, layer, ids, k, v,

@@ -3,8 +3,8 @@
 Per request: send_layer() (compute thread) only enqueues; a coroutine on the shared KV loop
 stages each chunk (whole blocks, at most one arena slot of K+V bytes) into the registered staging
 arena on a stager thread (copy + crc32), then tells the decode worker over the Pull stream
-(mooncake_protocol.py) where it is. The decode worker READs it straight into the reserved cache
-blocks (or, for GPU caches, into a host staging buffer: mooncake_server.py), checksums, lands it
+(mooncake/protocol.py) where it is. The decode worker READs it straight into the reserved cache
+blocks (or, for GPU caches, into a host staging buffer: mooncake/server.py), checksums, lands it
 and answers "read"; the slot is then free for the next chunk. K and V may be on any device. The
 final "ack" is the ownership handoff, as the TCP/gRPC acks.
 
@@ -27,17 +27,18 @@ from typing import Sequence
 import grpc
 import torch
 
-from pdcluster.kv_transfer import mooncake_protocol as proto
+from pdcluster.kv_transfer.mooncake import protocol as proto
 from pdcluster.kv_transfer import wire
 from pdcluster.kv_transfer.crc import crc32
 from pdcluster.kv_transfer.errors import KVTransferError
+from pdcluster.kv_transfer.grpc.base import Channels
 from pdcluster.kv_transfer.loop_thread import shared_loop
 from pdcluster.kv_transfer.meter import BandwidthMeter
-from pdcluster.kv_transfer.mooncake_arena import ArenaFull, StagingArena
-from pdcluster.kv_transfer.mooncake_engine import Engine
-from pdcluster.kv_transfer.transport import KVTransport, LayerwiseSender, TransferStats
+from pdcluster.kv_transfer.mooncake.arena import ArenaFull, StagingArena
+from pdcluster.kv_transfer.mooncake.engine import Engine
+from pdcluster.kv_transfer.transport import END, KVTransport, LayerwiseSender, LoopSender, TransferStats
 
-_END, _CANCEL = object(), object()  # queue items besides (layer, first, k, v)
+_CANCEL = object()  # queue item besides (layer, first, k, v) and END
 DEFAULT_ARENA_BYTES = 256 << 20
 DEFAULT_SLOT_BYTES = 4 << 20  # payload bytes per staged chunk (one READ batch on the decode side)
 HOST_ENV = "PDCLUSTER_MOONCAKE_HOST"
@@ -74,61 +75,40 @@ class MooncakeKVTransport(KVTransport):
         self._metadata = ((wire.SECRET_METADATA_KEY, secret),) if secret is not None else ()
         self._stagers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="kv-mooncake-stage")
         self._loop = shared_loop()
-        self._channels: dict[str, grpc.aio.Channel] = {}  # loop thread only
+        self._channels = Channels(proto.MAX_MESSAGE_BYTES)  # loop thread only
 
     def open(self, address: str, request_id: str, dst_block_ids: Sequence[int],
              dst_id: str | None = None) -> LayerwiseSender:
         return MooncakeLayerwiseSender(self, address, dst_id or address, request_id, dst_block_ids)
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result()
+        asyncio.run_coroutine_threadsafe(self._channels.close(), self._loop).result()
         self._stagers.shutdown(wait=True)
         self.engine.close()
 
-    async def _close(self) -> None:
-        channels, self._channels = self._channels, {}
-        for channel in channels.values():
-            await channel.close()
-
     def _pull(self, address: str):  # loop thread
-        if address not in self._channels:
-            opts = [("grpc.max_send_message_length", proto.MAX_MESSAGE_BYTES),
-                    ("grpc.max_receive_message_length", proto.MAX_MESSAGE_BYTES)]
-            self._channels[address] = grpc.aio.insecure_channel(address, options=opts)
-        return self._channels[address].stream_stream(proto.PULL_METHOD)  # raw bytes both ways
+        return self._channels.get(address).stream_stream(proto.PULL_METHOD)  # raw bytes both ways
 
 
-class MooncakeLayerwiseSender(LayerwiseSender):
+class MooncakeLayerwiseSender(LoopSender):
     def __init__(self, transport: MooncakeKVTransport, address: str, dst_id: str, request_id: str,
                  dst_block_ids: Sequence[int]):
         self._init_sender(request_id, address, dst_id, dst_block_ids)
         self._transport = transport
-        self._loop = transport._loop
         self._stop = False  # abort() called: a stager waiting for a slot gives up
         self._peer_done = False  # the server answered (ack or error): a stager waiting for a slot gives up
-        self._queue: asyncio.Queue = asyncio.Queue()  # loop side
         self._seq = 0  # next chunk number of this stream; loop side
-        self._future = asyncio.run_coroutine_threadsafe(self._run(), self._loop)
+        self._start(transport._loop)
 
     def _frame_limit(self) -> tuple[int, str]:
         return self._transport.arena.slot_bytes, "a staging slot"
-
-    def _enqueue(self, layer: int, first: int, k_blocks: torch.Tensor, v_blocks: torch.Tensor) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, (layer, first, k_blocks, v_blocks))
-
-    def finish(self, timeout: float | None = None) -> TransferStats:
-        with self._lock:
-            if not self._closed:
-                self._closed = True
-                self._loop.call_soon_threadsafe(self._queue.put_nowait, _END)
-        return self._future.result(timeout)
 
     def abort(self) -> None:
         with self._lock:
             if self._closed and self._stop:
                 return
             self._closed = self._stop = True
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, _CANCEL)
+        self._put(_CANCEL)
         self._transport.arena.wake()
 
     # stager thread
@@ -155,7 +135,7 @@ class MooncakeLayerwiseSender(LayerwiseSender):
     async def _run(self) -> TransferStats:
         t_open = time.perf_counter()
         if not self._dst:  # an empty reservation: nothing to move, no RPC
-            while (await self._queue.get()) not in (_END, _CANCEL):
+            while (await self._queue.get()) not in (END, _CANCEL):
                 pass
             return self._stats(t_open, time.perf_counter(), 0, {})
         t = self._transport
@@ -169,14 +149,14 @@ class MooncakeLayerwiseSender(LayerwiseSender):
             try:
                 await call.write(proto.pack("hello", v=proto.VERSION, rid=self.request_id,
                                             session=t.engine.session_id))
-                while item not in (_END, _CANCEL):
+                while item not in (END, _CANCEL):
                     getter = asyncio.ensure_future(self._queue.get())
                     await asyncio.wait((getter, reader), return_when=asyncio.FIRST_COMPLETED)
                     if not getter.done():  # the server answered early: an error
                         getter.cancel()
                         break
                     item = getter.result()
-                    if item in (_END, _CANCEL):
+                    if item in (END, _CANCEL):
                         break
                     sent += await self._send_piece(loop, call, held, *item)
                     del item

@@ -1,6 +1,6 @@
 """MooncakeKVServer: the decode side of the mooncake transport, beside KVServer and KVTcpServer.
 
-A grpc.aio server (on the shared KV loop) serving the Pull stream (mooncake_protocol.py) over a
+A grpc.aio server (on the shared KV loop) serving the Pull stream (mooncake/protocol.py) over a
 KVReceiver, and a TransferEngine with host memory registered once at start. Each "stage" message
 is landed on a reader thread (read_threads of them), as KVTcpServer lands a frame, on one of two
 paths fixed at construction:
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hmac
 import logging
 import queue
 import time
@@ -40,14 +39,13 @@ import grpc
 import numpy as np
 import torch
 
-from pdcluster.kv_transfer import mooncake_protocol as proto
+from pdcluster.kv_transfer.mooncake import protocol as proto
 from pdcluster.kv_transfer import wire
 from pdcluster.kv_transfer.crc import crc32
 from pdcluster.kv_transfer.errors import DataLoss, KVTransferError, MalformedFrame, TransferClosed
-from pdcluster.kv_transfer.loop_thread import shared_loop
-from pdcluster.kv_transfer.mooncake_engine import Engine
-from pdcluster.kv_transfer.mooncake_transport import DEFAULT_SLOT_BYTES
-from pdcluster.ports import GRPC_NO_REUSEPORT, bind_grpc
+from pdcluster.kv_transfer.grpc.base import AioKVServer
+from pdcluster.kv_transfer.mooncake.engine import Engine
+from pdcluster.kv_transfer.mooncake.transport import DEFAULT_SLOT_BYTES
 from pdcluster.kv_transfer.receiver import InboundStream, PendingTransfer, KVReceiver, TransferState
 
 log = logging.getLogger(__name__)
@@ -69,14 +67,16 @@ class _PullStream(InboundStream):
         return (self._entry, *self._entry.target(header))
 
 
-class MooncakeKVServer:
-    """Binds host:port for the control plane (port 0 = ephemeral); the engine's own listeners
-    are Mooncake's (see mooncake_engine). With a secret, a Pull without the matching
+class MooncakeKVServer(AioKVServer):
+    """Binds host:port for the control plane (grpc/base.py AioKVServer); the engine's own listeners
+    are Mooncake's (see mooncake/engine.py). With a secret, a Pull without the matching
     x-pdcluster-secret metadata is answered UNAUTHENTICATED before anything is read.
 
     staged: land through host staging buffers (module docstring); forced on for caches that are
     not contiguous CPU tensors. staging_bytes: each buffer's size, the largest chunk (payload
     bytes) accepted on that path; at least the prefill side's slot_bytes."""
+    service, method, listener = proto.SERVICE, "Pull", "a decode worker's Mooncake control listener"
+    registers_caches = True
 
     def __init__(self, receiver: KVReceiver, k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor],
                  *, host: str = "127.0.0.1", port: int = 0, secret: str | None = None,
@@ -84,8 +84,7 @@ class MooncakeKVServer:
                  staged: bool = False, staging_bytes: int = DEFAULT_SLOT_BYTES):
         caches = [*k_caches, *v_caches]
         self.staged = staged or not all(c.device.type == "cpu" and c.is_contiguous() for c in caches)
-        self.receiver, self.host, self.port = receiver, host, port
-        self._secret = secret.encode() if secret is not None else None
+        super().__init__(receiver, host=host, port=port, secret=secret, max_message_bytes=proto.MAX_MESSAGE_BYTES)
         self.engine = Engine(host, protocol, device)
         self.staging_bytes = staging_bytes
         self._staging: queue.SimpleQueue[torch.Tensor] = queue.SimpleQueue()  # free buffers, uint8 [staging_bytes]
@@ -99,42 +98,20 @@ class MooncakeKVServer:
             for c in caches:
                 self.engine.register(c)
         self._readers = concurrent.futures.ThreadPoolExecutor(read_threads, thread_name_prefix="kv-mooncake-read")
-        self._server: grpc.aio.Server | None = None
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-    async def start(self) -> None:
-        opts = [("grpc.max_send_message_length", proto.MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", proto.MAX_MESSAGE_BYTES), GRPC_NO_REUSEPORT]
-        self._server = grpc.aio.server(options=opts)
-        handler = grpc.stream_stream_rpc_method_handler(self._pull)  # raw bytes in and out
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(proto.SERVICE, {"Pull": handler}),))
-        self.port = bind_grpc(self._server, self.host, self.port, "a decode worker's Mooncake control listener", "its kv_port (0, the default, takes any free port)")
-        await self._server.start()
-
-    async def stop(self, grace: float | None = None) -> None:
-        if self._server is not None:
-            await self._server.stop(grace)
-            self._server = None
-
-    def start_sync(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.start(), shared_loop()).result()
+    def _handler(self) -> grpc.RpcMethodHandler:
+        return grpc.stream_stream_rpc_method_handler(self._pull)  # raw bytes in and out
 
     def stop_sync(self, grace: float | None = None) -> None:
-        asyncio.run_coroutine_threadsafe(self.stop(grace), shared_loop()).result()
+        super().stop_sync(grace)
         self._readers.shutdown(wait=True)
         self.engine.close()
 
     async def _pull(self, requests, context: grpc.aio.ServicerContext):
-        """Handle one message at a time (see mooncake_protocol); every answer is a yield."""
-        if self._secret is not None:
-            got = dict(context.invocation_metadata()).get(wire.SECRET_METADATA_KEY, "")
-            if not hmac.compare_digest(got.encode(), self._secret):
-                yield _error(KVTransferError(f"missing or wrong {wire.SECRET_METADATA_KEY} metadata",
-                                             "UNAUTHENTICATED"))
-                return
+        """Handle one message at a time (see mooncake/protocol.py); every answer is a yield."""
+        if not self._authorized(context):
+            yield _error(KVTransferError(f"missing or wrong {wire.SECRET_METADATA_KEY} metadata", "UNAUTHENTICATED"))
+            return
         stream, session, read_s = _PullStream(self.receiver), None, 0.0
         loop = asyncio.get_running_loop()
         try:
@@ -174,7 +151,7 @@ class MooncakeKVServer:
     def _land(self, stream: _PullStream, session: str, addr: int, header: wire.FrameHeader) -> float:
         """Land one staged chunk in its reserved blocks (direct or staged path, module docstring);
         seconds the READ took."""
-        if header.codec != "none":  # mooncake_protocol carries no scales; the arena holds raw bytes
+        if header.codec != "none":  # mooncake/protocol.py carries no scales; the arena holds raw bytes
             raise MalformedFrame(f"codec {header.codec!r}: the mooncake transport moves raw cache bytes only")
         entry, positions, views = stream.begin(header)
         if self.staged:
