@@ -1,5 +1,6 @@
 """pdcluster's shared engine core (no Ray, no gRPC): config, request, model, paged KV, scheduler, sampler."""
 from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.engine.structured import StructuredOutput
 
 
 def __getattr__(name):  # keep `import pdcluster.engine` light: torch loads only when LLM is used
@@ -12,4 +13,4 @@ def __getattr__(name):  # keep `import pdcluster.engine` light: torch loads only
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "StructuredOutput"]

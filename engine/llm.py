@@ -1,9 +1,10 @@
 """Offline API: LLM().generate(prompts, SamplingParams(...))."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdcluster.engine.llm_engine import LLMEngine, build_config
+from pdcluster.engine.sampler import TokenLogprobs
 from pdcluster.engine.sampling_params import SamplingParams
 
 
@@ -15,6 +16,7 @@ class RequestOutput:
     text: str
     finish_reason: str            # "stop" | "length"
     num_cached_tokens: int = 0    # prompt tokens served from the prefix cache
+    logprobs: list[TokenLogprobs] = field(default_factory=list)   # per output token, with SamplingParams.logprobs
 
 
 class LLM:
@@ -49,6 +51,7 @@ class LLM:
             eng.validate(ids, sp)
         reqs = [eng.add_request(ids, sp) for ids, sp in zip(encoded, params)]
         texts = {r.request_id: [] for r in reqs}
+        logprobs = {r.request_id: [] for r in reqs}
         bar = None
         if use_tqdm:
             from tqdm import tqdm
@@ -58,6 +61,7 @@ class LLM:
             while pending:
                 for o in eng.step():
                     texts[o.request.request_id].append(o.new_text)
+                    logprobs[o.request.request_id] += o.logprobs
                     if o.finished:
                         pending -= 1
                         if bar:
@@ -70,4 +74,4 @@ class LLM:
             if bar:
                 bar.close()
         return [RequestOutput(r.request_id, r.prompt_token_ids, r.output_token_ids, "".join(texts[r.request_id]),
-                              r.status.value, max(r.num_cached_tokens, 0)) for r in reqs]
+                              r.status.value, max(r.num_cached_tokens, 0), logprobs[r.request_id]) for r in reqs]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -18,6 +18,7 @@ from pdcluster.engine.kv_connector import CompletingPrompt, KVConnector
 from pdcluster.engine.llama import LlamaModel
 from pdcluster.engine.model_runner import DTYPES, ModelRunner, num_kv_blocks
 from pdcluster.engine.request import Request, Status
+from pdcluster.engine.sampler import TokenLogprobs
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.engine.scheduler import Scheduler
 
@@ -38,6 +39,7 @@ class StepOutput:
     new_token_ids: list[int]
     new_text: str
     finished: bool
+    logprobs: list[TokenLogprobs] = field(default_factory=list)   # one per new token, when asked
 
     @property
     def finish_reason(self) -> str | None:
@@ -179,6 +181,15 @@ class LLMEngine:
             raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {V})")
         params.validate()
         self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
+        if params.structured is not None:
+            self.grammars().compile(params.structured)     # ValueError for a schema it cannot take
+
+    def grammars(self):
+        """This engine's structured-output grammars (engine/structured.py), made on first use."""
+        if self.runner.grammars is None:
+            from pdcluster.engine.structured import Grammars
+            self.runner.grammars = Grammars(self.tokenizer, self.cfg.model.vocab_size)
+        return self.runner.grammars
 
     def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                      cache_salt: str | None = None) -> Request:
@@ -281,11 +292,11 @@ class LLMEngine:
                     for i, r in enumerate(batch.reqs) if batch.samples(i)]
             k, v = self.runner.k_caches, self.runner.v_caches
             hook = lambda layer: self.connector.save_layer(layer, k, v, done)   # noqa: E731
-        sampled = self.runner.run(batch, hook)
+        sampled, logprobs = self.runner.run(batch, hook)
         self.stats.record(batch.total_tokens, len(batch), time.perf_counter() - t0)
         finished = set(id(r) for r in self.scheduler.update(batch, sampled))
         outs = []
-        for req, tok in zip(batch.reqs, sampled):
+        for req, tok, lp in zip(batch.reqs, sampled, logprobs):
             if tok is None or req.status is Status.FINISHED_ABORTED:
                 continue
             text = ""
@@ -298,7 +309,7 @@ class LLMEngine:
                 if id(req) in finished:
                     text += d.flush()
             done = id(req) in finished
-            outs.append(StepOutput(req, [tok], text, done))
+            outs.append(StepOutput(req, [tok], text, done, [lp] if lp is not None else []))
             if done:
                 self._release(req.request_id)
         return outs

@@ -15,7 +15,7 @@ from pdcluster.engine.attention import AttnMeta, PrefillSeq
 from pdcluster.engine.config import EngineConfig
 from pdcluster.engine.llama import LlamaModel
 from pdcluster.engine.request import Request
-from pdcluster.engine.sampler import make_generator, sample
+from pdcluster.engine.sampler import History, TokenLogprobs, make_generator, sample_rows
 from pdcluster.engine.scheduler import ScheduledBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,6 +76,8 @@ class ModelRunner:
         self.k_caches = [_zeros(shape, dt, self.device) for _ in range(m.num_layers)]
         self.v_caches = [_zeros(shape, dt, self.device) for _ in range(m.num_layers)]
         self.generators: dict[str, torch.Generator | None] = {}
+        self.grammars = None            # engine/structured.Grammars, set by the engine on first use
+        self.matchers: dict[str, object] = {}   # request id -> its grammar matcher
 
     def kv_cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k_caches + self.v_caches)
@@ -123,20 +125,34 @@ class ModelRunner:
                 meta, last_row)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, layer_hook: Callable[[int], None] | None = None) -> list[int | None]:
-        """One forward step. Returns a sampled token per request (None for a partial prefill chunk)."""
+    def run(self, batch: ScheduledBatch, layer_hook: Callable[[int], None] | None = None
+            ) -> tuple[list[int | None], list[TokenLogprobs | None]]:
+        """One forward step. Returns per request a sampled token (None for a partial prefill chunk)
+        and its logprobs (None unless asked)."""
         ids, pos, meta, rows = self.prepare(batch)
         hidden = self.model.forward(ids, pos, meta, self.k_caches, self.v_caches, layer_hook)
         want = [i for i in range(len(batch)) if batch.samples(i)]
         out: list[int | None] = [None] * len(batch)
+        lps: list[TokenLogprobs | None] = [None] * len(batch)
         if not want:
-            return out
+            return out, lps
         logits = self.model.logits(hidden[[rows[i] for i in want]])
         reqs = [batch.reqs[i] for i in want]
-        gens = [self._generator(r) for r in reqs]
-        for i, t in zip(want, sample(logits, [r.params for r in reqs], gens)):
-            out[i] = t
-        return out
+        constrained = [k for k, r in enumerate(reqs) if r.params.structured is not None]
+        if constrained:
+            self.grammars.mask(logits, constrained, [self._matcher(reqs[k]) for k in constrained])
+        hist = [History(r.prompt_token_ids, r.output_token_ids) if r.params.has_penalties else None for r in reqs]
+        toks, logprobs = sample_rows(logits, [r.params for r in reqs], [self._generator(r) for r in reqs], hist)
+        for k in constrained:
+            self.grammars.accept(self.matchers[reqs[k].request_id], toks[k])
+        for k, i in enumerate(want):
+            out[i], lps[i] = toks[k], logprobs[k]
+        return out, lps
+
+    def _matcher(self, req: Request):
+        if req.request_id not in self.matchers:
+            self.matchers[req.request_id] = self.grammars.matcher(req.params.structured)
+        return self.matchers[req.request_id]
 
     def _generator(self, req: Request) -> torch.Generator | None:
         if req.request_id not in self.generators:
@@ -145,3 +161,4 @@ class ModelRunner:
 
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
+        self.matchers.pop(request_id, None)

@@ -5,15 +5,36 @@ the temperature, so the largest logit becomes exactly 0 and nothing overflows (1
 NaN logit never wins: NaN is ranked below every number, and a row with no number left raises
 NonFiniteLogits instead of quietly returning token 0.
 
+Order for one row (vLLM's): penalties on the raw logits, then temperature, then min-p, top-k and
+top-p; logprobs are the log-softmax of the row after penalties and temperature (greedy rows: after
+penalties), before any truncation: the distribution the token is drawn from, untruncated.
+
 Random rows use the exponential-race trick: argmax(p / E) with E ~ Exp(1) draws from p and needs
 one draw per vocabulary entry from the request's own generator, so a seeded request's tokens do
 not depend on what else is in the batch.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from pdcluster.engine.logits_processors import apply_min_p, apply_penalties
 from pdcluster.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    token_id: int
+    logprob: float                          # of the sampled token
+    top: tuple[tuple[int, float], ...]      # the `logprobs` most likely (id, logprob), best first
+
+
+@dataclass(frozen=True)
+class History:
+    """What a penalized row needs of its request."""
+    prompt_ids: list[int]
+    output_ids: list[int]
 
 
 class NonFiniteLogits(FloatingPointError):
@@ -59,17 +80,38 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
-    """logits: float32 [N, V]. Returns N token ids."""
+    """logits: float32 [N, V], plain params (no penalty, min-p or logprobs). Returns N token ids."""
+    return sample_rows(logits, params, generators)[0]
+
+
+def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                histories: list[History | None] | None = None) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """logits: float32 [N, V] (a grammar's mask already applied). histories: per row, needed where
+    that row's params have penalties. Returns N token ids and N logprobs (None where not asked)."""
     logits = clean_logits(logits)
     out = logits.argmax(-1).tolist()
+    lps: list[TokenLogprobs | None] = [None] * len(params)
     for i, (p, g) in enumerate(zip(params, generators)):
-        if p.greedy:
+        if p.greedy and p.plain:
             continue
-        # max -> 0 first, then divide in float64 (a temperature such as 1e-320 is 0 in float32):
-        # (x - max) / T lies in [-inf, 0] for every T > 0 and the maximum stays exactly 0
-        row = ((logits[i].double() - logits[i].max()) / p.temperature).float()
-        row = filter_logits(row, p.top_k, p.top_p)
-        probs = row.softmax(-1)
-        e = torch.empty_like(probs).exponential_(generator=g)
-        out[i] = int((probs / e).argmax())
-    return out
+        row = logits[i]
+        if p.has_penalties:
+            h = histories[i]
+            row = apply_penalties(row, p, h.prompt_ids, h.output_ids)
+        if not p.greedy:
+            # max -> 0 first, then divide in float64 (a temperature such as 1e-320 is 0 in float32):
+            # (x - max) / T lies in [-inf, 0] for every T > 0 and the maximum stays exactly 0
+            row = ((row.double() - row.max()) / p.temperature).float()
+        logp = row.log_softmax(-1) if p.logprobs is not None else None
+        if p.greedy:
+            out[i] = int(row.argmax())
+        else:
+            row = filter_logits(apply_min_p(row, p.min_p), p.top_k, p.top_p)
+            probs = row.softmax(-1)
+            e = torch.empty_like(probs).exponential_(generator=g)
+            out[i] = int((probs / e).argmax())
+        if logp is not None:
+            top = torch.topk(logp, p.logprobs) if p.logprobs else None
+            lps[i] = TokenLogprobs(out[i], float(logp[out[i]]),
+                                   tuple(zip(top.indices.tolist(), top.values.tolist())) if top else ())
+    return out, lps

@@ -1,7 +1,11 @@
 """Per-request sampling parameters (the offline twin of the gRPC SamplingParams, router/proto/generation.proto)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from pdcluster.engine.structured import StructuredOutput
+
+MAX_LOGPROBS = 20                     # as OpenAI's top_logprobs
 
 
 @dataclass(frozen=True)
@@ -10,10 +14,16 @@ class SamplingParams:
     temperature: float = 1.0          # 0 = greedy (argmax)
     top_p: float = 1.0                # 0 or 1 = disabled; else in (0, 1)
     top_k: int = 0                    # 0 = disabled
+    min_p: float = 0.0                # in [0, 1]; 0 = disabled (engine/logits_processors.py)
     seed: int | None = None           # same seed + prompt + params => same tokens
     stop: tuple[str, ...] = ()        # stop strings; the match is not returned
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0     # in [-2, 2]; 0 = off
+    frequency_penalty: float = 0.0    # in [-2, 2]; 0 = off
+    repetition_penalty: float = 1.0   # in (0, 2]; 1 = off
+    logprobs: int | None = None       # the sampled token's logprob plus this many top ones (0..20); None = off
+    structured: StructuredOutput | None = None   # JSON output enforced by a grammar (engine/structured.py)
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples.
@@ -42,6 +52,26 @@ class SamplingParams:
             raise ValueError("at most 64 stop strings")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be >= 0")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not 0 < self.repetition_penalty <= 2:
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
+        if self.logprobs is not None and (type(self.logprobs) is not int or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.structured is not None:
+            self.structured.validate()
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def plain(self) -> bool:
+        """Nothing but temperature / top-k / top-p: the sampler's fast path."""
+        return not (self.has_penalties or self.min_p or self.logprobs is not None)
 
     @property
     def greedy(self) -> bool:

@@ -88,3 +88,58 @@ def test_infinite_or_nan_temperature_is_rejected():
     for t in (float("inf"), float("nan"), -1e-9):
         with pytest.raises(ValueError, match="temperature"):
             SamplingParams(temperature=t)
+
+
+# penalties, min-p, logprobs (engine/logits_processors.py; OpenAI / vLLM semantics)
+
+from pdcluster.engine.sampler import History, sample_rows  # noqa: E402
+
+
+def test_penalties_follow_the_openai_and_ctrl_formulas():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 0.0]])
+    p = SamplingParams(temperature=0, repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25,
+                       logprobs=0)
+    h = History(prompt_ids=[0], output_ids=[1, 1, 2])
+    _, lps = sample_rows(logits, [p], [None], [h])
+    # repetition on ids 0,1,2 (prompt or output): 2/2=1, -1*2=-2, 0.5/2=0.25; then counts [0,2,1,0,0]:
+    # id1: -2 - 0.5*2 - 0.25 = -3.25; id2: 0.25 - 0.5 - 0.25 = -0.5
+    want = torch.tensor([1.0, -3.25, -0.5, 3.0, 0.0]).log_softmax(-1)
+    assert lps[0].token_id == 3 and abs(lps[0].logprob - float(want[3])) < 1e-6
+
+
+def test_a_repetition_penalty_changes_the_greedy_choice():
+    logits = torch.tensor([[3.0, 2.9, 0.0]])
+    plain = SamplingParams(temperature=0)
+    pen = SamplingParams(temperature=0, repetition_penalty=1.5)
+    assert sample_rows(logits, [plain], [None])[0] == [0]
+    assert sample_rows(logits, [pen], [None], [History([0], [])])[0] == [1]   # 3/1.5 = 2 < 2.9
+
+
+def test_min_p_never_draws_below_its_share_of_the_top_probability():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.12, 0.08]]))
+    p = SamplingParams(temperature=1.0, min_p=0.2, seed=3)     # keeps ids with prob >= 0.1
+    g = make_generator(p)
+    draws = {sample_rows(logits, [p], [g])[0][0] for _ in range(400)}
+    assert draws == {0, 1, 2}
+
+
+def test_logprobs_are_of_the_tempered_untruncated_distribution_best_first():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    p = SamplingParams(temperature=0.5, top_k=2, logprobs=3, seed=1)
+    toks, lps = sample_rows(logits, [p], [make_generator(p)])
+    want = (logits[0] / 0.5).log_softmax(-1)
+    assert [t for t, _ in lps[0].top] == [1, 2, 0]
+    assert all(abs(lp - float(want[t])) < 1e-5 for t, lp in lps[0].top)
+    assert lps[0].token_id == toks[0] and abs(lps[0].logprob - float(want[toks[0]])) < 1e-5
+    assert sample_rows(logits, [SamplingParams(temperature=0)], [None])[1] == [None]   # not asked: none
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(min_p=1.5), "min_p"), (dict(min_p=float("nan")), "min_p"),
+    (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
+    (dict(repetition_penalty=0), "repetition_penalty"), (dict(logprobs=21), "logprobs"),
+    (dict(logprobs=-1), "logprobs"), (dict(logprobs=True), "logprobs"),
+])
+def test_new_sampling_fields_are_validated(kw, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kw)

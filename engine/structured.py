@@ -1,0 +1,82 @@
+"""Structured output (response_format json_object / json_schema) as a token mask, by xgrammar.
+
+One Grammars per engine: it compiles each distinct spec once (a small LRU) against the engine's
+tokenizer and hands each request its own GrammarMatcher. Per step, a constrained row's logits get
+-inf wherever the grammar forbids the token (`mask`), and the sampled token advances its matcher
+(`accept`). When the JSON is complete the grammar allows only the end-of-sequence tokens.
+"""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:       # SamplingParams imports this module; the router stays torch-free
+    import torch
+
+KINDS = ("json_object", "json_schema")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    kind: str                       # "json_object" (any JSON object) | "json_schema"
+    schema: str | None = None       # json_schema: the schema as JSON text
+
+    def validate(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"response_format type must be one of {list(KINDS)}, got {self.kind!r}")
+        if self.kind == "json_schema":
+            if not isinstance(self.schema, str) or len(self.schema) > 64 * 1024:
+                raise ValueError("json_schema needs a schema of at most 64 KiB")
+            try:
+                parsed = json.loads(self.schema)
+            except ValueError:
+                raise ValueError("json_schema's schema is not valid JSON") from None
+            if not isinstance(parsed, dict):
+                raise ValueError("json_schema's schema must be a JSON object")
+        elif self.schema is not None:
+            raise ValueError("json_object takes no schema")
+
+
+class Grammars:
+    def __init__(self, hf_tokenizer, vocab_size: int, cache_size: int = 64):
+        import xgrammar as xgr
+
+        self.xgr = xgr
+        self.vocab_size = vocab_size
+        self.info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=vocab_size)
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
+        self._compiled: OrderedDict[StructuredOutput, object] = OrderedDict()
+
+    def compile(self, spec: StructuredOutput):
+        """The compiled grammar of spec; ValueError for a schema xgrammar cannot take."""
+        g = self._compiled.get(spec)
+        if g is None:
+            try:
+                g = (self.compiler.compile_builtin_json_grammar() if spec.kind == "json_object"
+                     else self.compiler.compile_json_schema(spec.schema))
+            except Exception as e:          # xgrammar raises RuntimeError / its own types for bad schemas
+                raise ValueError(f"response_format: unsupported JSON schema ({type(e).__name__})") from None
+            self._compiled[spec] = g
+            if len(self._compiled) > 64:
+                self._compiled.popitem(last=False)
+        self._compiled.move_to_end(spec)
+        return g
+
+    def matcher(self, spec: StructuredOutput):
+        return self.xgr.GrammarMatcher(self.compile(spec))
+
+    def mask(self, logits: torch.Tensor, rows: list[int], matchers: list) -> None:
+        """In place: logits [N, V] rows `rows` limited to what their matchers allow next."""
+        bitmask = self.xgr.allocate_token_bitmask(len(rows), self.info.vocab_size)
+        for k, m in enumerate(matchers):
+            m.fill_next_token_bitmask(bitmask, k)
+        sub = logits[rows]
+        self.xgr.apply_token_bitmask_inplace(sub, bitmask.to(sub.device), vocab_size=self.vocab_size)
+        logits[rows] = sub
+
+    @staticmethod
+    def accept(matcher, token_id: int) -> None:
+        if not matcher.is_terminated() and not matcher.accept_token(token_id):
+            raise RuntimeError(f"token {token_id} was sampled against the grammar's mask")

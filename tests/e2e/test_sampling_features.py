@@ -1,0 +1,82 @@
+"""Sampling features on the real model against transformers: logprobs from the same logits the
+token is drawn from, the repetition penalty as transformers applies it, and JSON output enforced by
+a grammar (engine/structured.py)."""
+import json
+
+import pytest
+import torch
+
+from pdcluster.engine import SamplingParams, StructuredOutput
+from tests.e2e.conftest import PROMPTS, check_top5
+
+
+def ids_of(llm, text):
+    return llm.tokenizer.encode(text, add_special_tokens=False)
+
+
+@torch.inference_mode()
+def test_logprobs_of_greedy_tokens_match_the_reference_distribution(llm, hf_ref):
+    prompt = ids_of(llm, PROMPTS[0])
+    out = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, logprobs=5))[0]
+    assert len(out.logprobs) == len(out.token_ids) == 8
+    ref = hf_ref(torch.tensor([prompt + out.token_ids[:-1]])).logits[0, len(prompt) - 1:].log_softmax(-1)
+    for step, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert lp.token_id == tok and lp.top[0][0] == tok               # greedy: the best one
+        assert abs(lp.logprob - float(ref[step, tok])) < 2e-3, step
+        ref_top = torch.topk(ref[step], 5)
+        assert [t for t, _ in lp.top[:2]] == ref_top.indices[:2].tolist() or ref_top.values[1] - ref_top.values[2] < 1e-3
+        assert all(abs(v - float(ref[step, t])) < 2e-3 for t, v in lp.top)
+
+
+@torch.inference_mode()
+def test_repetition_penalty_greedy_matches_transformers(llm, hf_ref):
+    prompt = ids_of(llm, PROMPTS[3])                                    # "1, 2, 3, 4," invites repeats
+    ours = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, repetition_penalty=1.3))[0].token_ids
+    ref = hf_ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=16, do_sample=False, repetition_penalty=1.3,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+    plain = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0))[0].token_ids
+    assert ours != plain                                                # the penalty changed the output
+    same = next((j for j, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ours))
+    assert same >= 12, (ours, ref)                                      # token for token (near ties aside)
+
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                           "population": {"type": "integer"}},
+          "required": ["city", "population"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_output_parses_and_validates(llm, temperature):
+    chat = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Give a city and its population as JSON."}],
+                                             add_generation_prompt=True, tokenize=False)
+    p = SamplingParams(max_tokens=60, temperature=temperature, seed=5,
+                       structured=StructuredOutput("json_schema", json.dumps(SCHEMA)))
+    out = llm.generate([ids_of(llm, chat)], p)[0]
+    assert out.finish_reason == "stop", out.text                        # the grammar ended it with EOS
+    doc = json.loads(out.text)
+    assert set(doc) == {"city", "population"} and isinstance(doc["city"], str) and len(doc["city"]) <= 20
+    assert isinstance(doc["population"], int)
+
+
+def test_json_object_output_is_one_json_object(llm):
+    out = llm.generate(["List three colours."], SamplingParams(max_tokens=60, temperature=0,
+                                                             structured=StructuredOutput("json_object")))[0]
+    plain = llm.generate(["List three colours."], SamplingParams(max_tokens=60, temperature=0))[0]
+    assert isinstance(json.loads(out.text), dict)
+    with pytest.raises(ValueError):
+        json.loads(plain.text)                                          # unconstrained, it is prose
+
+
+@pytest.mark.parametrize("spec, field", [
+    (StructuredOutput("xml"), "response_format"),
+    (StructuredOutput("json_schema", "{not json"), "not valid JSON"),
+    (StructuredOutput("json_schema", "[1]"), "JSON object"),
+    (StructuredOutput("json_schema", json.dumps({"type": "object", "properties": {"a": {"$ref": "#/nope"}}})),
+     "unsupported JSON schema"),
+])
+def test_a_bad_response_format_is_a_value_error_and_allocates_nothing(llm, spec, field):
+    free = llm.engine.kv.num_free_blocks
+    with pytest.raises(ValueError, match=field):
+        llm.generate(["hi"], SamplingParams(max_tokens=4, structured=spec))
+    assert llm.engine.kv.num_free_blocks == free and not llm.engine.has_work()
