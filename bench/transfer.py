@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if "raw" not in modes or len(modes) < 2:
         ap.error("--modes needs raw and at least one of grpc, tcp, mooncake")
     if args.tcp_chunk_bytes is None:
-        from pdcluster.kv_transfer.tcp_protocol import DEFAULT_CHUNK_BYTES
+        from pdcluster.kv_transfer.tcp.protocol import DEFAULT_CHUNK_BYTES
         args.tcp_chunk_bytes = DEFAULT_CHUNK_BYTES
 
     ctx = mp.get_context("spawn")

@@ -77,12 +77,19 @@ def test_unknown_request_is_not_written():
     assert all(c.abs().sum() == 0 for c in kc)
 
 
-def test_abort_fences_later_frames():
+def _layer0_fed():
+    """A receiver expecting "r" (blocks 1, 2; L layers) and a stream that has been fed layer 0:
+    (receiver, K caches, V caches, the transfer, the stream)."""
     kc, vc = _caches()
     rx = KVReceiver()
     pt = rx.expect("r", [1, 2], L, cache_writer(kc, vc))
     s = InboundStream(rx)
     s.feed(_frames("r", 0, [1, 2], 0)[0][0])
+    return rx, kc, vc, pt, s
+
+
+def test_abort_fences_later_frames():
+    rx, kc, _, pt, s = _layer0_fed()
     assert rx.abort("r") and pt.state is TransferState.ABORTED
     assert not rx.abort("r")  # already terminal
     with pytest.raises(TransferClosed):
@@ -93,11 +100,7 @@ def test_abort_fences_later_frames():
 
 
 def test_re_expecting_an_id_is_not_written_by_the_old_stream():
-    kc, vc = _caches()
-    rx = KVReceiver()
-    rx.expect("r", [1, 2], L, cache_writer(kc, vc))
-    old = InboundStream(rx)
-    old.feed(_frames("r", 0, [1, 2], 0)[0][0])
+    rx, kc, vc, _, old = _layer0_fed()
     rx.abort("r")
     fresh = rx.expect("r", [5, 6], L, cache_writer(kc, vc))
     with pytest.raises(TransferClosed):
@@ -106,33 +109,31 @@ def test_re_expecting_an_id_is_not_written_by_the_old_stream():
 
 
 def test_truncated_stream_fails_the_request():
-    kc, vc = _caches()
-    rx = KVReceiver()
-    rx.expect("r", [1, 2], L, cache_writer(kc, vc))
-    s = InboundStream(rx)
-    s.feed(_frames("r", 0, [1, 2], 0)[0][0])
+    *_, s = _layer0_fed()
     with pytest.raises(DataLoss, match=r"1 \(0/2 blocks\), 2 \(0/2 blocks\)"):
         s.close()
 
 
-def test_stream_ending_inside_a_piece_is_data_loss():
+def _first_of_three_chunks():
+    """A stream for "r" (blocks 1, 2, 3; one layer sent as three one-block chunks) that has been
+    fed chunk 0: (the stream, the three frames)."""
     kc, vc = _caches()
     rx = KVReceiver()
     rx.expect("r", [1, 2, 3], 1, cache_writer(kc, vc))
     frames = _frames("r", 0, [1, 2, 3], 0, chunk_bytes=1)[0]
     s = InboundStream(rx)
     s.feed(frames[0])
+    return s, frames
+
+
+def test_stream_ending_inside_a_piece_is_data_loss():
+    s, _ = _first_of_three_chunks()
     with pytest.raises(DataLoss, match="chunk 0 of 3"):
         s.close()
 
 
 def test_missing_chunk_is_data_loss():
-    kc, vc = _caches()
-    rx = KVReceiver()
-    rx.expect("r", [1, 2, 3], 1, cache_writer(kc, vc))
-    frames = _frames("r", 0, [1, 2, 3], 0, chunk_bytes=1)[0]
-    s = InboundStream(rx)
-    s.feed(frames[0])
+    s, frames = _first_of_three_chunks()
     with pytest.raises(DataLoss, match="expected layer 0 chunk 1 of 3"):
         s.feed(frames[2])
 

@@ -1,4 +1,6 @@
-"""kv_transfer over plain TCP on 127.0.0.1 (ephemeral ports): KVTcpServer + KVReceiver <- TcpKVTransport."""
+"""The TCP transport's own cases on 127.0.0.1 (ephemeral ports): KVTcpServer + KVReceiver <- TcpKVTransport,
+one shared connection per address, its socket protocol, direct landing, probes. The cases every
+transport shares: test_kv_transports.py."""
 import socket
 import threading
 import time
@@ -11,18 +13,15 @@ from pdcluster.kv_transfer import (BandwidthMeter, KVReceiver, KVTcpServer, KVTr
                          TransferState, cache_writer, wire)
 from pdcluster.kv_transfer.tcp import protocol as proto
 from pdcluster.kv_transfer.crc import crc32
+from tests.unit.kv_blocks import BLOCK, BLOCK_BYTES, L, NB, SECRET, assert_landed, layers, new_caches
 
 pytestmark = pytest.mark.timeout(60)
 
-L, NB, BLOCK = 4, 32, (16, 3, 64)  # layers, cache blocks, [block_size, kv_heads, head_dim]
-BLOCK_BYTES = 2 * 16 * 3 * 64 * 2  # K + V of one bf16 block
-SECRET = "s3cret"
 
 
 @pytest.fixture
 def caches():
-    return ([torch.zeros(NB, *BLOCK, dtype=torch.bfloat16) for _ in range(L)],
-            [torch.zeros(NB, *BLOCK, dtype=torch.bfloat16) for _ in range(L)])
+    return new_caches()
 
 
 @pytest.fixture
@@ -38,18 +37,6 @@ def transport():
     tr = TcpKVTransport(chunk_bytes=64 << 10, secret=SECRET, meter=BandwidthMeter(), src_id="p0")
     yield tr
     tr.close()
-
-
-def _layers(n, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(n, *BLOCK, generator=g).bfloat16(), torch.randn(n, *BLOCK, generator=g).bfloat16())
-            for _ in range(L)]
-
-
-def _assert_landed(caches, ids, data):
-    kc, vc = caches
-    for layer, (k, v) in enumerate(data):
-        assert torch.equal(kc[layer][ids], k) and torch.equal(vc[layer][ids], v)
 
 
 class RawClient:
@@ -76,12 +63,8 @@ class RawClient:
         self.sock.close()
 
 
-def test_server_binds_loopback_ephemeral_port(server):
-    assert server.host == "127.0.0.1" and server.port > 0 and server.address.startswith("127.0.0.1:")
-
-
 def test_protocol_frame_is_the_wire_frame():
-    k, v = _layers(3)[0]
+    k, v = layers(3)[0]
     parts, nbytes, size = proto.frame_parts("r", 2, [5, 6, 7], k, v, 1, 4)
     message = b"".join(bytes(memoryview(p).cast("B")) for p in parts)
     assert len(message) == size and nbytes == 3 * BLOCK_BYTES
@@ -96,28 +79,10 @@ def test_crc32_matches_zlib():
         assert crc32(piece) == zlib.crc32(piece) and crc32(piece, 12345) == zlib.crc32(piece, 12345)
 
 
-def test_multi_layer_transfer_lands_exactly(server, transport, caches):
-    ids = [17, 3, 8, 30, 0, 21, 9]  # scattered destination blocks, 7 x 6 KiB x 2 per layer
-    pending = server.receiver.expect("req", ids, L, cache_writer(*caches))
-    data = _layers(len(ids))
-    sender = transport.open(server.address, "req", ids, dst_id="d0")
-    for layer, (k, v) in enumerate(data):
-        sender.send_layer(layer, k.clone(), v.clone())
-    stats = sender.finish(timeout=20)
-    assert pending.wait(5) is TransferState.COMPLETE
-    _assert_landed(caches, ids, data)
-    assert caches[0][0][[b for b in range(NB) if b not in ids]].abs().sum() == 0
-    payload = L * len(ids) * BLOCK_BYTES
-    assert stats.bytes == payload == pending.bytes_received and stats.wire_bytes > payload
-    assert stats.wall_s >= stats.exposed_s >= 0 and stats.busy_s > 0 and stats.receiver_s > 0
-    (link,) = transport.meter.snapshot()
-    assert (link["src_id"], link["dst_id"], link["total_bytes"], link["count"]) == ("p0", "d0", stats.wire_bytes, 1)
-
-
 def test_pieces_are_chunked_into_frames(server, caches):
     ids = list(range(20))  # 20 x 12 KiB per layer; 32 KiB chunks -> 2 blocks per frame
     pending = server.receiver.expect("req", ids, L, cache_writer(*caches))
-    data = _layers(len(ids), seed=3)
+    data = layers(len(ids), seed=3)
     tr = TcpKVTransport(chunk_bytes=32 << 10, secret=SECRET)
     sender = tr.open(server.address, "req", ids)
     for layer, (k, v) in enumerate(data):
@@ -125,62 +90,8 @@ def test_pieces_are_chunked_into_frames(server, caches):
     stats = sender.finish(timeout=20)
     tr.close()
     assert pending.state is TransferState.COMPLETE
-    _assert_landed(caches, ids, data)
+    assert_landed(caches, ids, data)
     assert stats.wire_bytes - stats.bytes >= L * 10 * (proto.ENVELOPE.size + 8 + 32)  # 10 frames a layer
-
-
-def test_layers_stream_from_a_compute_thread_in_pieces(server, transport, caches):
-    ids = list(range(10, 22))
-    pending = server.receiver.expect("req", ids, L, cache_writer(*caches))
-    data = _layers(len(ids), seed=1)
-    sender = transport.open(server.address, "req", ids)
-    enqueue_s = []
-
-    def compute():  # each layer "computes" 20 ms, then hands over its blocks in two pieces
-        for layer, (k, v) in enumerate(data):
-            time.sleep(0.02)
-            t0 = time.perf_counter()
-            sender.send_layer(layer, k[:5].clone(), v[:5].clone())
-            sender.send_layer(layer, k[5:].clone(), v[5:].clone(), first=5)
-            enqueue_s.append(time.perf_counter() - t0)
-
-    worker = threading.Thread(target=compute)
-    worker.start()
-    worker.join(20)
-    stats = sender.finish(timeout=20)
-    assert pending.state is TransferState.COMPLETE
-    _assert_landed(caches, ids, data)
-    # send_layer only enqueues: the typical call takes well under the 20 ms "compute" (the median, so
-    # one scheduling hiccup on a loaded host does not count)
-    assert sorted(enqueue_s)[len(enqueue_s) // 2] < 0.01
-    assert stats.exposed_s < stats.wall_s  # earlier layers moved while later ones computed
-
-
-def test_concurrent_requests_share_one_connection(server, transport, caches):
-    reservations = {f"r{i}": list(range(8 * i, 8 * i + 8)) for i in range(4)}
-    pending = {rid: server.receiver.expect(rid, ids, L, cache_writer(*caches))
-               for rid, ids in reservations.items()}
-    data = {rid: _layers(8, seed=i) for i, rid in enumerate(reservations)}
-    results, start = {}, threading.Barrier(len(reservations))
-
-    def prefill(rid):
-        sender = transport.open(server.address, rid, reservations[rid])
-        start.wait()
-        for layer, (k, v) in enumerate(data[rid]):
-            sender.send_layer(layer, k[:4], v[:4])  # two pieces a layer, interleaved across requests
-            sender.send_layer(layer, k[4:], v[4:], first=4)
-        results[rid] = sender.finish(timeout=20)
-
-    threads = [threading.Thread(target=prefill, args=(rid,)) for rid in reservations]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert sorted(results) == sorted(reservations)
-    for rid, ids in reservations.items():
-        assert pending[rid].state is TransferState.COMPLETE
-        _assert_landed(caches, ids, data[rid])
-    assert len(transport._conns) == 1 and len(server._conns) == 1
 
 
 def test_sequential_requests_reuse_the_connection(server, transport, caches):
@@ -188,7 +99,7 @@ def test_sequential_requests_reuse_the_connection(server, transport, caches):
         ids = [i, 10 + i]
         pending = server.receiver.expect(f"q{i}", ids, L, cache_writer(*caches))
         sender = transport.open(server.address, f"q{i}", ids)
-        for layer, (k, v) in enumerate(_layers(2, seed=i)):
+        for layer, (k, v) in enumerate(layers(2, seed=i)):
             sender.send_layer(layer, k, v)
         sender.finish(timeout=20)
         assert pending.state is TransferState.COMPLETE
@@ -202,70 +113,12 @@ def test_duplicate_request_on_one_connection_is_already_exists(server, transport
     with pytest.raises(KVTransferError) as e:
         second.finish(timeout=5)
     assert e.value.status == "ALREADY_EXISTS"
-    data = _layers(2)
+    data = layers(2)
     for layer, (k, v) in enumerate(data):
         first.send_layer(layer, k, v)
     first.finish(timeout=20)
     assert pending.state is TransferState.COMPLETE
-    _assert_landed(caches, [1, 2], data)
-
-
-def test_send_layer_checks_shapes_and_range(server, transport):
-    server.receiver.expect("req", [1, 2], L, lambda *a: None)
-    sender = transport.open(server.address, "req", [1, 2])
-    k = torch.zeros(2, *BLOCK)
-    with pytest.raises(ValueError):
-        sender.send_layer(0, k, k, first=1)  # blocks [1, 3) of 2 reserved
-    with pytest.raises(ValueError):
-        sender.send_layer(0, k, torch.zeros(2, 16, 3, 32))
-    sender.abort()
-
-
-def test_unknown_request_is_not_found_and_not_written(server, transport, caches):
-    sender = transport.open(server.address, "nobody-expects-me", [1, 2])
-    for layer, (k, v) in enumerate(_layers(2)):
-        sender.send_layer(layer, k, v)
-    with pytest.raises(KVTransferError) as e:
-        sender.finish(timeout=20)
-    assert e.value.status == "NOT_FOUND"
-    assert all(c.abs().sum() == 0 for c in caches[0] + caches[1])
-    # the connection survives a failed request
-    pending = server.receiver.expect("next", [3], L, cache_writer(*caches))
-    sender = transport.open(server.address, "next", [3])
-    for layer, (k, v) in enumerate(_layers(1)):
-        sender.send_layer(layer, k, v)
-    sender.finish(timeout=20)
-    assert pending.state is TransferState.COMPLETE and len(server._conns) == 1
-
-
-def test_receiver_abort_fences_the_rest_of_the_stream(server, transport, caches):
-    kc, vc = caches
-    ids = [4, 5, 6]
-    pending = server.receiver.expect("req", ids, L, cache_writer(kc, vc))
-    data = _layers(len(ids), seed=2)
-    sender = transport.open(server.address, "req", ids)
-    sender.send_layer(0, *data[0])
-    deadline = time.monotonic() + 10
-    while pending.bytes_received < len(ids) * BLOCK_BYTES and time.monotonic() < deadline:
-        time.sleep(0.005)  # layer 0 landed
-    assert server.receiver.abort("req")
-    for layer in range(1, L):
-        sender.send_layer(layer, *data[layer])
-    with pytest.raises(KVTransferError) as e:
-        sender.finish(timeout=20)
-    assert e.value.status == "ABORTED" and pending.state is TransferState.ABORTED
-    assert torch.equal(kc[0][ids], data[0][0])
-    assert all(kc[l].abs().sum() == 0 and vc[l].abs().sum() == 0 for l in range(1, L))
-
-
-def test_truncated_transfer_is_data_loss_and_fails_the_request(server, transport, caches):
-    pending = server.receiver.expect("req", [1, 2], L, cache_writer(*caches))
-    sender = transport.open(server.address, "req", [1, 2])
-    sender.send_layer(0, *_layers(2)[0])  # 1 layer of 4, then finish
-    with pytest.raises(KVTransferError, match="truncated") as e:
-        sender.finish(timeout=20)
-    assert e.value.status == "DATA_LOSS"
-    assert pending.wait(5) is TransferState.FAILED and "truncated" in pending.error
+    assert_landed(caches, [1, 2], data)
 
 
 def test_connection_cut_mid_frame_fails_the_request(server, caches):
@@ -306,7 +159,7 @@ def test_bad_checksum_is_data_loss_in_finish(server, transport, caches, monkeypa
 
     monkeypatch.setattr(proto, "frame_parts", corrupt)
     sender = transport.open(server.address, "req", [1, 2])
-    for layer, (k, v) in enumerate(_layers(2)):
+    for layer, (k, v) in enumerate(layers(2)):
         sender.send_layer(layer, k, v)
     with pytest.raises(KVTransferError, match="checksum") as e:
         sender.finish(timeout=20)
@@ -357,32 +210,7 @@ def test_end_without_frames_is_invalid_argument(server, transport, caches):
     assert e.value.status == "INVALID_ARGUMENT"
 
 
-def test_sender_abort_fails_the_request(server, transport, caches):
-    pending = server.receiver.expect("req", [1, 2], L, cache_writer(*caches))
-    sender = transport.open(server.address, "req", [1, 2])
-    sender.send_layer(0, *_layers(2)[0])
-    deadline = time.monotonic() + 10    # the frame reached the receiver (a busy host can take a while)
-    while caches[0][0][1].abs().sum() == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    sender.abort()
-    with pytest.raises(KVTransferError) as e:
-        sender.finish(timeout=5)
-    assert e.value.status == "CANCELLED"
-    assert pending.wait(10) is TransferState.FAILED
-
-
-@pytest.mark.parametrize("secret", [None, "wrong"])
-def test_secret_mismatch_is_unauthenticated(server, caches, secret):
-    server.receiver.expect("req", [1], 1, cache_writer(*caches))
-    tr = TcpKVTransport(secret=secret)
-    sender = tr.open(server.address, "req", [1])
-    sender.send_layer(0, *(t[:1] for t in _layers(1)[0]))
-    with pytest.raises(KVTransferError) as e:
-        sender.finish(timeout=20)
-    tr.close()
-    assert e.value.status == "UNAUTHENTICATED"
-    assert caches[0][0].abs().sum() == 0
+def test_a_wrong_secret_is_answered_close_unauthenticated(server):
     client = RawClient(server.address, secret="wrong")
     assert client.welcome[0] == proto.CLOSE and client.welcome[1]["status"] == "UNAUTHENTICATED"
     client.close()
@@ -395,7 +223,7 @@ def test_server_without_secret_accepts_any_client(caches):
         pending = srv.receiver.expect("req", [1], L, cache_writer(*caches))
         tr = TcpKVTransport(secret="anything")
         sender = tr.open(srv.address, "req", [1])
-        for layer, (k, v) in enumerate(_layers(1)):
+        for layer, (k, v) in enumerate(layers(1)):
             sender.send_layer(layer, k, v)
         sender.finish(timeout=20)
         tr.close()
@@ -421,7 +249,7 @@ def test_a_broken_connection_is_replaced(caches):
     try:
         srv.receiver.expect("a", [1], L, cache_writer(*caches))
         sender = tr.open(srv.address, "a", [1])
-        for layer, (k, v) in enumerate(_layers(1)):
+        for layer, (k, v) in enumerate(layers(1)):
             sender.send_layer(layer, k, v)
         sender.finish(timeout=20)
         srv.stop_sync()  # cuts the connection
@@ -431,7 +259,7 @@ def test_a_broken_connection_is_replaced(caches):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # the old connection's failure may take a moment to be seen
             sender = tr.open(srv.address, "b", [2])
-            for layer, (k, v) in enumerate(_layers(1, seed=5)):
+            for layer, (k, v) in enumerate(layers(1, seed=5)):
                 sender.send_layer(layer, k, v)
             try:
                 sender.finish(timeout=20)
@@ -445,32 +273,16 @@ def test_a_broken_connection_is_replaced(caches):
         srv.stop_sync()
 
 
-def test_empty_reservation_needs_no_connection(transport):
+def test_empty_reservation_opens_no_connection(transport):
     sender = transport.open("127.0.0.1:1", "req", [])  # nothing listens there: no connection is made
-    sender.send_layer(0, torch.zeros(0, *BLOCK), torch.zeros(0, *BLOCK))
-    stats = sender.finish(timeout=5)
-    assert stats.bytes == 0 and stats.wire_bytes == 0 and not transport._conns
-
-
-def test_bandwidth_limit_paces_the_stream(server, caches):
-    ids = list(range(8))  # 4 layers x 8 blocks x 12 KiB = 384 KiB
-    pending = server.receiver.expect("req", ids, L, cache_writer(*caches))
-    rate = 2e6  # bytes/s
-    tr = TcpKVTransport(chunk_bytes=32 << 10, secret=SECRET, bandwidth_limit_bytes_per_s=rate)
-    sender = tr.open(server.address, "req", ids)
-    for layer, (k, v) in enumerate(_layers(len(ids))):
-        sender.send_layer(layer, k, v)
-    stats = sender.finish(timeout=20)
-    tr.close()
-    assert pending.state is TransferState.COMPLETE
-    assert stats.wall_s >= (stats.wire_bytes - (32 << 10) - 4096) / rate  # one frame of burst
+    assert sender.finish(timeout=5).wire_bytes == 0 and not transport._conns
 
 
 def test_close_fails_open_senders(server, caches):
     server.receiver.expect("req", [1, 2], L, cache_writer(*caches))
     tr = TcpKVTransport(secret=SECRET)
     sender = tr.open(server.address, "req", [1, 2])
-    sender.send_layer(0, *_layers(2)[0])
+    sender.send_layer(0, *layers(2)[0])
     tr.close()
     with pytest.raises(KVTransferError):
         sender.finish(timeout=5)
@@ -597,13 +409,13 @@ def test_a_cache_that_cannot_be_viewed_lands_through_the_staging_buffer(server, 
     staged = lambda *args: writer(*args)  # noqa: E731  a plain WriteFn: no views
     ids = [5, 6, 9]
     pending = server.receiver.expect("req", ids, L, staged)
-    data = _layers(len(ids), seed=4)
+    data = layers(len(ids), seed=4)
     sender = transport.open(server.address, "req", ids)
     for layer, (k, v) in enumerate(data):
         sender.send_layer(layer, k, v)
     sender.finish(timeout=20)
     assert pending.state is TransferState.COMPLETE
-    _assert_landed(caches, ids, data)
+    assert_landed(caches, ids, data)
 
 
 def test_idle_link_probe_measures_and_shares_the_connection(server, transport, caches):
@@ -614,14 +426,14 @@ def test_idle_link_probe_measures_and_shares_the_connection(server, transport, c
     assert bps > 0 and (link["dst_id"], link["total_bytes"], link["count"]) == ("d0", 1 << 20, 1)
     ids = [4, 5]
     pending = server.receiver.expect("after", ids, L, cache_writer(*caches))
-    data = _layers(len(ids), seed=3)
+    data = layers(len(ids), seed=3)
     sender = transport.open(server.address, "after", ids, dst_id="d0")
     for layer, (k, v) in enumerate(data):
         sender.send_layer(layer, k.clone(), v.clone())
     bps2 = transport.probe(server.address, "d0", nbytes=64 << 10, timeout=20)   # queued behind the frames
     sender.finish(timeout=20)
     assert pending.wait(5) is TransferState.COMPLETE and bps2 > 0
-    _assert_landed(caches, ids, data)
+    assert_landed(caches, ids, data)
     assert transport.meter.snapshot()[0]["count"] == 3
     with pytest.raises(ValueError):
         transport.probe(server.address, nbytes=proto.MAX_PROBE_BYTES + 1)
