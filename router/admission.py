@@ -5,7 +5,7 @@ A request is worth admitting only if its prefill can start within the operator's
 (--max-queue-wait) and its first token can come before the client gives up (its gRPC deadline);
 else RESOURCE_EXHAUSTED at once is kinder than a TTFT of minutes.
 
-Backlogs are counted from the moment of placement (router/lifecycle.py charges a worker before its
+Backlogs are counted from the moment of placement (router/lifecycle/place.py charges a worker before its
 first await), so a burst's later requests see the earlier ones; rates are the workers' measured
 prefill rates (router/telemetry.py; a worker's warm-up gives the first sample).
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-log = logging.getLogger(__name__)
+log = logging.getLogger(__package__)   # "pdcluster.router.lifecycle": the request side's own logger
 
 
 @dataclass

@@ -30,7 +30,7 @@ def test_make_policy_by_name():
     for name in POLICY_NAMES:
         pol = make_policy(name, **kw)
         assert isinstance(pol, types[name])
-        # the old positional call (router/lifecycle.py today) and the extended keyword call both work
+        # the positional call (router/lifecycle/place.py) and the extended keyword call both work
         d1 = pol.choose(64, ps, ds, set())
         d2 = pol.choose(64, ps, ds, set(), hashes=block_hashes(list(range(64)), 16), now=0.0)
         for dec in (d1, d2):
