@@ -207,18 +207,18 @@ class _WorkerCollector:
                                        labels=["src", "dst"])
         kv_secs = CounterMetricFamily("pdcluster_kv_transfer_seconds",
                                       "Seconds spent sending KV, per link (sum over transfers)", labels=["src", "dst"])
-        for wid, pool in sorted(pools.items()):
-            s = status.get(wid)
-            up.add_metric([wid, pool], 0.0 if s is None else 1.0)
+        for worker_id, pool in sorted(pools.items()):
+            s = status.get(worker_id)
+            up.add_metric([worker_id, pool], 0.0 if s is None else 1.0)
             if s is None:
                 continue
             e = s.engine
-            used.add_metric([wid], e.num_blocks - e.free_blocks)
-            free.add_metric([wid], e.free_blocks)
-            hits.add_metric([wid], e.prefix_hits)
-            queries.add_metric([wid], e.prefix_queries)
-            busy.add_metric([wid], e.busy_s)
-            steps.add_metric([wid], e.steps)
+            used.add_metric([worker_id], e.num_blocks - e.free_blocks)
+            free.add_metric([worker_id], e.free_blocks)
+            hits.add_metric([worker_id], e.prefix_hits)
+            queries.add_metric([worker_id], e.prefix_queries)
+            busy.add_metric([worker_id], e.busy_s)
+            steps.add_metric([worker_id], e.steps)
             for link in s.links:
                 kv_bytes.add_metric([link.src_id, link.dst_id], link.total_bytes)
                 kv_secs.add_metric([link.src_id, link.dst_id], link.total_seconds)
