@@ -22,7 +22,6 @@ import logging
 import sys
 import time
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -105,14 +104,16 @@ async def run(a: argparse.Namespace) -> dict:
     import grpc
     from tqdm import tqdm
 
-    from pdcluster.deploy.launch import Cluster, ClusterConfig
+    from pdcluster.deploy.flags import dotted, override
+    from pdcluster.deploy.launch import Cluster
     from pdcluster.deploy.pools import load_pools_config, parse_pools_config
     from pdcluster.router.proto import generation_pb2 as pb
     from pdcluster.router.proto import generation_pb2_grpc as pbg
 
     serve = load_pools_config(a.pools) if a.pools else parse_pools_config(POOLS_YAML, "bench/ramp.py")
-    cfg = replace(ClusterConfig(**serve.to_cluster_kwargs()), port=0, metrics_port=0, policy=a.policy,
-                  kv_cache_memory=a.kv_cache_mib * 2**20, drain_timeout_s=a.drain_timeout_s)
+    cfg = override(serve, dotted(server__port=0, server__metrics_port=0, router__policy=a.policy,
+                                 engine__cache__kv_cache_memory=a.kv_cache_mib * 2**20,
+                                 pools__drain_timeout_s=a.drain_timeout_s))
     sched = schedule(a.steps, a.step_s)
     times = arrivals(sched, a.step_s, a.seed)
     reqs = build_dataset({"dataset": "random", "num_prompts": len(times), "input_len": a.input_len,
@@ -120,7 +121,7 @@ async def run(a: argparse.Namespace) -> dict:
     records, samples = [], []
     cluster = await Cluster(cfg).start()
     try:
-        cluster.start_autoscaler(serve.autoscaling_rules(), serve.autoscaler.interval_s)
+        cluster.start_autoscaler(cfg.pools.autoscaling_rules(), cfg.pools.autoscaler.interval_s)
         pools = cluster.router.workers
         async with grpc.aio.insecure_channel(cluster.address) as ch:
             stub = pbg.GenerationStub(ch)
@@ -151,8 +152,8 @@ async def run(a: argparse.Namespace) -> dict:
             await asyncio.gather(*(one(t, r) for t, r in zip(times, reqs)))
             # idle tail: let the pools shrink back, still sampling
             tail_end = time.perf_counter() + a.tail_s
-            while time.perf_counter() < tail_end and (len(pools.prefill) > serve.prefill.min_replicas
-                                                      or len(pools.decode) > serve.decode.min_replicas):
+            while time.perf_counter() < tail_end and (len(pools.prefill) > cfg.pools.prefill.lo
+                                                      or len(pools.decode) > cfg.pools.decode.lo):
                 await asyncio.sleep(1.0)
             sampler.cancel()
             bar.close()

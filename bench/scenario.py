@@ -11,8 +11,8 @@ A scenario is a `Scenario` in `SCENARIOS`; adding one is a few lines:
 
     register(Scenario(
         name="two-decode", summary="1P1D vs 1P2D",
-        baseline=ClusterConfig(prefill_workers=1, decode_workers=1),
-        candidate=ClusterConfig(prefill_workers=1, decode_workers=2),
+        baseline=cluster(),
+        candidate=cluster(pools__decode__initial_replicas=2),
         dataset={"dataset": "random", "num_prompts": 24, "input_len": 128, "output_len": 32},
         request_rate=2.0, goodput={"tpot": 200.0}, metrics=("p99_tpot_ms", "request_goodput")))
 
@@ -35,7 +35,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pdcluster.bench.metrics import _stats, parse_goodput
-from pdcluster.deploy.launch import ClusterConfig
+from pdcluster.deploy.config import ClusterConfig
+from pdcluster.deploy.flags import dotted, override
+
+def cluster(**kw) -> ClusterConfig:
+    """ClusterConfig() with the leaves named by kw set; "__" separates path names (kv__layerwise=False)."""
+    return override(ClusterConfig(), dotted(**kw))
+
 
 SUM_KEYS = ("duration", "completed", "failed", "total_input_tokens", "total_output_tokens", "kv_bytes_transferred")
 SAMPLE_KEYS = ("ttfts", "tpots", "itls", "e2els", "input_lens", "output_lens", "cached_lens", "decode_workers",
@@ -214,7 +220,7 @@ async def run_once(cfg: ClusterConfig, sc: Scenario, requests, seed: int, vocab_
 
     phase("starting cluster")
     tick = asyncio.ensure_future(_ticker(bar)) if bar is not None else None
-    cluster = Cluster(replace(cfg, port=0, metrics_port=0))
+    cluster = Cluster(replace(cfg, server=replace(cfg.server, port=0, metrics_port=0)))
     try:
         await cluster.start()
         phase("warm-up")
@@ -232,19 +238,18 @@ async def run_once(cfg: ClusterConfig, sc: Scenario, requests, seed: int, vocab_
         if tick is not None:
             tick.cancel()
         await cluster.stop()
-    workers = {wid: dict(busy_s=after[wid].get("busy_s", 0.0) - before[wid].get("busy_s", 0.0),
-                         steps=after[wid].get("steps", 0) - before[wid].get("steps", 0),
-                         busy_fraction=(after[wid].get("busy_s", 0.0) - before[wid].get("busy_s", 0.0))
-                         / result["duration"])
+    busy = {wid: after[wid].engine.busy_s - before[wid].engine.busy_s for wid in after}
+    workers = {wid: dict(busy_s=busy[wid], steps=after[wid].engine.steps - before[wid].engine.steps,
+                         busy_fraction=busy[wid] / result["duration"])
                for wid in after}
     return result, workers
 
 
 @contextlib.contextmanager
 def kv_link(cfg: ClusterConfig, shaped: bool, notes: dict[str, None]):
-    """cfg for one run: its kv_bandwidth_limit as a shaped veth+tbf link made for the run (removed
+    """cfg for one run: its kv.bandwidth_limit as a shaped veth+tbf link made for the run (removed
     after it) when `shaped`, else as is (the transport's token bucket). Adds what ran to `notes`."""
-    rate = cfg.kv_bandwidth_limit
+    rate = cfg.kv.bandwidth_limit
     if not rate or not shaped:
         if rate:
             notes[f"token bucket in the transport at {rate / 1e6:.1f} MB/s"] = None
@@ -253,12 +258,12 @@ def kv_link(cfg: ClusterConfig, shaped: bool, notes: dict[str, None]):
     from pdcluster.deploy import netns
     with netns.shaped_link(netns.line_rate(rate)) as link:
         notes[link.describe().replace(link.prefill_ns, "pdkv<pid>p").replace(link.decode_ns, "pdkv<pid>d")] = None
-        yield replace(cfg, kv_bandwidth_limit=None, kv_link=link)
+        yield replace(cfg, kv=replace(cfg.kv, bandwidth_limit=None, link=link))
 
 
 def link_mode(sc: Scenario) -> tuple[bool, str]:
     """(shaped, why not): whether this scenario's throttled KV link runs as a real shaped link."""
-    if not sc.shaped_link or not (sc.baseline.kv_bandwidth_limit or sc.candidate.kv_bandwidth_limit):
+    if not sc.shaped_link or not (sc.baseline.kv.bandwidth_limit or sc.candidate.kv.bandwidth_limit):
         return False, ""
     from pdcluster.deploy import netns
     return netns.available()
@@ -375,10 +380,10 @@ register(Scenario(
     summary="2 colocated workers (prefill+decode on each) vs 1 prefill + 1 decode worker, 1 core per worker",
     # least-loaded on both sides: the disagg side prefills every prompt remotely (the cost model,
     # the default policy, would prefill short prompts on the decode worker)
-    baseline=ClusterConfig(prefill_workers=0, decode_workers=2, remote_prefill=False, threads_per_worker=1,
-                           policy="least-loaded"),
-    candidate=ClusterConfig(prefill_workers=1, decode_workers=1, remote_prefill=True, threads_per_worker=1,
-                            policy="least-loaded"),
+    baseline=cluster(pools__prefill__initial_replicas=0, pools__decode__initial_replicas=2,
+                     router__remote_prefill=False, engine__threads_per_worker=1, router__policy="least-loaded"),
+    candidate=cluster(pools__prefill__initial_replicas=1, pools__decode__initial_replicas=1,
+                      router__remote_prefill=True, engine__threads_per_worker=1, router__policy="least-loaded"),
     labels=("colocated", "disagg"),
     dataset={"dataset": "mixed", "num_prompts": 24, "input_len": 64, "long_input_len": 384,
              "long_fraction": 0.25, "output_len": 24, "range_ratio": 0.25, "ignore_eos": True},
@@ -412,13 +417,13 @@ def kv_blocks(n: int) -> int:
 # the perfect placement's hit rate.
 PREFIX_LEN = 384
 PREFIX_POOL_BLOCKS = 4 * PREFIX_LEN // 16 + 16
-_prefix_cfg = dict(prefill_workers=0, decode_workers=2, remote_prefill=False, threads_per_worker=1,
-                   kv_cache_memory=kv_blocks(PREFIX_POOL_BLOCKS))
+_prefix_cfg = dict(pools__prefill__initial_replicas=0, pools__decode__initial_replicas=2, router__remote_prefill=False,
+                   engine__threads_per_worker=1, engine__cache__kv_cache_memory=kv_blocks(PREFIX_POOL_BLOCKS))
 register(Scenario(
     name="prefix-routing",
     summary="shared-prefix workload on 2 local-prefill workers, each pool ~half the prefixes: round-robin vs cost-model",
-    baseline=ClusterConfig(policy="round-robin", **_prefix_cfg),
-    candidate=ClusterConfig(policy="cost-model", **_prefix_cfg),
+    baseline=cluster(router__policy="round-robin", **_prefix_cfg),
+    candidate=cluster(router__policy="cost-model", **_prefix_cfg),
     labels=("round-robin", "cost-model"),
     dataset={"dataset": "shared-prefix", "num_groups": 8, "prompts_per_group": 24, "prefix_len": PREFIX_LEN,
              "suffix_len": 24, "output_len": 8, "ignore_eos": True},
@@ -439,13 +444,13 @@ register(Scenario(
 LAYERWISE_PREFILL_TPS = 150.0                  # prefill tokens/s of one 1-thread worker at 1280 tokens (measured
                                                #   2026-12-01: 220 at 512, 153 at 1280, 115 at 2048)
 LAYERWISE_LINK_BPS = KV_BYTES_PER_TOKEN * LAYERWISE_PREFILL_TPS
-_layer_cfg = dict(prefill_workers=1, decode_workers=1, threads_per_worker=1, policy="least-loaded",
-                  kv_bandwidth_limit=LAYERWISE_LINK_BPS)
+_layer_cfg = dict(pools__prefill__initial_replicas=1, pools__decode__initial_replicas=1, engine__threads_per_worker=1,
+                  router__policy="least-loaded", kv__bandwidth_limit=LAYERWISE_LINK_BPS)
 register(Scenario(
     name="layerwise-transfer",
     summary="1P1D, 512-2048-token prompts, KV link throttled so transfer ~= prefill: whole-request vs layer-wise",
-    baseline=ClusterConfig(kv_layerwise=False, **_layer_cfg),
-    candidate=ClusterConfig(kv_layerwise=True, **_layer_cfg),
+    baseline=cluster(kv__layerwise=False, **_layer_cfg),
+    candidate=cluster(kv__layerwise=True, **_layer_cfg),
     labels=("whole-request", "layer-wise"),
     dataset={"dataset": "random", "num_prompts": 4, "input_len": 1280, "range_ratio": 0.6, "output_len": 4,
              "ignore_eos": True},
@@ -470,13 +475,14 @@ register(Scenario(
 # the default 0.25 s would forbid every local prefill next to a running decode; an occasional
 # 0.5 s step keeps the mean TPOT (the SLO below) under 200 ms.
 SELECTIVE_LINK_BPS = 12e6
-_sel_cfg = dict(prefill_workers=1, decode_workers=1, threads_per_worker=1, prefill_zone="pfaas",
-                decode_zone="local", kv_bandwidth_limit=SELECTIVE_LINK_BPS, cost_model={"tpot_slo_s": 0.5})
+_sel_cfg = dict(pools__prefill__initial_replicas=1, pools__decode__initial_replicas=1, engine__threads_per_worker=1,
+                pools__prefill__zone="pfaas", pools__decode__zone="local", kv__bandwidth_limit=SELECTIVE_LINK_BPS,
+                cost__tpot_slo_s=0.5)
 register(Scenario(
     name="selective-offload",
     summary="2 zones, 1P (remote zone, throttled link) + 1D, skewed prompt lengths: all-remote vs cost-model",
-    baseline=ClusterConfig(policy="least-loaded", **_sel_cfg),
-    candidate=ClusterConfig(policy="cost-model", **_sel_cfg),
+    baseline=cluster(router__policy="least-loaded", **_sel_cfg),
+    candidate=cluster(router__policy="cost-model", **_sel_cfg),
     labels=("all-remote", "cost-model"),
     dataset={"dataset": "mixed", "num_prompts": 32, "input_len": 64, "long_input_len": 768,
              "long_fraction": 0.25, "output_len": 24, "range_ratio": 0.25, "ignore_eos": True},

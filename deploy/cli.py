@@ -21,69 +21,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--host", default="127.0.0.1", help="router bind address")
-    p.add_argument("--port", type=int, default=50051, help="router gRPC port")
-    p.add_argument("--prefill-workers", type=int, default=1, help="prefill worker actors (one device each)")
-    p.add_argument("--decode-workers", type=int, default=1, help="decode worker actors (one device each)")
-    p.add_argument("--address", default=None, help="join a running Ray cluster ('auto'); default: start one here")
-    p.add_argument("--threads-per-worker", type=int, default=1, help="CPU hosts: torch threads per worker actor")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker actor (CUDA hosts)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights, activations and KV cache dtype of every worker")
-    p.add_argument("--kv-cache-memory", type=int, default=512, help="MiB of KV cache per worker")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="most requests one worker batches in a step")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="token budget of one engine step (longer prompts prefill in chunks of it)")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="context length cap, prompt + output tokens (default: the model's own)")
-    p.add_argument("--local-prefill", action="store_true",
-                   help="prefill every request on its decode worker (no remote prefill)")
-    p.add_argument("--local-prefill-max-tokens", type=int, default=0,
-                   help="prompts up to this many tokens prefill on the decode worker")
-    p.add_argument("--metrics-port", type=int, default=9090,
-                   help="Prometheus /metrics of the router on --host:PORT (0 = off)")
-    p.add_argument("--kv-transport", default="tcp", choices=["grpc", "tcp", "mooncake"],
-                   help="how KV goes from prefill to decode workers: a plain TCP socket (default), gRPC, or "
-                        "mooncake (the decode side pulls over the Mooncake Transfer Engine, RDMA where NICs "
-                        "exist; needs pip install 'pdcluster[rdma]' and libibverbs1)")
-    p.add_argument("--kv-compression", default="off", choices=["off", "int8", "fp8", "auto"],
-                   help="KV compression on the wire (tcp and grpc transports): int8 or fp8 (e4m3) with a scale "
-                        "per block and KV head, ~4x fewer bytes for fp32 caches, 2x for 16-bit ones; auto "
-                        "compresses (int8) a transfer when the link's measured bandwidth would make it take "
-                        "longer than the prefill it overlaps with (off: every byte exact)")
-    p.add_argument("--policy", default="cost-model",
-                   choices=["round-robin", "least-loaded", "cache-aware", "cost-model"],
-                   help="placement policy (cost-model prices each (prefill, decode) pair and local "
-                        "prefill by cache hits, learned rates and measured link bandwidth)")
-    p.add_argument("--auth-token-file", default=None,
-                   help="require `authorization: Bearer <token>`; one token (or tenant:token) per line; the "
-                        "tenant also isolates its prefix cache")
-    p.add_argument("--tls-cert", default=None, help="PEM certificate: serve the public endpoint over TLS")
-    p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
-    p.add_argument("--cluster-secret-file", default=None,
-                   help="shared secret (first line, >= 16 chars) that the internal KV endpoints require; "
-                        "without it, a fresh random secret per serve (the router hands it to the workers it spawns)")
-    p.add_argument("--max-restarts", type=int, default=3,
-                   help="Ray restarts a crashed worker actor this often; it re-registers with the router")
-    p.add_argument("--worker-timeout", type=float, default=60.0,
-                   help="seconds of silence inside a token stream (or for a reserve) after which a decode worker "
-                        "counts as lost and its requests migrate; a stream's heartbeats count while the "
-                        "engine keeps stepping")
-    p.add_argument("--prefill-timeout", type=float, default=120.0,
-                   help="seconds one remote prefill + KV transfer may take before it is recomputed elsewhere")
-    p.add_argument("--health-timeout", type=float, default=5.0,
-                   help="a worker that misses a status poll for this long is unhealthy (no new placements)")
-    p.add_argument("--transfer-timeout", type=float, default=30.0,
-                   help="seconds one request's KV transfer may take on either end before it fails and is recomputed")
-    p.add_argument("--max-queue-wait", type=float, default=30.0,
-                   help="admission: a request whose prefill could not start within this many seconds (the "
-                        "queued prompt tokens / the measured prefill rate), or whose first token could not "
-                        "come within its own gRPC deadline, gets RESOURCE_EXHAUSTED at once; 0 = only the "
-                        "deadline")
-    p.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="on SIGINT/SIGTERM: seconds the streams in flight may take to finish (new requests are "
-                        "refused at once, health turns NOT_SERVING); those left then end with UNAVAILABLE")
+    """The config tree's flags (deploy/flags.py: names, defaults, choices and help from its fields)
+    and serve's own: --config, logging."""
+    from pdcluster.deploy.config import ClusterConfig
+    from pdcluster.deploy.flags import add_flags
+    p.set_defaults(tree_flags=add_flags(p, ClusterConfig()))
     p.add_argument("--config", default=None,
                    help="serving config YAML (see deploy/pools.yaml): model, router host/port/metrics port, "
                         "the size bounds, resources and autoscaling knobs of each pool; it overrides the matching "
@@ -98,45 +40,36 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(a) -> int:
     import uvloop
-    rules, interval_s = {}, 5.0        # pool autoscaling: only from --config
 
-    from pdcluster.deploy.launch import Cluster, ClusterConfig
-    if a.kv_transport == "mooncake":
-        from pdcluster.kv_transfer.mooncake_engine import available
+    from pdcluster.deploy.config import ClusterConfig
+    from pdcluster.deploy.flags import apply_flags
+    from pdcluster.deploy.launch import Cluster
+    try:
+        cfg = apply_flags(ClusterConfig(), a, a.tree_flags)
+    except ValueError as e:
+        print(f"pdcluster serve: {e}", file=sys.stderr)
+        return 2
+    if cfg.kv.transport == "mooncake":
+        from pdcluster.kv_transfer.mooncake.engine import available
         if (reason := available()) is not None:
             print(reason, file=sys.stderr)
             return 2
     from pdcluster.logs import setup_logging
     setup_logging(a.log_level, a.log_format)
-    cfg = ClusterConfig(model=a.model, host=a.host, port=a.port, prefill_workers=a.prefill_workers,
-                        decode_workers=a.decode_workers, address=a.address, threads_per_worker=a.threads_per_worker,
-                        use_gpu=a.gpu, dtype=a.dtype, kv_cache_memory=a.kv_cache_memory * 2**20,
-                        max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-                        max_model_len=a.max_model_len, remote_prefill=not a.local_prefill,
-                        local_prefill_max_tokens=a.local_prefill_max_tokens, metrics_port=a.metrics_port,
-                        kv_transport=a.kv_transport, kv_compression=a.kv_compression,
-                        auth_token_file=a.auth_token_file, tls_cert=a.tls_cert, tls_key=a.tls_key,
-                        policy=a.policy, cluster_secret_file=a.cluster_secret_file, max_restarts=a.max_restarts,
-                        worker_timeout_s=a.worker_timeout, prefill_timeout_s=a.prefill_timeout,
-                        health_timeout_s=a.health_timeout, transfer_timeout_s=a.transfer_timeout,
-                        max_queue_wait_s=a.max_queue_wait or None)
+    rules = {}          # pool autoscaling: only pools with room to scale (--config sets the bounds)
     if a.config:
-        from dataclasses import replace
-
         from pdcluster.deploy.pools import load_pools_config
-        pools = load_pools_config(a.config)
-        kw = pools.to_cluster_kwargs()
-        cfg = replace(cfg, **kw)
-        rules, interval_s = pools.autoscaling_rules(), pools.autoscaler.interval_s
-        if pools.autoscaler.enabled and not rules:
+        cfg = load_pools_config(a.config, base=cfg)
+        rules = cfg.pools.autoscaling_rules()
+        if cfg.pools.autoscaler.enabled and not rules:
             logging.getLogger("pdcluster").info("%s: every pool has min_replicas == max_replicas: no autoscaling",
                                                 a.config)
 
     from pdcluster.ports import PortInUse, check_free
     via = " (or router.port / router.metrics_port in --config)" if a.config else ""
     try:    # before Ray and the workers start: a taken port fails in a second, not after the model loads
-        check_free(cfg.host, cfg.port, "the router's gRPC endpoint", "--port" + via)
-        check_free(cfg.host, cfg.metrics_port, "the router's Prometheus metrics",
+        check_free(cfg.server.host, cfg.server.port, "the router's gRPC endpoint", "--port" + via)
+        check_free(cfg.server.host, cfg.server.metrics_port, "the router's Prometheus metrics",
                    "--metrics-port (0 turns metrics off)" + via)
     except PortInUse as e:
         print(f"pdcluster serve: {e.strerror}", file=sys.stderr)
@@ -144,18 +77,18 @@ def cmd_serve(a) -> int:
     from pdcluster.deploy.launch import cluster_secret
     from pdcluster.router.auth import TokenAuth
     try:    # the files a request path would read late: bad ones stop serve now, in one line
-        if cfg.auth_token_file:
-            TokenAuth.from_file(cfg.auth_token_file)
-        if cfg.cluster_secret_file:
-            cluster_secret(cfg.cluster_secret_file)
+        if cfg.server.auth_token_file:
+            TokenAuth.from_file(cfg.server.auth_token_file)
+        if cfg.kv.secret_file:
+            cluster_secret(cfg.kv.secret_file)
     except (OSError, ValueError) as e:
         print(f"pdcluster serve: {e}", file=sys.stderr)
         return 2
 
     async def main() -> None:
         stop = asyncio.Event()
-        n_pre = cfg.prefill_workers if cfg.remote_prefill else 0     # --local-prefill: no prefill pool
-        print(f"starting pdcluster: {n_pre} prefill + {cfg.decode_workers} decode workers ...", flush=True)
+        print(f"starting pdcluster: {cfg.workers('prefill')} prefill + {cfg.workers('decode')} decode workers ...",
+              flush=True)
         cluster = Cluster(cfg)
         try:
             await cluster.start()
@@ -163,20 +96,20 @@ def cmd_serve(a) -> int:
             await cluster.stop()     # whatever started (Ray, actors, servers) goes again
             raise
         if rules:
-            cluster.start_autoscaler(rules, interval_s)
+            cluster.start_autoscaler(rules, cfg.pools.autoscaler.interval_s)
         # after ray.init: Ray's driver installs its own fatal-signal handlers, ours must win
         loop = asyncio.get_running_loop()
         for s in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(s, stop.set)
         print(f"pdcluster serving on {cluster.address} (Ctrl-C to stop)", flush=True)
         if cluster.metrics_port:
-            print(f"metrics on http://{cfg.host}:{cluster.metrics_port}/metrics", flush=True)
+            print(f"metrics on http://{cfg.server.host}:{cluster.metrics_port}/metrics", flush=True)
         try:
             await stop.wait()
             n = len(cluster.router.in_flight)
-            print(f"shutting down: no new requests; draining {n} stream(s) for up to {a.drain_timeout:g}s ...",
-                  flush=True)
-            cut = await cluster.server.drain(a.drain_timeout)
+            drain_s = cfg.server.shutdown_drain_s
+            print(f"shutting down: no new requests; draining {n} stream(s) for up to {drain_s:g}s ...", flush=True)
+            cut = await cluster.server.drain(drain_s)
             print(f"drained; {cut} stream(s) cut at the bound" if cut else "drained", flush=True)
         finally:
             print("shutting down ...", flush=True)

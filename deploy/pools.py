@@ -1,128 +1,32 @@
-"""deploy/pools.yaml -> a frozen `ServeConfig` tree. Parsed here, at the edge, and nowhere else.
+"""deploy/pools.yaml -> the cluster's config tree (deploy/config.py). Parsed here, at the edge.
 
-    ServeConfig
-      model                       HF folder / .gguf; None = embedded SmolLM2-135M-Instruct
-      router: RouterSection       host, port, placement policy, metrics port
-      autoscaler: LoopSection     control loop on/off, tick interval
-      prefill, decode: PoolConfig replicas (min/max/initial), ReplicaResources, AutoscaleConfig
+    yaml key                          tree field
+    model                             model
+    router.host / port / metrics_port server.host / port / metrics_port
+    router.policy                     router.policy
+    autoscaler.enabled / interval_s   pools.autoscaler
+    prefill, decode: *_replicas       pools.prefill / pools.decode
+      resources.threads / gpus        engine.threads_per_worker / use_gpu (one size for both pools;
+                                        resources.cpus must equal threads: Ray CPUs per actor)
+      autoscale.*                     pools.<pool>.autoscale
 
-Every error names the file, the line (from yaml.compose's node marks) and the dotted key, and all
-errors of a file are reported at once: `PoolsConfigError.issues` is the list.
+A key the file leaves out keeps the value of the tree it is parsed onto (the flags' tree for
+`serve --config`). Every error names the file, the line (from yaml.compose's node marks) and the
+dotted key, and all errors of a file are reported at once: `PoolsConfigError.issues` is the list.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
-from pdcluster.router.autoscaler import SIGNALS, ScalingRule
-from pdcluster.router.placement import DEFAULT_POLICY, POLICY_NAMES
-SLO_KEY = {"p90_ttft": "ttft_slo_ms", "p90_tpot": "tpot_slo_ms"}    # latency signals take their target here
-
-
-# tree
-
-@dataclass(frozen=True)
-class RouterSection:
-    host: str = "127.0.0.1"
-    port: int = 50051
-    policy: str = DEFAULT_POLICY        # placement policy, one of router.policies.POLICY_NAMES
-    metrics_port: int = 9090            # Prometheus /metrics on host:metrics_port; 0 = off
-
-
-@dataclass(frozen=True)
-class LoopSection:
-    enabled: bool = True
-    interval_s: float = 5.0
-
-
-@dataclass(frozen=True)
-class ReplicaResources:
-    cpus: int = 1                       # Ray CPUs reserved per replica
-    gpus: int = 0                       # 0 (CPU host) or 1: one device per replica
-    threads: int = 1                    # torch threads per replica (CPU hosts)
-
-
-@dataclass(frozen=True)
-class AutoscaleConfig:
-    signal: str
-    target: float | None = None         # queued_prompt_tokens_per_replica: tokens; kv_utilization: fraction
-    ttft_slo_ms: float | None = None    # target of p90_ttft
-    tpot_slo_ms: float | None = None    # target of p90_tpot
-    scale_up_above: float = 1.0         # x target
-    scale_down_below: float = 0.5       # x target
-    upscale_delay_s: float = 30.0
-    downscale_delay_s: float = 300.0
-    max_step: int = 1
-    cooldown_s: float = 60.0
-
-    @property
-    def signal_target(self) -> float:
-        return getattr(self, SLO_KEY[self.signal]) if self.signal in SLO_KEY else self.target
-
-
-@dataclass(frozen=True)
-class PoolConfig:
-    name: str                           # "prefill" | "decode"
-    min_replicas: int
-    max_replicas: int
-    initial_replicas: int
-    resources: ReplicaResources
-    autoscale: AutoscaleConfig
-
-    def scaling_rule(self) -> ScalingRule:
-        a = self.autoscale
-        return ScalingRule(signal=a.signal, target=a.signal_target, min_replicas=self.min_replicas,
-                           max_replicas=self.max_replicas, up_ratio=a.scale_up_above, down_ratio=a.scale_down_below,
-                           upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s,
-                           max_step=a.max_step, cooldown_s=a.cooldown_s)
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    model: str | None
-    router: RouterSection
-    autoscaler: LoopSection
-    prefill: PoolConfig
-    decode: PoolConfig
-    source: str = ""                    # the file it came from
-
-    @property
-    def pools(self) -> dict[str, PoolConfig]:
-        return {"prefill": self.prefill, "decode": self.decode}
-
-    def scaling_rules(self) -> dict[str, ScalingRule]:
-        return {name: p.scaling_rule() for name, p in self.pools.items()}
-
-    def autoscaling_rules(self) -> dict[str, ScalingRule]:
-        """The rules `serve` runs the pool autoscaler with: pools with min_replicas < max_replicas, none
-        when autoscaler.enabled is false (then each pool stays at initial_replicas)."""
-        if not self.autoscaler.enabled:
-            return {}
-        return {name: p.scaling_rule() for name, p in self.pools.items() if p.min_replicas < p.max_replicas}
-
-    def to_cluster_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `deploy.launch.ClusterConfig` (the serve-time fields it has).
-
-        ClusterConfig sizes both pools alike and reserves `threads_per_worker` Ray CPUs per actor,
-        so per-pool sizes it cannot express are refused here rather than silently dropped."""
-        p, d = self.prefill.resources, self.decode.resources
-        bad = [f"{k}: prefill {getattr(p, k)} != decode {getattr(d, k)}" for k in ("threads", "gpus")
-               if getattr(p, k) != getattr(d, k)]
-        bad += [f"{n}: resources.cpus ({r.cpus}) != resources.threads ({r.threads})"
-                for n, r in (("prefill", p), ("decode", d)) if r.cpus != r.threads]
-        if bad:
-            raise ValueError(f"{self.source}: deploy.launch.ClusterConfig cannot express per-pool sizes: "
-                             + "; ".join(bad))
-        kw = dict(model=self.model, host=self.router.host, port=self.router.port,
-                  metrics_port=self.router.metrics_port, prefill_workers=self.prefill.initial_replicas,
-                  decode_workers=self.decode.initial_replicas, threads_per_worker=p.threads, use_gpu=p.gpus > 0,
-                  max_prefill_workers=self.prefill.max_replicas, max_decode_workers=self.decode.max_replicas,
-                  policy=self.router.policy)
-        return kw
+from pdcluster.deploy.config import ClusterConfig
+from pdcluster.deploy.pool_config import SLO_KEY, AutoscaleConfig, PoolConfig
+from pdcluster.router.autoscaler import SIGNALS
+from pdcluster.router.placement import POLICY_NAMES
 
 
 # errors
@@ -238,16 +142,19 @@ def _pick(v: Any, default: Any) -> Any:
     return default if v is _NO else v
 
 
-DEFAULT_SIGNAL = {"prefill": ("queued_prompt_tokens_per_replica", 4096.0), "decode": ("kv_utilization", 0.75)}
 POOL_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "resources", "autoscale")
 AUTOSCALE_KEYS = ("signal", "target", "ttft_slo_ms", "tpot_slo_ms", "scale_up_above", "scale_down_below",
                   "upscale_delay_s", "downscale_delay_s", "max_step", "cooldown_s")
+RESOURCE_KEYS = ("cpus", "gpus", "threads")
 
 
-def _pool(rd: _Reader, name: str, node: yaml.Node | None, parent: yaml.Node) -> PoolConfig:
+def _pool(rd: _Reader, name: str, node: yaml.Node | None, parent: yaml.Node, base: ClusterConfig
+          ) -> tuple[PoolConfig, dict[str, tuple[int, yaml.Node | None]]]:
+    """The pool and its resources {key: (value, node or None when absent)}."""
+    bp = base.pools.pool(name)
     m = rd.mapping(node, name, POOL_KEYS) if node is not None else {}
-    lo = _pick(rd.value(m, "min_replicas", name, _int(1)), 1)
-    hi = _pick(rd.value(m, "max_replicas", name, _int(1)), max(lo, 1))
+    lo = _pick(rd.value(m, "min_replicas", name, _int(1)), bp.lo)
+    hi = _pick(rd.value(m, "max_replicas", name, _int(1)), lo)
     if "max_replicas" in m and hi < lo:
         rd.fail(m["max_replicas"][1], f"{name}.max_replicas", f"must be >= min_replicas ({lo}) (got {hi})")
     init = _pick(rd.value(m, "initial_replicas", name, _int(1)), lo)
@@ -256,19 +163,20 @@ def _pool(rd: _Reader, name: str, node: yaml.Node | None, parent: yaml.Node) -> 
                 f"must be in [min_replicas, max_replicas] = [{lo}, {hi}] (got {init})")
 
     key = f"{name}.resources"
-    r = rd.mapping(m["resources"][1], key, ("cpus", "gpus", "threads")) if "resources" in m else {}
-    res = ReplicaResources(cpus=_pick(rd.value(r, "cpus", key, _int(1)), 1),
-                           gpus=_pick(rd.value(r, "gpus", key, _int(0, 1)), 0),
-                           threads=_pick(rd.value(r, "threads", key, _int(1)), 1))
+    r = rd.mapping(m["resources"][1], key, RESOURCE_KEYS) if "resources" in m else {}
+    threads = rd.value(r, "threads", key, _int(1), base.engine.threads_per_worker)     # _NO: invalid
+    res = {"threads": threads, "cpus": rd.value(r, "cpus", key, _int(1), threads),
+           "gpus": rd.value(r, "gpus", key, _int(0, 1), int(base.engine.use_gpu))}
+    res = {k: (v, r[k][1] if k in r else None) for k, v in res.items()}
 
     key = f"{name}.autoscale"
     a = rd.mapping(m["autoscale"][1], key, AUTOSCALE_KEYS) if "autoscale" in m else {}
-    sig_default, target_default = DEFAULT_SIGNAL[name]
-    signal = _pick(rd.value(a, "signal", key, _one_of(SIGNALS[name])), sig_default)
+    b = bp.autoscale
+    signal = _pick(rd.value(a, "signal", key, _one_of(SIGNALS[name])), b.signal)
     frac = signal == "kv_utilization"
     target = rd.value(a, "target", key, _num(0, 1 if frac else None, lo_open=True),
-                      target_default if signal == sig_default else None)
-    slo = {k: rd.value(a, k, key, _num(0, lo_open=True), None) for k in ("ttft_slo_ms", "tpot_slo_ms")}
+                      b.target if signal == b.signal else None)
+    slo = {k: rd.value(a, k, key, _num(0, lo_open=True), getattr(b, k)) for k in SLO_KEY.values()}
     for k in slo:
         if k in a and SLO_KEY.get(SIGNALS[name][1]) != k:
             rd.fail(a[k][0], f"{key}.{k}", f"not a {name} knob (the {name} latency target is "
@@ -278,22 +186,40 @@ def _pool(rd: _Reader, name: str, node: yaml.Node | None, parent: yaml.Node) -> 
     if have is None and signal in SIGNALS[name]:
         where = a["signal"][1] if "signal" in a else (m["autoscale"][1] if "autoscale" in m else (node or parent))
         rd.fail(where, f"{key}.{need}", f"required when signal is {signal}")
-    up = _pick(rd.value(a, "scale_up_above", key, _num(0, lo_open=True)), 1.0)
-    down = _pick(rd.value(a, "scale_down_below", key, _num(0, lo_open=True)), 0.5)
+    up = _pick(rd.value(a, "scale_up_above", key, _num(0, lo_open=True)), b.scale_up_above)
+    down = _pick(rd.value(a, "scale_down_below", key, _num(0, lo_open=True)), b.scale_down_below)
     if down >= up and ("scale_down_below" in a or "scale_up_above" in a):
         k = "scale_down_below" if "scale_down_below" in a else "scale_up_above"
         rd.fail(a[k][1], f"{key}.{k}", f"need scale_down_below < scale_up_above (got {down} and {up})")
     auto = AutoscaleConfig(
         signal=signal, target=_pick(target, None), ttft_slo_ms=_pick(slo["ttft_slo_ms"], None),
         tpot_slo_ms=_pick(slo["tpot_slo_ms"], None), scale_up_above=up, scale_down_below=down,
-        upscale_delay_s=_pick(rd.value(a, "upscale_delay_s", key, _num(0)), 30.0),
-        downscale_delay_s=_pick(rd.value(a, "downscale_delay_s", key, _num(0)), 300.0),
-        max_step=_pick(rd.value(a, "max_step", key, _int(1)), 1),
-        cooldown_s=_pick(rd.value(a, "cooldown_s", key, _num(0)), 60.0))
-    return PoolConfig(name, lo, hi, init, res, auto)
+        upscale_delay_s=_pick(rd.value(a, "upscale_delay_s", key, _num(0)), b.upscale_delay_s),
+        downscale_delay_s=_pick(rd.value(a, "downscale_delay_s", key, _num(0)), b.downscale_delay_s),
+        max_step=_pick(rd.value(a, "max_step", key, _int(1)), b.max_step),
+        cooldown_s=_pick(rd.value(a, "cooldown_s", key, _num(0)), b.cooldown_s))
+    return replace(bp, autoscale=auto, initial_replicas=init, min_replicas=lo, max_replicas=hi), res
 
 
-def parse_pools_config(text: str, source: str = "<string>") -> ServeConfig:
+def _one_size(rd: _Reader, res: dict[str, dict]) -> None:
+    """The tree sizes both pools alike (engine.threads_per_worker, use_gpu) and reserves `threads`
+    Ray CPUs per actor: per-pool sizes it cannot express are errors, not silently dropped. A value
+    that differs from the base's comes from the file, so each issue has a node."""
+    for k in ("threads", "gpus"):
+        (p, pn), (d, dn) = res["prefill"][k], res["decode"][k]
+        if p != d and _NO not in (p, d):        # an invalid value has its own issue
+            rd.fail(dn or pn, f"{'decode' if dn else 'prefill'}.resources.{k}",
+                    f"{k}: prefill {p} != decode {d} (one size for both pools)")
+    for name in ("prefill", "decode"):
+        (c, cn), (t, tn) = res[name]["cpus"], res[name]["threads"]
+        if c != t and _NO not in (c, t):
+            rd.fail(cn or tn, f"{name}.resources.cpus",
+                    f"{name}: resources.cpus ({c}) != resources.threads ({t}) (Ray CPUs per actor = threads)")
+
+
+def parse_pools_config(text: str, source: str = "<string>", base: ClusterConfig | None = None) -> ClusterConfig:
+    """`base` (default: ClusterConfig()) with what the file sets; raises PoolsConfigError with every issue."""
+    base = base or ClusterConfig()
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
@@ -303,21 +229,29 @@ def parse_pools_config(text: str, source: str = "<string>") -> ServeConfig:
         raise PoolsConfigError(source, [Issue(1, "(top level)", "the file is empty")])
     rd = _Reader()
     top = rd.mapping(root, "", ("model", "router", "autoscaler", "prefill", "decode"))
-    model = _pick(rd.value(top, "model", "", _opt_str), None)
+    model = _pick(rd.value(top, "model", "", _opt_str), base.model)
     r = rd.mapping(top["router"][1], "router", ("host", "port", "policy", "metrics_port")) if "router" in top else {}
-    router = RouterSection(host=_pick(rd.value(r, "host", "router", _str), "127.0.0.1"),
-                           port=_pick(rd.value(r, "port", "router", _int(0, 65535)), 50051),
-                           policy=_pick(rd.value(r, "policy", "router", _one_of(POLICY_NAMES)), DEFAULT_POLICY),
-                           metrics_port=_pick(rd.value(r, "metrics_port", "router", _int(0, 65535)), 9090))
+    s = base.server
+    server = replace(s, host=_pick(rd.value(r, "host", "router", _str), s.host),
+                     port=_pick(rd.value(r, "port", "router", _int(0, 65535)), s.port),
+                     metrics_port=_pick(rd.value(r, "metrics_port", "router", _int(0, 65535)), s.metrics_port))
+    policy = _pick(rd.value(r, "policy", "router", _one_of(POLICY_NAMES)), base.router.policy)
     lp = rd.mapping(top["autoscaler"][1], "autoscaler", ("enabled", "interval_s")) if "autoscaler" in top else {}
-    loop = LoopSection(enabled=_pick(rd.value(lp, "enabled", "autoscaler", _bool), True),
-                       interval_s=_pick(rd.value(lp, "interval_s", "autoscaler", _num(0, lo_open=True)), 5.0))
-    pools = {n: _pool(rd, n, top[n][1] if n in top else None, root) for n in ("prefill", "decode")}
+    bl = base.pools.autoscaler
+    loop = replace(bl, enabled=_pick(rd.value(lp, "enabled", "autoscaler", _bool), bl.enabled),
+                   interval_s=_pick(rd.value(lp, "interval_s", "autoscaler", _num(0, lo_open=True)), bl.interval_s))
+    pools, res = {}, {}
+    for n in ("prefill", "decode"):
+        pools[n], res[n] = _pool(rd, n, top[n][1] if n in top else None, root, base)
+    _one_size(rd, res)
     if rd.issues:
         raise PoolsConfigError(source, rd.issues)
-    return ServeConfig(model, router, loop, pools["prefill"], pools["decode"], source)
+    return replace(base, model=model, server=server, router=replace(base.router, policy=policy),
+                   pools=replace(base.pools, autoscaler=loop, **pools),
+                   engine=replace(base.engine, threads_per_worker=res["prefill"]["threads"][0],
+                                  use_gpu=res["prefill"]["gpus"][0] > 0))
 
 
-def load_pools_config(path: str | Path) -> ServeConfig:
-    """Parse and validate a pools file; raises PoolsConfigError naming file, line and key."""
-    return parse_pools_config(Path(path).read_text(), str(path))
+def load_pools_config(path: str | Path, base: ClusterConfig | None = None) -> ClusterConfig:
+    """Parse and validate a pools file onto `base`; raises PoolsConfigError naming file, line and key."""
+    return parse_pools_config(Path(path).read_text(), str(path), base)

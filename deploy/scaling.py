@@ -22,30 +22,34 @@ log = logging.getLogger(__name__)
 
 
 class Scaling:
-    """Mixed into Cluster; uses its cfg, router, actors, timeouts, worker_kwargs, starting, _next_index."""
+    """Mixed into Cluster; uses its cfg, router, actors, timeouts, engine_kwargs, worker_kwargs, starting,
+    _next_index."""
+
+    def _spawn(self, role: str, wid: str):
+        """A `role` worker actor (loading asynchronously); every spawn of a role gets the same arguments."""
+        from pdcluster.decode_worker import actor as decode_actor
+        from pdcluster.prefill_worker import actor as prefill_actor
+        spawn = prefill_actor.spawn if role == "prefill" else decode_actor.spawn
+        e = self.cfg.engine
+        return spawn(wid, self.engine_kwargs, e.threads_per_worker, e.use_gpu, **self.worker_kwargs[role])
 
     async def add_replica(self, role: str) -> str:
         """One more `role` worker, registered once loaded; returns its id. A replica that does not load
         within cfg.replica_start_timeout_s is killed and the call raises (the pool stays as it was)."""
         import ray
 
-        from pdcluster.decode_worker import actor as decode_actor
-        from pdcluster.prefill_worker import actor as prefill_actor
         from pdcluster.router.workers import DecodeClient, PrefillClient
-        c = self.cfg
-        spawn, client = {"prefill": (prefill_actor.spawn, PrefillClient),
-                         "decode": (decode_actor.spawn, DecodeClient)}[role]
+        client = PrefillClient if role == "prefill" else DecodeClient
+        bound = self.cfg.pools.replica_start_timeout_s
         wid = f"{role}-{self._next_index[role]}"
         self._next_index[role] += 1
-        h = self.starting[wid] = spawn(wid, c.engine_kwargs(), c.threads_per_worker, c.use_gpu,
-                                       **self.worker_kwargs[role])
-        log.info("adding %s: waiting for a free %s_pool slot and the model load (up to %.0fs)", wid, role,
-                 c.replica_start_timeout_s)
+        h = self.starting[wid] = self._spawn(role, wid)
+        log.info("adding %s: waiting for a free %s_pool slot and the model load (up to %.0fs)", wid, role, bound)
         try:
-            await asyncio.wait_for(h.status.remote(), c.replica_start_timeout_s)
+            await asyncio.wait_for(h.status.remote(), bound)
         except BaseException as e:
             ray.kill(h)
-            why = (f"not placed and loaded within {c.replica_start_timeout_s:.0f}s: does the Ray cluster have "
+            why = (f"not placed and loaded within {bound:.0f}s: does the Ray cluster have "
                    f"(or can its autoscaler launch) a node with a free {role}_pool unit?"
                    if isinstance(e, asyncio.TimeoutError) else repr(e))
             log.error("adding %s failed, killed it: %s", wid, why)
@@ -55,7 +59,7 @@ class Scaling:
         finally:
             self.starting.pop(wid, None)
         self.actors[wid] = h
-        self.router.add_worker(role, client(wid, h, self.timeouts), zone=c.zone(role))
+        self.router.add_worker(role, client(wid, h, self.timeouts), zone=self.cfg.pools.pool(role).zone)
         log.info("added %s: the %s pool has %d workers", wid, role, len(self._pool(role)))
         return wid
 
@@ -79,8 +83,8 @@ class Scaling:
             ray.kill(h)
             self.actors.pop(worker_id, None)
 
-        await self.router.retire_worker(worker_id, stop, drain_timeout_s=self.cfg.drain_timeout_s,
-                                        migrate_timeout_s=self.cfg.worker_timeout_s)
+        await self.router.retire_worker(worker_id, stop, drain_timeout_s=self.cfg.pools.drain_timeout_s,
+                                        migrate_timeout_s=self.cfg.timeouts.stream_gap_s)
         log.info("removed %s: the %s pool has %d workers", worker_id, role, len(self._pool(role)))
         return worker_id
 
@@ -102,7 +106,7 @@ class Scaling:
         """Run the pool autoscaler as a task on this event loop (rules: pool -> ScalingRule). Without
         remote prefill the prefill pool is not scaled."""
         from pdcluster.router.autoscaler import PoolAutoscaler
-        rules = {p: r for p, r in rules.items() if p == "decode" or self.cfg.remote_prefill}
+        rules = {p: r for p, r in rules.items() if p == "decode" or self.cfg.router.remote_prefill}
         self.autoscaler = PoolAutoscaler(rules, self.pool_metrics, self.add_replica, self.remove_replica,
                                          interval_s=interval_s, observer=self.router.metrics)
         self._autoscaler_stop = asyncio.Event()

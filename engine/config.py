@@ -5,13 +5,16 @@
       cache: CacheConfig        paged KV pool geometry and budget
       sched: SchedulerConfig    batching limits
       device, dtype, attention backend, threads
+
+A field's `metadata["help"]` makes it a `pdcluster serve` flag (deploy/flags.py); "scale" is the
+flag's unit in the field's units (MiB -> bytes).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}   # the dtypes a worker runs in, bytes per element
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -57,7 +60,8 @@ class ModelConfig:
 class CacheConfig:
     block_size: int = 16                 # tokens per KV block
     num_blocks: int | None = None        # explicit pool size; None = derive from the budget below
-    kv_cache_memory: int | None = None   # bytes for K+V of all layers; None = use memory_fraction
+    kv_cache_memory: int | None = field(  # bytes for K+V of all layers; None = use memory_fraction
+        default=None, metadata={"help": "MiB of KV cache per worker", "scale": 2**20})
     memory_fraction: float = 0.3         # of free device memory (host RAM on CPU) when no budget given
     enable_prefix_caching: bool = True
     protected_fraction: float = 0.9      # most of the pool that reused prefix blocks may hold when
@@ -66,8 +70,9 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 64               # running requests per step
-    max_num_batched_tokens: int = 2048   # token budget per step (prefill chunks + decodes)
+    max_num_seqs: int = field(default=64, metadata={"help": "most requests one worker batches in a step"})
+    max_num_batched_tokens: int = field(   # token budget per step (prefill chunks + decodes)
+        default=2048, metadata={"help": "token budget of one engine step (longer prompts prefill in chunks of it)"})
     enable_chunked_prefill: bool = True
     wait_for_inflight_prefix: bool = True  # a waiting request whose next uncached block a running
                                            #   request is computing waits for it (then hits) instead

@@ -80,31 +80,29 @@ class StepStats:
                     decode_s=self.decode_s)
 
 
-def build_config(model: str | None = None, *, dtype: str = "float32", device: str = "cpu",
-                 block_size: int = 16, num_blocks: int | None = None, kv_cache_memory: int | None = None,
-                 enable_prefix_caching: bool = True, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, enable_chunked_prefill: bool = True,
-                 max_model_len: int | None = None, attention_backend: str = "auto",
-                 num_threads: int | None = None) -> EngineConfig:
-    """The edge: keyword arguments (CLI flags, YAML) into the frozen tree."""
-    from dataclasses import replace
+def build_config(model: str | None = None, *, max_model_len: int | None = None, **knobs) -> EngineConfig:
+    """The edge: keyword arguments (an offline LLM's, a worker's engine_kwargs) into the frozen tree.
+    `knobs` are fields of EngineConfig, CacheConfig or SchedulerConfig by name: their defaults live
+    there and only there."""
+    from dataclasses import fields, replace
 
     from pdcluster.engine.loader import load_model_config
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    parts = {cls: {f.name for f in fields(cls)} - {"model", "cache", "sched"}
+             for cls in (EngineConfig, CacheConfig, SchedulerConfig)}
+    unknown = sorted(set(knobs) - set().union(*parts.values()))
+    if unknown:
+        raise TypeError(f"build_config: unknown option(s) {', '.join(unknown)}")
+    pick = {cls: {k: v for k, v in knobs.items() if k in names} for cls, names in parts.items()}
+    if knobs.get("dtype", EngineConfig.dtype) not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {knobs['dtype']!r}")
     m = load_model_config(model)
     if max_model_len is not None:
         if max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
         m = replace(m, max_position_embeddings=min(max_model_len, m.max_position_embeddings))
-    return EngineConfig(
-        model=m,
-        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_memory=kv_cache_memory,
-                          enable_prefix_caching=enable_prefix_caching),
-        sched=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                              enable_chunked_prefill=enable_chunked_prefill),
-        device=device, dtype=dtype, attention_backend=attention_backend, num_threads=num_threads)
+    return EngineConfig(model=m, cache=CacheConfig(**pick[CacheConfig]),
+                        sched=SchedulerConfig(**pick[SchedulerConfig]), **pick[EngineConfig])
 
 
 class LLMEngine:

@@ -1,8 +1,9 @@
 """The cost model's configuration and the KV wire size it prices transfers at. Pure Python (no torch)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from pdcluster.engine.config import CacheConfig
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy   # pure Python, no torch
 
 
@@ -29,12 +30,12 @@ def wire_bytes_per_token(codec: str, kv_bytes_per_token: float, dtype_bytes: int
 
 @dataclass(frozen=True)
 class CostConfig:
-    block_size: int = 16                    # tokens per KV block (the engine's)
+    block_size: int = CacheConfig.block_size   # tokens per KV block (the engine's)
     kv_bytes_per_token: int = 46_080        # K+V of all layers; SmolLM2-135M fp32 = 2*30*3*64*4
     num_layers: int = 30
     num_kv_heads: int = 3                   # with kv_dtype_bytes: a compressed transfer's scales and payload
     kv_dtype_bytes: int = 4                 # bytes per element of the KV cache (fp32 4, bf16/fp16 2)
-    kv_compression: str = "off"             # the cluster's KV codec policy (ClusterConfig.kv_compression):
+    kv_compression: str = CompressionPolicy.mode   # the cluster's KV codec policy (ClusterConfig.kv.compression):
                                             #   off | int8 | fp8 | auto; transfers are priced at its wire bytes
     # priors until measurements arrive
     prior_prefill_tps: float = 2_000.0      # prefill worker, tokens/s
@@ -64,9 +65,13 @@ class CostConfig:
     @classmethod
     def for_model(cls, model_cfg, dtype_bytes: int, block_size: int, **kw) -> "CostConfig":
         """From engine.config.ModelConfig: the KV geometry the transfer is priced with."""
-        return cls(block_size=block_size, kv_bytes_per_token=model_cfg.kv_bytes_per_token(dtype_bytes),
-                   num_layers=model_cfg.num_layers, num_kv_heads=model_cfg.num_kv_heads,
-                   kv_dtype_bytes=dtype_bytes, **kw)
+        return cls(**kw).with_model(model_cfg, dtype_bytes, block_size)
+
+    def with_model(self, model_cfg, dtype_bytes: int, block_size: int) -> "CostConfig":
+        """This config with the KV geometry of `model_cfg` (engine.config.ModelConfig) in `dtype_bytes`."""
+        return replace(self, block_size=block_size, kv_bytes_per_token=model_cfg.kv_bytes_per_token(dtype_bytes),
+                       num_layers=model_cfg.num_layers, num_kv_heads=model_cfg.num_kv_heads,
+                       kv_dtype_bytes=dtype_bytes)
 
     def wire_bytes_per_token(self, codec: str) -> float:
         return wire_bytes_per_token(codec, self.kv_bytes_per_token, self.kv_dtype_bytes, self.num_layers,

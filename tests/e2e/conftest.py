@@ -73,10 +73,14 @@ def cluster():
     prompts on the idle decode worker. Tests of the cost model swap it in (test_cluster.py)."""
     import asyncio
 
-    from pdcluster.deploy.launch import Cluster, ClusterConfig
+    from pdcluster.deploy.config import ClusterConfig, EngineSection, ServerSection
+    from pdcluster.deploy.launch import Cluster
+    from pdcluster.engine.config import CacheConfig
+    from pdcluster.router.config import RouterConfig
     loop = asyncio.new_event_loop()
-    c = loop.run_until_complete(Cluster(ClusterConfig(port=0, kv_cache_memory=96 * 2**20,
-                                                      policy="least-loaded")).start())
+    cfg = ClusterConfig(server=ServerSection(port=0, metrics_port=0), router=RouterConfig(policy="least-loaded"),
+                        engine=EngineSection(cache=CacheConfig(kv_cache_memory=96 * 2**20)))
+    c = loop.run_until_complete(Cluster(cfg).start())
     c.loop = loop
     c.run = loop.run_until_complete
     yield c

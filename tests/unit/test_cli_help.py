@@ -32,3 +32,59 @@ def test_every_option_has_help_and_its_default(name, monkeypatch):
         shown = a.option_strings and not (a.default is None or a.default is False)
         if shown:
             assert f"default: {a.default}" in text, (name, a.option_strings, a.default)
+
+
+# serve's flags come from the config tree (deploy/flags.py)
+
+SERVE_FLAGS = {     # every flag serve had before the tree, with its default in the flag's units
+    "--model": None, "--host": "127.0.0.1", "--port": 50051, "--prefill-workers": 1, "--decode-workers": 1,
+    "--address": None, "--threads-per-worker": 1, "--gpu": False, "--dtype": "float32", "--kv-cache-memory": 512,
+    "--max-num-seqs": 64, "--max-num-batched-tokens": 2048, "--max-model-len": None, "--local-prefill": False,
+    "--local-prefill-max-tokens": 0, "--metrics-port": 9090, "--kv-transport": "tcp", "--kv-compression": "off",
+    "--policy": "cost-model", "--auth-token-file": None, "--tls-cert": None, "--tls-key": None,
+    "--cluster-secret-file": None, "--max-restarts": 3, "--worker-timeout": 60.0, "--prefill-timeout": 120.0,
+    "--health-timeout": 5.0, "--transfer-timeout": 30.0, "--max-queue-wait": 30.0, "--drain-timeout": 30.0,
+    "--config": None, "--log-level": "INFO", "--log-format": "text",
+}
+
+
+def test_serve_keeps_every_flag_and_default():
+    p = parsers()["pdcluster serve"]
+    have = {s: a.default for a in p._actions for s in a.option_strings if s.startswith("--") and s != "--help"}
+    assert have == SERVE_FLAGS
+
+
+def test_serve_choices_come_from_the_registries():
+    from pdcluster.kv_transfer.codec_policy import MODES
+    from pdcluster.kv_transfer.registry import TRANSPORTS
+    from pdcluster.router.placement import POLICY_NAMES
+    p = parsers()["pdcluster serve"]
+    choices = {a.option_strings[0]: a.choices for a in p._actions if a.option_strings}
+    assert choices["--kv-transport"] == TRANSPORTS and choices["--policy"] == POLICY_NAMES
+    assert choices["--kv-compression"] == MODES and set(choices["--dtype"]) == {"float32", "bfloat16", "float16"}
+
+
+def test_serve_flags_land_in_the_tree_in_its_units():
+    from pdcluster.deploy.config import ClusterConfig
+    from pdcluster.deploy.flags import apply_flags
+    a = cli.build_parser().parse_args(["serve"])
+    assert apply_flags(ClusterConfig(), a, a.tree_flags) == ClusterConfig()      # no flag: the tree's defaults
+    a = cli.build_parser().parse_args(["serve", "--kv-cache-memory", "64", "--local-prefill", "--max-queue-wait", "0",
+                                       "--prefill-workers", "2", "--worker-timeout", "7", "--gpu", "--policy",
+                                       "round-robin", "--drain-timeout", "3"])
+    c = apply_flags(ClusterConfig(), a, a.tree_flags)
+    assert c.engine.cache.kv_cache_memory == 64 * 2**20 and c.router.remote_prefill is False
+    assert c.router.max_queue_wait_s is None and c.pools.prefill.initial_replicas == 2
+    assert c.timeouts.stream_gap_s == 7.0 and c.engine.use_gpu and c.router.policy == "round-robin"
+    assert c.server.shutdown_drain_s == 3.0 and c.workers("prefill") == 0      # local prefill: no prefill pool
+
+
+def test_override_rebuilds_nodes_and_refuses_unknown_paths():
+    from pdcluster.deploy.config import ClusterConfig
+    from pdcluster.deploy.flags import dotted, override
+    c = override(ClusterConfig(), dotted(kv__transport="grpc", engine__cache__block_size=32))
+    assert c.kv.transport == "grpc" and c.engine.cache.block_size == 32
+    with pytest.raises(TypeError, match="KVSection has no field transprt"):
+        override(ClusterConfig(), dotted(kv__transprt="grpc"))
+    with pytest.raises(ValueError, match="kv transport must be one of"):
+        override(ClusterConfig(), dotted(kv__transport="udp"))

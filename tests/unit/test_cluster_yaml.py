@@ -131,7 +131,7 @@ def test_aws_pool_capacity_covers_max_replicas():
     cfg, serve = ray_checks(load("cluster-aws.yaml")), load_pools_config(DEPLOY / "pools.yaml")
     for pool, res in POOL_RES.items():
         slots = sum(t["max_workers"] * t["resources"].get(res, 0) for t in cfg["available_node_types"].values())
-        assert serve.pools[pool].max_replicas <= slots, pool
+        assert serve.pools.pool(pool).hi <= slots, pool
         assert cfg["max_workers"] >= sum(t.get("min_workers", 0) for t in cfg["available_node_types"].values())
 
 
@@ -145,7 +145,7 @@ def test_local_hosts_all_mapped_and_capacity_covers_max_replicas():
     assert sorted(ips) == sorted(hosts)
     serve = load_pools_config(DEPLOY / "pools.yaml")
     for pool in POOL_RES:
-        assert serve.pools[pool].max_replicas <= sum(getattr(h, pool) for h in hosts.values()), pool
+        assert serve.pools.pool(pool).hi <= sum(getattr(h, pool) for h in hosts.values()), pool
 
 
 def test_local_start_commands_use_the_synced_map():

@@ -100,11 +100,11 @@ def test_namespaces_are_removed_when_the_body_raises(can_shape, error):
 
 def test_scenario_run_gets_a_shaped_link_instead_of_the_bucket(can_shape):
     from pdcluster.bench.scenario import kv_link
-    from pdcluster.deploy.launch import ClusterConfig
+    from pdcluster.deploy.config import ClusterConfig, KVSection
     notes = {}
-    with kv_link(ClusterConfig(kv_bandwidth_limit=5e6), True, notes) as cfg:
-        link = cfg.kv_link
-        assert cfg.kv_bandwidth_limit is None and link.goodput_bytes_per_s == pytest.approx(5e6)
+    with kv_link(ClusterConfig(kv=KVSection(bandwidth_limit=5e6)), True, notes) as cfg:
+        link = cfg.kv.link
+        assert cfg.kv.bandwidth_limit is None and link.goodput_bytes_per_s == pytest.approx(5e6)
         assert not _gone(link)
     assert _gone(link) and list(notes)[0].startswith("veth+tbf at 5.0 MB/s")
 

@@ -1,4 +1,4 @@
-"""deploy/pools.yaml -> ServeConfig: the shipped file, defaults, and errors naming key and line."""
+"""deploy/pools.yaml -> the config tree: the shipped file, defaults, and errors naming key and line."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pdcluster.deploy.launch import ClusterConfig
-from pdcluster.deploy.pools import PoolsConfigError, ServeConfig, load_pools_config, parse_pools_config
+from pdcluster.deploy.config import ClusterConfig, KVSection
+from pdcluster.deploy.pools import PoolsConfigError, load_pools_config, parse_pools_config
 from pdcluster.router.autoscaler import ScalingRule
 
 SHIPPED = Path(__file__).resolve().parents[2] / "deploy" / "pools.yaml"
@@ -33,9 +33,9 @@ def issues(text: str, tmp_path: Path) -> tuple[str, list]:
 
 def test_shipped_file_loads():
     c = load_pools_config(SHIPPED)
-    assert isinstance(c, ServeConfig) and c.source.endswith("pools.yaml")
-    assert c.model is None and c.router.port == 50051 and c.router.policy == "cost-model"
-    p, d = c.prefill, c.decode
+    assert isinstance(c, ClusterConfig)
+    assert c.model is None and c.server.port == 50051 and c.router.policy == "cost-model"
+    p, d = c.pools.prefill, c.pools.decode
     assert p.min_replicas <= p.initial_replicas <= p.max_replicas
     assert d.min_replicas <= d.initial_replicas <= d.max_replicas
     assert p.autoscale.signal == "queued_prompt_tokens_per_replica" and p.autoscale.signal_target == 8192
@@ -47,34 +47,40 @@ def test_shipped_file_loads():
 def test_tree_is_frozen():
     c = load_pools_config(SHIPPED)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        c.prefill.max_replicas = 9
+        c.pools.prefill.max_replicas = 9
     with pytest.raises(dataclasses.FrozenInstanceError):
-        c.decode.autoscale.target = 0.1
+        c.pools.decode.autoscale.target = 0.1
 
 
-def test_to_cluster_kwargs_builds_a_cluster_config():
+def test_the_file_lands_in_the_cluster_tree():
     c = load_pools_config(SHIPPED)
-    kw = c.to_cluster_kwargs()
-    cc = ClusterConfig(**kw)
-    assert cc.prefill_workers == c.prefill.initial_replicas and cc.decode_workers == c.decode.initial_replicas
-    assert cc.host == c.router.host and cc.port == c.router.port and cc.model == c.model
-    assert cc.threads_per_worker == c.prefill.resources.threads and cc.use_gpu == (c.prefill.resources.gpus == 1)
-    assert cc.metrics_port == c.router.metrics_port
+    assert (c.pools.prefill.initial_replicas, c.pools.decode.initial_replicas) == (1, 1)
+    assert (c.pools.prefill.max_replicas, c.pools.decode.max_replicas) == (4, 4)
+    assert c.server.host == "127.0.0.1" and c.server.port == 50051 and c.server.metrics_port == 9090
+    assert c.engine.threads_per_worker == 2 and c.engine.use_gpu
 
 
-def test_to_cluster_kwargs_refuses_what_cluster_config_cannot_express():
-    text, _ = edited("    cpus: 2\n    gpus: 1\n    threads: 2\n", "    cpus: 4\n    gpus: 1\n    threads: 4\n",
-                     after="\ndecode:")
+def test_keys_the_file_leaves_out_keep_the_base():
+    base = ClusterConfig(kv=KVSection(transport="grpc"))
+    c = parse_pools_config("router: {port: 6000}\n", base=base)
+    assert c.server.port == 6000 and c.kv.transport == "grpc" and c.server.metrics_port == base.server.metrics_port
+
+
+def test_per_pool_sizes_the_tree_cannot_express_name_key_and_line(tmp_path):
+    text, line = edited("    cpus: 2\n    gpus: 1\n    threads: 2\n", "    cpus: 4\n    gpus: 1\n    threads: 4\n",
+                        after="\ndecode:")
     with pytest.raises(ValueError, match="threads: prefill 2 != decode 4"):
-        parse_pools_config(text).to_cluster_kwargs()
-    text, _ = edited("    cpus: 2 ", "    cpus: 3 ")
+        parse_pools_config(text)
+    assert issues(text, tmp_path)[1] == [("decode.resources.threads", line + 2)]
+    text, line = edited("    cpus: 2 ", "    cpus: 3 ")
     with pytest.raises(ValueError, match=r"prefill: resources.cpus \(3\) != resources.threads \(2\)"):
-        parse_pools_config(text).to_cluster_kwargs()
+        parse_pools_config(text)
+    assert issues(text, tmp_path)[1] == [("prefill.resources.cpus", line)]
 
 
 def test_scaling_rules_match_the_file():
     c = load_pools_config(SHIPPED)
-    r = c.scaling_rules()
+    r = c.pools.scaling_rules()
     assert r["prefill"] == ScalingRule(signal="queued_prompt_tokens_per_replica", target=8192.0, min_replicas=1,
                                        max_replicas=4, up_ratio=1.0, down_ratio=0.5, upscale_delay_s=30.0,
                                        downscale_delay_s=300.0, max_step=2, cooldown_s=120.0)
@@ -84,17 +90,18 @@ def test_scaling_rules_match_the_file():
 def test_latency_signal_uses_its_slo_as_target():
     text, _ = edited("signal: kv_utilization ", "signal: p90_tpot ")
     text, _ = edited("signal: queued_prompt_tokens_per_replica ", "signal: p90_ttft ", text)
-    c = parse_pools_config(text)
+    c = parse_pools_config(text).pools
     assert c.scaling_rules()["prefill"].target == 1000 and c.scaling_rules()["prefill"].signal == "p90_ttft"
     assert c.scaling_rules()["decode"].target == 50
 
 
 def test_minimal_file_gets_defaults():
     c = parse_pools_config("prefill: {max_replicas: 3}\n")
-    assert c.router.host == "127.0.0.1" and c.autoscaler.enabled and c.autoscaler.interval_s == 5.0
-    assert (c.prefill.min_replicas, c.prefill.initial_replicas, c.prefill.max_replicas) == (1, 1, 3)
-    assert c.decode.max_replicas == 1 and c.decode.autoscale.signal == "kv_utilization"
-    assert c.prefill.autoscale.signal_target == 4096.0
+    assert c.server.host == "127.0.0.1" and c.pools.autoscaler.enabled and c.pools.autoscaler.interval_s == 5.0
+    p, d = c.pools.prefill, c.pools.decode
+    assert (p.min_replicas, p.initial_replicas, p.max_replicas) == (1, 1, 3)
+    assert d.max_replicas == 1 and d.autoscale.signal == "kv_utilization"
+    assert p.autoscale.signal_target == 4096.0
 
 
 # errors: key and line
@@ -196,8 +203,21 @@ def test_empty_file(tmp_path):
 def test_shaped_kv_link_needs_tcp_on_one_host():
     from pdcluster.deploy.netns import ShapedLink
     link = ShapedLink("ap", "ad", "10.231.0.1", "10.231.0.2", 1e6, 65536, 50.0)
-    assert ClusterConfig(kv_link=link).kv_link is link
+    assert ClusterConfig(kv=KVSection(link=link)).kv.link is link
     with pytest.raises(ValueError, match="kv_transport 'tcp'"):
-        ClusterConfig(kv_link=link, kv_transport="grpc")
+        ClusterConfig(kv=KVSection(link=link, transport="grpc"))
     with pytest.raises(ValueError, match="cluster on this host"):
-        ClusterConfig(kv_link=link, address="auto")
+        ClusterConfig(kv=KVSection(link=link), address="auto")
+
+
+def test_worker_keywords_come_from_the_tree():
+    from pdcluster.deploy.flags import dotted, override
+    from pdcluster.deploy.launch import worker_kwargs
+    c = override(ClusterConfig(), dotted(kv__transport="grpc", kv__transfer_timeout_s=10.0, timeouts__prefill_s=100.0,
+                                         kv__compression="int8", pools__max_restarts=1))
+    wk = worker_kwargs(c, "s" * 16)
+    assert wk["prefill"]["transport"] == wk["decode"]["kv_transport"] == "grpc"
+    assert wk["prefill"]["kv_compression"] == "int8" and wk["prefill"]["transfer_timeout_s"] == 10.0
+    assert wk["decode"]["reservation_ttl_s"] == 100.0 + 2 * 10.0 and wk["decode"]["max_restarts"] == 1
+    kw = c.engine.engine_kwargs(c.model)
+    assert kw["block_size"] == c.engine.cache.block_size and kw["kv_cache_memory"] == 512 * 2**20

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from pdcluster.bench.scenario import SCENARIOS, Scenario, build_report, format_report, merge_results, ratios
-from pdcluster.deploy.launch import ClusterConfig
+from pdcluster.bench.scenario import SCENARIOS, Scenario, build_report, cluster, format_report, merge_results, ratios
+from pdcluster.deploy.config import ClusterConfig
 
 
 def fake(duration, ttfts, tpots, out_tokens, goodput, remote=0.0, kv_ms=None, hit=0.0):
@@ -19,8 +19,9 @@ def fake(duration, ttfts, tpots, out_tokens, goodput, remote=0.0, kv_ms=None, hi
     return r
 
 
-SC = Scenario(name="t", summary="test", baseline=ClusterConfig(decode_workers=2, prefill_workers=0,
-                                                              remote_prefill=False),
+SC = Scenario(name="t", summary="test",
+              baseline=cluster(pools__decode__initial_replicas=2, pools__prefill__initial_replicas=0,
+                               router__remote_prefill=False),
               candidate=ClusterConfig(), dataset={"dataset": "random", "num_prompts": 2}, request_rate=1.0,
               goodput={"tpot": 50.0}, metrics=("p99_tpot_ms", "median_ttft_ms", "request_goodput", "output_throughput"),
               labels=("colo", "disagg"))
@@ -56,7 +57,8 @@ def test_report_layout_is_json_and_ratios_use_merged_sides():
     assert set(rep) == {"scenario", "baseline", "candidate", "ratios"}
     assert rep["scenario"]["name"] == "t" and rep["scenario"]["rounds"] == 2
     assert rep["baseline"]["label"] == "colo" and rep["candidate"]["label"] == "disagg"
-    assert rep["baseline"]["config"]["decode_workers"] == 2 and rep["candidate"]["config"]["remote_prefill"]
+    assert rep["baseline"]["config"]["pools"]["decode"]["initial_replicas"] == 2
+    assert rep["candidate"]["config"]["router"]["remote_prefill"]
     assert len(rep["baseline"]["runs"]) == 2 and rep["baseline"]["runs"][1]["p99_tpot_ms"] == 80
     assert rep["candidate"]["workers"][0]["prefill-0"]["busy_s"] == 1.0
     assert set(rep["ratios"]) == set(SC.metrics)
@@ -73,49 +75,59 @@ def test_report_layout_is_json_and_ratios_use_merged_sides():
 def test_registered_scenario_compares_same_cores():
     sc = SCENARIOS["colocated-vs-disagg"]
     b, c = sc.baseline, sc.candidate
-    assert (b.remote_prefill, b.prefill_workers, b.decode_workers) == (False, 0, 2)
-    assert (c.remote_prefill, c.prefill_workers, c.decode_workers) == (True, 1, 1)
-    assert b.threads_per_worker == c.threads_per_worker == 1
+    shape = lambda t: (t.router.remote_prefill, t.pools.prefill.initial_replicas,  # noqa: E731
+                       t.pools.decode.initial_replicas)
+    assert shape(b) == (False, 0, 2) and shape(c) == (True, 1, 1)
+    assert b.engine.threads_per_worker == c.engine.threads_per_worker == 1
     assert sc.dataset["dataset"] == "mixed" and "tpot" in sc.goodput
     assert {"p99_tpot_ms", "p99_itl_ms", "request_goodput"} <= set(sc.metrics)
+
+
+def leaves(tree, path=""):
+    """{dotted path: value} of every leaf of a config tree."""
+    import dataclasses
+    out = {}
+    for f in dataclasses.fields(tree):
+        v = getattr(tree, f.name)
+        out |= leaves(v, path + f.name + ".") if dataclasses.is_dataclass(v) else {path + f.name: v}
+    return out
 
 
 def test_placement_scenarios_are_registered_and_build():
     """prefix-routing, layerwise-transfer, selective-offload: each builds its workload and differs
     from its baseline only in what it compares."""
-    from dataclasses import asdict
-
     from pdcluster.bench.datasets import build_dataset
     from pdcluster.bench.scenario import KV_BLOCK_BYTES
-    for name, knob in (("prefix-routing", "policy"), ("layerwise-transfer", "kv_layerwise"),
-                       ("selective-offload", "policy")):
+    for name, knob in (("prefix-routing", "router.policy"), ("layerwise-transfer", "kv.layerwise"),
+                       ("selective-offload", "router.policy")):
         sc = SCENARIOS[name]
-        b, c = asdict(sc.baseline), asdict(sc.candidate)
+        b, c = leaves(sc.baseline), leaves(sc.candidate)
         assert {k for k in b if b[k] != c[k]} == {knob}, name
         reqs = build_dataset(dict(sc.dataset, seed=0), 1000)
         ds = sc.dataset
         assert len(reqs) == ds.get("num_prompts") or len(reqs) == ds["num_groups"] * ds["prompts_per_group"]
     pr = SCENARIOS["prefix-routing"]
-    assert (pr.baseline.policy, pr.candidate.policy) == ("round-robin", "cost-model")
-    blocks = pr.baseline.kv_cache_memory // KV_BLOCK_BYTES
+    assert (pr.baseline.router.policy, pr.candidate.router.policy) == ("round-robin", "cost-model")
+    blocks = pr.baseline.engine.cache.kv_cache_memory // KV_BLOCK_BYTES
     per_prefix = pr.dataset["prefix_len"] // 16
     assert 4 * per_prefix <= blocks < 5 * per_prefix          # about half of the 8 prefixes per worker
     lw = SCENARIOS["layerwise-transfer"]
     lens = [len(r.prompt_ids) for r in build_dataset(dict(lw.dataset, seed=0), 1000)]
-    assert 512 <= min(lens) and max(lens) <= 2048 and lw.baseline.kv_bandwidth_limit
+    assert 512 <= min(lens) and max(lens) <= 2048 and lw.baseline.kv.bandwidth_limit
     so = SCENARIOS["selective-offload"]
-    assert so.baseline.prefill_zone != so.baseline.decode_zone and so.baseline.kv_bandwidth_limit
-    assert so.baseline.policy == "least-loaded" and so.baseline.local_prefill_max_tokens == 0
+    assert so.baseline.pools.prefill.zone != so.baseline.pools.decode.zone and so.baseline.kv.bandwidth_limit
+    assert so.baseline.router.policy == "least-loaded" and so.baseline.router.local_prefill_max_tokens == 0
+    assert so.baseline.cost.tpot_slo_s == 0.5
     assert so.dataset["dataset"] == "mixed" and "request_goodput" in so.metrics
 
 
 def test_kv_link_says_which_throttle_ran():
     from pdcluster.bench.scenario import kv_link, link_mode
-    cfg, notes = ClusterConfig(kv_bandwidth_limit=5e6), {}
+    cfg, notes = cluster(kv__bandwidth_limit=5e6), {}
     with kv_link(cfg, False, notes) as run_cfg:         # no shaped link: the transport's token bucket
         assert run_cfg is cfg
     with kv_link(ClusterConfig(), True, notes) as run_cfg:  # no throttle at all: nothing to say
-        assert run_cfg.kv_link is None
+        assert run_cfg.kv.link is None
     assert list(notes) == ["token bucket in the transport at 5.0 MB/s"]
     assert link_mode(SC) == (False, "")                  # SC throttles nothing
     assert SCENARIOS["layerwise-transfer"].shaped_link and SCENARIOS["selective-offload"].shaped_link

@@ -1,0 +1,130 @@
+"""The cluster's one frozen config tree, parsed from the CLI and pools.yaml at the edge.
+
+deploy/flags.py and deploy/pools.py build it; Cluster and the workers only read it.
+
+    ClusterConfig
+      model, address
+      server: ServerSection       public gRPC endpoint, metrics, auth, TLS, shutdown drain
+      pools: PoolsSection         prefill/decode PoolConfig (size, zone, AutoscaleConfig), restarts, start bounds
+      engine: EngineSection       every worker's engine: CacheConfig, SchedulerConfig, dtype, threads, device
+      kv: KVSection               prefill -> decode KV: transport, layer-wise, compression, link, secret
+      router: RouterConfig        admission, placement policy
+      timeouts: Timeouts          bounds on every router -> worker call
+      cost: CostConfig            the cost model's priors and weights
+
+Each default is defined once, on its field. Values that several consumers need (the KV block
+size: engine, router prefix hashes, cost model; the KV codec: workers and cost model) live on one
+node and are passed down at start (Cluster.start), whatever the other nodes say.
+A field with `metadata["help"]` is a `pdcluster serve` flag (deploy/flags.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdcluster.deploy.netns import ShapedLink
+from pdcluster.deploy.pool_config import PoolsSection
+from pdcluster.engine.config import DTYPE_BYTES, CacheConfig, EngineConfig, SchedulerConfig
+from pdcluster.kv_transfer import registry
+from pdcluster.kv_transfer.codec_policy import MODES, CompressionPolicy
+from pdcluster.router.config import RouterConfig, Timeouts
+from pdcluster.router.cost_config import CostConfig
+
+@dataclass(frozen=True)
+class ServerSection:
+    host: str = field(default="127.0.0.1", metadata={"help": "router bind address"})
+    port: int = field(default=50051, metadata={"help": "router gRPC port"})
+    metrics_port: int = field(default=9090, metadata={
+        "help": "Prometheus /metrics of the router on --host:PORT (0 = off)"})
+    auth_token_file: str | None = field(default=None, metadata={"help": (   # None = no auth
+        "require `authorization: Bearer <token>`; one token (or tenant:token) per line; the tenant also "
+        "isolates its prefix cache")})
+    tls_cert: str | None = field(default=None, metadata={
+        "help": "PEM certificate: serve the public endpoint over TLS"})
+    tls_key: str | None = field(default=None, metadata={"help": "PEM private key for --tls-cert"})
+    slow_reader_timeout_s: float = 30.0      # a client write stalled this long cancels the request
+    shutdown_drain_s: float = field(default=30.0, metadata={"cli": "--drain-timeout", "help": (
+        "on SIGINT/SIGTERM: seconds the streams in flight may take to finish (new requests are refused at "
+        "once, health turns NOT_SERVING); those left then end with UNAVAILABLE")})
+
+
+@dataclass(frozen=True)
+class EngineSection:
+    """What every worker's engine is built with (engine.llm_engine.build_config)."""
+    cache: CacheConfig = field(default_factory=lambda: CacheConfig(kv_cache_memory=512 * 2**20))
+    sched: SchedulerConfig = field(default_factory=SchedulerConfig)
+    dtype: str = field(default=EngineConfig.dtype, metadata={
+        "choices": tuple(DTYPE_BYTES), "help": "weights, activations and KV cache dtype of every worker"})
+    max_model_len: int | None = field(default=None, metadata={
+        "help": "context length cap, prompt + output tokens (default: the model's own)"})
+    threads_per_worker: int = field(default=1, metadata={   # also the Ray CPUs reserved per actor
+        "help": "CPU hosts: torch threads per worker actor"})
+    use_gpu: bool = field(default=False, metadata={"cli": "--gpu", "help": "one GPU per worker actor (CUDA hosts)"})
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.use_gpu else "cpu"
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    def engine_kwargs(self, model: str | None) -> dict:
+        """build_config's keywords (plain data: they cross to the worker actors)."""
+        from dataclasses import asdict
+        return dict(model=model, dtype=self.dtype, device=self.device, max_model_len=self.max_model_len,
+                    **asdict(self.cache), **asdict(self.sched))
+
+
+@dataclass(frozen=True)
+class KVSection:
+    """How KV goes from prefill to decode workers."""
+    transport: str = field(default=registry.TRANSPORTS[0], metadata={
+        "cli": "--kv-transport", "choices": registry.TRANSPORTS, "help": (
+        "how KV goes from prefill to decode workers: a plain TCP socket (default), gRPC, or mooncake (the decode "
+        "side pulls over the Mooncake Transfer Engine, RDMA where NICs exist; needs pip install "
+        "'pdcluster[rdma]' and libibverbs1)")})
+    layerwise: bool = True                   # False: ship a request's KV only after its last layer (whole-request)
+    compression: str = field(default=CompressionPolicy.mode, metadata={
+        "cli": "--kv-compression", "choices": MODES, "help": (
+            "KV compression on the wire (tcp and grpc transports): int8 or fp8 (e4m3) with a scale per block "
+            "and KV head, ~4x fewer bytes for fp32 caches, 2x for 16-bit ones; auto compresses (int8) a "
+            "transfer when the link's measured bandwidth would make it take longer than the prefill it "
+            "overlaps with (off: every byte exact)")})
+    bandwidth_limit: float | None = None     # bytes/s: emulate a slow prefill->decode link (token bucket)
+    link: ShapedLink | None = None           # a real shaped link (deploy/netns.py; tcp transport, one host): the
+                                             #   decode workers' KV servers listen on its decode end, the
+                                             #   prefill workers connect from its prefill end
+    secret_file: str | None = field(default=None, metadata={"cli": "--cluster-secret-file", "help": (
+        "shared secret (first line, >= 16 chars) that the internal KV endpoints require; without it, a fresh "
+        "random secret per serve (the router hands it to the workers it spawns)")})
+    transfer_timeout_s: float = field(default=30.0, metadata={"cli": "--transfer-timeout", "help": (
+        "seconds one request's KV transfer may take on either end before it fails and is recomputed")})
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    model: str | None = field(default=None, metadata={   # None = embedded SmolLM2-135M-Instruct
+        "help": "HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)"})
+    address: str | None = field(default=None, metadata={   # None = start a single-host Ray here
+        "help": "join a running Ray cluster ('auto'); default: start one here"})
+    server: ServerSection = field(default_factory=ServerSection)
+    pools: PoolsSection = field(default_factory=PoolsSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+    kv: KVSection = field(default_factory=KVSection)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    cost: CostConfig = field(default_factory=CostConfig)   # geometry, block size and codec: filled in at start
+
+    def __post_init__(self):
+        registry.check(self.kv.transport)        # ValueError naming the transports
+        CompressionPolicy(self.kv.compression)   # ValueError naming the modes
+        if self.kv.link is not None and (self.kv.transport != "tcp" or self.address):
+            raise ValueError(f"kv_link (a shaped link between namespaces of this host) needs kv_transport "
+                             f"'tcp' and a cluster on this host, not {self.kv.transport!r} / address "
+                             f"{self.address!r}")
+
+    def workers(self, role: str) -> int:
+        """Workers `role` starts with (no prefill pool without remote prefill)."""
+        if role == "prefill" and not self.router.remote_prefill:
+            return 0
+        return self.pools.pool(role).initial_replicas

@@ -1,0 +1,91 @@
+"""The worker pools of the config tree: replica bounds, zones, autoscaling rules. Pure Python.
+
+Also the bounds on starting, restarting and draining replicas."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdcluster.router.autoscaler import ScalingRule
+
+SLO_KEY = {"p90_ttft": "ttft_slo_ms", "p90_tpot": "tpot_slo_ms"}    # latency signals take their target here
+
+
+@dataclass(frozen=True)
+class AutoscaleConfig:
+    signal: str                         # one of router.autoscaler.SIGNALS[pool]
+    target: float | None = None         # queued_prompt_tokens_per_replica: tokens; kv_utilization: fraction
+    ttft_slo_ms: float | None = None    # target of p90_ttft
+    tpot_slo_ms: float | None = None    # target of p90_tpot
+    scale_up_above: float = 1.0         # x target
+    scale_down_below: float = 0.5       # x target
+    upscale_delay_s: float = 30.0
+    downscale_delay_s: float = 300.0
+    max_step: int = 1
+    cooldown_s: float = 60.0
+
+    @property
+    def signal_target(self) -> float:
+        return getattr(self, SLO_KEY[self.signal]) if self.signal in SLO_KEY else self.target
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One pool. Without bounds (min/max None) it stays at initial_replicas: nothing to autoscale."""
+    autoscale: AutoscaleConfig
+    initial_replicas: int = field(default=1, metadata={     # "{pool}": the parent field's metadata
+        "cli": "--{pool}-workers", "help": "{pool} worker actors (one device each)"})
+    min_replicas: int | None = None     # None: initial_replicas
+    max_replicas: int | None = None     # None: initial_replicas; a Ray started here offers this many pool units
+    zone: str = ""                      # topology label: the cost model prices links inside a zone and
+                                        #   across zones apart
+
+    @property
+    def lo(self) -> int:
+        return self.initial_replicas if self.min_replicas is None else self.min_replicas
+
+    @property
+    def hi(self) -> int:
+        return self.initial_replicas if self.max_replicas is None else self.max_replicas
+
+    def scaling_rule(self) -> ScalingRule:
+        a = self.autoscale
+        return ScalingRule(signal=a.signal, target=a.signal_target, min_replicas=self.lo, max_replicas=self.hi,
+                           up_ratio=a.scale_up_above, down_ratio=a.scale_down_below,
+                           upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s,
+                           max_step=a.max_step, cooldown_s=a.cooldown_s)
+
+
+@dataclass(frozen=True)
+class AutoscalerLoop:
+    enabled: bool = True                # false: each pool stays at initial_replicas
+    interval_s: float = 5.0             # control-loop tick
+
+
+def _pool(name: str, signal: str, target: float):
+    """A pool field: its default autoscaling signal and target; metadata names it for its flags."""
+    return field(default_factory=lambda: PoolConfig(AutoscaleConfig(signal, target)), metadata={"pool": name})
+
+
+@dataclass(frozen=True)
+class PoolsSection:
+    prefill: PoolConfig = _pool("prefill", "queued_prompt_tokens_per_replica", 4096.0)
+    decode: PoolConfig = _pool("decode", "kv_utilization", 0.75)
+    autoscaler: AutoscalerLoop = field(default_factory=AutoscalerLoop)
+    max_restarts: int = field(default=3, metadata={
+        "help": "Ray restarts a crashed worker actor this often; it re-registers with the router"})
+    start_timeout_s: float = 600.0           # give up (clear error) if workers cannot be placed/loaded
+    replica_start_timeout_s: float = 600.0   # a replica added while serving must load within this (node launch too)
+    drain_timeout_s: float = 30.0            # scale-down: running requests finish within this, else they migrate
+
+    def pool(self, role: str) -> PoolConfig:
+        return self.prefill if role == "prefill" else self.decode
+
+    def scaling_rules(self) -> dict[str, ScalingRule]:
+        return {name: self.pool(name).scaling_rule() for name in ("prefill", "decode")}
+
+    def autoscaling_rules(self) -> dict[str, ScalingRule]:
+        """The rules `serve` runs the pool autoscaler with: pools with min_replicas < max_replicas, none
+        when autoscaler.enabled is false (then each pool stays at initial_replicas)."""
+        if not self.autoscaler.enabled:
+            return {}
+        return {name: r for name, r in self.scaling_rules().items() if r.min_replicas < r.max_replicas}
