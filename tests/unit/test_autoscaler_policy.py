@@ -340,7 +340,7 @@ def test_run_ticks_until_stopped():
 
 
 def test_rules_from_the_shipped_pools_config():
-    cfg = load_pools_config(Path(__file__).resolve().parents[2] / "deploy" / "pools.yaml")
+    cfg = load_pools_config(Path(__file__).resolve().parents[2] / "deploy" / "pools.yaml").pools
     c, clock = FakeCluster(cfg.prefill.initial_replicas, cfg.decode.initial_replicas), Clock()
     a = PoolAutoscaler(cfg.scaling_rules(), c.read_metrics, c.add, c.drain, clock=clock,
                        interval_s=cfg.autoscaler.interval_s)

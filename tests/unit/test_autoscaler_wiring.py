@@ -196,11 +196,12 @@ def test_every_decision_names_a_known_cause():
 # serve's choice of rules
 
 def test_serve_autoscales_the_pools_with_room_to_scale():
-    c = load_pools_config(SHIPPED)
+    c = load_pools_config(SHIPPED).pools
     assert set(c.autoscaling_rules()) == {"prefill", "decode"}
-    kw = c.to_cluster_kwargs()
-    assert kw["max_prefill_workers"] == c.prefill.max_replicas and kw["max_decode_workers"] == c.decode.max_replicas
-    fixed = parse_pools_config("decode: {min_replicas: 2, max_replicas: 2}\nprefill: {max_replicas: 3}\n")
+    assert (c.prefill.hi, c.decode.hi) == (4, 4)     # the Ray pool units a serve-started Ray offers
+    fixed = parse_pools_config("decode: {min_replicas: 2, max_replicas: 2}\nprefill: {max_replicas: 3}\n").pools
     assert set(fixed.autoscaling_rules()) == {"prefill"}
-    off = parse_pools_config("autoscaler: {enabled: false}\nprefill: {max_replicas: 3}\n")
+    off = parse_pools_config("autoscaler: {enabled: false}\nprefill: {max_replicas: 3}\n").pools
     assert off.autoscaling_rules() == {}
+    from pdcluster.deploy.config import ClusterConfig
+    assert ClusterConfig().pools.autoscaling_rules() == {}    # flags alone: fixed pools, no autoscaling
