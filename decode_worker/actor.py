@@ -1,15 +1,12 @@
-"""Ray actor around DecodeWorker (the only Ray code on the decode side). Tokens stream back
-through a Ray streaming generator."""
+"""Ray actor around DecodeWorker (with pdcluster/worker_actor.py, the only Ray code on the decode
+side). Tokens stream back through a Ray streaming generator."""
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 
-import ray
-
-from pdcluster.deploy.worker_options import leave_terminal_group
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.messages import Heartbeat, NoRoom, Reservation
+from pdcluster.worker_actor import WorkerActor
 
 
 # A stream with no token for this long yields a heartbeat carrying the engine's step count: the
@@ -17,26 +14,12 @@ from pdcluster.messages import Heartbeat, NoRoom, Reservation
 HEARTBEAT_S = 2.0
 
 
-class DecodeActor:
-    def __init__(self, worker_id: str, engine_kwargs: dict, num_threads: int, worker_kwargs: dict):
-        import torch
+class DecodeActor(WorkerActor):
+    role = "decode"
 
-        from pdcluster.logs import install_escaping
-        install_escaping()              # request ids reach this worker's log lines
-        leave_terminal_group()
-
+    def _make_worker(self, worker_id: str, engine, worker_kwargs: dict):
         from pdcluster.decode_worker.worker import DecodeWorker
-        from pdcluster.engine.llm_engine import LLMEngine, build_config
-        torch.set_num_threads(num_threads)
-        engine = LLMEngine(build_config(**engine_kwargs, num_threads=num_threads))
-        engine.warmup()                 # the router's first status poll brings a measured prefill rate
-        if worker_kwargs.pop("bind_node_ip", False):
-            worker_kwargs["kv_host"] = ray.util.get_node_ip_address()
-        self.worker = DecodeWorker(worker_id, engine, **worker_kwargs)
-        self.pool = ThreadPoolExecutor(max_workers=256, thread_name_prefix="decode-rpc")
-
-    async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        return DecodeWorker(worker_id, engine, **worker_kwargs)
 
     async def reserve(self, request_id: str, prompt_ids: list[int], params: dict,
                       cache_salt: str | None = None) -> Reservation | NoRoom:
@@ -72,24 +55,5 @@ class DecodeActor:
         finally:
             self.worker.finished(request_id)
 
-    async def abort(self, request_id: str) -> None:
-        await self._run(self.worker.abort, request_id)
 
-    async def status(self, drain_events: bool = False) -> dict:
-        return self.worker.status(drain_events)
-
-    async def cached_hashes(self) -> tuple[int, list[int]]:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, self.worker.cached_hashes)
-
-    async def shutdown(self) -> None:
-        self.worker.close()
-
-
-def spawn(worker_id: str, engine_kwargs: dict, num_threads: int, use_gpu: bool = False, max_restarts: int = 0,
-          **worker_kwargs):
-    """A worker actor; Ray restarts it up to max_restarts times after a crash (same arguments, fresh
-    process: the router sees a new incarnation and re-registers it)."""
-    from pdcluster.deploy.worker_options import actor_options
-    opts = actor_options("decode", worker_id, num_threads, use_gpu, max_restarts)
-    return ray.remote(DecodeActor).options(**opts).remote(
-        worker_id, engine_kwargs, num_threads, worker_kwargs)
+spawn = DecodeActor.spawn

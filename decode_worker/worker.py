@@ -75,7 +75,7 @@ class DecodeWorker:
         self._reserved: dict[str, float] = {}
         # longer than the router waits for the prefill that fills it (queue + compute + transfer)
         self.reservation_ttl_s = reservation_ttl_s
-        self.loop = EngineThread(engine, name=f"decode-{worker_id}")
+        self.engine_thread = EngineThread(engine, name=f"decode-{worker_id}")
 
     @property
     def kv_address(self) -> str:
@@ -84,7 +84,7 @@ class DecodeWorker:
 
     def _listen(self, rid: str, sink=None) -> TokenStream:
         s = TokenStream(sink)
-        self.loop.listeners[rid] = s.push
+        self.engine_thread.listeners[rid] = s.push
         return s
 
     # remote prefill
@@ -97,8 +97,9 @@ class DecodeWorker:
             except NoKVCapacity as e:
                 raise NoKVCapacity(f"{self.worker_id}: {e}") from None
             self._reserved[rid] = time.monotonic() + self.reservation_ttl_s
-            return Reservation(kv_address=self.kv_address, dst_id=self.worker_id, skip_blocks=r.skip_blocks, dst_block_ids=r.block_ids, cached_tokens=r.cached_tokens)
-        return self.loop.run(_reserve)
+            return Reservation(kv_address=self.kv_address, dst_id=self.worker_id, skip_blocks=r.skip_blocks,
+                               dst_block_ids=r.block_ids, cached_tokens=r.cached_tokens)
+        return self.engine_thread.run(_reserve)
 
     def start(self, rid: str, first_token: int, sink=None) -> TokenStream:
         """The transfer finished (the prefill worker holds the ack): join the running batch."""
@@ -107,10 +108,10 @@ class DecodeWorker:
             engine.start_remote(rid, first_token)
         stream = self._listen(rid, sink)
         try:
-            if not self.loop.run(lambda e: rid in self._reserved):
+            if not self.engine_thread.run(lambda e: rid in self._reserved):
                 raise KeyError(rid)
             self.connector.wait_loaded(rid, self.transfer_timeout_s)
-            self.loop.run(_start)
+            self.engine_thread.run(_start)
         except BaseException:
             self._drop_stream(rid)
             raise
@@ -121,7 +122,7 @@ class DecodeWorker:
                  cache_salt: str | None = None, sink=None) -> TokenStream:
         stream = self._listen(rid, sink)
         try:
-            self.loop.run(lambda e: e.add_request(prompt_ids, params, rid, cache_salt, detokenize=False))
+            self.engine_thread.run(lambda e: e.add_request(prompt_ids, params, rid, cache_salt, detokenize=False))
         except BaseException:
             self._drop_stream(rid)
             raise
@@ -132,14 +133,14 @@ class DecodeWorker:
         def _abort(engine: LLMEngine) -> None:
             self._reserved.pop(rid, None)
             req = engine.abort(rid)          # the connector fences late KV for rid, reserved or not
-            cb = self.loop.listeners.pop(rid, None)
+            cb = self.engine_thread.listeners.pop(rid, None)
             if cb and req is not None:
                 cb(StepOutput(req, [], "", True))
-        self.loop.run(_abort)
+        self.engine_thread.run(_abort)
         self._drop_stream(rid)
 
     def _drop_stream(self, rid: str) -> None:
-        self.loop.listeners.pop(rid, None)
+        self.engine_thread.listeners.pop(rid, None)
 
     def finished(self, rid: str) -> None:
         self._drop_stream(rid)
@@ -155,7 +156,7 @@ class DecodeWorker:
     def status(self, drain_events: bool = False) -> WorkerStatus:
         """Load figures; with drain_events (the router's poll) also the block events since the last drain.
         Each poll also sweeps expired reservations (queued on the engine thread, not waited for)."""
-        self.loop.call(self._expire_reservations)
+        self.engine_thread.call(self._expire_reservations)
         running, waiting = self.engine.queue_lengths()
         return WorkerStatus.of(self.worker_id, "decode", self.incarnation, os.getpid(), self.engine.figures(),
                                self.events.drain() if drain_events else (None, ()), running=running,
@@ -167,8 +168,8 @@ class DecodeWorker:
 
     def cached_hashes(self) -> tuple[int, list[int]]:
         """(event sequence number, every cached chain hash): a full resync for the router's index."""
-        return self.loop.run(lambda e: e.block_snapshot())
+        return self.engine_thread.run(lambda e: e.block_snapshot())
 
     def close(self) -> None:
-        self.loop.stop()
+        self.engine_thread.stop()
         self.server.stop_sync()

@@ -65,7 +65,7 @@ class PrefillWorker:
         self.sends = engine.connector = SendConnector(layerwise=kv_layerwise)
         self._lock = threading.Lock()
         self.in_flight = 0
-        self.loop = EngineThread(engine, name=f"prefill-{worker_id}")
+        self.engine_thread = EngineThread(engine, name=f"prefill-{worker_id}")
 
     def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                 dest: KVDestination | None, cache_salt: str | None = None) -> PrefillResult:
@@ -88,17 +88,17 @@ class PrefillWorker:
                 kw = {"codec": codec} if codec != "none" else {}  # Mooncake's open() takes no codec
                 sender = self.transport.open(dest.address, request_id, dest.dst_block_ids, dest.dst_id, **kw)
                 self.sends.add(request_id, sender, dest.skip_blocks, codec)
-            self.loop.listeners[request_id] = listener
+            self.engine_thread.listeners[request_id] = listener
             return req
 
         with self._lock:
             self.in_flight += 1
         try:
-            self.loop.run(add)
+            self.engine_thread.run(add)
             token, req = done.result()
             t_prefill = time.perf_counter() - t0
             stats = None
-            entry = self.loop.run(lambda e: self.sends.pop(request_id))
+            entry = self.engine_thread.run(lambda e: self.sends.pop(request_id))
             if entry is not None:
                 if token is None:
                     entry[0].abort()
@@ -127,10 +127,10 @@ class PrefillWorker:
     def abort(self, request_id: str) -> None:
         def _abort(engine: LLMEngine):
             req = engine.abort(request_id)       # the connector aborts its sender first
-            cb = self.loop.listeners.pop(request_id, None)
+            cb = self.engine_thread.listeners.pop(request_id, None)
             if cb and req is not None:
                 cb(StepOutput(req, [], "", True))
-        self.loop.run(_abort)
+        self.engine_thread.run(_abort)
 
     def probe(self, address: str, dst_id: str) -> float | None:
         """Measure the idle link to a decode worker's KV endpoint (bytes/s, also a meter sample, so
@@ -146,9 +146,9 @@ class PrefillWorker:
 
     def cached_hashes(self) -> tuple[int, list[int]]:
         """(event sequence number, every cached chain hash): a full resync for the router's index."""
-        return self.loop.run(lambda e: e.block_snapshot())
+        return self.engine_thread.run(lambda e: e.block_snapshot())
 
     def close(self) -> None:
-        self.loop.stop()
+        self.engine_thread.stop()
         self.transport.close()
 

@@ -24,3 +24,10 @@ def assert_landed(caches, ids, data) -> None:
     kc, vc = caches
     for layer, (k, v) in enumerate(data):
         assert torch.equal(kc[layer][ids], k) and torch.equal(vc[layer][ids], v)
+
+
+def serving(server):
+    """A fixture's body: `server` started, yielded, stopped (its streams still open fail)."""
+    server.start_sync()
+    yield server
+    server.stop_sync()

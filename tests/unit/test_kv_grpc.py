@@ -8,24 +8,15 @@ import torch
 
 from pdcluster.kv_transfer import KVReceiver, KVServer, TransferState, cache_writer, wire
 from pdcluster.kv_transfer.loop_thread import shared_loop
-from tests.unit.kv_blocks import BLOCK, SECRET, new_caches
+from tests.unit.kv_blocks import BLOCK, SECRET, new_caches, serving
 
 # received frames are read-only bytes viewed by torch; wire.py silences this outside pytest
 pytestmark = [pytest.mark.timeout(60), pytest.mark.filterwarnings("ignore:The given buffer is not writable")]
 
 
-
-@pytest.fixture
-def caches():
-    return new_caches()
-
-
 @pytest.fixture
 def server():
-    srv = KVServer(KVReceiver(), secret=SECRET)  # 127.0.0.1, port 0
-    srv.start_sync()
-    yield srv
-    srv.stop_sync(grace=None)
+    yield from serving(KVServer(KVReceiver(), secret=SECRET))  # 127.0.0.1, port 0
 
 
 def _push_raw(address, frames, metadata=()):
@@ -36,7 +27,8 @@ def _push_raw(address, frames, metadata=()):
     return asyncio.run_coroutine_threadsafe(go(), shared_loop()).result(20)
 
 
-def test_corrupt_frame_over_the_wire_is_data_loss(server, caches):
+def test_corrupt_frame_over_the_wire_is_data_loss(server):
+    caches = new_caches()
     pending = server.receiver.expect("req", [1], 1, cache_writer(*caches))
     k = torch.ones(1, *BLOCK, dtype=torch.bfloat16)
     frame = bytearray(wire.encode_frame("req", 0, [1], k, k))
@@ -55,7 +47,8 @@ def test_malformed_frame_over_the_wire_is_invalid_argument(server):
 
 
 @pytest.mark.parametrize("metadata", [(), (("x-pdcluster-secret", "wrong"),)])
-def test_secret_mismatch_is_unauthenticated(server, caches, metadata):
+def test_secret_mismatch_is_unauthenticated(server, metadata):
+    caches = new_caches()
     server.receiver.expect("req", [1], 1, cache_writer(*caches))
     k = torch.ones(1, *BLOCK, dtype=torch.bfloat16)
     with pytest.raises(grpc.aio.AioRpcError) as e:

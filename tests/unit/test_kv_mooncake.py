@@ -113,7 +113,7 @@ def test_prefill_actor_binds_mooncake_to_its_node_ip_on_a_multi_node_cluster(mon
     monkeypatch.setattr(prefill_worker_mod, "PrefillWorker", lambda wid, eng, **kw: made.append(kw))
     for bind in (True, False):
         actor = PrefillActor("p", {}, torch.get_num_threads(), dict(transport="mooncake", bind_node_ip=bind))
-        actor.pool.shutdown()
+        actor.rpc_threads.shutdown()
     assert made == [dict(transport="mooncake", kv_host="10.9.8.7"), dict(transport="mooncake")]
 
 

@@ -13,10 +13,9 @@ from pdcluster.kv_transfer import (BandwidthMeter, KVReceiver, KVTcpServer, KVTr
                          TransferState, cache_writer, wire)
 from pdcluster.kv_transfer.tcp import protocol as proto
 from pdcluster.kv_transfer.crc import crc32
-from tests.unit.kv_blocks import BLOCK, BLOCK_BYTES, L, NB, SECRET, assert_landed, layers, new_caches
+from tests.unit.kv_blocks import BLOCK, BLOCK_BYTES, L, NB, SECRET, assert_landed, layers, new_caches, serving
 
 pytestmark = pytest.mark.timeout(60)
-
 
 
 @pytest.fixture
@@ -26,10 +25,7 @@ def caches():
 
 @pytest.fixture
 def server():
-    srv = KVTcpServer(KVReceiver(), secret=SECRET)  # 127.0.0.1, port 0
-    srv.start_sync()
-    yield srv
-    srv.stop_sync()
+    yield from serving(KVTcpServer(KVReceiver(), secret=SECRET))  # 127.0.0.1, port 0
 
 
 @pytest.fixture

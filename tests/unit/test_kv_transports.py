@@ -11,7 +11,7 @@ import torch
 from pdcluster.kv_transfer import BandwidthMeter, KVReceiver, KVTransferError, TransferState, cache_writer
 from pdcluster.kv_transfer.mooncake import engine as mooncake_engine
 from pdcluster.kv_transfer.registry import TRANSPORTS, sender_class, server_class
-from tests.unit.kv_blocks import BLOCK, BLOCK_BYTES, L, NB, SECRET, assert_landed, layers, new_caches
+from tests.unit.kv_blocks import BLOCK, BLOCK_BYTES, L, NB, SECRET, assert_landed, layers, new_caches, serving
 
 # received frames are read-only bytes viewed by torch; wire.py silences this outside pytest
 pytestmark = [pytest.mark.timeout(60), pytest.mark.filterwarnings("ignore:The given buffer is not writable")]
@@ -39,10 +39,7 @@ def caches():
 
 @pytest.fixture
 def server(kind, caches):
-    srv = server_class(kind).for_worker(KVReceiver(), *caches, host="127.0.0.1", secret=SECRET)  # port 0
-    srv.start_sync()
-    yield srv
-    srv.stop_sync()
+    yield from serving(server_class(kind).for_worker(KVReceiver(), *caches, host="127.0.0.1", secret=SECRET))
 
 
 @pytest.fixture
