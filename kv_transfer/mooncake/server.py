@@ -1,4 +1,4 @@
-"""MooncakeKVServer: the decode side of the mooncake transport, beside KVServer and KVTcpServer.
+"""MooncakeKVServer: the decode side of the mooncake transport.
 
 A grpc.aio server (on the shared KV loop) serving the Pull stream (mooncake/protocol.py) over a
 KVReceiver, and a TransferEngine with host memory registered once at start. Each "stage" message
