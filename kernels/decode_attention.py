@@ -22,6 +22,7 @@ import functools
 import torch
 
 from pdcluster.kernels._triton import INDEX_DTYPES, check, check_launch, check_paged_kv, new_empty, next_pow2, tl, triton
+from pdcluster.kernels.attention_tile import attend_tile
 
 LOG2E = 1.4426950408889634
 
@@ -71,18 +72,9 @@ def _decode_split_kernel(
         blk = tl.load(bt_ptr + seq * s_bt + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         row = pos % BLOCK_SIZE
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + (blk * s_kb + row * s_kr + kvh * s_kh)[:, None] + d[None, :],
-                    mask=kv_mask, other=0.0)                    # [BLOCK_N, BLOCK_D]
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # [BLOCK_G, BLOCK_N]
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + (blk * s_vb + row * s_vr + kvh * s_vh)[:, None] + d[None, :],
-                    mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = attend_tile(q, k_ptr + (blk * s_kb + row * s_kr + kvh * s_kh)[:, None] + d[None, :],
+                                    v_ptr + (blk * s_vb + row * s_vr + kvh * s_vh)[:, None] + d[None, :],
+                                    kv_mask, n_mask[None, :], m_i, l_i, acc, qk_scale, PRECISION)
 
     has = l_i > 0                                               # false for an empty range
     o = acc / tl.where(has, l_i, 1.0)[:, None]                 # zeros where empty

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from pdcluster.kernels._triton import INDEX_DTYPES, check, check_launch, check_paged_kv, new_empty, next_pow2, tl, triton
+from pdcluster.kernels.attention_tile import attend_tile
 
 LOG2E = 1.4426950408889634
 
@@ -69,18 +70,10 @@ def _prefill_kernel(
             blk = tl.load(bt_ptr + seq * s_bt + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
             row = pos % BLOCK_SIZE
             kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_ptr + (blk * s_kb + row * s_kr + kvh * s_kh)[:, None] + d[None, :],
-                        mask=kv_mask, other=0.0)                # [BLOCK_N, BLOCK_D]
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale   # [BLOCK_M, BLOCK_N]
-            s = tl.where(n_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_ptr + (blk * s_vb + row * s_vr + kvh * s_vh)[:, None] + d[None, :],
-                        mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            causal = n_mask[None, :] & (pos[None, :] <= q_pos[:, None])     # [BLOCK_M, BLOCK_N]
+            m_i, l_i, acc = attend_tile(q, k_ptr + (blk * s_kb + row * s_kr + kvh * s_kh)[:, None] + d[None, :],
+                                        v_ptr + (blk * s_vb + row * s_vr + kvh * s_vh)[:, None] + d[None, :],
+                                        kv_mask, causal, m_i, l_i, acc, qk_scale, PRECISION)
 
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + (q_start + m)[:, None] * s_ot + head * s_oh + d[None, :],

@@ -1,0 +1,21 @@
+"""One K/V tile of online-softmax attention (FlashAttention-2, base-2 exponent), shared by the
+paged decode and prefill kernels; their torch references are beside them
+(decode_attention.paged_decode_attention_ref, prefill_attention.paged_prefill_attention_ref)."""
+from pdcluster.kernels._triton import tl, triton
+
+
+@triton.jit
+def attend_tile(q, k_ptrs, v_ptrs, kv_mask, valid, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
+    """q [M, D] against one tile of N keys/values at k_ptrs / v_ptrs [N, D] (loaded under kv_mask);
+    scores are q.k * qk_scale, in log2 units; valid [M, N] or [1, N] marks those that count.
+    Returns the running row max m_i [M], denominator l_i [M] and output acc [M, D], updated."""
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(valid, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
