@@ -21,17 +21,17 @@ class DecodeActor(WorkerActor):
         from pdcluster.decode_worker.worker import DecodeWorker
         return DecodeWorker(worker_id, engine, **worker_kwargs)
 
-    async def reserve(self, request_id: str, prompt_ids: list[int], params: dict,
+    async def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                       cache_salt: str | None = None) -> Reservation | NoRoom:
         """A Reservation, or NoRoom when the pool cannot hold the prompt right now."""
         from pdcluster.engine.kv_connector import NoKVCapacity
         try:
-            return await self._run(self.worker.reserve, request_id, prompt_ids, SamplingParams(**params), cache_salt)
+            return await self._run(self.worker.reserve, request_id, prompt_ids, params, cache_salt)
         except NoKVCapacity as e:
             return NoRoom(str(e))
 
     async def stream(self, request_id: str, first_token: int | None, prompt_ids: list[int] | None = None,
-                     params: dict | None = None, cache_salt: str | None = None):
+                     params: SamplingParams | None = None, cache_salt: str | None = None):
         """Yields token items until finished. first_token given: continue a remote prefill whose KV
         was reserved; else prefill prompt_ids locally."""
         loop = asyncio.get_running_loop()
@@ -40,7 +40,7 @@ class DecodeActor(WorkerActor):
         if first_token is not None:
             await self._run(self.worker.start, request_id, first_token, sink)
         else:
-            await self._run(self.worker.generate, request_id, prompt_ids, SamplingParams(**params), cache_salt, sink)
+            await self._run(self.worker.generate, request_id, prompt_ids, params, cache_salt, sink)
         try:
             while True:
                 try:

@@ -26,9 +26,11 @@ class SamplingParams:
     structured: StructuredOutput | None = None   # JSON output enforced by a grammar (engine/structured.py)
 
     def __post_init__(self) -> None:
-        # Lists are accepted for convenience and frozen into tuples.
+        # Lists are accepted for convenience and frozen into tuples (msgpack brings lists back).
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if isinstance(self.structured, dict):          # from msgpack (the router -> worker wire form)
+            object.__setattr__(self, "structured", StructuredOutput(**self.structured))
         self.validate()
 
     def validate(self) -> None:

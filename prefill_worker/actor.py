@@ -13,9 +13,9 @@ class PrefillActor(WorkerActor):
         from pdcluster.prefill_worker.worker import PrefillWorker
         return PrefillWorker(worker_id, engine, **worker_kwargs)
 
-    async def prefill(self, request_id: str, prompt_ids: list[int], params: dict, dest: KVDestination | None,
+    async def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams, dest: KVDestination | None,
                       cache_salt: str | None = None) -> PrefillResult:
-        return await self._run(self.worker.prefill, request_id, prompt_ids, SamplingParams(**params), dest, cache_salt)
+        return await self._run(self.worker.prefill, request_id, prompt_ids, params, dest, cache_salt)
 
     async def probe(self, address: str, dst_id: str) -> float | None:
         return await self._run(self.worker.probe, address, dst_id)

@@ -10,6 +10,7 @@ from typing import AsyncIterator
 
 import ray.exceptions
 
+from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.messages import Heartbeat, KVDestination, NoRoom, PrefillResult, Reservation, TokenItem, WorkerStatus
 from pdcluster.router.config import Timeouts
 from pdcluster.router.errors import WorkerLost
@@ -42,7 +43,7 @@ class WorkerClient:
 
 
 class PrefillClient(WorkerClient):
-    async def prefill(self, request_id: str, prompt_ids: list[int], params: dict, dest: KVDestination | None,
+    async def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams, dest: KVDestination | None,
                       cache_salt: str | None) -> PrefillResult:
         return await _call(self.worker_id,
                            self.handle.prefill.remote(request_id, prompt_ids, params, dest, cache_salt),
@@ -54,13 +55,13 @@ class PrefillClient(WorkerClient):
 
 
 class DecodeClient(WorkerClient):
-    async def reserve(self, request_id: str, prompt_ids: list[int], params: dict,
+    async def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                       cache_salt: str | None) -> Reservation | NoRoom:
         return await _call(self.worker_id, self.handle.reserve.remote(request_id, prompt_ids, params, cache_salt),
                            self.t.stream_gap_s)
 
     async def stream(self, request_id: str, first_token: int | None, prompt_ids: list[int] | None = None,
-                     params: dict | None = None, cache_salt: str | None = None) -> AsyncIterator[TokenItem]:
+                     params: SamplingParams | None = None, cache_salt: str | None = None) -> AsyncIterator[TokenItem]:
         """Token items. The worker is lost after stream_gap_s without an item, or after stream_gap_s of
         heartbeats whose engine step count stands still (alive but stuck); a long prefill that keeps
         stepping is never lost. Heartbeats are consumed here."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from pdcluster.engine.hashing import block_hashes
+from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.messages import NoRoom, TokenItem
 from pdcluster.router.errors import Unavailable, WorkerLost
 from pdcluster.router.placement import Placement
@@ -29,7 +30,7 @@ class Attempt:
         return self.placement["decode_worker"]
 
 
-async def place(router, attempt_id: str, ids: list[int], params: dict, salt: str | None,
+async def place(router, attempt_id: str, ids: list[int], params: SamplingParams, salt: str | None,
                 exclude: set[str]) -> Attempt:
     """Place attempt `attempt_id` of prompt `ids` on a worker not in `exclude` (failed ones are added)."""
     workers, cfg = router.workers, router.cfg
@@ -51,7 +52,7 @@ async def place(router, attempt_id: str, ids: list[int], params: dict, salt: str
     raise Unavailable(f"no worker could take request {attempt_id} (excluded: {sorted(exclude) or 'none ready'})")
 
 
-def _start_local(workers, attempt_id: str, ids: list[int], params: dict, salt: str | None,
+def _start_local(workers, attempt_id: str, ids: list[int], params: SamplingParams, salt: str | None,
                  choice: Placement) -> Attempt:
     d = workers.decode[choice.decode]
     queued = max(0, len(ids) - int((choice.estimate or {}).get("cached_tokens", 0)))
@@ -60,7 +61,7 @@ def _start_local(workers, attempt_id: str, ids: list[int], params: dict, salt: s
                         kv_bytes_transferred=0, kv_transfer_ms=0.0), [d], stream=stream)
 
 
-async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: dict, salt: str | None,
+async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: SamplingParams, salt: str | None,
                           choice: Placement, exclude: set[str]) -> Attempt | None:
     """Reserve KV on the decode worker, then prefill on the prefill worker (which streams the KV
     there). None: this pair failed, the failed worker is in `exclude` now."""

@@ -83,7 +83,7 @@ class RequestRun:
         self.attempt_id = self.request_id if m == 0 else f"{self.request_id}#m{m}"
         rest = dataclasses.replace(self.params, max_tokens=self.params.max_tokens - len(self.out))
         try:
-            attempt = await place(self.router, self.attempt_id, self.ids + self.out, dataclasses.asdict(rest),
+            attempt = await place(self.router, self.attempt_id, self.ids + self.out, rest,
                                   self.salt, self.exclude)
         except Unavailable:
             if not self.out:

@@ -58,3 +58,14 @@ def test_worker_status_round_trips_with_its_nested_figures():
         assert all(isinstance(x, LinkFigures) for x in back.links)
     with pytest.raises(dataclasses.FrozenInstanceError):
         pre.engine.free_blocks = 0
+
+
+def test_sampling_params_cross_to_the_workers_as_msgpack_and_come_back_equal():
+    import msgpack
+
+    from pdcluster.engine import SamplingParams, StructuredOutput
+    p = SamplingParams(max_tokens=9, temperature=0.7, top_p=0.9, top_k=5, min_p=0.05, seed=2**63 + 1,
+                       stop=["\n\n"], stop_token_ids=[2], presence_penalty=0.5, repetition_penalty=1.2,
+                       logprobs=3, structured=StructuredOutput("json_schema", '{"type": "object"}'))
+    back = SamplingParams(**msgpack.unpackb(msgpack.packb(dataclasses.asdict(p)), strict_map_key=True))
+    assert back == p and isinstance(back.structured, StructuredOutput)
