@@ -23,7 +23,7 @@ from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.engine.kv_connector import NoKVCapacity
 from pdcluster.kv_transfer import KVReceiver, ReceiveConnector
-from pdcluster.kv_transfer.registry import check, server_class
+from pdcluster.kv_transfer.registry import TRANSFER_TIMEOUT_S, check, server_class
 from pdcluster.messages import Reservation, TokenItem, WorkerStatus
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class DecodeWorker:
     given, inside the `ip netns` namespace kv_tcp_netns (a shaped link's decode end: deploy/netns.py)."""
 
     def __init__(self, worker_id: str, engine: LLMEngine, kv_host: str = "127.0.0.1", kv_port: int = 0,
-                 secret: str | None = None, transfer_timeout_s: float = 30.0, reservation_ttl_s: float = 300.0,
+                 secret: str | None = None, transfer_timeout_s: float = TRANSFER_TIMEOUT_S, reservation_ttl_s: float = 300.0,
                  kv_transport: str = "tcp", kv_tcp_port: int = 0, kv_tcp_netns: str | None = None,
                  kv_tcp_host: str | None = None):
         check(kv_transport)

@@ -97,7 +97,7 @@ class KVSection:
     secret_file: str | None = field(default=None, metadata={"cli": "--cluster-secret-file", "help": (
         "shared secret (first line, >= 16 chars) that the internal KV endpoints require; without it, a fresh "
         "random secret per serve (the router hands it to the workers it spawns)")})
-    transfer_timeout_s: float = field(default=30.0, metadata={"cli": "--transfer-timeout", "help": (
+    transfer_timeout_s: float = field(default=registry.TRANSFER_TIMEOUT_S, metadata={"cli": "--transfer-timeout", "help": (
         "seconds one request's KV transfer may take on either end before it fails and is recomputed")})
 
 

@@ -12,6 +12,7 @@ from dataclasses import replace
 
 from pdcluster.deploy.config import ClusterConfig
 from pdcluster.deploy.scaling import Scaling
+from pdcluster.messages import WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class Cluster(Scaling):
             except Exception:
                 log.exception("status poll failed")
 
-    async def worker_status(self) -> dict:
+    async def worker_status(self) -> dict[str, WorkerStatus]:
         """{worker id: its WorkerStatus (pdcluster.messages)}."""
         ids = list(self.actors)
         res = await asyncio.gather(*(self.actors[i].status.remote() for i in ids))

@@ -10,6 +10,7 @@ import enum
 import itertools
 import time
 
+from pdcluster.engine.config import CacheConfig
 from pdcluster.engine.hashing import ROOT_HASH, block_hashes
 from pdcluster.engine.sampling_params import SamplingParams
 
@@ -32,7 +33,7 @@ _ids = itertools.count()
 
 class Request:
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                 cache_salt: str | None = None, eos_token_ids: tuple[int, ...] = (), block_size: int = 16):
+                 cache_salt: str | None = None, eos_token_ids: tuple[int, ...] = (), block_size: int = CacheConfig.block_size):
         self.request_id = request_id if request_id is not None else f"req-{next(_ids)}"
         self.params = params
         self.cache_salt = cache_salt

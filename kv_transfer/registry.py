@@ -15,6 +15,7 @@ _CLASSES = {
     "mooncake": ("mooncake.server:MooncakeKVServer", "mooncake.transport:MooncakeKVTransport"),
 }
 TRANSPORTS = tuple(_CLASSES)        # the default ("tcp") first
+TRANSFER_TIMEOUT_S = 30.0           # default bound on one request's KV transfer, on either end
 
 
 def check(name: str) -> str:

@@ -22,14 +22,14 @@ from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.messages import KVDestination, LinkFigures, PrefillResult, WorkerStatus
 from pdcluster.kv_transfer import BandwidthMeter, KVTransferError, SendConnector
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy, prefill_seconds
-from pdcluster.kv_transfer.registry import sender_class
+from pdcluster.kv_transfer.registry import TRANSFER_TIMEOUT_S, sender_class
 
 log = logging.getLogger(__name__)
 
 
 class PrefillWorker:
     def __init__(self, worker_id: str, engine: LLMEngine, secret: str | None = None,
-                 bandwidth_limit_bytes_per_s: float | None = None, transfer_timeout_s: float = 30.0,
+                 bandwidth_limit_bytes_per_s: float | None = None, transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
                  transport: str = "tcp", kv_layerwise: bool = True, kv_compression: str = "off",
                  kv_netns: str | None = None, kv_host: str | None = None):
         """transport: a name in kv_transfer/registry.py: "tcp", "grpc" or "mooncake" (the decode side
