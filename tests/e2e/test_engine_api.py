@@ -12,10 +12,10 @@ from pdcluster.engine import SamplingParams
     ([1, 2, 3], SamplingParams(max_tokens=9000), "max_tokens"),
 ])
 def test_bad_input_raises_and_allocates_nothing(llm, prompt, params, field):
-    free = llm.engine.kv.num_free_blocks
+    free = llm.engine.figures()["free_blocks"]
     with pytest.raises(ValueError, match=field):
         llm.generate([[5, 6, 7], prompt], params)
-    assert llm.engine.kv.num_free_blocks == free and not llm.engine.has_work()
+    assert llm.engine.figures()["free_blocks"] == free and not llm.engine.has_work()
     assert llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0))[0].token_ids
 
 
@@ -67,19 +67,22 @@ def test_warmup_measures_a_prefill_and_leaves_the_pool_as_it_was(llm):
     sample (the router's first rate estimates); the pool keeps no block, cache entry or event of it."""
     e = llm.engine
     PARIS = "Paris is the capital and largest city of France, on the Seine. " * 3   # 2+ full blocks
-    events, pool = [], e.kv.pool
     want = llm.generate([PARIS], SamplingParams(max_tokens=6, temperature=0))[0].token_ids
-    pool.on_event = lambda kind, hashes: events.append(kind)
-    try:
-        before = (e.kv.num_free_blocks, set(pool.cached), pool.queries, pool.hits)
-        stats = e.stats.as_dict()
-        assert e.warmup(num_tokens=200) > 0
-        assert (e.kv.num_free_blocks, set(pool.cached), pool.queries, pool.hits) == before and events == []
-        s = e.stats.as_dict()
-        assert s["prefill_tokens"] - stats["prefill_tokens"] == 200 and s["prefill_s"] > stats["prefill_s"]
-        assert s["decode_steps"] - stats["decode_steps"] == 1
-        got = llm.generate([PARIS], SamplingParams(max_tokens=6, temperature=0))[0].token_ids
-        assert got == want                               # and the cached prompt still hits
-        assert pool.hits > before[3]
-    finally:
-        pool.on_event = None
+    log = e.block_events()
+    log.drain()
+
+    def pool_state():
+        f = e.figures()
+        return f["free_blocks"], set(e.block_snapshot()[1]), f["prefix_queries"], f["prefix_hits"]
+    before = pool_state()
+    assert before[1]                                    # PARIS' blocks are cached
+    stats = e.stats.as_dict()
+    assert e.warmup(num_tokens=200) > 0
+    assert pool_state() == before and log.drain()[1] == []
+    s = e.stats.as_dict()
+    assert s["prefill_tokens"] - stats["prefill_tokens"] == 200 and s["prefill_s"] > stats["prefill_s"]
+    assert s["decode_steps"] - stats["decode_steps"] == 1
+    got = llm.generate([PARIS], SamplingParams(max_tokens=6, temperature=0))[0].token_ids
+    assert got == want                               # and the cached prompt still hits
+    assert e.figures()["prefix_hits"] > before[3]
+

@@ -54,8 +54,7 @@ def test_forced_preemption_tiny_pool(hf_ref, refs):
     ids, ref = refs
     tiny = LLM(num_blocks=10, max_num_batched_tokens=256, enable_prefix_caching=False)
     outs = tiny.generate(ids[:8], GREEDY)
-    sched = tiny.engine.scheduler
-    assert tiny.engine.kv.num_free_blocks == 10 and not sched.has_work()
+    assert tiny.engine.figures()["free_blocks"] == 10 and not tiny.engine.has_work()
     assert_all_match(hf_ref, ids[:8], outs, ref[:8])
 
 

@@ -76,7 +76,7 @@ def test_json_object_output_is_one_json_object(llm):
      "unsupported JSON schema"),
 ])
 def test_a_bad_response_format_is_a_value_error_and_allocates_nothing(llm, spec, field):
-    free = llm.engine.kv.num_free_blocks
+    free = llm.engine.figures()["free_blocks"]
     with pytest.raises(ValueError, match=field):
         llm.generate(["hi"], SamplingParams(max_tokens=4, structured=spec))
-    assert llm.engine.kv.num_free_blocks == free and not llm.engine.has_work()
+    assert llm.engine.figures()["free_blocks"] == free and not llm.engine.has_work()

@@ -4,6 +4,7 @@ empty or enormous stop strings get the right status code with a message naming t
 next valid request is served; then a few thousand mutated requests crash nothing and leak nothing."""
 import asyncio
 import collections
+import dataclasses
 import os
 import random
 import time
@@ -245,7 +246,7 @@ def test_a_burst_past_the_expected_wait_is_refused_at_once(c, monkeypatch):
                 await asyncio.sleep(0.05)
             tps = c.router.telemetry.prefill_tps(p0)        # measured: the warm-up, earlier tests
             bound = 2.2 * N / tps                           # 3 prompts' worth of prefill may queue (2 + 1 idle)
-            monkeypatch.setattr(c.router.cfg, "max_queue_wait_s", bound)
+            monkeypatch.setattr(c.router, "cfg", dataclasses.replace(c.router.cfg, max_queue_wait_s=bound))
 
             async def one(ids, timeout=60.0):
                 t = time.monotonic()

@@ -66,7 +66,7 @@ def workers():
 def test_bad_transfer_detected_fenced_and_recomputed_exactly(workers, mode):
     p, d = workers
     ids = d.engine.tokenizer.encode("Describe a lighthouse on a stormy night. " * 20, add_special_tokens=False)
-    free = d.engine.kv.num_free_blocks
+    free = d.engine.figures()["free_blocks"]
     r = d.reserve(f"bad-{mode}", ids, GREEDY)
     proxy = Proxy(r.kv_address, mode)
     dest = r.destination(proxy.address)
@@ -80,7 +80,7 @@ def test_bad_transfer_detected_fenced_and_recomputed_exactly(workers, mode):
     # a reservation on its word; the prefill side's error is what triggers the abort.)
     assert d.connector.transfer(f"bad-{mode}").state.value != "complete"
     d.abort(f"bad-{mode}")
-    assert d.engine.kv.num_free_blocks == free and not d.receiver.pending()   # fenced and freed
+    assert d.engine.figures()["free_blocks"] == free and not d.receiver.pending()   # fenced and freed
     # recompute (another transfer, a clean link): exactly the undisturbed tokens
     got, _ = remote(p, d, f"again-{mode}", ids)
     ref = tokens(d.generate(f"local-{mode}", ids, GREEDY), timeout=60)

@@ -410,7 +410,7 @@ def test_workers_abort_frees_both_sides(workers):
     d, p_mc, _, _ = workers
     params = SamplingParams(max_tokens=12, temperature=0)
     ids = d.engine.tokenizer.encode("A long list of harbours and their lights. " * 30, add_special_tokens=False)
-    free = d.engine.kv.num_free_blocks
+    free = d.engine.figures()["free_blocks"]
     r = d.reserve("mc-abort", ids, params, cache_salt="salt-abort")
     dest = r.destination()
     errors = []
@@ -424,7 +424,7 @@ def test_workers_abort_frees_both_sides(workers):
     t.start()
     wait_until(lambda: d.connector.transfer("mc-abort").bytes_received > 0, 60)  # mid-transfer
     d.abort("mc-abort")
-    assert d.engine.kv.num_free_blocks == free and not d.receiver.pending()
+    assert d.engine.figures()["free_blocks"] == free and not d.receiver.pending()
     t.join(60)
     assert errors and isinstance(errors[0], KVTransferError)
     wait_until(lambda: p_mc.transport.arena.num_free == p_mc.transport.arena.n)
