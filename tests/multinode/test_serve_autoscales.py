@@ -32,6 +32,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import yaml
 
 from pdcluster.router.proto import generation_pb2_grpc as pbg
 from tests.e2e.conftest import PROMPTS
@@ -40,22 +41,20 @@ from tests.procs import BIN, free_port, port_open, serving_port, stop_group, wai
 
 MAX_NEW = 4            # short decodes: both pools see the burst (prefill queue, decode KV)
 CLIENTS = 8            # concurrent requests during the burst
-POOLS_YAML = """
-router: {{host: 127.0.0.1, port: 0, metrics_port: {metrics_port}, policy: least-loaded}}
-autoscaler: {{interval_s: 0.2}}
-prefill:
-  min_replicas: 1
-  max_replicas: 2
-  resources: {{cpus: 1, gpus: 0, threads: 1}}
-  autoscale: {{signal: queued_prompt_tokens_per_replica, target: 100, upscale_delay_s: 0.6,
-              downscale_delay_s: 2, max_step: 1, cooldown_s: 1}}
-decode:
-  min_replicas: 1
-  max_replicas: 2
-  resources: {{cpus: 1, gpus: 0, threads: 1}}
-  autoscale: {{signal: kv_utilization, target: 0.4, upscale_delay_s: 0.6,
-              downscale_delay_s: 2, max_step: 1, cooldown_s: 1}}
-"""
+
+
+def pools_yaml(metrics_port: int) -> str:
+    def pool(metric: str, target: float) -> dict:
+        return {"min_replicas": 1, "max_replicas": 2, "resources": {"cpus": 1, "gpus": 0, "threads": 1},
+                "autoscale": {"signal": metric, "target": target, "upscale_delay_s": 0.6, "downscale_delay_s": 2,
+                              "max_step": 1, "cooldown_s": 1}}
+    return yaml.safe_dump({"router": {"host": "127.0.0.1", "port": 0, "metrics_port": metrics_port,
+                                      "policy": "least-loaded"},
+                           "autoscaler": {"interval_s": 0.2},
+                           "prefill": pool("queued_prompt_tokens_per_replica", 100),
+                           "decode": pool("kv_utilization", 0.4)})
+
+
 NODES = [{"decode_pool": 1}, {"prefill_pool": 1}, {"prefill_pool": 1}]     # besides the head's
 
 
@@ -118,7 +117,7 @@ def test_serve_config_scales_both_pools_out_and_back_with_exact_tokens(ray_clust
     del ref_llm
 
     tmp, metrics_port = ray_cluster["tmp"], free_port()
-    (tmp / "pools.yaml").write_text(POOLS_YAML.format(metrics_port=metrics_port))
+    (tmp / "pools.yaml").write_text(pools_yaml(metrics_port))
     log = tmp / "serve.log"
     argv = [str(BIN / "pdcluster"), "serve", "--address", "auto", "--config", str(tmp / "pools.yaml"),
             "--kv-cache-memory", "64"]

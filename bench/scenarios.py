@@ -1,0 +1,134 @@
+"""The named scenarios of `pdcluster bench scenario` (bench/scenario.py runs them). Each block says
+what it compares, why its sizes are what they are, and what was measured to choose them."""
+from pdcluster.bench.scenario import Scenario, cluster, register
+
+# The scenarios. Defaults sized for the 2-core build machine (whole scenario < 5 minutes).
+#
+# colocated-vs-disagg, "near saturation": a probe (one cluster per side, this workload with fresh
+# seeds at several Poisson rates, 2026-11-22, machine load average 2.5-4 from other jobs) measured
+#   offered req/s        inf    0.6    0.9    1.2
+#   colocated achieved   1.30   0.37   0.76   1.35   (median TTFT 0.4-0.5 s up to 1.2 req/s)
+#   disagg achieved      1.34   0.37   0.73   0.97   (at 1.2: median TTFT 6.1 s, a queue builds)
+# so the single prefill worker saturates near 1.0 req/s and two colocated workers near 1.3-1.4;
+# 0.9 req/s is ~90% of the disagg capacity and ~70% of the colocated one. With 24 requests a run
+# takes ~30 s, a cluster start + warm-up + stop ~15 s: 2 rounds (4 runs) take about 3 minutes.
+# The TPOT target, 200 ms (5 tokens/s, about reading speed), was fixed before the comparison runs.
+register(Scenario(
+    name="colocated-vs-disagg",
+    summary="2 colocated workers (prefill+decode on each) vs 1 prefill + 1 decode worker, 1 core per worker",
+    # least-loaded on both sides: the disagg side prefills every prompt remotely (the cost model,
+    # the default policy, would prefill short prompts on the decode worker)
+    baseline=cluster(pools__prefill__initial_replicas=0, pools__decode__initial_replicas=2,
+                     router__remote_prefill=False, engine__threads_per_worker=1, router__policy="least-loaded"),
+    candidate=cluster(pools__prefill__initial_replicas=1, pools__decode__initial_replicas=1,
+                      router__remote_prefill=True, engine__threads_per_worker=1, router__policy="least-loaded"),
+    labels=("colocated", "disagg"),
+    dataset={"dataset": "mixed", "num_prompts": 24, "input_len": 64, "long_input_len": 384,
+             "long_fraction": 0.25, "output_len": 24, "range_ratio": 0.25, "ignore_eos": True},
+    request_rate=0.9,
+    goodput={"tpot": 200.0},
+    metrics=("p99_tpot_ms", "p99_itl_ms", "median_ttft_ms", "p99_ttft_ms", "request_goodput", "output_throughput"),
+    notes="rate 0.9 req/s = ~90% of the 1P1D capacity (~1.0 req/s) and ~70% of 2 colocated (~1.3 req/s), "
+          "measured by a rate probe on the 2-core build machine; TPOT target 200 ms = 5 tok/s",
+))
+
+
+# Placement scenarios (issue 5). Sizes in the embedded model's units:
+KV_BYTES_PER_TOKEN = 46_080                    # SmolLM2-135M, float32: 2 (K, V) * 30 layers * 3 heads * 64 * 4 B
+KV_BLOCK_BYTES = 16 * KV_BYTES_PER_TOKEN       # one 16-token KV block
+
+
+def kv_blocks(n: int) -> int:
+    """kv_cache_memory (bytes) for a pool of n 16-token blocks of the embedded model in float32."""
+    return n * KV_BLOCK_BYTES
+
+
+# prefix-routing: 8 long prefixes (384-token system prompts, 24 blocks each), 24 short suffixes each,
+# and a pool of PREFIX_POOL_BLOCKS per worker: 4 prefixes (96 blocks) plus room for the running
+# requests' own blocks, so each worker holds about half the prefixes. Topology: 2 workers that
+# prefill locally (no prefill pool), so the prefix cache that a placement hits is the one that
+# computes the prompt; with remote prefill workers the decode pool's cache only saves transfer
+# bytes, not the prefill compute that TTFT is. The rate is about round-robin's capacity here.
+# Bound (uniform prefix popularity): with pools of c prefixes each, round-robin's LRU pools hit c/8 of
+# what is reusable and a perfect placement min(1, 2c/8), so no router beats round-robin's hit rate by
+# more than min(2, 8/c): 2x exactly at c = 4. `bench/prefix_breakdown.py` prints each side's share of
+# the perfect placement's hit rate.
+PREFIX_LEN = 384
+PREFIX_POOL_BLOCKS = 4 * PREFIX_LEN // 16 + 16
+_prefix_cfg = dict(pools__prefill__initial_replicas=0, pools__decode__initial_replicas=2, router__remote_prefill=False,
+                   engine__threads_per_worker=1, engine__cache__kv_cache_memory=kv_blocks(PREFIX_POOL_BLOCKS))
+register(Scenario(
+    name="prefix-routing",
+    summary="shared-prefix workload on 2 local-prefill workers, each pool ~half the prefixes: round-robin vs cost-model",
+    baseline=cluster(router__policy="round-robin", **_prefix_cfg),
+    candidate=cluster(router__policy="cost-model", **_prefix_cfg),
+    labels=("round-robin", "cost-model"),
+    dataset={"dataset": "shared-prefix", "num_groups": 8, "prompts_per_group": 24, "prefix_len": PREFIX_LEN,
+             "suffix_len": 24, "output_len": 8, "ignore_eos": True},
+    request_rate=1.0,
+    goodput={"ttft": 1000.0},
+    metrics=("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "prefix_cache_hit_rate", "request_goodput",
+             "request_throughput"),
+    notes=f"2 workers x {PREFIX_POOL_BLOCKS} blocks (4 of the 8 prefixes + working room); local prefill so the "
+          "cache hit is where the prompt computes; 1.0 req/s ~ round-robin's capacity (it served 0.89 req/s)",
+))
+
+
+# layerwise-transfer: 1P+1D, prompts 512-2048 tokens one at a time (no queueing: TTFT = prefill +
+# the exposed part of the transfer), the KV link throttled to LAYERWISE_LINK_BPS of TCP payload (a
+# veth pair shaped by tc tbf between two network namespaces where the machine allows it, else the
+# transport's token bucket) = KV bytes per token * the prefill rate, so that shipping a prompt's KV takes
+# about as long as computing it. Both sides least-loaded with remote prefill: every prompt crosses.
+LAYERWISE_PREFILL_TPS = 150.0                  # prefill tokens/s of one 1-thread worker at 1280 tokens (measured
+                                               #   2026-12-01: 220 at 512, 153 at 1280, 115 at 2048)
+LAYERWISE_LINK_BPS = KV_BYTES_PER_TOKEN * LAYERWISE_PREFILL_TPS
+_layer_cfg = dict(pools__prefill__initial_replicas=1, pools__decode__initial_replicas=1, engine__threads_per_worker=1,
+                  router__policy="least-loaded", kv__bandwidth_limit=LAYERWISE_LINK_BPS)
+register(Scenario(
+    name="layerwise-transfer",
+    summary="1P1D, 512-2048-token prompts, KV link throttled so transfer ~= prefill: whole-request vs layer-wise",
+    baseline=cluster(kv__layerwise=False, **_layer_cfg),
+    candidate=cluster(kv__layerwise=True, **_layer_cfg),
+    labels=("whole-request", "layer-wise"),
+    dataset={"dataset": "random", "num_prompts": 4, "input_len": 1280, "range_ratio": 0.6, "output_len": 4,
+             "ignore_eos": True},
+    request_rate=float("inf"),
+    max_concurrency=1,
+    goodput={},
+    metrics=("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "mean_kv_transfer_ms", "request_throughput"),
+    notes=f"KV link {LAYERWISE_LINK_BPS / 1e6:.1f} MB/s: veth+tbf between two netns where the machine allows "
+          "it (root, iproute2), else the transport's token bucket (scenario.kv_link says which ran); "
+          "one request at a time so TTFT is prefill + exposed transfer",
+    shaped_link=True,
+))
+
+
+# selective-offload: the paper's setting in miniature. Zone "pfaas" holds the prefill worker, zone
+# "local" the decode worker; the cross-zone KV link is throttled (SELECTIVE_LINK_BPS). The decode
+# worker's local prefill capacity is small: it has one core, which also runs every decode step, and
+# the cost model's TPOT guard keeps long prompts off it. Mixed lengths: 75% short (~64 tokens), 25%
+# long (~768). Baseline: every prompt prefills remotely (least-loaded, the naive heterogeneous
+# setup); candidate: the cost model picks local or remote per prompt. Its per-step stall guard
+# (CostConfig.tpot_slo_s) is 0.5 s: on this CPU one 64-token prefill chunk alone takes ~0.3 s, so
+# the default 0.25 s would forbid every local prefill next to a running decode; an occasional
+# 0.5 s step keeps the mean TPOT (the SLO below) under 200 ms.
+SELECTIVE_LINK_BPS = 12e6
+_sel_cfg = dict(pools__prefill__initial_replicas=1, pools__decode__initial_replicas=1, engine__threads_per_worker=1,
+                pools__prefill__zone="pfaas", pools__decode__zone="local", kv__bandwidth_limit=SELECTIVE_LINK_BPS,
+                cost__tpot_slo_s=0.5)
+register(Scenario(
+    name="selective-offload",
+    summary="2 zones, 1P (remote zone, throttled link) + 1D, skewed prompt lengths: all-remote vs cost-model",
+    baseline=cluster(router__policy="least-loaded", **_sel_cfg),
+    candidate=cluster(router__policy="cost-model", **_sel_cfg),
+    labels=("all-remote", "cost-model"),
+    dataset={"dataset": "mixed", "num_prompts": 32, "input_len": 64, "long_input_len": 768,
+             "long_fraction": 0.25, "output_len": 24, "range_ratio": 0.25, "ignore_eos": True},
+    request_rate=0.6,
+    goodput={"ttft": 2500.0, "tpot": 200.0},
+    metrics=("request_goodput", "median_ttft_ms", "p99_ttft_ms", "p99_tpot_ms", "remote_prefill_fraction",
+             "output_throughput"),
+    notes=f"cross-zone link {SELECTIVE_LINK_BPS / 1e6:.0f} MB/s (veth+tbf where the machine allows it, else "
+          "token bucket: scenario.kv_link); decode zone = 1 core that also decodes; SLO ttft 2.5 s, tpot 200 ms",
+    shaped_link=True,
+))
