@@ -39,7 +39,7 @@ class TokenStream:
 
     def push(self, o: StepOutput) -> None:
         self.sink(TokenItem(token_ids=o.new_token_ids, finished=o.finished, finish_reason=o.finish_reason,
-                            num_cached_tokens=max(o.request.num_cached_tokens, 0)))
+                            num_cached_tokens=max(o.request.num_cached_tokens, 0), logprobs=tuple(o.logprobs)))
 
     def get(self, timeout: float | None = None) -> TokenItem:
         return self.q.get(timeout=timeout)

@@ -4,8 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pdcluster.engine.llm_engine import LLMEngine, build_config
-from pdcluster.engine.sampler import TokenLogprobs
-from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
 
 
 @dataclass

@@ -18,8 +18,7 @@ from pdcluster.engine.kv_connector import CompletingPrompt, KVConnector
 from pdcluster.engine.llama import LlamaModel
 from pdcluster.engine.model_runner import DTYPES, ModelRunner, num_kv_blocks
 from pdcluster.engine.request import Request, Status
-from pdcluster.engine.sampler import TokenLogprobs
-from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
 from pdcluster.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -233,6 +232,9 @@ class LLMEngine:
         if why is not None:
             self.abort(request_id)
             raise RuntimeError(f"KV for {request_id} not complete: {why}")
+        if req.params.structured is not None:   # the prefill worker's grammar took it: so does ours
+            self.grammars()
+            self.runner.accept(req, [first_token])
         self.scheduler.remote_kv_done(req, first_token)
 
     def queue_lengths(self) -> tuple[int, int]:

@@ -15,7 +15,8 @@ from pdcluster.engine.attention import AttnMeta, PrefillSeq
 from pdcluster.engine.config import EngineConfig
 from pdcluster.engine.llama import LlamaModel
 from pdcluster.engine.request import Request
-from pdcluster.engine.sampler import History, TokenLogprobs, make_generator, sample_rows
+from pdcluster.engine.sampler import History, make_generator, sample_rows
+from pdcluster.engine.sampling_params import TokenLogprobs
 from pdcluster.engine.scheduler import ScheduledBatch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -148,6 +149,12 @@ class ModelRunner:
         for k, i in enumerate(want):
             out[i], lps[i] = toks[k], logprobs[k]
         return out, lps
+
+    def accept(self, req: Request, token_ids: list[int]) -> None:
+        """Advance req's grammar over tokens sampled elsewhere (a remote prefill's first token)."""
+        m = self._matcher(req)
+        for t in token_ids:
+            self.grammars.accept(m, t)
 
     def _matcher(self, req: Request):
         if req.request_id not in self.matchers:

@@ -20,14 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from pdcluster.engine.logits_processors import apply_min_p, apply_penalties
-from pdcluster.engine.sampling_params import SamplingParams
-
-
-@dataclass(frozen=True)
-class TokenLogprobs:
-    token_id: int
-    logprob: float                          # of the sampled token
-    top: tuple[tuple[int, float], ...]      # the `logprobs` most likely (id, logprob), best first
+from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,17 @@ MAX_LOGPROBS = 20                     # as OpenAI's top_logprobs
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """A sampled token's logprob and the most likely alternatives (engine/sampler.py says which row)."""
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()     # (id, logprob) best first, SamplingParams.logprobs of them
+
+    def __post_init__(self) -> None:            # msgpack brings lists back
+        object.__setattr__(self, "top", tuple((int(t), float(lp)) for t, lp in self.top))
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0          # 0 = greedy (argmax)

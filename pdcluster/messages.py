@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import msgpack
 
+from pdcluster.engine.sampling_params import TokenLogprobs
+
 
 class Message:
     def to_bytes(self) -> bytes:
@@ -58,6 +60,11 @@ class PrefillResult(Message):
     kv_transfer_ms: float           # transfer time not hidden behind compute
     kv_wall_ms: float               # first frame to ack
     kv_codec: str                   # "none" | "int8" | "fp8"
+    first_logprobs: TokenLogprobs | None = None     # the first token's, when SamplingParams.logprobs asks
+
+    def __post_init__(self):
+        if isinstance(self.first_logprobs, dict):   # from msgpack
+            object.__setattr__(self, "first_logprobs", TokenLogprobs(**self.first_logprobs))
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,11 @@ class TokenItem(Message):
     finished: bool
     finish_reason: str | None       # "stop" | "length" | "abort" once finished
     num_cached_tokens: int          # prompt tokens served from the prefix cache (local prefill)
+    logprobs: tuple[TokenLogprobs, ...] = ()       # one per token, when SamplingParams.logprobs asks
+
+    def __post_init__(self):
+        object.__setattr__(self, "logprobs", tuple(TokenLogprobs(**x) if isinstance(x, dict) else x
+                                                   for x in self.logprobs))
 
 
 @dataclass(frozen=True)

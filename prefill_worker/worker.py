@@ -74,7 +74,8 @@ class PrefillWorker:
         t0 = time.perf_counter()
 
         def listener(o: StepOutput) -> None:
-            done.set_result((o.new_token_ids[0] if o.new_token_ids else None, o.request))
+            done.set_result((o.new_token_ids[0] if o.new_token_ids else None, o.request,
+                             o.logprobs[0] if o.logprobs else None))
 
         def add(engine: LLMEngine):
             req = engine.add_request(prompt_ids, replace(params, max_tokens=1, stop=()), request_id,
@@ -95,7 +96,7 @@ class PrefillWorker:
             self.in_flight += 1
         try:
             self.engine_thread.run(add)
-            token, req = done.result()
+            token, req, logprobs = done.result()
             t_prefill = time.perf_counter() - t0
             stats = None
             entry = self.engine_thread.run(lambda e: self.sends.pop(request_id))
@@ -110,7 +111,7 @@ class PrefillWorker:
                                  kv_bytes=stats.bytes if stats else 0,
                                  kv_transfer_ms=stats.exposed_s * 1e3 if stats else 0.0,
                                  kv_wall_ms=stats.wall_s * 1e3 if stats else 0.0,
-                                 kv_codec=entry[2] if entry is not None else "none")
+                                 kv_codec=entry[2] if entry is not None else "none", first_logprobs=logprobs)
         finally:
             with self._lock:
                 self.in_flight -= 1

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from pdcluster.engine.hashing import block_hashes
-from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
 from pdcluster.messages import NoRoom, TokenItem
 from pdcluster.router.errors import Unavailable, WorkerLost
 from pdcluster.router.placement import Placement
@@ -24,6 +24,7 @@ class Attempt:
     stream: AsyncIterator[TokenItem] | None = None   # local prefill: the decode worker's stream, started
     first_token: int | None = None  # remote prefill: the prefill worker's first token
     cached_tokens: int = 0          # remote prefill: prompt tokens from the prefill worker's cache
+    first_logprobs: TokenLogprobs | None = None     # remote prefill: the first token's, when asked
 
     @property
     def decode_worker(self) -> str:
@@ -93,7 +94,8 @@ async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: Samp
             return None
         return Attempt(dict(prefill_worker=choice.prefill, decode_worker=choice.decode, remote_prefill=True,
                             kv_bytes_transferred=pre.kv_bytes, kv_transfer_ms=pre.kv_transfer_ms),
-                       [d, p], first_token=pre.first_token, cached_tokens=pre.cached_tokens)
+                       [d, p], first_token=pre.first_token, cached_tokens=pre.cached_tokens,
+                       first_logprobs=pre.first_logprobs)
     finally:
         workers.charge(choice.prefill, len(ids), -1)
         workers.charge(choice.decode, 0, -1)

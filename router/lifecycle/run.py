@@ -11,11 +11,11 @@ import asyncio
 import dataclasses
 import logging
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pdcluster.engine.detokenizer import Detokenizer
 from pdcluster.engine.rules import finish_reason
-from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
 from pdcluster.router.errors import Unavailable, WorkerLost
 from pdcluster.router.lifecycle.log import Trace
 from pdcluster.router.lifecycle.place import Attempt, place
@@ -31,6 +31,7 @@ class Event:
     finish_reason: str | None = None        # "stop" | "length" | "abort"
     usage: dict | None = None
     placement: dict | None = None           # the first message's: where the request went
+    logprobs: list[TokenLogprobs] = field(default_factory=list)     # one per token, when asked
 
 
 class RequestRun:
@@ -108,7 +109,8 @@ class RequestRun:
             if reason:                          # the decode worker holds a reservation: free it
                 self.finished = True
                 await self.router.workers.abort(self.attempt_id, self.holders[:1])
-            yield self._event([first], text, reason, attempt.placement)
+            yield self._event([first], text, reason, attempt.placement,
+                              [attempt.first_logprobs] if attempt.first_logprobs else [])
             if reason:
                 return
             stream = self.router.workers.decode[attempt.decode_worker].stream(self.attempt_id, first)
@@ -120,7 +122,7 @@ class RequestRun:
             if self.detok.stopped and reason is None:   # a stop string the worker does not know
                 reason = "stop"
                 await self.router.workers.abort(self.attempt_id, self.holders[:1])
-            yield self._event(item.token_ids, text, reason, attempt.placement)
+            yield self._event(item.token_ids, text, reason, attempt.placement, list(item.logprobs))
             if reason:
                 return
 
@@ -146,11 +148,13 @@ class RequestRun:
         self.out += toks
         return self.detok.push(toks) if toks else ""
 
-    def _event(self, toks: list[int], text: str, reason: str | None, placement: dict) -> Event:
+    def _event(self, toks: list[int], text: str, reason: str | None, placement: dict,
+               logprobs: list[TokenLogprobs]) -> Event:
         if reason:
             self.finished = True
             text += self.detok.flush()
-        ev = Event(toks, text, reason, self._usage() if reason else None, None if self.announced else placement)
+        ev = Event(toks, text, reason, self._usage() if reason else None, None if self.announced else placement,
+                   logprobs)
         self.announced = True
         return ev
 
