@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.engine.structured import StructuredOutput
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_REQUEST_ID = 256         # characters
@@ -15,9 +16,10 @@ MAX_CHAT_MESSAGES = 4096
 
 
 class InvalidRequest(Exception):
-    def __init__(self, message: str, code: str = "INVALID_ARGUMENT"):
+    def __init__(self, message: str, code: str = "INVALID_ARGUMENT", param: str | None = None):
         super().__init__(message)
         self.code = code
+        self.param = param          # the offending field (OpenAI's error body names it)
 
 
 @dataclass
@@ -26,29 +28,64 @@ class Parsed:
     params: SamplingParams
 
 
-def sampling_from_proto(s) -> SamplingParams:
-    if s.max_tokens < 1:
-        raise InvalidRequest("sampling.max_tokens is required and must be >= 1")
-    if not 0 <= s.temperature < float("inf"):
-        raise InvalidRequest(f"sampling.temperature must be finite and >= 0, got {s.temperature}")
-    if not 0 <= s.top_p <= 1:
-        raise InvalidRequest(f"sampling.top_p must be in [0, 1], got {s.top_p}")
-    if len(s.stop_token_ids) > MAX_STOP_TOKEN_IDS:     # before any per-item work
-        raise InvalidRequest(f"sampling.stop_token_ids holds {len(s.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS}")
-    if len(s.stop) > 64:
-        raise InvalidRequest("sampling.stop: at most 64 strings of at most 1024 characters")
-    stop = list(s.stop)
+def make_sampling(prefix: str, vocab_size: int, *, max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                  top_k: int = 0, min_p: float = 0.0, seed: int | None = None, stop: list[str] = (),
+                  stop_token_ids: list[int] = (), ignore_eos: bool = False, presence_penalty: float = 0.0,
+                  frequency_penalty: float = 0.0, repetition_penalty: float = 1.0, logprobs: int | None = None,
+                  structured: StructuredOutput | None = None) -> SamplingParams:
+    """The one validation of sampling fields, for the gRPC and the HTTP API: sizes before per-item work,
+    then SamplingParams' own rules; every error names the field (with `prefix`, e.g. "sampling.")."""
+    def bad(field: str, msg: str) -> InvalidRequest:
+        return InvalidRequest(f"{prefix}{field} {msg}", param=field)
+    if max_tokens < 1:
+        raise bad("max_tokens", "is required and must be >= 1")
+    if len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise bad("stop_token_ids", f"holds {len(stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS}")
+    if len(stop) > 64 or any(len(x) > 1024 for x in stop):
+        raise bad("stop", "takes at most 64 strings of at most 1024 characters")
     if any(not x for x in stop):
-        raise InvalidRequest("sampling.stop strings must be non-empty")
-    if any(len(x) > 1024 for x in stop):                 # the count was checked above
-        raise InvalidRequest("sampling.stop: at most 64 strings of at most 1024 characters")
+        raise bad("stop", "strings must be non-empty")
+    if not 0 <= top_k <= vocab_size:
+        raise bad("top_k", f"must be in [0, {vocab_size}] (the vocab size), got {top_k}")
+    worst = next((t for t in stop_token_ids if not 0 <= t < vocab_size), None)
+    if worst is not None:
+        raise bad("stop_token_ids", f"id {worst} is outside [0, {vocab_size}) (the vocab size)")
     try:
-        return SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature,
-                              top_p=s.top_p if s.top_p > 0 else 1.0, top_k=s.top_k,
-                              seed=s.seed if s.HasField("seed") else None, stop=tuple(stop),
-                              stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos)
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p if top_p > 0 else 1.0,
+                              top_k=top_k, min_p=min_p, seed=seed, stop=tuple(stop),
+                              stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                              repetition_penalty=repetition_penalty or 1.0, logprobs=logprobs, structured=structured)
     except ValueError as e:
-        raise InvalidRequest(f"sampling: {e}") from None
+        field = str(e).split()[0]
+        raise InvalidRequest(f"{prefix}{e}", param=field if field.isidentifier() else None) from None
+
+
+def sampling_from_proto(s, vocab_size: int) -> SamplingParams:
+    structured = None
+    if s.HasField("response_format") and s.response_format.type not in ("", "text"):
+        structured = StructuredOutput(s.response_format.type, s.response_format.json_schema or None)
+    return make_sampling("sampling.", vocab_size, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                         top_k=s.top_k, min_p=s.min_p, seed=s.seed if s.HasField("seed") else None,
+                         stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
+                         presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                         repetition_penalty=s.repetition_penalty,
+                         logprobs=s.logprobs if s.HasField("logprobs") else None, structured=structured)
+
+
+def check_structured(params: SamplingParams, tokenizer, vocab_size: int, field: str = "response_format") -> None:
+    """A JSON schema the workers' grammar engine cannot take is refused here, before any placement
+    (compiled once per schema; engine/structured.py)."""
+    if params.structured is None:
+        return
+    from pdcluster.engine.structured import Grammars
+    grammars = getattr(tokenizer, "_pdcluster_grammars", None)
+    if grammars is None:
+        grammars = tokenizer._pdcluster_grammars = Grammars(tokenizer, vocab_size)
+    try:
+        grammars.compile(params.structured)
+    except ValueError as e:
+        raise InvalidRequest(str(e), param=field) from None
 
 
 def max_token_bytes(tokenizer) -> int:
@@ -62,6 +99,54 @@ def max_token_bytes(tokenizer) -> int:
     return cached
 
 
+def tokenize_text(text: str, tokenizer, max_context: int, field: str = "prompt") -> list[int]:
+    """A raw-text prompt (special tokens parsed, no template); its UTF-8 size is bounded first."""
+    if not text:
+        raise InvalidRequest(f"{field} text is empty", param=field)
+    max_bytes = max_context * max_token_bytes(tokenizer)
+    if len(text) > max_bytes or len(text.encode()) > max_bytes:
+        raise InvalidRequest(f"{field} text is {len(text.encode())} bytes: more than the context length "
+                             f"({max_context} tokens) can hold", param=field)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def check_token_ids(ids: list[int], vocab_size: int, max_context: int, field: str = "token_ids") -> list[int]:
+    if len(ids) > max_context:
+        raise InvalidRequest(f"{field}: {len(ids)} ids; the context length is {max_context}", param=field)
+    worst = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab_size), None)
+    if worst is not None:
+        raise InvalidRequest(f"{field}: id {worst} is outside [0, {vocab_size}) (the vocab size)", param=field)
+    return list(ids)
+
+
+def tokenize_chat(msgs: list[dict], tokenizer, max_context: int, field: str = "chat.messages") -> list[int]:
+    """Role/content dicts through the model's chat template (content never parsed for special tokens)."""
+    if len(msgs) > MAX_CHAT_MESSAGES:
+        raise InvalidRequest(f"{field} holds {len(msgs)} messages; at most {MAX_CHAT_MESSAGES}", param=field)
+    if not msgs:
+        raise InvalidRequest(f"{field} is empty", param=field)
+    n_bytes = sum(len(m["content"].encode()) for m in msgs)
+    if n_bytes > max_context * max_token_bytes(tokenizer):
+        raise InvalidRequest(f"{field} hold {n_bytes} bytes: more than the context length "
+                             f"({max_context} tokens) can hold", param=field)
+    for m in msgs:
+        if m["role"] not in CHAT_ROLES:
+            raise InvalidRequest(f"{field}: unknown role {m['role']!r} (one of {', '.join(CHAT_ROLES)})", param=field)
+    from pdcluster.engine.tokenizer import apply_chat_template
+    try:
+        return apply_chat_template(tokenizer, msgs)
+    except Exception as e:  # the template itself rejects the conversation
+        raise InvalidRequest(f"{field}: {e}", param=field) from None
+
+
+def check_fits(ids: list[int], params: SamplingParams, max_context: int, max_tokens_field: str) -> None:
+    if not ids:
+        raise InvalidRequest("prompt is empty after tokenization", param="prompt")
+    if len(ids) + params.max_tokens > max_context:
+        raise InvalidRequest(f"prompt ({len(ids)} tokens) + {max_tokens_field} ({params.max_tokens}) exceeds "
+                             f"the context length {max_context}", param=max_tokens_field.rsplit(".", 1)[-1])
+
+
 def parse_request(req, tokenizer, vocab_size: int, max_context: int) -> Parsed:
     """Validate everything the public contract's error table names; tokenize text or chat prompts.
 
@@ -71,56 +156,24 @@ def parse_request(req, tokenizer, vocab_size: int, max_context: int) -> Parsed:
     """
     if not req.HasField("sampling"):
         raise InvalidRequest("sampling is required (sampling.max_tokens >= 1)")
-    params = sampling_from_proto(req.sampling)
-    if not 0 <= params.top_k <= vocab_size:
-        raise InvalidRequest(f"sampling.top_k must be in [0, {vocab_size}] (the vocab size), got {params.top_k}")
+    params = sampling_from_proto(req.sampling, vocab_size)
     if len(req.request_id) > MAX_REQUEST_ID:
         raise InvalidRequest(f"request_id is {len(req.request_id)} characters; at most {MAX_REQUEST_ID}")
     if not req.request_id.isprintable():      # control, format and separator characters (\n, U+202E, ...)
         bad = next(c for c in req.request_id if not c.isprintable())
         raise InvalidRequest(f"request_id holds the control character U+{ord(bad):04X}; use printable characters")
-    max_bytes = max_context * max_token_bytes(tokenizer)
     kind = req.WhichOneof("prompt")
     if kind is None:
         raise InvalidRequest("prompt is required: set text, token_ids or chat")
     if kind == "text":
-        if not req.text:
-            raise InvalidRequest("prompt text is empty")
-        if len(req.text) > max_bytes or len(req.text.encode()) > max_bytes:
-            raise InvalidRequest(f"prompt text is {len(req.text.encode())} bytes: more than the context length "
-                                 f"({max_context} tokens) can hold")
-        ids = tokenizer.encode(req.text, add_special_tokens=False)
+        ids = tokenize_text(req.text, tokenizer, max_context)
     elif kind == "token_ids":
-        if len(req.token_ids.ids) > max_context:
-            raise InvalidRequest(f"token_ids: {len(req.token_ids.ids)} ids; the context length is {max_context}")
-        ids = list(req.token_ids.ids)
-        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
-        if bad is not None:
-            raise InvalidRequest(f"token_ids: id {bad} is outside [0, {vocab_size}) (the vocab size)")
+        ids = check_token_ids(req.token_ids.ids, vocab_size, max_context)
     else:
-        if len(req.chat.messages) > MAX_CHAT_MESSAGES:
+        if len(req.chat.messages) > MAX_CHAT_MESSAGES:        # before building a dict per message
             raise InvalidRequest(f"chat.messages holds {len(req.chat.messages)} messages; at most {MAX_CHAT_MESSAGES}")
-        msgs = [{"role": m.role, "content": m.content} for m in req.chat.messages]
-        if not msgs:
-            raise InvalidRequest("chat.messages is empty")
-        n_bytes = sum(len(m["content"].encode()) for m in msgs)
-        if n_bytes > max_bytes:
-            raise InvalidRequest(f"chat.messages hold {n_bytes} bytes: more than the context length "
-                                 f"({max_context} tokens) can hold")
-        for m in msgs:
-            if m["role"] not in CHAT_ROLES:
-                raise InvalidRequest(f"chat.messages: unknown role {m['role']!r} (one of {', '.join(CHAT_ROLES)})")
-        from pdcluster.engine.tokenizer import apply_chat_template
-        try:
-            ids = apply_chat_template(tokenizer, msgs)
-        except Exception as e:  # the template itself rejects the conversation
-            raise InvalidRequest(f"chat.messages: {e}") from None
-    if not ids:
-        raise InvalidRequest("prompt is empty after tokenization")
-    bad = next((t for t in params.stop_token_ids if t >= vocab_size), None)
-    if bad is not None:
-        raise InvalidRequest(f"sampling.stop_token_ids: id {bad} is outside [0, {vocab_size}) (the vocab size)")
-    if len(ids) + params.max_tokens > max_context:
-        raise InvalidRequest(f"prompt ({len(ids)} tokens) + sampling.max_tokens ({params.max_tokens}) exceeds "
-                             f"the context length {max_context}")
+        ids = tokenize_chat([{"role": m.role, "content": m.content} for m in req.chat.messages], tokenizer,
+                            max_context)
+    check_fits(ids, params, max_context, "sampling.max_tokens")
+    check_structured(params, tokenizer, vocab_size, "sampling.response_format")
     return Parsed(ids, params)
