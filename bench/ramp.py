@@ -111,7 +111,7 @@ async def run(a: argparse.Namespace) -> dict:
     from pdcluster.router.proto import generation_pb2_grpc as pbg
 
     serve = load_pools_config(a.pools) if a.pools else parse_pools_config(POOLS_YAML, "bench/ramp.py")
-    cfg = override(serve, dotted(server__port=0, server__metrics_port=0, router__policy=a.policy,
+    cfg = override(serve, dotted(server__port=0, server__metrics_port=0, server__http_port=0, router__policy=a.policy,
                                  engine__cache__kv_cache_memory=a.kv_cache_mib * 2**20,
                                  pools__drain_timeout_s=a.drain_timeout_s))
     sched = schedule(a.steps, a.step_s)

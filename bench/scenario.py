@@ -221,7 +221,7 @@ async def run_once(cfg: ClusterConfig, sc: Scenario, requests, seed: int, vocab_
 
     phase("starting cluster")
     tick = asyncio.ensure_future(_ticker(bar)) if bar is not None else None
-    cluster = Cluster(replace(cfg, server=replace(cfg.server, port=0, metrics_port=0)))
+    cluster = Cluster(replace(cfg, server=replace(cfg.server, port=0, metrics_port=0, http_port=0)))
     try:
         await cluster.start()
         phase("warm-up")

@@ -71,6 +71,8 @@ def cmd_serve(a) -> int:
         check_free(cfg.server.host, cfg.server.port, "the router's gRPC endpoint", "--port" + via)
         check_free(cfg.server.host, cfg.server.metrics_port, "the router's Prometheus metrics",
                    "--metrics-port (0 turns metrics off)" + via)
+        check_free(cfg.server.host, cfg.server.http_port, "the router's OpenAI HTTP endpoint",
+                   "--http-port (0 turns HTTP off)" + via)
     except PortInUse as e:
         print(f"pdcluster serve: {e.strerror}", file=sys.stderr)
         return 2
@@ -104,12 +106,19 @@ def cmd_serve(a) -> int:
         print(f"pdcluster serving on {cluster.address} (Ctrl-C to stop)", flush=True)
         if cluster.metrics_port:
             print(f"metrics on http://{cfg.server.host}:{cluster.metrics_port}/metrics", flush=True)
+        if cluster.http:
+            scheme = "https" if cfg.server.tls_cert else "http"
+            print(f"OpenAI API on {scheme}://{cfg.server.host}:{cluster.http.port}/v1", flush=True)
         try:
             await stop.wait()
             n = len(cluster.router.in_flight)
             drain_s = cfg.server.shutdown_drain_s
             print(f"shutting down: no new requests; draining {n} stream(s) for up to {drain_s:g}s ...", flush=True)
+            if cluster.http:
+                http_drain = asyncio.ensure_future(cluster.http.drain(drain_s))
             cut = await cluster.server.drain(drain_s)
+            if cluster.http:
+                await http_drain
             print(f"drained; {cut} stream(s) cut at the bound" if cut else "drained", flush=True)
         finally:
             print("shutting down ...", flush=True)

@@ -53,6 +53,7 @@ class Cluster(Scaling):
         self.cfg = cfg
         self.router = None
         self.server = None
+        self.http = None                         # router.openai.server.HttpServer when --http-port is set
         self.actors: dict[str, object] = {}
         self._owns_ray = False
         self._poller = None
@@ -136,11 +137,16 @@ class Cluster(Scaling):
                                    tls_cert=sv.tls_cert, tls_key=sv.tls_key,
                                    slow_reader_timeout_s=sv.slow_reader_timeout_s)
         await self.server.start()
+        if sv.http_port:
+            from pdcluster.router.openai.server import HttpServer
+            self.http = HttpServer(self.router, mcfg.name, mcfg.vocab_size, sv.host, sv.http_port, auth=auth,
+                                   tls_cert=sv.tls_cert, tls_key=sv.tls_key)
+            await self.http.start()
         self._poller = asyncio.ensure_future(self._poll())
         if sv.metrics_port:
             self.metrics_port = self.router.metrics.serve_http(sv.host, sv.metrics_port)
-        log.info("serving %s on %s:%d (%d prefill, %d decode workers)", mcfg.name, sv.host, self.server.port,
-                 len(pre), len(dec))
+        log.info("serving %s on %s:%d (gRPC)%s (%d prefill, %d decode workers)", mcfg.name, sv.host,
+                 self.server.port, f", {sv.host}:{self.http.port} (HTTP)" if self.http else "", len(pre), len(dec))
         return self
 
     @property
@@ -172,6 +178,8 @@ class Cluster(Scaling):
                 pass
         if self.router is not None:
             self.router.metrics.stop_http()
+        if self.http:
+            await self.http.stop()
         if self.server:
             await self.server.set_serving(False)
             await self.server.stop(1.0)

@@ -2,7 +2,8 @@
 
     yaml key                          tree field
     model                             model
-    router.host / port / metrics_port server.host / port / metrics_port
+    router.host / port / metrics_port / http_port
+                                      server.host / port / metrics_port / http_port
     router.policy                     router.policy
     autoscaler.enabled / interval_s   pools.autoscaler
     prefill, decode: *_replicas       pools.prefill / pools.decode
@@ -230,11 +231,12 @@ def parse_pools_config(text: str, source: str = "<string>", base: ClusterConfig 
     rd = _Reader()
     top = rd.mapping(root, "", ("model", "router", "autoscaler", "prefill", "decode"))
     model = _pick(rd.value(top, "model", "", _opt_str), base.model)
-    r = rd.mapping(top["router"][1], "router", ("host", "port", "policy", "metrics_port")) if "router" in top else {}
+    r = rd.mapping(top["router"][1], "router", ("host", "port", "policy", "metrics_port", "http_port")) if "router" in top else {}
     s = base.server
     server = replace(s, host=_pick(rd.value(r, "host", "router", _str), s.host),
                      port=_pick(rd.value(r, "port", "router", _int(0, 65535)), s.port),
-                     metrics_port=_pick(rd.value(r, "metrics_port", "router", _int(0, 65535)), s.metrics_port))
+                     metrics_port=_pick(rd.value(r, "metrics_port", "router", _int(0, 65535)), s.metrics_port),
+                     http_port=_pick(rd.value(r, "http_port", "router", _int(0, 65535)), s.http_port))
     policy = _pick(rd.value(r, "policy", "router", _one_of(POLICY_NAMES)), base.router.policy)
     lp = rd.mapping(top["autoscaler"][1], "autoscaler", ("enabled", "interval_s")) if "autoscaler" in top else {}
     bl = base.pools.autoscaler

@@ -78,7 +78,9 @@ def cluster():
     from pdcluster.engine.config import CacheConfig
     from pdcluster.router.config import RouterConfig
     loop = asyncio.new_event_loop()
-    cfg = ClusterConfig(server=ServerSection(port=0, metrics_port=0), router=RouterConfig(policy="least-loaded"),
+    from tests.procs import free_port
+    cfg = ClusterConfig(server=ServerSection(port=0, metrics_port=0, http_port=free_port()),
+                        router=RouterConfig(policy="least-loaded"),
                         engine=EngineSection(cache=CacheConfig(kv_cache_memory=96 * 2**20)))
     c = loop.run_until_complete(Cluster(cfg).start())
     c.loop = loop

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pdcluster import SamplingParams
 from pdcluster.router.proto import generation_pb2 as pb
 from pdcluster.router.proto import generation_pb2_grpc as pbg
-from tests.procs import BIN, serving_port, stop_group, wait_for
+from tests.procs import BIN, free_port, serving_port, stop_group, wait_for
 
 PROMPT = "The capital of France is"
 
@@ -28,7 +28,9 @@ def served(tmp_path_factory):
     (d / "tokens").write_text("alice:tok-alice-0123456789\n")
     (d / "secret").write_text("a-cluster-secret-of-some-length\n")
     log = d / "serve.log"
-    argv = [str(BIN / "pdcluster"), "serve", "--port", "0", "--metrics-port", "0", "--kv-cache-memory", "64",
+    http_port = free_port()
+    argv = [str(BIN / "pdcluster"), "serve", "--port", "0", "--metrics-port", "0", "--http-port", str(http_port),
+            "--kv-cache-memory", "64",
             "--tls-cert", str(cert), "--tls-key", str(key), "--auth-token-file", str(d / "tokens"),
             "--cluster-secret-file", str(d / "secret"), "--kv-transport", "grpc", "--kv-compression", "int8",
             "--policy", "least-loaded"]
@@ -37,7 +39,10 @@ def served(tmp_path_factory):
     try:
         wait_for(lambda: "pdcluster serving on" in log.read_text(), 240, "pdcluster serve", proc, log)
         port = serving_port(log)                    # --port 0: no port picked early and lost
-        yield {"addr": f"localhost:{port}", "cert": cert, "log": log, "pid": proc.pid}
+        wait_for(lambda: "OpenAI API on" in log.read_text(), 10, "the HTTP address line", proc, log)
+        assert f"OpenAI API on https://127.0.0.1:{http_port}/v1" in log.read_text()
+        yield {"addr": f"localhost:{port}", "cert": cert, "log": log, "pid": proc.pid,
+               "base_url": f"https://localhost:{http_port}/v1"}
     finally:
         stop_group(proc, signal.SIGINT, 60)     # the graceful stop
 
@@ -51,7 +56,7 @@ def test_a_bad_token_or_secret_file_stops_serve_at_once_in_one_line(tmp_path, fl
     f = tmp_path / "file"
     if content is not None:
         f.write_text(content)
-    r = subprocess.run([str(BIN / "pdcluster"), "serve", "--port", "0", "--metrics-port", "0", flag, str(f)],
+    r = subprocess.run([str(BIN / "pdcluster"), "serve", "--port", "0", "--metrics-port", "0", "--http-port", "0", flag, str(f)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr and words in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "starting pdcluster" not in r.stdout
@@ -120,3 +125,20 @@ def _listeners(p):
         return [c for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
     except psutil.NoSuchProcess:
         return []
+
+
+def test_the_http_api_takes_the_same_tls_and_tokens(served):
+    import httpx
+    import openai
+    tls = httpx.Client(verify=str(served["cert"]), timeout=120)
+    ok = openai.OpenAI(base_url=served["base_url"], api_key="tok-alice-0123456789", http_client=tls, max_retries=0)
+    model = ok.models.list().data[0].id
+    r = ok.completions.create(model=model, prompt=PROMPT, max_tokens=8, temperature=0)
+    assert r.choices[0].text and r.usage.completion_tokens == 8
+    for key in ("", "tok-mallory-0123456789"):
+        bad = tls.post(f"{served['base_url']}/completions", json={"model": model, "prompt": PROMPT},
+                       headers={"authorization": f"Bearer {key}"} if key else {})
+        assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error", bad.text
+    assert tls.get(served["base_url"].replace("/v1", "/health")).status_code == 200     # open, like gRPC health
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(served["base_url"].replace("https", "http") + "/models", timeout=10)    # no plaintext

@@ -291,7 +291,7 @@ def test_workers_that_cannot_be_placed_fail_clearly_instead_of_hanging(cluster):
     from pdcluster.deploy.flags import dotted, override
     from pdcluster.deploy.launch import Cluster, ClusterConfig
     # the session cluster holds every pool resource and this host has no GPU: nothing can be placed
-    c2 = Cluster(override(ClusterConfig(), dotted(server__port=0, server__metrics_port=0, engine__use_gpu=True,
+    c2 = Cluster(override(ClusterConfig(), dotted(server__port=0, server__metrics_port=0, server__http_port=0, engine__use_gpu=True,
                                                   pools__start_timeout_s=3,
                                                   engine__cache__kv_cache_memory=32 * 2**20)))
     with pytest.raises(RuntimeError, match="did not start within 3s"):

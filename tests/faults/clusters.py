@@ -23,7 +23,7 @@ def running_cluster(**cfg):
     Keywords: SHORT's names or tree paths with "__" (kv__transport="grpc")."""
     loop = asyncio.new_event_loop()
     cfg.setdefault("policy", "least-loaded")   # every prompt prefills remotely: the faults hit that path
-    tree = override(ClusterConfig(), dotted(server__port=0, server__metrics_port=0,
+    tree = override(ClusterConfig(), dotted(server__port=0, server__metrics_port=0, server__http_port=0,
                                             **{SHORT.get(k, k): v for k, v in cfg.items()}))
     c = loop.run_until_complete(Cluster(tree).start())
     c.run = loop.run_until_complete

@@ -22,7 +22,7 @@ SHORT, LONG = 20, 2000      # output tokens: one stream ends within the drain bo
 
 def test_sigint_drains_streams_then_stops(tmp_path):
     log = tmp_path / "serve.log"
-    argv = [str(BIN / "pdcluster"), "serve", "--port", "0", "--metrics-port", "0", "--kv-cache-memory", "256",
+    argv = [str(BIN / "pdcluster"), "serve", "--port", "0", "--metrics-port", "0", "--http-port", "0", "--kv-cache-memory", "256",
             "--drain-timeout", str(DRAIN_S)]
     with open(log, "w") as out:
         serve = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)

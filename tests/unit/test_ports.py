@@ -65,10 +65,11 @@ def test_kv_tcp_port_taken(taken):
         KVTcpServer(KVReceiver(), host="127.0.0.1", port=taken).start_sync()
 
 
-@pytest.mark.parametrize("flag, what", [("--metrics-port", "metrics"), ("--port", "gRPC endpoint")])
+@pytest.mark.parametrize("flag, what", [("--metrics-port", "metrics"), ("--port", "gRPC endpoint"),
+                                        ("--http-port", "OpenAI HTTP endpoint")])
 def test_serve_on_a_taken_port_says_so_in_one_line(taken, flag, what, tmp_path):
     """A second `pdcluster serve` on a taken port: exit 2 and one line, before Ray or a model starts."""
-    other = ["--port", "0"] if flag == "--metrics-port" else ["--metrics-port", "0"]
+    other = [x for f in ("--port", "--metrics-port", "--http-port") if f != flag for x in (f, "0")]
     r = subprocess.run([str(VENV_BIN / "pdcluster"), "serve", flag, str(taken), *other], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 2, (r.stdout, r.stderr)

@@ -1,0 +1,266 @@
+"""The OpenAI-compatible HTTP API on the router (FastAPI; served by uvicorn in the router's process,
+router/openai/server.py): /v1/completions, /v1/chat/completions, /v1/models, /health.
+
+Every completion goes through Router.generate, the path gRPC takes: placement, migration, admission,
+metrics and the per-tenant prefix-cache salt are shared. Errors use OpenAI's body
+{"error": {"message", "type", "param", "code"}}: 400 bad input (an unknown field included), 401 no
+valid bearer token, 429 overloaded, 503 unavailable or shutting down.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from pdcluster.router.errors import Overloaded, Unavailable
+from pdcluster.router.openai import convert
+from pdcluster.router.openai.schemas import ChatCompletionRequest, CompletionRequest
+from pdcluster.router.validate import InvalidRequest, max_token_bytes
+
+STATUS = {"INVALID_ARGUMENT": 400, "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429}
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.type, self.param, self.code = status, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
+
+
+def as_openai(e: Exception) -> OpenAIError:
+    if isinstance(e, OpenAIError):
+        return e
+    if isinstance(e, InvalidRequest):
+        return OpenAIError(STATUS.get(e.code, 400), str(e), param=e.param)
+    if isinstance(e, Overloaded):
+        return OpenAIError(429, str(e), "rate_limit_exceeded")
+    if isinstance(e, Unavailable):
+        return OpenAIError(503, str(e), "service_unavailable")
+    return OpenAIError(500, f"request failed: {type(e).__name__}", "internal_error")
+
+
+def validation_error(exc: RequestValidationError) -> OpenAIError:
+    err = exc.errors()[0]
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    if err.get("type") == "extra_forbidden":
+        return OpenAIError(400, f"unsupported parameter {param!r}", param=param, code="unsupported_parameter")
+    return OpenAIError(400, f"{param}: {err.get('msg')}" if param else str(err.get("msg")), param=param)
+
+
+class Api:
+    """The app's state: the router, what the model is, who may call, whether it drains."""
+
+    def __init__(self, router, model_name: str, vocab_size: int, auth=None):
+        self.router, self.model, self.vocab_size, self.auth = router, model_name, vocab_size, auth
+        self.draining = False
+        # tokenizing a long prompt is CPU work: one thread, never the event loop
+        self.tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-tokenize")
+        self.tokenize.submit(max_token_bytes, router.tokenizer)
+
+    def tenant(self, request: Request) -> str | None:
+        if self.auth is None:
+            return None
+        tenant = self.auth.tenant(request.headers.get("authorization"))
+        if tenant is None:
+            raise OpenAIError(401, "missing or invalid authorization bearer token", "authentication_error",
+                              code="invalid_api_key")
+        return tenant
+
+    async def job(self, body) -> convert.Job:
+        if self.draining:
+            raise OpenAIError(503, "the server is shutting down: retry on another", "service_unavailable")
+        r = self.router
+        return await asyncio.get_running_loop().run_in_executor(
+            self.tokenize, convert.parse, body, r.tokenizer, self.vocab_size, r.max_context)
+
+
+async def choice_events(router, job: convert.Job, tenant: str | None, base_id: str):
+    """(choice index, Event) from every choice's stream as they come. An error before a choice's first
+    event is raised here (the others are cancelled); after it, that choice ends with "abort"."""
+    q: asyncio.Queue = asyncio.Queue()
+    DONE = object()
+
+    async def pump(k: int, ids: list[int], params) -> None:
+        try:
+            async with aclosing(router.generate(ids, params, f"{base_id}-{k}", cache_salt=tenant)) as events:
+                async for ev in events:
+                    await q.put((k, ev))
+        except Exception as e:      # noqa: BLE001 - handed to the consumer
+            await q.put((k, e))
+        finally:
+            await q.put((k, DONE))
+
+    tasks = [asyncio.ensure_future(pump(i * job.n + j, ids, p))
+             for i, (ids, ps) in enumerate(zip(job.prompts, job.params)) for j, p in enumerate(ps)]
+    left = len(tasks)
+    try:
+        while left:
+            k, item = await q.get()
+            if item is DONE:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield k, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def make_app(api: Api) -> FastAPI:
+    app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc):
+        e = validation_error(exc)
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(OpenAIError)
+    async def _openai(request, exc):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.get("/health")
+    async def health():
+        ok = api.router.ready() and not api.draining
+        return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        api.tenant(request)
+        return {"object": "list", "data": [{"id": api.model, "object": "model", "created": 0, "owned_by": "pdcluster",
+                                            "max_model_len": api.router.max_context}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await respond(api, body, request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await respond(api, body, request, chat=True)
+
+    return app
+
+
+async def respond(api: Api, body, request: Request, chat: bool):
+    tenant = api.tenant(request)
+    if body.model != api.model:
+        raise OpenAIError(404, f"model {body.model!r} is not served here (GET /v1/models)", param="model",
+                          code="model_not_found")
+    try:
+        job = await api.job(body)
+    except InvalidRequest as e:
+        raise as_openai(e) from None
+    base = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+    events = choice_events(api.router, job, tenant, base)
+    try:
+        first = await anext(events)         # errors before any token are an HTTP status
+    except StopAsyncIteration:
+        first = None
+    except Exception as e:                  # noqa: BLE001
+        await events.aclose()
+        raise as_openai(e) from None
+    stream = Stream(api, job, base, chat, body.stream and body.stream_options and body.stream_options.include_usage)
+    if body.stream:
+        return StreamingResponse(stream.sse(first, events), media_type="text/event-stream")
+    async with aclosing(events):
+        await stream.collect(first, events)
+    return stream.whole()
+
+
+class Stream:
+    """One response's choices as events arrive: SSE chunks, or the whole object at the end."""
+
+    def __init__(self, api: Api, job: convert.Job, rid: str, chat: bool, include_usage: bool):
+        self.api, self.job, self.rid, self.chat, self.include_usage = api, job, rid, chat, include_usage
+        self.created = int(time.time())
+        n = job.n
+        self.choices = [convert.ChoiceState(k) for k in range(len(job.prompts) * n)]
+
+    def _record(self, k: int, ev) -> convert.ChoiceState:
+        c = self.choices[k]
+        c.text.append(ev.text)
+        c.logprobs += ev.logprobs
+        if ev.finish_reason:
+            c.finish_reason = ev.finish_reason
+        if ev.usage:
+            c.prompt_tokens, c.completion_tokens = ev.usage["prompt_tokens"], ev.usage["completion_tokens"]
+            c.cached_tokens = ev.usage["cached_prompt_tokens"]
+        return c
+
+    def _logprobs(self, lps) -> dict | None:
+        if self.job.logprobs is None:
+            return None
+        tok = self.api.router.tokenizer
+        return convert.chat_logprobs(tok, lps) if self.chat else convert.completion_logprobs(tok, lps)
+
+    async def collect(self, first, events) -> None:
+        if first is not None:
+            self._record(*first)
+        async for k, ev in events:
+            self._record(k, ev)
+
+    def whole(self) -> dict:
+        if any(c.finish_reason == "abort" for c in self.choices):
+            raise OpenAIError(503, "the request failed after tokens were generated (workers lost)",
+                              "service_unavailable")
+        kind = "chat.completion" if self.chat else "text_completion"
+        out = convert.envelope(kind, self.rid, self.api.model, self.created)
+        out["choices"] = [self._choice_whole(c) for c in self.choices]
+        out["usage"] = convert.usage(self.choices, self.job.n)
+        return out
+
+    def _choice_whole(self, c: convert.ChoiceState) -> dict:
+        text = "".join(c.text)
+        if self.chat:
+            return {"index": c.index, "message": {"role": "assistant", "content": text},
+                    "logprobs": self._logprobs(c.logprobs), "finish_reason": c.finish_reason}
+        return {"index": c.index, "text": text, "logprobs": self._logprobs(c.logprobs), "finish_reason": c.finish_reason}
+
+    def _chunk(self, k: int, ev, started: bool) -> dict:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        out = convert.envelope(kind, self.rid, self.api.model, self.created)
+        reason = ev.finish_reason
+        lp = self._logprobs(ev.logprobs) if ev.logprobs or self.job.logprobs is not None else None
+        if self.chat:
+            delta = {"content": ev.text} if started else {"role": "assistant", "content": ev.text}
+            out["choices"] = [{"index": k, "delta": delta, "logprobs": lp, "finish_reason": reason}]
+        else:
+            out["choices"] = [{"index": k, "text": ev.text, "logprobs": lp, "finish_reason": reason}]
+        return out
+
+    async def sse(self, first, events):
+        started: set[int] = set()
+        try:
+            async with aclosing(events):
+                if first is not None:
+                    yield self._data(self._chunk(first[0], first[1], False))
+                    started.add(first[0])
+                    self._record(*first)
+                async for k, ev in events:
+                    yield self._data(self._chunk(k, ev, k in started))
+                    started.add(k)
+                    self._record(k, ev)
+        except Exception as e:              # noqa: BLE001 - after the 200: the error goes in the stream
+            yield self._data(as_openai(e).body())
+        if self.include_usage:
+            out = convert.envelope("chat.completion.chunk" if self.chat else "text_completion", self.rid,
+                                   self.api.model, self.created)
+            out["choices"], out["usage"] = [], convert.usage(self.choices, self.job.n)
+            yield self._data(out)
+        yield "data: [DONE]\n\n"
+
+    @staticmethod
+    def _data(obj: dict) -> str:
+        return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"

@@ -1,0 +1,133 @@
+"""OpenAI request bodies -> prompts and SamplingParams (through the validation the gRPC API uses,
+router/validate.py), and router Events -> OpenAI response objects. Pure Python: no HTTP here.
+
+Choices: prompt i's choice j has index i * n + j; a seeded request's choice j draws with seed + j,
+so its n choices differ and each stays reproducible.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+
+from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
+from pdcluster.engine.structured import StructuredOutput
+from pdcluster.router.openai.schemas import ChatCompletionRequest, CompletionRequest, Sampling
+from pdcluster.router.validate import (InvalidRequest, check_fits, check_structured, check_token_ids, make_sampling,
+                                       tokenize_chat, tokenize_text)
+
+ROLES = {"developer": "system"}     # OpenAI's newer name for the system role
+
+
+@dataclass
+class Job:
+    """What one HTTP request asks for: its prompts (token ids) and one SamplingParams per choice."""
+    prompts: list[list[int]]
+    params: list[list[SamplingParams]]  # [prompt][choice]
+    n: int
+    logprobs: int | None                # top alternatives per token, None: no logprobs
+
+
+def structured_of(req: Sampling) -> StructuredOutput | None:
+    f = req.response_format
+    if f is None or f.type == "text":
+        return None
+    if f.type == "json_schema":
+        if f.json_schema is None:
+            raise InvalidRequest("response_format json_schema needs a json_schema object", param="response_format")
+        return StructuredOutput("json_schema", json.dumps(f.json_schema.schema_))
+    return StructuredOutput("json_object")
+
+
+def prompts_of(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size: int,
+               max_context: int) -> list[list[int]]:
+    if isinstance(req, ChatCompletionRequest):
+        msgs = [{"role": ROLES.get(m.role, m.role), "content": m.text()} for m in req.messages]
+        return [tokenize_chat(msgs, tokenizer, max_context, field="messages")]
+    p = req.prompt
+    if isinstance(p, str):
+        return [tokenize_text(p, tokenizer, max_context)]
+    if not p:
+        raise InvalidRequest("prompt is empty", param="prompt")
+    if isinstance(p[0], int):
+        return [check_token_ids(p, vocab_size, max_context, field="prompt")]
+    if len(p) > 64:
+        raise InvalidRequest(f"prompt holds {len(p)} prompts; at most 64", param="prompt")
+    if isinstance(p[0], str):
+        return [tokenize_text(x, tokenizer, max_context) for x in p]
+    return [check_token_ids(x, vocab_size, max_context, field="prompt") for x in p]
+
+
+def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size: int, max_context: int) -> Job:
+    """CPU-bound (tokenizing): the server runs it off its event loop."""
+    chat = isinstance(req, ChatCompletionRequest)
+    if not chat and req.best_of not in (None, req.n):
+        raise InvalidRequest("best_of other than n is not supported", param="best_of")
+    if chat and req.top_logprobs is not None and not req.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    logprobs = (req.top_logprobs or 0) if chat and req.logprobs else (None if chat else req.logprobs)
+    max_tokens = req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
+    prompts = prompts_of(req, tokenizer, vocab_size, max_context)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    structured = structured_of(req)
+    params = []
+    for ids in prompts:
+        p = make_sampling("", vocab_size, max_tokens=max_tokens if max_tokens is not None else max_context - len(ids),
+                          temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0), min_p=req.min_p,
+                          seed=req.seed, stop=stop, stop_token_ids=req.stop_token_ids or [],
+                          ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
+                          frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                          logprobs=logprobs, structured=structured)
+        check_fits(ids, p, max_context, "max_completion_tokens" if chat else "max_tokens")
+        check_structured(p, tokenizer, vocab_size)
+        params.append([p if p.seed is None else replace(p, seed=(p.seed + j) % 2**64) for j in range(req.n)])
+    return Job(prompts, params, req.n, logprobs)
+
+
+# responses
+
+@dataclass
+class ChoiceState:
+    """One choice's text, tokens and logprobs so far."""
+    index: int
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def chat_logprobs(tokenizer, lps: list[TokenLogprobs]) -> dict:
+    def one(t: int, lp: float) -> dict:
+        s = token_text(tokenizer, t)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+    return {"content": [one(x.token_id, x.logprob) | {"top_logprobs": [one(t, v) for t, v in x.top]} for x in lps]}
+
+
+def completion_logprobs(tokenizer, lps: list[TokenLogprobs], offset: int = 0) -> dict:
+    tokens = [token_text(tokenizer, x.token_id) for x in lps]
+    offsets, pos = [], offset
+    for s in tokens:
+        offsets.append(pos)
+        pos += len(s)
+    return {"tokens": tokens, "token_logprobs": [x.logprob for x in lps],
+            "top_logprobs": [{token_text(tokenizer, t): v for t, v in x.top} for x in lps], "text_offset": offsets}
+
+
+def usage(choices: list[ChoiceState], n: int) -> dict:
+    """Prompt tokens count once per prompt (its n choices share it); cached: the most any choice hit."""
+    groups = [choices[i:i + n] for i in range(0, len(choices), n)]
+    prompt = sum(g[0].prompt_tokens for g in groups)
+    completion = sum(c.completion_tokens for c in choices)
+    cached = sum(max(c.cached_tokens for c in g) for g in groups)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def envelope(kind: str, rid: str, model: str, created: int | None = None) -> dict:
+    return {"id": rid, "object": kind, "created": created or int(time.time()), "model": model}

@@ -1,0 +1,154 @@
+"""The OpenAI-compatible HTTP API (router/openai/) driven by the official `openai` client, sync and
+async, on the shared e2e cluster; greedy output over HTTP equals gRPC's, token for token."""
+import asyncio
+import json
+
+import grpc
+import httpx
+import openai
+import pytest
+
+from pdcluster.router.proto import generation_pb2 as pb
+from pdcluster.router.proto import generation_pb2_grpc as pbg
+from tests.e2e.conftest import PROMPTS
+from tests.e2e.test_cluster import collect, idle_pools
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def base_url(cluster) -> str:
+    return f"http://127.0.0.1:{cluster.http.port}/v1"
+
+
+def sync(cluster, fn):
+    """Run a blocking client call while the cluster's loop (which serves HTTP) runs."""
+    return cluster.run(asyncio.to_thread(fn))
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(base_url=base_url(cluster), api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(cluster, client):
+    return sync(cluster, client.models.list).data[0].id
+
+
+def test_models_and_health(cluster, client, model):
+    assert model.startswith("SmolLM2") and sync(cluster, client.models.list).data[0].max_model_len > 0
+    r = sync(cluster, lambda: httpx.get(f"http://127.0.0.1:{cluster.http.port}/health"))
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_greedy_completion_over_http_equals_grpc(cluster, client, model):
+    async def grpc_text(prompt):
+        async with grpc.aio.insecure_channel(cluster.address) as ch:
+            msgs = await collect(pbg.GenerationStub(ch), pb.GenerateRequest(
+                text=prompt, sampling=pb.SamplingParams(max_tokens=12, temperature=0.0)))
+        return [t for m in msgs for t in m.token_ids], "".join(m.text for m in msgs)
+    for prompt in PROMPTS[:3]:
+        ids, text = cluster.run(grpc_text(prompt))
+        r = sync(cluster, lambda: client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0,
+                                                            logprobs=0))
+        c = r.choices[0]
+        assert c.text == text and c.finish_reason == "length"
+        assert len(c.logprobs.tokens) == len(ids) == r.usage.completion_tokens
+        assert "".join(c.logprobs.tokens) == text
+
+
+def test_chat_streamed_with_usage_equals_unstreamed(cluster, client, model):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
+    whole = sync(cluster, lambda: client.chat.completions.create(model=model, messages=msgs, max_tokens=16,
+                                                                 temperature=0))
+
+    def streamed():
+        chunks = list(client.chat.completions.create(model=model, messages=msgs, max_tokens=16, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+        return chunks
+    chunks = sync(cluster, streamed)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert text == whole.choices[0].message.content and whole.choices[0].message.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+
+
+def test_async_client_n_choices_share_one_prefill(cluster, model):
+    prompt = PROMPTS[-1]                                    # ~50 tokens: 3 full blocks to share
+
+    async def go():
+        async with openai.AsyncOpenAI(base_url=base_url(cluster), api_key="unused", max_retries=0) as c:
+            return await c.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=1.0, seed=7, n=2)
+    r = cluster.run(go())
+    assert sorted(c.index for c in r.choices) == [0, 1] and all(c.text for c in r.choices)
+    assert r.usage.completion_tokens == 16 and r.usage.prompt_tokens < 80           # the prompt counts once
+    assert r.usage.prompt_tokens_details.cached_tokens >= 16                          # the second choice hit it
+    again = cluster.run(go())
+    assert [c.text for c in sorted(again.choices, key=lambda c: c.index)] == \
+        [c.text for c in sorted(r.choices, key=lambda c: c.index)]                    # seeded: reproducible
+
+
+def test_chat_logprobs_come_with_each_token(cluster, client, model):
+    r = sync(cluster, lambda: client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=6, temperature=0,
+        logprobs=True, top_logprobs=3))
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token   # greedy: the best
+    assert "".join(t.token for t in content) == r.choices[0].message.content
+
+
+def test_json_schema_response_parses_and_validates(cluster, client, model):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    r = sync(cluster, lambda: client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Describe a person as JSON."}], max_tokens=48,
+        temperature=0, response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}))
+    doc = json.loads(r.choices[0].message.content)
+    assert set(doc) == {"name", "age"} and isinstance(doc["age"], int) and len(doc["name"]) <= 16
+
+
+@pytest.mark.parametrize("kw, status, param", [
+    (dict(frobnicate=1), 400, "frobnicate"),                       # unknown: never silently ignored
+    (dict(max_tokens=0), 400, "max_tokens"),
+    (dict(temperature=-1), 400, "temperature"),
+    (dict(logprobs=21), 400, "logprobs"),
+    (dict(stop=[""]), 400, "stop"),
+    (dict(prompt=[10**9]), 400, "prompt"),
+    (dict(prompt="x " * 20000), 400, "max_tokens"),              # prompt + max_tokens past the context
+    (dict(model="gpt-4"), 404, "model"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nope"}}}),
+     400, "response_format"),
+])
+def test_bad_input_gets_an_openai_error_and_leaks_nothing(cluster, model, kw, status, param):
+    body = {"model": model, "prompt": "Hello", "max_tokens": 4} | kw
+
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as c:
+            r = await c.post(f"{base_url(cluster)}/completions", json=body)
+        await idle_pools(cluster)
+        return r
+    r = cluster.run(go())
+    err = r.json()["error"]
+    assert r.status_code == status and set(err) == {"message", "type", "param", "code"}, r.text
+    assert param in (err["param"] or "") or param in err["message"], err
+    ok = sync(cluster, lambda: httpx.post(f"{base_url(cluster)}/completions", timeout=60,
+                                          json={"model": model, "prompt": "Hi", "max_tokens": 2}))
+    assert ok.status_code == 200                                   # and the next request is served
+
+
+def test_a_client_gone_mid_stream_frees_its_blocks(cluster, model):
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as c:
+            async with c.stream("POST", f"{base_url(cluster)}/completions",
+                                json={"model": model, "prompt": "Tell a long story.", "max_tokens": 200,
+                                      "ignore_eos": True, "stream": True}) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        break                                      # leave after the first chunk
+        return await idle_pools(cluster)
+    cluster.run(go())

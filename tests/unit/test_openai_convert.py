@@ -1,0 +1,110 @@
+"""router/openai/convert.py and schemas.py without a server: OpenAI bodies -> prompts and
+SamplingParams through the validation gRPC uses; events -> OpenAI's usage and logprobs shapes."""
+import pytest
+from pydantic import ValidationError
+
+from pdcluster.engine.sampling_params import TokenLogprobs
+from pdcluster.router.openai import convert
+from pdcluster.router.openai.schemas import ChatCompletionRequest, CompletionRequest
+from pdcluster.router.validate import InvalidRequest
+
+VOCAB, CONTEXT = 1000, 64
+
+
+class Tok:
+    """A stand-in tokenizer: one token per character (ord % 1000); a template that joins roles."""
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) % VOCAB for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+    def get_vocab(self):
+        return {"a": 0}
+
+    def convert_tokens_to_string(self, toks):
+        return "a"
+
+
+
+def parse(body: dict, chat=False, tok=None, vocab=VOCAB, context=CONTEXT):
+    cls = ChatCompletionRequest if chat else CompletionRequest
+    return convert.parse(cls(**{"model": "m"} | body), tok or Tok(), vocab, context)
+
+
+@pytest.fixture(scope="module")
+def real_tok():
+    from pdcluster.engine.loader import load_model_config
+    from pdcluster.engine.tokenizer import load_tokenizer
+    return load_tokenizer(load_model_config(None))
+
+
+def test_prompts_of_every_shape_and_one_params_per_choice():
+    assert parse({"prompt": "hi"}).prompts == [[104, 105]]
+    assert parse({"prompt": ["a", "bc"]}).prompts == [[97], [98, 99]]
+    assert parse({"prompt": [5, 6]}).prompts == [[5, 6]]
+    job = parse({"prompt": [[5], [6, 7]], "n": 3, "seed": 10, "temperature": 0.5, "max_tokens": 4})
+    assert len(job.params) == 2 and all(len(ps) == 3 for ps in job.params)
+    assert [p.seed for p in job.params[0]] == [10, 11, 12] and job.params[1][2].max_tokens == 4
+
+
+def test_sampling_fields_map_and_max_tokens_defaults_as_openai_s():
+    p = parse({"prompt": "abcd", "stop": "x", "top_k": -1, "min_p": 0.1, "presence_penalty": 0.5,
+               "repetition_penalty": 1.1, "logprobs": 2}).params[0][0]
+    assert p.max_tokens == 16 and p.stop == ("x",) and p.top_k == 0 and p.min_p == 0.1
+    assert p.presence_penalty == 0.5 and p.repetition_penalty == 1.1 and p.logprobs == 2
+
+
+def test_chat_messages_roles_parts_and_logprobs(real_tok):
+    from pdcluster.engine.tokenizer import apply_chat_template
+    job = parse({"messages": [{"role": "developer", "content": "be"},
+                              {"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}],
+                 "logprobs": True, "top_logprobs": 3, "max_completion_tokens": 5}, chat=True, tok=real_tok,
+                vocab=49152, context=2048)
+    assert job.prompts == [apply_chat_template(real_tok, [{"role": "system", "content": "be"},
+                                                          {"role": "user", "content": "hi"}])]
+    assert job.logprobs == 3 and job.params[0][0].max_tokens == 5 and job.params[0][0].logprobs == 3
+    plain = parse({"messages": [{"role": "user", "content": "x"}]}, chat=True, tok=real_tok, vocab=49152, context=2048)
+    assert plain.logprobs is None and plain.params[0][0].max_tokens == 2048 - len(plain.prompts[0])   # the rest
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "hi", "temperature": -1}, "temperature"),
+    ({"prompt": "hi", "top_p": 2}, "top_p"),
+    ({"prompt": "hi", "stop": [""]}, "stop"),
+    ({"prompt": "hi", "stop_token_ids": [VOCAB]}, "stop_token_ids"),
+    ({"prompt": [VOCAB + 1]}, "prompt"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": "x" * 60, "max_tokens": 10}, "max_tokens"),                 # past the context
+    ({"prompt": "hi", "best_of": 3}, "best_of"),
+    ({"prompt": "hi", "response_format": {"type": "json_schema"}}, "response_format"),
+])
+def test_bad_values_name_their_field(body, param):
+    with pytest.raises(InvalidRequest) as e:
+        parse(body)
+    assert e.value.param == param, e.value
+
+
+@pytest.mark.parametrize("body", [{"prompt": "hi", "frobnicate": 1}, {"prompt": "hi", "echo": True},
+                                  {"prompt": "hi", "n": 0}, {"prompt": "hi", "logprobs": 21}])
+def test_unknown_or_unsupported_fields_are_refused_not_ignored(body):
+    with pytest.raises(ValidationError):
+        CompletionRequest(**{"model": "m"} | body)
+
+
+def test_usage_counts_each_prompt_once_and_the_best_cache_hit_of_its_choices():
+    cs = [convert.ChoiceState(k, prompt_tokens=p, completion_tokens=c, cached_tokens=h)
+          for k, (p, c, h) in enumerate([(10, 3, 0), (10, 4, 8), (7, 2, 0), (7, 2, 0)])]
+    assert convert.usage(cs, n=2) == {"prompt_tokens": 17, "completion_tokens": 11, "total_tokens": 28,
+                                      "prompt_tokens_details": {"cached_tokens": 8}}
+
+
+def test_logprobs_in_the_chat_and_the_completions_shapes():
+    lps = [TokenLogprobs(104, -0.1, ((104, -0.1), (105, -2.5))), TokenLogprobs(105, -0.3, ((105, -0.3),))]
+    chat = convert.chat_logprobs(Tok(), lps)["content"]
+    assert [c["token"] for c in chat] == ["h", "i"] and chat[0]["top_logprobs"][1] == {
+        "token": "i", "logprob": -2.5, "bytes": [105]}
+    comp = convert.completion_logprobs(Tok(), lps)
+    assert comp == {"tokens": ["h", "i"], "token_logprobs": [-0.1, -0.3],
+                    "top_logprobs": [{"h": -0.1, "i": -2.5}, {"i": -0.3}], "text_offset": [0, 1]}
