@@ -1,4 +1,6 @@
-"""`pdcluster bench serve`: a load-generating gRPC client against a running router.
+"""`pdcluster bench serve`: a load-generating client against a running router (gRPC), or against any
+OpenAI-compatible server (--backend openai / openai-chat, bench/openai_client.py): same datasets, same
+metrics, so pdcluster, vLLM and llama.cpp's llama-server are measured by one client.
 
 Library use (e.g. a scenario runner, inside its own event loop):
     reqs = build_dataset({"dataset": "shared-prefix", "seed": 1}, vocab_size)
@@ -18,9 +20,11 @@ import time
 from typing import Any
 
 import grpc
+import httpx
 import numpy as np
 from tqdm import tqdm
 
+from pdcluster.bench import openai_client
 from pdcluster.bench.datasets import DATASETS, DEFAULTS, BenchRequest, build_dataset
 from pdcluster.bench.metrics import RequestOutput, StreamRecorder, calculate_metrics, format_table, parse_goodput
 from pdcluster.router.proto import generation_pb2 as pb
@@ -100,6 +104,9 @@ async def run_benchmark(
     seed: int,
     goodput: dict[str, float] | None,
     progress: bool = True,
+    backend: str = "grpc",
+    model: str = "",
+    tokenizer=None,
 ) -> dict[str, Any]:
     """Sends `requests` in list order at the arrival process's times, at most max_concurrency in
     flight (None = unbounded), and returns calculate_metrics' result dict plus the run settings.
@@ -107,8 +114,11 @@ async def run_benchmark(
     A multi-turn request (turn > 0) is sent at its arrival time or when the previous turn's reply
     arrived, whichever is later, with prompt = previous prompt + reply token ids + its prompt_ids.
     It waits for its predecessor without holding a concurrency slot; its latencies count from sending.
+    backend "openai" / "openai-chat": `addr` is the server's base URL (…/v1) and `model` its model id.
     """
     _check_requests(requests, max_concurrency)
+    if backend != "grpc" and any(r.conversation is not None for r in requests):
+        raise ValueError("multi-turn datasets need the reply's token ids: --backend grpc only")
     loop = asyncio.get_running_loop()
     # (conversation, turn) -> that turn's prompt + reply token ids, or None when it failed.
     histories: dict[tuple[int, int], asyncio.Future[list[int] | None]] = {
@@ -117,7 +127,14 @@ async def run_benchmark(
     limit = asyncio.Semaphore(max_concurrency) if max_concurrency else contextlib.nullcontext()
     bar = tqdm(total=len(requests), disable=not progress, desc="requests")
 
-    async def one(stub: pb_grpc.GenerationStub, req: BenchRequest) -> RequestOutput:
+    async def send(conn, req: BenchRequest, prompt: list[int] | None) -> RequestOutput:
+        if backend == "grpc":
+            return await _generate(conn, req, prompt)
+        chat = backend == "openai-chat"
+        return await openai_client.generate(conn, addr, openai_client.body(req, prompt, model, chat, tokenizer),
+                                            len(prompt or ()), chat)
+
+    async def one(conn, req: BenchRequest) -> RequestOutput:
         prompt, skipped = req.prompt_ids, False
         if req.conversation is not None and req.turn > 0:
             history = await histories[(req.conversation, req.turn - 1)]
@@ -127,20 +144,24 @@ async def run_benchmark(
             out = RequestOutput(error=SKIPPED)
         else:
             async with limit:
-                out = await _generate(stub, req, prompt)
+                out = await send(conn, req, prompt)
         if req.conversation is not None:
             histories[(req.conversation, req.turn)].set_result(prompt + out.token_ids if out.success else None)
         bar.update(1)
         return out
 
     offsets = arrival_offsets(len(requests), request_rate, burstiness, seed)
-    async with grpc.aio.insecure_channel(addr) as channel:
-        stub = pb_grpc.GenerationStub(channel)
+    if backend == "grpc":
+        session = grpc.aio.insecure_channel(addr)
+    else:
+        session = httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=None))
+    async with session:
+        conn = pb_grpc.GenerationStub(session) if backend == "grpc" else session
         start = time.perf_counter()
         tasks = []
         for req, offset in zip(requests, offsets):
             await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(stub, req)))
+            tasks.append(asyncio.create_task(one(conn, req)))
         outputs = await asyncio.gather(*tasks)
         duration = time.perf_counter() - start
     bar.close()
@@ -165,7 +186,12 @@ def _dataset_name(value: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = DEFAULTS
     run = parser.add_argument_group("load")
-    run.add_argument("--addr", default="127.0.0.1:50051", help="router gRPC address host:port")
+    run.add_argument("--backend", default="grpc", choices=openai_client.BACKENDS,
+                     help="grpc: pdcluster's Generate; openai / openai-chat: any OpenAI-compatible server at "
+                          "--base-url (/v1/completions with token-id prompts / /v1/chat/completions with text)")
+    run.add_argument("--addr", default="127.0.0.1:50051", help="router gRPC address host:port (--backend grpc)")
+    run.add_argument("--base-url", default="http://127.0.0.1:8000/v1",
+                     help="the OpenAI-compatible server's base URL (--backend openai / openai-chat)")
     run.add_argument("--num-prompts", type=int, default=d["num_prompts"], help="requests (random, mixed, sharegpt)")
     run.add_argument("--request-rate", type=float, default=float("inf"), help="req/s; inf = all at once")
     run.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps; 1 = Poisson")
@@ -192,28 +218,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--long-input-len", type=int, default=d["long_input_len"], help="mixed: long prompt tokens")
 
 
+def target(args: argparse.Namespace):
+    """(address, model id, vocab size, context length or None, tokenizer or None) of the server to load.
+    OpenAI servers do not say their vocabulary: random prompts draw from the embedded model's, so
+    point those backends at servers of that model (the same GGUF)."""
+    if args.backend == "grpc":
+        info = asyncio.run(get_model_info(args.addr))
+        return args.addr, info.model, info.vocab_size, info.max_context_tokens, None
+    from pdcluster.engine.loader import load_model_config
+    from pdcluster.engine.tokenizer import load_tokenizer
+    model, context = asyncio.run(openai_client.model_of(args.base_url))
+    mcfg = load_model_config(None)
+    return args.base_url.rstrip("/"), model, mcfg.vocab_size, context, load_tokenizer(mcfg)
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         goodput = parse_goodput(args.goodput) if args.goodput else None
-        info = asyncio.run(get_model_info(args.addr))
-        requests = build_dataset(args, info.vocab_size)
+        addr, model, vocab_size, context, tokenizer = target(args)
+        requests = build_dataset(args, vocab_size)
     except grpc.aio.AioRpcError as e:
         print(f"bench serve: GetModelInfo on {args.addr} failed: {e.code().name} {e.details()}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as e:
+        print(f"bench serve: GET {args.base_url}/models failed: {e}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as e:
         print(f"bench serve: {e}", file=sys.stderr)
         return 2
-    if longest_context(requests) > info.max_context_tokens:
+    if context and longest_context(requests) > context:
         print(f"bench serve: warning: some requests need up to {longest_context(requests)} tokens, beyond "
-              f"the model's {info.max_context_tokens}; the router rejects them", file=sys.stderr)
-    print(f"model {info.model}: {len(requests)} requests of dataset {args.dataset}, "
+              f"the model's {context}; the server rejects them", file=sys.stderr)
+    print(f"model {model} ({args.backend}): {len(requests)} requests of dataset {args.dataset}, "
           f"request rate {args.request_rate} req/s, burstiness {args.burstiness}, "
           f"max concurrency {args.max_concurrency}")
-    result = asyncio.run(
-        run_benchmark(args.addr, requests, args.request_rate, args.burstiness, args.max_concurrency,
-                      args.seed, goodput, progress=not args.disable_tqdm)
-    )
-    result.update(model=info.model, dataset=args.dataset, num_prompts=len(requests))
+    try:
+        result = asyncio.run(
+            run_benchmark(addr, requests, args.request_rate, args.burstiness, args.max_concurrency,
+                          args.seed, goodput, progress=not args.disable_tqdm, backend=args.backend, model=model,
+                          tokenizer=tokenizer))
+    except ValueError as e:
+        print(f"bench serve: {e}", file=sys.stderr)
+        return 2
+    result.update(model=model, backend=args.backend, dataset=args.dataset, num_prompts=len(requests))
     print(format_table(result))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
