@@ -18,6 +18,7 @@ from contextlib import aclosing
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdcluster.router.errors import Overloaded, Unavailable
 from pdcluster.router.openai import convert
@@ -130,6 +131,10 @@ def make_app(api: Api) -> FastAPI:
     @app.exception_handler(OpenAIError)
     async def _openai(request, exc):
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc):          # unknown path, wrong method, a body that does not parse
+        return JSONResponse(OpenAIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
 
     @app.get("/health")
     async def health():

@@ -10,6 +10,7 @@ import uvicorn
 
 from pdcluster.ports import check_free
 from pdcluster.router.openai.app import Api, make_app
+from pdcluster.router.openai.body_limit import BodyLimit
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ class HttpServer:
     def __init__(self, router, model_name: str, vocab_size: int, host: str = "127.0.0.1", port: int = 8000,
                  auth=None, tls_cert: str | None = None, tls_key: str | None = None):
         self.api = Api(router, model_name, vocab_size, auth)
-        config = uvicorn.Config(make_app(self.api), host=host, port=port, loop="none", lifespan="off",
+        config = uvicorn.Config(BodyLimit(make_app(self.api)), host=host, port=port, loop="none", lifespan="off",
                                 access_log=False, log_level="warning", ssl_certfile=tls_cert, ssl_keyfile=tls_key,
                                 timeout_graceful_shutdown=1)
         self.server = _Server(config)

@@ -152,3 +152,30 @@ def test_a_client_gone_mid_stream_frees_its_blocks(cluster, model):
                         break                                      # leave after the first chunk
         return await idle_pools(cluster)
     cluster.run(go())
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_past_4_mib_is_refused_before_it_is_buffered(cluster, model, chunked):
+    big = json.dumps({"model": model, "prompt": "x" * (5 * 2**20)}).encode()
+
+    async def chunks():
+        for i in range(0, len(big), 2**16):
+            yield big[i:i + 2**16]
+
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as c:
+            return await c.post(f"{base_url(cluster)}/completions", content=chunks() if chunked else big,
+                                headers={"content-type": "application/json"})
+    r = cluster.run(go())
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+
+
+def test_a_wrong_path_method_or_unparsable_body_still_gets_an_openai_error(cluster):
+    async def go():
+        async with httpx.AsyncClient(timeout=30) as c:
+            return [await c.get(f"{base_url(cluster)}/nope"), await c.get(f"{base_url(cluster)}/completions"),
+                    await c.post(f"{base_url(cluster)}/completions", content=b"{not json",
+                                 headers={"content-type": "application/json"})]
+    got = cluster.run(go())
+    assert [r.status_code for r in got] == [404, 405, 400]
+    assert all(set(r.json()["error"]) == {"message", "type", "param", "code"} for r in got), [r.text for r in got]
