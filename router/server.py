@@ -251,7 +251,12 @@ class RouterServer:
             self.servicer._cut = f"the server is shutting down: stream cut after the {timeout_s:g}s drain bound"
             for t in left:
                 t.cancel()
-            await asyncio.wait(left, timeout=10)
+            for _ in range(10):             # a cancellation swallowed on its way is sent again
+                _, pending = await asyncio.wait(left, timeout=1.0)
+                if not pending:
+                    break
+                for t in pending:
+                    t.cancel()
         return len(left)
 
     async def stop(self, grace: float = 2.0) -> None:
