@@ -42,11 +42,12 @@ class HttpServer:
         self.port = self.server.servers[0].sockets[0].getsockname()[1]
 
     async def drain(self, timeout_s: float) -> None:
-        """New requests get 503; streams in flight may finish within timeout_s."""
+        """New requests get 503; requests in flight (streams) may finish within timeout_s. An idle
+        keep-alive connection holds no request task and is not waited for."""
         self.api.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while self.server.server_state.connections and loop.time() < deadline:
+        while self.server.server_state.tasks and loop.time() < deadline:
             await asyncio.sleep(0.05)
 
     async def stop(self) -> None:

@@ -5,6 +5,7 @@ and remote prefills whose KV crosses the gRPC transport int8-compressed, tokens 
 import asyncio
 import signal
 import subprocess
+import time
 
 import grpc
 import pytest
@@ -41,7 +42,7 @@ def served(tmp_path_factory):
         port = serving_port(log)                    # --port 0: no port picked early and lost
         wait_for(lambda: "OpenAI API on" in log.read_text(), 10, "the HTTP address line", proc, log)
         assert f"OpenAI API on https://127.0.0.1:{http_port}/v1" in log.read_text()
-        yield {"addr": f"localhost:{port}", "cert": cert, "log": log, "pid": proc.pid,
+        yield {"addr": f"localhost:{port}", "cert": cert, "log": log, "pid": proc.pid, "proc": proc,
                "base_url": f"https://localhost:{http_port}/v1"}
     finally:
         stop_group(proc, signal.SIGINT, 60)     # the graceful stop
@@ -142,3 +143,20 @@ def test_the_http_api_takes_the_same_tls_and_tokens(served):
     assert tls.get(served["base_url"].replace("/v1", "/health")).status_code == 200     # open, like gRPC health
     with pytest.raises(httpx.HTTPError):
         httpx.get(served["base_url"].replace("https", "http") + "/models", timeout=10)    # no plaintext
+
+
+def test_graceful_stop_does_not_wait_on_an_idle_keep_alive_client(served):
+    """Last in the module: it stops the served process. A client that keeps its HTTP connection open
+    between requests (every pooled client does) holds no request: the drain must not wait its 30 s
+    bound for it (it did: the connection count, not the request count, was waited on)."""
+    import httpx
+    proc, log = served["proc"], served["log"]
+    with httpx.Client(verify=str(served["cert"]), timeout=30) as idle:
+        assert idle.get(served["base_url"].replace("/v1", "/health")).status_code == 200   # now idle, kept alive
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+        took = time.monotonic() - t0
+    text = log.read_text()
+    assert "draining 0 stream(s) for up to 30s" in text and "drained" in text, text[-2000:]
+    assert took < 20, f"stop took {took:.1f}s with one idle keep-alive connection (drain bound 30s)"
