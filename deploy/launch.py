@@ -30,6 +30,18 @@ def cluster_secret(path: str | None) -> str:
     return s
 
 
+def init_local_ray(threads_per_worker: int, n_prefill: int, n_decode: int) -> None:
+    """A fresh single-host Ray instance with room for n_prefill + n_decode workers: address="local"
+    even where a `ray start` cluster runs on this host; every port on loopback, no dashboard UI."""
+    import ray
+
+    from pdcluster.deploy.ray_env import loopback_only, runtime_env
+    with loopback_only() as loopback:
+        ray.init(address="local", num_cpus=threads_per_worker * (n_prefill + n_decode) + 1,
+                 resources={"prefill_pool": n_prefill, "decode_pool": n_decode},
+                 include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(), **loopback)
+
+
 def worker_kwargs(c: ClusterConfig, secret: str) -> dict[str, dict]:
     """The worker constructors' keywords per role, from the KV section and the bounds."""
     kv = c.kv
@@ -67,7 +79,7 @@ class Cluster(Scaling):
     async def start(self) -> "Cluster":
         import ray
 
-        from pdcluster.deploy.ray_env import loopback_only, runtime_env
+        from pdcluster.deploy.ray_env import runtime_env
         from pdcluster.engine.loader import load_model_config
         from pdcluster.engine.tokenizer import load_tokenizer
         from pdcluster.router.lifecycle import Router
@@ -80,16 +92,9 @@ class Cluster(Scaling):
             if c.address:
                 ray.init(address=c.address, log_to_driver=False, runtime_env=runtime_env())
             else:
-                n = c.engine.threads_per_worker
                 # pool units: room up to each pool's max replicas
                 n_pre, n_dec = (max(p.initial_replicas, p.hi) for p in (c.pools.prefill, c.pools.decode))
-                # address="local": a fresh instance, even where a `ray start` cluster runs on this host
-                # a single-host Ray: every one of its ports on loopback, no dashboard UI (issue 15)
-                with loopback_only() as loopback:
-                    ray.init(address="local", num_cpus=n * (n_pre + n_dec) + 1,
-                             resources={"prefill_pool": n_pre, "decode_pool": n_dec},
-                             include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(),
-                             **loopback)
+                init_local_ray(c.engine.threads_per_worker, n_pre, n_dec)
                 self._owns_ray = True
         mcfg = load_model_config(c.model)
         if c.engine.max_model_len:
@@ -140,7 +145,8 @@ class Cluster(Scaling):
         if sv.http_port:
             from pdcluster.router.openai.server import HttpServer
             self.http = HttpServer(self.router, mcfg.name, mcfg.vocab_size, sv.host, sv.http_port, auth=auth,
-                                   tls_cert=sv.tls_cert, tls_key=sv.tls_key)
+                                   tls_cert=sv.tls_cert, tls_key=sv.tls_key,
+                                   slow_reader_timeout_s=sv.slow_reader_timeout_s)
             await self.http.start()
         self._poller = asyncio.ensure_future(self._poll())
         if sv.metrics_port:

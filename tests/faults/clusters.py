@@ -1,10 +1,12 @@
-"""Shared pieces of the fault tests: a cluster per test module and the offline greedy reference."""
+"""Shared pieces of the fault tests: a cluster per test module (on one Ray instance for the whole
+session) and the offline greedy reference."""
 import asyncio
+import functools
 from contextlib import contextmanager
 
 from pdcluster.deploy.config import ClusterConfig
 from pdcluster.deploy.flags import dotted, override
-from pdcluster.deploy.launch import Cluster
+from pdcluster.deploy.launch import Cluster, init_local_ray
 from pdcluster.engine import LLM, SamplingParams
 
 # the short names the fault tests size their clusters with -> paths in the config tree
@@ -14,17 +16,29 @@ SHORT = {"prefill_workers": "pools__prefill__initial_replicas", "decode_workers"
          "policy": "router__policy", "max_restarts": "pools__max_restarts",
          "worker_timeout_s": "timeouts__stream_gap_s",
          "health_timeout_s": "timeouts__health_s", "prefill_timeout_s": "timeouts__prefill_s",
-         "slow_reader_timeout_s": "server__slow_reader_timeout_s"}
+         "slow_reader_timeout_s": "server__slow_reader_timeout_s", "http_port": "server__http_port"}
+
+
+# Room for the largest fault cluster (1 prefill + 2 decode workers) and one more worker, 1 thread
+# each. Started once: a Cluster finding Ray up uses it and leaves it up (tests/faults/conftest.py
+# shuts it down at the session's end); each module's cluster still has its own actors and router.
+SESSION_RAY = dict(threads_per_worker=1, n_prefill=2, n_decode=3)
+
+
+@functools.cache
+def session_ray() -> None:
+    init_local_ray(**SESSION_RAY)
 
 
 @contextmanager
 def running_cluster(**cfg):
     """A started Cluster (router + Ray actors) on its own event loop; drive it with c.run(coro).
     Keywords: SHORT's names or tree paths with "__" (kv__transport="grpc")."""
+    session_ray()
     loop = asyncio.new_event_loop()
     cfg.setdefault("policy", "least-loaded")   # every prompt prefills remotely: the faults hit that path
-    tree = override(ClusterConfig(), dotted(server__port=0, server__metrics_port=0, server__http_port=0,
-                                            **{SHORT.get(k, k): v for k, v in cfg.items()}))
+    ports = {"server__port": 0, "server__metrics_port": 0, "server__http_port": 0}   # HTTP off unless given
+    tree = override(ClusterConfig(), dotted(**ports | {SHORT.get(k, k): v for k, v in cfg.items()}))
     c = loop.run_until_complete(Cluster(tree).start())
     c.run = loop.run_until_complete
     try:
@@ -34,9 +48,16 @@ def running_cluster(**cfg):
         loop.close()
 
 
+@functools.cache
+def offline_llm() -> LLM:
+    """One offline engine for the session's references (loading the model is the cost; each
+    reference is computed afresh)."""
+    return LLM(kv_cache_memory=64 * 2**20)
+
+
 def greedy_reference(prompts: list[str], max_new: int) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt token ids, greedy output tokens) from the offline engine: what every stream must equal."""
-    llm = LLM(kv_cache_memory=64 * 2**20)
+    llm = offline_llm()
     ids = [llm.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     outs = llm.generate(ids, SamplingParams(max_tokens=max_new, temperature=0))
     return ids, [o.token_ids for o in outs]
