@@ -306,17 +306,22 @@ async def run_scenario(sc: Scenario, rounds: int, seed: int, progress: bool = Tr
 
 # CLI
 def epilog() -> str:
+    from pdcluster.bench.peers import WORKLOAD
     lines = ["scenarios:"]
     for s in SCENARIOS.values():
         lines.append(f"  {s.name}: {s.summary}")
         lines.append(f"    workload {json.dumps(s.dataset)} at {s.request_rate} req/s; goodput {s.goodput}; "
                      f"compares {', '.join(s.metrics)}")
+    lines.append("  peers: pdcluster (1P+1D and one worker) against each --peer URL, one OpenAI client")
+    lines.append(f"    workload {json.dumps(WORKLOAD)} at each --concurrency; compares output tok/s, TTFT, TPOT")
     return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("name", nargs="?", choices=sorted(SCENARIOS), metavar="NAME",
-                   help=f"scenario to run: {', '.join(sorted(SCENARIOS))}")
+    names = sorted(SCENARIOS) + ["peers"]
+    p.add_argument("name", nargs="?", choices=names, metavar="NAME",
+                   help=f"scenario to run: {', '.join(names)} (peers: pdcluster against --peer servers, "
+                        "bench/peers.py)")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     p.add_argument("--rounds", type=int, default=2,
                    help="baseline/candidate pairs, run alternately (2: B, C, B, C)")
@@ -330,12 +335,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="write {scenario, baseline, candidate, ratios} JSON here")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="latency CDFs and throughput, side by side")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
+    from pdcluster.bench.peers import CONCURRENCY, SIDES
+    peers = p.add_argument_group("peers (NAME peers)")
+    peers.add_argument("--peer", action="append", metavar="[NAME=]URL",
+                       help="an OpenAI-compatible server of the same model, e.g. llama=http://127.0.0.1:8103/v1 "
+                            "(repeat for several; start each beforehand)")
+    peers.add_argument("--sides", nargs="*", choices=sorted(SIDES), default=sorted(SIDES),
+                       help="pdcluster clusters to start and measure: disagg = 1 prefill + 1 decode worker, "
+                            "single = one 2-thread worker (none: peers only)")
+    peers.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY),
+                       help="max requests in flight, one run each")
+    peers.add_argument("--input-len", type=int, default=None, help="prompt tokens (default 128)")
+    peers.add_argument("--output-len", type=int, default=None, help="output tokens (default 64)")
 
 
 def main(a: argparse.Namespace) -> int:
     if a.list or not a.name:
         print(epilog())
         return 0 if a.list else 2
+    if a.name == "peers":
+        from pdcluster.bench import peers
+        return peers.main(a)
     sc = SCENARIOS[a.name]
     try:
         if a.num_prompts is not None and sc.dataset["dataset"] == "shared-prefix":  # n spread over the groups

@@ -5,6 +5,14 @@ import errno
 import socket
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free now. The process it is for may lose it to another one before binding (then it
+    fails at once, naming the port); prefer port 0 where the program reports what it bound."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 class PortInUse(OSError):
     """host:port is taken; `what` is the listener, `flag` the setting that moves it."""
 

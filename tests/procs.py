@@ -9,15 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+from pdcluster.ports import free_port  # noqa: F401  (the tests import it from here)
+
 BIN = Path(sys.executable).parent       # the venv's console scripts: pdcluster, ray
-
-
-def free_port() -> int:
-    """A port free now. The process it is for may lose it to another one before binding (then it
-    fails at once, naming the port: pdcluster/ports.py); prefer port 0 where the program reports it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_open(port: int) -> bool:

@@ -1,0 +1,219 @@
+"""`pdcluster bench scenario peers --peer NAME=URL ...`: pdcluster against the servers users would
+run instead, through one client, on one workload.
+
+Every server is driven by bench serve's OpenAI backend (bench/openai_client.py: /v1/completions,
+token-id prompts, streamed, greedy, EOS ignored), so pdcluster is measured through its own HTTP API
+exactly like a peer. pdcluster's sides are clusters this command starts (one at a time, each alone:
+a peer given by URL must be started beforehand and stays idle meanwhile); peers are any
+OpenAI-compatible servers of the same model (llama.cpp's llama-server on the same GGUF:
+`python -m pdcluster.bench.llama_server`; vLLM: ../PEERS.md).
+
+Rounds alternate the servers (pdcluster sides, then each peer, per round), and at each server the
+concurrencies run in order, each after a warm-up. The table gives each (server, concurrency) and the
+ratios of each pdcluster side to each peer: output throughput (higher is better) and TPOT (lower).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, replace
+
+from pdcluster.bench.scenario import _jsonable, cluster, merge_results
+from pdcluster.deploy.config import ClusterConfig
+
+# The workload of ../PEERS.md and issue 18: 16 prompts of 128 random tokens, 64 output tokens.
+WORKLOAD = {"dataset": "random", "num_prompts": 16, "input_len": 128, "output_len": 64, "ignore_eos": True}
+CONCURRENCY = (1, 4, 16)
+METRICS = ("output_throughput", "mean_ttft_ms", "mean_tpot_ms", "median_tpot_ms")
+
+# pdcluster's sides: the default disaggregated cluster (1 prefill + 1 decode worker, a core each),
+# and one worker that prefills and decodes on both cores.
+SIDES: dict[str, ClusterConfig] = {
+    "disagg": cluster(),
+    "single": cluster(pools__prefill__initial_replicas=0, pools__decode__initial_replicas=1,
+                      router__remote_prefill=False, engine__threads_per_worker=2),
+}
+SIDE_LABELS = {"disagg": "pdcluster 1P+1D", "single": "pdcluster 1 worker"}
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    base_url: str           # ".../v1"
+
+
+def parse_peer(text: str) -> Peer:
+    """NAME=URL or URL (named by its host:port); the URL is the server's OpenAI base (…/v1)."""
+    name, sep, url = text.partition("=")
+    if not sep:
+        name, url = "", text
+    url = url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"--peer {text!r}: expected NAME=http://HOST:PORT/v1")
+    if not url.endswith("/v1"):
+        url += "/v1"
+    return Peer(name or url.split("//", 1)[1].removesuffix("/v1"), url)
+
+
+async def _measure(base_url: str, model: str, requests, concurrency: tuple[int, ...], seed: int, warmup,
+                   tokenizer) -> dict[int, dict]:
+    """{concurrency: run_benchmark result} against one OpenAI-compatible server."""
+    from pdcluster.bench.serve import run_benchmark
+    out = {}
+    for c in concurrency:
+        await run_benchmark(base_url, warmup, float("inf"), 1.0, c, seed, None, progress=False,
+                            backend="openai", model=model, tokenizer=tokenizer)
+        out[c] = await run_benchmark(base_url, requests, float("inf"), 1.0, c, seed, None, progress=False,
+                                     backend="openai", model=model, tokenizer=tokenizer)
+    return out
+
+
+@contextlib.asynccontextmanager
+async def _pdcluster(cfg: ClusterConfig):
+    """A started cluster serving HTTP on a free port: its base URL."""
+    from pdcluster.deploy.launch import Cluster
+    from pdcluster.ports import free_port
+    c = Cluster(replace(cfg, server=replace(cfg.server, port=0, metrics_port=0, http_port=free_port())))
+    try:
+        await c.start()
+        yield f"http://127.0.0.1:{c.http.port}/v1"
+    finally:
+        await c.stop()
+
+
+async def run_peers(sides: list[str], peers: list[Peer], concurrency: tuple[int, ...], rounds: int, seed: int,
+                    workload: dict, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from pdcluster.bench.datasets import build_dataset
+    from pdcluster.bench.openai_client import model_of
+    from pdcluster.engine.loader import load_model_config
+    from pdcluster.engine.tokenizer import load_tokenizer
+    mcfg = load_model_config(None)
+    tok = load_tokenizer(mcfg)
+    requests = build_dataset(dict(workload, seed=seed), mcfg.vocab_size)
+    warmup = build_dataset(dict(workload, seed=seed + 1, num_prompts=max(concurrency)), mcfg.vocab_size)
+    servers = [SIDE_LABELS[s] for s in sides] + [p.name for p in peers]
+    runs: dict[str, dict[int, list[dict]]] = {s: {c: [] for c in concurrency} for s in servers}
+    models = {p.name: (await model_of(p.base_url))[0] for p in peers}   # fails early on a peer that is down
+    t0 = time.perf_counter()
+    with tqdm(total=rounds * len(servers), desc="servers", disable=not progress) as bar:
+        for _ in range(rounds):
+            for s in sides:
+                bar.set_postfix_str(f"{SIDE_LABELS[s]}: starting")
+                async with _pdcluster(SIDES[s]) as url:
+                    bar.set_postfix_str(SIDE_LABELS[s])
+                    model = (await model_of(url))[0]
+                    res = await _measure(url, model, requests, concurrency, seed, warmup, tok)
+                for c, r in res.items():
+                    runs[SIDE_LABELS[s]][c].append(r)
+                bar.update(1)
+            for p in peers:
+                bar.set_postfix_str(p.name)
+                res = await _measure(p.base_url, models[p.name], requests, concurrency, seed, warmup, tok)
+                for c, r in res.items():
+                    runs[p.name][c].append(r)
+                bar.update(1)
+    results = {s: {c: merge_results(rs) for c, rs in by_c.items()} for s, by_c in runs.items()}
+    report = dict(
+        scenario=dict(name="peers", workload=workload, concurrency=list(concurrency), rounds=rounds, seed=seed,
+                      sides={SIDE_LABELS[s]: dataclasses.asdict(SIDES[s]) for s in sides},
+                      peers={p.name: p.base_url for p in peers}, wall_s=round(time.perf_counter() - t0, 1)),
+        results={s: {str(c): {m: r.get(m) for m in METRICS} | {"completed": r["completed"], "failed": r["failed"]}
+                     for c, r in by_c.items()} for s, by_c in results.items()},
+        ratios=peer_ratios({s: {c: r for c, r in by_c.items()} for s, by_c in results.items()},
+                           [SIDE_LABELS[s] for s in sides], [p.name for p in peers], concurrency))
+    return _jsonable(report)
+
+
+def peer_ratios(results: dict[str, dict[int, dict]], ours: list[str], theirs: list[str],
+                concurrency: tuple[int, ...]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """{"ours vs theirs": {concurrency: {"output_throughput": ours/theirs, "mean_tpot_ms": ours/theirs}}}."""
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for a in ours:
+        for b in theirs:
+            out[f"{a} vs {b}"] = {
+                str(c): {m: (results[a][c][m] / results[b][c][m]) if results[a][c].get(m) and results[b][c].get(m)
+                         else None for m in ("output_throughput", "mean_tpot_ms")} for c in concurrency}
+    return out
+
+
+def format_peers(report: dict) -> str:
+    sc, res = report["scenario"], report["results"]
+    conc = [str(c) for c in sc["concurrency"]]
+    w0 = max(len(s) for s in [*res, *report["ratios"], "ratio ours / peer"]) + 2
+    head = [f"peers: {json.dumps(sc['workload'])}, greedy, streamed, one OpenAI client; {sc['rounds']} round(s)",
+            "server".ljust(w0) + "conc  " + "  ".join(m.rjust(16) for m in METRICS) + "  failed"]
+    rows = []
+    for s, by_c in res.items():
+        for c in conc:
+            r = by_c[c]
+            cells = [(f"{r[m]:.1f}" if r.get(m) is not None else "n/a").rjust(16) for m in METRICS]
+            rows.append(s.ljust(w0) + c.rjust(4) + "  " + "  ".join(cells) + f"  {r['failed']:6d}")
+    ratio_rows = ["", "ratio ours / peer".ljust(w0) + "conc  " + "output tok/s".rjust(16) + "  " + "mean TPOT".rjust(16)
+                  + "   (tok/s: higher is better; TPOT: lower)"]
+    for pair, by_c in report["ratios"].items():
+        for c in conc:
+            r = by_c[c]
+            cells = [(f"{r[m]:.2f}x" if r[m] is not None else "n/a").rjust(16)
+                     for m in ("output_throughput", "mean_tpot_ms")]
+            ratio_rows.append(pair.ljust(w0) + c.rjust(4) + "  " + "  ".join(cells))
+    return "\n".join(head + rows + (ratio_rows if report["ratios"] else []))
+
+
+def plot_peers(report: dict, path: str) -> None:
+    """Output throughput and mean TPOT per concurrency, one bar per server."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    res, conc = report["results"], [str(c) for c in report["scenario"]["concurrency"]]
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2)
+    x, width = np.arange(len(conc)), 0.8 / max(1, len(res))
+    for ax, (m, title, unit) in zip(axes, (("output_throughput", "Output throughput", "tok/s"),
+                                          ("mean_tpot_ms", "Mean TPOT", "ms"))):
+        for i, (s, by_c) in enumerate(res.items()):
+            ax.bar(x + (i - (len(res) - 1) / 2) * width, [by_c[c].get(m) or 0.0 for c in conc], width, label=s)
+        ax.set(title=title, ylabel=unit, xlabel="concurrency", xticks=x, xticklabels=conc)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend()
+    fig.savefig(path, dpi=100)
+
+
+def main(a: argparse.Namespace) -> int:
+    import sys
+    try:
+        peers = [parse_peer(p) for p in a.peer or ()]
+        sides = a.sides
+        if not peers and not sides:
+            raise ValueError("nothing to run: give --peer URL and/or --sides")
+        workload = dict(WORKLOAD)
+        for k in ("num_prompts", "input_len", "output_len"):
+            if getattr(a, k, None) is not None:
+                workload[k] = getattr(a, k)
+        conc = tuple(a.concurrency)
+        if not conc or min(conc) < 1:
+            raise ValueError("--concurrency takes integers >= 1")
+        if a.rounds < 1:
+            raise ValueError(f"--rounds must be >= 1, got {a.rounds}")
+    except ValueError as e:
+        print(f"bench scenario peers: {e}", file=sys.stderr)
+        return 2
+    import httpx
+    try:
+        report = asyncio.run(run_peers(sides, peers, conc, a.rounds, a.seed, workload, progress=not a.disable_tqdm))
+    except httpx.HTTPError as e:     # a peer down or not OpenAI-compatible (GET /v1/models)
+        print(f"bench scenario peers: {type(e).__name__} from {e.request.url}: {e}", file=sys.stderr)
+        return 1
+    print(format_peers(report))
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {a.out}")
+    if a.plot:
+        plot_peers(report, a.plot)
+        print(f"wrote {a.plot}")
+    return 0
