@@ -22,7 +22,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 
-from pdcluster.bench.scenario import _jsonable, cluster, merge_results
+from pdcluster.bench.scenario import _jsonable, cluster, emit, merge_results
 from pdcluster.deploy.config import ClusterConfig
 
 # The workload of ../PEERS.md and issue 18: 16 prompts of 128 random tokens, 64 output tokens.
@@ -208,12 +208,5 @@ def main(a: argparse.Namespace) -> int:
     except httpx.HTTPError as e:     # a peer down or not OpenAI-compatible (GET /v1/models)
         print(f"bench scenario peers: {type(e).__name__} from {e.request.url}: {e}", file=sys.stderr)
         return 1
-    print(format_peers(report))
-    if a.out:
-        with open(a.out, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
-        print(f"wrote {a.out}")
-    if a.plot:
-        plot_peers(report, a.plot)
-        print(f"wrote {a.plot}")
+    emit(report, format_peers(report), a.out, a.plot, lambda path: plot_peers(report, path))
     return 0

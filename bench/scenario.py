@@ -373,16 +373,24 @@ def main(a: argparse.Namespace) -> int:
         print(f"bench scenario: {e}", file=sys.stderr)
         return 2
     report = asyncio.run(run_scenario(sc, a.rounds, a.seed, progress=not a.disable_tqdm))
-    print(format_report(report))
-    if a.out:
-        with open(a.out, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
-        print(f"wrote {a.out}")
-    if a.plot:
+
+    def draw(path: str) -> None:
         from pdcluster.bench.plots import plot_comparison
-        plot_comparison({report[s]["label"]: report[s] for s in ("baseline", "candidate")}, a.plot)
-        print(f"wrote {a.plot}")
+        plot_comparison({report[s]["label"]: report[s] for s in ("baseline", "candidate")}, path)
+    emit(report, format_report(report), a.out, a.plot, draw)
     return 0
+
+
+def emit(report: dict, table: str, out: str | None, plot: str | None, draw) -> None:
+    """Print the table; write the report as JSON to `out` and draw(plot) when given."""
+    print(table)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {out}")
+    if plot:
+        draw(plot)
+        print(f"wrote {plot}")
 
 
 # The catalogue (bench/scenarios.py) registers itself into SCENARIOS on import.
