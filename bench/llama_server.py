@@ -51,7 +51,7 @@ def serve_command(binary: Path, model: Path, port: int, threads: int, parallel: 
             "--parallel", str(parallel), "--cont-batching", "-t", str(threads), "--alias", alias]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from pdcluster.deploy.cli import HelpFormatter
     p = argparse.ArgumentParser(prog="python -m pdcluster.bench.llama_server", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
@@ -66,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--parallel", type=int, default=16, help="slots (concurrent sequences)")
     s.add_argument("--context", type=int, default=16384, help="context tokens shared by the slots (-c)")
     s.add_argument("--alias", default="smollm2", help="the model id it reports")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     if a.cmd == "build":
         cmd, env = build_command(a.build_dir)
         print(" ".join(cmd), flush=True)
