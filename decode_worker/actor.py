@@ -22,25 +22,25 @@ class DecodeActor(WorkerActor):
         return DecodeWorker(worker_id, engine, **worker_kwargs)
 
     async def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                      cache_salt: str | None = None) -> Reservation | NoRoom:
+                      cache_salt: str | None = None, output_ids: list[int] = ()) -> Reservation | NoRoom:
         """A Reservation, or NoRoom when the pool cannot hold the prompt right now."""
         from pdcluster.engine.kv_connector import NoKVCapacity
         try:
-            return await self._run(self.worker.reserve, request_id, prompt_ids, params, cache_salt)
+            return await self._run(self.worker.reserve, request_id, prompt_ids, params, cache_salt, output_ids)
         except NoKVCapacity as e:
             return NoRoom(str(e))
 
     async def stream(self, request_id: str, first_token: int | None, prompt_ids: list[int] | None = None,
-                     params: SamplingParams | None = None, cache_salt: str | None = None):
+                     params: SamplingParams | None = None, cache_salt: str | None = None, output_ids: list[int] = ()):
         """Yields token items until finished. first_token given: continue a remote prefill whose KV
-        was reserved; else prefill prompt_ids locally."""
+        was reserved; else prefill prompt_ids (then output_ids, outputs already sent) locally."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         sink = lambda item: loop.call_soon_threadsafe(q.put_nowait, item)  # noqa: E731
         if first_token is not None:
             await self._run(self.worker.start, request_id, first_token, sink)
         else:
-            await self._run(self.worker.generate, request_id, prompt_ids, params, cache_salt, sink)
+            await self._run(self.worker.generate, request_id, prompt_ids, params, cache_salt, sink, output_ids)
         try:
             while True:
                 try:

@@ -89,11 +89,12 @@ class DecodeWorker:
 
     # remote prefill
     def reserve(self, rid: str, prompt_ids: list[int], params: SamplingParams,
-                cache_salt: str | None = None) -> Reservation:
-        """Blocks for the prompt's KV, computed elsewhere; NoKVCapacity when there is no room now."""
+                cache_salt: str | None = None, output_ids: list[int] = ()) -> Reservation:
+        """Blocks for the prompt's KV (and output_ids', outputs already sent), computed elsewhere;
+        NoKVCapacity when there is no room now."""
         def _reserve(engine: LLMEngine) -> Reservation:
             try:
-                r = engine.reserve_remote(prompt_ids, params, rid, cache_salt)
+                r = engine.reserve_remote(prompt_ids, params, rid, cache_salt, output_ids)
             except NoKVCapacity as e:
                 raise NoKVCapacity(f"{self.worker_id}: {e}") from None
             self._reserved[rid] = time.monotonic() + self.reservation_ttl_s
@@ -119,10 +120,11 @@ class DecodeWorker:
 
     # local prefill
     def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams,
-                 cache_salt: str | None = None, sink=None) -> TokenStream:
+                 cache_salt: str | None = None, sink=None, output_ids: list[int] = ()) -> TokenStream:
         stream = self._listen(rid, sink)
         try:
-            self.engine_thread.run(lambda e: e.add_request(prompt_ids, params, rid, cache_salt, detokenize=False))
+            self.engine_thread.run(lambda e: e.add_request(prompt_ids, params, rid, cache_salt, detokenize=False,
+                                                           output_ids=output_ids))
         except BaseException:
             self._drop_stream(rid)
             raise

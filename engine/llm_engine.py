@@ -168,18 +168,24 @@ class LLMEngine:
         return time.perf_counter() - t0
 
     # requests
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """ValueError naming the field for anything this engine can never serve."""
+    def validate(self, prompt_ids: list[int], params: SamplingParams, output_ids: list[int] = ()) -> None:
+        """ValueError naming the field for anything this engine can never serve. output_ids: outputs
+        an earlier attempt sampled (a migrated request resumes with them; they count in max_tokens)."""
         if not prompt_ids:
             raise ValueError("prompt is empty")
         V = self.cfg.model.vocab_size
-        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < V), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {V})")
+        for name, ids in (("prompt", prompt_ids), ("output", output_ids)):
+            bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < V), None)
+            if bad is not None:
+                raise ValueError(f"{name} token id {bad!r} is outside the vocabulary [0, {V})")
         params.validate()
+        if len(output_ids) >= params.max_tokens:
+            raise ValueError(f"{len(output_ids)} output tokens already reach max_tokens ({params.max_tokens})")
         self.scheduler.check_fits(len(prompt_ids), params.max_tokens)
         if params.structured is not None:
             self.grammars().compile(params.structured)     # ValueError for a schema it cannot take
+            if output_ids:
+                self.grammars().check_prefix(params.structured, output_ids)
 
     def grammars(self):
         """This engine's structured-output grammars (engine/structured.py), made on first use."""
@@ -189,18 +195,27 @@ class LLMEngine:
         return self.runner.grammars
 
     def make_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                     cache_salt: str | None = None) -> Request:
-        self.validate(prompt_ids, params)
+                     cache_salt: str | None = None, output_ids: list[int] = ()) -> Request:
+        self.validate(prompt_ids, params, output_ids)
         return Request(prompt_ids, params, request_id, cache_salt, self.cfg.model.eos_token_ids,
-                       self.cfg.cache.block_size)
+                       self.cfg.cache.block_size, output_ids)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    cache_salt: str | None = None, detokenize: bool = True) -> Request:
-        req = self.make_request(prompt_ids, params, request_id, cache_salt)
+                    cache_salt: str | None = None, detokenize: bool = True, output_ids: list[int] = ()) -> Request:
+        """Queue a request. output_ids: it resumes after these outputs (prefilled with the prompt;
+        the penalties, the grammar and max_tokens count them as sampled)."""
+        req = self.make_request(prompt_ids, params, request_id, cache_salt, output_ids)
         self.scheduler.add(req)
+        self._resume(req)
         if detokenize:
-            self.detoks[req.request_id] = Detokenizer(self.tokenizer, prompt_ids, params.stop)
+            self.detoks[req.request_id] = Detokenizer(self.tokenizer, req.token_ids, params.stop)
         return req
+
+    def _resume(self, req: Request) -> None:
+        """A request added with outputs: its grammar matcher replays them (validate checked they pass)."""
+        if req.num_output_tokens and req.params.structured is not None:
+            self.grammars()
+            self.runner.accept(req, req.output_token_ids)
 
     def abort(self, request_id: str) -> Request | None:
         """End request_id wherever it is (queued, running, waiting for remote KV), free its blocks
@@ -213,12 +228,14 @@ class LLMEngine:
 
     # KV from outside (a decode worker's half of a remote prefill; engine/kv_connector.py)
     def reserve_remote(self, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                       cache_salt: str | None = None) -> RemoteKV:
+                       cache_salt: str | None = None, output_ids: list[int] = ()) -> RemoteKV:
         """Allocate the whole prompt's blocks (prefix hits reused) for KV computed elsewhere; the
         connector learns of them through after_alloc and the request waits until start_remote.
+        output_ids: as add_request's (their KV comes with the prompt's).
         NoKVCapacity (engine/kv_connector.py): no room now."""
-        req = self.make_request(prompt_ids, params, request_id, cache_salt)
+        req = self.make_request(prompt_ids, params, request_id, cache_salt, output_ids)
         skip, block_ids = self.scheduler.add_remote(req)
+        self._resume(req)
         return RemoteKV(skip_blocks=skip, block_ids=block_ids, cached_tokens=skip * self.cfg.cache.block_size)
 
     def start_remote(self, request_id: str, first_token: int) -> None:

@@ -3,6 +3,10 @@
 Progress is counters, not phases: the request needs `num_tokens - num_computed_tokens` more
 tokens of forward pass; when that reaches 0 after a step, the step sampled a new token.
 A "prefill" is just a step with many new tokens; a "decode" one with a single token.
+
+A request may start with outputs already (a migrated request resumes with the tokens its earlier
+attempt sent): they are prefilled with the prompt, yet count as outputs everywhere sampling looks
+(penalty history, the grammar's state, max_tokens).
 """
 from __future__ import annotations
 
@@ -33,15 +37,18 @@ _ids = itertools.count()
 
 class Request:
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                 cache_salt: str | None = None, eos_token_ids: tuple[int, ...] = (), block_size: int = CacheConfig.block_size):
+                 cache_salt: str | None = None, eos_token_ids: tuple[int, ...] = (),
+                 block_size: int = CacheConfig.block_size, output_token_ids: list[int] = ()):
         self.request_id = request_id if request_id is not None else f"req-{next(_ids)}"
         self.params = params
         self.cache_salt = cache_salt
         self.eos_token_ids = () if params.ignore_eos else tuple(eos_token_ids)
         self.block_size = block_size
         self.arrival_time = time.monotonic()
-        self.token_ids: list[int] = list(prompt_token_ids)   # prompt followed by outputs
-        self.num_prompt_tokens = len(self.token_ids)
+        self.token_ids: list[int] = list(prompt_token_ids) + list(output_token_ids)   # prompt, then outputs
+        self.num_prompt_tokens = len(prompt_token_ids)
+        # tokens present at admission (prompt + resumed outputs): all computed before the next sample
+        self.num_prefill_tokens = len(self.token_ids)
         self.num_computed_tokens = 0    # tokens whose KV is in this worker's cache
         self.num_cached_tokens = -1     # prefix-cache hit at first admission (-1 = not yet admitted)
         self.block_ids: list[int] = []  # this worker's KV blocks, in position order

@@ -90,7 +90,7 @@ class Scheduler:
             raise ValueError(f"request_id {req.request_id!r} is already in flight")
         self.check_fits(req.num_prompt_tokens, req.params.max_tokens)
         hits = self.kv.computed_blocks(req)
-        n_new = req.num_prompt_tokens - len(hits) * self.kv.block_size
+        n_new = req.num_prefill_tokens - len(hits) * self.kv.block_size
         if not self.kv.can_allocate(req, n_new, hits):
             raise NoKVCapacity(f"{self.kv.num_free_blocks} free KV blocks")
         fill = self.kv.allocate(req, n_new, hits)
@@ -108,7 +108,7 @@ class Scheduler:
         sampled where the prompt was prefilled, is appended, and it runs. If that token already
         ends it, it finishes here (blocks freed) and ValueError says so: nothing to decode."""
         assert req.status is Status.WAITING_FOR_REMOTE_KV
-        req.num_computed_tokens = req.num_prompt_tokens
+        req.num_computed_tokens = req.num_prefill_tokens
         self.kv.cache_computed_blocks(req)
         req.append_token(first_token)
         if (status := self.stop_status(req, first_token)) is not None:
@@ -221,7 +221,7 @@ class Scheduler:
         n_ext = self.connector.external_tokens(req, local)
         if n_ext <= 0:
             return False
-        assert local + n_ext < req.num_prompt_tokens, "the last prompt token is computed here"
+        assert local + n_ext < req.num_prefill_tokens, "the last prompt token is computed here"
         if not self.kv.can_allocate(req, n_ext, hits):
             return False
         fill = self.kv.allocate(req, n_ext, hits)
@@ -306,5 +306,5 @@ def inflight_hashes(running: list[Request], block_size: int) -> set[int]:
 
 def computing(r: Request, bs: int) -> list[int]:
     """Hashes of r's full prompt blocks not computed yet (r is running: it will compute them)."""
-    done, full = r.num_computed_tokens // bs, r.num_prompt_tokens // bs
+    done, full = r.num_computed_tokens // bs, r.num_prefill_tokens // bs
     return r.block_hashes()[done:full] if done < full else []

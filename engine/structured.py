@@ -28,15 +28,15 @@ class StructuredOutput:
             raise ValueError(f"response_format type must be one of {list(KINDS)}, got {self.kind!r}")
         if self.kind == "json_schema":
             if not isinstance(self.schema, str) or len(self.schema) > 64 * 1024:
-                raise ValueError("json_schema needs a schema of at most 64 KiB")
+                raise ValueError("response_format json_schema needs a schema of at most 64 KiB")
             try:
                 parsed = json.loads(self.schema)
             except ValueError:
-                raise ValueError("json_schema's schema is not valid JSON") from None
+                raise ValueError("response_format json_schema's schema is not valid JSON") from None
             if not isinstance(parsed, dict):
-                raise ValueError("json_schema's schema must be a JSON object")
+                raise ValueError("response_format json_schema's schema must be a JSON object")
         elif self.schema is not None:
-            raise ValueError("json_object takes no schema")
+            raise ValueError("response_format json_object takes no schema")
 
 
 class Grammars:
@@ -66,6 +66,14 @@ class Grammars:
 
     def matcher(self, spec: StructuredOutput):
         return self.xgr.GrammarMatcher(self.compile(spec))
+
+    def check_prefix(self, spec: StructuredOutput, token_ids: list[int]) -> None:
+        """ValueError unless spec's grammar accepts token_ids from its start (the outputs a resumed
+        request carries: its matcher replays them)."""
+        m = self.matcher(spec)
+        for k, t in enumerate(token_ids):
+            if not m.is_terminated() and not m.accept_token(t):
+                raise ValueError(f"output token {k} (id {t}) breaks the response_format grammar")
 
     def mask(self, logits: torch.Tensor, rows: list[int], matchers: list) -> None:
         """In place: logits [N, V] rows `rows` limited to what their matchers allow next."""

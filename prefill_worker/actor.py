@@ -14,8 +14,8 @@ class PrefillActor(WorkerActor):
         return PrefillWorker(worker_id, engine, **worker_kwargs)
 
     async def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams, dest: KVDestination | None,
-                      cache_salt: str | None = None) -> PrefillResult:
-        return await self._run(self.worker.prefill, request_id, prompt_ids, params, dest, cache_salt)
+                      cache_salt: str | None = None, output_ids: list[int] = ()) -> PrefillResult:
+        return await self._run(self.worker.prefill, request_id, prompt_ids, params, dest, cache_salt, output_ids)
 
     async def probe(self, address: str, dst_id: str) -> float | None:
         return await self._run(self.worker.probe, address, dst_id)

@@ -1,6 +1,6 @@
 """Prefill worker: batched, chunked prefill with the prefix cache; ships KV layer by layer.
 
-A remote prefill runs the prompt to its first sampled token (max_tokens=1 here; the decode worker
+A remote prefill runs the prompt to its first sampled token (one token here; the decode worker
 continues from there). After each layer of the step that completes a prompt, that layer's blocks
 (only those the decode worker lacks) are gathered and handed to kv_transfer, which streams them
 while the next layer computes. The request's blocks stay in this worker's prefix cache afterwards.
@@ -68,8 +68,11 @@ class PrefillWorker:
         self.engine_thread = EngineThread(engine, name=f"prefill-{worker_id}")
 
     def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                dest: KVDestination | None, cache_salt: str | None = None) -> PrefillResult:
-        """Blocking: prefill, stream the KV to `dest`, return the first token and figures."""
+                dest: KVDestination | None, cache_salt: str | None = None,
+                output_ids: list[int] = ()) -> PrefillResult:
+        """Blocking: prefill, stream the KV to `dest`, return the first token and figures. output_ids:
+        outputs an earlier attempt sent (a migration): prefilled and shipped with the prompt, counted as
+        outputs by the sampler; the token returned is the next one."""
         done: Future = Future()
         t0 = time.perf_counter()
 
@@ -78,14 +81,14 @@ class PrefillWorker:
                              o.logprobs[0] if o.logprobs else None))
 
         def add(engine: LLMEngine):
-            req = engine.add_request(prompt_ids, replace(params, max_tokens=1, stop=()), request_id,
-                                     cache_salt, detokenize=False)
+            one = replace(params, max_tokens=len(output_ids) + 1, stop=())     # the next token only
+            req = engine.add_request(prompt_ids, one, request_id, cache_salt, detokenize=False, output_ids=output_ids)
             if dest is not None:
-                n = -(-len(prompt_ids) // engine.cfg.cache.block_size) - dest.skip_blocks
+                n = -(-req.num_prefill_tokens // engine.cfg.cache.block_size) - dest.skip_blocks
                 if n != len(dest.dst_block_ids):
                     engine.abort(request_id)
                     raise ValueError(f"decode reserved {len(dest.dst_block_ids)} blocks, prefill needs {n}")
-                codec = self._codec(dest, len(prompt_ids))
+                codec = self._codec(dest, req.num_prefill_tokens)
                 kw = {"codec": codec} if codec != "none" else {}  # Mooncake's open() takes no codec
                 sender = self.transport.open(dest.address, request_id, dest.dst_block_ids, dest.dst_id, **kw)
                 self.sends.add(request_id, sender, dest.skip_blocks, codec)

@@ -44,9 +44,9 @@ class WorkerClient:
 
 class PrefillClient(WorkerClient):
     async def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams, dest: KVDestination | None,
-                      cache_salt: str | None) -> PrefillResult:
+                      cache_salt: str | None, output_ids: list[int] = ()) -> PrefillResult:
         return await _call(self.worker_id,
-                           self.handle.prefill.remote(request_id, prompt_ids, params, dest, cache_salt),
+                           self.handle.prefill.remote(request_id, prompt_ids, params, dest, cache_salt, output_ids),
                            self.t.prefill_s)
 
     async def probe(self, address: str, dst_id: str) -> float | None:
@@ -56,17 +56,19 @@ class PrefillClient(WorkerClient):
 
 class DecodeClient(WorkerClient):
     async def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                      cache_salt: str | None) -> Reservation | NoRoom:
-        return await _call(self.worker_id, self.handle.reserve.remote(request_id, prompt_ids, params, cache_salt),
+                      cache_salt: str | None, output_ids: list[int] = ()) -> Reservation | NoRoom:
+        return await _call(self.worker_id,
+                           self.handle.reserve.remote(request_id, prompt_ids, params, cache_salt, output_ids),
                            self.t.stream_gap_s)
 
     async def stream(self, request_id: str, first_token: int | None, prompt_ids: list[int] | None = None,
-                     params: SamplingParams | None = None, cache_salt: str | None = None) -> AsyncIterator[TokenItem]:
+                     params: SamplingParams | None = None, cache_salt: str | None = None,
+                     output_ids: list[int] = ()) -> AsyncIterator[TokenItem]:
         """Token items. The worker is lost after stream_gap_s without an item, or after stream_gap_s of
         heartbeats whose engine step count stands still (alive but stuck); a long prefill that keeps
         stepping is never lost. Heartbeats are consumed here."""
         gen = self.handle.stream.options(num_returns="streaming").remote(
-            request_id, first_token, prompt_ids, params, cache_salt)
+            request_id, first_token, prompt_ids, params, cache_salt, output_ids)
         it = gen.__aiter__()
         loop = asyncio.get_running_loop()
         steps, since = None, loop.time()        # the last step count seen, and when it last moved

@@ -32,12 +32,14 @@ class Attempt:
 
 
 async def place(router, attempt_id: str, ids: list[int], params: SamplingParams, salt: str | None,
-                exclude: set[str]) -> Attempt:
-    """Place attempt `attempt_id` of prompt `ids` on a worker not in `exclude` (failed ones are added)."""
+                exclude: set[str], outputs: list[int] = ()) -> Attempt:
+    """Place attempt `attempt_id` of prompt `ids` on a worker not in `exclude` (failed ones are added).
+    outputs: tokens an earlier attempt sent; prefilled after the prompt, sampled on as outputs."""
     workers, cfg = router.workers, router.cfg
-    hashes = block_hashes(ids, cfg.block_size, salt)   # once per placement, not per try
+    tokens = ids + list(outputs)                       # what the attempt prefills
+    hashes = block_hashes(tokens, cfg.block_size, salt)   # once per placement, not per try
     for _ in range(cfg.max_attempts):
-        choice = router.policy.choose(len(ids), workers.loads_of("prefill"), workers.loads_of("decode"), exclude,
+        choice = router.policy.choose(len(tokens), workers.loads_of("prefill"), workers.loads_of("decode"), exclude,
                                       hashes=hashes, now=time.time())
         if choice is None:
             break
@@ -46,34 +48,36 @@ async def place(router, attempt_id: str, ids: list[int], params: SamplingParams,
         for w in {choice.decode, choice.prefill or choice.decode}:
             router.index.expect(w, hashes, time.time())
         if choice.kind == "local":
-            return _start_local(workers, attempt_id, ids, params, salt, choice)
-        attempt = await _prefill_remote(workers, attempt_id, ids, params, salt, choice, exclude)
+            return _start_local(workers, attempt_id, ids, params, salt, choice, outputs)
+        attempt = await _prefill_remote(workers, attempt_id, ids, params, salt, choice, exclude, outputs)
         if attempt is not None:
             return attempt
     raise Unavailable(f"no worker could take request {attempt_id} (excluded: {sorted(exclude) or 'none ready'})")
 
 
 def _start_local(workers, attempt_id: str, ids: list[int], params: SamplingParams, salt: str | None,
-                 choice: Placement) -> Attempt:
+                 choice: Placement, outputs: list[int]) -> Attempt:
     d = workers.decode[choice.decode]
-    queued = max(0, len(ids) - int((choice.estimate or {}).get("cached_tokens", 0)))
-    stream = _queued_until_first(workers, d.stream(attempt_id, None, ids, params, salt), choice.decode, queued)
+    queued = max(0, len(ids) + len(outputs) - int((choice.estimate or {}).get("cached_tokens", 0)))
+    stream = _queued_until_first(workers, d.stream(attempt_id, None, ids, params, salt, outputs), choice.decode,
+                                 queued)
     return Attempt(dict(prefill_worker=choice.decode, decode_worker=choice.decode, remote_prefill=False,
                         kv_bytes_transferred=0, kv_transfer_ms=0.0), [d], stream=stream)
 
 
 async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: SamplingParams, salt: str | None,
-                          choice: Placement, exclude: set[str]) -> Attempt | None:
+                          choice: Placement, exclude: set[str], outputs: list[int]) -> Attempt | None:
     """Reserve KV on the decode worker, then prefill on the prefill worker (which streams the KV
     there). None: this pair failed, the failed worker is in `exclude` now."""
     d, p = workers.decode[choice.decode], workers.prefill[choice.prefill]
     workers.charge(choice.decode, 0, +1)   # from the reserve on the request holds d: a drain waits for it
+    n = len(ids) + len(outputs)            # tokens to prefill
     # charged to the prefill worker from the choice on, before the first await: a burst's next
     # admission and placement see this prompt in its backlog (router/admission.py)
-    workers.charge(choice.prefill, len(ids), +1)
+    workers.charge(choice.prefill, n, +1)
     try:
         try:
-            r = await d.reserve(attempt_id, ids, params, salt)
+            r = await d.reserve(attempt_id, ids, params, salt, outputs)
         except WorkerLost as e:
             log.warning("reserve of %s: %s; placing again", attempt_id, e)
             exclude.add(choice.decode)
@@ -84,7 +88,7 @@ async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: Samp
         try:
             # the transfer needs both ends: either worker missing its health poll (hung, dead)
             # ends the attempt now rather than at the prefill timeout
-            pre = await workers.while_healthy(p.prefill(attempt_id, ids, params, r.destination(), salt),
+            pre = await workers.while_healthy(p.prefill(attempt_id, ids, params, r.destination(), salt, outputs),
                                               choice.decode, choice.prefill)
         except Exception as e:   # lost worker, failed or corrupted transfer: recompute elsewhere
             lost = e.worker_id if isinstance(e, WorkerLost) else None
@@ -97,7 +101,7 @@ async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: Samp
                        [d, p], first_token=pre.first_token, cached_tokens=pre.cached_tokens,
                        first_logprobs=pre.first_logprobs)
     finally:
-        workers.charge(choice.prefill, len(ids), -1)
+        workers.charge(choice.prefill, n, -1)
         workers.charge(choice.decode, 0, -1)
 
 

@@ -2,13 +2,14 @@
 
     place an attempt  ->  relay its tokens (a remote prefill's first token, then the decode stream)
     ->  finish, or on a lost decode worker migrate: place again with prompt + tokens sent
-A migration re-prefills elsewhere and continues, so the client sees no gap and no repeat. On any
+A migration re-prefills elsewhere and continues, so the client sees no gap and no repeat. The new
+attempt carries the tokens sent as outputs, not prompt: its grammar replays them, its penalties
+count them and they count in max_tokens, so it samples on as the lost one would have. On any
 exit that is not a normal finish every worker that holds state for the attempt is told to abort.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -82,10 +83,9 @@ class RequestRun:
         """Place the current attempt for prompt + tokens sent. None: no worker, but tokens were sent."""
         m = self.migrations
         self.attempt_id = self.request_id if m == 0 else f"{self.request_id}#m{m}"
-        rest = dataclasses.replace(self.params, max_tokens=self.params.max_tokens - len(self.out))
         try:
-            attempt = await place(self.router, self.attempt_id, self.ids + self.out, rest,
-                                  self.salt, self.exclude)
+            attempt = await place(self.router, self.attempt_id, self.ids, self.params, self.salt, self.exclude,
+                                  list(self.out))
         except Unavailable:
             if not self.out:
                 raise
