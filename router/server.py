@@ -17,6 +17,7 @@ from pdcluster.ports import GRPC_NO_REUSEPORT, bind_grpc
 from pdcluster.router.conn_reset import reset_connection
 from pdcluster.router.errors import Overloaded, Unavailable
 from pdcluster.router.lifecycle import Router
+from pdcluster.router.lifecycle.choices import Choice, choice_events, choice_params
 from pdcluster.router.proto import generation_pb2 as pb
 from pdcluster.router.proto import generation_pb2_grpc as pb_grpc
 from pdcluster.router.validate import InvalidRequest, max_token_bytes, parse_request
@@ -136,11 +137,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             parsed = await asyncio.get_running_loop().run_in_executor(
                 self._tokenize, parse_request, request, r.tokenizer, self.vocab_size, r.max_context)
             rid = request.request_id or uuid.uuid4().hex
-            events = r.generate(parsed.prompt_ids, parsed.params, rid, cache_salt=tenant_of(context, self.auth),
-                                deadline_s=context.time_remaining())
+            # n > 1: choice j is request f"{rid}-{j}" at the router; its messages carry index j
+            choices = [Choice(rid if parsed.n == 1 else f"{rid}-{j}", parsed.prompt_ids, p)
+                       for j, p in enumerate(choice_params(parsed.params, parsed.n))]
+            events = choice_events(r, choices, tenant_of(context, self.auth), context.time_remaining())
             async with contextlib.aclosing(events):
-                async for ev in events:
-                    msg = pb.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=ev.text,
+                async for k, ev in events:
+                    msg = pb.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=ev.text, index=k,
                                               finish_reason=FINISH.get(ev.finish_reason,
                                                                        pb.FINISH_REASON_UNSPECIFIED))
                     if ev.placement:

@@ -13,6 +13,7 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_REQUEST_ID = 256         # characters
 MAX_STOP_TOKEN_IDS = 1024
 MAX_CHAT_MESSAGES = 4096
+MAX_CHOICES = 16             # n: sequences per prompt
 
 
 class InvalidRequest(Exception):
@@ -26,6 +27,13 @@ class InvalidRequest(Exception):
 class Parsed:
     prompt_ids: list[int]
     params: SamplingParams
+    n: int = 1                  # choices (sequences) to generate from the prompt
+
+
+def check_choices(n: int, field: str = "n") -> int:
+    if type(n) is not int or not 1 <= n <= MAX_CHOICES:
+        raise InvalidRequest(f"{field} must be in [1, {MAX_CHOICES}], got {n!r}", param=field.rsplit(".", 1)[-1])
+    return n
 
 
 def make_sampling(prefix: str, vocab_size: int, *, max_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
@@ -157,6 +165,7 @@ def parse_request(req, tokenizer, vocab_size: int, max_context: int) -> Parsed:
     if not req.HasField("sampling"):
         raise InvalidRequest("sampling is required (sampling.max_tokens >= 1)")
     params = sampling_from_proto(req.sampling, vocab_size)
+    n = check_choices(req.sampling.n, "sampling.n") if req.sampling.HasField("n") else 1
     if len(req.request_id) > MAX_REQUEST_ID:
         raise InvalidRequest(f"request_id is {len(req.request_id)} characters; at most {MAX_REQUEST_ID}")
     if not req.request_id.isprintable():      # control, format and separator characters (\n, U+202E, ...)
@@ -176,4 +185,4 @@ def parse_request(req, tokenizer, vocab_size: int, max_context: int) -> Parsed:
                             max_context)
     check_fits(ids, params, max_context, "sampling.max_tokens")
     check_structured(params, tokenizer, vocab_size, "sampling.response_format")
-    return Parsed(ids, params)
+    return Parsed(ids, params, n)

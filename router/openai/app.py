@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdcluster.router.errors import Overloaded, Unavailable
+from pdcluster.router.lifecycle.choices import choice_events
 from pdcluster.router.openai import convert
 from pdcluster.router.openai.schemas import ChatCompletionRequest, CompletionRequest
 from pdcluster.router.validate import InvalidRequest, max_token_bytes
@@ -86,40 +87,6 @@ class Api:
             self.tokenize, convert.parse, body, r.tokenizer, self.vocab_size, r.max_context)
 
 
-async def choice_events(router, job: convert.Job, tenant: str | None, base_id: str):
-    """(choice index, Event) from every choice's stream as they come. An error before a choice's first
-    event is raised here (the others are cancelled); after it, that choice ends with "abort"."""
-    q: asyncio.Queue = asyncio.Queue()
-    DONE = object()
-
-    async def pump(k: int, ids: list[int], params) -> None:
-        try:
-            async with aclosing(router.generate(ids, params, f"{base_id}-{k}", cache_salt=tenant)) as events:
-                async for ev in events:
-                    await q.put((k, ev))
-        except Exception as e:      # noqa: BLE001 - handed to the consumer
-            await q.put((k, e))
-        finally:
-            await q.put((k, DONE))
-
-    tasks = [asyncio.ensure_future(pump(i * job.n + j, ids, p))
-             for i, (ids, ps) in enumerate(zip(job.prompts, job.params)) for j, p in enumerate(ps)]
-    left = len(tasks)
-    try:
-        while left:
-            k, item = await q.get()
-            if item is DONE:
-                left -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield k, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 def make_app(api: Api) -> FastAPI:
     app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -168,7 +135,7 @@ async def respond(api: Api, body, request: Request, chat: bool):
     except InvalidRequest as e:
         raise as_openai(e) from None
     base = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-    events = choice_events(api.router, job, tenant, base)
+    events = choice_events(api.router, job.choices(base), tenant)
     try:
         first = await anext(events)         # errors before any token are an HTTP status
     except StopAsyncIteration:

@@ -1,20 +1,21 @@
 """OpenAI request bodies -> prompts and SamplingParams (through the validation the gRPC API uses,
 router/validate.py), and router Events -> OpenAI response objects. Pure Python: no HTTP here.
 
-Choices: prompt i's choice j has index i * n + j; a seeded request's choice j draws with seed + j,
-so its n choices differ and each stays reproducible.
+Choices: prompt i's choice j has index i * n + j (router/lifecycle/choices.py runs them; seeded
+choice j draws with seed + j).
 """
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
 from pdcluster.engine.structured import StructuredOutput
+from pdcluster.router.lifecycle.choices import Choice, choice_params
 from pdcluster.router.openai.schemas import ChatCompletionRequest, CompletionRequest, Sampling
-from pdcluster.router.validate import (InvalidRequest, check_fits, check_structured, check_token_ids, make_sampling,
-                                       tokenize_chat, tokenize_text)
+from pdcluster.router.validate import (InvalidRequest, check_choices, check_fits, check_structured, check_token_ids,
+                                       make_sampling, tokenize_chat, tokenize_text)
 
 ROLES = {"developer": "system"}     # OpenAI's newer name for the system role
 
@@ -26,6 +27,11 @@ class Job:
     params: list[list[SamplingParams]]  # [prompt][choice]
     n: int
     logprobs: int | None                # top alternatives per token, None: no logprobs
+
+    def choices(self, base_id: str) -> list[Choice]:
+        """Every choice in index order: prompt i's choice j is request f"{base_id}-{i * n + j}"."""
+        return [Choice(f"{base_id}-{i * self.n + j}", ids, p)
+                for i, (ids, ps) in enumerate(zip(self.prompts, self.params)) for j, p in enumerate(ps)]
 
 
 def structured_of(req: Sampling) -> StructuredOutput | None:
@@ -61,6 +67,7 @@ def prompts_of(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_
 def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size: int, max_context: int) -> Job:
     """CPU-bound (tokenizing): the server runs it off its event loop."""
     chat = isinstance(req, ChatCompletionRequest)
+    n = check_choices(req.n)
     if not chat and req.best_of not in (None, req.n):
         raise InvalidRequest("best_of other than n is not supported", param="best_of")
     if chat and req.top_logprobs is not None and not req.logprobs:
@@ -80,8 +87,8 @@ def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size:
                           logprobs=logprobs, structured=structured)
         check_fits(ids, p, max_context, "max_completion_tokens" if chat else "max_tokens")
         check_structured(p, tokenizer, vocab_size)
-        params.append([p if p.seed is None else replace(p, seed=(p.seed + j) % 2**64) for j in range(req.n)])
-    return Job(prompts, params, req.n, logprobs)
+        params.append(choice_params(p, n))
+    return Job(prompts, params, n, logprobs)
 
 
 # responses

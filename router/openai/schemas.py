@@ -38,7 +38,7 @@ class Sampling(Strict):
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    n: int = Field(default=1, ge=1, le=16)
+    n: int = 1                              # in [1, 16]: router/validate.py's check_choices, as gRPC's
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0

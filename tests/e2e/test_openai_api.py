@@ -179,3 +179,32 @@ def test_a_wrong_path_method_or_unparsable_body_still_gets_an_openai_error(clust
     got = cluster.run(go())
     assert [r.status_code for r in got] == [404, 405, 400]
     assert all(set(r.json()["error"]) == {"message", "type", "param", "code"} for r in got), [r.text for r in got]
+
+
+def test_grpc_n_choices_carry_their_index_and_equal_http_s_choices(cluster, model):
+    """gRPC's sampling.n fans out as the HTTP API's n does (one shared code path): each choice's
+    messages carry its index, a first message with placement and a last with usage; seeded choice j
+    uses seed + j, so gRPC's choices equal HTTP's; the choices share the prompt's prefill."""
+    prompt = PROMPTS[-1]
+
+    async def go():
+        async with grpc.aio.insecure_channel(cluster.address) as ch:
+            msgs = await collect(pbg.GenerationStub(ch), pb.GenerateRequest(
+                text=prompt, sampling=pb.SamplingParams(max_tokens=6, temperature=1.0, seed=11, n=3)))
+        async with openai.AsyncOpenAI(base_url=base_url(cluster), api_key="unused", max_retries=0) as c:
+            r = await c.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=1.0, seed=11, n=3)
+        await idle_pools(cluster)
+        return msgs, r
+    msgs, r = cluster.run(go())
+    by = {}
+    for m in msgs:
+        by.setdefault(m.index, []).append(m)
+    assert sorted(by) == [0, 1, 2]
+    for ms in by.values():
+        assert ms[0].HasField("placement") and not any(m.HasField("placement") for m in ms[1:])
+        assert ms[-1].finish_reason == pb.FINISH_REASON_LENGTH and ms[-1].usage.completion_tokens == 6
+        assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in ms[:-1])
+    texts = ["".join(m.text for m in by[k]) for k in range(3)]
+    assert texts == [c.text for c in sorted(r.choices, key=lambda c: c.index)]
+    assert len(set(texts)) > 1                                      # seeds 11, 12, 13 differ
+    assert max(by[k][-1].usage.cached_prompt_tokens for k in by) >= 16   # a choice hit the shared prefix

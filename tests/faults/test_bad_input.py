@@ -105,6 +105,8 @@ MATRIX = [
     ("non-UTF-8 chat content", with_bytes(chat(("user", "YYYY")), "YYYY", b"\xc0\xaf\xed\xa0"), INVALID, "UTF-8"),
     ("non-UTF-8 stop string", with_bytes(req(stop=["QQ"]), "QQ", b"\x80\x81"), INVALID, "UTF-8"),
     ("oversized message (5 MB)", ser(req(text="b" * (5 << 20))), EXHAUSTED, "larger than max"),
+    ("n = 0", ser(req(n=0)), INVALID, "sampling.n"),
+    ("n = 17", ser(req(n=17)), INVALID, "sampling.n"),
 ]
 
 

@@ -79,6 +79,8 @@ def test_chat_messages_roles_parts_and_logprobs(real_tok):
     ({"prompt": "x" * 60, "max_tokens": 10}, "max_tokens"),                 # past the context
     ({"prompt": "hi", "best_of": 3}, "best_of"),
     ({"prompt": "hi", "response_format": {"type": "json_schema"}}, "response_format"),
+    ({"prompt": "hi", "n": 0}, "n"),                                        # the gRPC API's check
+    ({"prompt": "hi", "n": 17}, "n"),
 ])
 def test_bad_values_name_their_field(body, param):
     with pytest.raises(InvalidRequest) as e:
@@ -87,7 +89,7 @@ def test_bad_values_name_their_field(body, param):
 
 
 @pytest.mark.parametrize("body", [{"prompt": "hi", "frobnicate": 1}, {"prompt": "hi", "echo": True},
-                                  {"prompt": "hi", "n": 0}, {"prompt": "hi", "logprobs": 21}])
+                                  {"prompt": "hi", "logprobs": 21}])
 def test_unknown_or_unsupported_fields_are_refused_not_ignored(body):
     with pytest.raises(ValidationError):
         CompletionRequest(**{"model": "m"} | body)
