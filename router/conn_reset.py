@@ -1,9 +1,10 @@
-"""Reset the TCP connection of one gRPC peer: the last resort against a client that stops reading.
+"""Reset the TCP connection of one gRPC peer or HTTP client: the last resort against a slow reader.
 
 A status (trailers) can only follow the data queued before it, so a client that grants no HTTP/2
 window never receives one, and gRPC's Python server offers no way to reset a single stream. The
 router then shuts down that client's connection: every stream on it ends (the client sees the
-connection reset) and gRPC cancels the calls, which frees what they held. Linux only (/proc).
+connection reset) and gRPC cancels the calls, which frees what they held. The HTTP API (uvicorn)
+offers no handle on a response's connection either. Linux only (/proc).
 """
 from __future__ import annotations
 
@@ -34,9 +35,23 @@ def _plain(ip):
 
 
 def reset_connection(peer: str, local_port: int) -> bool:
-    """Shut down this process's TCP socket from local_port to `peer`; True if one was found."""
+    """Shut down this process's TCP socket from local_port to `peer` (grpc's context.peer()); True
+    if one was found."""
     want = parse_peer(peer)
-    if want is None or not os.path.isdir("/proc/self/fd"):
+    return want is not None and _shut_down(want, local_port)
+
+
+def reset_client(client: tuple[str, int], local_port: int) -> bool:
+    """The same for an ASGI scope's "client": (host, port)."""
+    try:
+        want = _plain(ipaddress.ip_address(client[0])), int(client[1])
+    except (ValueError, TypeError, IndexError):
+        return False
+    return _shut_down(want, local_port)
+
+
+def _shut_down(want, local_port: int) -> bool:
+    if not os.path.isdir("/proc/self/fd"):
         return False
     for name in os.listdir("/proc/self/fd"):
         try:

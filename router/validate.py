@@ -53,6 +53,8 @@ def make_sampling(prefix: str, vocab_size: int, *, max_tokens: int, temperature:
         raise bad("stop", "takes at most 64 strings of at most 1024 characters")
     if any(not x for x in stop):
         raise bad("stop", "strings must be non-empty")
+    if not all(is_text(x) for x in stop):
+        raise bad("stop", LONE_SURROGATE)
     if not 0 <= top_k <= vocab_size:
         raise bad("top_k", f"must be in [0, {vocab_size}] (the vocab size), got {top_k}")
     worst = next((t for t in stop_token_ids if not 0 <= t < vocab_size), None)
@@ -107,10 +109,27 @@ def max_token_bytes(tokenizer) -> int:
     return cached
 
 
+def is_text(s: str) -> bool:
+    """Has s a UTF-8 form? Not when it holds a lone surrogate (HTTP's JSON can escape one, "\\ud800";
+    protobuf strings cannot): it could not be tokenized or matched."""
+    if s.isascii():
+        return True
+    try:
+        s.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+LONE_SURROGATE = "holds a lone surrogate (a \\uD800-\\uDFFF escape with no pair): not Unicode text"
+
+
 def tokenize_text(text: str, tokenizer, max_context: int, field: str = "prompt") -> list[int]:
     """A raw-text prompt (special tokens parsed, no template); its UTF-8 size is bounded first."""
     if not text:
         raise InvalidRequest(f"{field} text is empty", param=field)
+    if not is_text(text):
+        raise InvalidRequest(f"{field} {LONE_SURROGATE}", param=field)
     max_bytes = max_context * max_token_bytes(tokenizer)
     if len(text) > max_bytes or len(text.encode()) > max_bytes:
         raise InvalidRequest(f"{field} text is {len(text.encode())} bytes: more than the context length "
@@ -133,6 +152,8 @@ def tokenize_chat(msgs: list[dict], tokenizer, max_context: int, field: str = "c
         raise InvalidRequest(f"{field} holds {len(msgs)} messages; at most {MAX_CHAT_MESSAGES}", param=field)
     if not msgs:
         raise InvalidRequest(f"{field} is empty", param=field)
+    if not all(is_text(m["content"]) for m in msgs):
+        raise InvalidRequest(f"{field} {LONE_SURROGATE}", param=field)
     n_bytes = sum(len(m["content"].encode()) for m in msgs)
     if n_bytes > max_context * max_token_bytes(tokenizer):
         raise InvalidRequest(f"{field} hold {n_bytes} bytes: more than the context length "

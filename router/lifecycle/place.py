@@ -2,6 +2,7 @@
 trying other workers until one works (or max_attempts)."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -70,8 +71,8 @@ async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: Samp
     """Reserve KV on the decode worker, then prefill on the prefill worker (which streams the KV
     there). None: this pair failed, the failed worker is in `exclude` now."""
     d, p = workers.decode[choice.decode], workers.prefill[choice.prefill]
-    workers.charge(choice.decode, 0, +1)   # from the reserve on the request holds d: a drain waits for it
     n = len(ids) + len(outputs)            # tokens to prefill
+    workers.charge(choice.decode, 0, +1)   # from the reserve on the request holds d: a drain waits for it
     # charged to the prefill worker from the choice on, before the first await: a burst's next
     # admission and placement see this prompt in its backlog (router/admission.py)
     workers.charge(choice.prefill, n, +1)
@@ -100,6 +101,9 @@ async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: Samp
                             kv_bytes_transferred=pre.kv_bytes, kv_transfer_ms=pre.kv_transfer_ms),
                        [d, p], first_token=pre.first_token, cached_tokens=pre.cached_tokens,
                        first_logprobs=pre.first_logprobs)
+    except asyncio.CancelledError:      # the caller left mid-placement: no reservation or prefill stays behind
+        await asyncio.shield(workers.abort(attempt_id, [d, p]))
+        raise
     finally:
         workers.charge(choice.prefill, n, -1)
         workers.charge(choice.decode, 0, -1)

@@ -4,7 +4,8 @@ router/openai/server.py): /v1/completions, /v1/chat/completions, /v1/models, /he
 Every completion goes through Router.generate, the path gRPC takes: placement, migration, admission,
 metrics and the per-tenant prefix-cache salt are shared. Errors use OpenAI's body
 {"error": {"message", "type", "param", "code"}}: 400 bad input (an unknown field included), 401 no
-valid bearer token, 429 overloaded, 503 unavailable or shutting down.
+valid bearer token (bearer.py, before the body is read), 413 a body past 4 MiB (body_limit.py), 429
+overloaded, 503 unavailable or shutting down. A stream whose client stops reading is cut off (sse.py).
 """
 from __future__ import annotations
 
@@ -17,67 +18,57 @@ from contextlib import aclosing
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pdcluster.router.errors import Overloaded, Unavailable
 from pdcluster.router.lifecycle.choices import choice_events
 from pdcluster.router.openai import convert
+from pdcluster.router.openai.bearer import BearerGate
+from pdcluster.router.openai.body_limit import BodyLimit
+from pdcluster.router.openai.errors import OpenAIError, as_openai
 from pdcluster.router.openai.schemas import ChatCompletionRequest, CompletionRequest
+from pdcluster.router.openai.sse import SSEResponse
 from pdcluster.router.validate import InvalidRequest, max_token_bytes
 
-STATUS = {"INVALID_ARGUMENT": 400, "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429}
-
-
-class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.type, self.param, self.code = status, type_, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": str(self), "type": self.type, "param": self.param, "code": self.code}}
-
-
-def as_openai(e: Exception) -> OpenAIError:
-    if isinstance(e, OpenAIError):
-        return e
-    if isinstance(e, InvalidRequest):
-        return OpenAIError(STATUS.get(e.code, 400), str(e), param=e.param)
-    if isinstance(e, Overloaded):
-        return OpenAIError(429, str(e), "rate_limit_exceeded")
-    if isinstance(e, Unavailable):
-        return OpenAIError(503, str(e), "service_unavailable")
-    return OpenAIError(500, f"request failed: {type(e).__name__}", "internal_error")
+TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}    # union members' names in pydantic's error locations
 
 
 def validation_error(exc: RequestValidationError) -> OpenAIError:
+    """The first error, as OpenAI's body: param is the field's path (indices kept, pydantic's union tags
+    dropped: "prompt", not "prompt.str")."""
     err = exc.errors()[0]
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-    param = ".".join(loc) or None
-    if err.get("type") == "extra_forbidden":
+    kind, ctx, msg = err.get("type"), err.get("ctx") or {}, str(err.get("msg"))
+    if kind == "json_invalid":
+        return OpenAIError(400, f"the body is not valid JSON ({ctx.get('error', msg)})", code="invalid_json")
+    loc = list(err.get("loc", ()))
+    path = []
+    for x in loc[1:] if loc[:1] == ["body"] else loc:
+        if not isinstance(x, int) and (not x.isidentifier() or x in TYPE_TAGS):
+            break
+        path.append(str(x))
+    param = ".".join(path) or None
+    if kind == "extra_forbidden":
         return OpenAIError(400, f"unsupported parameter {param!r}", param=param, code="unsupported_parameter")
-    return OpenAIError(400, f"{param}: {err.get('msg')}" if param else str(err.get("msg")), param=param)
+    if param is None and kind == "missing":
+        return OpenAIError(400, "the request body must be a JSON object of the request's fields")
+    return OpenAIError(400, f"{param}: {msg}" if param else msg, param=param)
 
 
 class Api:
     """The app's state: the router, what the model is, who may call, whether it drains."""
 
-    def __init__(self, router, model_name: str, vocab_size: int, auth=None):
+    def __init__(self, router, model_name: str, vocab_size: int, auth=None, slow_reader_timeout_s: float = 30.0):
         self.router, self.model, self.vocab_size, self.auth = router, model_name, vocab_size, auth
+        self.slow_reader_timeout_s = slow_reader_timeout_s   # a stream write stalled this long ends it (sse.py)
         self.draining = False
         # tokenizing a long prompt is CPU work: one thread, never the event loop
         self.tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-tokenize")
         self.tokenize.submit(max_token_bytes, router.tokenizer)
 
-    def tenant(self, request: Request) -> str | None:
-        if self.auth is None:
-            return None
-        tenant = self.auth.tenant(request.headers.get("authorization"))
-        if tenant is None:
-            raise OpenAIError(401, "missing or invalid authorization bearer token", "authentication_error",
-                              code="invalid_api_key")
-        return tenant
+    @staticmethod
+    def tenant(request: Request) -> str | None:
+        """The caller's tenant, as the bearer gate found it (None: no auth configured)."""
+        return BearerGate.tenant(request.scope)
 
     async def job(self, body) -> convert.Job:
         if self.draining:
@@ -87,7 +78,13 @@ class Api:
             self.tokenize, convert.parse, body, r.tokenizer, self.vocab_size, r.max_context)
 
 
-def make_app(api: Api) -> FastAPI:
+def asgi_app(api: Api):
+    """What uvicorn serves: the bearer gate first (401 before a body is read), then the body bound
+    (413), then the routes."""
+    return BearerGate(BodyLimit(_routes(api)), api.auth)
+
+
+def _routes(api: Api) -> FastAPI:
     app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(RequestValidationError)
@@ -101,7 +98,10 @@ def make_app(api: Api) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc):          # unknown path, wrong method, a body that does not parse
-        return JSONResponse(OpenAIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+        unparsable = exc.status_code == 400 and isinstance(exc.__cause__, ValueError)   # e.g. not UTF-8
+        e = OpenAIError(400, "the body is not valid UTF-8 JSON", code="invalid_json") if unparsable else \
+            OpenAIError(exc.status_code, str(exc.detail))
+        return JSONResponse(e.body(), status_code=e.status)
 
     @app.get("/health")
     async def health():
@@ -109,8 +109,7 @@ def make_app(api: Api) -> FastAPI:
         return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        api.tenant(request)
+    async def models():
         return {"object": "list", "data": [{"id": api.model, "object": "model", "created": 0, "owned_by": "pdcluster",
                                             "max_model_len": api.router.max_context}]}
 
@@ -145,7 +144,7 @@ async def respond(api: Api, body, request: Request, chat: bool):
         raise as_openai(e) from None
     stream = Stream(api, job, base, chat, body.stream and body.stream_options and body.stream_options.include_usage)
     if body.stream:
-        return StreamingResponse(stream.sse(first, events), media_type="text/event-stream")
+        return SSEResponse(stream.sse(first, events), api.slow_reader_timeout_s)
     async with aclosing(events):
         await stream.collect(first, events)
     return stream.whole()
@@ -171,11 +170,17 @@ class Stream:
             c.cached_tokens = ev.usage["cached_prompt_tokens"]
         return c
 
-    def _logprobs(self, lps) -> dict | None:
+    def _logprobs(self, lps, c: convert.ChoiceState | None = None) -> dict | None:
+        """The logprobs object of lps; streamed (c given), completions' text_offset continues c's."""
         if self.job.logprobs is None:
             return None
         tok = self.api.router.tokenizer
-        return convert.chat_logprobs(tok, lps) if self.chat else convert.completion_logprobs(tok, lps)
+        if self.chat:
+            return convert.chat_logprobs(tok, lps)
+        out = convert.completion_logprobs(tok, lps, c.text_offset if c else 0)
+        if c:
+            c.text_offset += sum(len(t) for t in out["tokens"])
+        return out
 
     async def collect(self, first, events) -> None:
         if first is not None:
@@ -204,7 +209,7 @@ class Stream:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         out = convert.envelope(kind, self.rid, self.api.model, self.created)
         reason = ev.finish_reason
-        lp = self._logprobs(ev.logprobs) if ev.logprobs or self.job.logprobs is not None else None
+        lp = self._logprobs(ev.logprobs, self.choices[k])
         if self.chat:
             delta = {"content": ev.text} if started else {"role": "assistant", "content": ev.text}
             out["choices"] = [{"index": k, "delta": delta, "logprobs": lp, "finish_reason": reason}]

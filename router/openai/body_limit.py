@@ -2,7 +2,7 @@
 error body before it is buffered, whether it declares its length or streams chunks."""
 from __future__ import annotations
 
-import json
+from pdcluster.router.openai.errors import OpenAIError, send_error
 
 MAX_BODY_BYTES = 4 * 2**20
 
@@ -38,9 +38,5 @@ class BodyLimit:
         await self.app(scope, bounded, guarded_send)
 
     async def _refuse(self, send) -> None:
-        body = json.dumps({"error": {"message": f"request body larger than {self.max_bytes} bytes",
-                                     "type": "invalid_request_error", "param": None,
-                                     "code": "request_too_large"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, OpenAIError(413, f"request body larger than {self.max_bytes} bytes",
+                                           code="request_too_large"))

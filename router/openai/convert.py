@@ -36,6 +36,8 @@ class Job:
 
 def structured_of(req: Sampling) -> StructuredOutput | None:
     f = req.response_format
+    if f is not None and f.type != "json_schema" and f.json_schema is not None:
+        raise InvalidRequest(f"response_format type {f.type!r} takes no json_schema", param="response_format")
     if f is None or f.type == "text":
         return None
     if f.type == "json_schema":
@@ -74,13 +76,16 @@ def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if chat and req.logprobs else (None if chat else req.logprobs)
     max_tokens = req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
+    for name in ("top_p", "repetition_penalty"):   # 0 means "unset" on the gRPC wire only: here it is refused
+        if getattr(req, name) <= 0:
+            raise InvalidRequest(f"{name} must be > 0, got {getattr(req, name)!r}", param=name)
     prompts = prompts_of(req, tokenizer, vocab_size, max_context)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     structured = structured_of(req)
     params = []
     for ids in prompts:
         p = make_sampling("", vocab_size, max_tokens=max_tokens if max_tokens is not None else max_context - len(ids),
-                          temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0), min_p=req.min_p,
+                          temperature=req.temperature, top_p=req.top_p, top_k=0 if req.top_k == -1 else req.top_k, min_p=req.min_p,
                           seed=req.seed, stop=stop, stop_token_ids=req.stop_token_ids or [],
                           ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
                           frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
@@ -103,6 +108,7 @@ class ChoiceState:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    text_offset: int = 0            # characters of its tokens' texts streamed so far (completion logprobs)
 
 
 def token_text(tokenizer, token_id: int) -> str:

@@ -33,7 +33,7 @@ class Sampling(Strict):
     max_tokens: int | None = None           # None: completions 16 (OpenAI's default), chat up to the context
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = 0                          # vLLM's extension; -1 also means off
+    top_k: int = 0                          # vLLM's extension; -1 also means off, other negatives are refused
     min_p: float = 0.0
     seed: int | None = None
     stop: str | list[str] | None = None

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
 
 import uvicorn
 
-from pdcluster.ports import check_free
-from pdcluster.router.openai.app import Api, make_app
-from pdcluster.router.openai.body_limit import BodyLimit
+from pdcluster.ports import PortInUse
+from pdcluster.router.openai.app import Api, asgi_app
 
 log = logging.getLogger(__name__)
+
+# Kernel send buffer per HTTP connection, bytes (Linux doubles it; fixing it turns off autotuning,
+# which grows it to tcp_wmem's max, 4 MiB, for a client that reads nothing). A client that stops
+# reading then stalls our writes after ~0.2 MB, and the slow-reader bound (sse.py) starts counting,
+# instead of after 4 MiB of tokens. Token streams need little: 128 KiB per round trip.
+SEND_BUFFER_BYTES = 64 * 1024
 
 
 class _Server(uvicorn.Server):
@@ -23,23 +30,24 @@ class _Server(uvicorn.Server):
 
 class HttpServer:
     def __init__(self, router, model_name: str, vocab_size: int, host: str = "127.0.0.1", port: int = 8000,
-                 auth=None, tls_cert: str | None = None, tls_key: str | None = None):
-        self.api = Api(router, model_name, vocab_size, auth)
-        config = uvicorn.Config(BodyLimit(make_app(self.api)), host=host, port=port, loop="none", lifespan="off",
+                 auth=None, tls_cert: str | None = None, tls_key: str | None = None,
+                 slow_reader_timeout_s: float = 30.0):
+        self.api = Api(router, model_name, vocab_size, auth, slow_reader_timeout_s)
+        config = uvicorn.Config(asgi_app(self.api), host=host, port=port, loop="none", lifespan="off",
                                 access_log=False, log_level="warning", ssl_certfile=tls_cert, ssl_keyfile=tls_key,
                                 timeout_graceful_shutdown=1)
         self.server = _Server(config)
         self.host, self.port, self._task = host, port, None
 
     async def start(self) -> None:
-        check_free(self.host, self.port, "the router's OpenAI HTTP endpoint", "--http-port")
-        self._task = asyncio.ensure_future(self.server.serve())
+        sock = _listen(self.host, self.port)
+        self.port = sock.getsockname()[1]
+        self._task = asyncio.ensure_future(self.server.serve(sockets=[sock]))
         while not self.server.started:
             if self._task.done():       # failed to start (uvicorn logged why)
                 self._task.result()
                 raise RuntimeError(f"the OpenAI HTTP endpoint on {self.host}:{self.port} did not start")
             await asyncio.sleep(0.01)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
 
     async def drain(self, timeout_s: float) -> None:
         """New requests get 503; requests in flight (streams) may finish within timeout_s. An idle
@@ -57,3 +65,20 @@ class HttpServer:
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(self._task, 10)
         self.api.tokenize.shutdown(wait=False, cancel_futures=True)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The bound listening socket (uvicorn listens on it); its connections inherit SEND_BUFFER_BYTES.
+    PortInUse, naming --http-port, when the port is taken."""
+    family, _, _, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise PortInUse(host, port, "the router's OpenAI HTTP endpoint", "--http-port") from None
+        raise
+    return sock

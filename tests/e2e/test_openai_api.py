@@ -181,6 +181,54 @@ def test_a_wrong_path_method_or_unparsable_body_still_gets_an_openai_error(clust
     assert all(set(r.json()["error"]) == {"message", "type", "param", "code"} for r in got), [r.text for r in got]
 
 
+def test_streamed_completion_logprobs_text_offset_continues_across_chunks(cluster, client, model):
+    kw = dict(model=model, prompt=PROMPTS[2], max_tokens=10, temperature=0, logprobs=1)
+    whole = sync(cluster, lambda: client.completions.create(**kw)).choices[0].logprobs
+    chunks = sync(cluster, lambda: list(client.completions.create(stream=True, **kw)))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert len(streamed) > 1                                        # several chunks carry tokens
+    assert sum((lp.tokens for lp in streamed), []) == whole.tokens
+    assert sum((lp.text_offset for lp in streamed), []) == whole.text_offset    # was 0 at each chunk's start
+    ends = [o + len(t) for o, t in zip(whole.text_offset, whole.tokens)]
+    assert whole.text_offset == [0] + ends[:-1]
+
+
+def test_without_a_valid_token_every_request_is_401_before_its_body_is_looked_at(cluster, model):
+    """Auth runs before the body is read: a bad (or oversized, or unparsable) body without a valid
+    token is 401, not 400/413; with the token the same body gets its 400. The real app on the
+    cluster's router, through httpx's in-process ASGI transport."""
+    from pdcluster.router.auth import TokenAuth
+    from pdcluster.router.openai.app import Api, asgi_app
+    token = "tok-alice-0123456789"
+    api = Api(cluster.router, model, cluster.http.api.vocab_size, auth=TokenAuth({token: "alice"}))
+    bad = {"model": model, "prompt": "Hi", "max_tokens": 0, "frobnicate": 1}
+
+    async def go():
+        transport = httpx.ASGITransport(app=asgi_app(api))
+        async with httpx.AsyncClient(transport=transport, base_url="http://router", timeout=60) as c:
+            out = {}
+            for name, auth in (("none", None), ("wrong", "Bearer tok-mallory-0123456789"),
+                               ("not bearer", f"Basic {token}"), ("right", f"Bearer {token}")):
+                h = {"authorization": auth} if auth else {}
+                out[name] = [await c.post("/v1/completions", json=bad, headers=h),
+                             await c.post("/v1/completions", content=b"{not json", headers=h),
+                             await c.post("/v1/chat/completions", content=b"x" * (5 * 2**20), headers=h),
+                             await c.get("/v1/nope", headers=h)]
+            health = await c.get("/health")
+            ok = await c.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 2},
+                              headers={"authorization": f"Bearer {token}"})
+            return out, health, ok
+    try:
+        out, health, ok = cluster.run(go())
+    finally:
+        api.tokenize.shutdown(wait=False)
+    for name in ("none", "wrong", "not bearer"):
+        assert [r.status_code for r in out[name]] == [401] * 4, (name, [r.text for r in out[name]])
+        assert all(r.json()["error"]["type"] == "authentication_error" for r in out[name])
+    assert [r.status_code for r in out["right"]] == [400, 400, 413, 404], [r.text for r in out["right"]]
+    assert health.status_code == 200 and ok.status_code == 200 and ok.json()["choices"][0]["text"]
+
+
 def test_grpc_n_choices_carry_their_index_and_equal_http_s_choices(cluster, model):
     """gRPC's sampling.n fans out as the HTTP API's n does (one shared code path): each choice's
     messages carry its index, a first message with placement and a last with usage; seeded choice j

@@ -1,12 +1,14 @@
 """A hung worker (alive, not answering: SIGSTOP) is detected by the health poll within a bounded time
 and its streams migrate token-exact; a crashed worker is restarted by Ray (max_restarts) and
 re-registers with the router, which then places requests on it again; a client that stops reading
-is cut off after the slow-reader bound. After each fault every pool's free-block count returns to
-its idle value."""
+is cut off after the slow-reader bound, over gRPC and over HTTP. After each fault every pool's
+free-block count returns to its idle value."""
 import asyncio
+import json
 import logging
 import os
 import signal
+import socket
 import time
 
 import grpc
@@ -16,6 +18,7 @@ import ray
 from pdcluster.router.proto import generation_pb2 as pb
 from pdcluster.router.proto import generation_pb2_grpc as pbg
 from tests.faults.clusters import greedy_reference, running_cluster
+from tests.procs import free_port
 
 N = 16
 MAX_NEW = 24
@@ -29,7 +32,7 @@ SLOW_READER_S = 2.0  # a write stalled this long cancels the request
 def c():
     with running_cluster(prefill_workers=1, decode_workers=2, kv_cache_memory=96 * 2**20, max_restarts=1,
                          worker_timeout_s=GAP_S, health_timeout_s=HEALTH_S, prefill_timeout_s=15.0,
-                         slow_reader_timeout_s=SLOW_READER_S) as cl:
+                         slow_reader_timeout_s=SLOW_READER_S, http_port=free_port()) as cl:
         yield cl
 
 
@@ -231,3 +234,60 @@ def test_reader_granting_no_window_gets_its_stream_ended_without_a_traceback(c, 
     assert_idle(c)
     bad = [r for r in caplog.records if r.exc_info or "ExecuteBatchError" in r.getMessage()]
     assert not bad, [r.getMessage() for r in bad]
+
+
+def test_http_slow_reader_is_cut_off_and_frees_its_blocks(c, caplog):
+    """The HTTP twin of the gRPC slow reader: a raw socket client with a 2 KB receive buffer sends a
+    streamed completion and never reads. uvicorn's writes stall; after the slow-reader bound the
+    request is cancelled (its KV freed) and the client's connection is reset; a normal client is
+    served meanwhile."""
+    import httpx
+    caplog.set_level(logging.WARNING, logger="pdcluster.router.openai.sse")
+    body = json.dumps({"model": c.http.api.model, "prompt": "Tell me a long story about a lighthouse keeper.",
+                       "max_tokens": 1000, "ignore_eos": True, "stream": True, "logprobs": 20}).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)           # before connect: the window it offers
+    s.connect(("127.0.0.1", c.http.port))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: router\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def run():
+        t0 = time.monotonic()
+        await wait_until(lambda: len(c.router.in_flight) == 1, 30)
+        async with httpx.AsyncClient(timeout=60) as http:
+            normal = await http.post(f"http://127.0.0.1:{c.http.port}/v1/completions",
+                                     json={"model": c.http.api.model, "prompt": "Hi", "max_tokens": 4})
+        await wait_until(lambda: not c.router.in_flight, 120)           # the stalled request is gone
+        return normal, time.monotonic() - t0
+    try:
+        normal, freed_s = c.run(run())
+        ended, got = c.run(asyncio.to_thread(socket_end, s, 30))     # the router's loop runs meanwhile
+    finally:
+        s.close()
+    cut = [r for r in caplog.records if "stopped reading" in r.getMessage()]
+    print(f"\n[faults] HTTP slow reader (2 KB receive buffer, never reads, 1000 tokens asked): cancelled after "
+          f"{freed_s:.1f}s (bound {SLOW_READER_S:g}s), {got} bytes were buffered for it, its connection {ended}; "
+          f"a normal client was served meanwhile")
+    assert normal.status_code == 200 and normal.json()["usage"]["completion_tokens"] >= 1
+    assert cut and "connection reset" in cut[0].getMessage(), [r.getMessage() for r in caplog.records]
+    # cut short: what the server's buffers held (~0.2 MB), far from 1000 tokens' ~0.8 MB of chunks
+    assert ended in ("closed", "reset") and got < 400_000
+    assert_idle(c)
+
+
+def socket_end(s: socket.socket, limit_s: float) -> tuple[str, int]:
+    """Read what reached the client until the server ends the connection: ("closed" | "reset" |
+    "open", bytes read)."""
+    s.settimeout(0.5)
+    got, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < limit_s:
+        try:
+            data = s.recv(1 << 16)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            return "reset", got
+        if not data:
+            return "closed", got
+        got += len(data)
+    return "open", got

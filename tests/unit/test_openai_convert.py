@@ -79,6 +79,9 @@ def test_chat_messages_roles_parts_and_logprobs(real_tok):
     ({"prompt": "x" * 60, "max_tokens": 10}, "max_tokens"),                 # past the context
     ({"prompt": "hi", "best_of": 3}, "best_of"),
     ({"prompt": "hi", "response_format": {"type": "json_schema"}}, "response_format"),
+    ({"prompt": "hi", "top_k": -2}, "top_k"),                                # -1 is off; -2 is an error
+    ({"prompt": "hi", "top_p": 0}, "top_p"),                                 # not "unset" as on the gRPC wire
+    ({"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
     ({"prompt": "hi", "n": 0}, "n"),                                        # the gRPC API's check
     ({"prompt": "hi", "n": 17}, "n"),
 ])
