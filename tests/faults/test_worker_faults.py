@@ -33,21 +33,23 @@ async def stream_all(addr, ids, on_tokens):
         stub = pbg.GenerationStub(ch)
 
         async def one(p):
-            toks, reason = [], None
+            toks, reason, where = [], None, None
             async for m in stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=p),
                                                             sampling=pb.SamplingParams(max_tokens=MAX_NEW))):
                 toks += m.token_ids
                 reason = m.finish_reason
-                await on_tokens(len(toks))
+                where = where or (m.placement.decode_worker if m.HasField("placement") else None)
+                await on_tokens(len(toks), where)
             return toks, reason
         return await asyncio.gather(*(one(p) for p in ids))
 
 
 def kill_when(c, role_id, predicate):
+    """on_tokens(n, decode worker) for stream_all: kills role_id once predicate(n, decode worker) holds."""
     fired = {"done": False}
 
-    async def on_tokens(n):
-        if not fired["done"] and predicate(n):
+    async def on_tokens(n, where):
+        if not fired["done"] and predicate(n, where):
             fired["done"] = True
             ray.kill(c.actors[role_id], no_restart=True)
     return on_tokens, fired
@@ -61,7 +63,9 @@ def done_records(caplog) -> list[dict]:
 def test_decode_worker_killed_mid_stream_requests_migrate_token_exact(faulty, reference, caplog):
     caplog.set_level(logging.INFO, logger="pdcluster.router.lifecycle")
     ids, ref = reference
-    on_tokens, fired = kill_when(faulty, "decode-0", lambda n: n >= 4)
+    # a stream that decode-0 is decoding: its requests are mid-stream, not still waiting for a prefill
+    # (on a loaded host every stream on decode-1 can be ahead while decode-0's are still prefilling)
+    on_tokens, fired = kill_when(faulty, "decode-0", lambda n, where: n >= 4 and where == "decode-0")
     t = time.monotonic()
     res = faulty.run(stream_all(faulty.address, ids, on_tokens))
     took = time.monotonic() - t
@@ -81,7 +85,7 @@ def test_prefill_worker_killed_requests_prefill_locally_and_complete(faulty, ref
     caplog.set_level(logging.INFO, logger="pdcluster.router.lifecycle")
     ids, ref = reference
     # decode-0 is dead since the previous test; kill the prefill worker as the first tokens stream
-    on_tokens, fired = kill_when(faulty, "prefill-0", lambda n: n >= 1)
+    on_tokens, fired = kill_when(faulty, "prefill-0", lambda n, where: n >= 1)
     res = faulty.run(stream_all(faulty.address, ids, on_tokens))
     ok = sum(toks == r for (toks, _), r in zip(res, ref))
     print(f"\n[faults] prefill worker killed during prefill/transfer: {ok}/{N} streams complete and token-exact")
