@@ -256,7 +256,7 @@ def main(argv=None) -> None:
         fleet = build_fleet(wl, a.workers, a.blocks, policies, progress=prog)
         build_s, mem = time.perf_counter() - t0, rss_bytes() - rss0
         entries = sum(fleet.index.num_blocks(w) for w in fleet.index.workers)
-        distinct = len(fleet.index._holders)
+        distinct = fleet.index.num_hashes()
         ps = prompts(wl, 256, a.prompt_blocks)
         rows = []
         for p in policies:

@@ -203,6 +203,10 @@ class PrefixIndex:
     def num_blocks(self, worker_id: str) -> int:
         return len(self._by_worker.get(worker_id, ()))
 
+    def num_hashes(self) -> int:
+        """Distinct chain hashes held by any worker."""
+        return len(self._holders)
+
     def pending(self, worker_id: str) -> frozenset[int]:
         """Blocks counted for worker_id only tentatively (expect()ed, no event confirmed them yet)."""
         return frozenset(self._tentative.get(worker_id, ()))
