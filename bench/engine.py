@@ -1,18 +1,23 @@
 """Engine speed vs transformers, side by side in one run, against this machine's physical limits.
 
-    python -m pdcluster.bench.engine [--repeats 3] [--batches 1 8 32] [--out bench/engine.json]
+    python -m pdcluster.bench.engine [--repeats 3] [--batches 1 8 32] [--modes none int4 int8]
+                                     [--out bench/engine.json]
 
-Measures (float32 by default, same weights for both engines):
+Measures (float32 activations by default; transformers runs the checkpoint's float weights, as
+dequantized by our loader; ours once per --modes entry: "none" the same float weights, "int4" /
+"int8" weight-only packed linears and an int8 head, engine/quant/):
   decode   output tokens/s at each batch size (128-token prompts, 128 new tokens, EOS ignored),
            ours (LLM.generate) vs transformers' generate(do_sample=False)
   prefill  prompt tokens/s (8 prompts x 512 tokens, 1 new token) for both
   limits   decode: the workload's ceiling on this machine: its prompts' prefill at the matmul limit,
-           then each step at max(weight bytes / measured read bandwidth,
-           2 x params x batch / measured matmul FLOP rate);
+           then each step at max(weight bytes read in the mode's form / measured read bandwidth,
+           2 x params x batch / measured float32 matmul FLOP rate);
            prefill: 2 x params x tokens / measured matmul FLOP rate.
            limit/hf is the most any engine could beat transformers by in this run.
-Runs are interleaved (ours, theirs, ours, ...) and the median of --repeats is reported, so machine
-drift hits both sides alike; only the ratios are meant to be compared across runs.
+Also printed per mode: weight bytes read per decode step and resident (every copy), load time, and
+the error the Q8_0 -> per-row int8 requantization adds to a GGUF's Q8_0 tensors.
+Runs are interleaved (each mode of ours, then theirs, ...) and the median of --repeats is reported,
+so machine drift hits both sides alike; only the ratios are meant to be compared across runs.
 """
 from __future__ import annotations
 
@@ -83,10 +88,54 @@ def build_hf(llm, dtype):
     return hf
 
 
+def step_bytes(model) -> tuple[int, int]:
+    """(weight bytes one decode step reads, parameters of the linears and head): one copy of each
+    weight in the form its kernel reads (a dense Linear's oneDNN copy is not a second read)."""
+    from pdcluster.engine.llama import Linear
+
+    read = params = 0
+    for lin in [x for L in model.layers for x in (L.qkv, L.o, L.gate_up, L.down)] + [model.lm_head]:
+        if isinstance(lin, Linear):
+            read += lin.weight.numel() * lin.weight.element_size()
+            params += lin.weight.numel()
+        else:
+            read += lin.nbytes
+            params += lin.N * lin.K if hasattr(lin, "N") else lin.q.numel()
+    return read, params
+
+
+def q8_0_requant_error(path: str | None) -> str:
+    """The Q8_0 -> per-row int8 requantization's error on the file's Q8_0 tensors (engine/quant/gguf_blocks.py)."""
+    from gguf import GGMLQuantizationType
+
+    from pdcluster.engine.gguf_loader import _reader
+    from pdcluster.engine.loader import embedded_model_path
+    from pdcluster.engine.quant.gguf_blocks import dequantize_tensor, to_packed
+    from pdcluster.engine.quant.packed import dequantize
+
+    path = path or embedded_model_path()
+    if not path.endswith(".gguf"):
+        return ""
+    out = []
+    for t in _reader(path).tensors:
+        if t.tensor_type == GGMLQuantizationType.Q8_0:
+            shape = tuple(reversed(t.shape.tolist()))
+            exact = dequantize_tensor(t.data, t.tensor_type, shape).double()
+            err = dequantize(to_packed(t.data, t.tensor_type, shape, "int8")).double() - exact
+            out.append(f"{t.name}: Q8_0 -> per-row int8 adds relative RMS error {err.norm() / exact.norm():.2e}, "
+                       f"max |error| {err.abs().max():.2e} (max |w| {exact.abs().max():.2f})")
+    return "\n".join(out)
+
+
+MODES = {"none": "f32", "int4": "int4", "int8": "int8"}   # --quantization -> row label
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2-135M)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--modes", nargs="+", default=["none", "int4", "int8"], choices=list(MODES),
+                    help="our engine's --quantization, one row each (GGUF int4: its Q4 weights as they are)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -101,22 +150,25 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     dt = getattr(torch, a.dtype)
-    llm = LLM(a.model, dtype=a.dtype, max_num_seqs=max(a.batches + [a.prefill_seqs]),
-              max_num_batched_tokens=max(2048, a.prefill_seqs * a.prefill_len), enable_prefix_caching=False)
-    hf = build_hf(llm, dt)
-    c = llm.engine.cfg.model
+    llms, info = {}, {}
+    for mode in a.modes:
+        t = time.perf_counter()
+        llms[mode] = LLM(a.model, dtype=a.dtype, quantization=mode, max_num_seqs=max(a.batches + [a.prefill_seqs]),
+                         max_num_batched_tokens=max(2048, a.prefill_seqs * a.prefill_len), enable_prefix_caching=False)
+        m = llms[mode].engine.model
+        read, params = step_bytes(m)
+        info[mode] = dict(load_s=time.perf_counter() - t, resident=m.weight_bytes(), read=read, params=params)
+    first = llms[a.modes[0]]
+    hf = build_hf(first, dt)          # transformers in --dtype on the checkpoint's float weights
+    c = first.engine.cfg.model
     V = c.vocab_size
-    layer_params = sum(t.numel() for L in llm.engine.model.layers
-                       for t in (L.qkv.weight, L.o.weight, L.gate_up.weight, L.down.weight))
-    head_params = llm.engine.model.lm_head.weight.numel()
-    weight_bytes = (layer_params + head_params) * dt.itemsize      # read once per decode step
     bw, rbw, flops = copy_bandwidth(), read_bandwidth(), matmul_flops()
     g = torch.Generator().manual_seed(0)
 
     def prompts(n, length):
         return torch.randint(100, V - 100, (n, length), generator=g).tolist()
 
-    def ours_decode(b):
+    def ours_decode(llm, b):
         ps = prompts(b, a.prompt_len)
         t = time.perf_counter()
         outs = llm.generate(ps, SamplingParams(max_tokens=a.new_tokens, temperature=0, ignore_eos=True))
@@ -132,7 +184,7 @@ def main(argv=None) -> int:
         dt_ = time.perf_counter() - t
         return (out.shape[1] - ids.shape[1]) * b / dt_
 
-    def ours_prefill():
+    def ours_prefill(llm):
         ps = prompts(a.prefill_seqs, a.prefill_len)
         t = time.perf_counter()
         llm.generate(ps, SamplingParams(max_tokens=1, temperature=0))
@@ -145,39 +197,56 @@ def main(argv=None) -> int:
         hf(ids, logits_to_keep=1)
         return ids.numel() / (time.perf_counter() - t)
 
-    rows = []
-    ours_decode(1), hf_decode(1)      # warm-up both
-    for b in a.batches:
-        o, h = [], []
+    def measure(kind, ours_fn, hf_fn, limit_fn):
+        """Interleaved: every mode, then transformers, --repeats times; medians."""
+        o, h = {m: [] for m in a.modes}, []
         for _ in range(a.repeats):
-            o.append(ours_decode(b))
-            h.append(hf_decode(b))
-        # tokens/s ceiling: prefill the b prompts at the matmul rate, then each step reads every
-        # weight once and does its FLOPs at the matmul rate, whichever takes longer
-        prefill_s = b * a.prompt_len * 2 * layer_params / flops
-        step_s = max(weight_bytes / rbw, 2 * (layer_params + head_params) * b / flops)
-        limit = b * a.new_tokens / (prefill_s + a.new_tokens * step_s)
-        rows.append(dict(kind=f"decode b={b}", ours=statistics.median(o), hf=statistics.median(h), limit=limit))
-    o, h = [], []
-    for _ in range(a.repeats):
-        o.append(ours_prefill())
-        h.append(hf_prefill())
-    rows.append(dict(kind=f"prefill {a.prefill_seqs}x{a.prefill_len}", ours=statistics.median(o),
-                     hf=statistics.median(h), limit=flops / (2 * layer_params)))
+            for m in a.modes:
+                o[m].append(ours_fn(llms[m]))
+            h.append(hf_fn())
+        hm = statistics.median(h)
+        return [dict(kind=kind, mode=MODES[m], ours=statistics.median(o[m]), hf=hm, limit=limit_fn(m)) for m in a.modes]
+
+    def decode_limit(b):
+        # tokens/s ceiling: prefill the b prompts at the matmul rate, then each step reads every weight
+        # once (in its mode's form) and does its FLOPs at the float32 matmul rate, whichever is longer
+        def f(m):
+            layer_params = info[m]["params"] - V * c.hidden_size
+            prefill_s = b * a.prompt_len * 2 * layer_params / flops
+            step_s = max(info[m]["read"] / rbw, 2 * info[m]["params"] * b / flops)
+            return b * a.new_tokens / (prefill_s + a.new_tokens * step_s)
+        return f
+
+    rows = []
+    for m in a.modes:                 # warm-up every engine and transformers
+        ours_decode(llms[m], 1)
+    hf_decode(1)
+    for b in a.batches:
+        rows += measure(f"decode b={b}", lambda llm, b=b: ours_decode(llm, b), lambda b=b: hf_decode(b), decode_limit(b))
+    rows += measure(f"prefill {a.prefill_seqs}x{a.prefill_len}", ours_prefill, hf_prefill,
+                    lambda m: flops / (2 * (info[m]["params"] - V * c.hidden_size)))
 
     print(f"\nmachine: {torch.get_num_threads()} torch threads, copy bandwidth {bw / 1e9:.1f} GB/s, "
-          f"read bandwidth {rbw / 1e9:.1f} GB/s, "
-          f"matmul {flops / 1e9:.1f} GFLOP/s; {a.dtype}; weights {weight_bytes / 2**20:.0f} MiB/step")
-    print(f"{'workload':<18}{'ours tok/s':>12}{'hf tok/s':>12}{'ours/hf':>10}{'limit tok/s':>13}{'ours/limit':>12}"
-          f"{'limit/hf':>10}")
+          f"read bandwidth {rbw / 1e9:.1f} GB/s, matmul {flops / 1e9:.1f} GFLOP/s; {a.dtype} activations; "
+          f"transformers in {a.dtype}")
+    for m in a.modes:
+        r = info[m]["resident"]
+        print(f"  {MODES[m]:<5} weights read per decode step {info[m]['read'] / 2**20:6.1f} MiB; resident "
+              f"{sum(r.values()) / 2**20:7.1f} MiB (linears {r['linears'] / 2**20:.1f}, head {r['head'] / 2**20:.1f}, "
+              f"norms {r['other'] / 2**20:.1f}); load {info[m]['load_s']:.1f} s")
+    err = q8_0_requant_error(a.model) if "none" not in a.modes or len(a.modes) > 1 else ""
+    if err:
+        print("  " + err.replace("\n", "\n  "))
+    print(f"{'workload':<18}{'mode':<6}{'ours tok/s':>12}{'hf tok/s':>12}{'ours/hf':>10}{'limit tok/s':>13}"
+          f"{'ours/limit':>12}{'limit/hf':>10}")
     for r in rows:
         r["ratio"] = r["ours"] / r["hf"]
         r["of_limit"] = r["ours"] / r["limit"]
-        print(f"{r['kind']:<18}{r['ours']:>12.1f}{r['hf']:>12.1f}{r['ratio']:>9.2f}x{r['limit']:>13.1f}"
+        print(f"{r['kind']:<18}{r['mode']:<6}{r['ours']:>12.1f}{r['hf']:>12.1f}{r['ratio']:>9.2f}x{r['limit']:>13.1f}"
               f"{r['of_limit']:>11.0%}{r['limit'] / r['hf']:>9.2f}x")
     if a.out:
         Path(a.out).write_text(json.dumps(dict(copy_bandwidth=bw, read_bandwidth=rbw, matmul_flops=flops,
-                                               dtype=a.dtype,
+                                               dtype=a.dtype, modes={MODES[m]: info[m] for m in a.modes},
                                                rows=rows), indent=2))
     return 0
 

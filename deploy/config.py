@@ -6,7 +6,8 @@ deploy/flags.py and deploy/pools.py build it; Cluster and the workers only read 
       model, address
       server: ServerSection       public gRPC endpoint, metrics, auth, TLS, shutdown drain
       pools: PoolsSection         prefill/decode PoolConfig (size, zone, AutoscaleConfig), restarts, start bounds
-      engine: EngineSection       every worker's engine: CacheConfig, SchedulerConfig, dtype, threads, device
+      engine: EngineSection       every worker's engine: CacheConfig, SchedulerConfig, dtype, quantization,
+                                  threads, device (a pool may override quantization)
       kv: KVSection               prefill -> decode KV: transport, layer-wise, compression, link, secret
       router: RouterConfig        admission, placement policy
       timeouts: Timeouts          bounds on every router -> worker call
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pdcluster.deploy.netns import ShapedLink
 from pdcluster.deploy.pool_config import PoolsSection
 from pdcluster.engine.config import DTYPE_BYTES, CacheConfig, EngineConfig, SchedulerConfig
+from pdcluster.engine.quant.policy import QUANTIZATIONS
 from pdcluster.kv_transfer import registry
 from pdcluster.kv_transfer.codec_policy import MODES, CompressionPolicy
 from pdcluster.router.config import RouterConfig, Timeouts
@@ -57,6 +59,12 @@ class EngineSection:
     sched: SchedulerConfig = field(default_factory=SchedulerConfig)
     dtype: str = field(default=EngineConfig.dtype, metadata={
         "choices": tuple(DTYPE_BYTES), "help": "weights, activations and KV cache dtype of every worker"})
+    quantization: str | None = field(default=EngineConfig.quantization, metadata={
+        "choices": QUANTIZATIONS, "help": (
+            "weight-only quantization of the linear weights (and int8 for the embedding / LM head): int4 "
+            "(groups of 32) or int8 (per channel), quantized at load; none = float in --dtype. Default: the "
+            "checkpoint's own (a GGUF file's Q4/Q8 weights stay packed, a Hugging Face model's stay float); "
+            "pools.yaml may set it per pool")})
     max_model_len: int | None = field(default=None, metadata={
         "help": "context length cap, prompt + output tokens (default: the model's own)"})
     threads_per_worker: int = field(default=1, metadata={   # also the Ray CPUs reserved per actor
@@ -74,8 +82,8 @@ class EngineSection:
     def engine_kwargs(self, model: str | None) -> dict:
         """build_config's keywords (plain data: they cross to the worker actors)."""
         from dataclasses import asdict
-        return dict(model=model, dtype=self.dtype, device=self.device, max_model_len=self.max_model_len,
-                    **asdict(self.cache), **asdict(self.sched))
+        return dict(model=model, dtype=self.dtype, quantization=self.quantization, device=self.device,
+                    max_model_len=self.max_model_len, **asdict(self.cache), **asdict(self.sched))
 
 
 @dataclass(frozen=True)
@@ -125,6 +133,12 @@ class ClusterConfig:
             raise ValueError(f"kv_link (a shaped link between namespaces of this host) needs kv_transport "
                              f"'tcp' and a cluster on this host, not {self.kv.transport!r} / address "
                              f"{self.address!r}")
+
+    def engine_kwargs(self, role: str) -> dict:
+        """The engine keywords of `role`'s workers: the engine section's, with the pool's own
+        quantization where pools.yaml sets one."""
+        q = self.pools.pool(role).quantization
+        return self.engine.engine_kwargs(self.model) | ({} if q is None else {"quantization": q})
 
     def workers(self, role: str) -> int:
         """Workers `role` starts with (no prefill pool without remote prefill)."""

@@ -100,7 +100,7 @@ class Cluster(Scaling):
         if c.engine.max_model_len:
             mcfg = replace(mcfg, max_position_embeddings=min(c.engine.max_model_len, mcfg.max_position_embeddings))
         tok = load_tokenizer(mcfg)
-        self.engine_kwargs = c.engine.engine_kwargs(c.model)
+        self.engine_kwargs = {role: c.engine_kwargs(role) for role in ("prefill", "decode")}
         self.worker_kwargs = worker_kwargs(c, cluster_secret(c.kv.secret_file))   # what every spawn of a role gets
         pre = {f"prefill-{i}": self._spawn("prefill", f"prefill-{i}") for i in range(c.workers("prefill"))}
         dec = {f"decode-{i}": self._spawn("decode", f"decode-{i}") for i in range(c.workers("decode"))}

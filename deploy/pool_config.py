@@ -38,6 +38,8 @@ class PoolConfig:
     max_replicas: int | None = None     # None: initial_replicas; a Ray started here offers this many pool units
     zone: str = ""                      # topology label: the cost model prices links inside a zone and
                                         #   across zones apart
+    quantization: str | None = None     # this pool's weight quantization (engine/quant/policy.py); None:
+                                        #   the engine section's (--quantization)
 
     @property
     def lo(self) -> int:

@@ -10,6 +10,7 @@
       resources.threads / gpus        engine.threads_per_worker / use_gpu (one size for both pools;
                                         resources.cpus must equal threads: Ray CPUs per actor)
       autoscale.*                     pools.<pool>.autoscale
+      quantization                    pools.<pool>.quantization (none | int8 | int4; null = the engine's)
 
 A key the file leaves out keeps the value of the tree it is parsed onto (the flags' tree for
 `serve --config`). Every error names the file, the line (from yaml.compose's node marks) and the
@@ -26,6 +27,7 @@ import yaml
 
 from pdcluster.deploy.config import ClusterConfig
 from pdcluster.deploy.pool_config import SLO_KEY, AutoscaleConfig, PoolConfig
+from pdcluster.engine.quant.policy import QUANTIZATIONS
 from pdcluster.router.autoscaler import SIGNALS
 from pdcluster.router.placement import POLICY_NAMES
 
@@ -139,11 +141,17 @@ def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
     return one_of
 
 
+def _opt_one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    def opt_one_of(v):
+        return None if v is None or v in choices else f"must be one of {', '.join(choices)} or null"
+    return opt_one_of
+
+
 def _pick(v: Any, default: Any) -> Any:
     return default if v is _NO else v
 
 
-POOL_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "resources", "autoscale")
+POOL_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "resources", "autoscale", "quantization")
 AUTOSCALE_KEYS = ("signal", "target", "ttft_slo_ms", "tpot_slo_ms", "scale_up_above", "scale_down_below",
                   "upscale_delay_s", "downscale_delay_s", "max_step", "cooldown_s")
 RESOURCE_KEYS = ("cpus", "gpus", "threads")
@@ -199,7 +207,9 @@ def _pool(rd: _Reader, name: str, node: yaml.Node | None, parent: yaml.Node, bas
         downscale_delay_s=_pick(rd.value(a, "downscale_delay_s", key, _num(0)), b.downscale_delay_s),
         max_step=_pick(rd.value(a, "max_step", key, _int(1)), b.max_step),
         cooldown_s=_pick(rd.value(a, "cooldown_s", key, _num(0)), b.cooldown_s))
-    return replace(bp, autoscale=auto, initial_replicas=init, min_replicas=lo, max_replicas=hi), res
+    quant = _pick(rd.value(m, "quantization", name, _opt_one_of(QUANTIZATIONS)), bp.quantization)
+    return replace(bp, autoscale=auto, initial_replicas=init, min_replicas=lo, max_replicas=hi,
+                   quantization=quant), res
 
 
 def _one_size(rd: _Reader, res: dict[str, dict]) -> None:

@@ -4,7 +4,7 @@
       model: ModelConfig        architecture facts of the checkpoint (from config.json / GGUF metadata)
       cache: CacheConfig        paged KV pool geometry and budget
       sched: SchedulerConfig    batching limits
-      device, dtype, attention backend, threads
+      device, dtype, weight quantization, attention backend, threads
 
 A field's `metadata["help"]` makes it a `pdcluster serve` flag (deploy/flags.py); "scale" is the
 flag's unit in the field's units (MiB -> bytes).
@@ -86,8 +86,14 @@ class EngineConfig:
     sched: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "cpu"
     dtype: str = "float32"               # float32 | bfloat16 | float16
+    quantization: str | None = None      # weight-only: none | int8 | int4; None = the checkpoint's own
+                                         #   (a GGUF file's stays packed; engine/quant/policy.py)
     attention_backend: str = "auto"      # auto (triton on cuda, torch on cpu) | torch | triton
     num_threads: int | None = None       # torch.set_num_threads on CPU hosts
+
+    def __post_init__(self):
+        from pdcluster.engine.quant.policy import check_mode
+        check_mode(self.quantization)        # ValueError naming the modes
 
     @property
     def max_model_len(self) -> int:

@@ -5,6 +5,8 @@ data in numpy row-major order, so dequantize() returns [out_features, in_feature
 llama.cpp's converter permutes the q/k rows of *llama* checkpoints for its interleaved RoPE
 (pairs (2i, 2i+1) per head); HF rotates halves (i, i + D/2), so those rows are permuted back.
 Qwen2 checkpoints are converted without that permutation.
+Quantized tensors either stay packed (engine/quant/gguf_blocks.py; rows permuted the same way) or are
+dequantized to float, as engine/quant/policy.py decides for the engine's `quantization`.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
 
 from pdcluster.engine.config import ModelConfig
+from pdcluster.engine.quant.gguf_blocks import native_kind, to_packed
+from pdcluster.engine.quant.packed import Packed, quantize
+from pdcluster.engine.quant.policy import weight_kind
 
 ARCHITECTURES = ("llama", "qwen2")   # Mistral GGUFs use "llama"
 
@@ -166,19 +171,35 @@ def _dequantize(t) -> np.ndarray:
     return dequantize(t.data.reshape(-1, blocks_per_row * type_size), t.tensor_type).reshape(shape)
 
 
-def load_weights(cfg: ModelConfig, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _unpermute_rows(n_rows: int, n_heads: int) -> torch.Tensor:
+    """Row index that applies _unpermute to a weight held packed (rows move whole)."""
+    return torch.arange(n_rows).view(n_heads, n_rows // n_heads // 2, 2).transpose(1, 2).reshape(-1)
+
+
+def load_weights(cfg: ModelConfig, names: list[str], dtype: torch.dtype,
+                 quantization: str | None = "none") -> dict[str, torch.Tensor | Packed]:
+    """Float tensors in `dtype`, or packed weights where engine/quant/policy.py says so for
+    `quantization` (None: the file's own quantization stays packed)."""
     r = _reader(cfg.path)
     permuted = _field(r, "general.architecture") == "llama"
+    heads = {".q_proj.": cfg.num_heads, ".k_proj.": cfg.num_kv_heads} if permuted else {}
     wanted, out = set(names), {}
     from tqdm import tqdm  # progress on a terminal only (disable=None), silent in logs and tests
     for t in tqdm(r.tensors, desc=f"loading {Path(cfg.path).name}", unit="tensor", disable=None, leave=False):
         name = _hf_name(t.name)
         if name not in wanted:
             continue
+        n_heads = next((h for k, h in heads.items() if k in name), None)
+        file_kind = native_kind(t.tensor_type)
+        kind = weight_kind(name, quantization, file_kind)
+        if kind is not None:
+            shape = tuple(reversed(t.shape.tolist()))
+            w = (to_packed(t.data, t.tensor_type, shape, kind) if file_kind
+                 else quantize(torch.from_numpy(np.array(_dequantize(t), np.float32)), kind))
+            out[name] = w if n_heads is None else w.rows(_unpermute_rows(shape[0], n_heads))
+            continue
         w = _dequantize(t)
-        if permuted and ".q_proj." in name:
-            w = _unpermute(w, cfg.num_heads)
-        elif permuted and ".k_proj." in name:
-            w = _unpermute(w, cfg.num_kv_heads)
+        if n_heads is not None:
+            w = _unpermute(w, n_heads)
         out[name] = torch.from_numpy(w if w.flags.writeable else w.copy()).to(dtype)  # F32: read-only file view
     return out

@@ -1,6 +1,7 @@
 """Hugging Face folders: config.json (+ generation_config.json) -> ModelConfig, safetensors -> weights.
 
-Weights come from model.safetensors, or from the shards listed in model.safetensors.index.json.
+Weights come from model.safetensors, or from the shards listed in model.safetensors.index.json;
+`--quantization int4|int8` quantizes them as they load (engine/quant/policy.py).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 from safetensors import safe_open
 
 from pdcluster.engine.config import ModelConfig
+from pdcluster.engine.quant.packed import Packed, quantize
+from pdcluster.engine.quant.policy import weight_kind
 
 ARCHITECTURES = ("llama", "mistral", "qwen2")   # config.json model_type; SmolLM2 is "llama"
 
@@ -97,7 +100,10 @@ def load_config(folder: str) -> ModelConfig:
     )
 
 
-def load_weights(cfg: ModelConfig, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def load_weights(cfg: ModelConfig, names: list[str], dtype: torch.dtype,
+                 quantization: str | None = "none") -> dict[str, torch.Tensor | Packed]:
+    """Float tensors in `dtype`; with quantization "int4"/"int8", the linears and the head packed
+    at load (engine/quant/policy.py)."""
     files = _weight_files(cfg.path)
     by_file: dict[str, list[str]] = {}
     for n in names:
@@ -107,5 +113,7 @@ def load_weights(cfg: ModelConfig, names: list[str], dtype: torch.dtype) -> dict
     for path, file_names in by_file.items():
         with safe_open(path, framework="pt") as f:
             for n in file_names:
-                out[n] = f.get_tensor(n).to(dtype)
+                kind = weight_kind(n, quantization)
+                t = f.get_tensor(n)
+                out[n] = quantize(t, kind) if kind else t.to(dtype)
     return out

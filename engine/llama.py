@@ -2,6 +2,8 @@
 
 Shapes: T = tokens in the step (all requests flattened), E = hidden size, H/KVH = query/KV heads,
 D = head dim. q/k/v and gate/up projections are fused into one matmul each at load time.
+A weight is a float tensor (Linear below) or packed (engine/quant/: int4/int8 weight-only linears,
+embedding rows dequantized on lookup).
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import torch.nn.functional as F
 
 from pdcluster.engine.attention import AttnMeta, decode_attention, prefill_attention, store_kv
 from pdcluster.engine.config import ModelConfig
+from pdcluster.engine.quant.layers import embed_rows, fuse, quant_linear
+from pdcluster.engine.quant.packed import Int8Weight, Packed, nbytes
 from pdcluster.engine.rotary import apply_rotary, cos_sin_cache
 
 
@@ -56,19 +60,29 @@ class Linear:
             return torch.ops.aten.mkldnn_linear(x.contiguous().to_mkldnn(), w, b).to_dense()
         return F.linear(x, self.weight, self.bias)
 
+    @property
+    def nbytes(self) -> int:
+        """Resident bytes: the weight, and its oneDNN copy when prepacked."""
+        return nbytes(self.weight) * (2 if self._packed is not None else 1)
+
+
+def make_linear(w: torch.Tensor | Packed, bias: torch.Tensor | None, device: str, prepack: bool):
+    return Linear(w, bias, prepack) if isinstance(w, torch.Tensor) else quant_linear(w, bias, device)
+
 
 class Layer:
     __slots__ = ("qkv", "o", "gate_up", "down", "in_norm", "post_norm")
 
-    def __init__(self, sd: dict[str, torch.Tensor], p: str, bias: bool, prepack: bool):
+    def __init__(self, sd: dict[str, torch.Tensor | Packed], p: str, bias: bool, device: str, prepack: bool):
         a, m = f"{p}.self_attn", f"{p}.mlp"
-        qkv_w = torch.cat([sd[f"{a}.q_proj.weight"], sd[f"{a}.k_proj.weight"], sd[f"{a}.v_proj.weight"]])
+        qkv_w = fuse([sd[f"{a}.q_proj.weight"], sd[f"{a}.k_proj.weight"], sd[f"{a}.v_proj.weight"]])
         qkv_b = (torch.cat([sd[f"{a}.q_proj.bias"], sd[f"{a}.k_proj.bias"], sd[f"{a}.v_proj.bias"]])
                  if bias else None)
-        self.qkv = Linear(qkv_w, qkv_b, prepack)
-        self.o = Linear(sd[f"{a}.o_proj.weight"], None, prepack)
-        self.gate_up = Linear(torch.cat([sd[f"{m}.gate_proj.weight"], sd[f"{m}.up_proj.weight"]]), None, prepack)
-        self.down = Linear(sd[f"{m}.down_proj.weight"], None, prepack)
+        self.qkv = make_linear(qkv_w, qkv_b, device, prepack)
+        self.o = make_linear(sd[f"{a}.o_proj.weight"], None, device, prepack)
+        self.gate_up = make_linear(fuse([sd[f"{m}.gate_proj.weight"], sd[f"{m}.up_proj.weight"]]), None, device,
+                                   prepack)
+        self.down = make_linear(sd[f"{m}.down_proj.weight"], None, device, prepack)
         self.in_norm = sd[f"{p}.input_layernorm.weight"]
         self.post_norm = sd[f"{p}.post_attention_layernorm.weight"]
 
@@ -88,12 +102,15 @@ class LlamaModel:
         self.ops = get_ops(attention_backend, device)
         self.triton = self.ops.backend == "triton"
         self.dtype = dtype
-        sd = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
-        self.embed = sd["model.embed_tokens.weight"]                       # [V, E]
+        sd = {k: v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) else v.to(device)
+              for k, v in sd.items()}
+        self.embed = sd["model.embed_tokens.weight"]                       # [V, E], float or packed
         prepack = use_mkldnn(device, dtype) and not self.triton
-        self.lm_head = Linear(self.embed if cfg.tie_word_embeddings else sd["lm_head.weight"], None, prepack)
+        self.lm_head = make_linear(self.embed if cfg.tie_word_embeddings else sd["lm_head.weight"], None, device,
+                                   prepack)
         self.norm = sd["model.norm.weight"]
-        self.layers = [Layer(sd, f"model.layers.{i}", cfg.attention_bias, prepack) for i in range(cfg.num_layers)]
+        self.layers = [Layer(sd, f"model.layers.{i}", cfg.attention_bias, device, prepack)
+                       for i in range(cfg.num_layers)]
         self.cos_sin = cos_sin_cache(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta,
                                      cfg.rope_scaling_dict).to(device)  # float32 [max_pos, D]
         self.scale = cfg.head_dim ** -0.5
@@ -109,7 +126,7 @@ class LlamaModel:
         half = D // 2
         cos = torch.cat([cs[..., :half], cs[..., :half]], -1).to(self.dtype)
         sin = torch.cat([cs[..., half:], cs[..., half:]], -1).to(self.dtype)
-        h = F.embedding(input_ids, self.embed)                              # [T, E]
+        h = embed_rows(self.embed, input_ids, self.dtype)                   # [T, E]
         P = meta.num_prefill_tokens
         for li, L in enumerate(self.layers):
             if self.triton:
@@ -162,6 +179,18 @@ class LlamaModel:
                                               self.scale))
         attn = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
         return L.o(attn.reshape(T, H * D))
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Resident weight bytes by part: "linears" (the layers' projections, every copy held),
+        "head" (LM head + token embedding; once when tied and shared), "other" (norms)."""
+        linears = sum(lin.nbytes for L in self.layers for lin in (L.qkv, L.o, L.gate_up, L.down))
+        head = self.lm_head.nbytes
+        if isinstance(self.embed, Int8Weight) and self.cfg.tie_word_embeddings:
+            head += nbytes(self.embed.scale)    # the int8 head kernel reads the embedding's own codes
+        elif not (isinstance(self.embed, torch.Tensor) and self.cfg.tie_word_embeddings):
+            head += nbytes(self.embed)          # untied, or int4 codes beside the head's kernel layout
+        other = nbytes(self.norm) + sum(nbytes(L.in_norm) + nbytes(L.post_norm) for L in self.layers)
+        return {"linears": linears, "head": head, "other": other}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, E] -> float32 [N, V]."""

@@ -114,7 +114,7 @@ class LLMEngine:
             torch.set_num_threads(cfg.num_threads)
         t0 = time.perf_counter()
         self.tokenizer = load_tokenizer(cfg.model)
-        weights = load_weights(cfg.model, DTYPES[cfg.dtype])
+        weights = load_weights(cfg.model, DTYPES[cfg.dtype], cfg.quantization)
         self.model = LlamaModel(cfg.model, weights, cfg.device, DTYPES[cfg.dtype], cfg.attention_backend)
         del weights
         n_blocks = num_kv_blocks(cfg)

@@ -1,7 +1,9 @@
 """Model loading: a checkpoint (Hugging Face folder or GGUF file) -> ModelConfig + HF-named weights.
 
     load_model_config(path)   config.json / GGUF metadata -> ModelConfig (None = embedded model)
-    load_weights(cfg, dtype)  {HF Llama name: tensor}, linear weights [out_features, in_features]
+    load_weights(cfg, dtype, quantization)
+                              {HF Llama name: tensor or packed weight}, linear weights [out_features,
+                              in_features]; packed ones per engine/quant/policy.py
 
 Format-specific parsing lives in hf_loader.py and gguf_loader.py; both return exactly
 `weight_names(cfg)`.
@@ -14,6 +16,8 @@ import os
 import torch
 
 from pdcluster.engine.config import ModelConfig
+from pdcluster.engine.quant.packed import Packed
+from pdcluster.engine.quant.policy import check_mode
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -40,12 +44,16 @@ def load_model_config(path: str | None = None) -> ModelConfig:
     raise FileNotFoundError(f"{path}: expected a Hugging Face model folder or a .gguf file")
 
 
-def load_weights(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """All weights of `cfg`'s checkpoint on CPU in `dtype`, named as in HF LlamaForCausalLM."""
+def load_weights(cfg: ModelConfig, dtype: torch.dtype, quantization: str | None = "none"
+                 ) -> dict[str, torch.Tensor | Packed]:
+    """All weights of `cfg`'s checkpoint on CPU, named as in HF LlamaForCausalLM: float ones in
+    `dtype`, packed ones (Int4Weight / Int8Weight) where `quantization` says (engine/quant/policy.py;
+    "none" = all float, None = a GGUF file's own quantization stays packed)."""
     from pdcluster.engine import gguf_loader, hf_loader
 
+    check_mode(quantization)
     names = weight_names(cfg)
-    sd = (gguf_loader if cfg.gguf_file else hf_loader).load_weights(cfg, names, dtype)
+    sd = (gguf_loader if cfg.gguf_file else hf_loader).load_weights(cfg, names, dtype, quantization)
     missing = [n for n in names if n not in sd]
     if missing:
         raise ValueError(f"{cfg.path}: {len(missing)} weights missing, e.g. {missing[:3]}")

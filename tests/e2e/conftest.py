@@ -37,8 +37,10 @@ def hf_ref():
 
 @pytest.fixture(scope="session")
 def llm():
+    """The float32 engine (the GGUF dequantized: quantization "none"); the packed default has its own
+    tests (test_quantized_vs_hf.py) and the faults/ clusters run it."""
     from pdcluster.engine import LLM
-    return LLM(dtype="float32", kv_cache_memory=256 * 2**20, max_num_seqs=32)
+    return LLM(dtype="float32", quantization="none", kv_cache_memory=256 * 2**20, max_num_seqs=32)
 
 
 @torch.inference_mode()
@@ -81,7 +83,8 @@ def cluster():
     from tests.procs import free_port
     cfg = ClusterConfig(server=ServerSection(port=0, metrics_port=0, http_port=free_port()),
                         router=RouterConfig(policy="least-loaded"),
-                        engine=EngineSection(cache=CacheConfig(kv_cache_memory=96 * 2**20)))
+                        engine=EngineSection(cache=CacheConfig(kv_cache_memory=96 * 2**20),
+                                             quantization="none"))    # the float engine, like `llm`
     c = loop.run_until_complete(Cluster(cfg).start())
     c.loop = loop
     c.run = loop.run_until_complete

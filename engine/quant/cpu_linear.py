@@ -1,0 +1,135 @@
+"""Packed linears on CPU, on torch's own weight-only kernels.
+
+    Int4Linear  aten._weight_int4pack_mm_for_cpu   weight: _convert_weight_to_int4pack_for_cpu's
+                                                   layout; scale/zero [K/32, N, 2] bfloat16
+    Int8Linear  aten._weight_int8pack_mm           weight int8 [N, K]; scale [N] bfloat16
+
+Both kernels are vectorized (AVX2/AVX-512) for bfloat16 activations only: with float32 ones they
+run a scalar loop 10-60x slower (bench/RESULTS.md, "Quantized weights"), and float16 likewise. So
+x is rounded to bfloat16, the kernel dequantizes each weight to float32 (scale and zero as
+bfloat16), accumulates in float32 and rounds y to bfloat16; y returns in x's dtype.
+
+Rows above DENSE_MIN_ROWS (prefill chunks, large decode batches) are compute-bound, and there
+MKL's float32 GEMM beats both kernels ~2x: the weight is dequantized to a transient float32 [N, K]
+(the same values the kernel uses) and multiplied with the same bfloat16-rounded x, the result
+rounded to bfloat16 too, so both paths compute one function up to float32 summation order.
+The int4 path reads the weight back out of torch's packed layout (unpack_int4pack); a build whose
+layout is not one of the known ones (checked once against a probe) keeps to the kernel at every size.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from pdcluster.engine.quant.packed import GROUP, Int4Weight, Int8Weight
+
+BF16 = torch.bfloat16
+DENSE_MIN_ROWS = 64     # rows from which dequantize + float32 GEMM is faster (bench/quant_linear.py)
+
+
+def _bf16_round(x: torch.Tensor) -> torch.Tensor:
+    return x.to(BF16).float()
+
+
+# torch's int4pack layouts on CPU (aten/src/ATen/native/cpu/int4mm_kernel.cpp), per block of
+# BLOCK_N rows (64 with AVX-512, 32 with AVX2), stored [K, BLOCK_N / 2] bytes:
+#   "split": byte j holds row j (low nibble) and row j + BLOCK_N / 2 (high)
+#   "pairs": byte j holds rows 2j (low) and 2j + 1 (high): the scalar build, and every build's
+#            last block when N % BLOCK_N != 0 (then [K, rows left / 2] bytes)
+LAYOUTS = ((64, "split"), (32, "split"), (32, "pairs"))
+
+
+def unpack_int4pack(packed: torch.Tensor, N: int, K: int, layout: tuple[int, str]) -> torch.Tensor:
+    """uint8 codes [N, K] out of torch's packed [N, K/2] (one of LAYOUTS)."""
+    block, kind = layout
+    flat = packed.reshape(-1)
+    full, tail = divmod(N, block)
+    out = []
+    if full:
+        b = flat[: full * K * block // 2].view(full, K, block // 2)
+        lo, hi = b & 15, b >> 4
+        rows = torch.cat([lo, hi], -1) if kind == "split" else torch.stack([lo, hi], -1).view(full, K, block)
+        out.append(rows.transpose(1, 2).reshape(full * block, K))
+    if tail:
+        b = flat[full * K * block // 2:].view(K, tail // 2)
+        out.append(torch.stack([b & 15, b >> 4], -1).view(K, tail).t())
+    return torch.cat(out) if len(out) > 1 else out[0].contiguous()
+
+
+@functools.lru_cache(maxsize=1)
+def int4pack_layout() -> tuple[int, str] | None:
+    """The layout this torch build packs in, found by packing a probe; None if none of LAYOUTS."""
+    N, K = 64 * 2 + 48, 64                       # full 64- and 32-row blocks and a 16/48-row tail
+    codes = torch.randint(0, 16, (N, K), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    for layout in LAYOUTS:
+        if torch.equal(unpack_int4pack(p, N, K, layout).int(), codes):
+            return layout
+    return None
+
+
+class Int4Linear:
+    __slots__ = ("packed", "sz", "bias", "N", "K", "n_pad", "layout")
+
+    def __init__(self, w: Int4Weight, bias: torch.Tensor | None):
+        N, K = w.shape
+        codes, scale, zero = w.codes().int(), w.scale, w.zero
+        pad = -N % 16                             # the kernel takes N in multiples of 16
+        if pad:
+            codes = F.pad(codes, (0, 0, 0, pad), value=8)
+            scale, zero = F.pad(scale, (0, 0, 0, pad)), F.pad(zero, (0, 0, 0, pad))
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        self.sz = torch.stack([scale.t(), zero.t()], -1).to(BF16).contiguous()   # [K/32, N + pad, 2]
+        self.bias, self.N, self.K, self.n_pad = bias, N, K, N + pad
+        self.layout = int4pack_layout()
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [N, K]: exactly the weights the kernel multiplies by."""
+        codes = unpack_int4pack(self.packed, self.n_pad, self.K, self.layout)[: self.N]
+        s, z = self.sz[..., 0].t()[: self.N].float(), self.sz[..., 1].t()[: self.N].float()   # [N, K/32]
+        g = codes.view(self.N, -1, GROUP).float().sub_(8).mul_(s.unsqueeze(-1)).add_(z.unsqueeze(-1))
+        return g.view(self.N, self.K)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """bfloat16 [M, N] by torch's int4 kernel."""
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(BF16).contiguous(), self.packed, GROUP, self.sz)
+        return y if self.n_pad == self.N else y[:, : self.N]
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """bfloat16 [M, N] by dequantize + float32 GEMM."""
+        return F.linear(_bf16_round(x), self.dequantize()).to(BF16)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        dense = x.shape[0] >= DENSE_MIN_ROWS and self.layout is not None
+        y = (self.dense(x) if dense else self.kernel(x)).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.sz))
+
+
+class Int8Linear:
+    __slots__ = ("q", "scale", "bias")
+
+    def __init__(self, w: Int8Weight, bias: torch.Tensor | None):
+        self.q, self.scale, self.bias = w.q.contiguous(), w.scale.to(BF16), bias
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale.float().unsqueeze(-1)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x.to(BF16).contiguous(), self.q, self.scale)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(_bf16_round(x), self.dequantize()).to(BF16)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = (self.dense(x) if x.shape[0] >= DENSE_MIN_ROWS else self.kernel(x)).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.numel() * self.scale.element_size()

@@ -1,0 +1,37 @@
+"""Which weights are held packed, and how, for a `quantization` mode. Pure Python.
+
+    mode      Hugging Face safetensors              GGUF
+    None      float (the checkpoint's own)          the file's own: Q4_0/Q4_1/Q4_K (and other <= 4-bit
+                                                    types) int4, Q5/Q6/Q8 types int8, F32/F16 float
+    "none"    float                                 dequantized to float (the engine's dtype)
+    "int4"    linears int4 (group 32), head int8    linears int4, head int8
+    "int8"    linears int8 (per channel), head int8 linears int8, head int8
+
+"linears" are the per-layer q/k/v/o and gate/up/down projections; the "head" is the token embedding
+and the LM head (tied or not): the largest matrix a decode step reads, kept at 8 bits in the int
+modes (vLLM's weight-only modes leave it in 16-bit). Norm weights and biases are never packed.
+"""
+from __future__ import annotations
+
+QUANTIZATIONS = ("none", "int8", "int4")
+HEAD = ("model.embed_tokens.weight", "lm_head.weight")
+_LINEAR = tuple(f".{p}_proj.weight" for p in ("q", "k", "v", "o", "gate", "up", "down"))
+
+
+def check_mode(mode: str | None) -> None:
+    if mode is not None and mode not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or unset), got {mode!r}")
+
+
+def packable(name: str) -> bool:
+    return name in HEAD or name.endswith(_LINEAR)
+
+
+def weight_kind(name: str, mode: str | None, file_kind: str | None = None) -> str | None:
+    """"int4" | "int8" | None (float) for weight `name`. file_kind: a GGUF tensor's native kind
+    (None for float tensors and for Hugging Face checkpoints)."""
+    if not packable(name) or mode == "none":
+        return None
+    if mode is None:
+        return file_kind
+    return "int8" if name in HEAD else mode
