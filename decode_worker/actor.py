@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from pdcluster.decode_worker.token_queue import TokenQueue
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.messages import Heartbeat, NoRoom, Reservation
 from pdcluster.worker_actor import WorkerActor
@@ -34,19 +35,16 @@ class DecodeActor(WorkerActor):
                      params: SamplingParams | None = None, cache_salt: str | None = None, output_ids: list[int] = ()):
         """Yields token items until finished. first_token given: continue a remote prefill whose KV
         was reserved; else prefill prompt_ids (then output_ids, outputs already sent) locally."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        sink = lambda item: loop.call_soon_threadsafe(q.put_nowait, item)  # noqa: E731
+        q = TokenQueue(asyncio.get_running_loop())
+        sink = q.put_threadsafe
         if first_token is not None:
             await self._run(self.worker.start, request_id, first_token, sink)
         else:
             await self._run(self.worker.generate, request_id, prompt_ids, params, cache_salt, sink, output_ids)
         try:
             while True:
-                try:
-                    async with asyncio.timeout(HEARTBEAT_S):    # no task per token, unlike wait_for
-                        item = await q.get()
-                except TimeoutError:            # nothing new (a long prefill): prove life and progress
+                item = await q.get(HEARTBEAT_S)     # every token queued by now, in one item
+                if item is None:                    # nothing new (a long prefill): prove life and progress
                     yield Heartbeat(self.worker.steps())
                     continue
                 yield item

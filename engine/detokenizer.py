@@ -7,9 +7,24 @@ character, which decodes to U+FFFD until the rest arrives. While stop strings ar
 from __future__ import annotations
 
 
+def _rust_decoder(tokenizer):
+    """A plain fast tokenizer's Rust half, which decodes as tokenizer.decode(ids, skip_special_tokens=True,
+    clean_up_tokenization_spaces=False) does in a tenth of its time (~4 us, twice per token here);
+    None for a tokenizer whose class decodes its own way."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    for name in ("decode", "_decode"):
+        owner = next((c for c in type(tokenizer).__mro__ if name in vars(c)), None)
+        if owner is None or not owner.__module__.startswith("transformers.tokenization_utils"):
+            return None
+    return backend
+
+
 class Detokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = ()):
         self.tok = tokenizer
+        self._backend = _rust_decoder(tokenizer)
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
         # Decode windows, not the whole output: ids[prefix:read] were already turned into text; a new
@@ -23,6 +38,8 @@ class Detokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=True)
         return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def push(self, token_ids: list[int]) -> str:

@@ -80,6 +80,18 @@ class TokenItem(Message):
         object.__setattr__(self, "logprobs", tuple(TokenLogprobs(**x) if isinstance(x, dict) else x
                                                    for x in self.logprobs))
 
+    @classmethod
+    def concat(cls, items: list[TokenItem]) -> TokenItem:
+        """Consecutive items of one stream as one: their tokens and logprobs in order, the last one's
+        finish. Only the last may be finished."""
+        if len(items) == 1:
+            return items[0]
+        if any(i.finished for i in items[:-1]):
+            raise ValueError("a finished item can only be the last one")
+        last = items[-1]
+        return cls([t for i in items for t in i.token_ids], last.finished, last.finish_reason,
+                   max(i.num_cached_tokens for i in items), tuple(lp for i in items for lp in i.logprobs))
+
 
 @dataclass(frozen=True)
 class Heartbeat(Message):

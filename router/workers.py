@@ -16,13 +16,33 @@ from pdcluster.router.config import Timeouts
 from pdcluster.router.errors import WorkerLost
 
 
+LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.WorkerCrashedError,
+        ray.exceptions.ObjectLostError)
+
+
 async def _call(worker_id: str, ref, timeout: float):
     try:
         return await asyncio.wait_for(ref, timeout)
     except asyncio.TimeoutError:
         raise WorkerLost(worker_id, f"no answer in {timeout:.0f}s") from None
-    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-            ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as e:
+    except LOST as e:
+        raise WorkerLost(worker_id, type(e).__name__) from None
+
+
+async def _next_item(worker_id: str, gen, timeout: float):
+    """A streaming generator's next item, within timeout seconds (StopAsyncIteration at its end).
+    Per token: one deadline and no task (wait_for makes one), and the value read without a second
+    wait when __anext__ already waited for it (the usual case)."""
+    try:
+        async with asyncio.timeout(timeout):
+            ref = await gen.__anext__()
+            try:
+                return ray.get(ref, timeout=0)
+            except ray.exceptions.GetTimeoutError:
+                return await ref
+    except TimeoutError:
+        raise WorkerLost(worker_id, f"no answer in {timeout:.0f}s") from None
+    except LOST as e:
         raise WorkerLost(worker_id, type(e).__name__) from None
 
 
@@ -69,15 +89,13 @@ class DecodeClient(WorkerClient):
         stepping is never lost. Heartbeats are consumed here."""
         gen = self.handle.stream.options(num_returns="streaming").remote(
             request_id, first_token, prompt_ids, params, cache_salt, output_ids)
-        it = gen.__aiter__()
         loop = asyncio.get_running_loop()
         steps, since = None, loop.time()        # the last step count seen, and when it last moved
         while True:
             try:
-                ref = await _call(self.worker_id, it.__anext__(), self.t.stream_gap_s)
+                item = await _next_item(self.worker_id, gen, self.t.stream_gap_s)
             except StopAsyncIteration:
                 return
-            item = await _call(self.worker_id, ref, self.t.stream_gap_s)
             if not isinstance(item, Heartbeat):
                 steps, since = None, loop.time()
                 yield item

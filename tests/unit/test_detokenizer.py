@@ -37,3 +37,21 @@ def test_stop_string_is_cut_and_never_partly_emitted(tok):
             break
     out.append(d.flush())
     assert d.stopped and "".join(out) == " alpha beta "
+
+
+def test_a_plain_fast_tokenizer_decodes_through_its_rust_half_and_a_custom_one_does_not(tok):
+    """The Rust decode stands in for tokenizer.decode(skip_special_tokens=True, no clean-up) only
+    where the tokenizer's class adds nothing to it: same text, special tokens dropped."""
+    from pdcluster.engine.detokenizer import _rust_decoder
+    assert _rust_decoder(tok) is tok.backend_tokenizer
+    for text in TEXTS:
+        ids = [1] + tok.encode(text, add_special_tokens=False) + [2]        # <|im_start|> ... <|im_end|>
+        assert Detokenizer(tok, [])._decode(ids) == tok.decode(ids, skip_special_tokens=True,
+                                                                clean_up_tokenization_spaces=False)
+
+    class Custom(type(tok)):
+        def _decode(self, *args, **kwargs):
+            return "custom"
+    custom = Custom.__new__(Custom)
+    custom.__dict__.update(tok.__dict__)
+    assert _rust_decoder(custom) is None and Detokenizer(custom, [])._decode([5, 6]) == "custom"
