@@ -6,8 +6,10 @@
 Per setup, every variant gets its `pdcluster serve` (disagg: 1 prefill + 1 decode worker, 1 thread
 each; local: one worker, --local-prefill --threads-per-worker 2) and an engine process (LLMEngine
 alone, the decode worker's torch threads). Then, per concurrency level and round, variant after
-variant: one engine probe (batch 1, a 128-token prompt, 64 tokens, all on the main thread as
-bench/engine.py runs it: ms per decode step, the floor for TPOT at concurrency 1) and one batch of
+variant: one engine probe (batch 1, a 128-token prompt, 64 tokens; --probe worker: the engine as a
+worker runs it, on its own thread with OpenMP threads sleeping at barriers; --probe bench: as
+bench/engine.py runs it, on the main thread with libgomp's spinning default: ms per decode step,
+the floor for TPOT at concurrency 1) and one batch of
 the issue's workload through the server (128 random prompt tokens, 64 output tokens, greedy, EOS
 ignored, streamed; --num-prompts per batch, at least the concurrency). Alternating this finely puts
 the host's drift (other jobs) on every side alike; only one of them runs at a time.
@@ -67,6 +69,12 @@ class Row:
 
 
 # the engine probe (its own process: its own torch threads, the variant's code)
+PROBES = {   # how the engine probe runs: where its torch work runs, and OpenMP's wait policy
+    "worker": ("thread", {"OMP_WAIT_POLICY": "PASSIVE"}),  # as a worker runs its engine (pdcluster/worker_actor.py)
+    "bench": ("main", {}),                                 # as bench/engine.py does: libgomp's default, spinning
+}
+
+
 def engine_probe_loop(threads: int, prompt_len: int, output_len: int, mode: str = "main") -> None:
     """Per line on stdin, one request alone in a fresh LLMEngine; prints `STEP_MS <mean decode step>`.
     mode "main": all on the main thread, as bench/engine.py does; "thread": built, warmed up and
@@ -113,9 +121,10 @@ def _env(variant_dir: str) -> dict:
 
 class EngineProbe:
     def __init__(self, variant_dir: str, threads: int, a: argparse.Namespace):
+        mode, omp = PROBES[a.probe]
         code = (f"from pdcluster.bench.serving_overhead import engine_probe_loop; "
-                f"engine_probe_loop({threads}, {a.input_len}, {a.output_len})")
-        self.proc = subprocess.Popen([sys.executable, "-c", code], env=_env(variant_dir), cwd=tempfile.gettempdir(),
+                f"engine_probe_loop({threads}, {a.input_len}, {a.output_len}, {mode!r})")
+        self.proc = subprocess.Popen([sys.executable, "-c", code], env=_env(variant_dir) | omp, cwd=tempfile.gettempdir(),
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._expect("READY")
 
@@ -314,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS), help="clusters to measure")
     p.add_argument("--variant", action="append", default=None, metavar="NAME=DIR",
                    help="a code version: DIR first on PYTHONPATH (empty: the installed pdcluster); repeatable")
+    p.add_argument("--probe", default="worker", choices=list(PROBES),
+                   help="the engine probe runs as a worker runs its engine (its own thread, OpenMP threads "
+                        "sleeping at barriers) or as bench/engine.py does (main thread, OpenMP threads spinning)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="max requests in flight")
     p.add_argument("--rounds", type=int, default=3, help="batches per (concurrency, variant), alternating")
     p.add_argument("--num-prompts", type=int, default=4, help="requests per batch (at least the concurrency)")

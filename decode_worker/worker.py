@@ -17,6 +17,7 @@ import os
 import queue
 import time
 import uuid
+from typing import Callable
 
 from pdcluster.engine.engine_thread import EngineThread
 from pdcluster.engine.llm_engine import LLMEngine, StepOutput
@@ -51,31 +52,38 @@ class DecodeWorker:
     transport must match). It listens on kv_host:kv_port; tcp only: on kv_tcp_host / kv_tcp_port when
     given, inside the `ip netns` namespace kv_tcp_netns (a shaped link's decode end: deploy/netns.py)."""
 
-    def __init__(self, worker_id: str, engine: LLMEngine, kv_host: str = "127.0.0.1", kv_port: int = 0,
+    def __init__(self, worker_id: str, engine: LLMEngine | Callable[[], LLMEngine], kv_host: str = "127.0.0.1",
+                 kv_port: int = 0,
                  secret: str | None = None, transfer_timeout_s: float = TRANSFER_TIMEOUT_S, reservation_ttl_s: float = 300.0,
                  kv_transport: str = "tcp", kv_tcp_port: int = 0, kv_tcp_netns: str | None = None,
                  kv_tcp_host: str | None = None):
         check(kv_transport)
         self.worker_id = worker_id
         self.incarnation = uuid.uuid4().hex   # new on every (re)start of the process
-        self.engine = engine
+        # first: a builder builds the engine on this thread (engine/engine_thread.py). It idles until a
+        # command comes, and none can before this constructor returns.
+        self.engine_thread = EngineThread(engine, name=f"decode-{worker_id}")
+        engine = self.engine = self.engine_thread.engine
         self.events = engine.block_events()      # prefix-cache events for the router's global index
         self.kv_transport = kv_transport
         self.receiver = KVReceiver()
         self.connector = engine.connector = ReceiveConnector(self.receiver, engine.cfg.model.num_layers)
         tcp = kv_transport == "tcp"
         # Mooncake registers the caches (CPU; GPU caches land through its own host staging buffers)
-        self.server = server_class(kv_transport).for_worker(
-            self.receiver, *engine.kv_caches(), host=(tcp and kv_tcp_host) or kv_host,
-            port=(tcp and kv_tcp_port) or kv_port, secret=secret, netns=kv_tcp_netns if tcp else None)
-        self.server.start_sync()
+        try:
+            self.server = server_class(kv_transport).for_worker(
+                self.receiver, *engine.kv_caches(), host=(tcp and kv_tcp_host) or kv_host,
+                port=(tcp and kv_tcp_port) or kv_port, secret=secret, netns=kv_tcp_netns if tcp else None)
+            self.server.start_sync()
+        except BaseException:           # e.g. the port is taken
+            self.engine_thread.stop()
+            raise
         self.transfer_timeout_s = transfer_timeout_s
         # rid -> monotonic expiry of its reservation; engine thread only. A reservation that is
         # neither started nor aborted by its expiry (its router lost track of it) is freed.
         self._reserved: dict[str, float] = {}
         # longer than the router waits for the prefill that fills it (queue + compute + transfer)
         self.reservation_ttl_s = reservation_ttl_s
-        self.engine_thread = EngineThread(engine, name=f"decode-{worker_id}")
 
     @property
     def kv_address(self) -> str:

@@ -3,6 +3,12 @@
 The engine is single-threaded by design: every mutation (add, abort, reserve, ...) is a command
 queued to this thread and run between steps; results come back as concurrent Futures. Step
 outputs are delivered to the per-request listener registered with the command that created it.
+
+Given a builder instead of an engine, the thread builds it (load, warm-up) before its loop, so all
+the engine's torch work runs on this one thread. That matters on CPU: libgomp keeps an OpenMP
+thread team per thread that runs torch ops, and once a process holds more team threads than cores
+(a team for the loading thread, another for this one) idle threads sleep at every barrier instead
+of spinning: a 2-thread decode step took 1.5x as long (bench/RESULTS.md, serving-path overhead).
 """
 from __future__ import annotations
 
@@ -20,13 +26,25 @@ Listener = Callable[[StepOutput], None]
 
 
 class EngineThread:
-    def __init__(self, engine: LLMEngine, name: str = "engine"):
-        self.engine = engine
+    def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], name: str = "engine"):
+        """engine, or a function that builds one: then it runs on the new thread, and its exception,
+        if any, is raised here."""
         self.listeners: dict[str, Listener] = {}
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        built: Future = Future()
+        self._thread = threading.Thread(target=self._main, args=(engine, built), name=name, daemon=True)
         self._thread.start()
+        self.engine: LLMEngine = built.result()
+
+    def _main(self, engine, built: Future) -> None:
+        try:
+            self.engine = engine() if callable(engine) else engine
+        except BaseException as e:  # the constructor raises it; this thread ends
+            built.set_exception(e)
+            return
+        built.set_result(self.engine)
+        self._run()
 
     def call(self, fn: Callable[..., Any], *args) -> Future:
         """Run fn(engine, *args) on the engine thread between steps."""

@@ -4,6 +4,7 @@ With each role's actor.py, the only Ray code on the worker side."""
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import ray
@@ -12,12 +13,22 @@ from pdcluster.deploy.worker_options import leave_terminal_group
 from pdcluster.messages import WorkerStatus
 
 
+OMP_WAIT_POLICY = "PASSIVE"     # the workers' default (the environment's, when set, wins)
+
+
 class WorkerActor:
     """Subclasses name their `role` and build their worker in `_make_worker`; their RPCs call the
     worker's blocking methods through `_run`."""
     role: str  # "prefill" | "decode"
 
     def __init__(self, worker_id: str, engine_kwargs: dict, num_threads: int, worker_kwargs: dict):
+        # Before torch loads libgomp, which reads it once: OpenMP threads idle at a barrier sleep
+        # instead of spinning. A worker shares its host's cores with the router, Ray and other
+        # workers; when another process takes a core, a spinning team stalls at every barrier: a
+        # 2-thread decode step was 3-6x slower on a busy 2-core host, and 1.5x faster on an idle one
+        # (bench/RESULTS.md, serving-path overhead). Where the worker's cores are its own, set
+        # OMP_WAIT_POLICY=ACTIVE in the environment of `pdcluster serve` (or of `ray start`).
+        os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
         import torch
 
         from pdcluster.logs import install_escaping
@@ -26,15 +37,19 @@ class WorkerActor:
 
         from pdcluster.engine.llm_engine import LLMEngine, build_config
         torch.set_num_threads(num_threads)
-        engine = LLMEngine(build_config(**engine_kwargs, num_threads=num_threads))
-        engine.warmup()                 # the router's first status poll brings a measured prefill rate
+
+        def build() -> LLMEngine:       # on the worker's engine thread: all its torch work on one thread
+            engine = LLMEngine(build_config(**engine_kwargs, num_threads=num_threads))
+            engine.warmup()             # the router's first status poll brings a measured prefill rate
+            return engine
         if worker_kwargs.pop("bind_node_ip", False):  # multi-node: peers reach this node's IP
             worker_kwargs["kv_host"] = ray.util.get_node_ip_address()
-        self.worker = self._make_worker(worker_id, engine, worker_kwargs)
+        self.worker = self._make_worker(worker_id, build, worker_kwargs)
         # runs the worker's blocking calls, so the actor's event loop keeps serving
         self.rpc_threads = ThreadPoolExecutor(max_workers=256, thread_name_prefix=f"{self.role}-rpc")
 
     def _make_worker(self, worker_id: str, engine, worker_kwargs: dict):
+        """The role's worker around `engine`: an LLMEngine builder for its engine thread."""
         raise NotImplementedError
 
     async def _run(self, fn, *args):

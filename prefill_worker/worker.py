@@ -14,6 +14,7 @@ import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import replace
+from typing import Callable
 
 
 from pdcluster.engine.engine_thread import EngineThread
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 class PrefillWorker:
-    def __init__(self, worker_id: str, engine: LLMEngine, secret: str | None = None,
+    def __init__(self, worker_id: str, engine: LLMEngine | Callable[[], LLMEngine], secret: str | None = None,
                  bandwidth_limit_bytes_per_s: float | None = None, transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
                  transport: str = "tcp", kv_layerwise: bool = True, kv_compression: str = "off",
                  kv_netns: str | None = None, kv_host: str | None = None):
@@ -48,7 +49,10 @@ class PrefillWorker:
             raise ValueError(f"kv_netns needs the tcp transport, not {transport!r}")
         self.worker_id = worker_id
         self.incarnation = uuid.uuid4().hex   # new on every (re)start of the process
-        self.engine = engine
+        # a builder builds the engine on this thread (engine/engine_thread.py); it idles until a
+        # command comes, and none can before this constructor returns
+        self.engine_thread = EngineThread(engine, name=f"prefill-{worker_id}")
+        engine = self.engine = self.engine_thread.engine
         self.events = engine.block_events()      # prefix-cache events for the router's global index
         self.meter = BandwidthMeter()
         # kv_host: the address decode workers reach this worker's transport at. Only Mooncake listens
@@ -58,14 +62,17 @@ class PrefillWorker:
         extra = {"host": kv_host} if transport == "mooncake" and kv_host else {}
         if kv_netns is not None:
             extra["netns"] = kv_netns
-        self.transport = sender(secret=secret, meter=self.meter, src_id=worker_id,
-                                bandwidth_limit_bytes_per_s=bandwidth_limit_bytes_per_s, **extra)
+        try:
+            self.transport = sender(secret=secret, meter=self.meter, src_id=worker_id,
+                                    bandwidth_limit_bytes_per_s=bandwidth_limit_bytes_per_s, **extra)
+        except BaseException:
+            self.engine_thread.stop()
+            raise
         self.transfer_timeout_s = transfer_timeout_s
         # ships each prompt's layers from the engine thread (whole-request mode: every layer after the last)
         self.sends = engine.connector = SendConnector(layerwise=kv_layerwise)
         self._lock = threading.Lock()
         self.in_flight = 0
-        self.engine_thread = EngineThread(engine, name=f"prefill-{worker_id}")
 
     def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                 dest: KVDestination | None, cache_salt: str | None = None,

@@ -15,8 +15,9 @@ def engine(kv_cache_memory: int = 48 * 2**20) -> LLMEngine:
 
 
 def pair(transport: str = "tcp", transfer_timeout_s: float = 20, **kw) -> tuple[PrefillWorker, DecodeWorker]:
-    """(prefill, decode) workers of one transport; kw (e.g. secret) goes to both."""
-    d = DecodeWorker(f"d-{transport}", engine(), kv_transport=transport, **kw)
+    """(prefill, decode) workers of one transport; kw (e.g. secret) goes to both. The decode worker
+    builds its engine on its engine thread (as a worker actor does), the prefill worker is handed one."""
+    d = DecodeWorker(f"d-{transport}", engine, kv_transport=transport, **kw)
     p = PrefillWorker(f"p-{transport}", engine(), transport=transport, transfer_timeout_s=transfer_timeout_s, **kw)
     return p, d
 
