@@ -7,8 +7,8 @@ outputs are delivered to the per-request listener registered with the command th
 Given a builder instead of an engine, the thread builds it (load, warm-up) before its loop, so all
 the engine's torch work runs on this one thread. That matters on CPU: libgomp keeps an OpenMP
 thread team per thread that runs torch ops, and once a process holds more team threads than cores
-(a team for the loading thread, another for this one) idle threads sleep at every barrier instead
-of spinning: a 2-thread decode step took 1.5x as long (bench/RESULTS.md, serving-path overhead).
+(a team for the loading thread, another for this one) idle threads sleep at every barrier, whatever
+OMP_WAIT_POLICY says. On one thread the policy is the process's choice (pdcluster/worker_actor.py).
 """
 from __future__ import annotations
 

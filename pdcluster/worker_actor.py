@@ -23,11 +23,11 @@ class WorkerActor:
 
     def __init__(self, worker_id: str, engine_kwargs: dict, num_threads: int, worker_kwargs: dict):
         # Before torch loads libgomp, which reads it once: OpenMP threads idle at a barrier sleep
-        # instead of spinning. A worker shares its host's cores with the router, Ray and other
-        # workers; when another process takes a core, a spinning team stalls at every barrier: a
-        # 2-thread decode step was 3-6x slower on a busy 2-core host, and 1.5x faster on an idle one
-        # (bench/RESULTS.md, serving-path overhead). Where the worker's cores are its own, set
-        # OMP_WAIT_POLICY=ACTIVE in the environment of `pdcluster serve` (or of `ray start`).
+        # instead of spinning. A worker shares its cores with the router, the client, Ray and other
+        # workers, and a spinning team stalls at every barrier while one of its threads waits for
+        # a core: a 2-thread worker serving on the 2-core build host decoded 1.9x slower spinning
+        # (TPOT at concurrency 1; 3-6x with more load), though the engine alone steps 1.6x faster
+        # (bench/RESULTS.md, serving-path overhead). The environment's OMP_WAIT_POLICY wins.
         os.environ.setdefault("OMP_WAIT_POLICY", OMP_WAIT_POLICY)
         import torch
 
