@@ -62,9 +62,8 @@ class EngineSection:
     quantization: str | None = field(default=EngineConfig.quantization, metadata={
         "choices": QUANTIZATIONS, "help": (
             "weight-only quantization of the linear weights (and int8 for the embedding / LM head): int4 "
-            "(groups of 32) or int8 (per channel), quantized at load; none = float in --dtype. Default: the "
-            "checkpoint's own (a GGUF file's Q4/Q8 weights stay packed, a Hugging Face model's stay float); "
-            "pools.yaml may set it per pool")})
+            "(groups of 32) or int8 (per channel), quantized at load (a GGUF file's own Q4/Q8 blocks stay packed "
+            "exactly); none = float in --dtype; pools.yaml may set it per pool")})
     max_model_len: int | None = field(default=None, metadata={
         "help": "context length cap, prompt + output tokens (default: the model's own)"})
     threads_per_worker: int = field(default=1, metadata={   # also the Ray CPUs reserved per actor

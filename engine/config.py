@@ -86,8 +86,12 @@ class EngineConfig:
     sched: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: str = "cpu"
     dtype: str = "float32"               # float32 | bfloat16 | float16
-    quantization: str | None = None      # weight-only: none | int8 | int4; None = the checkpoint's own
-                                         #   (a GGUF file's stays packed; engine/quant/policy.py)
+    quantization: str | None = "none"    # weight-only: none | int8 | int4; None = the checkpoint's own
+                                         #   (a GGUF file's stays packed; engine/quant/policy.py). Default
+                                         #   none (float): the packed CPU kernels' results depend on the
+                                         #   batch's row count, so a batched server's greedy tokens can
+                                         #   differ near ties from the same prompt run alone
+                                         #   (tests/faults/test_worker_faults.py saw 13/16 exact)
     attention_backend: str = "auto"      # auto (triton on cuda, torch on cpu) | torch | triton
     num_threads: int | None = None       # torch.set_num_threads on CPU hosts
 

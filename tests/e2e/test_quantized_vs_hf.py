@@ -56,7 +56,7 @@ def _check(llm, hf_ref, refs, max_weight_mib):
 
 
 def test_gguf_int4_served_packed(hf_ref, refs):
-    llm = LLM(kv_cache_memory=32 * 2**20)                       # the default: the file's Q4_1 stays packed
+    llm = LLM(kv_cache_memory=32 * 2**20, quantization=None)    # None: the file's Q4_1 stays packed
     assert llm.engine.cfg.quantization is None
     _check(llm, hf_ref, refs, max_weight_mib=100)               # float32: 1,026 MiB (weights + oneDNN copies)
 

@@ -18,7 +18,7 @@ def test_serve_flag_reaches_both_pools():
     c = _serve(["--quantization", "int8"])
     assert c.engine.quantization == "int8"
     assert c.engine_kwargs("prefill")["quantization"] == c.engine_kwargs("decode")["quantization"] == "int8"
-    assert _serve([]).engine_kwargs("decode")["quantization"] is None        # the checkpoint's own
+    assert _serve([]).engine_kwargs("decode")["quantization"] == "none"      # float by default
     with pytest.raises(SystemExit):
         _serve(["--quantization", "fp4"])
 
