@@ -1,6 +1,7 @@
 """A worker's numbered log of prefix-cache block events, drained by the router's status poll.
 
-Events are ("stored" | "removed", [chain hashes]) from the BlockPool, appended on the engine thread.
+Events are ("stored" | "removed", [chain hashes], tier) from the BlockPool (tier "device") or a lower
+cache tier ("host", "disk"), appended on the engine thread or a tier's writer thread.
 Sequence numbers let the router's global index spot lost events (a full buffer drops the oldest)
 and ask for a full resync.
 """
@@ -19,12 +20,12 @@ class BlockEventLog:
     def attach(self, pool) -> None:
         pool.on_event = self.record
 
-    def record(self, kind: str, hashes: list[int]) -> None:
+    def record(self, kind: str, hashes: list[int], tier: str = "device") -> None:
         with self._lock:
             self._seq += 1
-            self._buf.append((self._seq, kind, list(hashes)))
+            self._buf.append((self._seq, kind, list(hashes), tier))
 
-    def drain(self) -> tuple[int, list[tuple[int, str, list[int]]]]:
+    def drain(self) -> tuple[int, list[tuple[int, str, list[int], str]]]:
         """(last sequence number, events since the previous drain)."""
         with self._lock:
             out = list(self._buf)

@@ -145,6 +145,7 @@ class BlockEvent(Message):
     seq: int
     kind: str                       # "stored" | "removed"
     hashes: list[int]               # chain hashes
+    tier: str = "device"            # "device" | "host" | "disk": the cache tier the change is in
 
 
 @dataclass(frozen=True)
