@@ -13,7 +13,7 @@ Datasets (`--dataset`):
   mooncake:PATH  a Mooncake-format trace (JSONL: timestamp ms, input/output_length, hash_ids of 512-token
                  blocks) replayed at its own arrival times, scaled (bench/trace_dataset.py): token_scale
                  engine blocks of block_size tokens per trace block, output_scale, time_scale, start,
-                 max_requests
+                 max_requests, conversation_sample
 Lengths are in tokens (words for ShareGPT); range_ratio spreads input/output lengths uniformly over
 [len * (1 - r), len * (1 + r)] like vLLM's random dataset.
 """
@@ -56,6 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "time_scale": 1.0,              # replay seconds per trace second
     "start": 0,                     # trace lines skipped
     "max_requests": None,           # None: the rest of the trace
+    "conversation_sample": 1,       # keep 1 conversation in this many
 }
 
 DATASETS = ("random", "shared-prefix", "multi-turn", "mixed", "sharegpt:PATH", "mooncake:PATH")
@@ -217,7 +218,8 @@ def _mooncake(path: str, vocab_size: int, reserved_ids: Iterable[int], opts: dic
     from pdcluster.bench.trace_dataset import TraceScale, load_trace
     scale = TraceScale(block_size=opts["block_size"], token_scale=opts["token_scale"],
                        output_scale=opts["output_scale"], time_scale=opts["time_scale"], start=opts["start"],
-                       max_requests=opts["max_requests"], seed=opts["seed"])
+                       max_requests=opts["max_requests"], conversation_sample=opts["conversation_sample"],
+                       seed=opts["seed"])
     return [BenchRequest(prompt_ids=r.prompt_ids, output_len=r.output_len, arrival_s=r.arrival_s)
             for r in load_trace(path, scale, vocab_size, reserved_ids)]
 

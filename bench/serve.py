@@ -246,6 +246,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="replay seconds per trace second (0.5: twice as fast)")
     trace.add_argument("--start", type=int, default=d["start"], help="trace lines to skip")
     trace.add_argument("--max-requests", type=int, default=d["max_requests"], help="requests to replay (default: all)")
+    trace.add_argument("--conversation-sample", type=int, default=d["conversation_sample"],
+                       help="replay 1 conversation in this many (whole conversations: a short replay keeps the "
+                            "trace's reuse)")
 
 
 def target(args: argparse.Namespace):

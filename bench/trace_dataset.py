@@ -16,7 +16,13 @@ Scaling (`TraceScale`):
   - output tokens = max(1, round(output_length * output_scale)); output_scale defaults to s;
   - arrival = (timestamp - first replayed timestamp) / 1000 * time_scale seconds (0.5 replays
     twice as fast);
-  - `start` skips that many trace lines, `max_requests` caps the replay (None: to the end).
+  - `start` skips that many trace lines, `max_requests` caps the replay (None: to the end);
+  - `conversation_sample` K > 1 keeps whole conversations, one in K, so that a short replay still
+    sees the trace's reuse (its turns come minutes apart: the first 48 lines share only the system
+    prompt's block, while 48 requests sampled 1 in 40 from the first 2000 lines reuse 22% of their
+    blocks). A request's conversation key is its second hash id (its first, a one-block prompt's):
+    the trace's prompts open with shared system-prompt blocks, and a later turn resends the
+    earlier ones. Kept: key % K == 0.
 Tokens are drawn uniformly from `ordinary_ids` (the vocabulary without the tokenizer's special
 and added tokens), by a counter-based hash (splitmix64 of seed, hash id, position): no state, so a
 slice replays the same tokens as the whole trace.
@@ -42,6 +48,7 @@ class TraceScale:
     time_scale: float = 1.0             # replay seconds per trace second
     start: int = 0                      # trace lines skipped
     max_requests: int | None = None     # requests replayed (None: all after start)
+    conversation_sample: int = 1        # keep 1 conversation in this many (see the module doc)
     seed: int = 0                       # picks the tokens of every hash id
 
     def __post_init__(self):
@@ -51,6 +58,8 @@ class TraceScale:
             raise ValueError(f"output_scale must be > 0, got {self.output_scale}")
         if self.time_scale < 0:
             raise ValueError(f"time_scale must be >= 0, got {self.time_scale}")
+        if self.conversation_sample < 1:
+            raise ValueError(f"conversation_sample must be >= 1, got {self.conversation_sample}")
         if self.start < 0 or (self.max_requests is not None and self.max_requests < 1):
             raise ValueError(f"start must be >= 0 and max_requests >= 1, got {self.start}, {self.max_requests}")
 
@@ -105,8 +114,13 @@ def block_tokens(hash_id: int, n: int, ids: np.ndarray, seed: int = 0) -> list[i
     return ids[(z % np.uint64(ids.size)).astype(np.int64)].tolist()
 
 
-def read_trace(path: str, start: int = 0, max_requests: int | None = None) -> list[dict]:
-    """Lines start .. start+max_requests of a Mooncake JSONL trace, checked."""
+def conversation_key(hash_ids: list[int]) -> int:
+    return hash_ids[1] if len(hash_ids) > 1 else hash_ids[0]
+
+
+def read_trace(path: str, start: int = 0, max_requests: int | None = None, conversation_sample: int = 1) -> list[dict]:
+    """The first max_requests lines from line `start` of a Mooncake JSONL trace whose conversation is
+    sampled (conversation_key % conversation_sample == 0), checked."""
     out = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f):
@@ -122,6 +136,8 @@ def read_trace(path: str, start: int = 0, max_requests: int | None = None) -> li
             if not ids or n_in < 1 or n_out < 0 or -(-n_in // TRACE_BLOCK_TOKENS) != len(ids):
                 raise ValueError(f"{path}:{i + 1}: input_length {n_in} does not fill {len(ids)} blocks of "
                                  f"{TRACE_BLOCK_TOKENS} tokens")
+            if conversation_sample > 1 and conversation_key(ids) % conversation_sample:
+                continue
             if out and ts < out[-1]["timestamp"]:
                 raise ValueError(f"{path}:{i + 1}: timestamp {ts} before the previous line's")
             out.append(row)
@@ -154,5 +170,5 @@ def scale_rows(rows: list[dict], scale: TraceScale, ids: np.ndarray) -> list[Tra
 
 
 def load_trace(path: str, scale: TraceScale, vocab_size: int, reserved_ids: Iterable[int] = ()) -> list[TraceRequest]:
-    return scale_rows(read_trace(path, scale.start, scale.max_requests), scale,
+    return scale_rows(read_trace(path, scale.start, scale.max_requests, scale.conversation_sample), scale,
                       ordinary_ids(vocab_size, reserved_ids))

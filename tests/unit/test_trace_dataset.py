@@ -104,3 +104,18 @@ def test_bad_traces_and_scales_are_clear_errors(tmp_path, trace):
         TraceScale(token_scale=0)
     with pytest.raises(ValueError, match="max_requests"):
         TraceScale(max_requests=0)
+
+
+def test_conversation_sampling_keeps_whole_conversations(tmp_path):
+    # conversation c (0..3) opens on the shared block 0 and grows one block a turn: [0, 10+c], [0, 10+c, 20+c]
+    chains = [[0, 10 + c] for c in range(4)] + [[0, 10 + c, 20 + c] for c in range(4)] + [[0]]
+    rows = [{"timestamp": 10 * i, "input_length": 512 * len(h), "output_length": 4, "hash_ids": h}
+            for i, h in enumerate(chains)]
+    p = tmp_path / "t.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept = read_trace(str(p), conversation_sample=2)
+    assert [r["hash_ids"] for r in kept] == [[0, 10], [0, 12], [0, 10, 20], [0, 12, 22], [0]]   # key % 2 == 0
+    assert len(read_trace(str(p), conversation_sample=2, max_requests=3)) == 3
+    assert read_trace(str(p)) == rows
+    with pytest.raises(ValueError, match="conversation_sample"):
+        TraceScale(conversation_sample=0)
