@@ -232,7 +232,9 @@ def format_report(report: dict) -> str:
     ds = sc["dataset"]
     goodput = ", ".join(f"{k} <= {v:g} ms" for k, v in sc["goodput"].items()) or "none"
     head = [f"scenario {sc['name']}: {sc['summary']}",
-            f"workload: {json.dumps(ds)}; {sc['request_rate']} req/s (burstiness {sc['burstiness']}); "
+            f"workload: {json.dumps(ds)}; "
+            + ("the trace's arrival times; " if ds.get("dataset", "").startswith("mooncake:") else
+               f"{sc['request_rate']} req/s (burstiness {sc['burstiness']}); ") +
             f"{sc['rounds']} round(s), alternating; goodput target: {goodput}",
             *([f"KV link: {sc['kv_link']}"] if sc.get("kv_link") else []),
             line("", metrics)]
