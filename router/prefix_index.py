@@ -9,10 +9,11 @@ different tenants never match each other's blocks.
 Tiers: an event's tier is "device" (the worker's KV pool), "host" or "disk" (its lower cache tiers,
 which load a block back into the pool). One (worker, hash) may be in several tiers at once; each
 tier's events add and remove it there only. `match` answers from the device tier alone (the
-prefix the pool can skip without loading anything); `match_tiers` walks the chain through every
-tier: a worker's hit continues while it holds the next block in any tier, and each block counts in
-the fastest tier holding it (device, then host, then disk), so TierHits(device, host, disk) says
-how many blocks come free and how many must be loaded from each lower tier.
+prefix the pool can skip without loading anything); `match_tiers` walks the chain as a worker
+serves it: its device prefix (the pool's own lookup), then on while the next block is in a lower
+tier, each counted in the faster one holding it (host, else disk); a block held only on device past
+the device prefix ends the hit there (the pool's lookup stopped before it). TierHits(device, host,
+disk) says how many blocks come free and how many each lower tier must load.
 Memory: device entries are kept as before (a hash's holder set + the worker's hash set); a lower-tier
 entry costs one slot in its hash's {worker: tier bits} dict and one in the worker's lower-tier set.
 
@@ -311,38 +312,38 @@ class PrefixIndex:
         return out
 
     def match_tiers(self, hashes: Iterable[int], workers: Iterable[str] | None = None) -> dict[str, TierHits]:
-        """Each worker's cached prefix through every tier (see the module doc): the chain continues
-        while the worker holds the next block in any tier; a block counts in the fastest tier that
-        holds it. One walk; blocks no worker holds below device cost what match() costs."""
+        """Each worker's cached prefix by tier (see the module doc), in one walk over the hashes:
+        `on_dev` are the workers still in their device prefix, `on_low` those past it and served
+        from host or disk. Without lower-tier entries it is match()."""
         if not self._lower:
             return {w: TierHits(n) if n else _NO_HITS for w, n in self.match(hashes, workers).items()}
         want = self._state.keys() if workers is None else list(workers)
         total = dict.fromkeys(want, 0)
+        device: dict[str, int] = {}
         host: dict[str, int] = {}
-        disk: dict[str, int] = {}
-        alive = set(total)
-        n = 0
+        on_dev, on_low = set(total), set()
+        n = 0                                       # blocks walked so far
         for h in hashes:
-            nxt = alive & self._holders.get(h, _EMPTY)
+            stay = on_dev & self._holders.get(h, _EMPTY)
+            left = on_dev - stay
+            for w in left:
+                device[w] = n                       # its device prefix ends before block n
             lower = self._lower.get(h)
-            if lower:
-                for w in alive - nxt:
-                    mask = lower.get(w)
-                    if mask:
-                        nxt.add(w)
-                        if mask & 1:
-                            host[w] = host.get(w, 0) + 1
-                        else:
-                            disk[w] = disk.get(w, 0) + 1
-            for w in alive - nxt:
-                total[w] = n
-            alive = nxt
-            if not alive:
+            tried = on_low | left
+            on_dev, on_low = stay, {w for w in tried if w in lower} if lower else set()
+            for w in tried - on_low:
+                total[w] = n                        # its hit ends before block n
+            for w in on_low:
+                if lower[w] & 1:
+                    host[w] = host.get(w, 0) + 1
+            if not on_dev and not on_low:
                 break
             n += 1
-        for w in alive:
+        for w in on_dev:
+            device[w] = total[w] = n
+        for w in on_low:
             total[w] = n
-        return {w: TierHits(t - host.get(w, 0) - disk.get(w, 0), host.get(w, 0), disk.get(w, 0)) if t else _NO_HITS
+        return {w: TierHits(device[w], host.get(w, 0), t - device[w] - host.get(w, 0)) if t else _NO_HITS
                 for w, t in total.items()}
 
     def match_weighted(self, hashes: Iterable[int], workers: Iterable[str] | None = None,

@@ -161,12 +161,16 @@ def test_tiered_events_and_the_walk_through_tiers():
     ix.apply("a", "stored", [2, 3], now=0, tier="host")        # 2 on device and host
     ix.apply("a", "stored", [4], now=0, tier="disk")
     ix.apply("b", "stored", [1], now=0, tier="disk")
-    ix.apply("b", "stored", [2], now=0)                         # device after a disk block
+    ix.apply("b", "stored", [2], now=0)                         # on device only, past b's device prefix
     ix.add_worker("c", now=0)
     assert ix.match([1, 2, 3, 4, 5]) == {"a": 2, "b": 0, "c": 0}    # device only, as before tiers
     hits = ix.match_tiers([1, 2, 3, 4, 5])
-    assert hits == {"a": (2, 1, 1), "b": (1, 0, 1), "c": (0, 0, 0)}
-    assert hits["a"].total == 4 and hits["b"].device == 1
+    # a: device prefix 1, 2, then 3 from host, 4 from disk; b: 1 from disk, then 2 is not in a lower
+    # tier and its pool's lookup stopped at 1: the hit ends
+    assert hits == {"a": (2, 1, 1), "b": (0, 0, 1), "c": (0, 0, 0)}
+    assert hits["a"].total == 4 and hits["b"].total == 1
+    ix.apply("b", "stored", [2], now=0, tier="host")
+    assert ix.match_tiers([1, 2, 3])["b"] == (0, 1, 1)
     assert ix.tiers_of("a", 2) == {"device", "host"} and ix.tiers_of("c", 2) == frozenset()
     assert (ix.num_blocks("a"), ix.num_blocks("a", "host"), ix.num_blocks("a", "disk"),
             ix.num_blocks("a", "lower")) == (2, 2, 1, 3)
@@ -229,3 +233,33 @@ def test_registry_ingests_tier_events_from_a_worker_status():
     assert ix.match_tiers([10, 11, 12, 13, 14]) == {"d0": (1, 2, 1)} and ix.is_exact("d0", now=0.0)
     assert reg.telemetry.tier_load_bps(reg.loads["d0"], "host") == pytest.approx(4096 / 0.001)
     assert EngineFigures().host_load_bytes == 0      # figures of a worker without tiers: defaults
+
+
+def test_match_tiers_equals_a_per_worker_walk_on_random_indexes():
+    import random
+
+    def walk(tiers, hashes):
+        """One worker's hit, walked alone: its device prefix, then host-or-disk blocks."""
+        dev, host, disk = tiers
+        d = next((i for i, h in enumerate(hashes) if h not in dev), len(hashes))
+        i, nh = d, 0
+        while i < len(hashes) and (hashes[i] in host or hashes[i] in disk):
+            nh += hashes[i] in host
+            i += 1
+        return (d, nh, i - d - nh)
+
+    rng = random.Random(0)
+    lower_seen = 0
+    for _ in range(200):
+        ix, truth = idx(), {}
+        for w in ("a", "b", "c", "d"):
+            held = [set(h for h in range(12) if rng.random() < p) for p in (0.6, 0.4, 0.3)]
+            truth[w] = held
+            for tier, hs in zip(("device", "host", "disk"), held):
+                ix.apply(w, "stored", sorted(hs), now=0, tier=tier)
+        prompt = rng.sample(range(12), rng.randint(0, 12))
+        got = ix.match_tiers(prompt)
+        assert got == {w: walk(t, prompt) for w, t in truth.items()}, prompt
+        assert {w: h.device for w, h in got.items()} == ix.match(prompt)
+        lower_seen += sum(h.host + h.disk for h in got.values())
+    assert lower_seen > 100                 # the lower tiers were exercised, not only device prefixes
