@@ -16,9 +16,9 @@ the prompt-length sweep walks every block of the prompt through the index.
 Measured: (a) sustained placements/s per policy at --workers workers over an index of --blocks
 held (worker, block) device entries (with --lower-share, plus host-tier entries: that share of
 each worker's conversations also in its host tier), and the router's memory for that index (RSS
-delta of this process, /proc/self/statm: what a router process would pay); (b) one decision's latency vs workers at a
-fixed prompt, and vs prompt blocks at fixed workers, with the fitted growth exponent
-(latency ~ x^k, least squares in log-log).
+delta of this process, /proc/self/statm: what a router process would pay); (b) one decision's
+latency vs workers at a fixed prompt, and vs prompt blocks at fixed workers, with the fitted
+growth exponent (latency ~ x^k, least squares in log-log).
 """
 from __future__ import annotations
 

@@ -381,7 +381,8 @@ def epilog() -> str:
     lines = ["scenarios:"]
     for s in SCENARIOS.values():
         lines.append(f"  {s.name}: {s.summary}")
-        rate = "the trace's arrival times" if s.dataset["dataset"].startswith("mooncake:") else f"{s.request_rate} req/s"
+        trace = s.dataset["dataset"].startswith("mooncake:")
+        rate = "the trace's arrival times" if trace else f"{s.request_rate} req/s"
         lines.append(f"    workload {json.dumps(s.dataset)} at {rate}; goodput {s.goodput}; "
                      f"compares {', '.join(s.metrics)}")
     lines.append("  peers: pdcluster (1P+1D and one worker) against each --peer URL, one OpenAI client")

@@ -312,6 +312,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"bench serve: {e}", file=sys.stderr)
         return 2
     result.update(model=model, backend=args.backend, dataset=args.dataset, num_prompts=len(requests))
+    if args.dataset.startswith("mooncake:"):
+        result["trace"] = {k: getattr(args, k) for k in ("block_size", "token_scale", "output_scale", "time_scale",
+                                                         "start", "max_requests", "conversation_sample", "seed")}
     print(format_table(result))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
