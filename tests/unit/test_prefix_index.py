@@ -263,3 +263,36 @@ def test_match_tiers_equals_a_per_worker_walk_on_random_indexes():
         assert {w: h.device for w, h in got.items()} == ix.match(prompt)
         lower_seen += sum(h.host + h.disk for h in got.values())
     assert lower_seen > 100                 # the lower tiers were exercised, not only device prefixes
+
+
+def test_registry_resyncs_a_gap_from_a_tiered_snapshot():
+    """WorkerRegistry.refresh: a status poll whose block_seq shows lost events triggers a resync from
+    the worker's snapshot, by tier (CacheSnapshot) or device-only (the (seq, hashes) pair)."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from pdcluster.messages import CacheSnapshot, EngineFigures, WorkerStatus
+    from pdcluster.router.config import RouterConfig
+    from pdcluster.router.metrics import RouterMetrics
+    from pdcluster.router.registry import WorkerRegistry
+    from pdcluster.router.telemetry import Telemetry
+
+    class Worker:
+        """The registry's view of a worker (router/workers.py's client methods it calls)."""
+        def __init__(self, worker_id, snapshot):
+            self.worker_id, self.snapshot = worker_id, snapshot
+
+        async def status(self, drain_events=True):
+            return WorkerStatus(self.worker_id, "decode", "inc", 1, EngineFigures(num_blocks=8), block_seq=5)
+
+        async def cached_hashes(self):
+            return self.snapshot
+
+    ix = idx()
+    reg = WorkerRegistry(RouterConfig(), RouterMetrics(CollectorRegistry()), ix, Telemetry())
+    reg.add("decode", Worker("d0", CacheSnapshot(5, [1], host=[2], disk=[3])))
+    reg.add("decode", Worker("d1", (5, [1, 2])))
+    asyncio.run(reg.refresh())
+    assert ix.match_tiers([1, 2, 3, 4]) == {"d0": (1, 1, 1), "d1": (2, 0, 0)}
+    assert ix.needs_resync() == [] and ix.is_exact("d0")
