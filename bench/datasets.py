@@ -10,6 +10,10 @@ Datasets (`--dataset`):
                  the rest input_len long (head-of-line blocking workload)
   sharegpt:PATH  ShareGPT JSON: first human turn as a text prompt, the following gpt turn's length in
                  whitespace words as the output length (or output_len when given)
+  mooncake:PATH  a Mooncake-format trace (JSONL: timestamp ms, input/output_length, hash_ids of 512-token
+                 blocks) replayed at its own arrival times, scaled (bench/trace_dataset.py): token_scale
+                 engine blocks of block_size tokens per trace block, output_scale, time_scale, start,
+                 max_requests, conversation_sample
 Lengths are in tokens (words for ShareGPT); range_ratio spreads input/output lengths uniformly over
 [len * (1 - r), len * (1 + r)] like vLLM's random dataset.
 """
@@ -20,9 +24,11 @@ import argparse
 import json
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
+
+from pdcluster.engine.config import CacheConfig
 
 DEFAULT_OUTPUT_LEN = 128  # tokens, for every dataset but sharegpt (which takes the gpt turn's length)
 
@@ -43,9 +49,18 @@ DEFAULTS: dict[str, Any] = {
     "turns": 4,
     "long_fraction": 0.1,
     "long_input_len": 4096,
+    # mooncake:PATH (bench/trace_dataset.TraceScale)
+    "block_size": CacheConfig.block_size,   # the engine's tokens per KV block
+    "token_scale": 1,               # engine blocks per 512-token trace block
+    "output_scale": None,           # None: the same length factor as the prompt
+    "time_scale": 1.0,              # replay seconds per trace second
+    "start": 0,                     # trace lines skipped
+    "max_requests": None,           # None: the rest of the trace
+    "conversation_sample": 1,       # keep 1 conversation in this many
 }
 
-DATASETS = ("random", "shared-prefix", "multi-turn", "mixed", "sharegpt:PATH")
+DATASETS = ("random", "shared-prefix", "multi-turn", "mixed", "sharegpt:PATH", "mooncake:PATH")
+PATH_DATASETS = ("sharegpt:", "mooncake:")     # prefixes of the datasets read from a file
 
 # ShareGPT filters (vLLM's is_valid_sequence, in whitespace words instead of tokens).
 SHAREGPT_MIN_LEN = 4
@@ -69,16 +84,21 @@ class BenchRequest:
     conversation: int | None = None
     turn: int = 0
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. {"group": 2} or {"long": True}
+    arrival_s: float | None = None  # send time, s from the run's start (a trace's); None: the arrival process
 
 
-def build_dataset(args: argparse.Namespace | dict[str, Any], vocab_size: int) -> list[BenchRequest]:
-    """The requests of `args.dataset` (a Namespace from add_arguments, or a dict of DEFAULTS keys)."""
+def build_dataset(args: argparse.Namespace | dict[str, Any], vocab_size: int,
+                  reserved_ids: Iterable[int] = ()) -> list[BenchRequest]:
+    """The requests of `args.dataset` (a Namespace from add_arguments, or a dict of DEFAULTS keys).
+    reserved_ids: token ids a mooncake replay never draws (the tokenizer's special / added tokens)."""
     opts = dict(DEFAULTS)
     opts.update(vars(args) if isinstance(args, argparse.Namespace) else args)
     rng = np.random.default_rng(opts["seed"])
     name = opts["dataset"]
     if name.startswith("sharegpt:"):
         reqs = _sharegpt(name.removeprefix("sharegpt:"), opts)
+    elif name.startswith("mooncake:"):
+        reqs = _mooncake(name.removeprefix("mooncake:"), vocab_size, reserved_ids, opts)
     elif name == "random":
         reqs = _random(rng, vocab_size, opts)
     elif name == "shared-prefix":
@@ -192,6 +212,16 @@ def _sharegpt(path: str, opts: dict[str, Any]) -> list[BenchRequest]:
         if not (too_short or too_long):
             reqs.append(BenchRequest(prompt_text=prompt, output_len=out_len))
     return reqs
+
+
+def _mooncake(path: str, vocab_size: int, reserved_ids: Iterable[int], opts: dict[str, Any]) -> list[BenchRequest]:
+    from pdcluster.bench.trace_dataset import TraceScale, load_trace
+    scale = TraceScale(block_size=opts["block_size"], token_scale=opts["token_scale"],
+                       output_scale=opts["output_scale"], time_scale=opts["time_scale"], start=opts["start"],
+                       max_requests=opts["max_requests"], conversation_sample=opts["conversation_sample"],
+                       seed=opts["seed"])
+    return [BenchRequest(prompt_ids=r.prompt_ids, output_len=r.output_len, arrival_s=r.arrival_s)
+            for r in load_trace(path, scale, vocab_size, reserved_ids)]
 
 
 def _first_exchange(turns: list[dict[str, str]]) -> tuple[str, str] | None:

@@ -14,10 +14,11 @@ the index only sees ints). A "long document" chain of --long-blocks blocks is he
 the prompt-length sweep walks every block of the prompt through the index.
 
 Measured: (a) sustained placements/s per policy at --workers workers over an index of --blocks
-held (worker, block) entries, and the router's memory for that index (RSS delta of this process,
-/proc/self/statm: what a router process would pay); (b) one decision's latency vs workers at a
-fixed prompt, and vs prompt blocks at fixed workers, with the fitted growth exponent
-(latency ~ x^k, least squares in log-log).
+held (worker, block) device entries (with --lower-share, plus host-tier entries: that share of
+each worker's conversations also in its host tier), and the router's memory for that index (RSS
+delta of this process, /proc/self/statm: what a router process would pay); (b) one decision's
+latency vs workers at a fixed prompt, and vs prompt blocks at fixed workers, with the fitted
+growth exponent (latency ~ x^k, least squares in log-log).
 """
 from __future__ import annotations
 
@@ -113,8 +114,10 @@ class Fleet:
 
 
 def build_fleet(wl: Workload, n_workers: int, entries: int, policies=POLICY_NAMES, prefill_share: float = 0.5,
-                now: float = 1e6, progress: bool = False) -> Fleet:
-    """n_workers workers (prefill_share of them prefill), ~entries (worker, block) entries in the index."""
+                now: float = 1e6, progress: bool = False, lower_share: float = 0.0) -> Fleet:
+    """n_workers workers (prefill_share of them prefill), ~entries (worker, block) device entries in the
+    index; lower_share of each worker's conversations are also in its host tier (written behind):
+    host-tier entries, whose index cost issue 19 bounds."""
     from tqdm import tqdm
     cost_cfg = CostConfig()
     index, telemetry = PrefixIndex(), Telemetry(cost_cfg)
@@ -123,6 +126,7 @@ def build_fleet(wl: Workload, n_workers: int, entries: int, policies=POLICY_NAME
     rng = random.Random(wl.seed + 7)
     per = max(1, entries // n_workers)
     holders_of_long = set(rng.sample(range(n_workers), min(8, n_workers)))
+    tier_rng = random.Random(wl.seed + 11)      # apart: lower_share=0 builds the same fleet as before tiers
     for i in tqdm(range(n_workers), desc=f"build {n_workers}w/{entries:,} blocks", disable=not progress):
         role = "prefill" if i < n_p else "decode"
         wid = f"{role[0]}{i}"
@@ -137,6 +141,9 @@ def build_fleet(wl: Workload, n_workers: int, entries: int, policies=POLICY_NAME
         for conv in wl.worker_blocks(i, per):
             seq += 1
             index.apply(wid, "stored", conv, seq=seq, now=now)
+            if lower_share and tier_rng.random() < lower_share:
+                seq += 1
+                index.apply(wid, "stored", conv, seq=seq, now=now, tier="host")
         if i in holders_of_long:
             seq += 1
             index.apply(wid, "stored", wl.long_doc, seq=seq, now=now)
@@ -236,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sweep-fixed-workers", type=int, default=100)
     ap.add_argument("--budget-s", type=float, default=0.5, help="seconds per timed cell (at least one decision)")
     ap.add_argument("--sustain-s", type=float, default=3.0, help="seconds per policy for the sustained rate")
+    ap.add_argument("--lower-share", type=float, default=0.0,
+                    help="share of each worker's conversations also held in its host tier (sustained fleet)")
     ap.add_argument("--skip-sustained", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="", help="write the results here")
@@ -253,9 +262,9 @@ def main(argv=None) -> None:
     result: dict = {"args": vars(a)}
     if not a.skip_sustained:
         rss0, t0 = rss_bytes(), time.perf_counter()
-        fleet = build_fleet(wl, a.workers, a.blocks, policies, progress=prog)
+        fleet = build_fleet(wl, a.workers, a.blocks, policies, progress=prog, lower_share=a.lower_share)
         build_s, mem = time.perf_counter() - t0, rss_bytes() - rss0
-        entries = sum(fleet.index.num_blocks(w) for w in fleet.index.workers)
+        entries = sum(fleet.index.num_blocks(w) + fleet.index.num_blocks(w, "lower") for w in fleet.index.workers)
         distinct = fleet.index.num_hashes()
         ps = prompts(wl, 256, a.prompt_blocks)
         rows = []

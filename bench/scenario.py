@@ -16,6 +16,10 @@ A scenario is a `Scenario` in `SCENARIOS`; adding one is a few lines:
         dataset={"dataset": "random", "num_prompts": 24, "input_len": 128, "output_len": 32},
         request_rate=2.0, goodput={"tpot": 200.0}, metrics=("p99_tpot_ms", "request_goodput")))
 
+A side may also be given as command-line flags of `pdcluster serve` (deploy/flags.py names) over its
+config, resolved when it runs (`candidate_flags`): a scenario can name a feature's flags before the
+build has them, and `--only baseline` runs the side that does (the other side is "not run").
+
 Result file (--out): {"scenario": {...the scenario and run settings...}, "baseline": merged result,
 "candidate": merged result, "ratios": {metric: candidate / baseline or null}}. The merged results
 keep run_benchmark's keys (sample lists included, so the figure can be redrawn) plus "config"
@@ -30,13 +34,14 @@ import contextlib
 import dataclasses
 import json
 import sys
+import tempfile
 import time
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping
 
 from pdcluster.bench.metrics import _stats, parse_goodput
 from pdcluster.deploy.config import ClusterConfig
-from pdcluster.deploy.flags import dotted, override
+from pdcluster.deploy.flags import dotted, override, tree_flags
 
 
 def cluster(**kw) -> ClusterConfig:
@@ -66,9 +71,48 @@ class Scenario:
     notes: str = ""                                # how the defaults were chosen
     shaped_link: bool = False                      # kv_bandwidth_limit as a real veth+tbf link (deploy/netns.py)
                                                    #   where the machine allows it, else the transport's bucket
+    candidate_flags: Mapping[str, Any] = field(default_factory=dict)   # `pdcluster serve` flags set over
+                                                   #   candidate when it runs, in the flags' units (with_flags);
+                                                   #   FRESH_DIR: a new empty directory for each run
 
 
 SCENARIOS: dict[str, Scenario] = {}
+SIDE_NAMES = ("baseline", "candidate")
+FRESH_DIR = "<fresh-dir>"                          # a candidate flag's value: a new temp directory per run
+
+
+def with_flags(cfg: ClusterConfig, flags: Mapping[str, Any]) -> ClusterConfig:
+    """cfg with `pdcluster serve` flags set (values in the flags' units, e.g. GiB). A flag that the
+    tree has once per pool ("--decode-kv-host-cache-gb") is set in every pool by its pool-less name
+    ("--kv-host-cache-gb"). ValueError naming the flags this build lacks."""
+    table = list(tree_flags(cfg))
+    changes, missing = {}, []
+    for name, value in flags.items():
+        hits = [f for f in table if f.name == name or f.name.endswith("-" + name.removeprefix("--"))]
+        if not hits:
+            missing.append(name)
+        for f in hits:
+            changes[f.path] = f.to_field(value)
+    if missing:
+        raise ValueError(f"flags {', '.join(missing)} are not in this build's config tree")
+    return override(cfg, changes)
+
+
+def side_config(sc: Scenario, side: str, dirs: contextlib.ExitStack | None = None) -> ClusterConfig:
+    """The config one run of `side` starts: the candidate with its flags set, each FRESH_DIR value a new
+    temp directory that `dirs` removes when it closes (None: a placeholder path, to check the flags)."""
+    if side == "baseline":
+        return sc.baseline
+    flags = {}
+    for name, value in sc.candidate_flags.items():
+        if value == FRESH_DIR:
+            value = (dirs.enter_context(tempfile.TemporaryDirectory(prefix="pdcluster-scenario-"))
+                     if dirs is not None else tempfile.gettempdir())
+        flags[name] = value
+    try:
+        return with_flags(sc.candidate, flags)
+    except ValueError as e:
+        raise ValueError(f"scenario {sc.name}: the {sc.labels[1]} side cannot run here: {e}") from None
 
 
 def register(s: Scenario) -> Scenario:
@@ -138,10 +182,15 @@ def _jsonable(x: Any) -> Any:
 
 def build_report(sc: Scenario, settings: dict, baseline_runs: list[dict], candidate_runs: list[dict],
                  workers: dict[str, list[dict]] | None = None) -> dict:
-    """The --out document: {"scenario", "baseline", "candidate", "ratios"}."""
+    """The --out document: {"scenario", "baseline", "candidate", "ratios"}. A side without runs
+    (--only the other) is {"label", "config", "not_run": true}, and every ratio is null."""
     workers = workers or {}
     sides = {}
     for side, runs, cfg in (("baseline", baseline_runs, sc.baseline), ("candidate", candidate_runs, sc.candidate)):
+        if not runs:
+            sides[side] = dict(label=sc.labels[SIDE_NAMES.index(side)], config=dataclasses.asdict(cfg), not_run=True,
+                               runs=[])
+            continue
         merged = merge_results(runs)
         merged["label"] = sc.labels[0 if side == "baseline" else 1]
         merged["config"] = dataclasses.asdict(cfg)
@@ -151,7 +200,8 @@ def build_report(sc: Scenario, settings: dict, baseline_runs: list[dict], candid
         sides[side] = merged
     scenario = dict(name=sc.name, summary=sc.summary, labels=list(sc.labels), dataset=sc.dataset,
                     request_rate=sc.request_rate, burstiness=sc.burstiness, max_concurrency=sc.max_concurrency,
-                    goodput=sc.goodput, metrics=list(sc.metrics), warmup=sc.warmup, notes=sc.notes) | settings
+                    goodput=sc.goodput, metrics=list(sc.metrics), warmup=sc.warmup, notes=sc.notes,
+                    candidate_flags=dict(sc.candidate_flags)) | settings
     return _jsonable(dict(scenario=scenario, baseline=sides["baseline"], candidate=sides["candidate"],
                           ratios=ratios(sides["baseline"], sides["candidate"], sc.metrics)))
 
@@ -171,7 +221,8 @@ def format_report(report: dict) -> str:
     for side, name in zip(("baseline", "candidate"), names):
         for i, run in enumerate(report[side]["runs"]):
             rows.append((f"  round {i + 1} {side}", [_fmt(run.get(m)) for m in metrics]))
-    rows += [(name, [_fmt(report[s].get(m)) for m in metrics]) for s, name in zip(("baseline", "candidate"), names)]
+    rows += [(name, ["not run" if report[s].get("not_run") else _fmt(report[s].get(m)) for m in metrics])
+             for s, name in zip(("baseline", "candidate"), names)]
     rows.append(("ratio candidate/baseline", [_fmt(report["ratios"][m]) + ("x" if report["ratios"][m] else "")
                                               for m in metrics]))
     rows.append(("  better when", ["lower" if lower_is_better(m) else "higher" for m in metrics]))
@@ -181,13 +232,15 @@ def format_report(report: dict) -> str:
     ds = sc["dataset"]
     goodput = ", ".join(f"{k} <= {v:g} ms" for k, v in sc["goodput"].items()) or "none"
     head = [f"scenario {sc['name']}: {sc['summary']}",
-            f"workload: {json.dumps(ds)}; {sc['request_rate']} req/s (burstiness {sc['burstiness']}); "
+            f"workload: {json.dumps(ds)}; "
+            + ("the trace's arrival times; " if ds.get("dataset", "").startswith("mooncake:") else
+               f"{sc['request_rate']} req/s (burstiness {sc['burstiness']}); ") +
             f"{sc['rounds']} round(s), alternating; goodput target: {goodput}",
             *([f"KV link: {sc['kv_link']}"] if sc.get("kv_link") else []),
             line("", metrics)]
     body = [line(label, cells) for label, cells in rows]
     fails = [f"{s}: {report[s]['failed']} failed {report[s]['errors']}" for s in ("baseline", "candidate")
-             if report[s]["failed"]]
+             if report[s].get("failed")]
     return "\n".join(head + body + fails)
 
 
@@ -270,34 +323,52 @@ def link_mode(sc: Scenario) -> tuple[bool, str]:
     return netns.available()
 
 
-async def run_scenario(sc: Scenario, rounds: int, seed: int, progress: bool = True) -> dict:
-    from tqdm import tqdm
-
+def scenario_requests(sc: Scenario, seed: int) -> tuple[list, int]:
+    """(the workload's requests, the model's vocabulary size). A trace replay's blocks are the
+    engine's (the baseline's cache block_size) and draw no special tokens of the model's tokenizer."""
     from pdcluster.bench.datasets import build_dataset
     from pdcluster.engine.loader import load_model_config
+    mcfg = load_model_config(sc.baseline.model)
+    opts, reserved = dict(sc.dataset, seed=seed), ()
+    if opts["dataset"].startswith("mooncake:"):
+        from pdcluster.engine.tokenizer import load_tokenizer
+        tok = load_tokenizer(mcfg)
+        reserved = sorted(set(tok.added_tokens_decoder) | set(tok.all_special_ids))
+        opts.setdefault("block_size", sc.baseline.engine.cache.block_size)
+    return build_dataset(opts, mcfg.vocab_size, reserved), mcfg.vocab_size
+
+
+async def run_scenario(sc: Scenario, rounds: int, seed: int, progress: bool = True, only: str | None = None) -> dict:
+    """Runs both sides alternately for `rounds` rounds (or `only` one of them) and builds the report."""
+    from tqdm import tqdm
+
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    vocab = load_model_config(sc.baseline.model).vocab_size
-    requests = build_dataset(dict(sc.dataset, seed=seed), vocab)
+    sides = [s for s in SIDE_NAMES if only in (None, s)]
+    if not sides:
+        raise ValueError(f"only must be one of {', '.join(SIDE_NAMES)}, got {only!r}")
+    for side in sides:
+        side_config(sc, side)               # a side that cannot run here fails before any cluster starts
+    requests, vocab = scenario_requests(sc, seed)
     runs: dict[str, list[dict]] = {"baseline": [], "candidate": []}
     workers: dict[str, list[dict]] = {"baseline": [], "candidate": []}
     shaped, why_not = link_mode(sc)
     links: dict[str, None] = {}  # what throttled the KV link, in run order, once each
     t0 = time.perf_counter()
-    bar = tqdm(total=2 * rounds, desc="runs", disable=not progress, position=0, leave=True)
+    bar = tqdm(total=len(sides) * rounds, desc="runs", disable=not progress, position=0, leave=True)
     try:
         for i in range(rounds):
-            for side, cfg, label in (("baseline", sc.baseline, sc.labels[0]),
-                                     ("candidate", sc.candidate, sc.labels[1])):
-                bar.set_description(f"round {i + 1}/{rounds} {side} ({label})")
-                with kv_link(cfg, shaped, links) as run_cfg:
+            for side in sides:
+                bar.set_description(f"round {i + 1}/{rounds} {side} ({sc.labels[SIDE_NAMES.index(side)]})")
+                with contextlib.ExitStack() as dirs:
+                    run_cfg = dirs.enter_context(kv_link(side_config(sc, side, dirs), shaped, links))
                     res, w = await run_once(run_cfg, sc, requests, seed, vocab, bar if progress else None, progress)
                 runs[side].append(res)
                 workers[side].append(w)
                 bar.update(1)
     finally:
         bar.close()
-    settings = dict(rounds=rounds, seed=seed, num_requests=len(requests),
+    settings = dict(rounds=rounds, seed=seed, num_requests=len(requests), sides=sides,
                     wall_s=round(time.perf_counter() - t0, 1))
     if links:
         settings["kv_link"] = "; ".join(links) + (f" (no shaped link: {why_not})" if why_not else "")
@@ -310,7 +381,9 @@ def epilog() -> str:
     lines = ["scenarios:"]
     for s in SCENARIOS.values():
         lines.append(f"  {s.name}: {s.summary}")
-        lines.append(f"    workload {json.dumps(s.dataset)} at {s.request_rate} req/s; goodput {s.goodput}; "
+        trace = s.dataset["dataset"].startswith("mooncake:")
+        rate = "the trace's arrival times" if trace else f"{s.request_rate} req/s"
+        lines.append(f"    workload {json.dumps(s.dataset)} at {rate}; goodput {s.goodput}; "
                      f"compares {', '.join(s.metrics)}")
     lines.append("  peers: pdcluster (1P+1D and one worker) against each --peer URL, one OpenAI client")
     lines.append(f"    workload {json.dumps(WORKLOAD)} at each --concurrency; compares output tok/s, TTFT, TPOT")
@@ -332,6 +405,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--goodput", nargs="+", metavar="NAME:MS", default=None,
                    help="override the scenario's SLO targets, e.g. --goodput tpot:250")
     p.add_argument("--warmup", type=int, default=None, help="unmeasured requests after each cluster start")
+    p.add_argument("--only", choices=SIDE_NAMES, default=None,
+                   help="run one side only (e.g. the baseline while the candidate's flags are not in this build)")
+    p.add_argument("--max-requests", type=int, default=None, help="override a trace replay's request count")
     p.add_argument("--out", default=None, help="write {scenario, baseline, candidate, ratios} JSON here")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="latency CDFs and throughput, side by side")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
@@ -358,6 +434,8 @@ def main(a: argparse.Namespace) -> int:
         return peers.main(a)
     sc = SCENARIOS[a.name]
     try:
+        if a.max_requests is not None:
+            sc = replace(sc, dataset=dict(sc.dataset, max_requests=a.max_requests))
         if a.num_prompts is not None and sc.dataset["dataset"] == "shared-prefix":  # n spread over the groups
             per_group = max(1, -(-a.num_prompts // sc.dataset["num_groups"]))
             sc = replace(sc, dataset=dict(sc.dataset, prompts_per_group=per_group))
@@ -372,11 +450,15 @@ def main(a: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"bench scenario: {e}", file=sys.stderr)
         return 2
-    report = asyncio.run(run_scenario(sc, a.rounds, a.seed, progress=not a.disable_tqdm))
+    try:
+        report = asyncio.run(run_scenario(sc, a.rounds, a.seed, progress=not a.disable_tqdm, only=a.only))
+    except (ValueError, OSError) as e:
+        print(f"bench scenario: {e}", file=sys.stderr)
+        return 2
 
     def draw(path: str) -> None:
         from pdcluster.bench.plots import plot_comparison
-        plot_comparison({report[s]["label"]: report[s] for s in ("baseline", "candidate")}, path)
+        plot_comparison({report[s]["label"]: report[s] for s in SIDE_NAMES if not report[s].get("not_run")}, path)
     emit(report, format_report(report), a.out, a.plot, draw)
     return 0
 

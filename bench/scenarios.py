@@ -1,6 +1,9 @@
 """The named scenarios of `pdcluster bench scenario` (bench/scenario.py runs them). Each block says
 what it compares, why its sizes are what they are, and what was measured to choose them."""
-from pdcluster.bench.scenario import Scenario, cluster, register
+import os
+from pathlib import Path
+
+from pdcluster.bench.scenario import FRESH_DIR, Scenario, cluster, register
 
 # The scenarios. Defaults sized for the 2-core build machine (whole scenario < 5 minutes).
 #
@@ -131,4 +134,78 @@ register(Scenario(
     notes=f"cross-zone link {SELECTIVE_LINK_BPS / 1e6:.0f} MB/s (veth+tbf where the machine allows it, else "
           "token bucket: scenario.kv_link); decode zone = 1 core that also decodes; SLO ttft 2.5 s, tpot 200 ms",
     shaped_link=True,
+))
+
+
+# KV tiers (issue 19 point 6): host-memory and disk tiers on every worker (candidate) against
+# device-only pools (baseline), same cluster: 2 workers that prefill locally (as prefix-routing:
+# the cache a placement hits is where the prompt computes), the cost model on both sides (it
+# prices a host/disk hit at its load time), device pools far smaller than the working set.
+# The candidate's tier flags are those of `pdcluster serve` (the KV tiers' deploy/flags.py), set
+# when it runs; until the build has them, run `--only baseline`. Peer pulls (issue 19 point 3) are
+# not switched on here: they have no flag yet.
+TIER_FLAGS = {"--kv-host-cache-gb": 0.5, "--kv-disk-cache-dir": FRESH_DIR, "--kv-disk-cache-gb": 2.0}
+_tier_cfg = dict(pools__prefill__initial_replicas=0, pools__decode__initial_replicas=2, router__remote_prefill=False,
+                 engine__threads_per_worker=1, router__policy="cost-model")
+
+# multi-turn: 12 conversations of 4 turns (96 new prompt tokens + 16 output tokens a turn, so the
+# last turn resends 448 tokens = 28 blocks; 336 blocks for every conversation's last turn), sent
+# turn-major so that all 12 are live at once and 11 other turns come between two turns of one
+# conversation. Device pool 64 blocks per worker: two last turns, about a fifth of the 12
+# conversations per worker (2 x 64 of 336 blocks), and the running requests' blocks come out of it
+# too, so device-only evicts a conversation's history before its next turn; a 0.5 GiB host tier
+# holds every conversation (336 blocks x 0.74 MB = 0.25 GB, float32 KV).
+MT_POOL_BLOCKS = 64
+register(Scenario(
+    name="multi-turn",
+    summary="12 live 4-turn conversations on 2 local-prefill workers of 64-block pools: device-only vs host+disk tiers",
+    baseline=cluster(engine__cache__kv_cache_memory=kv_blocks(MT_POOL_BLOCKS), **_tier_cfg),
+    candidate=cluster(engine__cache__kv_cache_memory=kv_blocks(MT_POOL_BLOCKS), **_tier_cfg),
+    candidate_flags=TIER_FLAGS,
+    labels=("device-only", "kv-tiers"),
+    dataset={"dataset": "multi-turn", "num_conversations": 12, "turns": 4, "input_len": 96, "output_len": 16,
+             "ignore_eos": True},
+    request_rate=1.0,
+    goodput={"ttft": 2000.0},
+    metrics=("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "prefix_cache_hit_rate", "request_goodput",
+             "request_throughput"),
+    notes=f"2 workers x {MT_POOL_BLOCKS} device blocks (~1/5 of the conversations each); candidate adds "
+          f"{TIER_FLAGS} (a fresh disk directory per run); sizes not yet probed on the candidate",
+))
+
+
+def trace_path() -> str:
+    """The Mooncake conversation trace: $PDCLUSTER_TRACE, else ../shared/traces/ beside the repository."""
+    return os.environ.get("PDCLUSTER_TRACE") or str(
+        Path(__file__).resolve().parents[2] / "shared" / "traces" / "conversation_trace.jsonl")
+
+
+# trace-replay: a slice of the Mooncake FAST'25 conversation trace (bench/trace_dataset.py). Its
+# turns come minutes apart, so a contiguous slice reuses nothing but the system prompt (the first
+# 48 lines: 4% of blocks even with an unbounded cache); one conversation in 40 from the first 2000
+# lines (48 requests over 663 s of trace time) reuses 22% of its blocks with an unbounded cache, 3%
+# with an LRU of 64 trace blocks (a trace-level simulation). token_scale 1: a 512-token trace block
+# is one 16-token engine block (prompts average 426 tokens, the longest 1588; outputs scaled alike,
+# 11 tokens on average); time_scale 0.1 replays the 663 s in 66 s (0.72 req/s, 20,460 prompt tokens
+# against 2 one-thread workers' ~400 tokens/s). Device pool 96 blocks per worker, while the slice
+# touches 1,303 blocks (0.96 GB of float32 KV, about half on each worker): device-only keeps little
+# of it between a conversation's turns; --kv-host-cache-gb 0.5 per worker holds most of a worker's
+# half and the disk tier the rest.
+TRACE_POOL_BLOCKS = 96
+register(Scenario(
+    name="trace-replay",
+    summary="Mooncake conversation trace, 48 requests (1 conversation in 40, time x0.1) on 2 local-prefill "
+            "workers of 96-block pools: device-only vs host+disk tiers",
+    baseline=cluster(engine__cache__kv_cache_memory=kv_blocks(TRACE_POOL_BLOCKS), **_tier_cfg),
+    candidate=cluster(engine__cache__kv_cache_memory=kv_blocks(TRACE_POOL_BLOCKS), **_tier_cfg),
+    candidate_flags=TIER_FLAGS,
+    labels=("device-only", "kv-tiers"),
+    dataset={"dataset": f"mooncake:{trace_path()}", "token_scale": 1, "time_scale": 0.1, "start": 0,
+             "max_requests": 48, "conversation_sample": 40, "ignore_eos": True},
+    request_rate=float("inf"),          # unused: the trace's own arrival times
+    goodput={"ttft": 5000.0},
+    metrics=("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "prefix_cache_hit_rate", "request_goodput",
+             "request_throughput"),
+    notes=f"arrivals from the trace (x0.1); 2 workers x {TRACE_POOL_BLOCKS} device blocks; candidate adds "
+          f"{TIER_FLAGS}; trace file: $PDCLUSTER_TRACE or ../shared/traces/conversation_trace.jsonl",
 ))

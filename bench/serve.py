@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pdcluster.bench import openai_client
-from pdcluster.bench.datasets import DATASETS, DEFAULTS, BenchRequest, build_dataset
+from pdcluster.bench.datasets import DATASETS, DEFAULTS, PATH_DATASETS, BenchRequest, build_dataset
 from pdcluster.bench.metrics import RequestOutput, StreamRecorder, calculate_metrics, format_table, parse_goodput
 from pdcluster.router.proto import generation_pb2 as pb
 from pdcluster.router.proto import generation_pb2_grpc as pb_grpc
@@ -42,6 +42,18 @@ def arrival_offsets(n: int, request_rate: float, burstiness: float, seed: int) -
         raise ValueError("request_rate and burstiness must be > 0")
     gaps = np.random.default_rng(seed).gamma(shape=burstiness, scale=1.0 / (request_rate * burstiness), size=n)
     return np.concatenate(([0.0], np.cumsum(gaps[:-1])))
+
+
+def trace_offsets(requests: list[BenchRequest]) -> np.ndarray | None:
+    """The requests' own send times (s) when every one has arrival_s (a replayed trace), else None."""
+    if not requests or any(r.arrival_s is None for r in requests):
+        if any(r.arrival_s is not None for r in requests):
+            raise ValueError("either every request has an arrival time or none")
+        return None
+    out = np.array([r.arrival_s for r in requests], dtype=float)
+    if (out < 0).any() or (np.diff(out) < 0).any():
+        raise ValueError("arrival times must be >= 0 and in list order")
+    return out
 
 
 def _grpc_request(req: BenchRequest, prompt_ids: list[int] | None) -> pb.GenerateRequest:
@@ -108,7 +120,8 @@ async def run_benchmark(
     model: str = "",
     tokenizer=None,
 ) -> dict[str, Any]:
-    """Sends `requests` in list order at the arrival process's times, at most max_concurrency in
+    """Sends `requests` in list order at the arrival process's times (or at their own arrival_s, a
+    replayed trace's: request_rate and burstiness are then unused), at most max_concurrency in
     flight (None = unbounded), and returns calculate_metrics' result dict plus the run settings.
 
     A multi-turn request (turn > 0) is sent at its arrival time or when the previous turn's reply
@@ -117,6 +130,7 @@ async def run_benchmark(
     backend "openai" / "openai-chat": `addr` is the server's base URL (…/v1) and `model` its model id.
     """
     _check_requests(requests, max_concurrency)
+    offsets = trace_offsets(requests)
     if backend != "grpc" and any(r.conversation is not None for r in requests):
         raise ValueError("multi-turn datasets need the reply's token ids: --backend grpc only")
     loop = asyncio.get_running_loop()
@@ -150,7 +164,9 @@ async def run_benchmark(
         bar.update(1)
         return out
 
-    offsets = arrival_offsets(len(requests), request_rate, burstiness, seed)
+    replay = offsets is not None
+    if offsets is None:
+        offsets = arrival_offsets(len(requests), request_rate, burstiness, seed)
     if backend == "grpc":
         session = grpc.aio.insecure_channel(addr)
     else:
@@ -167,7 +183,7 @@ async def run_benchmark(
     bar.close()
     result = calculate_metrics(outputs, duration, goodput)
     # "inf" as a string like vLLM's result file: json would write the non-standard Infinity.
-    rate = request_rate if request_rate < float("inf") else "inf"
+    rate = "trace" if replay else request_rate if request_rate < float("inf") else "inf"
     result.update(request_rate=rate, burstiness=burstiness, max_concurrency=max_concurrency)
     return result
 
@@ -178,7 +194,8 @@ async def get_model_info(addr: str) -> pb.ModelInfo:
 
 
 def _dataset_name(value: str) -> str:
-    if value in DATASETS[:-1] or (value.startswith("sharegpt:") and len(value) > len("sharegpt:")):
+    if value in DATASETS[:-len(PATH_DATASETS)] or any(value.startswith(p) and len(value) > len(p)
+                                                      for p in PATH_DATASETS):
         return value
     raise argparse.ArgumentTypeError(f"{value!r}: choose from {', '.join(DATASETS)}")
 
@@ -216,6 +233,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--turns", type=int, default=d["turns"], help="turns per conversation")
     data.add_argument("--long-fraction", type=float, default=d["long_fraction"], help="mixed: share of long prompts")
     data.add_argument("--long-input-len", type=int, default=d["long_input_len"], help="mixed: long prompt tokens")
+    trace = parser.add_argument_group("trace replay (--dataset mooncake:PATH, bench/trace_dataset.py): arrivals "
+                                      "are the trace's timestamps; --request-rate and --burstiness are unused")
+    trace.add_argument("--block-size", type=int, default=d["block_size"],
+                       help="the engine's tokens per KV block (its cache block_size)")
+    trace.add_argument("--token-scale", type=int, default=d["token_scale"],
+                       help="engine blocks per 512-token trace block: prompt lengths scale by "
+                            "token_scale * block_size / 512")
+    trace.add_argument("--output-scale", type=float, default=d["output_scale"],
+                       help="output tokens per trace output token (default: the prompt's length factor)")
+    trace.add_argument("--time-scale", type=float, default=d["time_scale"],
+                       help="replay seconds per trace second (0.5: twice as fast)")
+    trace.add_argument("--start", type=int, default=d["start"], help="trace lines to skip")
+    trace.add_argument("--max-requests", type=int, default=d["max_requests"], help="requests to replay (default: all)")
+    trace.add_argument("--conversation-sample", type=int, default=d["conversation_sample"],
+                       help="replay 1 conversation in this many (whole conversations: a short replay keeps the "
+                            "trace's reuse)")
 
 
 def target(args: argparse.Namespace):
@@ -232,11 +265,27 @@ def target(args: argparse.Namespace):
     return args.base_url.rstrip("/"), model, mcfg.vocab_size, context, load_tokenizer(mcfg)
 
 
+def reserved_ids(vocab_size: int, tokenizer=None) -> list[int]:
+    """Token ids a replayed trace must not draw: the tokenizer's added (special) tokens. The server's
+    tokenizer is not known over gRPC: the embedded model's, whose vocabulary must have vocab_size
+    entries (as for --backend openai's random prompts)."""
+    if tokenizer is None:
+        from pdcluster.engine.loader import load_model_config
+        from pdcluster.engine.tokenizer import load_tokenizer
+        mcfg = load_model_config(None)
+        if mcfg.vocab_size != vocab_size:
+            raise ValueError(f"the server's vocabulary ({vocab_size}) is not the embedded model's "
+                             f"({mcfg.vocab_size}): its special tokens are unknown here")
+        tokenizer = load_tokenizer(mcfg)
+    return sorted(set(tokenizer.added_tokens_decoder) | set(tokenizer.all_special_ids))
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         goodput = parse_goodput(args.goodput) if args.goodput else None
         addr, model, vocab_size, context, tokenizer = target(args)
-        requests = build_dataset(args, vocab_size)
+        reserved = reserved_ids(vocab_size, tokenizer) if args.dataset.startswith("mooncake:") else ()
+        requests = build_dataset(args, vocab_size, reserved)
     except grpc.aio.AioRpcError as e:
         print(f"bench serve: GetModelInfo on {args.addr} failed: {e.code().name} {e.details()}", file=sys.stderr)
         return 1
@@ -249,9 +298,11 @@ def main(args: argparse.Namespace) -> int:
     if context and longest_context(requests) > context:
         print(f"bench serve: warning: some requests need up to {longest_context(requests)} tokens, beyond "
               f"the model's {context}; the server rejects them", file=sys.stderr)
+    rate = (f"trace arrivals x{args.time_scale} over {requests[-1].arrival_s:.1f} s"
+            if requests[0].arrival_s is not None else
+            f"request rate {args.request_rate} req/s, burstiness {args.burstiness}")
     print(f"model {model} ({args.backend}): {len(requests)} requests of dataset {args.dataset}, "
-          f"request rate {args.request_rate} req/s, burstiness {args.burstiness}, "
-          f"max concurrency {args.max_concurrency}")
+          f"{rate}, max concurrency {args.max_concurrency}")
     try:
         result = asyncio.run(
             run_benchmark(addr, requests, args.request_rate, args.burstiness, args.max_concurrency,
@@ -261,6 +312,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"bench serve: {e}", file=sys.stderr)
         return 2
     result.update(model=model, backend=args.backend, dataset=args.dataset, num_prompts=len(requests))
+    if args.dataset.startswith("mooncake:"):
+        result["trace"] = {k: getattr(args, k) for k in ("block_size", "token_scale", "output_scale", "time_scale",
+                                                         "start", "max_requests", "conversation_sample", "seed")}
     print(format_table(result))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

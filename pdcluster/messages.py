@@ -125,6 +125,12 @@ class EngineFigures(Figures):
     decode_steps: int = 0           # single-token decode steps only
     decode_seqs: int = 0            # sum of their batch sizes
     decode_s: float = 0.0
+    # lower cache tiers: KV bytes loaded back into the device pool (the pool's layout, whatever the
+    # tier stores) and the seconds those loads took (the router learns each tier's load rate)
+    host_load_bytes: int = 0
+    host_load_s: float = 0.0
+    disk_load_bytes: int = 0
+    disk_load_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,16 @@ class BlockEvent(Message):
     kind: str                       # "stored" | "removed"
     hashes: list[int]               # chain hashes
     tier: str = "device"            # "device" | "host" | "disk": the cache tier the change is in
+
+
+@dataclass(frozen=True)
+class CacheSnapshot(Message):
+    """A worker's whole prefix cache at event number `seq`, by tier (the router's index resync).
+    A worker may also answer (seq, device hashes): nothing in lower tiers."""
+    seq: int
+    device: list[int]
+    host: list[int] = dataclasses.field(default_factory=list)
+    disk: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True)

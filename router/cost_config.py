@@ -43,6 +43,8 @@ class CostConfig:
     prior_decode_base_s: float = 0.02       # decode step seconds = base + per_seq * running
     prior_decode_per_seq_s: float = 0.001
     alpha: float = 0.2                      # EWMA weight of the newest sample
+    prior_host_load_bps: float = 2e9        # KV bytes/s loaded back from the host-memory tier
+    prior_disk_load_bps: float = 5e8        # KV bytes/s loaded back from the disk tier
     # links, bytes/s
     intra_zone_bps: float = 1.25e9          # same zone, unmeasured (10 GbE)
     cross_zone_bps: float = 1.25e8          # across zones, unmeasured (1 GbE)

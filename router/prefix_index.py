@@ -1,10 +1,21 @@
 """Global prefix index: which worker holds which KV block (by chain hash). Pure Python.
 
 Workers publish their block pool's events (`engine.block_pool.BlockPool(on_event=...)`):
-("stored" | "removed", [chain hashes]), each numbered by a per-worker sequence number. Because a
+("stored" | "removed", [chain hashes], tier), each numbered by a per-worker sequence number. Because a
 chain hash names its whole prefix (`engine.hashing`), "worker w holds hashes[0..n)" means w can
 skip the first n blocks of the prompt; the tenant's cache salt is inside every hash, so prompts of
 different tenants never match each other's blocks.
+
+Tiers: an event's tier is "device" (the worker's KV pool), "host" or "disk" (its lower cache tiers,
+which load a block back into the pool). One (worker, hash) may be in several tiers at once; each
+tier's events add and remove it there only. `match` answers from the device tier alone (the
+prefix the pool can skip without loading anything); `match_tiers` walks the chain as a worker
+serves it: its device prefix (the pool's own lookup), then on while the next block is in a lower
+tier, each counted in the faster one holding it (host, else disk); a block held only on device past
+the device prefix ends the hit there (the pool's lookup stopped before it). TierHits(device, host,
+disk) says how many blocks come free and how many each lower tier must load.
+Memory: device entries are kept as before (a hash's holder set + the worker's hash set); a lower-tier
+entry costs one slot in its hash's {worker: tier bits} dict and one in the worker's lower-tier set.
 
 Exactness and how it degrades (the documented choice)
 - A worker is EXACT while its events arrive in order (seq = last + 1) and it was heard from (an
@@ -32,7 +43,25 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping, NamedTuple
+
+TIERS = ("device", "host", "disk")
+_LOWER_BIT = {"host": 1, "disk": 2}             # bits of a lower-tier entry's mask
+_EMPTY: frozenset = frozenset()
+
+
+class TierHits(NamedTuple):
+    """A worker's cached prefix of a prompt, in blocks, by the tier each block is served from."""
+    device: int = 0
+    host: int = 0
+    disk: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.device + self.host + self.disk
+
+
+_NO_HITS = TierHits()
 
 
 @dataclass
@@ -51,8 +80,10 @@ class PrefixIndex:
         self.silent_after_s, self.tau_s, self.horizon_s = silent_after_s, tau_s, horizon_s
         self.expect_ttl_s = expect_ttl_s
         self._tentative: dict[str, dict[int, float]] = {}   # worker -> {hash: expiry} not yet confirmed
-        self._holders: dict[int, set[str]] = {}       # chain hash -> workers holding it
-        self._by_worker: dict[str, set[int]] = {}     # worker -> chain hashes it holds
+        self._holders: dict[int, set[str]] = {}       # chain hash -> workers holding it on device
+        self._by_worker: dict[str, set[int]] = {}     # worker -> chain hashes it holds on device
+        self._lower: dict[int, dict[str, int]] = {}   # chain hash -> {worker: _LOWER_BIT mask}, mask != 0
+        self._lower_by_worker: dict[str, set[int]] = {}   # worker -> chain hashes in its lower tiers
         self._state: dict[str, WorkerIndexState] = {}
 
     # events
@@ -63,12 +94,14 @@ class PrefixIndex:
             self._by_worker[worker_id] = set()
 
     def apply(self, worker_id: str, kind: str, hashes: Iterable[int], seq: int | None = None,
-              now: float | None = None) -> bool:
-        """Apply one block event. seq: the worker's event number, 1, 2, ... from its start (or from
-        the seq of the last resync); an old or repeated seq is ignored (returns False), a jump marks
-        the worker approximate. Returns True if applied."""
+              now: float | None = None, tier: str = "device") -> bool:
+        """Apply one block event of `tier`. seq: the worker's event number, 1, 2, ... from its start
+        (or from the seq of the last resync); an old or repeated seq is ignored (returns False), a
+        jump marks the worker approximate. Returns True if applied."""
         if kind not in ("stored", "removed"):
             raise ValueError(f"unknown block event kind {kind!r}")
+        if tier != "device" and tier not in _LOWER_BIT:
+            raise ValueError(f"unknown cache tier {tier!r}; one of {', '.join(TIERS)}")
         t = _now(now)
         self.add_worker(worker_id, t)
         st = self._state[worker_id]
@@ -80,6 +113,9 @@ class PrefixIndex:
             if seq > expected and st.gap_since is None:
                 st.gap_since = t
             st.last_seq = seq
+        if tier != "device":
+            self._apply_lower(worker_id, kind, hashes, _LOWER_BIT[tier])
+            return True
         mine, tentative = self._by_worker[worker_id], self._tentative.get(worker_id, {})
         if kind == "stored":
             for h in hashes:
@@ -94,6 +130,25 @@ class PrefixIndex:
                     mine.discard(h)
                     self._unhold(h, worker_id)
         return True
+
+    def _apply_lower(self, worker_id: str, kind: str, hashes: Iterable[int], bit: int) -> None:
+        mine = self._lower_by_worker.setdefault(worker_id, set())
+        for h in hashes:
+            entry = self._lower.get(h)
+            if kind == "stored":
+                if entry is None:
+                    entry = self._lower[h] = {}
+                entry[worker_id] = entry.get(worker_id, 0) | bit
+                mine.add(h)
+            elif entry is not None and worker_id in entry:
+                mask = entry[worker_id] & ~bit
+                if mask:
+                    entry[worker_id] = mask
+                else:
+                    del entry[worker_id]
+                    mine.discard(h)
+                    if not entry:
+                        del self._lower[h]
 
     def expect(self, worker_id: str, hashes: Iterable[int], now: float | None = None) -> None:
         """A prompt with these chain hashes was just sent to worker_id, which will cache its blocks:
@@ -129,21 +184,27 @@ class PrefixIndex:
                 st.last_seq = seq
 
     def resync(self, worker_id: str, all_hashes: Iterable[int], seq: int | None = None,
-               now: float | None = None) -> None:
+               now: float | None = None, lower: Mapping[str, Iterable[int]] | None = None) -> None:
         """Replace the worker's entries by a full snapshot taken at its event number `seq`
-        (later events, seq + 1 on, apply on top). Clears the approximate state."""
+        (later events, seq + 1 on, apply on top): all_hashes on device, lower = {"host": [...],
+        "disk": [...]} (a snapshot without it holds nothing in lower tiers). Clears the approximate state."""
         self._clear(worker_id)
         t = _now(now)
         self._state[worker_id] = WorkerIndexState(last_seq=seq, last_heard=t)
         mine = self._by_worker[worker_id] = set(all_hashes)
         for h in mine:
             self._holders.setdefault(h, set()).add(worker_id)
+        for tier, hashes in (lower or {}).items():
+            if tier not in _LOWER_BIT:
+                raise ValueError(f"unknown lower cache tier {tier!r}; one of host, disk")
+            self._apply_lower(worker_id, "stored", hashes, _LOWER_BIT[tier])
 
     def remove_worker(self, worker_id: str) -> None:
         self._clear(worker_id)
         self._tentative.pop(worker_id, None)
         self._state.pop(worker_id, None)
         self._by_worker.pop(worker_id, None)
+        self._lower_by_worker.pop(worker_id, None)
 
     # freshness
     def stale_age(self, worker_id: str, now: float | None = None) -> float:
@@ -200,12 +261,25 @@ class PrefixIndex:
     def workers(self) -> list[str]:
         return sorted(self._state)
 
-    def num_blocks(self, worker_id: str) -> int:
-        return len(self._by_worker.get(worker_id, ()))
+    def num_blocks(self, worker_id: str, tier: str = "device") -> int:
+        """Blocks the worker holds in `tier` ("device", "host", "disk"; "lower": host or disk)."""
+        if tier == "device":
+            return len(self._by_worker.get(worker_id, ()))
+        lower = self._lower_by_worker.get(worker_id, ())
+        if tier == "lower":
+            return len(lower)
+        bit = _LOWER_BIT[tier]
+        return sum(1 for h in lower if self._lower[h][worker_id] & bit)
 
     def num_hashes(self) -> int:
-        """Distinct chain hashes held by any worker."""
+        """Distinct chain hashes held on device by any worker."""
         return len(self._holders)
+
+    def tiers_of(self, worker_id: str, block_hash: int) -> frozenset[str]:
+        """The tiers in which worker_id holds the block."""
+        out = {"device"} if worker_id in self._holders.get(block_hash, ()) else set()
+        mask = self._lower.get(block_hash, {}).get(worker_id, 0)
+        return frozenset(out | {t for t, b in _LOWER_BIT.items() if mask & b})
 
     def pending(self, worker_id: str) -> frozenset[int]:
         """Blocks counted for worker_id only tentatively (expect()ed, no event confirmed them yet)."""
@@ -237,6 +311,41 @@ class PrefixIndex:
             out[w] = n
         return out
 
+    def match_tiers(self, hashes: Iterable[int], workers: Iterable[str] | None = None) -> dict[str, TierHits]:
+        """Each worker's cached prefix by tier (see the module doc), in one walk over the hashes:
+        `on_dev` are the workers still in their device prefix, `on_low` those past it and served
+        from host or disk. Without lower-tier entries it is match()."""
+        if not self._lower:
+            return {w: TierHits(n) if n else _NO_HITS for w, n in self.match(hashes, workers).items()}
+        want = self._state.keys() if workers is None else list(workers)
+        total = dict.fromkeys(want, 0)
+        device: dict[str, int] = {}
+        host: dict[str, int] = {}
+        on_dev, on_low = set(total), set()
+        n = 0                                       # blocks walked so far
+        for h in hashes:
+            stay = on_dev & self._holders.get(h, _EMPTY)
+            left = on_dev - stay
+            for w in left:
+                device[w] = n                       # its device prefix ends before block n
+            lower = self._lower.get(h)
+            tried = on_low | left
+            on_dev, on_low = stay, {w for w in tried if w in lower} if lower else set()
+            for w in tried - on_low:
+                total[w] = n                        # its hit ends before block n
+            for w in on_low:
+                if lower[w] & 1:
+                    host[w] = host.get(w, 0) + 1
+            if not on_dev and not on_low:
+                break
+            n += 1
+        for w in on_dev:
+            device[w] = total[w] = n
+        for w in on_low:
+            total[w] = n
+        return {w: TierHits(device[w], host.get(w, 0), t - device[w] - host.get(w, 0)) if t else _NO_HITS
+                for w, t in total.items()}
+
     def match_weighted(self, hashes: Iterable[int], workers: Iterable[str] | None = None,
                        now: float | None = None) -> dict[str, float]:
         """match() times confidence(w): the expected number of reusable blocks per worker."""
@@ -257,6 +366,11 @@ class PrefixIndex:
             self._unhold(h, worker_id)
         if worker_id in self._by_worker:
             self._by_worker[worker_id] = set()
+        for h in self._lower_by_worker.pop(worker_id, ()):
+            entry = self._lower[h]
+            del entry[worker_id]
+            if not entry:
+                del self._lower[h]
 
 
 def _now(now: float | None) -> float:

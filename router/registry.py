@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 
-from pdcluster.messages import WorkerStatus
+from pdcluster.messages import CacheSnapshot, WorkerStatus
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.errors import WorkerLost
 from pdcluster.router.metrics import RouterMetrics
@@ -119,8 +119,13 @@ class WorkerRegistry:
         for worker_id in self.index.needs_resync():
             if worker_id in clients:
                 try:
-                    seq, hashes = await clients[worker_id].cached_hashes()
-                    self.index.resync(worker_id, hashes, seq=seq, now=now)
+                    snap = await clients[worker_id].cached_hashes()
+                    if isinstance(snap, CacheSnapshot):
+                        self.index.resync(worker_id, snap.device, seq=snap.seq, now=now,
+                                          lower={"host": snap.host, "disk": snap.disk})
+                    else:
+                        seq, hashes = snap
+                        self.index.resync(worker_id, hashes, seq=seq, now=now)
                 except Exception as e:
                     log.warning("prefix index resync of %s failed: %s", worker_id, e)
 
@@ -141,7 +146,7 @@ class WorkerRegistry:
         w.links = s.links                       # per-link transfer figures, kept for placement
         w.kv_address = s.kv_address or w.kv_address
         for e in s.block_events:
-            self.index.apply(worker_id, e.kind, e.hashes, seq=e.seq, now=now)
+            self.index.apply(worker_id, e.kind, e.hashes, seq=e.seq, now=now, tier=e.tier)
         self.index.heartbeat(worker_id, seq=s.block_seq, now=now)
         self.telemetry.ingest_status(w, s, {k: v.zone for k, v in self.loads.items()})
 

@@ -13,7 +13,9 @@ if TYPE_CHECKING:
     from pdcluster.router.placement.load import WorkerLoad
 
 # cumulative EngineFigures counters: any of them going back means the worker restarted
-COUNTERS = ("prefill_tokens", "prefill_s", "decode_steps", "decode_seqs", "decode_s", "tokens", "steps", "busy_s")
+COUNTERS = ("prefill_tokens", "prefill_s", "decode_steps", "decode_seqs", "decode_s", "tokens", "steps", "busy_s",
+            "host_load_bytes", "host_load_s", "disk_load_bytes", "disk_load_s")
+LOWER_TIERS = ("host", "disk")
 
 
 class RateEstimator:
@@ -84,6 +86,7 @@ class StepTimeModel:
 class WorkerPerf:
     prefill: RateEstimator                  # prefill tokens/s (on a decode worker: local prefill)
     decode: StepTimeModel                   # decode step seconds vs batch size
+    tier_load: dict[str, RateEstimator]     # lower tier -> KV bytes/s it loads back into the pool
     counters: EngineFigures | None = None   # the last status poll's figures (None: none yet)
 
 
@@ -158,6 +161,7 @@ class Telemetry:
     deltas are one sample:
         prefill_tokens, prefill_s             steps that prefilled (tokens, busy seconds)
         decode_steps, decode_seqs, decode_s   decode-only steps (count, sum of batch sizes, seconds)
+        {host,disk}_load_bytes, _load_s       KV loaded back from a lower cache tier (bytes, seconds)
     Also read: running (decode), waiting_tokens, links (a prefill worker's measured links)."""
 
     def __init__(self, cfg: CostConfig | None = None):
@@ -171,7 +175,9 @@ class Telemetry:
             c = self.cfg
             tps = c.prior_prefill_tps if role == "prefill" else (c.prior_local_prefill_tps or c.prior_prefill_tps)
             steps = StepTimeModel(c.prior_decode_base_s, c.prior_decode_per_seq_s, c.alpha)
-            p = self.perf[worker_id] = WorkerPerf(RateEstimator(tps, c.alpha), steps)
+            loads = {"host": RateEstimator(c.prior_host_load_bps, c.alpha),
+                     "disk": RateEstimator(c.prior_disk_load_bps, c.alpha)}
+            p = self.perf[worker_id] = WorkerPerf(RateEstimator(tps, c.alpha), steps, loads)
         return p
 
     def remove_worker(self, worker_id: str) -> None:
@@ -192,12 +198,18 @@ class Telemetry:
         perf.prefill.observe(d["prefill_tokens"], d["prefill_s"])
         if d["decode_steps"] > 0:
             perf.decode.observe(d["decode_seqs"] / d["decode_steps"], d["decode_s"] / d["decode_steps"])
+        for tier in LOWER_TIERS:
+            perf.tier_load[tier].observe(d[f"{tier}_load_bytes"], d[f"{tier}_load_s"])
         if status.links:
             self.links.ingest(status.links, zones)
 
     # figures for one worker (a WorkerLoad override wins over the learned figure)
     def prefill_tps(self, load: WorkerLoad) -> float:
         return load.prefill_tps or self.perf_of(load.worker_id, load.role).prefill.rate
+
+    def tier_load_bps(self, load: WorkerLoad, tier: str) -> float:
+        """KV bytes/s the worker loads back from a lower cache tier ("host", "disk")."""
+        return self.perf_of(load.worker_id, load.role).tier_load[tier].rate
 
     def step_s(self, load: WorkerLoad, seqs: float) -> float:
         if load.decode_step_s is not None:

@@ -3,7 +3,7 @@
 Options for a prompt of L tokens: every (prefill p, decode d) pair ("remote") and every decode d
 alone ("local": d prefills it itself). Estimates, in seconds (rates learned online, see Telemetry):
 
-  remote(p, d) = queue_p + compute_p + exposed + join_d + remote_overhead
+  remote(p, d) = queue_p + compute_p + tier_load_p + exposed + join_d + remote_overhead
       queue_p    = tokens queued at p / rate_p
       compute_p  = (L - cached at p) / rate_p
       transfer   = (L - cached at d) * wire bytes per token / bandwidth(p -> d)
@@ -12,7 +12,7 @@ alone ("local": d prefills it itself). Estimates, in seconds (rates learned onli
       exposed    = max(transfer / num_layers, transfer - compute_p)   (layer-wise streaming hides
                    the rest behind the next layers' compute)
       join_d     = one decode step of d's running batch
-  local(d)     = queue_d + compute_d + join_d  +  penalty
+  local(d)     = queue_d + compute_d + tier_load_d + join_d  +  penalty
       compute_d  = (L - cached at d) / local prefill rate of d
       penalty    = local_penalty * running_d * compute_d   (the decode stall its running requests
                    suffer while d prefills; a cost, not part of the TTFT)
@@ -33,7 +33,14 @@ blocks, while a remote one needs its reservation now (so only remote options are
 Configuration: router/cost_config.py; the learned rates and links: router/telemetry.py.
 
 Cached tokens come from the global PrefixIndex: min(match blocks, (L-1)//block_size) * block_size
-(the last token always computes), times the index's confidence in that worker.
+(the last token always computes), times the index's confidence in that worker. The match runs
+through the cache tiers (PrefixIndex.match_tiers): device blocks are free, host and disk blocks
+cost their load, added to the TTFT of the worker that prefills:
+      tier_load  = conf * sum over host, disk of blocks * block_size * kv_bytes_per_token / load rate
+   (load rate: the worker's KV bytes/s back from that tier, learned online, Telemetry.tier_load_bps;
+   not credited with overlap against the rest of the prompt's compute). When the last-token cap cuts
+   the hit, it cuts disk blocks first, then host. A remote option's transfer skips only d's device
+   blocks (a reservation reuses its pool's prefix).
 
 Conditional disaggregation falls out of it: both sides grow linearly in L, remote starts higher
 (p's queue + overhead) and local grows faster (penalty, slower local rate), so short or mostly
@@ -51,7 +58,7 @@ from pdcluster.messages import EngineFigures
 from pdcluster.router.cost_config import CostConfig
 from pdcluster.router.placement.base import Placement
 from pdcluster.router.placement.load import WorkerLoad
-from pdcluster.router.prefix_index import PrefixIndex
+from pdcluster.router.prefix_index import PrefixIndex, TierHits
 from pdcluster.router.telemetry import Telemetry
 
 
@@ -79,6 +86,7 @@ class Estimate:
     local_penalty_s: float = 0.0
     duplicate_penalty_s: float = 0.0       # cost of repeating prefix compute another worker holds
     tpot_ok: bool = True
+    tier_load_s: float = 0.0                # loading its cached blocks from host / disk (in ttft_s)
     cached_tokens: float = 0.0              # expected at the worker that prefills
     cached_tokens_decode: float = 0.0       # expected at d (skipped by the transfer)
     step_s_after: float = 0.0               # d's estimated decode step with the added load
@@ -127,8 +135,19 @@ class CostModel:
         return CompressionPolicy(c.kv_compression).choose(blocks * c.block_size * c.kv_bytes_per_token,
                                                           compute_s, measured_bps)
 
+    def tier_load_s(self, w: WorkerLoad, hits: TierHits, prompt_len: int, conf: float) -> float:
+        """Seconds w takes to load the prompt's host and disk hits back into its pool (see module doc)."""
+        cut = max(0, hits.total - max(0, (prompt_len - 1) // self.cfg.block_size))
+        disk = max(0, hits.disk - cut)
+        host = max(0, hits.host - max(0, cut - hits.disk))
+        if not (host or disk):
+            return 0.0
+        per_block = self.cfg.block_size * self.cfg.kv_bytes_per_token
+        t = self.telemetry
+        return conf * per_block * (host / t.tier_load_bps(w, "host") + disk / t.tier_load_bps(w, "disk"))
+
     def estimate_remote(self, prompt_len: int, p: WorkerLoad, d: WorkerLoad, cached_p: float = 0.0,
-                        cached_d: float = 0.0, now: float | None = None) -> Estimate:
+                        cached_d: float = 0.0, now: float | None = None, load_p_s: float = 0.0) -> Estimate:
         c, t = self.cfg, self.telemetry
         rate = t.prefill_tps(p)
         n_d = max(d.running, d.in_flight)
@@ -144,12 +163,13 @@ class CostModel:
         e.exposed_transfer_s = max(e.transfer_s / max(c.num_layers, 1), e.transfer_s - e.compute_s)
         e.join_s = t.step_s(d, n_d)
         e.overhead_s = c.remote_overhead_s
-        e.ttft_s = e.queue_s + e.compute_s + e.exposed_transfer_s + e.join_s + e.overhead_s
+        e.tier_load_s = load_p_s
+        e.ttft_s = e.queue_s + e.compute_s + e.tier_load_s + e.exposed_transfer_s + e.join_s + e.overhead_s
         e.cost_s = e.ttft_s
         self._decode_checks(e, d, prompt_len, n_d, 0.0)
         return e
 
-    def estimate_local(self, prompt_len: int, d: WorkerLoad, cached_d: float = 0.0) -> Estimate:
+    def estimate_local(self, prompt_len: int, d: WorkerLoad, cached_d: float = 0.0, load_d_s: float = 0.0) -> Estimate:
         c, t = self.cfg, self.telemetry
         rate = t.prefill_tps(d)
         n_d = max(d.running, d.in_flight)
@@ -157,7 +177,8 @@ class CostModel:
         e.queue_s = d.queued_tokens / rate
         e.compute_s = (prompt_len - cached_d) / rate
         e.join_s = t.step_s(d, n_d)
-        e.ttft_s = e.queue_s + e.compute_s + e.join_s
+        e.tier_load_s = load_d_s
+        e.ttft_s = e.queue_s + e.compute_s + e.tier_load_s + e.join_s
         e.local_penalty_s = c.local_penalty * n_d * e.compute_s
         e.cost_s = e.ttft_s + e.local_penalty_s
         stall = t.step_s(d, n_d) + min(prompt_len - cached_d, c.local_chunk_tokens) / rate if n_d else 0.0
@@ -170,18 +191,26 @@ class CostModel:
         c, t = self.cfg, (time.time() if now is None else now)
         ds = [d for d in decodes if d.placeable and d.worker_id not in exclude]
         ps = [p for p in prefills if p.placeable and p.worker_id not in exclude] if c.allow_remote else []
-        cached: dict[str, float] = {}
+        cached: dict[str, float] = {}           # tokens a worker need not compute (any tier)
+        device: dict[str, float] = {}           # of them, in its device pool (a transfer skips these)
+        load: dict[str, float] = {}             # seconds to load the rest from host / disk
         if hashes:
-            hits = self.index.match(hashes, [w.worker_id for w in ps + ds])
-            cached = {w: self._cached(n, prompt_len, self.index.confidence(w, t)) for w, n in hits.items() if n}
+            loads = {w.worker_id: w for w in ps + ds}
+            for w, h in self.index.match_tiers(hashes, list(loads)).items():
+                if h.total:
+                    conf = self.index.confidence(w, t)
+                    cached[w] = self._cached(h.total, prompt_len, conf)
+                    device[w] = self._cached(h.device, prompt_len, conf)
+                    load[w] = self.tier_load_s(loads[w], h, prompt_len, conf)
         out = []
         local_ok = c.allow_local and (c.local_max_tokens is None or prompt_len <= c.local_max_tokens)
         for d in ds:
-            cd = cached.get(d.worker_id, 0.0)
+            dw = d.worker_id
             if local_ok:
-                out.append(self.estimate_local(prompt_len, d, cd))
+                out.append(self.estimate_local(prompt_len, d, cached.get(dw, 0.0), load.get(dw, 0.0)))
             for p in ps:
-                out.append(self.estimate_remote(prompt_len, p, d, cached.get(p.worker_id, 0.0), cd, t))
+                out.append(self.estimate_remote(prompt_len, p, d, cached.get(p.worker_id, 0.0), device.get(dw, 0.0),
+                                                t, load.get(p.worker_id, 0.0)))
         best_cached = max(cached.values(), default=0.0)
         if c.duplicate_penalty and best_cached:
             loads = {w.worker_id: w for w in ps + ds}

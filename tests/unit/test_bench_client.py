@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 
 import grpc
 import numpy as np
@@ -40,6 +41,7 @@ class ScriptedGeneration(pb_grpc.GenerationServicer):
 
     def __init__(self):
         self.prompts: list[list[int]] = []
+        self.received: list[float] = []     # time.perf_counter() of each request's arrival
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -50,6 +52,7 @@ class ScriptedGeneration(pb_grpc.GenerationServicer):
     async def Generate(self, request, context):
         prompt = list(request.token_ids.ids)
         self.prompts.append(prompt)
+        self.received.append(time.perf_counter())
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -193,3 +196,24 @@ def test_longest_context_counts_whole_conversations():
                           "output_len": 5}, vocab_size=1000)
     assert longest_context(reqs) == 3 * (10 + 5)
     assert longest_context([BenchRequest(prompt_ids=[1] * 7, output_len=4)]) == 11
+
+
+def test_a_replayed_trace_is_sent_at_its_own_arrival_times():
+    """Requests with arrival_s (a mooncake replay's) go out at those times, not the arrival process's."""
+    reqs = [BenchRequest(prompt_ids=[i + 1] * 4, output_len=1, arrival_s=t) for i, t in enumerate((0.0, 0.0, 0.4))]
+
+    async def body():
+        async with scripted_server() as (addr, servicer):
+            t0 = time.perf_counter()
+            # request_rate 1000 req/s would send all three within a few ms: the trace's times win
+            r = await run_benchmark(addr, reqs, 1000.0, 1.0, None, 0, None, progress=False)
+            return r, [t - t0 for t in servicer.received], servicer.prompts
+
+    r, received, prompts = asyncio.run(body())
+    assert r["completed"] == 3 and r["request_rate"] == "trace"
+    assert [p[0] for p in prompts] == [1, 2, 3]
+    assert received[2] >= 0.4                   # sent no earlier than its arrival time (a lower bound: no
+    assert r["duration"] >= 0.4                 # flakiness on a loaded host)
+    with pytest.raises(ValueError, match="every request has an arrival time or none"):
+        asyncio.run(run_benchmark("127.0.0.1:1", reqs + [BenchRequest(prompt_ids=[1])], 1.0, 1.0, None, 0, None,
+                                  progress=False))

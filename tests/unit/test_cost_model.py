@@ -398,3 +398,61 @@ def test_duplicate_penalty_keeps_a_prompt_on_its_prefix_holder_until_the_queue_o
     # nobody holds anything: no penalty anywhere
     cold = block_hashes(list(range(5000, 5408)), BS)
     assert all(e.duplicate_penalty_s == 0.0 for e in cm.estimates(408, [], loads(400), hashes=cold, now=0.0))
+
+
+# cache tiers (issue 19 point 2): device hits are free, host and disk hits cost their load
+def test_host_hit_beats_a_cold_worker_while_loading_is_cheaper_than_recompute():
+    ix = PrefixIndex()
+    hs = block_hashes(list(range(1, 1025)), BS)             # 64 blocks
+    ix.apply("d1", "stored", hs[:60], now=0.0, tier="host")
+    ds = [D("d0", running=0), D("d1", running=0)]
+    cm = CostModel(cfg(allow_remote=False, prior_host_load_bps=1e9), index=ix)
+    dec = cm.choose(1024, [], ds, hashes=hs, now=1.0)
+    assert (dec.decode, dec.kind) == ("d1", "local")
+    assert dec.estimate["cached_tokens"] == 960
+    assert dec.estimate["tier_load_s"] == pytest.approx(960 * KVB / 1e9)     # bytes / rate
+    assert dec.estimate["compute_s"] == pytest.approx(64 / 5000)
+    # control: a slow host tier loses: 0.44 s of loading vs recomputing all 1024 tokens (0.2 s) plus the
+    # duplicate penalty of repeating d1's prefix (0.19 s)
+    slow = CostModel(cfg(allow_remote=False, prior_host_load_bps=1e8), index=ix)
+    assert slow.choose(1024, [], ds, hashes=hs, now=1.0).decode == "d0"
+    # a disk hit is priced at the disk rate
+    ix.remove_worker("d1")
+    ix.apply("d1", "stored", hs[:60], now=0.0, tier="disk")
+    est = cm.choose(1024, [], ds, hashes=hs, now=1.0).estimate
+    assert est["decode"] == "d1" and est["tier_load_s"] == pytest.approx(960 * KVB / cm.cfg.prior_disk_load_bps)
+
+
+def test_device_hit_beats_a_host_hit_and_the_load_rate_is_learned():
+    ix = PrefixIndex()
+    hs = block_hashes(list(range(1, 1025)), BS)
+    ix.apply("p0", "stored", hs[:60], now=0.0, tier="host")
+    ix.apply("p1", "stored", hs[:60], now=0.0)
+    ix.apply("p1", "stored", hs[:60], now=0.0, tier="disk")  # also on disk: device is what counts
+    cm = CostModel(cfg(allow_local=False), index=ix)
+    ps, ds = [P("p0"), P("p1")], [D("d0")]
+    dec = cm.choose(1024, ps, ds, hashes=hs, now=1.0)
+    assert dec.prefill == "p1" and dec.estimate["tier_load_s"] == 0.0
+    byp = {e.prefill: e for e in cm.estimates(1024, ps, ds, hashes=hs, now=1.0)}
+    assert byp["p0"].cached_tokens == byp["p1"].cached_tokens == 960
+    assert byp["p0"].ttft_s - byp["p1"].ttft_s == pytest.approx(byp["p0"].tier_load_s)
+    # p0's host loads, as its status polls report them: 1 GB/s learned over the 2 GB/s prior
+    b = s = 0.0
+    for _ in range(20):
+        b, s = b + 1e8, s + 0.1
+        cm.telemetry.ingest_status(ps[0], status(host_load_bytes=int(b), host_load_s=s))
+    assert cm.telemetry.tier_load_bps(ps[0], "host") == pytest.approx(1e9)
+    assert byp["p0"].tier_load_s == pytest.approx(960 * KVB / cm.cfg.prior_host_load_bps)
+    learned = {e.prefill: e for e in cm.estimates(1024, ps, ds, hashes=hs, now=1.0)}["p0"]
+    assert learned.tier_load_s == pytest.approx(960 * KVB / 1e9)
+
+
+def test_the_last_token_cap_cuts_disk_then_host_blocks():
+    ix = PrefixIndex()
+    hs = block_hashes(list(range(1, 65)), BS)               # 4 blocks, all cached: the cap keeps 3
+    ix.apply("d0", "stored", hs[:2], now=0.0)
+    ix.apply("d0", "stored", hs[2:3], now=0.0, tier="host")
+    ix.apply("d0", "stored", hs[3:], now=0.0, tier="disk")
+    cm = CostModel(cfg(allow_remote=False, prior_host_load_bps=1e9, prior_disk_load_bps=1e6), index=ix)
+    est = cm.choose(64, [], [D("d0")], hashes=hs, now=1.0).estimate
+    assert est["cached_tokens"] == 48 and est["tier_load_s"] == pytest.approx(16 * KVB / 1e9)

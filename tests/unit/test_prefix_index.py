@@ -152,3 +152,147 @@ def test_expected_blocks_count_at_once_until_confirmed_removed_or_expired():
     index.resync("a", [11], seq=5, now=101.0)               # a snapshot replaces tentative entries too
     index.expire(now=200.0)
     assert index.match([11, 12]) == {"a": 1, "b": 0}
+
+
+# cache tiers (issue 19 point 2)
+def test_tiered_events_and_the_walk_through_tiers():
+    ix = idx()
+    ix.apply("a", "stored", [1, 2], now=0)
+    ix.apply("a", "stored", [2, 3], now=0, tier="host")        # 2 on device and host
+    ix.apply("a", "stored", [4], now=0, tier="disk")
+    ix.apply("b", "stored", [1], now=0, tier="disk")
+    ix.apply("b", "stored", [2], now=0)                         # on device only, past b's device prefix
+    ix.add_worker("c", now=0)
+    assert ix.match([1, 2, 3, 4, 5]) == {"a": 2, "b": 0, "c": 0}    # device only, as before tiers
+    hits = ix.match_tiers([1, 2, 3, 4, 5])
+    # a: device prefix 1, 2, then 3 from host, 4 from disk; b: 1 from disk, then 2 is not in a lower
+    # tier and its pool's lookup stopped at 1: the hit ends
+    assert hits == {"a": (2, 1, 1), "b": (0, 0, 1), "c": (0, 0, 0)}
+    assert hits["a"].total == 4 and hits["b"].total == 1
+    ix.apply("b", "stored", [2], now=0, tier="host")
+    assert ix.match_tiers([1, 2, 3])["b"] == (0, 1, 1)
+    assert ix.tiers_of("a", 2) == {"device", "host"} and ix.tiers_of("c", 2) == frozenset()
+    assert (ix.num_blocks("a"), ix.num_blocks("a", "host"), ix.num_blocks("a", "disk"),
+            ix.num_blocks("a", "lower")) == (2, 2, 1, 3)
+    # each tier's events change that tier only
+    ix.apply("a", "removed", [2], now=0)                        # evicted from device, still on host
+    assert ix.match_tiers([1, 2, 3, 4])["a"] == (1, 2, 1)
+    ix.apply("a", "removed", [3], now=0, tier="host")           # the chain breaks at 3
+    assert ix.match_tiers([1, 2, 3, 4])["a"] == (1, 1, 0)
+    ix.apply("a", "stored", [3], now=0, tier="disk")
+    assert ix.match_tiers([1, 2, 3, 4], workers=["a"]) == {"a": (1, 1, 2)}
+    with pytest.raises(ValueError, match="tier"):
+        ix.apply("a", "stored", [1], tier="tape")
+
+
+def test_lower_tiers_are_forgotten_with_the_worker_and_replaced_by_a_resync():
+    ix = idx()
+    ix.apply("a", "stored", [1], seq=1, now=0)
+    ix.apply("a", "stored", [2, 3], seq=2, now=0, tier="host")
+    ix.apply("b", "stored", [1, 2], seq=1, now=0, tier="host")
+    ix.resync("a", [1, 2], seq=5, now=0, lower={"disk": [3]})   # the snapshot says where each block is
+    assert ix.match_tiers([1, 2, 3]) == {"a": (2, 0, 1), "b": (0, 2, 0)}
+    ix.resync("a", [1], seq=6, now=0)                           # no lower tiers in it: none kept
+    assert ix.match_tiers([1, 2, 3])["a"] == (1, 0, 0) and ix.num_blocks("a", "lower") == 0
+    ix.remove_worker("b")
+    assert ix.match_tiers([1, 2, 3]) == {"a": (1, 0, 0)} and ix.tiers_of("b", 1) == frozenset()
+    # a worker past the horizon drops its lower tiers too
+    ix.apply("a", "stored", [2], seq=7, now=0, tier="disk")
+    assert ix.match_tiers([1, 2])["a"] == (1, 0, 1)
+    assert ix.expire(now=1000) == ["a"] and ix.match_tiers([1, 2])["a"] == (0, 0, 0)
+    assert not ix._lower and not ix._lower_by_worker.get("a")
+
+
+def test_registry_ingests_tier_events_from_a_worker_status():
+    """WorkerRegistry._ingest (the status poll's path) over a msgpack round trip of a real BlockEventLog."""
+    from prometheus_client import CollectorRegistry
+
+    from pdcluster.engine.block_events import BlockEventLog
+    from pdcluster.messages import EngineFigures, WorkerStatus
+    from pdcluster.router.config import RouterConfig
+    from pdcluster.router.metrics import RouterMetrics
+    from pdcluster.router.registry import WorkerRegistry
+    from pdcluster.router.telemetry import Telemetry
+
+    class Client:
+        worker_id = "d0"
+
+    ix = idx()
+    reg = WorkerRegistry(RouterConfig(), RouterMetrics(CollectorRegistry()), ix, Telemetry())
+    reg.add("decode", Client())
+    log = BlockEventLog()
+    log.record("stored", [10, 11])
+    log.record("stored", [11, 12], tier="host")
+    log.record("removed", [11])                      # evicted from device after its write-behind
+    log.record("stored", [13], tier="disk")
+    st = WorkerStatus.of("d0", "decode", "inc", 1, {"num_blocks": 8, "host_load_bytes": 4096, "host_load_s": 0.001},
+                         log.drain())
+    st = WorkerStatus.from_bytes(st.to_bytes())
+    assert [e.tier for e in st.block_events] == ["device", "host", "device", "disk"]
+    reg._ingest(reg.loads["d0"], st, now=0.0)
+    assert ix.match_tiers([10, 11, 12, 13, 14]) == {"d0": (1, 2, 1)} and ix.is_exact("d0", now=0.0)
+    assert reg.telemetry.tier_load_bps(reg.loads["d0"], "host") == pytest.approx(4096 / 0.001)
+    assert EngineFigures().host_load_bytes == 0      # figures of a worker without tiers: defaults
+
+
+def test_match_tiers_equals_a_per_worker_walk_on_random_indexes():
+    import random
+
+    def walk(tiers, hashes):
+        """One worker's hit, walked alone: its device prefix, then host-or-disk blocks."""
+        dev, host, disk = tiers
+        d = next((i for i, h in enumerate(hashes) if h not in dev), len(hashes))
+        i, nh = d, 0
+        while i < len(hashes) and (hashes[i] in host or hashes[i] in disk):
+            nh += hashes[i] in host
+            i += 1
+        return (d, nh, i - d - nh)
+
+    rng = random.Random(0)
+    lower_seen = 0
+    for _ in range(200):
+        ix, truth = idx(), {}
+        for w in ("a", "b", "c", "d"):
+            held = [set(h for h in range(12) if rng.random() < p) for p in (0.6, 0.4, 0.3)]
+            truth[w] = held
+            for tier, hs in zip(("device", "host", "disk"), held):
+                ix.apply(w, "stored", sorted(hs), now=0, tier=tier)
+        prompt = rng.sample(range(12), rng.randint(0, 12))
+        got = ix.match_tiers(prompt)
+        assert got == {w: walk(t, prompt) for w, t in truth.items()}, prompt
+        assert {w: h.device for w, h in got.items()} == ix.match(prompt)
+        lower_seen += sum(h.host + h.disk for h in got.values())
+    assert lower_seen > 100                 # the lower tiers were exercised, not only device prefixes
+
+
+def test_registry_resyncs_a_gap_from_a_tiered_snapshot():
+    """WorkerRegistry.refresh: a status poll whose block_seq shows lost events triggers a resync from
+    the worker's snapshot, by tier (CacheSnapshot) or device-only (the (seq, hashes) pair)."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from pdcluster.messages import CacheSnapshot, EngineFigures, WorkerStatus
+    from pdcluster.router.config import RouterConfig
+    from pdcluster.router.metrics import RouterMetrics
+    from pdcluster.router.registry import WorkerRegistry
+    from pdcluster.router.telemetry import Telemetry
+
+    class Worker:
+        """The registry's view of a worker (router/workers.py's client methods it calls)."""
+        def __init__(self, worker_id, snapshot):
+            self.worker_id, self.snapshot = worker_id, snapshot
+
+        async def status(self, drain_events=True):
+            return WorkerStatus(self.worker_id, "decode", "inc", 1, EngineFigures(num_blocks=8), block_seq=5)
+
+        async def cached_hashes(self):
+            return self.snapshot
+
+    ix = idx()
+    reg = WorkerRegistry(RouterConfig(), RouterMetrics(CollectorRegistry()), ix, Telemetry())
+    reg.add("decode", Worker("d0", CacheSnapshot(5, [1], host=[2], disk=[3])))
+    reg.add("decode", Worker("d1", (5, [1, 2])))
+    asyncio.run(reg.refresh())
+    assert ix.match_tiers([1, 2, 3, 4]) == {"d0": (1, 1, 1), "d1": (2, 0, 0)}
+    assert ix.needs_resync() == [] and ix.is_exact("d0")

@@ -156,3 +156,70 @@ def test_ideal_hit_rate_counts_every_prompt_but_each_prefixs_first_in_whole_bloc
     assert ideal_hit_rate(reqs, prefix_len=32) == pytest.approx(64 / 153)
     short = [SimpleNamespace(meta={"group": 0}, prompt_ids=[0] * 32)] * 2      # a prompt that is only the prefix
     assert ideal_hit_rate(short, prefix_len=32) == pytest.approx(16 / 64)      # its last token always computes
+
+
+# KV tier scenarios (issue 19 point 6)
+def test_tier_scenarios_differ_only_by_the_candidates_tier_flags():
+    from pdcluster.bench.scenario import FRESH_DIR
+    for name in ("multi-turn", "trace-replay"):
+        sc = SCENARIOS[name]
+        assert leaves(sc.baseline) == leaves(sc.candidate), name       # same cluster; the flags add the tiers
+        assert set(sc.candidate_flags) == {"--kv-host-cache-gb", "--kv-disk-cache-dir", "--kv-disk-cache-gb"}
+        assert sc.candidate_flags["--kv-disk-cache-dir"] == FRESH_DIR
+        assert sc.baseline.router.policy == "cost-model" and not sc.baseline.router.remote_prefill
+        assert "mean_ttft_ms" in sc.metrics and "prefix_cache_hit_rate" in sc.metrics
+    assert SCENARIOS["multi-turn"].dataset["dataset"] == "multi-turn"
+    assert SCENARIOS["trace-replay"].dataset["dataset"].startswith("mooncake:")
+
+
+def test_candidate_flags_resolve_by_name_with_fresh_dirs_or_say_what_is_missing(tmp_path):
+    import contextlib
+    import os
+
+    from pdcluster.bench.scenario import FRESH_DIR, side_config, with_flags
+    assert with_flags(ClusterConfig(), {"--kv-cache-memory": 64}).engine.cache.kv_cache_memory == 64 * 2**20
+    # a per-pool flag is set in both pools by its pool-less name
+    both = with_flags(ClusterConfig(), {"--workers": 3})
+    assert (both.pools.prefill.initial_replicas, both.pools.decode.initial_replicas) == (3, 3)
+    with pytest.raises(ValueError, match="--no-such-flag"):
+        with_flags(ClusterConfig(), {"--kv-cache-memory": 64, "--no-such-flag": 1})
+    sc = Scenario(name="d", summary="", baseline=ClusterConfig(), candidate=ClusterConfig(), dataset={},
+                  request_rate=1.0, goodput={}, metrics=(), candidate_flags={"--kv-cache-memory": 32})
+    assert side_config(sc, "baseline") is sc.baseline
+    assert side_config(sc, "candidate").engine.cache.kv_cache_memory == 32 * 2**20
+    # FRESH_DIR: a new directory per run, removed with the run (the disk tier's dir flag)
+    from dataclasses import replace
+    sc2 = replace(sc, candidate_flags={"--kv-cache-memory": 32, "--model": FRESH_DIR})
+    with contextlib.ExitStack() as dirs:
+        made = side_config(sc2, "candidate", dirs).model
+        assert os.path.isdir(made) and os.listdir(made) == [] and made != side_config(sc2, "candidate").model
+    assert not os.path.exists(made)
+    with pytest.raises(ValueError, match="the kv-tiers side cannot run here"):
+        side_config(SCENARIOS["trace-replay"], "candidate")        # the tier flags are not in this build
+
+
+def test_a_side_that_did_not_run_reports_not_run():
+    base = [fake(10.0, [100, 300], [40, 60], 40, 0.1)]
+    rep = json.loads(json.dumps(build_report(SC, dict(rounds=1, seed=0), base, [])))
+    assert rep["candidate"]["not_run"] and rep["candidate"]["label"] == "disagg"
+    assert set(rep["ratios"].values()) == {None} and rep["baseline"]["mean_ttft_ms"] == 200
+    table = format_report(rep)
+    assert "not run" in table and table.count("round ") == 1
+
+
+def test_trace_scenario_builds_the_slice_from_the_trace_file(tmp_path):
+    from dataclasses import replace
+
+    from pdcluster.bench.scenario import scenario_requests
+    p = tmp_path / "t.jsonl"
+    p.write_text("".join(json.dumps({"timestamp": 1000 * i, "input_length": 700, "output_length": 64,
+                                     "hash_ids": [0, 40 * i]}) + "\n" for i in range(6)))
+    sc = SCENARIOS["trace-replay"]
+    sc = replace(sc, dataset=dict(sc.dataset, dataset=f"mooncake:{p}", max_requests=2))
+    reqs, vocab = scenario_requests(sc, seed=0)
+    bs = sc.baseline.engine.cache.block_size
+    assert len(reqs) == 2 and vocab == 49152
+    assert len(reqs[0].prompt_ids) == bs + round(188 * bs / 512)    # one engine block per trace block
+    assert reqs[0].prompt_ids[:bs] == reqs[1].prompt_ids[:bs]       # the shared block 0
+    assert min(t for r in reqs for t in r.prompt_ids) > 16          # SmolLM2's added tokens are 0..16
+    assert [r.arrival_s for r in reqs] == [0.0, 0.1]                # time_scale 0.1
