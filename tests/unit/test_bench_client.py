@@ -211,7 +211,8 @@ def test_a_replayed_trace_is_sent_at_its_own_arrival_times():
 
     r, received, prompts = asyncio.run(body())
     assert r["completed"] == 3 and r["request_rate"] == "trace"
-    assert [p[0] for p in prompts] == [1, 2, 3]
+    firsts = [p[0] for p in prompts]           # the two arrivals at 0.0 may go out in either order
+    assert sorted(firsts[:2]) == [1, 2] and firsts[2] == 3
     assert received[2] >= 0.4                   # sent no earlier than its arrival time (a lower bound: no
     assert r["duration"] >= 0.4                 # flakiness on a loaded host)
     with pytest.raises(ValueError, match="every request has an arrival time or none"):
