@@ -66,6 +66,15 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     protected_fraction: float = 0.9      # most of the pool that reused prefix blocks may hold when
                                          #   free, ahead of used-once blocks (SLRU, engine/block_pool.py)
+    # lower cache tiers (kv_transfer/tiers/): evicted prefix blocks are kept there and loaded back
+    host_cache_gb: float = field(default=0.0, metadata={"cli": "--kv-host-cache-gb", "help": (
+        "GiB of host memory per worker that keeps KV blocks evicted from the device pool (0 = off)")})
+    disk_cache_dir: str | None = field(default=None, metadata={"cli": "--kv-disk-cache-dir", "help": (
+        "directory for a per-worker disk tier of evicted KV blocks (one checksummed file each; a "
+        "restarted worker verifies and re-announces them)")})
+    disk_cache_gb: float = field(default=0.0, metadata={"cli": "--kv-disk-cache-gb", "help": (
+        "GiB of disk per worker for --kv-disk-cache-dir (0 = off)")})
+    tier_codec: str = "none"             # blocks below the device: none | int8 | fp8 (kv_transfer/codec.py)
 
 
 @dataclass(frozen=True)
