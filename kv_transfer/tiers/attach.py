@@ -31,3 +31,9 @@ def attach_tiers(engine, inner: KVConnector | None = None, worker_id: str | None
     tiers = TierConnector(cfg, engine.block_events())
     engine.connector = MultiConnector(tiers, inner)
     return tiers
+
+
+def tier_figures(tiers: TierConnector | None) -> tuple:
+    """A worker's WorkerStatus.tiers: one TierFigures per tier (none without tiers)."""
+    from pdcluster.messages import TierFigures
+    return () if tiers is None else tuple(TierFigures.of(f) for f in tiers.figures())
