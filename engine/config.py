@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}   # the dtypes a worker runs in, bytes per element
+TIER_CODECS = ("none", "int8", "fp8")   # KV below the device pool (kv_transfer/codec.py CODECS)
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -74,7 +75,19 @@ class CacheConfig:
         "restarted worker verifies and re-announces them)")})
     disk_cache_gb: float = field(default=0.0, metadata={"cli": "--kv-disk-cache-gb", "help": (
         "GiB of disk per worker for --kv-disk-cache-dir (0 = off)")})
-    tier_codec: str = "none"             # blocks below the device: none | int8 | fp8 (kv_transfer/codec.py)
+    tier_codec: str = field(default="none", metadata={"cli": "--kv-tier-codec", "choices": TIER_CODECS, "help": (
+        "how the host and disk tiers keep KV blocks: as computed, or int8 / fp8 with a scale per block, "
+        "layer and KV head (kv_transfer/codec.py; ~4x smaller for float32 caches, lossy)")})
+
+    def __post_init__(self):
+        for name in ("host_cache_gb", "disk_cache_gb"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.tier_codec not in TIER_CODECS:
+            raise ValueError(f"tier_codec must be one of {TIER_CODECS}, got {self.tier_codec!r}")
+        if (self.disk_cache_gb > 0) != bool(self.disk_cache_dir):
+            raise ValueError("the disk KV tier needs both disk_cache_dir and disk_cache_gb > 0 "
+                             "(--kv-disk-cache-dir, --kv-disk-cache-gb)")
 
 
 @dataclass(frozen=True)
