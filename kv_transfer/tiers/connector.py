@@ -266,7 +266,8 @@ class TierConnector(KVConnector):
             for v in dropped:                               # more files than the capacity: oldest go
                 self.disk.delete(v)
             st.add(corrupt=bad, evicted=len(dropped))
-            kept = [h for h in added if h not in set(dropped)]
+            gone = set(dropped)
+            kept = [h for h in added if h not in gone]
             self._emit("stored", kept, "disk")
             if good or bad:
                 log.info("KV disk tier %s: %d blocks verified, %d corrupt files dropped, %d over capacity "

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from pdcluster.engine.block_events import BlockEventLog
+from pdcluster.engine.kv_connector import KVConnector
 from pdcluster.engine.request import Request
 from pdcluster.engine.sampling_params import SamplingParams
-from pdcluster.kv_transfer.tiers import TierConfig, TierConnector
+from pdcluster.kv_transfer.tiers import MultiConnector, TierConfig, TierConnector
 from pdcluster.kv_transfer.tiers.block_format import Geometry
 from pdcluster.kv_transfer.tiers.disk import HEADER
 
@@ -178,3 +179,45 @@ def test_a_request_ended_during_its_load_keeps_its_blocks_until_the_loader_lets_
     assert freed == ["a2"] and tc.finished_loading() == []
     assert tc.request_finished("a2", [4, 5]) is False
     tc.close()
+
+
+class Recorder(KVConnector):
+    """Records the hooks it gets; supplies `n` external tokens."""
+
+    def __init__(self, n=0, saves=False, hold=False):
+        self.n, self.saves, self.hold, self.calls = n, saves, hold, []
+
+    def external_tokens(self, request, num_local_tokens):
+        return self.n
+
+    def after_alloc(self, request, block_ids, num_external_tokens):
+        self.calls.append(("after_alloc", request.request_id, num_external_tokens))
+
+    def request_finished(self, request_id, block_ids):
+        self.calls.append(("finished", request_id))
+        return self.hold
+
+    def finished_loading(self):
+        return [("x", True)] if self.n else []
+
+    def take_loaded(self, request_id):
+        return f"inner {request_id}"
+
+    def evicted(self, block_ids, hashes):
+        self.calls.append(("evicted", block_ids))
+
+
+def test_multi_connector_routes_loads_to_whoever_promised_them():
+    tiers, inner = Recorder(n=8), Recorder(saves=True)
+    m = MultiConnector(tiers, inner)
+    assert m.saves
+    r = req("a")
+    assert m.external_tokens(r, 0) == 8
+    m.after_alloc(r, [1, 2], 8)                               # the tiers' load
+    m.after_alloc(req("remote"), [3, 4, 5], 13)               # a remote prefill's reservation: the inner one's
+    assert tiers.calls == [("after_alloc", "a", 8)] and inner.calls == [("after_alloc", "remote", 13)]
+    m.evicted([7], [70])
+    assert ("evicted", [7]) in tiers.calls and ("evicted", [7]) in inner.calls
+    assert m.take_loaded("remote") == "inner remote" and m.finished_loading() == [("x", True)]
+    inner.hold = True
+    assert m.request_finished("a", [1, 2]) is True and ("finished", "a") in tiers.calls
