@@ -162,6 +162,10 @@ class PrefillWorker:
         """(event sequence number, every cached chain hash): a full resync for the router's index."""
         return self.engine_thread.run(lambda e: e.block_snapshot())
 
+    def tier_hashes(self) -> tuple[int, dict[str, list[int]]]:
+        """(event sequence number, {"host"|"disk": chain hashes}) of its KV cache tiers (none: off)."""
+        return self.tiers.tier_hashes() if self.tiers is not None else (self.events.seq, {})
+
     def close(self) -> None:
         self.engine_thread.stop()
         self.transport.close()

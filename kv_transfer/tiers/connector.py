@@ -439,10 +439,13 @@ class TierConnector(KVConnector):
     def figures(self) -> list[dict]:
         return [st.as_dict() for st in self.stats.values()]
 
-    def tier_hashes(self) -> dict[str, list[int]]:
-        """Every ready block per tier (a resync of the router's index)."""
+    def tier_hashes(self) -> tuple[int, dict[str, list[int]]]:
+        """(event sequence number, every ready block per tier): a resync of the router's index. The
+        number is read first and each tier's events are recorded after its index changed, so every
+        event up to it is reflected here; later ones may be too ("stored"/"removed" are idempotent)."""
+        seq = self.events.seq if self.events is not None else 0
         with self._lock:
-            return {t: [h for h in idx.hashes() if idx.get(h).ready] for t, idx in self.index.items()}
+            return seq, {t: [h for h in idx.hashes() if idx.get(h).ready] for t, idx in self.index.items()}
 
     def wait_idle(self, timeout_s: float = 30.0) -> bool:
         """Until the writer has stored every block evicted so far and the disk is verified (tests, benches)."""

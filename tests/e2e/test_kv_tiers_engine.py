@@ -41,6 +41,7 @@ def use(engine, cfg):
 
 @pytest.fixture
 def engine(llm):
+    llm.engine.kv.pool.reset_prefix_cache()     # other tests' cached blocks would crowd the small tiers
     yield llm.engine
     llm.engine.connector = KVConnector()        # the session's engine goes back to no tiers
 

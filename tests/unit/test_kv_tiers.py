@@ -123,6 +123,8 @@ def test_warm_restart_verifies_the_disk_and_drops_corrupt_files(tmp_path):
     (tmp_path / ".x.kvb.1.tmp").write_bytes(b"half")                       # a write cut short
     tc2, events, k2, v2 = tiers(tmp_path, host_blocks=0, kv=caches(7))     # the restarted worker
     assert kinds(events) == [("stored", "disk", 2)] and len(files) == 3
+    seq, held = tc2.tier_hashes()
+    assert seq == events.seq == 1 and sorted(held["disk"]) == sorted(r.block_hashes()[:2])
     assert not victim.exists() and not (tmp_path / ".x.kvb.1.tmp").exists()
     assert tc2.figures()[0]["corrupt"] == 1
     n, done = load(tc2, req("a2"), [4, 5, 6])
