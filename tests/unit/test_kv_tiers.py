@@ -224,3 +224,19 @@ def test_multi_connector_routes_loads_to_whoever_promised_them():
     assert m.take_loaded("remote") == "inner remote" and m.finished_loading() == [("x", True)]
     inner.hold = True
     assert m.request_finished("a", [1, 2]) is True and ("finished", "a") in tiers.calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_caches_go_through_pinned_host_memory_and_come_back_exactly(tmp_path):
+    k, v = caches(3)
+    k, v = [t.cuda() for t in k], [t.cuda() for t in v]
+    tc, _, k, v = tiers(tmp_path, kv=(k, v))
+    assert tc.host.data.is_pinned()
+    r = req("a")
+    want = k[1][:3].clone()
+    tc.evicted([0, 1, 2], r.block_hashes()[:3])
+    k[1][:3].zero_()                                # the step that reuses the blocks, queued after the copy
+    assert tc.wait_idle()
+    n, done = load(tc, req("a2"), [5, 6, 7])
+    assert n == 12 and done == [("a2", True)] and torch.equal(k[1][5:8], want)
+    tc.close()
