@@ -108,8 +108,13 @@ class TierConnector(KVConnector):
             self.host = HostPool(g, host_blocks, pin=cuda)
             self._add_tier("host", host_blocks, g.block_bytes)
         if self.cfg.disk_dir is not None and self.cfg.disk_bytes > 0:
-            self.disk = DiskStore(self.cfg.disk_dir, g)
-            self._add_tier("disk", self.cfg.disk_bytes // self.disk.file_bytes, self.disk.file_bytes)
+            disk = DiskStore(self.cfg.disk_dir, g)
+            if self.cfg.disk_bytes // disk.file_bytes:            # room for one block at least
+                self.disk = disk
+                self._add_tier("disk", self.cfg.disk_bytes // disk.file_bytes, disk.file_bytes)
+        if not self.index:
+            log.warning("KV tiers: host %d B / disk %d B hold no block of %d B; tiers off", self.cfg.host_bytes,
+                        self.cfg.disk_bytes, g.block_bytes)
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
         for name, fn in (("writer", self._writer), ("loader", self._loader)):
             t = threading.Thread(target=fn, name=f"kv-tier-{name}", daemon=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import bisect
 import threading
 
-TIERS = ("host", "disk")
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
