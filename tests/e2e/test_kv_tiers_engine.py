@@ -1,8 +1,8 @@
 """KV cache tiers on the real model (the session's float32 engine): a prompt evicted from the device
 pool comes back from the host tier, then from the disk tier after a restart of the tiers, and greedy
-decoding gives the tokens of computing it, while the engine computes only the prompt's tail. Controls:
-a corrupt disk file is detected (the prompt is recomputed, same tokens); garbage in the unchecked host
-tier changes the tokens, so the equality checks can fail."""
+decoding gives the tokens of computing it, while the engine computes only the prompt's tail. The
+control: garbage in the (unchecksummed) host tier changes the tokens, so the equality checks can fail.
+Corrupt disk files are detected and dropped: tests/unit/test_kv_tiers.py."""
 import pytest
 
 from pdcluster.engine import SamplingParams
@@ -57,8 +57,11 @@ def test_prompt_evicted_from_device_reloads_from_host_then_disk_and_garbage_chan
     ref = run(engine, ids, "tiers-ref")                          # computed: the no-tier tokens
     assert ref.num_cached_tokens == 0
     evict_all(engine, tiers)
-    stored = {(kind, tier): set(h) for _, kind, h, tier in engine.block_events().drain()[1] if tier != "device"}
-    assert hashes <= stored[("stored", "host")] and hashes <= stored[("stored", "disk")]
+    stored = {"host": set(), "disk": set()}
+    for _, kind, hs, tier in engine.block_events().drain()[1]:
+        if kind == "stored" and tier != "device":
+            stored[tier].update(hs)
+    assert hashes <= stored["host"] and hashes <= stored["disk"]
 
     def check(rid, tier):
         before = engine.stats.tokens
@@ -70,22 +73,13 @@ def test_prompt_evicted_from_device_reloads_from_host_then_disk_and_garbage_chan
         assert out.output_token_ids == ref.output_token_ids
     check("tiers-host", "host")
 
-    evict_all(engine, tiers)                                     # held below already: nothing copied again
+    evict_all(engine, tiers)
+    assert tiers.snapshot.skipped >= n_blocks                    # held below already: not copied again
     tiers.close()
     tiers = use(engine, TierConfig(disk_dir=str(tmp_path), disk_bytes=64 * (bb + 64)))   # a restart: disk only
     announced = {h for _, kind, hs, tier in engine.block_events().drain()[1] if tier == "disk" for h in hs}
     assert hashes <= announced
     check("tiers-disk", "disk")
-
-    evict_all(engine, tiers)
-    tiers.close()
-    victim = tmp_path / f"{min(hashes):016x}.kvb"
-    raw = bytearray(victim.read_bytes())
-    raw[-5] ^= 1
-    victim.write_bytes(raw)
-    tiers = use(engine, TierConfig(disk_dir=str(tmp_path), disk_bytes=64 * (bb + 64)))
-    out = run(engine, ids, "tiers-corrupt")                      # detected at the restart's scan
-    assert tiers.figures()[0]["corrupt"] == 1 and out.output_token_ids == ref.output_token_ids
     tiers.close()
 
     # the control: garbage in the host tier (no checksum there) is what the tokens are computed from
