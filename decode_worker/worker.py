@@ -23,6 +23,7 @@ from pdcluster.engine.engine_thread import EngineThread
 from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.engine.kv_connector import NoKVCapacity
+from pdcluster.kv_transfer.tiers.attach import attach_tiers, tier_figures
 from pdcluster.kv_transfer import KVReceiver, ReceiveConnector
 from pdcluster.kv_transfer.registry import TRANSFER_TIMEOUT_S, check, server_class
 from pdcluster.messages import Reservation, TokenItem, WorkerStatus
@@ -67,7 +68,9 @@ class DecodeWorker:
         self.events = engine.block_events()      # prefix-cache events for the router's global index
         self.kv_transport = kv_transport
         self.receiver = KVReceiver()
-        self.connector = engine.connector = ReceiveConnector(self.receiver, engine.cfg.model.num_layers)
+        self.connector = ReceiveConnector(self.receiver, engine.cfg.model.num_layers)
+        # the engine's connector: the receiver's, beside the host/disk cache tiers when configured
+        self.tiers = attach_tiers(engine, self.connector, worker_id)
         tcp = kv_transport == "tcp"
         # Mooncake registers the caches (CPU; GPU caches land through its own host staging buffers)
         try:
@@ -170,7 +173,8 @@ class DecodeWorker:
         running, waiting = self.engine.queue_lengths()
         return WorkerStatus.of(self.worker_id, "decode", self.incarnation, os.getpid(), self.engine.figures(),
                                self.events.drain() if drain_events else (None, ()), running=running,
-                               waiting=waiting, reserved=len(self._reserved), kv_address=self.kv_address)
+                               waiting=waiting, reserved=len(self._reserved), kv_address=self.kv_address,
+                               tiers=tier_figures(self.tiers))
 
     def steps(self) -> int:
         """Forward steps the engine has finished: rises while it works on anything."""
@@ -180,6 +184,12 @@ class DecodeWorker:
         """(event sequence number, every cached chain hash): a full resync for the router's index."""
         return self.engine_thread.run(lambda e: e.block_snapshot())
 
+    def tier_hashes(self) -> tuple[int, dict[str, list[int]]]:
+        """(event sequence number, {"host"|"disk": chain hashes}) of its KV cache tiers (none: off)."""
+        return self.tiers.tier_hashes() if self.tiers is not None else (self.events.seq, {})
+
     def close(self) -> None:
         self.engine_thread.stop()
         self.server.stop_sync()
+        if self.tiers is not None:
+            self.tiers.close()

@@ -135,9 +135,10 @@ class ClusterConfig:
 
     def engine_kwargs(self, role: str) -> dict:
         """The engine keywords of `role`'s workers: the engine section's, with the pool's own
-        quantization where pools.yaml sets one."""
+        quantization and KV cache tiers where pools.yaml sets them."""
         q = self.pools.pool(role).quantization
-        return self.engine.engine_kwargs(self.model) | ({} if q is None else {"quantization": q})
+        return (self.engine.engine_kwargs(self.model) | ({} if q is None else {"quantization": q})
+                | self.pools.pool(role).kv_tiers.overrides())
 
     def workers(self, role: str) -> int:
         """Workers `role` starts with (no prefill pool without remote prefill)."""

@@ -29,6 +29,20 @@ class AutoscaleConfig:
 
 
 @dataclass(frozen=True)
+class PoolTiers:
+    """A pool's own KV cache tiers below the device pool (kv_transfer/tiers/); None: the engine
+    section's (--kv-host-cache-gb, --kv-disk-cache-dir, --kv-disk-cache-gb, --kv-tier-codec)."""
+    host_cache_gb: float | None = None
+    disk_cache_dir: str | None = None      # each worker keeps its blocks in <dir>/<worker id>
+    disk_cache_gb: float | None = None
+    tier_codec: str | None = None
+
+    def overrides(self) -> dict:
+        """The CacheConfig fields (engine keywords) this pool sets."""
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     """One pool. Without bounds (min/max None) it stays at initial_replicas: nothing to autoscale."""
     autoscale: AutoscaleConfig
@@ -40,6 +54,7 @@ class PoolConfig:
                                         #   across zones apart
     quantization: str | None = None     # this pool's weight quantization (engine/quant/policy.py); None:
                                         #   the engine section's (--quantization)
+    kv_tiers: PoolTiers = field(default_factory=PoolTiers)
 
     @property
     def lo(self) -> int:

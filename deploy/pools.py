@@ -11,6 +11,7 @@
                                         resources.cpus must equal threads: Ray CPUs per actor)
       autoscale.*                     pools.<pool>.autoscale
       quantization                    pools.<pool>.quantization (none | int8 | int4; null = the engine's)
+      kv_tiers.*                      pools.<pool>.kv_tiers (host/disk KV cache tiers; null = the engine's)
 
 A key the file leaves out keeps the value of the tree it is parsed onto (the flags' tree for
 `serve --config`). Every error names the file, the line (from yaml.compose's node marks) and the
@@ -26,7 +27,8 @@ from typing import Any, Callable
 import yaml
 
 from pdcluster.deploy.config import ClusterConfig
-from pdcluster.deploy.pool_config import SLO_KEY, AutoscaleConfig, PoolConfig
+from pdcluster.deploy.pool_config import SLO_KEY, AutoscaleConfig, PoolConfig, PoolTiers
+from pdcluster.engine.config import TIER_CODECS
 from pdcluster.engine.quant.policy import QUANTIZATIONS
 from pdcluster.router.autoscaler import SIGNALS
 from pdcluster.router.placement import POLICY_NAMES
@@ -151,7 +153,8 @@ def _pick(v: Any, default: Any) -> Any:
     return default if v is _NO else v
 
 
-POOL_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "resources", "autoscale", "quantization")
+POOL_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "resources", "autoscale", "quantization", "kv_tiers")
+TIER_KEYS = ("host_cache_gb", "disk_cache_dir", "disk_cache_gb", "tier_codec")
 AUTOSCALE_KEYS = ("signal", "target", "ttft_slo_ms", "tpot_slo_ms", "scale_up_above", "scale_down_below",
                   "upscale_delay_s", "downscale_delay_s", "max_step", "cooldown_s")
 RESOURCE_KEYS = ("cpus", "gpus", "threads")
@@ -209,7 +212,23 @@ def _pool(rd: _Reader, name: str, node: yaml.Node | None, parent: yaml.Node, bas
         cooldown_s=_pick(rd.value(a, "cooldown_s", key, _num(0)), b.cooldown_s))
     quant = _pick(rd.value(m, "quantization", name, _opt_one_of(QUANTIZATIONS)), bp.quantization)
     return replace(bp, autoscale=auto, initial_replicas=init, min_replicas=lo, max_replicas=hi,
-                   quantization=quant), res
+                   quantization=quant, kv_tiers=_tiers(rd, name, m, bp.kv_tiers, base, node or parent)), res
+
+
+def _tiers(rd: _Reader, name: str, m: dict, base: PoolTiers, tree: ClusterConfig, where: yaml.Node) -> PoolTiers:
+    """pools.<pool>.kv_tiers: the pool's KV cache tiers (null or absent: the engine's)."""
+    key = f"{name}.kv_tiers"
+    t = rd.mapping(m["kv_tiers"][1], key, TIER_KEYS) if "kv_tiers" in m else {}
+    gb = lambda v: None if v is None else _num(0)(v)      # noqa: E731
+    out = PoolTiers(host_cache_gb=_pick(rd.value(t, "host_cache_gb", key, gb), base.host_cache_gb),
+                    disk_cache_dir=_pick(rd.value(t, "disk_cache_dir", key, _opt_str), base.disk_cache_dir),
+                    disk_cache_gb=_pick(rd.value(t, "disk_cache_gb", key, gb), base.disk_cache_gb),
+                    tier_codec=_pick(rd.value(t, "tier_codec", key, _opt_one_of(TIER_CODECS)), base.tier_codec))
+    cache = vars(tree.engine.cache) | out.overrides()
+    if (cache["disk_cache_gb"] > 0) != bool(cache["disk_cache_dir"]):
+        rd.fail(m["kv_tiers"][1] if "kv_tiers" in m else where, key,
+                "the disk tier needs both disk_cache_dir and disk_cache_gb > 0 (here or by the flags)")
+    return out
 
 
 def _one_size(rd: _Reader, res: dict[str, dict]) -> None:

@@ -32,6 +32,12 @@ class BlockEventLog:
             self._buf.clear()
             return self._seq, out
 
+    @property
+    def seq(self) -> int:
+        """The last event's sequence number."""
+        with self._lock:
+            return self._seq
+
     def snapshot(self, pool) -> tuple[int, list[int]]:
         """(sequence number, every hash cached now); call on the engine thread so both agree."""
         with self._lock:

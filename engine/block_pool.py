@@ -49,6 +49,9 @@ class BlockPool:
         self.max_protected = int(protected_fraction * num_blocks)
         self.cached: dict[int, Block] = {}           # chain hash -> block holding it
         self.on_event = on_event                      # ("stored"|"removed", hashes) for the router index
+        # (block ids, hashes) of cached blocks allocate() is about to hand out, while their KV is
+        # still intact: a lower cache tier copies them out here (engine/kv_connector.py `evicted`)
+        self.on_evict: Callable[[list[int], list[int]], None] | None = None
         self.hits = 0                                 # prefix-cache queried/hit tokens, for metrics
         self.queries = 0
 
@@ -65,17 +68,20 @@ class BlockPool:
         """n fresh blocks with ref_cnt 1 (evicting cached ones LRU). Caller checked capacity."""
         if n > self.num_free_blocks:
             raise RuntimeError(f"allocate({n}) with only {self.num_free_blocks} free blocks")
-        out, evicted = [], []
+        out, evicted, evicted_ids = [], [], []
         for _ in range(n):
             block_id, _ = (self.free_queue or self.protected).popitem(last=False)
             b = self.blocks[block_id]
             if b.block_hash is not None:
                 evicted.append(b.block_hash)
+                evicted_ids.append(block_id)
                 del self.cached[b.block_hash]
                 b.block_hash = None
             b.reused = False
             b.ref_cnt = 1
             out.append(b)
+        if evicted and self.on_evict:
+            self.on_evict(evicted_ids, evicted)
         if evicted and self.on_event:
             self.on_event("removed", evicted)
         return out

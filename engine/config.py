@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}   # the dtypes a worker runs in, bytes per element
+TIER_CODECS = ("none", "int8", "fp8")   # KV below the device pool (kv_transfer/codec.py CODECS)
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -66,6 +67,27 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     protected_fraction: float = 0.9      # most of the pool that reused prefix blocks may hold when
                                          #   free, ahead of used-once blocks (SLRU, engine/block_pool.py)
+    # lower cache tiers (kv_transfer/tiers/): evicted prefix blocks are kept there and loaded back
+    host_cache_gb: float = field(default=0.0, metadata={"cli": "--kv-host-cache-gb", "help": (
+        "GiB of host memory per worker that keeps KV blocks evicted from the device pool (0 = off)")})
+    disk_cache_dir: str | None = field(default=None, metadata={"cli": "--kv-disk-cache-dir", "help": (
+        "directory for a per-worker disk tier of evicted KV blocks (one checksummed file each; a "
+        "restarted worker verifies and re-announces them)")})
+    disk_cache_gb: float = field(default=0.0, metadata={"cli": "--kv-disk-cache-gb", "help": (
+        "GiB of disk per worker for --kv-disk-cache-dir (0 = off)")})
+    tier_codec: str = field(default="none", metadata={"cli": "--kv-tier-codec", "choices": TIER_CODECS, "help": (
+        "how the host and disk tiers keep KV blocks: as computed, or int8 / fp8 with a scale per block, "
+        "layer and KV head (kv_transfer/codec.py; ~4x smaller for float32 caches, lossy)")})
+
+    def __post_init__(self):
+        for name in ("host_cache_gb", "disk_cache_gb"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.tier_codec not in TIER_CODECS:
+            raise ValueError(f"tier_codec must be one of {TIER_CODECS}, got {self.tier_codec!r}")
+        if (self.disk_cache_gb > 0) != bool(self.disk_cache_dir):
+            raise ValueError("the disk KV tier needs both disk_cache_dir and disk_cache_gb > 0 "
+                             "(--kv-disk-cache-dir, --kv-disk-cache-gb)")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,9 @@ Scheduler side (pure Python, asked while the scheduler admits and finishes reque
   request_finished(request_id, block_ids) -> hold  True keeps the blocks allocated after the request
       ends, because the connector still reads them; finished_sending later names the ids to free;
   finished_loading() / finished_sending()  polled once per engine step.
+  evicted(block_ids, hashes)  cached blocks the pool is handing out again, before this step's
+      forward pass overwrites them: a lower cache tier copies their KV out here (kv_transfer/tiers/);
+      it runs on the step's path, so it copies and returns (the writing happens elsewhere).
 Worker side:
   register_caches(k_caches, v_caches)  once, when the engine takes the connector;
   save_layer(layer, k_caches, v_caches, completing)  after each layer of a step: `completing` names
@@ -73,6 +76,10 @@ class KVConnector:
     def finished_sending(self) -> list[str]:
         """Ids whose blocks request_finished held and that may be freed now."""
         return []
+
+    def evicted(self, block_ids: list[int], hashes: list[int]) -> None:
+        """Cached blocks block_ids (chain hashes `hashes`) leave the prefix cache; their KV is intact
+        until this step's forward pass runs."""
 
     # worker side
     def register_caches(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:

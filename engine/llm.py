@@ -21,11 +21,17 @@ class RequestOutput:
 class LLM:
     """LLM() loads the embedded SmolLM2-135M-Instruct; LLM(model="folder_or.gguf") another model.
     Keyword arguments are engine options (dtype, block_size, num_blocks, kv_cache_memory,
-    max_num_seqs, max_num_batched_tokens, enable_prefix_caching, max_model_len, ...)."""
+    max_num_seqs, max_num_batched_tokens, enable_prefix_caching, max_model_len, host_cache_gb,
+    disk_cache_dir, disk_cache_gb, tier_codec, ...)."""
 
     def __init__(self, model: str | None = None, **engine_kwargs):
         self.engine = LLMEngine(build_config(model, **engine_kwargs))
         self.tokenizer = self.engine.tokenizer
+        self.tiers = None               # host / disk cache tiers, when host_cache_gb / disk_cache_* ask
+        c = self.engine.cfg.cache
+        if c.host_cache_gb > 0 or (c.disk_cache_dir and c.disk_cache_gb > 0):
+            from pdcluster.kv_transfer.tiers import attach_tiers     # lazy: torch-only engines skip it
+            self.tiers = attach_tiers(self.engine)
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):

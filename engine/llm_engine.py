@@ -139,6 +139,7 @@ class LLMEngine:
         """Swap the connector (a worker sets its own once, before serving); it gets the caches."""
         connector.register_caches(self.runner.k_caches, self.runner.v_caches)
         self.scheduler.connector = connector
+        self.kv.pool.on_evict = connector.evicted      # a lower cache tier keeps evicted blocks
 
     def warmup(self, num_tokens: int = 256) -> float:
         """Before serving: one synthetic prompt of num_tokens (capped by the step budget, the context

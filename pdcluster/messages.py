@@ -146,6 +146,29 @@ class LinkFigures(Figures):
 
 
 @dataclass(frozen=True)
+class TierFigures(Figures):
+    """One KV cache tier below a worker's device pool (kv_transfer/tiers/stats.py TierStats.as_dict()).
+    Counters in blocks or bytes, cumulative; the histograms are cumulative counts per bucket (seconds,
+    upper bounds; one more count for +Inf), as Prometheus exposes them."""
+    tier: str                       # "host" | "disk"
+    capacity_blocks: int = 0
+    block_bytes: int = 0            # bytes one block takes there (compressed size)
+    blocks: int = 0                 # held now
+    hits: int = 0                   # blocks loaded back into the device pool
+    load_failures: int = 0          # loads that failed (missing, corrupt): recomputed
+    loaded_bytes: int = 0
+    stored: int = 0                 # blocks written
+    stored_bytes: int = 0
+    evicted: int = 0                # blocks evicted by the tier's LRU
+    corrupt: int = 0                # blocks found corrupt and dropped
+    buckets: list[float] = dataclasses.field(default_factory=list)
+    load_counts: list[int] = dataclasses.field(default_factory=list)
+    load_sum_s: float = 0.0
+    store_counts: list[int] = dataclasses.field(default_factory=list)
+    store_sum_s: float = 0.0
+
+
+@dataclass(frozen=True)
 class BlockEvent(Message):
     """One prefix-cache change on a worker, numbered in its BlockEventLog."""
     seq: int
@@ -180,6 +203,7 @@ class WorkerStatus(Message):
     kv_address: str = ""            # decode: its KV server of the cluster's transport
     in_flight: int = 0              # prefill: prefill calls in progress
     links: tuple[LinkFigures, ...] = ()     # prefill: its outgoing KV links
+    tiers: tuple[TierFigures, ...] = ()     # its KV cache tiers below the device pool (none: off)
 
     @classmethod
     def of(cls, worker_id: str, role: str, incarnation: str, pid: int, figures, drained=(None, ()),
@@ -194,4 +218,5 @@ class WorkerStatus(Message):
         d = msgpack.unpackb(data, strict_map_key=True)
         return cls(**d | dict(engine=EngineFigures(**d["engine"]),
                               block_events=tuple(BlockEvent(**e) for e in d["block_events"]),
-                              links=tuple(LinkFigures(**x) for x in d["links"])))
+                              links=tuple(LinkFigures(**x) for x in d["links"]),
+                              tiers=tuple(TierFigures(**x) for x in d.get("tiers", ()))))

@@ -64,6 +64,9 @@ class WorkerActor:
     async def cached_hashes(self) -> tuple[int, list[int]]:
         return await self._run(self.worker.cached_hashes)
 
+    async def tier_hashes(self) -> tuple[int, dict[str, list[int]]]:
+        return await self._run(self.worker.tier_hashes)
+
     async def shutdown(self) -> None:
         self.worker.close()
 

@@ -22,6 +22,7 @@ from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.messages import KVDestination, LinkFigures, PrefillResult, WorkerStatus
 from pdcluster.kv_transfer import BandwidthMeter, KVTransferError, SendConnector
+from pdcluster.kv_transfer.tiers.attach import attach_tiers, tier_figures
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy, prefill_seconds
 from pdcluster.kv_transfer.registry import TRANSFER_TIMEOUT_S, sender_class
 
@@ -70,7 +71,8 @@ class PrefillWorker:
             raise
         self.transfer_timeout_s = transfer_timeout_s
         # ships each prompt's layers from the engine thread (whole-request mode: every layer after the last)
-        self.sends = engine.connector = SendConnector(layerwise=kv_layerwise)
+        self.sends = SendConnector(layerwise=kv_layerwise)
+        self.tiers = attach_tiers(engine, self.sends, worker_id)     # beside the host/disk tiers, if any
         self._lock = threading.Lock()
         self.in_flight = 0
 
@@ -153,13 +155,20 @@ class PrefillWorker:
         """Load figures; with drain_events (the router's poll) also the block events since the last drain."""
         return WorkerStatus.of(self.worker_id, "prefill", self.incarnation, os.getpid(), self.engine.figures(),
                                self.events.drain() if drain_events else (None, ()), in_flight=self.in_flight,
-                               links=tuple(LinkFigures.of(x) for x in self.meter.snapshot()))
+                               links=tuple(LinkFigures.of(x) for x in self.meter.snapshot()),
+                               tiers=tier_figures(self.tiers))
 
     def cached_hashes(self) -> tuple[int, list[int]]:
         """(event sequence number, every cached chain hash): a full resync for the router's index."""
         return self.engine_thread.run(lambda e: e.block_snapshot())
 
+    def tier_hashes(self) -> tuple[int, dict[str, list[int]]]:
+        """(event sequence number, {"host"|"disk": chain hashes}) of its KV cache tiers (none: off)."""
+        return self.tiers.tier_hashes() if self.tiers is not None else (self.events.seq, {})
+
     def close(self) -> None:
         self.engine_thread.stop()
         self.transport.close()
+        if self.tiers is not None:
+            self.tiers.close()
 

@@ -18,6 +18,11 @@ Exported (units in the names; counters get `_total` in the exposition):
   pdcluster_prefix_cache_hits_tokens_total{worker} / _prefix_cache_queries_tokens_total{worker}
   pdcluster_kv_transfer_bytes_total{src,dst} / _kv_transfer_seconds_total{src,dst}
   pdcluster_worker_busy_seconds_total{worker} / _worker_steps_total{worker}
+  pdcluster_kv_tier_blocks{worker,tier} / _kv_tier_capacity_blocks{worker,tier}   host / disk cache tiers
+  pdcluster_kv_tier_hits_blocks_total{worker,tier}          blocks loaded back into the device pool
+  pdcluster_kv_tier_loaded_bytes_total / _stored_bytes_total{worker,tier}
+  pdcluster_kv_tier_load_failures_total / _corrupt_blocks_total / _evicted_blocks_total{worker,tier}
+  pdcluster_kv_tier_load_seconds / _store_seconds{worker,tier}   histograms (per load job / per block)
   pdcluster_autoscaler_decisions_total{pool,direction,cause}  every tick's decision: up|down|hold and why
   pdcluster_autoscaler_actions_total{pool,action,result}     replicas added|removed: ok|failed
   pdcluster_autoscaler_load{pool}                            the pool's signal / its target (NaN: no data)
@@ -34,7 +39,7 @@ import time
 from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from pdcluster.messages import WorkerStatus
 from pdcluster.ports import bind_tcp
@@ -223,3 +228,41 @@ class _WorkerCollector:
                 kv_bytes.add_metric([link.src_id, link.dst_id], link.total_bytes)
                 kv_secs.add_metric([link.src_id, link.dst_id], link.total_seconds)
         yield from (replicas, up, used, free, hits, queries, busy, steps, kv_bytes, kv_secs)
+        yield from _tier_metrics(pools, status)
+
+
+def _tier_metrics(pools: dict, status: dict):
+    """Each worker's KV cache tiers (WorkerStatus.tiers), labelled by worker and tier."""
+    lab = ["worker", "tier"]
+    gauges = {"blocks": GaugeMetricFamily("pdcluster_kv_tier_blocks", "KV blocks held in the tier", labels=lab),
+              "capacity_blocks": GaugeMetricFamily("pdcluster_kv_tier_capacity_blocks", "KV blocks the tier can hold",
+                                                   labels=lab)}
+    counters = {
+        "hits": CounterMetricFamily("pdcluster_kv_tier_hits_blocks", "KV blocks loaded back from the tier", labels=lab),
+        "loaded_bytes": CounterMetricFamily("pdcluster_kv_tier_loaded_bytes", "Bytes loaded back from the tier",
+                                            labels=lab),
+        "stored_bytes": CounterMetricFamily("pdcluster_kv_tier_stored_bytes", "Bytes written into the tier",
+                                            labels=lab),
+        "load_failures": CounterMetricFamily("pdcluster_kv_tier_load_failures",
+                                             "Loads from the tier that failed (recomputed)", labels=lab),
+        "corrupt": CounterMetricFamily("pdcluster_kv_tier_corrupt_blocks", "Corrupt blocks found and dropped",
+                                       labels=lab),
+        "evicted": CounterMetricFamily("pdcluster_kv_tier_evicted_blocks", "Blocks the tier's LRU evicted",
+                                       labels=lab)}
+    hists = {"load": HistogramMetricFamily("pdcluster_kv_tier_load_seconds",
+                                           "Seconds to load a request's blocks from the tier into the device pool",
+                                           labels=lab),
+             "store": HistogramMetricFamily("pdcluster_kv_tier_store_seconds", "Seconds to store one block in the tier",
+                                            labels=lab)}
+    for worker_id in sorted(pools):
+        s = status.get(worker_id)
+        for t in (s.tiers if s is not None else ()):
+            key = [worker_id, t.tier]
+            for name, fam in (gauges | counters).items():
+                fam.add_metric(key, getattr(t, name))
+            for name, fam in hists.items():
+                counts = getattr(t, f"{name}_counts")
+                if counts:
+                    bounds = [str(b) for b in t.buckets] + ["+Inf"]
+                    fam.add_metric(key, list(zip(bounds, counts)), getattr(t, f"{name}_sum_s"))
+    yield from (*gauges.values(), *counters.values(), *hists.values())

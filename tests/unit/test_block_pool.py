@@ -162,3 +162,16 @@ def test_allocation_falls_back_to_protected_blocks_and_reset_clears_them():
     assert kv.pool.protected
     kv.pool.reset_prefix_cache()
     assert not kv.pool.protected and kv.num_free_blocks == 4 and not kv.pool.cached
+
+
+def test_evicting_cached_blocks_tells_on_evict_first_with_their_ids():
+    calls = []
+    p = BlockPool(3, on_event=lambda kind, hs: calls.append((kind, hs)))
+    p.on_evict = lambda ids, hs: calls.append(("evict", ids, hs))
+    a = p.allocate(3)
+    p.cache_block(a[1], 11)
+    p.cache_block(a[2], 12)
+    p.free(a)
+    calls.clear()
+    p.allocate(2)                             # free queue LRU: block 0 (uncached), then 1 (cached)
+    assert calls == [("evict", [1], [11]), ("removed", [11])]

@@ -114,3 +114,29 @@ def test_prefix_lookups_count_tokens_in_the_pool():
     b = Request(list(range(9)) + [99], SamplingParams(max_tokens=2), block_size=4)
     assert len(kv.computed_blocks(b)) == 2
     assert (kv.pool.queries, kv.pool.hits) == (20, 8)
+
+
+def test_kv_tier_figures_become_per_tier_series_and_histograms():
+    from pdcluster.kv_transfer.tiers.stats import TierStats
+    from pdcluster.messages import TierFigures
+    host, disk = TierStats("host", 100, 1000), TierStats("disk", 400, 1036)
+    host.add(blocks=7, hits=3, loaded_bytes=3000, stored_bytes=7000)
+    host.observe("load_s", 0.0003)
+    host.observe("load_s", 0.002)
+    disk.add(corrupt=1, evicted=2)
+    disk.observe("store_s", 0.02)
+    st = replace(status("decode-0", "decode", EngineFigures(num_blocks=10)),
+                 tiers=tuple(TierFigures.of(t.as_dict()) for t in (host, disk)))
+    st = WorkerStatus.from_bytes(st.to_bytes())                     # as it crosses from the worker
+    m = RouterMetrics()
+    m.add_worker("decode-0", "decode")
+    m.worker_status("decode-0", st)
+    s = samples(m)
+    h, d = (("tier", "host"), ("worker", "decode-0")), (("tier", "disk"), ("worker", "decode-0"))
+    assert s[("pdcluster_kv_tier_blocks", h)] == 7 and s[("pdcluster_kv_tier_capacity_blocks", d)] == 400
+    assert s[("pdcluster_kv_tier_hits_blocks_total", h)] == 3 and s[("pdcluster_kv_tier_loaded_bytes_total", h)] == 3000
+    assert s[("pdcluster_kv_tier_corrupt_blocks_total", d)] == 1 and s[("pdcluster_kv_tier_evicted_blocks_total", d)] == 2
+    assert s[("pdcluster_kv_tier_load_seconds_count", h)] == 2
+    assert s[("pdcluster_kv_tier_load_seconds_bucket", (("le", "0.0005"),) + h)] == 1
+    assert s[("pdcluster_kv_tier_load_seconds_bucket", (("le", "+Inf"),) + h)] == 2
+    assert abs(s[("pdcluster_kv_tier_store_seconds_sum", d)] - 0.02) < 1e-12

@@ -221,3 +221,41 @@ def test_worker_keywords_come_from_the_tree():
     assert wk["decode"]["reservation_ttl_s"] == 100.0 + 2 * 10.0 and wk["decode"]["max_restarts"] == 1
     kw = c.engine.engine_kwargs(c.model)
     assert kw["block_size"] == c.engine.cache.block_size and kw["kv_cache_memory"] == 512 * 2**20
+
+
+def test_kv_tiers_per_pool_and_by_flag_reach_the_workers(tmp_path):
+    from pdcluster.deploy.flags import dotted, override
+    base = override(ClusterConfig(), dotted(engine__cache__host_cache_gb=1.5))          # --kv-host-cache-gb 1.5
+    c = load_pools_config(SHIPPED, base=base)                                           # shipped: all null
+    assert c.engine_kwargs("decode")["host_cache_gb"] == 1.5 and c.engine_kwargs("decode")["disk_cache_dir"] is None
+    text, _ = edited("    disk_cache_dir: null", f"    disk_cache_dir: {tmp_path}", after="\ndecode:")
+    text, _ = edited("    disk_cache_gb: null", "    disk_cache_gb: 8", text, after="\ndecode:")
+    text, _ = edited("    host_cache_gb: null", "    host_cache_gb: 0", text, after="\ndecode:")
+    c = parse_pools_config(text, base=base)
+    d, p = c.engine_kwargs("decode"), c.engine_kwargs("prefill")
+    assert (d["host_cache_gb"], d["disk_cache_dir"], d["disk_cache_gb"]) == (0, str(tmp_path), 8)
+    assert (p["host_cache_gb"], p["disk_cache_dir"], p["disk_cache_gb"]) == (1.5, None, 0.0)
+    from pdcluster.engine.config import CacheConfig
+    fields = {f.name for f in dataclasses.fields(CacheConfig)}
+    CacheConfig(**{k: v for k, v in d.items() if k in fields})                         # what a worker builds
+
+
+@pytest.mark.parametrize("old,new,key,msg", [
+    ("    host_cache_gb: null", "    host_cache_gb: -1", "decode.kv_tiers.host_cache_gb", "must be >= 0"),
+    ("    tier_codec: null", "    tier_codec: zip", "decode.kv_tiers.tier_codec", "must be one of none, int8, fp8"),
+    ("    disk_cache_gb: null", "    disk_cache_gb: 4", "decode.kv_tiers", "needs both disk_cache_dir"),
+])
+def test_bad_kv_tiers_name_key_and_line(tmp_path, old, new, key, msg):
+    text, line = edited(old, new, after="\ndecode:")
+    err, found = issues(text, tmp_path)
+    assert [k for k, _ in found] == [key] and msg in err, err
+
+
+def test_kv_tier_flags_are_checked():
+    from pdcluster.engine.config import CacheConfig
+    with pytest.raises(ValueError, match="needs both"):
+        CacheConfig(disk_cache_dir="/tmp/x")
+    with pytest.raises(ValueError, match=">= 0"):
+        CacheConfig(host_cache_gb=-0.5)
+    with pytest.raises(ValueError, match="tier_codec"):
+        CacheConfig(tier_codec="zip")

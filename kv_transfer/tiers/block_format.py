@@ -1,0 +1,95 @@
+"""How one KV block is laid out in the lower tiers, and its geometry.
+
+A block in the device pool is, per layer, K and V of shape [block_size, kv_heads, head_dim]. Below
+the device it is one tensor over every layer:
+
+    kv      [2 * num_layers, block_size, kv_heads, head_dim]   rows: K of layer 0..L-1, then V of 0..L-1
+codec "none": kv in the cache dtype. "int8" / "fp8": kv_transfer/codec.py's quantization, one scale
+per (row, kv_head):
+    q       [2L, block_size, kv_heads, head_dim]  int8 / float8_e4m3fn
+    scales  [2L, kv_heads]                       float32
+The disk tier stores exactly these bytes (q then scales), so a block round-trips bit for bit.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import torch
+
+from pdcluster.kv_transfer import codec as wire_codec
+
+
+@dataclass(frozen=True)
+class Geometry:
+    num_layers: int
+    block_size: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype          # the device pool's
+    codec: str = "none"         # the lower tiers': none | int8 | fp8
+
+    @classmethod
+    def of(cls, k_caches: list[torch.Tensor], codec: str) -> "Geometry":
+        wire_codec.check_codec(codec)
+        _, bs, h, d = k_caches[0].shape
+        return cls(len(k_caches), bs, h, d, k_caches[0].dtype, codec)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (2 * self.num_layers, self.block_size, self.kv_heads, self.head_dim)
+
+    @property
+    def stored_dtype(self) -> torch.dtype:
+        return self.dtype if self.codec == "none" else wire_codec.QUANT[self.codec]
+
+    @property
+    def data_bytes(self) -> int:
+        return math.prod(self.shape) * self.stored_dtype.itemsize
+
+    @property
+    def scale_bytes(self) -> int:
+        return 0 if self.codec == "none" else 2 * self.num_layers * self.kv_heads * wire_codec.SCALE_BYTES
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes one block takes in a lower tier (payload + scales)."""
+        return self.data_bytes + self.scale_bytes
+
+    def fingerprint(self) -> int:
+        """64 bits naming the layout: a disk file written under another layout (model, dtype, codec) is foreign."""
+        text = f"{self.num_layers}/{self.block_size}/{self.kv_heads}/{self.head_dim}/{self.dtype}/{self.codec}"
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def encode(geom: Geometry, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """kv [2L, bs, h, d] in the cache dtype (CPU) -> (data [2L, bs, h, d] stored dtype, scales [2L, h] or None)."""
+    if geom.codec == "none":
+        return kv, None
+    return wire_codec.encode(geom.codec, kv)
+
+
+def decode(geom: Geometry, data: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """The inverse of encode (lossy for int8 / fp8): [2L, bs, h, d] in the cache dtype."""
+    if geom.codec == "none":
+        return data
+    return wire_codec.decode(data, scales, geom.dtype)
+
+
+def to_bytes(data: torch.Tensor, scales: torch.Tensor | None) -> list[memoryview]:
+    """The payload's buffers, in file order (data, then scales)."""
+    out = [memoryview(data.contiguous().view(torch.uint8).numpy()).cast("B")]
+    if scales is not None:
+        out.append(memoryview(scales.contiguous().view(torch.uint8).numpy()).cast("B"))
+    return out
+
+
+def from_bytes(geom: Geometry, buf) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(data, scales) over `buf` (geom.block_bytes bytes, writable: torch.frombuffer shares it)."""
+    raw = torch.frombuffer(buf, dtype=torch.uint8)
+    data = raw[:geom.data_bytes].view(geom.stored_dtype).view(geom.shape)
+    if geom.codec == "none":
+        return data, None
+    scales = raw[geom.data_bytes:geom.block_bytes].view(torch.float32).view(2 * geom.num_layers, geom.kv_heads)
+    return data, scales

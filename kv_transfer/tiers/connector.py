@@ -1,0 +1,469 @@
+"""TierConnector: the engine's KV connector for a worker's host-memory and disk cache tiers.
+
+    device pool (engine BlockPool) --evicted--> writer thread --> host pool (HostPool) + disk (DiskStore)
+    device pool <--loader thread <-- host / disk   (a prompt whose next blocks a lower tier holds)
+
+Write-behind. When the device pool evicts cached blocks (`evicted`, on the engine thread, before the
+step that reuses them runs), their KV is copied into a staging tensor: the only work on the step's
+path (timed in `snapshot`). Blocks that every tier already holds are only touched in the LRU, no copy.
+The writer thread encodes them (codec none | int8 | fp8) and stores each into the host pool and the
+disk directory (write-through below the device, so the disk holds every evicted block for a warm
+restart). If more than `queue_blocks` blocks wait, new evictions are dropped rather than slowing
+steps. A GPU host copies to pinned staging memory asynchronously; the writer waits for the copy.
+
+Load-back. `external_tokens` counts the request's next blocks (after its device prefix hits) that a
+lower tier holds, ready; the scheduler allocates blocks for them, `after_alloc` pins the entries and
+queues a load job; the loader thread copies each block into its device block, layer after layer,
+and `finished_loading` reports it. The whole hit is loaded before the request computes its tail:
+the load overlaps other requests' steps, not the same prompt's remaining layers (the scheduler runs
+a request only once its external tokens are in). A block missing or corrupt fails the load: the
+scheduler frees the blocks and recomputes the prompt; a corrupt file is deleted first.
+
+Tenant isolation: blocks are keyed by the engine's salted chain hashes (engine/hashing.py), so a
+lookup under one salt never finds another's blocks, in any tier.
+
+Events: ("stored" | "removed", hashes, "host" | "disk") go to the worker's BlockEventLog as blocks
+enter and leave each tier; on start the disk tier is verified (every file's checksum) and its blocks
+announced as "stored" on "disk" (warm restart).
+
+Threads: the engine thread calls the KVConnector methods; the writer and loader threads share the
+two TierIndexes with it under one lock. A load writes only into blocks its request holds (the
+request's end is held back by `request_finished` until the loader is done with them).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pdcluster.engine.kv_connector import KVConnector
+from pdcluster.kv_transfer.tiers.block_format import Geometry, decode, encode
+from pdcluster.kv_transfer.tiers.disk import CorruptBlock, DiskStore
+from pdcluster.kv_transfer.tiers.host import HostPool
+from pdcluster.kv_transfer.tiers.index import TierIndex
+from pdcluster.kv_transfer.tiers.stats import SnapshotStats, TierStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    host_bytes: int = 0                 # host-memory tier capacity (0: none)
+    disk_dir: str | None = None         # disk tier directory (None: none)
+    disk_bytes: int = 0                 # disk tier capacity (0 with a directory: none)
+    codec: str = "none"                 # how blocks are kept below the device: none | int8 | fp8
+    protected_fraction: float = 0.9     # SLRU: of each tier, what blocks loaded back may hold
+    queue_blocks: int = 4096            # evicted blocks waiting for the writer, most; more are dropped
+
+    @property
+    def enabled(self) -> bool:
+        return self.host_bytes > 0 or (self.disk_dir is not None and self.disk_bytes > 0)
+
+
+@dataclass
+class _Load:
+    request_id: str
+    block_ids: list[int]
+    parts: list[tuple[int, str, int]]       # per block: (chain hash, tier, host slot or -1)
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class TierConnector(KVConnector):
+    def __init__(self, cfg: TierConfig, events=None):
+        """events: the worker's BlockEventLog (engine/block_events.py), or None."""
+        self.cfg, self.events = cfg, events
+        self.geom: Geometry | None = None
+        self.host: HostPool | None = None
+        self.disk: DiskStore | None = None
+        self.index: dict[str, TierIndex] = {}          # "host" / "disk" -> its bookkeeping
+        self.stats: dict[str, TierStats] = {}
+        self.snapshot = SnapshotStats()
+        self._lock = threading.Lock()                  # guards index, _pending, _loads, _done, _released
+        self._pending: set[int] = set()                # hashes copied out, not yet stored by the writer
+        self._queued_blocks = 0
+        self._loads: dict[str, _Load] = {}             # in flight, by request id
+        self._held: set[str] = set()                   # ended during their load: freed when it stops
+        self._done: list[tuple[str, bool]] = []
+        self._released: list[str] = []
+        self._writes: queue.Queue = queue.Queue()
+        self._reads: queue.Queue = queue.Queue()
+        self._threads: list[threading.Thread] = []
+        self.ready = threading.Event()                 # set once the disk tier is verified (warm restart)
+
+    # setup
+    def register_caches(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        if self.geom is not None:
+            raise RuntimeError("a TierConnector serves one engine")
+        self.k, self.v = k_caches, v_caches
+        self.device = k_caches[0].device
+        self.geom = g = Geometry.of(k_caches, self.cfg.codec)
+        cuda = self.device.type == "cuda"
+        host_blocks = self.cfg.host_bytes // g.block_bytes
+        if host_blocks:
+            self.host = HostPool(g, host_blocks, pin=cuda)
+            self._add_tier("host", host_blocks, g.block_bytes)
+        if self.cfg.disk_dir is not None and self.cfg.disk_bytes > 0:
+            disk = DiskStore(self.cfg.disk_dir, g)
+            if self.cfg.disk_bytes // disk.file_bytes:            # room for one block at least
+                self.disk = disk
+                self._add_tier("disk", self.cfg.disk_bytes // disk.file_bytes, disk.file_bytes)
+        if not self.index:
+            log.warning("KV tiers: host %d B / disk %d B hold no block of %d B; tiers off", self.cfg.host_bytes,
+                        self.cfg.disk_bytes, g.block_bytes)
+        self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        for name, fn in (("writer", self._writer), ("loader", self._loader)):
+            t = threading.Thread(target=fn, name=f"kv-tier-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._writes.put(("scan",))
+
+    def _add_tier(self, tier: str, blocks: int, block_bytes: int) -> None:
+        self.index[tier] = TierIndex(blocks, self.cfg.protected_fraction)
+        self.stats[tier] = TierStats(tier, blocks, block_bytes)
+
+    # write-behind (engine thread: the copy; writer thread: the rest)
+    def evicted(self, block_ids: list[int], hashes: list[int]) -> None:
+        if not self.index:
+            return
+        t0 = time.perf_counter()
+        todo_ids, todo = [], []
+        with self._lock:
+            for b, h in zip(block_ids, hashes):
+                if h in self._pending:
+                    continue
+                held = True
+                for idx in self.index.values():
+                    if h in idx:
+                        idx.insert(h)               # held: only refresh its LRU position
+                    else:
+                        held = False
+                if held:
+                    self.snapshot.skipped += 1
+                    continue
+                todo_ids.append(b)
+                todo.append(h)
+            if not todo:
+                return
+            if self._queued_blocks + len(todo) > self.cfg.queue_blocks:
+                self.snapshot.dropped += len(todo)
+                return
+            self._pending.update(todo)
+            self._queued_blocks += len(todo)
+        staging, ready = self._copy_out(todo_ids)
+        self._writes.put(("store", todo, staging, ready))
+        s = self.snapshot
+        s.calls += 1
+        s.blocks += len(todo)
+        s.seconds += time.perf_counter() - t0
+
+    def _copy_out(self, block_ids: list[int]):
+        """Blocks' KV -> staging [2L, n, bs, h, d] on the host (K rows, then V rows); a CUDA event
+        the writer waits on before reading it (GPU), or None (CPU: copied already)."""
+        g, n = self.geom, len(block_ids)
+        cuda = self._copy_stream is not None
+        staging = torch.empty((2 * g.num_layers, n, g.block_size, g.kv_heads, g.head_dim), dtype=g.dtype,
+                              pin_memory=cuda)
+        idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        for i, cache in enumerate(self.k + self.v):
+            if cuda:    # on the compute stream: ordered before the step that overwrites these blocks
+                staging[i].copy_(cache.index_select(0, idx), non_blocking=True)
+            else:
+                torch.index_select(cache, 0, idx, out=staging[i])
+        if not cuda:
+            return staging, None
+        ev = torch.cuda.Event()
+        ev.record()
+        return staging, ev
+
+    def _writer(self) -> None:
+        while True:
+            job = self._writes.get()
+            try:
+                if job is None:
+                    return
+                if job[0] == "scan":
+                    self._scan()
+                else:
+                    self._store(*job[1:])
+            except Exception:                           # a full disk, say: keep serving without the block
+                log.exception("KV tier writer: %s failed", job[0] if job else job)
+            finally:
+                self._writes.task_done()
+
+    def _store(self, hashes: list[int], staging: torch.Tensor, ready) -> None:
+        if ready is not None:
+            ready.synchronize()
+        stored = {t: [] for t in self.index}
+        removed = {t: [] for t in self.index}
+        try:
+            for i, h in enumerate(hashes):
+                data, scales = encode(self.geom, staging[:, i])
+                for tier in self.index:
+                    if self._put(tier, h, data, scales, removed[tier]):
+                        stored[tier].append(h)
+        finally:
+            with self._lock:
+                self._pending.difference_update(hashes)
+                self._queued_blocks -= len(hashes)
+            for tier in self.index:
+                self._emit("removed", removed[tier], tier)
+                self._emit("stored", stored[tier], tier)
+
+    def _put(self, tier: str, h: int, data, scales, removed: list[int]) -> bool:
+        """Store one encoded block in `tier` unless held there; appends evicted hashes to `removed`."""
+        t0 = time.perf_counter()
+        idx, st = self.index[tier], self.stats[tier]
+        with self._lock:
+            if h in idx:
+                return False
+            got = idx.insert(h)
+            if got is None:                 # every entry pinned: skip this block
+                return False
+            slot, victims = got
+            idx.pin(h)
+            st.blocks = len(idx)
+        removed += [v for v, _ in victims]
+        st.add(evicted=len(victims))
+        ok = False
+        try:
+            if tier == "host":
+                self.host.put(slot, data, scales)
+            else:
+                for v, _ in victims:
+                    self.disk.delete(v)
+                self.disk.write(h, data, scales)
+            ok = True
+        finally:
+            with self._lock:
+                idx.unpin(h)
+                if ok:
+                    idx.get(h).ready = True
+                else:
+                    idx.remove(h)
+                st.blocks = len(idx)
+        st.add(stored=1, stored_bytes=st.block_bytes)
+        st.observe("store_s", time.perf_counter() - t0)
+        return True
+
+    def _scan(self) -> None:
+        """Warm restart: verify the disk tier, index its intact blocks (oldest first), announce them."""
+        try:
+            if self.disk is None:
+                return
+            t0 = time.perf_counter()
+            good, bad = self.disk.scan()
+            idx, st = self.index["disk"], self.stats["disk"]
+            added, dropped = [], []
+            with self._lock:
+                for h in good:
+                    got = idx.insert(h)
+                    if got is None:
+                        break
+                    idx.get(h).ready = True
+                    added.append(h)
+                    dropped += [v for v, _ in got[1]]
+                st.blocks = len(idx)
+            for v in dropped:                               # more files than the capacity: oldest go
+                self.disk.delete(v)
+            st.add(corrupt=bad, evicted=len(dropped))
+            gone = set(dropped)
+            kept = [h for h in added if h not in gone]
+            self._emit("stored", kept, "disk")
+            if good or bad:
+                log.info("KV disk tier %s: %d blocks verified, %d corrupt files dropped, %d over capacity "
+                         "(%.2fs)", self.disk.dir, len(kept), bad, len(dropped), time.perf_counter() - t0)
+        finally:
+            self.ready.set()
+
+    def _emit(self, kind: str, hashes: list[int], tier: str) -> None:
+        if hashes and self.events is not None:
+            self.events.record(kind, hashes, tier)
+
+    # load-back (engine thread: decide and pin; loader thread: copy)
+    def external_tokens(self, request, num_local_tokens: int) -> int:
+        if not self.index:
+            return 0
+        bs = self.geom.block_size
+        last = (min(request.num_tokens, request.num_prefill_tokens) - 1) // bs   # keep the last token's block
+        n = 0
+        with self._lock:
+            for h in request.block_hashes()[num_local_tokens // bs:last]:
+                if not any((e := idx.get(h)) is not None and e.ready for idx in self.index.values()):
+                    break
+                n += 1
+        return n * bs
+
+    def after_alloc(self, request, block_ids: list[int], num_external_tokens: int) -> None:
+        if not num_external_tokens:
+            return
+        bs = self.geom.block_size
+        nb = num_external_tokens // bs
+        start = len(request.block_ids) - len(block_ids)
+        hashes = request.block_hashes()[start:start + nb]
+        job = _Load(request.request_id, list(block_ids[:nb]), [])
+        with self._lock:
+            for h in hashes:
+                for tier, idx in self.index.items():             # host first: the faster copy
+                    e = idx.get(h)
+                    if e is not None and e.ready:
+                        idx.pin(h)
+                        job.parts.append((h, tier, e.slot))
+                        break
+                else:
+                    break                      # evicted since external_tokens: the load fails
+            self._loads[job.request_id] = job
+        self._reads.put(job)
+
+    def _loader(self) -> None:
+        while True:
+            job = self._reads.get()
+            if job is None:
+                return
+            ok = False
+            try:
+                ok = self._load(job)
+            except Exception:
+                log.exception("KV tier load of %s failed", job.request_id)
+            finally:
+                with self._lock:
+                    for h, tier, _ in job.parts:
+                        self.index[tier].unpin(h)
+                    self._loads.pop(job.request_id, None)
+                    if job.request_id in self._held:
+                        self._held.discard(job.request_id)
+                        self._released.append(job.request_id)
+                    elif not job.cancelled:
+                        self._done.append((job.request_id, ok))
+                job.done.set()
+
+    def _load(self, job: _Load) -> bool:
+        g = self.geom
+        if len(job.parts) != len(job.block_ids):     # evicted between external_tokens and after_alloc
+            self.stats[next(iter(self.stats))].add(load_failures=1)
+            return False
+        t0 = {t: 0.0 for t in self.index}
+        blocks, corrupt = [], []
+        for h, tier, slot in job.parts:
+            if job.cancelled:
+                return False
+            t = time.perf_counter()
+            if tier == "host":
+                kv = self.host.get(slot)
+            else:
+                try:
+                    kv = decode(g, *self.disk.read(h))
+                except (CorruptBlock, FileNotFoundError) as e:
+                    log.warning("KV disk tier: %s", e)
+                    corrupt.append(h)
+                    break
+            blocks.append(kv)
+            t0[tier] += time.perf_counter() - t
+        if corrupt:
+            self._drop_corrupt(corrupt)                     # drops this job's pins on them
+            job.parts = [p for p in job.parts if p[0] not in corrupt]
+            self.stats["disk"].add(load_failures=1)
+            return False
+        t = time.perf_counter()
+        self._write_device(job.block_ids, blocks)
+        per_tier = {tier: [h for h, tt, _ in job.parts if tt == tier] for tier in self.index}
+        copy_share = (time.perf_counter() - t) / len(blocks)
+        with self._lock:
+            for h, tier, _ in job.parts:
+                self.index[tier].hit(h)
+        for tier, hs in per_tier.items():
+            if hs:
+                st = self.stats[tier]
+                st.add(hits=len(hs), loaded_bytes=len(hs) * st.block_bytes)
+                st.observe("load_s", t0[tier] + copy_share * len(hs))
+        return not job.cancelled
+
+    def _write_device(self, block_ids: list[int], blocks: list[torch.Tensor]) -> None:
+        """blocks[i] [2L, bs, h, d] (host) -> device block block_ids[i] of every layer's K and V."""
+        stacked = torch.stack(blocks, dim=1)                     # [2L, n, bs, h, d]
+        idx = torch.tensor(block_ids, dtype=torch.int64)
+        if self._copy_stream is not None:
+            with torch.cuda.stream(self._copy_stream):
+                src = stacked.pin_memory().to(self.device, non_blocking=True)
+                idx = idx.to(self.device, non_blocking=True)
+                for i, cache in enumerate(self.k + self.v):
+                    cache.index_copy_(0, idx, src[i])
+            self._copy_stream.synchronize()
+            return
+        for i, cache in enumerate(self.k + self.v):
+            cache.index_copy_(0, idx, stacked[i])
+
+    def _drop_corrupt(self, hashes: list[int]) -> None:
+        """Forget corrupt disk blocks (their files are deleted already). Each holds this job's pin:
+        it is dropped now; one another load still pins is only marked unready (that load fails too)."""
+        idx, st = self.index["disk"], self.stats["disk"]
+        gone = []
+        with self._lock:
+            for h in hashes:
+                e = idx.get(h)
+                if e is None:
+                    continue
+                e.ready = False
+                idx.unpin(h)
+                if idx.remove(h) is not None:
+                    gone.append(h)
+            st.blocks = len(idx)
+        st.add(corrupt=len(hashes))
+        self._emit("removed", gone, "disk")
+
+    def finished_loading(self) -> list[tuple[str, bool]]:
+        with self._lock:
+            out, self._done = self._done, []
+        return out
+
+    def request_finished(self, request_id: str, block_ids: list[int]) -> bool:
+        with self._lock:
+            job = self._loads.get(request_id)
+            if job is None:
+                return False
+            job.cancelled = True
+            self._held.add(request_id)
+            return True
+
+    def finished_sending(self) -> list[str]:
+        with self._lock:
+            out, self._released = self._released, []
+        return out
+
+    def request_aborted(self, request_id: str) -> None:
+        with self._lock:
+            job = self._loads.get(request_id)
+            if job is not None:
+                job.cancelled = True
+
+    # figures and lifecycle
+    def figures(self) -> list[dict]:
+        return [st.as_dict() for st in self.stats.values()]
+
+    def tier_hashes(self) -> tuple[int, dict[str, list[int]]]:
+        """(event sequence number, every ready block per tier): a resync of the router's index. The
+        number is read first and each tier's events are recorded after its index changed, so every
+        event up to it is reflected here; later ones may be too ("stored"/"removed" are idempotent)."""
+        seq = self.events.seq if self.events is not None else 0
+        with self._lock:
+            return seq, {t: [h for h in idx.hashes() if idx.get(h).ready] for t, idx in self.index.items()}
+
+    def wait_idle(self, timeout_s: float = 30.0) -> bool:
+        """Until the writer has stored every block evicted so far and the disk is verified (tests, benches)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._writes.unfinished_tasks == 0 and (not self._threads or self.ready.is_set()):
+                return True
+            time.sleep(0.002)
+        return False
+
+    def close(self) -> None:
+        self._writes.put(None)
+        self._reads.put(None)
+        for t in self._threads:
+            t.join(timeout=10.0)
+        self._threads = []

@@ -1,0 +1,72 @@
+"""MultiConnector: a worker's cache tiers beside its transfer connector, as the engine's one connector.
+
+    engine --> MultiConnector --> TierConnector     (loads from host/disk, keeps evicted blocks)
+                              \\--> inner           (ReceiveConnector, SendConnector, or none)
+
+external_tokens asks the tiers (the transfer connectors supply none: a remote prefill's reservation
+takes after_alloc directly); after_alloc goes to whichever said it would supply the tokens, the inner
+connector otherwise (reserve_remote). Every other hook goes to both; the remote-KV waits
+(wait_loaded, take_loaded) to the inner one.
+"""
+from __future__ import annotations
+
+from pdcluster.engine.kv_connector import KVConnector
+
+
+class MultiConnector(KVConnector):
+    def __init__(self, tiers: KVConnector, inner: KVConnector):
+        self.tiers, self.inner = tiers, inner
+        self.saves = inner.saves or tiers.saves
+        self._from_tiers: set[str] = set()      # ids whose external tokens the tiers promised
+
+    # scheduler side
+    def external_tokens(self, request, num_local_tokens: int) -> int:
+        n = self.tiers.external_tokens(request, num_local_tokens)
+        if n > 0:
+            self._from_tiers.add(request.request_id)
+        else:
+            self._from_tiers.discard(request.request_id)
+        return n
+
+    def after_alloc(self, request, block_ids: list[int], num_external_tokens: int) -> None:
+        if request.request_id in self._from_tiers:
+            self._from_tiers.discard(request.request_id)
+            self.tiers.after_alloc(request, block_ids, num_external_tokens)
+        else:
+            self.inner.after_alloc(request, block_ids, num_external_tokens)
+
+    def request_finished(self, request_id: str, block_ids: list[int]) -> bool:
+        self._from_tiers.discard(request_id)
+        held = self.tiers.request_finished(request_id, block_ids)
+        return self.inner.request_finished(request_id, block_ids) or held
+
+    def finished_loading(self) -> list[tuple[str, bool]]:
+        return self.tiers.finished_loading() + self.inner.finished_loading()
+
+    def finished_sending(self) -> list[str]:
+        return self.tiers.finished_sending() + self.inner.finished_sending()
+
+    def evicted(self, block_ids: list[int], hashes: list[int]) -> None:
+        self.tiers.evicted(block_ids, hashes)
+        self.inner.evicted(block_ids, hashes)
+
+    # worker side
+    def register_caches(self, k_caches, v_caches) -> None:
+        self.tiers.register_caches(k_caches, v_caches)
+        self.inner.register_caches(k_caches, v_caches)
+
+    def save_layer(self, layer, k_caches, v_caches, completing) -> None:
+        if self.inner.saves:
+            self.inner.save_layer(layer, k_caches, v_caches, completing)
+        if self.tiers.saves:
+            self.tiers.save_layer(layer, k_caches, v_caches, completing)
+
+    def wait_loaded(self, request_id: str, timeout_s: float) -> None:
+        self.inner.wait_loaded(request_id, timeout_s)
+
+    def take_loaded(self, request_id: str) -> str | None:
+        return self.inner.take_loaded(request_id)
+
+    def request_aborted(self, request_id: str) -> None:
+        self.tiers.request_aborted(request_id)
+        self.inner.request_aborted(request_id)

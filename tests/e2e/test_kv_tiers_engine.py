@@ -1,0 +1,91 @@
+"""KV cache tiers on the real model (the session's float32 engine): a prompt evicted from the device
+pool comes back from the host tier, then from the disk tier after a restart of the tiers, and greedy
+decoding gives the tokens of computing it, while the engine computes only the prompt's tail. The
+control: garbage in the (unchecksummed) host tier changes the tokens, so the equality checks can fail.
+Corrupt disk files are detected and dropped: tests/unit/test_kv_tiers.py."""
+import pytest
+
+from pdcluster.engine import SamplingParams
+from pdcluster.engine.hashing import block_hashes
+from pdcluster.engine.kv_connector import KVConnector
+from pdcluster.kv_transfer.tiers import MultiConnector, TierConfig, TierConnector
+
+PROMPT = ("You are a careful physics teacher. Explain, in three short sentences a child could follow, why "
+          "the sky looks blue during the day, why it turns red and orange at sunset, and why clouds stay "
+          "white while the sky around them changes colour.")
+SALT = "kv-tiers-e2e"               # no other test's cached blocks share these hashes
+
+
+def run(engine, ids, rid):
+    req = engine.add_request(ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), request_id=rid,
+                             cache_salt=SALT)
+    while not req.is_finished:
+        engine.step()
+    return req
+
+
+def evict_all(engine, tiers):
+    """Memory pressure: every free block is handed out once (the pool evicts the cached ones, the tiers
+    copy them out), then freed uncached; wait for the writer."""
+    pool = engine.kv.pool
+    pool.free(pool.allocate(pool.num_free_blocks))
+    assert tiers.wait_idle()
+
+
+def use(engine, cfg):
+    tiers = TierConnector(cfg, engine.block_events())
+    engine.connector = MultiConnector(tiers, KVConnector())
+    assert tiers.wait_idle()
+    return tiers
+
+
+@pytest.fixture
+def engine(llm):
+    llm.engine.kv.pool.reset_prefix_cache()     # other tests' cached blocks would crowd the small tiers
+    yield llm.engine
+    llm.engine.connector = KVConnector()        # the session's engine goes back to no tiers
+
+
+def test_prompt_evicted_from_device_reloads_from_host_then_disk_and_garbage_changes_it(engine, tmp_path):
+    bb = engine.kv_block_bytes()
+    ids = engine.tokenizer.encode(PROMPT, add_special_tokens=False)
+    bs = engine.cfg.cache.block_size
+    n_blocks = (len(ids) - 1) // bs
+    hashes = set(block_hashes(ids, bs, SALT)[:n_blocks])
+    tiers = use(engine, TierConfig(host_bytes=64 * bb, disk_dir=str(tmp_path), disk_bytes=64 * (bb + 64)))
+    engine.block_events().drain()
+    ref = run(engine, ids, "tiers-ref")                          # computed: the no-tier tokens
+    assert ref.num_cached_tokens == 0
+    evict_all(engine, tiers)
+    stored = {"host": set(), "disk": set()}
+    for _, kind, hs, tier in engine.block_events().drain()[1]:
+        if kind == "stored" and tier != "device":
+            stored[tier].update(hs)
+    assert hashes <= stored["host"] and hashes <= stored["disk"]
+
+    def check(rid, tier):
+        before = engine.stats.tokens
+        out = run(engine, ids, rid)
+        figs = {f["tier"]: f for f in tiers.figures()}
+        assert figs[tier]["hits"] == n_blocks                    # not vacuous: the tier served the prefix
+        assert out.num_cached_tokens == n_blocks * bs
+        assert engine.stats.tokens - before == len(ids) - n_blocks * bs + 5   # the tail, then 5 decodes
+        assert out.output_token_ids == ref.output_token_ids
+    check("tiers-host", "host")
+
+    evict_all(engine, tiers)
+    assert tiers.snapshot.skipped >= n_blocks                    # held below already: not copied again
+    tiers.close()
+    tiers = use(engine, TierConfig(disk_dir=str(tmp_path), disk_bytes=64 * (bb + 64)))   # a restart: disk only
+    announced = {h for _, kind, hs, tier in engine.block_events().drain()[1] if tier == "disk" for h in hs}
+    assert hashes <= announced
+    check("tiers-disk", "disk")
+    tiers.close()
+
+    # the control: garbage in the host tier (no checksum there) is what the tokens are computed from
+    tiers = use(engine, TierConfig(host_bytes=64 * bb))
+    evict_all(engine, tiers)
+    tiers.host.data.normal_()
+    out = run(engine, ids, "tiers-garbage")
+    assert tiers.figures()[0]["hits"] == n_blocks and out.output_token_ids != ref.output_token_ids
+    tiers.close()

@@ -1,0 +1,242 @@
+"""TierConnector (kv_transfer/tiers/) on small CPU caches, no model: write-behind of evicted blocks to
+host and disk, load-back bit for bit, tenant isolation, capacity events, warm restart, corruption."""
+import threading
+import time
+
+import pytest
+import torch
+
+from pdcluster.engine.block_events import BlockEventLog
+from pdcluster.engine.kv_connector import KVConnector
+from pdcluster.engine.request import Request
+from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.kv_transfer.tiers import MultiConnector, TierConfig, TierConnector
+from pdcluster.kv_transfer.tiers.block_format import Geometry
+from pdcluster.kv_transfer.tiers.disk import HEADER
+
+L, NB, BS, H, D = 2, 8, 4, 2, 8
+BLOCK_BYTES = 2 * L * BS * H * D * 4                     # float32 K+V of one block, every layer
+
+
+def caches(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ([torch.randn(NB, BS, H, D, generator=g) for _ in range(L)],
+            [torch.randn(NB, BS, H, D, generator=g) for _ in range(L)])
+
+
+def req(rid, salt=None, n=13):
+    return Request(list(range(100, 100 + n)), SamplingParams(max_tokens=2), rid, salt, block_size=BS)
+
+
+def tiers(tmp_path=None, host_blocks=16, disk_blocks=16, codec="none", kv=None):
+    events = BlockEventLog()
+    disk = dict(disk_dir=str(tmp_path), disk_bytes=disk_blocks * (HEADER.size + BLOCK_BYTES)) if tmp_path else {}
+    tc = TierConnector(TierConfig(host_bytes=host_blocks * BLOCK_BYTES, codec=codec, **disk), events)
+    k, v = kv if kv is not None else caches()
+    tc.register_caches(k, v)
+    assert tc.wait_idle()
+    return tc, events, k, v
+
+
+def load(tc, r, block_ids):
+    """The scheduler's half: external tokens, allocation (block_ids), wait for the loader."""
+    n = tc.external_tokens(r, 0)
+    r.block_ids = list(block_ids[:n // BS])
+    tc.after_alloc(r, r.block_ids, n)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if done := tc.finished_loading():
+            return n, done
+        time.sleep(0.001)
+    raise AssertionError("load never finished")
+
+
+def kinds(events):
+    return [(kind, tier, len(h)) for _, kind, h, tier in events.drain()[1]]
+
+
+def test_evicted_blocks_load_back_bit_for_bit_and_only_under_their_salt(tmp_path):
+    tc, events, k, v = tiers(tmp_path)
+    r = req("a")
+    hashes = r.block_hashes()[:3]
+    want = [(k[l][:3].clone(), v[l][:3].clone()) for l in range(L)]
+    tc.evicted([0, 1, 2], hashes)
+    assert tc.wait_idle() and tc.snapshot.blocks == 3
+    assert kinds(events) == [("stored", "host", 3), ("stored", "disk", 3)]
+    for c in k + v:
+        c.zero_()
+    assert tc.external_tokens(req("b", salt="tenant-2"), 0) == 0           # another tenant never hits
+    assert tc.external_tokens(req("c", n=9), 4) == 4                        # after a local hit: the rest
+    n, done = load(tc, req("a2"), [5, 6, 7])
+    assert n == 12 and done == [("a2", True)]                               # the last token's block is computed
+    for l in range(L):
+        assert torch.equal(k[l][5:8], want[l][0]) and torch.equal(v[l][5:8], want[l][1])
+    st = {f["tier"]: f for f in tc.figures()}
+    assert st["host"]["hits"] == 3 and st["disk"]["hits"] == 0 and st["host"]["loaded_bytes"] == 3 * BLOCK_BYTES
+    assert st["host"]["load_counts"][-1] == 1 and st["disk"]["store_counts"][-1] == 3
+    tc.evicted([5], hashes[:1])                                             # held in every tier: no copy
+    assert tc.snapshot.skipped == 1 and tc.snapshot.blocks == 3
+    tc.close()
+
+
+@pytest.mark.parametrize("codec,bound", [("int8", 0.01), ("fp8", 0.07)])
+def test_a_quantized_host_tier_loads_back_close(codec, bound):
+    kv = caches(1)
+    tc, _, k, v = tiers(None, codec=codec, kv=kv)
+    want = k[0][0].clone()
+    r = req("a")
+    tc.evicted([0, 1], r.block_hashes()[:2])
+    tc.wait_idle()
+    k[0].zero_()
+    n, done = load(tc, req("a2"), [4, 5])
+    assert n == 8 and done == [("a2", True)]
+    err = (k[0][4] - want).abs().max() / want.abs().max()
+    assert 0 < err < bound                                                  # quantized: close, not equal
+    assert tc.figures()[0]["block_bytes"] < BLOCK_BYTES / 3
+    tc.close()
+
+
+def test_capacity_evicts_lru_and_announces_it(tmp_path):
+    tc, events, k, v = tiers(tmp_path, host_blocks=2, disk_blocks=2)
+    r = req("a", n=17)
+    h = r.block_hashes()
+    tc.evicted([0, 1, 2], h[:3])
+    tc.wait_idle()
+    ev = kinds(events)
+    assert ("removed", "host", 1) in ev and ("removed", "disk", 1) in ev
+    assert len(list(tmp_path.glob("*.kvb"))) == 2
+    assert tc.external_tokens(req("a2", n=17), 0) == 0                      # block 0 went: the chain breaks there
+    tc.close()
+
+
+def test_warm_restart_verifies_the_disk_and_drops_corrupt_files(tmp_path):
+    tc, _, k, v = tiers(tmp_path, host_blocks=0)
+    r = req("a")
+    tc.evicted([0, 1, 2], r.block_hashes()[:3])
+    tc.wait_idle()
+    want = k[0][:3].clone()
+    tc.close()
+    files = sorted(tmp_path.glob("*.kvb"))
+    victim = tmp_path / f"{r.block_hashes()[2]:016x}.kvb"
+    raw = bytearray(victim.read_bytes())
+    raw[HEADER.size + 100] ^= 0x40                                          # one bit of the payload
+    victim.write_bytes(raw)
+    (tmp_path / ".x.kvb.1.tmp").write_bytes(b"half")                       # a write cut short
+    tc2, events, k2, v2 = tiers(tmp_path, host_blocks=0, kv=caches(7))     # the restarted worker
+    assert kinds(events) == [("stored", "disk", 2)] and len(files) == 3
+    seq, held = tc2.tier_hashes()
+    assert seq == events.seq == 1 and sorted(held["disk"]) == sorted(r.block_hashes()[:2])
+    assert not victim.exists() and not (tmp_path / ".x.kvb.1.tmp").exists()
+    assert tc2.figures()[0]["corrupt"] == 1
+    n, done = load(tc2, req("a2"), [4, 5, 6])
+    assert n == 8 and done == [("a2", True)] and torch.equal(k2[0][4:6], want[:2])
+    tc2.close()
+
+
+def test_a_file_corrupted_after_the_scan_fails_the_load_and_is_dropped(tmp_path):
+    tc, events, k, v = tiers(tmp_path, host_blocks=0)
+    r = req("a")
+    h = r.block_hashes()[:2]
+    tc.evicted([0, 1], h)
+    tc.wait_idle()
+    events.drain()
+    p = tmp_path / f"{h[1]:016x}.kvb"
+    p.write_bytes(p.read_bytes()[:-1] + b"\x00")
+    n, done = load(tc, req("a2"), [4, 5])
+    assert n == 8 and done == [("a2", False)]                               # the scheduler recomputes
+    assert not p.exists() and kinds(events) == [("removed", "disk", 1)]
+    assert tc.external_tokens(req("a3"), 0) == 4 and tc.figures()[0]["corrupt"] == 1
+    tc.close()
+
+
+def test_a_foreign_layout_on_disk_is_not_loaded(tmp_path):
+    tc, _, _, _ = tiers(tmp_path, host_blocks=0)
+    tc.evicted([0], req("a").block_hashes()[:1])
+    tc.wait_idle()
+    tc.close()
+    other = Geometry(L, BS, H, D, torch.float32, "int8")
+    assert other.fingerprint() != tc.geom.fingerprint()
+    tc2, events, _, _ = tiers(tmp_path, host_blocks=0, codec="int8")
+    assert kinds(events) == [] and tc2.figures()[0]["corrupt"] == 1
+    tc2.close()
+
+
+def test_a_request_ended_during_its_load_keeps_its_blocks_until_the_loader_lets_go(tmp_path):
+    tc, _, _, _ = tiers(None)
+    r = req("a")
+    tc.evicted([0, 1], r.block_hashes()[:2])
+    tc.wait_idle()
+    gate, write = threading.Event(), tc._write_device
+    tc._write_device = lambda ids, blocks: (gate.wait(10), write(ids, blocks))   # a load held in flight
+    r2 = req("a2")
+    n = tc.external_tokens(r2, 0)
+    r2.block_ids = [4, 5]
+    tc.after_alloc(r2, r2.block_ids, n)
+    tc.request_aborted("a2")
+    assert tc.request_finished("a2", [4, 5]) is True                        # the engine must not free them yet
+    assert tc.finished_sending() == []
+    gate.set()
+    deadline = time.monotonic() + 10
+    while not (freed := tc.finished_sending()) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert freed == ["a2"] and tc.finished_loading() == []
+    assert tc.request_finished("a2", [4, 5]) is False
+    tc.close()
+
+
+class Recorder(KVConnector):
+    """Records the hooks it gets; supplies `n` external tokens."""
+
+    def __init__(self, n=0, saves=False, hold=False):
+        self.n, self.saves, self.hold, self.calls = n, saves, hold, []
+
+    def external_tokens(self, request, num_local_tokens):
+        return self.n
+
+    def after_alloc(self, request, block_ids, num_external_tokens):
+        self.calls.append(("after_alloc", request.request_id, num_external_tokens))
+
+    def request_finished(self, request_id, block_ids):
+        self.calls.append(("finished", request_id))
+        return self.hold
+
+    def finished_loading(self):
+        return [("x", True)] if self.n else []
+
+    def take_loaded(self, request_id):
+        return f"inner {request_id}"
+
+    def evicted(self, block_ids, hashes):
+        self.calls.append(("evicted", block_ids))
+
+
+def test_multi_connector_routes_loads_to_whoever_promised_them():
+    tiers, inner = Recorder(n=8), Recorder(saves=True)
+    m = MultiConnector(tiers, inner)
+    assert m.saves
+    r = req("a")
+    assert m.external_tokens(r, 0) == 8
+    m.after_alloc(r, [1, 2], 8)                               # the tiers' load
+    m.after_alloc(req("remote"), [3, 4, 5], 13)               # a remote prefill's reservation: the inner one's
+    assert tiers.calls == [("after_alloc", "a", 8)] and inner.calls == [("after_alloc", "remote", 13)]
+    m.evicted([7], [70])
+    assert ("evicted", [7]) in tiers.calls and ("evicted", [7]) in inner.calls
+    assert m.take_loaded("remote") == "inner remote" and m.finished_loading() == [("x", True)]
+    inner.hold = True
+    assert m.request_finished("a", [1, 2]) is True and ("finished", "a") in tiers.calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_caches_go_through_pinned_host_memory_and_come_back_exactly(tmp_path):
+    k, v = caches(3)
+    k, v = [t.cuda() for t in k], [t.cuda() for t in v]
+    tc, _, k, v = tiers(tmp_path, kv=(k, v))
+    assert tc.host.data.is_pinned()
+    r = req("a")
+    want = k[1][:3].clone()
+    tc.evicted([0, 1, 2], r.block_hashes()[:3])
+    k[1][:3].zero_()                                # the step that reuses the blocks, queued after the copy
+    assert tc.wait_idle()
+    n, done = load(tc, req("a2"), [5, 6, 7])
+    assert n == 12 and done == [("a2", True)] and torch.equal(k[1][5:8], want)
+    tc.close()
