@@ -23,10 +23,10 @@ from pdcluster.engine.engine_thread import EngineThread
 from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.engine.kv_connector import NoKVCapacity
-from pdcluster.kv_transfer.tiers.attach import attach_tiers, tier_figures
+from pdcluster.kv_transfer.tiers.attach import attach_tiers, cache_snapshot, tier_figures, tier_load_counters
 from pdcluster.kv_transfer import KVReceiver, ReceiveConnector
 from pdcluster.kv_transfer.registry import TRANSFER_TIMEOUT_S, check, server_class
-from pdcluster.messages import Reservation, TokenItem, WorkerStatus
+from pdcluster.messages import CacheSnapshot, Reservation, TokenItem, WorkerStatus
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,8 @@ class DecodeWorker:
         Each poll also sweeps expired reservations (queued on the engine thread, not waited for)."""
         self.engine_thread.call(self._expire_reservations)
         running, waiting = self.engine.queue_lengths()
-        return WorkerStatus.of(self.worker_id, "decode", self.incarnation, os.getpid(), self.engine.figures(),
+        figures = self.engine.figures() | tier_load_counters(self.tiers, self.engine.kv_block_bytes())
+        return WorkerStatus.of(self.worker_id, "decode", self.incarnation, os.getpid(), figures,
                                self.events.drain() if drain_events else (None, ()), running=running,
                                waiting=waiting, reserved=len(self._reserved), kv_address=self.kv_address,
                                tiers=tier_figures(self.tiers))
@@ -180,9 +181,9 @@ class DecodeWorker:
         """Forward steps the engine has finished: rises while it works on anything."""
         return self.engine.figures()["steps"]
 
-    def cached_hashes(self) -> tuple[int, list[int]]:
-        """(event sequence number, every cached chain hash): a full resync for the router's index."""
-        return self.engine_thread.run(lambda e: e.block_snapshot())
+    def cached_hashes(self) -> CacheSnapshot:
+        """Every cached chain hash by tier, at an event number: a full resync for the router's index."""
+        return cache_snapshot(self.engine_thread.run(lambda e: e.block_snapshot()), self.tiers)
 
     def tier_hashes(self) -> tuple[int, dict[str, list[int]]]:
         """(event sequence number, {"host"|"disk": chain hashes}) of its KV cache tiers (none: off)."""

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import ray
 
 from pdcluster.deploy.worker_options import leave_terminal_group
-from pdcluster.messages import WorkerStatus
+from pdcluster.messages import CacheSnapshot, WorkerStatus
 
 
 OMP_WAIT_POLICY = "PASSIVE"     # the workers' default (the environment's, when set, wins)
@@ -61,7 +61,7 @@ class WorkerActor:
     async def status(self, drain_events: bool = False) -> WorkerStatus:
         return self.worker.status(drain_events)
 
-    async def cached_hashes(self) -> tuple[int, list[int]]:
+    async def cached_hashes(self) -> CacheSnapshot:
         return await self._run(self.worker.cached_hashes)
 
     async def tier_hashes(self) -> tuple[int, dict[str, list[int]]]:

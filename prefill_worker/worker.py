@@ -20,9 +20,9 @@ from typing import Callable
 from pdcluster.engine.engine_thread import EngineThread
 from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 from pdcluster.engine.sampling_params import SamplingParams
-from pdcluster.messages import KVDestination, LinkFigures, PrefillResult, WorkerStatus
+from pdcluster.messages import CacheSnapshot, KVDestination, LinkFigures, PrefillResult, WorkerStatus
 from pdcluster.kv_transfer import BandwidthMeter, KVTransferError, SendConnector
-from pdcluster.kv_transfer.tiers.attach import attach_tiers, tier_figures
+from pdcluster.kv_transfer.tiers.attach import attach_tiers, cache_snapshot, tier_figures, tier_load_counters
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy, prefill_seconds
 from pdcluster.kv_transfer.registry import TRANSFER_TIMEOUT_S, sender_class
 
@@ -153,14 +153,15 @@ class PrefillWorker:
 
     def status(self, drain_events: bool = False) -> WorkerStatus:
         """Load figures; with drain_events (the router's poll) also the block events since the last drain."""
-        return WorkerStatus.of(self.worker_id, "prefill", self.incarnation, os.getpid(), self.engine.figures(),
+        figures = self.engine.figures() | tier_load_counters(self.tiers, self.engine.kv_block_bytes())
+        return WorkerStatus.of(self.worker_id, "prefill", self.incarnation, os.getpid(), figures,
                                self.events.drain() if drain_events else (None, ()), in_flight=self.in_flight,
                                links=tuple(LinkFigures.of(x) for x in self.meter.snapshot()),
                                tiers=tier_figures(self.tiers))
 
-    def cached_hashes(self) -> tuple[int, list[int]]:
-        """(event sequence number, every cached chain hash): a full resync for the router's index."""
-        return self.engine_thread.run(lambda e: e.block_snapshot())
+    def cached_hashes(self) -> CacheSnapshot:
+        """Every cached chain hash by tier, at an event number: a full resync for the router's index."""
+        return cache_snapshot(self.engine_thread.run(lambda e: e.block_snapshot()), self.tiers)
 
     def tier_hashes(self) -> tuple[int, dict[str, list[int]]]:
         """(event sequence number, {"host"|"disk": chain hashes}) of its KV cache tiers (none: off)."""

@@ -11,7 +11,7 @@ from typing import AsyncIterator
 import ray.exceptions
 
 from pdcluster.engine.sampling_params import SamplingParams
-from pdcluster.messages import Heartbeat, KVDestination, NoRoom, PrefillResult, Reservation, TokenItem, WorkerStatus
+from pdcluster.messages import CacheSnapshot, Heartbeat, KVDestination, NoRoom, PrefillResult, Reservation, TokenItem, WorkerStatus
 from pdcluster.router.config import Timeouts
 from pdcluster.router.errors import WorkerLost
 
@@ -58,7 +58,7 @@ class WorkerClient:
     async def status(self, drain_events: bool = False) -> WorkerStatus:
         return await _call(self.worker_id, self.handle.status.remote(drain_events), self.t.health_s)
 
-    async def cached_hashes(self) -> tuple[int, list[int]]:
+    async def cached_hashes(self) -> CacheSnapshot:
         return await _call(self.worker_id, self.handle.cached_hashes.remote(), self.t.control_s)
 
 

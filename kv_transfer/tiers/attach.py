@@ -37,3 +37,25 @@ def tier_figures(tiers: TierConnector | None) -> tuple:
     """A worker's WorkerStatus.tiers: one TierFigures per tier (none without tiers)."""
     from pdcluster.messages import TierFigures
     return () if tiers is None else tuple(TierFigures.of(f) for f in tiers.figures())
+
+
+def tier_load_counters(tiers: TierConnector | None, device_block_bytes: int) -> dict:
+    """EngineFigures' cumulative host/disk load counters, from which the router learns each tier's
+    load rate (router/telemetry.py): bytes as the device pool holds them (blocks loaded x its block
+    bytes, whatever the tier's compressed size) and the seconds the loads took."""
+    out = {}
+    for f in (tiers.figures() if tiers is not None else ()):
+        if f["tier"] in ("host", "disk"):
+            out[f"{f['tier']}_load_bytes"] = f["hits"] * device_block_bytes
+            out[f"{f['tier']}_load_s"] = f["load_sum_s"]
+    return out
+
+
+def cache_snapshot(device: tuple[int, list[int]], tiers: TierConnector | None):
+    """The router's index resync: the device pool's (seq, hashes) and, with tiers, theirs too. The
+    device pool's event number stands for both (events after it are replayed; stored/removed are
+    idempotent)."""
+    from pdcluster.messages import CacheSnapshot
+    seq, hashes = device
+    lower = tiers.tier_hashes()[1] if tiers is not None else {}
+    return CacheSnapshot(seq, list(hashes), host=list(lower.get("host", ())), disk=list(lower.get("disk", ())))

@@ -240,3 +240,37 @@ def test_cuda_caches_go_through_pinned_host_memory_and_come_back_exactly(tmp_pat
     n, done = load(tc, req("a2"), [5, 6, 7])
     assert n == 12 and done == [("a2", True)] and torch.equal(k[1][5:8], want)
     tc.close()
+
+
+def test_the_router_learns_tier_load_rates_and_resyncs_tiers_from_what_a_worker_reports(tmp_path):
+    """tier_load_counters feeds EngineFigures' host/disk counters (the telemetry's learned load rate)
+    and cache_snapshot the index resync: both from a real TierConnector after a host load."""
+    from pdcluster.kv_transfer.tiers.attach import cache_snapshot, tier_load_counters
+    from pdcluster.messages import EngineFigures, WorkerStatus
+    from pdcluster.router.placement.load import WorkerLoad
+    from pdcluster.router.prefix_index import PrefixIndex
+    from pdcluster.router.telemetry import Telemetry
+    tc, events, k, v = tiers(tmp_path)
+    r = req("a")
+    hashes = r.block_hashes()[:3]
+    tc.evicted([0, 1, 2], hashes)
+    assert tc.wait_idle()
+    counters = tier_load_counters(tc, device_block_bytes=1000)
+    assert counters == {"host_load_bytes": 0, "host_load_s": 0.0, "disk_load_bytes": 0, "disk_load_s": 0.0}
+    load(tc, req("a2"), [5, 6, 7])
+    counters = tier_load_counters(tc, device_block_bytes=1000)
+    assert counters["host_load_bytes"] == 3000 and counters["host_load_s"] > 0 and counters["disk_load_bytes"] == 0
+    tel, w = Telemetry(), WorkerLoad("prefill-0", "prefill")
+    prior = tel.perf_of("prefill-0").tier_load["host"].rate
+    tel.ingest_status(w, WorkerStatus("prefill-0", "prefill", "i", 1, EngineFigures(**counters)))
+    assert tel.perf_of("prefill-0").tier_load["host"].rate == pytest.approx(3000 / counters["host_load_s"])
+    assert tel.perf_of("prefill-0").tier_load["host"].rate != prior
+    snap = cache_snapshot((7, [11, 12]), tc)
+    assert snap.seq == 7 and snap.device == [11, 12]
+    assert sorted(snap.host) == sorted(hashes) and sorted(snap.disk) == sorted(hashes)
+    assert cache_snapshot((7, [11]), None).host == []
+    idx = PrefixIndex()
+    idx.add_worker("prefill-0", now=0.0)
+    idx.resync("prefill-0", snap.device, seq=snap.seq, now=0.0, lower={"host": snap.host, "disk": snap.disk})
+    assert idx.match_tiers(hashes)["prefill-0"] == (0, 3, 0)
+    tc.close()

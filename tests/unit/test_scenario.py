@@ -194,8 +194,11 @@ def test_candidate_flags_resolve_by_name_with_fresh_dirs_or_say_what_is_missing(
         made = side_config(sc2, "candidate", dirs).model
         assert os.path.isdir(made) and os.listdir(made) == [] and made != side_config(sc2, "candidate").model
     assert not os.path.exists(made)
-    with pytest.raises(ValueError, match="the kv-tiers side cannot run here"):
-        side_config(SCENARIOS["trace-replay"], "candidate")        # the tier flags are not in this build
+    for name in ("trace-replay", "multi-turn"):                     # the tier flags reach the engine config
+        with contextlib.ExitStack() as dirs:
+            cand, base = side_config(SCENARIOS[name], "candidate", dirs).engine.cache, SCENARIOS[name].baseline
+            assert cand.host_cache_gb > 0 and cand.disk_cache_gb > 0 and os.path.isdir(cand.disk_cache_dir)
+            assert base.engine.cache.host_cache_gb == 0 and base.engine.cache.disk_cache_dir is None
 
 
 def test_a_side_that_did_not_run_reports_not_run():
