@@ -88,8 +88,11 @@ class Layer:
 
 
 def use_mkldnn(device: str, dtype: torch.dtype) -> bool:
-    return (torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available())
+    """oneDNN prepacked linears: float32, or bfloat16 where the CPU has oneDNN's bf16 instructions
+    (without them mkldnn_linear refuses bf16: AVX2-only hosts run plain F.linear)."""
+    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class LlamaModel:
