@@ -3,7 +3,8 @@
     round-robin    next prefill and next decode worker in turn                 (round_robin.py)
     least-loaded   fewest queued prompt tokens / most free KV                  (least_loaded.py)
     cache-aware    longest prefix hit in the global index, ties by load        (cache_aware.py)
-    cost-model     lowest estimated TTFT over every (p, d) and local option    (cost_model.py), default
+    cost-model     lowest estimated TTFT over every (p, d) and local option    (cost_model.py), default;
+                   found without pricing every pair (linear in workers, see CostModel.choose)
 The first three prefill locally when remote prefill is off, no prefill worker is up, or the prompt
 has at most `local_prefill_max_tokens` tokens; the cost model decides local vs remote itself.
 """
