@@ -9,7 +9,7 @@ as the router builds it from its model), RecentWindow (the p90 TTFT/TPOT the aut
 What is the simulator's: the instances (sim/instances.py), links, the arrival process, and the
 placement retry loop of router/lifecycle/place.py (choose, expect, reserve; NoRoom excludes that
 decode worker and chooses again, up to RouterConfig.max_attempts); a request no worker takes waits
-in the router and is placed again after the next status poll.
+in the router (FIFO) and is placed again after the next status poll.
 """
 from __future__ import annotations
 
@@ -218,7 +218,7 @@ class Simulator:
     def _arrive(self, now: float, req: Request) -> None:
         self.records[req.rid] = Record(req.rid, req.arrival_s, req.input_len, req.output_len)
         job = Job(req, remaining=req.output_len)
-        if not self._place(job, now):
+        if self.pending or not self._place(job, now):     # FIFO behind the ones already waiting
             self.pending.append(job)
 
     def _place(self, job: Job, now: float) -> bool:
@@ -302,13 +302,14 @@ class Simulator:
             if w is not None:
                 reg._ingest(w, inst.status(), now)
         self.index.expire(now)
-        if self.pending:
-            waiting, self.pending = self.pending, []
-            for job in waiting:
-                if not self._place(job, now):
-                    self.pending.append(job)
+        self._retry_pending(now)
         if self.done < len(self.requests):
             self.at(now + self.cfg.poll_s, self._poll)
+
+    def _retry_pending(self, now: float) -> None:
+        """Place the requests waiting in the router, oldest first, until one still finds no room."""
+        while self.pending and self._place(self.pending[0], now):
+            self.pending.pop(0)
 
     # the autoscaler
     def _pool_metrics(self) -> dict:
@@ -344,9 +345,7 @@ class Simulator:
             if not fut.done():
                 fut.set_result(inst.wid)
             self._settle()
-            for job in list(self.pending):      # a new worker: waiting requests try it now
-                if self._place(job, now):
-                    self.pending.remove(job)
+            self._retry_pending(now)            # a new worker: waiting requests try it now
         self.at(self.now + self.cfg.replica_start_s, ready)
         return fut
 
