@@ -136,6 +136,7 @@ class Simulator:
         self.records: dict[int, Record] = {}
         self.done = 0
         self.placements = 0
+        self.router_waits = 0           # requests that waited in the router for a worker with room
         self.scale_log: list[tuple[float, str, int, int]] = []      # (time, pool, delta, replicas after)
         for role in ("prefill", "decode"):
             pool = cfg.prefill if role == "prefill" else cfg.decode
@@ -185,7 +186,7 @@ class Simulator:
                    * i.roof.hw.price_per_h for i in insts) / 3600.0
         recs = [self.records.get(r.rid) or Record(r.rid, r.arrival_s, r.input_len, r.output_len) for r in self.requests]
         return SimResult(recs, end, gpu_h, cost, self.cfg.slo_ttft_s, self.cfg.slo_tpot_s, self.placements,
-                         list(self.scale_log), {k: v.bytes_sent for k, v in self.links.items()})
+                         list(self.scale_log), {k: v.bytes_sent for k, v in self.links.items()}, self.router_waits)
 
     # the fleet
     def _add_instance(self, role: str, now: float, billed_from: float):
@@ -220,6 +221,7 @@ class Simulator:
         job = Job(req, remaining=req.output_len)
         if self.pending or not self._place(job, now):     # FIFO behind the ones already waiting
             self.pending.append(job)
+            self.router_waits += 1
 
     def _place(self, job: Job, now: float) -> bool:
         """router/lifecycle/place.py's loop: choose, expect, then start it (remote: reserve first)."""

@@ -55,6 +55,7 @@ class SimResult:
     placements: int                 # policy choices made (retries included)
     scale_log: list                 # (time, pool, delta, replicas after) per autoscaler action
     link_bytes: dict                # (src zone, dst zone) -> bytes over the shared cross-zone links
+    router_waits: int = 0           # requests that waited in the router for a worker with room
 
     def summary(self) -> dict:
         r = self.records
@@ -73,4 +74,5 @@ class SimResult:
             tpot_p50=quantile(tpot, 0.5), tpot_p90=quantile(tpot, 0.9),
             local_share=sum(1 for x in done if x.kind == "local") / max(len(done), 1),
             cache_hit=sum(x.cached for x in done) / prompt, gpu_hours=self.gpu_hours, cost=self.cost,
-            dollars_per_h=self.cost / hours, end_s=self.end_s, placements=self.placements)
+            dollars_per_h=self.cost / hours, end_s=self.end_s, placements=self.placements,
+            router_waits=self.router_waits)

@@ -57,3 +57,29 @@ def load_trace(path: str, limit: int | None = None, start_s: float = 0.0, durati
             if limit is not None and len(out) >= limit:
                 break
     return out
+
+
+def warp(requests: list[Request], profile: list[tuple[float, float]]) -> list[Request]:
+    """Re-time arrivals so the arrival rate is multiplied by m(t), piecewise linear through
+    profile [(trace second, multiplier), ...] (flat beyond its ends): new time = integral of
+    1 / m over the original time (a 3x stretch of the profile's time runs at 3x the rate)."""
+    if not profile or any(m <= 0 for _, m in profile):
+        raise ValueError("profile needs points with multipliers > 0")
+    pts = sorted(profile)
+
+    def m(t: float) -> float:
+        if t <= pts[0][0]:
+            return pts[0][1]
+        for (t0, m0), (t1, m1) in zip(pts, pts[1:]):
+            if t <= t1:
+                return m0 + (m1 - m0) * (t - t0) / (t1 - t0)
+        return pts[-1][1]
+
+    out, tau, last, step = [], 0.0, 0.0, 1.0
+    for r in sorted(requests, key=lambda r: r.arrival_s):
+        while last < r.arrival_s:       # integrate 1/m in <= 1 s steps (midpoint rule)
+            dt = min(step, r.arrival_s - last)
+            tau += dt / m(last + dt / 2)
+            last += dt
+        out.append(Request(r.rid, tau, r.input_len, r.output_len, r.hashes))
+    return out

@@ -1,0 +1,233 @@
+"""Fleet studies with the simulator (issue 20, point 3) on a Mooncake trace; tables + plots.
+
+    a  homogeneous PD vs PrfaaS-style heterogeneous (H200 prefill in one datacenter, H20 decode in
+       another, a 100 Gb/s link between them, selective offload): the most goodput at >= --attain
+       SLO attainment over a sweep of arrival-rate scales, per dollar
+    b  placement policies at equal hardware by goodput at the TTFT/TPOT SLO
+    c  the pool autoscaler over the hour with a time-varying arrival rate: SLO attainment and
+       GPU-hours against the smallest static fleet that holds the same attainment
+Every run is sim.cluster.Simulator: the router's own policies, prefix index and autoscaler.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import replace
+
+from pdcluster.router.autoscaler import ScalingRule
+from pdcluster.sim.cluster import PoolSpec, SimConfig, Simulator, Topology
+from pdcluster.sim.trace import load_trace, warp
+
+TRACE = "/work/shared/traces/conversation_trace.jsonl"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows])
+
+
+def simulate(cfg: SimConfig, reqs, progress: bool) -> dict:
+    t0 = time.perf_counter()
+    s = Simulator(cfg, reqs, progress=progress).run().summary()
+    s["wall_s"] = time.perf_counter() - t0
+    return s
+
+
+# (a) heterogeneous vs homogeneous
+def fleets_a(a) -> dict[str, SimConfig]:
+    base = dict(model=a.model, slo_ttft_s=a.slo_ttft_ms / 1e3, slo_tpot_s=a.slo_tpot_ms / 1e3,
+                topology=Topology(cross_zone_bps=a.link_gbps * 1e9 / 8, cross_zone_latency_s=0.005))
+    het = dict(prefill=PoolSpec("H200", 2, tp=2, zone="dc-prefill"), decode=PoolSpec("H20", 3, zone="dc-local"))
+    return {
+        "homogeneous H200 PD (2P TP2 + 2D)": SimConfig(prefill=PoolSpec("H200", 2, tp=2), decode=PoolSpec("H200", 2),
+                                                      policy="cost-model", **base),
+        "homogeneous H20 PD (4P TP4 + 3D)": SimConfig(prefill=PoolSpec("H20", 4, tp=4), decode=PoolSpec("H20", 3),
+                                                     policy="cost-model", **base),
+        "heterogeneous, all offloaded": SimConfig(policy="least-loaded", **het, **base),
+        "PrfaaS threshold (offload > 8k tok)": SimConfig(policy="least-loaded", local_prefill_max_tokens=8192,
+                                                         **het, **base),
+        "PrfaaS cost-model (selective)": SimConfig(policy="cost-model", **het, **base),
+    }
+
+
+def study_a(a, reqs_at) -> dict:
+    out = {}
+    for name, cfg in fleets_a(a).items():
+        rows = []
+        for rate in a.rates:
+            s = simulate(cfg, reqs_at(rate), a.progress)
+            rows.append(dict(rate=rate, **s))
+            print(f"  a | {name} x{rate}: attainment {s['attainment']:.3f} goodput {s['goodput_rps']:.2f} req/s "
+                  f"local {s['local_share']:.2f} ({s['wall_s']:.0f}s)", flush=True)
+            if s["attainment"] < 0.5:
+                break
+        ok = [r for r in rows if r["attainment"] >= a.attain]
+        best = max(ok, key=lambda r: r["goodput_rps"]) if ok else None
+        dph = rows[0]["dollars_per_h"]
+        out[name] = dict(rows=rows, dollars_per_h=dph, best_rate=best["rate"] if best else None,
+                         goodput_at_slo=best["goodput_rps"] if best else 0.0,
+                         per_dollar=(best["goodput_rps"] * 3600 / dph) if best else 0.0)
+    homo = max(v["per_dollar"] for k, v in out.items() if k.startswith("homogeneous"))
+    print(f"\n(a) goodput at >= {a.attain:.0%} SLO attainment (TTFT {a.slo_ttft_ms:g} ms, TPOT {a.slo_tpot_ms:g} ms), "
+          f"rates x{a.rates}; per dollar = SLO-meeting requests per $")
+    print(table(["fleet", "$/h", "best rate", "goodput req/s", "req per $", "vs best homogeneous"],
+                [[k, v["dollars_per_h"], v["best_rate"] or "-", v["goodput_at_slo"], v["per_dollar"],
+                  f"{v['per_dollar'] / homo:.2f}x" if homo else "-"] for k, v in out.items()]))
+    print(table(["fleet"] + [f"x{r} attain / ttft p90 s / local" for r in a.rates],
+                [[k] + [f"{r['attainment']:.2f} / {r['ttft_p90']:.2f} / {r['local_share']:.2f}" for r in v["rows"]]
+                 + [""] * (len(a.rates) - len(v["rows"])) for k, v in out.items()]))
+    return out
+
+
+# (b) policies at equal hardware
+POLICIES_B = ("round-robin", "least-loaded", "cache-aware", "llm-d", "dynamo-kv", "cost-model")
+
+
+def study_b(a, reqs_at) -> dict:
+    cfg = SimConfig(a.model, prefill=PoolSpec("H200", a.b_prefill), decode=PoolSpec("H20", a.b_decode),
+                    slo_ttft_s=a.slo_ttft_ms / 1e3, slo_tpot_s=a.slo_tpot_ms / 1e3)
+    out = {}
+    for rate in a.b_rates:
+        reqs = reqs_at(rate)
+        for p in POLICIES_B:
+            s = simulate(replace(cfg, policy=p), reqs, a.progress)
+            out[f"{p} x{rate}"] = dict(policy=p, rate=rate, **s)
+            print(f"  b | {p} x{rate}: goodput {s['goodput_rps']:.3f} ({s['wall_s']:.0f}s)", flush=True)
+    for rate in a.b_rates:
+        rows = {k: v for k, v in out.items() if v["rate"] == rate}
+        pub = max(v["goodput_rps"] for v in rows.values() if v["policy"] in ("llm-d", "dynamo-kv"))
+        print(f"\n(b) {a.b_prefill} H200 prefill + {a.b_decode} H20 decode, one zone, rate x{rate}: "
+              f"SLO TTFT {a.slo_ttft_ms:g} ms TPOT {a.slo_tpot_ms:g} ms")
+        print(table(["policy", "goodput req/s", "vs best published", "attainment", "TTFT p50 s", "TTFT p90 s",
+                     "TPOT p90 ms", "cache hit", "local"],
+                    [[v["policy"], v["goodput_rps"], f"{v['goodput_rps'] / pub:.2f}x" if pub else "-", v["attainment"],
+                      v["ttft_p50"], v["ttft_p90"], v["tpot_p90"] * 1e3, v["cache_hit"], v["local_share"]]
+                     for v in rows.values()]))
+    return out
+
+
+# (c) autoscaling
+def study_c(a, reqs_base) -> dict:
+    prof = [(0, 0.5), (900, 0.5), (1500, a.c_peak), (2100, a.c_peak), (2700, 0.5), (3600, 0.5)]
+    reqs = warp(reqs_base, prof)
+    slo = dict(slo_ttft_s=a.slo_ttft_ms / 1e3, slo_tpot_s=a.slo_tpot_ms / 1e3)
+    dec = PoolSpec("H20", a.c_decode)
+    out = {"profile": prof, "static": {}}
+    need = None
+    for n in range(1, a.c_max + 1):
+        s = simulate(SimConfig(a.model, prefill=PoolSpec("H200", n), decode=dec, **slo), reqs, a.progress)
+        out["static"][n] = s
+        print(f"  c | static {n} prefill: attainment {s['attainment']:.3f} GPU-h {s['gpu_hours']:.1f} ({s['wall_s']:.0f}s)",
+              flush=True)
+        if s["attainment"] >= a.c_attain:
+            need = n
+            break
+    top = need or a.c_max
+    rule = ScalingRule("queued_prompt_tokens_per_replica", a.c_target, min_replicas=1, max_replicas=top,
+                       up_ratio=1.0, down_ratio=0.5, upscale_delay_s=a.c_up_delay, downscale_delay_s=a.c_down_delay,
+                       max_step=2, cooldown_s=a.c_cooldown)
+    cfg = SimConfig(a.model, prefill=PoolSpec("H200", 1, min_count=1, max_count=top), decode=dec,
+                    autoscale=(("prefill", rule),), replica_start_s=a.c_start_s, **slo)
+    t0 = time.perf_counter()
+    res = Simulator(cfg, reqs, progress=a.progress).run()
+    s = res.summary() | {"wall_s": time.perf_counter() - t0}
+    out["autoscaled"] = s | {"scale_log": res.scale_log}
+    st = out["static"][top]
+    print(f"\n(c) rate x{prof}: static needs {need or f'> {a.c_max}'} H200 prefill (+{a.c_decode} H20 decode) "
+          f"for >= {a.c_attain:.0%}; autoscaler 1..{top} on queued tokens / replica, target {a.c_target:g}")
+    print(table(["fleet", "attainment", "GPU-hours", "vs static", "TTFT p90 s", "actions"],
+                [[f"static peak ({top} P)", st["attainment"], st["gpu_hours"], "1.00x", st["ttft_p90"], 0],
+                 ["autoscaled", s["attainment"], s["gpu_hours"], f"{s['gpu_hours'] / st['gpu_hours']:.2f}x",
+                  s["ttft_p90"], len(res.scale_log)]]))
+    return out
+
+
+def plot(result: dict, path: str) -> None:
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(15, 4.5), layout="constrained")
+    ax = fig.subplots(1, 3)
+    for name, v in result.get("a", {}).items():
+        ax[0].plot([r["rate"] for r in v["rows"]], [r["goodput_rps"] * 3600 / v["dollars_per_h"] for r in v["rows"]],
+                   marker="o", label=name)
+    ax[0].set(title="(a) SLO-meeting requests per $ vs arrival rate", xlabel="rate scale", ylabel="requests / $")
+    ax[0].legend(fontsize=7)
+    b = result.get("b", {})
+    names = list(b)
+    ax[1].barh(names, [b[n]["goodput_rps"] for n in names])
+    ax[1].set(title="(b) goodput at the SLO", xlabel="req/s")
+    c = result.get("c", {})
+    if c.get("autoscaled"):
+        t, n = [0.0], [1]
+        for at, pool, delta, after in c["autoscaled"]["scale_log"]:
+            t.append(at)
+            n.append(after)
+        ax[2].step(t, n, where="post", label="autoscaled prefill replicas (decisions)")
+        ax[2].axhline(max(c["static"]), color="gray", ls="--", label="static peak")
+        ax[2].set(title="(c) prefill replicas over the hour", xlabel="simulated s", ylabel="replicas")
+        ax[2].legend(fontsize=7)
+    fig.savefig(path, dpi=100)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m pdcluster.bench.sim_studies", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--trace", default=TRACE)
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--studies", default="a,b,c", help="comma-separated: a, b, c")
+    ap.add_argument("--duration-s", type=float, default=None, help="trace seconds to use (default: all)")
+    ap.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    ap.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    ap.add_argument("--attain", type=float, default=0.85, help="(a) SLO attainment that counts as 'at SLO'")
+    ap.add_argument("--rates", default="0.5,0.75,1,1.25,1.5,2", help="(a) arrival-rate scales")
+    ap.add_argument("--link-gbps", type=float, default=100.0, help="(a) the cross-datacenter link, Gb/s")
+    ap.add_argument("--b-rates", default="1,1.5", help="(b) arrival-rate scales")
+    ap.add_argument("--b-prefill", type=int, default=3, help="(b) H200 prefill instances")
+    ap.add_argument("--b-decode", type=int, default=2, help="(b) H20 decode instances")
+    ap.add_argument("--c-peak", type=float, default=3.0, help="(c) peak rate multiplier (0.5x outside the peak)")
+    ap.add_argument("--c-decode", type=int, default=3, help="(c) H20 decode instances (static)")
+    ap.add_argument("--c-max", type=int, default=12, help="(c) largest static prefill pool tried")
+    ap.add_argument("--c-attain", type=float, default=0.95)
+    ap.add_argument("--c-target", type=float, default=16384.0, help="(c) queued prompt tokens per replica")
+    ap.add_argument("--c-up-delay", type=float, default=15.0)
+    ap.add_argument("--c-down-delay", type=float, default=120.0)
+    ap.add_argument("--c-cooldown", type=float, default=30.0)
+    ap.add_argument("--c-start-s", type=float, default=60.0, help="(c) seconds a new replica takes to load")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--plot", default="")
+    ap.add_argument("--progress", action="store_true", help="a tqdm bar per simulation")
+    return ap
+
+
+def main(argv=None) -> None:
+    a = build_parser().parse_args(argv)
+    a.rates = [float(x) for x in a.rates.split(",")]
+    a.b_rates = [float(x) for x in a.b_rates.split(",")]
+    base = load_trace(a.trace, duration_s=a.duration_s)
+    cache: dict = {}
+
+    def reqs_at(rate: float):
+        if rate not in cache:
+            cache[rate] = load_trace(a.trace, duration_s=a.duration_s, rate_scale=rate) if rate != 1 else base
+        return cache[rate]
+    print(f"trace {a.trace}: {len(base)} requests over {max(r.arrival_s for r in base):.0f} s; model {a.model}")
+    result: dict = {"args": {k: v for k, v in vars(a).items()}}
+    studies = set(a.studies.split(","))
+    if "a" in studies:
+        result["a"] = study_a(a, reqs_at)
+    if "b" in studies:
+        result["b"] = study_b(a, reqs_at)
+    if "c" in studies:
+        result["c"] = study_c(a, base)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1, default=lambda o: o if not isinstance(o, float) or math.isfinite(o) else None)
+    if a.plot:
+        plot(result, a.plot)
+
+
+if __name__ == "__main__":
+    main()
