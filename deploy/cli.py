@@ -1,4 +1,4 @@
-"""`pdcluster` command line: serve, generate, bench serve, bench scenario."""
+"""`pdcluster` command line: serve, generate, bench serve, bench scenario, plan."""
 from __future__ import annotations
 
 import argparse

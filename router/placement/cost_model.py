@@ -32,6 +32,12 @@ blocks, while a remote one needs its reservation now (so only remote options are
 
 Configuration: router/cost_config.py; the learned rates and links: router/telemetry.py.
 
+`choose` takes the cheapest option without pricing every pair (linear in workers: feasibility
+depends on d and the kind alone, and a remote cost splits into p's terms + d's terms + a link term
+that depends on the pair only through d's zone and cached prefix, unless the link was measured);
+`estimates` prices them all, for explanations, and `choose_exhaustive` is the reference it is
+tested against (tests/unit/test_cost_model_linear.py).
+
 Cached tokens come from the global PrefixIndex: min(match blocks, (L-1)//block_size) * block_size
 (the last token always computes), times the index's confidence in that worker.
 
