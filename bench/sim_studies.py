@@ -116,33 +116,46 @@ def study_c(a, reqs_base) -> dict:
     reqs = warp(reqs_base, prof)
     slo = dict(slo_ttft_s=a.slo_ttft_ms / 1e3, slo_tpot_s=a.slo_tpot_ms / 1e3)
     dec = PoolSpec("H20", a.c_decode)
-    out = {"profile": prof, "static": {}}
+    out = {"profile": prof, "static": {}, "args_min": a.c_auto_min}
+    slo = slo | dict(policy=a.c_policies[0])
     need = None
-    for n in range(1, a.c_max + 1):
-        s = simulate(SimConfig(a.model, prefill=PoolSpec("H200", n), decode=dec, **slo), reqs, a.progress)
+    for n in range(a.c_min, a.c_max + 1):
+        s = simulate(SimConfig(a.model, prefill=PoolSpec("H200", n, tp=2), decode=dec, **slo), reqs, a.progress)
         out["static"][n] = s
-        print(f"  c | static {n} prefill: attainment {s['attainment']:.3f} GPU-h {s['gpu_hours']:.1f} ({s['wall_s']:.0f}s)",
-              flush=True)
+        print(f"  c | static {n} x H200 TP2 prefill + {a.c_decode} H20 decode: attainment {s['attainment']:.3f} "
+              f"GPU-h {s['gpu_hours']:.1f} ({s['wall_s']:.0f}s)", flush=True)
         if s["attainment"] >= a.c_attain:
             need = n
             break
     top = need or a.c_max
-    rule = ScalingRule("queued_prompt_tokens_per_replica", a.c_target, min_replicas=1, max_replicas=top,
-                       up_ratio=1.0, down_ratio=0.5, upscale_delay_s=a.c_up_delay, downscale_delay_s=a.c_down_delay,
-                       max_step=2, cooldown_s=a.c_cooldown)
-    cfg = SimConfig(a.model, prefill=PoolSpec("H200", 1, min_count=1, max_count=top), decode=dec,
-                    autoscale=(("prefill", rule),), replica_start_s=a.c_start_s, **slo)
-    t0 = time.perf_counter()
-    res = Simulator(cfg, reqs, progress=a.progress).run()
-    s = res.summary() | {"wall_s": time.perf_counter() - t0}
-    out["autoscaled"] = s | {"scale_log": res.scale_log}
+    rules = (("prefill", ScalingRule("queued_prompt_tokens_per_replica", a.c_target, min_replicas=a.c_auto_min,
+                                     max_replicas=top, upscale_delay_s=a.c_up_delay, downscale_delay_s=a.c_down_delay,
+                                     max_step=2, cooldown_s=a.c_cooldown)),
+             ("decode", ScalingRule("kv_utilization", a.c_kv_target, min_replicas=a.c_auto_min,
+                                    max_replicas=a.c_decode, upscale_delay_s=a.c_up_delay,
+                                    downscale_delay_s=a.c_down_delay, max_step=2, cooldown_s=a.c_cooldown)))
     st = out["static"][top]
-    print(f"\n(c) rate x{prof}: static needs {need or f'> {a.c_max}'} H200 prefill (+{a.c_decode} H20 decode) "
-          f"for >= {a.c_attain:.0%}; autoscaler 1..{top} on queued tokens / replica, target {a.c_target:g}")
-    print(table(["fleet", "attainment", "GPU-hours", "vs static", "TTFT p90 s", "actions"],
-                [[f"static peak ({top} P)", st["attainment"], st["gpu_hours"], "1.00x", st["ttft_p90"], 0],
-                 ["autoscaled", s["attainment"], s["gpu_hours"], f"{s['gpu_hours'] / st['gpu_hours']:.2f}x",
-                  s["ttft_p90"], len(res.scale_log)]]))
+    rows = [[f"static ({top} P + {a.c_decode} D), {a.c_policies[0]}", st["attainment"], st["gpu_hours"], "1.00x",
+             st["ttft_p90"], st["tpot_p90"] * 1e3, st["local_share"], 0]]
+    out["autoscaled"] = {}
+    for pol in a.c_policies:
+        cfg = SimConfig(a.model, prefill=PoolSpec("H200", a.c_auto_min, tp=2, min_count=a.c_auto_min, max_count=top),
+                        decode=PoolSpec("H20", a.c_auto_min, min_count=a.c_auto_min, max_count=a.c_decode),
+                        autoscale=rules, replica_start_s=a.c_start_s, **(slo | dict(policy=pol)))
+        t0 = time.perf_counter()
+        res = Simulator(cfg, reqs, progress=a.progress).run()
+        s = res.summary() | {"wall_s": time.perf_counter() - t0}
+        out["autoscaled"][pol] = s | {"scale_log": res.scale_log}
+        print(f"  c | autoscaled, {pol}: attainment {s['attainment']:.3f} GPU-h {s['gpu_hours']:.1f} "
+              f"({s['wall_s']:.0f}s)", flush=True)
+        rows.append([f"autoscaled, {pol}", s["attainment"], s["gpu_hours"], f"{s['gpu_hours'] / st['gpu_hours']:.2f}x",
+                     s["ttft_p90"], s["tpot_p90"] * 1e3, s["local_share"], len(res.scale_log)])
+    print(f"\n(c) arrival rate x profile {prof} (trace second, multiplier): the smallest static fleet "
+          f"{f'holding >= {a.c_attain:.0%} is {need}' if need else f'tried (up to {a.c_max}) never holds {a.c_attain:.0%}'}"
+          f" x H200 TP2 prefill + {a.c_decode} x H20 decode; the autoscaler runs prefill {a.c_auto_min}..{top} "
+          f"(queued tokens / replica, target {a.c_target:g}) and decode {a.c_auto_min}..{a.c_decode} (KV utilization, "
+          f"target {a.c_kv_target:g}), up after {a.c_up_delay:g} s, replicas load in {a.c_start_s:g} s (billed meanwhile)")
+    print(table(["fleet", "attainment", "GPU-hours", "vs static", "TTFT p90 s", "TPOT p90 ms", "local", "actions"], rows))
     return out
 
 
@@ -161,13 +174,16 @@ def plot(result: dict, path: str) -> None:
     ax[1].set(title="(b) goodput at the SLO", xlabel="req/s")
     c = result.get("c", {})
     if c.get("autoscaled"):
-        t, n = [0.0], [1]
-        for at, pool, delta, after in c["autoscaled"]["scale_log"]:
-            t.append(at)
-            n.append(after)
-        ax[2].step(t, n, where="post", label="autoscaled prefill replicas (decisions)")
-        ax[2].axhline(max(c["static"]), color="gray", ls="--", label="static peak")
-        ax[2].set(title="(c) prefill replicas over the hour", xlabel="simulated s", ylabel="replicas")
+        pol, auto = next(iter(c["autoscaled"].items()))
+        for pool in ("prefill", "decode"):
+            t, n = [0.0], [c["args_min"]]
+            for at, p, delta, after in auto["scale_log"]:
+                if p == pool:
+                    t.append(at)
+                    n.append(after)
+            ax[2].step(t, n, where="post", label=f"{pool} replicas, autoscaled ({pol}), as decided")
+        ax[2].axhline(max(c["static"]), color="gray", ls="--", label="static prefill")
+        ax[2].set(title="(c) replicas over the hour", xlabel="simulated s", ylabel="replicas")
         ax[2].legend(fontsize=7)
     fig.savefig(path, dpi=100)
 
@@ -188,11 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--b-prefill", type=int, default=4, help="(b) H200 prefill instances")
     ap.add_argument("--b-decode", type=int, default=2, help="(b) H20 decode instances")
     ap.add_argument("--c-peak", type=float, default=3.0, help="(c) peak rate multiplier (0.5x outside the peak)")
-    ap.add_argument("--c-decode", type=int, default=3, help="(c) H20 decode instances (static)")
-    ap.add_argument("--c-max", type=int, default=12, help="(c) largest static prefill pool tried")
+    ap.add_argument("--c-decode", type=int, default=6, help="(c) H20 decode instances (static; the autoscaler's max)")
+    ap.add_argument("--c-min", type=int, default=3, help="(c) smallest static prefill pool tried (H200 TP2)")
+    ap.add_argument("--c-max", type=int, default=9, help="(c) largest static prefill pool tried")
     ap.add_argument("--c-attain", type=float, default=0.95)
-    ap.add_argument("--c-target", type=float, default=16384.0, help="(c) queued prompt tokens per replica")
-    ap.add_argument("--c-up-delay", type=float, default=15.0)
+    ap.add_argument("--c-target", type=float, default=4096.0, help="(c) queued prompt tokens per prefill replica")
+    ap.add_argument("--c-kv-target", type=float, default=0.4, help="(c) decode KV utilization target")
+    ap.add_argument("--c-auto-min", type=int, default=2, help="(c) autoscaled pools' min_replicas (and start)")
+    ap.add_argument("--c-policies", default="cost-model,least-loaded", help="(c) placement policies (the first "
+                                                                           "also for the static search)")
+    ap.add_argument("--c-up-delay", type=float, default=5.0)
     ap.add_argument("--c-down-delay", type=float, default=120.0)
     ap.add_argument("--c-cooldown", type=float, default=30.0)
     ap.add_argument("--c-start-s", type=float, default=60.0, help="(c) seconds a new replica takes to load")
@@ -206,6 +227,7 @@ def main(argv=None) -> None:
     a = build_parser().parse_args(argv)
     a.rates = [float(x) for x in a.rates.split(",")]
     a.b_rates = [float(x) for x in a.b_rates.split(",")]
+    a.c_policies = a.c_policies.split(",")
     base = load_trace(a.trace, duration_s=a.duration_s)
     cache: dict = {}
 

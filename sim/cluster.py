@@ -373,4 +373,5 @@ class Simulator:
             self.retired.append(inst)
             self.registry.remove(wid)
             fut.set_result(wid)
-            self._settle()
+            if not self.loop.is_running():      # called from the autoscaler's own action: it resumes itself
+                self._settle()
