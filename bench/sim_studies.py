@@ -77,6 +77,9 @@ def study_a(a, reqs_at) -> dict:
     print(table(["fleet", "$/h", "best rate", "goodput req/s", "req per $", "vs best homogeneous"],
                 [[k, v["dollars_per_h"], v["best_rate"] or "-", v["goodput_at_slo"], v["per_dollar"],
                   f"{v['per_dollar'] / homo:.2f}x" if homo else "-"] for k, v in out.items()]))
+    print(table(["fleet"] + [f"x{r} SLO-meeting req per $" for r in a.rates],
+                [[k] + [r["goodput_rps"] * 3600 / v["dollars_per_h"] for r in v["rows"]]
+                 + [""] * (len(a.rates) - len(v["rows"])) for k, v in out.items()]))
     print(table(["fleet"] + [f"x{r} attain / ttft p90 s / local" for r in a.rates],
                 [[k] + [f"{r['attainment']:.2f} / {r['ttft_p90']:.2f} / {r['local_share']:.2f}" for r in v["rows"]]
                  + [""] * (len(a.rates) - len(v["rows"])) for k, v in out.items()]))
