@@ -86,6 +86,30 @@ def study_a(a, reqs_at) -> dict:
     return out
 
 
+def study_a_explain(a, reqs_at) -> dict:
+    """What the heterogeneous fleet lacks: the cross-DC link's bandwidth (100 -> 400 -> 1600 Gb/s), or the
+    compute the homogeneous fleet's H200 decode instances lend to short prompts (local prefill off)."""
+    fl = fleets_a(a)
+    het, homo = fl["PrfaaS cost-model (selective)"], fl["homogeneous H200 PD (2P TP2 + 2D)"]
+    variants = {f"heterogeneous cost-model, {g:g} Gb/s link": replace(het, topology=replace(het.topology,
+                                                                                          cross_zone_bps=g * 1e9 / 8))
+                for g in (100.0, 400.0, 1600.0)}
+    variants["homogeneous H200, local prefill off"] = replace(homo, cost_overrides=(("allow_local", False),))
+    variants["homogeneous H200 (local prefill on)"] = homo
+    out, rows = {}, []
+    for name, cfg in variants.items():
+        for rate in a.explain_rates:
+            res = Simulator(cfg, reqs_at(rate), progress=a.progress).run()
+            s = res.summary()
+            link = sum(res.link_bytes.values()) / cfg.topology.cross_zone_bps / s["end_s"] if res.link_bytes else 0.0
+            out[f"{name} x{rate}"] = s | {"link_busy": link}
+            rows.append([name, rate, s["attainment"], s["goodput_rps"], s["ttft_p90"], s["local_share"], link])
+            print(f"  a' | {name} x{rate}: attainment {s['attainment']:.3f}", flush=True)
+    print("\n(a') why: the link, or the decode GPUs' spare compute")
+    print(table(["fleet", "rate", "attainment", "goodput req/s", "TTFT p90 s", "local", "cross-DC link busy"], rows))
+    return out
+
+
 # (b) policies at equal hardware
 POLICIES_B = ("round-robin", "least-loaded", "cache-aware", "llm-d", "dynamo-kv", "cost-model")
 
@@ -124,21 +148,33 @@ def study_c(a, reqs_base) -> dict:
     need = None
     for n in range(a.c_min, a.c_max + 1):
         s = simulate(SimConfig(a.model, prefill=PoolSpec("H200", n, tp=2), decode=dec, **slo), reqs, a.progress)
-        out["static"][n] = s
+        out["static"][(n, a.c_decode)] = s
         print(f"  c | static {n} x H200 TP2 prefill + {a.c_decode} H20 decode: attainment {s['attainment']:.3f} "
               f"GPU-h {s['gpu_hours']:.1f} ({s['wall_s']:.0f}s)", flush=True)
         if s["attainment"] >= a.c_attain:
             need = n
             break
     top = need or a.c_max
+    n_dec = a.c_decode
+    if need:                    # then the fewest decode instances that still hold it (the static fleet is both pools)
+        for nd in range(a.c_decode - 1, 0, -1):
+            s = simulate(SimConfig(a.model, prefill=PoolSpec("H200", need, tp=2), decode=PoolSpec("H20", nd), **slo),
+                         reqs, a.progress)
+            print(f"  c | static {need} x H200 TP2 prefill + {nd} H20 decode: attainment {s['attainment']:.3f} "
+                  f"GPU-h {s['gpu_hours']:.1f} ({s['wall_s']:.0f}s)", flush=True)
+            if s["attainment"] < a.c_attain:
+                break
+            n_dec = nd
+            out["static"][(need, nd)] = s
+    out["static_best"] = [top, n_dec]
     rules = (("prefill", ScalingRule("queued_prompt_tokens_per_replica", a.c_target, min_replicas=a.c_auto_min,
                                      max_replicas=top, upscale_delay_s=a.c_up_delay, downscale_delay_s=a.c_down_delay,
                                      max_step=2, cooldown_s=a.c_cooldown)),
              ("decode", ScalingRule("kv_utilization", a.c_kv_target, min_replicas=a.c_auto_min,
                                     max_replicas=a.c_decode, upscale_delay_s=a.c_up_delay,
                                     downscale_delay_s=a.c_down_delay, max_step=2, cooldown_s=a.c_cooldown)))
-    st = out["static"][top]
-    rows = [[f"static ({top} P + {a.c_decode} D), {a.c_policies[0]}", st["attainment"], st["gpu_hours"], "1.00x",
+    st = out["static"][(top, n_dec)]
+    rows = [[f"static ({top} P + {n_dec} D), {a.c_policies[0]}", st["attainment"], st["gpu_hours"], "1.00x",
              st["ttft_p90"], st["tpot_p90"] * 1e3, st["local_share"], 0]]
     out["autoscaled"] = {}
     for pol in a.c_policies:
@@ -155,7 +191,7 @@ def study_c(a, reqs_base) -> dict:
                      s["ttft_p90"], s["tpot_p90"] * 1e3, s["local_share"], len(res.scale_log)])
     print(f"\n(c) arrival rate x profile {prof} (trace second, multiplier): the smallest static fleet "
           f"{f'holding >= {a.c_attain:.0%} is {need}' if need else f'tried (up to {a.c_max}) never holds {a.c_attain:.0%}'}"
-          f" x H200 TP2 prefill + {a.c_decode} x H20 decode; the autoscaler runs prefill {a.c_auto_min}..{top} "
+          f" x H200 TP2 prefill + {n_dec} x H20 decode; the autoscaler runs prefill {a.c_auto_min}..{top} "
           f"(queued tokens / replica, target {a.c_target:g}) and decode {a.c_auto_min}..{a.c_decode} (KV utilization, "
           f"target {a.c_kv_target:g}), up after {a.c_up_delay:g} s, replicas load in {a.c_start_s:g} s (billed meanwhile)")
     print(table(["fleet", "attainment", "GPU-hours", "vs static", "TTFT p90 s", "TPOT p90 ms", "local", "actions"], rows))
@@ -185,10 +221,22 @@ def plot(result: dict, path: str) -> None:
                     t.append(at)
                     n.append(after)
             ax[2].step(t, n, where="post", label=f"{pool} replicas, autoscaled ({pol}), as decided")
-        ax[2].axhline(max(c["static"]), color="gray", ls="--", label="static prefill")
+        ax[2].axhline(c["static_best"][0], color="tab:blue", ls="--", label="static prefill")
+        ax[2].axhline(c["static_best"][1], color="tab:orange", ls=":", label="static decode")
         ax[2].set(title="(c) replicas over the hour", xlabel="simulated s", ylabel="replicas")
         ax[2].legend(fontsize=7)
     fig.savefig(path, dpi=100)
+
+
+def _jsonable(o):
+    """Tuple keys as "a,b" strings, non-finite floats as null."""
+    if isinstance(o, dict):
+        return {",".join(map(str, k)) if isinstance(k, tuple) else k: _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,13 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--trace", default=TRACE)
     ap.add_argument("--model", default="llama-3-8b")
-    ap.add_argument("--studies", default="a,b,c", help="comma-separated: a, b, c")
+    ap.add_argument("--studies", default="a,b,c", help="comma-separated: a, a' (what explains a), b, c")
     ap.add_argument("--duration-s", type=float, default=None, help="trace seconds to use (default: all)")
     ap.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     ap.add_argument("--slo-tpot-ms", type=float, default=50.0)
     ap.add_argument("--attain", type=float, default=0.85, help="(a) SLO attainment that counts as 'at SLO'")
     ap.add_argument("--rates", default="0.5,0.75,1,1.25,1.5,2", help="(a) arrival-rate scales")
     ap.add_argument("--link-gbps", type=float, default=100.0, help="(a) the cross-datacenter link, Gb/s")
+    ap.add_argument("--explain-rates", default="0.75,1", help="(a') arrival-rate scales")
     ap.add_argument("--b-rates", default="1,1.25", help="(b) arrival-rate scales")
     ap.add_argument("--b-prefill", type=int, default=4, help="(b) H200 prefill instances")
     ap.add_argument("--b-decode", type=int, default=2, help="(b) H20 decode instances")
@@ -231,6 +280,7 @@ def main(argv=None) -> None:
     a.rates = [float(x) for x in a.rates.split(",")]
     a.b_rates = [float(x) for x in a.b_rates.split(",")]
     a.c_policies = a.c_policies.split(",")
+    a.explain_rates = [float(x) for x in a.explain_rates.split(",")]
     base = load_trace(a.trace, duration_s=a.duration_s)
     cache: dict = {}
 
@@ -243,13 +293,15 @@ def main(argv=None) -> None:
     studies = set(a.studies.split(","))
     if "a" in studies:
         result["a"] = study_a(a, reqs_at)
+    if "a'" in studies:
+        result["a_explain"] = study_a_explain(a, reqs_at)
     if "b" in studies:
         result["b"] = study_b(a, reqs_at)
     if "c" in studies:
         result["c"] = study_c(a, base)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(result, f, indent=1, default=lambda o: o if not isinstance(o, float) or math.isfinite(o) else None)
+            json.dump(_jsonable(result), f, indent=1)
     if a.plot:
         plot(result, a.plot)
 
