@@ -1,13 +1,15 @@
 """Step times of one instance (a model on `tp` devices of one hardware profile) from a roofline.
 
     prefill step (chunks of new tokens n_i after c_i context tokens):
-        flops = 2 * params * sum n_i + 4 * layers * q_dim * sum (n_i * c_i + n_i^2 / 2)   (causal attention)
+        flops = 2 * layer params * sum n_i + 2 * head params * chunks      (the head samples one token each)
+                + 4 * layers * q_dim * sum (n_i * c_i + n_i^2 / 2)          (causal attention)
         time  = max(flops / (tp * peak * mfu * tp_eff), weight bytes / (tp * bw * bw_eff)) + overhead
     decode step (b sequences holding ctx KV tokens in all, plus an optional prefill chunk):
-        flops = 2 * params * b + 4 * layers * q_dim * ctx  (+ the chunk's prefill flops)
+        flops = 2 * (layer + head params) * b + 4 * layers * q_dim * ctx  (+ the chunk's prefill flops)
         bytes = weight bytes + ctx * KV bytes per token
         time  = max(flops / (tp * peak * mfu * tp_eff), bytes / (tp * bw * bw_eff)) + overhead + b * per_seq
-tp_eff = 1 at tp 1, 0.9 above (all-reduces). Units: seconds, FLOPs, bytes.
+tp_eff = 1 at tp 1, 0.9 above (all-reduces). Units: seconds, FLOPs, bytes. Weight bytes count every
+parameter once (a step reads them all; the embedding rows it reads are few, left in as a margin).
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ class Roofline:
 
     def prefill_flops(self, new: float, ctx: float = 0.0) -> float:
         m = self.model
-        return 2.0 * m.params * new + 4.0 * m.layers * m.q_dim * (new * ctx + new * new / 2.0)
+        return 2.0 * m.layer_params * new + 2.0 * m.head_params + 4.0 * m.layers * m.q_dim * (new * ctx + new * new / 2.0)
 
     def prefill_s(self, chunks) -> float:
         """One prefill step over chunks [(new tokens, context tokens before them), ...]."""
@@ -66,7 +68,7 @@ class Roofline:
         """One decode step of `batch` sequences with ctx_tokens of KV in all, plus a prefill chunk
         (new, context) computed in the same step (chunked local prefill)."""
         m = self.model
-        flops = 2.0 * m.params * batch + 4.0 * m.layers * m.q_dim * ctx_tokens
+        flops = 2.0 * (m.layer_params + m.head_params) * batch + 4.0 * m.layers * m.q_dim * ctx_tokens
         if chunk is not None:
             flops += self.prefill_flops(*chunk)
         nbytes = self.weight_bytes + ctx_tokens * self.kv_bytes_per_token

@@ -20,26 +20,28 @@ REPO = Path(__file__).resolve().parents[2]
 
 TOY_HW = Hardware("toy", peak_flops=1e12, mem_bw=1e11, mem_bytes=10e9, price_per_h=2.0, nic_bps=1e9,
                   dtype_bytes=2, mfu=0.5, bw_eff=0.5, step_overhead_s=0.001, per_seq_overhead_s=0.0, mem_util=1.0)
-TOY = Model("toy", layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, params=1e9)
+TOY = Model("toy", layers=2, hidden=64, heads=4, kv_heads=2, head_dim=16, params=1e9 + 2 * 1000 * 64, vocab=1000)
 
 
 def test_roofline_matches_hand_computed_steps():
     r = Roofline(TOY, TOY_HW, tp=1)
     assert r.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2 == 256
-    assert r.weight_bytes == 2e9
-    assert r.capacity_tokens == int((10e9 - 2e9) // 256)
-    # prefill of 1000 new tokens after 0: 2e9*1000 + 4*2*64*(1000^2/2) = 2.000256e12 flops at 0.5e12/s
-    assert r.prefill_s([(1000, 0)]) == pytest.approx(2.000256e12 / 0.5e12 + 0.001)
-    # 10 new tokens: compute 2.0e10 flops = 0.04 s vs weights 2e9 B / 5e10 B/s = 0.04 s; with 500 context
-    flops = 2e9 * 10 + 4 * 2 * 64 * (10 * 500 + 50)
-    assert r.prefill_s([(10, 500)]) == pytest.approx(max(flops / 0.5e12, 0.04) + 0.001)
-    # decode: batch 4 holding 8000 KV tokens: bytes 2e9 + 8000*256 over 5e10 B/s; flops tiny
-    assert r.decode_s(4, 8000) == pytest.approx((2e9 + 8000 * 256) / 5e10 + 0.001)
-    # compute-bound decode (batch 100): 2e9*100 + 4*2*64*8000 flops
-    assert r.decode_s(100, 8000) == pytest.approx((2e11 + 4 * 2 * 64 * 8000) / 0.5e12 + 0.001)
+    wb = 2e9 + 2 * 2 * 64000                        # every weight once: layers + embedding + head, bf16
+    assert r.weight_bytes == wb
+    assert r.capacity_tokens == int((10e9 - wb) // 256)
+    # prefill of 1000 new tokens after 0: layers 2*1e9*1000 + head once 2*64000 + attention 4*2*64*(1000^2/2)
+    flops = 2e12 + 128000 + 2.56e8
+    assert r.prefill_s([(1000, 0)]) == pytest.approx(flops / 0.5e12 + 0.001)
+    # 10 new tokens after 500: compute 2.0e10 flops = 0.04 s vs weights wb / 5e10 B/s
+    flops = 2e9 * 10 + 128000 + 4 * 2 * 64 * (10 * 500 + 50)
+    assert r.prefill_s([(10, 500)]) == pytest.approx(max(flops / 0.5e12, wb / 5e10) + 0.001)
+    # decode: batch 4 holding 8000 KV tokens: bytes wb + 8000*256 over 5e10 B/s; flops tiny
+    assert r.decode_s(4, 8000) == pytest.approx((wb + 8000 * 256) / 5e10 + 0.001)
+    # compute-bound decode (batch 100): every token through layers and head, plus attention
+    assert r.decode_s(100, 8000) == pytest.approx(((2e9 + 128000) * 100 + 4 * 2 * 64 * 8000) / 0.5e12 + 0.001)
     # two devices: 2x rates, all-reduce efficiency 0.9 on compute
     r2 = Roofline(TOY, TOY_HW, tp=2)
-    assert r2.prefill_s([(1000, 0)]) == pytest.approx(2.000256e12 / (2 * 0.5e12 * 0.9) + 0.001)
+    assert r2.prefill_s([(1000, 0)]) == pytest.approx((2e12 + 128000 + 2.56e8) / (2 * 0.5e12 * 0.9) + 0.001)
     with pytest.raises(ValueError, match="does not fit"):
         Roofline(Model("huge", 2, 64, 4, 2, 16, 1e10), TOY_HW)
 
