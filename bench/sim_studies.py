@@ -272,11 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", default="")
     ap.add_argument("--plot", default="")
     ap.add_argument("--progress", action="store_true", help="a tqdm bar per simulation")
+    ap.add_argument("--plot-from", default="", help="comma-separated result JSONs (of runs of different studies): "
+                                                    "merge them into --plot and run nothing")
     return ap
 
 
 def main(argv=None) -> None:
     a = build_parser().parse_args(argv)
+    if a.plot_from:
+        merged: dict = {}
+        for path in a.plot_from.split(","):
+            with open(path) as f:
+                merged |= json.load(f)
+        plot(merged, a.plot)
+        return
     a.rates = [float(x) for x in a.rates.split(",")]
     a.b_rates = [float(x) for x in a.b_rates.split(",")]
     a.c_policies = a.c_policies.split(",")
