@@ -1,8 +1,11 @@
 """Hardware profiles: per device peak compute, memory bandwidth and size, price, NIC. Pure Python.
 
-GPU figures are the vendors' dense BF16 tensor peaks and HBM bandwidths; `mfu` and `bw_eff` are the
-fractions a serving engine reaches (prefill GEMMs ~50% of peak, decode ~80% of HBM bandwidth: the
-usual Vidur/DistServe-style assumptions, not measured here: no GPU on this host). Prices are
+GPU figures are the vendors' dense BF16 tensor peaks and HBM bandwidths. `mfu` and `bw_eff` (the
+fractions a serving engine reaches) were measured on an H200 (bench/h200_calibrate.py,
+bench/h200-calibration.json): a Llama-3-8B-shaped prefill reached 0.50-0.52 of the bf16 peak at
+4k-16k tokens (0.43 at 1k), a decode step's linears (one CUDA graph) read weights at 0.71 of the
+HBM bandwidth; the H100 is the same chip and takes both; the H20, A100 and L40S take them as
+assumptions (not measured here). `step_overhead_s` (scheduling, sampling) is assumed. Prices are
 on-demand cloud list prices per GPU-hour (late 2025, rounded; H20 from Chinese cloud list prices).
 `cpu` is this machine as bench/engine.py measured it (bench/engine.json, RESULTS "Engine vs
 transformers"): fp32 matmul 165 GFLOP/s, read bandwidth 30.9 GB/s; prefill reached 71% of the
@@ -26,7 +29,7 @@ class Hardware:
     nic_bps: float              # bytes/s per device: its KV link inside a zone (RDMA; cpu: loopback)
     dtype_bytes: int = 2        # weights and KV
     mfu: float = 0.5            # reached fraction of peak_flops
-    bw_eff: float = 0.8         # reached fraction of mem_bw
+    bw_eff: float = 0.71        # reached fraction of mem_bw (measured on an H200)
     step_overhead_s: float = 0.003      # fixed per engine step (scheduling, launches, sampling)
     per_seq_overhead_s: float = 0.0     # per sequence in a decode step (cpu: attention gathers)
     mem_util: float = 0.9       # share of memory the engine may use (weights + KV)
