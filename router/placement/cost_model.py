@@ -251,9 +251,9 @@ class CostModel:
         (the float operations estimate_remote makes, in its order), where exposed depends on d only
         through g = (d's zone, cached tokens at d) while the p -> d link is unmeasured (zone-priced;
         the codec then ignores p's rate: CompressionPolicy answers without a bandwidth). So each
-        group ranks the prefill workers once, walking them by their own terms and stopping when that
-        lower bound (exposed >= 0) passes the group's best; pairs with a measured link are priced one
-        by one. Cost: O(P log P + groups x walked P + D + measured links); groups <= zones x distinct
+        group ranks the prefill workers once, walking them per zone in two sorted orders of their
+        own terms until no unseen p can beat the group's best (_Group); pairs with a measured link
+        are priced one by one. Cost: O(P log P + groups x walked P + D + measured links); groups <= zones x distinct
         cached-at-d values (a handful: the prompt's prefix hit lengths)."""
         c, tel = self.cfg, self.telemetry
         t, ps, ds, cached, local_ok = self._options(prompt_len, prefills, decodes, exclude, hashes, now)
