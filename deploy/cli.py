@@ -1,4 +1,4 @@
-"""`pdcluster` command line: serve, generate, bench serve, bench scenario."""
+"""`pdcluster` command line: serve, generate, bench serve, bench scenario, plan."""
 from __future__ import annotations
 
 import argparse
@@ -212,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
                          formatter_class=HelpFormatter, epilog=bench_scenario.epilog())
     bench_scenario.add_arguments(bc)
     bc.set_defaults(fn=bench_scenario.main)
+    from pdcluster.sim import plan as sim_plan
+    pl = sub.add_parser("plan", help="size prefill/decode pools for a trace with the simulator; writes a pools.yaml",
+                        description=sim_plan.__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    sim_plan.add_arguments(pl)
+    pl.set_defaults(fn=sim_plan.main)
     return ap
 
 

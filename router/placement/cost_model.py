@@ -32,6 +32,12 @@ blocks, while a remote one needs its reservation now (so only remote options are
 
 Configuration: router/cost_config.py; the learned rates and links: router/telemetry.py.
 
+`choose` takes the cheapest option without pricing every pair (linear in workers: feasibility
+depends on d and the kind alone, and a remote cost splits into p's terms + d's terms + a link term
+that depends on the pair only through d's zone and cached prefix, unless the link was measured);
+`estimates` prices them all, for explanations, and `choose_exhaustive` is the reference it is
+tested against (tests/unit/test_cost_model_linear.py).
+
 Cached tokens come from the global PrefixIndex: min(match blocks, (L-1)//block_size) * block_size
 (the last token always computes), times the index's confidence in that worker. The match runs
 through the cache tiers (PrefixIndex.match_tiers): device blocks are free, host and disk blocks
@@ -113,12 +119,28 @@ class CostModel:
         bs = self.cfg.block_size
         return min(n_blocks, max(0, (prompt_len - 1) // bs)) * bs * conf
 
-    def _decode_checks(self, e: Estimate, d: WorkerLoad, prompt_len: int, n_d: int, stall_s: float) -> None:
+    def _transfer(self, prompt_len: int, cached_d: float, codec: str, bps: float) -> tuple[float, float]:
+        """(wire bytes, seconds) of shipping the prompt's KV beyond d's cached prefix under `codec`
+        over a link of `bps` wire bytes/s."""
+        nbytes = (prompt_len - cached_d) * self.cfg.wire_bytes_per_token(codec)
+        return nbytes, nbytes / max(bps, 1.0)
+
+    def _exposed(self, transfer_s: float, compute_s: float) -> float:
+        """The transfer seconds layer-wise streaming does not hide behind p's compute."""
+        return max(transfer_s / max(self.cfg.num_layers, 1), transfer_s - compute_s)
+
+    def _decode_verdicts(self, d: WorkerLoad, prompt_len: int, n_d: int, cached_d: float,
+                         stall_s: float) -> tuple[int, bool, float, bool]:
+        """(blocks needed, kv_ok, step seconds after, tpot_ok) of placing the prompt on d."""
         bs = self.cfg.block_size
-        e.blocks_needed = max(0, -(-prompt_len // bs) + 1 - int(e.cached_tokens_decode // bs))
-        e.kv_ok = not d.capacity_known or d.free_blocks >= e.blocks_needed
-        e.step_s_after = max(self.telemetry.step_s(d, n_d + 1), stall_s)
-        e.tpot_ok = self.cfg.tpot_slo_s is None or e.step_s_after <= self.cfg.tpot_slo_s
+        blocks = max(0, -(-prompt_len // bs) + 1 - int(cached_d // bs))
+        after = max(self.telemetry.step_s(d, n_d + 1), stall_s)
+        return (blocks, not d.capacity_known or d.free_blocks >= blocks, after,
+                self.cfg.tpot_slo_s is None or after <= self.cfg.tpot_slo_s)
+
+    def _decode_checks(self, e: Estimate, d: WorkerLoad, prompt_len: int, n_d: int, stall_s: float) -> None:
+        e.blocks_needed, e.kv_ok, e.step_s_after, e.tpot_ok = self._decode_verdicts(
+            d, prompt_len, n_d, e.cached_tokens_decode, stall_s)
 
     def kv_codec(self, prompt_len: int, p: WorkerLoad, cached_d: float, measured_bps: float | None) -> str:
         """The codec p will pick for this transfer: p's own CompressionPolicy, on the figures p
@@ -158,9 +180,8 @@ class CostModel:
         e.probe_needed = t.links.probe_needed(p.worker_id, d.worker_id, now)
         e.kv_codec = self.kv_codec(prompt_len, p, cached_d, e.bandwidth_bps if e.bandwidth_source == "measured"
                                    else None)
-        e.transfer_bytes = (prompt_len - cached_d) * c.wire_bytes_per_token(e.kv_codec)
-        e.transfer_s = e.transfer_bytes / max(e.bandwidth_bps, 1.0)   # wire bytes / wire bytes/s
-        e.exposed_transfer_s = max(e.transfer_s / max(c.num_layers, 1), e.transfer_s - e.compute_s)
+        e.transfer_bytes, e.transfer_s = self._transfer(prompt_len, cached_d, e.kv_codec, e.bandwidth_bps)
+        e.exposed_transfer_s = self._exposed(e.transfer_s, e.compute_s)
         e.join_s = t.step_s(d, n_d)
         e.overhead_s = c.remote_overhead_s
         e.tier_load_s = load_p_s
@@ -185,9 +206,9 @@ class CostModel:
         self._decode_checks(e, d, prompt_len, n_d, stall)
         return e
 
-    def estimates(self, prompt_len: int, prefills: list[WorkerLoad], decodes: list[WorkerLoad],
-                  exclude: Iterable[str] = frozenset(), *, hashes=None, now: float | None = None) -> list[Estimate]:
-        """Every option for the prompt (feasible or not), cheapest first."""
+    def _options(self, prompt_len, prefills, decodes, exclude, hashes, now):
+        """(now, usable prefills, usable decodes, {worker: expected cached tokens, any tier},
+        {worker: of them in its device pool}, {worker: seconds to load the rest}, local allowed)."""
         c, t = self.cfg, (time.time() if now is None else now)
         ds = [d for d in decodes if d.placeable and d.worker_id not in exclude]
         ps = [p for p in prefills if p.placeable and p.worker_id not in exclude] if c.allow_remote else []
@@ -202,8 +223,17 @@ class CostModel:
                     cached[w] = self._cached(h.total, prompt_len, conf)
                     device[w] = self._cached(h.device, prompt_len, conf)
                     load[w] = self.tier_load_s(loads[w], h, prompt_len, conf)
-        out = []
         local_ok = c.allow_local and (c.local_max_tokens is None or prompt_len <= c.local_max_tokens)
+        return t, ps, ds, cached, device, load, local_ok
+
+    def estimates(self, prompt_len: int, prefills: list[WorkerLoad], decodes: list[WorkerLoad],
+                  exclude: Iterable[str] = frozenset(), *, hashes=None, now: float | None = None) -> list[Estimate]:
+        """Every option for the prompt (feasible or not), cheapest first: |decodes| x (|prefills| + 1)
+        estimates, for explanations and as the reference `choose` is tested against
+        (`choose_exhaustive`); placement itself uses `choose`, linear in workers."""
+        c = self.cfg
+        t, ps, ds, cached, device, load, local_ok = self._options(prompt_len, prefills, decodes, exclude, hashes, now)
+        out = []
         for d in ds:
             dw = d.worker_id
             if local_ok:
@@ -223,8 +253,9 @@ class CostModel:
         out.sort(key=lambda e: (e.cost_s, e.kind != "local", e.decode, e.prefill or ""))
         return out
 
-    def choose(self, prompt_len: int, prefills: list[WorkerLoad], decodes: list[WorkerLoad],
+    def choose_exhaustive(self, prompt_len: int, prefills: list[WorkerLoad], decodes: list[WorkerLoad],
                exclude: Iterable[str] = frozenset(), *, hashes=None, now: float | None = None) -> Placement | None:
+        """The reference: `choose` by pricing every option (estimates()); quadratic in workers."""
         every = self.estimates(prompt_len, prefills, decodes, exclude, hashes=hashes, now=now)
         ests = [e for e in every if e.kv_ok]
         best = next((e for e in ests if e.tpot_ok), None)
@@ -237,3 +268,170 @@ class CostModel:
         if best is None:
             return None
         return Placement(best.prefill, best.decode, best.kind, best.as_dict() | {"options_kv_ok": len(ests)})
+
+    def choose(self, prompt_len: int, prefills: list[WorkerLoad], decodes: list[WorkerLoad],
+               exclude: Iterable[str] = frozenset(), *, hashes=None, now: float | None = None) -> Placement | None:
+        """The option `choose_exhaustive` takes (same Placement, same estimate), found without pricing
+        every (p, d) pair.
+
+        Why that is exact: an option's feasibility (kv_ok, tpot_ok) depends on its decode worker and
+        kind alone, so the answer is the cheapest (same sort key) among each d's local option and
+        each d's cheapest remote option. A remote option's cost is
+            ((s(p, g) + join_d) + overhead) [+ duplicate_p],  s(p, g) = (queue_p + compute_p) + exposed(p, g)
+        (the float operations estimate_remote makes, in its order), where exposed depends on d only
+        through g = (d's zone, cached tokens at d) while the p -> d link is unmeasured (zone-priced;
+        the codec then ignores p's rate: CompressionPolicy answers without a bandwidth). So each
+        group ranks the prefill workers once, walking them per zone in two sorted orders of their
+        own terms until no unseen p can beat the group's best (_Group); pairs with a measured link
+        are priced one by one. Cost: O(P log P + groups x walked P + D + measured links); groups <= zones x distinct
+        cached-at-d values (a handful: the prompt's prefix hit lengths)."""
+        c, tel = self.cfg, self.telemetry
+        t, ps, ds, cached, device, load, local_ok = self._options(prompt_len, prefills, decodes, exclude, hashes, now)
+        if not ds:
+            return None
+        best_cached = max(cached.values(), default=0.0)
+        dup_on = bool(c.duplicate_penalty and best_cached)
+        # prefill side, once per p: (lb, id, queue+compute+load, compute, duplicate or None, p, qd)
+        # lb = queue+compute+load+duplicate and qd = queue+load+duplicate bound its key s + duplicate
+        # from below (up to rounding): s >= queue+compute+load + transfer/layers, s >= queue+load + transfer
+        pside = []
+        for p in ps:
+            rate = tel.prefill_tps(p)
+            cp = cached.get(p.worker_id, 0.0)
+            q, comp = max(p.queued_tokens, p.waiting_tokens) / rate, (prompt_len - cp) / rate
+            dup = c.duplicate_penalty * (best_cached - cp) / rate if dup_on and best_cached - cp > 0 else None
+            ql = q + load.get(p.worker_id, 0.0)
+            qc = q + comp + load.get(p.worker_id, 0.0)     # estimate_remote's order: queue, compute, tier load
+            pside.append((qc + (dup or 0.0), p.worker_id, qc, comp, dup, p, ql + (dup or 0.0)))
+        by_zone: dict[str, tuple[list, list]] = {}       # p's zone -> its rows by (lb, id) and by (qd, id)
+        for r in pside:
+            by_zone.setdefault(r[5].zone, ([], []))[0].append(r)
+        for a, b in by_zone.values():
+            a.sort(key=lambda r: (r[0], r[1]))
+            b.extend(a)
+            b.sort(key=lambda r: (r[6], r[1]))
+        measured: dict[str, set[str]] = {}               # d -> prefill workers with a measured link to it
+        pmap = {r[1]: r for r in pside}
+        if ps:
+            for src, dst in tel.links.links:
+                if src in pmap:
+                    measured.setdefault(dst, set()).add(src)
+        groups: dict[tuple, _Group] = {}
+        over, slo, pen, chunk = c.remote_overhead_s, c.tpot_slo_s, c.local_penalty, c.local_chunk_tokens
+        need = -(-prompt_len // c.block_size) + 1
+        opts = []       # (sort key, kv_ok, tpot_ok, kind, d, prefill or None)
+        kv_ok_count = 0
+        for d in ds:
+            cd = cached.get(d.worker_id, 0.0)           # a local prefill's hit (any tier of d)
+            cdev = device.get(d.worker_id, 0.0)         # what a transfer to d skips (its device pool)
+            n_d = max(d.running, d.in_flight)
+            # d's verdicts, as _decode_verdicts gives them (local: stall = its chunk's step)
+            blocks = max(0, need - int(cd // c.block_size))
+            kv = not d.capacity_known or d.free_blocks >= blocks
+            blocks_r = max(0, need - int(cdev // c.block_size))
+            kv_r = not d.capacity_known or d.free_blocks >= blocks_r
+            step_n, step_n1 = tel.step_s(d, n_d), tel.step_s(d, n_d + 1)
+            kv_ok_count += (1 if local_ok and kv else 0) + (len(ps) if kv_r else 0)
+            if local_ok:        # estimate_local's cost, its float operations in its order
+                rate = tel.prefill_tps(d)
+                comp = (prompt_len - cd) / rate
+                cost = d.queued_tokens / rate + comp + load.get(d.worker_id, 0.0) + step_n + pen * n_d * comp
+                if dup_on and best_cached - cd > 0:
+                    cost += c.duplicate_penalty * (best_cached - cd) / rate
+                stall = step_n + min(prompt_len - cd, chunk) / rate if n_d else 0.0
+                tpot = slo is None or max(step_n1, stall) <= slo
+                opts.append(((cost, False, d.worker_id, ""), kv, tpot, "local", d, blocks))
+            if ps and kv_r:     # a remote option on a full d is never taken (the fallback is local)
+                mine = measured.get(d.worker_id, ())
+                cands = []
+                for _lb, _pid, qc, comp, dup, p, _qd in (pmap[w] for w in mine):
+                    bps, src = tel.links.bandwidth(p.worker_id, d.worker_id, p.zone, d.zone)
+                    codec = self.kv_codec(prompt_len, p, cdev, bps if src == "measured" else None)
+                    cands.append((qc + self._exposed(self._transfer(prompt_len, cdev, codec, bps)[1], comp), dup, p))
+                g = groups.get((d.zone, cdev))
+                if g is None:
+                    g = groups[(d.zone, cdev)] = _Group(self, prompt_len, by_zone, d.zone, cdev)
+                cands += g.window(mine)
+                best = None
+                for s_p, dup, p in cands:
+                    cost = s_p + step_n + over
+                    if dup is not None:
+                        cost += dup
+                    if best is None or (cost, p.worker_id) < (best[0], best[1].worker_id):
+                        best = (cost, p)
+                tpot = slo is None or max(step_n1, 0.0) <= slo
+                opts.append(((best[0], True, d.worker_id, best[1].worker_id), kv_r, tpot, "remote", d, best[1]))
+        ests = [o for o in opts if o[1]]
+        best = min((o for o in ests if o[2]), key=lambda o: o[0], default=None)
+        if best is None and not c.tpot_strict and ests:
+            best = min(ests, key=lambda o: o[0])
+        if best is None and not ests:                   # every pool full now: queue locally where it fits
+            best = min((o for o in opts if o[3] == "local" and o[5] <= o[4].num_blocks),
+                       key=lambda o: o[0], default=None)
+        if best is None:
+            return None
+        d = best[4]
+        if best[3] == "local":
+            e = self.estimate_local(prompt_len, d, cached.get(d.worker_id, 0.0), load.get(d.worker_id, 0.0))
+            rate = tel.prefill_tps(d)
+        else:
+            p = best[5]
+            e = self.estimate_remote(prompt_len, p, d, cached.get(p.worker_id, 0.0), device.get(d.worker_id, 0.0), t,
+                                     load.get(p.worker_id, 0.0))
+            rate = tel.prefill_tps(p)
+        if dup_on and best_cached - e.cached_tokens > 0:
+            e.duplicate_penalty_s = c.duplicate_penalty * (best_cached - e.cached_tokens) / rate
+            e.cost_s += e.duplicate_penalty_s
+        return Placement(e.prefill, e.decode, e.kind, e.as_dict() | {"options_kv_ok": kv_ok_count})
+
+
+class _Group:
+    """The remote prices of one group g = (d's zone, cached tokens at d) over zone-priced links.
+    window(skip): the (s, duplicate, p) that can be cheapest for a d of this group once its join
+    and the overhead are added: every p whose key s + duplicate lies within float rounding of the
+    lowest, one per distinct (s, duplicate) (equal rows tie to the lowest id), leaving out the
+    prefill ids in `skip` (priced apart: measured links).
+    Per p zone z the transfer x is one figure, and key >= max(lb + x / layers, qd + x): the zone's
+    rows are walked in both orders at once (Fagin's threshold algorithm) until that bound at the
+    two walk positions passes the lowest key seen, so only rows that may win are priced."""
+
+    def __init__(self, cm: CostModel, prompt_len: int, by_zone: dict, zone: str, cd: float):
+        self.by_zone, self.tr, self.layers = by_zone, {}, max(cm.cfg.num_layers, 1)
+        for pz, (rows, _) in by_zone.items():   # codec and transfer seconds depend on p only via its zone here
+            bps, _src = cm.telemetry.links.zone_prior(pz, zone)
+            self.tr[pz] = cm._transfer(prompt_len, cd, cm.kv_codec(prompt_len, rows[0][5], cd, None), bps)[1]
+        self._plain = self._walk(())
+
+    def _walk(self, skip) -> list:
+        lo, rows, seen, layers = None, [], set(), self.layers
+        for pz, (by_lb, by_qd) in sorted(self.by_zone.items(), key=lambda kv: self.tr[kv[0]]):
+            x = self.tr[pz]
+            xl = x / layers
+            for i in range(len(by_lb)):
+                if lo is not None and max(by_lb[i][0] + xl, by_qd[i][6] + x) > lo + 1e-9 * (abs(lo) + 1.0):
+                    break
+                for r in (by_lb[i], by_qd[i]):
+                    pid = r[1]
+                    if pid in seen or pid in skip:
+                        continue
+                    seen.add(pid)
+                    s_p = r[2] + max(xl, x - r[3])           # queue+compute + _exposed, inlined
+                    key = s_p + (r[4] or 0.0)
+                    rows.append((key, pid, s_p, r[4], r[5]))
+                    if lo is None or key < lo:
+                        lo = key
+        if lo is None:
+            return []
+        tol = 1e-9 * (abs(lo) + 1.0)
+        best: dict[tuple, tuple] = {}
+        for r in rows:
+            if r[0] <= lo + tol:
+                k = (r[2], r[3])
+                if k not in best or r[1] < best[k][1]:
+                    best[k] = r
+        return [(r[2], r[3], r[4]) for r in best.values()]
+
+    def window(self, skip) -> list:
+        if skip and any(p.worker_id in skip for _s, _d, p in self._plain):
+            return self._walk(skip)
+        return self._plain

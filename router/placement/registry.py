@@ -3,8 +3,12 @@
     round-robin    next prefill and next decode worker in turn                 (round_robin.py)
     least-loaded   fewest queued prompt tokens / most free KV                  (least_loaded.py)
     cache-aware    longest prefix hit in the global index, ties by load        (cache_aware.py)
-    cost-model     lowest estimated TTFT over every (p, d) and local option    (cost_model.py), default
-The first three prefill locally when remote prefill is off, no prefill worker is up, or the prompt
+    llm-d          llm-d's weighted prefix / queue / KV-load scorers            (llmd.py)
+    dynamo-kv      Dynamo's KV router cost: overlap weight x prefill blocks + decode blocks  (dynamo.py)
+    cost-model     lowest estimated TTFT over every (p, d) and local option    (cost_model.py), default;
+                   found without pricing every pair (linear in workers, see CostModel.choose)
+llm-d and dynamo-kv are the published policies of those systems, implemented from their docs
+(for comparisons: bench/sim_studies.py). The first three prefill locally when remote prefill is off, no prefill worker is up, or the prompt
 has at most `local_prefill_max_tokens` tokens; the cost model decides local vs remote itself.
 """
 from __future__ import annotations
@@ -15,6 +19,8 @@ from pdcluster.router.cost_config import CostConfig
 from pdcluster.router.placement.base import Policy
 from pdcluster.router.placement.cache_aware import CacheAware
 from pdcluster.router.placement.cost_model import CostModel
+from pdcluster.router.placement.dynamo import DynamoKV
+from pdcluster.router.placement.llmd import LlmD
 from pdcluster.router.placement.least_loaded import LeastLoaded
 from pdcluster.router.placement.round_robin import RoundRobin
 
@@ -29,11 +35,23 @@ def _cost_model(index=None, telemetry=None, config=None, remote_prefill=True, lo
     return CostModel(config, index, telemetry, **cfg_fields)
 
 
+def _with_block_size(cls):
+    """A factory taking the KV block size as given, else the router's (its Telemetry's CostConfig)."""
+    def make(telemetry=None, block_size=None, **kw):
+        bs = block_size or (telemetry.cfg.block_size if telemetry is not None else CostConfig().block_size)
+        return cls(block_size=bs, **kw)
+    return make
+
+
 _SWITCH = {"local_prefill_max_tokens", "remote_prefill"}
 _FACTORIES = {      # name -> (factory, the keywords it takes)
     "round-robin": (RoundRobin, _SWITCH),
     "least-loaded": (LeastLoaded, _SWITCH),
     "cache-aware": (CacheAware, _SWITCH | {"index"}),
+    "llm-d": (_with_block_size(LlmD), {"index", "telemetry", "remote_prefill", "block_size", "prefix_weight",
+                                       "queue_weight", "load_weight", "pd_threshold"}),
+    "dynamo-kv": (_with_block_size(DynamoKV), {"index", "telemetry", "remote_prefill", "block_size",
+                                               "overlap_score_weight"}),
     "cost-model": (_cost_model, _SWITCH | {"index", "telemetry", "config"} | {f.name for f in fields(CostConfig)}),
 }
 POLICY_NAMES = tuple(_FACTORIES)

@@ -19,7 +19,7 @@ def parsers() -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", ["pdcluster serve", "pdcluster generate", "pdcluster bench serve",
+@pytest.mark.parametrize("name", ["pdcluster serve", "pdcluster generate", "pdcluster bench serve", "pdcluster plan",
                                   "pdcluster bench scenario"])
 def test_every_option_has_help_and_its_default(name, monkeypatch):
     monkeypatch.setenv("COLUMNS", "2000")       # no wrapping inside a default

@@ -5,6 +5,8 @@ from pdcluster.engine.hashing import block_hashes
 from pdcluster.router.placement import DEFAULT_POLICY, POLICY_NAMES, Placement, WorkerLoad, make_policy
 from pdcluster.router.placement.cache_aware import CacheAware
 from pdcluster.router.placement.cost_model import CostModel
+from pdcluster.router.placement.dynamo import DynamoKV
+from pdcluster.router.placement.llmd import LlmD
 from pdcluster.router.placement.least_loaded import LeastLoaded
 from pdcluster.router.placement.round_robin import RoundRobin
 from pdcluster.router.telemetry import Telemetry
@@ -20,12 +22,12 @@ def pools():
 
 
 def test_make_policy_by_name():
-    assert POLICY_NAMES == ("round-robin", "least-loaded", "cache-aware", "cost-model")
+    assert POLICY_NAMES == ("round-robin", "least-loaded", "cache-aware", "llm-d", "dynamo-kv", "cost-model")
     assert DEFAULT_POLICY == "cost-model" and isinstance(make_policy(), CostModel)
     ix = PrefixIndex()
     kw = dict(index=ix, local_prefill_max_tokens=0, remote_prefill=True)   # what the router passes to any
     types = {"round-robin": RoundRobin, "least-loaded": LeastLoaded, "cache-aware": CacheAware,
-             "cost-model": CostModel}
+             "llm-d": LlmD, "dynamo-kv": DynamoKV, "cost-model": CostModel}
     ps, ds = pools()
     for name in POLICY_NAMES:
         pol = make_policy(name, **kw)

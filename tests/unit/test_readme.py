@@ -4,7 +4,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("pdcluster", "bench", "decode_worker", "deploy", "engine", "kernels", "kv_transfer", "prefill_worker",
-            "router")
+            "router", "sim")
 
 
 def module_map() -> list[str]:

@@ -1,0 +1,319 @@
+"""Fleet studies with the simulator (issue 20, point 3) on a Mooncake trace; tables + plots.
+
+    a  homogeneous PD vs PrfaaS-style heterogeneous (H200 prefill in one datacenter, H20 decode in
+       another, a 100 Gb/s link between them, selective offload): the most goodput at >= --attain
+       SLO attainment over a sweep of arrival-rate scales, per dollar
+    b  placement policies at equal hardware by goodput at the TTFT/TPOT SLO
+    c  the pool autoscaler over the hour with a time-varying arrival rate: SLO attainment and
+       GPU-hours against the smallest static fleet that holds the same attainment
+Every run is sim.cluster.Simulator: the router's own policies, prefix index and autoscaler.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import replace
+
+from pdcluster.router.autoscaler import ScalingRule
+from pdcluster.sim.cluster import PoolSpec, SimConfig, Simulator, Topology
+from pdcluster.sim.trace import load_trace, warp
+
+TRACE = "/work/shared/traces/conversation_trace.jsonl"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows])
+
+
+def simulate(cfg: SimConfig, reqs, progress: bool) -> dict:
+    t0 = time.perf_counter()
+    s = Simulator(cfg, reqs, progress=progress).run().summary()
+    s["wall_s"] = time.perf_counter() - t0
+    return s
+
+
+# (a) heterogeneous vs homogeneous
+def fleets_a(a) -> dict[str, SimConfig]:
+    base = dict(model=a.model, slo_ttft_s=a.slo_ttft_ms / 1e3, slo_tpot_s=a.slo_tpot_ms / 1e3,
+                topology=Topology(cross_zone_bps=a.link_gbps * 1e9 / 8, cross_zone_latency_s=0.005))
+    het = dict(prefill=PoolSpec("H200", 2, tp=2, zone="dc-prefill"), decode=PoolSpec("H20", 3, zone="dc-local"))
+    return {
+        "homogeneous H200 PD (2P TP2 + 2D)": SimConfig(prefill=PoolSpec("H200", 2, tp=2), decode=PoolSpec("H200", 2),
+                                                      policy="cost-model", **base),
+        "homogeneous H20 PD (4P TP4 + 3D)": SimConfig(prefill=PoolSpec("H20", 4, tp=4), decode=PoolSpec("H20", 3),
+                                                     policy="cost-model", **base),
+        "heterogeneous, all offloaded": SimConfig(policy="least-loaded", **het, **base),
+        "PrfaaS threshold (offload > 8k tok)": SimConfig(policy="least-loaded", local_prefill_max_tokens=8192,
+                                                         **het, **base),
+        "PrfaaS cost-model (selective)": SimConfig(policy="cost-model", **het, **base),
+    }
+
+
+def study_a(a, reqs_at) -> dict:
+    out = {}
+    for name, cfg in fleets_a(a).items():
+        rows = []
+        for rate in a.rates:
+            s = simulate(cfg, reqs_at(rate), a.progress)
+            rows.append(dict(rate=rate, **s))
+            print(f"  a | {name} x{rate}: attainment {s['attainment']:.3f} goodput {s['goodput_rps']:.2f} req/s "
+                  f"local {s['local_share']:.2f} ({s['wall_s']:.0f}s)", flush=True)
+            if s["attainment"] < 0.5:
+                break
+        ok = [r for r in rows if r["attainment"] >= a.attain]
+        best = max(ok, key=lambda r: r["goodput_rps"]) if ok else None
+        dph = rows[0]["dollars_per_h"]
+        out[name] = dict(rows=rows, dollars_per_h=dph, best_rate=best["rate"] if best else None,
+                         goodput_at_slo=best["goodput_rps"] if best else 0.0,
+                         per_dollar=(best["goodput_rps"] * 3600 / dph) if best else 0.0)
+    homo = max(v["per_dollar"] for k, v in out.items() if k.startswith("homogeneous"))
+    print(f"\n(a) goodput at >= {a.attain:.0%} SLO attainment (TTFT {a.slo_ttft_ms:g} ms, TPOT {a.slo_tpot_ms:g} ms), "
+          f"rates x{a.rates}; per dollar = SLO-meeting requests per $")
+    print(table(["fleet", "$/h", "best rate", "goodput req/s", "req per $", "vs best homogeneous"],
+                [[k, v["dollars_per_h"], v["best_rate"] or "-", v["goodput_at_slo"], v["per_dollar"],
+                  f"{v['per_dollar'] / homo:.2f}x" if homo else "-"] for k, v in out.items()]))
+    print(table(["fleet"] + [f"x{r} SLO-meeting req per $" for r in a.rates],
+                [[k] + [r["goodput_rps"] * 3600 / v["dollars_per_h"] for r in v["rows"]]
+                 + [""] * (len(a.rates) - len(v["rows"])) for k, v in out.items()]))
+    print(table(["fleet"] + [f"x{r} attain / ttft p90 s / local" for r in a.rates],
+                [[k] + [f"{r['attainment']:.2f} / {r['ttft_p90']:.2f} / {r['local_share']:.2f}" for r in v["rows"]]
+                 + [""] * (len(a.rates) - len(v["rows"])) for k, v in out.items()]))
+    return out
+
+
+def study_a_explain(a, reqs_at) -> dict:
+    """What the heterogeneous fleet lacks: the cross-DC link's bandwidth (100 -> 400 -> 1600 Gb/s), or the
+    compute the homogeneous fleet's H200 decode instances lend to short prompts (local prefill off)."""
+    fl = fleets_a(a)
+    het, homo = fl["PrfaaS cost-model (selective)"], fl["homogeneous H200 PD (2P TP2 + 2D)"]
+    variants = {f"heterogeneous cost-model, {g:g} Gb/s link": replace(het, topology=replace(het.topology,
+                                                                                          cross_zone_bps=g * 1e9 / 8))
+                for g in (100.0, 400.0, 1600.0)}
+    variants["homogeneous H200, local prefill off"] = replace(homo, cost_overrides=(("allow_local", False),))
+    variants["homogeneous H200 (local prefill on)"] = homo
+    out, rows = {}, []
+    for name, cfg in variants.items():
+        for rate in a.explain_rates:
+            res = Simulator(cfg, reqs_at(rate), progress=a.progress).run()
+            s = res.summary()
+            link = sum(res.link_bytes.values()) / cfg.topology.cross_zone_bps / s["end_s"] if res.link_bytes else 0.0
+            out[f"{name} x{rate}"] = s | {"link_busy": link}
+            rows.append([name, rate, s["attainment"], s["goodput_rps"], s["ttft_p90"], s["local_share"], link])
+            print(f"  a' | {name} x{rate}: attainment {s['attainment']:.3f}", flush=True)
+    print("\n(a') why: the link, or the decode GPUs' spare compute")
+    print(table(["fleet", "rate", "attainment", "goodput req/s", "TTFT p90 s", "local", "cross-DC link busy"], rows))
+    return out
+
+
+# (b) policies at equal hardware
+POLICIES_B = ("round-robin", "least-loaded", "cache-aware", "llm-d", "dynamo-kv", "cost-model")
+
+
+def study_b(a, reqs_at) -> dict:
+    cfg = SimConfig(a.model, prefill=PoolSpec("H200", a.b_prefill), decode=PoolSpec("H20", a.b_decode),
+                    slo_ttft_s=a.slo_ttft_ms / 1e3, slo_tpot_s=a.slo_tpot_ms / 1e3)
+    out = {}
+    for rate in a.b_rates:
+        reqs = reqs_at(rate)
+        for p in POLICIES_B:
+            s = simulate(replace(cfg, policy=p), reqs, a.progress)
+            out[f"{p} x{rate}"] = dict(policy=p, rate=rate, **s)
+            print(f"  b | {p} x{rate}: goodput {s['goodput_rps']:.3f} ({s['wall_s']:.0f}s)", flush=True)
+    for rate in a.b_rates:
+        rows = {k: v for k, v in out.items() if v["rate"] == rate}
+        pub = max(v["goodput_rps"] for v in rows.values() if v["policy"] in ("llm-d", "dynamo-kv"))
+        print(f"\n(b) {a.b_prefill} H200 prefill + {a.b_decode} H20 decode, one zone, rate x{rate}: "
+              f"SLO TTFT {a.slo_ttft_ms:g} ms TPOT {a.slo_tpot_ms:g} ms")
+        print(table(["policy", "goodput req/s", "vs best published", "attainment", "TTFT p50 s", "TTFT p90 s",
+                     "TPOT p90 ms", "cache hit", "local"],
+                    [[v["policy"], v["goodput_rps"], f"{v['goodput_rps'] / pub:.2f}x" if pub else "-", v["attainment"],
+                      v["ttft_p50"], v["ttft_p90"], v["tpot_p90"] * 1e3, v["cache_hit"], v["local_share"]]
+                     for v in rows.values()]))
+    return out
+
+
+# (c) autoscaling
+def study_c(a, reqs_base) -> dict:
+    prof = [(0, 0.5), (900, 0.5), (1500, a.c_peak), (2100, a.c_peak), (2700, 0.5), (3600, 0.5)]
+    reqs = warp(reqs_base, prof)
+    slo = dict(slo_ttft_s=a.slo_ttft_ms / 1e3, slo_tpot_s=a.slo_tpot_ms / 1e3)
+    dec = PoolSpec("H20", a.c_decode)
+    out = {"profile": prof, "static": {}, "args_min": a.c_auto_min}
+    slo = slo | dict(policy=a.c_policies[0])
+    need = None
+    for n in range(a.c_min, a.c_max + 1):
+        s = simulate(SimConfig(a.model, prefill=PoolSpec("H200", n, tp=2), decode=dec, **slo), reqs, a.progress)
+        out["static"][(n, a.c_decode)] = s
+        print(f"  c | static {n} x H200 TP2 prefill + {a.c_decode} H20 decode: attainment {s['attainment']:.3f} "
+              f"GPU-h {s['gpu_hours']:.1f} ({s['wall_s']:.0f}s)", flush=True)
+        if s["attainment"] >= a.c_attain:
+            need = n
+            break
+    top = need or a.c_max
+    n_dec = a.c_decode
+    if need:                    # then the fewest decode instances that still hold it (the static fleet is both pools)
+        for nd in range(a.c_decode - 1, 0, -1):
+            s = simulate(SimConfig(a.model, prefill=PoolSpec("H200", need, tp=2), decode=PoolSpec("H20", nd), **slo),
+                         reqs, a.progress)
+            print(f"  c | static {need} x H200 TP2 prefill + {nd} H20 decode: attainment {s['attainment']:.3f} "
+                  f"GPU-h {s['gpu_hours']:.1f} ({s['wall_s']:.0f}s)", flush=True)
+            if s["attainment"] < a.c_attain:
+                break
+            n_dec = nd
+            out["static"][(need, nd)] = s
+    out["static_best"] = [top, n_dec]
+    rules = (("prefill", ScalingRule("queued_prompt_tokens_per_replica", a.c_target, min_replicas=a.c_auto_min,
+                                     max_replicas=top, upscale_delay_s=a.c_up_delay, downscale_delay_s=a.c_down_delay,
+                                     max_step=2, cooldown_s=a.c_cooldown)),
+             ("decode", ScalingRule("kv_utilization", a.c_kv_target, min_replicas=a.c_auto_min,
+                                    max_replicas=a.c_decode, upscale_delay_s=a.c_up_delay,
+                                    downscale_delay_s=a.c_down_delay, max_step=2, cooldown_s=a.c_cooldown)))
+    st = out["static"][(top, n_dec)]
+    rows = [[f"static ({top} P + {n_dec} D), {a.c_policies[0]}", st["attainment"], st["gpu_hours"], "1.00x",
+             st["ttft_p90"], st["tpot_p90"] * 1e3, st["local_share"], 0]]
+    out["autoscaled"] = {}
+    for pol in a.c_policies:
+        cfg = SimConfig(a.model, prefill=PoolSpec("H200", a.c_auto_min, tp=2, min_count=a.c_auto_min, max_count=top),
+                        decode=PoolSpec("H20", a.c_auto_min, min_count=a.c_auto_min, max_count=a.c_decode),
+                        autoscale=rules, replica_start_s=a.c_start_s, **(slo | dict(policy=pol)))
+        t0 = time.perf_counter()
+        res = Simulator(cfg, reqs, progress=a.progress).run()
+        s = res.summary() | {"wall_s": time.perf_counter() - t0}
+        out["autoscaled"][pol] = s | {"scale_log": res.scale_log}
+        print(f"  c | autoscaled, {pol}: attainment {s['attainment']:.3f} GPU-h {s['gpu_hours']:.1f} "
+              f"({s['wall_s']:.0f}s)", flush=True)
+        rows.append([f"autoscaled, {pol}", s["attainment"], s["gpu_hours"], f"{s['gpu_hours'] / st['gpu_hours']:.2f}x",
+                     s["ttft_p90"], s["tpot_p90"] * 1e3, s["local_share"], len(res.scale_log)])
+    print(f"\n(c) arrival rate x profile {prof} (trace second, multiplier): the smallest static fleet "
+          f"{f'holding >= {a.c_attain:.0%} is {need}' if need else f'tried (up to {a.c_max}) never holds {a.c_attain:.0%}'}"
+          f" x H200 TP2 prefill + {n_dec} x H20 decode; the autoscaler runs prefill {a.c_auto_min}..{top} "
+          f"(queued tokens / replica, target {a.c_target:g}) and decode {a.c_auto_min}..{a.c_decode} (KV utilization, "
+          f"target {a.c_kv_target:g}), up after {a.c_up_delay:g} s, replicas load in {a.c_start_s:g} s (billed meanwhile)")
+    print(table(["fleet", "attainment", "GPU-hours", "vs static", "TTFT p90 s", "TPOT p90 ms", "local", "actions"], rows))
+    return out
+
+
+def plot(result: dict, path: str) -> None:
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(15, 4.5), layout="constrained")
+    ax = fig.subplots(1, 3)
+    for name, v in result.get("a", {}).items():
+        ax[0].plot([r["rate"] for r in v["rows"]], [r["goodput_rps"] * 3600 / v["dollars_per_h"] for r in v["rows"]],
+                   marker="o", label=name)
+    ax[0].set(title="(a) SLO-meeting requests per $ vs arrival rate", xlabel="rate scale", ylabel="requests / $")
+    ax[0].legend(fontsize=7)
+    b = result.get("b", {})
+    names = list(b)
+    ax[1].barh(names, [b[n]["goodput_rps"] for n in names])
+    ax[1].set(title="(b) goodput at the SLO", xlabel="req/s")
+    c = result.get("c", {})
+    if c.get("autoscaled"):
+        pol, auto = next(iter(c["autoscaled"].items()))
+        for pool in ("prefill", "decode"):
+            t, n = [0.0], [c["args_min"]]
+            for at, p, delta, after in auto["scale_log"]:
+                if p == pool:
+                    t.append(at)
+                    n.append(after)
+            ax[2].step(t, n, where="post", label=f"{pool} replicas, autoscaled ({pol}), as decided")
+        ax[2].axhline(c["static_best"][0], color="tab:blue", ls="--", label="static prefill")
+        ax[2].axhline(c["static_best"][1], color="tab:orange", ls=":", label="static decode")
+        ax[2].set(title="(c) replicas over the hour", xlabel="simulated s", ylabel="replicas")
+        ax[2].legend(fontsize=7)
+    fig.savefig(path, dpi=100)
+
+
+def _jsonable(o):
+    """Tuple keys as "a,b" strings, non-finite floats as null."""
+    if isinstance(o, dict):
+        return {",".join(map(str, k)) if isinstance(k, tuple) else k: _jsonable(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_jsonable(v) for v in o]
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m pdcluster.bench.sim_studies", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--trace", default=TRACE)
+    ap.add_argument("--model", default="llama-3-8b")
+    ap.add_argument("--studies", default="a,b,c", help="comma-separated: a, a' (what explains a), b, c")
+    ap.add_argument("--duration-s", type=float, default=None, help="trace seconds to use (default: all)")
+    ap.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    ap.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    ap.add_argument("--attain", type=float, default=0.85, help="(a) SLO attainment that counts as 'at SLO'")
+    ap.add_argument("--rates", default="0.5,0.75,1,1.25,1.5,2", help="(a) arrival-rate scales")
+    ap.add_argument("--link-gbps", type=float, default=100.0, help="(a) the cross-datacenter link, Gb/s")
+    ap.add_argument("--explain-rates", default="0.75,1", help="(a') arrival-rate scales")
+    ap.add_argument("--b-rates", default="1,1.25", help="(b) arrival-rate scales")
+    ap.add_argument("--b-prefill", type=int, default=4, help="(b) H200 prefill instances")
+    ap.add_argument("--b-decode", type=int, default=2, help="(b) H20 decode instances")
+    ap.add_argument("--c-peak", type=float, default=3.0, help="(c) peak rate multiplier (0.5x outside the peak)")
+    ap.add_argument("--c-decode", type=int, default=6, help="(c) H20 decode instances (static; the autoscaler's max)")
+    ap.add_argument("--c-min", type=int, default=3, help="(c) smallest static prefill pool tried (H200 TP2)")
+    ap.add_argument("--c-max", type=int, default=9, help="(c) largest static prefill pool tried")
+    ap.add_argument("--c-attain", type=float, default=0.95)
+    ap.add_argument("--c-target", type=float, default=4096.0, help="(c) queued prompt tokens per prefill replica")
+    ap.add_argument("--c-kv-target", type=float, default=0.4, help="(c) decode KV utilization target")
+    ap.add_argument("--c-auto-min", type=int, default=2, help="(c) autoscaled pools' min_replicas (and start)")
+    ap.add_argument("--c-policies", default="cost-model,least-loaded", help="(c) placement policies (the first "
+                                                                           "also for the static search)")
+    ap.add_argument("--c-up-delay", type=float, default=5.0)
+    ap.add_argument("--c-down-delay", type=float, default=120.0)
+    ap.add_argument("--c-cooldown", type=float, default=30.0)
+    ap.add_argument("--c-start-s", type=float, default=60.0, help="(c) seconds a new replica takes to load")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--plot", default="")
+    ap.add_argument("--progress", action="store_true", help="a tqdm bar per simulation")
+    ap.add_argument("--plot-from", default="", help="comma-separated result JSONs (of runs of different studies): "
+                                                    "merge them into --plot and run nothing")
+    return ap
+
+
+def main(argv=None) -> None:
+    a = build_parser().parse_args(argv)
+    if a.plot_from:
+        merged: dict = {}
+        for path in a.plot_from.split(","):
+            with open(path) as f:
+                merged |= json.load(f)
+        plot(merged, a.plot)
+        return
+    a.rates = [float(x) for x in a.rates.split(",")]
+    a.b_rates = [float(x) for x in a.b_rates.split(",")]
+    a.c_policies = a.c_policies.split(",")
+    a.explain_rates = [float(x) for x in a.explain_rates.split(",")]
+    base = load_trace(a.trace, duration_s=a.duration_s)
+    cache: dict = {}
+
+    def reqs_at(rate: float):
+        if rate not in cache:
+            cache[rate] = load_trace(a.trace, duration_s=a.duration_s, rate_scale=rate) if rate != 1 else base
+        return cache[rate]
+    print(f"trace {a.trace}: {len(base)} requests over {max(r.arrival_s for r in base):.0f} s; model {a.model}")
+    result: dict = {"args": {k: v for k, v in vars(a).items()}}
+    studies = set(a.studies.split(","))
+    if "a" in studies:
+        result["a"] = study_a(a, reqs_at)
+    if "a'" in studies:
+        result["a_explain"] = study_a_explain(a, reqs_at)
+    if "b" in studies:
+        result["b"] = study_b(a, reqs_at)
+    if "c" in studies:
+        result["c"] = study_c(a, base)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(_jsonable(result), f, indent=1)
+    if a.plot:
+        plot(result, a.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,377 @@
+"""The simulator: pools of instances on one simulated clock, driven by the router's own code.
+
+What is the router's (imported, never copied): WorkerRegistry (loads, `charge`, the status-poll
+ingest `_ingest` that feeds the PrefixIndex with block events and the Telemetry with step
+counters), PrefixIndex (`expect` after each choice, `expire` per poll), the placement policy
+(`make_policy(name).choose`, with the cost model's CostConfig built from the deployment's figures
+as the router builds it from its model), RecentWindow (the p90 TTFT/TPOT the autoscaler reads),
+`pool_metrics` and PoolAutoscaler (ticked on an asyncio loop whose clock is the simulator's).
+What is the simulator's: the instances (sim/instances.py), links, the arrival process, and the
+placement retry loop of router/lifecycle/place.py (choose, expect, reserve; NoRoom excludes that
+decode worker and chooses again, up to RouterConfig.max_attempts); a request no worker takes waits
+in the router (FIFO) and is placed again after the next status poll.
+"""
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+from dataclasses import dataclass, field, replace
+
+from prometheus_client import CollectorRegistry
+
+from pdcluster.router.autoscaler import PoolAutoscaler, ScalingRule, pool_metrics
+from pdcluster.router.config import RouterConfig
+from pdcluster.router.cost_config import CostConfig
+from pdcluster.router.metrics import RecentWindow, RouterMetrics
+from pdcluster.router.placement import make_policy
+from pdcluster.router.prefix_index import PrefixIndex
+from pdcluster.router.registry import WorkerRegistry
+from pdcluster.router.telemetry import Telemetry
+from pdcluster.sim.hardware import hardware
+from pdcluster.sim.instances import DecodeInstance, Job, Link, PrefillInstance
+from pdcluster.sim.models import model as model_profile
+from pdcluster.sim.results import Record, SimResult
+from pdcluster.sim.roofline import Roofline
+from pdcluster.sim.trace import Request
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    hw: str                         # sim/hardware.py name (case-insensitive)
+    count: int = 1                  # instances at the start
+    tp: int = 1                     # devices per instance (tensor parallel)
+    zone: str = "z0"
+    min_count: int | None = None    # autoscaling bounds (None: count)
+    max_count: int | None = None
+
+
+@dataclass(frozen=True)
+class Topology:
+    cross_zone_bps: float = 100e9 / 8      # bytes/s of the shared link between two zones (100 Gb/s Ethernet)
+    cross_zone_latency_s: float = 0.005
+    intra_zone_latency_s: float = 20e-6    # RDMA; bandwidth: each prefill instance's NICs (tp x hw.nic_bps)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    model: str
+    decode: PoolSpec
+    prefill: PoolSpec | None = None         # None: every request prefills on its decode instance
+    policy: str = "cost-model"
+    policy_options: tuple = ()              # ((keyword, value), ...) for make_policy
+    cost_overrides: tuple = ()              # ((CostConfig field, value), ...)
+    topology: Topology = field(default_factory=Topology)
+    block_tokens: int = 512                 # KV / prefix block (the trace's hash block)
+    prefill_batch_tokens: int = 16384       # prompt tokens per prefill step
+    local_chunk_tokens: int = 2048          # prompt tokens per step of a local (decode-side) prefill
+    max_batch: int = 256                    # running sequences per decode instance
+    local_prefill_max_tokens: int = 0       # simple policies: prompts this short prefill locally
+    poll_s: float = RouterConfig.status_interval_s
+    slo_ttft_s: float = 2.0
+    slo_tpot_s: float = 0.05
+    autoscale: tuple = ()                   # ((pool, ScalingRule), ...): PoolAutoscaler rules
+    autoscale_interval_s: float = 5.0
+    replica_start_s: float = 60.0           # a new replica takes placements this long after the decision
+    drain_after_s: float = 1800.0           # give up on requests unfinished this long after the last arrival
+
+    def roofline(self, role: str) -> Roofline:
+        pool = self.prefill if role == "prefill" else self.decode
+        return Roofline(model_profile(self.model), hardware(pool.hw), pool.tp)
+
+
+def cost_config(cfg: SimConfig) -> CostConfig:
+    """The cost model's configuration for this deployment, as the router derives it from its model
+    (CostConfig.for_model) plus priors from the rooflines and the link figures."""
+    m, d = model_profile(cfg.model), cfg.roofline("decode")
+    p = cfg.roofline("prefill") if cfg.prefill else d
+    base_s = d.decode_s(1, 0)
+    kw = dict(block_size=cfg.block_tokens, kv_bytes_per_token=p.kv_bytes_per_token, num_layers=m.layers,
+              num_kv_heads=m.kv_heads, kv_dtype_bytes=p.hw.dtype_bytes,
+              prior_prefill_tps=p.prefill_tps(), prior_local_prefill_tps=d.prefill_tps(cfg.local_chunk_tokens),
+              prior_decode_base_s=base_s, prior_decode_per_seq_s=max(d.decode_s(33, 32 * 4096) - base_s, 0.0) / 32,
+              intra_zone_bps=p.tp * p.hw.nic_bps, cross_zone_bps=cfg.topology.cross_zone_bps,
+              local_chunk_tokens=cfg.local_chunk_tokens, tpot_slo_s=cfg.slo_tpot_s)
+    return replace(CostConfig(**kw), **dict(cfg.cost_overrides))
+
+
+class _Worker:
+    """What the registry keeps as a worker's client: only its id (the simulator makes no calls)."""
+    def __init__(self, worker_id: str):
+        self.worker_id = worker_id
+
+
+class Simulator:
+    def __init__(self, cfg: SimConfig, requests: list[Request], policy=None, progress: bool = False):
+        self.cfg, self.requests, self.progress = cfg, requests, progress
+        self.model = model_profile(cfg.model)
+        self.rooflines = {"decode": cfg.roofline("decode")}
+        if cfg.prefill is not None:
+            self.rooflines["prefill"] = cfg.roofline("prefill")
+        self.now = 0.0
+        self._heap: list = []
+        self._seq = itertools.count()
+        # the router
+        self.cost_cfg = cost_config(cfg)
+        self.index = PrefixIndex()
+        self.telemetry = Telemetry(self.cost_cfg)
+        self.rcfg = RouterConfig(block_size=cfg.block_tokens, remote_prefill=cfg.prefill is not None,
+                                 local_prefill_max_tokens=cfg.local_prefill_max_tokens, policy=cfg.policy)
+        self.registry = WorkerRegistry(self.rcfg, RouterMetrics(CollectorRegistry()), self.index, self.telemetry)
+        self.policy = policy if policy is not None else make_policy(
+            cfg.policy, index=self.index, telemetry=self.telemetry, config=self.cost_cfg,
+            local_prefill_max_tokens=cfg.local_prefill_max_tokens, remote_prefill=cfg.prefill is not None,
+            **dict(cfg.policy_options))
+        self.recent_ttft = RecentWindow(30.0, clock=lambda: self.now)
+        self.recent_tpot = RecentWindow(30.0, clock=lambda: self.now)
+        # the fleet
+        self.inst: dict = {}
+        self.retired: list = []
+        self.links: dict[tuple[str, str], Link] = {}
+        self._next = {"prefill": 0, "decode": 0}
+        self.starting = {"prefill": 0, "decode": 0}
+        self._drains: dict[str, asyncio.Future] = {}
+        self.pending: list[Job] = []
+        self.records: dict[int, Record] = {}
+        self.done = 0
+        self.placements = 0
+        self.router_waits = 0           # requests that waited in the router for a worker with room
+        self.scale_log: list[tuple[float, str, int, int]] = []      # (time, pool, delta, replicas after)
+        for role in ("prefill", "decode"):
+            pool = cfg.prefill if role == "prefill" else cfg.decode
+            for _ in range(pool.count if pool else 0):
+                self._add_instance(role, 0.0, 0.0)
+        self.autoscaler = None
+        if cfg.autoscale:
+            self.loop = asyncio.new_event_loop()
+            self.autoscaler = PoolAutoscaler(dict(cfg.autoscale), self._pool_metrics, self._add_replica,
+                                             self._drain_replica, clock=lambda: self.now,
+                                             interval_s=cfg.autoscale_interval_s)
+            logging.getLogger("pdcluster.router.autoscaler").setLevel(logging.WARNING)
+
+    # the clock
+    def at(self, t: float, fn, *args) -> None:
+        heapq.heappush(self._heap, (t, next(self._seq), fn, args))
+
+    def run(self) -> SimResult:
+        from tqdm import tqdm
+        for r in self.requests:
+            self.at(r.arrival_s, self._arrive, r)
+        self.at(0.0, self._poll)
+        if self.autoscaler is not None:
+            self.at(0.0, self._autoscale_tick)
+        last = max((r.arrival_s for r in self.requests), default=0.0)
+        self._give_up_at = last + self.cfg.drain_after_s
+        bar = tqdm(total=len(self.requests), desc="simulate", unit="req", disable=not self.progress, mininterval=0.5)
+        shown = 0
+        while self._heap and self.done < len(self.requests):
+            t, _, fn, args = heapq.heappop(self._heap)
+            if t > self._give_up_at:
+                break
+            self.now = t
+            fn(t, *args)
+            if self.done - shown >= 200:
+                bar.update(self.done - shown)
+                shown = self.done
+        bar.update(self.done - shown)
+        bar.close()
+        if self.autoscaler is not None:
+            self.loop.close()
+        end = self.now
+        insts = list(self.inst.values()) + self.retired
+        gpu_h = sum(((i.stopped_at if i.stopped_at is not None else end) - i.started_at) * i.roof.tp
+                    for i in insts) / 3600.0
+        cost = sum(((i.stopped_at if i.stopped_at is not None else end) - i.started_at) * i.roof.tp
+                   * i.roof.hw.price_per_h for i in insts) / 3600.0
+        recs = [self.records.get(r.rid) or Record(r.rid, r.arrival_s, r.input_len, r.output_len) for r in self.requests]
+        return SimResult(recs, end, gpu_h, cost, self.cfg.slo_ttft_s, self.cfg.slo_tpot_s, self.placements,
+                         list(self.scale_log), {k: v.bytes_sent for k, v in self.links.items()}, self.router_waits)
+
+    # the fleet
+    def _add_instance(self, role: str, now: float, billed_from: float):
+        cfg, pool = self.cfg, (self.cfg.prefill if role == "prefill" else self.cfg.decode)
+        wid = f"{role}-{self._next[role]}"
+        self._next[role] += 1
+        roof = self.rooflines[role]
+        if role == "prefill":
+            nic = Link(roof.tp * roof.hw.nic_bps, cfg.topology.intra_zone_latency_s)
+            inst = PrefillInstance(self, wid, role, roof, pool.zone, cfg.block_tokens, billed_from,
+                                   batch_tokens=cfg.prefill_batch_tokens, nic=nic)
+        else:
+            inst = DecodeInstance(self, wid, role, roof, pool.zone, cfg.block_tokens, billed_from,
+                                  max_batch=cfg.max_batch, chunk_tokens=cfg.local_chunk_tokens)
+        self.inst[wid] = inst
+        self.registry.add(role, _Worker(wid), zone=pool.zone)
+        self.registry._ingest(self.registry.loads[wid], inst.status(), now)     # its first poll
+        return inst
+
+    def link(self, p: PrefillInstance, d: DecodeInstance) -> Link:
+        if p.zone == d.zone:
+            return p.nic
+        key = (p.zone, d.zone)
+        if key not in self.links:
+            t = self.cfg.topology
+            self.links[key] = Link(t.cross_zone_bps, t.cross_zone_latency_s)
+        return self.links[key]
+
+    # requests
+    def _arrive(self, now: float, req: Request) -> None:
+        self.records[req.rid] = Record(req.rid, req.arrival_s, req.input_len, req.output_len)
+        job = Job(req, remaining=req.output_len)
+        if self.pending or not self._place(job, now):     # FIFO behind the ones already waiting
+            self.pending.append(job)
+            self.router_waits += 1
+
+    def _place(self, job: Job, now: float) -> bool:
+        """router/lifecycle/place.py's loop: choose, expect, then start it (remote: reserve first)."""
+        reg, req = self.registry, job.req
+        hashes = list(req.hashes) or None
+        exclude: set[str] = set()
+        for _ in range(self.rcfg.max_attempts):
+            ch = self.policy.choose(req.input_len, reg.loads_of("prefill"), reg.loads_of("decode"), exclude,
+                                    hashes=hashes, now=now)
+            if ch is None:
+                return False
+            self.placements += 1
+            if hashes:
+                for w in {ch.decode, ch.prefill or ch.decode}:
+                    self.index.expect(w, hashes, now)
+            d = self.inst[ch.decode]
+            rec = self.records[req.rid]
+            if ch.kind == "local":
+                job.queued = max(0, req.input_len - int((ch.estimate or {}).get("cached_tokens", 0)))
+                reg.charge(d.wid, job.queued, +1)
+                rec.kind, rec.decode = "local", d.wid
+                d.submit_local(job, now)
+                return True
+            if not d.reserve(job):              # NoRoom: exclude d, choose again
+                exclude.add(d.wid)
+                continue
+            d.reserved += 1
+            p = self.inst[ch.prefill]
+            job.extra.update(p=p, d=d, cached_d=d.cached_tokens(req))
+            reg.charge(d.wid, 0, +1)
+            reg.charge(p.wid, req.input_len, +1)
+            rec.kind, rec.prefill, rec.decode = "remote", p.wid, d.wid
+            p.submit(job, now)
+            return True
+        return False
+
+    def prefill_done(self, job: Job, p: PrefillInstance, now: float) -> None:
+        d = job.extra["d"]
+        rec = self.records[job.req.rid]
+        rec.cached = job.cached
+        nbytes = (job.req.input_len - job.extra["cached_d"]) * p.roof.kv_bytes_per_token
+        rec.kv_bytes = nbytes
+        arrive = self.link(p, d).send(nbytes, job.started, now, self.model.layers)
+        self.at(arrive, self._kv_arrived, job)
+
+    def _kv_arrived(self, now: float, job: Job) -> None:
+        p, d = job.extra["p"], job.extra["d"]
+        self.registry.charge(p.wid, job.req.input_len, -1)     # the prefill call returned
+        self.first_token(job, d, now)
+        job.remaining -= 1                                      # the prefill worker sampled it
+        d.kv_arrived(job, now)
+        self._check_drains(now)
+
+    def first_token(self, job: Job, inst, now: float) -> None:
+        rec = self.records[job.req.rid]
+        rec.first_s = now
+        if rec.kind == "local":
+            rec.cached = job.cached
+            w = self.registry.loads.get(inst.wid)
+            if w is not None:
+                w.queued_tokens -= job.queued
+        self.recent_ttft.add(now - rec.arrival_s)
+
+    def finished(self, job: Job, d: DecodeInstance, now: float) -> None:
+        rec = self.records[job.req.rid]
+        rec.finish_s = now
+        d.release(job)
+        self.registry.charge(d.wid, 0, -1)
+        if rec.tpot_s is not None:
+            self.recent_tpot.add(rec.tpot_s)
+        self.done += 1
+        d.wake(now)
+        self._check_drains(now)
+
+    # the status poll
+    def _poll(self, now: float) -> None:
+        reg = self.registry
+        for wid, inst in self.inst.items():
+            w = reg.loads.get(wid)
+            if w is not None:
+                reg._ingest(w, inst.status(), now)
+        self.index.expire(now)
+        self._retry_pending(now)
+        if self.done < len(self.requests):
+            self.at(now + self.cfg.poll_s, self._poll)
+
+    def _retry_pending(self, now: float) -> None:
+        """Place the requests waiting in the router, oldest first, until one still finds no room."""
+        while self.pending and self._place(self.pending[0], now):
+            self.pending.pop(0)
+
+    # the autoscaler
+    def _pool_metrics(self) -> dict:
+        loads = list(self.registry.loads.values())
+        ms = lambda s: None if s is None else s * 1e3       # noqa: E731
+        return {"prefill": pool_metrics("prefill", loads, self.starting["prefill"],
+                                        p90_ttft_ms=ms(self.recent_ttft.quantile(0.9))),
+                "decode": pool_metrics("decode", loads, self.starting["decode"],
+                                       p90_tpot_ms=ms(self.recent_tpot.quantile(0.9)))}
+
+    def _autoscale_tick(self, now: float) -> None:
+        for pool, dec in self.loop.run_until_complete(self.autoscaler.step()).items():
+            if dec.delta:
+                self.scale_log.append((now, pool, dec.delta, dec.target_replicas))
+        self._settle()
+        if self.done < len(self.requests):
+            self.at(now + self.cfg.autoscale_interval_s, self._autoscale_tick)
+
+    def _settle(self) -> None:
+        """Let the autoscaler's action tasks run up to their next wait (the loop has no timers)."""
+        for _ in range(4):
+            self.loop.run_until_complete(asyncio.sleep(0))
+
+    def _add_replica(self, role: str) -> asyncio.Future:
+        """deploy/scaling.py's add_replica: returns once the replica is loaded and registered."""
+        fut = self.loop.create_future()
+        self.starting[role] += 1
+        billed_from = self.now
+
+        def ready(now: float) -> None:
+            self.starting[role] -= 1
+            inst = self._add_instance(role, now, billed_from)
+            if not fut.done():
+                fut.set_result(inst.wid)
+            self._settle()
+            self._retry_pending(now)            # a new worker: waiting requests try it now
+        self.at(self.now + self.cfg.replica_start_s, ready)
+        return fut
+
+    def _drain_replica(self, role: str) -> asyncio.Future:
+        """deploy/scaling.py's remove_replica: the live worker with the fewest requests (newest on
+        ties) stops taking placements; returns once its requests finished and it is removed."""
+        live = [w for w in self.registry.loads.values() if w.role == role and not w.draining]
+        if len(live) <= 1:
+            raise RuntimeError(f"not removing the last live {role} worker")
+        w = min(live, key=lambda w: (w.in_flight, -int(w.worker_id.rsplit("-", 1)[1])))
+        w.draining = True
+        self.inst[w.worker_id].draining = True
+        fut = self.loop.create_future()
+        self._drains[w.worker_id] = fut
+        self._check_drains(self.now)
+        return fut
+
+    def _check_drains(self, now: float) -> None:
+        for wid in [w for w, _ in self._drains.items() if self.inst[w].idle and self.registry.loads[w].in_flight == 0]:
+            fut = self._drains.pop(wid)
+            inst = self.inst.pop(wid)
+            inst.stopped_at = now
+            self.retired.append(inst)
+            self.registry.remove(wid)
+            fut.set_result(wid)
+            if not self.loop.is_running():      # called from the autoscaler's own action: it resumes itself
+                self._settle()

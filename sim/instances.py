@@ -1,0 +1,295 @@
+"""The simulated instances: a prefill instance (batched chunked prefill, FIFO) and a decode
+instance (continuous batching, chunked local prefill), plus the links KV crosses. Pure Python.
+
+Times are seconds on the simulator's clock; `sim.at(t, fn, *args)` schedules a callback.
+A decode instance advances in segments: between two changes of its batch (a join, a finish, a
+prefill chunk) every step costs the same (the roofline at the segment's mid KV size), so a
+segment of n steps is one event; a join cuts the running segment at its next step boundary.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pdcluster.messages import WorkerStatus
+from pdcluster.sim.cache import PrefixCache
+from pdcluster.sim.roofline import Roofline
+from pdcluster.sim.trace import Request
+
+
+@dataclass
+class Link:
+    """A FIFO pipe: bytes/s and a one-way latency (s). One per prefill instance inside its zone (its
+    RDMA NICs), one shared per ordered zone pair across zones."""
+    bps: float
+    latency_s: float
+    free_at: float = 0.0
+    bytes_sent: float = 0.0
+
+    def send(self, nbytes: float, start: float, compute_end: float, layers: int) -> float:
+        """Ship nbytes streamed layer by layer from `start` (the prefill's first chunk) while the
+        prefill computes until compute_end: the pipe is held for nbytes/bps from when it is free,
+        and the last layer cannot leave before the compute ends. Returns the arrival time."""
+        t = nbytes / self.bps
+        begin = max(start, self.free_at)
+        self.free_at = begin + t
+        self.bytes_sent += nbytes
+        return max(self.free_at, compute_end + t / max(layers, 1)) + self.latency_s
+
+
+@dataclass
+class Job:
+    """One request as an instance sees it."""
+    req: Request
+    todo: int = 0                   # prompt tokens still to prefill
+    ctx: int = 0                    # context tokens before the next chunk
+    cached: int = 0                 # prompt tokens found in the prefix cache
+    started: float | None = None
+    blocks: int = 0                 # KV blocks held on the decode instance
+    remaining: int = 0              # output tokens still to decode
+    queued: int = 0                 # local: tokens charged to the decode worker's queue until its first token
+    extra: dict = field(default_factory=dict)
+
+
+class Instance:
+    """What both roles share: id, role, zone, roofline, prefix cache, step counters, status."""
+
+    def __init__(self, sim, wid: str, role: str, roof: Roofline, zone: str, block_tokens: int, started_at: float):
+        self.sim, self.wid, self.role, self.roof, self.zone = sim, wid, role, roof, zone
+        self.bs = block_tokens
+        self.num_blocks = max(1, roof.capacity_tokens // block_tokens)
+        self.cache = PrefixCache(self.num_blocks)
+        self.f = dict(prefill_tokens=0, prefill_s=0.0, decode_steps=0, decode_seqs=0, decode_s=0.0, steps=0,
+                      tokens=0, busy_s=0.0, prefix_hits=0, prefix_queries=0)
+        self.started_at, self.stopped_at = started_at, None
+        self.draining = False
+
+    def cached_tokens(self, req: Request) -> int:
+        """Prompt tokens the cache serves (the last token always computes); touches them."""
+        n = self.cache.lookup(req.hashes)
+        return min(n, (req.input_len - 1) // self.bs) * self.bs
+
+    def status(self, **extra) -> WorkerStatus:
+        seq, events = self.cache.drain()
+        return WorkerStatus.of(self.wid, self.role, "sim", 0, self.figures(), (seq, [(s, k, h) for s, k, h in events]),
+                               **extra)
+
+    def figures(self) -> dict:
+        """LLMEngine.figures()'s keys (messages.EngineFigures)."""
+        raise NotImplementedError
+
+    def _count_prefill(self, tokens: int, dt: float) -> None:
+        f = self.f
+        f["prefill_tokens"] += tokens
+        f["prefill_s"] += dt
+        f["steps"] += 1
+        f["tokens"] += tokens
+        f["busy_s"] += dt
+
+
+class PrefillInstance(Instance):
+    def __init__(self, *a, batch_tokens: int = 8192, nic: Link | None = None, **kw):
+        super().__init__(*a, **kw)
+        self.batch_tokens, self.nic = batch_tokens, nic
+        self.q: deque[Job] = deque()
+        self.busy = False
+        self.waiting_tokens = 0
+
+    @property
+    def idle(self) -> bool:
+        return not self.q and not self.busy
+
+    def figures(self) -> dict:
+        return dict(free_blocks=self.num_blocks, num_blocks=self.num_blocks, waiting_tokens=self.waiting_tokens,
+                    **self.f)
+
+    def submit(self, job: Job, now: float) -> None:
+        job.todo = job.req.input_len
+        self.waiting_tokens += job.todo
+        self.q.append(job)
+        if not self.busy:
+            self._step(now)
+
+    def _step(self, now: float) -> None:
+        budget, chunks, taken = self.batch_tokens, [], []
+        for job in self.q:
+            if job.started is None:
+                job.started = now
+                job.cached = self.cached_tokens(job.req)
+                self.f["prefix_hits"] += job.cached
+                self.f["prefix_queries"] += job.req.input_len
+                self.waiting_tokens -= job.cached
+                job.todo, job.ctx = job.req.input_len - job.cached, job.cached
+            take = min(job.todo, budget)
+            chunks.append((take, job.ctx))
+            taken.append((job, take))
+            budget -= take
+            if budget <= 0:
+                break
+        dt = self.roof.prefill_s(chunks)
+        self.busy = True
+        self.sim.at(now + dt, self._done, taken, dt)
+
+    def _done(self, now: float, taken, dt: float) -> None:
+        self._count_prefill(sum(t for _, t in taken), dt)
+        for job, take in taken:
+            job.todo -= take
+            job.ctx += take
+            self.waiting_tokens -= take
+            if job.todo == 0:
+                self.q.remove(job)
+                self.cache.insert(job.req.hashes)
+                self.sim.prefill_done(job, self, now)
+        self.busy = False
+        if self.q:
+            self._step(now)
+
+
+class DecodeInstance(Instance):
+    def __init__(self, *a, max_batch: int = 256, chunk_tokens: int = 2048, **kw):
+        super().__init__(*a, **kw)
+        self.max_batch, self.chunk_tokens = max_batch, chunk_tokens
+        self.held = 0                   # blocks reserved by requests (running, arriving, prefilling here)
+        self.reserved = 0               # reservations whose KV has not arrived
+        self.running: list[Job] = []
+        self.joining: list[Job] = []
+        self.local_q: deque[Job] = deque()
+        self.seg = None                 # (t0, dt, n, version, chunk job or None, chunk tokens)
+        self.version = 0
+        self._stepping = False          # inside _seg_done: it starts the next segment itself
+
+    @property
+    def idle(self) -> bool:
+        return not (self.running or self.joining or self.local_q or self.reserved)
+
+    @property
+    def free_blocks(self) -> int:
+        return self.num_blocks - self.held
+
+    def figures(self) -> dict:
+        return dict(free_blocks=self.free_blocks, num_blocks=self.num_blocks,
+                    waiting_tokens=sum(j.todo if j.started is not None else j.req.input_len for j in self.local_q),
+                    **self.f)
+
+    def status(self, **extra) -> WorkerStatus:
+        return super().status(running=len(self.running) + len(self.joining), waiting=len(self.local_q),
+                              reserved=self.reserved, **extra)
+
+    def blocks_for(self, req: Request) -> int:
+        return -(-(req.input_len + req.output_len) // self.bs)
+
+    def reserve(self, job: Job) -> bool:
+        """Hold the request's KV blocks (prompt + output); cached free blocks are evicted for it."""
+        need = self.blocks_for(job.req)
+        if self.held + need > self.num_blocks:
+            return False
+        self.held += need
+        job.blocks = need
+        self.cache.resize(self.num_blocks - self.held)
+        return True
+
+    def release(self, job: Job) -> None:
+        self.held -= job.blocks
+        job.blocks = 0
+        self.cache.resize(self.num_blocks - self.held)
+
+    # arrivals
+    def kv_arrived(self, job: Job, now: float) -> None:
+        """A remote prefill's KV is here (its first token came with it): join the batch."""
+        self.reserved -= 1
+        self.cache.insert(job.req.hashes)
+        self._join(job, now)
+
+    def submit_local(self, job: Job, now: float) -> None:
+        self.local_q.append(job)
+        self._kick(now)
+
+    def _join(self, job: Job, now: float) -> None:
+        if job.remaining <= 0:
+            self.sim.finished(job, self, now)
+            return
+        self.joining.append(job)
+        self._kick(now)
+
+    def wake(self, now: float) -> None:
+        """Blocks were released: a local prefill waiting for them may start."""
+        if self.seg is None and self.local_q:
+            self._kick(now)
+
+    def _kick(self, now: float) -> None:
+        """Start a segment if idle, or cut the running one at its next step boundary."""
+        if self._stepping:
+            return
+        if self.seg is None:
+            self._segment(now)
+            return
+        t0, dt, n, _v, chunk_job, _c = self.seg
+        k = min(n, int((now - t0) / dt) + 1)        # the step in progress completes
+        if k < n:
+            self.version += 1
+            self.seg = (t0, dt, k, self.version, chunk_job, _c)
+            self.sim.at(t0 + k * dt, self._seg_done, self.version)
+
+    def _segment(self, now: float) -> None:
+        room = self.max_batch - len(self.running)
+        if self.joining and room > 0:
+            self.running += self.joining[:room]
+            self.joining = self.joining[room:]
+        chunk_job, chunk = None, 0
+        if self.local_q:
+            head = self.local_q[0]
+            if head.started is None and (head.blocks or self.reserve(head)):
+                head.started = now
+                head.cached = self.cached_tokens(head.req)
+                self.f["prefix_hits"] += head.cached
+                self.f["prefix_queries"] += head.req.input_len
+                head.todo, head.ctx = head.req.input_len - head.cached, head.cached
+            if head.started is not None:
+                chunk_job, chunk = head, min(head.todo, self.chunk_tokens)
+        if not self.running and chunk_job is None:
+            self.seg = None
+            return
+        b = len(self.running)
+        ctx = sum(j.ctx for j in self.running)
+        n = 1 if chunk_job is not None else min(j.remaining for j in self.running)
+        dt = self.roof.decode_s(b, ctx + b * (n - 1) / 2.0, (chunk, chunk_job.ctx) if chunk_job else None)
+        self.version += 1
+        self.seg = (now, dt, n, self.version, chunk_job, chunk)
+        self.sim.at(now + n * dt, self._seg_done, self.version)
+
+    def _seg_done(self, now: float, version: int) -> None:
+        if self.seg is None or version != self.seg[3]:
+            return                                   # cut: a later event replaced this one
+        _t0, dt, k, _v, chunk_job, chunk = self.seg
+        self.seg, self._stepping = None, True
+        b = len(self.running)
+        f = self.f
+        if chunk_job is not None:
+            self._count_prefill(chunk + b, dt)
+        elif b:
+            f["decode_steps"] += k
+            f["decode_seqs"] += k * b
+            f["decode_s"] += k * dt
+            f["steps"] += k
+            f["tokens"] += k * b
+            f["busy_s"] += k * dt
+        still = []
+        for j in self.running:
+            j.remaining -= k
+            j.ctx += k
+            if j.remaining <= 0:
+                self.sim.finished(j, self, now)
+            else:
+                still.append(j)
+        self.running = still
+        if chunk_job is not None:
+            chunk_job.todo -= chunk
+            chunk_job.ctx += chunk
+            if chunk_job.todo <= 0:
+                self.local_q.popleft()
+                self.cache.insert(chunk_job.req.hashes)
+                self.sim.first_token(chunk_job, self, now)
+                chunk_job.remaining -= 1             # the prefill step sampled the first token
+                self._join(chunk_job, now)
+        self._stepping = False
+        self._segment(now)

@@ -1,0 +1,85 @@
+"""Mooncake traces (FAST'25 release, /work/shared/traces/README.md): one JSON request per line,
+{timestamp ms, input_length, output_length, hash_ids over 512-token blocks}. Pure Python."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+TRACE_BLOCK = 512           # tokens per hash id
+
+
+@dataclass(frozen=True)
+class Request:
+    rid: int
+    arrival_s: float
+    input_len: int
+    output_len: int
+    hashes: tuple[int, ...]     # chain hashes of the prompt's full 512-token blocks
+
+
+def chain(ids) -> tuple[int, ...]:
+    """Chain hashes of a block id sequence: each names its whole prefix (equal ids at the same
+    position after an equal prefix give equal hashes; Python's int-tuple hash is deterministic)."""
+    out, parent = [], 0
+    for i in ids:
+        parent = hash((parent, i))
+        out.append(parent)
+    return tuple(out)
+
+
+def load_trace(path: str, limit: int | None = None, start_s: float = 0.0, duration_s: float | None = None,
+               rate_scale: float = 1.0, length_scale: float = 1.0) -> list[Request]:
+    """Requests arriving in [start_s, start_s + duration_s) of the trace (seconds), re-timed from
+    0 and compressed by rate_scale (2.0 = twice the arrival rate); length_scale scales input and
+    output lengths (hash blocks kept whole: a block covers 512 * length_scale tokens, used to
+    replay on a small model). Bad lines: ValueError naming the line."""
+    if rate_scale <= 0 or length_scale <= 0:
+        raise ValueError("rate_scale and length_scale must be > 0")
+    out = []
+    with open(path) as f:
+        for ln, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                t = float(d["timestamp"]) / 1000.0
+                n_in, n_out, ids = int(d["input_length"]), int(d["output_length"]), d["hash_ids"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{ln}: not a trace record ({e})") from None
+            if n_in < 1 or n_out < 0:
+                raise ValueError(f"{path}:{ln}: input_length must be >= 1 and output_length >= 0")
+            if t < start_s or (duration_s is not None and t >= start_s + duration_s):
+                continue
+            n_in_s = max(1, round(n_in * length_scale))
+            n_full = n_in // TRACE_BLOCK          # hash ids of full blocks only (the last may be partial)
+            out.append(Request(len(out), (t - start_s) / rate_scale, n_in_s, max(1, round(n_out * length_scale)),
+                               chain(ids[:n_full])))
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def warp(requests: list[Request], profile: list[tuple[float, float]]) -> list[Request]:
+    """Re-time arrivals so the arrival rate is multiplied by m(t), piecewise linear through
+    profile [(trace second, multiplier), ...] (flat beyond its ends): new time = integral of
+    1 / m over the original time (a 3x stretch of the profile's time runs at 3x the rate)."""
+    if not profile or any(m <= 0 for _, m in profile):
+        raise ValueError("profile needs points with multipliers > 0")
+    pts = sorted(profile)
+
+    def m(t: float) -> float:
+        if t <= pts[0][0]:
+            return pts[0][1]
+        for (t0, m0), (t1, m1) in zip(pts, pts[1:]):
+            if t <= t1:
+                return m0 + (m1 - m0) * (t - t0) / (t1 - t0)
+        return pts[-1][1]
+
+    out, tau, last, step = [], 0.0, 0.0, 1.0
+    for r in sorted(requests, key=lambda r: r.arrival_s):
+        while last < r.arrival_s:       # integrate 1/m in <= 1 s steps (midpoint rule)
+            dt = min(step, r.arrival_s - last)
+            tau += dt / m(last + dt / 2)
+            last += dt
+        out.append(Request(r.rid, tau, r.input_len, r.output_len, r.hashes))
+    return out

@@ -1,0 +1,53 @@
+"""`pdcluster plan`: SLO parsing, names case-insensitive, bad input, and its pools.yaml read back by the
+real config loader. The search runs the simulator on a tiny trace (a second or so)."""
+import json
+
+import pytest
+
+from pdcluster.deploy import cli
+from pdcluster.deploy.pools import load_pools_config
+from pdcluster.sim.plan import parse_slo
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_parse_slo():
+    assert parse_slo("ttft:2000,tpot:50") == (2.0, 0.05)
+    assert parse_slo("TPOT:40, TTFT:500") == (0.5, 0.04)
+    for bad in ("ttft:2000", "ttft:x,tpot:5", "ttft:0,tpot:5", "ttft:1,tpot:2,ttft:3", "latency:3,tpot:4"):
+        with pytest.raises(ValueError, match="slo"):
+            parse_slo(bad)
+
+
+@pytest.fixture
+def trace(tmp_path):
+    p = tmp_path / "t.jsonl"
+    rows = [dict(timestamp=i * 250, input_length=3000 + 500 * (i % 5), output_length=40 + i % 7,
+                 hash_ids=[0, i % 6, 100 + i]) for i in range(80)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(p)
+
+
+def test_plan_writes_a_pools_yaml_serve_accepts(trace, tmp_path, capsys):
+    out = tmp_path / "pools.yaml"
+    rc = cli.main(["plan", "--trace", trace, "--model", "llama-3-8b", "--prefill-hw", "h200", "--decode-hw", "h20",
+                   "--slo", "ttft:2000,tpot:50", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "best:" in text and "predicted goodput" in text and "$" in text
+    cfg = load_pools_config(out)                  # what `pdcluster serve --config` runs
+    best = text.split("best: ")[1]
+    n_p, n_d = int(best.split(" x H200")[0]), int(best.split("+ ")[1].split(" x H20")[0])
+    assert (cfg.pools.prefill.initial_replicas, cfg.pools.decode.initial_replicas) == (n_p, n_d)
+    assert cfg.pools.prefill.lo == cfg.pools.prefill.hi == n_p and cfg.router.policy == "cost-model"
+    assert cfg.pools.prefill.autoscale.signal == "p90_ttft" and cfg.pools.prefill.autoscale.ttft_slo_ms == 2000
+    assert cfg.pools.decode.autoscale.tpot_slo_ms == 50
+
+
+def test_plan_budget_and_bad_input(trace, capsys):
+    assert cli.main(["plan", "--trace", trace, "--model", "LLAMA-3-8B", "--budget", "1"]) == 1    # nothing fits $1/h
+    assert "no configuration fits the budget" in capsys.readouterr().err
+    for argv, msg in ((["--model", "gpt-9"], "unknown model"), (["--model", "llama-3-8b", "--prefill-hw", "tpu"],
+                      "unknown hardware"), (["--model", "llama-3-8b", "--slo", "ttft:5"], "slo"),
+                      (["--model", "llama-3-8b", "--validate"], "not implemented")):
+        assert cli.main(["plan", "--trace", trace, *argv]) == 2
+        assert msg in capsys.readouterr().err
