@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}   # the dtypes a worker runs in, bytes per element
+SPECULATIVE = ("ngram", "off")       # speculative decoding modes (engine/spec/)
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -93,11 +94,19 @@ class EngineConfig:
                                          #   differ near ties from the same prompt run alone
                                          #   (tests/faults/test_worker_faults.py saw 13/16 exact)
     attention_backend: str = "auto"      # auto (triton on cuda, torch on cpu) | torch | triton
+    speculative: str = "ngram"           # decode-time drafts (engine/spec/): ngram (prompt lookup) | off
+    spec_ngram_k: int = 4                # most draft tokens per request per step (adaptive below it)
+    spec_ngram_n: int = 4                # longest n-gram matched (shortest: 2)
     num_threads: int | None = None       # torch.set_num_threads on CPU hosts
 
     def __post_init__(self):
         from pdcluster.engine.quant.policy import check_mode
         check_mode(self.quantization)        # ValueError naming the modes
+        if self.speculative not in SPECULATIVE:
+            raise ValueError(f"speculative must be one of {SPECULATIVE}, got {self.speculative!r}")
+        if self.spec_ngram_k < 1 or self.spec_ngram_n < 2:
+            raise ValueError(f"spec_ngram_k must be >= 1 and spec_ngram_n >= 2, got {self.spec_ngram_k}, "
+                             f"{self.spec_ngram_n}")
 
     @property
     def max_model_len(self) -> int:
