@@ -40,6 +40,7 @@ class PoolConfig:
                                         #   across zones apart
     quantization: str | None = None     # this pool's weight quantization (engine/quant/policy.py); None:
                                         #   the engine section's (--quantization)
+    speculative: str | None = None      # this pool's speculative decoding (ngram | off); None: --speculative
 
     @property
     def lo(self) -> int:

@@ -11,6 +11,7 @@
                                         resources.cpus must equal threads: Ray CPUs per actor)
       autoscale.*                     pools.<pool>.autoscale
       quantization                    pools.<pool>.quantization (none | int8 | int4; null = the engine's)
+      speculative                     pools.<pool>.speculative (ngram | off; null = the engine's)
 
 A key the file leaves out keeps the value of the tree it is parsed onto (the flags' tree for
 `serve --config`). Every error names the file, the line (from yaml.compose's node marks) and the
@@ -27,6 +28,7 @@ import yaml
 
 from pdcluster.deploy.config import ClusterConfig
 from pdcluster.deploy.pool_config import SLO_KEY, AutoscaleConfig, PoolConfig
+from pdcluster.engine.config import SPECULATIVE
 from pdcluster.engine.quant.policy import QUANTIZATIONS
 from pdcluster.router.autoscaler import SIGNALS
 from pdcluster.router.placement import POLICY_NAMES
@@ -151,7 +153,8 @@ def _pick(v: Any, default: Any) -> Any:
     return default if v is _NO else v
 
 
-POOL_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "resources", "autoscale", "quantization")
+POOL_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "resources", "autoscale", "quantization",
+             "speculative")
 AUTOSCALE_KEYS = ("signal", "target", "ttft_slo_ms", "tpot_slo_ms", "scale_up_above", "scale_down_below",
                   "upscale_delay_s", "downscale_delay_s", "max_step", "cooldown_s")
 RESOURCE_KEYS = ("cpus", "gpus", "threads")
@@ -208,8 +211,9 @@ def _pool(rd: _Reader, name: str, node: yaml.Node | None, parent: yaml.Node, bas
         max_step=_pick(rd.value(a, "max_step", key, _int(1)), b.max_step),
         cooldown_s=_pick(rd.value(a, "cooldown_s", key, _num(0)), b.cooldown_s))
     quant = _pick(rd.value(m, "quantization", name, _opt_one_of(QUANTIZATIONS)), bp.quantization)
+    spec = _pick(rd.value(m, "speculative", name, _opt_one_of(SPECULATIVE)), bp.speculative)
     return replace(bp, autoscale=auto, initial_replicas=init, min_replicas=lo, max_replicas=hi,
-                   quantization=quant), res
+                   quantization=quant, speculative=spec), res
 
 
 def _one_size(rd: _Reader, res: dict[str, dict]) -> None:

@@ -97,6 +97,7 @@ class EngineConfig:
     speculative: str = "ngram"           # decode-time drafts (engine/spec/): ngram (prompt lookup) | off
     spec_ngram_k: int = 4                # most draft tokens per request per step (adaptive below it)
     spec_ngram_n: int = 4                # longest n-gram matched (shortest: 2)
+    spec_max_step_tokens: int = 16       # drafts only while a step has fewer rows than this (engine/spec/decoder.py)
     num_threads: int | None = None       # torch.set_num_threads on CPU hosts
 
     def __post_init__(self):

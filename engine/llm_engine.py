@@ -124,7 +124,8 @@ class LLMEngine:
         self.kv = KVCacheManager(n_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching,
                                  protected_fraction=cfg.cache.protected_fraction)
         self.events: BlockEventLog | None = None        # prefix-cache events, once a worker asks for them
-        self.spec = (SpecDecoder(k_max=cfg.spec_ngram_k, n_max=cfg.spec_ngram_n)
+        self.spec = (SpecDecoder(k_max=cfg.spec_ngram_k, n_max=cfg.spec_ngram_n,
+                                 max_step_tokens=cfg.spec_max_step_tokens)
                      if cfg.speculative == "ngram" else None)       # engine/spec/: drafts in decode steps
         self.scheduler = Scheduler(cfg.sched, self.kv, cfg.max_model_len, spec=self.spec)
         self.runner = ModelRunner(cfg, self.model, n_blocks)

@@ -161,6 +161,9 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         out = ScheduledBatch()
         budget = self.cfg.max_num_batched_tokens
+        # draft tokens this step may add: a step past spec.max_step_tokens rows is compute-bound, so
+        # a drafted row there costs about what the token would cost in a step of its own
+        spec_room = self.spec.max_step_tokens - len(self.running) if self.spec is not None else 0
         scheduled: set[str] = set()
         i = 0
         while i < len(self.running) and budget > 0:
@@ -169,9 +172,10 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            if n == 1 and self.spec is not None and req.num_output_tokens:
-                req.spec_token_ids = self.spec.drafts(req, self._draft_limit(req, budget))
+            if n == 1 and spec_room > 0 and req.num_output_tokens:
+                req.spec_token_ids = self.spec.drafts(req, min(spec_room, self._draft_limit(req, budget)))
                 n += len(req.spec_token_ids)
+                spec_room -= len(req.spec_token_ids)
             while not self.kv.can_allocate(req, n):
                 if req.spec_token_ids:      # drafts are optional: drop them before preempting anyone
                     n -= len(req.spec_token_ids)

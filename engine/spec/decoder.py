@@ -8,6 +8,14 @@ min_gain, so k = the largest j <= k_max with alpha^j >= min_gain, and 0 once alp
 A request not drafting gains `recover` pseudo-acceptances per step, so it probes again later (its
 text may turn repetitive). A step whose n-gram lookup finds nothing drafts nothing and learns nothing.
 
+Batch-level: drafts are handed out (in running order) only while the step has fewer than
+max_step_tokens rows (one per running request plus the drafts so far). A decode step is
+memory-bound (it reads every weight once, whatever its row count) only up to some row count; past
+it the step is compute-bound and a drafted row costs what its token would cost in a step of its
+own, so speculation cannot pay there. On this repository's 2-core CPU host in float32, compute
+(~60-165 GFLOP/s) matches the weight reads (~10-30 GB/s) at ~11 rows; a GPU's ridge is far higher
+(raise spec_max_step_tokens there).
+
 Who may draft (`eligible`): a request without penalties (they depend on every earlier output, the
 drafts' included), grammar (its matcher would have to follow, then roll back, each draft), logprobs
 (not computed on verification rows) or seed (a seeded stream stays the exact one it draws without
@@ -50,6 +58,7 @@ class SpecDecoder:
     n_max: int = 4                  # longest n-gram matched
     n_min: int = 2                  # shortest
     min_gain: float = 0.25          # propose the j-th token while alpha^j >= this
+    max_step_tokens: int = 16       # drafts only while a step has fewer rows (its requests + drafts)
     decay: float = 0.7              # weight of the past in the acceptance counts, per verification
     recover: float = 0.02           # pseudo-acceptances per step while not drafting
     stats: SpecStats = field(default_factory=SpecStats)

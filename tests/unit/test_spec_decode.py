@@ -190,3 +190,17 @@ def test_drafts_never_pass_max_tokens_and_give_way_to_a_short_pool():
     assert s2.kv.num_free_blocks == 0
     b = s2.schedule()
     assert b.num_new_tokens == [1, 1] and not r2.spec_token_ids and not b.preempted   # no room: no drafts
+
+
+def test_drafts_stop_where_a_step_would_turn_compute_bound():
+    s = Scheduler(SchedulerConfig(8, 64), KVCacheManager(32, BS), 1000, spec=SpecDecoder(k_max=4, max_step_tokens=6))
+    rs = [copy_req(rid=f"r{i}") for i in range(3)]
+    for r in rs:
+        s.add(r)
+    s.update(s.schedule(), [11, 11, 11])
+    b = s.schedule()
+    assert b.num_new_tokens == [4, 1, 1]              # 3 rows + 3 drafts = the cap: the others get none
+    assert [len(r.spec_token_ids) for r in rs] == [3, 0, 0]
+    s.spec.max_step_tokens = 3                        # control: no room at all -> plain decodes
+    s.update(b, [[12, 13, 14, 15], 12, 12])
+    assert s.schedule().num_new_tokens == [1, 1, 1]
