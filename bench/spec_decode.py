@@ -109,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--input-len", type=int, default=128, help="random prompts' tokens")
     ap.add_argument("--output-len", type=int, default=64, help="random prompts' output tokens (EOS ignored)")
     ap.add_argument("--concurrency", type=int, default=16, help="random-set requests in flight")
+    ap.add_argument("--workloads", nargs="+", choices=("copy", "random"), default=["copy", "random"],
+                    help="which workloads to run")
     ap.add_argument("--repeats", type=int, default=2, help="on/off pairs per workload (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default=None, help="write the results as JSON")
@@ -136,6 +138,7 @@ def main(argv=None) -> int:
         f"random c={a.concurrency}": (rnd, SamplingParams(max_tokens=a.output_len, temperature=0, ignore_eos=True),
                                       a.concurrency),
     }
+    workloads = {n: w for n, w in workloads.items() if n.split()[0] in a.workloads}
     eng.warmup()
     raw = {name: {"on": [], "off": []} for name in workloads}
     bar = tqdm(total=len(workloads) * a.repeats * 2, desc="spec on/off", unit="run")

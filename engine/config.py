@@ -105,9 +105,9 @@ class EngineConfig:
         check_mode(self.quantization)        # ValueError naming the modes
         if self.speculative not in SPECULATIVE:
             raise ValueError(f"speculative must be one of {SPECULATIVE}, got {self.speculative!r}")
-        if self.spec_ngram_k < 1 or self.spec_ngram_n < 2:
-            raise ValueError(f"spec_ngram_k must be >= 1 and spec_ngram_n >= 2, got {self.spec_ngram_k}, "
-                             f"{self.spec_ngram_n}")
+        if self.spec_ngram_k < 1 or self.spec_ngram_n < 2 or self.spec_max_step_tokens < 1:
+            raise ValueError(f"spec_ngram_k and spec_max_step_tokens must be >= 1 and spec_ngram_n >= 2, got "
+                             f"{self.spec_ngram_k}, {self.spec_max_step_tokens}, {self.spec_ngram_n}")
 
     @property
     def max_model_len(self) -> int:

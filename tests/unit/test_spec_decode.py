@@ -204,3 +204,16 @@ def test_drafts_stop_where_a_step_would_turn_compute_bound():
     s.spec.max_step_tokens = 3                        # control: no room at all -> plain decodes
     s.update(b, [[12, 13, 14, 15], 12, 12])
     assert s.schedule().num_new_tokens == [1, 1, 1]
+
+
+# configuration: --speculative and pools.yaml's per-pool key reach the engine's keywords
+def test_speculative_per_pool_and_bad_values():
+    from pdcluster.deploy.pools import PoolsConfigError, parse_pools_config
+    from pdcluster.engine.config import EngineConfig
+    c = parse_pools_config("decode: {speculative: \"off\"}\n")
+    assert c.engine_kwargs("decode")["speculative"] == "off"
+    assert c.engine_kwargs("prefill")["speculative"] == "ngram"          # the engine section's default
+    with pytest.raises(PoolsConfigError, match="decode.speculative: must be one of ngram, off"):
+        parse_pools_config("decode: {speculative: eagle}\n")
+    with pytest.raises(ValueError, match="speculative must be one of"):
+        EngineConfig(model=None, speculative="eagle")
