@@ -8,6 +8,9 @@ Datasets (`--dataset`):
                  (every earlier user turn and reply) plus input_len new tokens
   mixed          num_prompts prompts, round(long_fraction * num_prompts) of them long_input_len long,
                  the rest input_len long (head-of-line blocking workload)
+  copy           num_prompts text prompts that hand the model a passage (one of a few embedded
+                 paragraphs) and ask for it back word for word: the output copies the prompt, the
+                 workload where n-gram speculative decoding (engine/spec/) pays
   sharegpt:PATH  ShareGPT JSON: first human turn as a text prompt, the following gpt turn's length in
                  whitespace words as the output length (or output_len when given)
   mooncake:PATH  a Mooncake-format trace (JSONL: timestamp ms, input/output_length, hash_ids of 512-token
@@ -59,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
     "conversation_sample": 1,       # keep 1 conversation in this many
 }
 
-DATASETS = ("random", "shared-prefix", "multi-turn", "mixed", "sharegpt:PATH", "mooncake:PATH")
+DATASETS = ("random", "shared-prefix", "multi-turn", "mixed", "copy", "sharegpt:PATH", "mooncake:PATH")
 PATH_DATASETS = ("sharegpt:", "mooncake:")     # prefixes of the datasets read from a file
 
 # ShareGPT filters (vLLM's is_valid_sequence, in whitespace words instead of tokens).
@@ -107,6 +110,8 @@ def build_dataset(args: argparse.Namespace | dict[str, Any], vocab_size: int,
         reqs = _multi_turn(rng, vocab_size, opts)
     elif name == "mixed":
         reqs = _mixed(rng, vocab_size, opts)
+    elif name == "copy":
+        reqs = _copy(rng, opts)
     else:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     for r in reqs:
@@ -188,6 +193,51 @@ def _mixed(rng: np.random.Generator, vocab_size: int, opts: dict[str, Any]) -> l
         )
         for i in range(n)
     ]
+
+
+# The copy dataset's material: short descriptive paragraphs (written for this benchmark). A passage
+# is one of them, whole: the embedded 135M model copies a coherent paragraph back, while a mix of
+# unrelated sentences gets summarized instead.
+PARAGRAPHS = (
+    "The lighthouse stood on a narrow cliff above the harbour. Every evening the keeper climbed the spiral "
+    "stairs, trimmed the wick and wound the clockwork that turned the great lens. Ships passing in the night "
+    "counted the flashes to know which coast they were on.",
+    "The old market opens at dawn, when the farmers arrive with carts of vegetables. By noon the square is "
+    "crowded with people bargaining over cheese, bread and fish. In the evening the stalls are folded away and "
+    "the square is swept clean for the next day.",
+    "A river runs through the centre of the town and turns the wheel of an old mill. In winter the water "
+    "freezes near the banks, and children skate under the stone bridge. In spring the melting snow raises the "
+    "river until it almost reaches the arches.",
+    "The library keeps its rarest books in a cool room behind a heavy oak door. Visitors must wear cotton "
+    "gloves before they are allowed to turn a single page. A librarian sits at a desk by the door and writes "
+    "down the name of every reader.",
+    "The train to the coast leaves at seven and stops at every village on the way. Most passengers carry "
+    "baskets, umbrellas and newspapers folded under their arms. The journey takes three hours, and the last "
+    "hour runs along the cliffs above the sea.",
+    "A narrow path climbs from the station through pine woods to the top of the hill. From the summit one can "
+    "see the bay, the islands and, on clear days, the mainland. Walkers usually rest on a wooden bench beside "
+    "the old signal tower before they go back down.",
+    "The bakery on the corner sells bread with a dark crust and a soft, warm inside. Its owner learned the "
+    "recipe from her grandmother and has never changed it. Every morning a queue forms outside the door long "
+    "before the shop opens.",
+    "The museum's largest hall holds the skeleton of a whale found on the beach in 1902. School groups sit on "
+    "the floor beneath it and draw its ribs in their notebooks. A small sign explains how the bones were "
+    "carried to the museum on twelve carts.",
+)
+
+COPY_TASKS = (
+    "Passage:\n{p}\n\nCopy the passage above exactly.\n\nCopy:\n",
+    "Original:\n{p}\n\nExact copy of the original:\n",
+    "Here is a paragraph:\n\"{p}\"\n\nThe same paragraph, repeated verbatim:\n\"",
+)
+
+
+def _copy(rng: np.random.Generator, opts: dict[str, Any]) -> list[BenchRequest]:
+    """Prompt i: task i mod 3 over a paragraph drawn by the seed."""
+    picks = rng.integers(0, len(PARAGRAPHS), size=opts["num_prompts"])
+    return [BenchRequest(prompt_text=COPY_TASKS[i % len(COPY_TASKS)].format(p=PARAGRAPHS[j]),
+                         output_len=_output_len(opts), meta={"task": i % len(COPY_TASKS), "paragraph": int(j)})
+            for i, j in enumerate(picks)]
 
 
 def _sharegpt(path: str, opts: dict[str, Any]) -> list[BenchRequest]:

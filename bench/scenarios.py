@@ -209,3 +209,22 @@ register(Scenario(
     notes=f"arrivals from the trace (x0.1); 2 workers x {TRACE_POOL_BLOCKS} device blocks; candidate adds "
           f"{TIER_FLAGS}; trace file: $PDCLUSTER_TRACE or ../shared/traces/conversation_trace.jsonl",
 ))
+
+
+# spec-decode (issue 18 point 3): n-gram speculative decoding off vs on (the default) through the
+# served cluster, on the copy dataset (a passage asked back word for word) one request at a time,
+# where drafts pay; bench/spec_decode.py measures the engine alone, and random prompts at
+# concurrency 16 too. Sizes: 6 copy prompts of up to 96 tokens keep a run under a minute here.
+register(Scenario(
+    name="spec-decode",
+    summary="copy prompts at concurrency 1: --speculative off vs ngram (1 prefill + 1 decode worker)",
+    baseline=cluster(engine__speculative="off"),
+    candidate=cluster(engine__speculative="ngram"),
+    labels=("off", "ngram"),
+    dataset={"dataset": "copy", "num_prompts": 6, "output_len": 96},
+    request_rate=float("inf"),
+    max_concurrency=1,
+    goodput={"tpot": 200.0},
+    metrics=("mean_tpot_ms", "median_tpot_ms", "median_itl_ms", "median_ttft_ms", "output_throughput"),
+    notes="concurrency 1, greedy; TPOT target of issue 18: >= 1.8x lower with ngram",
+))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from pdcluster.deploy.netns import ShapedLink
 from pdcluster.deploy.pool_config import PoolsSection
-from pdcluster.engine.config import DTYPE_BYTES, CacheConfig, EngineConfig, SchedulerConfig
+from pdcluster.engine.config import DTYPE_BYTES, SPECULATIVE, CacheConfig, EngineConfig, SchedulerConfig
 from pdcluster.engine.quant.policy import QUANTIZATIONS
 from pdcluster.kv_transfer import registry
 from pdcluster.kv_transfer.codec_policy import MODES, CompressionPolicy
@@ -64,6 +64,11 @@ class EngineSection:
             "weight-only quantization of the linear weights (and int8 for the embedding / LM head): int4 "
             "(groups of 32) or int8 (per channel), quantized at load (a GGUF file's own Q4/Q8 blocks stay packed "
             "exactly); none = float in --dtype; pools.yaml may set it per pool")})
+    speculative: str = field(default=EngineConfig.speculative, metadata={
+        "choices": SPECULATIVE, "help": (
+            "speculative decoding: ngram drafts tokens by prompt lookup (the sequence's last tokens matched "
+            "earlier in it) and verifies them in the decode step, exact for greedy and sampled requests, "
+            "adaptive per request (engine/spec/); off decodes one token per step; pools.yaml may set it per pool")})
     max_model_len: int | None = field(default=None, metadata={
         "help": "context length cap, prompt + output tokens (default: the model's own)"})
     threads_per_worker: int = field(default=1, metadata={   # also the Ray CPUs reserved per actor
@@ -82,6 +87,7 @@ class EngineSection:
         """build_config's keywords (plain data: they cross to the worker actors)."""
         from dataclasses import asdict
         return dict(model=model, dtype=self.dtype, quantization=self.quantization, device=self.device,
+                    speculative=self.speculative,
                     max_model_len=self.max_model_len, **asdict(self.cache), **asdict(self.sched))
 
 
@@ -135,10 +141,11 @@ class ClusterConfig:
 
     def engine_kwargs(self, role: str) -> dict:
         """The engine keywords of `role`'s workers: the engine section's, with the pool's own
-        quantization and KV cache tiers where pools.yaml sets them."""
-        q = self.pools.pool(role).quantization
-        return (self.engine.engine_kwargs(self.model) | ({} if q is None else {"quantization": q})
-                | self.pools.pool(role).kv_tiers.overrides())
+        quantization, speculative decoding and KV cache tiers where pools.yaml sets them."""
+        pool = self.pools.pool(role)
+        own = {k: v for k, v in (("quantization", pool.quantization), ("speculative", pool.speculative))
+               if v is not None}
+        return self.engine.engine_kwargs(self.model) | own | pool.kv_tiers.overrides()
 
     def workers(self, role: str) -> int:
         """Workers `role` starts with (no prefill pool without remote prefill)."""

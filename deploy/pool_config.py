@@ -55,6 +55,7 @@ class PoolConfig:
     quantization: str | None = None     # this pool's weight quantization (engine/quant/policy.py); None:
                                         #   the engine section's (--quantization)
     kv_tiers: PoolTiers = field(default_factory=PoolTiers)
+    speculative: str | None = None      # this pool's speculative decoding (ngram | off); None: --speculative
 
     @property
     def lo(self) -> int:

@@ -12,6 +12,7 @@
       autoscale.*                     pools.<pool>.autoscale
       quantization                    pools.<pool>.quantization (none | int8 | int4; null = the engine's)
       kv_tiers.*                      pools.<pool>.kv_tiers (host/disk KV cache tiers; null = the engine's)
+      speculative                     pools.<pool>.speculative (ngram | off; null = the engine's)
 
 A key the file leaves out keeps the value of the tree it is parsed onto (the flags' tree for
 `serve --config`). Every error names the file, the line (from yaml.compose's node marks) and the
@@ -28,7 +29,7 @@ import yaml
 
 from pdcluster.deploy.config import ClusterConfig
 from pdcluster.deploy.pool_config import SLO_KEY, AutoscaleConfig, PoolConfig, PoolTiers
-from pdcluster.engine.config import TIER_CODECS
+from pdcluster.engine.config import SPECULATIVE, TIER_CODECS
 from pdcluster.engine.quant.policy import QUANTIZATIONS
 from pdcluster.router.autoscaler import SIGNALS
 from pdcluster.router.placement import POLICY_NAMES
@@ -153,7 +154,8 @@ def _pick(v: Any, default: Any) -> Any:
     return default if v is _NO else v
 
 
-POOL_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "resources", "autoscale", "quantization", "kv_tiers")
+POOL_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "resources", "autoscale", "quantization",
+             "speculative", "kv_tiers")
 TIER_KEYS = ("host_cache_gb", "disk_cache_dir", "disk_cache_gb", "tier_codec")
 AUTOSCALE_KEYS = ("signal", "target", "ttft_slo_ms", "tpot_slo_ms", "scale_up_above", "scale_down_below",
                   "upscale_delay_s", "downscale_delay_s", "max_step", "cooldown_s")
@@ -211,8 +213,10 @@ def _pool(rd: _Reader, name: str, node: yaml.Node | None, parent: yaml.Node, bas
         max_step=_pick(rd.value(a, "max_step", key, _int(1)), b.max_step),
         cooldown_s=_pick(rd.value(a, "cooldown_s", key, _num(0)), b.cooldown_s))
     quant = _pick(rd.value(m, "quantization", name, _opt_one_of(QUANTIZATIONS)), bp.quantization)
+    spec = _pick(rd.value(m, "speculative", name, _opt_one_of(SPECULATIVE)), bp.speculative)
     return replace(bp, autoscale=auto, initial_replicas=init, min_replicas=lo, max_replicas=hi,
-                   quantization=quant, kv_tiers=_tiers(rd, name, m, bp.kv_tiers, base, node or parent)), res
+                   quantization=quant, speculative=spec,
+                   kv_tiers=_tiers(rd, name, m, bp.kv_tiers, base, node or parent)), res
 
 
 def _tiers(rd: _Reader, name: str, m: dict, base: PoolTiers, tree: ClusterConfig, where: yaml.Node) -> PoolTiers:

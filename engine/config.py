@@ -16,6 +16,7 @@ from typing import Any
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}   # the dtypes a worker runs in, bytes per element
 TIER_CODECS = ("none", "int8", "fp8")   # KV below the device pool (kv_transfer/codec.py CODECS)
+SPECULATIVE = ("ngram", "off")       # speculative decoding modes (engine/spec/)
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -115,11 +116,20 @@ class EngineConfig:
                                          #   differ near ties from the same prompt run alone
                                          #   (tests/faults/test_worker_faults.py saw 13/16 exact)
     attention_backend: str = "auto"      # auto (triton on cuda, torch on cpu) | torch | triton
+    speculative: str = "ngram"           # decode-time drafts (engine/spec/): ngram (prompt lookup) | off
+    spec_ngram_k: int = 4                # most draft tokens per request per step (adaptive below it)
+    spec_ngram_n: int = 4                # longest n-gram matched (shortest: 2)
+    spec_max_step_tokens: int = 16       # drafts only while a step has fewer rows than this (engine/spec/decoder.py)
     num_threads: int | None = None       # torch.set_num_threads on CPU hosts
 
     def __post_init__(self):
         from pdcluster.engine.quant.policy import check_mode
         check_mode(self.quantization)        # ValueError naming the modes
+        if self.speculative not in SPECULATIVE:
+            raise ValueError(f"speculative must be one of {SPECULATIVE}, got {self.speculative!r}")
+        if self.spec_ngram_k < 1 or self.spec_ngram_n < 2 or self.spec_max_step_tokens < 1:
+            raise ValueError(f"spec_ngram_k and spec_max_step_tokens must be >= 1 and spec_ngram_n >= 2, got "
+                             f"{self.spec_ngram_k}, {self.spec_max_step_tokens}, {self.spec_ngram_n}")
 
     @property
     def max_model_len(self) -> int:

@@ -20,6 +20,7 @@ from pdcluster.engine.model_runner import DTYPES, ModelRunner, num_kv_blocks
 from pdcluster.engine.request import Request, Status
 from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
 from pdcluster.engine.scheduler import Scheduler
+from pdcluster.engine.spec.decoder import SpecDecoder
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,14 @@ class StepStats:
     decode_seqs: int = 0
     decode_s: float = 0.0
 
-    def record(self, tokens: int, seqs: int, seconds: float) -> None:
+    def record(self, tokens: int, seqs: int, seconds: float, decode: bool | None = None) -> None:
+        """decode: a step of decodes only (default: one token per sequence; a step verifying
+        drafts has more and says so)."""
         self.steps += 1
         self.tokens += tokens
         self.busy_s += seconds
         self.last_step_s, self.last_step_tokens, self.last_step_seqs = seconds, tokens, seqs
-        if tokens == seqs:
+        if tokens == seqs if decode is None else decode:
             self.decode_steps += 1
             self.decode_seqs += seqs
             self.decode_s += seconds
@@ -121,7 +124,10 @@ class LLMEngine:
         self.kv = KVCacheManager(n_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching,
                                  protected_fraction=cfg.cache.protected_fraction)
         self.events: BlockEventLog | None = None        # prefix-cache events, once a worker asks for them
-        self.scheduler = Scheduler(cfg.sched, self.kv, cfg.max_model_len)
+        self.spec = (SpecDecoder(k_max=cfg.spec_ngram_k, n_max=cfg.spec_ngram_n,
+                                 max_step_tokens=cfg.spec_max_step_tokens)
+                     if cfg.speculative == "ngram" else None)       # engine/spec/: drafts in decode steps
+        self.scheduler = Scheduler(cfg.sched, self.kv, cfg.max_model_len, spec=self.spec)
         self.runner = ModelRunner(cfg, self.model, n_blocks)
         self.connector = connector or KVConnector()     # KV in and out of this engine (engine/kv_connector.py)
         self.detoks: dict[str, Detokenizer] = {}
@@ -311,23 +317,33 @@ class LLMEngine:
             k, v = self.runner.k_caches, self.runner.v_caches
             hook = lambda layer: self.connector.save_layer(layer, k, v, done)   # noqa: E731
         sampled, logprobs = self.runner.run(batch, hook)
-        self.stats.record(batch.total_tokens, len(batch), time.perf_counter() - t0)
+        # a decode step is one token per request plus drafts (engine/spec/): record it as a decode
+        drafts = sum(len(r.spec_token_ids) for r in batch.reqs)
+        decode = batch.total_tokens - drafts == len(batch)
+        self.stats.record(batch.total_tokens, len(batch), time.perf_counter() - t0, decode)
+        before = [r.num_tokens for r in batch.reqs]
         finished = set(id(r) for r in self.scheduler.update(batch, sampled))
         outs = []
-        for req, tok, lp in zip(batch.reqs, sampled, logprobs):
+        for req, n0, tok, lp in zip(batch.reqs, before, sampled, logprobs):
             if tok is None or req.status is Status.FINISHED_ABORTED:
                 continue
+            toks = req.token_ids[n0:]          # what update appended: one token, or several verified ones
             text = ""
             d = self.detoks.get(req.request_id)
             if d is not None:
-                text = d.push([tok])
+                for j, t in enumerate(toks):
+                    text += d.push([t])
+                    if d.stopped:               # a stop string: the tokens after this one are dropped
+                        del req.token_ids[n0 + j + 1:]
+                        toks = toks[:j + 1]
+                        break
                 if d.stopped and id(req) not in finished:
                     self.scheduler.finish(req, Status.FINISHED_STOPPED)
                     finished.add(id(req))
                 if id(req) in finished:
                     text += d.flush()
             done = id(req) in finished
-            outs.append(StepOutput(req, [tok], text, done, [lp] if lp is not None else []))
+            outs.append(StepOutput(req, toks, text, done, [lp] if lp is not None else []))
             if done:
                 self._release(req.request_id)
         return outs

@@ -18,6 +18,7 @@ from pdcluster.engine.request import Request
 from pdcluster.engine.sampler import History, make_generator, sample_rows
 from pdcluster.engine.sampling_params import TokenLogprobs
 from pdcluster.engine.scheduler import ScheduledBatch
+from pdcluster.engine.spec.verify import verify
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -98,7 +99,7 @@ class ModelRunner:
             if is_pre[i]:
                 prefills.append(PrefillSeq(len(ids), n, start + n,
                                            torch.tensor(r.block_ids[:-(-(start + n) // bs)], dtype=torch.int64)))
-            ids += r.token_ids[start:start + n]
+            ids += r.token_ids[start:start + n] + r.spec_token_ids   # drafts after the last token (engine/spec/)
             pos += p
             slots += [r.block_ids[t // bs] * bs + t % bs for t in p]
             last_row[i] = len(ids) - 1
@@ -127,14 +128,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, layer_hook: Callable[[int], None] | None = None
-            ) -> tuple[list[int | None], list[TokenLogprobs | None]]:
-        """One forward step. Returns per request a sampled token (None for a partial prefill chunk)
-        and its logprobs (None unless asked)."""
+            ) -> tuple[list[int | list[int] | None], list[TokenLogprobs | None]]:
+        """One forward step. Returns per request a sampled token (None for a partial prefill chunk;
+        a list for a request with drafts: the accepted ones and the token after them) and its
+        logprobs (None unless asked)."""
         ids, pos, meta, rows = self.prepare(batch)
         hidden = self.model.forward(ids, pos, meta, self.k_caches, self.v_caches, layer_hook)
         want = [i for i in range(len(batch)) if batch.samples(i)]
-        out: list[int | None] = [None] * len(batch)
+        out: list[int | list[int] | None] = [None] * len(batch)
         lps: list[TokenLogprobs | None] = [None] * len(batch)
+        spec = [i for i in want if batch.reqs[i].spec_token_ids]
+        if spec:
+            want = [i for i in want if not batch.reqs[i].spec_token_ids]
+            self._verify(batch, spec, hidden, rows, out)
         if not want:
             return out, lps
         logits = self.model.logits(hidden[[rows[i] for i in want]])
@@ -149,6 +155,17 @@ class ModelRunner:
         for k, i in enumerate(want):
             out[i], lps[i] = toks[k], logprobs[k]
         return out, lps
+
+    def _verify(self, batch: ScheduledBatch, spec: list[int], hidden: torch.Tensor, rows: list[int],
+                out: list) -> None:
+        """Requests with drafts (engine/spec/verify.py): logits at the last token and every draft."""
+        reqs = [batch.reqs[i] for i in spec]
+        drafts = [r.spec_token_ids for r in reqs]
+        idx = [rows[i] - len(d) + j for i, d in zip(spec, drafts) for j in range(len(d) + 1)]
+        toks = verify(self.model.logits(hidden[idx]), [r.params for r in reqs], drafts,
+                      [self._generator(r) for r in reqs])
+        for i, t in zip(spec, toks):
+            out[i] = t
 
     def accept(self, req: Request, token_ids: list[int]) -> None:
         """Advance req's grammar over tokens sampled elsewhere (a remote prefill's first token)."""

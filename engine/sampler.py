@@ -71,6 +71,26 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
+def apply_temperature(row: torch.Tensor, temperature: float) -> torch.Tensor:
+    """row [..., V] float32 logits / temperature (> 0). The maximum goes to 0 first, then the division
+    runs in float64 (a temperature such as 1e-320 is 0 in float32): (x - max) / T lies in [-inf, 0] for
+    every T > 0 and the maximum stays exactly 0."""
+    return ((row.double() - row.amax(-1, keepdim=True)) / temperature).float()
+
+
+def sampling_probs(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """row [V] float32 logits after penalties and temperature -> the probabilities a token is drawn
+    from (min-p, top-k, top-p applied). Speculative verification (engine/spec/verify.py) uses this
+    same function, so drafted and undrafted tokens come from the same distribution."""
+    return filter_logits(apply_min_p(row, p.min_p), p.top_k, p.top_p).softmax(-1)
+
+
+def draw(probs: torch.Tensor, g: torch.Generator | None) -> int:
+    """One id from probs [V] (need not sum to 1): the exponential race argmax(p / E), E ~ Exp(1)."""
+    e = torch.empty_like(probs).exponential_(generator=g)
+    return int((probs / e).argmax())
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None]) -> list[int]:
     """logits: float32 [N, V], plain params (no penalty, min-p or logprobs). Returns N token ids."""
@@ -92,17 +112,12 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
             h = histories[i]
             row = apply_penalties(row, p, h.prompt_ids, h.output_ids)
         if not p.greedy:
-            # max -> 0 first, then divide in float64 (a temperature such as 1e-320 is 0 in float32):
-            # (x - max) / T lies in [-inf, 0] for every T > 0 and the maximum stays exactly 0
-            row = ((row.double() - row.max()) / p.temperature).float()
+            row = apply_temperature(row, p.temperature)
         logp = row.log_softmax(-1) if p.logprobs is not None else None
         if p.greedy:
             out[i] = int(row.argmax())
         else:
-            row = filter_logits(apply_min_p(row, p.min_p), p.top_k, p.top_p)
-            probs = row.softmax(-1)
-            e = torch.empty_like(probs).exponential_(generator=g)
-            out[i] = int((probs / e).argmax())
+            out[i] = draw(sampling_probs(row, p), g)
         if logp is not None:
             top = torch.topk(logp, p.logprobs) if p.logprobs else None
             lps[i] = TokenLogprobs(out[i], float(logp[out[i]]),

@@ -16,6 +16,12 @@ blocks for those tokens and waits in WAITING_FOR_REMOTE_KV (`loading`) until the
 remote prefill's reservation (add_remote) is the case where every prompt token comes from outside.
 A finished request whose blocks the connector still reads stays in `held` until it lets go.
 
+Speculative decoding (engine/spec/): a running request with one token left to compute may get
+draft tokens (`req.spec_token_ids`) and is scheduled for 1 + k tokens. Drafts are optional: a step
+short of blocks drops them before it preempts anyone. After the step only the verified tokens count
+as computed, and the blocks past them (the rejected drafts' slots) go back to the pool. Drafts never
+reach past max_tokens or the context length, so the admission invariant below still holds.
+
 Invariant that rules out deadlock: admission (`check_fits`) rejects any request whose whole
 lifetime (prompt + max_tokens) could not fit the pool alone, so the oldest running request can
 always progress once everything newer is preempted.
@@ -30,6 +36,7 @@ from pdcluster.engine.kv_cache_manager import KVCacheManager
 from pdcluster.engine.kv_connector import KVConnector, NoKVCapacity
 from pdcluster.engine.request import Request, Status
 from pdcluster.engine.rules import blocks_for_lifetime, finish_reason
+from pdcluster.engine.spec.decoder import SpecDecoder
 
 
 @dataclass
@@ -45,7 +52,7 @@ class ScheduledBatch:
     def samples(self, i: int) -> bool:
         """Does request i's chunk reach its last token (so the step samples for it)?"""
         r = self.reqs[i]
-        return r.num_computed_tokens + self.num_new_tokens[i] == r.num_tokens
+        return r.num_computed_tokens + self.num_new_tokens[i] == r.num_tokens + len(r.spec_token_ids)
 
     def __len__(self) -> int:
         return len(self.reqs)
@@ -53,8 +60,9 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, cfg: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
-                 connector: KVConnector | None = None):
+                 connector: KVConnector | None = None, spec: SpecDecoder | None = None):
         self.cfg = cfg
+        self.spec = spec                                    # None: no speculative decoding
         self.kv = kv
         self.max_model_len = max_model_len
         self.connector = connector or KVConnector()
@@ -153,6 +161,9 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         out = ScheduledBatch()
         budget = self.cfg.max_num_batched_tokens
+        # draft tokens this step may add: a step past spec.max_step_tokens rows is compute-bound, so
+        # a drafted row there costs about what the token would cost in a step of its own
+        spec_room = self.spec.max_step_tokens - len(self.running) if self.spec is not None else 0
         scheduled: set[str] = set()
         i = 0
         while i < len(self.running) and budget > 0:
@@ -161,7 +172,15 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
+            if n == 1 and spec_room > 0 and req.num_output_tokens:
+                req.spec_token_ids = self.spec.drafts(req, min(spec_room, self._draft_limit(req, budget)))
+                n += len(req.spec_token_ids)
+                spec_room -= len(req.spec_token_ids)
             while not self.kv.can_allocate(req, n):
+                if req.spec_token_ids:      # drafts are optional: drop them before preempting anyone
+                    n -= len(req.spec_token_ids)
+                    req.spec_token_ids = []
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim, out)
                 if victim is req:
@@ -236,21 +255,37 @@ class Scheduler:
         self.loading[req.request_id] = req
         return True
 
+    def _draft_limit(self, req: Request, budget: int) -> int:
+        """Most drafts req may verify this step: the step's budget after its own token, and no
+        output past max_tokens or the context length (the last one drawn rather than drafted)."""
+        return min(budget - 1, req.params.max_tokens - req.num_output_tokens - 1,
+                   self.max_model_len - req.num_tokens - 1)
+
     def _preempt(self, req: Request, out: ScheduledBatch) -> None:
         self.running.remove(req)
         self.kv.free(req)
+        req.spec_token_ids = []
         req.num_computed_tokens = 0
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.waiting.appendleft(req)
         out.preempted.append(req)
 
-    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Request]:
-        """Advance counters after the forward pass; append sampled tokens; return newly finished."""
+    def update(self, batch: ScheduledBatch, sampled: list[int | list[int] | None]) -> list[Request]:
+        """Advance counters after the forward pass; append sampled tokens; return newly finished.
+        sampled, per request: None (a partial prefill chunk), a token, or a list of tokens (a
+        request with drafts: the accepted drafts, then the token drawn after them)."""
         finished = []
         for req, n, tok in zip(batch.reqs, batch.num_new_tokens, sampled):
             if req.is_finished:  # aborted while the step ran
                 continue
+            if req.spec_token_ids:
+                if self._update_spec(req, n, tok):
+                    finished.append(req)
+                continue
+            if isinstance(tok, list):
+                assert len(tok) <= 1, "several tokens for a request without drafts"
+                tok = tok[0] if tok else None
             req.num_computed_tokens += n
             self.kv.cache_computed_blocks(req)
             if tok is None:
@@ -261,6 +296,36 @@ class Scheduler:
                 self.finish(req, status)
                 finished.append(req)
         return finished
+
+    def _update_spec(self, req: Request, n: int, toks: list[int]) -> bool:
+        """A verification step: toks = accepted drafts + one drawn token. Counts only verified
+        positions as computed, appends tokens until one finishes the request, frees the blocks
+        that only rejected drafts used. Returns whether req finished."""
+        drafts, req.spec_token_ids = req.spec_token_ids, []
+        a = len(toks) - 1
+        assert a >= 0 and toks[:a] == drafts[:a], (toks, drafts)
+        self.spec.observe(req.request_id, len(drafts), a)
+        req.num_computed_tokens += n - len(drafts) + a      # the last token and the accepted drafts
+        status = None
+        for t in toks:
+            req.append_token(t)
+            if (status := self.stop_status(req, t)) is not None:
+                break
+        self.kv.cache_computed_blocks(req)
+        if status is not None:
+            self.finish(req, status)
+            return True
+        self._trim_blocks(req)
+        return False
+
+    def _trim_blocks(self, req: Request) -> None:
+        """Free req's blocks past its computed tokens (they held rejected drafts' KV only: never
+        cached, never shared), tail first."""
+        keep = -(-req.num_computed_tokens // self.kv.block_size)
+        extra = req.block_ids[keep:]
+        if extra:
+            del req.block_ids[keep:]
+            self.kv.pool.free(self.kv.pool.blocks[b] for b in reversed(extra))
 
     def stop_status(self, req: Request, tok: int) -> Status | None:
         reason = finish_reason(tok, req.num_output_tokens, req.num_tokens, req.params, req.eos_token_ids,
@@ -277,6 +342,8 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.loading.pop(req.request_id, None)
+        if self.spec is not None:
+            self.spec.release(req.request_id)
         if self.connector.request_finished(req.request_id, req.block_ids):
             self.held[req.request_id] = req
         else:
