@@ -21,12 +21,15 @@ increase (bounded by the rows of a block, block_size - 1 increases at most).
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from pdcluster.kernels._triton import FLOAT_DTYPES, INDEX_DTYPES, check, check_launch, next_pow2, tl, triton
 from pdcluster.kernels.pack_kv import QMAX, _round_to_e4m3
 
 QUANT_DTYPES = {torch.int8: "int8", torch.float8_e4m3fn: "fp8"}   # cache dtype -> codec name
+warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning)   # "in beta": used as documented
 
 
 @triton.jit
@@ -149,12 +152,48 @@ def lead_rows(slot_mapping: torch.Tensor, block_size: int) -> tuple[torch.Tensor
 
 
 def quantize(x: torch.Tensor, inv: torch.Tensor, codec: str) -> torch.Tensor:
-    """Torch twin of the kernel's _quantize: x * inv clamped and rounded into the codec's dtype."""
+    """Torch twin of the kernel's _quantize: x * inv clamped and rounded into the codec's dtype
+    (int8: trunc(y + copysign(0.5, y)), i.e. half away from zero)."""
     qmax = QMAX[codec]
     y = (x.float() * inv).clamp_(-qmax, qmax)
     if codec == "int8":
-        return torch.where(y >= 0, torch.floor(y + 0.5), torch.ceil(y - 0.5)).to(torch.int8)
+        return y.add_(torch.copysign(torch.full((), 0.5), y)).trunc_().to(torch.int8)
     return y.to(torch.float8_e4m3fn)
+
+
+_plan: list = [None, None]  # [slot_mapping, its plan]: every layer of a step passes the same tensor (a
+                            #   new one per step; held here, so its id cannot be reused meanwhile)
+
+
+def _store_plan(slot_mapping: torch.Tensor, block_size: int):
+    """(blk, row, fresh [T] bool, grow [T] bool: lead of a partly filled block, any grow), once per
+    slot_mapping (the check for padding too)."""
+    if _plan[0] is slot_mapping:
+        return _plan[1]
+    check(bool((slot_mapping >= 0).all()), "store_kv", "a quantized cache takes no padding slots (-1)")
+    blk, row, lead = lead_rows(slot_mapping, block_size)
+    grow = (lead == row) & (row > 0)
+    plan = blk, row, lead == 0, grow, bool(grow.any())
+    _plan[:] = [slot_mapping, plan]
+    return plan
+
+
+def _store_quantized_ref(x, cache, scales, blk, row, fresh, grow, any_grow, codec) -> None:
+    """x [T, H, D] into cache at (blk, row) with scales [num_blocks, H] raised to cover it."""
+    old = scales[blk].masked_fill_(fresh[:, None], 0.0)                          # [T, H]
+    new = torch.maximum(old, x.abs().amax(-1).float().div_(QMAX[codec]))
+    scales.index_reduce_(0, blk, new, "amax", include_self=False)              # fresh blocks restart
+    new = scales[blk]
+    # 1 / scale; a zero scale means all-zero rows, which any finite inv maps to code 0 (as the kernel's 0)
+    inv = new.clamp_min(1e-30).reciprocal_()
+    g = grow & (new > old).any(-1) if any_grow else None    # leads whose earlier rows need the new scale
+    if g is not None and bool(g.any()):
+        b, r = blk[g], row[g]
+        ratio = old[g] / new[g]                       # as the kernel: exactly 1 where unchanged
+        before = torch.arange(cache.shape[1])[None, :] < r[:, None]                    # [G, bs]
+        requant = quantize(cache[b].float(), ratio[:, None, :, None], codec)           # [G, bs, H, D]
+        cache[b] = torch.where(before[:, :, None, None], requant, cache[b])
+    cache[blk, row] = quantize(x, inv[:, :, None], codec)
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
@@ -200,17 +239,6 @@ def store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=Non
         return
     if k.shape[0] == 0:
         return
-    check(bool((slot_mapping >= 0).all()), "store_kv", "a quantized cache takes no padding slots (-1)")
-    blk, row, lead = lead_rows(slot_mapping, block_size)
-    grow = (lead == row) & (row > 0)                     # leads of partly filled blocks
-    for x, cache, scales in ((k, k_cache, k_scale), (v, v_cache, v_scale)):
-        old = update_scales(x, scales, blk, lead, codec)
-        new = scales[blk]                                                        # [T, H]
-        inv = torch.where(new > 0, 1.0 / torch.where(new > 0, new, 1.0), 0.0)
-        if bool(grow.any()):
-            b, r = blk[grow], row[grow]
-            ratio = torch.where(new[grow] > 0, old[grow] / torch.where(new[grow] > 0, new[grow], 1.0), 0.0)
-            before = torch.arange(block_size, device=x.device)[None, :] < r[:, None]   # [G, bs]
-            requant = quantize(cache[b].float(), ratio[:, None, :, None], codec)      # [G, bs, H, D]
-            cache[b] = torch.where(before[:, :, None, None], requant, cache[b])
-        cache[blk, row] = quantize(x, inv[:, :, None], codec)
+    plan = _store_plan(slot_mapping, block_size)
+    _store_quantized_ref(k, k_cache, k_scale, *plan, codec)
+    _store_quantized_ref(v, v_cache, v_scale, *plan, codec)
