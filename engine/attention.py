@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pdcluster.engine.kv_quant import QuantKV, gather_blocks
-from pdcluster.kernels.store_kv import store_kv_ref
+from pdcluster.kernels.store_kv import store_kv_pair_ref, store_kv_ref
 
 
 @dataclass
@@ -45,6 +45,9 @@ class AttnMeta:
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slot_mapping: torch.Tensor) -> None:
     """k, v: [T, kv_heads, head_dim] into their slots (quantized into a QuantKV cache)."""
+    if isinstance(k_cache, QuantKV) and k_cache.pair is not None and k_cache.pair is v_cache.pair:
+        store_kv_pair_ref(torch.stack((k, v)), *k_cache.pair, slot_mapping)     # K and V in one pass
+        return
     if isinstance(k_cache, QuantKV):
         # (the small-batch linears hand back head_dim-strided rows: the kernels' check wants unit stride)
         store_kv_ref(k.contiguous(), v.contiguous(), k_cache.data, v_cache.data, slot_mapping, k_scale=k_cache.scale, v_scale=v_cache.scale)

@@ -45,6 +45,8 @@ class QuantKV:
     scale: torch.Tensor             # float32 [num_blocks, num_kv_heads]
     codec: str                      # "int8" | "fp8" (kv_transfer/codec.py's names)
     dtype: torch.dtype              # the float dtype it stands for (the model's)
+    pair: tuple[torch.Tensor, torch.Tensor] | None = None   # (codes [2, ...], scales [2, ...]) when this
+                                    #   layer's K and V are views [0] / [1] of them: stored in one pass
 
     @property
     def shape(self) -> torch.Size:
@@ -64,14 +66,23 @@ class QuantKV:
     def dequant(self, ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Blocks `ids` (int64 [n]) as float [n, block_size, num_kv_heads, head_dim] in `dtype`
         (default: self.dtype)."""
-        x = self.data.index_select(0, ids).float() * self.scale.index_select(0, ids)[:, None, :, None]
-        return x.to(dtype or self.dtype)
+        q = self.data.index_select(0, ids)
+        q = q if self.codec == "int8" else q.float()    # int8 * float32 promotes in one pass; fp8 does not
+        return (q * self.scale.index_select(0, ids)[:, None, :, None]).to(dtype or self.dtype)
 
 
 def new_quant_kv(codec: str, shape: tuple[int, ...], dtype: torch.dtype, zeros) -> QuantKV:
     """A zeroed cache layer of `shape` [num_blocks, block_size, kv_heads, head_dim]; zeros(shape,
     dtype) allocates (engine/model_runner.py's lazily zeroed allocator)."""
     return QuantKV(zeros(shape, CODES[codec]), zeros((shape[0], shape[2]), torch.float32), codec, dtype)
+
+
+def new_quant_kv_pair(codec: str, shape: tuple[int, ...], dtype: torch.dtype, zeros) -> tuple[QuantKV, QuantKV]:
+    """A layer's K and V caches as views [0] / [1] of one codes tensor [2, *shape] and one scales
+    tensor [2, num_blocks, kv_heads]: the CPU store writes both in one pass."""
+    codes, scales = zeros((2, *shape), CODES[codec]), zeros((2, shape[0], shape[2]), torch.float32)
+    return (QuantKV(codes[0], scales[0], codec, dtype, (codes, scales)),
+            QuantKV(codes[1], scales[1], codec, dtype, (codes, scales)))
 
 
 def cache_args(kc, vc) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -15,7 +15,7 @@ import torch
 
 from pdcluster.engine.attention import AttnMeta, PrefillSeq
 from pdcluster.engine.config import EngineConfig
-from pdcluster.engine.kv_quant import QuantKV, new_quant_kv
+from pdcluster.engine.kv_quant import QuantKV, new_quant_kv_pair
 from pdcluster.engine.llama import LlamaModel
 from pdcluster.engine.request import Request
 from pdcluster.engine.sampler import History, make_generator, sample_rows
@@ -82,8 +82,8 @@ class ModelRunner:
             self.k_caches = [zeros(shape, dt) for _ in range(m.num_layers)]
             self.v_caches = [zeros(shape, dt) for _ in range(m.num_layers)]
         else:
-            self.k_caches = [new_quant_kv(cfg.kv_cache_dtype, shape, dt, zeros) for _ in range(m.num_layers)]
-            self.v_caches = [new_quant_kv(cfg.kv_cache_dtype, shape, dt, zeros) for _ in range(m.num_layers)]
+            pairs = [new_quant_kv_pair(cfg.kv_cache_dtype, shape, dt, zeros) for _ in range(m.num_layers)]
+            self.k_caches, self.v_caches = [p[0] for p in pairs], [p[1] for p in pairs]
         self.generators: dict[str, torch.Generator | None] = {}
         self.grammars = None            # engine/structured.Grammars, set by the engine on first use
         self.matchers: dict[str, object] = {}   # request id -> its grammar matcher

@@ -179,21 +179,33 @@ def _store_plan(slot_mapping: torch.Tensor, block_size: int):
 
 
 def _store_quantized_ref(x, cache, scales, blk, row, fresh, grow, any_grow, codec) -> None:
-    """x [T, H, D] into cache at (blk, row) with scales [num_blocks, H] raised to cover it."""
-    old = scales[blk].masked_fill_(fresh[:, None], 0.0)                          # [T, H]
+    """x [G, T, H, D] into cache [G, num_blocks, block_size, H, D] at (blk, row), with scales
+    [G, num_blocks, H] raised to cover it. G = 2: K and V in one pass (store_kv_pair_ref), or 1."""
+    old = scales[:, blk].masked_fill_(fresh[None, :, None], 0.0)                  # [G, T, H]
     new = torch.maximum(old, x.abs().amax(-1).float().div_(QMAX[codec]))
-    scales.index_reduce_(0, blk, new, "amax", include_self=False)              # fresh blocks restart
-    new = scales[blk]
+    scales.index_reduce_(1, blk, new, "amax", include_self=False)               # fresh blocks restart
+    new = scales[:, blk]
     # 1 / scale; a zero scale means all-zero rows, which any finite inv maps to code 0 (as the kernel's 0)
     inv = new.clamp_min(1e-30).reciprocal_()
-    g = grow & (new > old).any(-1) if any_grow else None    # leads whose earlier rows need the new scale
-    if g is not None and bool(g.any()):
-        b, r = blk[g], row[g]
-        ratio = old[g] / new[g]                       # as the kernel: exactly 1 where unchanged
-        before = torch.arange(cache.shape[1])[None, :] < r[:, None]                    # [G, bs]
-        requant = quantize(cache[b].float(), ratio[:, None, :, None], codec)           # [G, bs, H, D]
-        cache[b] = torch.where(before[:, :, None, None], requant, cache[b])
-    cache[blk, row] = quantize(x, inv[:, :, None], codec)
+    if any_grow:
+        g = grow & (new > old).any(-1).any(0)            # leads whose earlier rows need the new scale
+        if bool(g.any()):
+            b, r = blk[g], row[g]
+            ratio = old[:, g] / new[:, g]                  # as the kernel: exactly 1 where unchanged
+            before = torch.arange(cache.shape[2])[None, :] < r[:, None]               # [n, bs]
+            cur = cache[:, b]                                                          # [G, n, bs, H, D]
+            requant = quantize(cur.float(), ratio[:, :, None, :, None], codec)
+            cache[:, b] = torch.where(before[None, :, :, None, None], requant, cur)
+    cache[:, blk, row] = quantize(x, inv[..., None], codec)
+
+
+def store_kv_pair_ref(kv: torch.Tensor, kv_cache: torch.Tensor, kv_scale: torch.Tensor, slot_mapping) -> None:
+    """store_kv_ref for a quantized layer whose K and V live in one tensor each: kv [2, T, H, D] into
+    kv_cache [2, num_blocks, block_size, H, D] (int8 / fp8) with scales kv_scale [2, num_blocks, H];
+    half the ops of two calls (the CPU engine's path: engine/kv_quant.py allocates caches so)."""
+    codec = _check(kv[0], kv[1], kv_cache[0], kv_cache[1], slot_mapping, kv_scale[0], kv_scale[1])
+    if kv.shape[1]:
+        _store_quantized_ref(kv, kv_cache, kv_scale, *_store_plan(slot_mapping, kv_cache.shape[2]), codec)
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
@@ -240,5 +252,5 @@ def store_kv_ref(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=Non
     if k.shape[0] == 0:
         return
     plan = _store_plan(slot_mapping, block_size)
-    _store_quantized_ref(k, k_cache, k_scale, *plan, codec)
-    _store_quantized_ref(v, v_cache, v_scale, *plan, codec)
+    _store_quantized_ref(k[None], k_cache[None], k_scale[None], *plan, codec)
+    _store_quantized_ref(v[None], v_cache[None], v_scale[None], *plan, codec)
