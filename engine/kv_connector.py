@@ -15,7 +15,8 @@ Scheduler side (pure Python, asked while the scheduler admits and finishes reque
   request_finished(request_id, block_ids) -> hold  True keeps the blocks allocated after the request
       ends, because the connector still reads them; finished_sending later names the ids to free;
   finished_loading() / finished_sending()  polled once per engine step.
-Worker side:
+Worker side (the per-layer caches are float tensors [num_blocks, block_size, kv_heads, head_dim], or
+engine/kv_quant.QuantKV, codes + scales, when the engine's kv_cache_dtype is int8 / fp8):
   register_caches(k_caches, v_caches)  once, when the engine takes the connector;
   save_layer(layer, k_caches, v_caches, completing)  after each layer of a step: `completing` names
       the prompts whose last chunk is in this step, with their block ids; layer `layer` of their KV

@@ -56,6 +56,10 @@ class QuantKV:
     def device(self) -> torch.device:
         return self.data.device
 
+    @property
+    def is_cuda(self) -> bool:
+        return self.data.is_cuda
+
     def is_contiguous(self) -> bool:
         return False
 

@@ -161,20 +161,22 @@ def quantize(x: torch.Tensor, inv: torch.Tensor, codec: str) -> torch.Tensor:
     return y.to(torch.float8_e4m3fn)
 
 
-_plan: list = [None, None]  # [slot_mapping, its plan]: every layer of a step passes the same tensor (a
-                            #   new one per step; held here, so its id cannot be reused meanwhile)
+_plan: list = [(None, 0, None)]   # [(slot_mapping, block_size, its plan)]: every layer of a step passes the
+                                  #   same tensor (a new one per step; held here, so its id cannot be reused
+                                  #   meanwhile); one tuple swapped whole, so engines on two threads stay apart
 
 
 def _store_plan(slot_mapping: torch.Tensor, block_size: int):
     """(blk, row, fresh [T] bool, grow [T] bool: lead of a partly filled block, any grow), once per
     slot_mapping (the check for padding too)."""
-    if _plan[0] is slot_mapping:
-        return _plan[1]
+    slots, bs, plan = _plan[0]
+    if slots is slot_mapping and bs == block_size:
+        return plan
     check(bool((slot_mapping >= 0).all()), "store_kv", "a quantized cache takes no padding slots (-1)")
     blk, row, lead = lead_rows(slot_mapping, block_size)
     grow = (lead == row) & (row > 0)
     plan = blk, row, lead == 0, grow, bool(grow.any())
-    _plan[:] = [slot_mapping, plan]
+    _plan[0] = (slot_mapping, block_size, plan)
     return plan
 
 
