@@ -86,10 +86,12 @@ def main(argv=None) -> int:
     for llm in llms.values():            # warm-up
         run(llm, 1)
     samples = {(p, b): [] for p in pairs for b in a.batches}
-    for _ in tqdm(range(a.repeats), desc="rounds"):
-        for b in a.batches:
-            for p in pairs:
-                samples[p, b].append(run(llms[p], b))
+    with tqdm(total=a.repeats * len(a.batches) * len(pairs), desc="runs") as bar:
+        for _ in range(a.repeats):
+            for b in a.batches:
+                for p in pairs:
+                    samples[p, b].append(run(llms[p], b))
+                    bar.update(1)
     rows = []
     for b in a.batches:
         base = statistics.median(s[1] for s in samples[pairs[0], b])

@@ -138,3 +138,24 @@ def test_quantized_prefill_attention(device, codec):
     assert_rel(ref, paged_prefill_attention_ref(q, kd, vd, bt, cu, seq, 0.2), what="ref vs dequantized")
     out = paged_prefill_attention(q, kq, vq, bt, cu, seq, 0.2, k_scale=ks, v_scale=vs, block_m=16, block_n=16)
     assert_rel(out, ref, what=codec)
+
+
+@pytest.mark.parametrize("codec", ["int8", "fp8"])
+def test_pair_store_is_two_reference_stores(codec):
+    """The CPU engine's one-pass K+V store (caches as views of one tensor) == store_kv_ref twice."""
+    from pdcluster.kernels.store_kv import store_kv_pair_ref
+    pieces = [21, 1, 1, 9, 1, 3]
+    n = sum(pieces)
+    grow = torch.linspace(0.5, 3.0, n)[:, None, None]
+    k, v = torch.randn(n, KVH, D) * grow, torch.randn(n, KVH, D) * grow
+    slots = torch.tensor([(3, 0, 5)[t // BS] * BS + t % BS for t in range(n)])
+    kc, vc, ks, vs = _empty(6, codec, "cpu")
+    pair_c, pair_s = torch.stack((kc, vc)), torch.stack((ks, vs))
+    t0 = 0
+    for p in pieces:
+        sl = slots[t0:t0 + p].clone()
+        store_kv_ref(k[t0:t0 + p], v[t0:t0 + p], kc, vc, sl, k_scale=ks, v_scale=vs)
+        store_kv_pair_ref(torch.stack((k[t0:t0 + p], v[t0:t0 + p])), pair_c, pair_s, sl)
+        t0 += p
+    assert torch.equal(pair_c[0].float(), kc.float()) and torch.equal(pair_c[1].float(), vc.float())
+    assert torch.equal(pair_s, torch.stack((ks, vs)))
