@@ -73,18 +73,18 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=a.new_tokens, temperature=0, ignore_eos=True)
 
-    def run(llm, b) -> tuple[float, float]:
+    def run(llm, b, sp=params) -> tuple[float, float]:
         """(mean decode step seconds, output tok/s) of b random prompts."""
         ps = torch.randint(100, V - 100, (b, a.prompt_len), generator=g).tolist()
         st = llm.engine.stats
         s0, n0 = st.decode_s, st.decode_steps
         t = time.perf_counter()
-        outs = llm.generate(ps, params)
+        outs = llm.generate(ps, sp)
         wall = time.perf_counter() - t
         return (st.decode_s - s0) / max(1, st.decode_steps - n0), sum(len(o.token_ids) for o in outs) / wall
 
     for llm in llms.values():            # warm-up
-        run(llm, 1)
+        run(llm, 1, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     samples = {(p, b): [] for p in pairs for b in a.batches}
     with tqdm(total=a.repeats * len(a.batches) * len(pairs), desc="runs") as bar:
         for _ in range(a.repeats):
@@ -92,6 +92,8 @@ def main(argv=None) -> int:
                 for p in pairs:
                     samples[p, b].append(run(llms[p], b))
                     bar.update(1)
+                    bar.write(f"  sample: batch {b} weights {p[0]} kv {p[1]}: step "
+                              f"{1e3 * samples[p, b][-1][0]:.1f} ms, {samples[p, b][-1][1]:.1f} tok/s")
     rows = []
     for b in a.batches:
         base = statistics.median(s[1] for s in samples[pairs[0], b])

@@ -55,7 +55,7 @@ def tuned(tmp_path_factory):
 
 def test_pools_tuned_apart_serve_within_the_top5_rule(tuned, llm, hf_ref):
     tok = llm.tokenizer
-    prompts = [tok.encode(PROMPTS[i], add_special_tokens=False) for i in (0, 1, 9, 15)]
+    prompts = [tok.encode(PROMPTS[i], add_special_tokens=False) for i in (1, 15)]   # code; ~50 tokens (4 blocks)
 
     async def go():
         async with grpc.aio.insecure_channel(tuned["addr"]) as ch:
