@@ -7,7 +7,8 @@ SmolLM2-135M's architecture with seeded random weights, its LM head scaled so th
 the SmolLM2 tokenizer (--tokenizer). Both engines load that folder.
 
 Checks (each prints a row; any failure makes the exit status 1):
-- float32, then each of: int8 KV cache, int8 / int4 weights (Triton w8a16 / w4a16), n-gram speculation:
+- float32 without speculation, then each of: int8 KV cache, int8 / int4 weights (Triton w8a16 / w4a16),
+  n-gram speculation (on, the rest off):
   greedy tokens of 8 prompts (a shared prefix, one past a 2048-token chunk) under the top-5 rule
   against transformers in float32 (our token in its top-5 at every step where they differ, and the
   first divergence ends the comparison of that sequence; speculation must equal the plain run);
@@ -151,8 +152,9 @@ def main(argv=None) -> int:
         make_model(path, a.tokenizer, a.seed, a.logit_scale)
         ps = prompts(a.seed + 1)
         ref = hf_reference(path, ps, a.new_tokens)
-        knobs = {"float32": {}, "kv-int8": dict(kv_cache_dtype="int8"), "w8a16": dict(quantization="int8"),
-                 "w4a16": dict(quantization="int4"), "spec-ngram": dict(speculative="ngram")}
+        off = dict(speculative="off")       # every mode but spec-ngram without drafts: one thing changes at a time
+        knobs = {"float32": off, "kv-int8": off | dict(kv_cache_dtype="int8"), "w8a16": off | dict(quantization="int8"),
+                 "w4a16": off | dict(quantization="int4"), "spec-ngram": dict(speculative="ngram")}
         plain = None
         for mode in a.modes:
             try:

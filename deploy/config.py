@@ -7,7 +7,8 @@ deploy/flags.py and deploy/pools.py build it; Cluster and the workers only read 
       server: ServerSection       public gRPC endpoint, metrics, auth, TLS, shutdown drain
       pools: PoolsSection         prefill/decode PoolConfig (size, zone, AutoscaleConfig), restarts, start bounds
       engine: EngineSection       every worker's engine: CacheConfig, SchedulerConfig, dtype, quantization,
-                                  threads, device (a pool may override quantization)
+                                  KV cache dtype, threads, device (a pool may override dtype, quantization,
+                                  KV cache dtype, block size, threads, max batch: PoolConfig)
       kv: KVSection               prefill -> decode KV: transport, layer-wise, compression, link, secret
       router: RouterConfig        admission, placement policy
       timeouts: Timeouts          bounds on every router -> worker call
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pdcluster.deploy.netns import ShapedLink
 from pdcluster.deploy.pool_config import PoolsSection
 from pdcluster.engine.config import DTYPE_BYTES, SPECULATIVE, CacheConfig, EngineConfig, SchedulerConfig
+from pdcluster.engine.kv_quant import KV_CACHE_DTYPES
 from pdcluster.engine.quant.policy import QUANTIZATIONS
 from pdcluster.kv_transfer import registry
 from pdcluster.kv_transfer.codec_policy import MODES, CompressionPolicy
@@ -69,6 +71,11 @@ class EngineSection:
             "speculative decoding: ngram drafts tokens by prompt lookup (the sequence's last tokens matched "
             "earlier in it) and verifies them in the decode step, exact for greedy and sampled requests, "
             "adaptive per request (engine/spec/); off decodes one token per step; pools.yaml may set it per pool")})
+    kv_cache_dtype: str = field(default=EngineConfig.kv_cache_dtype, metadata={
+        "choices": KV_CACHE_DTYPES, "help": (
+            "KV cache of every worker: auto (= --dtype) or int8 / fp8 codes with a scale per (block, KV head), "
+            "the --kv-compression format (an int8 transfer lands in an int8 cache as it is); ~4x the blocks of a "
+            "float32 cache in the same memory; pools.yaml may set it per pool")})
     max_model_len: int | None = field(default=None, metadata={
         "help": "context length cap, prompt + output tokens (default: the model's own)"})
     threads_per_worker: int = field(default=1, metadata={   # also the Ray CPUs reserved per actor
@@ -86,9 +93,9 @@ class EngineSection:
     def engine_kwargs(self, model: str | None) -> dict:
         """build_config's keywords (plain data: they cross to the worker actors)."""
         from dataclasses import asdict
-        return dict(model=model, dtype=self.dtype, quantization=self.quantization, device=self.device,
-                    speculative=self.speculative,
-                    max_model_len=self.max_model_len, **asdict(self.cache), **asdict(self.sched))
+        return dict(model=model, dtype=self.dtype, quantization=self.quantization, kv_cache_dtype=self.kv_cache_dtype,
+                    device=self.device, speculative=self.speculative, max_model_len=self.max_model_len,
+                    **asdict(self.cache), **asdict(self.sched))
 
 
 @dataclass(frozen=True)
@@ -134,21 +141,61 @@ class ClusterConfig:
     def __post_init__(self):
         registry.check(self.kv.transport)        # ValueError naming the transports
         CompressionPolicy(self.kv.compression)   # ValueError naming the modes
+        check_pools(self)
         if self.kv.link is not None and (self.kv.transport != "tcp" or self.address):
             raise ValueError(f"kv_link (a shaped link between namespaces of this host) needs kv_transport "
                              f"'tcp' and a cluster on this host, not {self.kv.transport!r} / address "
                              f"{self.address!r}")
 
     def engine_kwargs(self, role: str) -> dict:
-        """The engine keywords of `role`'s workers: the engine section's, with the pool's own
-        quantization, speculative decoding and KV cache tiers where pools.yaml sets them."""
+        """The engine keywords of `role`'s workers: the engine section's, with the pool's own tuning
+        (dtype, quantization, KV cache dtype, block size, max batch, speculative decoding) and KV
+        cache tiers where pools.yaml sets them."""
         pool = self.pools.pool(role)
-        own = {k: v for k, v in (("quantization", pool.quantization), ("speculative", pool.speculative))
-               if v is not None}
-        return self.engine.engine_kwargs(self.model) | own | pool.kv_tiers.overrides()
+        return self.engine.engine_kwargs(self.model) | pool.engine_overrides() | pool.kv_tiers.overrides()
+
+    def threads(self, role: str) -> int:
+        """Torch threads (= Ray CPUs) per `role` worker actor."""
+        t = self.pools.pool(role).threads
+        return self.engine.threads_per_worker if t is None else t
+
+    @property
+    def block_size(self) -> int:
+        """The KV block size of every worker (both pools agree: check_pools)."""
+        return self.engine_kwargs("decode")["block_size"]
+
+    def dtype_bytes(self, role: str) -> int:
+        return DTYPE_BYTES[self.engine_kwargs(role)["dtype"]]
 
     def workers(self, role: str) -> int:
         """Workers `role` starts with (no prefill pool without remote prefill)."""
         if role == "prefill" and not self.router.remote_prefill:
             return 0
         return self.pools.pool(role).initial_replicas
+
+
+def check_pools(c: ClusterConfig) -> None:
+    """ValueError unless each pool's engine tuning is valid and the two pools' block sizes agree."""
+    from pdcluster.engine.kv_quant import check_kv_cache_dtype
+    from pdcluster.engine.quant.policy import check_mode
+    for role in ("prefill", "decode"):
+        p = c.pools.pool(role)
+        if p.dtype is not None and p.dtype not in DTYPE_BYTES:
+            raise ValueError(f"{role} pool: dtype must be one of {tuple(DTYPE_BYTES)}, got {p.dtype!r}")
+        if p.kv_cache_dtype is not None:
+            check_kv_cache_dtype(p.kv_cache_dtype)
+        if p.quantization is not None:
+            check_mode(p.quantization)
+        for k in ("block_size", "threads", "max_num_seqs"):
+            v = getattr(p, k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{role} pool: {k} must be an integer >= 1, got {v!r}")
+    pre, dec = (c.engine_kwargs(r)["block_size"] for r in ("prefill", "decode"))
+    if pre != dec:
+        raise ValueError(block_size_mismatch(pre, dec))
+
+
+def block_size_mismatch(prefill: int, decode: int) -> str:
+    return (f"block_size: prefill {prefill} != decode {decode}: both pools must use one KV block size (KV "
+            f"blocks ship between them as they are, and prefix hashes are per block; re-blocking is not "
+            f"supported)")

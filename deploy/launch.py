@@ -30,14 +30,15 @@ def cluster_secret(path: str | None) -> str:
     return s
 
 
-def init_local_ray(threads_per_worker: int, n_prefill: int, n_decode: int) -> None:
+def init_local_ray(threads_per_worker: int | tuple[int, int], n_prefill: int, n_decode: int) -> None:
     """A fresh single-host Ray instance with room for n_prefill + n_decode workers: address="local"
     even where a `ray start` cluster runs on this host; every port on loopback, no dashboard UI."""
     import ray
 
     from pdcluster.deploy.ray_env import loopback_only, runtime_env
+    pre_t, dec_t = threads_per_worker if isinstance(threads_per_worker, tuple) else (threads_per_worker,) * 2
     with loopback_only() as loopback:
-        ray.init(address="local", num_cpus=threads_per_worker * (n_prefill + n_decode) + 1,
+        ray.init(address="local", num_cpus=pre_t * n_prefill + dec_t * n_decode + 1,
                  resources={"prefill_pool": n_prefill, "decode_pool": n_decode},
                  include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(), **loopback)
 
@@ -94,7 +95,7 @@ class Cluster(Scaling):
             else:
                 # pool units: room up to each pool's max replicas
                 n_pre, n_dec = (max(p.initial_replicas, p.hi) for p in (c.pools.prefill, c.pools.decode))
-                init_local_ray(c.engine.threads_per_worker, n_pre, n_dec)
+                init_local_ray((c.threads("prefill"), c.threads("decode")), n_pre, n_dec)
                 self._owns_ray = True
         mcfg = load_model_config(c.model)
         if c.engine.max_model_len:
@@ -125,11 +126,11 @@ class Cluster(Scaling):
                     f"workers did not start within {c.pools.start_timeout_s:.0f}s: does the Ray cluster have free "
                     f"{need}prefill_pool/decode_pool resources? (ray status shows them)") from None
         # the block size and the KV codec are the engine's and the KV section's: passed down, not repeated
-        block_size = c.engine.cache.block_size
+        block_size = c.block_size
         self.router = Router(replace(c.router, block_size=block_size), tok, mcfg.eos_token_ids,
                              mcfg.max_position_embeddings,
                              cost_config=replace(c.cost, kv_compression=c.kv.compression).with_model(
-                                 mcfg, c.engine.dtype_bytes, block_size))
+                                 mcfg, c.dtype_bytes("prefill"), block_size))
         for wid, h in pre.items():
             self.router.add_worker("prefill", PrefillClient(wid, h, self.timeouts), zone=c.pools.prefill.zone)
         for wid, h in dec.items():

@@ -52,10 +52,23 @@ class PoolConfig:
     max_replicas: int | None = None     # None: initial_replicas; a Ray started here offers this many pool units
     zone: str = ""                      # topology label: the cost model prices links inside a zone and
                                         #   across zones apart
-    quantization: str | None = None     # this pool's weight quantization (engine/quant/policy.py); None:
-                                        #   the engine section's (--quantization)
-    kv_tiers: PoolTiers = field(default_factory=PoolTiers)
-    speculative: str | None = None      # this pool's speculative decoding (ngram | off); None: --speculative
+    # Per-pool engine tuning (pools.yaml); None: the engine section's value (the flags'). The two pools'
+    # block sizes must agree (ClusterConfig checks): KV blocks ship as they are, never re-blocked.
+    quantization: str | None = None     # weight quantization (engine/quant/policy.py): none | int8 | int4
+    dtype: str | None = None            # weights/activations: float32 | bfloat16 | float16
+    kv_cache_dtype: str | None = None   # auto | int8 | fp8 (engine/kv_quant.py)
+    block_size: int | None = None       # tokens per KV block
+    threads: int | None = None          # torch threads (and Ray CPUs) per worker actor
+    max_num_seqs: int | None = None     # most requests one worker batches in a step
+    speculative: str | None = None      # speculative decoding: ngram | off
+    kv_tiers: PoolTiers = field(default_factory=PoolTiers)   # host/disk KV cache tiers
+
+    # PoolConfig field -> the engine keyword it overrides (engine.llm_engine.build_config)
+    ENGINE_KEYS = ("quantization", "dtype", "kv_cache_dtype", "block_size", "max_num_seqs", "speculative")
+
+    def engine_overrides(self) -> dict:
+        """The engine keywords this pool sets (None: not set)."""
+        return {k: getattr(self, k) for k in self.ENGINE_KEYS if getattr(self, k) is not None}
 
     @property
     def lo(self) -> int:

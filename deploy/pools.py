@@ -7,12 +7,16 @@
     router.policy                     router.policy
     autoscaler.enabled / interval_s   pools.autoscaler
     prefill, decode: *_replicas       pools.prefill / pools.decode
-      resources.threads / gpus        engine.threads_per_worker / use_gpu (one size for both pools;
-                                        resources.cpus must equal threads: Ray CPUs per actor)
+      resources.threads               pools.<pool>.threads (resources.cpus must equal it: Ray CPUs per actor)
+      resources.gpus                  engine.use_gpu (one value for both pools)
       autoscale.*                     pools.<pool>.autoscale
       quantization                    pools.<pool>.quantization (none | int8 | int4; null = the engine's)
       kv_tiers.*                      pools.<pool>.kv_tiers (host/disk KV cache tiers; null = the engine's)
       speculative                     pools.<pool>.speculative (ngram | off; null = the engine's)
+      dtype                           pools.<pool>.dtype (float32 | bfloat16 | float16; null = the engine's)
+      kv_cache_dtype                  pools.<pool>.kv_cache_dtype (auto | int8 | fp8; null = the engine's)
+      block_size                      pools.<pool>.block_size (both pools' must agree: no re-blocking)
+      max_num_seqs                    pools.<pool>.max_num_seqs (max batch; null = the engine's)
 
 A key the file leaves out keeps the value of the tree it is parsed onto (the flags' tree for
 `serve --config`). Every error names the file, the line (from yaml.compose's node marks) and the
@@ -27,9 +31,10 @@ from typing import Any, Callable
 
 import yaml
 
-from pdcluster.deploy.config import ClusterConfig
+from pdcluster.deploy.config import ClusterConfig, block_size_mismatch
 from pdcluster.deploy.pool_config import SLO_KEY, AutoscaleConfig, PoolConfig, PoolTiers
-from pdcluster.engine.config import SPECULATIVE, TIER_CODECS
+from pdcluster.engine.config import DTYPE_BYTES, SPECULATIVE, TIER_CODECS
+from pdcluster.engine.kv_quant import KV_CACHE_DTYPES
 from pdcluster.engine.quant.policy import QUANTIZATIONS
 from pdcluster.router.autoscaler import SIGNALS
 from pdcluster.router.placement import POLICY_NAMES
@@ -150,12 +155,19 @@ def _opt_one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
     return opt_one_of
 
 
+def _opt(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+    """`check`, or null (= the engine's value)."""
+    def optional(v):
+        return None if v is None else check(v)
+    return optional
+
+
 def _pick(v: Any, default: Any) -> Any:
     return default if v is _NO else v
 
 
 POOL_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "resources", "autoscale", "quantization",
-             "speculative", "kv_tiers")
+             "speculative", "kv_tiers", "dtype", "kv_cache_dtype", "block_size", "max_num_seqs")
 TIER_KEYS = ("host_cache_gb", "disk_cache_dir", "disk_cache_gb", "tier_codec")
 AUTOSCALE_KEYS = ("signal", "target", "ttft_slo_ms", "tpot_slo_ms", "scale_up_above", "scale_down_below",
                   "upscale_delay_s", "downscale_delay_s", "max_step", "cooldown_s")
@@ -178,7 +190,7 @@ def _pool(rd: _Reader, name: str, node: yaml.Node | None, parent: yaml.Node, bas
 
     key = f"{name}.resources"
     r = rd.mapping(m["resources"][1], key, RESOURCE_KEYS) if "resources" in m else {}
-    threads = rd.value(r, "threads", key, _int(1), base.engine.threads_per_worker)     # _NO: invalid
+    threads = rd.value(r, "threads", key, _int(1), base.threads(name))     # _NO: invalid
     res = {"threads": threads, "cpus": rd.value(r, "cpus", key, _int(1), threads),
            "gpus": rd.value(r, "gpus", key, _int(0, 1), int(base.engine.use_gpu))}
     res = {k: (v, r[k][1] if k in r else None) for k, v in res.items()}
@@ -213,10 +225,16 @@ def _pool(rd: _Reader, name: str, node: yaml.Node | None, parent: yaml.Node, bas
         max_step=_pick(rd.value(a, "max_step", key, _int(1)), b.max_step),
         cooldown_s=_pick(rd.value(a, "cooldown_s", key, _num(0)), b.cooldown_s))
     quant = _pick(rd.value(m, "quantization", name, _opt_one_of(QUANTIZATIONS)), bp.quantization)
-    spec = _pick(rd.value(m, "speculative", name, _opt_one_of(SPECULATIVE)), bp.speculative)
+    tuning = dict(
+        dtype=_pick(rd.value(m, "dtype", name, _opt_one_of(tuple(DTYPE_BYTES))), bp.dtype),
+        kv_cache_dtype=_pick(rd.value(m, "kv_cache_dtype", name, _opt_one_of(KV_CACHE_DTYPES)), bp.kv_cache_dtype),
+        block_size=_pick(rd.value(m, "block_size", name, _opt(_int(1, 1024))), bp.block_size),
+        max_num_seqs=_pick(rd.value(m, "max_num_seqs", name, _opt(_int(1))), bp.max_num_seqs),
+        threads=_pick(threads, bp.threads) if "threads" in r else bp.threads,
+        speculative=_pick(rd.value(m, "speculative", name, _opt_one_of(SPECULATIVE)), bp.speculative))
     return replace(bp, autoscale=auto, initial_replicas=init, min_replicas=lo, max_replicas=hi,
-                   quantization=quant, speculative=spec,
-                   kv_tiers=_tiers(rd, name, m, bp.kv_tiers, base, node or parent)), res
+                   quantization=quant, kv_tiers=_tiers(rd, name, m, bp.kv_tiers, base, node or parent),
+                   **tuning), res
 
 
 def _tiers(rd: _Reader, name: str, m: dict, base: PoolTiers, tree: ClusterConfig, where: yaml.Node) -> PoolTiers:
@@ -236,10 +254,10 @@ def _tiers(rd: _Reader, name: str, m: dict, base: PoolTiers, tree: ClusterConfig
 
 
 def _one_size(rd: _Reader, res: dict[str, dict]) -> None:
-    """The tree sizes both pools alike (engine.threads_per_worker, use_gpu) and reserves `threads`
-    Ray CPUs per actor: per-pool sizes it cannot express are errors, not silently dropped. A value
-    that differs from the base's comes from the file, so each issue has a node."""
-    for k in ("threads", "gpus"):
+    """The tree gives both pools one use_gpu and reserves `threads` Ray CPUs per actor: per-pool
+    values it cannot express are errors, not silently dropped. A value that differs from the
+    base's comes from the file, so each issue has a node."""
+    for k in ("gpus",):
         (p, pn), (d, dn) = res["prefill"][k], res["decode"][k]
         if p != d and _NO not in (p, d):        # an invalid value has its own issue
             rd.fail(dn or pn, f"{'decode' if dn else 'prefill'}.resources.{k}",
@@ -249,6 +267,20 @@ def _one_size(rd: _Reader, res: dict[str, dict]) -> None:
         if c != t and _NO not in (c, t):
             rd.fail(cn or tn, f"{name}.resources.cpus",
                     f"{name}: resources.cpus ({c}) != resources.threads ({t}) (Ray CPUs per actor = threads)")
+
+
+def _one_block_size(rd: _Reader, top: dict, pools: dict[str, PoolConfig], base: ClusterConfig) -> None:
+    """Both pools' effective KV block sizes agree (blocks ship as they are: no re-blocking)."""
+    size = {n: base.engine.cache.block_size if p.block_size is None else p.block_size for n, p in pools.items()}
+    if size["prefill"] == size["decode"]:
+        return
+    for n in ("decode", "prefill"):     # the node of a pool that sets it
+        m = top[n][1] if n in top else None
+        if isinstance(m, yaml.MappingNode):
+            for kn, vn in m.value:
+                if getattr(kn, "value", None) == "block_size":
+                    rd.fail(vn, f"{n}.block_size", block_size_mismatch(size["prefill"], size["decode"]))
+                    return
 
 
 def parse_pools_config(text: str, source: str = "<string>", base: ClusterConfig | None = None) -> ClusterConfig:
@@ -279,12 +311,12 @@ def parse_pools_config(text: str, source: str = "<string>", base: ClusterConfig 
     for n in ("prefill", "decode"):
         pools[n], res[n] = _pool(rd, n, top[n][1] if n in top else None, root, base)
     _one_size(rd, res)
+    _one_block_size(rd, top, pools, base)
     if rd.issues:
         raise PoolsConfigError(source, rd.issues)
     return replace(base, model=model, server=server, router=replace(base.router, policy=policy),
                    pools=replace(base.pools, autoscaler=loop, **pools),
-                   engine=replace(base.engine, threads_per_worker=res["prefill"]["threads"][0],
-                                  use_gpu=res["prefill"]["gpus"][0] > 0))
+                   engine=replace(base.engine, use_gpu=res["prefill"]["gpus"][0] > 0))
 
 
 def load_pools_config(path: str | Path, base: ClusterConfig | None = None) -> ClusterConfig:

@@ -31,7 +31,7 @@ class Scaling:
         from pdcluster.prefill_worker import actor as prefill_actor
         spawn = prefill_actor.spawn if role == "prefill" else decode_actor.spawn
         e = self.cfg.engine
-        return spawn(wid, self.engine_kwargs[role], e.threads_per_worker, e.use_gpu, **self.worker_kwargs[role])
+        return spawn(wid, self.engine_kwargs[role], self.cfg.threads(role), e.use_gpu, **self.worker_kwargs[role])
 
     async def add_replica(self, role: str) -> str:
         """One more `role` worker, registered once loaded; returns its id. A replica that does not load

@@ -1,6 +1,8 @@
 """Paged attention on the torch path (CPU; the reference semantics of kernels/ on CUDA).
 
-Cache layout per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim].
+Cache layout per layer: k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim], float
+tensors or QuantKV (engine/kv_quant.py: int8 / fp8 codes + a scale per (block, kv head), written
+quantized by kernels/store_kv.py's reference and dequantized here as blocks are gathered).
 Token t of a sequence lives at slot block_table[t // block_size] * block_size + t % block_size.
 
 A step's tokens are laid out as [prefill chunks ..., decode tokens ...]:
@@ -14,6 +16,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from pdcluster.engine.kv_quant import QuantKV, gather_blocks
+from pdcluster.kernels.store_kv import store_kv_pair_ref, store_kv_ref
 
 
 @dataclass
@@ -38,17 +43,23 @@ class AttnMeta:
     prefill_seq_lens_k: torch.Tensor | None = None     # int32 [num_prefills]
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """k, v: [T, kv_heads, head_dim] into their slots."""
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slot_mapping: torch.Tensor) -> None:
+    """k, v: [T, kv_heads, head_dim] into their slots (quantized into a QuantKV cache)."""
+    if isinstance(k_cache, QuantKV) and k_cache.pair is not None and k_cache.pair is v_cache.pair:
+        store_kv_pair_ref(torch.stack((k, v)), *k_cache.pair, slot_mapping)     # K and V in one pass
+        return
+    if isinstance(k_cache, QuantKV):
+        # (the small-batch linears hand back head_dim-strided rows: the kernels' check wants unit stride)
+        store_kv_ref(k.contiguous(), v.contiguous(), k_cache.data, v_cache.data, slot_mapping, k_scale=k_cache.scale, v_scale=v_cache.scale)
+        return
     nb, bs, h, d = k_cache.shape
     k_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, k)
     v_cache.view(nb * bs, h, d).index_copy_(0, slot_mapping, v)
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
-    """[n, kv_heads, head_dim] of positions 0..n-1 of the sequence."""
-    return cache.index_select(0, block_table).flatten(0, 1)[:n]
+def _gather(cache, block_table: torch.Tensor, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """[n, kv_heads, head_dim] of positions 0..n-1 of the sequence, float `dtype`."""
+    return gather_blocks(cache, block_table, dtype).flatten(0, 1)[:n]
 
 
 def prefill_attention(q, k, v, k_cache, v_cache, seq: PrefillSeq, scale: float) -> torch.Tensor:
@@ -58,8 +69,8 @@ def prefill_attention(q, k, v, k_cache, v_cache, seq: PrefillSeq, scale: float) 
     H, KVH = q.shape[1], k.shape[1]
     mask, causal = None, True
     if seq.ctx_len > seq.q_len:  # a cached prefix: attend over the paged cache
-        k = _gather(k_cache, seq.block_table, seq.ctx_len)
-        v = _gather(v_cache, seq.block_table, seq.ctx_len)
+        k = _gather(k_cache, seq.block_table, seq.ctx_len, q.dtype)
+        v = _gather(v_cache, seq.block_table, seq.ctx_len, q.dtype)
         qpos = torch.arange(seq.ctx_len - seq.q_len, seq.ctx_len).unsqueeze(1)
         mask, causal = torch.arange(seq.ctx_len).unsqueeze(0) <= qpos, False  # [q_len, ctx_len]
     if H != KVH:
@@ -77,7 +88,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, mask, scale: float) -> t
     KVH = k_cache.shape[2]
     nb, bs = block_tables.shape[1], k_cache.shape[1]
     flat = block_tables.reshape(-1)
-    k = k_cache.index_select(0, flat).view(B, nb * bs, KVH, D).transpose(1, 2)   # [B, KVH, L, D]
-    v = v_cache.index_select(0, flat).view(B, nb * bs, KVH, D).transpose(1, 2)
+    k = gather_blocks(k_cache, flat, q.dtype).view(B, nb * bs, KVH, D).transpose(1, 2)   # [B, KVH, L, D]
+    v = gather_blocks(v_cache, flat, q.dtype).view(B, nb * bs, KVH, D).transpose(1, 2)
     o = F.scaled_dot_product_attention(q.view(B, KVH, H // KVH, D), k, v, attn_mask=mask, scale=scale)
     return o.reshape(B, H, D)

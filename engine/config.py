@@ -4,7 +4,7 @@
       model: ModelConfig        architecture facts of the checkpoint (from config.json / GGUF metadata)
       cache: CacheConfig        paged KV pool geometry and budget
       sched: SchedulerConfig    batching limits
-      device, dtype, weight quantization, attention backend, threads
+      device, dtype, weight quantization, KV cache dtype, attention backend, threads
 
 A field's `metadata["help"]` makes it a `pdcluster serve` flag (deploy/flags.py); "scale" is the
 flag's unit in the field's units (MiB -> bytes).
@@ -56,6 +56,14 @@ class ModelConfig:
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """K and V for every layer of one token."""
         return 2 * self.num_layers * self.kv_size * dtype_bytes
+
+    def kv_bytes_per_block(self, kv_cache_dtype: str, dtype_bytes: int, block_size: int) -> int:
+        """K and V for every layer of one block in a cache of kv_cache_dtype (engine/kv_quant.py:
+        auto = dtype_bytes per element; int8 / fp8 = 1 byte per element + a float32 scale per
+        (block, kv head))."""
+        from pdcluster.engine.kv_quant import block_bytes
+        return 2 * self.num_layers * block_bytes(kv_cache_dtype, dtype_bytes, block_size, self.num_kv_heads,
+                                                 self.head_dim)
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,9 @@ class EngineConfig:
                                          #   batch's row count, so a batched server's greedy tokens can
                                          #   differ near ties from the same prompt run alone
                                          #   (tests/faults/test_worker_faults.py saw 13/16 exact)
+    kv_cache_dtype: str = "auto"         # auto (= dtype) | int8 | fp8: a quantized KV cache with a
+                                         #   scale per (block, kv head) (engine/kv_quant.py), ~4x (vs
+                                         #   float32) / 2x (vs 16-bit) the blocks in the same memory
     attention_backend: str = "auto"      # auto (triton on cuda, torch on cpu) | torch | triton
     speculative: str = "ngram"           # decode-time drafts (engine/spec/): ngram (prompt lookup) | off
     spec_ngram_k: int = 4                # most draft tokens per request per step (adaptive below it)
@@ -130,6 +141,8 @@ class EngineConfig:
         if self.spec_ngram_k < 1 or self.spec_ngram_n < 2 or self.spec_max_step_tokens < 1:
             raise ValueError(f"spec_ngram_k and spec_max_step_tokens must be >= 1 and spec_ngram_n >= 2, got "
                              f"{self.spec_ngram_k}, {self.spec_max_step_tokens}, {self.spec_ngram_n}")
+        from pdcluster.engine.kv_quant import check_kv_cache_dtype
+        check_kv_cache_dtype(self.kv_cache_dtype)
 
     @property
     def max_model_len(self) -> int:

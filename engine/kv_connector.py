@@ -18,7 +18,8 @@ Scheduler side (pure Python, asked while the scheduler admits and finishes reque
   evicted(block_ids, hashes)  cached blocks the pool is handing out again, before this step's
       forward pass overwrites them: a lower cache tier copies their KV out here (kv_transfer/tiers/);
       it runs on the step's path, so it copies and returns (the writing happens elsewhere).
-Worker side:
+Worker side (the per-layer caches are float tensors [num_blocks, block_size, kv_heads, head_dim], or
+engine/kv_quant.QuantKV, codes + scales, when the engine's kv_cache_dtype is int8 / fp8):
   register_caches(k_caches, v_caches)  once, when the engine takes the connector;
   save_layer(layer, k_caches, v_caches, completing)  after each layer of a step: `completing` names
       the prompts whose last chunk is in this step, with their block ids; layer `layer` of their KV

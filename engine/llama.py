@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from pdcluster.engine.attention import AttnMeta, decode_attention, prefill_attention, store_kv
 from pdcluster.engine.config import ModelConfig
+from pdcluster.engine.kv_quant import cache_args
 from pdcluster.engine.quant.layers import embed_rows, fuse, quant_linear
 from pdcluster.engine.quant.packed import Int8Weight, Packed, nbytes
 from pdcluster.engine.rotary import apply_rotary, cos_sin_cache
@@ -171,15 +172,16 @@ class LlamaModel:
         q, k, v = L.qkv(x).split([H * D, KVH * D, KVH * D], dim=-1)
         q, k, v = q.contiguous().view(T, H, D), k.contiguous().view(T, KVH, D), v.contiguous().view(T, KVH, D)
         ops.rotary_embedding(positions, q, k, self.cos_sin, D)
-        ops.store_kv(k, v, kc, vc, meta.slot_mapping)
+        kc, vc, scales = cache_args(kc, vc)          # a quantized cache: codes + k_scale/v_scale
+        ops.store_kv(k, v, kc, vc, meta.slot_mapping, **scales)
         P = meta.num_prefill_tokens
         parts = []
         if P:
             parts.append(ops.prefill_attention(q[:P], kc, vc, meta.prefill_block_tables, meta.prefill_cu_seqlens_q,
-                                               meta.prefill_seq_lens_k, self.scale))
+                                               meta.prefill_seq_lens_k, self.scale, **scales))
         if P < T:
             parts.append(ops.decode_attention(q[P:], kc, vc, meta.decode_block_tables, meta.decode_seq_lens,
-                                              self.scale))
+                                              self.scale, **scales))
         attn = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
         return L.o(attn.reshape(T, H * D))
 

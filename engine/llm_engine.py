@@ -271,9 +271,8 @@ class LLMEngine:
         return self.runner.k_caches, self.runner.v_caches
 
     def kv_block_bytes(self) -> int:
-        """Bytes of one block's K and V over all layers."""
-        k = self.runner.k_caches
-        return 2 * k[0][0].numel() * k[0].element_size() * len(k)
+        """Bytes of one block's K and V over all layers (scales included for a quantized cache)."""
+        return self.runner.kv_cache_bytes() // self.kv.num_blocks
 
     def block_events(self) -> BlockEventLog:
         """The log of this engine's prefix-cache events (created and attached on first call)."""

@@ -2,6 +2,8 @@
 
 KV cache memory (per layer, K and V each):   [num_blocks, block_size, num_kv_heads, head_dim]
     block 0 | block 1 | ... | block N-1       <- block ids handed out by the BlockPool
+(kv_cache_dtype int8 / fp8: a QuantKV per layer, codes of that shape + float32 scales
+[num_blocks, num_kv_heads]; engine/kv_quant.py)
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 
 from pdcluster.engine.attention import AttnMeta, PrefillSeq
 from pdcluster.engine.config import EngineConfig
+from pdcluster.engine.kv_quant import QuantKV, new_quant_kv_pair
 from pdcluster.engine.llama import LlamaModel
 from pdcluster.engine.request import Request
 from pdcluster.engine.sampler import History, make_generator, sample_rows
@@ -40,7 +43,7 @@ def num_kv_blocks(cfg: EngineConfig) -> int:
     c = cfg.cache
     if c.num_blocks is not None:
         return c.num_blocks
-    per_block = c.block_size * cfg.model.kv_bytes_per_token(DTYPES[cfg.dtype].itemsize)
+    per_block = cfg.model.kv_bytes_per_block(cfg.kv_cache_dtype, DTYPES[cfg.dtype].itemsize, c.block_size)
     budget = c.kv_cache_memory
     if budget is None:
         if cfg.device.startswith("cuda"):
@@ -75,14 +78,20 @@ class ModelRunner:
         m, dt = cfg.model, DTYPES[cfg.dtype]
         shape = (num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
         # zeros, not empty: masked positions must hold finite values (0 * NaN would poison SDPA)
-        self.k_caches = [_zeros(shape, dt, self.device) for _ in range(m.num_layers)]
-        self.v_caches = [_zeros(shape, dt, self.device) for _ in range(m.num_layers)]
+        zeros = lambda s, d: _zeros(s, d, self.device)   # noqa: E731
+        if cfg.kv_cache_dtype == "auto":
+            self.k_caches = [zeros(shape, dt) for _ in range(m.num_layers)]
+            self.v_caches = [zeros(shape, dt) for _ in range(m.num_layers)]
+        else:
+            pairs = [new_quant_kv_pair(cfg.kv_cache_dtype, shape, dt, zeros) for _ in range(m.num_layers)]
+            self.k_caches, self.v_caches = [p[0] for p in pairs], [p[1] for p in pairs]
         self.generators: dict[str, torch.Generator | None] = {}
         self.grammars = None            # engine/structured.Grammars, set by the engine on first use
         self.matchers: dict[str, object] = {}   # request id -> its grammar matcher
 
     def kv_cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k_caches + self.v_caches)
+        return sum(t.nbytes if isinstance(t, QuantKV) else t.numel() * t.element_size()
+                   for t in self.k_caches + self.v_caches)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttnMeta, list[int]]:
         """Flatten the batch (prefill chunks first, then decodes). Returns input ids, positions,

@@ -65,9 +65,12 @@ def check(cond: bool, name: str, msg: str) -> None:
         raise ValueError(f"{name}: {msg}")
 
 
-def check_paged_kv(n: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+def check_paged_kv(n: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> bool:
     """q [tokens, num_heads, head_dim] against paged caches [num_blocks, block_size, num_kv_heads,
-    head_dim]: shapes, GQA grouping, one float dtype, unit-stride head_dim."""
+    head_dim]: shapes, GQA grouping, one float dtype, unit-stride head_dim. With k_scale/v_scale
+    (float32 [num_blocks, num_kv_heads], contiguous) the caches hold int8 / float8_e4m3fn codes
+    (kernels/store_kv.py). Returns whether they do."""
     check(k_cache.dim() == 4 and k_cache.shape == v_cache.shape, n,
           f"k_cache/v_cache must be equal [num_blocks, block_size, num_kv_heads, head_dim], "
           f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
@@ -75,10 +78,21 @@ def check_paged_kv(n: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     num_kv_heads = k_cache.shape[2]
     check(k_cache.shape[3] == head_dim, n, f"head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
     check(num_heads % num_kv_heads == 0, n, f"num_heads {num_heads} % num_kv_heads {num_kv_heads} != 0")
-    check(q.dtype in FLOAT_DTYPES and q.dtype == k_cache.dtype == v_cache.dtype, n,
-          f"q/k_cache/v_cache must share one float dtype, got {q.dtype}/{k_cache.dtype}/{v_cache.dtype}")
     check(q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, n,
           "head_dim must be the unit-stride dimension of q, k_cache and v_cache")
+    if k_scale is None and v_scale is None:
+        check(q.dtype in FLOAT_DTYPES and q.dtype == k_cache.dtype == v_cache.dtype, n,
+              f"q/k_cache/v_cache must share one float dtype, got {q.dtype}/{k_cache.dtype}/{v_cache.dtype}")
+        return False
+    check(q.dtype in FLOAT_DTYPES and k_cache.dtype == v_cache.dtype
+          and k_cache.dtype in (torch.int8, torch.float8_e4m3fn), n,
+          f"a quantized cache is int8 / float8_e4m3fn beside a float q, got q {q.dtype}, caches "
+          f"{k_cache.dtype}/{v_cache.dtype}")
+    want = (k_cache.shape[0], num_kv_heads)
+    for s in (k_scale, v_scale):
+        check(s is not None and s.dtype == torch.float32 and tuple(s.shape) == want and s.is_contiguous(), n,
+              f"k_scale/v_scale must be contiguous float32 [num_blocks, num_kv_heads] = {list(want)}")
+    return True
 
 
 # Tests set POISON = True: every buffer a launcher allocates starts as NaN (floats) or -128 (ints),

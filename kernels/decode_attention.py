@@ -12,6 +12,9 @@ Shapes (one layer):
     block_tables int32 (or int64) [num_seqs, max_blocks_per_seq]; position t of sequence s lives in
                  block block_tables[s, t // block_size], row t % block_size
     seq_lens     int32 (or int64) [num_seqs]; 0 = empty slot, its output row is zeros
+    k_scale      optional float32 [num_blocks, num_kv_heads] (v_scale alike): the caches are int8 /
+                 float8_e4m3fn codes, x = q * scale[block, kv_head] (kernels/store_kv.py), dequantized
+                 on the fly
     out          [num_seqs, num_heads, head_dim], q.dtype
 Entries of block_tables past a sequence's last block are never read.
 """
@@ -30,6 +33,7 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, out_ptr, po_ptr, plse_ptr,
+    ks_ptr, vs_ptr,                            # scales [num_blocks, num_kv_heads] (QUANT only)
     qk_scale,                                  # softmax scale * log2(e): scores live in log2 units
     num_heads, num_splits,
     s_qs, s_qh,                                # q strides (seq, head); head_dim is unit-stride
@@ -43,6 +47,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,                     # KV positions per loop step
     SINGLE_SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
+    QUANT: tl.constexpr = False, NUM_KV_HEADS: tl.constexpr = 1,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -72,9 +77,15 @@ def _decode_split_kernel(
         blk = tl.load(bt_ptr + seq * s_bt + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         row = pos % BLOCK_SIZE
         kv_mask = n_mask[:, None] & d_mask[None, :]
+        ks = None
+        vs = None
+        if QUANT:
+            ks = tl.load(ks_ptr + blk * NUM_KV_HEADS + kvh, mask=n_mask, other=0.0)
+            vs = tl.load(vs_ptr + blk * NUM_KV_HEADS + kvh, mask=n_mask, other=0.0)
         m_i, l_i, acc = attend_tile(q, k_ptr + (blk * s_kb + row * s_kr + kvh * s_kh)[:, None] + d[None, :],
                                     v_ptr + (blk * s_vb + row * s_vr + kvh * s_vh)[:, None] + d[None, :],
-                                    kv_mask, n_mask[None, :], m_i, l_i, acc, qk_scale, PRECISION)
+                                    kv_mask, n_mask[None, :], m_i, l_i, acc, qk_scale, PRECISION,
+                                    ks, vs, QUANT)
 
     has = l_i > 0                                               # false for an empty range
     o = acc / tl.where(has, l_i, 1.0)[:, None]                 # zeros where empty
@@ -115,10 +126,11 @@ def _decode_reduce_kernel(
              mask=d < HEAD_DIM)
 
 
-def _check(q, k_cache, v_cache, block_tables, seq_lens) -> None:
+def _check(q, k_cache, v_cache, block_tables, seq_lens, k_scale=None, v_scale=None) -> bool:
+    """Checks the arguments; whether the caches are quantized."""
     n = "paged_decode_attention"
     check(q.dim() == 3, n, f"q must be [num_seqs, num_heads, head_dim], got {tuple(q.shape)}")
-    check_paged_kv(n, q, k_cache, v_cache)
+    quant = check_paged_kv(n, q, k_cache, v_cache, k_scale, v_scale)
     num_seqs = q.shape[0]
     check(block_tables.dtype in INDEX_DTYPES and block_tables.dim() == 2
           and block_tables.shape[0] == num_seqs and block_tables.stride(1) == 1, n,
@@ -126,6 +138,7 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens) -> None:
           f"got {block_tables.dtype} {tuple(block_tables.shape)}")
     check(seq_lens.dtype in INDEX_DTYPES and seq_lens.shape == (num_seqs,) and seq_lens.stride(0) == 1, n,
           f"seq_lens must be contiguous int32/int64 [{num_seqs}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    return quant
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,11 +158,12 @@ def default_num_splits(num_seqs: int, num_kv_heads: int, max_context: int, devic
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: float,
-                           num_splits: int | None = None, *, block_n: int | None = None,
-                           num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                           num_splits: int | None = None, *, k_scale=None, v_scale=None,
+                           block_n: int | None = None, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """Triton launcher; see the module docstring for shapes. block_n: KV tile (a power of 2 >= 16)."""
-    _check(q, k_cache, v_cache, block_tables, seq_lens)
-    check_launch("paged_decode_attention", q, k_cache, v_cache, block_tables, seq_lens)
+    quant = _check(q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale)
+    check_launch("paged_decode_attention", q, k_cache, v_cache, block_tables, seq_lens,
+                 *([k_scale, v_scale] if quant else []))
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -173,6 +187,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
     block_d = max(16, next_pow2(head_dim))
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, po, plse,
+        k_scale if quant else q, v_scale if quant else q,
         float(scale) * LOG2E, num_heads, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -182,6 +197,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
         BLOCK_SIZE=block_size, GROUP=group, BLOCK_G=max(16, next_pow2(group)),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
         SINGLE_SPLIT=single, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        QUANT=quant, NUM_KV_HEADS=num_kv_heads,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
@@ -193,12 +209,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale: f
 
 
 def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale: float,
-                               num_splits: int | None = None) -> torch.Tensor:
-    """Torch reference (and the CPU path): gather each sequence's blocks, masked softmax in fp32.
+                               num_splits: int | None = None, *, k_scale=None, v_scale=None) -> torch.Tensor:
+    """Torch reference (and the CPU path): gather each sequence's blocks (dequantized to float32
+    when quantized), masked softmax in fp32.
 
     num_splits is accepted for signature parity and ignored (the math is split-free).
     """
-    _check(q, k_cache, v_cache, block_tables, seq_lens)
+    quant = _check(q, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale)
     num_seqs, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -215,8 +232,13 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scal
     bt = torch.where(cols[None, :] * block_size < lens[:, None], block_tables[:, :nb].long(), 0)
     n_pos = nb * block_size
     flat = bt.reshape(-1)
-    k = k_cache.index_select(0, flat).view(num_seqs, n_pos, num_kv_heads, head_dim).float()
-    v = v_cache.index_select(0, flat).view(num_seqs, n_pos, num_kv_heads, head_dim).float()
+    k = k_cache.index_select(0, flat).float()                   # [S * nb, block_size, kvh, D]
+    v = v_cache.index_select(0, flat).float()
+    if quant:
+        k = k * k_scale.index_select(0, flat)[:, None, :, None]
+        v = v * v_scale.index_select(0, flat)[:, None, :, None]
+    k = k.view(num_seqs, n_pos, num_kv_heads, head_dim)
+    v = v.view(num_seqs, n_pos, num_kv_heads, head_dim)
     pad = torch.arange(n_pos, device=q.device)[None, :] >= lens[:, None]          # [S, n_pos]
     if bool(pad.any()):                     # rows past seq_len may hold garbage, even NaN: 0 * NaN
         v[pad] = 0.0

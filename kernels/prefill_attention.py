@@ -12,6 +12,8 @@ Shapes (one layer):
     cu_seqlens_q int32 [num_seqs + 1], cu_seqlens_q[0] == 0
     seq_lens_k   int32 [num_seqs]
     (each of the three int32 or int64)
+    k_scale      optional float32 [num_blocks, num_kv_heads] (v_scale alike): quantized caches
+                 (int8 / float8_e4m3fn codes, kernels/store_kv.py), dequantized on the fly
     out          [total_new_tokens, num_heads, head_dim], q.dtype
 One program per (query tile of BLOCK_M new tokens, sequence, query head); it walks KV tiles of
 BLOCK_N positions up to the tile's last query position (causal tiles past it are skipped).
@@ -29,6 +31,7 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, cu_q_ptr, lens_k_ptr, out_ptr,
+    ks_ptr, vs_ptr,                            # scales [num_blocks, num_kv_heads] (QUANT only)
     qk_scale,                                  # softmax scale * log2(e)
     s_qt, s_qh,                                # q strides (token, head)
     s_kb, s_kr, s_kh,                          # k_cache strides (block, row, head)
@@ -39,6 +42,7 @@ def _prefill_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    QUANT: tl.constexpr = False, NUM_KV_HEADS: tl.constexpr = 1,
 ):
     tile = tl.program_id(0)
     seq = tl.program_id(1)
@@ -71,19 +75,26 @@ def _prefill_kernel(
             row = pos % BLOCK_SIZE
             kv_mask = n_mask[:, None] & d_mask[None, :]
             causal = n_mask[None, :] & (pos[None, :] <= q_pos[:, None])     # [BLOCK_M, BLOCK_N]
+            ks = None
+            vs = None
+            if QUANT:
+                ks = tl.load(ks_ptr + blk * NUM_KV_HEADS + kvh, mask=n_mask, other=0.0)
+                vs = tl.load(vs_ptr + blk * NUM_KV_HEADS + kvh, mask=n_mask, other=0.0)
             m_i, l_i, acc = attend_tile(q, k_ptr + (blk * s_kb + row * s_kr + kvh * s_kh)[:, None] + d[None, :],
                                         v_ptr + (blk * s_vb + row * s_vr + kvh * s_vh)[:, None] + d[None, :],
-                                        kv_mask, causal, m_i, l_i, acc, qk_scale, PRECISION)
+                                        kv_mask, causal, m_i, l_i, acc, qk_scale, PRECISION,
+                                        ks, vs, QUANT)
 
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + (q_start + m)[:, None] * s_ot + head * s_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k) -> None:
+def _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, k_scale=None, v_scale=None) -> bool:
+    """Checks the arguments; whether the caches are quantized."""
     n = "paged_prefill_attention"
     check(q.dim() == 3, n, f"q must be [total_new_tokens, num_heads, head_dim], got {tuple(q.shape)}")
-    check_paged_kv(n, q, k_cache, v_cache)
+    quant = check_paged_kv(n, q, k_cache, v_cache, k_scale, v_scale)
     num_seqs = seq_lens_k.shape[0] if seq_lens_k.dim() == 1 else -1
     check(seq_lens_k.dtype in INDEX_DTYPES and seq_lens_k.dim() == 1 and seq_lens_k.stride(0) == 1, n,
           f"seq_lens_k must be contiguous int32/int64 [num_seqs], got {seq_lens_k.dtype} {tuple(seq_lens_k.shape)}")
@@ -95,16 +106,19 @@ def _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k) -> None:
           and block_tables.shape[0] == num_seqs and block_tables.stride(1) == 1, n,
           f"block_tables must be int32/int64 [num_seqs={num_seqs}, max_blocks] with unit column stride, "
           f"got {block_tables.dtype} {tuple(block_tables.shape)}")
+    return quant
 
 
 def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, scale: float,
-                            *, max_seqlen_q: int | None = None, block_m: int | None = None,
+                            *, k_scale=None, v_scale=None,
+                            max_seqlen_q: int | None = None, block_m: int | None = None,
                             block_n: int | None = None, num_warps: int = 4,
                             num_stages: int = 2) -> torch.Tensor:
     """Triton launcher; see the module docstring. Pass max_seqlen_q (longest chunk) to avoid a
     device->host sync; block_m/block_n are tile sizes (powers of 2 >= 16)."""
-    _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k)
-    check_launch("paged_prefill_attention", q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k)
+    quant = _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, k_scale, v_scale)
+    check_launch("paged_prefill_attention", q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k,
+                 *([k_scale, v_scale] if quant else []))
     total, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_seqs = seq_lens_k.shape[0]
@@ -122,6 +136,7 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq
     grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, out,
+        k_scale if quant else q, v_scale if quant else q,
         float(scale) * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -132,16 +147,18 @@ def paged_prefill_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq
         HEAD_DIM=head_dim, BLOCK_D=max(16, next_pow2(head_dim)),
         BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        QUANT=quant, NUM_KV_HEADS=num_kv_heads,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
 
 def paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k,
-                                scale: float, **_unused) -> torch.Tensor:
-    """Torch reference (and the CPU path): per sequence, gather its blocks and run SDPA in fp32 with
-    an offset causal mask.  Extra keyword arguments of the launcher are accepted and ignored."""
-    _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k)
+                                scale: float, *, k_scale=None, v_scale=None, **_unused) -> torch.Tensor:
+    """Torch reference (and the CPU path): per sequence, gather its blocks (dequantized when
+    quantized) and run SDPA in fp32 with an offset causal mask.  Extra keyword arguments of the
+    launcher are accepted and ignored."""
+    quant = _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens_k, k_scale, v_scale)
     total, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
@@ -156,8 +173,11 @@ def paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q,
         if seq_len < n_new:
             raise ValueError(f"paged_prefill_attention: seq_lens_k[{i}]={seq_len} < new tokens {n_new}")
         blocks = block_tables[i, : -(-seq_len // block_size)].long()
-        k = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]     # [L, kvh, D]
-        v = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len]
+        k, v = k_cache[blocks].float(), v_cache[blocks].float()              # [nb, bs, kvh, D]
+        if quant:
+            k, v = k * k_scale[blocks][:, None, :, None], v * v_scale[blocks][:, None, :, None]
+        k = k.reshape(-1, num_kv_heads, head_dim)[:seq_len]                  # [L, kvh, D]
+        v = v.reshape(-1, num_kv_heads, head_dim)[:seq_len]
         k = k.float().transpose(0, 1).repeat_interleave(group, dim=0)          # [H, L, D]
         v = v.float().transpose(0, 1).repeat_interleave(group, dim=0)
         qi = q[a:b].float().transpose(0, 1)                                    # [H, n_new, D]

@@ -17,6 +17,7 @@ as float32 little-endian bytes [2, n, num_kv_heads], covered by the frame's crc3
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +26,31 @@ from pdcluster.kernels.pack_kv import QMAX, QUANT
 CODECS = ("none", "int8", "fp8")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # caches a codec may decode into
 SCALE_BYTES = 4  # float32
+
+
+@dataclass(frozen=True, eq=False)
+class Encoded:
+    """K (or V) blocks as a quantized frame carries them, not decoded: what lands as it is in a
+    cache of the same codec (engine/kv_quant.py's QuantKV holds this very format)."""
+    codec: str                      # "int8" | "fp8"
+    q: torch.Tensor                 # codes [n, block_size, num_kv_heads, head_dim]
+    scales: torch.Tensor            # float32 [n, num_kv_heads]
+    dtype: torch.dtype              # the float dtype the frame decodes into
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def decode(self) -> torch.Tensor:
+        return decode(self.q, self.scales, self.dtype)
+
+
+def to_codec(x: "torch.Tensor | Encoded", codec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales) of blocks x in `codec`: an Encoded of that codec as it is (no dequantize),
+    anything else (float blocks, another codec) decoded and re-encoded at this boundary."""
+    if isinstance(x, Encoded) and x.codec == codec:
+        return x.q, x.scales
+    return encode(codec, x.decode() if isinstance(x, Encoded) else x)
 
 
 def check_codec(codec: str) -> None:

@@ -6,13 +6,16 @@ ReceiveConnector (decode side): the blocks the scheduler reserves for a remote p
 SendConnector (prefill side): after each layer, the prompts completing in this step that have a
     destination get that layer of their blocks (those the decode worker lacks) handed to their
     LayerwiseSender, which streams it while the next layer computes; whole-request mode hands over
-    every layer after the last one instead.
+    every layer after the last one instead. A quantized cache (QuantKV) ships its blocks dequantized
+    to the model's dtype: the transfer's codec then encodes them (int8 over an int8 cache gives back
+    the same codes wherever a block's largest code is +-127, i.e. its scale was set by one write).
 """
 from __future__ import annotations
 
 import torch
 
 from pdcluster.engine.kv_connector import CompletingPrompt, KVConnector
+from pdcluster.engine.kv_quant import QuantKV
 from pdcluster.kv_transfer.receiver import KVReceiver, PendingTransfer, TransferState, cache_writer
 from pdcluster.kv_transfer.transport import LayerwiseSender
 
@@ -80,9 +83,14 @@ class SendConnector(KVConnector):
             layers = range(len(k_caches)) if layer == len(k_caches) - 1 else ()
         for sender, ids in self._shipping:
             for li in layers:
-                sender.send_layer(li, k_caches[li].index_select(0, ids).cpu(), v_caches[li].index_select(0, ids).cpu())
+                sender.send_layer(li, _blocks(k_caches[li], ids), _blocks(v_caches[li], ids))
 
     def request_aborted(self, request_id: str) -> None:
         entry = self.sends.pop(request_id, None)
         if entry:
             entry[0].abort()
+
+
+def _blocks(cache, ids: torch.Tensor) -> torch.Tensor:
+    """Blocks `ids` of a layer's cache as float CPU blocks (a quantized cache's dequantized)."""
+    return (cache.dequant(ids) if isinstance(cache, QuantKV) else cache.index_select(0, ids)).cpu()

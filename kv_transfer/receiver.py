@@ -29,12 +29,15 @@ from typing import Callable, Sequence
 
 import torch
 
+from pdcluster.engine.kv_quant import QuantKV
+from pdcluster.kv_transfer import codec as kvcodec
 from pdcluster.kv_transfer import wire
 from pdcluster.kv_transfer.errors import (DataLoss, DuplicateStream, KVTransferError, MalformedFrame,
                                 TransferClosed, UnknownRequest)
 
 # write_fn(layer, dst_block_ids, k, v): copy k, v [len(dst_block_ids), *block_shape] into the cache.
-# Raise ValueError/TypeError for a dtype or shape mismatch (answered as INVALID_ARGUMENT).
+# Raise ValueError/TypeError for a dtype or shape mismatch (answered as INVALID_ARGUMENT). k, v are
+# float tensors; a CacheWriter is also handed a quantized frame's codec.Encoded blocks undecoded.
 WriteFn = Callable[[int, list[int], torch.Tensor, torch.Tensor], None]
 
 
@@ -60,23 +63,48 @@ def _runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
 
 class CacheWriter:
     """WriteFn copying into per-layer caches k_caches[l], v_caches[l]: [num_blocks, *block_shape];
-    on contiguous CPU caches it also hands out the destination bytes themselves (`views`)."""
+    on contiguous CPU caches it also hands out the destination bytes themselves (`views`).
 
-    def __init__(self, k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor]):
+    The frame's format and the cache's may differ (prefill and decode pools tuned apart): the
+    conversion happens here, at the boundary.
+        frame              float cache (any float dtype)      quantized cache (QuantKV, codec c)
+        float blocks       copy_ (casts the dtype)            encoded to c (kv_transfer/codec.py)
+        Encoded, codec c   decoded, copied                    codes + scales copied as they are
+        Encoded, other     decoded, copied                    decoded, encoded to c
+    """
+
+    def __init__(self, k_caches: Sequence, v_caches: Sequence):
         self.k_caches, self.v_caches = k_caches, v_caches
+        self.quantized = isinstance(k_caches[0], QuantKV) if k_caches else False
         self.viewable = all(c.device.type == "cpu" and c.is_contiguous() for c in [*k_caches, *v_caches])
 
-    def _check(self, layer: int, block_ids: Sequence[int], dtype: torch.dtype, block_shape) -> None:
+    def _check(self, layer: int, block_ids: Sequence[int], dtype: torch.dtype, block_shape, exact: bool) -> None:
+        """Shape and block ids in range; the dtype the cache's own (exact: raw bytes land) or, for a
+        write that converts, any float dtype."""
         kc = self.k_caches[layer]
-        if dtype != kc.dtype or tuple(block_shape) != tuple(kc.shape[1:]):
+        ok = dtype == kc.dtype if exact else dtype in kvcodec.FLOAT_DTYPES
+        if not ok or tuple(block_shape) != tuple(kc.shape[1:]):
             raise ValueError(f"layer {layer}: frame blocks are {dtype}{list(block_shape)}, "
                              f"cache blocks are {kc.dtype}{list(kc.shape[1:])}")
         if block_ids and max(block_ids) >= kc.shape[0]:
             raise ValueError(f"block id {max(block_ids)} outside a cache of {kc.shape[0]} blocks")
 
-    def __call__(self, layer: int, block_ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
-        self._check(layer, block_ids, k.dtype, k.shape[1:])
+    def lands_raw(self, dtype: torch.dtype) -> bool:
+        """Whether an uncompressed frame of `dtype` can land byte for byte (views)."""
+        return self.viewable and dtype == self.k_caches[0].dtype
+
+    def __call__(self, layer: int, block_ids: list[int], k, v) -> None:
+        self._check(layer, block_ids, k.dtype, k.shape[1:], exact=False)
         kc, vc = self.k_caches[layer], self.v_caches[layer]
+        if self.quantized:
+            (kq, ks), (vq, vs) = kvcodec.to_codec(k, kc.codec), kvcodec.to_codec(v, vc.codec)
+            for i, lo, n in _runs(block_ids):
+                for cache, q, s in ((kc, kq, ks), (vc, vq, vs)):
+                    cache.data[lo:lo + n].copy_(q[i:i + n])
+                    cache.scale[lo:lo + n].copy_(s[i:i + n])
+            return
+        if isinstance(k, kvcodec.Encoded):
+            k, v = k.decode(), v.decode()
         for i, lo, n in _runs(block_ids):  # slice copies: cheaper than index_copy_
             kc[lo:lo + n].copy_(k[i:i + n])
             vc[lo:lo + n].copy_(v[i:i + n])
@@ -85,7 +113,7 @@ class CacheWriter:
         """Writable byte views of blocks `block_ids` of layer `layer`, in wire payload order: the K
         bytes of every block, then the V bytes (one view per run of consecutive ids). Raises
         ValueError for a dtype, shape or block id the cache does not have."""
-        self._check(layer, block_ids, dtype, block_shape)
+        self._check(layer, block_ids, dtype, block_shape, exact=True)
         runs = _runs(block_ids)
         return [memoryview(c[lo:lo + n].view(-1).view(torch.uint8).numpy())
                 for c in (self.k_caches[layer], self.v_caches[layer]) for _, lo, n in runs]
@@ -140,6 +168,8 @@ class PendingTransfer:
 
     def write(self, header: wire.FrameHeader, k: torch.Tensor, v: torch.Tensor) -> None:
         """Land one decoded, checksummed frame; raises TransferClosed / MalformedFrame without writing."""
+        if isinstance(k, kvcodec.Encoded) and not isinstance(self._write_fn, CacheWriter):
+            k, v = k.decode(), v.decode()          # only a CacheWriter takes codes undecoded
         with self._lock:
             positions = self._positions(header)
             try:
@@ -155,11 +185,12 @@ class PendingTransfer:
         """Validate `header` against this reservation before any byte of its payload is read:
         PENDING, layer in range, every block reserved and not landed yet, dtype and block shape
         those of the cache. Returns the positions it fills (for commit) and writable views of its
-        destination bytes in payload order (None if the cache cannot be viewed: use write())."""
+        destination bytes in payload order (None if the cache cannot be viewed, or the frame's
+        dtype is not the cache's: use write(), which converts)."""
         with self._lock:
             positions = self._positions(header)
         writer = self._write_fn
-        if not isinstance(writer, CacheWriter) or not writer.viewable:
+        if not isinstance(writer, CacheWriter) or not writer.lands_raw(wire.DTYPES[header.dtype]):
             return positions, None
         try:
             return positions, writer.views(header.layer, header.block_ids, wire.DTYPES[header.dtype],
@@ -305,7 +336,7 @@ class InboundStream:
         self._t_first = 0.0  # time.perf_counter() of the first frame
 
     def feed(self, frame: bytes) -> None:
-        header, k, v = wire.decode_frame(frame)
+        header, k, v = wire.decode_frame(frame, keep_codes=True)
         if self._entry is None:
             self._t_first = time.perf_counter()
             self._entry = self._receiver.claim(header.request_id)

@@ -239,9 +239,11 @@ def _scales(scales: bytes) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(scales, dtype="<f4").astype(np.float32))
 
 
-def payload_tensors(header: FrameHeader, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def payload_tensors(header: FrameHeader, payload: torch.Tensor, keep_codes: bool = False):
     """K, V of a checked frame from its payload (uint8 tensor of header.nbytes, 16-byte aligned):
-    views for codec "none", new tensors of header.dtype dequantized from it otherwise."""
+    views for codec "none", new tensors of header.dtype dequantized from it otherwise; with
+    keep_codes, a quantized frame's K, V as codec.Encoded (code views + scales, not decoded: a
+    quantized cache of that codec lands them as they are)."""
     dtype, half = DTYPES[header.dtype], header.nbytes // 2
     if half == 0:
         return torch.empty(header.shape, dtype=dtype), torch.empty(header.shape, dtype=dtype)
@@ -250,11 +252,14 @@ def payload_tensors(header: FrameHeader, payload: torch.Tensor) -> tuple[torch.T
                 payload[half:2 * half].view(dtype).view(header.shape))
     q = payload[:2 * half].view(kvcodec.QUANT[header.codec]).view(2, *header.shape)
     s = _scales(header.scales).view(2, header.shape[0], header.shape[2])
+    if keep_codes:
+        return (kvcodec.Encoded(header.codec, q[0], s[0], dtype), kvcodec.Encoded(header.codec, q[1], s[1], dtype))
     return kvcodec.decode(q[0], s[0], dtype), kvcodec.decode(q[1], s[1], dtype)
 
 
-def decode_frame(frame: bytes) -> tuple[FrameHeader, torch.Tensor, torch.Tensor]:
-    """Validate one frame; return its header and K, V as zero-copy views into `frame` (read-only)."""
+def decode_frame(frame: bytes, keep_codes: bool = False) -> tuple[FrameHeader, torch.Tensor, torch.Tensor]:
+    """Validate one frame; return its header and K, V as zero-copy views into `frame` (read-only);
+    keep_codes: see payload_tensors."""
     if len(frame) < _PREFIX.size:
         raise DataLoss(f"frame of {len(frame)} bytes is shorter than its {_PREFIX.size}-byte prefix")
     magic, hlen = _PREFIX.unpack_from(frame)
@@ -280,7 +285,7 @@ def decode_frame(frame: bytes) -> tuple[FrameHeader, torch.Tensor, torch.Tensor]
         return header, torch.empty(header.shape, dtype=dtype), torch.empty(header.shape, dtype=dtype)
     if header.codec != "none":
         payload = torch.frombuffer(frame, dtype=torch.uint8, count=header.nbytes, offset=off)
-        return header, *payload_tensors(header, payload)
+        return header, *payload_tensors(header, payload, keep_codes)
     count = half // dtype.itemsize
     k = torch.frombuffer(frame, dtype=dtype, count=count, offset=off).view(header.shape)
     v = torch.frombuffer(frame, dtype=dtype, count=count, offset=off + half).view(header.shape)

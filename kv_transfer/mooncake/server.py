@@ -203,7 +203,7 @@ class MooncakeKVServer(AioKVServer):
                 raise DataLoss(f"checksum mismatch in layer {header.layer} chunk {header.chunk}: "
                                f"crc32 {crc:#010x}, header says {header.crc:#010x}")
             # copies (synchronously) out of buf under the reservation's lock, iff still PENDING
-            entry.write(header, *wire.payload_tensors(header, buf[:header.nbytes]))
+            entry.write(header, *wire.payload_tensors(header, buf[:header.nbytes], keep_codes=True))
         finally:
             self._staging.put(buf)
         return seconds

@@ -266,7 +266,7 @@ class _Connection:
         stream.trusted = True
         try:
             if staged:
-                entry.write(header, *wire.payload_tensors(header, self.staging[:header.nbytes]))
+                entry.write(header, *wire.payload_tensors(header, self.staging[:header.nbytes], keep_codes=True))
             else:
                 entry.commit(header, positions)
         except KVTransferError as e:

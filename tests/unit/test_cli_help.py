@@ -41,7 +41,7 @@ SERVE_FLAGS = {     # every flag serve has (each one it had before the tree kept
     "--address": None, "--threads-per-worker": 1, "--gpu": False, "--dtype": "float32", "--kv-cache-memory": 512,
     "--max-num-seqs": 64, "--max-num-batched-tokens": 2048, "--max-model-len": None, "--local-prefill": False,
     "--local-prefill-max-tokens": 0, "--metrics-port": 9090, "--http-port": 8000, "--kv-transport": "tcp",
-    "--kv-compression": "off", "--quantization": "none", "--speculative": "ngram",
+    "--kv-compression": "off", "--quantization": "none", "--kv-cache-dtype": "auto", "--speculative": "ngram",
     "--kv-host-cache-gb": 0.0, "--kv-disk-cache-dir": None, "--kv-disk-cache-gb": 0.0, "--kv-tier-codec": "none",
     "--policy": "cost-model", "--auth-token-file": None, "--tls-cert": None, "--tls-key": None,
     "--cluster-secret-file": None, "--max-restarts": 3, "--worker-timeout": 60.0, "--prefill-timeout": 120.0,

@@ -388,16 +388,28 @@ def test_blocks_are_checked_before_any_byte_lands(server, caches, ids):
     client.close()
 
 
-def test_dtype_mismatch_with_the_cache_is_rejected_unwritten(server, caches):
+def test_shape_mismatch_with_the_cache_is_rejected_unwritten(server, caches):
     kc, vc = caches
     pending = server.receiver.expect("req", [1], 1, cache_writer(kc, vc))
-    k = torch.ones(1, *BLOCK, dtype=torch.float16)  # the cache is bf16
+    k = torch.ones(1, BLOCK[0], BLOCK[1], BLOCK[2] + 1, dtype=torch.bfloat16)  # head_dim off by one
     client = RawClient(server.address)
     client.sock.sendall(_frame_message("req", 0, [1], k, k))
     kind, body = client.reply()
-    assert (kind, body["status"]) == (proto.ERROR, "INVALID_ARGUMENT") and "bfloat16" in body["message"]
+    assert (kind, body["status"]) == (proto.ERROR, "INVALID_ARGUMENT") and "cache blocks are" in body["message"]
     client.close()
     assert all(c.abs().sum() == 0 for c in kc + vc) and pending.state is TransferState.FAILED
+
+
+def test_another_float_dtype_lands_cast_through_the_staging_buffer(server, transport, caches):
+    """Pools tuned apart (float16 prefill, bfloat16 decode): the frame is cast at the boundary."""
+    kc, vc = caches
+    pending = server.receiver.expect("req", [1], 1, cache_writer(kc, vc))
+    k = torch.randn(1, *BLOCK, dtype=torch.float16)
+    sender = transport.open(server.address, "req", [1])
+    sender.send_layer(0, k, -k)
+    sender.finish(timeout=20)
+    assert pending.state is TransferState.COMPLETE
+    assert torch.equal(kc[0][1], k[0].to(torch.bfloat16)) and torch.equal(vc[0][1], -k[0].to(torch.bfloat16))
 
 
 def test_a_cache_that_cannot_be_viewed_lands_through_the_staging_buffer(server, transport, caches):

@@ -57,7 +57,7 @@ def test_the_file_lands_in_the_cluster_tree():
     assert (c.pools.prefill.initial_replicas, c.pools.decode.initial_replicas) == (1, 1)
     assert (c.pools.prefill.max_replicas, c.pools.decode.max_replicas) == (4, 4)
     assert c.server.host == "127.0.0.1" and c.server.port == 50051 and c.server.metrics_port == 9090
-    assert c.engine.threads_per_worker == 2 and c.engine.use_gpu
+    assert c.threads("prefill") == c.threads("decode") == 2 and c.engine.use_gpu
 
 
 def test_keys_the_file_leaves_out_keep_the_base():
@@ -67,11 +67,11 @@ def test_keys_the_file_leaves_out_keep_the_base():
 
 
 def test_per_pool_sizes_the_tree_cannot_express_name_key_and_line(tmp_path):
-    text, line = edited("    cpus: 2\n    gpus: 1\n    threads: 2\n", "    cpus: 4\n    gpus: 1\n    threads: 4\n",
+    text, line = edited("    cpus: 2\n    gpus: 1\n    threads: 2\n", "    cpus: 2\n    gpus: 0\n    threads: 2\n",
                         after="\ndecode:")
-    with pytest.raises(ValueError, match="threads: prefill 2 != decode 4"):
+    with pytest.raises(ValueError, match="gpus: prefill 1 != decode 0"):
         parse_pools_config(text)
-    assert issues(text, tmp_path)[1] == [("decode.resources.threads", line + 2)]
+    assert issues(text, tmp_path)[1] == [("decode.resources.gpus", line + 1)]
     text, line = edited("    cpus: 2 ", "    cpus: 3 ")
     with pytest.raises(ValueError, match=r"prefill: resources.cpus \(3\) != resources.threads \(2\)"):
         parse_pools_config(text)
@@ -259,3 +259,48 @@ def test_kv_tier_flags_are_checked():
         CacheConfig(host_cache_gb=-0.5)
     with pytest.raises(ValueError, match="tier_codec"):
         CacheConfig(tier_codec="zip")
+# per-pool engine tuning (issue 18 point 5)
+
+def test_per_pool_engine_tuning_lands_in_each_pools_engine_kwargs():
+    text = TEXT.replace("  dtype: null               # float32", "  dtype: bfloat16           # float32", 1)
+    text, _ = edited("  kv_cache_dtype: null      # int8", "  kv_cache_dtype: int8      # int8", text=text)
+    text, _ = edited("  max_num_seqs: null", "  max_num_seqs: 48", text=text, after="\ndecode:")
+    text, _ = edited("    cpus: 2\n    gpus: 1\n    threads: 2\n", "    cpus: 1\n    gpus: 1\n    threads: 1\n",
+                     text=text, after="\ndecode:")
+    c = parse_pools_config(text)
+    pre, dec = c.engine_kwargs("prefill"), c.engine_kwargs("decode")
+    assert (pre["dtype"], pre["kv_cache_dtype"], pre["max_num_seqs"]) == ("bfloat16", "auto", 64)
+    assert (dec["dtype"], dec["kv_cache_dtype"], dec["max_num_seqs"]) == ("float32", "int8", 48)
+    assert (c.threads("prefill"), c.threads("decode")) == (2, 1)
+    assert c.dtype_bytes("prefill") == 2 and c.block_size == 16
+
+
+@pytest.mark.parametrize("old,new,key,message", [
+    ("  kv_cache_dtype: null      # int8", "  kv_cache_dtype: int4      # int8", "decode.kv_cache_dtype",
+     "must be one of auto, int8, fp8 or null"),
+    ("  dtype: null               # float32", "  dtype: float64            # float32", "prefill.dtype",
+     "must be one of float32, bfloat16, float16 or null"),
+    ("  max_num_seqs: null        # most", "  max_num_seqs: 0           # most", "prefill.max_num_seqs",
+     "must be >= 1"),
+])
+def test_bad_per_pool_tuning_names_key_and_line(tmp_path, old, new, key, message):
+    text, line = edited(old, new)
+    msg, found = issues(text, tmp_path)
+    assert found == [(key, line)] and message in msg
+
+
+def test_block_sizes_that_differ_are_refused_at_parse(tmp_path):
+    text, line = edited("  block_size: null", "  block_size: 32", after="\ndecode:")
+    msg, found = issues(text, tmp_path)
+    assert found == [("decode.block_size", line)] and "re-blocking is not supported" in msg
+    both = TEXT.replace("  block_size: null", "  block_size: 32")      # control: equal sizes are fine
+    assert parse_pools_config(both).block_size == 32
+
+
+def test_tree_checks_per_pool_values_built_without_the_file():
+    from dataclasses import replace
+    c = ClusterConfig()
+    with pytest.raises(ValueError, match="re-blocking"):
+        replace(c, pools=replace(c.pools, decode=replace(c.pools.decode, block_size=8)))
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        replace(c, pools=replace(c.pools, prefill=replace(c.pools.prefill, kv_cache_dtype="int3")))
