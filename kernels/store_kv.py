@@ -36,9 +36,11 @@ warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning) 
 def _quantize(x, inv, qmax, QUANT: tl.constexpr):
     """float32 x * inv, clamped to +-qmax and rounded: int8 half away from zero, fp8 to nearest even."""
     y = tl.minimum(tl.maximum(x * inv, -qmax), qmax)
-    if QUANT == 1:
-        return tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5)).to(tl.int8)
-    return _round_to_e4m3(y).to(tl.float8e4nv)
+    if QUANT == 1:      # constexpr: one branch is compiled, so `q` has one type (one return: Triton wants one)
+        q = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5)).to(tl.int8)
+    else:
+        q = _round_to_e4m3(y).to(tl.float8e4nv)
+    return q
 
 
 @triton.jit
@@ -194,7 +196,7 @@ def _store_quantized_ref(x, cache, scales, blk, row, fresh, grow, any_grow, code
         if bool(g.any()):
             b, r = blk[g], row[g]
             ratio = old[:, g] / new[:, g]                  # as the kernel: exactly 1 where unchanged
-            before = torch.arange(cache.shape[2])[None, :] < r[:, None]               # [n, bs]
+            before = torch.arange(cache.shape[2], device=r.device)[None, :] < r[:, None]               # [n, bs]
             cur = cache[:, b]                                                          # [G, n, bs, H, D]
             requant = quantize(cur.float(), ratio[:, :, None, :, None], codec)
             cache[:, b] = torch.where(before[None, :, :, None, None], requant, cur)

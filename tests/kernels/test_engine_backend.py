@@ -33,11 +33,11 @@ def weights(seed=0):
     return sd
 
 
-def run(backend: str, kv_cache_dtype: str = "auto"):
+def run(backend: str, device: str, kv_cache_dtype: str = "auto"):
     cfg = EngineConfig(model=CFG, cache=CacheConfig(block_size=16, num_blocks=24),
                        sched=SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=40), attention_backend=backend,
-                       kv_cache_dtype=kv_cache_dtype)
-    model = LlamaModel(CFG, weights(), "cpu", torch.float32, backend)
+                       kv_cache_dtype=kv_cache_dtype, device=device)
+    model = LlamaModel(CFG, weights(), device, torch.float32, backend)     # both paths on the kernels' device
     assert model.triton == (backend == "triton")
     kv = KVCacheManager(24, 16)
     sched = Scheduler(cfg.sched, kv, 256)
@@ -64,22 +64,22 @@ def run(backend: str, kv_cache_dtype: str = "auto"):
     return [r.output_token_ids for r in reqs], hidden_log
 
 
-def test_triton_backend_matches_torch_path():
-    t_out, t_h = run("torch")
-    k_out, k_h = run("triton")
+def test_triton_backend_matches_torch_path(device):
+    t_out, t_h = run("torch", device)
+    k_out, k_h = run("triton", device)
     assert t_out == k_out
     for a, b in zip(t_h, k_h):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
 
 
-def test_triton_backend_matches_torch_path_over_an_int8_kv_cache():
+def test_triton_backend_matches_torch_path_over_an_int8_kv_cache(device):
     """The same engine over an int8 KV cache (engine/kv_quant.py): llama's Triton path hands the
     kernels codes + scales. Prefill chunks attend over their own fresh float K/V on the torch path
     but read them back quantized in the Triton kernel, so hidden states agree to the quantization's
     error, not to 1e-4; the float run is the control that this tolerance still separates."""
-    t_out, t_h = run("torch", "int8")
-    k_out, k_h = run("triton", "int8")
-    f_out, f_h = run("torch")
+    t_out, t_h = run("torch", device, "int8")
+    k_out, k_h = run("triton", device, "int8")
+    f_out, f_h = run("torch", device)
     assert t_out == k_out
     rel = lambda x, y: max(float((a - b).norm() / b.norm()) for a, b in zip(x, y))   # noqa: E731
     err, quant_err = rel(k_h, t_h), rel(t_h, f_h)
