@@ -71,8 +71,8 @@ def prefill_attention(q, k, v, k_cache, v_cache, seq: PrefillSeq, scale: float) 
     if seq.ctx_len > seq.q_len:  # a cached prefix: attend over the paged cache
         k = _gather(k_cache, seq.block_table, seq.ctx_len, q.dtype)
         v = _gather(v_cache, seq.block_table, seq.ctx_len, q.dtype)
-        qpos = torch.arange(seq.ctx_len - seq.q_len, seq.ctx_len).unsqueeze(1)
-        mask, causal = torch.arange(seq.ctx_len).unsqueeze(0) <= qpos, False  # [q_len, ctx_len]
+        qpos = torch.arange(seq.ctx_len - seq.q_len, seq.ctx_len, device=q.device).unsqueeze(1)
+        mask, causal = torch.arange(seq.ctx_len, device=q.device).unsqueeze(0) <= qpos, False  # [q_len, ctx_len]
     if H != KVH:
         k, v = k.repeat_interleave(H // KVH, 1), v.repeat_interleave(H // KVH, 1)
     o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],  # [1, H, L, D]
