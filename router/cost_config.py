@@ -60,6 +60,8 @@ class CostConfig:
     allow_local: bool = True
     allow_remote: bool = True
     local_max_tokens: int | None = None     # local only for prompts up to this (None: any)
+    peer_pull: bool = False                 # a local prefill may pull prefix blocks a peer holds (pull_pricing.py)
+    pull_overhead_s: float = 0.005          # a pull's order round trip, beyond its bytes
 
     def __post_init__(self):
         CompressionPolicy(self.kv_compression)   # ValueError naming the modes

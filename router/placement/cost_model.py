@@ -58,6 +58,7 @@ from pdcluster.messages import EngineFigures
 from pdcluster.router.cost_config import CostConfig
 from pdcluster.router.placement.base import Placement
 from pdcluster.router.placement.load import WorkerLoad
+from pdcluster.router.placement.pull_pricing import apply_pulls
 from pdcluster.router.prefix_index import PrefixIndex, TierHits
 from pdcluster.router.telemetry import Telemetry
 
@@ -92,6 +93,12 @@ class Estimate:
     step_s_after: float = 0.0               # d's estimated decode step with the added load
     blocks_needed: int = 0
     kv_ok: bool = True
+    # a local option's peer pull (router/placement/pull_pricing.py): blocks [first, first + n) from pull_from
+    pull_from: str | None = None
+    pull_first_block: int = 0
+    pull_blocks: int = 0
+    pull_s: float = 0.0                     # in ttft_s, instead of those blocks' compute
+    pull_bandwidth_bps: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -194,9 +201,10 @@ class CostModel:
         cached: dict[str, float] = {}           # tokens a worker need not compute (any tier)
         device: dict[str, float] = {}           # of them, in its device pool (a transfer skips these)
         load: dict[str, float] = {}             # seconds to load the rest from host / disk
+        hits: dict = {}                         # worker -> TierHits (peer pulls price from these)
         if hashes:
             loads = {w.worker_id: w for w in ps + ds}
-            for w, h in self.index.match_tiers(hashes, list(loads)).items():
+            for w, h in (hits := self.index.match_tiers(hashes, list(loads))).items():
                 if h.total:
                     conf = self.index.confidence(w, t)
                     cached[w] = self._cached(h.total, prompt_len, conf)
@@ -211,6 +219,9 @@ class CostModel:
             for p in ps:
                 out.append(self.estimate_remote(prompt_len, p, d, cached.get(p.worker_id, 0.0), device.get(dw, 0.0),
                                                 t, load.get(p.worker_id, 0.0)))
+        if c.peer_pull and hits:
+            apply_pulls(self, out, prompt_len, hashes, hits,
+                        [w for w in [*prefills, *decodes] if w.healthy and w.worker_id not in exclude], t)
         best_cached = max(cached.values(), default=0.0)
         if c.duplicate_penalty and best_cached:
             loads = {w.worker_id: w for w in ps + ds}
