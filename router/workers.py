@@ -88,8 +88,9 @@ class DecodeClient(WorkerClient):
                      holder: WorkerClient | None = None) -> AsyncIterator[TokenItem]:
         """Token items. pull, holder: a local prefill pulls the plan's blocks from holder (its handle
         goes to the worker, which orders the blocks from it; kv_transfer/pull.py). The worker is lost
-        after stream_gap_s without an item, or after stream_gap_s of heartbeats whose engine step count stands still (alive but stuck); a long prefill that keeps
-        stepping is never lost. Heartbeats are consumed here."""
+        after stream_gap_s without an item, or after stream_gap_s of heartbeats whose engine step count
+        stands still (alive but stuck); a long prefill that keeps stepping is never lost. Heartbeats
+        are consumed here."""
         extra = (pull, holder.handle) if pull is not None and holder is not None else ()
         gen = self.handle.stream.options(num_returns="streaming").remote(
             request_id, first_token, prompt_ids, params, cache_salt, output_ids, *extra)

@@ -50,7 +50,8 @@ async def place(router, attempt_id: str, ids: list[int], params: SamplingParams,
         for w in {choice.decode, choice.prefill or choice.decode}:
             router.index.expect(w, hashes, time.time())
         if choice.kind == "local":
-            return _start_local(workers, attempt_id, ids, params, salt, choice, outputs, pull_plan(choice, hashes, workers))
+            return _start_local(workers, attempt_id, ids, params, salt, choice, outputs,
+                                pull_plan(choice, hashes, workers))
         attempt = await _prefill_remote(workers, attempt_id, ids, params, salt, choice, exclude, outputs)
         if attempt is not None:
             return attempt
