@@ -67,9 +67,9 @@ class PullConnector(ReceiveConnector):
                         self.worker_id, rid)
             self._plans.pop(rid)
             return 0
-        if a < plan.first_block or b <= a:                          # a gap before the pulled run, or nothing left
-            self._plans.pop(rid)
-            return 0
+        if b <= a:                      # local hits cover it now. Below plan.first_block (the router's
+            self._plans.pop(rid)        # view of this pool was stale) the pull starts at a: the holder's
+            return 0                    # device prefix runs from block 0, and these are our own hashes
         self._range[rid] = (a, b)
         return (b - a) * bs
 

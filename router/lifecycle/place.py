@@ -10,7 +10,7 @@ from typing import AsyncIterator
 
 from pdcluster.engine.hashing import block_hashes
 from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
-from pdcluster.messages import NoRoom, TokenItem
+from pdcluster.messages import NoRoom, PullPlan, TokenItem
 from pdcluster.router.errors import Unavailable, WorkerLost
 from pdcluster.router.lifecycle.pull import pull_plan
 from pdcluster.router.placement import Placement
@@ -27,6 +27,7 @@ class Attempt:
     first_token: int | None = None  # remote prefill: the prefill worker's first token
     cached_tokens: int = 0          # remote prefill: prompt tokens from the prefill worker's cache
     first_logprobs: TokenLogprobs | None = None     # remote prefill: the first token's, when asked
+    pull: PullPlan | None = None    # local prefill: the prefix blocks its decode worker pulls from a peer
 
     @property
     def decode_worker(self) -> str:
@@ -66,11 +67,8 @@ def _start_local(workers, attempt_id: str, ids: list[int], params: SamplingParam
     kw = dict(pull=pull[0], holder=pull[1]) if pull else {}
     stream = _queued_until_first(workers, d.stream(attempt_id, None, ids, params, salt, outputs, **kw), choice.decode,
                                  queued)
-    where = dict(prefill_worker=choice.decode, decode_worker=choice.decode, remote_prefill=False,
-                 kv_bytes_transferred=0, kv_transfer_ms=0.0)
-    if pull:
-        where |= dict(pulled_from=pull[0].holder, pulled_blocks=len(pull[0].hashes))
-    return Attempt(where, [d], stream=stream)
+    return Attempt(dict(prefill_worker=choice.decode, decode_worker=choice.decode, remote_prefill=False,
+                        kv_bytes_transferred=0, kv_transfer_ms=0.0), [d], stream=stream, pull=pull[0] if pull else None)
 
 
 async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: SamplingParams, salt: str | None,
