@@ -147,8 +147,8 @@ class DecodeWorker:
                 self.connector.plan(rid, pull, order_fn)
             try:
                 e.add_request(prompt_ids, params, rid, cache_salt, detokenize=False, output_ids=output_ids)
-            except BaseException:
-                self.connector.request_aborted(rid)
+            except BaseException:       # e.g. a duplicate id: leave that request's own transfer alone
+                self.connector.drop_plan(rid)
                 raise
         try:
             self.engine_thread.run(add)

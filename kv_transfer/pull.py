@@ -52,6 +52,10 @@ class PullConnector(ReceiveConnector):
         if plan.hashes:
             self._plans[request_id] = (plan, order_fn)
 
+    def drop_plan(self, request_id: str) -> None:
+        """Forget a plan whose request never reached the scheduler (add_request refused it)."""
+        self._plans.pop(request_id, None)
+
     # scheduler side
     def external_tokens(self, request, num_local_tokens: int) -> int:
         rid = request.request_id
