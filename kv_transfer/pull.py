@@ -113,6 +113,12 @@ class PullConnector(ReceiveConnector):
             out.append((rid, ok))
         return out
 
+    def request_finished(self, request_id: str, block_ids: list[int]) -> bool:
+        """A plan the scheduler never used (no room for the pulled blocks: it computed them) ends here."""
+        self._plans.pop(request_id, None)
+        self._range.pop(request_id, None)
+        return super().request_finished(request_id, block_ids)
+
     def request_aborted(self, request_id: str) -> None:
         self._plans.pop(request_id, None)
         self._range.pop(request_id, None)

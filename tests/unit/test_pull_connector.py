@@ -82,3 +82,11 @@ def test_an_abort_fences_the_pulls_reservation():
     c.request_aborted("r")
     gate.set()
     assert c.receiver.pending() == [] and c.finished_loading() == []         # fenced, and not reported
+
+
+def test_a_plan_the_scheduler_never_used_ends_with_its_request():
+    c = connector()
+    c.plan("r", plan(), lambda o: PullResult(True))
+    assert c.external_tokens(req(), 0) == 6 * BS     # offered; the pool had no room, so it computed them
+    assert c.request_finished("r", [0, 1]) is False
+    assert c.external_tokens(req(), 0) == 0 and not c._plans and not c._range
