@@ -60,7 +60,7 @@ PREFIX_LEN = 384
 PREFIX_POOL_BLOCKS = 4 * PREFIX_LEN // 16 + 16
 _prefix_cfg = dict(pools__prefill__initial_replicas=0, pools__decode__initial_replicas=2, router__remote_prefill=False,
                    engine__threads_per_worker=1, engine__cache__kv_cache_memory=kv_blocks(PREFIX_POOL_BLOCKS))
-register(Scenario(
+PREFIX_ROUTING = register(Scenario(
     name="prefix-routing",
     summary="shared-prefix workload on 2 local-prefill workers, each pool ~half the prefixes: round-robin vs cost-model",
     baseline=cluster(router__policy="round-robin", **_prefix_cfg),
@@ -74,6 +74,25 @@ register(Scenario(
              "request_throughput"),
     notes=f"2 workers x {PREFIX_POOL_BLOCKS} blocks (4 of the 8 prefixes + working room); local prefill so the "
           "cache hit is where the prompt computes; 1.0 req/s ~ round-robin's capacity (it served 0.89 req/s)",
+))
+
+
+# prefix-pull: prefix-routing's workload and cluster, the cost model on both sides; the candidate's
+# local prefills may pull a prefix the other worker holds over the KV transport (issue 19 point 3,
+# router/placement/pull_pricing.py) instead of recomputing it. What it isolates: a prompt placed away
+# from its prefix's holder (the holder busy) costs a pull of 24 blocks (17.7 MB) instead of a
+# 384-token prefill, so the router can spread load without repeating prefix compute.
+register(Scenario(
+    name="prefix-pull",
+    summary="prefix-routing's workload, cost-model on both sides: recompute a prefix the other worker holds vs pull it",
+    baseline=cluster(router__policy="cost-model", **_prefix_cfg),
+    candidate=cluster(router__policy="cost-model", cost__peer_pull=True, **_prefix_cfg),
+    labels=("cost-model", "cost-model+pull"),
+    dataset=PREFIX_ROUTING.dataset,
+    request_rate=PREFIX_ROUTING.request_rate,
+    goodput=PREFIX_ROUTING.goodput,
+    metrics=PREFIX_ROUTING.metrics,
+    notes=f"as prefix-routing (2 workers x {PREFIX_POOL_BLOCKS} blocks, local prefill); candidate: --peer-pull",
 ))
 
 
@@ -142,9 +161,10 @@ register(Scenario(
 # the cache a placement hits is where the prompt computes), the cost model on both sides (it
 # prices a host/disk hit at its load time), device pools far smaller than the working set.
 # The candidate's tier flags are those of `pdcluster serve` (the KV tiers' deploy/flags.py), set
-# when it runs; until the build has them, run `--only baseline`. Peer pulls (issue 19 point 3) are
-# not switched on here: they have no flag yet.
-TIER_FLAGS = {"--kv-host-cache-gb": 0.5, "--kv-disk-cache-dir": FRESH_DIR, "--kv-disk-cache-gb": 2.0}
+# when it runs; until the build has them, run `--only baseline`. Peer pulls (issue 19 point 3,
+# --peer-pull) are on in the candidate too.
+TIER_FLAGS = {"--kv-host-cache-gb": 0.5, "--kv-disk-cache-dir": FRESH_DIR, "--kv-disk-cache-gb": 2.0,
+              "--peer-pull": True}
 _tier_cfg = dict(pools__prefill__initial_replicas=0, pools__decode__initial_replicas=2, router__remote_prefill=False,
                  engine__threads_per_worker=1, router__policy="cost-model")
 

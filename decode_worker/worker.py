@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
 import time
 import uuid
 from typing import Callable
@@ -23,10 +24,12 @@ from pdcluster.engine.engine_thread import EngineThread
 from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.engine.kv_connector import NoKVCapacity
+from pdcluster.kv_transfer import BandwidthMeter, KVReceiver
+from pdcluster.kv_transfer.pull import OrderFn, PullConnector, serve_pull
+from pdcluster.kv_transfer.registry import TRANSFER_TIMEOUT_S, check, sender_class, server_class
 from pdcluster.kv_transfer.tiers.attach import attach_tiers, cache_snapshot, tier_figures, tier_load_counters
-from pdcluster.kv_transfer import KVReceiver, ReceiveConnector
-from pdcluster.kv_transfer.registry import TRANSFER_TIMEOUT_S, check, server_class
-from pdcluster.messages import CacheSnapshot, Reservation, TokenItem, WorkerStatus
+from pdcluster.messages import (CacheSnapshot, LinkFigures, PullOrder, PullPlan, PullResult, Reservation, TokenItem,
+                                WorkerStatus)
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +71,10 @@ class DecodeWorker:
         self.events = engine.block_events()      # prefix-cache events for the router's global index
         self.kv_transport = kv_transport
         self.receiver = KVReceiver()
-        self.connector = ReceiveConnector(self.receiver, engine.cfg.model.num_layers)
-        # the engine's connector: the receiver's, beside the host/disk cache tiers when configured
+        # remote-prefill reservations and peer pulls (kv_transfer/pull.py; its address is set below),
+        # beside the host/disk cache tiers when configured: the engine's connector
+        self.connector = PullConnector(self.receiver, engine.cfg.model.num_layers, engine.cfg.cache.block_size, "",
+                                       worker_id)
         self.tiers = attach_tiers(engine, self.connector, worker_id)
         tcp = kv_transport == "tcp"
         # Mooncake registers the caches (CPU; GPU caches land through its own host staging buffers)
@@ -81,7 +86,11 @@ class DecodeWorker:
         except BaseException:           # e.g. the port is taken
             self.engine_thread.stop()
             raise
+        self.connector.address = self.kv_address
         self.transfer_timeout_s = transfer_timeout_s
+        # peer pulls this worker serves as a holder: a sender of its transport, made on the first one
+        self._secret, self._pull_lock, self._pull_transport = secret, threading.Lock(), None
+        self.meter = BandwidthMeter()           # its outgoing pull links (reported with its status)
         # rid -> monotonic expiry of its reservation; engine thread only. A reservation that is
         # neither started nor aborted by its expiry (its router lost track of it) is freed.
         self._reserved: dict[str, float] = {}
@@ -131,15 +140,40 @@ class DecodeWorker:
 
     # local prefill
     def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams,
-                 cache_salt: str | None = None, sink=None, output_ids: list[int] = ()) -> TokenStream:
+                 cache_salt: str | None = None, sink=None, output_ids: list[int] = (),
+                 pull: PullPlan | None = None, order_fn: OrderFn | None = None) -> TokenStream:
+        """pull, order_fn: fetch the plan's prefix blocks from their holder through order_fn (which
+        asks it, kv_transfer/pull.py) instead of computing them; any failure computes them."""
         stream = self._listen(rid, sink)
+
+        def add(e: LLMEngine):
+            if pull is not None and order_fn is not None:
+                self.connector.plan(rid, pull, order_fn)
+            try:
+                e.add_request(prompt_ids, params, rid, cache_salt, detokenize=False, output_ids=output_ids)
+            except BaseException:       # e.g. a duplicate id: leave that request's own transfer alone
+                self.connector.drop_plan(rid)
+                raise
         try:
-            self.engine_thread.run(lambda e: e.add_request(prompt_ids, params, rid, cache_salt, detokenize=False,
-                                                           output_ids=output_ids))
+            self.engine_thread.run(add)
         except BaseException:
             self._drop_stream(rid)
             raise
         return stream
+
+    # peer pulls, holder side
+    def serve_pull(self, order: PullOrder) -> PullResult:
+        """Send the blocks order.hashes names into a puller's reservation (blocking; an RPC thread)."""
+        return serve_pull(self.engine_thread, self._puller(), order, self.transfer_timeout_s)
+
+    def _puller(self):
+        """This worker's sender for pulls it serves (tcp and grpc; None for Mooncake, whose decode
+        side pulls through its own engine)."""
+        with self._pull_lock:
+            if self._pull_transport is None and self.kv_transport in ("tcp", "grpc"):
+                self._pull_transport = sender_class(self.kv_transport)(secret=self._secret, meter=self.meter,
+                                                                       src_id=self.worker_id)
+            return self._pull_transport
 
     def abort(self, rid: str) -> None:
         """Stop rid wherever it is and free its blocks (idempotent)."""
@@ -175,6 +209,7 @@ class DecodeWorker:
         return WorkerStatus.of(self.worker_id, "decode", self.incarnation, os.getpid(), figures,
                                self.events.drain() if drain_events else (None, ()), running=running,
                                waiting=waiting, reserved=len(self._reserved), kv_address=self.kv_address,
+                               links=tuple(LinkFigures.of(x) for x in self.meter.snapshot()),
                                tiers=tier_figures(self.tiers))
 
     def steps(self) -> int:
@@ -194,3 +229,5 @@ class DecodeWorker:
         self.server.stop_sync()
         if self.tiers is not None:
             self.tiers.close()
+        if self._pull_transport is not None:
+            self._pull_transport.close()

@@ -45,6 +45,39 @@ class Reservation(Message):
 
 
 @dataclass(frozen=True)
+class PullPlan(Message):
+    """The router's plan for a peer pull (kv_transfer/pull.py): the worker that prefills a prompt
+    fetches blocks [first_block, first_block + len(hashes)) of its prefix from `holder` instead of
+    computing them. The puller checks `hashes` against its own salted chain hashes of the prompt, so a
+    plan can only name the tenant's own blocks."""
+    holder: str                     # worker id holding the blocks (any tier)
+    holder_kv_address: str          # the holder's KV server, for logs and the link meter ("" unknown)
+    first_block: int                # index of the first pulled block in the prompt
+    hashes: list[int]               # their chain hashes, in order
+
+
+@dataclass(frozen=True)
+class PullOrder(Message):
+    """What a puller asks a holder: send the blocks named by `hashes` into my reservation."""
+    request_id: str                 # the puller's request: the reservation's id at its KV receiver
+    hashes: list[int]               # chain hashes of the blocks, in prompt order
+    address: str                    # the puller's KV server "host:port"
+    dst_id: str                     # the puller's worker id (names the link in the bandwidth meter)
+    dst_block_ids: list[int]        # the reservation, one block per hash
+
+
+@dataclass(frozen=True)
+class PullResult(Message):
+    """A holder's answer to a PullOrder. ok False: nothing usable was sent (evicted, no transport,
+    failed transfer); the puller recomputes."""
+    ok: bool
+    blocks: int = 0                 # blocks sent
+    kv_bytes: int = 0               # payload bytes sent
+    wall_ms: float = 0.0            # first frame to ack
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class NoRoom(Message):
     """A decode worker's answer to reserve when its KV pool cannot hold the prompt now."""
     reason: str

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import ray
 
 from pdcluster.deploy.worker_options import leave_terminal_group
-from pdcluster.messages import CacheSnapshot, WorkerStatus
+from pdcluster.messages import CacheSnapshot, PullOrder, PullResult, WorkerStatus
 
 
 OMP_WAIT_POLICY = "PASSIVE"     # the workers' default (the environment's, when set, wins)
@@ -66,6 +66,9 @@ class WorkerActor:
 
     async def tier_hashes(self) -> tuple[int, dict[str, list[int]]]:
         return await self._run(self.worker.tier_hashes)
+    async def serve_pull(self, order: PullOrder) -> PullResult:
+        """A peer's pull of blocks this worker holds (kv_transfer/pull.py serve_pull)."""
+        return await self._run(self.worker.serve_pull, order)
 
     async def shutdown(self) -> None:
         self.worker.close()

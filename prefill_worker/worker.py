@@ -20,10 +20,12 @@ from typing import Callable
 from pdcluster.engine.engine_thread import EngineThread
 from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 from pdcluster.engine.sampling_params import SamplingParams
-from pdcluster.messages import CacheSnapshot, KVDestination, LinkFigures, PrefillResult, WorkerStatus
+from pdcluster.messages import (CacheSnapshot, KVDestination, LinkFigures, PrefillResult, PullOrder, PullResult,
+                                WorkerStatus)
 from pdcluster.kv_transfer import BandwidthMeter, KVTransferError, SendConnector
 from pdcluster.kv_transfer.tiers.attach import attach_tiers, cache_snapshot, tier_figures, tier_load_counters
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy, prefill_seconds
+from pdcluster.kv_transfer.pull import serve_pull
 from pdcluster.kv_transfer.registry import TRANSFER_TIMEOUT_S, sender_class
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ class PrefillWorker:
             raise ValueError(f"kv_compression {kv_compression!r} needs the tcp or grpc transport, not {transport!r}")
         if kv_netns is not None and transport != "tcp":
             raise ValueError(f"kv_netns needs the tcp transport, not {transport!r}")
-        self.worker_id = worker_id
+        self.worker_id, self.transport_name = worker_id, transport
         self.incarnation = uuid.uuid4().hex   # new on every (re)start of the process
         # a builder builds the engine on this thread (engine/engine_thread.py); it idles until a
         # command comes, and none can before this constructor returns
@@ -150,6 +152,12 @@ class PrefillWorker:
         it reaches the router with the next status); None where the transport has no probe."""
         probe = getattr(self.transport, "probe", None)
         return probe(address, dst_id, timeout=self.transfer_timeout_s) if probe is not None else None
+
+    def serve_pull(self, order: PullOrder) -> PullResult:
+        """Send the blocks order.hashes names into a puller's reservation (blocking; an RPC thread).
+        Over this worker's own transport: tcp and grpc (Mooncake's sender serves no pulls)."""
+        transport = self.transport if self.transport_name in ("tcp", "grpc") else None
+        return serve_pull(self.engine_thread, transport, order, self.transfer_timeout_s)
 
     def status(self, drain_events: bool = False) -> WorkerStatus:
         """Load figures; with drain_events (the router's poll) also the block events since the last drain."""

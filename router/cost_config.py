@@ -1,7 +1,7 @@
 """The cost model's configuration and the KV wire size it prices transfers at. Pure Python (no torch)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from pdcluster.engine.config import CacheConfig
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy   # pure Python, no torch
@@ -60,6 +60,10 @@ class CostConfig:
     allow_local: bool = True
     allow_remote: bool = True
     local_max_tokens: int | None = None     # local only for prompts up to this (None: any)
+    peer_pull: bool = field(default=False, metadata={"help": (   # router/placement/pull_pricing.py
+        "a worker prefilling a prompt pulls prefix blocks another worker holds over the KV transport when the "
+        "cost model finds the pull faster than recomputing them (cost-model policy)")})
+    pull_overhead_s: float = 0.005          # a pull's order round trip, beyond its bytes
 
     def __post_init__(self):
         CompressionPolicy(self.kv_compression)   # ValueError naming the modes

@@ -11,7 +11,8 @@ from typing import AsyncIterator
 import ray.exceptions
 
 from pdcluster.engine.sampling_params import SamplingParams
-from pdcluster.messages import CacheSnapshot, Heartbeat, KVDestination, NoRoom, PrefillResult, Reservation, TokenItem, WorkerStatus
+from pdcluster.messages import (CacheSnapshot, Heartbeat, KVDestination, NoRoom, PrefillResult, PullPlan, Reservation,
+                                TokenItem, WorkerStatus)
 from pdcluster.router.config import Timeouts
 from pdcluster.router.errors import WorkerLost
 
@@ -83,12 +84,16 @@ class DecodeClient(WorkerClient):
 
     async def stream(self, request_id: str, first_token: int | None, prompt_ids: list[int] | None = None,
                      params: SamplingParams | None = None, cache_salt: str | None = None,
-                     output_ids: list[int] = ()) -> AsyncIterator[TokenItem]:
-        """Token items. The worker is lost after stream_gap_s without an item, or after stream_gap_s of
-        heartbeats whose engine step count stands still (alive but stuck); a long prefill that keeps
-        stepping is never lost. Heartbeats are consumed here."""
+                     output_ids: list[int] = (), pull: PullPlan | None = None,
+                     holder: WorkerClient | None = None) -> AsyncIterator[TokenItem]:
+        """Token items. pull, holder: a local prefill pulls the plan's blocks from holder (its handle
+        goes to the worker, which orders the blocks from it; kv_transfer/pull.py). The worker is lost
+        after stream_gap_s without an item, or after stream_gap_s of heartbeats whose engine step count
+        stands still (alive but stuck); a long prefill that keeps stepping is never lost. Heartbeats
+        are consumed here."""
+        extra = (pull, holder.handle) if pull is not None and holder is not None else ()
         gen = self.handle.stream.options(num_returns="streaming").remote(
-            request_id, first_token, prompt_ids, params, cache_salt, output_ids)
+            request_id, first_token, prompt_ids, params, cache_salt, output_ids, *extra)
         loop = asyncio.get_running_loop()
         steps, since = None, loop.time()        # the last step count seen, and when it last moved
         while True:

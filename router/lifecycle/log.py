@@ -18,6 +18,7 @@ class Trace:
     n_out: int = 0
     cached: int = 0
     status: str | None = None               # a finish reason, "cancelled", "unavailable" or "error"
+    pull: str | None = None                 # the first attempt's peer pull: "holder:blocks" (kv_transfer/pull.py)
 
 
 def log_request(request_id: str, trace: Trace, n_in: int, ttft_s: float | None, e2e_s: float) -> None:
@@ -26,7 +27,7 @@ def log_request(request_id: str, trace: Trace, n_in: int, ttft_s: float | None, 
     rec = dict(id=request_id, status=trace.status, prefill=p.get("prefill_worker", "-"),
                decode=trace.decode or p.get("decode_worker", "-"), migrations=trace.migrations,
                kind=("remote" if p.get("remote_prefill") else "local") if p else "-",
-               prompt=n_in, completion=trace.n_out, cached=trace.cached,
+               prompt=n_in, completion=trace.n_out, cached=trace.cached, pull=trace.pull,
                ttft_ms=round(ttft_s * 1e3, 1) if ttft_s is not None else None, e2e_ms=round(e2e_s * 1e3, 1))
     log.info("request done %s", " ".join(f"{k}={'-' if v is None else v}" for k, v in rec.items()),
              extra={"request": rec})

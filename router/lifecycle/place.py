@@ -10,8 +10,9 @@ from typing import AsyncIterator
 
 from pdcluster.engine.hashing import block_hashes
 from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
-from pdcluster.messages import NoRoom, TokenItem
+from pdcluster.messages import NoRoom, PullPlan, TokenItem
 from pdcluster.router.errors import Unavailable, WorkerLost
+from pdcluster.router.lifecycle.pull import pull_plan
 from pdcluster.router.placement import Placement
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ class Attempt:
     first_token: int | None = None  # remote prefill: the prefill worker's first token
     cached_tokens: int = 0          # remote prefill: prompt tokens from the prefill worker's cache
     first_logprobs: TokenLogprobs | None = None     # remote prefill: the first token's, when asked
+    pull: PullPlan | None = None    # local prefill: the prefix blocks its decode worker pulls from a peer
 
     @property
     def decode_worker(self) -> str:
@@ -49,7 +51,8 @@ async def place(router, attempt_id: str, ids: list[int], params: SamplingParams,
         for w in {choice.decode, choice.prefill or choice.decode}:
             router.index.expect(w, hashes, time.time())
         if choice.kind == "local":
-            return _start_local(workers, attempt_id, ids, params, salt, choice, outputs)
+            return _start_local(workers, attempt_id, ids, params, salt, choice, outputs,
+                                pull_plan(choice, hashes, workers))
         attempt = await _prefill_remote(workers, attempt_id, ids, params, salt, choice, exclude, outputs)
         if attempt is not None:
             return attempt
@@ -57,13 +60,15 @@ async def place(router, attempt_id: str, ids: list[int], params: SamplingParams,
 
 
 def _start_local(workers, attempt_id: str, ids: list[int], params: SamplingParams, salt: str | None,
-                 choice: Placement, outputs: list[int]) -> Attempt:
+                 choice: Placement, outputs: list[int], pull=None) -> Attempt:
+    """pull: (PullPlan, holder client) when the decode worker pulls prefix blocks (router/lifecycle/pull.py)."""
     d = workers.decode[choice.decode]
     queued = max(0, len(ids) + len(outputs) - int((choice.estimate or {}).get("cached_tokens", 0)))
-    stream = _queued_until_first(workers, d.stream(attempt_id, None, ids, params, salt, outputs), choice.decode,
+    kw = dict(pull=pull[0], holder=pull[1]) if pull else {}
+    stream = _queued_until_first(workers, d.stream(attempt_id, None, ids, params, salt, outputs, **kw), choice.decode,
                                  queued)
     return Attempt(dict(prefill_worker=choice.decode, decode_worker=choice.decode, remote_prefill=False,
-                        kv_bytes_transferred=0, kv_transfer_ms=0.0), [d], stream=stream)
+                        kv_bytes_transferred=0, kv_transfer_ms=0.0), [d], stream=stream, pull=pull[0] if pull else None)
 
 
 async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: SamplingParams, salt: str | None,

@@ -93,6 +93,8 @@ class RequestRun:
         self.holders = attempt.holders
         if m == 0:
             self.cached, self.trace.placement = attempt.cached_tokens, attempt.placement
+            if attempt.pull is not None:
+                self.trace.pull = f"{attempt.pull.holder}:{len(attempt.pull.hashes)}"
         self.router.metrics.placed("remote" if attempt.placement["remote_prefill"] else "local")
         self.trace.decode, self.trace.migrations = attempt.decode_worker, m
         return attempt

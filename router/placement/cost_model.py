@@ -37,6 +37,8 @@ depends on d and the kind alone, and a remote cost splits into p's terms + d's t
 that depends on the pair only through d's zone and cached prefix, unless the link was measured);
 `estimates` prices them all, for explanations, and `choose_exhaustive` is the reference it is
 tested against (tests/unit/test_cost_model_linear.py).
+With peer pulls on (cost.peer_pull), `choose` is `choose_exhaustive`: a pull re-prices each local
+option by its best holder (router/placement/pull_pricing.py), which the grouped search does not model.
 
 Cached tokens come from the global PrefixIndex: min(match blocks, (L-1)//block_size) * block_size
 (the last token always computes), times the index's confidence in that worker. The match runs
@@ -64,6 +66,7 @@ from pdcluster.messages import EngineFigures
 from pdcluster.router.cost_config import CostConfig
 from pdcluster.router.placement.base import Placement
 from pdcluster.router.placement.load import WorkerLoad
+from pdcluster.router.placement.pull_pricing import apply_pulls
 from pdcluster.router.prefix_index import PrefixIndex, TierHits
 from pdcluster.router.telemetry import Telemetry
 
@@ -98,6 +101,12 @@ class Estimate:
     step_s_after: float = 0.0               # d's estimated decode step with the added load
     blocks_needed: int = 0
     kv_ok: bool = True
+    # a local option's peer pull (router/placement/pull_pricing.py): blocks [first, first + n) from pull_from
+    pull_from: str | None = None
+    pull_first_block: int = 0
+    pull_blocks: int = 0
+    pull_s: float = 0.0                     # in ttft_s, instead of those blocks' compute
+    pull_bandwidth_bps: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -208,23 +217,25 @@ class CostModel:
 
     def _options(self, prompt_len, prefills, decodes, exclude, hashes, now):
         """(now, usable prefills, usable decodes, {worker: expected cached tokens, any tier},
-        {worker: of them in its device pool}, {worker: seconds to load the rest}, local allowed)."""
+        {worker: of them in its device pool}, {worker: seconds to load the rest}, local allowed,
+        {worker: its TierHits}, what peer pulls price from)."""
         c, t = self.cfg, (time.time() if now is None else now)
         ds = [d for d in decodes if d.placeable and d.worker_id not in exclude]
         ps = [p for p in prefills if p.placeable and p.worker_id not in exclude] if c.allow_remote else []
         cached: dict[str, float] = {}           # tokens a worker need not compute (any tier)
         device: dict[str, float] = {}           # of them, in its device pool (a transfer skips these)
         load: dict[str, float] = {}             # seconds to load the rest from host / disk
+        hits: dict = {}                         # worker -> TierHits (peer pulls price from these)
         if hashes:
             loads = {w.worker_id: w for w in ps + ds}
-            for w, h in self.index.match_tiers(hashes, list(loads)).items():
+            for w, h in (hits := self.index.match_tiers(hashes, list(loads))).items():
                 if h.total:
                     conf = self.index.confidence(w, t)
                     cached[w] = self._cached(h.total, prompt_len, conf)
                     device[w] = self._cached(h.device, prompt_len, conf)
                     load[w] = self.tier_load_s(loads[w], h, prompt_len, conf)
         local_ok = c.allow_local and (c.local_max_tokens is None or prompt_len <= c.local_max_tokens)
-        return t, ps, ds, cached, device, load, local_ok
+        return t, ps, ds, cached, device, load, local_ok, hits
 
     def estimates(self, prompt_len: int, prefills: list[WorkerLoad], decodes: list[WorkerLoad],
                   exclude: Iterable[str] = frozenset(), *, hashes=None, now: float | None = None) -> list[Estimate]:
@@ -232,7 +243,8 @@ class CostModel:
         estimates, for explanations and as the reference `choose` is tested against
         (`choose_exhaustive`); placement itself uses `choose`, linear in workers."""
         c = self.cfg
-        t, ps, ds, cached, device, load, local_ok = self._options(prompt_len, prefills, decodes, exclude, hashes, now)
+        t, ps, ds, cached, device, load, local_ok, hits = self._options(prompt_len, prefills, decodes, exclude,
+                                                                        hashes, now)
         out = []
         for d in ds:
             dw = d.worker_id
@@ -241,6 +253,9 @@ class CostModel:
             for p in ps:
                 out.append(self.estimate_remote(prompt_len, p, d, cached.get(p.worker_id, 0.0), device.get(dw, 0.0),
                                                 t, load.get(p.worker_id, 0.0)))
+        if c.peer_pull and hits:
+            apply_pulls(self, out, prompt_len, hashes, hits,
+                        [w for w in [*prefills, *decodes] if w.healthy and w.worker_id not in exclude], t)
         best_cached = max(cached.values(), default=0.0)
         if c.duplicate_penalty and best_cached:
             loads = {w.worker_id: w for w in ps + ds}
@@ -286,7 +301,10 @@ class CostModel:
         are priced one by one. Cost: O(P log P + groups x walked P + D + measured links); groups <= zones x distinct
         cached-at-d values (a handful: the prompt's prefix hit lengths)."""
         c, tel = self.cfg, self.telemetry
-        t, ps, ds, cached, device, load, local_ok = self._options(prompt_len, prefills, decodes, exclude, hashes, now)
+        if c.peer_pull:     # pulls re-price local options per holder (pull_pricing.apply_pulls): the reference
+            return self.choose_exhaustive(prompt_len, prefills, decodes, exclude, hashes=hashes, now=now)
+        t, ps, ds, cached, device, load, local_ok, hits = self._options(prompt_len, prefills, decodes, exclude,
+                                                                        hashes, now)
         if not ds:
             return None
         best_cached = max(cached.values(), default=0.0)

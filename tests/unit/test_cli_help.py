@@ -46,6 +46,7 @@ SERVE_FLAGS = {     # every flag serve has (each one it had before the tree kept
     "--policy": "cost-model", "--auth-token-file": None, "--tls-cert": None, "--tls-key": None,
     "--cluster-secret-file": None, "--max-restarts": 3, "--worker-timeout": 60.0, "--prefill-timeout": 120.0,
     "--health-timeout": 5.0, "--transfer-timeout": 30.0, "--max-queue-wait": 30.0, "--drain-timeout": 30.0,
+    "--peer-pull": False,
     "--config": None, "--log-level": "INFO", "--log-format": "text",
 }
 

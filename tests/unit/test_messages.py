@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from pdcluster.messages import (BlockEvent, EngineFigures, Heartbeat, KVDestination, LinkFigures, NoRoom, PrefillResult,
-                                Reservation, TokenItem, WorkerStatus)
+                                PullOrder, PullPlan, PullResult, Reservation, TokenItem, WorkerStatus)
 
 RES = Reservation(kv_address="127.0.0.1:1", dst_id="decode-0", skip_blocks=2, dst_block_ids=[7, 9, 11],
                   cached_tokens=32)
@@ -15,6 +15,8 @@ RES = Reservation(kv_address="127.0.0.1:1", dst_id="decode-0", skip_blocks=2, ds
     PrefillResult(first_token=42, cached_tokens=16, prefill_s=0.25, kv_bytes=1 << 20, kv_transfer_ms=1.5,
                   kv_wall_ms=9.0, kv_codec="int8"),
     TokenItem([5, 6], True, "stop", 0), TokenItem([], False, None, 32), Heartbeat(1234),
+    PullPlan("decode-1", "127.0.0.1:4", 2, [2**63 + 5, 7]), PullOrder("r1", [9, 11], "127.0.0.1:5", "decode-0", [3, 4]),
+    PullResult(True, 2, 1 << 16, 1.5), PullResult(False, reason="blocks no longer cached (evicted)"),
 ])
 def test_round_trip_through_msgpack(msg):
     data = msg.to_bytes()

@@ -99,7 +99,7 @@ def test_placement_scenarios_are_registered_and_build():
     from pdcluster.bench.datasets import build_dataset
     from pdcluster.bench.scenario import KV_BLOCK_BYTES
     for name, knob in (("prefix-routing", "router.policy"), ("layerwise-transfer", "kv.layerwise"),
-                       ("selective-offload", "router.policy")):
+                       ("selective-offload", "router.policy"), ("prefix-pull", "cost.peer_pull")):
         sc = SCENARIOS[name]
         b, c = leaves(sc.baseline), leaves(sc.candidate)
         assert {k for k in b if b[k] != c[k]} == {knob}, name
@@ -164,7 +164,8 @@ def test_tier_scenarios_differ_only_by_the_candidates_tier_flags():
     for name in ("multi-turn", "trace-replay"):
         sc = SCENARIOS[name]
         assert leaves(sc.baseline) == leaves(sc.candidate), name       # same cluster; the flags add the tiers
-        assert set(sc.candidate_flags) == {"--kv-host-cache-gb", "--kv-disk-cache-dir", "--kv-disk-cache-gb"}
+        assert set(sc.candidate_flags) == {"--kv-host-cache-gb", "--kv-disk-cache-dir", "--kv-disk-cache-gb",
+                                           "--peer-pull"}
         assert sc.candidate_flags["--kv-disk-cache-dir"] == FRESH_DIR
         assert sc.baseline.router.policy == "cost-model" and not sc.baseline.router.remote_prefill
         assert "mean_ttft_ms" in sc.metrics and "prefix_cache_hit_rate" in sc.metrics

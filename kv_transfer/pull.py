@@ -1,0 +1,150 @@
+"""Peer pull: a worker about to prefill a prompt fetches prefix blocks another worker holds,
+instead of computing them (the router's cost model decides, router/placement/pull_pricing.py).
+
+    router ── PullPlan(holder, first block, hashes) ──> puller
+    puller (engine thread, KV connector): external_tokens -> the pulled blocks' tokens;
+        after_alloc -> a reservation at its KVReceiver + a PullOrder handed to `order_fn`
+        (another thread: the worker actor asks the holder)
+    holder: serve_pull -> read_blocks by chain hash on its engine thread (a host copy between
+        steps), then streams them into the reservation from the calling thread over the KV transport
+    puller: finished_loading reports the reservation's end; the scheduler counts the tokens as
+        computed (COMPLETE) or frees the blocks and recomputes every token (anything else)
+
+The transfer is a plain one of the cluster's transport: frames land only in the reservation, each
+checksummed, and an abort fences late frames. A missing block (evicted), a holder that dies or
+answers late, a bad frame: the reservation ends failed and the prompt is computed here, token-exact.
+Tenant isolation: the puller takes the plan's hashes only if they equal its own salted chain hashes
+of the prompt, and the holder finds blocks only by hash.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from pdcluster.kv_transfer.connectors import ReceiveConnector
+from pdcluster.kv_transfer.errors import KVTransferError
+from pdcluster.kv_transfer.receiver import KVReceiver, PendingTransfer, TransferState
+from pdcluster.messages import PullOrder, PullPlan, PullResult
+
+log = logging.getLogger(__name__)
+
+# order_fn(order) -> PullResult: asks the holder (blocking; any thread but the engine's). An
+# exception counts as a failed pull.
+OrderFn = Callable[[PullOrder], PullResult]
+
+
+class PullConnector(ReceiveConnector):
+    """A decode worker's connector: remote-prefill reservations (ReceiveConnector) and peer pulls.
+    `address` / `worker_id`: where the holder sends (this worker's KV server) and the link's name."""
+
+    def __init__(self, receiver: KVReceiver, num_layers: int, block_size: int, address: str, worker_id: str):
+        super().__init__(receiver, num_layers)
+        self.block_size, self.address, self.worker_id = block_size, address, worker_id
+        self._plans: dict[str, tuple[PullPlan, OrderFn]] = {}      # rid -> plan, until admitted
+        self._range: dict[str, tuple[int, int]] = {}               # rid -> blocks [a, b) external_tokens offered
+        self._pulling: dict[str, PendingTransfer] = {}             # rid -> its reservation, until it ends
+        self.pulled_blocks = 0                                      # blocks landed by completed pulls
+        self.failed_pulls = 0
+
+    def plan(self, request_id: str, plan: PullPlan, order_fn: OrderFn) -> None:
+        """Pull for request_id when the scheduler admits it (engine thread, before add_request)."""
+        if plan.hashes:
+            self._plans[request_id] = (plan, order_fn)
+
+    def drop_plan(self, request_id: str) -> None:
+        """Forget a plan whose request never reached the scheduler (add_request refused it)."""
+        self._plans.pop(request_id, None)
+
+    # scheduler side
+    def external_tokens(self, request, num_local_tokens: int) -> int:
+        rid = request.request_id
+        entry = self._plans.get(rid)
+        if entry is None:
+            return 0
+        plan, bs = entry[0], self.block_size
+        own = request.block_hashes()
+        a = num_local_tokens // bs                                  # local hits come first
+        b = min(plan.first_block + len(plan.hashes), (request.num_prefill_tokens - 1) // bs)
+        if own[plan.first_block:plan.first_block + len(plan.hashes)] != list(plan.hashes):
+            log.warning("%s: pull plan for %s names blocks not of its prompt (salt or tokens differ); computing",
+                        self.worker_id, rid)
+            self._plans.pop(rid)
+            return 0
+        if b <= a:                      # local hits cover it now. Below plan.first_block (the router's
+            self._plans.pop(rid)        # view of this pool was stale) the pull starts at a: the holder's
+            return 0                    # device prefix runs from block 0, and these are our own hashes
+        self._range[rid] = (a, b)
+        return (b - a) * bs
+
+    def after_alloc(self, request, block_ids: list[int], num_external_tokens: int) -> None:
+        rid = request.request_id
+        entry = self._plans.pop(rid, None)
+        if entry is None:                                           # a remote prefill's reservation
+            return super().after_alloc(request, block_ids, num_external_tokens)
+        a, b = self._range.pop(rid)
+        assert len(block_ids) == b - a, (len(block_ids), a, b)
+        p = self.receiver.expect(rid, block_ids, self.num_layers, self._write)
+        self._pulling[rid] = p
+        order = PullOrder(rid, list(request.block_hashes()[a:b]), self.address, self.worker_id, list(block_ids))
+        threading.Thread(target=self._order, args=(entry[1], order, entry[0].holder, p), daemon=True,
+                         name=f"pull-{rid}").start()
+
+    def _order(self, order_fn: OrderFn, order: PullOrder, holder: str, p: PendingTransfer) -> None:
+        """Ask the holder; a refusal or error ends the reservation (failed) unless it completed."""
+        try:
+            res = order_fn(order)
+            why = None if res.ok else res.reason or "refused"
+        except Exception as e:      # noqa: BLE001 - the holder's failure is a recompute, not an error
+            why = f"{type(e).__name__}: {e}"
+        if why is not None and p.end(TransferState.FAILED, f"pull from {holder}: {why}"):
+            log.info("%s: pull of %s from %s failed (%s); recomputing", self.worker_id, order.request_id, holder, why)
+
+    def finished_loading(self) -> list[tuple[str, bool]]:
+        done = [(rid, p) for rid, p in self._pulling.items() if p.state is not TransferState.PENDING]
+        out = []
+        for rid, p in done:
+            del self._pulling[rid]
+            ok = p.state is TransferState.COMPLETE
+            if ok:
+                self.pulled_blocks += len(p.block_ids)
+            else:
+                self.failed_pulls += 1
+            out.append((rid, ok))
+        return out
+
+    def request_finished(self, request_id: str, block_ids: list[int]) -> bool:
+        """A plan the scheduler never used (no room for the pulled blocks: it computed them) ends here."""
+        self._plans.pop(request_id, None)
+        self._range.pop(request_id, None)
+        return super().request_finished(request_id, block_ids)
+
+    def request_aborted(self, request_id: str) -> None:
+        self._plans.pop(request_id, None)
+        self._range.pop(request_id, None)
+        self._pulling.pop(request_id, None)
+        super().request_aborted(request_id)          # fences the reservation
+
+
+def serve_pull(engine_thread, transport, order: PullOrder, timeout_s: float) -> PullResult:
+    """The holder's side (any thread but the engine's): copy the blocks named by order.hashes to host
+    on the engine thread (engine/peer_read.py, between steps), then stream them into the puller's
+    reservation over `transport` (a KVTransport) from this thread. Never raises for a missing block
+    or a failed transfer: the PullResult says so (the puller recomputes)."""
+    from pdcluster.engine.peer_read import read_blocks
+    if transport is None:
+        return PullResult(False, reason="this worker's transport cannot serve pulls")
+    if len(order.hashes) != len(order.dst_block_ids) or not order.hashes:
+        return PullResult(False, reason=f"{len(order.hashes)} hashes for {len(order.dst_block_ids)} blocks")
+    blocks = engine_thread.run(lambda e: read_blocks(e, list(order.hashes)))
+    if blocks is None:
+        return PullResult(False, reason="blocks no longer cached (evicted)")
+    sender = transport.open(order.address, order.request_id, order.dst_block_ids, order.dst_id)
+    try:
+        for layer, (k, v) in enumerate(zip(blocks.k, blocks.v)):
+            sender.send_layer(layer, k, v)
+        stats = sender.finish(timeout=timeout_s)
+    except (KVTransferError, TimeoutError, OSError, ValueError) as e:
+        sender.abort()
+        return PullResult(False, reason=f"transfer failed: {e}")
+    return PullResult(True, blocks.num_blocks, stats.bytes, stats.wall_s * 1e3)

@@ -1,0 +1,102 @@
+"""Peer-pull pricing: should the worker that prefills a prompt pull prefix blocks another worker holds
+instead of recomputing them (kv_transfer/pull.py moves them)? Pure Python.
+
+For a local option on decode worker d whose own hit covers blocks [0, a), and a holder h (another
+worker, prefill or decode) whose device pool holds blocks [0, b) of the prompt (b capped so the last
+token still computes on d), the pull covers [a, b):
+      pull_s      = (b - a) * block_size * kv_bytes_per_token / bandwidth(h -> d)
+      recompute_s = (b - a) * block_size / prefill rate of d
+   bandwidth: the link figures learned per (src, dst) pair, as KV transfers are priced (Telemetry.links;
+   zone priors while unmeasured); both rates learned online.
+The pull is taken when conf_h * recompute_s > pull_s + pull_overhead_s: it must win even when the
+index's confidence that h still holds the blocks (PrefixIndex.confidence) discounts the saving (a
+pull that finds them evicted recomputes, having paid the order). The best holder is the one that
+saves most. Applied to an Estimate, the pulled tokens leave compute_s (and the local penalty, which
+scales with it) and join cached_tokens, and pull_s joins the TTFT: the transfer is not credited with
+overlap against the tail's compute (the tail runs after the pulled blocks land).
+
+Only device blocks are priced today: a holder's host / disk tiers serve pulls once they can read
+blocks by chain hash (engine/peer_read.py); their load time then adds to pull_s.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pdcluster.router.placement.load import WorkerLoad
+
+
+@dataclass(frozen=True)
+class PullOption:
+    holder: str
+    first_block: int                # a: the first pulled block of the prompt
+    blocks: int                     # b - a
+    pull_s: float
+    recompute_s: float              # what the pull saves (unscaled by confidence)
+    bandwidth_bps: float
+    bandwidth_source: str
+
+
+def pull_seconds(blocks: int, block_size: int, kv_bytes_per_token: float, bandwidth_bps: float) -> float:
+    """Seconds to move `blocks` KV blocks over a link of bandwidth_bps bytes/s."""
+    return blocks * block_size * kv_bytes_per_token / max(bandwidth_bps, 1.0)
+
+
+def recompute_seconds(blocks: int, block_size: int, prefill_tps: float) -> float:
+    return blocks * block_size / max(prefill_tps, 1e-9)
+
+
+def best_pull(model, prompt_len: int, d: WorkerLoad, own_blocks: int, device_blocks: dict[str, int],
+              loads: dict[str, WorkerLoad], now: float) -> PullOption | None:
+    """The most saving pull for a local prefill on d (see the module doc), or None. model: the
+    CostModel (its cfg, telemetry, index); own_blocks: d's hit blocks in any tier; device_blocks:
+    worker id -> prompt blocks in its device pool (PrefixIndex.match_tiers)."""
+    c, t = model.cfg, model.telemetry
+    cap = max(0, (prompt_len - 1) // c.block_size)
+    a = min(own_blocks, cap)
+    rate = t.prefill_tps(d)
+    best = None
+    for h, n in device_blocks.items():
+        w = loads.get(h)
+        b = min(n, cap)
+        if h == d.worker_id or w is None or not w.healthy or b <= a:
+            continue
+        bw, src = t.links.bandwidth(h, d.worker_id, w.zone, d.zone)
+        pull_s = pull_seconds(b - a, c.block_size, c.kv_bytes_per_token, bw)
+        save_s = recompute_seconds(b - a, c.block_size, rate)
+        gain = model.index.confidence(h, now) * save_s - pull_s - c.pull_overhead_s
+        if gain > 0 and (best is None or gain > best[0]):
+            best = (gain, PullOption(h, a, b - a, pull_s, save_s, bw, src))
+    return best[1] if best else None
+
+
+def apply_pulls(model, estimates: list, prompt_len: int, hashes: list[int], hits: dict,
+                workers: list[WorkerLoad], now: float) -> None:
+    """Price a pull into every local estimate where one pays (cost_model.Estimate, in place).
+    hits: worker id -> TierHits of the prompt (PrefixIndex.match_tiers) for the placeable workers;
+    workers: every healthy worker not excluded, the holders (a draining or busy worker still serves pulls)."""
+    c = model.cfg
+    loads = {w.worker_id: w for w in workers}
+    extra = [w for w in loads if w not in hits]
+    if extra:
+        hits = hits | model.index.match_tiers(hashes, extra)
+    device = {w: h.device for w, h in hits.items() if h.device and w in loads}
+    if not device:
+        return
+    for e in estimates:
+        if e.kind != "local" or e.decode not in loads:
+            continue
+        d = loads[e.decode]
+        own = hits[e.decode].total if e.decode in hits else 0
+        p = best_pull(model, prompt_len, d, own, device, loads, now)
+        if p is None:
+            continue
+        saved = min(e.compute_s, p.recompute_s)
+        n_d = max(d.running, d.in_flight)
+        e.pull_from, e.pull_first_block, e.pull_blocks = p.holder, p.first_block, p.blocks
+        e.pull_s, e.pull_bandwidth_bps = p.pull_s, p.bandwidth_bps
+        e.compute_s -= saved
+        e.cached_tokens += p.blocks * c.block_size
+        e.ttft_s += p.pull_s - saved
+        penalty = c.local_penalty * n_d * e.compute_s
+        e.cost_s += p.pull_s - saved + penalty - e.local_penalty_s
+        e.local_penalty_s = penalty
