@@ -197,6 +197,7 @@ def build_report(sc: Scenario, settings: dict, baseline_runs: list[dict], candid
         merged["runs"] = [{k: r.get(k) for k in ("duration", "completed", "failed") + tuple(sc.metrics)}
                           for r in runs]
         merged["workers"] = workers.get(side, [])
+        merged["tiers"] = tier_totals(merged["workers"])
         sides[side] = merged
     scenario = dict(name=sc.name, summary=sc.summary, labels=list(sc.labels), dataset=sc.dataset,
                     request_rate=sc.request_rate, burstiness=sc.burstiness, max_concurrency=sc.max_concurrency,
@@ -241,7 +242,11 @@ def format_report(report: dict) -> str:
     body = [line(label, cells) for label, cells in rows]
     fails = [f"{s}: {report[s]['failed']} failed {report[s]['errors']}" for s in ("baseline", "candidate")
              if report[s].get("failed")]
-    return "\n".join(head + body + fails)
+    tiers = [f"{s} tiers (all runs and workers): " + "; ".join(
+                 f"{t} " + ", ".join(f"{k} {v}" for k, v in d.items() if k != "loaded_bytes")
+                 for t, d in report[s]["tiers"].items())
+             for s in ("baseline", "candidate") if report[s].get("tiers")]
+    return "\n".join(head + body + fails + tiers)
 
 
 # Running: one cluster at a time.
@@ -294,9 +299,37 @@ async def run_once(cfg: ClusterConfig, sc: Scenario, requests, seed: int, vocab_
         await cluster.stop()
     busy = {wid: after[wid].engine.busy_s - before[wid].engine.busy_s for wid in after}
     workers = {wid: dict(busy_s=busy[wid], steps=after[wid].engine.steps - before[wid].engine.steps,
-                         busy_fraction=busy[wid] / result["duration"])
+                         busy_fraction=busy[wid] / result["duration"],
+                         tiers=tier_deltas(before[wid].tiers if wid in before else (), after[wid].tiers))
                for wid in after}
     return result, workers
+
+
+TIER_COUNTERS = ("hits", "load_failures", "loaded_bytes", "stored", "evicted", "corrupt")
+
+
+def tier_deltas(before, after) -> dict[str, dict[str, int]]:
+    """{tier: {counter: after - before}} over a run, from two WorkerStatus.tiers (TierFigures), plus
+    "blocks" (held at the end) and "capacity_blocks". {} when the worker has no lower tiers."""
+    b = {t.tier: t for t in before}
+    out = {}
+    for t in after:
+        prev = b.get(t.tier)
+        d = {k: getattr(t, k) - (getattr(prev, k) if prev else 0) for k in TIER_COUNTERS}
+        out[t.tier] = d | dict(blocks=t.blocks, capacity_blocks=t.capacity_blocks)
+    return out
+
+
+def tier_totals(workers: list[dict]) -> dict[str, dict[str, int]]:
+    """A side's per-tier counters summed over its runs and workers (run_once's worker figures)."""
+    tot: dict[str, dict[str, int]] = {}
+    for run in workers:
+        for w in run.values():
+            for tier, d in w.get("tiers", {}).items():
+                acc = tot.setdefault(tier, dict.fromkeys(TIER_COUNTERS, 0))
+                for k in TIER_COUNTERS:
+                    acc[k] += d[k]
+    return tot
 
 
 @contextlib.contextmanager

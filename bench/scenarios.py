@@ -161,36 +161,42 @@ register(Scenario(
 # the cache a placement hits is where the prompt computes), the cost model on both sides (it
 # prices a host/disk hit at its load time), device pools far smaller than the working set.
 # The candidate's tier flags are those of `pdcluster serve` (the KV tiers' deploy/flags.py), set
-# when it runs; until the build has them, run `--only baseline`. Peer pulls (issue 19 point 3,
-# --peer-pull) are on in the candidate too.
-TIER_FLAGS = {"--kv-host-cache-gb": 0.5, "--kv-disk-cache-dir": FRESH_DIR, "--kv-disk-cache-gb": 2.0,
-              "--peer-pull": True}
+# when it runs. Peer pulls (issue 19 point 3, --peer-pull) are left off here: these scenarios
+# measure the tiers alone (RESULTS.md's runs), and `prefix-pull` measures pulls.
+TIER_FLAGS = {"--kv-host-cache-gb": 0.5, "--kv-disk-cache-dir": FRESH_DIR, "--kv-disk-cache-gb": 2.0}
 _tier_cfg = dict(pools__prefill__initial_replicas=0, pools__decode__initial_replicas=2, router__remote_prefill=False,
                  engine__threads_per_worker=1, router__policy="cost-model")
 
-# multi-turn: 12 conversations of 4 turns (96 new prompt tokens + 16 output tokens a turn, so the
-# last turn resends 448 tokens = 28 blocks; 336 blocks for every conversation's last turn), sent
-# turn-major so that all 12 are live at once and 11 other turns come between two turns of one
-# conversation. Device pool 64 blocks per worker: two last turns, about a fifth of the 12
-# conversations per worker (2 x 64 of 336 blocks), and the running requests' blocks come out of it
-# too, so device-only evicts a conversation's history before its next turn; a 0.5 GiB host tier
-# holds every conversation (336 blocks x 0.74 MB = 0.25 GB, float32 KV).
+# multi-turn: 10 conversations of 6 turns (64 new prompt tokens + 8 output tokens a turn, so turn k
+# resends 72k + 64 tokens, the last 424 = 27 blocks; 265 blocks for every conversation's last turn),
+# sent turn-major so that all 10 are live at once and 9 other turns come between two turns of one
+# conversation. Device pool 64 blocks per worker: about two last turns, under half of the ~5
+# conversations a worker serves, and the running requests' blocks come out of it too, so an LRU
+# device pool evicts a conversation's history before its next turn (a cyclic pattern larger than
+# the cache); a 0.5 GiB host tier per worker (728 blocks of 0.74 MB, float32 KV) holds them all.
+# In whole blocks a perfect cache serves 1,024 of the 1,464 prompt tokens of a conversation (70%).
+# The first probe (12 x 4 turns, 96 + 16 tokens, 1.0 req/s) saturated both sides on this shared host
+# (workers 96% busy, 0.38-0.45 req/s served): TTFT was queueing on both, and 16 output tokens a turn
+# made decode steps most of the work. So fewer, shorter outputs, longer histories relative to the new
+# turn (where the tiers save the most), and 0.6 req/s (see RESULTS.md for what it did).
 MT_POOL_BLOCKS = 64
+MT_CONVERSATIONS, MT_TURNS, MT_RATE = 10, 6, 0.6
 register(Scenario(
     name="multi-turn",
-    summary="12 live 4-turn conversations on 2 local-prefill workers of 64-block pools: device-only vs host+disk tiers",
+    summary=f"{MT_CONVERSATIONS} live {MT_TURNS}-turn conversations on 2 local-prefill workers of {MT_POOL_BLOCKS}-block "
+            "pools (device pools hold under half the conversations, the host tier all): device-only vs host+disk tiers",
     baseline=cluster(engine__cache__kv_cache_memory=kv_blocks(MT_POOL_BLOCKS), **_tier_cfg),
     candidate=cluster(engine__cache__kv_cache_memory=kv_blocks(MT_POOL_BLOCKS), **_tier_cfg),
     candidate_flags=TIER_FLAGS,
     labels=("device-only", "kv-tiers"),
-    dataset={"dataset": "multi-turn", "num_conversations": 12, "turns": 4, "input_len": 96, "output_len": 16,
-             "ignore_eos": True},
-    request_rate=1.0,
+    dataset={"dataset": "multi-turn", "num_conversations": MT_CONVERSATIONS, "turns": MT_TURNS, "input_len": 64,
+             "output_len": 8, "ignore_eos": True},
+    request_rate=MT_RATE,
     goodput={"ttft": 2000.0},
     metrics=("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "prefix_cache_hit_rate", "request_goodput",
              "request_throughput"),
-    notes=f"2 workers x {MT_POOL_BLOCKS} device blocks (~1/5 of the conversations each); candidate adds "
-          f"{TIER_FLAGS} (a fresh disk directory per run); sizes not yet probed on the candidate",
+    notes=f"2 workers x {MT_POOL_BLOCKS} device blocks (under half of a worker's conversations); candidate adds "
+          f"{TIER_FLAGS} (a fresh disk directory per run)",
 ))
 
 
@@ -202,31 +208,34 @@ def trace_path() -> str:
 
 # trace-replay: a slice of the Mooncake FAST'25 conversation trace (bench/trace_dataset.py). Its
 # turns come minutes apart, so a contiguous slice reuses nothing but the system prompt (the first
-# 48 lines: 4% of blocks even with an unbounded cache); one conversation in 40 from the first 2000
-# lines (48 requests over 663 s of trace time) reuses 22% of its blocks with an unbounded cache, 3%
-# with an LRU of 64 trace blocks (a trace-level simulation). token_scale 1: a 512-token trace block
-# is one 16-token engine block (prompts average 426 tokens, the longest 1588; outputs scaled alike,
-# 11 tokens on average); time_scale 0.1 replays the 663 s in 66 s (0.72 req/s, 20,460 prompt tokens
-# against 2 one-thread workers' ~400 tokens/s). Device pool 96 blocks per worker, while the slice
-# touches 1,303 blocks (0.96 GB of float32 KV, about half on each worker): device-only keeps little
-# of it between a conversation's turns; --kv-host-cache-gb 0.5 per worker holds most of a worker's
-# half and the disk tier the rest.
-TRACE_POOL_BLOCKS = 96
+# 48 lines: 4% of blocks even with an unbounded cache); one conversation in 40 from the start keeps
+# whole conversations: 32 requests over 426 s of trace time, 814 blocks of 16 tokens (token_scale 1:
+# a 512-token trace block is one engine block; outputs scaled alike, ~11 tokens), 22% of them
+# reusable with an unbounded cache (the whole trace: 37%). Device pool 112 blocks per worker: the
+# slice's longest prompt is 100 blocks (1,588 tokens), so that is about the least that runs every
+# request; an LRU of that size per worker (each prompt to the worker with its longest prefix) hits 6%
+# of blocks in a trace-level simulation (hash ids only, 2026-12-04), an unbounded cache 22%:
+# device-only cannot keep a conversation between its turns, the 0.5 GiB host tier per worker (728
+# blocks) holds the whole slice (~630 distinct blocks). time_scale 0.2 replays the 426 s in 85 s:
+# ~150 prompt tokens/s offered to 2 one-thread workers. The tiers can save at most the 22% reusable
+# prefill, so a 2x TTFT needs the queueing that recomputing causes (see RESULTS.md).
+TRACE_POOL_BLOCKS = 112
 register(Scenario(
     name="trace-replay",
-    summary="Mooncake conversation trace, 48 requests (1 conversation in 40, time x0.1) on 2 local-prefill "
-            "workers of 96-block pools: device-only vs host+disk tiers",
+    summary="Mooncake conversation trace, 32 requests (1 conversation in 40, time x0.2) on 2 local-prefill "
+            f"workers of {TRACE_POOL_BLOCKS}-block pools (~1/3 of the slice's distinct blocks): device-only vs "
+            "host+disk tiers (host tier holds it all)",
     baseline=cluster(engine__cache__kv_cache_memory=kv_blocks(TRACE_POOL_BLOCKS), **_tier_cfg),
     candidate=cluster(engine__cache__kv_cache_memory=kv_blocks(TRACE_POOL_BLOCKS), **_tier_cfg),
     candidate_flags=TIER_FLAGS,
     labels=("device-only", "kv-tiers"),
-    dataset={"dataset": f"mooncake:{trace_path()}", "token_scale": 1, "time_scale": 0.1, "start": 0,
-             "max_requests": 48, "conversation_sample": 40, "ignore_eos": True},
+    dataset={"dataset": f"mooncake:{trace_path()}", "token_scale": 1, "time_scale": 0.2, "start": 0,
+             "max_requests": 32, "conversation_sample": 40, "ignore_eos": True},
     request_rate=float("inf"),          # unused: the trace's own arrival times
     goodput={"ttft": 5000.0},
     metrics=("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "prefix_cache_hit_rate", "request_goodput",
              "request_throughput"),
-    notes=f"arrivals from the trace (x0.1); 2 workers x {TRACE_POOL_BLOCKS} device blocks; candidate adds "
+    notes=f"arrivals from the trace (x0.2); 2 workers x {TRACE_POOL_BLOCKS} device blocks; candidate adds "
           f"{TIER_FLAGS}; trace file: $PDCLUSTER_TRACE or ../shared/traces/conversation_trace.jsonl",
 ))
 

@@ -164,8 +164,7 @@ def test_tier_scenarios_differ_only_by_the_candidates_tier_flags():
     for name in ("multi-turn", "trace-replay"):
         sc = SCENARIOS[name]
         assert leaves(sc.baseline) == leaves(sc.candidate), name       # same cluster; the flags add the tiers
-        assert set(sc.candidate_flags) == {"--kv-host-cache-gb", "--kv-disk-cache-dir", "--kv-disk-cache-gb",
-                                           "--peer-pull"}
+        assert set(sc.candidate_flags) == {"--kv-host-cache-gb", "--kv-disk-cache-dir", "--kv-disk-cache-gb"}
         assert sc.candidate_flags["--kv-disk-cache-dir"] == FRESH_DIR
         assert sc.baseline.router.policy == "cost-model" and not sc.baseline.router.remote_prefill
         assert "mean_ttft_ms" in sc.metrics and "prefix_cache_hit_rate" in sc.metrics
@@ -226,4 +225,26 @@ def test_trace_scenario_builds_the_slice_from_the_trace_file(tmp_path):
     assert len(reqs[0].prompt_ids) == bs + round(188 * bs / 512)    # one engine block per trace block
     assert reqs[0].prompt_ids[:bs] == reqs[1].prompt_ids[:bs]       # the shared block 0
     assert min(t for r in reqs for t in r.prompt_ids) > 16          # SmolLM2's added tokens are 0..16
-    assert [r.arrival_s for r in reqs] == [0.0, 0.1]                # time_scale 0.1
+    assert [r.arrival_s for r in reqs] == [0.0, 0.2]                # time_scale 0.2
+
+
+def test_tier_counters_are_per_run_deltas_summed_over_runs_and_workers():
+    from pdcluster.bench.scenario import tier_deltas, tier_totals
+    from pdcluster.messages import TierFigures
+    before = (TierFigures("host", capacity_blocks=10, hits=5, stored=7, blocks=7),)
+    after = (TierFigures("host", capacity_blocks=10, hits=9, stored=10, evicted=2, blocks=8),
+             TierFigures("disk", capacity_blocks=40, stored=3, blocks=3))       # a tier with no "before"
+    d = tier_deltas(before, after)
+    assert d["host"]["hits"] == 4 and d["host"]["stored"] == 3 and d["host"]["evicted"] == 2
+    assert d["host"]["blocks"] == 8 and d["host"]["capacity_blocks"] == 10
+    assert d["disk"]["stored"] == 3 and d["disk"]["hits"] == 0
+    assert tier_deltas((), ()) == {}                                              # tiers off
+    runs = [{"decode-0": {"tiers": d}, "decode-1": {"tiers": d}}, {"decode-0": {"tiers": {}}}]
+    tot = tier_totals(runs)
+    assert tot["host"]["hits"] == 8 and tot["disk"]["stored"] == 6
+    base = [fake(10.0, [100, 300], [40, 60], 40, 0.1)]
+    rep = build_report(SC, dict(rounds=1, seed=0), base, base, {"baseline": [{"d": {"tiers": {}}}],
+                                                                "candidate": [runs[0]]})
+    assert rep["baseline"]["tiers"] == {} and rep["candidate"]["tiers"]["host"]["hits"] == 8
+    table = format_report(rep)
+    assert "candidate tiers" in table and "host hits 8" in table and "baseline tiers" not in table
