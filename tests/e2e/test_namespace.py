@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-OURS = ("engine", "router", "prefill_worker", "decode_worker", "kv_transfer", "kernels", "deploy", "bench")
+OURS = ("engine", "router", "prefill_worker", "decode_worker", "kv_transfer", "kernels", "deploy", "bench", "sim")
 
 
 def hf_kernels_installed() -> bool:
