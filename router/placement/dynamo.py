@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from pdcluster.engine.config import CacheConfig
 from pdcluster.router.placement.base import Placement
-from pdcluster.router.placement.load import WorkerLoad, usable
+from pdcluster.router.placement.load import WorkerLoad, candidates
 from pdcluster.router.prefix_index import PrefixIndex
 
 
@@ -37,11 +37,9 @@ class DynamoKV:
 
     def choose(self, prompt_len: int, prefills: list[WorkerLoad], decodes: list[WorkerLoad],
                exclude=frozenset(), *, hashes=None, now=None) -> Placement | None:
-        ds = usable(decodes, exclude)
+        ds, ps, hits = candidates(self.index, prefills, decodes, exclude, self.remote_prefill, hashes, now)
         if not ds:
             return None
-        ps = usable(prefills, exclude) if self.remote_prefill else []
-        hits = self.index.match_weighted(hashes, [w.worker_id for w in ps + ds], now) if hashes else {}
         pick = lambda ws: min(ws, key=lambda w: (self._cost(w, prompt_len, hits.get(w.worker_id, 0.0)),  # noqa: E731
                                                  w.worker_id))
         d = pick(ds)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from pdcluster.engine.config import CacheConfig
 from pdcluster.router.placement.base import Placement
-from pdcluster.router.placement.load import WorkerLoad, usable
+from pdcluster.router.placement.load import WorkerLoad, candidates
 from pdcluster.router.prefix_index import PrefixIndex
 
 
@@ -46,11 +46,9 @@ class LlmD:
 
     def choose(self, prompt_len: int, prefills: list[WorkerLoad], decodes: list[WorkerLoad],
                exclude=frozenset(), *, hashes=None, now=None) -> Placement | None:
-        ds = usable(decodes, exclude)
+        ds, ps, hits = candidates(self.index, prefills, decodes, exclude, self.remote_prefill, hashes, now)
         if not ds:
             return None
-        ps = usable(prefills, exclude) if self.remote_prefill else []
-        hits = self.index.match_weighted(hashes, [w.worker_id for w in ps + ds], now) if hashes else {}
         n_blocks = max(1, -(-prompt_len // self.block_size))
         d = self._pick(ds, hits, n_blocks)
         uncached = prompt_len - hits.get(d.worker_id, 0.0) * self.block_size

@@ -40,6 +40,16 @@ def usable(workers: list[WorkerLoad], exclude) -> list[WorkerLoad]:
     return [w for w in workers if w.placeable and w.worker_id not in exclude]
 
 
+def candidates(index, prefills: list[WorkerLoad], decodes: list[WorkerLoad], exclude, remote: bool, hashes, now
+               ) -> tuple[list[WorkerLoad], list[WorkerLoad], dict[str, float]]:
+    """A scoring policy's view: (usable decodes, usable prefills (none unless `remote`), confidence-
+    weighted prefix hit blocks per worker from `index`, {} without hashes)."""
+    ds = usable(decodes, exclude)
+    ps = usable(prefills, exclude) if remote and ds else []
+    hits = index.match_weighted(hashes, [w.worker_id for w in ps + ds], now) if hashes and ds else {}
+    return ds, ps, hits
+
+
 def decode_key(w: WorkerLoad) -> float:
     """Lower is a better decode worker: requests on it, less its free share of KV."""
     return w.in_flight - w.free_blocks / max(w.num_blocks, 1)
