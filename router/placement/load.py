@@ -24,6 +24,34 @@ class WorkerLoad:
     prefill_tps: float | None = None        # prefill rate override, tokens/s (else learned online)
     decode_step_s: tuple | None = None      # decode step-time override (base_s, per_seq_s)
 
+    def __setattr__(self, name, value):
+        # every write tells the watchers (cost-model caches of per-worker figures, see
+        # placement/fleet_cache.py): each is a set that collects the ids of objects changed since it looked
+        object.__setattr__(self, name, value)
+        sinks = self.__dict__.get("_sinks")
+        if sinks:
+            for s in sinks:
+                s.add(id(self))
+
+    def touch(self) -> None:
+        """Tell the watchers this worker's figures changed without a field write (Telemetry learned
+        a new rate or step time for it)."""
+        for s in self.__dict__.get("_sinks", ()):
+            s.add(id(self))
+
+    def watch(self, sink: set) -> None:
+        """Add id(self) to `sink` on every later change (a cache's dirty set; unwatch to stop)."""
+        sinks = self.__dict__.get("_sinks")
+        if sinks is None:
+            object.__setattr__(self, "_sinks", [sink])
+        elif not any(s is sink for s in sinks):
+            sinks.append(sink)
+
+    def unwatch(self, sink: set) -> None:
+        sinks = self.__dict__.get("_sinks")
+        if sinks:
+            sinks[:] = [s for s in sinks if s is not sink]
+
     @property
     def placeable(self) -> bool:
         """May take a new request: answered its last status poll and is not draining."""
