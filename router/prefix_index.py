@@ -455,7 +455,15 @@ class PrefixIndex:
                        now: float | None = None) -> dict[str, float]:
         """match() times confidence(w): the expected number of reusable blocks per worker."""
         t = _now(now)
-        return {w: n * self.confidence(w, t) if n else 0.0 for w, n in self.match(hashes, workers).items()}
+        out = dict.fromkeys(self._state.keys() if workers is None else workers, 0.0)
+        levels = self.match_levels(hashes)       # the memoized walk; confidence only where below 1
+        if levels:
+            inexact = self.inexact(t)
+            for n, ws in levels:
+                for w in ws & out.keys():
+                    c = inexact.get(w)
+                    out[w] = n * (1.0 if c is None else c)
+        return out
 
     # internals
     def _heard_at(self, worker_id: str, t: float) -> None:

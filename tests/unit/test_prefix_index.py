@@ -332,4 +332,7 @@ def test_match_levels_and_inexact_follow_every_change():
         assert got == {w: n for w, n in ix.match(q).items() if n}, step
         assert sorted(n for n, _ in levels) == sorted({n for n, _ in levels})      # one level per length
         assert ix.inexact(t) == {w: c for w in ix.workers if (c := ix.confidence(w, t)) != 1.0}, step
+        some = rng.sample(workers, 4) + ["unknown"]
+        assert ix.match_weighted(q, some, t) == {w: n * ix.confidence(w, t) if n else 0.0
+                                                 for w, n in ix.match(q, some).items()}, step
     assert reused > 100
