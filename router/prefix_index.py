@@ -189,14 +189,14 @@ class PrefixIndex:
         self.add_worker(worker_id, t)
         mine = self._by_worker[worker_id]
         tentative = self._tentative.setdefault(worker_id, {})
-        for h in hashes:
-            if h not in mine:
-                mine.add(h)
-                self._holders.setdefault(h, set()).add(worker_id)
-                self._steps.pop(h, None)
-                tentative[h] = t + self.expect_ttl_s
-            elif h in tentative:
-                tentative[h] = t + self.expect_ttl_s
+        expiry, hs = t + self.expect_ttl_s, set(hashes)     # set operations: the held ones cost no Python step
+        for h in hs - mine:
+            mine.add(h)
+            self._holders.setdefault(h, set()).add(worker_id)
+            self._steps.pop(h, None)
+            tentative[h] = expiry
+        for h in tentative.keys() & hs:     # still tentative (new ones included): their expiry moves
+            tentative[h] = expiry
 
     def heartbeat(self, worker_id: str, seq: int | None = None, now: float | None = None) -> None:
         """The worker is alive; seq = the number of its latest event (all events up to it were sent).

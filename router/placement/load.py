@@ -65,7 +65,9 @@ class WorkerLoad:
 
 def usable(workers: list[WorkerLoad], exclude) -> list[WorkerLoad]:
     """The placeable workers not in `exclude` (ids)."""
-    return [w for w in workers if w.placeable and w.worker_id not in exclude]
+    if not exclude:         # (placeable spelled out: no property call per worker)
+        return [w for w in workers if w.healthy and not w.draining]
+    return [w for w in workers if w.healthy and not w.draining and w.worker_id not in exclude]
 
 
 def candidates(index, prefills: list[WorkerLoad], decodes: list[WorkerLoad], exclude, remote: bool, hashes, now
