@@ -30,6 +30,7 @@ from operator import is_
 
 import numpy as np
 
+from pdcluster.kv_transfer.codec_policy import CompressionPolicy
 from pdcluster.router.placement.base import Placement
 from pdcluster.router.placement.load import WorkerLoad
 
@@ -49,6 +50,7 @@ class _Side:
         self.wids: list[str] = []
         self.unique = True                  # no worker id twice in the list
         self.epoch = None                   # Telemetry.epoch the columns were built at
+        self.tel = None                     # ... and that Telemetry
         self.generation = 0                 # rebuilds so far
         self.memo: dict[int, tuple] = {}    # id(frozenset of worker ids) -> (that set, its rows here)
 
@@ -58,7 +60,8 @@ class _Side:
 
     def sync(self, loads: list[WorkerLoad]) -> None:
         tel = self.owner.cm.telemetry
-        if len(loads) != len(self.loads) or not all(map(is_, loads, self.loads)) or tel.epoch != self.epoch:
+        if (len(loads) != len(self.loads) or not all(map(is_, loads, self.loads)) or tel.epoch != self.epoch
+                or tel is not self.tel):
             self._rebuild(loads, list(map(id, loads)))
         elif self.dirty:
             changed = [self.row_of_obj[i] for i in self.dirty if i in self.row_of_obj]
@@ -80,7 +83,8 @@ class _Side:
         for w in self.loads:
             w.watch(self.dirty)
         n = len(loads)
-        self.epoch = self.owner.cm.telemetry.epoch
+        self.tel = self.owner.cm.telemetry
+        self.epoch = self.tel.epoch
         self.row_of_obj = {i: r for r, i in enumerate(ids)}
         self.wids = [w.worker_id for w in loads]
         self.row_of = {w: r for r, w in enumerate(self.wids)}
@@ -97,7 +101,8 @@ class _Side:
         self.step_n = np.zeros(n)                       # decode step seconds at nseq (decode rows)
         self.step_n1 = np.zeros(n)                      # ... at nseq + 1
         self.free = np.zeros(n, np.int64)
-        self.cap_known = np.zeros(n, bool)
+        self.cap_unknown = np.zeros(n, bool)
+        self.tpot_r = np.zeros(n, bool)                 # a remote option's TPOT guard: step at nseq + 1 <= slo
         self.num_blocks = np.zeros(n, np.int64)
         self.zone = np.zeros(n, np.int64)               # VectorChooser.zone_index
         self.memo.clear()
@@ -118,7 +123,9 @@ class _Side:
         if self.role == "decode":       # (step_s on a prefill worker would create its perf as a decode's)
             self.step_n[r], self.step_n1[r] = tel.step_s(w, n), tel.step_s(w, n + 1)
         self.free[r] = w.free_blocks
-        self.cap_known[r] = w.capacity_known
+        self.cap_unknown[r] = not w.capacity_known
+        slo = cm.cfg.tpot_slo_s
+        self.tpot_r[r] = slo is None or max(self.step_n1[r], 0.0) <= slo
         self.num_blocks[r] = w.num_blocks
         self.zone[r] = self.owner.zone_index(w.zone)
 
@@ -228,7 +235,7 @@ class VectorChooser:
                         code[r] = len(vals) - 1
         vals_a, blks_a = np.array(vals), np.array(blks, np.int64)
         cD, cP = vals_a[codeD], vals_a[codeP]
-        best_cached = max(float(cD[uD].max()), float(cP[uP].max()) if uP.any() else 0.0, 0.0)
+        best_cached = max(float(np.max(cD, where=uD, initial=0.0)), float(np.max(cP, where=uP, initial=0.0)))
         dup_on = bool(c.duplicate_penalty and best_cached)
         local_ok = c.allow_local and (c.local_max_tokens is None or prompt_len <= c.local_max_tokens)
         n_ps = int(uP.sum())
@@ -236,7 +243,7 @@ class VectorChooser:
         # decode side: verdicts (the local and remote option of d need the same blocks here: no lower tiers)
         need = -(-prompt_len // bs) + 1
         blocks = np.maximum(0, need - blks_a[codeD])
-        kv = uD & (~D.cap_known | (D.free >= blocks))
+        kv = uD & (D.cap_unknown | (D.free >= blocks))
         n_kv = int(kv.sum())
         kv_ok_count = (n_kv if local_ok else 0) + (n_ps * n_kv)
         if not n_kv:
@@ -257,7 +264,7 @@ class VectorChooser:
         rmask = kv if n_ps else np.zeros(len(D.loads), bool)
         if n_ps:
             self._remote(prompt_len, cP, uP, cD, codeD, vals, rmask, best_cached, dup_on, cost_r, p_r)
-        tpot_r = np.ones(len(D.loads), bool) if slo is None else np.maximum(D.step_n1, 0.0) <= slo
+        tpot_r = D.tpot_r
         lmask = kv if local_ok else np.zeros(len(D.loads), bool)
         pick = self._pick(cost_l, lmask & tpot_l, cost_r, rmask & tpot_r)
         if pick is None and not c.tpot_strict:
@@ -314,10 +321,10 @@ class VectorChooser:
         g_zone, g_code = gvals // K, gvals % K
         layers = max(c.num_layers, 1)
         # transfer seconds per (group, p zone) over zone-priced links: CostModel._transfer's
-        # operations; the codec of an unmeasured link depends on the blocks alone (CompressionPolicy
-        # answers without a bandwidth), so it is asked once per cached-at-d figure
-        any_p = P.loads[int(uP.argmax())]
-        nbytes_k = np.array([(L - v) * c.wire_bytes_per_token(cm.kv_codec(L, any_p, v, None)) for v in vals])
+        # operations; the codec of an unmeasured link (CostModel.kv_codec without a measured
+        # bandwidth) is the policy's answer without a bandwidth, the same for every transfer
+        wire = c.wire_bytes_per_token(CompressionPolicy(c.kv_compression).choose(0, None, None))
+        nbytes_k = (L - np.array(vals)) * wire
         tr = nbytes_k[g_code][:, None] / np.maximum(self._zone_bps()[:, g_zone].T, 1.0)     # (G, zones)
         x = tr[:, P.zone]                           # (G, prefills)
         s = qc + np.maximum(x / layers, x - comp)   # queue+compute + _exposed
