@@ -26,7 +26,7 @@ class WorkerLoad:
 
     def __setattr__(self, name, value):
         # every write tells the watchers (cost-model caches of per-worker figures, see
-        # placement/fleet_cache.py): each is a set that collects the ids of objects changed since it looked
+        # placement/cost_vector.py): each is a set that collects the ids of objects changed since it looked
         object.__setattr__(self, name, value)
         sinks = self.__dict__.get("_sinks")
         if sinks:
@@ -41,16 +41,14 @@ class WorkerLoad:
 
     def watch(self, sink: set) -> None:
         """Add id(self) to `sink` on every later change (a cache's dirty set; unwatch to stop)."""
-        sinks = self.__dict__.get("_sinks")
-        if sinks is None:
-            object.__setattr__(self, "_sinks", [sink])
-        elif not any(s is sink for s in sinks):
-            sinks.append(sink)
+        sinks = self.__dict__.get("_sinks") or []
+        if not any(s is sink for s in sinks):      # a new list each time: a copy.copy never shares changes
+            object.__setattr__(self, "_sinks", sinks + [sink])
 
     def unwatch(self, sink: set) -> None:
         sinks = self.__dict__.get("_sinks")
         if sinks:
-            sinks[:] = [s for s in sinks if s is not sink]
+            object.__setattr__(self, "_sinks", [s for s in sinks if s is not sink])
 
     @property
     def placeable(self) -> bool:
