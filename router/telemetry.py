@@ -171,7 +171,7 @@ class Telemetry:
         self.perf: dict[str, WorkerPerf] = {}
         self.links = LinkTable(self.cfg)
         # bumped when learned figures change other than through ingest_status (which touches the
-        # WorkerLoad it learned for): caches of per-worker figures (placement/fleet_cache.py) start over
+        # WorkerLoad it learned for): caches of per-worker figures (placement/cost_vector.py) start over
         self.epoch = 0
 
     def perf_of(self, worker_id: str, role: str = "prefill") -> WorkerPerf:
