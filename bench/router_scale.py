@@ -19,6 +19,12 @@ each worker's conversations also in its host tier), and the router's memory for 
 delta of this process, /proc/self/statm: what a router process would pay); (b) one decision's
 latency vs workers at a fixed prompt, and vs prompt blocks at fixed workers, with the fitted
 growth exponent (latency ~ x^k, least squares in log-log).
+
+`cost-model/scan` is the cost model's one-pass search (CostModel.choose_scan, what `cost-model` ran
+before its per-worker columns were kept across decisions, cost_vector.py), timed beside it in the
+same run. With --churn each decision also charges its workers as place() does (in_flight, queued
+prompt tokens) and releases the decision --churn-window decisions back, so caches of per-worker
+figures see a few workers change between decisions, as in a live router.
 """
 from __future__ import annotations
 
@@ -91,6 +97,18 @@ class Workload:
         return out
 
 
+SCAN = "cost-model/scan"        # the cost model's one-pass search, for a before / after in one run
+
+
+class _ScanPolicy:
+    """CostModel.choose_scan as a policy (shares the fleet's index and telemetry)."""
+    def __init__(self, cm):
+        self.cm = cm
+
+    def choose(self, *a, **kw):
+        return self.cm.choose_scan(*a, **kw)
+
+
 class _SimWorker:
     """A simulated worker as the registry knows it: only its id (no client calls are made)."""
     def __init__(self, worker_id: str):
@@ -102,15 +120,35 @@ class Fleet:
     registry: WorkerRegistry
     index: PrefixIndex
     policies: dict
+    churn_window: int = 0               # > 0: charge each decision's workers, release it this many later
+    _held: list = None
 
     def decide(self, name: str, hashes: list[int], prompt_len: int, now: float):
-        """One decision as place() makes it: choose, then expect() on the worker(s) that cache it."""
+        """One decision as place() makes it: choose, then expect() on the worker(s) that cache it
+        (and with churn, charge them as place() does, releasing an older decision)."""
         reg = self.registry
         choice = self.policies[name].choose(prompt_len, reg.loads_of("prefill"), reg.loads_of("decode"),
                                             frozenset(), hashes=hashes, now=now)
         for w in {choice.decode, choice.prefill or choice.decode}:
             self.index.expect(w, hashes, now)
+        if self.churn_window:
+            held = self._held if self._held is not None else []
+            self._held = held
+            charged = [(choice.decode, 0)] + ([(choice.prefill, prompt_len)] if choice.prefill else [])
+            for w, n in charged:
+                reg.charge(w, n, +1)
+            held.append(charged)
+            if len(held) > self.churn_window:
+                for w, n in held.pop(0):
+                    reg.charge(w, n, -1)
         return choice
+
+    def release(self) -> None:
+        """Release every charge churn still holds (the fleet's loads back as built)."""
+        for charged in self._held or ():
+            for w, n in charged:
+                self.registry.charge(w, n, -1)
+        self._held = []
 
 
 def build_fleet(wl: Workload, n_workers: int, entries: int, policies=POLICY_NAMES, prefill_share: float = 0.5,
@@ -148,7 +186,12 @@ def build_fleet(wl: Workload, n_workers: int, entries: int, policies=POLICY_NAME
             seq += 1
             index.apply(wid, "stored", wl.long_doc, seq=seq, now=now)
         index.heartbeat(wid, seq=seq, now=now)
-    pols = {name: make_policy(name, index=index, telemetry=telemetry, config=cost_cfg) for name in policies}
+    pols = {}
+    for name in policies:
+        if name == SCAN:
+            pols[name] = _ScanPolicy(make_policy("cost-model", index=index, telemetry=telemetry, config=cost_cfg))
+        else:
+            pols[name] = make_policy(name, index=index, telemetry=telemetry, config=cost_cfg)
     return Fleet(reg, index, pols)
 
 
@@ -168,16 +211,17 @@ def prompts(wl: Workload, n: int, blocks: int, seed: int = 1) -> list[list[int]]
 
 
 def time_decisions(fleet: Fleet, name: str, ps: list[list[int]], block_size: int, budget_s: float,
-                   now: float = 1e6, min_calls: int = 1) -> tuple[int, float]:
-    """Decisions made over ps (cycled) until budget_s; returns (count, seconds)."""
-    n, t0 = 0, time.perf_counter()
+                   now: float = 1e6, min_calls: int = 1, cpu: bool = False):
+    """Decisions made over ps (cycled) until budget_s; returns (count, seconds), with cpu also this
+    process's CPU seconds (on shared cores: what the decisions cost their core, waits for it left out)."""
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while True:
         h = ps[n % len(ps)]
         fleet.decide(name, h, len(h) * block_size, now)
         n += 1
         el = time.perf_counter() - t0
         if el >= budget_s and n >= min_calls:
-            return n, el
+            return (n, el, time.process_time() - c0) if cpu else (n, el)
 
 
 def fit_exponent(xs, ys) -> float:
@@ -235,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--workers", type=int, default=1000, help="workers in the sustained-rate fleet")
     ap.add_argument("--blocks", type=int, default=10_000_000, help="(worker, block) entries in its prefix index")
-    ap.add_argument("--policies", default=",".join(POLICY_NAMES), help="comma-separated placement policies")
+    ap.add_argument("--policies", default=",".join(POLICY_NAMES + (SCAN,)),
+                    help=f"comma-separated placement policies ({SCAN}: the cost model's one-pass search)")
     ap.add_argument("--prompt-blocks", type=int, default=64, help="prompt length, blocks (sustained + workers sweep)")
     ap.add_argument("--sweep-workers", default="10,100,1000,2000", help="workers sweep")
     ap.add_argument("--sweep-entries-per-worker", type=int, default=500, help="index blocks per worker in sweeps")
@@ -245,7 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sustain-s", type=float, default=3.0, help="seconds per policy for the sustained rate")
     ap.add_argument("--lower-share", type=float, default=0.0,
                     help="share of each worker's conversations also held in its host tier (sustained fleet)")
+    ap.add_argument("--churn", action="store_true",
+                    help="sustained: each decision charges its workers as place() does and releases an older one")
+    ap.add_argument("--churn-window", type=int, default=64, help="with --churn: decisions held at once")
     ap.add_argument("--skip-sustained", action="store_true")
+    ap.add_argument("--skip-sweeps", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default="", help="write the results here")
     ap.add_argument("--plot", default="", help="PNG of latency vs workers and vs prompt blocks")
@@ -268,16 +317,27 @@ def main(argv=None) -> None:
         distinct = fleet.index.num_hashes()
         ps = prompts(wl, 256, a.prompt_blocks)
         rows = []
+        fleet.churn_window = a.churn_window if a.churn else 0
         for p in policies:
-            n, el = time_decisions(fleet, p, ps, bs, a.sustain_s)
-            rows.append([p, n, n / el, el / n * 1e6])
+            n, el, cpu = time_decisions(fleet, p, ps, bs, a.sustain_s, cpu=True)
+            fleet.release()
+            rows.append([p, n, n / el, el / n * 1e6, n / cpu, cpu / n * 1e6])
         result["sustained"] = dict(workers=a.workers, entries=entries, distinct_hashes=distinct, build_s=build_s,
                                    rss_delta_bytes=mem, bytes_per_entry=mem / entries,
-                                   rows={r[0]: {"decisions": r[1], "per_s": r[2], "us": r[3]} for r in rows})
+                                   churn_window=fleet.churn_window, load_average=os.getloadavg(),
+                                   rows={r[0]: {"decisions": r[1], "per_s": r[2], "us": r[3], "per_cpu_s": r[4],
+                                                "cpu_us": r[5]} for r in rows})
         print(f"\nfleet: {a.workers} workers, {entries:,} (worker, block) entries, {distinct:,} distinct hashes; "
               f"built in {build_s:.1f}s; router RSS delta {mem / 2**30:.2f} GiB = {mem / entries:.0f} B/entry")
-        print(table(["policy", "decisions", "placements/s", "us/decision"], rows))
+        print(f"load average (1, 5, 15 min) at the end: {os.getloadavg()}")
+        print(table(["policy", "decisions", "placements/s", "us/decision", "placements/cpu-s", "cpu us/decision"],
+                    rows))
         del fleet
+    if a.skip_sweeps:
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     xs = [int(x) for x in a.sweep_workers.split(",")]
     us = sweep(wl, xs, lambda n: build_fleet(wl, n, n * a.sweep_entries_per_worker, policies),
                lambda n: prompts(wl, 64, a.prompt_blocks), policies, a.budget_s, bs, prog)

@@ -37,6 +37,17 @@ Exactness and how it degrades (the documented choice)
   has not reported its blocks yet. A "stored" event confirms a tentative block, "removed" drops
   it, and `expire` drops what no event confirmed within `expect_ttl_s`.
 Time is the caller's clock (`now`, default time.time()); single-threaded (the router's event loop).
+
+Kept across queries, for placement at fleet scale (router/placement/cost_vector.py):
+- `match_levels(hashes)`: match() over every worker, as levels (n, frozenset of the workers whose
+  match is n), from a memo of walk steps keyed by chain hash: the step at hash h holds the workers
+  holding every block up to h, and is dropped whenever h's holder set changes; a step is reused only
+  if the step it was built on is the one the walk just used (so a change at block i invalidates
+  every later step of its chains). A popular prefix held by most workers costs dict lookups, not
+  set intersections, once walked.
+- `inexact(now)`: the workers whose confidence is below 1, without a pass over all workers: those
+  with a gap or dropped entries (a set), and the silent ones, found from the front of the workers
+  kept in order of when they were last heard (a full pass only while callers' clocks go backwards).
 """
 from __future__ import annotations
 
@@ -62,6 +73,16 @@ class TierHits(NamedTuple):
 
 
 _NO_HITS = TierHits()
+_MAX_STEPS = 1 << 17                            # memoized walk steps; past it the memo starts over
+
+
+class _Step:
+    """One memoized block of match_levels' walk: `alive` hold every block up to and including this
+    one (their match is >= n); `dropped` held every block before it but not this one (match n - 1)."""
+    __slots__ = ("parent", "alive", "dropped", "n", "levels")
+
+    def __init__(self, parent, alive: frozenset, dropped: frozenset, n: int):
+        self.parent, self.alive, self.dropped, self.n, self.levels = parent, alive, dropped, n, None
 
 
 @dataclass
@@ -85,12 +106,19 @@ class PrefixIndex:
         self._lower: dict[int, dict[str, int]] = {}   # chain hash -> {worker: _LOWER_BIT mask}, mask != 0
         self._lower_by_worker: dict[str, set[int]] = {}   # worker -> chain hashes in its lower tiers
         self._state: dict[str, WorkerIndexState] = {}
+        self._steps: dict[int, _Step] = {}            # match_levels' memo (see the module doc)
+        self._marked: set[str] = set()                # workers with a gap or dropped entries
+        self._heard: dict[str, float] = {}            # worker -> last_heard, in the order of those writes
+        self._heard_max = -math.inf                   # the latest last_heard written
+        self._heard_sorted = True                     # _heard is in non-decreasing last_heard order
 
     # events
     def add_worker(self, worker_id: str, now: float | None = None) -> None:
         """Know a worker (holding nothing yet); idempotent."""
         if worker_id not in self._state:
-            self._state[worker_id] = WorkerIndexState(last_heard=_now(now))
+            t = _now(now)
+            self._state[worker_id] = WorkerIndexState(last_heard=t)
+            self._heard_at(worker_id, t)
             self._by_worker[worker_id] = set()
 
     def apply(self, worker_id: str, kind: str, hashes: Iterable[int], seq: int | None = None,
@@ -106,23 +134,26 @@ class PrefixIndex:
         self.add_worker(worker_id, t)
         st = self._state[worker_id]
         st.last_heard = t
+        self._heard_at(worker_id, t)
         if seq is not None:
             if st.last_seq is not None and seq <= st.last_seq:
                 return False
             expected = 1 if st.last_seq is None else st.last_seq + 1
             if seq > expected and st.gap_since is None:
                 st.gap_since = t
+                self._marked.add(worker_id)
             st.last_seq = seq
         if tier != "device":
             self._apply_lower(worker_id, kind, hashes, _LOWER_BIT[tier])
             return True
-        mine, tentative = self._by_worker[worker_id], self._tentative.get(worker_id, {})
+        mine, tentative, steps = self._by_worker[worker_id], self._tentative.get(worker_id, {}), self._steps
         if kind == "stored":
             for h in hashes:
                 tentative.pop(h, None)          # confirmed
                 if h not in mine:
                     mine.add(h)
                     self._holders.setdefault(h, set()).add(worker_id)
+                    steps.pop(h, None)
         else:
             for h in hashes:
                 tentative.pop(h, None)
@@ -158,13 +189,14 @@ class PrefixIndex:
         self.add_worker(worker_id, t)
         mine = self._by_worker[worker_id]
         tentative = self._tentative.setdefault(worker_id, {})
-        for h in hashes:
-            if h not in mine:
-                mine.add(h)
-                self._holders.setdefault(h, set()).add(worker_id)
-                tentative[h] = t + self.expect_ttl_s
-            elif h in tentative:
-                tentative[h] = t + self.expect_ttl_s
+        expiry, hs = t + self.expect_ttl_s, set(hashes)     # set operations: the held ones cost no Python step
+        for h in hs - mine:
+            mine.add(h)
+            self._holders.setdefault(h, set()).add(worker_id)
+            self._steps.pop(h, None)
+            tentative[h] = expiry
+        for h in tentative.keys() & hs:     # still tentative (new ones included): their expiry moves
+            tentative[h] = expiry
 
     def heartbeat(self, worker_id: str, seq: int | None = None, now: float | None = None) -> None:
         """The worker is alive; seq = the number of its latest event (all events up to it were sent).
@@ -173,14 +205,17 @@ class PrefixIndex:
         self.add_worker(worker_id, t)
         st = self._state[worker_id]
         st.last_heard = t
+        self._heard_at(worker_id, t)
         if seq is not None:
             if st.last_seq is None:
                 if seq > 0 and st.gap_since is None:   # events before we knew it are missing
                     st.gap_since = t
+                    self._marked.add(worker_id)
                 st.last_seq = seq
             elif seq > st.last_seq:
                 if st.gap_since is None:
                     st.gap_since = t
+                    self._marked.add(worker_id)
                 st.last_seq = seq
 
     def resync(self, worker_id: str, all_hashes: Iterable[int], seq: int | None = None,
@@ -191,9 +226,12 @@ class PrefixIndex:
         self._clear(worker_id)
         t = _now(now)
         self._state[worker_id] = WorkerIndexState(last_seq=seq, last_heard=t)
+        self._heard_at(worker_id, t)
+        self._marked.discard(worker_id)
         mine = self._by_worker[worker_id] = set(all_hashes)
         for h in mine:
             self._holders.setdefault(h, set()).add(worker_id)
+            self._steps.pop(h, None)
         for tier, hashes in (lower or {}).items():
             if tier not in _LOWER_BIT:
                 raise ValueError(f"unknown lower cache tier {tier!r}; one of host, disk")
@@ -203,6 +241,8 @@ class PrefixIndex:
         self._clear(worker_id)
         self._tentative.pop(worker_id, None)
         self._state.pop(worker_id, None)
+        self._heard.pop(worker_id, None)
+        self._marked.discard(worker_id)
         self._by_worker.pop(worker_id, None)
         self._lower_by_worker.pop(worker_id, None)
 
@@ -249,6 +289,7 @@ class PrefixIndex:
             if not st.dropped and self.stale_age(w, t) > self.horizon_s:
                 self._clear(w)
                 st.dropped = True
+                self._marked.add(w)
                 out.append(w)
         return out
 
@@ -270,6 +311,11 @@ class PrefixIndex:
             return len(lower)
         bit = _LOWER_BIT[tier]
         return sum(1 for h in lower if self._lower[h][worker_id] & bit)
+
+    @property
+    def has_lower_tiers(self) -> bool:
+        """Some worker holds blocks in a host or disk tier (match_tiers then differs from match)."""
+        return bool(self._lower)
 
     def num_hashes(self) -> int:
         """Distinct chain hashes held on device by any worker."""
@@ -311,6 +357,65 @@ class PrefixIndex:
             out[w] = n
         return out
 
+    def match_levels(self, hashes: Iterable[int]) -> tuple[tuple[int, frozenset], ...]:
+        """match() over every known worker, as levels: ((n, workers whose match is n), ...), n >= 1
+        descending; workers matching nothing are left out. Memoized walk steps (see the module doc)."""
+        steps, holders_of = self._steps, self._holders
+        prev = None
+        for h in hashes:
+            st = steps.get(h)
+            if st is None or st.parent is not prev:
+                holders = holders_of.get(h)
+                if not holders:
+                    break
+                if prev is None:
+                    st = _Step(None, frozenset(holders), _EMPTY, 1)
+                else:
+                    alive = prev.alive & holders
+                    if not alive:
+                        break
+                    if len(alive) == len(prev.alive):       # nobody left: share the set
+                        st = _Step(prev, prev.alive, _EMPTY, prev.n + 1)
+                    else:
+                        st = _Step(prev, alive, prev.alive - alive, prev.n + 1)
+                if len(steps) >= _MAX_STEPS:
+                    steps.clear()
+                steps[h] = st
+            prev = st
+        if prev is None:
+            return ()
+        if prev.levels is None:
+            out, s = [(prev.n, prev.alive)], prev
+            while s.parent is not None:
+                if s.dropped:
+                    out.append((s.n - 1, s.dropped))
+                s = s.parent
+            prev.levels = tuple(out)
+        return prev.levels
+
+    def inexact(self, now: float | None = None) -> dict[str, float]:
+        """{worker: confidence(worker)} for every known worker whose confidence is below 1.0 (the
+        rest are exact); without a pass over all workers while the callers' clock runs forward."""
+        t = _now(now)
+        out = {}
+        for w in self._marked:
+            c = self.confidence(w, t)
+            if c != 1.0:
+                out[w] = c
+        if not self._heard_sorted:          # a clock went back: sort once, then keep in order again
+            self._heard = dict(sorted(self._heard.items(), key=lambda kv: kv[1]))
+            self._heard_max = max(self._heard.values(), default=-math.inf)
+            self._heard_sorted = True
+        silent = self.silent_after_s
+        for w, heard in self._heard.items():
+            if not t - heard > silent:      # stale_age's test; later entries were heard later
+                break
+            if w not in out:
+                c = self.confidence(w, t)
+                if c != 1.0:
+                    out[w] = c
+        return out
+
     def match_tiers(self, hashes: Iterable[int], workers: Iterable[str] | None = None) -> dict[str, TierHits]:
         """Each worker's cached prefix by tier (see the module doc), in one walk over the hashes:
         `on_dev` are the workers still in their device prefix, `on_low` those past it and served
@@ -350,10 +455,28 @@ class PrefixIndex:
                        now: float | None = None) -> dict[str, float]:
         """match() times confidence(w): the expected number of reusable blocks per worker."""
         t = _now(now)
-        return {w: n * self.confidence(w, t) if n else 0.0 for w, n in self.match(hashes, workers).items()}
+        out = dict.fromkeys(self._state.keys() if workers is None else workers, 0.0)
+        levels = self.match_levels(hashes)       # the memoized walk; confidence only where below 1
+        if levels:
+            inexact = self.inexact(t)
+            for n, ws in levels:
+                for w in ws & out.keys():
+                    c = inexact.get(w)
+                    out[w] = n * (1.0 if c is None else c)
+        return out
 
     # internals
+    def _heard_at(self, worker_id: str, t: float) -> None:
+        """Record last_heard = t in _heard's order (see inexact)."""
+        self._heard.pop(worker_id, None)
+        self._heard[worker_id] = t
+        if t >= self._heard_max:
+            self._heard_max = t
+        else:
+            self._heard_sorted = False
+
     def _unhold(self, h: int, worker_id: str) -> None:
+        self._steps.pop(h, None)
         s = self._holders.get(h)
         if s is not None:
             s.discard(worker_id)

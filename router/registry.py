@@ -54,7 +54,7 @@ class WorkerRegistry:
         return bool(self.decode) and (bool(self.prefill) or not self.cfg.remote_prefill)
 
     def loads_of(self, role: str) -> list[WorkerLoad]:
-        return [self.loads[w] for w in (self.prefill if role == "prefill" else self.decode)]
+        return list(map(self.loads.__getitem__, self.prefill if role == "prefill" else self.decode))
 
     def charge(self, worker_id: str, tokens: int, sign: int) -> None:
         """Count a request (and its prompt tokens queued there) on a worker (+1) or off it (-1)."""

@@ -107,6 +107,7 @@ class LinkTable:
     def __init__(self, cfg: CostConfig):
         self.cfg = cfg
         self.links: dict[tuple[str, str], LinkInfo] = {}
+        self.version = 0                    # bumped on every ingest (caches of link figures compare it)
         self.zone_bps: dict[tuple[str, str], float] = {}       # learned, directed zone pair
         self._prior = {}
         for za, zb, bps in cfg.zone_pair_bps:
@@ -115,6 +116,7 @@ class LinkTable:
     def ingest(self, links: Iterable[LinkFigures], zones: Mapping[str, str] | None = None) -> None:
         """Take a worker's measured links; links with new samples also feed their zone pair's EWMA."""
         zones = zones or {}
+        self.version += 1
         for s in links:
             bps = float(s.ewma_bytes_per_s)
             if bps <= 0:
@@ -168,6 +170,9 @@ class Telemetry:
         self.cfg = cfg or CostConfig()
         self.perf: dict[str, WorkerPerf] = {}
         self.links = LinkTable(self.cfg)
+        # bumped when learned figures change other than through ingest_status (which touches the
+        # WorkerLoad it learned for): caches of per-worker figures (placement/cost_vector.py) start over
+        self.epoch = 0
 
     def perf_of(self, worker_id: str, role: str = "prefill") -> WorkerPerf:
         p = self.perf.get(worker_id)
@@ -182,6 +187,12 @@ class Telemetry:
 
     def remove_worker(self, worker_id: str) -> None:
         self.perf.pop(worker_id, None)
+        self.epoch += 1
+
+    def changed(self) -> None:
+        """Learned figures were changed directly (an estimator's observe outside ingest_status):
+        caches of per-worker figures start over."""
+        self.epoch += 1
 
     def ingest_status(self, load: WorkerLoad, status: WorkerStatus,
                       zones: Mapping[str, str] | None = None) -> None:
@@ -200,6 +211,7 @@ class Telemetry:
             perf.decode.observe(d["decode_seqs"] / d["decode_steps"], d["decode_s"] / d["decode_steps"])
         for tier in LOWER_TIERS:
             perf.tier_load[tier].observe(d[f"{tier}_load_bytes"], d[f"{tier}_load_s"])
+        load.touch()                                # its learned rate / step time may have moved
         if status.links:
             self.links.ingest(status.links, zones)
 

@@ -32,11 +32,14 @@ blocks, while a remote one needs its reservation now (so only remote options are
 
 Configuration: router/cost_config.py; the learned rates and links: router/telemetry.py.
 
-`choose` takes the cheapest option without pricing every pair (linear in workers: feasibility
+`choose_scan` takes the cheapest option without pricing every pair (linear in workers: feasibility
 depends on d and the kind alone, and a remote cost splits into p's terms + d's terms + a link term
 that depends on the pair only through d's zone and cached prefix, unless the link was measured);
 `estimates` prices them all, for explanations, and `choose_exhaustive` is the reference it is
-tested against (tests/unit/test_cost_model_linear.py).
+tested against (tests/unit/test_cost_model_linear.py). `choose` is choose_scan's answer from
+per-worker columns kept across decisions (cost_vector.py: numpy, refreshed only for the workers
+that changed), where they cover the case (no host / disk hits, no peer pulls, some option
+KV-feasible), else choose_scan.
 With peer pulls on (cost.peer_pull), `choose` is `choose_exhaustive`: a pull re-prices each local
 option by its best holder (router/placement/pull_pricing.py), which the grouped search does not model.
 
@@ -58,13 +61,14 @@ p's queue grows or the p -> d bandwidth falls, and down as d gets busier.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Iterable
 
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy, prefill_seconds   # pure Python, no torch
 from pdcluster.messages import EngineFigures
 from pdcluster.router.cost_config import CostConfig
 from pdcluster.router.placement.base import Placement
+from pdcluster.router.placement.cost_vector import SCAN, VectorChooser
 from pdcluster.router.placement.load import WorkerLoad
 from pdcluster.router.placement.pull_pricing import apply_pulls
 from pdcluster.router.prefix_index import PrefixIndex, TierHits
@@ -109,7 +113,11 @@ class Estimate:
     pull_bandwidth_bps: float = 0.0
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        # every field is a number, a string or None: asdict's deep copy is a plain one here
+        return {k: getattr(self, k) for k in _ESTIMATE_FIELDS}
+
+
+_ESTIMATE_FIELDS = tuple(f.name for f in fields(Estimate))
 
 
 class CostModel:
@@ -122,6 +130,7 @@ class CostModel:
         self.cfg = replace(cfg, **overrides) if overrides else cfg
         self.index = index if index is not None else PrefixIndex()
         self.telemetry = telemetry if telemetry is not None else Telemetry(self.cfg)
+        self._vector: VectorChooser | None = None     # choose's columns, made on its first call
 
     # pieces
     def _cached(self, n_blocks: int, prompt_len: int, conf: float) -> float:
@@ -286,8 +295,20 @@ class CostModel:
 
     def choose(self, prompt_len: int, prefills: list[WorkerLoad], decodes: list[WorkerLoad],
                exclude: Iterable[str] = frozenset(), *, hashes=None, now: float | None = None) -> Placement | None:
+        """The option `choose_exhaustive` takes (same Placement, same estimate): choose_scan's answer,
+        from per-worker columns kept across decisions (router/placement/cost_vector.py) where those
+        cover the case, else choose_scan itself."""
+        if self._vector is None:
+            self._vector = VectorChooser(self)
+        got = self._vector.choose(prompt_len, prefills, decodes, exclude, hashes, now)
+        if got is SCAN:
+            return self.choose_scan(prompt_len, prefills, decodes, exclude, hashes=hashes, now=now)
+        return got
+
+    def choose_scan(self, prompt_len: int, prefills: list[WorkerLoad], decodes: list[WorkerLoad],
+                    exclude: Iterable[str] = frozenset(), *, hashes=None, now: float | None = None) -> Placement | None:
         """The option `choose_exhaustive` takes (same Placement, same estimate), found without pricing
-        every (p, d) pair.
+        every (p, d) pair, in one pass over the workers.
 
         Why that is exact: an option's feasibility (kv_ok, tpot_ok) depends on its decode worker and
         kind alone, so the answer is the cheapest (same sort key) among each d's local option and

@@ -24,6 +24,32 @@ class WorkerLoad:
     prefill_tps: float | None = None        # prefill rate override, tokens/s (else learned online)
     decode_step_s: tuple | None = None      # decode step-time override (base_s, per_seq_s)
 
+    def __setattr__(self, name, value):
+        # every write tells the watchers (cost-model caches of per-worker figures, see
+        # placement/cost_vector.py): each is a set that collects the ids of objects changed since it looked
+        object.__setattr__(self, name, value)
+        sinks = self.__dict__.get("_sinks")
+        if sinks:
+            for s in sinks:
+                s.add(id(self))
+
+    def touch(self) -> None:
+        """Tell the watchers this worker's figures changed without a field write (Telemetry learned
+        a new rate or step time for it)."""
+        for s in self.__dict__.get("_sinks", ()):
+            s.add(id(self))
+
+    def watch(self, sink: set) -> None:
+        """Add id(self) to `sink` on every later change (a cache's dirty set; unwatch to stop)."""
+        sinks = self.__dict__.get("_sinks") or []
+        if not any(s is sink for s in sinks):      # a new list each time: a copy.copy never shares changes
+            object.__setattr__(self, "_sinks", sinks + [sink])
+
+    def unwatch(self, sink: set) -> None:
+        sinks = self.__dict__.get("_sinks")
+        if sinks:
+            object.__setattr__(self, "_sinks", [s for s in sinks if s is not sink])
+
     @property
     def placeable(self) -> bool:
         """May take a new request: answered its last status poll and is not draining."""
@@ -37,7 +63,9 @@ class WorkerLoad:
 
 def usable(workers: list[WorkerLoad], exclude) -> list[WorkerLoad]:
     """The placeable workers not in `exclude` (ids)."""
-    return [w for w in workers if w.placeable and w.worker_id not in exclude]
+    if not exclude:         # (placeable spelled out: no property call per worker)
+        return [w for w in workers if w.healthy and not w.draining]
+    return [w for w in workers if w.healthy and not w.draining and w.worker_id not in exclude]
 
 
 def candidates(index, prefills: list[WorkerLoad], decodes: list[WorkerLoad], exclude, remote: bool, hashes, now

@@ -1,16 +1,19 @@
-"""CostModel.choose (grouped, linear in workers) against choose_exhaustive (every (p, d) pair priced,
-the reference) on seeded random fleets: zones, zone-pair priors, measured links, unhealthy,
-draining and full workers, prefix hits with stale confidence, hits in host / disk tiers (priced by
-their load), codecs, SLO guards, exact ties."""
+"""CostModel.choose (numpy columns kept across decisions, cost_vector.py) and choose_scan (grouped,
+one pass) against choose_exhaustive (every (p, d) pair priced, the reference) on seeded random
+fleets: zones, zone-pair priors, measured links, unhealthy, draining and full workers, prefix hits
+with stale confidence, hits in host / disk tiers (priced by their load), codecs, SLO guards, exact
+ties; and one CostModel kept over a run of decisions interleaved with load, status, membership,
+index and link changes, so that a cache that misses a change fails."""
 import random
 from dataclasses import replace
 
 import pytest
 
-from pdcluster.messages import LinkFigures
+from pdcluster.messages import EngineFigures, LinkFigures, WorkerStatus
 from pdcluster.router.cost_config import CostConfig
 from pdcluster.router.placement import WorkerLoad
 from pdcluster.router.placement.cost_model import CostModel
+from pdcluster.router.placement.cost_vector import SCAN
 from pdcluster.router.prefix_index import PrefixIndex
 
 pytestmark = pytest.mark.timeout(60)
@@ -55,7 +58,7 @@ def config(rng: random.Random, zones):
                       prior_host_load_bps=rng.choice([2e9, 2e7]), prior_disk_load_bps=rng.choice([5e8, 5e6]))
 
 
-def case(seed: int, ties: bool):
+def case(seed: int, ties: bool, tiers: bool = True):
     rng = random.Random(seed)
     zones, ps, ds = fleet(rng, ties)
     cm = CostModel(config(rng, zones), PrefixIndex(silent_after_s=5.0, tau_s=30.0, horizon_s=300.0))
@@ -64,7 +67,7 @@ def case(seed: int, ties: bool):
         if rng.random() < 0.6:
             n = 0 if ties else rng.randint(1, 40)
             cm.index.apply(w.worker_id, "stored", prefix[:n if n else 8], seq=1, now=0.0)
-            if not ties and rng.random() < 0.5:     # more of the prefix in its host / disk tier
+            if tiers and not ties and rng.random() < 0.5:     # more of the prefix in its host / disk tier
                 k = n + rng.randint(1, 20)
                 cm.index.apply(w.worker_id, "stored", prefix[n:k], seq=2, now=0.0, tier=rng.choice(["host", "disk"]))
             cm.index.heartbeat(w.worker_id, seq=rng.choice([1, 2, 3]), now=0.0)
@@ -78,19 +81,23 @@ def case(seed: int, ties: bool):
     return cm, prompt_len, ps, ds, exclude, hashes, now
 
 
-@pytest.mark.parametrize("ties", [False, True])
-def test_choose_equals_exhaustive_on_random_fleets(ties):
-    kinds = set()
-    for seed in range(600):
-        cm, n, ps, ds, ex, hs, now = case(seed, ties)
+@pytest.mark.parametrize("ties,tiers", [(False, True), (True, True), (False, False)])
+def test_choose_equals_exhaustive_on_random_fleets(ties, tiers):
+    kinds, vector = set(), 0
+    for seed in range(600 if tiers else 300):
+        cm, n, ps, ds, ex, hs, now = case(seed, ties, tiers)
         fast = cm.choose(n, ps, ds, ex, hashes=hs, now=now)
+        scan = cm.choose_scan(n, ps, ds, ex, hashes=hs, now=now)
         ref = cm.choose_exhaustive(n, ps, ds, ex, hashes=hs, now=now)
         assert fast == ref, f"seed {seed}"          # the Placement and its whole estimate
+        assert scan == ref, f"seed {seed}"
+        vector += cm._vector.choose(n, ps, ds, ex, hs, now) is not SCAN
         kinds.add(None if ref is None else ref.kind)
         if ref is not None and ref.estimate["tier_load_s"] > 0:
             kinds.add("tier-load")
     assert kinds >= {None, "local", "remote"}       # every branch was exercised
-    assert ties or "tier-load" in kinds             # and choices that pay a tier load
+    assert ties or not tiers or "tier-load" in kinds    # and choices that pay a tier load
+    assert vector >= (250 if not tiers or ties else 50)     # most cases took the numpy columns
 
 
 def test_ties_go_to_the_lowest_ids():
@@ -111,3 +118,121 @@ def test_a_measured_link_is_priced_for_its_pair_alone():
     assert cm.choose(8000, ps, ds, now=0.0).prefill == "p0"
     cm.telemetry.links.ingest([LinkFigures("p0", "d0", count=1, ewma_bytes_per_s=1e6, last_sample_time=0.0)])
     assert cm.choose(8000, ps, ds, now=0.0).prefill == "p1" == cm.choose_exhaustive(8000, ps, ds, now=0.0).prefill
+
+
+# one CostModel over a run: its columns must follow every change between decisions
+
+def _status(w: WorkerLoad, rng: random.Random, counters: dict) -> WorkerStatus:
+    """A status poll of w with new step counters (its learned rate and step time move)."""
+    f = counters.setdefault(w.worker_id, dict(prefill_tokens=0, prefill_s=0.0, decode_steps=0, decode_seqs=0,
+                                              decode_s=0.0))
+    f["prefill_tokens"] += rng.choice([500, 4000])
+    f["prefill_s"] += rng.choice([0.05, 0.5, 2.0])
+    f["decode_steps"] += 10
+    f["decode_seqs"] += 10 * rng.randint(1, 30)
+    f["decode_s"] += rng.choice([0.1, 0.5, 1.5])
+    eng = EngineFigures(free_blocks=w.free_blocks, num_blocks=w.num_blocks, waiting_tokens=rng.choice([0, 700]), **f)
+    return WorkerStatus(w.worker_id, w.role, "inc", 1, eng, running=rng.randint(0, 30))
+
+
+def _mutate(rng: random.Random, cm: CostModel, ps: list, ds: list, prefix: list, t: float, counters: dict,
+            made: list) -> tuple[list, list, float]:
+    """One random change of the kinds the router makes between two placements."""
+    k = rng.randrange(11)
+    w = rng.choice(ps + ds)
+    if k == 0:                                      # charge / discharge (router/lifecycle/place.py)
+        sign = rng.choice([1, -1])
+        w.in_flight = max(0, w.in_flight + sign)
+        w.queued_tokens = max(0, w.queued_tokens + sign * rng.choice([100, 3000]))
+    elif k == 1:                                    # a decode worker's KV pool and batch
+        w.free_blocks, w.running = rng.choice([0, 5, 150, 2000]), rng.randint(0, 40)
+    elif k == 2:                                    # missed / answered a poll, drained
+        w.healthy, w.draining = rng.random() < 0.7, rng.random() < 0.1
+    elif k == 3:                                    # learned figures (Telemetry touches the load)
+        cm.telemetry.ingest_status(w, _status(w, rng, counters))
+    elif k == 4:                                    # overrides and zone
+        w.prefill_tps = rng.choice([None, 3e3, 2e4])
+        w.decode_step_s = rng.choice([None, (0.02, 0.002), (0.01, 0.01)])
+        w.zone = rng.choice(["a", "b"])
+    elif k == 5:                                    # a worker joins (a new list, as loads_of gives)
+        i = len(made)
+        if rng.random() < 0.5:
+            nw = WorkerLoad(f"p{i}x", "prefill", zone=rng.choice(["a", "b"]), prefill_tps=rng.choice([5e3, 2e4]))
+            ps = ps + [nw]
+        else:
+            nw = WorkerLoad(f"d{i}x", "decode", zone=rng.choice(["a", "b"]), decode_step_s=(0.02, 0.002),
+                            num_blocks=2000, free_blocks=2000, prefill_tps=4e3)
+            ds = ds + [nw]
+        made.append(nw)
+        cm.index.add_worker(nw.worker_id, t)
+    elif k == 6 and len(ds) > 1:                    # a worker leaves (registry.remove)
+        gone = rng.choice(ps + ds)
+        if gone in ps:
+            ps = [x for x in ps if x is not gone]
+        elif len(ds) > 1:
+            ds = [x for x in ds if x is not gone]
+        cm.index.remove_worker(gone.worker_id)
+        cm.telemetry.remove_worker(gone.worker_id)
+    elif k == 7:                                    # block events: the prefix grows or shrinks on w
+        n = rng.randint(0, len(prefix))
+        cm.index.apply(w.worker_id, rng.choice(["stored", "removed"]), prefix[n:n + rng.randint(1, 10)], now=t)
+    elif k == 8:                                    # a placement's expect
+        cm.index.expect(w.worker_id, prefix[: rng.randint(1, len(prefix))], t)
+    elif k == 9:                                    # a sequence gap (approximate) or a resync
+        if rng.random() < 0.5:
+            cm.index.heartbeat(w.worker_id, seq=10_000 + rng.randint(0, 10), now=t)
+        else:
+            cm.index.resync(w.worker_id, prefix[: rng.randint(0, len(prefix))], seq=0, now=t)
+    else:                                           # time passes (workers go silent) or a link is measured
+        if rng.random() < 0.5:
+            t += rng.choice([1.0, 7.0, 40.0])
+            for x in rng.sample(ps + ds, k=max(1, len(ps + ds) // 2)):
+                cm.index.heartbeat(x.worker_id, now=t)
+        elif ps:
+            p, d = rng.choice(ps), rng.choice(ds)
+            cm.telemetry.links.ingest([LinkFigures(p.worker_id, d.worker_id, count=rng.randint(1, 99),
+                                                   ewma_bytes_per_s=rng.choice([1e7, 1e10]), last_sample_time=t)],
+                                      {x.worker_id: x.zone for x in ps + ds})
+    return ps, ds, t
+
+
+def _run(seed: int, steps: int, break_cache: bool = False) -> int:
+    """Decisions interleaved with changes; returns how many differed from choose_exhaustive.
+    break_cache: the control, a cache that never hears of a change (every watch removed)."""
+    rng = random.Random(seed)
+    zones = ["a", "b"]
+    ps = [WorkerLoad(f"p{i}", "prefill", zone=rng.choice(zones), prefill_tps=rng.choice([None, 5e3, 2e4]),
+                     queued_tokens=rng.choice([0, 512, 4096])) for i in range(rng.randint(1, 8))]
+    ds = [WorkerLoad(f"d{i}", "decode", zone=rng.choice(zones), running=rng.randint(0, 30),
+                     decode_step_s=rng.choice([None, (0.02, 0.002)]), prefill_tps=rng.choice([None, 4e3]),
+                     num_blocks=2000, free_blocks=rng.choice([150, 2000])) for i in range(rng.randint(1, 8))]
+    cfg = CostConfig(block_size=BS, tpot_slo_s=rng.choice([None, 0.1]), duplicate_penalty=rng.choice([0.0, 2.0]),
+                     local_penalty=rng.choice([0.0, 0.5]), zone_pair_bps=(("a", "b", 1e8),),
+                     kv_compression=rng.choice(["off", "auto"]))
+    cm = CostModel(cfg, PrefixIndex(silent_after_s=5.0, tau_s=30.0, horizon_s=300.0))
+    prefix = [10_000 * (seed + 1) + i for i in range(48)]
+    t, counters, made, wrong = 0.0, {}, [], 0
+    for w in ps + ds:
+        cm.index.apply(w.worker_id, "stored", prefix[: rng.randint(0, 40)], now=t)
+    for _ in range(steps):
+        for _ in range(rng.randint(1, 3)):
+            ps, ds, t = _mutate(rng, cm, ps, ds, prefix, t, counters, made)
+        n = rng.choice([100, 640, 4000])
+        hs = prefix[: n // BS] if rng.random() < 0.9 else None
+        ex = frozenset(w.worker_id for w in ps + ds if rng.random() < 0.05)
+        got = cm.choose(n, ps, ds, ex, hashes=hs, now=t)
+        if break_cache and cm._vector is not None:
+            for side in (cm._vector.P, cm._vector.D):
+                for w in side.loads:
+                    w.unwatch(side.dirty)
+        wrong += got != cm.choose_exhaustive(n, ps, ds, ex, hashes=hs, now=t)
+    return wrong
+
+
+def test_choose_follows_changes_between_decisions():
+    assert sum(_run(seed, 50) for seed in range(25)) == 0
+
+
+def test_a_cache_that_misses_changes_is_caught():
+    """Control: the same runs with the columns never told of a change differ from the reference."""
+    assert sum(_run(seed, 50, break_cache=True) for seed in range(10)) > 0

@@ -296,3 +296,43 @@ def test_registry_resyncs_a_gap_from_a_tiered_snapshot():
     asyncio.run(reg.refresh())
     assert ix.match_tiers([1, 2, 3, 4]) == {"d0": (1, 1, 1), "d1": (2, 0, 0)}
     assert ix.needs_resync() == [] and ix.is_exact("d0")
+
+
+def test_match_levels_and_inexact_follow_every_change():
+    """match_levels (memoized walk) == match, and inexact == the workers whose confidence is below 1,
+    after each of a random run of events, expects, removals, resyncs, gaps, expiries and clock steps
+    (the clock sometimes goes back). Control: the walk memo does get reused (steps survive queries)."""
+    import random
+    rng = random.Random(5)
+    ix = idx(expect_ttl_s=20.0)
+    chains = [[c * 1000 + i for i in range(12)] for c in range(3)] + [[1000 + i for i in range(6)] + [7000, 7001]]
+    workers = [f"w{i}" for i in range(8)]
+    t, reused = 0.0, 0
+    for step in range(1500):
+        w, ch = rng.choice(workers), rng.choice(chains)
+        k = rng.randrange(9)
+        if k < 3:
+            a = rng.randint(0, len(ch) - 1)
+            ix.apply(w, "stored" if k < 2 else "removed", ch[a:a + rng.randint(1, 6)], now=t)
+        elif k == 3:
+            ix.expect(w, ch[: rng.randint(1, len(ch))], now=t)
+        elif k == 4:
+            ix.heartbeat(w, seq=rng.choice([None, 10_000 + step]), now=t)
+        elif k == 5 and rng.random() < 0.3:
+            ix.remove_worker(w) if rng.random() < 0.5 else ix.resync(w, ch[: rng.randint(0, len(ch))], seq=0, now=t)
+        elif k == 6:
+            ix.expire(t)
+        else:
+            t += rng.choice([0.5, 3.0, 8.0, 60.0, 200.0, -4.0])
+        q = rng.choice(chains)[: rng.randint(1, 12)]
+        before = len(ix._steps)
+        levels = ix.match_levels(q)
+        reused += before > 0 and len(ix._steps) == before
+        got = {w: n for n, ws in levels for w in ws}
+        assert got == {w: n for w, n in ix.match(q).items() if n}, step
+        assert sorted(n for n, _ in levels) == sorted({n for n, _ in levels})      # one level per length
+        assert ix.inexact(t) == {w: c for w in ix.workers if (c := ix.confidence(w, t)) != 1.0}, step
+        some = rng.sample(workers, 4) + ["unknown"]
+        assert ix.match_weighted(q, some, t) == {w: n * ix.confidence(w, t) if n else 0.0
+                                                 for w, n in ix.match(q, some).items()}, step
+    assert reused > 100
