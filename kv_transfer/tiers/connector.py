@@ -415,6 +415,66 @@ class TierConnector(KVConnector):
         st.add(corrupt=len(hashes))
         self._emit("removed", gone, "disk")
 
+    # peer pulls this worker serves (kv_transfer/pull.py serve_pull; any thread but the engine's)
+    def read_blocks(self, hashes: list[int]) -> tuple[list[torch.Tensor], dict[str, int]] | None:
+        """(host copies [2L, bs, h, d] (cache dtype) of the blocks a lower tier holds under `hashes`
+        (host first), blocks read per tier), or None if any is not held ready (all or nothing, as the device read). The
+        entries are pinned while read, so neither the writer's LRU nor another load can drop them;
+        a corrupt disk file is dropped (and the read fails). Runs on the caller's thread: the engine
+        steps meanwhile. Counted per tier as `served` blocks and a `serve_s` latency."""
+        if not self.index or not hashes:
+            return None
+        parts: list[tuple[int, str, int]] = []
+        with self._lock:
+            for h in hashes:
+                for tier, idx in self.index.items():
+                    e = idx.get(h)
+                    if e is not None and e.ready:
+                        idx.pin(h)
+                        parts.append((h, tier, e.slot))
+                        break
+                else:
+                    break
+        if len(parts) != len(hashes):
+            self._unpin(parts)
+            return None
+        t0 = {t: 0.0 for t in self.index}
+        out, corrupt = [], []
+        try:
+            for h, tier, slot in parts:
+                t = time.perf_counter()
+                if tier == "host":
+                    out.append(self.host.get(slot).clone())     # get is a view of the slot: copy while pinned
+                else:
+                    try:
+                        out.append(decode(self.geom, *self.disk.read(h)))
+                    except (CorruptBlock, FileNotFoundError) as e:
+                        log.warning("KV disk tier (serving a pull): %s", e)
+                        corrupt.append(h)
+                        break
+                t0[tier] += time.perf_counter() - t
+        finally:
+            if corrupt:
+                self._drop_corrupt(corrupt)                 # drops the pin on it
+                parts = [p for p in parts if p[0] not in corrupt]
+            self._unpin(parts)
+        if corrupt:
+            return None
+        counts = {}
+        for tier in self.index:
+            n = sum(1 for _, tt, _ in parts if tt == tier)
+            if n:
+                counts[tier] = n
+                st = self.stats[tier]
+                st.add(served=n, served_bytes=n * st.block_bytes)
+                st.observe("serve_s", t0[tier])
+        return out, counts
+
+    def _unpin(self, parts: list[tuple[int, str, int]]) -> None:
+        with self._lock:
+            for h, tier, _ in parts:
+                self.index[tier].unpin(h)
+
     def finished_loading(self) -> list[tuple[str, bool]]:
         with self._lock:
             out, self._done = self._done, []

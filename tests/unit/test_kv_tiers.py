@@ -274,3 +274,32 @@ def test_the_router_learns_tier_load_rates_and_resyncs_tiers_from_what_a_worker_
     idx.resync("prefill-0", snap.device, seq=snap.seq, now=0.0, lower={"host": snap.host, "disk": snap.disk})
     assert idx.match_tiers(hashes)["prefill-0"] == (0, 3, 0)
     tc.close()
+
+
+def test_a_peer_pull_reads_blocks_from_host_then_disk_all_or_nothing(tmp_path):
+    """TierConnector.read_blocks (a holder serving a pull, kv_transfer/pull.py): host first, disk for
+    what the host lost, bit for bit in the block layout; a missing or corrupt block fails the read."""
+    tc, events, k, v = tiers(tmp_path, host_blocks=2, disk_blocks=8)
+    r = req("a", n=17)
+    h = r.block_hashes()[:4]
+    want = [torch.cat([k[l][i:i + 1] for l in range(L)] + [v[l][i:i + 1] for l in range(L)]) for i in range(4)]
+    tc.evicted([0, 1, 2, 3], h)                            # the host keeps the last 2, the disk all 4
+    assert tc.wait_idle()
+    for c in k + v:
+        c.zero_()                                          # the device copies are gone: only the tiers serve
+    blocks, by_tier = tc.read_blocks(h)
+    assert by_tier == {"host": 2, "disk": 2}
+    assert all(torch.equal(b, w) for b, w in zip(blocks, want))
+    figs = {f["tier"]: f for f in tc.figures()}
+    assert figs["host"]["served"] == 2 and figs["disk"]["served_bytes"] == 2 * figs["disk"]["block_bytes"]
+    assert figs["disk"]["serve_counts"][-1] == 1
+    assert all(e.pins == 0 for idx in tc.index.values() for e in idx.entries.values())   # every pin dropped
+    assert tc.read_blocks(req("b", salt="t2", n=17).block_hashes()[:4]) is None          # another tenant: nothing
+    assert tc.read_blocks(h + [12345]) is None                                           # all or nothing
+    p = tmp_path / f"{h[0]:016x}.kvb"
+    p.write_bytes(p.read_bytes()[:-1] + b"\x00")
+    events.drain()
+    assert tc.read_blocks(h[:1]) is None                   # corrupt: the read fails, the file is dropped
+    assert not p.exists() and kinds(events) == [("removed", "disk", 1)]
+    assert tc.read_blocks(h[2:]) is not None               # the host's blocks still serve
+    tc.close()
