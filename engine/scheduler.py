@@ -12,8 +12,10 @@ the hit: two prompts that share a cold prefix compute it once (`wait_for_infligh
 
 KV from outside goes through the engine's KV connector (engine/kv_connector.py): a waiting
 request whose prompt continues past its local prefix hits in what the connector can supply gets
-blocks for those tokens and waits in WAITING_FOR_REMOTE_KV (`loading`) until the load ends; a
-remote prefill's reservation (add_remote) is the case where every prompt token comes from outside.
+blocks for those tokens and waits in WAITING_FOR_REMOTE_KV (`loading`) until the load ends, or,
+when the connector loads them layer by layer inside the forward pass (`load_in_step`), counts them
+as computed and runs its tail in the same step; a remote prefill's reservation (add_remote) is the
+case where every prompt token comes from outside.
 A finished request whose blocks the connector still reads stays in `held` until it lets go.
 
 Speculative decoding (engine/spec/): a running request with one token left to compute may get
@@ -37,6 +39,8 @@ from pdcluster.engine.kv_connector import KVConnector, NoKVCapacity
 from pdcluster.engine.request import Request, Status
 from pdcluster.engine.rules import blocks_for_lifetime, finish_reason
 from pdcluster.engine.spec.decoder import SpecDecoder
+
+_LOADING, _IN_STEP = "loading", "in step"      # _start_load's answers
 
 
 @dataclass
@@ -210,9 +214,12 @@ class Scheduler:
                     continue
             if req.num_computed_tokens == 0:
                 self.kv.count_lookup(req, len(hits))
-                if self._start_load(req, hits):
+                got = self._start_load(req, hits)
+                if got is _LOADING:
                     del self.waiting[j]
                     continue
+                if got is _IN_STEP:             # loaded inside this step's forward: its tail runs now
+                    hits = []
             n = req.num_tokens - (len(hits) * self.kv.block_size if hits else req.num_computed_tokens)
             if n > budget:
                 if not self.cfg.enable_chunked_prefill:
@@ -233,16 +240,19 @@ class Scheduler:
                 inflight.update(computing(req, self.kv.block_size))
         return out
 
-    def _start_load(self, req: Request, hits: list) -> bool:
+    def _start_load(self, req: Request, hits: list):
         """Does the connector supply tokens past req's local hits? Then their blocks (and the hits)
-        are req's and it waits in `loading`. False also when the pool cannot hold them now."""
+        are req's and either it waits in `loading` (_LOADING), or the connector loads them inside
+        the next forward pass, layer by layer (_IN_STEP: they count as computed and req is admitted
+        for its tail like any request; if its tail finds no room it waits holding them). None: no
+        load (none offered, or no room for it now)."""
         local = len(hits) * self.kv.block_size
         n_ext = self.connector.external_tokens(req, local)
         if n_ext <= 0:
-            return False
+            return None
         assert local + n_ext < req.num_prefill_tokens, "the last prompt token is computed here"
         if not self.kv.can_allocate(req, n_ext, hits):
-            return False
+            return None
         fill = self.kv.allocate(req, n_ext, hits)
         try:
             self.connector.after_alloc(req, fill, n_ext)
@@ -250,10 +260,14 @@ class Scheduler:
             self.kv.free(req)
             req.num_computed_tokens = 0
             raise
+        if self.connector.load_in_step(req):
+            req.num_computed_tokens += n_ext
+            req.num_cached_tokens = req.num_computed_tokens
+            return _IN_STEP
         req.num_external_tokens = n_ext
         req.status = Status.WAITING_FOR_REMOTE_KV
         self.loading[req.request_id] = req
-        return True
+        return _LOADING
 
     def _draft_limit(self, req: Request, budget: int) -> int:
         """Most drafts req may verify this step: the step's budget after its own token, and no

@@ -13,11 +13,18 @@ steps. A GPU host copies to pinned staging memory asynchronously; the writer wai
 
 Load-back. `external_tokens` counts the request's next blocks (after its device prefix hits) that a
 lower tier holds, ready; the scheduler allocates blocks for them, `after_alloc` pins the entries and
-queues a load job; the loader thread copies each block into its device block, layer after layer,
-and `finished_loading` reports it. The whole hit is loaded before the request computes its tail:
-the load overlaps other requests' steps, not the same prompt's remaining layers (the scheduler runs
-a request only once its external tokens are in). A block missing or corrupt fails the load: the
-scheduler frees the blocks and recomputes the prompt; a corrupt file is deleted first.
+queues a load job for the loader thread. Two ways:
+- Layer by layer, inside the step (`layerwise`, when every block comes from the host tier):
+  `load_in_step` says so, the scheduler counts the tokens as computed and runs the prompt's tail in
+  this very step; the loader copies layer 0 of every block, then layer 1, ...; before layer l the
+  forward pass calls `wait_layer(l)`, which returns once layer l of every such load is in. So the
+  copy of layer l+1 overlaps layer l's compute (on a GPU: a copy stream, one event per layer, the
+  compute stream waits on it; the engine thread does not block). A pinned host slot cannot vanish,
+  so such a load cannot fail.
+- Whole blocks, before the step (disk blocks, which can turn out corrupt; or `layerwise` off): the
+  loader reads, checks and copies every block, `finished_loading` reports it, and the request
+  computes its tail in a later step. A block missing or corrupt fails the load: the scheduler frees
+  the blocks and recomputes the prompt; a corrupt file is deleted first.
 
 Tenant isolation: blocks are keyed by the engine's salted chain hashes (engine/hashing.py), so a
 lookup under one salt never finds another's blocks, in any tier.
@@ -57,6 +64,7 @@ class TierConfig:
     disk_bytes: int = 0                 # disk tier capacity (0 with a directory: none)
     codec: str = "none"                 # how blocks are kept below the device: none | int8 | fp8
     protected_fraction: float = 0.9     # SLRU: of each tier, what blocks loaded back may hold
+    layerwise: bool = True              # host-tier hits load layer by layer inside the step (see the module doc)
     queue_blocks: int = 4096            # evicted blocks waiting for the writer, most; more are dropped
 
     @property
@@ -71,6 +79,9 @@ class _Load:
     parts: list[tuple[int, str, int]]       # per block: (chain hash, tier, host slot or -1)
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
+    in_step: bool = False                   # loaded layer by layer inside the step (wait_layer)
+    layers_done: int = 0                    # in_step: layers [0, layers_done) issued (CPU: copied)
+    events: list = field(default_factory=list)   # in_step on a GPU: per layer, its copy's CUDA event
 
 
 class TierConnector(KVConnector):
@@ -89,6 +100,9 @@ class TierConnector(KVConnector):
         self._loads: dict[str, _Load] = {}             # in flight, by request id
         self._held: set[str] = set()                   # ended during their load: freed when it stops
         self._done: list[tuple[str, bool]] = []
+        self._in_step: list[_Load] = []                # in_step loads not yet all copied, oldest first
+        self._layer_cv = threading.Condition(self._lock)   # a layer of an in_step load was issued
+        self.loads = cfg.layerwise and cfg.host_bytes > 0   # wait_layer wanted
         self._released: list[str] = []
         self._writes: queue.Queue = queue.Queue()
         self._reads: queue.Queue = queue.Queue()
@@ -316,8 +330,31 @@ class TierConnector(KVConnector):
                         break
                 else:
                     break                      # evicted since external_tokens: the load fails
+            job.in_step = (self.cfg.layerwise and len(job.parts) == nb
+                           and all(tier == "host" for _, tier, _ in job.parts))
+            if job.in_step:
+                self._in_step.append(job)
             self._loads[job.request_id] = job
         self._reads.put(job)
+
+    def load_in_step(self, request) -> bool:
+        with self._lock:
+            job = self._loads.get(request.request_id)
+            return job is not None and job.in_step
+
+    def wait_layer(self, layer: int) -> None:
+        """Until layer `layer` of every in_step load is issued (engine thread, before that layer runs).
+        On a GPU the compute stream then waits on the layer's copy event, not the engine thread."""
+        with self._layer_cv:
+            jobs = list(self._in_step)
+            if not self._layer_cv.wait_for(lambda: all(j.layers_done > layer or j.done.is_set() for j in jobs),
+                                           timeout=120.0):
+                raise RuntimeError(f"KV tier load of layer {layer} did not arrive in 120 s")
+        if self._copy_stream is not None:
+            cur = torch.cuda.current_stream(self.device)
+            for j in jobs:
+                if layer < len(j.events):
+                    cur.wait_event(j.events[layer])
 
     def _loader(self) -> None:
         while True:
@@ -326,7 +363,7 @@ class TierConnector(KVConnector):
                 return
             ok = False
             try:
-                ok = self._load(job)
+                ok = self._load_layers(job) if job.in_step else self._load(job)
             except Exception:
                 log.exception("KV tier load of %s failed", job.request_id)
             finally:
@@ -337,9 +374,12 @@ class TierConnector(KVConnector):
                     if job.request_id in self._held:
                         self._held.discard(job.request_id)
                         self._released.append(job.request_id)
-                    elif not job.cancelled:
+                    elif not job.cancelled and not job.in_step:     # in_step loads are never reported
                         self._done.append((job.request_id, ok))
-                job.done.set()
+                    if job.in_step:
+                        self._in_step.remove(job)
+                    job.done.set()
+                    self._layer_cv.notify_all()
 
     def _load(self, job: _Load) -> bool:
         g = self.geom
@@ -381,6 +421,42 @@ class TierConnector(KVConnector):
                 st.add(hits=len(hs), loaded_bytes=len(hs) * st.block_bytes)
                 st.observe("load_s", t0[tier] + copy_share * len(hs))
         return not job.cancelled
+
+    def _load_layers(self, job: _Load) -> bool:
+        """An in_step load: host blocks into the device pool, layer after layer (K then V of layer l
+        for every block), announcing each layer to wait_layer. The blocks stay pinned throughout."""
+        t = time.perf_counter()
+        g = self.geom
+        blocks = [self.host.get(slot) for _, _, slot in job.parts]     # [2L, bs, h, d] each (views for codec none)
+        cuda = self._copy_stream is not None
+        idx = torch.tensor(job.block_ids, dtype=torch.int64, device=self.device)
+        for layer in range(g.num_layers):
+            if job.cancelled:       # the request ended before its step ran: nothing reads these blocks
+                return False
+            for row, cache in ((layer, self.k[layer]), (g.num_layers + layer, self.v[layer])):
+                if cuda:
+                    src = torch.empty((len(blocks), *blocks[0].shape[1:]), dtype=blocks[0].dtype, pin_memory=True)
+                    torch.stack([b[row] for b in blocks], out=src)
+                    with torch.cuda.stream(self._copy_stream):
+                        cache.index_copy_(0, idx, src.to(self.device, non_blocking=True))
+                else:
+                    cache.index_copy_(0, idx, torch.stack([b[row] for b in blocks]))
+            with self._layer_cv:
+                if cuda:
+                    ev = torch.cuda.Event()
+                    ev.record(self._copy_stream)
+                    job.events.append(ev)
+                job.layers_done = layer + 1
+                self._layer_cv.notify_all()
+        if cuda:
+            self._copy_stream.synchronize()     # the pinned sources outlive their copies
+        with self._lock:
+            for h, _, _ in job.parts:
+                self.index["host"].hit(h)
+        st = self.stats["host"]
+        st.add(hits=len(blocks), loaded_bytes=len(blocks) * st.block_bytes)
+        st.observe("load_s", time.perf_counter() - t)
+        return True
 
     def _write_device(self, block_ids: list[int], blocks: list[torch.Tensor]) -> None:
         """blocks[i] [2L, bs, h, d] (host) -> device block block_ids[i] of every layer's K and V."""

@@ -17,7 +17,9 @@ class MultiConnector(KVConnector):
     def __init__(self, tiers: KVConnector, inner: KVConnector):
         self.tiers, self.inner = tiers, inner
         self.saves = inner.saves or tiers.saves
+        self.loads = inner.loads or tiers.loads
         self._from_tiers: set[str] = set()      # ids whose external tokens the tiers promised
+        self._tier_load: str | None = None      # the id after_alloc last gave the tiers (load_in_step asks next)
 
     # scheduler side
     def external_tokens(self, request, num_local_tokens: int) -> int:
@@ -31,9 +33,16 @@ class MultiConnector(KVConnector):
     def after_alloc(self, request, block_ids: list[int], num_external_tokens: int) -> None:
         if request.request_id in self._from_tiers:
             self._from_tiers.discard(request.request_id)
+            self._tier_load = request.request_id
             self.tiers.after_alloc(request, block_ids, num_external_tokens)
         else:
+            self._tier_load = None
             self.inner.after_alloc(request, block_ids, num_external_tokens)
+
+    def load_in_step(self, request) -> bool:
+        src = self.tiers if request.request_id == self._tier_load else self.inner
+        self._tier_load = None
+        return src.load_in_step(request)
 
     def request_finished(self, request_id: str, block_ids: list[int]) -> bool:
         self._from_tiers.discard(request_id)
@@ -54,6 +63,12 @@ class MultiConnector(KVConnector):
     def register_caches(self, k_caches, v_caches) -> None:
         self.tiers.register_caches(k_caches, v_caches)
         self.inner.register_caches(k_caches, v_caches)
+
+    def wait_layer(self, layer: int) -> None:
+        if self.tiers.loads:
+            self.tiers.wait_layer(layer)
+        if self.inner.loads:
+            self.inner.wait_layer(layer)
 
     def save_layer(self, layer, k_caches, v_caches, completing) -> None:
         if self.inner.saves:

@@ -1,5 +1,6 @@
 """KV cache tiers on the real model (the session's float32 engine): a prompt evicted from the device
-pool comes back from the host tier, then from the disk tier after a restart of the tiers, and greedy
+pool comes back from the host tier (layer by layer, inside the step that computes its tail), then
+from the disk tier after a restart of the tiers (whole blocks before that step), and greedy
 decoding gives the tokens of computing it, while the engine computes only the prompt's tail. The
 control: garbage in the (unchecksummed) host tier changes the tokens, so the equality checks can fail.
 Corrupt disk files are detected and dropped: tests/unit/test_kv_tiers.py."""
@@ -17,10 +18,15 @@ SALT = "kv-tiers-e2e"               # no other test's cached blocks share these 
 
 
 def run(engine, ids, rid):
+    """The finished request; req.first_step: the engine steps until its first token."""
     req = engine.add_request(ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), request_id=rid,
                              cache_salt=SALT)
+    steps = 0
     while not req.is_finished:
         engine.step()
+        steps += 1
+        if req.output_token_ids and not hasattr(req, "first_step"):
+            req.first_step = steps
     return req
 
 
@@ -63,15 +69,16 @@ def test_prompt_evicted_from_device_reloads_from_host_then_disk_and_garbage_chan
             stored[tier].update(hs)
     assert hashes <= stored["host"] and hashes <= stored["disk"]
 
-    def check(rid, tier):
+    def check(rid, tier, in_step):
         before = engine.stats.tokens
         out = run(engine, ids, rid)
+        assert (out.first_step == 1) == in_step         # else empty steps poll the loader first
         figs = {f["tier"]: f for f in tiers.figures()}
         assert figs[tier]["hits"] == n_blocks                    # not vacuous: the tier served the prefix
         assert out.num_cached_tokens == n_blocks * bs
         assert engine.stats.tokens - before == len(ids) - n_blocks * bs + 5   # the tail, then 5 decodes
         assert out.output_token_ids == ref.output_token_ids
-    check("tiers-host", "host")
+    check("tiers-host", "host", True)          # loaded layer by layer inside the step that computes the tail
 
     evict_all(engine, tiers)
     assert tiers.snapshot.skipped >= n_blocks                    # held below already: not copied again
@@ -79,7 +86,7 @@ def test_prompt_evicted_from_device_reloads_from_host_then_disk_and_garbage_chan
     tiers = use(engine, TierConfig(disk_dir=str(tmp_path), disk_bytes=64 * (bb + 64)))   # a restart: disk only
     announced = {h for _, kind, hs, tier in engine.block_events().drain()[1] if tier == "disk" for h in hs}
     assert hashes <= announced
-    check("tiers-disk", "disk")
+    check("tiers-disk", "disk", False)         # whole blocks, checked, before the step
     tiers.close()
 
     # the control: garbage in the host tier (no checksum there) is what the tokens are computed from

@@ -28,10 +28,12 @@ def req(rid, salt=None, n=13):
     return Request(list(range(100, 100 + n)), SamplingParams(max_tokens=2), rid, salt, block_size=BS)
 
 
-def tiers(tmp_path=None, host_blocks=16, disk_blocks=16, codec="none", kv=None):
+def tiers(tmp_path=None, host_blocks=16, disk_blocks=16, codec="none", kv=None, layerwise=False):
+    """layerwise False: every load is a whole-block one, reported by finished_loading (`load` below)."""
     events = BlockEventLog()
     disk = dict(disk_dir=str(tmp_path), disk_bytes=disk_blocks * (HEADER.size + BLOCK_BYTES)) if tmp_path else {}
-    tc = TierConnector(TierConfig(host_bytes=host_blocks * BLOCK_BYTES, codec=codec, **disk), events)
+    tc = TierConnector(TierConfig(host_bytes=host_blocks * BLOCK_BYTES, codec=codec, layerwise=layerwise, **disk),
+                       events)
     k, v = kv if kv is not None else caches()
     tc.register_caches(k, v)
     assert tc.wait_idle()
@@ -302,4 +304,67 @@ def test_a_peer_pull_reads_blocks_from_host_then_disk_all_or_nothing(tmp_path):
     assert tc.read_blocks(h[:1]) is None                   # corrupt: the read fails, the file is dropped
     assert not p.exists() and kinds(events) == [("removed", "disk", 1)]
     assert tc.read_blocks(h[2:]) is not None               # the host's blocks still serve
+    tc.close()
+
+
+class GatedCache:
+    """Layer 1's K cache: its writes wait for `gate` (a slow copy), so the test sees wait_layer block."""
+    def __init__(self, t):
+        self.t, self.gate = t, threading.Event()
+
+    def index_copy_(self, dim, idx, src):
+        assert self.gate.wait(10)
+        return self.t.index_copy_(dim, idx, src)
+
+
+def test_a_host_hit_loads_layer_by_layer_and_wait_layer_blocks_until_its_layer_is_in():
+    tc, _, k, v = tiers(None, layerwise=True)
+    r = req("a")
+    want = [(k[l][:3].clone(), v[l][:3].clone()) for l in range(L)]
+    tc.evicted([0, 1, 2], r.block_hashes()[:3])
+    assert tc.wait_idle()
+    for c in k + v:
+        c.zero_()
+    k1 = k[1]
+    gated = tc.k[1] = GatedCache(k1)                        # (tc.k is the list k)
+    r2 = req("a2")
+    n = tc.external_tokens(r2, 0)
+    r2.block_ids = [5, 6, 7]
+    tc.after_alloc(r2, r2.block_ids, n)
+    assert n == 12 and tc.load_in_step(r2) and tc.loads
+    tc.wait_layer(0)
+    assert torch.equal(k[0][5:8], want[0][0]) and torch.equal(v[0][5:8], want[0][1])     # layer 0 is in
+    waiter = threading.Thread(target=tc.wait_layer, args=(1,))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and not k1[5:8].any()              # layer 1 is not: wait_layer waits for it
+    gated.gate.set()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert torch.equal(k1[5:8], want[1][0]) and torch.equal(v[1][5:8], want[1][1])
+    for _ in range(1000):
+        if not tc._in_step:
+            break
+        time.sleep(0.001)
+    assert tc.finished_loading() == []                          # an in-step load is never reported
+    assert {f["tier"]: f for f in tc.figures()}["host"]["hits"] == 3
+    assert all(e.pins == 0 for e in tc.index["host"].entries.values())
+    tc.close()
+
+
+def test_disk_hits_and_layerwise_off_load_whole_blocks_before_the_step(tmp_path):
+    tc, _, k, v = tiers(tmp_path, host_blocks=0, layerwise=True)    # disk only: a read can fail, so before
+    r = req("a")
+    tc.evicted([0, 1], r.block_hashes()[:2])
+    assert tc.wait_idle()
+    r2 = req("a2")
+    r2.block_ids = [4, 5]
+    tc.after_alloc(r2, r2.block_ids, tc.external_tokens(r2, 0))
+    assert not tc.load_in_step(r2) and not tc.loads
+    tc.close()
+    tc, _, _, _ = tiers(None, layerwise=False)
+    tc.evicted([0, 1], r.block_hashes()[:2])
+    assert tc.wait_idle()
+    n, done = load(tc, req("a3"), [4, 5])
+    assert n == 8 and done == [("a3", True)]
     tc.close()

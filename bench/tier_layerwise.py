@@ -1,0 +1,108 @@
+"""TTFT of a prompt whose prefix is a host-tier hit: loaded whole before the step (the old path) vs
+layer by layer inside the step that computes the tail (issue 19 point 1, kv_transfer/tiers/).
+
+    python -m pdcluster.bench.tier_layerwise [--prefix-len 1024] [--tail-len 32] [--repeats 5]
+
+One offline engine (the embedded model, float32 KV, --threads torch threads), its KV connector swapped
+between the two sides (TierConfig.layerwise False / True), so both share weights, pool and machine.
+Each repeat runs both sides, alternating which goes first; per side:
+  cold    prefix + tail A computed (nothing cached): fills the device pool;
+  host    the device pool evicted (every free block handed out once: the prefix goes to the host
+          tier), then prefix + tail B: the prefix loads back from host memory, the tail computes;
+  device  prefix + tail C at once (the prefix is in the device pool again): the floor.
+TTFT is add_request to the first token on an idle engine, stepping it in a loop (an idle step
+polls the loader every 1 ms, as the engine does). Medians over the repeats; ratios side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+from pdcluster.engine.kv_connector import KVConnector
+from pdcluster.engine.llm_engine import LLMEngine, build_config
+from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.kv_transfer.tiers import MultiConnector, TierConfig, TierConnector
+
+BS = 16
+SIDES = ("whole-block", "layerwise")
+
+
+def ttft(engine: LLMEngine, ids: list[int], rid: str) -> tuple[float, int, int]:
+    """(ms to the first token, cached tokens, engine steps until then)."""
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    req = engine.add_request(ids, params, request_id=rid, detokenize=False)
+    steps = 0
+    while not req.is_finished:
+        engine.step()
+        steps += 1
+    return (time.perf_counter() - t0) * 1e3, req.num_cached_tokens, steps
+
+
+def one_side(engine: LLMEngine, layerwise: bool, prefix: list[int], tails: list[list[int]], host_blocks: int,
+             tag: str) -> dict:
+    engine.kv.pool.reset_prefix_cache()
+    tiers = TierConnector(TierConfig(host_bytes=host_blocks * engine.kv_block_bytes(), layerwise=layerwise),
+                          engine.block_events())
+    engine.connector = MultiConnector(tiers, KVConnector())
+    tiers.wait_idle()
+    out = {}
+    out["cold_ms"], _, _ = ttft(engine, prefix + tails[0], f"{tag}-cold")
+    pool = engine.kv.pool
+    pool.free(pool.allocate(pool.num_free_blocks))          # other traffic: the prefix leaves the device pool
+    tiers.wait_idle(120)
+    out["host_ms"], out["host_cached"], out["host_steps"] = ttft(engine, prefix + tails[1], f"{tag}-host")
+    out["device_ms"], out["device_cached"], _ = ttft(engine, prefix + tails[2], f"{tag}-device")
+    f = tiers.figures()[0]
+    out["host_hits"], out["load_ms"] = f["hits"], f["load_sum_s"] * 1e3
+    tiers.close()
+    engine.connector = KVConnector()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--prefix-len", type=int, default=1024, help="tokens of the cached prefix (whole blocks)")
+    ap.add_argument("--tail-len", type=int, default=32, help="tokens computed after the prefix")
+    ap.add_argument("--repeats", type=int, default=5, help="repeats of both sides, alternating which goes first")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--out", default="bench/tier-layerwise.json", help="JSON results")
+    a = ap.parse_args(argv)
+    if a.prefix_len % BS or a.prefix_len <= 0 or a.tail_len <= 0:
+        raise ValueError(f"--prefix-len must be a positive multiple of {BS} and --tail-len positive")
+    n_blocks = (a.prefix_len + a.tail_len) // BS + 2
+    engine = LLMEngine(build_config(num_blocks=2 * n_blocks, max_num_batched_tokens=4096, num_threads=a.threads))
+    engine.warmup()
+    rng = random.Random(0)
+    vocab = engine.cfg.model.vocab_size
+    rows = {s: [] for s in SIDES}
+    print(f"prefix {a.prefix_len} tokens ({a.prefix_len // BS} blocks of {engine.kv_block_bytes() / 2**20:.2f} MiB) "
+          f"+ tail {a.tail_len}; {a.repeats} repeats")
+    for rep in range(a.repeats):
+        prefix = [rng.randrange(100, vocab) for _ in range(a.prefix_len)]     # fresh each repeat: no stale hits
+        tails = [[rng.randrange(100, vocab) for _ in range(a.tail_len)] for _ in range(3)]
+        for side in (SIDES if rep % 2 == 0 else SIDES[::-1]):
+            r = one_side(engine, side == "layerwise", prefix, tails, 2 * n_blocks, f"{side}-{rep}")
+            rows[side].append(r)
+            print(f"  rep {rep} {side:11}: TTFT cold {r['cold_ms']:7.1f}  host {r['host_ms']:7.1f} "
+                  f"({r['host_steps']} steps, {r['host_cached']} cached, load {r['load_ms']:.1f} ms)  "
+                  f"device {r['device_ms']:7.1f} ms", flush=True)
+    med = {s: {k: statistics.median(x[k] for x in rows[s]) for k in ("cold_ms", "host_ms", "device_ms", "load_ms")}
+           for s in SIDES}
+    ratio = med["whole-block"]["host_ms"] / med["layerwise"]["host_ms"]
+    print(f"\n{'median ms':12} {'cold':>8} {'host hit':>9} {'device hit':>11} {'load':>7}")
+    for s in SIDES:
+        m = med[s]
+        print(f"{s:12} {m['cold_ms']:8.1f} {m['host_ms']:9.1f} {m['device_ms']:11.1f} {m['load_ms']:7.1f}")
+    print(f"host-hit TTFT whole-block / layerwise: {ratio:.2f}x; layerwise host hit / device hit: "
+          f"{med['layerwise']['host_ms'] / med['layerwise']['device_ms']:.2f}x")
+    Path(a.out).write_text(json.dumps(dict(args=vars(a), runs=rows, median=med, host_ttft_ratio=ratio), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
