@@ -33,9 +33,11 @@ Events: ("stored" | "removed", hashes, "host" | "disk") go to the worker's Block
 enter and leave each tier; on start the disk tier is verified (every file's checksum) and its blocks
 announced as "stored" on "disk" (warm restart).
 
-Threads: the engine thread calls the KVConnector methods; the writer and loader threads share the
-two TierIndexes with it under one lock. A load writes only into blocks its request holds (the
-request's end is held back by `request_finished` until the loader is done with them).
+Threads: the engine thread calls the KVConnector methods; the writer, the loader (whole-block loads)
+and the layer loader (in-step loads: a step never waits behind a disk read) share the two
+TierIndexes with it under one lock; a peer's pull reads tiers from an RPC thread (`read_blocks`). A
+load writes only into blocks its request holds (the request's end is held back by
+`request_finished` until the loader is done with them).
 """
 from __future__ import annotations
 
@@ -105,7 +107,9 @@ class TierConnector(KVConnector):
         self.loads = cfg.layerwise and cfg.host_bytes > 0   # wait_layer wanted
         self._released: list[str] = []
         self._writes: queue.Queue = queue.Queue()
-        self._reads: queue.Queue = queue.Queue()
+        self._reads: queue.Queue = queue.Queue()          # whole-block loads (the loader thread)
+        self._layer_reads: queue.Queue = queue.Queue()    # in_step loads: their own thread, so a step's
+                                                          # wait_layer never queues behind a disk read
         self._threads: list[threading.Thread] = []
         self.ready = threading.Event()                 # set once the disk tier is verified (warm restart)
 
@@ -130,8 +134,9 @@ class TierConnector(KVConnector):
             log.warning("KV tiers: host %d B / disk %d B hold no block of %d B; tiers off", self.cfg.host_bytes,
                         self.cfg.disk_bytes, g.block_bytes)
         self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
-        for name, fn in (("writer", self._writer), ("loader", self._loader)):
-            t = threading.Thread(target=fn, name=f"kv-tier-{name}", daemon=True)
+        for name, fn, args in (("writer", self._writer, ()), ("loader", self._loader, (self._reads,)),
+                                ("layer-loader", self._loader, (self._layer_reads,))):
+            t = threading.Thread(target=fn, args=args, name=f"kv-tier-{name}", daemon=True)
             t.start()
             self._threads.append(t)
         self._writes.put(("scan",))
@@ -335,7 +340,7 @@ class TierConnector(KVConnector):
             if job.in_step:
                 self._in_step.append(job)
             self._loads[job.request_id] = job
-        self._reads.put(job)
+        (self._layer_reads if job.in_step else self._reads).put(job)
 
     def load_in_step(self, request) -> bool:
         with self._lock:
@@ -356,9 +361,9 @@ class TierConnector(KVConnector):
                 if layer < len(j.events):
                     cur.wait_event(j.events[layer])
 
-    def _loader(self) -> None:
+    def _loader(self, jobs: queue.Queue) -> None:
         while True:
-            job = self._reads.get()
+            job = jobs.get()
             if job is None:
                 return
             ok = False
@@ -600,6 +605,7 @@ class TierConnector(KVConnector):
     def close(self) -> None:
         self._writes.put(None)
         self._reads.put(None)
+        self._layer_reads.put(None)
         for t in self._threads:
             t.join(timeout=10.0)
         self._threads = []
