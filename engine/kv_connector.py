@@ -12,6 +12,9 @@ Scheduler side (pure Python, asked while the scheduler admits and finishes reque
   after_alloc(request, block_ids, num_external_tokens)  those blocks are the request's now: start
       filling them (a remote prefill's reservation takes this path too, with every prompt token
       external);
+  step_tokens(request, num_local_tokens)  as external_tokens, but only tokens it can load inside a
+      step (load_in_step): a remote prefill's reservation (add_remote) takes those from here and
+      has the prefill worker send only the rest;
   load_in_step(request) -> bool  asked right after after_alloc: True when those tokens load inside
       the request's next forward pass, layer by layer (wait_layer), so the scheduler counts them as
       computed at once and runs the request's tail in this very step, overlapped with the load (vLLM
@@ -32,7 +35,8 @@ engine/kv_quant.QuantKV, codes + scales, when the engine's kv_cache_dtype is int
   save_layer(layer, k_caches, v_caches, completing)  after each layer of a step: `completing` names
       the prompts whose last chunk is in this step, with their block ids; layer `layer` of their KV
       is in the cache now (the rest of the step still computes);
-  wait_loaded(request_id, timeout_s)  blocks (any thread) until a remote prefill's KV is in or failed;
+  wait_loaded(request_id, timeout_s)  blocks (any thread) until a remote prefill's KV is in or failed
+      (and its blocks loaded in step from a cache tier, if any);
   take_loaded(request_id) -> None, or why the KV is not all there; forgets the request;
   request_aborted(request_id)  the request ended early: stop moving its KV, fence late bytes.
 """
@@ -75,6 +79,9 @@ class KVConnector:
         An exception undoes the allocation."""
         if num_external_tokens:
             raise NotImplementedError("this engine's connector receives no KV from outside")
+
+    def step_tokens(self, request: Request, num_local_tokens: int) -> int:
+        return 0
 
     def load_in_step(self, request: Request) -> bool:
         return False

@@ -96,24 +96,32 @@ class Scheduler:
     def add_remote(self, req: Request) -> tuple[int, list[int]]:
         """A request whose prompt KV comes from outside (a prefill worker): blocks for the whole
         prompt are allocated now, prefix hits reused, and it waits in WAITING_FOR_REMOTE_KV (in
-        no queue: it is not stepped) until remote_kv_done. Returns (hit blocks, the ids of the
-        blocks to fill, in order). NoKVCapacity when the pool cannot hold it now."""
+        no queue: it is not stepped) until remote_kv_done. The blocks right after the hits that
+        the connector can load from a cache tier in step (step_tokens) are loaded from there; the
+        rest come from outside. Returns (blocks not to send: hits + tier blocks, the ids of the
+        blocks to fill from outside, in order). NoKVCapacity when the pool cannot hold it now."""
         if req.request_id in self.requests:
             raise ValueError(f"request_id {req.request_id!r} is already in flight")
         self.check_fits(req.num_prompt_tokens, req.params.max_tokens)
         hits = self.kv.computed_blocks(req)
-        n_new = req.num_prefill_tokens - len(hits) * self.kv.block_size
+        local = len(hits) * self.kv.block_size
+        n_new = req.num_prefill_tokens - local
         if not self.kv.can_allocate(req, n_new, hits):
             raise NoKVCapacity(f"{self.kv.num_free_blocks} free KV blocks")
         fill = self.kv.allocate(req, n_new, hits)
+        n_tier = self.connector.step_tokens(req, local) // self.kv.block_size    # a cache tier's blocks
         try:
-            self.connector.after_alloc(req, fill, n_new)
+            if n_tier:
+                self.connector.after_alloc(req, fill[:n_tier], n_tier * self.kv.block_size)
+                if not self.connector.load_in_step(req):    # a source went meanwhile: those blocks cross too
+                    n_tier = 0
+            self.connector.after_alloc(req, fill[n_tier:], n_new - n_tier * self.kv.block_size)
         except BaseException:
             self.kv.free(req)
             raise
         req.status = Status.WAITING_FOR_REMOTE_KV
         self.requests[req.request_id] = req
-        return len(hits), fill
+        return len(hits) + n_tier, fill[n_tier:]
 
     def remote_kv_done(self, req: Request, first_token: int) -> None:
         """Its prompt's KV is in: the prompt counts as computed (and cached), the first token,

@@ -322,7 +322,7 @@ class TierConnector(KVConnector):
             return
         bs = self.geom.block_size
         nb = num_external_tokens // bs
-        start = len(request.block_ids) - len(block_ids)
+        start = request.num_computed_tokens // bs          # block_ids follow the request's local hits
         hashes = request.block_hashes()[start:start + nb]
         job = _Load(request.request_id, list(block_ids[:nb]), [])
         with self._lock:
@@ -341,6 +341,28 @@ class TierConnector(KVConnector):
                 self._in_step.append(job)
             self._loads[job.request_id] = job
         (self._layer_reads if job.in_step else self._reads).put(job)
+
+    def step_tokens(self, request, num_local_tokens: int) -> int:
+        """external_tokens, counting only host-tier blocks (those load in step) when layerwise."""
+        if not self.loads or "host" not in self.index:
+            return 0
+        bs, idx = self.geom.block_size, self.index["host"]
+        last = (min(request.num_tokens, request.num_prefill_tokens) - 1) // bs
+        n = 0
+        with self._lock:
+            for h in request.block_hashes()[num_local_tokens // bs:last]:
+                e = idx.get(h)
+                if e is None or not e.ready:
+                    break
+                n += 1
+        return n * bs
+
+    def wait_loaded(self, request_id: str, timeout_s: float) -> None:
+        """Until request_id's load (if one runs) has ended (any thread)."""
+        with self._lock:
+            job = self._loads.get(request_id)
+        if job is not None:
+            job.done.wait(timeout_s)
 
     def load_in_step(self, request) -> bool:
         with self._lock:

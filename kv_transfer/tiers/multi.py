@@ -3,10 +3,11 @@
     engine --> MultiConnector --> TierConnector     (loads from host/disk, keeps evicted blocks)
                               \\--> inner           (ReceiveConnector, SendConnector, or none)
 
-external_tokens asks the tiers (the transfer connectors supply none: a remote prefill's reservation
-takes after_alloc directly); after_alloc goes to whichever said it would supply the tokens, the inner
-connector otherwise (reserve_remote). Every other hook goes to both; the remote-KV waits
-(wait_loaded, take_loaded) to the inner one.
+external_tokens and step_tokens ask the tiers (the transfer connectors supply none); after_alloc goes
+to whichever said it would supply the tokens, the inner connector otherwise: a remote prefill's
+reservation (reserve_remote) gives its first blocks to the tiers when step_tokens offered them, the
+rest to the inner one. Every other hook goes to both; wait_loaded waits for both, take_loaded asks
+the inner one.
 """
 from __future__ import annotations
 
@@ -28,6 +29,12 @@ class MultiConnector(KVConnector):
             self._from_tiers.add(request.request_id)
         else:
             self._from_tiers.discard(request.request_id)
+        return n
+
+    def step_tokens(self, request, num_local_tokens: int) -> int:
+        n = self.tiers.step_tokens(request, num_local_tokens)
+        if n > 0:
+            self._from_tiers.add(request.request_id)
         return n
 
     def after_alloc(self, request, block_ids: list[int], num_external_tokens: int) -> None:
@@ -77,6 +84,7 @@ class MultiConnector(KVConnector):
             self.tiers.save_layer(layer, k_caches, v_caches, completing)
 
     def wait_loaded(self, request_id: str, timeout_s: float) -> None:
+        self.tiers.wait_loaded(request_id, timeout_s)      # a reservation's blocks from a tier, if any
         self.inner.wait_loaded(request_id, timeout_s)
 
     def take_loaded(self, request_id: str) -> str | None:

@@ -368,3 +368,20 @@ def test_disk_hits_and_layerwise_off_load_whole_blocks_before_the_step(tmp_path)
     n, done = load(tc, req("a3"), [4, 5])
     assert n == 8 and done == [("a3", True)]
     tc.close()
+
+
+def test_a_reservation_counts_only_host_blocks_as_loadable_in_step(tmp_path):
+    """step_tokens (a remote prefill's reservation): host blocks only, from after the local hits; disk
+    blocks and layerwise off offer none (those would load after the step starts)."""
+    tc, _, _, _ = tiers(tmp_path, host_blocks=2, disk_blocks=8, layerwise=True)
+    r = req("a", n=17)
+    tc.evicted([0, 1, 2, 3], r.block_hashes()[:4])          # host keeps blocks 2, 3; disk all four
+    assert tc.wait_idle()
+    assert tc.step_tokens(req("b", n=17), 0) == 0             # block 0 is on disk only
+    assert tc.step_tokens(req("c", n=17), 8) == 8             # after 2 local blocks: 2 host blocks
+    assert tc.external_tokens(req("d", n=17), 0) == 16        # a local prefill takes the disk ones too
+    tc.close()
+    tc, _, _, _ = tiers(None, layerwise=False)
+    tc.evicted([0, 1], r.block_hashes()[:2])
+    assert tc.wait_idle() and tc.step_tokens(req("e", n=17), 0) == 0
+    tc.close()
