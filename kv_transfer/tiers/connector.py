@@ -116,6 +116,8 @@ class TierConnector(KVConnector):
     # setup
     def register_caches(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
         if self.geom is not None:
+            if k_caches is self.k and v_caches is self.v:       # the same engine taking it back: as it was
+                return
             raise RuntimeError("a TierConnector serves one engine")
         self.k, self.v = k_caches, v_caches
         self.device = k_caches[0].device
