@@ -87,17 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     vocab = engine.cfg.model.vocab_size
     rows = {s: [] for s in SIDES}
     cold = []
-    host_bytes = 4 * n_blocks * engine.kv_block_bytes()
-    tiers = {s: TierConnector(TierConfig(host_bytes=host_bytes, layerwise=s == "layerwise"), engine.block_events())
-             for s in SIDES}
-    for t in tiers.values():
-        t.wait_idle()
+    host_bytes = 2 * n_blocks * engine.kv_block_bytes()
     print(f"prefix {a.prefix_len} tokens ({a.prefix_len // BS} blocks of {engine.kv_block_bytes() / 2**20:.2f} MiB) "
           f"+ tail {a.tail_len}; {a.repeats} repeats")
     for rep in range(a.repeats):
         prefix = [rng.randrange(100, vocab) for _ in range(a.prefix_len)]     # fresh each repeat: no stale hits
         tails = [[rng.randrange(100, vocab) for _ in range(a.tail_len)] for _ in range(5)]
         engine.kv.pool.reset_prefix_cache()
+        tiers = {s: TierConnector(TierConfig(host_bytes=host_bytes, layerwise=s == "layerwise"), engine.block_events())
+                 for s in SIDES}                # fresh each repeat: earlier prefixes, loaded back, are protected
         order = SIDES if rep % 2 == 0 else SIDES[::-1]
         attach(engine, tiers[order[0]])
         c, _, _ = ttft(engine, prefix + tails[4], f"cold-{rep}")         # computed: the prefix is in the device pool
@@ -110,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             line += (f" | {side}: host hit {r['host_ms']:7.1f} ({r['host_steps']} steps, load {r['load_ms']:5.1f})"
                      f" device hit {r['device_ms']:7.1f}")
         print(line, flush=True)
-    for t in tiers.values():
-        t.close()
-    engine.connector = KVConnector()
+        engine.connector = KVConnector()
+        for t in tiers.values():
+            t.close()
     keys = ("host_ms", "device_ms", "load_ms")
     med = {s: {k: statistics.median(x[k] for x in rows[s]) for k in keys} for s in SIDES}
     exposed = {s: statistics.median(x["host_ms"] - x["device_ms"] for x in rows[s]) for s in SIDES}
