@@ -1,7 +1,7 @@
 """TTFT of a prompt whose prefix is a host-tier hit: loaded whole before the step (the old path) vs
 layer by layer inside the step that computes the tail (issue 19 point 1, kv_transfer/tiers/).
 
-    python -m pdcluster.bench.tier_layerwise [--prefix-len 1024] [--tail-len 32] [--repeats 5]
+    python -m pdcluster.bench.tier_layerwise [--prefix-len 1024] [--tail-len 32] [--repeats 5] [--plot F.png]
 
 One offline engine (the embedded model, float32 KV, --threads torch threads), its KV connector swapped
 between the two sides (TierConfig.layerwise False / True), so both share weights, pool and machine.
@@ -70,6 +70,30 @@ def one_side(engine: LLMEngine, tiers: TierConnector, prefix: list[int], tails: 
     return out
 
 
+def plot(result: dict, path: str) -> None:
+    """Per repeat: each side's host-hit and device-hit TTFT (grouped bars), one PNG."""
+    import numpy as np
+    from matplotlib.figure import Figure
+    runs = result["runs"]
+    n = len(runs[SIDES[0]])
+    x = np.arange(n)
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    ax = fig.subplots()
+    w = 0.2
+    for i, (side, key) in enumerate((("whole-block", "host_ms"), ("layerwise", "host_ms"),
+                                     ("whole-block", "device_ms"), ("layerwise", "device_ms"))):
+        ax.bar(x + (i - 1.5) * w, [r[key] for r in runs[side]], w,
+               label=f"{side}: {'host hit' if key == 'host_ms' else 'device hit'}")
+    ax.set(title=f"TTFT with a {result['args']['prefix_len']}-token prefix in the host tier "
+                 f"(+{result['args']['tail_len']} computed): whole-block load vs layer by layer",
+           xlabel="repeat", ylabel="ms", xticks=x)
+    top = max(r[k] for side in SIDES for r in runs[side] for k in ("host_ms", "device_ms"))
+    ax.set_ylim(0, top * 1.3)
+    ax.legend(ncol=2, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=100)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--prefix-len", type=int, default=1024, help="tokens of the cached prefix (whole blocks)")
@@ -77,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="repeats of both sides, alternating which goes first")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--out", default="bench/tier-layerwise.json", help="JSON results")
+    ap.add_argument("--plot", default=None, help="PNG of the per-repeat TTFTs (bench/plots.py style)")
+    ap.add_argument("--replot", default=None, metavar="JSON", help="only draw --plot from an earlier --out")
     a = ap.parse_args(argv)
+    if a.replot:
+        plot(json.loads(Path(a.replot).read_text()), a.plot or "bench/tier-layerwise.png")
+        return 0
     if a.prefix_len % BS or a.prefix_len <= 0 or a.tail_len <= 0:
         raise ValueError(f"--prefix-len must be a positive multiple of {BS} and --tail-len positive")
     n_blocks = (a.prefix_len + a.tail_len) // BS + 2
@@ -122,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{s:12} {m['host_ms']:9.1f} {m['device_ms']:11.1f} {exposed[s]:14.1f} {m['load_ms']:7.1f}")
     print(f"host-hit TTFT whole-block / layerwise: {ratio:.2f}x (median of each side); the load's exposed time "
           f"(host hit - device hit, per repeat, median): {exposed['whole-block']:.1f} -> {exposed['layerwise']:.1f} ms")
-    Path(a.out).write_text(json.dumps(dict(args=vars(a), cold_ms=cold, runs=rows, median=med, exposed_ms=exposed,
-                                           host_ttft_ratio=ratio), indent=1))
+    result = dict(args=vars(a), cold_ms=cold, runs=rows, median=med, exposed_ms=exposed, host_ttft_ratio=ratio)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    if a.plot:
+        plot(result, a.plot)
     return 0
 
 
