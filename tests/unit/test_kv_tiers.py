@@ -385,3 +385,28 @@ def test_a_reservation_counts_only_host_blocks_as_loadable_in_step(tmp_path):
     tc.evicted([0, 1], r.block_hashes()[:2])
     assert tc.wait_idle() and tc.step_tokens(req("e", n=17), 0) == 0
     tc.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_host_hit_loads_layer_by_layer_on_the_copy_stream_and_the_compute_stream_waits():
+    k, v = caches(4)
+    k, v = [t.cuda() for t in k], [t.cuda() for t in v]
+    tc, _, k, v = tiers(None, kv=(k, v), layerwise=True)
+    r = req("a")
+    want = [(k[l][:3].clone(), v[l][:3].clone()) for l in range(L)]
+    tc.evicted([0, 1, 2], r.block_hashes()[:3])
+    assert tc.wait_idle()
+    for c in k + v:
+        c.zero_()
+    r2 = req("a2")
+    n = tc.external_tokens(r2, 0)
+    r2.block_ids = [5, 6, 7]
+    tc.after_alloc(r2, r2.block_ids, n)
+    assert n == 12 and tc.load_in_step(r2)
+    got = []
+    for layer in range(L):
+        tc.wait_layer(layer)                        # the current stream now waits on the layer's copy event
+        got.append((k[layer][5:8].clone(), v[layer][5:8].clone()))     # ordered after it on this stream
+    torch.cuda.synchronize()
+    assert all(torch.equal(g[0], w[0]) and torch.equal(g[1], w[1]) for g, w in zip(got, want))
+    tc.close()
