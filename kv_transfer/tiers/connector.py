@@ -84,6 +84,7 @@ class _Load:
     in_step: bool = False                   # loaded layer by layer inside the step (wait_layer)
     layers_done: int = 0                    # in_step: layers [0, layers_done) issued (CPU: copied)
     events: list = field(default_factory=list)   # in_step on a GPU: per layer, its copy's CUDA event
+    after: object = None                    # on a GPU: the compute stream's work queued before the load
 
 
 class TierConnector(KVConnector):
@@ -327,6 +328,9 @@ class TierConnector(KVConnector):
         start = request.num_computed_tokens // bs          # block_ids follow the request's local hits
         hashes = request.block_hashes()[start:start + nb]
         job = _Load(request.request_id, list(block_ids[:nb]), [])
+        if self._copy_stream is not None:   # the blocks' earlier KV, being copied out on the compute stream
+            job.after = torch.cuda.Event()  # (evicted, during this allocation), is read before the load
+            job.after.record()              # overwrites it: the copy stream waits on this
         with self._lock:
             for h in hashes:
                 for tier, idx in self.index.items():             # host first: the faster copy
@@ -438,7 +442,7 @@ class TierConnector(KVConnector):
             self.stats["disk"].add(load_failures=1)
             return False
         t = time.perf_counter()
-        self._write_device(job.block_ids, blocks)
+        self._write_device(job.block_ids, blocks, job.after)
         per_tier = {tier: [h for h, tt, _ in job.parts if tt == tier] for tier in self.index}
         copy_share = (time.perf_counter() - t) / len(blocks)
         with self._lock:
@@ -459,6 +463,8 @@ class TierConnector(KVConnector):
         blocks = [self.host.get(slot) for _, _, slot in job.parts]     # [2L, bs, h, d] each (views for codec none)
         cuda = self._copy_stream is not None
         idx = torch.tensor(job.block_ids, dtype=torch.int64, device=self.device)
+        if cuda and job.after is not None:
+            self._copy_stream.wait_event(job.after)
         for layer in range(g.num_layers):
             if job.cancelled:       # the request ended before its step ran: nothing reads these blocks
                 return False
@@ -487,11 +493,13 @@ class TierConnector(KVConnector):
         st.observe("load_s", time.perf_counter() - t)
         return True
 
-    def _write_device(self, block_ids: list[int], blocks: list[torch.Tensor]) -> None:
+    def _write_device(self, block_ids: list[int], blocks: list[torch.Tensor], after=None) -> None:
         """blocks[i] [2L, bs, h, d] (host) -> device block block_ids[i] of every layer's K and V."""
         stacked = torch.stack(blocks, dim=1)                     # [2L, n, bs, h, d]
         idx = torch.tensor(block_ids, dtype=torch.int64)
         if self._copy_stream is not None:
+            if after is not None:
+                self._copy_stream.wait_event(after)
             with torch.cuda.stream(self._copy_stream):
                 src = stacked.pin_memory().to(self.device, non_blocking=True)
                 idx = idx.to(self.device, non_blocking=True)
