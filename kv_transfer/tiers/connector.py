@@ -26,6 +26,9 @@ queues a load job for the loader thread. Two ways:
   computes its tail in a later step. A block missing or corrupt fails the load: the scheduler frees
   the blocks and recomputes the prompt; a corrupt file is deleted first.
 
+The byte moves between the device caches and host memory (streams, events) are
+kv_transfer/tiers/device_copy.py's.
+
 Tenant isolation: blocks are keyed by the engine's salted chain hashes (engine/hashing.py), so a
 lookup under one salt never finds another's blocks, in any tier.
 
@@ -51,6 +54,7 @@ import torch
 
 from pdcluster.engine.kv_connector import KVConnector
 from pdcluster.kv_transfer.tiers.block_format import Geometry, decode, encode
+from pdcluster.kv_transfer.tiers.device_copy import DeviceCopier
 from pdcluster.kv_transfer.tiers.disk import CorruptBlock, DiskStore
 from pdcluster.kv_transfer.tiers.host import HostPool
 from pdcluster.kv_transfer.tiers.index import TierIndex
@@ -136,7 +140,7 @@ class TierConnector(KVConnector):
         if not self.index:
             log.warning("KV tiers: host %d B / disk %d B hold no block of %d B; tiers off", self.cfg.host_bytes,
                         self.cfg.disk_bytes, g.block_bytes)
-        self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
+        self.copier = DeviceCopier(k_caches, v_caches)
         for name, fn, args in (("writer", self._writer, ()), ("loader", self._loader, (self._reads,)),
                                 ("layer-loader", self._loader, (self._layer_reads,))):
             t = threading.Thread(target=fn, args=args, name=f"kv-tier-{name}", daemon=True)
@@ -176,31 +180,12 @@ class TierConnector(KVConnector):
                 return
             self._pending.update(todo)
             self._queued_blocks += len(todo)
-        staging, ready = self._copy_out(todo_ids)
+        staging, ready = self.copier.copy_out(todo_ids, self.geom.shape, self.geom.dtype)
         self._writes.put(("store", todo, staging, ready))
         s = self.snapshot
         s.calls += 1
         s.blocks += len(todo)
         s.seconds += time.perf_counter() - t0
-
-    def _copy_out(self, block_ids: list[int]):
-        """Blocks' KV -> staging [2L, n, bs, h, d] on the host (K rows, then V rows); a CUDA event
-        the writer waits on before reading it (GPU), or None (CPU: copied already)."""
-        g, n = self.geom, len(block_ids)
-        cuda = self._copy_stream is not None
-        staging = torch.empty((2 * g.num_layers, n, g.block_size, g.kv_heads, g.head_dim), dtype=g.dtype,
-                              pin_memory=cuda)
-        idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
-        for i, cache in enumerate(self.k + self.v):
-            if cuda:    # on the compute stream: ordered before the step that overwrites these blocks
-                staging[i].copy_(cache.index_select(0, idx), non_blocking=True)
-            else:
-                torch.index_select(cache, 0, idx, out=staging[i])
-        if not cuda:
-            return staging, None
-        ev = torch.cuda.Event()
-        ev.record()
-        return staging, ev
 
     def _writer(self) -> None:
         while True:
@@ -328,7 +313,7 @@ class TierConnector(KVConnector):
         start = request.num_computed_tokens // bs          # block_ids follow the request's local hits
         hashes = request.block_hashes()[start:start + nb]
         job = _Load(request.request_id, list(block_ids[:nb]), [])
-        if self._copy_stream is not None:   # the blocks' earlier KV, being copied out on the compute stream
+        if self.copier.cuda:                # the blocks' earlier KV, being copied out on the compute stream
             job.after = torch.cuda.Event()  # (evicted, during this allocation), is read before the load
             job.after.record()              # overwrites it: the copy stream waits on this
         with self._lock:
@@ -383,7 +368,7 @@ class TierConnector(KVConnector):
             if not self._layer_cv.wait_for(lambda: all(j.layers_done > layer or j.done.is_set() for j in jobs),
                                            timeout=120.0):
                 raise RuntimeError(f"KV tier load of layer {layer} did not arrive in 120 s")
-        if self._copy_stream is not None:
+        if self.copier.cuda:
             cur = torch.cuda.current_stream(self.device)
             for j in jobs:
                 if layer < len(j.events):
@@ -442,7 +427,7 @@ class TierConnector(KVConnector):
             self.stats["disk"].add(load_failures=1)
             return False
         t = time.perf_counter()
-        self._write_device(job.block_ids, blocks, job.after)
+        self.copier.write_blocks(job.block_ids, blocks, job.after)
         per_tier = {tier: [h for h, tt, _ in job.parts if tt == tier] for tier in self.index}
         copy_share = (time.perf_counter() - t) / len(blocks)
         with self._lock:
@@ -456,35 +441,20 @@ class TierConnector(KVConnector):
         return not job.cancelled
 
     def _load_layers(self, job: _Load) -> bool:
-        """An in_step load: host blocks into the device pool, layer after layer (K then V of layer l
-        for every block), announcing each layer to wait_layer. The blocks stay pinned throughout."""
+        """An in_step load: host blocks into the device pool, layer after layer, announcing each
+        layer to wait_layer. The blocks stay pinned throughout."""
         t = time.perf_counter()
-        g = self.geom
         blocks = [self.host.get(slot) for _, _, slot in job.parts]     # [2L, bs, h, d] each (views for codec none)
-        cuda = self._copy_stream is not None
-        idx = torch.tensor(job.block_ids, dtype=torch.int64, device=self.device)
-        if cuda and job.after is not None:
-            self._copy_stream.wait_event(job.after)
-        for layer in range(g.num_layers):
-            if job.cancelled:       # the request ended before its step ran: nothing reads these blocks
-                return False
-            for row, cache in ((layer, self.k[layer]), (g.num_layers + layer, self.v[layer])):
-                if cuda:
-                    src = torch.empty((len(blocks), *blocks[0].shape[1:]), dtype=blocks[0].dtype, pin_memory=True)
-                    torch.stack([b[row] for b in blocks], out=src)
-                    with torch.cuda.stream(self._copy_stream):
-                        cache.index_copy_(0, idx, src.to(self.device, non_blocking=True))
-                else:
-                    cache.index_copy_(0, idx, torch.stack([b[row] for b in blocks]))
+
+        def layer_done(layer: int, event) -> None:
             with self._layer_cv:
-                if cuda:
-                    ev = torch.cuda.Event()
-                    ev.record(self._copy_stream)
-                    job.events.append(ev)
+                if event is not None:
+                    job.events.append(event)
                 job.layers_done = layer + 1
                 self._layer_cv.notify_all()
-        if cuda:
-            self._copy_stream.synchronize()     # the pinned sources outlive their copies
+
+        if not self.copier.write_layers(job.block_ids, blocks, job.after, layer_done, lambda: job.cancelled):
+            return False            # the request ended before its step ran: nothing reads these blocks
         with self._lock:
             for h, _, _ in job.parts:
                 self.index["host"].hit(h)
@@ -492,23 +462,6 @@ class TierConnector(KVConnector):
         st.add(hits=len(blocks), loaded_bytes=len(blocks) * st.block_bytes)
         st.observe("load_s", time.perf_counter() - t)
         return True
-
-    def _write_device(self, block_ids: list[int], blocks: list[torch.Tensor], after=None) -> None:
-        """blocks[i] [2L, bs, h, d] (host) -> device block block_ids[i] of every layer's K and V."""
-        stacked = torch.stack(blocks, dim=1)                     # [2L, n, bs, h, d]
-        idx = torch.tensor(block_ids, dtype=torch.int64)
-        if self._copy_stream is not None:
-            if after is not None:
-                self._copy_stream.wait_event(after)
-            with torch.cuda.stream(self._copy_stream):
-                src = stacked.pin_memory().to(self.device, non_blocking=True)
-                idx = idx.to(self.device, non_blocking=True)
-                for i, cache in enumerate(self.k + self.v):
-                    cache.index_copy_(0, idx, src[i])
-            self._copy_stream.synchronize()
-            return
-        for i, cache in enumerate(self.k + self.v):
-            cache.index_copy_(0, idx, stacked[i])
 
     def _drop_corrupt(self, hashes: list[int]) -> None:
         """Forget corrupt disk blocks (their files are deleted already). Each holds this job's pin:

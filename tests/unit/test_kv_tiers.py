@@ -168,8 +168,8 @@ def test_a_request_ended_during_its_load_keeps_its_blocks_until_the_loader_lets_
     r = req("a")
     tc.evicted([0, 1], r.block_hashes()[:2])
     tc.wait_idle()
-    gate, write = threading.Event(), tc._write_device
-    tc._write_device = lambda ids, blocks: (gate.wait(10), write(ids, blocks))   # a load held in flight
+    gate, write = threading.Event(), tc.copier.write_blocks
+    tc.copier.write_blocks = lambda ids, blocks, after: (gate.wait(10), write(ids, blocks, after))   # held in flight
     r2 = req("a2")
     n = tc.external_tokens(r2, 0)
     r2.block_ids = [4, 5]
