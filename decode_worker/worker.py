@@ -28,8 +28,8 @@ from pdcluster.kv_transfer import BandwidthMeter, KVReceiver
 from pdcluster.kv_transfer.pull import OrderFn, PullConnector, serve_pull
 from pdcluster.kv_transfer.registry import TRANSFER_TIMEOUT_S, check, sender_class, server_class
 from pdcluster.kv_transfer.tiers.attach import attach_tiers, cache_snapshot, tier_figures, tier_load_counters
-from pdcluster.messages import (CacheSnapshot, LinkFigures, PullOrder, PullPlan, PullResult, Reservation, TokenItem,
-                                WorkerStatus)
+from pdcluster.messages import (CacheSnapshot, LinkFigures, PullFigures, PullOrder, PullPlan, PullResult, Reservation,
+                                TokenItem, WorkerStatus)
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,8 @@ class DecodeWorker:
     # peer pulls, holder side
     def serve_pull(self, order: PullOrder) -> PullResult:
         """Send the blocks order.hashes names into a puller's reservation (blocking; an RPC thread)."""
-        return serve_pull(self.engine_thread, self._puller(), order, self.transfer_timeout_s)
+        return serve_pull(self.engine_thread, self._puller(), order, self.transfer_timeout_s, self.tiers,
+                          self.connector.stats)
 
     def _puller(self):
         """This worker's sender for pulls it serves (tcp and grpc; None for Mooncake, whose decode
@@ -210,7 +211,7 @@ class DecodeWorker:
                                self.events.drain() if drain_events else (None, ()), running=running,
                                waiting=waiting, reserved=len(self._reserved), kv_address=self.kv_address,
                                links=tuple(LinkFigures.of(x) for x in self.meter.snapshot()),
-                               tiers=tier_figures(self.tiers))
+                               tiers=tier_figures(self.tiers), pulls=PullFigures.of(self.connector.stats.as_dict()))
 
     def steps(self) -> int:
         """Forward steps the engine has finished: rises while it works on anything."""

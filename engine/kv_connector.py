@@ -12,6 +12,15 @@ Scheduler side (pure Python, asked while the scheduler admits and finishes reque
   after_alloc(request, block_ids, num_external_tokens)  those blocks are the request's now: start
       filling them (a remote prefill's reservation takes this path too, with every prompt token
       external);
+  step_tokens(request, num_local_tokens)  as external_tokens, but only tokens it can load inside a
+      step (load_in_step): a remote prefill's reservation (add_remote) takes those from here and
+      has the prefill worker send only the rest;
+  load_in_step(request) -> bool  asked right after after_alloc: True when those tokens load inside
+      the request's next forward pass, layer by layer (wait_layer), so the scheduler counts them as
+      computed at once and runs the request's tail in this very step, overlapped with the load (vLLM
+      v1's load_async=False). Such a load cannot fail (the connector checked and pinned its source in
+      after_alloc); it is never named by finished_loading. False: the request waits for
+      finished_loading;
   request_finished(request_id, block_ids) -> hold  True keeps the blocks allocated after the request
       ends, because the connector still reads them; finished_sending later names the ids to free;
   finished_loading() / finished_sending()  polled once per engine step.
@@ -21,10 +30,13 @@ Scheduler side (pure Python, asked while the scheduler admits and finishes reque
 Worker side (the per-layer caches are float tensors [num_blocks, block_size, kv_heads, head_dim], or
 engine/kv_quant.QuantKV, codes + scales, when the engine's kv_cache_dtype is int8 / fp8):
   register_caches(k_caches, v_caches)  once, when the engine takes the connector;
+  wait_layer(layer)  before each layer of a step (if `loads`): returns once layer `layer` of every
+      load that load_in_step accepted so far is in the cache (vLLM v1's wait_for_layer_load);
   save_layer(layer, k_caches, v_caches, completing)  after each layer of a step: `completing` names
       the prompts whose last chunk is in this step, with their block ids; layer `layer` of their KV
       is in the cache now (the rest of the step still computes);
-  wait_loaded(request_id, timeout_s)  blocks (any thread) until a remote prefill's KV is in or failed;
+  wait_loaded(request_id, timeout_s)  blocks (any thread) until a remote prefill's KV is in or failed
+      (and its blocks loaded in step from a cache tier, if any);
   take_loaded(request_id) -> None, or why the KV is not all there; forgets the request;
   request_aborted(request_id)  the request ended early: stop moving its KV, fence late bytes.
 """
@@ -54,6 +66,7 @@ class KVConnector:
     """No transfer: the engine computes every token itself (the offline engine, local prefill)."""
 
     saves = False                   # save_layer wanted (the engine skips the per-step bookkeeping if not)
+    loads = False                   # wait_layer wanted (loads inside the step: load_in_step may say True)
 
     # scheduler side
     def external_tokens(self, request: Request, num_local_tokens: int) -> int:
@@ -66,6 +79,12 @@ class KVConnector:
         An exception undoes the allocation."""
         if num_external_tokens:
             raise NotImplementedError("this engine's connector receives no KV from outside")
+
+    def step_tokens(self, request: Request, num_local_tokens: int) -> int:
+        return 0
+
+    def load_in_step(self, request: Request) -> bool:
+        return False
 
     def request_finished(self, request_id: str, block_ids: list[int]) -> bool:
         return False
@@ -84,6 +103,9 @@ class KVConnector:
 
     # worker side
     def register_caches(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        pass
+
+    def wait_layer(self, layer: int) -> None:
         pass
 
     def save_layer(self, layer: int, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],

@@ -121,9 +121,11 @@ class LlamaModel:
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta,
                 k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
-                layer_hook: Callable[[int], None] | None = None) -> torch.Tensor:
+                layer_hook: Callable[[int], None] | None = None,
+                layer_wait: Callable[[int], None] | None = None) -> torch.Tensor:
         """input_ids, positions: int64 [T]. Returns hidden states [T, E] after the final norm.
-        layer_hook(l) runs after layer l's KV is in the cache (layer-wise KV transfer)."""
+        layer_hook(l) runs after layer l's KV is in the cache (layer-wise KV transfer); layer_wait(l)
+        before layer l runs (KV loaded into the cache layer by layer meanwhile)."""
         c = self.cfg
         T, H, KVH, D = input_ids.shape[0], c.num_heads, c.num_kv_heads, c.head_dim
         cs = self.cos_sin[positions].unsqueeze(1)                           # [T, 1, D] float32
@@ -133,6 +135,8 @@ class LlamaModel:
         h = embed_rows(self.embed, input_ids, self.dtype)                   # [T, E]
         P = meta.num_prefill_tokens
         for li, L in enumerate(self.layers):
+            if layer_wait is not None:
+                layer_wait(li)
             if self.triton:
                 h = h + self._triton_attention(li, L, h, positions, meta, k_caches[li], v_caches[li])
                 x = self.ops.rms_norm(h, L.post_norm, c.rms_norm_eps)

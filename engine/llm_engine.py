@@ -315,7 +315,7 @@ class LLMEngine:
                     for i, r in enumerate(batch.reqs) if batch.samples(i)]
             k, v = self.runner.k_caches, self.runner.v_caches
             hook = lambda layer: self.connector.save_layer(layer, k, v, done)   # noqa: E731
-        sampled, logprobs = self.runner.run(batch, hook)
+        sampled, logprobs = self.runner.run(batch, hook, self.connector.wait_layer if self.connector.loads else None)
         # a decode step is one token per request plus drafts (engine/spec/): record it as a decode
         drafts = sum(len(r.spec_token_ids) for r in batch.reqs)
         decode = batch.total_tokens - drafts == len(batch)

@@ -136,13 +136,14 @@ class ModelRunner:
                 meta, last_row)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch, layer_hook: Callable[[int], None] | None = None
+    def run(self, batch: ScheduledBatch, layer_hook: Callable[[int], None] | None = None,
+            layer_wait: Callable[[int], None] | None = None
             ) -> tuple[list[int | list[int] | None], list[TokenLogprobs | None]]:
         """One forward step. Returns per request a sampled token (None for a partial prefill chunk;
         a list for a request with drafts: the accepted ones and the token after them) and its
         logprobs (None unless asked)."""
         ids, pos, meta, rows = self.prepare(batch)
-        hidden = self.model.forward(ids, pos, meta, self.k_caches, self.v_caches, layer_hook)
+        hidden = self.model.forward(ids, pos, meta, self.k_caches, self.v_caches, layer_hook, layer_wait)
         want = [i for i in range(len(batch)) if batch.samples(i)]
         out: list[int | list[int] | None] = [None] * len(batch)
         lps: list[TokenLogprobs | None] = [None] * len(batch)

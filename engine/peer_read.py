@@ -7,9 +7,11 @@ copy needs no hold on the blocks; once it returns the engine steps on and the co
 transport thread. Cost on the engine thread: one gather of n blocks x num_layers x 2 (the bytes the
 pull sends), nothing per token.
 
-A lower cache tier (host, disk) serves the same call later: `read_blocks` is the one place that
-resolves hashes to bytes, so a tier lookup for the hashes the device pool lacks goes here.
-All-or-nothing: None when any hash is missing (evicted), so a pull never lands a partial prefix.
+`read_device_blocks` is the partial form: the blocks the device pool holds, and which of the hashes
+those are; the holder's lower cache tiers (host, disk) read the rest off the engine thread
+(kv_transfer/pull.py serve_pull, kv_transfer/tiers TierConnector.read_blocks), so a disk read never
+stalls a step. `read_blocks` is all-or-nothing: None when any hash is missing (evicted), so a pull
+never lands a partial prefix.
 """
 from __future__ import annotations
 
@@ -33,16 +35,24 @@ class ReadBlocks:
         return self.k[0].shape[0] if self.k else 0
 
 
-def read_blocks(engine: LLMEngine, hashes: list[int]) -> ReadBlocks | None:
-    """The blocks cached under `hashes` (chain hashes, salted: a tenant names only its own), copied
-    to host; None if any is not in the device pool. Engine thread only."""
+def read_device_blocks(engine: LLMEngine, hashes: list[int]) -> tuple[list[int], ReadBlocks | None]:
+    """(positions i in `hashes` whose block the device pool caches, ascending; host copies of those
+    blocks in that order, None when there are none). Chain hashes are salted: a tenant names only
+    its own. Engine thread only."""
     if not hashes:
         raise ValueError("no block hashes to read")
     pool = engine.kv.pool
-    blocks = [pool.lookup(h) for h in hashes]
-    if any(b is None for b in blocks):
-        return None
+    found = [(i, b.block_id) for i, h in enumerate(hashes) if (b := pool.lookup(h)) is not None]
+    if not found:
+        return [], None
     k_caches, v_caches = engine.kv_caches()
-    ids = torch.tensor([b.block_id for b in blocks], dtype=torch.int64, device=k_caches[0].device)
-    return ReadBlocks([k.index_select(0, ids).cpu() for k in k_caches],
-                      [v.index_select(0, ids).cpu() for v in v_caches])
+    ids = torch.tensor([b for _, b in found], dtype=torch.int64, device=k_caches[0].device)
+    return [i for i, _ in found], ReadBlocks([k.index_select(0, ids).cpu() for k in k_caches],
+                                             [v.index_select(0, ids).cpu() for v in v_caches])
+
+
+def read_blocks(engine: LLMEngine, hashes: list[int]) -> ReadBlocks | None:
+    """The blocks cached under `hashes`, copied to host; None if any is not in the device pool.
+    Engine thread only."""
+    found, blocks = read_device_blocks(engine, hashes)
+    return blocks if len(found) == len(hashes) else None

@@ -12,8 +12,10 @@ the hit: two prompts that share a cold prefix compute it once (`wait_for_infligh
 
 KV from outside goes through the engine's KV connector (engine/kv_connector.py): a waiting
 request whose prompt continues past its local prefix hits in what the connector can supply gets
-blocks for those tokens and waits in WAITING_FOR_REMOTE_KV (`loading`) until the load ends; a
-remote prefill's reservation (add_remote) is the case where every prompt token comes from outside.
+blocks for those tokens and waits in WAITING_FOR_REMOTE_KV (`loading`) until the load ends, or,
+when the connector loads them layer by layer inside the forward pass (`load_in_step`), counts them
+as computed and runs its tail in the same step; a remote prefill's reservation (add_remote) is the
+case where every prompt token comes from outside.
 A finished request whose blocks the connector still reads stays in `held` until it lets go.
 
 Speculative decoding (engine/spec/): a running request with one token left to compute may get
@@ -37,6 +39,8 @@ from pdcluster.engine.kv_connector import KVConnector, NoKVCapacity
 from pdcluster.engine.request import Request, Status
 from pdcluster.engine.rules import blocks_for_lifetime, finish_reason
 from pdcluster.engine.spec.decoder import SpecDecoder
+
+_LOADING, _IN_STEP = "loading", "in step"      # _start_load's answers
 
 
 @dataclass
@@ -92,24 +96,32 @@ class Scheduler:
     def add_remote(self, req: Request) -> tuple[int, list[int]]:
         """A request whose prompt KV comes from outside (a prefill worker): blocks for the whole
         prompt are allocated now, prefix hits reused, and it waits in WAITING_FOR_REMOTE_KV (in
-        no queue: it is not stepped) until remote_kv_done. Returns (hit blocks, the ids of the
-        blocks to fill, in order). NoKVCapacity when the pool cannot hold it now."""
+        no queue: it is not stepped) until remote_kv_done. The blocks right after the hits that
+        the connector can load from a cache tier in step (step_tokens) are loaded from there; the
+        rest come from outside. Returns (blocks not to send: hits + tier blocks, the ids of the
+        blocks to fill from outside, in order). NoKVCapacity when the pool cannot hold it now."""
         if req.request_id in self.requests:
             raise ValueError(f"request_id {req.request_id!r} is already in flight")
         self.check_fits(req.num_prompt_tokens, req.params.max_tokens)
         hits = self.kv.computed_blocks(req)
-        n_new = req.num_prefill_tokens - len(hits) * self.kv.block_size
+        local = len(hits) * self.kv.block_size
+        n_new = req.num_prefill_tokens - local
         if not self.kv.can_allocate(req, n_new, hits):
             raise NoKVCapacity(f"{self.kv.num_free_blocks} free KV blocks")
         fill = self.kv.allocate(req, n_new, hits)
+        n_tier = self.connector.step_tokens(req, local) // self.kv.block_size    # a cache tier's blocks
         try:
-            self.connector.after_alloc(req, fill, n_new)
+            if n_tier:
+                self.connector.after_alloc(req, fill[:n_tier], n_tier * self.kv.block_size)
+                if not self.connector.load_in_step(req):    # a source went meanwhile: those blocks cross too
+                    n_tier = 0
+            self.connector.after_alloc(req, fill[n_tier:], n_new - n_tier * self.kv.block_size)
         except BaseException:
             self.kv.free(req)
             raise
         req.status = Status.WAITING_FOR_REMOTE_KV
         self.requests[req.request_id] = req
-        return len(hits), fill
+        return len(hits) + n_tier, fill[n_tier:]
 
     def remote_kv_done(self, req: Request, first_token: int) -> None:
         """Its prompt's KV is in: the prompt counts as computed (and cached), the first token,
@@ -210,9 +222,12 @@ class Scheduler:
                     continue
             if req.num_computed_tokens == 0:
                 self.kv.count_lookup(req, len(hits))
-                if self._start_load(req, hits):
+                got = self._start_load(req, hits)
+                if got is _LOADING:
                     del self.waiting[j]
                     continue
+                if got is _IN_STEP:             # loaded inside this step's forward: its tail runs now
+                    hits = []
             n = req.num_tokens - (len(hits) * self.kv.block_size if hits else req.num_computed_tokens)
             if n > budget:
                 if not self.cfg.enable_chunked_prefill:
@@ -233,16 +248,19 @@ class Scheduler:
                 inflight.update(computing(req, self.kv.block_size))
         return out
 
-    def _start_load(self, req: Request, hits: list) -> bool:
+    def _start_load(self, req: Request, hits: list):
         """Does the connector supply tokens past req's local hits? Then their blocks (and the hits)
-        are req's and it waits in `loading`. False also when the pool cannot hold them now."""
+        are req's and either it waits in `loading` (_LOADING), or the connector loads them inside
+        the next forward pass, layer by layer (_IN_STEP: they count as computed and req is admitted
+        for its tail like any request; if its tail finds no room it waits holding them). None: no
+        load (none offered, or no room for it now)."""
         local = len(hits) * self.kv.block_size
         n_ext = self.connector.external_tokens(req, local)
         if n_ext <= 0:
-            return False
+            return None
         assert local + n_ext < req.num_prefill_tokens, "the last prompt token is computed here"
         if not self.kv.can_allocate(req, n_ext, hits):
-            return False
+            return None
         fill = self.kv.allocate(req, n_ext, hits)
         try:
             self.connector.after_alloc(req, fill, n_ext)
@@ -250,10 +268,14 @@ class Scheduler:
             self.kv.free(req)
             req.num_computed_tokens = 0
             raise
+        if self.connector.load_in_step(req):
+            req.num_computed_tokens += n_ext
+            req.num_cached_tokens = req.num_computed_tokens
+            return _IN_STEP
         req.num_external_tokens = n_ext
         req.status = Status.WAITING_FOR_REMOTE_KV
         self.loading[req.request_id] = req
-        return True
+        return _LOADING
 
     def _draft_limit(self, req: Request, budget: int) -> int:
         """Most drafts req may verify this step: the step's budget after its own token, and no

@@ -5,8 +5,9 @@ instead of computing them (the router's cost model decides, router/placement/pul
     puller (engine thread, KV connector): external_tokens -> the pulled blocks' tokens;
         after_alloc -> a reservation at its KVReceiver + a PullOrder handed to `order_fn`
         (another thread: the worker actor asks the holder)
-    holder: serve_pull -> read_blocks by chain hash on its engine thread (a host copy between
-        steps), then streams them into the reservation from the calling thread over the KV transport
+    holder: serve_pull -> the blocks by chain hash: its device pool's on its engine thread (a host
+        copy between steps), the rest from its host / disk cache tiers on the calling thread (the
+        engine steps meanwhile); then streams them into the reservation over the KV transport
     puller: finished_loading reports the reservation's end; the scheduler counts the tokens as
         computed (COMPLETE) or frees the blocks and recomputes every token (anything else)
 
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 from pdcluster.kv_transfer.connectors import ReceiveConnector
 from pdcluster.kv_transfer.errors import KVTransferError
+from pdcluster.kv_transfer.pull_stats import PullStats
 from pdcluster.kv_transfer.receiver import KVReceiver, PendingTransfer, TransferState
 from pdcluster.messages import PullOrder, PullPlan, PullResult
 
@@ -43,9 +46,10 @@ class PullConnector(ReceiveConnector):
         self.block_size, self.address, self.worker_id = block_size, address, worker_id
         self._plans: dict[str, tuple[PullPlan, OrderFn]] = {}      # rid -> plan, until admitted
         self._range: dict[str, tuple[int, int]] = {}               # rid -> blocks [a, b) external_tokens offered
-        self._pulling: dict[str, PendingTransfer] = {}             # rid -> its reservation, until it ends
+        self._pulling: dict[str, tuple[PendingTransfer, float]] = {}   # rid -> its reservation, start (perf_counter)
         self.pulled_blocks = 0                                      # blocks landed by completed pulls
         self.failed_pulls = 0
+        self.stats = PullStats()                                    # this worker's pulls, both halves
 
     def plan(self, request_id: str, plan: PullPlan, order_fn: OrderFn) -> None:
         """Pull for request_id when the scheduler admits it (engine thread, before add_request)."""
@@ -85,7 +89,7 @@ class PullConnector(ReceiveConnector):
         a, b = self._range.pop(rid)
         assert len(block_ids) == b - a, (len(block_ids), a, b)
         p = self.receiver.expect(rid, block_ids, self.num_layers, self._write)
-        self._pulling[rid] = p
+        self._pulling[rid] = (p, time.perf_counter())
         order = PullOrder(rid, list(request.block_hashes()[a:b]), self.address, self.worker_id, list(block_ids))
         threading.Thread(target=self._order, args=(entry[1], order, entry[0].holder, p), daemon=True,
                          name=f"pull-{rid}").start()
@@ -101,15 +105,16 @@ class PullConnector(ReceiveConnector):
             log.info("%s: pull of %s from %s failed (%s); recomputing", self.worker_id, order.request_id, holder, why)
 
     def finished_loading(self) -> list[tuple[str, bool]]:
-        done = [(rid, p) for rid, p in self._pulling.items() if p.state is not TransferState.PENDING]
+        done = [(rid, p, t) for rid, (p, t) in self._pulling.items() if p.state is not TransferState.PENDING]
         out = []
-        for rid, p in done:
+        for rid, p, t in done:
             del self._pulling[rid]
             ok = p.state is TransferState.COMPLETE
             if ok:
                 self.pulled_blocks += len(p.block_ids)
             else:
                 self.failed_pulls += 1
+            self.stats.pulled(ok, len(p.block_ids), p.bytes_received, time.perf_counter() - t)
             out.append((rid, ok))
         return out
 
@@ -126,25 +131,70 @@ class PullConnector(ReceiveConnector):
         super().request_aborted(request_id)          # fences the reservation
 
 
-def serve_pull(engine_thread, transport, order: PullOrder, timeout_s: float) -> PullResult:
-    """The holder's side (any thread but the engine's): copy the blocks named by order.hashes to host
-    on the engine thread (engine/peer_read.py, between steps), then stream them into the puller's
-    reservation over `transport` (a KVTransport) from this thread. Never raises for a missing block
-    or a failed transfer: the PullResult says so (the puller recomputes)."""
-    from pdcluster.engine.peer_read import read_blocks
+def serve_pull(engine_thread, transport, order: PullOrder, timeout_s: float, tiers=None,
+               stats: PullStats | None = None) -> PullResult:
+    """The holder's side (any thread but the engine's): copy the blocks named by order.hashes that
+    the device pool holds to host on the engine thread (engine/peer_read.py, between steps); read the
+    rest from this worker's lower cache tiers (`tiers`: a TierConnector, or None) on this thread, so
+    the engine steps meanwhile; then stream them into the puller's reservation over `transport` (a
+    KVTransport). All or nothing: a block in no tier fails the pull. Never raises for a missing block
+    or a failed transfer: the PullResult says so (the puller recomputes). `stats`: counted there."""
+    from pdcluster.engine.peer_read import read_device_blocks
+    t0 = time.perf_counter()
+    res = _serve(engine_thread, read_device_blocks, transport, order, timeout_s, tiers)
+    if stats is not None:
+        if res[0].ok:
+            stats.served_pull(res[1], res[0].kv_bytes, time.perf_counter() - t0)
+        else:
+            stats.serve_failed()
+    return res[0]
+
+
+def _serve(engine_thread, read_device_blocks, transport, order: PullOrder, timeout_s: float, tiers):
+    """(the PullResult, blocks sent per tier)."""
+    none: dict[str, int] = {}
     if transport is None:
-        return PullResult(False, reason="this worker's transport cannot serve pulls")
+        return PullResult(False, reason="this worker's transport cannot serve pulls"), none
     if len(order.hashes) != len(order.dst_block_ids) or not order.hashes:
-        return PullResult(False, reason=f"{len(order.hashes)} hashes for {len(order.dst_block_ids)} blocks")
-    blocks = engine_thread.run(lambda e: read_blocks(e, list(order.hashes)))
-    if blocks is None:
-        return PullResult(False, reason="blocks no longer cached (evicted)")
+        return PullResult(False, reason=f"{len(order.hashes)} hashes for {len(order.dst_block_ids)} blocks"), none
+    hashes = list(order.hashes)
+    found, dev = engine_thread.run(lambda e: read_device_blocks(e, hashes))
+    by_tier = {"device": len(found)}
+    if len(found) == len(hashes):
+        k, v = dev.k, dev.v
+    else:
+        have = set(found)
+        rest = [i for i in range(len(hashes)) if i not in have]
+        low = tiers.read_blocks([hashes[i] for i in rest]) if tiers is not None else None
+        if low is None:
+            return PullResult(False, reason="blocks no longer cached (evicted)"), none
+        blocks, counts = low
+        by_tier |= counts
+        k, v = _assemble(len(hashes), found, dev, rest, blocks)
     sender = transport.open(order.address, order.request_id, order.dst_block_ids, order.dst_id)
     try:
-        for layer, (k, v) in enumerate(zip(blocks.k, blocks.v)):
-            sender.send_layer(layer, k, v)
+        for layer, (kl, vl) in enumerate(zip(k, v)):
+            sender.send_layer(layer, kl, vl)
         stats = sender.finish(timeout=timeout_s)
     except (KVTransferError, TimeoutError, OSError, ValueError) as e:
         sender.abort()
-        return PullResult(False, reason=f"transfer failed: {e}")
-    return PullResult(True, blocks.num_blocks, stats.bytes, stats.wall_s * 1e3)
+        return PullResult(False, reason=f"transfer failed: {e}"), none
+    return PullResult(True, len(hashes), stats.bytes, stats.wall_s * 1e3), by_tier
+
+
+def _assemble(n: int, found: list[int], dev, rest: list[int], low: list) -> tuple[list, list]:
+    """Per layer K and V [n, bs, h, d]: rows `found` from the device copy (ReadBlocks or None), rows
+    `rest` from the tier blocks `low` ([2L, bs, h, d] each, in `rest` order)."""
+    import torch
+    stacked = torch.stack(low)                                  # [m, 2L, bs, h, d]
+    num_layers = stacked.shape[1] // 2
+    k, v = [], []
+    for layer in range(num_layers):
+        kl = stacked.new_empty((n, *stacked.shape[2:]))
+        vl = stacked.new_empty((n, *stacked.shape[2:]))
+        kl[rest], vl[rest] = stacked[:, layer], stacked[:, num_layers + layer]
+        if dev is not None:
+            kl[found], vl[found] = dev.k[layer], dev.v[layer]
+        k.append(kl)
+        v.append(vl)
+    return k, v

@@ -194,11 +194,36 @@ class TierFigures(Figures):
     stored_bytes: int = 0
     evicted: int = 0                # blocks evicted by the tier's LRU
     corrupt: int = 0                # blocks found corrupt and dropped
+    served: int = 0                 # blocks read out for peers' pulls
+    served_bytes: int = 0
     buckets: list[float] = dataclasses.field(default_factory=list)
     load_counts: list[int] = dataclasses.field(default_factory=list)
     load_sum_s: float = 0.0
     store_counts: list[int] = dataclasses.field(default_factory=list)
     store_sum_s: float = 0.0
+    serve_counts: list[int] = dataclasses.field(default_factory=list)   # per pull served from the tier
+    serve_sum_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class PullFigures(Figures):
+    """A worker's peer pulls, as puller and as holder (kv_transfer/pull_stats.py PullStats.as_dict()).
+    Cumulative; histograms as TierFigures'."""
+    pulls: int = 0                  # pulls whose blocks all landed here
+    pulled_blocks: int = 0
+    pulled_bytes: int = 0
+    pull_failures: int = 0          # pulls that failed here (the blocks were recomputed)
+    buckets: list[float] = dataclasses.field(default_factory=list)
+    pull_counts: list[int] = dataclasses.field(default_factory=list)    # seconds from order to landed
+    pull_sum_s: float = 0.0
+    served: int = 0                 # pulls this worker served as holder
+    served_device_blocks: int = 0   # blocks it sent, by the tier they were read from
+    served_host_blocks: int = 0
+    served_disk_blocks: int = 0
+    served_bytes: int = 0
+    serve_failures: int = 0         # pulls it refused (blocks evicted, no transport) or failed to send
+    serve_counts: list[int] = dataclasses.field(default_factory=list)   # seconds to read and send one
+    serve_sum_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -237,6 +262,7 @@ class WorkerStatus(Message):
     in_flight: int = 0              # prefill: prefill calls in progress
     links: tuple[LinkFigures, ...] = ()     # prefill: its outgoing KV links
     tiers: tuple[TierFigures, ...] = ()     # its KV cache tiers below the device pool (none: off)
+    pulls: PullFigures | None = None        # its peer pulls, both halves (None: an older worker)
 
     @classmethod
     def of(cls, worker_id: str, role: str, incarnation: str, pid: int, figures, drained=(None, ()),
@@ -252,4 +278,5 @@ class WorkerStatus(Message):
         return cls(**d | dict(engine=EngineFigures(**d["engine"]),
                               block_events=tuple(BlockEvent(**e) for e in d["block_events"]),
                               links=tuple(LinkFigures(**x) for x in d["links"]),
-                              tiers=tuple(TierFigures(**x) for x in d.get("tiers", ()))))
+                              tiers=tuple(TierFigures(**x) for x in d.get("tiers", ())),
+                              pulls=PullFigures(**d["pulls"]) if d.get("pulls") else None))

@@ -20,12 +20,13 @@ from typing import Callable
 from pdcluster.engine.engine_thread import EngineThread
 from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 from pdcluster.engine.sampling_params import SamplingParams
-from pdcluster.messages import (CacheSnapshot, KVDestination, LinkFigures, PrefillResult, PullOrder, PullResult,
-                                WorkerStatus)
+from pdcluster.messages import (CacheSnapshot, KVDestination, LinkFigures, PrefillResult, PullFigures, PullOrder,
+                                PullResult, WorkerStatus)
 from pdcluster.kv_transfer import BandwidthMeter, KVTransferError, SendConnector
 from pdcluster.kv_transfer.tiers.attach import attach_tiers, cache_snapshot, tier_figures, tier_load_counters
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy, prefill_seconds
 from pdcluster.kv_transfer.pull import serve_pull
+from pdcluster.kv_transfer.pull_stats import PullStats
 from pdcluster.kv_transfer.registry import TRANSFER_TIMEOUT_S, sender_class
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class PrefillWorker:
         # ships each prompt's layers from the engine thread (whole-request mode: every layer after the last)
         self.sends = SendConnector(layerwise=kv_layerwise)
         self.tiers = attach_tiers(engine, self.sends, worker_id)     # beside the host/disk tiers, if any
+        self.pull_stats = PullStats()                                 # the pulls it serves as holder
         self._lock = threading.Lock()
         self.in_flight = 0
 
@@ -157,7 +159,7 @@ class PrefillWorker:
         """Send the blocks order.hashes names into a puller's reservation (blocking; an RPC thread).
         Over this worker's own transport: tcp and grpc (Mooncake's sender serves no pulls)."""
         transport = self.transport if self.transport_name in ("tcp", "grpc") else None
-        return serve_pull(self.engine_thread, transport, order, self.transfer_timeout_s)
+        return serve_pull(self.engine_thread, transport, order, self.transfer_timeout_s, self.tiers, self.pull_stats)
 
     def status(self, drain_events: bool = False) -> WorkerStatus:
         """Load figures; with drain_events (the router's poll) also the block events since the last drain."""
@@ -165,7 +167,7 @@ class PrefillWorker:
         return WorkerStatus.of(self.worker_id, "prefill", self.incarnation, os.getpid(), figures,
                                self.events.drain() if drain_events else (None, ()), in_flight=self.in_flight,
                                links=tuple(LinkFigures.of(x) for x in self.meter.snapshot()),
-                               tiers=tier_figures(self.tiers))
+                               tiers=tier_figures(self.tiers), pulls=PullFigures.of(self.pull_stats.as_dict()))
 
     def cached_hashes(self) -> CacheSnapshot:
         """Every cached chain hash by tier, at an event number: a full resync for the router's index."""

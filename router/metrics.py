@@ -23,6 +23,14 @@ Exported (units in the names; counters get `_total` in the exposition):
   pdcluster_kv_tier_loaded_bytes_total / _stored_bytes_total{worker,tier}
   pdcluster_kv_tier_load_failures_total / _corrupt_blocks_total / _evicted_blocks_total{worker,tier}
   pdcluster_kv_tier_load_seconds / _store_seconds{worker,tier}   histograms (per load job / per block)
+  pdcluster_kv_tier_served_blocks_total / _served_bytes_total{worker,tier}   read out for peers' pulls
+  pdcluster_kv_tier_serve_seconds{worker,tier}               histogram (per pull served from the tier)
+  pdcluster_kv_pulls_total / _pull_failures_total{worker}    peer pulls landed / failed (recomputed) here
+  pdcluster_kv_pulled_blocks_total / _pulled_bytes_total{worker}
+  pdcluster_kv_pull_seconds{worker}                          histogram: order to last frame, per pull
+  pdcluster_kv_pulls_served_total / _pull_serve_failures_total{worker}   pulls served / refused as holder
+  pdcluster_kv_pull_served_blocks_total{worker,tier}         blocks sent as holder, by the tier read
+  pdcluster_kv_pull_serve_seconds{worker}                    histogram: read + send, per pull served
   pdcluster_autoscaler_decisions_total{pool,direction,cause}  every tick's decision: up|down|hold and why
   pdcluster_autoscaler_actions_total{pool,action,result}     replicas added|removed: ok|failed
   pdcluster_autoscaler_load{pool}                            the pool's signal / its target (NaN: no data)
@@ -229,6 +237,7 @@ class _WorkerCollector:
                 kv_secs.add_metric([link.src_id, link.dst_id], link.total_seconds)
         yield from (replicas, up, used, free, hits, queries, busy, steps, kv_bytes, kv_secs)
         yield from _tier_metrics(pools, status)
+        yield from _pull_metrics(pools, status)
 
 
 def _tier_metrics(pools: dict, status: dict):
@@ -248,11 +257,18 @@ def _tier_metrics(pools: dict, status: dict):
         "corrupt": CounterMetricFamily("pdcluster_kv_tier_corrupt_blocks", "Corrupt blocks found and dropped",
                                        labels=lab),
         "evicted": CounterMetricFamily("pdcluster_kv_tier_evicted_blocks", "Blocks the tier's LRU evicted",
-                                       labels=lab)}
+                                       labels=lab),
+        "served": CounterMetricFamily("pdcluster_kv_tier_served_blocks", "Blocks read from the tier for peers' pulls",
+                                      labels=lab),
+        "served_bytes": CounterMetricFamily("pdcluster_kv_tier_served_bytes",
+                                            "Bytes read from the tier for peers' pulls", labels=lab)}
     hists = {"load": HistogramMetricFamily("pdcluster_kv_tier_load_seconds",
                                            "Seconds to load a request's blocks from the tier into the device pool",
                                            labels=lab),
              "store": HistogramMetricFamily("pdcluster_kv_tier_store_seconds", "Seconds to store one block in the tier",
+                                            labels=lab),
+             "serve": HistogramMetricFamily("pdcluster_kv_tier_serve_seconds",
+                                            "Seconds to read a pull's blocks from the tier (served to a peer)",
                                             labels=lab)}
     for worker_id in sorted(pools):
         s = status.get(worker_id)
@@ -263,6 +279,46 @@ def _tier_metrics(pools: dict, status: dict):
             for name, fam in hists.items():
                 counts = getattr(t, f"{name}_counts")
                 if counts:
-                    bounds = [str(b) for b in t.buckets] + ["+Inf"]
-                    fam.add_metric(key, list(zip(bounds, counts)), getattr(t, f"{name}_sum_s"))
+                    fam.add_metric(key, _buckets(t.buckets, counts), getattr(t, f"{name}_sum_s"))
     yield from (*gauges.values(), *counters.values(), *hists.values())
+
+
+def _buckets(bounds: list[float], counts: list[int]) -> list[tuple[str, int]]:
+    return list(zip([str(b) for b in bounds] + ["+Inf"], counts))
+
+
+def _pull_metrics(pools: dict, status: dict):
+    """Each worker's peer pulls (WorkerStatus.pulls): as puller, and as holder by the tier read."""
+    w = ["worker"]
+    counters = {
+        "pulls": CounterMetricFamily("pdcluster_kv_pulls", "Peer pulls whose blocks all landed here", labels=w),
+        "pull_failures": CounterMetricFamily("pdcluster_kv_pull_failures",
+                                             "Peer pulls that failed here (the blocks were recomputed)", labels=w),
+        "pulled_blocks": CounterMetricFamily("pdcluster_kv_pulled_blocks", "KV blocks landed by peer pulls", labels=w),
+        "pulled_bytes": CounterMetricFamily("pdcluster_kv_pulled_bytes", "KV payload bytes landed by peer pulls",
+                                            labels=w),
+        "served": CounterMetricFamily("pdcluster_kv_pulls_served", "Peer pulls this worker served as holder", labels=w),
+        "serve_failures": CounterMetricFamily("pdcluster_kv_pull_serve_failures",
+                                              "Peer pulls this worker refused or failed to send", labels=w),
+        "served_bytes": CounterMetricFamily("pdcluster_kv_pull_served_bytes", "KV payload bytes sent to pullers",
+                                            labels=w)}
+    by_tier = CounterMetricFamily("pdcluster_kv_pull_served_blocks", "KV blocks sent to pullers, by the tier read",
+                                  labels=["worker", "tier"])
+    hists = {"pull": HistogramMetricFamily("pdcluster_kv_pull_seconds",
+                                           "Seconds from a pull's order to its last frame landing", labels=w),
+             "serve": HistogramMetricFamily("pdcluster_kv_pull_serve_seconds",
+                                            "Seconds to read and send one pull as holder", labels=w)}
+    for worker_id in sorted(pools):
+        s = status.get(worker_id)
+        p = s.pulls if s is not None else None
+        if p is None:
+            continue
+        for name, fam in counters.items():
+            fam.add_metric([worker_id], getattr(p, name))
+        for tier in ("device", "host", "disk"):
+            by_tier.add_metric([worker_id, tier], getattr(p, f"served_{tier}_blocks"))
+        for name, fam in hists.items():
+            counts = getattr(p, f"{name}_counts")
+            if counts:
+                fam.add_metric([worker_id], _buckets(p.buckets, counts), getattr(p, f"{name}_sum_s"))
+    yield from (*counters.values(), by_tier, *hists.values())

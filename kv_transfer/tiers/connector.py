@@ -13,11 +13,21 @@ steps. A GPU host copies to pinned staging memory asynchronously; the writer wai
 
 Load-back. `external_tokens` counts the request's next blocks (after its device prefix hits) that a
 lower tier holds, ready; the scheduler allocates blocks for them, `after_alloc` pins the entries and
-queues a load job; the loader thread copies each block into its device block, layer after layer,
-and `finished_loading` reports it. The whole hit is loaded before the request computes its tail:
-the load overlaps other requests' steps, not the same prompt's remaining layers (the scheduler runs
-a request only once its external tokens are in). A block missing or corrupt fails the load: the
-scheduler frees the blocks and recomputes the prompt; a corrupt file is deleted first.
+queues a load job for the loader thread. Two ways:
+- Layer by layer, inside the step (`layerwise`, when every block comes from the host tier):
+  `load_in_step` says so, the scheduler counts the tokens as computed and runs the prompt's tail in
+  this very step; the loader copies layer 0 of every block, then layer 1, ...; before layer l the
+  forward pass calls `wait_layer(l)`, which returns once layer l of every such load is in. So the
+  copy of layer l+1 overlaps layer l's compute (on a GPU: a copy stream, one event per layer, the
+  compute stream waits on it; the engine thread does not block). A pinned host slot cannot vanish,
+  so such a load cannot fail.
+- Whole blocks, before the step (disk blocks, which can turn out corrupt; or `layerwise` off): the
+  loader reads, checks and copies every block, `finished_loading` reports it, and the request
+  computes its tail in a later step. A block missing or corrupt fails the load: the scheduler frees
+  the blocks and recomputes the prompt; a corrupt file is deleted first.
+
+The byte moves between the device caches and host memory (streams, events) are
+kv_transfer/tiers/device_copy.py's.
 
 Tenant isolation: blocks are keyed by the engine's salted chain hashes (engine/hashing.py), so a
 lookup under one salt never finds another's blocks, in any tier.
@@ -26,9 +36,11 @@ Events: ("stored" | "removed", hashes, "host" | "disk") go to the worker's Block
 enter and leave each tier; on start the disk tier is verified (every file's checksum) and its blocks
 announced as "stored" on "disk" (warm restart).
 
-Threads: the engine thread calls the KVConnector methods; the writer and loader threads share the
-two TierIndexes with it under one lock. A load writes only into blocks its request holds (the
-request's end is held back by `request_finished` until the loader is done with them).
+Threads: the engine thread calls the KVConnector methods; the writer, the loader (whole-block loads)
+and the layer loader (in-step loads: a step never waits behind a disk read) share the two
+TierIndexes with it under one lock; a peer's pull reads tiers from an RPC thread (`read_blocks`). A
+load writes only into blocks its request holds (the request's end is held back by
+`request_finished` until the loader is done with them).
 """
 from __future__ import annotations
 
@@ -42,6 +54,7 @@ import torch
 
 from pdcluster.engine.kv_connector import KVConnector
 from pdcluster.kv_transfer.tiers.block_format import Geometry, decode, encode
+from pdcluster.kv_transfer.tiers.device_copy import DeviceCopier
 from pdcluster.kv_transfer.tiers.disk import CorruptBlock, DiskStore
 from pdcluster.kv_transfer.tiers.host import HostPool
 from pdcluster.kv_transfer.tiers.index import TierIndex
@@ -57,6 +70,7 @@ class TierConfig:
     disk_bytes: int = 0                 # disk tier capacity (0 with a directory: none)
     codec: str = "none"                 # how blocks are kept below the device: none | int8 | fp8
     protected_fraction: float = 0.9     # SLRU: of each tier, what blocks loaded back may hold
+    layerwise: bool = True              # host-tier hits load layer by layer inside the step (see the module doc)
     queue_blocks: int = 4096            # evicted blocks waiting for the writer, most; more are dropped
 
     @property
@@ -71,6 +85,10 @@ class _Load:
     parts: list[tuple[int, str, int]]       # per block: (chain hash, tier, host slot or -1)
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
+    in_step: bool = False                   # loaded layer by layer inside the step (wait_layer)
+    layers_done: int = 0                    # in_step: layers [0, layers_done) issued (CPU: copied)
+    events: list = field(default_factory=list)   # in_step on a GPU: per layer, its copy's CUDA event
+    after: object = None                    # on a GPU: the compute stream's work queued before the load
 
 
 class TierConnector(KVConnector):
@@ -89,15 +107,22 @@ class TierConnector(KVConnector):
         self._loads: dict[str, _Load] = {}             # in flight, by request id
         self._held: set[str] = set()                   # ended during their load: freed when it stops
         self._done: list[tuple[str, bool]] = []
+        self._in_step: list[_Load] = []                # in_step loads not yet all copied, oldest first
+        self._layer_cv = threading.Condition(self._lock)   # a layer of an in_step load was issued
+        self.loads = cfg.layerwise and cfg.host_bytes > 0   # wait_layer wanted
         self._released: list[str] = []
         self._writes: queue.Queue = queue.Queue()
-        self._reads: queue.Queue = queue.Queue()
+        self._reads: queue.Queue = queue.Queue()          # whole-block loads (the loader thread)
+        self._layer_reads: queue.Queue = queue.Queue()    # in_step loads: their own thread, so a step's
+                                                          # wait_layer never queues behind a disk read
         self._threads: list[threading.Thread] = []
         self.ready = threading.Event()                 # set once the disk tier is verified (warm restart)
 
     # setup
     def register_caches(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
         if self.geom is not None:
+            if k_caches is self.k and v_caches is self.v:       # the same engine taking it back: as it was
+                return
             raise RuntimeError("a TierConnector serves one engine")
         self.k, self.v = k_caches, v_caches
         self.device = k_caches[0].device
@@ -115,9 +140,10 @@ class TierConnector(KVConnector):
         if not self.index:
             log.warning("KV tiers: host %d B / disk %d B hold no block of %d B; tiers off", self.cfg.host_bytes,
                         self.cfg.disk_bytes, g.block_bytes)
-        self._copy_stream = torch.cuda.Stream(self.device) if cuda else None
-        for name, fn in (("writer", self._writer), ("loader", self._loader)):
-            t = threading.Thread(target=fn, name=f"kv-tier-{name}", daemon=True)
+        self.copier = DeviceCopier(k_caches, v_caches)
+        for name, fn, args in (("writer", self._writer, ()), ("loader", self._loader, (self._reads,)),
+                                ("layer-loader", self._loader, (self._layer_reads,))):
+            t = threading.Thread(target=fn, args=args, name=f"kv-tier-{name}", daemon=True)
             t.start()
             self._threads.append(t)
         self._writes.put(("scan",))
@@ -154,31 +180,12 @@ class TierConnector(KVConnector):
                 return
             self._pending.update(todo)
             self._queued_blocks += len(todo)
-        staging, ready = self._copy_out(todo_ids)
+        staging, ready = self.copier.copy_out(todo_ids, self.geom.shape, self.geom.dtype)
         self._writes.put(("store", todo, staging, ready))
         s = self.snapshot
         s.calls += 1
         s.blocks += len(todo)
         s.seconds += time.perf_counter() - t0
-
-    def _copy_out(self, block_ids: list[int]):
-        """Blocks' KV -> staging [2L, n, bs, h, d] on the host (K rows, then V rows); a CUDA event
-        the writer waits on before reading it (GPU), or None (CPU: copied already)."""
-        g, n = self.geom, len(block_ids)
-        cuda = self._copy_stream is not None
-        staging = torch.empty((2 * g.num_layers, n, g.block_size, g.kv_heads, g.head_dim), dtype=g.dtype,
-                              pin_memory=cuda)
-        idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
-        for i, cache in enumerate(self.k + self.v):
-            if cuda:    # on the compute stream: ordered before the step that overwrites these blocks
-                staging[i].copy_(cache.index_select(0, idx), non_blocking=True)
-            else:
-                torch.index_select(cache, 0, idx, out=staging[i])
-        if not cuda:
-            return staging, None
-        ev = torch.cuda.Event()
-        ev.record()
-        return staging, ev
 
     def _writer(self) -> None:
         while True:
@@ -303,9 +310,12 @@ class TierConnector(KVConnector):
             return
         bs = self.geom.block_size
         nb = num_external_tokens // bs
-        start = len(request.block_ids) - len(block_ids)
+        start = request.num_computed_tokens // bs          # block_ids follow the request's local hits
         hashes = request.block_hashes()[start:start + nb]
         job = _Load(request.request_id, list(block_ids[:nb]), [])
+        if self.copier.cuda:                # the blocks' earlier KV, being copied out on the compute stream
+            job.after = torch.cuda.Event()  # (evicted, during this allocation), is read before the load
+            job.after.record()              # overwrites it: the copy stream waits on this
         with self._lock:
             for h in hashes:
                 for tier, idx in self.index.items():             # host first: the faster copy
@@ -316,17 +326,62 @@ class TierConnector(KVConnector):
                         break
                 else:
                     break                      # evicted since external_tokens: the load fails
+            job.in_step = (self.cfg.layerwise and len(job.parts) == nb
+                           and all(tier == "host" for _, tier, _ in job.parts))
+            if job.in_step:
+                self._in_step.append(job)
             self._loads[job.request_id] = job
-        self._reads.put(job)
+        (self._layer_reads if job.in_step else self._reads).put(job)
 
-    def _loader(self) -> None:
+    def step_tokens(self, request, num_local_tokens: int) -> int:
+        """external_tokens, counting only host-tier blocks (those load in step) when layerwise."""
+        if not self.loads or "host" not in self.index:
+            return 0
+        bs, idx = self.geom.block_size, self.index["host"]
+        last = (min(request.num_tokens, request.num_prefill_tokens) - 1) // bs
+        n = 0
+        with self._lock:
+            for h in request.block_hashes()[num_local_tokens // bs:last]:
+                e = idx.get(h)
+                if e is None or not e.ready:
+                    break
+                n += 1
+        return n * bs
+
+    def wait_loaded(self, request_id: str, timeout_s: float) -> None:
+        """Until request_id's load (if one runs) has ended (any thread)."""
+        with self._lock:
+            job = self._loads.get(request_id)
+        if job is not None:
+            job.done.wait(timeout_s)
+
+    def load_in_step(self, request) -> bool:
+        with self._lock:
+            job = self._loads.get(request.request_id)
+            return job is not None and job.in_step
+
+    def wait_layer(self, layer: int) -> None:
+        """Until layer `layer` of every in_step load is issued (engine thread, before that layer runs).
+        On a GPU the compute stream then waits on the layer's copy event, not the engine thread."""
+        with self._layer_cv:
+            jobs = list(self._in_step)
+            if not self._layer_cv.wait_for(lambda: all(j.layers_done > layer or j.done.is_set() for j in jobs),
+                                           timeout=120.0):
+                raise RuntimeError(f"KV tier load of layer {layer} did not arrive in 120 s")
+        if self.copier.cuda:
+            cur = torch.cuda.current_stream(self.device)
+            for j in jobs:
+                if layer < len(j.events):
+                    cur.wait_event(j.events[layer])
+
+    def _loader(self, jobs: queue.Queue) -> None:
         while True:
-            job = self._reads.get()
+            job = jobs.get()
             if job is None:
                 return
             ok = False
             try:
-                ok = self._load(job)
+                ok = self._load_layers(job) if job.in_step else self._load(job)
             except Exception:
                 log.exception("KV tier load of %s failed", job.request_id)
             finally:
@@ -337,9 +392,12 @@ class TierConnector(KVConnector):
                     if job.request_id in self._held:
                         self._held.discard(job.request_id)
                         self._released.append(job.request_id)
-                    elif not job.cancelled:
+                    elif not job.cancelled and not job.in_step:     # in_step loads are never reported
                         self._done.append((job.request_id, ok))
-                job.done.set()
+                    if job.in_step:
+                        self._in_step.remove(job)
+                    job.done.set()
+                    self._layer_cv.notify_all()
 
     def _load(self, job: _Load) -> bool:
         g = self.geom
@@ -369,7 +427,7 @@ class TierConnector(KVConnector):
             self.stats["disk"].add(load_failures=1)
             return False
         t = time.perf_counter()
-        self._write_device(job.block_ids, blocks)
+        self.copier.write_blocks(job.block_ids, blocks, job.after)
         per_tier = {tier: [h for h, tt, _ in job.parts if tt == tier] for tier in self.index}
         copy_share = (time.perf_counter() - t) / len(blocks)
         with self._lock:
@@ -382,20 +440,28 @@ class TierConnector(KVConnector):
                 st.observe("load_s", t0[tier] + copy_share * len(hs))
         return not job.cancelled
 
-    def _write_device(self, block_ids: list[int], blocks: list[torch.Tensor]) -> None:
-        """blocks[i] [2L, bs, h, d] (host) -> device block block_ids[i] of every layer's K and V."""
-        stacked = torch.stack(blocks, dim=1)                     # [2L, n, bs, h, d]
-        idx = torch.tensor(block_ids, dtype=torch.int64)
-        if self._copy_stream is not None:
-            with torch.cuda.stream(self._copy_stream):
-                src = stacked.pin_memory().to(self.device, non_blocking=True)
-                idx = idx.to(self.device, non_blocking=True)
-                for i, cache in enumerate(self.k + self.v):
-                    cache.index_copy_(0, idx, src[i])
-            self._copy_stream.synchronize()
-            return
-        for i, cache in enumerate(self.k + self.v):
-            cache.index_copy_(0, idx, stacked[i])
+    def _load_layers(self, job: _Load) -> bool:
+        """An in_step load: host blocks into the device pool, layer after layer, announcing each
+        layer to wait_layer. The blocks stay pinned throughout."""
+        t = time.perf_counter()
+        blocks = [self.host.get(slot) for _, _, slot in job.parts]     # [2L, bs, h, d] each (views for codec none)
+
+        def layer_done(layer: int, event) -> None:
+            with self._layer_cv:
+                if event is not None:
+                    job.events.append(event)
+                job.layers_done = layer + 1
+                self._layer_cv.notify_all()
+
+        if not self.copier.write_layers(job.block_ids, blocks, job.after, layer_done, lambda: job.cancelled):
+            return False            # the request ended before its step ran: nothing reads these blocks
+        with self._lock:
+            for h, _, _ in job.parts:
+                self.index["host"].hit(h)
+        st = self.stats["host"]
+        st.add(hits=len(blocks), loaded_bytes=len(blocks) * st.block_bytes)
+        st.observe("load_s", time.perf_counter() - t)
+        return True
 
     def _drop_corrupt(self, hashes: list[int]) -> None:
         """Forget corrupt disk blocks (their files are deleted already). Each holds this job's pin:
@@ -414,6 +480,66 @@ class TierConnector(KVConnector):
             st.blocks = len(idx)
         st.add(corrupt=len(hashes))
         self._emit("removed", gone, "disk")
+
+    # peer pulls this worker serves (kv_transfer/pull.py serve_pull; any thread but the engine's)
+    def read_blocks(self, hashes: list[int]) -> tuple[list[torch.Tensor], dict[str, int]] | None:
+        """(host copies [2L, bs, h, d] (cache dtype) of the blocks a lower tier holds under `hashes`
+        (host first), blocks read per tier), or None if any is not held ready (all or nothing, as the device read). The
+        entries are pinned while read, so neither the writer's LRU nor another load can drop them;
+        a corrupt disk file is dropped (and the read fails). Runs on the caller's thread: the engine
+        steps meanwhile. Counted per tier as `served` blocks and a `serve_s` latency."""
+        if not self.index or not hashes:
+            return None
+        parts: list[tuple[int, str, int]] = []
+        with self._lock:
+            for h in hashes:
+                for tier, idx in self.index.items():
+                    e = idx.get(h)
+                    if e is not None and e.ready:
+                        idx.pin(h)
+                        parts.append((h, tier, e.slot))
+                        break
+                else:
+                    break
+        if len(parts) != len(hashes):
+            self._unpin(parts)
+            return None
+        t0 = {t: 0.0 for t in self.index}
+        out, corrupt = [], []
+        try:
+            for h, tier, slot in parts:
+                t = time.perf_counter()
+                if tier == "host":
+                    out.append(self.host.get(slot).clone())     # get is a view of the slot: copy while pinned
+                else:
+                    try:
+                        out.append(decode(self.geom, *self.disk.read(h)))
+                    except (CorruptBlock, FileNotFoundError) as e:
+                        log.warning("KV disk tier (serving a pull): %s", e)
+                        corrupt.append(h)
+                        break
+                t0[tier] += time.perf_counter() - t
+        finally:
+            if corrupt:
+                self._drop_corrupt(corrupt)                 # drops the pin on it
+                parts = [p for p in parts if p[0] not in corrupt]
+            self._unpin(parts)
+        if corrupt:
+            return None
+        counts = {}
+        for tier in self.index:
+            n = sum(1 for _, tt, _ in parts if tt == tier)
+            if n:
+                counts[tier] = n
+                st = self.stats[tier]
+                st.add(served=n, served_bytes=n * st.block_bytes)
+                st.observe("serve_s", t0[tier])
+        return out, counts
+
+    def _unpin(self, parts: list[tuple[int, str, int]]) -> None:
+        with self._lock:
+            for h, tier, _ in parts:
+                self.index[tier].unpin(h)
 
     def finished_loading(self) -> list[tuple[str, bool]]:
         with self._lock:
@@ -464,6 +590,7 @@ class TierConnector(KVConnector):
     def close(self) -> None:
         self._writes.put(None)
         self._reads.put(None)
+        self._layer_reads.put(None)
         for t in self._threads:
             t.join(timeout=10.0)
         self._threads = []

@@ -3,10 +3,11 @@
     engine --> MultiConnector --> TierConnector     (loads from host/disk, keeps evicted blocks)
                               \\--> inner           (ReceiveConnector, SendConnector, or none)
 
-external_tokens asks the tiers (the transfer connectors supply none: a remote prefill's reservation
-takes after_alloc directly); after_alloc goes to whichever said it would supply the tokens, the inner
-connector otherwise (reserve_remote). Every other hook goes to both; the remote-KV waits
-(wait_loaded, take_loaded) to the inner one.
+external_tokens and step_tokens ask the tiers (the transfer connectors supply none); after_alloc goes
+to whichever said it would supply the tokens, the inner connector otherwise: a remote prefill's
+reservation (reserve_remote) gives its first blocks to the tiers when step_tokens offered them, the
+rest to the inner one. Every other hook goes to both; wait_loaded waits for both, take_loaded asks
+the inner one.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ class MultiConnector(KVConnector):
     def __init__(self, tiers: KVConnector, inner: KVConnector):
         self.tiers, self.inner = tiers, inner
         self.saves = inner.saves or tiers.saves
+        self.loads = inner.loads or tiers.loads
         self._from_tiers: set[str] = set()      # ids whose external tokens the tiers promised
+        self._tier_load: str | None = None      # the id after_alloc last gave the tiers (load_in_step asks next)
 
     # scheduler side
     def external_tokens(self, request, num_local_tokens: int) -> int:
@@ -28,12 +31,25 @@ class MultiConnector(KVConnector):
             self._from_tiers.discard(request.request_id)
         return n
 
+    def step_tokens(self, request, num_local_tokens: int) -> int:
+        n = self.tiers.step_tokens(request, num_local_tokens)
+        if n > 0:
+            self._from_tiers.add(request.request_id)
+        return n
+
     def after_alloc(self, request, block_ids: list[int], num_external_tokens: int) -> None:
         if request.request_id in self._from_tiers:
             self._from_tiers.discard(request.request_id)
+            self._tier_load = request.request_id
             self.tiers.after_alloc(request, block_ids, num_external_tokens)
         else:
+            self._tier_load = None
             self.inner.after_alloc(request, block_ids, num_external_tokens)
+
+    def load_in_step(self, request) -> bool:
+        src = self.tiers if request.request_id == self._tier_load else self.inner
+        self._tier_load = None
+        return src.load_in_step(request)
 
     def request_finished(self, request_id: str, block_ids: list[int]) -> bool:
         self._from_tiers.discard(request_id)
@@ -55,6 +71,12 @@ class MultiConnector(KVConnector):
         self.tiers.register_caches(k_caches, v_caches)
         self.inner.register_caches(k_caches, v_caches)
 
+    def wait_layer(self, layer: int) -> None:
+        if self.tiers.loads:
+            self.tiers.wait_layer(layer)
+        if self.inner.loads:
+            self.inner.wait_layer(layer)
+
     def save_layer(self, layer, k_caches, v_caches, completing) -> None:
         if self.inner.saves:
             self.inner.save_layer(layer, k_caches, v_caches, completing)
@@ -62,6 +84,7 @@ class MultiConnector(KVConnector):
             self.tiers.save_layer(layer, k_caches, v_caches, completing)
 
     def wait_loaded(self, request_id: str, timeout_s: float) -> None:
+        self.tiers.wait_loaded(request_id, timeout_s)      # a reservation's blocks from a tier, if any
         self.inner.wait_loaded(request_id, timeout_s)
 
     def take_loaded(self, request_id: str) -> str | None:

@@ -47,8 +47,11 @@ class TierStats:
         self.stored_bytes = 0
         self.evicted = 0                     # blocks evicted by the LRU
         self.corrupt = 0                     # blocks found corrupt (checksum, header) and dropped
+        self.served = 0                      # blocks read out for peers' pulls (kv_transfer/pull.py)
+        self.served_bytes = 0
         self.load_s = Histogram()            # per load job (all its blocks from this tier)
         self.store_s = Histogram()           # per block written
+        self.serve_s = Histogram()           # per pull served (all its blocks read from this tier)
         self._lock = threading.Lock()
 
     def add(self, **counts) -> None:
@@ -65,9 +68,11 @@ class TierStats:
             return dict(tier=self.tier, capacity_blocks=self.capacity_blocks, block_bytes=self.block_bytes,
                         blocks=self.blocks, hits=self.hits, load_failures=self.load_failures,
                         loaded_bytes=self.loaded_bytes, stored=self.stored, stored_bytes=self.stored_bytes,
-                        evicted=self.evicted, corrupt=self.corrupt, buckets=list(LATENCY_BUCKETS),
+                        evicted=self.evicted, corrupt=self.corrupt, served=self.served,
+                        served_bytes=self.served_bytes, buckets=list(LATENCY_BUCKETS),
                         load_counts=self.load_s.cumulative(), load_sum_s=self.load_s.sum,
-                        store_counts=self.store_s.cumulative(), store_sum_s=self.store_s.sum)
+                        store_counts=self.store_s.cumulative(), store_sum_s=self.store_s.sum,
+                        serve_counts=self.serve_s.cumulative(), serve_sum_s=self.serve_s.sum)
 
 
 class SnapshotStats:

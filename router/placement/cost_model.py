@@ -50,8 +50,11 @@ cost their load, added to the TTFT of the worker that prefills:
       tier_load  = conf * sum over host, disk of blocks * block_size * kv_bytes_per_token / load rate
    (load rate: the worker's KV bytes/s back from that tier, learned online, Telemetry.tier_load_bps;
    not credited with overlap against the rest of the prompt's compute). When the last-token cap cuts
-   the hit, it cuts disk blocks first, then host. A remote option's transfer skips only d's device
-   blocks (a reservation reuses its pool's prefix).
+   the hit, it cuts disk blocks first, then host. A remote option's transfer skips d's device
+   blocks and its host blocks (a reservation reuses its pool's prefix and loads the host blocks
+   right after it in step, while p computes: engine/scheduler.py add_remote); d's disk blocks cross.
+   The index keeps counts per tier, not positions: host blocks are taken to follow the device ones
+   (disk last, as above).
 
 Conditional disaggregation falls out of it: both sides grow linearly in L, remote starts higher
 (p's queue + overhead) and local grows faster (penalty, slower local rate), so short or mostly
@@ -232,7 +235,7 @@ class CostModel:
         ds = [d for d in decodes if d.placeable and d.worker_id not in exclude]
         ps = [p for p in prefills if p.placeable and p.worker_id not in exclude] if c.allow_remote else []
         cached: dict[str, float] = {}           # tokens a worker need not compute (any tier)
-        device: dict[str, float] = {}           # of them, in its device pool (a transfer skips these)
+        device: dict[str, float] = {}           # of them, in its device pool or host tier (a transfer skips these)
         load: dict[str, float] = {}             # seconds to load the rest from host / disk
         hits: dict = {}                         # worker -> TierHits (peer pulls price from these)
         if hashes:
@@ -241,7 +244,7 @@ class CostModel:
                 if h.total:
                     conf = self.index.confidence(w, t)
                     cached[w] = self._cached(h.total, prompt_len, conf)
-                    device[w] = self._cached(h.device, prompt_len, conf)
+                    device[w] = self._cached(h.device + h.host, prompt_len, conf)
                     load[w] = self.tier_load_s(loads[w], h, prompt_len, conf)
         local_ok = c.allow_local and (c.local_max_tokens is None or prompt_len <= c.local_max_tokens)
         return t, ps, ds, cached, device, load, local_ok, hits

@@ -2,12 +2,17 @@
 instead of recomputing them (kv_transfer/pull.py moves them)? Pure Python.
 
 For a local option on decode worker d whose own hit covers blocks [0, a), and a holder h (another
-worker, prefill or decode) whose device pool holds blocks [0, b) of the prompt (b capped so the last
-token still computes on d), the pull covers [a, b):
-      pull_s      = (b - a) * block_size * kv_bytes_per_token / bandwidth(h -> d)
+worker, prefill or decode) that holds blocks [0, b) of the prompt in any of its tiers (b capped so
+the last token still computes on d), the pull covers [a, b):
+      pull_s      = read_h + (b - a) * block_size * kv_bytes_per_token / bandwidth(h -> d)
+      read_h      = sum over host, disk of h's blocks in [a, b) from that tier * block bytes / h's load rate
       recompute_s = (b - a) * block_size / prefill rate of d
    bandwidth: the link figures learned per (src, dst) pair, as KV transfers are priced (Telemetry.links;
-   zone priors while unmeasured); both rates learned online.
+   zone priors while unmeasured); h's tier load rates as for its own tier hits (Telemetry.tier_load_bps);
+   all learned online. h's prefix is its device blocks first, then host/disk ones; within those the
+   index keeps counts, not positions, so disk blocks are taken to come last (the cost model's
+   convention): a cap on b drops disk blocks first, a local hit a drops host blocks first. The holder
+   reads its tier blocks before sending (kv_transfer/pull.py), so read_h adds to the link time.
 The pull is taken when conf_h * recompute_s > pull_s + pull_overhead_s: it must win even when the
 index's confidence that h still holds the blocks (PrefixIndex.confidence) discounts the saving (a
 pull that finds them evicted recomputes, having paid the order). The best holder is the one that
@@ -15,14 +20,13 @@ saves most. Applied to an Estimate, the pulled tokens leave compute_s (and the l
 scales with it) and join cached_tokens, and pull_s joins the TTFT: the transfer is not credited with
 overlap against the tail's compute (the tail runs after the pulled blocks land).
 
-Only device blocks are priced today: a holder's host / disk tiers serve pulls once they can read
-blocks by chain hash (engine/peer_read.py); their load time then adds to pull_s.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from pdcluster.router.placement.load import WorkerLoad
+from pdcluster.router.prefix_index import TierHits
 
 
 @dataclass(frozen=True)
@@ -30,10 +34,11 @@ class PullOption:
     holder: str
     first_block: int                # a: the first pulled block of the prompt
     blocks: int                     # b - a
-    pull_s: float
+    pull_s: float                   # the holder's tier reads + the link (read_s included)
     recompute_s: float              # what the pull saves (unscaled by confidence)
     bandwidth_bps: float
     bandwidth_source: str
+    read_s: float = 0.0             # the holder reading host / disk blocks
 
 
 def pull_seconds(blocks: int, block_size: int, kv_bytes_per_token: float, bandwidth_bps: float) -> float:
@@ -45,27 +50,47 @@ def recompute_seconds(blocks: int, block_size: int, prefill_tps: float) -> float
     return blocks * block_size / max(prefill_tps, 1e-9)
 
 
-def best_pull(model, prompt_len: int, d: WorkerLoad, own_blocks: int, device_blocks: dict[str, int],
+def lower_blocks_in(hits: TierHits, a: int, b: int) -> tuple[int, int]:
+    """(host, disk) blocks among [a, b) of a prefix held as `hits` (device first, then host/disk
+    with disk last: see the module doc). b <= hits.total."""
+    host, disk = hits.host, hits.disk
+    tail = hits.total - b                           # cut from the end: disk first
+    disk, host = max(0, disk - tail), max(0, host - max(0, tail - disk))
+    head = max(0, a - hits.device)                  # cut from the start past the device blocks: host first
+    return max(0, host - head), max(0, disk - max(0, head - host))
+
+
+def read_seconds(model, w: WorkerLoad, host: int, disk: int) -> float:
+    """Seconds holder w takes to read `host` + `disk` blocks out of its lower tiers."""
+    if not (host or disk):
+        return 0.0
+    c, t = model.cfg, model.telemetry
+    per_block = c.block_size * c.kv_bytes_per_token
+    return per_block * (host / t.tier_load_bps(w, "host") + disk / t.tier_load_bps(w, "disk"))
+
+
+def best_pull(model, prompt_len: int, d: WorkerLoad, own_blocks: int, holders: dict[str, TierHits],
               loads: dict[str, WorkerLoad], now: float) -> PullOption | None:
     """The most saving pull for a local prefill on d (see the module doc), or None. model: the
-    CostModel (its cfg, telemetry, index); own_blocks: d's hit blocks in any tier; device_blocks:
-    worker id -> prompt blocks in its device pool (PrefixIndex.match_tiers)."""
+    CostModel (its cfg, telemetry, index); own_blocks: d's hit blocks in any tier; holders: worker
+    id -> its TierHits of the prompt (PrefixIndex.match_tiers)."""
     c, t = model.cfg, model.telemetry
     cap = max(0, (prompt_len - 1) // c.block_size)
     a = min(own_blocks, cap)
     rate = t.prefill_tps(d)
     best = None
-    for h, n in device_blocks.items():
+    for h, hits in holders.items():
         w = loads.get(h)
-        b = min(n, cap)
+        b = min(hits.total, cap)
         if h == d.worker_id or w is None or not w.healthy or b <= a:
             continue
         bw, src = t.links.bandwidth(h, d.worker_id, w.zone, d.zone)
-        pull_s = pull_seconds(b - a, c.block_size, c.kv_bytes_per_token, bw)
+        read_s = read_seconds(model, w, *lower_blocks_in(hits, a, b))
+        pull_s = read_s + pull_seconds(b - a, c.block_size, c.kv_bytes_per_token, bw)
         save_s = recompute_seconds(b - a, c.block_size, rate)
         gain = model.index.confidence(h, now) * save_s - pull_s - c.pull_overhead_s
         if gain > 0 and (best is None or gain > best[0]):
-            best = (gain, PullOption(h, a, b - a, pull_s, save_s, bw, src))
+            best = (gain, PullOption(h, a, b - a, pull_s, save_s, bw, src, read_s))
     return best[1] if best else None
 
 
@@ -79,15 +104,15 @@ def apply_pulls(model, estimates: list, prompt_len: int, hashes: list[int], hits
     extra = [w for w in loads if w not in hits]
     if extra:
         hits = hits | model.index.match_tiers(hashes, extra)
-    device = {w: h.device for w, h in hits.items() if h.device and w in loads}
-    if not device:
+    held = {w: h for w, h in hits.items() if h.total and w in loads}
+    if not held:
         return
     for e in estimates:
         if e.kind != "local" or e.decode not in loads:
             continue
         d = loads[e.decode]
         own = hits[e.decode].total if e.decode in hits else 0
-        p = best_pull(model, prompt_len, d, own, device, loads, now)
+        p = best_pull(model, prompt_len, d, own, held, loads, now)
         if p is None:
             continue
         saved = min(e.compute_s, p.recompute_s)

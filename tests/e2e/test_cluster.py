@@ -253,6 +253,10 @@ def test_prometheus_metrics_move_with_a_request(cluster):
     assert after[("pdcluster_prefix_cache_queries_tokens_total", (("worker", "prefill-0"),))] > 0
     assert after[("pdcluster_pool_replicas", (("pool", "prefill"),))] == 1
     assert after[("pdcluster_queue_depth", ())] == 0 and after[("pdcluster_running_requests", ())] == 0
+    # peer pulls (off here): each worker reports its pull figures, as puller and as holder
+    for w in ("prefill-0", "decode-0"):
+        assert after[("pdcluster_kv_pulls_total", (("worker", w),))] == 0
+        assert after[("pdcluster_kv_pull_served_blocks_total", (("tier", "host"), ("worker", w)))] == 0
 
 
 def test_global_prefix_index_tracks_worker_caches_and_cost_model_places(cluster, llm):

@@ -1,9 +1,11 @@
 """KV cache tiers on the real model (the session's float32 engine): a prompt evicted from the device
-pool comes back from the host tier, then from the disk tier after a restart of the tiers, and greedy
+pool comes back from the host tier (layer by layer, inside the step that computes its tail), then
+from the disk tier after a restart of the tiers (whole blocks before that step), and greedy
 decoding gives the tokens of computing it, while the engine computes only the prompt's tail. The
 control: garbage in the (unchecksummed) host tier changes the tokens, so the equality checks can fail.
 Corrupt disk files are detected and dropped: tests/unit/test_kv_tiers.py."""
 import pytest
+import torch
 
 from pdcluster.engine import SamplingParams
 from pdcluster.engine.hashing import block_hashes
@@ -16,11 +18,16 @@ PROMPT = ("You are a careful physics teacher. Explain, in three short sentences 
 SALT = "kv-tiers-e2e"               # no other test's cached blocks share these hashes
 
 
-def run(engine, ids, rid):
-    req = engine.add_request(ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), request_id=rid,
-                             cache_salt=SALT)
+def run(engine, ids, rid, max_tokens=6):
+    """The finished request; req.first_step: the engine steps until its first token."""
+    req = engine.add_request(ids, SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+                             request_id=rid, cache_salt=SALT)
+    steps = 0
     while not req.is_finished:
         engine.step()
+        steps += 1
+        if req.output_token_ids and not hasattr(req, "first_step"):
+            req.first_step = steps
     return req
 
 
@@ -32,9 +39,9 @@ def evict_all(engine, tiers):
     assert tiers.wait_idle()
 
 
-def use(engine, cfg):
+def use(engine, cfg, inner=None):
     tiers = TierConnector(cfg, engine.block_events())
-    engine.connector = MultiConnector(tiers, KVConnector())
+    engine.connector = MultiConnector(tiers, inner or KVConnector())
     assert tiers.wait_idle()
     return tiers
 
@@ -63,15 +70,16 @@ def test_prompt_evicted_from_device_reloads_from_host_then_disk_and_garbage_chan
             stored[tier].update(hs)
     assert hashes <= stored["host"] and hashes <= stored["disk"]
 
-    def check(rid, tier):
+    def check(rid, tier, in_step):
         before = engine.stats.tokens
         out = run(engine, ids, rid)
+        assert (out.first_step == 1) == in_step         # else empty steps poll the loader first
         figs = {f["tier"]: f for f in tiers.figures()}
         assert figs[tier]["hits"] == n_blocks                    # not vacuous: the tier served the prefix
         assert out.num_cached_tokens == n_blocks * bs
         assert engine.stats.tokens - before == len(ids) - n_blocks * bs + 5   # the tail, then 5 decodes
         assert out.output_token_ids == ref.output_token_ids
-    check("tiers-host", "host")
+    check("tiers-host", "host", True)          # loaded layer by layer inside the step that computes the tail
 
     evict_all(engine, tiers)
     assert tiers.snapshot.skipped >= n_blocks                    # held below already: not copied again
@@ -79,7 +87,7 @@ def test_prompt_evicted_from_device_reloads_from_host_then_disk_and_garbage_chan
     tiers = use(engine, TierConfig(disk_dir=str(tmp_path), disk_bytes=64 * (bb + 64)))   # a restart: disk only
     announced = {h for _, kind, hs, tier in engine.block_events().drain()[1] if tier == "disk" for h in hs}
     assert hashes <= announced
-    check("tiers-disk", "disk")
+    check("tiers-disk", "disk", False)         # whole blocks, checked, before the step
     tiers.close()
 
     # the control: garbage in the host tier (no checksum there) is what the tokens are computed from
@@ -88,4 +96,66 @@ def test_prompt_evicted_from_device_reloads_from_host_then_disk_and_garbage_chan
     tiers.host.data.normal_()
     out = run(engine, ids, "tiers-garbage")
     assert tiers.figures()[0]["hits"] == n_blocks and out.output_token_ids != ref.output_token_ids
+    tiers.close()
+
+
+class PrefillStandIn(KVConnector):
+    """The transfer's two ends on one engine: while a prompt computes it keeps its blocks' KV (as a
+    prefill worker sends it, every layer as it is stored); a reservation's blocks are filled from
+    that copy (as the receiver lands the frames)."""
+    saves = True
+
+    def __init__(self):
+        self.kept, self.fill = {}, {}
+
+    def save_layer(self, layer, k_caches, v_caches, completing):
+        for c in completing:
+            ids = torch.tensor(c.block_ids)
+            self.kept.setdefault(c.request_id, {})[layer] = (k_caches[layer].index_select(0, ids),
+                                                             v_caches[layer].index_select(0, ids))
+
+    def after_alloc(self, request, block_ids, num_external_tokens):
+        self.fill[request.request_id] = list(block_ids)
+
+    def land(self, engine, src: str, dst: str, skip: int) -> None:
+        k_caches, v_caches = engine.kv_caches()
+        ids = torch.tensor(self.fill[dst])
+        for layer, (k, v) in self.kept[src].items():
+            k_caches[layer][ids], v_caches[layer][ids] = k[skip:], v[skip:]
+
+    def take_loaded(self, request_id):
+        return None
+
+
+def test_a_reservation_loads_the_prefix_its_host_tier_holds_and_only_the_rest_crosses(engine):
+    """A decode engine's reservation for a remote prefill (reserve_remote) takes the prompt's blocks its
+    host tier holds from there (in step) and asks the prefill side for the rest only; decoding from
+    that KV gives the tokens of computing the prompt. Control: garbage in the host tier changes them."""
+    bb, bs = engine.kv_block_bytes(), engine.cfg.cache.block_size
+    ids = engine.tokenizer.encode(PROMPT, add_special_tokens=False)
+    n_blocks = (len(ids) - 1) // bs
+    inner = PrefillStandIn()
+    tiers = use(engine, TierConfig(host_bytes=64 * bb), inner)
+    ref = run(engine, ids, "res-ref", 4)                         # computed: its KV kept, its tokens the reference
+    assert ref.num_cached_tokens == 0 and len(inner.kept["res-ref"]) == engine.cfg.model.num_layers
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+
+    def reserved(rid):
+        evict_all(engine, tiers)                                 # the prefix is in the host tier only
+        hits0 = tiers.figures()[0]["hits"]
+        r = engine.reserve_remote(ids, params, rid, SALT)
+        assert r.skip_blocks == n_blocks and r.cached_tokens == n_blocks * bs   # the tier's blocks do not cross
+        assert len(r.block_ids) == -(-len(ids) // bs) - n_blocks == len(inner.fill[rid])
+        inner.land(engine, "res-ref", rid, r.skip_blocks)
+        engine.connector.wait_loaded(rid, 10)
+        engine.start_remote(rid, ref.output_token_ids[0])
+        req = engine.scheduler.requests[rid]
+        while not req.is_finished:
+            engine.step()
+        assert tiers.figures()[0]["hits"] - hits0 == n_blocks
+        return req.output_token_ids
+
+    assert reserved("res-1") == ref.output_token_ids
+    tiers.host.data.zero_()
+    assert reserved("res-2") != ref.output_token_ids
     tiers.close()

@@ -1,7 +1,8 @@
 """Peer pull (kv_transfer/pull.py) between two real DecodeWorkers (no Ray), real TCP sockets, the
 float engine: worker B pulls a prompt's prefix blocks that worker A holds, computes only the tail,
-and its greedy tokens match transformers'. A holder that evicted the blocks, a link cut mid-pull
-and a plan naming another tenant's blocks all end in a recompute, token-exact."""
+and its greedy tokens match transformers'. A holds them in its device pool, or in its host-memory
+tier after evicting them, or split between the two. A holder that dropped the blocks, a link cut
+mid-pull and a plan naming another tenant's blocks all end in a recompute, token-exact."""
 import pytest
 
 from pdcluster.decode_worker.worker import DecodeWorker
@@ -17,13 +18,15 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0)
 BS = 16
 
 
-def _engine() -> LLMEngine:
-    return LLMEngine(build_config(kv_cache_memory=24 * 2**20, num_threads=1, dtype="float32", quantization="none"))
+def _engine(**kw) -> LLMEngine:
+    return LLMEngine(build_config(kv_cache_memory=24 * 2**20, num_threads=1, dtype="float32", quantization="none",
+                                  **kw))
 
 
 @pytest.fixture(scope="module")
 def peers():
-    a = DecodeWorker("pull-a", _engine, transfer_timeout_s=10)
+    a = DecodeWorker("pull-a", lambda: _engine(host_cache_gb=0.08), transfer_timeout_s=10)    # ~110 blocks
+    assert a.tiers is not None and a.tiers.wait_idle()
     b = DecodeWorker("pull-b", _engine, transfer_timeout_s=10)
     yield a, b
     a.close(), b.close()
@@ -103,3 +106,45 @@ def test_a_plan_naming_another_tenants_blocks_is_refused(peers):
     out, computed = _pull(a, b, "pull-5", ids, plan_salt="tenant-1", salt="tenant-1")
     assert b.connector.pulled_blocks > pulled0 and computed < len(ids)
     assert out == ref
+
+
+def _evict_device(w: DecodeWorker) -> None:
+    """Memory pressure on w: every free block handed out once (the pool evicts its cached blocks, the
+    tiers copy them out), then freed uncached; wait for the tier writer."""
+    def churn(e):
+        pool = e.kv.pool
+        pool.free(pool.allocate(pool.num_free_blocks))
+    w.engine_thread.run(churn)
+    assert w.tiers.wait_idle()
+
+
+def test_b_pulls_blocks_a_keeps_in_its_host_tier_and_in_both_tiers(peers):
+    a, b = peers
+    ids = _prompt(a, "auroras")
+    n = (len(ids) - 1) // BS
+    hashes = block_hashes(ids, BS, None)[:n]
+    ref = _hold(a, "hold-6", ids)
+    _evict_device(a)
+    assert a.engine_thread.run(lambda e: [e.kv.pool.lookup(h) for h in hashes]) == [None] * n   # device: gone
+    served0 = dict(a.connector.stats.served_blocks)
+    out, computed = _pull(a, b, "pull-6", ids)
+    got = {t: a.connector.stats.served_blocks[t] - served0[t] for t in served0}
+    assert got == {"device": 0, "host": n, "disk": 0}     # every block read from A's host tier
+    assert computed == len(ids) - n * BS and out == ref
+    # split: A reloads its first 3 blocks into the device pool (a tier hit), the rest stay in host memory
+    _hold(a, "hold-7", ids[:3 * BS + 5])
+    b.engine_thread.run(lambda e: e.kv.pool.reset_prefix_cache())      # B recomputes unless it pulls again
+    served0 = dict(a.connector.stats.served_blocks)
+    out, computed = _pull(a, b, "pull-7", ids)
+    got = {t: a.connector.stats.served_blocks[t] - served0[t] for t in served0}
+    assert got == {"device": 3, "host": n - 3, "disk": 0}
+    assert computed == len(ids) - n * BS and out == ref
+    # control: the pulled bytes are A's host copies: garbage there changes B's tokens
+    _evict_device(a)
+    b.engine_thread.run(lambda e: e.kv.pool.reset_prefix_cache())
+    a.tiers.host.data.normal_()
+    out, computed = _pull(a, b, "pull-8", ids)
+    assert computed == len(ids) - n * BS and out != ref
+    fig = b.status().pulls
+    assert fig.pulls >= 3 and fig.pulled_blocks >= 3 * n and fig.pull_counts[-1] == fig.pulls + fig.pull_failures
+    assert a.status().pulls.served_host_blocks >= 2 * n - 3

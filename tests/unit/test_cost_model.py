@@ -456,3 +456,16 @@ def test_the_last_token_cap_cuts_disk_then_host_blocks():
     cm = CostModel(cfg(allow_remote=False, prior_host_load_bps=1e9, prior_disk_load_bps=1e6), index=ix)
     est = cm.choose(64, [], [D("d0")], hashes=hs, now=1.0).estimate
     assert est["cached_tokens"] == 48 and est["tier_load_s"] == pytest.approx(16 * KVB / 1e9)
+
+
+def test_a_transfer_skips_the_decode_workers_device_and_host_blocks_not_its_disk_ones():
+    """A reservation loads d's host blocks in step (engine/scheduler.py add_remote): they do not cross."""
+    hs = block_hashes(list(range(1, 1025)), BS)             # 64 blocks
+    cached_d = {}
+    for tier in ("device", "host", "disk"):
+        ix = PrefixIndex()
+        ix.apply("d0", "stored", hs[:20], now=0.0)
+        ix.apply("d0", "stored", hs[20:40], now=0.0, tier=tier)
+        cm = CostModel(cfg(allow_local=False), index=ix)
+        cached_d[tier] = cm.choose(1024, [P("p0")], [D("d0")], hashes=hs, now=1.0).estimate["cached_tokens_decode"]
+    assert cached_d == {"device": 640, "host": 640, "disk": 320}

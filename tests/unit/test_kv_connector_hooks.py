@@ -135,3 +135,46 @@ def test_blocks_held_for_sending_outlive_the_request_until_the_connector_lets_go
     t.sent.append("r")
     s.sends_done(t.finished_sending())
     assert not s.held and s.kv.num_free_blocks == 16 and not s.has_work()
+
+
+class InStep(Tier):
+    """A tier that loads inside the step, layer by layer (load_in_step True)."""
+    loads_in_step = True
+
+    def load_in_step(self, request):
+        return self.loads_in_step and request.request_id in self.loads
+
+
+def test_an_in_step_load_counts_as_computed_and_the_tail_runs_in_the_same_step():
+    t = InStep(prefix=8)
+    s = make(t)
+    r = req(10, "r")
+    s.add(r)
+    b, _ = step(s)
+    assert b.reqs == [r] and b.num_new_tokens == [2] and r.output_token_ids == [7]   # loaded + tail, one step
+    assert t.loads == {"r": (r.block_ids[:2], 8)} and r.num_cached_tokens == 8 and not s.loading
+    assert s.kv.pool.lookup(r.block_hashes()[1]) is not None           # published once the step ran
+    # control: the same tier loading before the step leaves the request waiting, nothing computed
+    t2 = InStep(prefix=8)
+    t2.loads_in_step = False
+    s2 = make(t2)
+    r2 = req(10, "r2")
+    s2.add(r2)
+    b, _ = step(s2)
+    assert b.reqs == [] and r2.status is Status.WAITING_FOR_REMOTE_KV
+
+
+def test_an_in_step_load_whose_tail_finds_no_room_waits_holding_its_blocks_then_runs():
+    t = InStep(prefix=8)
+    s = make(t, num_blocks=4)
+    hog = req(4, "hog", max_tokens=8, start=500)
+    t.only = {"r"}
+    s.add(hog)
+    step(s)                                                             # hog: 1 block, 2 once it decodes
+    r = req(10, "r")
+    s.add(r)
+    b, _ = step(s)                                                      # 2 blocks loaded, no room for the tail
+    assert b.reqs == [hog] and r.status is Status.WAITING and r.num_computed_tokens == 8 and len(r.block_ids) == 2
+    s.finish(hog, Status.FINISHED_ABORTED)
+    b, _ = step(s)
+    assert b.reqs == [r] and b.num_new_tokens == [2] and len(t.loads) == 1      # not loaded twice

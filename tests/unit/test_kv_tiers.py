@@ -28,10 +28,12 @@ def req(rid, salt=None, n=13):
     return Request(list(range(100, 100 + n)), SamplingParams(max_tokens=2), rid, salt, block_size=BS)
 
 
-def tiers(tmp_path=None, host_blocks=16, disk_blocks=16, codec="none", kv=None):
+def tiers(tmp_path=None, host_blocks=16, disk_blocks=16, codec="none", kv=None, layerwise=False):
+    """layerwise False: every load is a whole-block one, reported by finished_loading (`load` below)."""
     events = BlockEventLog()
     disk = dict(disk_dir=str(tmp_path), disk_bytes=disk_blocks * (HEADER.size + BLOCK_BYTES)) if tmp_path else {}
-    tc = TierConnector(TierConfig(host_bytes=host_blocks * BLOCK_BYTES, codec=codec, **disk), events)
+    tc = TierConnector(TierConfig(host_bytes=host_blocks * BLOCK_BYTES, codec=codec, layerwise=layerwise, **disk),
+                       events)
     k, v = kv if kv is not None else caches()
     tc.register_caches(k, v)
     assert tc.wait_idle()
@@ -166,8 +168,8 @@ def test_a_request_ended_during_its_load_keeps_its_blocks_until_the_loader_lets_
     r = req("a")
     tc.evicted([0, 1], r.block_hashes()[:2])
     tc.wait_idle()
-    gate, write = threading.Event(), tc._write_device
-    tc._write_device = lambda ids, blocks: (gate.wait(10), write(ids, blocks))   # a load held in flight
+    gate, write = threading.Event(), tc.copier.write_blocks
+    tc.copier.write_blocks = lambda ids, blocks, after: (gate.wait(10), write(ids, blocks, after))   # held in flight
     r2 = req("a2")
     n = tc.external_tokens(r2, 0)
     r2.block_ids = [4, 5]
@@ -273,4 +275,138 @@ def test_the_router_learns_tier_load_rates_and_resyncs_tiers_from_what_a_worker_
     idx.add_worker("prefill-0", now=0.0)
     idx.resync("prefill-0", snap.device, seq=snap.seq, now=0.0, lower={"host": snap.host, "disk": snap.disk})
     assert idx.match_tiers(hashes)["prefill-0"] == (0, 3, 0)
+    tc.close()
+
+
+def test_a_peer_pull_reads_blocks_from_host_then_disk_all_or_nothing(tmp_path):
+    """TierConnector.read_blocks (a holder serving a pull, kv_transfer/pull.py): host first, disk for
+    what the host lost, bit for bit in the block layout; a missing or corrupt block fails the read."""
+    tc, events, k, v = tiers(tmp_path, host_blocks=2, disk_blocks=8)
+    r = req("a", n=17)
+    h = r.block_hashes()[:4]
+    want = [torch.cat([k[l][i:i + 1] for l in range(L)] + [v[l][i:i + 1] for l in range(L)]) for i in range(4)]
+    tc.evicted([0, 1, 2, 3], h)                            # the host keeps the last 2, the disk all 4
+    assert tc.wait_idle()
+    for c in k + v:
+        c.zero_()                                          # the device copies are gone: only the tiers serve
+    blocks, by_tier = tc.read_blocks(h)
+    assert by_tier == {"host": 2, "disk": 2}
+    assert all(torch.equal(b, w) for b, w in zip(blocks, want))
+    figs = {f["tier"]: f for f in tc.figures()}
+    assert figs["host"]["served"] == 2 and figs["disk"]["served_bytes"] == 2 * figs["disk"]["block_bytes"]
+    assert figs["disk"]["serve_counts"][-1] == 1
+    assert all(e.pins == 0 for idx in tc.index.values() for e in idx.entries.values())   # every pin dropped
+    assert tc.read_blocks(req("b", salt="t2", n=17).block_hashes()[:4]) is None          # another tenant: nothing
+    assert tc.read_blocks(h + [12345]) is None                                           # all or nothing
+    p = tmp_path / f"{h[0]:016x}.kvb"
+    p.write_bytes(p.read_bytes()[:-1] + b"\x00")
+    events.drain()
+    assert tc.read_blocks(h[:1]) is None                   # corrupt: the read fails, the file is dropped
+    assert not p.exists() and kinds(events) == [("removed", "disk", 1)]
+    assert tc.read_blocks(h[2:]) is not None               # the host's blocks still serve
+    tc.close()
+
+
+class GatedCache:
+    """Layer 1's K cache: its writes wait for `gate` (a slow copy), so the test sees wait_layer block."""
+    def __init__(self, t):
+        self.t, self.gate = t, threading.Event()
+
+    def index_copy_(self, dim, idx, src):
+        assert self.gate.wait(10)
+        return self.t.index_copy_(dim, idx, src)
+
+
+def test_a_host_hit_loads_layer_by_layer_and_wait_layer_blocks_until_its_layer_is_in():
+    tc, _, k, v = tiers(None, layerwise=True)
+    r = req("a")
+    want = [(k[l][:3].clone(), v[l][:3].clone()) for l in range(L)]
+    tc.evicted([0, 1, 2], r.block_hashes()[:3])
+    assert tc.wait_idle()
+    for c in k + v:
+        c.zero_()
+    k1 = k[1]
+    gated = tc.k[1] = GatedCache(k1)                        # (tc.k is the list k)
+    r2 = req("a2")
+    n = tc.external_tokens(r2, 0)
+    r2.block_ids = [5, 6, 7]
+    tc.after_alloc(r2, r2.block_ids, n)
+    assert n == 12 and tc.load_in_step(r2) and tc.loads
+    tc.wait_layer(0)
+    assert torch.equal(k[0][5:8], want[0][0]) and torch.equal(v[0][5:8], want[0][1])     # layer 0 is in
+    waiter = threading.Thread(target=tc.wait_layer, args=(1,))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and not k1[5:8].any()              # layer 1 is not: wait_layer waits for it
+    gated.gate.set()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert torch.equal(k1[5:8], want[1][0]) and torch.equal(v[1][5:8], want[1][1])
+    for _ in range(1000):
+        if not tc._in_step:
+            break
+        time.sleep(0.001)
+    assert tc.finished_loading() == []                          # an in-step load is never reported
+    assert {f["tier"]: f for f in tc.figures()}["host"]["hits"] == 3
+    assert all(e.pins == 0 for e in tc.index["host"].entries.values())
+    tc.close()
+
+
+def test_disk_hits_and_layerwise_off_load_whole_blocks_before_the_step(tmp_path):
+    tc, _, k, v = tiers(tmp_path, host_blocks=0, layerwise=True)    # disk only: a read can fail, so before
+    r = req("a")
+    tc.evicted([0, 1], r.block_hashes()[:2])
+    assert tc.wait_idle()
+    r2 = req("a2")
+    r2.block_ids = [4, 5]
+    tc.after_alloc(r2, r2.block_ids, tc.external_tokens(r2, 0))
+    assert not tc.load_in_step(r2) and not tc.loads
+    tc.close()
+    tc, _, _, _ = tiers(None, layerwise=False)
+    tc.evicted([0, 1], r.block_hashes()[:2])
+    assert tc.wait_idle()
+    n, done = load(tc, req("a3"), [4, 5])
+    assert n == 8 and done == [("a3", True)]
+    tc.close()
+
+
+def test_a_reservation_counts_only_host_blocks_as_loadable_in_step(tmp_path):
+    """step_tokens (a remote prefill's reservation): host blocks only, from after the local hits; disk
+    blocks and layerwise off offer none (those would load after the step starts)."""
+    tc, _, _, _ = tiers(tmp_path, host_blocks=2, disk_blocks=8, layerwise=True)
+    r = req("a", n=17)
+    tc.evicted([0, 1, 2, 3], r.block_hashes()[:4])          # host keeps blocks 2, 3; disk all four
+    assert tc.wait_idle()
+    assert tc.step_tokens(req("b", n=17), 0) == 0             # block 0 is on disk only
+    assert tc.step_tokens(req("c", n=17), 8) == 8             # after 2 local blocks: 2 host blocks
+    assert tc.external_tokens(req("d", n=17), 0) == 16        # a local prefill takes the disk ones too
+    tc.close()
+    tc, _, _, _ = tiers(None, layerwise=False)
+    tc.evicted([0, 1], r.block_hashes()[:2])
+    assert tc.wait_idle() and tc.step_tokens(req("e", n=17), 0) == 0
+    tc.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_host_hit_loads_layer_by_layer_on_the_copy_stream_and_the_compute_stream_waits():
+    k, v = caches(4)
+    k, v = [t.cuda() for t in k], [t.cuda() for t in v]
+    tc, _, k, v = tiers(None, kv=(k, v), layerwise=True)
+    r = req("a")
+    want = [(k[l][:3].clone(), v[l][:3].clone()) for l in range(L)]
+    tc.evicted([0, 1, 2], r.block_hashes()[:3])
+    assert tc.wait_idle()
+    for c in k + v:
+        c.zero_()
+    r2 = req("a2")
+    n = tc.external_tokens(r2, 0)
+    r2.block_ids = [5, 6, 7]
+    tc.after_alloc(r2, r2.block_ids, n)
+    assert n == 12 and tc.load_in_step(r2)
+    got = []
+    for layer in range(L):
+        tc.wait_layer(layer)                        # the current stream now waits on the layer's copy event
+        got.append((k[layer][5:8].clone(), v[layer][5:8].clone()))     # ordered after it on this stream
+    torch.cuda.synchronize()
+    assert all(torch.equal(g[0], w[0]) and torch.equal(g[1], w[1]) for g, w in zip(got, want))
     tc.close()

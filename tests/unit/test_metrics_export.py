@@ -140,3 +140,36 @@ def test_kv_tier_figures_become_per_tier_series_and_histograms():
     assert s[("pdcluster_kv_tier_load_seconds_bucket", (("le", "0.0005"),) + h)] == 1
     assert s[("pdcluster_kv_tier_load_seconds_bucket", (("le", "+Inf"),) + h)] == 2
     assert abs(s[("pdcluster_kv_tier_store_seconds_sum", d)] - 0.02) < 1e-12
+
+
+def test_peer_pull_figures_become_per_worker_series_and_the_tiers_served_ones():
+    from pdcluster.kv_transfer.pull_stats import PullStats
+    from pdcluster.kv_transfer.tiers.stats import TierStats
+    from pdcluster.messages import PullFigures, TierFigures
+    puller, holder, host = PullStats(), PullStats(), TierStats("host", 100, 1000)
+    puller.pulled(True, 5, 5000, 0.02)
+    puller.pulled(False, 3, 0, 0.3)
+    holder.served_pull({"device": 2, "host": 3}, 5000, 0.004)
+    holder.serve_failed()
+    host.add(served=3, served_bytes=3000)
+    host.observe("serve_s", 0.003)
+    st = {w: WorkerStatus.from_bytes(replace(status(w, "decode", EngineFigures(num_blocks=10)),
+                                             pulls=PullFigures.of(p.as_dict()), tiers=t).to_bytes())
+          for w, p, t in (("decode-0", puller, ()), ("decode-1", holder, (TierFigures.of(host.as_dict()),)))}
+    assert isinstance(st["decode-0"].pulls, PullFigures)
+    m = RouterMetrics()
+    for w in st:
+        m.add_worker(w, "decode")
+        m.worker_status(w, st[w])
+    s = samples(m)
+    p, h = (("worker", "decode-0"),), (("worker", "decode-1"),)
+    assert s[("pdcluster_kv_pulls_total", p)] == 1 and s[("pdcluster_kv_pull_failures_total", p)] == 1
+    assert s[("pdcluster_kv_pulled_blocks_total", p)] == 5 and s[("pdcluster_kv_pulled_bytes_total", p)] == 5000
+    assert s[("pdcluster_kv_pull_seconds_count", p)] == 2
+    assert s[("pdcluster_kv_pull_seconds_bucket", (("le", "0.025"),) + p)] == 1
+    assert s[("pdcluster_kv_pulls_served_total", h)] == 1 and s[("pdcluster_kv_pull_serve_failures_total", h)] == 1
+    assert s[("pdcluster_kv_pull_served_blocks_total", (("tier", "host"),) + h)] == 3
+    assert s[("pdcluster_kv_pull_served_blocks_total", (("tier", "device"),) + h)] == 2
+    assert s[("pdcluster_kv_pull_serve_seconds_count", h)] == 1
+    ht = (("tier", "host"), ("worker", "decode-1"))
+    assert s[("pdcluster_kv_tier_served_blocks_total", ht)] == 3 and s[("pdcluster_kv_tier_serve_seconds_count", ht)] == 1

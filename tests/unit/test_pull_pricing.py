@@ -8,8 +8,8 @@ from pdcluster.messages import LinkFigures
 from pdcluster.router.cost_config import CostConfig
 from pdcluster.router.placement import WorkerLoad
 from pdcluster.router.placement.cost_model import CostModel
-from pdcluster.router.placement.pull_pricing import pull_seconds, recompute_seconds
-from pdcluster.router.prefix_index import PrefixIndex
+from pdcluster.router.placement.pull_pricing import lower_blocks_in, pull_seconds, recompute_seconds
+from pdcluster.router.prefix_index import PrefixIndex, TierHits
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -22,11 +22,15 @@ def D(wid, tps=5_000.0, running=0, **kw):
                       num_blocks=10_000, free_blocks=10_000, **kw)
 
 
-def model(link_bps: float | None = None, peer_pull: bool = True, **kw) -> CostModel:
+def model(link_bps: float | None = None, peer_pull: bool = True, tiers=(("device", 125),), **kw) -> CostModel:
     """Decode workers only (local prefills); `holder` holds 125 of the prompt's 128 blocks and drains
-    (takes no placements, still serves pulls). link_bps: the measured holder -> puller link."""
+    (takes no placements, still serves pulls). link_bps: the measured holder -> puller link. tiers:
+    (tier, blocks) in prefix order: where the holder keeps them."""
     ix = PrefixIndex()
-    ix.apply("holder", "stored", HASHES[:125], now=0.0)
+    at = 0
+    for tier, n in tiers:
+        ix.apply("holder", "stored", HASHES[at:at + n], now=0.0, tier=tier)
+        at += n
     cm = CostModel(CostConfig(block_size=BS, kv_bytes_per_token=KVB, allow_remote=False, peer_pull=peer_pull,
                               duplicate_penalty=0.0, **kw), index=ix)
     if link_bps is not None:
@@ -84,3 +88,34 @@ def test_an_unhealthy_or_excluded_holder_is_not_pulled_from():
     assert cm.choose(L, [], [sick, D("puller")], hashes=HASHES, now=0.0).estimate["pull_from"] is None
     assert cm.choose(L, [], [D("holder", draining=True), D("puller")], {"holder"}, hashes=HASHES,
                      now=0.0).estimate["pull_from"] is None
+
+
+def test_a_holders_host_and_disk_blocks_are_pulled_with_their_read_time_priced():
+    """The holder keeps 25 blocks on device, 60 in host memory and 40 on disk: the pull covers all
+    125, and pull_s adds the holder's tier reads (at its tier load rates) to the link time."""
+    host_bps, disk_bps = 4e9, 1e9
+    cm = model(link_bps=1.25e9, tiers=(("device", 25), ("host", 60), ("disk", 40)),
+               prior_host_load_bps=host_bps, prior_disk_load_bps=disk_bps)
+    e = choose(cm).estimate
+    assert (e["pull_from"], e["pull_first_block"], e["pull_blocks"]) == ("holder", 0, 125)
+    per_block = BS * KVB
+    read_s = 60 * per_block / host_bps + 40 * per_block / disk_bps
+    assert e["pull_s"] == pytest.approx(read_s + pull_seconds(125, BS, KVB, 1.25e9))
+    assert e["compute_s"] == pytest.approx(48 / 5000)
+    # control: the same blocks on a holder whose disk reads crawl are not worth pulling; on device
+    # only they are (so the tier read time, not the link, decided)
+    slow = model(link_bps=1.25e9, tiers=(("device", 25), ("host", 60), ("disk", 40)),
+                 prior_host_load_bps=host_bps, prior_disk_load_bps=1e7)
+    assert choose(slow).estimate["pull_from"] is None
+    assert choose(model(link_bps=1.25e9, prior_disk_load_bps=1e7)).estimate["pull_from"] == "holder"
+
+
+def test_the_tier_blocks_a_pull_range_covers():
+    h = TierHits(2, 3, 4)                                  # [0,2) device, [2,5) host, [5,9) disk
+    assert lower_blocks_in(h, 0, 9) == (3, 4)
+    assert lower_blocks_in(h, 0, 7) == (3, 2)              # capped: disk goes first
+    assert lower_blocks_in(h, 0, 4) == (2, 0)
+    assert lower_blocks_in(h, 3, 9) == (2, 4)              # past a local hit: host goes first
+    assert lower_blocks_in(h, 6, 9) == (0, 3)
+    assert lower_blocks_in(h, 1, 2) == (0, 0)
+    assert lower_blocks_in(TierHits(5), 0, 5) == (0, 0)

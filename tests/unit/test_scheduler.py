@@ -148,6 +148,44 @@ def test_remote_kv_request_holds_its_blocks_unstepped_then_runs_from_the_first_t
     assert "big" not in s.requests and s.kv.num_free_blocks == 8 - 3
 
 
+class TierReserving(Reserving):
+    """Reserving beside a cache tier that holds `tier` more blocks of every prompt, loadable in step;
+    `in_step` False: their source went between step_tokens and after_alloc."""
+    def __init__(self, tier, in_step=True):
+        super().__init__()
+        self.tier, self.in_step, self.tier_allocs, self._next_tier = tier, in_step, {}, False
+
+    def step_tokens(self, request, num_local_tokens):
+        self._next_tier = self.tier > 0
+        return self.tier * BS
+
+    def after_alloc(self, request, block_ids, num_external_tokens):
+        if self._next_tier:
+            self._next_tier = False
+            self.tier_allocs[request.request_id] = (list(block_ids), num_external_tokens)
+        else:
+            super().after_alloc(request, block_ids, num_external_tokens)
+
+    def load_in_step(self, request):
+        return self.in_step
+
+
+def test_a_reservation_loads_the_blocks_a_tier_holds_and_the_rest_cross():
+    """A decode worker's reservation counts its tier's blocks: they load here (in step), and the
+    prefill worker is told to skip them. The control: a tier whose source went sends them all."""
+    s = make(num_blocks=8, budget=8, connector=TierReserving(tier=2))
+    r = req(13, max_tokens=2, rid="r")                          # 4 blocks: 2 from the tier, 2 cross
+    skip, fill = s.add_remote(r)
+    assert skip == 2 and fill == r.block_ids[2:] and len(r.block_ids) == 4
+    assert s.connector.tier_allocs == {"r": (r.block_ids[:2], 8)} and s.connector.allocs == {"r": (fill, 5)}
+    s.remote_kv_done(r, 5)
+    assert r.num_computed_tokens == 13
+    s2 = make(num_blocks=8, budget=8, connector=TierReserving(tier=2, in_step=False))
+    r2 = req(13, max_tokens=2, rid="r2")
+    skip, fill = s2.add_remote(r2)
+    assert skip == 0 and fill == r2.block_ids and s2.connector.allocs == {"r2": (fill, 13)}
+
+
 def test_remote_kv_request_aborted_or_ended_by_its_first_token_frees_its_blocks():
     s = make(num_blocks=8, budget=8, connector=Reserving())
     a, b = req(9, rid="a"), req(9, max_tokens=1, start=100, rid="b")
