@@ -179,14 +179,31 @@ class DecodeInstance(Instance):
         return -(-(req.input_len + req.output_len) // self.bs)
 
     def reserve(self, job: Job) -> bool:
-        """Hold the request's KV blocks (prompt + output); cached free blocks are evicted for it."""
+        """Hold the request's KV blocks (prompt + output); cached free blocks are evicted for it.
+        With SimConfig.share_prefix_blocks (an engine's prefix cache: one physical block, counted
+        once), prompt blocks already cached are not held again, and its new full prompt blocks move
+        from `held` into the cache once computed (`_cache_prompt`); blocks in use stay evictable
+        here (the cache is an LRU without pins; a hit makes them the most recent)."""
         need = self.blocks_for(job.req)
-        if self.held + need > self.num_blocks:
+        hit = 0
+        if self.sim.cfg.share_prefix_blocks:
+            hit = min(self.cache.lookup(job.req.hashes), (job.req.input_len - 1) // self.bs)
+        if self.held + need - hit > self.num_blocks:
             return False
-        self.held += need
-        job.blocks = need
+        self.held += need - hit
+        job.blocks = need - hit
+        job.extra["new_prompt_blocks"] = len(job.req.hashes) - hit if self.sim.cfg.share_prefix_blocks else 0
         self.cache.resize(self.num_blocks - self.held)
         return True
+
+    def _cache_prompt(self, job: Job) -> None:
+        """The prompt's full blocks are computed: they enter the prefix cache (shared: leaving `held`)."""
+        moved = job.extra.pop("new_prompt_blocks", 0)
+        if moved > 0:
+            self.held -= moved
+            job.blocks -= moved
+            self.cache.resize(self.num_blocks - self.held)
+        self.cache.insert(job.req.hashes)
 
     def release(self, job: Job) -> None:
         self.held -= job.blocks
@@ -197,7 +214,7 @@ class DecodeInstance(Instance):
     def kv_arrived(self, job: Job, now: float) -> None:
         """A remote prefill's KV is here (its first token came with it): join the batch."""
         self.reserved -= 1
-        self.cache.insert(job.req.hashes)
+        self._cache_prompt(job)
         self._join(job, now)
 
     def submit_local(self, job: Job, now: float) -> None:
@@ -287,7 +304,7 @@ class DecodeInstance(Instance):
             chunk_job.ctx += chunk
             if chunk_job.todo <= 0:
                 self.local_q.popleft()
-                self.cache.insert(chunk_job.req.hashes)
+                self._cache_prompt(chunk_job)
                 self.sim.first_token(chunk_job, self, now)
                 chunk_job.remaining -= 1             # the prefill step sampled the first token
                 self._join(chunk_job, now)
