@@ -3,10 +3,11 @@
     python -m pdcluster.bench.sim_validate [--cases disagg-trace colocated prefix-routing] [--out F.json]
 
 One run, in this order:
-  1. probe: one engine in this process at a worker's thread count (--threads, default the cases'
-     threads_per_worker) times prefill steps (--probe-prefill tokens) and decode steps (batches
-     --probe-batches over ~--probe-ctx-token prompts); sim/validate.py fits this machine's profile
-     (compute rate, read bandwidth, per-step and per-sequence overheads) to those steps only;
+  1. probe: one engine in this process, on a thread at Ray's worker niceness and a worker's
+     thread count (--threads, default the cases' threads_per_worker), times prefill steps of 32,
+     128 and 384 tokens and decode steps at batch 1, 2, 4 and 8 (96-token prompts), in interleaved
+     rounds; sim/validate.py fits this machine's profile (compute rate, read bandwidth, per-step
+     and per-sequence overheads) to those steps only;
   2. per case: start the case's cluster here (real Ray workers, the real model, the real router),
      warm it up, send the workload (bench/serve.py's client: the same seeded prompts and send
      times as `bench scenario`), stop it; then simulate the same requests (token-level prefix
@@ -21,7 +22,10 @@ per request; see RESULTS.md):
                   workload at its rate
   prefix-routing  prefix-routing's cost-model side (2 local-prefill workers of 112-block pools), its
                   shared-prefix workload (fewer prompts per group) at its rate
-The load average is printed beside every run: the host is shared.
+Per case two predictions: the probe's profile, and (`@run-steps`, a diagnostic) that profile with
+each pool's step times scaled by the CPU share its workers got during the run (their own forward-
+step counters against the probe's forward-only fit). The load average is printed beside every
+run: the host is shared.
 """
 from __future__ import annotations
 
@@ -121,6 +125,13 @@ def probe_steps(threads: int, prefill_lens=(32, 128, 384), batches=(1, 2, 4, 8),
             eng.step()
             return time.perf_counter() - t, eng.stats.busy_s - b0
 
+        x = torch.ones(256 * 2**20 // 4)          # 256 MiB, read as a decode step reads the weights
+        bws = []
+        for _ in range(5):
+            t = time.perf_counter()
+            x.sum()
+            bws.append(x.numel() * 4 / (time.perf_counter() - t))
+        del x
         pre = {n: [] for n in prefill_lens}
         dec = {b: [] for b in batches}
         kv = {}
@@ -140,7 +151,8 @@ def probe_steps(threads: int, prefill_lens=(32, 128, 384), batches=(1, 2, 4, 8),
                 while not all(r.is_finished for r in reqs):
                     eng.step()
         box["out"] = tuple(V.StepProbe(threads, tuple((n, statistics.median(x[i] for x in pre[n])) for n in prefill_lens),
-                                       tuple((b, kv[b], statistics.median(x[i] for x in dec[b])) for b in batches))
+                                       tuple((b, kv[b], statistics.median(x[i] for x in dec[b])) for b in batches),
+                                       statistics.median(bws))
                            for i in (0, 1))
 
     th = threading.Thread(target=work, name="probe")     # its own thread: the niceness stays with it
@@ -179,6 +191,18 @@ async def _measure(case: Case, requests, seed: int, vocab: int, progress: bool) 
     return await run_once(case.scenario.baseline, case.scenario, requests, seed, vocab, None, progress)
 
 
+def step_ms(workers: dict) -> dict:
+    """Per worker, its forward steps during the run: mean decode step ms and mean batch, prefill
+    tokens per second of prefill-step time (what the TPOT and TTFT it served are made of)."""
+    out = {}
+    for wid, w in workers.items():
+        e = w["engine"]
+        out[wid] = dict(decode_ms=round(e["decode_s"] / e["decode_steps"] * 1e3, 1) if e["decode_steps"] else None,
+                        batch=round(e["decode_seqs"] / e["decode_steps"], 2) if e["decode_steps"] else None,
+                        prefill_tok_s=round(e["prefill_tokens"] / e["prefill_s"], 1) if e["prefill_s"] else None)
+    return out
+
+
 def run_case(case: Case, probes: tuple[V.StepProbe, V.StepProbe], seed: int = 0,
              progress: bool = False) -> tuple[list[V.Comparison], dict]:
     """Real run, then the simulation of the same requests: (comparisons, the real run's result).
@@ -204,7 +228,8 @@ def run_case(case: Case, probes: tuple[V.StepProbe, V.StepProbe], seed: int = 0,
                  run_wall_s=round(wall, 1), measured_cache_hit=result.get("prefix_cache_hit_rate"),
                  measured_remote=result.get("remote_prefill_fraction"),
                  workers={w: round(d["busy_fraction"], 3) for w, d in workers.items()},
-                 step_share={k: None if v is None else round(v, 3) for k, v in shares.items()})
+                 step_share={k: None if v is None else round(v, 3) for k, v in shares.items()},
+                 step_ms=step_ms(workers))
     out = []
     for label, prof, pprof in (
             (case.name, whole, None),
@@ -221,7 +246,8 @@ def run_case(case: Case, probes: tuple[V.StepProbe, V.StepProbe], seed: int = 0,
 
 def format_probe(probe: V.StepProbe, hw) -> str:
     lines = [f"probe ({probe.threads} thread(s)) and the fitted profile: compute {hw.peak_flops / 1e9:.1f} GFLOP/s, "
-             f"read {hw.mem_bw / 1e9:.1f} GB/s, step overhead {hw.step_overhead_s * 1e3:.2f} ms, "
+             f"read {hw.mem_bw / 1e9:.1f} GB/s (measured: {probe.read_bw and probe.read_bw / 1e9 or 0:.1f}), "
+             f"step overhead {hw.step_overhead_s * 1e3:.2f} ms, prefill step +{hw.prefill_overhead_s * 1e3:.2f} ms, "
              f"per sequence {hw.per_seq_overhead_s * 1e3:.2f} ms"]
     for name, meas, fit in V.fit_report(probe, hw):
         lines.append(f"  {name:<32} measured {meas * 1e3:8.1f} ms   fitted {fit * 1e3:8.1f} ms   "
@@ -280,8 +306,10 @@ def validate(names: list[str], trace: str | None, max_requests: int, time_scale:
     print("\n" + V.format_table(rows))
     if out:
         with open(out, "w", encoding="utf-8") as f:
-            json.dump(dict(probe=[dict(threads=p.threads, prefill=p.prefill, decode=p.decode) for p in probes],
+            json.dump(dict(probe=[dict(threads=p.threads, prefill=p.prefill, decode=p.decode, read_bw=p.read_bw)
+                                  for p in probes],
                            profile=dict(peak_flops=hw.peak_flops, mem_bw=hw.mem_bw, step_overhead_s=hw.step_overhead_s,
+                                        prefill_overhead_s=hw.prefill_overhead_s,
                                         per_seq_overhead_s=hw.per_seq_overhead_s),
                            comparisons=[r.as_dict() for r in rows], measured=results), f, indent=1)
         print(f"wrote {out}")

@@ -6,10 +6,7 @@ simulator needs to replay it; everything below is pure Python:
     prefix structure: chain hashes of the prompt's full `block_size`-token blocks of token ids,
     which is what the engine's prefix cache and the router's index key on;
   - `fit_profile`: this machine's hardware profile fitted to engine steps measured here (a probe
-    in the same run), through the simulator's own roofline: prefill steps fix the compute rate and
-    the fixed per-step overhead (t = overhead + flops / rate, least squares), decode steps then fix
-    the read bandwidth and the per-sequence overhead (t = overhead + max(flops / rate, bytes / bw)
-    + batch x per_seq; bandwidth by a log grid, per_seq by least squares at each). One fit per
+    in the same run) through the simulator's own roofline (its docstring says how). One fit per
     run, from the probe alone: no scenario's latencies enter it;
   - `sim_config`: a ClusterConfig's pools, policy, block size, step budget, batch size and KV
     pool as a SimConfig on that profile;
@@ -64,6 +61,7 @@ class StepProbe:
     threads: int
     prefill: tuple[tuple[int, float], ...]
     decode: tuple[tuple[int, int, float], ...]
+    read_bw: float | None = None        # bytes/s a large read reached beside the steps (None: fitted too)
 
     def __post_init__(self):
         if len(self.prefill) < 2 or len({n for n, _ in self.prefill}) < 2:
@@ -74,41 +72,93 @@ class StepProbe:
 
 def fit_profile(probe: StepProbe, model: Model | str = LOCAL_MODEL, base: Hardware = HARDWARE["cpu"],
                 kv_blocks: int | None = None, block_size: int = 16) -> Hardware:
-    """`base` with peak_flops, mem_bw, step_overhead_s and per_seq_overhead_s fitted to the probe
-    (mfu = bw_eff = 1: the fitted rates are the reached ones), all steps at once, least squares on
-    relative error: prefill steps as overhead + flops / compute rate, decode steps as overhead +
-    bytes / bandwidth + batch x per_seq (the roofline's max() is the memory term there: SmolLM2's
-    flops at batch <= 8 take less than its 0.54 GB of weights); bandwidth on a log grid, the other
-    three linear at each. kv_blocks: size its memory so that an instance holds exactly that many
-    blocks beside the weights (mem_util 1)."""
+    """`base` with peak_flops, mem_bw, step_overhead_s, prefill_overhead_s and per_seq_overhead_s
+    fitted to the probe (mfu = bw_eff = 1: the fitted rates are the reached ones), through the
+    roofline (sim/roofline.py):
+      - read bandwidth: the probe's measured one (else the best of a log grid, 60 points a decade);
+      - prefill steps, least squares: t = intercept + flops / compute rate;
+      - decode steps, least squares on relative error: t - max(flops / rate, bytes / bandwidth) =
+        overhead + batch x per_seq (both >= 0);
+      - prefill_overhead = intercept - overhead, at least 0: what a step with a prompt chunk costs
+        beyond a decode step's fixed part (on this CPU a short prompt's step is slower than its
+        flops at the long prompts' rate).
+    kv_blocks: size its memory so that an instance holds exactly that many blocks beside the weights."""
     m = model_profile(model) if isinstance(model, str) else model
     hw = replace(base, mfu=1.0, bw_eff=1.0, mem_util=1.0, price_per_h=0.0)
     roof = Roofline(m, hw, 1)
     weight = m.weight_bytes(hw.dtype_bytes)
     kvb = m.kv_bytes_per_token(hw.dtype_bytes)
-    pre = [(roof.prefill_flops(n, 0), t) for n, t in probe.prefill]
-    dec = [(weight + ctx * kvb, b, t) for b, ctx, t in probe.decode]
-    if _line([f for f, _ in pre], [t for _, t in pre])[0] <= 0:
+    slope, icpt = _line([roof.prefill_flops(n, 0) for n, _ in probe.prefill], [t for _, t in probe.prefill])
+    if slope <= 0:
         raise ValueError("prefill steps do not grow with prompt length: cannot fit a compute rate")
+    rate = 1.0 / slope
+    if probe.read_bw is not None and not probe.read_bw > 0:
+        raise ValueError(f"read_bw must be > 0, got {probe.read_bw}")
+    bws = [probe.read_bw] if probe.read_bw else [10 ** (8 + i / 60) for i in range(241)]
     best = None
-    for i in range(241):                        # 1e8 .. 1e12 bytes/s, 60 points a decade
-        bw = 10 ** (8 + i / 60)
-        # unknowns x = (overhead, 1 / compute rate, per_seq); rows weighted by 1 / measured
-        rows = [((1.0, f, 0.0), t) for f, t in pre] + [((1.0, 0.0, float(b)), t - by / bw) for by, b, t in dec]
-        ts = [t for _, t in probe.prefill] + [t for _, _, t in probe.decode]
-        x = _lstsq([tuple(c / w for c in r) for (r, _), w in zip(rows, ts)], [y / w for (_, y), w in zip(rows, ts)],
-                   nonneg=(0, 2))
-        if x is None or x[1] <= 0:
+    for bw in bws:
+        res = [(float(b), t - max((2.0 * (m.layer_params + m.head_params) * b + 4.0 * m.layers * m.q_dim * ctx) / rate,
+                                  (weight + ctx * kvb) / bw), t) for b, ctx, t in probe.decode]
+        x = _lstsq([(1.0 / t, b / t) for b, _, t in res], [r / t for _, r, t in res], nonneg=(0, 1))
+        if x is None:
             continue
-        err = sum(((x[0] + x[1] * r[1] + x[2] * r[2]) - y) ** 2 / w ** 2 for (r, y), w in zip(rows, ts))
+        cand = replace(hw, peak_flops=rate, mem_bw=bw, step_overhead_s=x[0], per_seq_overhead_s=x[1],
+                       prefill_overhead_s=max(0.0, icpt - x[0]))
+        err = sum((fit / meas - 1) ** 2 for _, meas, fit in fit_report(probe, cand, m))
         if best is None or err < best[0]:
-            best = (err, bw, x)
+            best = (err, cand)
     if best is None:
         raise ValueError("no profile fits the probe")
-    _, bw, (overhead, inv_rate, per_seq) = best
-    out = replace(hw, name=f"{base.name}-fit", peak_flops=1.0 / inv_rate, mem_bw=bw, step_overhead_s=overhead,
-                  per_seq_overhead_s=per_seq)
+    out = replace(best[1], name=f"{base.name}-fit")
     return out if kv_blocks is None else with_kv_pool(out, kv_blocks, block_size, m)
+
+
+def _lstsq(a: list[tuple[float, ...]], y: list[float], nonneg=()) -> list[float] | None:
+    """Least squares x for a x ~ y (normal equations, Gaussian elimination); unknowns in `nonneg`
+    that come out negative are fixed at 0 and the rest solved again. None if singular."""
+    k = len(a[0])
+    free = list(range(k))
+    while free:
+        n = len(free)
+        ata = [[sum(r[free[i]] * r[free[j]] for r in a) for j in range(n)] for i in range(n)]
+        aty = [sum(r[free[i]] * v for r, v in zip(a, y)) for i in range(n)]
+        sol = _solve(ata, aty)
+        if sol is None:
+            return None
+        x = [0.0] * k
+        for i, f in enumerate(free):
+            x[f] = sol[i]
+        neg = [f for f in free if f in nonneg and x[f] < 0]
+        if not neg:
+            return x
+        free = [f for f in free if f not in neg]
+    return [0.0] * k
+
+
+def _solve(m: list[list[float]], v: list[float]) -> list[float] | None:
+    n = len(v)
+    m = [row[:] + [v[i]] for i, row in enumerate(m)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(m[r][c]))
+        if abs(m[p][c]) < 1e-300:
+            return None
+        m[c], m[p] = m[p], m[c]
+        for r in range(n):
+            if r != c:
+                f = m[r][c] / m[c][c]
+                m[r] = [a - f * b for a, b in zip(m[r], m[c])]
+    return [m[i][n] / m[i][i] for i in range(n)]
+
+
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (slope, intercept)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        raise ValueError("need two distinct x values")
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return slope, my - slope * mx
 
 
 def with_kv_pool(hw: Hardware, blocks: int, block_size: int, model: Model | str = LOCAL_MODEL) -> Hardware:
@@ -166,9 +216,9 @@ def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return slope, my - slope * mx
 
 
-def fit_report(probe: StepProbe, hw: Hardware, model: str = LOCAL_MODEL) -> list[tuple[str, float, float]]:
+def fit_report(probe: StepProbe, hw: Hardware, model: Model | str = LOCAL_MODEL) -> list[tuple[str, float, float]]:
     """(step, measured s, fitted s) for every probe step: how well the profile reproduces them."""
-    roof = Roofline(model_profile(model), hw, 1)
+    roof = Roofline(model_profile(model) if isinstance(model, str) else model, hw, 1)
     out = [(f"prefill {n} tokens", t, roof.prefill_s([(n, 0)])) for n, t in probe.prefill]
     out += [(f"decode batch {b}, {ctx} KV tokens", t, roof.decode_s(b, ctx)) for b, ctx, t in probe.decode]
     return out

@@ -11,10 +11,10 @@ from pdcluster.sim.roofline import Roofline
 from pdcluster.sim.models import model as model_profile
 
 
-def _probe_from(hw, batches=(1, 2, 4, 8), ctx=96) -> V.StepProbe:
+def _probe_from(hw, batches=(1, 2, 4, 8), ctx=96, read_bw=None) -> V.StepProbe:
     roof = Roofline(model_profile(V.LOCAL_MODEL), hw, 1)
     return V.StepProbe(1, tuple((n, roof.prefill_s([(n, 0)])) for n in (32, 128, 384)),
-                       tuple((b, b * ctx, roof.decode_s(b, b * ctx)) for b in batches))
+                       tuple((b, b * ctx, roof.decode_s(b, b * ctx)) for b in batches), read_bw)
 
 
 TRUE = replace(V.HARDWARE["cpu"], peak_flops=40e9, mfu=1.0, mem_bw=8e9, bw_eff=1.0, step_overhead_s=0.02,
@@ -32,6 +32,12 @@ def test_fit_recovers_a_known_profile_and_not_another():
     other = V.fit_profile(_probe_from(replace(TRUE, step_overhead_s=0.05, per_seq_overhead_s=0.03)))   # control
     assert other.step_overhead_s == pytest.approx(0.05, rel=0.1)
     assert other.per_seq_overhead_s == pytest.approx(0.03, rel=0.1)
+    # a prompt step's own fixed cost, with the read bandwidth measured beside the steps
+    third = V.fit_profile(_probe_from(replace(TRUE, prefill_overhead_s=0.1), read_bw=8e9))
+    assert third.mem_bw == 8e9 and third.prefill_overhead_s == pytest.approx(0.1, rel=1e-3)
+    assert third.step_overhead_s == pytest.approx(0.02, rel=1e-3) and hw.prefill_overhead_s < 1e-3
+    with pytest.raises(ValueError, match="read_bw"):
+        V.fit_profile(_probe_from(TRUE, read_bw=-1.0))
 
 
 def test_step_share_and_scaling():
