@@ -75,7 +75,9 @@ def fit_profile(probe: StepProbe, model: Model | str = LOCAL_MODEL, base: Hardwa
     """`base` with peak_flops, mem_bw, step_overhead_s, prefill_overhead_s and per_seq_overhead_s
     fitted to the probe (mfu = bw_eff = 1: the fitted rates are the reached ones), through the
     roofline (sim/roofline.py):
-      - read bandwidth: the probe's measured one (else the best of a log grid, 60 points a decade);
+      - read bandwidth: the probe's measured one (else the best of a log grid, 60 points a decade,
+        with the decode overhead taken as the prefill line's intercept: without a measured
+        bandwidth the two are one intercept of the decode steps);
       - prefill steps, least squares: t = intercept + flops / compute rate;
       - decode steps, least squares on relative error: t - max(flops / rate, bytes / bandwidth) =
         overhead + batch x per_seq (both >= 0);
@@ -99,7 +101,12 @@ def fit_profile(probe: StepProbe, model: Model | str = LOCAL_MODEL, base: Hardwa
     for bw in bws:
         res = [(float(b), t - max((2.0 * (m.layer_params + m.head_params) * b + 4.0 * m.layers * m.q_dim * ctx) / rate,
                                   (weight + ctx * kvb) / bw), t) for b, ctx, t in probe.decode]
-        x = _lstsq([(1.0 / t, b / t) for b, _, t in res], [r / t for _, r, t in res], nonneg=(0, 1))
+        if probe.read_bw:
+            x = _lstsq([(1.0 / t, b / t) for b, _, t in res], [r / t for _, r, t in res], nonneg=(0, 1))
+        else:                   # overhead and bandwidth are one intercept here: the prefill line's overhead
+            o = max(icpt, 0.0)
+            ps = _lstsq([(b / t,) for b, _, t in res], [(r - o) / t for _, r, t in res], nonneg=(0,))
+            x = None if ps is None else [o] + ps
         if x is None:
             continue
         cand = replace(hw, peak_flops=rate, mem_bw=bw, step_overhead_s=x[0], per_seq_overhead_s=x[1],
