@@ -199,6 +199,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(a) -> int:
     if a.validate:
         from pdcluster.bench.sim_validate import validate
+        from pdcluster.sim.validate import LOCAL_MODEL
+        if a.model and a.model.lower() != LOCAL_MODEL.lower():
+            print(f"error: --validate runs the local cluster's model ({LOCAL_MODEL}, the embedded one); "
+                  f"leave --model out", file=sys.stderr)
+            return 2
         return validate(a.validate_cases, a.trace, a.validate_max_requests, a.validate_time_scale,
                         a.validate_prefix_prompts, None, a.validate_json, progress=a.progress)
     try:
