@@ -3,7 +3,7 @@
     python -m pdcluster.bench.sim_validate [--cases disagg-trace colocated prefix-routing] [--out F.json]
 
 One run, in this order:
-  1. probe: one engine in this process, on a thread at Ray's worker niceness and a worker's
+  1. probe (before every case: the host's load drifts within minutes): one engine in this process, on a thread at Ray's worker niceness and a worker's
      thread count (--threads, default the cases' threads_per_worker), times prefill steps of 32,
      128 and 384 tokens and decode steps at batch 1, 2, 4 and 8 (96-token prompts), in interleaved
      rounds; sim/validate.py fits this machine's profile (compute rate, read bandwidth, per-step
@@ -88,7 +88,7 @@ def worker_niceness() -> int:
 
 
 def probe_steps(threads: int, prefill_lens=(32, 128, 384), batches=(1, 2, 4, 8), ctx: int = 96,
-                decode_steps: int = 4, reps: int = 4, nice: int | None = None) -> tuple[V.StepProbe, V.StepProbe]:
+                decode_steps: int = 4, reps: int = 3, nice: int | None = None) -> tuple[V.StepProbe, V.StepProbe]:
     """Times engine.step() on one engine of the embedded model at `threads` torch threads, on a
     thread at the workers' niceness: `reps` rounds, each one prefill step of every length (fresh
     random tokens: no prefix hits) and, per batch, the median of `decode_steps` decode steps once
@@ -290,12 +290,14 @@ def validate(names: list[str], trace: str | None, max_requests: int, time_scale:
         print(f"error: {e}", file=sys.stderr)
         return 2
     threads = threads or todo[0].scenario.baseline.engine.threads_per_worker
-    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores; probing engine steps ...", flush=True)
-    probes = probe_steps(threads)
-    hw = V.fit_profile(probes[0])
-    print(format_probe(probes[0], hw), flush=True)
-    rows, results = [], {}
+    print(f"{os.cpu_count()} cores", flush=True)
+    rows, results, probed = [], {}, []
     for c in todo:
+        print(f"probing engine steps (load average {os.getloadavg()[0]:.2f}) ...", flush=True)
+        probes = probe_steps(threads)              # before every case: the host's load drifts within minutes
+        hw = V.fit_profile(probes[0])
+        probed.append((c.name, probes, hw))
+        print(format_probe(probes[0], hw), flush=True)
         print(f"\ncase {c.name}: {c.summary}; real cluster, then the simulator ...", flush=True)
         cmps, res = run_case(c, probes, seed, progress)
         rows += cmps
@@ -306,11 +308,14 @@ def validate(names: list[str], trace: str | None, max_requests: int, time_scale:
     print("\n" + V.format_table(rows))
     if out:
         with open(out, "w", encoding="utf-8") as f:
-            json.dump(dict(probe=[dict(threads=p.threads, prefill=p.prefill, decode=p.decode, read_bw=p.read_bw)
-                                  for p in probes],
-                           profile=dict(peak_flops=hw.peak_flops, mem_bw=hw.mem_bw, step_overhead_s=hw.step_overhead_s,
-                                        prefill_overhead_s=hw.prefill_overhead_s,
-                                        per_seq_overhead_s=hw.per_seq_overhead_s),
+            json.dump(dict(probes={name: dict(
+                               steps=[dict(threads=p.threads, prefill=p.prefill, decode=p.decode, read_bw=p.read_bw)
+                                      for p in probes],
+                               profile=dict(peak_flops=hw.peak_flops, mem_bw=hw.mem_bw,
+                                            step_overhead_s=hw.step_overhead_s,
+                                            prefill_overhead_s=hw.prefill_overhead_s,
+                                            per_seq_overhead_s=hw.per_seq_overhead_s))
+                               for name, probes, hw in probed},
                            comparisons=[r.as_dict() for r in rows], measured=results), f, indent=1)
         print(f"wrote {out}")
     return 0 if all(r.within(k) for r in rows if "@" not in r.case for k in ("ttft_mean", "tpot_mean")) else 1
