@@ -203,6 +203,68 @@ def step_ms(workers: dict) -> dict:
     return out
 
 
+def run_shares(forward, counters: dict) -> dict:
+    """{"<pool>.<step kind>": the run's step share} from the workers' step counters (wid -> counters
+    with "role") against the probe's forward-only profile; None where the pool ran no such steps."""
+    return {f"{role}.{kind}": V.step_share(forward, [c for c in counters.values() if c["role"] == role], kind=kind)
+            for role in ("prefill", "decode") for kind in ("prefill", "decode")}
+
+
+def predict(case: Case, requests, arrivals: list[float], whole, shares: dict, ttfts_ms, tpots_ms,
+            notes: dict) -> list[V.Comparison]:
+    """The two comparisons of run_case for measured TTFT / TPOT samples (ms): the probe's profile
+    `whole`, and it scaled per pool by `shares` (role -> the run's step share, or None)."""
+    out = []
+    def pool(role: str):
+        p, d = shares.get(f"{role}.prefill"), shares.get(f"{role}.decode")
+        if p is None and d is None:
+            return None
+        return V.scaled(whole, p or d, d or p)
+    for label, prof, pprof in ((case.name, whole, None),
+                               (f"{case.name} @run-steps", pool("decode") or whole, pool("prefill"))):
+        sim = simulate(case, requests, arrivals, prof, pprof)
+        s = sim.summary()
+        out.append(V.compare(label, [x / 1e3 for x in ttfts_ms], [x / 1e3 for x in tpots_ms],
+                             [r.ttft_s for r in sim.records if r.ttft_s is not None],
+                             [r.tpot_s for r in sim.records if r.tpot_s is not None],
+                             **notes, predicted_cache_hit=round(s["cache_hit"], 4),
+                             predicted_remote=round(1 - s["local_share"], 4), sim_finished=s["finished"]))
+    return out
+
+
+def resimulate(path: str, trace: str | None = None) -> list[V.Comparison]:
+    """The comparisons of a saved --json result, predicted again by this build's simulator from the
+    file's probes and step shares (the measured samples stay the file's): how a change to sim/
+    moves the predictions against the same measurements, without running a cluster."""
+    with open(path, encoding="utf-8") as f:
+        d = json.load(f)
+    st = d.get("settings", {})
+    table = cases(trace or st.get("trace"), st.get("max_requests", 16), st.get("time_scale", 0.4),
+                  st.get("prefix_prompts", 6))
+    rows = []
+    for comp in d["comparisons"]:
+        name = comp["case"]
+        if "@" in name:
+            continue
+        steps = d["probes"][name]["steps"][0] if "probes" in d else d["probe"][0]
+        probe = V.StepProbe(steps["threads"], tuple(map(tuple, steps["prefill"])), tuple(map(tuple, steps["decode"])),
+                            steps.get("read_bw"))
+        c = table[name]
+        requests, _ = scenario_requests(c.scenario, st.get("seed", 0))
+        arrivals = _arrivals(c.scenario, requests, st.get("seed", 0))
+        m = d["measured"][name]
+        notes = {k: v for k, v in comp["notes"].items() if not k.startswith("predicted_") and k != "sim_finished"}
+        if "counters" in notes:
+            fw = d["probes"][name]["steps"][1] if "probes" in d else d["probe"][1]
+            forward = V.fit_profile(V.StepProbe(fw["threads"], tuple(map(tuple, fw["prefill"])),
+                                                tuple(map(tuple, fw["decode"])), fw.get("read_bw")))
+            shares = run_shares(forward, notes["counters"])
+        else:                   # files before the per-kind shares: one share per pool
+            shares = {f"{role}.{kind}": v for role, v in notes["step_share"].items() for kind in ("prefill", "decode")}
+        rows += predict(c, requests, arrivals, V.fit_profile(probe), shares, m["ttfts"], m["tpots"], notes)
+    return rows
+
+
 def run_case(case: Case, probes: tuple[V.StepProbe, V.StepProbe], seed: int = 0,
              progress: bool = False) -> tuple[list[V.Comparison], dict]:
     """Real run, then the simulation of the same requests: (comparisons, the real run's result).
@@ -219,28 +281,15 @@ def run_case(case: Case, probes: tuple[V.StepProbe, V.StepProbe], seed: int = 0,
     load1 = os.getloadavg()[0]
     if result["failed"]:
         raise RuntimeError(f"{case.name}: {result['failed']} requests failed on the real cluster: {result['errors']}")
-    whole, forward = V.fit_profile(probes[0]), V.fit_profile(probes[1])
-    shares = {role: V.step_share(forward, [w["engine"] for w in workers.values() if w["role"] == role])
-              for role in ("prefill", "decode")}
-    measured_t = [x / 1e3 for x in result["ttfts"]]
-    measured_p = [x / 1e3 for x in result["tpots"]]
+    counters = {wid: dict(w["engine"], role=w["role"]) for wid, w in workers.items()}
+    shares = run_shares(V.fit_profile(probes[1]), counters)
     notes = dict(requests=len(requests), load_avg_before=round(load0, 2), load_avg_after=round(load1, 2),
                  run_wall_s=round(wall, 1), measured_cache_hit=result.get("prefix_cache_hit_rate"),
                  measured_remote=result.get("remote_prefill_fraction"),
                  workers={w: round(d["busy_fraction"], 3) for w, d in workers.items()},
                  step_share={k: None if v is None else round(v, 3) for k, v in shares.items()},
-                 step_ms=step_ms(workers))
-    out = []
-    for label, prof, pprof in (
-            (case.name, whole, None),
-            (f"{case.name} @run-steps", V.scaled(whole, shares["decode"] or 1.0),
-             V.scaled(whole, shares["prefill"]) if shares["prefill"] else None)):
-        sim = simulate(case, requests, arrivals, prof, pprof)
-        s = sim.summary()
-        out.append(V.compare(label, measured_t, measured_p, [r.ttft_s for r in sim.records if r.ttft_s is not None],
-                             [r.tpot_s for r in sim.records if r.tpot_s is not None],
-                             **notes, predicted_cache_hit=round(s["cache_hit"], 4),
-                             predicted_remote=round(1 - s["local_share"], 4), sim_finished=s["finished"]))
+                 step_ms=step_ms(workers), counters=counters)
+    out = predict(case, requests, arrivals, V.fit_profile(probes[0]), shares, result["ttfts"], result["tpots"], notes)
     return out, result
 
 
@@ -266,6 +315,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="probe threads (default: the cases' threads_per_worker)")
     p.add_argument("--json", default=None, help="write the comparisons and the probe here")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
+    p.add_argument("--resim", default=None, metavar="RESULT.json",
+                   help="no cluster: predict a saved --json result's cases again with this build's simulator")
 
 
 def validate(names: list[str], trace: str | None, max_requests: int, time_scale: float, prefix_prompts: int,
@@ -316,12 +367,18 @@ def validate(names: list[str], trace: str | None, max_requests: int, time_scale:
                                             prefill_overhead_s=hw.prefill_overhead_s,
                                             per_seq_overhead_s=hw.per_seq_overhead_s))
                                for name, probes, hw in probed},
-                           comparisons=[r.as_dict() for r in rows], measured=results), f, indent=1)
+                           comparisons=[r.as_dict() for r in rows], measured=results,
+                           settings=dict(trace=trace, max_requests=max_requests, time_scale=time_scale,
+                                         prefix_prompts=prefix_prompts, seed=seed)), f, indent=1)
         print(f"wrote {out}")
     return 0 if all(r.within(k) for r in rows if "@" not in r.case for k in ("ttft_mean", "tpot_mean")) else 1
 
 
 def main(a: argparse.Namespace) -> int:
+    if a.resim:
+        rows = resimulate(a.resim, a.trace)
+        print(V.format_table(rows))
+        return 0
     return validate(a.cases, a.trace, a.max_requests, a.time_scale, a.prefix_prompts, a.threads, a.json,
                     progress=not a.disable_tqdm)
 

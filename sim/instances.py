@@ -154,7 +154,7 @@ class DecodeInstance(Instance):
         self.running: list[Job] = []
         self.joining: list[Job] = []
         self.local_q: deque[Job] = deque()
-        self.seg = None                 # (t0, dt, n, version, chunk job or None, chunk tokens)
+        self.seg = None                 # (t0, dt, n, version, [(prompt job, its tokens)], prompt tokens in all)
         self.version = 0
         self._stepping = False          # inside _seg_done: it starts the next segment itself
 
@@ -240,11 +240,11 @@ class DecodeInstance(Instance):
         if self.seg is None:
             self._segment(now)
             return
-        t0, dt, n, _v, chunk_job, _c = self.seg
+        t0, dt, n, _v, chunks, _c = self.seg
         k = min(n, int((now - t0) / dt) + 1)        # the step in progress completes
         if k < n:
             self.version += 1
-            self.seg = (t0, dt, k, self.version, chunk_job, _c)
+            self.seg = (t0, dt, k, self.version, chunks, _c)
             self.sim.at(t0 + k * dt, self._seg_done, self.version)
 
     def _segment(self, now: float) -> None:
@@ -252,36 +252,41 @@ class DecodeInstance(Instance):
         if self.joining and room > 0:
             self.running += self.joining[:room]
             self.joining = self.joining[room:]
-        chunk_job, chunk = None, 0
-        if self.local_q:
-            head = self.local_q[0]
-            if head.started is None and (head.blocks or self.reserve(head)):
-                head.started = now
-                head.cached = self.cached_tokens(head.req)
-                self.f["prefix_hits"] += head.cached
-                self.f["prefix_queries"] += head.req.input_len
-                head.todo, head.ctx = head.req.input_len - head.cached, head.cached
-            if head.started is not None:
-                chunk_job, chunk = head, min(head.todo, self.chunk_tokens)
-        if not self.running and chunk_job is None:
+        chunks = []                                  # [(job, prompt tokens this step)], FIFO from the head
+        budget = self.chunk_tokens
+        for job in list(self.local_q) if self.sim.cfg.local_batch_prompts else list(self.local_q)[:1]:
+            if budget <= 0:
+                break
+            if job.started is None:
+                if not (job.blocks or self.reserve(job)):
+                    break                            # no blocks for it: the ones behind it wait too
+                job.started = now
+                job.cached = self.cached_tokens(job.req)
+                self.f["prefix_hits"] += job.cached
+                self.f["prefix_queries"] += job.req.input_len
+                job.todo, job.ctx = job.req.input_len - job.cached, job.cached
+            take = min(job.todo, budget)
+            chunks.append((job, take))
+            budget -= take
+        if not self.running and not chunks:
             self.seg = None
             return
         b = len(self.running)
         ctx = sum(j.ctx for j in self.running)
-        n = 1 if chunk_job is not None else min(j.remaining for j in self.running)
-        dt = self.roof.decode_s(b, ctx + b * (n - 1) / 2.0, (chunk, chunk_job.ctx) if chunk_job else None)
+        n = 1 if chunks else min(j.remaining for j in self.running)
+        dt = self.roof.decode_s(b, ctx + b * (n - 1) / 2.0, [(t, j.ctx) for j, t in chunks] or None)
         self.version += 1
-        self.seg = (now, dt, n, self.version, chunk_job, chunk)
+        self.seg = (now, dt, n, self.version, chunks, sum(t for _, t in chunks))
         self.sim.at(now + n * dt, self._seg_done, self.version)
 
     def _seg_done(self, now: float, version: int) -> None:
         if self.seg is None or version != self.seg[3]:
             return                                   # cut: a later event replaced this one
-        _t0, dt, k, _v, chunk_job, chunk = self.seg
+        _t0, dt, k, _v, chunks, chunk = self.seg
         self.seg, self._stepping = None, True
         b = len(self.running)
         f = self.f
-        if chunk_job is not None:
+        if chunks:
             self._count_prefill(chunk + b, dt)
         elif b:
             f["decode_steps"] += k
@@ -299,14 +304,14 @@ class DecodeInstance(Instance):
             else:
                 still.append(j)
         self.running = still
-        if chunk_job is not None:
-            chunk_job.todo -= chunk
-            chunk_job.ctx += chunk
-            if chunk_job.todo <= 0:
-                self.local_q.popleft()
-                self._cache_prompt(chunk_job)
-                self.sim.first_token(chunk_job, self, now)
-                chunk_job.remaining -= 1             # the prefill step sampled the first token
-                self._join(chunk_job, now)
+        for job, take in chunks:
+            job.todo -= take
+            job.ctx += take
+            if job.todo <= 0:
+                self.local_q.remove(job)
+                self._cache_prompt(job)
+                self.sim.first_token(job, self, now)
+                job.remaining -= 1                   # the prefill step sampled the first token
+                self._join(job, now)
         self._stepping = False
         self._segment(now)

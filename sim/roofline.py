@@ -67,14 +67,15 @@ class Roofline:
         return (max(flops / self.flops_rate, self.weight_bytes / self.bytes_rate) + self.hw.step_overhead_s
                 + self.hw.prefill_overhead_s)
 
-    def decode_s(self, batch: int, ctx_tokens: float, chunk: tuple[float, float] | None = None) -> float:
+    def decode_s(self, batch: int, ctx_tokens: float, chunk=None) -> float:
         """One decode step of `batch` sequences with ctx_tokens of KV in all, plus a prefill chunk
-        (new, context) computed in the same step (chunked local prefill)."""
+        (new, context), or a list of them, computed in the same step (chunked local prefill)."""
         m = self.model
         flops = 2.0 * (m.layer_params + m.head_params) * batch + 4.0 * m.layers * m.q_dim * ctx_tokens
         extra = 0.0
-        if chunk is not None:
-            flops += self.prefill_flops(*chunk)
+        if chunk:
+            for c in [chunk] if isinstance(chunk, tuple) else chunk:
+                flops += self.prefill_flops(*c)
             extra = self.hw.prefill_overhead_s
         nbytes = self.weight_bytes + ctx_tokens * self.kv_bytes_per_token
         return (max(flops / self.flops_rate, nbytes / self.bytes_rate) + self.hw.step_overhead_s + extra

@@ -231,27 +231,33 @@ def fit_report(probe: StepProbe, hw: Hardware, model: Model | str = LOCAL_MODEL)
     return out
 
 
-def scaled(hw: Hardware, factor: float) -> Hardware:
-    """hw with every step taking `factor` times as long (rates / factor, overheads x factor)."""
-    if not factor > 0:
-        raise ValueError(f"factor must be > 0, got {factor}")
-    return replace(hw, peak_flops=hw.peak_flops / factor, mem_bw=hw.mem_bw / factor,
-                   step_overhead_s=hw.step_overhead_s * factor, per_seq_overhead_s=hw.per_seq_overhead_s * factor)
+def scaled(hw: Hardware, prefill: float, decode: float | None = None) -> Hardware:
+    """hw with prompt work taking `prefill` times as long (compute rate / prefill, prefill overhead
+    x prefill) and the rest of a step `decode` times (bandwidth / decode, step and per-sequence
+    overheads x decode; default: prefill)."""
+    decode = prefill if decode is None else decode
+    if not (prefill > 0 and decode > 0):
+        raise ValueError(f"factors must be > 0, got {prefill}, {decode}")
+    return replace(hw, peak_flops=hw.peak_flops / prefill, prefill_overhead_s=hw.prefill_overhead_s * prefill,
+                   mem_bw=hw.mem_bw / decode, step_overhead_s=hw.step_overhead_s * decode,
+                   per_seq_overhead_s=hw.per_seq_overhead_s * decode)
 
 
-def step_share(hw: Hardware, counters: list[dict], model: str = LOCAL_MODEL) -> float | None:
+def step_share(hw: Hardware, counters: list[dict], model: str = LOCAL_MODEL,
+               kind: str | None = None) -> float | None:
     """Seconds the workers' forward steps took during a run (EngineFigures deltas: prefill_tokens,
     prefill_s, decode_steps, decode_seqs, decode_s, steps) over what `hw` predicts for the same steps
-    (prefill steps at their mean chunk, decode steps at their mean batch; KV reads left out): > 1
-    when the workers got less of the CPU than the probe did. None without steps."""
+    (steps with prompt tokens at their mean tokens per step, decode steps at their mean batch; KV
+    reads left out): > 1 when the workers got less of the CPU than the probe did. kind "prefill" /
+    "decode": those steps only. None without such steps."""
     roof = Roofline(model_profile(model), hw, 1)
     meas = pred = 0.0
     for c in counters:
         n_p = c["steps"] - c["decode_steps"]
-        if n_p > 0 and c["prefill_tokens"] > 0:
+        if kind != "decode" and n_p > 0 and c["prefill_tokens"] > 0:
             meas += c["prefill_s"]
             pred += n_p * roof.prefill_s([(c["prefill_tokens"] / n_p, 0)])
-        if c["decode_steps"] > 0:
+        if kind != "prefill" and c["decode_steps"] > 0:
             meas += c["decode_s"]
             pred += c["decode_steps"] * roof.decode_s(c["decode_seqs"] / c["decode_steps"], 0)
     return meas / pred if pred > 0 else None

@@ -49,9 +49,16 @@ def test_step_share_and_scaling():
     slow = dict(c, decode_s=c["decode_s"] * 2, prefill_s=c["prefill_s"] * 2)
     assert V.step_share(hw, [slow]) == pytest.approx(2.0)                  # control: half the CPU
     assert V.step_share(hw, []) is None
+    prefill_only = dict(c, prefill_s=c["prefill_s"] * 3)
+    assert V.step_share(hw, [prefill_only], kind="prefill") == pytest.approx(3.0)
+    assert V.step_share(hw, [prefill_only], kind="decode") == pytest.approx(1.0)
+    assert V.step_share(hw, [dict(c, steps=10)], kind="prefill") is None     # no prompt steps
     half = Roofline(model_profile(V.LOCAL_MODEL), V.scaled(hw, 2.0), 1)
     assert half.decode_s(3, 0) == pytest.approx(2 * roof.decode_s(3, 0))
     assert half.prefill_s([(128, 0)]) == pytest.approx(2 * roof.prefill_s([(128, 0)]))
+    split = Roofline(model_profile(V.LOCAL_MODEL), V.scaled(hw, 1.0, 2.0), 1)     # decode side only
+    assert split.decode_s(3, 0) == pytest.approx(2 * roof.decode_s(3, 0))
+    assert split.prefill_s([(128, 0)]) < 1.5 * roof.prefill_s([(128, 0)])
     with pytest.raises(ValueError):
         V.scaled(hw, 0.0)
 
