@@ -87,14 +87,38 @@ def worker_niceness() -> int:
         return 15
 
 
+def _burn(threads: int, nice: int, ready, stop) -> None:
+    """A second engine stepping without pause (prompts of 128 tokens, 8 outputs, 4 in flight), at the
+    workers' niceness: the probe's other busy worker on the host."""
+    with contextlib.suppress(OSError):
+        os.nice(nice)
+    from pdcluster.engine.llm_engine import LLMEngine, build_config
+    from pdcluster.engine.sampling_params import SamplingParams
+    eng = LLMEngine(build_config(None, num_threads=threads, speculative="off", kv_cache_memory=128 * 2**20))
+    eng.warmup()
+    ready.set()
+    i = 0
+    while not stop.is_set():
+        while len(eng.scheduler.running) + len(eng.scheduler.waiting) < 4:
+            eng.add_request([(7919 * (i * 131 + k)) % 40000 + 100 for k in range(128)],
+                            SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True), request_id=f"burn-{i}",
+                            detokenize=False)
+            i += 1
+        eng.step()
+
+
 def probe_steps(threads: int, prefill_lens=(32, 128, 384), batches=(1, 2, 4, 8), ctx: int = 96,
-                decode_steps: int = 4, reps: int = 3, nice: int | None = None) -> tuple[V.StepProbe, V.StepProbe]:
+                decode_steps: int = 4, reps: int = 3, nice: int | None = None,
+                contend: bool = True) -> tuple[V.StepProbe, V.StepProbe]:
     """Times engine.step() on one engine of the embedded model at `threads` torch threads, on a
     thread at the workers' niceness: `reps` rounds, each one prefill step of every length (fresh
     random tokens: no prefix hits) and, per batch, the median of `decode_steps` decode steps once
     its prompts are in; the median over rounds of each (interleaved, so drift on a shared host hits
-    every point alike). Returns (whole steps: scheduling, model, sampling; the model's forward alone,
-    as the engine's own step counters time it)."""
+    every point alike). contend: then a 128-token prefill and a batch-4 decode step again, `reps`
+    times each, while a second engine (another process at the same niceness) steps without pause:
+    host_slowdown = median(contended / alone) - 1, what one more busy worker costs each step here.
+    Returns (whole steps: scheduling, model, sampling; the model's forward alone, as the engine's
+    own step counters time it)."""
     import random
     import threading
 
@@ -150,9 +174,40 @@ def probe_steps(threads: int, prefill_lens=(32, 128, 384), batches=(1, 2, 4, 8),
                 dec[b].append(tuple(statistics.median(x[i] for x in ts) for i in (0, 1)))
                 while not all(r.is_finished for r in reqs):
                     eng.step()
+        slow = None
+        if contend:                 # the same steps again while a second engine steps on the host
+            import multiprocessing as mp
+            ctx_mp = mp.get_context("spawn")
+            ready, stop = ctx_mp.Event(), ctx_mp.Event()
+            burner = ctx_mp.Process(target=_burn, args=(threads, worker_niceness() if nice is None else nice,
+                                                        ready, stop), daemon=True)
+            burner.start()
+            try:
+                if ready.wait(300):
+                    ratios = []
+                    for _ in range(reps):
+                        for n in prefill_lens[1:2]:
+                            r = add(n, 1)
+                            ratios.append(timed_step()[0] / statistics.median(x[0] for x in pre[n]))
+                            while not r.is_finished:
+                                eng.step()
+                        for b in batches[2:3]:
+                            reqs = [add(ctx, decode_steps + 2) for _ in range(b)]
+                            while any(r.num_output_tokens < 1 for r in reqs):
+                                eng.step()
+                            ts = [timed_step()[0] for _ in range(decode_steps)]
+                            ratios.append(statistics.median(ts) / statistics.median(x[0] for x in dec[b]))
+                            while not all(r.is_finished for r in reqs):
+                                eng.step()
+                    slow = max(0.0, statistics.median(ratios) - 1.0)
+            finally:
+                stop.set()
+                burner.join(30)
+                if burner.is_alive():
+                    burner.kill()
         box["out"] = tuple(V.StepProbe(threads, tuple((n, statistics.median(x[i] for x in pre[n])) for n in prefill_lens),
                                        tuple((b, kv[b], statistics.median(x[i] for x in dec[b])) for b in batches),
-                                       statistics.median(bws))
+                                       statistics.median(bws), slow)
                            for i in (0, 1))
 
     th = threading.Thread(target=work, name="probe")     # its own thread: the niceness stays with it
@@ -172,7 +227,7 @@ def _arrivals(sc: Scenario, requests, seed: int) -> list[float]:
     return [float(x) for x in t]
 
 
-def simulate(case: Case, requests, arrivals: list[float], profile, prefill_profile=None):
+def simulate(case: Case, requests, arrivals: list[float], profile, prefill_profile=None, host_slowdown: float = 0.0):
     """The simulator's result for the case's workload on its cluster, its workers on `profile`
     (the prefill pool on `prefill_profile` when given), the KV pools sized as the case's."""
     from pdcluster.bench.scenarios import KV_BYTES_PER_TOKEN
@@ -184,7 +239,7 @@ def simulate(case: Case, requests, arrivals: list[float], profile, prefill_profi
     def sized(hw):
         return None if hw is None else V.with_kv_pool(hw, blocks, bs)
     reqs = V.sim_requests([r.prompt_ids for r in requests], [r.output_len for r in requests], arrivals, bs)
-    return Simulator(V.sim_config(cfg, sized(profile), sized(prefill_profile)), reqs).run()
+    return Simulator(V.sim_config(cfg, sized(profile), sized(prefill_profile), host_slowdown), reqs).run()
 
 
 async def _measure(case: Case, requests, seed: int, vocab: int, progress: bool) -> tuple[dict, dict]:
@@ -211,7 +266,7 @@ def run_shares(forward, counters: dict) -> dict:
 
 
 def predict(case: Case, requests, arrivals: list[float], whole, shares: dict, ttfts_ms, tpots_ms,
-            notes: dict) -> list[V.Comparison]:
+            notes: dict, host_slowdown: float = 0.0) -> list[V.Comparison]:
     """The two comparisons of run_case for measured TTFT / TPOT samples (ms): the probe's profile
     `whole`, and it scaled per pool by `shares` (role -> the run's step share, or None)."""
     out = []
@@ -220,9 +275,9 @@ def predict(case: Case, requests, arrivals: list[float], whole, shares: dict, tt
         if p is None and d is None:
             return None
         return V.scaled(whole, p or d, d or p)
-    for label, prof, pprof in ((case.name, whole, None),
-                               (f"{case.name} @run-steps", pool("decode") or whole, pool("prefill"))):
-        sim = simulate(case, requests, arrivals, prof, pprof)
+    for label, prof, pprof, slow in ((case.name, whole, None, host_slowdown),      # the run's shares hold it
+                                     (f"{case.name} @run-steps", pool("decode") or whole, pool("prefill"), 0.0)):
+        sim = simulate(case, requests, arrivals, prof, pprof, slow)
         s = sim.summary()
         out.append(V.compare(label, [x / 1e3 for x in ttfts_ms], [x / 1e3 for x in tpots_ms],
                              [r.ttft_s for r in sim.records if r.ttft_s is not None],
@@ -248,7 +303,7 @@ def resimulate(path: str, trace: str | None = None) -> list[V.Comparison]:
             continue
         steps = d["probes"][name]["steps"][0] if "probes" in d else d["probe"][0]
         probe = V.StepProbe(steps["threads"], tuple(map(tuple, steps["prefill"])), tuple(map(tuple, steps["decode"])),
-                            steps.get("read_bw"))
+                            steps.get("read_bw"), steps.get("host_slowdown"))
         c = table[name]
         requests, _ = scenario_requests(c.scenario, st.get("seed", 0))
         arrivals = _arrivals(c.scenario, requests, st.get("seed", 0))
@@ -261,7 +316,8 @@ def resimulate(path: str, trace: str | None = None) -> list[V.Comparison]:
             shares = run_shares(forward, notes["counters"])
         else:                   # files before the per-kind shares: one share per pool
             shares = {f"{role}.{kind}": v for role, v in notes["step_share"].items() for kind in ("prefill", "decode")}
-        rows += predict(c, requests, arrivals, V.fit_profile(probe), shares, m["ttfts"], m["tpots"], notes)
+        rows += predict(c, requests, arrivals, V.fit_profile(probe), shares, m["ttfts"], m["tpots"], notes,
+                        probe.host_slowdown or 0.0)
     return rows
 
 
@@ -289,7 +345,8 @@ def run_case(case: Case, probes: tuple[V.StepProbe, V.StepProbe], seed: int = 0,
                  workers={w: round(d["busy_fraction"], 3) for w, d in workers.items()},
                  step_share={k: None if v is None else round(v, 3) for k, v in shares.items()},
                  step_ms=step_ms(workers), counters=counters)
-    out = predict(case, requests, arrivals, V.fit_profile(probes[0]), shares, result["ttfts"], result["tpots"], notes)
+    out = predict(case, requests, arrivals, V.fit_profile(probes[0]), shares, result["ttfts"], result["tpots"], notes,
+                  probes[0].host_slowdown or 0.0)
     return out, result
 
 
@@ -297,7 +354,8 @@ def format_probe(probe: V.StepProbe, hw) -> str:
     lines = [f"probe ({probe.threads} thread(s)) and the fitted profile: compute {hw.peak_flops / 1e9:.1f} GFLOP/s, "
              f"read {hw.mem_bw / 1e9:.1f} GB/s (measured: {probe.read_bw and probe.read_bw / 1e9 or 0:.1f}), "
              f"step overhead {hw.step_overhead_s * 1e3:.2f} ms, prefill step +{hw.prefill_overhead_s * 1e3:.2f} ms, "
-             f"per sequence {hw.per_seq_overhead_s * 1e3:.2f} ms"]
+             f"per sequence {hw.per_seq_overhead_s * 1e3:.2f} ms; one more busy engine on the host: "
+             + ("not measured" if probe.host_slowdown is None else f"steps +{probe.host_slowdown:.0%}")]
     for name, meas, fit in V.fit_report(probe, hw):
         lines.append(f"  {name:<32} measured {meas * 1e3:8.1f} ms   fitted {fit * 1e3:8.1f} ms   "
                      f"({(fit - meas) / meas:+.0%})")
@@ -360,8 +418,8 @@ def validate(names: list[str], trace: str | None, max_requests: int, time_scale:
     if out:
         with open(out, "w", encoding="utf-8") as f:
             json.dump(dict(probes={name: dict(
-                               steps=[dict(threads=p.threads, prefill=p.prefill, decode=p.decode, read_bw=p.read_bw)
-                                      for p in probes],
+                               steps=[dict(threads=p.threads, prefill=p.prefill, decode=p.decode, read_bw=p.read_bw,
+                                           host_slowdown=p.host_slowdown) for p in probes],
                                profile=dict(peak_flops=hw.peak_flops, mem_bw=hw.mem_bw,
                                             step_overhead_s=hw.step_overhead_s,
                                             prefill_overhead_s=hw.prefill_overhead_s,

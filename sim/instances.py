@@ -64,6 +64,19 @@ class Instance:
         self.started_at, self.stopped_at = started_at, None
         self.draining = False
 
+    @property
+    def stepping(self) -> bool:
+        raise NotImplementedError
+
+    def contention(self) -> float:
+        """Step-time factor from the other instances stepping now when all share one host's cores
+        (SimConfig.shared_host_slowdown s: 1 + s x those instances; 0: each has its own device).
+        Taken when a step (or a decode segment) starts."""
+        s = self.sim.cfg.shared_host_slowdown
+        if not s:
+            return 1.0
+        return 1.0 + s * sum(1 for i in self.sim.inst.values() if i is not self and i.stepping)
+
     def cached_tokens(self, req: Request) -> int:
         """Prompt tokens the cache serves (the last token always computes); touches them."""
         n = self.cache.lookup(req.hashes)
@@ -99,6 +112,10 @@ class PrefillInstance(Instance):
     def idle(self) -> bool:
         return not self.q and not self.busy
 
+    @property
+    def stepping(self) -> bool:
+        return self.busy
+
     def figures(self) -> dict:
         return dict(free_blocks=self.num_blocks, num_blocks=self.num_blocks, waiting_tokens=self.waiting_tokens,
                     **self.f)
@@ -126,7 +143,7 @@ class PrefillInstance(Instance):
             budget -= take
             if budget <= 0:
                 break
-        dt = self.roof.prefill_s(chunks)
+        dt = self.roof.prefill_s(chunks) * self.contention()
         self.busy = True
         self.sim.at(now + dt, self._done, taken, dt)
 
@@ -161,6 +178,10 @@ class DecodeInstance(Instance):
     @property
     def idle(self) -> bool:
         return not (self.running or self.joining or self.local_q or self.reserved)
+
+    @property
+    def stepping(self) -> bool:
+        return self.seg is not None
 
     @property
     def free_blocks(self) -> int:
@@ -274,7 +295,7 @@ class DecodeInstance(Instance):
         b = len(self.running)
         ctx = sum(j.ctx for j in self.running)
         n = 1 if chunks else min(j.remaining for j in self.running)
-        dt = self.roof.decode_s(b, ctx + b * (n - 1) / 2.0, [(t, j.ctx) for j, t in chunks] or None)
+        dt = self.roof.decode_s(b, ctx + b * (n - 1) / 2.0, [(t, j.ctx) for j, t in chunks] or None) * self.contention()
         self.version += 1
         self.seg = (now, dt, n, self.version, chunks, sum(t for _, t in chunks))
         self.sim.at(now + n * dt, self._seg_done, self.version)

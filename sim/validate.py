@@ -62,6 +62,7 @@ class StepProbe:
     prefill: tuple[tuple[int, float], ...]
     decode: tuple[tuple[int, int, float], ...]
     read_bw: float | None = None        # bytes/s a large read reached beside the steps (None: fitted too)
+    host_slowdown: float | None = None  # steps' time with one more engine stepping on the host, / alone, - 1
 
     def __post_init__(self):
         if len(self.prefill) < 2 or len({n for n, _ in self.prefill}) < 2:
@@ -276,7 +277,8 @@ class LocalSimConfig(SimConfig):
         return Roofline(model_profile(self.model), hw, 1)
 
 
-def sim_config(cluster, profile: Hardware, prefill_profile: Hardware | None = None) -> LocalSimConfig:
+def sim_config(cluster, profile: Hardware, prefill_profile: Hardware | None = None,
+               host_slowdown: float = 0.0) -> LocalSimConfig:
     """The SimConfig of a deploy ClusterConfig (one model, one hardware: this machine): pool sizes,
     placement policy, remote or local prefill, block size, step token budget, running-sequence cap."""
     pools, eng, rc = cluster.pools, cluster.engine, cluster.router
@@ -290,7 +292,8 @@ def sim_config(cluster, profile: Hardware, prefill_profile: Hardware | None = No
         policy=rc.policy, block_tokens=eng.cache.block_size, prefill_batch_tokens=budget,
         local_chunk_tokens=budget, max_batch=eng.sched.max_num_seqs,
         local_prefill_max_tokens=rc.local_prefill_max_tokens, poll_s=rc.status_interval_s,
-        cost_overrides=(("tpot_slo_s", cluster.cost.tpot_slo_s),), profile=profile, prefill_profile=prefill_profile)
+        cost_overrides=(("tpot_slo_s", cluster.cost.tpot_slo_s),), profile=profile, prefill_profile=prefill_profile,
+        shared_host_slowdown=max(0.0, host_slowdown))
 
 
 def kv_blocks_of(cluster, block_bytes: int) -> int:
