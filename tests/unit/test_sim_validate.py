@@ -146,3 +146,16 @@ def test_plan_validate_unknown_case_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["plan", "--validate", "--validate-cases", "bogus"])
     assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_shared_host_slowdown_slows_only_concurrent_steps():
+    from pdcluster.bench.scenario import SCENARIOS
+    hw = V.fit_profile(_probe_from(TRUE), kv_blocks=200, block_size=16)
+    cfg = V.sim_config(SCENARIOS["colocated-vs-disagg"].baseline, hw)          # 2 colocated workers
+    two = V.sim_requests([list(range(100)), list(range(200, 300))], [2, 2], [0.0, 0.0], 16)
+    alone = Simulator(cfg, two).run().records[0].ttft_s
+    both = Simulator(replace(cfg, shared_host_slowdown=0.5), two).run().records
+    assert both[0].decode != both[1].decode                                    # one on each worker
+    assert both[1].ttft_s == pytest.approx(1.5 * alone, rel=0.02)              # the other one was stepping
+    one = V.sim_requests([list(range(100))], [2], [0.0], 16)                   # control: nobody else steps
+    assert Simulator(replace(cfg, shared_host_slowdown=0.5), one).run().records[0].ttft_s == pytest.approx(alone)
