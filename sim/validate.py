@@ -9,7 +9,9 @@ simulator needs to replay it; everything below is pure Python:
     in the same run) through the simulator's own roofline (its docstring says how). One fit per
     run, from the probe alone: no scenario's latencies enter it;
   - `sim_config`: a ClusterConfig's pools, policy, block size, step budget, batch size and KV
-    pool as a SimConfig on that profile;
+    pool as a SimConfig on that profile (and the probe's shared-host slowdown);
+  - `step_share` / `scaled`: how much slower (or faster) a run's workers stepped than the probe,
+    from their own step counters, and the profile rescaled by it (the `@run-steps` diagnostic);
   - `compare` / `format_table`: predicted against measured mean and p90 TTFT and TPOT, error %.
 Units: seconds unless a name says ms; KV pools in blocks.
 """
