@@ -300,11 +300,15 @@ async def run_once(cfg: ClusterConfig, sc: Scenario, requests, seed: int, vocab_
     busy = {wid: after[wid].engine.busy_s - before[wid].engine.busy_s for wid in after}
     workers = {wid: dict(busy_s=busy[wid], steps=after[wid].engine.steps - before[wid].engine.steps,
                          busy_fraction=busy[wid] / result["duration"],
-                         tiers=tier_deltas(before[wid].tiers if wid in before else (), after[wid].tiers))
+                         tiers=tier_deltas(before[wid].tiers if wid in before else (), after[wid].tiers),
+                         role=after[wid].role,
+                         engine={k: getattr(after[wid].engine, k) - (getattr(before[wid].engine, k) if wid in before
+                                                                      else 0) for k in STEP_COUNTERS})
                for wid in after}
     return result, workers
 
 
+STEP_COUNTERS = ("prefill_tokens", "prefill_s", "decode_steps", "decode_seqs", "decode_s", "steps")   # EngineFigures
 TIER_COUNTERS = ("hits", "load_failures", "loaded_bytes", "stored", "evicted", "corrupt")
 
 

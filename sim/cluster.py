@@ -75,6 +75,12 @@ class SimConfig:
     autoscale_interval_s: float = 5.0
     replica_start_s: float = 60.0           # a new replica takes placements this long after the decision
     drain_after_s: float = 1800.0           # give up on requests unfinished this long after the last arrival
+    shared_host_slowdown: float = 0.0       # every instance on one host's cores: a step takes (1 + this x the
+                                            #   other instances stepping) longer (sim/validate.py measures it here)
+    local_batch_prompts: bool = True        # a decode step takes waiting local prompts' chunks up to
+                                            #   local_chunk_tokens, FIFO (False: the head's only, before issue 20 pt 2)
+    share_prefix_blocks: bool = True        # decode KV: a cached prompt block is held once (sim/instances.py
+                                            #   reserve); False: every request holds all its blocks (before issue 20 pt 2)
 
     def roofline(self, role: str) -> Roofline:
         pool = self.prefill if role == "prefill" else self.decode

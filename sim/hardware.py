@@ -32,6 +32,8 @@ class Hardware:
     bw_eff: float = 0.71        # reached fraction of mem_bw (measured on an H200)
     step_overhead_s: float = 0.003      # fixed per engine step (scheduling, launches, sampling)
     per_seq_overhead_s: float = 0.0     # per sequence in a decode step (cpu: attention gathers)
+    prefill_overhead_s: float = 0.0     # more per step that computes a prompt chunk (0: none assumed; the
+                                        #   fitted cpu profile of sim/validate.py measures it)
     mem_util: float = 0.9       # share of memory the engine may use (weights + KV)
 
 

@@ -64,6 +64,19 @@ class Instance:
         self.started_at, self.stopped_at = started_at, None
         self.draining = False
 
+    @property
+    def stepping(self) -> bool:
+        raise NotImplementedError
+
+    def contention(self) -> float:
+        """Step-time factor from the other instances stepping now when all share one host's cores
+        (SimConfig.shared_host_slowdown s: 1 + s x those instances; 0: each has its own device).
+        Taken when a step (or a decode segment) starts."""
+        s = self.sim.cfg.shared_host_slowdown
+        if not s:
+            return 1.0
+        return 1.0 + s * sum(1 for i in self.sim.inst.values() if i is not self and i.stepping)
+
     def cached_tokens(self, req: Request) -> int:
         """Prompt tokens the cache serves (the last token always computes); touches them."""
         n = self.cache.lookup(req.hashes)
@@ -99,6 +112,10 @@ class PrefillInstance(Instance):
     def idle(self) -> bool:
         return not self.q and not self.busy
 
+    @property
+    def stepping(self) -> bool:
+        return self.busy
+
     def figures(self) -> dict:
         return dict(free_blocks=self.num_blocks, num_blocks=self.num_blocks, waiting_tokens=self.waiting_tokens,
                     **self.f)
@@ -126,7 +143,7 @@ class PrefillInstance(Instance):
             budget -= take
             if budget <= 0:
                 break
-        dt = self.roof.prefill_s(chunks)
+        dt = self.roof.prefill_s(chunks) * self.contention()
         self.busy = True
         self.sim.at(now + dt, self._done, taken, dt)
 
@@ -154,13 +171,17 @@ class DecodeInstance(Instance):
         self.running: list[Job] = []
         self.joining: list[Job] = []
         self.local_q: deque[Job] = deque()
-        self.seg = None                 # (t0, dt, n, version, chunk job or None, chunk tokens)
+        self.seg = None                 # (t0, dt, n, version, [(prompt job, its tokens)], prompt tokens in all)
         self.version = 0
         self._stepping = False          # inside _seg_done: it starts the next segment itself
 
     @property
     def idle(self) -> bool:
         return not (self.running or self.joining or self.local_q or self.reserved)
+
+    @property
+    def stepping(self) -> bool:
+        return self.seg is not None
 
     @property
     def free_blocks(self) -> int:
@@ -179,14 +200,31 @@ class DecodeInstance(Instance):
         return -(-(req.input_len + req.output_len) // self.bs)
 
     def reserve(self, job: Job) -> bool:
-        """Hold the request's KV blocks (prompt + output); cached free blocks are evicted for it."""
+        """Hold the request's KV blocks (prompt + output); cached free blocks are evicted for it.
+        With SimConfig.share_prefix_blocks (an engine's prefix cache: one physical block, counted
+        once), prompt blocks already cached are not held again, and its new full prompt blocks move
+        from `held` into the cache once computed (`_cache_prompt`); blocks in use stay evictable
+        here (the cache is an LRU without pins; a hit makes them the most recent)."""
         need = self.blocks_for(job.req)
-        if self.held + need > self.num_blocks:
+        hit = 0
+        if self.sim.cfg.share_prefix_blocks:
+            hit = min(self.cache.lookup(job.req.hashes), (job.req.input_len - 1) // self.bs)
+        if self.held + need - hit > self.num_blocks:
             return False
-        self.held += need
-        job.blocks = need
+        self.held += need - hit
+        job.blocks = need - hit
+        job.extra["new_prompt_blocks"] = len(job.req.hashes) - hit if self.sim.cfg.share_prefix_blocks else 0
         self.cache.resize(self.num_blocks - self.held)
         return True
+
+    def _cache_prompt(self, job: Job) -> None:
+        """The prompt's full blocks are computed: they enter the prefix cache (shared: leaving `held`)."""
+        moved = job.extra.pop("new_prompt_blocks", 0)
+        if moved > 0:
+            self.held -= moved
+            job.blocks -= moved
+            self.cache.resize(self.num_blocks - self.held)
+        self.cache.insert(job.req.hashes)
 
     def release(self, job: Job) -> None:
         self.held -= job.blocks
@@ -197,7 +235,7 @@ class DecodeInstance(Instance):
     def kv_arrived(self, job: Job, now: float) -> None:
         """A remote prefill's KV is here (its first token came with it): join the batch."""
         self.reserved -= 1
-        self.cache.insert(job.req.hashes)
+        self._cache_prompt(job)
         self._join(job, now)
 
     def submit_local(self, job: Job, now: float) -> None:
@@ -223,11 +261,11 @@ class DecodeInstance(Instance):
         if self.seg is None:
             self._segment(now)
             return
-        t0, dt, n, _v, chunk_job, _c = self.seg
+        t0, dt, n, _v, chunks, _c = self.seg
         k = min(n, int((now - t0) / dt) + 1)        # the step in progress completes
         if k < n:
             self.version += 1
-            self.seg = (t0, dt, k, self.version, chunk_job, _c)
+            self.seg = (t0, dt, k, self.version, chunks, _c)
             self.sim.at(t0 + k * dt, self._seg_done, self.version)
 
     def _segment(self, now: float) -> None:
@@ -235,36 +273,41 @@ class DecodeInstance(Instance):
         if self.joining and room > 0:
             self.running += self.joining[:room]
             self.joining = self.joining[room:]
-        chunk_job, chunk = None, 0
-        if self.local_q:
-            head = self.local_q[0]
-            if head.started is None and (head.blocks or self.reserve(head)):
-                head.started = now
-                head.cached = self.cached_tokens(head.req)
-                self.f["prefix_hits"] += head.cached
-                self.f["prefix_queries"] += head.req.input_len
-                head.todo, head.ctx = head.req.input_len - head.cached, head.cached
-            if head.started is not None:
-                chunk_job, chunk = head, min(head.todo, self.chunk_tokens)
-        if not self.running and chunk_job is None:
+        chunks = []                                  # [(job, prompt tokens this step)], FIFO from the head
+        budget = self.chunk_tokens
+        for job in list(self.local_q) if self.sim.cfg.local_batch_prompts else list(self.local_q)[:1]:
+            if budget <= 0:
+                break
+            if job.started is None:
+                if not (job.blocks or self.reserve(job)):
+                    break                            # no blocks for it: the ones behind it wait too
+                job.started = now
+                job.cached = self.cached_tokens(job.req)
+                self.f["prefix_hits"] += job.cached
+                self.f["prefix_queries"] += job.req.input_len
+                job.todo, job.ctx = job.req.input_len - job.cached, job.cached
+            take = min(job.todo, budget)
+            chunks.append((job, take))
+            budget -= take
+        if not self.running and not chunks:
             self.seg = None
             return
         b = len(self.running)
         ctx = sum(j.ctx for j in self.running)
-        n = 1 if chunk_job is not None else min(j.remaining for j in self.running)
-        dt = self.roof.decode_s(b, ctx + b * (n - 1) / 2.0, (chunk, chunk_job.ctx) if chunk_job else None)
+        n = 1 if chunks else min(j.remaining for j in self.running)
+        dt = self.roof.decode_s(b, ctx + b * (n - 1) / 2.0, [(t, j.ctx) for j, t in chunks] or None) * self.contention()
         self.version += 1
-        self.seg = (now, dt, n, self.version, chunk_job, chunk)
+        self.seg = (now, dt, n, self.version, chunks, sum(t for _, t in chunks))
         self.sim.at(now + n * dt, self._seg_done, self.version)
 
     def _seg_done(self, now: float, version: int) -> None:
         if self.seg is None or version != self.seg[3]:
             return                                   # cut: a later event replaced this one
-        _t0, dt, k, _v, chunk_job, chunk = self.seg
+        _t0, dt, k, _v, chunks, chunk = self.seg
         self.seg, self._stepping = None, True
         b = len(self.running)
         f = self.f
-        if chunk_job is not None:
+        if chunks:
             self._count_prefill(chunk + b, dt)
         elif b:
             f["decode_steps"] += k
@@ -282,14 +325,14 @@ class DecodeInstance(Instance):
             else:
                 still.append(j)
         self.running = still
-        if chunk_job is not None:
-            chunk_job.todo -= chunk
-            chunk_job.ctx += chunk
-            if chunk_job.todo <= 0:
-                self.local_q.popleft()
-                self.cache.insert(chunk_job.req.hashes)
-                self.sim.first_token(chunk_job, self, now)
-                chunk_job.remaining -= 1             # the prefill step sampled the first token
-                self._join(chunk_job, now)
+        for job, take in chunks:
+            job.todo -= take
+            job.ctx += take
+            if job.todo <= 0:
+                self.local_q.remove(job)
+                self._cache_prompt(job)
+                self.sim.first_token(job, self, now)
+                job.remaining -= 1                   # the prefill step sampled the first token
+                self._join(job, now)
         self._stepping = False
         self._segment(now)

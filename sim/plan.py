@@ -21,6 +21,7 @@ from pdcluster.sim.hardware import hardware
 from pdcluster.sim.models import model as model_profile
 from pdcluster.sim.roofline import Roofline
 from pdcluster.sim.trace import load_trace
+from pdcluster.sim.validate import CASES as VALIDATE_CASES
 
 TPS = (1, 2, 4, 8)
 
@@ -165,9 +166,12 @@ decode:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", required=True, help="a Mooncake-format trace (JSON lines: timestamp ms, "
-                                                  "input_length, output_length, hash_ids)")
-    p.add_argument("--model", required=True, help="model profile (sim/models.py), case-insensitive")
+    p.add_argument("--trace", default=None, help="a Mooncake-format trace (JSON lines: timestamp ms, "
+                                                 "input_length, output_length, hash_ids); required unless "
+                                                 "--validate (there: the slice's trace, default $PDCLUSTER_TRACE "
+                                                 "or ../shared/traces/conversation_trace.jsonl)")
+    p.add_argument("--model", default=None, help="model profile (sim/models.py), case-insensitive; required "
+                                                 "unless --validate (the local cluster serves SmolLM2-135M)")
     p.add_argument("--prefill-hw", default="H200", help="prefill pool hardware (sim/hardware.py), case-insensitive")
     p.add_argument("--decode-hw", default="H20", help="decode pool hardware, case-insensitive")
     p.add_argument("--slo", default="ttft:2000,tpot:50", help="TTFT and mean TPOT targets, milliseconds")
@@ -178,16 +182,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-instances", type=int, default=64, help="largest fleet (both pools) tried")
     p.add_argument("--out", default=None, help="write the best configuration as a pools.yaml here")
     p.add_argument("--validate", action="store_true",
-                   help="run a scaled slice on the local cluster and print predicted vs measured (not implemented)")
+                   help="instead of planning: run a scaled trace slice (and other --validate-cases) on a cluster "
+                        "started here and print the simulator's predicted against the measured mean and p90 "
+                        "TTFT/TPOT (bench/sim_validate.py); exit 1 when a mean is off by more than 25%%")
+    v = p.add_argument_group("--validate")
+    v.add_argument("--validate-cases", nargs="+", choices=VALIDATE_CASES, default=["disagg-trace"],
+                   help="disagg-trace: 1 prefill + 1 decode worker on the trace slice; colocated: 2 colocated "
+                        "workers, mixed prompts; prefix-routing: 2 workers, shared prefixes, cost-model")
+    v.add_argument("--validate-max-requests", type=int, default=16, help="requests of the trace slice")
+    v.add_argument("--validate-time-scale", type=float, default=0.4, help="replay seconds per trace second")
+    v.add_argument("--validate-prefix-prompts", type=int, default=6, help="prefix-routing: prompts per prefix")
+    v.add_argument("--validate-json", default=None, help="write the probe, the fit and the comparisons here")
     p.add_argument("--progress", action="store_true", help="a tqdm bar per simulation")
 
 
 def main(a) -> int:
     if a.validate:
-        print("error: pdcluster plan --validate is not implemented yet (issue 20 point 2: predicted vs measured "
-              "on the local cluster); run without --validate", file=sys.stderr)
-        return 2
+        from pdcluster.bench.sim_validate import validate
+        from pdcluster.sim.validate import LOCAL_MODEL
+        if a.model and a.model.lower() != LOCAL_MODEL.lower():
+            print(f"error: --validate runs the local cluster's model ({LOCAL_MODEL}, the embedded one); "
+                  f"leave --model out", file=sys.stderr)
+            return 2
+        return validate(a.validate_cases, a.trace, a.validate_max_requests, a.validate_time_scale,
+                        a.validate_prefix_prompts, None, a.validate_json, progress=a.progress)
     try:
+        if not a.trace or not a.model:
+            raise ValueError("plan needs --trace and --model (or --validate)")
         slo = parse_slo(a.slo)
         hw_p, hw_d = hardware(a.prefill_hw).name, hardware(a.decode_hw).name
         model_profile(a.model)

@@ -4,10 +4,12 @@
         flops = 2 * layer params * sum n_i + 2 * head params * chunks      (the head samples one token each)
                 + 4 * layers * q_dim * sum (n_i * c_i + n_i^2 / 2)          (causal attention)
         time  = max(flops / (tp * peak * mfu * tp_eff), weight bytes / (tp * bw * bw_eff)) + overhead
+                + prefill overhead
     decode step (b sequences holding ctx KV tokens in all, plus an optional prefill chunk):
         flops = 2 * (layer + head params) * b + 4 * layers * q_dim * ctx  (+ the chunk's prefill flops)
         bytes = weight bytes + ctx * KV bytes per token
         time  = max(flops / (tp * peak * mfu * tp_eff), bytes / (tp * bw * bw_eff)) + overhead + b * per_seq
+                (+ prefill overhead with a chunk)
 tp_eff = 1 at tp 1, 0.9 above (all-reduces). Units: seconds, FLOPs, bytes. Weight bytes count every
 parameter once (a step reads them all; the embedding rows it reads are few, left in as a margin).
 """
@@ -62,17 +64,21 @@ class Roofline:
     def prefill_s(self, chunks) -> float:
         """One prefill step over chunks [(new tokens, context tokens before them), ...]."""
         flops = sum(self.prefill_flops(n, c) for n, c in chunks)
-        return max(flops / self.flops_rate, self.weight_bytes / self.bytes_rate) + self.hw.step_overhead_s
+        return (max(flops / self.flops_rate, self.weight_bytes / self.bytes_rate) + self.hw.step_overhead_s
+                + self.hw.prefill_overhead_s)
 
-    def decode_s(self, batch: int, ctx_tokens: float, chunk: tuple[float, float] | None = None) -> float:
+    def decode_s(self, batch: int, ctx_tokens: float, chunk=None) -> float:
         """One decode step of `batch` sequences with ctx_tokens of KV in all, plus a prefill chunk
-        (new, context) computed in the same step (chunked local prefill)."""
+        (new, context), or a list of them, computed in the same step (chunked local prefill)."""
         m = self.model
         flops = 2.0 * (m.layer_params + m.head_params) * batch + 4.0 * m.layers * m.q_dim * ctx_tokens
-        if chunk is not None:
-            flops += self.prefill_flops(*chunk)
+        extra = 0.0
+        if chunk:
+            for c in [chunk] if isinstance(chunk, tuple) else chunk:
+                flops += self.prefill_flops(*c)
+            extra = self.hw.prefill_overhead_s
         nbytes = self.weight_bytes + ctx_tokens * self.kv_bytes_per_token
-        return (max(flops / self.flops_rate, nbytes / self.bytes_rate) + self.hw.step_overhead_s
+        return (max(flops / self.flops_rate, nbytes / self.bytes_rate) + self.hw.step_overhead_s + extra
                 + batch * self.hw.per_seq_overhead_s)
 
     def prefill_tps(self, tokens: int = 4096) -> float:

@@ -48,6 +48,7 @@ def test_plan_budget_and_bad_input(trace, capsys):
     assert "no configuration fits the budget" in capsys.readouterr().err
     for argv, msg in ((["--model", "gpt-9"], "unknown model"), (["--model", "llama-3-8b", "--prefill-hw", "tpu"],
                       "unknown hardware"), (["--model", "llama-3-8b", "--slo", "ttft:5"], "slo"),
-                      (["--model", "llama-3-8b", "--validate"], "not implemented")):
+                      (["--model", "llama-3-8b", "--validate"], "--validate runs the local cluster's model"),
+                      (["--validate", "--validate-max-requests", "0"], "must be >= 1")):
         assert cli.main(["plan", "--trace", trace, *argv]) == 2
         assert msg in capsys.readouterr().err
