@@ -9,7 +9,8 @@ as the router builds it from its model), RecentWindow (the p90 TTFT/TPOT the aut
 What is the simulator's: the instances (sim/instances.py), links, the arrival process, and the
 placement retry loop of router/lifecycle/place.py (choose, expect, reserve; NoRoom excludes that
 decode worker and chooses again, up to RouterConfig.max_attempts); a request no worker takes waits
-in the router (FIFO) and is placed again after the next status poll.
+in the router (FIFO) and is placed again after the next status poll, and so does a deferred choice
+(Placement.defer) until it has waited RouterConfig.place_wait_s since its arrival.
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ class SimConfig:
     autoscale_interval_s: float = 5.0
     replica_start_s: float = 60.0           # a new replica takes placements this long after the decision
     drain_after_s: float = 1800.0           # give up on requests unfinished this long after the last arrival
+    place_wait_s: float = RouterConfig.place_wait_s    # a deferred placement waits in the router this long
 
     def roofline(self, role: str) -> Roofline:
         pool = self.prefill if role == "prefill" else self.decode
@@ -117,7 +119,8 @@ class Simulator:
         self.index = PrefixIndex()
         self.telemetry = Telemetry(self.cost_cfg)
         self.rcfg = RouterConfig(block_size=cfg.block_tokens, remote_prefill=cfg.prefill is not None,
-                                 local_prefill_max_tokens=cfg.local_prefill_max_tokens, policy=cfg.policy)
+                                 local_prefill_max_tokens=cfg.local_prefill_max_tokens, policy=cfg.policy,
+                                 place_wait_s=cfg.place_wait_s)
         self.registry = WorkerRegistry(self.rcfg, RouterMetrics(CollectorRegistry()), self.index, self.telemetry)
         self.policy = policy if policy is not None else make_policy(
             cfg.policy, index=self.index, telemetry=self.telemetry, config=self.cost_cfg,
@@ -232,6 +235,8 @@ class Simulator:
             ch = self.policy.choose(req.input_len, reg.loads_of("prefill"), reg.loads_of("decode"), exclude,
                                     hashes=hashes, now=now)
             if ch is None:
+                return False
+            if ch.defer and now - req.arrival_s < self.rcfg.place_wait_s:    # place.py's _choose: wait for room
                 return False
             self.placements += 1
             if hashes:
