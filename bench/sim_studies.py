@@ -158,7 +158,7 @@ def study_b_fallback(a, reqs_at) -> dict:
                          s["local_share"], s["router_waits"]])
             print(f"  b' | {name} x{rate}: goodput {s['goodput_rps']:.3f} ({s['wall_s']:.0f}s)", flush=True)
     print(f"\n(b') the cost model's KV-full fallback ('variant@seconds': RouterConfig.place_wait_s, default "
-          f"{SimConfig.place_wait_s:g}), {a.b_prefill} H200 prefill + {a.b_decode} H20 decode")
+          f"{SimConfig.place_wait_s}), {a.b_prefill} H200 prefill + {a.b_decode} H20 decode")
     print(table(["variant", "rate", "goodput req/s", "attainment", "TTFT p90 s", "TPOT p90 ms", "local",
                  "router waits"], rows))
     return out
@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--b-rates", default="1,1.25", help="(b) arrival-rate scales")
     ap.add_argument("--b-prefill", type=int, default=4, help="(b) H200 prefill instances")
     ap.add_argument("--b-decode", type=int, default=2, help="(b) H20 decode instances")
-    ap.add_argument("--b-fallbacks", default="wait,cheapest,local,wait@5,wait@1e9",
+    ap.add_argument("--b-fallbacks", default="wait,cheapest,local,wait@5,wait@30,wait@300",
                     help="(b') cost-model KV-full fallbacks to compare: kv_full_fallback[@place_wait_s]")
     ap.add_argument("--c-peak", type=float, default=3.0, help="(c) peak rate multiplier (0.5x outside the peak)")
     ap.add_argument("--c-decode", type=int, default=6, help="(c) H20 decode instances (static; the autoscaler's max)")

@@ -10,7 +10,7 @@ What is the simulator's: the instances (sim/instances.py), links, the arrival pr
 placement retry loop of router/lifecycle/place.py (choose, expect, reserve; NoRoom excludes that
 decode worker and chooses again, up to RouterConfig.max_attempts); a request no worker takes waits
 in the router (FIFO) and is placed again after the next status poll, and so does a deferred choice
-(Placement.defer) until it has waited RouterConfig.place_wait_s since its arrival.
+(Placement.defer) until there is room or it has waited RouterConfig.place_wait_s since its arrival.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class SimConfig:
     autoscale_interval_s: float = 5.0
     replica_start_s: float = 60.0           # a new replica takes placements this long after the decision
     drain_after_s: float = 1800.0           # give up on requests unfinished this long after the last arrival
-    place_wait_s: float = RouterConfig.place_wait_s    # a deferred placement waits in the router this long
+    place_wait_s: float | None = RouterConfig.place_wait_s    # a deferred placement waits this long (None: for room)
 
     def roofline(self, role: str) -> Roofline:
         pool = self.prefill if role == "prefill" else self.decode
@@ -236,7 +236,8 @@ class Simulator:
                                     hashes=hashes, now=now)
             if ch is None:
                 return False
-            if ch.defer and now - req.arrival_s < self.rcfg.place_wait_s:    # place.py's _choose: wait for room
+            wait = self.rcfg.place_wait_s
+            if ch.defer and (wait is None or now - req.arrival_s < wait):    # place.py's _choose: wait for room
                 return False
             self.placements += 1
             if hashes:

@@ -62,13 +62,14 @@ async def place(router, attempt_id: str, ids: list[int], params: SamplingParams,
 async def _choose(router, n_tokens: int, exclude: set[str], hashes, t0: float) -> Placement | None:
     """The policy's choice. A deferred one (Placement.defer: no worker has room for the option the
     policy prefers, e.g. every decode pool's KV full) waits in the router: asked again after each
-    status poll until cfg.place_wait_s has passed since t0 (time.monotonic()), then taken as it is.
-    Nothing is held while it waits (a cancelled request just leaves)."""
+    status poll until cfg.place_wait_s has passed since t0 (time.monotonic()), then taken as it is
+    (None: until the policy finds room). Nothing is held while it waits (a cancelled request just leaves)."""
     workers, cfg = router.workers, router.cfg
     while True:
         choice = router.policy.choose(n_tokens, workers.loads_of("prefill"), workers.loads_of("decode"), exclude,
                                       hashes=hashes, now=time.time())
-        if choice is None or not choice.defer or time.monotonic() - t0 >= cfg.place_wait_s:
+        if choice is None or not choice.defer or (cfg.place_wait_s is not None
+                                                  and time.monotonic() - t0 >= cfg.place_wait_s):
             return choice
         await asyncio.sleep(cfg.status_interval_s)
 

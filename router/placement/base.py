@@ -16,7 +16,7 @@ class Placement:
     estimate: dict | None = None    # the policy's breakdown (cost model: TTFT terms in seconds)
     # a fallback the policy would rather not take now: no worker has room for the option it prefers
     # (the cost model's KV-full fallback). The router asks again after each status poll and takes
-    # it once the request has waited RouterConfig.place_wait_s (router/lifecycle/place.py).
+    # it once the request has waited RouterConfig.place_wait_s, if set (router/lifecycle/place.py).
     defer: bool = False
 
 

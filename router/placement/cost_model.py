@@ -31,8 +31,8 @@ option is KV-feasible (every decode pool full now), the answer is the cheapest l
 fits (a local prefill waits in d's own queue for blocks; a remote one needs its reservation now),
 marked `defer` when a remote prefill worker is usable (kv_full_defer): the router then waits for
 room (asks again after each status poll) and takes the local fallback only after
-RouterConfig.place_wait_s. Taken at once, that fallback collapsed a fleet whose decode workers
-prefill slowly (bench/RESULTS.md, "KV-full fallback").
+RouterConfig.place_wait_s, if set. Taken at once, that fallback collapsed a fleet whose decode
+workers prefill slowly (bench/RESULTS.md, "KV-full fallback").
 
 Configuration: router/cost_config.py; the learned rates and links: router/telemetry.py.
 

@@ -21,7 +21,7 @@ class Client:
         self.worker_id = wid
 
 
-def router(wait_s: float, fallback: str = "wait") -> Router:
+def router(wait_s: float | None, fallback: str = "wait") -> Router:
     r = Router(RouterConfig(policy="cost-model", status_interval_s=POLL, place_wait_s=wait_s, block_size=16), None,
                (2,), 4096, cost_config=CostConfig(block_size=16, kv_full_fallback=fallback))
     r.add_worker("prefill", Client("prefill-0"))
@@ -35,7 +35,7 @@ def router(wait_s: float, fallback: str = "wait") -> Router:
 
 
 def test_a_kv_full_placement_waits_for_room_then_goes_remote():
-    r = router(wait_s=10.0)
+    r = router(wait_s=None)                         # the default: wait until there is room
 
     async def go():
         t0 = time.monotonic()
