@@ -115,8 +115,21 @@ def study_a_explain(a, reqs_at) -> dict:
 POLICIES_B = ("round-robin", "least-loaded", "cache-aware", "llm-d", "dynamo-kv", "cost-model")
 
 
+def prefill_hw_b(a) -> str:
+    """(b)'s prefill hardware: H200, or with --b-prefill-extra-gb an H200 whose memory (so its prefix
+    cache) is that much larger: the upper bound of a host cache tier whose loads cost nothing (the
+    simulator has no tiers: sim/cache.py is one device LRU)."""
+    if not a.b_prefill_extra_gb:
+        return "H200"
+    from pdcluster.sim.hardware import HARDWARE
+    name = f"H200+{a.b_prefill_extra_gb:g}GB"
+    HARDWARE[name.lower()] = replace(HARDWARE["h200"], name=name, mem_bytes=HARDWARE["h200"].mem_bytes
+                                     + a.b_prefill_extra_gb * 1e9)
+    return name
+
+
 def study_b(a, reqs_at) -> dict:
-    cfg = SimConfig(a.model, prefill=PoolSpec("H200", a.b_prefill), decode=PoolSpec("H20", a.b_decode),
+    cfg = SimConfig(a.model, prefill=PoolSpec(prefill_hw_b(a), a.b_prefill), decode=PoolSpec("H20", a.b_decode),
                     slo_ttft_s=a.slo_ttft_ms / 1e3, slo_tpot_s=a.slo_tpot_ms / 1e3)
     out = {}
     for rate in a.b_rates:
@@ -128,7 +141,7 @@ def study_b(a, reqs_at) -> dict:
     for rate in a.b_rates:
         rows = {k: v for k, v in out.items() if v["rate"] == rate}
         pub = max(v["goodput_rps"] for v in rows.values() if v["policy"] in ("llm-d", "dynamo-kv"))
-        print(f"\n(b) {a.b_prefill} H200 prefill + {a.b_decode} H20 decode, one zone, rate x{rate}: "
+        print(f"\n(b) {a.b_prefill} {cfg.prefill.hw} prefill + {a.b_decode} H20 decode, one zone, rate x{rate}: "
               f"SLO TTFT {a.slo_ttft_ms:g} ms TPOT {a.slo_tpot_ms:g} ms")
         print(table(["policy", "goodput req/s", "vs best published", "attainment", "TTFT p50 s", "TTFT p90 s",
                      "TPOT p90 ms", "cache hit", "local"],
@@ -283,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--b-rates", default="1,1.25", help="(b) arrival-rate scales")
     ap.add_argument("--b-prefill", type=int, default=4, help="(b) H200 prefill instances")
     ap.add_argument("--b-decode", type=int, default=2, help="(b) H20 decode instances")
+    ap.add_argument("--b-prefill-extra-gb", type=float, default=0.0,
+                    help="(b) prefill instances' prefix cache larger by this many GB of memory (an ideal host tier)")
     ap.add_argument("--b-fallbacks", default="wait,cheapest,local,wait@5,wait@30,wait@300",
                     help="(b') cost-model KV-full fallbacks to compare: kv_full_fallback[@place_wait_s]")
     ap.add_argument("--c-peak", type=float, default=3.0, help="(c) peak rate multiplier (0.5x outside the peak)")
