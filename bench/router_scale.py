@@ -104,12 +104,11 @@ class Fleet:
     policies: dict
 
     def decide(self, name: str, hashes: list[int], prompt_len: int, now: float):
-        """One decision as place() makes it: choose, then expect() on the worker(s) that cache it."""
+        """One decision as place() makes it: choose, then expect() on the worker that computes it."""
         reg = self.registry
         choice = self.policies[name].choose(prompt_len, reg.loads_of("prefill"), reg.loads_of("decode"),
                                             frozenset(), hashes=hashes, now=now)
-        for w in {choice.decode, choice.prefill or choice.decode}:
-            self.index.expect(w, hashes, now)
+        self.index.expect(choice.prefill or choice.decode, hashes, now)
         return choice
 
 

@@ -240,9 +240,8 @@ class Simulator:
             if ch.defer and (wait is None or now - req.arrival_s < wait):    # place.py's _choose: wait for room
                 return False
             self.placements += 1
-            if hashes:
-                for w in {ch.decode, ch.prefill or ch.decode}:
-                    self.index.expect(w, hashes, now)
+            if hashes:                          # place.py: the worker that computes the blocks
+                self.index.expect(ch.prefill or ch.decode, hashes, now)
             d = self.inst[ch.decode]
             rec = self.records[req.rid]
             if ch.kind == "local":

@@ -46,10 +46,12 @@ async def place(router, attempt_id: str, ids: list[int], params: SamplingParams,
         choice = await _choose(router, len(tokens), exclude, hashes, t0)
         if choice is None:
             break
-        # the workers that will cache this prompt's blocks hold them from now on, tentatively:
-        # the next prompts with this prefix follow instead of racing elsewhere
-        for w in {choice.decode, choice.prefill or choice.decode}:
-            router.index.expect(w, hashes, time.time())
+        # the worker that computes this prompt's blocks holds them from now on, tentatively: the
+        # next prompts with this prefix queue behind it instead of racing elsewhere. Not the decode
+        # worker of a remote prefill: its blocks arrive only after the prefill and transfer, and a
+        # local prefill priced on them meanwhile recomputes the whole prompt there (bench/RESULTS.md,
+        # "KV-full fallback": the cost model's collapse at 1.75x); its stored events count them
+        router.index.expect(choice.prefill or choice.decode, hashes, time.time())
         if choice.kind == "local":
             return _start_local(workers, attempt_id, ids, params, salt, choice, outputs,
                                 pull_plan(choice, hashes, workers))
