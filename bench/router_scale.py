@@ -124,13 +124,12 @@ class Fleet:
     _held: list = None
 
     def decide(self, name: str, hashes: list[int], prompt_len: int, now: float):
-        """One decision as place() makes it: choose, then expect() on the worker(s) that cache it
-        (and with churn, charge them as place() does, releasing an older decision)."""
+        """One decision as place() makes it: choose, then expect() on the worker that computes it
+        (and with churn, charge the workers as place() does, releasing an older decision)."""
         reg = self.registry
         choice = self.policies[name].choose(prompt_len, reg.loads_of("prefill"), reg.loads_of("decode"),
                                             frozenset(), hashes=hashes, now=now)
-        for w in {choice.decode, choice.prefill or choice.decode}:
-            self.index.expect(w, hashes, now)
+        self.index.expect(choice.prefill or choice.decode, hashes, now)
         if self.churn_window:
             held = self._held if self._held is not None else []
             self._held = held

@@ -28,6 +28,9 @@ def wire_bytes_per_token(codec: str, kv_bytes_per_token: float, dtype_bytes: int
     return payload + 2 * num_layers * num_kv_heads * SCALE_BYTES / block_size
 
 
+KV_FULL_FALLBACKS = ("wait", "cheapest", "local")    # router/placement/cost_model.kv_full_defer
+
+
 @dataclass(frozen=True)
 class CostConfig:
     block_size: int = CacheConfig.block_size   # tokens per KV block (the engine's)
@@ -60,6 +63,7 @@ class CostConfig:
     allow_local: bool = True
     allow_remote: bool = True
     local_max_tokens: int | None = None     # local only for prompts up to this (None: any)
+    kv_full_fallback: str = "wait"          # no option KV-feasible: see cost_model.kv_full_defer
     peer_pull: bool = field(default=False, metadata={"help": (   # router/placement/pull_pricing.py
         "a worker prefilling a prompt pulls prefix blocks another worker holds over the KV transport when the "
         "cost model finds the pull faster than recomputing them (cost-model policy)")})
@@ -67,6 +71,9 @@ class CostConfig:
 
     def __post_init__(self):
         CompressionPolicy(self.kv_compression)   # ValueError naming the modes
+        if self.kv_full_fallback not in KV_FULL_FALLBACKS:
+            raise ValueError(f"kv_full_fallback must be one of {', '.join(KV_FULL_FALLBACKS)}, "
+                             f"got {self.kv_full_fallback!r}")
 
     @classmethod
     def for_model(cls, model_cfg, dtype_bytes: int, block_size: int, **kw) -> "CostConfig":

@@ -9,7 +9,8 @@ as the router builds it from its model), RecentWindow (the p90 TTFT/TPOT the aut
 What is the simulator's: the instances (sim/instances.py), links, the arrival process, and the
 placement retry loop of router/lifecycle/place.py (choose, expect, reserve; NoRoom excludes that
 decode worker and chooses again, up to RouterConfig.max_attempts); a request no worker takes waits
-in the router (FIFO) and is placed again after the next status poll.
+in the router (FIFO) and is placed again after the next status poll, and so does a deferred choice
+(Placement.defer) until there is room or it has waited RouterConfig.place_wait_s since its arrival.
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ class SimConfig:
                                             #   local_chunk_tokens, FIFO (False: the head's only, before issue 20 pt 2)
     share_prefix_blocks: bool = True        # decode KV: a cached prompt block is held once (sim/instances.py
                                             #   reserve); False: every request holds all its blocks (before issue 20 pt 2)
+    place_wait_s: float | None = RouterConfig.place_wait_s    # a deferred placement waits this long (None: for room)
 
     def roofline(self, role: str) -> Roofline:
         pool = self.prefill if role == "prefill" else self.decode
@@ -123,7 +125,8 @@ class Simulator:
         self.index = PrefixIndex()
         self.telemetry = Telemetry(self.cost_cfg)
         self.rcfg = RouterConfig(block_size=cfg.block_tokens, remote_prefill=cfg.prefill is not None,
-                                 local_prefill_max_tokens=cfg.local_prefill_max_tokens, policy=cfg.policy)
+                                 local_prefill_max_tokens=cfg.local_prefill_max_tokens, policy=cfg.policy,
+                                 place_wait_s=cfg.place_wait_s)
         self.registry = WorkerRegistry(self.rcfg, RouterMetrics(CollectorRegistry()), self.index, self.telemetry)
         self.policy = policy if policy is not None else make_policy(
             cfg.policy, index=self.index, telemetry=self.telemetry, config=self.cost_cfg,
@@ -239,10 +242,12 @@ class Simulator:
                                     hashes=hashes, now=now)
             if ch is None:
                 return False
+            wait = self.rcfg.place_wait_s
+            if ch.defer and (wait is None or now - req.arrival_s < wait):    # place.py's _choose: wait for room
+                return False
             self.placements += 1
-            if hashes:
-                for w in {ch.decode, ch.prefill or ch.decode}:
-                    self.index.expect(w, hashes, now)
+            if hashes:                          # place.py: the worker that computes the blocks
+                self.index.expect(ch.prefill or ch.decode, hashes, now)
             d = self.inst[ch.decode]
             rec = self.records[req.rid]
             if ch.kind == "local":

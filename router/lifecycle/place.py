@@ -41,15 +41,17 @@ async def place(router, attempt_id: str, ids: list[int], params: SamplingParams,
     workers, cfg = router.workers, router.cfg
     tokens = ids + list(outputs)                       # what the attempt prefills
     hashes = block_hashes(tokens, cfg.block_size, salt)   # once per placement, not per try
+    t0 = time.monotonic()
     for _ in range(cfg.max_attempts):
-        choice = router.policy.choose(len(tokens), workers.loads_of("prefill"), workers.loads_of("decode"), exclude,
-                                      hashes=hashes, now=time.time())
+        choice = await _choose(router, len(tokens), exclude, hashes, t0)
         if choice is None:
             break
-        # the workers that will cache this prompt's blocks hold them from now on, tentatively:
-        # the next prompts with this prefix follow instead of racing elsewhere
-        for w in {choice.decode, choice.prefill or choice.decode}:
-            router.index.expect(w, hashes, time.time())
+        # the worker that computes this prompt's blocks holds them from now on, tentatively: the
+        # next prompts with this prefix queue behind it instead of racing elsewhere. Not the decode
+        # worker of a remote prefill: its blocks arrive only after the prefill and transfer, and a
+        # local prefill priced on them meanwhile recomputes the whole prompt there (bench/RESULTS.md,
+        # "KV-full fallback": the cost model's collapse at 1.75x); its stored events count them
+        router.index.expect(choice.prefill or choice.decode, hashes, time.time())
         if choice.kind == "local":
             return _start_local(workers, attempt_id, ids, params, salt, choice, outputs,
                                 pull_plan(choice, hashes, workers))
@@ -57,6 +59,21 @@ async def place(router, attempt_id: str, ids: list[int], params: SamplingParams,
         if attempt is not None:
             return attempt
     raise Unavailable(f"no worker could take request {attempt_id} (excluded: {sorted(exclude) or 'none ready'})")
+
+
+async def _choose(router, n_tokens: int, exclude: set[str], hashes, t0: float) -> Placement | None:
+    """The policy's choice. A deferred one (Placement.defer: no worker has room for the option the
+    policy prefers, e.g. every decode pool's KV full) waits in the router: asked again after each
+    status poll until cfg.place_wait_s has passed since t0 (time.monotonic()), then taken as it is
+    (None: until the policy finds room). Nothing is held while it waits (a cancelled request just leaves)."""
+    workers, cfg = router.workers, router.cfg
+    while True:
+        choice = router.policy.choose(n_tokens, workers.loads_of("prefill"), workers.loads_of("decode"), exclude,
+                                      hashes=hashes, now=time.time())
+        if choice is None or not choice.defer or (cfg.place_wait_s is not None
+                                                  and time.monotonic() - t0 >= cfg.place_wait_s):
+            return choice
+        await asyncio.sleep(cfg.status_interval_s)
 
 
 def _start_local(workers, attempt_id: str, ids: list[int], params: SamplingParams, salt: str | None,

@@ -14,6 +14,10 @@ class Placement:
     decode: str
     kind: str                       # "remote" | "local"
     estimate: dict | None = None    # the policy's breakdown (cost model: TTFT terms in seconds)
+    # a fallback the policy would rather not take now: no worker has room for the option it prefers
+    # (the cost model's KV-full fallback). The router asks again after each status poll and takes
+    # it once the request has waited RouterConfig.place_wait_s, if set (router/lifecycle/place.py).
+    defer: bool = False
 
 
 class Policy(Protocol):

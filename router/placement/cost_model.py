@@ -27,8 +27,12 @@ Constraints on d (either kind): free KV blocks >= blocks the prompt needs beyond
 TPOT guard: step_s(running_d + 1) <= tpot_slo_s, and for local with requests running, one prefill
 chunk's step (step_s(running_d) + chunk / rate_d) <= tpot_slo_s. If no option passes the guard the
 cheapest KV-feasible one is taken anyway (estimate["tpot_ok"] False) unless `tpot_strict`. If no
-option is KV-feasible, the cheapest local one is taken: a local prefill waits in d's own queue for
-blocks, while a remote one needs its reservation now (so only remote options are refused).
+option is KV-feasible (every decode pool full now), the answer is the cheapest local one where it
+fits (a local prefill waits in d's own queue for blocks; a remote one needs its reservation now),
+marked `defer` when a remote prefill worker is usable (kv_full_defer): the router then waits for
+room (asks again after each status poll) and takes the local fallback only after
+RouterConfig.place_wait_s, if set. Taken at once, that fallback collapsed a fleet whose decode
+workers prefill slowly (bench/RESULTS.md, "KV-full fallback").
 
 Configuration: router/cost_config.py; the learned rates and links: router/telemetry.py.
 
@@ -288,13 +292,18 @@ class CostModel:
         best = next((e for e in ests if e.tpot_ok), None)
         if best is None and not self.cfg.tpot_strict and ests:
             best = ests[0]
+        defer = False
         if best is None and not ests:                   # every pool full now: queue locally where it fits
             loads = {d.worker_id: d for d in decodes}
             best = next((e for e in every if e.kind == "local" and e.blocks_needed <= loads[e.decode].num_blocks),
                         None)
+            pref = next((e for e in every if e.tpot_ok), every[0] if every else None)
+            defer = kv_full_defer(self.cfg.kv_full_fallback, any(e.kind == "remote" for e in every),
+                                  pref is not None and pref.kind == "remote")
         if best is None:
             return None
-        return Placement(best.prefill, best.decode, best.kind, best.as_dict() | {"options_kv_ok": len(ests)})
+        return Placement(best.prefill, best.decode, best.kind, best.as_dict() | {"options_kv_ok": len(ests)},
+                         defer=defer)
 
     def choose(self, prompt_len: int, prefills: list[WorkerLoad], decodes: list[WorkerLoad],
                exclude: Iterable[str] = frozenset(), *, hashes=None, now: float | None = None) -> Placement | None:
@@ -407,9 +416,13 @@ class CostModel:
         best = min((o for o in ests if o[2]), key=lambda o: o[0], default=None)
         if best is None and not c.tpot_strict and ests:
             best = min(ests, key=lambda o: o[0])
-        if best is None and not ests:                   # every pool full now: queue locally where it fits
+        defer = False
+        if best is None and not ests:                   # every pool full now (kv_full_defer)
+            if c.kv_full_fallback == "cheapest" and ps:     # needs the remote prices choose skips: the reference
+                return self.choose_exhaustive(prompt_len, prefills, decodes, exclude, hashes=hashes, now=now)
             best = min((o for o in opts if o[3] == "local" and o[5] <= o[4].num_blocks),
                        key=lambda o: o[0], default=None)
+            defer = kv_full_defer(c.kv_full_fallback, bool(ps), True)
         if best is None:
             return None
         d = best[4]
@@ -424,7 +437,23 @@ class CostModel:
         if dup_on and best_cached - e.cached_tokens > 0:
             e.duplicate_penalty_s = c.duplicate_penalty * (best_cached - e.cached_tokens) / rate
             e.cost_s += e.duplicate_penalty_s
-        return Placement(e.prefill, e.decode, e.kind, e.as_dict() | {"options_kv_ok": kv_ok_count})
+        return Placement(e.prefill, e.decode, e.kind, e.as_dict() | {"options_kv_ok": kv_ok_count}, defer=defer)
+
+
+# the KV-full fallback
+def kv_full_defer(mode: str, remote_usable: bool, remote_preferred: bool) -> bool:
+    """Whether the local fallback taken when no option is KV-feasible is `defer`red (the router
+    waits for room, router/lifecycle/place.py), by CostConfig.kv_full_fallback:
+      "local"     never: take it at once (the old rule; it waits in d's own queue for blocks)
+      "wait"      whenever a remote prefill worker is usable (remote prefill keeps the decode
+                  workers decoding; a local prefill there stalls their batches and holds the KV
+                  full longer, which sends the next prompts local too)
+      "cheapest"  when the cheapest option with d's room ignored (TPOT guard first) is remote:
+                  both kinds wait for the same blocks, so the wait cancels out of the comparison
+    remote_preferred: that cheapest option is remote (only "cheapest" reads it)."""
+    if mode == "local" or not remote_usable:
+        return False
+    return mode == "wait" or remote_preferred
 
 
 class _Group:

@@ -469,3 +469,41 @@ def test_a_transfer_skips_the_decode_workers_device_and_host_blocks_not_its_disk
         cm = CostModel(cfg(allow_local=False), index=ix)
         cached_d[tier] = cm.choose(1024, [P("p0")], [D("d0")], hashes=hs, now=1.0).estimate["cached_tokens_decode"]
     assert cached_d == {"device": 640, "host": 640, "disk": 320}
+# the KV-full fallback (kv_full_defer): every decode pool full now
+def test_kv_full_fallback_defers_to_a_usable_remote_prefill():
+    """Before: the local fallback was taken at once (prefilled on a slow decode worker while its batch
+    stalled: the fleet collapse of bench/RESULTS.md "KV-full fallback"). Now it is marked `defer` (the
+    router waits for room) whenever a remote prefill worker is usable."""
+    ps, full = [P("p0")], [D("d0", running=3, free=10), D("d1", running=1, free=20)]
+    for c in (cfg(), cfg(kv_full_fallback="wait")):
+        cm = CostModel(c)
+        for pick in (cm.choose, cm.choose_exhaustive):
+            fb = pick(2048, ps, full)
+            assert (fb.kind, fb.decode, fb.estimate["kv_ok"], fb.defer) == ("local", "d1", False, True)
+            # control: nothing to wait for without a usable prefill worker: taken at once, as before
+            assert pick(2048, [], full).defer is False
+            assert pick(2048, [P("p0", healthy=False)], full).defer is False
+            assert pick(2048, ps, full, exclude={"p0"}).defer is False
+            # room somewhere: no fallback, nothing deferred
+            assert pick(2048, ps, full + [D("d2")]).defer is False
+    no_remote = CostModel(cfg(allow_remote=False))
+    assert no_remote.choose(2048, ps, full).defer is False
+    old = CostModel(cfg(kv_full_fallback="local"))                  # the old rule, kept as an option
+    assert old.choose(2048, ps, full).defer is False and old.choose(2048, ps, full).kind == "local"
+    with pytest.raises(ValueError, match="kv_full_fallback"):
+        cfg(kv_full_fallback="refuse")
+
+
+def test_kv_full_fallback_cheapest_compares_kinds_as_if_d_had_room():
+    """"cheapest": both kinds wait for the same blocks, so defer only when the remote option would be
+    the cheaper one with room."""
+    cm = CostModel(cfg(kv_full_fallback="cheapest"))
+    full = [D("d0", running=0, free=10, tps=5_000.0)]
+    fast_p, slow_p = [P("p0", tps=50_000.0)], [P("p0", tps=500.0, queued=50_000)]
+    for pick in (cm.choose, cm.choose_exhaustive):
+        assert pick(2048, fast_p, full).defer is True               # remote 0.04 s vs local 0.4 s
+        slow = pick(2048, slow_p, full)                              # remote: 100 s of queue ahead
+        assert (slow.kind, slow.defer) == ("local", False)
+    # control: the same prompts with room are placed that way outright
+    room = [D("d0", running=0, tps=5_000.0)]
+    assert cm.choose(2048, fast_p, room).kind == "remote" and cm.choose(2048, slow_p, room).kind == "local"

@@ -52,6 +52,6 @@ def test_tiny_fleet_decides_with_every_policy():
     for name in POLICY_NAMES:
         n, el = time_decisions(fleet, name, [hashes], 16, 0.0)
         assert n == 1 and el > 0
-    # place()'s expect(): the chosen decode worker now holds the prompt's blocks
+    # place()'s expect(): the worker that computes the prompt now holds its blocks
     choice = fleet.decide("cache-aware", hashes, 20 * 16, 1e6)
-    assert fleet.index.match(hashes)[choice.decode] == 20
+    assert fleet.index.match(hashes)[choice.prefill or choice.decode] == 20

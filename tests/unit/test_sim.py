@@ -195,3 +195,19 @@ def test_autoscaler_adds_replicas_under_load():
     assert ups and ups[0][0] >= 5.0                     # held for upscale_delay_s first
     assert any(r.prefill == "prefill-1" for r in res.records)   # a replica that joined took work
     assert res.gpu_hours > (1 + 2) * res.end_s / 3600  # the added replicas were billed
+
+
+def test_cost_model_waits_for_decode_kv_instead_of_prefilling_on_a_full_h20():
+    """The cost model's KV-full fallback (issue 20's collapse, bench/RESULTS.md "KV-full fallback"):
+    40 prompts of 30k tokens in 2 s fill one H20's KV with reservations. Deferred (the default), the
+    rest wait in the router for room and prefill on the H200; the old rule ("local", the control)
+    prefilled them on the H20 (a sixth of the rate) while its batch stalled: 4x longer, TPOT 10x."""
+    def run(mode):
+        rs = [Request(i, i * 0.05, 30_000, 100, chain([i, 7])) for i in range(40)]
+        cfg = SimConfig("llama-3-8b", prefill=PoolSpec("H200", 1), decode=PoolSpec("H20", 1),
+                        cost_overrides=(("kv_full_fallback", mode),))
+        return Simulator(cfg, rs).run().summary()
+    new, old = run("wait"), run("local")
+    assert new["router_waits"] > 10 and new["local_share"] <= 0.05      # waited, then remote
+    assert new["end_s"] < 80 and new["tpot_p90"] < 0.1
+    assert old["local_share"] > 0.3 and old["end_s"] > 150 and old["tpot_p90"] > 0.3
