@@ -3,8 +3,11 @@
     Int4Linear  aten._weight_int4pack_mm_for_cpu   weight: _convert_weight_to_int4pack_for_cpu's
                                                    layout; scale/zero [K/32, N, 2] bfloat16
     Int8Linear  aten._weight_int8pack_mm           weight int8 [N, K]; scale [N] bfloat16
+    Dyn8Linear  quantized::linear_dynamic (fbgemm) weight: fbgemm's packed int8 per channel; x rounded
+                                                   to 8 bits per call (the int8 choice where torch
+                                                   has fbgemm: engine/quant/policy.cpu_kernel)
 
-Both kernels are vectorized (AVX2/AVX-512) for bfloat16 activations only: with float32 ones they
+The first two kernels are vectorized (AVX2/AVX-512) for bfloat16 activations only: with float32 ones they
 run a scalar loop 10-60x slower (bench/RESULTS.md, "Quantized weights"), and float16 likewise. So
 x is rounded to bfloat16, the kernel dequantizes each weight to float32 (scale and zero as
 bfloat16), accumulates in float32 and rounds y to bfloat16; y returns in x's dtype.
