@@ -192,7 +192,7 @@ class LlamaModel:
         shared = (isinstance(self.embed, Int8Weight) and isinstance(getattr(self.lm_head, "q", None), torch.Tensor)
                   and self.lm_head.q.data_ptr() == self.embed.q.data_ptr())
         if shared:
-            head += nbytes(self.embed.scale)    # the int8pack head kernel reads the embedding's own codes
+            head += nbytes(self.embed.scale)    # the head's int8 codes are the embedding's own (counted once)
         elif not (isinstance(self.embed, torch.Tensor) and self.cfg.tie_word_embeddings):
             head += nbytes(self.embed)          # untied, or codes beside the head kernel's own layout (int4, fbgemm)
         other = nbytes(self.norm) + sum(nbytes(L.in_norm) + nbytes(L.post_norm) for L in self.layers)

@@ -153,11 +153,16 @@ class Dyn8Linear:
     scales are exactly Int8Weight's; only x is rounded (as llama.cpp rounds activations to 8 bits).
     2-6x faster than _weight_int8pack_mm and _weight_int4pack_mm_for_cpu at decode row counts on
     AVX2 (bench/RESULTS.md, "Decode step on CPU"). Rows >= DENSE_MIN_ROWS (prefill) take the
-    dequantize + float32 GEMM path with bfloat16-rounded x, as Int8Linear does."""
-    __slots__ = ("packed", "scale", "bias", "N", "K")
+    dequantize + float32 GEMM path with bfloat16-rounded x, as Int8Linear does, from the int8 codes
+    kept beside fbgemm's copy (2 bytes per weight resident; 1 for a tied head, whose codes the
+    embedding holds anyway)."""
+    __slots__ = ("packed", "q", "scale", "bias", "N", "K")
 
     def __init__(self, w: Int8Weight, bias: torch.Tensor | None):
         N, K = w.shape
+        # the codes stay too, for the dense path: fbgemm's unpack rebuilds the whole matrix per call
+        # (measured: prefill at 0.56x); a tied head shares them with the embedding's row lookups
+        self.q = w.q.contiguous()
         with warnings.catch_warnings():          # quantized tensors are deprecated, the kernel is not gone
             warnings.simplefilter("ignore")
             wq = torch._make_per_channel_quantized_tensor(w.q.contiguous(), w.scale.double(),
@@ -171,7 +176,7 @@ class Dyn8Linear:
         return torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
 
     def dequantize(self) -> torch.Tensor:
-        return self.codes().float() * self.scale.unsqueeze(-1)
+        return self.q.float() * self.scale.unsqueeze(-1)
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         """float32 [M, N] (bias included)."""
@@ -186,4 +191,5 @@ class Dyn8Linear:
 
     @property
     def nbytes(self) -> int:
-        return self.N * self.K + self.scale.numel() * 4
+        """fbgemm's packed copy, the codes and the scales."""
+        return 2 * self.N * self.K + self.scale.numel() * 4
