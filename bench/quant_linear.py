@@ -9,8 +9,8 @@ real step instead of sitting in cache. Columns, ms per pass (median of --repeats
   i4 / i8    torch's int4pack / int8pack kernels with bfloat16 activations (engine/quant/cpu_linear.py)
   i4-f32     the same int4 kernel fed float32 activations (a scalar loop; rows <= 4 only: slow)
   i4-dq/i8-dq  dequantize each weight to float32, then MKL's GEMM (the large-M path)
-  w8a8       not used by the engine, for comparison: fbgemm's dynamic int8 linear
-             (torch.ao.nn.quantized.dynamic.Linear: activations quantized per tensor at run time,
+  w8a8       fbgemm's dynamic int8 linear, the engine's int8 decode kernel where torch has it
+             (engine/quant/cpu_linear.Dyn8Linear: activations quantized per tensor at run time,
              integer dot products), which changes the activations' numerics as llama.cpp's Q8 does
 and each over f32 (< 1: faster than float32). The row count where `dq` beats the kernel sets
 engine/quant/cpu_linear.DENSE_MIN_ROWS.
@@ -36,13 +36,10 @@ def _time(fn, x_by_k, weights) -> float:
 
 
 def _w8a8(w: torch.Tensor):
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from pdcluster.engine.quant.cpu_linear import Dyn8Linear
+    from pdcluster.engine.quant.packed import quantize_int8
 
-    N, K = w.shape
-    lin = DynamicLinear(K, N, dtype=torch.qint8)
-    scale = (w.abs().amax(1) / 127).double().clamp_min(1e-12)
-    lin.set_weight_bias(torch.quantize_per_channel(w, scale, torch.zeros(N, dtype=torch.long), 0, torch.qint8), None)
-    return lin
+    return Dyn8Linear(quantize_int8(w), None).kernel
 
 
 def main(argv=None) -> int:

@@ -36,3 +36,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x: [T, heads, D]; cos, sin: [T, 1, D] (frequencies repeated twice). Returns rotated x."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def rotary_tables(cos_sin: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, signed sin), each [T, 1, D] in `dtype`, for apply_rotary_rolled: cos repeated over both
+    halves; sin negated in the first half (rotate_half's sign folded into the table)."""
+    cs = cos_sin[positions].unsqueeze(1)                                # [T, 1, D] float32
+    half = cs.shape[-1] // 2
+    c, s = cs[..., :half], cs[..., half:]
+    return torch.cat([c, c], -1).to(dtype), torch.cat([-s, s], -1).to(dtype)
+
+
+def apply_rotary_rolled(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary in 3 kernels instead of 6: rotate_half(x) * sin == roll(x, D/2) * signed_sin.
+    x: [T, heads, D] (any row stride: q and k side by side in one call)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)

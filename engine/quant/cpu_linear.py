@@ -3,8 +3,11 @@
     Int4Linear  aten._weight_int4pack_mm_for_cpu   weight: _convert_weight_to_int4pack_for_cpu's
                                                    layout; scale/zero [K/32, N, 2] bfloat16
     Int8Linear  aten._weight_int8pack_mm           weight int8 [N, K]; scale [N] bfloat16
+    Dyn8Linear  quantized::linear_dynamic (fbgemm) weight: fbgemm's packed int8 per channel; x rounded
+                                                   to 8 bits per call (the int8 choice where torch
+                                                   has fbgemm: engine/quant/policy.cpu_kernel)
 
-Both kernels are vectorized (AVX2/AVX-512) for bfloat16 activations only: with float32 ones they
+The first two kernels are vectorized (AVX2/AVX-512) for bfloat16 activations only: with float32 ones they
 run a scalar loop 10-60x slower (bench/RESULTS.md, "Quantized weights"), and float16 likewise. So
 x is rounded to bfloat16, the kernel dequantizes each weight to float32 (scale and zero as
 bfloat16), accumulates in float32 and rounds y to bfloat16; y returns in x's dtype.
@@ -19,6 +22,7 @@ layout is not one of the known ones (checked once against a probe) keeps to the 
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -133,3 +137,59 @@ class Int8Linear:
     @property
     def nbytes(self) -> int:
         return self.q.numel() + self.scale.numel() * self.scale.element_size()
+
+
+@functools.lru_cache(maxsize=1)
+def fbgemm_usable() -> bool:
+    """torch's x86 quantized engine (fbgemm) is built in: its dynamic int8 linear is the decode kernel."""
+    return torch.backends.quantized.engine in ("x86", "fbgemm") and hasattr(torch.ops.quantized, "linear_dynamic")
+
+
+class Dyn8Linear:
+    """fbgemm's dynamic int8 linear (torch.ops.quantized.linear_dynamic) over an int8 per-channel weight:
+    x is quantized per call to uint8 with one (scale, zero point) over the whole x (7-bit range,
+    reduce_range: AVX2's u8 x s8 pair sums must not saturate int16), multiplied with the int8 codes,
+    accumulated in int32, rescaled to float32 by x's and each row's scale. The weight's codes and
+    scales are exactly Int8Weight's; only x is rounded (as llama.cpp rounds activations to 8 bits).
+    2-6x faster than _weight_int8pack_mm and _weight_int4pack_mm_for_cpu at decode row counts on
+    AVX2 (bench/RESULTS.md, "Decode step on CPU"). Rows >= DENSE_MIN_ROWS (prefill) take the
+    dequantize + float32 GEMM path with bfloat16-rounded x, as Int8Linear does, from the int8 codes
+    kept beside fbgemm's copy (2 bytes per weight resident; 1 for a tied head, whose codes the
+    embedding holds anyway)."""
+    __slots__ = ("packed", "q", "scale", "bias", "N", "K")
+
+    def __init__(self, w: Int8Weight, bias: torch.Tensor | None):
+        N, K = w.shape
+        # the codes stay too, for the dense path: fbgemm's unpack rebuilds the whole matrix per call
+        # (measured: prefill at 0.56x); a tied head shares them with the embedding's row lookups
+        self.q = w.q.contiguous()
+        with warnings.catch_warnings():          # quantized tensors are deprecated, the kernel is not gone
+            warnings.simplefilter("ignore")
+            wq = torch._make_per_channel_quantized_tensor(w.q.contiguous(), w.scale.double(),
+                                                          torch.zeros(N, dtype=torch.long), 0)
+        b = bias.float() if bias is not None else None
+        self.packed = torch.ops.quantized.linear_prepack(wq, b)    # fbgemm's layout; bias added in the kernel
+        self.scale, self.bias, self.N, self.K = w.scale.float(), bias, N, K
+
+    def codes(self) -> torch.Tensor:
+        """int8 [N, K], read back out of fbgemm's packed weight."""
+        return torch.ops.quantized.linear_unpack(self.packed)[0].int_repr()
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scale.unsqueeze(-1)
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 [M, N] (bias included)."""
+        return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed, True)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(_bf16_round(x), self.dequantize()).to(BF16)
+        return y if self.bias is None else y + self.bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.dense(x) if x.shape[0] >= DENSE_MIN_ROWS else self.kernel(x)).to(x.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """fbgemm's packed copy, the codes and the scales."""
+        return 2 * self.N * self.K + self.scale.numel() * 4

@@ -1,6 +1,7 @@
 """Packed weights in the model: the linear for a device, embedding rows, fused projections.
 
-    quant_linear(w, bias, device)   CPU: torch's int4pack/int8pack kernels (cpu_linear.py)
+    quant_linear(w, bias, device)   CPU: the kernel policy.cpu_kernel picks (cpu_linear.py: fbgemm's
+                                    dynamic int8 linear, torch's int4pack / int8pack kernels)
                                     CUDA: the Triton w4a16 / w8a16 kernels (gpu_linear.py)
                                     anything else: dequantize + matmul (the kernels' torch reference)
     embed_rows(w, ids, dtype)       rows of a packed embedding [T, E], dequantized
@@ -33,8 +34,11 @@ class RefLinear:
 def quant_linear(w: Packed, bias: torch.Tensor | None, device: str | torch.device):
     dev = torch.device(device)
     if dev.type == "cpu":
-        from pdcluster.engine.quant.cpu_linear import Int4Linear, Int8Linear
-        return Int4Linear(w, bias) if isinstance(w, Int4Weight) else Int8Linear(w, bias)
+        from pdcluster.engine.quant import cpu_linear
+        from pdcluster.engine.quant.policy import cpu_kernel
+        kernel = cpu_kernel(w.kind, cpu_linear.fbgemm_usable())
+        return {"int4pack": cpu_linear.Int4Linear, "int8pack": cpu_linear.Int8Linear,
+                "fbgemm": cpu_linear.Dyn8Linear}[kernel](w, bias)
     if dev.type == "cuda":
         from pdcluster.engine.quant.gpu_linear import TritonLinear
         return TritonLinear(w, bias)

@@ -58,9 +58,11 @@ def _check(llm, hf_ref, refs, max_weight_mib):
 def test_gguf_int4_served_packed(hf_ref, refs):
     llm = LLM(kv_cache_memory=32 * 2**20, quantization=None)    # None: the file's Q4_1 stays packed
     assert llm.engine.cfg.quantization is None
-    _check(llm, hf_ref, refs, max_weight_mib=100)               # float32: 1,026 MiB (weights + oneDNN copies)
+    # float32: 1,026 MiB (weights + oneDNN copies). The int8 head is held twice where fbgemm runs it
+    # (the embedding's codes for row lookups + fbgemm's packed copy, 28 MiB each)
+    _check(llm, hf_ref, refs, max_weight_mib=130)
 
 
-@pytest.mark.parametrize("mode,mib", [("int8", 140), ("int4", 100)])
+@pytest.mark.parametrize("mode,mib", [("int8", 270), ("int4", 130)])   # float32: 1,026 MiB; int8: fbgemm copy + codes
 def test_hf_model_quantized_at_load(hf_ref, refs, hf_folder, mode, mib):
     _check(LLM(hf_folder, quantization=mode, kv_cache_memory=32 * 2**20), hf_ref, refs, max_weight_mib=mib)

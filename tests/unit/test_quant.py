@@ -15,13 +15,14 @@ from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
 from safetensors.torch import save_file  # noqa: E402
 
 from pdcluster.engine.loader import load_model_config, load_weights  # noqa: E402
-from pdcluster.engine.quant.cpu_linear import (LAYOUTS, Int4Linear, Int8Linear, int4pack_layout,  # noqa: E402
-                                               unpack_int4pack)
+from pdcluster.engine.quant.cpu_linear import (LAYOUTS, Dyn8Linear, Int4Linear, Int8Linear,  # noqa: E402
+                                               fbgemm_usable, int4pack_layout, unpack_int4pack)
 from pdcluster.engine.quant.gguf_blocks import native_kind, to_packed  # noqa: E402
 from pdcluster.engine.quant.layers import embed_rows, fuse  # noqa: E402
 from pdcluster.engine.quant.packed import (Int4Weight, Int8Weight, cat_rows, dequantize, quantize_int4,  # noqa: E402
                                            quantize_int8)
-from pdcluster.engine.quant.policy import check_mode, weight_kind  # noqa: E402
+from pdcluster.engine.quant.layers import quant_linear  # noqa: E402
+from pdcluster.engine.quant.policy import check_mode, cpu_kernel, weight_kind  # noqa: E402
 
 G = torch.Generator().manual_seed(0)
 
@@ -178,6 +179,50 @@ def test_int8_linear_matches_its_reference(M):
     ref = _bf16(x) @ (w.q.double() * _bf16(w.scale)[:, None]).t()
     torch.testing.assert_close(lin(x).double(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
     torch.testing.assert_close(lin.kernel(x).double(), lin.dense(x).double(), rtol=8e-3, atol=1e-5)
+
+
+needs_fbgemm = pytest.mark.skipif(not fbgemm_usable(), reason="torch built without the x86/fbgemm quantized engine")
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("M", [1, 5, 32])
+def test_fbgemm_int8_linear_within_its_activation_rounding_bound(M):
+    """The weight is Int8Weight's exactly; only x is rounded: one (scale, zero point) over all of x,
+    128 levels (reduce_range) spanning [min(x, 0), max(x, 0)], so each x moves by at most step / 2 and
+    y[m, n] by at most step / 2 * sum_k |w[n, k]|."""
+    w = quantize_int8(_w(72, 128))
+    bias = torch.randn(72, generator=G)
+    lin = Dyn8Linear(w, bias)
+    assert torch.equal(lin.codes(), w.q) and torch.equal(lin.dequantize(), dequantize(w))
+    x = torch.randn(M, 128, generator=G)
+    ref = x.double() @ dequantize(w).double().t() + bias.double()
+    step = (x.max().clamp(min=0) - x.min().clamp(max=0)).double() / 127
+    bound = step / 2 * dequantize(w).double().abs().sum(1) + 1e-4
+    err = (lin(x).double() - ref).abs()
+    assert lin(x).dtype == torch.float32 and (err <= bound).all(), (err / bound).max()
+    assert err.max() > 0.02 * bound.max()          # x really is rounded: the bound is not vacuous
+    # control: a weight off by one code in one row breaks the bound there
+    bad = Dyn8Linear(Int8Weight(w.q.clone().index_fill_(0, torch.tensor([3]), 100), w.scale), bias)
+    assert not ((bad(x).double() - ref).abs() <= bound).all()
+
+
+@needs_fbgemm
+def test_fbgemm_int8_linear_dense_path_for_prefill_rows():
+    w = quantize_int8(_w(72, 128))
+    lin = Dyn8Linear(w, None)
+    x = torch.randn(70, 128, generator=G)
+    ref = _bf16(x) @ dequantize(w).double().t()
+    torch.testing.assert_close(lin(x).double(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+def test_cpu_kernel_policy():
+    assert cpu_kernel("int8", True) == "fbgemm" and cpu_kernel("int8", False) == "int8pack"
+    assert cpu_kernel("int4", True) == cpu_kernel("int4", False) == "int4pack"
+    with pytest.raises(ValueError):
+        cpu_kernel("int3", True)
+    lin = quant_linear(quantize_int8(_w(16, 64)), None, "cpu")
+    assert isinstance(lin, Dyn8Linear if fbgemm_usable() else Int8Linear)
+    assert isinstance(quant_linear(quantize_int4(_w(16, 64)), None, "cpu"), Int4Linear)
 
 
 # policy

@@ -1,0 +1,74 @@
+"""The engine's own decode step on CPU, per step, without transformers or the serving path.
+
+    python -m pdcluster.bench.decode_step --mode gguf --threads 1 --batch 1
+
+Builds one engine (speculation off, no prefix cache), prefills --batch random 128-token prompts, then
+times each decode step (--steps of them) and reports the median over steps, best of --runs runs:
+  CPU    the stepping thread's CPU time (time.thread_time): robust to other processes on a shared
+         host when --threads is 1 (all of torch's work runs on that thread); with more threads it
+         counts the stepping thread only
+  wall   wall-clock time per step
+To compare two revisions, run each from its own package (PYTHONPATH) alternately (bench/RESULTS.md,
+"Decode step on CPU"). --profile adds a torch.profiler table over 10 decode steps.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2-135M)")
+    ap.add_argument("--mode", default="gguf", choices=["gguf", "none", "int8", "int4"],
+                    help="--quantization; gguf = unset (a GGUF file's own blocks stay packed)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=48)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args(argv)
+    from pdcluster.engine import LLM, SamplingParams
+
+    torch.set_num_threads(a.threads)
+    llm = LLM(a.model, quantization=None if a.mode == "gguf" else a.mode, max_num_seqs=max(64, a.batch),
+              enable_prefix_caching=False, speculative="off")
+    eng, g = llm.engine, torch.Generator().manual_seed(0)
+    V = eng.cfg.model.vocab_size
+
+    def once(steps, prof=None) -> tuple[float, float]:
+        for p in torch.randint(100, V - 100, (a.batch, 128), generator=g).tolist():
+            eng.add_request(p, SamplingParams(max_tokens=steps + 1, temperature=0, ignore_eos=True))
+        eng.step()                                          # the prefill
+        cpu, wall = [], []
+        while eng.has_work():
+            c, w = time.thread_time(), time.perf_counter()
+            eng.step()
+            cpu.append(time.thread_time() - c)
+            wall.append(time.perf_counter() - w)
+            if prof is not None:
+                prof.step()
+        return statistics.median(cpu), statistics.median(wall)
+
+    once(8)                                                 # warm-up
+    res = [once(a.steps) for _ in range(a.runs)]
+    print(f"{a.mode} threads={a.threads} batch={a.batch}: step CPU {min(r[0] for r in res) * 1e3:.2f} ms, "
+          f"wall {min(r[1] for r in res) * 1e3:.2f} ms (median over {a.steps} steps, best of {a.runs} runs; "
+          f"load average {os.getloadavg()[0]:.2f})")
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile, schedule
+        with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=2, warmup=2, active=10, repeat=1)) as p:
+            once(16, p)
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
