@@ -96,6 +96,22 @@ register(Scenario(
 ))
 
 
+# prefix-routing-pull: prefix-routing with pulls on the candidate (issue 19's prefix-routing target:
+# >= 3x in every one of 3 runs now that pulls replace cold recomputes): round-robin against the cost
+# model whose local prefills may pull a prefix the other worker holds instead of recomputing it.
+register(Scenario(
+    name="prefix-routing-pull",
+    summary="prefix-routing's workload: round-robin vs cost-model with peer pulls (--peer-pull)",
+    baseline=PREFIX_ROUTING.baseline,
+    candidate=cluster(router__policy="cost-model", cost__peer_pull=True, **_prefix_cfg),
+    labels=("round-robin", "cost-model+pull"),
+    dataset=PREFIX_ROUTING.dataset,
+    request_rate=PREFIX_ROUTING.request_rate,
+    goodput=PREFIX_ROUTING.goodput,
+    metrics=PREFIX_ROUTING.metrics,
+    notes=f"as prefix-routing (2 workers x {PREFIX_POOL_BLOCKS} blocks, local prefill); candidate: --peer-pull",
+))
+
 # layerwise-transfer: 1P+1D, prompts 512-2048 tokens one at a time (no queueing: TTFT = prefill +
 # the exposed part of the transfer), the KV link throttled to LAYERWISE_LINK_BPS of TCP payload (a
 # veth pair shaped by tc tbf between two network namespaces where the machine allows it, else the
