@@ -20,11 +20,11 @@ class RouterConfig:
             "tokens / the measured prefill rate), or whose first token could not come within its own gRPC "
             "deadline, gets RESOURCE_EXHAUSTED at once; 0 = only the deadline")})
     max_attempts: int = 3                   # placements tried per attempt before UNAVAILABLE
-    place_wait_s: float | None = None       # a deferred placement (Placement.defer: no room for the option the
-                                            #   policy prefers) is asked again after each status poll this long,
-                                            #   then taken (router/lifecycle/place.py); None: until there is room
-                                            #   (or the client leaves). Finite bounds (5-300 s) brought the
-                                            #   fleet collapse back under sustained load (bench/RESULTS.md)
+    place_wait_s: float | None = field(      # router/lifecycle/place.py; finite bounds (5-300 s) brought the
+        default=None, metadata={"cli": "--place-wait", "zero_is_none": True, "help": (   # fleet collapse back
+            "seconds a deferred placement (no decode worker has KV room for the option the policy prefers) is "
+            "asked again after each status poll before its fallback is taken; 0 = until there is room or the "
+            "client leaves (bench/RESULTS.md, KV-full fallback)")})
     max_migrations: int = 2                 # lost decode workers survived per request
     local_prefill_max_tokens: int = field(  # prompts this short prefill on the decode worker
         default=0, metadata={"help": "prompts up to this many tokens prefill on the decode worker"})

@@ -63,7 +63,10 @@ class CostConfig:
     allow_local: bool = True
     allow_remote: bool = True
     local_max_tokens: int | None = None     # local only for prompts up to this (None: any)
-    kv_full_fallback: str = "wait"          # no option KV-feasible: see cost_model.kv_full_defer
+    kv_full_fallback: str = field(default="wait", metadata={"choices": KV_FULL_FALLBACKS, "help": (
+        "cost model, no decode worker with KV room: wait (the router waits for room while a prefill worker is "
+        "usable), cheapest (wait only when remote prefill is the cheaper kind), local (the old rule: prefill "
+        "on the cheapest decode worker at once)")})   # cost_model.kv_full_defer
     peer_pull: bool = field(default=False, metadata={"help": (   # router/placement/pull_pricing.py
         "a worker prefilling a prompt pulls prefix blocks another worker holds over the KV transport when the "
         "cost model finds the pull faster than recomputing them (cost-model policy)")})

@@ -46,7 +46,7 @@ SERVE_FLAGS = {     # every flag serve has (each one it had before the tree kept
     "--policy": "cost-model", "--auth-token-file": None, "--tls-cert": None, "--tls-key": None,
     "--cluster-secret-file": None, "--max-restarts": 3, "--worker-timeout": 60.0, "--prefill-timeout": 120.0,
     "--health-timeout": 5.0, "--transfer-timeout": 30.0, "--max-queue-wait": 30.0, "--drain-timeout": 30.0,
-    "--peer-pull": False,
+    "--place-wait": 0, "--kv-full-fallback": "wait", "--peer-pull": False,
     "--config": None, "--log-level": "INFO", "--log-format": "text",
 }
 
@@ -80,6 +80,10 @@ def test_serve_flags_land_in_the_tree_in_its_units():
     assert c.router.max_queue_wait_s is None and c.pools.prefill.initial_replicas == 2
     assert c.timeouts.stream_gap_s == 7.0 and c.engine.use_gpu and c.router.policy == "round-robin"
     assert c.server.shutdown_drain_s == 3.0 and c.workers("prefill") == 0      # local prefill: no prefill pool
+    assert c.router.place_wait_s is None and c.cost.kv_full_fallback == "wait"  # defaults: wait for room
+    a = cli.build_parser().parse_args(["serve", "--place-wait", "7.5", "--kv-full-fallback", "local"])
+    c = apply_flags(ClusterConfig(), a, a.tree_flags)
+    assert c.router.place_wait_s == 7.5 and c.cost.kv_full_fallback == "local"
 
 
 def test_override_rebuilds_nodes_and_refuses_unknown_paths():
