@@ -1,6 +1,7 @@
 """The named scenarios of `pdcluster bench scenario` (bench/scenario.py runs them). Each block says
 what it compares, why its sizes are what they are, and what was measured to choose them."""
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from pdcluster.bench.scenario import FRESH_DIR, Scenario, cluster, register
@@ -82,7 +83,7 @@ PREFIX_ROUTING = register(Scenario(
 # router/placement/pull_pricing.py) instead of recomputing it. What it isolates: a prompt placed away
 # from its prefix's holder (the holder busy) costs a pull of 24 blocks (17.7 MB) instead of a
 # 384-token prefill, so the router can spread load without repeating prefix compute.
-register(Scenario(
+PREFIX_PULL = register(Scenario(
     name="prefix-pull",
     summary="prefix-routing's workload, cost-model on both sides: recompute a prefix the other worker holds vs pull it",
     baseline=cluster(router__policy="cost-model", **_prefix_cfg),
@@ -99,18 +100,11 @@ register(Scenario(
 # prefix-routing-pull: prefix-routing with pulls on the candidate (issue 19's prefix-routing target:
 # >= 3x in every one of 3 runs now that pulls replace cold recomputes): round-robin against the cost
 # model whose local prefills may pull a prefix the other worker holds instead of recomputing it.
-register(Scenario(
-    name="prefix-routing-pull",
+register(replace(
+    PREFIX_PULL, name="prefix-routing-pull",
     summary="prefix-routing's workload: round-robin vs cost-model with peer pulls (--peer-pull)",
-    baseline=PREFIX_ROUTING.baseline,
-    candidate=cluster(router__policy="cost-model", cost__peer_pull=True, **_prefix_cfg),
-    labels=("round-robin", "cost-model+pull"),
-    dataset=PREFIX_ROUTING.dataset,
-    request_rate=PREFIX_ROUTING.request_rate,
-    goodput=PREFIX_ROUTING.goodput,
-    metrics=PREFIX_ROUTING.metrics,
-    notes=f"as prefix-routing (2 workers x {PREFIX_POOL_BLOCKS} blocks, local prefill); candidate: --peer-pull",
-))
+    baseline=PREFIX_ROUTING.baseline, labels=("round-robin", "cost-model+pull")))
+
 
 # layerwise-transfer: 1P+1D, prompts 512-2048 tokens one at a time (no queueing: TTFT = prefill +
 # the exposed part of the transfer), the KV link throttled to LAYERWISE_LINK_BPS of TCP payload (a

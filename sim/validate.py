@@ -179,53 +179,6 @@ def with_kv_pool(hw: Hardware, blocks: int, block_size: int, model: Model | str 
     return replace(hw, mem_util=1.0, mem_bytes=m.weight_bytes(hw.dtype_bytes) + (blocks * block_size + 0.5) * kvb)
 
 
-def _lstsq(a: list[tuple[float, ...]], y: list[float], nonneg=()) -> list[float] | None:
-    """Least squares x for a x ~ y (normal equations, Gaussian elimination); unknowns in `nonneg`
-    that come out negative are fixed at 0 and the rest solved again. None if singular."""
-    k = len(a[0])
-    free = list(range(k))
-    while True:
-        n = len(free)
-        ata = [[sum(r[free[i]] * r[free[j]] for r in a) for j in range(n)] for i in range(n)]
-        aty = [sum(r[free[i]] * v for r, v in zip(a, y)) for i in range(n)]
-        sol = _solve(ata, aty)
-        if sol is None:
-            return None
-        x = [0.0] * k
-        for i, f in enumerate(free):
-            x[f] = sol[i]
-        neg = [f for f in free if f in nonneg and x[f] < 0]
-        if not neg:
-            return x
-        free = [f for f in free if f not in neg]
-
-
-def _solve(m: list[list[float]], v: list[float]) -> list[float] | None:
-    n = len(v)
-    m = [row[:] + [v[i]] for i, row in enumerate(m)]
-    for c in range(n):
-        p = max(range(c, n), key=lambda r: abs(m[r][c]))
-        if abs(m[p][c]) < 1e-300:
-            return None
-        m[c], m[p] = m[p], m[c]
-        for r in range(n):
-            if r != c:
-                f = m[r][c] / m[c][c]
-                m[r] = [a - f * b for a, b in zip(m[r], m[c])]
-    return [m[i][n] / m[i][i] for i in range(n)]
-
-
-def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares (slope, intercept)."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
-        raise ValueError("need two distinct x values")
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    return slope, my - slope * mx
-
-
 def fit_report(probe: StepProbe, hw: Hardware, model: Model | str = LOCAL_MODEL) -> list[tuple[str, float, float]]:
     """(step, measured s, fitted s) for every probe step: how well the profile reproduces them."""
     roof = Roofline(model_profile(model) if isinstance(model, str) else model, hw, 1)
