@@ -34,7 +34,7 @@ step() {  # step NAME SECONDS CMD...: run with a time bound, keep its log, remem
 PYT=(python3 -m pytest -q -p no:cacheprovider --rootdir "$R" -c "$R/pyproject.toml")
 step kernel-tests 180 "${PYT[@]}" "$R/tests/kernels"
 step tiers-cuda 40 "${PYT[@]}" "$R/tests/unit/test_kv_tiers.py" -k cuda
-step gpu-engine 180 python3 -m pdcluster.bench.gpu_engine --tokenizer "$TOK" --out "$OUT/gpu-engine.json"
-step bench-kernels 60 python3 -m pdcluster.bench.kernels
+step gpu-engine 240 python3 -m pdcluster.bench.gpu_engine --tokenizer "$TOK" --out "$OUT/gpu-engine.json"
+step bench-kernels 90 python3 -m pdcluster.bench.kernels
 step bench-kernels-smollm2 40 python3 -m pdcluster.bench.kernels --heads 9 --kv-heads 3 --head-dim 64 --hidden 576
 exit $rc

@@ -7,13 +7,15 @@ SmolLM2-135M's architecture with seeded random weights, its LM head scaled so th
 the SmolLM2 tokenizer (--tokenizer). Both engines load that folder.
 
 Checks (each prints a row; any failure makes the exit status 1):
-- float32 without speculation, then each of: int8 KV cache, int8 / int4 weights (Triton w8a16 / w4a16),
-  n-gram speculation (on, the rest off):
+- float32 without speculation (decode steps replayed as CUDA graphs, the default), then each of: every
+  step eager (--enforce-eager), int8 KV cache, int8 / int4 weights (Triton w8a16 / w4a16), n-gram
+  speculation (on, the rest off):
   greedy tokens of 8 prompts (a shared prefix, one past a 2048-token chunk) under the top-5 rule
   against transformers in float32 (our token in its top-5 at every step where they differ, and the
-  first divergence ends the comparison of that sequence; speculation must equal the plain run);
-- bfloat16 decode throughput at batch 1 and 32 beside transformers' generate (same prompts, 128 new
-  tokens, EOS ignored).
+  first divergence ends the comparison of that sequence; speculation and the eager run must equal the
+  plain run);
+- bfloat16 decode throughput at batch 1 and 32, with CUDA graphs and eager (speculation off in both),
+  beside transformers' generate (same prompts, 128 new tokens, EOS ignored).
 
 Needs an NVIDIA GPU. `python -m pdcluster.bench.gpu_engine --tokenizer DIR [--out result.json]`
 """
@@ -97,22 +99,31 @@ def run_ours(path: str, ps, n: int, **knobs):
     return [o.token_ids for o in outs], llm
 
 
+def ours_tok_s(path: str, ps: list[list[int]], n: int, graphs: bool) -> tuple[float, int]:
+    """(output tokens/s of one generate call after a warm-up, steps replayed as graphs)."""
+    from pdcluster.engine import LLM, SamplingParams
+    llm = LLM(path, device=DEV, dtype="bfloat16", max_model_len=4096, kv_cache_memory=4 * 2**30,
+              speculative="off", cuda_graphs=graphs)
+    llm.generate(ps[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    sync()
+    t = time.perf_counter()
+    llm.generate(ps, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    sync()
+    tok_s = len(ps) * n / (time.perf_counter() - t)
+    g = llm.engine.runner.graphs
+    replays = g.replays if g is not None else 0
+    del llm
+    return tok_s, replays
+
+
 def throughput(path: str, batch: int, n: int, seed: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pdcluster.engine import LLM, SamplingParams
     g = torch.Generator().manual_seed(seed)
     ps = [torch.randint(100, 49000, (128,), generator=g).tolist() for _ in range(batch)]
-    llm = LLM(path, device=DEV, dtype="bfloat16", max_model_len=4096, kv_cache_memory=4 * 2**30)
-    sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-    llm.generate(ps[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-    sync()
-    t = time.perf_counter()
-    llm.generate(ps, sp)
-    sync()
-    ours = batch * n / (time.perf_counter() - t)
-    del llm
+    ours, replays = ours_tok_s(path, ps, n, graphs=DEV == "cuda")
+    eager, _ = ours_tok_s(path, ps, n, graphs=False)
     m = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16).to(DEV).eval()
     ids = torch.tensor(ps, device=DEV)
     with torch.no_grad():
@@ -124,7 +135,8 @@ def throughput(path: str, batch: int, n: int, seed: int) -> dict:
     hf = batch * n / (time.perf_counter() - t)
     del m
     sync()
-    return dict(batch=batch, ours_tok_s=round(ours, 1), hf_tok_s=round(hf, 1), ratio=round(ours / hf, 2))
+    return dict(batch=batch, ours_tok_s=round(ours, 1), graph_replays=replays, eager_tok_s=round(eager, 1),
+                hf_tok_s=round(hf, 1), ratio=round(ours / hf, 2), graphs_vs_eager=round(ours / eager, 2))
 
 
 def main(argv=None) -> int:
@@ -134,7 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens compared per prompt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--logit-scale", type=float, default=40.0, help="random embedding/head scale (peaked logits)")
-    ap.add_argument("--modes", nargs="*", default=["float32", "kv-int8", "w8a16", "w4a16", "spec-ngram"])
+    ap.add_argument("--modes", nargs="*", default=["float32", "eager", "kv-int8", "w8a16", "w4a16", "spec-ngram"])
     ap.add_argument("--out", default="", help="write the rows as JSON here too")
     ap.add_argument("--cpu-smoke", action="store_true", help="check the script's plumbing on CPU (torch path, "
                     "2 layers, short runs); its figures mean nothing")
@@ -153,13 +165,15 @@ def main(argv=None) -> int:
         ps = prompts(a.seed + 1)
         ref = hf_reference(path, ps, a.new_tokens)
         off = dict(speculative="off")       # every mode but spec-ngram without drafts: one thing changes at a time
-        knobs = {"float32": off, "kv-int8": off | dict(kv_cache_dtype="int8"), "w8a16": off | dict(quantization="int8"),
+        knobs = {"float32": off, "eager": off | dict(cuda_graphs=False), "kv-int8": off | dict(kv_cache_dtype="int8"), "w8a16": off | dict(quantization="int8"),
                  "w4a16": off | dict(quantization="int4"), "spec-ngram": dict(speculative="ngram")}
         plain = None
         for mode in a.modes:
             try:
                 toks, llm = run_ours(path, ps, a.new_tokens, **knobs[mode])
-                del llm
+                g = llm.engine.runner.graphs
+                replays = g.replays if g is not None else 0
+                del llm, g
                 sync()
             except Exception as e:          # a mode this build lacks, or a crash: a failed row
                 rows.append(dict(mode=mode, ok=False, error=f"{type(e).__name__}: {e}"[:300]))
@@ -169,10 +183,13 @@ def main(argv=None) -> int:
             checks = [top5_rule(t, r) for t, r in zip(toks, ref)]
             exact = sum(p == a.new_tokens for _, p in checks)
             row = dict(mode=mode, ok=all(c for c, _ in checks), exact=f"{exact}/{len(ps)}",
-                       first_divergence=[p for _, p in checks])
+                       first_divergence=[p for _, p in checks], graph_replays=replays)
+            if mode == "float32" and DEV == "cuda" and not replays:
+                row["ok"], row["error"] = False, "no decode step was replayed as a CUDA graph"
+
             if mode == "float32":
                 plain = toks
-            if mode == "spec-ngram" and plain is not None:
+            if mode in ("spec-ngram", "eager") and plain is not None:
                 row["equals_plain"] = toks == plain
                 row["ok"] = row["ok"] and row["equals_plain"]
             ok &= row["ok"]

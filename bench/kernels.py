@@ -13,7 +13,8 @@ each run, median).  "GB/s" is the kernel's minimum memory traffic (each input by
 output byte written once: the MB column) over its median time; "%BW" is that over the copy
 bandwidth, the figure the decode target is stated in.  Prefill is compute bound: its TFLOP/s column
 counts causal QK^T and PV only.  "xref" / "xsdpa" are baseline time / Triton time (> 1: Triton is
-faster).  SDPA runs on dense, unpaged K/V of the same sizes.  "err" is max|triton - ref| / max|ref|
+faster).  SDPA runs on dense, unpaged K/V of the same sizes; for w4a16 / w8a16 the same column holds
+cuBLAS's F.linear on the dense weight in --dtype (what the packed weight replaces).  "err" is max|triton - ref| / max|ref|
 on the benchmark's own inputs (a sanity check at bf16/fp16, where the tests cannot run).
 
 --cpu-smoke runs tiny float32 shapes on CPU under TRITON_INTERPRET=1 to check this script's
@@ -32,7 +33,8 @@ from dataclasses import dataclass, field
 NO_GPU = ("pdcluster.bench.kernels needs an NVIDIA GPU (torch.cuda.is_available() is False on this machine).\n"
           "Run it on a GPU host:  python -m pdcluster.bench.kernels    (python -m pdcluster.bench.kernels --cpu-smoke only "
           "checks the script)")
-KERNELS = ("decode", "prefill", "store_kv", "rms_norm", "rotary", "pack_kv", "unpack_kv")
+KERNELS = ("decode", "decode_int8", "prefill", "store_kv", "rms_norm", "rotary", "pack_kv", "unpack_kv", "w4a16",
+           "w8a16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-len", type=int, default=2048, help="new tokens per prefill sequence (no prefix)")
     p.add_argument("--tokens", type=int, default=4096, help="rows for store_kv / rms_norm / rotary")
     p.add_argument("--pack-blocks", type=int, default=256, help="blocks per pack_kv / unpack_kv call")
+    p.add_argument("--linear-rows", type=int, nargs="*", default=[1, 16, 256],
+                   help="rows of x for w4a16 / w8a16 (weight [4 * hidden, hidden], an MLP up projection)")
     p.add_argument("--num-splits", type=int, nargs="*", default=None,
                    help="decode split-KV counts to time (default: the launcher's heuristic)")
     p.add_argument("--only", nargs="*", choices=KERNELS, default=None, help="run only these kernels")
@@ -163,6 +167,48 @@ def case_decode(a, torch, K, dev, dtype, timer) -> list[Row]:
         ms = timer(lambda: K.paged_decode_attention(q, kc, vc, bt, lens, scale, num_splits=ns))
         rows.append(Row(f"decode B={B} ctx={ctx} splits={ns}", ms, nbytes, 4 * B * H * ctx * D, dict(base),
                         rel_err(out, ref) if ref is not None else None))
+    return rows
+
+
+def case_decode_int8(a, torch, K, dev, dtype, timer) -> list[Row]:
+    """Decode over an int8 KV cache (codes + a float32 scale per (block, kv head)): half the bytes of bf16."""
+    from pdcluster.kernels.store_kv import quantize
+    B, ctx, H, kvh, D = a.batch, a.context, a.heads, a.kv_heads, a.head_dim
+    kc, vc, bt = _paged(torch, B, ctx, kvh, D, a.block_size, dtype, dev)
+    ks, vs = (c.float().abs().amax((1, 3)) / 127 for c in (kc, vc))                 # [num_blocks, kvh]
+    kq, vq = (quantize(c, (1 / s)[:, None, :, None], "int8") for c, s in ((kc, ks), (vc, vs)))
+    del kc, vc
+    q = torch.randn(B, H, D, device=dev).to(dtype)
+    lens = torch.full((B,), ctx, dtype=torch.int32, device=dev)
+    scale = D ** -0.5
+    nbytes = 2 * B * ctx * kvh * D + 2 * q.numel() * q.element_size() + bt.numel() * 4 + B * 4 + 2 * ks.numel() * 4
+    run = lambda: K.paged_decode_attention(q, kq, vq, bt, lens, scale, k_scale=ks, v_scale=vs)  # noqa: E731
+    out = run()
+    base, err = versus_ref(a, timer, out, lambda: K.paged_decode_attention_ref(q, kq, vq, bt, lens, scale,
+                                                                              k_scale=ks, v_scale=vs))
+    return [Row(f"decode int8 KV B={B} ctx={ctx}", timer(run), nbytes, 4 * B * H * ctx * D, base, err)]
+
+
+def case_wq(a, torch, K, dev, dtype, timer, bits: int) -> list[Row]:
+    """Weight-only int4 (groups of 32, scale + zero) / int8 (per row) linear, x [M, hidden] @ W^T,
+    W [4 * hidden, hidden]; beside cuBLAS on the dense weight."""
+    from pdcluster.engine.quant.packed import quantize_int4, quantize_int8
+    N, Kd = 4 * a.hidden, a.hidden
+    w = torch.randn(N, Kd, device=dev, dtype=torch.float32) * 0.02
+    p = quantize_int4(w) if bits == 4 else quantize_int8(w)
+    wd = w.to(dtype)
+    del w
+    args = (p.q, p.scale, p.zero) if bits == 4 else (p.q, p.scale)
+    fn, ref = (K.w4a16_matmul, K.w4a16_matmul_ref) if bits == 4 else (K.w8a16_matmul, K.w8a16_matmul_ref)
+    wbytes = sum(t.numel() * t.element_size() for t in args)
+    rows = []
+    for M in a.linear_rows:
+        x = torch.randn(M, Kd, device=dev).to(dtype)
+        out = fn(x, *args)
+        base, err = versus_ref(a, timer, out, lambda: ref(x, *args))
+        base["sdpa"] = timer(lambda: torch.nn.functional.linear(x, wd))
+        nbytes = wbytes + (x.numel() + M * N) * x.element_size()
+        rows.append(Row(f"w{bits}a16 M={M} {N}x{Kd}", timer(lambda: fn(x, *args)), nbytes, 2 * M * N * Kd, base, err))
     return rows
 
 
@@ -283,6 +329,7 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"                     # before `kernels` is first imported
         a.batch, a.context, a.heads, a.kv_heads, a.head_dim = 2, 40, 4, 2, 16
         a.hidden, a.tokens, a.prefill_seqs, a.prefill_len, a.pack_blocks = 64, 8, 2, 20, 3
+        a.linear_rows = [1, 3]
         a.dtype = "float32"
     import torch
 
@@ -297,7 +344,8 @@ def main(argv=None) -> int:
     timer = make_timer(dev)
     bw = copy_bandwidth(dev, timer)
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU (interpreter smoke run: numbers are meaningless)"
-    cases = {"decode": case_decode, "prefill": case_prefill, "store_kv": case_store_kv, "rms_norm": case_rms_norm,
+    cases = {"decode": case_decode, "decode_int8": case_decode_int8, "prefill": case_prefill,
+             "w4a16": lambda *x: case_wq(*x, bits=4), "w8a16": lambda *x: case_wq(*x, bits=8), "store_kv": case_store_kv, "rms_norm": case_rms_norm,
              "rotary": case_rotary,
              "pack_kv": lambda *x: case_pack(*x, unpack=False), "unpack_kv": lambda *x: case_pack(*x, unpack=True)}
     rows: list[Row] = []

@@ -81,6 +81,9 @@ class EngineSection:
     threads_per_worker: int = field(default=1, metadata={   # also the Ray CPUs reserved per actor
         "help": "CPU hosts: torch threads per worker actor"})
     use_gpu: bool = field(default=False, metadata={"cli": "--gpu", "help": "one GPU per worker actor (CUDA hosts)"})
+    enforce_eager: bool = field(default=False, metadata={"help": (
+        "CUDA hosts: run every step eagerly; by default decode steps replay CUDA graphs captured at start, one "
+        "per batch-size bucket (CPU steps are always eager)")})
 
     @property
     def device(self) -> str:
@@ -95,6 +98,7 @@ class EngineSection:
         from dataclasses import asdict
         return dict(model=model, dtype=self.dtype, quantization=self.quantization, kv_cache_dtype=self.kv_cache_dtype,
                     device=self.device, speculative=self.speculative, max_model_len=self.max_model_len,
+                    cuda_graphs=not self.enforce_eager,
                     **asdict(self.cache), **asdict(self.sched))
 
 

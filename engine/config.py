@@ -132,6 +132,9 @@ class EngineConfig:
     spec_ngram_n: int = 4                # longest n-gram matched (shortest: 2)
     spec_max_step_tokens: int = 16       # drafts only while a step has fewer rows than this (engine/spec/decoder.py)
     num_threads: int | None = None       # torch.set_num_threads on CPU hosts
+    cuda_graphs: bool = True             # pure-decode steps replayed as CUDA graphs captured at start
+                                         #   (engine/cuda_graphs.py; Triton backend on CUDA only, CPU
+                                         #   steps are always eager); False = vLLM's --enforce-eager
 
     def __post_init__(self):
         from pdcluster.engine.quant.policy import check_mode

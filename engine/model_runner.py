@@ -15,6 +15,7 @@ import torch
 
 from pdcluster.engine.attention import AttnMeta, PrefillSeq
 from pdcluster.engine.config import EngineConfig
+from pdcluster.engine.cuda_graphs import DecodeGraphs, batch_buckets, pure_decode
 from pdcluster.engine.kv_quant import QuantKV, new_quant_kv_pair
 from pdcluster.engine.llama import LlamaModel
 from pdcluster.engine.request import Request
@@ -69,6 +70,12 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Ten
     return torch.from_numpy(raw).view(dtype)
 
 
+def uses_cuda_graphs(cfg: EngineConfig, model: LlamaModel) -> bool:
+    """Decode steps captured as CUDA graphs: asked for, on CUDA, with the compiled Triton kernels."""
+    from pdcluster.kernels._triton import INTERPRET
+    return cfg.cuda_graphs and model.triton and torch.device(cfg.device).type == "cuda" and not INTERPRET
+
+
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, model: LlamaModel, num_blocks: int):
         self.cfg = cfg
@@ -76,7 +83,9 @@ class ModelRunner:
         self.device = cfg.device
         self.block_size = cfg.cache.block_size
         m, dt = cfg.model, DTYPES[cfg.dtype]
-        shape = (num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
+        graphs = uses_cuda_graphs(cfg, model)
+        # CUDA graphs: one block past the pool (never handed out) takes the padding rows' KV
+        shape = (num_blocks + graphs, self.block_size, m.num_kv_heads, m.head_dim)
         # zeros, not empty: masked positions must hold finite values (0 * NaN would poison SDPA)
         zeros = lambda s, d: _zeros(s, d, self.device)   # noqa: E731
         if cfg.kv_cache_dtype == "auto":
@@ -88,6 +97,12 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator | None] = {}
         self.grammars = None            # engine/structured.Grammars, set by the engine on first use
         self.matchers: dict[str, object] = {}   # request id -> its grammar matcher
+        self.graphs = None                      # engine/cuda_graphs.py: pure-decode steps replayed
+        if graphs:
+            width = -(-(cfg.max_model_len + cfg.spec_ngram_k) // self.block_size) + 1
+            self.graphs = DecodeGraphs(model.forward, self.k_caches, self.v_caches,
+                                       buckets=batch_buckets(cfg.sched.max_num_seqs), block_size=self.block_size,
+                                       max_blocks=width, scratch_block=num_blocks, device=self.device)
 
     def kv_cache_bytes(self) -> int:
         return sum(t.nbytes if isinstance(t, QuantKV) else t.numel() * t.element_size()
@@ -142,8 +157,11 @@ class ModelRunner:
         """One forward step. Returns per request a sampled token (None for a partial prefill chunk;
         a list for a request with drafts: the accepted ones and the token after them) and its
         logprobs (None unless asked)."""
-        ids, pos, meta, rows = self.prepare(batch)
-        hidden = self.model.forward(ids, pos, meta, self.k_caches, self.v_caches, layer_hook, layer_wait)
+        if self._replayable(batch):
+            hidden, rows = self._replay(batch, layer_hook, layer_wait), list(range(len(batch)))
+        else:
+            ids, pos, meta, rows = self.prepare(batch)
+            hidden = self.model.forward(ids, pos, meta, self.k_caches, self.v_caches, layer_hook, layer_wait)
         want = [i for i in range(len(batch)) if batch.samples(i)]
         out: list[int | list[int] | None] = [None] * len(batch)
         lps: list[TokenLogprobs | None] = [None] * len(batch)
@@ -165,6 +183,24 @@ class ModelRunner:
         for k, i in enumerate(want):
             out[i], lps[i] = toks[k], logprobs[k]
         return out, lps
+
+    def _replayable(self, batch: ScheduledBatch) -> bool:
+        g = self.graphs
+        return (g is not None and g.bucket(len(batch)) is not None and pure_decode(batch.reqs, batch.num_new_tokens)
+                and all(len(r.block_ids) <= g.width for r in batch.reqs))
+
+    def _replay(self, batch: ScheduledBatch, layer_hook, layer_wait) -> torch.Tensor:
+        """A pure-decode step as one graph replay. The connector's per-layer calls keep their meaning:
+        every wait before the step (a pure-decode batch loads nothing in step), every layer's hook after it."""
+        L = len(self.k_caches)
+        if layer_wait is not None:
+            for li in range(L):
+                layer_wait(li)
+        hidden = self.graphs.run(batch.reqs)
+        if layer_hook is not None:
+            for li in range(L):
+                layer_hook(li)
+        return hidden
 
     def _verify(self, batch: ScheduledBatch, spec: list[int], hidden: torch.Tensor, rows: list[int],
                 out: list) -> None:

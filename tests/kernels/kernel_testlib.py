@@ -61,3 +61,28 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: li
             p = torch.softmax(kk @ q[i, h].double() * scale, dim=0)
             out[i, h] = p @ vv
     return out
+
+
+def llama_weights(cfg, seed: int = 0, std: float = 0.2, head_scale: float | None = None) -> dict[str, torch.Tensor]:
+    """A random Llama state dict for ModelConfig `cfg` (HF names), N(0, std) weights, norms near 1.
+    head_scale: an untied LM head (cfg.tie_word_embeddings False) and embedding scaled by it, so greedy
+    logits are peaked and not the input token's own row."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * std  # noqa: E731
+    c = cfg
+    sd = {"model.embed_tokens.weight": r(c.vocab_size, c.hidden_size) * (head_scale or 1),
+          "model.norm.weight": 1 + r(c.hidden_size)}
+    if head_scale is not None:
+        sd["lm_head.weight"] = r(c.vocab_size, c.hidden_size) * head_scale
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}"
+        sd |= {f"{p}.self_attn.q_proj.weight": r(c.q_size, c.hidden_size),
+               f"{p}.self_attn.k_proj.weight": r(c.kv_size, c.hidden_size),
+               f"{p}.self_attn.v_proj.weight": r(c.kv_size, c.hidden_size),
+               f"{p}.self_attn.o_proj.weight": r(c.hidden_size, c.q_size),
+               f"{p}.mlp.gate_proj.weight": r(c.intermediate_size, c.hidden_size),
+               f"{p}.mlp.up_proj.weight": r(c.intermediate_size, c.hidden_size),
+               f"{p}.mlp.down_proj.weight": r(c.hidden_size, c.intermediate_size),
+               f"{p}.input_layernorm.weight": 1 + r(c.hidden_size),
+               f"{p}.post_attention_layernorm.weight": 1 + r(c.hidden_size)}
+    return sd

@@ -10,27 +10,14 @@ from pdcluster.engine.request import Request
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.engine.scheduler import Scheduler
 
+from .kernel_testlib import llama_weights
+
 CFG = ModelConfig(name="tiny", path="-", vocab_size=96, hidden_size=48, intermediate_size=64, num_layers=2,
                   num_heads=6, num_kv_heads=2, head_dim=8, max_position_embeddings=256, tie_word_embeddings=True)
 
 
 def weights(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
-    c, sd = CFG, {"model.embed_tokens.weight": r(CFG.vocab_size, CFG.hidden_size),
-                  "model.norm.weight": 1 + r(CFG.hidden_size)}
-    for i in range(c.num_layers):
-        p = f"model.layers.{i}"
-        sd |= {f"{p}.self_attn.q_proj.weight": r(c.q_size, c.hidden_size),
-               f"{p}.self_attn.k_proj.weight": r(c.kv_size, c.hidden_size),
-               f"{p}.self_attn.v_proj.weight": r(c.kv_size, c.hidden_size),
-               f"{p}.self_attn.o_proj.weight": r(c.hidden_size, c.q_size),
-               f"{p}.mlp.gate_proj.weight": r(c.intermediate_size, c.hidden_size),
-               f"{p}.mlp.up_proj.weight": r(c.intermediate_size, c.hidden_size),
-               f"{p}.mlp.down_proj.weight": r(c.hidden_size, c.intermediate_size),
-               f"{p}.input_layernorm.weight": 1 + r(c.hidden_size),
-               f"{p}.post_attention_layernorm.weight": 1 + r(c.hidden_size)}
-    return sd
+    return llama_weights(CFG, seed)
 
 
 def run(backend: str, device: str, kv_cache_dtype: str = "auto"):
