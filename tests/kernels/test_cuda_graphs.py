@@ -1,6 +1,7 @@
 """Decode steps replayed as CUDA graphs (engine/cuda_graphs.py) give what the eager steps give: the same
-greedy tokens and the same KV in every request's blocks, over batches that shrink through the buckets
-(padding rows), steps that mix prefill chunks (eager) with pure decodes (replayed), and an int8 KV cache.
+greedy tokens and the same KV in every block of the pool, over batches that shrink through the buckets
+(padding rows, which write only a scratch block past the pool), steps that mix prefill chunks (eager)
+with pure decodes (replayed), an int8 KV cache and int4 weights (w4a16).
 CUDA only: graphs are never captured on CPU (the interpreter's runs skip this module)."""
 import pytest
 import torch
@@ -72,19 +73,14 @@ def test_replayed_decode_steps_match_eager_steps(mode):
     eager, er = run(False, **mode)
     graph, gr = run(True, **mode)
     assert gr.graphs.replays >= 15                     # most steps were replays, several bucket sizes
+    assert er.k_caches[0].shape[0] == BLOCKS and gr.k_caches[0].shape[0] == BLOCKS + 1
+    k0 = gr.k_caches[0]
+    assert (k0.data if isinstance(k0, QuantKV) else k0)[BLOCKS].float().abs().max() > 0   # padding rows went there
     assert [r.output_token_ids for r in graph] == [r.output_token_ids for r in eager]
-    for layer in range(CFG.num_layers):
+    for layer in range(CFG.num_layers):       # the eager run has no padding: nothing else in the pool was touched
         a, b = pool_kv(gr, layer), pool_kv(er, layer)
         assert a.abs().max() > 0
         # an int8 code may round the other way where the inputs differ in their last float bits: one step
         tol = 1e-4 if "kv_cache_dtype" not in mode else float(a.abs().max()) / 127 * 1.01
         assert torch.allclose(a, b, rtol=1e-4, atol=tol), (a - b).abs().max()
 
-
-def test_replay_of_a_shrinking_batch_leaves_other_blocks_alone():
-    """Padding rows write only the scratch block: a block no request holds stays zero."""
-    reqs, runner = run(True)
-    used = {b for r in reqs for b in r.block_ids}
-    free = [b for b in range(BLOCKS) if b not in used]
-    assert free and runner.k_caches[0].shape[0] == BLOCKS + 1
-    assert runner.k_caches[0][free].abs().max() == 0 and runner.v_caches[0][free].abs().max() == 0
