@@ -6,19 +6,24 @@ import torch
 from pdcluster.kernels._triton import new_empty, tl, triton
 
 GEMV_MAX_ROWS = 4
-BLOCK_N = 64
+GEMV_BLOCK_N = 32      # output columns per GEMV program: N / 32 programs (512 for an 8B MLP's 16384),
+                       #   enough to keep every SM streaming weight rows
+GEMM_BLOCK_N = 64
 
 
-def launch_plan(x: torch.Tensor, N: int):
-    """y [M, N] (x.dtype, uninitialized) and, unless it is empty, the launch: (grid, meta-parameters)."""
+def launch_plan(x: torch.Tensor, N: int, k_step: tuple[int, int]):
+    """y [M, N] (x.dtype, uninitialized) and, unless it is empty, the launch: (grid, meta-parameters).
+    k_step: the kernel's BLOCK_K for (GEMV, GEMM). GEMM row tiles grow with M (16 / 32 / 64) so a
+    weight tile is dequantized fewer times per call."""
     M = x.shape[0]
     y = new_empty((M, N), x.dtype, x.device)
     if M == 0 or N == 0:
         return y, None
     gemv = M <= GEMV_MAX_ROWS
-    bm = 1 if gemv else 16
-    return y, ((triton.cdiv(M, bm), triton.cdiv(N, BLOCK_N)),
-               dict(BLOCK_M=bm, BLOCK_N=BLOCK_N, GEMV=gemv, PRECISION="ieee" if x.dtype == torch.float32 else "tf32"))
+    bm, bn = (1, GEMV_BLOCK_N) if gemv else (16 if M <= 16 else 32 if M <= 32 else 64, GEMM_BLOCK_N)
+    return y, ((triton.cdiv(M, bm), triton.cdiv(N, bn)),
+               dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=k_step[0] if gemv else k_step[1], GEMV=gemv,
+                    PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4))
 
 
 @triton.jit

@@ -5,8 +5,8 @@
     scale  [N, K/G]   float, zero alike (G = K / scale.shape[1]: a power of two >= 16; 32 for GGUF)
     W[n, k] = (q[n, k] - 8) * scale[n, k // G] + zero[n, k // G]
     y      [M, N]     x.dtype, accumulated in float32
-Grid (M-tiles, N-tiles), one group of K per step; GEMV for a few rows, GEMM tiles above
-(kernels/quant_tile.py).
+Grid (M-tiles, N-tiles), BLOCK_K packed bytes (2 x BLOCK_K of K, any number of groups) per step; GEMV
+for a few rows, GEMM tiles above (kernels/quant_tile.py).
 """
 from __future__ import annotations
 
@@ -16,27 +16,40 @@ from pdcluster.kernels._triton import FLOAT_DTYPES, check, check_launch, tl, tri
 from pdcluster.kernels.quant_tile import launch_plan, mac, tile_offsets
 
 
+K_STEP = (64, 32)      # BLOCK_K in packed bytes (2 weights each) for GEMV and for GEMM tiles
+
+
 @triton.jit
 def _w4a16_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, y_ptr,
     M, N, K,
     s_xm, s_qn, s_sn, s_zn, s_ym,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GEMV: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """Each step takes BLOCK_K whole bytes of every weight row: their low nibbles are the even k, the
+    high nibbles the odd k, multiplied against x's even and odd columns (no interleave needed)."""
     rm, rn, m_ok, n_ok = tile_offsets(BLOCK_M, BLOCK_N, M, N)
-    rk = tl.arange(0, GROUP)
-    shift = (rk % 2) * 4                                                   # low nibble for even k
+    jb = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for g in range(0, K // GROUP):
-        k = g * GROUP + rk
-        b = tl.load(q_ptr + rn[:, None].to(tl.int64) * s_qn + (k // 2)[None, :], mask=n_ok[:, None], other=0)
-        code = (b.to(tl.int32) >> shift[None, :]) & 15                    # [BN, G]
-        s = tl.load(s_ptr + rn * s_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + rn * s_zn + g, mask=n_ok, other=0.0).to(tl.float32)
-        w = (code.to(tl.float32) - 8.0) * s[:, None] + z[:, None]          # [BN, G] float32
-        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * s_xm + k[None, :], mask=m_ok[:, None], other=0.0)
-        acc = mac(acc, x, w, GEMV, PRECISION)
+    KB = K // 2
+    q_rows = q_ptr + rn[:, None].to(tl.int64) * s_qn
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * s_xm
+    for kb0 in range(0, KB, BLOCK_K):
+        kb = kb0 + jb                                                      # byte index [BK]
+        kb_ok = kb < KB
+        w_ok = n_ok[:, None] & kb_ok[None, :]
+        b = tl.load(q_rows + kb[None, :], mask=w_ok, other=0)             # uint8 [BN, BK]
+        grp = (2 * kb) // GROUP                                            # both nibbles share a group
+        s = tl.load(s_ptr + rn[:, None] * s_sn + grp[None, :], mask=w_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + rn[:, None] * s_zn + grp[None, :], mask=w_ok, other=0.0).to(tl.float32)
+        lo = ((b & 15).to(tl.float32) - 8.0) * s + z                       # W[:, 2 kb]
+        hi = ((b >> 4).to(tl.float32) - 8.0) * s + z                       # W[:, 2 kb + 1]
+        x_ok = m_ok[:, None] & kb_ok[None, :]
+        xe = tl.load(x_rows + (2 * kb)[None, :], mask=x_ok, other=0.0)
+        xo = tl.load(x_rows + (2 * kb + 1)[None, :], mask=x_ok, other=0.0)
+        acc = mac(acc, xe, lo, GEMV, PRECISION)
+        acc = mac(acc, xo, hi, GEMV, PRECISION)
     tl.store(y_ptr + rm[:, None].to(tl.int64) * s_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_ok[:, None] & n_ok[None, :])
 
@@ -64,7 +77,7 @@ def w4a16_matmul(x, q, scale, zero):
     """Triton launcher; see the module docstring."""
     G = _check(x, q, scale, zero)
     check_launch("w4a16_matmul", x, q, scale, zero)
-    y, plan = launch_plan(x, q.shape[0])
+    y, plan = launch_plan(x, q.shape[0], K_STEP)
     if plan is not None:
         grid, meta = plan
         _w4a16_kernel[grid](x, q, scale, zero, y, x.shape[0], q.shape[0], x.shape[1],

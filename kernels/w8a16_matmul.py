@@ -16,6 +16,9 @@ from pdcluster.kernels._triton import FLOAT_DTYPES, check, check_launch, tl, tri
 from pdcluster.kernels.quant_tile import launch_plan, mac, tile_offsets
 
 
+K_STEP = (128, 64)     # BLOCK_K for GEMV (an int8 [32, 128] weight tile per step) and for GEMM tiles
+
+
 @triton.jit
 def _w8a16_kernel(
     x_ptr, q_ptr, s_ptr, y_ptr,
@@ -55,11 +58,11 @@ def w8a16_matmul(x, q, scale):
     """Triton launcher; see the module docstring."""
     _check(x, q, scale)
     check_launch("w8a16_matmul", x, q, scale)
-    y, plan = launch_plan(x, q.shape[0])
+    y, plan = launch_plan(x, q.shape[0], K_STEP)
     if plan is not None:
         grid, meta = plan
         _w8a16_kernel[grid](x, q, scale, y, x.shape[0], q.shape[0], x.shape[1], x.stride(0), q.stride(0),
-                            y.stride(0), BLOCK_K=64, **meta)
+                            y.stride(0), **meta)
     return y
 
 

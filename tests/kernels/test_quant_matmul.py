@@ -19,16 +19,16 @@ def _x(M, K, device):
     return torch.randn(M, K + 16, device=device)[:, 8:8 + K]             # strided rows
 
 
-@pytest.mark.parametrize("M", [1, 3, 5, 21])                              # GEMV (<= 4 rows) and GEMM
-@pytest.mark.parametrize("N,K,G", [(96, 64, 32), (40, 96, 32), (64, 48, 16)])
+@pytest.mark.parametrize("M", [1, 3, 5, 21, 40])                          # GEMV (<= 4 rows), GEMM tiles of 16 / 32 / 64
+@pytest.mark.parametrize("N,K,G", [(96, 64, 32), (40, 96, 32), (64, 48, 16), (72, 320, 32)])   # K off the step
 def test_w4a16_matches_reference(device, M, N, K, G):
     q, s, z = _int4(N, K, G, device)
     x = _x(M, K, device)
     assert_rel(w4a16_matmul(x, q, s, z), w4a16_matmul_ref(x, q, s, z), tol=1e-5)
 
 
-@pytest.mark.parametrize("M", [1, 4, 18])
-@pytest.mark.parametrize("N,K", [(96, 64), (40, 100)])                    # K off BLOCK_K = 64
+@pytest.mark.parametrize("M", [1, 4, 18, 40])
+@pytest.mark.parametrize("N,K", [(96, 64), (40, 100), (72, 300)])         # K off BLOCK_K (128 / 64)
 def test_w8a16_matches_reference(device, M, N, K):
     q = torch.randint(-127, 128, (N, K), dtype=torch.int8, device=device)
     s = torch.rand(N, device=device) * 0.01
