@@ -6,9 +6,9 @@ import torch
 from pdcluster.kernels._triton import new_empty, tl, triton
 
 GEMV_MAX_ROWS = 4
-GEMV_BLOCK_N = 32      # output columns per GEMV program: N / 32 programs (512 for an 8B MLP's 16384),
+GEMV_BLOCK_N = 16      # output columns per GEMV program: N / 16 programs (1,024 for an 8B MLP's 16384),
                        #   enough to keep every SM streaming weight rows
-GEMM_BLOCK_N = 64
+GEMM_BLOCK_N = 128
 
 
 def launch_plan(x: torch.Tensor, N: int, k_step: tuple[int, int]):

@@ -16,7 +16,7 @@ from pdcluster.kernels._triton import FLOAT_DTYPES, check, check_launch, tl, tri
 from pdcluster.kernels.quant_tile import launch_plan, mac, tile_offsets
 
 
-K_STEP = (64, 32)      # BLOCK_K in packed bytes (2 weights each) for GEMV and for GEMM tiles
+K_STEP = (256, 32)     # BLOCK_K in packed bytes (2 weights each) for GEMV and for GEMM tiles (H200 sweep: RESULTS)
 
 
 @triton.jit

@@ -16,7 +16,7 @@ from pdcluster.kernels._triton import FLOAT_DTYPES, check, check_launch, tl, tri
 from pdcluster.kernels.quant_tile import launch_plan, mac, tile_offsets
 
 
-K_STEP = (128, 64)     # BLOCK_K for GEMV (an int8 [32, 128] weight tile per step) and for GEMM tiles
+K_STEP = (64, 64)      # BLOCK_K for GEMV (an int8 [16, 64] weight tile per step) and GEMM tiles (H200 sweep: RESULTS)
 
 
 @triton.jit
