@@ -87,6 +87,9 @@ class CacheConfig:
     tier_codec: str = field(default="none", metadata={"cli": "--kv-tier-codec", "choices": TIER_CODECS, "help": (
         "how the host and disk tiers keep KV blocks: as computed, or int8 / fp8 with a scale per block, "
         "layer and KV head (kv_transfer/codec.py; ~4x smaller for float32 caches, lossy)")})
+    tier_layerwise: bool = field(default=True, metadata={"cli": "--kv-tier-block-loads", "help": (
+        "host-tier hits load whole blocks before their request's step, instead of layer by layer inside "
+        "it (overlapped with computing the prompt's tail; disk hits always load whole blocks first)")})
 
     def __post_init__(self):
         for name in ("host_cache_gb", "disk_cache_gb"):

@@ -17,7 +17,8 @@ def tier_config(cache, worker_id: str | None = None) -> TierConfig:
     if d is not None and worker_id is not None:
         d = os.path.join(d, worker_id)
     return TierConfig(host_bytes=int(cache.host_cache_gb * GIB), disk_dir=d, disk_bytes=int(cache.disk_cache_gb * GIB),
-                      codec=cache.tier_codec, protected_fraction=cache.protected_fraction)
+                      codec=cache.tier_codec, protected_fraction=cache.protected_fraction,
+                      layerwise=cache.tier_layerwise)
 
 
 def attach_tiers(engine, inner: KVConnector | None = None, worker_id: str | None = None) -> TierConnector | None:

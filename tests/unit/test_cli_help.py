@@ -42,7 +42,7 @@ SERVE_FLAGS = {     # every flag serve has (each one it had before the tree kept
     "--max-num-seqs": 64, "--max-num-batched-tokens": 2048, "--max-model-len": None, "--local-prefill": False,
     "--local-prefill-max-tokens": 0, "--metrics-port": 9090, "--http-port": 8000, "--kv-transport": "tcp",
     "--kv-compression": "off", "--quantization": "none", "--kv-cache-dtype": "auto", "--speculative": "ngram",
-    "--kv-host-cache-gb": 0.0, "--kv-disk-cache-dir": None, "--kv-disk-cache-gb": 0.0, "--kv-tier-codec": "none",
+    "--kv-host-cache-gb": 0.0, "--kv-disk-cache-dir": None, "--kv-disk-cache-gb": 0.0, "--kv-tier-codec": "none", "--kv-tier-block-loads": False,
     "--policy": "cost-model", "--auth-token-file": None, "--tls-cert": None, "--tls-key": None,
     "--cluster-secret-file": None, "--max-restarts": 3, "--worker-timeout": 60.0, "--prefill-timeout": 120.0,
     "--health-timeout": 5.0, "--transfer-timeout": 30.0, "--max-queue-wait": 30.0, "--drain-timeout": 30.0,
@@ -85,8 +85,10 @@ def test_serve_flags_land_in_the_tree_in_its_units():
     c = apply_flags(ClusterConfig(), a, a.tree_flags)
     assert c.router.place_wait_s == 7.5 and c.cost.kv_full_fallback == "local"
     assert c.engine.engine_kwargs(None)["cuda_graphs"] is True                 # graphs unless --enforce-eager
-    a = cli.build_parser().parse_args(["serve", "--enforce-eager"])
-    assert apply_flags(ClusterConfig(), a, a.tree_flags).engine_kwargs("decode")["cuda_graphs"] is False
+    a = cli.build_parser().parse_args(["serve", "--enforce-eager", "--kv-tier-block-loads"])
+    c = apply_flags(ClusterConfig(), a, a.tree_flags)
+    assert c.engine_kwargs("decode")["cuda_graphs"] is False and c.engine.cache.tier_layerwise is False
+    assert ClusterConfig().engine.cache.tier_layerwise is True
 
 
 def test_override_rebuilds_nodes_and_refuses_unknown_paths():

@@ -231,18 +231,23 @@ def test_kv_tiers_per_pool_and_by_flag_reach_the_workers(tmp_path):
     text, _ = edited("    disk_cache_dir: null", f"    disk_cache_dir: {tmp_path}", after="\ndecode:")
     text, _ = edited("    disk_cache_gb: null", "    disk_cache_gb: 8", text, after="\ndecode:")
     text, _ = edited("    host_cache_gb: null", "    host_cache_gb: 0", text, after="\ndecode:")
+    text, _ = edited("    tier_layerwise: null", "    tier_layerwise: false", text, after="\ndecode:")
     c = parse_pools_config(text, base=base)
     d, p = c.engine_kwargs("decode"), c.engine_kwargs("prefill")
     assert (d["host_cache_gb"], d["disk_cache_dir"], d["disk_cache_gb"]) == (0, str(tmp_path), 8)
+    assert d["tier_layerwise"] is False and p["tier_layerwise"] is True              # the file's, the engine's
     assert (p["host_cache_gb"], p["disk_cache_dir"], p["disk_cache_gb"]) == (1.5, None, 0.0)
     from pdcluster.engine.config import CacheConfig
     fields = {f.name for f in dataclasses.fields(CacheConfig)}
-    CacheConfig(**{k: v for k, v in d.items() if k in fields})                         # what a worker builds
+    cache = CacheConfig(**{k: v for k, v in d.items() if k in fields})                 # what a worker builds
+    from pdcluster.kv_transfer.tiers.attach import tier_config
+    assert tier_config(cache).layerwise is False and tier_config(CacheConfig()).layerwise is True
 
 
 @pytest.mark.parametrize("old,new,key,msg", [
     ("    host_cache_gb: null", "    host_cache_gb: -1", "decode.kv_tiers.host_cache_gb", "must be >= 0"),
     ("    tier_codec: null", "    tier_codec: zip", "decode.kv_tiers.tier_codec", "must be one of none, int8, fp8"),
+    ("    tier_layerwise: null", "    tier_layerwise: 1", "decode.kv_tiers.tier_layerwise", "expected true or false"),
     ("    disk_cache_gb: null", "    disk_cache_gb: 4", "decode.kv_tiers", "needs both disk_cache_dir"),
 ])
 def test_bad_kv_tiers_name_key_and_line(tmp_path, old, new, key, msg):
