@@ -149,6 +149,9 @@ class EngineConfig:
                              f"{self.spec_ngram_k}, {self.spec_max_step_tokens}, {self.spec_ngram_n}")
         from pdcluster.engine.kv_quant import check_kv_cache_dtype
         check_kv_cache_dtype(self.kv_cache_dtype)
+        if self.kv_cache_dtype != "auto" and self.cache.tier_codec not in ("none", self.kv_cache_dtype):
+            raise ValueError(f"a {self.kv_cache_dtype} KV cache keeps its own codes in the host/disk tiers: "
+                             f"tier codec must be none or {self.kv_cache_dtype}, got {self.cache.tier_codec}")
 
     @property
     def max_model_len(self) -> int:

@@ -9,6 +9,8 @@ per (row, kv_head):
     q       [2L, block_size, kv_heads, head_dim]  int8 / float8_e4m3fn
     scales  [2L, kv_heads]                       float32
 The disk tier stores exactly these bytes (q then scales), so a block round-trips bit for bit.
+A device pool that is itself quantized (engine/kv_quant.py QuantKV: the same codes and per (block, kv
+head) scales) is "native": its blocks go below as they are (codec = the cache's), never re-encoded.
 """
 from __future__ import annotations
 
@@ -27,13 +29,22 @@ class Geometry:
     block_size: int
     kv_heads: int
     head_dim: int
-    dtype: torch.dtype          # the device pool's
+    dtype: torch.dtype          # the device pool's (a quantized pool: the float dtype it stands for)
     codec: str = "none"         # the lower tiers': none | int8 | fp8
+    native: bool = False        # the device pool holds this codec's codes + scales itself
 
     @classmethod
-    def of(cls, k_caches: list[torch.Tensor], codec: str) -> "Geometry":
+    def of(cls, k_caches: list, codec: str) -> "Geometry":
+        """codec: the tiers' (--kv-tier-codec). A quantized pool's blocks keep its own codec: codec must
+        be none (as computed) or that codec."""
         wire_codec.check_codec(codec)
         _, bs, h, d = k_caches[0].shape
+        own = getattr(k_caches[0], "codec", None)           # QuantKV: "int8" | "fp8"
+        if own is not None:
+            if codec not in ("none", own):
+                raise ValueError(f"a {own} KV cache keeps its own codes in the tiers: tier codec must be none "
+                                 f"or {own}, got {codec}")
+            return cls(len(k_caches), bs, h, d, k_caches[0].dtype, own, native=True)
         return cls(len(k_caches), bs, h, d, k_caches[0].dtype, codec)
 
     @property
@@ -68,6 +79,20 @@ def encode(geom: Geometry, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     if geom.codec == "none":
         return kv, None
     return wire_codec.encode(geom.codec, kv)
+
+
+def staged(geom: Geometry, staging, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Block i of a device copy-out (DeviceCopier.copy_out's staging), encoded: a native pool's codes
+    and scales as they are, anything else through encode."""
+    if geom.native:
+        return staging[0][:, i], staging[1][:, i]
+    return encode(geom, staging[:, i])
+
+
+def for_device(geom: Geometry, data: torch.Tensor, scales: torch.Tensor | None):
+    """A stored block as the device copier writes it: (codes, scales) into a native pool as they are,
+    else [2L, bs, h, d] in the cache dtype."""
+    return (data, scales) if geom.native else decode(geom, data, scales)
 
 
 def decode(geom: Geometry, data: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:

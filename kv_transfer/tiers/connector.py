@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pdcluster.engine.kv_connector import KVConnector
-from pdcluster.kv_transfer.tiers.block_format import Geometry, decode, encode
+from pdcluster.kv_transfer.tiers.block_format import Geometry, decode, for_device, staged
 from pdcluster.kv_transfer.tiers.device_copy import DeviceCopier
 from pdcluster.kv_transfer.tiers.disk import CorruptBlock, DiskStore
 from pdcluster.kv_transfer.tiers.host import HostPool
@@ -180,7 +180,7 @@ class TierConnector(KVConnector):
                 return
             self._pending.update(todo)
             self._queued_blocks += len(todo)
-        staging, ready = self.copier.copy_out(todo_ids, self.geom.shape, self.geom.dtype)
+        staging, ready = self.copier.copy_out(todo_ids, self.geom.shape)
         self._writes.put(("store", todo, staging, ready))
         s = self.snapshot
         s.calls += 1
@@ -209,7 +209,7 @@ class TierConnector(KVConnector):
         removed = {t: [] for t in self.index}
         try:
             for i, h in enumerate(hashes):
-                data, scales = encode(self.geom, staging[:, i])
+                data, scales = staged(self.geom, staging, i)
                 for tier in self.index:
                     if self._put(tier, h, data, scales, removed[tier]):
                         stored[tier].append(h)
@@ -411,10 +411,10 @@ class TierConnector(KVConnector):
                 return False
             t = time.perf_counter()
             if tier == "host":
-                kv = self.host.get(slot)
+                kv = for_device(g, *self.host.encoded(slot))    # views of the pinned slot (codec none / native)
             else:
                 try:
-                    kv = decode(g, *self.disk.read(h))
+                    kv = for_device(g, *self.disk.read(h))
                 except (CorruptBlock, FileNotFoundError) as e:
                     log.warning("KV disk tier: %s", e)
                     corrupt.append(h)
@@ -444,7 +444,7 @@ class TierConnector(KVConnector):
         """An in_step load: host blocks into the device pool, layer after layer, announcing each
         layer to wait_layer. The blocks stay pinned throughout."""
         t = time.perf_counter()
-        blocks = [self.host.get(slot) for _, _, slot in job.parts]     # [2L, bs, h, d] each (views for codec none)
+        blocks = [for_device(self.geom, *self.host.encoded(slot)) for _, _, slot in job.parts]  # views: none / native
 
         def layer_done(layer: int, event) -> None:
             with self._layer_cv:

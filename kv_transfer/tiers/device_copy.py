@@ -6,6 +6,9 @@ On a GPU the loads run on a copy stream of their own from pinned memory; `after`
 recorded on the compute stream) orders a load after the work queued before it (an evicted block's
 copy-out, say), and write_layers records one event per layer on the copy stream, which the compute
 stream waits on (the engine thread does not). On a CPU every copy is done when the call returns.
+
+A quantized pool (engine/kv_quant.py QuantKV) moves as it is: a block below is then the pair
+(codes [2L, bs, h, d], scales [2L, h]) of block_format's codec, and staging likewise holds both.
 """
 from __future__ import annotations
 
@@ -13,50 +16,100 @@ from typing import Callable
 
 import torch
 
+from pdcluster.engine.kv_quant import QuantKV
+
+
+def _planes(caches: list) -> list[torch.Tensor]:
+    """The tensors a copy moves, per cache layer row: the cache itself, or a QuantKV's codes."""
+    return [c.data if isinstance(c, QuantKV) else c for c in caches]
+
 
 class DeviceCopier:
-    def __init__(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]):
-        self.k, self.v = k_caches, v_caches
-        self.device = k_caches[0].device
+    def __init__(self, k_caches: list, v_caches: list):
+        self.native = isinstance(k_caches[0], QuantKV)
+        self.k, self.v = k_caches, v_caches                      # the engine's lists, read at each copy
+        self.device = self.rows[0].device
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    @property
+    def rows(self) -> list[torch.Tensor]:
+        """2L tensors [num_blocks, bs, h, d]: K of layers 0..L-1, then V (a quantized pool's codes)."""
+        return _planes(self.k + self.v)
+
+    @property
+    def scales(self) -> list[torch.Tensor] | None:
+        """A quantized pool's 2L scale tensors [num_blocks, h], in the rows' order; None otherwise."""
+        return [c.scale for c in self.k + self.v] if self.native else None
 
     @property
     def cuda(self) -> bool:
         return self.stream is not None
 
-    def copy_out(self, block_ids: list[int], shape: tuple[int, int, int, int], dtype: torch.dtype):
-        """Blocks' KV -> staging [2L, n, bs, h, d] on the host (shape: one block's [2L, bs, h, d]); a
+    def copy_out(self, block_ids: list[int], shape: tuple[int, int, int, int]):
+        """Blocks' KV -> staging [2L, n, bs, h, d] on the host in the cache's dtype (shape: one block's
+        [2L, bs, h, d]; native: (codes, scales [2L, n, h])); a
         CUDA event to wait on before reading it (GPU: the copy is queued on the compute stream, so it
         runs before the step that overwrites the blocks), or None (CPU: copied already)."""
-        staging = torch.empty((shape[0], len(block_ids), *shape[1:]), dtype=dtype, pin_memory=self.cuda)
         idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
-        for i, cache in enumerate(self.k + self.v):
-            if self.cuda:
-                staging[i].copy_(cache.index_select(0, idx), non_blocking=True)
-            else:
-                torch.index_select(cache, 0, idx, out=staging[i])
+        planes = self.rows
+        staging = self._gather(planes, idx, (shape[0], len(block_ids), *shape[1:]), planes[0].dtype)
+        if self.native:       # (codes [2L, n, bs, h, d], scales [2L, n, h])
+            staging = (staging, self._gather(self.scales, idx, (shape[0], len(block_ids), shape[2]), torch.float32))
         if not self.cuda:
             return staging, None
         ev = torch.cuda.Event()
         ev.record()
         return staging, ev
 
-    def write_blocks(self, block_ids: list[int], blocks: list[torch.Tensor], after=None) -> None:
-        """blocks[i] [2L, bs, h, d] (host) -> device block block_ids[i] of every layer's K and V; done on return."""
-        stacked = torch.stack(blocks, dim=1)                     # [2L, n, bs, h, d]
+    def _gather(self, planes: list[torch.Tensor], idx: torch.Tensor, shape, dtype) -> torch.Tensor:
+        """planes[i][idx] into staging[i] on the host (pinned on a GPU host; queued on the compute stream)."""
+        staging = torch.empty(shape, dtype=dtype, pin_memory=self.cuda)
+        for i, plane in enumerate(planes):
+            if self.cuda:
+                staging[i].copy_(plane.index_select(0, idx), non_blocking=True)
+            else:
+                torch.index_select(plane, 0, idx, out=staging[i])
+        return staging
+
+    def _targets(self, rows: list[int]):
+        """(plane, its scales or None) for each row index (0..2L-1: K of layers 0..L-1, then V)."""
+        planes, scales = self.rows, self.scales
+        return [(planes[r], scales[r] if scales is not None else None) for r in rows]
+
+    def write_blocks(self, block_ids: list[int], blocks: list, after=None) -> None:
+        """blocks[i] [2L, bs, h, d] (host; native: (codes, scales) pairs) -> device block block_ids[i] of
+        every layer's K and V; done on return."""
+        codes, scales = self._stack(blocks, None)               # [2L, n, bs, h, d], [2L, n, h] or None
         idx = torch.tensor(block_ids, dtype=torch.int64)
         if self.cuda:
             if after is not None:
                 self.stream.wait_event(after)
             with torch.cuda.stream(self.stream):
-                src = stacked.pin_memory().to(self.device, non_blocking=True)
+                codes = codes.pin_memory().to(self.device, non_blocking=True)
+                scales = scales.pin_memory().to(self.device, non_blocking=True) if scales is not None else None
                 idx = idx.to(self.device, non_blocking=True)
-                for i, cache in enumerate(self.k + self.v):
-                    cache.index_copy_(0, idx, src[i])
+                self._put(range(2 * len(self.k)), idx, codes, scales)
             self.stream.synchronize()
             return
-        for i, cache in enumerate(self.k + self.v):
-            cache.index_copy_(0, idx, stacked[i])
+        self._put(range(2 * len(self.k)), idx, codes, scales)
+
+    def _stack(self, blocks: list, row: int | None):
+        """The blocks' row `row` (None: all rows), stacked: (codes [(2L,) n, ...], scales or None)."""
+        pick = (lambda t: t) if row is None else (lambda t: t[row])      # noqa: E731
+        if self.native:
+            return (torch.stack([pick(b[0]) for b in blocks], dim=0 if row is not None else 1),
+                    torch.stack([pick(b[1]) for b in blocks], dim=0 if row is not None else 1))
+        return torch.stack([pick(b) for b in blocks], dim=0 if row is not None else 1), None
+
+    def _put(self, rows, idx: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor | None) -> None:
+        """codes[j] (and scales[j]) into the device rows `rows` at blocks idx (j = position in rows)."""
+        for j, (plane, sc) in enumerate(self._targets(list(rows))):
+            src = codes[j]
+            if plane.dtype == torch.float8_e4m3fn:          # (no CPU index_copy_ for fp8: move the bytes)
+                plane, src = plane.view(torch.uint8), src.view(torch.uint8)
+            plane.index_copy_(0, idx, src)
+            if sc is not None:
+                sc.index_copy_(0, idx, scales[j])
 
     def write_layers(self, block_ids: list[int], blocks: list[torch.Tensor], after,
                      layer_done: Callable[[int, object], None], cancelled: Callable[[], bool]) -> bool:
@@ -70,14 +123,15 @@ class DeviceCopier:
         for layer in range(num_layers):
             if cancelled():
                 return False
-            for row, cache in ((layer, self.k[layer]), (num_layers + layer, self.v[layer])):
+            for row in (layer, num_layers + layer):
+                codes, scales = self._stack(blocks, row)             # [n, bs, h, d], [n, h] or None
                 if self.cuda:
-                    src = torch.empty((len(blocks), *blocks[0].shape[1:]), dtype=blocks[0].dtype, pin_memory=True)
-                    torch.stack([b[row] for b in blocks], out=src)
+                    codes, scales = codes.pin_memory(), scales.pin_memory() if scales is not None else None
                     with torch.cuda.stream(self.stream):
-                        cache.index_copy_(0, idx, src.to(self.device, non_blocking=True))
+                        self._put([row], idx, codes.to(self.device, non_blocking=True)[None],
+                                  scales.to(self.device, non_blocking=True)[None] if scales is not None else None)
                 else:
-                    cache.index_copy_(0, idx, torch.stack([b[row] for b in blocks]))
+                    self._put([row], idx, codes[None], scales[None] if scales is not None else None)
             ev = None
             if self.cuda:
                 ev = torch.cuda.Event()

@@ -56,3 +56,36 @@ def test_control_garbage_quantization_fails_the_check(int8_llm, hf_ref, refs, mo
         except AssertionError:
             failures += 1
     assert failures == 2, f"garbage KV passed the rule for {2 - failures} prompts"
+
+
+def test_int8_kv_cache_through_the_host_and_disk_tiers_comes_back_as_it_was(int8_llm, tmp_path):
+    """The int8 cache's own codes and scales go below (a quarter of float32's bytes) and load back bit for
+    bit: a prompt reloaded from the host tier (layer by layer in its step), then from disk after a restart
+    of the tiers, decodes exactly as it does from its device-pool hit, and the engine computes only the tail."""
+    from pdcluster.kv_transfer.tiers import TierConfig
+    from tests.e2e.test_kv_tiers_engine import evict_all, run, use
+    e = int8_llm.engine
+    e.kv.pool.reset_prefix_cache()
+    ids = e.tokenizer.encode(PROMPTS[15] + " " + PROMPTS[0], add_special_tokens=False)
+    n_blocks = (len(ids) - 1) // e.cfg.cache.block_size
+    bb = e.kv_block_bytes()
+    tiers = use(e, TierConfig(host_bytes=64 * bb, disk_dir=str(tmp_path), disk_bytes=64 * (bb + 64)))
+    try:
+        assert tiers.geom.native and tiers.figures()[0]["block_bytes"] <= bb   # codes + scales, not floats
+        run(e, ids, "q-tiers-first")
+        dev = run(e, ids, "q-tiers-device")                 # the device pool's hit: the int8 blocks as they are
+        assert dev.num_cached_tokens == n_blocks * e.cfg.cache.block_size
+        for rid, tier in (("q-tiers-host", "host"), ("q-tiers-disk", "disk")):
+            evict_all(e, tiers)
+            if tier == "disk":
+                tiers.close()
+                tiers = use(e, TierConfig(disk_dir=str(tmp_path), disk_bytes=64 * (bb + 64)))   # restart: disk only
+            before = e.stats.prefill_tokens
+            out = run(e, ids, rid)
+            assert {f["tier"]: f for f in tiers.figures()}[tier]["hits"] == n_blocks
+            assert e.stats.prefill_tokens - before == len(ids) - n_blocks * e.cfg.cache.block_size   # the tail only
+            assert out.output_token_ids == dev.output_token_ids
+    finally:
+        tiers.close()
+        from pdcluster.engine.kv_connector import KVConnector
+        e.connector = KVConnector()
