@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from pdcluster.engine.kv_quant import gather_blocks
+
 if TYPE_CHECKING:
     from pdcluster.engine.llm_engine import LLMEngine
 
@@ -47,8 +49,9 @@ def read_device_blocks(engine: LLMEngine, hashes: list[int]) -> tuple[list[int],
         return [], None
     k_caches, v_caches = engine.kv_caches()
     ids = torch.tensor([b for _, b in found], dtype=torch.int64, device=k_caches[0].device)
-    return [i for i, _ in found], ReadBlocks([k.index_select(0, ids).cpu() for k in k_caches],
-                                             [v.index_select(0, ids).cpu() for v in v_caches])
+    # a quantized pool's blocks leave dequantized (the transfer's codec encodes them again)
+    return [i for i, _ in found], ReadBlocks([gather_blocks(k, ids, k.dtype).cpu() for k in k_caches],
+                                             [gather_blocks(v, ids, v.dtype).cpu() for v in v_caches])
 
 
 def read_blocks(engine: LLMEngine, hashes: list[int]) -> ReadBlocks | None:

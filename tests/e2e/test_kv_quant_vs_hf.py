@@ -89,3 +89,22 @@ def test_int8_kv_cache_through_the_host_and_disk_tiers_comes_back_as_it_was(int8
         tiers.close()
         from pdcluster.engine.kv_connector import KVConnector
         e.connector = KVConnector()
+
+
+def test_a_peer_pull_reads_an_int8_pools_blocks_dequantized(int8_llm):
+    """The holder's half of a peer pull (engine/peer_read.py) on an int8 pool: float blocks equal to the
+    cache's codes times their scales (it raised on a quantized pool before)."""
+    import torch
+
+    from pdcluster.engine.hashing import block_hashes
+    from pdcluster.engine.peer_read import read_blocks
+    e = int8_llm.engine
+    ids = e.tokenizer.encode(PROMPTS[15], add_special_tokens=False)
+    int8_llm.generate([ids], SamplingParams(max_tokens=1, temperature=0.0))
+    hashes = block_hashes(ids, e.cfg.cache.block_size, None)[:2]
+    got = read_blocks(e, hashes)
+    assert got is not None and got.num_blocks == 2 and got.k[0].dtype == torch.float32
+    kc = e.kv_caches()[0][3]
+    bid = torch.tensor([e.kv.pool.lookup(h).block_id for h in hashes])
+    assert torch.equal(got.k[3], kc.data[bid].float() * kc.scale[bid][:, None, :, None])
+    assert got.k[3].abs().max() > 0
