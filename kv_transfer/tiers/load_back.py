@@ -1,0 +1,245 @@
+"""TierConnector's load-back half: lower-tier hits pinned, loaded in step or before it, waited for.
+
+kv_transfer/tiers/connector.py holds the whole picture. The scheduler's side (how many tokens a lower
+tier holds, pinning them, loads in step or before it, wait_layer) runs on the engine thread; the
+loader threads copy blocks into the device pool. A mixin: the state (index, lock, queues, stats,
+copier) is TierConnector's."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pdcluster.kv_transfer.tiers.block_format import for_device
+from pdcluster.kv_transfer.tiers.disk import CorruptBlock
+
+log = logging.getLogger("pdcluster.kv_transfer.tiers.connector")
+
+
+@dataclass
+class _Load:
+    """One load job: a request's blocks from the tiers into its device blocks."""
+    request_id: str
+    block_ids: list[int]
+    parts: list[tuple[int, str, int]]       # per block: (chain hash, tier, host slot or -1)
+    cancelled: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    in_step: bool = False                   # loaded layer by layer inside the step (wait_layer)
+    layers_done: int = 0                    # in_step: layers [0, layers_done) issued (CPU: copied)
+    events: list = field(default_factory=list)   # in_step on a GPU: per layer, its copy's CUDA event
+    after: object = None                    # on a GPU: the compute stream's work queued before the load
+
+
+class LoadBack:
+    def external_tokens(self, request, num_local_tokens: int) -> int:
+        if not self.index:
+            return 0
+        bs = self.geom.block_size
+        last = (min(request.num_tokens, request.num_prefill_tokens) - 1) // bs   # keep the last token's block
+        n = 0
+        with self._lock:
+            for h in request.block_hashes()[num_local_tokens // bs:last]:
+                if not any((e := idx.get(h)) is not None and e.ready for idx in self.index.values()):
+                    break
+                n += 1
+        return n * bs
+
+    def after_alloc(self, request, block_ids: list[int], num_external_tokens: int) -> None:
+        if not num_external_tokens:
+            return
+        bs = self.geom.block_size
+        nb = num_external_tokens // bs
+        start = request.num_computed_tokens // bs          # block_ids follow the request's local hits
+        hashes = request.block_hashes()[start:start + nb]
+        job = _Load(request.request_id, list(block_ids[:nb]), [])
+        if self.copier.cuda:                # the blocks' earlier KV, being copied out on the compute stream
+            job.after = torch.cuda.Event()  # (evicted, during this allocation), is read before the load
+            job.after.record()              # overwrites it: the copy stream waits on this
+        with self._lock:
+            for h in hashes:
+                for tier, idx in self.index.items():             # host first: the faster copy
+                    e = idx.get(h)
+                    if e is not None and e.ready:
+                        idx.pin(h)
+                        job.parts.append((h, tier, e.slot))
+                        break
+                else:
+                    break                      # evicted since external_tokens: the load fails
+            job.in_step = (self.cfg.layerwise and len(job.parts) == nb
+                           and all(tier == "host" for _, tier, _ in job.parts))
+            if job.in_step:
+                self._in_step.append(job)
+            self._loads[job.request_id] = job
+        (self._layer_reads if job.in_step else self._reads).put(job)
+
+    def step_tokens(self, request, num_local_tokens: int) -> int:
+        """external_tokens, counting only host-tier blocks (those load in step) when layerwise."""
+        if not self.loads or "host" not in self.index:
+            return 0
+        bs, idx = self.geom.block_size, self.index["host"]
+        last = (min(request.num_tokens, request.num_prefill_tokens) - 1) // bs
+        n = 0
+        with self._lock:
+            for h in request.block_hashes()[num_local_tokens // bs:last]:
+                e = idx.get(h)
+                if e is None or not e.ready:
+                    break
+                n += 1
+        return n * bs
+
+    def wait_loaded(self, request_id: str, timeout_s: float) -> None:
+        """Until request_id's load (if one runs) has ended (any thread)."""
+        with self._lock:
+            job = self._loads.get(request_id)
+        if job is not None:
+            job.done.wait(timeout_s)
+
+    def load_in_step(self, request) -> bool:
+        with self._lock:
+            job = self._loads.get(request.request_id)
+            return job is not None and job.in_step
+
+    def wait_layer(self, layer: int) -> None:
+        """Until layer `layer` of every in_step load is issued (engine thread, before that layer runs).
+        On a GPU the compute stream then waits on the layer's copy event, not the engine thread."""
+        with self._layer_cv:
+            jobs = list(self._in_step)
+            if not self._layer_cv.wait_for(lambda: all(j.layers_done > layer or j.done.is_set() for j in jobs),
+                                           timeout=120.0):
+                raise RuntimeError(f"KV tier load of layer {layer} did not arrive in 120 s")
+        if self.copier.cuda:
+            cur = torch.cuda.current_stream(self.device)
+            for j in jobs:
+                if layer < len(j.events):
+                    cur.wait_event(j.events[layer])
+
+    def _loader(self, jobs: queue.Queue) -> None:
+        while True:
+            job = jobs.get()
+            if job is None:
+                return
+            ok = False
+            try:
+                ok = self._load_layers(job) if job.in_step else self._load(job)
+            except Exception:
+                log.exception("KV tier load of %s failed", job.request_id)
+            finally:
+                with self._lock:
+                    for h, tier, _ in job.parts:
+                        self.index[tier].unpin(h)
+                    self._loads.pop(job.request_id, None)
+                    if job.request_id in self._held:
+                        self._held.discard(job.request_id)
+                        self._released.append(job.request_id)
+                    elif not job.cancelled and not job.in_step:     # in_step loads are never reported
+                        self._done.append((job.request_id, ok))
+                    if job.in_step:
+                        self._in_step.remove(job)
+                    job.done.set()
+                    self._layer_cv.notify_all()
+
+    def _load(self, job: _Load) -> bool:
+        g = self.geom
+        if len(job.parts) != len(job.block_ids):     # evicted between external_tokens and after_alloc
+            self.stats[next(iter(self.stats))].add(load_failures=1)
+            return False
+        t0 = {t: 0.0 for t in self.index}
+        blocks, corrupt = [], []
+        for h, tier, slot in job.parts:
+            if job.cancelled:
+                return False
+            t = time.perf_counter()
+            if tier == "host":
+                kv = for_device(g, *self.host.encoded(slot))    # views of the pinned slot (codec none / native)
+            else:
+                try:
+                    kv = for_device(g, *self.disk.read(h))
+                except (CorruptBlock, FileNotFoundError) as e:
+                    log.warning("KV disk tier: %s", e)
+                    corrupt.append(h)
+                    break
+            blocks.append(kv)
+            t0[tier] += time.perf_counter() - t
+        if corrupt:
+            self._drop_corrupt(corrupt)                     # drops this job's pins on them
+            job.parts = [p for p in job.parts if p[0] not in corrupt]
+            self.stats["disk"].add(load_failures=1)
+            return False
+        t = time.perf_counter()
+        self.copier.write_blocks(job.block_ids, blocks, job.after)
+        per_tier = {tier: [h for h, tt, _ in job.parts if tt == tier] for tier in self.index}
+        copy_share = (time.perf_counter() - t) / len(blocks)
+        with self._lock:
+            for h, tier, _ in job.parts:
+                self.index[tier].hit(h)
+        for tier, hs in per_tier.items():
+            if hs:
+                st = self.stats[tier]
+                st.add(hits=len(hs), loaded_bytes=len(hs) * st.block_bytes)
+                st.observe("load_s", t0[tier] + copy_share * len(hs))
+        return not job.cancelled
+
+    def _load_layers(self, job: _Load) -> bool:
+        """An in_step load: host blocks into the device pool, layer after layer, announcing each
+        layer to wait_layer. The blocks stay pinned throughout."""
+        t = time.perf_counter()
+        blocks = [for_device(self.geom, *self.host.encoded(slot)) for _, _, slot in job.parts]  # views: none / native
+
+        def layer_done(layer: int, event) -> None:
+            with self._layer_cv:
+                if event is not None:
+                    job.events.append(event)
+                job.layers_done = layer + 1
+                self._layer_cv.notify_all()
+
+        if not self.copier.write_layers(job.block_ids, blocks, job.after, layer_done, lambda: job.cancelled):
+            return False            # the request ended before its step ran: nothing reads these blocks
+        with self._lock:
+            for h, _, _ in job.parts:
+                self.index["host"].hit(h)
+        st = self.stats["host"]
+        st.add(hits=len(blocks), loaded_bytes=len(blocks) * st.block_bytes)
+        st.observe("load_s", time.perf_counter() - t)
+        return True
+
+    def _drop_corrupt(self, hashes: list[int]) -> None:
+        """Forget corrupt disk blocks (their files are deleted already). Each holds this job's pin:
+        it is dropped now; one another load still pins is only marked unready (that load fails too)."""
+        idx, st = self.index["disk"], self.stats["disk"]
+        gone = []
+        with self._lock:
+            for h in hashes:
+                e = idx.get(h)
+                if e is None:
+                    continue
+                e.ready = False
+                idx.unpin(h)
+                if idx.remove(h) is not None:
+                    gone.append(h)
+            st.blocks = len(idx)
+        st.add(corrupt=len(hashes))
+        self._emit("removed", gone, "disk")
+
+    def finished_loading(self) -> list[tuple[str, bool]]:
+        with self._lock:
+            out, self._done = self._done, []
+        return out
+
+    def request_finished(self, request_id: str, block_ids: list[int]) -> bool:
+        with self._lock:
+            job = self._loads.get(request_id)
+            if job is None:
+                return False
+            job.cancelled = True
+            self._held.add(request_id)
+            return True
+
+    def request_aborted(self, request_id: str) -> None:
+        with self._lock:
+            job = self._loads.get(request_id)
+            if job is not None:
+                job.cancelled = True

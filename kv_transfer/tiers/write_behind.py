@@ -1,0 +1,156 @@
+"""TierConnector's write-behind half: evicted blocks copied out, encoded and stored in every tier.
+
+kv_transfer/tiers/connector.py holds the whole picture. The engine thread copies evicted blocks out,
+the writer thread encodes and stores them in every tier, and at start it verifies the disk tier and
+announces what survived (warm restart). A mixin: the state (index, lock, queues, stats, copier) is
+TierConnector's."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from pdcluster.kv_transfer.tiers.block_format import staged
+
+log = logging.getLogger("pdcluster.kv_transfer.tiers.connector")
+
+
+class WriteBehind:
+    def evicted(self, block_ids: list[int], hashes: list[int]) -> None:
+        if not self.index:
+            return
+        t0 = time.perf_counter()
+        todo_ids, todo = [], []
+        with self._lock:
+            for b, h in zip(block_ids, hashes):
+                if h in self._pending:
+                    continue
+                held = True
+                for idx in self.index.values():
+                    if h in idx:
+                        idx.insert(h)               # held: only refresh its LRU position
+                    else:
+                        held = False
+                if held:
+                    self.snapshot.skipped += 1
+                    continue
+                todo_ids.append(b)
+                todo.append(h)
+            if not todo:
+                return
+            if self._queued_blocks + len(todo) > self.cfg.queue_blocks:
+                self.snapshot.dropped += len(todo)
+                return
+            self._pending.update(todo)
+            self._queued_blocks += len(todo)
+        staging, ready = self.copier.copy_out(todo_ids, self.geom.shape)
+        self._writes.put(("store", todo, staging, ready))
+        s = self.snapshot
+        s.calls += 1
+        s.blocks += len(todo)
+        s.seconds += time.perf_counter() - t0
+
+    def _writer(self) -> None:
+        while True:
+            job = self._writes.get()
+            try:
+                if job is None:
+                    return
+                if job[0] == "scan":
+                    self._scan()
+                else:
+                    self._store(*job[1:])
+            except Exception:                           # a full disk, say: keep serving without the block
+                log.exception("KV tier writer: %s failed", job[0] if job else job)
+            finally:
+                self._writes.task_done()
+
+    def _store(self, hashes: list[int], staging: torch.Tensor, ready) -> None:
+        if ready is not None:
+            ready.synchronize()
+        stored = {t: [] for t in self.index}
+        removed = {t: [] for t in self.index}
+        try:
+            for i, h in enumerate(hashes):
+                data, scales = staged(self.geom, staging, i)
+                for tier in self.index:
+                    if self._put(tier, h, data, scales, removed[tier]):
+                        stored[tier].append(h)
+        finally:
+            with self._lock:
+                self._pending.difference_update(hashes)
+                self._queued_blocks -= len(hashes)
+            for tier in self.index:
+                self._emit("removed", removed[tier], tier)
+                self._emit("stored", stored[tier], tier)
+
+    def _put(self, tier: str, h: int, data, scales, removed: list[int]) -> bool:
+        """Store one encoded block in `tier` unless held there; appends evicted hashes to `removed`."""
+        t0 = time.perf_counter()
+        idx, st = self.index[tier], self.stats[tier]
+        with self._lock:
+            if h in idx:
+                return False
+            got = idx.insert(h)
+            if got is None:                 # every entry pinned: skip this block
+                return False
+            slot, victims = got
+            idx.pin(h)
+            st.blocks = len(idx)
+        removed += [v for v, _ in victims]
+        st.add(evicted=len(victims))
+        ok = False
+        try:
+            if tier == "host":
+                self.host.put(slot, data, scales)
+            else:
+                for v, _ in victims:
+                    self.disk.delete(v)
+                self.disk.write(h, data, scales)
+            ok = True
+        finally:
+            with self._lock:
+                idx.unpin(h)
+                if ok:
+                    idx.get(h).ready = True
+                else:
+                    idx.remove(h)
+                st.blocks = len(idx)
+        st.add(stored=1, stored_bytes=st.block_bytes)
+        st.observe("store_s", time.perf_counter() - t0)
+        return True
+
+    def _scan(self) -> None:
+        """Warm restart: verify the disk tier, index its intact blocks (oldest first), announce them."""
+        try:
+            if self.disk is None:
+                return
+            t0 = time.perf_counter()
+            good, bad = self.disk.scan()
+            idx, st = self.index["disk"], self.stats["disk"]
+            added, dropped = [], []
+            with self._lock:
+                for h in good:
+                    got = idx.insert(h)
+                    if got is None:
+                        break
+                    idx.get(h).ready = True
+                    added.append(h)
+                    dropped += [v for v, _ in got[1]]
+                st.blocks = len(idx)
+            for v in dropped:                               # more files than the capacity: oldest go
+                self.disk.delete(v)
+            st.add(corrupt=bad, evicted=len(dropped))
+            gone = set(dropped)
+            kept = [h for h in added if h not in gone]
+            self._emit("stored", kept, "disk")
+            if good or bad:
+                log.info("KV disk tier %s: %d blocks verified, %d corrupt files dropped, %d over capacity "
+                         "(%.2fs)", self.disk.dir, len(kept), bad, len(dropped), time.perf_counter() - t0)
+        finally:
+            self.ready.set()
+
+    def _emit(self, kind: str, hashes: list[int], tier: str) -> None:
+        if hashes and self.events is not None:
+            self.events.record(kind, hashes, tier)
