@@ -109,6 +109,24 @@ def test_ties_go_to_the_lowest_ids():
     assert (got.prefill, got.decode) == ("p1", "d0") == (cm.choose_exhaustive(4096, ps, ds, now=0.0).prefill, "d0")
 
 
+def test_equal_costs_from_different_zones_go_to_the_lower_prefill_id():
+    """Two prefill workers whose keys differ by rounding (in the window of near-lowest keys) and whose
+    costs round to the same value: the lower id wins, although its zone comes later (the columns keep
+    prefill rows in zone order)."""
+    cfg = CostConfig(block_size=BS, allow_local=False, duplicate_penalty=0.0,
+                     zone_pair_bps=(("x", "a", 1e12), ("y", "a", 1e12)))
+    ps = [WorkerLoad("p2", "prefill", zone="x", prefill_tps=6000.0, queued_tokens=2420),
+          WorkerLoad("p1", "prefill", zone="y", prefill_tps=2000.0, queued_tokens=140)]
+    ds = [WorkerLoad("d0", "decode", zone="a", decode_step_s=(1.0, 0.0), num_blocks=1000, free_blocks=1000)]
+    cm = CostModel(cfg)
+    es = {e.prefill: e for e in cm.estimates(1000, ps, ds, now=0.0)}
+    assert es["p1"].cost_s == es["p2"].cost_s                                     # a tie after rounding
+    assert es["p1"].queue_s + es["p1"].compute_s != es["p2"].queue_s + es["p2"].compute_s   # of different keys
+    got = cm.choose(1000, ps, ds, now=0.0)
+    assert cm._vector.choose(1000, ps, ds, frozenset(), None, 0.0) is not SCAN
+    assert got == cm.choose_exhaustive(1000, ps, ds, now=0.0) and got.prefill == "p1"
+
+
 def test_a_measured_link_is_priced_for_its_pair_alone():
     """Control: a slow measured link from the otherwise cheapest p to d moves the choice."""
     ps = [WorkerLoad("p0", "prefill", prefill_tps=2e4, zone="a"),
@@ -222,9 +240,9 @@ def _run(seed: int, steps: int, break_cache: bool = False) -> int:
         ex = frozenset(w.worker_id for w in ps + ds if rng.random() < 0.05)
         got = cm.choose(n, ps, ds, ex, hashes=hs, now=t)
         if break_cache and cm._vector is not None:
-            for side in (cm._vector.P, cm._vector.D):
-                for w in side.loads:
-                    w.unwatch(side.dirty)
+            cols = cm._vector.cols
+            for w in cols.loads:
+                w.unwatch(cols.dirty)
         wrong += got != cm.choose_exhaustive(n, ps, ds, ex, hashes=hs, now=t)
     return wrong
 
