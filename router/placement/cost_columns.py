@@ -3,19 +3,18 @@
 
 Layout: one row per (list, worker). Rows [0, nD) are the decode list in worker id order, rows
 [nD, N) the prefill list in (zone, worker id) order, so an argmin over decode rows takes the lowest
-worker id among ties, and each prefill zone is one slice (`pzones`). Columns over all N rows hold
+worker id among ties, and each prefill zone is one slice (`pstarts`). Columns over all N rows hold
 what both roles price the same way; the decode-only columns have nD rows.
 
 Freshness: a WorkerLoad tells its watchers which object changed on every field write
 (load.WorkerLoad.watch), and Telemetry.ingest_status touches the load it learned for, so sync()
 refreshes only the rows of the objects written since the last decision. The lists are compared
-with the last ones by object identity (a C-speed pass); a different list, Telemetry.epoch moving
-(remove_worker, changed()), a row whose worker id or zone changed (a prefill row would move; the
-chooser's groups of decode rows are kept per build) rebuilds every column.
+with the last ones by object identity (list ==: WorkerLoad is eq=False, so a C-speed pass); a
+different list, Telemetry.epoch moving (remove_worker, changed()), a row whose worker id or zone
+changed (a prefill row would move; the chooser's groups of decode rows are kept per build)
+rebuilds every column.
 """
 from __future__ import annotations
-
-from operator import is_
 
 import numpy as np
 
@@ -48,9 +47,8 @@ class Columns:
 
     def sync(self, prefills: list[WorkerLoad], decodes: list[WorkerLoad]) -> None:
         tel = self.cm.telemetry
-        if (len(decodes) != len(self.dloads) or len(prefills) != len(self.ploads)
-                or not all(map(is_, decodes, self.dloads)) or not all(map(is_, prefills, self.ploads))
-                or tel.epoch != self.epoch or tel is not self.tel):
+        if decodes != self.dloads or prefills != self.ploads or tel.epoch != self.epoch or tel is not self.tel:
+            # (WorkerLoad compares by identity: != is "not the same objects in the same order")
             self._rebuild(prefills, decodes)
         elif self.dirty:
             rows = [r for i in self.dirty for r in self.rows_of_obj.get(i, ())]
@@ -111,14 +109,13 @@ class Columns:
         self.prefill_zones()
 
     def prefill_zones(self) -> None:
-        """pzones: (zone, first row, end row) of each zone's slice of the prefill rows (prefill-local rows)."""
-        z = self.zone[self.nD:].tolist()
-        self.pzones = []
-        for i, zz in enumerate(z):
-            if not self.pzones or self.pzones[-1][0] != zz:
-                self.pzones.append([zz, i, i + 1])
-            else:
-                self.pzones[-1][2] = i + 1
+        """pstarts: the first prefill-local row of each zone's slice of the prefill rows; pslice:
+        prefill-local row -> its slice's index (for per-zone reductions: np.minimum.reduceat)."""
+        z = self.zone[self.nD:]
+        first = np.ones(len(z), bool)
+        first[1:] = z[1:] != z[:-1]
+        self.pstarts = first.nonzero()[0]
+        self.pslice = np.cumsum(first) - 1
 
     def _fill(self, r: int) -> None:
         w, cm = self.loads[r], self.cm

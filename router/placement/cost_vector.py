@@ -307,11 +307,9 @@ class VectorChooser:
         # candidates (module doc): per zone the lowest a and lowest b bound each group's lowest key
         a = qcP + addP
         b = a - compP
-        S = []
-        for _z, s0, s1 in X.pzones:
-            S.append(s0 + int(a[s0:s1].argmin()))
-            S.append(s0 + int(b[s0:s1].argmin()))
-        C = np.array(list(dict.fromkeys(S)))        # (each row once: a row twice would tie with itself)
+        lowest = a == np.minimum.reduceat(a, X.pstarts).take(X.pslice)
+        lowest |= b == np.minimum.reduceat(b, X.pstarts).take(X.pslice)
+        C = lowest.nonzero()[0]
         s, key = price(C)
         ub = key.min(axis=1)
         ub += 2e-9 * (float(np.abs(ub).max()) + float(tr.max()) + 1.0)   # + m

@@ -4,6 +4,7 @@ fleets: zones, zone-pair priors, measured links, unhealthy, draining and full wo
 with stale confidence, hits in host / disk tiers (priced by their load), codecs, SLO guards, exact
 ties; and one CostModel kept over a run of decisions interleaved with load, status, membership,
 index and link changes, so that a cache that misses a change fails."""
+import copy
 import random
 from dataclasses import replace
 
@@ -249,6 +250,22 @@ def _run(seed: int, steps: int, break_cache: bool = False) -> int:
 
 def test_choose_follows_changes_between_decisions():
     assert sum(_run(seed, 50) for seed in range(25)) == 0
+
+
+def test_an_equal_copy_in_the_list_is_a_different_worker():
+    """A WorkerLoad replaced in the list by an equal-valued copy is watched from then on: a learned
+    figure of its worker that moves (Telemetry touches the copy) reaches the price."""
+    ps = [WorkerLoad("p0", "prefill", prefill_tps=1e4, zone="a")]
+    ds = [WorkerLoad(f"d{i}", "decode", prefill_tps=1e3, zone="a", num_blocks=1000, free_blocks=1000)
+          for i in range(2)]
+    cm = CostModel(CostConfig(block_size=BS, allow_local=False))
+    assert cm.choose(4096, ps, ds, now=0.0).decode == "d0"
+    ds = [copy.copy(ds[0]), ds[1]]
+    assert cm.choose(4096, ps, ds, now=0.0).decode == "d0"
+    for _ in range(20):                             # d0's steps turn slow: d1 joins sooner
+        cm.telemetry.perf_of("d0", "decode").decode.observe(1, 5.0)
+    ds[0].touch()
+    assert cm.choose(4096, ps, ds, now=0.0).decode == "d1" == cm.choose_exhaustive(4096, ps, ds, now=0.0).decode
 
 
 def test_a_cache_that_misses_changes_is_caught():
