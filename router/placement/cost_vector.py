@@ -150,17 +150,21 @@ class VectorChooser:
         if not X.unique:
             return SCAN
         nD, L, bs = X.nD, prompt_len, c.block_size
-        u = X.placeable.copy()                  # usable rows
+        u = X.placeable                         # usable rows (a copy once one is excluded)
         if not c.allow_remote:
+            u = u.copy()
             u[nD:] = False
         p_all = True                            # every placeable prefill row is usable
         for w in exclude:
-            r = X.drow.get(w)
+            r, rp = X.drow.get(w), X.prow_g.get(w)
+            if r is None and rp is None:
+                continue
+            if u is X.placeable:
+                u = u.copy()
             if r is not None:
                 u[r] = False
-            r = X.prow_g.get(w)
-            if r is not None:
-                u[r] = p_all = False
+            if rp is not None:
+                u[rp] = p_all = False
         uD = u[:nD]
         if not np.count_nonzero(uD):
             return None
