@@ -2,8 +2,8 @@
 choose_exhaustive), from numpy columns of per-worker figures kept across decisions
 (cost_columns.py). Pure Python + numpy.
 
-What one decision costs: a fixed number of numpy calls over the worker rows (about 50), not a
-Python loop over the workers.
+What one decision costs: a fixed number of numpy calls (about a hundred, on the worker rows or on
+smaller arrays), not a Python loop over the workers.
 - Prefix hits come from PrefixIndex.match_levels (a memoized walk: levels of workers with the same
   hit) and PrefixIndex.inexact (the few workers whose confidence is below 1). Each row gets a hit
   code (0: none, one per level, one per inexact worker with a hit); the code column of a levels
@@ -16,11 +16,12 @@ Python loop over the workers.
   prefill workers. A prefill worker p's key in group g is s + duplicate with
   s = (queue + compute) + max(x / layers, x - compute), x the group's transfer seconds from p's zone,
   so key >= a_p + x / layers and key >= b_p + x (a = queue + compute + duplicate, b = a - compute, up
-  to rounding). Per prefill zone the workers with the lowest a and the lowest b give an upper bound
-  ub(g) of the group's lowest key; only workers with a_p <= ub - x / layers + m and
-  b_p <= ub - x + m for some group (m: 2e-9 relative, far above rounding and above the window's
-  1e-9) can be within the window of near-lowest keys, so the (groups x prefill) key matrix is priced
-  on those candidates only: a handful unless many workers tie. The window, the per-d exact cost of
+  to rounding). The key matrix (groups x prefill rows) is priced first on each prefill zone's rows
+  of lowest a and of lowest b: its row minima bound each group's lowest key from above (ub). A row
+  within the window of near-lowest keys (1e-9 relative) has a_p <= ub - x / layers + m and
+  b_p <= ub - x + m (m = 2e-9 relative, far above rounding), so only rows that pass both tests
+  against their zone's largest bounds over the groups are priced too: none or a few unless many
+  workers tie. The window, the per-d exact cost of
   each window row and the tie rules (lower cost, then local, then lower decode id, then lower
   prefill id) are choose_scan's. Pairs with a measured link are priced one by one in Python, as
   there (with the full key row of their group when the link removes a window row).
@@ -58,6 +59,7 @@ class VectorChooser:
         self._measured: dict[str, list[str]] = {}
         self._wire = (None, 0.0)
         self._codes: dict[int, list] = {}       # id(levels) -> _codes_of's entry
+        self._plain = (None, None)              # (generation, groups of the decode rows without hits)
         self._rows: dict[int, tuple] = {}       # id(frozenset of worker ids) -> (that set, generation, rows)
 
     def zone_index(self, zone: str) -> int:
@@ -234,10 +236,14 @@ class VectorChooser:
             mask[:nD] = kv
         p_best = None
         if n_ps:
-            if memo is None:
-                groups = self._groups(code, len(vals))
-            else:
+            if memo is not None:
                 groups = memo[3] = memo[3] or self._groups(code, len(vals))
+            elif code is not None:              # this decision's own codes (inexact workers)
+                groups = self._groups(code, len(vals))
+            else:                               # no hit anywhere: groups by zone, kept per build
+                if self._plain[0] != X.generation:
+                    self._plain = (X.generation, self._groups(None, 1))
+                groups = self._plain[1]
             p_add = X.unplaceable_inf[nD:] if p_all else np.where(u[nD:], 0.0, _INF)
             p_best = self._remote(L, cc, comp, qc, dup0, p_add, u, vals_a, kv, best_cached, groups, opt[nD:])
             mask[nD:] = kv
