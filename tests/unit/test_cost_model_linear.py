@@ -101,6 +101,46 @@ def test_choose_equals_exhaustive_on_random_fleets(ties, tiers):
     assert vector >= (250 if not tiers or ties else 50)     # most cases took the numpy columns
 
 
+def test_choose_equals_exhaustive_on_larger_fleets():
+    """10-30 workers a side over up to 4 zones (the columns price only candidate prefill rows: here
+    most rows are outside the bound), the same WorkerLoad in both lists sometimes, figures changed
+    between decisions."""
+    vector = 0
+    for seed in range(60):
+        rng = random.Random(50_000 + seed)
+        zones = ["a", "b", "c", "d"][: rng.randint(1, 4)]
+        ps = [WorkerLoad(f"p{i:02d}", "prefill", zone=rng.choice(zones), healthy=rng.random() > 0.1,
+                         queued_tokens=rng.choice([0, 512, rng.randint(0, 9000)]), waiting_tokens=rng.choice([0, 2048]),
+                         prefill_tps=rng.choice([None, 5e3, rng.uniform(1e3, 3e4)]))
+              for i in rng.sample(range(99), rng.randint(10, 30))]
+        ds = [WorkerLoad(f"d{i:02d}", "decode", zone=rng.choice(zones), running=rng.randint(0, 40),
+                         in_flight=rng.randint(0, 10), prefill_tps=rng.choice([None, 3e3, 1e4]),
+                         decode_step_s=rng.choice([None, (0.02, 0.002), (0.01, 0.01)]), num_blocks=2000,
+                         free_blocks=rng.choice([5, 150, 2000]), queued_tokens=rng.choice([0, 900]))
+              for i in rng.sample(range(99), rng.randint(10, 30))]
+        if rng.random() < 0.3:
+            ps.append(ds[0])
+        cm = CostModel(config(rng, zones), PrefixIndex(silent_after_s=5.0, tau_s=30.0, horizon_s=300.0))
+        prefix = list(range(1000 + seed * 100, 1000 + seed * 100 + 40))
+        for w in ps + ds:
+            if rng.random() < 0.6:
+                cm.index.apply(w.worker_id, "stored", prefix[:rng.randint(1, 40)], seq=1, now=0.0)
+                cm.index.heartbeat(w.worker_id, seq=rng.choice([1, 2]), now=0.0)
+        cm.telemetry.links.ingest([LinkFigures(p.worker_id, d.worker_id, count=1, ewma_bytes_per_s=1e9,
+                                               last_sample_time=0.0) for p in ps for d in ds if rng.random() < 0.03],
+                                  {w.worker_id: w.zone for w in ps + ds})
+        n = rng.choice([100, 640, 4000])
+        hs = prefix[: n // BS] if rng.random() < 0.8 else None
+        ex = frozenset(w.worker_id for w in ps + ds if rng.random() < 0.05)
+        for _ in range(2):
+            assert cm.choose(n, ps, ds, ex, hashes=hs, now=20.0) == cm.choose_exhaustive(n, ps, ds, ex, hashes=hs,
+                                                                                          now=20.0), f"seed {seed}"
+            vector += cm._vector.choose(n, ps, ds, ex, hs, 20.0) is not SCAN
+            w = rng.choice(ps + ds)
+            w.in_flight, w.queued_tokens = w.in_flight + 1, w.queued_tokens + 700
+    assert vector >= 100
+
+
 def test_ties_go_to_the_lowest_ids():
     ps = [WorkerLoad(f"p{i}", "prefill", prefill_tps=1e4, zone="a") for i in (3, 1, 2)]
     ds = [WorkerLoad(f"d{i}", "decode", prefill_tps=1e3, decode_step_s=(0.02, 0.0), zone="a",
