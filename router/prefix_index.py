@@ -195,8 +195,7 @@ class PrefixIndex:
             self._holders.setdefault(h, set()).add(worker_id)
             self._steps.pop(h, None)
             tentative[h] = expiry
-        for h in tentative.keys() & hs:     # still tentative (new ones included): their expiry moves
-            tentative[h] = expiry
+        tentative.update(dict.fromkeys(tentative.keys() & hs, expiry))  # still tentative (new ones too): expiry moves
 
     def heartbeat(self, worker_id: str, seq: int | None = None, now: float | None = None) -> None:
         """The worker is alive; seq = the number of its latest event (all events up to it were sent).

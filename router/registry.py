@@ -29,6 +29,7 @@ class WorkerRegistry:
         self.prefill: dict = {}                     # worker id -> PrefillClient
         self.decode: dict = {}                      # worker id -> DecodeClient
         self.loads: dict[str, WorkerLoad] = {}      # worker id -> what the router knows of it
+        self._lists: dict[str, list[WorkerLoad]] = {}   # loads_of's lists, until membership changes (add / remove)
         self.background: set[asyncio.Task] = set()  # aborts sent to lost workers, link probes
         self.prober = LinkProber(self)
 
@@ -37,6 +38,7 @@ class WorkerRegistry:
         """zone: the worker's topology label (the cost model prices links inside and across zones apart)."""
         (self.prefill if role == "prefill" else self.decode)[client.worker_id] = client
         self.loads[client.worker_id] = WorkerLoad(client.worker_id, role, zone=zone)
+        self._lists.clear()
         self.metrics.add_worker(client.worker_id, role)
         self.index.add_worker(client.worker_id)
 
@@ -46,6 +48,7 @@ class WorkerRegistry:
         self.prefill.pop(worker_id, None)
         self.decode.pop(worker_id, None)
         self.loads.pop(worker_id, None)
+        self._lists.clear()
         self.metrics.remove_worker(worker_id)
         self.index.remove_worker(worker_id)
         self.telemetry.remove_worker(worker_id)
@@ -54,7 +57,13 @@ class WorkerRegistry:
         return bool(self.decode) and (bool(self.prefill) or not self.cfg.remote_prefill)
 
     def loads_of(self, role: str) -> list[WorkerLoad]:
-        return list(map(self.loads.__getitem__, self.prefill if role == "prefill" else self.decode))
+        """The role's WorkerLoads in registration order: a new list each call (callers may change it),
+        copied from one kept until the next add / remove (a C-speed copy, not a lookup per worker)."""
+        kept = self._lists.get(role)
+        if kept is None:
+            kept = self._lists[role] = list(map(self.loads.__getitem__,
+                                                self.prefill if role == "prefill" else self.decode))
+        return kept.copy()
 
     def charge(self, worker_id: str, tokens: int, sign: int) -> None:
         """Count a request (and its prompt tokens queued there) on a worker (+1) or off it (-1)."""

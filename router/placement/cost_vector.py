@@ -1,145 +1,48 @@
 """The cost model's `choose` at fleet scale: the same answer as CostModel.choose_scan (and so as
-choose_exhaustive), from numpy columns of per-worker figures kept across decisions. Pure Python + numpy.
+choose_exhaustive), from numpy columns of per-worker figures kept across decisions
+(cost_columns.py). Pure Python + numpy.
 
-What one decision costs, and why it does not grow with a Python loop over the workers:
-- Per-worker figures that depend on the worker alone (placeable, prefill rate, queue seconds, the
-  decode step at its batch and one more, free / total blocks, zone) live in one numpy column per
-  figure, per role (_Side). A WorkerLoad tells its watchers which object changed on every field
-  write (load.WorkerLoad.watch), and Telemetry.ingest_status touches the load it learned for, so a
-  decision refreshes only the rows of the workers that changed since the last one. The lists the
-  router hands in are compared by object identity (a C-speed pass); a different list, or
-  Telemetry.epoch moving (remove_worker, changed()), rebuilds the columns.
+What one decision costs: a fixed number of numpy calls (about a hundred, on the worker rows or on
+smaller arrays), not a Python loop over the workers.
 - Prefix hits come from PrefixIndex.match_levels (a memoized walk: levels of workers with the same
-  hit) and PrefixIndex.inexact (the few workers whose confidence is below 1): every worker of a
-  level gets the same cached-token figure, so the per-worker hit columns are one numpy gather.
-- The prices are the float operations estimate_local / estimate_remote / CostModel.choose_scan make,
-  in their order, on numpy float64 columns (IEEE double either way: bit-identical). The remote
-  side ranks all prefill workers for each group g = (d's zone, cached tokens at d) as a (groups x
-  prefills) matrix instead of choose_scan's threshold walk; the window of near-lowest keys, the
-  per-d exact cost of each window row and the tie rules (lower cost, then local, then lower decode
-  id, then lower prefill id) are choose_scan's. Pairs with a measured link are priced one by one in
-  Python, as there.
+  hit) and PrefixIndex.inexact (the few workers whose confidence is below 1). Each row gets a hit
+  code (0: none, one per level, one per inexact worker with a hit); the code column of a levels
+  tuple is memoized (the walk returns the same tuple while the index is unchanged along the
+  prompt), so the per-row hit figures are one gather of a handful of per-code values.
+- The prices are the float operations estimate_local / estimate_remote / CostModel.choose_scan
+  make, in their order, on float64 columns (IEEE double either way: bit-identical); the terms both
+  roles price alike (compute, queue + compute, duplicate) are computed once over all rows.
+- Remote: the answer for each decode worker d is its group's (d's zone, d's hit code) cheapest
+  prefill workers. A prefill worker p's key in group g is s + duplicate with
+  s = (queue + compute) + max(x / layers, x - compute), x the group's transfer seconds from p's zone,
+  so key >= a_p + x / layers and key >= b_p + x (a = queue + compute + duplicate, b = a - compute, up
+  to rounding). The key matrix (groups x prefill rows) is priced first on each prefill zone's rows
+  of lowest a and of lowest b: its row minima bound each group's lowest key from above (ub). A row
+  within the window of near-lowest keys (1e-9 relative) has a_p <= ub - x / layers + m and
+  b_p <= ub - x + m (m = 2e-9 relative, far above rounding), so only rows that pass both tests
+  against their zone's largest bounds over the groups are priced too: none or a few unless many
+  workers tie. The window, the per-d exact cost of
+  each window row and the tie rules (lower cost, then local, then lower decode id, then lower
+  prefill id) are choose_scan's. Pairs with a measured link are priced one by one in Python, as
+  there (with the full key row of their group when the link removes a window row).
 Not covered here (CostModel.choose then takes choose_scan): prefix hits in host / disk tiers, peer
 pulls, worker ids repeated in a list, and the case where no option is KV-feasible (the fallback,
-CostModel._fallback_choice).
+CostModel._fallback_choice). Figures are taken finite (rates > 0), as the cost model's are.
 """
 from __future__ import annotations
 
 import time
-from operator import is_
+from itertools import chain
 
 import numpy as np
 
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy
 from pdcluster.router.placement.base import Placement
-from pdcluster.router.placement.load import WorkerLoad
+from pdcluster.router.placement.cost_columns import Columns
 
 SCAN = object()         # choose(): "take CostModel.choose_scan" (a case not covered here)
-
-
-class _Side:
-    """The columns of one role's worker list (see the module doc). Row i is self.loads[i]."""
-
-    def __init__(self, owner: "VectorChooser", role: str):
-        self.owner, self.role = owner, role
-        self.dirty: set[int] = set()        # ids of watched WorkerLoads written since the last sync
-        self.loads: list[WorkerLoad] = []
-        self.ids: list[int] | None = None   # id() of each row's object
-        self.row_of_obj: dict[int, int] = {}
-        self.row_of: dict[str, int] = {}    # worker id -> row
-        self.wids: list[str] = []
-        self.unique = True                  # no worker id twice in the list
-        self.epoch = None                   # Telemetry.epoch the columns were built at
-        self.tel = None                     # ... and that Telemetry
-        self.generation = 0                 # rebuilds so far
-        self.memo: dict[int, tuple] = {}    # id(frozenset of worker ids) -> (that set, its rows here)
-
-    def __del__(self):
-        for w in self.loads:
-            w.unwatch(self.dirty)
-
-    def sync(self, loads: list[WorkerLoad]) -> None:
-        tel = self.owner.cm.telemetry
-        if (len(loads) != len(self.loads) or not all(map(is_, loads, self.loads)) or tel.epoch != self.epoch
-                or tel is not self.tel):
-            self._rebuild(loads, list(map(id, loads)))
-        elif self.dirty:
-            changed = [self.row_of_obj[i] for i in self.dirty if i in self.row_of_obj]
-            self.dirty.clear()
-            for r in changed:
-                if self.loads[r].worker_id != self.wids[r]:
-                    self._rebuild(loads, list(map(id, loads)))
-                    return
-                self._fill(r)
-
-    def _rebuild(self, loads: list[WorkerLoad], ids: list[int]) -> None:
-        keep = set(ids)
-        for w in self.loads:
-            if id(w) not in keep:
-                w.unwatch(self.dirty)
-        self.loads, self.ids = list(loads), ids
-        self.generation += 1
-        self.dirty.clear()
-        for w in self.loads:
-            w.watch(self.dirty)
-        n = len(loads)
-        self.tel = self.owner.cm.telemetry
-        self.epoch = self.tel.epoch
-        self.row_of_obj = {i: r for r, i in enumerate(ids)}
-        self.wids = [w.worker_id for w in loads]
-        self.row_of = {w: r for r, w in enumerate(self.wids)}
-        self.unique = len(self.row_of) == n
-        order = sorted(range(n), key=lambda r: self.wids[r])
-        self.rank = np.empty(n, np.int64)               # row -> position in worker id order
-        self.rank[order] = np.arange(n)
-        self.placeable = np.zeros(n, bool)
-        self.rate = np.ones(n)                          # prefill tokens/s (Telemetry.prefill_tps)
-        self.q = np.zeros(n)                            # max(queued, waiting) / rate: a remote queue_s
-        self.qloc = np.zeros(n)                         # queued / rate: a local queue_s
-        self.nseq = np.zeros(n, np.int64)               # max(running, in_flight)
-        self.pen_n = np.zeros(n)                        # local_penalty * nseq
-        self.step_n = np.zeros(n)                       # decode step seconds at nseq (decode rows)
-        self.step_n1 = np.zeros(n)                      # ... at nseq + 1
-        self.free = np.zeros(n, np.int64)
-        self.cap_unknown = np.zeros(n, bool)
-        self.tpot_r = np.zeros(n, bool)                 # a remote option's TPOT guard: step at nseq + 1 <= slo
-        self.num_blocks = np.zeros(n, np.int64)
-        self.zone = np.zeros(n, np.int64)               # VectorChooser.zone_index
-        self.memo.clear()
-        for r in range(n):
-            self._fill(r)
-
-    def _fill(self, r: int) -> None:
-        w, cm = self.loads[r], self.owner.cm
-        tel = cm.telemetry
-        rate = tel.prefill_tps(w)
-        n = max(w.running, w.in_flight)
-        self.placeable[r] = w.placeable
-        self.rate[r] = rate
-        self.q[r] = max(w.queued_tokens, w.waiting_tokens) / rate
-        self.qloc[r] = w.queued_tokens / rate
-        self.nseq[r] = n
-        self.pen_n[r] = cm.cfg.local_penalty * n
-        if self.role == "decode":       # (step_s on a prefill worker would create its perf as a decode's)
-            self.step_n[r], self.step_n1[r] = tel.step_s(w, n), tel.step_s(w, n + 1)
-        self.free[r] = w.free_blocks
-        self.cap_unknown[r] = not w.capacity_known
-        slo = cm.cfg.tpot_slo_s
-        self.tpot_r[r] = slo is None or max(self.step_n1[r], 0.0) <= slo
-        self.num_blocks[r] = w.num_blocks
-        self.zone[r] = self.owner.zone_index(w.zone)
-
-    def rows(self, workers: frozenset) -> np.ndarray:
-        """Rows of the workers of `workers` in this list (memoized per set object)."""
-        hit = self.memo.get(id(workers))
-        if hit is not None and hit[0] is workers:
-            return hit[1]
-        m = self.row_of
-        rows = np.fromiter((m[w] for w in workers if w in m), np.int64)
-        if len(self.memo) > 4096:
-            self.memo.clear()
-        self.memo[id(workers)] = (workers, rows)
-        return rows
+_INF = np.inf
+_MEMO = 512             # memoized code columns (and row sets: 8x) before the memo starts over
 
 
 class VectorChooser:
@@ -149,11 +52,15 @@ class VectorChooser:
         self.cm = cm
         self.zones: list[str] = []
         self._zone_ix: dict[str, int] = {}
-        self.P, self.D = _Side(self, "prefill"), _Side(self, "decode")
+        self.cols = Columns(cm, self.zone_index)
         self._measured_key = None
         self._zone_key = None
         self._bps = np.zeros((0, 0))
         self._measured: dict[str, list[str]] = {}
+        self._wire = (None, 0.0)
+        self._codes: dict[int, list] = {}       # id(levels) -> _codes_of's entry
+        self._plain = (None, None)              # (generation, groups of the decode rows without hits)
+        self._rows: dict[int, tuple] = {}       # id(frozenset of worker ids) -> (that set, generation, rows)
 
     def zone_index(self, zone: str) -> int:
         i = self._zone_ix.get(zone)
@@ -175,53 +82,105 @@ class VectorChooser:
     def _measured_links(self) -> dict[str, list[str]]:
         """decode id -> prefill ids (of the prefill list) with a measured link to it."""
         links = self.cm.telemetry.links
-        key = (links.version, len(links.links), self.P.generation)
+        key = (links.version, len(links.links), self.cols.generation)
         if key != self._measured_key:
             self._measured = {}
             for src, dst in links.links:
-                if src in self.P.row_of:
+                if src in self.cols.prow:
                     self._measured.setdefault(dst, []).append(src)
             self._measured_key = key
         return self._measured
 
-    def choose(self, prompt_len: int, prefills: list[WorkerLoad], decodes: list[WorkerLoad], exclude,
-               hashes, now):
+    def _wire_bytes(self, c) -> float:
+        """Wire bytes per token of a transfer over an unmeasured link (CostModel.kv_codec without a
+        measured bandwidth: the policy's answer without one, the same for every transfer)."""
+        if self._wire[0] is not c:
+            self._wire = (c, c.wire_bytes_per_token(CompressionPolicy(c.kv_compression).choose(0, None, None)))
+        return self._wire[1]
+
+    def _rows_of(self, ws: frozenset) -> np.ndarray:
+        """Rows of the workers of `ws` (worker ids) in either list (memoized per set object)."""
+        X = self.cols
+        hit = self._rows.get(id(ws))
+        if hit is not None and hit[0] is ws and hit[1] == X.generation:
+            return hit[2]
+        d, p = X.drow, X.prow_g
+        rows = np.fromiter(chain(map(d.__getitem__, d.keys() & ws), map(p.__getitem__, p.keys() & ws)), np.int64)
+        if len(self._rows) > 8 * _MEMO:
+            self._rows.clear()
+        self._rows[id(ws)] = (ws, X.generation, rows)
+        return rows
+
+    def _codes_of(self, levels: tuple) -> list:
+        """[levels, generation, row -> level code (1 + the level's position in `levels`; 0: no hit),
+        the decode rows' groups or None until asked]: memoized per levels tuple."""
+        X = self.cols
+        hit = self._codes.get(id(levels))
+        if hit is not None and hit[0] is levels and hit[1] == X.generation:
+            return hit
+        code = np.zeros(X.N, np.int64)
+        for j, (_n, ws) in enumerate(levels, 1):
+            code[self._rows_of(ws)] = j
+        if len(self._codes) > _MEMO:
+            self._codes.clear()
+        hit = self._codes[id(levels)] = [levels, X.generation, code, None]
+        return hit
+
+    def _groups(self, code, K: int) -> list:
+        """[G, group of each decode row, each group's zone, each group's hit code, then two slots
+        _remote fills: the link figures' key, (G, zones) bytes/s]: the groups g = (zone, hit code) of
+        the decode rows, numbered in (zone, code) order."""
+        X = self.cols
+        gkey = X.zone[:X.nD] * K
+        if code is not None:
+            gkey += code[:X.nD]
+        present = np.bincount(gkey, minlength=len(self.zones) * K)
+        gvals = present.nonzero()[0]
+        lut = np.zeros(len(present), np.int64)
+        lut[gvals] = np.arange(len(gvals))
+        return [len(gvals), lut.take(gkey), gvals // K, gvals % K, None, None]
+
+    def choose(self, prompt_len: int, prefills, decodes, exclude, hashes, now):
         """CostModel.choose_scan's Placement, or SCAN for a case this does not cover (module doc)."""
         cm = self.cm
         c, tel, index = cm.cfg, cm.telemetry, cm.index
         if c.peer_pull or index.has_lower_tiers:
             return SCAN
         t = time.time() if now is None else now
-        P, D = self.P, self.D
-        D.sync(decodes)
-        P.sync(prefills)
-        if not (D.unique and P.unique):
+        X = self.cols
+        X.sync(prefills, decodes)
+        if not X.unique:
             return SCAN
-        L, bs = prompt_len, c.block_size
-        uD = D.placeable.copy()
-        uP = P.placeable.copy() if c.allow_remote else np.zeros(len(P.loads), bool)
+        nD, L, bs = X.nD, prompt_len, c.block_size
+        u = X.placeable                         # usable rows (a copy once one is excluded)
+        if not c.allow_remote:
+            u = u.copy()
+            u[nD:] = False
+        p_all = True                            # every placeable prefill row is usable
         for w in exclude:
-            r = D.row_of.get(w)
+            r, rp = X.drow.get(w), X.prow_g.get(w)
+            if r is None and rp is None:
+                continue
+            if u is X.placeable:
+                u = u.copy()
             if r is not None:
-                uD[r] = False
-            r = P.row_of.get(w)
-            if r is not None:
-                uP[r] = False
-        if not uD.any():
+                u[r] = False
+            if rp is not None:
+                u[rp] = p_all = False
+        uD = u[:nD]
+        if not np.count_nonzero(uD):
             return None
-        # prefix hits: code 0 = none; one code per level, one per inexact worker with a hit
+        # prefix hits: per-code cached tokens (vals) and blocks; a code per row
         vals, blks = [0.0], [0]
-        codeD = np.zeros(len(D.loads), np.int64)
-        codeP = np.zeros(len(P.loads), np.int64)
         levels = index.match_levels(hashes) if hashes else ()
+        code = memo = None
         if levels:
-            for n, ws in levels:
+            memo = self._codes_of(levels)
+            code = memo[2]
+            for n, _ws in levels:
                 v = cm._cached(n, L, 1.0)
                 vals.append(v)
                 blks.append(int(v // bs))
-                j = len(vals) - 1
-                codeD[D.rows(ws)] = j
-                codeP[P.rows(ws)] = j
             for w, conf in index.inexact(t).items():
                 n = next((n for n, ws in levels if w in ws), 0)
                 if not n:
@@ -229,184 +188,236 @@ class VectorChooser:
                 v = cm._cached(n, L, conf)
                 vals.append(v)
                 blks.append(int(v // bs))
-                for side, code in ((D, codeD), (P, codeP)):
-                    r = side.row_of.get(w)
-                    if r is not None:
-                        code[r] = len(vals) - 1
-        vals_a, blks_a = np.array(vals), np.array(blks, np.int64)
-        cD, cP = vals_a[codeD], vals_a[codeP]
-        best_cached = max(float(np.max(cD, where=uD, initial=0.0)), float(np.max(cP, where=uP, initial=0.0)))
+                if memo is not None:            # this decision's own codes (and groups)
+                    code, memo = code.copy(), None
+                r = X.drow.get(w)
+                if r is not None:
+                    code[r] = len(vals) - 1
+                r = X.prow_g.get(w)
+                if r is not None:
+                    code[r] = len(vals) - 1
+        need = -(-prompt_len // bs) + 1
+        vals_a = np.array(vals)
+        if code is not None:
+            cc = vals_a.take(code)              # cached tokens per row
+            cu = cc * u
+            best_cached = float(cu[cu.argmax()])    # (cc >= 0)
+            blocks = np.array([max(0, need - b) for b in blks], np.int64).take(code[:nD])
+        else:
+            cc, best_cached, blocks = np.zeros(X.N), 0.0, need
         dup_on = bool(c.duplicate_penalty and best_cached)
         local_ok = c.allow_local and (c.local_max_tokens is None or prompt_len <= c.local_max_tokens)
-        n_ps = int(uP.sum())
-        slo = c.tpot_slo_s
-        # decode side: verdicts (the local and remote option of d need the same blocks here: no lower tiers)
-        need = -(-prompt_len // bs) + 1
-        blocks = np.maximum(0, need - blks_a[codeD])
-        kv = uD & (D.cap_unknown | (D.free >= blocks))
-        n_kv = int(kv.sum())
+        n_ps = int(np.count_nonzero(u[nD:]))
+        # decode verdicts (the local and remote option of d need the same blocks here: no lower tiers)
+        kv = X.free_eff >= blocks
+        kv &= uD
+        n_kv = int(np.count_nonzero(kv))
         kv_ok_count = (n_kv if local_ok else 0) + (n_ps * n_kv)
         if not n_kv:
             return SCAN                             # nothing KV-feasible: the fallback's case
-        inf = np.inf
-        cost_l = np.full(len(D.loads), inf)
-        tpot_l = np.zeros(len(D.loads), bool)
-        if local_ok:                                # estimate_local's cost, its float operations in its order
-            comp = (L - cD) / D.rate
-            cost_l = ((D.qloc + comp) + D.step_n) + D.pen_n * comp
+        # terms both roles price alike: estimate_local's / estimate_remote's operations, all rows
+        rem = L - cc
+        comp = rem / X.rate
+        qc = X.q + comp                             # queue + compute
+        dup0 = None                                 # duplicate penalty per row (0.0, or -0.0, where none)
+        if dup_on:
+            dup0 = (c.duplicate_penalty * (best_cached - cc)) / X.rate
+            dup0 = np.maximum(dup0, 0.0) if c.duplicate_penalty > 0 else np.where(best_cached - cc > 0, dup0, 0.0)
+        # the options: [local option of each decode row | remote option of each], so that at equal
+        # cost an argmin takes local first, then the lowest decode id (the rows are in id order)
+        opt = np.empty(2 * nD)
+        mask = np.zeros(2 * nD, bool)
+        if local_ok:                                # estimate_local's cost
+            ol = opt[:nD]
+            np.add(qc[:nD], X.step_n, out=ol)
+            ol += X.pen_n * comp[:nD]
             if dup_on:
-                rep = best_cached - cD
-                cost_l = np.where(rep > 0, cost_l + (c.duplicate_penalty * rep) / D.rate, cost_l)
-            stall = np.where(D.nseq > 0, D.step_n + np.minimum(L - cD, c.local_chunk_tokens) / D.rate, 0.0)
-            tpot_l = np.ones(len(D.loads), bool) if slo is None else np.maximum(D.step_n1, stall) <= slo
-        cost_r = np.full(len(D.loads), inf)
-        p_r = np.full(len(D.loads), -1, np.int64)
-        rmask = kv if n_ps else np.zeros(len(D.loads), bool)
+                ol += dup0[:nD]
+            mask[:nD] = kv
+        p_best = None
         if n_ps:
-            self._remote(prompt_len, cP, uP, cD, codeD, vals, rmask, best_cached, dup_on, cost_r, p_r)
-        tpot_r = D.tpot_r
-        lmask = kv if local_ok else np.zeros(len(D.loads), bool)
-        pick = self._pick(cost_l, lmask & tpot_l, cost_r, rmask & tpot_r)
-        if pick is None and not c.tpot_strict:
-            pick = self._pick(cost_l, lmask, cost_r, rmask)
-        if pick is None:
+            if memo is not None:
+                groups = memo[3] = memo[3] or self._groups(code, len(vals))
+            elif code is not None:              # this decision's own codes (inexact workers)
+                groups = self._groups(code, len(vals))
+            else:                               # no hit anywhere: groups by zone, kept per build
+                if self._plain[0] != X.generation:
+                    self._plain = (X.generation, self._groups(None, 1))
+                groups = self._plain[1]
+            p_add = X.unplaceable_inf[nD:] if p_all else np.where(u[nD:], 0.0, _INF)
+            p_best = self._remote(L, cc, comp, qc, dup0, p_add, u, vals_a, kv, best_cached, groups, opt[nD:])
+            mask[nD:] = kv
+        # TPOT guards: remote from the column; local checked at the winner, the column only if it fails
+        slo = c.tpot_slo_s
+        guarded = mask.copy()
+        guarded[nD:] &= X.tpot_r
+        local_guard = local_ok and slo is not None
+        while True:
+            i = self._pick(opt, guarded)
+            if i is None or i >= nD or not local_guard:
+                break
+            stall = (X.step_n[i] + min(float(rem[i]), c.local_chunk_tokens) / X.rate[i]) * X.busy[i]
+            if max(X.step_n1[i], stall) <= slo:
+                break
+            stall = (X.step_n + np.minimum(rem[:nD], c.local_chunk_tokens) / X.rate[:nD]) * X.busy
+            guarded[:nD] &= np.maximum(X.step_n1, stall) <= slo
+            local_guard = False
+        if i is None and not c.tpot_strict:
+            i = self._pick(opt, mask)
+        if i is None:
             return None
-        kind, r = pick
-        d = D.loads[r]
-        if kind == "local":
-            e = cm.estimate_local(prompt_len, d, float(cD[r]), 0.0)
+        if i < nD:
+            d = X.loads[i]
+            e = cm.estimate_local(prompt_len, d, float(cc[i]), 0.0)
             rate = tel.prefill_tps(d)
         else:
-            p = P.loads[p_r[r]]
-            e = cm.estimate_remote(prompt_len, p, d, float(cP[p_r[r]]), float(cD[r]), t, 0.0)
+            r = i - nD
+            pr = nD + int(p_best[r])
+            d, p = X.loads[r], X.loads[pr]
+            e = cm.estimate_remote(prompt_len, p, d, float(cc[pr]), float(cc[r]), t, 0.0)
             rate = tel.prefill_tps(p)
         if dup_on and best_cached - e.cached_tokens > 0:
             e.duplicate_penalty_s = c.duplicate_penalty * (best_cached - e.cached_tokens) / rate
             e.cost_s += e.duplicate_penalty_s
         return Placement(e.prefill, e.decode, e.kind, e.as_dict() | {"options_kv_ok": kv_ok_count})
 
-    def _pick(self, cost_l, lmask, cost_r, rmask):
-        """(kind, decode row) of the lowest (cost, remote?, decode id) among the masked options, or None."""
-        lo = min(float(cost_l[lmask].min()) if lmask.any() else np.inf,
-                 float(cost_r[rmask].min()) if rmask.any() else np.inf)
-        if lo == np.inf and not (lmask.any() or rmask.any()):
-            return None
-        rank = self.D.rank
-        for kind, cost, mask in (("local", cost_l, lmask), ("remote", cost_r, rmask)):
-            tied = np.flatnonzero(mask & (cost == lo))
-            if len(tied):
-                return kind, int(tied[np.argmin(rank[tied])])
-        return None
+    @staticmethod
+    def _pick(opt, mask) -> int | None:
+        """The lowest-cost masked option's index (the first at equal cost), or None if none is masked."""
+        cost = np.where(mask, opt, _INF)
+        i = int(cost.argmin())
+        if cost[i] != _INF:
+            return i
+        return int(mask.argmax()) if mask.any() else None     # every masked option costs inf
 
-    def _remote(self, prompt_len, cP, uP, cD, codeD, vals, rmask, best_cached, dup_on, cost_r, p_r) -> None:
-        """Each remote-feasible d's cheapest prefill worker and cost into p_r, cost_r (choose_scan's)."""
-        cm, P, D = self.cm, self.P, self.D
+    def _remote(self, L, cc, comp, qc, dup0, p_add, u, vals_a, kv, best_cached, groups, out) -> np.ndarray:
+        """Each decode row's cheapest remote option (choose_scan's): its cost into `out`, and its
+        prefill worker (prefill-local row) returned; exact for the KV-feasible rows (kv), which are
+        the only ones a pick reads. p_add: 0.0 for a usable prefill row, inf for the others."""
+        cm, X = self.cm, self.cols
         c, tel = cm.cfg, cm.telemetry
-        L = prompt_len
-        comp = (L - cP) / P.rate
-        qc = P.q + comp                             # queue, compute (+ tier load: 0.0 here)
-        if dup_on:
-            hasdup = best_cached - cP > 0
-            dup0 = np.where(hasdup, (c.duplicate_penalty * (best_cached - cP)) / P.rate, 0.0)
-        else:
-            hasdup, dup0 = np.zeros(len(cP), bool), np.zeros(len(cP))
-        drows = np.flatnonzero(rmask)
-        # groups g = (d's zone, d's hit code): key zone * K + code; present keys in order
-        K = len(vals)
-        gkey = D.zone[drows] * K + codeD[drows]
-        present = np.bincount(gkey, minlength=len(self.zones) * K) > 0
-        gvals = np.flatnonzero(present)
-        ginv = (np.cumsum(present) - 1)[gkey]       # group of each remote-feasible d
-        G = len(gvals)
-        g_zone, g_code = gvals // K, gvals % K
+        nD = X.nD
+        qcP, compP, zP = qc[nD:], comp[nD:], X.zone[nD:]
+        dupP = dup0[nD:] if dup0 is not None else None
+        addP = p_add + dupP if dupP is not None else p_add  # key = s + addP: + duplicate, inf if not usable
+        G, ginv, g_zone, g_code = groups[:4]
         layers = max(c.num_layers, 1)
-        # transfer seconds per (group, p zone) over zone-priced links: CostModel._transfer's
-        # operations; the codec of an unmeasured link (CostModel.kv_codec without a measured
-        # bandwidth) is the policy's answer without a bandwidth, the same for every transfer
-        wire = c.wire_bytes_per_token(CompressionPolicy(c.kv_compression).choose(0, None, None))
-        nbytes_k = (L - np.array(vals)) * wire
-        tr = nbytes_k[g_code][:, None] / np.maximum(self._zone_bps()[:, g_zone].T, 1.0)     # (G, zones)
-        x = tr[:, P.zone]                           # (G, prefills)
-        s = qc + np.maximum(x / layers, x - comp)   # queue+compute + _exposed
-        key = s + dup0
-        key[:, ~uP] = np.inf
-        lo_all = key.min(axis=1)
-        in_win = key <= (lo_all + 1e-9 * (np.abs(lo_all) + 1.0))[:, None]
+        # transfer seconds per (group, p zone) over zone-priced links: CostModel._transfer's operations
+        links_key = (c, self.cm.telemetry.links.version)
+        if groups[4] != links_key:
+            groups[4:] = links_key, np.maximum(self._zone_bps()[:, g_zone].T, 1.0)    # (G, zones) bytes/s
+        tr = ((L - vals_a) * self._wire_bytes(c)).take(g_code)[:, None] / groups[5]    # (G, zones) seconds
 
-        def window(row: int, skip) -> list:
-            """choose_scan's _Group.window for group `row`: (s, dup or None, prefill row), sorted by prefill id."""
-            k = key[row]
-            if skip:
-                k = k.copy()
-                k[[P.row_of[w] for w in skip]] = np.inf
-            lo = float(k.min())
-            if lo == np.inf:
+        def price(C):
+            """s and key of the (groups x prefill rows C) matrix."""
+            x = tr[:, zP.take(C)]
+            s = qcP.take(C) + np.maximum(x / layers, x - compP.take(C))   # queue+compute + _exposed
+            return s, s + addP.take(C)
+
+        # candidates (module doc): per zone the lowest a and lowest b bound each group's lowest key
+        a = qcP + addP
+        b = a - compP
+        lowest = a == np.minimum.reduceat(a, X.pstarts).take(X.pslice)
+        lowest |= b == np.minimum.reduceat(b, X.pstarts).take(X.pslice)
+        C = lowest.nonzero()[0]
+        s, key = price(C)
+        ub = key.min(axis=1)
+        ub += 2e-9 * (float(np.abs(ub).max()) + float(tr.max()) + 1.0)   # + m
+        ub = ub[:, None]
+        a_max = (ub - tr / layers).max(axis=0)      # per p zone
+        b_max = (ub - tr).max(axis=0)
+        cand = (a <= a_max.take(zP)) & (b <= b_max.take(zP))
+        cand[C] = False
+        if cand.any():                              # candidates beyond the bounding rows: price them too
+            C = np.concatenate((C, cand.nonzero()[0]))
+            s, key = price(C)
+        gr = np.arange(G)
+        i0 = key.argmin(axis=1)
+        lo = key[gr, i0]
+        win = key <= (lo + 1e-9 * (np.abs(lo) + 1.0))[:, None]
+        several = (win.sum(axis=1) > 1).nonzero()[0].tolist() if np.count_nonzero(win) > G else []
+        wids, prank = X.wids, X.prank
+
+        def window(s_row, k_row, rows_at) -> list:
+            """choose_scan's _Group.window from one group's s and key over prefill rows rows_at:
+            (s, dup or None, prefill-local row) per distinct (s, dup), lowest id kept, by prefill id."""
+            lo = float(k_row.min())
+            if lo == _INF:
                 return []
             tol = 1e-9 * (abs(lo) + 1.0)
             best: dict[tuple, int] = {}
-            for pr in np.flatnonzero(k <= lo + tol):
-                kk = (float(s[row, pr]), float(dup0[pr]) if hasdup[pr] else None)
-                if kk not in best or P.wids[pr] < P.wids[best[kk]]:
-                    best[kk] = int(pr)
-            return sorted(((kk[0], kk[1], pr) for kk, pr in best.items()), key=lambda e: P.wids[e[2]])
+            for i in (k_row <= lo + tol).nonzero()[0].tolist():
+                pr = int(rows_at[i])
+                kk = (float(s_row[i]), float(dupP[pr]) if dupP is not None and best_cached - float(cc[nD + pr]) > 0
+                      else None)
+                if kk not in best or prank[pr] < prank[best[kk]]:
+                    best[kk] = pr
+            return sorted(((kk[0], kk[1], pr) for kk, pr in best.items()), key=lambda e: prank[e[2]])
 
-        # the common case: one prefill row within rounding of a group's lowest key; the others
-        # (several rows) are deduplicated and ordered by prefill id in Python (window)
-        gr = np.arange(G)
-        p0 = in_win.argmax(axis=1)
-        sv, dv, pv = s[gr, p0], dup0[p0], p0        # (G,) row 0 of each group's window
+        def window_skip(g: int, skip) -> list:
+            """The window of group g over every prefill row but those of `skip` (worker ids)."""
+            xg = tr[g].take(zP)
+            sg = qcP + np.maximum(xg / layers, xg - compP)
+            kg = sg + addP
+            kg[[X.prow[w] for w in skip]] = _INF
+            return window(sg, kg, range(len(kg)))
+
+        # row 0 of each group's window; groups with several rows are deduplicated, ordered by id
+        sv, pv = s[gr, i0], C.take(i0)
+        dv = dupP.take(pv) if dupP is not None else np.zeros(G)
         wins: list = [None] * G
-        extra = []                                  # rows 1.. of groups with several
-        for g in np.flatnonzero(in_win.sum(axis=1) > 1).tolist():
-            wins[g] = w = window(g, ())
+        for g in several:
+            wins[g] = w = window(s[g], key[g], C)
             sv[g], dv[g], pv[g] = w[0][0], w[0][1] or 0.0, w[0][2]
-            extra.append(g)
         over = c.remote_overhead_s
-        step = D.step_n[drows]
-        best_c = ((sv[ginv] + step) + over) + dv[ginv]
-        best_p = pv[ginv]
-        for i in range(1, max((len(wins[g]) for g in extra), default=1)):
-            sv = np.full(G, np.inf)
+        step = X.step_n
+        np.add(sv.take(ginv), step, out=out)
+        out += over
+        out += dv.take(ginv)
+        best_p = pv.take(ginv)
+        for i in range(1, max((len(wins[g]) for g in several), default=1)):
+            sv = np.full(G, _INF)
             dv = np.zeros(G)
             pv = np.full(G, -1, np.int64)
-            for g in extra:
+            for g in several:
                 if i < len(wins[g]):
                     sv[g], dv[g], pv[g] = wins[g][i][0], wins[g][i][1] or 0.0, wins[g][i][2]
-            cost = ((sv[ginv] + step) + over) + dv[ginv]
-            better = cost < best_c                  # rows in prefill id order: a tie keeps the lower id
-            best_c = np.where(better, cost, best_c)
-            best_p = np.where(better, pv[ginv], best_p)
+            cost = ((sv.take(ginv) + step) + over) + dv.take(ginv)
+            better = cost < out                     # rows in prefill id order: a tie keeps the lower id
+            out[better] = cost[better]
+            best_p[better] = pv.take(ginv)[better]
         measured = self._measured_links()
         if measured:
-            for j, r in enumerate(drows):
-                mine = measured.get(D.wids[r])
+            uP = u[nD:]
+            for dst, srcs in measured.items():
+                r = X.drow.get(dst)
+                if r is None or not kv[r]:
+                    continue
+                mine = [w for w in srcs if uP[X.prow[w]]]
                 if not mine:
                     continue
-                mine = [w for w in mine if uP[P.row_of[w]]]
-                if not mine:
-                    continue
-                d = D.loads[r]
-                cdev = float(cD[r])
+                d = X.loads[r]
+                cdev = float(cc[r])
                 cands = []
                 for w in mine:
-                    pr = P.row_of[w]
-                    p = P.loads[pr]
+                    pr = X.prow[w]
+                    p = X.loads[nD + pr]
                     bps, src = tel.links.bandwidth(p.worker_id, d.worker_id, p.zone, d.zone)
                     codec = cm.kv_codec(L, p, cdev, bps if src == "measured" else None)
-                    sp = float(qc[pr]) + cm._exposed(cm._transfer(L, cdev, codec, bps)[1], float(comp[pr]))
-                    cands.append((sp, float(dup0[pr]) if hasdup[pr] else None, pr))
-                g = int(ginv[j])
+                    sp = float(qcP[pr]) + cm._exposed(cm._transfer(L, cdev, codec, bps)[1], float(compP[pr]))
+                    cands.append((sp, float(dupP[pr]) if dupP is not None and best_cached - float(cc[nD + pr]) > 0
+                                  else None, pr))
+                g = int(ginv[r])
                 skip = set(mine)
-                plain = wins[g] if wins[g] is not None else window(g, ())
-                cands += window(g, skip) if any(P.wids[e[2]] in skip for e in plain) else plain
-                step_n = float(D.step_n[r])
+                plain = wins[g] if wins[g] is not None else window(s[g], key[g], C)
+                cands += window_skip(g, skip) if any(wids[nD + e[2]] in skip for e in plain) else plain
+                step_n = float(step[r])
                 bc = None
                 for sp, dup, pr in cands:
                     cost = sp + step_n + over
                     if dup is not None:
                         cost += dup
-                    if bc is None or (cost, P.wids[pr]) < (bc[0], P.wids[bc[1]]):
+                    if bc is None or (cost, wids[nD + pr]) < (bc[0], wids[nD + bc[1]]):
                         bc = (cost, pr)
-                best_c[j], best_p[j] = bc
-        cost_r[drows] = best_c
-        p_r[drows] = best_p
+                out[r], best_p[r] = bc
+        return best_p

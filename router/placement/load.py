@@ -4,8 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass
+@dataclass(eq=False)
 class WorkerLoad:
+    """One live worker as the router knows it. Compared by identity (eq=False): two records are the
+    same worker's only if they are one object, so a list of them compares with `==` at C speed
+    (placement/cost_columns.py) and an equal-valued copy is never taken for the original."""
     worker_id: str
     role: str                       # "prefill" | "decode"
     in_flight: int = 0              # requests this router has on it now

@@ -4,6 +4,7 @@ fleets: zones, zone-pair priors, measured links, unhealthy, draining and full wo
 with stale confidence, hits in host / disk tiers (priced by their load), codecs, SLO guards, exact
 ties; and one CostModel kept over a run of decisions interleaved with load, status, membership,
 index and link changes, so that a cache that misses a change fails."""
+import copy
 import random
 from dataclasses import replace
 
@@ -100,6 +101,46 @@ def test_choose_equals_exhaustive_on_random_fleets(ties, tiers):
     assert vector >= (250 if not tiers or ties else 50)     # most cases took the numpy columns
 
 
+def test_choose_equals_exhaustive_on_larger_fleets():
+    """10-30 workers a side over up to 4 zones (the columns price only candidate prefill rows: here
+    most rows are outside the bound), the same WorkerLoad in both lists sometimes, figures changed
+    between decisions."""
+    vector = 0
+    for seed in range(60):
+        rng = random.Random(50_000 + seed)
+        zones = ["a", "b", "c", "d"][: rng.randint(1, 4)]
+        ps = [WorkerLoad(f"p{i:02d}", "prefill", zone=rng.choice(zones), healthy=rng.random() > 0.1,
+                         queued_tokens=rng.choice([0, 512, rng.randint(0, 9000)]), waiting_tokens=rng.choice([0, 2048]),
+                         prefill_tps=rng.choice([None, 5e3, rng.uniform(1e3, 3e4)]))
+              for i in rng.sample(range(99), rng.randint(10, 30))]
+        ds = [WorkerLoad(f"d{i:02d}", "decode", zone=rng.choice(zones), running=rng.randint(0, 40),
+                         in_flight=rng.randint(0, 10), prefill_tps=rng.choice([None, 3e3, 1e4]),
+                         decode_step_s=rng.choice([None, (0.02, 0.002), (0.01, 0.01)]), num_blocks=2000,
+                         free_blocks=rng.choice([5, 150, 2000]), queued_tokens=rng.choice([0, 900]))
+              for i in rng.sample(range(99), rng.randint(10, 30))]
+        if rng.random() < 0.3:
+            ps.append(ds[0])
+        cm = CostModel(config(rng, zones), PrefixIndex(silent_after_s=5.0, tau_s=30.0, horizon_s=300.0))
+        prefix = list(range(1000 + seed * 100, 1000 + seed * 100 + 40))
+        for w in ps + ds:
+            if rng.random() < 0.6:
+                cm.index.apply(w.worker_id, "stored", prefix[:rng.randint(1, 40)], seq=1, now=0.0)
+                cm.index.heartbeat(w.worker_id, seq=rng.choice([1, 2]), now=0.0)
+        cm.telemetry.links.ingest([LinkFigures(p.worker_id, d.worker_id, count=1, ewma_bytes_per_s=1e9,
+                                               last_sample_time=0.0) for p in ps for d in ds if rng.random() < 0.03],
+                                  {w.worker_id: w.zone for w in ps + ds})
+        n = rng.choice([100, 640, 4000])
+        hs = prefix[: n // BS] if rng.random() < 0.8 else None
+        ex = frozenset(w.worker_id for w in ps + ds if rng.random() < 0.05)
+        for _ in range(2):
+            assert cm.choose(n, ps, ds, ex, hashes=hs, now=20.0) == cm.choose_exhaustive(n, ps, ds, ex, hashes=hs,
+                                                                                          now=20.0), f"seed {seed}"
+            vector += cm._vector.choose(n, ps, ds, ex, hs, 20.0) is not SCAN
+            w = rng.choice(ps + ds)
+            w.in_flight, w.queued_tokens = w.in_flight + 1, w.queued_tokens + 700
+    assert vector >= 100
+
+
 def test_ties_go_to_the_lowest_ids():
     ps = [WorkerLoad(f"p{i}", "prefill", prefill_tps=1e4, zone="a") for i in (3, 1, 2)]
     ds = [WorkerLoad(f"d{i}", "decode", prefill_tps=1e3, decode_step_s=(0.02, 0.0), zone="a",
@@ -107,6 +148,24 @@ def test_ties_go_to_the_lowest_ids():
     cm = CostModel(CostConfig(block_size=BS, allow_local=False))
     got = cm.choose(4096, ps, ds, now=0.0)
     assert (got.prefill, got.decode) == ("p1", "d0") == (cm.choose_exhaustive(4096, ps, ds, now=0.0).prefill, "d0")
+
+
+def test_equal_costs_from_different_zones_go_to_the_lower_prefill_id():
+    """Two prefill workers whose keys differ by rounding (in the window of near-lowest keys) and whose
+    costs round to the same value: the lower id wins, although its zone comes later (the columns keep
+    prefill rows in zone order)."""
+    cfg = CostConfig(block_size=BS, allow_local=False, duplicate_penalty=0.0,
+                     zone_pair_bps=(("x", "a", 1e12), ("y", "a", 1e12)))
+    ps = [WorkerLoad("p2", "prefill", zone="x", prefill_tps=6000.0, queued_tokens=2420),
+          WorkerLoad("p1", "prefill", zone="y", prefill_tps=2000.0, queued_tokens=140)]
+    ds = [WorkerLoad("d0", "decode", zone="a", decode_step_s=(1.0, 0.0), num_blocks=1000, free_blocks=1000)]
+    cm = CostModel(cfg)
+    es = {e.prefill: e for e in cm.estimates(1000, ps, ds, now=0.0)}
+    assert es["p1"].cost_s == es["p2"].cost_s                                     # a tie after rounding
+    assert es["p1"].queue_s + es["p1"].compute_s != es["p2"].queue_s + es["p2"].compute_s   # of different keys
+    got = cm.choose(1000, ps, ds, now=0.0)
+    assert cm._vector.choose(1000, ps, ds, frozenset(), None, 0.0) is not SCAN
+    assert got == cm.choose_exhaustive(1000, ps, ds, now=0.0) and got.prefill == "p1"
 
 
 def test_a_measured_link_is_priced_for_its_pair_alone():
@@ -222,15 +281,31 @@ def _run(seed: int, steps: int, break_cache: bool = False) -> int:
         ex = frozenset(w.worker_id for w in ps + ds if rng.random() < 0.05)
         got = cm.choose(n, ps, ds, ex, hashes=hs, now=t)
         if break_cache and cm._vector is not None:
-            for side in (cm._vector.P, cm._vector.D):
-                for w in side.loads:
-                    w.unwatch(side.dirty)
+            cols = cm._vector.cols
+            for w in cols.loads:
+                w.unwatch(cols.dirty)
         wrong += got != cm.choose_exhaustive(n, ps, ds, ex, hashes=hs, now=t)
     return wrong
 
 
 def test_choose_follows_changes_between_decisions():
     assert sum(_run(seed, 50) for seed in range(25)) == 0
+
+
+def test_an_equal_copy_in_the_list_is_a_different_worker():
+    """A WorkerLoad replaced in the list by an equal-valued copy is watched from then on: a learned
+    figure of its worker that moves (Telemetry touches the copy) reaches the price."""
+    ps = [WorkerLoad("p0", "prefill", prefill_tps=1e4, zone="a")]
+    ds = [WorkerLoad(f"d{i}", "decode", prefill_tps=1e3, zone="a", num_blocks=1000, free_blocks=1000)
+          for i in range(2)]
+    cm = CostModel(CostConfig(block_size=BS, allow_local=False))
+    assert cm.choose(4096, ps, ds, now=0.0).decode == "d0"
+    ds = [copy.copy(ds[0]), ds[1]]
+    assert cm.choose(4096, ps, ds, now=0.0).decode == "d0"
+    for _ in range(20):                             # d0's steps turn slow: d1 joins sooner
+        cm.telemetry.perf_of("d0", "decode").decode.observe(1, 5.0)
+    ds[0].touch()
+    assert cm.choose(4096, ps, ds, now=0.0).decode == "d1" == cm.choose_exhaustive(4096, ps, ds, now=0.0).decode
 
 
 def test_a_cache_that_misses_changes_is_caught():

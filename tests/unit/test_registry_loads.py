@@ -1,0 +1,39 @@
+"""WorkerRegistry.loads_of: the role's live WorkerLoads in registration order, a new list per call,
+following add / remove (its list is kept between membership changes)."""
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pdcluster.router.config import RouterConfig
+from pdcluster.router.metrics import RouterMetrics
+from pdcluster.router.prefix_index import PrefixIndex
+from pdcluster.router.registry import WorkerRegistry
+from pdcluster.router.telemetry import Telemetry
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class _Client:
+    def __init__(self, worker_id: str):
+        self.worker_id = worker_id
+
+
+def test_loads_of_follows_membership_and_hands_out_new_lists():
+    reg = WorkerRegistry(RouterConfig(), RouterMetrics(CollectorRegistry()), PrefixIndex(), Telemetry())
+    for wid, role in (("p1", "prefill"), ("d0", "decode"), ("p0", "prefill")):
+        reg.add(role, _Client(wid))
+    ps = reg.loads_of("prefill")
+    assert [w.worker_id for w in ps] == ["p1", "p0"] and all(w is reg.loads[w.worker_id] for w in ps)
+    ps.append(ps[0])                                        # a caller's list is its own
+    again = reg.loads_of("prefill")
+    assert again is not ps and [w.worker_id for w in again] == ["p1", "p0"]
+    reg.loads["p1"].in_flight = 3                           # the same objects: field writes show
+    assert reg.loads_of("prefill")[0].in_flight == 3
+    reg.add("prefill", _Client("p2"))
+    assert [w.worker_id for w in reg.loads_of("prefill")] == ["p1", "p0", "p2"]
+    reg.remove("p1")
+    assert [w.worker_id for w in reg.loads_of("prefill")] == ["p0", "p2"]
+    assert [w.worker_id for w in reg.loads_of("decode")] == ["d0"]
+    reg.remove("d0")
+    assert reg.loads_of("decode") == []
+    reg.add("decode", _Client("d0"))                        # back, as a new WorkerLoad
+    assert reg.loads_of("decode")[0] is reg.loads["d0"]
