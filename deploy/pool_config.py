@@ -13,7 +13,8 @@ SLO_KEY = {"p90_ttft": "ttft_slo_ms", "p90_tpot": "tpot_slo_ms"}    # latency si
 @dataclass(frozen=True)
 class AutoscaleConfig:
     signal: str                         # one of router.autoscaler.SIGNALS[pool]
-    target: float | None = None         # queued_prompt_tokens_per_replica: tokens; kv_utilization: fraction
+    target: float | None = None         # queued_prompt_tokens_per_replica: tokens; kv_utilization and
+                                        #   prefill_utilization: fraction
     ttft_slo_ms: float | None = None    # target of p90_ttft
     tpot_slo_ms: float | None = None    # target of p90_tpot
     scale_up_above: float = 1.0         # x target
@@ -22,6 +23,7 @@ class AutoscaleConfig:
     downscale_delay_s: float = 300.0
     max_step: int = 1
     cooldown_s: float = 60.0
+    window_s: float = 60.0              # prefill_utilization: seconds of sent prompt tokens it averages
 
     @property
     def signal_target(self) -> float:
@@ -83,7 +85,7 @@ class PoolConfig:
         return ScalingRule(signal=a.signal, target=a.signal_target, min_replicas=self.lo, max_replicas=self.hi,
                            up_ratio=a.scale_up_above, down_ratio=a.scale_down_below,
                            upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s,
-                           max_step=a.max_step, cooldown_s=a.cooldown_s)
+                           max_step=a.max_step, cooldown_s=a.cooldown_s, window_s=a.window_s)
 
 
 @dataclass(frozen=True)
