@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from pdcluster.router.autoscaler import ScalingRule
 
-SLO_KEY = {"p90_ttft": "ttft_slo_ms", "p90_tpot": "tpot_slo_ms"}    # latency signals take their target here
+SLO_KEY = {"p90_ttft": "ttft_slo_ms", "p90_tpot": "tpot_slo_ms",     # latency signals take their target here
+           "decode_step_ms": "tpot_slo_ms"}
 
 
 @dataclass(frozen=True)
@@ -16,7 +17,7 @@ class AutoscaleConfig:
     target: float | None = None         # queued_prompt_tokens_per_replica: tokens; kv_utilization and
                                         #   prefill_utilization: fraction
     ttft_slo_ms: float | None = None    # target of p90_ttft
-    tpot_slo_ms: float | None = None    # target of p90_tpot
+    tpot_slo_ms: float | None = None    # target of p90_tpot and decode_step_ms
     scale_up_above: float = 1.0         # x target
     scale_down_below: float = 0.5       # x target
     upscale_delay_s: float = 30.0

@@ -103,7 +103,8 @@ class Scaling:
                                         prompt_tokens_sent=reg.sent_tokens["prefill"],
                                         prefill_tps=reg.telemetry.prefill_tps),
                 "decode": pool_metrics("decode", loads, starting["decode"],
-                                       p90_tpot_ms=ms(m.recent_tpot.quantile(0.9)))}
+                                       p90_tpot_ms=ms(m.recent_tpot.quantile(0.9)),
+                                       decode_step_s=reg.telemetry.last_step_s)}
 
     def start_autoscaler(self, rules: Mapping, interval_s: float = 5.0) -> None:
         """Run the pool autoscaler as a task on this event loop (rules: pool -> ScalingRule). Without

@@ -11,6 +11,7 @@ Signals (one per pool, chosen in deploy/pools.yaml; `load` = value / target, dim
              prefill_utilization                fraction    target: a fraction in (0, 1]
     decode   kv_utilization                     fraction    target: a fraction in (0, 1]
              p90_tpot                           ms          target: tpot_slo_ms
+             decode_step_ms                     ms          target: tpot_slo_ms
 
 prefill_utilization = prompt tokens/s the router sent to the pool over the last `window_s`
 (the policy differences PoolMetrics.prompt_tokens_sent, a cumulative counter) / (replicas x the
@@ -20,6 +21,11 @@ a replica's throughput. Unlike the queue, one long prompt moves it only by its s
 window, so a pool with one long prompt in flight does not read as overloaded; unlike p90 TTFT it
 does not wait for the queue's misses. Prompt tokens count whole (prefix-cache hits included), so
 it reads high by the hit rate: the target absorbs that.
+
+decode_step_ms = the mean over live decode workers of their measured decode step time over the
+last status poll (Telemetry.last_step_s): the time per output token of the requests running now.
+p90_tpot waits for requests to finish (a request's TPOT is known at its end) and then for the
+window; this one moves with the batch at each poll. A pool where no worker stepped reads 0.
 
 Hysteresis band, in multiples of the target:
 
@@ -49,7 +55,7 @@ log = logging.getLogger(__name__)
 POOLS = ("prefill", "decode")
 SIGNALS = {
     "prefill": ("queued_prompt_tokens_per_replica", "p90_ttft", "prefill_utilization"),  # [1]: the latency one
-    "decode": ("kv_utilization", "p90_tpot"),
+    "decode": ("kv_utilization", "p90_tpot", "decode_step_ms"),
 }
 # ScaleDecision.cause: why a tick decided what it did (a metrics label; the reason says it in words)
 CAUSES = ("load",                                   # up/down: the signal held outside the band long enough
@@ -58,7 +64,7 @@ CAUSES = ("load",                                   # up/down: the signal held o
           "at_min", "at_max", "would_overload",     # hold: at a bound, or one fewer replica would be too busy
           "no_data", "in_flight", "no_metrics")     # hold: no latency sample, an action running, no snapshot
 SIGNAL_UNITS = {"queued_prompt_tokens_per_replica": " tok/replica", "p90_ttft": "ms",
-                "kv_utilization": "", "p90_tpot": "ms", "prefill_utilization": ""}
+                "kv_utilization": "", "p90_tpot": "ms", "prefill_utilization": "", "decode_step_ms": "ms"}
 FRACTION_SIGNALS = ("kv_utilization", "prefill_utilization")    # targets in (0, 1]
 
 
@@ -103,6 +109,7 @@ class PoolMetrics:
     p90_tpot_ms: float | None = None        # over the recent window; None = no finished request in it
     prompt_tokens_sent: int = 0             # prefill: cumulative prompt tokens the router sent to the pool
     replica_prefill_tps: float | None = None    # prefill: mean learned tokens/s of a live replica (None: none)
+    decode_step_ms: float | None = None     # decode: mean measured step ms of live workers that stepped (None: none)
 
     @property
     def idle(self) -> bool:
@@ -123,6 +130,8 @@ def signal_value(signal: str, m: PoolMetrics, sent_tps: float | None = None) -> 
         return sent_tps / (max(m.replicas, 1) * m.replica_prefill_tps)
     if signal == "queued_prompt_tokens_per_replica":
         return m.queued_prompt_tokens / max(m.replicas, 1)
+    if signal == "decode_step_ms":
+        return m.decode_step_ms or 0.0
     if signal == "kv_utilization":
         return m.kv_utilization
     v = {"p90_ttft": m.p90_ttft_ms, "p90_tpot": m.p90_tpot_ms}[signal]
@@ -133,7 +142,8 @@ def signal_value(signal: str, m: PoolMetrics, sent_tps: float | None = None) -> 
 
 def pool_metrics(pool: str, loads: Iterable[Any], starting: int = 0, p90_ttft_ms: float | None = None,
                  p90_tpot_ms: float | None = None, prompt_tokens_sent: int = 0,
-                 prefill_tps: Callable[[Any], float] | None = None) -> PoolMetrics:
+                 prefill_tps: Callable[[Any], float] | None = None,
+                 decode_step_s: Callable[[Any], float | None] | None = None) -> PoolMetrics:
     """One pool's PoolMetrics from the router's own view (the WorkerLoads placement reads).
 
     Draining workers are leaving: they count neither as replicas nor towards the queue or the KV
@@ -143,15 +153,20 @@ def pool_metrics(pool: str, loads: Iterable[Any], starting: int = 0, p90_ttft_ms
     used / all blocks (cached free blocks count as free). Each pool reports only its own figures,
     so `idle` means no queue (prefill) or no KV held (decode). prefill: `prompt_tokens_sent`, the
     registry's cumulative count (WorkerRegistry.sent_tokens), and `prefill_tps(load)` -> a worker's
-    learned prefill tokens/s (Telemetry.prefill_tps), averaged over the live workers."""
+    learned prefill tokens/s (Telemetry.prefill_tps), averaged over the live workers. decode:
+    `decode_step_s(load)` -> a worker's measured step seconds of its last poll or None
+    (Telemetry.last_step_s), averaged over the live workers that stepped."""
     live = [w for w in loads if w.role == pool and not w.draining]
     kv = [1.0 - w.free_blocks / w.num_blocks for w in live if w.capacity_known] if pool == "decode" else []
     queued = sum(w.queued_tokens for w in live) if pool == "prefill" else 0
     tps = [prefill_tps(w) for w in live] if pool == "prefill" and prefill_tps is not None else []
+    steps = [s for s in (decode_step_s(w) for w in live) if s is not None] \
+        if pool == "decode" and decode_step_s is not None else []
     return PoolMetrics(replicas=len(live) + starting, queued_prompt_tokens=queued, p90_ttft_ms=p90_ttft_ms,
                        kv_utilization=sum(kv) / len(kv) if kv else 0.0, p90_tpot_ms=p90_tpot_ms,
                        prompt_tokens_sent=prompt_tokens_sent if pool == "prefill" else 0,
-                       replica_prefill_tps=sum(tps) / len(tps) if tps else None)
+                       replica_prefill_tps=sum(tps) / len(tps) if tps else None,
+                       decode_step_ms=1e3 * sum(steps) / len(steps) if steps else None)
 
 
 @dataclass(frozen=True)

@@ -333,7 +333,8 @@ class Simulator:
                                         prompt_tokens_sent=self.registry.sent_tokens["prefill"],
                                         prefill_tps=self.telemetry.prefill_tps),
                 "decode": pool_metrics("decode", loads, self.starting["decode"],
-                                       p90_tpot_ms=ms(self.recent_tpot.quantile(0.9)))}
+                                       p90_tpot_ms=ms(self.recent_tpot.quantile(0.9)),
+                                       decode_step_s=self.telemetry.last_step_s)}
 
     def _autoscale_tick(self, now: float) -> None:
         for pool, dec in self.loop.run_until_complete(self.autoscaler.step()).items():

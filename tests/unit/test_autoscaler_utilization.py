@@ -1,13 +1,15 @@
-"""The prefill_utilization signal: sent prompt tokens/s over a window against the pool's learned
-prefill rate (router/autoscaler.py), its inputs (WorkerRegistry.sent_tokens, pool_metrics) and its
-pools.yaml knobs. No Ray, no sleeping: a fake clock."""
+"""The autoscaler's rate signals (router/autoscaler.py): prefill_utilization (sent prompt tokens/s
+over a window against the pool's learned prefill rate) and decode_step_ms (the decode workers'
+measured step time of their last poll), their inputs (WorkerRegistry.sent_tokens, Telemetry,
+pool_metrics) and their pools.yaml knobs. No Ray, no sleeping: a fake clock."""
 from __future__ import annotations
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from pdcluster.deploy.pools import PoolsConfigError, parse_pools_config
-from pdcluster.router.autoscaler import PoolMetrics, PoolPolicy, ScalingRule, pool_metrics
+from pdcluster.messages import EngineFigures, WorkerStatus
+from pdcluster.router.autoscaler import PoolMetrics, PoolPolicy, ScalingRule, pool_metrics, signal_value
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.metrics import RouterMetrics
 from pdcluster.router.placement import WorkerLoad
@@ -143,3 +145,54 @@ def test_pools_yaml_prefill_utilization_knobs():
     assert [i.key for i in e.value.issues] == ["prefill.autoscale.window_s"]
     with pytest.raises(ValueError, match="window_s"):
         ScalingRule("prefill_utilization", 0.5, window_s=0)
+
+
+# decode_step_ms
+
+def test_telemetry_keeps_the_last_polls_measured_step_time():
+    t, w = Telemetry(), WorkerLoad("decode-0", "decode")
+    poll = lambda **f: WorkerStatus("decode-0", "decode", "inc", 1, EngineFigures(**f), running=4)  # noqa: E731
+    assert t.last_step_s(w) is None                                     # never polled
+    t.ingest_status(w, poll(decode_steps=10, decode_seqs=40, decode_s=0.2))
+    assert t.last_step_s(w) == pytest.approx(0.02)
+    t.ingest_status(w, poll(decode_steps=30, decode_seqs=120, decode_s=1.0))     # 20 steps in 0.8 s
+    assert t.last_step_s(w) == pytest.approx(0.04)
+    t.ingest_status(w, poll(decode_steps=30, decode_seqs=120, decode_s=1.0))     # no step since
+    assert t.last_step_s(w) is None
+
+
+def test_pool_metrics_averages_the_step_time_of_decode_workers_that_stepped():
+    loads = [WorkerLoad("decode-0", "decode"), WorkerLoad("decode-1", "decode"), WorkerLoad("decode-2", "decode"),
+             WorkerLoad("decode-3", "decode", draining=True), WorkerLoad("prefill-0", "prefill")]
+    steps = {"decode-0": 0.020, "decode-1": 0.040, "decode-2": None, "decode-3": 0.5, "prefill-0": 0.5}
+    d = pool_metrics("decode", loads, decode_step_s=lambda w: steps[w.worker_id])
+    assert d.replicas == 3 and d.decode_step_ms == pytest.approx(30.0)
+    assert pool_metrics("prefill", loads, decode_step_s=lambda w: steps[w.worker_id]).decode_step_ms is None
+    # no worker stepped: nothing running decodes slowly, the pool reads 0 and may shrink
+    idle = pool_metrics("decode", loads[2:3], decode_step_s=lambda w: None)
+    assert signal_value("decode_step_ms", idle) == 0.0
+
+
+def test_decode_step_signal_acts_a_request_length_before_p90_tpot():
+    # the batch grows from t=100: the step time rises 15 -> 45 ms over 300 s; a request's TPOT is
+    # known when it ends, so the window's p90 TPOT shows the steps of ~60 s before
+    step = lambda t: 15 + 30 * min(max(t - 100, 0) / 300, 1)                # noqa: E731
+    rules = {s: ScalingRule(s, 25.0, min_replicas=1, max_replicas=4, upscale_delay_s=5, downscale_delay_s=120,
+                            cooldown_s=30) for s in ("decode_step_ms", "p90_tpot")}
+    first = {}
+    for sig, rule in rules.items():
+        pol = PoolPolicy("decode", rule)
+        for i in range(100):
+            t = i * DT
+            m = PoolMetrics(replicas=1, kv_utilization=0.3, decode_step_ms=step(t), p90_tpot_ms=step(t - 60))
+            if pol.decide(m, t).delta > 0:
+                first[sig] = t
+                break
+    # above 25 ms from t=205: the step signal acts after its 5 s delay, p90 TPOT 60 s later
+    assert first == {"decode_step_ms": 210.0, "p90_tpot": 270.0}
+
+
+def test_pools_yaml_decode_step_signal_takes_the_tpot_slo():
+    text, _ = edited("signal: kv_utilization ", "signal: decode_step_ms ")
+    r = parse_pools_config(text).pools.scaling_rules()["decode"]
+    assert (r.signal, r.target) == ("decode_step_ms", 50.0)
