@@ -196,3 +196,25 @@ def test_pools_yaml_decode_step_signal_takes_the_tpot_slo():
     text, _ = edited("signal: kv_utilization ", "signal: decode_step_ms ")
     r = parse_pools_config(text).pools.scaling_rules()["decode"]
     assert (r.signal, r.target) == ("decode_step_ms", 50.0)
+
+
+def test_serves_pool_metrics_reads_both_signals_from_the_routers_view():
+    """deploy/scaling.py's Scaling.pool_metrics on a real Router (no Ray): the sent counter, the
+    learned prefill rate and the decode step time come through."""
+    from pdcluster.deploy.scaling import Scaling
+    from tests.unit.test_autoscaler_wiring import make_router
+
+    class Cluster(Scaling):
+        def __init__(self, router):
+            self.router, self.starting = router, {}
+    r = make_router()
+    reg = r.workers
+    reg.charge("prefill-0", 5000, +1)
+    reg.loads["prefill-0"].prefill_tps = 30_000.0       # an override wins over the learned rate
+    reg.loads["prefill-1"].prefill_tps = 50_000.0
+    reg.telemetry.ingest_status(reg.loads["decode-0"], WorkerStatus(
+        "decode-0", "decode", "inc", 1, EngineFigures(decode_steps=4, decode_seqs=8, decode_s=0.1), running=2))
+    snap = Cluster(r).pool_metrics()
+    p, d = snap["prefill"], snap["decode"]
+    assert (p.replicas, p.prompt_tokens_sent, p.replica_prefill_tps) == (2, 5000, 40_000.0)
+    assert d.decode_step_ms == pytest.approx(25.0) and d.prompt_tokens_sent == 0
