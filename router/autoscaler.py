@@ -26,6 +26,9 @@ decode_step_ms = the mean over live decode workers of their measured decode step
 last status poll (Telemetry.last_step_s): the time per output token of the requests running now.
 p90_tpot waits for requests to finish (a request's TPOT is known at its end) and then for the
 window; this one moves with the batch at each poll. A pool where no worker stepped reads 0.
+It counts decode-only steps (the engines' decode_s / decode_steps): steps that also carry a local
+prefill chunk are not in it, and with speculative decoding a step may emit several tokens (it
+then reads above the TPOT).
 
 Hysteresis band, in multiples of the target:
 
