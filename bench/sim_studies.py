@@ -186,7 +186,15 @@ def study_c(a, reqs_base) -> dict:
     out = {"profile": prof, "static": {}, "args_min": a.c_auto_min}
     slo = slo | dict(policy=a.c_policies[0])
     need = None
-    for n in range(a.c_min, a.c_max + 1):
+    given = tuple(map(int, a.c_static.split(","))) if a.c_static else None
+    if given:                   # a fleet an earlier search found: simulate only it
+        need = given[0]
+        s = simulate(SimConfig(a.model, prefill=PoolSpec("H200", need, tp=2), decode=PoolSpec("H20", given[1]),
+                               **slo), reqs, a.progress)
+        out["static"][given] = s
+        print(f"  c | static {need} P + {given[1]} D (--c-static): attainment {s['attainment']:.3f} "
+              f"GPU-h {s['gpu_hours']:.1f}", flush=True)
+    for n in range(a.c_min, a.c_max + 1) if not given else ():
         s = simulate(SimConfig(a.model, prefill=PoolSpec("H200", n, tp=2), decode=dec, **slo), reqs, a.progress)
         out["static"][(n, a.c_decode)] = s
         print(f"  c | static {n} x H200 TP2 prefill + {a.c_decode} H20 decode: attainment {s['attainment']:.3f} "
@@ -195,8 +203,8 @@ def study_c(a, reqs_base) -> dict:
             need = n
             break
     top = need or a.c_max
-    n_dec = a.c_decode
-    if need:                    # then the fewest decode instances that still hold it (the static fleet is both pools)
+    n_dec = given[1] if given else a.c_decode
+    if need and not given:      # then the fewest decode instances that still hold it (the static fleet is both pools)
         for nd in range(a.c_decode - 1, 0, -1):
             s = simulate(SimConfig(a.model, prefill=PoolSpec("H200", need, tp=2), decode=PoolSpec("H20", nd), **slo),
                          reqs, a.progress)
@@ -207,19 +215,24 @@ def study_c(a, reqs_base) -> dict:
             n_dec = nd
             out["static"][(need, nd)] = s
     out["static_best"] = [top, n_dec]
-    rules = (("prefill", ScalingRule("queued_prompt_tokens_per_replica", a.c_target, min_replicas=a.c_auto_min,
+    d_min = a.c_auto_min if a.c_decode_min is None else a.c_decode_min
+    util = a.c_signal == "prefill_utilization"
+    p_kw = dict(window_s=a.c_window_s, down_ratio=a.c_util_down_ratio) if util else {}
+    rules = (("prefill", ScalingRule(a.c_signal, a.c_util_target if util else a.c_target, min_replicas=a.c_auto_min,
                                      max_replicas=top, upscale_delay_s=a.c_up_delay, downscale_delay_s=a.c_down_delay,
-                                     max_step=2, cooldown_s=a.c_cooldown)),
-             ("decode", ScalingRule("kv_utilization", a.c_kv_target, min_replicas=a.c_auto_min,
+                                     max_step=2, cooldown_s=a.c_cooldown, **p_kw)),
+             ("decode", ScalingRule(a.c_decode_signal, a.c_kv_target if a.c_decode_signal == "kv_utilization"
+                                    else a.c_tpot_target_ms, min_replicas=d_min,
                                     max_replicas=a.c_decode, upscale_delay_s=a.c_up_delay,
                                     downscale_delay_s=a.c_down_delay, max_step=2, cooldown_s=a.c_cooldown)))
+    out["rules"] = {p: vars(r) for p, r in rules}
     st = out["static"][(top, n_dec)]
     rows = [[f"static ({top} P + {n_dec} D), {a.c_policies[0]}", st["attainment"], st["gpu_hours"], "1.00x",
              st["ttft_p90"], st["tpot_p90"] * 1e3, st["local_share"], 0]]
     out["autoscaled"] = {}
     for pol in a.c_policies:
         cfg = SimConfig(a.model, prefill=PoolSpec("H200", a.c_auto_min, tp=2, min_count=a.c_auto_min, max_count=top),
-                        decode=PoolSpec("H20", a.c_auto_min, min_count=a.c_auto_min, max_count=a.c_decode),
+                        decode=PoolSpec("H20", d_min, min_count=d_min, max_count=a.c_decode),
                         autoscale=rules, replica_start_s=a.c_start_s, **(slo | dict(policy=pol)))
         t0 = time.perf_counter()
         res = Simulator(cfg, reqs, progress=a.progress).run()
@@ -232,8 +245,9 @@ def study_c(a, reqs_base) -> dict:
     print(f"\n(c) arrival rate x profile {prof} (trace second, multiplier): the smallest static fleet "
           f"{f'holding >= {a.c_attain:.0%} is {need}' if need else f'tried (up to {a.c_max}) never holds {a.c_attain:.0%}'}"
           f" x H200 TP2 prefill + {n_dec} x H20 decode; the autoscaler runs prefill {a.c_auto_min}..{top} "
-          f"(queued tokens / replica, target {a.c_target:g}) and decode {a.c_auto_min}..{a.c_decode} (KV utilization, "
-          f"target {a.c_kv_target:g}), up after {a.c_up_delay:g} s, replicas load in {a.c_start_s:g} s (billed meanwhile)")
+          f"({rules[0][1].signal}, target {rules[0][1].target:g}) and decode {d_min}..{a.c_decode} "
+          f"({rules[1][1].signal}, target {rules[1][1].target:g}), up after {a.c_up_delay:g} s, replicas load in "
+          f"{a.c_start_s:g} s (billed meanwhile)")
     print(table(["fleet", "attainment", "GPU-hours", "vs static", "TTFT p90 s", "TPOT p90 ms", "local", "actions"], rows))
     return out
 
@@ -305,9 +319,26 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--c-min", type=int, default=3, help="(c) smallest static prefill pool tried (H200 TP2)")
     ap.add_argument("--c-max", type=int, default=9, help="(c) largest static prefill pool tried")
     ap.add_argument("--c-attain", type=float, default=0.95)
-    ap.add_argument("--c-target", type=float, default=4096.0, help="(c) queued prompt tokens per prefill replica")
-    ap.add_argument("--c-kv-target", type=float, default=0.4, help="(c) decode KV utilization target")
+    ap.add_argument("--c-static", default="", help="(c) 'P,D': skip the static search, take this fleet (one an "
+                                                  "earlier search found) as the baseline")
+    ap.add_argument("--c-signal", default="prefill_utilization",
+                    choices=("prefill_utilization", "queued_prompt_tokens_per_replica"), help="(c) prefill pool signal")
+    ap.add_argument("--c-util-target", type=float, default=0.26,
+                    help="(c) prefill_utilization target (sent prompt tokens/s over replicas x learned tokens/s)")
+    ap.add_argument("--c-util-down-ratio", type=float, default=0.6,
+                    help="(c) prefill_utilization: scale down below this x target")
+    ap.add_argument("--c-window-s", type=float, default=180.0, help="(c) prefill_utilization window, seconds")
+    ap.add_argument("--c-target", type=float, default=4096.0,
+                    help="(c) queued prompt tokens per prefill replica (--c-signal queued_prompt_tokens_per_replica)")
+    ap.add_argument("--c-decode-signal", default="decode_step_ms",
+                    choices=("decode_step_ms", "p90_tpot", "kv_utilization"),
+                    help="(c) decode pool signal")
+    ap.add_argument("--c-tpot-target-ms", type=float, default=25.0, help="(c) decode p90_tpot / decode_step_ms target, ms")
+    ap.add_argument("--c-kv-target", type=float, default=0.4,
+                    help="(c) decode KV utilization target (--c-decode-signal kv_utilization)")
     ap.add_argument("--c-auto-min", type=int, default=2, help="(c) autoscaled pools' min_replicas (and start)")
+    ap.add_argument("--c-decode-min", type=int, default=None,
+                    help="(c) the decode pool's min_replicas (and start); default: --c-auto-min")
     ap.add_argument("--c-policies", default="cost-model,least-loaded", help="(c) placement policies (the first "
                                                                            "also for the static search)")
     ap.add_argument("--c-up-delay", type=float, default=5.0)

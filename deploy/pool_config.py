@@ -7,21 +7,24 @@ from dataclasses import dataclass, field
 
 from pdcluster.router.autoscaler import ScalingRule
 
-SLO_KEY = {"p90_ttft": "ttft_slo_ms", "p90_tpot": "tpot_slo_ms"}    # latency signals take their target here
+SLO_KEY = {"p90_ttft": "ttft_slo_ms", "p90_tpot": "tpot_slo_ms",     # latency signals take their target here
+           "decode_step_ms": "tpot_slo_ms"}
 
 
 @dataclass(frozen=True)
 class AutoscaleConfig:
     signal: str                         # one of router.autoscaler.SIGNALS[pool]
-    target: float | None = None         # queued_prompt_tokens_per_replica: tokens; kv_utilization: fraction
+    target: float | None = None         # queued_prompt_tokens_per_replica: tokens; kv_utilization and
+                                        #   prefill_utilization: fraction
     ttft_slo_ms: float | None = None    # target of p90_ttft
-    tpot_slo_ms: float | None = None    # target of p90_tpot
+    tpot_slo_ms: float | None = None    # target of p90_tpot and decode_step_ms
     scale_up_above: float = 1.0         # x target
     scale_down_below: float = 0.5       # x target
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 300.0
     max_step: int = 1
     cooldown_s: float = 60.0
+    window_s: float = 60.0              # prefill_utilization: seconds of sent prompt tokens it averages
 
     @property
     def signal_target(self) -> float:
@@ -85,7 +88,7 @@ class PoolConfig:
         return ScalingRule(signal=a.signal, target=a.signal_target, min_replicas=self.lo, max_replicas=self.hi,
                            up_ratio=a.scale_up_above, down_ratio=a.scale_down_below,
                            upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s,
-                           max_step=a.max_step, cooldown_s=a.cooldown_s)
+                           max_step=a.max_step, cooldown_s=a.cooldown_s, window_s=a.window_s)
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from pdcluster.deploy.pool_config import SLO_KEY, AutoscaleConfig, PoolConfig, P
 from pdcluster.engine.config import DTYPE_BYTES, SPECULATIVE, TIER_CODECS
 from pdcluster.engine.kv_quant import KV_CACHE_DTYPES
 from pdcluster.engine.quant.policy import QUANTIZATIONS
-from pdcluster.router.autoscaler import SIGNALS
+from pdcluster.router.autoscaler import FRACTION_SIGNALS, SIGNALS
 from pdcluster.router.placement import POLICY_NAMES
 
 
@@ -170,7 +170,7 @@ POOL_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "resources", "a
              "speculative", "kv_tiers", "dtype", "kv_cache_dtype", "block_size", "max_num_seqs")
 TIER_KEYS = ("host_cache_gb", "disk_cache_dir", "disk_cache_gb", "tier_codec", "tier_layerwise")
 AUTOSCALE_KEYS = ("signal", "target", "ttft_slo_ms", "tpot_slo_ms", "scale_up_above", "scale_down_below",
-                  "upscale_delay_s", "downscale_delay_s", "max_step", "cooldown_s")
+                  "upscale_delay_s", "downscale_delay_s", "max_step", "cooldown_s", "window_s")
 RESOURCE_KEYS = ("cpus", "gpus", "threads")
 
 
@@ -199,7 +199,7 @@ def _pool(rd: _Reader, name: str, node: yaml.Node | None, parent: yaml.Node, bas
     a = rd.mapping(m["autoscale"][1], key, AUTOSCALE_KEYS) if "autoscale" in m else {}
     b = bp.autoscale
     signal = _pick(rd.value(a, "signal", key, _one_of(SIGNALS[name])), b.signal)
-    frac = signal == "kv_utilization"
+    frac = signal in FRACTION_SIGNALS
     target = rd.value(a, "target", key, _num(0, 1 if frac else None, lo_open=True),
                       b.target if signal == b.signal else None)
     slo = {k: rd.value(a, k, key, _num(0, lo_open=True), getattr(b, k)) for k in SLO_KEY.values()}
@@ -223,7 +223,8 @@ def _pool(rd: _Reader, name: str, node: yaml.Node | None, parent: yaml.Node, bas
         upscale_delay_s=_pick(rd.value(a, "upscale_delay_s", key, _num(0)), b.upscale_delay_s),
         downscale_delay_s=_pick(rd.value(a, "downscale_delay_s", key, _num(0)), b.downscale_delay_s),
         max_step=_pick(rd.value(a, "max_step", key, _int(1)), b.max_step),
-        cooldown_s=_pick(rd.value(a, "cooldown_s", key, _num(0)), b.cooldown_s))
+        cooldown_s=_pick(rd.value(a, "cooldown_s", key, _num(0)), b.cooldown_s),
+        window_s=_pick(rd.value(a, "window_s", key, _num(0, lo_open=True)), b.window_s))
     quant = _pick(rd.value(m, "quantization", name, _opt_one_of(QUANTIZATIONS)), bp.quantization)
     tuning = dict(
         dtype=_pick(rd.value(m, "dtype", name, _opt_one_of(tuple(DTYPE_BYTES))), bp.dtype),

@@ -97,10 +97,14 @@ class Scaling:
         m, loads = self.router.metrics, list(self.router.workers.loads.values())
         ms = lambda s: None if s is None else s * 1e3
         starting = {r: sum(1 for w in self.starting if w.startswith(r + "-")) for r in ("prefill", "decode")}
+        reg = self.router.workers
         return {"prefill": pool_metrics("prefill", loads, starting["prefill"],
-                                        p90_ttft_ms=ms(m.recent_ttft.quantile(0.9))),
+                                        p90_ttft_ms=ms(m.recent_ttft.quantile(0.9)),
+                                        prompt_tokens_sent=reg.sent_tokens["prefill"],
+                                        prefill_tps=reg.telemetry.prefill_tps),
                 "decode": pool_metrics("decode", loads, starting["decode"],
-                                       p90_tpot_ms=ms(m.recent_tpot.quantile(0.9)))}
+                                       p90_tpot_ms=ms(m.recent_tpot.quantile(0.9)),
+                                       decode_step_s=reg.telemetry.last_step_s)}
 
     def start_autoscaler(self, rules: Mapping, interval_s: float = 5.0) -> None:
         """Run the pool autoscaler as a task on this event loop (rules: pool -> ScalingRule). Without

@@ -8,8 +8,27 @@ the same view placement uses) and tests drive it with synthetic series.
 Signals (one per pool, chosen in deploy/pools.yaml; `load` = value / target, dimensionless):
     prefill  queued_prompt_tokens_per_replica   tokens      target: tokens per replica
              p90_ttft                           ms          target: ttft_slo_ms
+             prefill_utilization                fraction    target: a fraction in (0, 1]
     decode   kv_utilization                     fraction    target: a fraction in (0, 1]
              p90_tpot                           ms          target: tpot_slo_ms
+             decode_step_ms                     ms          target: tpot_slo_ms
+
+prefill_utilization = prompt tokens/s the router sent to the pool over the last `window_s`
+(the policy differences PoolMetrics.prompt_tokens_sent, a cumulative counter) / (replicas x the
+mean learned prefill tokens/s of a live replica): the pool's offered load as a share of its
+capacity, as Dynamo's SLA planner sizes a prefill pool from the predicted prompt-token rate over
+a replica's throughput. Unlike the queue, one long prompt moves it only by its share of the
+window, so a pool with one long prompt in flight does not read as overloaded; unlike p90 TTFT it
+does not wait for the queue's misses. Prompt tokens count whole (prefix-cache hits included), so
+it reads high by the hit rate: the target absorbs that.
+
+decode_step_ms = the mean over live decode workers of their measured decode step time over the
+last status poll (Telemetry.last_step_s): the time per output token of the requests running now.
+p90_tpot waits for requests to finish (a request's TPOT is known at its end) and then for the
+window; this one moves with the batch at each poll. A pool where no worker stepped reads 0.
+It counts decode-only steps (the engines' decode_s / decode_steps): steps that also carry a local
+prefill chunk are not in it, and with speculative decoding a step may emit several tokens (it
+then reads above the TPOT).
 
 Hysteresis band, in multiples of the target:
 
@@ -30,7 +49,7 @@ import inspect
 import logging
 import math
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -38,8 +57,8 @@ log = logging.getLogger(__name__)
 
 POOLS = ("prefill", "decode")
 SIGNALS = {
-    "prefill": ("queued_prompt_tokens_per_replica", "p90_ttft"),
-    "decode": ("kv_utilization", "p90_tpot"),
+    "prefill": ("queued_prompt_tokens_per_replica", "p90_ttft", "prefill_utilization"),  # [1]: the latency one
+    "decode": ("kv_utilization", "p90_tpot", "decode_step_ms"),
 }
 # ScaleDecision.cause: why a tick decided what it did (a metrics label; the reason says it in words)
 CAUSES = ("load",                                   # up/down: the signal held outside the band long enough
@@ -48,7 +67,8 @@ CAUSES = ("load",                                   # up/down: the signal held o
           "at_min", "at_max", "would_overload",     # hold: at a bound, or one fewer replica would be too busy
           "no_data", "in_flight", "no_metrics")     # hold: no latency sample, an action running, no snapshot
 SIGNAL_UNITS = {"queued_prompt_tokens_per_replica": " tok/replica", "p90_ttft": "ms",
-                "kv_utilization": "", "p90_tpot": "ms"}
+                "kv_utilization": "", "p90_tpot": "ms", "prefill_utilization": "", "decode_step_ms": "ms"}
+FRACTION_SIGNALS = ("kv_utilization", "prefill_utilization")    # targets in (0, 1]
 
 
 @dataclass(frozen=True)
@@ -64,6 +84,7 @@ class ScalingRule:
     downscale_delay_s: float = 300.0
     max_step: int = 1               # replicas added or removed per action
     cooldown_s: float = 60.0        # no load-driven action this long after the last one
+    window_s: float = 60.0          # prefill_utilization: the prompt-token rate is over this many seconds
 
     def __post_init__(self):
         if not 0 < self.down_ratio < self.up_ratio:
@@ -74,6 +95,8 @@ class ScalingRule:
             raise ValueError("target must be > 0 and max_step >= 1")
         if self.upscale_delay_s < 0 or self.downscale_delay_s < 0 or self.cooldown_s < 0:
             raise ValueError("delays and cooldown must be >= 0")
+        if self.window_s <= 0:
+            raise ValueError(f"window_s must be > 0, got {self.window_s}")
 
 
 @dataclass(frozen=True)
@@ -87,6 +110,9 @@ class PoolMetrics:
     p90_ttft_ms: float | None = None        # over the recent window; None = no first token in it
     kv_utilization: float = 0.0             # decode: blocks held by running/reserved requests / all, pool mean
     p90_tpot_ms: float | None = None        # over the recent window; None = no finished request in it
+    prompt_tokens_sent: int = 0             # prefill: cumulative prompt tokens the router sent to the pool
+    replica_prefill_tps: float | None = None    # prefill: mean learned tokens/s of a live replica (None: none)
+    decode_step_ms: float | None = None     # decode: mean measured step ms of live workers that stepped (None: none)
 
     @property
     def idle(self) -> bool:
@@ -96,11 +122,19 @@ class PoolMetrics:
 MetricsSnapshot = Mapping[str, PoolMetrics]     # pool name -> its metrics
 
 
-def signal_value(signal: str, m: PoolMetrics) -> float | None:
-    """The signal in its units; None = no data (a latency with no sample while the pool is busy).
-    A latency with no sample on an idle pool reads 0: an idle pool may shrink."""
+def signal_value(signal: str, m: PoolMetrics, sent_tps: float | None = None) -> float | None:
+    """The signal in its units; None = no data (a latency with no sample while the pool is busy;
+    prefill_utilization without a rate yet, `sent_tps`: prompt tokens/s sent over the window, or
+    without a learned replica rate). A latency with no sample on an idle pool reads 0: an idle pool
+    may shrink."""
+    if signal == "prefill_utilization":
+        if sent_tps is None or not m.replica_prefill_tps:
+            return None
+        return sent_tps / (max(m.replicas, 1) * m.replica_prefill_tps)
     if signal == "queued_prompt_tokens_per_replica":
         return m.queued_prompt_tokens / max(m.replicas, 1)
+    if signal == "decode_step_ms":
+        return m.decode_step_ms or 0.0
     if signal == "kv_utilization":
         return m.kv_utilization
     v = {"p90_ttft": m.p90_ttft_ms, "p90_tpot": m.p90_tpot_ms}[signal]
@@ -110,7 +144,9 @@ def signal_value(signal: str, m: PoolMetrics) -> float | None:
 
 
 def pool_metrics(pool: str, loads: Iterable[Any], starting: int = 0, p90_ttft_ms: float | None = None,
-                 p90_tpot_ms: float | None = None) -> PoolMetrics:
+                 p90_tpot_ms: float | None = None, prompt_tokens_sent: int = 0,
+                 prefill_tps: Callable[[Any], float] | None = None,
+                 decode_step_s: Callable[[Any], float | None] | None = None) -> PoolMetrics:
     """One pool's PoolMetrics from the router's own view (the WorkerLoads placement reads).
 
     Draining workers are leaving: they count neither as replicas nor towards the queue or the KV
@@ -118,12 +154,22 @@ def pool_metrics(pool: str, loads: Iterable[Any], starting: int = 0, p90_ttft_ms
     prefill: queued_prompt_tokens = prompt tokens the router has sent to the pool's prefill calls and
     not yet seen finish. decode: kv_utilization = mean over workers whose KV size is known of
     used / all blocks (cached free blocks count as free). Each pool reports only its own figures,
-    so `idle` means no queue (prefill) or no KV held (decode)."""
+    so `idle` means no queue (prefill) or no KV held (decode). prefill: `prompt_tokens_sent`, the
+    registry's cumulative count (WorkerRegistry.sent_tokens), and `prefill_tps(load)` -> a worker's
+    learned prefill tokens/s (Telemetry.prefill_tps), averaged over the live workers. decode:
+    `decode_step_s(load)` -> a worker's measured step seconds of its last poll or None
+    (Telemetry.last_step_s), averaged over the live workers that stepped."""
     live = [w for w in loads if w.role == pool and not w.draining]
     kv = [1.0 - w.free_blocks / w.num_blocks for w in live if w.capacity_known] if pool == "decode" else []
     queued = sum(w.queued_tokens for w in live) if pool == "prefill" else 0
+    tps = [prefill_tps(w) for w in live] if pool == "prefill" and prefill_tps is not None else []
+    steps = [s for s in (decode_step_s(w) for w in live) if s is not None] \
+        if pool == "decode" and decode_step_s is not None else []
     return PoolMetrics(replicas=len(live) + starting, queued_prompt_tokens=queued, p90_ttft_ms=p90_ttft_ms,
-                       kv_utilization=sum(kv) / len(kv) if kv else 0.0, p90_tpot_ms=p90_tpot_ms)
+                       kv_utilization=sum(kv) / len(kv) if kv else 0.0, p90_tpot_ms=p90_tpot_ms,
+                       prompt_tokens_sent=prompt_tokens_sent if pool == "prefill" else 0,
+                       replica_prefill_tps=sum(tps) / len(tps) if tps else None,
+                       decode_step_ms=1e3 * sum(steps) / len(steps) if steps else None)
 
 
 @dataclass(frozen=True)
@@ -157,15 +203,29 @@ class PoolPolicy:
         self.up_since: float | None = None      # first tick of the current run of load > up_ratio
         self.down_since: float | None = None    # first tick of the current run of load < down_ratio
         self.last_action: float | None = None   # when the last action was decided or completed
+        self.sent: deque[tuple[float, int]] = deque()   # (tick time, prompt_tokens_sent), last window_s
 
     def action_done(self, now: float) -> None:
         """An action was decided or finished at `now`: cooldown and both delays start over."""
         self.last_action = now
         self.up_since = self.down_since = None
 
+    def sent_tps(self, m: PoolMetrics, now: float) -> float | None:
+        """Prompt tokens/s sent over the last window_s of ticks (the oldest tick kept is the last one
+        at or before the window's start); None until a second tick. A counter that went back (a
+        router restart) starts over."""
+        s = self.sent
+        if s and m.prompt_tokens_sent < s[-1][1]:
+            s.clear()
+        s.append((now, m.prompt_tokens_sent))
+        while len(s) > 2 and s[1][0] <= now - self.rule.window_s:
+            s.popleft()
+        (t0, c0) = s[0]
+        return (m.prompt_tokens_sent - c0) / (now - t0) if now > t0 else None
+
     def decide(self, m: PoolMetrics, now: float) -> ScaleDecision:
         r, n = self.rule, m.replicas
-        value = signal_value(r.signal, m)
+        value = signal_value(r.signal, m, self.sent_tps(m, now) if r.signal == "prefill_utilization" else None)
         load = None if value is None else value / r.target
         d = lambda delta, cause, why: self._act(  # noqa: E731
             ScaleDecision(self.pool, delta, n, why, r.signal, value, load, cause), now)
@@ -176,7 +236,9 @@ class PoolPolicy:
             return d(-min(n - r.max_replicas, r.max_step), "above_max", f"above max_replicas={r.max_replicas}")
         if load is None:
             self.up_since = self.down_since = None
-            return d(0, "no_data", f"no data: {r.signal} has no sample while the pool is busy")
+            return d(0, "no_data", f"no data: {r.signal} has no sample while the pool is busy"
+                                   if r.signal != "prefill_utilization" else
+                                   "no data: prefill_utilization needs two ticks and a learned prefill rate")
         desc = f"{r.signal}={value:.4g}{SIGNAL_UNITS.get(r.signal, '')} load={load:.2f}x target"
         mid = (r.up_ratio + r.down_ratio) / 2
         if load > r.up_ratio:
@@ -345,5 +407,5 @@ async def _maybe_await_call(fn: Callable[[str], Any], pool: str) -> Any:
     return await _maybe_await(fn(pool))
 
 
-__all__ = ["POOLS", "SIGNALS", "CAUSES", "ScalingRule", "PoolMetrics", "MetricsSnapshot", "signal_value",
+__all__ = ["POOLS", "SIGNALS", "FRACTION_SIGNALS", "CAUSES", "ScalingRule", "PoolMetrics", "MetricsSnapshot", "signal_value",
            "pool_metrics", "ScaleDecision", "PoolPolicy", "PoolAutoscaler"]

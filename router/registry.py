@@ -32,6 +32,9 @@ class WorkerRegistry:
         self._lists: dict[str, list[WorkerLoad]] = {}   # loads_of's lists, until membership changes (add / remove)
         self.background: set[asyncio.Task] = set()  # aborts sent to lost workers, link probes
         self.prober = LinkProber(self)
+        # role -> prompt tokens charged to that pool's workers, ever (the autoscaler's
+        # prefill_utilization differences it over its window); a retried placement counts again
+        self.sent_tokens: dict[str, int] = {"prefill": 0, "decode": 0}
 
     # membership
     def add(self, role: str, client, zone: str = "") -> None:
@@ -71,6 +74,8 @@ class WorkerRegistry:
         if w is not None:
             w.in_flight += sign
             w.queued_tokens += sign * tokens
+            if sign > 0:
+                self.sent_tokens[w.role] += tokens
 
     async def retire(self, worker_id: str, stop, drain_timeout_s: float = 30.0,
                      migrate_timeout_s: float = 60.0) -> dict:

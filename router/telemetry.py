@@ -88,6 +88,7 @@ class WorkerPerf:
     decode: StepTimeModel                   # decode step seconds vs batch size
     tier_load: dict[str, RateEstimator]     # lower tier -> KV bytes/s it loads back into the pool
     counters: EngineFigures | None = None   # the last status poll's figures (None: none yet)
+    last_step_s: float | None = None        # mean decode-only step seconds since the poll before (None: none)
 
 
 @dataclass
@@ -207,6 +208,7 @@ class Telemetry:
         if any(v < 0 for v in d.values()):
             return                                  # the worker restarted: new baseline, no sample
         perf.prefill.observe(d["prefill_tokens"], d["prefill_s"])
+        perf.last_step_s = d["decode_s"] / d["decode_steps"] if d["decode_steps"] > 0 else None
         if d["decode_steps"] > 0:
             perf.decode.observe(d["decode_seqs"] / d["decode_steps"], d["decode_s"] / d["decode_steps"])
         for tier in LOWER_TIERS:
@@ -218,6 +220,12 @@ class Telemetry:
     # figures for one worker (a WorkerLoad override wins over the learned figure)
     def prefill_tps(self, load: WorkerLoad) -> float:
         return load.prefill_tps or self.perf_of(load.worker_id, load.role).prefill.rate
+
+    def last_step_s(self, load: WorkerLoad) -> float | None:
+        """The worker's measured mean decode step seconds over its last poll interval (a running
+        request's time per output token now); None: it ran no decode step in it."""
+        p = self.perf.get(load.worker_id)
+        return None if p is None else p.last_step_s
 
     def tier_load_bps(self, load: WorkerLoad, tier: str) -> float:
         """KV bytes/s the worker loads back from a lower cache tier ("host", "disk")."""

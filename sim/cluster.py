@@ -329,9 +329,12 @@ class Simulator:
         loads = list(self.registry.loads.values())
         ms = lambda s: None if s is None else s * 1e3       # noqa: E731
         return {"prefill": pool_metrics("prefill", loads, self.starting["prefill"],
-                                        p90_ttft_ms=ms(self.recent_ttft.quantile(0.9))),
+                                        p90_ttft_ms=ms(self.recent_ttft.quantile(0.9)),
+                                        prompt_tokens_sent=self.registry.sent_tokens["prefill"],
+                                        prefill_tps=self.telemetry.prefill_tps),
                 "decode": pool_metrics("decode", loads, self.starting["decode"],
-                                       p90_tpot_ms=ms(self.recent_tpot.quantile(0.9)))}
+                                       p90_tpot_ms=ms(self.recent_tpot.quantile(0.9)),
+                                       decode_step_s=self.telemetry.last_step_s)}
 
     def _autoscale_tick(self, now: float) -> None:
         for pool, dec in self.loop.run_until_complete(self.autoscaler.step()).items():
