@@ -9,11 +9,17 @@ the last token still computes on d), the pull covers [a, b):
       recompute_s = (b - a) * block_size / prefill rate of d
    bandwidth: the link figures learned per (src, dst) pair, as KV transfers are priced (Telemetry.links;
    zone priors while unmeasured); h's tier load rates as for its own tier hits (Telemetry.tier_load_bps);
-   all learned online. h's prefix is its device blocks first, then host/disk ones; within those the
+   all learned online. Once d has pulled (Telemetry.pull_s), the link term is replaced by d's measured
+   seconds per pull (fixed + per MB, fitted from its order-to-landed times): what a pull really takes
+   includes the order's round trip, the wait for the holder's engine thread between its steps and the
+   landing, which the link meter (the wire alone) leaves out. On a shared 2-core host it measured
+   ~2 s for 24 blocks where the link priced ~0.05-0.15 s (bench/RESULTS.md, "Peer pull priced from
+   measured pulls"), so pulls won against holders that would have served the prompt sooner. h's prefix is its device blocks first, then host/disk ones; within those the
    index keeps counts, not positions, so disk blocks are taken to come last (the cost model's
    convention): a cap on b drops disk blocks first, a local hit a drops host blocks first. The holder
    reads its tier blocks before sending (kv_transfer/pull.py), so read_h adds to the link time.
-The pull is taken when conf_h * recompute_s > pull_s + pull_overhead_s: it must win even when the
+The pull is taken when conf_h * recompute_s > pull_s + pull_overhead_s (the overhead only while
+priced from the link: a measured pull time includes it): it must win even when the
 index's confidence that h still holds the blocks (PrefixIndex.confidence) discounts the saving (a
 pull that finds them evicted recomputes, having paid the order). The best holder is the one that
 saves most. Applied to an Estimate, the pulled tokens leave compute_s (and the local penalty, which
@@ -37,7 +43,7 @@ class PullOption:
     pull_s: float                   # the holder's tier reads + the link (read_s included)
     recompute_s: float              # what the pull saves (unscaled by confidence)
     bandwidth_bps: float
-    bandwidth_source: str
+    bandwidth_source: str           # the link's (Telemetry.links), or "pulls-measured" (Telemetry.pull_s)
     read_s: float = 0.0             # the holder reading host / disk blocks
 
 
@@ -86,9 +92,14 @@ def best_pull(model, prompt_len: int, d: WorkerLoad, own_blocks: int, holders: d
             continue
         bw, src = t.links.bandwidth(h, d.worker_id, w.zone, d.zone)
         read_s = read_seconds(model, w, *lower_blocks_in(hits, a, b))
-        pull_s = read_s + pull_seconds(b - a, c.block_size, c.kv_bytes_per_token, bw)
+        learned = t.pull_s(d, (b - a) * c.block_size * c.kv_bytes_per_token)
+        if learned is None:                         # no pull measured into d yet: the link's figure
+            pull_s = read_s + pull_seconds(b - a, c.block_size, c.kv_bytes_per_token, bw)
+            overhead = c.pull_overhead_s
+        else:                                       # d's measured pulls (their fixed latency included)
+            pull_s, overhead, src = read_s + learned, 0.0, "pulls-measured"
         save_s = recompute_seconds(b - a, c.block_size, rate)
-        gain = model.index.confidence(h, now) * save_s - pull_s - c.pull_overhead_s
+        gain = model.index.confidence(h, now) * save_s - pull_s - overhead
         if gain > 0 and (best is None or gain > best[0]):
             best = (gain, PullOption(h, a, b - a, pull_s, save_s, bw, src, read_s))
     return best[1] if best else None

@@ -119,3 +119,74 @@ def test_the_tier_blocks_a_pull_range_covers():
     assert lower_blocks_in(h, 6, 9) == (0, 3)
     assert lower_blocks_in(h, 1, 2) == (0, 0)
     assert lower_blocks_in(TierHits(5), 0, 5) == (0, 0)
+
+
+# measured pulls (Telemetry.pull_s): a pull is priced from the puller's own order-to-landed times
+def pull_status(wid: str, stats) -> "WorkerStatus":
+    from pdcluster.messages import EngineFigures, PullFigures, WorkerStatus
+    return WorkerStatus(wid, "decode", "inc", 1, EngineFigures(), pulls=PullFigures(**stats.as_dict()))
+
+
+def measure_pulls(cm, load, pulls, stats=None):
+    """Feed the puller's PullStats (the worker's own counters; a fresh one: a restarted worker) through
+    the status poll path, one poll per (blocks, seconds, ok). Returns the PullStats."""
+    from pdcluster.kv_transfer.pull_stats import PullStats
+    stats = stats if stats is not None else PullStats()
+    for blocks, seconds, ok in pulls:
+        stats.pulled(ok, blocks, blocks * BS * KVB if ok else 0, seconds)
+        cm.telemetry.ingest_status(load, pull_status(load.worker_id, stats))
+    return stats
+
+
+def test_telemetry_learns_a_pullers_seconds_per_pull_fixed_and_per_megabyte():
+    cm = model()
+    puller = D("puller")
+    assert cm.telemetry.pull_s(puller, 24 * BS * KVB) is None            # nothing measured: link pricing
+    # 2 s per 24-block pull, 1 s per 8-block one: fixed 0.5 s + 1/16 s per block
+    measure_pulls(cm, puller, [(24, 2.0, True), (8, 1.0, True)] * 6)
+    per_block = BS * KVB
+    assert cm.telemetry.pull_s(puller, 24 * per_block) == pytest.approx(2.0, rel=0.02)
+    assert cm.telemetry.pull_s(puller, 8 * per_block) == pytest.approx(1.0, rel=0.03)
+    assert cm.telemetry.pull_s(puller, 16 * per_block) == pytest.approx(1.5, rel=0.03)
+    assert cm.telemetry.pull_s(D("holder"), per_block) is None           # per puller
+
+
+def test_a_poll_with_a_failed_pull_or_a_restart_is_no_sample():
+    cm = model()
+    puller = D("puller")
+    stats = measure_pulls(cm, puller, [(24, 30.0, False)])               # a failed pull: its 30 s wait
+    assert cm.telemetry.pull_s(puller, 24 * BS * KVB) is None
+    measure_pulls(cm, puller, [(24, 0.4, True)], stats)
+    assert cm.telemetry.pull_s(puller, 24 * BS * KVB) == pytest.approx(0.4, rel=0.02)
+    measure_pulls(cm, puller, [(24, 9.0, True)])                         # counters went back: a restart
+    assert cm.telemetry.pull_s(puller, 24 * BS * KVB) == pytest.approx(0.4, rel=0.02)
+
+
+def test_a_measured_slow_pull_keeps_the_prompt_on_its_prefixes_holder():
+    """The case bench/RESULTS.md found: the link meter prices 24 blocks at ~14 ms, so a prompt whose
+    prefix's holder has a short queue went to the idle peer and pulled; the pulls there took ~2 s.
+    With the puller's measured pulls the holder (0.6 s of queue) wins; the control, nothing measured,
+    still pulls (the old pricing)."""
+    n = 24 * BS + 24                                                     # a 384-token prefix + 24-token suffix
+    hashes = block_hashes(list(range(n)), BS, None)
+    ix = PrefixIndex()
+    ix.apply("holder", "stored", hashes[:24], now=0.0)
+    cfg = CostConfig(block_size=BS, kv_bytes_per_token=KVB, allow_remote=False, peer_pull=True)
+
+    def place(cm):
+        holder = D("holder", tps=300.0, running=1)
+        holder.queued_tokens = 180                                       # 0.6 s of prefill queued
+        return cm.choose(n, [], [holder, D("puller", tps=300.0)], hashes=hashes, now=0.0)
+
+    old = place(CostModel(cfg, index=ix))
+    assert (old.decode, old.estimate["pull_from"]) == ("puller", "holder")
+    cm = CostModel(cfg, index=ix)
+    measure_pulls(cm, D("puller"), [(24, 2.0, True)] * 3)
+    new = place(cm)
+    assert (new.decode, new.estimate["pull_from"]) == ("holder", None)
+    # the puller's own option is priced at its measured pull, not the link's: 2 s loses to computing
+    # the prefix at 300 tokens/s (1.28 s) and wins at 100 (3.84 s)
+    for tps, pull_s in ((300.0, 0.0), (100.0, 2.0)):
+        opts = {e.decode: e for e in cm.estimates(n, [], [D("holder", tps=tps), D("puller", tps=tps)],
+                                                  hashes=hashes, now=0.0)}
+        assert opts["puller"].pull_s == pytest.approx(pull_s, rel=0.02)
