@@ -46,6 +46,24 @@ class RateEstimator:
         return self._tokens / self._seconds
 
 
+class FractionEstimator:
+    """The share of trials that failed, over exponentially decayed counts (each observation one
+    poll's counts); 0 before any trial."""
+
+    def __init__(self, alpha: float = 0.2):
+        self.alpha, self._failed, self._trials = alpha, 0.0, 0.0
+
+    def observe(self, failed: int, trials: int) -> None:
+        if trials <= 0 or not 0 <= failed <= trials:
+            return
+        keep = 1.0 - self.alpha
+        self._failed, self._trials = keep * self._failed + failed, keep * self._trials + trials
+
+    @property
+    def fraction(self) -> float:
+        return self._failed / self._trials if self._trials else 0.0
+
+
 class StepTimeModel:
     """Decode step seconds ~ base_s + per_seq_s * seqs, fitted online by exponentially weighted
     least squares over (seqs, seconds) samples. The prior enters as two pseudo-samples (at 1 and
@@ -92,6 +110,7 @@ class WorkerPerf:
     decode: StepTimeModel                   # decode step seconds vs batch size
     tier_load: dict[str, RateEstimator]     # lower tier -> KV bytes/s it loads back into the pool
     pull: StepTimeModel                     # as a puller: seconds per peer pull vs megabytes pulled
+    pull_failed: FractionEstimator          # ... and the share of its pulls that failed (recomputed)
     counters: EngineFigures | None = None   # the last status poll's figures (None: none yet)
     pull_counters: PullFigures | None = None    # ... and pull figures
 
@@ -183,7 +202,8 @@ class Telemetry:
         {host,disk}_load_bytes, _load_s       KV loaded back from a lower cache tier (bytes, seconds)
         pulls.{pulls, pulled_bytes, pull_sum_s}   peer pulls landed here: one sample (mean MB, mean seconds)
                                               per poll, weighted by the pulls; a poll with failed pulls
-                                              gives none (their seconds are summed with the landed ones')
+                                              gives none (their seconds are summed with the landed ones');
+                                              pulls, pull_failures: the share of pulls that fail
     Also read: running (decode), waiting_tokens, links (a prefill worker's measured links)."""
 
     def __init__(self, cfg: CostConfig | None = None):
@@ -202,7 +222,8 @@ class Telemetry:
             steps = StepTimeModel(c.prior_decode_base_s, c.prior_decode_per_seq_s, c.alpha)
             loads = {"host": RateEstimator(c.prior_host_load_bps, c.alpha),
                      "disk": RateEstimator(c.prior_disk_load_bps, c.alpha)}
-            p = self.perf[worker_id] = WorkerPerf(RateEstimator(tps, c.alpha), steps, loads, pull_time_model(c))
+            p = self.perf[worker_id] = WorkerPerf(RateEstimator(tps, c.alpha), steps, loads, pull_time_model(c),
+                                                  FractionEstimator(c.alpha))
         return p
 
     def remove_worker(self, worker_id: str) -> None:
@@ -242,8 +263,11 @@ class Telemetry:
             return
         old, perf.pull_counters = perf.pull_counters or PullFigures(), new
         d = {k: getattr(new, k) - getattr(old, k) for k in PULL_COUNTERS}
-        if any(v < 0 for v in d.values()) or d["pull_failures"] or d["pulls"] <= 0:
-            return                                  # restarted, a failure mixed in, or no pull landed
+        if any(v < 0 for v in d.values()):
+            return                                  # restarted: new baseline, no sample
+        perf.pull_failed.observe(d["pull_failures"], d["pulls"] + d["pull_failures"])
+        if d["pull_failures"] or d["pulls"] <= 0:
+            return                                  # a failure's seconds mixed in, or no pull landed
         n = d["pulls"]
         perf.pull.observe(d["pulled_bytes"] / n / PULL_MB, d["pull_sum_s"] / n, weight=float(n))
 
@@ -253,6 +277,11 @@ class Telemetry:
         None before its first measured pull (the caller prices it from the link)."""
         m = self.perf_of(puller.worker_id, puller.role).pull
         return m.step_s(nbytes / PULL_MB) if m.count else None
+
+    def pull_failure_fraction(self, puller: WorkerLoad) -> float:
+        """The share of the puller's recent pulls that failed (the holder had evicted the blocks by the
+        order, or answered late): each such prompt waited for the refusal, then computed the prefix."""
+        return self.perf_of(puller.worker_id, puller.role).pull_failed.fraction
 
     def prefill_tps(self, load: WorkerLoad) -> float:
         return load.prefill_tps or self.perf_of(load.worker_id, load.role).prefill.rate

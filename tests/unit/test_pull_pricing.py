@@ -190,3 +190,34 @@ def test_a_measured_slow_pull_keeps_the_prompt_on_its_prefixes_holder():
         opts = {e.decode: e for e in cm.estimates(n, [], [D("holder", tps=tps), D("puller", tps=tps)],
                                                   hashes=hashes, now=0.0)}
         assert opts["puller"].pull_s == pytest.approx(pull_s, rel=0.02)
+
+
+def test_failed_pulls_price_the_recompute_they_fall_back_to():
+    """A pull that fails (the holder evicted the blocks by the time the order came) computes them after
+    all: the expected pull seconds add the puller's failure share x the recompute. 3 landed pulls,
+    then 3 failed ones: the share is 2/3 of the decayed counts, which tips a fast puller to computing
+    and leaves a slow one pulling, at the expected figure."""
+    n = 24 * BS + 24
+    hashes = block_hashes(list(range(n)), BS, None)
+    ix = PrefixIndex()
+    ix.apply("holder", "stored", hashes[:24], now=0.0)
+    cm = CostModel(CostConfig(block_size=BS, kv_bytes_per_token=KVB, allow_remote=False, peer_pull=True,
+                              duplicate_penalty=0.0), index=ix)
+    stats = measure_pulls(cm, D("puller"), [(24, 0.5, True)] * 3)
+
+    def pull_s(tps):
+        return choose_n(cm, n, hashes, tps).estimate["pull_s"]
+
+    assert cm.telemetry.pull_failure_fraction(D("puller")) == 0.0
+    assert pull_s(300.0) == pytest.approx(0.5, rel=0.02)                # 0.5 s against 1.28 s of compute
+    measure_pulls(cm, D("puller"), [(24, 0.2, False)] * 3, stats)
+    k = 0.8                                                              # 1 - alpha, per poll
+    share = (k * k + k + 1) / ((k * k + k + 1) * k ** 3 + k * k + k + 1)
+    assert cm.telemetry.pull_failure_fraction(D("puller")) == pytest.approx(share)
+    assert cm.telemetry.pull_s(D("puller"), 24 * BS * KVB) == pytest.approx(0.5, rel=0.02)   # failures: no sample
+    assert pull_s(300.0) == 0.0                                          # 0.5 + share x 1.28 s > 1.28 s
+    assert pull_s(100.0) == pytest.approx(0.5 + share * 384 / 100.0, rel=0.02)
+
+
+def choose_n(cm, n, hashes, tps):
+    return cm.choose(n, [], [D("holder", draining=True), D("puller", tps=tps)], hashes=hashes, now=0.0)
