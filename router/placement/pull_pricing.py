@@ -29,7 +29,9 @@ confidence that h still holds the blocks (PrefixIndex.confidence) discounts the 
 holder is the one that saves most. Applied to an Estimate, the pulled tokens leave compute_s (and
 the local penalty, which scales with it) and join cached_tokens, and pull_s joins the TTFT: the
 transfer is not credited with overlap against the tail's compute (the tail runs after the pulled
-blocks land).
+blocks land). The duplicate penalty (cost_model.py) still counts the pulled tokens as repeated: the
+copy evicts another prefix from d's pool as a recomputed one would. So a pull decides how a prompt
+placed away from its prefix's holder gets the prefix, not (by itself) whether to move it.
 """
 from __future__ import annotations
 

@@ -171,7 +171,8 @@ def test_a_measured_slow_pull_keeps_the_prompt_on_its_prefixes_holder():
     hashes = block_hashes(list(range(n)), BS, None)
     ix = PrefixIndex()
     ix.apply("holder", "stored", hashes[:24], now=0.0)
-    cfg = CostConfig(block_size=BS, kv_bytes_per_token=KVB, allow_remote=False, peer_pull=True)
+    cfg = CostConfig(block_size=BS, kv_bytes_per_token=KVB, allow_remote=False, peer_pull=True,
+                     duplicate_penalty=0.0)         # the pull time alone (the penalty: the test below)
 
     def place(cm):
         holder = D("holder", tps=300.0, running=1)
@@ -221,3 +222,27 @@ def test_failed_pulls_price_the_recompute_they_fall_back_to():
 
 def choose_n(cm, n, hashes, tps):
     return cm.choose(n, [], [D("holder", draining=True), D("puller", tps=tps)], hashes=hashes, now=0.0)
+
+
+def test_a_pulled_copy_pays_the_duplicate_penalty_so_the_prompt_waits_a_little_for_its_holder():
+    """The pull's copy of the prefix takes room in the puller's pool as a recomputed one would (it evicts
+    another prefix there): the duplicate penalty counts pulled tokens as repeated. A holder 0.6 s
+    busy keeps the prompt (before: the idle peer pulled the prefix for 14 ms); one 3 s busy loses it
+    to the peer, which pulls rather than computes (the pull still replaces the repeat's compute)."""
+    n = 24 * BS + 24
+    hashes = block_hashes(list(range(n)), BS, None)
+    ix = PrefixIndex()
+    ix.apply("holder", "stored", hashes[:24], now=0.0)
+    cm = CostModel(CostConfig(block_size=BS, kv_bytes_per_token=KVB, allow_remote=False, peer_pull=True), index=ix)
+
+    def place(queued):
+        holder = D("holder", tps=300.0, running=1)
+        holder.queued_tokens = queued
+        return cm.choose(n, [], [holder, D("puller", tps=300.0)], hashes=hashes, now=0.0)
+
+    near = place(180)                                                   # 0.6 s of prefill queued
+    assert (near.decode, near.estimate["pull_from"]) == ("holder", None)
+    far = place(900)                                                    # 3 s
+    assert (far.decode, far.estimate["pull_from"]) == ("puller", "holder")
+    assert far.estimate["duplicate_penalty_s"] == pytest.approx(384 / 300.0)
+    assert far.estimate["compute_s"] == pytest.approx(24 / 300.0)
