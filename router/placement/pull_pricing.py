@@ -12,9 +12,9 @@ the last token still computes on d), the pull covers [a, b):
       fail_d      = the share of d's recent pulls that failed (Telemetry.pull_failure_fraction; 0 until one does)
    All learned online. d's measured pull time (fixed + per MB, fitted from its order-to-landed
    times) includes what the link meter (the wire alone) leaves out: the order's round trip, the wait
-   for the holder's engine thread between its steps, the landing. On the shared 2-core host it was
-   ~2 s for 24 blocks where the link priced 0.05-0.15 s (bench/RESULTS.md, "Peer pull priced from
-   measured pulls"), so pulls won against holders that would have served the prompt sooner. A pull
+   for the holder's engine thread between its steps, the landing. On the shared 2-core host under
+   load it was ~2 s for 24 blocks (0.22 s quiet) where the link priced 0.05-0.15 s
+   (bench/RESULTS.md, "Peer pull priced from measured pulls"), so pulls won against holders that would have served the prompt sooner. A pull
    fails when h evicted the blocks before the order came (it leaves when d admits the prompt, after
    d's queue); the prompt then waits for the refusal and computes them after all, hence fail_d.
    bandwidth: the link figures learned per (src, dst) pair, as KV transfers are priced (Telemetry.links;
