@@ -301,6 +301,7 @@ async def run_once(cfg: ClusterConfig, sc: Scenario, requests, seed: int, vocab_
     workers = {wid: dict(busy_s=busy[wid], steps=after[wid].engine.steps - before[wid].engine.steps,
                          busy_fraction=busy[wid] / result["duration"],
                          tiers=tier_deltas(before[wid].tiers if wid in before else (), after[wid].tiers),
+                         pulls=pull_deltas(before[wid].pulls if wid in before else None, after[wid].pulls),
                          role=after[wid].role,
                          engine={k: getattr(after[wid].engine, k) - (getattr(before[wid].engine, k) if wid in before
                                                                       else 0) for k in STEP_COUNTERS})
@@ -309,6 +310,18 @@ async def run_once(cfg: ClusterConfig, sc: Scenario, requests, seed: int, vocab_
 
 
 STEP_COUNTERS = ("prefill_tokens", "prefill_s", "decode_steps", "decode_seqs", "decode_s", "steps")   # EngineFigures
+PULL_COUNTERS = ("pulls", "pulled_blocks", "pulled_bytes", "pull_failures", "pull_sum_s", "served", "served_bytes",
+                 "serve_failures", "serve_sum_s")    # PullFigures: the puller's and the holder's halves
+
+
+def pull_deltas(before, after) -> dict[str, float]:
+    """{counter: after - before} of a worker's peer-pull figures (PullFigures) over a run; {} when the
+    worker reports none."""
+    if after is None:
+        return {}
+    return {k: getattr(after, k) - (getattr(before, k) if before is not None else 0) for k in PULL_COUNTERS}
+
+
 TIER_COUNTERS = ("hits", "load_failures", "loaded_bytes", "stored", "evicted", "corrupt")
 
 

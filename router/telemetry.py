@@ -1,12 +1,13 @@
 """What the router learns online for the cost model: per-worker prefill rates and decode step times
-(from the workers' step counters) and KV link bandwidths (from their meters). Pure Python."""
+(from the workers' step counters), KV link bandwidths (from their meters) and each puller's peer-pull
+seconds (from its pull figures). Pure Python."""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Mapping
 
-from pdcluster.messages import EngineFigures, LinkFigures, WorkerStatus
+from pdcluster.messages import EngineFigures, LinkFigures, PullFigures, WorkerStatus
 from pdcluster.router.cost_config import CostConfig
 
 if TYPE_CHECKING:
@@ -16,6 +17,9 @@ if TYPE_CHECKING:
 COUNTERS = ("prefill_tokens", "prefill_s", "decode_steps", "decode_seqs", "decode_s", "tokens", "steps", "busy_s",
             "host_load_bytes", "host_load_s", "disk_load_bytes", "disk_load_s")
 LOWER_TIERS = ("host", "disk")
+# cumulative PullFigures counters of the puller's half (kv_transfer/pull_stats.py)
+PULL_COUNTERS = ("pulls", "pulled_bytes", "pull_failures", "pull_sum_s")
+PULL_MB = 1e6                               # a pull sample's x: megabytes moved (PullTimeModel)
 
 
 class RateEstimator:
@@ -42,6 +46,24 @@ class RateEstimator:
         return self._tokens / self._seconds
 
 
+class FractionEstimator:
+    """The share of trials that failed, over exponentially decayed counts (each observation one
+    poll's counts); 0 before any trial."""
+
+    def __init__(self, alpha: float = 0.2):
+        self.alpha, self._failed, self._trials = alpha, 0.0, 0.0
+
+    def observe(self, failed: int, trials: int) -> None:
+        if trials <= 0 or not 0 <= failed <= trials:
+            return
+        keep = 1.0 - self.alpha
+        self._failed, self._trials = keep * self._failed + failed, keep * self._trials + trials
+
+    @property
+    def fraction(self) -> float:
+        return self._failed / self._trials if self._trials else 0.0
+
+
 class StepTimeModel:
     """Decode step seconds ~ base_s + per_seq_s * seqs, fitted online by exponentially weighted
     least squares over (seqs, seconds) samples. The prior enters as two pseudo-samples (at 1 and
@@ -49,10 +71,10 @@ class StepTimeModel:
     sample has the same batch size."""
 
     def __init__(self, base_s: float, per_seq_s: float, alpha: float = 0.2, prior_weight: float = 2.0,
-                 ridge: float = 1.0):
+                 ridge: float = 1.0, prior_x: tuple[float, float] = (1.0, 16.0)):
         self.alpha, self.ridge, self.prior, self.count = alpha, ridge, (base_s, per_seq_s), 0
         self._s = [0.0] * 5                 # weight, sum x, sum y, sum xx, sum xy
-        for x in (1.0, 16.0):
+        for x in prior_x:
             self._add(x, base_s + per_seq_s * x, prior_weight / 2)
 
     def _add(self, x: float, y: float, w: float) -> None:
@@ -87,8 +109,22 @@ class WorkerPerf:
     prefill: RateEstimator                  # prefill tokens/s (on a decode worker: local prefill)
     decode: StepTimeModel                   # decode step seconds vs batch size
     tier_load: dict[str, RateEstimator]     # lower tier -> KV bytes/s it loads back into the pool
+    pull: StepTimeModel                     # as a puller: seconds per peer pull vs megabytes pulled
+    pull_failed: FractionEstimator          # ... and the share of its pulls that failed (recomputed)
     counters: EngineFigures | None = None   # the last status poll's figures (None: none yet)
     last_step_s: float | None = None        # mean decode-only step seconds since the poll before (None: none)
+    pull_counters: PullFigures | None = None    # the last status poll's peer-pull figures (None: none yet)
+
+
+def pull_time_model(cfg: CostConfig) -> StepTimeModel:
+    """A puller's seconds per pull ~ fixed + per-MB * megabytes, fitted from its measured pulls (order
+    to last frame landed: the order's round trip, the wait for the holder's engine thread between its
+    steps, the holder's read and send, the landing). Prior: pull_overhead_s + an intra-zone link's
+    seconds per MB, at 1 and 32 MB, with next to no weight: the first measured pulls set the figure
+    (as RateEstimator's first sample does), the prior's slope stays only while all samples have one
+    size (StepTimeModel's ridge). Telemetry.pull_s prices from the link until the first sample."""
+    return StepTimeModel(cfg.pull_overhead_s, PULL_MB / cfg.intra_zone_bps, cfg.alpha, prior_weight=1e-3,
+                         prior_x=(1.0, 32.0))
 
 
 @dataclass
@@ -165,6 +201,10 @@ class Telemetry:
         prefill_tokens, prefill_s             steps that prefilled (tokens, busy seconds)
         decode_steps, decode_seqs, decode_s   decode-only steps (count, sum of batch sizes, seconds)
         {host,disk}_load_bytes, _load_s       KV loaded back from a lower cache tier (bytes, seconds)
+        pulls.{pulls, pulled_bytes, pull_sum_s}   peer pulls landed here: one sample (mean MB, mean seconds)
+                                              per poll, weighted by the pulls; a poll with failed pulls
+                                              gives none (their seconds are summed with the landed ones');
+                                              pulls, pull_failures: the share of pulls that fail
     Also read: running (decode), waiting_tokens, links (a prefill worker's measured links)."""
 
     def __init__(self, cfg: CostConfig | None = None):
@@ -183,7 +223,8 @@ class Telemetry:
             steps = StepTimeModel(c.prior_decode_base_s, c.prior_decode_per_seq_s, c.alpha)
             loads = {"host": RateEstimator(c.prior_host_load_bps, c.alpha),
                      "disk": RateEstimator(c.prior_disk_load_bps, c.alpha)}
-            p = self.perf[worker_id] = WorkerPerf(RateEstimator(tps, c.alpha), steps, loads)
+            p = self.perf[worker_id] = WorkerPerf(RateEstimator(tps, c.alpha), steps, loads, pull_time_model(c),
+                                                  FractionEstimator(c.alpha))
         return p
 
     def remove_worker(self, worker_id: str) -> None:
@@ -213,11 +254,37 @@ class Telemetry:
             perf.decode.observe(d["decode_seqs"] / d["decode_steps"], d["decode_s"] / d["decode_steps"])
         for tier in LOWER_TIERS:
             perf.tier_load[tier].observe(d[f"{tier}_load_bytes"], d[f"{tier}_load_s"])
+        self._ingest_pulls(perf, status.pulls)
         load.touch()                                # its learned rate / step time may have moved
         if status.links:
             self.links.ingest(status.links, zones)
 
+    @staticmethod
+    def _ingest_pulls(perf: WorkerPerf, new: PullFigures | None) -> None:
+        if new is None:
+            return
+        old, perf.pull_counters = perf.pull_counters or PullFigures(), new
+        d = {k: getattr(new, k) - getattr(old, k) for k in PULL_COUNTERS}
+        if any(v < 0 for v in d.values()):
+            return                                  # restarted: new baseline, no sample
+        perf.pull_failed.observe(d["pull_failures"], d["pulls"] + d["pull_failures"])
+        if d["pull_failures"] or d["pulls"] <= 0:
+            return                                  # a failure's seconds mixed in, or no pull landed
+        n = d["pulls"]
+        perf.pull.observe(d["pulled_bytes"] / n / PULL_MB, d["pull_sum_s"] / n, weight=float(n))
+
     # figures for one worker (a WorkerLoad override wins over the learned figure)
+    def pull_s(self, puller: WorkerLoad, nbytes: float) -> float | None:
+        """Seconds a peer pull of nbytes into `puller` takes, from its measured pulls (fixed + per MB);
+        None before its first measured pull (the caller prices it from the link)."""
+        m = self.perf_of(puller.worker_id, puller.role).pull
+        return m.step_s(nbytes / PULL_MB) if m.count else None
+
+    def pull_failure_fraction(self, puller: WorkerLoad) -> float:
+        """The share of the puller's recent pulls that failed (the holder had evicted the blocks by the
+        order, or answered late): each such prompt waited for the refusal, then computed the prefix."""
+        return self.perf_of(puller.worker_id, puller.role).pull_failed.fraction
+
     def prefill_tps(self, load: WorkerLoad) -> float:
         return load.prefill_tps or self.perf_of(load.worker_id, load.role).prefill.rate
 

@@ -122,6 +122,8 @@ class Simulator:
         self._seq = itertools.count()
         # the router
         self.cost_cfg = cost_config(cfg)
+        if self.cost_cfg.peer_pull:     # its instances compute every block the router would have them pull
+            raise ValueError("the simulator does not model peer pulls: leave cost_overrides' peer_pull off")
         self.index = PrefixIndex()
         self.telemetry = Telemetry(self.cost_cfg)
         self.rcfg = RouterConfig(block_size=cfg.block_tokens, remote_prefill=cfg.prefill is not None,

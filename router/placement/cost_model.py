@@ -23,6 +23,11 @@ Either kind also pays a duplicate-prefill cost (a cost, not part of the TTFT):
    and its blocks evict another prefix on the worker that computes it (the cache pollution that
    turns one busy moment on a prefix's holder into misses later). So a prompt waits a little for
    its prefix's holder, and moves away only when the holder's queue costs more than the repeat.
+   A peer pull's blocks (below) count as repeated too: the pull replaces the repeat's compute in
+   the TTFT, but its copy takes room in d's pool just as a computed one would. Left out, pulls
+   spread every busy prefix over both workers of the prefix-routing workload and evicted the
+   others: misses on a prefix's former holder rose from 4 to 39-60 of 192 (bench/RESULTS.md,
+   "Peer pull priced from measured pulls").
 Constraints on d (either kind): free KV blocks >= blocks the prompt needs beyond d's cached prefix;
 TPOT guard: step_s(running_d + 1) <= tpot_slo_s, and for local with requests running, one prefill
 chunk's step (step_s(running_d) + chunk / rate_d) <= tpot_slo_s. If no option passes the guard the
@@ -275,8 +280,9 @@ class CostModel:
         best_cached = max(cached.values(), default=0.0)
         if c.duplicate_penalty and best_cached:
             loads = {w.worker_id: w for w in ps + ds}
-            for e in out:
-                repeat = best_cached - e.cached_tokens
+            bs = c.block_size
+            for e in out:       # pulled tokens count as repeated: the copy takes room in d's pool all the same
+                repeat = best_cached - (e.cached_tokens - e.pull_blocks * bs)
                 if repeat > 0:
                     rate = self.telemetry.prefill_tps(loads[e.prefill or e.decode])
                     e.duplicate_penalty_s = c.duplicate_penalty * repeat / rate

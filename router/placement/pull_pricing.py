@@ -4,22 +4,34 @@ instead of recomputing them (kv_transfer/pull.py moves them)? Pure Python.
 For a local option on decode worker d whose own hit covers blocks [0, a), and a holder h (another
 worker, prefill or decode) that holds blocks [0, b) of the prompt in any of its tiers (b capped so
 the last token still computes on d), the pull covers [a, b):
-      pull_s      = read_h + (b - a) * block_size * kv_bytes_per_token / bandwidth(h -> d)
+      pull_s      = read_h + move_s + fail_d * recompute_s          (expected seconds)
+      move_s      = d's measured seconds per pull of those bytes (Telemetry.pull_s), or, before d has
+                    pulled, (b - a) * block_size * kv_bytes_per_token / bandwidth(h -> d)
       read_h      = sum over host, disk of h's blocks in [a, b) from that tier * block bytes / h's load rate
       recompute_s = (b - a) * block_size / prefill rate of d
+      fail_d      = the share of d's recent pulls that failed (Telemetry.pull_failure_fraction; 0 until one does)
+   All learned online. d's measured pull time (fixed + per MB, fitted from its order-to-landed
+   times) includes what the link meter (the wire alone) leaves out: the order's round trip, the wait
+   for the holder's engine thread between its steps, the landing. On the shared 2-core host under
+   load it was ~2 s for 24 blocks (0.22 s quiet) where the link priced 0.05-0.15 s
+   (bench/RESULTS.md, "Peer pull priced from measured pulls"), so pulls won against holders that would have served the prompt sooner. A pull
+   fails when h evicted the blocks before the order came (it leaves when d admits the prompt, after
+   d's queue); the prompt then waits for the refusal and computes them after all, hence fail_d.
    bandwidth: the link figures learned per (src, dst) pair, as KV transfers are priced (Telemetry.links;
-   zone priors while unmeasured); h's tier load rates as for its own tier hits (Telemetry.tier_load_bps);
-   all learned online. h's prefix is its device blocks first, then host/disk ones; within those the
-   index keeps counts, not positions, so disk blocks are taken to come last (the cost model's
-   convention): a cap on b drops disk blocks first, a local hit a drops host blocks first. The holder
-   reads its tier blocks before sending (kv_transfer/pull.py), so read_h adds to the link time.
-The pull is taken when conf_h * recompute_s > pull_s + pull_overhead_s: it must win even when the
-index's confidence that h still holds the blocks (PrefixIndex.confidence) discounts the saving (a
-pull that finds them evicted recomputes, having paid the order). The best holder is the one that
-saves most. Applied to an Estimate, the pulled tokens leave compute_s (and the local penalty, which
-scales with it) and join cached_tokens, and pull_s joins the TTFT: the transfer is not credited with
-overlap against the tail's compute (the tail runs after the pulled blocks land).
-
+   zone priors while unmeasured); h's tier load rates as for its own tier hits (Telemetry.tier_load_bps).
+   h's prefix is its device blocks first, then host/disk ones; within those the index keeps counts,
+   not positions, so disk blocks are taken to come last (the cost model's convention): a cap on b
+   drops disk blocks first, a local hit a drops host blocks first. The holder reads its tier blocks
+   before sending (kv_transfer/pull.py), so read_h adds to the move.
+The pull is taken when conf_h * recompute_s > pull_s + pull_overhead_s (the overhead only while
+priced from the link: a measured pull time includes it): it must win even when the index's
+confidence that h still holds the blocks (PrefixIndex.confidence) discounts the saving. The best
+holder is the one that saves most. Applied to an Estimate, the pulled tokens leave compute_s (and
+the local penalty, which scales with it) and join cached_tokens, and pull_s joins the TTFT: the
+transfer is not credited with overlap against the tail's compute (the tail runs after the pulled
+blocks land). The duplicate penalty (cost_model.py) still counts the pulled tokens as repeated: the
+copy evicts another prefix from d's pool as a recomputed one would. So a pull decides how a prompt
+placed away from its prefix's holder gets the prefix, not (by itself) whether to move it.
 """
 from __future__ import annotations
 
@@ -34,10 +46,11 @@ class PullOption:
     holder: str
     first_block: int                # a: the first pulled block of the prompt
     blocks: int                     # b - a
-    pull_s: float                   # the holder's tier reads + the link (read_s included)
+    pull_s: float                   # the holder's tier reads + the link or the measured pull time (read_s
+                                    # included) + the failure share x recompute_s: expected seconds
     recompute_s: float              # what the pull saves (unscaled by confidence)
     bandwidth_bps: float
-    bandwidth_source: str
+    bandwidth_source: str           # the link's (Telemetry.links), or "pulls-measured" (Telemetry.pull_s)
     read_s: float = 0.0             # the holder reading host / disk blocks
 
 
@@ -78,6 +91,7 @@ def best_pull(model, prompt_len: int, d: WorkerLoad, own_blocks: int, holders: d
     cap = max(0, (prompt_len - 1) // c.block_size)
     a = min(own_blocks, cap)
     rate = t.prefill_tps(d)
+    fail = t.pull_failure_fraction(d)
     best = None
     for h, hits in holders.items():
         w = loads.get(h)
@@ -86,9 +100,16 @@ def best_pull(model, prompt_len: int, d: WorkerLoad, own_blocks: int, holders: d
             continue
         bw, src = t.links.bandwidth(h, d.worker_id, w.zone, d.zone)
         read_s = read_seconds(model, w, *lower_blocks_in(hits, a, b))
-        pull_s = read_s + pull_seconds(b - a, c.block_size, c.kv_bytes_per_token, bw)
+        learned = t.pull_s(d, (b - a) * c.block_size * c.kv_bytes_per_token)
+        if learned is None:                         # no pull measured into d yet: the link's figure
+            pull_s = read_s + pull_seconds(b - a, c.block_size, c.kv_bytes_per_token, bw)
+            overhead = c.pull_overhead_s
+        else:                                       # d's measured pulls (their fixed latency included)
+            pull_s, overhead, src = read_s + learned, 0.0, "pulls-measured"
         save_s = recompute_seconds(b - a, c.block_size, rate)
-        gain = model.index.confidence(h, now) * save_s - pull_s - c.pull_overhead_s
+        if fail:                                    # a failed pull computes the blocks after all
+            pull_s += fail * save_s
+        gain = model.index.confidence(h, now) * save_s - pull_s - overhead
         if gain > 0 and (best is None or gain > best[0]):
             best = (gain, PullOption(h, a, b - a, pull_s, save_s, bw, src, read_s))
     return best[1] if best else None

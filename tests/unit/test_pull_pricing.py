@@ -119,3 +119,130 @@ def test_the_tier_blocks_a_pull_range_covers():
     assert lower_blocks_in(h, 6, 9) == (0, 3)
     assert lower_blocks_in(h, 1, 2) == (0, 0)
     assert lower_blocks_in(TierHits(5), 0, 5) == (0, 0)
+
+
+# measured pulls (Telemetry.pull_s): a pull is priced from the puller's own order-to-landed times
+def pull_status(wid: str, stats) -> "WorkerStatus":
+    from pdcluster.messages import EngineFigures, PullFigures, WorkerStatus
+    return WorkerStatus(wid, "decode", "inc", 1, EngineFigures(), pulls=PullFigures(**stats.as_dict()))
+
+
+def measure_pulls(cm, load, pulls, stats=None):
+    """Feed the puller's PullStats (the worker's own counters; a fresh one: a restarted worker) through
+    the status poll path, one poll per (blocks, seconds, ok). Returns the PullStats."""
+    from pdcluster.kv_transfer.pull_stats import PullStats
+    stats = stats if stats is not None else PullStats()
+    for blocks, seconds, ok in pulls:
+        stats.pulled(ok, blocks, blocks * BS * KVB if ok else 0, seconds)
+        cm.telemetry.ingest_status(load, pull_status(load.worker_id, stats))
+    return stats
+
+
+def test_telemetry_learns_a_pullers_seconds_per_pull_fixed_and_per_megabyte():
+    cm = model()
+    puller = D("puller")
+    assert cm.telemetry.pull_s(puller, 24 * BS * KVB) is None            # nothing measured: link pricing
+    # 2 s per 24-block pull, 1 s per 8-block one: fixed 0.5 s + 1/16 s per block
+    measure_pulls(cm, puller, [(24, 2.0, True), (8, 1.0, True)] * 6)
+    per_block = BS * KVB
+    assert cm.telemetry.pull_s(puller, 24 * per_block) == pytest.approx(2.0, rel=0.02)
+    assert cm.telemetry.pull_s(puller, 8 * per_block) == pytest.approx(1.0, rel=0.03)
+    assert cm.telemetry.pull_s(puller, 16 * per_block) == pytest.approx(1.5, rel=0.03)
+    assert cm.telemetry.pull_s(D("holder"), per_block) is None           # per puller
+
+
+def test_a_poll_with_a_failed_pull_or_a_restart_is_no_sample():
+    cm = model()
+    puller = D("puller")
+    stats = measure_pulls(cm, puller, [(24, 30.0, False)])               # a failed pull: its 30 s wait
+    assert cm.telemetry.pull_s(puller, 24 * BS * KVB) is None
+    measure_pulls(cm, puller, [(24, 0.4, True)], stats)
+    assert cm.telemetry.pull_s(puller, 24 * BS * KVB) == pytest.approx(0.4, rel=0.02)
+    measure_pulls(cm, puller, [(24, 9.0, True)])                         # counters went back: a restart
+    assert cm.telemetry.pull_s(puller, 24 * BS * KVB) == pytest.approx(0.4, rel=0.02)
+
+
+def test_a_measured_slow_pull_keeps_the_prompt_on_its_prefixes_holder():
+    """The case bench/RESULTS.md found: the link meter prices 24 blocks at ~14 ms, so a prompt whose
+    prefix's holder has a short queue went to the idle peer and pulled; the pulls there took ~2 s.
+    With the puller's measured pulls the holder (0.6 s of queue) wins; the control, nothing measured,
+    still pulls (the old pricing)."""
+    n = 24 * BS + 24                                                     # a 384-token prefix + 24-token suffix
+    hashes = block_hashes(list(range(n)), BS, None)
+    ix = PrefixIndex()
+    ix.apply("holder", "stored", hashes[:24], now=0.0)
+    cfg = CostConfig(block_size=BS, kv_bytes_per_token=KVB, allow_remote=False, peer_pull=True,
+                     duplicate_penalty=0.0)         # the pull time alone (the penalty: the test below)
+
+    def place(cm):
+        holder = D("holder", tps=300.0, running=1)
+        holder.queued_tokens = 180                                       # 0.6 s of prefill queued
+        return cm.choose(n, [], [holder, D("puller", tps=300.0)], hashes=hashes, now=0.0)
+
+    old = place(CostModel(cfg, index=ix))
+    assert (old.decode, old.estimate["pull_from"]) == ("puller", "holder")
+    cm = CostModel(cfg, index=ix)
+    measure_pulls(cm, D("puller"), [(24, 2.0, True)] * 3)
+    new = place(cm)
+    assert (new.decode, new.estimate["pull_from"]) == ("holder", None)
+    # the puller's own option is priced at its measured pull, not the link's: 2 s loses to computing
+    # the prefix at 300 tokens/s (1.28 s) and wins at 100 (3.84 s)
+    for tps, pull_s in ((300.0, 0.0), (100.0, 2.0)):
+        opts = {e.decode: e for e in cm.estimates(n, [], [D("holder", tps=tps), D("puller", tps=tps)],
+                                                  hashes=hashes, now=0.0)}
+        assert opts["puller"].pull_s == pytest.approx(pull_s, rel=0.02)
+
+
+def test_failed_pulls_price_the_recompute_they_fall_back_to():
+    """A pull that fails (the holder evicted the blocks by the time the order came) computes them after
+    all: the expected pull seconds add the puller's failure share x the recompute. 3 landed pulls,
+    then 3 failed ones: the share is 2/3 of the decayed counts, which tips a fast puller to computing
+    and leaves a slow one pulling, at the expected figure."""
+    n = 24 * BS + 24
+    hashes = block_hashes(list(range(n)), BS, None)
+    ix = PrefixIndex()
+    ix.apply("holder", "stored", hashes[:24], now=0.0)
+    cm = CostModel(CostConfig(block_size=BS, kv_bytes_per_token=KVB, allow_remote=False, peer_pull=True,
+                              duplicate_penalty=0.0), index=ix)
+    stats = measure_pulls(cm, D("puller"), [(24, 0.5, True)] * 3)
+
+    def pull_s(tps):
+        return choose_n(cm, n, hashes, tps).estimate["pull_s"]
+
+    assert cm.telemetry.pull_failure_fraction(D("puller")) == 0.0
+    assert pull_s(300.0) == pytest.approx(0.5, rel=0.02)                # 0.5 s against 1.28 s of compute
+    measure_pulls(cm, D("puller"), [(24, 0.2, False)] * 3, stats)
+    k = 0.8                                                              # 1 - alpha, per poll
+    share = (k * k + k + 1) / ((k * k + k + 1) * k ** 3 + k * k + k + 1)
+    assert cm.telemetry.pull_failure_fraction(D("puller")) == pytest.approx(share)
+    assert cm.telemetry.pull_s(D("puller"), 24 * BS * KVB) == pytest.approx(0.5, rel=0.02)   # failures: no sample
+    assert pull_s(300.0) == 0.0                                          # 0.5 + share x 1.28 s > 1.28 s
+    assert pull_s(100.0) == pytest.approx(0.5 + share * 384 / 100.0, rel=0.02)
+
+
+def choose_n(cm, n, hashes, tps):
+    return cm.choose(n, [], [D("holder", draining=True), D("puller", tps=tps)], hashes=hashes, now=0.0)
+
+
+def test_a_pulled_copy_pays_the_duplicate_penalty_so_the_prompt_waits_a_little_for_its_holder():
+    """The pull's copy of the prefix takes room in the puller's pool as a recomputed one would (it evicts
+    another prefix there): the duplicate penalty counts pulled tokens as repeated. A holder 0.6 s
+    busy keeps the prompt (before: the idle peer pulled the prefix for 14 ms); one 3 s busy loses it
+    to the peer, which pulls rather than computes (the pull still replaces the repeat's compute)."""
+    n = 24 * BS + 24
+    hashes = block_hashes(list(range(n)), BS, None)
+    ix = PrefixIndex()
+    ix.apply("holder", "stored", hashes[:24], now=0.0)
+    cm = CostModel(CostConfig(block_size=BS, kv_bytes_per_token=KVB, allow_remote=False, peer_pull=True), index=ix)
+
+    def place(queued):
+        holder = D("holder", tps=300.0, running=1)
+        holder.queued_tokens = queued
+        return cm.choose(n, [], [holder, D("puller", tps=300.0)], hashes=hashes, now=0.0)
+
+    near = place(180)                                                   # 0.6 s of prefill queued
+    assert (near.decode, near.estimate["pull_from"]) == ("holder", None)
+    far = place(900)                                                    # 3 s
+    assert (far.decode, far.estimate["pull_from"]) == ("puller", "holder")
+    assert far.estimate["duplicate_penalty_s"] == pytest.approx(384 / 300.0)
+    assert far.estimate["compute_s"] == pytest.approx(24 / 300.0)

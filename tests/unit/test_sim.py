@@ -78,6 +78,12 @@ def test_prefix_cache_lru_and_events():
     assert c.drain() == (4, [])
 
 
+def test_peer_pulls_are_refused_not_simulated_as_free():
+    """The router would price pulls (Telemetry, pull_pricing) that the instances never make: an error."""
+    with pytest.raises(ValueError, match="peer pulls"):
+        Simulator(SimConfig("smollm2-135m", decode=PoolSpec("cpu", 1), cost_overrides=(("peer_pull", True),)), [])
+
+
 def test_events_run_in_time_then_insertion_order():
     sim = Simulator(SimConfig("smollm2-135m", decode=PoolSpec("cpu", 1)), [])
     seen = []
