@@ -186,8 +186,18 @@ class Dyn8Linear:
         y = F.linear(_bf16_round(x), self.dequantize()).to(BF16)
         return y if self.bias is None else y + self.bias
 
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """bfloat16 [M, N] by torch's weight-only int8 kernel: x is not rounded to 8 bits."""
+        y = torch.ops.aten._weight_int8pack_mm(x.to(BF16).contiguous(), self.q, self.scale.to(BF16))
+        return y if self.bias is None else y + self.bias
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.dense(x) if x.shape[0] >= DENSE_MIN_ROWS else self.kernel(x)).to(x.dtype)
+        """One row: fbgemm (its one activation scale is that row's). Several: the weight-only kernel, so a
+        row's result never depends on its batch-mates (fbgemm's scale over all of x made an int8
+        model's greedy tokens step outside transformers' top-5 in a batch). Prefill rows: dense."""
+        m = x.shape[0]
+        y = self.kernel(x) if m == 1 else self.dense(x) if m >= DENSE_MIN_ROWS else self.rows(x)
+        return y.to(x.dtype)
 
     @property
     def nbytes(self) -> int:
