@@ -156,7 +156,7 @@ class Dyn8Linear:
     dequantize + float32 GEMM path with bfloat16-rounded x, as Int8Linear does, from the int8 codes
     kept beside fbgemm's copy (2 bytes per weight resident; 1 for a tied head, whose codes the
     embedding holds anyway)."""
-    __slots__ = ("packed", "q", "scale", "bias", "N", "K")
+    __slots__ = ("packed", "q", "scale", "scale_bf16", "bias", "N", "K")
 
     def __init__(self, w: Int8Weight, bias: torch.Tensor | None):
         N, K = w.shape
@@ -170,6 +170,7 @@ class Dyn8Linear:
         b = bias.float() if bias is not None else None
         self.packed = torch.ops.quantized.linear_prepack(wq, b)    # fbgemm's layout; bias added in the kernel
         self.scale, self.bias, self.N, self.K = w.scale.float(), bias, N, K
+        self.scale_bf16 = w.scale.to(BF16)             # the weight-only kernel's (several rows)
 
     def codes(self) -> torch.Tensor:
         """int8 [N, K], read back out of fbgemm's packed weight."""
@@ -188,7 +189,7 @@ class Dyn8Linear:
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """bfloat16 [M, N] by torch's weight-only int8 kernel: x is not rounded to 8 bits."""
-        y = torch.ops.aten._weight_int8pack_mm(x.to(BF16).contiguous(), self.q, self.scale.to(BF16))
+        y = torch.ops.aten._weight_int8pack_mm(x.to(BF16).contiguous(), self.q, self.scale_bf16)
         return y if self.bias is None else y + self.bias
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,5 +202,5 @@ class Dyn8Linear:
 
     @property
     def nbytes(self) -> int:
-        """fbgemm's packed copy, the codes and the scales."""
-        return 2 * self.N * self.K + self.scale.numel() * 4
+        """fbgemm's packed copy, the codes and the scales (float32 and bfloat16)."""
+        return 2 * self.N * self.K + self.scale.numel() * 4 + self.scale_bf16.numel() * 2
