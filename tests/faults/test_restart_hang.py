@@ -240,11 +240,12 @@ def test_http_slow_reader_is_cut_off_and_frees_its_blocks(c, caplog):
     """The HTTP twin of the gRPC slow reader: a raw socket client with a 2 KB receive buffer sends a
     streamed completion and never reads. uvicorn's writes stall; after the slow-reader bound the
     request is cancelled (its KV freed) and the client's connection is reset; a normal client is
-    served meanwhile."""
+    served meanwhile. Three choices with 20 logprobs each fill the ~0.2 MB of socket and transport
+    buffers before a write can stall (one choice took ~50 s of decoding to get there)."""
     import httpx
     caplog.set_level(logging.WARNING, logger="pdcluster.router.openai.sse")
     body = json.dumps({"model": c.http.api.model, "prompt": "Tell me a long story about a lighthouse keeper.",
-                       "max_tokens": 1000, "ignore_eos": True, "stream": True, "logprobs": 20}).encode()
+                       "max_tokens": 400, "n": 3, "ignore_eos": True, "stream": True, "logprobs": 20}).encode()
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)           # before connect: the window it offers
     s.connect(("127.0.0.1", c.http.port))
@@ -253,7 +254,7 @@ def test_http_slow_reader_is_cut_off_and_frees_its_blocks(c, caplog):
 
     async def run():
         t0 = time.monotonic()
-        await wait_until(lambda: len(c.router.in_flight) == 1, 30)
+        await wait_until(lambda: len(c.router.in_flight) == 3, 30)            # one per choice
         async with httpx.AsyncClient(timeout=60) as http:
             normal = await http.post(f"http://127.0.0.1:{c.http.port}/v1/completions",
                                      json={"model": c.http.api.model, "prompt": "Hi", "max_tokens": 4})
@@ -265,12 +266,12 @@ def test_http_slow_reader_is_cut_off_and_frees_its_blocks(c, caplog):
     finally:
         s.close()
     cut = [r for r in caplog.records if "stopped reading" in r.getMessage()]
-    print(f"\n[faults] HTTP slow reader (2 KB receive buffer, never reads, 1000 tokens asked): cancelled after "
+    print(f"\n[faults] HTTP slow reader (2 KB receive buffer, never reads, 3 x 400 tokens asked): cancelled after "
           f"{freed_s:.1f}s (bound {SLOW_READER_S:g}s), {got} bytes were buffered for it, its connection {ended}; "
           f"a normal client was served meanwhile")
     assert normal.status_code == 200 and normal.json()["usage"]["completion_tokens"] >= 1
     assert cut and "connection reset" in cut[0].getMessage(), [r.getMessage() for r in caplog.records]
-    # cut short: what the server's buffers held (~0.2 MB), far from 1000 tokens' ~0.8 MB of chunks
+    # cut short: what the server's buffers held (~0.2 MB), far from 3 x 400 tokens' ~1 MB of chunks
     assert ended in ("closed", "reset") and got < 400_000
     assert_idle(c)
 
