@@ -111,32 +111,38 @@ class DeviceCopier:
             if sc is not None:
                 sc.index_copy_(0, idx, scales[j])
 
-    def write_layers(self, block_ids: list[int], blocks: list[torch.Tensor], after,
+    def write_layers(self, block_ids: list[int], layer_rows: Callable[[int], list], after,
                      layer_done: Callable[[int, object], None], cancelled: Callable[[], bool]) -> bool:
-        """As write_blocks, layer after layer (K then V of layer l for every block); after each,
-        layer_done(l, its CUDA event or None). False if cancelled() turned true first. On a GPU the
-        copies are complete on return (the pinned sources outlive them)."""
+        """As write_blocks, layer after layer: layer_rows(l) gives every block's rows l and L + l (K and
+        V of layer l: [2, bs, h, d] host tensors; native: (codes [2, bs, h, d], scales [2, h]) pairs),
+        written to block_ids; after each layer, layer_done(l, its CUDA event or None). False if
+        cancelled() turned true first. An exception from layer_rows(l) stops the copy there (layers
+        before l are written, none after) and propagates. On a GPU the copies are complete on return
+        (the sources outlive them)."""
         num_layers = len(self.k)
         idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         if self.cuda and after is not None:
             self.stream.wait_event(after)
-        for layer in range(num_layers):
-            if cancelled():
-                return False
-            for row in (layer, num_layers + layer):
-                codes, scales = self._stack(blocks, row)             # [n, bs, h, d], [n, h] or None
+        try:
+            for layer in range(num_layers):
+                if cancelled():
+                    return False
+                rows = layer_rows(layer)
+                for j, row in enumerate((layer, num_layers + layer)):
+                    codes, scales = self._stack(rows, j)             # [n, bs, h, d], [n, h] or None
+                    if self.cuda:
+                        codes, scales = codes.pin_memory(), scales.pin_memory() if scales is not None else None
+                        with torch.cuda.stream(self.stream):
+                            self._put([row], idx, codes.to(self.device, non_blocking=True)[None],
+                                      scales.to(self.device, non_blocking=True)[None] if scales is not None else None)
+                    else:
+                        self._put([row], idx, codes[None], scales[None] if scales is not None else None)
+                ev = None
                 if self.cuda:
-                    codes, scales = codes.pin_memory(), scales.pin_memory() if scales is not None else None
-                    with torch.cuda.stream(self.stream):
-                        self._put([row], idx, codes.to(self.device, non_blocking=True)[None],
-                                  scales.to(self.device, non_blocking=True)[None] if scales is not None else None)
-                else:
-                    self._put([row], idx, codes[None], scales[None] if scales is not None else None)
-            ev = None
+                    ev = torch.cuda.Event()
+                    ev.record(self.stream)
+                layer_done(layer, ev)
+        finally:
             if self.cuda:
-                ev = torch.cuda.Event()
-                ev.record(self.stream)
-            layer_done(layer, ev)
-        if self.cuda:
-            self.stream.synchronize()
+                self.stream.synchronize()
         return True
