@@ -90,8 +90,9 @@ class DiskStore:
         return from_bytes(self.geom, memoryview(raw)[self.header_bytes:])
 
     def open_rows(self, block_hash: int) -> "RowReader":
-        """A layer-wise reader of block_hash's file, its header (and the scales, a few bytes) read and
-        checked now, each layer when asked. CorruptBlock if the file is gone or its header is bad."""
+        """A layer-wise reader of block_hash's file (RowReader): each layer read and checked when asked,
+        the header (and the scales, a few bytes) with the first. CorruptBlock if the file is gone (now)
+        or its header is bad (at the first layer)."""
         return RowReader(self, block_hash)
 
     def _corrupt(self, block_hash: int, why: str):
@@ -164,28 +165,37 @@ class DiskStore:
 class RowReader:
     """One block file read a layer at a time (DiskStore.open_rows): `layer(l)` reads rows l and L + l,
     checks their crcs and returns (data [2, bs, h, d], scales [2, h] or None) in the stored dtype, new
-    tensors. A mismatch deletes the file and raises CorruptBlock. Not thread-safe; close() when done."""
+    tensors. Opening asks the kernel to read the whole file ahead (POSIX_FADV_WILLNEED), so the
+    storage streams it while earlier layers compute and each layer's small reads mostly find it in the
+    page cache; the header (and the scales) are read and checked at the first layer. A mismatch
+    deletes the file and raises CorruptBlock. Not thread-safe; close() when done."""
 
     def __init__(self, store: DiskStore, block_hash: int):
-        self.s, self.hash = store, block_hash
+        self.s, self.hash, self.crcs = store, block_hash, None
         try:
             self.f = open(store.path(block_hash), "rb")
         except FileNotFoundError:
             raise CorruptBlock(f"{store.path(block_hash).name}: gone", block_hash) from None
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+
+    def _head(self) -> None:
+        s, g = self.s, self.s.geom
         try:
             size = os.fstat(self.f.fileno()).st_size
-            head = self.f.read(store.header_bytes)
-            why = store._check_header(block_hash, head, size)
+            head = os.pread(self.f.fileno(), s.header_bytes, 0)
+            why = s._check_header(self.hash, head, size)
             if why is not None:
-                store._corrupt(block_hash, why)
-            self.crcs = store._crcs.unpack_from(head, HEADER.size)
-            g = store.geom
-            self.scales = bytearray(os.pread(self.f.fileno(), g.scale_bytes, store.header_bytes + g.data_bytes))
+                s._corrupt(self.hash, why)
+            self.crcs = s._crcs.unpack_from(head, HEADER.size)
+            self.scales = bytearray(os.pread(self.f.fileno(), g.scale_bytes, s.header_bytes + g.data_bytes))
         except BaseException:
-            self.f.close()
+            self.close()
             raise
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.crcs is None:
+            self._head()
         s, g = self.s, self.s.geom
         rows = (layer, g.num_layers + layer)
         data = bytearray(2 * s.row_data)
