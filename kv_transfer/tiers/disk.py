@@ -46,10 +46,11 @@ class DiskStore:
         self.row_data = geom.data_bytes // self.rows          # one row's data bytes
         self.row_scale = geom.scale_bytes // self.rows        # one row's scale bytes (0: codec none)
         self._crcs = struct.Struct(f"<{self.rows}I")
+        self.head = HEADER.size + self._crcs.size + 4       # header bytes (header_bytes, as a plain attribute)
 
     @property
     def header_bytes(self) -> int:
-        return HEADER.size + self._crcs.size + 4
+        return self.head
 
     @property
     def file_bytes(self) -> int:
@@ -163,9 +164,8 @@ class DiskStore:
 
 
 class RowReader:
-    """One block file read a layer at a time (DiskStore.open_rows): `layer(l)` reads rows l and L + l,
-    checks their crcs and returns (data [2, bs, h, d], scales [2, h] or None) in the stored dtype, new
-    tensors. Opening asks the kernel to read the whole file ahead (POSIX_FADV_WILLNEED), so the
+    """One block file read a layer at a time (DiskStore.open_rows): `layer_into(l, ...)` reads rows l
+    and L + l into the caller's tensors and checks their crcs there. Opening asks the kernel to read the whole file ahead (POSIX_FADV_WILLNEED), so the
     storage streams it while earlier layers compute and each layer's small reads mostly find it in the
     page cache; the header (and the scales) are read and checked at the first layer. A mismatch
     deletes the file and raises CorruptBlock. Not thread-safe; close() when done."""
@@ -188,32 +188,29 @@ class RowReader:
             if why is not None:
                 s._corrupt(self.hash, why)
             self.crcs = s._crcs.unpack_from(head, HEADER.size)
-            self.scales = bytearray(os.pread(self.f.fileno(), g.scale_bytes, s.header_bytes + g.data_bytes))
+            self.scales = memoryview(os.pread(self.f.fileno(), g.scale_bytes, s.header_bytes + g.data_bytes))
         except BaseException:
             self.close()
             raise
 
-    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def layer_into(self, layer: int, data: torch.Tensor, scales: torch.Tensor | None) -> None:
+        """Rows l and L + l (K and V of layer `layer`) into data[0], data[1] ([bs, h, d] each, contiguous,
+        the stored dtype) and their scales into scales[0], scales[1] ([h]; None for codec none), checked
+        there: on a mismatch the file is deleted and CorruptBlock raised (the caller drops what it read)."""
         if self.crcs is None:
             self._head()
-        s, g = self.s, self.s.geom
-        rows = (layer, g.num_layers + layer)
-        data = bytearray(2 * s.row_data)
-        mv, scales = memoryview(data), memoryview(self.scales)
-        for j, r in enumerate(rows):
-            dst = mv[j * s.row_data:(j + 1) * s.row_data]
-            n = os.preadv(self.f.fileno(), [dst], s.header_bytes + r * s.row_data)
+        s, L, fd = self.s, self.s.geom.num_layers, self.f.fileno()
+        for j, r in enumerate((layer, L + layer)):
+            dst = memoryview(data[j].view(torch.uint8).numpy()).cast("B")
+            n = os.preadv(fd, [dst], s.head + r * s.row_data)
             c = crc32(dst)
             if s.row_scale:
-                c = crc32(scales[r * s.row_scale:(r + 1) * s.row_scale], c)
+                sc = self.scales[r * s.row_scale:(r + 1) * s.row_scale]
+                c = crc32(sc, c)
+                scales[j].copy_(torch.frombuffer(bytearray(sc), dtype=torch.float32))
             if n != s.row_data or c != self.crcs[r]:
                 self.close()
                 s._corrupt(self.hash, f"checksum mismatch in layer {layer}")
-        out = torch.frombuffer(data, dtype=torch.uint8).view(g.stored_dtype).view(2, *g.shape[1:])
-        if not s.row_scale:
-            return out, None
-        sc = bytearray(b"".join(scales[r * s.row_scale:(r + 1) * s.row_scale] for r in rows))
-        return out, torch.frombuffer(sc, dtype=torch.float32).view(2, g.kv_heads)
 
     def close(self) -> None:
         self.f.close()

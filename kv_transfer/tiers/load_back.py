@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pdcluster.kv_transfer.tiers.block_format import for_device
+from pdcluster.kv_transfer.tiers.block_format import for_device, for_device_rows
 from pdcluster.kv_transfer.tiers.disk import CorruptBlock
 
 log = logging.getLogger("pdcluster.kv_transfer.tiers.connector")
@@ -199,19 +199,26 @@ class LoadBack:
         reaches the device pool: the copy stops at that layer, the file is dropped and the load fails
         (the scheduler discards the step's work for the request and recomputes it, failed_in_step)."""
         g, t = self.geom, time.perf_counter()
-        L = g.num_layers
-        srcs, readers = [], []
+        L, n = g.num_layers, len(job.parts)
+        hosts, readers = [], []          # (position, its slot's views) / (position, RowReader)
         try:
-            for h, tier, slot in job.parts:
+            for i, (h, tier, slot) in enumerate(job.parts):
                 if tier == "host":
-                    data, scales = self.host.encoded(slot)       # views of the pinned slot
-                    srcs.append(lambda l, d=data, s=scales: (d[l::L], s[l::L] if s is not None else None))
+                    hosts.append((i, self.host.encoded(slot)))        # views of the pinned slot
                 else:
-                    readers.append(r := self.disk.open_rows(h))   # header checked now, layers as they come
-                    srcs.append(r.layer)
+                    readers.append((i, self.disk.open_rows(h)))       # read ahead now, checked layer by layer
 
-            def layer_rows(layer: int) -> list:
-                return [for_device(g, *src(layer)) for src in srcs]
+            def layer_rows(layer: int):
+                """Every block's K and V rows of `layer`, stacked: data [2, n, bs, h, d], scales [2, n, h]."""
+                data = torch.empty((2, n, *g.shape[1:]), dtype=g.stored_dtype)
+                scales = torch.empty((2, n, g.kv_heads), dtype=torch.float32) if g.codec != "none" else None
+                for i, (d, s) in hosts:
+                    data[:, i] = d[layer::L]
+                    if scales is not None:
+                        scales[:, i] = s[layer::L]
+                for i, r in readers:
+                    r.layer_into(layer, data[:, i], scales[:, i] if scales is not None else None)
+                return for_device_rows(g, data, scales)
 
             def layer_done(layer: int, event) -> None:
                 with self._layer_cv:
@@ -229,7 +236,7 @@ class LoadBack:
             self.stats["disk"].add(load_failures=1)
             return False
         finally:
-            for r in readers:
+            for _, r in readers:
                 r.close()
         with self._lock:
             for h, tier, _ in job.parts:

@@ -5,7 +5,7 @@ copied, the file is dropped and the request named by failed_in_step, with no pin
 import pytest
 import torch
 
-from tests.unit.test_kv_tiers import L, caches, evict_and_wipe, gated_layer_load, kinds, req, tiers
+from tests.unit.test_kv_tiers import BLOCK_BYTES, L, QUANT_BYTES, caches, evict_and_wipe, gated_layer_load, kinds, req, tiers
 from tests.unit.test_kv_tiers_quant import evict_wipe_alloc, quant_caches
 
 
@@ -145,3 +145,25 @@ def test_cuda_disk_hit_loads_layer_by_layer_on_the_copy_stream(tmp_path):
     torch.cuda.synchronize()
     assert all(torch.equal(g[0], w[0]) and torch.equal(g[1], w[1]) for g, w in zip(got, want))
     tc.close()
+
+
+@pytest.mark.parametrize("codec", ["int8", "fp8"])
+def test_a_float_pools_quantized_host_and_disk_blocks_load_layer_by_layer_as_the_whole_block_load_does(tmp_path, codec):
+    """Tier codec int8 / fp8 over a float pool (lossy below the device): a layer-wise load of one host and
+    two disk blocks decodes each layer to exactly what the whole-block load gives."""
+    got = {}
+    for layerwise in (False, True):
+        kv = caches(12)
+        tc, _, k, v = tiers(tmp_path / str(layerwise), host_blocks=QUANT_BYTES / BLOCK_BYTES, codec=codec, kv=kv, layerwise=layerwise)
+        evict_and_wipe(tc, k, v, 3)
+        r, n = start(tc, "a2", [5, 6, 7])
+        assert n == 12 and tc.load_in_step(r) == layerwise
+        for layer in range(L if layerwise else 0):
+            tc.wait_layer(layer)
+        tc.wait_loaded("a2", 10)
+        assert tc.failed_in_step() == [] and tc.finished_loading() == ([] if layerwise else [("a2", True)])
+        st = {f["tier"]: f["hits"] for f in tc.figures()}
+        assert st == {"host": 1, "disk": 2}
+        got[layerwise] = [c[5:8].clone() for c in k + v]
+        tc.close()
+    assert all(torch.equal(a, b) and a.abs().max() > 0 for a, b in zip(got[False], got[True]))
