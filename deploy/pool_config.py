@@ -40,7 +40,7 @@ class PoolTiers:
     disk_cache_dir: str | None = None      # each worker keeps its blocks in <dir>/<worker id>
     disk_cache_gb: float | None = None
     tier_codec: str | None = None
-    tier_layerwise: bool | None = None     # host hits load layer by layer in step (False: whole blocks first)
+    tier_layerwise: bool | None = None     # host and disk hits load layer by layer in step (False: whole blocks first)
 
     def overrides(self) -> dict:
         """The CacheConfig fields (engine keywords) this pool sets."""

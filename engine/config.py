@@ -88,8 +88,9 @@ class CacheConfig:
         "how the host and disk tiers keep KV blocks: as computed, or int8 / fp8 with a scale per block, "
         "layer and KV head (kv_transfer/codec.py; ~4x smaller for float32 caches, lossy)")})
     tier_layerwise: bool = field(default=True, metadata={"cli": "--kv-tier-block-loads", "help": (
-        "host-tier hits load whole blocks before their request's step, instead of layer by layer inside "
-        "it (overlapped with computing the prompt's tail; disk hits always load whole blocks first)")})
+        "host- and disk-tier hits load whole blocks before their request's step, instead of layer by layer "
+        "inside it (overlapped with computing the prompt's tail; a disk layer is checked before it is used, "
+        "a corrupt one recomputes the prompt; on a prefill worker disk hits always load whole blocks first)")})
 
     def __post_init__(self):
         for name in ("host_cache_gb", "disk_cache_gb"):

@@ -18,9 +18,13 @@ Scheduler side (pure Python, asked while the scheduler admits and finishes reque
   load_in_step(request) -> bool  asked right after after_alloc: True when those tokens load inside
       the request's next forward pass, layer by layer (wait_layer), so the scheduler counts them as
       computed at once and runs the request's tail in this very step, overlapped with the load (vLLM
-      v1's load_async=False). Such a load cannot fail (the connector checked and pinned its source in
-      after_alloc); it is never named by finished_loading. False: the request waits for
-      finished_loading;
+      v1's load_async=False). It is never named by finished_loading; if it fails (a source turned out
+      corrupt), failed_in_step names the request before wait_layer lets a step past the missing
+      layer. False: the request waits for finished_loading;
+  failed_in_step() -> request ids  in-step loads that failed since last asked: their blocks lack
+      KV from some layer on. The engine asks before scheduling and after each forward pass (before
+      sampling): such a request's results of that step are dropped, its blocks freed (none was
+      published) and its prompt recomputed (vLLM v1's recompute policy for KV load errors);
   request_finished(request_id, block_ids) -> hold  True keeps the blocks allocated after the request
       ends, because the connector still reads them; finished_sending later names the ids to free;
   finished_loading() / finished_sending()  polled once per engine step.
@@ -91,6 +95,9 @@ class KVConnector:
 
     def finished_loading(self) -> list[tuple[str, bool]]:
         """(request id, its KV is all in) for the loads external_tokens started that ended."""
+        return []
+
+    def failed_in_step(self) -> list[str]:
         return []
 
     def finished_sending(self) -> list[str]:

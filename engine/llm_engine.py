@@ -299,9 +299,12 @@ class LLMEngine:
     def step(self) -> list[StepOutput]:
         """One scheduler step. A saving connector gets each layer as soon as it is stored (the
         prefill worker streams that layer's blocks from there). The connector's finished loads
-        and sends are taken in first."""
+        and sends are taken in first. A request whose in-step load fails (failed_in_step, asked
+        before scheduling and between the forward pass and sampling) is not sampled, its step's
+        results are dropped and it recomputes (Scheduler.loads_failed)."""
         sched, conn = self.scheduler, self.connector
         sched.loads_done(conn.finished_loading())
+        sched.loads_failed(conn.failed_in_step())
         sched.sends_done(conn.finished_sending())
         batch = sched.schedule()
         if not batch.reqs:
@@ -315,11 +318,19 @@ class LLMEngine:
                     for i, r in enumerate(batch.reqs) if batch.samples(i)]
             k, v = self.runner.k_caches, self.runner.v_caches
             hook = lambda layer: self.connector.save_layer(layer, k, v, done)   # noqa: E731
-        sampled, logprobs = self.runner.run(batch, hook, self.connector.wait_layer if self.connector.loads else None)
+        failed: set[str] = set()
+        drop = None
+        if conn.loads:
+            def drop() -> set[str]:     # after every layer's wait: each load this step read has ended or is in
+                failed.update(sched.loads_failed(conn.failed_in_step()))
+                return failed
+        sampled, logprobs = self.runner.run(batch, hook, conn.wait_layer if conn.loads else None, drop)
         # a decode step is one token per request plus drafts (engine/spec/): record it as a decode
         drafts = sum(len(r.spec_token_ids) for r in batch.reqs)
         decode = batch.total_tokens - drafts == len(batch)
         self.stats.record(batch.total_tokens, len(batch), time.perf_counter() - t0, decode)
+        if failed:
+            batch, sampled, logprobs = batch.without(failed, sampled, logprobs)
         before = [r.num_tokens for r in batch.reqs]
         finished = set(id(r) for r in self.scheduler.update(batch, sampled))
         outs = []

@@ -152,17 +152,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, layer_hook: Callable[[int], None] | None = None,
-            layer_wait: Callable[[int], None] | None = None
+            layer_wait: Callable[[int], None] | None = None, drop: Callable[[], set[str]] | None = None
             ) -> tuple[list[int | list[int] | None], list[TokenLogprobs | None]]:
         """One forward step. Returns per request a sampled token (None for a partial prefill chunk;
         a list for a request with drafts: the accepted ones and the token after them) and its
-        logprobs (None unless asked)."""
+        logprobs (None unless asked). drop(), asked after the forward pass: request ids not to
+        sample (their KV load failed in the step: no token, no grammar or generator advanced)."""
         if self._replayable(batch):
             hidden, rows = self._replay(batch, layer_hook, layer_wait), list(range(len(batch)))
         else:
             ids, pos, meta, rows = self.prepare(batch)
             hidden = self.model.forward(ids, pos, meta, self.k_caches, self.v_caches, layer_hook, layer_wait)
-        want = [i for i in range(len(batch)) if batch.samples(i)]
+        dropped = drop() if drop is not None else ()
+        want = [i for i in range(len(batch)) if batch.samples(i) and batch.reqs[i].request_id not in dropped]
         out: list[int | list[int] | None] = [None] * len(batch)
         lps: list[TokenLogprobs | None] = [None] * len(batch)
         spec = [i for i in want if batch.reqs[i].spec_token_ids]

@@ -49,6 +49,12 @@ class ScheduledBatch:
     num_new_tokens: list[int] = field(default_factory=list)   # tokens computed this step, per request
     preempted: list[Request] = field(default_factory=list)
 
+    def without(self, request_ids: set[str], *per_request: list) -> tuple:
+        """This batch less the requests in request_ids, and each per-request list likewise."""
+        keep = [i for i, r in enumerate(self.reqs) if r.request_id not in request_ids]
+        b = ScheduledBatch([self.reqs[i] for i in keep], [self.num_new_tokens[i] for i in keep], self.preempted)
+        return (b, *([lst[i] for i in keep] for lst in per_request))
+
     @property
     def total_tokens(self) -> int:
         return sum(self.num_new_tokens)
@@ -154,6 +160,29 @@ class Scheduler:
             req.num_external_tokens = 0
             req.status = Status.WAITING
             self.waiting.appendleft(req)
+
+    def loads_failed(self, request_ids: list[str]) -> set[str]:
+        """In-step loads that failed (KVConnector.failed_in_step): each such request, running or
+        waiting with its blocks, gives them back (its loaded blocks were never published: update has
+        not run for them) and waits at the front to recompute its prompt, as if preempted. Returns
+        the ids reset (a step's results for them must be dropped, and update not run for them)."""
+        out = set()
+        for request_id in request_ids:
+            req = self.requests.get(request_id)
+            if req is None or req.status not in (Status.RUNNING, Status.WAITING):
+                continue                # ended, or a reservation (its remote KV decides: take_loaded)
+            if req in self.running:
+                self.running.remove(req)
+            elif req in self.waiting:
+                self.waiting.remove(req)
+            self.kv.free(req)
+            req.spec_token_ids = []
+            req.num_computed_tokens = 0
+            req.num_cached_tokens = -1          # counted again at readmission
+            req.status = Status.WAITING
+            self.waiting.appendleft(req)
+            out.add(request_id)
+        return out
 
     def sends_done(self, request_ids: list[str]) -> None:
         """Free the blocks of finished requests the connector no longer reads."""

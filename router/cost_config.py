@@ -71,9 +71,14 @@ class CostConfig:
         "a worker prefilling a prompt pulls prefix blocks another worker holds over the KV transport when the "
         "cost model finds the pull faster than recomputing them (cost-model policy)")})
     pull_overhead_s: float = 0.005          # a pull's order round trip, beyond its bytes
+    pull_price_half_life_s: float = 60.0    # a puller's measured pull time (and failure share) halves its
+                                            # weight against the link's price every this many seconds
+                                            # without a new pull (Telemetry.pull_weight)
 
     def __post_init__(self):
         CompressionPolicy(self.kv_compression)   # ValueError naming the modes
+        if not self.pull_price_half_life_s > 0:
+            raise ValueError(f"pull_price_half_life_s must be > 0, got {self.pull_price_half_life_s!r}")
         if self.kv_full_fallback not in KV_FULL_FALLBACKS:
             raise ValueError(f"kv_full_fallback must be one of {', '.join(KV_FULL_FALLBACKS)}, "
                              f"got {self.kv_full_fallback!r}")

@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 COUNTERS = ("prefill_tokens", "prefill_s", "decode_steps", "decode_seqs", "decode_s", "tokens", "steps", "busy_s",
             "host_load_bytes", "host_load_s", "disk_load_bytes", "disk_load_s")
 LOWER_TIERS = ("host", "disk")
-# cumulative PullFigures counters of the puller's half (kv_transfer/pull_stats.py)
-PULL_COUNTERS = ("pulls", "pulled_bytes", "pull_failures", "pull_sum_s")
+# cumulative PullFigures counters (kv_transfer/pull_stats.py): the puller's half, then the holder's
+PULL_COUNTERS = ("pulls", "pulled_bytes", "pull_failures", "pull_sum_s", "served", "served_bytes", "serve_failures",
+                 "serve_sum_s")
 PULL_MB = 1e6                               # a pull sample's x: megabytes moved (PullTimeModel)
 
 
@@ -111,9 +112,12 @@ class WorkerPerf:
     tier_load: dict[str, RateEstimator]     # lower tier -> KV bytes/s it loads back into the pool
     pull: StepTimeModel                     # as a puller: seconds per peer pull vs megabytes pulled
     pull_failed: FractionEstimator          # ... and the share of its pulls that failed (recomputed)
+    serve: StepTimeModel                    # as a holder: seconds per pull served (read + send) vs megabytes
     counters: EngineFigures | None = None   # the last status poll's figures (None: none yet)
     last_step_s: float | None = None        # mean decode-only step seconds since the poll before (None: none)
     pull_counters: PullFigures | None = None    # the last status poll's peer-pull figures (None: none yet)
+    pull_sampled_at: float | None = None    # when its last pull time sample came (time.time())
+    pull_tried_at: float | None = None      # when its last poll with a pull (landed or failed) came
 
 
 def pull_time_model(cfg: CostConfig) -> StepTimeModel:
@@ -224,7 +228,7 @@ class Telemetry:
             loads = {"host": RateEstimator(c.prior_host_load_bps, c.alpha),
                      "disk": RateEstimator(c.prior_disk_load_bps, c.alpha)}
             p = self.perf[worker_id] = WorkerPerf(RateEstimator(tps, c.alpha), steps, loads, pull_time_model(c),
-                                                  FractionEstimator(c.alpha))
+                                                  FractionEstimator(c.alpha), pull_time_model(c))
         return p
 
     def remove_worker(self, worker_id: str) -> None:
@@ -237,7 +241,8 @@ class Telemetry:
         self.epoch += 1
 
     def ingest_status(self, load: WorkerLoad, status: WorkerStatus,
-                      zones: Mapping[str, str] | None = None) -> None:
+                      zones: Mapping[str, str] | None = None, now: float | None = None) -> None:
+        """now: time.time() of the poll (None: now), the clock placement's `now` runs on."""
         new = status.engine
         if status.role == "decode":
             load.running = status.running
@@ -254,24 +259,31 @@ class Telemetry:
             perf.decode.observe(d["decode_seqs"] / d["decode_steps"], d["decode_s"] / d["decode_steps"])
         for tier in LOWER_TIERS:
             perf.tier_load[tier].observe(d[f"{tier}_load_bytes"], d[f"{tier}_load_s"])
-        self._ingest_pulls(perf, status.pulls)
+        self._ingest_pulls(perf, status.pulls, time.time() if now is None else now)
         load.touch()                                # its learned rate / step time may have moved
         if status.links:
             self.links.ingest(status.links, zones)
 
     @staticmethod
-    def _ingest_pulls(perf: WorkerPerf, new: PullFigures | None) -> None:
+    def _ingest_pulls(perf: WorkerPerf, new: PullFigures | None, now: float) -> None:
         if new is None:
             return
         old, perf.pull_counters = perf.pull_counters or PullFigures(), new
         d = {k: getattr(new, k) - getattr(old, k) for k in PULL_COUNTERS}
         if any(v < 0 for v in d.values()):
             return                                  # restarted: new baseline, no sample
+        if d["served"] > 0 and not d["serve_failures"]:     # as a holder (a refusal's seconds: not a serve)
+            n = d["served"]
+            perf.serve.observe(d["served_bytes"] / n / PULL_MB, d["serve_sum_s"] / n, weight=float(n))
+        if d["pulls"] + d["pull_failures"] <= 0:
+            return
+        perf.pull_tried_at = now
         perf.pull_failed.observe(d["pull_failures"], d["pulls"] + d["pull_failures"])
         if d["pull_failures"] or d["pulls"] <= 0:
             return                                  # a failure's seconds mixed in, or no pull landed
         n = d["pulls"]
         perf.pull.observe(d["pulled_bytes"] / n / PULL_MB, d["pull_sum_s"] / n, weight=float(n))
+        perf.pull_sampled_at = now
 
     # figures for one worker (a WorkerLoad override wins over the learned figure)
     def pull_s(self, puller: WorkerLoad, nbytes: float) -> float | None:
@@ -280,10 +292,33 @@ class Telemetry:
         m = self.perf_of(puller.worker_id, puller.role).pull
         return m.step_s(nbytes / PULL_MB) if m.count else None
 
-    def pull_failure_fraction(self, puller: WorkerLoad) -> float:
+    def pull_weight(self, puller: WorkerLoad, now: float | None) -> float:
+        """How much the puller's measured pull time still counts against the pre-measurement (link)
+        price: 1 at its last sample, halving every cost.pull_price_half_life_s without a new one (None
+        `now`: 1). Pulls priced too slow stop being chosen, so they give no new sample: without the
+        decay a one-off slow pull would turn pulls off for good; with it the price drifts back to the
+        link's until a pull is chosen and measured again (exploration)."""
+        return self._fresh(self.perf_of(puller.worker_id, puller.role).pull_sampled_at, now)
+
+    def pull_failure_fraction(self, puller: WorkerLoad, now: float | None = None) -> float:
         """The share of the puller's recent pulls that failed (the holder had evicted the blocks by the
-        order, or answered late): each such prompt waited for the refusal, then computed the prefix."""
-        return self.perf_of(puller.worker_id, puller.role).pull_failed.fraction
+        order, or answered late): each such prompt waited for the refusal, then computed the prefix.
+        Fades like pull_weight since its last poll with a pull (a failure share stops pulls too)."""
+        p = self.perf_of(puller.worker_id, puller.role)
+        return p.pull_failed.fraction * self._fresh(p.pull_tried_at, now)
+
+    def _fresh(self, at: float | None, now: float | None) -> float:
+        if at is None:
+            return 0.0
+        if now is None:
+            return 1.0
+        return 0.5 ** (max(0.0, now - at) / self.cfg.pull_price_half_life_s)
+
+    def serve_s(self, holder: WorkerLoad, nbytes: float) -> float | None:
+        """Seconds the holder spends serving a pull of nbytes (its tier reads and the send), from the
+        pulls it served (fixed + per MB); None before its first."""
+        m = self.perf_of(holder.worker_id, holder.role).serve
+        return m.step_s(nbytes / PULL_MB) if m.count else None
 
     def prefill_tps(self, load: WorkerLoad) -> float:
         return load.prefill_tps or self.perf_of(load.worker_id, load.role).prefill.rate

@@ -29,7 +29,7 @@ def attach_tiers(engine, inner: KVConnector | None = None, worker_id: str | None
     if not cfg.enabled:
         engine.connector = inner
         return None
-    tiers = TierConnector(cfg, engine.block_events())
+    tiers = TierConnector(cfg, engine.block_events(), disk_in_step=not inner.saves)   # a sender can't unsend a layer
     engine.connector = MultiConnector(tiers, inner)
     return tiers
 

@@ -95,6 +95,14 @@ def for_device(geom: Geometry, data: torch.Tensor, scales: torch.Tensor | None):
     return (data, scales) if geom.native else decode(geom, data, scales)
 
 
+def for_device_rows(geom: Geometry, data: torch.Tensor, scales: torch.Tensor | None):
+    """for_device over one layer's rows of n blocks, data [2, n, bs, h, d] (scales [2, n, h]): as they
+    are into a native pool, else [2, n, bs, h, d] in the cache dtype."""
+    if geom.native or geom.codec == "none":
+        return data, scales
+    return decode(geom, data.flatten(0, 1), scales.flatten(0, 1)).view(data.shape), None
+
+
 def decode(geom: Geometry, data: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
     """The inverse of encode (lossy for int8 / fp8): [2L, bs, h, d] in the cache dtype."""
     if geom.codec == "none":

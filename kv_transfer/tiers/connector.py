@@ -14,14 +14,21 @@ steps. A GPU host copies to pinned staging memory asynchronously; the writer wai
 Load-back. `external_tokens` counts the request's next blocks (after its device prefix hits) that a
 lower tier holds, ready; the scheduler allocates blocks for them, `after_alloc` pins the entries and
 queues a load job for the loader thread. Two ways:
-- Layer by layer, inside the step (`layerwise`, when every block comes from the host tier):
+- Layer by layer, inside the step (`layerwise`; host blocks, and disk blocks when `disk_in_step`):
   `load_in_step` says so, the scheduler counts the tokens as computed and runs the prompt's tail in
   this very step; the loader copies layer 0 of every block, then layer 1, ...; before layer l the
   forward pass calls `wait_layer(l)`, which returns once layer l of every such load is in. So the
   copy of layer l+1 overlaps layer l's compute (on a GPU: a copy stream, one event per layer, the
-  compute stream waits on it; the engine thread does not block). A pinned host slot cannot vanish,
-  so such a load cannot fail.
-- Whole blocks, before the step (disk blocks, which can turn out corrupt; or `layerwise` off): the
+  compute stream waits on it; the engine thread does not block). A disk block is read a layer at a
+  time, and each layer's rows are checked (disk.py's per-row crc32s) before they are copied. A
+  corrupt one stops the load at that layer (the file is deleted, nothing of it copied) and names the
+  request in `failed_in_step` before wait_layer lets the step past that layer: the engine drops the
+  step's results for it and the scheduler frees its blocks (none was published) and recomputes it.
+  A pinned host slot cannot vanish, so a host-only load fails only on an exception.
+  `disk_in_step` is off on an engine whose connector ships KV as it is computed (a prefill worker:
+  a layer already streamed cannot be taken back), and a remote prefill's reservation loads in step
+  only host blocks (`step_tokens`): there disk blocks load whole, before the step.
+- Whole blocks, before the step (disk blocks as above, or `layerwise` off): the
   loader reads, checks and copies every block, `finished_loading` reports it, and the request
   computes its tail in a later step. A block missing or corrupt fails the load: the scheduler frees
   the blocks and recomputes the prompt; a corrupt file is deleted first.
@@ -73,7 +80,7 @@ class TierConfig:
     disk_bytes: int = 0                 # disk tier capacity (0 with a directory: none)
     codec: str = "none"                 # how blocks are kept below the device: none | int8 | fp8
     protected_fraction: float = 0.9     # SLRU: of each tier, what blocks loaded back may hold
-    layerwise: bool = True              # host-tier hits load layer by layer inside the step (see the module doc)
+    layerwise: bool = True              # host and disk hits load layer by layer inside the step (see the module doc)
     queue_blocks: int = 4096            # evicted blocks waiting for the writer, most; more are dropped
 
     @property
@@ -82,16 +89,18 @@ class TierConfig:
 
 
 class TierConnector(WriteBehind, LoadBack, KVConnector):
-    def __init__(self, cfg: TierConfig, events=None):
-        """events: the worker's BlockEventLog (engine/block_events.py), or None."""
+    def __init__(self, cfg: TierConfig, events=None, disk_in_step: bool = True):
+        """events: the worker's BlockEventLog (engine/block_events.py), or None. disk_in_step: disk hits
+        may load layer by layer in the step (False where the engine ships KV as it computes it)."""
         self.cfg, self.events = cfg, events
+        self.disk_in_step = disk_in_step and cfg.layerwise
         self.geom: Geometry | None = None
         self.host: HostPool | None = None
         self.disk: DiskStore | None = None
         self.index: dict[str, TierIndex] = {}          # "host" / "disk" -> its bookkeeping
         self.stats: dict[str, TierStats] = {}
         self.snapshot = SnapshotStats()
-        self._lock = threading.Lock()                  # guards index, _pending, _loads, _done, _released
+        self._lock = threading.Lock()                  # guards index, _pending, _loads, _done, _failed, _released
         self._pending: set[int] = set()                # hashes copied out, not yet stored by the writer
         self._queued_blocks = 0
         self._loads: dict[str, _Load] = {}             # in flight, by request id
@@ -99,7 +108,9 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
         self._done: list[tuple[str, bool]] = []
         self._in_step: list[_Load] = []                # in_step loads not yet all copied, oldest first
         self._layer_cv = threading.Condition(self._lock)   # a layer of an in_step load was issued
-        self.loads = cfg.layerwise and cfg.host_bytes > 0   # wait_layer wanted
+        self.loads = cfg.layerwise and (cfg.host_bytes > 0 or (self.disk_in_step and cfg.enabled))  # wait_layer wanted
+        self._failed: list[str] = []                   # in_step loads that failed, not yet taken (failed_in_step)
+        self._host_only: set[str] = set()              # step_tokens offered these (reservations): host blocks only
         self._released: list[str] = []
         self._writes: queue.Queue = queue.Queue()
         self._reads: queue.Queue = queue.Queue()          # whole-block loads (the loader thread)

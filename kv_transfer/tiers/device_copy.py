@@ -79,7 +79,7 @@ class DeviceCopier:
     def write_blocks(self, block_ids: list[int], blocks: list, after=None) -> None:
         """blocks[i] [2L, bs, h, d] (host; native: (codes, scales) pairs) -> device block block_ids[i] of
         every layer's K and V; done on return."""
-        codes, scales = self._stack(blocks, None)               # [2L, n, bs, h, d], [2L, n, h] or None
+        codes, scales = self._stack(blocks)                     # [2L, n, bs, h, d], [2L, n, h] or None
         idx = torch.tensor(block_ids, dtype=torch.int64)
         if self.cuda:
             if after is not None:
@@ -93,13 +93,11 @@ class DeviceCopier:
             return
         self._put(range(2 * len(self.k)), idx, codes, scales)
 
-    def _stack(self, blocks: list, row: int | None):
-        """The blocks' row `row` (None: all rows), stacked: (codes [(2L,) n, ...], scales or None)."""
-        pick = (lambda t: t) if row is None else (lambda t: t[row])      # noqa: E731
+    def _stack(self, blocks: list):
+        """The blocks stacked: (codes [2L, n, ...], scales [2L, n, h] or None)."""
         if self.native:
-            return (torch.stack([pick(b[0]) for b in blocks], dim=0 if row is not None else 1),
-                    torch.stack([pick(b[1]) for b in blocks], dim=0 if row is not None else 1))
-        return torch.stack([pick(b) for b in blocks], dim=0 if row is not None else 1), None
+            return torch.stack([b[0] for b in blocks], dim=1), torch.stack([b[1] for b in blocks], dim=1)
+        return torch.stack(blocks, dim=1), None
 
     def _put(self, rows, idx: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor | None) -> None:
         """codes[j] (and scales[j]) into the device rows `rows` at blocks idx (j = position in rows)."""
@@ -111,32 +109,38 @@ class DeviceCopier:
             if sc is not None:
                 sc.index_copy_(0, idx, scales[j])
 
-    def write_layers(self, block_ids: list[int], blocks: list[torch.Tensor], after,
+    def write_layers(self, block_ids: list[int], layer_rows: Callable[[int], list], after,
                      layer_done: Callable[[int, object], None], cancelled: Callable[[], bool]) -> bool:
-        """As write_blocks, layer after layer (K then V of layer l for every block); after each,
-        layer_done(l, its CUDA event or None). False if cancelled() turned true first. On a GPU the
-        copies are complete on return (the pinned sources outlive them)."""
+        """As write_blocks, layer after layer: layer_rows(l) gives every block's rows l and L + l (K and
+        V of layer l), stacked: (codes [2, n, bs, h, d] host tensor in the cache's dtype, or a native
+        pool's codes, scales [2, n, h] or None), written to block_ids; after each layer, layer_done(l, its CUDA event or None). False if
+        cancelled() turned true first. An exception from layer_rows(l) stops the copy there (layers
+        before l are written, none after) and propagates. On a GPU the copies are complete on return
+        (the sources outlive them)."""
         num_layers = len(self.k)
         idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         if self.cuda and after is not None:
             self.stream.wait_event(after)
-        for layer in range(num_layers):
-            if cancelled():
-                return False
-            for row in (layer, num_layers + layer):
-                codes, scales = self._stack(blocks, row)             # [n, bs, h, d], [n, h] or None
+        try:
+            for layer in range(num_layers):
+                if cancelled():
+                    return False
+                rows, row_scales = layer_rows(layer)
+                for j, row in enumerate((layer, num_layers + layer)):
+                    codes, scales = rows[j], row_scales[j] if row_scales is not None else None   # [n, bs, h, d], [n, h]
+                    if self.cuda:
+                        codes, scales = codes.pin_memory(), scales.pin_memory() if scales is not None else None
+                        with torch.cuda.stream(self.stream):
+                            self._put([row], idx, codes.to(self.device, non_blocking=True)[None],
+                                      scales.to(self.device, non_blocking=True)[None] if scales is not None else None)
+                    else:
+                        self._put([row], idx, codes[None], scales[None] if scales is not None else None)
+                ev = None
                 if self.cuda:
-                    codes, scales = codes.pin_memory(), scales.pin_memory() if scales is not None else None
-                    with torch.cuda.stream(self.stream):
-                        self._put([row], idx, codes.to(self.device, non_blocking=True)[None],
-                                  scales.to(self.device, non_blocking=True)[None] if scales is not None else None)
-                else:
-                    self._put([row], idx, codes[None], scales[None] if scales is not None else None)
-            ev = None
+                    ev = torch.cuda.Event()
+                    ev.record(self.stream)
+                layer_done(layer, ev)
+        finally:
             if self.cuda:
-                ev = torch.cuda.Event()
-                ev.record(self.stream)
-            layer_done(layer, ev)
-        if self.cuda:
-            self.stream.synchronize()
+                self.stream.synchronize()
         return True

@@ -1,12 +1,16 @@
-"""The disk tier's storage: one file per block in a directory, each checksummed.
+"""The disk tier's storage: one file per block in a directory, each row checksummed.
 
 File `<chain hash as 16 hex digits>.kvb`:
-    header   magic b"PDKVBLK1", u64 chain hash, u64 layout fingerprint (block_format.Geometry),
-             u64 payload bytes, u32 crc32 of (the header's first 32 bytes + the payload)   little-endian
-    payload  block_format's bytes: data, then scales
+    header   magic b"PDKVBLK2", u64 chain hash, u64 layout fingerprint (block_format.Geometry),
+             u64 payload bytes, 2L x u32 row crc32s, u32 crc32 of everything before it   little-endian
+    payload  block_format's bytes: data [2L, bs, h, d], then scales [2L, h] (quantized codecs)
+Row r (K of layer r, r < L; V of layer r - L) has its own crc32, over its data bytes then its scale
+bytes, so one layer (rows l and L + l) is checked without reading the others: a layer-wise load
+(`open_rows`) verifies each layer before it is used. Every byte is under a checksum: the header's
+over the header (row crcs included), the rows' over the payload.
 A file is written under a temporary name and renamed into place, so a crash leaves either the whole
-file or none (a leftover temporary is removed by `scan`). `read` and `scan` check everything: a file
-whose name, hash, layout, length or checksum is wrong is corrupt, and is deleted.
+file or none (a leftover temporary is removed by `scan`). `read`, `scan` and `open_rows` check what
+they read: a file whose name, hash, layout, length or checksum is wrong is corrupt, and is deleted.
 """
 from __future__ import annotations
 
@@ -19,13 +23,17 @@ import torch
 from pdcluster.kv_transfer.crc import crc32
 from pdcluster.kv_transfer.tiers.block_format import Geometry, from_bytes, to_bytes
 
-MAGIC = b"PDKVBLK1"
-HEADER = struct.Struct("<8sQQQI")       # magic, hash, fingerprint, payload bytes, crc
+MAGIC = b"PDKVBLK2"
+HEADER = struct.Struct("<8sQQQ")        # magic, hash, fingerprint, payload bytes (then row crcs, header crc)
 SUFFIX = ".kvb"
 
 
 class CorruptBlock(Exception):
-    """A block file failed its checks (it has been deleted)."""
+    """A block file failed its checks, or is gone (a corrupt one has been deleted)."""
+
+    def __init__(self, msg: str, block_hash: int):
+        super().__init__(msg)
+        self.block_hash = block_hash
 
 
 class DiskStore:
@@ -34,10 +42,19 @@ class DiskStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.geom = geom
         self._fp = geom.fingerprint()
+        self.rows = 2 * geom.num_layers
+        self.row_data = geom.data_bytes // self.rows          # one row's data bytes
+        self.row_scale = geom.scale_bytes // self.rows        # one row's scale bytes (0: codec none)
+        self._crcs = struct.Struct(f"<{self.rows}I")
+        self.head = HEADER.size + self._crcs.size + 4       # header bytes (header_bytes, as a plain attribute)
+
+    @property
+    def header_bytes(self) -> int:
+        return self.head
 
     @property
     def file_bytes(self) -> int:
-        return HEADER.size + self.geom.block_bytes
+        return self.header_bytes + self.geom.block_bytes
 
     def path(self, block_hash: int) -> Path:
         return self.dir / f"{block_hash:016x}{SUFFIX}"
@@ -45,18 +62,23 @@ class DiskStore:
     def write(self, block_hash: int, data: torch.Tensor, scales: torch.Tensor | None) -> int:
         """Write one encoded block (block_format.encode's output); its file's bytes."""
         bufs = to_bytes(data, scales)
-        head = HEADER.pack(MAGIC, block_hash, self._fp, self.geom.block_bytes, 0)[:HEADER.size - 4]
-        c = crc32(head)
-        for b in bufs:
-            c = crc32(b, c)
+        crcs = [self._row_crc(bufs, r) for r in range(self.rows)]
+        head = HEADER.pack(MAGIC, block_hash, self._fp, self.geom.block_bytes) + self._crcs.pack(*crcs)
         final = self.path(block_hash)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
-            f.write(head + struct.pack("<I", c))
+            f.write(head + struct.pack("<I", crc32(head)))
             for b in bufs:
                 f.write(b)
         os.replace(tmp, final)
-        return HEADER.size + self.geom.block_bytes
+        return self.file_bytes
+
+    def _row_crc(self, bufs: list[memoryview], r: int) -> int:
+        """crc32 of row r's data bytes then its scale bytes; bufs: to_bytes' (data[, scales])."""
+        c = crc32(bufs[0][r * self.row_data:(r + 1) * self.row_data])
+        if self.row_scale:
+            c = crc32(bufs[1][r * self.row_scale:(r + 1) * self.row_scale], c)
+        return c
 
     def read(self, block_hash: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(data, scales) of block_hash's file, checked. CorruptBlock (file deleted) or FileNotFoundError."""
@@ -65,9 +87,18 @@ class DiskStore:
             raw = bytearray(f.read(self.file_bytes + 1))
         why = self._check(block_hash, raw)
         if why is not None:
-            self.delete(block_hash)
-            raise CorruptBlock(f"{p.name}: {why}")
-        return from_bytes(self.geom, memoryview(raw)[HEADER.size:])
+            self._corrupt(block_hash, why)
+        return from_bytes(self.geom, memoryview(raw)[self.header_bytes:])
+
+    def open_rows(self, block_hash: int) -> "RowReader":
+        """A layer-wise reader of block_hash's file (RowReader): each layer read and checked when asked,
+        the header (and the scales, a few bytes) with the first. CorruptBlock if the file is gone (now)
+        or its header is bad (at the first layer)."""
+        return RowReader(self, block_hash)
+
+    def _corrupt(self, block_hash: int, why: str):
+        self.delete(block_hash)
+        raise CorruptBlock(f"{self.path(block_hash).name}: {why}", block_hash)
 
     def delete(self, block_hash: int) -> None:
         try:
@@ -105,17 +136,81 @@ class DiskStore:
                 bad += 1
         return good, bad
 
-    def _check(self, block_hash: int, raw) -> str | None:
-        if len(raw) != self.file_bytes:
-            return f"{len(raw)} bytes, expected {self.file_bytes}"
-        magic, h, fp, n, c = HEADER.unpack_from(raw)
+    def _check_header(self, block_hash: int, raw, size: int) -> str | None:
+        """Why the header in raw[:header_bytes] (of a `size`-byte file) is bad, or None."""
+        if size != self.file_bytes or len(raw) < self.header_bytes:
+            return f"{size} bytes, expected {self.file_bytes}"
+        magic, h, fp, n = HEADER.unpack_from(raw)
         if magic != MAGIC:
             return "bad magic"
         if h != block_hash:
             return "hash does not match the file name"
         if fp != self._fp or n != self.geom.block_bytes:
             return "written under another KV layout (model, dtype or codec)"
-        mv = memoryview(raw)
-        if crc32(mv[HEADER.size:], crc32(mv[:HEADER.size - 4])) != c:
-            return "checksum mismatch"
+        end = self.header_bytes - 4
+        if crc32(memoryview(raw)[:end]) != struct.unpack_from("<I", raw, end)[0]:
+            return "header checksum mismatch"
         return None
+
+    def _check(self, block_hash: int, raw) -> str | None:
+        why = self._check_header(block_hash, raw, len(raw))
+        if why is not None:
+            return why
+        mv = memoryview(raw)[self.header_bytes:]
+        bufs = [mv[:self.geom.data_bytes], mv[self.geom.data_bytes:]]
+        crcs = self._crcs.unpack_from(raw, HEADER.size)
+        bad = [r for r in range(self.rows) if self._row_crc(bufs, r) != crcs[r]]
+        return f"checksum mismatch in rows {bad}" if bad else None
+
+
+class RowReader:
+    """One block file read a layer at a time (DiskStore.open_rows): `layer_into(l, ...)` reads rows l
+    and L + l into the caller's tensors and checks their crcs there. Opening asks the kernel to read the whole file ahead (POSIX_FADV_WILLNEED), so the
+    storage streams it while earlier layers compute and each layer's small reads mostly find it in the
+    page cache; the header (and the scales) are read and checked at the first layer. A mismatch
+    deletes the file and raises CorruptBlock. Not thread-safe; close() when done."""
+
+    def __init__(self, store: DiskStore, block_hash: int):
+        self.s, self.hash, self.crcs = store, block_hash, None
+        try:
+            self.f = open(store.path(block_hash), "rb")
+        except FileNotFoundError:
+            raise CorruptBlock(f"{store.path(block_hash).name}: gone", block_hash) from None
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+
+    def _head(self) -> None:
+        s, g = self.s, self.s.geom
+        try:
+            size = os.fstat(self.f.fileno()).st_size
+            head = os.pread(self.f.fileno(), s.header_bytes, 0)
+            why = s._check_header(self.hash, head, size)
+            if why is not None:
+                s._corrupt(self.hash, why)
+            self.crcs = s._crcs.unpack_from(head, HEADER.size)
+            self.scales = memoryview(os.pread(self.f.fileno(), g.scale_bytes, s.header_bytes + g.data_bytes))
+        except BaseException:
+            self.close()
+            raise
+
+    def layer_into(self, layer: int, data: torch.Tensor, scales: torch.Tensor | None) -> None:
+        """Rows l and L + l (K and V of layer `layer`) into data[0], data[1] ([bs, h, d] each, contiguous,
+        the stored dtype) and their scales into scales[0], scales[1] ([h]; None for codec none), checked
+        there: on a mismatch the file is deleted and CorruptBlock raised (the caller drops what it read)."""
+        if self.crcs is None:
+            self._head()
+        s, L, fd = self.s, self.s.geom.num_layers, self.f.fileno()
+        for j, r in enumerate((layer, L + layer)):
+            dst = memoryview(data[j].view(torch.uint8).numpy()).cast("B")
+            n = os.preadv(fd, [dst], s.head + r * s.row_data)
+            c = crc32(dst)
+            if s.row_scale:
+                sc = self.scales[r * s.row_scale:(r + 1) * s.row_scale]
+                c = crc32(sc, c)
+                scales[j].copy_(torch.frombuffer(bytearray(sc), dtype=torch.float32))
+            if n != s.row_data or c != self.crcs[r]:
+                self.close()
+                s._corrupt(self.hash, f"checksum mismatch in layer {layer}")
+
+    def close(self) -> None:
+        self.f.close()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pdcluster.kv_transfer.tiers.block_format import for_device
+from pdcluster.kv_transfer.tiers.block_format import for_device, for_device_rows
 from pdcluster.kv_transfer.tiers.disk import CorruptBlock
 
 log = logging.getLogger("pdcluster.kv_transfer.tiers.connector")
@@ -69,15 +69,20 @@ class LoadBack:
                         break
                 else:
                     break                      # evicted since external_tokens: the load fails
+            reservation = request.request_id in self._host_only     # step_tokens offered these: host only
+            self._host_only.discard(request.request_id)
             job.in_step = (self.cfg.layerwise and len(job.parts) == nb
-                           and all(tier == "host" for _, tier, _ in job.parts))
+                           and all(tier == "host" or (tier == "disk" and self.disk_in_step and not reservation)
+                                   for _, tier, _ in job.parts))
             if job.in_step:
                 self._in_step.append(job)
             self._loads[job.request_id] = job
         (self._layer_reads if job.in_step else self._reads).put(job)
 
     def step_tokens(self, request, num_local_tokens: int) -> int:
-        """external_tokens, counting only host-tier blocks (those load in step) when layerwise."""
+        """external_tokens, counting only host-tier blocks when layerwise: a remote prefill's
+        reservation cannot recompute, so it loads in step only what cannot fail (a pinned host slot),
+        never a disk block (which can turn out corrupt)."""
         if not self.loads or "host" not in self.index:
             return 0
         bs, idx = self.geom.block_size, self.index["host"]
@@ -89,6 +94,8 @@ class LoadBack:
                 if e is None or not e.ready:
                     break
                 n += 1
+            if n:
+                self._host_only.add(request.request_id)
         return n * bs
 
     def wait_loaded(self, request_id: str, timeout_s: float) -> None:
@@ -135,8 +142,10 @@ class LoadBack:
                     if job.request_id in self._held:
                         self._held.discard(job.request_id)
                         self._released.append(job.request_id)
-                    elif not job.cancelled and not job.in_step:     # in_step loads are never reported
+                    elif not job.cancelled and not job.in_step:     # in_step loads: only a failure is
                         self._done.append((job.request_id, ok))
+                    elif not job.cancelled and not ok:
+                        self._failed.append(job.request_id)         # reported, before wait_layer returns
                     if job.in_step:
                         self._in_step.remove(job)
                     job.done.set()
@@ -184,26 +193,61 @@ class LoadBack:
         return not job.cancelled
 
     def _load_layers(self, job: _Load) -> bool:
-        """An in_step load: host blocks into the device pool, layer after layer, announcing each
-        layer to wait_layer. The blocks stay pinned throughout."""
-        t = time.perf_counter()
-        blocks = [for_device(self.geom, *self.host.encoded(slot)) for _, _, slot in job.parts]  # views: none / native
+        """An in_step load: host and disk blocks into the device pool, layer after layer, announcing
+        each layer to wait_layer. The blocks stay pinned throughout. A disk block is read a layer at a
+        time and each layer checked before it is copied (DiskStore.open_rows), so a corrupt one never
+        reaches the device pool: the copy stops at that layer, the file is dropped and the load fails
+        (the scheduler discards the step's work for the request and recomputes it, failed_in_step)."""
+        g, t = self.geom, time.perf_counter()
+        L, n = g.num_layers, len(job.parts)
+        hosts, readers = [], []          # (position, its slot's views) / (position, RowReader)
+        try:
+            for i, (h, tier, slot) in enumerate(job.parts):
+                if tier == "host":
+                    hosts.append((i, self.host.encoded(slot)))        # views of the pinned slot
+                else:
+                    readers.append((i, self.disk.open_rows(h)))       # read ahead now, checked layer by layer
 
-        def layer_done(layer: int, event) -> None:
-            with self._layer_cv:
-                if event is not None:
-                    job.events.append(event)
-                job.layers_done = layer + 1
-                self._layer_cv.notify_all()
+            def layer_rows(layer: int):
+                """Every block's K and V rows of `layer`, stacked: data [2, n, bs, h, d], scales [2, n, h]."""
+                data = torch.empty((2, n, *g.shape[1:]), dtype=g.stored_dtype)
+                scales = torch.empty((2, n, g.kv_heads), dtype=torch.float32) if g.codec != "none" else None
+                for i, (d, s) in hosts:
+                    data[:, i] = d[layer::L]
+                    if scales is not None:
+                        scales[:, i] = s[layer::L]
+                for i, r in readers:
+                    r.layer_into(layer, data[:, i], scales[:, i] if scales is not None else None)
+                return for_device_rows(g, data, scales)
 
-        if not self.copier.write_layers(job.block_ids, blocks, job.after, layer_done, lambda: job.cancelled):
-            return False            # the request ended before its step ran: nothing reads these blocks
+            def layer_done(layer: int, event) -> None:
+                with self._layer_cv:
+                    if event is not None:
+                        job.events.append(event)
+                    job.layers_done = layer + 1
+                    self._layer_cv.notify_all()
+
+            if not self.copier.write_layers(job.block_ids, layer_rows, job.after, layer_done, lambda: job.cancelled):
+                return False        # the request ended before its step ran: nothing reads these blocks
+        except CorruptBlock as e:
+            log.warning("KV disk tier (layer-wise load): %s", e)
+            self._drop_corrupt([e.block_hash])              # drops this job's pin on it
+            job.parts = [p for p in job.parts if p[0] != e.block_hash]
+            self.stats["disk"].add(load_failures=1)
+            return False
+        finally:
+            for _, r in readers:
+                r.close()
         with self._lock:
-            for h, _, _ in job.parts:
-                self.index["host"].hit(h)
-        st = self.stats["host"]
-        st.add(hits=len(blocks), loaded_bytes=len(blocks) * st.block_bytes)
-        st.observe("load_s", time.perf_counter() - t)
+            for h, tier, _ in job.parts:
+                self.index[tier].hit(h)
+        dt = time.perf_counter() - t
+        for tier in self.index:
+            n = sum(1 for _, tt, _ in job.parts if tt == tier)
+            if n:
+                st = self.stats[tier]
+                st.add(hits=n, loaded_bytes=n * st.block_bytes)
+                st.observe("load_s", dt * n / len(job.parts))
         return True
 
     def _drop_corrupt(self, hashes: list[int]) -> None:
@@ -223,6 +267,14 @@ class LoadBack:
             st.blocks = len(idx)
         st.add(corrupt=len(hashes))
         self._emit("removed", gone, "disk")
+
+    def failed_in_step(self) -> list[str]:
+        """Requests whose in_step load failed (a corrupt disk block): layers from the bad one on are not
+        in their blocks. Recorded before the load is marked done, so before wait_layer lets a step past
+        the layer; the engine asks after each forward pass and drops those requests' results."""
+        with self._lock:
+            out, self._failed = self._failed, []
+        return out
 
     def finished_loading(self) -> list[tuple[str, bool]]:
         with self._lock:

@@ -59,6 +59,9 @@ class MultiConnector(KVConnector):
     def finished_loading(self) -> list[tuple[str, bool]]:
         return self.tiers.finished_loading() + self.inner.finished_loading()
 
+    def failed_in_step(self) -> list[str]:
+        return self.tiers.failed_in_step() + self.inner.failed_in_step()
+
     def finished_sending(self) -> list[str]:
         return self.tiers.finished_sending() + self.inner.finished_sending()
 

@@ -12,7 +12,7 @@ from pdcluster.engine.hashing import block_hashes
 from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
 from pdcluster.messages import NoRoom, PullPlan, TokenItem
 from pdcluster.router.errors import Unavailable, WorkerLost
-from pdcluster.router.lifecycle.pull import pull_plan
+from pdcluster.router.lifecycle.pull import charge, pull_plan, serving_charge
 from pdcluster.router.placement import Placement
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,10 @@ def _start_local(workers, attempt_id: str, ids: list[int], params: SamplingParam
     d = workers.decode[choice.decode]
     queued = max(0, len(ids) + len(outputs) - int((choice.estimate or {}).get("cached_tokens", 0)))
     kw = dict(pull=pull[0], holder=pull[1]) if pull else {}
-    stream = _queued_until_first(workers, d.stream(attempt_id, None, ids, params, salt, outputs, **kw), choice.decode,
-                                 queued)
+    charges = [(choice.decode, queued, 0.0)]
+    if pull and (serve := serving_charge(choice)) is not None:
+        charges.append(serve)                  # the holder serves the pull meanwhile (router/lifecycle/pull.py)
+    stream = _charged_until_first(workers, d.stream(attempt_id, None, ids, params, salt, outputs, **kw), charges)
     return Attempt(dict(prefill_worker=choice.decode, decode_worker=choice.decode, remote_prefill=False,
                         kv_bytes_transferred=0, kv_transfer_ms=0.0), [d], stream=stream, pull=pull[0] if pull else None)
 
@@ -131,18 +133,19 @@ async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: Samp
         workers.charge(choice.decode, 0, -1)
 
 
-async def _queued_until_first(workers, stream, worker_id: str, tokens: int):
+async def _charged_until_first(workers, stream, charges: list[tuple[str, int, float]]):
     """A local prefill's uncached prompt tokens count in its decode worker's queue (what the
-    cost model reads as that worker's prefill backlog) until the first item: prefill done."""
-    w = workers.loads.get(worker_id)
-    if w is not None:
-        w.queued_tokens += tokens
+    cost model reads as that worker's prefill backlog), and a pull's serving in its holder's,
+    until the first item (prefill done) or the stream's end. charges: (worker id, tokens, serving s)."""
+    held = [(workers.loads.get(wid), tokens, s) for wid, tokens, s in charges]   # the records charged, kept:
+    for c in held:                                                              # a re-registered worker's
+        charge(*c, +1)                                                          # new one is not uncharged
     try:
         async for item in stream:
-            if tokens and w is not None:
-                w.queued_tokens -= tokens
-            tokens = 0
+            for c in held:
+                charge(*c, -1)
+            held = []
             yield item
     finally:
-        if tokens and w is not None:
-            w.queued_tokens -= tokens
+        for c in held:
+            charge(*c, -1)

@@ -123,6 +123,8 @@ class Estimate:
     pull_blocks: int = 0
     pull_s: float = 0.0                     # in ttft_s, instead of those blocks' compute
     pull_bandwidth_bps: float = 0.0
+    pull_serve_s: float = 0.0               # the holder's seconds serving it (charged to its queue while it runs)
+    pull_serve_tokens: float = 0.0          # ... as prompt tokens at the holder's prefill rate
 
     def as_dict(self) -> dict:
         # every field is a number, a string or None: asdict's deep copy is a plain one here
@@ -232,9 +234,15 @@ class CostModel:
         e.ttft_s = e.queue_s + e.compute_s + e.tier_load_s + e.join_s
         e.local_penalty_s = c.local_penalty * n_d * e.compute_s
         e.cost_s = e.ttft_s + e.local_penalty_s
-        stall = t.step_s(d, n_d) + min(prompt_len - cached_d, c.local_chunk_tokens) / rate if n_d else 0.0
-        self._decode_checks(e, d, prompt_len, n_d, stall)
+        self._decode_checks(e, d, prompt_len, n_d, self.local_stall(d, n_d, prompt_len - cached_d))
         return e
+
+    def local_stall(self, d: WorkerLoad, n_d: int, tokens: float) -> float:
+        """The step d's running requests see while it prefills `tokens` itself, a chunk per step (0
+        with none running): the local TPOT guard's figure."""
+        if not n_d:
+            return 0.0
+        return self.telemetry.step_s(d, n_d) + min(tokens, self.cfg.local_chunk_tokens) / self.telemetry.prefill_tps(d)
 
     def _options(self, prompt_len, prefills, decodes, exclude, hashes, now):
         """(now, usable prefills, usable decodes, {worker: expected cached tokens, any tier},

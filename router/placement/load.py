@@ -24,6 +24,8 @@ class WorkerLoad:
     zone: str = ""                  # topology label; links inside a zone are priced apart from across
     running: int = 0                # decode: requests in its running batch (last reported)
     waiting_tokens: int = 0         # prompt tokens waiting in its scheduler (last reported)
+    serving_s: float = 0.0          # peer pulls this router ordered from it, not yet done: seconds of serving
+                                    # (also in queued_tokens at its prefill rate; router/lifecycle/pull.py)
     prefill_tps: float | None = None        # prefill rate override, tokens/s (else learned online)
     decode_step_s: tuple | None = None      # decode step-time override (base_s, per_seq_s)
 

@@ -4,9 +4,18 @@ instead of recomputing them (kv_transfer/pull.py moves them)? Pure Python.
 For a local option on decode worker d whose own hit covers blocks [0, a), and a holder h (another
 worker, prefill or decode) that holds blocks [0, b) of the prompt in any of its tiers (b capped so
 the last token still computes on d), the pull covers [a, b):
-      pull_s      = read_h + move_s + fail_d * recompute_s          (expected seconds)
-      move_s      = d's measured seconds per pull of those bytes (Telemetry.pull_s), or, before d has
-                    pulled, (b - a) * block_size * kv_bytes_per_token / bandwidth(h -> d)
+      pull_s      = read_h + move_s + backlog_h + fail_d * recompute_s          (expected seconds)
+      move_s      = w * measured + (1 - w) * link_s
+      measured    = d's measured seconds per pull of those bytes (Telemetry.pull_s)
+      link_s      = (b - a) * block_size * kv_bytes_per_token / bandwidth(h -> d), the price before d
+                    has pulled (plus pull_overhead_s, weighted alike, in the comparison below)
+      w           = Telemetry.pull_weight: 1 at d's last measured pull, halving every
+                    cost.pull_price_half_life_s without one (0 before any). Once a slow pull prices
+                    pulls out, none is chosen, so none is measured: without the decay one slow pull
+                    turned pulls off for good; with it the price returns to the link's and the next
+                    pull chosen measures it again (exploration). fail_d fades the same way.
+      backlog_h   = h.serving_s: the serving seconds of the pulls this router ordered from h that are
+                    not done yet (this one waits for them: the holder serves between its steps)
       read_h      = sum over host, disk of h's blocks in [a, b) from that tier * block bytes / h's load rate
       recompute_s = (b - a) * block_size / prefill rate of d
       fail_d      = the share of d's recent pulls that failed (Telemetry.pull_failure_fraction; 0 until one does)
@@ -23,13 +32,19 @@ the last token still computes on d), the pull covers [a, b):
    not positions, so disk blocks are taken to come last (the cost model's convention): a cap on b
    drops disk blocks first, a local hit a drops host blocks first. The holder reads its tier blocks
    before sending (kv_transfer/pull.py), so read_h adds to the move.
-The pull is taken when conf_h * recompute_s > pull_s + pull_overhead_s (the overhead only while
-priced from the link: a measured pull time includes it): it must win even when the index's
+The holder's side: serving the pull takes h serve_h seconds (h's measured seconds per pull served,
+fixed + per MB, Telemetry.serve_s; before its first: read_h + link_s). Once the placement is made the
+router charges that to h (router/lifecycle/pull.py) until the puller's first token: serving_s, and
+serve_h x h's prefill rate in queued_tokens, so every option that prefills on h prices it in its
+queue (the three choosers alike: they all read queued_tokens), and later pulls from h wait for it.
+The pull is taken when conf_h * recompute_s > pull_s + (1 - w) * pull_overhead_s (a measured pull
+time includes the overhead): it must win even when the index's
 confidence that h still holds the blocks (PrefixIndex.confidence) discounts the saving. The best
 holder is the one that saves most. Applied to an Estimate, the pulled tokens leave compute_s (and
 the local penalty, which scales with it) and join cached_tokens, and pull_s joins the TTFT: the
 transfer is not credited with overlap against the tail's compute (the tail runs after the pulled
-blocks land). The duplicate penalty (cost_model.py) still counts the pulled tokens as repeated: the
+blocks land). The TPOT guard is checked again on what d still computes (the tail's first chunk),
+not on the whole prompt's. The duplicate penalty (cost_model.py) still counts the pulled tokens as repeated: the
 copy evicts another prefix from d's pool as a recomputed one would. So a pull decides how a prompt
 placed away from its prefix's holder gets the prefix, not (by itself) whether to move it.
 """
@@ -50,8 +65,9 @@ class PullOption:
                                     # included) + the failure share x recompute_s: expected seconds
     recompute_s: float              # what the pull saves (unscaled by confidence)
     bandwidth_bps: float
-    bandwidth_source: str           # the link's (Telemetry.links), or "pulls-measured" (Telemetry.pull_s)
+    bandwidth_source: str           # the link's (Telemetry.links), or "pulls-measured" (Telemetry.pull_s, w >= 0.5)
     read_s: float = 0.0             # the holder reading host / disk blocks
+    serve_s: float = 0.0            # the holder's seconds serving it (read + send)
 
 
 def pull_seconds(blocks: int, block_size: int, kv_bytes_per_token: float, bandwidth_bps: float) -> float:
@@ -91,7 +107,8 @@ def best_pull(model, prompt_len: int, d: WorkerLoad, own_blocks: int, holders: d
     cap = max(0, (prompt_len - 1) // c.block_size)
     a = min(own_blocks, cap)
     rate = t.prefill_tps(d)
-    fail = t.pull_failure_fraction(d)
+    fail = t.pull_failure_fraction(d, now)
+    weight = t.pull_weight(d, now)
     best = None
     for h, hits in holders.items():
         w = loads.get(h)
@@ -100,18 +117,26 @@ def best_pull(model, prompt_len: int, d: WorkerLoad, own_blocks: int, holders: d
             continue
         bw, src = t.links.bandwidth(h, d.worker_id, w.zone, d.zone)
         read_s = read_seconds(model, w, *lower_blocks_in(hits, a, b))
-        learned = t.pull_s(d, (b - a) * c.block_size * c.kv_bytes_per_token)
-        if learned is None:                         # no pull measured into d yet: the link's figure
-            pull_s = read_s + pull_seconds(b - a, c.block_size, c.kv_bytes_per_token, bw)
-            overhead = c.pull_overhead_s
-        else:                                       # d's measured pulls (their fixed latency included)
-            pull_s, overhead, src = read_s + learned, 0.0, "pulls-measured"
+        nbytes = (b - a) * c.block_size * c.kv_bytes_per_token
+        link_s = pull_seconds(b - a, c.block_size, c.kv_bytes_per_token, bw)
+        learned = t.pull_s(d, nbytes)
+        if learned is None or weight <= 0.0:        # no pull measured into d yet: the link's figure
+            pull_s, overhead = read_s + link_s, c.pull_overhead_s
+        else:                                       # d's measured pulls (their fixed latency included), fading
+            pull_s = read_s + (weight * learned + (1.0 - weight) * link_s)
+            overhead = (1.0 - weight) * c.pull_overhead_s
+            if weight >= 0.5:
+                src = "pulls-measured"
+        pull_s += w.serving_s                       # the holder's backlog of pulls ordered before this one
+        serve_s = t.serve_s(w, nbytes)
+        if serve_s is None:
+            serve_s = read_s + link_s
         save_s = recompute_seconds(b - a, c.block_size, rate)
         if fail:                                    # a failed pull computes the blocks after all
             pull_s += fail * save_s
         gain = model.index.confidence(h, now) * save_s - pull_s - overhead
         if gain > 0 and (best is None or gain > best[0]):
-            best = (gain, PullOption(h, a, b - a, pull_s, save_s, bw, src, read_s))
+            best = (gain, PullOption(h, a, b - a, pull_s, save_s, bw, src, read_s, serve_s))
     return best[1] if best else None
 
 
@@ -120,7 +145,7 @@ def apply_pulls(model, estimates: list, prompt_len: int, hashes: list[int], hits
     """Price a pull into every local estimate where one pays (cost_model.Estimate, in place).
     hits: worker id -> TierHits of the prompt (PrefixIndex.match_tiers) for the placeable workers;
     workers: every healthy worker not excluded, the holders (a draining or busy worker still serves pulls)."""
-    c = model.cfg
+    c, t = model.cfg, model.telemetry
     loads = {w.worker_id: w for w in workers}
     extra = [w for w in loads if w not in hits]
     if extra:
@@ -140,9 +165,14 @@ def apply_pulls(model, estimates: list, prompt_len: int, hashes: list[int], hits
         n_d = max(d.running, d.in_flight)
         e.pull_from, e.pull_first_block, e.pull_blocks = p.holder, p.first_block, p.blocks
         e.pull_s, e.pull_bandwidth_bps = p.pull_s, p.bandwidth_bps
+        e.pull_serve_s = p.serve_s
+        e.pull_serve_tokens = p.serve_s * t.prefill_tps(loads[p.holder])
         e.compute_s -= saved
         e.cached_tokens += p.blocks * c.block_size
         e.ttft_s += p.pull_s - saved
         penalty = c.local_penalty * n_d * e.compute_s
         e.cost_s += p.pull_s - saved + penalty - e.local_penalty_s
         e.local_penalty_s = penalty
+        # the TPOT guard on what d still computes: the tail's first chunk, not the whole prompt's
+        stall = model.local_stall(d, n_d, e.compute_s * t.prefill_tps(d))
+        _, _, e.step_s_after, e.tpot_ok = model._decode_verdicts(d, prompt_len, n_d, e.cached_tokens_decode, stall)

@@ -60,8 +60,8 @@ def test_control_garbage_quantization_fails_the_check(int8_llm, hf_ref, refs, mo
 
 def test_int8_kv_cache_through_the_host_and_disk_tiers_comes_back_as_it_was(int8_llm, tmp_path):
     """The int8 cache's own codes and scales go below (a quarter of float32's bytes) and load back bit for
-    bit: a prompt reloaded from the host tier (layer by layer in its step), then from disk after a restart
-    of the tiers, decodes exactly as it does from its device-pool hit, and the engine computes only the tail."""
+    bit: a prompt reloaded from the host tier, then from disk after a restart of the tiers (both layer by
+    layer in its step), decodes exactly as it does from its device-pool hit, and the engine computes only the tail."""
     from pdcluster.kv_transfer.tiers import TierConfig
     from tests.e2e.test_kv_tiers_engine import evict_all, run, use
     e = int8_llm.engine
@@ -69,7 +69,7 @@ def test_int8_kv_cache_through_the_host_and_disk_tiers_comes_back_as_it_was(int8
     ids = e.tokenizer.encode(PROMPTS[15] + " " + PROMPTS[0], add_special_tokens=False)
     n_blocks = (len(ids) - 1) // e.cfg.cache.block_size
     bb = e.kv_block_bytes()
-    tiers = use(e, TierConfig(host_bytes=64 * bb, disk_dir=str(tmp_path), disk_bytes=64 * (bb + 64)))
+    tiers = use(e, TierConfig(host_bytes=64 * bb, disk_dir=str(tmp_path), disk_bytes=64 * (bb + 256)))
     try:
         assert tiers.geom.native and tiers.figures()[0]["block_bytes"] <= bb   # codes + scales, not floats
         run(e, ids, "q-tiers-first")
@@ -79,12 +79,13 @@ def test_int8_kv_cache_through_the_host_and_disk_tiers_comes_back_as_it_was(int8
             evict_all(e, tiers)
             if tier == "disk":
                 tiers.close()
-                tiers = use(e, TierConfig(disk_dir=str(tmp_path), disk_bytes=64 * (bb + 64)))   # restart: disk only
+                tiers = use(e, TierConfig(disk_dir=str(tmp_path), disk_bytes=64 * (bb + 256)))   # restart: disk only
             before = e.stats.prefill_tokens
             out = run(e, ids, rid)
             assert {f["tier"]: f for f in tiers.figures()}[tier]["hits"] == n_blocks
             assert e.stats.prefill_tokens - before == len(ids) - n_blocks * e.cfg.cache.block_size   # the tail only
             assert out.output_token_ids == dev.output_token_ids
+            assert out.first_step == 1                      # loaded in the step that computed the tail
     finally:
         tiers.close()
         from pdcluster.engine.kv_connector import KVConnector

@@ -1,9 +1,11 @@
 """KV cache tiers on the real model (the session's float32 engine): a prompt evicted from the device
 pool comes back from the host tier (layer by layer, inside the step that computes its tail), then
-from the disk tier after a restart of the tiers (whole blocks before that step), and greedy
-decoding gives the tokens of computing it, while the engine computes only the prompt's tail. The
-control: garbage in the (unchecksummed) host tier changes the tokens, so the equality checks can fail.
-Corrupt disk files are detected and dropped: tests/unit/test_kv_tiers.py."""
+from the disk tier after a restart of the tiers (layer by layer too, each layer checked; and whole
+blocks before that step with layer-wise loads off), and greedy decoding gives the tokens of computing
+it, while the engine computes only the prompt's tail. The control: garbage in the (unchecksummed)
+host tier changes the tokens, so the equality checks can fail. A disk file corrupt in a middle layer,
+found while its step runs: the step's work for the prompt is dropped and it is recomputed, same tokens.
+More corruption cases: tests/unit/test_kv_tiers.py, tests/unit/test_kv_tiers_disk_layerwise.py."""
 import pytest
 import torch
 
@@ -59,7 +61,7 @@ def test_prompt_evicted_from_device_reloads_from_host_then_disk_and_garbage_chan
     bs = engine.cfg.cache.block_size
     n_blocks = (len(ids) - 1) // bs
     hashes = set(block_hashes(ids, bs, SALT)[:n_blocks])
-    tiers = use(engine, TierConfig(host_bytes=64 * bb, disk_dir=str(tmp_path), disk_bytes=64 * (bb + 64)))
+    tiers = use(engine, TierConfig(host_bytes=64 * bb, disk_dir=str(tmp_path), disk_bytes=64 * (bb + 256)))
     engine.block_events().drain()
     ref = run(engine, ids, "tiers-ref")                          # computed: the no-tier tokens
     assert ref.num_cached_tokens == 0
@@ -84,10 +86,14 @@ def test_prompt_evicted_from_device_reloads_from_host_then_disk_and_garbage_chan
     evict_all(engine, tiers)
     assert tiers.snapshot.skipped >= n_blocks                    # held below already: not copied again
     tiers.close()
-    tiers = use(engine, TierConfig(disk_dir=str(tmp_path), disk_bytes=64 * (bb + 64)))   # a restart: disk only
+    tiers = use(engine, TierConfig(disk_dir=str(tmp_path), disk_bytes=64 * (bb + 256)))   # a restart: disk only
     announced = {h for _, kind, hs, tier in engine.block_events().drain()[1] if tier == "disk" for h in hs}
     assert hashes <= announced
-    check("tiers-disk", "disk", False)         # whole blocks, checked, before the step
+    check("tiers-disk", "disk", True)          # layer by layer too, each layer checked before it is copied
+    evict_all(engine, tiers)
+    tiers.close()
+    tiers = use(engine, TierConfig(disk_dir=str(tmp_path), disk_bytes=64 * (bb + 256), layerwise=False))
+    check("tiers-disk-whole", "disk", False)   # --kv-tier-block-loads: whole blocks, checked, before the step
     tiers.close()
 
     # the control: garbage in the host tier (no checksum there) is what the tokens are computed from
@@ -96,6 +102,32 @@ def test_prompt_evicted_from_device_reloads_from_host_then_disk_and_garbage_chan
     tiers.host.data.normal_()
     out = run(engine, ids, "tiers-garbage")
     assert tiers.figures()[0]["hits"] == n_blocks and out.output_token_ids != ref.output_token_ids
+    tiers.close()
+
+
+def test_a_layer_corrupt_on_disk_is_found_in_step_and_the_prompt_recomputed_with_the_same_tokens(engine, tmp_path):
+    """A bit flipped in a middle layer of a middle block's file: the layer-wise load stops there, the
+    engine drops the step's work for the prompt (no token), the prompt recomputes from the blocks
+    before the bad one (loaded again from disk), and the tokens are those of computing it all."""
+    bb, bs = engine.kv_block_bytes(), engine.cfg.cache.block_size
+    ids = engine.tokenizer.encode(PROMPT, add_special_tokens=False)
+    n_blocks = (len(ids) - 1) // bs
+    tiers = use(engine, TierConfig(disk_dir=str(tmp_path), disk_bytes=64 * (bb + 256)))
+    ref = run(engine, ids, "corrupt-ref")
+    evict_all(engine, tiers)
+    c = n_blocks // 2
+    path = tmp_path / f"{block_hashes(ids, bs, SALT)[c]:016x}.kvb"
+    raw = bytearray(path.read_bytes())
+    raw[tiers.disk.header_bytes + (engine.cfg.model.num_layers // 2) * tiers.disk.row_data + 3] ^= 0x08
+    path.write_bytes(raw)
+    before = engine.stats.tokens
+    out = run(engine, ids, "corrupt")
+    disk = tiers.figures()[0]
+    assert out.output_token_ids == ref.output_token_ids
+    assert disk["corrupt"] == 1 and disk["load_failures"] == 1 and not path.exists()
+    assert disk["hits"] == c and out.num_cached_tokens == c * bs          # the blocks before the bad one
+    tail = len(ids) - n_blocks * bs
+    assert engine.stats.tokens - before == tail + (len(ids) - c * bs) + 5  # the dropped step, the recompute, decodes
     tiers.close()
 
 

@@ -311,3 +311,33 @@ def test_an_equal_copy_in_the_list_is_a_different_worker():
 def test_a_cache_that_misses_changes_is_caught():
     """Control: the same runs with the columns never told of a change differ from the reference."""
     assert sum(_run(seed, 50, break_cache=True) for seed in range(10)) > 0
+
+
+@pytest.mark.parametrize("peer_pull", [False, True])
+def test_pull_serving_charges_keep_the_choosers_equal(peer_pull):
+    """A peer pull's holder is charged its serving (router/lifecycle/pull.py charge: queued tokens and
+    serving seconds) while the pull runs, between decisions: choose (its columns kept across them),
+    choose_scan and choose_exhaustive still agree, with pulls priced (peer_pull, where a holder's
+    serving backlog also delays later pulls from it) and without; and the charges changed decisions."""
+    from pdcluster.router.lifecycle.pull import charge
+    changed = 0
+    for seed in range(200):
+        cm, n, ps, ds, ex, hs, now = case(seed, False, tiers=seed % 2 == 0)
+        cm.cfg = replace(cm.cfg, peer_pull=peer_pull)
+        cm.telemetry.cfg = cm.cfg
+        rng = random.Random(90_000 + seed)
+        before = cm.choose_exhaustive(n, ps, ds, ex, hashes=hs, now=now)
+        held = []
+        for _ in range(3):
+            w = rng.choice(ps + ds)
+            c = (w, rng.choice([50, 400, 3000]), rng.choice([0.05, 0.5, 2.0]))
+            charge(*c, +1)
+            held.append(c)
+            got = cm.choose(n, ps, ds, ex, hashes=hs, now=now)
+            ref = cm.choose_exhaustive(n, ps, ds, ex, hashes=hs, now=now)
+            assert got == ref == cm.choose_scan(n, ps, ds, ex, hashes=hs, now=now), f"seed {seed}"
+        changed += ref != before
+        for c in held:
+            charge(*c, -1)
+        assert cm.choose(n, ps, ds, ex, hashes=hs, now=now) == before, f"seed {seed}: charges taken off"
+    assert changed >= 20

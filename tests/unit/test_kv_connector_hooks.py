@@ -178,3 +178,29 @@ def test_an_in_step_load_whose_tail_finds_no_room_waits_holding_its_blocks_then_
     s.finish(hog, Status.FINISHED_ABORTED)
     b, _ = step(s)
     assert b.reqs == [r] and b.num_new_tokens == [2] and len(t.loads) == 1      # not loaded twice
+
+
+def test_a_failed_in_step_load_drops_the_step_frees_unpublished_blocks_and_recomputes():
+    """failed_in_step named the request after its step's forward pass: loads_failed gives back every
+    block (the loaded ones were never published), the step's results for it are dropped (`without`),
+    and it recomputes its whole prompt; the batch-mate's step stands."""
+    t = InStep(prefix=8, only={"r"})
+    s = make(t)
+    other = req(5, "other", start=300)
+    r = req(10, "r")
+    s.add(other)
+    s.add(r)
+    b = s.schedule()
+    assert b.reqs == [other, r] and b.num_new_tokens == [5, 2] and r.num_computed_tokens == 8
+    loaded = r.block_ids[:2]
+    assert s.loads_failed(["r", "unknown"]) == {"r"}                   # the connector's report, after the pass
+    b2, sampled = b.without({"r"}, [7, 7])
+    assert b2.reqs == [other] and b2.num_new_tokens == [5] and sampled == [7]
+    s.update(b2, sampled)
+    assert r.status is Status.WAITING and s.waiting[0] is r and r.block_ids == [] and r.num_computed_tokens == 0
+    assert r.output_token_ids == [] and all(s.kv.pool.lookup(h) is None for h in r.block_hashes()[:2])
+    assert all(s.kv.pool.blocks[i].ref_cnt == 0 for i in loaded)       # nothing leaked
+    assert other.output_token_ids == [7]
+    t.only = set()                                                      # the tier lost the prefix (dropped)
+    b, _ = step(s)
+    assert r in b.reqs and b.num_new_tokens[b.reqs.index(r)] == 10 and r.output_token_ids == [7]   # recomputed

@@ -17,6 +17,7 @@ from pdcluster.kv_transfer.tiers.disk import HEADER
 L, NB, BS, H, D = 2, 8, 4, 2, 8
 BLOCK_BYTES = 2 * L * BS * H * D * 4                     # float32 K+V of one block, every layer
 QUANT_BYTES = 2 * L * BS * H * D + 2 * L * H * 4          # the same in int8 / fp8 codes + float32 scales
+FILE_HEAD = HEADER.size + 4 * (2 * L + 1)                 # a disk file's header: fields, 2L row crcs, its crc
 
 
 def caches(seed=0):
@@ -29,12 +30,12 @@ def req(rid, salt=None, n=13):
     return Request(list(range(100, 100 + n)), SamplingParams(max_tokens=2), rid, salt, block_size=BS)
 
 
-def tiers(tmp_path=None, host_blocks=16, disk_blocks=16, codec="none", kv=None, layerwise=False):
+def tiers(tmp_path=None, host_blocks=16, disk_blocks=16, codec="none", kv=None, layerwise=False, disk_in_step=True):
     """layerwise False: every load is a whole-block one, reported by finished_loading (`load` below)."""
     events = BlockEventLog()
-    disk = dict(disk_dir=str(tmp_path), disk_bytes=disk_blocks * (HEADER.size + BLOCK_BYTES)) if tmp_path else {}
+    disk = dict(disk_dir=str(tmp_path), disk_bytes=disk_blocks * (FILE_HEAD + BLOCK_BYTES)) if tmp_path else {}
     tc = TierConnector(TierConfig(host_bytes=round(host_blocks * BLOCK_BYTES), codec=codec, layerwise=layerwise, **disk),
-                       events)
+                       events, disk_in_step=disk_in_step)
     k, v = kv if kv is not None else caches()
     tc.register_caches(k, v)
     assert tc.wait_idle()
@@ -122,7 +123,7 @@ def test_warm_restart_verifies_the_disk_and_drops_corrupt_files(tmp_path):
     files = sorted(tmp_path.glob("*.kvb"))
     victim = tmp_path / f"{r.block_hashes()[2]:016x}.kvb"
     raw = bytearray(victim.read_bytes())
-    raw[HEADER.size + 100] ^= 0x40                                          # one bit of the payload
+    raw[FILE_HEAD + 100] ^= 0x40                                            # one bit of the payload
     victim.write_bytes(raw)
     (tmp_path / ".x.kvb.1.tmp").write_bytes(b"half")                       # a write cut short
     tc2, events, k2, v2 = tiers(tmp_path, host_blocks=0, kv=caches(7))     # the restarted worker
@@ -318,14 +319,20 @@ class GatedCache:
         return self.t.index_copy_(dim, idx, src)
 
 
-def test_a_host_hit_loads_layer_by_layer_and_wait_layer_blocks_until_its_layer_is_in():
-    tc, _, k, v = tiers(None, layerwise=True)
-    r = req("a")
-    want = [(k[l][:3].clone(), v[l][:3].clone()) for l in range(L)]
-    tc.evicted([0, 1, 2], r.block_hashes()[:3])
+def evict_and_wipe(tc, k, v, n):
+    """Blocks 0..n-1 of prompt "a" evicted to the tiers, every cache zeroed: the K and V each layer
+    must get back."""
+    want = [(k[l][:n].clone(), v[l][:n].clone()) for l in range(L)]
+    tc.evicted(list(range(n)), req("a").block_hashes()[:n])
     assert tc.wait_idle()
     for c in k + v:
         c.zero_()
+    return want
+
+
+def gated_layer_load(tc, k, v, want):
+    """Request a2's load of the 3 blocks of `want` (per layer: K, V) into blocks 5-7, in step, with layer
+    1's copy held back: layer 0 is in while wait_layer(1) waits; once let through, layer 1 is in."""
     k1 = k[1]
     gated = tc.k[1] = GatedCache(k1)                        # (tc.k is the list k)
     r2 = req("a2")
@@ -343,6 +350,12 @@ def test_a_host_hit_loads_layer_by_layer_and_wait_layer_blocks_until_its_layer_i
     waiter.join(10)
     assert not waiter.is_alive()
     assert torch.equal(k1[5:8], want[1][0]) and torch.equal(v[1][5:8], want[1][1])
+
+
+def test_a_host_hit_loads_layer_by_layer_and_wait_layer_blocks_until_its_layer_is_in():
+    tc, _, k, v = tiers(None, layerwise=True)
+    want = evict_and_wipe(tc, k, v, 3)
+    gated_layer_load(tc, k, v, want)
     for _ in range(1000):
         if not tc._in_step:
             break
@@ -353,8 +366,10 @@ def test_a_host_hit_loads_layer_by_layer_and_wait_layer_blocks_until_its_layer_i
     tc.close()
 
 
-def test_disk_hits_and_layerwise_off_load_whole_blocks_before_the_step(tmp_path):
-    tc, _, k, v = tiers(tmp_path, host_blocks=0, layerwise=True)    # disk only: a read can fail, so before
+def test_disk_hits_of_a_sending_engine_and_layerwise_off_load_whole_blocks_before_the_step(tmp_path):
+    """disk_in_step False (an engine that ships KV as it computes it: a streamed layer cannot be taken
+    back if a later one is corrupt): disk hits load whole, checked, before the step."""
+    tc, _, k, v = tiers(tmp_path, host_blocks=0, layerwise=True, disk_in_step=False)
     r = req("a")
     tc.evicted([0, 1], r.block_hashes()[:2])
     assert tc.wait_idle()
@@ -393,12 +408,7 @@ def test_cuda_host_hit_loads_layer_by_layer_on_the_copy_stream_and_the_compute_s
     k, v = caches(4)
     k, v = [t.cuda() for t in k], [t.cuda() for t in v]
     tc, _, k, v = tiers(None, kv=(k, v), layerwise=True)
-    r = req("a")
-    want = [(k[l][:3].clone(), v[l][:3].clone()) for l in range(L)]
-    tc.evicted([0, 1, 2], r.block_hashes()[:3])
-    assert tc.wait_idle()
-    for c in k + v:
-        c.zero_()
+    want = evict_and_wipe(tc, k, v, 3)
     r2 = req("a2")
     n = tc.external_tokens(r2, 0)
     r2.block_ids = [5, 6, 7]
@@ -411,79 +421,3 @@ def test_cuda_host_hit_loads_layer_by_layer_on_the_copy_stream_and_the_compute_s
     torch.cuda.synchronize()
     assert all(torch.equal(g[0], w[0]) and torch.equal(g[1], w[1]) for g, w in zip(got, want))
     tc.close()
-
-
-def quant_caches(codec="int8", seed=5):
-    """An int8 / fp8 device pool (engine/kv_quant.py), codes and scales random."""
-    from pdcluster.engine.kv_quant import new_quant_kv_pair
-    g = torch.Generator().manual_seed(seed)
-    k, v = [], []
-    for _ in range(L):
-        kc, vc = new_quant_kv_pair(codec, (NB, BS, H, D), torch.float32, lambda s, d: torch.zeros(s, dtype=d))
-        for c in (kc, vc):
-            c.data.copy_(torch.randint(-127, 128, c.data.shape, generator=g).to(c.data.dtype))
-            c.scale.copy_(torch.rand(c.scale.shape, generator=g) + 0.01)
-        k.append(kc)
-        v.append(vc)
-    return k, v
-
-
-def evict_wipe_alloc(tc, caches, n: int, into: list[int]):
-    """Blocks 0..n-1 of a quantized pool evicted to the tiers, the pool wiped, a request for the same
-    prompt allocated `into`: (the codes and scales it must get back per layer row, that request, its
-    external tokens)."""
-    want = [(c.data[:n].clone(), c.scale[:n].clone()) for c in caches]
-    tc.evicted(list(range(n)), req("a").block_hashes()[:n])
-    assert tc.wait_idle()
-    for c in caches:
-        c.data.zero_()
-        c.scale.zero_()
-    r2 = req("a2")
-    ext = tc.external_tokens(r2, 0)
-    r2.block_ids = list(into)
-    tc.after_alloc(r2, r2.block_ids, ext)
-    return want, r2, ext
-
-
-@pytest.mark.parametrize("layerwise", [False, True])
-def test_a_quantized_device_pool_goes_below_as_its_own_codes_and_comes_back_bit_for_bit(tmp_path, layerwise):
-    """An int8 KV cache: the tiers keep its codes and scales (no float round trip, a quarter of float32's
-    bytes), host and disk, whole-block and layer-wise loads."""
-    k, v = quant_caches()
-    tc, _, k, v = tiers(tmp_path, kv=(k, v), host_blocks=2 * QUANT_BYTES / BLOCK_BYTES, layerwise=layerwise)
-    host = tc.figures()[0]
-    assert tc.geom.native and tc.geom.codec == "int8" and (host["block_bytes"], host["capacity_blocks"]) == (QUANT_BYTES, 2)
-    want, r2, n = evict_wipe_alloc(tc, k + v, 3, [5, 6, 7])
-    assert n == 12 and not tc.load_in_step(r2)        # block 0 is on disk only: whole blocks, before the step
-    deadline = time.monotonic() + 10
-    while not (done := tc.finished_loading()) and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert done == [("a2", True)]
-    for c, (codes, scales) in zip(k + v, want):
-        assert torch.equal(c.data[5:8], codes) and torch.equal(c.scale[5:8], scales)
-    st = {f["tier"]: f for f in tc.figures()}
-    assert st["disk"]["hits"] == 1 and st["host"]["hits"] == 2
-    tc.close()
-
-
-def test_a_quantized_device_pool_loads_host_hits_layer_by_layer():
-    k, v = quant_caches("fp8", seed=6)
-    tc, _, k, v = tiers(None, kv=(k, v), layerwise=True)
-    want, r2, n = evict_wipe_alloc(tc, k + v, 2, [4, 5])
-    assert n == 8 and tc.load_in_step(r2)
-    for layer in range(L):
-        tc.wait_layer(layer)
-        for c, (codes, scales) in ((k[layer], want[layer]), (v[layer], want[L + layer])):
-            assert torch.equal(c.data[4:6].view(torch.uint8), codes.view(torch.uint8)) and torch.equal(c.scale[4:6], scales)
-    tc.close()
-
-
-def test_a_quantized_pool_refuses_another_tier_codec():
-    from pdcluster.engine.config import CacheConfig, EngineConfig, ModelConfig
-    with pytest.raises(ValueError, match="int8 KV cache keeps its own codes"):
-        tiers(None, kv=quant_caches(), codec="fp8")
-    m = ModelConfig("t", "t", vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
-                    num_kv_heads=1, head_dim=4)
-    with pytest.raises(ValueError, match="tier codec must be none or int8"):
-        EngineConfig(m, cache=CacheConfig(tier_codec="fp8"), kv_cache_dtype="int8")
-    EngineConfig(m, cache=CacheConfig(tier_codec="int8"), kv_cache_dtype="int8")         # its own codec: fine

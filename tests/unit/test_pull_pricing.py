@@ -127,14 +127,15 @@ def pull_status(wid: str, stats) -> "WorkerStatus":
     return WorkerStatus(wid, "decode", "inc", 1, EngineFigures(), pulls=PullFigures(**stats.as_dict()))
 
 
-def measure_pulls(cm, load, pulls, stats=None):
+def measure_pulls(cm, load, pulls, stats=None, now=None):
     """Feed the puller's PullStats (the worker's own counters; a fresh one: a restarted worker) through
-    the status poll path, one poll per (blocks, seconds, ok). Returns the PullStats."""
+    the status poll path, one poll per (blocks, seconds, ok), at `now` (None: the wall clock). Returns
+    the PullStats."""
     from pdcluster.kv_transfer.pull_stats import PullStats
     stats = stats if stats is not None else PullStats()
     for blocks, seconds, ok in pulls:
         stats.pulled(ok, blocks, blocks * BS * KVB if ok else 0, seconds)
-        cm.telemetry.ingest_status(load, pull_status(load.worker_id, stats))
+        cm.telemetry.ingest_status(load, pull_status(load.worker_id, stats), now=now)
     return stats
 
 
