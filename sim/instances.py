@@ -87,16 +87,11 @@ class Instance:
             return 1.0
         return 1.0 + s * sum(1 for i in self.sim.inst.values() if i is not self and i.stepping)
 
-    def cached_tokens(self, req: Request) -> int:
-        """Prompt tokens the device cache serves (the last token always computes); touches them."""
-        n = self.cache.lookup(req.hashes)
-        return min(n, (req.input_len - 1) // self.bs) * self.bs
-
     def cache_hit(self, req: Request, tiers=("host", "disk")) -> tuple[int, float]:
         """(prompt tokens served from the cache, any tier; seconds loading the lower tiers' blocks back).
-        The device prefix first, then on while a lower tier in `tiers` holds the next block (the real
+        The last token always computes; the blocks used are touched. The device prefix first, then on while a lower tier in `tiers` holds the next block (the real
         LoadBack.external_tokens); the load is counted in the {tier}_load_bytes / _s figures the
-        router's Telemetry learns each tier's rate from. Without tiers: (cached_tokens, 0)."""
+        router's Telemetry learns each tier's rate from. Without tiers: (the device prefix, 0)."""
         cap = (req.input_len - 1) // self.bs
         n = min(self.cache.lookup(req.hashes), cap)
         if self.tiers is None or n >= cap:

@@ -7,7 +7,9 @@ a segmented LRU: loaded blocks protected; here a hit makes the block the most re
 changes as ("stored" | "removed", hashes, tier) in the device cache's event log, so one worker's
 events carry one sequence as a real BlockEventLog's do. Writes cost nothing on the simulated clock
 (the real write-behind copies out on a side stream and writes from a thread); loads cost
-bytes / the tier's bandwidth, charged by the instance (sim/instances.py).
+bytes / the tier's bandwidth, charged by the instance (sim/instances.py) before the step that uses
+them: serially, an upper bound (the real host loads, and disk loads on a decode worker, go layer
+by layer under the step's compute; RESULTS "KV cache tiers" measured how much stays exposed).
 
 `lookup(hashes, start, stop)` walks on from the device prefix as the real load-back does
 (LoadBack.external_tokens): blocks [start, stop) while a tier holds the next one, each served by the

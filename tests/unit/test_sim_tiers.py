@@ -138,6 +138,25 @@ def test_the_cost_model_weighs_the_load_against_a_device_hit_elsewhere():
     assert (slow.kind, slow.cached) == ("local", 8 * BS)
 
 
+def test_a_remote_prefill_skips_sending_what_the_decode_host_tier_holds_and_waits_for_its_load():
+    """decode-0 (12 blocks) evicts A to its host tier while B runs; A again: its KV crosses the link only
+    for the 100-token tail, and the first token waits for the 8 blocks' load instead."""
+    def third(gb):
+        c = SimConfig("llama-3-8b", prefill=PoolSpec("H200", 1), decode=PoolSpec("H20", 1, host_cache_gb=gb),
+                      policy="round-robin")
+        sim = Simulator(c, [Request(i, 10.0 * i, 8 * BS + 100, 3, h) for i, h in enumerate((A, B, A))])
+        d = sim.inst["decode-0"]
+        d.num_blocks = 12
+        return sim.run().records[2], d
+    rec, d = third(64.0)
+    kv = d.roof.kv_bytes_per_token
+    load = 8 * BS * kv / d.roof.hw.host_load_bps
+    assert d.f["host_load_bytes"] == 8 * BS * kv and rec.kv_bytes == 100 * kv
+    assert rec.ttft_s == pytest.approx(load)           # the load outlasts the prefill and the tail's transfer
+    off, _ = third(0.0)
+    assert off.kv_bytes == (8 * BS + 100) * kv          # control: without the tier all of A is sent
+
+
 def test_tiers_that_are_never_hit_change_nothing():
     """Control: with a device cache big enough that nothing is evicted, tiers on == tiers off, exactly."""
     def recs(gb):
