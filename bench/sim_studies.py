@@ -111,72 +111,6 @@ def study_a_explain(a, reqs_at) -> dict:
     return out
 
 
-# (b) policies at equal hardware
-POLICIES_B = ("round-robin", "least-loaded", "cache-aware", "llm-d", "dynamo-kv", "cost-model")
-
-
-def prefill_hw_b(a) -> str:
-    """(b)'s prefill hardware: H200, or with --b-prefill-extra-gb an H200 whose memory (so its prefix
-    cache) is that much larger: the upper bound of a host cache tier whose loads cost nothing (the
-    simulator has no tiers: sim/cache.py is one device LRU)."""
-    if not a.b_prefill_extra_gb:
-        return "H200"
-    from pdcluster.sim.hardware import HARDWARE
-    name = f"H200+{a.b_prefill_extra_gb:g}GB"
-    HARDWARE[name.lower()] = replace(HARDWARE["h200"], name=name, mem_bytes=HARDWARE["h200"].mem_bytes
-                                     + a.b_prefill_extra_gb * 1e9)
-    return name
-
-
-def study_b(a, reqs_at) -> dict:
-    cfg = SimConfig(a.model, prefill=PoolSpec(prefill_hw_b(a), a.b_prefill), decode=PoolSpec("H20", a.b_decode),
-                    slo_ttft_s=a.slo_ttft_ms / 1e3, slo_tpot_s=a.slo_tpot_ms / 1e3)
-    out = {}
-    for rate in a.b_rates:
-        reqs = reqs_at(rate)
-        for p in POLICIES_B:
-            s = simulate(replace(cfg, policy=p), reqs, a.progress)
-            out[f"{p} x{rate}"] = dict(policy=p, rate=rate, **s)
-            print(f"  b | {p} x{rate}: goodput {s['goodput_rps']:.3f} ({s['wall_s']:.0f}s)", flush=True)
-    for rate in a.b_rates:
-        rows = {k: v for k, v in out.items() if v["rate"] == rate}
-        pub = max(v["goodput_rps"] for v in rows.values() if v["policy"] in ("llm-d", "dynamo-kv"))
-        print(f"\n(b) {a.b_prefill} {cfg.prefill.hw} prefill + {a.b_decode} H20 decode, one zone, rate x{rate}: "
-              f"SLO TTFT {a.slo_ttft_ms:g} ms TPOT {a.slo_tpot_ms:g} ms")
-        print(table(["policy", "goodput req/s", "vs best published", "attainment", "TTFT p50 s", "TTFT p90 s",
-                     "TPOT p90 ms", "cache hit", "local"],
-                    [[v["policy"], v["goodput_rps"], f"{v['goodput_rps'] / pub:.2f}x" if pub else "-", v["attainment"],
-                      v["ttft_p50"], v["ttft_p90"], v["tpot_p90"] * 1e3, v["cache_hit"], v["local_share"]]
-                     for v in rows.values()]))
-    return out
-
-
-def study_b_fallback(a, reqs_at) -> dict:
-    """(b') the cost model's KV-full fallback (CostConfig.kv_full_fallback) and the router's wait for
-    room (RouterConfig.place_wait_s) on study b's fleet, beside dynamo-kv."""
-    cfg = SimConfig(a.model, prefill=PoolSpec("H200", a.b_prefill), decode=PoolSpec("H20", a.b_decode),
-                    slo_ttft_s=a.slo_ttft_ms / 1e3, slo_tpot_s=a.slo_tpot_ms / 1e3)
-    variants = {"dynamo-kv": replace(cfg, policy="dynamo-kv")}
-    for v in a.b_fallbacks:
-        mode, _, wait = v.partition("@")
-        variants[f"cost-model, fallback {v}"] = replace(
-            cfg, cost_overrides=(("kv_full_fallback", mode),), **({"place_wait_s": float(wait)} if wait else {}))
-    out, rows = {}, []
-    for rate in a.b_rates:
-        reqs = reqs_at(rate)
-        for name, c in variants.items():
-            s = simulate(c, reqs, a.progress)
-            out[f"{name} x{rate}"] = dict(variant=name, rate=rate, **s)
-            rows.append([name, rate, s["goodput_rps"], s["attainment"], s["ttft_p90"], s["tpot_p90"] * 1e3,
-                         s["local_share"], s["router_waits"]])
-            print(f"  b' | {name} x{rate}: goodput {s['goodput_rps']:.3f} ({s['wall_s']:.0f}s)", flush=True)
-    print(f"\n(b') the cost model's KV-full fallback ('variant@seconds': RouterConfig.place_wait_s, default "
-          f"{SimConfig.place_wait_s}), {a.b_prefill} H200 prefill + {a.b_decode} H20 decode")
-    print(table(["variant", "rate", "goodput req/s", "attainment", "TTFT p90 s", "TPOT p90 ms", "local",
-                 "router waits"], rows))
-    return out
-
-
 # (c) autoscaling
 def study_c(a, reqs_base) -> dict:
     prof = [(0, 0.5), (900, 0.5), (1500, a.c_peak), (2100, a.c_peak), (2700, 0.5), (3600, 0.5)]
@@ -307,13 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rates", default="0.5,0.75,1,1.25,1.5,2", help="(a) arrival-rate scales")
     ap.add_argument("--link-gbps", type=float, default=100.0, help="(a) the cross-datacenter link, Gb/s")
     ap.add_argument("--explain-rates", default="0.75,1", help="(a') arrival-rate scales")
-    ap.add_argument("--b-rates", default="1,1.25", help="(b) arrival-rate scales")
-    ap.add_argument("--b-prefill", type=int, default=4, help="(b) H200 prefill instances")
-    ap.add_argument("--b-decode", type=int, default=2, help="(b) H20 decode instances")
-    ap.add_argument("--b-prefill-extra-gb", type=float, default=0.0,
-                    help="(b) prefill instances' prefix cache larger by this many GB of memory (an ideal host tier)")
-    ap.add_argument("--b-fallbacks", default="wait,cheapest,local,wait@5,wait@30,wait@300",
-                    help="(b') cost-model KV-full fallbacks to compare: kv_full_fallback[@place_wait_s]")
+    from pdcluster.bench.sim_study_b import add_b_arguments
+    add_b_arguments(ap)
     ap.add_argument("--c-peak", type=float, default=3.0, help="(c) peak rate multiplier (0.5x outside the peak)")
     ap.add_argument("--c-decode", type=int, default=6, help="(c) H20 decode instances (static; the autoscaler's max)")
     ap.add_argument("--c-min", type=int, default=3, help="(c) smallest static prefill pool tried (H200 TP2)")
@@ -381,10 +310,12 @@ def main(argv=None) -> None:
         result["a"] = study_a(a, reqs_at)
     if "a'" in studies:
         result["a_explain"] = study_a_explain(a, reqs_at)
-    if "b" in studies:
-        result["b"] = study_b(a, reqs_at)
-    if "b'" in studies:
-        result["b_fallback"] = study_b_fallback(a, reqs_at)
+    if "b" in studies or "b'" in studies:
+        from pdcluster.bench.sim_study_b import study_b, study_b_fallback
+        if "b" in studies:
+            result["b"] = study_b(a, reqs_at)
+        if "b'" in studies:
+            result["b_fallback"] = study_b_fallback(a, reqs_at)
     if "c" in studies:
         result["c"] = study_c(a, base)
     if a.json:

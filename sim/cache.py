@@ -3,7 +3,8 @@
 Blocks are chain hashes (a block names its whole prefix), so `lookup` returns the longest cached
 prefix. Every change is numbered like an engine's BlockEventLog: ("stored" | "removed", hashes)
 with seq 1, 2, ...; `drain()` hands them to the status poll (WorkerRegistry._ingest feeds them to the
-router's PrefixIndex)."""
+router's PrefixIndex). With lower tiers (sim/tiers.py) `on_evict` takes every evicted batch and the
+tiers log their own changes here too, as (seq, kind, hashes, tier): one sequence per worker."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -16,7 +17,8 @@ class PrefixCache:
         self.capacity = capacity_blocks
         self._lru: OrderedDict[int, None] = OrderedDict()      # oldest first
         self.seq = 0
-        self._events: list[tuple[int, str, list[int]]] = []
+        self._events: list[tuple] = []       # (seq, kind, hashes) device; (seq, kind, hashes, tier) lower
+        self.on_evict = None                 # callable(hashes): the evicted blocks (the tiers write them)
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -58,12 +60,14 @@ class PrefixCache:
             gone.append(self._lru.popitem(last=False)[0])
         if gone:
             self._log("removed", gone)
+            if self.on_evict is not None:
+                self.on_evict(gone)
 
-    def _log(self, kind: str, hashes: list[int]) -> None:
+    def _log(self, kind: str, hashes: list[int], tier: str = "device") -> None:
         self.seq += 1
-        self._events.append((self.seq, kind, hashes))
+        self._events.append((self.seq, kind, hashes) if tier == "device" else (self.seq, kind, hashes, tier))
 
-    def drain(self) -> tuple[int, list[tuple[int, str, list[int]]]]:
+    def drain(self) -> tuple[int, list[tuple]]:
         """(last seq, events since the last drain)."""
         ev, self._events = self._events, []
         return self.seq, ev

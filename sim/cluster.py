@@ -46,6 +46,15 @@ class PoolSpec:
     zone: str = "z0"
     min_count: int | None = None    # autoscaling bounds (None: count)
     max_count: int | None = None
+    host_cache_gb: float = 0.0      # per instance: GiB of its host-memory KV tier (sim/tiers.py; 0: none),
+    disk_cache_gb: float = 0.0      #   and of its disk tier, as pools.yaml's kv_tiers (GiB per worker)
+
+    def tier_blocks(self, roof: Roofline, block_tokens: int) -> dict[str, int]:
+        """{tier: blocks} of one instance's lower tiers (blocks of block_tokens in the pool's layout)."""
+        b = block_tokens * roof.kv_bytes_per_token
+        if self.host_cache_gb < 0 or self.disk_cache_gb < 0:
+            raise ValueError("host_cache_gb and disk_cache_gb must be >= 0")
+        return {"host": int(self.host_cache_gb * 2**30 // b), "disk": int(self.disk_cache_gb * 2**30 // b)}
 
 
 @dataclass(frozen=True)
@@ -100,7 +109,10 @@ def cost_config(cfg: SimConfig) -> CostConfig:
               prior_prefill_tps=p.prefill_tps(), prior_local_prefill_tps=d.prefill_tps(cfg.local_chunk_tokens),
               prior_decode_base_s=base_s, prior_decode_per_seq_s=max(d.decode_s(33, 32 * 4096) - base_s, 0.0) / 32,
               intra_zone_bps=p.tp * p.hw.nic_bps, cross_zone_bps=cfg.topology.cross_zone_bps,
-              local_chunk_tokens=cfg.local_chunk_tokens, tpot_slo_s=cfg.slo_tpot_s)
+              local_chunk_tokens=cfg.local_chunk_tokens, tpot_slo_s=cfg.slo_tpot_s,
+              # the operator's priors for the tiers' load rates (one per router, as the real CostConfig):
+              # the prefill pool's per-instance rates; Telemetry then learns each worker's own
+              prior_host_load_bps=p.tp * p.hw.host_load_bps, prior_disk_load_bps=p.tp * p.hw.disk_load_bps)
     return replace(CostConfig(**kw), **dict(cfg.cost_overrides))
 
 
@@ -205,12 +217,13 @@ class Simulator:
         wid = f"{role}-{self._next[role]}"
         self._next[role] += 1
         roof = self.rooflines[role]
+        tiers = pool.tier_blocks(roof, cfg.block_tokens)
         if role == "prefill":
             nic = Link(roof.tp * roof.hw.nic_bps, cfg.topology.intra_zone_latency_s)
-            inst = PrefillInstance(self, wid, role, roof, pool.zone, cfg.block_tokens, billed_from,
+            inst = PrefillInstance(self, wid, role, roof, pool.zone, cfg.block_tokens, billed_from, tiers,
                                    batch_tokens=cfg.prefill_batch_tokens, nic=nic)
         else:
-            inst = DecodeInstance(self, wid, role, roof, pool.zone, cfg.block_tokens, billed_from,
+            inst = DecodeInstance(self, wid, role, roof, pool.zone, cfg.block_tokens, billed_from, tiers,
                                   max_batch=cfg.max_batch, chunk_tokens=cfg.local_chunk_tokens)
         self.inst[wid] = inst
         self.registry.add(role, _Worker(wid), zone=pool.zone)
@@ -263,7 +276,12 @@ class Simulator:
                 continue
             d.reserved += 1
             p = self.inst[ch.prefill]
-            job.extra.update(p=p, d=d, cached_d=d.cached_tokens(req))
+            # the transfer skips what d holds on device or in its host tier (a reservation loads host
+            # blocks, kv_transfer/tiers/multi.py step_tokens), loaded while the prefill runs
+            cached_d, load_d = d.cache_hit(req, ("host",))
+            job.extra.update(p=p, d=d, cached_d=cached_d)
+            if load_d:
+                job.extra["loaded_d_at"] = now + load_d
             reg.charge(d.wid, 0, +1)
             reg.charge(p.wid, req.input_len, +1)
             rec.kind, rec.prefill, rec.decode = "remote", p.wid, d.wid
@@ -278,6 +296,7 @@ class Simulator:
         nbytes = (job.req.input_len - job.extra["cached_d"]) * p.roof.kv_bytes_per_token
         rec.kv_bytes = nbytes
         arrive = self.link(p, d).send(nbytes, job.started, now, self.model.layers)
+        arrive = max(arrive, job.extra.get("loaded_d_at", arrive))      # d's host-tier blocks loaded too
         self.at(arrive, self._kv_arrived, job)
 
     def _kv_arrived(self, now: float, job: Job) -> None:

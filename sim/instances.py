@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pdcluster.messages import WorkerStatus
 from pdcluster.sim.cache import PrefixCache
 from pdcluster.sim.roofline import Roofline
+from pdcluster.sim.tiers import TierStack
 from pdcluster.sim.trace import Request
 
 
@@ -54,13 +55,22 @@ class Job:
 class Instance:
     """What both roles share: id, role, zone, roofline, prefix cache, step counters, status."""
 
-    def __init__(self, sim, wid: str, role: str, roof: Roofline, zone: str, block_tokens: int, started_at: float):
+    def __init__(self, sim, wid: str, role: str, roof: Roofline, zone: str, block_tokens: int, started_at: float,
+                 tier_blocks: dict[str, int] | None = None):
+        """tier_blocks: {"host": blocks, "disk": blocks} of its lower cache tiers (None or 0s: none)."""
         self.sim, self.wid, self.role, self.roof, self.zone = sim, wid, role, roof, zone
         self.bs = block_tokens
         self.num_blocks = max(1, roof.capacity_tokens // block_tokens)
         self.cache = PrefixCache(self.num_blocks)
+        self.tiers = None
+        if tier_blocks and any(tier_blocks.values()):
+            hw = roof.hw                     # each device of the instance loads over its own host link
+            self.tiers = TierStack(tier_blocks, {"host": roof.tp * hw.host_load_bps, "disk": roof.tp * hw.disk_load_bps},
+                                   block_tokens * roof.kv_bytes_per_token, self.cache._log)
+            self.cache.on_evict = self.tiers.evicted
         self.f = dict(prefill_tokens=0, prefill_s=0.0, decode_steps=0, decode_seqs=0, decode_s=0.0, steps=0,
-                      tokens=0, busy_s=0.0, prefix_hits=0, prefix_queries=0)
+                      tokens=0, busy_s=0.0, prefix_hits=0, prefix_queries=0, host_load_bytes=0, host_load_s=0.0,
+                      disk_load_bytes=0, disk_load_s=0.0)
         self.started_at, self.stopped_at = started_at, None
         self.draining = False
 
@@ -77,15 +87,24 @@ class Instance:
             return 1.0
         return 1.0 + s * sum(1 for i in self.sim.inst.values() if i is not self and i.stepping)
 
-    def cached_tokens(self, req: Request) -> int:
-        """Prompt tokens the cache serves (the last token always computes); touches them."""
-        n = self.cache.lookup(req.hashes)
-        return min(n, (req.input_len - 1) // self.bs) * self.bs
+    def cache_hit(self, req: Request, tiers=("host", "disk")) -> tuple[int, float]:
+        """(prompt tokens served from the cache, any tier; seconds loading the lower tiers' blocks back).
+        The last token always computes; the blocks used are touched. The device prefix first, then on while a lower tier in `tiers` holds the next block (the real
+        LoadBack.external_tokens); the load is counted in the {tier}_load_bytes / _s figures the
+        router's Telemetry learns each tier's rate from. Without tiers: (the device prefix, 0)."""
+        cap = (req.input_len - 1) // self.bs
+        n = min(self.cache.lookup(req.hashes), cap)
+        if self.tiers is None or n >= cap:
+            return n * self.bs, 0.0
+        got = self.tiers.lookup(req.hashes, n, cap, tiers)
+        secs = self.tiers.load_s(got)
+        for t, s in secs.items():
+            self.f[f"{t}_load_bytes"] += got[t] * self.tiers.block_bytes
+            self.f[f"{t}_load_s"] += s
+        return (n + sum(got.values())) * self.bs, sum(secs.values())
 
     def status(self, **extra) -> WorkerStatus:
-        seq, events = self.cache.drain()
-        return WorkerStatus.of(self.wid, self.role, "sim", 0, self.figures(), (seq, [(s, k, h) for s, k, h in events]),
-                               **extra)
+        return WorkerStatus.of(self.wid, self.role, "sim", 0, self.figures(), self.cache.drain(), **extra)
 
     def figures(self) -> dict:
         """LLMEngine.figures()'s keys (messages.EngineFigures)."""
@@ -129,10 +148,12 @@ class PrefillInstance(Instance):
 
     def _step(self, now: float) -> None:
         budget, chunks, taken = self.batch_tokens, [], []
+        load_s = 0.0                                 # tier loads of the jobs starting now, before the step
         for job in self.q:
             if job.started is None:
                 job.started = now
-                job.cached = self.cached_tokens(job.req)
+                job.cached, ld = self.cache_hit(job.req)
+                load_s += ld
                 self.f["prefix_hits"] += job.cached
                 self.f["prefix_queries"] += job.req.input_len
                 self.waiting_tokens -= job.cached
@@ -143,7 +164,7 @@ class PrefillInstance(Instance):
             budget -= take
             if budget <= 0:
                 break
-        dt = self.roof.prefill_s(chunks) * self.contention()
+        dt = self.roof.prefill_s(chunks) * self.contention() + load_s
         self.busy = True
         self.sim.at(now + dt, self._done, taken, dt)
 
@@ -275,6 +296,7 @@ class DecodeInstance(Instance):
             self.joining = self.joining[room:]
         chunks = []                                  # [(job, prompt tokens this step)], FIFO from the head
         budget = self.chunk_tokens
+        load_s = 0.0                                 # tier loads of the prompts starting now, before the step
         for job in list(self.local_q) if self.sim.cfg.local_batch_prompts else list(self.local_q)[:1]:
             if budget <= 0:
                 break
@@ -282,7 +304,8 @@ class DecodeInstance(Instance):
                 if not (job.blocks or self.reserve(job)):
                     break                            # no blocks for it: the ones behind it wait too
                 job.started = now
-                job.cached = self.cached_tokens(job.req)
+                job.cached, ld = self.cache_hit(job.req)
+                load_s += ld
                 self.f["prefix_hits"] += job.cached
                 self.f["prefix_queries"] += job.req.input_len
                 job.todo, job.ctx = job.req.input_len - job.cached, job.cached
@@ -296,6 +319,7 @@ class DecodeInstance(Instance):
         ctx = sum(j.ctx for j in self.running)
         n = 1 if chunks else min(j.remaining for j in self.running)
         dt = self.roof.decode_s(b, ctx + b * (n - 1) / 2.0, [(t, j.ctx) for j, t in chunks] or None) * self.contention()
+        dt += load_s                                 # with a chunk n == 1: the load stalls that one step
         self.version += 1
         self.seg = (now, dt, n, self.version, chunks, sum(t for _, t in chunks))
         self.sim.at(now + n * dt, self._seg_done, self.version)

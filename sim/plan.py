@@ -79,7 +79,8 @@ def fitting_tps(model: str, hw: str, limit: int = 2) -> list[int]:
 
 def search(reqs, model: str, hw_p: str, hw_d: str, slo: tuple[float, float], budget: float | None = None,
            attain: float = 0.9, max_instances: int = 64, policy: str = "cost-model", progress: bool = False,
-           log=print) -> list[Candidate]:
+           log=print, host_cache_gb: float = 0.0, disk_cache_gb: float = 0.0) -> list[Candidate]:
+    """host_cache_gb / disk_cache_gb: GiB of KV cache tiers per instance of both pools (sim/tiers.py)."""
     span = max(r.arrival_s for r in reqs) or 1.0
     out: list[Candidate] = []
     seen = {}
@@ -87,7 +88,9 @@ def search(reqs, model: str, hw_p: str, hw_d: str, slo: tuple[float, float], bud
     def run(np_, tpp, nd, tpd) -> Candidate:
         key = (np_, tpp, nd, tpd)
         if key not in seen:
-            cfg = SimConfig(model, prefill=PoolSpec(hw_p, np_, tpp), decode=PoolSpec(hw_d, nd, tpd), policy=policy,
+            tiers = dict(host_cache_gb=host_cache_gb, disk_cache_gb=disk_cache_gb)
+            cfg = SimConfig(model, prefill=PoolSpec(hw_p, np_, tpp, **tiers), decode=PoolSpec(hw_d, nd, tpd, **tiers),
+                            policy=policy,
                             slo_ttft_s=slo[0], slo_tpot_s=slo[1])
             res = Simulator(cfg, reqs, progress=progress).run()
             s = res.summary()
@@ -152,17 +155,26 @@ prefill:
   min_replicas: {c.n_prefill}
   max_replicas: {c.n_prefill}
   initial_replicas: {c.n_prefill}
-  autoscale:                # takes effect when max_replicas is raised
+{kv_tiers_yaml(a)}  autoscale:                # takes effect when max_replicas is raised
     signal: p90_ttft
     ttft_slo_ms: {slo[0] * 1e3:g}
 decode:
   min_replicas: {c.n_decode}
   max_replicas: {c.n_decode}
   initial_replicas: {c.n_decode}
-  autoscale:
+{kv_tiers_yaml(a)}  autoscale:
     signal: p90_tpot
     tpot_slo_ms: {slo[1] * 1e3:g}
 """
+
+
+def kv_tiers_yaml(a) -> str:
+    """pools.yaml's kv_tiers block for --host-cache-gb / --disk-cache-gb ('' when both are 0)."""
+    if not (a.host_cache_gb or a.disk_cache_gb):
+        return ""
+    disk = (f"    disk_cache_dir: /var/tmp/pdcluster-kv   # a local NVMe directory\n"
+            f"    disk_cache_gb: {a.disk_cache_gb:g}\n") if a.disk_cache_gb else ""
+    return f"  kv_tiers:                 # GiB per worker, as simulated\n    host_cache_gb: {a.host_cache_gb:g}\n{disk}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -180,6 +192,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration-s", type=float, default=None, help="use the trace's first this many seconds")
     p.add_argument("--rate-scale", type=float, default=1.0, help="arrival rate multiplier")
     p.add_argument("--max-instances", type=int, default=64, help="largest fleet (both pools) tried")
+    p.add_argument("--host-cache-gb", type=float, default=0.0,
+                   help="GiB of host-memory KV cache tier per instance, both pools (0: none); written to pools.yaml")
+    p.add_argument("--disk-cache-gb", type=float, default=0.0,
+                   help="GiB of disk KV cache tier per instance, both pools (0: none); written to pools.yaml")
     p.add_argument("--out", default=None, help="write the best configuration as a pools.yaml here")
     p.add_argument("--validate", action="store_true",
                    help="instead of planning: run a scaled trace slice (and other --validate-cases) on a cluster "
@@ -216,6 +232,8 @@ def main(a) -> int:
             raise ValueError("--attain must be in (0, 1]")
         if a.budget is not None and a.budget <= 0:
             raise ValueError("--budget must be > 0 dollars per hour")
+        if a.host_cache_gb < 0 or a.disk_cache_gb < 0:
+            raise ValueError("--host-cache-gb and --disk-cache-gb must be >= 0")
         reqs = load_trace(a.trace, duration_s=a.duration_s, rate_scale=a.rate_scale)
         if not reqs:
             raise ValueError(f"{a.trace}: no requests")
@@ -225,7 +243,8 @@ def main(a) -> int:
     print(f"planning {a.model} on {hw_p} prefill + {hw_d} decode for {len(reqs)} requests "
           f"(SLO TTFT {slo[0] * 1e3:g} ms, TPOT {slo[1] * 1e3:g} ms, attainment >= {a.attain:.0%}"
           f"{f', budget ${a.budget:g}/h' if a.budget else ''})")
-    cands = search(reqs, a.model, hw_p, hw_d, slo, a.budget, a.attain, a.max_instances, progress=a.progress)
+    cands = search(reqs, a.model, hw_p, hw_d, slo, a.budget, a.attain, a.max_instances, progress=a.progress,
+                   host_cache_gb=a.host_cache_gb, disk_cache_gb=a.disk_cache_gb)
     b = best(cands, a.attain, a.budget)
     if b is None:
         print("error: no configuration fits the budget", file=sys.stderr)

@@ -52,3 +52,16 @@ def test_plan_budget_and_bad_input(trace, capsys):
                       (["--validate", "--validate-max-requests", "0"], "must be >= 1")):
         assert cli.main(["plan", "--trace", trace, *argv]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_plan_with_cache_tiers_writes_them_per_pool(trace, tmp_path, capsys):
+    out = tmp_path / "pools.yaml"
+    rc = cli.main(["plan", "--trace", trace, "--model", "llama-3-8b", "--host-cache-gb", "200", "--disk-cache-gb", "1024",
+                   "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    cfg = load_pools_config(out)                  # the real loader reads the simulated tiers back
+    for pool in (cfg.pools.prefill, cfg.pools.decode):
+        assert pool.kv_tiers.host_cache_gb == 200 and pool.kv_tiers.disk_cache_gb == 1024
+        assert pool.kv_tiers.disk_cache_dir
+    assert cli.main(["plan", "--trace", trace, "--model", "llama-3-8b", "--host-cache-gb", "-1"]) == 2
+    assert "--host-cache-gb" in capsys.readouterr().err
