@@ -52,8 +52,11 @@ Kept across queries, for placement at fleet scale (router/placement/cost_vector.
 from __future__ import annotations
 
 import math
+import operator
 import time
 from dataclasses import dataclass
+from functools import partial
+from itertools import takewhile
 from typing import Iterable, Mapping, NamedTuple
 
 TIERS = ("device", "host", "disk")
@@ -74,6 +77,8 @@ class TierHits(NamedTuple):
 
 _NO_HITS = TierHits()
 _MAX_STEPS = 1 << 17                            # memoized walk steps; past it the memo starts over
+_PARENT = operator.attrgetter("parent")
+_NOT_NONE = partial(operator.is_not, None)
 
 
 class _Step:
@@ -186,16 +191,30 @@ class PrefixIndex:
         count them as held now, tentatively, until an event confirms or removes them or
         expect_ttl_s passes."""
         t = _now(now)
-        self.add_worker(worker_id, t)
+        if worker_id not in self._state:
+            self.add_worker(worker_id, t)
         mine = self._by_worker[worker_id]
-        tentative = self._tentative.setdefault(worker_id, {})
-        expiry, hs = t + self.expect_ttl_s, set(hashes)     # set operations: the held ones cost no Python step
-        for h in hs - mine:
-            mine.add(h)
-            self._holders.setdefault(h, set()).add(worker_id)
-            self._steps.pop(h, None)
-            tentative[h] = expiry
-        tentative.update(dict.fromkeys(tentative.keys() & hs, expiry))  # still tentative (new ones too): expiry moves
+        tentative = self._tentative.get(worker_id)
+        if tentative is None:
+            tentative = self._tentative[worker_id] = {}
+        # set operations (no Python step per held block); the worker's big hash set is probed only
+        # for the blocks not still tentative (tentative is a subset of mine)
+        expiry, hs = t + self.expect_ttl_s, set(hashes)
+        still = tentative.keys() & hs if tentative else _EMPTY
+        if still:
+            tentative.update(dict.fromkeys(still, expiry))      # still tentative: expiry moves
+        new = (hs - still if still else hs) - mine
+        if new:
+            holders, steps = self._holders, self._steps
+            for h in new:
+                s = holders.get(h)
+                if s is None:
+                    holders[h] = {worker_id}
+                else:
+                    s.add(worker_id)
+                steps.pop(h, None)
+            mine |= new
+            tentative.update(dict.fromkeys(new, expiry))
 
     def heartbeat(self, worker_id: str, seq: int | None = None, now: float | None = None) -> None:
         """The worker is alive; seq = the number of its latest event (all events up to it were sent).
@@ -360,7 +379,9 @@ class PrefixIndex:
         """match() over every known worker, as levels: ((n, workers whose match is n), ...), n >= 1
         descending; workers matching nothing are left out. Memoized walk steps (see the module doc)."""
         steps, holders_of = self._steps, self._holders
-        prev = None
+        if type(hashes) is not list:
+            hashes = list(hashes)
+        prev, hashes = self._memo_prefix(hashes)
         for h in hashes:
             st = steps.get(h)
             if st is None or st.parent is not prev:
@@ -391,6 +412,22 @@ class PrefixIndex:
                 s = s.parent
             prev.levels = tuple(out)
         return prev.levels
+
+    def _memo_prefix(self, hashes: list) -> tuple:
+        """(the last step of the longest memoized walk along hashes, the hashes after it): steps
+        looked up and their parent links checked at C speed (map, list ==: _Step compares by
+        identity), so a walk the memo holds costs no Python step per block."""
+        sts = list(takewhile(_NOT_NONE, map(self._steps.get, hashes)))
+        if not sts:
+            return None, hashes
+        if list(map(_PARENT, sts)) != [None, *sts[:-1]]:
+            # a step built on another one than the walk's: the walk rebuilds from the first mismatch
+            prev = None
+            for i, st in enumerate(sts):
+                if st.parent is not prev:
+                    return prev, hashes[i:]
+                prev = st
+        return sts[-1], hashes[len(sts):]
 
     def inexact(self, now: float | None = None) -> dict[str, float]:
         """{worker: confidence(worker)} for every known worker whose confidence is below 1.0 (the

@@ -42,6 +42,7 @@ from pdcluster.router.placement.cost_columns import Columns
 
 SCAN = object()         # choose(): "take CostModel.choose_scan" (a case not covered here)
 _INF = np.inf
+_MIN, _MAX = np.minimum.reduce, np.maximum.reduce      # ndarray.min / max without their Python wrapper
 _MEMO = 512             # memoized code columns (and row sets: 8x) before the memo starts over
 
 
@@ -127,9 +128,10 @@ class VectorChooser:
         return hit
 
     def _groups(self, code, K: int) -> list:
-        """[G, group of each decode row, each group's zone, each group's hit code, then two slots
-        _remote fills: the link figures' key, (G, zones) bytes/s]: the groups g = (zone, hit code) of
-        the decode rows, numbered in (zone, code) order."""
+        """[G, group of each decode row, each group's zone, each group's hit code, then four slots
+        _remote fills: the link figures' key, (G, zones) bytes/s, the transfer figures' key, (G, zones)
+        transfer seconds, the same / layers, their max]: the groups g = (zone, hit code) of the
+        decode rows, numbered in (zone, code) order."""
         X = self.cols
         gkey = X.zone[:X.nD] * K
         if code is not None:
@@ -138,7 +140,7 @@ class VectorChooser:
         gvals = present.nonzero()[0]
         lut = np.zeros(len(present), np.int64)
         lut[gvals] = np.arange(len(gvals))
-        return [len(gvals), lut.take(gkey), gvals // K, gvals % K, None, None]
+        return [len(gvals), lut.take(gkey), gvals // K, gvals % K, None, None, None, None]
 
     def choose(self, prompt_len: int, prefills, decodes, exclude, hashes, now):
         """CostModel.choose_scan's Placement, or SCAN for a case this does not cover (module doc)."""
@@ -305,31 +307,39 @@ class VectorChooser:
         # transfer seconds per (group, p zone) over zone-priced links: CostModel._transfer's operations
         links_key = (c, self.cm.telemetry.links.version)
         if groups[4] != links_key:
-            groups[4:] = links_key, np.maximum(self._zone_bps()[:, g_zone].T, 1.0)    # (G, zones) bytes/s
-        tr = ((L - vals_a) * self._wire_bytes(c)).take(g_code)[:, None] / groups[5]    # (G, zones) seconds
+            groups[4:] = links_key, np.maximum(self._zone_bps()[:, g_zone].T, 1.0), None, None  # (G, zones) bytes/s
+        tr_key = (L, vals_a.tobytes(), self._wire_bytes(c), layers)
+        if groups[6] != tr_key:                     # (G, zones) seconds, / layers, their max
+            tr = ((L - vals_a) * self._wire_bytes(c)).take(g_code)[:, None] / groups[5]
+            groups[6:] = tr_key, (tr, tr / layers, float(_MAX(tr, axis=None)))
+        tr, trl, tr_max = groups[7]
 
         def price(C):
-            """s and key of the (groups x prefill rows C) matrix."""
-            x = tr[:, zP.take(C)]
-            s = qcP.take(C) + np.maximum(x / layers, x - compP.take(C))   # queue+compute + _exposed
-            return s, s + addP.take(C)
+            """s and key of the (groups x prefill rows C) matrix (x / layers read from trl: the same
+            quotients)."""
+            zc = zP.take(C)
+            s = qcP.take(C) + np.maximum(trl.take(zc, axis=1), tr.take(zc, axis=1) - compP.take(C))
+            return s, s + addP.take(C)      # queue+compute + _exposed, + duplicate
 
         # candidates (module doc): per zone the lowest a and lowest b bound each group's lowest key
-        a = qcP + addP
-        b = a - compP
-        lowest = a == np.minimum.reduceat(a, X.pstarts).take(X.pslice)
-        lowest |= b == np.minimum.reduceat(b, X.pstarts).take(X.pslice)
-        C = lowest.nonzero()[0]
+        ab = np.empty((2, len(qcP)))
+        a, b = ab
+        np.add(qcP, addP, out=a)
+        np.subtract(a, compP, out=b)
+        lowest = ab == np.minimum.reduceat(ab, X.pstarts, axis=1).take(X.pslice, axis=1)
+        C = (lowest[0] | lowest[1]).nonzero()[0]
         s, key = price(C)
-        ub = key.min(axis=1)
-        ub += 2e-9 * (float(np.abs(ub).max()) + float(tr.max()) + 1.0)   # + m
+        ub = _MIN(key, axis=1)
+        ub += 2e-9 * (float(_MAX(np.abs(ub), axis=None)) + tr_max + 1.0)   # + m
         ub = ub[:, None]
-        a_max = (ub - tr / layers).max(axis=0)      # per p zone
-        b_max = (ub - tr).max(axis=0)
-        cand = (a <= a_max.take(zP)) & (b <= b_max.take(zP))
+        a_max = _MAX(ub - trl, axis=0)              # per p zone
+        b_max = _MAX(ub - tr, axis=0)
+        cand = a <= a_max.take(zP)
+        cand &= b <= b_max.take(zP)
         cand[C] = False
-        if cand.any():                              # candidates beyond the bounding rows: price them too
-            C = np.concatenate((C, cand.nonzero()[0]))
+        more = cand.nonzero()[0]
+        if len(more):                               # candidates beyond the bounding rows: price them too
+            C = np.concatenate((C, more))
             s, key = price(C)
         gr = np.arange(G)
         i0 = key.argmin(axis=1)
