@@ -52,11 +52,8 @@ Kept across queries, for placement at fleet scale (router/placement/cost_vector.
 from __future__ import annotations
 
 import math
-import operator
 import time
 from dataclasses import dataclass
-from functools import partial
-from itertools import takewhile
 from typing import Iterable, Mapping, NamedTuple
 
 TIERS = ("device", "host", "disk")
@@ -77,8 +74,6 @@ class TierHits(NamedTuple):
 
 _NO_HITS = TierHits()
 _MAX_STEPS = 1 << 17                            # memoized walk steps; past it the memo starts over
-_PARENT = operator.attrgetter("parent")
-_NOT_NONE = partial(operator.is_not, None)
 
 
 class _Step:
@@ -379,9 +374,7 @@ class PrefixIndex:
         """match() over every known worker, as levels: ((n, workers whose match is n), ...), n >= 1
         descending; workers matching nothing are left out. Memoized walk steps (see the module doc)."""
         steps, holders_of = self._steps, self._holders
-        if type(hashes) is not list:
-            hashes = list(hashes)
-        prev, hashes = self._memo_prefix(hashes)
+        prev = None
         for h in hashes:
             st = steps.get(h)
             if st is None or st.parent is not prev:
@@ -412,22 +405,6 @@ class PrefixIndex:
                 s = s.parent
             prev.levels = tuple(out)
         return prev.levels
-
-    def _memo_prefix(self, hashes: list) -> tuple:
-        """(the last step of the longest memoized walk along hashes, the hashes after it): steps
-        looked up and their parent links checked at C speed (map, list ==: _Step compares by
-        identity), so a walk the memo holds costs no Python step per block."""
-        sts = list(takewhile(_NOT_NONE, map(self._steps.get, hashes)))
-        if not sts:
-            return None, hashes
-        if list(map(_PARENT, sts)) != [None, *sts[:-1]]:
-            # a step built on another one than the walk's: the walk rebuilds from the first mismatch
-            prev = None
-            for i, st in enumerate(sts):
-                if st.parent is not prev:
-                    return prev, hashes[i:]
-                prev = st
-        return sts[-1], hashes[len(sts):]
 
     def inexact(self, now: float | None = None) -> dict[str, float]:
         """{worker: confidence(worker)} for every known worker whose confidence is below 1.0 (the
