@@ -202,8 +202,7 @@ class VectorChooser:
         vals_a = np.array(vals)
         if code is not None:
             cc = vals_a.take(code)              # cached tokens per row
-            cu = cc * u
-            best_cached = float(cu[cu.argmax()])    # (cc >= 0)
+            best_cached = float(_MAX(cc * u))       # (cc >= 0)
             blocks = np.array([max(0, need - b) for b in blks], np.int64).take(code[:nD])
         else:
             cc, best_cached, blocks = np.zeros(X.N), 0.0, need
@@ -219,8 +218,10 @@ class VectorChooser:
             return SCAN                             # nothing KV-feasible: the fallback's case
         # terms both roles price alike: estimate_local's / estimate_remote's operations, all rows
         rem = L - cc
-        comp = rem / X.rate
-        qc = X.q + comp                             # queue + compute
+        terms = np.empty((3, X.N))                  # [compute, queue + compute, the price _remote adds]
+        comp, qc = terms[0], terms[1]
+        np.divide(rem, X.rate, out=comp)
+        np.add(X.q, comp, out=qc)                   # queue + compute
         dup0 = None                                 # duplicate penalty per row (0.0, or -0.0, where none)
         if dup_on:
             dup0 = (c.duplicate_penalty * (best_cached - cc)) / X.rate
@@ -247,7 +248,7 @@ class VectorChooser:
                     self._plain = (X.generation, self._groups(None, 1))
                 groups = self._plain[1]
             p_add = X.unplaceable_inf[nD:] if p_all else np.where(u[nD:], 0.0, _INF)
-            p_best = self._remote(L, cc, comp, qc, dup0, p_add, u, vals_a, kv, best_cached, groups, opt[nD:])
+            p_best = self._remote(L, cc, terms, dup0, p_add, u, vals_a, kv, best_cached, groups, opt[nD:])
             mask[nD:] = kv
         # TPOT guards: remote from the column; local checked at the winner, the column only if it fails
         slo = c.tpot_slo_s
@@ -292,16 +293,22 @@ class VectorChooser:
             return i
         return int(mask.argmax()) if mask.any() else None     # every masked option costs inf
 
-    def _remote(self, L, cc, comp, qc, dup0, p_add, u, vals_a, kv, best_cached, groups, out) -> np.ndarray:
+    def _remote(self, L, cc, terms, dup0, p_add, u, vals_a, kv, best_cached, groups, out) -> np.ndarray:
         """Each decode row's cheapest remote option (choose_scan's): its cost into `out`, and its
         prefill worker (prefill-local row) returned; exact for the KV-feasible rows (kv), which are
-        the only ones a pick reads. p_add: 0.0 for a usable prefill row, inf for the others."""
+        the only ones a pick reads. terms: (3, rows) [compute, queue + compute, free]; p_add: 0.0 for
+        a usable prefill row, inf for the others."""
         cm, X = self.cm, self.cols
         c, tel = cm.cfg, cm.telemetry
         nD = X.nD
-        qcP, compP, zP = qc[nD:], comp[nD:], X.zone[nD:]
+        termsP = terms[:, nD:]                      # prefill rows: [compute, queue + compute, addP]
+        compP, qcP, addP = termsP
+        zP = X.zone[nD:]
         dupP = dup0[nD:] if dup0 is not None else None
-        addP = p_add + dupP if dupP is not None else p_add  # key = s + addP: + duplicate, inf if not usable
+        if dupP is not None:                        # key = s + addP: + duplicate, inf if not usable
+            np.add(p_add, dupP, out=addP)
+        else:
+            addP[:] = p_add
         G, ginv, g_zone, g_code = groups[:4]
         layers = max(c.num_layers, 1)
         # transfer seconds per (group, p zone) over zone-priced links: CostModel._transfer's operations
@@ -311,15 +318,17 @@ class VectorChooser:
         tr_key = (L, vals_a.tobytes(), self._wire_bytes(c), layers)
         if groups[6] != tr_key:                     # (G, zones) seconds, / layers, their max
             tr = ((L - vals_a) * self._wire_bytes(c)).take(g_code)[:, None] / groups[5]
-            groups[6:] = tr_key, (tr, tr / layers, float(_MAX(tr, axis=None)))
-        tr, trl, tr_max = groups[7]
+            groups[6:] = tr_key, (np.stack((tr / layers, tr)), float(_MAX(tr, axis=None)))
+        tt, tr_max = groups[7]                      # (2, G, zones): [transfer seconds / layers, transfer seconds]
+        trl, tr = tt
 
         def price(C):
             """s and key of the (groups x prefill rows C) matrix (x / layers read from trl: the same
             quotients)."""
-            zc = zP.take(C)
-            s = qcP.take(C) + np.maximum(trl.take(zc, axis=1), tr.take(zc, axis=1) - compP.take(C))
-            return s, s + addP.take(C)      # queue+compute + _exposed, + duplicate
+            compC, qcC, addC = termsP.take(C, axis=1)
+            xl, x = tt.take(zP.take(C), axis=2)
+            s = qcC + np.maximum(xl, x - compC)     # queue+compute + _exposed
+            return s, s + addC                      # + duplicate
 
         # candidates (module doc): per zone the lowest a and lowest b bound each group's lowest key
         ab = np.empty((2, len(qcP)))
@@ -331,11 +340,10 @@ class VectorChooser:
         s, key = price(C)
         ub = _MIN(key, axis=1)
         ub += 2e-9 * (float(_MAX(np.abs(ub), axis=None)) + tr_max + 1.0)   # + m
-        ub = ub[:, None]
-        a_max = _MAX(ub - trl, axis=0)              # per p zone
-        b_max = _MAX(ub - tr, axis=0)
-        cand = a <= a_max.take(zP)
-        cand &= b <= b_max.take(zP)
+        # per p zone, the largest a and b a window row can have: [a_max, b_max] (2, zones)
+        ab_max = _MAX(ub[:, None] - tt, axis=1)
+        cand2 = ab <= ab_max.take(zP, axis=1)
+        cand = cand2[0] & cand2[1]
         cand[C] = False
         more = cand.nonzero()[0]
         if len(more):                               # candidates beyond the bounding rows: price them too
