@@ -111,13 +111,13 @@ class Columns:
         self.prefill_zones()
 
     def prefill_zones(self) -> None:
-        """pstarts: the first prefill-local row of each zone's slice of the prefill rows; pslice:
-        prefill-local row -> its slice's index (for per-zone reductions: np.minimum.reduceat)."""
+        """pstarts: the first prefill-local row of each zone's slice of the prefill rows (for per-zone
+        reductions: np.minimum.reduceat); pzone: each slice's zone index."""
         z = self.zone[self.nD:]
         first = np.ones(len(z), bool)
         first[1:] = z[1:] != z[:-1]
         self.pstarts = first.nonzero()[0]
-        self.pslice = np.cumsum(first) - 1
+        self.pzone = z[self.pstarts]
 
     def _fill(self, r: int) -> None:
         w, cm = self.loads[r], self.cm

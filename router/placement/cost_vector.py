@@ -16,12 +16,13 @@ smaller arrays), not a Python loop over the workers.
   prefill workers. A prefill worker p's key in group g is s + duplicate with
   s = (queue + compute) + max(x / layers, x - compute), x the group's transfer seconds from p's zone,
   so key >= a_p + x / layers and key >= b_p + x (a = queue + compute + duplicate, b = a - compute, up
-  to rounding). The key matrix (groups x prefill rows) is priced first on each prefill zone's rows
-  of lowest a and of lowest b: its row minima bound each group's lowest key from above (ub). A row
-  within the window of near-lowest keys (1e-9 relative) has a_p <= ub - x / layers + m and
-  b_p <= ub - x + m (m = 2e-9 relative, far above rounding), so only rows that pass both tests
-  against their zone's largest bounds over the groups are priced too: none or a few unless many
-  workers tie. The window, the per-d exact cost of
+  to rounding), and key <= a_p + x (max(x / layers, x - compute) <= x: compute >= 0): so each
+  group's lowest key is at most ub = min over prefill zones of (the zone's lowest a + x), found
+  without pricing. A row within the window of near-lowest keys (1e-9 relative) has
+  a_p <= ub - x / layers + m and b_p <= ub - x + m (m = 2e-9 relative to the largest |key| a
+  window can hold, far above rounding), so only rows that pass both tests against their zone's
+  largest bounds over the groups are priced: the key matrix (groups x those rows), a few rows per
+  zone unless many workers nearly tie. The window, the per-d exact cost of
   each window row and the tie rules (lower cost, then local, then lower decode id, then lower
   prefill id) are choose_scan's. Pairs with a measured link are priced one by one in Python, as
   there (with the full key row of their group when the link removes a window row).
@@ -330,25 +331,21 @@ class VectorChooser:
             s = qcC + np.maximum(xl, x - compC)     # queue+compute + _exposed
             return s, s + addC                      # + duplicate
 
-        # candidates (module doc): per zone the lowest a and lowest b bound each group's lowest key
+        # candidates (module doc): a row's key is at most a + x, so each zone's lowest a bounds each
+        # group's lowest key from above (ub); only rows that may be in a window are priced
         ab = np.empty((2, len(qcP)))
         a, b = ab
         np.add(qcP, addP, out=a)
         np.subtract(a, compP, out=b)
-        lowest = ab == np.minimum.reduceat(ab, X.pstarts, axis=1).take(X.pslice, axis=1)
-        C = (lowest[0] | lowest[1]).nonzero()[0]
-        s, key = price(C)
-        ub = _MIN(key, axis=1)
-        ub += 2e-9 * (float(_MAX(np.abs(ub), axis=None)) + tr_max + 1.0)   # + m
+        lowest_a = np.minimum.reduceat(a, X.pstarts)          # per zone slice (inf: none usable)
+        ub = _MIN(lowest_a + tr.take(X.pzone, axis=1), axis=1)
+        # + m, relative to the largest |key| a window can hold (lowest key in [min a, ub])
+        ub += 2e-9 * (float(_MAX(np.abs(ub), axis=None)) + abs(float(_MIN(lowest_a))) + tr_max + 1.0)
         # per p zone, the largest a and b a window row can have: [a_max, b_max] (2, zones)
         ab_max = _MAX(ub[:, None] - tt, axis=1)
         cand2 = ab <= ab_max.take(zP, axis=1)
-        cand = cand2[0] & cand2[1]
-        cand[C] = False
-        more = cand.nonzero()[0]
-        if len(more):                               # candidates beyond the bounding rows: price them too
-            C = np.concatenate((C, more))
-            s, key = price(C)
+        C = (cand2[0] & cand2[1]).nonzero()[0]
+        s, key = price(C)
         gr = np.arange(G)
         i0 = key.argmin(axis=1)
         lo = key[gr, i0]
