@@ -186,16 +186,30 @@ class PrefixIndex:
         count them as held now, tentatively, until an event confirms or removes them or
         expect_ttl_s passes."""
         t = _now(now)
-        self.add_worker(worker_id, t)
+        if worker_id not in self._state:
+            self.add_worker(worker_id, t)
         mine = self._by_worker[worker_id]
-        tentative = self._tentative.setdefault(worker_id, {})
-        expiry, hs = t + self.expect_ttl_s, set(hashes)     # set operations: the held ones cost no Python step
-        for h in hs - mine:
-            mine.add(h)
-            self._holders.setdefault(h, set()).add(worker_id)
-            self._steps.pop(h, None)
-            tentative[h] = expiry
-        tentative.update(dict.fromkeys(tentative.keys() & hs, expiry))  # still tentative (new ones too): expiry moves
+        tentative = self._tentative.get(worker_id)
+        if tentative is None:
+            tentative = self._tentative[worker_id] = {}
+        # set operations (no Python step per held block); the worker's big hash set is probed only
+        # for the blocks not still tentative (tentative is a subset of mine)
+        expiry, hs = t + self.expect_ttl_s, set(hashes)
+        still = tentative.keys() & hs if tentative else _EMPTY
+        if still:
+            tentative.update(dict.fromkeys(still, expiry))      # still tentative: expiry moves
+        new = (hs - still if still else hs) - mine
+        if new:
+            holders, steps = self._holders, self._steps
+            for h in new:
+                s = holders.get(h)
+                if s is None:
+                    holders[h] = {worker_id}
+                else:
+                    s.add(worker_id)
+                steps.pop(h, None)
+            mine |= new
+            tentative.update(dict.fromkeys(new, expiry))
 
     def heartbeat(self, worker_id: str, seq: int | None = None, now: float | None = None) -> None:
         """The worker is alive; seq = the number of its latest event (all events up to it were sent).

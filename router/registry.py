@@ -72,8 +72,7 @@ class WorkerRegistry:
         """Count a request (and its prompt tokens queued there) on a worker (+1) or off it (-1)."""
         w = self.loads.get(worker_id)
         if w is not None:
-            w.in_flight += sign
-            w.queued_tokens += sign * tokens
+            w.charge(sign, sign * tokens)
             if sign > 0:
                 self.sent_tokens[w.role] += tokens
 

@@ -53,9 +53,10 @@ class Columns:
         elif self.dirty:
             rows = [r for i in self.dirty for r in self.rows_of_obj.get(i, ())]
             self.dirty.clear()
+            loads, wids, zones = self.loads, self.wids, self.zones
             for r in rows:
-                w = self.loads[r]
-                if w.worker_id != self.wids[r] or self.zone_index(w.zone) != self.zone[r]:
+                w = loads[r]
+                if w.worker_id != wids[r] or w.zone != zones[r]:
                     self._rebuild(prefills, decodes)
                     return
                 self._fill(r)
@@ -78,6 +79,7 @@ class Columns:
         self.tel = self.cm.telemetry
         self.epoch = self.tel.epoch
         self.wids = [w.worker_id for w in self.loads]
+        self.zones = [w.zone for w in self.loads]      # row -> zone label (zone: its index)
         rows: dict[int, tuple] = {}
         for r, w in enumerate(self.loads):
             rows[id(w)] = rows.get(id(w), ()) + (r,)
@@ -109,19 +111,20 @@ class Columns:
         self.prefill_zones()
 
     def prefill_zones(self) -> None:
-        """pstarts: the first prefill-local row of each zone's slice of the prefill rows; pslice:
-        prefill-local row -> its slice's index (for per-zone reductions: np.minimum.reduceat)."""
+        """pstarts: the first prefill-local row of each zone's slice of the prefill rows (for per-zone
+        reductions: np.minimum.reduceat); pzone: each slice's zone index."""
         z = self.zone[self.nD:]
         first = np.ones(len(z), bool)
         first[1:] = z[1:] != z[:-1]
         self.pstarts = first.nonzero()[0]
-        self.pslice = np.cumsum(first) - 1
+        self.pzone = z[self.pstarts]
 
     def _fill(self, r: int) -> None:
         w, cm = self.loads[r], self.cm
         tel = cm.telemetry
         rate = tel.prefill_tps(w)
-        self.placeable[r] = ok = w.healthy and not w.draining
+        ok = w.healthy and not w.draining
+        self.placeable[r] = ok
         self.unplaceable_inf[r] = 0.0 if ok else np.inf
         self.rate[r] = rate
         self.zone[r] = self.zone_index(w.zone)
@@ -131,9 +134,10 @@ class Columns:
         self.q[r] = w.queued_tokens / rate
         n = max(w.running, w.in_flight)
         # (step_s on a prefill worker would create its perf as a decode's: decode rows only)
-        self.step_n[r], self.step_n1[r] = tel.step_s(w, n), tel.step_s(w, n + 1)
+        step_n1 = tel.step_s(w, n + 1)
+        self.step_n[r], self.step_n1[r] = tel.step_s(w, n), step_n1
         self.pen_n[r] = cm.cfg.local_penalty * n
         self.busy[r] = 1.0 if n else 0.0
-        self.free_eff[r] = w.free_blocks if w.capacity_known else _ROOMY
+        self.free_eff[r] = w.free_blocks if w.num_blocks > 1 else _ROOMY     # (capacity_known)
         slo = cm.cfg.tpot_slo_s
-        self.tpot_r[r] = slo is None or max(self.step_n1[r], 0.0) <= slo
+        self.tpot_r[r] = slo is None or max(step_n1, 0.0) <= slo

@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, fields, replace
+from functools import lru_cache
 from typing import Iterable
 
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy, prefill_seconds   # pure Python, no torch
@@ -127,11 +128,18 @@ class Estimate:
     pull_serve_tokens: float = 0.0          # ... as prompt tokens at the holder's prefill rate
 
     def as_dict(self) -> dict:
-        # every field is a number, a string or None: asdict's deep copy is a plain one here
+        # every field is a number, a string or None: asdict's deep copy is a plain one here. The
+        # instance dict holds exactly the fields, in their order (set by __init__), unless an
+        # attribute was added: then field by field
+        d = self.__dict__
+        if len(d) == len(_ESTIMATE_FIELDS):
+            return d.copy()
         return {k: getattr(self, k) for k in _ESTIMATE_FIELDS}
 
 
 _ESTIMATE_FIELDS = tuple(f.name for f in fields(Estimate))
+_NO_FIGURES = EngineFigures()       # a worker's figures before its first poll (read only)
+_policy = lru_cache(maxsize=None)(CompressionPolicy)     # one policy per kv_compression mode
 
 
 class CostModel:
@@ -183,11 +191,11 @@ class CostModel:
         prefill_tps override wins; None before p's first prefill step). Unknown figures: "none"."""
         c = self.cfg
         blocks = -(-prompt_len // c.block_size) - int(cached_d // c.block_size)
-        seen = self.telemetry.perf_of(p.worker_id, p.role).counters or EngineFigures()
+        seen = self.telemetry.perf_of(p.worker_id, p.role).counters or _NO_FIGURES
         compute_s = (prompt_len / p.prefill_tps if p.prefill_tps else
                      prefill_seconds(prompt_len, seen.prefill_tokens, seen.prefill_s))
-        return CompressionPolicy(c.kv_compression).choose(blocks * c.block_size * c.kv_bytes_per_token,
-                                                          compute_s, measured_bps)
+        return _policy(c.kv_compression).choose(blocks * c.block_size * c.kv_bytes_per_token, compute_s,
+                                                measured_bps)
 
     def tier_load_s(self, w: WorkerLoad, hits: TierHits, prompt_len: int, conf: float) -> float:
         """Seconds w takes to load the prompt's host and disk hits back into its pool (see module doc)."""

@@ -16,12 +16,13 @@ smaller arrays), not a Python loop over the workers.
   prefill workers. A prefill worker p's key in group g is s + duplicate with
   s = (queue + compute) + max(x / layers, x - compute), x the group's transfer seconds from p's zone,
   so key >= a_p + x / layers and key >= b_p + x (a = queue + compute + duplicate, b = a - compute, up
-  to rounding). The key matrix (groups x prefill rows) is priced first on each prefill zone's rows
-  of lowest a and of lowest b: its row minima bound each group's lowest key from above (ub). A row
-  within the window of near-lowest keys (1e-9 relative) has a_p <= ub - x / layers + m and
-  b_p <= ub - x + m (m = 2e-9 relative, far above rounding), so only rows that pass both tests
-  against their zone's largest bounds over the groups are priced too: none or a few unless many
-  workers tie. The window, the per-d exact cost of
+  to rounding), and key <= a_p + x (max(x / layers, x - compute) <= x: compute >= 0): so each
+  group's lowest key is at most ub = min over prefill zones of (the zone's lowest a + x), found
+  without pricing. A row within the window of near-lowest keys (1e-9 relative) has
+  a_p <= ub - x / layers + m and b_p <= ub - x + m (m = 2e-9 relative to the largest |key| a
+  window can hold, far above rounding), so only rows that pass both tests against their zone's
+  largest bounds over the groups are priced: the key matrix (groups x those rows), a few rows per
+  zone unless many workers nearly tie. The window, the per-d exact cost of
   each window row and the tie rules (lower cost, then local, then lower decode id, then lower
   prefill id) are choose_scan's. Pairs with a measured link are priced one by one in Python, as
   there (with the full key row of their group when the link removes a window row).
@@ -42,6 +43,7 @@ from pdcluster.router.placement.cost_columns import Columns
 
 SCAN = object()         # choose(): "take CostModel.choose_scan" (a case not covered here)
 _INF = np.inf
+_MIN, _MAX = np.minimum.reduce, np.maximum.reduce      # ndarray.min / max without their Python wrapper
 _MEMO = 512             # memoized code columns (and row sets: 8x) before the memo starts over
 
 
@@ -127,9 +129,10 @@ class VectorChooser:
         return hit
 
     def _groups(self, code, K: int) -> list:
-        """[G, group of each decode row, each group's zone, each group's hit code, then two slots
-        _remote fills: the link figures' key, (G, zones) bytes/s]: the groups g = (zone, hit code) of
-        the decode rows, numbered in (zone, code) order."""
+        """[G, group of each decode row, each group's zone, each group's hit code, then four slots
+        _remote fills: the link figures' key, (G, zones) bytes/s, the transfer figures' key, (G, zones)
+        transfer seconds, the same / layers, their max]: the groups g = (zone, hit code) of the
+        decode rows, numbered in (zone, code) order."""
         X = self.cols
         gkey = X.zone[:X.nD] * K
         if code is not None:
@@ -138,7 +141,7 @@ class VectorChooser:
         gvals = present.nonzero()[0]
         lut = np.zeros(len(present), np.int64)
         lut[gvals] = np.arange(len(gvals))
-        return [len(gvals), lut.take(gkey), gvals // K, gvals % K, None, None]
+        return [len(gvals), lut.take(gkey), gvals // K, gvals % K, None, None, None, None]
 
     def choose(self, prompt_len: int, prefills, decodes, exclude, hashes, now):
         """CostModel.choose_scan's Placement, or SCAN for a case this does not cover (module doc)."""
@@ -200,8 +203,7 @@ class VectorChooser:
         vals_a = np.array(vals)
         if code is not None:
             cc = vals_a.take(code)              # cached tokens per row
-            cu = cc * u
-            best_cached = float(cu[cu.argmax()])    # (cc >= 0)
+            best_cached = float(_MAX(cc * u))       # (cc >= 0)
             blocks = np.array([max(0, need - b) for b in blks], np.int64).take(code[:nD])
         else:
             cc, best_cached, blocks = np.zeros(X.N), 0.0, need
@@ -217,8 +219,10 @@ class VectorChooser:
             return SCAN                             # nothing KV-feasible: the fallback's case
         # terms both roles price alike: estimate_local's / estimate_remote's operations, all rows
         rem = L - cc
-        comp = rem / X.rate
-        qc = X.q + comp                             # queue + compute
+        terms = np.empty((3, X.N))                  # [compute, queue + compute, the price _remote adds]
+        comp, qc = terms[0], terms[1]
+        np.divide(rem, X.rate, out=comp)
+        np.add(X.q, comp, out=qc)                   # queue + compute
         dup0 = None                                 # duplicate penalty per row (0.0, or -0.0, where none)
         if dup_on:
             dup0 = (c.duplicate_penalty * (best_cached - cc)) / X.rate
@@ -245,7 +249,7 @@ class VectorChooser:
                     self._plain = (X.generation, self._groups(None, 1))
                 groups = self._plain[1]
             p_add = X.unplaceable_inf[nD:] if p_all else np.where(u[nD:], 0.0, _INF)
-            p_best = self._remote(L, cc, comp, qc, dup0, p_add, u, vals_a, kv, best_cached, groups, opt[nD:])
+            p_best = self._remote(L, cc, terms, dup0, p_add, u, vals_a, kv, best_cached, groups, opt[nD:])
             mask[nD:] = kv
         # TPOT guards: remote from the column; local checked at the winner, the column only if it fails
         slo = c.tpot_slo_s
@@ -290,47 +294,58 @@ class VectorChooser:
             return i
         return int(mask.argmax()) if mask.any() else None     # every masked option costs inf
 
-    def _remote(self, L, cc, comp, qc, dup0, p_add, u, vals_a, kv, best_cached, groups, out) -> np.ndarray:
+    def _remote(self, L, cc, terms, dup0, p_add, u, vals_a, kv, best_cached, groups, out) -> np.ndarray:
         """Each decode row's cheapest remote option (choose_scan's): its cost into `out`, and its
         prefill worker (prefill-local row) returned; exact for the KV-feasible rows (kv), which are
-        the only ones a pick reads. p_add: 0.0 for a usable prefill row, inf for the others."""
+        the only ones a pick reads. terms: (3, rows) [compute, queue + compute, free]; p_add: 0.0 for
+        a usable prefill row, inf for the others."""
         cm, X = self.cm, self.cols
         c, tel = cm.cfg, cm.telemetry
         nD = X.nD
-        qcP, compP, zP = qc[nD:], comp[nD:], X.zone[nD:]
+        termsP = terms[:, nD:]                      # prefill rows: [compute, queue + compute, addP]
+        compP, qcP, addP = termsP
+        zP = X.zone[nD:]
         dupP = dup0[nD:] if dup0 is not None else None
-        addP = p_add + dupP if dupP is not None else p_add  # key = s + addP: + duplicate, inf if not usable
+        if dupP is not None:                        # key = s + addP: + duplicate, inf if not usable
+            np.add(p_add, dupP, out=addP)
+        else:
+            addP[:] = p_add
         G, ginv, g_zone, g_code = groups[:4]
         layers = max(c.num_layers, 1)
         # transfer seconds per (group, p zone) over zone-priced links: CostModel._transfer's operations
         links_key = (c, self.cm.telemetry.links.version)
         if groups[4] != links_key:
-            groups[4:] = links_key, np.maximum(self._zone_bps()[:, g_zone].T, 1.0)    # (G, zones) bytes/s
-        tr = ((L - vals_a) * self._wire_bytes(c)).take(g_code)[:, None] / groups[5]    # (G, zones) seconds
+            groups[4:] = links_key, np.maximum(self._zone_bps()[:, g_zone].T, 1.0), None, None  # (G, zones) bytes/s
+        tr_key = (L, vals_a.tobytes(), self._wire_bytes(c), layers)
+        if groups[6] != tr_key:                     # (G, zones) seconds, / layers, their max
+            tr = ((L - vals_a) * self._wire_bytes(c)).take(g_code)[:, None] / groups[5]
+            groups[6:] = tr_key, (np.stack((tr / layers, tr)), float(_MAX(tr, axis=None)))
+        tt, tr_max = groups[7]                      # (2, G, zones): [transfer seconds / layers, transfer seconds]
+        trl, tr = tt
 
         def price(C):
-            """s and key of the (groups x prefill rows C) matrix."""
-            x = tr[:, zP.take(C)]
-            s = qcP.take(C) + np.maximum(x / layers, x - compP.take(C))   # queue+compute + _exposed
-            return s, s + addP.take(C)
+            """s and key of the (groups x prefill rows C) matrix (x / layers read from trl: the same
+            quotients)."""
+            compC, qcC, addC = termsP.take(C, axis=1)
+            xl, x = tt.take(zP.take(C), axis=2)
+            s = qcC + np.maximum(xl, x - compC)     # queue+compute + _exposed
+            return s, s + addC                      # + duplicate
 
-        # candidates (module doc): per zone the lowest a and lowest b bound each group's lowest key
-        a = qcP + addP
-        b = a - compP
-        lowest = a == np.minimum.reduceat(a, X.pstarts).take(X.pslice)
-        lowest |= b == np.minimum.reduceat(b, X.pstarts).take(X.pslice)
-        C = lowest.nonzero()[0]
+        # candidates (module doc): a row's key is at most a + x, so each zone's lowest a bounds each
+        # group's lowest key from above (ub); only rows that may be in a window are priced
+        ab = np.empty((2, len(qcP)))
+        a, b = ab
+        np.add(qcP, addP, out=a)
+        np.subtract(a, compP, out=b)
+        lowest_a = np.minimum.reduceat(a, X.pstarts)          # per zone slice (inf: none usable)
+        ub = _MIN(lowest_a + tr.take(X.pzone, axis=1), axis=1)
+        # + m, relative to the largest |key| a window can hold (lowest key in [min a, ub])
+        ub += 2e-9 * (float(_MAX(np.abs(ub), axis=None)) + abs(float(_MIN(lowest_a))) + tr_max + 1.0)
+        # per p zone, the largest a and b a window row can have: [a_max, b_max] (2, zones)
+        ab_max = _MAX(ub[:, None] - tt, axis=1)
+        cand2 = ab <= ab_max.take(zP, axis=1)
+        C = (cand2[0] & cand2[1]).nonzero()[0]
         s, key = price(C)
-        ub = key.min(axis=1)
-        ub += 2e-9 * (float(np.abs(ub).max()) + float(tr.max()) + 1.0)   # + m
-        ub = ub[:, None]
-        a_max = (ub - tr / layers).max(axis=0)      # per p zone
-        b_max = (ub - tr).max(axis=0)
-        cand = (a <= a_max.take(zP)) & (b <= b_max.take(zP))
-        cand[C] = False
-        if cand.any():                              # candidates beyond the bounding rows: price them too
-            C = np.concatenate((C, cand.nonzero()[0]))
-            s, key = price(C)
         gr = np.arange(G)
         i0 = key.argmin(axis=1)
         lo = key[gr, i0]

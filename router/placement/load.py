@@ -38,6 +38,14 @@ class WorkerLoad:
             for s in sinks:
                 s.add(id(self))
 
+    def charge(self, requests: int, tokens: int) -> None:
+        """in_flight += requests, queued_tokens += tokens: both written, the watchers told once."""
+        d = self.__dict__
+        d["in_flight"] += requests
+        d["queued_tokens"] += tokens
+        for s in d.get("_sinks") or ():
+            s.add(id(self))
+
     def touch(self) -> None:
         """Tell the watchers this worker's figures changed without a field write (Telemetry learned
         a new rate or step time for it)."""

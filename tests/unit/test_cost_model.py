@@ -1,6 +1,6 @@
 """router.placement.cost_model over simulated worker states: online estimators, link pricing, crafted choices,
 and the local/remote threshold sweep (conditional disaggregation)."""
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 
@@ -9,7 +9,7 @@ from pdcluster.kv_transfer.meter import BandwidthMeter
 from pdcluster.messages import EngineFigures, LinkFigures, WorkerStatus
 from pdcluster.router.cost_config import CostConfig
 from pdcluster.router.placement import WorkerLoad
-from pdcluster.router.placement.cost_model import CostModel
+from pdcluster.router.placement.cost_model import CostModel, Estimate
 from pdcluster.router.telemetry import RateEstimator, StepTimeModel, Telemetry
 from pdcluster.router.prefix_index import PrefixIndex
 
@@ -507,3 +507,15 @@ def test_kv_full_fallback_cheapest_compares_kinds_as_if_d_had_room():
     # control: the same prompts with room are placed that way outright
     room = [D("d0", running=0, tps=5_000.0)]
     assert cm.choose(2048, fast_p, room).kind == "remote" and cm.choose(2048, slow_p, room).kind == "local"
+
+
+def test_estimate_as_dict_holds_its_fields_alone():
+    """as_dict: every field by name, in field order, a copy (writing it leaves the estimate alone);
+    an attribute set on the estimate outside its fields is left out."""
+    e = Estimate("remote", "p0", "d0", cost_s=1.5)
+    d = e.as_dict()
+    assert list(d) == [f.name for f in fields(Estimate)] and d["cost_s"] == 1.5 and d["prefill"] == "p0"
+    d["cost_s"] = 9.0
+    assert e.cost_s == 1.5
+    e.note = "extra"
+    assert list(e.as_dict()) == [f.name for f in fields(Estimate)]

@@ -179,6 +179,28 @@ def test_a_measured_link_is_priced_for_its_pair_alone():
     assert cm.choose(8000, ps, ds, now=0.0).prefill == "p1" == cm.choose_exhaustive(8000, ps, ds, now=0.0).prefill
 
 
+
+def test_transfer_seconds_follow_the_prompt_length_under_one_hit_pattern():
+    """One prompt prefix (the same index levels, so the same memoized groups) at several lengths:
+    the cross-zone transfer grows with the length, so short prompts take the idle far prefill
+    worker and long ones the busy near one. A transfer figure kept from another length fails."""
+    cfg = CostConfig(block_size=BS, allow_local=False, num_layers=1, kv_bytes_per_token=131_072,
+                     intra_zone_bps=1e12, cross_zone_bps=1e9)
+    ps = [WorkerLoad("p0", "prefill", zone="a", prefill_tps=1e4, queued_tokens=500),
+          WorkerLoad("p1", "prefill", zone="b", prefill_tps=1e4)]
+    ds = [WorkerLoad("d0", "decode", zone="a", decode_step_s=(0.02, 0.0), num_blocks=1000, free_blocks=1000)]
+    cm = CostModel(cfg, PrefixIndex())
+    prefix = list(range(500, 520))
+    cm.index.apply("d0", "stored", prefix[:4], seq=1, now=0.0)     # the same levels at every length
+    got = []
+    for n in (200, 1000, 200, 2000, 96, 1000):
+        hs = prefix[: n // BS]
+        c = cm.choose(n, ps, ds, hashes=hs, now=0.0)
+        assert cm._vector.choose(n, ps, ds, frozenset(), hs, 0.0) is not SCAN
+        assert c == cm.choose_exhaustive(n, ps, ds, hashes=hs, now=0.0)
+        got.append(c.prefill)
+    assert got == ["p1", "p0", "p1", "p0", "p1", "p0"]
+
 # one CostModel over a run: its columns must follow every change between decisions
 
 def _status(w: WorkerLoad, rng: random.Random, counters: dict) -> WorkerStatus:

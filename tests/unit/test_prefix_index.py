@@ -154,6 +154,21 @@ def test_expected_blocks_count_at_once_until_confirmed_removed_or_expired():
     assert index.match([11, 12]) == {"a": 1, "b": 0}
 
 
+
+def test_a_second_expect_moves_only_the_still_tentative_expiries():
+    """expect() on blocks partly expected before: the still-tentative ones expire ttl after the new
+    call, a confirmed one stays confirmed (never expires), a new one is tentative from now."""
+    index = PrefixIndex(expect_ttl_s=10.0)
+    index.expect("a", [1, 2, 3], now=0.0)
+    index.apply("a", "stored", [1], seq=1, now=1.0)          # 1 confirmed
+    index.expect("a", [1, 2, 3, 4], now=5.0)
+    assert index.pending("a") == {2, 3, 4}
+    index.expire(now=12.0)                                   # past 0 + 10: 2 and 3 moved to 15, so kept
+    assert index.match([1, 2, 3, 4]) == {"a": 4} and index.pending("a") == {2, 3, 4}
+    index.expire(now=16.0)
+    assert index.match([1, 2, 3, 4]) == {"a": 1} and index.pending("a") == frozenset()
+    assert index.holders(2) == index.holders(4) == frozenset() and index.holders(1) == {"a"}
+
 # cache tiers (issue 19 point 2)
 def test_tiered_events_and_the_walk_through_tiers():
     ix = idx()

@@ -37,3 +37,19 @@ def test_loads_of_follows_membership_and_hands_out_new_lists():
     assert reg.loads_of("decode") == []
     reg.add("decode", _Client("d0"))                        # back, as a new WorkerLoad
     assert reg.loads_of("decode")[0] is reg.loads["d0"]
+
+
+def test_a_charge_counts_on_the_worker_and_tells_its_watchers():
+    """charge(+1 / -1): in_flight and queued_tokens move, the pool's sent tokens rise on +1 only, and
+    a watcher (the cost model's dirty set) hears of the worker each time."""
+    reg = WorkerRegistry(RouterConfig(), RouterMetrics(CollectorRegistry()), PrefixIndex(), Telemetry())
+    reg.add("prefill", _Client("p0"))
+    w, dirty = reg.loads["p0"], set()
+    w.watch(dirty)
+    reg.charge("p0", 700, +1)
+    assert (w.in_flight, w.queued_tokens, reg.sent_tokens["prefill"]) == (1, 700, 700) and dirty == {id(w)}
+    dirty.clear()
+    reg.charge("p0", 700, -1)
+    assert (w.in_flight, w.queued_tokens, reg.sent_tokens["prefill"]) == (0, 0, 700) and dirty == {id(w)}
+    reg.charge("gone", 5, +1)                               # an unknown worker: nothing counted
+    assert reg.sent_tokens["prefill"] == 700
