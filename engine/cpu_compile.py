@@ -154,6 +154,8 @@ class CompiledDecode:
         """Compile (or load from the disk cache) the layer for this model and KV cache geometry."""
         if not isinstance(k_cache, torch.Tensor) or k_cache.device.type != "cpu" or model.triton:
             return None                                     # quantized KV cache, CUDA, Triton kernels
+        if k_cache.shape[0] < 2:
+            return None                                     # the package's pool-size dimension starts at 2
         specs, counts, layer_args = None, None, []
         for L in model.layers:
             got = [linear_spec(lin) for lin in (L.qkv, L.o, L.gate_up, L.down)]
