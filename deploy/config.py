@@ -86,7 +86,7 @@ class EngineSection:
         "per batch-size bucket (CPU steps are eager unless --cpu-compile)")})
     cpu_compile: bool = field(default=False, metadata={"help": (
         "CPU hosts: run pure-decode steps through one AOTInductor-compiled decoder layer (the same tokens, less "
-        "per-op overhead); a worker's first start per model, dtype and threads compiles it (~30-60 s, cached "
+        "per-op overhead); a worker's first start per model, dtype and threads compiles it (~20-60 s, cached "
         "under PDCLUSTER_AOTI_CACHE or ~/.cache/pdcluster/aoti); eager when compiling fails")})
 
     @property

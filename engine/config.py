@@ -141,7 +141,7 @@ class EngineConfig:
     cpu_compile: bool = False            # CPU: pure-decode steps through one AOTInductor-compiled decoder
                                          #   layer (engine/cpu_compile.py): the same tokens with packed
                                          #   linears, faster steps (bench/RESULTS.md); the first start per
-                                         #   model / threads / dtype compiles for ~30-60 s (then cached on
+                                         #   model / threads / dtype compiles for ~20-60 s (then cached on
                                          #   disk); eager on any failure
 
     def __post_init__(self):
