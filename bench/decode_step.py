@@ -10,6 +10,9 @@ times each decode step (--steps of them) and reports the median over steps, best
   wall   wall-clock time per step
 To compare two revisions, run each from its own package (PYTHONPATH) alternately (bench/RESULTS.md,
 "Decode step on CPU"). --profile adds a torch.profiler table over 10 decode steps.
+--cpu-compile builds the engine with engine/cpu_compile.py's compiled decode layer and alternates, run by
+run in this process, eager steps and compiled ones (the same engine, the layer switched off and on),
+printing each side and their ratio (eager / compiled per pair of runs; > 1: compiled is faster).
 """
 from __future__ import annotations
 
@@ -34,12 +37,18 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--cpu-compile", action="store_true", help="A/B: eager vs the compiled decode layer")
     a = ap.parse_args(argv)
     from pdcluster.engine import LLM, SamplingParams
 
     torch.set_num_threads(a.threads)
+    t = time.perf_counter()
     llm = LLM(a.model, quantization=None if a.mode == "gguf" else a.mode, max_num_seqs=max(64, a.batch),
-              enable_prefix_caching=False, speculative="off")
+              enable_prefix_caching=False, speculative="off", cpu_compile=a.cpu_compile)
+    model = llm.engine.model
+    if a.cpu_compile:
+        print(f"engine start with the compiled layer: {time.perf_counter() - t:.1f} s "
+              f"({'built' if model.compiled is not None else 'NOT built: eager only'})")
     eng, g = llm.engine, torch.Generator().manual_seed(0)
     V = eng.cfg.model.vocab_size
 
@@ -57,11 +66,26 @@ def main(argv=None) -> int:
                 prof.step()
         return statistics.median(cpu), statistics.median(wall)
 
+    def report(label, res):
+        print(f"{a.mode} threads={a.threads} batch={a.batch}{label}: step CPU {min(r[0] for r in res) * 1e3:.2f} ms, "
+              f"wall {min(r[1] for r in res) * 1e3:.2f} ms (median over {a.steps} steps, best of {a.runs} runs; "
+              f"load average {os.getloadavg()[0]:.2f})")
+
+    compiled = model.compiled
     once(8)                                                 # warm-up
-    res = [once(a.steps) for _ in range(a.runs)]
-    print(f"{a.mode} threads={a.threads} batch={a.batch}: step CPU {min(r[0] for r in res) * 1e3:.2f} ms, "
-          f"wall {min(r[1] for r in res) * 1e3:.2f} ms (median over {a.steps} steps, best of {a.runs} runs; "
-          f"load average {os.getloadavg()[0]:.2f})")
+    if compiled is None:
+        report("", [once(a.steps) for _ in range(a.runs)])
+    else:
+        sides = {"eager": [], "compiled": []}
+        for _ in range(a.runs):
+            for side, layer in (("eager", None), ("compiled", compiled)):
+                model.compiled = layer
+                sides[side].append(once(a.steps))
+        for side, res in sides.items():
+            report(f" {side}", res)
+        pairs = [(e[0] / c[0], e[1] / c[1]) for e, c in zip(sides["eager"], sides["compiled"])]
+        print("eager / compiled per run pair: CPU " + " ".join(f"{p[0]:.2f}x" for p in pairs)
+              + ", wall " + " ".join(f"{p[1]:.2f}x" for p in pairs))
     if a.profile:
         from torch.profiler import ProfilerActivity, profile, schedule
         with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=2, warmup=2, active=10, repeat=1)) as p:

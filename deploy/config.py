@@ -83,7 +83,11 @@ class EngineSection:
     use_gpu: bool = field(default=False, metadata={"cli": "--gpu", "help": "one GPU per worker actor (CUDA hosts)"})
     enforce_eager: bool = field(default=False, metadata={"help": (
         "CUDA hosts: run every step eagerly; by default decode steps replay CUDA graphs captured at start, one "
-        "per batch-size bucket (CPU steps are always eager)")})
+        "per batch-size bucket (CPU steps are eager unless --cpu-compile)")})
+    cpu_compile: bool = field(default=False, metadata={"help": (
+        "CPU hosts: run pure-decode steps through one AOTInductor-compiled decoder layer (the same tokens, less "
+        "per-op overhead); a worker's first start per model, dtype and threads compiles it (~20-60 s, cached "
+        "under PDCLUSTER_AOTI_CACHE or ~/.cache/pdcluster/aoti); eager when compiling fails")})
 
     @property
     def device(self) -> str:
@@ -98,7 +102,7 @@ class EngineSection:
         from dataclasses import asdict
         return dict(model=model, dtype=self.dtype, quantization=self.quantization, kv_cache_dtype=self.kv_cache_dtype,
                     device=self.device, speculative=self.speculative, max_model_len=self.max_model_len,
-                    cuda_graphs=not self.enforce_eager,
+                    cuda_graphs=not self.enforce_eager, cpu_compile=self.cpu_compile,
                     **asdict(self.cache), **asdict(self.sched))
 
 

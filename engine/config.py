@@ -138,7 +138,12 @@ class EngineConfig:
     num_threads: int | None = None       # torch.set_num_threads on CPU hosts
     cuda_graphs: bool = True             # pure-decode steps replayed as CUDA graphs captured at start
                                          #   (engine/cuda_graphs.py; Triton backend on CUDA only, CPU
-                                         #   steps are always eager); False = vLLM's --enforce-eager
+                                         #   steps: cpu_compile below); False = vLLM's --enforce-eager
+    cpu_compile: bool = False            # CPU: pure-decode steps through one AOTInductor-compiled decoder
+                                         #   layer (engine/cpu_compile.py): the same tokens with packed
+                                         #   linears, faster steps (bench/RESULTS.md); the first start per
+                                         #   model / threads / dtype compiles for ~20-60 s (then cached on
+                                         #   disk); eager on any failure
 
     def __post_init__(self):
         from pdcluster.engine.quant.policy import check_mode

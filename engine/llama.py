@@ -121,6 +121,7 @@ class LlamaModel:
         self.cos_sin = cos_sin_cache(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta,
                                      cfg.rope_scaling_dict).to(device)  # float32 [max_pos, D]
         self.scale = cfg.head_dim ** -0.5
+        self.compiled = None        # engine/cpu_compile.CompiledDecode: pure-decode CPU steps' layers, when built
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta,
                 k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
@@ -134,9 +135,17 @@ class LlamaModel:
         cos, sin = rotary_tables(self.cos_sin, positions, self.dtype)       # [T, 1, D] each
         h = embed_rows(self.embed, input_ids, self.dtype)                   # [T, E]
         P = meta.num_prefill_tokens
+        comp = self.compiled if self.compiled is not None and self.compiled.covers(T, meta) else None
+        if comp is not None:
+            comp.steps += 1
         for li, L in enumerate(self.layers):
             if layer_wait is not None:
                 layer_wait(li)
+            if comp is not None:            # the same layer, compiled (engine/cpu_compile.py)
+                h = comp.layer(li, h, k_caches[li], v_caches[li], meta, cos, sin)
+                if layer_hook is not None:
+                    layer_hook(li)
+                continue
             if self.triton:
                 h = h + self._triton_attention(li, L, h, positions, meta, k_caches[li], v_caches[li])
                 x = self.ops.rms_norm(h, L.post_norm, c.rms_norm_eps)

@@ -98,6 +98,9 @@ class ModelRunner:
         self.grammars = None            # engine/structured.Grammars, set by the engine on first use
         self.matchers: dict[str, object] = {}   # request id -> its grammar matcher
         self.graphs = None                      # engine/cuda_graphs.py: pure-decode steps replayed
+        if cfg.cpu_compile and torch.device(self.device).type == "cpu":
+            from pdcluster.engine.cpu_compile import CompiledDecode
+            model.compiled = CompiledDecode.build(model, self.k_caches[0], self.v_caches[0])
         if graphs:
             width = -(-(cfg.max_model_len + cfg.spec_ngram_k) // self.block_size) + 1
             self.graphs = DecodeGraphs(model.forward, self.k_caches, self.v_caches,

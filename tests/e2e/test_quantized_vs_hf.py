@@ -55,8 +55,10 @@ def _check(llm, hf_ref, refs, max_weight_mib):
     return same
 
 
-def test_gguf_int4_served_packed(hf_ref, refs):
-    llm = LLM(kv_cache_memory=32 * 2**20, quantization=None)    # None: the file's Q4_1 stays packed
+@pytest.mark.parametrize("cpu_compile", [False, True], ids=["eager", "cpu-compile"])
+def test_gguf_int4_served_packed(hf_ref, refs, cpu_compile):
+    llm = LLM(kv_cache_memory=32 * 2**20, quantization=None, cpu_compile=cpu_compile)   # None: Q4_1 stays packed
+    assert (llm.engine.model.compiled is not None) == cpu_compile   # decode steps through engine/cpu_compile.py
     assert llm.engine.cfg.quantization is None
     # float32: 1,026 MiB (weights + oneDNN copies). The int8 head is held twice where fbgemm runs it
     # (the embedding's codes for row lookups + fbgemm's packed copy, 28 MiB each)

@@ -1,0 +1,99 @@
+"""engine/cpu_compile.py on the real embedded model: the compiled decode layer gives the eager step's tokens,
+only pure-decode steps take it, and anything it does not support (or a failed compile) stays eager.
+The first run per machine / torch / thread count compiles the layer (~30-60 s); later runs load it."""
+import logging
+
+import pytest
+import torch
+
+from pdcluster.engine import LLM, SamplingParams
+from pdcluster.engine.attention import AttnMeta, PrefillSeq
+from pdcluster.engine.cpu_compile import MAX_ROWS, CompiledDecode
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Once upon a time, in a small village,",
+           "Photosynthesis is the process by which plants " * 4]
+GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    """The embedded GGUF's Q4_1 linears served packed (the int4pack kernel), decode steps compiled."""
+    llm = LLM(quantization="int4", cpu_compile=True, speculative="off", kv_cache_memory=32 * 2**20,
+              max_num_seqs=8)
+    assert isinstance(llm.engine.model.compiled, CompiledDecode)
+    return llm
+
+
+def _generate(llm, compiled, batched: bool):
+    m = llm.engine.model
+    comp, m.compiled = m.compiled, (m.compiled if compiled else None)
+    try:
+        if batched:
+            return [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+        return [llm.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
+    finally:
+        m.compiled = comp
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["one-at-a-time", "batched"])
+def test_compiled_decode_gives_the_eager_tokens(llm, batched):
+    comp = llm.engine.model.compiled
+    before = comp.steps
+    got = _generate(llm, True, batched)
+    steps = comp.steps - before
+    want = _generate(llm, False, batched)
+    assert comp.steps - before == steps                      # the eager run took no compiled step
+    assert steps >= GREEDY.max_tokens - 1                    # every decode step after the prefill was compiled
+    assert got == want
+
+
+def test_only_pure_decode_steps_take_it(llm):
+    comp = llm.engine.model.compiled
+    before = comp.steps
+    llm.generate(PROMPTS, SamplingParams(max_tokens=1, temperature=0.0))   # prefill steps only
+    assert comp.steps == before
+    one = torch.zeros(1, dtype=torch.int64)
+    tables, mask = torch.zeros(1, 2, dtype=torch.int64), torch.ones(1, 1, 1, 32, dtype=torch.bool)
+    decode = AttnMeta(one, [], 0, tables, one + 1, mask)
+    mixed = AttnMeta(torch.zeros(3, dtype=torch.int64), [PrefillSeq(0, 2, 2, tables[0])], 2, tables, one + 1, mask)
+    assert comp.covers(1, decode) and comp.covers(MAX_ROWS - 1, decode)
+    assert not comp.covers(MAX_ROWS, decode)                 # the packed linears' dense path: eager
+    assert not comp.covers(3, mixed)                         # a prefill chunk (or drafts) in the step: eager
+
+
+def test_speculative_steps_and_layer_hooks():
+    """With drafts, verify steps run eagerly between compiled pure-decode steps (the same tokens as all-eager),
+    and the connector's layer hooks still run after every layer of every step."""
+    llm = LLM(quantization="int4", cpu_compile=True, speculative="ngram", kv_cache_memory=16 * 2**20)
+    m = llm.engine.model
+    prompt, sp = ["1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4, 5,"], SamplingParams(max_tokens=24, temperature=0.0)
+    seen, real = [], m.forward
+
+    def forward(ids, pos, meta, kc, vc, layer_hook=None, layer_wait=None):
+        return real(ids, pos, meta, kc, vc, seen.append, layer_wait)
+    m.forward = forward
+    try:
+        got = llm.generate(prompt, sp)[0].token_ids
+    finally:
+        del m.forward
+    assert m.compiled.steps > 0 and len(seen) % 30 == 0 and seen[:60] == list(range(30)) * 2
+    comp, m.compiled = m.compiled, None
+    assert llm.generate(prompt, sp)[0].token_ids == got
+
+
+def test_unsupported_setups_stay_eager():
+    q = LLM(quantization="int4", cpu_compile=True, kv_cache_dtype="int8", kv_cache_memory=8 * 2**20)
+    assert q.engine.model.compiled is None                   # a quantized KV cache: eager attention
+    off = LLM(quantization="int4", kv_cache_memory=8 * 2**20)
+    assert off.engine.model.compiled is None                 # off unless asked
+
+
+def test_a_failed_compile_leaves_the_engine_eager(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("PDCLUSTER_AOTI_CACHE", str(blocker / "aoti"))      # under a file: cannot be created
+    with caplog.at_level(logging.WARNING, logger="pdcluster.engine.cpu_compile"):
+        llm = LLM(quantization="int4", cpu_compile=True, kv_cache_memory=8 * 2**20, speculative="off")
+    assert llm.engine.model.compiled is None
+    assert any("stay eager" in r.getMessage() for r in caplog.records)
+    assert len(llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0.0))[0].token_ids) == 3
