@@ -309,3 +309,20 @@ def test_tree_checks_per_pool_values_built_without_the_file():
         replace(c, pools=replace(c.pools, decode=replace(c.pools.decode, block_size=8)))
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         replace(c, pools=replace(c.pools, prefill=replace(c.pools.prefill, kv_cache_dtype="int3")))
+
+
+def test_cpu_compile_per_pool_over_the_flag():
+    """pools.yaml's cpu_compile: the decode pool compiled, the prefill pool on serve's --cpu-compile (off)."""
+    text, _ = edited("  cpu_compile: null", "  cpu_compile: true", after="\ndecode:")
+    c = parse_pools_config(text)
+    assert c.engine_kwargs("decode")["cpu_compile"] is True and c.engine_kwargs("prefill")["cpu_compile"] is False
+    from pdcluster.deploy.flags import dotted, override
+    on = override(ClusterConfig(), dotted(engine__cpu_compile=True))                     # --cpu-compile
+    c = load_pools_config(SHIPPED, base=on)                                             # shipped: null
+    assert c.engine_kwargs("decode")["cpu_compile"] is True and c.engine_kwargs("prefill")["cpu_compile"] is True
+
+
+def test_bad_cpu_compile_names_key_and_line(tmp_path):
+    text, _ = edited("  cpu_compile: null", "  cpu_compile: yes please", after="\ndecode:")
+    err, found = issues(text, tmp_path)
+    assert [k for k, _ in found] == ["decode.cpu_compile"] and "expected true or false" in err, err
