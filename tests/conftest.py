@@ -17,3 +17,16 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """An in-process engine built with num_threads sets torch's thread count for the whole process
+    (engine/llm_engine.py, as a worker must): put it back after each test, so one test's workers
+    do not run every later test in the session on their thread count."""
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
