@@ -175,12 +175,8 @@ class Scheduler:
                 self.running.remove(req)
             elif req in self.waiting:
                 self.waiting.remove(req)
-            self.kv.free(req)
-            req.spec_token_ids = []
-            req.num_computed_tokens = 0
+            self._requeue(req)
             req.num_cached_tokens = -1          # counted again at readmission
-            req.status = Status.WAITING
-            self.waiting.appendleft(req)
             out.add(request_id)
         return out
 
@@ -314,13 +310,17 @@ class Scheduler:
 
     def _preempt(self, req: Request, out: ScheduledBatch) -> None:
         self.running.remove(req)
+        self._requeue(req)
+        req.num_preemptions += 1
+        out.preempted.append(req)
+
+    def _requeue(self, req: Request) -> None:
+        """Its blocks freed, nothing computed: first in line to recompute its prompt (and outputs)."""
         self.kv.free(req)
         req.spec_token_ids = []
         req.num_computed_tokens = 0
         req.status = Status.WAITING
-        req.num_preemptions += 1
         self.waiting.appendleft(req)
-        out.preempted.append(req)
 
     def update(self, batch: ScheduledBatch, sampled: list[int | list[int] | None]) -> list[Request]:
         """Advance counters after the forward pass; append sampled tokens; return newly finished.
