@@ -100,7 +100,7 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
         self.index: dict[str, TierIndex] = {}          # "host" / "disk" -> its bookkeeping
         self.stats: dict[str, TierStats] = {}
         self.snapshot = SnapshotStats()
-        self._lock = threading.Lock()                  # guards index, _pending, _loads, _done, _failed, _released
+        self._lock = threading.Lock()                  # guards index, _pending, _loads, _done, _failed*, _released
         self._pending: set[int] = set()                # hashes copied out, not yet stored by the writer
         self._queued_blocks = 0
         self._loads: dict[str, _Load] = {}             # in flight, by request id
@@ -111,6 +111,7 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
         self.loads = cfg.layerwise and (cfg.host_bytes > 0 or (self.disk_in_step and cfg.enabled))  # wait_layer wanted
         self._failed: list[str] = []                   # in_step loads that failed, not yet taken (failed_in_step)
         self._host_only: set[str] = set()              # step_tokens offered these (reservations): host blocks only
+        self._failed_reservations: set[str] = set()    # reservations whose tier load failed (reservation_failed)
         self._released: list[str] = []
         self._writes: queue.Queue = queue.Queue()
         self._reads: queue.Queue = queue.Queue()          # whole-block loads (the loader thread)

@@ -29,6 +29,8 @@ class _Load:
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
     in_step: bool = False                   # loaded layer by layer inside the step (wait_layer)
+    reservation: bool = False               # a remote prefill's reservation (step_tokens): never stepped,
+                                            # so a failure is reported by reservation_failed, not failed_in_step
     layers_done: int = 0                    # in_step: layers [0, layers_done) issued (CPU: copied)
     events: list = field(default_factory=list)   # in_step on a GPU: per layer, its copy's CUDA event
     after: object = None                    # on a GPU: the compute stream's work queued before the load
@@ -74,6 +76,7 @@ class LoadBack:
             job.in_step = (self.cfg.layerwise and len(job.parts) == nb
                            and all(tier == "host" or (tier == "disk" and self.disk_in_step and not reservation)
                                    for _, tier, _ in job.parts))
+            job.reservation = reservation and job.in_step
             if job.in_step:
                 self._in_step.append(job)
             self._loads[job.request_id] = job
@@ -144,6 +147,8 @@ class LoadBack:
                         self._released.append(job.request_id)
                     elif not job.cancelled and not job.in_step:     # in_step loads: only a failure is
                         self._done.append((job.request_id, ok))
+                    elif not job.cancelled and not ok and job.reservation:
+                        self._failed_reservations.add(job.request_id)   # start_remote asks (take_loaded)
                     elif not job.cancelled and not ok:
                         self._failed.append(job.request_id)         # reported, before wait_layer returns
                     if job.in_step:
@@ -276,6 +281,18 @@ class LoadBack:
             out, self._failed = self._failed, []
         return out
 
+    def reservation_failed(self, request_id: str) -> str | None:
+        """Why a remote prefill's reservation lacks the blocks its host tier was loading into it (the
+        load failed, or still runs after wait_loaded gave up), else None; forgets a failure.
+        MultiConnector.take_loaded asks this beside its transfer connector."""
+        with self._lock:
+            if request_id in self._failed_reservations:
+                self._failed_reservations.discard(request_id)
+                return "its blocks from the host cache tier failed to load"
+            if request_id in self._loads:
+                return "its blocks from the host cache tier are still loading"
+        return None
+
     def finished_loading(self) -> list[tuple[str, bool]]:
         with self._lock:
             out, self._done = self._done, []
@@ -283,6 +300,7 @@ class LoadBack:
 
     def request_finished(self, request_id: str, block_ids: list[int]) -> bool:
         with self._lock:
+            self._failed_reservations.discard(request_id)
             job = self._loads.get(request_id)
             if job is None:
                 return False
@@ -292,6 +310,7 @@ class LoadBack:
 
     def request_aborted(self, request_id: str) -> None:
         with self._lock:
+            self._failed_reservations.discard(request_id)
             job = self._loads.get(request_id)
             if job is not None:
                 job.cancelled = True

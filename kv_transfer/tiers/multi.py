@@ -7,15 +7,20 @@ external_tokens and step_tokens ask the tiers (the transfer connectors supply no
 to whichever said it would supply the tokens, the inner connector otherwise: a remote prefill's
 reservation (reserve_remote) gives its first blocks to the tiers when step_tokens offered them, the
 rest to the inner one. Every other hook goes to both; wait_loaded waits for both, take_loaded asks
-the inner one.
+the inner one and the tiers (a reservation's host-tier blocks may have failed to load).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from pdcluster.engine.kv_connector import KVConnector
+
+if TYPE_CHECKING:
+    from pdcluster.kv_transfer.tiers.connector import TierConnector
 
 
 class MultiConnector(KVConnector):
-    def __init__(self, tiers: KVConnector, inner: KVConnector):
+    def __init__(self, tiers: TierConnector, inner: KVConnector):
         self.tiers, self.inner = tiers, inner
         self.saves = inner.saves or tiers.saves
         self.loads = inner.loads or tiers.loads
@@ -91,7 +96,9 @@ class MultiConnector(KVConnector):
         self.inner.wait_loaded(request_id, timeout_s)
 
     def take_loaded(self, request_id: str) -> str | None:
-        return self.inner.take_loaded(request_id)
+        tiers = self.tiers.reservation_failed(request_id)  # a TierConnector
+        inner = self.inner.take_loaded(request_id)        # asked either way: it forgets the request
+        return tiers or inner
 
     def request_aborted(self, request_id: str) -> None:
         self.tiers.request_aborted(request_id)

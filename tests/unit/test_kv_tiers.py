@@ -210,6 +210,9 @@ class Recorder(KVConnector):
     def take_loaded(self, request_id):
         return f"inner {request_id}"
 
+    def reservation_failed(self, request_id):
+        return None
+
     def evicted(self, block_ids, hashes):
         self.calls.append(("evicted", block_ids))
 
@@ -400,6 +403,44 @@ def test_a_reservation_counts_only_host_blocks_as_loadable_in_step(tmp_path):
     tc, _, _, _ = tiers(None, layerwise=False)
     tc.evicted([0, 1], r.block_hashes()[:2])
     assert tc.wait_idle() and tc.step_tokens(req("e", n=17), 0) == 0
+    tc.close()
+
+
+class FailingCache(GatedCache):
+    def index_copy_(self, dim, idx, src):
+        raise RuntimeError("copy failed")
+
+
+class Receiving(KVConnector):
+    """A transfer connector whose KV is always complete: only the tiers can say otherwise."""
+
+    def take_loaded(self, request_id):
+        return None
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_a_reservations_host_tier_load_that_fails_is_reported_to_take_loaded(fail):
+    """A remote prefill's reservation is never stepped, so an exception in its in-step host load
+    cannot go through failed_in_step: start_remote's take_loaded must say the KV is not all there
+    (the decode worker aborts it) instead of decoding on blocks missing a layer."""
+    tc, _, k, v = tiers(None, layerwise=True)
+    want = evict_and_wipe(tc, k, v, 3)
+    if fail:
+        tc.k[1] = FailingCache(k[1])
+    m = MultiConnector(tc, Receiving())
+    r = req("res")
+    n = m.step_tokens(r, 0)
+    m.after_alloc(r, [5, 6, 7], n)
+    assert n == 12 and m.load_in_step(r)
+    m.wait_loaded("res", 10)
+    why = m.take_loaded("res")
+    assert m.failed_in_step() == []
+    if fail:
+        assert why is not None and "failed to load" in why
+        assert m.take_loaded("res") is None                     # forgotten once told
+    else:
+        assert why is None
+        assert torch.equal(k[1][5:8], want[1][0]) and torch.equal(v[1][5:8], want[1][1])
     tc.close()
 
 
