@@ -31,13 +31,21 @@ CONCURRENCY = (1, 4, 16)
 METRICS = ("output_throughput", "mean_ttft_ms", "mean_tpot_ms", "median_tpot_ms")
 
 # pdcluster's sides: the default disaggregated cluster (1 prefill + 1 decode worker, a core each),
-# and one worker that prefills and decodes on both cores.
+# and one worker that prefills and decodes on both cores; each at the defaults (float32 weights) and
+# as the fast CPU setup: the GGUF's own 4-bit blocks kept packed (--quantization int4: the same
+# weights llama.cpp computes on) and decode steps through the compiled layer (--cpu-compile; its
+# first start per thread count compiles for ~20-60 s, before the measured runs).
+_SINGLE = dict(pools__prefill__initial_replicas=0, pools__decode__initial_replicas=1,
+               router__remote_prefill=False, engine__threads_per_worker=2)
+_FAST = dict(engine__quantization="int4", engine__cpu_compile=True)
 SIDES: dict[str, ClusterConfig] = {
     "disagg": cluster(),
-    "single": cluster(pools__prefill__initial_replicas=0, pools__decode__initial_replicas=1,
-                      router__remote_prefill=False, engine__threads_per_worker=2),
+    "single": cluster(**_SINGLE),
+    "disagg-int4": cluster(**_FAST),
+    "single-int4": cluster(**_SINGLE, **_FAST),
 }
-SIDE_LABELS = {"disagg": "pdcluster 1P+1D", "single": "pdcluster 1 worker"}
+SIDE_LABELS = {"disagg": "pdcluster 1P+1D", "single": "pdcluster 1 worker",
+               "disagg-int4": "pdcluster 1P+1D int4 compiled", "single-int4": "pdcluster 1 worker int4 compiled"}
 
 
 @dataclass(frozen=True)

@@ -468,7 +468,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "(repeat for several; start each beforehand)")
     peers.add_argument("--sides", nargs="*", choices=sorted(SIDES), default=sorted(SIDES),
                        help="pdcluster clusters to start and measure: disagg = 1 prefill + 1 decode worker, "
-                            "single = one 2-thread worker (none: peers only)")
+                            "single = one 2-thread worker, each at the defaults; -int4: with the GGUF's 4-bit "
+                            "weights packed and --cpu-compile (none: peers only)")
     peers.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY),
                        help="max requests in flight, one run each")
     peers.add_argument("--input-len", type=int, default=None, help="prompt tokens (default 128)")

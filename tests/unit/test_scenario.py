@@ -248,3 +248,15 @@ def test_tier_counters_are_per_run_deltas_summed_over_runs_and_workers():
     assert rep["baseline"]["tiers"] == {} and rep["candidate"]["tiers"]["host"]["hits"] == 8
     table = format_report(rep)
     assert "candidate tiers" in table and "host hits 8" in table and "baseline tiers" not in table
+
+
+def test_the_peers_int4_sides_are_their_base_side_with_packed_gguf_weights_and_the_compiled_step():
+    from dataclasses import replace
+
+    from pdcluster.bench.peers import SIDE_LABELS, SIDES
+    assert set(SIDE_LABELS) == set(SIDES)
+    for base in ("disagg", "single"):
+        fast = SIDES[f"{base}-int4"]
+        assert (fast.engine.quantization, fast.engine.cpu_compile) == ("int4", True)
+        assert replace(fast, engine=replace(fast.engine, quantization=SIDES[base].engine.quantization,
+                                            cpu_compile=False)) == SIDES[base]
