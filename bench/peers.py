@@ -22,7 +22,8 @@ import json
 import time
 from dataclasses import dataclass, replace
 
-from pdcluster.bench.scenario import _jsonable, cluster, emit, merge_results
+from pdcluster.bench.scenario import cluster, emit
+from pdcluster.bench.scenario_report import _jsonable, merge_results
 from pdcluster.deploy.config import ClusterConfig
 
 # The workload of ../PEERS.md and issue 18: 16 prompts of 128 random tokens, 64 output tokens.

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from pdcluster.bench.scenario import SCENARIOS, Scenario, build_report, cluster, format_report, merge_results, ratios
+from pdcluster.bench.scenario import SCENARIOS, Scenario, cluster
+from pdcluster.bench.scenario_report import build_report, format_report, merge_results, ratios
 from pdcluster.deploy.config import ClusterConfig
 
 
@@ -229,7 +230,7 @@ def test_trace_scenario_builds_the_slice_from_the_trace_file(tmp_path):
 
 
 def test_tier_counters_are_per_run_deltas_summed_over_runs_and_workers():
-    from pdcluster.bench.scenario import tier_deltas, tier_totals
+    from pdcluster.bench.scenario_report import tier_deltas, tier_totals
     from pdcluster.messages import TierFigures
     before = (TierFigures("host", capacity_blocks=10, hits=5, stored=7, blocks=7),)
     after = (TierFigures("host", capacity_blocks=10, hits=9, stored=10, evicted=2, blocks=8),
