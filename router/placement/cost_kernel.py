@@ -2,9 +2,9 @@
 
 VectorChooser (cost_vector.py) calls decide() once per decision instead of ~80 numpy calls on the
 worker columns; it prices the same way with numpy where numba is missing. The functions are
-compiled on first use and kept in numba's on-disk cache (cache=True): measured on this host, ~5 s
-to compile, ~0.6 s to import numba and load them in a new process (warm() does it ahead of the
-first placement).
+compiled on first use and kept in numba's on-disk cache (cache=True): measured on this host, 3.0 s
+CPU to compile (5.2 s wall, shared cores), 0.55 s CPU to import numba and load them in a new
+process (warm() does it ahead of the first placement; bench/RESULTS.md).
 
 Same answer, bit for bit: the same IEEE double operations in the same order as cost_vector.py's
 numpy code (no fastmath, no reassociation), the same candidate bound, window and tie rules

@@ -156,7 +156,7 @@ class CostModel:
 
     def warm(self) -> None:
         """Load choose's compiled pricing (cost_kernel.py) now rather than at the first placement:
-        numba's import and cache load (~0.6 s here), or its first compile (~5-10 s) if none is cached."""
+        numba's import and cache load (~0.55 s CPU here), or its first compile (~3 s CPU) if none is cached."""
         if self._vector is None:
             self._vector = VectorChooser(self)
         if self._vector.kernel is not None:
