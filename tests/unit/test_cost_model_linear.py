@@ -167,6 +167,26 @@ def test_without_numba_choose_prices_with_numpy(monkeypatch):
         assert cm._vector.kernel is None
 
 
+def test_warm_compiles_for_the_types_choose_passes(pricing):
+    """CostModel.warm (the Router calls it at start) leaves nothing to compile at the placements:
+    choose, with and without a measured link, adds no specialization of the kernel."""
+    cm = CostModel(CostConfig(block_size=BS, tpot_slo_s=1, remote_overhead_s=0, duplicate_penalty=0))
+    cm.warm()
+    k = cm._vector.kernel
+    if pricing == "numpy":
+        assert k is None
+        return
+    made = (len(k.decide.signatures), len(k.pick_guarded.signatures))
+    assert made[0] == 1
+    ps = [WorkerLoad(f"p{i}", "prefill", prefill_tps=1e4, zone="a") for i in range(3)]
+    ds = [WorkerLoad(f"d{i}", "decode", decode_step_s=(0.02, 0.0), zone="b", num_blocks=1000, free_blocks=1000)
+          for i in range(3)]
+    assert cm.choose(4096, ps, ds, now=0.0) == cm.choose_exhaustive(4096, ps, ds, now=0.0)
+    cm.telemetry.links.ingest([LinkFigures("p0", "d0", count=1, ewma_bytes_per_s=1e6, last_sample_time=0.0)])
+    assert cm.choose(4096, ps, ds, now=0.0) == cm.choose_exhaustive(4096, ps, ds, now=0.0)
+    assert (len(k.decide.signatures), len(k.pick_guarded.signatures)) == (1, max(made[1], 1))
+
+
 def test_no_decode_worker_or_none_usable_is_no_placement():
     ps = [WorkerLoad(f"p{i}", "prefill", prefill_tps=1e4, zone="a") for i in range(2)]
     d = WorkerLoad("d0", "decode", zone="b", num_blocks=1000, free_blocks=1000)
