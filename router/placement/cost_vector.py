@@ -420,7 +420,7 @@ class VectorChooser:
                              else None, p) for e in range(wstart[g], wstart[g + 1]) for p in (int(wpr[e]),)]
 
                 self._price_measured(L, cc, B.terms[:3, nD:], dupP, best_cached, u, B.kv, groups, plain,
-                               B.opt[nD:], B.best_p)
+                                     B.opt[nD:], B.best_p)
             i = k.pick_guarded(B.opt, B.mask, B.guarded, nD, guard, slo_f, strict, chunk, Lf, cc,
                                X.rate, X.step_n, X.step_n1, X.busy)
         if i < 0:
