@@ -80,7 +80,7 @@ def decide(L, need, nD, u, code, vals, blks, rate, q, zone, step_n, step_n1, pen
            do_pick, terms, opt, mask, guarded, kv, best_p, wstart, ws, wdv, wpr, rows_buf):
     N = u.shape[0]
     nP = N - nD
-    comp, qc, add, cc, dup0 = terms[0], terms[1], terms[2], terms[3], terms[4]
+    comp, qc, cc, dup0 = terms[0], terms[1], terms[3], terms[4]       # (terms[2]: _remote's)
     # prefix hits: cached tokens per row, the most cached on a usable row
     best_cached = 0.0
     for r in range(N):
