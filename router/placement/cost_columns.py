@@ -92,6 +92,7 @@ class Columns:
         self.prank = [0] * nP                   # prefill row -> its position in worker id order
         for k, r in enumerate(sorted(range(nP), key=pw.__getitem__)):
             self.prank[r] = k
+        self.prank_a = np.array(self.prank, np.int64)
         # all rows
         self.placeable = np.zeros(n, bool)
         self.unplaceable_inf = np.full(n, np.inf)      # 0.0 where placeable, else inf (a price that masks)

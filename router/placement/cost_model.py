@@ -46,8 +46,8 @@ depends on d and the kind alone, and a remote cost splits into p's terms + d's t
 that depends on the pair only through d's zone and cached prefix, unless the link was measured);
 `estimates` prices them all, for explanations, and `choose_exhaustive` is the reference it is
 tested against (tests/unit/test_cost_model_linear.py). `choose` is choose_scan's answer from
-per-worker columns kept across decisions (cost_vector.py: numpy, refreshed only for the workers
-that changed), where they cover the case (no host / disk hits, no peer pulls, some option
+per-worker columns kept across decisions (cost_vector.py: numpy, priced by a numba kernel where
+numba imports, cost_kernel.py; refreshed only for the workers that changed), where they cover the case (no host / disk hits, no peer pulls, some option
 KV-feasible), else choose_scan.
 With peer pulls on (cost.peer_pull), `choose` is `choose_exhaustive`: a pull re-prices each local
 option by its best holder (router/placement/pull_pricing.py), which the grouped search does not model.
@@ -153,6 +153,14 @@ class CostModel:
         self.index = index if index is not None else PrefixIndex()
         self.telemetry = telemetry if telemetry is not None else Telemetry(self.cfg)
         self._vector: VectorChooser | None = None     # choose's columns, made on its first call
+
+    def warm(self) -> None:
+        """Load choose's compiled pricing (cost_kernel.py) now rather than at the first placement:
+        numba's import and cache load (~0.55 s CPU here), or its first compile (~3 s CPU) if none is cached."""
+        if self._vector is None:
+            self._vector = VectorChooser(self)
+        if self._vector.kernel is not None:
+            self._vector.kernel.warm()
 
     # pieces
     def _cached(self, n_blocks: int, prompt_len: int, conf: float) -> float:

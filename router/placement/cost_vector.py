@@ -1,9 +1,11 @@
 """The cost model's `choose` at fleet scale: the same answer as CostModel.choose_scan (and so as
 choose_exhaustive), from numpy columns of per-worker figures kept across decisions
-(cost_columns.py). Pure Python + numpy.
+(cost_columns.py). Pure Python + numpy, priced by one numba-compiled call (cost_kernel.py: the
+same float operations, bit for bit) where numba imports, else by the numpy code here.
 
 What one decision costs: a fixed number of numpy calls (about a hundred, on the worker rows or on
-smaller arrays), not a Python loop over the workers.
+smaller arrays; with the kernel, one call and a few small arrays), not a Python loop over the
+workers.
 - Prefix hits come from PrefixIndex.match_levels (a memoized walk: levels of workers with the same
   hit) and PrefixIndex.inexact (the few workers whose confidence is below 1). Each row gets a hit
   code (0: none, one per level, one per inexact worker with a hit); the code column of a levels
@@ -45,6 +47,18 @@ SCAN = object()         # choose(): "take CostModel.choose_scan" (a case not cov
 _INF = np.inf
 _MIN, _MAX = np.minimum.reduce, np.maximum.reduce      # ndarray.min / max without their Python wrapper
 _MEMO = 512             # memoized code columns (and row sets: 8x) before the memo starts over
+COMPILED = True         # price with the numba kernel (cost_kernel.py) where numba imports; tests turn it off
+
+
+def compiled_kernel():
+    """cost_kernel (numba-compiled pricing), or None where numba is missing or COMPILED is off."""
+    if not COMPILED:
+        return None
+    try:
+        from pdcluster.router.placement import cost_kernel
+    except ImportError:
+        return None
+    return cost_kernel
 
 
 class VectorChooser:
@@ -63,6 +77,8 @@ class VectorChooser:
         self._codes: dict[int, list] = {}       # id(levels) -> _codes_of's entry
         self._plain = (None, None)              # (generation, groups of the decode rows without hits)
         self._rows: dict[int, tuple] = {}       # id(frozenset of worker ids) -> (that set, generation, rows)
+        self.kernel = compiled_kernel()
+        self._buf = (None, None)                # (generation, the kernel's buffers: _Buffers)
 
     def zone_index(self, zone: str) -> int:
         i = self._zone_ix.get(zone)
@@ -145,8 +161,7 @@ class VectorChooser:
 
     def choose(self, prompt_len: int, prefills, decodes, exclude, hashes, now):
         """CostModel.choose_scan's Placement, or SCAN for a case this does not cover (module doc)."""
-        cm = self.cm
-        c, tel, index = cm.cfg, cm.telemetry, cm.index
+        c, index = self.cm.cfg, self.cm.index
         if c.peer_pull or index.has_lower_tiers:
             return SCAN
         t = time.time() if now is None else now
@@ -154,12 +169,22 @@ class VectorChooser:
         X.sync(prefills, decodes)
         if not X.unique:
             return SCAN
-        nD, L, bs = X.nD, prompt_len, c.block_size
-        u = X.placeable                         # usable rows (a copy once one is excluded)
-        if not c.allow_remote:
+        u, p_all = self._usable(exclude)
+        if self.kernel is not None:
+            return self._choose_compiled(prompt_len, hashes, t, u)
+        if not np.count_nonzero(u[:X.nD]):
+            return None
+        return self._choose_numpy(prompt_len, hashes, t, u, p_all)
+
+    def _usable(self, exclude) -> tuple[np.ndarray, bool]:
+        """(usable rows: the placeable ones less exclude's, and less the prefill rows without
+        allow_remote; a copy once one is taken off), every placeable prefill row is usable)."""
+        X = self.cols
+        u = X.placeable
+        if not self.cm.cfg.allow_remote:
             u = u.copy()
-            u[nD:] = False
-        p_all = True                            # every placeable prefill row is usable
+            u[X.nD:] = False
+        p_all = True
         for w in exclude:
             r, rp = X.drow.get(w), X.prow_g.get(w)
             if r is None and rp is None:
@@ -170,10 +195,13 @@ class VectorChooser:
                 u[r] = False
             if rp is not None:
                 u[rp] = p_all = False
-        uD = u[:nD]
-        if not np.count_nonzero(uD):
-            return None
-        # prefix hits: per-code cached tokens (vals) and blocks; a code per row
+        return u, p_all
+
+    def _hits(self, prompt_len: int, hashes, t: float) -> tuple[list, list, np.ndarray | None, list | None]:
+        """Prefix hits: (cached tokens per code, blocks per code, a code per row or None where no
+        row has a hit, the memo entry of the code column or None where this decision made its own)."""
+        cm, X, index = self.cm, self.cols, self.cm.index
+        bs = cm.cfg.block_size
         vals, blks = [0.0], [0]
         levels = index.match_levels(hashes) if hashes else ()
         code = memo = None
@@ -181,14 +209,14 @@ class VectorChooser:
             memo = self._codes_of(levels)
             code = memo[2]
             for n, _ws in levels:
-                v = cm._cached(n, L, 1.0)
+                v = cm._cached(n, prompt_len, 1.0)
                 vals.append(v)
                 blks.append(int(v // bs))
             for w, conf in index.inexact(t).items():
                 n = next((n for n, ws in levels if w in ws), 0)
                 if not n:
                     continue
-                v = cm._cached(n, L, conf)
+                v = cm._cached(n, prompt_len, conf)
                 vals.append(v)
                 blks.append(int(v // bs))
                 if memo is not None:            # this decision's own codes (and groups)
@@ -199,6 +227,42 @@ class VectorChooser:
                 r = X.prow_g.get(w)
                 if r is not None:
                     code[r] = len(vals) - 1
+        return vals, blks, code, memo
+
+    def _groups_for(self, code, memo, K: int) -> list:
+        """_groups of this decision's codes: memoized with the code column, or per build where no row
+        has a hit."""
+        X = self.cols
+        if memo is not None:
+            if memo[3] is None:
+                memo[3] = self._groups(code, K)
+            return memo[3]
+        if code is not None:                    # this decision's own codes (inexact workers)
+            return self._groups(code, K)
+        if self._plain[0] != X.generation:
+            self._plain = (X.generation, self._groups(None, 1))
+        return self._plain[1]
+
+    def _transfer_figures(self, L: int, vals_a: np.ndarray, groups: list) -> tuple[np.ndarray, float]:
+        """((2, G, zones) [transfer seconds / layers, transfer seconds] per (group, p zone) over
+        zone-priced links (CostModel._transfer's operations), their max), kept in the groups memo."""
+        c = self.cm.cfg
+        layers = max(c.num_layers, 1)
+        links_key = (c, self.cm.telemetry.links.version)
+        if groups[4] != links_key:
+            groups[4:] = links_key, np.maximum(self._zone_bps()[:, groups[2]].T, 1.0), None, None  # (G, zones) bytes/s
+        tr_key = (L, vals_a.tobytes(), self._wire_bytes(c), layers)
+        if groups[6] != tr_key:
+            tr = ((L - vals_a) * self._wire_bytes(c)).take(groups[3])[:, None] / groups[5]
+            groups[6:] = tr_key, (np.stack((tr / layers, tr)), float(_MAX(tr, axis=None)))
+        return groups[7]
+
+    def _choose_numpy(self, prompt_len: int, hashes, t: float, u: np.ndarray, p_all: bool):
+        cm, X = self.cm, self.cols
+        c = cm.cfg
+        nD, L, bs = X.nD, prompt_len, c.block_size
+        uD = u[:nD]
+        vals, blks, code, memo = self._hits(prompt_len, hashes, t)
         need = -(-prompt_len // bs) + 1
         vals_a = np.array(vals)
         if code is not None:
@@ -208,7 +272,7 @@ class VectorChooser:
         else:
             cc, best_cached, blocks = np.zeros(X.N), 0.0, need
         dup_on = bool(c.duplicate_penalty and best_cached)
-        local_ok = c.allow_local and (c.local_max_tokens is None or prompt_len <= c.local_max_tokens)
+        local_ok = self._local_ok(prompt_len)
         n_ps = int(np.count_nonzero(u[nD:]))
         # decode verdicts (the local and remote option of d need the same blocks here: no lower tiers)
         kv = X.free_eff >= blocks
@@ -240,14 +304,7 @@ class VectorChooser:
             mask[:nD] = kv
         p_best = None
         if n_ps:
-            if memo is not None:
-                groups = memo[3] = memo[3] or self._groups(code, len(vals))
-            elif code is not None:              # this decision's own codes (inexact workers)
-                groups = self._groups(code, len(vals))
-            else:                               # no hit anywhere: groups by zone, kept per build
-                if self._plain[0] != X.generation:
-                    self._plain = (X.generation, self._groups(None, 1))
-                groups = self._plain[1]
+            groups = self._groups_for(code, memo, len(vals))
             p_add = X.unplaceable_inf[nD:] if p_all else np.where(u[nD:], 0.0, _INF)
             p_best = self._remote(L, cc, terms, dup0, p_add, u, vals_a, kv, best_cached, groups, opt[nD:])
             mask[nD:] = kv
@@ -270,6 +327,19 @@ class VectorChooser:
             i = self._pick(opt, mask)
         if i is None:
             return None
+        return self._placement(prompt_len, t, i, p_best, cc, best_cached, dup_on, kv_ok_count)
+
+    def _local_ok(self, prompt_len: int) -> bool:
+        c = self.cm.cfg
+        return c.allow_local and (c.local_max_tokens is None or prompt_len <= c.local_max_tokens)
+
+    def _placement(self, prompt_len: int, t: float, i: int, p_best, cc, best_cached: float, dup_on: bool,
+                   kv_ok_count: int) -> Placement:
+        """The winner's Placement: option i (< nD: decode row i's local option; else decode row
+        i - nD's remote one, from prefill-local row p_best[i - nD]), priced as choose_scan does."""
+        cm, X = self.cm, self.cols
+        c, tel = cm.cfg, cm.telemetry
+        nD = X.nD
         if i < nD:
             d = X.loads[i]
             e = cm.estimate_local(prompt_len, d, float(cc[i]), 0.0)
@@ -294,37 +364,109 @@ class VectorChooser:
             return i
         return int(mask.argmax()) if mask.any() else None     # every masked option costs inf
 
+    def _buffers(self, G: int) -> _Buffers:
+        """The kernel's buffers for the columns as built (window entries for G groups)."""
+        X = self.cols
+        if self._buf[0] != X.generation:
+            self._buf = (X.generation, _Buffers(X.N, X.nD))
+        b = self._buf[1]
+        b.fit_windows(G)
+        return b
+
+    def _choose_compiled(self, prompt_len: int, hashes, t: float, u: np.ndarray):
+        """_choose_numpy's answer from one cost_kernel.decide call (and, for pairs with a measured
+        link, _price_measured between the pricing and the pick)."""
+        cm, X, k = self.cm, self.cols, self.kernel
+        c = cm.cfg
+        nD, L = X.nD, prompt_len
+        if not nD:
+            return None
+        vals, blks, code, memo = self._hits(prompt_len, hashes, t)
+        vals_a = np.array(vals)
+        groups = self._groups_for(code, memo, len(vals))
+        B = self._buffers(groups[0])
+        if code is None:
+            code = B.no_code
+        if X.N > nD:
+            tt, tr_max = self._transfer_figures(L, vals_a, groups)
+        else:
+            tt, tr_max = B.no_tt, 0.0
+        local_ok = self._local_ok(prompt_len)
+        slo = c.tpot_slo_s
+        measured = self._measured_links()
+        # (scalars as the kernel was compiled for: floats and bools)
+        Lf, guard, slo_f, strict, chunk = (float(L), bool(local_ok and slo is not None),
+                                           0.0 if slo is None else float(slo), bool(c.tpot_strict),
+                                           float(c.local_chunk_tokens))
+        status, i, n_kv, n_ps, best_cached = k.decide(
+            Lf, -(-prompt_len // c.block_size) + 1, nD, u, code, vals_a, np.array(blks, np.int64),
+            X.rate, X.q, X.zone, X.step_n, X.step_n1, X.pen_n, X.busy, X.free_eff, X.tpot_r,
+            X.pstarts, X.pzone, groups[1], tt, tr_max, X.prank_a, float(c.duplicate_penalty), bool(local_ok),
+            float(c.remote_overhead_s), slo_f, guard, strict, chunk, not measured,
+            B.terms, B.opt, B.mask, B.guarded, B.kv, B.best_p, B.wstart, B.ws, B.wdv, B.wpr, B.rows)
+        if status == k.NO_DECODE:
+            return None
+        if status == k.SCAN:
+            return SCAN                             # nothing KV-feasible: the fallback's case
+        dup_on = bool(c.duplicate_penalty and best_cached)
+        cc = B.terms[3]
+        if measured:
+            if n_ps:
+                dupP = B.terms[4][nD:] if dup_on else None
+                ws, wpr, wstart, ccP = B.ws, B.wpr, B.wstart, cc[nD:]
+
+                def plain(g: int) -> list:
+                    return [(float(ws[e]), float(dupP[p]) if dupP is not None and best_cached - float(ccP[p]) > 0
+                             else None, p) for e in range(wstart[g], wstart[g + 1]) for p in (int(wpr[e]),)]
+
+                self._price_measured(L, cc, B.terms[:3, nD:], dupP, best_cached, u, B.kv, groups, plain,
+                                     B.opt[nD:], B.best_p)
+            i = k.pick_guarded(B.opt, B.mask, B.guarded, nD, guard, slo_f, strict, chunk, Lf, cc,
+                               X.rate, X.step_n, X.step_n1, X.busy)
+        if i < 0:
+            return None
+        kv_ok_count = (n_kv if local_ok else 0) + n_ps * n_kv
+        return self._placement(prompt_len, t, i, B.best_p, cc, best_cached, dup_on, kv_ok_count)
+
+    def _window(self, s_row, k_row, rows_at, dupP, ccP, best_cached: float) -> list:
+        """choose_scan's _Group.window from one group's s and key over prefill rows rows_at:
+        (s, dup or None, prefill-local row) per distinct (s, dup), lowest id kept, by prefill id."""
+        prank = self.cols.prank
+        lo = float(k_row.min())
+        if lo == _INF:
+            return []
+        tol = 1e-9 * (abs(lo) + 1.0)
+        best: dict[tuple, int] = {}
+        for i in (k_row <= lo + tol).nonzero()[0].tolist():
+            pr = int(rows_at[i])
+            kk = (float(s_row[i]), float(dupP[pr]) if dupP is not None and best_cached - float(ccP[pr]) > 0
+                  else None)
+            if kk not in best or prank[pr] < prank[best[kk]]:
+                best[kk] = pr
+        return sorted(((kk[0], kk[1], pr) for kk, pr in best.items()), key=lambda e: prank[e[2]])
+
     def _remote(self, L, cc, terms, dup0, p_add, u, vals_a, kv, best_cached, groups, out) -> np.ndarray:
         """Each decode row's cheapest remote option (choose_scan's): its cost into `out`, and its
         prefill worker (prefill-local row) returned; exact for the KV-feasible rows (kv), which are
         the only ones a pick reads. terms: (3, rows) [compute, queue + compute, free]; p_add: 0.0 for
         a usable prefill row, inf for the others."""
-        cm, X = self.cm, self.cols
-        c, tel = cm.cfg, cm.telemetry
+        X = self.cols
         nD = X.nD
         termsP = terms[:, nD:]                      # prefill rows: [compute, queue + compute, addP]
         compP, qcP, addP = termsP
         zP = X.zone[nD:]
+        ccP = cc[nD:]
         dupP = dup0[nD:] if dup0 is not None else None
         if dupP is not None:                        # key = s + addP: + duplicate, inf if not usable
             np.add(p_add, dupP, out=addP)
         else:
             addP[:] = p_add
-        G, ginv, g_zone, g_code = groups[:4]
-        layers = max(c.num_layers, 1)
-        # transfer seconds per (group, p zone) over zone-priced links: CostModel._transfer's operations
-        links_key = (c, self.cm.telemetry.links.version)
-        if groups[4] != links_key:
-            groups[4:] = links_key, np.maximum(self._zone_bps()[:, g_zone].T, 1.0), None, None  # (G, zones) bytes/s
-        tr_key = (L, vals_a.tobytes(), self._wire_bytes(c), layers)
-        if groups[6] != tr_key:                     # (G, zones) seconds, / layers, their max
-            tr = ((L - vals_a) * self._wire_bytes(c)).take(g_code)[:, None] / groups[5]
-            groups[6:] = tr_key, (np.stack((tr / layers, tr)), float(_MAX(tr, axis=None)))
-        tt, tr_max = groups[7]                      # (2, G, zones): [transfer seconds / layers, transfer seconds]
-        trl, tr = tt
+        G, ginv = groups[:2]
+        tt, tr_max = self._transfer_figures(L, vals_a, groups)  # (2, G, zones): [seconds / layers, seconds]
+        tr = tt[1]
 
         def price(C):
-            """s and key of the (groups x prefill rows C) matrix (x / layers read from trl: the same
+            """s and key of the (groups x prefill rows C) matrix (x / layers read from tt[0]: the same
             quotients)."""
             compC, qcC, addC = termsP.take(C, axis=1)
             xl, x = tt.take(zP.take(C), axis=2)
@@ -351,40 +493,14 @@ class VectorChooser:
         lo = key[gr, i0]
         win = key <= (lo + 1e-9 * (np.abs(lo) + 1.0))[:, None]
         several = (win.sum(axis=1) > 1).nonzero()[0].tolist() if np.count_nonzero(win) > G else []
-        wids, prank = X.wids, X.prank
-
-        def window(s_row, k_row, rows_at) -> list:
-            """choose_scan's _Group.window from one group's s and key over prefill rows rows_at:
-            (s, dup or None, prefill-local row) per distinct (s, dup), lowest id kept, by prefill id."""
-            lo = float(k_row.min())
-            if lo == _INF:
-                return []
-            tol = 1e-9 * (abs(lo) + 1.0)
-            best: dict[tuple, int] = {}
-            for i in (k_row <= lo + tol).nonzero()[0].tolist():
-                pr = int(rows_at[i])
-                kk = (float(s_row[i]), float(dupP[pr]) if dupP is not None and best_cached - float(cc[nD + pr]) > 0
-                      else None)
-                if kk not in best or prank[pr] < prank[best[kk]]:
-                    best[kk] = pr
-            return sorted(((kk[0], kk[1], pr) for kk, pr in best.items()), key=lambda e: prank[e[2]])
-
-        def window_skip(g: int, skip) -> list:
-            """The window of group g over every prefill row but those of `skip` (worker ids)."""
-            xg = tr[g].take(zP)
-            sg = qcP + np.maximum(xg / layers, xg - compP)
-            kg = sg + addP
-            kg[[X.prow[w] for w in skip]] = _INF
-            return window(sg, kg, range(len(kg)))
-
         # row 0 of each group's window; groups with several rows are deduplicated, ordered by id
         sv, pv = s[gr, i0], C.take(i0)
         dv = dupP.take(pv) if dupP is not None else np.zeros(G)
         wins: list = [None] * G
         for g in several:
-            wins[g] = w = window(s[g], key[g], C)
+            wins[g] = w = self._window(s[g], key[g], C, dupP, ccP, best_cached)
             sv[g], dv[g], pv[g] = w[0][0], w[0][1] or 0.0, w[0][2]
-        over = c.remote_overhead_s
+        over = self.cm.cfg.remote_overhead_s
         step = X.step_n
         np.add(sv.take(ginv), step, out=out)
         out += over
@@ -401,38 +517,90 @@ class VectorChooser:
             better = cost < out                     # rows in prefill id order: a tie keeps the lower id
             out[better] = cost[better]
             best_p[better] = pv.take(ginv)[better]
-        measured = self._measured_links()
-        if measured:
-            uP = u[nD:]
-            for dst, srcs in measured.items():
-                r = X.drow.get(dst)
-                if r is None or not kv[r]:
-                    continue
-                mine = [w for w in srcs if uP[X.prow[w]]]
-                if not mine:
-                    continue
-                d = X.loads[r]
-                cdev = float(cc[r])
-                cands = []
-                for w in mine:
-                    pr = X.prow[w]
-                    p = X.loads[nD + pr]
-                    bps, src = tel.links.bandwidth(p.worker_id, d.worker_id, p.zone, d.zone)
-                    codec = cm.kv_codec(L, p, cdev, bps if src == "measured" else None)
-                    sp = float(qcP[pr]) + cm._exposed(cm._transfer(L, cdev, codec, bps)[1], float(compP[pr]))
-                    cands.append((sp, float(dupP[pr]) if dupP is not None and best_cached - float(cc[nD + pr]) > 0
-                                  else None, pr))
-                g = int(ginv[r])
-                skip = set(mine)
-                plain = wins[g] if wins[g] is not None else window(s[g], key[g], C)
-                cands += window_skip(g, skip) if any(wids[nD + e[2]] in skip for e in plain) else plain
-                step_n = float(step[r])
-                bc = None
-                for sp, dup, pr in cands:
-                    cost = sp + step_n + over
-                    if dup is not None:
-                        cost += dup
-                    if bc is None or (cost, wids[nD + pr]) < (bc[0], wids[nD + bc[1]]):
-                        bc = (cost, pr)
-                out[r], best_p[r] = bc
+        if self._measured_links():
+            def plain(g: int) -> list:
+                return wins[g] if wins[g] is not None else self._window(s[g], key[g], C, dupP, ccP, best_cached)
+
+            self._price_measured(L, cc, termsP, dupP, best_cached, u, kv, groups, plain, out, best_p)
         return best_p
+
+    def _price_measured(self, L, cc, termsP, dupP, best_cached, u, kv, groups, plain, out, best_p) -> None:
+        """Pairs with a measured link priced one by one (choose_scan's), beside the rest of their
+        group's window (plain(g): the window over every prefill row; priced again without the
+        measured ones where one of them is in it): out and best_p of those decode rows updated."""
+        cm, X = self.cm, self.cols
+        tel = cm.telemetry
+        nD = X.nD
+        compP, qcP, addP = termsP
+        zP, ccP = X.zone[nD:], cc[nD:]
+        ginv = groups[1]
+        layers = max(cm.cfg.num_layers, 1)
+        tr = groups[7][0][1]
+        over, step = cm.cfg.remote_overhead_s, X.step_n
+        wids = X.wids
+
+        def window_skip(g: int, skip) -> list:
+            """The window of group g over every prefill row but those of `skip` (worker ids)."""
+            xg = tr[g].take(zP)
+            sg = qcP + np.maximum(xg / layers, xg - compP)
+            kg = sg + addP
+            kg[[X.prow[w] for w in skip]] = _INF
+            return self._window(sg, kg, range(len(kg)), dupP, ccP, best_cached)
+
+        uP = u[nD:]
+        for dst, srcs in self._measured_links().items():
+            r = X.drow.get(dst)
+            if r is None or not kv[r]:
+                continue
+            mine = [w for w in srcs if uP[X.prow[w]]]
+            if not mine:
+                continue
+            d = X.loads[r]
+            cdev = float(cc[r])
+            cands = []
+            for w in mine:
+                pr = X.prow[w]
+                p = X.loads[nD + pr]
+                bps, src = tel.links.bandwidth(p.worker_id, d.worker_id, p.zone, d.zone)
+                codec = cm.kv_codec(L, p, cdev, bps if src == "measured" else None)
+                sp = float(qcP[pr]) + cm._exposed(cm._transfer(L, cdev, codec, bps)[1], float(compP[pr]))
+                cands.append((sp, float(dupP[pr]) if dupP is not None and best_cached - float(ccP[pr]) > 0
+                              else None, pr))
+            g = int(ginv[r])
+            skip = set(mine)
+            pl = plain(g)
+            cands += window_skip(g, skip) if any(wids[nD + e[2]] in skip for e in pl) else pl
+            step_n = float(step[r])
+            bc = None
+            for sp, dup, pr in cands:
+                cost = sp + step_n + over
+                if dup is not None:
+                    cost += dup
+                if bc is None or (cost, wids[nD + pr]) < (bc[0], wids[nD + bc[1]]):
+                    bc = (cost, pr)
+            out[r], best_p[r] = bc
+
+
+class _Buffers:
+    """What cost_kernel.decide writes (its module doc), for one build of the columns."""
+
+    def __init__(self, N: int, nD: int):
+        nP = N - nD
+        self.terms = np.zeros((5, N))
+        self.opt = np.zeros(2 * nD)
+        self.mask = np.zeros(2 * nD, bool)
+        self.guarded = np.zeros(2 * nD, bool)
+        self.kv = np.zeros(nD, bool)
+        self.best_p = np.zeros(nD, np.int64)
+        self.rows = np.zeros(max(nP, 1), np.int64)
+        self.no_code = np.zeros(N, np.int64)        # the code column where no row has a hit
+        self.no_tt = np.zeros((2, 1, 1))            # transfer figures where there is no prefill row
+        self.nP, self.G = nP, -1
+
+    def fit_windows(self, G: int) -> None:
+        """Room for G groups' windows: each holds at most one entry per prefill row."""
+        if G > self.G:
+            self.G = G
+            self.wstart = np.zeros(G + 1, np.int64)
+            n = max(G * self.nP, 1)
+            self.ws, self.wdv, self.wpr = np.zeros(n), np.zeros(n), np.zeros(n, np.int64)

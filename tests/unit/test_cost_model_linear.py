@@ -3,9 +3,11 @@ one pass) against choose_exhaustive (every (p, d) pair priced, the reference) on
 fleets: zones, zone-pair priors, measured links, unhealthy, draining and full workers, prefix hits
 with stale confidence, hits in host / disk tiers (priced by their load), codecs, SLO guards, exact
 ties; and one CostModel kept over a run of decisions interleaved with load, status, membership,
-index and link changes, so that a cache that misses a change fails."""
+index and link changes, so that a cache that misses a change fails. Each test runs twice: choose
+priced by the numba kernel (cost_kernel.py) and by numpy alone (where numba is missing)."""
 import copy
 import random
+import sys
 from dataclasses import replace
 
 import pytest
@@ -14,12 +16,21 @@ from pdcluster.messages import EngineFigures, LinkFigures, WorkerStatus
 from pdcluster.router.cost_config import CostConfig
 from pdcluster.router.placement import WorkerLoad
 from pdcluster.router.placement.cost_model import CostModel
+from pdcluster.router.placement import cost_vector
 from pdcluster.router.placement.cost_vector import SCAN
 from pdcluster.router.prefix_index import PrefixIndex
 
 pytestmark = pytest.mark.timeout(60)
 
 BS = 16
+
+
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def pricing(request, monkeypatch):
+    """choose's pricing: the numba kernel (a declared dependency: its absence fails here) or numpy."""
+    monkeypatch.setattr(cost_vector, "COMPILED", request.param == "compiled")
+    assert (cost_vector.compiled_kernel() is not None) == (request.param == "compiled")
+    return request.param
 
 
 def fleet(rng: random.Random, ties: bool):
@@ -139,6 +150,50 @@ def test_choose_equals_exhaustive_on_larger_fleets():
             w = rng.choice(ps + ds)
             w.in_flight, w.queued_tokens = w.in_flight + 1, w.queued_tokens + 700
     assert vector >= 100
+
+
+def test_without_numba_choose_prices_with_numpy(monkeypatch):
+    """Where numba does not import, choose still answers (numpy pricing); control: it imports here."""
+    import pdcluster.router.placement as placement
+    monkeypatch.setattr(cost_vector, "COMPILED", True)
+    assert cost_vector.compiled_kernel() is not None
+    monkeypatch.setitem(sys.modules, "numba", None)             # `import numba` raises ImportError
+    monkeypatch.delitem(sys.modules, "pdcluster.router.placement.cost_kernel")
+    monkeypatch.delattr(placement, "cost_kernel")
+    assert cost_vector.compiled_kernel() is None
+    for seed in range(40):
+        cm, n, ps, ds, ex, hs, now = case(seed, False, tiers=False)
+        assert cm.choose(n, ps, ds, ex, hashes=hs, now=now) == cm.choose_exhaustive(n, ps, ds, ex, hashes=hs, now=now)
+        assert cm._vector.kernel is None
+
+
+def test_warm_compiles_for_the_types_choose_passes(pricing):
+    """CostModel.warm (the Router calls it at start) leaves nothing to compile at the placements:
+    choose, with and without a measured link, adds no specialization of the kernel."""
+    cm = CostModel(CostConfig(block_size=BS, tpot_slo_s=1, remote_overhead_s=0, duplicate_penalty=0))
+    cm.warm()
+    k = cm._vector.kernel
+    if pricing == "numpy":
+        assert k is None
+        return
+    made = (len(k.decide.signatures), len(k.pick_guarded.signatures))
+    assert made[0] == 1
+    ps = [WorkerLoad(f"p{i}", "prefill", prefill_tps=1e4, zone="a") for i in range(3)]
+    ds = [WorkerLoad(f"d{i}", "decode", decode_step_s=(0.02, 0.0), zone="b", num_blocks=1000, free_blocks=1000)
+          for i in range(3)]
+    assert cm.choose(4096, ps, ds, now=0.0) == cm.choose_exhaustive(4096, ps, ds, now=0.0)
+    cm.telemetry.links.ingest([LinkFigures("p0", "d0", count=1, ewma_bytes_per_s=1e6, last_sample_time=0.0)])
+    assert cm.choose(4096, ps, ds, now=0.0) == cm.choose_exhaustive(4096, ps, ds, now=0.0)
+    assert (len(k.decide.signatures), len(k.pick_guarded.signatures)) == (1, max(made[1], 1))
+
+
+def test_no_decode_worker_or_none_usable_is_no_placement():
+    ps = [WorkerLoad(f"p{i}", "prefill", prefill_tps=1e4, zone="a") for i in range(2)]
+    d = WorkerLoad("d0", "decode", zone="b", num_blocks=1000, free_blocks=1000)
+    cm = CostModel(CostConfig(block_size=BS))
+    assert cm.choose(100, ps, [], now=0.0) is None is cm.choose(100, [], [], now=0.0)
+    assert cm.choose(100, ps, [d], frozenset({"d0"}), now=0.0) is None
+    assert cm.choose(100, ps, [d], now=0.0).decode == "d0"       # control
 
 
 def test_ties_go_to_the_lowest_ids():
