@@ -44,11 +44,14 @@ def gguf_path() -> Path:
 
 
 def serve_command(binary: Path, model: Path, port: int, threads: int, parallel: int, context: int,
-                  alias: str) -> list[str]:
+                  alias: str, repack: bool = True) -> list[str]:
     """../PEERS.md's llama-server line: continuous batching over `parallel` slots sharing `context`
-    tokens, prompt cache on (its default)."""
+    tokens, prompt cache on (its default). repack False: `--no-repack` (no extra weight buffers, so
+    none of ggml's AMX kernels, which crash in ggml_backend_amx_mul_mat on an AMX host with
+    llama-cpp-python 0.3.36's ggml: SIGSEGV at the first matmul, llama-bench too)."""
     return [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", str(context),
-            "--parallel", str(parallel), "--cont-batching", "-t", str(threads), "--alias", alias]
+            "--parallel", str(parallel), "--cont-batching", "-t", str(threads), "--alias", alias,
+            *([] if repack else ["--no-repack"])]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--parallel", type=int, default=16, help="slots (concurrent sequences)")
     s.add_argument("--context", type=int, default=16384, help="context tokens shared by the slots (-c)")
     s.add_argument("--alias", default="smollm2", help="the model id it reports")
+    s.add_argument("--no-repack", action="store_true",
+                   help="pass --no-repack: no repacked weight buffers (on an AMX host, ggml's AMX matmul crashes)")
     return p
 
 
@@ -84,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
               "(or pass --binary)", file=sys.stderr)
         return 2
     try:
-        cmd = serve_command(binary, gguf_path(), a.port, a.threads, a.parallel, a.context, a.alias)
+        cmd = serve_command(binary, gguf_path(), a.port, a.threads, a.parallel, a.context, a.alias,
+                            repack=not a.no_repack)
     except FileNotFoundError as e:
         print(e, file=sys.stderr)
         return 2

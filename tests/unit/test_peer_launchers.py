@@ -15,6 +15,10 @@ def test_llama_server_serves_the_gguf_pdcluster_serves_with_the_peers_md_flags(t
     for part in (f"-m {gguf}", "--port 8103", "-c 16384", "--parallel 16", "--cont-batching", "-t 2",
                  "--alias smollm2", "--host 127.0.0.1"):
         assert part in line, (part, line)
+    assert "--no-repack" not in cmd
+    no_repack = llama_server.serve_command(tmp_path / "llama-server", gguf, 8103, 2, 16, 16384, "smollm2",
+                                           repack=False)
+    assert no_repack == cmd + ["--no-repack"]
 
 
 def test_llama_server_build_turns_the_server_on_and_the_downloaded_ui_off(tmp_path):
