@@ -23,8 +23,9 @@ Inductor's own kernels in the layer (norms, rotary, the KV store and gather, sil
 generated serial (KERNEL_THREADS): at decode sizes each is a few microseconds of work, and as OpenMP
 regions they cost a barrier each, 8 a layer; with 2 threads and the workers' OMP_WAIT_POLICY=PASSIVE a
 barrier is a sleep and a wake-up. The aten calls (int4 mms, SDPA, mean) keep torch's threads. Measured
-1.05-1.14x per step at 2 threads, batch 1 and 8, equal at 1 thread (bench/RESULTS.md, "int4 decode
-linears on AVX-512"); the cost is a serial KV gather at several rows and long contexts.
+at 2 threads: 1.05-1.14x per step at batch 1 and 8 on a quieter host, equal on a contended one and at
+1,024 tokens x 8 rows (the KV gather is serial); equal at 1 thread (bench/RESULTS.md, "int4 decode
+linears on AVX-512"; bench/compiled_threads.py).
 """
 from __future__ import annotations
 
