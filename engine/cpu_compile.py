@@ -18,6 +18,14 @@ split bmm or oneDNN at these row counts: the same function, rounded differently.
 The package is cached on disk (PDCLUSTER_AOTI_CACHE, default ~/.cache/pdcluster/aoti) under a key of
 what it depends on (torch version and CPU capability, threads, the traced sources, layer geometry,
 kernels and dtypes, block size); a later start loads it in milliseconds.
+
+Inductor's own kernels in the layer (norms, rotary, the KV store and gather, silu * mul, residuals) are
+generated serial (KERNEL_THREADS): at decode sizes each is a few microseconds of work, and as OpenMP
+regions they cost a barrier each, 8 a layer; with 2 threads and the workers' OMP_WAIT_POLICY=PASSIVE a
+barrier is a sleep and a wake-up. The aten calls (int4 mms, SDPA, mean) keep torch's threads. Measured
+at 2 threads: 1.05-1.14x per step at batch 1 and 8 on a quieter host, equal on a contended one and at
+1,024 tokens x 8 rows (the KV gather is serial); equal at 1 thread (bench/RESULTS.md, "int4 decode
+linears on AVX-512"; bench/compiled_threads.py).
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ from pdcluster.engine.quant.packed import GROUP
 
 log = logging.getLogger(__name__)
 
+KERNEL_THREADS = 1          # inductor's own kernels: serial (aten's calls in the layer keep torch's threads)
 MAX_ROWS = DENSE_MIN_ROWS   # decode rows below this take the compiled layer: the packed linears' kernel path
                             # (from there on eager dequantizes + runs a GEMM, which the layer does not do)
 
@@ -170,7 +179,7 @@ class CompiledDecode:
         layer = DecodeLayer(specs, counts, c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps, model.scale)
         bs = k_cache.shape[1]
         key = hashlib.sha256(repr((torch.__version__, torch.backends.cpu.get_cpu_capability(),
-                                   torch.get_num_threads(), specs, counts, c.num_heads, c.num_kv_heads,
+                                   torch.get_num_threads(), KERNEL_THREADS, specs, counts, c.num_heads, c.num_kv_heads,
                                    c.head_dim, c.hidden_size, c.rms_norm_eps, model.scale, str(model.dtype),
                                    str(k_cache.dtype), tuple(k_cache.shape[1:]),
                                    [(tuple(t.shape), str(t.dtype)) for t in layer_args[0]])).encode()
@@ -247,7 +256,7 @@ def _compile(layer: DecodeLayer, model, k_cache, args0: list[torch.Tensor], bs: 
     fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        with _aten_mean(), torch._inductor.config.patch(fx_graph_cache=False):
+        with _aten_mean(), torch._inductor.config.patch({"fx_graph_cache": False, "cpp.threads": KERNEL_THREADS}):
             torch._inductor.aoti_compile_and_package(ep, package_path=tmp)
         os.replace(tmp, path)
     finally:

@@ -143,3 +143,33 @@ def test_logprobs_are_of_the_tempered_untruncated_distribution_best_first():
 def test_new_sampling_fields_are_validated(kw, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kw)
+
+
+def test_clean_logits_one_reduction_check_matches_the_elementwise_one():
+    """clean_logits skips the elementwise check when the sum is finite: every row kind gives what the
+    elementwise check (isfinite over all entries) gives, including finite rows whose sum overflows."""
+    from pdcluster.engine.sampler import clean_logits
+
+    def reference(x):
+        if bool(torch.isfinite(x).all()):
+            return x
+        return x.nan_to_num(nan=float("-inf"), posinf=torch.finfo(x.dtype).max, neginf=float("-inf"))
+    rows = {"plain": torch.randn(2, 8), "overflowing sum": torch.full((2, 8), 3e38),
+            "-inf entry": torch.randn(2, 8).index_fill_(1, torch.tensor([3]), float("-inf")),
+            "+inf entry": torch.randn(2, 8).index_fill_(1, torch.tensor([5]), float("inf")),
+            "nan entry": torch.randn(2, 8).index_fill_(1, torch.tensor([0]), float("nan")),
+            "+inf and -inf": torch.tensor([[float("inf"), float("-inf"), 1.0], [0.0, 1.0, 2.0]])}
+    for name, x in rows.items():
+        got, want = clean_logits(x.clone()), reference(x.clone())
+        assert torch.equal(got, want), name
+        assert not got.isnan().any(), name
+
+
+def test_greedy_rows_take_the_first_of_tied_maxima():
+    """sample_rows' greedy pick (max(-1).indices) follows argmax's rule: the first maximal entry wins."""
+    logits = torch.zeros(3, 49152)
+    logits[0, [7, 40000]] = 5.0
+    logits[1, [30000, 49151]] = 2.0
+    logits[2, :] = 1.0
+    toks, _ = sample_rows(logits, [SamplingParams(temperature=0)] * 3, [None] * 3)
+    assert toks == [7, 30000, 0] == logits.argmax(-1).tolist()
