@@ -30,3 +30,29 @@ def _torch_threads_restored():
     yield
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+def _checkpoint_stamp(path: str) -> tuple:
+    """(name, size, mtime) of the checkpoint file, or of every file of its folder."""
+    files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path))
+    return tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files if os.path.isfile(f))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _weights_read_once():
+    """The engines one test process builds (dozens: every worker pair, every LLM) read a checkpoint's
+    weights once per (model config, file stamp, dtype, quantization): later loads get a new dict of
+    the same tensors, which nothing writes to (LlamaModel converts, fuses or wraps them). A test that
+    rewrites a checkpoint changes its stamp and loads it afresh. Worker processes (Ray, `serve`) load
+    their own."""
+    from pdcluster.engine import loader
+    real, kept = loader.load_weights, {}
+
+    def load_weights(cfg, dtype, quantization="none"):
+        key = (cfg, _checkpoint_stamp(cfg.path), dtype, quantization)
+        if key not in kept:
+            kept[key] = real(cfg, dtype, quantization)
+        return dict(kept[key])
+    loader.load_weights = load_weights
+    yield
+    loader.load_weights = real

@@ -38,11 +38,22 @@ def llm():
     return LLM(dtype="float32", quantization="none", kv_cache_memory=256 * 2**20, max_num_seqs=32)
 
 
+_GREEDY: dict[tuple, tuple[int, list[int]]] = {}     # (model, prompt) -> (tokens asked, tokens got)
+
+
 @torch.inference_mode()
 def hf_greedy(model, ids: list[int], n: int) -> list[int]:
-    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         max_new_tokens=n, do_sample=False, pad_token_id=0)
-    return out[0, len(ids):].tolist()
+    """The reference's greedy continuation: n tokens (fewer if it stops at EOS). Kept per (model,
+    prompt) for the session: each step sees only the tokens before it, so a shorter run is a longer
+    run's head, and the modules that ask for the same prompts generate them once."""
+    key = (model, tuple(ids))
+    asked, toks = _GREEDY.get(key, (0, []))
+    if n > asked and len(toks) == asked:        # not enough, and the earlier run did not stop at EOS
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, pad_token_id=0)
+        asked, toks = n, out[0, len(ids):].tolist()
+        _GREEDY[key] = asked, toks
+    return toks[:n]
 
 
 @torch.inference_mode()

@@ -50,16 +50,23 @@ def test_chunked_prefill_of_long_prompt(hf_ref):
     check_top5(hf_ref, prompt, out.token_ids, hf_greedy(hf_ref, prompt, 12))
 
 
-def test_forced_preemption_tiny_pool(hf_ref, refs):
+@pytest.fixture(scope="module")
+def tiny():
+    """10 KV blocks (160 tokens): 8 prompts of up to ~50 tokens + 20 tokens each, or 4 of 20 + 30,
+    cannot all stay resident; one load for the two preemption tests (each leaves the pool empty)."""
+    return LLM(num_blocks=10, max_num_batched_tokens=256, enable_prefix_caching=False)
+
+
+def test_forced_preemption_tiny_pool(hf_ref, refs, tiny):
     ids, ref = refs
-    tiny = LLM(num_blocks=10, max_num_batched_tokens=256, enable_prefix_caching=False)
     outs = tiny.generate(ids[:8], GREEDY)
     assert tiny.engine.figures()["free_blocks"] == 10 and not tiny.engine.has_work()
     assert_all_match(hf_ref, ids[:8], outs, ref[:8])
 
 
-def test_preemption_actually_happened():
-    tiny = LLM(num_blocks=8, max_num_batched_tokens=256, enable_prefix_caching=False)
+def test_preemption_actually_happened(tiny):
+    assert tiny.engine.figures()["free_blocks"] == 10 and not tiny.engine.has_work()
+    # 4 requests needing 4 blocks each (20 prompt + 30 output tokens) in 10 blocks
     reqs = [tiny.engine.add_request(list(range(100 + 20 * i, 120 + 20 * i)),
                                     SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)) for i in range(4)]
     while tiny.engine.has_work():

@@ -1,5 +1,5 @@
-"""Shared pieces of the fault tests: a cluster per test module (on one Ray instance for the whole
-session) and the offline greedy reference."""
+"""Shared pieces of the fault tests: clusters (on one Ray instance for the whole session; one
+cluster may serve several modules, SharedCluster) and the offline greedy reference."""
 import asyncio
 import functools
 from contextlib import contextmanager
@@ -46,6 +46,38 @@ def running_cluster(**cfg):
     finally:
         loop.run_until_complete(c.stop())
         loop.close()
+
+
+class SharedCluster:
+    """One running cluster for the modules whose tests agree on its configuration: started on first
+    use, stopped at the session's end (tests/faults/conftest.py). A module that leaves it damaged
+    (workers killed for good) hands it back with spend(): the next user gets a fresh one, whatever
+    the order the modules run in."""
+
+    def __init__(self, **cfg):
+        self.cfg, self._cm, self.c = cfg, None, None
+
+    def get(self):
+        if self.c is None:
+            self._cm = running_cluster(**self.cfg)
+            self.c = self._cm.__enter__()
+        return self.c
+
+    def spend(self) -> None:
+        cm, self._cm, self.c = self._cm, None, None
+        if cm is not None:
+            cm.__exit__(None, None, None)
+
+
+# 1 prefill + 2 decode workers for tests/faults/test_restart_hang.py and test_worker_faults.py: tight
+# bounds so a hang is seen within seconds (status poll 1 s, stream gap 3 s, a remote prefill 15 s, a
+# stalled write 2 s); Ray restarts a crashed worker once; 64-token engine steps, so a prefill worker
+# holding 16 prompts can be stopped after its first step with most still queued; no admission by
+# expected wait (the rate a loaded host teaches the router put 16 prompts past the 30 s default).
+ONE_PREFILL_TWO_DECODE = dict(prefill_workers=1, decode_workers=2, kv_cache_memory=96 * 2**20, max_restarts=1,
+                              worker_timeout_s=3.0, health_timeout_s=1.0, prefill_timeout_s=15.0,
+                              slow_reader_timeout_s=2.0, max_num_batched_tokens=64,
+                              router__max_queue_wait_s=None)
 
 
 @functools.cache

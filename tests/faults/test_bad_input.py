@@ -158,16 +158,38 @@ def incarnations(c) -> dict:
     return {w: s.incarnation for w, s in c.run(c.worker_status()).items()}
 
 
+async def each_then_served(items, bad, valid, width: int = 8) -> list[tuple[object, bool]]:
+    """For each item: await bad(item), then send valid() (-> served or not) once that answer is in,
+    as a client's next request; the next item's bad request does not wait for it, so the valid
+    requests overlap one another (at most `width` in flight: a decode batch, not one request at a
+    time). Returns [(what bad returned, whether the valid request after it was served)]."""
+    sem = asyncio.Semaphore(width)
+
+    async def after():
+        async with sem:
+            return await valid()
+    out, nxt = [], []
+    for item in items:
+        out.append(await bad(item))
+        nxt.append(asyncio.ensure_future(after()))
+    return list(zip(out, await asyncio.gather(*nxt)))
+
+
 def test_bad_input_matrix_codes_and_next_request_served(c):
     before = incarnations(c)
 
     async def run():
         rows = []
         async with grpc.aio.insecure_channel(c.address) as ch:
-            for name, data, code, word in MATRIX:
-                got, details, _ = await call(ch, data)
-                nxt, _, msgs = await call(ch, ser(req()))
-                rows.append((name, got, details, got == code and word in details, served(nxt, msgs)))
+            async def bad(row):
+                return await call(ch, row[1])
+
+            async def valid():
+                code, _, msgs = await call(ch, ser(req()))
+                return served(code, msgs)
+            answers = await each_then_served(MATRIX, bad, valid)
+            for (name, _, code, word), ((got, details, _), ok) in zip(MATRIX, answers):
+                rows.append((name, got, details, got == code and word in details, ok))
             # the duplicate in-flight id (ALREADY_EXISTS) and GetModelInfo with garbage
             long = pb.GenerateRequest(request_id="dup", text="Count to one hundred:",
                                       sampling=pb.SamplingParams(max_tokens=40, ignore_eos=True))
@@ -522,12 +544,15 @@ def test_http_bad_input_matrix_gets_openai_errors_and_next_request_served(c):
     async def run():
         rows = []
         async with httpx.AsyncClient(timeout=60) as http:
-            for name, path, fields, status, word in HTTP_MATRIX:
-                r = await post(http, c, path, http_body(c, path, fields))
+            async def bad(row):
+                _, path, fields, _, _ = row
+                return await post(http, c, path, http_body(c, path, fields))
+            answers = await each_then_served(HTTP_MATRIX, bad, lambda: http_served(http, c))
+            for (name, _, _, status, word), (r, nxt) in zip(HTTP_MATRIX, answers):
                 err = r.json().get("error", {}) if is_openai_error(r) else {}
                 said = f"{err.get('param')} {err.get('message')}"
                 ok = r.status_code == status and bool(err) and word in said
-                rows.append((name, str(r.status_code), said if err else r.text, ok, await http_served(http, c)))
+                rows.append((name, str(r.status_code), said if err else r.text, ok, nxt))
         return rows
     report("HTTP bad-input matrix (OpenAI error bodies)", c.run(run()))
     assert_unharmed(c, before)

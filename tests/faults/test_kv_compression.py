@@ -8,16 +8,17 @@ from pdcluster.kv_transfer.codec_policy import CompressionPolicy
 from pdcluster.messages import PrefillResult
 from tests.e2e.conftest import PROMPTS, check_top5
 from tests.unit import kv_workers
-from tests.unit.kv_workers import GREEDY, pair
+from tests.unit.kv_workers import GREEDY
 CASES = PROMPTS[::3] + ["Describe a lighthouse on a stormy night. " * 12]  # 7 prompts, 5-110 tokens
 
 
 @pytest.fixture(scope="module")
-def workers():
-    p, d = pair("tcp")
+def workers(tcp_pair):
+    """The session's TCP worker pair (tests/faults/conftest.py), its compression put back after."""
+    p, d = tcp_pair
+    saved = p.compression
     yield p, d
-    p.close()
-    d.close()
+    p.compression = saved
 
 
 def remote(p, d, rid, ids, salt) -> tuple[list[int], PrefillResult]:

@@ -7,8 +7,7 @@ import grpc
 
 from pdcluster.router.proto import generation_pb2 as pb
 from pdcluster.router.proto import generation_pb2_grpc as pbg
-from pdcluster.engine import LLM, SamplingParams
-from tests.faults.clusters import running_cluster
+from tests.faults.clusters import greedy_reference, running_cluster
 
 GAP_S = 3.0        # the stream-gap bound; the prefill below takes several times longer
 MAX_NEW = 8
@@ -17,10 +16,7 @@ KV_MIB = 160       # fp32 SmolLM2: ~46 KB of KV per token
 
 
 def test_long_local_prefill_is_not_a_lost_worker():
-    llm = LLM(kv_cache_memory=KV_MIB * 2**20)
-    ids = [llm.tokenizer.encode(PROMPT, add_special_tokens=False)]
-    ref = [llm.generate(ids, SamplingParams(max_tokens=MAX_NEW, temperature=0))[0].token_ids]
-    del llm
+    ids, ref = greedy_reference([PROMPT], MAX_NEW)     # the session's offline engine (its 64 MiB hold ~1,400 tokens)
     assert len(ids[0]) > 1000
     # one decode worker, no prefill pool: a "lost" verdict would leave nowhere to go (UNAVAILABLE);
     # 32-token chunks make the prefill ~35 engine steps

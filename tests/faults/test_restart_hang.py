@@ -17,23 +17,22 @@ import ray
 
 from pdcluster.router.proto import generation_pb2 as pb
 from pdcluster.router.proto import generation_pb2_grpc as pbg
-from tests.faults.clusters import greedy_reference, running_cluster
-from tests.procs import free_port
+from tests.faults.clusters import ONE_PREFILL_TWO_DECODE, greedy_reference
 
 N = 16
 MAX_NEW = 24
 PROMPTS = [f"Request {i}: write one sentence about the sea and the wind." for i in range(N)]
-HEALTH_S = 1.0      # status poll bound in this cluster
-GAP_S = 3.0         # token-stream silence bound in this cluster
-SLOW_READER_S = 2.0  # a write stalled this long cancels the request
+HEALTH_S = ONE_PREFILL_TWO_DECODE["health_timeout_s"]          # status poll bound in this cluster
+GAP_S = ONE_PREFILL_TWO_DECODE["worker_timeout_s"]             # token-stream silence bound in this cluster
+SLOW_READER_S = ONE_PREFILL_TWO_DECODE["slow_reader_timeout_s"]  # a write stalled this long cancels the request
+CHOICES = 8         # of the HTTP slow reader: 8 x 26 KV blocks if all ran to the end (the decode pools: 272)
 
 
 @pytest.fixture(scope="module")
-def c():
-    with running_cluster(prefill_workers=1, decode_workers=2, kv_cache_memory=96 * 2**20, max_restarts=1,
-                         worker_timeout_s=GAP_S, health_timeout_s=HEALTH_S, prefill_timeout_s=15.0,
-                         slow_reader_timeout_s=SLOW_READER_S, http_port=free_port()) as cl:
-        yield cl
+def c(one_prefill_two_decode):
+    """The session's 1 prefill + 2 decode cluster (tests/faults/conftest.py), whole: these faults
+    heal (SIGCONT, Ray's restart); test_worker_faults.py, which kills workers for good, spends it."""
+    return one_prefill_two_decode.get()
 
 
 @pytest.fixture(scope="module")
@@ -240,12 +239,12 @@ def test_http_slow_reader_is_cut_off_and_frees_its_blocks(c, caplog):
     """The HTTP twin of the gRPC slow reader: a raw socket client with a 2 KB receive buffer sends a
     streamed completion and never reads. uvicorn's writes stall; after the slow-reader bound the
     request is cancelled (its KV freed) and the client's connection is reset; a normal client is
-    served meanwhile. Three choices with 20 logprobs each fill the ~0.2 MB of socket and transport
-    buffers before a write can stall (one choice took ~50 s of decoding to get there)."""
+    served meanwhile. Eight choices with 20 logprobs each fill the ~0.2 MB of socket and transport
+    buffers before a write can stall (one choice took ~50 s of decoding to get there, three ~30 s)."""
     import httpx
     caplog.set_level(logging.WARNING, logger="pdcluster.router.openai.sse")
     body = json.dumps({"model": c.http.api.model, "prompt": "Tell me a long story about a lighthouse keeper.",
-                       "max_tokens": 400, "n": 3, "ignore_eos": True, "stream": True, "logprobs": 20}).encode()
+                       "max_tokens": 400, "n": CHOICES, "ignore_eos": True, "stream": True, "logprobs": 20}).encode()
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)           # before connect: the window it offers
     s.connect(("127.0.0.1", c.http.port))
@@ -254,7 +253,7 @@ def test_http_slow_reader_is_cut_off_and_frees_its_blocks(c, caplog):
 
     async def run():
         t0 = time.monotonic()
-        await wait_until(lambda: len(c.router.in_flight) == 3, 30)            # one per choice
+        await wait_until(lambda: len(c.router.in_flight) == CHOICES, 30)      # one per choice
         async with httpx.AsyncClient(timeout=60) as http:
             normal = await http.post(f"http://127.0.0.1:{c.http.port}/v1/completions",
                                      json={"model": c.http.api.model, "prompt": "Hi", "max_tokens": 4})
@@ -266,12 +265,12 @@ def test_http_slow_reader_is_cut_off_and_frees_its_blocks(c, caplog):
     finally:
         s.close()
     cut = [r for r in caplog.records if "stopped reading" in r.getMessage()]
-    print(f"\n[faults] HTTP slow reader (2 KB receive buffer, never reads, 3 x 400 tokens asked): cancelled after "
+    print(f"\n[faults] HTTP slow reader (2 KB receive buffer, never reads, {CHOICES} x 400 tokens asked): cancelled after "
           f"{freed_s:.1f}s (bound {SLOW_READER_S:g}s), {got} bytes were buffered for it, its connection {ended}; "
           f"a normal client was served meanwhile")
     assert normal.status_code == 200 and normal.json()["usage"]["completion_tokens"] >= 1
     assert cut and "connection reset" in cut[0].getMessage(), [r.getMessage() for r in caplog.records]
-    # cut short: what the server's buffers held (~0.2 MB), far from 3 x 400 tokens' ~1 MB of chunks
+    # cut short: what the server's buffers held (~0.2 MB), far from 8 x 400 tokens' ~3 MB of chunks
     assert ended in ("closed", "reset") and got < 400_000
     assert_idle(c)
 

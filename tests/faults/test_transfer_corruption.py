@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from pdcluster.kv_transfer import KVTransferError
-from tests.unit.kv_workers import GREEDY, pair, remote, tokens
+from tests.unit.kv_workers import GREEDY, remote, tokens
 
 
 class Proxy:
@@ -55,11 +55,9 @@ class Proxy:
 
 
 @pytest.fixture(scope="module")
-def workers():
-    p, d = pair("tcp", transfer_timeout_s=10)
-    yield p, d
-    p.close()
-    d.close()
+def workers(tcp_pair):
+    """The session's TCP worker pair (tests/faults/conftest.py; transfer_timeout_s=10)."""
+    return tcp_pair
 
 
 @pytest.mark.parametrize("mode", ["corrupt", "drop"])

@@ -12,7 +12,7 @@ import ray
 
 from pdcluster.router.proto import generation_pb2 as pb
 from pdcluster.router.proto import generation_pb2_grpc as pbg
-from tests.faults.clusters import greedy_reference, running_cluster
+from tests.faults.clusters import greedy_reference
 
 N = 16
 MAX_NEW = 24
@@ -23,16 +23,16 @@ PROMPTS = [f"Question {i}: name a city in Europe and describe it in a few words.
 LONG_PROMPTS = [f"Note {i}: in a few plain words, describe harbour town number {i}: its narrow streets, its fish "
                 "market, the lighthouse on the rocks, the boats that leave at dawn, the bells of its church, and "
                 "the storms the sailors fear most when the winter nights are long." for i in range(N)]
-STEP_TOKENS = 64     # engine step budget (prompt chunks + decodes)
+# the engine step budget (prompt chunks + decodes) is 64 tokens (clusters.ONE_PREFILL_TWO_DECODE)
 
 
 @pytest.fixture(scope="module")
-def faulty():
-    # no admission by expected wait: the rate the router learns on a loaded host put the second
-    # test's 16 prompts past the 30 s default (RESOURCE_EXHAUSTED); admission has its own tests
-    with running_cluster(prefill_workers=1, decode_workers=2, kv_cache_memory=96 * 2**20,
-                         max_num_batched_tokens=STEP_TOKENS, router__max_queue_wait_s=None) as c:
-        yield c
+def faulty(one_prefill_two_decode):
+    """The session's 1 prefill + 2 decode cluster (tests/faults/conftest.py; no admission by expected
+    wait: admission has its own tests). These tests kill decode-0 and prefill-0 for good: the cluster
+    is spent afterwards (a later user gets a fresh one)."""
+    yield one_prefill_two_decode.get()
+    one_prefill_two_decode.spend()
 
 
 @pytest.fixture(scope="module")
