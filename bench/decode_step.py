@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2-135M)")
     ap.add_argument("--mode", default="gguf", choices=["gguf", "none", "int8", "int4"],
                     help="--quantization; gguf = unset (a GGUF file's own blocks stay packed)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="activations and float weights (bfloat16 runs oneDNN's AMX/AVX-512 bf16 GEMMs where the CPU has them)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=48)
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     t = time.perf_counter()
     llm = LLM(a.model, quantization=None if a.mode == "gguf" else a.mode, max_num_seqs=max(64, a.batch),
-              enable_prefix_caching=False, speculative="off", cpu_compile=a.cpu_compile)
+              enable_prefix_caching=False, speculative="off", cpu_compile=a.cpu_compile, dtype=a.dtype)
     model = llm.engine.model
     if a.cpu_compile:
         print(f"engine start with the compiled layer: {time.perf_counter() - t:.1f} s "
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
         return statistics.median(cpu), statistics.median(wall)
 
     def report(label, res):
-        print(f"{a.mode} threads={a.threads} batch={a.batch}{label}: step CPU {min(r[0] for r in res) * 1e3:.2f} ms, "
+        print(f"{a.mode} {a.dtype} threads={a.threads} batch={a.batch}{label}: step CPU {min(r[0] for r in res) * 1e3:.2f} ms, "
               f"wall {min(r[1] for r in res) * 1e3:.2f} ms (median over {a.steps} steps, best of {a.runs} runs; "
               f"load average {os.getloadavg()[0]:.2f})")
 

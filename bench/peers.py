@@ -39,14 +39,21 @@ METRICS = ("output_throughput", "mean_ttft_ms", "mean_tpot_ms", "median_tpot_ms"
 _SINGLE = dict(pools__prefill__initial_replicas=0, pools__decode__initial_replicas=1,
                router__remote_prefill=False, engine__threads_per_worker=2)
 _FAST = dict(engine__quantization="int4", engine__cpu_compile=True)
+# the design card's split on one CPU host: a compute-tuned prefill pool (dequantized weights in
+# bfloat16: oneDNN's AMX / AVX-512 bf16 GEMMs, ~4x float32's at a 128-token prompt) beside the
+# bandwidth-tuned decode pool above (packed int4 + the compiled layer, float32 KV; the KV codec casts
+# the prefill pool's bfloat16 blocks as they land)
+_SPLIT = dict(pools__prefill__quantization="none", pools__prefill__dtype="bfloat16", pools__prefill__cpu_compile=False)
 SIDES: dict[str, ClusterConfig] = {
     "disagg": cluster(),
     "single": cluster(**_SINGLE),
     "disagg-int4": cluster(**_FAST),
     "single-int4": cluster(**_SINGLE, **_FAST),
+    "disagg-split": cluster(**_FAST, **_SPLIT),
 }
 SIDE_LABELS = {"disagg": "pdcluster 1P+1D", "single": "pdcluster 1 worker",
-               "disagg-int4": "pdcluster 1P+1D int4 compiled", "single-int4": "pdcluster 1 worker int4 compiled"}
+               "disagg-int4": "pdcluster 1P+1D int4 compiled", "single-int4": "pdcluster 1 worker int4 compiled",
+               "disagg-split": "pdcluster 1P bf16 + 1D int4 compiled"}
 
 
 @dataclass(frozen=True)
@@ -68,17 +75,26 @@ def parse_peer(text: str) -> Peer:
     return Peer(name or url.split("//", 1)[1].removesuffix("/v1"), url)
 
 
-async def _measure(base_url: str, model: str, requests, concurrency: tuple[int, ...], seed: int, warmup,
-                   tokenizer) -> dict[int, dict]:
-    """{concurrency: run_benchmark result} against one OpenAI-compatible server."""
+async def _measure(base_url: str, model: str, requests: dict[int, list], concurrency: tuple[int, ...], seed: int,
+                   warmup, tokenizer) -> dict[int, dict]:
+    """{concurrency: run_benchmark result} against one OpenAI-compatible server; requests[c]: the prompts
+    measured at concurrency c."""
     from pdcluster.bench.serve import run_benchmark
     out = {}
     for c in concurrency:
         await run_benchmark(base_url, warmup, float("inf"), 1.0, c, seed, None, progress=False,
                             backend="openai", model=model, tokenizer=tokenizer)
-        out[c] = await run_benchmark(base_url, requests, float("inf"), 1.0, c, seed, None, progress=False,
+        out[c] = await run_benchmark(base_url, requests[c], float("inf"), 1.0, c, seed, None, progress=False,
                                      backend="openai", model=model, tokenizer=tokenizer)
     return out
+
+
+def measured_prompts(workload: dict, vocab_size: int, seed: int, rnd: int, concurrency: tuple[int, ...]) -> dict:
+    """The prompts measured in round `rnd` at each concurrency: the same for every server in that round,
+    and never sent before: a server's prefix cache (ours within one cluster start, llama-server's
+    across its whole life) must not serve a repeat of an earlier level's or round's prompts."""
+    from pdcluster.bench.datasets import build_dataset
+    return {c: build_dataset(dict(workload, seed=seed + 1000 * (rnd + 1) + c), vocab_size) for c in concurrency}
 
 
 @contextlib.asynccontextmanager
@@ -104,14 +120,14 @@ async def run_peers(sides: list[str], peers: list[Peer], concurrency: tuple[int,
     from pdcluster.engine.tokenizer import load_tokenizer
     mcfg = load_model_config(None)
     tok = load_tokenizer(mcfg)
-    requests = build_dataset(dict(workload, seed=seed), mcfg.vocab_size)
     warmup = build_dataset(dict(workload, seed=seed + 1, num_prompts=max(concurrency)), mcfg.vocab_size)
     servers = [SIDE_LABELS[s] for s in sides] + [p.name for p in peers]
     runs: dict[str, dict[int, list[dict]]] = {s: {c: [] for c in concurrency} for s in servers}
     models = {p.name: (await model_of(p.base_url))[0] for p in peers}   # fails early on a peer that is down
     t0 = time.perf_counter()
     with tqdm(total=rounds * len(servers), desc="servers", disable=not progress) as bar:
-        for _ in range(rounds):
+        for rnd in range(rounds):
+            requests = measured_prompts(workload, mcfg.vocab_size, seed, rnd, concurrency)
             for s in sides:
                 bar.set_postfix_str(f"{SIDE_LABELS[s]}: starting")
                 async with _pdcluster(SIDES[s]) as url:

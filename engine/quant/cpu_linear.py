@@ -4,7 +4,7 @@
                                                    layout; scale/zero [K/32, N, 2] bfloat16
     Int8Linear  aten._weight_int8pack_mm           weight int8 [N, K]; scale [N] bfloat16
     Dyn8Linear  quantized::linear_dynamic (fbgemm) weight: fbgemm's packed int8 per channel; x rounded
-                                                   to 8 bits per call (the int8 choice where torch
+                one row; aten._int_mm several     to 8 bits per call (the int8 choice where torch
                                                    has fbgemm: engine/quant/policy.cpu_kernel)
 
 The first two kernels are vectorized (AVX2/AVX-512) for bfloat16 activations only: with float32 ones they
@@ -147,16 +147,18 @@ def fbgemm_usable() -> bool:
 
 class Dyn8Linear:
     """fbgemm's dynamic int8 linear (torch.ops.quantized.linear_dynamic) over an int8 per-channel weight:
-    x is quantized per call to uint8 with one (scale, zero point) over the whole x (7-bit range,
+    one row of x is quantized per call to uint8 with one (scale, zero point) (7-bit range,
     reduce_range: AVX2's u8 x s8 pair sums must not saturate int16), multiplied with the int8 codes,
-    accumulated in int32, rescaled to float32 by x's and each row's scale. The weight's codes and
-    scales are exactly Int8Weight's; only x is rounded (as llama.cpp rounds activations to 8 bits).
+    accumulated in int32, rescaled to float32 by x's and each row's scale. Several rows (2 to
+    DENSE_MIN_ROWS - 1) go through rows(): a symmetric 8-bit scale per row of x and torch._int_mm.
+    The weight's codes and scales are exactly Int8Weight's; only x is rounded (as llama.cpp rounds
+    activations to 8 bits).
     2-6x faster than _weight_int8pack_mm and _weight_int4pack_mm_for_cpu at decode row counts on
     AVX2 (bench/RESULTS.md, "Decode step on CPU"). Rows >= DENSE_MIN_ROWS (prefill) take the
-    dequantize + float32 GEMM path with bfloat16-rounded x, as Int8Linear does, from the int8 codes
-    kept beside fbgemm's copy (2 bytes per weight resident; 1 for a tied head, whose codes the
-    embedding holds anyway)."""
-    __slots__ = ("packed", "q", "scale", "scale_bf16", "bias", "N", "K")
+    dequantize + float32 GEMM path with bfloat16-rounded x, as Int8Linear does; it and rows() read the
+    int8 codes kept beside fbgemm's copy (2 bytes per weight resident; 1 for a tied head, whose codes
+    the embedding holds anyway)."""
+    __slots__ = ("packed", "q", "scale", "bias", "N", "K")
 
     def __init__(self, w: Int8Weight, bias: torch.Tensor | None):
         N, K = w.shape
@@ -170,7 +172,6 @@ class Dyn8Linear:
         b = bias.float() if bias is not None else None
         self.packed = torch.ops.quantized.linear_prepack(wq, b)    # fbgemm's layout; bias added in the kernel
         self.scale, self.bias, self.N, self.K = w.scale.float(), bias, N, K
-        self.scale_bf16 = w.scale.to(BF16)             # the weight-only kernel's (several rows)
 
     def codes(self) -> torch.Tensor:
         """int8 [N, K], read back out of fbgemm's packed weight."""
@@ -188,19 +189,29 @@ class Dyn8Linear:
         return y if self.bias is None else y + self.bias
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """bfloat16 [M, N] by torch's weight-only int8 kernel: x is not rounded to 8 bits."""
-        y = torch.ops.aten._weight_int8pack_mm(x.to(BF16).contiguous(), self.q, self.scale_bf16)
-        return y if self.bias is None else y + self.bias
+        """float32 [M, N]: each row of x rounded to int8 on its own symmetric scale (amax / 127, 255
+        levels), an int8 x int8 -> int32 GEMM (torch._int_mm: exact integer sums on any CPU, no int16
+        pair saturation as in fbgemm's full 8-bit range on AVX2), rescaled by the row's scale and the
+        weight row's. A row's result depends on that row alone, never on its batch-mates. At 16 rows
+        ~2x faster than _weight_int4pack_mm_for_cpu on the linears and ~5x faster than
+        _weight_int8pack_mm on the 49152 x 576 head (bench/RESULTS.md, "Decode batches on CPU").
+        7 bits per row (fbgemm's reduce_range) stepped outside transformers' top-5 on a near-tie."""
+        xf = x.float()
+        sx = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127        # [M, 1]
+        xq = torch.round(xf / sx).to(torch.int8)                            # |xq| <= 127
+        y = torch._int_mm(xq, self.q.t()).float().mul_(sx).mul_(self.scale)  # int32 [M, N] -> float32
+        return y if self.bias is None else y.add_(self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """One row: fbgemm (its one activation scale is that row's). Several: the weight-only kernel, so a
-        row's result never depends on its batch-mates (fbgemm's scale over all of x made an int8
-        model's greedy tokens step outside transformers' top-5 in a batch). Prefill rows: dense."""
+        """One row: fbgemm (its one activation scale is that row's; 3x faster than rows() there).
+        Several: rows(), a scale per row, so a row's result never depends on its batch-mates (fbgemm's
+        one scale over all of x made an int8 model's greedy tokens step outside transformers' top-5 in
+        a batch). Prefill rows: dense."""
         m = x.shape[0]
         y = self.kernel(x) if m == 1 else self.dense(x) if m >= DENSE_MIN_ROWS else self.rows(x)
         return y.to(x.dtype)
 
     @property
     def nbytes(self) -> int:
-        """fbgemm's packed copy, the codes and the scales (float32 and bfloat16)."""
-        return 2 * self.N * self.K + self.scale.numel() * 4 + self.scale_bf16.numel() * 2
+        """fbgemm's packed copy, the codes and the float32 scales."""
+        return 2 * self.N * self.K + self.scale.numel() * 4

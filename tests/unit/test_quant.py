@@ -204,10 +204,20 @@ def test_fbgemm_int8_linear_within_its_activation_rounding_bound(M):
     # control: a weight off by one code in one row breaks the bound there
     bad = Dyn8Linear(Int8Weight(w.q.clone().index_fill_(0, torch.tensor([3]), 100), w.scale), bias)
     assert not ((bad.kernel(x).double() - ref).abs() <= bound).all()
-    # several rows take the weight-only kernel: each row as it would be alone, x not rounded to 8 bits
+    # several rows: each row rounded on its own symmetric scale (amax / 127, 255 levels), so each row's
+    # result is exactly what it would be alone in rows(), and within that row's own rounding bound
     if M > 1:
-        torch.testing.assert_close(lin(x), torch.cat([lin.rows(x[i:i + 1]) for i in range(M)]).float())
-        assert (lin(x).double() - ref).abs().max() < err.max()
+        x = x * torch.logspace(-2, 1, M).unsqueeze(1)                      # rows of unlike scales
+        ref = x.double() @ dequantize(w).double().t() + bias.double()
+        y = lin(x)
+        assert y.dtype == torch.float32
+        assert torch.equal(y, torch.cat([lin.rows(x[i:i + 1]) for i in range(M)]))
+        row_step = x.abs().amax(1, keepdim=True).double() / 127
+        row_bound = row_step / 2 * dequantize(w).double().abs().sum(1) + 1e-5 * ref.abs().amax(1, keepdim=True)
+        row_err = (y.double() - ref).abs()
+        assert (row_err <= row_bound).all(), (row_err / row_bound).max()
+        assert (row_err.amax(1) > 0.02 * row_bound.amax(1)).all()       # every row rounded: not vacuous
+        assert not ((bad(x).double() - ref).abs() <= row_bound).all()  # control: the bad weight shows
 
 
 @needs_fbgemm

@@ -261,3 +261,33 @@ def test_the_peers_int4_sides_are_their_base_side_with_packed_gguf_weights_and_t
         assert (fast.engine.quantization, fast.engine.cpu_compile) == ("int4", True)
         assert replace(fast, engine=replace(fast.engine, quantization=SIDES[base].engine.quantization,
                                             cpu_compile=False)) == SIDES[base]
+
+
+def test_the_peers_split_side_is_disagg_int4_with_a_bfloat16_float_prefill_pool():
+    from dataclasses import replace
+
+    from pdcluster.bench.peers import SIDES
+    from pdcluster.deploy.pool_config import PoolConfig
+    split, fast = SIDES["disagg-split"], SIDES["disagg-int4"]
+    p = split.pools.prefill
+    assert (p.quantization, p.dtype, p.cpu_compile) == ("none", "bfloat16", False)
+    assert split.pools.decode == fast.pools.decode and split.pools.decode.quantization is None   # the engine's int4
+    plain = replace(p, quantization=None, dtype=None, cpu_compile=None)
+    assert plain == fast.pools.prefill and isinstance(plain, PoolConfig)
+    assert replace(split, pools=replace(split.pools, prefill=plain)) == fast
+
+
+def test_peers_never_measures_a_prompt_twice():
+    """A server's prefix cache must not serve a repeat: each (round, concurrency) gets prompts of its own,
+    the same for every server in the round."""
+    from pdcluster.bench.peers import WORKLOAD, measured_prompts
+    seen = {}
+    for rnd in range(2):
+        got = measured_prompts(dict(WORKLOAD), 49152, 0, rnd, (1, 4, 16))
+        assert got == measured_prompts(dict(WORKLOAD), 49152, 0, rnd, (1, 4, 16))     # every server alike
+        for c, reqs in got.items():
+            assert len(reqs) == WORKLOAD["num_prompts"]
+            for r in reqs:
+                key = tuple(r.prompt_ids[:16])                  # no shared first block: no prefix hit
+                assert key not in seen, (rnd, c, seen.get(key))
+                seen[key] = (rnd, c)
