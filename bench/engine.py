@@ -143,6 +143,11 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--cpu-compile", action="store_true",
+                    help="our decode steps through the compiled layer (engine/cpu_compile.py; a first start compiles)")
+    ap.add_argument("--speculative", default=None, choices=["ngram", "off"],
+                    help="our speculative decoding (default: the engine's; n-gram drafts can accept many tokens "
+                         "on the repetitive greedy outputs of random prompts)")
     ap.add_argument("--out", default=None, help="write the results as JSON")
     a = ap.parse_args(argv)
 
@@ -153,8 +158,10 @@ def main(argv=None) -> int:
     llms, info = {}, {}
     for mode in a.modes:
         t = time.perf_counter()
+        extra = {} if a.speculative is None else {"speculative": a.speculative}
         llms[mode] = LLM(a.model, dtype=a.dtype, quantization=mode, max_num_seqs=max(a.batches + [a.prefill_seqs]),
-                         max_num_batched_tokens=max(2048, a.prefill_seqs * a.prefill_len), enable_prefix_caching=False)
+                         max_num_batched_tokens=max(2048, a.prefill_seqs * a.prefill_len), enable_prefix_caching=False,
+                         cpu_compile=a.cpu_compile, **extra)
         m = llms[mode].engine.model
         read, params = step_bytes(m)
         info[mode] = dict(load_s=time.perf_counter() - t, resident=m.weight_bytes(), read=read, params=params)

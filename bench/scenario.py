@@ -291,11 +291,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     peers = p.add_argument_group("peers (NAME peers)")
     peers.add_argument("--peer", action="append", metavar="[NAME=]URL",
                        help="an OpenAI-compatible server of the same model, e.g. llama=http://127.0.0.1:8103/v1 "
-                            "(repeat for several; start each beforehand)")
+                            "(repeat for several; start each beforehand, and restart it between runs or give "
+                            "each run its own --seed: llama-server keeps earlier runs' prompts in its slots' "
+                            "cache and would serve repeats from it)")
     peers.add_argument("--sides", nargs="*", choices=sorted(SIDES), default=sorted(SIDES),
                        help="pdcluster clusters to start and measure: disagg = 1 prefill + 1 decode worker, "
                             "single = one 2-thread worker, each at the defaults; -int4: with the GGUF's 4-bit "
-                            "weights packed and --cpu-compile (none: peers only)")
+                            "weights packed and --cpu-compile; disagg-split: disagg-int4 with a bfloat16 prefill "
+                            "pool, deploy/pools-cpu.yaml (none: peers only)")
     peers.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY),
                        help="max requests in flight, one run each")
     peers.add_argument("--input-len", type=int, default=None, help="prompt tokens (default 128)")

@@ -291,3 +291,19 @@ def test_peers_never_measures_a_prompt_twice():
                 key = tuple(r.prompt_ids[:16])                  # no shared first block: no prefix hit
                 assert key not in seen, (rnd, c, seen.get(key))
                 seen[key] = (rnd, c)
+
+
+def test_deploy_pools_cpu_yaml_is_the_peers_split_side():
+    """The README's one-host config serves what `bench scenario peers --sides disagg-split` measured."""
+    from pathlib import Path
+
+    from pdcluster.bench.peers import SIDES
+    from pdcluster.deploy.pools import load_pools_config
+    got = load_pools_config(Path(__file__).resolve().parents[2] / "deploy" / "pools-cpu.yaml")
+    want = SIDES["disagg-split"]
+    for role in ("prefill", "decode"):
+        keys = ("quantization", "dtype", "cpu_compile", "block_size", "kv_cache_dtype", "speculative")
+        assert {k: got.engine_kwargs(role)[k] for k in keys} == {k: want.engine_kwargs(role)[k] for k in keys}
+        assert got.threads(role) == want.threads(role) == 1
+    assert got.engine_kwargs("prefill")["dtype"] == "bfloat16" and got.engine_kwargs("decode")["quantization"] == "int4"
+    assert (got.pools.prefill.initial_replicas, got.pools.decode.initial_replicas) == (1, 1)
