@@ -377,3 +377,16 @@ def test_model_on_packed_weights_matches_its_dequantized_float_twin():
     for a, b in zip(qh, fh):              # bfloat16 activations in the packed linears, float32 in the twin
         err = (a - b).abs().max() / b.abs().max()
         assert err < 3e-2, err
+
+
+@needs_fbgemm
+def test_fbgemm_int8_linear_rows_keep_a_non_finite_row_non_finite():
+    """The int8 rounding must not turn a NaN / inf hidden state into finite logits (the sampler's finite
+    check is what fails such a request); its batch-mates are untouched."""
+    lin = Dyn8Linear(quantize_int8(_w(40, 64)), None)
+    x = torch.randn(3, 64, generator=G)
+    clean = lin(x)
+    x[1, 5], x[2, 0] = float("nan"), float("inf")
+    y = lin(x)
+    assert torch.isfinite(y).all(1).tolist() == [True, False, False]
+    assert torch.equal(y[0], clean[0])
