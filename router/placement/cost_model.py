@@ -47,8 +47,8 @@ that depends on the pair only through d's zone and cached prefix, unless the lin
 `estimates` prices them all, for explanations, and `choose_exhaustive` is the reference it is
 tested against (tests/unit/test_cost_model_linear.py). `choose` is choose_scan's answer from
 per-worker columns kept across decisions (cost_vector.py: numpy, priced by a numba kernel where
-numba imports, cost_kernel.py; refreshed only for the workers that changed), where they cover the case (no host / disk hits, no peer pulls, some option
-KV-feasible), else choose_scan.
+numba imports, cost_kernel.py; refreshed only for the workers that changed), where they cover the
+case (no host / disk hits, no peer pulls, some option KV-feasible), else choose_scan.
 With peer pulls on (cost.peer_pull), `choose` is `choose_exhaustive`: a pull re-prices each local
 option by its best holder (router/placement/pull_pricing.py), which the grouped search does not model.
 

@@ -29,10 +29,11 @@ class Capture(KVConnector):
 
 
 class Peer(KVConnector):
-    """Loads the first `blocks` blocks of one request's prompt from a Capture."""
+    """Loads the first `blocks` blocks of request `rid`'s prompt from a Capture, cast to the caches'
+    dtype as the KV receiver lands them (a no-op where the two engines' dtypes agree)."""
 
-    def __init__(self, src, blocks, block_size):
-        self.src, self.blocks, self.bs = src, blocks, block_size
+    def __init__(self, src, blocks, block_size, rid="src"):
+        self.src, self.blocks, self.bs, self.rid = src, blocks, block_size, rid
         self.loaded, self.done = {}, []
 
     def register_caches(self, k_caches, v_caches):
@@ -42,12 +43,12 @@ class Peer(KVConnector):
         return max(0, self.blocks * self.bs - num_local_tokens)
 
     def after_alloc(self, request, block_ids, num_external_tokens):
-        ks, vs = self.src.kv["src"]
+        ks, vs = self.src.kv[self.rid]
         first = request.num_computed_tokens // self.bs          # local hits come first
         ids = torch.tensor(block_ids)
         for layer in range(len(self.k)):
-            self.k[layer][ids] = ks[layer][first:first + len(block_ids)]
-            self.v[layer][ids] = vs[layer][first:first + len(block_ids)]
+            self.k[layer][ids] = ks[layer][first:first + len(block_ids)].to(self.k[layer].dtype)
+            self.v[layer][ids] = vs[layer][first:first + len(block_ids)].to(self.v[layer].dtype)
         self.loaded[request.request_id] = num_external_tokens
         self.done.append((request.request_id, True))
 
@@ -56,8 +57,9 @@ class Peer(KVConnector):
         return out
 
 
-def run(engine, ids, rid, salt=None):
-    req = engine.add_request(ids, SamplingParams(max_tokens=12, temperature=0), request_id=rid, cache_salt=salt)
+def run(engine, ids, rid, salt=None, max_tokens=12):
+    req = engine.add_request(ids, SamplingParams(max_tokens=max_tokens, temperature=0), request_id=rid,
+                             cache_salt=salt)
     while not req.is_finished:
         engine.step()
     return req

@@ -7,39 +7,17 @@ the prompt's tail, so its tokens really come from the bfloat16 KV."""
 import pytest
 import torch
 
-from pdcluster.engine import SamplingParams
 from pdcluster.engine.llm_engine import LLMEngine, build_config
 
 from tests.e2e.conftest import PROMPTS, check_top5, hf_greedy
-from tests.e2e.test_kv_connector_engine import PROMPT, Capture, Peer
+from tests.e2e.test_kv_connector_engine import PROMPT, Capture, Peer, run
 
 N = 16
 LONG = (PROMPT, PROMPTS[15], "\n".join(PROMPTS[:8]))    # 2-3 full 16-token blocks each, and a tail
 
 
-class PeerOf(Peer):
-    """Peer, for any captured request: loads the first `blocks` blocks of request `rid`'s prompt."""
-
-    def __init__(self, src, rid, blocks, block_size):
-        super().__init__(src, blocks, block_size)
-        self.rid = rid
-
-    def after_alloc(self, request, block_ids, num_external_tokens):
-        ks, vs = self.src.kv[self.rid]
-        ids = torch.tensor(block_ids)
-        first = request.num_computed_tokens // self.bs
-        for layer in range(len(self.k)):            # cast to the cache's dtype, as the KV receiver lands them
-            self.k[layer][ids] = ks[layer][first:first + len(block_ids)].to(self.k[layer].dtype)
-            self.v[layer][ids] = vs[layer][first:first + len(block_ids)].to(self.v[layer].dtype)
-        self.loaded[request.request_id] = num_external_tokens
-        self.done.append((request.request_id, True))
-
-
 def _run(engine, ids, rid, salt=None):
-    req = engine.add_request(ids, SamplingParams(max_tokens=N, temperature=0), request_id=rid, cache_salt=salt)
-    while not req.is_finished:
-        engine.step()
-    return req
+    return run(engine, ids, rid, salt, max_tokens=N)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +40,7 @@ def test_bf16_prefill_pool_and_int4_decode_pool_within_top5(pools, hf_ref):
         check_top5(hf_ref, ids, ours.output_token_ids, ref)                # bfloat16 throughout
         blocks = (len(ids) - 1) // bs
         assert blocks >= 2
-        decode.connector = peer = PeerOf(prefill.connector, f"p{i}", blocks, bs)
+        decode.connector = peer = Peer(prefill.connector, blocks, bs, rid=f"p{i}")
         before = decode.stats.tokens
         out = _run(decode, ids, f"d{i}")
         assert peer.loaded == {f"d{i}": blocks * bs}
@@ -81,7 +59,7 @@ def test_control_garbage_kv_from_the_prefill_pool_fails_the_check(pools, hf_ref)
     g = torch.Generator().manual_seed(0)
     prefill.connector.kv["g-bad"] = tuple([torch.randn(t.shape, generator=g).to(t.dtype) * 4 for t in ts]
                                           for ts in prefill.connector.kv["g"])
-    decode.connector = peer = PeerOf(prefill.connector, "g-bad", (len(ids) - 1) // bs, bs)
+    decode.connector = peer = Peer(prefill.connector, (len(ids) - 1) // bs, bs, rid="g-bad")
     out = _run(decode, ids, "d-bad", salt="fresh")     # salted: no local prefix hit from the test above
     assert peer.loaded == {"d-bad": (len(ids) - 1) // bs * bs}
     with pytest.raises(AssertionError, match="outside the rule"):
