@@ -13,6 +13,9 @@ To compare two revisions, run each from its own package (PYTHONPATH) alternately
 --cpu-compile builds the engine with engine/cpu_compile.py's compiled decode layer and alternates, run by
 run in this process, eager steps and compiled ones (the same engine, the layer switched off and on),
 printing each side and their ratio (eager / compiled per pair of runs; > 1: compiled is faster).
+--int8-rows N builds a second engine with cpu_int8_rows=N and alternates runs of the two: the packed
+kernels at every row count against the linears' int8 copies from N rows on (engine/quant/int8_rows.py),
+each with or without --cpu-compile.
 """
 from __future__ import annotations
 
@@ -40,6 +43,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--cpu-compile", action="store_true", help="A/B: eager vs the compiled decode layer")
+    ap.add_argument("--int8-rows", type=int, default=0,
+                    help="A/B: packed kernels vs the linears' int8 copies from this many rows (a second engine "
+                         "with cpu_int8_rows; 0 = no A/B)")
     a = ap.parse_args(argv)
     from pdcluster.engine import LLM, SamplingParams
 
@@ -73,21 +79,37 @@ def main(argv=None) -> int:
               f"wall {min(r[1] for r in res) * 1e3:.2f} ms (median over {a.steps} steps, best of {a.runs} runs; "
               f"load average {os.getloadavg()[0]:.2f})")
 
-    compiled = model.compiled
-    once(8)                                                 # warm-up
-    if compiled is None:
-        report("", [once(a.steps) for _ in range(a.runs)])
-    else:
-        sides = {"eager": [], "compiled": []}
+    def alternate(a_name, b_name, switch):
+        """Runs alternated between two setups (switch(name) selects one); each side and their ratio."""
+        sides = {a_name: [], b_name: []}
         for _ in range(a.runs):
-            for side, layer in (("eager", None), ("compiled", compiled)):
-                model.compiled = layer
+            for side in sides:
+                switch(side)
                 sides[side].append(once(a.steps))
         for side, res in sides.items():
             report(f" {side}", res)
-        pairs = [(e[0] / c[0], e[1] / c[1]) for e, c in zip(sides["eager"], sides["compiled"])]
-        print("eager / compiled per run pair: CPU " + " ".join(f"{p[0]:.2f}x" for p in pairs)
+        pairs = [(x[0] / y[0], x[1] / y[1]) for x, y in zip(sides[a_name], sides[b_name])]
+        print(f"{a_name} / {b_name} per run pair: CPU " + " ".join(f"{p[0]:.2f}x" for p in pairs)
               + ", wall " + " ".join(f"{p[1]:.2f}x" for p in pairs))
+
+    compiled = model.compiled
+    once(8)                                                 # warm-up
+    if a.int8_rows:
+        wide = LLM(a.model, quantization=None if a.mode == "gguf" else a.mode, max_num_seqs=max(64, a.batch),
+                   enable_prefix_caching=False, speculative="off", cpu_compile=a.cpu_compile, dtype=a.dtype,
+                   cpu_int8_rows=a.int8_rows)
+        engines = {"packed": eng, "int8": wide.engine}
+        eng = wide.engine
+        once(8)                                             # its warm-up
+
+        def use(side):
+            nonlocal eng
+            eng = engines[side]
+        alternate("packed", "int8", use)
+    elif compiled is None:
+        report("", [once(a.steps) for _ in range(a.runs)])
+    else:
+        alternate("eager", "compiled", lambda side: setattr(model, "compiled", compiled if side == "compiled" else None))
     if a.profile:
         from torch.profiler import ProfilerActivity, profile, schedule
         with profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=2, warmup=2, active=10, repeat=1)) as p:

@@ -95,6 +95,7 @@ def step_bytes(model) -> tuple[int, int]:
 
     read = params = 0
     for lin in [x for L in model.layers for x in (L.qkv, L.o, L.gate_up, L.down)] + [model.lm_head]:
+        lin = getattr(lin, "inner", lin)         # an int8 copy's (int8_rows.py): batch 1 reads the packed one
         if isinstance(lin, Linear):
             read += lin.weight.numel() * lin.weight.element_size()
             params += lin.weight.numel()
@@ -145,6 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--cpu-compile", action="store_true",
                     help="our decode steps through the compiled layer (engine/cpu_compile.py; a first start compiles)")
+    ap.add_argument("--cpu-int8-rows", type=int, default=0,
+                    help="our int4 steps of >= this many rows on the linears' int8 copies (engine/quant/int8_rows.py); "
+                         "0 = off")
     ap.add_argument("--speculative", default=None, choices=["ngram", "off"],
                     help="our speculative decoding (default: the engine's; n-gram drafts can accept many tokens "
                          "on the repetitive greedy outputs of random prompts)")
@@ -161,7 +165,7 @@ def main(argv=None) -> int:
         extra = {} if a.speculative is None else {"speculative": a.speculative}
         llms[mode] = LLM(a.model, dtype=a.dtype, quantization=mode, max_num_seqs=max(a.batches + [a.prefill_seqs]),
                          max_num_batched_tokens=max(2048, a.prefill_seqs * a.prefill_len), enable_prefix_caching=False,
-                         cpu_compile=a.cpu_compile, **extra)
+                         cpu_compile=a.cpu_compile, cpu_int8_rows=a.cpu_int8_rows, **extra)
         m = llms[mode].engine.model
         read, params = step_bytes(m)
         info[mode] = dict(load_s=time.perf_counter() - t, resident=m.weight_bytes(), read=read, params=params)

@@ -67,11 +67,12 @@ class PoolConfig:
     max_num_seqs: int | None = None     # most requests one worker batches in a step
     speculative: str | None = None      # speculative decoding: ngram | off
     cpu_compile: bool | None = None     # CPU decode steps through the AOTInductor-compiled layer (engine/cpu_compile.py)
+    cpu_int8_rows: int | None = None    # CPU, int4: steps of >= this many rows on an int8 copy (engine/quant/int8_rows.py)
     kv_tiers: PoolTiers = field(default_factory=PoolTiers)   # host/disk KV cache tiers
 
     # PoolConfig field -> the engine keyword it overrides (engine.llm_engine.build_config)
     ENGINE_KEYS = ("quantization", "dtype", "kv_cache_dtype", "block_size", "max_num_seqs", "speculative",
-                   "cpu_compile")
+                   "cpu_compile", "cpu_int8_rows")
 
     def engine_overrides(self) -> dict:
         """The engine keywords this pool sets (None: not set)."""

@@ -14,6 +14,7 @@
       kv_tiers.*                      pools.<pool>.kv_tiers (host/disk KV cache tiers; null = the engine's)
       speculative                     pools.<pool>.speculative (ngram | off; null = the engine's)
       cpu_compile                     pools.<pool>.cpu_compile (true | false; null = the engine's)
+      cpu_int8_rows                   pools.<pool>.cpu_int8_rows (>= 0; null = the engine's)
       dtype                           pools.<pool>.dtype (float32 | bfloat16 | float16; null = the engine's)
       kv_cache_dtype                  pools.<pool>.kv_cache_dtype (auto | int8 | fp8; null = the engine's)
       block_size                      pools.<pool>.block_size (both pools' must agree: no re-blocking)
@@ -168,7 +169,8 @@ def _pick(v: Any, default: Any) -> Any:
 
 
 POOL_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "resources", "autoscale", "quantization",
-             "speculative", "kv_tiers", "dtype", "kv_cache_dtype", "block_size", "max_num_seqs", "cpu_compile")
+             "speculative", "kv_tiers", "dtype", "kv_cache_dtype", "block_size", "max_num_seqs", "cpu_compile",
+             "cpu_int8_rows")
 TIER_KEYS = ("host_cache_gb", "disk_cache_dir", "disk_cache_gb", "tier_codec", "tier_layerwise")
 AUTOSCALE_KEYS = ("signal", "target", "ttft_slo_ms", "tpot_slo_ms", "scale_up_above", "scale_down_below",
                   "upscale_delay_s", "downscale_delay_s", "max_step", "cooldown_s", "window_s")
@@ -234,7 +236,8 @@ def _pool(rd: _Reader, name: str, node: yaml.Node | None, parent: yaml.Node, bas
         max_num_seqs=_pick(rd.value(m, "max_num_seqs", name, _opt(_int(1))), bp.max_num_seqs),
         threads=_pick(threads, bp.threads) if "threads" in r else bp.threads,
         speculative=_pick(rd.value(m, "speculative", name, _opt_one_of(SPECULATIVE)), bp.speculative),
-        cpu_compile=_pick(rd.value(m, "cpu_compile", name, _opt(_bool)), bp.cpu_compile))
+        cpu_compile=_pick(rd.value(m, "cpu_compile", name, _opt(_bool)), bp.cpu_compile),
+        cpu_int8_rows=_pick(rd.value(m, "cpu_int8_rows", name, _opt(_int(0))), bp.cpu_int8_rows))
     return replace(bp, autoscale=auto, initial_replicas=init, min_replicas=lo, max_replicas=hi,
                    quantization=quant, kv_tiers=_tiers(rd, name, m, bp.kv_tiers, base, node or parent),
                    **tuning), res

@@ -15,6 +15,10 @@ the linears, SDPA and rms_norm's mean call the same aten kernels (_aten_mean), a
 elementwise ops round as eager's do (_rotary). Float linears run F.linear (MKL), where eager runs a
 split bmm or oneDNN at these row counts: the same function, rounded differently.
 
+With int8 copies of the int4 linears (cpu_int8_rows = N, engine/quant/int8_rows.py) a second package
+serves the steps of N..WIDE_MAX_ROWS-1 rows with their linears on the copies (int8_rows), the first one
+1..N-1 rows on the packed kernel: each the eager step's arithmetic for its rows.
+
 The package is cached on disk (PDCLUSTER_AOTI_CACHE, default ~/.cache/pdcluster/aoti) under a key of
 what it depends on (torch version and CPU capability, threads, the traced sources, layer geometry,
 kernels and dtypes, block size); a later start loads it in milliseconds.
@@ -40,7 +44,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pdcluster.engine.quant.cpu_linear import BF16, DENSE_MIN_ROWS
+from pdcluster.engine.quant.cpu_linear import BF16, DENSE_MIN_ROWS, int8_rows
 from pdcluster.engine.quant.packed import GROUP
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,7 @@ log = logging.getLogger(__name__)
 KERNEL_THREADS = 1          # inductor's own kernels: serial (aten's calls in the layer keep torch's threads)
 MAX_ROWS = DENSE_MIN_ROWS   # decode rows below this take the compiled layer: the packed linears' kernel path
                             # (from there on eager dequantizes + runs a GEMM, which the layer does not do)
+WIDE_MAX_ROWS = 512         # with int8 copies (cpu_int8_rows): their compiled layer's rows, up to here
 
 
 @dataclass(frozen=True)
@@ -59,10 +64,19 @@ class LinSpec:
     bias: bool
 
 
-def linear_spec(lin) -> tuple[LinSpec, tuple[torch.Tensor, ...]] | None:
-    """(spec, weight tensors) of one of llama.py's / cpu_linear.py's linears; None if not supported."""
+def linear_spec(lin, wide: bool = False) -> tuple[LinSpec, tuple[torch.Tensor, ...]] | None:
+    """(spec, weight tensors) of one of llama.py's / cpu_linear.py's linears; None if not supported.
+    wide: a linear with an int8 copy (engine/quant/int8_rows.Int8Rows) as its wide steps run it."""
     from pdcluster.engine.llama import Linear
     from pdcluster.engine.quant.cpu_linear import Int4Linear, Int8Linear
+    from pdcluster.engine.quant.int8_rows import Int8Rows
+    if isinstance(lin, Int8Rows):
+        if wide:
+            ws = (lin.q, lin.scale) + ((lin.bias,) if lin.bias is not None else ())
+            return LinSpec("int8rows", lin.N, lin.bias is not None), ws
+        lin = lin.inner
+    elif wide:
+        return None
     if isinstance(lin, Linear):
         ws, spec = (lin.weight,), LinSpec("float", lin.weight.shape[0], lin.bias is not None)
     elif isinstance(lin, Int4Linear):
@@ -75,12 +89,15 @@ def linear_spec(lin) -> tuple[LinSpec, tuple[torch.Tensor, ...]] | None:
 
 
 def _linear(spec: LinSpec, x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
-    """The eager linear's arithmetic on its kernel path (Linear / Int4Linear.kernel / Int8Linear.kernel)."""
+    """The eager linear's arithmetic on its kernel path (Linear / Int4Linear.kernel / Int8Linear.kernel /
+    Int8Rows' int8_rows)."""
     if spec.kind == "float":
         y = F.linear(x, ws[0])
     elif spec.kind == "int4":
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(BF16).contiguous(), ws[0], GROUP, ws[1])
         y = y[:, :spec.n].to(x.dtype)
+    elif spec.kind == "int8rows":
+        y = int8_rows(x, ws[0], ws[1]).to(x.dtype)
     else:
         y = torch.ops.aten._weight_int8pack_mm(x.to(BF16).contiguous(), ws[0], ws[1]).to(x.dtype)
     return y + ws[-1] if spec.bias else y
@@ -149,61 +166,107 @@ def _sources() -> bytes:
     return out
 
 
-class CompiledDecode:
-    """The model's decoder layers for pure-decode CPU steps, through one compiled layer. Build with
-    CompiledDecode.build (None when the model or cache is not supported, or compiling fails)."""
+@dataclass(frozen=True)
+class _Package:
+    """One compiled layer: decode steps of lo..hi-1 rows; args[li] = layer li's norms and weights."""
+    lo: int
+    hi: int
+    run: object                     # flat tensor list in, output list out (no pytree per call)
+    args: list
 
-    def __init__(self, run, layer_args: list[list[torch.Tensor]], block_size: int):
-        self._run = run                        # flat tensor list in, output list out (no pytree per call)
-        self.layer_args, self.block_size = layer_args, block_size
+
+class CompiledDecode:
+    """The model's decoder layers for pure-decode CPU steps, through one compiled layer per row range: the
+    packed kernels below the linears' int8-copy threshold (engine/quant/int8_rows.py; all of 1..MAX_ROWS-1
+    without one), their int8 copies from it up to WIDE_MAX_ROWS. Build with CompiledDecode.build
+    (None when the model or cache is not supported, or compiling fails)."""
+
+    def __init__(self, packages: list[_Package], block_size: int):
+        self.packages, self.block_size = packages, block_size
         self.steps = 0                         # steps served (tests, stats)
+
+    @property
+    def max_rows(self) -> int:
+        """Steps of fewer rows take a compiled layer."""
+        return self.packages[-1].hi
 
     @staticmethod
     def build(model, k_cache: torch.Tensor, v_cache: torch.Tensor) -> "CompiledDecode | None":
-        """Compile (or load from the disk cache) the layer for this model and KV cache geometry."""
+        """Compile (or load from the disk cache) the layer(s) for this model and KV cache geometry."""
         if not isinstance(k_cache, torch.Tensor) or k_cache.device.type != "cpu" or model.triton:
             return None                                     # quantized KV cache, CUDA, Triton kernels
         if k_cache.shape[0] < 2:
             return None                                     # the package's pool-size dimension starts at 2
-        specs, counts, layer_args = None, None, []
-        for L in model.layers:
-            got = [linear_spec(lin) for lin in (L.qkv, L.o, L.gate_up, L.down)]
-            if any(g is None for g in got):
+        lins = [(L.qkv, L.o, L.gate_up, L.down) for L in model.layers]
+        split = min([MAX_ROWS] + [lin.min_rows for ls in lins for lin in ls if hasattr(lin, "min_rows")])
+        packages = []
+        for lo, hi, wide in ((1, split, False), (split, WIDE_MAX_ROWS, True)):
+            if lo >= hi or (wide and split == MAX_ROWS):
+                continue
+            got = _layer_specs(lins, wide)
+            if got is None:
+                if wide:                                    # its rows stay eager (the int8 copies still run)
+                    log.info("a linear without an int8 copy: steps of >= %d rows stay eager", lo)
+                    continue
                 return None
-            s = tuple(g[0] for g in got)
-            if specs is not None and s != specs:
-                return None                                 # layers of different kernels (mixed GGUF types)
-            specs, counts = s, tuple(len(g[1]) for g in got)
-            layer_args.append([L.in_norm, L.post_norm] + [w for g in got for w in g[1]])
-        c = model.cfg
-        layer = DecodeLayer(specs, counts, c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps, model.scale)
-        bs = k_cache.shape[1]
-        key = hashlib.sha256(repr((torch.__version__, torch.backends.cpu.get_cpu_capability(),
-                                   torch.get_num_threads(), KERNEL_THREADS, specs, counts, c.num_heads, c.num_kv_heads,
-                                   c.head_dim, c.hidden_size, c.rms_norm_eps, model.scale, str(model.dtype),
-                                   str(k_cache.dtype), tuple(k_cache.shape[1:]),
-                                   [(tuple(t.shape), str(t.dtype)) for t in layer_args[0]])).encode()
-                             + _sources()).hexdigest()[:24]
-        path = os.path.join(cache_dir(), f"decode_layer_{key}.pt2")
-        try:
-            t = time.perf_counter()
-            if not os.path.exists(path):
-                _compile(layer, model, k_cache, layer_args[0], bs, path)
-                log.info("compiled the CPU decode layer in %.1f s -> %s", time.perf_counter() - t, path)
-            run = _load(path)
-        except Exception as e:                              # any export / compile / load failure: eager
-            log.warning("CPU decode compile failed, decode steps stay eager: %s", str(e).splitlines()[0][:300])
-            return None
-        return CompiledDecode(run, layer_args, bs)
+            specs, counts, ws = got
+            args = [[L.in_norm, L.post_norm] + w for L, w in zip(model.layers, ws)]
+            try:
+                packages.append(_Package(lo, hi, _package(model, k_cache, specs, counts, args, lo, hi), args))
+            except Exception as e:                          # any export / compile / load failure: eager
+                log.warning("CPU decode compile failed, %s steps stay eager: %s",
+                            f"decode steps of >= {lo} rows" if wide else "decode", str(e).splitlines()[0][:300])
+                if not wide:
+                    return None
+        return CompiledDecode(packages, k_cache.shape[1]) if packages else None
 
     def covers(self, num_tokens: int, meta) -> bool:
-        """A pure-decode step the compiled layer takes: no prefill chunk, 1..MAX_ROWS-1 rows."""
-        return not meta.prefills and 0 < num_tokens < MAX_ROWS and meta.decode_block_tables is not None
+        """A pure-decode step a compiled layer takes: no prefill chunk, 1..max_rows-1 rows."""
+        return (not meta.prefills and 0 < num_tokens < self.max_rows and num_tokens >= self.packages[0].lo
+                and meta.decode_block_tables is not None)
 
     def layer(self, li: int, h, k_cache, v_cache, meta, cos, sin) -> torch.Tensor:
         """Layer li of a covered step: h [B, E] in, h [B, E] out; the step's K/V written to the caches."""
-        return self._run([h, k_cache, v_cache, meta.slot_mapping, meta.decode_block_tables, meta.decode_mask,
-                          cos, sin] + self.layer_args[li])[0]
+        p = self.packages[0] if h.shape[0] < self.packages[0].hi else self.packages[-1]
+        return p.run([h, k_cache, v_cache, meta.slot_mapping, meta.decode_block_tables, meta.decode_mask,
+                      cos, sin] + p.args[li])[0]
+
+
+def _layer_specs(lins, wide: bool):
+    """(specs, counts, each layer's linear weights in order) as one compiled layer runs them; None if a
+    linear is not supported or the layers differ in kernels (mixed GGUF types)."""
+    specs, counts, args = None, None, []
+    for ls in lins:
+        got = [linear_spec(lin, wide) for lin in ls]
+        if any(g is None for g in got):
+            return None
+        s = tuple(g[0] for g in got)
+        if specs is not None and s != specs:
+            return None
+        specs, counts = s, tuple(len(g[1]) for g in got)
+        args.append([w for g in got for w in g[1]])
+    return specs, counts, args
+
+
+def _package(model, k_cache, specs, counts, args: list[list[torch.Tensor]], lo: int, hi: int):
+    """The compiled layer for rows lo..hi-1, compiled or loaded from the disk cache: its run function.
+    args: each layer's norms and linear weights, as the layer takes them."""
+    c = model.cfg
+    layer = DecodeLayer(specs, counts, c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps, model.scale)
+    bs = k_cache.shape[1]
+    key = hashlib.sha256(repr((torch.__version__, torch.backends.cpu.get_cpu_capability(),
+                               torch.get_num_threads(), KERNEL_THREADS, specs, counts, c.num_heads, c.num_kv_heads,
+                               c.head_dim, c.hidden_size, c.rms_norm_eps, model.scale, str(model.dtype),
+                               str(k_cache.dtype), tuple(k_cache.shape[1:]), lo, hi,
+                               [(tuple(t.shape), str(t.dtype)) for t in args[0]])).encode()
+                         + _sources()).hexdigest()[:24]
+    path = os.path.join(cache_dir(), f"decode_layer_{key}.pt2")
+    t = time.perf_counter()
+    if not os.path.exists(path):
+        _compile(layer, model, k_cache, args[0], bs, path, lo, hi)
+        log.info("compiled the CPU decode layer (rows %d-%d) in %.1f s -> %s", lo, hi - 1,
+                 time.perf_counter() - t, path)
+    return _load(path)
 
 
 def _load(path: str):
@@ -234,9 +297,11 @@ def _aten_mean():
             lowering.needs_realized_inputs.discard(op)
 
 
-def _compile(layer: DecodeLayer, model, k_cache, args0: list[torch.Tensor], bs: int, path: str) -> None:
-    """Export with dynamic rows / table width / pool size, compile to a package at `path` (atomically)."""
-    B, W, NB = 2, 3, 8                                     # example sizes (> 1: 1 would be specialized)
+def _compile(layer: DecodeLayer, model, k_cache, args0: list[torch.Tensor], bs: int, path: str, lo: int,
+             hi: int) -> None:
+    """Export with dynamic rows (lo..hi-1; one row count: static) / table width / pool size, compile to a
+    package at `path` (atomically)."""
+    B, W, NB = (max(2, lo) if hi - lo > 1 else lo), 3, 8   # example sizes (> 1: 1 would be specialized)
     c = model.cfg
     kc = torch.zeros((NB,) + tuple(k_cache.shape[1:]), dtype=k_cache.dtype)
     vc = torch.zeros_like(kc)
@@ -246,7 +311,8 @@ def _compile(layer: DecodeLayer, model, k_cache, args0: list[torch.Tensor], bs: 
     slots = torch.arange(B, dtype=torch.int64)
     cos = torch.zeros(B, 1, c.head_dim, dtype=model.dtype)
     Dim = torch.export.Dim
-    b, w, nb = Dim("rows", min=1, max=MAX_ROWS - 1), Dim("width", min=1), Dim("blocks", min=2)
+    b = Dim("rows", min=lo, max=hi - 1) if hi - lo > 1 else None
+    w, nb = Dim("width", min=1), Dim("blocks", min=2)
     dyn = ({0: b}, {0: nb}, {0: nb}, {0: b}, {0: b, 1: w}, {0: b, 3: w * bs}, {0: b}, {0: b}, None, None,
            (None,) * (len(args0) - 2))          # norms, then the linears' weights (*ws)
     with torch.inference_mode(False), torch.no_grad():

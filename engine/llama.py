@@ -101,7 +101,7 @@ def use_mkldnn(device: str, dtype: torch.dtype) -> bool:
 
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, sd: dict[str, torch.Tensor], device: str, dtype: torch.dtype,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", int8_rows: int = 0):
         from pdcluster.kernels.select import get_ops
 
         self.cfg = cfg
@@ -118,6 +118,10 @@ class LlamaModel:
         self.norm = sd["model.norm.weight"]
         self.layers = [Layer(sd, f"model.layers.{i}", cfg.attention_bias, device, prepack)
                        for i in range(cfg.num_layers)]
+        if int8_rows and torch.device(device).type == "cpu":     # wide steps on an int8 copy (quant/int8_rows.py)
+            from pdcluster.engine.quant.int8_rows import widen
+            for L in self.layers:
+                L.qkv, L.o, L.gate_up, L.down = (widen(lin, int8_rows) for lin in (L.qkv, L.o, L.gate_up, L.down))
         self.cos_sin = cos_sin_cache(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta,
                                      cfg.rope_scaling_dict).to(device)  # float32 [max_pos, D]
         self.scale = cfg.head_dim ** -0.5

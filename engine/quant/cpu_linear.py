@@ -139,6 +139,18 @@ class Int8Linear:
         return self.q.numel() + self.scale.numel() * self.scale.element_size()
 
 
+def int8_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 [M, N] = x [M, K] @ (q [N, K] int8 * scale [N] float32).T, each row of x rounded to int8 on its
+    own symmetric scale (amax / 127, 255 levels), an int8 x int8 -> int32 GEMM (torch._int_mm: exact integer
+    sums on any CPU, no int16 pair saturation as in fbgemm's full 8-bit range on AVX2), rescaled by the row's
+    scale and the weight row's. A row's result depends on that row alone, never on its batch-mates; a
+    non-finite row stays non-finite (its scale is)."""
+    xf = x.float()
+    sx = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127        # [M, 1]
+    xq = torch.round(xf / sx).to(torch.int8)                            # |xq| <= 127
+    return torch._int_mm(xq, q.t()).float().mul_(sx).mul_(scale)         # int32 [M, N] -> float32
+
+
 @functools.lru_cache(maxsize=1)
 def fbgemm_usable() -> bool:
     """torch's x86 quantized engine (fbgemm) is built in: its dynamic int8 linear is the decode kernel."""
@@ -189,18 +201,11 @@ class Dyn8Linear:
         return y if self.bias is None else y + self.bias
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """float32 [M, N]: each row of x rounded to int8 on its own symmetric scale (amax / 127, 255
-        levels), an int8 x int8 -> int32 GEMM (torch._int_mm: exact integer sums on any CPU, no int16
-        pair saturation as in fbgemm's full 8-bit range on AVX2), rescaled by the row's scale and the
-        weight row's. A row's result depends on that row alone, never on its batch-mates; a non-finite
-        row stays non-finite (its scale is). At 16 rows 2.0-2.4x faster than _weight_int4pack_mm_for_cpu
-        on the linears and 3.6x faster than _weight_int8pack_mm on the 49152 x 576 head (bench/RESULTS.md,
-        "Decode batches on CPU"). 7 bits per row (fbgemm's reduce_range) stepped outside transformers'
-        top-5 on a near-tie."""
-        xf = x.float()
-        sx = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127        # [M, 1]
-        xq = torch.round(xf / sx).to(torch.int8)                            # |xq| <= 127
-        y = torch._int_mm(xq, self.q.t()).float().mul_(sx).mul_(self.scale)  # int32 [M, N] -> float32
+        """float32 [M, N]: int8_rows (a scale per row of x). At 16 rows 2.0-2.4x faster than
+        _weight_int4pack_mm_for_cpu on the linears and 3.6x faster than _weight_int8pack_mm on the 49152 x 576
+        head (bench/RESULTS.md, "Decode batches on CPU"). 7 bits per row (fbgemm's reduce_range) stepped
+        outside transformers' top-5 on a near-tie."""
+        y = int8_rows(x, self.q, self.scale)
         return y if self.bias is None else y.add_(self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

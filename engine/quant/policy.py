@@ -44,7 +44,8 @@ def cpu_kernel(kind: str, fbgemm: bool) -> str:
     2-6x faster than _weight_int8pack_mm on AVX2 for every decode-step shape of SmolLM2, 1-32 rows,
     bench/RESULTS.md "Decode step on CPU"), else _weight_int8pack_mm. int4 weights keep
     _weight_int4pack_mm_for_cpu: fbgemm has no group-wise int4 form, and requantizing a GGUF Q4 weight
-    to per-row int8 would lose its exact values and double its bytes."""
+    to per-row int8 would lose its exact values and double its bytes (cpu_int8_rows adds such a copy beside
+    the packed weights for wide steps only: engine/quant/int8_rows.py)."""
     if kind == "int4":
         return "int4pack"
     if kind == "int8":

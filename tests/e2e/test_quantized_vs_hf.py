@@ -68,3 +68,22 @@ def test_gguf_int4_served_packed(hf_ref, refs, cpu_compile):
 @pytest.mark.parametrize("mode,mib", [("int8", 270), ("int4", 130)])   # float32: 1,026 MiB; int8: fbgemm copy + codes
 def test_hf_model_quantized_at_load(hf_ref, refs, hf_folder, mode, mib):
     _check(LLM(hf_folder, quantization=mode, kv_cache_memory=32 * 2**20), hf_ref, refs, max_weight_mib=mib)
+
+
+def test_gguf_int4_with_int8_copies_for_wide_steps(hf_ref, refs):
+    """cpu_int8_rows=2 (engine/quant/int8_rows.py): the prefill (> 64 rows) and the 4-row decode batches run
+    the int8 copies, the decode batches through the compiled layer's wide package; single rows keep the
+    packed kernel. Greedy stays inside transformers' top-5."""
+    from pdcluster.engine.cpu_compile import WIDE_MAX_ROWS
+    from pdcluster.engine.quant.int8_rows import Int8Rows
+    llm = LLM(kv_cache_memory=32 * 2**20, quantization=None, cpu_compile=True, cpu_int8_rows=2, speculative="off")
+    m = llm.engine.model
+    assert all(isinstance(lin, Int8Rows) for L in m.layers for lin in (L.qkv, L.o, L.gate_up, L.down))
+    comp = m.compiled
+    assert [(p.lo, p.hi) for p in comp.packages] == [(1, 2), (2, WIDE_MAX_ROWS)]
+    wide = comp.packages[1]
+    calls = []
+    run = wide.run
+    object.__setattr__(wide, "run", lambda args: calls.append(args[0].shape[0]) or run(args))
+    _check(llm, hf_ref, refs, max_weight_mib=240)         # + the int8 copies (~101 MiB)
+    assert len(calls) >= 30 * (N - 1) and set(calls) == {len(IDX)}   # every decode step, all 30 layers, wide

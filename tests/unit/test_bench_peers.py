@@ -33,3 +33,6 @@ def test_ratios_are_ours_over_theirs_per_concurrency():
               "ratios": r}
     table = format_peers(report)
     assert "0.50x" in table and "1.50x" in table and "2.00x" in table and "n/a" in table
+    assert "failed requests" not in table
+    report["results"]["llama"]["4"] |= {"failed": 3, "errors": {"NO_TOKENS": 1, "ReadTimeout": 2}}
+    assert "failed requests (the client's error codes): llama at 4: 1 NO_TOKENS, 2 ReadTimeout" in format_peers(report)

@@ -322,6 +322,20 @@ def test_cpu_compile_per_pool_over_the_flag():
     assert c.engine_kwargs("decode")["cpu_compile"] is True and c.engine_kwargs("prefill")["cpu_compile"] is True
 
 
+def test_cpu_int8_rows_per_pool_over_the_flag(tmp_path):
+    """pools.yaml's cpu_int8_rows: the decode pool's wide steps on int8 copies, the prefill pool on the flag's 0."""
+    text, _ = edited("  cpu_int8_rows: null", "  cpu_int8_rows: 10", after="\ndecode:")
+    c = parse_pools_config(text)
+    assert c.engine_kwargs("decode")["cpu_int8_rows"] == 10 and c.engine_kwargs("prefill")["cpu_int8_rows"] == 0
+    from pdcluster.deploy.flags import dotted, override
+    on = override(ClusterConfig(), dotted(engine__cpu_int8_rows=12))                     # --cpu-int8-rows 12
+    c = load_pools_config(SHIPPED, base=on)                                             # shipped: null
+    assert c.engine_kwargs("decode")["cpu_int8_rows"] == c.engine_kwargs("prefill")["cpu_int8_rows"] == 12
+    text, line = edited("  cpu_int8_rows: null", "  cpu_int8_rows: -1", after="\ndecode:")
+    msg, found = issues(text, tmp_path)
+    assert found == [("decode.cpu_int8_rows", line)] and "must be >= 0" in msg, msg
+
+
 def test_bad_cpu_compile_names_key_and_line(tmp_path):
     text, _ = edited("  cpu_compile: null", "  cpu_compile: yes please", after="\ndecode:")
     err, found = issues(text, tmp_path)

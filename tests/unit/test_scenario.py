@@ -294,16 +294,17 @@ def test_peers_never_measures_a_prompt_twice():
 
 
 def test_deploy_pools_cpu_yaml_is_the_peers_split_side():
-    """The README's one-host config serves what `bench scenario peers --sides disagg-split` measured."""
+    """The README's one-host config serves what `bench scenario peers --sides disagg-split-i8` measured."""
     from pathlib import Path
 
     from pdcluster.bench.peers import SIDES
     from pdcluster.deploy.pools import load_pools_config
     got = load_pools_config(Path(__file__).resolve().parents[2] / "deploy" / "pools-cpu.yaml")
-    want = SIDES["disagg-split"]
+    want = SIDES["disagg-split-i8"]
     for role in ("prefill", "decode"):
-        keys = ("quantization", "dtype", "cpu_compile", "block_size", "kv_cache_dtype", "speculative")
+        keys = ("quantization", "dtype", "cpu_compile", "block_size", "kv_cache_dtype", "speculative", "cpu_int8_rows")
         assert {k: got.engine_kwargs(role)[k] for k in keys} == {k: want.engine_kwargs(role)[k] for k in keys}
         assert got.threads(role) == want.threads(role) == 1
     assert got.engine_kwargs("prefill")["dtype"] == "bfloat16" and got.engine_kwargs("decode")["quantization"] == "int4"
+    assert got.engine_kwargs("decode")["cpu_int8_rows"] == 10
     assert (got.pools.prefill.initial_replicas, got.pools.decode.initial_replicas) == (1, 1)

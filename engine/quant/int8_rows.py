@@ -1,0 +1,58 @@
+"""Wide steps of a packed int4 CPU linear through an int8 copy of its weights (`cpu_int8_rows`).
+
+torch's int4 kernel (_weight_int4pack_mm_for_cpu) costs about linearly in rows: SmolLM2's 30 layers' linears,
+30 distinct weights per shape as in a step, 1 thread: 15.6 ms at 4 rows, 27 at 8, 50 at 16, 94 at 32.
+An int8 copy through cpu_linear.int8_rows (x rounded to int8 per row, torch._int_mm, int32 sums) reads twice
+the bytes but costs nearly the same at any row count: 28-30 ms at 4-8 rows, 31.5 at 16, 41 at 32. So from
+~10 rows on the copy is faster, 1.6x at 16 rows, 2.3x at 32 (bench/RESULTS.md, "int8 copy for wide
+steps"). A bfloat16 copy was measured too and dropped: at 2 bytes per weight it is bound by this host's
+memory bandwidth, 42-44 ms at any row count.
+
+The copy is the packed weights' own values (their dequantize()) rounded to int8 per output row (symmetric,
+amax / 127): one more rounding of the weights, well inside the 4-bit one (a Q4 step is a group's range / 15,
+an int8 step the row's |max| / 127), and x is rounded to 8 bits per row as llama.cpp rounds activations.
+Greedy output stays inside transformers' top-5 (tests/e2e/test_quantized_vs_hf.py). Cost: 1 byte per weight
+(and a float32 scale per row) resident beside the packed ones.
+"""
+from __future__ import annotations
+
+import torch
+
+from pdcluster.engine.quant.cpu_linear import Int4Linear, int8_rows
+from pdcluster.engine.quant.packed import quantize
+
+
+class Int8Rows:
+    """`inner` (a packed int4 linear) for steps of fewer than min_rows rows; int8_rows on an int8 copy of its
+    weights for the others (decode batches, draft verification, prefill chunks)."""
+    __slots__ = ("inner", "q", "scale", "bias", "min_rows")
+
+    def __init__(self, inner: Int4Linear, min_rows: int):
+        if min_rows < 1:
+            raise ValueError(f"min_rows must be >= 1, got {min_rows}")
+        w8 = quantize(inner.dequantize(), "int8")                         # per output row, symmetric
+        self.q, self.scale = w8.q.contiguous(), w8.scale.float()          # int8 [N, K], float32 [N]
+        self.inner, self.bias, self.min_rows = inner, inner.bias, min_rows
+
+    @property
+    def N(self) -> int:
+        return self.q.shape[0]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < self.min_rows:
+            return self.inner(x)
+        y = int8_rows(x, self.q, self.scale).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    @property
+    def nbytes(self) -> int:
+        """The packed weights, the int8 copy and its scales."""
+        return self.inner.nbytes + self.q.numel() + 4 * self.scale.numel()
+
+
+def widen(lin, min_rows: int):
+    """lin with an int8 copy for steps of >= min_rows rows if it is a packed int4 CPU linear whose weights
+    can be read back (a known int4pack layout); else lin unchanged (int8 linears run int8 already)."""
+    if not isinstance(lin, Int4Linear) or lin.layout is None:
+        return lin
+    return Int8Rows(lin, min_rows)

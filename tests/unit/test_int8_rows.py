@@ -1,0 +1,65 @@
+"""engine/quant/int8_rows.py: a packed int4 linear's wide steps through an int8 copy of its weights."""
+import pytest
+import torch
+
+from pdcluster.engine.quant.cpu_linear import Dyn8Linear, Int4Linear, Int8Linear, fbgemm_usable, int4pack_layout
+from pdcluster.engine.quant.int8_rows import Int8Rows, widen
+from pdcluster.engine.quant.packed import Int8Weight, quantize_int4, quantize_int8
+
+G = torch.Generator().manual_seed(7)
+pytestmark = pytest.mark.skipif(int4pack_layout() is None, reason="torch's int4pack layout is not a known one")
+
+
+def _lin(N=40, K=128, bias=True):                  # 40: padded to the int4 kernel's 16 rows
+    w = quantize_int4(torch.randn(N, K, generator=G) * 0.05)
+    return Int4Linear(w, torch.randn(N, generator=G) if bias else None)
+
+
+def test_narrow_steps_are_the_packed_kernel_and_wide_ones_the_int8_copy():
+    inner = _lin()
+    lin = Int8Rows(inner, min_rows=4)
+    x = torch.randn(3, 128, generator=G)
+    assert torch.equal(lin(x), inner(x))                                  # below min_rows: untouched
+    x = torch.randn(9, 128, generator=G) * torch.logspace(-2, 1, 9).unsqueeze(1)   # rows of unlike scales
+    y = lin(x)
+    assert y.dtype == torch.float32 and y.shape == (9, 40)
+    # a row's result is its own: the same with any batch-mates (here: copies of itself)
+    assert torch.equal(y, torch.cat([lin(x[i:i + 1].expand(4, -1))[:1] for i in range(9)]))
+    # within the two roundings of the packed weights' exact values W: x per row (step sx = amax / 127) and
+    # W per output row (step sw = max |W| / 127)
+    W = inner.dequantize().double()                                       # [N, K]
+    w8 = lin.q.double() * lin.scale.double().unsqueeze(1)
+    ref = x.double() @ W.t() + inner.bias.double()
+    sx = x.abs().amax(1, keepdim=True).double() / 127
+    bound = sx / 2 * w8.abs().sum(1) + x.double().abs().sum(1, keepdim=True) * lin.scale.double() / 2
+    bound = bound + 1e-5 * ref.abs().amax(1, keepdim=True)
+    err = (y.double() - ref).abs()
+    assert (err <= bound).all(), (err / bound).max()
+    assert (err.amax(1) > 0.01 * bound.amax(1)).all()                   # really rounded: not vacuous
+    # the int8 copy is the packed weights' own values, rounded once more
+    assert (w8 - W).abs().le(lin.scale.double().unsqueeze(1) / 2 + 1e-9).all()
+    # control: a copy off by codes in one row breaks the bound there
+    lin.q[5] = lin.q[5] // 2
+    assert not ((lin(x).double() - ref).abs() <= bound).all()
+
+
+def test_a_prefill_chunk_and_a_row_that_is_not_finite():
+    lin = Int8Rows(_lin(bias=False), min_rows=2)
+    x = torch.randn(70, 128, generator=G)                                # > 64 rows: the old dense path
+    x[3, 5] = float("nan")
+    y = lin(x)
+    assert y[3].isnan().all() and y[torch.arange(70) != 3].isfinite().all()   # a bad row stays its own
+
+
+def test_widen_copies_int4_linears_only_and_counts_the_bytes():
+    inner = _lin(N=48, K=64, bias=False)
+    lin = widen(inner, 8)
+    assert isinstance(lin, Int8Rows) and lin.min_rows == 8 and lin.N == 48
+    assert lin.nbytes == inner.nbytes + 48 * 64 + 48 * 4
+    int8 = Int8Linear(quantize_int8(torch.randn(16, 64, generator=G)), None)
+    assert widen(int8, 8) is int8
+    if fbgemm_usable():
+        dyn = Dyn8Linear(Int8Weight(int8.q, int8.scale.float()), None)
+        assert widen(dyn, 8) is dyn
+    with pytest.raises(ValueError):
+        Int8Rows(inner, 0)
