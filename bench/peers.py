@@ -44,16 +44,23 @@ _FAST = dict(engine__quantization="int4", engine__cpu_compile=True)
 # bandwidth-tuned decode pool above (packed int4 + the compiled layer, float32 KV; the KV codec casts
 # the prefill pool's bfloat16 blocks as they land)
 _SPLIT = dict(pools__prefill__quantization="none", pools__prefill__dtype="bfloat16", pools__prefill__cpu_compile=False)
+# and with the decode pool's wide steps (batches of >= 10 rows, prompt tails, prefill chunks) on an int8 copy
+# of its int4 linears (engine/quant/int8_rows.py; 10 rows: the measured break-even against the int4 kernel)
+_I8 = dict(pools__decode__cpu_int8_rows=10)
 SIDES: dict[str, ClusterConfig] = {
     "disagg": cluster(),
     "single": cluster(**_SINGLE),
     "disagg-int4": cluster(**_FAST),
     "single-int4": cluster(**_SINGLE, **_FAST),
     "disagg-split": cluster(**_FAST, **_SPLIT),
+    "disagg-split-i8": cluster(**_FAST, **_SPLIT, **_I8),
+    "single-int4-i8": cluster(**_SINGLE, **_FAST, **_I8),
 }
 SIDE_LABELS = {"disagg": "pdcluster 1P+1D", "single": "pdcluster 1 worker",
                "disagg-int4": "pdcluster 1P+1D int4 compiled", "single-int4": "pdcluster 1 worker int4 compiled",
-               "disagg-split": "pdcluster 1P bf16 + 1D int4 compiled"}
+               "disagg-split": "pdcluster 1P bf16 + 1D int4 compiled",
+               "disagg-split-i8": "pdcluster 1P bf16 + 1D int4 compiled, int8 copy >= 10 rows",
+               "single-int4-i8": "pdcluster 1 worker int4 compiled, int8 copy >= 10 rows"}
 
 
 @dataclass(frozen=True)
@@ -148,7 +155,8 @@ async def run_peers(sides: list[str], peers: list[Peer], concurrency: tuple[int,
         scenario=dict(name="peers", workload=workload, concurrency=list(concurrency), rounds=rounds, seed=seed,
                       sides={SIDE_LABELS[s]: dataclasses.asdict(SIDES[s]) for s in sides},
                       peers={p.name: p.base_url for p in peers}, wall_s=round(time.perf_counter() - t0, 1)),
-        results={s: {str(c): {m: r.get(m) for m in METRICS} | {"completed": r["completed"], "failed": r["failed"]}
+        results={s: {str(c): {m: r.get(m) for m in METRICS} | {"completed": r["completed"], "failed": r["failed"],
+                                                                   "errors": r.get("errors") or {}}
                      for c, r in by_c.items()} for s, by_c in results.items()},
         ratios=peer_ratios({s: {c: r for c, r in by_c.items()} for s, by_c in results.items()},
                            [SIDE_LABELS[s] for s in sides], [p.name for p in peers], concurrency))
@@ -187,6 +195,9 @@ def format_peers(report: dict) -> str:
             cells = [(f"{r[m]:.2f}x" if r[m] is not None else "n/a").rjust(16)
                      for m in ("output_throughput", "mean_tpot_ms")]
             ratio_rows.append(pair.ljust(w0) + c.rjust(4) + "  " + "  ".join(cells))
+    failed = [f"{s} at {c}: " + ", ".join(f"{n} {code}" for code, n in sorted(by_c[c].get("errors", {}).items()))
+              for s, by_c in res.items() for c in conc if by_c[c]["failed"]]
+    rows += [""] + ["failed requests (the client's error codes): " + "; ".join(failed)] if failed else []
     return "\n".join(head + rows + (ratio_rows if report["ratios"] else []))
 
 
