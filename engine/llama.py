@@ -70,8 +70,8 @@ class Linear:
         return nbytes(self.weight) * (2 if self._packed is not None else 1)
 
 
-def make_linear(w: torch.Tensor | Packed, bias: torch.Tensor | None, device: str, prepack: bool):
-    return Linear(w, bias, prepack) if isinstance(w, torch.Tensor) else quant_linear(w, bias, device)
+def make_linear(w: torch.Tensor | Packed, bias: torch.Tensor | None, device: str, prepack: bool, head: bool = False):
+    return Linear(w, bias, prepack) if isinstance(w, torch.Tensor) else quant_linear(w, bias, device, head)
 
 
 class Layer:
@@ -114,7 +114,7 @@ class LlamaModel:
         self.embed = sd["model.embed_tokens.weight"]                       # [V, E], float or packed
         prepack = use_mkldnn(device, dtype) and not self.triton
         self.lm_head = make_linear(self.embed if cfg.tie_word_embeddings else sd["lm_head.weight"], None, device,
-                                   prepack)
+                                   prepack, head=True)
         self.norm = sd["model.norm.weight"]
         self.layers = [Layer(sd, f"model.layers.{i}", cfg.attention_bias, device, prepack)
                        for i in range(cfg.num_layers)]

@@ -152,6 +152,38 @@ def int8_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Te
 
 
 @functools.lru_cache(maxsize=1)
+def onednn_int8_usable() -> bool:
+    """oneDNN's int8 GEMM on a prepacked weight (onednn.qlinear_pointwise), where its u8 x s8 products sum in
+    int32 without int16 pair saturation: VNNI or AMX hosts (plain AVX2's vpmaddubsw can saturate)."""
+    try:
+        exact = torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:                       # another torch's private names: keep to torch._int_mm
+        return False
+    return bool(exact) and torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
+
+
+class OneDNNRows:
+    """int8_rows' arithmetic on oneDNN's prepacked int8 weight: x per row on its own symmetric 8-bit scale,
+    shifted to uint8 (+128, one zero point for every row), exact int32 sums, each row's result rescaled by its
+    own scale. No per-call weight reorder (torch._int_mm blocks its weight on every call): the 49152 x 576
+    head at 2-16 rows in 4.2-4.6 ms instead of 7.3-9.3 (bench/RESULTS.md, "oneDNN's prepacked int8 head")."""
+    __slots__ = ("packed", "scale", "zero")
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        self.packed = torch.ops.onednn.qlinear_prepack(q.contiguous(), None)   # opaque, blocked for VNNI / AMX
+        self.scale, self.zero = scale.float().contiguous(), torch.zeros(q.shape[0], dtype=torch.long)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 [M, N]."""
+        xf = x.float()
+        sx = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127        # [M, 1]
+        xq = torch.round(xf / sx).add_(128).to(torch.uint8)                 # 1..255; 128 is zero
+        y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, self.packed, self.scale, self.zero, None, 1.0, 0,
+                                               torch.float32, "none", [], "")   # float(sum) * w_scale
+        return y.mul_(sx)
+
+
+@functools.lru_cache(maxsize=1)
 def fbgemm_usable() -> bool:
     """torch's x86 quantized engine (fbgemm) is built in: its dynamic int8 linear is the decode kernel."""
     return torch.backends.quantized.engine in ("x86", "fbgemm") and hasattr(torch.ops.quantized, "linear_dynamic")
@@ -170,9 +202,9 @@ class Dyn8Linear:
     dequantize + float32 GEMM path with bfloat16-rounded x, as Int8Linear does; it and rows() read the
     int8 codes kept beside fbgemm's copy (2 bytes per weight resident; 1 for a tied head, whose codes
     the embedding holds anyway)."""
-    __slots__ = ("packed", "q", "scale", "bias", "N", "K")
+    __slots__ = ("packed", "q", "scale", "bias", "N", "K", "onednn")
 
-    def __init__(self, w: Int8Weight, bias: torch.Tensor | None):
+    def __init__(self, w: Int8Weight, bias: torch.Tensor | None, onednn_rows: bool = False):
         N, K = w.shape
         # the codes stay too, for the dense path: fbgemm's unpack rebuilds the whole matrix per call
         # (measured: prefill at 0.56x); a tied head shares them with the embedding's row lookups
@@ -184,6 +216,8 @@ class Dyn8Linear:
         b = bias.float() if bias is not None else None
         self.packed = torch.ops.quantized.linear_prepack(wq, b)    # fbgemm's layout; bias added in the kernel
         self.scale, self.bias, self.N, self.K = w.scale.float(), bias, N, K
+        # rows() on oneDNN's prepacked copy where asked (the LM head) and exact
+        self.onednn = OneDNNRows(self.q, self.scale) if onednn_rows and onednn_int8_usable() else None
 
     def codes(self) -> torch.Tensor:
         """int8 [N, K], read back out of fbgemm's packed weight."""
@@ -201,11 +235,12 @@ class Dyn8Linear:
         return y if self.bias is None else y + self.bias
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
-        """float32 [M, N]: int8_rows (a scale per row of x). At 16 rows 2.0-2.4x faster than
+        """float32 [M, N]: int8_rows (a scale per row of x), on oneDNN's prepacked weight where its sums are
+        exact (OneDNNRows: VNNI / AMX hosts), else torch._int_mm. The latter at 16 rows 2.0-2.4x faster than
         _weight_int4pack_mm_for_cpu on the linears and 3.6x faster than _weight_int8pack_mm on the 49152 x 576
         head (bench/RESULTS.md, "Decode batches on CPU"). 7 bits per row (fbgemm's reduce_range) stepped
         outside transformers' top-5 on a near-tie."""
-        y = int8_rows(x, self.q, self.scale)
+        y = self.onednn(x) if self.onednn is not None else int8_rows(x, self.q, self.scale)
         return y if self.bias is None else y.add_(self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,5 +254,5 @@ class Dyn8Linear:
 
     @property
     def nbytes(self) -> int:
-        """fbgemm's packed copy, the codes and the float32 scales."""
-        return 2 * self.N * self.K + self.scale.numel() * 4
+        """fbgemm's packed copy, the codes, oneDNN's packed copy where rows() runs it, the float32 scales."""
+        return (2 + (self.onednn is not None)) * self.N * self.K + self.scale.numel() * 4

@@ -60,12 +60,12 @@ def test_gguf_int4_served_packed(hf_ref, refs, cpu_compile):
     llm = LLM(kv_cache_memory=32 * 2**20, quantization=None, cpu_compile=cpu_compile)   # None: Q4_1 stays packed
     assert (llm.engine.model.compiled is not None) == cpu_compile   # decode steps through engine/cpu_compile.py
     assert llm.engine.cfg.quantization is None
-    # float32: 1,026 MiB (weights + oneDNN copies). The int8 head is held twice where fbgemm runs it
-    # (the embedding's codes for row lookups + fbgemm's packed copy, 28 MiB each)
-    _check(llm, hf_ref, refs, max_weight_mib=130)
+    # float32: 1,026 MiB (weights + oneDNN copies). The int8 head is held three times where fbgemm runs it
+    # (the embedding's codes for row lookups, fbgemm's packed copy for 1 row, oneDNN's for 2-63; 27 MiB each)
+    _check(llm, hf_ref, refs, max_weight_mib=150)
 
 
-@pytest.mark.parametrize("mode,mib", [("int8", 270), ("int4", 130)])   # float32: 1,026 MiB; int8: fbgemm copy + codes
+@pytest.mark.parametrize("mode,mib", [("int8", 300), ("int4", 150)])   # float32: 1,026 MiB; int8: fbgemm copy + codes
 def test_hf_model_quantized_at_load(hf_ref, refs, hf_folder, mode, mib):
     _check(LLM(hf_folder, quantization=mode, kv_cache_memory=32 * 2**20), hf_ref, refs, max_weight_mib=mib)
 
@@ -85,5 +85,5 @@ def test_gguf_int4_with_int8_copies_for_wide_steps(hf_ref, refs):
     calls = []
     run = wide.run
     object.__setattr__(wide, "run", lambda args: calls.append(args[0].shape[0]) or run(args))
-    _check(llm, hf_ref, refs, max_weight_mib=240)         # + the int8 copies (~101 MiB)
+    _check(llm, hf_ref, refs, max_weight_mib=250)         # + the int8 copies (~101 MiB)
     assert len(calls) >= 30 * (N - 1) and set(calls) == {len(IDX)}   # every decode step, all 30 layers, wide

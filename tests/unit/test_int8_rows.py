@@ -1,8 +1,10 @@
-"""engine/quant/int8_rows.py: a packed int4 linear's wide steps through an int8 copy of its weights."""
+"""engine/quant/int8_rows.py: a packed int4 linear's wide steps through an int8 copy of its weights; and
+cpu_linear.OneDNNRows, the same arithmetic on oneDNN's prepacked int8 weight."""
 import pytest
 import torch
 
-from pdcluster.engine.quant.cpu_linear import Dyn8Linear, Int4Linear, Int8Linear, fbgemm_usable, int4pack_layout
+from pdcluster.engine.quant.cpu_linear import (Dyn8Linear, Int4Linear, Int8Linear, OneDNNRows, fbgemm_usable,
+                                               int4pack_layout, int8_rows, onednn_int8_usable)
 from pdcluster.engine.quant.int8_rows import Int8Rows, widen
 from pdcluster.engine.quant.packed import Int8Weight, quantize_int4, quantize_int8
 
@@ -63,3 +65,30 @@ def test_widen_copies_int4_linears_only_and_counts_the_bytes():
         assert widen(dyn, 8) is dyn
     with pytest.raises(ValueError):
         Int8Rows(inner, 0)
+
+
+@pytest.mark.skipif(not onednn_int8_usable(), reason="no VNNI / AMX: oneDNN's u8 x s8 sums could saturate")
+def test_onednn_rows_is_int8_rows_arithmetic():
+    """cpu_linear.OneDNNRows (the int8 head's and int8 linears' 2-63 rows where exact): the same integer sums as
+    int8_rows, rescaled in another order (float32, last bits); a row's result is its own."""
+    w = quantize_int8(torch.randn(72, 128, generator=G) * 0.05)
+    x = torch.randn(9, 128, generator=G) * torch.logspace(-2, 1, 9).unsqueeze(1)
+    got = OneDNNRows(w.q, w.scale)(x)
+    want = int8_rows(x, w.q, w.scale.float())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert torch.equal(got, torch.cat([OneDNNRows(w.q, w.scale)(x[i:i + 1]) for i in range(9)]))
+    bad = w.q.clone()
+    bad[3] = -bad[3]                                                     # control: another weight shows
+    assert not torch.allclose(OneDNNRows(bad, w.scale)(x), want, rtol=1e-3)
+
+
+def test_only_the_lm_head_gets_the_onednn_copy():
+    from pdcluster.engine.quant.layers import quant_linear
+    w = quantize_int8(torch.randn(64, 128, generator=G))
+    head, lin = quant_linear(w, None, "cpu", head=True), quant_linear(w, None, "cpu")
+    if not fbgemm_usable():
+        pytest.skip("no fbgemm: int8 weights run _weight_int8pack_mm")
+    assert (head.onednn is not None) == onednn_int8_usable() and lin.onednn is None
+    assert head.nbytes == lin.nbytes + (64 * 128 if head.onednn is not None else 0)
+    x = torch.randn(5, 128, generator=G)
+    torch.testing.assert_close(head(x), lin(x), rtol=1e-6, atol=0)      # the same arithmetic either way
