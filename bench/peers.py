@@ -206,7 +206,7 @@ def plot_peers(report: dict, path: str) -> None:
     import numpy as np
     from matplotlib.figure import Figure
     res, conc = report["results"], [str(c) for c in report["scenario"]["concurrency"]]
-    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    fig = Figure(figsize=(12, 5), layout="constrained")
     axes = fig.subplots(1, 2)
     x, width = np.arange(len(conc)), 0.8 / max(1, len(res))
     for ax, (m, title, unit) in zip(axes, (("output_throughput", "Output throughput", "tok/s"),
@@ -215,7 +215,8 @@ def plot_peers(report: dict, path: str) -> None:
             ax.bar(x + (i - (len(res) - 1) / 2) * width, [by_c[c].get(m) or 0.0 for c in conc], width, label=s)
         ax.set(title=title, ylabel=unit, xlabel="concurrency", xticks=x, xticklabels=conc)
         ax.grid(alpha=0.3, axis="y")
-    axes[0].legend()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=min(3, len(res)),
+               fontsize="small")                 # below the plots: long server names never cover a bar
     fig.savefig(path, dpi=100)
 
 
