@@ -17,7 +17,7 @@ split bmm or oneDNN at these row counts: the same function, rounded differently.
 
 With int8 copies of the int4 linears (cpu_int8_rows = N, engine/quant/int8_rows.py) a second package
 serves the steps of N..WIDE_MAX_ROWS-1 rows with their linears on the copies (int8_rows), the first one
-1..N-1 rows on the packed kernel: each the eager step's arithmetic for its rows.
+the rows below N on the packed kernel: each the eager step's arithmetic for its rows.
 
 The package is cached on disk (PDCLUSTER_AOTI_CACHE, default ~/.cache/pdcluster/aoti) under a key of
 what it depends on (torch version and CPU capability, threads, the traced sources, layer geometry,
@@ -176,19 +176,23 @@ class _Package:
 
 
 class CompiledDecode:
-    """The model's decoder layers for pure-decode CPU steps, through one compiled layer per row range: the
-    packed kernels below the linears' int8-copy threshold (engine/quant/int8_rows.py; all of 1..MAX_ROWS-1
-    without one), their int8 copies from it up to WIDE_MAX_ROWS. Build with CompiledDecode.build
-    (None when the model or cache is not supported, or compiling fails)."""
+    """The model's decoder layers for pure-decode CPU steps, through compiled layers: `narrow` (1..MAX_ROWS-1
+    rows, the linears' packed kernels) and, when the int4 linears have int8 copies from `split` rows on
+    (engine/quant/int8_rows.py), `wide` (split..WIDE_MAX_ROWS-1 rows, the copies). Build with
+    CompiledDecode.build (None when the model or cache is not supported, or compiling fails)."""
 
-    def __init__(self, packages: list[_Package], block_size: int):
-        self.packages, self.block_size = packages, block_size
+    def __init__(self, narrow: _Package, wide: _Package | None, block_size: int, split: int = MAX_ROWS):
+        self.narrow, self.wide, self.block_size, self.split = narrow, wide, block_size, split
         self.steps = 0                         # steps served (tests, stats)
 
     @property
+    def packages(self) -> list[_Package]:
+        return [self.narrow] + ([self.wide] if self.wide is not None else [])
+
+    @property
     def max_rows(self) -> int:
-        """Steps of fewer rows take a compiled layer."""
-        return self.packages[-1].hi
+        """Steps of fewer rows take a compiled layer (if their rows are covered: covers())."""
+        return self.wide.hi if self.wide is not None else self.narrow.hi
 
     @staticmethod
     def build(model, k_cache: torch.Tensor, v_cache: torch.Tensor) -> "CompiledDecode | None":
@@ -199,37 +203,45 @@ class CompiledDecode:
             return None                                     # the package's pool-size dimension starts at 2
         lins = [(L.qkv, L.o, L.gate_up, L.down) for L in model.layers]
         split = min([MAX_ROWS] + [lin.min_rows for ls in lins for lin in ls if hasattr(lin, "min_rows")])
-        packages = []
-        for lo, hi, wide in ((1, split, False), (split, WIDE_MAX_ROWS, True)):
-            if lo >= hi or (wide and split == MAX_ROWS):
-                continue
-            got = _layer_specs(lins, wide)
-            if got is None:
-                if wide:                                    # its rows stay eager (the int8 copies still run)
-                    log.info("a linear without an int8 copy: steps of >= %d rows stay eager", lo)
-                    continue
-                return None
-            specs, counts, ws = got
-            args = [[L.in_norm, L.post_norm] + w for L, w in zip(model.layers, ws)]
-            try:
-                packages.append(_Package(lo, hi, _package(model, k_cache, specs, counts, args, lo, hi), args))
-            except Exception as e:                          # any export / compile / load failure: eager
-                log.warning("CPU decode compile failed, %s steps stay eager: %s",
-                            f"decode steps of >= {lo} rows" if wide else "decode", str(e).splitlines()[0][:300])
-                if not wide:
-                    return None
-        return CompiledDecode(packages, k_cache.shape[1]) if packages else None
+        # the narrow layer always spans 1..MAX_ROWS-1: one package whatever the split, shared by every config
+        # of this model; steps of >= split rows take the wide one, or stay eager without it
+        narrow = _build_package(model, k_cache, lins, 1, MAX_ROWS, wide=False)
+        if narrow is None:
+            return None
+        wide = _build_package(model, k_cache, lins, split, WIDE_MAX_ROWS, wide=True) if split < MAX_ROWS else None
+        return CompiledDecode(narrow, wide, k_cache.shape[1], split)
 
     def covers(self, num_tokens: int, meta) -> bool:
-        """A pure-decode step a compiled layer takes: no prefill chunk, 1..max_rows-1 rows."""
-        return (not meta.prefills and 0 < num_tokens < self.max_rows and num_tokens >= self.packages[0].lo
-                and meta.decode_block_tables is not None)
+        """A pure-decode step a compiled layer takes: no prefill chunk, and rows below the linears' int8-copy
+        threshold (the narrow layer) or in the wide layer's range."""
+        if meta.prefills or num_tokens < 1 or meta.decode_block_tables is None:
+            return False
+        if num_tokens < self.split:
+            return num_tokens < self.narrow.hi
+        return self.wide is not None and num_tokens < self.wide.hi
 
     def layer(self, li: int, h, k_cache, v_cache, meta, cos, sin) -> torch.Tensor:
         """Layer li of a covered step: h [B, E] in, h [B, E] out; the step's K/V written to the caches."""
-        p = self.packages[0] if h.shape[0] < self.packages[0].hi else self.packages[-1]
+        p = self.wide if h.shape[0] >= self.split else self.narrow
         return p.run([h, k_cache, v_cache, meta.slot_mapping, meta.decode_block_tables, meta.decode_mask,
                       cos, sin] + p.args[li])[0]
+
+
+def _build_package(model, k_cache, lins, lo: int, hi: int, wide: bool) -> _Package | None:
+    """The layer for rows lo..hi-1 (wide: on the linears' int8 copies), compiled or loaded; None (logged) if a
+    linear is not supported or compiling fails."""
+    what = f"decode steps of >= {lo} rows" if wide else "decode steps"
+    got = _layer_specs(lins, wide)
+    if got is None:
+        log.info("a linear the compiled layer does not support: %s stay eager", what)
+        return None
+    specs, counts, ws = got
+    args = [[L.in_norm, L.post_norm] + w for L, w in zip(model.layers, ws)]
+    try:
+        return _Package(lo, hi, _package(model, k_cache, specs, counts, args, lo, hi), args)
+    except Exception as e:                                  # any export / compile / load failure: eager
+        log.warning("CPU decode compile failed, %s stay eager: %s", what, str(e).splitlines()[0][:300])
+        return None
 
 
 def _layer_specs(lins, wide: bool):
@@ -299,9 +311,9 @@ def _aten_mean():
 
 def _compile(layer: DecodeLayer, model, k_cache, args0: list[torch.Tensor], bs: int, path: str, lo: int,
              hi: int) -> None:
-    """Export with dynamic rows (lo..hi-1; one row count: static) / table width / pool size, compile to a
-    package at `path` (atomically)."""
-    B, W, NB = (max(2, lo) if hi - lo > 1 else lo), 3, 8   # example sizes (> 1: 1 would be specialized)
+    """Export with dynamic rows (lo..hi-1) / table width / pool size, compile to a package at `path`
+    (atomically)."""
+    B, W, NB = max(2, lo), 3, 8                            # example sizes (> 1: 1 would be specialized)
     c = model.cfg
     kc = torch.zeros((NB,) + tuple(k_cache.shape[1:]), dtype=k_cache.dtype)
     vc = torch.zeros_like(kc)
@@ -311,8 +323,7 @@ def _compile(layer: DecodeLayer, model, k_cache, args0: list[torch.Tensor], bs: 
     slots = torch.arange(B, dtype=torch.int64)
     cos = torch.zeros(B, 1, c.head_dim, dtype=model.dtype)
     Dim = torch.export.Dim
-    b = Dim("rows", min=lo, max=hi - 1) if hi - lo > 1 else None
-    w, nb = Dim("width", min=1), Dim("blocks", min=2)
+    b, w, nb = Dim("rows", min=lo, max=hi - 1), Dim("width", min=1), Dim("blocks", min=2)
     dyn = ({0: b}, {0: nb}, {0: nb}, {0: b}, {0: b, 1: w}, {0: b, 3: w * bs}, {0: b}, {0: b}, None, None,
            (None,) * (len(args0) - 2))          # norms, then the linears' weights (*ws)
     with torch.inference_mode(False), torch.no_grad():

@@ -31,7 +31,7 @@ def pools():
 def test_bf16_prefill_pool_and_int4_decode_pool_within_top5(pools, hf_ref):
     prefill, decode = pools
     assert prefill.runner.k_caches[0].dtype == torch.bfloat16 and decode.runner.k_caches[0].dtype == torch.float32
-    assert sum(decode.model.weight_bytes().values()) < 130 * 2**20          # packed, no float copy
+    assert sum(decode.model.weight_bytes().values()) < 150 * 2**20          # packed (the int8 head thrice), no float copy
     bs = decode.cfg.cache.block_size
     for i, text in enumerate(LONG):
         ids = prefill.tokenizer.encode(text, add_special_tokens=False)

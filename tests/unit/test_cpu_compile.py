@@ -81,6 +81,25 @@ def test_speculative_steps_and_layer_hooks():
     assert llm.generate(prompt, sp)[0].token_ids == got
 
 
+def test_which_layer_takes_which_rows_with_int8_copies():
+    """With int8 copies from `split` rows (cpu_int8_rows): the narrow layer below split, the wide one from split
+    to WIDE_MAX_ROWS - 1; without a wide layer those rows stay eager (they must not run the packed kernel
+    compiled while eager runs the copies). Bookkeeping only: no package is run."""
+    from pdcluster.engine.cpu_compile import WIDE_MAX_ROWS, _Package
+    one = torch.zeros(1, dtype=torch.int64)
+    tables, mask = torch.zeros(1, 2, dtype=torch.int64), torch.ones(1, 1, 1, 32, dtype=torch.bool)
+    decode = AttnMeta(one, [], 0, tables, one + 1, mask)
+    mixed = AttnMeta(torch.zeros(3, dtype=torch.int64), [PrefillSeq(0, 2, 2, tables[0])], 2, tables, one + 1, mask)
+    narrow, wide = _Package(1, MAX_ROWS, None, []), _Package(10, WIDE_MAX_ROWS, None, [])
+    both = CompiledDecode(narrow, wide, 16, split=10)
+    assert [n for n in (1, 9, 10, 63, 64, 511, 512) if both.covers(n, decode)] == [1, 9, 10, 63, 64, 511]
+    assert not both.covers(12, mixed) and both.max_rows == WIDE_MAX_ROWS
+    no_wide = CompiledDecode(narrow, None, 16, split=10)                  # the wide layer failed to build
+    assert [n for n in (1, 9, 10, 63) if no_wide.covers(n, decode)] == [1, 9]
+    plain = CompiledDecode(narrow, None, 16)                              # no int8 copies
+    assert [n for n in (1, 63, 64) if plain.covers(n, decode)] == [1, 63] and plain.packages == [narrow]
+
+
 def test_unsupported_setups_stay_eager():
     q = LLM(quantization="int4", cpu_compile=True, kv_cache_dtype="int8", kv_cache_memory=8 * 2**20)
     assert q.engine.model.compiled is None                   # a quantized KV cache: eager attention
