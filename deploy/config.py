@@ -203,6 +203,9 @@ def check_pools(c: ClusterConfig) -> None:
             v = getattr(p, k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{role} pool: {k} must be an integer >= 1, got {v!r}")
+        rows = c.engine_kwargs(role)["cpu_int8_rows"]             # the pool's, else the flag's
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
+            raise ValueError(f"{role} pool: cpu_int8_rows must be an integer >= 0 (0 = off), got {rows!r}")
     pre, dec = (c.engine_kwargs(r)["block_size"] for r in ("prefill", "decode"))
     if pre != dec:
         raise ValueError(block_size_mismatch(pre, dec))
