@@ -185,15 +185,6 @@ class CompiledDecode:
         self.narrow, self.wide, self.block_size, self.split = narrow, wide, block_size, split
         self.steps = 0                         # steps served (tests, stats)
 
-    @property
-    def packages(self) -> list[_Package]:
-        return [self.narrow] + ([self.wide] if self.wide is not None else [])
-
-    @property
-    def max_rows(self) -> int:
-        """Steps of fewer rows take a compiled layer (if their rows are covered: covers())."""
-        return self.wide.hi if self.wide is not None else self.narrow.hi
-
     @staticmethod
     def build(model, k_cache: torch.Tensor, v_cache: torch.Tensor) -> "CompiledDecode | None":
         """Compile (or load from the disk cache) the layer(s) for this model and KV cache geometry."""

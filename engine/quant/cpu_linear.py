@@ -139,16 +139,22 @@ class Int8Linear:
         return self.q.numel() + self.scale.numel() * self.scale.element_size()
 
 
+def _round_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x [M, K] rounded to integers on each row's symmetric 8-bit scale, as float32 in -127..127;
+    the scales [M, 1] = |max| / 127 of each row)."""
+    xf = x.float()
+    sx = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
+    return torch.round(xf / sx), sx
+
+
 def int8_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """float32 [M, N] = x [M, K] @ (q [N, K] int8 * scale [N] float32).T, each row of x rounded to int8 on its
     own symmetric scale (amax / 127, 255 levels), an int8 x int8 -> int32 GEMM (torch._int_mm: exact integer
     sums on any CPU, no int16 pair saturation as in fbgemm's full 8-bit range on AVX2), rescaled by the row's
     scale and the weight row's. A row's result depends on that row alone, never on its batch-mates; a
     non-finite row stays non-finite (its scale is)."""
-    xf = x.float()
-    sx = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127        # [M, 1]
-    xq = torch.round(xf / sx).to(torch.int8)                            # |xq| <= 127
-    return torch._int_mm(xq, q.t()).float().mul_(sx).mul_(scale)         # int32 [M, N] -> float32
+    r, sx = _round_rows(x)
+    return torch._int_mm(r.to(torch.int8), q.t()).float().mul_(sx).mul_(scale)   # int32 [M, N] -> float32
 
 
 @functools.lru_cache(maxsize=1)
@@ -175,9 +181,8 @@ class OneDNNRows:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """float32 [M, N]."""
-        xf = x.float()
-        sx = xf.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127        # [M, 1]
-        xq = torch.round(xf / sx).add_(128).to(torch.uint8)                 # 1..255; 128 is zero
+        r, sx = _round_rows(x)
+        xq = r.add_(128).to(torch.uint8)                                     # 1..255; 128 is zero
         y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, self.packed, self.scale, self.zero, None, 1.0, 0,
                                                torch.float32, "none", [], "")   # float(sum) * w_scale
         return y.mul_(sx)
@@ -194,7 +199,8 @@ class Dyn8Linear:
     one row of x is quantized per call to uint8 with one (scale, zero point) (7-bit range,
     reduce_range: AVX2's u8 x s8 pair sums must not saturate int16), multiplied with the int8 codes,
     accumulated in int32, rescaled to float32 by x's and each row's scale. Several rows (2 to
-    DENSE_MIN_ROWS - 1) go through rows(): a symmetric 8-bit scale per row of x and torch._int_mm.
+    DENSE_MIN_ROWS - 1) go through rows(): a symmetric 8-bit scale per row of x and torch._int_mm (the LM head:
+    oneDNN's prepacked copy, OneDNNRows).
     The weight's codes and scales are exactly Int8Weight's; only x is rounded (as llama.cpp rounds
     activations to 8 bits).
     2-6x faster than _weight_int8pack_mm and _weight_int4pack_mm_for_cpu at decode row counts on

@@ -80,7 +80,7 @@ def test_gguf_int4_with_int8_copies_for_wide_steps(hf_ref, refs):
     m = llm.engine.model
     assert all(isinstance(lin, Int8Rows) for L in m.layers for lin in (L.qkv, L.o, L.gate_up, L.down))
     comp = m.compiled
-    assert [(p.lo, p.hi) for p in comp.packages] == [(1, MAX_ROWS), (2, WIDE_MAX_ROWS)] and comp.split == 2
+    assert [(p.lo, p.hi) for p in (comp.narrow, comp.wide)] == [(1, MAX_ROWS), (2, WIDE_MAX_ROWS)] and comp.split == 2
     wide = comp.wide
     calls = []
     run = wide.run

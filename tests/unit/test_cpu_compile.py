@@ -93,11 +93,11 @@ def test_which_layer_takes_which_rows_with_int8_copies():
     narrow, wide = _Package(1, MAX_ROWS, None, []), _Package(10, WIDE_MAX_ROWS, None, [])
     both = CompiledDecode(narrow, wide, 16, split=10)
     assert [n for n in (1, 9, 10, 63, 64, 511, 512) if both.covers(n, decode)] == [1, 9, 10, 63, 64, 511]
-    assert not both.covers(12, mixed) and both.max_rows == WIDE_MAX_ROWS
+    assert not both.covers(12, mixed) and both.wide.hi == WIDE_MAX_ROWS
     no_wide = CompiledDecode(narrow, None, 16, split=10)                  # the wide layer failed to build
     assert [n for n in (1, 9, 10, 63) if no_wide.covers(n, decode)] == [1, 9]
     plain = CompiledDecode(narrow, None, 16)                              # no int8 copies
-    assert [n for n in (1, 63, 64) if plain.covers(n, decode)] == [1, 63] and plain.packages == [narrow]
+    assert [n for n in (1, 63, 64) if plain.covers(n, decode)] == [1, 63] and plain.narrow is narrow and plain.wide is None
 
 
 def test_unsupported_setups_stay_eager():
