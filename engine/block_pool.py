@@ -1,13 +1,20 @@
 """KV block pool: reference counts, prefix cache by chain hash, LRU eviction. Pure Python.
 
 Invariants
-- Every block is in exactly one of: in use (ref_cnt > 0), the free queue, or the protected
-  queue (both ref_cnt == 0).
-- A free block may still be cached (its hash maps to it); allocating it evicts that entry.
+- Every block is in exactly one of: in use (ref_cnt > 0), the blank stack, the free queue, or the
+  protected queue (the last three ref_cnt == 0).
+- The blank stack holds free blocks that cache nothing (never computed, a prompt's partial last
+  block, a forgotten hash). Allocation takes them first, the most recently freed first: no cached
+  block is evicted while a blank one is free, and recently written memory is reused while it is
+  still mapped and in the CPU's caches (a never-used block's pages fault on first write: on CPU the
+  pool is lazily zeroed memory, ~2 ms per MiB; cycling through the whole pool paid that on every
+  block until each had been written once).
+- A block in the free or protected queue is cached (its hash maps to it); allocating it evicts
+  that entry.
 - Eviction is segmented LRU (SLRU). A cached block that a prefix hit has reused (`reused`) joins
   the protected queue when freed; every other free block (uncached, or cached and never hit:
   a prompt's own suffix, generated tokens) joins the free queue. Allocation takes the free
-  queue's LRU end first and the protected queue's only when the free queue is empty, so blocks
+  queue's LRU end after the blank stack, and the protected queue's only when both are empty, so blocks
   used once cannot flush a prefix that requests share. The protected queue holds at most
   `protected_fraction` of the pool; past that its LRU blocks are demoted to the free queue's
   MRU end, so a prefix that stopped being used still ages out and a new one gets room.
@@ -44,7 +51,8 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.blank: dict[int, None] = dict.fromkeys(reversed(range(num_blocks)))   # a stack: popitem() takes the last
+        self.free_queue: OrderedDict[int, None] = OrderedDict()   # free, cached, not reused: LRU first
         self.protected: OrderedDict[int, None] = OrderedDict()   # free, cached and reused
         self.max_protected = int(protected_fraction * num_blocks)
         self.cached: dict[int, Block] = {}           # chain hash -> block holding it
@@ -58,7 +66,7 @@ class BlockPool:
     # queries
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free_queue) + len(self.protected)
+        return len(self.blank) + len(self.free_queue) + len(self.protected)
 
     def lookup(self, block_hash: int) -> Block | None:
         return self.cached.get(block_hash)
@@ -70,7 +78,10 @@ class BlockPool:
             raise RuntimeError(f"allocate({n}) with only {self.num_free_blocks} free blocks")
         out, evicted, evicted_ids = [], [], []
         for _ in range(n):
-            block_id, _ = (self.free_queue or self.protected).popitem(last=False)
+            if self.blank:
+                block_id, _ = self.blank.popitem()
+            else:
+                block_id, _ = (self.free_queue or self.protected).popitem(last=False)
             b = self.blocks[block_id]
             if b.block_hash is not None:
                 evicted.append(b.block_hash)
@@ -90,23 +101,25 @@ class BlockPool:
         """Take a reference on cached blocks (a prefix hit), pulling free ones out of the queue."""
         for b in blocks:
             if b.ref_cnt == 0:
-                if b.block_id in self.protected:
-                    del self.protected[b.block_id]
-                else:
-                    del self.free_queue[b.block_id]
+                for q in (self.protected, self.free_queue, self.blank):
+                    if b.block_id in q:
+                        del q[b.block_id]
+                        break
             if b.block_hash is not None:
                 b.reused = True
             b.ref_cnt += 1
 
     def free(self, blocks: Iterable[Block]) -> None:
-        """Drop one reference on each block; blocks reaching 0 join the free queue (or, cached and
-        reused, the protected queue) in the given order."""
+        """Drop one reference on each block; blocks reaching 0 join, in the given order, the blank stack
+        (uncached), the protected queue (cached and reused) or the free queue (cached)."""
         for b in blocks:
             if b.ref_cnt <= 0:
                 raise RuntimeError(f"double free of block {b.block_id}")
             b.ref_cnt -= 1
             if b.ref_cnt == 0:
-                if b.reused and b.block_hash is not None:
+                if b.block_hash is None:
+                    self.blank[b.block_id] = None
+                elif b.reused:
                     self.protected[b.block_id] = None
                 else:
                     self.free_queue[b.block_id] = None
@@ -131,8 +144,8 @@ class BlockPool:
         for h in removed:
             b = self.cached.pop(h)
             b.block_hash, b.reused = None, False
-            if b.block_id in self.protected:             # uncached now: an ordinary free block
-                del self.protected[b.block_id]
-                self.free_queue[b.block_id] = None
+            self.protected.pop(b.block_id, None)         # uncached now: a blank block
+            self.free_queue.pop(b.block_id, None)
+            self.blank[b.block_id] = None
         if removed and self.on_event:
             self.on_event("removed", removed)

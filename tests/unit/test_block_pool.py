@@ -12,17 +12,33 @@ def req(tokens, salt=None, bs=4):
     return Request(list(tokens), SamplingParams(max_tokens=4), cache_salt=salt, block_size=bs)
 
 
-def test_allocate_free_lru_order():
+def test_uncached_blocks_are_reused_most_recently_freed_first():
     p = BlockPool(4)
     a = p.allocate(2)
     assert [b.block_id for b in a] == [0, 1] and p.num_free_blocks == 2
     b = p.allocate(1)
     assert b[0].block_id == 2
-    p.free(reversed(a))                       # tail first: 1 then 0
-    assert list(p.free_queue) == [3, 1, 0]
-    assert [x.block_id for x in p.allocate(3)] == [3, 1, 0]
+    p.free(reversed(a))                       # tail first: 1 then 0; nothing cached: the blank stack
+    assert list(p.blank) == [3, 1, 0] and not p.free_queue and p.num_free_blocks == 3
+    assert [x.block_id for x in p.allocate(3)] == [0, 1, 3]     # warm memory first, the never-used block last
     with pytest.raises(RuntimeError):
         p.allocate(1)
+
+
+def test_a_blank_block_is_taken_before_any_cached_one_is_evicted():
+    events = []
+    p = BlockPool(4, on_event=lambda kind, hs: events.append((kind, hs)))
+    a = p.allocate(3)
+    for blk, h in zip(a[:2], (11, 12)):
+        p.cache_block(blk, h)
+    p.free(reversed(a))                       # 2 uncached -> blank; 1, 0 cached -> free queue (LRU 1 first)
+    assert list(p.free_queue) == [1, 0] and list(p.blank) == [3, 2]
+    assert [x.block_id for x in p.allocate(2)] == [2, 3]          # blank ones: no eviction
+    assert p.lookup(11) is not None and p.lookup(12) is not None and ("removed", [12]) not in events
+    assert [x.block_id for x in p.allocate(1)] == [1]            # then the cached LRU, evicted
+    assert p.lookup(12) is None and events[-1] == ("removed", [12])
+    p.reset_prefix_cache()                    # the last cached free block forgets its hash: blank again
+    assert list(p.blank) == [0] and not p.free_queue and p.lookup(11) is None
 
 
 def test_double_free_rejected():
@@ -79,8 +95,8 @@ def test_freed_cached_blocks_are_reused_then_evicted_lru():
     kv.allocate(r, 9)
     r.num_computed_tokens = 9
     kv.cache_computed_blocks(r)
-    kv.free(r)                               # free queue order: 2, 1, 0 (tail first)
-    assert list(kv.pool.free_queue) == [2, 1, 0] and kv.num_free_blocks == 3
+    kv.free(r)                               # tail first: 2 (partial, uncached) blank; 1, 0 cached
+    assert list(kv.pool.free_queue) == [1, 0] and list(kv.pool.blank) == [2] and kv.num_free_blocks == 3
     r2 = req(list(range(8)) + [5])
     hits = kv.computed_blocks(r2)
     assert [b.block_id for b in hits] == [0, 1]
