@@ -92,6 +92,7 @@ def step_bytes(model) -> tuple[int, int]:
     """(weight bytes one decode step reads, parameters of the linears and head): one copy of each
     weight in the form its kernel reads (a dense Linear's oneDNN copy is not a second read)."""
     from pdcluster.engine.llama import Linear
+    from pdcluster.engine.quant.cpu_linear import Dyn8Linear
 
     read = params = 0
     for lin in [x for L in model.layers for x in (L.qkv, L.o, L.gate_up, L.down)] + [model.lm_head]:
@@ -99,6 +100,9 @@ def step_bytes(model) -> tuple[int, int]:
         if isinstance(lin, Linear):
             read += lin.weight.numel() * lin.weight.element_size()
             params += lin.weight.numel()
+        elif isinstance(lin, Dyn8Linear):        # its codes are held 2-3 times (fbgemm's, oneDNN's); a step reads one
+            read += lin.N * lin.K + 4 * lin.scale.numel()
+            params += lin.N * lin.K
         else:
             read += lin.nbytes
             params += lin.N * lin.K if hasattr(lin, "N") else lin.q.numel()

@@ -18,6 +18,8 @@ with aten-compiled). Variants:
   int8pack  aten._weight_int8pack_mm on the same per-row int8 codes
   intmm     the engine's Dyn8Linear.rows on the same codes: x rounded to int8 per row, torch._int_mm
             (the int8 head's and int8 linears' path at 2-63 rows)
+  onednn    the same arithmetic on oneDNN's prepacked int8 weight (cpu_linear.OneDNNRows: no per-call
+            weight reorder): the head's 2+ rows and the int4 linears' int8 copies from 64 rows (where exact)
   fbgemm16  fbgemm's fp16-weight linear
   bf16      F.linear with bfloat16 weights (oneDNN)
 Only aten and template carry a Q4_1 weight's exact values; the others are what the weight would cost in
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 GROUP = 32
 BF16 = torch.bfloat16
 SHAPES = ("960x576", "576x576", "3072x576", "576x1536")
-VARIANTS = ("aten", "aten-compiled", "template", "fbgemm8", "int8pack", "intmm", "fbgemm16", "bf16")
+VARIANTS = ("aten", "aten-compiled", "template", "fbgemm8", "int8pack", "intmm", "onednn", "fbgemm16", "bf16")
 
 
 class Int4Mms(torch.nn.Module):
@@ -89,9 +91,13 @@ def make_calls(name: str, weights: list, M: int, K: int):
     calls = []
     for _, _, _, w in weights:
         N = w.shape[0]
-        if name in ("fbgemm8", "int8pack", "intmm"):
+        if name in ("fbgemm8", "int8pack", "intmm", "onednn"):
             s = w.abs().amax(1).clamp_min(1e-12) / 127
             q = torch.round(w / s[:, None]).to(torch.int8)
+            if name == "onednn":
+                from pdcluster.engine.quant.cpu_linear import OneDNNRows
+                calls.append(OneDNNRows(q, s))
+                continue
             if name == "intmm":
                 from pdcluster.engine.quant.cpu_linear import Dyn8Linear
                 from pdcluster.engine.quant.packed import Int8Weight

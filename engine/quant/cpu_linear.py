@@ -253,9 +253,10 @@ class Dyn8Linear:
         """One row: fbgemm (its one activation scale is that row's; 3x faster than rows() there).
         Several: rows(), a scale per row, so a row's result never depends on its batch-mates (fbgemm's
         one scale over all of x made an int8 model's greedy tokens step outside transformers' top-5 in
-        a batch). Prefill rows: dense."""
+        a batch). Prefill rows: dense, or rows() where oneDNN's prepacked copy is held (the head: its 64+ rows
+        without dequantizing 49152 x 576 weights to float32 on every call)."""
         m = x.shape[0]
-        y = self.kernel(x) if m == 1 else self.dense(x) if m >= DENSE_MIN_ROWS else self.rows(x)
+        y = self.kernel(x) if m == 1 else self.dense(x) if m >= DENSE_MIN_ROWS and self.onednn is None else self.rows(x)
         return y.to(x.dtype)
 
     @property

@@ -18,14 +18,21 @@ from __future__ import annotations
 
 import torch
 
-from pdcluster.engine.quant.cpu_linear import Int4Linear, int8_rows
+from pdcluster.engine.quant.cpu_linear import DENSE_MIN_ROWS, Int4Linear, OneDNNRows, int8_rows, onednn_int8_usable
 from pdcluster.engine.quant.packed import quantize
+
+ONEDNN_MIN_ROWS = DENSE_MIN_ROWS    # rows from which the copy runs on oneDNN's prepacked form (where exact)
 
 
 class Int8Rows:
     """`inner` (a packed int4 linear) for steps of fewer than min_rows rows; int8_rows on an int8 copy of its
-    weights for the others (decode batches, draft verification, prefill chunks)."""
-    __slots__ = ("inner", "q", "scale", "bias", "min_rows")
+    weights for the others (decode batches, draft verification, prefill chunks). From ONEDNN_MIN_ROWS rows on
+    (prefill chunks, big batches) the copy runs on oneDNN's prepacked form where its sums are exact (VNNI / AMX:
+    cpu_linear.OneDNNRows, the same integer sums): torch._int_mm re-blocks the weight on every call. A layer's
+    four linears, 2 threads: 1.48 -> 1.27 ms at 128 rows, 5.25 -> 3.15 at 512, 30.6 -> 16.1 at 2048; equal at
+    32 (bench/int4_kernels.py --variants intmm onednn; bench/RESULTS.md, "oneDNN's prepacked int8 copy for
+    prefill"). That form is one more byte per weight, resident."""
+    __slots__ = ("inner", "q", "scale", "bias", "min_rows", "onednn")
 
     def __init__(self, inner: Int4Linear, min_rows: int):
         if min_rows < 1:
@@ -33,6 +40,7 @@ class Int8Rows:
         w8 = quantize(inner.dequantize(), "int8")                         # per output row, symmetric
         self.q, self.scale = w8.q.contiguous(), w8.scale.float()          # int8 [N, K], float32 [N]
         self.inner, self.bias, self.min_rows = inner, inner.bias, min_rows
+        self.onednn = OneDNNRows(self.q, self.scale) if onednn_int8_usable() else None
 
     @property
     def N(self) -> int:
@@ -41,13 +49,16 @@ class Int8Rows:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] < self.min_rows:
             return self.inner(x)
-        y = int8_rows(x, self.q, self.scale).to(x.dtype)
+        if self.onednn is not None and x.shape[0] >= ONEDNN_MIN_ROWS:
+            y = self.onednn(x).to(x.dtype)
+        else:
+            y = int8_rows(x, self.q, self.scale).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     @property
     def nbytes(self) -> int:
-        """The packed weights, the int8 copy and its scales."""
-        return self.inner.nbytes + self.q.numel() + 4 * self.scale.numel()
+        """The packed weights, the int8 copy (twice with oneDNN's prepacked form) and its scales."""
+        return self.inner.nbytes + self.q.numel() * (1 + (self.onednn is not None)) + 4 * self.scale.numel()
 
 
 def widen(lin, min_rows: int):

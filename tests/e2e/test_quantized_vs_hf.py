@@ -71,9 +71,9 @@ def test_hf_model_quantized_at_load(hf_ref, refs, hf_folder, mode, mib):
 
 
 def test_gguf_int4_with_int8_copies_for_wide_steps(hf_ref, refs):
-    """cpu_int8_rows=2 (engine/quant/int8_rows.py): the prefill (> 64 rows) and the 4-row decode batches run
-    the int8 copies, the decode batches through the compiled layer's wide package; single rows keep the
-    packed kernel. Greedy stays inside transformers' top-5."""
+    """cpu_int8_rows=2 (engine/quant/int8_rows.py): the prefill (> 64 rows, on oneDNN's prepacked form where
+    exact) and the 4-row decode batches run the int8 copies, the decode batches through the compiled layer's
+    wide package; single rows keep the packed kernel. Greedy stays inside transformers' top-5."""
     from pdcluster.engine.cpu_compile import MAX_ROWS, WIDE_MAX_ROWS
     from pdcluster.engine.quant.int8_rows import Int8Rows
     llm = LLM(kv_cache_memory=32 * 2**20, quantization=None, cpu_compile=True, cpu_int8_rows=2, speculative="off")
@@ -85,5 +85,5 @@ def test_gguf_int4_with_int8_copies_for_wide_steps(hf_ref, refs):
     calls = []
     run = wide.run
     object.__setattr__(wide, "run", lambda args: calls.append(args[0].shape[0]) or run(args))
-    _check(llm, hf_ref, refs, max_weight_mib=250)         # + the int8 copies (~101 MiB)
+    _check(llm, hf_ref, refs, max_weight_mib=360)         # + the int8 copies (~101 MiB), twice where oneDNN's is held
     assert len(calls) >= 30 * (N - 1) and set(calls) == {len(IDX)}   # every decode step, all 30 layers, wide

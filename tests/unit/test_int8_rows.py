@@ -5,7 +5,7 @@ import torch
 
 from pdcluster.engine.quant.cpu_linear import (Dyn8Linear, Int4Linear, Int8Linear, OneDNNRows, fbgemm_usable,
                                                int4pack_layout, int8_rows, onednn_int8_usable)
-from pdcluster.engine.quant.int8_rows import Int8Rows, widen
+from pdcluster.engine.quant.int8_rows import ONEDNN_MIN_ROWS, Int8Rows, widen
 from pdcluster.engine.quant.packed import Int8Weight, quantize_int4, quantize_int8
 
 G = torch.Generator().manual_seed(7)
@@ -53,11 +53,28 @@ def test_a_prefill_chunk_and_a_row_that_is_not_finite():
     assert y[3].isnan().all() and y[torch.arange(70) != 3].isfinite().all()   # a bad row stays its own
 
 
+@pytest.mark.skipif(not onednn_int8_usable(), reason="no VNNI / AMX: oneDNN's u8 x s8 sums could saturate")
+def test_rows_from_onednn_min_rows_on_take_the_prepacked_copy():
+    """Prefill chunks and big batches (>= ONEDNN_MIN_ROWS rows) run the copy on oneDNN's prepacked form: int8_rows'
+    integer sums, rescaled in another order (last bits); fewer rows run int8_rows itself."""
+    inner = _lin()
+    lin = Int8Rows(inner, min_rows=4)
+    x = torch.randn(ONEDNN_MIN_ROWS + 6, 128, generator=G) * torch.logspace(-2, 1, ONEDNN_MIN_ROWS + 6).unsqueeze(1)
+    y = lin(x)
+    assert torch.equal(y, lin.onednn(x) + inner.bias)
+    torch.testing.assert_close(y, int8_rows(x, lin.q, lin.scale) + inner.bias, rtol=1e-6, atol=1e-6)
+    few = x[: ONEDNN_MIN_ROWS - 1]
+    assert torch.equal(lin(few), int8_rows(few, lin.q, lin.scale) + inner.bias)
+    lin.onednn = OneDNNRows(lin.q.neg(), lin.scale)                       # control: the prepacked copy is what ran
+    assert not torch.allclose(lin(x), y, rtol=1e-3) and torch.equal(lin(few), int8_rows(few, lin.q, lin.scale) + inner.bias)
+
+
 def test_widen_copies_int4_linears_only_and_counts_the_bytes():
     inner = _lin(N=48, K=64, bias=False)
     lin = widen(inner, 8)
     assert isinstance(lin, Int8Rows) and lin.min_rows == 8 and lin.N == 48
-    assert lin.nbytes == inner.nbytes + 48 * 64 + 48 * 4
+    assert (lin.onednn is not None) == onednn_int8_usable()                 # its prepacked copy too, where exact
+    assert lin.nbytes == inner.nbytes + 48 * 64 * (1 + (lin.onednn is not None)) + 48 * 4
     int8 = Int8Linear(quantize_int8(torch.randn(16, 64, generator=G)), None)
     assert widen(int8, 8) is int8
     if fbgemm_usable():
