@@ -113,6 +113,10 @@ def main(argv=None) -> int:
                     help="which workloads to run")
     ap.add_argument("--repeats", type=int, default=2, help="on/off pairs per workload (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--cpu-compile", action="store_true",
+                    help="decode and verify steps through the compiled layer (engine/cpu_compile.py)")
+    ap.add_argument("--cpu-int8-rows", type=int, default=0,
+                    help="int4 steps of >= this many rows on the linears' int8 copies (0 = off)")
     ap.add_argument("--out", default=None, help="write the results as JSON")
     ap.add_argument("--plot", default=None, help="write a PNG of the comparison")
     a = ap.parse_args(argv)
@@ -126,7 +130,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     kw = {} if a.spec_k is None else {"spec_ngram_k": a.spec_k}
     llm = LLM(a.model, quantization=a.quantization, speculative="ngram", kv_cache_memory=256 * 2**20,
-              max_num_seqs=max(a.concurrency, 1), **kw)
+              max_num_seqs=max(a.concurrency, 1), cpu_compile=a.cpu_compile, cpu_int8_rows=a.cpu_int8_rows, **kw)
     eng, tok = llm.engine, llm.tokenizer
     spec = eng.scheduler.spec
     copy = [tok.encode(r.prompt_text, add_special_tokens=False)

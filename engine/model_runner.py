@@ -113,9 +113,16 @@ class ModelRunner:
 
     def prepare(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor, AttnMeta, list[int]]:
         """Flatten the batch (prefill chunks first, then decodes). Returns input ids, positions,
-        attention metadata and, per request in `order`, its row in the flat batch."""
+        attention metadata and, per request in `order`, its row in the flat batch (its last row).
+        On the torch path a request verifying drafts (engine/spec/) takes 1 + k decode rows, not a prompt
+        chunk: row j attends over the positions up to its own (its mask), and the step's K/V is stored
+        before any row attends, so the drafts see each other causally. Such a step stays a pure-decode
+        step, which the compiled CPU layer (engine/cpu_compile.py) takes, with every row's attention in
+        one batched call instead of one prompt-attention call per request."""
         bs = self.block_size
-        is_pre = [n > 1 or r.num_computed_tokens == 0 for r, n in zip(batch.reqs, batch.num_new_tokens)]
+        verify_rows = not self.model.triton
+        is_pre = [(n > 1 and not (verify_rows and r.num_computed_tokens > 0 and n == 1 + len(r.spec_token_ids)))
+                  or r.num_computed_tokens == 0 for r, n in zip(batch.reqs, batch.num_new_tokens)]
         pre = [i for i, p in enumerate(is_pre) if p]
         dec = [i for i, p in enumerate(is_pre) if not p]
         ids, pos, slots, prefills, last_row = [], [], [], [], [0] * len(batch)
@@ -132,12 +139,12 @@ class ModelRunner:
             last_row[i] = len(ids) - 1
         P = sum(s.q_len for s in prefills)
         tables = lens = mask = None
-        if dec:
+        if dec:                     # one row per new token: a plain decode's 1, a verify's 1 + k
             width = max(len(batch.reqs[i].block_ids) for i in dec)
-            tables = torch.tensor([batch.reqs[i].block_ids + [0] * (width - len(batch.reqs[i].block_ids))
-                                   for i in dec], dtype=torch.int64)
-            lens = torch.tensor([batch.reqs[i].num_computed_tokens + 1 for i in dec], dtype=torch.int64)
-            mask = (torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)).view(len(dec), 1, 1, -1)
+            rows = [(batch.reqs[i], j) for i in dec for j in range(batch.num_new_tokens[i])]
+            tables = torch.tensor([r.block_ids + [0] * (width - len(r.block_ids)) for r, _ in rows], dtype=torch.int64)
+            lens = torch.tensor([r.num_computed_tokens + j + 1 for r, j in rows], dtype=torch.int64)
+            mask = (torch.arange(width * bs).unsqueeze(0) < lens.unsqueeze(1)).view(len(rows), 1, 1, -1)
         pt = cu = sk = None
         if prefills and self.model.triton:
             w = max(len(s.block_table) for s in prefills)

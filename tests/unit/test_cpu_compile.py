@@ -58,25 +58,33 @@ def test_only_pure_decode_steps_take_it(llm):
     mixed = AttnMeta(torch.zeros(3, dtype=torch.int64), [PrefillSeq(0, 2, 2, tables[0])], 2, tables, one + 1, mask)
     assert comp.covers(1, decode) and comp.covers(MAX_ROWS - 1, decode)
     assert not comp.covers(MAX_ROWS, decode)                 # the packed linears' dense path: eager
-    assert not comp.covers(3, mixed)                         # a prefill chunk (or drafts) in the step: eager
+    assert not comp.covers(3, mixed)                         # a prefill chunk in the step: eager
 
 
 def test_speculative_steps_and_layer_hooks():
-    """With drafts, verify steps run eagerly between compiled pure-decode steps (the same tokens as all-eager),
-    and the connector's layer hooks still run after every layer of every step."""
+    """A verify step (the last token + k drafts) is k + 1 decode rows, each attending up to its own position, so it
+    takes the compiled layer like any decode step (the same tokens as all-eager); the connector's layer hooks still
+    run after every layer of every step."""
     llm = LLM(quantization="int4", cpu_compile=True, speculative="ngram", kv_cache_memory=16 * 2**20)
     m = llm.engine.model
     prompt, sp = ["1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 1, 2, 3, 4, 5,"], SamplingParams(max_tokens=24, temperature=0.0)
-    seen, real = [], m.forward
+    seen, metas, real = [], [], m.forward
 
     def forward(ids, pos, meta, kc, vc, layer_hook=None, layer_wait=None):
+        metas.append((pos.tolist(), meta))
         return real(ids, pos, meta, kc, vc, seen.append, layer_wait)
     m.forward = forward
     try:
         got = llm.generate(prompt, sp)[0].token_ids
     finally:
         del m.forward
-    assert m.compiled.steps > 0 and len(seen) % 30 == 0 and seen[:60] == list(range(30)) * 2
+    assert len(seen) == 30 * len(metas) and seen[:60] == list(range(30)) * 2
+    verify = [(p, mt) for p, mt in metas[1:] if len(p) > 1]
+    assert verify and llm.engine.spec.stats.accepted > 0                   # drafts were verified, and some kept
+    for p, mt in verify:                    # rows at consecutive positions, each seeing the KV up to its own
+        assert not mt.prefills and p == list(range(p[0], p[0] + len(p)))
+        assert mt.decode_seq_lens.tolist() == [x + 1 for x in p] and mt.decode_block_tables.shape[0] == len(p)
+    assert m.compiled.steps == len(metas) - 1                             # every step but the prompt's, compiled
     comp, m.compiled = m.compiled, None
     assert llm.generate(prompt, sp)[0].token_ids == got
 
