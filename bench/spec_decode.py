@@ -103,6 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2-135M)")
     ap.add_argument("--quantization", default="none", help="the engine's weight quantization")
     ap.add_argument("--spec-k", type=int, default=None, help="spec_ngram_k (default: EngineConfig's)")
+    ap.add_argument("--spec-max-step-tokens", type=int, default=None,
+                    help="spec_max_step_tokens: drafts only while a step has fewer rows (default: EngineConfig's)")
     ap.add_argument("--copy-prompts", type=int, default=6, help="copy-set prompts (concurrency 1)")
     ap.add_argument("--copy-output-len", type=int, default=128, help="copy-set max_tokens (EOS ends them)")
     ap.add_argument("--random-prompts", type=int, default=16, help="random-token prompts")
@@ -129,6 +131,8 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     kw = {} if a.spec_k is None else {"spec_ngram_k": a.spec_k}
+    if a.spec_max_step_tokens is not None:
+        kw["spec_max_step_tokens"] = a.spec_max_step_tokens
     llm = LLM(a.model, quantization=a.quantization, speculative="ngram", kv_cache_memory=256 * 2**20,
               max_num_seqs=max(a.concurrency, 1), cpu_compile=a.cpu_compile, cpu_int8_rows=a.cpu_int8_rows, **kw)
     eng, tok = llm.engine, llm.tokenizer
