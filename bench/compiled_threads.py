@@ -24,11 +24,11 @@ import torch  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--batch", type=int, default=1, help="decode rows per step")
+    ap.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt")
+    ap.add_argument("--steps", type=int, default=24, help="decode steps timed per run")
+    ap.add_argument("--runs", type=int, default=5, help="runs per side (alternated)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     from pdcluster.engine import LLM, SamplingParams

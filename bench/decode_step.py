@@ -37,11 +37,11 @@ def main(argv=None) -> int:
                     help="--quantization; gguf = unset (a GGUF file's own blocks stay packed)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="activations and float weights (bfloat16 runs oneDNN's AMX/AVX-512 bf16 GEMMs where the CPU has them)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=48)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--batch", type=int, default=1, help="decode rows per step (128-token prompts)")
+    ap.add_argument("--steps", type=int, default=48, help="decode steps timed per run (median)")
+    ap.add_argument("--runs", type=int, default=3, help="runs (best reported; A/B sides alternate)")
+    ap.add_argument("--profile", action="store_true", help="a torch.profiler table over 10 decode steps")
     ap.add_argument("--cpu-compile", action="store_true", help="A/B: eager vs the compiled decode layer")
     ap.add_argument("--int8-rows", type=int, default=0,
                     help="A/B: packed kernels vs the linears' int8 copies from this many rows (a second engine "

@@ -144,9 +144,10 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--tokenizer", required=True, help="folder with SmolLM2's tokenizer.json and its config")
     ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens compared per prompt")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seeds the random model's weights and the prompts")
     ap.add_argument("--logit-scale", type=float, default=40.0, help="random embedding/head scale (peaked logits)")
-    ap.add_argument("--modes", nargs="*", default=["float32", "eager", "kv-int8", "w8a16", "w4a16", "spec-ngram"])
+    ap.add_argument("--modes", nargs="*", default=["float32", "eager", "kv-int8", "w8a16", "w4a16", "spec-ngram"],
+                    help="engine configurations to run, one row each")
     ap.add_argument("--out", default="", help="write the rows as JSON here too")
     ap.add_argument("--cpu-smoke", action="store_true", help="check the script's plumbing on CPU (torch path, "
                     "2 layers, short runs); its figures mean nothing")

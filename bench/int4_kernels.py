@@ -157,7 +157,7 @@ def run_shape(variants, N: int, K: int, M: int, layers: int, reps: int, rounds: 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="M: decode rows per call")
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts, one table block each")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="NxK (out x in features)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--layers", type=int, default=30, help="distinct weights per shape and variant")

@@ -28,6 +28,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pdcluster.deploy.cli import HelpFormatter  # noqa: E402
 
 
 NO_GPU = ("pdcluster.bench.kernels needs an NVIDIA GPU (torch.cuda.is_available() is False on this machine).\n"
@@ -39,7 +40,7 @@ KERNELS = ("decode", "decode_int8", "prefill", "store_kv", "rms_norm", "rotary",
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 epilog=__doc__[__doc__.index("    python"):])
     p.add_argument("--batch", type=int, default=64, help="decode batch (sequences)")
     p.add_argument("--context", type=int, default=4096, help="decode context per sequence (tokens)")

@@ -36,6 +36,7 @@ from pdcluster.engine.llm_engine import LLMEngine, build_config  # noqa: E402
 from pdcluster.engine.sampling_params import SamplingParams  # noqa: E402
 from pdcluster.kv_transfer.codec_policy import MODES, CompressionPolicy  # noqa: E402
 from pdcluster.prefill_worker.worker import PrefillWorker  # noqa: E402
+from pdcluster.deploy.cli import HelpFormatter  # noqa: E402
 
 TOPICS = [
     "the history of lighthouses and the keepers who lived in them",
@@ -74,7 +75,7 @@ def _run(p: PrefillWorker, d: DecodeWorker, rid: str, ids: list[int], params: Sa
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--modes", default="off,auto,int8,fp8", help=f"comma-separated subset of {MODES}")
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--prompt-len", type=int, default=400, help="tokens per prompt (about)")

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pdcluster.bench.datasets import build_dataset  # noqa: E402
 from pdcluster.bench.scenario import SCENARIOS  # noqa: E402
+from pdcluster.deploy.cli import HelpFormatter  # noqa: E402
 
 KINDS = ("cold", "hit", "miss on a holder", "miss, sent elsewhere")
 
@@ -61,7 +62,7 @@ def ideal_hit_rate(reqs, prefix_len: int, block_size: int = 16) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("result", help="JSON written by `pdcluster bench scenario prefix-routing --out`")
     ds = SCENARIOS["prefix-routing"].dataset
     ap.add_argument("--prompts-per-group", type=int, default=None,

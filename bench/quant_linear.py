@@ -23,6 +23,7 @@ import sys
 import time
 
 import torch
+from pdcluster.deploy.cli import HelpFormatter  # noqa: E402
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
 LAYERS = 30
@@ -47,10 +48,10 @@ def main(argv=None) -> int:
     from pdcluster.engine.quant.cpu_linear import Int4Linear, Int8Linear
     from pdcluster.engine.quant.packed import GROUP, quantize_int4, quantize_int8
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 32, 48, 64, 128, 512])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 32, 48, 64, 128, 512], help="rows of x per call")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls per variant and row count (median)")
     ap.add_argument("--head", action="store_true", help="also time the 49152x576 LM head (f32, i4, i8)")
     a = ap.parse_args(argv)
     if a.threads:

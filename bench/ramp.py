@@ -29,6 +29,7 @@ import numpy as np
 
 from pdcluster.bench.datasets import build_dataset                          # noqa: E402
 from pdcluster.bench.metrics import RequestOutput, StreamRecorder           # noqa: E402
+from pdcluster.deploy.cli import HelpFormatter  # noqa: E402
 
 POOLS_YAML = """\
 # bench/ramp.py's default pools: short delays so a ~5 minute ramp shows both directions
@@ -196,7 +197,7 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 epilog="Default pools config (--pools replaces it):\n\n" + POOLS_YAML)
     p.add_argument("--steps", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.6, 1.2, 0.6, 0.2],
                    help="request rate per step, req/s, comma-separated (default 0.2,0.6,1.2,0.6,0.2: "

@@ -26,6 +26,7 @@ import time
 
 
 import torch  # noqa: E402
+from pdcluster.deploy.cli import HelpFormatter  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -136,7 +137,7 @@ def sender_main(conn, args, grpc_port: int, tcp_port: int, raw_port: int, mc_por
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--blocks", type=int, default=400, help="blocks per layer")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per block")
