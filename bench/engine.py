@@ -7,7 +7,9 @@ Measures (float32 activations by default; transformers runs the checkpoint's flo
 dequantized by our loader; ours once per --modes entry: "none" the same float weights, "int4" /
 "int8" weight-only packed linears and an int8 head, engine/quant/):
   decode   output tokens/s at each batch size (128-token prompts, 128 new tokens, EOS ignored),
-           ours (LLM.generate) vs transformers' generate(do_sample=False)
+           ours (LLM.generate) vs transformers' generate(do_sample=False); with --hf-prompt-lookup N,
+           transformers drafts by prompt lookup at batch 1 (row "decode b=1 hf-pld"): compare with ours
+           under --speculative ngram, both speculating from n-grams of the text so far
   prefill  prompt tokens/s (8 prompts x 512 tokens, 1 new token) for both
   limits   decode: the workload's ceiling on this machine: its prompts' prefill at the matmul limit,
            then each step at max(weight bytes read in the mode's form / measured read bandwidth,
@@ -32,6 +34,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from pdcluster.deploy.cli import HelpFormatter  # noqa: E402
 
 
 def copy_bandwidth(nbytes: int = 256 * 2**20, reps: int = 5) -> float:
@@ -136,17 +139,17 @@ MODES = {"none": "f32", "int4": "int4", "int8": "int8"}   # --quantization -> ro
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2-135M)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activations (both engines)")
     ap.add_argument("--modes", nargs="+", default=["none", "int4", "int8"], choices=list(MODES),
                     help="our engine's --quantization, one row each (GGUF int4: its Q4 weights as they are)")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--prefill-seqs", type=int, default=8)
-    ap.add_argument("--prefill-len", type=int, default=512)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="decode batch sizes, one row each")
+    ap.add_argument("--prompt-len", type=int, default=128, help="decode rows' prompt tokens")
+    ap.add_argument("--new-tokens", type=int, default=128, help="decode rows' output tokens (EOS ignored)")
+    ap.add_argument("--prefill-seqs", type=int, default=8, help="prompts in the prefill row")
+    ap.add_argument("--prefill-len", type=int, default=512, help="tokens per prefill-row prompt")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs per row (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--cpu-compile", action="store_true",
                     help="our decode steps through the compiled layer (engine/cpu_compile.py; a first start compiles)")
@@ -156,6 +159,10 @@ def main(argv=None) -> int:
     ap.add_argument("--speculative", default=None, choices=["ngram", "off"],
                     help="our speculative decoding (default: the engine's; n-gram drafts can accept many tokens "
                          "on the repetitive greedy outputs of random prompts)")
+    ap.add_argument("--hf-prompt-lookup", type=int, default=0,
+                    help="transformers' own n-gram speculation at batch 1 (generate's prompt_lookup_num_tokens, "
+                         "drafts of up to this many tokens; it supports batch 1 only): the like-for-like side for "
+                         "--speculative ngram; 0 = off")
     ap.add_argument("--out", default=None, help="write the results as JSON")
     a = ap.parse_args(argv)
 
@@ -194,8 +201,9 @@ def main(argv=None) -> int:
     def hf_decode(b):
         ids = torch.tensor(prompts(b, a.prompt_len))
         t = time.perf_counter()
+        lookup = {"prompt_lookup_num_tokens": a.hf_prompt_lookup} if a.hf_prompt_lookup and b == 1 else {}
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=a.new_tokens,
-                          min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0)
+                          min_new_tokens=a.new_tokens, do_sample=False, pad_token_id=0, **lookup)
         dt_ = time.perf_counter() - t
         return (out.shape[1] - ids.shape[1]) * b / dt_
 
@@ -237,7 +245,8 @@ def main(argv=None) -> int:
         ours_decode(llms[m], 1)
     hf_decode(1)
     for b in a.batches:
-        rows += measure(f"decode b={b}", lambda llm, b=b: ours_decode(llm, b), lambda b=b: hf_decode(b), decode_limit(b))
+        kind = f"decode b={b}" + (" hf-pld" if a.hf_prompt_lookup and b == 1 else "")
+        rows += measure(kind, lambda llm, b=b: ours_decode(llm, b), lambda b=b: hf_decode(b), decode_limit(b))
     rows += measure(f"prefill {a.prefill_seqs}x{a.prefill_len}", ours_prefill, hf_prefill,
                     lambda m: flops / (2 * (info[m]["params"] - V * c.hidden_size)))
 
