@@ -93,7 +93,7 @@ def build_hf(llm, dtype):
 
 def step_bytes(model) -> tuple[int, int]:
     """(weight bytes one decode step reads, parameters of the linears and head): one copy of each
-    weight in the form its kernel reads (a dense Linear's oneDNN copy is not a second read)."""
+    weight in the form its kernel reads."""
     from pdcluster.engine.llama import Linear
     from pdcluster.engine.quant.cpu_linear import Dyn8Linear
 

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     ws = []
     for N, K in shapes:
         w = torch.randn(N, K, generator=g) * 0.05
-        ws.append((w.shape[0], K, Linear(w, None, prepack=True), Int4Linear(quantize_int4(w), None),
+        ws.append((w.shape[0], K, Linear(w, None, split=False), Int4Linear(quantize_int4(w), None),
                    Int8Linear(quantize_int8(w), None), _w8a8(w)))
     modes = {
         "f32": lambda w, x: w[2](x),

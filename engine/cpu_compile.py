@@ -12,8 +12,8 @@ The compiled layer is LlamaModel's eager CPU layer for a pure-decode step (no pr
 cache): rms_norm, qkv, rotary, store_kv, paged decode attention (gather + SDPA), o, rms_norm, gate_up,
 silu * mul, down, residuals. With packed int4 / int8 linears it computes the eager step bit for bit:
 the linears, SDPA and rms_norm's mean call the same aten kernels (_aten_mean), and the fused
-elementwise ops round as eager's do (_rotary). Float linears run F.linear (MKL), where eager runs a
-split bmm or oneDNN at these row counts: the same function, rounded differently.
+elementwise ops round as eager's do (_rotary). Float linears run F.linear (MKL), as eager does in float32
+(bfloat16's eager split bmm at 1-4 rows is the same function, rounded differently).
 
 With int8 copies of the int4 linears (cpu_int8_rows = N, engine/quant/int8_rows.py) a second package
 serves the steps of N..WIDE_MAX_ROWS-1 rows with their linears on the copies (int8_rows), the first one

@@ -31,26 +31,21 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Linear:
-    """y = x @ w.T + b, by the fastest of three paths measured on CPU (bench/RESULTS.md):
-    - <= SPLIT_MAX_ROWS rows (decode at batch 1-4): torch.bmm over the weight viewed as
-      [SPLIT, out / SPLIT, in], a view, no copy. MKL's GEMV and oneDNN's skinny GEMM run one row on
-      one core at 9-12 GB/s; the batched GEMM runs the SPLIT slices on all cores at 21-27 GB/s, and a
-      decode step at batch 1 is nothing but weight reads (float32; in bfloat16 the two tie here).
-    - <= PACKED_MAX_ROWS rows (other decode steps): a oneDNN-prepacked copy of the weight, 1.1-1.3x
-      faster than MKL for those skinny GEMMs; the price is a second copy of the weights in memory.
-    - larger (prefill chunks): plain F.linear, where MKL's GEMM is faster than oneDNN's."""
+    """y = x @ w.T + b. On CPU, MKL's GEMM (F.linear) is the fastest float32 path measured at every row count
+    with this torch (2.13): 30 layers' linears at 1 row, 2 threads, 21.9 ms against 33.7 for a oneDNN-prepacked
+    copy and 47.6 for a split bmm (bench/RESULTS.md, "Dense CPU linears, remeasured"; both were faster under
+    earlier torch builds and are gone). bfloat16 at <= SPLIT_MAX_ROWS rows (decode at batch 1-4) runs torch.bmm
+    over the weight viewed as [SPLIT, out / SPLIT, in], a view, no copy: 1.15-1.25x F.linear on 1 thread,
+    a tie on 2."""
 
     SPLIT, SPLIT_MAX_ROWS = 4, 4
-    PACKED_MAX_ROWS = 64
 
-    __slots__ = ("weight", "bias", "_packed", "_split")
+    __slots__ = ("weight", "bias", "_split")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, prepack: bool):
-        self.weight, self.bias, self._packed, self._split = weight, bias, None, None
-        if prepack:
-            self._packed = (weight.to_mkldnn(), bias.to_mkldnn() if bias is not None else None)
-            if weight.shape[0] % self.SPLIT == 0 and weight.is_contiguous():
-                self._split = weight.view(self.SPLIT, weight.shape[0] // self.SPLIT, weight.shape[1])
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, split: bool):
+        self.weight, self.bias, self._split = weight, bias, None
+        if split and weight.shape[0] % self.SPLIT == 0 and weight.is_contiguous():
+            self._split = weight.view(self.SPLIT, weight.shape[0] // self.SPLIT, weight.shape[1])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
@@ -59,44 +54,38 @@ class Linear:
             y = torch.bmm(w, x.t().unsqueeze(0).expand(w.shape[0], -1, -1))  # [S, out / S, n]
             y = y.permute(2, 0, 1).reshape(n, -1)                           # [n, out]
             return y if self.bias is None else y + self.bias
-        if self._packed is not None and n <= self.PACKED_MAX_ROWS:
-            w, b = self._packed
-            return torch.ops.aten.mkldnn_linear(x.contiguous().to_mkldnn(), w, b).to_dense()
         return F.linear(x, self.weight, self.bias)
 
     @property
     def nbytes(self) -> int:
-        """Resident bytes: the weight, and its oneDNN copy when prepacked."""
-        return nbytes(self.weight) * (2 if self._packed is not None else 1)
+        """Resident bytes: the weight (the split is a view of it)."""
+        return nbytes(self.weight)
 
 
-def make_linear(w: torch.Tensor | Packed, bias: torch.Tensor | None, device: str, prepack: bool, head: bool = False):
-    return Linear(w, bias, prepack) if isinstance(w, torch.Tensor) else quant_linear(w, bias, device, head)
+def make_linear(w: torch.Tensor | Packed, bias: torch.Tensor | None, device: str, split: bool, head: bool = False):
+    return Linear(w, bias, split) if isinstance(w, torch.Tensor) else quant_linear(w, bias, device, head)
 
 
 class Layer:
     __slots__ = ("qkv", "o", "gate_up", "down", "in_norm", "post_norm")
 
-    def __init__(self, sd: dict[str, torch.Tensor | Packed], p: str, bias: bool, device: str, prepack: bool):
+    def __init__(self, sd: dict[str, torch.Tensor | Packed], p: str, bias: bool, device: str, split: bool):
         a, m = f"{p}.self_attn", f"{p}.mlp"
         qkv_w = fuse([sd[f"{a}.q_proj.weight"], sd[f"{a}.k_proj.weight"], sd[f"{a}.v_proj.weight"]])
         qkv_b = (torch.cat([sd[f"{a}.q_proj.bias"], sd[f"{a}.k_proj.bias"], sd[f"{a}.v_proj.bias"]])
                  if bias else None)
-        self.qkv = make_linear(qkv_w, qkv_b, device, prepack)
-        self.o = make_linear(sd[f"{a}.o_proj.weight"], None, device, prepack)
+        self.qkv = make_linear(qkv_w, qkv_b, device, split)
+        self.o = make_linear(sd[f"{a}.o_proj.weight"], None, device, split)
         self.gate_up = make_linear(fuse([sd[f"{m}.gate_proj.weight"], sd[f"{m}.up_proj.weight"]]), None, device,
-                                   prepack)
-        self.down = make_linear(sd[f"{m}.down_proj.weight"], None, device, prepack)
+                                   split)
+        self.down = make_linear(sd[f"{m}.down_proj.weight"], None, device, split)
         self.in_norm = sd[f"{p}.input_layernorm.weight"]
         self.post_norm = sd[f"{p}.post_attention_layernorm.weight"]
 
 
-def use_mkldnn(device: str, dtype: torch.dtype) -> bool:
-    """oneDNN prepacked linears: float32, or bfloat16 where the CPU has oneDNN's bf16 instructions
-    (without them mkldnn_linear refuses bf16: AVX2-only hosts run plain F.linear)."""
-    if torch.device(device).type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+def use_split(device: str, dtype: torch.dtype) -> bool:
+    """Linear's split bmm for few rows: bfloat16 on CPU, where it measured faster (Linear)."""
+    return torch.device(device).type == "cpu" and dtype == torch.bfloat16
 
 
 class LlamaModel:
@@ -112,11 +101,11 @@ class LlamaModel:
         sd = {k: v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) else v.to(device)
               for k, v in sd.items()}
         self.embed = sd["model.embed_tokens.weight"]                       # [V, E], float or packed
-        prepack = use_mkldnn(device, dtype) and not self.triton
+        split = use_split(device, dtype) and not self.triton
         self.lm_head = make_linear(self.embed if cfg.tie_word_embeddings else sd["lm_head.weight"], None, device,
-                                   prepack, head=True)
+                                   split, head=True)
         self.norm = sd["model.norm.weight"]
-        self.layers = [Layer(sd, f"model.layers.{i}", cfg.attention_bias, device, prepack)
+        self.layers = [Layer(sd, f"model.layers.{i}", cfg.attention_bias, device, split)
                        for i in range(cfg.num_layers)]
         if int8_rows and torch.device(device).type == "cpu":     # wide steps on an int8 copy (quant/int8_rows.py)
             from pdcluster.engine.quant.int8_rows import widen

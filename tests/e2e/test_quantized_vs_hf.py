@@ -60,12 +60,12 @@ def test_gguf_int4_served_packed(hf_ref, refs):
     layer is checked against transformers below."""
     llm = LLM(kv_cache_memory=32 * 2**20, quantization=None)   # None: Q4_1 stays packed
     assert llm.engine.cfg.quantization is None
-    # float32: 1,026 MiB (weights + oneDNN copies). The int8 head is held three times where fbgemm runs it
+    # float32: 513 MiB. The int8 head is held three times where fbgemm runs it
     # (the embedding's codes for row lookups, fbgemm's packed copy for 1 row, oneDNN's for 2-63; 27 MiB each)
     _check(llm, hf_ref, refs, max_weight_mib=150)
 
 
-@pytest.mark.parametrize("mode,mib", [("int8", 300), ("int4", 150)])   # float32: 1,026 MiB; int8: fbgemm copy + codes
+@pytest.mark.parametrize("mode,mib", [("int8", 300), ("int4", 150)])   # float32: 513 MiB; int8: fbgemm copy + codes
 def test_hf_model_quantized_at_load(hf_ref, refs, hf_folder, mode, mib):
     _check(LLM(hf_folder, quantization=mode, kv_cache_memory=32 * 2**20), hf_ref, refs, max_weight_mib=mib)
 
