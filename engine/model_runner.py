@@ -120,9 +120,9 @@ class ModelRunner:
         step, which the compiled CPU layer (engine/cpu_compile.py) takes, with every row's attention in
         one batched call instead of one prompt-attention call per request."""
         bs = self.block_size
-        verify_rows = not self.model.triton
-        is_pre = [(n > 1 and not (verify_rows and r.num_computed_tokens > 0 and n == 1 + len(r.spec_token_ids)))
-                  or r.num_computed_tokens == 0 for r, n in zip(batch.reqs, batch.num_new_tokens)]
+        rows_for_drafts = not self.model.triton     # a request with drafts is scheduled for exactly 1 + k tokens
+        is_pre = [r.num_computed_tokens == 0 or (n > 1 and not (rows_for_drafts and r.spec_token_ids))
+                  for r, n in zip(batch.reqs, batch.num_new_tokens)]
         pre = [i for i, p in enumerate(is_pre) if p]
         dec = [i for i, p in enumerate(is_pre) if not p]
         ids, pos, slots, prefills, last_row = [], [], [], [], [0] * len(batch)
