@@ -57,8 +57,8 @@ WIDE_MAX_ROWS = 512         # with int8 copies (cpu_int8_rows): their compiled l
 
 @dataclass(frozen=True)
 class LinSpec:
-    """How one linear runs in the compiled layer: kind (float | int4 | int8), output features N and
-    whether a bias tensor follows its weights in the argument list."""
+    """How one linear runs in the compiled layer: kind (float | int4 | q4x8 | int8 | int8rows), output
+    features N and whether a bias tensor follows its weights in the argument list."""
     kind: str
     n: int
     bias: bool
@@ -70,6 +70,7 @@ def linear_spec(lin, wide: bool = False) -> tuple[LinSpec, tuple[torch.Tensor, .
     from pdcluster.engine.llama import Linear
     from pdcluster.engine.quant.cpu_linear import Int4Linear, Int8Linear
     from pdcluster.engine.quant.int8_rows import Int8Rows
+    from pdcluster.engine.quant.q4x8 import Q4x8Linear
     if isinstance(lin, Int8Rows):
         if wide:
             ws = (lin.q, lin.scale) + ((lin.bias,) if lin.bias is not None else ())
@@ -79,6 +80,8 @@ def linear_spec(lin, wide: bool = False) -> tuple[LinSpec, tuple[torch.Tensor, .
         return None
     if isinstance(lin, Linear):
         ws, spec = (lin.weight,), LinSpec("float", lin.weight.shape[0], lin.bias is not None)
+    elif isinstance(lin, Q4x8Linear):
+        ws, spec = (lin.q.w, lin.q.d, lin.q.mn), LinSpec("q4x8", lin.N, lin.bias is not None)
     elif isinstance(lin, Int4Linear):
         ws, spec = (lin.packed, lin.sz), LinSpec("int4", lin.N, lin.bias is not None)
     elif isinstance(lin, Int8Linear):
@@ -96,6 +99,8 @@ def _linear(spec: LinSpec, x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Ten
     elif spec.kind == "int4":
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(BF16).contiguous(), ws[0], GROUP, ws[1])
         y = y[:, :spec.n].to(x.dtype)
+    elif spec.kind == "q4x8":
+        y = torch.ops.pdcluster.q4x8_mm(x.float().contiguous(), ws[0], ws[1], ws[2])
     elif spec.kind == "int8rows":
         y = int8_rows(x, ws[0], ws[1]).to(x.dtype)
     else:
@@ -158,10 +163,10 @@ def cache_dir() -> str:
 def _sources() -> bytes:
     """The code the compiled layer is traced from."""
     from pdcluster.engine import llama, rotary
-    from pdcluster.engine.quant import cpu_linear
+    from pdcluster.engine.quant import cpu_linear, q4x8
     out = b""
-    for mod in (__import__(__name__, fromlist=["x"]), llama, rotary, cpu_linear):
-        with open(mod.__file__, "rb") as f:
+    for path in [m.__file__ for m in (__import__(__name__, fromlist=["x"]), llama, rotary, cpu_linear, q4x8)] + [q4x8._SRC]:
+        with open(path, "rb") as f:
             out += f.read()
     return out
 

@@ -34,7 +34,7 @@ class Int8Rows:
     prefill"). That form is one more byte per weight, resident."""
     __slots__ = ("inner", "q", "scale", "bias", "min_rows", "onednn")
 
-    def __init__(self, inner: Int4Linear, min_rows: int):
+    def __init__(self, inner, min_rows: int):            # Int4Linear | q4x8.Q4x8Linear
         if min_rows < 1:
             raise ValueError(f"min_rows must be >= 1, got {min_rows}")
         w8 = quantize(inner.dequantize(), "int8")                         # per output row, symmetric
@@ -64,6 +64,7 @@ class Int8Rows:
 def widen(lin, min_rows: int):
     """lin with an int8 copy for steps of >= min_rows rows if it is a packed int4 CPU linear whose weights
     can be read back (a known int4pack layout); else lin unchanged (int8 linears run int8 already)."""
-    if not isinstance(lin, Int4Linear) or lin.layout is None:
+    from pdcluster.engine.quant.q4x8 import Q4x8Linear
+    if not (isinstance(lin, Q4x8Linear) or isinstance(lin, Int4Linear) and lin.layout is not None):
         return lin
     return Int8Rows(lin, min_rows)

@@ -1,7 +1,8 @@
 """Packed weights in the model: the linear for a device, embedding rows, fused projections.
 
     quant_linear(w, bias, device)   CPU: the kernel policy.cpu_kernel picks (cpu_linear.py: fbgemm's
-                                    dynamic int8 linear, torch's int4pack / int8pack kernels)
+                                    dynamic int8 linear, torch's int4pack / int8pack kernels; q4x8.py:
+                                    pdcluster's int4 x int8 kernel)
                                     CUDA: the Triton w4a16 / w8a16 kernels (gpu_linear.py)
                                     anything else: dequantize + matmul (the kernels' torch reference)
     embed_rows(w, ids, dtype)       rows of a packed embedding [T, E], dequantized
@@ -39,7 +40,10 @@ def quant_linear(w: Packed, bias: torch.Tensor | None, device: str | torch.devic
     if dev.type == "cpu":
         from pdcluster.engine.quant import cpu_linear
         from pdcluster.engine.quant.policy import cpu_kernel
-        kernel = cpu_kernel(w.kind, cpu_linear.fbgemm_usable())
+        from pdcluster.engine.quant import q4x8
+        kernel = cpu_kernel(w.kind, cpu_linear.fbgemm_usable(), q4x8.supported(w.shape[1]) and q4x8.available())
+        if kernel == "q4x8":
+            return q4x8.Q4x8Linear(w, bias)
         if kernel == "fbgemm":
             return cpu_linear.Dyn8Linear(w, bias, onednn_rows=head)
         return {"int4pack": cpu_linear.Int4Linear, "int8pack": cpu_linear.Int8Linear}[kernel](w, bias)

@@ -14,7 +14,7 @@ modes (vLLM's weight-only modes leave it in 16-bit). Norm weights and biases are
 from __future__ import annotations
 
 QUANTIZATIONS = ("none", "int8", "int4")
-CPU_KERNELS = ("fbgemm", "int8pack", "int4pack")
+CPU_KERNELS = ("fbgemm", "int8pack", "int4pack", "q4x8")
 HEAD = ("model.embed_tokens.weight", "lm_head.weight")
 _LINEAR = tuple(f".{p}_proj.weight" for p in ("q", "k", "v", "o", "gate", "up", "down"))
 
@@ -38,16 +38,18 @@ def weight_kind(name: str, mode: str | None, file_kind: str | None = None) -> st
     return "int8" if name in HEAD else mode
 
 
-def cpu_kernel(kind: str, fbgemm: bool) -> str:
+def cpu_kernel(kind: str, fbgemm: bool, q4x8: bool = False) -> str:
     """The CPU kernel for a packed weight of `kind` at decode row counts (engine/quant/cpu_linear.py):
     int8 weights take fbgemm's dynamic int8 linear where torch has it (x rounded to 8 bits per call;
     2-6x faster than _weight_int8pack_mm on AVX2 for every decode-step shape of SmolLM2, 1-32 rows,
     bench/RESULTS.md "Decode step on CPU"), else _weight_int8pack_mm. int4 weights keep
     _weight_int4pack_mm_for_cpu: fbgemm has no group-wise int4 form, and requantizing a GGUF Q4 weight
     to per-row int8 would lose its exact values and double its bytes (cpu_int8_rows adds such a copy beside
-    the packed weights for wide steps only: engine/quant/int8_rows.py)."""
+    the packed weights for wide steps only: engine/quant/int8_rows.py). q4x8: the host runs pdcluster's own
+    int4 x int8 kernel (engine/quant/q4x8.py: AVX-512 VNNI, llama.cpp's Q4_1 x Q8_1 arithmetic), which int4
+    weights then take instead: 1.2-1.9x torch's int4 kernel at 1-8 rows (bench/RESULTS.md, "q4x8")."""
     if kind == "int4":
-        return "int4pack"
+        return "q4x8" if q4x8 else "int4pack"
     if kind == "int8":
         return "fbgemm" if fbgemm else "int8pack"
     raise ValueError(f"no CPU kernel for weight kind {kind!r}")

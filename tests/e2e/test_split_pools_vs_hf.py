@@ -24,7 +24,9 @@ def _run(engine, ids, rid, salt=None):
 def pools():
     prefill = LLMEngine(build_config(dtype="bfloat16", quantization="none", kv_cache_memory=32 * 2**20),
                         connector=Capture())
-    decode = LLMEngine(build_config(quantization=None, kv_cache_memory=32 * 2**20))   # Q4_1 kept packed
+    # Q4_1 kept packed; no n-gram drafts, so that the tokens it computes are exactly the prompt's tail and the
+    # outputs (verified drafts would count too, as many as the output happens to repeat)
+    decode = LLMEngine(build_config(quantization=None, kv_cache_memory=32 * 2**20, speculative="off"))
     return prefill, decode
 
 

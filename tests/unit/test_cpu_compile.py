@@ -17,10 +17,15 @@ GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def llm():
-    """The embedded GGUF's Q4_1 linears served packed (the int4pack kernel), decode steps compiled."""
+    """The embedded GGUF's Q4_1 linears served packed (pdcluster's q4x8 kernel where it builds, else torch's
+    int4pack one), decode steps compiled."""
+    from pdcluster.engine.quant import q4x8
+    from pdcluster.engine.quant.cpu_linear import Int4Linear
     llm = LLM(quantization="int4", cpu_compile=True, speculative="off", kv_cache_memory=32 * 2**20,
               max_num_seqs=8)
     assert isinstance(llm.engine.model.compiled, CompiledDecode)
+    kind = q4x8.Q4x8Linear if q4x8.available() else Int4Linear
+    assert all(isinstance(lin, kind) for L in llm.engine.model.layers for lin in (L.qkv, L.o, L.gate_up, L.down))
     return llm
 
 

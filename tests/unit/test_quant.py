@@ -232,11 +232,16 @@ def test_fbgemm_int8_linear_dense_path_for_prefill_rows():
 def test_cpu_kernel_policy():
     assert cpu_kernel("int8", True) == "fbgemm" and cpu_kernel("int8", False) == "int8pack"
     assert cpu_kernel("int4", True) == cpu_kernel("int4", False) == "int4pack"
+    assert cpu_kernel("int4", True, q4x8=True) == "q4x8"
     with pytest.raises(ValueError):
         cpu_kernel("int3", True)
     lin = quant_linear(quantize_int8(_w(16, 64)), None, "cpu")
     assert isinstance(lin, Dyn8Linear if fbgemm_usable() else Int8Linear)
-    assert isinstance(quant_linear(quantize_int4(_w(16, 64)), None, "cpu"), Int4Linear)
+    # int4: pdcluster's kernel where it builds and K is whole 64-weight chunks, torch's otherwise
+    from pdcluster.engine.quant import q4x8
+    assert isinstance(quant_linear(quantize_int4(_w(16, 64)), None, "cpu"),
+                      q4x8.Q4x8Linear if q4x8.available() else Int4Linear)
+    assert isinstance(quant_linear(quantize_int4(_w(16, 96)), None, "cpu"), Int4Linear)
 
 
 # policy

@@ -1,0 +1,105 @@
+"""engine/quant/q4x8.py: pdcluster::q4x8_mm (int4 weights x int8 activations, AVX-512 VNNI) against its torch
+reference and against the exact float product, its packing, and its linear."""
+import pytest
+import torch
+
+from pdcluster.engine.quant import q4x8
+from pdcluster.engine.quant.packed import Int4Weight, dequantize, quantize_int4
+
+G = torch.Generator().manual_seed(11)
+HOST = not [f for f in q4x8._FLAGS if f not in q4x8.cpu_flags()]
+needs_op = pytest.mark.skipif(not (HOST and q4x8.available()), reason="no AVX-512 VNNI host (or no compiler)")
+KS = (64, 192, 576, 640, 960, 1536, 2112)    # blocks of 16 groups; tails of 2 and 4 groups (2-group chunks), 6
+                                             # and 14 (a partial block)
+
+
+def _weight(N, K, scale=0.05):
+    return quantize_int4(torch.randn(N, K, generator=G) * scale)
+
+
+def test_the_op_builds_where_the_cpu_has_the_instructions():
+    """On an AVX-512 VNNI host (this one, CI's) a failed build would silently fall back to torch's kernel."""
+    if not HOST:
+        pytest.skip("the CPU lacks AVX-512 VNNI / F16C")
+    assert q4x8.available()
+
+
+@pytest.mark.parametrize("K", KS)
+def test_packing_keeps_every_code_and_the_weights(K):
+    w = _weight(40, K)
+    q = q4x8.pack(w)
+    assert q.w.shape == (40, K // 2) and q.d.dtype == q.mn.dtype == torch.float16
+    assert torch.equal(q4x8.codes(q), w.codes())
+    # the weights differ from packed.py's only by scale and min rounded to float16
+    w16 = Int4Weight(w.q, q.d.float(), q.mn.float() + 8 * q.d.float())
+    torch.testing.assert_close(q4x8.dequantize(q), dequantize(w16), rtol=0, atol=1e-6)
+    torch.testing.assert_close(q4x8.dequantize(q), dequantize(w), rtol=0, atol=2e-3 * 0.05 * 4)
+    with pytest.raises(ValueError):
+        q4x8.pack(_weight(8, 96))                     # K not whole 64-weight chunks
+
+
+@needs_op
+@pytest.mark.parametrize("K", KS)
+@pytest.mark.parametrize("M", [1, 3, 9])
+def test_op_is_its_reference_and_within_the_activation_rounding(K, M):
+    q = q4x8.pack(_weight(72, K))
+    x = torch.randn(M, K, generator=G) * torch.logspace(-2, 1, M).unsqueeze(1)      # rows of unlike scales
+    y = q4x8.q4x8_mm(x, q)
+    assert y.dtype == torch.float32 and y.shape == (M, 72)
+    ref = q4x8.q4x8_mm_ref(x, q).double()
+    # the same integer sums and scales: equal up to float32 summation order
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    # against the exact product with the same weights: each x moves by at most half its block's step dx / 2
+    W = q4x8.dequantize(q).double()
+    exact = x.double() @ W.t()
+    dx = x.view(M, K // 32, 32).abs().amax(-1).double() / 127                       # [M, G]
+    bound = (dx.repeat_interleave(32, 1) / 2) @ W.abs().t() + 1e-5 * exact.abs().amax(1, keepdim=True)
+    err = (y.double() - exact).abs()
+    assert (err <= bound).all(), (err / bound).max()
+    assert (err.amax(1) > 0.01 * bound.amax(1)).all()        # really rounded: the bound is not vacuous
+    # a row's result is its own, whatever its batch-mates
+    assert torch.equal(y, torch.cat([q4x8.q4x8_mm(x[i:i + 1], q) for i in range(M)]))
+
+
+@needs_op
+def test_bad_rows_and_bad_arguments():
+    q = q4x8.pack(_weight(32, 576))
+    x = torch.randn(4, 576, generator=G)
+    x[1, 7], x[2, 300], x[3] = float("nan"), float("inf"), 0.0
+    y = q4x8.q4x8_mm(x, q)
+    assert y[1].isnan().all() and y[2].isnan().all()         # a non-finite row gives NaN, only there
+    assert y[0].isfinite().all() and torch.equal(y[3], (q.mn.float() * 0).sum(1) * 0)   # zeros: 0 exactly
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        torch.ops.pdcluster.q4x8_mm(torch.randn(1, 96), torch.zeros(32, 48, dtype=torch.uint8), q.d[:, :3], q.mn[:, :3])
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.pdcluster.q4x8_mm(x.double(), q.w, q.d, q.mn)
+    with pytest.raises(RuntimeError, match="d and mn"):
+        torch.ops.pdcluster.q4x8_mm(x, q.w, q.d[:8], q.mn[:8])
+    # control: one corrupted code changes its row of the result
+    w2 = q.w.clone()
+    w2[5, 0] ^= 0x0F
+    y2 = torch.ops.pdcluster.q4x8_mm(x[:1], w2, q.d, q.mn)
+    assert not torch.equal(y2[0, 5], y[0, 5]) and torch.equal(y2[0, :5], y[0, :5])
+
+
+@needs_op
+def test_the_linear_kernel_rows_dense_rows_and_threads():
+    from pdcluster.engine.quant.cpu_linear import DENSE_MIN_ROWS
+    w = _weight(48, 576)
+    bias = torch.randn(48, generator=G)
+    lin = q4x8.Q4x8Linear(w, bias)
+    x = torch.randn(DENSE_MIN_ROWS + 6, 576, generator=G)
+    ref = x.double() @ lin.dequantize().double().t() + bias.double()
+    small, big = lin(x[:5]), lin(x)                           # the op; dequantize + float32 GEMM
+    torch.testing.assert_close(big.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(small.double(), ref[:5], rtol=0.02, atol=0.02 * ref.abs().max().item())
+    assert q4x8.Q4x8Linear(w, None)(x[:5].bfloat16()).dtype == torch.bfloat16     # y in x's dtype
+    assert lin.nbytes == 48 * 288 + 2 * 48 * 18 * 2
+    # the result does not depend on the thread count (rows are split across threads, each summed alone)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = lin(x[:5])
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, small)
