@@ -103,3 +103,22 @@ def test_the_linear_kernel_rows_dense_rows_and_threads():
     finally:
         torch.set_num_threads(n)
     assert torch.equal(one, small)
+
+
+def test_a_failed_build_leaves_torchs_int4_kernel(tmp_path, monkeypatch, caplog):
+    """No compiler (or any build error): available() says so, logs why, and int4 linears take Int4Linear."""
+    from pdcluster.engine.quant.cpu_linear import Int4Linear
+    from pdcluster.engine.quant.layers import quant_linear
+    if not HOST:
+        pytest.skip("the CPU lacks AVX-512 VNNI / F16C: nothing is built here")
+    monkeypatch.setenv("PDCLUSTER_AOTI_CACHE", str(tmp_path / "aoti"))     # a cache without the library
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    q4x8.available.cache_clear()
+    try:
+        assert not q4x8.available()
+        assert "q4x8 kernel not built" in caplog.text
+        assert isinstance(quant_linear(_weight(16, 64), None, "cpu"), Int4Linear)
+    finally:
+        q4x8.available.cache_clear()
+    monkeypatch.undo()
+    assert q4x8.available()                                                 # the built library again
