@@ -8,7 +8,9 @@ from memory, not from a cache that one hot weight would sit in) and runs them al
 variants alternate round by round in this process, and the table prints the median us per call and
 aten's time over the variant's (> 1: faster than the engine's kernel called eagerly; compare the template
 with aten-compiled). Variants:
-  aten      aten._weight_int4pack_mm_for_cpu, bfloat16 x: the engine's int4 kernel (Int4Linear)
+  aten      aten._weight_int4pack_mm_for_cpu, bfloat16 x: torch's int4 kernel (Int4Linear, the engine's fallback)
+  q4x8      pdcluster::q4x8_mm (engine/quant/q4x8.py): the same Q4_1 values, x rounded to int8 per block of
+            32, integer sums on VNNI: the engine's int4 kernel where it builds
   aten-compiled  the same aten calls from one torch.compile'd graph of them all (weights frozen as
             constants, no per-call Python): the baseline the template replaces inside a compiled step
   template  inductor's WOQ int4 C++ GEMM template (CppWoqInt4GemmTemplate): the same graph compiled with
@@ -22,7 +24,7 @@ with aten-compiled). Variants:
             weight reorder): the head's 2+ rows and the int4 linears' int8 copies from 64 rows (where exact)
   fbgemm16  fbgemm's fp16-weight linear
   bf16      F.linear with bfloat16 weights (oneDNN)
-Only aten and template carry a Q4_1 weight's exact values; the others are what the weight would cost in
+Only aten, q4x8 and template carry a Q4_1 weight's exact values; the others are what the weight would cost in
 their formats. Timings are wall clock: on a shared host compare the ratios, and read the load average.
 """
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 GROUP = 32
 BF16 = torch.bfloat16
 SHAPES = ("960x576", "576x576", "3072x576", "576x1536")
-VARIANTS = ("aten", "aten-compiled", "template", "fbgemm8", "int8pack", "intmm", "onednn", "fbgemm16", "bf16")
+VARIANTS = ("aten", "q4x8", "aten-compiled", "template", "fbgemm8", "int8pack", "intmm", "onednn", "fbgemm16", "bf16")
 
 
 class Int4Mms(torch.nn.Module):
@@ -88,6 +90,13 @@ def make_calls(name: str, weights: list, M: int, K: int):
             compile_s = time.perf_counter() - t
         equal = all(torch.equal(a, b) for a, b in zip(got, mod(x0)))
         return [lambda x: f(x.to(BF16))], {"compile_s": compile_s, "equal": equal}
+    if name == "q4x8":
+        from pdcluster.engine.quant import q4x8
+        from pdcluster.engine.quant.packed import Int4Weight, pack_codes
+        if not q4x8.available():
+            raise RuntimeError("q4x8 is not available on this host (see the log)")
+        qs = [q4x8.pack(Int4Weight(pack_codes(c), d, m + 8 * d)) for c, d, m, _ in weights]
+        return [lambda x, q=q: q4x8.q4x8_mm(x, q) for q in qs]
     calls = []
     for _, _, _, w in weights:
         N = w.shape[0]

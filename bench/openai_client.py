@@ -35,9 +35,23 @@ def body(req: BenchRequest, prompt_ids: list[int] | None, model: str, chat: bool
 
 
 async def generate(client: httpx.AsyncClient, base_url: str, b: dict, prompt_len: int, chat: bool) -> RequestOutput:
-    """One streamed request; its RequestOutput (error: the HTTP status, or the error chunk's type)."""
-    out = RequestOutput(prompt_tokens=prompt_len)
+    """One streamed request; its RequestOutput (error: the HTTP status, or the error chunk's type). A pooled
+    connection the server closed before the request reached it (e.g. llama-server's HTTP library closes a
+    keep-alive connection after 5 requests, racing the client's next one) is retried once on a new one, as
+    the official OpenAI client retries connection errors; the timings then include the failed attempt."""
     start = time.perf_counter()
+    out = await _generate(client, base_url, b, prompt_len, chat, start)
+    if out.error in RETRIED and out.output_tokens == 0:
+        out = await _generate(client, base_url, b, prompt_len, chat, start)
+    return out
+
+
+RETRIED = ("RemoteProtocolError", "ConnectError", "ReadError")    # connection errors, retried if no token came
+
+
+async def _generate(client: httpx.AsyncClient, base_url: str, b: dict, prompt_len: int, chat: bool,
+                    start: float) -> RequestOutput:
+    out = RequestOutput(prompt_tokens=prompt_len)
     last, chunks, usage, reason = None, 0, None, None
     url = f"{base_url}/chat/completions" if chat else f"{base_url}/completions"
     try:
