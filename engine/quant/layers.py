@@ -41,7 +41,8 @@ def quant_linear(w: Packed, bias: torch.Tensor | None, device: str | torch.devic
         from pdcluster.engine.quant import cpu_linear
         from pdcluster.engine.quant.policy import cpu_kernel
         from pdcluster.engine.quant import q4x8
-        kernel = cpu_kernel(w.kind, cpu_linear.fbgemm_usable(), q4x8.supported(w.shape[1]) and q4x8.available())
+        own = w.kind == "int4" and q4x8.supported(w.shape[1]) and q4x8.available()   # (built for int4 only)
+        kernel = cpu_kernel(w.kind, cpu_linear.fbgemm_usable(), own)
         if kernel == "q4x8":
             return q4x8.Q4x8Linear(w, bias)
         if kernel == "fbgemm":
