@@ -122,3 +122,16 @@ def test_a_failed_build_leaves_torchs_int4_kernel(tmp_path, monkeypatch, caplog)
         q4x8.available.cache_clear()
     monkeypatch.undo()
     assert q4x8.available()                                                 # the built library again
+
+
+@needs_op
+def test_the_compiled_layers_linear_is_the_eager_one_in_x_dtype():
+    """cpu_compile._linear (what the AOTI package traces) runs the same op as Q4x8Linear.kernel, in x's dtype."""
+    from pdcluster.engine.cpu_compile import _linear, linear_spec
+    lin = q4x8.Q4x8Linear(_weight(40, 576), None)
+    spec, ws = linear_spec(lin)
+    assert spec.kind == "q4x8" and spec.n == 40
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 576, generator=G).to(dtype)
+        y = _linear(spec, x, list(ws))
+        assert y.dtype == dtype and torch.equal(y, lin(x))
