@@ -3,6 +3,7 @@ prefilling locally, the cost model with peer pulls on. A prompt cached on worker
 (X drains: it takes no placements but still serves pulls); Y pulls the prefix from X, computes only
 the tail, and streams exactly the offline engine's greedy tokens. Then X dies before Y's pull: Y
 recomputes, token-exact."""
+import asyncio
 import logging
 
 import grpc
@@ -78,11 +79,24 @@ def test_a_holder_that_died_before_the_pull_is_recomputed(pulling, caplog):
     assert toks == ref
     x = where
     y = next(w for w in c.router.workers.decode if w != x)
-    c.run(c.router.refresh_loads())
-    c.router.workers.loads[x].draining = True
-    ray.kill(c.actors[x], no_restart=True)           # the router still believes x holds the prefix
-    before = c.run(_prefilled(c, y))
-    toks, where, _ = c.run(_run(c, ids, "fourth"))
+    # No status poll from the kill until the request is placed: the router still believes x holds the prefix, as
+    # in the window before a poll notices a death (a poll in between makes x unhealthy: no pull is planned).
+    # The cluster's loop runs only inside c.run, so a poll already out finishes first (its calls: 1 s bound).
+    refresh = c.router.workers.refresh
+
+    async def no_poll() -> None:
+        pass
+
+    c.router.workers.refresh = no_poll
+    try:
+        c.run(asyncio.sleep(1.5))
+        c.run(refresh())                              # x's block events reach the router's index
+        c.router.workers.loads[x].draining = True
+        ray.kill(c.actors[x], no_restart=True)
+        before = c.run(_prefilled(c, y))
+        toks, where, _ = c.run(_run(c, ids, "fourth"))
+    finally:
+        c.router.workers.refresh = refresh
     assert _pull_of(caplog, "fourth")[0] == x        # the pull was planned (else this test is vacuous)
     assert toks == ref
     assert c.run(_prefilled(c, y)) - before == len(ids)        # recomputed, the whole prompt
