@@ -44,7 +44,10 @@ def quant_linear(w: Packed, bias: torch.Tensor | None, device: str | torch.devic
         own = w.kind == "int4" and q4x8.supported(w.shape[1]) and q4x8.available()   # (built for int4 only)
         kernel = cpu_kernel(w.kind, cpu_linear.fbgemm_usable(), own)
         if kernel == "q4x8":
-            return q4x8.Q4x8Linear(w, bias)
+            try:
+                return q4x8.Q4x8Linear(w, bias)
+            except ValueError:                   # scales past float16's range: torch's kernel keeps float32 ones
+                kernel = "int4pack"
         if kernel == "fbgemm":
             return cpu_linear.Dyn8Linear(w, bias, onednn_rows=head)
         return {"int4pack": cpu_linear.Int4Linear, "int8pack": cpu_linear.Int8Linear}[kernel](w, bias)

@@ -1,8 +1,8 @@
 """4-bit weights x 8-bit activations on AVX-512 VNNI (`pdcluster::q4x8_mm`, q4x8.cpp), and its torch reference.
 
 Why: torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) dequantizes every weight to float and
-multiplies in float, so at the rows of a decode step it is compute-bound, several times slower than
-the weights' bytes take to read. No torch or fbgemm op on x86 takes group-wise int4 weights with int8
+multiplies in float, so at the rows of a decode step much of its time is that arithmetic rather than
+reading the weights. No torch or fbgemm op on x86 takes group-wise int4 weights with int8
 activations (bench/RESULTS.md, "int4 decode linears on AVX-512"). This is llama.cpp's Q4_1 x Q8_1 dot
 product: the activations are rounded to int8 per 32-block on a symmetric scale, and the integer sums
 run on vpdpbusd (u8 x s8 -> s32, exact).
@@ -85,8 +85,10 @@ def pack(wt: Int4Weight) -> Q4x8Weight:
             continue
         parts.append((b[:, :, :, 0] | (b[:, :, :, 1] << 4)).permute(0, 2, 1, 3).reshape(N, -1))   # [N, u, l, j]
     d = wt.scale.float()
-    return Q4x8Weight(torch.cat(parts, 1).contiguous(), d.half().contiguous(),
-                      (wt.zero.float() - 8 * d).half().contiguous())
+    d16, m16 = d.half(), (wt.zero.float() - 8 * d).half()
+    if not (torch.isfinite(d16).all() and torch.isfinite(m16).all()):
+        raise ValueError("q4x8 needs scales and mins inside float16's range")   # (GGUF's Q4 are float16)
+    return Q4x8Weight(torch.cat(parts, 1).contiguous(), d16.contiguous(), m16.contiguous())
 
 
 def codes(q: Q4x8Weight) -> torch.Tensor:

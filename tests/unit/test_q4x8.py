@@ -36,6 +36,11 @@ def test_packing_keeps_every_code_and_the_weights(K):
     torch.testing.assert_close(q4x8.dequantize(q), dequantize(w), rtol=0, atol=2e-3 * 0.05 * 4)
     with pytest.raises(ValueError):
         q4x8.pack(_weight(8, 96))                     # K not whole 64-weight chunks
+    with pytest.raises(ValueError, match="float16"):
+        q4x8.pack(_weight(8, 64, scale=1e6))          # scales past float16's range
+    from pdcluster.engine.quant.cpu_linear import Int4Linear
+    from pdcluster.engine.quant.layers import quant_linear
+    assert isinstance(quant_linear(_weight(8, 64, scale=1e6), None, "cpu"), Int4Linear)   # torch's kernel then
 
 
 @needs_op
