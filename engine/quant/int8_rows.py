@@ -63,7 +63,8 @@ class Int8Rows:
 
 def widen(lin, min_rows: int):
     """lin with an int8 copy for steps of >= min_rows rows if it is a packed int4 CPU linear whose weights
-    can be read back (a known int4pack layout); else lin unchanged (int8 linears run int8 already)."""
+    can be read back (q4x8's, or torch's in a known int4pack layout); else lin unchanged (int8 linears run
+    int8 already)."""
     from pdcluster.engine.quant.q4x8 import Q4x8Linear
     if not (isinstance(lin, Q4x8Linear) or isinstance(lin, Int4Linear) and lin.layout is not None):
         return lin

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pdcluster.engine.quant.cpu_linear import DENSE_MIN_ROWS
 from pdcluster.engine.quant.packed import GROUP, Int4Weight
 
 log = logging.getLogger(__name__)
@@ -239,7 +240,6 @@ class Q4x8Linear:
         return F.linear(x.float(), self.dequantize())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from pdcluster.engine.quant.cpu_linear import DENSE_MIN_ROWS
         y = (self.dense(x) if x.shape[0] >= DENSE_MIN_ROWS else self.kernel(x)).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
