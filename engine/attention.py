@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pdcluster.engine.kv_quant import QuantKV, gather_blocks
+from pdcluster.kernels.decode_attention import cpu_kernel_fits, paged_decode_attention_cpu
 from pdcluster.kernels.store_kv import store_kv_pair_ref, store_kv_ref
 
 
@@ -81,9 +82,14 @@ def prefill_attention(q, k, v, k_cache, v_cache, seq: PrefillSeq, scale: float) 
     return o[0].transpose(0, 1)
 
 
-def decode_attention(q, k_cache, v_cache, block_tables, mask, scale: float) -> torch.Tensor:
-    """q: [B, H, D]; block_tables [B, max_blocks]; mask [B, 1, 1, L]. Returns [B, H, D].
-    GQA is folded into the query length: each KV head serves its group of H/KVH query heads."""
+def decode_attention(q, k_cache, v_cache, block_tables, mask, scale: float,
+                     seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [B, H, D]; block_tables [B, max_blocks]; mask [B, 1, 1, L] (positions < seq_lens). Returns [B, H, D].
+    float32 on CPU with seq_lens given: pdcluster's paged kernel (kernels/decode_attention.cpp; K/V read in place),
+    where built. Else a gather + SDPA, GQA folded into the query length: each KV head serves its group of H/KVH
+    query heads."""
+    if seq_lens is not None and cpu_kernel_fits(q.dtype, k_cache):
+        return paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, scale)
     B, H, D = q.shape
     KVH = k_cache.shape[2]
     nb, bs = block_tables.shape[1], k_cache.shape[1]

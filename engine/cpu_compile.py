@@ -9,10 +9,13 @@ every layer, every batch of 1..MAX_ROWS-1 decode rows, every table width and poo
 dimensions), called through the AOTI loader with a flat list of tensors.
 
 The compiled layer is LlamaModel's eager CPU layer for a pure-decode step (no prefill chunk, float KV
-cache): rms_norm, qkv, rotary, store_kv, paged decode attention (gather + SDPA), o, rms_norm, gate_up,
-silu * mul, down, residuals. With packed int4 / int8 linears it computes the eager step bit for bit:
-the linears, SDPA and rms_norm's mean call the same aten kernels (_aten_mean), and the fused
-elementwise ops round as eager's do (_rotary). Float linears run F.linear (MKL), as eager does in float32
+cache): rms_norm, qkv, rotary, store_kv, paged decode attention, o, rms_norm, gate_up, silu * mul, down,
+residuals. With packed int4 / int8 linears it computes the eager step bit for bit: the linears, attention and
+rms_norm call the same kernels, and the fused elementwise ops round as eager's do (_rotary). Where pdcluster's
+CPU ops are built (engine/cpu_ext.py), attention is pdcluster::paged_decode_attention (K/V read in place, float32)
+and rms_norm pdcluster::rms_norm, and they and q4x8_mm are called through their C shims: AOTI's proxy executor,
+which it uses for any op without one, costs ~4 us a call in boxing (6 calls a layer; bench/RESULTS.md, "CPU ops
+called directly"). Without them: a gather + SDPA, and rms_norm's mean through aten (_aten_mean). Float linears run F.linear (MKL), as eager does in float32
 (bfloat16's eager split bmm at 1-4 rows is the same function, rounded differently).
 
 With int8 copies of the int4 linears (cpu_int8_rows = N, engine/quant/int8_rows.py) a second package
@@ -44,8 +47,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pdcluster.engine import cpu_ext
 from pdcluster.engine.quant.cpu_linear import BF16, DENSE_MIN_ROWS, int8_rows
 from pdcluster.engine.quant.packed import GROUP
+from pdcluster.kernels.decode_attention import cpu_kernel_fits
 
 log = logging.getLogger(__name__)
 
@@ -116,19 +121,29 @@ def _rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     return (xc + x.roll(x.shape[-1] // 2, -1).double() * signed_sin.double()).to(x.dtype)
 
 
+def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """llama.rms_norm; float32 (F.rms_norm eagerly) as pdcluster::rms_norm, the same aten kernel behind a C shim
+    (kernels/rms_norm.cpp), where pdcluster's CPU ops are built."""
+    from pdcluster.engine.llama import rms_norm
+    if x.dtype == torch.float32 and w.dtype == torch.float32 and cpu_ext.available():
+        return torch.ops.pdcluster.rms_norm(x, w, eps)
+    return rms_norm(x, w, eps)
+
+
 class DecodeLayer(torch.nn.Module):
-    """forward(h [B, E], k_cache, v_cache [NB, BS, KVH, D], slots [B], tables [B, W], mask [B, 1, 1, W * BS],
-    cos, sin [B, 1, D], in_norm, post_norm [E], *linear weights (qkv, o, gate_up, down)) -> h [B, E].
-    Writes the step's K and V into the caches."""
+    """forward(h [B, E], k_cache, v_cache [NB, BS, KVH, D], slots [B], tables [B, W], attend, cos, sin [B, 1, D],
+    in_norm, post_norm [E], *linear weights (qkv, o, gate_up, down)) -> h [B, E]. attend: with `paged`, the rows'
+    seq_lens [B] for pdcluster::paged_decode_attention (kernels/decode_attention.cpp, the eager step's kernel
+    where it fits); else their mask [B, 1, 1, W * BS] for a gather + SDPA. Writes the step's K and V into the
+    caches."""
 
     def __init__(self, specs: tuple[LinSpec, ...], counts: tuple[int, ...], heads: int, kv_heads: int,
-                 head_dim: int, eps: float, scale: float):
+                 head_dim: int, eps: float, scale: float, paged: bool = False):
         super().__init__()
-        self.specs, self.counts = specs, counts
+        self.specs, self.counts, self.paged = specs, counts, paged
         self.H, self.KVH, self.D, self.eps, self.scale = heads, kv_heads, head_dim, eps, scale
 
-    def forward(self, h, k_cache, v_cache, slots, tables, mask, cos, sin, in_norm, post_norm, *ws):
-        from pdcluster.engine.llama import rms_norm
+    def forward(self, h, k_cache, v_cache, slots, tables, attend, cos, sin, in_norm, post_norm, *ws):
         H, KVH, D = self.H, self.KVH, self.D
         lin, i = [], 0
         for n in self.counts:
@@ -136,20 +151,23 @@ class DecodeLayer(torch.nn.Module):
             i += n
         qkv_s, o_s, gu_s, down_s = self.specs
         B = h.shape[0]
-        x = rms_norm(h, in_norm, self.eps)
+        x = _rms_norm(h, in_norm, self.eps)
         qkv = _linear(qkv_s, x, lin[0])                                      # [B, (H + 2 KVH) D]
         qk = _rotary(qkv[:, :(H + KVH) * D].view(B, H + KVH, D), cos, sin)
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, (H + KVH) * D:].view(B, KVH, D)
         nb, bs = k_cache.shape[0], k_cache.shape[1]
         k_cache.view(nb * bs, KVH, D).index_copy_(0, slots, k)
         v_cache.view(nb * bs, KVH, D).index_copy_(0, slots, v)
-        flat, W = tables.reshape(-1), tables.shape[1]
-        kk = k_cache.index_select(0, flat).view(B, W * bs, KVH, D).transpose(1, 2)   # [B, KVH, L, D]
-        vv = v_cache.index_select(0, flat).view(B, W * bs, KVH, D).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q.reshape(B, KVH, H // KVH, D), kk, vv, attn_mask=mask,
-                                           scale=self.scale)
+        if self.paged:
+            o = torch.ops.pdcluster.paged_decode_attention(q, k_cache, v_cache, tables, attend, self.scale)
+        else:
+            flat, W = tables.reshape(-1), tables.shape[1]
+            kk = k_cache.index_select(0, flat).view(B, W * bs, KVH, D).transpose(1, 2)   # [B, KVH, L, D]
+            vv = v_cache.index_select(0, flat).view(B, W * bs, KVH, D).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q.reshape(B, KVH, H // KVH, D), kk, vv, attn_mask=attend,
+                                               scale=self.scale)
         h = h + _linear(o_s, o.reshape(B, H * D), lin[1])
-        x = rms_norm(h, post_norm, self.eps)
+        x = _rms_norm(h, post_norm, self.eps)
         g, u = _linear(gu_s, x, lin[2]).chunk(2, dim=-1)
         return h + _linear(down_s, F.silu(g) * u, lin[3])
 
@@ -162,11 +180,12 @@ def cache_dir() -> str:
 
 def _sources() -> bytes:
     """The code the compiled layer is traced from."""
-    from pdcluster.engine import llama, rotary
+    from pdcluster.engine import cpu_ext, llama, rotary
     from pdcluster.engine.quant import cpu_linear, q4x8
-    out = b""
-    for path in [m.__file__ for m in (__import__(__name__, fromlist=["x"]), llama, rotary, cpu_linear, q4x8)] + [q4x8._SRC]:
-        with open(path, "rb") as f:
+    from pdcluster.kernels import decode_attention
+    out = cpu_ext.sources()
+    for m in (__import__(__name__, fromlist=["x"]), llama, rotary, cpu_linear, q4x8, decode_attention):
+        with open(m.__file__, "rb") as f:
             out += f.read()
     return out
 
@@ -178,6 +197,7 @@ class _Package:
     hi: int
     run: object                     # flat tensor list in, output list out (no pytree per call)
     args: list
+    paged: bool                     # attention on pdcluster::paged_decode_attention (its input: seq_lens, not a mask)
 
 
 class CompiledDecode:
@@ -219,8 +239,8 @@ class CompiledDecode:
     def layer(self, li: int, h, k_cache, v_cache, meta, cos, sin) -> torch.Tensor:
         """Layer li of a covered step: h [B, E] in, h [B, E] out; the step's K/V written to the caches."""
         p = self.wide if h.shape[0] >= self.split else self.narrow
-        return p.run([h, k_cache, v_cache, meta.slot_mapping, meta.decode_block_tables, meta.decode_mask,
-                      cos, sin] + p.args[li])[0]
+        return p.run([h, k_cache, v_cache, meta.slot_mapping, meta.decode_block_tables,
+                      meta.decode_seq_lens if p.paged else meta.decode_mask, cos, sin] + p.args[li])[0]
 
 
 def _build_package(model, k_cache, lins, lo: int, hi: int, wide: bool) -> _Package | None:
@@ -233,8 +253,9 @@ def _build_package(model, k_cache, lins, lo: int, hi: int, wide: bool) -> _Packa
         return None
     specs, counts, ws = got
     args = [[L.in_norm, L.post_norm] + w for L, w in zip(model.layers, ws)]
+    paged = cpu_kernel_fits(model.dtype, k_cache)         # as the eager step's decode_attention decides
     try:
-        return _Package(lo, hi, _package(model, k_cache, specs, counts, args, lo, hi), args)
+        return _Package(lo, hi, _package(model, k_cache, specs, counts, args, lo, hi, paged), args, paged)
     except Exception as e:                                  # any export / compile / load failure: eager
         log.warning("CPU decode compile failed, %s stay eager: %s", what, str(e).splitlines()[0][:300])
         return None
@@ -256,16 +277,16 @@ def _layer_specs(lins, wide: bool):
     return specs, counts, args
 
 
-def _package(model, k_cache, specs, counts, args: list[list[torch.Tensor]], lo: int, hi: int):
+def _package(model, k_cache, specs, counts, args: list[list[torch.Tensor]], lo: int, hi: int, paged: bool):
     """The compiled layer for rows lo..hi-1, compiled or loaded from the disk cache: its run function.
     args: each layer's norms and linear weights, as the layer takes them."""
     c = model.cfg
-    layer = DecodeLayer(specs, counts, c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps, model.scale)
+    layer = DecodeLayer(specs, counts, c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps, model.scale, paged)
     bs = k_cache.shape[1]
     key = hashlib.sha256(repr((torch.__version__, torch.backends.cpu.get_cpu_capability(),
                                torch.get_num_threads(), KERNEL_THREADS, specs, counts, c.num_heads, c.num_kv_heads,
                                c.head_dim, c.hidden_size, c.rms_norm_eps, model.scale, str(model.dtype),
-                               str(k_cache.dtype), tuple(k_cache.shape[1:]), lo, hi,
+                               str(k_cache.dtype), tuple(k_cache.shape[1:]), lo, hi, paged, cpu_ext.available(),
                                [(tuple(t.shape), str(t.dtype)) for t in args[0]])).encode()
                          + _sources()).hexdigest()[:24]
     path = os.path.join(cache_dir(), f"decode_layer_{key}.pt2")
@@ -315,21 +336,24 @@ def _compile(layer: DecodeLayer, model, k_cache, args0: list[torch.Tensor], bs: 
     vc = torch.zeros_like(kc)
     h = torch.zeros(B, c.hidden_size, dtype=model.dtype)
     tables = torch.arange(B * W, dtype=torch.int64).view(B, W) % NB
-    mask = torch.ones(B, 1, 1, W * bs, dtype=torch.bool)
+    attend = (torch.full((B,), W * bs, dtype=torch.int64) if layer.paged
+              else torch.ones(B, 1, 1, W * bs, dtype=torch.bool))
     slots = torch.arange(B, dtype=torch.int64)
     cos = torch.zeros(B, 1, c.head_dim, dtype=model.dtype)
     Dim = torch.export.Dim
     b, w, nb = Dim("rows", min=lo, max=hi - 1), Dim("width", min=1), Dim("blocks", min=2)
-    dyn = ({0: b}, {0: nb}, {0: nb}, {0: b}, {0: b, 1: w}, {0: b, 3: w * bs}, {0: b}, {0: b}, None, None,
-           (None,) * (len(args0) - 2))          # norms, then the linears' weights (*ws)
+    dyn = ({0: b}, {0: nb}, {0: nb}, {0: b}, {0: b, 1: w}, {0: b} if layer.paged else {0: b, 3: w * bs}, {0: b},
+           {0: b}, None, None, (None,) * (len(args0) - 2))          # norms, then the linears' weights (*ws)
     with torch.inference_mode(False), torch.no_grad():
-        ep = torch.export.export(layer, (h, kc, vc, slots, tables, mask, cos, cos.clone(), *args0),
+        ep = torch.export.export(layer, (h, kc, vc, slots, tables, attend, cos, cos.clone(), *args0),
                                  dynamic_shapes=dyn)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        with _aten_mean(), torch._inductor.config.patch({"fx_graph_cache": False, "cpp.threads": KERNEL_THREADS}):
+        shims = cpu_ext.c_shims() if cpu_ext.available() else {}    # pdcluster's ops: direct calls, no proxy
+        with _aten_mean(), torch._inductor.config.patch({"fx_graph_cache": False, "cpp.threads": KERNEL_THREADS,
+                                                         "aot_inductor.custom_ops_to_c_shims": shims}):
             torch._inductor.aoti_compile_and_package(ep, package_path=tmp)
         os.replace(tmp, path)
     finally:

@@ -159,7 +159,7 @@ class LlamaModel:
                 parts.append(prefill_attention(q[sl], k[sl], v[sl], k_caches[li], v_caches[li], s, self.scale))
             if P < T:
                 parts.append(decode_attention(q[P:], k_caches[li], v_caches[li], meta.decode_block_tables,
-                                              meta.decode_mask, self.scale))
+                                              meta.decode_mask, self.scale, meta.decode_seq_lens))
             attn = parts[0] if len(parts) == 1 else torch.cat(parts, 0)     # [T, H, D]
             h = h + L.o(attn.reshape(T, H * D))
             x = rms_norm(h, L.post_norm, c.rms_norm_eps)

@@ -20,6 +20,7 @@
 // a row of x with a non-finite value gives a row of NaN.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -192,4 +193,16 @@ TORCH_LIBRARY(pdcluster, m) {
 
 TORCH_LIBRARY_IMPL(pdcluster, CPU, m) {
   m.impl("q4x8_mm", &q4x8_mm);
+}
+
+// AOTInductor's direct call (engine/cpu_ext.py C_SHIMS): the compiled decode layer calls this instead of going
+// through its proxy executor (~4 us a call, boxed arguments).
+extern "C" AOTITorchError aoti_torch_cpu_q4x8_mm(AtenTensorHandle x, AtenTensorHandle w, AtenTensorHandle d,
+                                                 AtenTensorHandle mn, AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+    at::Tensor y = q4x8_mm(*tensor_handle_to_tensor_pointer(x), *tensor_handle_to_tensor_pointer(w),
+                           *tensor_handle_to_tensor_pointer(d), *tensor_handle_to_tensor_pointer(mn));
+    *ret0 = torch::aot_inductor::new_tensor_handle(std::move(y));
+  });
 }

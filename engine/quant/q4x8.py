@@ -17,32 +17,26 @@ Layout (`Q4x8Weight`):
     d   float16 [N, K/32]  w[n, k] = d[n, g] * c[n, k] + mn[n, g],  c in 0..15,  g = k // 32
     mn  float16 [N, K/32]  (GGUF Q4_1's form: its d and m are float16 already)
 
-The op is compiled once per host (one g++ call against torch's headers, into the pdcluster cache) where
-the CPU has AVX-512 F/BW/VL, VNNI and F16C; `available()` says whether it loaded. Callers keep torch's int4
-kernel as the fallback.
+The op is compiled once per host with pdcluster's other CPU ops (engine/cpu_ext.py) where the CPU has
+AVX-512 F/BW/VL, VNNI and F16C; `available()` says whether it loaded. Callers keep torch's int4 kernel as the
+fallback.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
 import os
-import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from pdcluster.engine.cpu_ext import FLAGS as _FLAGS, available, cpu_flags  # noqa: F401 (the op's build and load)
 from pdcluster.engine.quant.cpu_linear import DENSE_MIN_ROWS
 from pdcluster.engine.quant.packed import GROUP, Int4Weight
-
-log = logging.getLogger(__name__)
 
 CHUNK = 64                 # K must be a multiple (whole bytes of codes per block vector)
 BLOCK = 16                 # groups per block: one int32 lane each
 CHUNK_TAIL = 4             # a last block of at most this many groups is in 2-group chunks
 _SRC = os.path.join(os.path.dirname(__file__), "q4x8.cpp")
-_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,82 +130,6 @@ def q4x8_mm_ref(x: torch.Tensor, q: Q4x8Weight) -> torch.Tensor:
     y = (isum * q.d.double() * dxg[:, None]).sum(-1) + (q.mn.double()[None] * sx[:, None]).sum(-1)
     bad = ~torch.isfinite(x).all(-1)
     return y.float().masked_fill(bad[:, None], float("nan"))
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-_CFLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
-           "-mavx512vnni", "-mf16c", "-mfma")
-
-
-def _library_path() -> str:
-    """Where this source, torch and these flags build to (a later start loads it as it is)."""
-    from pdcluster.engine.cpu_compile import cache_dir
-    with open(_SRC, "rb") as f:
-        key = hashlib.sha256(f.read() + torch.__version__.encode() + " ".join(_CFLAGS).encode()).hexdigest()[:16]
-    return os.path.join(os.path.dirname(cache_dir()), "ext", f"q4x8-{key}.so")
-
-
-def _build(out: str) -> None:
-    """One g++ call against torch's headers and libraries (no ninja, no Python headers: the op is registered
-    with TORCH_LIBRARY); written beside `out` and renamed, so processes building at once never load a
-    half-written file."""
-    from torch.utils.cpp_extension import include_paths, library_paths
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = f"{out}.{os.getpid()}.tmp"
-    cmd = [os.environ.get("CXX", "g++"), *_CFLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-           *(f"-I{p}" for p in include_paths()), _SRC, *(f"-L{p}" for p in library_paths()), "-lc10", "-ltorch_cpu",
-           "-o", tmp]
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
-        os.replace(tmp, out)
-    except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"{cmd[0]} failed: {e.stderr.strip()[-500:]}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-@functools.lru_cache(maxsize=1)
-def available() -> bool:
-    """Build (once per host, source and torch; later starts load the built library) and load the op; False
-    where the CPU lacks the instructions, PDCLUSTER_Q4X8=0, or the build fails (logged)."""
-    if os.environ.get("PDCLUSTER_Q4X8", "1") == "0":
-        return False
-    missing = [f for f in _FLAGS if f not in cpu_flags()]
-    if missing:
-        log.info("q4x8 kernel not used: the CPU lacks %s", ", ".join(missing))
-        return False
-    try:
-        path = _library_path()
-        if not os.path.exists(path):
-            _build(path)
-        torch.ops.load_library(path)
-    except Exception as e:                              # no compiler, headers, ...: torch's int4 kernel instead
-        log.warning("q4x8 kernel not built (%s: %s); int4 linears use torch's kernel", type(e).__name__, e)
-        return False
-    if not hasattr(torch.ops.pdcluster, "q4x8_mm"):
-        return False
-    if not _faked:                                      # its shape, for torch.export (cpu_compile); once
-        torch.library.register_fake("pdcluster::q4x8_mm")(_fake)
-        _faked.append(True)
-    return True
-
-
-_faked: list[bool] = []
-
-
-def _fake(x, w, d, mn):
-    return x.new_empty((x.shape[0], w.shape[0]))
 
 
 def q4x8_mm(x: torch.Tensor, q: Q4x8Weight) -> torch.Tensor:

@@ -121,7 +121,7 @@ def test_a_failed_build_leaves_torchs_int4_kernel(tmp_path, monkeypatch, caplog)
     q4x8.available.cache_clear()
     try:
         assert not q4x8.available()
-        assert "q4x8 kernel not built" in caplog.text
+        assert "CPU kernels not built" in caplog.text
         assert isinstance(quant_linear(_weight(16, 64), None, "cpu"), Int4Linear)
     finally:
         q4x8.available.cache_clear()

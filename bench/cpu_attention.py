@@ -1,0 +1,79 @@
+"""Decode attention on CPU per call: pdcluster::paged_decode_attention (kernels/decode_attention.cpp, K/V read in
+place through the block table) against the torch path it replaces (gather the rows' blocks, then SDPA with a mask),
+in the same process, alternated.
+
+    python -m pdcluster.bench.cpu_attention --batches 1 32 --lens 128 256 512
+
+SmolLM2-135M's attention shape by default (9 query heads over 3 KV heads of 64), float32, a cache of --blocks
+blocks of 16 with each row's blocks scattered at random, as a serving pool's are. Prints microseconds per call
+(best of --repeats runs of --calls calls) and their ratio (> 1: the op is faster), and whether the two agree.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+
+def _best(f, calls: int, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(calls):
+            f()
+        best = min(best, (time.perf_counter() - t) / calls)
+    return best * 1e6
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="decode rows per call")
+    ap.add_argument("--lens", type=int, nargs="+", default=[128, 256, 512], help="positions each row attends to")
+    ap.add_argument("--heads", type=int, default=9, help="query heads")
+    ap.add_argument("--kv-heads", type=int, default=3, help="KV heads")
+    ap.add_argument("--head-dim", type=int, default=64, help="head size")
+    ap.add_argument("--blocks", type=int, default=8192, help="blocks of 16 in the cache (its size: the rows' blocks "
+                    "are scattered in it)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
+    ap.add_argument("--calls", type=int, default=200, help="calls per timed run")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per side (best reported)")
+    a = ap.parse_args(argv)
+    from pdcluster.engine import cpu_ext
+    from pdcluster.engine.attention import decode_attention
+    if not cpu_ext.available():
+        print("pdcluster's CPU ops are not built on this host (see the log): nothing to compare")
+        return 1
+    torch.set_num_threads(a.threads)
+    g = torch.Generator().manual_seed(0)
+    bs, D = 16, a.head_dim
+    kc = torch.randn(a.blocks, bs, a.kv_heads, D, generator=g)
+    vc = torch.randn(a.blocks, bs, a.kv_heads, D, generator=g)
+    print(f"float32, {a.heads} heads over {a.kv_heads} KV heads of {D}, cache {kc.nbytes * 2 / 2**20:.0f} MiB, "
+          f"{a.threads} threads")
+    print(f"{'rows':>5} {'len':>5} {'gather+SDPA us':>15} {'op us':>8} {'ratio':>7} {'max |diff|':>11}")
+    for B in a.batches:
+        for n in a.lens:
+            W = -(-n // bs)
+            if B * W > a.blocks:
+                print(f"{B:>5} {n:>5}  (needs {B * W} blocks; raise --blocks)")
+                continue
+            q = torch.randn(B, a.heads, D, generator=g)
+            tables = torch.randperm(a.blocks, generator=g)[:B * W].view(B, W)
+            lens = torch.full((B,), n, dtype=torch.int64)
+            mask = (torch.arange(W * bs)[None] < lens[:, None]).view(B, 1, 1, W * bs)
+            ref = lambda: decode_attention(q, kc, vc, tables, mask, D ** -0.5)            # noqa: E731 (no seq_lens)
+            op = lambda: decode_attention(q, kc, vc, tables, mask, D ** -0.5, lens)       # noqa: E731
+            diff = (ref() - op()).abs().max().item()
+            t_ref, t_op = [], []
+            for _ in range(a.repeats):                                  # alternate, so drift hits both
+                t_ref.append(_best(ref, a.calls, 1))
+                t_op.append(_best(op, a.calls, 1))
+            r, o = min(t_ref), min(t_op)
+            print(f"{B:>5} {n:>5} {r:>15.1f} {o:>8.1f} {r / o:>6.2f}x {diff:>11.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
