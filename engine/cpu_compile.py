@@ -62,7 +62,7 @@ WIDE_MAX_ROWS = 512         # with int8 copies (cpu_int8_rows): their compiled l
 
 @dataclass(frozen=True)
 class LinSpec:
-    """How one linear runs in the compiled layer: kind (float | int4 | q4x8 | int8 | int8rows), output
+    """How one linear runs in the compiled layer: kind (float | int4 | q4x8 | int8 | int8rows | int8amx), output
     features N and whether a bias tensor follows its weights in the argument list."""
     kind: str
     n: int
@@ -78,8 +78,10 @@ def linear_spec(lin, wide: bool = False) -> tuple[LinSpec, tuple[torch.Tensor, .
     from pdcluster.engine.quant.q4x8 import Q4x8Linear
     if isinstance(lin, Int8Rows):
         if wide:
-            ws = (lin.q, lin.scale) + ((lin.bias,) if lin.bias is not None else ())
-            return LinSpec("int8rows", lin.N, lin.bias is not None), ws
+            # AMX tiles where Int8Rows runs them (the same sums as torch._int_mm on q): the eager step's kernel
+            kind, w = ("int8amx", lin.tiles) if lin.tiles is not None else ("int8rows", lin.q)
+            ws = (w, lin.scale) + ((lin.bias,) if lin.bias is not None else ())
+            return LinSpec(kind, lin.N, lin.bias is not None), ws
         lin = lin.inner
     elif wide:
         return None
@@ -108,6 +110,8 @@ def _linear(spec: LinSpec, x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Ten
         y = torch.ops.pdcluster.q4x8_mm(x.float().contiguous(), ws[0], ws[1], ws[2]).to(x.dtype)
     elif spec.kind == "int8rows":
         y = int8_rows(x, ws[0], ws[1]).to(x.dtype)
+    elif spec.kind == "int8amx":
+        y = int8_rows(x, None, ws[1], ws[0]).to(x.dtype)
     else:
         y = torch.ops.aten._weight_int8pack_mm(x.to(BF16).contiguous(), ws[0], ws[1]).to(x.dtype)
     return y + ws[-1] if spec.bias else y
@@ -181,10 +185,10 @@ def cache_dir() -> str:
 def _sources() -> bytes:
     """The code the compiled layer is traced from."""
     from pdcluster.engine import cpu_ext, llama, rotary
-    from pdcluster.engine.quant import cpu_linear, q4x8
+    from pdcluster.engine.quant import cpu_linear, int8_amx, q4x8
     from pdcluster.kernels import decode_attention
     out = cpu_ext.sources()
-    for m in (__import__(__name__, fromlist=["x"]), llama, rotary, cpu_linear, q4x8, decode_attention):
+    for m in (__import__(__name__, fromlist=["x"]), llama, rotary, cpu_linear, q4x8, int8_amx, decode_attention):
         with open(m.__file__, "rb") as f:
             out += f.read()
     return out

@@ -10,7 +10,8 @@
 //
 // Why: the torch path gathers every row's blocks into a contiguous copy (read + write) and then SDPA reads it
 // again, with a float mask over the padded width; at a decode step that is most of attention's time. Here each
-// (row, KV head) pair reads its K/V rows once, from L2 for the 2nd..H/KVH-th query head of the group.
+// (row, KV head) pair reads its K/V rows once for all H/KVH query heads of its group (group<NV, REP>: scores
+// 16 positions at a time, one pass over V), or per query head from L1/L2 for other shapes (head<NV>).
 // Arithmetic per query head: s_t = (q . k_t) * scale, p_t = exp(s_t - max s), o = (sum_t p_t v_t) / sum_t p_t,
 // in float32; exp is a degree-6 polynomial on [-ln2/2, ln2/2] scaled by 2^n (~1 ulp for exp's range here).
 // A row's result does not depend on its batch-mates or on the thread count.
@@ -43,6 +44,25 @@ inline __m512 exp_ps(__m512 x) {          // x <= 0 (scores minus their max); be
   return _mm512_scalef_ps(y, n);
 }
 
+// s[t] = exp(s[t] - m) for t < n, in place; returns their sum.
+inline float exp_sum(float* s, int64_t n, float m) {
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 sum = _mm512_setzero_ps();
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16) {
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv));
+    _mm512_storeu_ps(s + t, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (t < n) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (n - t)) - 1);
+    const __m512 e = _mm512_maskz_mov_ps(tail, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + t), mv)));
+    _mm512_mask_storeu_ps(s + t, tail, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
 // One query head against positions 0..n-1 of one KV head: out[0..D) = softmax(q K^T * scale) V.
 // NV = D / 16 vectors per row; rows(t) = offset of position t's row in the caches (floats).
 template <int NV>
@@ -60,20 +80,7 @@ void head(const float* q, const float* kc, const float* vc, const int64_t* rows,
     s[t] = _mm512_reduce_add_ps(acc) * scale;
     m = s[t] > m ? s[t] : m;
   }
-  const __m512 mv = _mm512_set1_ps(m);
-  __m512 sum = _mm512_setzero_ps();
-  int64_t t = 0;
-  for (; t + 16 <= n; t += 16) {
-    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + t), mv));
-    _mm512_storeu_ps(s + t, e);
-    sum = _mm512_add_ps(sum, e);
-  }
-  if (t < n) {
-    const __mmask16 tail = static_cast<__mmask16>((1u << (n - t)) - 1);
-    const __m512 e = _mm512_maskz_mov_ps(tail, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + t), mv)));
-    _mm512_mask_storeu_ps(s + t, tail, e);
-    sum = _mm512_add_ps(sum, e);
-  }
+  const float sum = exp_sum(s, n, m);
   __m512 o[NV];
   for (int c = 0; c < NV; ++c)
     o[c] = _mm512_setzero_ps();
@@ -83,12 +90,118 @@ void head(const float* q, const float* kc, const float* vc, const int64_t* rows,
     for (int c = 0; c < NV; ++c)
       o[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 16 * c), o[c]);
   }
-  const __m512 denom = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
+  const __m512 denom = _mm512_set1_ps(sum);
   for (int c = 0; c < NV; ++c)
     _mm512_storeu_ps(out + 16 * c, _mm512_div_ps(o[c], denom));
 }
 
+// out[j] = sum of a[j]'s 16 lanes, for 16 vectors at once (46 instructions instead of 16 full reductions):
+// halves, then quarters, then pairs are added across vectors, leaving position j in lane (j % 4) * 4 + j / 4,
+// which the last permutation (its own inverse) puts back in order.
+inline __m512 reduce16(const __m512* a) {
+  __m512 r[8], s[4], u[2];
+  for (int i = 0; i < 8; ++i)
+    r[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(r[2 * i], r[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(r[2 * i], r[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * i], s[2 * i + 1], 0x44), _mm512_shuffle_ps(s[2 * i], s[2 * i + 1], 0xEE));
+  const __m512 v = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xDD));
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), v);
+}
+
+// The REP query heads of one KV head against its positions 0..n-1: out + r * D = softmax(q_r K^T * scale) V.
+// Scores 16 positions at a time (reduce16), the rest one by one; then one pass over V for all REP heads, each V
+// row loaded once. s: REP rows of stride `ld` floats. The same arithmetic as head<NV> per query head, except the
+// order of each score's 16-lane sum.
+template <int NV, int REP>
+void group(const float* q, const float* kc, const float* vc, const int64_t* rows, int64_t n, float scale,
+           float* s, int64_t ld, float* out) {
+  float m[REP];
+  for (int r = 0; r < REP; ++r)
+    m[r] = -std::numeric_limits<float>::infinity();
+  int64_t t0 = 0;
+  for (; t0 + 16 <= n; t0 += 16) {
+    for (int r = 0; r < REP; ++r) {
+      __m512 qv[NV], acc[16];
+      for (int c = 0; c < NV; ++c)
+        qv[c] = _mm512_loadu_ps(q + r * NV * 16 + 16 * c);
+      for (int j = 0; j < 16; ++j) {
+        const float* k = kc + rows[t0 + j];
+        acc[j] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+        for (int c = 1; c < NV; ++c)
+          acc[j] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), acc[j]);
+      }
+      const __m512 sv = _mm512_mul_ps(reduce16(acc), _mm512_set1_ps(scale));
+      _mm512_storeu_ps(s + r * ld + t0, sv);
+      const float mx = _mm512_reduce_max_ps(sv);
+      m[r] = mx > m[r] ? mx : m[r];
+    }
+  }
+  for (; t0 < n; ++t0) {
+    const float* k = kc + rows[t0];
+    for (int r = 0; r < REP; ++r) {
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + r * NV * 16), _mm512_loadu_ps(k));
+      for (int c = 1; c < NV; ++c)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + r * NV * 16 + 16 * c), _mm512_loadu_ps(k + 16 * c), acc);
+      const float sc = _mm512_reduce_add_ps(acc) * scale;
+      s[r * ld + t0] = sc;
+      m[r] = sc > m[r] ? sc : m[r];
+    }
+  }
+  float sum[REP];
+  for (int r = 0; r < REP; ++r)
+    sum[r] = exp_sum(s + r * ld, n, m[r]);
+  __m512 o[REP][NV];
+  for (int r = 0; r < REP; ++r)
+    for (int c = 0; c < NV; ++c)
+      o[r][c] = _mm512_setzero_ps();
+  for (int64_t u = 0; u < n; ++u) {
+    const float* v = vc + rows[u];
+    __m512 vv[NV];
+    for (int c = 0; c < NV; ++c)
+      vv[c] = _mm512_loadu_ps(v + 16 * c);
+    for (int r = 0; r < REP; ++r) {
+      const __m512 p = _mm512_set1_ps(s[r * ld + u]);
+      for (int c = 0; c < NV; ++c)
+        o[r][c] = _mm512_fmadd_ps(p, vv[c], o[r][c]);
+    }
+  }
+  for (int r = 0; r < REP; ++r) {
+    const __m512 denom = _mm512_set1_ps(sum[r]);
+    for (int c = 0; c < NV; ++c)
+      _mm512_storeu_ps(out + r * NV * 16 + 16 * c, _mm512_div_ps(o[r][c], denom));
+  }
+}
+
 using HeadFn = void (*)(const float*, const float*, const float*, const int64_t*, int64_t, float, float*, float*);
+using GroupFn = void (*)(const float*, const float*, const float*, const int64_t*, int64_t, float, float*, int64_t,
+                         float*);
+
+template <int NV>
+GroupFn group_rep(int64_t rep) {
+  switch (rep) {
+    case 1: return group<NV, 1>;
+    case 2: return group<NV, 2>;
+    case 3: return group<NV, 3>;
+    case 4: return group<NV, 4>;
+    case 6: return group<NV, 6>;
+    case 8: return group<NV, 8>;
+    default: return nullptr;
+  }
+}
+
+// The grouped kernel for the common shapes (head_dim 64 / 128, 1-8 query heads per KV head); else one query head
+// at a time (head<NV>).
+GroupFn group_for(int64_t D, int64_t rep) {
+  switch (D) {
+    case 64: return group_rep<4>(rep);
+    case 128: return group_rep<8>(rep);
+    default: return nullptr;
+  }
+}
 
 HeadFn head_for(int64_t D) {
   switch (D) {
@@ -133,10 +246,11 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   float* op = out.data_ptr<float>();
   const int64_t rep = H / KVH;
   const float sc = static_cast<float>(scale);
+  const GroupFn gfn = group_for(D, rep);
   // (row, KV head) pairs across torch's threads; a pair's rep query heads share its K/V rows (from L2)
   at::parallel_for(0, B * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> rows(longest);
-    std::vector<float> s(longest + 16);
+    std::vector<float> s((gfn != nullptr ? rep : 1) * (longest + 16));
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / KVH, g = i % KVH, n = lp[b];
       if (n == 0) {
@@ -145,6 +259,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
       }
       for (int64_t t = 0; t < n; ++t)
         rows[t] = ((tp[b * W + t / BS] * BS + t % BS) * KVH + g) * D;
+      if (gfn != nullptr) {
+        gfn(qp + (b * H + g * rep) * D, kp, vp, rows.data(), n, sc, s.data(), longest + 16, op + (b * H + g * rep) * D);
+        continue;
+      }
       for (int64_t r = 0; r < rep; ++r) {
         const int64_t h = g * rep + r;
         fn(qp + (b * H + h) * D, kp, vp, rows.data(), n, sc, s.data(), op + (b * H + h) * D);

@@ -147,14 +147,20 @@ def _round_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(xf / sx), sx
 
 
-def int8_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def int8_rows(x: torch.Tensor, q: torch.Tensor | None, scale: torch.Tensor,
+              tiles: torch.Tensor | None = None) -> torch.Tensor:
     """float32 [M, N] = x [M, K] @ (q [N, K] int8 * scale [N] float32).T, each row of x rounded to int8 on its
     own symmetric scale (amax / 127, 255 levels), an int8 x int8 -> int32 GEMM (torch._int_mm: exact integer
     sums on any CPU, no int16 pair saturation as in fbgemm's full 8-bit range on AVX2), rescaled by the row's
     scale and the weight row's. A row's result depends on that row alone, never on its batch-mates; a
-    non-finite row stays non-finite (its scale is)."""
+    non-finite row stays non-finite (its scale is). tiles: q in AMX tiles (engine/quant/int8_amx.py; q may
+    then be None): the same integer sums on pdcluster::int8_amx_mm, so the same result."""
     r, sx = _round_rows(x)
-    return torch._int_mm(r.to(torch.int8), q.t()).float().mul_(sx).mul_(scale)   # int32 [M, N] -> float32
+    if tiles is not None:
+        acc = torch.ops.pdcluster.int8_amx_mm(r.to(torch.int8), tiles)
+    else:
+        acc = torch._int_mm(r.to(torch.int8), q.t())
+    return acc.float().mul_(sx).mul_(scale)                                     # int32 [M, N] -> float32
 
 
 @functools.lru_cache(maxsize=1)
@@ -208,7 +214,7 @@ class Dyn8Linear:
     dequantize + float32 GEMM path with bfloat16-rounded x, as Int8Linear does; it and rows() read the
     int8 codes kept beside fbgemm's copy (2 bytes per weight resident; 1 for a tied head, whose codes
     the embedding holds anyway)."""
-    __slots__ = ("packed", "q", "scale", "bias", "N", "K", "onednn")
+    __slots__ = ("packed", "q", "scale", "bias", "N", "K", "onednn", "tiles")
 
     def __init__(self, w: Int8Weight, bias: torch.Tensor | None, onednn_rows: bool = False):
         N, K = w.shape
@@ -223,7 +229,12 @@ class Dyn8Linear:
         self.packed = torch.ops.quantized.linear_prepack(wq, b)    # fbgemm's layout; bias added in the kernel
         self.scale, self.bias, self.N, self.K = w.scale.float(), bias, N, K
         # rows() on oneDNN's prepacked copy where asked (the LM head) and exact
-        self.onednn = OneDNNRows(self.q, self.scale) if onednn_rows and onednn_int8_usable() else None
+        # where asked (the LM head): its rows on AMX tiles where the CPU has them (int8_amx.py; the head at 32 rows
+        # in ~1.2 instead of ~3 ms), else on oneDNN's prepacked copy where its sums are exact
+        from pdcluster.engine.quant import int8_amx
+        amx = onednn_rows and int8_amx.usable() and int8_amx.fits(N, K)
+        self.tiles = int8_amx.pack(self.q) if amx else None
+        self.onednn = OneDNNRows(self.q, self.scale) if onednn_rows and not amx and onednn_int8_usable() else None
 
     def codes(self) -> torch.Tensor:
         """int8 [N, K], read back out of fbgemm's packed weight."""
@@ -245,21 +256,26 @@ class Dyn8Linear:
         exact (OneDNNRows: VNNI / AMX hosts), else torch._int_mm. The latter at 16 rows 2.0-2.4x faster than
         _weight_int4pack_mm_for_cpu on the linears and 3.6x faster than _weight_int8pack_mm on the 49152 x 576
         head (bench/RESULTS.md, "Decode batches on CPU"). 7 bits per row (fbgemm's reduce_range) stepped
-        outside transformers' top-5 on a near-tie."""
-        y = self.onednn(x) if self.onednn is not None else int8_rows(x, self.q, self.scale)
+        outside transformers' top-5 on a near-tie. With AMX tiles: int8_rows on them."""
+        if self.tiles is not None:
+            y = int8_rows(x, None, self.scale, self.tiles)
+        else:
+            y = self.onednn(x) if self.onednn is not None else int8_rows(x, self.q, self.scale)
         return y if self.bias is None else y.add_(self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """One row: fbgemm (its one activation scale is that row's; 3x faster than rows() there).
         Several: rows(), a scale per row, so a row's result never depends on its batch-mates (fbgemm's
         one scale over all of x made an int8 model's greedy tokens step outside transformers' top-5 in
-        a batch). Prefill rows: dense, or rows() where oneDNN's prepacked copy is held (the head: its 64+ rows
-        without dequantizing 49152 x 576 weights to float32 on every call)."""
+        a batch). Prefill rows: dense, or rows() where AMX tiles or oneDNN's prepacked copy are held (the head: its
+        64+ rows without dequantizing 49152 x 576 weights to float32 on every call)."""
         m = x.shape[0]
-        y = self.kernel(x) if m == 1 else self.dense(x) if m >= DENSE_MIN_ROWS and self.onednn is None else self.rows(x)
+        wide = self.onednn is not None or self.tiles is not None
+        y = self.kernel(x) if m == 1 else self.dense(x) if m >= DENSE_MIN_ROWS and not wide else self.rows(x)
         return y.to(x.dtype)
 
     @property
     def nbytes(self) -> int:
-        """fbgemm's packed copy, the codes, oneDNN's packed copy where rows() runs it, the float32 scales."""
-        return (2 + (self.onednn is not None)) * self.N * self.K + self.scale.numel() * 4
+        """fbgemm's packed copy, the codes, oneDNN's packed copy and AMX tiles where rows() runs them, the float32
+        scales."""
+        return (2 + (self.onednn is not None) + (self.tiles is not None)) * self.N * self.K + self.scale.numel() * 4

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from pdcluster.engine.quant import int8_amx
 from pdcluster.engine.quant.cpu_linear import DENSE_MIN_ROWS, Int4Linear, OneDNNRows, int8_rows, onednn_int8_usable
 from pdcluster.engine.quant.packed import quantize
 
@@ -32,7 +33,7 @@ class Int8Rows:
     four linears, 2 threads: 1.48 -> 1.27 ms at 128 rows, 5.25 -> 3.15 at 512, 30.6 -> 16.1 at 2048; equal at
     32 (bench/int4_kernels.py --variants intmm onednn; bench/RESULTS.md, "oneDNN's prepacked int8 copy for
     prefill"). That form is one more byte per weight, resident."""
-    __slots__ = ("inner", "q", "scale", "bias", "min_rows", "onednn")
+    __slots__ = ("inner", "q", "scale", "bias", "min_rows", "onednn", "tiles")
 
     def __init__(self, inner, min_rows: int):            # Int4Linear | q4x8.Q4x8Linear
         if min_rows < 1:
@@ -41,10 +42,16 @@ class Int8Rows:
         self.q, self.scale = w8.q.contiguous(), w8.scale.float()          # int8 [N, K], float32 [N]
         self.inner, self.bias, self.min_rows = inner, inner.bias, min_rows
         self.onednn = OneDNNRows(self.q, self.scale) if onednn_int8_usable() else None
+        # below ONEDNN_MIN_ROWS, the same sums on AMX tiles where the CPU has them (int8_amx.py): 1.4-2.8x
+        # torch._int_mm at 32 rows. The tiles then replace the plain codes (q = None; int8_amx.unpack reads them
+        # back): the copy stays twice the weights' int8 bytes, as with oneDNN's form alone.
+        self.tiles = int8_amx.pack(self.q) if int8_amx.usable() and int8_amx.fits(*self.q.shape) else None
+        if self.tiles is not None:
+            self.q = None
 
     @property
     def N(self) -> int:
-        return self.q.shape[0]
+        return self.scale.numel()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] < self.min_rows:
@@ -52,13 +59,15 @@ class Int8Rows:
         if self.onednn is not None and x.shape[0] >= ONEDNN_MIN_ROWS:
             y = self.onednn(x).to(x.dtype)
         else:
-            y = int8_rows(x, self.q, self.scale).to(x.dtype)
+            y = int8_rows(x, self.q, self.scale, self.tiles).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     @property
     def nbytes(self) -> int:
-        """The packed weights, the int8 copy (twice with oneDNN's prepacked form) and its scales."""
-        return self.inner.nbytes + self.q.numel() * (1 + (self.onednn is not None)) + 4 * self.scale.numel()
+        """The packed weights, the int8 copy (plain or in AMX tiles; again in oneDNN's prepacked form where that
+        runs) and its scales."""
+        codes = self.tiles if self.tiles is not None else self.q
+        return self.inner.nbytes + codes.numel() * (1 + (self.onednn is not None)) + 4 * self.scale.numel()
 
 
 def widen(lin, min_rows: int):

@@ -61,7 +61,8 @@ def test_gguf_int4_served_packed(hf_ref, refs):
     llm = LLM(kv_cache_memory=32 * 2**20, quantization=None)   # None: Q4_1 stays packed
     assert llm.engine.cfg.quantization is None
     # float32: 513 MiB. The int8 head is held three times where fbgemm runs it
-    # (the embedding's codes for row lookups, fbgemm's packed copy for 1 row, oneDNN's for 2-63; 27 MiB each)
+    # (the embedding's codes for row lookups, fbgemm's packed copy for 1 row, AMX tiles or oneDNN's copy for more;
+    # 27 MiB each)
     _check(llm, hf_ref, refs, max_weight_mib=150)
 
 
@@ -85,5 +86,5 @@ def test_gguf_int4_with_int8_copies_for_wide_steps(hf_ref, refs):
     calls = []
     run = wide.run
     object.__setattr__(wide, "run", lambda args: calls.append(args[0].shape[0]) or run(args))
-    _check(llm, hf_ref, refs, max_weight_mib=360)         # + the int8 copies (~101 MiB), twice where oneDNN's is held
+    _check(llm, hf_ref, refs, max_weight_mib=360)         # + the int8 copies (~101 MiB; plain or as AMX tiles), twice where oneDNN's is held
     assert len(calls) >= 30 * (N - 1) and set(calls) == {len(IDX)}   # every decode step, all 30 layers, wide

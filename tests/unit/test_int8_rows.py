@@ -74,6 +74,7 @@ def test_widen_copies_int4_linears_only_and_counts_the_bytes():
     lin = widen(inner, 8)
     assert isinstance(lin, Int8Rows) and lin.min_rows == 8 and lin.N == 48
     assert (lin.onednn is not None) == onednn_int8_usable()                 # its prepacked copy too, where exact
+    assert lin.tiles is None                                                # 48 columns: not whole AMX blocks
     assert lin.nbytes == inner.nbytes + 48 * 64 * (1 + (lin.onednn is not None)) + 48 * 4
     int8 = Int8Linear(quantize_int8(torch.randn(16, 64, generator=G)), None)
     assert widen(int8, 8) is int8
@@ -99,13 +100,18 @@ def test_onednn_rows_is_int8_rows_arithmetic():
     assert not torch.allclose(OneDNNRows(bad, w.scale)(x), want, rtol=1e-3)
 
 
-def test_only_the_lm_head_gets_the_onednn_copy():
+def test_only_the_lm_head_gets_a_copy_for_rows():
+    """The head's rows run on AMX tiles where the CPU has them (engine/quant/int8_amx.py), else on oneDNN's
+    prepacked copy where exact: one more copy, and only the head's."""
+    from pdcluster.engine.quant import int8_amx
     from pdcluster.engine.quant.layers import quant_linear
     w = quantize_int8(torch.randn(64, 128, generator=G))
     head, lin = quant_linear(w, None, "cpu", head=True), quant_linear(w, None, "cpu")
     if not fbgemm_usable():
         pytest.skip("no fbgemm: int8 weights run _weight_int8pack_mm")
-    assert (head.onednn is not None) == onednn_int8_usable() and lin.onednn is None
-    assert head.nbytes == lin.nbytes + (64 * 128 if head.onednn is not None else 0)
+    assert (head.tiles is not None) == int8_amx.usable() and lin.tiles is None and lin.onednn is None
+    assert (head.onednn is not None) == (onednn_int8_usable() and head.tiles is None)
+    copy = head.tiles is not None or head.onednn is not None
+    assert head.nbytes == lin.nbytes + (64 * 128 if copy else 0)
     x = torch.randn(5, 128, generator=G)
     torch.testing.assert_close(head(x), lin(x), rtol=1e-6, atol=0)      # the same arithmetic either way
