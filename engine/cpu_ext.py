@@ -3,10 +3,11 @@
     pdcluster::q4x8_mm                  engine/quant/q4x8.cpp: int4 weights x int8 activations (VNNI)
     pdcluster::int8_amx_mm              engine/quant/int8_amx.cpp: int8 x int8 -> int32 on AMX tiles (where the
                                         CPU has AMX; int8_amx.usable())
+    pdcluster::quantize_rows            engine/quant/quantize_rows.cpp: x's rows to int8 on their own scales
     pdcluster::paged_decode_attention   kernels/decode_attention.cpp: decode attention over the paged cache
     pdcluster::rms_norm                 kernels/rms_norm.cpp: aten's rms_norm, for the compiled layer's direct call
 
-Each op's torch reference sits beside its source (q4x8.py's q4x8_mm_ref; int8_amx.py's int8_amx_mm_ref;
+Each op's torch reference sits beside its source (q4x8.py's q4x8_mm_ref; int8_amx.py's int8_amx_mm_ref; cpu_linear.py's _round_rows for quantize_rows;
 decode_attention.py's paged_decode_attention_ref; rms_norm.cpp calls aten's own). The library is built with g++
 against torch's headers, one compiler process per source at once, then one link (~20 s on 2 cores; no ninja, no
 Python headers: the ops register with TORCH_LIBRARY), cached under the pdcluster cache by a hash of the sources, torch
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = (os.path.join(_HERE, "quant", "q4x8.cpp"),
            os.path.join(_HERE, "quant", "int8_amx.cpp"),
+           os.path.join(_HERE, "quant", "quantize_rows.cpp"),
            os.path.join(os.path.dirname(_HERE), "kernels", "decode_attention.cpp"),
            os.path.join(os.path.dirname(_HERE), "kernels", "rms_norm.cpp"))
 FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")      # /proc/cpuinfo names
@@ -49,6 +51,8 @@ C_SHIMS = {
                                "AtenTensorHandle lens, double scale, AtenTensorHandle* ret0)"],
     "int8_amx_mm": ["AOTITorchError aoti_torch_cpu_int8_amx_mm(AtenTensorHandle x, AtenTensorHandle tiles, "
                     "AtenTensorHandle* ret0)"],
+    "quantize_rows": ["AOTITorchError aoti_torch_cpu_quantize_rows(AtenTensorHandle x, int32_t shift, "
+                      "AtenTensorHandle* ret0, AtenTensorHandle* ret1)"],
     "rms_norm": ["AOTITorchError aoti_torch_cpu_rms_norm(AtenTensorHandle x, AtenTensorHandle w, double eps, "
                  "AtenTensorHandle* ret0)"],
 }
@@ -137,6 +141,9 @@ def available() -> bool:
         torch.library.register_fake("pdcluster::paged_decode_attention")(
             lambda q, k_cache, v_cache, block_tables, seq_lens, scale: q.new_empty(q.shape))
         torch.library.register_fake("pdcluster::rms_norm")(lambda x, w, eps: torch.empty_like(x))
+        torch.library.register_fake("pdcluster::quantize_rows")(
+            lambda x, shift: (x.new_empty(x.shape, dtype=torch.uint8 if shift else torch.int8),
+                              x.new_empty((x.shape[0], 1))))
         torch.library.register_fake("pdcluster::int8_amx_mm")(
             lambda x, tiles: x.new_empty((x.shape[0], tiles.shape[0] * 16), dtype=torch.int32))
         _faked.append(True)

@@ -27,6 +27,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from pdcluster.engine import cpu_ext
 from pdcluster.engine.quant.packed import GROUP, Int4Weight, Int8Weight
 
 BF16 = torch.bfloat16
@@ -147,6 +148,16 @@ def _round_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(xf / sx), sx
 
 
+def quantize_rows(x: torch.Tensor, shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """_round_rows(x) as codes: int8 [M, K] (uint8, + 128, with shift) and the scales [M, 1]. In one op where
+    pdcluster's CPU ops are built (engine/quant/quantize_rows.cpp: the same arithmetic, bit for bit; ~5 passes
+    over x in one), else the torch ops."""
+    if x.dim() == 2 and cpu_ext.available():
+        return torch.ops.pdcluster.quantize_rows(x.float(), shift)
+    r, sx = _round_rows(x)
+    return (r.add_(128).to(torch.uint8) if shift else r.to(torch.int8)), sx
+
+
 def int8_rows(x: torch.Tensor, q: torch.Tensor | None, scale: torch.Tensor,
               tiles: torch.Tensor | None = None) -> torch.Tensor:
     """float32 [M, N] = x [M, K] @ (q [N, K] int8 * scale [N] float32).T, each row of x rounded to int8 on its
@@ -155,11 +166,11 @@ def int8_rows(x: torch.Tensor, q: torch.Tensor | None, scale: torch.Tensor,
     scale and the weight row's. A row's result depends on that row alone, never on its batch-mates; a
     non-finite row stays non-finite (its scale is). tiles: q in AMX tiles (engine/quant/int8_amx.py; q may
     then be None): the same integer sums on pdcluster::int8_amx_mm, so the same result."""
-    r, sx = _round_rows(x)
+    codes, sx = quantize_rows(x)
     if tiles is not None:
-        acc = torch.ops.pdcluster.int8_amx_mm(r.to(torch.int8), tiles)
+        acc = torch.ops.pdcluster.int8_amx_mm(codes, tiles)
     else:
-        acc = torch._int_mm(r.to(torch.int8), q.t())
+        acc = torch._int_mm(codes, q.t())
     return acc.float().mul_(sx).mul_(scale)                                     # int32 [M, N] -> float32
 
 
@@ -187,8 +198,7 @@ class OneDNNRows:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """float32 [M, N]."""
-        r, sx = _round_rows(x)
-        xq = r.add_(128).to(torch.uint8)                                     # 1..255; 128 is zero
+        xq, sx = quantize_rows(x, shift=True)                              # 1..255; 128 is zero
         y = torch.ops.onednn.qlinear_pointwise(xq, 1.0, 128, self.packed, self.scale, self.zero, None, 1.0, 0,
                                                torch.float32, "none", [], "")   # float(sum) * w_scale
         return y.mul_(sx)
