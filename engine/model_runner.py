@@ -18,6 +18,7 @@ from pdcluster.engine.config import EngineConfig
 from pdcluster.engine.cuda_graphs import DecodeGraphs, batch_buckets, pure_decode
 from pdcluster.engine.kv_quant import QuantKV, new_quant_kv_pair
 from pdcluster.engine.llama import LlamaModel
+from pdcluster.engine.prefault import prefault
 from pdcluster.engine.request import Request
 from pdcluster.engine.sampler import History, make_generator, sample_rows
 from pdcluster.engine.sampling_params import TokenLogprobs
@@ -91,6 +92,7 @@ class ModelRunner:
         if cfg.kv_cache_dtype == "auto":
             self.k_caches = [zeros(shape, dt) for _ in range(m.num_layers)]
             self.v_caches = [zeros(shape, dt) for _ in range(m.num_layers)]
+            prefault(self.k_caches + self.v_caches)     # the pool's first blocks, off the steps (prefault.py)
         else:
             pairs = [new_quant_kv_pair(cfg.kv_cache_dtype, shape, dt, zeros) for _ in range(m.num_layers)]
             self.k_caches, self.v_caches = [p[0] for p in pairs], [p[1] for p in pairs]
