@@ -14,9 +14,10 @@ residuals. With packed int4 / int8 linears it computes the eager step bit for bi
 rms_norm call the same kernels, and the fused elementwise ops round as eager's do (_rotary). Where pdcluster's
 CPU ops are built (engine/cpu_ext.py), attention is pdcluster::paged_decode_attention (K/V read in place, float32)
 and rms_norm pdcluster::rms_norm, and they and q4x8_mm are called through their C shims: AOTI's proxy executor,
-which it uses for any op without one, costs ~4 us a call in boxing (6 calls a layer; bench/RESULTS.md, "CPU ops
-called directly"). Without them: a gather + SDPA, and rms_norm's mean through aten (_aten_mean). Float linears run F.linear (MKL), as eager does in float32
-(bfloat16's eager split bmm at 1-4 rows is the same function, rounded differently).
+which it uses for any op without one, costs ~4 us a call in boxing (6 calls a layer; bench/RESULTS.md,
+"pdcluster's own CPU ops, called directly"). Without them: a gather + SDPA, and rms_norm's mean through aten
+(_aten_mean). Float linears run F.linear (MKL), as eager does in float32 (bfloat16's eager split bmm at 1-4 rows
+is the same function, rounded differently).
 
 With int8 copies of the int4 linears (cpu_int8_rows = N, engine/quant/int8_rows.py) a second package
 serves the steps of N..WIDE_MAX_ROWS-1 rows with their linears on the copies (int8_rows), the first one

@@ -2,9 +2,10 @@
 
 Why: the CPU pool is lazily zeroed memory (model_runner._zeros: calloc'd, fresh mmap'd pages), so each block's
 pages fault on their first write, inside a step. A fresh engine pays that on every new block until the pool has
-been written once, and on this VM a fault costs anywhere from ~0.3 to ~3 ms per MiB (bench/RESULTS.md, "KV pool
-prefault"). The block pool hands out the lowest block ids first (engine/block_pool.py: the blank stack), so
-faulting in the pool's first blocks moves that cost off the steps that will use them.
+been written once, and on this VM that cost varies a lot: one 4,096-token prefill spent 656 ms in the KV store
+instead of 34 (bench/RESULTS.md, "pdcluster's own CPU ops, called directly"). The block pool hands out the lowest
+block ids first (engine/block_pool.py: the blank stack), so faulting in the pool's first blocks moves that cost
+off the steps that will use them.
 
 How: madvise(MADV_POPULATE_WRITE) (Linux 5.14+) on the first `limit` bytes of each cache tensor, on a daemon
 thread (ctypes drops the GIL). It maps the pages writable without touching their contents, so it is safe

@@ -3,8 +3,8 @@
 Why: the int8 copies of int4 linears (engine/quant/int8_rows.py) serve decode batches of 10+ rows and prefill
 chunks. Through torch._int_mm, which re-blocks its weight on every call, a 32-row decode step spent ~16 ms in
 SmolLM2's 120 linears, ~3x the time to read their weights once; oneDNN's prepacked path has ~30-50 us of fixed
-cost a call (bench/RESULTS.md, "int8 copies on AMX tiles"). Here the weight is laid out once in AMX's B-tile
-(VNNI) order and each call streams it through the tiles.
+cost a call (bench/RESULTS.md, "pdcluster's own CPU ops, called directly"). Here the weight is laid out once in
+AMX's B-tile (VNNI) order and each call streams it through the tiles.
 
 The integer sums are exact, as torch._int_mm's, so int8_rows gives the same result bit for bit on either.
 `usable()` says whether the op runs here: pdcluster's CPU ops built (engine/cpu_ext.py), AMX-INT8 in the CPU,

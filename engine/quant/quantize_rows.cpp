@@ -4,8 +4,9 @@
 //
 //   x  float32 [M, K]  ->  (q int8 [M, K] (uint8 with shift), sx float32 [M, 1])
 //
-// Why: _round_rows is 5 torch ops, each a pass over x (abs, amax, div, round, the cast); on a 2,048-row prefill
-// chunk of the int8 copies they took ~45% of the prefill step (bench/RESULTS.md, "Row quantization in one op").
+// Why: _round_rows is 5 torch ops, each a pass over x (abs, amax, div, round, the cast); on 2,048-row prefill
+// chunks of the int8 copies they took ~45% of the prefill (bench/RESULTS.md, "pdcluster's own CPU ops, called
+// directly").
 // Here a row is read twice (its max, then its codes), the rows split across torch's threads.
 // A row with a NaN keeps a NaN scale (its codes are then 0): the row's result stays non-finite, as the
 // reference's.
