@@ -103,6 +103,7 @@ def test_the_eager_decode_step_takes_it_where_it_fits(monkeypatch):
     assert cpu_kernel_fits(torch.float32, kc)
     assert not cpu_kernel_fits(torch.bfloat16, kc) and not cpu_kernel_fits(torch.float32, kc.bfloat16())
     assert not cpu_kernel_fits(torch.float32, torch.zeros(4, 16, 3, 48))
+    assert not cpu_kernel_fits(torch.float32, kc.transpose(0, 1))             # a view the op would refuse
     calls = []
     real = torch.ops.pdcluster.paged_decode_attention
     monkeypatch.setattr("pdcluster.kernels.decode_attention.paged_decode_attention_cpu",
