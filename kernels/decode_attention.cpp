@@ -11,7 +11,7 @@
 // Why: the torch path gathers every row's blocks into a contiguous copy (read + write) and then SDPA reads it
 // again, with a float mask over the padded width; at a decode step that is most of attention's time. Here each
 // (row, KV head) pair reads its K/V rows once for all H/KVH query heads of its group (group<NV, REP>: scores
-// 16 positions at a time, one pass over V), or per query head from L1/L2 for other shapes (head<NV>).
+// 16 positions at a time, one pass over V), or per query head from L1/L2 for other head counts (group<NV, 1>).
 // Arithmetic per query head: s_t = (q . k_t) * scale, p_t = exp(s_t - max s), o = (sum_t p_t v_t) / sum_t p_t,
 // in float32; exp is a degree-6 polynomial on [-ln2/2, ln2/2] scaled by 2^n (~1 ulp for exp's range here).
 // A row's result does not depend on its batch-mates or on the thread count.
@@ -63,38 +63,6 @@ inline float exp_sum(float* s, int64_t n, float m) {
   return _mm512_reduce_add_ps(sum);
 }
 
-// One query head against positions 0..n-1 of one KV head: out[0..D) = softmax(q K^T * scale) V.
-// NV = D / 16 vectors per row; rows(t) = offset of position t's row in the caches (floats).
-template <int NV>
-void head(const float* q, const float* kc, const float* vc, const int64_t* rows, int64_t n, float scale,
-          float* s, float* out) {
-  __m512 qv[NV];
-  for (int c = 0; c < NV; ++c)
-    qv[c] = _mm512_loadu_ps(q + 16 * c);
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t t = 0; t < n; ++t) {
-    const float* k = kc + rows[t];
-    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
-    for (int c = 1; c < NV; ++c)
-      acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(k + 16 * c), acc);
-    s[t] = _mm512_reduce_add_ps(acc) * scale;
-    m = s[t] > m ? s[t] : m;
-  }
-  const float sum = exp_sum(s, n, m);
-  __m512 o[NV];
-  for (int c = 0; c < NV; ++c)
-    o[c] = _mm512_setzero_ps();
-  for (int64_t u = 0; u < n; ++u) {
-    const float* v = vc + rows[u];
-    const __m512 p = _mm512_set1_ps(s[u]);
-    for (int c = 0; c < NV; ++c)
-      o[c] = _mm512_fmadd_ps(p, _mm512_loadu_ps(v + 16 * c), o[c]);
-  }
-  const __m512 denom = _mm512_set1_ps(sum);
-  for (int c = 0; c < NV; ++c)
-    _mm512_storeu_ps(out + 16 * c, _mm512_div_ps(o[c], denom));
-}
-
 // out[j] = sum of a[j]'s 16 lanes, for 16 vectors at once (46 instructions instead of 16 full reductions):
 // halves, then quarters, then pairs are added across vectors, leaving position j in lane (j % 4) * 4 + j / 4,
 // which the last permutation (its own inverse) puts back in order.
@@ -114,8 +82,8 @@ inline __m512 reduce16(const __m512* a) {
 
 // The REP query heads of one KV head against its positions 0..n-1: out + r * D = softmax(q_r K^T * scale) V.
 // Scores 16 positions at a time (reduce16), the rest one by one; then one pass over V for all REP heads, each V
-// row loaded once. s: REP rows of stride `ld` floats. The same arithmetic as head<NV> per query head, except the
-// order of each score's 16-lane sum.
+// row loaded once. s: REP rows of stride `ld` floats. NV = D / 16 vectors per row; rows[t] = offset of position
+// t's row in the caches (floats). A head count per KV head without its own instance runs group<NV, 1> per head.
 template <int NV, int REP>
 void group(const float* q, const float* kc, const float* vc, const int64_t* rows, int64_t n, float scale,
            float* s, int64_t ld, float* out) {
@@ -176,7 +144,6 @@ void group(const float* q, const float* kc, const float* vc, const int64_t* rows
   }
 }
 
-using HeadFn = void (*)(const float*, const float*, const float*, const int64_t*, int64_t, float, float*, float*);
 using GroupFn = void (*)(const float*, const float*, const float*, const int64_t*, int64_t, float, float*, int64_t,
                          float*);
 
@@ -193,23 +160,14 @@ GroupFn group_rep(int64_t rep) {
   }
 }
 
-// The grouped kernel for the common shapes (head_dim 64 / 128, 1-8 query heads per KV head); else one query head
-// at a time (head<NV>).
+// The kernel for rep query heads per KV head at head_dim D; nullptr if D has none.
 GroupFn group_for(int64_t D, int64_t rep) {
   switch (D) {
+    case 32: return group_rep<2>(rep);
     case 64: return group_rep<4>(rep);
+    case 96: return group_rep<6>(rep);
     case 128: return group_rep<8>(rep);
-    default: return nullptr;
-  }
-}
-
-HeadFn head_for(int64_t D) {
-  switch (D) {
-    case 32: return head<2>;
-    case 64: return head<4>;
-    case 96: return head<6>;
-    case 128: return head<8>;
-    case 256: return head<16>;
+    case 256: return group_rep<16>(rep);
     default: return nullptr;
   }
 }
@@ -228,8 +186,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   const int64_t NB = k_cache.size(0), BS = k_cache.size(1), KVH = k_cache.size(2), W = block_tables.size(1);
   TORCH_CHECK(k_cache.size(3) == D && KVH > 0 && H % KVH == 0, "paged_decode_attention: head_dim or heads mismatch");
   TORCH_CHECK(block_tables.size(0) == B && seq_lens.size(0) == B, "paged_decode_attention: one table and length per row");
-  const HeadFn fn = head_for(D);
-  TORCH_CHECK(fn != nullptr, "paged_decode_attention: head_dim must be 32, 64, 96, 128 or 256, got ", D);
+  const GroupFn one = group_for(D, 1);                   // one query head at a time: every supported head_dim
+  TORCH_CHECK(one != nullptr, "paged_decode_attention: head_dim must be 32, 64, 96, 128 or 256, got ", D);
   const at::Tensor qc = q.contiguous(), tc = block_tables.contiguous(), lc = seq_lens.contiguous();
   const int64_t *tp = tc.data_ptr<int64_t>(), *lp = lc.data_ptr<int64_t>();
   int64_t longest = 0;
@@ -263,10 +221,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
         gfn(qp + (b * H + g * rep) * D, kp, vp, rows.data(), n, sc, s.data(), longest + 16, op + (b * H + g * rep) * D);
         continue;
       }
-      for (int64_t r = 0; r < rep; ++r) {
-        const int64_t h = g * rep + r;
-        fn(qp + (b * H + h) * D, kp, vp, rows.data(), n, sc, s.data(), op + (b * H + h) * D);
-      }
+      for (int64_t h = g * rep; h < (g + 1) * rep; ++h)
+        one(qp + (b * H + h) * D, kp, vp, rows.data(), n, sc, s.data(), longest + 16, op + (b * H + h) * D);
     }
   });
   return out;

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pdcluster.engine import cpu_ext
+from pdcluster.engine.quant import int8_amx
 from pdcluster.engine.quant.packed import GROUP, Int4Weight, Int8Weight
 
 BF16 = torch.bfloat16
@@ -240,7 +241,6 @@ class Dyn8Linear:
         self.scale, self.bias, self.N, self.K = w.scale.float(), bias, N, K
         # where asked (the LM head): rows() on AMX tiles where the CPU has them (int8_amx.py; the head's logits
         # at 32 rows in ~1.5 instead of ~3 ms a step), else on oneDNN's prepacked copy where its sums are exact
-        from pdcluster.engine.quant import int8_amx
         amx = onednn_rows and int8_amx.usable() and int8_amx.fits(N, K)
         self.tiles = int8_amx.pack(self.q) if amx else None
         self.onednn = OneDNNRows(self.q, self.scale) if onednn_rows and not amx and onednn_int8_usable() else None
