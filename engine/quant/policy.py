@@ -47,7 +47,8 @@ def cpu_kernel(kind: str, fbgemm: bool, q4x8: bool = False) -> str:
     to per-row int8 would lose its exact values and double its bytes (cpu_int8_rows adds such a copy beside
     the packed weights for wide steps only: engine/quant/int8_rows.py). q4x8: the host runs pdcluster's own
     int4 x int8 kernel (engine/quant/q4x8.py: AVX-512 VNNI, llama.cpp's Q4_1 x Q8_1 arithmetic), which int4
-    weights then take instead: 1.1-1.9x torch's int4 kernel per call at 1-8 rows (bench/RESULTS.md, "q4x8")."""
+    weights then take instead: 1.7-3.4x torch's int4 kernel per call at 1-8 rows (bench/RESULTS.md, "q4x8 with
+    rows interleaved")."""
     if kind == "int4":
         return "q4x8" if q4x8 else "int4pack"
     if kind == "int8":

@@ -7,15 +7,15 @@ activations (bench/RESULTS.md, "int4 decode linears on AVX-512"). This is llama.
 product: the activations are rounded to int8 per 32-block on a symmetric scale, and the integer sums
 run on vpdpbusd (u8 x s8 -> s32, exact).
 
-Layout (`Q4x8Weight`):
-    w   uint8   [N, K/2]   a row in blocks of ng = min(16, groups left) groups of 32; per block, for u in
-                           0..3, 4 * ng bytes: byte 4 l + j = c(l, 8u + j) | c(l, 8u + 4 + j) << 4 (c(l, i):
-                           weight i of the block's group l). A 64-byte vector then holds 4 weights of each
-                           of 16 groups, and vpdpbusd sums each group in its own int32 lane. A last
-                           block of <= 4 groups (CHUNK_TAIL; K = 576 is 16 + 2) is in chunks of 2 groups:
-                           32 bytes each, byte i = c(i) | c(32 + i) << 4 (c(i): weight i of its 64).
-    d   float16 [N, K/32]  w[n, k] = d[n, g] * c[n, k] + mn[n, g],  c in 0..15,  g = k // 32
-    mn  float16 [N, K/32]  (GGUF Q4_1's form: its d and m are float16 already)
+Layout (`Q4x8Weight`), rows interleaved 16 at a time (N padded to a multiple of 16 with zero rows):
+    w   uint8   [Np, K/2]  for block b (rows 16b..16b+15) and group g (weights 32g..32g+31), 256 bytes at
+                           (b * K/32 + g) * 256: for u in 0..3, 64 bytes, byte 4 l + j = c(16b + l, 32g + 8u + j)
+                           | c(16b + l, 32g + 8u + 4 + j) << 4. A 64-byte vector holds 4 weights of each of 16
+                           rows, so vpdpbusd sums each row's group in its own int32 lane, and a block's 16
+                           results come out as one vector: no horizontal sums (1.3x the earlier layout, which
+                           put 16 groups of one row in a vector: bench/RESULTS.md, "q4x8 with rows interleaved").
+    d   float16 [Np, K/32] w[n, k] = d[n, g] * c[n, k] + mn[n, g],  c in 0..15,  g = k // 32; stored per block
+    mn  float16 [Np, K/32] as (b * K/32 + g) * 16 + l (GGUF Q4_1's form: its d and m are float16 already)
 
 The op is compiled once per host with pdcluster's other CPU ops (engine/cpu_ext.py) where the CPU has
 AVX-512 F/BW/VL, VNNI and F16C; `available()` says whether it loaded. Callers keep torch's int4 kernel as the
@@ -33,21 +33,20 @@ from pdcluster.engine.cpu_ext import FLAGS as _FLAGS, available, cpu_flags  # no
 from pdcluster.engine.quant.cpu_linear import DENSE_MIN_ROWS
 from pdcluster.engine.quant.packed import GROUP, Int4Weight
 
-CHUNK = 64                 # K must be a multiple (whole bytes of codes per block vector)
-BLOCK = 16                 # groups per block: one int32 lane each
-CHUNK_TAIL = 4             # a last block of at most this many groups is in 2-group chunks
+ROWS = 16                  # weight rows per block: one int32 lane each (N is padded to a multiple)
 _SRC = os.path.join(os.path.dirname(__file__), "q4x8.cpp")
 
 
 @dataclass(frozen=True, eq=False)
 class Q4x8Weight:
-    w: torch.Tensor          # uint8 [N, K/2]
-    d: torch.Tensor          # float16 [N, K/32]
-    mn: torch.Tensor         # float16 [N, K/32]
+    w: torch.Tensor          # uint8 [Np, K/2], Np = N rounded up to 16
+    d: torch.Tensor          # float16 [Np, K/32]
+    mn: torch.Tensor         # float16 [Np, K/32]
+    n: int                   # N: the rows past it are padding (zero codes, scales and mins: results 0)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.w.shape[0], self.w.shape[1] * 2
+        return self.n, self.w.shape[1] * 2
 
     @property
     def nbytes(self) -> int:
@@ -55,13 +54,15 @@ class Q4x8Weight:
 
 
 def supported(K: int) -> bool:
-    """Whether a weight of in_features K fits the op (whole 64-weight chunks)."""
-    return K % CHUNK == 0
+    """Whether a weight of in_features K fits the op (whole groups of 32)."""
+    return K % GROUP == 0 and K > 0
 
 
-def _blocks(G: int):
-    """(first group, groups) of each block of a row."""
-    return [(g0, min(BLOCK, G - g0)) for g0 in range(0, G, BLOCK)]
+def _interleave(t: torch.Tensor, Np: int) -> torch.Tensor:
+    """[N, G, ...] -> [Np / 16, G, 16, ...]: rows padded with zeros, then blocks of 16 rows, group-major."""
+    if t.shape[0] < Np:
+        t = torch.cat([t, t.new_zeros((Np - t.shape[0],) + tuple(t.shape[1:]))])
+    return t.view(Np // ROWS, ROWS, *t.shape[1:]).transpose(1, 2)
 
 
 def pack(wt: Int4Weight) -> Q4x8Weight:
@@ -69,44 +70,45 @@ def pack(wt: Int4Weight) -> Q4x8Weight:
     is the value of code 8: mn = zero - 8 * scale)."""
     N, K = wt.shape
     if not supported(K):
-        raise ValueError(f"q4x8 needs in_features divisible by {CHUNK}, got {K}")
-    c = wt.codes().view(N, K // GROUP, 4, 2, 4)                # [N, group, u, half, j]: weight 8u + 4 half + j
-    parts = []
-    for g0, ng in _blocks(K // GROUP):
-        b = c[:, g0:g0 + ng]
-        if ng <= CHUNK_TAIL and ng < BLOCK:
-            h = b.reshape(N, ng // 2, 2, GROUP)                    # [N, chunk, half, i]: weight 32 half + i
-            parts.append((h[:, :, 0] | (h[:, :, 1] << 4)).reshape(N, -1))
-            continue
-        parts.append((b[:, :, :, 0] | (b[:, :, :, 1] << 4)).permute(0, 2, 1, 3).reshape(N, -1))   # [N, u, l, j]
+        raise ValueError(f"q4x8 needs in_features divisible by {GROUP}, got {K}")
+    Np = -(-N // ROWS) * ROWS
+    c = _interleave(wt.codes().view(N, K // GROUP, 4, 2, 4), Np)     # [b, g, l, u, half, j]: weight 8u + 4 half + j
+    w = (c[..., 0, :] | (c[..., 1, :] << 4)).transpose(2, 3)          # [b, g, u, l, j]
     d = wt.scale.float()
     d16, m16 = d.half(), (wt.zero.float() - 8 * d).half()
     if not (torch.isfinite(d16).all() and torch.isfinite(m16).all()):
         raise ValueError("q4x8 needs scales and mins inside float16's range")   # (GGUF's Q4 are float16)
-    return Q4x8Weight(torch.cat(parts, 1).contiguous(), d16.contiguous(), m16.contiguous())
+    return Q4x8Weight(w.contiguous().view(Np, K // 2), _interleave(d16, Np).contiguous().view(Np, K // GROUP),
+                      _interleave(m16, Np).contiguous().view(Np, K // GROUP), N)
+
+
+def _deinterleave(t: torch.Tensor, n: int, G: int) -> torch.Tensor:
+    """[Np / 16, G, 16, ...] in any view -> [n, G, ...]."""
+    return t.reshape(-1, G, ROWS, *t.shape[3:]).transpose(1, 2).reshape(-1, G, *t.shape[3:])[:n]
 
 
 def codes(q: Q4x8Weight) -> torch.Tensor:
     """uint8 [N, K] in natural order, values 0..15."""
     N, K = q.shape
-    out, off = [], 0
-    for g0, ng in _blocks(K // GROUP):
-        if ng <= CHUNK_TAIL and ng < BLOCK:
-            h = q.w[:, off:off + 16 * ng].reshape(N, ng // 2, 1, GROUP)
-            out.append(torch.cat([h & 15, h >> 4], 2).reshape(N, ng * GROUP))
-            off += 16 * ng
-            continue
-        b = q.w[:, off:off + 16 * ng].reshape(N, 4, ng, 4).permute(0, 2, 1, 3)   # [N, l, u, j]
-        out.append(torch.stack([b & 15, b >> 4], 3).reshape(N, ng * GROUP))      # [N, l, u, half, j]
-        off += 16 * ng
-    return torch.cat(out, 1)
+    G = K // GROUP
+    b = q.w.view(-1, G, 4, ROWS, 4).transpose(2, 3)                   # [b, g, l, u, j]
+    c = torch.stack([b & 15, b >> 4], 4)                               # [b, g, l, u, half, j]
+    return _deinterleave(c, N, G).reshape(N, K)
+
+
+def scales(q: Q4x8Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d, mn) float16 [N, K/32] in natural row order."""
+    N, K = q.shape
+    G = K // GROUP
+    return tuple(_deinterleave(t.view(-1, G, ROWS), N, G) for t in (q.d, q.mn))
 
 
 def dequantize(q: Q4x8Weight) -> torch.Tensor:
     """float32 [N, K]: the weights the op multiplies by."""
     N, K = q.shape
+    d, mn = scales(q)
     c = codes(q).view(N, K // GROUP, GROUP).float()
-    return (c * q.d.float().unsqueeze(-1) + q.mn.float().unsqueeze(-1)).view(N, K)
+    return (c * d.float().unsqueeze(-1) + mn.float().unsqueeze(-1)).view(N, K)
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,16 +127,18 @@ def q4x8_mm_ref(x: torch.Tensor, q: Q4x8Weight) -> torch.Tensor:
     N = q.shape[0]
     qx, dx = quantize_rows(x)                                      # [M, G, 32], [M, G, 1]
     c = codes(q).view(N, K // GROUP, GROUP).float()                # [N, G, 32]
+    d, mn = scales(q)
     isum = torch.einsum("mgk,ngk->mng", qx.double(), c.double())   # exact integers
     dxg, sx = dx[..., 0].double(), (qx.sum(-1) * dx[..., 0]).double()   # [M, G]
-    y = (isum * q.d.double() * dxg[:, None]).sum(-1) + (q.mn.double()[None] * sx[:, None]).sum(-1)
+    y = (isum * d.double() * dxg[:, None]).sum(-1) + (mn.double()[None] * sx[:, None]).sum(-1)
     bad = ~torch.isfinite(x).all(-1)
     return y.float().masked_fill(bad[:, None], float("nan"))
 
 
 def q4x8_mm(x: torch.Tensor, q: Q4x8Weight) -> torch.Tensor:
     """float32 [M, N] = x [M, K] (float32) @ dequantize(q).T, through the op (x rounded per 32-block to int8)."""
-    return torch.ops.pdcluster.q4x8_mm(x, q.w, q.d, q.mn)
+    y = torch.ops.pdcluster.q4x8_mm(x, q.w, q.d, q.mn)
+    return y if y.shape[1] == q.n else y[:, :q.n]
 
 
 class Q4x8Linear:

@@ -9,8 +9,7 @@ from pdcluster.engine.quant.packed import Int4Weight, dequantize, quantize_int4
 G = torch.Generator().manual_seed(11)
 HOST = not [f for f in q4x8._FLAGS if f not in q4x8.cpu_flags()]
 needs_op = pytest.mark.skipif(not (HOST and q4x8.available()), reason="no AVX-512 VNNI host (or no compiler)")
-KS = (64, 192, 576, 640, 960, 1536, 2112)    # blocks of 16 groups; tails of 2 and 4 groups (2-group chunks), 6
-                                             # and 14 (a partial block)
+KS = (32, 96, 576, 1536, 2112)               # whole groups of 32, odd and even group counts
 
 
 def _weight(N, K, scale=0.05):
@@ -25,17 +24,29 @@ def test_the_op_builds_where_the_cpu_has_the_instructions():
 
 
 @pytest.mark.parametrize("K", KS)
-def test_packing_keeps_every_code_and_the_weights(K):
-    w = _weight(40, K)
+@pytest.mark.parametrize("N", [40, 48])
+def test_packing_keeps_every_code_and_the_weights(K, N):
+    w = _weight(N, K)
     q = q4x8.pack(w)
-    assert q.w.shape == (40, K // 2) and q.d.dtype == q.mn.dtype == torch.float16
+    assert q.shape == (N, K) and q.w.shape == (48, K // 2) and q.d.shape == q.mn.shape == (48, K // 32)   # padded
+    assert q.d.dtype == q.mn.dtype == torch.float16
     assert torch.equal(q4x8.codes(q), w.codes())
+    # the padding rows are zero codes, scales and mins; a block holds 4 weights of each of its 16 rows a vector
+    if N < 48:                                        # rows N..47 of the last block
+        assert not q.w.view(3, K // 32, 4, 16, 4)[2, :, :, N - 32:].any()
+        assert not q.d.view(3, K // 32, 16)[2, :, N - 32:].any() and not q.mn.view(3, K // 32, 16)[2, :, N - 32:].any()
+    blk = q.w.view(3, K // 32, 4, 16, 4)[0, 0]                          # block 0, group 0: [u, row, j]
+    assert torch.equal(blk[1, 5] & 15, w.codes()[5, 8:12]) and torch.equal(blk[1, 5] >> 4, w.codes()[5, 12:16])
+    d, mn = q4x8.scales(q)
     # the weights differ from packed.py's only by scale and min rounded to float16
-    w16 = Int4Weight(w.q, q.d.float(), q.mn.float() + 8 * q.d.float())
+    w16 = Int4Weight(w.q, d.float(), mn.float() + 8 * d.float())
     torch.testing.assert_close(q4x8.dequantize(q), dequantize(w16), rtol=0, atol=1e-6)
     torch.testing.assert_close(q4x8.dequantize(q), dequantize(w), rtol=0, atol=2e-3 * 0.05 * 4)
+
+
+def test_packing_refuses_what_the_op_cannot_take():
     with pytest.raises(ValueError):
-        q4x8.pack(_weight(8, 96))                     # K not whole 64-weight chunks
+        q4x8.pack(_weight(8, 48))                     # K not whole groups of 32
     with pytest.raises(ValueError, match="float16"):
         q4x8.pack(_weight(8, 64, scale=1e6))          # scales past float16's range
     from pdcluster.engine.quant.cpu_linear import Int4Linear
@@ -47,7 +58,7 @@ def test_packing_keeps_every_code_and_the_weights(K):
 @pytest.mark.parametrize("K", KS)
 @pytest.mark.parametrize("M", [1, 3, 9])
 def test_op_is_its_reference_and_within_the_activation_rounding(K, M):
-    q = q4x8.pack(_weight(72, K))
+    q = q4x8.pack(_weight(72, K))                     # 72 rows: 4 blocks of 16 and a padded one
     x = torch.randn(M, K, generator=G) * torch.logspace(-2, 1, M).unsqueeze(1)      # rows of unlike scales
     y = q4x8.q4x8_mm(x, q)
     assert y.dtype == torch.float32 and y.shape == (M, 72)
@@ -73,18 +84,21 @@ def test_bad_rows_and_bad_arguments():
     x[1, 7], x[2, 300], x[3] = float("nan"), float("inf"), 0.0
     y = q4x8.q4x8_mm(x, q)
     assert y[1].isnan().all() and y[2].isnan().all()         # a non-finite row gives NaN, only there
-    assert y[0].isfinite().all() and torch.equal(y[3], (q.mn.float() * 0).sum(1) * 0)   # zeros: 0 exactly
-    with pytest.raises(RuntimeError, match="multiple of 64"):
-        torch.ops.pdcluster.q4x8_mm(torch.randn(1, 96), torch.zeros(32, 48, dtype=torch.uint8), q.d[:, :3], q.mn[:, :3])
+    assert y[0].isfinite().all() and torch.equal(y[3], torch.zeros(32))       # zeros: 0 exactly
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.pdcluster.q4x8_mm(torch.randn(1, 80), torch.zeros(32, 40, dtype=torch.uint8), q.d[:, :3], q.mn[:, :3])
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        torch.ops.pdcluster.q4x8_mm(x, q.w[:24], q.d[:24], q.mn[:24])
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.pdcluster.q4x8_mm(x.double(), q.w, q.d, q.mn)
     with pytest.raises(RuntimeError, match="d and mn"):
         torch.ops.pdcluster.q4x8_mm(x, q.w, q.d[:8], q.mn[:8])
-    # control: one corrupted code changes its row of the result
+    # control: one corrupted code (row 5's first weight: byte 4 * 5 of the first block) changes its row alone
     w2 = q.w.clone()
-    w2[5, 0] ^= 0x0F
+    w2.view(-1)[4 * 5] ^= 0x0F
     y2 = torch.ops.pdcluster.q4x8_mm(x[:1], w2, q.d, q.mn)
-    assert not torch.equal(y2[0, 5], y[0, 5]) and torch.equal(y2[0, :5], y[0, :5])
+    assert not torch.equal(y2[0, 5], y[0, 5])
+    assert torch.equal(y2[0, :5], y[0, :5]) and torch.equal(y2[0, 6:], y[0, 6:])
 
 
 @needs_op
