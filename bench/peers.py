@@ -44,9 +44,10 @@ _FAST = dict(engine__quantization="int4", engine__cpu_compile=True)
 # bandwidth-tuned decode pool above (packed int4 + the compiled layer, float32 KV; the KV codec casts
 # the prefill pool's bfloat16 blocks as they land)
 _SPLIT = dict(pools__prefill__quantization="none", pools__prefill__dtype="bfloat16", pools__prefill__cpu_compile=False)
-# and with the decode pool's wide steps (batches of >= 10 rows, prompt tails, prefill chunks) on an int8 copy
-# of its int4 linears (engine/quant/int8_rows.py; 10 rows: the measured break-even against the int4 kernel)
-_I8 = dict(pools__decode__cpu_int8_rows=10)
+# and with the decode pool's wide steps (batches of >= 12 rows, prompt tails, prefill chunks) on an int8 copy
+# of its int4 linears (engine/quant/int8_rows.py; 12 rows: the measured break-even against q4x8 with rows
+# interleaved, bench/RESULTS.md "The int8 copy's threshold after q4x8's new layout"; 10 before it)
+_I8 = dict(pools__decode__cpu_int8_rows=12)
 SIDES: dict[str, ClusterConfig] = {
     "disagg": cluster(),
     "single": cluster(**_SINGLE),
@@ -59,8 +60,8 @@ SIDES: dict[str, ClusterConfig] = {
 SIDE_LABELS = {"disagg": "pdcluster 1P+1D", "single": "pdcluster 1 worker",
                "disagg-int4": "pdcluster 1P+1D int4 compiled", "single-int4": "pdcluster 1 worker int4 compiled",
                "disagg-split": "pdcluster 1P bf16 + 1D int4 compiled",
-               "disagg-split-i8": "pdcluster 1P bf16 + 1D int4 compiled, int8 copy >= 10 rows",
-               "single-int4-i8": "pdcluster 1 worker int4 compiled, int8 copy >= 10 rows"}
+               "disagg-split-i8": "pdcluster 1P bf16 + 1D int4 compiled, int8 copy >= 12 rows",
+               "single-int4-i8": "pdcluster 1 worker int4 compiled, int8 copy >= 12 rows"}
 
 
 @dataclass(frozen=True)
