@@ -5,9 +5,9 @@
 One run, in this order:
   1. probe (before every case: the host's load drifts within minutes): one engine in this process, on a thread at Ray's worker niceness and a worker's
      thread count (--threads, default the cases' threads_per_worker), times prefill steps of 32,
-     128 and 384 tokens and decode steps at batch 1, 2, 4 and 8 (96-token prompts), in interleaved
-     rounds; sim/validate.py fits this machine's profile (compute rate, read bandwidth, per-step
-     and per-sequence overheads) to those steps only;
+     128, 384 and 1,024 tokens and decode steps at batch 1, 2, 4 and 8 (96-token prompts), in
+     interleaved rounds; sim/validate.py fits this machine's profile (compute rate, the prompt
+     attention's own rate, read bandwidth, per-step and per-sequence overheads) to those steps only;
   2. per case: start the case's cluster here (real Ray workers, the real model, the real router),
      warm it up, send the workload (bench/serve.py's client: the same seeded prompts and send
      times as `bench scenario`), stop it; then simulate the same requests (token-level prefix
@@ -107,7 +107,7 @@ def _burn(threads: int, nice: int, ready, stop) -> None:
         eng.step()
 
 
-def probe_steps(threads: int, prefill_lens=(32, 128, 384), batches=(1, 2, 4, 8), ctx: int = 96,
+def probe_steps(threads: int, prefill_lens=(32, 128, 384, 1024), batches=(1, 2, 4, 8), ctx: int = 96,
                 decode_steps: int = 4, reps: int = 3, nice: int | None = None,
                 contend: bool = True) -> tuple[V.StepProbe, V.StepProbe]:
     """Times engine.step() on one engine of the embedded model at `threads` torch threads, on a
@@ -351,7 +351,9 @@ def run_case(case: Case, probes: tuple[V.StepProbe, V.StepProbe], seed: int = 0,
 
 
 def format_probe(probe: V.StepProbe, hw) -> str:
+    attn = "as compute" if hw.attn_flops is None else f"{hw.attn_flops / 1e9:.1f} GFLOP/s"
     lines = [f"probe ({probe.threads} thread(s)) and the fitted profile: compute {hw.peak_flops / 1e9:.1f} GFLOP/s, "
+             f"prompt attention {attn}, "
              f"read {hw.mem_bw / 1e9:.1f} GB/s (measured: {probe.read_bw and probe.read_bw / 1e9 or 0:.1f}), "
              f"step overhead {hw.step_overhead_s * 1e3:.2f} ms, prefill step +{hw.prefill_overhead_s * 1e3:.2f} ms, "
              f"per sequence {hw.per_seq_overhead_s * 1e3:.2f} ms; one more busy engine on the host: "
@@ -420,7 +422,7 @@ def validate(names: list[str], trace: str | None, max_requests: int, time_scale:
             json.dump(dict(probes={name: dict(
                                steps=[dict(threads=p.threads, prefill=p.prefill, decode=p.decode, read_bw=p.read_bw,
                                            host_slowdown=p.host_slowdown) for p in probes],
-                               profile=dict(peak_flops=hw.peak_flops, mem_bw=hw.mem_bw,
+                               profile=dict(peak_flops=hw.peak_flops, attn_flops=hw.attn_flops, mem_bw=hw.mem_bw,
                                             step_overhead_s=hw.step_overhead_s,
                                             prefill_overhead_s=hw.prefill_overhead_s,
                                             per_seq_overhead_s=hw.per_seq_overhead_s))

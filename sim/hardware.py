@@ -40,6 +40,9 @@ class Hardware:
     per_seq_overhead_s: float = 0.0     # per sequence in a decode step (cpu: attention gathers)
     prefill_overhead_s: float = 0.0     # more per step that computes a prompt chunk (0: none assumed; the
                                         #   fitted cpu profile of sim/validate.py measures it)
+    attn_flops: float | None = None     # FLOP/s a prompt's causal attention reaches per device (None: the
+                                        #   linears' peak_flops x mfu; sim/validate.py fits it on this CPU,
+                                        #   where torch's flash kernel runs slower than the GEMMs)
     mem_util: float = 0.9       # share of memory the engine may use (weights + KV)
     host_load_bps: float = 50 * GB      # bytes/s per device: KV loaded back from the host-memory tier
     disk_load_bps: float = 5 * GB       # bytes/s per device: KV loaded back from the disk tier

@@ -75,13 +75,14 @@ class StepProbe:
 
 def fit_profile(probe: StepProbe, model: Model | str = LOCAL_MODEL, base: Hardware = HARDWARE["cpu"],
                 kv_blocks: int | None = None, block_size: int = 16) -> Hardware:
-    """`base` with peak_flops, mem_bw, step_overhead_s, prefill_overhead_s and per_seq_overhead_s
+    """`base` with peak_flops, attn_flops, mem_bw, step_overhead_s, prefill_overhead_s and per_seq_overhead_s
     fitted to the probe (mfu = bw_eff = 1: the fitted rates are the reached ones), through the
     roofline (sim/roofline.py):
       - read bandwidth: the probe's measured one (else the best of a log grid, 60 points a decade,
         with the decode overhead taken as the prefill line's intercept: without a measured
         bandwidth the two are one intercept of the decode steps);
-      - prefill steps, least squares: t = intercept + flops / compute rate;
+      - prefill steps, least squares: t = intercept + flops / compute rate, or with 4+ prompt lengths
+        intercept + linear flops / rate + attention flops / attention rate (_prefill_rates);
       - decode steps, least squares on relative error: t - max(flops / rate, bytes / bandwidth) =
         overhead + batch x per_seq (both >= 0);
       - prefill_overhead = intercept - overhead, at least 0: what a step with a prompt chunk costs
@@ -93,10 +94,7 @@ def fit_profile(probe: StepProbe, model: Model | str = LOCAL_MODEL, base: Hardwa
     roof = Roofline(m, hw, 1)
     weight = m.weight_bytes(hw.dtype_bytes)
     kvb = m.kv_bytes_per_token(hw.dtype_bytes)
-    slope, icpt = _line([roof.prefill_flops(n, 0) for n, _ in probe.prefill], [t for _, t in probe.prefill])
-    if slope <= 0:
-        raise ValueError("prefill steps do not grow with prompt length: cannot fit a compute rate")
-    rate = 1.0 / slope
+    rate, icpt, attn = _prefill_rates(roof, probe.prefill)
     if probe.read_bw is not None and not probe.read_bw > 0:
         raise ValueError(f"read_bw must be > 0, got {probe.read_bw}")
     bws = [probe.read_bw] if probe.read_bw else [10 ** (8 + i / 60) for i in range(241)]
@@ -112,7 +110,7 @@ def fit_profile(probe: StepProbe, model: Model | str = LOCAL_MODEL, base: Hardwa
             x = None if ps is None else [o] + ps
         if x is None:
             continue
-        cand = replace(hw, peak_flops=rate, mem_bw=bw, step_overhead_s=x[0], per_seq_overhead_s=x[1],
+        cand = replace(hw, peak_flops=rate, attn_flops=attn, mem_bw=bw, step_overhead_s=x[0], per_seq_overhead_s=x[1],
                        prefill_overhead_s=max(0.0, icpt - x[0]))
         err = sum((fit / meas - 1) ** 2 for _, meas, fit in fit_report(probe, cand, m))
         if best is None or err < best[0]:
@@ -121,6 +119,23 @@ def fit_profile(probe: StepProbe, model: Model | str = LOCAL_MODEL, base: Hardwa
         raise ValueError("no profile fits the probe")
     out = replace(best[1], name=f"{base.name}-fit")
     return out if kv_blocks is None else with_kv_pool(out, kv_blocks, block_size, m)
+
+
+def _prefill_rates(roof: Roofline, steps) -> tuple[float, float, float | None]:
+    """(linear FLOP/s, intercept s, attention FLOP/s or None) of prefill steps [(tokens, s), ...]. With 4 or more
+    lengths: t = intercept + linear / rate + attention / attention rate, least squares on relative error, the
+    attention rate kept only where it comes out below the linears' (on this CPU the flash kernel's FLOP rate is
+    under the GEMMs'; its share grows with the prompt, ~14% of a 1,024-token prompt's FLOPs here). Else, or
+    where that does not hold: t = intercept + all FLOPs / one rate."""
+    if len({n for n, _ in steps}) >= 4:
+        rows = [(1.0 / t,) + tuple(f / t for f in roof.prefill_split(n, 0)) for n, t in steps]
+        x = _lstsq(rows, [1.0] * len(rows), nonneg=(0, 1, 2))
+        if x is not None and x[1] > 0 and x[2] > x[1]:
+            return 1.0 / x[1], x[0], 1.0 / x[2]
+    slope, icpt = _line([roof.prefill_flops(n, 0) for n, _ in steps], [t for _, t in steps])
+    if slope <= 0:
+        raise ValueError("prefill steps do not grow with prompt length: cannot fit a compute rate")
+    return 1.0 / slope, icpt, None
 
 
 def _lstsq(a: list[tuple[float, ...]], y: list[float], nonneg=()) -> list[float] | None:
@@ -195,6 +210,7 @@ def scaled(hw: Hardware, prefill: float, decode: float | None = None) -> Hardwar
     if not (prefill > 0 and decode > 0):
         raise ValueError(f"factors must be > 0, got {prefill}, {decode}")
     return replace(hw, peak_flops=hw.peak_flops / prefill, prefill_overhead_s=hw.prefill_overhead_s * prefill,
+                   attn_flops=None if hw.attn_flops is None else hw.attn_flops / prefill,
                    mem_bw=hw.mem_bw / decode, step_overhead_s=hw.step_overhead_s * decode,
                    per_seq_overhead_s=hw.per_seq_overhead_s * decode)
 

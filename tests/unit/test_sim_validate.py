@@ -159,3 +159,29 @@ def test_shared_host_slowdown_slows_only_concurrent_steps():
     assert both[1].ttft_s == pytest.approx(1.5 * alone, rel=0.02)              # the other one was stepping
     one = V.sim_requests([list(range(100))], [2], [0.0], 16)                   # control: nobody else steps
     assert Simulator(replace(cfg, shared_host_slowdown=0.5), one).run().records[0].ttft_s == pytest.approx(alone)
+
+
+def test_fit_separates_the_prompt_attentions_rate_with_four_lengths():
+    """Attention at a third of the linears' FLOP rate (torch's CPU flash kernel runs below the GEMMs): 4 prompt
+    lengths recover both rates, and the 1,024-token step; the 3-length probe (one rate) misses it."""
+    slow = replace(TRUE, attn_flops=TRUE.peak_flops / 3)
+    roof = Roofline(model_profile(V.LOCAL_MODEL), slow, 1)
+    lens = (32, 128, 384, 1024)
+    probe = V.StepProbe(1, tuple((n, roof.prefill_s([(n, 0)])) for n in lens),
+                        tuple((b, b * 96, roof.decode_s(b, b * 96)) for b in (1, 2, 4, 8)))
+    hw = V.fit_profile(probe)
+    assert hw.peak_flops == pytest.approx(40e9, rel=0.02) and hw.attn_flops == pytest.approx(40e9 / 3, rel=0.02)
+    fit = Roofline(model_profile(V.LOCAL_MODEL), hw, 1)
+    assert fit.prefill_s([(2048, 0)]) == pytest.approx(roof.prefill_s([(2048, 0)]), rel=0.02)
+    assert fit.decode_s(2, 192, chunk=(64, 512)) == pytest.approx(roof.decode_s(2, 192, chunk=(64, 512)), rel=0.02)
+    # control: three lengths fit one rate, which under-predicts a long prompt
+    three = V.fit_profile(V.StepProbe(1, probe.prefill[:3], probe.decode))
+    assert three.attn_flops is None
+    assert Roofline(model_profile(V.LOCAL_MODEL), three, 1).prefill_s([(2048, 0)]) < 0.9 * roof.prefill_s([(2048, 0)])
+    # one rate for both (attention as fast as the linears): no separate attention rate is kept
+    same = Roofline(model_profile(V.LOCAL_MODEL), TRUE, 1)
+    one = V.fit_profile(V.StepProbe(1, tuple((n, same.prefill_s([(n, 0)])) for n in lens), probe.decode))
+    assert one.peak_flops == pytest.approx(40e9, rel=0.02)
+    assert one.attn_flops is None or one.attn_flops == pytest.approx(40e9, rel=0.02)
+    # scaled() slows both rates alike
+    assert V.scaled(hw, 2.0).attn_flops == pytest.approx(hw.attn_flops / 2)
