@@ -12,8 +12,9 @@ Layout (`Q4x8Weight`), rows interleaved 16 at a time (N padded to a multiple of 
                            (b * K/32 + g) * 256: for u in 0..3, 64 bytes, byte 4 l + j = c(16b + l, 32g + 8u + j)
                            | c(16b + l, 32g + 8u + 4 + j) << 4. A 64-byte vector holds 4 weights of each of 16
                            rows, so vpdpbusd sums each row's group in its own int32 lane, and a block's 16
-                           results come out as one vector: no horizontal sums (1.3x the earlier layout, which
-                           put 16 groups of one row in a vector: bench/RESULTS.md, "q4x8 with rows interleaved").
+                           results come out as one vector: no horizontal sums (1.1-2.5x the earlier layout per call,
+                           which put 16 groups of one row in a vector: bench/RESULTS.md, "q4x8 with rows
+                           interleaved").
     d   float16 [Np, K/32] w[n, k] = d[n, g] * c[n, k] + mn[n, g],  c in 0..15,  g = k // 32; stored per block
     mn  float16 [Np, K/32] as (b * K/32 + g) * 16 + l (GGUF Q4_1's form: its d and m are float16 already)
 
