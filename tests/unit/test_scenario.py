@@ -306,5 +306,5 @@ def test_deploy_pools_cpu_yaml_is_the_peers_split_side():
         assert {k: got.engine_kwargs(role)[k] for k in keys} == {k: want.engine_kwargs(role)[k] for k in keys}
         assert got.threads(role) == want.threads(role) == 1
     assert got.engine_kwargs("prefill")["dtype"] == "bfloat16" and got.engine_kwargs("decode")["quantization"] == "int4"
-    assert got.engine_kwargs("decode")["cpu_int8_rows"] == 10
+    assert got.engine_kwargs("decode")["cpu_int8_rows"] == 12
     assert (got.pools.prefill.initial_replicas, got.pools.decode.initial_replicas) == (1, 1)
