@@ -108,7 +108,8 @@ def _linear(spec: LinSpec, x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Ten
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(BF16).contiguous(), ws[0], GROUP, ws[1])
         y = y[:, :spec.n].to(x.dtype)
     elif spec.kind == "q4x8":
-        y = torch.ops.pdcluster.q4x8_mm(x.float().contiguous(), ws[0], ws[1], ws[2])[:, :spec.n].to(x.dtype)
+        y = torch.ops.pdcluster.q4x8_mm(x.float().contiguous(), ws[0], ws[1], ws[2])
+        y = (y if y.shape[1] == spec.n else y[:, :spec.n].contiguous()).to(x.dtype)   # N padded to 16 by q4x8.pack
     elif spec.kind == "int8rows":
         y = int8_rows(x, ws[0], ws[1]).to(x.dtype)
     elif spec.kind == "int8amx":

@@ -139,7 +139,7 @@ def q4x8_mm_ref(x: torch.Tensor, q: Q4x8Weight) -> torch.Tensor:
 def q4x8_mm(x: torch.Tensor, q: Q4x8Weight) -> torch.Tensor:
     """float32 [M, N] = x [M, K] (float32) @ dequantize(q).T, through the op (x rounded per 32-block to int8)."""
     y = torch.ops.pdcluster.q4x8_mm(x, q.w, q.d, q.mn)
-    return y if y.shape[1] == q.n else y[:, :q.n]
+    return y if y.shape[1] == q.n else y[:, :q.n].contiguous()       # (callers view the rows: no strided slice)
 
 
 class Q4x8Linear:
