@@ -136,10 +136,10 @@ at::Tensor q4x8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& d
   // every MAX_X rows of x after the first
   at::parallel_for(0, N / ROWS, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const bool pf = b + PREFETCH_BLOCKS < end;
+      const bool pf = b + PREFETCH_BLOCKS < end;            // (no pointer past this thread's range)
       const uint8_t* next = pf ? wp + (b + PREFETCH_BLOCKS) * wblock : nullptr;
-      const at::Half* next_d = dp + (b + PREFETCH_BLOCKS) * sblock;
-      const at::Half* next_mn = mp + (b + PREFETCH_BLOCKS) * sblock;
+      const at::Half* next_d = pf ? dp + (b + PREFETCH_BLOCKS) * sblock : nullptr;
+      const at::Half* next_mn = pf ? mp + (b + PREFETCH_BLOCKS) * sblock : nullptr;
       for (int64_t m0 = 0; m0 < M; m0 += MAX_X) {
         const int64_t mx = std::min(MAX_X, M - m0);
         const int8_t* q = qp + m0 * K;

@@ -24,7 +24,6 @@ fallback.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +34,6 @@ from pdcluster.engine.quant.cpu_linear import DENSE_MIN_ROWS
 from pdcluster.engine.quant.packed import GROUP, Int4Weight
 
 ROWS = 16                  # weight rows per block: one int32 lane each (N is padded to a multiple)
-_SRC = os.path.join(os.path.dirname(__file__), "q4x8.cpp")
 
 
 @dataclass(frozen=True, eq=False)
