@@ -25,10 +25,11 @@ class DecodeActor(WorkerActor):
     async def reserve(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                       cache_salt: str | None = None, output_ids: list[int] = ()) -> Reservation | NoRoom:
         """A Reservation, or NoRoom when the pool cannot hold the prompt right now."""
+        from pdcluster.abort_fence import RequestAborted
         from pdcluster.engine.kv_connector import NoKVCapacity
         try:
             return await self._run(self.worker.reserve, request_id, prompt_ids, params, cache_salt, output_ids)
-        except NoKVCapacity as e:
+        except (NoKVCapacity, RequestAborted) as e:     # aborted: its router has left, nothing holds it
             return NoRoom(str(e))
 
     async def stream(self, request_id: str, first_token: int | None, prompt_ids: list[int] | None = None,

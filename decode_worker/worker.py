@@ -7,7 +7,9 @@ Remote-prefill protocol (one owner per block at every moment):
   (prefill worker streams K/V into exactly those blocks; frames for any other id are dropped)
   start(rid, first_tok) -> the transfer must be complete; the request joins the running batch with
                            num_computed_tokens = prompt length and the first token appended.
-  abort(rid)            -> from any state: the receiver fences the id, the blocks are freed.
+  abort(rid)            -> from any state: the receiver fences the id, the blocks are freed. An abort
+                           that overtakes its reserve or generate (each RPC runs on its own thread)
+                           fences the id here, and the late call is refused (pdcluster/abort_fence.py).
 Tokens of every request are pushed to its TokenStream, drained by the RPC layer.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 import uuid
 from typing import Callable
 
+from pdcluster.abort_fence import AbortFence
 from pdcluster.engine.engine_thread import EngineThread
 from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 from pdcluster.engine.sampling_params import SamplingParams
@@ -94,6 +97,7 @@ class DecodeWorker:
         # rid -> monotonic expiry of its reservation; engine thread only. A reservation that is
         # neither started nor aborted by its expiry (its router lost track of it) is freed.
         self._reserved: dict[str, float] = {}
+        self.fence = AbortFence()       # ids aborted before they arrived; engine thread only
         # longer than the router waits for the prefill that fills it (queue + compute + transfer)
         self.reservation_ttl_s = reservation_ttl_s
 
@@ -113,6 +117,7 @@ class DecodeWorker:
         """Blocks for the prompt's KV (and output_ids', outputs already sent), computed elsewhere;
         NoKVCapacity when there is no room now."""
         def _reserve(engine: LLMEngine) -> Reservation:
+            self.fence.check(rid)
             try:
                 r = engine.reserve_remote(prompt_ids, params, rid, cache_salt, output_ids)
             except NoKVCapacity as e:
@@ -147,6 +152,7 @@ class DecodeWorker:
         stream = self._listen(rid, sink)
 
         def add(e: LLMEngine):
+            self.fence.check(rid)
             if pull is not None and order_fn is not None:
                 self.connector.plan(rid, pull, order_fn)
             try:
@@ -179,8 +185,10 @@ class DecodeWorker:
     def abort(self, rid: str) -> None:
         """Stop rid wherever it is and free its blocks (idempotent)."""
         def _abort(engine: LLMEngine) -> None:
-            self._reserved.pop(rid, None)
+            reserved = self._reserved.pop(rid, None) is not None
             req = engine.abort(rid)          # the connector fences late KV for rid, reserved or not
+            if req is None and not reserved:
+                self.fence.add(rid)          # before its reserve or generate: refuse that when it comes
             cb = self.engine_thread.listeners.pop(rid, None)
             if cb and req is not None:
                 cb(StepOutput(req, [], "", True))

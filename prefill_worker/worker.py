@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Callable
 
 
+from pdcluster.abort_fence import AbortFence
 from pdcluster.engine.engine_thread import EngineThread
 from pdcluster.engine.llm_engine import LLMEngine, StepOutput
 from pdcluster.engine.sampling_params import SamplingParams
@@ -79,6 +80,7 @@ class PrefillWorker:
         self.pull_stats = PullStats()                                 # the pulls it serves as holder
         self._lock = threading.Lock()
         self.in_flight = 0
+        self.fence = AbortFence()       # ids aborted before they arrived (pdcluster/abort_fence.py); engine thread only
 
     def prefill(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                 dest: KVDestination | None, cache_salt: str | None = None,
@@ -94,6 +96,7 @@ class PrefillWorker:
                              o.logprobs[0] if o.logprobs else None))
 
         def add(engine: LLMEngine):
+            self.fence.check(request_id)
             one = replace(params, max_tokens=len(output_ids) + 1, stop=())     # the next token only
             req = engine.add_request(prompt_ids, one, request_id, cache_salt, detokenize=False, output_ids=output_ids)
             if dest is not None:
@@ -144,6 +147,8 @@ class PrefillWorker:
     def abort(self, request_id: str) -> None:
         def _abort(engine: LLMEngine):
             req = engine.abort(request_id)       # the connector aborts its sender first
+            if req is None:
+                self.fence.add(request_id)       # before its prefill call: refuse that when it comes
             cb = self.engine_thread.listeners.pop(request_id, None)
             if cb and req is not None:
                 cb(StepOutput(req, [], "", True))

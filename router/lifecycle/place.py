@@ -23,6 +23,7 @@ class Attempt:
     """A placed attempt: where it runs, who holds state for it, and how its tokens start."""
     placement: dict                 # Event.placement fields: prefill_worker, decode_worker, remote_prefill, kv_*
     holders: list                   # clients that hold state for it, decode worker first (abort on failure)
+    attempt_id: str                 # the workers' id for it
     stream: AsyncIterator[TokenItem] | None = None   # local prefill: the decode worker's stream, started
     first_token: int | None = None  # remote prefill: the prefill worker's first token
     cached_tokens: int = 0          # remote prefill: prompt tokens from the prefill worker's cache
@@ -37,15 +38,19 @@ class Attempt:
 async def place(router, attempt_id: str, ids: list[int], params: SamplingParams, salt: str | None,
                 exclude: set[str], outputs: list[int] = ()) -> Attempt:
     """Place attempt `attempt_id` of prompt `ids` on a worker not in `exclude` (failed ones are added).
-    outputs: tokens an earlier attempt sent; prefilled after the prompt, sampled on as outputs."""
+    outputs: tokens an earlier attempt sent; prefilled after the prompt, sampled on as outputs.
+    Each try after the first goes to the workers as `attempt_id#tK` (the Attempt's id): a worker
+    fences an id whose abort overtook its call (pdcluster/abort_fence.py), so a failed try's id,
+    aborted everywhere, is never sent again."""
     workers, cfg = router.workers, router.cfg
     tokens = ids + list(outputs)                       # what the attempt prefills
     hashes = block_hashes(tokens, cfg.block_size, salt)   # once per placement, not per try
     t0 = time.monotonic()
-    for _ in range(cfg.max_attempts):
+    for k in range(cfg.max_attempts):
         choice = await _choose(router, len(tokens), exclude, hashes, t0)
         if choice is None:
             break
+        try_id = attempt_id if k == 0 else f"{attempt_id}#t{k}"
         # the worker that computes this prompt's blocks holds them from now on, tentatively: the
         # next prompts with this prefix queue behind it instead of racing elsewhere. Not the decode
         # worker of a remote prefill: its blocks arrive only after the prefill and transfer, and a
@@ -53,9 +58,9 @@ async def place(router, attempt_id: str, ids: list[int], params: SamplingParams,
         # "KV-full fallback": the cost model's collapse at 1.75x); its stored events count them
         router.index.expect(choice.prefill or choice.decode, hashes, time.time())
         if choice.kind == "local":
-            return _start_local(workers, attempt_id, ids, params, salt, choice, outputs,
+            return _start_local(workers, try_id, ids, params, salt, choice, outputs,
                                 pull_plan(choice, hashes, workers))
-        attempt = await _prefill_remote(workers, attempt_id, ids, params, salt, choice, exclude, outputs)
+        attempt = await _prefill_remote(workers, try_id, ids, params, salt, choice, exclude, outputs)
         if attempt is not None:
             return attempt
     raise Unavailable(f"no worker could take request {attempt_id} (excluded: {sorted(exclude) or 'none ready'})")
@@ -87,7 +92,8 @@ def _start_local(workers, attempt_id: str, ids: list[int], params: SamplingParam
         charges.append(serve)                  # the holder serves the pull meanwhile (router/lifecycle/pull.py)
     stream = _charged_until_first(workers, d.stream(attempt_id, None, ids, params, salt, outputs, **kw), charges)
     return Attempt(dict(prefill_worker=choice.decode, decode_worker=choice.decode, remote_prefill=False,
-                        kv_bytes_transferred=0, kv_transfer_ms=0.0), [d], stream=stream, pull=pull[0] if pull else None)
+                        kv_bytes_transferred=0, kv_transfer_ms=0.0), [d], attempt_id, stream=stream,
+                   pull=pull[0] if pull else None)
 
 
 async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: SamplingParams, salt: str | None,
@@ -123,7 +129,7 @@ async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: Samp
             return None
         return Attempt(dict(prefill_worker=choice.prefill, decode_worker=choice.decode, remote_prefill=True,
                             kv_bytes_transferred=pre.kv_bytes, kv_transfer_ms=pre.kv_transfer_ms),
-                       [d, p], first_token=pre.first_token, cached_tokens=pre.cached_tokens,
+                       [d, p], attempt_id, first_token=pre.first_token, cached_tokens=pre.cached_tokens,
                        first_logprobs=pre.first_logprobs)
     except asyncio.CancelledError:      # the caller left mid-placement: no reservation or prefill stays behind
         await asyncio.shield(workers.abort(attempt_id, [d, p]))

@@ -90,7 +90,7 @@ class RequestRun:
             if not self.out:
                 raise
             return None
-        self.holders = attempt.holders
+        self.holders, self.attempt_id = attempt.holders, attempt.attempt_id
         if m == 0:
             self.cached, self.trace.placement = attempt.cached_tokens, attempt.placement
             if attempt.pull is not None:
