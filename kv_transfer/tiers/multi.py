@@ -3,10 +3,13 @@
     engine --> MultiConnector --> TierConnector     (loads from host/disk, keeps evicted blocks)
                               \\--> inner           (ReceiveConnector, SendConnector, or none)
 
-external_tokens and step_tokens ask the tiers (the transfer connectors supply none); after_alloc goes
-to whichever said it would supply the tokens, the inner connector otherwise: a remote prefill's
-reservation (reserve_remote) gives its first blocks to the tiers when step_tokens offered them, the
-rest to the inner one. Every other hook goes to both; wait_loaded waits for both, take_loaded asks
+external_tokens asks both: the tiers (this worker's host / disk hits) and the inner connector (a peer
+pull's blocks, kv_transfer/pull.py; the other transfer connectors offer none). One source supplies a
+request's external tokens: the inner one when it offers more, the tiers otherwise (a local copy
+beats a pull of the same blocks). step_tokens asks the tiers. after_alloc goes to whichever said it
+would supply the tokens, the inner connector otherwise: a remote prefill's reservation
+(reserve_remote) gives its first blocks to the tiers when step_tokens offered them, the rest to the
+inner one. Every other hook goes to both; wait_loaded waits for both, take_loaded asks
 the inner one and the tiers (a reservation's host-tier blocks may have failed to load).
 """
 from __future__ import annotations
@@ -30,6 +33,10 @@ class MultiConnector(KVConnector):
     # scheduler side
     def external_tokens(self, request, num_local_tokens: int) -> int:
         n = self.tiers.external_tokens(request, num_local_tokens)
+        pulled = self.inner.external_tokens(request, num_local_tokens)   # a pull plan's (its range is kept
+        if pulled > n:                                                   # until after_alloc or request_finished)
+            self._from_tiers.discard(request.request_id)
+            return pulled
         if n > 0:
             self._from_tiers.add(request.request_id)
         else:

@@ -148,3 +148,33 @@ def test_b_pulls_blocks_a_keeps_in_its_host_tier_and_in_both_tiers(peers):
     fig = b.status().pulls
     assert fig.pulls >= 3 and fig.pulled_blocks >= 3 * n and fig.pull_counts[-1] == fig.pulls + fig.pull_failures
     assert a.status().pulls.served_host_blocks >= 2 * n - 3
+
+
+def test_a_puller_with_its_own_cache_tiers_pulls_what_its_tiers_lack(peers):
+    """With tiers on the puller too (MultiConnector: its tiers beside the pull connector), a pull that
+    offers more blocks than the puller's own tiers is taken; when its own host tier holds the whole
+    prefix, the local copy wins and nothing is pulled. (Before, the tiers alone were asked: a puller
+    with tiers never pulled, and the multi-turn scenario recomputed prompts its peer held.)"""
+    a, _ = peers
+    c = DecodeWorker("pull-c", lambda: _engine(host_cache_gb=0.02), transfer_timeout_s=10)
+    try:
+        assert c.tiers is not None and c.tiers.wait_idle()
+        ids = _prompt(a, "glaciers")
+        n = (len(ids) - 1) // BS
+        ref = _hold(a, "hold-9", ids)
+        out, computed = _pull(a, c, "pull-9", ids)
+        fig = c.status().pulls
+        assert fig.pulls == 1 and fig.pulled_blocks == n and fig.pull_failures == 0
+        assert computed == len(ids) - n * BS and out == ref
+        # c now holds the prompt itself: evicted to its host tier, a second plan is served from there
+        _evict_device(c)
+        hits0 = _host_hits(c)
+        out, computed = _pull(a, c, "pull-10", ids)
+        assert c.status().pulls.pulls == 1 and computed == len(ids) - n * BS and out == ref
+        assert _host_hits(c) - hits0 == n
+    finally:
+        c.close()
+
+
+def _host_hits(w: DecodeWorker) -> int:
+    return next(f["hits"] for f in w.tiers.figures() if f["tier"] == "host")
