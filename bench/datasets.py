@@ -5,7 +5,9 @@ Datasets (`--dataset`):
   shared-prefix  num_groups groups; every prompt of a group starts with the group's prefix_len-token
                  system prompt, then suffix_len tokens of its own (prefix-cache workload)
   multi-turn     num_conversations conversations of `turns` turns; turn k resends the whole history
-                 (every earlier user turn and reply) plus input_len new tokens
+                 (every earlier user turn and reply) plus input_len new tokens; turn 0 has
+                 first_input_len (a conversation's opening context: a document, a long system prompt;
+                 vLLM's multi-turn benchmark's per-conversation prefix) when given
   mixed          num_prompts prompts, round(long_fraction * num_prompts) of them long_input_len long,
                  the rest input_len long (head-of-line blocking workload)
   copy           num_prompts text prompts that hand the model a passage (one of a few embedded
@@ -50,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "suffix_len": 64,
     "num_conversations": 16,
     "turns": 4,
+    "first_input_len": None,        # multi-turn: turn 0's tokens (None: input_len)
     "long_fraction": 0.1,
     "long_input_len": 4096,
     # mooncake:PATH (bench/trace_dataset.TraceScale)
@@ -161,8 +164,10 @@ def _shared_prefix(rng: np.random.Generator, vocab_size: int, opts: dict[str, An
 def _multi_turn(rng: np.random.Generator, vocab_size: int, opts: dict[str, Any]) -> list[BenchRequest]:
     """Turn-major order (every conversation's turn 0, then every turn 1, ...), so that all
     conversations are live at once and a turn's arrival comes after its predecessor's."""
-    n_conv, turns = opts["num_conversations"], opts["turns"]
+    n_conv, turns, first = opts["num_conversations"], opts["turns"], opts["first_input_len"]
     in_lens = _lengths(rng, opts["input_len"], opts["range_ratio"], n_conv * turns)
+    if first is not None:           # turn 0 of each conversation opens with its own longer context
+        in_lens[:n_conv] = _lengths(rng, first, opts["range_ratio"], n_conv)
     out_lens = _lengths(rng, _output_len(opts), opts["range_ratio"], n_conv * turns)
     return [
         BenchRequest(

@@ -170,26 +170,32 @@ register(Scenario(
 # device-only pools (baseline), same cluster: 2 workers that prefill locally (as prefix-routing:
 # the cache a placement hits is where the prompt computes), the cost model on both sides (it
 # prices a host/disk hit at its load time), device pools far smaller than the working set.
-# The candidate's tier flags are those of `pdcluster serve` (the KV tiers' deploy/flags.py), set
-# when it runs. Peer pulls (issue 19 point 3, --peer-pull) are left off here: these scenarios
-# measure the tiers alone (RESULTS.md's runs), and `prefix-pull` measures pulls.
-TIER_FLAGS = {"--kv-host-cache-gb": 0.5, "--kv-disk-cache-dir": FRESH_DIR, "--kv-disk-cache-gb": 2.0}
+# The candidate's flags are those of `pdcluster serve` (the KV tiers' deploy/flags.py), set when it
+# runs: the tiers and peer pulls (issue 19 point 3, --peer-pull), as the issue's scenarios ask ("tiers
+# and pulls on"). The runs of 12-04/05 in RESULTS.md had pulls off; a worker with tiers could not
+# pull then anyway (MultiConnector asked its tiers alone, fixed 12-05).
+TIER_FLAGS = {"--kv-host-cache-gb": 0.5, "--kv-disk-cache-dir": FRESH_DIR, "--kv-disk-cache-gb": 2.0,
+              "--peer-pull": True}
 _tier_cfg = dict(pools__prefill__initial_replicas=0, pools__decode__initial_replicas=2, router__remote_prefill=False,
                  engine__threads_per_worker=1, router__policy="cost-model")
 
-# multi-turn: 10 conversations of 6 turns (64 new prompt tokens + 8 output tokens a turn, so turn k
-# resends 72k + 64 tokens, the last 424 = 27 blocks; 265 blocks for every conversation's last turn),
-# sent turn-major so that all 10 are live at once and 9 other turns come between two turns of one
-# conversation. Device pool 64 blocks per worker: about two last turns, under half of the ~5
-# conversations a worker serves, and the running requests' blocks come out of it too, so an LRU
-# device pool evicts a conversation's history before its next turn (a cyclic pattern larger than
-# the cache); a 0.5 GiB host tier per worker (728 blocks of 0.74 MB, float32 KV) holds them all.
-# In whole blocks a perfect cache serves 1,024 of the 1,464 prompt tokens of a conversation (70%).
-# The first probe (12 x 4 turns, 96 + 16 tokens, 1.0 req/s) saturated both sides on this shared host
-# (workers 96% busy, 0.38-0.45 req/s served): TTFT was queueing on both, and 16 output tokens a turn
-# made decode steps most of the work. So fewer, shorter outputs, longer histories relative to the new
-# turn (where the tiers save the most), and 0.6 req/s (see RESULTS.md for what it did).
-MT_POOL_BLOCKS = 64
+# multi-turn: 10 conversations of 6 turns, each opening with its own 512-token context (a document or
+# long system prompt: vLLM's multi-turn benchmark's per-conversation prefix), then 64 new prompt
+# tokens + 8 output tokens a turn, so turn k sends 512 + 72k tokens, the last 872 = 55 blocks; ~550
+# blocks for every conversation's last turn. Sent turn-major so that all 10 are live
+# at once and 9 other turns come between two turns of one conversation. Device pool 96 blocks per
+# worker: under two last turns, a third of the ~5 conversations a worker serves, and the running
+# requests' blocks come out of it too, so an LRU device pool evicts a conversation's history before
+# its next turn (a cyclic pattern larger than the cache); a 0.5 GiB host tier per worker (728 blocks
+# of 0.74 MB, float32 KV) holds them all. In whole blocks a perfect cache serves 3,296 of a
+# conversation's 4,152 prompt tokens (79%).
+# History: the first probe (12 x 4 turns, 96 + 16 tokens, 1.0 req/s) saturated both sides on this
+# shared host (workers 96% busy): TTFT was queueing on both, and 16 output tokens a turn made decode
+# steps most of the work; so fewer, shorter outputs. Until 12-05 the turns opened with 64 tokens like
+# the rest (64-block pools; 70% reusable): a turn's prefill was then mostly the engine's fixed cost of a
+# forward (~90 ms of the ~190 ms a 64-token prefill takes on one float32 thread), which caps what any
+# cache can save at ~2.3x (RESULTS.md, "multi-turn with an opening context").
+MT_POOL_BLOCKS = 96
 MT_CONVERSATIONS, MT_TURNS, MT_RATE = 10, 6, 0.6
 register(Scenario(
     name="multi-turn",
@@ -200,7 +206,7 @@ register(Scenario(
     candidate_flags=TIER_FLAGS,
     labels=("device-only", "kv-tiers"),
     dataset={"dataset": "multi-turn", "num_conversations": MT_CONVERSATIONS, "turns": MT_TURNS, "input_len": 64,
-             "output_len": 8, "ignore_eos": True},
+             "first_input_len": 512, "output_len": 8, "ignore_eos": True},
     request_rate=MT_RATE,
     goodput={"ttft": 2000.0},
     metrics=("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "prefix_cache_hit_rate", "request_goodput",

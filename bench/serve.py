@@ -231,6 +231,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--suffix-len", type=int, default=d["suffix_len"], help="per-prompt tokens after it")
     data.add_argument("--num-conversations", type=int, default=d["num_conversations"], help="multi-turn conversations")
     data.add_argument("--turns", type=int, default=d["turns"], help="turns per conversation")
+    data.add_argument("--first-input-len", type=int, default=d["first_input_len"],
+                      help="multi-turn: turn 0's prompt tokens, each conversation's opening context (default: "
+                           "--input-len)")
     data.add_argument("--long-fraction", type=float, default=d["long_fraction"], help="mixed: share of long prompts")
     data.add_argument("--long-input-len", type=int, default=d["long_input_len"], help="mixed: long prompt tokens")
     trace = parser.add_argument_group("trace replay (--dataset mooncake:PATH, bench/trace_dataset.py): arrivals "

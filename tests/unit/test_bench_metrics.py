@@ -169,6 +169,11 @@ def test_multi_turn_structure():
     reqs = build_dataset({"dataset": "multi-turn", "num_conversations": 3, "turns": 2, "input_len": 6}, VOCAB)
     assert [(r.turn, r.conversation) for r in reqs] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     assert all(len(r.prompt_ids) == 6 and r.output_len == 128 for r in reqs)
+    # first_input_len: each conversation's turn 0 opens with its own longer context; later turns as before
+    opened = build_dataset({"dataset": "multi-turn", "num_conversations": 3, "turns": 2, "input_len": 6,
+                            "first_input_len": 40}, VOCAB)
+    assert [len(r.prompt_ids) for r in opened] == [40, 40, 40, 6, 6, 6]
+    assert len({tuple(r.prompt_ids) for r in opened[:3]}) == 3
 
 
 def test_mixed_long_fraction():

@@ -165,7 +165,8 @@ def test_tier_scenarios_differ_only_by_the_candidates_tier_flags():
     for name in ("multi-turn", "trace-replay"):
         sc = SCENARIOS[name]
         assert leaves(sc.baseline) == leaves(sc.candidate), name       # same cluster; the flags add the tiers
-        assert set(sc.candidate_flags) == {"--kv-host-cache-gb", "--kv-disk-cache-dir", "--kv-disk-cache-gb"}
+        assert set(sc.candidate_flags) == {"--kv-host-cache-gb", "--kv-disk-cache-dir", "--kv-disk-cache-gb",
+                                           "--peer-pull"}
         assert sc.candidate_flags["--kv-disk-cache-dir"] == FRESH_DIR
         assert sc.baseline.router.policy == "cost-model" and not sc.baseline.router.remote_prefill
         assert "mean_ttft_ms" in sc.metrics and "prefix_cache_hit_rate" in sc.metrics
@@ -200,6 +201,7 @@ def test_candidate_flags_resolve_by_name_with_fresh_dirs_or_say_what_is_missing(
             cand, base = side_config(SCENARIOS[name], "candidate", dirs).engine.cache, SCENARIOS[name].baseline
             assert cand.host_cache_gb > 0 and cand.disk_cache_gb > 0 and os.path.isdir(cand.disk_cache_dir)
             assert base.engine.cache.host_cache_gb == 0 and base.engine.cache.disk_cache_dir is None
+            assert side_config(SCENARIOS[name], "candidate", dirs).cost.peer_pull and not base.cost.peer_pull
 
 
 def test_a_side_that_did_not_run_reports_not_run():
