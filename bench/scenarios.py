@@ -224,34 +224,38 @@ def trace_path() -> str:
 
 # trace-replay: a slice of the Mooncake FAST'25 conversation trace (bench/trace_dataset.py). Its
 # turns come minutes apart, so a contiguous slice reuses nothing but the system prompt (the first
-# 48 lines: 4% of blocks even with an unbounded cache); one conversation in 40 from the start keeps
-# whole conversations: 32 requests over 426 s of trace time, 814 blocks of 16 tokens (token_scale 1:
-# a 512-token trace block is one engine block; outputs scaled alike, ~11 tokens), 22% of them
-# reusable with an unbounded cache (the whole trace: 37%). Device pool 112 blocks per worker: the
-# slice's longest prompt is 100 blocks (1,588 tokens), so that is about the least that runs every
-# request; an LRU of that size per worker (each prompt to the worker with its longest prefix) hits 6%
-# of blocks in a trace-level simulation (hash ids only, 2026-12-04), an unbounded cache 22%:
-# device-only cannot keep a conversation between its turns, the 0.5 GiB host tier per worker (728
-# blocks) holds the whole slice (~630 distinct blocks). time_scale 0.2 replays the 426 s in 85 s:
-# ~150 prompt tokens/s offered to 2 one-thread workers. The tiers can save at most the 22% reusable
-# prefill, so a 2x TTFT needs the queueing that recomputing causes (see RESULTS.md).
-TRACE_POOL_BLOCKS = 112
+# 48 lines: 4% of blocks even with an unbounded cache); one conversation in 20 from the start keeps
+# whole conversations: 256 requests over 1,551 s of trace time, 6,529 blocks of 16 tokens (token_scale
+# 1: a 512-token trace block is one engine block; outputs scaled alike, ~11 tokens), 4,016 distinct,
+# 38.5% reusable with an unbounded cache (the whole trace: 37%). Device pool 192 blocks per worker:
+# the slice's longest prompt is 189 blocks (3,024 tokens), so that is about the least that runs every
+# request; an LRU of that size per worker (each prompt to the worker with its longest prefix) hits 9%
+# of blocks in a trace-level simulation (hash ids only), an unbounded cache 38.5%: device-only cannot
+# keep a conversation between its turns. The 0.5 GiB host tier per worker (728 blocks) holds under a
+# third of the slice, the 2 GiB disk tier (2,911 blocks) the rest: both tiers serve hits.
+# time_scale 0.1 replays the 1,551 s in 155 s (1.65 req/s, ~670 prompt tokens/s offered to 2
+# one-thread workers): near device-only's capacity, under the tiers'. The tiers save at most the
+# reusable prefill (~1.35x of the compute here), so the 2x TTFT of issue 19 comes from the queueing
+# that recomputing causes; at time_scale 0.12, where device-only keeps up, the ratio was 1.50x, at
+# 0.08 2.98x (RESULTS.md). Until 12-05: 1 conversation in 40, 32 requests, time x0.2, 112-block
+# pools; 22% reusable, and device-only already hit 17%, so the tiers could not matter (1.00x).
+TRACE_POOL_BLOCKS = 192
 register(Scenario(
     name="trace-replay",
-    summary="Mooncake conversation trace, 32 requests (1 conversation in 40, time x0.2) on 2 local-prefill "
-            f"workers of {TRACE_POOL_BLOCKS}-block pools (~1/3 of the slice's distinct blocks): device-only vs "
-            "host+disk tiers (host tier holds it all)",
+    summary="Mooncake conversation trace, 256 requests (1 conversation in 20, time x0.1) on 2 local-prefill "
+            f"workers of {TRACE_POOL_BLOCKS}-block pools (~1/10 of the slice's distinct blocks): device-only vs "
+            "host+disk tiers and peer pulls (host ~1/3 of the slice, disk the rest)",
     baseline=cluster(engine__cache__kv_cache_memory=kv_blocks(TRACE_POOL_BLOCKS), **_tier_cfg),
     candidate=cluster(engine__cache__kv_cache_memory=kv_blocks(TRACE_POOL_BLOCKS), **_tier_cfg),
     candidate_flags=TIER_FLAGS,
     labels=("device-only", "kv-tiers"),
-    dataset={"dataset": f"mooncake:{trace_path()}", "token_scale": 1, "time_scale": 0.2, "start": 0,
-             "max_requests": 32, "conversation_sample": 40, "ignore_eos": True},
+    dataset={"dataset": f"mooncake:{trace_path()}", "token_scale": 1, "time_scale": 0.1, "start": 0,
+             "max_requests": 256, "conversation_sample": 20, "ignore_eos": True},
     request_rate=float("inf"),          # unused: the trace's own arrival times
     goodput={"ttft": 5000.0},
     metrics=("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "prefix_cache_hit_rate", "request_goodput",
              "request_throughput"),
-    notes=f"arrivals from the trace (x0.2); 2 workers x {TRACE_POOL_BLOCKS} device blocks; candidate adds "
+    notes=f"arrivals from the trace (x0.1); 2 workers x {TRACE_POOL_BLOCKS} device blocks; candidate adds "
           f"{TIER_FLAGS}; trace file: $PDCLUSTER_TRACE or ../shared/traces/conversation_trace.jsonl",
 ))
 

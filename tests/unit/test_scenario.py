@@ -228,7 +228,7 @@ def test_trace_scenario_builds_the_slice_from_the_trace_file(tmp_path):
     assert len(reqs[0].prompt_ids) == bs + round(188 * bs / 512)    # one engine block per trace block
     assert reqs[0].prompt_ids[:bs] == reqs[1].prompt_ids[:bs]       # the shared block 0
     assert min(t for r in reqs for t in r.prompt_ids) > 16          # SmolLM2's added tokens are 0..16
-    assert [r.arrival_s for r in reqs] == [0.0, 0.2]                # time_scale 0.2
+    assert [r.arrival_s for r in reqs] == [0.0, 0.1]                # time_scale 0.1
 
 
 def test_tier_counters_are_per_run_deltas_summed_over_runs_and_workers():
