@@ -235,9 +235,9 @@ def trace_path() -> str:
 # third of the slice, the 2 GiB disk tier (2,911 blocks) the rest: both tiers serve hits.
 # time_scale 0.1 replays the 1,551 s in 155 s (1.65 req/s, ~670 prompt tokens/s offered to 2
 # one-thread workers): near device-only's capacity, under the tiers'. The tiers save at most the
-# reusable prefill (~1.35x of the compute here), so the 2x TTFT of issue 19 comes from the queueing
-# that recomputing causes; at time_scale 0.12, where device-only keeps up, the ratio was 1.50x, at
-# 0.08 2.98x (RESULTS.md). Until 12-05: 1 conversation in 40, 32 requests, time x0.2, 112-block
+# reusable prefill (~1.35x of the compute here); the rest of any TTFT gain is the queueing that
+# recomputing causes, so the ratio depends on the load: 1.43-2.24x in four rounds at 0.1, 1.50x at
+# 0.12 (device-only keeps up), 2.98x at 0.08 (it does not) (RESULTS.md). Until 12-05: 1 conversation in 40, 32 requests, time x0.2, 112-block
 # pools; 22% reusable, and device-only already hit 17%, so the tiers could not matter (1.00x).
 TRACE_POOL_BLOCKS = 192
 register(Scenario(
