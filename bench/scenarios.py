@@ -199,8 +199,9 @@ MT_POOL_BLOCKS = 96
 MT_CONVERSATIONS, MT_TURNS, MT_RATE = 10, 6, 0.6
 register(Scenario(
     name="multi-turn",
-    summary=f"{MT_CONVERSATIONS} live {MT_TURNS}-turn conversations on 2 local-prefill workers of {MT_POOL_BLOCKS}-block "
-            "pools (device pools hold under half the conversations, the host tier all): device-only vs host+disk tiers",
+    summary=f"{MT_CONVERSATIONS} live {MT_TURNS}-turn conversations (512-token openings, 64 tokens a turn) on 2 "
+            f"local-prefill workers of {MT_POOL_BLOCKS}-block pools (device pools hold a third of the conversations, "
+            "the host tier all): device-only vs host+disk tiers and peer pulls",
     baseline=cluster(engine__cache__kv_cache_memory=kv_blocks(MT_POOL_BLOCKS), **_tier_cfg),
     candidate=cluster(engine__cache__kv_cache_memory=kv_blocks(MT_POOL_BLOCKS), **_tier_cfg),
     candidate_flags=TIER_FLAGS,
@@ -211,7 +212,7 @@ register(Scenario(
     goodput={"ttft": 2000.0},
     metrics=("mean_ttft_ms", "median_ttft_ms", "p99_ttft_ms", "prefix_cache_hit_rate", "request_goodput",
              "request_throughput"),
-    notes=f"2 workers x {MT_POOL_BLOCKS} device blocks (under half of a worker's conversations); candidate adds "
+    notes=f"2 workers x {MT_POOL_BLOCKS} device blocks (a third of a worker's conversations); candidate adds "
           f"{TIER_FLAGS} (a fresh disk directory per run)",
 ))
 
@@ -237,8 +238,9 @@ def trace_path() -> str:
 # one-thread workers): near device-only's capacity, under the tiers'. The tiers save at most the
 # reusable prefill (~1.35x of the compute here); the rest of any TTFT gain is the queueing that
 # recomputing causes, so the ratio depends on the load: 1.43-2.24x in four rounds at 0.1, 1.50x at
-# 0.12 (device-only keeps up), 2.98x at 0.08 (it does not) (RESULTS.md). Until 12-05: 1 conversation in 40, 32 requests, time x0.2, 112-block
-# pools; 22% reusable, and device-only already hit 17%, so the tiers could not matter (1.00x).
+# 0.12 (device-only keeps up), 2.98x at 0.08 (it does not) (RESULTS.md). Until 12-05: 1 conversation
+# in 40, 32 requests, time x0.2, 112-block pools; 22% reusable, and device-only already hit 17%, so
+# the tiers could not matter (1.00x).
 TRACE_POOL_BLOCKS = 192
 register(Scenario(
     name="trace-replay",
