@@ -11,6 +11,7 @@ from pdcluster.sim.cluster import PoolSpec, SimConfig
 
 # (b) policies at equal hardware
 POLICIES_B = ("round-robin", "least-loaded", "cache-aware", "llm-d", "dynamo-kv", "cost-model")
+PUBLISHED = ("llm-d", "dynamo-kv")      # other systems' policies, implemented from their docs
 
 
 def prefill_hw_b(a) -> str:
@@ -26,26 +27,42 @@ def prefill_hw_b(a) -> str:
     return name
 
 
+def variants_b(a, cfg: SimConfig) -> dict[str, tuple[SimConfig, bool]]:
+    """(b)'s rows: label -> (config, a published system's policy as documented). Besides the six
+    policies: dynamo-kv with Dynamo's request rejection (busy thresholds, --b-dynamo-busy), and
+    policies with this router's TTFT-SLO admission (--b-admit-ttft, RouterConfig.admit_ttft_s)."""
+    out = {p: (replace(cfg, policy=p), p in PUBLISHED) for p in POLICIES_B}
+    for spec in filter(None, a.b_dynamo_busy.split(",")):
+        tokens, _, blocks = spec.partition(":")
+        opts = (("busy_prefill_tokens", int(tokens)),) + ((("busy_decode_blocks", float(blocks)),) if blocks else ())
+        out[f"dynamo-kv, rejection {spec}"] = (replace(cfg, policy="dynamo-kv", policy_options=opts), True)
+    if a.b_admit_ttft:
+        for p in filter(None, a.b_admit_policies.split(",")):
+            out[f"{p}, --admit-ttft {a.b_admit_ttft:g}"] = (replace(cfg, policy=p, admit_ttft_s=a.b_admit_ttft), False)
+    return out
+
+
 def study_b(a, reqs_at) -> dict:
     cfg = SimConfig(a.model, **pools_b(a, prefill_hw_b(a)),
                     slo_ttft_s=a.slo_ttft_ms / 1e3, slo_tpot_s=a.slo_tpot_ms / 1e3)
     out = {}
     for rate in a.b_rates:
         reqs = reqs_at(rate)
-        for p in POLICIES_B:
-            s = simulate(replace(cfg, policy=p), reqs, a.progress)
-            out[f"{p} x{rate}"] = dict(policy=p, rate=rate, **s)
-            print(f"  b | {p} x{rate}: goodput {s['goodput_rps']:.3f} ({s['wall_s']:.0f}s)", flush=True)
+        for name, (c, published) in variants_b(a, cfg).items():
+            s = simulate(c, reqs, a.progress)
+            out[f"{name} x{rate}"] = dict(policy=name, rate=rate, published=published, **s)
+            print(f"  b | {name} x{rate}: goodput {s['goodput_rps']:.3f} ({s['wall_s']:.0f}s)", flush=True)
     for rate in a.b_rates:
         rows = {k: v for k, v in out.items() if v["rate"] == rate}
-        pub = max(v["goodput_rps"] for v in rows.values() if v["policy"] in ("llm-d", "dynamo-kv"))
+        pub = max(v["goodput_rps"] for v in rows.values() if v["published"])
         print(f"\n(b) {a.b_prefill} {cfg.prefill.hw} prefill + {a.b_decode} H20 decode, one zone, rate x{rate}: "
-              f"SLO TTFT {a.slo_ttft_ms:g} ms TPOT {a.slo_tpot_ms:g} ms{tiers_label(a)}")
-        print(table(["policy", "goodput req/s", "vs best published", "attainment", "TTFT p50 s", "TTFT p90 s",
-                     "TPOT p90 ms", "cache hit", "local"],
+              f"SLO TTFT {a.slo_ttft_ms:g} ms TPOT {a.slo_tpot_ms:g} ms{tiers_label(a)}; best published = the best of "
+              f"{', '.join(k for k, v in variants_b(a, cfg).items() if v[1])}")
+        print(table(["policy", "goodput req/s", "vs best published", "attainment", "refused", "TTFT p50 s",
+                     "TTFT p90 s", "TPOT p90 ms", "cache hit", "local"],
                     [[v["policy"], v["goodput_rps"], f"{v['goodput_rps'] / pub:.2f}x" if pub else "-", v["attainment"],
-                      v["ttft_p50"], v["ttft_p90"], v["tpot_p90"] * 1e3, v["cache_hit"], v["local_share"]]
-                     for v in rows.values()]))
+                      v["refused"] / max(v["requests"], 1), v["ttft_p50"], v["ttft_p90"], v["tpot_p90"] * 1e3,
+                      v["cache_hit"], v["local_share"]] for v in rows.values()]))
     return out
 
 
@@ -86,6 +103,14 @@ def add_b_arguments(ap) -> None:
     ap.add_argument("--b-disk-gb", type=float, default=0.0, help="(b, b') GiB of disk KV tier per prefill instance")
     ap.add_argument("--b-decode-host-gb", type=float, default=0.0,
                     help="(b, b') GiB of host-memory KV tier per decode instance")
+    ap.add_argument("--b-dynamo-busy", default="",
+                    help="(b) also dynamo-kv with Dynamo's request rejection, one row per busy-threshold pair "
+                         "'prefill_tokens[:decode_blocks]', comma-separated (e.g. 32768:0.85); counted as published")
+    ap.add_argument("--b-admit-ttft", type=float, default=0.0,
+                    help="(b) also run --b-admit-policies with this router's --admit-ttft at this many seconds "
+                         "(0: not run)")
+    ap.add_argument("--b-admit-policies", default="cost-model,dynamo-kv,least-loaded",
+                    help="(b) the policies run with --b-admit-ttft")
     ap.add_argument("--b-fallbacks", default="wait,cheapest,local,wait@5,wait@30,wait@300",
                     help="(b') cost-model KV-full fallbacks to compare: kv_full_fallback[@place_wait_s]")
 

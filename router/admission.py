@@ -44,3 +44,33 @@ def refusal(candidates: Iterable[WorkerLoad], prefill_tps: Callable[[WorkerLoad]
             return (f"expected time to the first token is {first:.1f}s, over the request's deadline "
                     f"({deadline_s:.1f}s left): retry later or elsewhere")
     return None
+
+
+def placement_ttft_s(choice, loads: dict[str, WorkerLoad], prefill_tps: Callable[[WorkerLoad], float],
+                     n_tokens: int) -> float | None:
+    """Expected seconds to the first token on `choice` (a Placement): the policy's own estimate where it
+    gives one (the cost model's ttft_s: queue, uncached compute, tier loads, exposed transfer, join),
+    else (the backlog of the worker that prefills + all n_tokens) / its measured prefill rate, with no
+    credit for cache hits (an upper bound). None: that worker is unknown."""
+    est = choice.estimate or {}
+    if "ttft_s" in est:
+        return float(est["ttft_s"])
+    w = loads.get(choice.prefill or choice.decode)
+    if w is None:
+        return None
+    return (max(w.queued_tokens, w.waiting_tokens) + n_tokens) / max(prefill_tps(w), 1e-9)
+
+
+def slo_refusal(choice, loads: dict[str, WorkerLoad], prefill_tps: Callable[[WorkerLoad], float], n_tokens: int,
+                admit_ttft_s: float | None) -> str | None:
+    """Why a new request placed as `choice` should be refused now (RouterConfig.admit_ttft_s: its
+    expected time to the first token, placement_ttft_s, is over the TTFT SLO), or None to admit it.
+    Refusing at once what would miss the SLO anyway keeps the queue it would have built from making
+    the requests behind it miss too (bench/RESULTS.md, "SLO admission")."""
+    if admit_ttft_s is None:
+        return None
+    ttft = placement_ttft_s(choice, loads, prefill_tps, n_tokens)
+    if ttft is None or ttft <= admit_ttft_s:
+        return None
+    return (f"expected time to the first token is {ttft:.2f}s, over --admit-ttft ({admit_ttft_s:g}s): "
+            "retry later or elsewhere")

@@ -19,6 +19,12 @@ class RouterConfig:
             "admission: a request whose prefill could not start within this many seconds (the queued prompt "
             "tokens / the measured prefill rate), or whose first token could not come within its own gRPC "
             "deadline, gets RESOURCE_EXHAUSTED at once; 0 = only the deadline")})
+    admit_ttft_s: float | None = field(      # router/admission.py slo_refusal, checked in router/lifecycle/place.py
+        default=None, metadata={"cli": "--admit-ttft", "zero_is_none": True, "help": (
+            "admission by TTFT SLO: a new request whose expected time to first token on the placement the policy "
+            "chose (the cost model's estimate; other policies: that worker's queued prompt tokens + the prompt "
+            "over its measured prefill rate) is over this many seconds gets RESOURCE_EXHAUSTED at once, before "
+            "anything is reserved; 0 = off")})
     max_attempts: int = 3                   # placements tried per attempt before UNAVAILABLE
     place_wait_s: float | None = field(      # router/lifecycle/place.py; finite bounds (5-300 s) brought the
         default=None, metadata={"cli": "--place-wait", "zero_is_none": True, "help": (   # fleet collapse back

@@ -11,6 +11,9 @@ placement retry loop of router/lifecycle/place.py (choose, expect, reserve; NoRo
 decode worker and chooses again, up to RouterConfig.max_attempts); a request no worker takes waits
 in the router (FIFO) and is placed again after the next status poll, and so does a deferred choice
 (Placement.defer) until there is room or it has waited RouterConfig.place_wait_s since its arrival.
+A request the router refuses (RESOURCE_EXHAUSTED) ends unserved: the policy shed it (Overloaded from
+`choose`), or its first choice's expected TTFT is over RouterConfig.admit_ttft_s (the router's own
+router/admission.py `slo_refusal`, as place.py checks it).
 """
 from __future__ import annotations
 
@@ -22,9 +25,11 @@ from dataclasses import dataclass, field, replace
 
 from prometheus_client import CollectorRegistry
 
+from pdcluster.router.admission import slo_refusal
 from pdcluster.router.autoscaler import PoolAutoscaler, ScalingRule, pool_metrics
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.cost_config import CostConfig
+from pdcluster.router.errors import Overloaded
 from pdcluster.router.metrics import RecentWindow, RouterMetrics
 from pdcluster.router.placement import make_policy
 from pdcluster.router.prefix_index import PrefixIndex
@@ -92,6 +97,7 @@ class SimConfig:
     share_prefix_blocks: bool = True        # decode KV: a cached prompt block is held once (sim/instances.py
                                             #   reserve); False: every request holds all its blocks (before issue 20 pt 2)
     place_wait_s: float | None = RouterConfig.place_wait_s    # a deferred placement waits this long (None: for room)
+    admit_ttft_s: float | None = RouterConfig.admit_ttft_s    # refuse a new request expected over this TTFT (None: off)
 
     def roofline(self, role: str) -> Roofline:
         pool = self.prefill if role == "prefill" else self.decode
@@ -140,7 +146,7 @@ class Simulator:
         self.telemetry = Telemetry(self.cost_cfg)
         self.rcfg = RouterConfig(block_size=cfg.block_tokens, remote_prefill=cfg.prefill is not None,
                                  local_prefill_max_tokens=cfg.local_prefill_max_tokens, policy=cfg.policy,
-                                 place_wait_s=cfg.place_wait_s)
+                                 place_wait_s=cfg.place_wait_s, admit_ttft_s=cfg.admit_ttft_s)
         self.registry = WorkerRegistry(self.rcfg, RouterMetrics(CollectorRegistry()), self.index, self.telemetry)
         self.policy = policy if policy is not None else make_policy(
             cfg.policy, index=self.index, telemetry=self.telemetry, config=self.cost_cfg,
@@ -252,14 +258,20 @@ class Simulator:
         reg, req = self.registry, job.req
         hashes = list(req.hashes) or None
         exclude: set[str] = set()
-        for _ in range(self.rcfg.max_attempts):
-            ch = self.policy.choose(req.input_len, reg.loads_of("prefill"), reg.loads_of("decode"), exclude,
-                                    hashes=hashes, now=now)
+        for k in range(self.rcfg.max_attempts):
+            try:
+                ch = self.policy.choose(req.input_len, reg.loads_of("prefill"), reg.loads_of("decode"), exclude,
+                                        hashes=hashes, now=now)
+            except Overloaded:                  # the policy shed it (DynamoKV's busy thresholds)
+                return self._refuse(job)
             if ch is None:
                 return False
             wait = self.rcfg.place_wait_s
             if ch.defer and (wait is None or now - req.arrival_s < wait):    # place.py's _choose: wait for room
                 return False
+            if k == 0 and slo_refusal(ch, reg.loads, self.telemetry.prefill_tps, req.input_len,
+                                      self.rcfg.admit_ttft_s):
+                return self._refuse(job)        # place.py: over the TTFT SLO, refused before anything is held
             self.placements += 1
             if hashes:                          # place.py: the worker that computes the blocks
                 self.index.expect(ch.prefill or ch.decode, hashes, now)
@@ -288,6 +300,12 @@ class Simulator:
             p.submit(job, now)
             return True
         return False
+
+    def _refuse(self, job: Job) -> bool:
+        """The router answered RESOURCE_EXHAUSTED: the request ends unserved (it counts against attainment)."""
+        self.records[job.req.rid].kind = "refused"
+        self.done += 1
+        return True
 
     def prefill_done(self, job: Job, p: PrefillInstance, now: float) -> None:
         d = job.extra["d"]

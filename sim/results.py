@@ -11,7 +11,7 @@ class Record:
     arrival_s: float
     input_len: int
     output_len: int
-    kind: str = ""                  # "remote" | "local" | "" (never placed)
+    kind: str = ""                  # "remote" | "local" | "refused" (RESOURCE_EXHAUSTED) | "" (never placed)
     prefill: str = ""
     decode: str = ""
     first_s: float | None = None
@@ -75,4 +75,4 @@ class SimResult:
             local_share=sum(1 for x in done if x.kind == "local") / max(len(done), 1),
             cache_hit=sum(x.cached for x in done) / prompt, gpu_hours=self.gpu_hours, cost=self.cost,
             dollars_per_h=self.cost / hours, end_s=self.end_s, placements=self.placements,
-            router_waits=self.router_waits)
+            router_waits=self.router_waits, refused=sum(1 for x in r if x.kind == "refused"))

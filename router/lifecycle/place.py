@@ -11,7 +11,8 @@ from typing import AsyncIterator
 from pdcluster.engine.hashing import block_hashes
 from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
 from pdcluster.messages import NoRoom, PullPlan, TokenItem
-from pdcluster.router.errors import Unavailable, WorkerLost
+from pdcluster.router.admission import slo_refusal
+from pdcluster.router.errors import Overloaded, Unavailable, WorkerLost
 from pdcluster.router.lifecycle.pull import charge, pull_plan, serving_charge
 from pdcluster.router.placement import Placement
 
@@ -36,9 +37,13 @@ class Attempt:
 
 
 async def place(router, attempt_id: str, ids: list[int], params: SamplingParams, salt: str | None,
-                exclude: set[str], outputs: list[int] = ()) -> Attempt:
+                exclude: set[str], outputs: list[int] = (), fresh: bool = False) -> Attempt:
     """Place attempt `attempt_id` of prompt `ids` on a worker not in `exclude` (failed ones are added).
     outputs: tokens an earlier attempt sent; prefilled after the prompt, sampled on as outputs.
+    fresh: a new request (not a migration), checked against the TTFT SLO on its first choice.
+    Raises Overloaded (RESOURCE_EXHAUSTED) for a fresh request over that SLO (RouterConfig.admit_ttft_s,
+    router/admission.py slo_refusal) or one the policy sheds (every worker busy: DynamoKV's busy
+    thresholds); Unavailable when no worker could take it.
     Each try after the first goes to the workers as `attempt_id#tK` (the Attempt's id): a worker
     fences an id whose abort overtook its call (pdcluster/abort_fence.py), so a failed try's id,
     aborted everywhere, is never sent again."""
@@ -50,6 +55,9 @@ async def place(router, attempt_id: str, ids: list[int], params: SamplingParams,
         choice = await _choose(router, len(tokens), exclude, hashes, t0)
         if choice is None:
             break
+        if k == 0 and fresh and (why := slo_refusal(choice, workers.loads, router.telemetry.prefill_tps,
+                                                    len(tokens), cfg.admit_ttft_s)):
+            raise Overloaded(why)       # a new request only, before anything is held (counted as "overloaded")
         try_id = attempt_id if k == 0 else f"{attempt_id}#t{k}"
         # the worker that computes this prompt's blocks holds them from now on, tentatively: the
         # next prompts with this prefix queue behind it instead of racing elsewhere. Not the decode

@@ -87,6 +87,9 @@ class Router:
         except Unavailable:
             trace.status = "unavailable"
             raise
+        except Overloaded:                  # refused at placement (router/lifecycle/place.py)
+            trace.status = "overloaded"
+            raise
         finally:
             trace.status = trace.status or "error"
             self.in_flight.discard(request_id)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pdcluster.engine.detokenizer import Detokenizer
 from pdcluster.engine.rules import finish_reason
 from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
-from pdcluster.router.errors import Unavailable, WorkerLost
+from pdcluster.router.errors import Overloaded, Unavailable, WorkerLost
 from pdcluster.router.lifecycle.log import Trace
 from pdcluster.router.lifecycle.place import Attempt, place
 
@@ -85,8 +85,8 @@ class RequestRun:
         self.attempt_id = self.request_id if m == 0 else f"{self.request_id}#m{m}"
         try:
             attempt = await place(self.router, self.attempt_id, self.ids, self.params, self.salt, self.exclude,
-                                  list(self.out))
-        except Unavailable:
+                                  list(self.out), fresh=m == 0)
+        except (Unavailable, Overloaded):     # Overloaded: the policy shed it (no worker below its busy bounds)
             if not self.out:
                 raise
             return None

@@ -51,7 +51,7 @@ _FACTORIES = {      # name -> (factory, the keywords it takes)
     "llm-d": (_with_block_size(LlmD), {"index", "telemetry", "remote_prefill", "block_size", "prefix_weight",
                                        "queue_weight", "load_weight", "pd_threshold"}),
     "dynamo-kv": (_with_block_size(DynamoKV), {"index", "telemetry", "remote_prefill", "block_size",
-                                               "overlap_score_weight"}),
+                                               "overlap_score_weight", "busy_decode_blocks", "busy_prefill_tokens"}),
     "cost-model": (_cost_model, _SWITCH | {"index", "telemetry", "config"} | {f.name for f in fields(CostConfig)}),
 }
 POLICY_NAMES = tuple(_FACTORIES)

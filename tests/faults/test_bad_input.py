@@ -588,6 +588,34 @@ def test_http_admission_refusal_is_429_and_leaks_nothing(c, monkeypatch):
     assert_unharmed(c, before)
 
 
+def test_ttft_slo_admission_refuses_over_grpc_and_http_and_leaks_nothing(c, monkeypatch):
+    """--admit-ttft (RouterConfig.admit_ttft_s): a new request whose placement's expected TTFT is over
+    the bound gets RESOURCE_EXHAUSTED / 429 at once, before anything is reserved or prefilled (an n = 2
+    HTTP request too); with a bound above it the same request is served."""
+    before = incarnations(c)
+
+    async def run():
+        async with grpc.aio.insecure_channel(c.address) as ch, httpx.AsyncClient(timeout=60) as http:
+            await wait_idle(c)
+            monkeypatch.setattr(c.router, "cfg", dataclasses.replace(c.router.cfg, admit_ttft_s=1e-6))
+            t0 = time.monotonic()
+            code, details, msgs = await call(ch, ser(req("Tell me about lighthouses", 4)))
+            took = time.monotonic() - t0
+            two = await post(http, c, COMPLETIONS, http_body(c, COMPLETIONS, {"n": 2}))
+            await wait_idle(c)
+            monkeypatch.setattr(c.router, "cfg", dataclasses.replace(c.router.cfg, admit_ttft_s=600.0))
+            ok = await call(ch, ser(req("Tell me about lighthouses", 4)))
+            monkeypatch.undo()
+            return code, details, msgs, took, two, ok
+    code, details, msgs, took, two, ok = c.run(run())
+    print(f"\n[faults] --admit-ttft 1e-6: gRPC {code.name} in {took * 1e3:.0f} ms ({details}); HTTP n=2 "
+          f"{two.status_code}; bound 600 s: {ok[0].name}")
+    assert code == EXHAUSTED and not msgs and "--admit-ttft" in details and took < 2.0
+    assert two.status_code == 429 and is_openai_error(two) and "--admit-ttft" in two.json()["error"]["message"]
+    assert served(ok[0], ok[2])
+    assert_unharmed(c, before)
+
+
 def test_http_draining_or_no_worker_is_503(c):
     """503 with OpenAI's error body while the endpoint drains (graceful stop), and when no decode worker
     can take a request (the only one is being drained, as a scale-down does); /health says the same

@@ -36,3 +36,22 @@ def test_refused_on_the_queue_bound_or_on_the_deadline_and_says_which():
     why = refusal([p0], rate, 1000, 30.0, 3.5)                        # starts in time, yet finishes too late
     assert "deadline" in why and "4.0s" in why
     assert refusal([], rate, 1000, 0.1, 0.1) is None                  # no candidate: placement's answer
+
+
+# admission by TTFT SLO (RouterConfig.admit_ttft_s): the placement the policy chose, over the SLO
+def test_the_slo_check_reads_the_cost_models_own_estimate_else_the_chosen_workers_backlog():
+    from pdcluster.router.admission import placement_ttft_s, slo_refusal
+    from pdcluster.router.placement import Placement
+    loads = {"p0": WorkerLoad("p0", "prefill", queued_tokens=3000), "d0": WorkerLoad("d0", "decode")}
+    priced = Placement("p0", "d0", "remote", {"ttft_s": 0.4})        # the cost model's estimate wins
+    assert placement_ttft_s(priced, loads, rate, 1000) == 0.4
+    plain = Placement("p0", "d0", "remote", {"hit_blocks_prefill": 3})   # others: (3000 + 1000) / 1000
+    assert placement_ttft_s(plain, loads, rate, 1000) == 4.0
+    local = Placement(None, "d0", "local")                           # local: d0 prefills, 1000 / 500
+    assert placement_ttft_s(local, loads, rate, 1000) == 2.0
+    assert placement_ttft_s(Placement("gone", "d0", "remote"), loads, rate, 1000) is None
+    assert slo_refusal(plain, loads, rate, 1000, None) is None       # off
+    assert slo_refusal(plain, loads, rate, 1000, 4.0) is None        # at the bound: admitted
+    why = slo_refusal(plain, loads, rate, 1000, 2.0)
+    assert "4.00s" in why and "--admit-ttft (2s)" in why
+    assert slo_refusal(priced, loads, rate, 1000, 0.3) and not slo_refusal(priced, loads, rate, 1000, 0.5)

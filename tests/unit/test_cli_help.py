@@ -45,7 +45,8 @@ SERVE_FLAGS = {     # every flag serve has (each one it had before the tree kept
     "--kv-host-cache-gb": 0.0, "--kv-disk-cache-dir": None, "--kv-disk-cache-gb": 0.0, "--kv-tier-codec": "none", "--kv-tier-block-loads": False,
     "--policy": "cost-model", "--auth-token-file": None, "--tls-cert": None, "--tls-key": None,
     "--cluster-secret-file": None, "--max-restarts": 3, "--worker-timeout": 60.0, "--prefill-timeout": 120.0,
-    "--health-timeout": 5.0, "--transfer-timeout": 30.0, "--max-queue-wait": 30.0, "--drain-timeout": 30.0,
+    "--health-timeout": 5.0, "--transfer-timeout": 30.0, "--max-queue-wait": 30.0, "--admit-ttft": 0,
+    "--drain-timeout": 30.0,
     "--place-wait": 0, "--kv-full-fallback": "wait", "--peer-pull": False,
     "--config": None, "--log-level": "INFO", "--log-format": "text",
 }

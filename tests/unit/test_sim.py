@@ -217,3 +217,28 @@ def test_cost_model_waits_for_decode_kv_instead_of_prefilling_on_a_full_h20():
     assert new["router_waits"] > 10 and new["local_share"] <= 0.05      # waited, then remote
     assert new["end_s"] < 80 and new["tpot_p90"] < 0.1
     assert old["local_share"] > 0.3 and old["end_s"] > 150 and old["tpot_p90"] > 0.3
+
+
+def test_slo_admission_refuses_what_would_queue_past_the_ttft_slo():
+    """RouterConfig.admit_ttft_s in the simulator (router/admission.py slo_refusal, as place.py checks it):
+    40 prompts of 30k tokens, one every 0.5 s, at one H200 (~1.4 s each) with a 2 s TTFT SLO. Without
+    admission every prompt queues and nearly all miss; with it the router refuses those expected past
+    2 s at once, and the ones it admits meet the SLO. The refused ones count against attainment."""
+    rs = [Request(i, i * 0.5, 30_000, 20, chain([i, 9])) for i in range(40)]
+
+    def run(admit, policy="cost-model", opts=()):
+        cfg = SimConfig("llama-3-8b", prefill=PoolSpec("H200", 1), decode=PoolSpec("H20", 1), policy=policy,
+                        slo_ttft_s=2.0, slo_tpot_s=0.2, admit_ttft_s=admit, policy_options=opts)
+        res = Simulator(cfg, rs).run()
+        return res.summary(), res.records
+    off, _ = run(None)
+    on, recs = run(2.0)
+    assert off["refused"] == 0 and off["finished"] == 40 and off["slo_met"] <= 3
+    assert 20 <= on["refused"] < 35 and on["finished"] == 40 - on["refused"]
+    assert on["ttft_p90"] <= 2.0 and on["slo_met"] >= on["finished"] - 1 and on["slo_met"] > 3 * off["slo_met"]
+    assert on["attainment"] == on["slo_met"] / 40
+    refused = [r for r in recs if r.kind == "refused"]
+    assert len(refused) == on["refused"] and all(r.first_s is None and r.finish_s is None for r in refused)
+    # Dynamo's request rejection (busy thresholds, DynamoKV): a worker past 60k active prompt tokens is busy
+    dyn, _ = run(None, "dynamo-kv", (("busy_prefill_tokens", 60_000),))
+    assert dyn["refused"] > 15 and dyn["ttft_p90"] < off["ttft_p90"] / 5
