@@ -242,7 +242,7 @@ def trace_path() -> str:
 # in 40, 32 requests, time x0.2, 112-block pools; 22% reusable, and device-only already hit 17%, so
 # the tiers could not matter (1.00x).
 TRACE_POOL_BLOCKS = 192
-register(Scenario(
+TRACE_REPLAY = register(Scenario(
     name="trace-replay",
     summary="Mooncake conversation trace, 256 requests (1 conversation in 20, time x0.1) on 2 local-prefill "
             f"workers of {TRACE_POOL_BLOCKS}-block pools (~1/10 of the slice's distinct blocks): device-only vs "
@@ -261,6 +261,22 @@ register(Scenario(
           f"{TIER_FLAGS}; trace file: $PDCLUSTER_TRACE or ../shared/traces/conversation_trace.jsonl",
 ))
 
+
+# prefill-chunk: trace-replay's slice and cluster, device-only on both sides; the candidate caps each
+# request's prefill at PREFILL_CHUNK tokens a step (--long-prefill-token-threshold, engine/scheduler.py).
+# One-thread float32 workers compute ~450 prompt tokens/s, so a 2,048-token chunk holds a step ~4.5 s:
+# every short prompt that arrives meanwhile waits for the long one's last chunk. Capped, the long
+# prompt takes 256 tokens a step and the short ones are admitted beside it.
+PREFILL_CHUNK = 256
+register(replace(
+    TRACE_REPLAY, name="prefill-chunk",
+    summary=f"trace-replay's slice, device-only: prefill chunks up to the step budget vs at most {PREFILL_CHUNK} "
+            "tokens per request per step (--long-prefill-token-threshold)",
+    candidate=cluster(engine__cache__kv_cache_memory=kv_blocks(TRACE_POOL_BLOCKS),
+                      engine__sched__long_prefill_token_threshold=PREFILL_CHUNK, **_tier_cfg),
+    candidate_flags={}, labels=("budget-sized chunks", f"chunks <= {PREFILL_CHUNK}"),
+    notes=f"as trace-replay, device-only both sides; candidate: --long-prefill-token-threshold {PREFILL_CHUNK}",
+))
 
 # spec-decode (issue 18 point 3): n-gram speculative decoding off vs on (the default) through the
 # served cluster, on the copy dataset (a passage asked back word for word) one request at a time,

@@ -109,9 +109,18 @@ class SchedulerConfig:
     max_num_batched_tokens: int = field(   # token budget per step (prefill chunks + decodes)
         default=2048, metadata={"help": "token budget of one engine step (longer prompts prefill in chunks of it)"})
     enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = field(   # engine/scheduler.py: a per-request chunk cap (vLLM's flag)
+        default=0, metadata={"help": (
+            "most prompt tokens one request computes in a step (0: up to the step's budget); a long prompt then "
+            "shares each step with the short ones behind it instead of holding them for its whole prefill")})
     wait_for_inflight_prefix: bool = True  # a waiting request whose next uncached block a running
                                            #   request is computing waits for it (then hits) instead
                                            #   of computing the same prefix twice
+
+    def __post_init__(self):
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0 (0 = off), got "
+                             f"{self.long_prefill_token_threshold}")
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,13 @@
 """Continuous-batching scheduler with chunked prefill and recompute preemption. Pure Python.
 
 No prefill/decode phases: each step gives every running request `num_tokens -
-num_computed_tokens` more tokens (capped by the step's token budget), then admits waiting
-requests while budget, sequence slots and KV blocks last. A request whose chunk reaches its
-last token is sampled. When the pool runs dry, the newest running request is preempted
-(blocks freed, recomputed later; the prefix cache usually gives most of them back).
+num_computed_tokens` more tokens (capped by the step's token budget, and per request by
+`long_prefill_token_threshold` when set), then admits waiting requests while budget, sequence
+slots and KV blocks last. A request whose chunk reaches its last token is sampled. With the
+per-request cap a long prompt's prefill takes a chunk per step and the prompts that arrive
+behind it are admitted beside it (processor sharing) instead of waiting for its last chunk.
+When the pool runs dry, the newest running request is preempted (blocks freed, recomputed
+later; the prefix cache usually gives most of them back).
 
 A waiting request whose next uncached prompt block a running request is still computing is
 passed over (the rest of the queue goes on) until that block is published, then admitted with
@@ -30,6 +33,7 @@ always progress once everything newer is preempted.
 """
 from __future__ import annotations
 
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -202,10 +206,11 @@ class Scheduler:
         # a drafted row there costs about what the token would cost in a step of its own
         spec_room = self.spec.max_step_tokens - len(self.running) if self.spec is not None else 0
         scheduled: set[str] = set()
+        cap = self._chunk_cap()
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens - req.num_computed_tokens, budget, cap)
             if n <= 0:
                 i += 1
                 continue
@@ -253,7 +258,7 @@ class Scheduler:
                     continue
                 if got is _IN_STEP:             # loaded inside this step's forward: its tail runs now
                     hits = []
-            n = req.num_tokens - (len(hits) * self.kv.block_size if hits else req.num_computed_tokens)
+            n = min(req.num_tokens - (len(hits) * self.kv.block_size if hits else req.num_computed_tokens), cap)
             if n > budget:
                 if not self.cfg.enable_chunked_prefill:
                     break
@@ -272,6 +277,12 @@ class Scheduler:
             if wait:
                 inflight.update(computing(req, self.kv.block_size))
         return out
+
+    def _chunk_cap(self) -> int:
+        """Most tokens one request computes this step: long_prefill_token_threshold with chunked
+        prefill on (else no cap). A decode row's 1 token is never cut; its drafts come after the cap."""
+        thr = self.cfg.long_prefill_token_threshold
+        return thr if thr > 0 and self.cfg.enable_chunked_prefill else sys.maxsize
 
     def _start_load(self, req: Request, hits: list):
         """Does the connector supply tokens past req's local hits? Then their blocks (and the hits)

@@ -39,7 +39,8 @@ def test_every_option_has_help_and_its_default(name, monkeypatch):
 SERVE_FLAGS = {     # every flag serve has (each one it had before the tree kept), with its default in the flag's units
     "--model": None, "--host": "127.0.0.1", "--port": 50051, "--prefill-workers": 1, "--decode-workers": 1,
     "--address": None, "--threads-per-worker": 1, "--gpu": False, "--enforce-eager": False, "--cpu-compile": False, "--cpu-int8-rows": 0, "--dtype": "float32", "--kv-cache-memory": 512,
-    "--max-num-seqs": 64, "--max-num-batched-tokens": 2048, "--max-model-len": None, "--local-prefill": False,
+    "--max-num-seqs": 64, "--max-num-batched-tokens": 2048, "--long-prefill-token-threshold": 0,
+    "--max-model-len": None, "--local-prefill": False,
     "--local-prefill-max-tokens": 0, "--metrics-port": 9090, "--http-port": 8000, "--kv-transport": "tcp",
     "--kv-compression": "off", "--quantization": "none", "--kv-cache-dtype": "auto", "--speculative": "ngram",
     "--kv-host-cache-gb": 0.0, "--kv-disk-cache-dir": None, "--kv-disk-cache-gb": 0.0, "--kv-tier-codec": "none", "--kv-tier-block-loads": False,

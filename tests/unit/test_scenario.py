@@ -174,6 +174,14 @@ def test_tier_scenarios_differ_only_by_the_candidates_tier_flags():
     assert SCENARIOS["trace-replay"].dataset["dataset"].startswith("mooncake:")
 
 
+def test_prefill_chunk_is_trace_replay_device_only_with_the_chunk_cap_alone():
+    sc, tr = SCENARIOS["prefill-chunk"], SCENARIOS["trace-replay"]
+    b, c = leaves(sc.baseline), leaves(sc.candidate)
+    assert {k for k in b if b[k] != c[k]} == {"engine.sched.long_prefill_token_threshold"}
+    assert b["engine.sched.long_prefill_token_threshold"] == 0 and c["engine.sched.long_prefill_token_threshold"] > 0
+    assert leaves(tr.baseline) == b and not sc.candidate_flags and sc.dataset == tr.dataset
+
+
 def test_candidate_flags_resolve_by_name_with_fresh_dirs_or_say_what_is_missing(tmp_path):
     import contextlib
     import os

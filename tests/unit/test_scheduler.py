@@ -356,3 +356,33 @@ def test_a_connector_that_cannot_receive_refuses_a_remote_reservation_and_keeps_
     with pytest.raises(NotImplementedError):
         s.add_remote(req(9, rid="r"))
     assert not s.requests and s.kv.num_free_blocks == 8
+
+
+def test_long_prefill_threshold_lets_a_short_prompt_in_beside_a_long_ones_chunks():
+    """long_prefill_token_threshold (vLLM's per-request chunk cap): a 40-token prompt computes at most 8
+    tokens a step, so a 3-token prompt that arrives behind it is admitted in the next step and gets its
+    first token there. Control: without the cap the long prompt takes the whole 16-token budget each
+    step and the short one waits for its last chunk."""
+    def short_first_token_step(threshold):
+        kv = KVCacheManager(64, BS)
+        s = Scheduler(SchedulerConfig(8, 16, True, threshold), kv, 1000, None)
+        s.add(req(40, rid="long"))
+        steps, chunks = 0, []
+        short = None
+        while short is None or not short.num_output_tokens:
+            batch, _ = run_step(s)
+            steps += 1
+            chunks.append(dict(zip([r.request_id for r in batch.reqs], batch.num_new_tokens)))
+            if steps == 1:
+                short = req(3, start=500, rid="short")
+                s.add(short)
+        return steps, chunks
+    steps, chunks = short_first_token_step(8)
+    assert steps == 2 and chunks == [{"long": 8}, {"long": 8, "short": 3}]
+    steps, chunks = short_first_token_step(0)
+    assert steps == 3 and chunks == [{"long": 16}, {"long": 16}, {"long": 8, "short": 3}]
+
+
+def test_long_prefill_threshold_is_checked():
+    with pytest.raises(ValueError, match="long_prefill_token_threshold must be >= 0"):
+        SchedulerConfig(long_prefill_token_threshold=-5)
