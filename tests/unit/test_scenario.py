@@ -318,3 +318,11 @@ def test_deploy_pools_cpu_yaml_is_the_peers_split_side():
     assert got.engine_kwargs("prefill")["dtype"] == "bfloat16" and got.engine_kwargs("decode")["quantization"] == "int4"
     assert got.engine_kwargs("decode")["cpu_int8_rows"] == 12
     assert (got.pools.prefill.initial_replicas, got.pools.decode.initial_replicas) == (1, 1)
+
+
+def test_slo_admission_differs_from_its_baseline_in_the_admission_bound_alone():
+    sc = SCENARIOS["slo-admission"]
+    b, c = leaves(sc.baseline), leaves(sc.candidate)
+    assert {k for k in b if b[k] != c[k]} == {"router.admit_ttft_s"}
+    assert b["router.admit_ttft_s"] is None and c["router.admit_ttft_s"] * 1e3 == sc.goodput["ttft"]
+    assert not sc.candidate_flags and b["router.policy"] == "cost-model" and "request_goodput" in sc.metrics
