@@ -1,6 +1,8 @@
 """Study (b) of bench/sim_studies.py (issue 20, point 3): placement policies at equal hardware by
 goodput at the TTFT/TPOT SLO, and (b') the cost model's KV-full fallback variants, with optional
-cache tiers per instance (sim/tiers.py: host memory and disk below each device prefix cache)."""
+cache tiers per instance (sim/tiers.py: host memory and disk below each device prefix cache).
+Optional rows: dynamo-kv with Dynamo's request rejection (--b-dynamo-busy, counted as published) and
+policies behind this router's TTFT-SLO admission (--b-admit-ttft, RouterConfig.admit_ttft_s)."""
 from __future__ import annotations
 
 from dataclasses import replace
