@@ -5,6 +5,7 @@
     router.host / port / metrics_port / http_port
                                       server.host / port / metrics_port / http_port
     router.policy                     router.policy
+    router.admit_ttft_s               router.admit_ttft_s (serve's --admit-ttft, seconds; null = off)
     autoscaler.enabled / interval_s   pools.autoscaler
     prefill, decode: *_replicas       pools.prefill / pools.decode
       resources.threads               pools.<pool>.threads (resources.cpus must equal it: Ray CPUs per actor)
@@ -303,13 +304,16 @@ def parse_pools_config(text: str, source: str = "<string>", base: ClusterConfig 
     rd = _Reader()
     top = rd.mapping(root, "", ("model", "router", "autoscaler", "prefill", "decode"))
     model = _pick(rd.value(top, "model", "", _opt_str), base.model)
-    r = rd.mapping(top["router"][1], "router", ("host", "port", "policy", "metrics_port", "http_port")) if "router" in top else {}
+    r = rd.mapping(top["router"][1], "router", ("host", "port", "policy", "metrics_port", "http_port", "admit_ttft_s")
+                   ) if "router" in top else {}
     s = base.server
     server = replace(s, host=_pick(rd.value(r, "host", "router", _str), s.host),
                      port=_pick(rd.value(r, "port", "router", _int(0, 65535)), s.port),
                      metrics_port=_pick(rd.value(r, "metrics_port", "router", _int(0, 65535)), s.metrics_port),
                      http_port=_pick(rd.value(r, "http_port", "router", _int(0, 65535)), s.http_port))
     policy = _pick(rd.value(r, "policy", "router", _one_of(POLICY_NAMES)), base.router.policy)
+    admit = _pick(rd.value(r, "admit_ttft_s", "router", _opt(_num(0, lo_open=True))), base.router.admit_ttft_s)
+    admit = None if admit is None else float(admit)
     lp = rd.mapping(top["autoscaler"][1], "autoscaler", ("enabled", "interval_s")) if "autoscaler" in top else {}
     bl = base.pools.autoscaler
     loop = replace(bl, enabled=_pick(rd.value(lp, "enabled", "autoscaler", _bool), bl.enabled),
@@ -321,7 +325,7 @@ def parse_pools_config(text: str, source: str = "<string>", base: ClusterConfig 
     _one_block_size(rd, top, pools, base)
     if rd.issues:
         raise PoolsConfigError(source, rd.issues)
-    return replace(base, model=model, server=server, router=replace(base.router, policy=policy),
+    return replace(base, model=model, server=server, router=replace(base.router, policy=policy, admit_ttft_s=admit),
                    pools=replace(base.pools, autoscaler=loop, **pools),
                    engine=replace(base.engine, use_gpu=res["prefill"]["gpus"][0] > 0))
 

@@ -79,8 +79,10 @@ def fitting_tps(model: str, hw: str, limit: int = 2) -> list[int]:
 
 def search(reqs, model: str, hw_p: str, hw_d: str, slo: tuple[float, float], budget: float | None = None,
            attain: float = 0.9, max_instances: int = 64, policy: str = "cost-model", progress: bool = False,
-           log=print, host_cache_gb: float = 0.0, disk_cache_gb: float = 0.0) -> list[Candidate]:
-    """host_cache_gb / disk_cache_gb: GiB of KV cache tiers per instance of both pools (sim/tiers.py)."""
+           log=print, host_cache_gb: float = 0.0, disk_cache_gb: float = 0.0,
+           admit_ttft_s: float | None = None) -> list[Candidate]:
+    """host_cache_gb / disk_cache_gb: GiB of KV cache tiers per instance of both pools (sim/tiers.py);
+    admit_ttft_s: the router refuses a request expected past this TTFT (RouterConfig.admit_ttft_s)."""
     span = max(r.arrival_s for r in reqs) or 1.0
     out: list[Candidate] = []
     seen = {}
@@ -90,8 +92,7 @@ def search(reqs, model: str, hw_p: str, hw_d: str, slo: tuple[float, float], bud
         if key not in seen:
             tiers = dict(host_cache_gb=host_cache_gb, disk_cache_gb=disk_cache_gb)
             cfg = SimConfig(model, prefill=PoolSpec(hw_p, np_, tpp, **tiers), decode=PoolSpec(hw_d, nd, tpd, **tiers),
-                            policy=policy,
-                            slo_ttft_s=slo[0], slo_tpot_s=slo[1])
+                            policy=policy, slo_ttft_s=slo[0], slo_tpot_s=slo[1], admit_ttft_s=admit_ttft_s)
             res = Simulator(cfg, reqs, progress=progress).run()
             s = res.summary()
             ttft_miss = sum(1 for r in res.records if r.ttft_s is None or r.ttft_s > slo[0])
@@ -151,7 +152,7 @@ def pools_yaml(c: Candidate, a, hw_p: str, hw_d: str, slo: tuple[float, float]) 
 # replica = one device in this file) and the model ({a.model}: set `model:` to its weights on every node).
 router:
   policy: cost-model
-prefill:
+{admit_yaml(a)}prefill:
   min_replicas: {c.n_prefill}
   max_replicas: {c.n_prefill}
   initial_replicas: {c.n_prefill}
@@ -166,6 +167,13 @@ decode:
     signal: p90_tpot
     tpot_slo_ms: {slo[1] * 1e3:g}
 """
+
+
+def admit_yaml(a) -> str:
+    """pools.yaml's router.admit_ttft_s for --admit-ttft ('' when off)."""
+    if not a.admit_ttft:
+        return ""
+    return f"  admit_ttft_s: {a.admit_ttft:g}          # refuse a request expected past this TTFT, as simulated\n"
 
 
 def kv_tiers_yaml(a) -> str:
@@ -196,6 +204,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GiB of host-memory KV cache tier per instance, both pools (0: none); written to pools.yaml")
     p.add_argument("--disk-cache-gb", type=float, default=0.0,
                    help="GiB of disk KV cache tier per instance, both pools (0: none); written to pools.yaml")
+    p.add_argument("--admit-ttft", type=float, default=0.0,
+                   help="size the fleet for a router that refuses a request expected past this many seconds to "
+                        "its first token (serve's --admit-ttft; refused requests count as misses); 0: off")
     p.add_argument("--out", default=None, help="write the best configuration as a pools.yaml here")
     p.add_argument("--validate", action="store_true",
                    help="instead of planning: run a scaled trace slice (and other --validate-cases) on a cluster "
@@ -234,6 +245,8 @@ def main(a) -> int:
             raise ValueError("--budget must be > 0 dollars per hour")
         if a.host_cache_gb < 0 or a.disk_cache_gb < 0:
             raise ValueError("--host-cache-gb and --disk-cache-gb must be >= 0")
+        if a.admit_ttft < 0:
+            raise ValueError("--admit-ttft must be >= 0 seconds (0: off)")
         reqs = load_trace(a.trace, duration_s=a.duration_s, rate_scale=a.rate_scale)
         if not reqs:
             raise ValueError(f"{a.trace}: no requests")
@@ -242,9 +255,10 @@ def main(a) -> int:
         return 2
     print(f"planning {a.model} on {hw_p} prefill + {hw_d} decode for {len(reqs)} requests "
           f"(SLO TTFT {slo[0] * 1e3:g} ms, TPOT {slo[1] * 1e3:g} ms, attainment >= {a.attain:.0%}"
-          f"{f', budget ${a.budget:g}/h' if a.budget else ''})")
+          f"{f', budget ${a.budget:g}/h' if a.budget else ''}"
+          f"{f', --admit-ttft {a.admit_ttft:g}' if a.admit_ttft else ''})")
     cands = search(reqs, a.model, hw_p, hw_d, slo, a.budget, a.attain, a.max_instances, progress=a.progress,
-                   host_cache_gb=a.host_cache_gb, disk_cache_gb=a.disk_cache_gb)
+                   host_cache_gb=a.host_cache_gb, disk_cache_gb=a.disk_cache_gb, admit_ttft_s=a.admit_ttft or None)
     b = best(cands, a.attain, a.budget)
     if b is None:
         print("error: no configuration fits the budget", file=sys.stderr)

@@ -65,3 +65,22 @@ def test_plan_with_cache_tiers_writes_them_per_pool(trace, tmp_path, capsys):
         assert pool.kv_tiers.disk_cache_dir
     assert cli.main(["plan", "--trace", trace, "--model", "llama-3-8b", "--host-cache-gb", "-1"]) == 2
     assert "--host-cache-gb" in capsys.readouterr().err
+
+
+def test_plan_for_a_router_with_slo_admission_writes_it_into_pools_yaml(trace, tmp_path, capsys):
+    """--admit-ttft: the simulated router refuses what it expects past the TTFT bound, and the written
+    pools.yaml carries the bound (router.admit_ttft_s) for `serve --config`; a bad value is refused."""
+    out = tmp_path / "pools.yaml"
+    rc = cli.main(["plan", "--trace", trace, "--model", "llama-3-8b", "--admit-ttft", "2", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "--admit-ttft 2" in text and "best:" in text
+    assert load_pools_config(out).router.admit_ttft_s == 2.0
+    assert cli.main(["plan", "--trace", trace, "--model", "llama-3-8b", "--admit-ttft", "-1"]) == 2
+    assert "--admit-ttft" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("router:\n  admit_ttft_s: 0\n")
+    with pytest.raises(Exception, match=r"router\.admit_ttft_s: must be > 0"):
+        load_pools_config(bad)
+    ok = tmp_path / "off.yaml"
+    ok.write_text("router:\n  admit_ttft_s: null\n")
+    assert load_pools_config(ok).router.admit_ttft_s is None
