@@ -50,15 +50,13 @@ def placement_ttft_s(choice, loads: dict[str, WorkerLoad], prefill_tps: Callable
                      n_tokens: int) -> float | None:
     """Expected seconds to the first token on `choice` (a Placement): the policy's own estimate where it
     gives one (the cost model's ttft_s: queue, uncached compute, tier loads, exposed transfer, join),
-    else (the backlog of the worker that prefills + all n_tokens) / its measured prefill rate, with no
-    credit for cache hits (an upper bound). None: that worker is unknown."""
+    else expected_wait_s of the worker that prefills with all n_tokens as its own (no credit for cache
+    hits: an upper bound). None: that worker is unknown or not placeable."""
     est = choice.estimate or {}
     if "ttft_s" in est:
         return float(est["ttft_s"])
     w = loads.get(choice.prefill or choice.decode)
-    if w is None:
-        return None
-    return (max(w.queued_tokens, w.waiting_tokens) + n_tokens) / max(prefill_tps(w), 1e-9)
+    return None if w is None else expected_wait_s([w], prefill_tps, n_tokens)
 
 
 def slo_refusal(choice, loads: dict[str, WorkerLoad], prefill_tps: Callable[[WorkerLoad], float], n_tokens: int,
