@@ -29,13 +29,15 @@ from typing import Callable, Iterable
 
 
 class Block:
-    __slots__ = ("block_id", "ref_cnt", "block_hash", "reused")
+    __slots__ = ("block_id", "ref_cnt", "block_hash", "reused", "gen")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_cnt = 0
         self.block_hash: int | None = None
         self.reused = False          # a prefix hit took it since it was cached (-> protected when freed)
+        self.gen = 0                 # +1 each time allocate() hands it out, before anything writes it: a
+                                     # reader off the engine thread (engine/peer_read.py) checks it did not move
 
     def __repr__(self) -> str:
         return f"Block({self.block_id}, ref={self.ref_cnt}, hash={self.block_hash})"
@@ -87,7 +89,8 @@ class BlockPool:
                 evicted.append(b.block_hash)
                 evicted_ids.append(block_id)
                 del self.cached[b.block_hash]
-                b.block_hash = None
+                b.block_hash = None             # unhashed before gen moves: see engine/peer_read.py
+            b.gen += 1
             b.reused = False
             b.ref_cnt = 1
             out.append(b)

@@ -5,9 +5,10 @@ instead of computing them (the router's cost model decides, router/placement/pul
     puller (engine thread, KV connector): external_tokens -> the pulled blocks' tokens;
         after_alloc -> a reservation at its KVReceiver + a PullOrder handed to `order_fn`
         (another thread: the worker actor asks the holder)
-    holder: serve_pull -> the blocks by chain hash: its device pool's on its engine thread (a host
-        copy between steps), the rest from its host / disk cache tiers on the calling thread (the
-        engine steps meanwhile); then streams them into the reservation over the KV transport
+    holder: serve_pull -> the blocks by chain hash: its device pool's (a KV cache in host memory: read
+        on the calling thread while the engine steps, engine/peer_read.py read_device_blocks_now; on
+        a GPU: a host copy on the engine thread between steps), the rest from its host / disk cache
+        tiers on the calling thread; then streams them into the reservation over the KV transport
     puller: finished_loading reports the reservation's end; the scheduler counts the tokens as
         computed (COMPLETE) or frees the blocks and recomputes every token (anything else)
 
@@ -134,14 +135,21 @@ class PullConnector(ReceiveConnector):
 def serve_pull(engine_thread, transport, order: PullOrder, timeout_s: float, tiers=None,
                stats: PullStats | None = None) -> PullResult:
     """The holder's side (any thread but the engine's): copy the blocks named by order.hashes that
-    the device pool holds to host on the engine thread (engine/peer_read.py, between steps); read the
-    rest from this worker's lower cache tiers (`tiers`: a TierConnector, or None) on this thread, so
+    the device pool holds (engine/peer_read.py: on this thread while the engine steps where the KV
+    cache is in host memory, else on the engine thread between steps); read the rest from this worker's lower cache tiers (`tiers`: a TierConnector, or None) on this thread, so
     the engine steps meanwhile; then stream them into the puller's reservation over `transport` (a
     KVTransport). All or nothing: a block in no tier fails the pull. Never raises for a missing block
     or a failed transfer: the PullResult says so (the puller recomputes). `stats`: counted there."""
-    from pdcluster.engine.peer_read import read_device_blocks
+    from pdcluster.engine import peer_read
     t0 = time.perf_counter()
-    res = _serve(engine_thread, read_device_blocks, transport, order, timeout_s, tiers)
+    engine = getattr(engine_thread, "engine", None)
+    if engine is not None and peer_read.reads_off_thread(engine):   # host memory: read now, the engine steps on
+        def read_device(hashes):
+            return peer_read.read_device_blocks_now(engine, hashes)
+    else:                                                           # between the engine's steps
+        def read_device(hashes):
+            return engine_thread.run(lambda e: peer_read.read_device_blocks(e, hashes))
+    res = _serve(read_device, transport, order, timeout_s, tiers)
     if stats is not None:
         if res[0].ok:
             stats.served_pull(res[1], res[0].kv_bytes, time.perf_counter() - t0)
@@ -150,15 +158,15 @@ def serve_pull(engine_thread, transport, order: PullOrder, timeout_s: float, tie
     return res[0]
 
 
-def _serve(engine_thread, read_device_blocks, transport, order: PullOrder, timeout_s: float, tiers):
-    """(the PullResult, blocks sent per tier)."""
+def _serve(read_device, transport, order: PullOrder, timeout_s: float, tiers):
+    """(the PullResult, blocks sent per tier). read_device(hashes) -> (positions found, ReadBlocks or None)."""
     none: dict[str, int] = {}
     if transport is None:
         return PullResult(False, reason="this worker's transport cannot serve pulls"), none
     if len(order.hashes) != len(order.dst_block_ids) or not order.hashes:
         return PullResult(False, reason=f"{len(order.hashes)} hashes for {len(order.dst_block_ids)} blocks"), none
     hashes = list(order.hashes)
-    found, dev = engine_thread.run(lambda e: read_device_blocks(e, hashes))
+    found, dev = read_device(hashes)
     by_tier = {"device": len(found)}
     if len(found) == len(hashes):
         k, v = dev.k, dev.v

@@ -247,6 +247,9 @@ class Telemetry:
         if status.role == "decode":
             load.running = status.running
         load.waiting_tokens = new.waiting_tokens
+        spill = next((t for t in LOWER_TIERS if any(f.tier == t and f.capacity_blocks > 0 for f in status.tiers)), "")
+        if load.spill_tier != spill:
+            load.spill_tier = spill
         perf = self.perf_of(load.worker_id, load.role)
         # counters start at zero with the worker: its first poll is a sample too (the warm-up's)
         old, perf.counters = perf.counters or EngineFigures(), new
@@ -332,6 +335,14 @@ class Telemetry:
     def tier_load_bps(self, load: WorkerLoad, tier: str) -> float:
         """KV bytes/s the worker loads back from a lower cache tier ("host", "disk")."""
         return self.perf_of(load.worker_id, load.role).tier_load[tier].rate
+
+    def room_s_per_token(self, load: WorkerLoad) -> float:
+        """What a token's worth of room taken in the worker's device pool costs later, in seconds: what
+        it evicts is recomputed (1 / its prefill rate) or, where the pool spills to a lower tier,
+        loaded back from there (KV bytes per token / that tier's load rate)."""
+        if load.spill_tier:
+            return self.cfg.kv_bytes_per_token / self.tier_load_bps(load, load.spill_tier)
+        return 1.0 / max(self.prefill_tps(load), 1e-9)
 
     def step_s(self, load: WorkerLoad, seqs: float) -> float:
         if load.decode_step_s is not None:

@@ -27,7 +27,10 @@ Either kind also pays a duplicate-prefill cost (a cost, not part of the TTFT):
    the TTFT, but its copy takes room in d's pool just as a computed one would. Left out, pulls
    spread every busy prefix over both workers of the prefix-routing workload and evicted the
    others: misses on a prefix's former holder rose from 4 to 39-60 of 192 (bench/RESULTS.md,
-   "Peer pull priced from measured pulls").
+   "Peer pull priced from measured pulls"). The pulled tokens are priced as the room they take:
+   what they evict is recomputed, at d's prefill rate, unless d's pool spills to a lower tier
+   (WorkerLoad.spill_tier): then it loads back from there (Telemetry.room_s_per_token), and a
+   prompt leaves a busy holder for a pull sooner.
 Constraints on d (either kind): free KV blocks >= blocks the prompt needs beyond d's cached prefix;
 TPOT guard: step_s(running_d + 1) <= tpot_slo_s, and for local with requests running, one prefill
 chunk's step (step_s(running_d) + chunk / rate_d) <= tpot_slo_s. If no option passes the guard the
@@ -306,10 +309,14 @@ class CostModel:
             loads = {w.worker_id: w for w in ps + ds}
             bs = c.block_size
             for e in out:       # pulled tokens count as repeated: the copy takes room in d's pool all the same
-                repeat = best_cached - (e.cached_tokens - e.pull_blocks * bs)
+                pulled = e.pull_blocks * bs
+                repeat = best_cached - (e.cached_tokens - pulled)
                 if repeat > 0:
-                    rate = self.telemetry.prefill_tps(loads[e.prefill or e.decode])
-                    e.duplicate_penalty_s = c.duplicate_penalty * repeat / rate
+                    w = loads[e.prefill or e.decode]
+                    held = min(pulled, repeat)              # the pulled part: room, priced as what it evicts
+                    e.duplicate_penalty_s = c.duplicate_penalty * (repeat - held) / self.telemetry.prefill_tps(w)
+                    if held:
+                        e.duplicate_penalty_s += c.duplicate_penalty * held * self.telemetry.room_s_per_token(w)
                     e.cost_s += e.duplicate_penalty_s
         out.sort(key=lambda e: (e.cost_s, e.kind != "local", e.decode, e.prefill or ""))
         return out

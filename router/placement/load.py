@@ -26,6 +26,8 @@ class WorkerLoad:
     waiting_tokens: int = 0         # prompt tokens waiting in its scheduler (last reported)
     serving_s: float = 0.0          # peer pulls this router ordered from it, not yet done: seconds of serving
                                     # (also in queued_tokens at its prefill rate; router/lifecycle/pull.py)
+    spill_tier: str = ""            # its first KV cache tier below the device pool ("host" | "disk"; "": none),
+                                    # where the blocks its pool evicts go (last status poll)
     prefill_tps: float | None = None        # prefill rate override, tokens/s (else learned online)
     decode_step_s: tuple | None = None      # decode step-time override (base_s, per_seq_s)
 

@@ -44,9 +44,10 @@ holder is the one that saves most. Applied to an Estimate, the pulled tokens lea
 the local penalty, which scales with it) and join cached_tokens, and pull_s joins the TTFT: the
 transfer is not credited with overlap against the tail's compute (the tail runs after the pulled
 blocks land). The TPOT guard is checked again on what d still computes (the tail's first chunk),
-not on the whole prompt's. The duplicate penalty (cost_model.py) still counts the pulled tokens as repeated: the
-copy evicts another prefix from d's pool as a recomputed one would. So a pull decides how a prompt
-placed away from its prefix's holder gets the prefix, not (by itself) whether to move it.
+not on the whole prompt's. The duplicate penalty (cost_model.py) still counts the pulled tokens, as the
+room the copy takes in d's pool (it evicts another prefix there as a recomputed one would): priced at
+d's prefill rate, or at its lower tier's load rate where d spills evicted blocks to one. So a pull decides
+how a prompt placed away from its prefix's holder gets the prefix, not (by itself) whether to move it.
 """
 from __future__ import annotations
 

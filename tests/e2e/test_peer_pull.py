@@ -3,7 +3,11 @@ float engine: worker B pulls a prompt's prefix blocks that worker A holds, compu
 and its greedy tokens match transformers'. A holds them in its device pool, or in its host-memory
 tier after evicting them, or split between the two. A holder that dropped the blocks, a link cut
 mid-pull and a plan naming another tenant's blocks all end in a recompute, token-exact."""
+import threading
+import time
+
 import pytest
+import torch
 
 from pdcluster.decode_worker.worker import DecodeWorker
 from pdcluster.engine.hashing import block_hashes
@@ -67,6 +71,72 @@ def test_b_pulls_the_prefix_a_holds_and_computes_only_the_tail(peers, hf_ref):
     assert computed == len(ids) - n * BS              # only the tail: the pulled blocks were not recomputed
     assert out == ref_a
     assert check_top5(hf_ref, ids, out, hf_greedy(hf_ref, ids, len(out))) >= 1
+
+
+def test_a_serves_a_pull_from_its_device_pool_while_its_engine_is_mid_step(peers, hf_ref):
+    """A's KV cache is host memory: it reads the pulled blocks while its engine computes a long prompt
+    (engine/peer_read.py read_device_blocks_now), instead of after that step. Before, the read waited
+    for the step's end, which on these one-thread workers is seconds for a long prefill chunk."""
+    a, b = peers
+    ids = _prompt(a, "estuaries")
+    n = (len(ids) - 1) // BS
+    ref = _hold(a, "hold-now", ids)
+    busy_ids = _prompt(a, "harbours") * 3                                  # ~330 tokens: one step of ~0.5 s+
+    busy = a.generate("busy-now", busy_ids, SamplingParams(max_tokens=1, temperature=0))
+    sched = a.engine.scheduler
+    deadline = time.monotonic() + 10
+    while not any(r.request_id == "busy-now" for r in list(sched.running)) and time.monotonic() < deadline:
+        time.sleep(0.001)                                                  # scheduled: its forward pass runs
+    still_running = []                                                     # at each serve's return
+
+    def order(o):
+        res = a.serve_pull(o)
+        still_running.append(any(r.request_id == "busy-now" for r in list(sched.running)))
+        return res
+    device0 = a.connector.stats.served_blocks["device"]
+    out, computed = _pull(a, b, "pull-now", ids, order_fn=order)
+    assert len(tokens(busy)) == 1
+    assert still_running == [True], "the pull waited for A's step to end"   # one step: 1 token, < a chunk
+    assert a.connector.stats.served_blocks["device"] - device0 == n      # from A's device pool, not a tier
+    assert computed == len(ids) - n * BS
+    assert out == ref
+    assert check_top5(hf_ref, ids, out, hf_greedy(hf_ref, ids, len(out))) >= 1
+
+
+def test_reads_racing_evictions_return_only_intact_blocks(peers):
+    """While A's engine evicts and rewrites a held prompt's blocks (other prompts fill its pool), reads
+    off its engine thread return each block either as it was cached or not at all."""
+    from pdcluster.engine.peer_read import read_blocks, read_device_blocks_now
+    a, _ = peers
+    ids = _prompt(a, "lagoons")
+    _hold(a, "hold-race", ids)
+    hashes = block_hashes(ids, BS, None)[:(len(ids) - 1) // BS]
+    ref = a.engine_thread.run(lambda e: read_blocks(e, hashes))
+    assert ref is not None
+    seen, bad, stop = [], [], threading.Event()
+
+    def reader():                                                          # reads until the churn ends
+        while not stop.is_set():
+            found, got = read_device_blocks_now(a.engine, hashes)
+            seen.append(len(found))
+            for j, i in enumerate(found):
+                for layer in (0, len(ref.k) - 1):
+                    if not (torch.equal(got.k[layer][j], ref.k[layer][i])
+                            and torch.equal(got.v[layer][j], ref.v[layer][i])):
+                        bad.append((i, layer))
+            time.sleep(0.001)
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for i in range(6):                                                 # ~1,300 tokens through a 34-block pool
+            assert len(tokens(a.generate(f"evict-{i}", _prompt(a, f"topic {i}") * 2,
+                                         SamplingParams(max_tokens=2, temperature=0)))) == 2
+    finally:
+        stop.set()
+        t.join()
+    assert not bad
+    assert max(seen) == len(hashes) and min(seen) == 0                     # read whole, then gone
+    assert a.engine_thread.run(lambda e: read_blocks(e, hashes)) is None       # evicted by the end
 
 
 def test_evicted_blocks_are_recomputed(peers):

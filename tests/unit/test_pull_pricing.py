@@ -247,3 +247,42 @@ def test_a_pulled_copy_pays_the_duplicate_penalty_so_the_prompt_waits_a_little_f
     assert (far.decode, far.estimate["pull_from"]) == ("puller", "holder")
     assert far.estimate["duplicate_penalty_s"] == pytest.approx(384 / 300.0)
     assert far.estimate["compute_s"] == pytest.approx(24 / 300.0)
+
+
+def test_a_puller_that_spills_to_a_host_tier_prices_the_pulled_copy_as_a_reload_and_leaves_a_busy_holder():
+    """The same prompt and holders as above, the puller's pool spilling to a host tier: what the copy
+    evicts there loads back at the tier's rate instead of being recomputed, so the penalty for the 384
+    pulled tokens is their reload time, and the prompt leaves a holder 0.6 s busy (the control above
+    keeps it there) for the idle peer, which pulls the prefix."""
+    n = 24 * BS + 24
+    hashes = block_hashes(list(range(n)), BS, None)
+    ix = PrefixIndex()
+    ix.apply("holder", "stored", hashes[:24], now=0.0)
+    cfg = CostConfig(block_size=BS, kv_bytes_per_token=KVB, allow_remote=False, peer_pull=True)
+    cm = CostModel(cfg, index=ix)
+
+    def place(queued, spill):
+        holder = D("holder", tps=300.0, running=1)
+        holder.queued_tokens = queued
+        return cm.choose(n, [], [holder, D("puller", tps=300.0, spill_tier=spill)], hashes=hashes, now=0.0)
+
+    assert place(180, "").decode == "holder"                            # the control: no tier, it waits
+    near = place(180, "host")
+    assert (near.decode, near.estimate["pull_from"]) == ("puller", "holder")
+    assert near.estimate["duplicate_penalty_s"] == pytest.approx(384 * KVB / cfg.prior_host_load_bps)
+    disk = place(180, "disk")                                           # a slower tier: a dearer reload
+    assert disk.estimate["duplicate_penalty_s"] == pytest.approx(384 * KVB / cfg.prior_disk_load_bps)
+
+
+def test_status_tiers_set_the_spill_tier():
+    from pdcluster.messages import EngineFigures, TierFigures, WorkerStatus
+    from pdcluster.router.telemetry import Telemetry
+    t, w = Telemetry(CostConfig()), D("w")
+
+    def poll(*tiers):
+        t.ingest_status(w, WorkerStatus("w", "decode", "i", 1, EngineFigures(), 0, (), tiers=tiers), now=0.0)
+        return w.spill_tier
+    assert poll() == ""
+    assert poll(TierFigures("disk", capacity_blocks=8), TierFigures("host", capacity_blocks=4)) == "host"
+    assert poll(TierFigures("host", capacity_blocks=0), TierFigures("disk", capacity_blocks=8)) == "disk"
+    assert poll() == ""
