@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from pdcluster.messages import TierFigures, WorkerStatus
+from pdcluster.messages import WorkerStatus
 from pdcluster.sim.cache import PrefixCache
 from pdcluster.sim.roofline import Roofline
 from pdcluster.sim.tiers import TierStack
@@ -104,9 +104,6 @@ class Instance:
         return (n + sum(got.values())) * self.bs, sum(secs.values())
 
     def status(self, **extra) -> WorkerStatus:
-        if self.tiers is not None:      # its tiers' sizes, as a worker reports them (the router reads spill_tier)
-            extra.setdefault("tiers", tuple(TierFigures(tier=t.name, capacity_blocks=t.capacity)
-                                            for t in self.tiers.tiers))
         return WorkerStatus.of(self.wid, self.role, "sim", 0, self.figures(), self.cache.drain(), **extra)
 
     def figures(self) -> dict:
