@@ -16,8 +16,8 @@ a block is written only after allocate() handed it out, which first unhashes it 
 gen, and a block holding a hash is full and computed (published after its step), never rewritten.
 Rows that moved are left out, as evicted ones are. The holder's lower cache tiers (host, disk)
 read the rest off the engine thread (kv_transfer/pull.py serve_pull, kv_transfer/tiers
-TierConnector.read_blocks), so a disk read never stalls a step. `read_blocks` is all-or-nothing: None when any hash is missing (evicted), so a pull
-never lands a partial prefix.
+TierConnector.read_blocks), so a disk read never stalls a step. `read_blocks` is all-or-nothing:
+None when any hash is missing (evicted), so a pull never lands a partial prefix.
 """
 from __future__ import annotations
 

@@ -136,8 +136,9 @@ def serve_pull(engine_thread, transport, order: PullOrder, timeout_s: float, tie
                stats: PullStats | None = None) -> PullResult:
     """The holder's side (any thread but the engine's): copy the blocks named by order.hashes that
     the device pool holds (engine/peer_read.py: on this thread while the engine steps where the KV
-    cache is in host memory, else on the engine thread between steps); read the rest from this worker's lower cache tiers (`tiers`: a TierConnector, or None) on this thread, so
-    the engine steps meanwhile; then stream them into the puller's reservation over `transport` (a
+    cache is in host memory, else on the engine thread between steps); read the rest from this
+    worker's lower cache tiers (`tiers`: a TierConnector, or None) on this thread, so the engine
+    steps meanwhile; then stream them into the puller's reservation over `transport` (a
     KVTransport). All or nothing: a block in no tier fails the pull. Never raises for a missing block
     or a failed transfer: the PullResult says so (the puller recomputes). `stats`: counted there."""
     from pdcluster.engine import peer_read
