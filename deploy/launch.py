@@ -136,6 +136,10 @@ class Cluster(Scaling):
         for wid, h in dec.items():
             self.router.add_worker("decode", DecodeClient(wid, h, self.timeouts), zone=c.pools.decode.zone)
         await self.router.refresh_loads()
+        if self.router.context_tokens < self.router.max_context:
+            log.warning("the decode workers' KV pools hold %d tokens: the served context length is %d, not the "
+                        "model's %d (--kv-cache-memory raises it)", self.router.context_tokens,
+                        self.router.context_tokens, self.router.max_context)
         from pdcluster.router.auth import TokenAuth
         sv = c.server
         auth = TokenAuth.from_file(sv.auth_token_file) if sv.auth_token_file else None

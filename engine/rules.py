@@ -23,3 +23,10 @@ def finish_reason(token: int, num_output: int, num_tokens: int, params: Sampling
 def blocks_for_lifetime(num_prompt_tokens: int, max_tokens: int, block_size: int) -> int:
     """KV blocks a request holds at its longest (prompt + every output token)."""
     return -(-(num_prompt_tokens + max_tokens) // block_size)
+
+
+def blocks_at_first_token(num_prompt_tokens: int, block_size: int) -> int:
+    """KV blocks a request holds once its first token is sampled (prompt + 1): what placing its
+    prefill takes from a pool. Never more than blocks_for_lifetime with max_tokens >= 1, so a
+    request that fits a pool for its lifetime is never refused a placement for this."""
+    return -(-(num_prompt_tokens + 1) // block_size)

@@ -135,7 +135,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         first = True
         try:
             parsed = await asyncio.get_running_loop().run_in_executor(
-                self._tokenize, parse_request, request, r.tokenizer, self.vocab_size, r.max_context)
+                self._tokenize, parse_request, request, r.tokenizer, self.vocab_size, r.context_tokens)
             rid = request.request_id or uuid.uuid4().hex
             # n > 1: choice j is request f"{rid}-{j}" at the router; its messages carry index j
             choices = [Choice(rid if parsed.n == 1 else f"{rid}-{j}", parsed.prompt_ids, p)
@@ -202,7 +202,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         p = self.router.workers
-        return pb.ModelInfo(model=self.model_name, max_context_tokens=self.router.max_context,
+        return pb.ModelInfo(model=self.model_name, max_context_tokens=self.router.context_tokens,
                             vocab_size=self.vocab_size, prefill_workers=len(p.prefill), decode_workers=len(p.decode))
 
 

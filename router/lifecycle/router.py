@@ -125,6 +125,15 @@ class Router:
             self.metrics.rejected("overloaded")
             raise Overloaded(why)
 
+    @property
+    def context_tokens(self) -> int:
+        """The context length served: the model's (max_context), or less where no decode worker's KV
+        pool (as last reported) holds that many tokens, as vLLM never serves a max_model_len its
+        cache cannot hold. What /v1/models and GetModelInfo report, what requests are checked
+        against, and what an OpenAI request without max_tokens may fill."""
+        sizes = [w.num_blocks for w in self.workers.loads_of("decode") if w.capacity_known]
+        return min(self.max_context, max(sizes) * self.cfg.block_size) if sizes else self.max_context
+
     def _check_capacity(self, n_prompt: int, max_tokens: int) -> None:
         """InvalidRequest when no decode worker's KV pool (as last reported) can ever hold the
         request: its worker would refuse it on every placement."""

@@ -75,7 +75,7 @@ class Api:
             raise OpenAIError(503, "the server is shutting down: retry on another", "service_unavailable")
         r = self.router
         return await asyncio.get_running_loop().run_in_executor(
-            self.tokenize, convert.parse, body, r.tokenizer, self.vocab_size, r.max_context)
+            self.tokenize, convert.parse, body, r.tokenizer, self.vocab_size, r.context_tokens)
 
 
 def asgi_app(api: Api):
@@ -111,7 +111,7 @@ def _routes(api: Api) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": api.model, "object": "model", "created": 0, "owned_by": "pdcluster",
-                                            "max_model_len": api.router.max_context}]}
+                                            "max_model_len": api.router.context_tokens}]}
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

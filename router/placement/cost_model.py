@@ -31,7 +31,8 @@ Either kind also pays a duplicate-prefill cost (a cost, not part of the TTFT):
    what they evict is recomputed, at d's prefill rate, unless d's pool spills to a lower tier
    (WorkerLoad.spill_tier): then it loads back from there (Telemetry.room_s_per_token), and a
    prompt leaves a busy holder for a pull sooner.
-Constraints on d (either kind): free KV blocks >= blocks the prompt needs beyond d's cached prefix;
+Constraints on d (either kind): free KV blocks >= blocks the prompt and its first token need beyond
+d's cached prefix (engine/rules.py blocks_at_first_token);
 TPOT guard: step_s(running_d + 1) <= tpot_slo_s, and for local with requests running, one prefill
 chunk's step (step_s(running_d) + chunk / rate_d) <= tpot_slo_s. If no option passes the guard the
 cheapest KV-feasible one is taken anyway (estimate["tpot_ok"] False) unless `tpot_strict`. If no
@@ -80,6 +81,7 @@ from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from typing import Iterable
 
+from pdcluster.engine.rules import blocks_at_first_token
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy, prefill_seconds   # pure Python, no torch
 from pdcluster.messages import EngineFigures
 from pdcluster.router.cost_config import CostConfig
@@ -184,7 +186,7 @@ class CostModel:
                          stall_s: float) -> tuple[int, bool, float, bool]:
         """(blocks needed, kv_ok, step seconds after, tpot_ok) of placing the prompt on d."""
         bs = self.cfg.block_size
-        blocks = max(0, -(-prompt_len // bs) + 1 - int(cached_d // bs))
+        blocks = max(0, blocks_at_first_token(prompt_len, bs) - int(cached_d // bs))
         after = max(self.telemetry.step_s(d, n_d + 1), stall_s)
         return (blocks, not d.capacity_known or d.free_blocks >= blocks, after,
                 self.cfg.tpot_slo_s is None or after <= self.cfg.tpot_slo_s)
@@ -406,7 +408,7 @@ class CostModel:
                     measured.setdefault(dst, set()).add(src)
         groups: dict[tuple, _Group] = {}
         over, slo, pen, chunk = c.remote_overhead_s, c.tpot_slo_s, c.local_penalty, c.local_chunk_tokens
-        need = -(-prompt_len // c.block_size) + 1
+        need = blocks_at_first_token(prompt_len, c.block_size)
         opts = []       # (sort key, kv_ok, tpot_ok, kind, d, prefill or None)
         kv_ok_count = 0
         for d in ds:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pdcluster.engine.rules import blocks_at_first_token
+
 SCAN = object()         # choose(): "take CostModel.choose_scan" (a case not covered here)
 _INF = np.inf
 _MIN, _MAX = np.minimum.reduce, np.maximum.reduce      # ndarray.min / max without their Python wrapper
@@ -21,7 +23,7 @@ class NumpyPricing:
         nD, L, bs = X.nD, prompt_len, c.block_size
         uD = u[:nD]
         vals, blks, code, memo = self._hits(prompt_len, hashes, t)
-        need = -(-prompt_len // bs) + 1
+        need = blocks_at_first_token(prompt_len, bs)
         vals_a = np.array(vals)
         if code is not None:
             cc = vals_a.take(code)              # cached tokens per row

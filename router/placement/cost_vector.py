@@ -39,6 +39,7 @@ from itertools import chain
 
 import numpy as np
 
+from pdcluster.engine.rules import blocks_at_first_token
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy
 from pdcluster.router.placement.base import Placement
 from pdcluster.router.placement.cost_columns import Columns
@@ -316,7 +317,7 @@ class VectorChooser(NumpyPricing):
                                            0.0 if slo is None else float(slo), bool(c.tpot_strict),
                                            float(c.local_chunk_tokens))
         status, i, n_kv, n_ps, best_cached = k.decide(
-            Lf, -(-prompt_len // c.block_size) + 1, nD, u, code, vals_a, np.array(blks, np.int64),
+            Lf, blocks_at_first_token(prompt_len, c.block_size), nD, u, code, vals_a, np.array(blks, np.int64),
             X.rate, X.q, X.zone, X.step_n, X.step_n1, X.pen_n, X.busy, X.free_eff, X.tpot_r,
             X.pstarts, X.pzone, groups[1], tt, tr_max, X.prank_a, float(c.duplicate_penalty), bool(local_ok),
             float(c.remote_overhead_s), slo_f, guard, strict, chunk, not measured,

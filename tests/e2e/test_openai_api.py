@@ -41,6 +41,27 @@ def test_models_and_health(cluster, client, model):
     assert r.status_code == 200 and r.json() == {"status": "ok"}
 
 
+def test_the_served_context_is_what_the_kv_pools_hold_and_chat_without_max_tokens_fits_it(cluster, client, model):
+    """The session cluster's decode pool holds fewer tokens than the model's 8,192 positions. The
+    served context length is the pool's, as vLLM's max_model_len: /v1/models and GetModelInfo say
+    so, and a chat request without max_tokens (which may fill the context) is served. Before, it
+    was refused (400): 8,192 - prompt output tokens cannot fit the pool."""
+    pool = max(w.num_blocks for w in cluster.router.workers.loads_of("decode")) * cluster.router.cfg.block_size
+    assert pool < cluster.router.max_context
+    assert sync(cluster, client.models.list).data[0].max_model_len == pool
+
+    async def info():
+        async with grpc.aio.insecure_channel(cluster.address) as ch:
+            return await pbg.GenerationStub(ch).GetModelInfo(pb.ModelInfoRequest())
+    assert cluster.run(info()).max_context_tokens == pool
+    r = sync(cluster, lambda: client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Name three colours."}], temperature=0, stop=[" "]))
+    assert r.choices[0].finish_reason == "stop" and 0 < r.usage.completion_tokens < 8
+    over = sync(cluster, lambda: httpx.post(f"{base_url(cluster)}/chat/completions", timeout=60, json={
+        "model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": pool}))
+    assert over.status_code == 400 and f"context length {pool}" in over.json()["error"]["message"]
+
+
 def test_greedy_completion_over_http_equals_grpc(cluster, client, model):
     async def grpc_text(prompt):
         async with grpc.aio.insecure_channel(cluster.address) as ch:

@@ -210,6 +210,20 @@ def test_full_decode_pool_excluded():
     assert cm.choose(2048, ps, [D("d0", healthy=False)]) is None
 
 
+def test_a_prompt_whose_first_token_fills_a_whole_pool_is_placed():
+    """A pool of 68 blocks holds 1,088 tokens. A 1,075-token prompt and its first token take 68 of
+    them: the engine admits it (prompt + max_tokens <= 1,088). Before, the router counted a whole
+    extra block beyond the prompt's (69 > 68) and answered UNAVAILABLE ("no worker could take")."""
+    cm = CostModel(cfg())
+    pool = [replace(D("d0", running=0, free=68), num_blocks=68), replace(D("d1", running=0, free=68), num_blocks=68)]
+    for pick in (cm.choose, cm.choose_scan, cm.choose_exhaustive):
+        got = pick(1075, [], pool)
+        assert got is not None and (got.kind, got.estimate["kv_ok"], got.estimate["blocks_needed"]) == \
+            ("local", True, 68)
+        assert pick(1087, [], pool).estimate["blocks_needed"] == 68     # the last token slot of the pool
+        assert pick(1088, [], pool) is None        # prompt alone fills the pool: its first token never fits
+
+
 def test_tpot_guard():
     # d0 holds the prompt's prefix (cheapest by far over a slow link) but one more request would
     # push its decode step past the SLO; d1 is chosen instead
