@@ -8,9 +8,11 @@ between runs, so both sides share weights, pool and machine state.
 
 write-behind  --requests unique prompts, --concurrency at a time, through a device pool only a little
               larger than the running batch: every admission evicts the cached blocks of finished
-              prompts. Baseline: no tiers. Candidate: host + disk tiers on, so each eviction copies the
-              blocks out on the engine thread (timed) and the writer thread stores them (host pool,
-              one file each). Runs alternate baseline / candidate --repeats times; TPOT is per request
+              prompts. Baseline: no tiers. Candidate ("tiers"): host + disk tiers on, writing through
+              (the default): each computed block is copied out on the engine thread (timed) and the
+              writer thread stores it (host pool, one file each); evicting it later copies nothing.
+              "write-back": the same tiers storing evicted blocks only (--kv-tier-write-back). Runs
+              alternate baseline / tiers / write-back --repeats times; TPOT is per request
               ((last token - first token) / (n - 1), wall clock around engine.step, so the eviction
               copy, which runs in the scheduler, counts), the median run of each side is reported.
 warm restart  One --restart-prompt-len prompt: TTFT cold (computed), warm (its prefix in the device
@@ -18,6 +20,9 @@ warm restart  One --restart-prompt-len prompt: TTFT cold (computed), warm (its p
               after a restart: the tiers rebuilt on the same directory (the host pool is gone), the
               device pool emptied, the disk tier verified (scan time reported) and the prompt run
               again, its prefix loaded from disk. TTFT is add_request to the first token on an idle engine.
+              Then the same restart for a prompt still in the device pool when the worker stops (nothing
+              evicted it: a hot prefix), with write-back (blocks go below only when evicted: the restart
+              finds nothing) and with write-through (the default: stored as computed).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import random
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from pdcluster.engine.kv_connector import KVConnector
@@ -73,13 +79,14 @@ def with_tiers(engine: LLMEngine, cfg: TierConfig | None) -> TierConnector | Non
 
 def write_behind(engine: LLMEngine, a, tmp: Path) -> dict:
     bb = engine.kv_block_bytes()
-    rows = {"baseline": [], "tiers": []}
+    rows = {"baseline": [], "tiers": [], "write-back": []}
     snaps = []
     vocab = engine.cfg.model.vocab_size
     for rep in range(a.repeats):
-        for side in ("baseline", "tiers"):
-            cfg = TierConfig(host_bytes=a.host_blocks * bb, disk_dir=str(tmp / f"wb-{rep}"),
-                             disk_bytes=a.host_blocks * (bb + 64)) if side == "tiers" else None
+        for side in ("baseline", "tiers", "write-back"):
+            cfg = TierConfig(host_bytes=a.host_blocks * bb, disk_dir=str(tmp / f"wb-{rep}-{side}"),
+                             disk_bytes=a.host_blocks * (bb + 64),
+                             write_through=side == "tiers") if side != "baseline" else None
             tiers = with_tiers(engine, cfg)
             engine.kv.pool.reset_prefix_cache()
             batch = prompts(a.requests, a.prompt_len, vocab, seed=rep)      # same prompts on both sides
@@ -98,11 +105,12 @@ def write_behind(engine: LLMEngine, a, tmp: Path) -> dict:
             print(f"  {side:8} rep {rep}: TPOT {r['tpot_ms']:7.2f} ms  TTFT {r['ttft_ms']:8.1f} ms  "
                   f"wall {r['wall_s']:6.2f} s  steps {r['steps']}"
                   + (f"  copied {r['snapshot_blocks']} blocks in {r['snapshot_ms']:.1f} ms "
-                     f"({r['snapshot_ms_per_step']:.3f} ms/step), dropped {r['dropped']}" if side == "tiers" else ""),
+                     f"({r['snapshot_ms_per_step']:.3f} ms/step), dropped {r['dropped']}" if tiers else ""),
                   flush=True)
     with_tiers(engine, None)
     med = {side: statistics.median(x["tpot_ms"] for x in v) for side, v in rows.items()}
-    return dict(runs=rows, median_tpot_ms=med, tpot_ratio=med["tiers"] / med["baseline"])
+    return dict(runs=rows, median_tpot_ms=med, tpot_ratio=med["tiers"] / med["baseline"],
+                write_back_tpot_ratio=med["write-back"] / med["baseline"])
 
 
 def ttft(engine: LLMEngine, ids: list[int], rid: str) -> tuple[float, int]:
@@ -119,6 +127,22 @@ def evict(engine: LLMEngine, tiers: TierConnector) -> None:
     pool = engine.kv.pool
     pool.free(pool.allocate(pool.num_free_blocks))
     tiers.wait_idle(120)
+
+
+def resident_restart(engine: LLMEngine, ids: list[int], cfg: TierConfig, rid: str) -> tuple[float, int]:
+    """The prompt computed and still in the device pool when the worker restarts (no eviction):
+    (TTFT ms, cached tokens) after the restart."""
+    engine.kv.pool.reset_prefix_cache()
+    tiers = with_tiers(engine, cfg)
+    ttft(engine, ids, f"{rid}-computed")
+    tiers.wait_idle(120)
+    tiers.close()
+    engine.kv.pool.reset_prefix_cache()                       # the restart
+    tiers = with_tiers(engine, cfg)
+    out = ttft(engine, ids, f"{rid}-restarted")
+    tiers.close()
+    with_tiers(engine, None)
+    return out
 
 
 def warm_restart(engine: LLMEngine, a, tmp: Path) -> dict:
@@ -144,6 +168,10 @@ def warm_restart(engine: LLMEngine, a, tmp: Path) -> dict:
     out["restart_disk_hits"] = tiers.figures()[1]["hits"]
     tiers.close()
     with_tiers(engine, None)
+    for wt in (False, True):
+        key = "resident_wt" if wt else "resident_wb"
+        out[f"{key}_ms"], out[f"{key}_cached"] = resident_restart(engine, ids, replace(
+            cfg, disk_dir=str(tmp / key), write_through=wt), key)
     out["restart_vs_device"] = out["restart_ms"] / out["device_ms"]
     out["restart_vs_host"] = out["restart_ms"] / out["host_ms"]
     out["restart_vs_cold"] = out["restart_ms"] / out["cold_ms"]
@@ -174,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{a.concurrency}, device pool {num_blocks} blocks of {engine.kv_block_bytes() / 2**20:.2f} MiB")
         wb = write_behind(engine, a, tmp)
         m = wb["median_tpot_ms"]
-        print(f"TPOT median: baseline {m['baseline']:.2f} ms, tiers {m['tiers']:.2f} ms, "
-              f"ratio {wb['tpot_ratio']:.3f} (target <= 1.05)")
+        print(f"TPOT median: baseline {m['baseline']:.2f} ms, tiers (write-through, the default) {m['tiers']:.2f} ms, "
+              f"ratio {wb['tpot_ratio']:.3f} (target <= 1.05); write-back {m['write-back']:.2f} ms, "
+              f"ratio {wb['write_back_tpot_ratio']:.3f}")
         print(f"warm restart: one prompt of {a.restart_prompt_len} tokens")
         wr = warm_restart(engine, a, tmp)
         print(f"{'TTFT ms':>10} {'cold':>8} {'device':>8} {'host':>8} {'restart(disk)':>14} {'scan':>8}")
@@ -185,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{wr['restart_vs_cold']:.2f}x (target: restart within 1.5x of before); cached tokens "
               f"device {wr['device_cached']} host {wr['host_cached']} restart {wr['restart_cached']} "
               f"({wr['disk_blocks']} blocks verified on disk, {wr['restart_disk_hits']} loaded)")
+        print(f"restart of a prompt still in the device pool (never evicted): write-back {wr['resident_wb_ms']:.1f} ms "
+              f"({wr['resident_wb_cached']} cached tokens), write-through {wr['resident_wt_ms']:.1f} ms "
+              f"({wr['resident_wt_cached']} cached): {wr['resident_wb_ms'] / wr['resident_wt_ms']:.2f}x; "
+              f"write-through / device-warm {wr['resident_wt_ms'] / wr['device_ms']:.2f}x")
     Path(a.out).write_text(json.dumps(dict(args=vars(a), num_blocks=num_blocks, write_behind=wb, warm_restart=wr),
                                       indent=1))
     return 0

@@ -35,12 +35,13 @@ class AutoscaleConfig:
 class PoolTiers:
     """A pool's own KV cache tiers below the device pool (kv_transfer/tiers/); None: the engine
     section's (--kv-host-cache-gb, --kv-disk-cache-dir, --kv-disk-cache-gb, --kv-tier-codec,
-    --kv-tier-block-loads)."""
+    --kv-tier-block-loads, --kv-tier-write-back)."""
     host_cache_gb: float | None = None
     disk_cache_dir: str | None = None      # each worker keeps its blocks in <dir>/<worker id>
     disk_cache_gb: float | None = None
     tier_codec: str | None = None
     tier_layerwise: bool | None = None     # host and disk hits load layer by layer in step (False: whole blocks first)
+    tier_write_through: bool | None = None  # store blocks below when computed (False: only when evicted)
 
     def overrides(self) -> dict:
         """The CacheConfig fields (engine keywords) this pool sets."""

@@ -172,7 +172,7 @@ def _pick(v: Any, default: Any) -> Any:
 POOL_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "resources", "autoscale", "quantization",
              "speculative", "kv_tiers", "dtype", "kv_cache_dtype", "block_size", "max_num_seqs", "cpu_compile",
              "cpu_int8_rows")
-TIER_KEYS = ("host_cache_gb", "disk_cache_dir", "disk_cache_gb", "tier_codec", "tier_layerwise")
+TIER_KEYS = ("host_cache_gb", "disk_cache_dir", "disk_cache_gb", "tier_codec", "tier_layerwise", "tier_write_through")
 AUTOSCALE_KEYS = ("signal", "target", "ttft_slo_ms", "tpot_slo_ms", "scale_up_above", "scale_down_below",
                   "upscale_delay_s", "downscale_delay_s", "max_step", "cooldown_s", "window_s")
 RESOURCE_KEYS = ("cpus", "gpus", "threads")
@@ -253,7 +253,9 @@ def _tiers(rd: _Reader, name: str, m: dict, base: PoolTiers, tree: ClusterConfig
                     disk_cache_dir=_pick(rd.value(t, "disk_cache_dir", key, _opt_str), base.disk_cache_dir),
                     disk_cache_gb=_pick(rd.value(t, "disk_cache_gb", key, gb), base.disk_cache_gb),
                     tier_codec=_pick(rd.value(t, "tier_codec", key, _opt_one_of(TIER_CODECS)), base.tier_codec),
-                    tier_layerwise=_pick(rd.value(t, "tier_layerwise", key, _opt(_bool)), base.tier_layerwise))
+                    tier_layerwise=_pick(rd.value(t, "tier_layerwise", key, _opt(_bool)), base.tier_layerwise),
+                    tier_write_through=_pick(rd.value(t, "tier_write_through", key, _opt(_bool)),
+                                             base.tier_write_through))
     cache = vars(tree.engine.cache) | out.overrides()
     if (cache["disk_cache_gb"] > 0) != bool(cache["disk_cache_dir"]):
         rd.fail(m["kv_tiers"][1] if "kv_tiers" in m else where, key,

@@ -131,14 +131,15 @@ class BlockPool:
             self.blocks[block_id].reused = False
             self.free_queue[block_id] = None
 
-    def cache_block(self, block: Block, block_hash: int) -> None:
-        """Register a full, computed block under its chain hash (first writer wins)."""
+    def cache_block(self, block: Block, block_hash: int) -> bool:
+        """Register a full, computed block under its chain hash (first writer wins). True if it is new."""
         if not self.enable_caching or block.block_hash is not None or block_hash in self.cached:
-            return
+            return False
         block.block_hash = block_hash
         self.cached[block_hash] = block
         if self.on_event:
             self.on_event("stored", [block_hash])
+        return True
 
     def reset_prefix_cache(self, only: set[int] | None = None) -> None:
         """Forget the cached hashes of unreferenced blocks, every one or those in `only` (blocks in

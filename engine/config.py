@@ -87,6 +87,10 @@ class CacheConfig:
     tier_codec: str = field(default="none", metadata={"cli": "--kv-tier-codec", "choices": TIER_CODECS, "help": (
         "how the host and disk tiers keep KV blocks: as computed, or int8 / fp8 with a scale per block, "
         "layer and KV head (kv_transfer/codec.py; ~4x smaller for float32 caches, lossy)")})
+    tier_write_through: bool = field(default=True, metadata={"cli": "--kv-tier-write-back", "help": (
+        "store KV blocks in the host and disk tiers only when the device pool evicts them, instead of as "
+        "soon as they are computed (write-through, the default: a restarted worker finds on disk the hot "
+        "prefixes the device pool never evicted, and the host tier holds copies of device blocks)")})
     tier_layerwise: bool = field(default=True, metadata={"cli": "--kv-tier-block-loads", "help": (
         "host- and disk-tier hits load whole blocks before their request's step, instead of layer by layer "
         "inside it (overlapped with computing the prompt's tail; a disk layer is checked before it is used, "

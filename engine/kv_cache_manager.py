@@ -6,6 +6,8 @@ so an allocation never fails half way.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from pdcluster.engine.block_pool import Block, BlockPool
 from pdcluster.engine.request import Request
 
@@ -20,6 +22,9 @@ class KVCacheManager:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_caching, on_event, protected_fraction)
         self.enable_caching = enable_caching
+        # (block ids, hashes) of a request's blocks just published, once per cache_computed_blocks
+        # call: a lower cache tier that writes through copies them out (engine/kv_connector.py `computed`)
+        self.on_cached: Callable[[list[int], list[int]], None] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -87,8 +92,13 @@ class KVCacheManager:
             return
         n_full = min(req.num_computed_tokens, req.num_tokens) // self.block_size
         hashes = req.block_hashes()
+        new_ids, new_hashes = [], []
         for i in range(min(n_full, len(hashes), len(req.block_ids))):
-            self.pool.cache_block(self.pool.blocks[req.block_ids[i]], hashes[i])
+            if self.pool.cache_block(self.pool.blocks[req.block_ids[i]], hashes[i]):
+                new_ids.append(req.block_ids[i])
+                new_hashes.append(hashes[i])
+        if new_ids and self.on_cached is not None:
+            self.on_cached(new_ids, new_hashes)
 
     def free(self, req: Request) -> None:
         """Release req's blocks, tail first (so the prefix head outlives its tail in the LRU)."""

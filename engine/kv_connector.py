@@ -31,6 +31,9 @@ Scheduler side (pure Python, asked while the scheduler admits and finishes reque
   evicted(block_ids, hashes)  cached blocks the pool is handing out again, before this step's
       forward pass overwrites them: a lower cache tier copies their KV out here (kv_transfer/tiers/);
       it runs on the step's path, so it copies and returns (the writing happens elsewhere).
+  computed(block_ids, hashes)  blocks just published to the prefix cache (full, computed, hashed;
+      once per request and step): a tier that writes through copies them out here, so they
+      outlive a crash even if never evicted (kv_transfer/tiers/ write_through). Same rules as evicted.
 Worker side (the per-layer caches are float tensors [num_blocks, block_size, kv_heads, head_dim], or
 engine/kv_quant.QuantKV, codes + scales, when the engine's kv_cache_dtype is int8 / fp8):
   register_caches(k_caches, v_caches)  once, when the engine takes the connector;
@@ -107,6 +110,9 @@ class KVConnector:
     def evicted(self, block_ids: list[int], hashes: list[int]) -> None:
         """Cached blocks block_ids (chain hashes `hashes`) leave the prefix cache; their KV is intact
         until this step's forward pass runs."""
+
+    def computed(self, block_ids: list[int], hashes: list[int]) -> None:
+        """Blocks block_ids entered the prefix cache under chain hashes `hashes` (their KV is final)."""
 
     # worker side
     def register_caches(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:

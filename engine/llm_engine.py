@@ -147,6 +147,7 @@ class LLMEngine:
         connector.register_caches(self.runner.k_caches, self.runner.v_caches)
         self.scheduler.connector = connector
         self.kv.pool.on_evict = connector.evicted      # a lower cache tier keeps evicted blocks
+        self.kv.on_cached = connector.computed         # ... and, writing through, computed ones
 
     def warmup(self, num_tokens: int = 256) -> float:
         """Before serving: one synthetic prompt of num_tokens (capped by the step budget, the context

@@ -18,7 +18,7 @@ def tier_config(cache, worker_id: str | None = None) -> TierConfig:
         d = os.path.join(d, worker_id)
     return TierConfig(host_bytes=int(cache.host_cache_gb * GIB), disk_dir=d, disk_bytes=int(cache.disk_cache_gb * GIB),
                       codec=cache.tier_codec, protected_fraction=cache.protected_fraction,
-                      layerwise=cache.tier_layerwise)
+                      layerwise=cache.tier_layerwise, write_through=cache.tier_write_through)
 
 
 def attach_tiers(engine, inner: KVConnector | None = None, worker_id: str | None = None) -> TierConnector | None:

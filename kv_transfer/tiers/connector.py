@@ -1,15 +1,21 @@
 """TierConnector: the engine's KV connector for a worker's host-memory and disk cache tiers.
 
-    device pool (engine BlockPool) --evicted--> writer thread --> host pool (HostPool) + disk (DiskStore)
+    device pool (engine BlockPool) --computed / evicted--> writer thread --> host pool (HostPool) + disk (DiskStore)
     device pool <--loader thread <-- host / disk   (a prompt whose next blocks a lower tier holds)
 
-Write-behind. When the device pool evicts cached blocks (`evicted`, on the engine thread, before the
+Write-through (default) and write-behind. When the device pool publishes computed blocks
+(`computed`, with `write_through`) or evicts cached ones (`evicted`, on the engine thread, before the
 step that reuses them runs), their KV is copied into a staging tensor: the only work on the step's
-path (timed in `snapshot`). Blocks that every tier already holds are only touched in the LRU, no copy.
+path (timed in `snapshot`). Blocks that every tier already holds are only touched in the LRU, no copy:
+a block written through costs no copy when it is evicted, unless the host tier dropped it meanwhile.
+Write-through is what makes a restart warm: the LRU evicts a request's tail first, so the head of a
+hot prefix (a system prompt) may never leave the device pool, and evicted-only it was never on disk.
+Its price: the host tier holds copies of blocks the device pool still has (inclusive, as SGLang
+HiCache's write_through). `write_through=False` (--kv-tier-write-back) stores evicted blocks only.
 The writer thread encodes them (codec none | int8 | fp8) and stores each into the host pool and the
-disk directory (write-through below the device, so the disk holds every evicted block for a warm
-restart). If more than `queue_blocks` blocks wait, new evictions are dropped rather than slowing
-steps. A GPU host copies to pinned staging memory asynchronously; the writer waits for the copy.
+disk directory (both: the disk holds every block the host pool does, for a warm restart). If more
+than `queue_blocks` blocks wait, new ones are dropped rather than slowing steps. A GPU host copies to
+pinned staging memory asynchronously; the writer waits for the copy.
 
 Load-back. `external_tokens` counts the request's next blocks (after its device prefix hits) that a
 lower tier holds, ready; the scheduler allocates blocks for them, `after_alloc` pins the entries and
@@ -82,6 +88,7 @@ class TierConfig:
     protected_fraction: float = 0.9     # SLRU: of each tier, what blocks loaded back may hold
     layerwise: bool = True              # host and disk hits load layer by layer inside the step (see the module doc)
     queue_blocks: int = 4096            # evicted blocks waiting for the writer, most; more are dropped
+    write_through: bool = True          # store blocks below when computed, not only when evicted
 
     @property
     def enabled(self) -> bool:

@@ -81,6 +81,10 @@ class MultiConnector(KVConnector):
         self.tiers.evicted(block_ids, hashes)
         self.inner.evicted(block_ids, hashes)
 
+    def computed(self, block_ids: list[int], hashes: list[int]) -> None:
+        self.tiers.computed(block_ids, hashes)
+        self.inner.computed(block_ids, hashes)
+
     # worker side
     def register_caches(self, k_caches, v_caches) -> None:
         self.tiers.register_caches(k_caches, v_caches)

@@ -1,7 +1,7 @@
-"""TierConnector's write-behind half: evicted blocks copied out, encoded and stored in every tier.
+"""TierConnector's write half: computed (write-through) and evicted blocks stored in every tier.
 
-kv_transfer/tiers/connector.py holds the whole picture. The engine thread copies evicted blocks out,
-the writer thread encodes and stores them in every tier, and at start it verifies the disk tier and
+kv_transfer/tiers/connector.py holds the whole picture. The engine thread copies blocks out, the
+writer thread encodes and stores them in every tier, and at start it verifies the disk tier and
 announces what survived (warm restart). A mixin: the state (index, lock, queues, stats, copier) is
 TierConnector's."""
 from __future__ import annotations
@@ -17,6 +17,13 @@ log = logging.getLogger("pdcluster.kv_transfer.tiers.connector")
 
 
 class WriteBehind:
+    def computed(self, block_ids: list[int], hashes: list[int]) -> None:
+        """Write-through: blocks are stored below as soon as they are computed, so a prefix the device
+        pool never evicts (a hot system prompt: the LRU frees a request's tail first) is on disk
+        when the worker crashes or restarts. Evicting them later costs no copy (held below)."""
+        if self.cfg.write_through:
+            self.evicted(block_ids, hashes)
+
     def evicted(self, block_ids: list[int], hashes: list[int]) -> None:
         if not self.index:
             return

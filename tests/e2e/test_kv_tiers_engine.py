@@ -124,7 +124,9 @@ def test_a_layer_corrupt_on_disk_is_found_in_step_and_the_prompt_recomputed_with
     out = run(engine, ids, "corrupt")
     disk = tiers.figures()[0]
     assert out.output_token_ids == ref.output_token_ids
-    assert disk["corrupt"] == 1 and disk["load_failures"] == 1 and not path.exists()
+    assert disk["corrupt"] == 1 and disk["load_failures"] == 1
+    assert tiers.wait_idle()        # the bad file was dropped; the recomputed block is written through again,
+    tiers.disk.read(block_hashes(ids, bs, SALT)[c])                        # intact this time (no CorruptBlock)
     assert disk["hits"] == c and out.num_cached_tokens == c * bs          # the blocks before the bad one
     tail = len(ids) - n_blocks * bs
     assert engine.stats.tokens - before == tail + (len(ids) - c * bs) + 5  # the dropped step, the recompute, decodes
@@ -191,3 +193,33 @@ def test_a_reservation_loads_the_prefix_its_host_tier_holds_and_only_the_rest_cr
     tiers.host.data.zero_()
     assert reserved("res-2") != ref.output_token_ids
     tiers.close()
+
+
+def test_a_prefix_the_device_pool_never_evicted_comes_back_from_disk_after_a_restart(engine, tmp_path):
+    """Write-through (the default): computed blocks go below at once, so a prefix still in the device
+    pool when the worker stops (a hot system prompt: the LRU frees a request's tail first, so its head
+    may never be evicted) is on disk for the restarted worker. Control: write-back stores a block only
+    when the device pool evicts it, and the restart finds none of this prompt (the head was missing
+    from disk before the change, which broke the whole chain)."""
+    bb, bs = engine.kv_block_bytes(), engine.cfg.cache.block_size
+    ids = engine.tokenizer.encode(PROMPT, add_special_tokens=False)
+    n_blocks = (len(ids) - 1) // bs
+    for write_through in (False, True):
+        engine.kv.pool.reset_prefix_cache()
+        d = str(tmp_path / f"wt-{write_through}")
+        tiers = use(engine, TierConfig(host_bytes=64 * bb, disk_dir=d, disk_bytes=64 * (bb + 256),
+                                       write_through=write_through))
+        ref = run(engine, ids, f"wt-{write_through}-ref")          # computed; it stays in the device pool
+        assert ref.num_cached_tokens == 0 and tiers.wait_idle()
+        assert engine.kv.pool.lookup(block_hashes(ids, bs, SALT)[0]) is not None     # never evicted
+        tiers.close()
+        engine.kv.pool.reset_prefix_cache()                         # the restart: an empty device pool
+        tiers = use(engine, TierConfig(disk_dir=d, disk_bytes=64 * (bb + 256)))
+        out = run(engine, ids, f"wt-{write_through}-restarted")
+        disk_hits = tiers.figures()[0]["hits"]
+        tiers.close()
+        if write_through:
+            assert (out.num_cached_tokens, disk_hits) == (n_blocks * bs, n_blocks)
+            assert out.output_token_ids == ref.output_token_ids
+        else:
+            assert (out.num_cached_tokens, disk_hits) == (0, 0)

@@ -140,7 +140,11 @@ def test_evicted_blocks_are_recomputed(peers):
     a, b = peers
     ids = _prompt(a, "glaciers")
     ref = _hold(a, "hold-2", ids)
-    a.engine_thread.run(lambda e: e.kv.pool.reset_prefix_cache())      # A no longer holds them
+    a.engine_thread.run(lambda e: e.kv.pool.reset_prefix_cache())      # A no longer holds them: not in its
+    assert a.tiers.wait_idle()                                          # device pool, nor in its host tier,
+    with a.tiers._lock:                                                 # which they were written through to
+        for h in block_hashes(ids, BS):
+            assert a.tiers.index["host"].remove(h) is not None
     failed0, pulled0 = b.connector.failed_pulls, b.connector.pulled_blocks
     out, computed = _pull(a, b, "pull-2", ids)
     assert b.connector.failed_pulls == failed0 + 1 and b.connector.pulled_blocks == pulled0

@@ -73,7 +73,7 @@ MATRIX = [
                                                sampling=pb.SamplingParams(max_tokens=2))), INVALID, "vocab"),
     ("stop token id >= vocab", ser(req(stop_token_ids=[VOCAB + 7])), INVALID, "stop_token_ids"),
     ("prompt + max_tokens > context", ser(req(max_tokens=10**6)), INVALID, "context length"),
-    ("prompt + max_tokens > every KV pool", ser(req(max_tokens=6000)), INVALID, "KV blocks"),
+    ("prompt + max_tokens > every KV pool", ser(req(max_tokens=6000)), INVALID, "context length"),   # the pools'
     ("text longer than any context (2 MB)", ser(req(text="a" * (2 << 20))), INVALID, "context length"),
     ("unknown chat role", ser(chat(("wizard", "hello"))), INVALID, "role"),
     ("empty stop string", ser(req(stop=["", "x"])), INVALID, "stop"),
@@ -454,7 +454,7 @@ HTTP_MATRIX = [
     ("max_tokens -1", COMPLETIONS, {"max_tokens": -1}, 400, "max_tokens"),
     ("max_tokens 2^70", COMPLETIONS, {"max_tokens": 2**70}, 400, "max_tokens"),
     ("max_completion_tokens past the context", CHAT, {"max_completion_tokens": 10**6}, 400, "max_completion_tokens"),
-    ("prompt + max_tokens > every KV pool", COMPLETIONS, {"max_tokens": 6000}, 400, "KV blocks"),
+    ("prompt + max_tokens > every KV pool", COMPLETIONS, {"max_tokens": 6000}, 400, "context length"),
     ("temperature -1", COMPLETIONS, {"temperature": -1}, 400, "temperature"),
     ("temperature NaN", COMPLETIONS, {"temperature": NAN}, 400, "temperature"),
     ("temperature Infinity", COMPLETIONS, {"temperature": INF}, 400, "temperature"),

@@ -232,6 +232,7 @@ def test_kv_tiers_per_pool_and_by_flag_reach_the_workers(tmp_path):
     text, _ = edited("    disk_cache_gb: null", "    disk_cache_gb: 8", text, after="\ndecode:")
     text, _ = edited("    host_cache_gb: null", "    host_cache_gb: 0", text, after="\ndecode:")
     text, _ = edited("    tier_layerwise: null", "    tier_layerwise: false", text, after="\ndecode:")
+    text, _ = edited("    tier_write_through: null", "    tier_write_through: false", text, after="\ndecode:")
     c = parse_pools_config(text, base=base)
     d, p = c.engine_kwargs("decode"), c.engine_kwargs("prefill")
     assert (d["host_cache_gb"], d["disk_cache_dir"], d["disk_cache_gb"]) == (0, str(tmp_path), 8)
@@ -242,12 +243,16 @@ def test_kv_tiers_per_pool_and_by_flag_reach_the_workers(tmp_path):
     cache = CacheConfig(**{k: v for k, v in d.items() if k in fields})                 # what a worker builds
     from pdcluster.kv_transfer.tiers.attach import tier_config
     assert tier_config(cache).layerwise is False and tier_config(CacheConfig()).layerwise is True
+    assert d["tier_write_through"] is False and p["tier_write_through"] is True
+    assert tier_config(cache).write_through is False and tier_config(CacheConfig()).write_through is True
 
 
 @pytest.mark.parametrize("old,new,key,msg", [
     ("    host_cache_gb: null", "    host_cache_gb: -1", "decode.kv_tiers.host_cache_gb", "must be >= 0"),
     ("    tier_codec: null", "    tier_codec: zip", "decode.kv_tiers.tier_codec", "must be one of none, int8, fp8"),
     ("    tier_layerwise: null", "    tier_layerwise: 1", "decode.kv_tiers.tier_layerwise", "expected true or false"),
+    ("    tier_write_through: null", "    tier_write_through: yes please", "decode.kv_tiers.tier_write_through",
+     "expected true or false"),
     ("    disk_cache_gb: null", "    disk_cache_gb: 4", "decode.kv_tiers", "needs both disk_cache_dir"),
 ])
 def test_bad_kv_tiers_name_key_and_line(tmp_path, old, new, key, msg):
