@@ -70,6 +70,7 @@ class Scenario:
     candidate_flags: Mapping[str, Any] = field(default_factory=dict)   # `pdcluster serve` flags set over
                                                    #   candidate when it runs, in the flags' units (with_flags);
                                                    #   FRESH_DIR: a new empty directory for each run
+    baseline_flags: Mapping[str, Any] = field(default_factory=dict)    # the same, over baseline
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -96,18 +97,20 @@ def with_flags(cfg: ClusterConfig, flags: Mapping[str, Any]) -> ClusterConfig:
 def side_config(sc: Scenario, side: str, dirs: contextlib.ExitStack | None = None) -> ClusterConfig:
     """The config one run of `side` starts: the candidate with its flags set, each FRESH_DIR value a new
     temp directory that `dirs` removes when it closes (None: a placeholder path, to check the flags)."""
-    if side == "baseline":
-        return sc.baseline
+    cfg, given, label = ((sc.baseline, sc.baseline_flags, sc.labels[0]) if side == "baseline"
+                         else (sc.candidate, sc.candidate_flags, sc.labels[1]))
+    if not given:
+        return cfg
     flags = {}
-    for name, value in sc.candidate_flags.items():
+    for name, value in given.items():
         if value == FRESH_DIR:
             value = (dirs.enter_context(tempfile.TemporaryDirectory(prefix="pdcluster-scenario-"))
                      if dirs is not None else tempfile.gettempdir())
         flags[name] = value
     try:
-        return with_flags(sc.candidate, flags)
+        return with_flags(cfg, flags)
     except ValueError as e:
-        raise ValueError(f"scenario {sc.name}: the {sc.labels[1]} side cannot run here: {e}") from None
+        raise ValueError(f"scenario {sc.name}: the {label} side cannot run here: {e}") from None
 
 
 def register(s: Scenario) -> Scenario:

@@ -101,7 +101,7 @@ def build_report(sc: Scenario, settings: dict, baseline_runs: list[dict], candid
     scenario = dict(name=sc.name, summary=sc.summary, labels=list(sc.labels), dataset=sc.dataset,
                     request_rate=sc.request_rate, burstiness=sc.burstiness, max_concurrency=sc.max_concurrency,
                     goodput=sc.goodput, metrics=list(sc.metrics), warmup=sc.warmup, notes=sc.notes,
-                    candidate_flags=dict(sc.candidate_flags)) | settings
+                    candidate_flags=dict(sc.candidate_flags), baseline_flags=dict(sc.baseline_flags)) | settings
     return _jsonable(dict(scenario=scenario, baseline=sides["baseline"], candidate=sides["candidate"],
                           ratios=ratios(sides["baseline"], sides["candidate"], sc.metrics)))
 

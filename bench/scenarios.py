@@ -262,6 +262,21 @@ TRACE_REPLAY = register(Scenario(
 ))
 
 
+# tier-write: trace-replay's candidate on both sides (host + disk tiers, peer pulls), storing blocks
+# below only when the device pool evicts them (--kv-tier-write-back) against writing them through as
+# they are computed (the default, which a restart needs: kv_transfer/tiers/connector.py). What it
+# measures: what write-through costs a busy 2-core CPU host, whose writer threads take CPU from the two
+# one-thread workers (bench/kv_tiers.py measures the engine-thread copy on an idle one).
+register(replace(
+    TRACE_REPLAY, name="tier-write",
+    summary="trace-replay's slice, tiers and pulls on both sides: blocks stored below on eviction "
+            "(--kv-tier-write-back) vs as they are computed (write-through, the default)",
+    baseline=TRACE_REPLAY.candidate, baseline_flags=dict(TIER_FLAGS, **{"--kv-tier-write-back": True}),
+    labels=("write-back", "write-through"),
+    notes=f"as trace-replay's candidate on both sides ({TIER_FLAGS}); baseline adds --kv-tier-write-back",
+))
+
+
 # prefill-chunk: trace-replay's slice and cluster, device-only on both sides; the candidate caps each
 # request's prefill at PREFILL_CHUNK tokens a step (--long-prefill-token-threshold, engine/scheduler.py).
 # One-thread float32 workers compute ~450 prompt tokens/s, so a 2,048-token chunk holds a step ~4.5 s:
