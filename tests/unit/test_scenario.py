@@ -210,6 +210,12 @@ def test_candidate_flags_resolve_by_name_with_fresh_dirs_or_say_what_is_missing(
             assert cand.host_cache_gb > 0 and cand.disk_cache_gb > 0 and os.path.isdir(cand.disk_cache_dir)
             assert base.engine.cache.host_cache_gb == 0 and base.engine.cache.disk_cache_dir is None
             assert side_config(SCENARIOS[name], "candidate", dirs).cost.peer_pull and not base.cost.peer_pull
+    # baseline_flags: tier-write's two sides are trace-replay's candidate, one storing on eviction only
+    with contextlib.ExitStack() as dirs:
+        wb, wt = (side_config(SCENARIOS["tier-write"], side, dirs).engine.cache for side in ("baseline", "candidate"))
+        assert (wb.tier_write_through, wt.tier_write_through) == (False, True)
+        assert wb.host_cache_gb == wt.host_cache_gb > 0 and os.path.isdir(wb.disk_cache_dir)
+        assert wb.disk_cache_dir != wt.disk_cache_dir                 # each side its own fresh directory
 
 
 def test_a_side_that_did_not_run_reports_not_run():
