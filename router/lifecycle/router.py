@@ -131,15 +131,18 @@ class Router:
         pool (as last reported) holds that many tokens, as vLLM never serves a max_model_len its
         cache cannot hold. What /v1/models and GetModelInfo report, what requests are checked
         against, and what an OpenAI request without max_tokens may fill."""
-        sizes = [w.num_blocks for w in self.workers.loads_of("decode") if w.capacity_known]
-        return min(self.max_context, max(sizes) * self.cfg.block_size) if sizes else self.max_context
+        most = self._largest_pool()
+        return self.max_context if most is None else min(self.max_context, most * self.cfg.block_size)
+
+    def _largest_pool(self) -> int | None:
+        """Blocks of the largest decode worker's KV pool as last reported; None before any report."""
+        return max((w.num_blocks for w in self.workers.loads_of("decode") if w.capacity_known), default=None)
 
     def _check_capacity(self, n_prompt: int, max_tokens: int) -> None:
         """InvalidRequest when no decode worker's KV pool (as last reported) can ever hold the
         request: its worker would refuse it on every placement."""
-        sizes = [w.num_blocks for w in self.workers.loads_of("decode") if w.capacity_known]
+        most = self._largest_pool()
         need = blocks_for_lifetime(n_prompt, max_tokens, self.cfg.block_size)    # the workers' own rule
-        if sizes and need > max(sizes):
+        if most is not None and need > most:
             raise InvalidRequest(f"prompt ({n_prompt} tokens) + sampling.max_tokens ({max_tokens}) needs {need} KV "
-                                 f"blocks of {self.cfg.block_size} tokens; the largest decode worker holds "
-                                 f"{max(sizes)}")
+                                 f"blocks of {self.cfg.block_size} tokens; the largest decode worker holds {most}")
