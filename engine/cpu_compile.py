@@ -63,7 +63,7 @@ WIDE_MAX_ROWS = 512         # with int8 copies (cpu_int8_rows): their compiled l
 
 @dataclass(frozen=True)
 class LinSpec:
-    """How one linear runs in the compiled layer: kind (float | int4 | q4x8 | int8 | int8rows | int8amx), output
+    """How one linear runs in the compiled layer: kind (float | f32mm | int4 | q4x8 | int8 | int8rows | int8amx), output
     features N and whether a bias tensor follows its weights in the argument list."""
     kind: str
     n: int
@@ -86,7 +86,9 @@ def linear_spec(lin, wide: bool = False) -> tuple[LinSpec, tuple[torch.Tensor, .
         lin = lin.inner
     elif wide:
         return None
-    if isinstance(lin, Linear):
+    if isinstance(lin, Linear) and lin.packed is not None:
+        ws, spec = (lin.packed.w,), LinSpec("f32mm", lin.packed.n, lin.bias is not None)
+    elif isinstance(lin, Linear):
         ws, spec = (lin.weight,), LinSpec("float", lin.weight.shape[0], lin.bias is not None)
     elif isinstance(lin, Q4x8Linear):
         ws, spec = (lin.q.w, lin.q.d, lin.q.mn), LinSpec("q4x8", lin.N, lin.bias is not None)
@@ -100,10 +102,12 @@ def linear_spec(lin, wide: bool = False) -> tuple[LinSpec, tuple[torch.Tensor, .
 
 
 def _linear(spec: LinSpec, x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Tensor:
-    """The eager linear's arithmetic on its kernel path (Linear / Int4Linear.kernel / Int8Linear.kernel /
-    Int8Rows' int8_rows)."""
+    """The eager linear's arithmetic on its kernel path (Linear, packed or not / Int4Linear.kernel /
+    Int8Linear.kernel / Int8Rows' int8_rows)."""
     if spec.kind == "float":
         y = F.linear(x, ws[0])
+    elif spec.kind == "f32mm":
+        y = torch.ops.pdcluster.f32_mm(x, ws[0], spec.n)
     elif spec.kind == "int4":
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(BF16).contiguous(), ws[0], GROUP, ws[1])
         y = y[:, :spec.n].to(x.dtype)

@@ -31,24 +31,30 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Linear:
-    """y = x @ w.T + b. On CPU, MKL's GEMM (F.linear) is the fastest float32 path measured at every row count
-    with this torch (2.13): 30 layers' linears at 1 row, 2 threads, 21.9 ms against 33.7 for a oneDNN-prepacked
-    copy and 47.6 for a split bmm (bench/RESULTS.md, "Dense CPU linears, remeasured"; both were faster under
-    earlier torch builds and are gone). bfloat16 at <= SPLIT_MAX_ROWS rows (decode at batch 1-4) runs torch.bmm
-    over the weight viewed as [SPLIT, out / SPLIT, in], a view, no copy: 1.15-1.25x F.linear on 1 thread,
-    a tie on 2."""
+    """y = x @ w.T + b. float32 on a CPU with pdcluster's ops (kernels/f32_mm.py): the weight is packed once into
+    the op's blocks, which replace it (no second copy), and every row count runs the op: 1.4-1.9x MKL's F.linear at
+    4-64 rows, a tie at 1 row and at prefill sizes (bench/RESULTS.md, "float32 linears packed at load"), and a
+    row's result independent of its batch-mates. Elsewhere F.linear (MKL on CPU); bfloat16 at <= SPLIT_MAX_ROWS
+    rows (decode at batch 1-4) runs torch.bmm over the weight viewed as [SPLIT, out / SPLIT, in], a view, no copy:
+    1.15-1.25x F.linear on 1 thread, a tie on 2 (bench/RESULTS.md, "Dense CPU linears, remeasured")."""
 
     SPLIT, SPLIT_MAX_ROWS = 4, 4
 
-    __slots__ = ("weight", "bias", "_split")
+    __slots__ = ("weight", "bias", "_split", "packed")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, split: bool):
-        self.weight, self.bias, self._split = weight, bias, None
-        if split and weight.shape[0] % self.SPLIT == 0 and weight.is_contiguous():
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, split: bool, pack: bool = False):
+        self.weight, self.bias, self._split, self.packed = weight, bias, None, None
+        if pack:                                                            # the blocks replace the weight
+            from pdcluster.kernels.f32_mm import pack as f32_pack
+            self.weight, self.packed = None, f32_pack(weight)
+        elif split and weight.shape[0] % self.SPLIT == 0 and weight.is_contiguous():
             self._split = weight.view(self.SPLIT, weight.shape[0] // self.SPLIT, weight.shape[1])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
+        if self.packed is not None:
+            y = torch.ops.pdcluster.f32_mm(x, self.packed.w, self.packed.n)
+            return y if self.bias is None else y + self.bias
         if self._split is not None and n <= self.SPLIT_MAX_ROWS:
             w = self._split                                                 # [S, out / S, in]
             y = torch.bmm(w, x.t().unsqueeze(0).expand(w.shape[0], -1, -1))  # [S, out / S, n]
@@ -58,12 +64,23 @@ class Linear:
 
     @property
     def nbytes(self) -> int:
-        """Resident bytes: the weight (the split is a view of it)."""
-        return nbytes(self.weight)
+        """Resident bytes: the weight or its packed blocks (the split is a view of the weight)."""
+        return self.packed.nbytes if self.packed is not None else nbytes(self.weight)
+
+
+def use_packed(device: str, w: torch.Tensor | Packed, head: bool) -> bool:
+    """Linear packs a float32 CPU weight for pdcluster's op where it loaded, except the LM head: tied, it is the
+    embedding, whose rows the lookup reads."""
+    if head or not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or torch.device(device).type != "cpu":
+        return False
+    from pdcluster.kernels.f32_mm import available
+    return available()
 
 
 def make_linear(w: torch.Tensor | Packed, bias: torch.Tensor | None, device: str, split: bool, head: bool = False):
-    return Linear(w, bias, split) if isinstance(w, torch.Tensor) else quant_linear(w, bias, device, head)
+    if isinstance(w, torch.Tensor):
+        return Linear(w, bias, split, pack=use_packed(device, w, head))
+    return quant_linear(w, bias, device, head)
 
 
 class Layer:

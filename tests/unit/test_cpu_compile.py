@@ -131,3 +131,19 @@ def test_a_failed_compile_leaves_the_engine_eager(tmp_path, monkeypatch, caplog)
     assert llm.engine.model.compiled is None
     assert any("stay eager" in r.getMessage() for r in caplog.records)
     assert len(llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0.0))[0].token_ids) == 3
+
+
+def test_the_float32_model_compiled_on_its_packed_linears_gives_the_eager_tokens():
+    """The default float32 model: its linears hold pdcluster::f32_mm's packed blocks (where the op builds), which
+    the compiled layer calls too."""
+    from pdcluster.kernels.f32_mm import available
+    llm = LLM(quantization="none", cpu_compile=True, speculative="off", kv_cache_memory=16 * 2**20, max_num_seqs=4,
+              enable_prefix_caching=False)
+    assert isinstance(llm.engine.model.compiled, CompiledDecode)
+    assert all((lin.packed is not None) == available() for L in llm.engine.model.layers
+               for lin in (L.qkv, L.o, L.gate_up, L.down))
+    comp = llm.engine.model.compiled
+    before = comp.steps
+    got = _generate(llm, True, True)
+    assert comp.steps - before >= GREEDY.max_tokens - 1
+    assert got == _generate(llm, False, True)
