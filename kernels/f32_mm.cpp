@@ -31,24 +31,26 @@ constexpr int64_t COLS = 64;                 // columns per block: 4 vectors of 
 constexpr int64_t MR = 6;                    // rows of x per tile: 6 x 4 accumulators + 4 of W + 1 of x <= 32
 constexpr int64_t CHUNK_BYTES = 256 * 1024;  // blocks swept by every tile before the next (L2-resident)
 
-template <int R>
+// R rows of x times V vectors (16 columns each) of one block, from w (the block's first column of the tile;
+// k rows COLS apart) into y (N apart). pf: the block whose rows k = phase mod pstep this tile prefetches.
+template <int R, int V>
 inline void tile(const float* x, int64_t K, const float* w, float* y, int64_t N, int64_t ncols, const float* pf,
                  int64_t pstep, int64_t phase) {
-  __m512 a[R][4];
+  __m512 a[R][V];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 4; ++v) a[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < V; ++v) a[r][v] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    if (pf != nullptr && k % pstep == phase)  // this tile's share of the next chunk: one k row (4 lines) in pstep
-      for (int v = 0; v < 4; ++v) _mm_prefetch(reinterpret_cast<const char*>(pf + k * COLS + 16 * v), _MM_HINT_T1);
-    __m512 wv[4];
-    for (int v = 0; v < 4; ++v) wv[v] = _mm512_loadu_ps(w + k * COLS + 16 * v);
+    if (pf != nullptr && k % pstep == phase)  // this tile's share of the next chunk: one k row in pstep
+      for (int v = 0; v < V; ++v) _mm_prefetch(reinterpret_cast<const char*>(pf + k * COLS + 16 * v), _MM_HINT_T1);
+    __m512 wv[V];
+    for (int v = 0; v < V; ++v) wv[v] = _mm512_loadu_ps(w + k * COLS + 16 * v);
     for (int r = 0; r < R; ++r) {
       const __m512 xb = _mm512_set1_ps(x[r * K + k]);
-      for (int v = 0; v < 4; ++v) a[r][v] = _mm512_fmadd_ps(xb, wv[v], a[r][v]);
+      for (int v = 0; v < V; ++v) a[r][v] = _mm512_fmadd_ps(xb, wv[v], a[r][v]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 4; ++v) {
+    for (int v = 0; v < V; ++v) {
       const int64_t left = ncols - 16 * v;
       const __mmask16 mask = left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
       _mm512_mask_storeu_ps(y + r * N + 16 * v, mask, a[r][v]);
@@ -57,7 +59,9 @@ inline void tile(const float* x, int64_t K, const float* w, float* y, int64_t N,
 
 using TileFn = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, const float*, int64_t,
                        int64_t);
-constexpr TileFn TILES[MR + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
+constexpr TileFn TILES[MR + 1] = {nullptr, tile<1, 4>, tile<2, 4>, tile<3, 4>, tile<4, 4>, tile<5, 4>, tile<6, 4>};
+constexpr TileFn HALF_TILES[MR + 1] = {nullptr, tile<1, 2>, tile<2, 2>, tile<3, 2>, tile<4, 2>, tile<5, 2>,
+                                       tile<6, 2>};
 
 at::Tensor f32_mm(const at::Tensor& x, const at::Tensor& w, int64_t n) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "f32_mm: x must be float32 [M, K] on CPU");
@@ -75,16 +79,23 @@ at::Tensor f32_mm(const at::Tensor& x, const at::Tensor& w, int64_t n) {
   const int64_t block = K * COLS;                                  // floats of one block
   const int64_t CH = std::max<int64_t>(1, CHUNK_BYTES / (block * 4));
   const int64_t T = (M + MR - 1) / MR;                             // tiles of x
-  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c0 = begin; c0 < end; c0 += CH) {
-      const int64_t c1 = std::min(end, c0 + CH);
+  // threads split the columns in halves of a block (32), so that 9 blocks (N = 576) split 4.5 / 4.5 on 2 threads;
+  // a range's first and last block may be half blocks
+  at::parallel_for(0, 2 * NB, 1, [&](int64_t begin, int64_t end) {
+    const int64_t b_begin = begin / 2, b_end = (end + 1) / 2;      // blocks this range touches
+    for (int64_t c0 = b_begin; c0 < b_end; c0 += CH) {
+      const int64_t c1 = std::min(b_end, c0 + CH);
       for (int64_t t = 0; t < T; ++t) {
-        const int64_t m0 = t * MR;
+        const int64_t m0 = t * MR, r = std::min(MR, M - m0);
         for (int64_t b = c0; b < c1; ++b) {
-          // tile t prefetches the rows k = t mod T of block b + CH (none past this thread's range)
-          const float* pf = b + CH < end ? wp + (b + CH) * block : nullptr;
-          TILES[std::min(MR, M - m0)](xp + m0 * K, K, wp + b * block, yp + m0 * n + b * COLS, n,
-                                      std::min(COLS, n - b * COLS), pf, T, t);
+          const int64_t lo = std::max<int64_t>(0, begin * 32 - b * COLS);          // this range's columns of b
+          const int64_t hi = std::min<int64_t>(COLS, end * 32 - b * COLS);
+          const int64_t ncols = std::min(hi, n - b * COLS) - lo;                   // <= 0: padding only
+          if (ncols <= 0) continue;
+          // tile t prefetches the rows k = t mod T of block b + CH (none past this range)
+          const float* pf = b + CH < b_end ? wp + (b + CH) * block + lo : nullptr;
+          (hi - lo == COLS ? TILES : HALF_TILES)[r](xp + m0 * K, K, wp + b * block + lo, yp + m0 * n + b * COLS + lo,
+                                                     n, ncols, pf, T, t);
         }
       }
     }

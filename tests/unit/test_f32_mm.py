@@ -57,8 +57,10 @@ def test_a_row_gets_the_same_bits_whatever_its_batch_mates_and_threads():
         assert torch.equal(K.f32_mm(x[max(0, i - 3):i + 4], q)[min(i, 3)], full[i])
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(2)
-        assert torch.equal(K.f32_mm(x, q), full)
+        for t in (2, 3):                   # 5 blocks: ranges of half blocks (32 columns) split blocks 2 / 1 and 3
+            torch.set_num_threads(t)
+            assert torch.equal(K.f32_mm(x, q), full)
+            assert torch.equal(K.f32_mm(x[:1], q)[0], full[0])
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(K.f32_mm(x[:, :].t().contiguous().t(), q), full)    # a strided x: the same
