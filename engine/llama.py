@@ -7,6 +7,7 @@ embedding rows dequantized on lookup).
 """
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -32,13 +33,16 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 class Linear:
     """y = x @ w.T + b. float32 on a CPU with pdcluster's ops (kernels/f32_mm.py): the weight is packed once into
-    the op's blocks, which replace it (no second copy), and every row count runs the op: 1.4-1.9x MKL's F.linear at
-    4-64 rows, a tie at 1 row and at prefill sizes (bench/RESULTS.md, "float32 linears packed at load"), and a
-    row's result independent of its batch-mates. Elsewhere F.linear (MKL on CPU); bfloat16 at <= SPLIT_MAX_ROWS
-    rows (decode at batch 1-4) runs torch.bmm over the weight viewed as [SPLIT, out / SPLIT, in], a view, no copy:
-    1.15-1.25x F.linear on 1 thread, a tie on 2 (bench/RESULTS.md, "Dense CPU linears, remeasured")."""
+    the op's blocks, which replace it (no second copy), and rows below UNPACK_MIN_ROWS run the op: 1.4-1.9x MKL's
+    F.linear at 4-64 rows, a tie at 1 row and at 408 (bench/RESULTS.md, "float32 linears packed at load"), a row's
+    result independent of its batch-mates; longer steps (prefill chunks) run MKL on a transient unpacked copy.
+    Elsewhere F.linear (MKL on CPU); bfloat16 at <= SPLIT_MAX_ROWS rows (decode at batch 1-4) runs torch.bmm over
+    the weight viewed as [SPLIT, out / SPLIT, in], a view, no copy: 1.15-1.25x F.linear on 1 thread, a tie on 2
+    (bench/RESULTS.md, "Dense CPU linears, remeasured")."""
 
     SPLIT, SPLIT_MAX_ROWS = 4, 4
+    UNPACK_MIN_ROWS = 768       # packed: from here MKL on the weight unpacked per call (f32_mm 0.92x MKL on a
+                                # 2048-token prefill; the copy costs ~2.5% of the GEMM there)
 
     __slots__ = ("weight", "bias", "_split", "packed")
 
@@ -53,6 +57,9 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         if self.packed is not None:
+            if n >= self.UNPACK_MIN_ROWS:                   # long prefill chunks: MKL on a transient [N, K] copy
+                from pdcluster.kernels.f32_mm import unpack_into
+                return F.linear(x, unpack_into(self.packed, _scratch()), self.bias)
             y = torch.ops.pdcluster.f32_mm(x, self.packed.w, self.packed.n)
             return y if self.bias is None else y + self.bias
         if self._split is not None and n <= self.SPLIT_MAX_ROWS:
@@ -66,6 +73,17 @@ class Linear:
     def nbytes(self) -> int:
         """Resident bytes: the weight or its packed blocks (the split is a view of the weight)."""
         return self.packed.nbytes if self.packed is not None else nbytes(self.weight)
+
+
+_local = threading.local()
+
+
+def _scratch() -> dict:
+    """This thread's unpack buffers (kernels/f32_mm.unpack_into): one per packed shape, reused by every layer."""
+    d = getattr(_local, "bufs", None)
+    if d is None:
+        d = _local.bufs = {}
+    return d
 
 
 def use_packed(device: str, w: torch.Tensor | Packed, head: bool) -> bool:

@@ -57,6 +57,16 @@ def unpack(q: F32Weight) -> torch.Tensor:
     return q.w.transpose(1, 2).reshape(-1, q.w.shape[1])[:q.n]
 
 
+def unpack_into(q: F32Weight, scratch: dict) -> torch.Tensor:
+    """float32 [N, K] = unpack(q), written into a buffer of scratch (a dict kept by the caller, one buffer per
+    shape, reused call after call)."""
+    buf = scratch.get(q.w.shape)
+    if buf is None:
+        buf = scratch[q.w.shape] = torch.empty(q.w.shape[0] * COLS, q.w.shape[1], dtype=torch.float32)
+    buf.view(q.w.shape[0], COLS, q.w.shape[1]).copy_(q.w.transpose(1, 2))
+    return buf[:q.n]
+
+
 def f32_mm_ref(x: torch.Tensor, q: F32Weight) -> torch.Tensor:
     """float32 [M, N] = x @ W.T in torch ops (another summation order)."""
     return F.linear(x.float(), unpack(q))

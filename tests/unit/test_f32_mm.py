@@ -104,3 +104,16 @@ def test_a_cpu_float32_linear_holds_only_the_packed_blocks(rows):
     head = make_linear(w, None, "cpu", split=False, head=True)           # the tied head is the embedding: kept
     assert head.packed is None and head.weight is w
     assert make_linear(w.bfloat16(), None, "cpu", split=True).packed is None
+
+
+@needs_op
+def test_long_steps_run_mkl_on_an_unpacked_copy_that_is_reused():
+    w = torch.randn(130, 64, generator=G)
+    lin = make_linear(w, None, "cpu", split=False)
+    x = torch.randn(Linear.UNPACK_MIN_ROWS, 64, generator=G)
+    assert torch.equal(lin(x), F.linear(x, w))                            # MKL on the same values
+    _close(lin(x[:7]), F.linear(x[:7], w))                                # the op below the threshold
+    from pdcluster.engine.llama import _scratch
+    buf = _scratch()[lin.packed.w.shape]
+    lin(x)
+    assert _scratch()[lin.packed.w.shape] is buf and buf.shape == (192, 64)   # one buffer per shape, padded rows
