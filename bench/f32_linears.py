@@ -119,7 +119,8 @@ def bench_engine(a) -> dict:
     print(f"{'':8} {'cold ' + str(a.prompt_len):>10} {'hit +' + str(a.tail_len):>10} {'decode x' + str(a.batch):>10}")
     for s in SIDES:
         print(f"{s:8} {med[s]['cold_ms']:10.1f} {med[s]['hit_ms']:10.1f} {med[s]['decode_step_ms']:10.1f}")
-    print(f"{'ratio':8} {ratio['cold_ms']:9.2f}x {ratio['hit_ms']:9.2f}x {ratio['decode_step_ms']:9.2f}x  (mkl / f32_mm)")
+    print(f"{'ratio':8} {ratio['cold_ms']:9.2f}x {ratio['hit_ms']:9.2f}x {ratio['decode_step_ms']:9.2f}x  "
+          "(mkl / f32_mm)")
     return dict(runs=res, median=med, ratio=ratio)
 
 

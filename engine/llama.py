@@ -33,8 +33,8 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 class Linear:
     """y = x @ w.T + b. float32 on a CPU with pdcluster's ops (kernels/f32_mm.py): the weight is packed once into
-    the op's blocks, which replace it (no second copy), and rows below UNPACK_MIN_ROWS run the op: 1.4-1.9x MKL's
-    F.linear at 4-64 rows, a tie at 1 row and at 408 (bench/RESULTS.md, "float32 linears packed at load"), a row's
+    the op's blocks, which replace it (no second copy), and rows below UNPACK_MIN_ROWS run the op: 1.45-1.78x MKL's
+    F.linear at 4-64 rows, 1.03-1.16x at 1-2 and at 408 (bench/RESULTS.md, "float32 linears packed at load"), a row's
     result independent of its batch-mates; longer steps (prefill chunks) run MKL on a transient unpacked copy.
     Elsewhere F.linear (MKL on CPU); bfloat16 at <= SPLIT_MAX_ROWS rows (decode at batch 1-4) runs torch.bmm over
     the weight viewed as [SPLIT, out / SPLIT, in], a view, no copy: 1.15-1.25x F.linear on 1 thread, a tie on 2

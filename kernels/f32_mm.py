@@ -1,9 +1,10 @@
 """float32 linears on CPU, the weight packed once at load (`pdcluster::f32_mm`, f32_mm.cpp), and the torch reference.
 
 Why: MKL's sgemm (F.linear) packs the weight on every call, so 4-32 rows, the rows of a decode batch, a speculative
-verification or a prompt's uncached tail, cost 1.4-1.9x what they need (bench/f32_linears.py; bench/RESULTS.md,
-"float32 linears packed at load"). The op reads the weight in its packed order and is as fast as MKL at 1 row and
-at prefill sizes, so the packed copy replaces the [N, K] weight: no second copy is held.
+verification or a prompt's uncached tail, cost 1.45-1.78x what they need (bench/f32_linears.py; bench/RESULTS.md,
+"float32 linears packed at load"). The op reads the weight in its packed order and is no slower than MKL from 1 row
+to ~400, so the packed copy replaces the [N, K] weight: no second copy is held. From ~1,000 rows it is 4-9% slower:
+engine/llama.py's Linear runs those steps on MKL over unpack_into's transient copy.
 
 Layout (`F32Weight`): w float32 [Np / 64, K, 64], block b holding columns 64 b .. 64 b + 63 of W.T
 (w[b, k, j] = W[64 b + j, k]), N padded to Np, a multiple of 64, with zero rows.
