@@ -19,6 +19,7 @@ from pdcluster.engine.kv_quant import cache_args
 from pdcluster.engine.quant.layers import embed_rows, fuse, quant_linear
 from pdcluster.engine.quant.packed import Int8Weight, Packed, nbytes
 from pdcluster.engine.rotary import apply_rotary_rolled, cos_sin_cache, rotary_tables
+from pdcluster.kernels import f32_mm as f32
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -49,8 +50,7 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, split: bool, pack: bool = False):
         self.weight, self.bias, self._split, self.packed = weight, bias, None, None
         if pack:                                                            # the blocks replace the weight
-            from pdcluster.kernels.f32_mm import pack as f32_pack
-            self.weight, self.packed = None, f32_pack(weight)
+            self.weight, self.packed = None, f32.pack(weight)
         elif split and weight.shape[0] % self.SPLIT == 0 and weight.is_contiguous():
             self._split = weight.view(self.SPLIT, weight.shape[0] // self.SPLIT, weight.shape[1])
 
@@ -58,9 +58,8 @@ class Linear:
         n = x.shape[0]
         if self.packed is not None:
             if n >= self.UNPACK_MIN_ROWS:                   # long prefill chunks: MKL on a transient [N, K] copy
-                from pdcluster.kernels.f32_mm import unpack_into
-                return F.linear(x, unpack_into(self.packed, _scratch()), self.bias)
-            y = torch.ops.pdcluster.f32_mm(x, self.packed.w, self.packed.n)
+                return F.linear(x, f32.unpack_into(self.packed, _scratch()), self.bias)
+            y = f32.f32_mm(x, self.packed)
             return y if self.bias is None else y + self.bias
         if self._split is not None and n <= self.SPLIT_MAX_ROWS:
             w = self._split                                                 # [S, out / S, in]
@@ -91,8 +90,7 @@ def use_packed(device: str, w: torch.Tensor | Packed, head: bool) -> bool:
     embedding, whose rows the lookup reads."""
     if head or not isinstance(w, torch.Tensor) or w.dtype != torch.float32 or torch.device(device).type != "cpu":
         return False
-    from pdcluster.kernels.f32_mm import available
-    return available()
+    return f32.available()
 
 
 def make_linear(w: torch.Tensor | Packed, bias: torch.Tensor | None, device: str, split: bool, head: bool = False):
