@@ -27,18 +27,24 @@ def _best(f, calls: int, repeats: int) -> float:
     return best * 1e6
 
 
+def add_shape_args(ap: argparse.ArgumentParser, blocks: int, threads: int, calls: int) -> None:
+    """The attention shape (SmolLM2-135M's by default), the cache size and the timing flags both CPU attention
+    benches take."""
+    ap.add_argument("--heads", type=int, default=9, help="query heads")
+    ap.add_argument("--kv-heads", type=int, default=3, help="KV heads")
+    ap.add_argument("--head-dim", type=int, default=64, help="head size")
+    ap.add_argument("--blocks", type=int, default=blocks, help="blocks of 16 in the cache (its size: the rows' "
+                    "blocks are scattered in it)")
+    ap.add_argument("--threads", type=int, default=threads, help="torch threads")
+    ap.add_argument("--calls", type=int, default=calls, help="calls per timed run")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per side (best reported)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="decode rows per call")
     ap.add_argument("--lens", type=int, nargs="+", default=[128, 256, 512], help="positions each row attends to")
-    ap.add_argument("--heads", type=int, default=9, help="query heads")
-    ap.add_argument("--kv-heads", type=int, default=3, help="KV heads")
-    ap.add_argument("--head-dim", type=int, default=64, help="head size")
-    ap.add_argument("--blocks", type=int, default=8192, help="blocks of 16 in the cache (its size: the rows' blocks "
-                    "are scattered in it)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads")
-    ap.add_argument("--calls", type=int, default=200, help="calls per timed run")
-    ap.add_argument("--repeats", type=int, default=5, help="timed runs per side (best reported)")
+    add_shape_args(ap, blocks=8192, threads=2, calls=200)
     a = ap.parse_args(argv)
     from pdcluster.engine import cpu_ext
     from pdcluster.engine.attention import decode_attention
