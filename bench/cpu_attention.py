@@ -27,6 +27,17 @@ def _best(f, calls: int, repeats: int) -> float:
     return best * 1e6
 
 
+def side_by_side(ref, op, calls: int, repeats: int) -> tuple[float, float, float]:
+    """Microseconds per call of ref and of op (best of `repeats` runs each, alternated so that drift hits both) and
+    the largest difference between their outputs."""
+    diff = (ref() - op()).abs().max().item()
+    t_ref, t_op = [], []
+    for _ in range(repeats):
+        t_ref.append(_best(ref, calls, 1))
+        t_op.append(_best(op, calls, 1))
+    return min(t_ref), min(t_op), diff
+
+
 def add_shape_args(ap: argparse.ArgumentParser, blocks: int, threads: int, calls: int) -> None:
     """The attention shape (SmolLM2-135M's by default), the cache size and the timing flags both CPU attention
     benches take."""
@@ -71,12 +82,7 @@ def main(argv=None) -> int:
             mask = (torch.arange(W * bs)[None] < lens[:, None]).view(B, 1, 1, W * bs)
             ref = lambda: decode_attention(q, kc, vc, tables, mask, D ** -0.5)            # noqa: E731 (no seq_lens)
             op = lambda: decode_attention(q, kc, vc, tables, mask, D ** -0.5, lens)       # noqa: E731
-            diff = (ref() - op()).abs().max().item()
-            t_ref, t_op = [], []
-            for _ in range(a.repeats):                                  # alternate, so drift hits both
-                t_ref.append(_best(ref, a.calls, 1))
-                t_op.append(_best(op, a.calls, 1))
-            r, o = min(t_ref), min(t_op)
+            r, o, diff = side_by_side(ref, op, a.calls, a.repeats)
             print(f"{B:>5} {n:>5} {r:>15.1f} {o:>8.1f} {r / o:>6.2f}x {diff:>11.2e}")
     return 0
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from pdcluster.engine.kv_quant import QuantKV, gather_blocks
 from pdcluster.kernels.decode_attention import cpu_kernel_fits, paged_decode_attention_cpu
+from pdcluster.kernels.prefill_attention import paged_chunk_attention_cpu
 from pdcluster.kernels.store_kv import store_kv_pair_ref, store_kv_ref
 
 
@@ -63,23 +64,22 @@ def _gather(cache, block_table: torch.Tensor, n: int, dtype: torch.dtype) -> tor
     return gather_blocks(cache, block_table, dtype).flatten(0, 1)[:n]
 
 
-# A chunk over a cached prefix whose q_len * ctx_len is at most this runs as decode rows through the paged CPU
-# kernel: row i attends to the first ctx_len - q_len + 1 + i positions, read in place. Each row reads its K/V
-# again (from L2 while ctx_len is short), so past this the gathered copy + SDPA wins (bench/prefix_attention.py:
-# 2.0x at 24 x 408, 1.3x at 24 x 1,024, 0.95x at 16 x 2,048, 0.9x at 64 x 1,024).
-PAGED_PREFILL_MAX_SCORES = 32 * 1024
-
-
 def prefill_attention(q, k, v, k_cache, v_cache, seq: PrefillSeq, scale: float) -> torch.Tensor:
     """q: [q_len, H, D]; k, v: [q_len, KVH, D] (this chunk, already stored in the cache). Returns [q_len, H, D].
+    float32 on CPU where built: pdcluster's paged chunk kernel (kernels/prefill_attention.cpp; K/V read in place,
+    with or without a cached prefix: 4.6x the torch path per layer at 24 rows over 408 positions, 1.4-2.2x for whole
+    prompts of 408-2,048; bench/prefix_attention.py). Else prefill_attention_sdpa."""
+    if cpu_kernel_fits(q.dtype, k_cache):
+        return paged_chunk_attention_cpu(q, k_cache, v_cache, seq.block_table, seq.ctx_len, scale)
+    return prefill_attention_sdpa(q, k, v, k_cache, v_cache, seq, scale)
+
+
+def prefill_attention_sdpa(q, k, v, k_cache, v_cache, seq: PrefillSeq, scale: float) -> torch.Tensor:
+    """prefill_attention through torch: a cached prefix is gathered from the paged cache into a copy.
     SDPA gets 4-D inputs with K/V repeated to H heads: that runs torch's fused (flash) CPU kernel,
     ~3.7x faster here than the 3-D / enable_gqa call, which falls back to the unfused math path."""
     H, KVH = q.shape[1], k.shape[1]
     mask, causal = None, True
-    if seq.ctx_len > seq.q_len and seq.q_len * seq.ctx_len <= PAGED_PREFILL_MAX_SCORES \
-            and cpu_kernel_fits(q.dtype, k_cache):
-        lens = torch.arange(seq.ctx_len - seq.q_len + 1, seq.ctx_len + 1)                # [q_len]: causal rows
-        return paged_decode_attention_cpu(q, k_cache, v_cache, seq.block_table.expand(seq.q_len, -1), lens, scale)
     if seq.ctx_len > seq.q_len:  # a cached prefix: attend over the paged cache
         k = _gather(k_cache, seq.block_table, seq.ctx_len, q.dtype)
         v = _gather(v_cache, seq.block_table, seq.ctx_len, q.dtype)

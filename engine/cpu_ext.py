@@ -5,17 +5,18 @@
                                         CPU has AMX; int8_amx.usable())
     pdcluster::quantize_rows            engine/quant/quantize_rows.cpp: x's rows to int8 on their own scales
     pdcluster::paged_decode_attention   kernels/decode_attention.cpp: decode attention over the paged cache
+    pdcluster::paged_chunk_attention    kernels/prefill_attention.cpp: a prefill chunk over its paged cache
     pdcluster::rms_norm                 kernels/rms_norm.cpp: aten's rms_norm, for the compiled layer's direct call
     pdcluster::f32_mm                   kernels/f32_mm.cpp: float32 linears on weights packed once at load
 
 Each op's torch reference sits beside its source (q4x8.py's q4x8_mm_ref; int8_amx.py's int8_amx_mm_ref;
-cpu_linear.py's _round_rows for quantize_rows; decode_attention.py's paged_decode_attention_ref; rms_norm.cpp calls
-aten's own; f32_mm.py's f32_mm_ref). The library is built with g++ against torch's headers, one compiler process
-per source at once, then one link (~20 s on 2 cores; no ninja, no Python headers: the ops register with
-TORCH_LIBRARY), cached under the pdcluster cache by a hash of the sources, torch
+cpu_linear.py's _round_rows for quantize_rows; decode_attention.py's paged_decode_attention_ref; prefill_attention.py's
+paged_prefill_attention_ref; rms_norm.cpp calls aten's own; f32_mm.py's f32_mm_ref). The library is built with g++
+against torch's headers, one compiler process per source at once, then one link (~20 s on 2 cores; no ninja, no
+Python headers: the ops register with TORCH_LIBRARY), cached under the pdcluster cache by a hash of the sources, torch
 and the flags, and written atomically, so workers that build at once never load a partial file.
 
-It is loaded RTLD_GLOBAL: each op also exports an AOTInductor C shim (C_SHIMS), which the compiled decode layer
+It is loaded RTLD_GLOBAL: each op the compiled layer may call exports an AOTInductor C shim (C_SHIMS), which the layer
 (engine/cpu_compile.py) calls directly instead of through AOTI's proxy executor (~4 us a call). `available()`
 is False where the CPU lacks the instructions, PDCLUSTER_CPU_OPS=0 (or the older PDCLUSTER_Q4X8=0) is set, or
 the build fails (logged); callers keep torch's kernels then.
@@ -38,8 +39,10 @@ SOURCES = (os.path.join(_HERE, "quant", "q4x8.cpp"),
            os.path.join(_HERE, "quant", "int8_amx.cpp"),
            os.path.join(_HERE, "quant", "quantize_rows.cpp"),
            os.path.join(os.path.dirname(_HERE), "kernels", "decode_attention.cpp"),
+           os.path.join(os.path.dirname(_HERE), "kernels", "prefill_attention.cpp"),
            os.path.join(os.path.dirname(_HERE), "kernels", "rms_norm.cpp"),
            os.path.join(os.path.dirname(_HERE), "kernels", "f32_mm.cpp"))
+HEADERS = (os.path.join(os.path.dirname(_HERE), "kernels", "simd_exp.h"),)     # included by SOURCES: in the key
 FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")      # /proc/cpuinfo names
 _CFLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
            "-mavx512vnni", "-mf16c", "-mfma", "-mamx-tile", "-mamx-int8")    # AMX: int8_amx.cpp, called only
@@ -75,9 +78,9 @@ def cpu_flags() -> set[str]:
 
 
 def sources() -> bytes:
-    """The library's C++ sources (the compiled layer's cache key includes them)."""
+    """The library's C++ sources and the headers they include (the compiled layer's cache key includes them)."""
     out = b""
-    for path in SOURCES:
+    for path in SOURCES + HEADERS:
         with open(path, "rb") as f:
             out += f.read()
     return out

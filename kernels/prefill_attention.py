@@ -186,3 +186,11 @@ def paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q,
         o = torch.nn.functional.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale)
         out[a:b] = o.transpose(0, 1).to(q.dtype)
     return out
+
+
+def paged_chunk_attention_cpu(q, k_cache, v_cache, block_table, ctx_len: int, scale: float) -> torch.Tensor:
+    """One sequence's chunk through pdcluster::paged_chunk_attention (prefill_attention.cpp, built by
+    engine/cpu_ext.py; float32 on CPU, where decode_attention.cpu_kernel_fits): q [Q, H, D] are the last Q of its
+    ctx_len positions, block_table int64 [W]. The same result as paged_prefill_attention_ref with
+    cu_seqlens_q = [0, Q], seq_lens_k = [ctx_len] and block_table as its one row; K/V read in place."""
+    return torch.ops.pdcluster.paged_chunk_attention(q, k_cache, v_cache, block_table, ctx_len, scale)

@@ -1,13 +1,11 @@
 """kernels/decode_attention.cpp (pdcluster::paged_decode_attention, built by engine/cpu_ext.py) against its torch
 reference, paged_decode_attention_ref: GQA groups, head sizes, ragged lengths over shuffled blocks, what it must not
-read, bad arguments, and that the eager decode step and short chunks over a cached prefix take it exactly where it
-fits."""
+read, bad arguments, and that the eager decode step takes it exactly where it fits."""
 import pytest
 import torch
 
 from pdcluster.engine import cpu_ext
-from pdcluster.engine import attention
-from pdcluster.engine.attention import PrefillSeq, decode_attention, prefill_attention
+from pdcluster.engine.attention import decode_attention
 from pdcluster.kernels.decode_attention import cpu_kernel_fits, paged_decode_attention_ref
 
 HOST = not [f for f in cpu_ext.FLAGS if f not in cpu_ext.cpu_flags()]
@@ -120,31 +118,3 @@ def test_the_eager_decode_step_takes_it_where_it_fits(monkeypatch):
     out = decode_attention(qb, kb, vb, tables, mask, 0.125, L)
     assert calls == [1] and out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), want, rtol=0.05, atol=0.05)
-
-
-@pytest.mark.parametrize("q_len,ctx_len", [(24, 408), (1, 17), (16, 16 * 12), (7, 33)])
-def test_a_short_chunk_over_a_cached_prefix_runs_as_causal_decode_rows(monkeypatch, q_len, ctx_len):
-    """Row i of the chunk attends to positions 0 .. ctx_len - q_len + i, read in place: the same output as the
-    gathered copy + causal-masked SDPA. A chunk past PAGED_PREFILL_MAX_SCORES, or without a cached prefix, keeps
-    SDPA."""
-    BS, W = 16, -(-ctx_len // 16)
-    _, kc, vc, tables, _ = _case(1, 9, 3, 64, [ctx_len], W=W)
-    q = torch.randn(q_len, 9, 64, generator=G)
-    k, v = torch.randn(q_len, 3, 64, generator=G), torch.randn(q_len, 3, 64, generator=G)
-    rows = [tables[0, t // BS] * BS + t % BS for t in range(ctx_len - q_len, ctx_len)]
-    for i, slot in enumerate(rows):                     # the chunk's own K/V is in the cache (store_kv ran first)
-        kc.view(-1, 3, 64)[slot], vc.view(-1, 3, 64)[slot] = k[i], v[i]
-    seq = PrefillSeq(0, q_len, ctx_len, tables[0])
-    calls = []
-    real = torch.ops.pdcluster.paged_decode_attention
-    monkeypatch.setattr(attention, "paged_decode_attention_cpu", lambda *a: calls.append(1) or real(*a))
-    got = prefill_attention(q, k, v, kc, vc, seq, 0.125)
-    assert calls == ([1] if ctx_len > q_len else [])
-    monkeypatch.setattr(attention, "PAGED_PREFILL_MAX_SCORES", 0)
-    want = prefill_attention(q, k, v, kc, vc, seq, 0.125)   # gather + SDPA
-    assert len(calls) == (1 if ctx_len > q_len else 0)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
-    assert q_len == 1 or not torch.equal(got[0], got[-1])
-    monkeypatch.setattr(attention, "PAGED_PREFILL_MAX_SCORES", q_len * ctx_len - 1)
-    prefill_attention(q, k, v, kc, vc, seq, 0.125)
-    assert len(calls) == (1 if ctx_len > q_len else 0)   # one score past the bound: SDPA
