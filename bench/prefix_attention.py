@@ -8,15 +8,90 @@ SmolLM2-135M's attention shape by default (9 query heads over 3 KV heads of 64),
 at random in a cache of --blocks blocks. A chunk of q rows over a context of n positions: n - q cached before it
 (n = q: a whole prompt; add --whole for those). Prints microseconds per call (best of --repeats runs of --calls
 calls), their ratio (> 1: the op is faster) and the largest difference between the two outputs.
+
+The engine part (--repeats-engine > 0): one float32 LLMEngine, 1 thread, whose layers' prefill attention is
+swapped between the two paths, repeats alternating: a cold --prompt-len-token prompt and a hit (its first
+prompt_len - tail_len tokens cached, --tail-len computed), median ms of each.
+
+    python -m pdcluster.bench.prefix_attention --out bench/prefix-attention.json --plot bench/prefix-attention.png
 """
 from __future__ import annotations
 
 import argparse
+import json
+import random
+import statistics
 import sys
+import time
+from pathlib import Path
 
 import torch
 
 from pdcluster.bench.cpu_attention import add_shape_args, side_by_side
+
+
+def engine_part(prompt_len: int, tail_len: int, repeats: int) -> dict:
+    """Median ms of a cold prompt and of a prefix hit on one engine, each path in turn."""
+    import pdcluster.engine.llama as llama
+    from pdcluster.engine import attention
+    from pdcluster.engine.llm_engine import LLMEngine, build_config
+    from pdcluster.engine.sampling_params import SamplingParams
+    torch.set_num_threads(1)
+    eng = LLMEngine(build_config(num_threads=1, speculative="off"))
+    eng.warmup()
+    rng = random.Random(0)
+    sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    fresh = lambda n: [rng.randrange(1000, 40000) for _ in range(n)]                   # noqa: E731
+
+    def run(ids: list[int]) -> float:
+        t = time.perf_counter()
+        eng.add_request(ids, sp)
+        while eng.has_work():
+            eng.step()
+        return (time.perf_counter() - t) * 1e3
+    sides = {"torch": attention.prefill_attention_sdpa, "op": attention.prefill_attention}
+    prefix = fresh(prompt_len - tail_len)
+    run(prefix + fresh(tail_len))                                       # caches the prefix
+    times = {s: {"cold_ms": [], "hit_ms": []} for s in sides}
+    try:
+        for _ in range(repeats):
+            for side, fn in sides.items():
+                llama.prefill_attention = fn
+                times[side]["cold_ms"].append(run(fresh(prompt_len)))
+                times[side]["hit_ms"].append(run(prefix + fresh(tail_len)))
+    finally:
+        llama.prefill_attention = attention.prefill_attention
+    med = {s: {k: statistics.median(v) for k, v in t.items()} for s, t in times.items()}
+    ratio = {k: med["torch"][k] / med["op"][k] for k in ("cold_ms", "hit_ms")}
+    print(f"engine, {prompt_len}-token prompts (hit: {tail_len} computed), median of {repeats}:")
+    for side in sides:
+        print(f"{side:6} cold {med[side]['cold_ms']:9.1f} ms  hit {med[side]['hit_ms']:8.1f} ms")
+    print(f"ratio  cold {ratio['cold_ms']:8.2f}x     hit {ratio['hit_ms']:7.2f}x  (torch / op)")
+    return dict(runs=times, median=med, ratio=ratio)
+
+
+def plot(result: dict, path: str) -> None:
+    """torch / op per layer call against the context, one line per chunk size, and the engine's two ratios."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    ax, ax2 = fig.subplots(1, 2, width_ratios=(2, 1))
+    for q in sorted({r["rows"] for r in result["calls"] if r["rows"] < r["ctx"]}):
+        rs = [r for r in result["calls"] if r["rows"] == q and r["rows"] < r["ctx"]]
+        ax.plot([r["ctx"] for r in rs], [r["ratio"] for r in rs], marker="o", label=f"{q} rows over a cached prefix")
+    whole = [r for r in result["calls"] if r["rows"] == r["ctx"]]
+    if whole:
+        ax.plot([r["ctx"] for r in whole], [r["ratio"] for r in whole], marker="s", ls="--", label="whole prompt")
+    ax.axhline(1.0, color="grey", lw=1)
+    ax.set(xscale="log", xlabel="positions attended", ylabel="torch time / op time",
+           title="prefill attention per layer call (SmolLM2-135M heads, float32, 1 thread)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if result.get("engine"):
+        e = result["engine"]["ratio"]
+        ax2.bar(list(e), list(e.values()), color="tab:green")
+        ax2.axhline(1.0, color="grey", lw=1)
+        ax2.set(title="engine: torch / op", ylabel="ratio of median times")
+    fig.savefig(path, dpi=100)
 
 
 def main(argv=None) -> int:
@@ -27,7 +102,16 @@ def main(argv=None) -> int:
     ap.add_argument("--whole", type=int, nargs="*", default=[408, 1024, 2048],
                     help="whole prompts (no cached prefix) of these lengths too")
     add_shape_args(ap, blocks=4096, threads=1, calls=10)               # 1 thread: a serving worker's default
+    ap.add_argument("--repeats-engine", type=int, default=8, help="engine part: repeats, paths alternating (0: skip)")
+    ap.add_argument("--prompt-len", type=int, default=408, help="engine part: prompt tokens")
+    ap.add_argument("--tail-len", type=int, default=24, help="engine part: tokens computed after a cached prefix")
+    ap.add_argument("--out", default=None, help="JSON results")
+    ap.add_argument("--plot", default=None, help="PNG of the ratios")
+    ap.add_argument("--replot", default=None, metavar="JSON", help="only draw --plot from an earlier --out")
     a = ap.parse_args(argv)
+    if a.replot:
+        plot(json.loads(Path(a.replot).read_text()), a.plot or "bench/prefix-attention.png")
+        return 0
     from pdcluster.engine import attention, cpu_ext
     if not cpu_ext.available():
         print("pdcluster's CPU ops are not built on this host (see the log): nothing to compare")
@@ -39,6 +123,7 @@ def main(argv=None) -> int:
     vc = torch.randn(a.blocks, bs, a.kv_heads, D, generator=g)
     print(f"float32, {a.heads} heads over {a.kv_heads} KV heads of {D}, {a.threads} threads")
     print(f"{'rows':>5} {'ctx':>5} {'torch us':>10} {'op us':>9} {'ratio':>7} {'max |diff|':>11}")
+    calls = []
     shapes = [(q, n) for q in a.chunks for n in a.contexts if q < n] + [(n, n) for n in a.whole]
     for q_len, n in shapes:
         W = -(-n // bs)
@@ -54,6 +139,13 @@ def main(argv=None) -> int:
         op = lambda: attention.prefill_attention(q, k, v, kc, vc, seq, D ** -0.5)          # noqa: E731
         r, o, diff = side_by_side(ref, op, a.calls, a.repeats)
         print(f"{q_len:>5} {n:>5} {r:>10.1f} {o:>9.1f} {r / o:>6.2f}x {diff:>11.2e}")
+        calls.append(dict(rows=q_len, ctx=n, torch_us=r, op_us=o, ratio=r / o, max_diff=diff))
+    result = dict(threads=a.threads, calls=calls,
+                  engine=engine_part(a.prompt_len, a.tail_len, a.repeats_engine) if a.repeats_engine else None)
+    if a.out:
+        Path(a.out).write_text(json.dumps(result, indent=1))
+    if a.plot:
+        plot(result, a.plot)
     return 0
 
 
