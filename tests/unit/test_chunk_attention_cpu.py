@@ -136,3 +136,17 @@ def test_the_eager_prefill_takes_it_where_it_fits(monkeypatch):
                                ref(q, kc, vc, cold_table, 24, 0.125), rtol=1e-5, atol=2e-6)
     assert not torch.allclose(want_cold, ref(q, kc, vc, cold_table, 24, 0.125))
     assert calls == [1, 1]
+
+
+def test_more_query_heads_per_kv_head_than_the_kernel_takes_keep_the_torch_path(monkeypatch):
+    """64 query heads over 1 KV head (multi-query attention): past the op's 48 lanes, so SDPA, not an error."""
+    q, kc, vc, table = _case(5, 40, H=64, KVH=1, D=32)
+    k, v = torch.randn(5, 1, 32, generator=G), torch.randn(5, 1, 32, generator=G)
+    attention.store_kv(k, v, kc, vc, torch.stack([table[t // BS] * BS + t % BS for t in range(35, 40)]))
+    with pytest.raises(RuntimeError, match="at most 48"):
+        op(q, kc, vc, table, 40, 0.125)
+    calls = []
+    monkeypatch.setattr(attention, "paged_chunk_attention_cpu", lambda *a: calls.append(1))
+    got = prefill_attention(q, k, v, kc, vc, PrefillSeq(0, 5, 40, table), 0.125)
+    assert calls == []
+    torch.testing.assert_close(got, ref(q, kc, vc, table, 40, 0.125), rtol=1e-5, atol=2e-6)
