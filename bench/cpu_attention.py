@@ -38,6 +38,20 @@ def side_by_side(ref, op, calls: int, repeats: int) -> tuple[float, float, float
     return min(t_ref), min(t_op), diff
 
 
+def random_caches(a) -> tuple[torch.Generator, torch.Tensor, torch.Tensor] | None:
+    """For parsed add_shape_args flags: torch's threads set, a seeded generator and random float32 K and V caches
+    [blocks, 16, kv_heads, head_dim]; None (said why) where pdcluster's CPU ops did not build."""
+    from pdcluster.engine import cpu_ext
+    if not cpu_ext.available():
+        print("pdcluster's CPU ops are not built on this host (see the log): nothing to compare")
+        return None
+    torch.set_num_threads(a.threads)
+    g = torch.Generator().manual_seed(0)
+    kc = torch.randn(a.blocks, 16, a.kv_heads, a.head_dim, generator=g)
+    vc = torch.randn(a.blocks, 16, a.kv_heads, a.head_dim, generator=g)
+    return g, kc, vc
+
+
 def add_shape_args(ap: argparse.ArgumentParser, blocks: int, threads: int, calls: int) -> None:
     """The attention shape (SmolLM2-135M's by default), the cache size and the timing flags both CPU attention
     benches take."""
@@ -57,16 +71,12 @@ def main(argv=None) -> int:
     ap.add_argument("--lens", type=int, nargs="+", default=[128, 256, 512], help="positions each row attends to")
     add_shape_args(ap, blocks=8192, threads=2, calls=200)
     a = ap.parse_args(argv)
-    from pdcluster.engine import cpu_ext
     from pdcluster.engine.attention import decode_attention
-    if not cpu_ext.available():
-        print("pdcluster's CPU ops are not built on this host (see the log): nothing to compare")
+    setup = random_caches(a)
+    if setup is None:
         return 1
-    torch.set_num_threads(a.threads)
-    g = torch.Generator().manual_seed(0)
+    g, kc, vc = setup
     bs, D = 16, a.head_dim
-    kc = torch.randn(a.blocks, bs, a.kv_heads, D, generator=g)
-    vc = torch.randn(a.blocks, bs, a.kv_heads, D, generator=g)
     print(f"float32, {a.heads} heads over {a.kv_heads} KV heads of {D}, cache {kc.nbytes * 2 / 2**20:.0f} MiB, "
           f"{a.threads} threads")
     print(f"{'rows':>5} {'len':>5} {'gather+SDPA us':>15} {'op us':>8} {'ratio':>7} {'max |diff|':>11}")

@@ -127,6 +127,8 @@ def bench_engine(a) -> dict:
 def plot(result: dict, path: str) -> None:
     """MKL / f32_mm per row count, one line per thread count, and the engine's three ratios."""
     from matplotlib.figure import Figure
+
+    from pdcluster.bench.plots import ratio_bars
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     ax, ax2 = fig.subplots(1, 2, width_ratios=(2, 1))
     for t in sorted({r["threads"] for r in result["linears"]}):
@@ -138,10 +140,7 @@ def plot(result: dict, path: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     if result.get("engine"):
-        e = result["engine"]["ratio"]
-        ax2.bar(list(e), list(e.values()), color="tab:green")
-        ax2.axhline(1.0, color="grey", lw=1)
-        ax2.set(title="engine (float32): MKL / f32_mm", ylabel="ratio of median times")
+        ratio_bars(ax2, result["engine"]["ratio"], "engine (float32): MKL / f32_mm")
     fig.savefig(path, dpi=100)
 
 

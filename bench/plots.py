@@ -15,6 +15,13 @@ from matplotlib.figure import Figure
 _CDFS = (("ttfts", "TTFT"), ("tpots", "TPOT"), ("itls", "ITL"), ("e2els", "E2E latency"))
 
 
+def ratio_bars(ax, ratios: dict[str, float], title: str) -> None:
+    """One bar per engine measurement: the baseline's median time over the candidate's, 1.0 marked."""
+    ax.bar(list(ratios), list(ratios.values()), color="tab:green")
+    ax.axhline(1.0, color="grey", lw=1)
+    ax.set(title=title, ylabel="ratio of median times")
+
+
 def plot_comparison(results: dict[str, dict[str, Any]], path: str) -> None:
     fig = Figure(figsize=(15, 8), layout="constrained")
     axes = fig.subplots(2, 3)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from pdcluster.bench.cpu_attention import add_shape_args, side_by_side
+from pdcluster.bench.cpu_attention import add_shape_args, random_caches, side_by_side
 
 
 def engine_part(prompt_len: int, tail_len: int, repeats: int) -> dict:
@@ -73,6 +73,8 @@ def engine_part(prompt_len: int, tail_len: int, repeats: int) -> dict:
 def plot(result: dict, path: str) -> None:
     """torch / op per layer call against the context, one line per chunk size, and the engine's two ratios."""
     from matplotlib.figure import Figure
+
+    from pdcluster.bench.plots import ratio_bars
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     ax, ax2 = fig.subplots(1, 2, width_ratios=(2, 1))
     for q in sorted({r["rows"] for r in result["calls"] if r["rows"] < r["ctx"]}):
@@ -87,10 +89,7 @@ def plot(result: dict, path: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     if result.get("engine"):
-        e = result["engine"]["ratio"]
-        ax2.bar(list(e), list(e.values()), color="tab:green")
-        ax2.axhline(1.0, color="grey", lw=1)
-        ax2.set(title="engine: torch / op", ylabel="ratio of median times")
+        ratio_bars(ax2, result["engine"]["ratio"], "engine: torch / op")
     fig.savefig(path, dpi=100)
 
 
@@ -112,15 +111,12 @@ def main(argv=None) -> int:
     if a.replot:
         plot(json.loads(Path(a.replot).read_text()), a.plot or "bench/prefix-attention.png")
         return 0
-    from pdcluster.engine import attention, cpu_ext
-    if not cpu_ext.available():
-        print("pdcluster's CPU ops are not built on this host (see the log): nothing to compare")
+    from pdcluster.engine import attention
+    setup = random_caches(a)
+    if setup is None:
         return 1
-    torch.set_num_threads(a.threads)
-    g = torch.Generator().manual_seed(0)
+    g, kc, vc = setup
     bs, D = 16, a.head_dim
-    kc = torch.randn(a.blocks, bs, a.kv_heads, D, generator=g)
-    vc = torch.randn(a.blocks, bs, a.kv_heads, D, generator=g)
     print(f"float32, {a.heads} heads over {a.kv_heads} KV heads of {D}, {a.threads} threads")
     print(f"{'rows':>5} {'ctx':>5} {'torch us':>10} {'op us':>9} {'ratio':>7} {'max |diff|':>11}")
     calls = []

@@ -54,8 +54,8 @@ def pack(weight: torch.Tensor) -> F32Weight:
 
 
 def unpack(q: F32Weight) -> torch.Tensor:
-    """float32 [N, K]: the weight the op multiplies by."""
-    return q.w.transpose(1, 2).reshape(-1, q.w.shape[1])[:q.n]
+    """float32 [N, K]: the weight the op multiplies by (a fresh copy)."""
+    return unpack_into(q, {})
 
 
 def unpack_into(q: F32Weight, scratch: dict) -> torch.Tensor:
