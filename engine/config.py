@@ -161,6 +161,9 @@ class EngineConfig:
                                          #   copy of the weights with x rounded to int8 per row
                                          #   (engine/quant/int8_rows.py; 1 byte per weight more): 1.6x
                                          #   (16 rows) to 2.3x (32) faster linears; 0 = off
+    greedy_head: bool = True             # CPU float32 head: greedy rows' tokens through an int8 screen of it and
+                                         #   float32 scores of the few it keeps (kernels/greedy_head.py): the
+                                         #   float32 argmax, ~6 ms less a step; False = the full head every step
 
     def __post_init__(self):
         from pdcluster.engine.quant.policy import check_mode

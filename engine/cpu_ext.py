@@ -8,10 +8,12 @@
     pdcluster::paged_chunk_attention    kernels/prefill_attention.cpp: a prefill chunk over its paged cache
     pdcluster::rms_norm                 kernels/rms_norm.cpp: aten's rms_norm, for the compiled layer's direct call
     pdcluster::f32_mm                   kernels/f32_mm.cpp: float32 linears on weights packed once at load
+    pdcluster::greedy_head              kernels/greedy_head.cpp: a float32 LM head's argmax through an int8 screen
 
 Each op's torch reference sits beside its source (q4x8.py's q4x8_mm_ref; int8_amx.py's int8_amx_mm_ref;
 cpu_linear.py's _round_rows for quantize_rows; decode_attention.py's paged_decode_attention_ref; prefill_attention.py's
-paged_prefill_attention_ref; rms_norm.cpp calls aten's own; f32_mm.py's f32_mm_ref). The library is built with g++
+paged_prefill_attention_ref; rms_norm.cpp calls aten's own; f32_mm.py's f32_mm_ref; greedy_head.py's
+greedy_head_ref). The library is built with g++
 against torch's headers, one compiler process per source at once, then one link (~20 s on 2 cores; no ninja, no
 Python headers: the ops register with TORCH_LIBRARY), cached under the pdcluster cache by a hash of the sources, torch
 and the flags, and written atomically, so workers that build at once never load a partial file.
@@ -41,7 +43,8 @@ SOURCES = (os.path.join(_HERE, "quant", "q4x8.cpp"),
            os.path.join(os.path.dirname(_HERE), "kernels", "decode_attention.cpp"),
            os.path.join(os.path.dirname(_HERE), "kernels", "prefill_attention.cpp"),
            os.path.join(os.path.dirname(_HERE), "kernels", "rms_norm.cpp"),
-           os.path.join(os.path.dirname(_HERE), "kernels", "f32_mm.cpp"))
+           os.path.join(os.path.dirname(_HERE), "kernels", "f32_mm.cpp"),
+           os.path.join(os.path.dirname(_HERE), "kernels", "greedy_head.cpp"))
 HEADERS = (os.path.join(os.path.dirname(_HERE), "kernels", "simd_exp.h"),)     # included by SOURCES: in the key
 FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")      # /proc/cpuinfo names
 _CFLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",

@@ -20,6 +20,7 @@ from pdcluster.engine.quant.layers import embed_rows, fuse, quant_linear
 from pdcluster.engine.quant.packed import Int8Weight, Packed, nbytes
 from pdcluster.engine.rotary import apply_rotary_rolled, cos_sin_cache, rotary_tables
 from pdcluster.kernels import f32_mm as f32
+from pdcluster.kernels.greedy_head import GreedyHead
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -93,6 +94,16 @@ def use_packed(device: str, w: torch.Tensor | Packed, head: bool) -> bool:
     return f32.available()
 
 
+def greedy_screen(head, device: str) -> GreedyHead | None:
+    """kernels/greedy_head.py's screen for a float32 CPU head (no bias, finite weights) where pdcluster's ops are
+    built: a greedy row's token without reading the whole head in float32. None elsewhere."""
+    w = getattr(head, "weight", None)
+    if not (isinstance(head, Linear) and head.bias is None and isinstance(w, torch.Tensor) and w.dtype == torch.float32
+            and w.dim() == 2 and w.shape[1] % 16 == 0 and torch.device(device).type == "cpu" and f32.available()):
+        return None
+    return GreedyHead(w) if bool(torch.isfinite(w).all()) else None
+
+
 def make_linear(w: torch.Tensor | Packed, bias: torch.Tensor | None, device: str, split: bool, head: bool = False):
     if isinstance(w, torch.Tensor):
         return Linear(w, bias, split, pack=use_packed(device, w, head))
@@ -123,7 +134,7 @@ def use_split(device: str, dtype: torch.dtype) -> bool:
 
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, sd: dict[str, torch.Tensor], device: str, dtype: torch.dtype,
-                 attention_backend: str = "auto", int8_rows: int = 0):
+                 attention_backend: str = "auto", int8_rows: int = 0, greedy_head: bool = True):
         from pdcluster.kernels.select import get_ops
 
         self.cfg = cfg
@@ -137,6 +148,7 @@ class LlamaModel:
         split = use_split(device, dtype) and not self.triton
         self.lm_head = make_linear(self.embed if cfg.tie_word_embeddings else sd["lm_head.weight"], None, device,
                                    split, head=True)
+        self.greedy = greedy_screen(self.lm_head, device) if greedy_head else None     # greedy rows' tokens
         self.norm = sd["model.norm.weight"]
         self.layers = [Layer(sd, f"model.layers.{i}", cfg.attention_bias, device, split)
                        for i in range(cfg.num_layers)]
@@ -227,7 +239,7 @@ class LlamaModel:
         """Resident weight bytes by part: "linears" (the layers' projections, every copy held),
         "head" (LM head + token embedding; once when tied and shared), "other" (norms)."""
         linears = sum(lin.nbytes for L in self.layers for lin in (L.qkv, L.o, L.gate_up, L.down))
-        head = self.lm_head.nbytes
+        head = self.lm_head.nbytes + (self.greedy.nbytes if self.greedy is not None else 0)
         shared = (isinstance(self.embed, Int8Weight) and isinstance(getattr(self.lm_head, "q", None), torch.Tensor)
                   and self.lm_head.q.data_ptr() == self.embed.q.data_ptr())
         if shared:
@@ -240,3 +252,8 @@ class LlamaModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, E] -> float32 [N, V]."""
         return self.lm_head(hidden).float()
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> list[int]:
+        """[N, E] -> per row argmax(logits) through the screen (self.greedy, not None); -1 where the row is not
+        finite: its token comes from logits()."""
+        return self.greedy.tokens(hidden).tolist()

@@ -23,7 +23,7 @@ from pdcluster.engine.request import Request
 from pdcluster.engine.sampler import History, make_generator, sample_rows
 from pdcluster.engine.sampling_params import TokenLogprobs
 from pdcluster.engine.scheduler import ScheduledBatch
-from pdcluster.engine.spec.verify import verify
+from pdcluster.engine.spec.verify import accept_greedy, verify
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -183,6 +183,8 @@ class ModelRunner:
         if spec:
             want = [i for i in want if not batch.reqs[i].spec_token_ids]
             self._verify(batch, spec, hidden, rows, out)
+        if self.model.greedy is not None:
+            want = self._greedy(batch, want, hidden, rows, out)
         if not want:
             return out, lps
         logits = self.model.logits(hidden[[rows[i] for i in want]])
@@ -216,16 +218,42 @@ class ModelRunner:
                 layer_hook(li)
         return hidden
 
+    def _greedy(self, batch: ScheduledBatch, want: list[int], hidden: torch.Tensor, rows: list[int],
+                out: list) -> list[int]:
+        """Rows whose token is the plain argmax (greedy, no penalties, logprobs or grammar) take it from the
+        head's screen (kernels/greedy_head.py: the same float32 argmax); returns the rows left for the logits."""
+        fast = [i for i in want if batch.reqs[i].params.greedy and batch.reqs[i].params.plain
+                and batch.reqs[i].params.structured is None]
+        if not fast:
+            return want
+        toks = self.model.greedy_tokens(hidden[[rows[i] for i in fast]])
+        for i, t in zip(fast, toks):
+            out[i] = t if t >= 0 else None
+        return [i for i in want if out[i] is None]
+
     def _verify(self, batch: ScheduledBatch, spec: list[int], hidden: torch.Tensor, rows: list[int],
                 out: list) -> None:
-        """Requests with drafts (engine/spec/verify.py): logits at the last token and every draft."""
+        """Requests with drafts (engine/spec/verify.py): logits at the last token and every draft. Greedy ones
+        take each row's argmax from the head's screen where there is one (kernels/greedy_head.py)."""
         reqs = [batch.reqs[i] for i in spec]
         drafts = [r.spec_token_ids for r in reqs]
-        idx = [rows[i] - len(d) + j for i, d in zip(spec, drafts) for j in range(len(d) + 1)]
-        toks = verify(self.model.logits(hidden[idx]), [r.params for r in reqs], drafts,
-                      [self._generator(r) for r in reqs])
-        for i, t in zip(spec, toks):
-            out[i] = t
+        idx = [[rows[i] - len(d) + j for j in range(len(d) + 1)] for i, d in zip(spec, drafts)]
+        left = list(range(len(reqs)))
+        if self.model.greedy is not None and any(r.params.greedy for r in reqs):
+            g = [k for k in left if reqs[k].params.greedy]
+            targets = self.model.greedy_tokens(hidden[[i for k in g for i in idx[k]]])
+            off = 0
+            for k in g:
+                t, off = targets[off:off + len(idx[k])], off + len(idx[k])
+                if min(t) >= 0:                     # else (a non-finite row) the logits decide, below
+                    out[spec[k]] = accept_greedy(drafts[k], t)
+            left = [k for k in left if out[spec[k]] is None]
+        if not left:
+            return
+        toks = verify(self.model.logits(hidden[[i for k in left for i in idx[k]]]), [reqs[k].params for k in left],
+                      [drafts[k] for k in left], [self._generator(reqs[k]) for k in left])
+        for k, t in zip(left, toks):
+            out[spec[k]] = t
 
     def accept(self, req: Request, token_ids: list[int]) -> None:
         """Advance req's grammar over tokens sampled elsewhere (a remote prefill's first token)."""
