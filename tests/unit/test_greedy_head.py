@@ -172,3 +172,45 @@ def test_on_the_embedded_model_the_screen_answers_the_full_heads_argmax():
     full = (h @ screen.w.T).max(1).indices
     check_is_argmax(tok, h, screen.w)
     assert int((tok == full).sum()) >= h.shape[0] - 1      # at most a float32 tie decided the other way
+
+
+@needs_ext
+def test_the_engine_gives_the_same_tokens_with_the_screen_and_without():
+    """A batch mixing screened rows (greedy, greedy drafts verified) with rows that need the logits (logprobs,
+    a penalty, sampling): every request's tokens match the full head's engine, and the screen did run."""
+    import dataclasses
+
+    from pdcluster.engine.llm_engine import LLMEngine, build_config
+    from pdcluster.engine.sampling_params import SamplingParams
+
+    prompts = ["The capital of France is", "1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3,", "def add(a, b):",
+               "Name a colour.", "Count: one, two, three,"]
+    params = [SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True),            # ngram drafts verified
+              SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=2),
+              SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, repetition_penalty=1.3),
+              SamplingParams(max_tokens=20, temperature=0.8, seed=7, ignore_eos=True)]
+    outs, screened = {}, {}
+    for on in (False, True):
+        eng = LLMEngine(dataclasses.replace(build_config(), greedy_head=on))
+        assert (eng.model.greedy is not None) == on
+        screened[on] = 0
+        if on:
+            orig = eng.model.greedy_tokens
+
+            def count(h, orig=orig):
+                screened[True] += h.shape[0]
+                return orig(h)
+            eng.model.greedy_tokens = count
+        reqs = [eng.add_request(eng.tokenizer.encode(p), sp) for p, sp in zip(prompts, params)]
+        lps = {r.request_id: [] for r in reqs}
+        while eng.has_work():
+            for o in eng.step():
+                lps[o.request.request_id] += o.logprobs
+        outs[on] = [(list(r.output_token_ids), [(lp.token_id, lp.top) for lp in lps[r.request_id]]) for r in reqs]
+    assert screened[True] >= 2 * 20 and screened[False] == 0
+    assert [toks for toks, _ in outs[True]] == [toks for toks, _ in outs[False]]
+    # the logprobs request's rows went through the full head in both (MKL's bits may depend on the rows beside)
+    on, off = outs[True][2][1], outs[False][2][1]
+    assert len(on) == 20 and [(t, [i for i, _ in top]) for t, top in on] == [(t, [i for i, _ in top]) for t, top in off]
+    assert [v for _, top in on for _, v in top] == pytest.approx([v for _, top in off for _, v in top], abs=1e-4)
