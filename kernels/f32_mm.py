@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pdcluster.engine import hugepages
 from pdcluster.engine.cpu_ext import available  # noqa: F401 (the op's build and load)
 
 COLS = 64                  # columns of W.T per block (f32_mm.cpp COLS)
@@ -50,7 +51,8 @@ def pack(weight: torch.Tensor) -> F32Weight:
     Np = -(-N // COLS) * COLS
     w = torch.zeros(Np, K, dtype=torch.float32)
     w[:N] = weight
-    return F32Weight(w.view(Np // COLS, COLS, K).transpose(1, 2).contiguous(), N)
+    blocks = hugepages.empty((Np // COLS, K, COLS))        # streamed every step: in huge pages (engine/hugepages.py)
+    return F32Weight(blocks.copy_(w.view(Np // COLS, COLS, K).transpose(1, 2)), N)
 
 
 def unpack(q: F32Weight) -> torch.Tensor:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from pdcluster.engine import hugepages
+
 QMAX = 127
 _U = 2.0 ** -24                 # float32 unit roundoff
 
@@ -80,7 +82,8 @@ class GreedyHead:
 
     def __init__(self, w: torch.Tensor):
         self.w = w.contiguous()
-        self.q, self.scale, self.slack = quantize_head(self.w)
+        q, self.scale, self.slack = quantize_head(self.w)
+        self.q = hugepages.copy_of(q)                       # read every greedy step (engine/hugepages.py)
 
     @property
     def nbytes(self) -> int:
