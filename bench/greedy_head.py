@@ -116,20 +116,10 @@ def engine_part(engines: dict, prompt_len: int, tail_len: int, decode_tokens: in
 
 def plot(result: dict, path: str) -> None:
     """full / screen per call against the rows, and the engine's three ratios."""
-    from matplotlib.figure import Figure
-
-    from pdcluster.bench.plots import ratio_bars
-    fig = Figure(figsize=(11, 4.5), layout="constrained")
-    ax, ax2 = fig.subplots(1, 2, width_ratios=(2, 1))
-    c = result["calls"]
-    ax.plot([r["rows"] for r in c], [r["ratio"] for r in c], marker="o")
-    ax.axhline(1.0, color="grey", lw=1)
-    ax.set(xscale="log", xlabel="greedy rows in the call", ylabel="full head time / screen time",
-           title="greedy token from the LM head (SmolLM2-135M, float32, 1 thread)")
-    ax.grid(alpha=0.3)
-    if result.get("engine"):
-        ratio_bars(ax2, result["engine"]["ratio"], "engine: full head / screen")
-    fig.savefig(path, dpi=100)
+    from pdcluster.bench.plots import ratio_figure
+    ratio_figure(result["calls"], "full head time / screen time",
+                 "greedy token from the LM head (SmolLM2-135M, float32, 1 thread)", result.get("engine"),
+                 "engine: full head / screen", path, xlabel="greedy rows in the call")
 
 
 def main(argv=None) -> int:

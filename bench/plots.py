@@ -22,6 +22,21 @@ def ratio_bars(ax, ratios: dict[str, float], title: str) -> None:
     ax.set(title=title, ylabel="ratio of median times")
 
 
+def ratio_figure(rows: list[dict], ylabel: str, title: str, engine: dict | None, engine_title: str, path: str,
+                 xlabel: str = "rows per call") -> None:
+    """A per-call ratio against the rows (rows: dicts with "rows" and "ratio"), beside the engine's ratio bars
+    (engine: a result with "ratio", or None), one PNG."""
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    ax, ax2 = fig.subplots(1, 2, width_ratios=(2, 1))
+    ax.plot([r["rows"] for r in rows], [r["ratio"] for r in rows], marker="o")
+    ax.axhline(1.0, color="grey", lw=1)
+    ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    if engine:
+        ratio_bars(ax2, engine["ratio"], engine_title)
+    fig.savefig(path, dpi=100)
+
+
 def plot_comparison(results: dict[str, dict[str, Any]], path: str) -> None:
     fig = Figure(figsize=(15, 8), layout="constrained")
     axes = fig.subplots(2, 3)
