@@ -24,6 +24,7 @@ from pdcluster.engine.sampler import History, make_generator, sample_rows
 from pdcluster.engine.sampling_params import TokenLogprobs
 from pdcluster.engine.scheduler import ScheduledBatch
 from pdcluster.engine.spec.verify import accept_greedy, verify
+from pdcluster.kernels.greedy_head import MAX_ROWS as GREEDY_MAX_ROWS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -221,10 +222,11 @@ class ModelRunner:
     def _greedy(self, batch: ScheduledBatch, want: list[int], hidden: torch.Tensor, rows: list[int],
                 out: list) -> list[int]:
         """Rows whose token is the plain argmax (greedy, no penalties, logprobs or grammar) take it from the
-        head's screen (kernels/greedy_head.py: the same float32 argmax); returns the rows left for the logits."""
+        head's screen (kernels/greedy_head.py: the same float32 argmax) when there are at most GREEDY_MAX_ROWS of
+        them (past that the full head costs less); returns the rows left for the logits."""
         fast = [i for i in want if batch.reqs[i].params.greedy and batch.reqs[i].params.plain
                 and batch.reqs[i].params.structured is None]
-        if not fast:
+        if not fast or len(fast) > GREEDY_MAX_ROWS:
             return want
         toks = self.model.greedy_tokens(hidden[[rows[i] for i in fast]])
         for i, t in zip(fast, toks):
@@ -239,8 +241,8 @@ class ModelRunner:
         drafts = [r.spec_token_ids for r in reqs]
         idx = [[rows[i] - len(d) + j for j in range(len(d) + 1)] for i, d in zip(spec, drafts)]
         left = list(range(len(reqs)))
-        if self.model.greedy is not None and any(r.params.greedy for r in reqs):
-            g = [k for k in left if reqs[k].params.greedy]
+        g = [k for k in left if reqs[k].params.greedy] if self.model.greedy is not None else []
+        if g and sum(len(idx[k]) for k in g) <= GREEDY_MAX_ROWS:
             targets = self.model.greedy_tokens(hidden[[i for k in g for i in idx[k]]])
             off = 0
             for k in g:

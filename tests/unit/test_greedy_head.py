@@ -214,3 +214,25 @@ def test_the_engine_gives_the_same_tokens_with_the_screen_and_without():
     on, off = outs[True][2][1], outs[False][2][1]
     assert len(on) == 20 and [(t, [i for i, _ in top]) for t, top in on] == [(t, [i for i, _ in top]) for t, top in off]
     assert [v for _, top in on for _, v in top] == pytest.approx([v for _, top in off for _, v in top], abs=1e-4)
+
+
+@needs_ext
+def test_a_step_of_more_greedy_rows_than_max_rows_takes_the_full_head():
+    from pdcluster.engine.llm_engine import LLMEngine, build_config
+    from pdcluster.engine.sampling_params import SamplingParams
+    from pdcluster.kernels.greedy_head import MAX_ROWS
+
+    eng = LLMEngine(build_config(speculative="off"))
+    sizes = []
+    orig = eng.model.greedy_tokens
+    eng.model.greedy_tokens = lambda h: (sizes.append(h.shape[0]), orig(h))[1]
+    sp = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    reqs = [eng.add_request([100 + i, 200 + i, 300 + i], sp) for i in range(MAX_ROWS + 4)]
+    while eng.has_work():
+        eng.step()
+    assert all(len(r.output_token_ids) == 3 for r in reqs)
+    assert sizes == []                      # every step sampled MAX_ROWS + 4 rows: all through the logits
+    eng.add_request([5, 6, 7], sp)
+    while eng.has_work():
+        eng.step()
+    assert sizes == [1, 1, 1]
