@@ -30,9 +30,10 @@ import torch
 from pdcluster.engine import hugepages
 
 QMAX = 127
-MAX_ROWS = 32                   # past this many rows a step takes the full head: the screen's int8 dot products grow with
-                                #   the rows, the full head's read does not (1 thread: 2.14x at 16 rows, 1.28x at 32,
-                                #   1.06x at 48, 0.81x at 64; bench/RESULTS.md, "Greedy tokens through an int8 screen")
+# Past MAX_ROWS rows a step takes the full head: the screen's int8 dot products grow with the rows, the full head's
+# read does not (1 thread: 2.14x at 16 rows, 1.28x at 32, 1.06x at 48, 0.81x at 64; bench/RESULTS.md, "Greedy tokens
+# through an int8 screen").
+MAX_ROWS = 32
 _U = 2.0 ** -24                 # float32 unit roundoff
 
 
