@@ -83,8 +83,3 @@ _ARENA = Arena()
 def empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """An uninitialized CPU tensor, in huge pages where the host allows (the process's arena)."""
     return _ARENA.empty(shape, dtype)
-
-
-def copy_of(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous copy of CPU tensor t in huge pages (empty's)."""
-    return empty(tuple(t.shape), t.dtype).copy_(t)

@@ -30,6 +30,7 @@ import torch
 from pdcluster.engine import hugepages
 
 QMAX = 127
+CHUNK_ROWS = 4096               # head rows quantized at a time (load-time memory)
 # Past MAX_ROWS rows a step takes the full head: the screen's int8 dot products grow with the rows, the full head's
 # read does not (1 thread: 2.14x at 16 rows, 1.28x at 32, 1.06x at 48, 0.81x at 64; bench/RESULTS.md, "Greedy tokens
 # through an int8 screen").
@@ -43,19 +44,30 @@ def gamma(n: int) -> float:
 
 
 def quantize_head(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w float32 [V, E] (finite) -> (q int8 [V, E], scale float32 [V], slack float32 [V])."""
+    """w float32 [V, E] (finite) -> (q int8 [V, E] in huge pages, scale float32 [V], slack float32 [V]).
+    CHUNK_ROWS rows at a time, so the float64 error check holds ~CHUNK_ROWS * E * 24 bytes at once, not w's
+    size several times over."""
     if w.dtype != torch.float32 or w.dim() != 2:
         raise ValueError(f"greedy_head: w must be float32 [V, E], got {w.dtype} {tuple(w.shape)}")
-    if not bool(torch.isfinite(w).all()):
-        raise ValueError("greedy_head: w has non-finite entries")
-    amax = w.abs().amax(1)
-    scale = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
-    q = torch.round(w / scale[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
-    err = (w.double() - q.double() * scale.double()[:, None]).abs().amax(1)
-    # |q| * scale may pass amax by a rounding: take the larger as |w[v]|_max's stand-in
-    wmax = torch.maximum(amax.double(), q.double().abs().amax(1) * scale.double())
-    slack = (err + 2 * gamma(w.shape[1] + 2) * wmax) * (1 + 2.0 ** -10)
-    return q.contiguous(), scale.contiguous(), slack.float().contiguous()
+    V, E = w.shape
+    q = hugepages.empty((V, E), torch.int8)              # read every greedy step (engine/hugepages.py)
+    scale, slack = torch.empty(V), torch.empty(V)
+    g = 2 * gamma(E + 2)
+    for a in range(0, V, CHUNK_ROWS):
+        c = w[a:a + CHUNK_ROWS]
+        if not bool(torch.isfinite(c).all()):
+            raise ValueError("greedy_head: w has non-finite entries")
+        amax = c.abs().amax(1)
+        s = torch.where(amax > 0, amax / QMAX, torch.ones_like(amax))
+        qc = torch.round(c / s[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+        qd, sd = qc.double(), s.double()
+        err = (c.double() - qd * sd[:, None]).abs().amax(1)
+        # |q| * scale may pass amax by a rounding: take the larger as |w[v]|_max's stand-in
+        wmax = torch.maximum(amax.double(), qd.abs().amax(1) * sd)
+        q[a:a + len(c)] = qc
+        scale[a:a + len(c)] = s
+        slack[a:a + len(c)] = ((err + g * wmax) * (1 + 2.0 ** -10)).float()
+    return q, scale, slack
 
 
 def candidates_ref(h: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, slack: torch.Tensor) -> torch.Tensor:
@@ -86,8 +98,7 @@ class GreedyHead:
 
     def __init__(self, w: torch.Tensor):
         self.w = w.contiguous()
-        q, self.scale, self.slack = quantize_head(self.w)
-        self.q = hugepages.copy_of(q)                       # read every greedy step (engine/hugepages.py)
+        self.q, self.scale, self.slack = quantize_head(self.w)
 
     @property
     def nbytes(self) -> int:

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from pdcluster.engine import cpu_ext
-from pdcluster.kernels.greedy_head import (GreedyHead, candidates_ref, gamma, greedy_head_cpu, greedy_head_ref,
-                                           quantize_head)
+from pdcluster.kernels.greedy_head import (CHUNK_ROWS, GreedyHead, candidates_ref, gamma, greedy_head_cpu,
+                                           greedy_head_ref, quantize_head)
 
 needs_ext = pytest.mark.skipif(not cpu_ext.available(), reason="pdcluster's CPU ops are not built on this host")
 
@@ -32,8 +32,9 @@ def check_is_argmax(tok, h, w):
     assert bool((got >= best - tolerance(h, w).double()).all()), (got - best)
 
 
-def test_quantize_head_bounds_every_weight_by_its_row_slack():
-    w = head()
+@pytest.mark.parametrize("v", [3000, CHUNK_ROWS + 5])
+def test_quantize_head_bounds_every_weight_by_its_row_slack(v):
+    w = head(v=v)
     q, scale, slack = quantize_head(w)
     assert q.dtype == torch.int8 and int(q.abs().max()) <= 127
     err = (w.double() - q.double() * scale.double()[:, None]).abs().amax(1)
@@ -47,6 +48,13 @@ def test_quantize_head_bounds_every_weight_by_its_row_slack():
 def test_quantize_head_refuses_what_it_cannot_bound(bad, msg):
     with pytest.raises(ValueError, match=msg):
         quantize_head(bad)
+
+
+def test_a_non_finite_weight_past_the_first_chunk_is_refused():
+    w = head(v=CHUNK_ROWS + 5, e=16)
+    w[CHUNK_ROWS + 2, 3] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        quantize_head(w)
 
 
 def test_a_zero_row_gets_scale_one_and_zero_codes_not_a_division_by_zero():

@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdcluster.engine import hugepages
 from pdcluster.engine.hugepages import ALIGN, HUGE, SMALL, Arena
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -62,12 +61,6 @@ def test_small_tensors_and_the_off_switch_use_torchs_allocator(monkeypatch):
     assert off._madvise is None
     t = off.empty((HUGE,), torch.float32)
     assert t.shape == (HUGE,) and off.huge_bytes == 0
-
-
-def test_copy_of_keeps_the_values():
-    src = torch.randn(700, 300)
-    dst = hugepages.copy_of(src)
-    assert torch.equal(src, dst) and dst.data_ptr() != src.data_ptr()
 
 
 @pytest.mark.skipif(thp_mode() not in ("always", "madvise"), reason="transparent huge pages are off on this host")
