@@ -2,8 +2,8 @@
 
 Why: a float32 step at a few rows reads every packed linear weight from DRAM (SmolLM2-135M: 425 MB a step). On
 4 KiB pages that stream takes a TLB miss every 4 KiB and the hardware prefetcher stops at each page's end; on this
-host the layers' linears at 24 rows ran 1.12x faster with their weights in huge pages (bench/RESULTS.md, "Weights
-in huge pages").
+host the layers' linears streamed from DRAM ran 1.24-1.28x faster at 1-24 rows with their weights in huge pages, a
+prefix hit's engine step 1.03x (bench/hugepages.py; bench/RESULTS.md, "Weights in huge pages").
 
 How: `empty(shape, dtype)` hands out 64-byte aligned views of arena chunks (CHUNK bytes each, 2 MiB aligned,
 madvise(MADV_HUGEPAGE) before first touch, so the kernel backs them with huge pages where transparent huge pages

@@ -101,7 +101,10 @@ def greedy_screen(head, device: str) -> GreedyHead | None:
     if not (isinstance(head, Linear) and head.bias is None and isinstance(w, torch.Tensor) and w.dtype == torch.float32
             and w.dim() == 2 and w.shape[1] % 16 == 0 and torch.device(device).type == "cpu" and f32.available()):
         return None
-    return GreedyHead(w) if bool(torch.isfinite(w).all()) else None
+    try:
+        return GreedyHead(w)
+    except ValueError:                  # a non-finite weight: nothing to bound, the full head it is
+        return None
 
 
 def make_linear(w: torch.Tensor | Packed, bias: torch.Tensor | None, device: str, split: bool, head: bool = False):

@@ -244,3 +244,13 @@ def test_a_step_of_more_greedy_rows_than_max_rows_takes_the_full_head():
     while eng.has_work():
         eng.step()
     assert sizes == [1, 1, 1]
+
+
+@needs_ext
+def test_a_head_with_a_non_finite_weight_gets_no_screen():
+    from pdcluster.engine.llama import Linear, greedy_screen
+    w = head(v=100, e=32)
+    assert isinstance(greedy_screen(Linear(w, None, False), "cpu"), GreedyHead)
+    assert greedy_screen(Linear(w, torch.zeros(100), False), "cpu") is None         # a bias: not the plain argmax
+    w[3, 4] = float("nan")
+    assert greedy_screen(Linear(w, None, False), "cpu") is None
