@@ -87,6 +87,15 @@ def calls_part(eng, screen, rows: list[int], calls: int, repeats: int, tokens: i
     return out
 
 
+def engine_timings(eng, prefix: list[int], fresh, prompt_len: int, tail_len: int, decode_tokens: int) -> dict:
+    """One repeat on eng (prefix cached): ms of a cold prompt_len-token prompt, of a prefix hit (tail_len
+    computed), and per decode step over decode_tokens greedy tokens after a hit."""
+    cold = run(eng, fresh(prompt_len))
+    hit = run(eng, prefix + fresh(tail_len))
+    decode = (run(eng, prefix + fresh(tail_len), decode_tokens + 1) - hit) / decode_tokens
+    return dict(cold_ms=cold, hit_ms=hit, decode_step_ms=decode)
+
+
 def engine_part(engines: dict, prompt_len: int, tail_len: int, decode_tokens: int, repeats: int) -> dict:
     """Median ms of a cold prompt, a prefix hit and a decode step, each engine in turn."""
     rng = random.Random(0)
@@ -98,10 +107,8 @@ def engine_part(engines: dict, prompt_len: int, tail_len: int, decode_tokens: in
     times = {s: {k: [] for k in keys} for s in engines}
     for _ in range(repeats):
         for side, eng in engines.items():
-            times[side]["cold_ms"].append(run(eng, fresh(prompt_len)))
-            times[side]["hit_ms"].append(run(eng, prefix + fresh(tail_len)))
-            hit_and_decode = run(eng, prefix + fresh(tail_len), decode_tokens + 1)
-            times[side]["decode_step_ms"].append((hit_and_decode - times[side]["hit_ms"][-1]) / decode_tokens)
+            for k, v in engine_timings(eng, prefix, fresh, prompt_len, tail_len, decode_tokens).items():
+                times[side][k].append(v)
     med = {s: {k: statistics.median(v) for k, v in t.items()} for s, t in times.items()}
     ratio = {k: med["full head"][k] / med["screen"][k] for k in keys}
     print(f"engine, {prompt_len}-token prompts (hit: {tail_len} computed), {decode_tokens} decode steps after a hit, "

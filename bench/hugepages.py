@@ -7,8 +7,9 @@ every call streams its weight from DRAM as a step does), one copy of all of them
 allocator, in the same process, runs alternated: ms per pass over the 120 linears at each --rows.
 
 Engine part (--repeats-engine > 0): the float32 engine in a fresh process per run, PDCLUSTER_HUGEPAGES=1 and =0
-alternated (speculative decoding off): median ms of a prefix hit (384 cached + 24 computed), a cold 408-token
-prompt and a decode step after a hit, and the process's AnonHugePages.
+alternated (speculative decoding off): bench/greedy_head.py's engine_timings ENGINE_REPEATS times (a cold 408-token
+prompt, a prefix hit of 384 cached + 24 computed, a decode step after a hit), their medians, and the process's
+AnonHugePages.
 """
 from __future__ import annotations
 
@@ -27,32 +28,20 @@ SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))      # qkv, o, gate_
 LAYERS = 30
 
 ENGINE_RUN = r"""
-import json, random, statistics, time, torch
-from pdcluster.engine.llm_engine import LLMEngine, build_config
-from pdcluster.engine.sampling_params import SamplingParams
+import json, random, statistics, torch
+from pdcluster.bench.greedy_head import engine, engine_timings, run
 torch.set_num_threads(1)
-eng = LLMEngine(build_config(num_threads=1, speculative="off"))
-eng.warmup()
+eng = engine(True)
 rng = random.Random(0)
 fresh = lambda n: [rng.randrange(1000, 40000) for _ in range(n)]
-def run(ids, n=1):
-    t = time.perf_counter()
-    eng.add_request(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
-    while eng.has_work():
-        eng.step()
-    return (time.perf_counter() - t) * 1e3
 prefix = fresh(384)
-run(prefix + fresh(24))
-hit = [run(prefix + fresh(24)) for _ in range(10)]
-cold = [run(fresh(408)) for _ in range(3)]
-dec = []
-for _ in range(4):
-    h = run(prefix + fresh(24))
-    dec.append((run(prefix + fresh(24), 33) - h) / 32)
+run(eng, prefix + fresh(24))
+reps = [engine_timings(eng, prefix, fresh, 408, 24, 32) for _ in range(REPEATS)]
 huge = [int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages")]
-print(json.dumps(dict(hit_ms=statistics.median(hit), cold_ms=statistics.median(cold),
-                      decode_step_ms=statistics.median(dec), anon_huge_kb=huge[0] if huge else None)))
+out = {k: statistics.median(r[k] for r in reps) for k in reps[0]}
+print(json.dumps(dict(out, anon_huge_kb=huge[0] if huge else None)))
 """
+ENGINE_REPEATS = 5                  # engine_timings repeats per process
 
 
 def linears_part(rows: list[int], repeats: int) -> list[dict]:
@@ -96,7 +85,8 @@ def engine_part(repeats: int) -> dict:
     for _ in range(repeats):
         for side, flag in (("4 KiB pages", "0"), ("huge pages", "1")):
             env = dict(os.environ, PDCLUSTER_HUGEPAGES=flag)
-            res = subprocess.run([sys.executable, "-c", ENGINE_RUN], env=env, capture_output=True, text=True, check=True)
+            code = ENGINE_RUN.replace("REPEATS", str(ENGINE_REPEATS))
+            res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
             runs[side].append(json.loads(res.stdout.strip().splitlines()[-1]))
     keys = ("hit_ms", "cold_ms", "decode_step_ms")
     med = {s: {k: statistics.median(r[k] for r in rs) for k in keys} for s, rs in runs.items()}

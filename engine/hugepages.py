@@ -2,8 +2,8 @@
 
 Why: a float32 step at a few rows reads every packed linear weight from DRAM (SmolLM2-135M: 425 MB a step). On
 4 KiB pages that stream takes a TLB miss every 4 KiB and the hardware prefetcher stops at each page's end; on this
-host the layers' linears streamed from DRAM ran 1.24-1.28x faster at 1-24 rows with their weights in huge pages, a
-prefix hit's engine step 1.03x (bench/hugepages.py; bench/RESULTS.md, "Weights in huge pages").
+host the layers' linears streamed from DRAM ran 1.06-1.28x faster at 1-24 rows with their weights in huge pages
+(two runs), a prefix hit's engine step 1.03-1.04x (bench/hugepages.py; bench/RESULTS.md, "Weights in huge pages").
 
 How: `empty(shape, dtype)` hands out 64-byte aligned views of arena chunks (CHUNK bytes each, 2 MiB aligned,
 madvise(MADV_HUGEPAGE) before first touch, so the kernel backs them with huge pages where transparent huge pages
@@ -63,7 +63,7 @@ class Arena:
         return buf
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        n = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        n = torch.Size(shape).numel() * dtype.itemsize
         if self._madvise is None or n < SMALL:
             return torch.empty(shape, dtype=dtype)
         with self._lock:
