@@ -35,9 +35,10 @@ PROMPTS = ("The capital of France is", "def quicksort(xs):", "Once upon a time, 
            "List three uses of copper.", "1, 1, 2, 3, 5, 8,")
 
 
-def engine(screen: bool):
+def engine(screen: bool, **options):
+    """A float32 engine on one thread, speculation off; options: other EngineConfig fields (weight_codes)."""
     from pdcluster.engine.llm_engine import LLMEngine, build_config
-    eng = LLMEngine(dataclasses.replace(build_config(num_threads=1, speculative="off"), greedy_head=screen))
+    eng = LLMEngine(dataclasses.replace(build_config(num_threads=1, speculative="off"), greedy_head=screen, **options))
     eng.warmup()
     return eng
 
@@ -97,7 +98,8 @@ def engine_timings(eng, prefix: list[int], fresh, prompt_len: int, tail_len: int
 
 
 def engine_part(engines: dict, prompt_len: int, tail_len: int, decode_tokens: int, repeats: int) -> dict:
-    """Median ms of a cold prompt, a prefix hit and a decode step, each engine in turn."""
+    """Median ms of a cold prompt, a prefix hit and a decode step, each engine in turn; ratio: the first engine's
+    time over the second's."""
     rng = random.Random(0)
     fresh = lambda n: [rng.randrange(1000, 40000) for _ in range(n)]                   # noqa: E731
     prefix = fresh(prompt_len - tail_len)
@@ -110,14 +112,15 @@ def engine_part(engines: dict, prompt_len: int, tail_len: int, decode_tokens: in
             for k, v in engine_timings(eng, prefix, fresh, prompt_len, tail_len, decode_tokens).items():
                 times[side][k].append(v)
     med = {s: {k: statistics.median(v) for k, v in t.items()} for s, t in times.items()}
-    ratio = {k: med["full head"][k] / med["screen"][k] for k in keys}
+    base, cand = list(engines)
+    ratio = {k: med[base][k] / med[cand][k] for k in keys}
     print(f"engine, {prompt_len}-token prompts (hit: {tail_len} computed), {decode_tokens} decode steps after a hit, "
           f"median of {repeats}:")
     for side in engines:
         print(f"{side:10} cold {med[side]['cold_ms']:8.1f} ms  hit {med[side]['hit_ms']:7.1f} ms  "
               f"decode step {med[side]['decode_step_ms']:6.1f} ms")
     print(f"ratio      cold {ratio['cold_ms']:7.3f}x     hit {ratio['hit_ms']:6.3f}x     "
-          f"decode step {ratio['decode_step_ms']:5.3f}x  (full head / screen)")
+          f"decode step {ratio['decode_step_ms']:5.3f}x  ({base} / {cand})")
     return dict(runs=times, median=med, ratio=ratio)
 
 

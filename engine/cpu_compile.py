@@ -63,8 +63,8 @@ WIDE_MAX_ROWS = 512         # with int8 copies (cpu_int8_rows): their compiled l
 
 @dataclass(frozen=True)
 class LinSpec:
-    """How one linear runs in the compiled layer: kind (float | f32mm | int4 | q4x8 | int8 | int8rows | int8amx), output
-    features N and whether a bias tensor follows its weights in the argument list."""
+    """How one linear runs in the compiled layer: kind (float | f32mm | q4f32 | int4 | q4x8 | int8 | int8rows |
+    int8amx), output features N and whether a bias tensor follows its weights in the argument list."""
     kind: str
     n: int
     bias: bool
@@ -77,6 +77,7 @@ def linear_spec(lin, wide: bool = False) -> tuple[LinSpec, tuple[torch.Tensor, .
     from pdcluster.engine.quant.cpu_linear import Int4Linear, Int8Linear
     from pdcluster.engine.quant.int8_rows import Int8Rows
     from pdcluster.engine.quant.q4x8 import Q4x8Linear
+    from pdcluster.kernels.q4f32_mm import Q4F32Weight
     if isinstance(lin, Int8Rows):
         if wide:
             # AMX tiles where Int8Rows runs them (the same sums as torch._int_mm on q): the eager step's kernel
@@ -86,7 +87,9 @@ def linear_spec(lin, wide: bool = False) -> tuple[LinSpec, tuple[torch.Tensor, .
         lin = lin.inner
     elif wide:
         return None
-    if isinstance(lin, Linear) and lin.packed is not None:
+    if isinstance(lin, Linear) and isinstance(lin.packed, Q4F32Weight):
+        ws, spec = (lin.packed.codes, lin.packed.dm), LinSpec("q4f32", lin.packed.n, lin.bias is not None)
+    elif isinstance(lin, Linear) and lin.packed is not None:
         ws, spec = (lin.packed.w,), LinSpec("f32mm", lin.packed.n, lin.bias is not None)
     elif isinstance(lin, Linear):
         ws, spec = (lin.weight,), LinSpec("float", lin.weight.shape[0], lin.bias is not None)
@@ -108,6 +111,8 @@ def _linear(spec: LinSpec, x: torch.Tensor, ws: list[torch.Tensor]) -> torch.Ten
         y = F.linear(x, ws[0])
     elif spec.kind == "f32mm":
         y = torch.ops.pdcluster.f32_mm(x, ws[0], spec.n)
+    elif spec.kind == "q4f32":
+        y = torch.ops.pdcluster.q4f32_mm(x, ws[0], ws[1], spec.n)
     elif spec.kind == "int4":
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(BF16).contiguous(), ws[0], GROUP, ws[1])
         y = y[:, :spec.n].to(x.dtype)

@@ -9,11 +9,13 @@
     pdcluster::rms_norm                 kernels/rms_norm.cpp: aten's rms_norm, for the compiled layer's direct call
     pdcluster::f32_mm                   kernels/f32_mm.cpp: float32 linears on weights packed once at load
     pdcluster::greedy_head              kernels/greedy_head.cpp: a float32 LM head's argmax through an int8 screen
+    pdcluster::q4f32_mm                 kernels/q4f32_mm.cpp: float32 linears whose weights are Q4_1 values, read
+                                        as 4-bit codes (and q4f32_expand: those codes back to f32_mm's blocks)
 
 Each op's torch reference sits beside its source (q4x8.py's q4x8_mm_ref; int8_amx.py's int8_amx_mm_ref;
 cpu_linear.py's _round_rows for quantize_rows; decode_attention.py's paged_decode_attention_ref; prefill_attention.py's
 paged_prefill_attention_ref; rms_norm.cpp calls aten's own; f32_mm.py's f32_mm_ref; greedy_head.py's
-greedy_head_ref). The library is built with g++
+greedy_head_ref; q4f32_mm.py's q4f32_mm_ref). The library is built with g++
 against torch's headers, one compiler process per source at once, then one link (~20 s on 2 cores; no ninja, no
 Python headers: the ops register with TORCH_LIBRARY), cached under the pdcluster cache by a hash of the sources, torch
 and the flags, and written atomically, so workers that build at once never load a partial file.
@@ -44,8 +46,10 @@ SOURCES = (os.path.join(_HERE, "quant", "q4x8.cpp"),
            os.path.join(os.path.dirname(_HERE), "kernels", "prefill_attention.cpp"),
            os.path.join(os.path.dirname(_HERE), "kernels", "rms_norm.cpp"),
            os.path.join(os.path.dirname(_HERE), "kernels", "f32_mm.cpp"),
-           os.path.join(os.path.dirname(_HERE), "kernels", "greedy_head.cpp"))
-HEADERS = (os.path.join(os.path.dirname(_HERE), "kernels", "simd_exp.h"),)     # included by SOURCES: in the key
+           os.path.join(os.path.dirname(_HERE), "kernels", "greedy_head.cpp"),
+           os.path.join(os.path.dirname(_HERE), "kernels", "q4f32_mm.cpp"))
+HEADERS = (os.path.join(os.path.dirname(_HERE), "kernels", "simd_exp.h"),
+           os.path.join(os.path.dirname(_HERE), "kernels", "f32_tile.h"))     # included by SOURCES: in the key
 FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")      # /proc/cpuinfo names
 _CFLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
            "-mavx512vnni", "-mf16c", "-mfma", "-mamx-tile", "-mamx-int8")    # AMX: int8_amx.cpp, called only
@@ -66,6 +70,8 @@ C_SHIMS = {
                  "AtenTensorHandle* ret0)"],
     "f32_mm": ["AOTITorchError aoti_torch_cpu_f32_mm(AtenTensorHandle x, AtenTensorHandle w, int64_t n, "
                "AtenTensorHandle* ret0)"],
+    "q4f32_mm": ["AOTITorchError aoti_torch_cpu_q4f32_mm(AtenTensorHandle x, AtenTensorHandle codes, "
+                 "AtenTensorHandle dm, int64_t n, AtenTensorHandle* ret0)"],
 }
 
 
@@ -153,6 +159,7 @@ def available() -> bool:
             lambda q, k_cache, v_cache, block_tables, seq_lens, scale: q.new_empty(q.shape))
         torch.library.register_fake("pdcluster::rms_norm")(lambda x, w, eps: torch.empty_like(x))
         torch.library.register_fake("pdcluster::f32_mm")(lambda x, w, n: x.new_empty((x.shape[0], n)))
+        torch.library.register_fake("pdcluster::q4f32_mm")(lambda x, codes, dm, n: x.new_empty((x.shape[0], n)))
         torch.library.register_fake("pdcluster::quantize_rows")(
             lambda x, shift: (x.new_empty(x.shape, dtype=torch.uint8 if shift else torch.int8),
                               x.new_empty((x.shape[0], 1))))

@@ -20,6 +20,7 @@ from pdcluster.engine.quant.layers import embed_rows, fuse, quant_linear
 from pdcluster.engine.quant.packed import Int8Weight, Packed, nbytes
 from pdcluster.engine.rotary import apply_rotary_rolled, cos_sin_cache, rotary_tables
 from pdcluster.kernels import f32_mm as f32
+from pdcluster.kernels import q4f32_mm as q4f32
 from pdcluster.kernels.greedy_head import GreedyHead
 
 
@@ -38,6 +39,8 @@ class Linear:
     the op's blocks, which replace it (no second copy), and rows below UNPACK_MIN_ROWS run the op: 1.45-1.78x MKL's
     F.linear at 4-64 rows, 1.03-1.16x at 1-2 and at 408 (bench/RESULTS.md, "float32 linears packed at load"), a row's
     result independent of its batch-mates; longer steps (prefill chunks) run MKL on a transient unpacked copy.
+    codes=True: a weight whose values are all GGUF Q4_1 values (a float32 engine on a Q4_1 file) is held as its
+    4-bit codes instead (kernels/q4f32_mm.py), 0.75 bytes a weight, with the same results bit for bit.
     Elsewhere F.linear (MKL on CPU); bfloat16 at <= SPLIT_MAX_ROWS rows (decode at batch 1-4) runs torch.bmm over
     the weight viewed as [SPLIT, out / SPLIT, in], a view, no copy: 1.15-1.25x F.linear on 1 thread, a tie on 2
     (bench/RESULTS.md, "Dense CPU linears, remeasured")."""
@@ -48,19 +51,22 @@ class Linear:
 
     __slots__ = ("weight", "bias", "_split", "packed")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, split: bool, pack: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, split: bool, pack: bool = False,
+                 codes: bool = False):
         self.weight, self.bias, self._split, self.packed = weight, bias, None, None
         if pack:                                                            # the blocks replace the weight
-            self.weight, self.packed = None, f32.pack(weight)
+            q = q4f32.pack(weight) if codes else None                       # None: not all Q4_1 values
+            self.weight, self.packed = None, q if q is not None else f32.pack(weight)
         elif split and weight.shape[0] % self.SPLIT == 0 and weight.is_contiguous():
             self._split = weight.view(self.SPLIT, weight.shape[0] // self.SPLIT, weight.shape[1])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         if self.packed is not None:
+            op = q4f32 if isinstance(self.packed, q4f32.Q4F32Weight) else f32
             if n >= self.UNPACK_MIN_ROWS:                   # long prefill chunks: MKL on a transient [N, K] copy
-                return F.linear(x, f32.unpack_into(self.packed, _scratch()), self.bias)
-            y = f32.f32_mm(x, self.packed)
+                return F.linear(x, op.unpack_into(self.packed, _scratch()), self.bias)
+            y = (q4f32.q4f32_mm if op is q4f32 else f32.f32_mm)(x, self.packed)
             return y if self.bias is None else y + self.bias
         if self._split is not None and n <= self.SPLIT_MAX_ROWS:
             w = self._split                                                 # [S, out / S, in]
@@ -107,25 +113,27 @@ def greedy_screen(head, device: str) -> GreedyHead | None:
         return None
 
 
-def make_linear(w: torch.Tensor | Packed, bias: torch.Tensor | None, device: str, split: bool, head: bool = False):
+def make_linear(w: torch.Tensor | Packed, bias: torch.Tensor | None, device: str, split: bool, head: bool = False,
+                codes: bool = False):
     if isinstance(w, torch.Tensor):
-        return Linear(w, bias, split, pack=use_packed(device, w, head))
+        return Linear(w, bias, split, pack=use_packed(device, w, head), codes=codes)
     return quant_linear(w, bias, device, head)
 
 
 class Layer:
     __slots__ = ("qkv", "o", "gate_up", "down", "in_norm", "post_norm")
 
-    def __init__(self, sd: dict[str, torch.Tensor | Packed], p: str, bias: bool, device: str, split: bool):
+    def __init__(self, sd: dict[str, torch.Tensor | Packed], p: str, bias: bool, device: str, split: bool,
+                 codes: bool = False):
         a, m = f"{p}.self_attn", f"{p}.mlp"
         qkv_w = fuse([sd[f"{a}.q_proj.weight"], sd[f"{a}.k_proj.weight"], sd[f"{a}.v_proj.weight"]])
         qkv_b = (torch.cat([sd[f"{a}.q_proj.bias"], sd[f"{a}.k_proj.bias"], sd[f"{a}.v_proj.bias"]])
                  if bias else None)
-        self.qkv = make_linear(qkv_w, qkv_b, device, split)
-        self.o = make_linear(sd[f"{a}.o_proj.weight"], None, device, split)
+        self.qkv = make_linear(qkv_w, qkv_b, device, split, codes=codes)
+        self.o = make_linear(sd[f"{a}.o_proj.weight"], None, device, split, codes=codes)
         self.gate_up = make_linear(fuse([sd[f"{m}.gate_proj.weight"], sd[f"{m}.up_proj.weight"]]), None, device,
-                                   split)
-        self.down = make_linear(sd[f"{m}.down_proj.weight"], None, device, split)
+                                   split, codes=codes)
+        self.down = make_linear(sd[f"{m}.down_proj.weight"], None, device, split, codes=codes)
         self.in_norm = sd[f"{p}.input_layernorm.weight"]
         self.post_norm = sd[f"{p}.post_attention_layernorm.weight"]
 
@@ -137,7 +145,8 @@ def use_split(device: str, dtype: torch.dtype) -> bool:
 
 class LlamaModel:
     def __init__(self, cfg: ModelConfig, sd: dict[str, torch.Tensor], device: str, dtype: torch.dtype,
-                 attention_backend: str = "auto", int8_rows: int = 0, greedy_head: bool = True):
+                 attention_backend: str = "auto", int8_rows: int = 0, greedy_head: bool = True,
+                 weight_codes: bool = True):
         from pdcluster.kernels.select import get_ops
 
         self.cfg = cfg
@@ -153,7 +162,7 @@ class LlamaModel:
                                    split, head=True)
         self.greedy = greedy_screen(self.lm_head, device) if greedy_head else None     # greedy rows' tokens
         self.norm = sd["model.norm.weight"]
-        self.layers = [Layer(sd, f"model.layers.{i}", cfg.attention_bias, device, split)
+        self.layers = [Layer(sd, f"model.layers.{i}", cfg.attention_bias, device, split, codes=weight_codes)
                        for i in range(cfg.num_layers)]
         if int8_rows and torch.device(device).type == "cpu":     # wide steps on an int8 copy (quant/int8_rows.py)
             from pdcluster.engine.quant.int8_rows import widen

@@ -119,7 +119,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(cfg.model)
         weights = load_weights(cfg.model, DTYPES[cfg.dtype], cfg.quantization)
         self.model = LlamaModel(cfg.model, weights, cfg.device, DTYPES[cfg.dtype], cfg.attention_backend,
-                                 int8_rows=cfg.cpu_int8_rows, greedy_head=cfg.greedy_head)
+                                 int8_rows=cfg.cpu_int8_rows, greedy_head=cfg.greedy_head,
+                                 weight_codes=cfg.weight_codes)
         del weights
         n_blocks = num_kv_blocks(cfg)
         self.kv = KVCacheManager(n_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching,

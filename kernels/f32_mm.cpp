@@ -20,48 +20,18 @@
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
+#include "f32_tile.h"
 
 #include <algorithm>
 #include <cstdint>
 
 namespace {
 
-constexpr int64_t COLS = 64;                 // columns per block: 4 vectors of 16
-constexpr int64_t MR = 6;                    // rows of x per tile: 6 x 4 accumulators + 4 of W + 1 of x <= 32
+using pdcluster_f32::COLS;
+using pdcluster_f32::HALF_TILES;
+using pdcluster_f32::MR;
+using pdcluster_f32::TILES;
 constexpr int64_t CHUNK_BYTES = 256 * 1024;  // blocks swept by every tile before the next (L2-resident)
-
-// R rows of x times V vectors (16 columns each) of one block, from w (the block's first column of the tile;
-// k rows COLS apart) into y (N apart). pf: the block whose rows k = phase mod pstep this tile prefetches.
-template <int R, int V>
-inline void tile(const float* x, int64_t K, const float* w, float* y, int64_t N, int64_t ncols, const float* pf,
-                 int64_t pstep, int64_t phase) {
-  __m512 a[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) a[r][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; ++k) {
-    if (pf != nullptr && k % pstep == phase)  // this tile's share of the next chunk: one k row in pstep
-      for (int v = 0; v < V; ++v) _mm_prefetch(reinterpret_cast<const char*>(pf + k * COLS + 16 * v), _MM_HINT_T1);
-    __m512 wv[V];
-    for (int v = 0; v < V; ++v) wv[v] = _mm512_loadu_ps(w + k * COLS + 16 * v);
-    for (int r = 0; r < R; ++r) {
-      const __m512 xb = _mm512_set1_ps(x[r * K + k]);
-      for (int v = 0; v < V; ++v) a[r][v] = _mm512_fmadd_ps(xb, wv[v], a[r][v]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) {
-      const int64_t left = ncols - 16 * v;
-      const __mmask16 mask = left >= 16 ? 0xFFFF : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
-      _mm512_mask_storeu_ps(y + r * N + 16 * v, mask, a[r][v]);
-    }
-}
-
-using TileFn = void (*)(const float*, int64_t, const float*, float*, int64_t, int64_t, const float*, int64_t,
-                       int64_t);
-constexpr TileFn TILES[MR + 1] = {nullptr, tile<1, 4>, tile<2, 4>, tile<3, 4>, tile<4, 4>, tile<5, 4>, tile<6, 4>};
-constexpr TileFn HALF_TILES[MR + 1] = {nullptr, tile<1, 2>, tile<2, 2>, tile<3, 2>, tile<4, 2>, tile<5, 2>,
-                                       tile<6, 2>};
 
 at::Tensor f32_mm(const at::Tensor& x, const at::Tensor& w, int64_t n) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "f32_mm: x must be float32 [M, K] on CPU");

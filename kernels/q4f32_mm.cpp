@@ -1,0 +1,155 @@
+// pdcluster::q4f32_mm: float32 x @ W.T where W is a float32 weight that holds GGUF Q4_1 values exactly
+// (w = float32(d * q) + m, d and m per 32 k of a row, q in 0..15): read as 4-bit codes, computed in float32.
+// Reference: kernels/q4f32_mm.py (q4f32_mm_ref: F.linear on the weight rebuilt in torch ops).
+//
+//   x      float32 [M, K]             any M >= 0, K a multiple of 32
+//   codes  uint8   [Np/64, K, 32]     block b, row k, byte j: q of column 64 b + j (low nibble) and of
+//                                     column 64 b + 32 + j (high nibble); columns = rows of W
+//   dm     float32 [Np/64, K/32, 2, 64] d, then m, of each of the block's 64 columns for k in 32 g .. 32 g + 31
+//   n      int                        N <= Np: the columns written
+//   ->     float32 [M, N]
+//   q4f32_expand(codes, dm) -> float32 [Np/64, K, 64]: the blocks kernels/f32_mm.py pack makes of W
+//
+// Why: a float32 step at a few rows streams its weights from memory (425 MB a step for SmolLM2-135M, ~37 ms
+// on one core here). A float32 engine on a Q4_1 checkpoint holds weights that are Q4_1 values, exactly: their
+// codes are 0.75 bytes a weight (4 bits + 2 float32 per 32), 5.3x fewer. Each block is expanded into float32 in
+// a per-thread L2 buffer (d * q, then + m: two roundings, as the loader's numpy did), and the tiles of
+// f32_tile.h run over it: every y[m, n] is the FMA chain f32_mm computes on the float32 weight, bit for bit.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
+#include <torch/library.h>
+
+#include "f32_tile.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+
+namespace {
+
+using pdcluster_f32::COLS;
+using pdcluster_f32::HALF_TILES;
+using pdcluster_f32::MR;
+using pdcluster_f32::TILES;
+constexpr int64_t G = 32;                    // k per (d, m) group: Q4_1's block
+
+// d * q + m rounded twice, as numpy's (d * qs) + m: the _round intrinsics keep the compiler from fusing them
+inline __m512 dequant(__m128i q8, __m512 d, __m512 m) {
+  constexpr int RN = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q8));
+  return _mm512_add_round_ps(_mm512_mul_round_ps(d, q, RN), m, RN);
+}
+
+// Columns lo .. hi - 1 (a multiple of 32 each) of one block into buf (float32 [K, 64], the f32_mm block layout).
+void expand(const uint8_t* codes, const float* dm, int64_t K, int64_t lo, int64_t hi, float* buf) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int64_t g = 0; g < K / G; ++g) {
+    const float* d = dm + g * 2 * COLS;
+    const float* m = d + COLS;
+    for (int64_t h = lo / 32; h < hi / 32; ++h) {            // half h: columns 32 h .. 32 h + 31
+      const __m512 d0 = _mm512_loadu_ps(d + 32 * h), d1 = _mm512_loadu_ps(d + 32 * h + 16);
+      const __m512 m0 = _mm512_loadu_ps(m + 32 * h), m1 = _mm512_loadu_ps(m + 32 * h + 16);
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k * 32));
+        const __m256i q = h == 0 ? _mm256_and_si256(v, low4) : _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        float* out = buf + k * COLS + 32 * h;
+        _mm512_storeu_ps(out, dequant(_mm256_castsi256_si128(q), d0, m0));
+        _mm512_storeu_ps(out + 16, dequant(_mm256_extracti128_si256(q, 1), d1, m1));
+      }
+    }
+  }
+}
+
+// This thread's block buffer, grown to `floats` (64-byte aligned; reused call after call).
+float* thread_buffer(int64_t floats) {
+  struct Free { void operator()(float* p) const { std::free(p); } };
+  thread_local std::unique_ptr<float, Free> buf;
+  thread_local int64_t size = 0;
+  if (size < floats) {
+    buf.reset(static_cast<float*>(std::aligned_alloc(64, ((floats * 4 + 63) / 64) * 64)));
+    TORCH_CHECK(buf != nullptr, "q4f32_mm: out of memory for a ", floats * 4, "-byte block buffer");
+    size = floats;
+  }
+  return buf.get();
+}
+
+void check_weight(const at::Tensor& codes, const at::Tensor& dm, int64_t K) {
+  TORCH_CHECK(codes.dim() == 3 && codes.scalar_type() == at::kByte && codes.device().is_cpu() && codes.is_contiguous()
+              && codes.size(2) == 32, "q4f32_mm: codes must be contiguous uint8 [Np/64, K, 32] on CPU");
+  TORCH_CHECK(K > 0 && K % G == 0 && codes.size(1) == K, "q4f32_mm: K must be a positive multiple of 32 and match "
+              "the codes' [", codes.size(0), ", ", codes.size(1), ", 32], got ", K);
+  TORCH_CHECK(dm.dim() == 4 && dm.scalar_type() == at::kFloat && dm.device().is_cpu() && dm.is_contiguous() &&
+              dm.size(0) == codes.size(0) && dm.size(1) == K / G && dm.size(2) == 2 && dm.size(3) == COLS,
+              "q4f32_mm: dm must be contiguous float32 [Np/64, K/32, 2, 64] on CPU (kernels/q4f32_mm.py pack)");
+}
+
+at::Tensor q4f32_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& dm, int64_t n) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "q4f32_mm: x must be float32 [M, K] on CPU");
+  const int64_t M = x.size(0), K = x.size(1), NB = codes.size(0);
+  check_weight(codes, dm, K);
+  TORCH_CHECK(n > (NB - 1) * COLS && n <= NB * COLS, "q4f32_mm: n = ", n, " does not fit ", NB, " blocks of 64");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({M, n}, x.options());
+  if (M == 0) return y;
+  const float* xp = xc.data_ptr<float>();
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* dp = dm.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t T = (M + MR - 1) / MR;                             // tiles of x
+  // threads split the columns in halves of a block (32), as f32_mm does; each expands only its own half
+  at::parallel_for(0, 2 * NB, 1, [&](int64_t begin, int64_t end) {
+    float* buf = thread_buffer(K * COLS);
+    for (int64_t b = begin / 2; b < (end + 1) / 2; ++b) {
+      const int64_t lo = std::max<int64_t>(0, begin * 32 - b * COLS);              // this range's columns of b
+      const int64_t hi = std::min<int64_t>(COLS, end * 32 - b * COLS);
+      const int64_t ncols = std::min(hi, n - b * COLS) - lo;                       // <= 0: padding only
+      if (ncols <= 0) continue;
+      expand(cp + b * K * 32, dp + b * (K / G) * 2 * COLS, K, lo, hi, buf);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t m0 = t * MR, r = std::min(MR, M - m0);
+        (hi - lo == COLS ? TILES : HALF_TILES)[r](xp + m0 * K, K, buf + lo, yp + m0 * n + b * COLS + lo, n, ncols,
+                                                   nullptr, 1, 0);
+      }
+    }
+  });
+  return y;
+}
+
+at::Tensor q4f32_expand(const at::Tensor& codes, const at::Tensor& dm) {
+  const int64_t NB = codes.dim() == 3 ? codes.size(0) : 0, K = codes.dim() == 3 ? codes.size(1) : 0;
+  check_weight(codes, dm, K);
+  at::Tensor w = at::empty({NB, K, COLS}, dm.options());
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const float* dp = dm.data_ptr<float>();
+  float* wp = w.data_ptr<float>();
+  at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) expand(cp + b * K * 32, dp + b * (K / G) * 2 * COLS, K, 0, COLS, wp + b * K * COLS);
+  });
+  return w;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(pdcluster, m) {
+  m.def("q4f32_mm(Tensor x, Tensor codes, Tensor dm, int n) -> Tensor");
+  m.def("q4f32_expand(Tensor codes, Tensor dm) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(pdcluster, CPU, m) {
+  m.impl("q4f32_mm", &q4f32_mm);
+  m.impl("q4f32_expand", &q4f32_expand);
+}
+
+// AOTInductor's direct call (engine/cpu_ext.py C_SHIMS), for the compiled decode layer's float linears.
+extern "C" AOTITorchError aoti_torch_cpu_q4f32_mm(AtenTensorHandle x, AtenTensorHandle codes, AtenTensorHandle dm,
+                                                  int64_t n, AtenTensorHandle* ret0) {
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+    at::Tensor y = q4f32_mm(*tensor_handle_to_tensor_pointer(x), *tensor_handle_to_tensor_pointer(codes),
+                            *tensor_handle_to_tensor_pointer(dm), n);
+    *ret0 = torch::aot_inductor::new_tensor_handle(std::move(y));
+  });
+}
