@@ -12,9 +12,11 @@
 //
 // Why: a float32 step at a few rows streams its weights from memory (425 MB a step for SmolLM2-135M, ~37 ms
 // on one core here). A float32 engine on a Q4_1 checkpoint holds weights that are Q4_1 values, exactly: their
-// codes are 0.75 bytes a weight (4 bits + 2 float32 per 32), 5.3x fewer. Each block is expanded into float32 in
-// a per-thread L2 buffer (d * q, then + m: two roundings, as the loader's numpy did), and the tiles of
-// f32_tile.h run over it: every y[m, n] is the FMA chain f32_mm computes on the float32 weight, bit for bit.
+// codes are 0.75 bytes a weight (4 bits + 2 float32 per 32), 5.3x fewer. Each block is expanded into float32 in a
+// per-thread buffer (d * q, then + m: two roundings, as the loader's numpy did), KC_ROWS rows of k at a time (L1)
+// for few rows of x, whole (L2) for many, and every tile of x runs f32_tile.h's tile_part over them: each y[m, n]
+// is the FMA chain f32_mm computes on the float32 weight, bit for bit. (Whole blocks for few rows measured 1.23x
+// slower at 1 row, 1.06x at 24.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/inductor/aoti_torch/utils.h>
@@ -30,10 +32,14 @@
 namespace {
 
 using pdcluster_f32::COLS;
-using pdcluster_f32::HALF_TILES;
+using pdcluster_f32::HALF_PARTS;
 using pdcluster_f32::MR;
-using pdcluster_f32::TILES;
+using pdcluster_f32::PARTS;
 constexpr int64_t G = 32;                    // k per (d, m) group: Q4_1's block
+constexpr int64_t KC_ROWS = 128;             // k rows expanded at a time up to SPLIT_MAX_ROWS rows of x: 32 KB of
+                                             //   a block, L1-resident (64 within 1%, 32 and 192-288 slower)
+constexpr int64_t SPLIT_MAX_ROWS = 48;       // more rows: the whole block at once, into L2 (at 408 rows ~10% faster
+                                             //   than 128 at a time, a tie at 96; one thread, SmolLM2's linears)
 
 // d * q + m rounded twice, as numpy's (d * qs) + m: the _round intrinsics keep the compiler from fusing them
 inline __m512 dequant(__m128i q8, __m512 d, __m512 m) {
@@ -42,10 +48,11 @@ inline __m512 dequant(__m128i q8, __m512 d, __m512 m) {
   return _mm512_add_round_ps(_mm512_mul_round_ps(d, q, RN), m, RN);
 }
 
-// Columns lo .. hi - 1 (a multiple of 32 each) of one block into buf (float32 [K, 64], the f32_mm block layout).
-void expand(const uint8_t* codes, const float* dm, int64_t K, int64_t lo, int64_t hi, float* buf) {
+// k rows k0 .. k0 + kc - 1 (whole groups) of columns lo .. hi - 1 (multiples of 32) of one block into buf
+// (float32 [kc, 64], the f32_mm block layout)
+void expand(const uint8_t* codes, const float* dm, int64_t k0, int64_t kc, int64_t lo, int64_t hi, float* buf) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
-  for (int64_t g = 0; g < K / G; ++g) {
+  for (int64_t g = k0 / G; g < (k0 + kc) / G; ++g) {
     const float* d = dm + g * 2 * COLS;
     const float* m = d + COLS;
     for (int64_t h = lo / 32; h < hi / 32; ++h) {            // half h: columns 32 h .. 32 h + 31
@@ -54,7 +61,7 @@ void expand(const uint8_t* codes, const float* dm, int64_t K, int64_t lo, int64_
       for (int64_t k = g * G; k < (g + 1) * G; ++k) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k * 32));
         const __m256i q = h == 0 ? _mm256_and_si256(v, low4) : _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        float* out = buf + k * COLS + 32 * h;
+        float* out = buf + (k - k0) * COLS + 32 * h;
         _mm512_storeu_ps(out, dequant(_mm256_castsi256_si128(q), d0, m0));
         _mm512_storeu_ps(out + 16, dequant(_mm256_extracti128_si256(q, 1), d1, m1));
       }
@@ -99,19 +106,24 @@ at::Tensor q4f32_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   const float* dp = dm.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t T = (M + MR - 1) / MR;                             // tiles of x
-  // threads split the columns in halves of a block (32), as f32_mm does; each expands only its own half
+  const int64_t KC = M <= SPLIT_MAX_ROWS ? std::min(K, KC_ROWS) : K;
+  // threads split the columns in halves of a block (32), as f32_mm does; each expands only its own half, KC rows
+  // of k at a time, and every tile of x sweeps those, its sums carried in y between them (f32_tile.h tile_part)
   at::parallel_for(0, 2 * NB, 1, [&](int64_t begin, int64_t end) {
-    float* buf = thread_buffer(K * COLS);
+    float* buf = thread_buffer(KC * COLS);
     for (int64_t b = begin / 2; b < (end + 1) / 2; ++b) {
       const int64_t lo = std::max<int64_t>(0, begin * 32 - b * COLS);              // this range's columns of b
       const int64_t hi = std::min<int64_t>(COLS, end * 32 - b * COLS);
       const int64_t ncols = std::min(hi, n - b * COLS) - lo;                       // <= 0: padding only
       if (ncols <= 0) continue;
-      expand(cp + b * K * 32, dp + b * (K / G) * 2 * COLS, K, lo, hi, buf);
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t m0 = t * MR, r = std::min(MR, M - m0);
-        (hi - lo == COLS ? TILES : HALF_TILES)[r](xp + m0 * K, K, buf + lo, yp + m0 * n + b * COLS + lo, n, ncols,
-                                                   nullptr, 1, 0);
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0);
+        expand(cp + b * K * 32, dp + b * (K / G) * 2 * COLS, k0, kc, lo, hi, buf);
+        for (int64_t t = 0; t < T; ++t) {
+          const int64_t m0 = t * MR, r = std::min(MR, M - m0);
+          (hi - lo == COLS ? PARTS : HALF_PARTS)[r](xp + m0 * K, K, k0, kc, buf + lo, yp + m0 * n + b * COLS + lo,
+                                                     n, ncols, k0 == 0);
+        }
       }
     }
   });
@@ -126,7 +138,8 @@ at::Tensor q4f32_expand(const at::Tensor& codes, const at::Tensor& dm) {
   const float* dp = dm.data_ptr<float>();
   float* wp = w.data_ptr<float>();
   at::parallel_for(0, NB, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) expand(cp + b * K * 32, dp + b * (K / G) * 2 * COLS, K, 0, COLS, wp + b * K * COLS);
+    for (int64_t b = begin; b < end; ++b)
+      expand(cp + b * K * 32, dp + b * (K / G) * 2 * COLS, 0, K, 0, COLS, wp + b * K * COLS);
   });
   return w;
 }

@@ -134,14 +134,18 @@ def test_a_failed_compile_leaves_the_engine_eager(tmp_path, monkeypatch, caplog)
 
 
 def test_the_float32_model_compiled_on_its_packed_linears_gives_the_eager_tokens():
-    """The default float32 model: its linears hold pdcluster::f32_mm's packed blocks (where the op builds), which
-    the compiled layer calls too."""
+    """The default float32 model on the embedded Q4_1 GGUF: its linears hold pdcluster::q4f32_mm's codes (where the
+    op builds; kernels/q4f32_mm.py), which the compiled layer calls too."""
+    from pdcluster.engine.cpu_compile import linear_spec
     from pdcluster.kernels.f32_mm import available
+    from pdcluster.kernels.q4f32_mm import Q4F32Weight
     llm = LLM(quantization="none", cpu_compile=True, speculative="off", kv_cache_memory=16 * 2**20, max_num_seqs=4,
               enable_prefix_caching=False)
     assert isinstance(llm.engine.model.compiled, CompiledDecode)
-    assert all((lin.packed is not None) == available() for L in llm.engine.model.layers
-               for lin in (L.qkv, L.o, L.gate_up, L.down))
+    lins = [lin for L in llm.engine.model.layers for lin in (L.qkv, L.o, L.gate_up, L.down)]
+    assert all(isinstance(lin.packed, Q4F32Weight) == available() for lin in lins)
+    if available():
+        assert {linear_spec(lin)[0].kind for lin in lins} == {"q4f32"}
     comp = llm.engine.model.compiled
     before = comp.steps
     got = _generate(llm, True, True)
