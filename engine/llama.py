@@ -49,24 +49,25 @@ class Linear:
     UNPACK_MIN_ROWS = 768       # packed: from here MKL on the weight unpacked per call (f32_mm 0.92x MKL on a
                                 # 2048-token prefill; the copy costs ~2.5% of the GEMM there)
 
-    __slots__ = ("weight", "bias", "_split", "packed")
+    __slots__ = ("weight", "bias", "_split", "packed", "_mm", "_unpack")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, split: bool, pack: bool = False,
                  codes: bool = False):
         self.weight, self.bias, self._split, self.packed = weight, bias, None, None
         if pack:                                                            # the blocks replace the weight
             q = q4f32.pack(weight) if codes else None                       # None: not all Q4_1 values
+            op = q4f32 if q is not None else f32
             self.weight, self.packed = None, q if q is not None else f32.pack(weight)
+            self._mm, self._unpack = (q4f32.q4f32_mm if q is not None else f32.f32_mm), op.unpack_into
         elif split and weight.shape[0] % self.SPLIT == 0 and weight.is_contiguous():
             self._split = weight.view(self.SPLIT, weight.shape[0] // self.SPLIT, weight.shape[1])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         if self.packed is not None:
-            op = q4f32 if isinstance(self.packed, q4f32.Q4F32Weight) else f32
             if n >= self.UNPACK_MIN_ROWS:                   # long prefill chunks: MKL on a transient [N, K] copy
-                return F.linear(x, op.unpack_into(self.packed, _scratch()), self.bias)
-            y = (q4f32.q4f32_mm if op is q4f32 else f32.f32_mm)(x, self.packed)
+                return F.linear(x, self._unpack(self.packed, _scratch()), self.bias)
+            y = self._mm(x, self.packed)
             return y if self.bias is None else y + self.bias
         if self._split is not None and n <= self.SPLIT_MAX_ROWS:
             w = self._split                                                 # [S, out / S, in]
