@@ -19,9 +19,10 @@ def test_long_local_prefill_is_not_a_lost_worker():
     ids, ref = greedy_reference([PROMPT], MAX_NEW)     # the session's offline engine (its 64 MiB hold ~1,400 tokens)
     assert len(ids[0]) > 1000
     # one decode worker, no prefill pool: a "lost" verdict would leave nowhere to go (UNAVAILABLE);
-    # 32-token chunks make the prefill ~35 engine steps
+    # 8-token chunks make the prefill ~137 engine steps (32-token ones, ~35 steps, took 2.8 s once the linears
+    # read Q4_1 codes: no longer past the bound)
     with running_cluster(prefill_workers=0, decode_workers=1, remote_prefill=False, worker_timeout_s=GAP_S,
-                         max_num_batched_tokens=32, kv_cache_memory=KV_MIB * 2**20, max_model_len=4096) as c:
+                         max_num_batched_tokens=8, kv_cache_memory=KV_MIB * 2**20, max_model_len=4096) as c:
         async def run():
             async with grpc.aio.insecure_channel(c.address) as ch:
                 toks, where, t0 = [], [], time.monotonic()
