@@ -5,8 +5,8 @@ Why: a float32 step at a few rows reads every packed linear weight from DRAM (Sm
 host the layers' linears streamed from DRAM ran 1.06-1.28x faster at 1-24 rows with their weights in huge pages
 (two runs), a prefix hit's engine step 1.03-1.04x (bench/hugepages.py; bench/RESULTS.md, "Weights in huge pages").
 
-How: `empty(shape, dtype)` hands out 64-byte aligned views of arena chunks (CHUNK bytes each, 2 MiB aligned,
-madvise(MADV_HUGEPAGE) before first touch, so the kernel backs them with huge pages where transparent huge pages
+How: `empty(shape, dtype)` hands out 64-byte aligned views of arena chunks (CHUNK bytes each, anonymous mappings of
+their own, 2 MiB aligned, madvise(MADV_HUGEPAGE) before first touch, so the kernel backs them with huge pages where transparent huge pages
 are enabled or in `madvise` mode). A chunk lives while any view of it does. Untouched memory of a chunk is not
 resident; at most one huge page past the last view is. Tensors larger than CHUNK / 4 get a chunk of their own,
 tensors under SMALL stay on torch's allocator.
@@ -16,6 +16,7 @@ torch.empty.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import sys
 import threading
@@ -54,8 +55,11 @@ class Arena:
         self.huge_bytes = 0                         # bytes advised so far (all chunks)
 
     def _new_chunk(self, nbytes: int) -> torch.Tensor:
+        """A 2 MiB-aligned uint8 view of a fresh anonymous mapping, advised. Its own mapping, not malloc's: the
+        advice must not stay on heap memory that malloc hands out again after the chunk is freed (unmapped when
+        the last view goes: the tensor holds the mmap object)."""
         size = -(-nbytes // HUGE) * HUGE
-        raw = torch.empty(size + HUGE, dtype=torch.uint8)
+        raw = torch.frombuffer(mmap.mmap(-1, size + HUGE), dtype=torch.uint8)
         start = (-raw.data_ptr()) % HUGE
         buf = raw[start:start + size]               # a view: keeps raw's storage alive
         if self._madvise(ctypes.c_void_p(buf.data_ptr()), ctypes.c_size_t(size), MADV_HUGEPAGE) == 0:

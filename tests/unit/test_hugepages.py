@@ -1,4 +1,6 @@
 """engine/hugepages.py: arena views are sound tensors, and where the host allows, huge pages back them."""
+import gc
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,23 @@ def test_a_chunk_is_advised_for_huge_pages():
     assert a.huge_bytes >= HUGE * 4
     assert "hg" in vm_flags_at(t.data_ptr())
     assert "hg" not in vm_flags_at(torch.empty(HUGE).data_ptr())
+
+
+def _mapped(addr: int) -> bool:
+    with open("/proc/self/maps") as f:
+        return any(int(lo, 16) <= addr < int(hi, 16) for lo, hi in (line.split()[0].split("-") for line in f))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps is Linux's")
+def test_a_chunk_is_a_mapping_of_its_own_unmapped_with_its_last_view():
+    """Not malloc's heap: the advice must not stay on memory that malloc hands out again."""
+    a = Arena()
+    if a._madvise is None:
+        pytest.skip("no madvise here (PDCLUSTER_HUGEPAGES=0)")
+    t = a.empty((40 << 20,), torch.uint8)            # over CHUNK / 4: a chunk of its own
+    t.fill_(1)
+    addr = t.data_ptr()
+    assert addr % HUGE == 0 and _mapped(addr)
+    del t
+    gc.collect()
+    assert not _mapped(addr)
