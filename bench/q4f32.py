@@ -22,26 +22,20 @@ from pathlib import Path
 
 import torch
 
-LAYERS_LINEARS = ("qkv", "o", "gate_up", "down")
-
-
 def model_linears():
-    """(float32 blocks, codes) of the embedded model's fused layer linears."""
+    """(float32 blocks, codes) of the embedded model's fused layer linears, as engine/llama.py's Layer holds them."""
+    from pdcluster.engine.llama import Layer
     from pdcluster.engine.loader import load_model_config, load_weights
-    from pdcluster.engine.quant.layers import fuse
-    from pdcluster.kernels import f32_mm, q4f32_mm
+    from pdcluster.kernels import q4f32_mm
     cfg = load_model_config(None)
     sd = load_weights(cfg, torch.float32, "none")
     blocks, codes = [], []
     for i in range(cfg.num_layers):
-        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        for w in (fuse([sd[f"{a}.{p}_proj.weight"] for p in "qkv"]), sd[f"{a}.o_proj.weight"],
-                  fuse([sd[f"{m}.gate_proj.weight"], sd[f"{m}.up_proj.weight"]]), sd[f"{m}.down_proj.weight"]):
-            q = q4f32_mm.pack(w)
-            if q is None:
-                raise SystemExit("the embedded model's linears are not all Q4_1 values: nothing to compare")
-            blocks.append(f32_mm.pack(w))
-            codes.append(q)
+        for out, c in ((blocks, False), (codes, True)):
+            L = Layer(sd, f"model.layers.{i}", cfg.attention_bias, "cpu", split=False, codes=c)
+            out += [lin.packed for lin in (L.qkv, L.o, L.gate_up, L.down)]
+    if not all(isinstance(q, q4f32_mm.Q4F32Weight) for q in codes):
+        raise SystemExit("the embedded model's linears are not all Q4_1 values: nothing to compare")
     return blocks, codes
 
 

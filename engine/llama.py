@@ -56,9 +56,11 @@ class Linear:
         self.weight, self.bias, self._split, self.packed = weight, bias, None, None
         if pack:                                                            # the blocks replace the weight
             q = q4f32.pack(weight) if codes else None                       # None: not all Q4_1 values
-            op = q4f32 if q is not None else f32
-            self.weight, self.packed = None, q if q is not None else f32.pack(weight)
-            self._mm, self._unpack = (q4f32.q4f32_mm if q is not None else f32.f32_mm), op.unpack_into
+            self.weight = None
+            if q is not None:
+                self.packed, self._mm, self._unpack = q, q4f32.q4f32_mm, q4f32.unpack_into
+            else:
+                self.packed, self._mm, self._unpack = f32.pack(weight), f32.f32_mm, f32.unpack_into
         elif split and weight.shape[0] % self.SPLIT == 0 and weight.is_contiguous():
             self._split = weight.view(self.SPLIT, weight.shape[0] // self.SPLIT, weight.shape[1])
 

@@ -64,8 +64,8 @@ at::Tensor f32_mm(const at::Tensor& x, const at::Tensor& w, int64_t n) {
           if (ncols <= 0) continue;
           // tile t prefetches the rows k = t mod T of block b + CH (none past this range)
           const float* pf = b + CH < b_end ? wp + (b + CH) * block + lo : nullptr;
-          (hi - lo == COLS ? TILES : HALF_TILES)[r](xp + m0 * K, K, wp + b * block + lo, yp + m0 * n + b * COLS + lo,
-                                                     n, ncols, pf, T, t);
+          (hi - lo == COLS ? TILES : HALF_TILES)[r](xp + m0 * K, K, 0, K, wp + b * block + lo,
+                                                     yp + m0 * n + b * COLS + lo, n, ncols, true, pf, T, t);
         }
       }
     }

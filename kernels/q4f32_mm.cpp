@@ -14,7 +14,7 @@
 // on one core here). A float32 engine on a Q4_1 checkpoint holds weights that are Q4_1 values, exactly: their
 // codes are 0.75 bytes a weight (4 bits + 2 float32 per 32), 5.3x fewer. Each block is expanded into float32 in a
 // per-thread buffer (d * q, then + m: two roundings, as the loader's numpy did), KC_ROWS rows of k at a time (L1)
-// for few rows of x, whole (L2) for many, and every tile of x runs f32_tile.h's tile_part over them: each y[m, n]
+// for few rows of x, whole (L2) for many, and every tile of x runs f32_tile.h's tile over them: each y[m, n]
 // is the FMA chain f32_mm computes on the float32 weight, bit for bit. (Whole blocks for few rows measured 1.23x
 // slower at 1 row, 1.06x at 24.)
 #include <ATen/ATen.h>
@@ -32,9 +32,9 @@
 namespace {
 
 using pdcluster_f32::COLS;
-using pdcluster_f32::HALF_PARTS;
+using pdcluster_f32::HALF_TILES;
 using pdcluster_f32::MR;
-using pdcluster_f32::PARTS;
+using pdcluster_f32::TILES;
 constexpr int64_t G = 32;                    // k per (d, m) group: Q4_1's block
 constexpr int64_t KC_ROWS = 128;             // k rows expanded at a time up to SPLIT_MAX_ROWS rows of x: 32 KB of
                                              //   a block, L1-resident (64 within 1%, 32 and 192-288 slower)
@@ -108,7 +108,7 @@ at::Tensor q4f32_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tens
   const int64_t T = (M + MR - 1) / MR;                             // tiles of x
   const int64_t KC = M <= SPLIT_MAX_ROWS ? std::min(K, KC_ROWS) : K;
   // threads split the columns in halves of a block (32), as f32_mm does; each expands only its own half, KC rows
-  // of k at a time, and every tile of x sweeps those, its sums carried in y between them (f32_tile.h tile_part)
+  // of k at a time, and every tile of x sweeps those, its sums carried in y between them (f32_tile.h tile)
   at::parallel_for(0, 2 * NB, 1, [&](int64_t begin, int64_t end) {
     float* buf = thread_buffer(KC * COLS);
     for (int64_t b = begin / 2; b < (end + 1) / 2; ++b) {
@@ -121,8 +121,8 @@ at::Tensor q4f32_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tens
         expand(cp + b * K * 32, dp + b * (K / G) * 2 * COLS, k0, kc, lo, hi, buf);
         for (int64_t t = 0; t < T; ++t) {
           const int64_t m0 = t * MR, r = std::min(MR, M - m0);
-          (hi - lo == COLS ? PARTS : HALF_PARTS)[r](xp + m0 * K, K, k0, kc, buf + lo, yp + m0 * n + b * COLS + lo,
-                                                     n, ncols, k0 == 0);
+          (hi - lo == COLS ? TILES : HALF_TILES)[r](xp + m0 * K, K, k0, kc, buf + lo, yp + m0 * n + b * COLS + lo,
+                                                     n, ncols, k0 == 0, nullptr, 1, 0);
         }
       }
     }

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from pdcluster.engine import hugepages
 from pdcluster.engine.cpu_ext import available  # noqa: F401 (the op's build and load)
+from pdcluster.kernels import f32_mm
 
 COLS = 64                  # columns of W.T per block (f32_tile.h COLS)
 GROUP = 32                 # k per (d, m): Q4_1's block
@@ -126,14 +127,9 @@ def expand(w: Q4F32Weight) -> torch.Tensor:
 
 
 def unpack_into(w: Q4F32Weight, scratch: dict) -> torch.Tensor:
-    """float32 [N, K], written into buffers of scratch (a dict kept by the caller, reused call after call), for
-    the steps that run MKL: the op expands the blocks, then f32_mm's own layout is undone."""
-    NB, K, _ = w.codes.shape
-    buf = scratch.get(("q4f32", NB, K))
-    if buf is None:
-        buf = scratch[("q4f32", NB, K)] = torch.empty(NB * COLS, K, dtype=torch.float32)
-    buf.view(NB, COLS, K).copy_(expand(w).transpose(1, 2))
-    return buf[:w.n]
+    """float32 [N, K] for the steps that run MKL: the op expands the blocks, then f32_mm's unpack_into undoes its
+    layout into a buffer of scratch (a dict kept by the caller, reused call after call)."""
+    return f32_mm.unpack_into(f32_mm.F32Weight(expand(w), w.n), scratch)
 
 
 def q4f32_mm_ref(x: torch.Tensor, w: Q4F32Weight) -> torch.Tensor:

@@ -141,9 +141,9 @@ def test_a_linear_holds_the_codes_of_a_q4_1_weight_and_the_float_blocks_otherwis
     assert isinstance(other.packed, f32_mm.F32Weight)
     long = torch.randn(Linear.UNPACK_MIN_ROWS, 64, generator=G)          # MKL on the expanded weight
     assert torch.equal(lin(long), F.linear(long, w, b))
-    buf = _scratch()[("q4f32", 2, 64)]
+    buf = _scratch()[(2, 64, 64)]                                         # f32_mm's buffer for these blocks
     lin(long)
-    assert _scratch()[("q4f32", 2, 64)] is buf
+    assert _scratch()[(2, 64, 64)] is buf
 
 
 @needs_op
