@@ -287,6 +287,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", choices=SIDE_NAMES, default=None,
                    help="run one side only (e.g. the baseline while the candidate's flags are not in this build)")
     p.add_argument("--max-requests", type=int, default=None, help="override a trace replay's request count")
+    p.add_argument("--time-scale", type=float, default=None,
+                   help="override a trace replay's time scale (replay s per trace s; lower: a higher load)")
     p.add_argument("--out", default=None, help="write {scenario, baseline, candidate, ratios} JSON here")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="latency CDFs and throughput, side by side")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
@@ -308,6 +310,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     peers.add_argument("--output-len", type=int, default=None, help="output tokens (default 64)")
 
 
+def trace_override(sc: Scenario, key: str, value) -> Scenario:
+    """sc with its trace replay's `key` (a TraceScale field) set to value; ValueError if sc replays no trace."""
+    if not str(sc.dataset["dataset"]).startswith("mooncake:"):
+        raise ValueError(f"--{key.replace('_', '-')} applies to a trace replay; {sc.name} replays none")
+    return replace(sc, dataset=dict(sc.dataset, **{key: value}))
+
+
 def main(a: argparse.Namespace) -> int:
     if a.list or not a.name:
         print(epilog())
@@ -317,8 +326,9 @@ def main(a: argparse.Namespace) -> int:
         return peers.main(a)
     sc = SCENARIOS[a.name]
     try:
-        if a.max_requests is not None:
-            sc = replace(sc, dataset=dict(sc.dataset, max_requests=a.max_requests))
+        for key in ("max_requests", "time_scale"):
+            if getattr(a, key) is not None:
+                sc = trace_override(sc, key, getattr(a, key))
         if a.num_prompts is not None and sc.dataset["dataset"] == "shared-prefix":  # n spread over the groups
             per_group = max(1, -(-a.num_prompts // sc.dataset["num_groups"]))
             sc = replace(sc, dataset=dict(sc.dataset, prompts_per_group=per_group))

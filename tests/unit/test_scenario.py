@@ -245,6 +245,14 @@ def test_trace_scenario_builds_the_slice_from_the_trace_file(tmp_path):
     assert [r.arrival_s for r in reqs] == [0.0, 0.1]                # time_scale 0.1
 
 
+def test_time_scale_overrides_a_trace_replay_and_is_refused_elsewhere():
+    from pdcluster.bench.scenario import trace_override
+    sc = trace_override(SCENARIOS["trace-replay"], "time_scale", 0.05)
+    assert sc.dataset["time_scale"] == 0.05 and SCENARIOS["trace-replay"].dataset["time_scale"] == 0.1
+    with pytest.raises(ValueError, match="--time-scale applies to a trace replay; multi-turn"):
+        trace_override(SCENARIOS["multi-turn"], "time_scale", 0.05)
+
+
 def test_tier_counters_are_per_run_deltas_summed_over_runs_and_workers():
     from pdcluster.bench.scenario_report import tier_deltas, tier_totals
     from pdcluster.messages import TierFigures
