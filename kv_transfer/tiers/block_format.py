@@ -110,14 +110,6 @@ def decode(geom: Geometry, data: torch.Tensor, scales: torch.Tensor | None) -> t
     return wire_codec.decode(data, scales, geom.dtype)
 
 
-def to_bytes(data: torch.Tensor, scales: torch.Tensor | None) -> list[memoryview]:
-    """The payload's buffers, in file order (data, then scales)."""
-    out = [memoryview(data.contiguous().view(torch.uint8).numpy()).cast("B")]
-    if scales is not None:
-        out.append(memoryview(scales.contiguous().view(torch.uint8).numpy()).cast("B"))
-    return out
-
-
 def from_bytes(geom: Geometry, buf) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(data, scales) over `buf` (geom.block_bytes bytes, writable: torch.frombuffer shares it)."""
     raw = torch.frombuffer(buf, dtype=torch.uint8)

@@ -1,31 +1,54 @@
 """The disk tier's storage: one file per block in a directory, each row checksummed.
 
-File `<chain hash as 16 hex digits>.kvb`:
-    header   magic b"PDKVBLK2", u64 chain hash, u64 layout fingerprint (block_format.Geometry),
-             u64 payload bytes, 2L x u32 row crc32s, u32 crc32 of everything before it   little-endian
-    payload  block_format's bytes: data [2L, bs, h, d], then scales [2L, h] (quantized codecs)
+File `<chain hash as 16 hex digits>.kvb`, a whole number of 4 KiB pages:
+    header   magic b"PDKVBLK3", u64 chain hash, u64 layout fingerprint (block_format.Geometry),
+             u64 payload bytes, 2L x u32 row crc32s, zeros to the end of its page(s) but 4 bytes, then
+             u32 crc32 of everything before it                                         little-endian
+    payload  block_format's bytes: data [2L, bs, h, d], then scales [2L, h] (quantized codecs), then
+             zeros to the end of the last page
 Row r (K of layer r, r < L; V of layer r - L) has its own crc32, over its data bytes then its scale
 bytes, so one layer (rows l and L + l) is checked without reading the others: a layer-wise load
-(`open_rows`) verifies each layer before it is used. Every byte is under a checksum: the header's
-over the header (row crcs included), the rows' over the payload.
+(`open_rows`) verifies each layer before it is used. Every byte is under a checksum (the header's
+over its page, the rows' over the payload) or checked to be zero (the tail).
+Files are written with O_DIRECT from a page-aligned buffer, past the page cache: through it, each
+block cost the writer thread a kernel copy into freshly allocated cache pages (on the 2-core bench
+host, ~5% of all CPU in a trace replay, taken from the engine threads; bench/RESULTS.md). Where the
+filesystem refuses O_DIRECT (tmpfs, some FUSE), writes go through the page cache. Reads stay buffered.
 A file is written under a temporary name and renamed into place, so a crash leaves either the whole
 file or none (a leftover temporary is removed by `scan`). `read`, `scan` and `open_rows` check what
 they read: a file whose name, hash, layout, length or checksum is wrong is corrupt, and is deleted.
 """
 from __future__ import annotations
 
+import errno
+import logging
+import mmap
 import os
 import struct
+import threading
 from pathlib import Path
 
 import torch
 
 from pdcluster.kv_transfer.crc import crc32
-from pdcluster.kv_transfer.tiers.block_format import Geometry, from_bytes, to_bytes
+from pdcluster.kv_transfer.tiers.block_format import Geometry, from_bytes
 
-MAGIC = b"PDKVBLK2"
+log = logging.getLogger("pdcluster.kv_transfer.tiers.disk")
+
+MAGIC = b"PDKVBLK3"
 HEADER = struct.Struct("<8sQQQ")        # magic, hash, fingerprint, payload bytes (then row crcs, header crc)
 SUFFIX = ".kvb"
+PAGE = 4096                             # file layout unit: O_DIRECT wants offsets and lengths aligned to it
+
+
+def _pages(n: int) -> int:
+    """n bytes rounded up to whole pages."""
+    return -(-n // PAGE) * PAGE
+
+
+def file_bytes(geom: Geometry) -> int:
+    """Bytes of one block's file: its header page(s), then the payload padded to whole pages."""
+    return _pages(_pages(HEADER.size + 4 * 2 * geom.num_layers + 4) + geom.block_bytes)
 
 
 class CorruptBlock(Exception):
@@ -46,7 +69,9 @@ class DiskStore:
         self.row_data = geom.data_bytes // self.rows          # one row's data bytes
         self.row_scale = geom.scale_bytes // self.rows        # one row's scale bytes (0: codec none)
         self._crcs = struct.Struct(f"<{self.rows}I")
-        self.head = HEADER.size + self._crcs.size + 4       # header bytes (header_bytes, as a plain attribute)
+        self.head = _pages(HEADER.size + self._crcs.size + 4)   # header bytes (header_bytes, as a plain attribute)
+        self.direct = hasattr(os, "O_DIRECT")                   # False once the filesystem refuses it
+        self._local = threading.local()                         # each writing thread's page-aligned buffer
 
     @property
     def header_bytes(self) -> int:
@@ -54,24 +79,49 @@ class DiskStore:
 
     @property
     def file_bytes(self) -> int:
-        return self.header_bytes + self.geom.block_bytes
+        return file_bytes(self.geom)
 
     def path(self, block_hash: int) -> Path:
         return self.dir / f"{block_hash:016x}{SUFFIX}"
 
     def write(self, block_hash: int, data: torch.Tensor, scales: torch.Tensor | None) -> int:
-        """Write one encoded block (block_format.encode's output); its file's bytes."""
-        bufs = to_bytes(data, scales)
+        """Write one encoded block (block_format.encode's output; any strides); its file's bytes."""
+        buf, payload = self._buffer()
+        pdata, pscales = from_bytes(self.geom, payload)
+        pdata.copy_(data)                       # the one copy: staging -> the aligned buffer
+        if scales is not None:
+            pscales.copy_(scales)
+        bufs = [payload[:self.geom.data_bytes], payload[self.geom.data_bytes:self.geom.block_bytes]]
         crcs = [self._row_crc(bufs, r) for r in range(self.rows)]
-        head = HEADER.pack(MAGIC, block_hash, self._fp, self.geom.block_bytes) + self._crcs.pack(*crcs)
+        HEADER.pack_into(buf, 0, MAGIC, block_hash, self._fp, self.geom.block_bytes)
+        self._crcs.pack_into(buf, HEADER.size, *crcs)
+        struct.pack_into("<I", buf, self.head - 4, crc32(memoryview(buf)[:self.head - 4]))
         final = self.path(block_hash)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(head + struct.pack("<I", crc32(head)))
-            for b in bufs:
-                f.write(b)
+        self._write_file(tmp, memoryview(buf))
         os.replace(tmp, final)
         return self.file_bytes
+
+    def _buffer(self) -> tuple[mmap.mmap, memoryview]:
+        """This thread's page-aligned file image (an anonymous mapping: zeroed, and its padding never written)
+        and a view of its payload."""
+        got = getattr(self._local, "buf", None)
+        if got is None:
+            buf = mmap.mmap(-1, self.file_bytes)
+            got = self._local.buf = (buf, memoryview(buf)[self.head:])
+        return got
+
+    def _write_file(self, path: Path, image: memoryview) -> None:
+        if self.direct:
+            try:
+                return _write_all(path, image, os.O_DIRECT)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self.direct = False
+                log.info("KV disk tier %s: the filesystem refuses O_DIRECT (%s); writing through the page cache",
+                         self.dir, e.strerror)
+        _write_all(path, image, 0)
 
     def _row_crc(self, bufs: list[memoryview], r: int) -> int:
         """crc32 of row r's data bytes then its scale bytes; bufs: to_bytes' (data[, scales])."""
@@ -160,7 +210,21 @@ class DiskStore:
         bufs = [mv[:self.geom.data_bytes], mv[self.geom.data_bytes:]]
         crcs = self._crcs.unpack_from(raw, HEADER.size)
         bad = [r for r in range(self.rows) if self._row_crc(bufs, r) != crcs[r]]
-        return f"checksum mismatch in rows {bad}" if bad else None
+        if bad:
+            return f"checksum mismatch in rows {bad}"
+        tail = mv[self.geom.block_bytes:]
+        return "nonzero padding" if tail != bytes(len(tail)) else None
+
+
+def _write_all(path: Path, image: memoryview, flags: int) -> None:
+    """image into a new file at path (opened with `flags` added: O_DIRECT or 0)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, 0o644)
+    try:
+        done = 0
+        while done < len(image):
+            done += os.write(fd, image[done:])
+    finally:
+        os.close(fd)
 
 
 class RowReader:

@@ -12,12 +12,13 @@ from pdcluster.engine.request import Request
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.kv_transfer.tiers import MultiConnector, TierConfig, TierConnector
 from pdcluster.kv_transfer.tiers.block_format import Geometry
-from pdcluster.kv_transfer.tiers.disk import HEADER
+from pdcluster.kv_transfer.tiers.disk import PAGE
 
 L, NB, BS, H, D = 2, 8, 4, 2, 8
 BLOCK_BYTES = 2 * L * BS * H * D * 4                     # float32 K+V of one block, every layer
 QUANT_BYTES = 2 * L * BS * H * D + 2 * L * H * 4          # the same in int8 / fp8 codes + float32 scales
-FILE_HEAD = HEADER.size + 4 * (2 * L + 1)                 # a disk file's header: fields, 2L row crcs, its crc
+FILE_HEAD = PAGE                                          # a disk file's header page: fields, 2L row crcs, its crc
+FILE_BYTES = 2 * PAGE                                     # header page + the block's 1 KiB payload, padded to a page
 
 
 def caches(seed=0):
@@ -33,7 +34,7 @@ def req(rid, salt=None, n=13):
 def tiers(tmp_path=None, host_blocks=16, disk_blocks=16, codec="none", kv=None, layerwise=False, disk_in_step=True):
     """layerwise False: every load is a whole-block one, reported by finished_loading (`load` below)."""
     events = BlockEventLog()
-    disk = dict(disk_dir=str(tmp_path), disk_bytes=disk_blocks * (FILE_HEAD + BLOCK_BYTES)) if tmp_path else {}
+    disk = dict(disk_dir=str(tmp_path), disk_bytes=disk_blocks * FILE_BYTES) if tmp_path else {}
     tc = TierConnector(TierConfig(host_bytes=round(host_blocks * BLOCK_BYTES), codec=codec, layerwise=layerwise, **disk),
                        events, disk_in_step=disk_in_step)
     k, v = kv if kv is not None else caches()
@@ -145,7 +146,9 @@ def test_a_file_corrupted_after_the_scan_fails_the_load_and_is_dropped(tmp_path)
     tc.wait_idle()
     events.drain()
     p = tmp_path / f"{h[1]:016x}.kvb"
-    p.write_bytes(p.read_bytes()[:-1] + b"\x00")
+    raw = bytearray(p.read_bytes())
+    raw[FILE_HEAD + BLOCK_BYTES - 1] ^= 0x01                                # the payload's last byte
+    p.write_bytes(raw)
     n, done = load(tc, req("a2"), [4, 5])
     assert n == 8 and done == [("a2", False)]                               # the scheduler recomputes
     assert not p.exists() and kinds(events) == [("removed", "disk", 1)]
@@ -304,7 +307,7 @@ def test_a_peer_pull_reads_blocks_from_host_then_disk_all_or_nothing(tmp_path):
     assert tc.read_blocks(req("b", salt="t2", n=17).block_hashes()[:4]) is None          # another tenant: nothing
     assert tc.read_blocks(h + [12345]) is None                                           # all or nothing
     p = tmp_path / f"{h[0]:016x}.kvb"
-    p.write_bytes(p.read_bytes()[:-1] + b"\x00")
+    p.write_bytes(p.read_bytes()[:-1] + b"\x01")          # the file's last byte, padding: must be zero
     events.drain()
     assert tc.read_blocks(h[:1]) is None                   # corrupt: the read fails, the file is dropped
     assert not p.exists() and kinds(events) == [("removed", "disk", 1)]
