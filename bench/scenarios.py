@@ -233,12 +233,14 @@ def trace_path() -> str:
 # request; an LRU of that size per worker (each prompt to the worker with its longest prefix) hits 9%
 # of blocks in a trace-level simulation (hash ids only), an unbounded cache 38.5%: device-only cannot
 # keep a conversation between its turns. The 0.5 GiB host tier per worker (728 blocks) holds under a
-# third of the slice, the 2 GiB disk tier (2,911 blocks) the rest: both tiers serve hits.
+# third of the slice, the 2 GiB disk tier (2,896 blocks of 4 KiB-page files) the rest: both tiers serve hits.
 # time_scale 0.1 replays the 1,551 s in 155 s (1.65 req/s, ~670 prompt tokens/s offered to 2
 # one-thread workers): near device-only's capacity, under the tiers'. The tiers save at most the
 # reusable prefill (~1.35x of the compute here); the rest of any TTFT gain is the queueing that
 # recomputing causes, so the ratio depends on the load: 1.43-2.24x in four rounds at 0.1, 1.50x at
-# 0.12 (device-only keeps up), 2.98x at 0.08 (it does not) (RESULTS.md). Until 12-05: 1 conversation
+# 0.12 (device-only keeps up), 2.98x at 0.08 (it does not) (RESULTS.md). Re-measured 12-06 (each side alone at
+# --time-scale 0.05): device-only serves at most 1.97 req/s, the tiers 2.30, so 0.1 is 84% of device-only's
+# capacity, its design point still; 2.01x at 0.09 (93%). Until 12-05: 1 conversation
 # in 40, 32 requests, time x0.2, 112-block pools; 22% reusable, and device-only already hit 17%, so
 # the tiers could not matter (1.00x).
 TRACE_POOL_BLOCKS = 192
