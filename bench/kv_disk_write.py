@@ -4,9 +4,10 @@
 
 Each round writes --blocks blocks of SmolLM2-135M's float32 KV (737,280 bytes each, from a strided staging view,
 as the tier's writer does) through kv_transfer/tiers/disk.py's DiskStore once with O_DIRECT and once through the
-page cache (one torch thread, as a one-thread worker's writer), alternating which goes first, into fresh directories, so the page cache grows as a filling disk tier's
-does. Then it reads every block back as a disk hit does (DiskStore.read). Per block: wall ms, this process's CPU
-ms (user + system) and the whole host's busy CPU ms (/proc/stat: the kernel's writeback threads included).
+page cache (one torch thread, as a one-thread worker's writer), alternating which goes first, into fresh
+directories, so the page cache grows as a filling disk tier's does. Then it reads every block back as a disk hit
+does (DiskStore.read). Per block: wall ms, this process's CPU ms (user + system) and the whole host's busy CPU ms
+(/proc/stat: the kernel's writeback threads included).
 Medians over the rounds; ratio = page cache / O_DIRECT (above 1: O_DIRECT costs less).
 """
 from __future__ import annotations

@@ -12,8 +12,9 @@ bytes, so one layer (rows l and L + l) is checked without reading the others: a 
 over its page, the rows' over the payload) or checked to be zero (the tail).
 Files are written with O_DIRECT from a page-aligned buffer, past the page cache: through it, each
 block cost the writer thread a kernel copy into freshly allocated cache pages (on the 2-core bench
-host, ~5% of all CPU in a trace replay, taken from the engine threads; bench/RESULTS.md). Where the
-filesystem refuses O_DIRECT (tmpfs, some FUSE), writes go through the page cache. Reads stay buffered.
+host, most of the writer threads' ~5% of all CPU in a trace replay, taken from the engine threads;
+bench/RESULTS.md). Where the filesystem refuses O_DIRECT (tmpfs, some FUSE), writes go through the
+page cache. Reads stay buffered.
 A file is written under a temporary name and renamed into place, so a crash leaves either the whole
 file or none (a leftover temporary is removed by `scan`). `read`, `scan` and `open_rows` check what
 they read: a file whose name, hash, layout, length or checksum is wrong is corrupt, and is deleted.
@@ -124,7 +125,7 @@ class DiskStore:
         _write_all(path, image, 0)
 
     def _row_crc(self, bufs: list[memoryview], r: int) -> int:
-        """crc32 of row r's data bytes then its scale bytes; bufs: to_bytes' (data[, scales])."""
+        """crc32 of row r's data bytes then its scale bytes; bufs: (the payload's data bytes, its scale bytes on)."""
         c = crc32(bufs[0][r * self.row_data:(r + 1) * self.row_data])
         if self.row_scale:
             c = crc32(bufs[1][r * self.row_scale:(r + 1) * self.row_scale], c)
@@ -228,11 +229,12 @@ def _write_all(path: Path, image: memoryview, flags: int) -> None:
 
 
 class RowReader:
-    """One block file read a layer at a time (DiskStore.open_rows): `layer_into(l, ...)` reads rows l
-    and L + l into the caller's tensors and checks their crcs there. Opening asks the kernel to read the whole file ahead (POSIX_FADV_WILLNEED), so the
-    storage streams it while earlier layers compute and each layer's small reads mostly find it in the
-    page cache; the header (and the scales) are read and checked at the first layer. A mismatch
-    deletes the file and raises CorruptBlock. Not thread-safe; close() when done."""
+    """One block file read a layer at a time (DiskStore.open_rows): `layer_into(l, ...)` reads rows l and L + l into the
+    caller's tensors and checks their crcs there. Opening asks the kernel to read the whole file ahead
+    (POSIX_FADV_WILLNEED), so the storage streams it while earlier layers compute and each layer's small reads mostly
+    find it in the page cache; the header (and the scales) are read and checked at the first layer. A mismatch deletes
+    the file and raises CorruptBlock. Not thread-safe; close() when done.
+    """
 
     def __init__(self, store: DiskStore, block_hash: int):
         self.s, self.hash, self.crcs = store, block_hash, None

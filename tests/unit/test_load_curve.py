@@ -1,0 +1,50 @@
+"""bench/load_curve.py: a trace scenario's results at several time scales, their offered rates and pooled rounds."""
+import json
+
+import pytest
+
+from pdcluster.bench import load_curve
+
+
+def result(trace, time_scale, base_rounds, cand_rounds, name="trace-replay"):
+    side = lambda rounds: {"runs": [{"mean_ttft_ms": m} for m in rounds], "request_throughput": 1.0}  # noqa: E731
+    return {"scenario": {"name": name, "labels": ["device-only", "kv-tiers"],
+                         "dataset": {"dataset": f"mooncake:{trace}", "time_scale": time_scale, "start": 0,
+                                     "max_requests": 4, "conversation_sample": 1}},
+            "baseline": side(base_rounds), "candidate": side(cand_rounds)}
+
+
+@pytest.fixture
+def trace(tmp_path):
+    p = tmp_path / "t.jsonl"        # 5 lines 1 s apart; the replay keeps 4: 3 s of trace time
+    p.write_text("".join(json.dumps({"timestamp": 1000 * i, "input_length": 16, "output_length": 2,
+                                     "hash_ids": [i]}) + "\n" for i in range(5)))
+    return p
+
+
+def test_the_offered_rate_is_the_replayed_requests_over_their_arrival_span(trace):
+    p = load_curve.point(result(trace, 0.5, [300.0], [100.0]))
+    assert p["offered"] == pytest.approx(4 / 1.5) and p["time_scale"] == 0.5
+
+
+def test_results_at_one_time_scale_pool_their_rounds_and_sort_by_load(trace):
+    pts = load_curve.merge([load_curve.point(result(trace, 1.0, [300.0, 500.0], [100.0, 100.0])),
+                            load_curve.point(result(trace, 0.5, [900.0], [300.0])),
+                            load_curve.point(result(trace, 1.0, [400.0], [200.0]))])
+    assert [p["time_scale"] for p in pts] == [1.0, 0.5]                     # 1.33 then 2.67 req/s
+    assert pts[0]["baseline"]["rounds"] == [300.0, 500.0, 400.0]
+    assert pts[0]["candidate"]["mean"] == pytest.approx(400 / 3)
+    assert pts[0]["ratio"] == pytest.approx(400 / (400 / 3)) and pts[1]["ratio"] == pytest.approx(3.0)
+
+
+def test_the_command_prints_the_table_and_refuses_other_scenarios(trace, tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(result(trace, 1.0, [300.0], [100.0])))
+    b.write_text(json.dumps(result(trace, 0.5, [900.0], [300.0], name="tier-write")))
+    assert load_curve.main([str(a), "--capacity", "device-only=2"]) == 0
+    out = capsys.readouterr().out
+    assert "3.00x" in out and "x1 offers 67%" in out
+    with pytest.raises(SystemExit):
+        load_curve.main([str(a), str(b)])                                  # two scenarios
+    with pytest.raises(SystemExit):
+        load_curve.main([str(a), "--capacity", "device-only"])             # no rate
