@@ -223,7 +223,10 @@ def _write_all(path: Path, image: memoryview, flags: int) -> None:
     try:
         done = 0
         while done < len(image):
-            done += os.write(fd, image[done:])
+            n = os.write(fd, image[done:])
+            if n <= 0:                                  # never for a regular file; no endless loop if it is
+                raise OSError(errno.EIO, f"wrote {done} of {len(image)} bytes of {path.name}")
+            done += n
     finally:
         os.close(fd)
 
