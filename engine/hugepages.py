@@ -6,8 +6,8 @@ host the layers' linears streamed from DRAM ran 1.06-1.28x faster at 1-24 rows w
 (two runs), a prefix hit's engine step 1.03-1.04x (bench/hugepages.py; bench/RESULTS.md, "Weights in huge pages").
 
 How: `empty(shape, dtype)` hands out 64-byte aligned views of arena chunks (CHUNK bytes each, anonymous mappings of
-their own, 2 MiB aligned, madvise(MADV_HUGEPAGE) before first touch, so the kernel backs them with huge pages where transparent huge pages
-are enabled or in `madvise` mode). A chunk lives while any view of it does. Untouched memory of a chunk is not
+their own, 2 MiB aligned, madvise(MADV_HUGEPAGE) before first touch, so the kernel backs them with huge pages where
+transparent huge pages are enabled or in `madvise` mode). A chunk lives while any view of it does. Untouched memory of a chunk is not
 resident; at most one huge page past the last view is. Tensors larger than CHUNK / 4 get a chunk of their own,
 tensors under SMALL stay on torch's allocator.
 Where it cannot help or is switched off (not Linux, madvise missing, PDCLUSTER_HUGEPAGES=0) `empty` is

@@ -47,11 +47,6 @@ def _pages(n: int) -> int:
     return -(-n // PAGE) * PAGE
 
 
-def file_bytes(geom: Geometry) -> int:
-    """Bytes of one block's file: its header page(s), then the payload padded to whole pages."""
-    return _pages(_pages(HEADER.size + 4 * 2 * geom.num_layers + 4) + geom.block_bytes)
-
-
 class CorruptBlock(Exception):
     """A block file failed its checks, or is gone (a corrupt one has been deleted)."""
 
@@ -71,6 +66,7 @@ class DiskStore:
         self.row_scale = geom.scale_bytes // self.rows        # one row's scale bytes (0: codec none)
         self._crcs = struct.Struct(f"<{self.rows}I")
         self.head = _pages(HEADER.size + self._crcs.size + 4)   # header bytes (header_bytes, as a plain attribute)
+        self._file_bytes = _pages(self.head + geom.block_bytes)  # header page(s), payload padded to whole pages
         self.direct = hasattr(os, "O_DIRECT")                   # False once the filesystem refuses it
         self._local = threading.local()                         # each writing thread's page-aligned buffer
 
@@ -80,19 +76,17 @@ class DiskStore:
 
     @property
     def file_bytes(self) -> int:
-        return file_bytes(self.geom)
+        return self._file_bytes
 
     def path(self, block_hash: int) -> Path:
         return self.dir / f"{block_hash:016x}{SUFFIX}"
 
     def write(self, block_hash: int, data: torch.Tensor, scales: torch.Tensor | None) -> int:
         """Write one encoded block (block_format.encode's output; any strides); its file's bytes."""
-        buf, payload = self._buffer()
-        pdata, pscales = from_bytes(self.geom, payload)
+        buf, bufs, pdata, pscales = self._buffer()
         pdata.copy_(data)                       # the one copy: staging -> the aligned buffer
         if scales is not None:
             pscales.copy_(scales)
-        bufs = [payload[:self.geom.data_bytes], payload[self.geom.data_bytes:self.geom.block_bytes]]
         crcs = [self._row_crc(bufs, r) for r in range(self.rows)]
         HEADER.pack_into(buf, 0, MAGIC, block_hash, self._fp, self.geom.block_bytes)
         self._crcs.pack_into(buf, HEADER.size, *crcs)
@@ -103,13 +97,15 @@ class DiskStore:
         os.replace(tmp, final)
         return self.file_bytes
 
-    def _buffer(self) -> tuple[mmap.mmap, memoryview]:
-        """This thread's page-aligned file image (an anonymous mapping: zeroed, and its padding never written)
-        and a view of its payload."""
+    def _buffer(self) -> tuple:
+        """This thread's page-aligned file image (an anonymous mapping: zeroed, and its padding never written),
+        made once: (the image, its payload's (data bytes, scale bytes), data and scales as tensors over them)."""
         got = getattr(self._local, "buf", None)
         if got is None:
             buf = mmap.mmap(-1, self.file_bytes)
-            got = self._local.buf = (buf, memoryview(buf)[self.head:])
+            payload, g = memoryview(buf)[self.head:], self.geom
+            got = self._local.buf = (buf, [payload[:g.data_bytes], payload[g.data_bytes:g.block_bytes]],
+                                     *from_bytes(g, payload))
         return got
 
     def _write_file(self, path: Path, image: memoryview) -> None:
