@@ -36,20 +36,19 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 class Linear:
     """y = x @ w.T + b. float32 on a CPU with pdcluster's ops (kernels/f32_mm.py): the weight is packed once into
-    the op's blocks, which replace it (no second copy), and rows below UNPACK_MIN_ROWS run the op: 1.45-1.78x MKL's
-    F.linear at 4-64 rows, 1.03-1.16x at 1-2 and at 408 (bench/RESULTS.md, "float32 linears packed at load"), a row's
-    result independent of its batch-mates; longer steps (prefill chunks) run MKL on a transient unpacked copy.
+    the op's blocks, which replace it (no second copy), and rows below the form's MKL_MIN_ROWS run the op: 1.45-1.78x
+    MKL's F.linear at 4-64 rows, 1.03-1.16x at 1-2 and at 408 (bench/RESULTS.md, "float32 linears packed at load"), a
+    row's result independent of its batch-mates; longer steps (prefill chunks) run MKL on a transient unpacked copy.
     codes=True: a weight whose values are all GGUF Q4_1 values (a float32 engine on a Q4_1 file) is held as its
-    4-bit codes instead (kernels/q4f32_mm.py), 0.75 bytes a weight, with the same results bit for bit.
+    4-bit codes instead (kernels/q4f32_mm.py), 0.75 bytes a weight, with the same results bit for bit; their op
+    runs every step up to 4,095 rows (q4f32_mm.MKL_MIN_ROWS), so a default step budget's rows never leave it.
     Elsewhere F.linear (MKL on CPU); bfloat16 at <= SPLIT_MAX_ROWS rows (decode at batch 1-4) runs torch.bmm over
     the weight viewed as [SPLIT, out / SPLIT, in], a view, no copy: 1.15-1.25x F.linear on 1 thread, a tie on 2
     (bench/RESULTS.md, "Dense CPU linears, remeasured")."""
 
     SPLIT, SPLIT_MAX_ROWS = 4, 4
-    UNPACK_MIN_ROWS = 768       # packed: from here MKL on the weight unpacked per call (f32_mm 0.92x MKL on a
-                                # 2048-token prefill; the copy costs ~2.5% of the GEMM there)
 
-    __slots__ = ("weight", "bias", "_split", "packed", "_mm", "_unpack")
+    __slots__ = ("weight", "bias", "_split", "packed", "_mm", "_unpack", "_mkl_min")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, split: bool, pack: bool = False,
                  codes: bool = False):
@@ -58,16 +57,18 @@ class Linear:
             q = q4f32.pack(weight) if codes else None                       # None: not all Q4_1 values
             self.weight = None
             if q is not None:
-                self.packed, self._mm, self._unpack = q, q4f32.q4f32_mm, q4f32.unpack_into
+                self.packed, self._mm, self._unpack, self._mkl_min = q, q4f32.q4f32_mm, q4f32.unpack_into, \
+                    q4f32.MKL_MIN_ROWS
             else:
-                self.packed, self._mm, self._unpack = f32.pack(weight), f32.f32_mm, f32.unpack_into
+                self.packed, self._mm, self._unpack, self._mkl_min = f32.pack(weight), f32.f32_mm, f32.unpack_into, \
+                    f32.MKL_MIN_ROWS
         elif split and weight.shape[0] % self.SPLIT == 0 and weight.is_contiguous():
             self._split = weight.view(self.SPLIT, weight.shape[0] // self.SPLIT, weight.shape[1])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         if self.packed is not None:
-            if n >= self.UNPACK_MIN_ROWS:                   # long prefill chunks: MKL on a transient [N, K] copy
+            if n >= self._mkl_min:                          # long prefill chunks: MKL on a transient [N, K] copy
                 return F.linear(x, self._unpack(self.packed, _scratch()), self.bias)
             y = self._mm(x, self.packed)
             return y if self.bias is None else y + self.bias
@@ -224,7 +225,7 @@ class LlamaModel:
             h = h + L.o(attn.reshape(T, H * D))
             x = rms_norm(h, L.post_norm, c.rms_norm_eps)
             g, u = L.gate_up(x).chunk(2, dim=-1)                            # [T, I] each
-            h = h + L.down(F.silu(g) * u)
+            h = h + L.down(F.silu(g).mul_(u))                               # (in place: silu's own buffer)
             if layer_hook is not None:
                 layer_hook(li)
         return rms_norm(h, self.norm, c.rms_norm_eps)

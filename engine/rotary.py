@@ -50,5 +50,6 @@ def rotary_tables(cos_sin: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 def apply_rotary_rolled(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """apply_rotary in 3 kernels instead of 6: rotate_half(x) * sin == roll(x, D/2) * signed_sin.
-    x: [T, heads, D] (any row stride: q and k side by side in one call)."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
+    x: [T, heads, D] (any row stride: q and k side by side in one call). The sum lands in x * cos's own buffer
+    (addcmul_: the same kernel and bits as addcmul, one [T, heads, D] allocation less)."""
+    return (x * cos).addcmul_(x.roll(x.shape[-1] // 2, -1), signed_sin)

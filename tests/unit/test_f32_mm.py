@@ -110,7 +110,7 @@ def test_a_cpu_float32_linear_holds_only_the_packed_blocks(rows):
 def test_long_steps_run_mkl_on_an_unpacked_copy_that_is_reused():
     w = torch.randn(130, 64, generator=G)
     lin = make_linear(w, None, "cpu", split=False)
-    x = torch.randn(Linear.UNPACK_MIN_ROWS, 64, generator=G)
+    x = torch.randn(K.MKL_MIN_ROWS, 64, generator=G)
     assert torch.equal(lin(x), F.linear(x, w))                            # MKL on the same values
     _close(lin(x[:7]), F.linear(x[:7], w))                                # the op below the threshold
     from pdcluster.engine.llama import _scratch

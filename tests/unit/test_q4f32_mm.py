@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pdcluster.engine.cpu_ext import FLAGS, cpu_flags
-from pdcluster.engine.llama import Linear, _scratch, make_linear
+from pdcluster.engine.llama import _scratch, make_linear
 from pdcluster.kernels import f32_mm
 from pdcluster.kernels import q4f32_mm as Q
 
@@ -139,11 +139,28 @@ def test_a_linear_holds_the_codes_of_a_q4_1_weight_and_the_float_blocks_otherwis
     assert torch.equal(lin(x), plain(x))
     other = make_linear(torch.randn(96, 64, generator=G), b, "cpu", split=False, codes=True)
     assert isinstance(other.packed, f32_mm.F32Weight)
-    long = torch.randn(Linear.UNPACK_MIN_ROWS, 64, generator=G)          # MKL on the expanded weight
+    long = torch.randn(Q.MKL_MIN_ROWS, 64, generator=G)                  # MKL on the expanded weight
     assert torch.equal(lin(long), F.linear(long, w, b))
     buf = _scratch()[(2, 64, 64)]                                         # f32_mm's buffer for these blocks
     lin(long)
     assert _scratch()[(2, 64, 64)] is buf
+
+
+@needs_op
+def test_codes_run_the_op_on_prefill_chunks_that_float_blocks_give_to_mkl():
+    w = q4_1(96, 64)
+    lin, plain = (make_linear(w, None, "cpu", split=False, codes=c) for c in (True, False))
+    chunk = torch.randn(f32_mm.MKL_MIN_ROWS + 5, 64, generator=G)       # past f32_mm's threshold, under the codes'
+
+    def no_mkl(*_):
+        raise AssertionError("MKL path taken")
+    lin._unpack = plain._unpack = no_mkl
+    y = lin(chunk)                                                        # the op, row for row its bits
+    assert torch.equal(y, torch.cat([lin(chunk[i:i + 7]) for i in range(0, chunk.shape[0], 7)]))
+    with pytest.raises(AssertionError, match="MKL path"):
+        plain(chunk)                                                      # float32 blocks: MKL from 768 rows
+    with pytest.raises(AssertionError, match="MKL path"):
+        lin(torch.randn(Q.MKL_MIN_ROWS, 64, generator=G))                 # codes: from 4,096
 
 
 @needs_op
