@@ -13,15 +13,15 @@ Two parts, both alternating the sides round by round in this one process (a shar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from pdcluster.bench import outputs
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
 SIDES = ("mkl", "f32mm")
@@ -157,12 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tail-len", type=int, default=24, help="engine part: tokens computed after a cached prefix")
     ap.add_argument("--batch", type=int, default=8, help="engine part: rows of the decode step")
     ap.add_argument("--decode-steps", type=int, default=16, help="engine part: decode steps per repeat")
-    ap.add_argument("--out", default="bench/f32-linears.json", help="JSON results")
-    ap.add_argument("--plot", default=None, help="PNG of the ratios")
-    ap.add_argument("--replot", default=None, metavar="JSON", help="only draw --plot from an earlier --out")
+    outputs.add_args(ap, "bench/f32-linears.json")
     a = ap.parse_args(argv)
-    if a.replot:
-        plot(json.loads(Path(a.replot).read_text()), a.plot or "bench/f32-linears.png")
+    if outputs.replotted(a, plot, "bench/f32-linears.png"):
         return 0
     if a.tail_len <= 0 or a.tail_len >= a.prompt_len:
         raise ValueError("--tail-len must be in 1 .. --prompt-len - 1")
@@ -173,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                   linears=bench_linears(a.rows, a.threads, a.layers, a.rounds))
     result["engine"] = bench_engine(a) if a.repeats else None
     result["load_after"] = list(os.getloadavg())
-    Path(a.out).write_text(json.dumps(result, indent=1))
-    if a.plot:
-        plot(result, a.plot)
+    outputs.save(a, result, plot)
     return 0
 
 

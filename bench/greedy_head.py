@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from pdcluster.bench import outputs
 from pdcluster.bench.cpu_attention import _best
 
 PROMPTS = ("The capital of France is", "def quicksort(xs):", "Once upon a time, in a small village,",
@@ -142,12 +141,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt-len", type=int, default=408, help="engine part: prompt tokens")
     ap.add_argument("--tail-len", type=int, default=24, help="engine part: tokens computed after a cached prefix")
     ap.add_argument("--decode-tokens", type=int, default=32, help="engine part: decode steps timed after a hit")
-    ap.add_argument("--out", default=None, help="JSON results")
-    ap.add_argument("--plot", default=None, help="PNG of the ratios")
-    ap.add_argument("--replot", default=None, metavar="JSON", help="only draw --plot from an earlier --out")
+    outputs.add_args(ap)
     a = ap.parse_args(argv)
-    if a.replot:
-        plot(json.loads(Path(a.replot).read_text()), a.plot or "bench/greedy-head.png")
+    if outputs.replotted(a, plot, "bench/greedy-head.png"):
         return 0
     torch.set_num_threads(1)
     engines = {"full head": engine(False), "screen": engine(True)}
@@ -159,10 +155,7 @@ def main(argv=None) -> int:
     result = dict(threads=1, calls=calls_part(engines["full head"], screen, a.rows, a.calls, a.repeats, a.tokens))
     result["engine"] = (engine_part(engines, a.prompt_len, a.tail_len, a.decode_tokens, a.repeats_engine)
                         if a.repeats_engine else None)
-    if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1))
-    if a.plot:
-        plot(result, a.plot)
+    outputs.save(a, result, plot)
     return 0
 
 

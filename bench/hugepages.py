@@ -20,9 +20,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+from pdcluster.bench import outputs
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))      # qkv, o, gate_up, down: [N, K]
 LAYERS = 30
@@ -113,20 +114,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 24, 96], help="rows per linear call")
     ap.add_argument("--repeats", type=int, default=9, help="linears part: passes per side, alternated")
     ap.add_argument("--repeats-engine", type=int, default=3, help="engine part: processes per side (0: skip)")
-    ap.add_argument("--out", default=None, help="JSON results")
-    ap.add_argument("--plot", default=None, help="PNG of the ratios")
-    ap.add_argument("--replot", default=None, metavar="JSON", help="only draw --plot from an earlier --out")
+    outputs.add_args(ap)
     a = ap.parse_args(argv)
-    if a.replot:
-        plot(json.loads(Path(a.replot).read_text()), a.plot or "bench/hugepages.png")
+    if outputs.replotted(a, plot, "bench/hugepages.png"):
         return 0
     torch.set_num_threads(1)
     result = dict(threads=1, linears=linears_part(a.rows, a.repeats))
     result["engine"] = engine_part(a.repeats_engine) if a.repeats_engine else None
-    if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1))
-    if a.plot and result["linears"]:
-        plot(result, a.plot)
+    outputs.save(a, result, plot, draw=bool(result["linears"]))
     return 0
 
 

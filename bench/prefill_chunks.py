@@ -17,14 +17,14 @@ to the codes' own (the op up to 4,095 rows), alternated; median ms per prompt, r
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+from pdcluster.bench import outputs
 
 
 def linears_part(rows: list[int], repeats: int) -> list[dict]:
@@ -104,20 +104,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="linears part: passes per side, alternated")
     ap.add_argument("--lengths", type=int, nargs="+", default=[776, 1024, 1536, 2040], help="engine part: prompt tokens")
     ap.add_argument("--repeats-engine", type=int, default=3, help="engine part: prompts per side and length (0: skip)")
-    ap.add_argument("--out", default=None, help="JSON results")
-    ap.add_argument("--plot", default=None, help="PNG of the ratios")
-    ap.add_argument("--replot", default=None, metavar="JSON", help="only draw --plot from an earlier --out")
+    outputs.add_args(ap)
     a = ap.parse_args(argv)
-    if a.replot:
-        plot(json.loads(Path(a.replot).read_text()), a.plot or "bench/prefill-chunks.png")
+    if outputs.replotted(a, plot, "bench/prefill-chunks.png"):
         return 0
     torch.set_num_threads(1)
     result = dict(threads=1, linears=linears_part(a.rows, a.repeats))
     result["engine"] = engine_part(a.lengths, a.repeats_engine) if a.repeats_engine else None
-    if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1))
-    if a.plot and result["linears"]:
-        plot(result, a.plot)
+    outputs.save(a, result, plot, draw=bool(result["linears"]))
     return 0
 
 

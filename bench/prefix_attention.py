@@ -18,15 +18,14 @@ prompt_len - tail_len tokens cached, --tail-len computed), median ms of each.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from pdcluster.bench import outputs
 from pdcluster.bench.cpu_attention import add_shape_args, random_caches, side_by_side
 
 
@@ -104,12 +103,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats-engine", type=int, default=8, help="engine part: repeats, paths alternating (0: skip)")
     ap.add_argument("--prompt-len", type=int, default=408, help="engine part: prompt tokens")
     ap.add_argument("--tail-len", type=int, default=24, help="engine part: tokens computed after a cached prefix")
-    ap.add_argument("--out", default=None, help="JSON results")
-    ap.add_argument("--plot", default=None, help="PNG of the ratios")
-    ap.add_argument("--replot", default=None, metavar="JSON", help="only draw --plot from an earlier --out")
+    outputs.add_args(ap)
     a = ap.parse_args(argv)
-    if a.replot:
-        plot(json.loads(Path(a.replot).read_text()), a.plot or "bench/prefix-attention.png")
+    if outputs.replotted(a, plot, "bench/prefix-attention.png"):
         return 0
     from pdcluster.engine import attention
     setup = random_caches(a)
@@ -138,10 +134,7 @@ def main(argv=None) -> int:
         calls.append(dict(rows=q_len, ctx=n, torch_us=r, op_us=o, ratio=r / o, max_diff=diff))
     result = dict(threads=a.threads, calls=calls,
                   engine=engine_part(a.prompt_len, a.tail_len, a.repeats_engine) if a.repeats_engine else None)
-    if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1))
-    if a.plot:
-        plot(result, a.plot)
+    outputs.save(a, result, plot)
     return 0
 
 

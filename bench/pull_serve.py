@@ -17,13 +17,12 @@ hides its engine, so the read is queued to the engine thread as before. Medians;
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import threading
 import time
-from pathlib import Path
 
+from pdcluster.bench import outputs
 from pdcluster.decode_worker.worker import DecodeWorker
 from pdcluster.engine.hashing import block_hashes
 from pdcluster.engine.llm_engine import LLMEngine, build_config
@@ -116,12 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tail-len", type=int, default=32, help="tokens the puller computes after the prefix")
     ap.add_argument("--busy-len", type=int, default=1024, help="tokens of the holder's busy prompt (one step)")
     ap.add_argument("--repeats", type=int, default=5, help="repeats of both sides, alternating which goes first")
-    ap.add_argument("--out", default="bench/pull-serve.json", help="JSON results")
-    ap.add_argument("--plot", default=None, help="PNG of the per-repeat times")
-    ap.add_argument("--replot", default=None, metavar="JSON", help="only draw --plot from an earlier --out")
+    outputs.add_args(ap, "bench/pull-serve.json", plot_help="PNG of the per-repeat times")
     a = ap.parse_args(argv)
-    if a.replot:
-        plot(json.loads(Path(a.replot).read_text()), a.plot or "bench/pull-serve.png")
+    if outputs.replotted(a, plot, "bench/pull-serve.png"):
         return 0
     if a.prefix_len % BS or a.prefix_len <= 0 or a.tail_len <= 0 or a.busy_len <= 0:
         raise ValueError(f"--prefix-len must be a positive multiple of {BS}; --tail-len, --busy-len positive")
@@ -166,9 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"between / while: puller TTFT {ratio['ttft_ms']:.2f}x, holder serve {ratio['serve_ms']:.2f}x, "
           f"the holder's busy prompt {ratio['busy_ms']:.2f}x")
     result = dict(args=vars(a), runs=rows, median=med, served_in_step=in_step, ratio=ratio)
-    Path(a.out).write_text(json.dumps(result, indent=1))
-    if a.plot:
-        plot(result, a.plot)
+    outputs.save(a, result, plot)
     return 0
 
 

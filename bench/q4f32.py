@@ -14,13 +14,14 @@ decoding off, alternated: bench/greedy_head.py's engine_part (a cold 408-token p
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
+
+from pdcluster.bench import outputs
+
 
 def model_linears():
     """(float32 blocks, codes) of the embedded model's fused layer linears, as engine/llama.py's Layer holds them."""
@@ -105,20 +106,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7, help="linears part: passes per side, alternated")
     ap.add_argument("--repeats-engine", type=int, default=8, help="engine part: repeats per engine (0: skip)")
     ap.add_argument("--decode-tokens", type=int, default=32, help="engine part: decode steps timed after a hit")
-    ap.add_argument("--out", default=None, help="JSON results")
-    ap.add_argument("--plot", default=None, help="PNG of the ratios")
-    ap.add_argument("--replot", default=None, metavar="JSON", help="only draw --plot from an earlier --out")
+    outputs.add_args(ap)
     a = ap.parse_args(argv)
-    if a.replot:
-        plot(json.loads(Path(a.replot).read_text()), a.plot or "bench/q4f32.png")
+    if outputs.replotted(a, plot, "bench/q4f32.png"):
         return 0
     torch.set_num_threads(1)
     result = dict(threads=1, linears=linears_part(a.rows, a.repeats))
     result["engine"] = engine_part(a.repeats_engine, a.decode_tokens) if a.repeats_engine else None
-    if a.out:
-        Path(a.out).write_text(json.dumps(result, indent=1))
-    if a.plot and result["linears"]:
-        plot(result, a.plot)
+    outputs.save(a, result, plot, draw=bool(result["linears"]))
     return 0
 
 

@@ -22,14 +22,13 @@ polls the loader every 1 ms, as the engine does). Medians over the repeats; rati
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
+from pdcluster.bench import outputs
 from pdcluster.engine.kv_connector import KVConnector
 from pdcluster.engine.llm_engine import LLMEngine, build_config
 from pdcluster.engine.sampling_params import SamplingParams
@@ -121,12 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tail-len", type=int, default=32, help="tokens computed after the prefix")
     ap.add_argument("--repeats", type=int, default=5, help="repeats of both sides, alternating which goes first")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
-    ap.add_argument("--out", default="bench/tier-layerwise.json", help="JSON results")
-    ap.add_argument("--plot", default=None, help="PNG of the per-repeat TTFTs (bench/plots.py style)")
-    ap.add_argument("--replot", default=None, metavar="JSON", help="only draw --plot from an earlier --out")
+    outputs.add_args(ap, "bench/tier-layerwise.json", plot_help="PNG of the per-repeat TTFTs (bench/plots.py style)")
     a = ap.parse_args(argv)
-    if a.replot:
-        plot(json.loads(Path(a.replot).read_text()), a.plot or "bench/tier-layerwise.png")
+    if outputs.replotted(a, plot, "bench/tier-layerwise.png"):
         return 0
     if a.prefix_len % BS or a.prefix_len <= 0 or a.tail_len <= 0:
         raise ValueError(f"--prefix-len must be a positive multiple of {BS} and --tail-len positive")
@@ -181,9 +177,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({a.tier} hit - device hit, per repeat, median): {exposed['whole-block']:.1f} -> {exposed['layerwise']:.1f} ms")
     root.cleanup()
     result = dict(args=vars(a), cold_ms=cold, runs=rows, median=med, exposed_ms=exposed, host_ttft_ratio=ratio)
-    Path(a.out).write_text(json.dumps(result, indent=1))
-    if a.plot:
-        plot(result, a.plot)
+    outputs.save(a, result, plot)
     return 0
 
 
