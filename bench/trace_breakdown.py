@@ -92,7 +92,8 @@ def main(argv=None) -> int:
         b = breakdown(data[side], arrive, a.long_wait)
         print(f"{label} ({b['rounds']} rounds): prefill {b['prefill_ms_per_token']:.2f} ms a token; own prefill "
               f"{b['own_share']:.0%} of the summed TTFT")
-        print(f"  {'computed tokens':>15} {'n':>4} {'mean TTFT ms':>13} {'own ms':>8} {'wait ms':>8} {'TTFT share':>11}")
+        print(f"  {'computed tokens':>15} {'n':>4} {'mean TTFT ms':>13} {'own ms':>8} {'wait ms':>8} "
+              f"{'TTFT share':>11}")
         for x in b["bins"]:
             rng = f"{x['lo']}-{x['hi'] - 1}" if x["hi"] else f">= {x['lo']}"
             print(f"  {rng:>15} {x['n']:>4} {x['mean_ttft_ms']:>13.0f} {x['own_ms']:>8.0f} {x['wait_ms']:>8.0f} "
