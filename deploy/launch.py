@@ -30,6 +30,10 @@ def cluster_secret(path: str | None) -> str:
     return s
 
 
+RAY_START_TRIES = 2     # a local Ray head whose raylet misses Ray's 30 s registration wait is started afresh once
+                        # (ray-project/ray#62883; seen once in a clean-clone CI run on this 2-core host, 12-06)
+
+
 def init_local_ray(threads_per_worker: int | tuple[int, int], n_prefill: int, n_decode: int) -> None:
     """A fresh single-host Ray instance with room for n_prefill + n_decode workers: address="local"
     even where a `ray start` cluster runs on this host; every port on loopback, no dashboard UI."""
@@ -37,10 +41,18 @@ def init_local_ray(threads_per_worker: int | tuple[int, int], n_prefill: int, n_
 
     from pdcluster.deploy.ray_env import loopback_only, runtime_env
     pre_t, dec_t = threads_per_worker if isinstance(threads_per_worker, tuple) else (threads_per_worker,) * 2
-    with loopback_only() as loopback:
-        ray.init(address="local", num_cpus=pre_t * n_prefill + dec_t * n_decode + 1,
-                 resources={"prefill_pool": n_prefill, "decode_pool": n_decode},
-                 include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(), **loopback)
+    for attempt in range(1, RAY_START_TRIES + 1):
+        try:
+            with loopback_only() as loopback:
+                ray.init(address="local", num_cpus=pre_t * n_prefill + dec_t * n_decode + 1,
+                         resources={"prefill_pool": n_prefill, "decode_pool": n_decode},
+                         include_dashboard=False, log_to_driver=False, runtime_env=runtime_env(), **loopback)
+            return
+        except Exception as e:      # Ray raises a bare Exception for it
+            if attempt == RAY_START_TRIES or "timed out during startup" not in str(e):
+                raise
+            log.warning("the local Ray node did not start (%s); starting a fresh one", e)
+            ray.shutdown()
 
 
 def worker_kwargs(c: ClusterConfig, secret: str) -> dict[str, dict]:
