@@ -48,7 +48,7 @@ class Linear:
 
     SPLIT, SPLIT_MAX_ROWS = 4, 4
 
-    __slots__ = ("weight", "bias", "_split", "packed", "_mm", "_unpack", "_mkl_min")
+    __slots__ = ("weight", "bias", "_split", "packed", "_mm", "_unpack", "mkl_min_rows")
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, split: bool, pack: bool = False,
                  codes: bool = False):
@@ -57,18 +57,18 @@ class Linear:
             q = q4f32.pack(weight) if codes else None                       # None: not all Q4_1 values
             self.weight = None
             if q is not None:
-                self.packed, self._mm, self._unpack, self._mkl_min = q, q4f32.q4f32_mm, q4f32.unpack_into, \
-                    q4f32.MKL_MIN_ROWS
+                self.packed, self._mm, self._unpack = q, q4f32.q4f32_mm, q4f32.unpack_into
+                self.mkl_min_rows = q4f32.MKL_MIN_ROWS              # steps of this many rows run MKL instead
             else:
-                self.packed, self._mm, self._unpack, self._mkl_min = f32.pack(weight), f32.f32_mm, f32.unpack_into, \
-                    f32.MKL_MIN_ROWS
+                self.packed, self._mm, self._unpack = f32.pack(weight), f32.f32_mm, f32.unpack_into
+                self.mkl_min_rows = f32.MKL_MIN_ROWS
         elif split and weight.shape[0] % self.SPLIT == 0 and weight.is_contiguous():
             self._split = weight.view(self.SPLIT, weight.shape[0] // self.SPLIT, weight.shape[1])
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         if self.packed is not None:
-            if n >= self._mkl_min:                          # long prefill chunks: MKL on a transient [N, K] copy
+            if n >= self.mkl_min_rows:                      # long prefill chunks: MKL on a transient [N, K] copy
                 return F.linear(x, self._unpack(self.packed, _scratch()), self.bias)
             y = self._mm(x, self.packed)
             return y if self.bias is None else y + self.bias

@@ -32,7 +32,7 @@ COLS = 64                  # columns of W.T per block (f32_tile.h COLS)
 GROUP = 32                 # k per (d, m): Q4_1's block
 MKL_MIN_ROWS = 4096        # rows from which engine/llama.py's Linear runs MKL on unpack_into's float32 copy instead:
                            # expanding all of W to DRAM costs what the op's in-cache expansion saves until then
-                           # (120 linears, one thread: the op 1.25x expand + MKL at 768 rows, 1.05x at 2,048, 0.97x at
+                           # (120 linears, one thread: the op 1.22x expand + MKL at 768 rows, 1.06x at 2,048, 0.99x at
                            # 4,096; bench/RESULTS.md, "Q4_1 codes through the op at every prefill chunk")
 
 
