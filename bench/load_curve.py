@@ -19,12 +19,17 @@ import statistics
 from pdcluster.bench.trace_dataset import read_trace
 
 
+def arrivals(dataset: dict) -> list[float]:
+    """A trace replay's (a scenario's `dataset`) send times, seconds from the first (trace_dataset.scale_rows' rule)."""
+    rows = read_trace(dataset["dataset"].split(":", 1)[1], dataset.get("start", 0), dataset.get("max_requests"),
+                      dataset.get("conversation_sample", 1))
+    return [(r["timestamp"] - rows[0]["timestamp"]) / 1000 * dataset["time_scale"] for r in rows]
+
+
 def offered_rate(dataset: dict) -> float:
     """Requests per second a trace replay offers: its requests over their arrival span (the first arrives at 0)."""
-    path = dataset["dataset"].split(":", 1)[1]
-    rows = read_trace(path, dataset.get("start", 0), dataset.get("max_requests"), dataset.get("conversation_sample", 1))
-    span_s = (rows[-1]["timestamp"] - rows[0]["timestamp"]) / 1000 * dataset["time_scale"]
-    return len(rows) / span_s
+    a = arrivals(dataset)
+    return len(a) / a[-1]
 
 
 def point(result: dict) -> dict:

@@ -16,17 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-from pdcluster.bench.trace_dataset import read_trace
+from pdcluster.bench.load_curve import arrivals
 from pdcluster.deploy.cli import HelpFormatter
 
 BINS = (0, 64, 128, 256, 512, 1024)     # computed prompt tokens; the last bin is open
-
-
-def arrivals(dataset: dict) -> list[float]:
-    """Each replayed request's send time, seconds from the first (trace_dataset.scale_rows' rule)."""
-    rows = read_trace(dataset["dataset"].split(":", 1)[1], dataset.get("start", 0), dataset.get("max_requests"),
-                      dataset.get("conversation_sample", 1))
-    return [(r["timestamp"] - rows[0]["timestamp"]) / 1000 * dataset["time_scale"] for r in rows]
 
 
 def prefill_s_per_token(side: dict) -> float:

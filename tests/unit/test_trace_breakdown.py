@@ -5,6 +5,7 @@ import json
 import pytest
 
 from pdcluster.bench import trace_breakdown as tb
+from pdcluster.bench.load_curve import arrivals
 
 
 @pytest.fixture
@@ -26,13 +27,13 @@ def dataset(trace, time_scale=1.0):
 
 
 def test_arrivals_follow_the_trace_and_its_time_scale(trace):
-    assert tb.arrivals(dataset(trace, 0.5)) == [0.0, 0.5, 1.0, 1.5]
+    assert arrivals(dataset(trace, 0.5)) == [0.0, 0.5, 1.0, 1.5]
 
 
 def test_own_prefill_is_computed_tokens_at_the_measured_rate_and_the_rest_is_waiting(trace):
     # 1 ms a token; request 0 computes 100 tokens in 300 ms (200 waiting), request 3 computes 2000 in 1,500 (capped)
     s = side([300.0, 50.0, 400.0, 1500.0], [100, 40, 300, 2000], [0, 0, 0, 0], ["a", "a", "b", "b"])
-    b = tb.breakdown(s, tb.arrivals(dataset(trace)), long_wait_s=0.5)
+    b = tb.breakdown(s, arrivals(dataset(trace)), long_wait_s=0.5)
     assert b["prefill_ms_per_token"] == pytest.approx(1.0)
     assert b["own_share"] == pytest.approx((100 + 40 + 300 + 1500) / 2250)
     first = b["bins"][0]
@@ -45,7 +46,7 @@ def test_a_long_wait_counts_as_spreadable_only_while_another_worker_had_nothing_
     # 1 ms a token. Request 1 (t=1 s, worker a) waits 1.9 s while worker b's request 0 (t=0, 1.5 s to its first
     # token) is in flight: not spreadable. Requests 0 (t=0) and 3 (t=3) wait 1.49 and 1.9 s with the other idle.
     s = side([1500.0, 2000.0, 100.0, 2000.0], [10, 100, 10, 100], [0, 0, 0, 0], ["b", "a", "a", "a"])
-    b = tb.breakdown(s, tb.arrivals(dataset(trace)), long_wait_s=0.5)
+    b = tb.breakdown(s, arrivals(dataset(trace)), long_wait_s=0.5)
     assert b["long_wait_s"] == pytest.approx(1.49 + 1.9 + 1.9)           # requests 0, 1 and 3 (2 waits 0.09 s)
     assert b["long_wait_other_free_s"] == pytest.approx(1.49 + 1.9)      # 0 (a idle at t=0) and 3 (b done by 3 s)
 
@@ -53,7 +54,7 @@ def test_a_long_wait_counts_as_spreadable_only_while_another_worker_had_nothing_
 def test_a_result_that_is_not_whole_rounds_is_refused(trace):
     s = side([1.0] * 3, [1] * 3, [0] * 3, ["a"] * 3)
     with pytest.raises(ValueError, match="whole rounds"):
-        tb.breakdown(s, tb.arrivals(dataset(trace)), 0.5)
+        tb.breakdown(s, arrivals(dataset(trace)), 0.5)
 
 
 def test_the_command_prints_both_sides_and_refuses_other_scenarios(trace, tmp_path, capsys):
