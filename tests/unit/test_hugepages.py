@@ -1,5 +1,6 @@
 """engine/hugepages.py: arena views are sound tensors, and where the host allows, huge pages back them."""
 import gc
+import mmap
 import sys
 from pathlib import Path
 
@@ -76,7 +77,11 @@ def test_a_chunk_is_advised_for_huge_pages():
     t.fill_(1.0)
     assert a.huge_bytes >= HUGE * 4
     assert "hg" in vm_flags_at(t.data_ptr())
-    assert "hg" not in vm_flags_at(torch.empty(HUGE).data_ptr())
+    # The control is a fresh mapping of its own, not torch.empty: malloc may hand out heap memory that another
+    # library advised earlier in this process (numpy advises its large arrays), and a CI run once got such memory.
+    plain = torch.frombuffer(mmap.mmap(-1, 4 * HUGE), dtype=torch.uint8)
+    plain.fill_(1)
+    assert "hg" not in vm_flags_at(plain.data_ptr())
 
 
 def _mapped(addr: int) -> bool:
