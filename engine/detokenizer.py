@@ -2,7 +2,8 @@
 
 Text is released only in whole UTF-8 characters: a byte-level BPE token can end inside a
 character, which decodes to U+FFFD until the rest arrives. While stop strings are set, the last
-(max stop length - 1) characters are held back so a stop string is never partly emitted.
+(max stop length - 1) characters are held back so a stop string is never partly emitted. With min_tokens, a
+stop string counts only where it ends past the text of the first min_tokens tokens (to a whole character).
 """
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ def _rust_decoder(tokenizer):
 
 
 class Detokenizer:
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: tuple[str, ...] = (), min_tokens: int = 0):
         self.tok = tokenizer
+        self.min_tokens = min_tokens
+        self.num_out = 0        # output tokens pushed so far
+        self.floor = 0          # characters of text from the first min_tokens tokens: no stop string ends there
         self._backend = _rust_decoder(tokenizer)
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
@@ -46,6 +50,7 @@ class Detokenizer:
         """Add tokens; return newly releasable text. Sets self.stopped when a stop string matched."""
         if self.stopped:
             return ""
+        self.num_out += len(token_ids)
         self.ids += token_ids
         prefix = self._decode(self.ids[self.prefix:self.read])
         window = self._decode(self.ids[self.prefix:])
@@ -54,8 +59,10 @@ class Detokenizer:
         start = max(0, len(self.text) - self.hold - 1)
         self.text += window[len(prefix):]
         self.prefix, self.read = self.read, len(self.ids)
+        if self.num_out <= self.min_tokens:
+            self.floor = len(self.text)
         for s in self.stop:
-            j = self.text.find(s, start)
+            j = self.text.find(s, max(start, self.floor - len(s) + 1))
             if j != -1:
                 self.text = self.text[:j]
                 self.stopped = True

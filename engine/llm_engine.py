@@ -218,7 +218,7 @@ class LLMEngine:
         self.scheduler.add(req)
         self._resume(req)
         if detokenize:
-            self.detoks[req.request_id] = Detokenizer(self.tokenizer, req.token_ids, params.stop)
+            self.detoks[req.request_id] = Detokenizer(self.tokenizer, req.token_ids, params.stop, params.min_tokens)
         return req
 
     def _resume(self, req: Request) -> None:

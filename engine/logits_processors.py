@@ -1,5 +1,8 @@
 """What changes a logits row before a token is drawn from it, after OpenAI's and vLLM's semantics.
 
+On the raw logits, first (vLLM v1's order: both can change the argmax, so greedy rows take them too):
+  logit_bias  logit[id] += bias, bias in [-100, 100] (OpenAI's: -100 in effect bans an id, +100 forces it);
+  min_tokens  EOS (unless ignore_eos) and stop_token_ids at -inf while fewer than min_tokens tokens are out.
 Penalties (one row [V] float32, `counts` [V] the times each id appeared in the output so far):
   repetition  every id seen in the prompt or the output: positive logits / r, negative ones * r
               (r > 1 discourages, 1 = off; CTRL's rule, as vLLM and transformers apply it);
@@ -12,6 +15,26 @@ from __future__ import annotations
 import torch
 
 from pdcluster.engine.sampling_params import SamplingParams
+
+
+def apply_logit_bias(row: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> torch.Tensor:
+    """row [V] float32 -> a copy with each (id, b) of bias added (ids < V: validated at the edge)."""
+    if not bias:
+        return row
+    ids = torch.tensor([t for t, _ in bias], dtype=torch.int64, device=row.device)
+    return row.index_add(0, ids, torch.tensor([float(b) for _, b in bias], dtype=row.dtype, device=row.device))
+
+
+def stop_ids(p: SamplingParams, eos_token_ids) -> tuple[int, ...]:
+    """The ids min_tokens holds back: what would end the request by its token (engine/rules.py)."""
+    return tuple(dict.fromkeys((() if p.ignore_eos else tuple(eos_token_ids)) + p.stop_token_ids))
+
+
+def mask_ids(row: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:
+    """row [V] float32 -> a copy with ids at -inf."""
+    if not ids:
+        return row
+    return row.index_fill(0, torch.tensor(ids, dtype=torch.int64, device=row.device), float("-inf"))
 
 
 def output_counts(output_ids: list[int], vocab_size: int, device) -> torch.Tensor:

@@ -18,6 +18,7 @@ from pdcluster.engine.config import EngineConfig
 from pdcluster.engine.cuda_graphs import DecodeGraphs, batch_buckets, pure_decode
 from pdcluster.engine.kv_quant import QuantKV, new_quant_kv_pair
 from pdcluster.engine.llama import LlamaModel
+from pdcluster.engine.logits_processors import stop_ids
 from pdcluster.engine.prefault import prefault
 from pdcluster.engine.request import Request
 from pdcluster.engine.sampler import History, make_generator, sample_rows
@@ -193,7 +194,8 @@ class ModelRunner:
         constrained = [k for k, r in enumerate(reqs) if r.params.structured is not None]
         if constrained:
             self.grammars.mask(logits, constrained, [self._matcher(reqs[k]) for k in constrained])
-        hist = [History(r.prompt_token_ids, r.output_token_ids) if r.params.has_penalties else None for r in reqs]
+        hist = [History(r.prompt_token_ids, r.output_token_ids, stop_ids(r.params, r.eos_token_ids))
+                if r.params.has_penalties or r.params.min_tokens else None for r in reqs]
         toks, logprobs = sample_rows(logits, [r.params for r in reqs], [self._generator(r) for r in reqs], hist)
         for k in constrained:
             self.grammars.accept(self.matchers[reqs[k].request_id], toks[k])

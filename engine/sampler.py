@@ -5,7 +5,7 @@ the temperature, so the largest logit becomes exactly 0 and nothing overflows (1
 NaN logit never wins: NaN is ranked below every number, and a row with no number left raises
 NonFiniteLogits instead of quietly returning token 0.
 
-Order for one row (vLLM's): penalties on the raw logits, then temperature, then min-p, top-k and
+Order for one row (vLLM's): logit bias and the min_tokens mask on the raw logits, penalties, then temperature, then min-p, top-k and
 top-p; logprobs are the log-softmax of the row after penalties and temperature (greedy rows: after
 penalties), before any truncation: the distribution the token is drawn from, untruncated.
 
@@ -20,15 +20,16 @@ from dataclasses import dataclass
 
 import torch
 
-from pdcluster.engine.logits_processors import apply_min_p, apply_penalties
+from pdcluster.engine.logits_processors import apply_logit_bias, apply_min_p, apply_penalties, mask_ids
 from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
 
 
 @dataclass(frozen=True)
 class History:
-    """What a penalized row needs of its request."""
+    """What a penalized or min_tokens row needs of its request."""
     prompt_ids: list[int]
     output_ids: list[int]
+    stop_ids: tuple[int, ...] = ()      # ids min_tokens holds back (logits_processors.stop_ids)
 
 
 class NonFiniteLogits(FloatingPointError):
@@ -103,7 +104,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
                 histories: list[History | None] | None = None) -> tuple[list[int], list[TokenLogprobs | None]]:
     """logits: float32 [N, V] (a grammar's mask already applied). histories: per row, needed where
-    that row's params have penalties. Returns N token ids and N logprobs (None where not asked)."""
+    that row's params have penalties or min_tokens. Returns N token ids and N logprobs (None where not asked)."""
     logits = clean_logits(logits)
     out = logits.max(-1).indices.tolist()      # argmax's first-maximum rule, ~2.7x faster at V = 49152 on CPU
     lps: list[TokenLogprobs | None] = [None] * len(params)
@@ -111,6 +112,12 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
         if p.greedy and p.plain:
             continue
         row = logits[i]
+        if p.shapes_logits:
+            row = apply_logit_bias(row, p.logit_bias)
+            if p.min_tokens and len(histories[i].output_ids) < p.min_tokens:
+                held = mask_ids(row, histories[i].stop_ids)
+                if bool((held > float("-inf")).any()):  # a grammar that allows only its end keeps it
+                    row = held
         if p.has_penalties:
             h = histories[i]
             row = apply_penalties(row, p, h.prompt_ids, h.output_ids)

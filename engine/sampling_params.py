@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pdcluster.engine.structured import StructuredOutput
 
 MAX_LOGPROBS = 20                     # as OpenAI's top_logprobs
+MAX_LOGIT_BIAS = 100.0                # |bias| at most this (OpenAI's range)
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,16 @@ class SamplingParams:
     repetition_penalty: float = 1.0   # in (0, 2]; 1 = off
     logprobs: int | None = None       # the sampled token's logprob plus this many top ones (0..20); None = off
     structured: StructuredOutput | None = None   # JSON output enforced by a grammar (engine/structured.py)
+    min_tokens: int = 0               # EOS and stop_token_ids masked, stop strings unchecked until this many (vLLM's)
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (id, bias in [-100, 100]) added to the raw logits (OpenAI's)
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples (msgpack brings lists back).
         object.__setattr__(self, "stop", tuple(self.stop))
+        bias = [tuple(x) for x in (self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias)]
+        if any(len(x) != 2 or type(x[0]) is not int for x in bias):
+            raise ValueError("logit_bias takes (token id, bias) pairs with integer ids")
+        object.__setattr__(self, "logit_bias", tuple(sorted(bias, key=lambda x: x[0])))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         if isinstance(self.structured, dict):          # from msgpack (the router -> worker wire form)
             object.__setattr__(self, "structured", StructuredOutput(**self.structured))
@@ -76,6 +83,15 @@ class SamplingParams:
             raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if self.structured is not None:
             self.structured.validate()
+        if type(self.min_tokens) is not int or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
+        for i, (t, b) in enumerate(self.logit_bias):
+            if t < 0:
+                raise ValueError(f"logit_bias keys must be token ids >= 0, got {t!r}")
+            if i and t == self.logit_bias[i - 1][0]:
+                raise ValueError(f"logit_bias names token {t} twice")
+            if type(b) not in (int, float) or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS:  # NaN fails too
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {b!r} for token {t}")
 
     @property
     def has_penalties(self) -> bool:
@@ -84,7 +100,12 @@ class SamplingParams:
     @property
     def plain(self) -> bool:
         """Nothing but temperature / top-k / top-p: the sampler's fast path."""
-        return not (self.has_penalties or self.min_p or self.logprobs is not None)
+        return not (self.has_penalties or self.min_p or self.logprobs is not None or self.shapes_logits)
+
+    @property
+    def shapes_logits(self) -> bool:
+        """A logit bias or a min_tokens mask changes the raw logits (engine/logits_processors.py)."""
+        return bool(self.logit_bias or self.min_tokens)
 
     @property
     def greedy(self) -> bool:

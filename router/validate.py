@@ -40,7 +40,8 @@ def make_sampling(prefix: str, vocab_size: int, *, max_tokens: int, temperature:
                   top_k: int = 0, min_p: float = 0.0, seed: int | None = None, stop: list[str] = (),
                   stop_token_ids: list[int] = (), ignore_eos: bool = False, presence_penalty: float = 0.0,
                   frequency_penalty: float = 0.0, repetition_penalty: float = 1.0, logprobs: int | None = None,
-                  structured: StructuredOutput | None = None) -> SamplingParams:
+                  structured: StructuredOutput | None = None, min_tokens: int = 0,
+                  logit_bias: dict[int, float] | None = None) -> SamplingParams:
     """The one validation of sampling fields, for the gRPC and the HTTP API: sizes before per-item work,
     then SamplingParams' own rules; every error names the field (with `prefix`, e.g. "sampling.")."""
     def bad(field: str, msg: str) -> InvalidRequest:
@@ -60,12 +61,17 @@ def make_sampling(prefix: str, vocab_size: int, *, max_tokens: int, temperature:
     worst = next((t for t in stop_token_ids if not 0 <= t < vocab_size), None)
     if worst is not None:
         raise bad("stop_token_ids", f"id {worst} is outside [0, {vocab_size}) (the vocab size)")
+    logit_bias = logit_bias or {}
+    worst = next((t for t in logit_bias if not 0 <= t < vocab_size), None)     # also bounds the map's size
+    if worst is not None:
+        raise bad("logit_bias", f"id {worst} is outside [0, {vocab_size}) (the vocab size)")
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p if top_p > 0 else 1.0,
                               top_k=top_k, min_p=min_p, seed=seed, stop=tuple(stop),
                               stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos,
                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-                              repetition_penalty=repetition_penalty or 1.0, logprobs=logprobs, structured=structured)
+                              repetition_penalty=repetition_penalty or 1.0, logprobs=logprobs, structured=structured,
+                              min_tokens=min_tokens, logit_bias=logit_bias)
     except ValueError as e:
         field = str(e).split()[0]
         raise InvalidRequest(f"{prefix}{e}", param=field if field.isidentifier() else None) from None
@@ -80,7 +86,8 @@ def sampling_from_proto(s, vocab_size: int) -> SamplingParams:
                          stop=list(s.stop), stop_token_ids=list(s.stop_token_ids), ignore_eos=s.ignore_eos,
                          presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
                          repetition_penalty=s.repetition_penalty,
-                         logprobs=s.logprobs if s.HasField("logprobs") else None, structured=structured)
+                         logprobs=s.logprobs if s.HasField("logprobs") else None, structured=structured,
+                         min_tokens=s.min_tokens, logit_bias=dict(s.logit_bias))
 
 
 def check_structured(params: SamplingParams, tokenizer, vocab_size: int, field: str = "response_format") -> None:

@@ -67,7 +67,7 @@ class SpecDecoder:
     @staticmethod
     def eligible(req: Request) -> bool:
         p = req.params
-        return (not p.has_penalties and p.structured is None and p.logprobs is None
+        return (not p.has_penalties and not p.shapes_logits and p.structured is None and p.logprobs is None
                 and (p.seed is None or p.greedy))
 
     def num_drafts(self, request_id: str) -> int:

@@ -40,7 +40,7 @@ class RequestRun:
                  trace: Trace):
         self.router, self.request_id, self.ids, self.params, self.salt, self.trace = (
             router, request_id, ids, params, salt, trace)
-        self.detok = Detokenizer(router.tokenizer, ids, params.stop)
+        self.detok = Detokenizer(router.tokenizer, ids, params.stop, params.min_tokens)
         self.out: list[int] = []            # tokens already sent to the client
         self.exclude: set[str] = set()      # workers this request will not be placed on again
         self.holders: list = []             # clients that may hold state for the current attempt

@@ -47,6 +47,19 @@ def structured_of(req: Sampling) -> StructuredOutput | None:
     return StructuredOutput("json_object")
 
 
+def logit_bias_of(bias: dict[str, float] | None) -> dict[int, float]:
+    """OpenAI's logit_bias keys are token ids as decimal strings ("50256"); anything else is refused."""
+    out = {}
+    for k, v in (bias or {}).items():
+        if not (k.isascii() and k.isdigit()) or len(k) > 12:
+            raise InvalidRequest(f"logit_bias keys must be token ids (decimal strings), got {k[:40]!r}",
+                                 param="logit_bias")
+        if int(k) in out:
+            raise InvalidRequest(f"logit_bias names token {int(k)} twice", param="logit_bias")
+        out[int(k)] = v
+    return out
+
+
 def prompts_of(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size: int,
                max_context: int) -> list[list[int]]:
     if isinstance(req, ChatCompletionRequest):
@@ -82,6 +95,7 @@ def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size:
     prompts = prompts_of(req, tokenizer, vocab_size, max_context)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     structured = structured_of(req)
+    bias = logit_bias_of(req.logit_bias)
     params = []
     for ids in prompts:
         p = make_sampling("", vocab_size, max_tokens=max_tokens if max_tokens is not None else max_context - len(ids),
@@ -89,7 +103,8 @@ def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size:
                           seed=req.seed, stop=stop, stop_token_ids=req.stop_token_ids or [],
                           ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
                           frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-                          logprobs=logprobs, structured=structured)
+                          logprobs=logprobs, structured=structured, min_tokens=req.min_tokens,
+                          logit_bias=bias)
         check_fits(ids, p, max_context, "max_completion_tokens" if chat else "max_tokens")
         check_structured(p, tokenizer, vocab_size)
         params.append(choice_params(p, n))

@@ -43,6 +43,8 @@ class Sampling(Strict):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
+    min_tokens: int = 0                     # vLLM's extension: no EOS, stop id or stop string before this many
+    logit_bias: dict[str, float] | None = None   # OpenAI's: token id (a decimal string) -> bias in [-100, 100]
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None

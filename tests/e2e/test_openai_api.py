@@ -142,6 +142,9 @@ def test_json_schema_response_parses_and_validates(cluster, client, model):
     (dict(prompt=[10**9]), 400, "prompt"),
     (dict(prompt="x " * 20000), 400, "max_tokens"),              # prompt + max_tokens past the context
     (dict(model="gpt-4"), 404, "model"),
+    (dict(logit_bias={"x": 1}), 400, "logit_bias"),
+    (dict(logit_bias={"7": 250}), 400, "logit_bias"),
+    (dict(min_tokens=9), 400, "min_tokens"),                       # more than max_tokens
     (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nope"}}}),
      400, "response_format"),
 ])
@@ -160,6 +163,29 @@ def test_bad_input_gets_an_openai_error_and_leaks_nothing(cluster, model, kw, st
     ok = sync(cluster, lambda: httpx.post(f"{base_url(cluster)}/completions", timeout=60,
                                           json={"model": model, "prompt": "Hi", "max_tokens": 2}))
     assert ok.status_code == 200                                   # and the next request is served
+
+
+def test_logit_bias_and_min_tokens_cross_the_cluster_over_http_and_grpc(cluster, client, model):
+    """The prefill worker samples the first token and the decode worker the rest: both apply them."""
+    forced = sync(cluster, lambda: client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6,
+                                                             temperature=0.7, seed=3, logit_bias={"42": 100}))
+    assert forced.choices[0].text == cluster.router.tokenizer.decode([42] * 6)
+
+    async def grpc_ids():
+        async with grpc.aio.insecure_channel(cluster.address) as ch:
+            msgs = await collect(pbg.GenerationStub(ch), pb.GenerateRequest(
+                text=PROMPTS[0], sampling=pb.SamplingParams(max_tokens=6, temperature=0.0, logit_bias={42: 100})))
+        return [t for m in msgs for t in m.token_ids]
+    assert cluster.run(grpc_ids()) == [42] * 6
+    msgs = [{"role": "user", "content": "Say hi."}]
+    free = sync(cluster, lambda: client.chat.completions.create(model=model, messages=msgs, max_tokens=64,
+                                                                temperature=0))
+    assert free.choices[0].finish_reason == "stop" and free.usage.completion_tokens < 40
+    m = free.usage.completion_tokens + 10
+    held = sync(cluster, lambda: client.chat.completions.create(model=model, messages=msgs, max_tokens=64,
+                                                                temperature=0, extra_body={"min_tokens": m}))
+    assert held.usage.completion_tokens >= m
+    assert held.choices[0].message.content.startswith(free.choices[0].message.content)
 
 
 def test_a_client_gone_mid_stream_frees_its_blocks(cluster, model):

@@ -80,3 +80,40 @@ def test_a_bad_response_format_is_a_value_error_and_allocates_nothing(llm, spec,
     with pytest.raises(ValueError, match=field):
         llm.generate(["hi"], SamplingParams(max_tokens=4, structured=spec))
     assert llm.engine.figures()["free_blocks"] == free and not llm.engine.has_work()
+
+
+def chat_ids(llm, text):
+    return ids_of(llm, llm.tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                                         add_generation_prompt=True, tokenize=False))
+
+
+@torch.inference_mode()
+def test_min_tokens_holds_eos_back_as_transformers_min_new_tokens(llm, hf_ref):
+    prompt = chat_ids(llm, "Say hi.")
+    eos = set(llm.engine.cfg.model.eos_token_ids)
+    free = llm.generate([prompt], SamplingParams(max_tokens=48, temperature=0))[0]
+    assert free.finish_reason == "stop" and len(free.token_ids) < 32, free.text     # it would stop early
+    m = len(free.token_ids) + 8
+    out = llm.generate([prompt], SamplingParams(max_tokens=48, temperature=0, min_tokens=m))[0]
+    assert len(out.token_ids) >= m and not eos & set(out.token_ids[:m]), out.token_ids
+    ref = hf_ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=48, min_new_tokens=m, do_sample=False, pad_token_id=0)[0, len(prompt):]
+    ref = ref.tolist()
+    same = next((j for j, (a, b) in enumerate(zip(out.token_ids, ref)) if a != b), len(out.token_ids))
+    assert same >= m, (out.token_ids, ref)                              # token for token past the held EOS
+
+
+@torch.inference_mode()
+def test_logit_bias_greedy_matches_transformers_sequence_bias(llm, hf_ref):
+    prompt = ids_of(llm, PROMPTS[0])
+    plain = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0].token_ids
+    bias = {plain[0]: -100.0, plain[1]: -4.0}                          # ban the first pick, discourage another
+    ours = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, logit_bias=bias))[0].token_ids
+    assert ours[0] != plain[0] and plain[0] not in ours
+    ref = hf_ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=12, do_sample=False, pad_token_id=0,
+                          sequence_bias={(t,): b for t, b in bias.items()})[0, len(prompt):].tolist()
+    same = next((j for j, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ours))
+    assert same >= 10, (ours, ref)
+    forced = llm.generate([prompt], SamplingParams(max_tokens=5, temperature=0.8, seed=1, logit_bias={42: 100}))[0]
+    assert forced.token_ids == [42] * 5

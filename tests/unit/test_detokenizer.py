@@ -39,6 +39,17 @@ def test_stop_string_is_cut_and_never_partly_emitted(tok):
     assert d.stopped and "".join(out) == " alpha beta "
 
 
+def test_stop_strings_are_matched_only_after_min_tokens(tok):
+    ids = tok.encode(" STOP alpha STOP beta", add_special_tokens=False)
+    first = next(j for j in range(1, len(ids) + 1) if "STOP" in tok.decode(ids[:j]))
+    d = Detokenizer(tok, [], stop=("STOP",), min_tokens=first)       # the first STOP's tokens are inside
+    out = "".join(d.push([t]) for t in ids if not d.stopped) + d.flush()
+    assert d.stopped and out == " STOP alpha "
+    for min_tokens in (0, first - 1):                                  # the first STOP ends past the floor
+        d = Detokenizer(tok, [], stop=("STOP",), min_tokens=min_tokens)
+        assert "".join(d.push([t]) for t in ids if not d.stopped) + d.flush() == " "
+
+
 def test_a_plain_fast_tokenizer_decodes_through_its_rust_half_and_a_custom_one_does_not(tok):
     """The Rust decode stands in for tokenizer.decode(skip_special_tokens=True, no clean-up) only
     where the tokenizer's class adds nothing to it: same text, special tokens dropped."""

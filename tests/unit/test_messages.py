@@ -68,6 +68,7 @@ def test_sampling_params_cross_to_the_workers_as_msgpack_and_come_back_equal():
     from pdcluster.engine import SamplingParams, StructuredOutput
     p = SamplingParams(max_tokens=9, temperature=0.7, top_p=0.9, top_k=5, min_p=0.05, seed=2**63 + 1,
                        stop=["\n\n"], stop_token_ids=[2], presence_penalty=0.5, repetition_penalty=1.2,
-                       logprobs=3, structured=StructuredOutput("json_schema", '{"type": "object"}'))
+                       logprobs=3, structured=StructuredOutput("json_schema", '{"type": "object"}'), min_tokens=2,
+                       logit_bias={7: -100, 3: 1.5})
     back = SamplingParams(**msgpack.unpackb(msgpack.packb(dataclasses.asdict(p)), strict_map_key=True))
     assert back == p and isinstance(back.structured, StructuredOutput)

@@ -55,6 +55,40 @@ def test_sampling_fields_map_and_max_tokens_defaults_as_openai_s():
     assert p.presence_penalty == 0.5 and p.repetition_penalty == 1.1 and p.logprobs == 2
 
 
+def test_logit_bias_and_min_tokens_map_as_openai_and_vllm_take_them():
+    p = parse({"prompt": "ab", "logit_bias": {"5": -100, "017": 2.5}, "min_tokens": 3}).params[0][0]
+    assert p.logit_bias == ((5, -100.0), (17, 2.5)) and p.min_tokens == 3
+    assert parse({"prompt": "ab"}).params[0][0].logit_bias == ()
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"logit_bias": {"x1": 1}}, "logit_bias", "decimal strings"),
+    ({"logit_bias": {"-1": 1}}, "logit_bias", "decimal strings"),
+    ({"logit_bias": {"7": 1, "07": 2}}, "logit_bias", "twice"),
+    ({"logit_bias": {str(VOCAB): 1}}, "logit_bias", "vocab size"),
+    ({"logit_bias": {"7": 101}}, "logit_bias", "[-100, 100]"),
+    ({"min_tokens": 17}, "min_tokens", "max_tokens"),
+    ({"min_tokens": -1}, "min_tokens", "max_tokens"),
+])
+def test_a_bad_logit_bias_or_min_tokens_is_refused_naming_it(body, param, words):
+    with pytest.raises(InvalidRequest) as e:
+        parse({"prompt": "ab"} | body)
+    assert e.value.param == param and words in str(e.value)
+
+
+def test_the_grpc_map_and_min_tokens_go_through_the_same_validation():
+    from pdcluster.router.proto import generation_pb2 as pb
+    from pdcluster.router.validate import sampling_from_proto
+    s = pb.SamplingParams(max_tokens=8, min_tokens=2, logit_bias={3: 1.5, 9: -100})
+    p = sampling_from_proto(s, VOCAB)
+    assert p.min_tokens == 2 and p.logit_bias == ((3, 1.5), (9, -100.0))
+    with pytest.raises(InvalidRequest, match="sampling.logit_bias id 1000 is outside"):
+        sampling_from_proto(pb.SamplingParams(max_tokens=8, logit_bias={VOCAB: 1}), VOCAB)
+    with pytest.raises(InvalidRequest, match="sampling.min_tokens") as e:
+        sampling_from_proto(pb.SamplingParams(max_tokens=8, min_tokens=9), VOCAB)
+    assert e.value.param == "min_tokens"
+
+
 def test_chat_messages_roles_parts_and_logprobs(real_tok):
     from pdcluster.engine.tokenizer import apply_chat_template
     job = parse({"messages": [{"role": "developer", "content": "be"},

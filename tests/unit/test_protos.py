@@ -14,7 +14,8 @@ def test_api_field_numbers_are_the_contract():
     s = {x.name: x.number for x in pb.SamplingParams.DESCRIPTOR.fields}
     assert s == {"max_tokens": 1, "temperature": 2, "top_p": 3, "top_k": 4, "seed": 5, "stop": 6,
                  "stop_token_ids": 7, "ignore_eos": 8, "min_p": 9, "presence_penalty": 10, "frequency_penalty": 11,
-                 "repetition_penalty": 12, "logprobs": 13, "response_format": 14, "n": 15}
+                 "repetition_penalty": 12, "logprobs": 13, "response_format": 14, "n": 15,
+                 "min_tokens": 16, "logit_bias": 17}
     r = {x.name: x.number for x in pb.GenerateResponse.DESCRIPTOR.fields}
     assert r == {"request_id": 1, "token_ids": 2, "text": 3, "finish_reason": 4, "usage": 5, "placement": 6,
                  "logprobs": 7, "index": 8}

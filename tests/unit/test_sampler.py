@@ -145,6 +145,64 @@ def test_new_sampling_fields_are_validated(kw, field):
         SamplingParams(**kw)
 
 
+# logit bias and min_tokens (on the raw logits, before penalties)
+
+def test_a_logit_bias_moves_the_greedy_choice_and_minus_100_bans_a_token():
+    logits = torch.tensor([[3.0, 2.9, 0.0, -1.0]])
+    none = None                                             # no history: the model runner builds none for these
+    assert sample_rows(logits, [SamplingParams(temperature=0, logit_bias={2: 3.5})], [None], [none])[0] == [2]
+    assert sample_rows(logits, [SamplingParams(temperature=0, logit_bias={0: -100})], [None], [none])[0] == [1]
+    p = SamplingParams(temperature=1.0, seed=4, logit_bias={0: -100, 1: -100})
+    g = make_generator(p)
+    assert {sample_rows(logits, [p], [g], [none])[0][0] for _ in range(300)} == {2, 3}
+
+
+def test_bias_comes_before_the_penalties_and_into_the_logprobs():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    p = SamplingParams(temperature=0, logit_bias={1: 2.0}, repetition_penalty=2.0, logprobs=0)
+    toks, lps = sample_rows(logits, [p], [None], [History([1], [])])
+    # id 1: (1 + 2) / 2 = 1.5 < 2: the penalty saw the biased logit
+    want = torch.tensor([2.0, 1.5, 0.0]).log_softmax(-1)
+    assert toks == [0] and abs(lps[0].logprob - float(want[0])) < 1e-6
+
+
+def test_min_tokens_holds_eos_and_stop_ids_back_until_enough_tokens_are_out():
+    from pdcluster.engine.logits_processors import stop_ids
+    logits = torch.tensor([[1.0, 5.0, 4.0, 3.0]])           # id 1: EOS, id 2: a stop id
+    p = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=(2,))
+    held = stop_ids(p, (1,))
+    assert held == (1, 2)
+    assert sample_rows(logits, [p], [None], [History([], [7], held)])[0] == [3]          # 1 out: both held
+    assert sample_rows(logits, [p], [None], [History([], [7, 8], held)])[0] == [1]       # 2 out: free
+    ign = SamplingParams(temperature=0, min_tokens=2, ignore_eos=True)                  # EOS is no stop then
+    assert stop_ids(ign, (1,)) == () and sample_rows(logits, [ign], [None], [History([], [], ())])[0] == [1]
+
+
+def test_min_tokens_leaves_a_row_whose_only_candidate_is_a_stop_id():
+    """A grammar that allows only its end (EOS) wins over min_tokens: the row is not emptied."""
+    logits = torch.tensor([[float("-inf"), 5.0, float("-inf")]])
+    p = SamplingParams(temperature=0, min_tokens=3)
+    assert sample_rows(logits, [p], [None], [History([], [], (1,))])[0] == [1]
+
+
+def test_rows_that_shape_their_logits_leave_the_fast_paths():
+    assert not SamplingParams(temperature=0, logit_bias={3: 1.0}).plain
+    assert not SamplingParams(temperature=0, min_tokens=1).plain
+    assert SamplingParams(temperature=0, logit_bias={}).plain
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(max_tokens=4, min_tokens=5), "min_tokens"), (dict(min_tokens=-1), "min_tokens"),
+    (dict(min_tokens=1.0), "min_tokens"), (dict(logit_bias={3: 100.5}), "logit_bias"),
+    (dict(logit_bias={3: float("nan")}), "logit_bias"), (dict(logit_bias={-1: 1.0}), "logit_bias"),
+    (dict(logit_bias={"3": 1.0}), "logit_bias"), (dict(logit_bias={3: True}), "logit_bias"),
+    (dict(logit_bias=[(3, 1.0), (3, 2.0)]), "twice"), (dict(logit_bias=[(3, 1.0, 2.0)]), "logit_bias"),
+])
+def test_logit_bias_and_min_tokens_are_validated(kw, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kw)
+
+
 def test_clean_logits_one_reduction_check_matches_the_elementwise_one():
     """clean_logits skips the elementwise check when the sum is finite: every row kind gives what the
     elementwise check (isfinite over all entries) gives, including finite rows whose sum overflows."""
