@@ -22,6 +22,7 @@ KINDS = ("json_object", "json_schema")
 class StructuredOutput:
     kind: str                       # "json_object" (any JSON object) | "json_schema"
     schema: str | None = None       # json_schema: the schema as JSON text
+    compact: bool = False           # json_schema: no whitespace but json.dumps' ", " and ": " (tool answers)
 
     def validate(self) -> None:
         if self.kind not in KINDS:
@@ -35,8 +36,10 @@ class StructuredOutput:
                 raise ValueError("response_format json_schema's schema is not valid JSON") from None
             if not isinstance(parsed, dict):
                 raise ValueError("response_format json_schema's schema must be a JSON object")
-        elif self.schema is not None:
+        elif self.schema is not None or self.compact:
             raise ValueError("response_format json_object takes no schema")
+        if type(self.compact) is not bool:
+            raise ValueError("response_format compact must be a bool")
 
 
 class Grammars:
@@ -55,7 +58,8 @@ class Grammars:
         if g is None:
             try:
                 g = (self.compiler.compile_builtin_json_grammar() if spec.kind == "json_object"
-                     else self.compiler.compile_json_schema(spec.schema))
+                     else self.compiler.compile_json_schema(spec.schema, any_whitespace=not spec.compact,
+                                                            separators=(", ", ": ") if spec.compact else None))
             except Exception as e:          # xgrammar raises RuntimeError / its own types for bad schemas
                 raise ValueError(f"response_format: unsupported JSON schema ({type(e).__name__})") from None
             self._compiled[spec] = g

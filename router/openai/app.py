@@ -28,6 +28,7 @@ from pdcluster.router.openai.body_limit import BodyLimit
 from pdcluster.router.openai.errors import OpenAIError, as_openai
 from pdcluster.router.openai.schemas import ChatCompletionRequest, CompletionRequest
 from pdcluster.router.openai.sse import SSEResponse
+from pdcluster.router.openai.tools import read_answer
 from pdcluster.router.validate import InvalidRequest, max_token_bytes
 
 TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}    # union members' names in pydantic's error locations
@@ -200,6 +201,10 @@ class Stream:
 
     def _choice_whole(self, c: convert.ChoiceState) -> dict:
         text = "".join(c.text)
+        if self.chat and self.job.tools is not None:
+            a = read_answer(text, c.finish_reason)
+            return {"index": c.index, "message": self._tool_message(a), "logprobs": self._logprobs(c.logprobs),
+                    "finish_reason": a.finish_reason}
         if self.chat:
             return {"index": c.index, "message": {"role": "assistant", "content": text},
                     "logprobs": self._logprobs(c.logprobs), "finish_reason": c.finish_reason}
@@ -217,18 +222,35 @@ class Stream:
             out["choices"] = [{"index": k, "text": ev.text, "logprobs": lp, "finish_reason": reason}]
         return out
 
+    @staticmethod
+    def _tool_message(a, index: bool = False) -> dict:
+        """A tool answer's message (or, index=True, its one stream delta: each call numbered)."""
+        out = {"role": "assistant", "content": a.content}
+        if a.tool_calls is not None:
+            out["tool_calls"] = [{"index": i} | c for i, c in enumerate(a.tool_calls)] if index else a.tool_calls
+        return out
+
+    def _tool_chunk(self, k: int) -> dict:
+        """A tool answer streams whole, once its choice finished: its envelope is read only then."""
+        c = self.choices[k]
+        a = read_answer("".join(c.text), c.finish_reason)
+        out = convert.envelope("chat.completion.chunk", self.rid, self.api.model, self.created)
+        out["choices"] = [{"index": k, "delta": self._tool_message(a, index=True), "logprobs": self._logprobs(
+            c.logprobs), "finish_reason": a.finish_reason}]
+        return out
+
     async def sse(self, first, events):
         started: set[int] = set()
+        held = self.chat and self.job.tools is not None
         try:
             async with aclosing(events):
-                if first is not None:
-                    yield self._data(self._chunk(first[0], first[1], False))
-                    started.add(first[0])
-                    self._record(*first)
-                async for k, ev in events:
-                    yield self._data(self._chunk(k, ev, k in started))
+                async for k, ev in _after(first, events):
+                    if not held:
+                        yield self._data(self._chunk(k, ev, k in started))
                     started.add(k)
                     self._record(k, ev)
+                    if held and ev.finish_reason:
+                        yield self._data(self._tool_chunk(k))
         except Exception as e:              # noqa: BLE001 - after the 200: the error goes in the stream
             yield self._data(as_openai(e).body())
         if self.include_usage:
@@ -241,3 +263,11 @@ class Stream:
     @staticmethod
     def _data(obj: dict) -> str:
         return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def _after(first, events):
+    """first (when there is one), then the rest of events."""
+    if first is not None:
+        yield first
+    async for x in events:
+        yield x

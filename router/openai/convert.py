@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
 from pdcluster.engine.structured import StructuredOutput
 from pdcluster.router.lifecycle.choices import Choice, choice_params
+from pdcluster.router.openai import tools
 from pdcluster.router.openai.schemas import ChatCompletionRequest, CompletionRequest, Sampling
 from pdcluster.router.validate import (InvalidRequest, check_choices, check_fits, check_structured, check_token_ids,
                                        make_sampling, tokenize_chat, tokenize_text)
@@ -27,6 +28,7 @@ class Job:
     params: list[list[SamplingParams]]  # [prompt][choice]
     n: int
     logprobs: int | None                # top alternatives per token, None: no logprobs
+    tools: tools.ToolPlan | None = None  # chat answers held to the tool envelope (router/openai/tools.py)
 
     def choices(self, base_id: str) -> list[Choice]:
         """Every choice in index order: prompt i's choice j is request f"{base_id}-{i * n + j}"."""
@@ -60,11 +62,47 @@ def logit_bias_of(bias: dict[str, float] | None) -> dict[int, float]:
     return out
 
 
+def chat_messages(req: ChatCompletionRequest, plan: tools.ToolPlan | None) -> list[dict]:
+    """Role/content dicts for the chat template: tool calls in history as their envelope, and where the model
+    may call tools, how to (a system message's addition)."""
+    msgs = []
+    for i, m in enumerate(req.messages):
+        if m.tool_calls is not None and m.role != "assistant":
+            raise InvalidRequest(f"messages[{i}]: only assistant messages carry tool_calls", param="messages")
+        if m.content is None and not m.tool_calls:
+            raise InvalidRequest(f"messages[{i}]: content is required (null only beside tool_calls)",
+                                 param="messages")
+        if (m.role == "tool") != (m.tool_call_id is not None):
+            raise InvalidRequest(f"messages[{i}]: tool messages, and only they, carry tool_call_id", param="messages")
+        try:
+            content = tools.history_text(m) if m.tool_calls else m.text()
+        except tools.ToolError as e:
+            raise InvalidRequest(f"{e}", param=e.param) from None
+        msgs.append({"role": ROLES.get(m.role, m.role), "content": content})
+    if plan is not None:
+        text = plan.system_text(tools.functions_of(req.tools))
+        if msgs[0]["role"] == "system":
+            msgs[0] = {"role": "system", "content": f"{msgs[0]['content']}\n\n{text}"}
+        else:
+            msgs.insert(0, {"role": "system", "content": text})
+    return msgs
+
+
+def tool_plan(req: ChatCompletionRequest) -> tools.ToolPlan | None:
+    try:
+        plan = tools.plan(req.tools, req.tool_choice, req.parallel_tool_calls)
+    except tools.ToolError as e:
+        raise InvalidRequest(str(e), param=e.param) from None
+    if plan is not None and req.response_format is not None and req.response_format.type != "text":
+        raise InvalidRequest("response_format cannot be combined with tools (unless tool_choice is none)",
+                             param="response_format")
+    return plan
+
+
 def prompts_of(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size: int,
-               max_context: int) -> list[list[int]]:
+               max_context: int, plan: tools.ToolPlan | None = None) -> list[list[int]]:
     if isinstance(req, ChatCompletionRequest):
-        msgs = [{"role": ROLES.get(m.role, m.role), "content": m.text()} for m in req.messages]
-        return [tokenize_chat(msgs, tokenizer, max_context, field="messages")]
+        return [tokenize_chat(chat_messages(req, plan), tokenizer, max_context, field="messages")]
     p = req.prompt
     if isinstance(p, str):
         return [tokenize_text(p, tokenizer, max_context)]
@@ -92,9 +130,11 @@ def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size:
     for name in ("top_p", "repetition_penalty"):   # 0 means "unset" on the gRPC wire only: here it is refused
         if getattr(req, name) <= 0:
             raise InvalidRequest(f"{name} must be > 0, got {getattr(req, name)!r}", param=name)
-    prompts = prompts_of(req, tokenizer, vocab_size, max_context)
+    plan = tool_plan(req) if chat else None
+    prompts = prompts_of(req, tokenizer, vocab_size, max_context, plan)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    structured = structured_of(req)
+    structured = (structured_of(req) if plan is None
+                  else StructuredOutput("json_schema", json.dumps(plan.schema()), compact=True))
     bias = logit_bias_of(req.logit_bias)
     params = []
     for ids in prompts:
@@ -106,9 +146,15 @@ def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size:
                           logprobs=logprobs, structured=structured, min_tokens=req.min_tokens,
                           logit_bias=bias)
         check_fits(ids, p, max_context, "max_completion_tokens" if chat else "max_tokens")
-        check_structured(p, tokenizer, vocab_size)
+        try:
+            check_structured(p, tokenizer, vocab_size)
+        except InvalidRequest as e:
+            if plan is None:
+                raise
+            raise InvalidRequest(f"tools: a function's parameters schema cannot be enforced ({e})",
+                                 param="tools") from None
         params.append(choice_params(p, n))
-    return Job(prompts, params, n, logprobs)
+    return Job(prompts, params, n, logprobs, plan)
 
 
 # responses

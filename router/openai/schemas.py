@@ -64,13 +64,52 @@ class TextPart(Strict):
     text: str
 
 
+FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"   # OpenAI's rule for function names
+
+
+class FunctionCall(Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    arguments: str                          # JSON text, as OpenAI sends it
+
+
+class ToolCall(Strict):
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None    # None only for an assistant message with tool_calls
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None       # assistant messages: the calls it made (router/openai/tools.py)
+    tool_call_id: str | None = Field(default=None, max_length=256)   # tool messages: the call answered
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class FunctionDef(Strict):
+    name: str = Field(pattern=FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict | None = None          # a JSON schema of the arguments object; None: no arguments
+    strict: bool | None = None              # every call is held to the schema anyway
+
+
+class Tool(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(Sampling):
@@ -78,3 +117,6 @@ class ChatCompletionRequest(Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None   # None: auto with tools
+    parallel_tool_calls: bool = True
