@@ -44,10 +44,14 @@ class TokenStream:
     def __init__(self, sink=None):
         self.q: queue.SimpleQueue = queue.SimpleQueue()
         self.sink = sink or self.q.put
+        self.first = True               # the next item is the stream's first: it carries the prompt logprobs
 
     def push(self, o: StepOutput) -> None:
+        prompt = tuple(o.request.prompt_logprobs) if self.first else ()
+        self.first = False
         self.sink(TokenItem(token_ids=o.new_token_ids, finished=o.finished, finish_reason=o.finish_reason,
-                            num_cached_tokens=max(o.request.num_cached_tokens, 0), logprobs=tuple(o.logprobs)))
+                            num_cached_tokens=max(o.request.num_cached_tokens, 0), logprobs=tuple(o.logprobs),
+                            prompt_logprobs=prompt))
 
     def get(self, timeout: float | None = None) -> TokenItem:
         return self.q.get(timeout=timeout)

@@ -52,8 +52,9 @@ class KVCacheManager:
         return hits
 
     def max_hit_blocks(self, req: Request) -> int:
-        """Leading full blocks a prefix hit may cover: all but the block of the last token."""
-        return (req.num_tokens - 1) // self.block_size
+        """Leading full blocks a prefix hit may cover: all but the block of the last token; none while the
+        request's prompt logprobs are to be computed."""
+        return 0 if req.wants_prompt_logprobs else (req.num_tokens - 1) // self.block_size
 
     def count_lookup(self, req: Request, num_hit_blocks: int) -> None:
         self.pool.queries += req.num_tokens

@@ -16,6 +16,8 @@ class RequestOutput:
     finish_reason: str            # "stop" | "length"
     num_cached_tokens: int = 0    # prompt tokens served from the prefix cache
     logprobs: list[TokenLogprobs] = field(default_factory=list)   # per output token, with SamplingParams.logprobs
+    # per prompt token with SamplingParams.prompt_logprobs, None for the first (nothing before it), as vLLM's
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class LLM:
@@ -79,4 +81,6 @@ class LLM:
             if bar:
                 bar.close()
         return [RequestOutput(r.request_id, r.prompt_token_ids, r.output_token_ids, "".join(texts[r.request_id]),
-                              r.status.value, max(r.num_cached_tokens, 0), logprobs[r.request_id]) for r in reqs]
+                              r.status.value, max(r.num_cached_tokens, 0), logprobs[r.request_id],
+                              [None, *r.prompt_logprobs] if r.params.prompt_logprobs is not None else None)
+                for r in reqs]

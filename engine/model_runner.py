@@ -177,6 +177,7 @@ class ModelRunner:
         else:
             ids, pos, meta, rows = self.prepare(batch)
             hidden = self.model.forward(ids, pos, meta, self.k_caches, self.v_caches, layer_hook, layer_wait)
+            self._prompt_logprobs(batch, hidden, rows)
         dropped = drop() if drop is not None else ()
         want = [i for i in range(len(batch)) if batch.samples(i) and batch.reqs[i].request_id not in dropped]
         out: list[int | list[int] | None] = [None] * len(batch)
@@ -202,6 +203,34 @@ class ModelRunner:
         for k, i in enumerate(want):
             out[i], lps[i] = toks[k], logprobs[k]
         return out, lps
+
+    PROMPT_LOGITS_ROWS = 256        # prompt rows per head call: [256, V] float32 logits at a time (~50 MB at V=49152)
+
+    def _prompt_logprobs(self, batch: ScheduledBatch, hidden: torch.Tensor, rows: list[int]) -> None:
+        """Requests that ask for prompt logprobs: each prompt chunk's rows through the head, row p giving the
+        logprob of prompt token p + 1 (the last prompt row gives the first output token, sampled as usual).
+        Appended to req.prompt_logprobs from the chunk's start on, so a recomputed chunk replaces its entries."""
+        for i, r in enumerate(batch.reqs):
+            if not r.wants_prompt_logprobs:
+                continue
+            start, n = r.num_computed_tokens, batch.num_new_tokens[i]
+            stop = min(start + n, r.num_prompt_tokens - 1)      # rows start..stop-1 predict tokens start+1..stop
+            if stop <= start:
+                continue
+            first = rows[i] - n + 1
+            k = r.params.prompt_logprobs
+            out = []
+            for a in range(start, stop, self.PROMPT_LOGITS_ROWS):
+                b = min(stop, a + self.PROMPT_LOGITS_ROWS)
+                logp = self.model.logits(hidden[first + a - start:first + b - start]).float().log_softmax(-1)
+                target = torch.tensor(r.token_ids[a + 1:b + 1], dtype=torch.int64, device=logp.device)
+                got = logp.gather(1, target[:, None])[:, 0].tolist()
+                top = torch.topk(logp, k) if k else None
+                for j, t in enumerate(r.token_ids[a + 1:b + 1]):
+                    alts = tuple(zip(top.indices[j].tolist(), top.values[j].tolist())) if top is not None else ()
+                    out.append(TokenLogprobs(t, got[j], alts))
+            del r.prompt_logprobs[start:]
+            r.prompt_logprobs += out
 
     def _replayable(self, batch: ScheduledBatch) -> bool:
         g = self.graphs

@@ -16,7 +16,7 @@ import time
 
 from pdcluster.engine.config import CacheConfig
 from pdcluster.engine.hashing import ROOT_HASH, block_hashes
-from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
 
 
 class Status(enum.Enum):
@@ -58,6 +58,8 @@ class Request:
         self.num_prefix_waits = 0          # times the scheduler passed it over: a running request was computing its next block
         self.spec_token_ids: list[int] = []   # draft tokens this step verifies after token_ids (engine/spec/)
         self._hashes: list[int] = []    # chain hashes of the full blocks of token_ids
+        # SamplingParams.prompt_logprobs: entry q - 1 is prompt token q's (q >= 1), filled as chunks compute
+        self.prompt_logprobs: list[TokenLogprobs] = []
 
     # counters
     @property
@@ -79,6 +81,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.finished
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked and not all computed: no prefix hit or KV load may stand in for the prompt."""
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens - 1
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

@@ -38,6 +38,9 @@ class SamplingParams:
     structured: StructuredOutput | None = None   # JSON output enforced by a grammar (engine/structured.py)
     min_tokens: int = 0               # EOS and stop_token_ids masked, stop strings unchecked until this many (vLLM's)
     logit_bias: tuple[tuple[int, float], ...] = ()   # (id, bias in [-100, 100]) added to the raw logits (OpenAI's)
+    # each prompt token's logprob after the first, plus this many top ones (0..20); None = off. Such a prompt
+    # is computed whole: no prefix-cache hit or KV load serves it (vLLM's rule)
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples (msgpack brings lists back).
@@ -79,8 +82,10 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
         if not 0 < self.repetition_penalty <= 2:
             raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
-        if self.logprobs is not None and (type(self.logprobs) is not int or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (type(v) is not int or not 0 <= v <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")
         if self.structured is not None:
             self.structured.validate()
         if type(self.min_tokens) is not int or not 0 <= self.min_tokens <= self.max_tokens:

@@ -252,7 +252,7 @@ class Scheduler:
                     continue
             if req.num_computed_tokens == 0:
                 self.kv.count_lookup(req, len(hits))
-                got = self._start_load(req, hits)
+                got = self._start_load(req, hits) if not req.wants_prompt_logprobs else None
                 if got is _LOADING:
                     del self.waiting[j]
                     continue

@@ -83,6 +83,11 @@ class NoRoom(Message):
     reason: str
 
 
+def _logprobs(xs) -> tuple[TokenLogprobs, ...]:
+    """TokenLogprobs from msgpack's dicts (or already built)."""
+    return tuple(TokenLogprobs(**x) if isinstance(x, dict) else x for x in xs)
+
+
 @dataclass(frozen=True)
 class PrefillResult(Message):
     """A prefill worker's answer: the first token, and what the prefill and its transfer cost."""
@@ -94,10 +99,12 @@ class PrefillResult(Message):
     kv_wall_ms: float               # first frame to ack
     kv_codec: str                   # "none" | "int8" | "fp8"
     first_logprobs: TokenLogprobs | None = None     # the first token's, when SamplingParams.logprobs asks
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # prompt tokens 1.., when SamplingParams.prompt_logprobs asks
 
     def __post_init__(self):
         if isinstance(self.first_logprobs, dict):   # from msgpack
             object.__setattr__(self, "first_logprobs", TokenLogprobs(**self.first_logprobs))
+        object.__setattr__(self, "prompt_logprobs", _logprobs(self.prompt_logprobs))
 
 
 @dataclass(frozen=True)
@@ -108,10 +115,11 @@ class TokenItem(Message):
     finish_reason: str | None       # "stop" | "length" | "abort" once finished
     num_cached_tokens: int          # prompt tokens served from the prefix cache (local prefill)
     logprobs: tuple[TokenLogprobs, ...] = ()       # one per token, when SamplingParams.logprobs asks
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # the first item's: prompt tokens 1.. (SamplingParams asks)
 
     def __post_init__(self):
-        object.__setattr__(self, "logprobs", tuple(TokenLogprobs(**x) if isinstance(x, dict) else x
-                                                   for x in self.logprobs))
+        object.__setattr__(self, "logprobs", _logprobs(self.logprobs))
+        object.__setattr__(self, "prompt_logprobs", _logprobs(self.prompt_logprobs))
 
     @classmethod
     def concat(cls, items: list[TokenItem]) -> TokenItem:
@@ -123,7 +131,8 @@ class TokenItem(Message):
             raise ValueError("a finished item can only be the last one")
         last = items[-1]
         return cls([t for i in items for t in i.token_ids], last.finished, last.finish_reason,
-                   max(i.num_cached_tokens for i in items), tuple(lp for i in items for lp in i.logprobs))
+                   max(i.num_cached_tokens for i in items), tuple(lp for i in items for lp in i.logprobs),
+                   items[0].prompt_logprobs)
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,8 @@ class PrefillWorker:
                                  kv_bytes=stats.bytes if stats else 0,
                                  kv_transfer_ms=stats.exposed_s * 1e3 if stats else 0.0,
                                  kv_wall_ms=stats.wall_s * 1e3 if stats else 0.0,
-                                 kv_codec=entry[2] if entry is not None else "none", first_logprobs=logprobs)
+                                 kv_codec=entry[2] if entry is not None else "none", first_logprobs=logprobs,
+                                 prompt_logprobs=tuple(req.prompt_logprobs))
         finally:
             with self._lock:
                 self.in_flight -= 1

@@ -150,9 +150,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                         msg.placement.CopyFrom(pb.Placement(**ev.placement))
                     if ev.usage:
                         msg.usage.CopyFrom(pb.Usage(**ev.usage))
-                    for lp in ev.logprobs:
-                        msg.logprobs.add(token_id=lp.token_id, logprob=lp.logprob,
-                                         top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+                    for out, lps in ((msg.logprobs, ev.logprobs), (msg.prompt_logprobs, ev.prompt_logprobs or ())):
+                        for lp in lps:
+                            out.add(token_id=lp.token_id, logprob=lp.logprob,
+                                    top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
                     if first:   # its own batch: an abort must not resend it while a write is stuck
                         await context.send_initial_metadata(())
                     first = False

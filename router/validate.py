@@ -41,7 +41,7 @@ def make_sampling(prefix: str, vocab_size: int, *, max_tokens: int, temperature:
                   stop_token_ids: list[int] = (), ignore_eos: bool = False, presence_penalty: float = 0.0,
                   frequency_penalty: float = 0.0, repetition_penalty: float = 1.0, logprobs: int | None = None,
                   structured: StructuredOutput | None = None, min_tokens: int = 0,
-                  logit_bias: dict[int, float] | None = None) -> SamplingParams:
+                  logit_bias: dict[int, float] | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     """The one validation of sampling fields, for the gRPC and the HTTP API: sizes before per-item work,
     then SamplingParams' own rules; every error names the field (with `prefix`, e.g. "sampling.")."""
     def bad(field: str, msg: str) -> InvalidRequest:
@@ -71,7 +71,7 @@ def make_sampling(prefix: str, vocab_size: int, *, max_tokens: int, temperature:
                               stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos,
                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                               repetition_penalty=repetition_penalty or 1.0, logprobs=logprobs, structured=structured,
-                              min_tokens=min_tokens, logit_bias=logit_bias)
+                              min_tokens=min_tokens, logit_bias=logit_bias, prompt_logprobs=prompt_logprobs)
     except ValueError as e:
         field = str(e).split()[0]
         raise InvalidRequest(f"{prefix}{e}", param=field if field.isidentifier() else None) from None
@@ -87,7 +87,8 @@ def sampling_from_proto(s, vocab_size: int) -> SamplingParams:
                          presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
                          repetition_penalty=s.repetition_penalty,
                          logprobs=s.logprobs if s.HasField("logprobs") else None, structured=structured,
-                         min_tokens=s.min_tokens, logit_bias=dict(s.logit_bias))
+                         min_tokens=s.min_tokens, logit_bias=dict(s.logit_bias),
+                         prompt_logprobs=s.prompt_logprobs if s.HasField("prompt_logprobs") else None)
 
 
 def check_structured(params: SamplingParams, tokenizer, vocab_size: int, field: str = "response_format") -> None:

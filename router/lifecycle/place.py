@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
 from pdcluster.engine.hashing import block_hashes
@@ -29,6 +29,7 @@ class Attempt:
     first_token: int | None = None  # remote prefill: the prefill worker's first token
     cached_tokens: int = 0          # remote prefill: prompt tokens from the prefill worker's cache
     first_logprobs: TokenLogprobs | None = None     # remote prefill: the first token's, when asked
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # remote prefill: prompt tokens 1.., when asked
     pull: PullPlan | None = None    # local prefill: the prefix blocks its decode worker pulls from a peer
 
     @property
@@ -49,7 +50,9 @@ async def place(router, attempt_id: str, ids: list[int], params: SamplingParams,
     aborted everywhere, is never sent again."""
     workers, cfg = router.workers, router.cfg
     tokens = ids + list(outputs)                       # what the attempt prefills
-    hashes = block_hashes(tokens, cfg.block_size, salt)   # once per placement, not per try
+    # once per placement, not per try; none for a prompt whose logprobs are asked: no cache serves it,
+    # so no hit is priced and nothing is pulled for it
+    hashes = block_hashes(tokens, cfg.block_size, salt) if params.prompt_logprobs is None else []
     t0 = time.monotonic()
     for k in range(cfg.max_attempts):
         choice = await _choose(router, len(tokens), exclude, hashes, t0)
@@ -116,7 +119,8 @@ async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: Samp
     workers.charge(choice.prefill, n, +1)
     try:
         try:
-            r = await d.reserve(attempt_id, ids, params, salt, outputs)
+            # the decode worker only decodes: the prompt's logprobs are the prefill worker's to compute
+            r = await d.reserve(attempt_id, ids, replace(params, prompt_logprobs=None), salt, outputs)
         except WorkerLost as e:
             log.warning("reserve of %s: %s; placing again", attempt_id, e)
             exclude.add(choice.decode)
@@ -138,7 +142,7 @@ async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: Samp
         return Attempt(dict(prefill_worker=choice.prefill, decode_worker=choice.decode, remote_prefill=True,
                             kv_bytes_transferred=pre.kv_bytes, kv_transfer_ms=pre.kv_transfer_ms),
                        [d, p], attempt_id, first_token=pre.first_token, cached_tokens=pre.cached_tokens,
-                       first_logprobs=pre.first_logprobs)
+                       first_logprobs=pre.first_logprobs, prompt_logprobs=pre.prompt_logprobs)
     except asyncio.CancelledError:      # the caller left mid-placement: no reservation or prefill stays behind
         await asyncio.shield(workers.abort(attempt_id, [d, p]))
         raise

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pdcluster.engine.detokenizer import Detokenizer
 from pdcluster.engine.rules import finish_reason
@@ -33,6 +33,7 @@ class Event:
     usage: dict | None = None
     placement: dict | None = None           # the first message's: where the request went
     logprobs: list[TokenLogprobs] = field(default_factory=list)     # one per token, when asked
+    prompt_logprobs: tuple[TokenLogprobs, ...] | None = None    # the first message's: prompt tokens 1.., when asked
 
 
 class RequestRun:
@@ -84,7 +85,9 @@ class RequestRun:
         m = self.migrations
         self.attempt_id = self.request_id if m == 0 else f"{self.request_id}#m{m}"
         try:
-            attempt = await place(self.router, self.attempt_id, self.ids, self.params, self.salt, self.exclude,
+            # once the client has had its first message, the prompt logprobs went out with it
+            params = replace(self.params, prompt_logprobs=None) if self.announced else self.params
+            attempt = await place(self.router, self.attempt_id, self.ids, params, self.salt, self.exclude,
                                   list(self.out), fresh=m == 0)
         except (Unavailable, Overloaded):     # Overloaded: the policy shed it (no worker below its busy bounds)
             if not self.out:
@@ -112,7 +115,7 @@ class RequestRun:
                 self.finished = True
                 await self.router.workers.abort(self.attempt_id, self.holders[:1])
             yield self._event([first], text, reason, attempt.placement,
-                              [attempt.first_logprobs] if attempt.first_logprobs else [])
+                              [attempt.first_logprobs] if attempt.first_logprobs else [], attempt.prompt_logprobs)
             if reason:
                 return
             stream = self.router.workers.decode[attempt.decode_worker].stream(self.attempt_id, first)
@@ -124,7 +127,8 @@ class RequestRun:
             if self.detok.stopped and reason is None:   # a stop string the worker does not know
                 reason = "stop"
                 await self.router.workers.abort(self.attempt_id, self.holders[:1])
-            yield self._event(item.token_ids, text, reason, attempt.placement, list(item.logprobs))
+            yield self._event(item.token_ids, text, reason, attempt.placement, list(item.logprobs),
+                              item.prompt_logprobs)
             if reason:
                 return
 
@@ -151,12 +155,13 @@ class RequestRun:
         return self.detok.push(toks) if toks else ""
 
     def _event(self, toks: list[int], text: str, reason: str | None, placement: dict,
-               logprobs: list[TokenLogprobs]) -> Event:
+               logprobs: list[TokenLogprobs], prompt_logprobs: tuple[TokenLogprobs, ...] = ()) -> Event:
         if reason:
             self.finished = True
             text += self.detok.flush()
+        asked = self.params.prompt_logprobs is not None and not self.announced
         ev = Event(toks, text, reason, self._usage() if reason else None, None if self.announced else placement,
-                   logprobs)
+                   logprobs, tuple(prompt_logprobs) if asked else None)
         self.announced = True
         return ev
 

@@ -166,19 +166,23 @@ class Stream:
         c.logprobs += ev.logprobs
         if ev.finish_reason:
             c.finish_reason = ev.finish_reason
+        if ev.prompt_logprobs is not None:
+            c.prompt_logprobs = ev.prompt_logprobs
         if ev.usage:
             c.prompt_tokens, c.completion_tokens = ev.usage["prompt_tokens"], ev.usage["completion_tokens"]
             c.cached_tokens = ev.usage["cached_prompt_tokens"]
         return c
 
-    def _logprobs(self, lps, c: convert.ChoiceState | None = None) -> dict | None:
-        """The logprobs object of lps; streamed (c given), completions' text_offset continues c's."""
+    def _logprobs(self, lps, c: convert.ChoiceState | None = None, echo: int | None = None) -> dict | None:
+        """The logprobs object of lps; streamed (c given), completions' text_offset continues c's. echo: the
+        prompt (index) whose tokens come first: its first token, then lps (which start with its logprobs)."""
         if self.job.logprobs is None:
             return None
         tok = self.api.router.tokenizer
         if self.chat:
             return convert.chat_logprobs(tok, lps)
-        out = convert.completion_logprobs(tok, lps, c.text_offset if c else 0)
+        lead = self.job.prompts[echo][:1] if echo is not None else []
+        out = convert.completion_logprobs(tok, lps, c.text_offset if c else 0, lead)
         if c:
             c.text_offset += sum(len(t) for t in out["tokens"])
         return out
@@ -208,18 +212,27 @@ class Stream:
         if self.chat:
             return {"index": c.index, "message": {"role": "assistant", "content": text},
                     "logprobs": self._logprobs(c.logprobs), "finish_reason": c.finish_reason}
+        if self.job.echo is not None:
+            p = c.index // self.job.n
+            return {"index": c.index, "text": self.job.echo[p] + text, "finish_reason": c.finish_reason,
+                    "logprobs": self._logprobs([*c.prompt_logprobs, *c.logprobs], echo=p)}
         return {"index": c.index, "text": text, "logprobs": self._logprobs(c.logprobs), "finish_reason": c.finish_reason}
 
     def _chunk(self, k: int, ev, started: bool) -> dict:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
         out = convert.envelope(kind, self.rid, self.api.model, self.created)
         reason = ev.finish_reason
-        lp = self._logprobs(ev.logprobs, self.choices[k])
         if self.chat:
             delta = {"content": ev.text} if started else {"role": "assistant", "content": ev.text}
-            out["choices"] = [{"index": k, "delta": delta, "logprobs": lp, "finish_reason": reason}]
+            out["choices"] = [{"index": k, "delta": delta, "logprobs": self._logprobs(ev.logprobs, self.choices[k]),
+                               "finish_reason": reason}]
+        elif self.job.echo is not None and not started:     # the prompt comes first, in its choice's first chunk
+            p = k // self.job.n
+            lp = self._logprobs([*(ev.prompt_logprobs or ()), *ev.logprobs], self.choices[k], echo=p)
+            out["choices"] = [{"index": k, "text": self.job.echo[p] + ev.text, "logprobs": lp, "finish_reason": reason}]
         else:
-            out["choices"] = [{"index": k, "text": ev.text, "logprobs": lp, "finish_reason": reason}]
+            out["choices"] = [{"index": k, "text": ev.text, "logprobs": self._logprobs(ev.logprobs, self.choices[k]),
+                               "finish_reason": reason}]
         return out
 
     @staticmethod

@@ -29,6 +29,7 @@ class Job:
     n: int
     logprobs: int | None                # top alternatives per token, None: no logprobs
     tools: tools.ToolPlan | None = None  # chat answers held to the tool envelope (router/openai/tools.py)
+    echo: list[str] | None = None       # completions' echo: each prompt's text, shown before its choices'
 
     def choices(self, base_id: str) -> list[Choice]:
         """Every choice in index order: prompt i's choice j is request f"{base_id}-{i * n + j}"."""
@@ -99,6 +100,15 @@ def tool_plan(req: ChatCompletionRequest) -> tools.ToolPlan | None:
     return plan
 
 
+def echo_texts(prompt, prompts: list[list[int]], tokenizer) -> list[str]:
+    """What echo shows of each prompt: its text as sent, or its token ids decoded."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and isinstance(prompt[0], str):
+        return list(prompt)
+    return [tokenizer.decode(ids) for ids in prompts]
+
+
 def prompts_of(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size: int,
                max_context: int, plan: tools.ToolPlan | None = None) -> list[list[int]]:
     if isinstance(req, ChatCompletionRequest):
@@ -132,6 +142,7 @@ def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size:
             raise InvalidRequest(f"{name} must be > 0, got {getattr(req, name)!r}", param=name)
     plan = tool_plan(req) if chat else None
     prompts = prompts_of(req, tokenizer, vocab_size, max_context, plan)
+    echo = None if chat or not req.echo else echo_texts(req.prompt, prompts, tokenizer)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     structured = (structured_of(req) if plan is None
                   else StructuredOutput("json_schema", json.dumps(plan.schema()), compact=True))
@@ -144,7 +155,7 @@ def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size:
                           ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
                           frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
                           logprobs=logprobs, structured=structured, min_tokens=req.min_tokens,
-                          logit_bias=bias)
+                          logit_bias=bias, prompt_logprobs=logprobs if echo is not None else None)
         check_fits(ids, p, max_context, "max_completion_tokens" if chat else "max_tokens")
         try:
             check_structured(p, tokenizer, vocab_size)
@@ -154,7 +165,7 @@ def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size:
             raise InvalidRequest(f"tools: a function's parameters schema cannot be enforced ({e})",
                                  param="tools") from None
         params.append(choice_params(p, n))
-    return Job(prompts, params, n, logprobs, plan)
+    return Job(prompts, params, n, logprobs, plan, echo)
 
 
 # responses
@@ -170,6 +181,7 @@ class ChoiceState:
     completion_tokens: int = 0
     cached_tokens: int = 0
     text_offset: int = 0            # characters of its tokens' texts streamed so far (completion logprobs)
+    prompt_logprobs: tuple[TokenLogprobs, ...] = ()     # echo with logprobs: prompt tokens 1..
 
 
 def token_text(tokenizer, token_id: int) -> str:
@@ -183,14 +195,16 @@ def chat_logprobs(tokenizer, lps: list[TokenLogprobs]) -> dict:
     return {"content": [one(x.token_id, x.logprob) | {"top_logprobs": [one(t, v) for t, v in x.top]} for x in lps]}
 
 
-def completion_logprobs(tokenizer, lps: list[TokenLogprobs], offset: int = 0) -> dict:
-    tokens = [token_text(tokenizer, x.token_id) for x in lps]
+def completion_logprobs(tokenizer, lps: list[TokenLogprobs], offset: int = 0, lead: list[int] = ()) -> dict:
+    """lead: tokens shown before lps with no logprob (an echoed prompt's first token: nothing precedes it)."""
+    tokens = [token_text(tokenizer, t) for t in lead] + [token_text(tokenizer, x.token_id) for x in lps]
     offsets, pos = [], offset
     for s in tokens:
         offsets.append(pos)
         pos += len(s)
-    return {"tokens": tokens, "token_logprobs": [x.logprob for x in lps],
-            "top_logprobs": [{token_text(tokenizer, t): v for t, v in x.top} for x in lps], "text_offset": offsets}
+    return {"tokens": tokens, "token_logprobs": [None] * len(lead) + [x.logprob for x in lps],
+            "top_logprobs": [None] * len(lead) + [{token_text(tokenizer, t): v for t, v in x.top} for x in lps],
+            "text_offset": offsets}
 
 
 def usage(choices: list[ChoiceState], n: int) -> dict:

@@ -55,7 +55,7 @@ class CompletionRequest(Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: Literal[False] = False            # echoing the prompt back is not supported
+    echo: bool = False                      # the prompt's text before each choice's (with logprobs: its tokens')
     best_of: int | None = None              # only best_of == n (the default) is supported
 
 

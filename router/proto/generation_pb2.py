@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'pdcluster/router/proto/generation.proto\x12\x0cpdcluster.v1\"\xc8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.pdcluster.v1.TokenIdsH\x00\x12*\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1a.pdcluster.v1.ChatMessagesH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.pdcluster.v1.SamplingParamsB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.pdcluster.v1.ChatMessage\"\x85\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x03\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x03\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x03\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\r\n\x05min_p\x18\t \x01(\x02\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0c \x01(\x02\x12\x15\n\x08logprobs\x18\r \x01(\x03H\x01\x88\x01\x01\x12\x35\n\x0fresponse_format\x18\x0e \x01(\x0b\x32\x1c.pdcluster.v1.ResponseFormat\x12\x0e\n\x01n\x18\x0f \x01(\x03H\x02\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x10 \x01(\x03\x12?\n\nlogit_bias\x18\x11 \x03(\x0b\x32+.pdcluster.v1.SamplingParams.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x04\n\x02_n\"3\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.pdcluster.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\x87\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.pdcluster.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.pdcluster.v1.Usage\x12*\n\tplacement\x18\x06 \x01(\x0b\x32\x17.pdcluster.v1.Placement\x12,\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1a.pdcluster.v1.TokenLogprob\x12\r\n\x05index\x18\x08 \x01(\r\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x88\x01\n\tPlacement\x12\x16\n\x0eprefill_worker\x18\x01 \x01(\t\x12\x15\n\rdecode_worker\x18\x02 \x01(\t\x12\x16\n\x0eremote_prefill\x18\x03 \x01(\x08\x12\x1c\n\x14kv_bytes_transferred\x18\x04 \x01(\x04\x12\x16\n\x0ekv_transfer_ms\x18\x05 \x01(\x02\"\x12\n\x10ModelInfoRequest\"{\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x17\n\x0fprefill_workers\x18\x04 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_workers\x18\x05 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa2\x01\n\nGeneration\x12K\n\x08Generate\x12\x1d.pdcluster.v1.GenerateRequest\x1a\x1e.pdcluster.v1.GenerateResponse0\x01\x12G\n\x0cGetModelInfo\x12\x1e.pdcluster.v1.ModelInfoRequest\x1a\x17.pdcluster.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'pdcluster/router/proto/generation.proto\x12\x0cpdcluster.v1\"\xc8\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x16.pdcluster.v1.TokenIdsH\x00\x12*\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x1a.pdcluster.v1.ChatMessagesH\x00\x12.\n\x08sampling\x18\x05 \x01(\x0b\x32\x1c.pdcluster.v1.SamplingParamsB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\";\n\x0c\x43hatMessages\x12+\n\x08messages\x18\x01 \x03(\x0b\x32\x19.pdcluster.v1.ChatMessage\"\xb7\x04\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x03\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x03\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x03\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\r\n\x05min_p\x18\t \x01(\x02\x12\x18\n\x10presence_penalty\x18\n \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x0b \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x0c \x01(\x02\x12\x15\n\x08logprobs\x18\r \x01(\x03H\x01\x88\x01\x01\x12\x35\n\x0fresponse_format\x18\x0e \x01(\x0b\x32\x1c.pdcluster.v1.ResponseFormat\x12\x0e\n\x01n\x18\x0f \x01(\x03H\x02\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x10 \x01(\x03\x12?\n\nlogit_bias\x18\x11 \x03(\x0b\x32+.pdcluster.v1.SamplingParams.LogitBiasEntry\x12\x1c\n\x0fprompt_logprobs\x18\x12 \x01(\x03H\x03\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobsB\x04\n\x02_nB\x12\n\x10_prompt_logprobs\"3\n\x0eResponseFormat\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.pdcluster.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xbc\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.pdcluster.v1.FinishReason\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.pdcluster.v1.Usage\x12*\n\tplacement\x18\x06 \x01(\x0b\x32\x17.pdcluster.v1.Placement\x12,\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1a.pdcluster.v1.TokenLogprob\x12\r\n\x05index\x18\x08 \x01(\r\x12\x33\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1a.pdcluster.v1.TokenLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x88\x01\n\tPlacement\x12\x16\n\x0eprefill_worker\x18\x01 \x01(\t\x12\x15\n\rdecode_worker\x18\x02 \x01(\t\x12\x16\n\x0eremote_prefill\x18\x03 \x01(\x08\x12\x1c\n\x14kv_bytes_transferred\x18\x04 \x01(\x04\x12\x16\n\x0ekv_transfer_ms\x18\x05 \x01(\x02\"\x12\n\x10ModelInfoRequest\"{\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\r\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x17\n\x0fprefill_workers\x18\x04 \x01(\r\x12\x16\n\x0e\x64\x65\x63ode_workers\x18\x05 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa2\x01\n\nGeneration\x12K\n\x08Generate\x12\x1d.pdcluster.v1.GenerateRequest\x1a\x1e.pdcluster.v1.GenerateResponse0\x01\x12G\n\x0cGetModelInfo\x12\x1e.pdcluster.v1.ModelInfoRequest\x1a\x17.pdcluster.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1743
-  _globals['_FINISHREASON']._serialized_end=1863
+  _globals['_FINISHREASON']._serialized_start=1846
+  _globals['_FINISHREASON']._serialized_end=1966
   _globals['_GENERATEREQUEST']._serialized_start=58
   _globals['_GENERATEREQUEST']._serialized_end=258
   _globals['_TOKENIDS']._serialized_start=260
@@ -44,25 +44,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGES']._serialized_start=331
   _globals['_CHATMESSAGES']._serialized_end=390
   _globals['_SAMPLINGPARAMS']._serialized_start=393
-  _globals['_SAMPLINGPARAMS']._serialized_end=910
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=834
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=882
-  _globals['_RESPONSEFORMAT']._serialized_start=912
-  _globals['_RESPONSEFORMAT']._serialized_end=963
-  _globals['_TOKENLOGPROB']._serialized_start=965
-  _globals['_TOKENLOGPROB']._serialized_end=1053
-  _globals['_TOPLOGPROB']._serialized_start=1055
-  _globals['_TOPLOGPROB']._serialized_end=1102
-  _globals['_GENERATERESPONSE']._serialized_start=1105
-  _globals['_GENERATERESPONSE']._serialized_end=1368
-  _globals['_USAGE']._serialized_start=1370
-  _globals['_USAGE']._serialized_end=1457
-  _globals['_PLACEMENT']._serialized_start=1460
-  _globals['_PLACEMENT']._serialized_end=1596
-  _globals['_MODELINFOREQUEST']._serialized_start=1598
-  _globals['_MODELINFOREQUEST']._serialized_end=1616
-  _globals['_MODELINFO']._serialized_start=1618
-  _globals['_MODELINFO']._serialized_end=1741
-  _globals['_GENERATION']._serialized_start=1866
-  _globals['_GENERATION']._serialized_end=2028
+  _globals['_SAMPLINGPARAMS']._serialized_end=960
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=864
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=912
+  _globals['_RESPONSEFORMAT']._serialized_start=962
+  _globals['_RESPONSEFORMAT']._serialized_end=1013
+  _globals['_TOKENLOGPROB']._serialized_start=1015
+  _globals['_TOKENLOGPROB']._serialized_end=1103
+  _globals['_TOPLOGPROB']._serialized_start=1105
+  _globals['_TOPLOGPROB']._serialized_end=1152
+  _globals['_GENERATERESPONSE']._serialized_start=1155
+  _globals['_GENERATERESPONSE']._serialized_end=1471
+  _globals['_USAGE']._serialized_start=1473
+  _globals['_USAGE']._serialized_end=1560
+  _globals['_PLACEMENT']._serialized_start=1563
+  _globals['_PLACEMENT']._serialized_end=1699
+  _globals['_MODELINFOREQUEST']._serialized_start=1701
+  _globals['_MODELINFOREQUEST']._serialized_end=1719
+  _globals['_MODELINFO']._serialized_start=1721
+  _globals['_MODELINFO']._serialized_end=1844
+  _globals['_GENERATION']._serialized_start=1969
+  _globals['_GENERATION']._serialized_end=2131
 # @@protoc_insertion_point(module_scope)

@@ -360,3 +360,51 @@ def test_a_tool_result_in_history_is_answered(cluster, client, model):
         "model": model, "messages": msgs[:1], "tools": [WEATHER_TOOL],
         "tool_choice": {"type": "function", "function": {"name": "nope"}}}))
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"
+
+
+def test_echo_with_logprobs_gives_the_prompt_s_logprobs_as_transformers_does(cluster, client, model, hf_ref):
+    """lm-eval's loglikelihood request (echo, logprobs, max_tokens 1), prefilled remotely, and over gRPC with
+    the cost model's local prefill: every prompt token's logprob from the reference's own forward."""
+    import torch
+    from pdcluster.router.placement import make_policy
+    text = "The capital of France is Paris"
+    ids = cluster.router.tokenizer.encode(text, add_special_tokens=False)
+    with torch.inference_mode():
+        ref = hf_ref(torch.tensor([ids])).logits[0].log_softmax(-1)
+    r = sync(cluster, lambda: client.completions.create(model=model, prompt=text, max_tokens=1, temperature=0,
+                                                        logprobs=1, echo=True))
+    c = r.choices[0]
+    assert c.text.startswith(text) and len(c.text) > len(text)
+    lp = c.logprobs
+    assert lp.tokens[:len(ids)] == [cluster.router.tokenizer.decode([t]) for t in ids] and len(lp.tokens) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for q in range(1, len(ids)):
+        assert abs(lp.token_logprobs[q] - float(ref[q - 1, ids[q]])) < 2e-3, q
+    assert lp.text_offset[:2] == [0, len(lp.tokens[0])]
+    plain = sync(cluster, lambda: client.completions.create(model=model, prompt=text, max_tokens=1, temperature=0,
+                                                            echo=True))
+    assert plain.choices[0].text == c.text and plain.choices[0].logprobs is None
+
+    def streamed():
+        return list(client.completions.create(model=model, prompt=text, max_tokens=3, temperature=0, echo=True,
+                                              stream=True))
+    chunks = sync(cluster, streamed)
+    assert chunks[0].choices[0].text.startswith(text)
+
+    async def local():
+        r = cluster.router
+        old = r.policy
+        r.policy = make_policy("cost-model", index=r.index, telemetry=r.telemetry)
+        try:
+            async with grpc.aio.insecure_channel(cluster.address) as ch:
+                return await collect(pbg.GenerationStub(ch), pb.GenerateRequest(
+                    token_ids=pb.TokenIds(ids=ids),
+                    sampling=pb.SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2)))
+        finally:
+            r.policy = old
+    msgs = cluster.run(local())
+    assert msgs[0].placement.remote_prefill is False
+    got = msgs[0].prompt_logprobs
+    assert [x.token_id for x in got] == ids[1:] and all(not m.prompt_logprobs for m in msgs[1:])
+    for q, x in enumerate(got, start=1):
+        assert abs(x.logprob - float(ref[q - 1, ids[q]])) < 2e-3 and len(x.top) == 2

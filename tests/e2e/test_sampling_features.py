@@ -117,3 +117,23 @@ def test_logit_bias_greedy_matches_transformers_sequence_bias(llm, hf_ref):
     assert same >= 10, (ours, ref)
     forced = llm.generate([prompt], SamplingParams(max_tokens=5, temperature=0.8, seed=1, logit_bias={42: 100}))[0]
     assert forced.token_ids == [42] * 5
+
+
+@torch.inference_mode()
+def test_prompt_logprobs_match_transformers_chunked_and_past_a_warm_prefix_cache(llm, hf_ref):
+    """Each prompt token's logprob and top-3 from the reference's own forward over the prompt, with the prompt cut
+    into 16-token chunks, and with its blocks already in the prefix cache (a hit must not stand in for them)."""
+    from pdcluster.engine import LLM
+    prompt = ids_of(llm, PROMPTS[-1])                                   # ~50 tokens: 4 chunks
+    ref = hf_ref(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    small = LLM(dtype="float32", quantization="none", kv_cache_memory=32 * 2**20, max_num_batched_tokens=16)
+    for eng in (small, llm):
+        eng.generate([prompt], SamplingParams(max_tokens=1, temperature=0))            # the prompt's blocks cached
+        out = eng.generate([prompt], SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=3))[0]
+        assert out.num_cached_tokens == 0 and len(out.prompt_logprobs) == len(prompt)
+        assert out.prompt_logprobs[0] is None
+        for q, lp in enumerate(out.prompt_logprobs[1:], start=1):
+            assert lp.token_id == prompt[q] and abs(lp.logprob - float(ref[q - 1, prompt[q]])) < 2e-3, q
+            assert len(lp.top) == 3 and all(abs(v - float(ref[q - 1, t])) < 2e-3 for t, v in lp.top)
+            assert lp.top[0][0] == int(ref[q - 1].argmax()) or float(ref[q - 1].topk(2).values.diff().abs()) < 1e-3
+    assert llm.generate([prompt], SamplingParams(max_tokens=1))[0].num_cached_tokens > 0   # the cache still serves

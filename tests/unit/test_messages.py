@@ -3,6 +3,7 @@ import dataclasses
 
 import pytest
 
+from pdcluster.engine.sampling_params import TokenLogprobs
 from pdcluster.messages import (BlockEvent, EngineFigures, Heartbeat, KVDestination, LinkFigures, NoRoom, PrefillResult,
                                 PullOrder, PullPlan, PullResult, Reservation, TokenItem, WorkerStatus)
 
@@ -15,6 +16,9 @@ RES = Reservation(kv_address="127.0.0.1:1", dst_id="decode-0", skip_blocks=2, ds
     PrefillResult(first_token=42, cached_tokens=16, prefill_s=0.25, kv_bytes=1 << 20, kv_transfer_ms=1.5,
                   kv_wall_ms=9.0, kv_codec="int8"),
     TokenItem([5, 6], True, "stop", 0), TokenItem([], False, None, 32), Heartbeat(1234),
+    TokenItem([5], False, None, 0, (TokenLogprobs(5, -0.5),), (TokenLogprobs(8, -1.0, ((8, -1.0), (9, -2.0))),)),
+    PrefillResult(first_token=42, cached_tokens=0, prefill_s=0.25, kv_bytes=0, kv_transfer_ms=0.0, kv_wall_ms=0.0,
+                  kv_codec="none", prompt_logprobs=(TokenLogprobs(3, -2.0, ((4, -0.1),)),)),
     PullPlan("decode-1", "127.0.0.1:4", 2, [2**63 + 5, 7]), PullOrder("r1", [9, 11], "127.0.0.1:5", "decode-0", [3, 4]),
     PullResult(True, 2, 1 << 16, 1.5), PullResult(False, reason="blocks no longer cached (evicted)"),
 ])

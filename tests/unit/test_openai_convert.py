@@ -76,6 +76,17 @@ def test_a_bad_logit_bias_or_min_tokens_is_refused_naming_it(body, param, words)
     assert e.value.param == param and words in str(e.value)
 
 
+def test_echo_shows_each_prompt_as_sent_and_asks_prompt_logprobs_only_with_logprobs():
+    job = parse({"prompt": ["ab", "c"], "echo": True, "logprobs": 2, "max_tokens": 1})
+    assert job.echo == ["ab", "c"] and job.params[0][0].prompt_logprobs == 2
+    ids = parse({"prompt": [104, 105], "echo": True})
+    assert ids.echo == ["hi"] and ids.params[0][0].prompt_logprobs is None
+    assert parse({"prompt": "ab"}).echo is None
+    lp = convert.completion_logprobs(Tok(), [TokenLogprobs(105, -0.5, ((105, -0.5),))], 0, lead=[104])
+    assert lp == {"tokens": ["h", "i"], "token_logprobs": [None, -0.5], "top_logprobs": [None, {"i": -0.5}],
+                  "text_offset": [0, 1]}
+
+
 def test_the_grpc_map_and_min_tokens_go_through_the_same_validation():
     from pdcluster.router.proto import generation_pb2 as pb
     from pdcluster.router.validate import sampling_from_proto
@@ -125,7 +136,7 @@ def test_bad_values_name_their_field(body, param):
     assert e.value.param == param, e.value
 
 
-@pytest.mark.parametrize("body", [{"prompt": "hi", "frobnicate": 1}, {"prompt": "hi", "echo": True},
+@pytest.mark.parametrize("body", [{"prompt": "hi", "frobnicate": 1}, {"prompt": "hi", "suffix": "x"},
                                   {"prompt": "hi", "logprobs": 21}])
 def test_unknown_or_unsupported_fields_are_refused_not_ignored(body):
     with pytest.raises(ValidationError):

@@ -139,6 +139,7 @@ def test_logprobs_are_of_the_tempered_untruncated_distribution_best_first():
     (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
     (dict(repetition_penalty=0), "repetition_penalty"), (dict(logprobs=21), "logprobs"),
     (dict(logprobs=-1), "logprobs"), (dict(logprobs=True), "logprobs"),
+    (dict(prompt_logprobs=21), "prompt_logprobs"), (dict(prompt_logprobs=-1), "prompt_logprobs"),
 ])
 def test_new_sampling_fields_are_validated(kw, field):
     with pytest.raises(ValueError, match=field):

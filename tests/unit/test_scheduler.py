@@ -74,6 +74,23 @@ def test_prefix_hit_skips_computation_and_records_cached_tokens():
     assert batch.num_new_tokens == [1] and b.num_cached_tokens == 8
 
 
+def test_a_prompt_whose_logprobs_are_asked_is_computed_whole_then_hits_again():
+    """No prefix hit stands in for a prompt whose logprobs are to be computed (the runner fills them); once
+    they are all there (a preempted request recomputing), the cache serves it as any other."""
+    s = make()
+    a = req(9, max_tokens=1)
+    s.add(a)
+    run_step(s)
+    b = Request(list(range(9)), SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), eos_token_ids=(99999,),
+                block_size=BS)
+    assert b.wants_prompt_logprobs and s.kv.max_hit_blocks(b) == 0
+    s.add(b)
+    batch, _ = run_step(s)
+    assert batch.num_new_tokens == [9] and b.num_cached_tokens == 0
+    b.prompt_logprobs += [None] * 8                         # what the runner fills: tokens 1..8
+    assert not b.wants_prompt_logprobs and s.kv.max_hit_blocks(b) == 2
+
+
 def test_finish_by_length_and_stop_token_frees_blocks():
     s = make()
     a = req(5, max_tokens=2)
