@@ -16,6 +16,7 @@ if TYPE_CHECKING:       # SamplingParams imports this module; the router stays t
     import torch
 
 KINDS = ("json_object", "json_schema")
+MAX_SCHEMA = 64 * 1024          # characters of a schema's JSON text
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class StructuredOutput:
         if self.kind not in KINDS:
             raise ValueError(f"response_format type must be one of {list(KINDS)}, got {self.kind!r}")
         if self.kind == "json_schema":
-            if not isinstance(self.schema, str) or len(self.schema) > 64 * 1024:
+            if not isinstance(self.schema, str) or len(self.schema) > MAX_SCHEMA:
                 raise ValueError("response_format json_schema needs a schema of at most 64 KiB")
             try:
                 parsed = json.loads(self.schema)

@@ -28,6 +28,7 @@ from pdcluster.router.openai.body_limit import BodyLimit
 from pdcluster.router.openai.errors import OpenAIError, as_openai
 from pdcluster.router.openai.schemas import ChatCompletionRequest, CompletionRequest
 from pdcluster.router.openai.sse import SSEResponse
+from pdcluster.router.openai.tool_stream import AnswerReader
 from pdcluster.router.openai.tools import read_answer
 from pdcluster.router.validate import InvalidRequest, max_token_bytes
 
@@ -159,6 +160,8 @@ class Stream:
         self.created = int(time.time())
         n = job.n
         self.choices = [convert.ChoiceState(k) for k in range(len(job.prompts) * n)]
+        self.readers: dict[int, AnswerReader] = {}     # streamed tool answers: each choice's envelope so far
+        self.raw_sent: dict[int, int] = {}
 
     def _record(self, k: int, ev) -> convert.ChoiceState:
         c = self.choices[k]
@@ -236,34 +239,42 @@ class Stream:
         return out
 
     @staticmethod
-    def _tool_message(a, index: bool = False) -> dict:
-        """A tool answer's message (or, index=True, its one stream delta: each call numbered)."""
+    def _tool_message(a) -> dict:
+        """A tool answer's message: content, or tool calls."""
         out = {"role": "assistant", "content": a.content}
         if a.tool_calls is not None:
-            out["tool_calls"] = [{"index": i} | c for i, c in enumerate(a.tool_calls)] if index else a.tool_calls
+            out["tool_calls"] = a.tool_calls
         return out
 
-    def _tool_chunk(self, k: int) -> dict:
-        """A tool answer streams whole, once its choice finished: its envelope is read only then."""
-        c = self.choices[k]
-        a = read_answer("".join(c.text), c.finish_reason)
+    def _tool_chunk(self, k: int, ev, started: bool) -> dict | None:
+        """A tool answer's chunk: what the event makes certain of its envelope (tool_stream.py), each call's name
+        once whole and its arguments as they come; None when the event adds nothing yet."""
+        r = self.readers.setdefault(k, AnswerReader())
+        delta = r.feed(ev.text)
+        if r.state == "raw":                 # not an envelope (the grammar's text always is): shown as it is
+            delta, self.raw_sent[k] = {"content": r.buf[self.raw_sent.get(k, 0):]}, len(r.buf)
+        reason = ev.finish_reason
+        if reason == "stop" and r.calls:
+            reason = "tool_calls"
+        if started and not (reason or delta.get("content") or delta.get("tool_calls") or ev.logprobs):
+            return None
         out = convert.envelope("chat.completion.chunk", self.rid, self.api.model, self.created)
-        out["choices"] = [{"index": k, "delta": self._tool_message(a, index=True), "logprobs": self._logprobs(
-            c.logprobs), "finish_reason": a.finish_reason}]
+        head = {} if started else {"role": "assistant", "content": None}
+        out["choices"] = [{"index": k, "delta": head | delta, "logprobs": self._logprobs(ev.logprobs, self.choices[k]),
+                           "finish_reason": reason}]
         return out
 
     async def sse(self, first, events):
         started: set[int] = set()
-        held = self.chat and self.job.tools is not None
+        tools = self.chat and self.job.tools is not None
         try:
             async with aclosing(events):
                 async for k, ev in _after(first, events):
-                    if not held:
-                        yield self._data(self._chunk(k, ev, k in started))
+                    chunk = self._tool_chunk(k, ev, k in started) if tools else self._chunk(k, ev, k in started)
+                    if chunk is not None:
+                        yield self._data(chunk)
                     started.add(k)
                     self._record(k, ev)
-                    if held and ev.finish_reason:
-                        yield self._data(self._tool_chunk(k))
         except Exception as e:              # noqa: BLE001 - after the 200: the error goes in the stream
             yield self._data(as_openai(e).body())
         if self.include_usage:

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
-from pdcluster.engine.structured import StructuredOutput
+from pdcluster.engine.structured import MAX_SCHEMA, StructuredOutput
 from pdcluster.router.lifecycle.choices import Choice, choice_params
 from pdcluster.router.openai import tools
 from pdcluster.router.openai.schemas import ChatCompletionRequest, CompletionRequest, Sampling
@@ -97,6 +97,9 @@ def tool_plan(req: ChatCompletionRequest) -> tools.ToolPlan | None:
     if plan is not None and req.response_format is not None and req.response_format.type != "text":
         raise InvalidRequest("response_format cannot be combined with tools (unless tool_choice is none)",
                              param="response_format")
+    if plan is not None and (size := len(json.dumps(plan.schema()))) > MAX_SCHEMA:
+        raise InvalidRequest(f"tools: the callable functions' schemas make a {size}-character grammar; at most "
+                             f"{MAX_SCHEMA}", param="tools")
     return plan
 
 

@@ -14,8 +14,9 @@ trained tool format where it has one. Pure Python: no HTTP here.
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
+
+from pdcluster.router.openai.tool_stream import AnswerReader
 
 MAX_TOOLS = 128                 # OpenAI's limit on tools per request
 
@@ -135,17 +136,13 @@ class Answer:
 
 
 def read_answer(text: str, finish_reason: str | None) -> Answer:
-    """The model's envelope -> OpenAI's message fields. An answer cut short (length, abort) is not JSON:
-    it comes back as content, unread, as vLLM returns an unparsed tool answer."""
-    try:
-        doc = json.loads(text)
-    except ValueError:
+    """The model's envelope -> OpenAI's message fields (router/openai/tool_stream.py reads it, as it reads a
+    streamed one). An answer cut short (length, abort) is not a whole envelope: it comes back as content, unread,
+    as vLLM returns an unparsed tool answer."""
+    r = AnswerReader()
+    r.feed(text)
+    if r.state != "done":
         return Answer(text, None, finish_reason)
-    if isinstance(doc, dict) and isinstance(doc.get("tool_calls"), list):
-        calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                  "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-                 for c in doc["tool_calls"]]
-        return Answer(None, calls, "tool_calls" if finish_reason == "stop" else finish_reason)
-    if isinstance(doc, dict) and isinstance(doc.get("content"), str):
-        return Answer(doc["content"], None, finish_reason)
-    return Answer(text, None, finish_reason)
+    if r.calls:
+        return Answer(None, r.calls, "tool_calls" if finish_reason == "stop" else finish_reason)
+    return Answer(r.content, None, finish_reason)

@@ -79,6 +79,9 @@ def test_history_tool_calls_and_results_go_back_in_the_envelope(tok):
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"a": {"$ref": "#/nope"}}}}}]), "tools", "cannot be enforced"),
     (dict(tools=[WEATHER], response_format={"type": "json_object"}), "response_format", "tools"),
+    (dict(tools=[{"type": "function", "function": {"name": f"f{i}", "parameters": {
+        "type": "object", "properties": {f"p{j}": {"type": "string"} for j in range(60)}}}} for i in range(40)]),
+     "tools", "grammar"),
     (dict(messages=[{"role": "tool", "content": "x"}]), "messages", "tool_call_id"),
     (dict(messages=[{"role": "user", "content": None}]), "messages", "content is required"),
     (dict(messages=[{"role": "user", "content": "x", "tool_calls": []}]), "messages", "only assistant"),
