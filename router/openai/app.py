@@ -26,11 +26,11 @@ from pdcluster.router.openai import convert
 from pdcluster.router.openai.bearer import BearerGate
 from pdcluster.router.openai.body_limit import BodyLimit
 from pdcluster.router.openai.errors import OpenAIError, as_openai
-from pdcluster.router.openai.schemas import ChatCompletionRequest, CompletionRequest
+from pdcluster.router.openai.schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from pdcluster.router.openai.sse import SSEResponse
 from pdcluster.router.openai.tool_stream import AnswerReader
 from pdcluster.router.openai.tools import read_answer
-from pdcluster.router.validate import InvalidRequest, max_token_bytes
+from pdcluster.router.validate import InvalidRequest, check_token_ids, max_token_bytes
 
 TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}    # union members' names in pydantic's error locations
 
@@ -115,6 +115,28 @@ def _routes(api: Api) -> FastAPI:
         return {"object": "list", "data": [{"id": api.model, "object": "model", "created": 0, "owned_by": "pdcluster",
                                             "max_model_len": api.router.context_tokens}]}
 
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        check_model(api, body)
+        r = api.router
+        try:
+            ids = await asyncio.get_running_loop().run_in_executor(
+                api.tokenize, convert.tokenize, body, r.tokenizer, api.vocab_size, r.context_tokens)
+        except InvalidRequest as e:
+            raise as_openai(e) from None
+        return {"count": len(ids), "max_model_len": r.context_tokens, "tokens": ids,
+                "token_strs": r.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        check_model(api, body)
+        r = api.router
+        try:
+            ids = check_token_ids(body.tokens, api.vocab_size, r.context_tokens, field="tokens")
+        except InvalidRequest as e:
+            raise as_openai(e) from None
+        return {"prompt": await asyncio.get_running_loop().run_in_executor(api.tokenize, r.tokenizer.decode, ids)}
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         return await respond(api, body, request, chat=False)
@@ -126,11 +148,15 @@ def _routes(api: Api) -> FastAPI:
     return app
 
 
-async def respond(api: Api, body, request: Request, chat: bool):
-    tenant = api.tenant(request)
+def check_model(api: Api, body) -> None:
     if body.model != api.model:
         raise OpenAIError(404, f"model {body.model!r} is not served here (GET /v1/models)", param="model",
                           code="model_not_found")
+
+
+async def respond(api: Api, body, request: Request, chat: bool):
+    tenant = api.tenant(request)
+    check_model(api, body)
     try:
         job = await api.job(body)
     except InvalidRequest as e:

@@ -112,6 +112,20 @@ def echo_texts(prompt, prompts: list[list[int]], tokenizer) -> list[str]:
     return [tokenizer.decode(ids) for ids in prompts]
 
 
+def tokenize(req, tokenizer, vocab_size: int, max_context: int) -> list[int]:
+    """A /tokenize body's ids: its prompt as completions tokenize it, or its messages as chat does (with the
+    tools' system text). CPU-bound: the server runs it off its event loop."""
+    if (req.prompt is None) == (req.messages is None):
+        raise InvalidRequest("give a prompt or messages (one of them)", param="prompt")
+    if req.prompt is not None:
+        if req.tools is not None or req.tool_choice is not None:
+            raise InvalidRequest("tools go with messages", param="tools")
+        return tokenize_text(req.prompt, tokenizer, max_context)
+    chat = ChatCompletionRequest(model=req.model, messages=req.messages, tools=req.tools, tool_choice=req.tool_choice,
+                                 parallel_tool_calls=req.parallel_tool_calls)
+    return prompts_of(chat, tokenizer, vocab_size, max_context, tool_plan(chat))[0]
+
+
 def prompts_of(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size: int,
                max_context: int, plan: tools.ToolPlan | None = None) -> list[list[int]]:
     if isinstance(req, ChatCompletionRequest):

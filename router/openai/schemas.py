@@ -120,3 +120,19 @@ class ChatCompletionRequest(Sampling):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None   # None: auto with tools
     parallel_tool_calls: bool = True
+
+
+class TokenizeRequest(Strict):
+    """vLLM's /tokenize: a completion's prompt or a chat's messages (with tools), as this server tokenizes them."""
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(Strict):
+    model: str
+    tokens: list[int]

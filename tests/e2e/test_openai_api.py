@@ -410,3 +410,26 @@ def test_echo_with_logprobs_gives_the_prompt_s_logprobs_as_transformers_does(clu
     assert [x.token_id for x in got] == ids[1:] and all(not m.prompt_logprobs for m in msgs[1:])
     for q, x in enumerate(got, start=1):
         assert abs(x.logprob - float(ref[q - 1, ids[q]])) < 2e-3 and len(x.top) == 2
+
+
+def test_tokenize_counts_what_the_completions_and_chat_prompts_take_and_detokenize_inverts_it(cluster, client, model):
+    url = f"http://127.0.0.1:{cluster.http.port}"
+
+    def post(path, body):
+        return sync(cluster, lambda: httpx.post(url + path, json={"model": model} | body, timeout=60))
+    r = post("/tokenize", {"prompt": PROMPTS[2], "return_token_strs": True}).json()
+    done = sync(cluster, lambda: client.completions.create(model=model, prompt=PROMPTS[2], max_tokens=1))
+    assert r["count"] == len(r["tokens"]) == done.usage.prompt_tokens and r["max_model_len"] == cluster.router.context_tokens
+    assert "".join(r["token_strs"]).replace("Ġ", " ") == PROMPTS[2]
+    assert post("/detokenize", {"tokens": r["tokens"]}).json() == {"prompt": PROMPTS[2]}
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    chat = post("/tokenize", {"messages": msgs, "tools": [WEATHER_TOOL]}).json()
+    answered = sync(cluster, lambda: client.chat.completions.create(model=model, messages=msgs, tools=[WEATHER_TOOL],
+                                                                    max_tokens=1))
+    assert chat["count"] == answered.usage.prompt_tokens
+    assert post("/tokenize", {"messages": msgs}).json()["count"] < chat["count"]      # the tools' system text
+    for path, body, param in [("/tokenize", {}, "prompt"), ("/tokenize", {"prompt": "x", "messages": msgs}, "prompt"),
+                              ("/detokenize", {"tokens": [10**9]}, "tokens"), ("/tokenize", {"prompt": ""}, "prompt")]:
+        bad = post(path, body)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+    assert post("/detokenize", {"tokens": [1], "model": "gpt-4"}).status_code == 404

@@ -729,7 +729,10 @@ def test_http_fuzz_mutated_json_bodies(c):
                  {"role": "tool", "tool_call_id": "c1", "content": "sunny"}],
                      "tools": [{"type": "function", "function": {"name": "weather", "parameters": {
                          "type": "object", "properties": {"city": {"type": "string"}}}}}],
-                     "tool_choice": "required", "max_tokens": 6, "stream": True})]
+                     "tool_choice": "required", "max_tokens": 6, "stream": True}),
+             ("/tokenize", {"model": m, "messages": [{"role": "user", "content": "Weather in Paris?"}],
+                            "tools": [{"type": "function", "function": {"name": "weather"}}], "return_token_strs": True}),
+             ("/detokenize", {"model": m, "tokens": [1, 504, 2683, 314]})]
     before = incarnations(c)
 
     corpus = []
