@@ -141,7 +141,7 @@ def read_answer(text: str, finish_reason: str | None) -> Answer:
     as vLLM returns an unparsed tool answer."""
     r = AnswerReader()
     r.feed(text)
-    if r.state != "done":
+    if r.state != "done" or r.pos != len(text):     # cut short, or more after the envelope: not an envelope
         return Answer(text, None, finish_reason)
     if r.calls:
         return Answer(None, r.calls, "tool_calls" if finish_reason == "stop" else finish_reason)

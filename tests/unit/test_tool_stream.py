@@ -53,7 +53,8 @@ def test_any_split_of_the_calls_streams_them_as_the_whole_answer_reads(seed):
 def test_any_split_of_a_reply_streams_its_characters_never_half_an_escape(seed):
     r, deltas = fed(REPLY, random.Random(seed))
     content, calls = merged(deltas)
-    assert r.state == "done" and not calls and content == json.loads(REPLY)["content"] == read_answer(REPLY, "stop").content
+    assert r.state == "done" and not calls
+    assert content == json.loads(REPLY)["content"] == read_answer(REPLY, "stop").content
     # a surrogate pair's halves never come apart: no delta holds a lone surrogate
     assert not any(0xD800 <= ord(ch) <= 0xDFFF for d in deltas for ch in d.get("content", ""))
 
@@ -62,7 +63,8 @@ def test_a_cut_answer_streams_what_was_certain_and_reads_whole_as_raw_text():
     cut = CALLS[:CALLS.index('"n"') + 2]
     r = AnswerReader()
     content, calls = merged([r.feed(cut)])
-    assert r.state == "args" and calls[0]["name"] == "get_weather" and calls[0]["arguments"] == '{"city": "Pa\\"ris {x}", "n'
+    assert r.state == "args" and calls[0]["name"] == "get_weather"
+    assert calls[0]["arguments"] == '{"city": "Pa\\"ris {x}", "n'
     a = read_answer(cut, "length")
     assert a.content == cut and a.tool_calls is None and a.finish_reason == "length"
 
@@ -72,3 +74,29 @@ def test_text_that_is_no_envelope_is_left_raw():
         r = AnswerReader()
         assert r.feed(text) == {} and r.state == "raw"
         assert read_answer(text, "stop").content == text
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_text_never_raises_and_reads_only_what_parses(seed):
+    """Whatever text comes (a cut, a prefix of the envelope then junk), the reader answers deltas or nothing, and
+    a whole answer's calls or reply are there only where the text is that JSON."""
+    rng = random.Random(seed)
+    alphabet = '{}[]",: \\uabcdef0123456789nametoolcalsrgu' + "\u00e9\U0001F600"
+    read = 0
+    for _ in range(300):
+        head = rng.choice(["", CALLS, REPLY, CALLS[:rng.randint(0, len(CALLS))], REPLY[:rng.randint(0, len(REPLY))]])
+        text = head + ("" if rng.random() < 0.3 else "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12))))
+        r = AnswerReader()
+        for i in range(0, len(text), 3):
+            r.feed(text[i:i + 3])
+        a = read_answer(text, "stop")
+        if a.tool_calls is not None:
+            doc = json.loads(text)
+            assert [c["function"]["name"] for c in a.tool_calls] == [x["name"] for x in doc["tool_calls"]]
+            read += 1
+        elif r.state == "done" and r.pos == len(text):
+            assert a.content == json.loads(text)["content"]
+            read += 1
+        else:
+            assert a.content == text
+    assert read > 0                                         # whole envelopes were among them
