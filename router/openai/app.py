@@ -170,7 +170,9 @@ async def respond(api: Api, body, request: Request, chat: bool):
     except Exception as e:                  # noqa: BLE001
         await events.aclose()
         raise as_openai(e) from None
-    stream = Stream(api, job, base, chat, body.stream and body.stream_options and body.stream_options.include_usage)
+    opts = body.stream_options if body.stream else None
+    stream = Stream(api, job, base, chat, bool(opts and opts.include_usage),
+                    bool(opts and opts.include_usage and opts.continuous_usage_stats))
     if body.stream:
         return SSEResponse(stream.sse(first, events), api.slow_reader_timeout_s)
     async with aclosing(events):
@@ -181,8 +183,11 @@ async def respond(api: Api, body, request: Request, chat: bool):
 class Stream:
     """One response's choices as events arrive: SSE chunks, or the whole object at the end."""
 
-    def __init__(self, api: Api, job: convert.Job, rid: str, chat: bool, include_usage: bool):
+    def __init__(self, api: Api, job: convert.Job, rid: str, chat: bool, include_usage: bool,
+                 continuous_usage: bool = False):
         self.api, self.job, self.rid, self.chat, self.include_usage = api, job, rid, chat, include_usage
+        self.continuous_usage = continuous_usage      # every chunk: its choice's usage so far (vLLM's)
+        self.tokens_out = [0] * (len(job.prompts) * job.n)
         self.created = int(time.time())
         n = job.n
         self.choices = [convert.ChoiceState(k) for k in range(len(job.prompts) * n)]
@@ -297,7 +302,11 @@ class Stream:
             async with aclosing(events):
                 async for k, ev in _after(first, events):
                     chunk = self._tool_chunk(k, ev, k in started) if tools else self._chunk(k, ev, k in started)
+                    self.tokens_out[k] += len(ev.token_ids)
                     if chunk is not None:
+                        if self.continuous_usage:
+                            p, out = len(self.job.prompts[k // self.job.n]), self.tokens_out[k]
+                            chunk["usage"] = {"prompt_tokens": p, "completion_tokens": out, "total_tokens": p + out}
                         yield self._data(chunk)
                     started.add(k)
                     self._record(k, ev)

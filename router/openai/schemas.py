@@ -13,6 +13,7 @@ class Strict(BaseModel):
 
 class StreamOptions(Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False    # vLLM's: with include_usage, every chunk carries its choice's usage so far
 
 
 class JsonSchema(Strict):

@@ -95,6 +95,15 @@ def test_chat_streamed_with_usage_equals_unstreamed(cluster, client, model):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
 
+    def continuous():
+        return list(client.chat.completions.create(model=model, messages=msgs, max_tokens=16, temperature=0,
+                                                   stream=True, stream_options={"include_usage": True,
+                                                                                "continuous_usage_stats": True}))
+    every = [c for c in sync(cluster, continuous) if c.choices]
+    out = [c.usage.completion_tokens for c in every]
+    assert out == sorted(out) and out[-1] == whole.usage.completion_tokens and len(set(out)) > 1
+    assert all(c.usage.prompt_tokens == whole.usage.prompt_tokens for c in every)
+
 
 def test_async_client_n_choices_share_one_prefill(cluster, model):
     prompt = PROMPTS[-1]                                    # ~50 tokens: 3 full blocks to share
