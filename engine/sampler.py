@@ -5,9 +5,10 @@ the temperature, so the largest logit becomes exactly 0 and nothing overflows (1
 NaN logit never wins: NaN is ranked below every number, and a row with no number left raises
 NonFiniteLogits instead of quietly returning token 0.
 
-Order for one row (vLLM's): logit bias and the min_tokens mask on the raw logits, penalties, then temperature, then min-p, top-k and
-top-p; logprobs are the log-softmax of the row after penalties and temperature (greedy rows: after
-penalties), before any truncation: the distribution the token is drawn from, untruncated.
+Order for one row (vLLM's): logit bias and the min_tokens mask on the raw logits, then penalties, then
+temperature, then min-p, top-k and top-p; logprobs are the log-softmax of the row after penalties and
+temperature (greedy rows: after penalties), before any truncation: the distribution the token is drawn
+from, untruncated.
 
 Random rows use the exponential-race trick: argmax(p / E) with E ~ Exp(1) draws from p and needs
 one draw per vocabulary entry from the request's own generator, so a seeded request's tokens do

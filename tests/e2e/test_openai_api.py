@@ -387,7 +387,8 @@ def test_echo_with_logprobs_gives_the_prompt_s_logprobs_as_transformers_does(clu
     c = r.choices[0]
     assert c.text.startswith(text) and len(c.text) > len(text)
     lp = c.logprobs
-    assert lp.tokens[:len(ids)] == [cluster.router.tokenizer.decode([t]) for t in ids] and len(lp.tokens) == len(ids) + 1
+    assert lp.tokens[:len(ids)] == [cluster.router.tokenizer.decode([t]) for t in ids]
+    assert len(lp.tokens) == len(ids) + 1
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     for q in range(1, len(ids)):
         assert abs(lp.token_logprobs[q] - float(ref[q - 1, ids[q]])) < 2e-3, q
@@ -428,7 +429,8 @@ def test_tokenize_counts_what_the_completions_and_chat_prompts_take_and_detokeni
         return sync(cluster, lambda: httpx.post(url + path, json={"model": model} | body, timeout=60))
     r = post("/tokenize", {"prompt": PROMPTS[2], "return_token_strs": True}).json()
     done = sync(cluster, lambda: client.completions.create(model=model, prompt=PROMPTS[2], max_tokens=1))
-    assert r["count"] == len(r["tokens"]) == done.usage.prompt_tokens and r["max_model_len"] == cluster.router.context_tokens
+    assert r["count"] == len(r["tokens"]) == done.usage.prompt_tokens
+    assert r["max_model_len"] == cluster.router.context_tokens
     assert "".join(r["token_strs"]).replace("Ġ", " ") == PROMPTS[2]
     assert post("/detokenize", {"tokens": r["tokens"]}).json() == {"prompt": PROMPTS[2]}
     msgs = [{"role": "user", "content": "What is the weather in Paris?"}]

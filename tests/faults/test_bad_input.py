@@ -731,7 +731,8 @@ def test_http_fuzz_mutated_json_bodies(c):
                          "type": "object", "properties": {"city": {"type": "string"}}}}}],
                      "tool_choice": "required", "max_tokens": 6, "stream": True}),
              ("/tokenize", {"model": m, "messages": [{"role": "user", "content": "Weather in Paris?"}],
-                            "tools": [{"type": "function", "function": {"name": "weather"}}], "return_token_strs": True}),
+                            "tools": [{"type": "function", "function": {"name": "weather"}}],
+                            "return_token_strs": True}),
              ("/detokenize", {"model": m, "tokens": [1, 504, 2683, 314]})]
     before = incarnations(c)
 
