@@ -81,7 +81,7 @@ def chat_messages(req: ChatCompletionRequest, plan: tools.ToolPlan | None) -> li
             raise InvalidRequest(f"{e}", param=e.param) from None
         msgs.append({"role": ROLES.get(m.role, m.role), "content": content})
     if plan is not None:
-        text = plan.system_text(tools.functions_of(req.tools))
+        text = plan.system_text()
         if msgs[0]["role"] == "system":
             msgs[0] = {"role": "system", "content": f"{msgs[0]['content']}\n\n{text}"}
         else:

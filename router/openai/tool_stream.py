@@ -75,11 +75,11 @@ class AnswerReader:
             if not closed:
                 return False
             name = json.loads('"' + self.buf[self.pos:end] + '"')
+            k = len(self.calls)
             call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name,
                                                                                           "arguments": ""}}
             self.calls.append(call)
-            calls[len(self.calls) - 1] = {"index": len(self.calls) - 1, "id": call["id"], "type": "function",
-                                          "function": {"name": name, "arguments": ""}}
+            calls[k] = {"index": k} | call | {"function": dict(call["function"])}    # its own arguments to grow
             self.pos, self.state = end, "args_head"
             self._depth, self._in_str, self._esc = 0, False, False
             return True

@@ -50,8 +50,9 @@ class ToolPlan:
     functions: tuple[Function, ...]     # the ones the model may call
     choice: str                         # "auto" | "required" | "named"
     parallel: bool
+    listed: tuple[Function, ...]        # every tool of the request, as the system message describes them
 
-    def system_text(self, all_functions: tuple[Function, ...]) -> str:
+    def system_text(self) -> str:
         """The system message's addition: how to answer, then every tool as name, description, parameters."""
         intro = INSTRUCTIONS["auto" if self.choice == "auto" else "required"]
         if self.choice == "named":
@@ -59,7 +60,7 @@ class ToolPlan:
         if not self.parallel:
             intro += " Make at most one call."
         listed = [{"name": f.name, "description": f.description, "parameters": f.parameters} if f.description
-                  else {"name": f.name, "parameters": f.parameters} for f in all_functions]
+                  else {"name": f.name, "parameters": f.parameters} for f in self.listed]
         return f"{intro}\nFunctions:\n{json.dumps(listed, ensure_ascii=False)}"
 
     def schema(self) -> dict:
@@ -105,12 +106,12 @@ def plan(tools: list | None, tool_choice, parallel: bool) -> ToolPlan | None:
     if tool_choice == "none":
         return None
     if tool_choice is None or isinstance(tool_choice, str):
-        return ToolPlan(functions, tool_choice or "auto", parallel)
+        return ToolPlan(functions, tool_choice or "auto", parallel, functions)
     named = next((f for f in functions if f.name == tool_choice.function.name), None)
     if named is None:
         raise ToolError(f"tool_choice names function {tool_choice.function.name!r}, which is not in tools",
                         "tool_choice")
-    return ToolPlan((named,), "named", False)
+    return ToolPlan((named,), "named", False, functions)
 
 
 def history_text(message) -> str:
