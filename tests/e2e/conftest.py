@@ -97,3 +97,26 @@ def cluster():
     yield c
     loop.run_until_complete(c.stop())
     loop.close()
+
+
+# the OpenAI HTTP API's client on the session cluster (test_openai_api.py, test_openai_tools.py)
+
+def base_url(cluster) -> str:
+    return f"http://127.0.0.1:{cluster.http.port}/v1"
+
+
+def sync(cluster, fn):
+    """Run a blocking client call while the cluster's loop (which serves HTTP) runs."""
+    import asyncio
+    return cluster.run(asyncio.to_thread(fn))
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    import openai
+    return openai.OpenAI(base_url=base_url(cluster), api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(cluster, client):
+    return sync(cluster, client.models.list).data[0].id

@@ -1,6 +1,5 @@
 """The OpenAI-compatible HTTP API (router/openai/) driven by the official `openai` client, sync and
 async, on the shared e2e cluster; greedy output over HTTP equals gRPC's, token for token."""
-import asyncio
 import json
 
 import grpc
@@ -10,29 +9,11 @@ import pytest
 
 from pdcluster.router.proto import generation_pb2 as pb
 from pdcluster.router.proto import generation_pb2_grpc as pbg
-from tests.e2e.conftest import PROMPTS
+from tests.e2e.conftest import PROMPTS, base_url, sync
 from tests.e2e.test_cluster import collect, idle_pools
+from tests.e2e.test_openai_tools import WEATHER_TOOL
 
 MODEL = "SmolLM2-135M-Instruct"
-
-
-def base_url(cluster) -> str:
-    return f"http://127.0.0.1:{cluster.http.port}/v1"
-
-
-def sync(cluster, fn):
-    """Run a blocking client call while the cluster's loop (which serves HTTP) runs."""
-    return cluster.run(asyncio.to_thread(fn))
-
-
-@pytest.fixture(scope="module")
-def client(cluster):
-    return openai.OpenAI(base_url=base_url(cluster), api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def model(cluster, client):
-    return sync(cluster, client.models.list).data[0].id
 
 
 def test_models_and_health(cluster, client, model):
@@ -312,65 +293,6 @@ def test_grpc_n_choices_carry_their_index_and_equal_http_s_choices(cluster, mode
     assert texts == [c.text for c in sorted(r.choices, key=lambda c: c.index)]
     assert len(set(texts)) > 1                                      # seeds 11, 12, 13 differ
     assert max(by[k][-1].usage.cached_prompt_tokens for k in by) >= 16   # a choice hit the shared prefix
-
-
-WEATHER_TOOL = {"type": "function", "function": {
-    "name": "get_weather", "description": "The current weather in a city.",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}},
-                   "required": ["city"], "additionalProperties": False}}}
-TIME_TOOL = {"type": "function", "function": {"name": "get_time", "description": "The time now."}}
-
-
-def test_tool_calls_required_named_and_streamed_parse_as_openai_s(cluster, client, model):
-    """Through the official client: the answer is held to the tool envelope, so every call parses; a streamed
-    answer carries the same call as the whole one (greedy)."""
-    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
-    kw = dict(model=model, messages=msgs, tools=[WEATHER_TOOL, TIME_TOOL], temperature=0, max_tokens=64)
-    r = sync(cluster, lambda: client.chat.completions.create(**kw, tool_choice="required"))
-    c = r.choices[0]
-    assert c.finish_reason == "tool_calls" and c.message.content is None and c.message.tool_calls
-    call = c.message.tool_calls[0]
-    assert call.type == "function" and call.id.startswith("call_") and call.function.name in ("get_weather", "get_time")
-    args = json.loads(call.function.arguments)
-    assert isinstance(args, dict) and (call.function.name == "get_time" or isinstance(args["city"], str))
-
-    named = sync(cluster, lambda: client.chat.completions.create(
-        **kw, tool_choice={"type": "function", "function": {"name": "get_weather"}}))
-    calls = named.choices[0].message.tool_calls
-    assert len(calls) == 1 and calls[0].function.name == "get_weather"
-    assert set(json.loads(calls[0].function.arguments)) == {"city"}
-
-    def streamed():
-        return list(client.chat.completions.create(**kw, tool_choice={"type": "function",
-                                                                      "function": {"name": "get_weather"}},
-                                                   stream=True))
-    chunks = sync(cluster, streamed)
-    deltas = [ch.choices[0].delta for ch in chunks if ch.choices]
-    got = [tc for d in deltas for tc in (d.tool_calls or [])]
-    assert {tc.index for tc in got} == {0} and [tc.function.name for tc in got if tc.id] == ["get_weather"]
-    assert len(got) > 2                                        # the arguments came in pieces, as generated
-    assert "".join(tc.function.arguments or "" for tc in got) == calls[0].function.arguments
-    assert deltas[0].role == "assistant"
-    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
-
-    auto = sync(cluster, lambda: client.chat.completions.create(**kw)).choices[0].message    # tool_choice auto
-    assert (auto.content is None) != (auto.tool_calls is None)
-
-
-def test_a_tool_result_in_history_is_answered(cluster, client, model):
-    msgs = [{"role": "user", "content": "What is the weather in Paris?"},
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "call_1", "type": "function",
-                 "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-            {"role": "tool", "tool_call_id": "call_1", "content": "18 C and sunny"}]
-    r = sync(cluster, lambda: client.chat.completions.create(model=model, messages=msgs, tools=[WEATHER_TOOL],
-                                                             tool_choice="none", temperature=0, max_tokens=24))
-    c = r.choices[0]
-    assert c.message.tool_calls is None and c.message.content and c.finish_reason in ("stop", "length")
-    bad = sync(cluster, lambda: httpx.post(f"{base_url(cluster)}/chat/completions", timeout=60, json={
-        "model": model, "messages": msgs[:1], "tools": [WEATHER_TOOL],
-        "tool_choice": {"type": "function", "function": {"name": "nope"}}}))
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"
 
 
 def test_echo_with_logprobs_gives_the_prompt_s_logprobs_as_transformers_does(cluster, client, model, hf_ref):
