@@ -26,7 +26,6 @@ import time
 from typing import Callable
 
 from pdcluster.kv_transfer.connectors import ReceiveConnector
-from pdcluster.kv_transfer.errors import KVTransferError
 from pdcluster.kv_transfer.pull_stats import PullStats
 from pdcluster.kv_transfer.receiver import KVReceiver, PendingTransfer, TransferState
 from pdcluster.messages import PullOrder, PullPlan, PullResult
@@ -150,7 +149,11 @@ def serve_pull(engine_thread, transport, order: PullOrder, timeout_s: float, tie
     else:                                                           # between the engine's steps
         def read_device(hashes):
             return engine_thread.run(lambda e: peer_read.read_device_blocks(e, hashes))
-    res = _serve(read_device, transport, order, timeout_s, tiers)
+    try:
+        res = _serve(read_device, transport, order, timeout_s, tiers)
+    except Exception as e:          # noqa: BLE001 - reading the blocks failed: the puller recomputes
+        log.warning("serving a pull of %s failed: %s: %s", order.request_id, type(e).__name__, e)
+        res = PullResult(False, reason=f"reading the blocks failed: {type(e).__name__}"), {}
     if stats is not None:
         if res[0].ok:
             stats.served_pull(res[1], res[0].kv_bytes, time.perf_counter() - t0)
@@ -180,14 +183,16 @@ def _serve(read_device, transport, order: PullOrder, timeout_s: float, tiers):
         blocks, counts = low
         by_tier |= counts
         k, v = _assemble(len(hashes), found, dev, rest, blocks)
-    sender = transport.open(order.address, order.request_id, order.dst_block_ids, order.dst_id)
+    sender = None
     try:
+        sender = transport.open(order.address, order.request_id, order.dst_block_ids, order.dst_id)
         for layer, (kl, vl) in enumerate(zip(k, v)):
             sender.send_layer(layer, kl, vl)
         stats = sender.finish(timeout=timeout_s)
-    except (KVTransferError, TimeoutError, OSError, ValueError) as e:
-        sender.abort()
-        return PullResult(False, reason=f"transfer failed: {e}"), none
+    except Exception as e:          # noqa: BLE001 - any failure is the puller's recompute, and the stream is closed
+        if sender is not None:
+            sender.abort()
+        return PullResult(False, reason=f"transfer failed: {type(e).__name__}: {e}"), none
     return PullResult(True, len(hashes), stats.bytes, stats.wall_s * 1e3), by_tier
 
 

@@ -201,6 +201,8 @@ class TierFigures(Figures):
     loaded_bytes: int = 0
     stored: int = 0                 # blocks written
     stored_bytes: int = 0
+    store_failures: int = 0         # blocks a write failed to store (a full or failing disk)
+    dropped: int = 0                # blocks never queued for the tiers (the writer's queue was full)
     evicted: int = 0                # blocks evicted by the tier's LRU
     corrupt: int = 0                # blocks found corrupt and dropped
     served: int = 0                 # blocks read out for peers' pulls

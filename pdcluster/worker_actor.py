@@ -66,12 +66,13 @@ class WorkerActor:
 
     async def tier_hashes(self) -> tuple[int, dict[str, list[int]]]:
         return await self._run(self.worker.tier_hashes)
+
     async def serve_pull(self, order: PullOrder) -> PullResult:
         """A peer's pull of blocks this worker holds (kv_transfer/pull.py serve_pull)."""
         return await self._run(self.worker.serve_pull, order)
 
     async def shutdown(self) -> None:
-        self.worker.close()
+        await self._run(self.worker.close)      # joins the engine's and the tiers' threads: off the event loop
 
     @classmethod
     def spawn(cls, worker_id: str, engine_kwargs: dict, num_threads: int, use_gpu: bool = False,

@@ -22,6 +22,8 @@ Exported (units in the names; counters get `_total` in the exposition):
   pdcluster_kv_tier_hits_blocks_total{worker,tier}          blocks loaded back into the device pool
   pdcluster_kv_tier_loaded_bytes_total / _stored_bytes_total{worker,tier}
   pdcluster_kv_tier_load_failures_total / _corrupt_blocks_total / _evicted_blocks_total{worker,tier}
+  pdcluster_kv_tier_store_failures_blocks_total{worker,tier}   blocks a write failed to store (disk full)
+  pdcluster_kv_tier_dropped_blocks_total{worker,tier}        blocks never queued: the writer lagged
   pdcluster_kv_tier_load_seconds / _store_seconds{worker,tier}   histograms (per load job / per block)
   pdcluster_kv_tier_served_blocks_total / _served_bytes_total{worker,tier}   read out for peers' pulls
   pdcluster_kv_tier_serve_seconds{worker,tier}               histogram (per pull served from the tier)
@@ -256,6 +258,11 @@ def _tier_metrics(pools: dict, status: dict):
                                              "Loads from the tier that failed (recomputed)", labels=lab),
         "corrupt": CounterMetricFamily("pdcluster_kv_tier_corrupt_blocks", "Corrupt blocks found and dropped",
                                        labels=lab),
+        "store_failures": CounterMetricFamily("pdcluster_kv_tier_store_failures_blocks",
+                                              "Blocks a write failed to store in the tier (full or failing disk)",
+                                              labels=lab),
+        "dropped": CounterMetricFamily("pdcluster_kv_tier_dropped_blocks",
+                                       "Blocks never queued for the tiers: the writer's queue was full", labels=lab),
         "evicted": CounterMetricFamily("pdcluster_kv_tier_evicted_blocks", "Blocks the tier's LRU evicted",
                                        labels=lab),
         "served": CounterMetricFamily("pdcluster_kv_tier_served_blocks", "Blocks read from the tier for peers' pulls",

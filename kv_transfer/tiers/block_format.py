@@ -32,11 +32,12 @@ class Geometry:
     dtype: torch.dtype          # the device pool's (a quantized pool: the float dtype it stands for)
     codec: str = "none"         # the lower tiers': none | int8 | fp8
     native: bool = False        # the device pool holds this codec's codes + scales itself
+    model: str = ""             # which weights computed the blocks (engine/weights_id.py kv_identity)
 
     @classmethod
-    def of(cls, k_caches: list, codec: str) -> "Geometry":
+    def of(cls, k_caches: list, codec: str, model: str = "") -> "Geometry":
         """codec: the tiers' (--kv-tier-codec). A quantized pool's blocks keep its own codec: codec must
-        be none (as computed) or that codec."""
+        be none (as computed) or that codec. model: the weights' identity (disk files name it)."""
         wire_codec.check_codec(codec)
         _, bs, h, d = k_caches[0].shape
         own = getattr(k_caches[0], "codec", None)           # QuantKV: "int8" | "fp8"
@@ -44,8 +45,8 @@ class Geometry:
             if codec not in ("none", own):
                 raise ValueError(f"a {own} KV cache keeps its own codes in the tiers: tier codec must be none "
                                  f"or {own}, got {codec}")
-            return cls(len(k_caches), bs, h, d, k_caches[0].dtype, own, native=True)
-        return cls(len(k_caches), bs, h, d, k_caches[0].dtype, codec)
+            return cls(len(k_caches), bs, h, d, k_caches[0].dtype, own, native=True, model=model)
+        return cls(len(k_caches), bs, h, d, k_caches[0].dtype, codec, model=model)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -69,8 +70,10 @@ class Geometry:
         return self.data_bytes + self.scale_bytes
 
     def fingerprint(self) -> int:
-        """64 bits naming the layout: a disk file written under another layout (model, dtype, codec) is foreign."""
-        text = f"{self.num_layers}/{self.block_size}/{self.kv_heads}/{self.head_dim}/{self.dtype}/{self.codec}"
+        """64 bits naming the layout and the weights: a disk file written under another layout (dtype,
+        codec) or by other weights (`model`) is foreign."""
+        text = (f"{self.num_layers}/{self.block_size}/{self.kv_heads}/{self.head_dim}/{self.dtype}/{self.codec}"
+                f"/{self.model}")
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 

@@ -14,7 +14,8 @@ Its price: the host tier holds copies of blocks the device pool still has (inclu
 HiCache's write_through). `write_through=False` (--kv-tier-write-back) stores evicted blocks only.
 The writer thread encodes them (codec none | int8 | fp8) and stores each into the host pool and the
 disk directory (both: the disk holds every block the host pool does, for a warm restart). If more
-than `queue_blocks` blocks wait, new ones are dropped rather than slowing steps. A GPU host copies to
+than `queue_blocks` blocks (or `queue_bytes` of staging copies) wait, new ones are dropped rather
+than slowing steps (counted: `dropped`). A GPU host copies to
 pinned staging memory asynchronously; the writer waits for the copy.
 
 Load-back. `external_tokens` counts the request's next blocks (after its device prefix hits) that a
@@ -59,6 +60,7 @@ load writes only into blocks its request holds (the request's end is held back b
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -88,7 +90,10 @@ class TierConfig:
     protected_fraction: float = 0.9     # SLRU: of each tier, what blocks loaded back may hold
     layerwise: bool = True              # host and disk hits load layer by layer inside the step (see the module doc)
     queue_blocks: int = 4096            # evicted blocks waiting for the writer, most; more are dropped
+    queue_bytes: int = 2**30            # ... and at most this much staging memory (pinned on a GPU host)
     write_through: bool = True          # store blocks below when computed, not only when evicted
+    model: str = ""                     # the weights' identity (engine/weights_id.py): disk files name it, and a
+                                        # restart on other weights finds none of its own
 
     @property
     def enabled(self) -> bool:
@@ -110,6 +115,7 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
         self._lock = threading.Lock()                  # guards index, _pending, _loads, _done, _failed*, _released
         self._pending: set[int] = set()                # hashes copied out, not yet stored by the writer
         self._queued_blocks = 0
+        self.queue_limit = cfg.queue_blocks            # in blocks; register_caches bounds it by queue_bytes too
         self._loads: dict[str, _Load] = {}             # in flight, by request id
         self._held: set[str] = set()                   # ended during their load: freed when it stops
         self._done: list[tuple[str, bool]] = []
@@ -135,7 +141,7 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
             raise RuntimeError("a TierConnector serves one engine")
         self.k, self.v = k_caches, v_caches
         self.device = k_caches[0].device
-        self.geom = g = Geometry.of(k_caches, self.cfg.codec)
+        self.geom = g = Geometry.of(k_caches, self.cfg.codec, self.cfg.model)
         cuda = self.device.type == "cuda"
         host_blocks = self.cfg.host_bytes // g.block_bytes
         if host_blocks:
@@ -150,6 +156,8 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
             log.warning("KV tiers: host %d B / disk %d B hold no block of %d B; tiers off", self.cfg.host_bytes,
                         self.cfg.disk_bytes, g.block_bytes)
         self.copier = DeviceCopier(k_caches, v_caches)
+        staged = g.block_bytes if g.native else math.prod(g.shape) * g.dtype.itemsize   # one block's staging copy
+        self.queue_limit = max(1, min(self.cfg.queue_blocks, self.cfg.queue_bytes // staged))
         for name, fn, args in (("writer", self._writer, ()), ("loader", self._loader, (self._reads,)),
                                 ("layer-loader", self._loader, (self._layer_reads,))):
             t = threading.Thread(target=fn, args=args, name=f"kv-tier-{name}", daemon=True)
@@ -194,8 +202,9 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
                 else:
                     try:
                         out.append(decode(self.geom, *self.disk.read(h)))
-                    except (CorruptBlock, FileNotFoundError) as e:
+                    except (CorruptBlock, OSError) as e:  # corrupt, gone or unreadable: a bad block
                         log.warning("KV disk tier (serving a pull): %s", e)
+                        self.disk.delete(h)
                         corrupt.append(h)
                         break
                 t0[tier] += time.perf_counter() - t
@@ -218,8 +227,8 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
 
     def _unpin(self, parts: list[tuple[int, str, int]]) -> None:
         with self._lock:
-            for h, tier, _ in parts:
-                self.index[tier].unpin(h)
+            gone = self._unpin_locked(parts)
+        self._emit_gone(gone)
 
     def finished_sending(self) -> list[str]:
         with self._lock:

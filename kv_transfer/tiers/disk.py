@@ -17,7 +17,8 @@ bench/RESULTS.md). Where the filesystem refuses O_DIRECT (tmpfs, some FUSE), wri
 page cache. Reads stay buffered.
 A file is written under a temporary name and renamed into place, so a crash leaves either the whole
 file or none (a leftover temporary is removed by `scan`). `read`, `scan` and `open_rows` check what
-they read: a file whose name, hash, layout, length or checksum is wrong is corrupt, and is deleted.
+they read: a file whose name, hash, layout, length or checksum is wrong is corrupt, and is deleted;
+so is one that cannot be read (EIO: a bad sector is a bad block). A failed write leaves no file.
 """
 from __future__ import annotations
 
@@ -93,8 +94,12 @@ class DiskStore:
         struct.pack_into("<I", buf, self.head - 4, crc32(memoryview(buf)[:self.head - 4]))
         final = self.path(block_hash)
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
-        self._write_file(tmp, memoryview(buf))
-        os.replace(tmp, final)
+        self._write_file(tmp, memoryview(buf))          # removes its file if the write fails
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            _remove(tmp)
+            raise
         return self.file_bytes
 
     def _buffer(self) -> tuple:
@@ -128,10 +133,16 @@ class DiskStore:
         return c
 
     def read(self, block_hash: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(data, scales) of block_hash's file, checked. CorruptBlock (file deleted) or FileNotFoundError."""
+        """(data, scales) of block_hash's file, checked. CorruptBlock (file deleted; also for a read
+        error: a bad sector is a bad block) or FileNotFoundError."""
         p = self.path(block_hash)
-        with open(p, "rb") as f:
-            raw = bytearray(f.read(self.file_bytes + 1))
+        try:
+            with open(p, "rb") as f:
+                raw = bytearray(f.read(self.file_bytes + 1))
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            self._corrupt(block_hash, f"unreadable ({e.strerror or e})")
         why = self._check(block_hash, raw)
         if why is not None:
             self._corrupt(block_hash, why)
@@ -148,10 +159,7 @@ class DiskStore:
         raise CorruptBlock(f"{self.path(block_hash).name}: {why}", block_hash)
 
     def delete(self, block_hash: int) -> None:
-        try:
-            self.path(block_hash).unlink()
-        except FileNotFoundError:
-            pass
+        _remove(self.path(block_hash))
 
     def scan(self) -> tuple[list[int], int]:
         """Warm restart: (hashes of the intact files, oldest first by mtime; corrupt files deleted).
@@ -160,7 +168,7 @@ class DiskStore:
         entries = []
         for p in self.dir.iterdir():
             if p.name.endswith(".tmp"):             # a write cut short
-                p.unlink(missing_ok=True)
+                _remove(p)
                 continue
             if not p.name.endswith(SUFFIX):
                 continue
@@ -168,7 +176,7 @@ class DiskStore:
                 h = int(p.name[:-len(SUFFIX)], 16)
                 entries.append((p.stat().st_mtime_ns, h, p))
             except (ValueError, OSError):
-                p.unlink(missing_ok=True)
+                _remove(p)
                 bad += 1
         for _, h, p in sorted(entries):
             try:
@@ -179,7 +187,7 @@ class DiskStore:
             if self._check(h, raw) is None:
                 good.append(h)
             else:
-                p.unlink(missing_ok=True)
+                _remove(p)
                 bad += 1
         return good, bad
 
@@ -213,8 +221,18 @@ class DiskStore:
         return "nonzero padding" if tail != bytes(len(tail)) else None
 
 
+def _remove(path: Path) -> None:
+    """Delete path if it is there; a failure (a directory in its place, a read-only filesystem) is
+    logged, never raised: a scan or an eviction goes on past it."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        log.warning("KV disk tier: cannot remove %s (%s)", path.name, e.strerror or e)
+
+
 def _write_all(path: Path, image: memoryview, flags: int) -> None:
-    """image into a new file at path (opened with `flags` added: O_DIRECT or 0)."""
+    """image into a new file at path (opened with `flags` added: O_DIRECT or 0); on any failure the
+    file is removed (a full disk leaves nothing behind)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, 0o644)
     try:
         done = 0
@@ -223,8 +241,11 @@ def _write_all(path: Path, image: memoryview, flags: int) -> None:
             if n <= 0:                                  # never for a regular file; no endless loop if it is
                 raise OSError(errno.EIO, f"wrote {done} of {len(image)} bytes of {path.name}")
             done += n
-    finally:
+    except BaseException:
         os.close(fd)
+        _remove(path)
+        raise
+    os.close(fd)
 
 
 class RowReader:
@@ -241,6 +262,8 @@ class RowReader:
             self.f = open(store.path(block_hash), "rb")
         except FileNotFoundError:
             raise CorruptBlock(f"{store.path(block_hash).name}: gone", block_hash) from None
+        except OSError as e:
+            store._corrupt(block_hash, f"unreadable ({e.strerror or e})")
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
 
@@ -254,6 +277,9 @@ class RowReader:
                 s._corrupt(self.hash, why)
             self.crcs = s._crcs.unpack_from(head, HEADER.size)
             self.scales = memoryview(os.pread(self.f.fileno(), g.scale_bytes, s.header_bytes + g.data_bytes))
+        except OSError as e:
+            self.close()
+            s._corrupt(self.hash, f"unreadable ({e.strerror or e})")
         except BaseException:
             self.close()
             raise
@@ -267,7 +293,11 @@ class RowReader:
         s, L, fd = self.s, self.s.geom.num_layers, self.f.fileno()
         for j, r in enumerate((layer, L + layer)):
             dst = memoryview(data[j].view(torch.uint8).numpy()).cast("B")
-            n = os.preadv(fd, [dst], s.head + r * s.row_data)
+            try:
+                n = os.preadv(fd, [dst], s.head + r * s.row_data)
+            except OSError as e:
+                self.close()
+                s._corrupt(self.hash, f"unreadable ({e.strerror or e})")
             c = crc32(dst)
             if s.row_scale:
                 sc = self.scales[r * s.row_scale:(r + 1) * s.row_scale]

@@ -10,6 +10,8 @@ pool's buffer index; the disk tier's file count). Invariants:
 - A pinned entry (being loaded into the device pool, or written) is never evicted nor removed
   until its pins are dropped; `insert` fails (None) when every entry is pinned. A new entry is not
   `ready` (its bytes are still being written) until its writer says so; only ready ones are loaded.
+- An entry found bad while others pin it (`doom`) is unready and leaves when its last pin drops
+  (`unpin` says so, so its owner can announce the removal).
 Not thread-safe: the tier's owner holds a lock around every call.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Entry:
     slot: int
     pins: int = 0
     ready: bool = False     # its bytes are all written (set by the writer): only then may it be loaded
+    doomed: bool = False    # found bad while pinned: removed at its last unpin
 
 
 class TierIndex:
@@ -85,10 +88,24 @@ class TierIndex:
             e.pins += 1
         return e
 
-    def unpin(self, block_hash: int) -> None:
+    def unpin(self, block_hash: int) -> bool:
+        """Drop one pin; True when that removed a doomed entry (its slot is free now)."""
         e = self.entries.get(block_hash)
         if e is not None and e.pins > 0:
             e.pins -= 1
+            if not e.pins and e.doomed:
+                self._drop(block_hash)
+                return True
+        return False
+
+    def doom(self, block_hash: int) -> bool:
+        """block_hash is bad (a corrupt or unreadable file): removed now if unpinned (True), else
+        unready until its last pin drops (False; unpin removes it then)."""
+        e = self.entries.get(block_hash)
+        if e is None:
+            return False
+        e.ready, e.doomed = False, True
+        return self.remove(block_hash) is not None
 
     def remove(self, block_hash: int) -> int | None:
         """Forget block_hash (a corrupt file, a failed write); its slot, or None if absent or pinned."""

@@ -139,8 +139,7 @@ class LoadBack:
                 log.exception("KV tier load of %s failed", job.request_id)
             finally:
                 with self._lock:
-                    for h, tier, _ in job.parts:
-                        self.index[tier].unpin(h)
+                    gone = self._unpin_locked(job.parts)
                     self._loads.pop(job.request_id, None)
                     if job.request_id in self._held:
                         self._held.discard(job.request_id)
@@ -155,6 +154,7 @@ class LoadBack:
                         self._in_step.remove(job)
                     job.done.set()
                     self._layer_cv.notify_all()
+                self._emit_gone(gone)
 
     def _load(self, job: _Load) -> bool:
         g = self.geom
@@ -172,8 +172,9 @@ class LoadBack:
             else:
                 try:
                     kv = for_device(g, *self.disk.read(h))
-                except (CorruptBlock, FileNotFoundError) as e:
+                except (CorruptBlock, OSError) as e:      # corrupt, gone or unreadable: a bad block
                     log.warning("KV disk tier: %s", e)
+                    self.disk.delete(h)
                     corrupt.append(h)
                     break
             blocks.append(kv)
@@ -256,22 +257,34 @@ class LoadBack:
         return True
 
     def _drop_corrupt(self, hashes: list[int]) -> None:
-        """Forget corrupt disk blocks (their files are deleted already). Each holds this job's pin:
-        it is dropped now; one another load still pins is only marked unready (that load fails too)."""
+        """Forget corrupt or unreadable disk blocks (their files are deleted already). Each holds the
+        caller's pin, dropped here: the entry leaves now, or, where another load still pins it, is
+        unready until that load unpins it (and fails too); "removed" is announced as it leaves."""
         idx, st = self.index["disk"], self.stats["disk"]
         gone = []
         with self._lock:
             for h in hashes:
-                e = idx.get(h)
-                if e is None:
-                    continue
-                e.ready = False
-                idx.unpin(h)
-                if idx.remove(h) is not None:
-                    gone.append(h)
+                if h in idx:
+                    idx.doom(h)
+                    if idx.unpin(h):
+                        gone.append(h)
             st.blocks = len(idx)
         st.add(corrupt=len(hashes))
         self._emit("removed", gone, "disk")
+
+    def _unpin_locked(self, parts: list[tuple[int, str, int]]) -> dict[str, list[int]]:
+        """Drop one pin of each part (under the lock); {tier: doomed entries that left with it}."""
+        gone: dict[str, list[int]] = {}
+        for h, tier, _ in parts:
+            if self.index[tier].unpin(h):
+                gone.setdefault(tier, []).append(h)
+        for tier in gone:
+            self.stats[tier].blocks = len(self.index[tier])
+        return gone
+
+    def _emit_gone(self, gone: dict[str, list[int]]) -> None:
+        for tier, hs in gone.items():
+            self._emit("removed", hs, tier)
 
     def failed_in_step(self) -> list[str]:
         """Requests whose in_step load failed (a corrupt disk block): layers from the bad one on are not

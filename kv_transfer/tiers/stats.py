@@ -45,6 +45,8 @@ class TierStats:
         self.loaded_bytes = 0
         self.stored = 0                      # blocks written here
         self.stored_bytes = 0
+        self.store_failures = 0              # blocks a write failed to store here (a full or failing disk)
+        self.dropped = 0                     # blocks never queued for any tier: the writer's queue was full
         self.evicted = 0                     # blocks evicted by the LRU
         self.corrupt = 0                     # blocks found corrupt (checksum, header) and dropped
         self.served = 0                      # blocks read out for peers' pulls (kv_transfer/pull.py)
@@ -68,6 +70,7 @@ class TierStats:
             return dict(tier=self.tier, capacity_blocks=self.capacity_blocks, block_bytes=self.block_bytes,
                         blocks=self.blocks, hits=self.hits, load_failures=self.load_failures,
                         loaded_bytes=self.loaded_bytes, stored=self.stored, stored_bytes=self.stored_bytes,
+                        store_failures=self.store_failures, dropped=self.dropped,
                         evicted=self.evicted, corrupt=self.corrupt, served=self.served,
                         served_bytes=self.served_bytes, buckets=list(LATENCY_BUCKETS),
                         load_counts=self.load_s.cumulative(), load_sum_s=self.load_s.sum,

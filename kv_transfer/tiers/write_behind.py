@@ -44,19 +44,35 @@ class WriteBehind:
                     continue
                 todo_ids.append(b)
                 todo.append(h)
-            if not todo:
-                return
-            if self._queued_blocks + len(todo) > self.cfg.queue_blocks:
-                self.snapshot.dropped += len(todo)
-                return
+            room = max(self.queue_limit - self._queued_blocks, 0)
+            dropped = max(len(todo) - room, 0)          # the writer lags: keep what fits, drop the rest
+            todo_ids, todo = todo_ids[:room], todo[:room]
             self._pending.update(todo)
             self._queued_blocks += len(todo)
-        staging, ready = self.copier.copy_out(todo_ids, self.geom.shape)
+        if dropped:
+            self._dropped(dropped)
+        if not todo:
+            return
+        try:
+            staging, ready = self.copier.copy_out(todo_ids, self.geom.shape)
+        except Exception:                               # out of (pinned) memory, say: these blocks go unstored,
+            with self._lock:                            # and the eviction that called us goes on
+                self._pending.difference_update(todo)
+                self._queued_blocks -= len(todo)
+            self._dropped(len(todo))
+            log.exception("KV tiers: copying %d blocks out of the device pool failed; not stored", len(todo))
+            return
         self._writes.put(("store", todo, staging, ready))
         s = self.snapshot
         s.calls += 1
         s.blocks += len(todo)
         s.seconds += time.perf_counter() - t0
+
+    def _dropped(self, n: int) -> None:
+        """n blocks went unstored (a full queue, a failed copy): counted in every tier and the snapshot."""
+        self.snapshot.dropped += n
+        for st in self.stats.values():
+            st.add(dropped=n)
 
     def _writer(self) -> None:
         while True:
@@ -74,23 +90,37 @@ class WriteBehind:
                 self._writes.task_done()
 
     def _store(self, hashes: list[int], staging: torch.Tensor, ready) -> None:
-        if ready is not None:
-            ready.synchronize()
+        """Every block into every tier. A block one tier fails to take (a full or failing disk) is
+        counted there (`store_failures`) and the rest go on. Events are the batch's net change per
+        tier: a block stored and then evicted by a later one of the same batch is announced neither
+        way, so the router never hears "stored" for a block the tier no longer holds."""
         stored = {t: [] for t in self.index}
         removed = {t: [] for t in self.index}
+        failed = {t: [0, None] for t in self.index}     # per tier: blocks not stored, the first error
         try:
+            if ready is not None:
+                ready.synchronize()
             for i, h in enumerate(hashes):
                 data, scales = staged(self.geom, staging, i)
                 for tier in self.index:
-                    if self._put(tier, h, data, scales, removed[tier]):
-                        stored[tier].append(h)
+                    try:
+                        if self._put(tier, h, data, scales, removed[tier]):
+                            stored[tier].append(h)
+                    except Exception as e:          # noqa: BLE001 - this tier goes without the block
+                        failed[tier][0] += 1
+                        failed[tier][1] = failed[tier][1] or e
         finally:
             with self._lock:
                 self._pending.difference_update(hashes)
                 self._queued_blocks -= len(hashes)
             for tier in self.index:
-                self._emit("removed", removed[tier], tier)
-                self._emit("stored", stored[tier], tier)
+                n, err = failed[tier]
+                if n:
+                    self.stats[tier].add(store_failures=n)
+                    log.warning("KV %s tier: %d of %d blocks not stored (%s)", tier, n, len(hashes), err)
+                gone = set(removed[tier]) & set(stored[tier])       # came and went within this batch
+                self._emit("removed", [v for v in removed[tier] if v not in gone], tier)
+                self._emit("stored", [h for h in stored[tier] if h not in gone], tier)
 
     def _put(self, tier: str, h: int, data, scales, removed: list[int]) -> bool:
         """Store one encoded block in `tier` unless held there; appends evicted hashes to `removed`."""

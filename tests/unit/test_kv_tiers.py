@@ -105,7 +105,9 @@ def test_capacity_evicts_lru_and_announces_it(tmp_path):
     tc, events, k, v = tiers(tmp_path, host_blocks=2, disk_blocks=2)
     r = req("a", n=17)
     h = r.block_hashes()
-    tc.evicted([0, 1, 2], h[:3])
+    tc.evicted([0, 1], h[:2])
+    tc.wait_idle()
+    tc.evicted([2], h[2:3])                     # a later batch: the LRU block announced before goes
     tc.wait_idle()
     ev = kinds(events)
     assert ("removed", "host", 1) in ev and ("removed", "disk", 1) in ev

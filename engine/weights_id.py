@@ -1,0 +1,45 @@
+"""Which weights computed a KV block: the key a cache kept across restarts (the disk KV tier) is
+written under, so that a worker restarted on other weights (a fine-tune of the same architecture, a
+re-quantized file, another dtype) never reads back KV it did not compute. Pure Python.
+
+A checkpoint's identity is each weight file's name and size and SAMPLES chunks of CHUNK bytes spread
+over it, first and last included: a few MiB read however large the file, and two checkpoints that
+differ anywhere in their tensors (as any two trainings do) differ in every sample with near certainty.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+SAMPLES = 16
+CHUNK = 64 * 1024                      # bytes per sample
+WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".pth")
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The checkpoint's weight files: `path` itself if a file, else the folder's weight files (sorted)."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    return sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
+def weights_id(path: str | os.PathLike) -> str:
+    """32 hex digits naming the weights at `path` (a file or an HF folder) by their bytes, not their
+    location or mtime: the same file copied elsewhere keeps its id."""
+    h = hashlib.blake2b(digest_size=16)
+    for f in weight_files(path):
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            for i in range(SAMPLES):
+                fh.seek(i * max(size - CHUNK, 0) // (SAMPLES - 1))
+                h.update(fh.read(CHUNK))
+    return h.hexdigest()
+
+
+def kv_identity(cfg) -> str:
+    """What a KV block's values depend on beyond its tokens (an EngineConfig): the weights and how they
+    are computed with (dtype, weight quantization)."""
+    return f"{weights_id(cfg.model.path)}/{cfg.dtype}/{cfg.quantization}"

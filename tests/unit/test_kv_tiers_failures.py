@@ -1,0 +1,253 @@
+"""TierConnector when things go wrong: a full or failing disk, a failed copy-out, a lagging writer, a
+block found corrupt while another load pins it, read errors, a restart on other weights, a scan past
+an unremovable entry, a pull whose read or transport fails. Small CPU caches, no model."""
+import errno
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdcluster.engine import weights_id
+from pdcluster.engine.block_events import BlockEventLog
+from pdcluster.kv_transfer import pull
+from pdcluster.kv_transfer.pull_stats import PullStats
+from pdcluster.kv_transfer.tiers import TierConfig, TierConnector
+from pdcluster.kv_transfer.tiers import disk as disk_mod
+from pdcluster.kv_transfer.tiers.block_format import Geometry
+from pdcluster.kv_transfer.tiers.disk import DiskStore
+from pdcluster.messages import PullOrder
+
+from tests.unit.test_kv_tiers import BLOCK_BYTES, BS, FILE_BYTES, caches, load, req
+
+
+def make(tmp_path=None, host_blocks=16, disk_blocks=16, layerwise=False, **kw):
+    """layerwise False: loads are whole-block ones, reported by finished_loading."""
+    events = BlockEventLog()
+    disk = dict(disk_dir=str(tmp_path), disk_bytes=disk_blocks * FILE_BYTES) if tmp_path else {}
+    tc = TierConnector(TierConfig(host_bytes=host_blocks * BLOCK_BYTES, layerwise=layerwise, **disk, **kw), events)
+    tc.register_caches(*caches())
+    assert tc.wait_idle()
+    return tc, events
+
+
+def replay(events, tier):
+    """The router's view of `tier` after applying every event in order."""
+    held = set()
+    for _, kind, hashes, t in events.drain()[1]:
+        if t == tier:
+            (held.update if kind == "stored" else held.difference_update)(hashes)
+    return held
+
+
+def held(tc, tier):
+    idx = tc.index[tier]
+    return {h for h in idx.hashes() if idx.get(h).ready}
+
+
+def test_a_batch_larger_than_the_tier_announces_only_what_the_tier_still_holds():
+    tc, events = make(host_blocks=2)
+    hs = req("a", n=17).block_hashes()[:4]
+    tc.evicted([0, 1, 2, 3], hs)                        # blocks 0 and 1 are stored, then evicted by 2 and 3
+    assert tc.wait_idle()
+    assert held(tc, "host") == set(hs[2:])
+    assert replay(events, "host") == set(hs[2:])        # no "stored" after "removed" for 0 and 1
+
+
+def test_a_full_disk_leaves_no_file_behind_and_the_host_tier_takes_the_whole_batch(tmp_path, monkeypatch):
+    tc, events = make(tmp_path, host_blocks=8, disk_blocks=8)
+    first = req("a", n=9).block_hashes()[:2]
+    tc.evicted([0, 1], first)
+    assert tc.wait_idle()
+    monkeypatch.setattr(disk_mod.os, "write", lambda fd, b: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    hs = req("b", salt="t2", n=17).block_hashes()[:4]  # four new blocks
+    tc.evicted([2, 3, 4, 5], hs)
+    assert tc.wait_idle()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+    assert set(hs) <= held(tc, "host")                  # the disk's failures did not stop the batch
+    assert held(tc, "disk") == set(first)
+    figs = {f["tier"]: f for f in tc.figures()}
+    assert figs["disk"]["store_failures"] == 4 and figs["host"]["store_failures"] == 0
+    assert replay(events, "disk") == set(first)
+
+
+def test_a_failed_copy_out_drops_its_blocks_and_leaves_nothing_pending():
+    tc, _ = make()
+    hs = req("a", n=17).block_hashes()[:4]
+    real = tc.copier.copy_out
+    tc.copier.copy_out = lambda *a: (_ for _ in ()).throw(RuntimeError("out of pinned memory"))
+    tc.evicted([0, 1, 2, 3], hs)                        # does not raise into the device pool's eviction
+    assert tc._pending == set() and tc._queued_blocks == 0
+    assert tc.snapshot.dropped == 4 and {f["tier"]: f["dropped"] for f in tc.figures()} == {"host": 4}
+    tc.copier.copy_out = real
+    tc.evicted([0, 1, 2, 3], hs)                        # the same blocks, evicted again: stored now
+    assert tc.wait_idle() and held(tc, "host") == set(hs)
+
+
+def test_the_writer_queue_is_bounded_in_bytes_and_keeps_what_fits(tmp_path):
+    staged = BLOCK_BYTES                                # one block's float32 staging copy
+    tc, _ = make(tmp_path, host_blocks=0, disk_blocks=16, queue_bytes=3 * staged)
+    assert tc.queue_limit == 3
+    gate, real = threading.Event(), tc.disk.write
+    tc.disk.write = lambda *a: (gate.wait(10), real(*a))[1]     # a disk slower than the evictions
+    hs = req("a", n=21).block_hashes()[:5]
+    tc.evicted([0, 1, 2, 3, 4], hs)
+    assert tc._queued_blocks == 3 and tc.snapshot.dropped == 2
+    gate.set()
+    assert tc.wait_idle()
+    assert held(tc, "disk") == set(hs[:3])              # the batch's head, the prefix's first blocks
+
+
+def test_a_corrupt_block_another_load_pins_leaves_when_that_load_ends(tmp_path):
+    tc, events = make(tmp_path, host_blocks=0, disk_blocks=8)
+    hs = req("w", n=9).block_hashes()[:2]
+    tc.evicted([0, 1], hs)
+    assert tc.wait_idle()
+    events.drain()
+    p = tc.disk.path(hs[0])
+    raw = bytearray(p.read_bytes())
+    raw[tc.disk.header_bytes + 10] ^= 0xFF
+    p.write_bytes(raw)
+    gate, real = threading.Event(), tc.disk.read
+    tc.disk.read = lambda h: (gate.wait(10), real(h))[1]
+    for rid, ids in (("a", [4, 5]), ("b", [6, 7])):     # both pin the blocks; b is cancelled before its read
+        r = req(rid, n=9)
+        n = tc.external_tokens(r, 0)
+        r.block_ids = ids[:n // BS]
+        tc.after_alloc(r, r.block_ids, n)
+    tc.request_aborted("b")
+    gate.set()
+    tc.wait_loaded("a", 10)
+    tc.wait_loaded("b", 10)
+    deadline = time.monotonic() + 10
+    while tc._loads and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert hs[0] not in tc.index["disk"]                # gone, not an unready entry forever
+    assert ("removed", [hs[0]], "disk") in [(k, h, t) for _, k, h, t in events.drain()[1]]
+    tc.disk.read = real
+    tc.evicted([0], [hs[0]])                            # the intact block, evicted again: stored again
+    assert tc.wait_idle() and hs[0] in held(tc, "disk")
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_an_unreadable_file_is_a_bad_block_for_loads_and_pulls(tmp_path, monkeypatch, layerwise):
+    tc, _ = make(tmp_path, host_blocks=0, disk_blocks=8, layerwise=layerwise)
+    hs = req("w", n=13).block_hashes()[:3]
+    tc.evicted([0, 1, 2], hs)
+    assert tc.wait_idle()
+    real_open = open
+
+    def eio(path, *a, **kw):
+        if str(path).endswith(f"{hs[0]:016x}.kvb"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(path, *a, **kw)
+    monkeypatch.setattr(disk_mod, "open", eio, raising=False)
+    if layerwise:                                       # loaded in the step: the failure names the request
+        r = req("a", n=13)
+        n = tc.external_tokens(r, 0)
+        r.block_ids = [4, 5, 6][:n // BS]
+        tc.after_alloc(r, r.block_ids, n)
+        assert tc.load_in_step(r)
+        tc.wait_loaded("a", 10)
+        assert n == 3 * BS and tc.failed_in_step() == ["a"]
+    else:
+        n, done = load(tc, req("a", n=13), [4, 5, 6])
+        assert n == 3 * BS and done == [("a", False)]   # the load fails (recompute) ...
+    assert hs[0] not in tc.index["disk"] and not tc.disk.path(hs[0]).exists()    # ... and the block is dropped
+    f = {x["tier"]: x for x in tc.figures()}["disk"]
+    assert f["load_failures"] == 1 and f["corrupt"] == 1
+    assert tc.external_tokens(req("b", n=13), 0) == 0   # never offered again
+    monkeypatch.setattr(disk_mod, "open", lambda *a, **kw: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")),
+                        raising=False)
+    assert tc.read_blocks(hs[1:2]) is None              # a peer's pull: refused, not raised
+    assert hs[1] not in tc.index["disk"]
+
+
+def test_a_restart_on_other_weights_finds_none_of_the_old_blocks(tmp_path):
+    k, _ = caches()
+    old = DiskStore(tmp_path, Geometry.of(k, "none", model="weights-a/float32/none"))
+    old.write(0xABC, torch.randn(Geometry.of(k, "none").shape), None)
+    same = DiskStore(tmp_path, Geometry.of(k, "none", model="weights-a/float32/none"))
+    assert same.scan() == ([0xABC], 0)
+    other = DiskStore(tmp_path, Geometry.of(k, "none", model="weights-b/float32/none"))
+    assert other.scan() == ([], 1) and not list(Path(tmp_path).glob("*.kvb"))
+
+
+def test_weights_id_names_the_bytes_not_the_path(tmp_path):
+    a = tmp_path / "a.gguf"
+    a.write_bytes(os.urandom(3 * 2**20))
+    b = tmp_path / "sub" / "b.gguf"
+    b.parent.mkdir()
+    b.write_bytes(a.read_bytes())
+    assert weights_id.weights_id(a) != weights_id.weights_id(b)          # the name is part of it ...
+    c = tmp_path / "sub2" / "a.gguf"
+    c.parent.mkdir()
+    c.write_bytes(a.read_bytes())
+    assert weights_id.weights_id(a) == weights_id.weights_id(c)          # ... the location and mtime are not
+    raw = bytearray(a.read_bytes())
+    raw[8 * (len(raw) - weights_id.CHUNK) // (weights_id.SAMPLES - 1) + 5] ^= 1     # a byte of sample 8
+    c.write_bytes(raw)
+    assert weights_id.weights_id(a) != weights_id.weights_id(c)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(a.read_bytes())
+    (folder / "config.json").write_text("{}")
+    assert [p.name for p in weights_id.weight_files(folder)] == ["model.safetensors"]
+
+
+def test_a_scan_goes_on_past_an_entry_it_cannot_remove(tmp_path):
+    k, _ = caches()
+    g = Geometry.of(k, "none")
+    store = DiskStore(tmp_path, g)
+    for h in (1, 2, 3):
+        store.write(h, torch.randn(g.shape), None)
+    (tmp_path / f"{4:016x}.kvb").mkdir()                # not a file: unreadable, and unlink fails
+    good, bad = store.scan()
+    assert sorted(good) == [1, 2, 3] and bad == 1
+
+
+class _NoDevice:
+    """The holder's engine thread holding none of the blocks on its device (tier-only pulls)."""
+    engine = None
+
+    def run(self, fn):
+        return [], None
+
+
+class _BrokenTransport:
+    def open(self, *a):
+        raise RuntimeError("connection setup failed")
+
+
+def test_a_pull_whose_read_or_transport_fails_is_a_failed_result_not_an_exception(tmp_path, monkeypatch):
+    tc, _ = make(tmp_path, host_blocks=0, disk_blocks=8)
+    hs = req("w", n=9).block_hashes()[:2]
+    tc.evicted([0, 1], hs)
+    assert tc.wait_idle()
+    order = PullOrder("r", hs, "127.0.0.1:1", "puller", [0, 1])
+    stats = PullStats()
+    res = pull.serve_pull(_NoDevice(), _BrokenTransport(), order, 5.0, tc, stats)
+    assert not res.ok and "connection setup failed" in res.reason
+    monkeypatch.setattr(tc, "read_blocks", lambda hashes: (_ for _ in ()).throw(MemoryError()))
+    res = pull.serve_pull(_NoDevice(), _BrokenTransport(), order, 5.0, tc, stats)
+    assert not res.ok and "MemoryError" in res.reason
+    assert stats.as_dict()["serve_failures"] == 2
+
+
+def test_attach_tiers_names_the_engines_weights_and_dtype_in_the_disk_tier(tmp_path):
+    from types import SimpleNamespace
+
+    from pdcluster.engine.config import CacheConfig
+    from pdcluster.kv_transfer.tiers.attach import attach_tiers
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(os.urandom(2**20))
+    cache = CacheConfig(disk_cache_dir=str(tmp_path / "d"), disk_cache_gb=0.01)
+
+    def engine(dtype):
+        cfg = SimpleNamespace(model=SimpleNamespace(path=str(gguf)), dtype=dtype, quantization="none", cache=cache)
+        return SimpleNamespace(cfg=cfg, block_events=lambda: None, connector=None)
+    a, b = attach_tiers(engine("float32"), worker_id="w0"), attach_tiers(engine("bfloat16"), worker_id="w0")
+    assert a.cfg.model == f"{weights_id.weights_id(gguf)}/float32/none"
+    assert b.cfg.model != a.cfg.model and a.cfg.disk_dir.endswith("w0")
