@@ -99,7 +99,8 @@ def test_prompt_evicted_from_device_reloads_from_host_then_disk_and_garbage_chan
     # the control: garbage in the host tier (no checksum there) is what the tokens are computed from
     tiers = use(engine, TierConfig(host_bytes=64 * bb))
     evict_all(engine, tiers)
-    tiers.host.data.normal_()
+    for c in tiers.host.chunks:
+        c.normal_()
     out = run(engine, ids, "tiers-garbage")
     assert tiers.figures()[0]["hits"] == n_blocks and out.output_token_ids != ref.output_token_ids
     tiers.close()
@@ -190,7 +191,8 @@ def test_a_reservation_loads_the_prefix_its_host_tier_holds_and_only_the_rest_cr
         return req.output_token_ids
 
     assert reserved("res-1") == ref.output_token_ids
-    tiers.host.data.zero_()
+    for c in tiers.host.chunks:
+        c.zero_()
     assert reserved("res-2") != ref.output_token_ids
     tiers.close()
 

@@ -251,3 +251,21 @@ def test_attach_tiers_names_the_engines_weights_and_dtype_in_the_disk_tier(tmp_p
     a, b = attach_tiers(engine("float32"), worker_id="w0"), attach_tiers(engine("bfloat16"), worker_id="w0")
     assert a.cfg.model == f"{weights_id.weights_id(gguf)}/float32/none"
     assert b.cfg.model != a.cfg.model and a.cfg.disk_dir.endswith("w0")
+
+
+def test_the_host_pool_comes_in_power_of_two_chunks_and_every_slot_round_trips(monkeypatch):
+    """Pinned allocations are rounded up to a power of two (torch's caching host allocator), so the
+    pool is allocated in chunks of at most CHUNK_BYTES: here 3 slots a chunk, 7 slots in all."""
+    from pdcluster.kv_transfer.tiers import host as host_mod
+    k, _ = caches()
+    g = Geometry.of(k, "none")
+    monkeypatch.setattr(host_mod, "CHUNK_BYTES", 3 * g.data_bytes + 1)
+    pool = host_mod.HostPool(g, 7)
+    assert [c.shape[0] for c in pool.chunks] == [3, 3, 1] and pool.per_chunk == 3
+    blocks = [torch.randn(g.shape) for _ in range(7)]
+    for s, b in enumerate(blocks):
+        pool.put(s, b, None)
+    assert all(torch.equal(pool.get(s), b) for s, b in enumerate(blocks))
+    assert torch.equal(pool.chunks[2][0], blocks[6])
+    with pytest.raises(IndexError):
+        pool.get(7)
