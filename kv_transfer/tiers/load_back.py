@@ -76,10 +76,17 @@ class LoadBack:
             job.in_step = (self.cfg.layerwise and len(job.parts) == nb
                            and all(tier == "host" or (tier == "disk" and self.disk_in_step and not reservation)
                                    for _, tier, _ in job.parts))
-            job.reservation = reservation and job.in_step
-            if job.in_step:
-                self._in_step.append(job)
-            self._loads[job.request_id] = job
+            if reservation and not job.in_step:     # a host block went since step_tokens: no load at all, the
+                gone = self._unpin_locked(job.parts)  # scheduler has the sender send these blocks (add_remote),
+                job = None                          # and nothing else may write them
+            else:
+                job.reservation = reservation
+                if job.in_step:
+                    self._in_step.append(job)
+                self._loads[job.request_id] = job
+        if job is None:
+            self._emit_gone(gone)
+            return
         (self._layer_reads if job.in_step else self._reads).put(job)
 
     def step_tokens(self, request, num_local_tokens: int) -> int:

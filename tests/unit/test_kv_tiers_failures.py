@@ -269,3 +269,22 @@ def test_the_host_pool_comes_in_power_of_two_chunks_and_every_slot_round_trips(m
     assert torch.equal(pool.chunks[2][0], blocks[6])
     with pytest.raises(IndexError):
         pool.get(7)
+
+
+def test_a_reservation_whose_host_block_went_meanwhile_loads_nothing(tmp_path):
+    """add_remote: step_tokens offered host blocks, then the writer evicted one before after_alloc. The
+    blocks then cross from the prefill worker (load_in_step False), so the tiers must not also load
+    them (a disk copy into blocks the transfer writes): no job, no pin, nothing reported."""
+    tc, _ = make(tmp_path, host_blocks=2, disk_blocks=8, layerwise=True)
+    hs = req("w", n=13).block_hashes()[:3]
+    tc.evicted([0, 1], hs[:2])
+    assert tc.wait_idle()
+    r = req("res", n=13)
+    assert tc.step_tokens(r, 0) == 2 * BS
+    tc.evicted([2], hs[2:3])                            # the host tier's LRU (block 0) goes; disk keeps it
+    assert tc.wait_idle() and hs[0] not in tc.index["host"] and hs[0] in held(tc, "disk")
+    tc.after_alloc(r, [5, 6], 2 * BS)
+    assert not tc.load_in_step(r) and tc._loads == {}
+    assert all(tc.index[t].get(h).pins == 0 for t in tc.index for h in hs if h in tc.index[t])
+    time.sleep(0.05)
+    assert tc.finished_loading() == [] and tc.failed_in_step() == [] and tc.reservation_failed("res") is None
