@@ -7,6 +7,8 @@ TierConnector's."""
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 
 import torch
@@ -14,6 +16,20 @@ import torch
 from pdcluster.kv_transfer.tiers.block_format import staged
 
 log = logging.getLogger("pdcluster.kv_transfer.tiers.connector")
+
+
+WRITER_NICE = 10      # the writer thread's nice increment: off every step's path, it gives way to the engine
+
+
+def _yield_cpu() -> None:
+    """Lower the calling thread's CPU priority (Linux: nice is per thread). The writer's stores are
+    never waited for, while on a host with no core to spare (a CPU worker's engine threads) each of
+    its copies would otherwise take time slices from a step."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + WRITER_NICE, 19))
+    except (AttributeError, OSError):        # no per-thread priority here: the writer runs as it is
+        pass
 
 
 class WriteBehind:
@@ -75,6 +91,7 @@ class WriteBehind:
             st.add(dropped=n)
 
     def _writer(self) -> None:
+        _yield_cpu()
         while True:
             job = self._writes.get()
             try:

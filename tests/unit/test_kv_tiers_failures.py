@@ -288,3 +288,12 @@ def test_a_reservation_whose_host_block_went_meanwhile_loads_nothing(tmp_path):
     assert all(tc.index[t].get(h).pins == 0 for t in tc.index for h in hs if h in tc.index[t])
     time.sleep(0.05)
     assert tc.finished_loading() == [] and tc.failed_in_step() == [] and tc.reservation_failed("res") is None
+
+
+def test_the_writer_thread_runs_at_a_lower_cpu_priority_than_the_engine():
+    tc, _ = make()
+    writer = next(t for t in tc._threads if t.name == "kv-tier-writer")
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert os.getpriority(os.PRIO_PROCESS, writer.native_id) == min(mine + 10, 19)
+    loader = next(t for t in tc._threads if t.name == "kv-tier-layer-loader")    # on a step's path: as the engine
+    assert os.getpriority(os.PRIO_PROCESS, loader.native_id) == mine
