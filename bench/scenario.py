@@ -278,12 +278,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=2,
                    help="baseline/candidate pairs, run alternately (2: B, C, B, C)")
     p.add_argument("--num-prompts", type=int, default=None,
-                   help="override the scenario's request count (shared-prefix: spread over its groups, rounded up)")
-    p.add_argument("--request-rate", type=float, default=None, help="override the scenario's rate (req/s; inf)")
+                   help="override the scenario's request count (shared-prefix: spread over its groups, rounded up; "
+                        "default: the scenario's)")
+    p.add_argument("--request-rate", type=float, default=None,
+                   help="override the scenario's rate (req/s; inf; default: the scenario's)")
     p.add_argument("--seed", type=int, default=0, help="seeds the workload and the arrivals (same for every run)")
     p.add_argument("--goodput", nargs="+", metavar="NAME:MS", default=None,
                    help="override the scenario's SLO targets, e.g. --goodput tpot:250")
-    p.add_argument("--warmup", type=int, default=None, help="unmeasured requests after each cluster start")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="unmeasured requests after each cluster start (default: the scenario's, 4 unless set)")
     p.add_argument("--only", choices=SIDE_NAMES, default=None,
                    help="run one side only (e.g. the baseline while the candidate's flags are not in this build)")
     p.add_argument("--max-requests", type=int, default=None, help="override a trace replay's request count")
@@ -306,8 +309,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "pool, deploy/pools-cpu.yaml (none: peers only)")
     peers.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY),
                        help="max requests in flight, one run each")
-    peers.add_argument("--input-len", type=int, default=None, help="prompt tokens (default 128)")
-    peers.add_argument("--output-len", type=int, default=None, help="output tokens (default 64)")
+    peers.add_argument("--input-len", type=int, default=None, help="prompt tokens (default: 128)")
+    peers.add_argument("--output-len", type=int, default=None, help="output tokens (default: 64)")
 
 
 def trace_override(sc: Scenario, key: str, value) -> Scenario:

@@ -212,7 +212,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--num-prompts", type=int, default=d["num_prompts"], help="requests (random, mixed, sharegpt)")
     run.add_argument("--request-rate", type=float, default=float("inf"), help="req/s; inf = all at once")
     run.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of arrival gaps; 1 = Poisson")
-    run.add_argument("--max-concurrency", type=int, default=None, help="max requests in flight")
+    run.add_argument("--max-concurrency", type=int, default=None, help="max requests in flight (default: no limit)")
     run.add_argument("--seed", type=int, default=d["seed"], help="seeds the dataset and the arrivals")
     run.add_argument("--ignore-eos", action="store_true", help="generate exactly the output length")
     run.add_argument("--goodput", nargs="+", metavar="NAME:MS", default=None,
@@ -223,7 +223,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset", type=_dataset_name, default=d["dataset"], help=" | ".join(DATASETS))
     data.add_argument("--input-len", type=int, default=d["input_len"], help="prompt tokens (per turn in multi-turn)")
     data.add_argument("--output-len", type=int, default=d["output_len"],
-                      help="max output tokens (sharegpt: the reply's word count)")
+                      help="max output tokens (default: 128; sharegpt: the reply's word count)")
     data.add_argument("--range-ratio", type=float, default=d["range_ratio"], help="lengths vary by +-ratio")
     data.add_argument("--num-groups", type=int, default=d["num_groups"], help="shared-prefix groups")
     data.add_argument("--prompts-per-group", type=int, default=d["prompts_per_group"], help="prompts per shared prefix")

@@ -118,7 +118,7 @@ def cmd_serve(a) -> int:
                 http_drain = asyncio.ensure_future(cluster.http.drain(drain_s))
             cut = await cluster.server.drain(drain_s)
             if cluster.http:
-                await http_drain
+                cut += await http_drain
             print(f"drained; {cut} stream(s) cut at the bound" if cut else "drained", flush=True)
         finally:
             print("shutting down ...", flush=True)
@@ -190,10 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=0.0, help="nucleus mass; 0 = off")
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--seed", type=int, default=None, help="seed of a sampled (temperature > 0) completion")
+    g.add_argument("--seed", type=int, default=None,
+                   help="seed of a sampled (temperature > 0) completion (default: none, unseeded)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--addr", default="127.0.0.1:50051", help="the router's gRPC address")
-    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
     g.add_argument("--tls-ca", default=None, help="PEM CA (or the server's own certificate): connect over TLS")
     g.add_argument("--auth-token", default=None,
                    help="bearer token for a server started with --auth-token-file (default: $PDCLUSTER_TOKEN)")

@@ -38,8 +38,8 @@ class ServerSection:
     host: str = field(default="127.0.0.1", metadata={"help": "router bind address"})
     port: int = field(default=50051, metadata={"help": "router gRPC port"})
     http_port: int = field(default=8000, metadata={
-        "help": "OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models) on --host:PORT "
-                "(0 = off)"})
+        "help": "OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, vLLM's /tokenize "
+                "and /detokenize, /health) on --host:PORT (0 = off)"})
     metrics_port: int = field(default=9090, metadata={
         "help": "Prometheus /metrics of the router on --host:PORT (0 = off)"})
     auth_token_file: str | None = field(default=None, metadata={"help": (   # None = no auth

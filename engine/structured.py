@@ -8,6 +8,7 @@ tokenizer and hands each request its own GrammarMatcher. Per step, a constrained
 from __future__ import annotations
 
 import json
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ if TYPE_CHECKING:       # SamplingParams imports this module; the router stays t
     import torch
 
 KINDS = ("json_object", "json_schema")
+ANY_OBJECT = '{"type": "object"}'      # json_object: OpenAI promises an object (xgrammar's builtin: any value)
 MAX_SCHEMA = 64 * 1024          # characters of a schema's JSON text
 
 
@@ -58,11 +60,13 @@ class Grammars:
         g = self._compiled.get(spec)
         if g is None:
             try:
-                g = (self.compiler.compile_builtin_json_grammar() if spec.kind == "json_object"
+                g = (self.compiler.compile_json_schema(ANY_OBJECT) if spec.kind == "json_object"
                      else self.compiler.compile_json_schema(spec.schema, any_whitespace=not spec.compact,
                                                             separators=(", ", ": ") if spec.compact else None))
             except Exception as e:          # xgrammar raises RuntimeError / its own types for bad schemas
-                raise ValueError(f"response_format: unsupported JSON schema ({type(e).__name__})") from None
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                why = re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", why)[:200]     # xgrammar's "[time] file.cc:N: "
+                raise ValueError(f"response_format: unsupported JSON schema ({why})") from None
             self._compiled[spec] = g
             if len(self._compiled) > 64:
                 self._compiled.popitem(last=False)

@@ -97,7 +97,8 @@ class PrefillWorker:
 
         def add(engine: LLMEngine):
             self.fence.check(request_id)
-            one = replace(params, max_tokens=len(output_ids) + 1, stop=())     # the next token only
+            nxt = len(output_ids) + 1                       # the next token only (min_tokens past it: EOS masked)
+            one = replace(params, max_tokens=nxt, stop=(), min_tokens=min(params.min_tokens, nxt))
             req = engine.add_request(prompt_ids, one, request_id, cache_salt, detokenize=False, output_ids=output_ids)
             if dest is not None:
                 n = -(-req.num_prefill_tokens // engine.cfg.cache.block_size) - dest.skip_blocks

@@ -33,10 +33,12 @@ class TokenAuth:
         return cls(tokens)
 
     def tenant(self, authorization: str | None) -> str | None:
-        """The tenant for an `authorization: Bearer <token>` value, or None. Constant time per token."""
-        if not authorization or not authorization.startswith("Bearer "):
+        """The tenant for an `authorization: Bearer <token>` value (the scheme's name in any case, as HTTP
+        has it: RFC 9110 11.1), or None. Constant time per token."""
+        scheme, _, given = (authorization or "").strip().partition(" ")
+        if scheme.lower() != "bearer":
             return None
-        given = authorization[len("Bearer "):].strip().encode()
+        given = given.strip().encode()
         found = None
         for token, tenant in self._tokens:
             if hmac.compare_digest(given, token):

@@ -47,7 +47,7 @@ def make_sampling(prefix: str, vocab_size: int, *, max_tokens: int, temperature:
     def bad(field: str, msg: str) -> InvalidRequest:
         return InvalidRequest(f"{prefix}{field} {msg}", param=field)
     if max_tokens < 1:
-        raise bad("max_tokens", "is required and must be >= 1")
+        raise bad("max_tokens", f"must be >= 1, got {max_tokens}" + (" (0: not set; it is required)" if prefix else ""))
     if len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise bad("stop_token_ids", f"holds {len(stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS}")
     if len(stop) > 64 or any(len(x) > 1024 for x in stop):

@@ -197,7 +197,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo", default="ttft:2000,tpot:50", help="TTFT and mean TPOT targets, milliseconds")
     p.add_argument("--attain", type=float, default=0.9, help="fraction of requests that must meet the SLO")
     p.add_argument("--budget", type=float, default=None, help="most dollars per hour (default: no limit)")
-    p.add_argument("--duration-s", type=float, default=None, help="use the trace's first this many seconds")
+    p.add_argument("--duration-s", type=float, default=None,
+                   help="use the trace's first this many seconds (default: all of it)")
     p.add_argument("--rate-scale", type=float, default=1.0, help="arrival rate multiplier")
     p.add_argument("--max-instances", type=int, default=64, help="largest fleet (both pools) tried")
     p.add_argument("--host-cache-gb", type=float, default=0.0,

@@ -93,11 +93,13 @@ class Router:
         finally:
             trace.status = trace.status or "error"
             self.in_flight.discard(request_id)
-            await run.aclose()   # run's own cleanup (aborts on the workers) before the figures are final
-            e2e = time.perf_counter() - trace.t0
-            ttft = trace.t_first - trace.t0 if trace.t_first is not None else None
-            self.metrics.finished(trace.status, ttft, e2e, trace.n_out)
-            log_request(request_id, trace, len(prompt_ids), ttft, e2e)
+            try:
+                await run.aclose()   # run's own cleanup (aborts on the workers) before the figures are final
+            finally:                 # ... which a repeated cancellation may cut short: counted all the same
+                e2e = time.perf_counter() - trace.t0
+                ttft = trace.t_first - trace.t0 if trace.t_first is not None else None
+                self.metrics.finished(trace.status, ttft, e2e, trace.n_out)
+                log_request(request_id, trace, len(prompt_ids), ttft, e2e)
 
     # admission
     def _admit(self, request_id: str, n_prompt: int, max_tokens: int, deadline_s: float | None) -> None:

@@ -75,9 +75,9 @@ class RequestRun:
                 finally:
                     workers.charge(attempt.decode_worker, 0, -1)
         finally:
-            if not self.finished and self.holders:
+            self.trace.n_out, self.trace.cached = len(self.out), self.cached     # first: a cancellation
+            if not self.finished and self.holders:                              # may end the await below
                 await asyncio.shield(workers.abort(self.attempt_id, self.holders))
-            self.trace.n_out, self.trace.cached = len(self.out), self.cached
 
     # steps
     async def _place(self) -> Attempt | None:

@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API on the router (FastAPI; served by uvicorn in the router's process,
-router/openai/server.py): /v1/completions, /v1/chat/completions, /v1/models, /health.
+router/openai/server.py): /v1/completions, /v1/chat/completions, /v1/models (and /v1/models/{id}),
+/tokenize, /detokenize, /health.
 
 Every completion goes through Router.generate, the path gRPC takes: placement, migration, admission,
 metrics and the per-tenant prefix-cache salt are shared. Errors use OpenAI's body
@@ -18,7 +19,7 @@ from contextlib import aclosing
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdcluster.router.lifecycle.choices import choice_events
@@ -43,11 +44,15 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
     if kind == "json_invalid":
         return OpenAIError(400, f"the body is not valid JSON ({ctx.get('error', msg)})", code="invalid_json")
     loc = list(err.get("loc", ()))
+    loc = loc[1:] if loc[:1] == ["body"] else loc
+    key = loc.pop() if kind == "extra_forbidden" and loc else None    # the unknown field's own name, as sent
     path = []
-    for x in loc[1:] if loc[:1] == ["body"] else loc:
+    for x in loc:
         if not isinstance(x, int) and (not x.isidentifier() or x in TYPE_TAGS):
             break
         path.append(str(x))
+    if key is not None:
+        path.append(str(key))
     param = ".".join(path) or None
     if kind == "extra_forbidden":
         return OpenAIError(400, f"unsupported parameter {param!r}", param=param, code="unsupported_parameter")
@@ -63,9 +68,14 @@ class Api:
         self.router, self.model, self.vocab_size, self.auth = router, model_name, vocab_size, auth
         self.slow_reader_timeout_s = slow_reader_timeout_s   # a stream write stalled this long ends it (sse.py)
         self.draining = False
+        self.cut = asyncio.Event()          # set at the drain bound: responses still running end with 503
+        self.cut_reason = ""
         # tokenizing a long prompt is CPU work: one thread, never the event loop
         self.tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-tokenize")
         self.tokenize.submit(max_token_bytes, router.tokenizer)
+
+    def cut_error(self) -> OpenAIError:
+        return OpenAIError(503, self.cut_reason or "the server is shutting down", "service_unavailable")
 
     @staticmethod
     def tenant(request: Request) -> str | None:
@@ -110,10 +120,20 @@ def _routes(api: Api) -> FastAPI:
         ok = api.router.ready() and not api.draining
         return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
+    def model_card() -> dict:
+        return {"id": api.model, "object": "model", "created": 0, "owned_by": "pdcluster",
+                "max_model_len": api.router.context_tokens}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": api.model, "object": "model", "created": 0, "owned_by": "pdcluster",
-                                            "max_model_len": api.router.context_tokens}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):            # OpenAI's retrieve: the served model, else 404
+        if model != api.model:
+            raise OpenAIError(404, f"model {model!r} is not served here (GET /v1/models)", param="model",
+                              code="model_not_found")
+        return model_card()
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
@@ -163,21 +183,64 @@ async def respond(api: Api, body, request: Request, chat: bool):
         raise as_openai(e) from None
     base = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     events = choice_events(api.router, job.choices(base), tenant)
-    try:
-        first = await anext(events)         # errors before any token are an HTTP status
-    except StopAsyncIteration:
-        first = None
+    try:                                    # errors before any token are an HTTP status
+        first = await unless_gone(request, _first(events), api)
+    except ClientGone:                      # left during the prefill: its choices are cancelled
+        await events.aclose()
+        return Response(status_code=CLIENT_GONE)
     except Exception as e:                  # noqa: BLE001
         await events.aclose()
         raise as_openai(e) from None
     opts = body.stream_options if body.stream else None
     stream = Stream(api, job, base, chat, bool(opts and opts.include_usage),
                     bool(opts and opts.include_usage and opts.continuous_usage_stats))
-    if body.stream:
-        return SSEResponse(stream.sse(first, events), api.slow_reader_timeout_s)
+    if body.stream:                         # from here the response watches its client and the drain (sse.py)
+        return SSEResponse(stream.sse(first, events), api.slow_reader_timeout_s, api.cut, api.cut_error)
     async with aclosing(events):
-        await stream.collect(first, events)
+        try:
+            await unless_gone(request, stream.collect(first, events), api)
+        except ClientGone:
+            return Response(status_code=CLIENT_GONE)
     return stream.whole()
+
+
+CLIENT_GONE = 499           # nginx's "client closed request": never seen by the client, which has left
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its response was ready."""
+
+
+async def _first(events):
+    try:
+        return await anext(events)
+    except StopAsyncIteration:
+        return None
+
+
+async def unless_gone(request: Request, work, api: Api):
+    """work's result, unless the client disconnects first (ClientGone) or the server's drain bound
+    passes (api.cut: the 503 OpenAIError): then work is cancelled (a cancelled choice stream aborts
+    its request on every worker, its KV blocks freed)."""
+    task = asyncio.ensure_future(work)
+    gone, cut = asyncio.ensure_future(_disconnect(request)), asyncio.ensure_future(api.cut.wait())
+    try:
+        await asyncio.wait((task, gone, cut), return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        if gone.done():
+            raise ClientGone
+        raise api.cut_error()
+    finally:
+        for t in (task, gone, cut):
+            t.cancel()
+        await asyncio.gather(task, gone, cut, return_exceptions=True)
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client has gone (the body is read by now: nothing else comes but that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class Stream:

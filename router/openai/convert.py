@@ -166,6 +166,9 @@ def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size:
     bias = logit_bias_of(req.logit_bias)
     params = []
     for ids in prompts:
+        if max_tokens is None and len(ids) >= max_context:
+            raise InvalidRequest(f"the prompt ({len(ids)} tokens) fills the {max_context}-token context: no room for "
+                                 "output", param="messages" if chat else "prompt")
         p = make_sampling("", vocab_size, max_tokens=max_tokens if max_tokens is not None else max_context - len(ids),
                           temperature=req.temperature, top_p=req.top_p, top_k=0 if req.top_k == -1 else req.top_k, min_p=req.min_p,
                           seed=req.seed, stop=stop, stop_token_ids=req.stop_token_ids or [],
@@ -173,7 +176,8 @@ def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size:
                           frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
                           logprobs=logprobs, structured=structured, min_tokens=req.min_tokens,
                           logit_bias=bias, prompt_logprobs=logprobs if echo is not None else None)
-        check_fits(ids, p, max_context, "max_completion_tokens" if chat else "max_tokens")
+        check_fits(ids, p, max_context, "max_completion_tokens" if chat and req.max_completion_tokens is not None
+                   else "max_tokens")
         try:
             check_structured(p, tokenizer, vocab_size)
         except InvalidRequest as e:

@@ -1,14 +1,25 @@
 """OpenAI request bodies as pydantic models, the fields vLLM accepts. An unknown field is an error
-(400 naming it), never ignored."""
+(400 naming it), never ignored. An explicit null is the field's default, as OpenAI's and vLLM's
+servers read it ("temperature": null is temperature 1)."""
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        """Drop a null given for a field that has a non-null default (a required field keeps it: its error names it)."""
+        if not isinstance(data, dict):
+            return data
+        fields = {f.alias or name: f for name, f in cls.model_fields.items()} | cls.model_fields
+        return {k: v for k, v in data.items()
+                if v is not None or (f := fields.get(k)) is None or f.is_required() or f.default is None}
 
 
 class StreamOptions(Strict):

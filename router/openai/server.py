@@ -49,14 +49,25 @@ class HttpServer:
                 raise RuntimeError(f"the OpenAI HTTP endpoint on {self.host}:{self.port} did not start")
             await asyncio.sleep(0.01)
 
-    async def drain(self, timeout_s: float) -> None:
-        """New requests get 503; requests in flight (streams) may finish within timeout_s. An idle
-        keep-alive connection holds no request task and is not waited for."""
+    async def drain(self, timeout_s: float) -> int:
+        """New requests get 503; requests in flight (streams) may finish within timeout_s. Those left
+        then end with 503 naming the bound (a stream: an error event, then [DONE]), their choices
+        cancelled on the workers. Returns how many were cut. An idle keep-alive connection holds no
+        request task and is not waited for."""
         self.api.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while self.server.server_state.tasks and loop.time() < deadline:
+        tasks = self.server.server_state.tasks
+        while tasks and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        left = len(tasks)
+        if left:
+            self.api.cut_reason = f"the server is shutting down: request cut after the {timeout_s:g}s drain bound"
+            self.api.cut.set()
+            end = loop.time() + 10.0        # each ends once its workers have its abort
+            while tasks and loop.time() < end:
+                await asyncio.sleep(0.05)
+        return left
 
     async def stop(self) -> None:
         if self._task is None:

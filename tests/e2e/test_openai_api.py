@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API (router/openai/) driven by the official `openai` client, sync and
 async, on the shared e2e cluster; greedy output over HTTP equals gRPC's, token for token."""
 import json
+import logging
 
 import grpc
 import httpx
@@ -18,8 +19,32 @@ MODEL = "SmolLM2-135M-Instruct"
 
 def test_models_and_health(cluster, client, model):
     assert model.startswith("SmolLM2") and sync(cluster, client.models.list).data[0].max_model_len > 0
+    assert sync(cluster, lambda: client.models.retrieve(model)).id == model
+    with pytest.raises(openai.NotFoundError):
+        sync(cluster, lambda: client.models.retrieve("gpt-4"))
     r = sync(cluster, lambda: httpx.get(f"http://127.0.0.1:{cluster.http.port}/health"))
     assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_an_explicit_null_is_the_field_s_default(cluster, model):
+    """As OpenAI's and vLLM's servers read it; a required field's null is still refused."""
+    nulls = dict.fromkeys(("temperature", "top_p", "n", "stream", "echo", "presence_penalty", "frequency_penalty",
+                           "top_k", "min_tokens", "ignore_eos", "seed", "stop", "logprobs", "stream_options"))
+    url = base_url(cluster)
+
+    def go():
+        whole = httpx.post(f"{url}/completions", timeout=60, json={"model": model, "prompt": PROMPTS[0],
+                                                                   "max_tokens": 4, **nulls})
+        chat = httpx.post(f"{url}/chat/completions", timeout=60, json={
+            "model": model, "messages": [{"role": "user", "content": "Hi", "name": None}], "max_tokens": 4,
+            "logprobs": None, "parallel_tool_calls": None, "tools": None, "temperature": None})
+        required = httpx.post(f"{url}/completions", timeout=60, json={"model": model, "prompt": None})
+        return whole, chat, required
+    whole, chat, required = sync(cluster, go)
+    assert whole.status_code == 200 and len(whole.json()["choices"]) == 1, whole.text     # n: 1, not streamed
+    assert whole.json()["usage"]["completion_tokens"] == 4
+    assert chat.status_code == 200 and chat.json()["choices"][0]["logprobs"] is None, chat.text
+    assert required.status_code == 400 and required.json()["error"]["param"] == "prompt"
 
 
 def test_the_served_context_is_what_the_kv_pools_hold_and_chat_without_max_tokens_fits_it(cluster, client, model):
@@ -125,6 +150,7 @@ def test_json_schema_response_parses_and_validates(cluster, client, model):
 
 @pytest.mark.parametrize("kw, status, param", [
     (dict(frobnicate=1), 400, "frobnicate"),                       # unknown: never silently ignored
+    ({"max-tokens": 4}, 400, "max-tokens"),                        # named even when not an identifier
     (dict(max_tokens=0), 400, "max_tokens"),
     (dict(temperature=-1), 400, "temperature"),
     (dict(logprobs=21), 400, "logprobs"),
@@ -155,8 +181,16 @@ def test_bad_input_gets_an_openai_error_and_leaks_nothing(cluster, model, kw, st
     assert ok.status_code == 200                                   # and the next request is served
 
 
-def test_logit_bias_and_min_tokens_cross_the_cluster_over_http_and_grpc(cluster, client, model):
-    """The prefill worker samples the first token and the decode worker the rest: both apply them."""
+def done_lines(caplog) -> list[dict]:
+    """The router's per-request lines (router/lifecycle/log.py) captured so far."""
+    return [r.request for r in caplog.records if hasattr(r, "request")]
+
+
+def test_logit_bias_and_min_tokens_cross_the_cluster_over_http_and_grpc(cluster, client, model, caplog):
+    """The prefill worker samples the first token and the decode worker the rest: both apply them.
+    And they prefill remotely: min_tokens past the prefill's one token was refused there, and every
+    such request fell back to a local prefill ("placing again")."""
+    caplog.set_level(logging.INFO, logger="pdcluster.router")
     forced = sync(cluster, lambda: client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6,
                                                              temperature=0.7, seed=3, logit_bias={"42": 100}))
     assert forced.choices[0].text == cluster.router.tokenizer.decode([42] * 6)
@@ -176,9 +210,48 @@ def test_logit_bias_and_min_tokens_cross_the_cluster_over_http_and_grpc(cluster,
                                                                 temperature=0, extra_body={"min_tokens": m}))
     assert held.usage.completion_tokens >= m
     assert held.choices[0].message.content.startswith(free.choices[0].message.content)
+    assert not [r for r in caplog.records if "placing again" in r.getMessage()]
+    assert {r["kind"] for r in done_lines(caplog)} == {"remote"}
 
 
-def test_a_client_gone_mid_stream_frees_its_blocks(cluster, model):
+def test_a_client_gone_before_its_whole_answer_frees_its_blocks(cluster, model, caplog):
+    """A non-streamed request whose client leaves is cancelled on every worker, as a stream is; before,
+    it generated to max_tokens for no one."""
+    caplog.set_level(logging.INFO, logger="pdcluster.router")
+
+    async def go():
+        async with httpx.AsyncClient(timeout=httpx.Timeout(60, read=2.0)) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                await c.post(f"{base_url(cluster)}/completions", json={
+                    "model": model, "prompt": "Tell a very long story.", "max_tokens": 1500, "ignore_eos": True})
+        return await idle_pools(cluster, timeout=10.0)     # 1,500 tokens take far longer than that here
+    cluster.run(go())
+    line = done_lines(caplog)[-1]
+    assert line["status"] == "cancelled" and 0 < line["completion"] < 1500
+
+
+def test_a_stream_whose_client_leaves_during_the_prefill_never_gets_a_first_token(cluster, model, caplog):
+    """The client leaves while its ~1,800-token prompt is being prefilled: the request is cancelled
+    then, not when its first token finds the client gone."""
+    caplog.set_level(logging.INFO, logger="pdcluster.router")
+    prompt = [9 + (i * 7) % 40000 for i in range(1800)]          # token ids: no prefix of them is cached
+
+    async def go():
+        async with httpx.AsyncClient(timeout=httpx.Timeout(60, read=0.3)) as c:
+            with pytest.raises(httpx.ReadTimeout):
+                async with c.stream("POST", f"{base_url(cluster)}/completions", json={
+                        "model": model, "prompt": prompt, "max_tokens": 16, "stream": True}) as r:
+                    async for _ in r.aiter_lines():
+                        pass
+        return await idle_pools(cluster)
+    cluster.run(go())
+    line = [r for r in done_lines(caplog) if r["prompt"] == len(prompt)][-1]
+    assert line["status"] == "cancelled" and line["ttft_ms"] is None and line["completion"] == 0, line
+
+
+def test_a_client_gone_mid_stream_frees_its_blocks(cluster, model, caplog):
+    caplog.set_level(logging.INFO, logger="pdcluster.router")
+
     async def go():
         async with httpx.AsyncClient(timeout=60) as c:
             async with c.stream("POST", f"{base_url(cluster)}/completions",
@@ -189,6 +262,8 @@ def test_a_client_gone_mid_stream_frees_its_blocks(cluster, model):
                         break                                      # leave after the first chunk
         return await idle_pools(cluster)
     cluster.run(go())
+    line = done_lines(caplog)[-1]
+    assert line["status"] == "cancelled" and line["completion"] >= 1       # what went out is counted
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -253,7 +328,7 @@ def test_without_a_valid_token_every_request_is_401_before_its_body_is_looked_at
                              await c.get("/v1/nope", headers=h)]
             health = await c.get("/health")
             ok = await c.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 2},
-                              headers={"authorization": f"Bearer {token}"})
+                              headers={"authorization": f"bearer {token}"})     # the scheme in any case
             return out, health, ok
     try:
         out, health, ok = cluster.run(go())

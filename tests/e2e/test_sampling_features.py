@@ -66,6 +66,9 @@ def test_json_object_output_is_one_json_object(llm):
     assert isinstance(json.loads(out.text), dict)
     with pytest.raises(ValueError):
         json.loads(plain.text)                                          # unconstrained, it is prose
+    arr = llm.generate(["Three numbers as a JSON array: [1, 2, 3]. Again:"], SamplingParams(
+        max_tokens=40, temperature=0, structured=StructuredOutput("json_object")))[0]
+    assert isinstance(json.loads(arr.text), dict)       # OpenAI's promise; any JSON value gave "[1, 2, 3, 4, ...]"
 
 
 @pytest.mark.parametrize("spec, field", [
