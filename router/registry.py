@@ -57,7 +57,10 @@ class WorkerRegistry:
         self.telemetry.remove_worker(worker_id)
 
     def ready(self) -> bool:
-        return bool(self.decode) and (bool(self.prefill) or not self.cfg.remote_prefill)
+        """A healthy decode-capable worker, and a healthy prefill worker where prefills go remote."""
+        def up(pool) -> bool:
+            return any(w in self.loads and self.loads[w].healthy for w in pool)
+        return up(self.decode) and (up(self.prefill) or not self.cfg.remote_prefill)
 
     def loads_of(self, role: str) -> list[WorkerLoad]:
         """The role's WorkerLoads in registration order: a new list each call (callers may change it),

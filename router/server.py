@@ -111,6 +111,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.port = 0                   # the bound port, set by RouterServer (conn_reset matches on it)
         self.draining = False           # set by RouterServer.drain: new calls get UNAVAILABLE
         self._calls: set[asyncio.Task] = set()      # Generate handlers in progress
+        self._client_ids: set[tuple] = set()         # (tenant, request_id) of the clients' named requests in flight
         self._cut: str | None = None    # why the calls left after a drain are being ended
         # Tokenizing a long prompt is CPU work (a 600 KB text: ~1 s): it runs on this thread, never
         # on the event loop. One thread: a fast tokenizer must not be entered by two at once.
@@ -133,14 +134,26 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def _generate(self, request, context, task) -> None:
         r = self.router
         first = True
+        rid = request.request_id or uuid.uuid4().hex
+        tenant = tenant_of(context, self.auth)
+        key = (tenant, rid) if request.request_id else None
+        mine = False                        # this call holds key in _client_ids
         try:
+            if key in self._client_ids:
+                raise InvalidRequest(f"request_id {rid!r} is already in flight", code="ALREADY_EXISTS")
+            if key is not None:
+                self._client_ids.add(key)
+                mine = True
+            r.check_room()                  # a full queue is answered before the tokenizing
             parsed = await asyncio.get_running_loop().run_in_executor(
                 self._tokenize, parse_request, request, r.tokenizer, self.vocab_size, r.context_tokens)
-            rid = request.request_id or uuid.uuid4().hex
-            # n > 1: choice j is request f"{rid}-{j}" at the router; its messages carry index j
-            choices = [Choice(rid if parsed.n == 1 else f"{rid}-{j}", parsed.prompt_ids, p)
+            # The id the workers know is the client's made unique: a retry under the same request_id
+            # is a new request there (never fenced by the old one's abort), and no tenant's id can
+            # meet another's. n > 1: choice j is f"{wid}-{j}"; its messages carry index j.
+            wid = f"{rid}@{uuid.uuid4().hex[:12]}"
+            choices = [Choice(wid if parsed.n == 1 else f"{wid}-{j}", parsed.prompt_ids, p)
                        for j, p in enumerate(choice_params(parsed.params, parsed.n))]
-            events = choice_events(r, choices, tenant_of(context, self.auth), context.time_remaining())
+            events = choice_events(r, choices, tenant, context.time_remaining())
             async with contextlib.aclosing(events):
                 async for k, ev in events:
                     msg = pb.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=ev.text, index=k,
@@ -182,6 +195,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             log.exception("request failed")
             await context.abort(grpc.StatusCode.UNAVAILABLE if first else grpc.StatusCode.INTERNAL,
                                 f"request failed: {e}")
+        finally:
+            if mine:
+                self._client_ids.discard(key)
 
     async def _cut_off(self, context, reason: str) -> None:
         """A slow reader's request is already cancelled (its KV freed). Its status waits behind the
@@ -230,10 +246,25 @@ class RouterServer:
         self.port = self.servicer.port = bind_grpc(self.server, host, port, "the router's gRPC endpoint", "--port",
                                                    creds)
         self.host = host
+        self._health: asyncio.Task | None = None      # _follow_health, from start until the drain
+        self._serving = False
 
     async def start(self) -> None:
         await self.server.start()
-        await self.set_serving(self.router.ready())
+        self._serving = self.router.ready()
+        await self.set_serving(self._serving)
+        self._health = asyncio.ensure_future(self._follow_health())
+
+    async def _follow_health(self, every_s: float = 1.0) -> None:
+        """Health follows the workers until the drain: SERVING while the router has a healthy worker of
+        each role it needs (Router.ready), NOT_SERVING while it has not (every decode worker lost, hung
+        or retired), so a load balancer stops sending what could only fail."""
+        while True:
+            await asyncio.sleep(every_s)
+            ok = self.router.ready()
+            if ok != self._serving and not self.servicer.draining:
+                self._serving = ok
+                await self.set_serving(ok)
 
     async def set_serving(self, ok: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -245,6 +276,8 @@ class RouterServer:
         flight run to their end for up to timeout_s; those left then end with UNAVAILABLE (their
         requests cancelled on the workers). Returns how many were cut."""
         self.servicer.draining = True
+        if self._health is not None:
+            self._health.cancel()
         await self.set_serving(False)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -264,6 +297,8 @@ class RouterServer:
         return len(left)
 
     async def stop(self, grace: float = 2.0) -> None:
+        if self._health is not None:
+            self._health.cancel()
         await self.server.stop(grace)
         self.servicer._tokenize.shutdown(wait=False, cancel_futures=True)
 

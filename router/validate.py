@@ -66,7 +66,7 @@ def make_sampling(prefix: str, vocab_size: int, *, max_tokens: int, temperature:
     if worst is not None:
         raise bad("logit_bias", f"id {worst} is outside [0, {vocab_size}) (the vocab size)")
     try:
-        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p if top_p > 0 else 1.0,
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=1.0 if top_p == 0 else top_p,
                               top_k=top_k, min_p=min_p, seed=seed, stop=tuple(stop),
                               stop_token_ids=tuple(stop_token_ids), ignore_eos=ignore_eos,
                               presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,

@@ -11,10 +11,14 @@ reproducible.
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 
 from pdcluster.engine.sampling_params import SamplingParams
+from pdcluster.router.lifecycle.run import Event
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,9 +35,10 @@ def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
 
 
 async def choice_events(router, choices: list[Choice], tenant: str | None, deadline_s: float | None = None):
-    """(index into choices, Event) as each choice's stream yields them. An error before a choice's
-    first event is raised here (the other choices are cancelled, their blocks freed); after it, that
-    choice's own stream ends with finish_reason "abort" (Router.generate)."""
+    """(index into choices, Event) as each choice's stream yields them. An error before any event
+    went out is raised here (the other choices are cancelled, their blocks freed); one in a choice
+    placed while others already streamed ends that choice alone, with finish_reason "abort" (as a
+    choice's failure after its own first event does: Router.generate)."""
     if len(choices) == 1:           # one stream: relayed in this task, no queue between
         async with aclosing(_generate(router, choices[0], tenant, deadline_s)) as events:
             async for ev in events:
@@ -53,15 +58,21 @@ async def choice_events(router, choices: list[Choice], tenant: str | None, deadl
             await q.put((k, done))
 
     tasks = [asyncio.ensure_future(pump(k, c)) for k, c in enumerate(choices)]
-    left = len(tasks)
+    left, sent = len(tasks), False
     try:
         while left:
             k, item = await q.get()
             if item is done:
                 left -= 1
-            elif isinstance(item, Exception):
-                raise item
+            elif isinstance(item, Exception) and not sent:
+                raise item                  # nothing went out yet: the call's status says why
+            elif isinstance(item, Exception):   # others' tokens went out: this choice alone ends, "abort"
+                log.warning("choice %d of %s failed before its first token (%s: %s); it ends aborted",
+                            k, choices[k].request_id, type(item).__name__, item)
+                yield k, Event([], "", "abort", dict(prompt_tokens=len(choices[k].prompt_ids), completion_tokens=0,
+                                                     cached_prompt_tokens=0))
             else:
+                sent = True
                 yield k, item
     finally:
         for t in tasks:

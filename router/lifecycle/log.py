@@ -1,6 +1,7 @@
 """One logfmt line per request at its end, from a Trace filled in as the request goes."""
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -29,5 +30,13 @@ def log_request(request_id: str, trace: Trace, n_in: int, ttft_s: float | None, 
                kind=("remote" if p.get("remote_prefill") else "local") if p else "-",
                prompt=n_in, completion=trace.n_out, cached=trace.cached, pull=trace.pull,
                ttft_ms=round(ttft_s * 1e3, 1) if ttft_s is not None else None, e2e_ms=round(e2e_s * 1e3, 1))
-    log.info("request done %s", " ".join(f"{k}={'-' if v is None else v}" for k, v in rec.items()),
-             extra={"request": rec})
+    log.info("request done %s", " ".join(f"{k}={_value(v)}" for k, v in rec.items()), extra={"request": rec})
+
+
+def _value(v) -> str:
+    """A logfmt value: quoted (JSON) where it holds a space, '=', a quote or nothing, so that a
+    client's request id cannot add fields of its own to the line."""
+    if v is None:
+        return "-"
+    s = str(v)
+    return json.dumps(s) if not s or any(c in s for c in ' ="\\') else s

@@ -123,7 +123,8 @@ async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: Samp
             r = await d.reserve(attempt_id, ids, replace(params, prompt_logprobs=None), salt, outputs)
         except WorkerLost as e:
             log.warning("reserve of %s: %s; placing again", attempt_id, e)
-            exclude.add(choice.decode)
+            exclude.add(choice.decode)      # a slow worker may have reserved all the same: its abort, retried
+            await workers.abort(attempt_id, [d], lost=choice.decode)     # in the background, frees that
             return None
         if isinstance(r, NoRoom):
             exclude.add(choice.decode)

@@ -107,10 +107,15 @@ class Router:
         if request_id in self.in_flight:
             raise InvalidRequest(f"request_id {request_id!r} is already in flight", code="ALREADY_EXISTS")
         self._check_capacity(n_prompt, max_tokens)
+        self.check_room()
+        self._admit_by_wait(n_prompt, deadline_s)
+
+    def check_room(self) -> None:
+        """Overloaded when the admission queue is full. The APIs ask before they tokenize a request
+        too, so that a full queue is answered at once, not behind other requests' tokenizing."""
         if len(self.in_flight) >= self.cfg.max_in_flight:
             self.metrics.rejected("overloaded")
             raise Overloaded(f"admission queue full ({self.cfg.max_in_flight} requests in flight)")
-        self._admit_by_wait(n_prompt, deadline_s)
 
     def _admit_by_wait(self, n_prompt: int, deadline_s: float | None) -> None:
         """Overloaded (RESOURCE_EXHAUSTED) now when the prompt's prefill could not start within

@@ -111,9 +111,9 @@ class RequestRun:
             reason = "stop" if self.detok.stopped else finish_reason(    # the engine's own rule
                 first, len(self.out), len(self.ids) + len(self.out), self.params, self.router.eos,
                 self.router.max_context)
-            if reason:                          # the decode worker holds a reservation: free it
-                self.finished = True
-                await self.router.workers.abort(self.attempt_id, self.holders[:1])
+            if reason:                          # the decode worker holds a reservation: free it (shielded:
+                self.finished = True            # finished now, events() sends no abort of its own)
+                await asyncio.shield(self.router.workers.abort(self.attempt_id, self.holders[:1]))
             yield self._event([first], text, reason, attempt.placement,
                               [attempt.first_logprobs] if attempt.first_logprobs else [], attempt.prompt_logprobs)
             if reason:
@@ -122,12 +122,13 @@ class RequestRun:
         async for item in stream:
             if not self.cached and item.num_cached_tokens and self.migrations == 0:
                 self.cached = item.num_cached_tokens
-            text = self._push(item.token_ids)
+            toks, text = self._push_until_stop(item.token_ids)
             reason = item.finish_reason if item.finished else None
-            if self.detok.stopped and reason is None:   # a stop string the worker does not know
+            if self.detok.stopped:              # a stop string (the worker does not know them): it wins
+                if reason is None:
+                    await self.router.workers.abort(self.attempt_id, self.holders[:1])
                 reason = "stop"
-                await self.router.workers.abort(self.attempt_id, self.holders[:1])
-            yield self._event(item.token_ids, text, reason, attempt.placement, list(item.logprobs),
+            yield self._event(toks, text, reason, attempt.placement, list(item.logprobs)[:len(toks)],
                               item.prompt_logprobs)
             if reason:
                 return
@@ -153,6 +154,19 @@ class RequestRun:
     def _push(self, toks: list[int]) -> str:
         self.out += toks
         return self.detok.push(toks) if toks else ""
+
+    def _push_until_stop(self, toks: list[int]) -> tuple[list[int], str]:
+        """(the tokens up to the one that completes a stop string, all of them where none does; their
+        text). A worker's item can carry several tokens (its queue merges them): those after the stop
+        are neither sent nor counted, as the engine itself drops them."""
+        if not self.params.stop or len(toks) < 2:
+            return toks, self._push(toks)
+        text = ""
+        for i, t in enumerate(toks):
+            text += self._push([t])
+            if self.detok.stopped:
+                return toks[:i + 1], text
+        return toks, text
 
     def _event(self, toks: list[int], text: str, reason: str | None, placement: dict,
                logprobs: list[TokenLogprobs], prompt_logprobs: tuple[TokenLogprobs, ...] = ()) -> Event:

@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pdcluster.router.errors import Overloaded
 from pdcluster.router.lifecycle.choices import choice_events
 from pdcluster.router.openai import convert
 from pdcluster.router.openai.bearer import BearerGate
@@ -86,6 +87,7 @@ class Api:
         if self.draining:
             raise OpenAIError(503, "the server is shutting down: retry on another", "service_unavailable")
         r = self.router
+        r.check_room()                      # a full queue is answered before the tokenizing
         return await asyncio.get_running_loop().run_in_executor(
             self.tokenize, convert.parse, body, r.tokenizer, self.vocab_size, r.context_tokens)
 
@@ -179,7 +181,7 @@ async def respond(api: Api, body, request: Request, chat: bool):
     check_model(api, body)
     try:
         job = await api.job(body)
-    except InvalidRequest as e:
+    except (InvalidRequest, Overloaded) as e:
         raise as_openai(e) from None
     base = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     events = choice_events(api.router, job.choices(base), tenant)

@@ -158,6 +158,68 @@ def test_duplicate_in_flight_request_id(cluster):
     assert first[-1].usage.completion_tokens == 60
 
 
+def test_a_request_id_is_the_client_s_whatever_n_and_free_again_once_it_ends(cluster, caplog):
+    """A named request with n = 2 in flight holds its id for n = 1 too (its choices are not "x-0",
+    "x-1" to the check). And once it ends (here: cancelled mid-stream, which aborts it on both
+    workers), the id is free: the retry prefills remotely again. Before, the workers knew the
+    client's id itself, and the prefill worker's abort fence refused the retry for 10 minutes."""
+    import logging
+    caplog.set_level(logging.INFO, logger="pdcluster.router")
+
+    async def go():
+        async with grpc.aio.insecure_channel(cluster.address) as ch:
+            stub = pbg.GenerationStub(ch)
+            two = pb.GenerateRequest(request_id="twice", text="Count to one hundred:",
+                                     sampling=pb.SamplingParams(max_tokens=40, ignore_eos=True, n=2))
+            t = asyncio.ensure_future(collect(stub, two))
+            await asyncio.sleep(0.3)
+            with pytest.raises(grpc.aio.AioRpcError) as dup:
+                await collect(stub, greedy(text="x", max_tokens=2, rid="twice"))
+            await t
+            cut = await collect(stub, pb.GenerateRequest(request_id="again", text="Tell me a long story.",
+                                sampling=pb.SamplingParams(max_tokens=200, ignore_eos=True)), cancel_after=3)
+            await idle_pools(cluster)
+            retry = await collect(stub, pb.GenerateRequest(request_id="again", text="Tell me a long story.",
+                                  sampling=pb.SamplingParams(max_tokens=4, ignore_eos=True)))
+            return dup.value, cut, retry
+    dup, cut, retry = cluster.run(go())
+    assert dup.code() == grpc.StatusCode.ALREADY_EXISTS and len(cut) == 3
+    assert retry[-1].usage.completion_tokens == 4 and {m.request_id for m in retry} == {"again"}
+    lines = [r.request for r in caplog.records if hasattr(r, "request") and r.request["id"].startswith("again@")]
+    assert [(x["status"], x["kind"]) for x in lines] == [("cancelled", "remote"), ("length", "remote")], lines
+
+
+def test_health_follows_the_workers(cluster):
+    """gRPC health is NOT_SERVING while the router has no healthy worker of a role it needs (here
+    Router.ready made to say so), and SERVING again after, without a restart."""
+    r = cluster.router
+
+    async def status(stub):
+        return (await stub.Check(health_pb2.HealthCheckRequest())).status
+
+    async def go():
+        async with grpc.aio.insecure_channel(cluster.address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            seen = [await status(stub)]
+            r.ready = lambda: False
+            try:
+                for _ in range(40):
+                    await asyncio.sleep(0.1)
+                    if (s := await status(stub)) != seen[-1]:
+                        seen.append(s)
+                        break
+            finally:
+                del r.ready
+            for _ in range(40):
+                await asyncio.sleep(0.1)
+                if (s := await status(stub)) != seen[-1]:
+                    seen.append(s)
+                    break
+            return seen
+    S = health_pb2.HealthCheckResponse
+    assert cluster.run(go()) == [S.SERVING, S.NOT_SERVING, S.SERVING]
+
+
 def test_health_reflection_and_model_info(cluster):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

@@ -372,7 +372,8 @@ def test_grpc_n_choices_carry_their_index_and_equal_http_s_choices(cluster, mode
 
 def test_echo_with_logprobs_gives_the_prompt_s_logprobs_as_transformers_does(cluster, client, model, hf_ref):
     """lm-eval's loglikelihood request (echo, logprobs, max_tokens 1), prefilled remotely, and over gRPC with
-    the cost model's local prefill: every prompt token's logprob from the reference's own forward."""
+    a local prefill (the cost model kept local: left free, it may choose either by the rates it has learnt
+    so far): every prompt token's logprob from the reference's own forward."""
     import torch
     from pdcluster.router.placement import make_policy
     text = "The capital of France is Paris"
@@ -403,7 +404,7 @@ def test_echo_with_logprobs_gives_the_prompt_s_logprobs_as_transformers_does(clu
     async def local():
         r = cluster.router
         old = r.policy
-        r.policy = make_policy("cost-model", index=r.index, telemetry=r.telemetry)
+        r.policy = make_policy("cost-model", index=r.index, telemetry=r.telemetry, remote_prefill=False)
         try:
             async with grpc.aio.insecure_channel(cluster.address) as ch:
                 return await collect(pbg.GenerationStub(ch), pb.GenerateRequest(

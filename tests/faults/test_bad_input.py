@@ -67,6 +67,8 @@ MATRIX = [
     ("temperature NaN", ser(req(temperature=float("nan"))), INVALID, "temperature"),
     ("top_p > 1", ser(req(top_p=1.5)), INVALID, "top_p"),
     ("top_p inf", ser(req(top_p=float("inf"))), INVALID, "top_p"),
+    ("top_p < 0", ser(req(top_p=-0.5)), INVALID, "top_p"),          # was taken as unset (1.0)
+    ("top_p NaN", ser(req(top_p=float("nan"))), INVALID, "top_p"),
     ("token id = vocab", ser(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, VOCAB]),
                                                 sampling=pb.SamplingParams(max_tokens=2))), INVALID, "vocab"),
     ("token id 2^32-1", ser(pb.GenerateRequest(token_ids=pb.TokenIds(ids=[2**32 - 1]),
@@ -471,6 +473,7 @@ HTTP_MATRIX = [
     ("temperature Infinity", COMPLETIONS, {"temperature": INF}, 400, "temperature"),
     ("top_p 1.5", COMPLETIONS, {"top_p": 1.5}, 400, "top_p"),
     ("top_p 0 (not 'unset' here)", COMPLETIONS, {"top_p": 0}, 400, "top_p"),
+    ("top_p < 0", COMPLETIONS, {"top_p": -0.5}, 400, "top_p"),
     ("top_k -2", COMPLETIONS, {"top_k": -2}, 400, "top_k"),
     ("top_k > vocab", COMPLETIONS, {"top_k": VOCAB + 1}, 400, "top_k"),
     ("min_p 2", COMPLETIONS, {"min_p": 2}, 400, "min_p"),

@@ -41,7 +41,8 @@ async def _run(c, ids, rid):
 
 def _pull_of(caplog, rid) -> tuple[str, int] | None:
     """(holder, blocks) of the request's peer pull, from its `request done` log record; None: no pull."""
-    rec = next(r.request for r in caplog.records if getattr(r, "request", {}).get("id") == rid)
+    rec = next(r.request for r in caplog.records                # the workers' id: the client's + "@..."
+               if getattr(r, "request", {}).get("id", "").partition("@")[0] == rid)
     return (rec["pull"].rsplit(":", 1)[0], int(rec["pull"].rsplit(":", 1)[1])) if rec["pull"] else None
 
 

@@ -66,3 +66,27 @@ def test_a_plain_fast_tokenizer_decodes_through_its_rust_half_and_a_custom_one_d
     custom = Custom.__new__(Custom)
     custom.__dict__.update(tok.__dict__)
     assert _rust_decoder(custom) is None and Detokenizer(custom, [])._decode([5, 6]) == "custom"
+
+
+def test_the_router_sends_no_token_past_the_one_that_completes_a_stop_string(tok):
+    """router/lifecycle/run.py: a decode worker's item may carry several tokens (its queue merges
+    them); the router keeps those up to the stop, as the engine does, so token_ids and the usage do
+    not depend on how the tokens were batched."""
+    from types import SimpleNamespace
+
+    from pdcluster.engine.sampling_params import SamplingParams
+    from pdcluster.router.lifecycle.log import Trace
+    from pdcluster.router.lifecycle.run import RequestRun
+    ids = tok.encode(" alpha beta STOP gamma delta", add_special_tokens=False)
+    stop_at = next(i for i in range(len(ids)) if "STOP" in tok.decode(ids[:i + 1]))
+    for split in (1, len(ids)):                         # token by token, or all in one item
+        run = RequestRun(SimpleNamespace(tokenizer=tok), "r", [1, 2], SamplingParams(max_tokens=20, stop=("STOP",)),
+                         None, Trace(0.0))
+        sent, text = [], ""
+        for k in range(0, len(ids), split):
+            toks, t = run._push_until_stop(ids[k:k + split])
+            sent += toks
+            text += t
+            if run.detok.stopped:
+                break
+        assert sent == ids[:stop_at + 1] and run.out == sent and text + run.detok.flush() == " alpha beta "

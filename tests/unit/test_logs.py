@@ -51,3 +51,15 @@ def test_json_lines_hold_the_exact_text_on_one_line():
 def test_setup_logging_rejects_unknown_formats():
     with pytest.raises(ValueError, match="text, json"):
         setup_logging("INFO", "xml")
+
+
+def test_a_request_id_cannot_add_fields_to_its_request_line(caplog):
+    """router/lifecycle/log.py: logfmt values with a space, '=', a quote or a backslash are quoted."""
+    import logging
+
+    from pdcluster.router.lifecycle.log import Trace, log_request
+    caplog.set_level(logging.INFO, logger="pdcluster.router.lifecycle")
+    log_request('a status=stop prefill=x "y"', Trace(0.0, status="cancelled"), 5, None, 1.0)
+    line = "request done " + caplog.records[-1].args[0]      # the fields as formatted (escaping aside)
+    assert line.startswith('request done id="a status=stop prefill=x \\"y\\"" status=cancelled prefill=- ')
+    assert line.count("status=") == 2 and "ttft_ms=- " in line    # the id's own "status=" sits inside its quotes

@@ -53,3 +53,25 @@ def test_a_charge_counts_on_the_worker_and_tells_its_watchers():
     assert (w.in_flight, w.queued_tokens, reg.sent_tokens["prefill"]) == (0, 0, 700) and dirty == {id(w)}
     reg.charge("gone", 5, +1)                               # an unknown worker: nothing counted
     assert reg.sent_tokens["prefill"] == 700
+
+
+def test_ready_needs_a_healthy_worker_of_each_role_it_uses():
+    """Router.ready (gRPC health): registered is not enough; a pool whose workers are all unhealthy
+    (missed status polls: dead or hung) leaves the router not ready."""
+    reg = WorkerRegistry(RouterConfig(), RouterMetrics(CollectorRegistry()), PrefixIndex(), Telemetry())
+    assert not reg.ready()
+    reg.add("prefill", _Client("p0"))
+    reg.add("decode", _Client("d0"))
+    reg.add("decode", _Client("d1"))
+    assert reg.ready()
+    reg.loads["d0"].healthy = False
+    assert reg.ready()                                      # d1 still serves
+    reg.loads["d1"].healthy = False
+    assert not reg.ready()
+    reg.loads["d1"].healthy = True
+    reg.loads["p0"].healthy = False
+    assert not reg.ready()                                  # prefills go remote: a prefill worker is needed
+    local = WorkerRegistry(RouterConfig(remote_prefill=False), RouterMetrics(CollectorRegistry()), PrefixIndex(),
+                           Telemetry())
+    local.add("decode", _Client("d0"))
+    assert local.ready()
