@@ -161,7 +161,7 @@ def pull_deltas(before, after) -> dict[str, float]:
     return {k: getattr(after, k) - (getattr(before, k) if before is not None else 0) for k in PULL_COUNTERS}
 
 
-TIER_COUNTERS = ("hits", "load_failures", "loaded_bytes", "stored", "evicted", "corrupt")
+TIER_COUNTERS = ("hits", "load_failures", "loaded_bytes", "stored", "evicted", "corrupt", "store_failures", "dropped")
 
 
 def tier_deltas(before, after) -> dict[str, dict[str, int]]:
@@ -184,5 +184,5 @@ def tier_totals(workers: list[dict]) -> dict[str, dict[str, int]]:
             for tier, d in w.get("tiers", {}).items():
                 acc = tot.setdefault(tier, dict.fromkeys(TIER_COUNTERS, 0))
                 for k in TIER_COUNTERS:
-                    acc[k] += d[k]
+                    acc[k] += d.get(k, 0)          # files from before a counter existed: 0
     return tot
