@@ -58,8 +58,12 @@ def cmd_serve(a) -> int:
     setup_logging(a.log_level, a.log_format)
     rules = {}          # pool autoscaling: only pools with room to scale (--config sets the bounds)
     if a.config:
-        from pdcluster.deploy.pools import load_pools_config
-        cfg = load_pools_config(a.config, base=cfg)
+        from pdcluster.deploy.pools import PoolsConfigError, load_pools_config
+        try:
+            cfg = load_pools_config(a.config, base=cfg)
+        except (PoolsConfigError, OSError, ValueError) as e:     # every issue, file:line: key: message
+            print(f"pdcluster serve: {e}", file=sys.stderr)
+            return 2
         rules = cfg.pools.autoscaling_rules()
         if cfg.pools.autoscaler.enabled and not rules:
             logging.getLogger("pdcluster").info("%s: every pool has min_replicas == max_replicas: no autoscaling",

@@ -154,6 +154,7 @@ class ClusterConfig:
     def __post_init__(self):
         registry.check(self.kv.transport)        # ValueError naming the transports
         CompressionPolicy(self.kv.compression)   # ValueError naming the modes
+        check_ranges(self)
         check_pools(self)
         if self.kv.link is not None and (self.kv.transport != "tcp" or self.address):
             raise ValueError(f"kv_link (a shaped link between namespaces of this host) needs kv_transport "
@@ -185,6 +186,28 @@ class ClusterConfig:
         if role == "prefill" and not self.router.remote_prefill:
             return 0
         return self.pools.pool(role).initial_replicas
+
+
+def check_ranges(c: ClusterConfig) -> None:
+    """ValueError naming the flag (or field) of a count, port or duration out of its range: what pools.yaml's
+    parser checks for the file, checked for the flags too (a zero-worker pool never serves, a port past
+    65535 wraps)."""
+    s = c.server
+    for name, flag, v in (("port", "--port", s.port), ("http_port", "--http-port", s.http_port),
+                          ("metrics_port", "--metrics-port", s.metrics_port)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535:
+            raise ValueError(f"{flag} must be a port in [0, 65535] (0: any / off), got {v!r}")
+    counts = (("--decode-workers", c.pools.decode.initial_replicas, 1),
+              ("--prefill-workers", c.pools.prefill.initial_replicas, 0),     # 0: local prefills only
+              ("--threads-per-worker", c.engine.threads_per_worker, 1), ("--max-restarts", c.pools.max_restarts, 0))
+    for flag, v, lo in counts:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{flag} must be an integer >= {lo}, got {v!r}")
+    for flag, v, zero_ok in (("--drain-timeout", s.shutdown_drain_s, True),
+                             ("--transfer-timeout", c.kv.transfer_timeout_s, False),
+                             ("slow_reader_timeout_s", s.slow_reader_timeout_s, False)):
+        if not (v >= 0 if zero_ok else v > 0) or v == float("inf"):          # NaN fails both
+            raise ValueError(f"{flag} must be a finite number {'>=' if zero_ok else '>'} 0 seconds, got {v!r}")
 
 
 def check_pools(c: ClusterConfig) -> None:

@@ -100,7 +100,11 @@ class _Reader:
         if not isinstance(vn, yaml.ScalarNode):
             self.fail(vn, path, f"expected a single value, got {_kind(vn)}")
             return _NO
-        v = self._construct.construct_object(vn, deep=True)
+        try:
+            v = self._construct.construct_object(vn, deep=True)
+        except (yaml.YAMLError, ValueError) as e:      # an unknown or a mistyped tag (`!foo 3`, `!!int abc`)
+            self.fail(vn, path, f"cannot read {vn.tag} {vn.value!r}: {str(e).splitlines()[0][:120]}")
+            return _NO
         problem = check(v)
         if problem:
             self.fail(vn, path, f"{problem} (got {v!r})")
@@ -183,12 +187,21 @@ def _pool(rd: _Reader, name: str, node: yaml.Node | None, parent: yaml.Node, bas
     """The pool and its resources {key: (value, node or None when absent)}."""
     bp = base.pools.pool(name)
     m = rd.mapping(node, name, POOL_KEYS) if node is not None else {}
-    lo = _pick(rd.value(m, "min_replicas", name, _int(1)), bp.lo)
-    hi = _pick(rd.value(m, "max_replicas", name, _int(1)), lo)
+    # A key the file leaves out keeps the flags' value: --{pool}-workers is initial_replicas, and a bound
+    # the file does not set is that (so `initial_replicas: 3` alone is a fixed pool of 3); a flag's count
+    # outside the file's bounds starts at the nearer bound.
+    init = _pick(rd.value(m, "initial_replicas", name, _int(1)), bp.initial_replicas)
+    lo = _pick(rd.value(m, "min_replicas", name, _int(1)), bp.lo if bp.min_replicas is not None else init)
+    hi = _pick(rd.value(m, "max_replicas", name, _int(1)), bp.hi if bp.max_replicas is not None else init)
+    if "min_replicas" not in m and "max_replicas" in m:
+        lo = min(lo, hi)
+    if "max_replicas" not in m and "min_replicas" in m:
+        hi = max(hi, lo)
     if "max_replicas" in m and hi < lo:
         rd.fail(m["max_replicas"][1], f"{name}.max_replicas", f"must be >= min_replicas ({lo}) (got {hi})")
-    init = _pick(rd.value(m, "initial_replicas", name, _int(1)), lo)
-    if "initial_replicas" in m and not lo <= init <= hi:
+    if "initial_replicas" not in m:
+        init = min(max(init, lo), hi)
+    elif not lo <= init <= hi:
         rd.fail(m["initial_replicas"][1], f"{name}.initial_replicas",
                 f"must be in [min_replicas, max_replicas] = [{lo}, {hi}] (got {init})")
 

@@ -159,7 +159,7 @@ def pool_metrics(pool: str, loads: Iterable[Any], starting: int = 0, p90_ttft_ms
     learned prefill tokens/s (Telemetry.prefill_tps), averaged over the live workers. decode:
     `decode_step_s(load)` -> a worker's measured step seconds of its last poll or None
     (Telemetry.last_step_s), averaged over the live workers that stepped."""
-    live = [w for w in loads if w.role == pool and not w.draining]
+    live = [w for w in loads if w.role == pool and not w.draining and w.healthy]    # a dead or hung one serves nothing
     kv = [1.0 - w.free_blocks / w.num_blocks for w in live if w.capacity_known] if pool == "decode" else []
     queued = sum(w.queued_tokens for w in live) if pool == "prefill" else 0
     tps = [prefill_tps(w) for w in live] if pool == "prefill" and prefill_tps is not None else []

@@ -218,3 +218,12 @@ def test_serves_pool_metrics_reads_both_signals_from_the_routers_view():
     p, d = snap["prefill"], snap["decode"]
     assert (p.replicas, p.prompt_tokens_sent, p.replica_prefill_tps) == (2, 5000, 40_000.0)
     assert d.decode_step_ms == pytest.approx(25.0) and d.prompt_tokens_sent == 0
+
+
+def test_an_unhealthy_replica_is_not_counted_nor_its_stale_figures_averaged():
+    """A worker that stopped answering (dead past its restarts, or hung) keeps its registration and its
+    last figures; counted, it hid a busy pool (95% KV used read as 52%) and a pool below min_replicas."""
+    busy = WorkerLoad("decode-0", "decode", free_blocks=5, num_blocks=100)
+    gone = WorkerLoad("decode-1", "decode", free_blocks=90, num_blocks=100, healthy=False)
+    m = pool_metrics("decode", [busy, gone])
+    assert m.replicas == 1 and m.kv_utilization == pytest.approx(0.95)

@@ -349,3 +349,40 @@ def test_bad_cpu_compile_names_key_and_line(tmp_path):
     text, _ = edited("  cpu_compile: null", "  cpu_compile: yes please", after="\ndecode:")
     err, found = issues(text, tmp_path)
     assert [k for k, _ in found] == ["decode.cpu_compile"] and "expected true or false" in err, err
+
+
+@pytest.mark.parametrize("flag, pool, want", [
+    (3, "{min_replicas: 1, max_replicas: 4}", (1, 3, 4)),     # --decode-workers 3 inside the file's bounds
+    (3, "{min_replicas: 1}", (1, 3, 3)),                      # an unset max is the flag's count
+    (1, "{initial_replicas: 3}", (3, 3, 3)),                  # alone: a fixed pool of 3, not "[1, 1]"
+    (5, "{max_replicas: 2}", (2, 2, 2)),                      # a count past the file's bound starts at it
+    (1, "{min_replicas: 2}", (2, 2, 2)),
+    (3, "{}", (3, 3, 3)),
+])
+def test_a_key_the_file_leaves_out_keeps_the_flags_worker_count(flag, pool, want):
+    """README: "a key it leaves out keeps the flag's value"; before, `--decode-workers 3` with a file
+    setting only bounds started min_replicas (1) workers."""
+    from pdcluster.deploy.flags import dotted, override
+    base = override(ClusterConfig(), dotted(pools__decode__initial_replicas=flag))
+    d = parse_pools_config(f"decode: {pool}\n", base=base).pools.decode
+    assert (d.lo, d.initial_replicas, d.hi) == want
+
+
+@pytest.mark.parametrize("value", ["!foo 3", "!!int abc", "!!python/name:os.system x"])
+def test_a_tag_the_parser_cannot_read_names_key_and_line(tmp_path, value):
+    err, found = issues(f"decode:\n  max_replicas: {value}\n", tmp_path)
+    assert found == [("decode.max_replicas", 2)] and "cannot read" in err, err
+
+
+@pytest.mark.parametrize("path, value, flag", [
+    ("pools__decode__initial_replicas", 0, "--decode-workers"),
+    ("pools__prefill__initial_replicas", -1, "--prefill-workers"),
+    ("engine__threads_per_worker", 0, "--threads-per-worker"), ("pools__max_restarts", -5, "--max-restarts"),
+    ("server__shutdown_drain_s", -1.0, "--drain-timeout"), ("kv__transfer_timeout_s", 0.0, "--transfer-timeout"),
+    ("server__port", 99999, "--port"), ("server__shutdown_drain_s", float("nan"), "--drain-timeout"),
+])
+def test_flag_values_out_of_range_are_refused_naming_the_flag(path, value, flag):
+    """What the file's parser checks, the flags get too (a zero-worker decode pool never served)."""
+    from pdcluster.deploy.flags import dotted, override
+    with pytest.raises(ValueError, match=flag):
+        override(ClusterConfig(), dotted(**{path: value}))
