@@ -185,10 +185,16 @@ class LLMEngine:
             raise ValueError("prompt is empty")
         V = self.cfg.model.vocab_size
         for name, ids in (("prompt", prompt_ids), ("output", output_ids)):
-            bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < V), None)
+            bad = next((t for t in ids if type(t) is not int or not 0 <= t < V), None)
             if bad is not None:
                 raise ValueError(f"{name} token id {bad!r} is outside the vocabulary [0, {V})")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         params.validate()
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("logit_bias", [t for t, _ in params.logit_bias])):
+            bad = next((t for t in ids if not 0 <= t < V), None)
+            if bad is not None:
+                raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {V})")
         if len(output_ids) >= params.max_tokens:
             raise ValueError(f"{len(output_ids)} output tokens already reach max_tokens ({params.max_tokens})")
         self.scheduler.check_fits(len(prompt_ids), params.max_tokens)

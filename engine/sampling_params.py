@@ -1,12 +1,18 @@
 """Per-request sampling parameters (the offline twin of the gRPC SamplingParams, router/proto/generation.proto)."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from pdcluster.engine.structured import StructuredOutput
 
 MAX_LOGPROBS = 20                     # as OpenAI's top_logprobs
 MAX_LOGIT_BIAS = 100.0                # |bias| at most this (OpenAI's range)
+
+
+def _integral(v) -> bool:
+    """An integer, bools aside (True is not a token count)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -43,19 +49,41 @@ class SamplingParams:
     prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        # Lists are accepted for convenience and frozen into tuples (msgpack brings lists back).
-        object.__setattr__(self, "stop", tuple(self.stop))
+        # Lists are accepted for convenience and frozen into tuples (msgpack brings lists back); one stop
+        # string may be given bare, as vLLM takes it (stop="###", not a tuple of its characters).
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)):
+            raise ValueError(f"stop must be a string or a list of strings, got {type(self.stop).__name__}")
+        object.__setattr__(self, "stop", tuple(stop))
+        for name in ("logit_bias", "stop_token_ids"):
+            if not isinstance(getattr(self, name), (list, tuple, dict)):
+                raise ValueError(f"{name} must be a list, got {type(getattr(self, name)).__name__}")
         bias = [tuple(x) for x in (self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias)]
         if any(len(x) != 2 or type(x[0]) is not int for x in bias):
             raise ValueError("logit_bias takes (token id, bias) pairs with integer ids")
         object.__setattr__(self, "logit_bias", tuple(sorted(bias, key=lambda x: x[0])))
+        if not all(_integral(t) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be integer token ids, got {list(self.stop_token_ids)[:8]!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        for name in ("max_tokens", "top_k", "min_tokens"):           # numpy's integers as Python's
+            if _integral(getattr(self, name)):
+                object.__setattr__(self, name, int(getattr(self, name)))
+        if self.top_k == -1:                            # vLLM's "off" (0 here)
+            object.__setattr__(self, "top_k", 0)
         if isinstance(self.structured, dict):          # from msgpack (the router -> worker wire form)
             object.__setattr__(self, "structured", StructuredOutput(**self.structured))
         self.validate()
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise ValueError(f"{name} must be a number, got {v!r}")
+        for name in ("max_tokens", "top_k", "min_tokens"):
+            v = getattr(self, name)
+            if type(v) is not int:
+                raise ValueError(f"{name} must be an integer, got {v!r}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not 0 <= self.temperature < float("inf"):  # also rejects NaN

@@ -37,10 +37,10 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # keep `import pdcluster` light: torch loads only when LLM is used
-    if name in ("LLM", "RequestOutput"):
+    if name in ("LLM", "RequestOutput", "CompletionOutput"):
         from pdcluster.engine import llm
         return getattr(llm, name)
     raise AttributeError(f"module 'pdcluster' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
