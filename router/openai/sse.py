@@ -31,7 +31,7 @@ class SSEResponse(StreamingResponse):
     """Starlette's StreamingResponse, run on plain asyncio tasks this class owns (Starlette's own runs
     the body in an anyio task group): the body, a watch for the client's disconnect and, with `cut`,
     the server's drain bound. Whichever ends first ends the response; the body generator is closed
-    (its choices cancelled on the workers). At the drain bound the client gets `cut_body()` (an
+    (its choices cancelled on the workers). At the drain bound the client gets `cut_error()` (an
     OpenAI error event) and `data: [DONE]` as the stream's last bytes."""
     media_type = "text/event-stream"
 
