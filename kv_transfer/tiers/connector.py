@@ -202,9 +202,8 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
                 else:
                     try:
                         out.append(decode(self.geom, *self.disk.read(h)))
-                    except (CorruptBlock, OSError) as e:  # corrupt, gone or unreadable: a bad block
+                    except (CorruptBlock, OSError) as e:  # corrupt, gone or unreadable: a bad block (read deleted it)
                         log.warning("KV disk tier (serving a pull): %s", e)
-                        self.disk.delete(h)
                         corrupt.append(h)
                         break
                 t0[tier] += time.perf_counter() - t

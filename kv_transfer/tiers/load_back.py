@@ -179,9 +179,8 @@ class LoadBack:
             else:
                 try:
                     kv = for_device(g, *self.disk.read(h))
-                except (CorruptBlock, OSError) as e:      # corrupt, gone or unreadable: a bad block
+                except (CorruptBlock, OSError) as e:      # corrupt, gone or unreadable: a bad block (read deleted it)
                     log.warning("KV disk tier: %s", e)
-                    self.disk.delete(h)
                     corrupt.append(h)
                     break
             blocks.append(kv)
