@@ -140,7 +140,7 @@ def _rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """llama.rms_norm; float32 (F.rms_norm eagerly) as pdcluster::rms_norm, the same aten kernel behind a C shim
     (kernels/rms_norm.cpp), where pdcluster's CPU ops are built."""
     from pdcluster.engine.llama import rms_norm
-    if x.dtype == torch.float32 and w.dtype == torch.float32 and cpu_ext.available():
+    if x.dtype == torch.float32 and w.dtype == torch.float32 and cpu_ext.has("rms_norm"):
         return torch.ops.pdcluster.rms_norm(x, w, eps)
     return rms_norm(x, w, eps)
 
@@ -301,7 +301,7 @@ def _package(model, k_cache, specs, counts, args: list[list[torch.Tensor]], lo: 
     key = hashlib.sha256(repr((torch.__version__, torch.backends.cpu.get_cpu_capability(),
                                torch.get_num_threads(), KERNEL_THREADS, specs, counts, c.num_heads, c.num_kv_heads,
                                c.head_dim, c.hidden_size, c.rms_norm_eps, model.scale, str(model.dtype),
-                               str(k_cache.dtype), tuple(k_cache.shape[1:]), lo, hi, paged, cpu_ext.available(),
+                               str(k_cache.dtype), tuple(k_cache.shape[1:]), lo, hi, paged, sorted(cpu_ext.ops()),
                                [(tuple(t.shape), str(t.dtype)) for t in args[0]])).encode()
                          + _sources()).hexdigest()[:24]
     path = os.path.join(cache_dir(), f"decode_layer_{key}.pt2")
@@ -366,7 +366,7 @@ def _compile(layer: DecodeLayer, model, k_cache, args0: list[torch.Tensor], bs: 
     fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=os.path.dirname(path))
     os.close(fd)
     try:
-        shims = cpu_ext.c_shims() if cpu_ext.available() else {}    # pdcluster's ops: direct calls, no proxy
+        shims = cpu_ext.c_shims()                  # pdcluster's ops that loaded: direct calls, no proxy
         with _aten_mean(), torch._inductor.config.patch({"fx_graph_cache": False, "cpp.threads": KERNEL_THREADS,
                                                          "aot_inductor.custom_ops_to_c_shims": shims}):
             torch._inductor.aoti_compile_and_package(ep, package_path=tmp)

@@ -1,4 +1,4 @@
-"""pdcluster's own CPU ops (AVX-512, AMX), built once per host into one library and loaded on first use.
+"""pdcluster's own CPU ops (AVX-512 and AMX; a subset on AVX2), built once per host into one library and loaded.
 
     pdcluster::q4x8_mm                  engine/quant/q4x8.cpp: int4 weights x int8 activations (VNNI)
     pdcluster::int8_amx_mm              engine/quant/int8_amx.cpp: int8 x int8 -> int32 on AMX tiles (where the
@@ -19,6 +19,11 @@ greedy_head_ref; q4f32_mm.py's q4f32_mm_ref). The library is built with g++
 against torch's headers, one compiler process per source at once, then one link (~20 s on 2 cores; no ninja, no
 Python headers: the ops register with TORCH_LIBRARY), cached under the pdcluster cache by a hash of the sources, torch
 and the flags, and written atomically, so workers that build at once never load a partial file.
+
+Where the CPU lacks AVX-512 VNNI but has AVX2, FMA and F16C (AMD Zen 2/3, older Xeons), the library is built from
+AVX2_SOURCES instead: q4x8_mm (engine/quant/q4x8_avx2.cpp, the same layout and results) and rms_norm, so that decode
+steps on packed int4 weights still read 4-bit codes. `ops()` says which ops loaded, `has(op)` one of them;
+`available()` is True only for the whole AVX-512 set, which the other callers need.
 
 It is loaded RTLD_GLOBAL: each op the compiled layer may call exports an AOTInductor C shim (C_SHIMS), which the layer
 (engine/cpu_compile.py) calls directly instead of through AOTI's proxy executor (~4 us a call). `available()`
@@ -49,11 +54,18 @@ SOURCES = (os.path.join(_HERE, "quant", "q4x8.cpp"),
            os.path.join(os.path.dirname(_HERE), "kernels", "greedy_head.cpp"),
            os.path.join(os.path.dirname(_HERE), "kernels", "q4f32_mm.cpp"))
 HEADERS = (os.path.join(os.path.dirname(_HERE), "kernels", "simd_exp.h"),
-           os.path.join(os.path.dirname(_HERE), "kernels", "f32_tile.h"))     # included by SOURCES: in the key
+           os.path.join(os.path.dirname(_HERE), "kernels", "f32_tile.h"),
+           os.path.join(_HERE, "quant", "q4x8_driver.h"))        # included by the sources: in the key
 FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")      # /proc/cpuinfo names
 _CFLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
            "-mavx512vnni", "-mf16c", "-mfma", "-mamx-tile", "-mamx-int8")    # AMX: int8_amx.cpp, called only
                                                                              # where the CPU has it
+# the AVX2 library (hosts without AVX-512 VNNI): its sources and the ops they register
+AVX2_FLAGS = ("avx2", "fma", "f16c")
+AVX2_SOURCES = (os.path.join(_HERE, "quant", "q4x8_avx2.cpp"),
+                os.path.join(os.path.dirname(_HERE), "kernels", "rms_norm.cpp"))
+AVX2_OPS = ("q4x8_mm", "rms_norm")
+_AVX2_CFLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c")
 
 # AOTInductor's declarations of the ops' C shims (torch._inductor.config.aot_inductor.custom_ops_to_c_shims)
 C_SHIMS = {
@@ -86,37 +98,48 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def variant() -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(sources, compiler flags) of the library this CPU builds: the AVX-512 one, else the AVX2 one, else None."""
+    have = cpu_flags()
+    if all(f in have for f in FLAGS):
+        return SOURCES, _CFLAGS
+    if all(f in have for f in AVX2_FLAGS):
+        return AVX2_SOURCES, _AVX2_CFLAGS
+    return None
+
+
 def sources() -> bytes:
-    """The library's C++ sources and the headers they include (the compiled layer's cache key includes them)."""
+    """This host's library's C++ sources and the headers they include (the compiled layer's cache key includes
+    them)."""
     out = b""
-    for path in SOURCES + HEADERS:
+    for path in (variant() or (SOURCES, ()))[0] + HEADERS:
         with open(path, "rb") as f:
             out += f.read()
     return out
 
 
-def _library_path() -> str:
+def _library_path(cflags: tuple[str, ...]) -> str:
     """Where these sources, torch and flags build to (a later start loads it as it is)."""
     from pdcluster.engine.cpu_compile import cache_dir
-    key = hashlib.sha256(sources() + torch.__version__.encode() + " ".join(_CFLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(sources() + torch.__version__.encode() + " ".join(cflags).encode()).hexdigest()[:16]
     return os.path.join(os.path.dirname(cache_dir()), "ext", f"pdcluster-cpu-{key}.so")
 
 
-def _build(out: str) -> None:
+def _build(out: str, srcs: tuple[str, ...], flags: tuple[str, ...]) -> None:
     """One g++ process per source, at once (the 2-core host: ~20 s instead of ~35 in one call), then one link
     against torch's libraries; written beside `out` and renamed."""
     from torch.utils.cpp_extension import include_paths, library_paths
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = f"{out}.{os.getpid()}.tmp"
     cxx = os.environ.get("CXX", "g++")
-    cflags = [*_CFLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+    cflags = [*flags, f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
               *(f"-I{p}" for p in include_paths())]
-    objs = [f"{tmp}.{i}.o" for i in range(len(SOURCES))]
+    objs = [f"{tmp}.{i}.o" for i in range(len(srcs))]
     try:
         procs = [subprocess.Popen([cxx, *cflags, "-c", src, "-o", obj], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True) for src, obj in zip(SOURCES, objs)]
+                                  stderr=subprocess.PIPE, text=True) for src, obj in zip(srcs, objs)]
         errors = [p.communicate(timeout=600)[1] for p in procs]
-        failed = [f"{os.path.basename(src)}: {err.strip()[-400:]}" for src, p, err in zip(SOURCES, procs, errors)
+        failed = [f"{os.path.basename(src)}: {err.strip()[-400:]}" for src, p, err in zip(srcs, procs, errors)
                   if p.returncode != 0]
         if failed:
             raise RuntimeError(f"{cxx} failed: " + "; ".join(failed))
@@ -132,46 +155,63 @@ def _build(out: str) -> None:
                 os.unlink(path)
 
 
+# the ops' shapes, for torch.export (cpu_compile): registered once per op, for the ops that loaded
+_FAKES = {
+    "q4x8_mm": lambda x, w, d, mn: x.new_empty((x.shape[0], w.shape[0])),
+    "paged_decode_attention": lambda q, k_cache, v_cache, block_tables, seq_lens, scale: q.new_empty(q.shape),
+    "rms_norm": lambda x, w, eps: torch.empty_like(x),
+    "f32_mm": lambda x, w, n: x.new_empty((x.shape[0], n)),
+    "q4f32_mm": lambda x, codes, dm, n: x.new_empty((x.shape[0], n)),
+    "quantize_rows": lambda x, shift: (x.new_empty(x.shape, dtype=torch.uint8 if shift else torch.int8),
+                                       x.new_empty((x.shape[0], 1))),
+    "int8_amx_mm": lambda x, tiles: x.new_empty((x.shape[0], tiles.shape[0] * 16), dtype=torch.int32),
+}
+_faked: set[str] = set()
+
+
 @functools.lru_cache(maxsize=1)
-def available() -> bool:
-    """Build (once per host, sources and torch) and load the ops; False where the CPU lacks the instructions,
-    PDCLUSTER_CPU_OPS=0 / PDCLUSTER_Q4X8=0, or the build fails (logged)."""
+def ops() -> frozenset[str]:
+    """Build (once per host, sources and torch) and load this CPU's library; the names of the ops it registered.
+    Empty where the CPU has neither instruction set, PDCLUSTER_CPU_OPS=0 / PDCLUSTER_Q4X8=0, or the build fails
+    (logged)."""
     if "0" in (os.environ.get("PDCLUSTER_CPU_OPS", "1"), os.environ.get("PDCLUSTER_Q4X8", "1")):
-        return False
-    missing = [f for f in FLAGS if f not in cpu_flags()]
-    if missing:
-        log.info("pdcluster's CPU kernels not used: the CPU lacks %s", ", ".join(missing))
-        return False
+        return frozenset()
+    chosen = variant()
+    if chosen is None:
+        log.info("pdcluster's CPU kernels not used: the CPU lacks %s (or AVX2, FMA and F16C)", ", ".join(FLAGS))
+        return frozenset()
+    srcs, flags = chosen
     try:
-        path = _library_path()
+        path = _library_path(flags)
         if not os.path.exists(path):
-            _build(path)
+            _build(path, srcs, flags)
         ctypes.CDLL(path, mode=os.RTLD_NOW | os.RTLD_GLOBAL)   # the C shims, for compiled layers' direct calls
         torch.ops.load_library(path)
     except Exception as e:                              # no compiler, headers, ...: torch's kernels instead
         log.warning("pdcluster's CPU kernels not built (%s: %s); torch's kernels run instead", type(e).__name__, e)
-        return False
-    if not all(hasattr(torch.ops.pdcluster, op) for op in C_SHIMS):
-        return False
-    if not _faked:                                      # their shapes, for torch.export (cpu_compile); once
-        torch.library.register_fake("pdcluster::q4x8_mm")(lambda x, w, d, mn: x.new_empty((x.shape[0], w.shape[0])))
-        torch.library.register_fake("pdcluster::paged_decode_attention")(
-            lambda q, k_cache, v_cache, block_tables, seq_lens, scale: q.new_empty(q.shape))
-        torch.library.register_fake("pdcluster::rms_norm")(lambda x, w, eps: torch.empty_like(x))
-        torch.library.register_fake("pdcluster::f32_mm")(lambda x, w, n: x.new_empty((x.shape[0], n)))
-        torch.library.register_fake("pdcluster::q4f32_mm")(lambda x, codes, dm, n: x.new_empty((x.shape[0], n)))
-        torch.library.register_fake("pdcluster::quantize_rows")(
-            lambda x, shift: (x.new_empty(x.shape, dtype=torch.uint8 if shift else torch.int8),
-                              x.new_empty((x.shape[0], 1))))
-        torch.library.register_fake("pdcluster::int8_amx_mm")(
-            lambda x, tiles: x.new_empty((x.shape[0], tiles.shape[0] * 16), dtype=torch.int32))
-        _faked.append(True)
-    return True
+        return frozenset()
+    want = set(C_SHIMS) | {"paged_chunk_attention", "greedy_head", "q4f32_expand"} if srcs is SOURCES else AVX2_OPS
+    loaded = frozenset(op for op in want if hasattr(torch.ops.pdcluster, op))
+    for op in sorted((loaded & set(_FAKES)) - _faked):
+        torch.library.register_fake(f"pdcluster::{op}")(_FAKES[op])
+        _faked.add(op)
+    if srcs is not SOURCES:
+        log.info("pdcluster's AVX2 CPU kernels loaded (%s); the AVX-512 ones need %s", ", ".join(sorted(loaded)),
+                 ", ".join(FLAGS))
+    return loaded
 
 
-_faked: list[bool] = []
+def has(op: str) -> bool:
+    """Whether pdcluster::op loaded on this host (from either library)."""
+    return op in ops()
+
+
+def available() -> bool:
+    """Whether the whole AVX-512 set loaded (every op with a C shim): False on AVX2 hosts, where has() names the
+    subset."""
+    return set(C_SHIMS) <= ops()
 
 
 def c_shims() -> dict:
-    """custom_ops_to_c_shims for torch._inductor.config.aot_inductor (only once available())."""
-    return {getattr(torch.ops.pdcluster, name).default: decl for name, decl in C_SHIMS.items()}
+    """custom_ops_to_c_shims for torch._inductor.config.aot_inductor: the loaded ops' (empty before ops())."""
+    return {getattr(torch.ops.pdcluster, name).default: decl for name, decl in C_SHIMS.items() if name in ops()}

@@ -1,4 +1,4 @@
-"""4-bit weights x 8-bit activations on AVX-512 VNNI (`pdcluster::q4x8_mm`, q4x8.cpp), and its torch reference.
+"""4-bit weights x 8-bit activations on AVX-512 VNNI or AVX2 (`pdcluster::q4x8_mm`), and its torch reference.
 
 Why: torch's CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) dequantizes every weight to float and
 multiplies in float, so at the rows of a decode step much of its time is that arithmetic rather than
@@ -19,7 +19,8 @@ Layout (`Q4x8Weight`), rows interleaved 16 at a time (N padded to a multiple of 
     mn  float16 [Np, K/32] as (b * K/32 + g) * 16 + l (GGUF Q4_1's form: its d and m are float16 already)
 
 The op is compiled once per host with pdcluster's other CPU ops (engine/cpu_ext.py) where the CPU has
-AVX-512 F/BW/VL, VNNI and F16C; `available()` says whether it loaded. Callers keep torch's int4 kernel as the
+AVX-512 F/BW/VL, VNNI and F16C, and from q4x8_avx2.cpp (vpmaddubsw + vpmaddwd, the same results) where it has
+AVX2, FMA and F16C instead; `available()` says whether it loaded. Callers keep torch's int4 kernel as the
 fallback.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pdcluster.engine.cpu_ext import FLAGS as _FLAGS, available, cpu_flags  # noqa: F401 (the op's build and load)
+from pdcluster.engine import cpu_ext
 from pdcluster.engine.quant.cpu_linear import DENSE_MIN_ROWS
 from pdcluster.engine.quant.packed import GROUP, Int4Weight
 
@@ -50,6 +51,11 @@ class Q4x8Weight:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.w, self.d, self.mn))
+
+
+def available() -> bool:
+    """Whether pdcluster::q4x8_mm loaded here (either library: engine/cpu_ext.py builds it on first call)."""
+    return cpu_ext.has("q4x8_mm")
 
 
 def supported(K: int) -> bool:

@@ -1,14 +1,15 @@
-"""engine/quant/q4x8.py: pdcluster::q4x8_mm (int4 weights x int8 activations, AVX-512 VNNI) against its torch
-reference and against the exact float product, its packing, and its linear."""
+"""engine/quant/q4x8.py: pdcluster::q4x8_mm (int4 weights x int8 activations; AVX-512 VNNI, or AVX2 where that is
+what the CPU has) against its torch reference and against the exact float product, its packing, and its linear."""
 import pytest
 import torch
 
+from pdcluster.engine import cpu_ext
 from pdcluster.engine.quant import q4x8
 from pdcluster.engine.quant.packed import Int4Weight, dequantize, quantize_int4
 
 G = torch.Generator().manual_seed(11)
-HOST = not [f for f in q4x8._FLAGS if f not in q4x8.cpu_flags()]
-needs_op = pytest.mark.skipif(not (HOST and q4x8.available()), reason="no AVX-512 VNNI host (or no compiler)")
+HOST = cpu_ext.variant() is not None               # AVX-512 VNNI + F16C, or AVX2 + FMA + F16C
+needs_op = pytest.mark.skipif(not (HOST and q4x8.available()), reason="neither AVX-512 VNNI nor AVX2 (or no compiler)")
 KS = (32, 96, 576, 1536, 2112)               # whole groups of 32, odd and even group counts
 
 
@@ -17,9 +18,9 @@ def _weight(N, K, scale=0.05):
 
 
 def test_the_op_builds_where_the_cpu_has_the_instructions():
-    """On an AVX-512 VNNI host (this one, CI's) a failed build would silently fall back to torch's kernel."""
+    """On an AVX-512 VNNI or AVX2 host (this one, CI's) a failed build would silently fall back to torch's kernel."""
     if not HOST:
-        pytest.skip("the CPU lacks AVX-512 VNNI / F16C")
+        pytest.skip("the CPU lacks AVX-512 VNNI and AVX2 / FMA / F16C")
     assert q4x8.available()
 
 
@@ -129,16 +130,16 @@ def test_a_failed_build_leaves_torchs_int4_kernel(tmp_path, monkeypatch, caplog)
     from pdcluster.engine.quant.cpu_linear import Int4Linear
     from pdcluster.engine.quant.layers import quant_linear
     if not HOST:
-        pytest.skip("the CPU lacks AVX-512 VNNI / F16C: nothing is built here")
+        pytest.skip("the CPU lacks AVX-512 VNNI and AVX2 / FMA / F16C: nothing is built here")
     monkeypatch.setenv("PDCLUSTER_AOTI_CACHE", str(tmp_path / "aoti"))     # a cache without the library
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    q4x8.available.cache_clear()
+    cpu_ext.ops.cache_clear()
     try:
         assert not q4x8.available()
         assert "CPU kernels not built" in caplog.text
         assert isinstance(quant_linear(_weight(16, 64), None, "cpu"), Int4Linear)
     finally:
-        q4x8.available.cache_clear()
+        cpu_ext.ops.cache_clear()
     monkeypatch.undo()
     assert q4x8.available()                                                 # the built library again
 
@@ -154,3 +155,19 @@ def test_the_compiled_layers_linear_is_the_eager_one_in_x_dtype():
         x = torch.randn(3, 576, generator=G).to(dtype)
         y = _linear(spec, x, list(ws))
         assert y.dtype == dtype and torch.equal(y, lin(x))
+
+
+def test_each_host_builds_the_library_its_cpu_runs(monkeypatch):
+    """AVX-512 VNNI hosts build the whole set; AVX2 hosts (AMD Zen 2/3) the AVX2 subset with q4x8_mm; others none.
+    The AVX2 subset alone does not make available() (the AVX-512-only callers' gate) true."""
+    avx512 = set(cpu_ext.FLAGS) | {"avx2", "fma"}
+    monkeypatch.setattr(cpu_ext, "cpu_flags", lambda: avx512)
+    assert cpu_ext.variant()[0] == cpu_ext.SOURCES
+    monkeypatch.setattr(cpu_ext, "cpu_flags", lambda: {"avx", "avx2", "fma", "f16c"})
+    srcs, flags = cpu_ext.variant()
+    assert srcs == cpu_ext.AVX2_SOURCES and "-mavx2" in flags and not any("avx512" in f for f in flags)
+    monkeypatch.setattr(cpu_ext, "cpu_flags", lambda: {"avx", "sse4_2"})
+    assert cpu_ext.variant() is None
+    monkeypatch.setattr(cpu_ext, "ops", lambda: frozenset(cpu_ext.AVX2_OPS))
+    assert cpu_ext.has("q4x8_mm") and q4x8.available() and not cpu_ext.has("paged_decode_attention")
+    assert not cpu_ext.available()
