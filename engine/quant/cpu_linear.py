@@ -262,14 +262,24 @@ class Dyn8Linear:
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """float32 [M, N]: int8_rows (a scale per row of x), on oneDNN's prepacked weight where its sums are
-        exact (OneDNNRows: VNNI / AMX hosts), else torch._int_mm. The latter at 16 rows 2.0-2.4x faster than
+        exact (OneDNNRows: VNNI / AMX hosts), else torch._int_mm; on hosts without VNNI or AMX, fbgemm one row at
+        a time instead (each row's batch-1 result). The latter at 16 rows 2.0-2.4x faster than
         _weight_int4pack_mm_for_cpu on the linears and 3.6x faster than _weight_int8pack_mm on the 49152 x 576
         head (bench/RESULTS.md, "Decode batches on CPU"). 7 bits per row (fbgemm's reduce_range) stepped
         outside transformers' top-5 on a near-tie. With AMX tiles: int8_rows on them."""
         if self.tiles is not None:
             y = int8_rows(x, None, self.scale, self.tiles)
+        elif self.onednn is not None:
+            y = self.onednn(x)
+        elif not onednn_int8_usable():
+            # no VNNI / AMX (AVX2 hosts): torch._int_mm is a slow generic loop there (the 49152 x 576 head at 5
+            # rows: ~128 ms, against ~16 ms for fbgemm row by row, bench/RESULTS.md "q4x8 on AVX2 hosts"); each
+            # row through fbgemm alone is exactly its batch-1 result (bias included); fbgemm rounds a NaN to a
+            # finite code, so a non-finite row is made NaN here, as int8_rows keeps it
+            y = torch.cat([self.kernel(x[i:i + 1]) for i in range(x.shape[0])])
+            return y.masked_fill_(~torch.isfinite(x).all(1, keepdim=True), float("nan"))
         else:
-            y = self.onednn(x) if self.onednn is not None else int8_rows(x, self.q, self.scale)
+            y = int8_rows(x, self.q, self.scale)
         return y if self.bias is None else y.add_(self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
