@@ -48,6 +48,9 @@ _SPLIT = dict(pools__prefill__quantization="none", pools__prefill__dtype="bfloat
 # of its int4 linears (engine/quant/int8_rows.py; 12 rows: the measured break-even against q4x8 with rows
 # interleaved, bench/RESULTS.md "The int8 copy's threshold after q4x8's new layout"; 10 before it)
 _I8 = dict(pools__decode__cpu_int8_rows=12)
+# the split where bfloat16 is not native (AVX2 hosts: no amx_bf16 / avx512_bf16), as deploy/pools-cpu.yaml says to
+# set it there: a float32 prefill pool (weights dequantized once at load, MKL's GEMMs) beside the int4 decode pool
+_SPLIT_F32 = dict(_SPLIT, pools__prefill__dtype="float32")
 SIDES: dict[str, ClusterConfig] = {
     "disagg": cluster(),
     "single": cluster(**_SINGLE),
@@ -55,12 +58,14 @@ SIDES: dict[str, ClusterConfig] = {
     "single-int4": cluster(**_SINGLE, **_FAST),
     "disagg-split": cluster(**_FAST, **_SPLIT),
     "disagg-split-i8": cluster(**_FAST, **_SPLIT, **_I8),
+    "disagg-split-f32": cluster(**_FAST, **_SPLIT_F32),
     "single-int4-i8": cluster(**_SINGLE, **_FAST, **_I8),
 }
 SIDE_LABELS = {"disagg": "pdcluster 1P+1D", "single": "pdcluster 1 worker",
                "disagg-int4": "pdcluster 1P+1D int4 compiled", "single-int4": "pdcluster 1 worker int4 compiled",
                "disagg-split": "pdcluster 1P bf16 + 1D int4 compiled",
                "disagg-split-i8": "pdcluster 1P bf16 + 1D int4 compiled, int8 copy >= 12 rows",
+               "disagg-split-f32": "pdcluster 1P f32 + 1D int4 compiled",
                "single-int4-i8": "pdcluster 1 worker int4 compiled, int8 copy >= 12 rows"}
 
 

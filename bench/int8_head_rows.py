@@ -1,0 +1,127 @@
+"""Several rows through an int8 CPU linear on a host without VNNI or AMX: torch._int_mm against fbgemm row by row.
+
+    python -m pdcluster.bench.int8_head_rows --out bench/int8-head-rows.json --plot bench/int8-head-rows.png
+
+engine/quant/cpu_linear.py's Dyn8Linear runs 2-63 rows (the LM head's speculative verification rows, an int8
+model's small batches) as int8_rows: each row of x on its own symmetric 8-bit scale, then torch._int_mm. Where
+oneDNN's sums are not exact (no VNNI / AMX: AVX2 hosts such as AMD Zen 2/3) it now runs fbgemm's dynamic linear one
+row at a time instead, each row's batch-1 result. This measures that choice.
+
+Per-call part: the embedded model's LM head shape (49152 x 576, random int8 weights), one thread; at each --rows, ms
+per call of both paths, alternated, median of --repeats; ratio = _int_mm's time / fbgemm's.
+
+Engine part (--repeats-engine > 0): one engine as `bench scenario peers`' int4 sides build it (--quantization int4,
+--cpu-compile, n-gram speculation, one thread), a random 128-token prompt then 64 greedy tokens; ms for the 64
+tokens with the head's rows on _int_mm (the code before) and row by row (now), and with speculation off, alternated,
+median of --repeats-engine.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+from pdcluster.bench import outputs
+
+HEAD = (49152, 576)
+
+
+def _ms(fn, calls: int) -> float:
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t) / calls * 1e3
+
+
+def calls_part(rows: list[int], repeats: int, calls: int) -> list[dict]:
+    from pdcluster.engine.quant.cpu_linear import Dyn8Linear, int8_rows
+    from pdcluster.engine.quant.packed import quantize
+    g = torch.Generator().manual_seed(0)
+    lin = Dyn8Linear(quantize(torch.randn(*HEAD, generator=g) * 0.05, "int8"), None)
+    sides = {"_int_mm": lambda x: int8_rows(x, lin.q, lin.scale),
+             "fbgemm by row": lambda x: torch.cat([lin.kernel(x[i:i + 1]) for i in range(x.shape[0])])}
+    print(f"{'rows':>5} {'_int_mm ms':>11} {'fbgemm by row ms':>17} {'ratio':>7}")
+    out = []
+    for m in rows:
+        x = torch.randn(m, HEAD[1], generator=g)
+        for f in sides.values():
+            f(x)                                                          # warm
+        times = {s: [] for s in sides}
+        for rep in range(repeats):
+            for s, f in list(sides.items())[::1 if rep % 2 == 0 else -1]:     # who goes first alternates
+                times[s].append(_ms(lambda: f(x), calls))
+        a, b = statistics.median(times["_int_mm"]), statistics.median(times["fbgemm by row"])
+        print(f"{m:>5} {a:>11.1f} {b:>17.1f} {a / b:>6.2f}x")
+        out.append(dict(rows=m, int_mm_ms=a, by_row_ms=b, ratio=a / b))
+    return out
+
+
+def engine_part(repeats: int) -> dict:
+    from pdcluster.engine.llm_engine import LLMEngine, build_config
+    from pdcluster.engine.quant import cpu_linear
+    from pdcluster.engine.sampling_params import SamplingParams
+    engines = {s: LLMEngine(build_config(num_threads=1, quantization="int4", cpu_compile=True, speculative=s))
+               for s in ("ngram", "off")}
+    for e in engines.values():
+        e.warmup()
+    real = cpu_linear.onednn_int8_usable
+    sides = {"ngram, _int_mm rows": ("ngram", lambda: True),      # rows() reads this: True = int8_rows / _int_mm
+             "ngram, fbgemm by row": ("ngram", real), "spec off": ("off", real)}
+    rng = random.Random(0)
+    times = {s: [] for s in sides}
+    try:
+        for rep in range(repeats):
+            ids = [rng.randrange(1000, 40000) for _ in range(128)]
+            for s, (mode, usable) in list(sides.items())[::1 if rep % 2 == 0 else -1]:
+                eng = engines[mode]
+                cpu_linear.onednn_int8_usable = usable
+                eng.add_request(list(ids), SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
+                eng.step()                                                # the prompt
+                t = time.perf_counter()
+                while eng.has_work():
+                    eng.step()
+                times[s].append((time.perf_counter() - t) * 1e3)
+    finally:
+        cpu_linear.onednn_int8_usable = real
+    med = {s: statistics.median(v) for s, v in times.items()}
+    print(f"engine, 64 greedy tokens after a 128-token prompt, median of {repeats}:")
+    for s, v in med.items():
+        print(f"  {s:22} {v:8.1f} ms  ({v / 64:.1f} ms a token)")
+    ratio = {"_int_mm / by row": med["ngram, _int_mm rows"] / med["ngram, fbgemm by row"],
+             "off / by row": med["spec off"] / med["ngram, fbgemm by row"]}
+    print("  ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratio.items()))
+    return dict(runs=times, median=med, ratio=ratio)
+
+
+def plot(result: dict, path: str) -> None:
+    from pdcluster.bench.plots import ratio_figure
+    ratio_figure(result["calls"], "_int_mm time / fbgemm row by row", f"LM head {HEAD[0]} x {HEAD[1]} int8, 1 thread",
+                 result.get("engine"), "engine: 64 tokens (> 1: row by row faster)", path)
+
+
+def main(argv=None) -> int:
+    from pdcluster.deploy.cli import HelpFormatter
+    ap = argparse.ArgumentParser(prog="python -m pdcluster.bench.int8_head_rows", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 5, 8, 16], help="rows of x per call")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs of each path per row count, alternated")
+    ap.add_argument("--calls", type=int, default=3, help="calls per timed run")
+    ap.add_argument("--repeats-engine", type=int, default=3, help="engine generations per side (0: skip)")
+    outputs.add_args(ap, plot_help="PNG: the per-call ratio against rows, and the engine's ratios")
+    a = ap.parse_args(argv)
+    if outputs.replotted(a, plot, "int8-head-rows.png"):
+        return 0
+    torch.set_num_threads(1)
+    result = dict(calls=calls_part(a.rows, a.repeats, a.calls))
+    if a.repeats_engine > 0:
+        result["engine"] = engine_part(a.repeats_engine)
+    outputs.save(a, result, plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
