@@ -21,8 +21,9 @@ Python headers: the ops register with TORCH_LIBRARY), cached under the pdcluster
 and the flags, and written atomically, so workers that build at once never load a partial file.
 
 Where the CPU lacks AVX-512 VNNI but has AVX2, FMA and F16C (AMD Zen 2/3, older Xeons), the library is built from
-AVX2_SOURCES instead: q4x8_mm (engine/quant/q4x8_avx2.cpp, the same layout and results) and rms_norm, so that decode
-steps on packed int4 weights still read 4-bit codes. `ops()` says which ops loaded, `has(op)` one of them;
+AVX2_SOURCES instead: q4x8_mm (engine/quant/q4x8_avx2.cpp, the same layout and results), int8_mm
+(engine/quant/int8_mm_avx2.cpp: torch._int_mm's exact int32 sums, for cpu_linear.int8_rows) and rms_norm, so that
+decode steps on packed int4 weights still read 4-bit codes. `ops()` says which ops loaded, `has(op)` one of them;
 `available()` is True only for the whole AVX-512 set, which the other callers need.
 
 It is loaded RTLD_GLOBAL: each op the compiled layer may call exports an AOTInductor C shim (C_SHIMS), which the layer
@@ -63,8 +64,9 @@ _CFLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", 
 # the AVX2 library (hosts without AVX-512 VNNI): its sources and the ops they register
 AVX2_FLAGS = ("avx2", "fma", "f16c")
 AVX2_SOURCES = (os.path.join(_HERE, "quant", "q4x8_avx2.cpp"),
+                os.path.join(_HERE, "quant", "int8_mm_avx2.cpp"),
                 os.path.join(os.path.dirname(_HERE), "kernels", "rms_norm.cpp"))
-AVX2_OPS = ("q4x8_mm", "rms_norm")
+AVX2_OPS = ("q4x8_mm", "int8_mm", "rms_norm")
 _AVX2_CFLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c")
 
 # AOTInductor's declarations of the ops' C shims (torch._inductor.config.aot_inductor.custom_ops_to_c_shims)
@@ -165,6 +167,7 @@ _FAKES = {
     "quantize_rows": lambda x, shift: (x.new_empty(x.shape, dtype=torch.uint8 if shift else torch.int8),
                                        x.new_empty((x.shape[0], 1))),
     "int8_amx_mm": lambda x, tiles: x.new_empty((x.shape[0], tiles.shape[0] * 16), dtype=torch.int32),
+    "int8_mm": lambda a, w: a.new_empty((a.shape[0], w.shape[0]), dtype=torch.int32),
 }
 _faked: set[str] = set()
 

@@ -170,6 +170,8 @@ def int8_rows(x: torch.Tensor, q: torch.Tensor | None, scale: torch.Tensor,
     codes, sx = quantize_rows(x)
     if tiles is not None:
         acc = torch.ops.pdcluster.int8_amx_mm(codes, tiles)
+    elif cpu_ext.has("int8_mm"):                # AVX2 hosts: _int_mm's sums on pdcluster's op (int8_mm_avx2.cpp)
+        acc = torch.ops.pdcluster.int8_mm(codes, q)
     else:
         acc = torch._int_mm(codes, q.t())
     return acc.float().mul_(sx).mul_(scale)                                     # int32 [M, N] -> float32
@@ -262,8 +264,8 @@ class Dyn8Linear:
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """float32 [M, N]: int8_rows (a scale per row of x), on oneDNN's prepacked weight where its sums are
-        exact (OneDNNRows: VNNI / AMX hosts), else torch._int_mm; on hosts without VNNI or AMX, fbgemm one row at
-        a time instead (each row's batch-1 result). The latter at 16 rows 2.0-2.4x faster than
+        exact (OneDNNRows: VNNI / AMX hosts), else torch._int_mm (pdcluster::int8_mm on AVX2 hosts: the same
+        sums); where neither oneDNN nor that op is usable, fbgemm one row at a time (each row's batch-1 result). The latter at 16 rows 2.0-2.4x faster than
         _weight_int4pack_mm_for_cpu on the linears and 3.6x faster than _weight_int8pack_mm on the 49152 x 576
         head (bench/RESULTS.md, "Decode batches on CPU"). 7 bits per row (fbgemm's reduce_range) stepped
         outside transformers' top-5 on a near-tie. With AMX tiles: int8_rows on them."""
@@ -271,9 +273,10 @@ class Dyn8Linear:
             y = int8_rows(x, None, self.scale, self.tiles)
         elif self.onednn is not None:
             y = self.onednn(x)
-        elif not onednn_int8_usable():
-            # no VNNI / AMX (AVX2 hosts): torch._int_mm is a slow generic loop there (the 49152 x 576 head at 5
-            # rows: ~128 ms, against ~16 ms for fbgemm row by row, bench/RESULTS.md "q4x8 on AVX2 hosts"); each
+        elif not onednn_int8_usable() and not cpu_ext.has("int8_mm"):
+            # no VNNI / AMX, nor pdcluster's AVX2 int8_mm: torch._int_mm is a slow generic loop there (the 49152 x
+            # 576 head at 5 rows: ~99 ms, against ~11 ms for fbgemm row by row, bench/RESULTS.md "q4x8 on AVX2
+            # hosts"); each
             # row through fbgemm alone is exactly its batch-1 result (bias included); fbgemm rounds a NaN to a
             # finite code, so a non-finite row is made NaN here, as int8_rows keeps it
             y = torch.cat([self.kernel(x[i:i + 1]) for i in range(x.shape[0])])
