@@ -100,6 +100,21 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+# the /proc/cpuinfo flags that make a half-precision GEMM native on CPU (oneDNN's AMX / AVX-512 paths); without
+# one, torch converts to float32 inside its kernels: a 128-token float32 prompt took 427 ms on one AVX2 thread,
+# the same in bfloat16 2,829 ms (6.6x; bench/RESULTS.md, "q4x8 on AVX2 hosts")
+NATIVE_HALF = {"bfloat16": ("avx512_bf16", "amx_bf16"), "float16": ("avx512_fp16", "amx_fp16")}
+
+
+def slow_dtype_warning(dtype: str) -> str | None:
+    """A warning for an engine on this CPU computing in `dtype` without native support for it, else None."""
+    native = NATIVE_HALF.get(dtype)
+    if native is None or any(f in cpu_flags() for f in native):
+        return None
+    return (f"dtype {dtype} on a CPU without {' or '.join(native)}: its GEMMs are emulated, several times slower "
+            f"than float32 (a 128-token prompt 6.6x on an AVX2 host); set dtype float32 for this pool")
+
+
 def variant() -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     """(sources, compiler flags) of the library this CPU builds: the AVX-512 one, else the AVX2 one, else None."""
     have = cpu_flags()

@@ -115,6 +115,10 @@ class LLMEngine:
         self.cfg = cfg
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        if torch.device(cfg.device).type == "cpu":
+            from pdcluster.engine.cpu_ext import slow_dtype_warning
+            if (warning := slow_dtype_warning(cfg.dtype)) is not None:
+                log.warning(warning)
         t0 = time.perf_counter()
         self.tokenizer = load_tokenizer(cfg.model)
         weights = load_weights(cfg.model, DTYPES[cfg.dtype], cfg.quantization)

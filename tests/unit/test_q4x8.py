@@ -156,18 +156,3 @@ def test_the_compiled_layers_linear_is_the_eager_one_in_x_dtype():
         y = _linear(spec, x, list(ws))
         assert y.dtype == dtype and torch.equal(y, lin(x))
 
-
-def test_each_host_builds_the_library_its_cpu_runs(monkeypatch):
-    """AVX-512 VNNI hosts build the whole set; AVX2 hosts (AMD Zen 2/3) the AVX2 subset with q4x8_mm; others none.
-    The AVX2 subset alone does not make available() (the AVX-512-only callers' gate) true."""
-    avx512 = set(cpu_ext.FLAGS) | {"avx2", "fma"}
-    monkeypatch.setattr(cpu_ext, "cpu_flags", lambda: avx512)
-    assert cpu_ext.variant()[0] == cpu_ext.SOURCES
-    monkeypatch.setattr(cpu_ext, "cpu_flags", lambda: {"avx", "avx2", "fma", "f16c"})
-    srcs, flags = cpu_ext.variant()
-    assert srcs == cpu_ext.AVX2_SOURCES and "-mavx2" in flags and not any("avx512" in f for f in flags)
-    monkeypatch.setattr(cpu_ext, "cpu_flags", lambda: {"avx", "sse4_2"})
-    assert cpu_ext.variant() is None
-    monkeypatch.setattr(cpu_ext, "ops", lambda: frozenset(cpu_ext.AVX2_OPS))
-    assert cpu_ext.has("q4x8_mm") and q4x8.available() and not cpu_ext.has("paged_decode_attention")
-    assert not cpu_ext.available()
