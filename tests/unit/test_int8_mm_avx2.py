@@ -1,9 +1,11 @@
-"""engine/quant/int8_mm_avx2.cpp: pdcluster::int8_mm (int8 x int8 -> int32 on AVX2) against torch._int_mm, exactly,
-and int8_rows (cpu_linear.py) on it."""
+"""engine/quant/int8_mm_avx2.cpp: pdcluster::int8_mm (int8 x int8 -> int32 on AVX2) against torch._int_mm, exactly;
+int8_rows (cpu_linear.py) on it; and Dyn8Linear's rows where neither it nor oneDNN is usable."""
 import pytest
 import torch
 
 from pdcluster.engine import cpu_ext
+from pdcluster.engine.quant.cpu_linear import Dyn8Linear
+from pdcluster.engine.quant.packed import quantize_int8
 
 G = torch.Generator().manual_seed(5)
 needs_op = pytest.mark.skipif(not cpu_ext.has("int8_mm"), reason="not an AVX2-only host (or no compiler)")
@@ -53,3 +55,20 @@ def test_bad_arguments():
         torch.ops.pdcluster.int8_mm(torch.zeros(2, 32), torch.zeros(3, 32, dtype=torch.int8))
     with pytest.raises(RuntimeError, match="K as a's"):
         torch.ops.pdcluster.int8_mm(torch.zeros(2, 32, dtype=torch.int8), torch.zeros(3, 64, dtype=torch.int8))
+
+
+def test_int8_rows_without_vnni_or_amx_are_each_rows_batch_1_result(monkeypatch):
+    """Where oneDNN's sums are not exact (no VNNI / AMX) and pdcluster's AVX2 int8_mm did not build, torch._int_mm
+    would be ~8x slower than fbgemm row by row: several rows go through fbgemm one at a time, each row's result
+    exactly what it gets alone."""
+    from pdcluster.engine.quant import cpu_linear
+    monkeypatch.setattr(cpu_linear, "onednn_int8_usable", lambda: False)
+    has = cpu_linear.cpu_ext.has
+    monkeypatch.setattr(cpu_linear.cpu_ext, "has", lambda op: op != "int8_mm" and has(op))   # nor the AVX2 int8_mm
+    lin = Dyn8Linear(quantize_int8(torch.randn(40, 64, generator=G) * 0.1), torch.randn(40, generator=G))
+    assert lin.onednn is None and lin.tiles is None
+    x = torch.randn(5, 64, generator=G)
+    y = lin(x)
+    assert y.shape == (5, 40) and torch.equal(y, torch.cat([lin(x[i:i + 1]) for i in range(5)]))
+    ref = x.double() @ lin.dequantize().double().t() + lin.bias.double()
+    torch.testing.assert_close(y.double(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())

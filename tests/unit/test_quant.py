@@ -396,19 +396,3 @@ def test_fbgemm_int8_linear_rows_keep_a_non_finite_row_non_finite():
     assert torch.isfinite(y).all(1).tolist() == [True, False, False]
     assert torch.equal(y[0], clean[0])
 
-
-def test_int8_rows_without_vnni_or_amx_are_each_rows_batch_1_result(monkeypatch):
-    """Where oneDNN's sums are not exact (no VNNI / AMX) and pdcluster's AVX2 int8_mm did not build, torch._int_mm
-    would be ~8x slower than fbgemm row by row: several rows go through fbgemm one at a time, each row's result
-    exactly what it gets alone."""
-    from pdcluster.engine.quant import cpu_linear
-    monkeypatch.setattr(cpu_linear, "onednn_int8_usable", lambda: False)
-    has = cpu_linear.cpu_ext.has
-    monkeypatch.setattr(cpu_linear.cpu_ext, "has", lambda op: op != "int8_mm" and has(op))   # nor the AVX2 int8_mm
-    lin = Dyn8Linear(quantize_int8(_w(40, 64)), torch.randn(40, generator=G))
-    assert lin.onednn is None and lin.tiles is None
-    x = torch.randn(5, 64, generator=G)
-    y = lin(x)
-    assert y.shape == (5, 40) and torch.equal(y, torch.cat([lin(x[i:i + 1]) for i in range(5)]))
-    ref = x.double() @ lin.dequantize().double().t() + lin.bias.double()
-    torch.testing.assert_close(y.double(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
