@@ -42,8 +42,8 @@ def random_caches(a) -> tuple[torch.Generator, torch.Tensor, torch.Tensor] | Non
     """For parsed add_shape_args flags: torch's threads set, a seeded generator and random float32 K and V caches
     [blocks, 16, kv_heads, head_dim]; None (said why) where pdcluster's CPU ops did not build."""
     from pdcluster.engine import cpu_ext
-    if not cpu_ext.available():
-        print("pdcluster's CPU ops are not built on this host (see the log): nothing to compare")
+    if not (cpu_ext.has("paged_decode_attention") and cpu_ext.has("paged_chunk_attention")):
+        print("pdcluster's CPU attention ops are not built on this host (see the log): nothing to compare")
         return None
     torch.set_num_threads(a.threads)
     g = torch.Generator().manual_seed(0)

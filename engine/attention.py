@@ -64,7 +64,7 @@ def _gather(cache, block_table: torch.Tensor, n: int, dtype: torch.dtype) -> tor
     return gather_blocks(cache, block_table, dtype).flatten(0, 1)[:n]
 
 
-CHUNK_MAX_GROUP = 48    # query heads per KV head kernels/prefill_attention.cpp takes (its MAX_LANES)
+CHUNK_MAX_GROUP = 48    # query heads per KV head kernels/prefill_attention*.cpp take (their MAX_LANES)
 
 
 def prefill_attention(q, k, v, k_cache, v_cache, seq: PrefillSeq, scale: float) -> torch.Tensor:
@@ -73,7 +73,7 @@ def prefill_attention(q, k, v, k_cache, v_cache, seq: PrefillSeq, scale: float) 
     with or without a cached prefix: 3.1x the torch path per layer at 24 rows over 408 positions, 1.5-2.2x for whole
     prompts of 408-2,048; bench/prefix_attention.py). Else (more than CHUNK_MAX_GROUP query heads per KV head
     too) prefill_attention_sdpa."""
-    if cpu_kernel_fits(q.dtype, k_cache) and q.shape[1] // k.shape[1] <= CHUNK_MAX_GROUP:
+    if cpu_kernel_fits(q.dtype, k_cache, "paged_chunk_attention") and q.shape[1] // k.shape[1] <= CHUNK_MAX_GROUP:
         return paged_chunk_attention_cpu(q, k_cache, v_cache, seq.block_table, seq.ctx_len, scale)
     return prefill_attention_sdpa(q, k, v, k_cache, v_cache, seq, scale)
 

@@ -22,8 +22,10 @@ and the flags, and written atomically, so workers that build at once never load 
 
 Where the CPU lacks AVX-512 VNNI but has AVX2, FMA and F16C (AMD Zen 2/3, older Xeons), the library is built from
 AVX2_SOURCES instead: q4x8_mm (engine/quant/q4x8_avx2.cpp, the same layout and results), int8_mm
-(engine/quant/int8_mm_avx2.cpp: torch._int_mm's exact int32 sums, for cpu_linear.int8_rows) and rms_norm, so that
-decode steps on packed int4 weights still read 4-bit codes. `ops()` says which ops loaded, `has(op)` one of them;
+(engine/quant/int8_mm_avx2.cpp: torch._int_mm's exact int32 sums, for cpu_linear.int8_rows), the two attention
+ops (kernels/decode_attention_avx2.cpp, prefill_attention_avx2.cpp: 8 lanes, the same arithmetic per head, sums in
+another order) and rms_norm, so that decode steps on packed int4 weights still read 4-bit codes and attention
+reads the paged cache in place. `ops()` says which ops loaded, `has(op)` one of them;
 `available()` is True only for the whole AVX-512 set, which the other callers need.
 
 It is loaded RTLD_GLOBAL: each op the compiled layer may call exports an AOTInductor C shim (C_SHIMS), which the layer
@@ -56,6 +58,8 @@ SOURCES = (os.path.join(_HERE, "quant", "q4x8.cpp"),
            os.path.join(os.path.dirname(_HERE), "kernels", "q4f32_mm.cpp"))
 HEADERS = (os.path.join(os.path.dirname(_HERE), "kernels", "simd_exp.h"),
            os.path.join(os.path.dirname(_HERE), "kernels", "f32_tile.h"),
+           os.path.join(os.path.dirname(_HERE), "kernels", "decode_attention_driver.h"),
+           os.path.join(os.path.dirname(_HERE), "kernels", "prefill_attention_driver.h"),
            os.path.join(_HERE, "quant", "q4x8_driver.h"))        # included by the sources: in the key
 FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c")      # /proc/cpuinfo names
 _CFLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
@@ -65,8 +69,10 @@ _CFLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", 
 AVX2_FLAGS = ("avx2", "fma", "f16c")
 AVX2_SOURCES = (os.path.join(_HERE, "quant", "q4x8_avx2.cpp"),
                 os.path.join(_HERE, "quant", "int8_mm_avx2.cpp"),
+                os.path.join(os.path.dirname(_HERE), "kernels", "decode_attention_avx2.cpp"),
+                os.path.join(os.path.dirname(_HERE), "kernels", "prefill_attention_avx2.cpp"),
                 os.path.join(os.path.dirname(_HERE), "kernels", "rms_norm.cpp"))
-AVX2_OPS = ("q4x8_mm", "int8_mm", "rms_norm")
+AVX2_OPS = ("q4x8_mm", "int8_mm", "paged_decode_attention", "paged_chunk_attention", "rms_norm")
 _AVX2_CFLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c")
 
 # AOTInductor's declarations of the ops' C shims (torch._inductor.config.aot_inductor.custom_ops_to_c_shims)

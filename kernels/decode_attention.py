@@ -254,17 +254,18 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scal
 CPU_HEAD_DIMS = (32, 64, 96, 128, 256)      # decode_attention.cpp's specializations
 
 
-def cpu_kernel_fits(dtype: torch.dtype, k_cache) -> bool:
-    """Whether decode rows of activations in `dtype` over this cache take pdcluster::paged_decode_attention
-    (decode_attention.cpp, built by engine/cpu_ext.py): a contiguous float32 cache on CPU, float32 queries, a
-    head_dim it is specialized for, and the op built on this host. The eager step and the compiled layer both ask this,
-    so they run the same arithmetic."""
+def cpu_kernel_fits(dtype: torch.dtype, k_cache, op: str = "paged_decode_attention") -> bool:
+    """Whether rows of activations in `dtype` over this cache take pdcluster's CPU attention op `op`
+    (paged_decode_attention: decode_attention.cpp; paged_chunk_attention: prefill_attention.cpp; built by
+    engine/cpu_ext.py, AVX-512 or AVX2): a contiguous float32 cache on CPU, float32 queries, a head_dim the decode op
+    is specialized for, and the op built on this host. The eager step and the compiled layer both ask this, so they
+    run the same arithmetic."""
     if not (isinstance(k_cache, torch.Tensor) and k_cache.device.type == "cpu" and dtype == torch.float32
             and k_cache.dtype == torch.float32 and k_cache.dim() == 4 and k_cache.shape[-1] in CPU_HEAD_DIMS
             and k_cache.is_contiguous()):
         return False
-    from pdcluster.engine.cpu_ext import available
-    return available()
+    from pdcluster.engine.cpu_ext import has
+    return has(op)
 
 
 def paged_decode_attention_cpu(q, k_cache, v_cache, block_tables, seq_lens, scale: float) -> torch.Tensor:

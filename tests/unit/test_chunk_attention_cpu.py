@@ -1,7 +1,7 @@
-"""kernels/prefill_attention.cpp (pdcluster::paged_chunk_attention, built by engine/cpu_ext.py) against its torch
-reference, paged_prefill_attention_ref: GQA groups, head sizes, chunks over cached prefixes of every length around
-the tile edges, what it must not read, row independence, bad arguments, and that the eager prefill takes it for a
-chunk over a cached prefix where it fits."""
+"""kernels/prefill_attention.cpp (pdcluster::paged_chunk_attention, built by engine/cpu_ext.py;
+prefill_attention_avx2.cpp on AVX2 hosts) against its torch reference, paged_prefill_attention_ref: GQA groups, head
+sizes, chunks over cached prefixes of every length around the tile edges, what it must not read, row independence,
+bad arguments, and that the eager prefill takes it for a chunk over a cached prefix where it fits."""
 import pytest
 import torch
 
@@ -9,8 +9,7 @@ from pdcluster.engine import attention, cpu_ext
 from pdcluster.engine.attention import PrefillSeq, prefill_attention
 from pdcluster.kernels.prefill_attention import paged_prefill_attention_ref
 
-HOST = not [f for f in cpu_ext.FLAGS if f not in cpu_ext.cpu_flags()]
-pytestmark = pytest.mark.skipif(not (HOST and cpu_ext.available()), reason="no AVX-512 VNNI host (or no compiler)")
+pytestmark = pytest.mark.skipif(not cpu_ext.has("paged_chunk_attention"), reason="neither AVX-512 VNNI nor AVX2 (or no compiler)")
 G = torch.Generator().manual_seed(7)
 BS = 16
 

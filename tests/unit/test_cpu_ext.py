@@ -16,7 +16,8 @@ def test_each_host_builds_the_library_its_cpu_runs(monkeypatch):
     monkeypatch.setattr(cpu_ext, "cpu_flags", lambda: {"avx", "sse4_2"})
     assert cpu_ext.variant() is None
     monkeypatch.setattr(cpu_ext, "ops", lambda: frozenset(cpu_ext.AVX2_OPS))
-    assert cpu_ext.has("q4x8_mm") and q4x8.available() and not cpu_ext.has("paged_decode_attention")
+    assert cpu_ext.has("q4x8_mm") and q4x8.available() and cpu_ext.has("paged_chunk_attention")
+    assert not cpu_ext.has("q4f32_mm") and not cpu_ext.has("greedy_head")
     assert not cpu_ext.available()
 
 

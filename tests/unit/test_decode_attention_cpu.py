@@ -1,6 +1,7 @@
-"""kernels/decode_attention.cpp (pdcluster::paged_decode_attention, built by engine/cpu_ext.py) against its torch
-reference, paged_decode_attention_ref: GQA groups, head sizes, ragged lengths over shuffled blocks, what it must not
-read, bad arguments, and that the eager decode step takes it exactly where it fits."""
+"""kernels/decode_attention.cpp (pdcluster::paged_decode_attention, built by engine/cpu_ext.py;
+decode_attention_avx2.cpp on AVX2 hosts) against its torch reference, paged_decode_attention_ref: GQA groups, head
+sizes, ragged lengths over shuffled blocks, what it must not read, bad arguments, and that the eager decode step
+takes it exactly where it fits."""
 import pytest
 import torch
 
@@ -8,8 +9,7 @@ from pdcluster.engine import cpu_ext
 from pdcluster.engine.attention import decode_attention
 from pdcluster.kernels.decode_attention import cpu_kernel_fits, paged_decode_attention_ref
 
-HOST = not [f for f in cpu_ext.FLAGS if f not in cpu_ext.cpu_flags()]
-pytestmark = pytest.mark.skipif(not (HOST and cpu_ext.available()), reason="no AVX-512 VNNI host (or no compiler)")
+pytestmark = pytest.mark.skipif(not cpu_ext.has("paged_decode_attention"), reason="neither AVX-512 VNNI nor AVX2 (or no compiler)")
 G = torch.Generator().manual_seed(5)
 
 
