@@ -7,6 +7,7 @@ embedding rows dequantized on lookup).
 """
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Callable
 
@@ -22,6 +23,8 @@ from pdcluster.engine.rotary import apply_rotary_rolled, cos_sin_cache, rotary_t
 from pdcluster.kernels import f32_mm as f32
 from pdcluster.kernels import q4f32_mm as q4f32
 from pdcluster.kernels.greedy_head import GreedyHead
+
+log = logging.getLogger(__name__)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -169,9 +172,12 @@ class LlamaModel:
         self.layers = [Layer(sd, f"model.layers.{i}", cfg.attention_bias, device, split, codes=weight_codes)
                        for i in range(cfg.num_layers)]
         if int8_rows and torch.device(device).type == "cpu":     # wide steps on an int8 copy (quant/int8_rows.py)
-            from pdcluster.engine.quant.int8_rows import widen
+            from pdcluster.engine.quant.int8_rows import Int8Rows, widen
             for L in self.layers:
                 L.qkv, L.o, L.gate_up, L.down = (widen(lin, int8_rows) for lin in (L.qkv, L.o, L.gate_up, L.down))
+            if not any(isinstance(L.qkv, Int8Rows) for L in self.layers):
+                log.warning("cpu_int8_rows=%d not applied: no linear here gains from an int8 copy (float or int8 "
+                            "weights, or q4x8 on an AVX2 host, faster than the copy at every row count)", int8_rows)
         self.cos_sin = cos_sin_cache(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta,
                                      cfg.rope_scaling_dict).to(device)  # float32 [max_pos, D]
         self.scale = cfg.head_dim ** -0.5

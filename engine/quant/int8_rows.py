@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from pdcluster.engine import cpu_ext
 from pdcluster.engine.quant import int8_amx
 from pdcluster.engine.quant.cpu_linear import DENSE_MIN_ROWS, Int4Linear, OneDNNRows, int8_rows, onednn_int8_usable
 from pdcluster.engine.quant.packed import quantize
@@ -70,11 +71,19 @@ class Int8Rows:
         return self.inner.nbytes + codes.numel() * (1 + (self.onednn is not None)) + 4 * self.scale.numel()
 
 
-def widen(lin, min_rows: int):
-    """lin with an int8 copy for steps of >= min_rows rows if it is a packed int4 CPU linear whose weights
-    can be read back (q4x8's, or torch's in a known int4pack layout); else lin unchanged (int8 linears run
-    int8 already)."""
+def copy_pays(lin) -> bool:
+    """Whether an int8 copy can beat lin's own kernel at wide steps: a packed int4 CPU linear whose weights can be
+    read back (q4x8's, or torch's in a known int4pack layout), except q4x8 on the AVX2 library. There the op
+    (vpmaddubsw on the 4-bit codes) is 1.4-1.6x faster than the copy through int8_mm at 12-512 rows, and no
+    exact oneDNN form runs (no VNNI): a decode step at 16 rows took 66.4 ms with the copy against 60.4 without
+    (bench/RESULTS.md, "int4 prefill through q4x8 on AVX2 hosts")."""
     from pdcluster.engine.quant.q4x8 import Q4x8Linear
-    if not (isinstance(lin, Q4x8Linear) or isinstance(lin, Int4Linear) and lin.layout is not None):
-        return lin
-    return Int8Rows(lin, min_rows)
+    if isinstance(lin, Q4x8Linear):
+        return cpu_ext.available()
+    return isinstance(lin, Int4Linear) and lin.layout is not None
+
+
+def widen(lin, min_rows: int):
+    """lin with an int8 copy for steps of >= min_rows rows where copy_pays(lin); else lin unchanged (int8 linears
+    run int8 already)."""
+    return Int8Rows(lin, min_rows) if copy_pays(lin) else lin

@@ -58,6 +58,13 @@ def available() -> bool:
     return cpu_ext.has("q4x8_mm")
 
 
+def dense_min_rows() -> int | None:
+    """Rows from which Q4x8Linear dequantizes to float32 and runs MKL's GEMM instead of the op: DENSE_MIN_ROWS with
+    the AVX-512 library; None (never) with the AVX2 one, where the op (vpmaddubsw) is 1.1-1.6x MKL's float32 GEMM on
+    the already dequantized weight at 64-512 rows (bench/RESULTS.md, "int4 prefill through q4x8 on AVX2 hosts")."""
+    return DENSE_MIN_ROWS if cpu_ext.available() else None
+
+
 def supported(K: int) -> bool:
     """Whether a weight of in_features K fits the op (whole groups of 32)."""
     return K % GROUP == 0 and K > 0
@@ -147,15 +154,16 @@ def q4x8_mm(x: torch.Tensor, q: Q4x8Weight) -> torch.Tensor:
 
 
 class Q4x8Linear:
-    """A packed int4 CPU linear on the op: rows below DENSE_MIN_ROWS (decode steps) through q4x8_mm, more rows
-    (prefill chunks) dequantize to a transient float32 [N, K] and run a float32 GEMM (the same weights; x
-    unrounded). y returns in x's dtype. Selected by engine/quant/policy.cpu_kernel where available() and
+    """A packed int4 CPU linear on the op: rows below dense_min_rows() (decode steps) through q4x8_mm, more rows
+    (prefill chunks, on AVX-512 hosts) dequantize to a transient float32 [N, K] and run a float32 GEMM (the same
+    weights; x unrounded). y returns in x's dtype. Selected by engine/quant/policy.cpu_kernel where available() and
     supported(K); torch's Int4Linear otherwise."""
-    __slots__ = ("q", "bias", "N", "K")
+    __slots__ = ("q", "bias", "N", "K", "dense_from")
 
     def __init__(self, w: Int4Weight, bias: torch.Tensor | None):
         self.q, self.bias = pack(w), bias
         self.N, self.K = w.shape
+        self.dense_from = dense_min_rows()
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.q)
@@ -167,7 +175,8 @@ class Q4x8Linear:
         return F.linear(x.float(), self.dequantize())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = (self.dense(x) if x.shape[0] >= DENSE_MIN_ROWS else self.kernel(x)).to(x.dtype)
+        dense = self.dense_from is not None and x.shape[0] >= self.dense_from
+        y = (self.dense(x) if dense else self.kernel(x)).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
     @property

@@ -71,12 +71,15 @@ def test_hf_model_quantized_at_load(hf_ref, refs, hf_folder, mode, mib):
     _check(LLM(hf_folder, quantization=mode, kv_cache_memory=32 * 2**20), hf_ref, refs, max_weight_mib=mib)
 
 
-def test_gguf_int4_with_int8_copies_for_wide_steps(hf_ref, refs):
+def test_gguf_int4_with_int8_copies_for_wide_steps(hf_ref, refs, monkeypatch):
     """cpu_int8_rows=2 (engine/quant/int8_rows.py): the prefill (> 64 rows, on oneDNN's prepacked form where
     exact) and the 4-row decode batches run the int8 copies, the decode batches through the compiled layer's
-    wide package; single rows keep the packed kernel. Greedy stays inside transformers' top-5."""
+    wide package; single rows keep the packed kernel. Greedy stays inside transformers' top-5. (On an AVX2 host
+    the engine would keep q4x8 instead, faster there: the copies are forced, to check their arithmetic.)"""
     from pdcluster.engine.cpu_compile import MAX_ROWS, WIDE_MAX_ROWS
+    from pdcluster.engine.quant import int8_rows
     from pdcluster.engine.quant.int8_rows import Int8Rows
+    monkeypatch.setattr(int8_rows, "copy_pays", lambda lin: True)
     llm = LLM(kv_cache_memory=32 * 2**20, quantization=None, cpu_compile=True, cpu_int8_rows=2, speculative="off")
     m = llm.engine.model
     assert all(isinstance(lin, Int8Rows) for L in m.layers for lin in (L.qkv, L.o, L.gate_up, L.down))

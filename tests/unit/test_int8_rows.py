@@ -85,6 +85,27 @@ def test_widen_copies_int4_linears_only_and_counts_the_bytes():
         Int8Rows(inner, 0)
 
 
+def test_no_copy_where_q4x8_beats_it_and_the_engine_says_so(monkeypatch, caplog):
+    """q4x8 on the AVX2 library beats the int8 copy at every row count (no exact oneDNN form there): widen leaves
+    it alone, and an engine asked for cpu_int8_rows that widens nothing logs why. On AVX-512 it is copied."""
+    import logging
+
+    from pdcluster.engine import LLM, cpu_ext
+    from pdcluster.engine.quant import q4x8
+    from pdcluster.engine.quant.int8_rows import copy_pays
+    if not q4x8.available():
+        pytest.skip("no pdcluster::q4x8_mm on this host")
+    lin = q4x8.Q4x8Linear(quantize_int4(torch.randn(48, 64, generator=G) * 0.05), None)
+    monkeypatch.setattr(cpu_ext, "available", lambda: True)
+    assert copy_pays(lin) and isinstance(widen(lin, 8), Int8Rows)
+    monkeypatch.setattr(cpu_ext, "available", lambda: False)
+    assert not copy_pays(lin) and widen(lin, 8) is lin
+    with caplog.at_level(logging.WARNING, logger="pdcluster.engine.llama"):
+        llm = LLM(quantization=None, cpu_int8_rows=12, kv_cache_memory=8 * 2**20, speculative="off")
+    assert not any(isinstance(L.qkv, Int8Rows) for L in llm.engine.model.layers)
+    assert any("cpu_int8_rows=12 not applied" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.skipif(not onednn_int8_usable(), reason="no VNNI / AMX: oneDNN's u8 x s8 sums could saturate")
 def test_onednn_rows_is_int8_rows_arithmetic():
     """cpu_linear.OneDNNRows (the int8 head's and int8 linears' 2-63 rows where exact): the same integer sums as

@@ -110,9 +110,14 @@ def test_the_linear_kernel_rows_dense_rows_and_threads():
     lin = q4x8.Q4x8Linear(w, bias)
     x = torch.randn(DENSE_MIN_ROWS + 6, 576, generator=G)
     ref = x.double() @ lin.dequantize().double().t() + bias.double()
-    small, big = lin(x[:5]), lin(x)                           # the op; dequantize + float32 GEMM
-    torch.testing.assert_close(big.double(), ref, rtol=1e-5, atol=1e-5)
+    small, big = lin(x[:5]), lin(x)
+    torch.testing.assert_close(lin.dense(x).double() + bias.double(), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(small.double(), ref[:5], rtol=0.02, atol=0.02 * ref.abs().max().item())
+    if q4x8.dense_min_rows() is None:                         # AVX2: every row count on the op, row by row
+        assert torch.equal(big[:5], small) and torch.equal(big, lin.kernel(x) + bias)
+        torch.testing.assert_close(big.double(), ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
+    else:                                                     # AVX-512: dequantize + float32 GEMM from 64 rows
+        torch.testing.assert_close(big.double(), ref, rtol=1e-5, atol=1e-5)
     assert q4x8.Q4x8Linear(w, None)(x[:5].bfloat16()).dtype == torch.bfloat16     # y in x's dtype
     assert lin.nbytes == 48 * 288 + 2 * 48 * 18 * 2
     # the result does not depend on the thread count (rows are split across threads, each summed alone)
@@ -142,6 +147,16 @@ def test_a_failed_build_leaves_torchs_int4_kernel(tmp_path, monkeypatch, caplog)
         cpu_ext.ops.cache_clear()
     monkeypatch.undo()
     assert q4x8.available()                                                 # the built library again
+
+
+def test_wide_steps_go_dense_only_with_the_avx512_library(monkeypatch):
+    """Prefill-sized row counts dequantize + MKL from DENSE_MIN_ROWS where the AVX-512 library loaded; the AVX2 op
+    beats MKL's float32 GEMM at every row count measured, so there they stay on the op."""
+    from pdcluster.engine.quant.cpu_linear import DENSE_MIN_ROWS
+    monkeypatch.setattr(cpu_ext, "available", lambda: True)
+    assert q4x8.dense_min_rows() == DENSE_MIN_ROWS
+    monkeypatch.setattr(cpu_ext, "available", lambda: False)
+    assert q4x8.dense_min_rows() is None
 
 
 @needs_op
