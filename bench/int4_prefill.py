@@ -100,7 +100,7 @@ def plot(result: dict, path: str) -> None:
     from pdcluster.bench.plots import ratio_figure
     ratio_figure(result["linears"], "dequantize + MKL time / op time",
                  "SmolLM2-135M int4 (Q4_1): 30 layers' linears (1 thread)", result.get("engine"),
-                 f"engine, cold prompts of N tokens: dense from 64 / op", path)
+                 "engine, cold N-token prompts: dense / op", path)
 
 
 def main(argv=None) -> int:

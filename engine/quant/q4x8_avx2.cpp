@@ -30,7 +30,8 @@ namespace {
 constexpr int64_t GROUP = 32;
 constexpr int64_t ROWS = 16;           // weight rows per block (q4x8.cpp's layout): two vectors of 8 lanes here
 constexpr int64_t PREFETCH_BLOCKS = 1; // as q4x8.cpp: the next block is prefetched while one is computed
-constexpr int64_t MAX_X = 4;           // rows of x per pass over a block (sums and accumulators in registers)
+constexpr int64_t MAX_X = 3;           // rows of x per pass over a block: 6 sums + 4 weight vectors + 2 of x + 1 mask
+                                       // in the 16 registers (4 rows spill: slower)
 
 float hmax(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -81,21 +82,25 @@ bool quantize_row(const float* x, int64_t K, int8_t* qx, float* dx, float* sx) {
   return std::isfinite(s);
 }
 
-// Rows 8 h .. 8 h + 7 of one block of 16 (w, d, mn at the block) against MX rows of x: y[m, 0..7] for m < MX (row
-// stride N; y at the half). next: the block PREFETCH_BLOCKS ahead, or null; prefetched a group at a time.
+// One block of 16 rows (w, d, mn at the block) against MX rows of x: y[m, 0..15] for m < MX (row stride N). The
+// block's two 256-bit halves (rows 0..7 and 8..15 of each 64-byte run) are summed side by side, so each
+// broadcast of x's codes serves both. next: the block PREFETCH_BLOCKS ahead, or null; prefetched a group at a time.
+// A lane's int16 sums and float32 steps run in the same order as with one half at a time (results unchanged).
 template <int MX>
-void half_block(const uint8_t* w, const at::Half* d, const at::Half* mn, int h, const int8_t* qx, const float* dx,
-                const float* sx, int64_t K, float* y, int64_t N, const uint8_t* next, const at::Half* next_d,
-                const at::Half* next_mn) {
+void block(const uint8_t* w, const at::Half* d, const at::Half* mn, const int8_t* qx, const float* dx,
+           const float* sx, int64_t K, float* y, int64_t N, const uint8_t* next, const at::Half* next_d,
+           const at::Half* next_mn) {
   const int64_t G = K / GROUP;
   const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 acc[MX];
+  __m256 acc[MX][2];
+  #pragma GCC unroll 8
   for (int m = 0; m < MX; ++m)
-    acc[m] = _mm256_setzero_ps();
+    acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* wg = w + g * ROWS * GROUP / 2;
     if (next != nullptr) {
       const char* p = reinterpret_cast<const char*>(next + g * ROWS * GROUP / 2);
+      #pragma GCC unroll 8
       for (int i = 0; i < 4; ++i)
         _mm_prefetch(p + 64 * i, _MM_HINT_T0);
       if ((g & 1) == 0) {                                   // 2 groups of scales per 64-byte line
@@ -103,37 +108,48 @@ void half_block(const uint8_t* w, const at::Half* d, const at::Half* mn, int h, 
         _mm_prefetch(reinterpret_cast<const char*>(next_mn + g * ROWS), _MM_HINT_T0);
       }
     }
-    __m256i s16[MX];                                        // per lane (row), its group's sum as int16 pairs
+    __m256i s16[MX][2];                                     // per lane (row), its group's sum as int16 pairs
+    #pragma GCC unroll 8
     for (int m = 0; m < MX; ++m)
-      s16[m] = _mm256_setzero_si256();
+      s16[m][0] = s16[m][1] = _mm256_setzero_si256();
+    #pragma GCC unroll 8
     for (int u = 0; u < 4; ++u) {
-      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * u + 32 * h));
-      const __m256i lo = _mm256_and_si256(b, low4);                          // weights 8u .. 8u + 3 of each row
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);   // weights 8u + 4 .. 8u + 7
+      __m256i lo[2], hi[2];
+      #pragma GCC unroll 8
+      for (int h = 0; h < 2; ++h) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 64 * u + 32 * h));
+        lo[h] = _mm256_and_si256(b, low4);                                 // weights 8u .. 8u + 3 of each row
+        hi[h] = _mm256_and_si256(_mm256_srli_epi16(b, 4), low4);          // weights 8u + 4 .. 8u + 7
+      }
+      #pragma GCC unroll 8
       for (int m = 0; m < MX; ++m) {
         const int32_t* xq = reinterpret_cast<const int32_t*>(qx + m * K + g * GROUP);   // 4 codes of x a lane
-        s16[m] = _mm256_add_epi16(s16[m], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(xq[2 * u])));
-        s16[m] = _mm256_add_epi16(s16[m], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(xq[2 * u + 1])));
+        const __m256i x0 = _mm256_set1_epi32(xq[2 * u]), x1 = _mm256_set1_epi32(xq[2 * u + 1]);
+        #pragma GCC unroll 8
+        for (int h = 0; h < 2; ++h) {
+          s16[m][h] = _mm256_add_epi16(s16[m][h], _mm256_maddubs_epi16(lo[h], x0));
+          s16[m][h] = _mm256_add_epi16(s16[m][h], _mm256_maddubs_epi16(hi[h], x1));
+          asm("" : "+x"(s16[m][h]));        // summed here: else GCC computes all 8 products first and spills them
+        }
       }
     }
-    const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + g * ROWS + 8 * h)));
-    const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g * ROWS + 8 * h)));
-    for (int m = 0; m < MX; ++m) {
-      const __m256 isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[m], ones));
-      acc[m] = _mm256_fmadd_ps(isum, _mm256_mul_ps(dv, _mm256_set1_ps(dx[m * G + g])), acc[m]);
-      acc[m] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[m * G + g]), acc[m]);
+    #pragma GCC unroll 8
+    for (int h = 0; h < 2; ++h) {
+      const __m256 dv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d + g * ROWS + 8 * h)));
+      const __m256 mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(mn + g * ROWS + 8 * h)));
+      #pragma GCC unroll 8
+      for (int m = 0; m < MX; ++m) {
+        const __m256 isum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[m][h], ones));
+        acc[m][h] = _mm256_fmadd_ps(isum, _mm256_mul_ps(dv, _mm256_set1_ps(dx[m * G + g])), acc[m][h]);
+        acc[m][h] = _mm256_fmadd_ps(mv, _mm256_set1_ps(sx[m * G + g]), acc[m][h]);
+      }
     }
   }
-  for (int m = 0; m < MX; ++m)
-    _mm256_storeu_ps(y + m * N, acc[m]);
-}
-
-template <int MX>
-void block(const uint8_t* w, const at::Half* d, const at::Half* mn, const int8_t* qx, const float* dx,
-           const float* sx, int64_t K, float* y, int64_t N, const uint8_t* next, const at::Half* next_d,
-           const at::Half* next_mn) {
-  half_block<MX>(w, d, mn, 0, qx, dx, sx, K, y, N, next, next_d, next_mn);
-  half_block<MX>(w, d, mn, 1, qx, dx, sx, K, y + 8, N, nullptr, nullptr, nullptr);   // the block is in cache now
+  #pragma GCC unroll 8
+  for (int m = 0; m < MX; ++m) {
+    _mm256_storeu_ps(y + m * N, acc[m][0]);
+    _mm256_storeu_ps(y + m * N + 8, acc[m][1]);
+  }
 }
 
 }  // namespace
