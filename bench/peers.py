@@ -105,9 +105,11 @@ async def _measure(base_url: str, model: str, requests: dict[int, list], concurr
 def measured_prompts(workload: dict, vocab_size: int, seed: int, rnd: int, concurrency: tuple[int, ...]) -> dict:
     """The prompts measured in round `rnd` at each concurrency: the same for every server in that round,
     and never sent before: a server's prefix cache (ours within one cluster start, llama-server's
-    across its whole life) must not serve a repeat of an earlier level's or round's prompts."""
+    across its whole life) must not serve a repeat of an earlier level's or round's prompts, nor of another
+    --seed's run against the same server (seeds 100,000 apart: rounds < 99, concurrency < 1,000)."""
     from pdcluster.bench.datasets import build_dataset
-    return {c: build_dataset(dict(workload, seed=seed + 1000 * (rnd + 1) + c), vocab_size) for c in concurrency}
+    return {c: build_dataset(dict(workload, seed=seed * 100_000 + 1000 * (rnd + 1) + c), vocab_size)
+            for c in concurrency}
 
 
 @contextlib.asynccontextmanager

@@ -302,19 +302,20 @@ def test_the_peers_split_side_is_disagg_int4_with_a_bfloat16_float_prefill_pool(
 
 
 def test_peers_never_measures_a_prompt_twice():
-    """A server's prefix cache must not serve a repeat: each (round, concurrency) gets prompts of its own,
+    """A server's prefix cache must not serve a repeat: each (seed, round, concurrency) gets prompts of its own,
     the same for every server in the round."""
     from pdcluster.bench.peers import WORKLOAD, measured_prompts
     seen = {}
-    for rnd in range(2):
-        got = measured_prompts(dict(WORKLOAD), 49152, 0, rnd, (1, 4, 16))
-        assert got == measured_prompts(dict(WORKLOAD), 49152, 0, rnd, (1, 4, 16))     # every server alike
-        for c, reqs in got.items():
-            assert len(reqs) == WORKLOAD["num_prompts"]
-            for r in reqs:
-                key = tuple(r.prompt_ids[:16])                  # no shared first block: no prefix hit
-                assert key not in seen, (rnd, c, seen.get(key))
-                seen[key] = (rnd, c)
+    for seed in (11, 14):           # runs with nearby seeds against one llama-server (14's level 1 was 11's level 4)
+        for rnd in range(2):
+            got = measured_prompts(dict(WORKLOAD), 49152, seed, rnd, (1, 4, 16))
+            assert got == measured_prompts(dict(WORKLOAD), 49152, seed, rnd, (1, 4, 16))     # every server alike
+            for c, reqs in got.items():
+                assert len(reqs) == WORKLOAD["num_prompts"]
+                for r in reqs:
+                    key = tuple(r.prompt_ids[:16])                  # no shared first block: no prefix hit
+                    assert key not in seen, (seed, rnd, c, seen.get(key))
+                    seen[key] = (seed, rnd, c)
 
 
 def test_deploy_pools_cpu_yaml_is_the_peers_split_side():
