@@ -1,5 +1,7 @@
-"""Prefill rows of packed int4 linears on CPU: pdcluster::q4x8_mm (x rounded to int8 per 32) against dequantizing
-the weight to float32 and running MKL's GEMM (x unrounded), one thread.
+"""Prefill rows of packed int4 CPU linears: pdcluster::q4x8_mm against dequantize + MKL's float32 GEMM, one thread.
+
+The op rounds x to int8 per 32 (llama.cpp's Q8_1); the dense path dequantizes the weight to a transient float32
+copy on every call and runs MKL with x unrounded.
 
     python -m pdcluster.bench.int4_prefill --out bench/int4-prefill.json --plot bench/int4-prefill.png
 
