@@ -11,6 +11,7 @@ one, else one per chunk. Multi-turn datasets need token ids back and run on the 
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import httpx
@@ -46,6 +47,23 @@ async def generate(client: httpx.AsyncClient, base_url: str, b: dict, prompt_len
     return out
 
 
+_EOL = re.compile(r"\r\n|\r|\n")    # SSE's line ends, and only those
+
+
+async def sse_lines(r: httpx.Response):
+    """r's body as SSE lines: ended by CRLF, LF or CR only. (httpx's aiter_lines also ends a line at U+2028, U+0085
+    and str.splitlines' other boundaries, which a JSON string in raw UTF-8 may hold: llama-server's data lines do,
+    so a chunk of generated text that has one was cut in two.) A CRLF split across two reads yields one empty
+    line more: SSE's event separator, which the reader skips as it skips any line not starting with "data: "."""
+    buf = ""
+    async for text in r.aiter_text():
+        *lines, buf = _EOL.split(buf + text)
+        for line in lines:
+            yield line
+    if buf:
+        yield buf
+
+
 RETRIED = ("RemoteProtocolError", "ConnectError", "ReadError")    # connection errors, retried if no token came
 
 
@@ -60,7 +78,7 @@ async def _generate(client: httpx.AsyncClient, base_url: str, b: dict, prompt_le
                 await r.aread()
                 out.error, out.latency = f"HTTP_{r.status_code}", time.perf_counter() - start
                 return out
-            async for line in r.aiter_lines():
+            async for line in sse_lines(r):
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 msg = json.loads(line[6:])

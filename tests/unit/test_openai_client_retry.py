@@ -15,8 +15,8 @@ SSE = "".join(f"data: {json.dumps(m)}\n\n" for m in (
     {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}})) + "data: [DONE]\n\n"
 
 
-async def _serve(drops: int):
-    """A server that drops its first `drops` connections after reading the request, then streams SSE."""
+async def _serve(drops: int, sse: str = SSE):
+    """A server that drops its first `drops` connections after reading the request, then streams `sse`."""
     seen = []
 
     async def handle(reader, writer):
@@ -25,7 +25,7 @@ async def _serve(drops: int):
         if len(seen) <= drops:
             writer.close()
             return
-        body = SSE.encode()
+        body = sse.encode()
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                      + f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
         await writer.drain()
@@ -50,3 +50,23 @@ def test_a_dropped_connection_is_retried_once(drops, ok):
         assert out.output_tokens == 2 and out.ttft > 0
     else:
         assert out.error == "RemoteProtocolError" and out.output_tokens == 0
+
+
+def test_raw_utf8_line_separators_inside_a_json_string_do_not_cut_its_line():
+    """llama-server sends JSON in raw UTF-8: generated text may hold U+2028 or U+0085, which httpx's aiter_lines
+    takes for line ends (the peers run of 12-07 03:25 died on such a chunk with a JSONDecodeError). Only CR / LF
+    end an SSE line; CRLF and lone CR are line ends too."""
+    texts = ["a\u2028b", "c\x85d\u2029", "e"]
+    sse = "".join(f"data: {json.dumps({'choices': [{'text': t, 'finish_reason': None}]}, ensure_ascii=False)}{end}{end}"
+                  for t, end in zip(texts, ("\n", "\r\n", "\r")))
+    usage = {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3}}
+    sse += f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n"
+    assert "\u2028" in sse and "\\u2028" not in sse                      # raw, as llama-server sends it
+
+    async def go():
+        server, url, _ = await _serve(0, sse)
+        async with server, httpx.AsyncClient(timeout=10) as c:
+            return await openai_client.generate(c, url, {"prompt": [1, 2, 3]}, 3, chat=False)
+
+    out = asyncio.run(go())
+    assert out.success and out.output_tokens == 3 and len(out.itl) == 2       # three chunks with text, none cut
