@@ -74,9 +74,9 @@ class Int8Rows:
 def copy_pays(lin) -> bool:
     """Whether an int8 copy can beat lin's own kernel at wide steps: a packed int4 CPU linear whose weights can be
     read back (q4x8's, or torch's in a known int4pack layout), except q4x8 on the AVX2 library. There the op
-    (vpmaddubsw on the 4-bit codes) is 1.4-1.6x faster than the copy through int8_mm at 12-512 rows, and no
-    exact oneDNN form runs (no VNNI): a decode step at 16 rows took 66.4 ms with the copy against 60.4 without
-    (bench/RESULTS.md, "int4 prefill through q4x8 on AVX2 hosts")."""
+    (vpmaddubsw on the 4-bit codes) was 1.4-1.6x faster than the copy through int8_mm at 12-512 rows even before its
+    kernel's 1.4x speed-up, and no exact oneDNN form runs (no VNNI): a decode step at 16 rows took 66.4 ms with the
+    copy against 60.4 without (bench/RESULTS.md, "AVX2 hosts: the attention ops, and int4 prefill on q4x8")."""
     from pdcluster.engine.quant.q4x8 import Q4x8Linear
     if isinstance(lin, Q4x8Linear):
         return cpu_ext.available()

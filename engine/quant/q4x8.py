@@ -60,8 +60,9 @@ def available() -> bool:
 
 def dense_min_rows() -> int | None:
     """Rows from which Q4x8Linear dequantizes to float32 and runs MKL's GEMM instead of the op: DENSE_MIN_ROWS with
-    the AVX-512 library; None (never) with the AVX2 one, where the op (vpmaddubsw) is 1.1-1.6x MKL's float32 GEMM on
-    the already dequantized weight at 64-512 rows (bench/RESULTS.md, "int4 prefill through q4x8 on AVX2 hosts")."""
+    the AVX-512 library; None (never) with the AVX2 one, where the op (vpmaddubsw) beat MKL's float32 GEMM on the
+    weight dequantized beforehand at every row count measured, 16 to 2,048 (2.0-3.5x; a cold 128-token int4 prompt
+    857 -> 222 ms; bench/RESULTS.md, "AVX2 hosts: the attention ops, and int4 prefill on q4x8")."""
     return DENSE_MIN_ROWS if cpu_ext.available() else None
 
 
