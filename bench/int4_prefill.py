@@ -20,7 +20,6 @@ None (the op at every row count), alternated; median ms per prompt, ratio = DENS
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import time
@@ -33,7 +32,6 @@ from pdcluster.bench import outputs
 def _layer_linears(eng) -> list:
     from pdcluster.engine.quant.q4x8 import Q4x8Linear
     lins = [getattr(lin, "inner", lin) for L in eng.model.layers for lin in (L.qkv, L.o, L.gate_up, L.down)]
-    lins = [getattr(lin, "packed", lin) for lin in lins]
     return [lin for lin in lins if isinstance(lin, Q4x8Linear)]
 
 
@@ -71,30 +69,10 @@ def linears_part(lins: list, rows: list[int], repeats: int) -> list[dict]:
 
 
 def engine_part(eng, lins: list, lengths: list[int], repeats: int) -> dict:
-    from pdcluster.bench.greedy_head import run
+    from pdcluster.bench.prefill_chunks import cold_prompts_by_side
     from pdcluster.engine.quant.cpu_linear import DENSE_MIN_ROWS
     sides = {f"dense from {DENSE_MIN_ROWS}": DENSE_MIN_ROWS, "op at every row count": None}
-    saved = [lin.dense_from for lin in lins]
-    rng = random.Random(0)
-    times = {s: {n: [] for n in lengths} for s in sides}
-    try:
-        for rep in range(repeats):
-            for n in lengths:
-                for side, rows in list(sides.items())[::1 if rep % 2 == 0 else -1]:     # who goes first alternates
-                    for lin in lins:
-                        lin.dense_from = rows
-                    times[side][n].append(run(eng, [rng.randrange(1000, 40000) for _ in range(n)]))
-    finally:
-        for lin, rows in zip(lins, saved):
-            lin.dense_from = rows
-    med = {s: {n: statistics.median(v) for n, v in t.items()} for s, t in times.items()}
-    before, now = list(sides)
-    ratio = {str(n): med[before][n] / med[now][n] for n in lengths}
-    print(f"engine, int4, cold prompts, median of {repeats}:")
-    for n in lengths:
-        print(f"{n:>5} tokens: {before} {med[before][n]:8.1f} ms   {now} {med[now][n]:8.1f} ms   "
-              f"{ratio[str(n)]:.3f}x")
-    return dict(runs=times, median=med, ratio=ratio)
+    return cold_prompts_by_side(eng, lins, "dense_from", sides, lengths, repeats, "engine, int4, cold prompts")
 
 
 def plot(result: dict, path: str) -> None:

@@ -58,8 +58,37 @@ def linears_part(rows: list[int], repeats: int) -> list[dict]:
     return out
 
 
+def cold_prompts_by_side(eng, lins: list, attr: str, sides: dict, lengths: list[int], repeats: int,
+                         title: str) -> dict:
+    """Median ms of cold random prompts of each length on eng with every linear's `attr` set to each side's value
+    in turn (who goes first alternates; the linears' own values restored after), printed under `title`; ratio =
+    the first side's time / the second's. Also bench/int4_prefill.py's engine part."""
+    from pdcluster.bench.greedy_head import run
+    saved = [getattr(lin, attr) for lin in lins]
+    rng = random.Random(0)
+    times = {s: {n: [] for n in lengths} for s in sides}
+    try:
+        for rep in range(repeats):
+            for n in lengths:
+                for side, value in list(sides.items())[::1 if rep % 2 == 0 else -1]:
+                    for lin in lins:
+                        setattr(lin, attr, value)
+                    times[side][n].append(run(eng, [rng.randrange(1000, 40000) for _ in range(n)]))
+    finally:
+        for lin, value in zip(lins, saved):
+            setattr(lin, attr, value)
+    med = {s: {n: statistics.median(v) for n, v in t.items()} for s, t in times.items()}
+    before, now = list(sides)
+    ratio = {str(n): med[before][n] / med[now][n] for n in lengths}          # by prompt tokens
+    print(f"{title}, median of {repeats}:")
+    for n in lengths:
+        print(f"{n:>5} tokens: {before} {med[before][n]:8.1f} ms   {now} {med[now][n]:8.1f} ms   "
+              f"{ratio[str(n)]:.3f}x")
+    return dict(runs=times, median=med, ratio=ratio)
+
+
 def engine_part(lengths: list[int], repeats: int) -> dict:
-    from pdcluster.bench.greedy_head import engine, run
+    from pdcluster.bench.greedy_head import engine
     from pdcluster.kernels import f32_mm, q4f32_mm
     eng = engine(True)
     lins = [lin for L in eng.model.layers for lin in (L.qkv, L.o, L.gate_up, L.down)]
@@ -68,26 +97,9 @@ def engine_part(lengths: list[int], repeats: int) -> dict:
     budget = eng.cfg.sched.max_num_batched_tokens
     sides = {f"MKL from {f32_mm.MKL_MIN_ROWS}": f32_mm.MKL_MIN_ROWS, f"op to {q4f32_mm.MKL_MIN_ROWS - 1}":
              q4f32_mm.MKL_MIN_ROWS}
-    rng = random.Random(0)
-    times = {s: {n: [] for n in lengths} for s in sides}
-    try:
-        for rep in range(repeats):
-            for n in lengths:
-                for side, rows in list(sides.items())[::1 if rep % 2 == 0 else -1]:     # who goes first alternates
-                    for lin in lins:
-                        lin.mkl_min_rows = rows
-                    times[side][n].append(run(eng, [rng.randrange(1000, 40000) for _ in range(n)]))
-    finally:
-        for lin in lins:
-            lin.mkl_min_rows = q4f32_mm.MKL_MIN_ROWS
-    med = {s: {n: statistics.median(v) for n, v in t.items()} for s, t in times.items()}
-    before, now = list(sides)
-    ratio = {str(n): med[before][n] / med[now][n] for n in lengths}          # by prompt tokens
-    print(f"engine, cold prompts (step budget {budget} tokens), median of {repeats}:")
-    for n in lengths:
-        print(f"{n:>5} tokens: {before} {med[before][n]:8.1f} ms   {now} {med[now][n]:8.1f} ms   "
-              f"{ratio[str(n)]:.3f}x")
-    return dict(runs=times, median=med, ratio=ratio, step_budget=budget)
+    res = cold_prompts_by_side(eng, lins, "mkl_min_rows", sides, lengths, repeats,
+                               f"engine, cold prompts (step budget {budget} tokens)")
+    return dict(res, step_budget=budget)
 
 
 def plot(result: dict, path: str) -> None:

@@ -214,7 +214,7 @@ def ops() -> frozenset[str]:
     except Exception as e:                              # no compiler, headers, ...: torch's kernels instead
         log.warning("pdcluster's CPU kernels not built (%s: %s); torch's kernels run instead", type(e).__name__, e)
         return frozenset()
-    names = (*C_SHIMS, *AVX2_OPS, "paged_chunk_attention", "greedy_head", "q4f32_expand")   # one library loads
+    names = {*C_SHIMS, *AVX2_OPS, "greedy_head", "q4f32_expand"}   # one library loads (AVX2_OPS: paged_chunk_attention)
     loaded = frozenset(op for op in names if hasattr(torch.ops.pdcluster, op))
     for op in sorted((loaded & set(_FAKES)) - _faked):
         torch.library.register_fake(f"pdcluster::{op}")(_FAKES[op])
