@@ -7,7 +7,8 @@ Two parts, both alternating the sides round by round in this one process (a shar
            3072x576, down 576x1536), --layers distinct weights each (as a step's 30 layers: read from memory,
            not from a cache one hot weight would sit in); the median ms for all of them, and MKL / f32_mm.
   engine   the embedded model (float32, the default engine) on one LLMEngine whose layers' linears are swapped
-           between the two sides (the same weights): a cold --prompt-len prefill, a prefix hit (--prompt-len -
+           between the two sides (the same weights; on the embedded Q4_1 file the op side holds them as codes,
+           kernels/q4f32_mm.py): a cold --prompt-len prefill, a prefix hit (--prompt-len -
            --tail-len tokens cached, --tail-len computed) and a pure decode step at --batch rows; median ms.
 """
 from __future__ import annotations
@@ -59,7 +60,7 @@ def bench_engine(a) -> dict:
     from pdcluster.engine.llama import Linear
     from pdcluster.engine.llm_engine import LLMEngine, build_config
     from pdcluster.engine.sampling_params import SamplingParams
-    from pdcluster.kernels.f32_mm import unpack
+    from pdcluster.kernels import f32_mm, q4f32_mm
     torch.set_num_threads(a.engine_threads)
     eng = LLMEngine(build_config(num_threads=a.engine_threads, speculative="off", max_num_batched_tokens=4096))
     eng.warmup()
@@ -68,7 +69,9 @@ def bench_engine(a) -> dict:
     packed = [[getattr(L, n) for n in names] for L in m.layers]
     if any(lin.packed is None for lins in packed for lin in lins):
         raise SystemExit("the engine's linears are not packed (pdcluster's CPU ops did not build here)")
-    plain = [[Linear(unpack(lin.packed), lin.bias, split=False) for lin in lins] for lins in packed]
+    form = lambda q: q4f32_mm if isinstance(q, q4f32_mm.Q4F32Weight) else f32_mm      # noqa: E731 (codes: Q4_1 file)
+    plain = [[Linear(form(lin.packed).unpack_into(lin.packed, {}), lin.bias, split=False) for lin in lins]
+             for lins in packed]
     sides = {"f32mm": packed, "mkl": plain}
 
     def use(side: str) -> None:
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--tail-len must be in 1 .. --prompt-len - 1")
     from pdcluster.kernels.f32_mm import available
     if not available():
-        raise SystemExit("pdcluster::f32_mm is not available on this host (no AVX-512, or the build failed)")
+        raise SystemExit("pdcluster::f32_mm is not available on this host (no AVX-512 or AVX2, or the build failed)")
     result = dict(args=vars(a), load_before=list(os.getloadavg()),
                   linears=bench_linears(a.rows, a.threads, a.layers, a.rounds))
     result["engine"] = bench_engine(a) if a.repeats else None

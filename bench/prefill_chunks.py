@@ -95,8 +95,8 @@ def engine_part(lengths: list[int], repeats: int) -> dict:
     if not all(isinstance(lin.packed, q4f32_mm.Q4F32Weight) for lin in lins):
         raise SystemExit("the engine does not hold Q4_1 codes here: nothing to compare")
     budget = eng.cfg.sched.max_num_batched_tokens
-    sides = {f"MKL from {f32_mm.MKL_MIN_ROWS}": f32_mm.MKL_MIN_ROWS, f"op to {q4f32_mm.MKL_MIN_ROWS - 1}":
-             q4f32_mm.MKL_MIN_ROWS}
+    sides = {f"MKL from {f32_mm.MKL_MIN_ROWS}": f32_mm.MKL_MIN_ROWS, f"op to {q4f32_mm.mkl_min_rows() - 1}":
+             q4f32_mm.mkl_min_rows()}
     res = cold_prompts_by_side(eng, lins, "mkl_min_rows", sides, lengths, repeats,
                                f"engine, cold prompts (step budget {budget} tokens)")
     return dict(res, step_budget=budget)

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from pdcluster.engine import cpu_ext
 from pdcluster.engine.attention import AttnMeta, decode_attention, prefill_attention, store_kv
 from pdcluster.engine.config import ModelConfig
 from pdcluster.engine.kv_quant import cache_args
@@ -44,7 +45,8 @@ class Linear:
     row's result independent of its batch-mates; longer steps (prefill chunks) run MKL on a transient unpacked copy.
     codes=True: a weight whose values are all GGUF Q4_1 values (a float32 engine on a Q4_1 file) is held as its
     4-bit codes instead (kernels/q4f32_mm.py), 0.75 bytes a weight, with the same results bit for bit; their op
-    runs every step up to 4,095 rows (q4f32_mm.MKL_MIN_ROWS), so a default step budget's rows never leave it.
+    runs every step up to 4,095 rows (q4f32_mm.mkl_min_rows(); 1,023 with the AVX2 library), so a default step
+    budget's rows never leave it on AVX-512.
     Elsewhere F.linear (MKL on CPU); bfloat16 at <= SPLIT_MAX_ROWS rows (decode at batch 1-4) runs torch.bmm over
     the weight viewed as [SPLIT, out / SPLIT, in], a view, no copy: 1.15-1.25x F.linear on 1 thread, a tie on 2
     (bench/RESULTS.md, "Dense CPU linears, remeasured")."""
@@ -61,7 +63,7 @@ class Linear:
             self.weight = None
             if q is not None:
                 self.packed, self._mm, self._unpack = q, q4f32.q4f32_mm, q4f32.unpack_into
-                self.mkl_min_rows = q4f32.MKL_MIN_ROWS              # steps of this many rows run MKL instead
+                self.mkl_min_rows = q4f32.mkl_min_rows()           # steps of this many rows run MKL instead
             else:
                 self.packed, self._mm, self._unpack = f32.pack(weight), f32.f32_mm, f32.unpack_into
                 self.mkl_min_rows = f32.MKL_MIN_ROWS
@@ -112,7 +114,8 @@ def greedy_screen(head, device: str) -> GreedyHead | None:
     built: a greedy row's token without reading the whole head in float32. None elsewhere."""
     w = getattr(head, "weight", None)
     if not (isinstance(head, Linear) and head.bias is None and isinstance(w, torch.Tensor) and w.dtype == torch.float32
-            and w.dim() == 2 and w.shape[1] % 16 == 0 and torch.device(device).type == "cpu" and f32.available()):
+            and w.dim() == 2 and w.shape[1] % 16 == 0 and torch.device(device).type == "cpu"
+            and cpu_ext.has("greedy_head")):
         return None
     try:
         return GreedyHead(w)

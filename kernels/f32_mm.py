@@ -13,8 +13,8 @@ Each y[m, n] is one fused multiply-add chain over k in order: the same bits what
 the threads, so a request's logits do not depend on its batch-mates. Against F.linear the sums differ only in
 order (float32 rounding).
 
-The op is built with pdcluster's other CPU ops (engine/cpu_ext.py) where the CPU has AVX-512; `available()` says
-whether it loaded. Callers keep F.linear otherwise.
+The op is built with pdcluster's other CPU ops (engine/cpu_ext.py) where the CPU has AVX-512, or AVX2 and FMA (the
+same tile 8 lanes wide: the same bits); `available()` says whether it loaded. Callers keep F.linear otherwise.
 """
 from __future__ import annotations
 
@@ -23,12 +23,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pdcluster.engine import hugepages
-from pdcluster.engine.cpu_ext import available  # noqa: F401 (the op's build and load)
+from pdcluster.engine import cpu_ext, hugepages
 
 COLS = 64                  # columns of W.T per block (f32_mm.cpp COLS)
 MKL_MIN_ROWS = 768         # rows from which engine/llama.py's Linear runs MKL on unpack_into's copy instead (the op
                            # 0.92x MKL on a 2048-token prefill; the copy costs ~2.5% of the GEMM there)
+
+
+def available() -> bool:
+    """Whether the op loaded on this host (AVX-512, or the AVX2 library; engine/cpu_ext.py builds it)."""
+    return cpu_ext.has("f32_mm")
 
 
 @dataclass(frozen=True, eq=False)

@@ -36,17 +36,56 @@ using pdcluster_f32::HALF_TILES;
 using pdcluster_f32::MR;
 using pdcluster_f32::TILES;
 constexpr int64_t G = 32;                    // k per (d, m) group: Q4_1's block
+#if defined(__AVX512F__)
 constexpr int64_t KC_ROWS = 128;             // k rows expanded at a time up to SPLIT_MAX_ROWS rows of x: 32 KB of
                                              //   a block, L1-resident (64 within 1%, 32 and 192-288 slower)
+#else
+constexpr int64_t KC_ROWS = 256;             // AVX2 (Zen 3, one thread): 1.1-1.2x 64 or 128 at 16-32 rows, 1.1x
+                                             //   slower at 1 row
+#endif
 constexpr int64_t SPLIT_MAX_ROWS = 48;       // more rows: the whole block at once, into L2 (at 408 rows ~10% faster
                                              //   than 128 at a time, a tie at 96; one thread, SmolLM2's linears)
 
-// d * q + m rounded twice, as numpy's (d * qs) + m: the _round intrinsics keep the compiler from fusing them
-inline __m512 dequant(__m128i q8, __m512 d, __m512 m) {
-  constexpr int RN = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q8));
-  return _mm512_add_round_ps(_mm512_mul_round_ps(d, q, RN), m, RN);
-}
+// One half block's 32 columns of one group, d * q + m rounded twice, as numpy's (d * qs) + m: d and m loaded once
+// per group, then a k row at a time from its 32 codes (one byte each, 0..15) into out (32 floats).
+#if defined(__AVX512F__)
+struct HalfRows {
+  __m512 d0, d1, m0, m1;
+  HalfRows(const float* d, const float* m)
+      : d0(_mm512_loadu_ps(d)), d1(_mm512_loadu_ps(d + 16)), m0(_mm512_loadu_ps(m)), m1(_mm512_loadu_ps(m + 16)) {}
+  // the _round intrinsics keep the compiler from fusing the product and the sum
+  static __m512 dequant(__m128i q8, __m512 d, __m512 m) {
+    constexpr int RN = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q8));
+    return _mm512_add_round_ps(_mm512_mul_round_ps(d, q, RN), m, RN);
+  }
+  void operator()(__m256i q, float* out) const {
+    _mm512_storeu_ps(out, dequant(_mm256_castsi256_si128(q), d0, m0));
+    _mm512_storeu_ps(out + 16, dequant(_mm256_extracti128_si256(q, 1), d1, m1));
+  }
+};
+#else
+struct HalfRows {                            // AVX2: 8 columns a vector
+  __m256 d[4], m[4];
+  HalfRows(const float* dp, const float* mp) {
+    for (int i = 0; i < 4; ++i) d[i] = _mm256_loadu_ps(dp + 8 * i), m[i] = _mm256_loadu_ps(mp + 8 * i);
+  }
+  // the empty asm keeps GCC from contracting the product and the sum into an FMA (-ffp-contract=fast: these
+  // intrinsics are plain vector arithmetic to it)
+  static __m256 dequant(__m128i q8, __m256 d, __m256 m) {
+    __m256 p = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q8)));
+    asm("" : "+x"(p));
+    return _mm256_add_ps(p, m);
+  }
+  void operator()(__m256i q, float* out) const {
+    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    _mm256_storeu_ps(out, dequant(lo, d[0], m[0]));
+    _mm256_storeu_ps(out + 8, dequant(_mm_srli_si128(lo, 8), d[1], m[1]));
+    _mm256_storeu_ps(out + 16, dequant(hi, d[2], m[2]));
+    _mm256_storeu_ps(out + 24, dequant(_mm_srli_si128(hi, 8), d[3], m[3]));
+  }
+};
+#endif
 
 // k rows k0 .. k0 + kc - 1 (whole groups) of columns lo .. hi - 1 (multiples of 32) of one block into buf
 // (float32 [kc, 64], the f32_mm block layout)
@@ -56,14 +95,11 @@ void expand(const uint8_t* codes, const float* dm, int64_t k0, int64_t kc, int64
     const float* d = dm + g * 2 * COLS;
     const float* m = d + COLS;
     for (int64_t h = lo / 32; h < hi / 32; ++h) {            // half h: columns 32 h .. 32 h + 31
-      const __m512 d0 = _mm512_loadu_ps(d + 32 * h), d1 = _mm512_loadu_ps(d + 32 * h + 16);
-      const __m512 m0 = _mm512_loadu_ps(m + 32 * h), m1 = _mm512_loadu_ps(m + 32 * h + 16);
+      const HalfRows rows(d + 32 * h, m + 32 * h);
       for (int64_t k = g * G; k < (g + 1) * G; ++k) {
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + k * 32));
         const __m256i q = h == 0 ? _mm256_and_si256(v, low4) : _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        float* out = buf + (k - k0) * COLS + 32 * h;
-        _mm512_storeu_ps(out, dequant(_mm256_castsi256_si128(q), d0, m0));
-        _mm512_storeu_ps(out + 16, dequant(_mm256_extracti128_si256(q, 1), d1, m1));
+        rows(q, buf + (k - k0) * COLS + 32 * h);
       }
     }
   }

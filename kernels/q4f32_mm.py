@@ -24,8 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pdcluster.engine import hugepages
-from pdcluster.engine.cpu_ext import available  # noqa: F401 (the op's build and load)
+from pdcluster.engine import cpu_ext, hugepages
 from pdcluster.kernels import f32_mm
 
 COLS = 64                  # columns of W.T per block (f32_tile.h COLS)
@@ -34,6 +33,20 @@ MKL_MIN_ROWS = 4096        # rows from which engine/llama.py's Linear runs MKL o
                            # expanding all of W to DRAM costs what the op's in-cache expansion saves until then
                            # (120 linears, one thread: the op 1.22x expand + MKL at 768 rows, 1.06x at 2,048, 0.99x at
                            # 4,096; bench/RESULTS.md, "Q4_1 codes through the op at every prefill chunk")
+AVX2_MKL_MIN_ROWS = 1024   # the same with the AVX2 library (Zen 3, one thread): 0.70x at 128 rows, 0.93x at 512, a tie
+                           # at 1,024 (1.01-1.04x), 1.06x at 1,536, 1.08-1.10x at 2,048 (bench/RESULTS.md, "float32
+                           # linears on AVX2 hosts")
+
+
+def available() -> bool:
+    """Whether the op loaded on this host (AVX-512, or the AVX2 library; engine/cpu_ext.py builds it)."""
+    return cpu_ext.has("q4f32_mm")
+
+
+def mkl_min_rows() -> int:
+    """Rows from which engine/llama.py's Linear runs MKL on the expanded weight instead of the op: MKL_MIN_ROWS with
+    the AVX-512 library, AVX2_MKL_MIN_ROWS with the AVX2 one (whose 8-lane tile trails MKL's GEMM sooner)."""
+    return MKL_MIN_ROWS if cpu_ext.available() else AVX2_MKL_MIN_ROWS
 
 
 @dataclass(frozen=True, eq=False)

@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pdcluster.engine.cpu_ext import FLAGS, cpu_flags
+from pdcluster.engine import cpu_ext
 from pdcluster.engine.llama import _scratch, make_linear
 from pdcluster.kernels import f32_mm
 from pdcluster.kernels import q4f32_mm as Q
 
 G = torch.Generator().manual_seed(11)
-HOST = not [f for f in FLAGS if f not in cpu_flags()]
-needs_op = pytest.mark.skipif(not (HOST and Q.available()), reason="no AVX-512 host (or no compiler)")
+HOST = cpu_ext.variant() is not None        # AVX-512 VNNI, or AVX2 + FMA + F16C: a library with the op
+needs_op = pytest.mark.skipif(not (HOST and Q.available()), reason="no AVX-512 or AVX2 host (or no compiler)")
 
 
 def q4_1(N: int, K: int, seed: int = 0) -> torch.Tensor:
@@ -139,7 +139,7 @@ def test_a_linear_holds_the_codes_of_a_q4_1_weight_and_the_float_blocks_otherwis
     assert torch.equal(lin(x), plain(x))
     other = make_linear(torch.randn(96, 64, generator=G), b, "cpu", split=False, codes=True)
     assert isinstance(other.packed, f32_mm.F32Weight)
-    long = torch.randn(Q.MKL_MIN_ROWS, 64, generator=G)                  # MKL on the expanded weight
+    long = torch.randn(Q.mkl_min_rows(), 64, generator=G)                  # MKL on the expanded weight
     assert torch.equal(lin(long), F.linear(long, w, b))
     buf = _scratch()[(2, 64, 64)]                                         # f32_mm's buffer for these blocks
     lin(long)
@@ -160,7 +160,7 @@ def test_codes_run_the_op_on_prefill_chunks_that_float_blocks_give_to_mkl():
     with pytest.raises(AssertionError, match="MKL path"):
         plain(chunk)                                                      # float32 blocks: MKL from 768 rows
     with pytest.raises(AssertionError, match="MKL path"):
-        lin(torch.randn(Q.MKL_MIN_ROWS, 64, generator=G))                 # codes: from 4,096
+        lin(torch.randn(Q.mkl_min_rows(), 64, generator=G))                 # codes: from 4,096 (AVX2: 1,024)
 
 
 @needs_op
