@@ -34,7 +34,7 @@ def linears_part(rows: list[int], repeats: int) -> list[dict]:
     from pdcluster.engine import cpu_ext
     from pdcluster.engine.llama import _scratch
     from pdcluster.kernels import q4f32_mm
-    if not cpu_ext.available():
+    if not cpu_ext.has("q4f32_mm"):
         print("pdcluster's CPU ops are not built here: no q4f32_mm", file=sys.stderr)
         return []
     _, codes = model_linears()

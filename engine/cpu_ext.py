@@ -24,8 +24,9 @@ Where the CPU lacks AVX-512 VNNI but has AVX2, FMA and F16C (AMD Zen 2/3, older 
 AVX2_SOURCES instead: q4x8_mm (engine/quant/q4x8_avx2.cpp, the same layout and results), int8_mm
 (engine/quant/int8_mm_avx2.cpp: torch._int_mm's exact int32 sums, for cpu_linear.int8_rows), the two attention
 ops (kernels/decode_attention_avx2.cpp, prefill_attention_avx2.cpp: 8 lanes, the same arithmetic per head, sums in
-another order), rms_norm, and the float32 linears f32_mm and q4f32_mm (kernels/f32_tile.h's tile and
-q4f32_mm.cpp's expansion 8 lanes wide: the same bits as on AVX-512), so that decode steps on packed int4 weights
+another order), rms_norm, the float32 linears f32_mm and q4f32_mm (kernels/f32_tile.h's tile and q4f32_mm.cpp's
+expansion 8 lanes wide: the same bits as on AVX-512) and greedy_head (its screen 8 lanes wide, its exact scores the
+same bits), so that decode steps on packed int4 weights
 still read 4-bit codes, a float32 engine on a Q4_1 file reads its weights' codes, and attention reads the paged
 cache in place. `ops()` says which ops loaded, `has(op)` one of them;
 `available()` is True only for the whole AVX-512 set, which the other callers need.
@@ -75,9 +76,10 @@ AVX2_SOURCES = (os.path.join(_HERE, "quant", "q4x8_avx2.cpp"),
                 os.path.join(os.path.dirname(_HERE), "kernels", "prefill_attention_avx2.cpp"),
                 os.path.join(os.path.dirname(_HERE), "kernels", "rms_norm.cpp"),
                 os.path.join(os.path.dirname(_HERE), "kernels", "f32_mm.cpp"),
-                os.path.join(os.path.dirname(_HERE), "kernels", "q4f32_mm.cpp"))
+                os.path.join(os.path.dirname(_HERE), "kernels", "q4f32_mm.cpp"),
+                os.path.join(os.path.dirname(_HERE), "kernels", "greedy_head.cpp"))
 AVX2_OPS = ("q4x8_mm", "int8_mm", "paged_decode_attention", "paged_chunk_attention", "rms_norm", "f32_mm", "q4f32_mm",
-            "q4f32_expand")
+            "q4f32_expand", "greedy_head")
 _AVX2_CFLAGS = ("-O3", "-std=c++17", "-fPIC", "-fopenmp", "-mavx2", "-mfma", "-mf16c")
 
 # AOTInductor's declarations of the ops' C shims (torch._inductor.config.aot_inductor.custom_ops_to_c_shims)
@@ -219,7 +221,7 @@ def ops() -> frozenset[str]:
     except Exception as e:                              # no compiler, headers, ...: torch's kernels instead
         log.warning("pdcluster's CPU kernels not built (%s: %s); torch's kernels run instead", type(e).__name__, e)
         return frozenset()
-    names = {*C_SHIMS, *AVX2_OPS, "greedy_head"}   # one library loads (AVX2_OPS: paged_chunk_attention, q4f32_expand)
+    names = {*C_SHIMS, *AVX2_OPS}   # one library loads (AVX2_OPS: the ops without a C shim too)
     loaded = frozenset(op for op in names if hasattr(torch.ops.pdcluster, op))
     for op in sorted((loaded & set(_FAKES)) - _faked):
         torch.library.register_fake(f"pdcluster::{op}")(_FAKES[op])

@@ -15,7 +15,7 @@
 // b[v] = |h|_1 slack[v], and keeps only the v whose upper end reaches the best lower end: that set provably holds
 // the argmax of the float32 logits (greedy_head.py says why). Those few (1-5 typically) are scored in float32 from w
 // and the best taken. Each exact score is one FMA chain over E in 16 lanes, then a fixed-order lane sum: the same
-// bits whatever N, the batch-mates or the threads.
+// bits whatever N, the batch-mates or the threads, and on AVX2 hosts (the same 16 chains in two 8-lane registers).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,6 +29,7 @@
 
 namespace {
 
+#if defined(__AVX512F__)
 constexpr int64_t VB = 4;      // head rows per block: each q chunk converted once for every h row in the group
 constexpr int64_t RB = 4;      // h rows per group: RB x VB accumulators
 
@@ -54,6 +55,37 @@ inline void screen_block(const float* h, int64_t E, const int8_t* q, const float
     for (int j = 0; j < J; ++j) approx[r * V + v0 + j] = _mm512_reduce_add_ps(acc[r][j]) * scale[v0 + j];
 }
 
+#else
+constexpr int64_t VB = 2;      // AVX2 (16 registers): RB x VB accumulators of 8 lanes + VB of q + 1 of h
+constexpr int64_t RB = 4;
+
+// As above, 8 lanes (the sums in another order: the screen's bounds hold for any order, greedy_head.py gamma).
+template <int R, int J>
+inline void screen_block(const float* h, int64_t E, const int8_t* q, const float* scale, float* approx, int64_t V,
+                         int64_t v0) {
+  __m256 acc[R][J];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t e = 0; e < E; e += 8) {
+    __m256 qv[J];
+    for (int j = 0; j < J; ++j) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + (v0 + j) * E + e));
+      qv[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 hv = _mm256_loadu_ps(h + r * E + e);
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm256_fmadd_ps(hv, qv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < J; ++j) {
+      const __m128 s4 = _mm_add_ps(_mm256_extractf128_ps(acc[r][j], 1), _mm256_castps256_ps128(acc[r][j]));
+      const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+      approx[r * V + v0 + j] = (_mm_cvtss_f32(s2) + _mm_cvtss_f32(_mm_movehdup_ps(s2))) * scale[v0 + j];
+    }
+}
+#endif
+
 template <int R>
 void screen_rows(const float* h, int64_t E, const int8_t* q, const float* scale, float* approx, int64_t V,
                  int64_t begin, int64_t end) {
@@ -62,15 +94,34 @@ void screen_rows(const float* h, int64_t E, const int8_t* q, const float* scale,
   for (; v < end; ++v) screen_block<R, 1>(h, E, q, scale, approx, V, v);
 }
 
+constexpr int64_t VCHUNK = 256;  // head rows of q swept by every group of h rows in turn: 144 KB at E = 576, in L2
+                                 //   (q streamed from memory once, not once per RB rows of h)
+
 using ScreenFn = void (*)(const float*, int64_t, const int8_t*, const float*, float*, int64_t, int64_t, int64_t);
 constexpr ScreenFn SCREEN[RB] = {screen_rows<1>, screen_rows<2>, screen_rows<3>, screen_rows<4>};
 
+#if defined(__AVX512F__)
 // h . w in float32: 16 lanes, one FMA chain each over E in order, then _mm512_reduce_add_ps (a fixed tree).
 inline float exact_dot(const float* h, const float* w, int64_t E) {
   __m512 acc = _mm512_setzero_ps();
   for (int64_t e = 0; e < E; e += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(h + e), _mm512_loadu_ps(w + e), acc);
   return _mm512_reduce_add_ps(acc);
 }
+#else
+// The same 16 chains as the AVX-512 build, lanes 0-7 and 8-15 in two registers, then _mm512_reduce_add_ps's tree
+// (GCC's avx512fintrin.h: high 8 + low 8, high 4 + low 4, {0, 1} + {2, 3}, then [0] + [1]): the same bits.
+inline float exact_dot(const float* h, const float* w, int64_t E) {
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+  for (int64_t e = 0; e < E; e += 16) {
+    lo = _mm256_fmadd_ps(_mm256_loadu_ps(h + e), _mm256_loadu_ps(w + e), lo);
+    hi = _mm256_fmadd_ps(_mm256_loadu_ps(h + e + 8), _mm256_loadu_ps(w + e + 8), hi);
+  }
+  const __m256 s8 = _mm256_add_ps(hi, lo);
+  const __m128 s4 = _mm_add_ps(_mm256_extractf128_ps(s8, 1), _mm256_castps256_ps128(s8));
+  const __m128 s2 = _mm_add_ps(s4, _mm_shuffle_ps(s4, s4, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(s2) + _mm_cvtss_f32(_mm_shuffle_ps(s2, s2, 1));
+}
+#endif
 
 at::Tensor greedy_head(const at::Tensor& h, const at::Tensor& q, const at::Tensor& scale, const at::Tensor& slack,
                        const at::Tensor& w) {
@@ -106,9 +157,12 @@ at::Tensor greedy_head(const at::Tensor& h, const at::Tensor& q, const at::Tenso
   at::Tensor approx_t = at::empty({N, V}, h.options());
   float* approx = approx_t.data_ptr<float>();
   at::parallel_for(0, V, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t r0 = 0; r0 < N; r0 += RB) {
-      const int64_t rows = std::min<int64_t>(RB, N - r0);
-      SCREEN[rows - 1](hp + r0 * E, E, qp, sp, approx + r0 * V, V, begin, end);
+    for (int64_t c0 = begin; c0 < end; c0 += VCHUNK) {          // every group of h rows over one chunk of q (L2)
+      const int64_t c1 = std::min(end, c0 + VCHUNK);
+      for (int64_t r0 = 0; r0 < N; r0 += RB) {
+        const int64_t rows = std::min<int64_t>(RB, N - r0);
+        SCREEN[rows - 1](hp + r0 * E, E, qp, sp, approx + r0 * V, V, c0, c1);
+      }
     }
   });
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {

@@ -5,8 +5,8 @@ from pdcluster.engine.quant import q4x8
 
 
 def test_each_host_builds_the_library_its_cpu_runs(monkeypatch):
-    """AVX-512 VNNI hosts build the whole set; AVX2 hosts (AMD Zen 2/3) the AVX2 subset with q4x8_mm and the float32
-    linears; others none.
+    """AVX-512 VNNI hosts build the whole set; AVX2 hosts (AMD Zen 2/3) the AVX2 subset with q4x8_mm, the float32
+    linears and the greedy head; others none.
     The AVX2 subset alone does not make available() (the AVX-512-only callers' gate) true."""
     avx512 = set(cpu_ext.FLAGS) | {"avx2", "fma"}
     monkeypatch.setattr(cpu_ext, "cpu_flags", lambda: avx512)
@@ -18,7 +18,8 @@ def test_each_host_builds_the_library_its_cpu_runs(monkeypatch):
     assert cpu_ext.variant() is None
     monkeypatch.setattr(cpu_ext, "ops", lambda: frozenset(cpu_ext.AVX2_OPS))
     assert cpu_ext.has("q4x8_mm") and q4x8.available() and cpu_ext.has("paged_chunk_attention")
-    assert cpu_ext.has("f32_mm") and cpu_ext.has("q4f32_mm") and not cpu_ext.has("greedy_head")
+    assert cpu_ext.has("f32_mm") and cpu_ext.has("q4f32_mm") and cpu_ext.has("greedy_head")
+    assert not cpu_ext.has("int8_amx_mm") and not cpu_ext.has("quantize_rows")
     assert not cpu_ext.available()
 
 
