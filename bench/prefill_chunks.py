@@ -4,7 +4,8 @@ CPU, one thread.
     python -m pdcluster.bench.prefill_chunks --out bench/prefill-chunks.json --plot bench/prefill-chunks.png
 
 engine/llama.py's Linear runs MKL on a transient float32 copy of a packed weight from the form's MKL_MIN_ROWS rows:
-768 for f32_mm's float32 blocks, 4,096 for Q4_1 codes (kernels/q4f32_mm.py). This measures that choice for codes.
+768 for f32_mm's float32 blocks, 4,096 for Q4_1 codes with the AVX-512 library and 1,024 with the AVX2 one
+(kernels/q4f32_mm.py mkl_min_rows). This measures that choice for codes.
 
 Linears part: the embedded model's 120 fused layer linears as codes (as a default engine holds them); at each --rows,
 ms per pass through the op and through unpack_into + F.linear (what Linear runs past the threshold), alternated,
@@ -12,7 +13,7 @@ median of --repeats; ratio = MKL's time / the op's.
 
 Engine part (--repeats-engine > 0): one float32 engine on the embedded model, speculation off; cold prompts of each
 --lengths, every Linear's threshold set in turn to f32_mm's (768: chunks of 768+ rows on MKL, as before 12-06) and
-to the codes' own (the op up to 4,095 rows), alternated; median ms per prompt, ratio = 768's / the codes'.
+to the codes' own (the op up to 4,095 rows; 1,023 with the AVX2 library), alternated; median ms per prompt, ratio = 768's / the codes'.
 """
 from __future__ import annotations
 
