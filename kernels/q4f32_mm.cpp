@@ -40,8 +40,8 @@ constexpr int64_t G = 32;                    // k per (d, m) group: Q4_1's block
 constexpr int64_t KC_ROWS = 128;             // k rows expanded at a time up to SPLIT_MAX_ROWS rows of x: 32 KB of
                                              //   a block, L1-resident (64 within 1%, 32 and 192-288 slower)
 #else
-constexpr int64_t KC_ROWS = 256;             // AVX2 (Zen 3, one thread): 1.1-1.2x 64 or 128 at 16-32 rows, 1.1x
-                                             //   slower at 1 row
+constexpr int64_t KC_ROWS = 256;             // AVX2 (Zen 3, one thread, one run each): at 16 rows 1.07x 128's speed
+                                             //   and 1.22x 64's, at 32 1.25x 64's; at 1 row 1.11x slower than 64
 #endif
 constexpr int64_t SPLIT_MAX_ROWS = 48;       // more rows: the whole block at once, into L2 (at 408 rows ~10% faster
                                              //   than 128 at a time, a tie at 96; one thread, SmolLM2's linears)
