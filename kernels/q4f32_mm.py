@@ -33,9 +33,9 @@ MKL_MIN_ROWS = 4096        # rows from which engine/llama.py's Linear runs MKL o
                            # expanding all of W to DRAM costs what the op's in-cache expansion saves until then
                            # (120 linears, one thread: the op 1.22x expand + MKL at 768 rows, 1.06x at 2,048, 0.99x at
                            # 4,096; bench/RESULTS.md, "Q4_1 codes through the op at every prefill chunk")
-AVX2_MKL_MIN_ROWS = 1024   # the same with the AVX2 library (Zen 3, one thread): 0.70x at 128 rows, 0.93x at 512, a tie
-                           # at 1,024 (1.01-1.04x), 1.06x at 1,536, 1.08-1.10x at 2,048 (bench/RESULTS.md, "float32
-                           # linears on AVX2 hosts")
+AVX2_MKL_MIN_ROWS = 1024   # the same with the AVX2 library (Zen 3, one thread; the op's time / expand + MKL's): 0.66x
+                           # at 128 rows, 0.96x at 512, 1.01-1.04x at 1,024, 1.05x at 1,536, 1.10x at 2,048
+                           # (bench/RESULTS.md, "float32 linears and the greedy head on AVX2 hosts")
 
 
 def available() -> bool:
