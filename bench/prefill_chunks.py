@@ -13,7 +13,8 @@ median of --repeats; ratio = MKL's time / the op's.
 
 Engine part (--repeats-engine > 0): one float32 engine on the embedded model, speculation off; cold prompts of each
 --lengths, every Linear's threshold set in turn to f32_mm's (768: chunks of 768+ rows on MKL, as before 12-06) and
-to the codes' own (the op up to 4,095 rows; 1,023 with the AVX2 library), alternated; median ms per prompt, ratio = 768's / the codes'.
+to the codes' own (the op up to 4,095 rows; 1,023 with the AVX2 library), alternated; median ms per prompt,
+ratio = 768's / the codes'.
 """
 from __future__ import annotations
 

@@ -10,8 +10,9 @@
 // Why: MKL's sgemm runs 4-32 rows (decode batches, speculative verification, short prefills, the tail of a
 // cached prefix) at 1.45-1.78x the time these rows need: it packs W on every call. Here W is packed once, at
 // load; a tile of 6 rows x 64 columns keeps 24 accumulators in registers, per k 4 loads of W and 6 broadcasts
-// of x for 24 FMAs (AVX2: 16 columns a pass, 12 accumulators; f32_tile.h). Blocks are taken a chunk (~CHUNK_BYTES, L2) at a time: every 6-row tile of x runs over the
-// chunk from L2 while the next chunk is prefetched, a share per tile.
+// of x for 24 FMAs (AVX2: 16 columns a pass, 12 accumulators; f32_tile.h). Blocks are taken a chunk
+// (~CHUNK_BYTES, L2) at a time: every 6-row tile of x runs over the chunk from L2 while the next chunk is
+// prefetched, a share per tile.
 //
 // Each y[m, n] is one FMA chain over k in order: the same bits whatever M, the other rows, N's padding and the
 // threads (batch-invariant). Non-finite values propagate as IEEE arithmetic does.
