@@ -82,7 +82,7 @@ def test_expand_gives_f32_mm_s_blocks(N, K):
 
 
 @needs_op
-@pytest.mark.parametrize("M", [0, 1, 5, 6, 7, 13, 64, 130])
+@pytest.mark.parametrize("M", [0, 1, 2, 3, 5, 6, 7, 13, 64, 130])
 @pytest.mark.parametrize("N,K", [(1, 32), (63, 64), (65, 576), (200, 1536)])
 def test_the_op_is_f32_mm_bit_for_bit_and_f_linear_within_rounding(M, N, K):
     w = q4_1(N, K, seed=M + N)
@@ -107,6 +107,8 @@ def test_a_row_gets_the_same_bits_whatever_its_batch_mates_and_threads():
             torch.set_num_threads(t)
             assert torch.equal(Q.q4f32_mm(x, p), full)
             assert torch.equal(Q.expand(p), f32_mm.pack(w).w)
+            for rows in (x[:1], x[3:5]):   # one and two rows (AVX2: dequantized in registers, no block buffer)
+                assert torch.equal(Q.q4f32_mm(rows, p), full[:1] if len(rows) == 1 else full[3:5])
     finally:
         torch.set_num_threads(threads)
 
