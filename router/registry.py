@@ -136,6 +136,8 @@ class WorkerRegistry:
             if worker_id in clients:
                 try:
                     snap = await clients[worker_id].cached_hashes()
+                    if worker_id not in self.loads:         # removed while the snapshot was out: nothing to index
+                        continue
                     if isinstance(snap, CacheSnapshot):
                         self.index.resync(worker_id, snap.device, seq=snap.seq, now=now,
                                           lower={"host": snap.host, "disk": snap.disk})

@@ -1,8 +1,11 @@
 """WorkerRegistry.loads_of: the role's live WorkerLoads in registration order, a new list per call,
-following add / remove (its list is kept between membership changes)."""
+following add / remove (its list is kept between membership changes); a removed worker stays out of the index."""
+import asyncio
+
 import pytest
 from prometheus_client import CollectorRegistry
 
+from pdcluster.messages import CacheSnapshot, EngineFigures, WorkerStatus
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.metrics import RouterMetrics
 from pdcluster.router.prefix_index import PrefixIndex
@@ -75,3 +78,35 @@ def test_ready_needs_a_healthy_worker_of_each_role_it_uses():
                            Telemetry())
     local.add("decode", _Client("d0"))
     assert local.ready()
+
+
+class _Resyncing:
+    """A worker whose status shows a gap in its block events (seq 5, none sent): the router resyncs it, and the
+    snapshot RPC takes 50 ms."""
+    def __init__(self, worker_id: str):
+        self.worker_id = worker_id
+
+    async def status(self, drain_events=True):
+        return WorkerStatus(self.worker_id, "decode", "inc", 1, EngineFigures(num_blocks=8), block_seq=5)
+
+    async def cached_hashes(self):
+        await asyncio.sleep(0.05)
+        return CacheSnapshot(5, [11, 12], disk=[13])
+
+
+def test_a_worker_removed_while_its_resync_is_out_stays_out_of_the_index():
+    index = PrefixIndex()
+    reg = WorkerRegistry(RouterConfig(), RouterMetrics(CollectorRegistry()), index, Telemetry())
+    reg.add("decode", _Resyncing("d0"))
+    reg.add("decode", _Resyncing("d1"))
+
+    async def main():
+        async def retire_d1():                              # retire's last step, while refresh awaits the snapshots
+            await asyncio.sleep(0.01)
+            reg.remove("d1")
+        await asyncio.gather(reg.refresh(), retire_d1())
+
+    asyncio.run(main())
+    assert "d1" not in reg.loads
+    assert index.workers == ["d0"] and index.holders(11) == {"d0"} and index.match([11, 12]) == {"d0": 2}
+    assert "d1" not in index.needs_resync()
