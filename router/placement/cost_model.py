@@ -120,6 +120,8 @@ class Estimate:
     tier_load_s: float = 0.0                # loading its cached blocks from host / disk (in ttft_s)
     cached_tokens: float = 0.0              # expected at the worker that prefills
     cached_tokens_decode: float = 0.0       # expected at d (skipped by the transfer)
+    resident_tokens_decode: float = 0.0     # of them in d's device pool: the blocks d need not allocate (a host or
+                                            # disk hit loads into fresh device blocks)
     step_s_after: float = 0.0               # d's estimated decode step with the added load
     blocks_needed: int = 0
     kv_ok: bool = True
@@ -182,18 +184,19 @@ class CostModel:
         """The transfer seconds layer-wise streaming does not hide behind p's compute."""
         return max(transfer_s / max(self.cfg.num_layers, 1), transfer_s - compute_s)
 
-    def _decode_verdicts(self, d: WorkerLoad, prompt_len: int, n_d: int, cached_d: float,
+    def _decode_verdicts(self, d: WorkerLoad, prompt_len: int, n_d: int, resident_d: float,
                          stall_s: float) -> tuple[int, bool, float, bool]:
-        """(blocks needed, kv_ok, step seconds after, tpot_ok) of placing the prompt on d."""
+        """(blocks needed, kv_ok, step seconds after, tpot_ok) of placing the prompt on d, resident_d of its tokens
+        expected in d's device pool."""
         bs = self.cfg.block_size
-        blocks = max(0, blocks_at_first_token(prompt_len, bs) - int(cached_d // bs))
+        blocks = max(0, blocks_at_first_token(prompt_len, bs) - int(resident_d // bs))
         after = max(self.telemetry.step_s(d, n_d + 1), stall_s)
         return (blocks, not d.capacity_known or d.free_blocks >= blocks, after,
                 self.cfg.tpot_slo_s is None or after <= self.cfg.tpot_slo_s)
 
     def _decode_checks(self, e: Estimate, d: WorkerLoad, prompt_len: int, n_d: int, stall_s: float) -> None:
         e.blocks_needed, e.kv_ok, e.step_s_after, e.tpot_ok = self._decode_verdicts(
-            d, prompt_len, n_d, e.cached_tokens_decode, stall_s)
+            d, prompt_len, n_d, e.resident_tokens_decode, stall_s)
 
     def kv_codec(self, prompt_len: int, p: WorkerLoad, cached_d: float, measured_bps: float | None) -> str:
         """The codec p will pick for this transfer: p's own CompressionPolicy, on the figures p
@@ -222,11 +225,13 @@ class CostModel:
         return conf * per_block * (host / t.tier_load_bps(w, "host") + disk / t.tier_load_bps(w, "disk"))
 
     def estimate_remote(self, prompt_len: int, p: WorkerLoad, d: WorkerLoad, cached_p: float = 0.0,
-                        cached_d: float = 0.0, now: float | None = None, load_p_s: float = 0.0) -> Estimate:
+                        cached_d: float = 0.0, now: float | None = None, load_p_s: float = 0.0,
+                        resident_d: float | None = None) -> Estimate:
         c, t = self.cfg, self.telemetry
         rate = t.prefill_tps(p)
         n_d = max(d.running, d.in_flight)
-        e = Estimate("remote", p.worker_id, d.worker_id, cached_tokens=cached_p, cached_tokens_decode=cached_d)
+        e = Estimate("remote", p.worker_id, d.worker_id, cached_tokens=cached_p, cached_tokens_decode=cached_d,
+                     resident_tokens_decode=cached_d if resident_d is None else resident_d)
         e.queue_s = max(p.queued_tokens, p.waiting_tokens) / rate
         e.compute_s = (prompt_len - cached_p) / rate
         e.bandwidth_bps, e.bandwidth_source = t.links.bandwidth(p.worker_id, d.worker_id, p.zone, d.zone)
@@ -243,11 +248,15 @@ class CostModel:
         self._decode_checks(e, d, prompt_len, n_d, 0.0)
         return e
 
-    def estimate_local(self, prompt_len: int, d: WorkerLoad, cached_d: float = 0.0, load_d_s: float = 0.0) -> Estimate:
+    def estimate_local(self, prompt_len: int, d: WorkerLoad, cached_d: float = 0.0, load_d_s: float = 0.0,
+                       resident_d: float | None = None) -> Estimate:
+        """d prefills the prompt itself: cached_d tokens hit in any of its tiers, resident_d of them in its device
+        pool (None: all), load_d_s to load the rest."""
         c, t = self.cfg, self.telemetry
         rate = t.prefill_tps(d)
         n_d = max(d.running, d.in_flight)
-        e = Estimate("local", None, d.worker_id, cached_tokens=cached_d, cached_tokens_decode=cached_d)
+        e = Estimate("local", None, d.worker_id, cached_tokens=cached_d, cached_tokens_decode=cached_d,
+                     resident_tokens_decode=cached_d if resident_d is None else resident_d)
         e.queue_s = d.queued_tokens / rate
         e.compute_s = (prompt_len - cached_d) / rate
         e.join_s = t.step_s(d, n_d)
@@ -267,13 +276,14 @@ class CostModel:
 
     def _options(self, prompt_len, prefills, decodes, exclude, hashes, now):
         """(now, usable prefills, usable decodes, {worker: expected cached tokens, any tier},
-        {worker: of them in its device pool}, {worker: seconds to load the rest}, local allowed,
-        {worker: its TierHits}, what peer pulls price from)."""
+        {worker: of them in its device pool or host tier}, {worker: of them in its device pool},
+        {worker: seconds to load the rest}, local allowed, {worker: its TierHits}, what peer pulls price from)."""
         c, t = self.cfg, (time.time() if now is None else now)
         ds = [d for d in decodes if d.placeable and d.worker_id not in exclude]
         ps = [p for p in prefills if p.placeable and p.worker_id not in exclude] if c.allow_remote else []
         cached: dict[str, float] = {}           # tokens a worker need not compute (any tier)
         device: dict[str, float] = {}           # of them, in its device pool or host tier (a transfer skips these)
+        resident: dict[str, float] = {}         # of them, in its device pool (the blocks it need not allocate)
         load: dict[str, float] = {}             # seconds to load the rest from host / disk
         hits: dict = {}                         # worker -> TierHits (peer pulls price from these)
         if hashes:
@@ -283,9 +293,10 @@ class CostModel:
                     conf = self.index.confidence(w, t)
                     cached[w] = self._cached(h.total, prompt_len, conf)
                     device[w] = self._cached(h.device + h.host, prompt_len, conf)
+                    resident[w] = self._cached(h.device, prompt_len, conf)
                     load[w] = self.tier_load_s(loads[w], h, prompt_len, conf)
         local_ok = c.allow_local and (c.local_max_tokens is None or prompt_len <= c.local_max_tokens)
-        return t, ps, ds, cached, device, load, local_ok, hits
+        return t, ps, ds, cached, device, resident, load, local_ok, hits
 
     def estimates(self, prompt_len: int, prefills: list[WorkerLoad], decodes: list[WorkerLoad],
                   exclude: Iterable[str] = frozenset(), *, hashes=None, now: float | None = None) -> list[Estimate]:
@@ -293,16 +304,17 @@ class CostModel:
         estimates, for explanations and as the reference `choose` is tested against
         (`choose_exhaustive`); placement itself uses `choose`, linear in workers."""
         c = self.cfg
-        t, ps, ds, cached, device, load, local_ok, hits = self._options(prompt_len, prefills, decodes, exclude,
-                                                                        hashes, now)
+        t, ps, ds, cached, device, resident, load, local_ok, hits = self._options(
+            prompt_len, prefills, decodes, exclude, hashes, now)
         out = []
         for d in ds:
             dw = d.worker_id
             if local_ok:
-                out.append(self.estimate_local(prompt_len, d, cached.get(dw, 0.0), load.get(dw, 0.0)))
+                out.append(self.estimate_local(prompt_len, d, cached.get(dw, 0.0), load.get(dw, 0.0),
+                                               resident.get(dw, 0.0)))
             for p in ps:
                 out.append(self.estimate_remote(prompt_len, p, d, cached.get(p.worker_id, 0.0), device.get(dw, 0.0),
-                                                t, load.get(p.worker_id, 0.0)))
+                                                t, load.get(p.worker_id, 0.0), resident.get(dw, 0.0)))
         if c.peer_pull and hits:
             apply_pulls(self, out, prompt_len, hashes, hits,
                         [w for w in [*prefills, *decodes] if w.healthy and w.worker_id not in exclude], t)
@@ -375,8 +387,8 @@ class CostModel:
         c, tel = self.cfg, self.telemetry
         if c.peer_pull:     # pulls re-price local options per holder (pull_pricing.apply_pulls): the reference
             return self.choose_exhaustive(prompt_len, prefills, decodes, exclude, hashes=hashes, now=now)
-        t, ps, ds, cached, device, load, local_ok, hits = self._options(prompt_len, prefills, decodes, exclude,
-                                                                        hashes, now)
+        t, ps, ds, cached, device, resident, load, local_ok, hits = self._options(
+            prompt_len, prefills, decodes, exclude, hashes, now)
         if not ds:
             return None
         best_cached = max(cached.values(), default=0.0)
@@ -413,13 +425,12 @@ class CostModel:
         kv_ok_count = 0
         for d in ds:
             cd = cached.get(d.worker_id, 0.0)           # a local prefill's hit (any tier of d)
-            cdev = device.get(d.worker_id, 0.0)         # what a transfer to d skips (its device pool)
+            cdev = device.get(d.worker_id, 0.0)         # what a transfer to d skips (its device pool, host tier)
             n_d = max(d.running, d.in_flight)
-            # d's verdicts, as _decode_verdicts gives them (local: stall = its chunk's step)
-            blocks = max(0, need - int(cd // c.block_size))
-            kv = not d.capacity_known or d.free_blocks >= blocks
-            blocks_r = max(0, need - int(cdev // c.block_size))
-            kv_r = not d.capacity_known or d.free_blocks >= blocks_r
+            # d's verdicts, as _decode_verdicts gives them (local: stall = its chunk's step): the blocks d allocates
+            # are all but its device hits (a host or disk hit loads into fresh ones), for either kind
+            blocks = max(0, need - int(resident.get(d.worker_id, 0.0) // c.block_size))
+            kv = kv_r = not d.capacity_known or d.free_blocks >= blocks
             step_n, step_n1 = tel.step_s(d, n_d), tel.step_s(d, n_d + 1)
             kv_ok_count += (1 if local_ok and kv else 0) + (len(ps) if kv_r else 0)
             if local_ok:        # estimate_local's cost, its float operations in its order
@@ -466,12 +477,13 @@ class CostModel:
             return None
         d = best[4]
         if best[3] == "local":
-            e = self.estimate_local(prompt_len, d, cached.get(d.worker_id, 0.0), load.get(d.worker_id, 0.0))
+            e = self.estimate_local(prompt_len, d, cached.get(d.worker_id, 0.0), load.get(d.worker_id, 0.0),
+                                    resident.get(d.worker_id, 0.0))
             rate = tel.prefill_tps(d)
         else:
             p = best[5]
             e = self.estimate_remote(prompt_len, p, d, cached.get(p.worker_id, 0.0), device.get(d.worker_id, 0.0), t,
-                                     load.get(p.worker_id, 0.0))
+                                     load.get(p.worker_id, 0.0), resident.get(d.worker_id, 0.0))
             rate = tel.prefill_tps(p)
         if dup_on and best_cached - e.cached_tokens > 0:
             e.duplicate_penalty_s = c.duplicate_penalty * (best_cached - e.cached_tokens) / rate

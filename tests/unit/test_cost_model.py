@@ -483,6 +483,27 @@ def test_a_transfer_skips_the_decode_workers_device_and_host_blocks_not_its_disk
         cm = CostModel(cfg(allow_local=False), index=ix)
         cached_d[tier] = cm.choose(1024, [P("p0")], [D("d0")], hashes=hs, now=1.0).estimate["cached_tokens_decode"]
     assert cached_d == {"device": 640, "host": 640, "disk": 320}
+
+
+@pytest.mark.parametrize("tier", ["host", "disk"])
+def test_a_lower_tier_hit_needs_device_blocks_to_load_into(tier):
+    """The engine loads a host or disk hit into fresh device blocks (scheduler._start_load): only device hits
+    spare d's free blocks. 64 blocks + a tail: 20 held on d's device, 40 below, 30 free blocks."""
+    hs = block_hashes(list(range(1, 64 * BS + 6)), BS)
+    ix = PrefixIndex()
+    ix.apply("d0", "stored", hs[:20], now=0.0)
+    ix.apply("d0", "stored", hs[20:60], now=0.0, tier=tier)
+    for remote in (False, True):
+        cm = CostModel(cfg(allow_local=not remote, allow_remote=remote), index=ix)
+        ps = [P("p0")] if remote else []
+        for e in cm.estimates(64 * BS + 5, ps, [D("d0", free=30)], hashes=hs, now=1.0):
+            assert (e.resident_tokens_decode, e.blocks_needed, e.kv_ok) == (20 * BS, 45, False)
+        full = [pick(64 * BS + 5, ps, [D("d0", free=30)], hashes=hs, now=1.0) for pick in (cm.choose,
+                                                                                           cm.choose_exhaustive)]
+        assert full[0] == full[1] and (full[0] is None or not full[0].estimate["kv_ok"])    # (the KV-full fallback's)
+        for pick in (cm.choose, cm.choose_exhaustive):
+            est = pick(64 * BS + 5, ps, [D("d0", free=45)], hashes=hs, now=1.0).estimate
+            assert (est["blocks_needed"], est["kv_ok"]) == (45, True)
 # the KV-full fallback (kv_full_defer): every decode pool full now
 def test_kv_full_fallback_defers_to_a_usable_remote_prefill():
     """Before: the local fallback was taken at once (prefilled on a slow decode worker while its batch
