@@ -170,6 +170,9 @@ def _serve(read_device, transport, order: PullOrder, timeout_s: float, tiers):
     if len(order.hashes) != len(order.dst_block_ids) or not order.hashes:
         return PullResult(False, reason=f"{len(order.hashes)} hashes for {len(order.dst_block_ids)} blocks"), none
     hashes = list(order.hashes)
+    if (len(set(hashes)) != len(hashes) or not all(type(h) is int for h in hashes)
+            or not all(type(b) is int and b >= 0 for b in order.dst_block_ids)):
+        return PullResult(False, reason="a pull order names each block once, by int hashes and block ids"), none
     found, dev = read_device(hashes)
     by_tier = {"device": len(found)}
     if len(found) == len(hashes):

@@ -23,6 +23,24 @@ from pdcluster.kv_transfer.errors import KVTransferError
 from pdcluster.kv_transfer.tcp import protocol as proto
 from pdcluster.kv_transfer.throttle import TokenBucket
 
+MAX_ADDRESS = 300     # characters of a "host:port" address
+
+
+def parse_address(address) -> tuple[str, int]:
+    """(host, port) of a KV server address "host:port" or "[v6 host]:port". A pull order carries a peer's address,
+    so anything else (no port, a port that is not 1..65535 in ASCII digits, blanks or control characters in the
+    host, an overlong string) is a ValueError, before a connection or a thread is made for it."""
+    if not isinstance(address, str):
+        raise ValueError(f"a KV address is a 'host:port' string, not {type(address).__name__}")
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if (not sep or not host or len(address) > MAX_ADDRESS or not (port.isascii() and port.isdigit())
+            or not 0 < int(port) < 65536 or not all(c.isprintable() and not c.isspace() for c in host)):
+        raise ValueError(f"not a KV address (host:port): {address[:80]!r}")
+    return host, int(port)
+
+
 if TYPE_CHECKING:
     from pdcluster.kv_transfer.tcp.transport import TcpKVTransport, TcpLayerwiseSender
 
@@ -38,6 +56,7 @@ class Connection:
     """One socket to one decode address, with its writer and reader threads."""
 
     def __init__(self, transport: TcpKVTransport, address: str):
+        self._host, self._port = parse_address(address)      # ValueError before any thread or cache entry
         self.transport, self.address = transport, address
         self.dead = False
         self.error: KVTransferError | None = None
@@ -113,9 +132,8 @@ class Connection:
 
     # writer thread
     def _connect(self) -> socket.socket:
-        host, _, port = self.address.rpartition(":")
         timeout = self.transport.connect_timeout_s
-        sock = kvnetns.create_connection(self.transport.netns, (host.strip("[]"), int(port)), timeout=timeout)
+        sock = kvnetns.create_connection(self.transport.netns, (self._host, self._port), timeout=timeout)
         try:
             proto.tune(sock)
             msg = proto.recv_control(sock, expect=(proto.HELLO, proto.CLOSE))
@@ -147,7 +165,7 @@ class Connection:
                 e = KVTransferError(f"{self.address} is not a KV TCP server: {e}", "UNAVAILABLE")
             self._fail_all(e)
             return
-        except (OSError, KeyError, TypeError) as e:
+        except Exception as e:      # noqa: BLE001 - whatever the connect raised, every sender hears of it
             self._fail_all(KVTransferError(f"cannot connect to KV server {self.address}: {e!r}", "UNAVAILABLE"))
             return
         with self._lock:

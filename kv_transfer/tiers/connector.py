@@ -209,8 +209,9 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
                 t0[tier] += time.perf_counter() - t
         finally:
             if corrupt:
-                self._drop_corrupt(corrupt)                 # drops the pin on it
-                parts = [p for p in parts if p[0] not in corrupt]
+                self._drop_corrupt(corrupt)                 # drops one pin on each
+                for h in corrupt:                           # (a hash named twice holds two pins: one stays to undo)
+                    parts.pop(next(i for i, p in enumerate(parts) if p[0] == h))
             self._unpin(parts)
         if corrupt:
             return None

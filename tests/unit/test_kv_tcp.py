@@ -12,6 +12,7 @@ import torch
 from pdcluster.kv_transfer import (BandwidthMeter, KVReceiver, KVTcpServer, KVTransferError, TcpKVTransport,
                          TransferState, cache_writer, wire)
 from pdcluster.kv_transfer.tcp import protocol as proto
+from pdcluster.kv_transfer.tcp.connection import parse_address
 from pdcluster.kv_transfer.crc import crc32
 from tests.unit.kv_blocks import BLOCK, BLOCK_BYTES, L, NB, SECRET, assert_landed, layers, new_caches, serving
 
@@ -462,5 +463,24 @@ def test_probe_of_a_dead_address_fails_cleanly():
     try:
         with pytest.raises(KVTransferError):
             tr.probe("127.0.0.1:1", timeout=10)
+    finally:
+        tr.close()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:notaport", "127.0.0.1", ":5000", "127.0.0.1:0", "127.0.0.1:70000",
+                                     "127.0.0.1:\u00b2", "evil\nCRITICAL forged:1", "a\x1b[31m:1", 12345,
+                                     "h" * 400 + ":1"])
+def test_a_malformed_address_is_a_value_error_and_leaves_no_connection(address):
+    """A pull order carries the puller's address: the holder's transport refuses one it cannot connect to as an
+    address at once, with no connection cached and no thread started for it (a later valid one still works)."""
+    tr = TcpKVTransport(secret=SECRET, connect_timeout_s=2)
+    try:
+        threads = threading.active_count()
+        with pytest.raises(ValueError, match="KV address"):
+            tr.open(address, "r", [0, 1])
+        with pytest.raises(ValueError, match="KV address"):
+            tr.probe(address, timeout=5)
+        assert not tr._conns and threading.active_count() == threads
+        assert parse_address("[::1]:5000") == ("::1", 5000) and parse_address("node-1.local:80") == ("node-1.local", 80)
     finally:
         tr.close()

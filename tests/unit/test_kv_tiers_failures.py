@@ -236,6 +236,32 @@ def test_a_pull_whose_read_or_transport_fails_is_a_failed_result_not_an_exceptio
     assert stats.as_dict()["serve_failures"] == 2
 
 
+def test_a_pull_order_naming_a_block_twice_or_odd_ids_is_refused_before_any_read(tmp_path):
+    tc, _ = make(tmp_path, host_blocks=0, disk_blocks=8)
+    hs = req("w", n=9).block_hashes()[:2]
+    tc.evicted([0, 1], hs)
+    assert tc.wait_idle()
+    for hashes, dst in (([hs[0], hs[0]], [0, 1]), ([hs[0], str(hs[1])], [0, 1]), (hs, [0, 1.0]), (hs, [0, -1])):
+        res = pull.serve_pull(_NoDevice(), _BrokenTransport(), PullOrder("r", hashes, "127.0.0.1:1", "p", dst), 5.0,
+                              tc)
+        assert not res.ok and "each block once" in res.reason
+    assert all(tc.index["disk"].get(h).pins == 0 for h in hs)
+
+
+def test_a_corrupt_block_read_twice_for_a_pull_leaves_no_pin(tmp_path):
+    """read_blocks pins each named entry; a hash named twice holds two pins, and when its file is corrupt both go
+    (the entry leaves the index) rather than one staying forever."""
+    tc, _ = make(tmp_path, host_blocks=0, disk_blocks=8)
+    hs = req("w", n=9).block_hashes()[:2]
+    tc.evicted([0, 1], hs)
+    assert tc.wait_idle()
+    path = tc.disk.path(hs[0])
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert tc.read_blocks([hs[0], hs[0]]) is None
+    assert hs[0] not in tc.index["disk"] and tc.index["disk"].get(hs[1]).pins == 0
+
+
 def test_attach_tiers_names_the_engines_weights_and_dtype_in_the_disk_tier(tmp_path):
     from types import SimpleNamespace
 
