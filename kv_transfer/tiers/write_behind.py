@@ -109,10 +109,11 @@ class WriteBehind:
     def _store(self, hashes: list[int], staging: torch.Tensor, ready) -> None:
         """Every block into every tier. A block one tier fails to take (a full or failing disk) is
         counted there (`store_failures`) and the rest go on. Events are the batch's net change per
-        tier: a block stored and then evicted by a later one of the same batch is announced neither
-        way, so the router never hears "stored" for a block the tier no longer holds."""
-        stored = {t: [] for t in self.index}
-        removed = {t: [] for t in self.index}
+        tier, block by block: held before the batch (its first change removed it) against held after
+        (its last change stored it). A block stored and then evicted by a later one of the same batch is
+        announced neither way, one evicted and stored again neither, one held before and evicted (however
+        often it came back meanwhile) "removed": the router's view ends as the tier's."""
+        changes = {t: [] for t in self.index}          # per tier, in order: (stored? else removed, hash)
         failed = {t: [0, None] for t in self.index}     # per tier: blocks not stored, the first error
         try:
             if ready is not None:
@@ -121,8 +122,8 @@ class WriteBehind:
                 data, scales = staged(self.geom, staging, i)
                 for tier in self.index:
                     try:
-                        if self._put(tier, h, data, scales, removed[tier]):
-                            stored[tier].append(h)
+                        if self._put(tier, h, data, scales, changes[tier]):
+                            changes[tier].append((True, h))
                     except Exception as e:          # noqa: BLE001 - this tier goes without the block
                         failed[tier][0] += 1
                         failed[tier][1] = failed[tier][1] or e
@@ -135,12 +136,15 @@ class WriteBehind:
                 if n:
                     self.stats[tier].add(store_failures=n)
                     log.warning("KV %s tier: %d of %d blocks not stored (%s)", tier, n, len(hashes), err)
-                gone = set(removed[tier]) & set(stored[tier])       # came and went within this batch
-                self._emit("removed", [v for v in removed[tier] if v not in gone], tier)
-                self._emit("stored", [h for h in stored[tier] if h not in gone], tier)
+                first, last = {}, {}
+                for stored, h in changes[tier]:
+                    first.setdefault(h, stored)
+                    last[h] = stored
+                self._emit("removed", [h for h, s in last.items() if not first[h] and not s], tier)
+                self._emit("stored", [h for h, s in last.items() if first[h] and s], tier)
 
-    def _put(self, tier: str, h: int, data, scales, removed: list[int]) -> bool:
-        """Store one encoded block in `tier` unless held there; appends evicted hashes to `removed`."""
+    def _put(self, tier: str, h: int, data, scales, changes: list[tuple[bool, int]]) -> bool:
+        """Store one encoded block in `tier` unless held there; appends (False, hash) to `changes` per evicted one."""
         t0 = time.perf_counter()
         idx, st = self.index[tier], self.stats[tier]
         with self._lock:
@@ -152,7 +156,7 @@ class WriteBehind:
             slot, victims = got
             idx.pin(h)
             st.blocks = len(idx)
-        removed += [v for v, _ in victims]
+        changes += [(False, v) for v, _ in victims]
         st.add(evicted=len(victims))
         ok = False
         try:

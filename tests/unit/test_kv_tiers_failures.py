@@ -56,6 +56,33 @@ def test_a_batch_larger_than_the_tier_announces_only_what_the_tier_still_holds()
     assert replay(events, "host") == set(hs[2:])        # no "stored" after "removed" for 0 and 1
 
 
+def test_a_block_held_before_a_batch_that_evicts_stores_and_evicts_it_again_is_announced_removed(tmp_path):
+    """Per tier the events are each block's net change over the batch: held before (host only: its disk write
+    failed), then within one batch evicted, stored again and evicted again by its batch-mates: "removed"."""
+    tc, events = make(tmp_path, host_blocks=3, disk_blocks=16)
+    hs = req("a", n=8 * BS + 1).block_hashes()
+    h0, rest = hs[0], hs[1:7]
+    real_write = tc.disk.write
+
+    def no_room_for_h0(h, *a):
+        if h == h0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(h, *a)
+    tc.disk.write = no_room_for_h0
+    tc.evicted([0], [h0])
+    assert tc.wait_idle()
+    tc.disk.write = real_write
+    router = {"host": set(), "disk": set()}
+    for _, kind, hashes, tier in events.drain()[1]:
+        (router[tier].update if kind == "stored" else router[tier].difference_update)(hashes)
+    assert router == {"host": {h0}, "disk": set()}
+    tc.evicted(list(range(1, 8)), rest[:3] + [h0] + rest[3:])
+    assert tc.wait_idle()
+    for _, kind, hashes, tier in events.drain()[1]:
+        (router[tier].update if kind == "stored" else router[tier].difference_update)(hashes)
+    assert router == {"host": held(tc, "host"), "disk": held(tc, "disk")} and h0 not in router["host"]
+
+
 def test_a_full_disk_leaves_no_file_behind_and_the_host_tier_takes_the_whole_batch(tmp_path, monkeypatch):
     tc, events = make(tmp_path, host_blocks=8, disk_blocks=8)
     first = req("a", n=9).block_hashes()[:2]
