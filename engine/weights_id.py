@@ -39,7 +39,15 @@ def weights_id(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+# the model config's fields that K and V depend on beyond the weight files (K is stored after RoPE): an HF folder's
+# config.json edited (rope_scaling, say) on the same weights makes other KV
+KV_FIELDS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "rms_norm_eps", "rope_theta",
+             "rope_scaling", "attention_bias")
+
+
 def kv_identity(cfg) -> str:
-    """What a KV block's values depend on beyond its tokens (an EngineConfig): the weights and how they
-    are computed with (dtype, weight quantization)."""
-    return f"{weights_id(cfg.model.path)}/{cfg.dtype}/{cfg.quantization}"
+    """What a KV block's values depend on beyond its tokens (an EngineConfig): the weights, the config fields that
+    compute K and V with them (KV_FIELDS, 8 hex digits of their hash) and how (dtype, weight quantization)."""
+    arch = repr([(f, getattr(cfg.model, f, None)) for f in KV_FIELDS])
+    return (f"{weights_id(cfg.model.path)}/{cfg.dtype}/{cfg.quantization}/"
+            f"{hashlib.blake2b(arch.encode(), digest_size=4).hexdigest()}")

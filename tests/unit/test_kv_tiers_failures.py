@@ -302,8 +302,28 @@ def test_attach_tiers_names_the_engines_weights_and_dtype_in_the_disk_tier(tmp_p
         cfg = SimpleNamespace(model=SimpleNamespace(path=str(gguf)), dtype=dtype, quantization="none", cache=cache)
         return SimpleNamespace(cfg=cfg, block_events=lambda: None, connector=None)
     a, b = attach_tiers(engine("float32"), worker_id="w0"), attach_tiers(engine("bfloat16"), worker_id="w0")
-    assert a.cfg.model == f"{weights_id.weights_id(gguf)}/float32/none"
+    assert a.cfg.model.startswith(f"{weights_id.weights_id(gguf)}/float32/none/")
     assert b.cfg.model != a.cfg.model and a.cfg.disk_dir.endswith("w0")
+
+
+def test_the_kv_identity_names_the_config_fields_k_and_v_depend_on(tmp_path):
+    """The same weight files under another rope_theta or rope_scaling (an HF folder's config.json edited) make other
+    K: a restart must not read the old blocks back."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from pdcluster.engine.config import ModelConfig
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(os.urandom(2**16))
+    m = ModelConfig("m", str(gguf), 100, 64, 128, 2, 4, 2, 16)
+
+    def ident(model):
+        return weights_id.kv_identity(SimpleNamespace(model=model, dtype="float32", quantization="none"))
+    base = ident(m)
+    assert ident(replace(m, name="other name")) == base and ident(replace(m, max_position_embeddings=4096)) == base
+    for change in (dict(rope_theta=500000.0), dict(rope_scaling=(("rope_type", "yarn"), ("factor", 4.0))),
+                   dict(rms_norm_eps=1e-6), dict(attention_bias=True)):
+        assert ident(replace(m, **change)) != base, change
 
 
 def test_the_host_pool_comes_in_power_of_two_chunks_and_every_slot_round_trips(monkeypatch):
