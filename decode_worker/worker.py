@@ -218,7 +218,7 @@ class DecodeWorker:
         Each poll also sweeps expired reservations (queued on the engine thread, not waited for)."""
         self.engine_thread.call(self._expire_reservations)
         running, waiting = self.engine.queue_lengths()
-        figures = self.engine.figures() | tier_load_counters(self.tiers, self.engine.kv_block_bytes())
+        figures = self.engine.figures() | tier_load_counters(self.tiers, self.engine.kv_block_model_bytes())
         return WorkerStatus.of(self.worker_id, "decode", self.incarnation, os.getpid(), figures,
                                self.events.drain() if drain_events else (None, ()), running=running,
                                waiting=waiting, reserved=len(self._reserved), kv_address=self.kv_address,

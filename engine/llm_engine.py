@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pdcluster.engine.block_events import BlockEventLog
-from pdcluster.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from pdcluster.engine.config import DTYPE_BYTES, CacheConfig, EngineConfig, SchedulerConfig
 from pdcluster.engine.detokenizer import Detokenizer
 from pdcluster.engine.kv_cache_manager import KVCacheManager
 from pdcluster.engine.kv_connector import CompletingPrompt, KVConnector
@@ -286,6 +286,11 @@ class LLMEngine:
     def kv_block_bytes(self) -> int:
         """Bytes of one block's K and V over all layers (scales included for a quantized cache)."""
         return self.runner.kv_cache_bytes() // self.kv.num_blocks
+
+    def kv_block_model_bytes(self) -> int:
+        """Bytes of one block's K and V over all layers in the model's dtype, whatever the pool's codec: the unit
+        the router prices KV in (CostConfig.kv_bytes_per_token), so the tier load rates it learns use it too."""
+        return self.cfg.cache.block_size * self.cfg.model.kv_bytes_per_token(DTYPE_BYTES[self.cfg.dtype])
 
     def block_events(self) -> BlockEventLog:
         """The log of this engine's prefix-cache events (created and attached on first call)."""

@@ -170,7 +170,7 @@ class PrefillWorker:
 
     def status(self, drain_events: bool = False) -> WorkerStatus:
         """Load figures; with drain_events (the router's poll) also the block events since the last drain."""
-        figures = self.engine.figures() | tier_load_counters(self.tiers, self.engine.kv_block_bytes())
+        figures = self.engine.figures() | tier_load_counters(self.tiers, self.engine.kv_block_model_bytes())
         return WorkerStatus.of(self.worker_id, "prefill", self.incarnation, os.getpid(), figures,
                                self.events.drain() if drain_events else (None, ()), in_flight=self.in_flight,
                                links=tuple(LinkFigures.of(x) for x in self.meter.snapshot()),

@@ -45,8 +45,9 @@ def tier_figures(tiers: TierConnector | None) -> tuple:
 
 def tier_load_counters(tiers: TierConnector | None, device_block_bytes: int) -> dict:
     """EngineFigures' cumulative host/disk load counters, from which the router learns each tier's
-    load rate (router/telemetry.py): bytes as the device pool holds them (blocks loaded x its block
-    bytes, whatever the tier's compressed size) and the seconds the loads took."""
+    load rate (router/telemetry.py): blocks loaded x device_block_bytes (the workers pass a block's K and V in the
+    model's dtype, LLMEngine.kv_block_model_bytes: the unit the router prices a load in, whatever the pool's or the
+    tier's codec) and the seconds the loads took."""
     out = {}
     for f in (tiers.figures() if tiers is not None else ()):
         if f["tier"] in ("host", "disk"):

@@ -254,6 +254,25 @@ def test_cuda_caches_go_through_pinned_host_memory_and_come_back_exactly(tmp_pat
     tc.close()
 
 
+@pytest.mark.parametrize("dtype,kv_cache_dtype", [("float32", "auto"), ("float32", "int8"), ("bfloat16", "fp8")])
+def test_workers_report_tier_loads_in_the_unit_the_router_prices_them_in(dtype, kv_cache_dtype):
+    """A quantized pool's block is fewer bytes than the model's float K and V; the router prices a tier load as
+    blocks x block_size x CostConfig.kv_bytes_per_token (the float dtype's), so the workers count loaded bytes so
+    too (LLMEngine.kv_block_model_bytes), not in their pool's bytes: the learned rate is then seconds per block."""
+    from types import SimpleNamespace
+
+    from pdcluster.engine.config import DTYPE_BYTES, CacheConfig, ModelConfig
+    from pdcluster.engine.llm_engine import LLMEngine
+    from pdcluster.router.cost_config import CostConfig
+    model = ModelConfig("smollm2", "-", 49152, 576, 1536, 30, 9, 3, 64)
+    fake = SimpleNamespace(cfg=SimpleNamespace(model=model, dtype=dtype, cache=CacheConfig(block_size=16),
+                                               kv_cache_dtype=kv_cache_dtype))
+    priced = CostConfig().with_model(model, DTYPE_BYTES[dtype], 16)
+    assert LLMEngine.kv_block_model_bytes(fake) == 16 * priced.kv_bytes_per_token
+    if kv_cache_dtype != "auto":
+        assert model.kv_bytes_per_block(kv_cache_dtype, DTYPE_BYTES[dtype], 16) < 16 * priced.kv_bytes_per_token
+
+
 def test_the_router_learns_tier_load_rates_and_resyncs_tiers_from_what_a_worker_reports(tmp_path):
     """tier_load_counters feeds EngineFigures' host/disk counters (the telemetry's learned load rate)
     and cache_snapshot the index resync: both from a real TierConnector after a host load."""
