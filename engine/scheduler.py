@@ -92,6 +92,10 @@ class Scheduler:
         if num_prompt_tokens + max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds "
                              f"the context length {self.max_model_len}")
+        if not self.cfg.enable_chunked_prefill and num_prompt_tokens + max_tokens > self.cfg.max_num_batched_tokens:
+            raise ValueError(f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the step's "
+                             f"{self.cfg.max_num_batched_tokens} tokens, and chunked prefill is off (a preempted "
+                             "request recomputes its prompt and outputs in one step)")
         need = blocks_for_lifetime(num_prompt_tokens, max_tokens, self.kv.block_size)
         if need > self.kv.num_blocks:
             raise ValueError(f"prompt + max_tokens needs {need} KV blocks; the pool has {self.kv.num_blocks}")
@@ -214,7 +218,9 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
-            if n == 1 and spec_room > 0 and req.num_output_tokens:
+            # drafts follow the sequence's last token: only when it is the one left to compute (a chunk of 1, as
+            # a cap of 1 makes a resumed request's every chunk, is not)
+            if req.num_tokens - req.num_computed_tokens == 1 and spec_room > 0 and req.num_output_tokens:
                 req.spec_token_ids = self.spec.drafts(req, min(spec_room, self._draft_limit(req, budget)))
                 n += len(req.spec_token_ids)
                 spec_room -= len(req.spec_token_ids)
@@ -222,6 +228,8 @@ class Scheduler:
                 if req.spec_token_ids:      # drafts are optional: drop them before preempting anyone
                     n -= len(req.spec_token_ids)
                     req.spec_token_ids = []
+                    continue
+                if self._release_holders():  # then the blocks waiting requests hold since their loads
                     continue
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -252,7 +260,7 @@ class Scheduler:
                     continue
             if req.num_computed_tokens == 0:
                 self.kv.count_lookup(req, len(hits))
-                got = self._start_load(req, hits) if not req.wants_prompt_logprobs else None
+                got = self._start_load(req, hits, min(budget, cap)) if not req.wants_prompt_logprobs else None
                 if got is _LOADING:
                     del self.waiting[j]
                     continue
@@ -264,7 +272,9 @@ class Scheduler:
                     break
                 n = budget
             if not self.kv.can_allocate(req, n, hits):
-                break
+                if not self._release_holders(keep=req):
+                    break
+                continue                        # this request again, with the released blocks (hits anew)
             del self.waiting[j]
             self.kv.allocate(req, n, hits)
             if req.num_cached_tokens < 0:
@@ -284,18 +294,22 @@ class Scheduler:
         thr = self.cfg.long_prefill_token_threshold
         return thr if thr > 0 and self.cfg.enable_chunked_prefill else sys.maxsize
 
-    def _start_load(self, req: Request, hits: list):
+    def _start_load(self, req: Request, hits: list, chunk: int):
         """Does the connector supply tokens past req's local hits? Then their blocks (and the hits)
         are req's and either it waits in `loading` (_LOADING), or the connector loads them inside
         the next forward pass, layer by layer (_IN_STEP: they count as computed and req is admitted
-        for its tail like any request; if its tail finds no room it waits holding them). None: no
-        load (none offered, or no room for it now)."""
+        for its tail like any request). None: no load (none offered, or no room now for it and for
+        the tail's first chunk of up to `chunk` tokens: a load never leaves a request that cannot go
+        on holding blocks, which an in-step load's, being written, could not even give back)."""
         local = len(hits) * self.kv.block_size
         n_ext = self.connector.external_tokens(req, local)
         if n_ext <= 0:
             return None
         assert local + n_ext < req.num_prefill_tokens, "the last prompt token is computed here"
-        if not self.kv.can_allocate(req, n_ext, hits):
+        tail = req.num_tokens - local - n_ext
+        if tail > chunk and not self.cfg.enable_chunked_prefill:
+            return None
+        if not self.kv.can_allocate(req, n_ext + min(tail, chunk), hits):
             return None
         fill = self.kv.allocate(req, n_ext, hits)
         try:
@@ -318,6 +332,21 @@ class Scheduler:
         output past max_tokens or the context length (the last one drawn rather than drafted)."""
         return min(budget - 1, req.params.max_tokens - req.num_output_tokens - 1,
                    self.max_model_len - req.num_tokens - 1)
+
+    def _release_holders(self, keep: Request | None = None) -> bool:
+        """Free the blocks of waiting requests that hold some: those whose load ended (loads_done) while there was
+        no room for their tail. Nothing else would: the waiting loop stops at the first request that does not fit,
+        and preemption takes running ones, so two such holders (or one, ahead of a preempted request) could wait for
+        each other's blocks forever. Their blocks were published at the load's end: they stay cached, hits again at
+        readmission unless evicted meanwhile. keep: one to leave holding its own. True if any were freed."""
+        freed = False
+        for r in self.waiting:
+            if r.block_ids and r is not keep:
+                self.kv.free(r)
+                r.num_computed_tokens = 0
+                r.num_cached_tokens = -1            # counted again at readmission
+                freed = True
+        return freed
 
     def _preempt(self, req: Request, out: ScheduledBatch) -> None:
         self.running.remove(req)

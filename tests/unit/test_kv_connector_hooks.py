@@ -164,7 +164,9 @@ def test_an_in_step_load_counts_as_computed_and_the_tail_runs_in_the_same_step()
     assert b.reqs == [] and r2.status is Status.WAITING_FOR_REMOTE_KV
 
 
-def test_an_in_step_load_whose_tail_finds_no_room_waits_holding_its_blocks_then_runs():
+def test_an_in_step_load_starts_only_with_room_for_its_tail_too():
+    """Before, the load took its 2 blocks and the request waited holding them for its tail's room: blocks that
+    nothing could take back (being written in the step), on which two such requests could wait for each other."""
     t = InStep(prefix=8)
     s = make(t, num_blocks=4)
     hog = req(4, "hog", max_tokens=8, start=500)
@@ -173,8 +175,9 @@ def test_an_in_step_load_whose_tail_finds_no_room_waits_holding_its_blocks_then_
     step(s)                                                             # hog: 1 block, 2 once it decodes
     r = req(10, "r")
     s.add(r)
-    b, _ = step(s)                                                      # 2 blocks loaded, no room for the tail
-    assert b.reqs == [hog] and r.status is Status.WAITING and r.num_computed_tokens == 8 and len(r.block_ids) == 2
+    b, _ = step(s)                                                      # room for 2 loaded blocks, not the tail
+    assert b.reqs == [hog] and r.status is Status.WAITING and r.num_computed_tokens == 0 and r.block_ids == []
+    assert not t.loads
     s.finish(hog, Status.FINISHED_ABORTED)
     b, _ = step(s)
     assert b.reqs == [r] and b.num_new_tokens == [2] and len(t.loads) == 1      # not loaded twice

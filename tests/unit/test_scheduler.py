@@ -56,10 +56,17 @@ def test_chunked_prefill_splits_long_prompt_and_mixes_decodes():
     assert batch.num_new_tokens[1] == 1 and b.num_output_tokens == 1   # last prompt token sampled
 
 
-def test_no_chunking_waits_for_budget():
+def test_without_chunking_a_request_past_the_step_is_refused_not_left_blocking_the_queue():
+    """Before, it was accepted and then never scheduled, and every request behind it waited forever. Its whole
+    lifetime must fit a step: preempted, it recomputes its prompt and outputs in one."""
     s = make(budget=8, chunked=False)
-    s.add(req(20))
-    assert len(s.schedule()) == 0
+    with pytest.raises(ValueError, match="chunked prefill is off"):
+        s.add(req(20))
+    with pytest.raises(ValueError, match="chunked prefill is off"):
+        s.add(req(6, max_tokens=3))
+    short = req(5, max_tokens=3)
+    s.add(short)
+    assert s.schedule().num_new_tokens == [5] and not s.waiting
 
 
 def test_prefix_hit_skips_computation_and_records_cached_tokens():
@@ -403,3 +410,72 @@ def test_long_prefill_threshold_lets_a_short_prompt_in_beside_a_long_ones_chunks
 def test_long_prefill_threshold_is_checked():
     with pytest.raises(ValueError, match="long_prefill_token_threshold must be >= 0"):
         SchedulerConfig(long_prefill_token_threshold=-5)
+
+
+class _LoadsTwoBlocks(KVConnector):
+    """A lower tier holding the first 2 blocks (8 tokens) of `only`'s prompts (None: all), loaded before the step,
+    always whole, `delay` steps after the first."""
+    def __init__(self, only=None, delay=0):
+        self.only, self.delay, self.steps, self.started = only, delay, 0, []
+
+    def external_tokens(self, req, num_local_tokens):
+        return 8 if num_local_tokens == 0 and (self.only is None or req.request_id in self.only) else 0
+
+    def after_alloc(self, req, block_ids, num_external_tokens):
+        if num_external_tokens:
+            self.started.append(req.request_id)
+
+    def finished_loading(self):
+        self.steps += 1
+        if self.steps <= self.delay:
+            return []
+        out, self.started = [(r, True) for r in self.started], []
+        return out
+
+
+def _req(rid, prompt, max_tokens):
+    return Request(prompt, SamplingParams(max_tokens=max_tokens, temperature=0), request_id=rid, eos_token_ids=(99999,),
+                   block_size=BS)
+
+
+@pytest.mark.parametrize("case", ["two holders", "a holder behind a self-preempted request"])
+def test_requests_whose_loads_ended_without_room_for_their_tails_never_wait_on_each_other(case):
+    """A load that ends with no room for its request's tail leaves the request waiting with the loaded blocks.
+    Before, nothing gave those back: the waiting loop stops at the first request that does not fit and preemption
+    takes only running ones. So two holders, or one behind a request that preempted itself for want of the
+    holder's blocks, waited forever. Now a holder's blocks go back (cached: hits again) when another needs room.
+    6-block pool: A and B each load 2 blocks of 17-token prompts; or A (4 tokens, 20 outputs: the whole pool in
+    its lifetime) runs while B's load of 2 blocks takes 12 steps."""
+    if case == "two holders":
+        conn, a, b = _LoadsTwoBlocks(), _req("A", list(range(17)), 1), _req("B", list(range(100, 117)), 1)
+    else:
+        conn = _LoadsTwoBlocks({"B"}, delay=12)
+        a, b = _req("A", list(range(4)), 20), _req("B", list(range(100, 109)), 1)
+    s = Scheduler(SchedulerConfig(8, 64), KVCacheManager(6, BS), 1000, conn)
+    s.add(a)
+    s.add(b)
+    for _ in range(80):
+        s.loads_done(conn.finished_loading())
+        batch = s.schedule()
+        s.update(batch, [7 if batch.samples(i) else None for i in range(len(batch))])
+        if a.is_finished and b.is_finished:
+            break
+    assert a.is_finished and b.is_finished and s.kv.num_free_blocks == 6 and not s.has_work()
+    assert a.num_output_tokens == a.params.max_tokens and b.num_output_tokens == 1
+
+
+def test_drafts_only_when_the_last_token_is_the_one_left_to_compute():
+    """With a 1-token chunk cap a resumed request (outputs already) computes its prompt a token a step: a chunk of
+    one is not its last token, and drafts appended after that token broke the step's update."""
+    from pdcluster.engine.spec.decoder import SpecDecoder
+    s = Scheduler(SchedulerConfig(8, 64, long_prefill_token_threshold=1), KVCacheManager(64, BS), 1000,
+                  spec=SpecDecoder())
+    r = Request([1, 2, 3, 1, 2, 3, 1, 2], SamplingParams(max_tokens=20, temperature=0), request_id="m",
+                block_size=BS, output_token_ids=[3, 1, 2, 3])
+    s.add(r)
+    for _ in range(11):                                 # 12 tokens to compute, one a step
+        batch = s.schedule()
+        assert batch.num_new_tokens == [1] and r.spec_token_ids == []
+        s.update(batch, [7 if batch.samples(i) else None for i in range(len(batch))])
+    batch = s.schedule()                                # the last one: drafts may follow it (n-grams match)
+    assert batch.num_new_tokens == [1 + len(r.spec_token_ids)]
