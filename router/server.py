@@ -20,7 +20,7 @@ from pdcluster.router.lifecycle import Router
 from pdcluster.router.lifecycle.choices import Choice, choice_events, choice_params
 from pdcluster.router.proto import generation_pb2 as pb
 from pdcluster.router.proto import generation_pb2_grpc as pb_grpc
-from pdcluster.router.validate import InvalidRequest, max_token_bytes, parse_request
+from pdcluster.router.validate import InvalidRequest, parse_request, tokenize_executor
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +113,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self._calls: set[asyncio.Task] = set()      # Generate handlers in progress
         self._client_ids: set[tuple] = set()         # (tenant, request_id) of the clients' named requests in flight
         self._cut: str | None = None    # why the calls left after a drain are being ended
-        # Tokenizing a long prompt is CPU work (a 600 KB text: ~1 s): it runs on this thread, never
-        # on the event loop. One thread: a fast tokenizer must not be entered by two at once.
-        self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-tokenize")
-        if router is not None:
-            self._tokenize.submit(max_token_bytes, router.tokenizer)     # the size bound, computed once
+        # Tokenizing a long prompt is CPU work (a 600 KB text: ~1 s): it runs on the router's one tokenizing
+        # thread, which the HTTP API shares (validate.tokenize_executor), never on the event loop.
+        self._tokenize = (tokenize_executor(router) if router is not None else
+                          ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-tokenize"))
 
     async def Generate(self, request, context: grpc.aio.ServicerContext) -> None:
         if isinstance(request, Malformed):
@@ -300,7 +299,8 @@ class RouterServer:
         if self._health is not None:
             self._health.cancel()
         await self.server.stop(grace)
-        self.servicer._tokenize.shutdown(wait=False, cancel_futures=True)
+        if self.servicer.router is None:        # its own thread; the router's is the router's (Router.close)
+            self.servicer._tokenize.shutdown(wait=False, cancel_futures=True)
 
 
 async def _maybe_await(x):

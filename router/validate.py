@@ -4,6 +4,7 @@ Pure Python given a tokenizer; the gRPC layer maps InvalidRequest.code to a stat
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pdcluster.engine.sampling_params import SamplingParams
@@ -115,6 +116,19 @@ def max_token_bytes(tokenizer) -> int:
         cached = max(len(tokenizer.convert_tokens_to_string([t]).encode()) for t in vocab) if vocab else 1
         tokenizer._pdcluster_max_token_bytes = cached = max(cached, 1)
     return cached
+
+
+def tokenize_executor(router) -> ThreadPoolExecutor:
+    """The router's one tokenizing thread, shared by the gRPC server and the HTTP API. Tokenizing is CPU work, kept
+    off the event loop; and a fast tokenizer must never be entered by two threads at once: transformers sets its
+    split_special_tokens switch on the shared object before each encode, so a chat message encoded beside a raw-text
+    prompt could have its role markers parsed as special tokens. Made on first use (router.tokenize_pool), the
+    vocabulary's size bound (max_token_bytes) computed on it first."""
+    pool = getattr(router, "tokenize_pool", None)
+    if pool is None:
+        pool = router.tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="router-tokenize")
+        pool.submit(max_token_bytes, router.tokenizer)
+    return pool
 
 
 def is_text(s: str) -> bool:

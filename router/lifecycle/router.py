@@ -30,6 +30,7 @@ class Router:
         self.cfg = cfg
         self.metrics = metrics if metrics is not None else RouterMetrics()
         self.tokenizer = tokenizer
+        self.tokenize_pool = None       # its one tokenizing thread, made by validate.tokenize_executor
         self.eos = tuple(eos_token_ids)
         self.max_context = max_context
         # the global prefix index (fed by the workers' block events) and learned rates
@@ -60,6 +61,9 @@ class Router:
 
     async def close(self) -> None:
         await self.workers.close()
+        if self.tokenize_pool is not None:       # (the servers that shared it are stopped)
+            self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
+            self.tokenize_pool = None
 
     # requests
     async def generate(self, prompt_ids: list[int], params: SamplingParams, request_id: str = "",

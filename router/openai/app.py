@@ -14,7 +14,6 @@ import asyncio
 import json
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 
 from fastapi import FastAPI, Request
@@ -32,7 +31,7 @@ from pdcluster.router.openai.schemas import ChatCompletionRequest, CompletionReq
 from pdcluster.router.openai.sse import SSEResponse
 from pdcluster.router.openai.tool_stream import AnswerReader
 from pdcluster.router.openai.tools import read_answer
-from pdcluster.router.validate import InvalidRequest, check_token_ids, max_token_bytes
+from pdcluster.router.validate import InvalidRequest, check_token_ids, tokenize_executor
 
 TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}    # union members' names in pydantic's error locations
 
@@ -71,9 +70,9 @@ class Api:
         self.draining = False
         self.cut = asyncio.Event()          # set at the drain bound: responses still running end with 503
         self.cut_reason = ""
-        # tokenizing a long prompt is CPU work: one thread, never the event loop
-        self.tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-tokenize")
-        self.tokenize.submit(max_token_bytes, router.tokenizer)
+        # tokenizing a long prompt is CPU work: the router's one tokenizing thread (the gRPC server's too: a fast
+        # tokenizer must not be entered by two threads at once), never the event loop
+        self.tokenize = tokenize_executor(router)
 
     def cut_error(self) -> OpenAIError:
         return OpenAIError(503, self.cut_reason or "the server is shutting down", "service_unavailable")
@@ -109,6 +108,11 @@ def _routes(api: Api) -> FastAPI:
     @app.exception_handler(OpenAIError)
     async def _openai(request, exc):
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(Exception)
+    async def _failed(request, exc):        # a bug's 500, in OpenAI's shape (the exception is logged by the server)
+        e = as_openai(exc)
+        return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc):          # unknown path, wrong method, a body that does not parse
@@ -203,7 +207,13 @@ async def respond(api: Api, body, request: Request, chat: bool):
             await unless_gone(request, stream.collect(first, events), api)
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
-    return stream.whole()
+    return json_response(stream.whole())
+
+
+def json_response(obj: dict) -> Response:
+    """obj as a JSON response, every non-ASCII character escaped: lone surrogates too (a tool answer's "\\udc00"
+    decodes to one), which JSONResponse's UTF-8 cannot encode."""
+    return Response(json.dumps(obj), media_type="application/json")
 
 
 CLIENT_GONE = 499           # nginx's "client closed request": never seen by the client, which has left

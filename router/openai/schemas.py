@@ -3,9 +3,33 @@
 servers read it ("temperature": null is temperature 1)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+from pdcluster.router.validate import MAX_CHAT_MESSAGES
+
+
+MAX_PROMPTS = 64                # prompts in one completions request
+MAX_PROMPT_IDS = 1 << 20        # token ids in one prompt: past any context served here
+
+
+def _prompt_shape(v) -> str:
+    """Which member of Prompt a value is, from its first element: pydantic then validates that member alone. It runs
+    on the event loop, and tried against every member (each failing one building an error per element) a 4 MiB list
+    held the loop for seconds. The tags are not identifiers, so an error's param stays "prompt"."""
+    if isinstance(v, list) and v:
+        return "list[str]" if isinstance(v[0], str) else "list[list[int]]" if isinstance(v[0], list) else "list[int]"
+    return "list[int]" if isinstance(v, list) else "str"
+
+
+Prompt = Annotated[
+    Annotated[str, Tag("str")]
+    | Annotated[list[str], Field(max_length=MAX_PROMPTS), Tag("list[str]")]
+    | Annotated[list[int], Field(max_length=MAX_PROMPT_IDS), Tag("list[int]")]
+    | Annotated[list[Annotated[list[int], Field(max_length=MAX_PROMPT_IDS)]], Field(max_length=MAX_PROMPTS),
+                Tag("list[list[int]]")],
+    Discriminator(_prompt_shape)]
 
 
 class Strict(BaseModel):
@@ -64,7 +88,7 @@ class Sampling(Strict):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
     max_tokens: int | None = 16
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False                      # the prompt's text before each choice's (with logprobs: its tokens')
@@ -125,7 +149,7 @@ class NamedToolChoice(Strict):
 
 
 class ChatCompletionRequest(Sampling):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_CHAT_MESSAGES)
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
@@ -138,7 +162,7 @@ class TokenizeRequest(Strict):
     """vLLM's /tokenize: a completion's prompt or a chat's messages (with tools), as this server tokenizes them."""
     model: str
     prompt: str | None = None
-    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_CHAT_MESSAGES)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
@@ -147,4 +171,4 @@ class TokenizeRequest(Strict):
 
 class DetokenizeRequest(Strict):
     model: str
-    tokens: list[int]
+    tokens: list[int] = Field(max_length=MAX_PROMPT_IDS)

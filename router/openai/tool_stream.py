@@ -166,9 +166,11 @@ def _string_end(buf: str, start: int) -> tuple[int, bool]:
         if i + 6 > len(buf):
             break
         if 0xD800 <= int(buf[i + 2:i + 6], 16) <= 0xDBFF:     # a high surrogate: its low half decodes with it
-            if i + 12 > len(buf):
-                break
-            i += 12
+            nxt = buf[i + 6:i + 8]
+            if not nxt or (nxt[0] == "\\" and (len(nxt) < 2 or (nxt == "\\u" and i + 12 > len(buf)))):
+                break                                           # not yet known whether a low half follows
+            low = nxt == "\\u" and 0xDC00 <= int(buf[i + 8:i + 12], 16) <= 0xDFFF
+            i += 12 if low else 6                               # a lone one decodes alone (a lone surrogate)
         else:
             i += 6
     return i, False

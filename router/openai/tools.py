@@ -120,7 +120,7 @@ def history_text(message) -> str:
     for c in message.tool_calls:
         try:
             args = json.loads(c.function.arguments)
-        except ValueError:
+        except (ValueError, RecursionError):        # (nested past the parser's depth: not JSON we take either)
             raise ToolError(f"messages: tool call {c.id!r} arguments are not JSON", "messages") from None
         calls.append({"name": c.function.name, "arguments": args})
     text = json.dumps({"tool_calls": calls}, ensure_ascii=False)

@@ -158,3 +158,37 @@ def test_logprobs_in_the_chat_and_the_completions_shapes():
     comp = convert.completion_logprobs(Tok(), lps)
     assert comp == {"tokens": ["h", "i"], "token_logprobs": [-0.1, -0.3],
                     "top_logprobs": [{"h": -0.1, "i": -2.5}, {"i": -0.3}], "text_offset": [0, 1]}
+
+
+def test_the_http_api_and_the_grpc_server_tokenize_on_the_routers_one_thread():
+    """A fast tokenizer must never be entered by two threads at once: transformers sets split_special_tokens on the
+    shared object before each encode, so a chat message (markers split) encoded beside a gRPC text prompt (markers
+    parsed) could have its role markers read as special tokens. Both servers take the router's one thread."""
+    from types import SimpleNamespace
+
+    from pdcluster.router.openai.app import Api
+    from pdcluster.router.server import GenerationServicer
+
+    class Vocab:
+        def get_vocab(self):
+            return {}
+    router = SimpleNamespace(tokenizer=Vocab())
+    api, grpc_side = Api(router, "m", 100), GenerationServicer(router, "m", 100)
+    try:
+        assert api.tokenize is grpc_side._tokenize is router.tokenize_pool
+        assert api.tokenize._max_workers == 1
+    finally:
+        router.tokenize_pool.shutdown(wait=True)
+
+
+@pytest.mark.parametrize("prompt,words", [([[0]] * 700, "at most 64"), (["a"] * 65, "at most 64"),
+                                          ([0] * ((1 << 20) + 1), "at most 1048576"), ([[0], "a"], "valid list")])
+def test_a_prompt_is_checked_against_the_one_shape_its_first_element_names(prompt, words):
+    """pydantic validates the body on the event loop: tried against every member of prompt's union, a list built
+    an error per element per member (seconds for a 4 MiB body). The first element picks the member, and the bounds
+    stop a list at them: one error."""
+    with pytest.raises(ValidationError) as e:
+        CompletionRequest(model="m", prompt=prompt)
+    assert len(e.value.errors()) == 1 and words in str(e.value)
+    for ok in ("a", ["a", "b"], [1, 2], [[1], [2, 3]]):
+        assert CompletionRequest(model="m", prompt=ok).prompt == ok

@@ -126,3 +126,29 @@ def test_a_compact_grammar_allows_json_dumps_separators_and_no_other_whitespace(
     assert all(m.accept_token(t) for t in tok.encode('{ "a":\n 1}', add_special_tokens=False))
     with pytest.raises(ValueError, match="no schema"):
         StructuredOutput("json_object", compact=True).validate()
+
+
+def test_a_history_call_whose_arguments_nest_past_the_parser_is_refused_not_a_500():
+    from pdcluster.router.openai.tools import ToolError, history_text
+    body = req(messages=[{"role": "assistant", "content": None,
+                          "tool_calls": [{"id": "a", "type": "function",
+                                          "function": {"name": "f", "arguments": "[" * 100_000}}]},
+                         {"role": "user", "content": "x"}])
+    with pytest.raises(ToolError, match="not JSON"):
+        history_text(body.messages[0])
+
+
+@pytest.mark.parametrize("escaped,text", [("\\udc00", "\udc00"), ("\\ud800", "\ud800"), ("a\\ud800b", "a\ud800b"),
+                                          ("\\ud800\\u0041", "\ud800A"), ("\\ud83d\\ude00!", "\U0001F600!")])
+def test_lone_surrogates_in_a_streamed_answer_decode_alone_and_pairs_whole(escaped, text):
+    """A high surrogate is held back only until it is known whether its low half follows; a lone one decodes alone
+    (it waited forever before, and the reply was lost). The whole response escapes it (app.json_response)."""
+    from pdcluster.router.openai.app import json_response
+    from pdcluster.router.openai.tool_stream import AnswerReader
+    answer = '{"content": "' + escaped + '"}'
+    for size in (1, 3, 7, len(answer)):
+        r = AnswerReader()
+        got = "".join(r.feed(answer[i:i + size]).get("content", "") for i in range(0, len(answer), size))
+        assert (got, r.content, r.state) == (text, text, "done"), size
+    body = json_response({"content": text}).body
+    assert body.isascii() and json.loads(body) == {"content": text}
