@@ -193,8 +193,8 @@ def _parse_header(h: object) -> FrameHeader:
     blocks, shape = _field(h, "blocks", list), _field(h, "shape", list)
     if not all(isinstance(b, int) and b >= 0 for b in blocks):
         raise MalformedFrame("header 'blocks' must be non-negative ints")
-    if not shape or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise MalformedFrame(f"header 'shape' {shape!r:.80} must be non-negative ints, >= 1 dim")
+    if not shape or len(shape) > 8 or not all(isinstance(s, int) and 0 <= s < 1 << 31 for s in shape):
+        raise MalformedFrame(f"header 'shape' {shape!r:.80} must be 1-8 ints in [0, 2**31)")
     if shape[0] != len(blocks):
         raise MalformedFrame(f"shape {shape} does not hold {len(blocks)} blocks")
     dtype = _field(h, "dtype", str)

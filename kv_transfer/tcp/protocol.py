@@ -36,6 +36,7 @@ import hmac
 import select
 import socket
 import struct
+import time
 
 import msgpack
 import torch
@@ -53,7 +54,11 @@ MAX_CONTROL_BYTES = 64 << 10  # body limit of every message but FRAME
 DEFAULT_MAX_FRAME_BYTES = 64 << 20  # server's FRAME body limit (client chunks stay far below)
 DEFAULT_CHUNK_BYTES = 2 << 20  # payload bytes per frame (1, 2 and 4 MiB measured: 2 MiB fastest, bench/transfer.py)
 MAX_PROBE_BYTES = 16 << 20  # PROBE body limit
-HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 10.0  # HELLO to WELCOME, all of it (not per read: a byte a second would hold it forever)
+MAX_AUTH_BYTES = 256  # an AUTH body (a version and a 32-byte MAC: ~50 bytes)
+STALL_TIMEOUT_S = 30.0  # a server's read or write inside a message, or its reply, making no progress this long ends
+                        # the connection (between messages an idle link waits as long as it likes)
+MAX_RID_CHARS = 1024  # a frame's request id
 
 
 class ConnectionLost(KVTransferError):
@@ -129,10 +134,16 @@ def frame_parts(request_id: str, layer: int, block_ids, k: torch.Tensor, v: torc
 
 
 # receiving
-def recv_exact(sock: socket.socket, buf: memoryview) -> bool:
-    """Fill buf; False if the peer closed before the first byte, ConnectionLost if mid-way."""
+def recv_exact(sock: socket.socket, buf: memoryview, deadline: float | None = None) -> bool:
+    """Fill buf; False if the peer closed before the first byte, ConnectionLost if mid-way. deadline (time.monotonic):
+    a socket timeout (OSError) once it passes, however the bytes trickle in."""
     want, got = buf.nbytes, 0
     while got < want:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout(f"{got} of {want} bytes by the deadline")
+            sock.settimeout(left)
         n = sock.recv_into(buf[got:])
         if n == 0:
             if got == 0:
@@ -142,17 +153,18 @@ def recv_exact(sock: socket.socket, buf: memoryview) -> bool:
     return True
 
 
-def recv_control(sock: socket.socket, expect: tuple[int, ...] | None = None) -> tuple[int, dict] | None:
+def recv_control(sock: socket.socket, expect: tuple[int, ...] | None = None, deadline: float | None = None,
+                 max_bytes: int = MAX_CONTROL_BYTES) -> tuple[int, dict] | None:
     """Read one control message: (type, body dict), or None on a clean close between messages.
-    Raises MalformedFrame for an unexpected type, an oversized or undecodable body."""
+    Raises MalformedFrame for an unexpected type, an oversized or undecodable body; deadline as recv_exact's."""
     env = bytearray(ENVELOPE.size)
-    if not recv_exact(sock, memoryview(env)):
+    if not recv_exact(sock, memoryview(env), deadline):
         return None
     kind, length = ENVELOPE.unpack(env)
-    if (expect is not None and kind not in expect) or length > MAX_CONTROL_BYTES:
+    if (expect is not None and kind not in expect) or length > max_bytes:
         raise MalformedFrame(f"unexpected message type {kind} of {length} bytes")
     body = bytearray(length)
-    if length and not recv_exact(sock, memoryview(body)):
+    if length and not recv_exact(sock, memoryview(body), deadline):
         raise ConnectionLost("connection closed inside a message")
     try:
         data = msgpack.unpackb(body, raw=False) if length else {}
@@ -189,22 +201,38 @@ def recv_guarded(sock: socket.socket, poller: select.poll, views: list[memoryvie
     waiting for data (poller: sock registered for POLLIN) happens outside it. If guard raises
     (the reservation closed), the rest of the payload is read through `scratch` and dropped, and
     the error re-raised; ConnectionLost if the peer closes."""
-    recv_into, flags, done = sock.recv_into, socket.MSG_DONTWAIT, 0
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)  # a socket with a timeout waits for data inside recv_into, MSG_DONTWAIT or not: the lock held
+    try:
+        closed, done = _fill_guarded(sock, poller, views, guard)
+    finally:
+        sock.settimeout(timeout)
+    if closed is not None:
+        skip(sock, sum(v.nbytes for v in views) - done, scratch)
+        raise closed
+
+
+def _fill_guarded(sock: socket.socket, poller: select.poll, views: list[memoryview],
+                  guard) -> tuple[KVTransferError | None, int]:
+    """recv_guarded's reads, the socket non-blocking: (what guard raised or None, bytes landed). ConnectionLost if
+    the peer closes, or sends no byte for STALL_TIMEOUT_S."""
+    done = 0
     for view in views:
         got, want = 0, view.nbytes
         while got < want:
             try:
-                n = guard(recv_into, view[got:], 0, flags)
+                n = guard(sock.recv_into, view[got:], 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                poller.poll()
+                if not poller.poll(STALL_TIMEOUT_S * 1000):
+                    raise ConnectionLost(f"no byte of a payload for {STALL_TIMEOUT_S:g} s") from None
                 continue
-            except KVTransferError:
-                skip(sock, sum(v.nbytes for v in views) - done, scratch)
-                raise
+            except KVTransferError as e:
+                return e, done
             if n == 0:
                 raise ConnectionLost(f"connection closed {got} bytes into a {want}-byte payload run")
             got += n
             done += n
+    return None, done
 
 
 def skip(sock: socket.socket, nbytes: int, scratch: memoryview) -> None:

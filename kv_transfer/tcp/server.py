@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 CLOSE_DRAIN_S = 10.0  # after CLOSE, how long a peer may keep writing before the socket is cut
 _SCRATCH_BYTES = 1 << 20  # buffer that dropped payloads are read through
+MAX_CONNECTIONS = 256  # connections at once (one per prefill process, and per pulling peer): more are closed at once
+MAX_HANDSHAKING = 32  # of them not yet authenticated (each holds a thread and nothing else until WELCOME)
+MAX_REJECTED = 4096  # request ids answered with ERROR awaiting their END/CANCEL, per connection
+ACCEPT_RETRY_S = 0.1  # after a failed accept (out of file descriptors, say): try again this much later
 
 
 class _Inbound(InboundStream):
@@ -74,6 +78,8 @@ class KVTcpServer(KVServerBase):
         self._listener: socket.socket | None = None
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
+        self._handshaking = 0  # of _conns, not yet through the handshake
+        self._refused, self._refused_logged = 0, 0.0  # connections refused since the last warning, and its time
         self._acceptor: threading.Thread | None = None
         keep_large_buffers()
 
@@ -105,21 +111,48 @@ class KVTcpServer(KVServerBase):
         while True:
             try:
                 sock, peer = listener.accept()
-            except OSError:
-                return  # stop_sync shut the listener down
+            except OSError as e:
+                if self._listener is None:
+                    return  # stop_sync shut the listener down
+                log.warning("KV TCP listener on port %d: accept failed (%s); retrying", self.port, e.strerror or e)
+                time.sleep(ACCEPT_RETRY_S)  # (out of file descriptors: connections are closing meanwhile)
+                continue
             thread = threading.Thread(target=self._serve, args=(sock, peer),
                                       name=f"kv-tcp-conn-{peer[1]}", daemon=True)
             with self._lock:
                 if self._listener is None:
                     sock.close()
                     return
-                self._conns[sock] = thread
-            thread.start()
+                full = len(self._conns) >= MAX_CONNECTIONS or self._handshaking >= MAX_HANDSHAKING
+                if not full:
+                    self._conns[sock] = thread
+                    self._handshaking += 1
+            if full:  # nothing allocated for it: closed at once (one warning per 10 s of a flood)
+                sock.close()
+                self._refused += 1
+                if time.monotonic() - self._refused_logged > 10.0:
+                    log.warning("KV TCP listener on port %d: %d connections refused (%d open, %d authenticating; "
+                                "the last from %s)", self.port, self._refused, len(self._conns), self._handshaking, peer)
+                    self._refused, self._refused_logged = 0, time.monotonic()
+                continue
+            try:
+                thread.start()
+            except RuntimeError as e:  # no thread to be had
+                log.warning("KV TCP listener on port %d: no thread for %s (%s)", self.port, peer, e)
+                with self._lock:
+                    self._conns.pop(sock, None)
+                    self._handshaking -= 1
+                sock.close()
 
     def _serve(self, sock: socket.socket, peer) -> None:
         conn = _Connection(self, sock)
         try:
-            if conn.handshake():
+            try:
+                welcome = conn.handshake()
+            finally:
+                with self._lock:
+                    self._handshaking -= 1
+            if welcome:
                 conn.run()
         except Exception:
             log.exception("KV TCP connection from %s failed", peer)
@@ -138,20 +171,20 @@ class _Connection:
         self.rejected: set[str] = set()
         self.env = bytearray(proto.ENVELOPE.size)
         self.prefix = bytearray(wire._PREFIX.size)
-        self.scratch = memoryview(bytearray(_SCRATCH_BYTES))
+        self.scratch: memoryview | None = None  # buffers made after WELCOME (run): none for an unauthenticated peer
         self.staging = torch.empty(0, dtype=torch.uint8)  # staged payloads (see the module doc), at offset 0
-        self.poller = select.poll()  # readable: the wait of proto.recv_guarded
-        self.poller.register(sock, select.POLLIN)
+        self.poller: select.poll | None = None  # readable: the wait between messages and of proto.recv_guarded
         self.closing = False  # CLOSE sent (or the socket failed): read no more, answer nothing
 
     def handshake(self) -> bool:
         sock, secret = self.sock, self.server._secret
         proto.tune(sock)
+        deadline = time.monotonic() + proto.HANDSHAKE_TIMEOUT_S  # for all of it, however slowly bytes come
         sock.settimeout(proto.HANDSHAKE_TIMEOUT_S)
         nonce = os.urandom(32)
         try:
             proto.send_control(sock, proto.HELLO, {"proto": proto.PROTO, "v": proto.VERSION, "nonce": nonce})
-            msg = proto.recv_control(sock, expect=(proto.AUTH,))
+            msg = proto.recv_control(sock, expect=(proto.AUTH,), deadline=deadline, max_bytes=proto.MAX_AUTH_BYTES)
         except KVTransferError as e:
             self.close_with(e)
             return False
@@ -167,11 +200,16 @@ class _Connection:
             self.close_with(KVTransferError("wrong or missing KV secret", "UNAUTHENTICATED"))
             return False
         proto.send_control(sock, proto.WELCOME, {})
-        sock.settimeout(None)
+        # every read and write from here: no progress for STALL_TIMEOUT_S ends the connection (the wait for the next
+        # message is a poll without one: _read_loop)
+        sock.settimeout(proto.STALL_TIMEOUT_S)
         return True
 
     def run(self) -> None:
         """Read and land messages until the peer closes or the connection fails."""
+        self.scratch = memoryview(bytearray(_SCRATCH_BYTES))
+        self.poller = select.poll()
+        self.poller.register(self.sock, select.POLLIN)
         try:
             self._read_loop()
         except (proto.ConnectionLost, OSError):
@@ -187,7 +225,7 @@ class _Connection:
 
     def _read_loop(self) -> None:
         sock, env = self.sock, memoryview(self.env)
-        while not self.closing and proto.recv_exact(sock, env):
+        while not self.closing and self.poller.poll() and proto.recv_exact(sock, env):
             kind, length = proto.ENVELOPE.unpack(self.env)
             if kind == proto.FRAME:
                 if length > self.server._max_frame_bytes:
@@ -221,6 +259,8 @@ class _Connection:
         rid, header, error = proto.parse_header(self.prefix, memoryview(header_buf)[:hlen])
         if rid is None:
             raise error  # no request to blame: the connection fails
+        if len(rid) > proto.MAX_RID_CHARS:
+            raise MalformedFrame(f"a request id of {len(rid)} characters (at most {proto.MAX_RID_CHARS})")
         payload = length - min(off, length)
         if error is None and length - off != header.nbytes:
             error = DataLoss(f"payload is {length - off} bytes, header says {header.nbytes}")
@@ -269,7 +309,7 @@ class _Connection:
                 entry.write(header, *wire.payload_tensors(header, self.staging[:header.nbytes], keep_codes=True))
             else:
                 entry.commit(header, positions)
-        except KVTransferError as e:
+        except Exception as e:  # noqa: BLE001 - this request fails (INTERNAL if not a KVTransferError), not the link
             self._fail(rid, stream, e)
 
     def _recv(self, buf: memoryview) -> None:
@@ -326,6 +366,8 @@ class _Connection:
     def _reject(self, rid: str, error: KVTransferError, remember: bool = True) -> None:
         self.streams.pop(rid, None)
         if remember:  # until the sender's END/CANCEL for rid
+            if len(self.rejected) >= MAX_REJECTED:
+                raise MalformedFrame(f"{len(self.rejected)} failed streams never ended (END/CANCEL)")
             self.rejected.add(rid)
         proto.send_control(self.sock, proto.ERROR, {"rid": rid, "status": error.status,
                                                     "message": str(error)})
