@@ -53,12 +53,25 @@ class Detokenizer:
         self.num_out += len(token_ids)
         self.ids += token_ids
         prefix = self._decode(self.ids[self.prefix:self.read])
-        window = self._decode(self.ids[self.prefix:])
-        if window.endswith("\ufffd"):    # an incomplete character: wait for more bytes
-            return ""
+        window, end = self._decode(self.ids[self.prefix:]), len(self.ids)
+        if window.endswith("\ufffd"):  # an incomplete character: wait for more bytes
+            if end - self.read < 4:
+                return ""
+            # 4 tokens on and still no whole character: the bytes before the last 3 tokens (an incomplete
+            # character has at most 3 of its bytes) are what they are, invalid ones U+FFFD as in a full decode.
+            # Release up to the latest cut that ends whole. (Waiting on, a token that is no UTF-8 at all,
+            # repeated, re-decoded the whole run at every token: quadratic, on the router's event loop.)
+            for end in range(end - 1, end - 4, -1):
+                window = self._decode(self.ids[self.prefix:end])
+                if not window.endswith("\ufffd"):
+                    break
+        return self._extend(window[len(prefix):], end)
+
+    def _extend(self, text: str, end: int) -> str:
+        """text (what ids[read:end] add) joins self.text; the stop strings are looked for; what may go out now."""
         start = max(0, len(self.text) - self.hold - 1)
-        self.text += window[len(prefix):]
-        self.prefix, self.read = self.read, len(self.ids)
+        self.text += text
+        self.prefix, self.read = self.read, end
         if self.num_out <= self.min_tokens:
             self.floor = len(self.text)
         for s in self.stop:
@@ -69,8 +82,13 @@ class Detokenizer:
         return self._release(final=self.stopped)
 
     def flush(self) -> str:
-        """Everything not yet released (at finish)."""
-        return self._release(final=True)
+        """Everything not yet released (at finish), the bytes of a character that never completed included
+        (U+FFFD, as a full decode has them)."""
+        out = ""
+        if not self.stopped and len(self.ids) > self.read:
+            prefix = self._decode(self.ids[self.prefix:self.read])
+            out = self._extend(self._decode(self.ids[self.prefix:])[len(prefix):], len(self.ids))
+        return out + self._release(final=True)
 
     def _release(self, final: bool) -> str:
         end = len(self.text) if final or not self.stop else max(self.emitted, len(self.text) - self.hold)

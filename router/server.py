@@ -201,7 +201,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def _cut_off(self, context, reason: str) -> None:
         """A slow reader's request is already cancelled (its KV freed). Its status waits behind the
         data the client has not taken: if that does not drain within the bound, reset the client's
-        connection (router/conn_reset.py), after which gRPC cancels this call."""
+        connection (router/conn_reset.py) and return: the status is marked sent, so gRPC would not cancel
+        this handler (it slept 30 s, holding the client's request id and a call slot)."""
         log.warning("%s", reason)
         try:
             await asyncio.wait_for(context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, reason),
@@ -210,7 +211,6 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if reset_connection(context.peer(), self.port):
                 log.warning("reset the connection of %s: it took no data for %gs", context.peer(),
                             2 * self.slow_reader_timeout_s)
-                await asyncio.sleep(30)     # gRPC cancels this task as it sees the connection go
             else:
                 log.warning("could not reset the connection of %s; its stream stays open", context.peer())
 

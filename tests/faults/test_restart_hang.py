@@ -149,7 +149,7 @@ def test_slow_reader_is_cut_off_and_frees_its_blocks(c):
 
     async def run():
         async with grpc.aio.insecure_channel(addr, options=tiny) as slow_ch, grpc.aio.insecure_channel(addr) as ch:
-            req = pb.GenerateRequest(text="Tell me a long story about a lighthouse keeper.",
+            req = pb.GenerateRequest(text="Tell me a long story about a lighthouse keeper.", request_id="slow-reader",
                                      sampling=pb.SamplingParams(max_tokens=400, ignore_eos=True))
             slow = pbg.GenerationStub(slow_ch).Generate(req)
             await slow.wait_for_connection()
@@ -163,6 +163,15 @@ def test_slow_reader_is_cut_off_and_frees_its_blocks(c):
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 async for m in slow:
                     got += len(m.token_ids)
+            # its request id is free again once the connection is reset (the handler held it 30 s more)
+            retry, deadline = None, time.monotonic() + 2 * SLOW_READER_S + 5
+            while retry is None:
+                try:
+                    retry = [m async for m in pbg.GenerationStub(ch).Generate(pb.GenerateRequest(
+                        text="Hi", request_id="slow-reader", sampling=pb.SamplingParams(max_tokens=2)))]
+                except grpc.aio.AioRpcError as again:
+                    assert again.code() == grpc.StatusCode.ALREADY_EXISTS and time.monotonic() < deadline
+                    await asyncio.sleep(0.5)
             return normal, freed_s, got, e.value
     normal, freed_s, got, err = c.run(run())
     print(f"\n[faults] slow reader (window 256 B, never reads, 400 tokens asked): cancelled after {freed_s:.1f}s "
@@ -223,9 +232,21 @@ def test_reader_granting_no_window_gets_its_stream_ended_without_a_traceback(c, 
     connection. The log holds warnings, no traceback."""
     caplog.set_level(logging.WARNING)
     bound = SLOW_READER_S
-    body = pb.GenerateRequest(text="Tell me a long story about a lighthouse keeper.",
+    body = pb.GenerateRequest(text="Tell me a long story about a lighthouse keeper.", request_id="no-window",
                               sampling=pb.SamplingParams(max_tokens=400, ignore_eos=True)).SerializeToString()
     ended, took = c.run(asyncio.to_thread(h2_reader_without_window, c.address, body, 60.0))
+
+    async def retry():      # its request id is free once the connection is reset (the handler held it 30 s more)
+        async with grpc.aio.insecure_channel(c.address) as ch:
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    return [m async for m in pbg.GenerationStub(ch).Generate(pb.GenerateRequest(
+                        text="Hi", request_id="no-window", sampling=pb.SamplingParams(max_tokens=2)))]
+                except grpc.aio.AioRpcError as again:
+                    assert again.code() == grpc.StatusCode.ALREADY_EXISTS and time.monotonic() < deadline
+                    await asyncio.sleep(0.5)
+    assert c.run(retry())[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
     print(f"\n[faults] reader with HTTP/2 window 0: stream ended by {ended} after {took:.1f}s "
           f"(slow-reader bound {bound:g}s)")
     assert ended and ended[0] in ("closed", "reset", "rst", b"8"), ended

@@ -26,6 +26,32 @@ def test_token_by_token_equals_full_decode(tok, text):
     assert "".join(pieces) == full
 
 
+@pytest.mark.parametrize("step", [1, 3, 5])
+def test_pushes_of_several_tokens_end_mid_character_and_still_equal_the_full_decode(tok, step):
+    """Speculative steps push several tokens; a push may end inside a character (byte tokens)."""
+    prompt = tok.encode("Prompt:", add_special_tokens=False)
+    ids = tok.encode(TEXTS[1] * 3, add_special_tokens=False)
+    d = Detokenizer(tok, prompt)
+    pieces = [d.push(ids[i:i + step]) for i in range(0, len(ids), step)] + [d.flush()]
+    full = tok.decode(prompt + ids, skip_special_tokens=True)[len(tok.decode(prompt, skip_special_tokens=True)):]
+    assert "".join(pieces) == full and all("\ufffd" not in p for p in pieces)
+
+
+def test_a_token_that_is_never_utf_8_is_released_not_re_decoded_forever(tok):
+    """Token 111 is the byte 0xA1 alone: never a whole character. A client can ask for thousands (logit_bias);
+    the pending run stays a few tokens long (it grew without bound: every push re-decoded it all) and the text is
+    the full decode's."""
+    bad = tok.convert_tokens_to_ids(tok.convert_ids_to_tokens([111]))[0]
+    assert tok.decode([bad]) == "\ufffd"
+    d = Detokenizer(tok, [])
+    pieces, longest = [], 0
+    for _ in range(500):
+        pieces.append(d.push([bad]))
+        longest = max(longest, len(d.ids) - d.prefix)
+    pieces.append(d.flush())
+    assert longest <= 9 and "".join(pieces) == tok.decode([bad] * 500)
+
+
 def test_stop_string_is_cut_and_never_partly_emitted(tok):
     ids = tok.encode(" alpha beta STOP gamma", add_special_tokens=False)
     d = Detokenizer(tok, [], stop=("STOP",))
