@@ -132,7 +132,8 @@ class KVTcpServer(KVServerBase):
                 self._refused += 1
                 if time.monotonic() - self._refused_logged > 10.0:
                     log.warning("KV TCP listener on port %d: %d connections refused (%d open, %d authenticating; "
-                                "the last from %s)", self.port, self._refused, len(self._conns), self._handshaking, peer)
+                                "the last from %s)", self.port, self._refused, len(self._conns), self._handshaking,
+                                peer)
                     self._refused, self._refused_logged = 0, time.monotonic()
                 continue
             try:
