@@ -504,9 +504,10 @@ HTTP_MATRIX = [
     ("an empty token list in a list", COMPLETIONS, {"prompt": [[1], []]}, 400, "prompt"),
     ("65 prompts", COMPLETIONS, {"prompt": ["a"] * 65}, 400, "prompt"),
     ("text longer than any context (2 MB)", COMPLETIONS, {"prompt": "a" * (2 << 20)}, 400, "prompt"),
-    ("a lone surrogate in the prompt", COMPLETIONS, {"prompt": "hi \ud800 there"}, 400, "prompt"),
-    ("a lone surrogate in a chat message", CHAT, user("hi \udfff"), 400, "messages"),
-    ("a lone surrogate in a stop string", COMPLETIONS, {"stop": ["\ud83d"]}, 400, "stop"),
+    # (the body is parsed off the event loop by pydantic's JSON parser, which refuses a lone surrogate's escape)
+    ("a lone surrogate in the prompt", COMPLETIONS, {"prompt": "hi \ud800 there"}, 400, "JSON"),
+    ("a lone surrogate in a chat message", CHAT, user("hi \udfff"), 400, "JSON"),
+    ("a lone surrogate in a stop string", COMPLETIONS, {"stop": ["\ud83d"]}, 400, "JSON"),
     ("no messages", CHAT, {"messages": []}, 400, "messages"),
     ("an unknown role", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
     ("response_format xml", COMPLETIONS, fmt("xml"), 400, "response_format"),
