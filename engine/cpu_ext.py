@@ -27,8 +27,8 @@ ops (kernels/decode_attention_avx2.cpp, prefill_attention_avx2.cpp: 8 lanes, the
 another order), rms_norm, the float32 linears f32_mm and q4f32_mm (kernels/f32_tile.h's tile and q4f32_mm.cpp's
 expansion 8 lanes wide: the same bits as on AVX-512) and greedy_head (its screen 8 lanes wide, its exact scores the
 same bits), so that decode steps on packed int4 weights still read 4-bit codes, a float32 engine on a Q4_1 file
-reads its weights' codes, and attention reads the paged cache in place. `ops()` says which ops loaded, `has(op)` one of them;
-`available()` is True only for the whole AVX-512 set, which the other callers need.
+reads its weights' codes, and attention reads the paged cache in place. `ops()` says which ops loaded, `has(op)` one
+of them; `available()` is True only for the whole AVX-512 set, which the other callers need.
 
 It is loaded RTLD_GLOBAL: each op the compiled layer may call exports an AOTInductor C shim (C_SHIMS), which the layer
 (engine/cpu_compile.py) calls directly instead of through AOTI's proxy executor (~4 us a call). `available()`

@@ -17,7 +17,6 @@ import uuid
 from contextlib import aclosing
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -38,15 +37,14 @@ from pdcluster.router.validate import InvalidRequest, check_token_ids, tokenize_
 TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict"}    # union members' names in pydantic's error locations
 
 
-def validation_error(exc: RequestValidationError | ValidationError) -> OpenAIError:
-    """The first error, as OpenAI's body: param is the field's path (indices kept, pydantic's union tags
-    dropped: "prompt", not "prompt.str")."""
+def validation_error(exc: ValidationError) -> OpenAIError:
+    """The first error of a body's validation (`parsed`), as OpenAI's body: param is the field's path (indices kept,
+    pydantic's union tags dropped: "prompt", not "prompt.str")."""
     err = exc.errors()[0]
     kind, ctx, msg = err.get("type"), err.get("ctx") or {}, str(err.get("msg"))
     if kind == "json_invalid":
         return OpenAIError(400, f"the body is not valid JSON ({ctx.get('error', msg)})", code="invalid_json")
     loc = list(err.get("loc", ()))
-    loc = loc[1:] if loc[:1] == ["body"] else loc
     key = loc.pop() if kind == "extra_forbidden" and loc else None    # the unknown field's own name, as sent
     path = []
     for x in loc:
@@ -102,11 +100,6 @@ def asgi_app(api: Api):
 def _routes(api: Api) -> FastAPI:
     app = FastAPI(title="pdcluster", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc):
-        e = validation_error(exc)
-        return JSONResponse(e.body(), status_code=e.status)
-
     @app.exception_handler(OpenAIError)
     async def _openai(request, exc):
         return JSONResponse(exc.body(), status_code=exc.status)
@@ -117,10 +110,8 @@ def _routes(api: Api) -> FastAPI:
         return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request, exc):          # unknown path, wrong method, a body that does not parse
-        unparsable = exc.status_code == 400 and isinstance(exc.__cause__, ValueError)   # e.g. not UTF-8
-        e = OpenAIError(400, "the body is not valid UTF-8 JSON", code="invalid_json") if unparsable else \
-            OpenAIError(exc.status_code, str(exc.detail))
+    async def _http(request, exc):          # unknown path, wrong method (a body's errors: `parsed`)
+        e = OpenAIError(exc.status_code, str(exc.detail))
         return JSONResponse(e.body(), status_code=e.status)
 
     @app.get("/health")

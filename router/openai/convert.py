@@ -14,7 +14,7 @@ from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
 from pdcluster.engine.structured import MAX_SCHEMA, StructuredOutput
 from pdcluster.router.lifecycle.choices import Choice, choice_params
 from pdcluster.router.openai import tools
-from pdcluster.router.openai.schemas import ChatCompletionRequest, CompletionRequest, Sampling
+from pdcluster.router.openai.schemas import MAX_PROMPTS, ChatCompletionRequest, CompletionRequest, Sampling
 from pdcluster.router.validate import (InvalidRequest, check_choices, check_fits, check_structured, check_token_ids,
                                        make_sampling, tokenize_chat, tokenize_text)
 
@@ -137,8 +137,8 @@ def prompts_of(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_
         raise InvalidRequest("prompt is empty", param="prompt")
     if isinstance(p[0], int):
         return [check_token_ids(p, vocab_size, max_context, field="prompt")]
-    if len(p) > 64:
-        raise InvalidRequest(f"prompt holds {len(p)} prompts; at most 64", param="prompt")
+    if len(p) > MAX_PROMPTS:
+        raise InvalidRequest(f"prompt holds {len(p)} prompts; at most {MAX_PROMPTS}", param="prompt")
     if isinstance(p[0], str):
         return [tokenize_text(x, tokenizer, max_context) for x in p]
     return [check_token_ids(x, vocab_size, max_context, field="prompt") for x in p]

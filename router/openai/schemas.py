@@ -15,9 +15,9 @@ MAX_PROMPT_IDS = 1 << 20        # token ids in one prompt: past any context serv
 
 
 def _prompt_shape(v) -> str:
-    """Which member of Prompt a value is, from its first element: pydantic then validates that member alone. It runs
-    on the event loop, and tried against every member (each failing one building an error per element) a 4 MiB list
-    held the loop for seconds. The tags are not identifiers, so an error's param stays "prompt"."""
+    """Which member of Prompt a value is, from its first element: pydantic then validates that member alone. Tried
+    against every member (each failing one building an error per element), a 4 MiB list took seconds, holding the
+    GIL and so the event loop. The tags are not identifiers, so an error's param stays "prompt"."""
     if isinstance(v, list) and v:
         return "list[str]" if isinstance(v[0], str) else "list[list[int]]" if isinstance(v[0], list) else "list[int]"
     return "list[int]" if isinstance(v, list) else "str"
