@@ -35,7 +35,9 @@ Exactness and how it degrades (the documented choice)
   counts w as holding those blocks at once, tentatively, so the next prompts with the same prefix
   follow it instead of racing to other workers while the first one prefills and the status poll
   has not reported its blocks yet. A "stored" event confirms a tentative block, "removed" drops
-  it, and `expire` drops what no event confirmed within `expect_ttl_s`.
+  it, and `expire` drops what no event confirmed within `expect_ttl_s`. A placement that fails or
+  is abandoned before the worker computes them takes its expectation back, `unexpect(w, hashes)`:
+  each expectation of a still-tentative block is counted, and the block goes when the last is taken back.
 Time is the caller's clock (`now`, default time.time()); single-threaded (the router's event loop).
 
 Kept across queries, for placement at fleet scale (router/placement/cost_vector.py):
@@ -101,6 +103,7 @@ class PrefixIndex:
         self.silent_after_s, self.tau_s, self.horizon_s = silent_after_s, tau_s, horizon_s
         self.expect_ttl_s = expect_ttl_s
         self._tentative: dict[str, dict[int, float]] = {}   # worker -> {hash: expiry} not yet confirmed
+        self._shared: dict[str, dict[int, int]] = {}   # worker -> {tentative hash: expectations beyond the first}
         self._holders: dict[int, set[str]] = {}       # chain hash -> workers holding it on device
         self._by_worker: dict[str, set[int]] = {}     # worker -> chain hashes it holds on device
         self._lower: dict[int, dict[str, int]] = {}   # chain hash -> {worker: _LOWER_BIT mask}, mask != 0
@@ -147,6 +150,11 @@ class PrefixIndex:
             self._apply_lower(worker_id, kind, hashes, _LOWER_BIT[tier])
             return True
         mine, tentative, steps = self._by_worker[worker_id], self._tentative.get(worker_id, {}), self._steps
+        if self._shared.get(worker_id):
+            hashes = list(hashes)
+            shared = self._shared[worker_id]
+            for h in hashes:
+                shared.pop(h, None)             # confirmed or removed: no longer anyone's to take back
         if kind == "stored":
             for h in hashes:
                 tentative.pop(h, None)          # confirmed
@@ -198,6 +206,9 @@ class PrefixIndex:
         still = tentative.keys() & hs if tentative else _EMPTY
         if still:
             tentative.update(dict.fromkeys(still, expiry))      # still tentative: expiry moves
+            shared = self._shared.setdefault(worker_id, {})
+            for h in still:
+                shared[h] = shared.get(h, 0) + 1
         new = (hs - still if still else hs) - mine
         if new:
             holders, steps = self._holders, self._steps
@@ -210,6 +221,29 @@ class PrefixIndex:
                 steps.pop(h, None)
             mine |= new
             tentative.update(dict.fromkeys(new, expiry))
+
+    def unexpect(self, worker_id: str, hashes: Iterable[int]) -> None:
+        """Take back one expect(worker_id, hashes) whose prompt the worker will not compute (the
+        placement failed or was abandoned). Only blocks still tentative go, and only once every
+        expectation of them is taken back; a block an event confirmed stays."""
+        tentative = self._tentative.get(worker_id)
+        if not tentative:
+            return
+        shared, mine = self._shared.get(worker_id, {}), self._by_worker[worker_id]
+        for h in hashes:
+            if h not in tentative:
+                continue
+            n = shared.get(h)
+            if n:
+                if n > 1:
+                    shared[h] = n - 1
+                else:
+                    del shared[h]
+                continue
+            del tentative[h]
+            if h in mine:
+                mine.discard(h)
+                self._unhold(h, worker_id)
 
     def heartbeat(self, worker_id: str, seq: int | None = None, now: float | None = None) -> None:
         """The worker is alive; seq = the number of its latest event (all events up to it were sent).
@@ -252,7 +286,6 @@ class PrefixIndex:
 
     def remove_worker(self, worker_id: str) -> None:
         self._clear(worker_id)
-        self._tentative.pop(worker_id, None)
         self._state.pop(worker_id, None)
         self._heard.pop(worker_id, None)
         self._marked.discard(worker_id)
@@ -292,8 +325,10 @@ class PrefixIndex:
         the horizon; returns the workers dropped now."""
         t = _now(now)
         for w, tentative in self._tentative.items():
+            shared = self._shared.get(w, {})
             for h in [h for h, expiry in tentative.items() if expiry < t]:
                 del tentative[h]
+                shared.pop(h, None)
                 if h in self._by_worker.get(w, ()):
                     self._by_worker[w].discard(h)
                     self._unhold(h, w)
@@ -498,6 +533,7 @@ class PrefixIndex:
 
     def _clear(self, worker_id: str) -> None:
         self._tentative.pop(worker_id, None)
+        self._shared.pop(worker_id, None)
         for h in self._by_worker.get(worker_id, ()):
             self._unhold(h, worker_id)
         if worker_id in self._by_worker:

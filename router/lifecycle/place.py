@@ -31,6 +31,8 @@ class Attempt:
     first_logprobs: TokenLogprobs | None = None     # remote prefill: the first token's, when asked
     prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # remote prefill: prompt tokens 1.., when asked
     pull: PullPlan | None = None    # local prefill: the prefix blocks its decode worker pulls from a peer
+    expected: tuple[str, list[int]] | None = None   # local prefill: (worker, hashes) the index expects there
+                                                    # until it computes them; taken back if it never does
 
     @property
     def decode_worker(self) -> str:
@@ -67,11 +69,17 @@ async def place(router, attempt_id: str, ids: list[int], params: SamplingParams,
         # worker of a remote prefill: its blocks arrive only after the prefill and transfer, and a
         # local prefill priced on them meanwhile recomputes the whole prompt there (bench/RESULTS.md,
         # "KV-full fallback": the cost model's collapse at 1.75x); its stored events count them
-        router.index.expect(choice.prefill or choice.decode, hashes, time.time())
+        holder = choice.prefill or choice.decode
+        router.index.expect(holder, hashes, time.time())
         if choice.kind == "local":
-            return _start_local(workers, try_id, ids, params, salt, choice, outputs,
-                                pull_plan(choice, hashes, workers))
-        attempt = await _prefill_remote(workers, try_id, ids, params, salt, choice, exclude, outputs)
+            return replace(_start_local(workers, try_id, ids, params, salt, choice, outputs,
+                                        pull_plan(choice, hashes, workers)), expected=(holder, hashes))
+        attempt = None
+        try:
+            attempt = await _prefill_remote(workers, try_id, ids, params, salt, choice, exclude, outputs)
+        finally:
+            if attempt is None:     # failed or cancelled: what it computed before, events confirm
+                router.index.unexpect(holder, hashes)
         if attempt is not None:
             return attempt
     raise Unavailable(f"no worker could take request {attempt_id} (excluded: {sorted(exclude) or 'none ready'})")
@@ -125,6 +133,11 @@ async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: Samp
             log.warning("reserve of %s: %s; placing again", attempt_id, e)
             exclude.add(choice.decode)      # a slow worker may have reserved all the same: its abort, retried
             await workers.abort(attempt_id, [d], lost=choice.decode)     # in the background, frees that
+            return None
+        except Exception as e:      # the worker refused it (e.g. a pool smaller than the prompt needs): another may not
+            log.warning("reserve of %s on %s failed (%s); placing again", attempt_id, choice.decode, e)
+            exclude.add(choice.decode)
+            await workers.abort(attempt_id, [d])
             return None
         if isinstance(r, NoRoom):
             exclude.add(choice.decode)

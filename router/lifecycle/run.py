@@ -45,6 +45,7 @@ class RequestRun:
         self.out: list[int] = []            # tokens already sent to the client
         self.exclude: set[str] = set()      # workers this request will not be placed on again
         self.holders: list = []             # clients that may hold state for the current attempt
+        self.expected = None                # the current local attempt's index expectation, until its prefill ends
         self.cached = 0                     # prompt tokens served from a prefix cache (first attempt)
         self.migrations = 0
         self.attempt_id = request_id        # the workers' id of the current attempt
@@ -76,7 +77,8 @@ class RequestRun:
                     workers.charge(attempt.decode_worker, 0, -1)
         finally:
             self.trace.n_out, self.trace.cached = len(self.out), self.cached     # first: a cancellation
-            if not self.finished and self.holders:                              # may end the await below
+            self._unexpect()                                                    # may end the await below
+            if not self.finished and self.holders:
                 await asyncio.shield(workers.abort(self.attempt_id, self.holders))
 
     # steps
@@ -93,7 +95,7 @@ class RequestRun:
             if not self.out:
                 raise
             return None
-        self.holders, self.attempt_id = attempt.holders, attempt.attempt_id
+        self.holders, self.attempt_id, self.expected = attempt.holders, attempt.attempt_id, attempt.expected
         if m == 0:
             self.cached, self.trace.placement = attempt.cached_tokens, attempt.placement
             if attempt.pull is not None:
@@ -120,6 +122,7 @@ class RequestRun:
                 return
             stream = self.router.workers.decode[attempt.decode_worker].stream(self.attempt_id, first)
         async for item in stream:
+            self.expected = None                # the local prefill is done: its blocks are the worker's
             if not self.cached and item.num_cached_tokens and self.migrations == 0:
                 self.cached = item.num_cached_tokens
             toks, text = self._push_until_stop(item.token_ids)
@@ -142,6 +145,7 @@ class RequestRun:
                     self.migrations)
         if lost:
             self.exclude.add(lost)
+        self._unexpect()
         await self.router.workers.abort(self.attempt_id, self.holders, lost=lost)
         self.holders = []
         if self.migrations > self.router.cfg.max_migrations:
@@ -149,6 +153,13 @@ class RequestRun:
                 raise Unavailable(f"request {self.request_id}: every retry spent ({e})") from None
             return False
         return True
+
+    def _unexpect(self) -> None:
+        """A local attempt left before its prefill ended: the index stops expecting its blocks there
+        (those it computed, the worker's events report)."""
+        if self.expected is not None:
+            self.router.index.unexpect(*self.expected)
+            self.expected = None
 
     # messages
     def _push(self, toks: list[int]) -> str:

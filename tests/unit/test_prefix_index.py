@@ -169,6 +169,38 @@ def test_a_second_expect_moves_only_the_still_tentative_expiries():
     assert index.match([1, 2, 3, 4]) == {"a": 1} and index.pending("a") == frozenset()
     assert index.holders(2) == index.holders(4) == frozenset() and index.holders(1) == {"a"}
 
+def test_unexpect_takes_back_one_expectation_and_never_a_confirmed_block():
+    """A placement that fails before its worker computes the prompt takes its expect() back: the
+    blocks stop counting at once, not expect_ttl_s later. A block expected twice (a sibling choice,
+    a second prompt with the prefix) stays until both are taken back; a confirmed one stays."""
+    index = PrefixIndex(expect_ttl_s=30.0)
+    index.add_worker("b", now=0.0)
+    index.apply("a", "stored", [1], seq=1, now=0.0)            # 1 held for real
+    index.expect("a", [1, 2, 3], now=1.0)                       # prompt x: 2 and 3 tentative
+    index.expect("a", [1, 2, 4], now=1.5)                       # prompt y shares 2
+    index.unexpect("a", [1, 2, 3])                              # x failed
+    assert index.match([1, 2, 3]) == {"a": 2, "b": 0} and index.pending("a") == {2, 4}
+    assert index.holders(3) == frozenset() and index.holders(1) == {"a"}
+    index.unexpect("a", [1, 2, 4])                              # y failed too
+    assert index.match([1, 2, 4]) == {"a": 1, "b": 0} and index.pending("a") == frozenset()
+    index.expect("a", [5, 6], now=2.0)
+    index.expect("a", [5, 6], now=2.0)
+    index.apply("a", "stored", [5], seq=2, now=2.5)             # confirmed: its count goes with it
+    index.unexpect("a", [5, 6])
+    assert index.pending("a") == {6} and index.match([5, 6]) == {"a": 2, "b": 0}
+    index.unexpect("a", [5, 6])
+    assert index.match([5, 6]) == {"a": 1, "b": 0} and index.pending("a") == frozenset()
+    index.unexpect("a", [5, 6])                                 # nothing left to take back: no change
+    index.unexpect("c", [5])                                    # an unknown worker: no change
+    assert index.match([5, 6]) == {"a": 1, "b": 0}
+    index.expect("a", [7], now=3.0)
+    index.expect("a", [7], now=3.0)
+    index.expire(now=40.0)                                      # expired, its count with it: one
+    index.expect("a", [7], now=41.0)                            # expect after it is one take-back
+    index.unexpect("a", [7])
+    assert index.pending("a") == frozenset()
+
+
 # cache tiers (issue 19 point 2)
 def test_tiered_events_and_the_walk_through_tiers():
     ix = idx()
