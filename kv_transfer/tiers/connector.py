@@ -227,8 +227,7 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
 
     def _unpin(self, parts: list[tuple[int, str, int]]) -> None:
         with self._lock:
-            gone = self._unpin_locked(parts)
-        self._emit_gone(gone)
+            self._unpin_locked(parts)
 
     def finished_sending(self) -> list[str]:
         with self._lock:

@@ -77,7 +77,7 @@ class LoadBack:
                            and all(tier == "host" or (tier == "disk" and self.disk_in_step and not reservation)
                                    for _, tier, _ in job.parts))
             if reservation and not job.in_step:     # a host block went since step_tokens: no load at all, the
-                gone = self._unpin_locked(job.parts)  # scheduler has the sender send these blocks (add_remote),
+                self._unpin_locked(job.parts)       # scheduler has the sender send these blocks (add_remote),
                 job = None                          # and nothing else may write them
             else:
                 job.reservation = reservation
@@ -85,7 +85,6 @@ class LoadBack:
                     self._in_step.append(job)
                 self._loads[job.request_id] = job
         if job is None:
-            self._emit_gone(gone)
             return
         (self._layer_reads if job.in_step else self._reads).put(job)
 
@@ -146,7 +145,7 @@ class LoadBack:
                 log.exception("KV tier load of %s failed", job.request_id)
             finally:
                 with self._lock:
-                    gone = self._unpin_locked(job.parts)
+                    self._unpin_locked(job.parts)
                     self._loads.pop(job.request_id, None)
                     if job.request_id in self._held:
                         self._held.discard(job.request_id)
@@ -161,7 +160,6 @@ class LoadBack:
                         self._in_step.remove(job)
                     job.done.set()
                     self._layer_cv.notify_all()
-                self._emit_gone(gone)
 
     def _load(self, job: _Load) -> bool:
         g = self.geom
@@ -275,21 +273,18 @@ class LoadBack:
                     if idx.unpin(h):
                         gone.append(h)
             st.blocks = len(idx)
+            self._emit("removed", gone, "disk")     # under the lock: events keep the index's order
         st.add(corrupt=len(hashes))
-        self._emit("removed", gone, "disk")
 
-    def _unpin_locked(self, parts: list[tuple[int, str, int]]) -> dict[str, list[int]]:
-        """Drop one pin of each part (under the lock); {tier: doomed entries that left with it}."""
+    def _unpin_locked(self, parts: list[tuple[int, str, int]]) -> None:
+        """Drop one pin of each part (under the lock); doomed entries that leave with it are announced
+        "removed" here, under the lock, so the events' order is the index's (a writer's "stored" after)."""
         gone: dict[str, list[int]] = {}
         for h, tier, _ in parts:
             if self.index[tier].unpin(h):
                 gone.setdefault(tier, []).append(h)
-        for tier in gone:
-            self.stats[tier].blocks = len(self.index[tier])
-        return gone
-
-    def _emit_gone(self, gone: dict[str, list[int]]) -> None:
         for tier, hs in gone.items():
+            self.stats[tier].blocks = len(self.index[tier])
             self._emit("removed", hs, tier)
 
     def failed_in_step(self) -> list[str]:

@@ -131,17 +131,22 @@ class WriteBehind:
             with self._lock:
                 self._pending.difference_update(hashes)
                 self._queued_blocks -= len(hashes)
+                for tier, idx in self.index.items():
+                    first, last = {}, {}
+                    for stored, h in changes[tier]:
+                        first.setdefault(h, stored)
+                        last[h] = stored
+                    # announced under the lock, as the index is now: a block another thread dropped since
+                    # (a corrupt file found by a load or a pull, announced "removed" then) is not "stored"
+                    self._emit("removed", [h for h, s in last.items() if not first[h] and not s and h not in idx],
+                               tier)
+                    self._emit("stored", [h for h, s in last.items() if first[h] and s and (e := idx.get(h)) is not None
+                                          and e.ready], tier)
             for tier in self.index:
                 n, err = failed[tier]
                 if n:
                     self.stats[tier].add(store_failures=n)
                     log.warning("KV %s tier: %d of %d blocks not stored (%s)", tier, n, len(hashes), err)
-                first, last = {}, {}
-                for stored, h in changes[tier]:
-                    first.setdefault(h, stored)
-                    last[h] = stored
-                self._emit("removed", [h for h, s in last.items() if not first[h] and not s], tier)
-                self._emit("stored", [h for h, s in last.items() if first[h] and s], tier)
 
     def _put(self, tier: str, h: int, data, scales, changes: list[tuple[bool, int]]) -> bool:
         """Store one encoded block in `tier` unless held there; appends (False, hash) to `changes` per evicted one."""
@@ -200,9 +205,9 @@ class WriteBehind:
             for v in dropped:                               # more files than the capacity: oldest go
                 self.disk.delete(v)
             st.add(corrupt=bad, evicted=len(dropped))
-            gone = set(dropped)
-            kept = [h for h in added if h not in gone]
-            self._emit("stored", kept, "disk")
+            with self._lock:                                # as the index is now (a load may have dropped one)
+                kept = [h for h in added if (e := idx.get(h)) is not None and e.ready]
+                self._emit("stored", kept, "disk")
             if good or bad:
                 log.info("KV disk tier %s: %d blocks verified, %d corrupt files dropped, %d over capacity "
                          "(%.2fs)", self.disk.dir, len(kept), bad, len(dropped), time.perf_counter() - t0)

@@ -370,3 +370,47 @@ def test_the_writer_thread_runs_at_a_lower_cpu_priority_than_the_engine():
     assert os.getpriority(os.PRIO_PROCESS, writer.native_id) == min(mine + 10, 19)
     loader = next(t for t in tc._threads if t.name == "kv-tier-layer-loader")    # on a step's path: as the engine
     assert os.getpriority(os.PRIO_PROCESS, loader.native_id) == mine
+
+
+class LockCheckingLog(BlockEventLog):
+    """An event log that notes, per event, whether the tier's lock was held when it was recorded."""
+    def __init__(self):
+        super().__init__()
+        self.tc, self.unlocked = None, []
+
+    def record(self, kind, hashes, tier="device"):
+        if self.tc is not None and not self.tc._lock.locked():
+            self.unlocked.append((kind, tier))
+        super().record(kind, hashes, tier)
+
+
+def test_a_block_found_corrupt_while_its_write_batch_runs_is_not_announced_stored_after(tmp_path):
+    """A pull reads a disk block found corrupt (dropped, "removed") while the writer's batch that stored
+    it is still writing the next blocks. Before, the batch announced "stored" for it afterwards, so the
+    router counted a disk hit the worker no longer had, with no sequence gap to correct it. Every tier
+    event is recorded under the tier's lock, so the events' order is the index's."""
+    events = LockCheckingLog()
+    tc = TierConnector(TierConfig(disk_dir=str(tmp_path), disk_bytes=16 * FILE_BYTES, layerwise=False), events)
+    tc.register_caches(*caches())
+    assert tc.wait_idle()
+    events.tc = tc
+    hs = req("a", n=4 * BS + 1).block_hashes()[:3]
+    real, seen = tc.disk.write, []
+
+    def write(h, *a):
+        if h == hs[1]:                                  # hs[0] is written and ready, the batch's events not out
+            p = tc.disk.path(hs[0])
+            raw = bytearray(p.read_bytes())
+            raw[tc.disk.header_bytes + 10] ^= 0xFF
+            p.write_bytes(raw)
+            t = threading.Thread(target=lambda: seen.append(tc.read_blocks([hs[0]])))   # a pull's read
+            t.start()
+            t.join()
+        return real(h, *a)
+    tc.disk.write = write
+    tc.evicted([0, 1, 2], hs)
+    assert tc.wait_idle()
+    assert seen == [None] and hs[0] not in tc.index["disk"]     # the pull found it corrupt: dropped
+    assert replay(events, "disk") == held(tc, "disk") == set(hs[1:])
+    assert events.unlocked == []
+    tc.close()
