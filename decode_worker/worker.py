@@ -110,10 +110,11 @@ class DecodeWorker:
         """The advertised KV address: that of the `kv_transport` server."""
         return self.server.address
 
-    def _listen(self, rid: str, sink=None) -> TokenStream:
-        s = TokenStream(sink)
-        self.engine_thread.listeners[rid] = s.push
-        return s
+    def _listen(self, rid: str, stream: TokenStream) -> None:
+        """Engine thread, once rid's request is this call's (added or started): its outputs go to
+        stream from the next step on. Never before: a refused call (a duplicate id) must not take
+        the live request's stream."""
+        self.engine_thread.listeners[rid] = stream.push
 
     # remote prefill
     def reserve(self, rid: str, prompt_ids: list[int], params: SamplingParams,
@@ -133,17 +134,19 @@ class DecodeWorker:
 
     def start(self, rid: str, first_token: int, sink=None) -> TokenStream:
         """The transfer finished (the prefill worker holds the ack): join the running batch."""
+        stream = TokenStream(sink)
+
         def _start(engine: LLMEngine) -> None:
-            self._reserved.pop(rid)
+            self._reserved.pop(rid)             # KeyError: not reserved (aborted, expired, never)
+            self._listen(rid, stream)
             engine.start_remote(rid, first_token)
-        stream = self._listen(rid, sink)
+        if not self.engine_thread.run(lambda e: rid in self._reserved):
+            raise KeyError(rid)
+        self.connector.wait_loaded(rid, self.transfer_timeout_s)
         try:
-            if not self.engine_thread.run(lambda e: rid in self._reserved):
-                raise KeyError(rid)
-            self.connector.wait_loaded(rid, self.transfer_timeout_s)
             self.engine_thread.run(_start)
         except BaseException:
-            self._drop_stream(rid)
+            self._drop_stream(rid, stream)
             raise
         return stream
 
@@ -153,7 +156,7 @@ class DecodeWorker:
                  pull: PullPlan | None = None, order_fn: OrderFn | None = None) -> TokenStream:
         """pull, order_fn: fetch the plan's prefix blocks from their holder through order_fn (which
         asks it, kv_transfer/pull.py) instead of computing them; any failure computes them."""
-        stream = self._listen(rid, sink)
+        stream = TokenStream(sink)
 
         def add(e: LLMEngine):
             self.fence.check(rid)
@@ -164,11 +167,8 @@ class DecodeWorker:
             except BaseException:       # e.g. a duplicate id: leave that request's own transfer alone
                 self.connector.drop_plan(rid)
                 raise
-        try:
-            self.engine_thread.run(add)
-        except BaseException:
-            self._drop_stream(rid)
-            raise
+            self._listen(rid, stream)
+        self.engine_thread.run(add)
         return stream
 
     # peer pulls, holder side
@@ -199,8 +199,11 @@ class DecodeWorker:
         self.engine_thread.run(_abort)
         self._drop_stream(rid)
 
-    def _drop_stream(self, rid: str) -> None:
-        self.engine_thread.listeners.pop(rid, None)
+    def _drop_stream(self, rid: str, stream: TokenStream | None = None) -> None:
+        """Stop sending rid's outputs (only to `stream`, when given: another call's stays)."""
+        listeners = self.engine_thread.listeners
+        if stream is None or listeners.get(rid) == stream.push:
+            listeners.pop(rid, None)
 
     def finished(self, rid: str) -> None:
         self._drop_stream(rid)

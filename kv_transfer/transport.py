@@ -85,11 +85,17 @@ class LayerwiseSender(ABC):
         """Stop sending and cancel the stream; the receiver marks the request failed."""
 
     def _outcome(self, timeout: float | None) -> TransferStats:
-        """self._future's result; a future cancelled by abort() raises KVTransferError CANCELLED."""
+        """self._future's result; a future cancelled by abort() raises KVTransferError CANCELLED. One
+        not settled within `timeout` s is aborted here (the caller holds the only reference: nothing
+        else could stop it) and raises KVTransferError DEADLINE_EXCEEDED."""
         try:
             return self._future.result(timeout)
         except concurrent.futures.CancelledError:
             raise KVTransferError(f"transfer of {self.request_id!r} was aborted", "CANCELLED") from None
+        except TimeoutError:
+            self.abort()
+            raise KVTransferError(f"transfer of {self.request_id!r} not acknowledged within {timeout:g} s",
+                                  "DEADLINE_EXCEEDED") from None
 
 
 class LoopSender(LayerwiseSender):

@@ -139,9 +139,10 @@ class PrefillWorker:
 
     def _codec(self, dest: KVDestination, tokens: int) -> str:
         """The codec for one transfer (engine thread): the policy, given the uncompressed K+V bytes
-        of the reserved blocks, the link's measured bandwidth and the time to prefill `tokens` at
+        of the reserved blocks (in the model's dtype: what the sender ships uncompressed, a quantized
+        pool's blocks dequantized), the link's measured bandwidth and the time to prefill `tokens` at
         this worker's learned rate (the whole prompt: its prefix hit is not known yet)."""
-        nbytes = len(dest.dst_block_ids) * self.engine.kv_block_bytes()
+        nbytes = len(dest.dst_block_ids) * self.engine.kv_block_model_bytes()
         stats = self.engine.stats
         return self.compression.choose(nbytes, prefill_seconds(tokens, stats.prefill_tokens, stats.prefill_s),
                                        self.meter.bandwidth(self.worker_id, dest.dst_id))

@@ -151,7 +151,8 @@ class Connection:
             if kind == proto.CLOSE:
                 raise KVTransferError(f"KV server {self.address} refused the connection: "
                                       f"{body.get('message', 'closed')}", body.get("status", "UNAVAILABLE"))
-            sock.settimeout(None)
+            sock.settimeout(None)           # the reader waits for answers as long as it likes,
+            proto.send_deadline(sock)       # the writer not: a peer that stops reading fails it
             return sock
         except BaseException:
             sock.close()
@@ -239,6 +240,8 @@ class Connection:
         """Close sender's stream on the wire: END (the server answers ACK or ERROR), or CANCEL
         after abort() (never answered). Nothing is sent for a stream the server never saw."""
         if sender._wire == "closed":
+            if cancel:          # aborted after its END (no ACK in time): forget it, an answer is dropped
+                self._pop(sender.request_id, sender)
             return
         was_open, sender._wire = sender._wire == "open", "closed"
         if cancel:

@@ -79,6 +79,18 @@ def tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
+def send_deadline(sock: socket.socket, seconds: float | None = None) -> None:
+    """A blocking socket's writes fail (OSError) after `seconds` without progress, its reads wait
+    as long as they like: a sender whose peer stops reading (alive, or gone with bytes unacked)
+    fails its transfers instead of wedging its writer. SO_SNDTIMEO; TCP_USER_TIMEOUT where Linux has it.
+    seconds: STALL_TIMEOUT_S by default."""
+    seconds = STALL_TIMEOUT_S if seconds is None else seconds
+    sec = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", sec, int((seconds - sec) * 1e6)))
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(seconds * 1000))
+
+
 # sending: the caller serializes writers on one socket
 def send_all(sock: socket.socket, parts: list) -> int:
     """Write every buffer in `parts` (bytes / memoryviews, no join), looping over partial writes."""
