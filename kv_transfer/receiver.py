@@ -317,6 +317,12 @@ class KVReceiver:
             entry.claimed = True
             return entry
 
+    def unclaim(self, entry: PendingTransfer) -> None:
+        """Unbind a stream that claimed `entry` under an id it may not own (a first frame that
+        failed its checksum): the reservation waits for its real sender again."""
+        with self._lock:
+            entry.claimed = False
+
     def _forget(self, entry: PendingTransfer) -> None:
         with self._lock:
             if self._pending.get(entry.request_id) is entry:

@@ -107,7 +107,11 @@ class PrefillWorker:
                     raise ValueError(f"decode reserved {len(dest.dst_block_ids)} blocks, prefill needs {n}")
                 codec = self._codec(dest, req.num_prefill_tokens)
                 kw = {"codec": codec} if codec != "none" else {}  # Mooncake's open() takes no codec
-                sender = self.transport.open(dest.address, request_id, dest.dst_block_ids, dest.dst_id, **kw)
+                try:
+                    sender = self.transport.open(dest.address, request_id, dest.dst_block_ids, dest.dst_id, **kw)
+                except BaseException:       # e.g. an address it refuses: nothing is computed for nobody
+                    engine.abort(request_id)
+                    raise
                 self.sends.add(request_id, sender, dest.skip_blocks, codec)
             self.engine_thread.listeners[request_id] = listener
             return req

@@ -59,8 +59,12 @@ def stage_message(seq: int, addr: int, header: wire.FrameHeader) -> bytes:
 
 
 def parse_stage(msg: dict) -> tuple[int, int, wire.FrameHeader]:
-    """(seq, addr, header) of a "stage" message; MalformedFrame if any field is invalid."""
+    """(seq, addr, header) of a "stage" message; MalformedFrame if any field is invalid. addr is a
+    64-bit address in the sender's arena: it and the payload's end fit below 2^63 (the engine's int64)."""
     seq, addr = msg.get("seq"), msg.get("addr")
     if not isinstance(seq, int) or not isinstance(addr, int) or addr <= 0:
         raise MalformedFrame(f"stage message needs int seq and addr, got {seq!r:.40}, {addr!r:.40}")
-    return seq, addr, wire._parse_header(msg)
+    header = wire._parse_header(msg)
+    if addr + header.nbytes >= 2**63:
+        raise MalformedFrame(f"stage address {addr:#x} + {header.nbytes} bytes is past a 64-bit address space")
+    return seq, addr, header

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import logging
 import queue
 import time
@@ -160,7 +161,7 @@ class MooncakeKVServer(AioKVServer):
             raise MalformedFrame("the reservation's cache cannot be read into")  # excluded at start
         local = [np.frombuffer(v, dtype=np.uint8).ctypes.data for v in views]
         lengths = [v.nbytes for v in views]
-        remote = (addr + np.cumsum([0, *lengths[:-1]])).tolist()  # K runs, then V runs, back to back
+        remote = list(itertools.accumulate(lengths[:-1], initial=addr))  # K runs, then V runs, back to back
         t0 = time.perf_counter()
         try:
             entry.locked(self.engine.read, session, local, remote, lengths)

@@ -301,7 +301,10 @@ class _Connection:
             error = DataLoss(f"checksum mismatch in layer {header.layer} chunk {header.chunk}: "
                              f"crc32 {crc:#010x}, header says {header.crc:#010x}")
             # A first frame that fails its checksum may carry a corrupt request id: then fail
-            # only the sender's stream, not the reservation it names.
+            # only the sender's stream, not the reservation it names, which it unclaims (its
+            # real sender may still come; the bytes written are overwritten, never committed).
+            if not stream.trusted:
+                self.receiver.unclaim(entry)
             self._fail(rid, stream if stream.trusted else None, error)
             return
         stream.trusted = True

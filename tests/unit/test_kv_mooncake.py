@@ -428,3 +428,19 @@ def test_workers_abort_frees_both_sides(workers):
     t.join(60)
     assert errors and isinstance(errors[0], KVTransferError)
     wait_until(lambda: p_mc.transport.arena.num_free == p_mc.transport.arena.n)
+
+
+def test_a_stage_address_past_64_bits_is_malformed_not_an_internal_error():
+    """An authenticated peer's "stage" addr is bounded with the payload's end below 2^63 (the engine
+    reads int64 addresses). Before, 2^63 passed the check and overflowed numpy in the landing code:
+    INTERNAL, with a traceback logged at ERROR."""
+    from pdcluster.kv_transfer import wire
+    from pdcluster.kv_transfer.errors import MalformedFrame
+    from pdcluster.kv_transfer.mooncake import protocol
+    k = torch.ones(1, 16, 3, 64)
+    header = wire.decode_frame(wire.encode_frame("req", 0, [1], k, k))[0]
+    seq, addr, parsed = protocol.parse_stage(protocol.unpack(protocol.stage_message(3, 2**62, header)))
+    assert (seq, addr, parsed.nbytes) == (3, 2**62, header.nbytes)
+    for bad in (2**63, 2**63 - header.nbytes, 2**64 - 1):
+        with pytest.raises(MalformedFrame, match="64-bit"):
+            protocol.parse_stage(protocol.unpack(protocol.stage_message(3, bad, header)))

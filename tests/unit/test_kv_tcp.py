@@ -182,6 +182,17 @@ def test_corrupt_frame_over_the_wire_is_data_loss(server, caches):
     # (the decode worker aborts it), with nothing committed and nothing outside block 1 written
     assert pending.state is TransferState.PENDING and pending.bytes_received == 0
     assert caches[0][0][2:].abs().sum() == 0 and caches[1][0][2:].abs().sum() == 0
+    # and unclaimed: the request's real sender lands it (before, ALREADY_EXISTS: the corrupt frame held it)
+    tr = TcpKVTransport(secret=SECRET)
+    try:
+        data = [(torch.randn(1, *BLOCK).bfloat16(), torch.randn(1, *BLOCK).bfloat16())]
+        sender = tr.open(server.address, "req", [1])
+        sender.send_layer(0, *data[0])
+        sender.finish(timeout=20)
+    finally:
+        tr.close()
+    assert pending.state is TransferState.COMPLETE
+    assert_landed(caches, [1], data)
 
 
 def test_malformed_header_is_invalid_argument(server, caches):

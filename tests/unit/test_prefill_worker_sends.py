@@ -1,12 +1,15 @@
-"""The prefill worker's "auto" KV compression prices a transfer in the bytes the sender ships
-uncompressed: a quantized (int8) pool's blocks go out dequantized to the model's dtype, so the
-transfer is 4x the pool's bytes for a float32 model. Before, it was priced in the pool's bytes,
-and a link too slow for the real bytes was judged fast enough to send them uncompressed.
-The embedded model, a real PrefillWorker, no Ray."""
+"""How a prefill worker opens a request's KV send. Its "auto" compression prices a transfer in the
+bytes the sender ships uncompressed: a quantized (int8) pool's blocks go out dequantized to the
+model's dtype, 4x the pool's bytes for a float32 model. Before, it was priced in the pool's bytes,
+and a link too slow for the real bytes was judged fast enough to send them uncompressed. A send
+its transport cannot open leaves no request behind. The embedded model, a real PrefillWorker, no Ray."""
+import time
+
 import pytest
 import torch
 
 from pdcluster.engine.llm_engine import LLMEngine, build_config
+from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.kv_transfer.connectors import _blocks
 from pdcluster.messages import KVDestination
 from pdcluster.prefill_worker.worker import PrefillWorker
@@ -32,5 +35,18 @@ def test_auto_compression_prices_the_bytes_the_wire_carries():
         p.meter.record("p", "d", int(bw * 8), 1.0)
         p.meter.record("p", "d", int(bw * 8), 1.0)
         assert p._codec(dest, n * eng.cfg.cache.block_size) == "none"
+    finally:
+        p.close()
+
+
+def test_a_send_the_transport_refuses_to_open_leaves_no_request_computing():
+    eng = LLMEngine(build_config(kv_cache_memory=8 * 2**20, num_threads=1))
+    p = PrefillWorker("p", eng, transport="tcp")
+    try:
+        dest = KVDestination(address="no-port-here", dst_id="d", skip_blocks=0, dst_block_ids=[0, 1])
+        with pytest.raises(ValueError):
+            p.prefill("r", list(range(100, 132)), SamplingParams(max_tokens=2, temperature=0), dest)
+        time.sleep(0.5)                                 # a step would have computed it by now
+        assert p.engine_thread.run(lambda e: (e.scheduler.requests, e.stats.prefill_tokens)) == ({}, 0)
     finally:
         p.close()
