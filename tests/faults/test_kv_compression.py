@@ -1,12 +1,12 @@
 """KV compressed on the wire (int8 / fp8, kv_transfer/codec.py) between real workers (no Ray) over
-TCP: greedy tokens stay within the top-5 rule against the uncompressed transfer (tests/e2e/conftest
-check_top5, with transformers' own load of the embedded model as the judge of near-ties), on ~4x
-fewer bytes."""
+TCP: greedy tokens stay within the top-5 rule against the uncompressed transfer, itself checked against
+transformers' greedy output (tests/e2e/conftest check_top5, with transformers on the embedded model's
+weights as the judge of near-ties), on ~4x fewer bytes."""
 import pytest
 
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy
 from pdcluster.messages import PrefillResult
-from tests.e2e.conftest import PROMPTS, check_top5
+from tests.e2e.conftest import PROMPTS, check_top5, hf_greedy
 from tests.unit import kv_workers
 from tests.unit.kv_workers import GREEDY
 CASES = PROMPTS[::3] + ["Describe a lighthouse on a stormy night. " * 12]  # 7 prompts, 5-110 tokens
@@ -45,6 +45,8 @@ def test_compressed_transfers_keep_greedy_tokens_within_top5(workers, judge):
         p.compression = CompressionPolicy(mode)
         runs[mode] = [remote(p, d, f"{mode}-{i}", ids, salt=mode) for i, ids in enumerate(prompts)]
     ref = [toks for toks, _ in runs["off"]]
+    for ids, toks in zip(prompts, ref):                     # the uncompressed transfer against transformers
+        check_top5(judge, ids, toks, hf_greedy(judge, ids, GREEDY.max_tokens))
     for mode in ("int8", "fp8"):
         same, diverged = 0, []
         for ids, (toks, res), want, (_, base) in zip(prompts, runs[mode], ref, runs["off"]):
