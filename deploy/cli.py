@@ -10,13 +10,16 @@ import sys
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows each option's default (not for flags, nor for options that default to unset)."""
+    """--help shows each option's default (not for on/off flags); an option unset by default says
+        "(default: none)" unless its help already tells what happens without it."""
 
     def _get_help_string(self, action):
         h = action.help or ""
-        if ("%(default)" in h or not action.option_strings or action.default is None or action.default is False
+        if ("%(default)" in h or not action.option_strings or action.default is False
                 or action.default == argparse.SUPPRESS):
             return h
+        if action.default is None:
+            return h if "default" in h.lower() else h + " (default: none)"
         return h + " (default: %(default)s)"
 
 

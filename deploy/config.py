@@ -23,9 +23,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pdcluster.deploy.flags import check_bounds
 from pdcluster.deploy.netns import ShapedLink
 from pdcluster.deploy.pool_config import PoolsSection
-from pdcluster.engine.config import DTYPE_BYTES, SPECULATIVE, CacheConfig, EngineConfig, SchedulerConfig
+from pdcluster.engine.config import (DTYPE_BYTES, SPECULATIVE, CacheConfig, EngineConfig, SchedulerConfig,
+                                     check_tier_codec)
 from pdcluster.engine.kv_quant import KV_CACHE_DTYPES
 from pdcluster.engine.quant.policy import QUANTIZATIONS
 from pdcluster.kv_transfer import registry
@@ -76,7 +78,7 @@ class EngineSection:
             "KV cache of every worker: auto (= --dtype) or int8 / fp8 codes with a scale per (block, KV head), "
             "the --kv-compression format (an int8 transfer lands in an int8 cache as it is); ~4x the blocks of a "
             "float32 cache in the same memory; pools.yaml may set it per pool")})
-    max_model_len: int | None = field(default=None, metadata={
+    max_model_len: int | None = field(default=None, metadata={"min": 1,
         "help": "context length cap, prompt + output tokens (default: the model's own)"})
     threads_per_worker: int = field(default=1, metadata={   # also the Ray CPUs reserved per actor
         "help": "CPU hosts: torch threads per worker actor"})
@@ -88,7 +90,7 @@ class EngineSection:
         "CPU hosts: run pure-decode steps through one AOTInductor-compiled decoder layer (the same tokens, less "
         "per-op overhead); a worker's first start per model, dtype and threads compiles it (~20-60 s, cached "
         "under PDCLUSTER_AOTI_CACHE or ~/.cache/pdcluster/aoti); eager when compiling fails")})
-    cpu_int8_rows: int = field(default=0, metadata={"help": (
+    cpu_int8_rows: int = field(default=0, metadata={"min": 0, "help": (
         "CPU hosts, packed int4 weights: steps of at least this many rows (decode batches, prefill chunks) run an "
         "int8 copy of the linears with activations rounded to int8 per row (1 byte per weight more; 1.3x per "
         "decode step at 16 rows, 1.8x at 32, 3x faster prefill); 10 is the measured break-even here; 0 = off")})
@@ -203,6 +205,10 @@ def check_ranges(c: ClusterConfig) -> None:
     for flag, v, lo in counts:
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{flag} must be an integer >= {lo}, got {v!r}")
+    if c.pools.prefill.initial_replicas == 0 and c.router.remote_prefill:
+        raise ValueError("--prefill-workers 0 needs --local-prefill: remote prefills need a prefill worker, and "
+                         "the router is not ready (health NOT_SERVING) until one is up")
+    check_bounds(c)                         # the flags' own "min" / "above" bounds (deploy/flags.py)
     for flag, v, zero_ok in (("--drain-timeout", s.shutdown_drain_s, True),
                              ("--transfer-timeout", c.kv.transfer_timeout_s, False),
                              ("slow_reader_timeout_s", s.slow_reader_timeout_s, False)):
@@ -226,7 +232,9 @@ def check_pools(c: ClusterConfig) -> None:
             v = getattr(p, k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{role} pool: {k} must be an integer >= 1, got {v!r}")
-        rows = c.engine_kwargs(role)["cpu_int8_rows"]             # the pool's, else the flag's
+        kw = c.engine_kwargs(role)
+        check_tier_codec(kw["kv_cache_dtype"], kw["tier_codec"], f"{role} pool: ")
+        rows = kw["cpu_int8_rows"]                                # the pool's, else the flag's
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
             raise ValueError(f"{role} pool: cpu_int8_rows must be an integer >= 0 (0 = off), got {rows!r}")
     pre, dec = (c.engine_kwargs(r)["block_size"] for r in ("prefill", "decode"))

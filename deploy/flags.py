@@ -6,6 +6,8 @@ A leaf field whose metadata has "help" is a flag. Its metadata may also give
     choices        the allowed values (a registry's names)
     scale          field units per flag unit (MiB flag, bytes field: 2**20)
     zero_is_none   the flag's 0 is the field's None
+    min / above    the smallest value allowed / the bound a value must be above (check_bounds; None = unset
+                   always passes)
 A bool flag flips its field's default. The flag's default is the tree's value, shown by --help.
 """
 from __future__ import annotations
@@ -59,6 +61,25 @@ def tree_flags(tree: Any, path: tuple[str, ...] = (), ctx: Mapping[str, str] | N
             t = type(v) if v is not None else _TYPES[str(f.type).split("|")[0].strip()]
             name = m.get("cli", "--" + f.name.replace("_", "-")).format(**ctx)
             yield Flag(path + (f.name,), name, v, t, m, m["help"].format(**ctx))
+
+
+def check_bounds(tree: Any) -> None:
+    """ValueError naming the first flag of `tree` whose value is not a finite number (an integer for an
+    int flag) within its field's "min" / "above" bound; the value is shown in the flag's units."""
+    for fl in tree_flags(tree):
+        lo, above, v = fl.meta.get("min"), fl.meta.get("above"), fl.value
+        if v is None or (lo is None and above is None):
+            continue
+        ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
+              and (fl.type is not int or isinstance(v, int)) and (lo is None or v >= lo)
+              and (above is None or v > above))
+        if not ok:
+            bound = f">= {lo:g}" if lo is not None else f"> {above:g}"
+            if fl.meta.get("zero_is_none") and above == 0:
+                bound = ">= 0 (0: off)"             # the flag's 0 is the field's None
+            kind = "an integer" if fl.type is int else "a finite number"
+            shown = v // fl.meta["scale"] if "scale" in fl.meta and isinstance(v, int) else v
+            raise ValueError(f"{fl.name} must be {kind} {bound}, got {shown!r}")
 
 
 def add_flags(parser: argparse.ArgumentParser, tree: Any) -> list[Flag]:

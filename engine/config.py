@@ -71,18 +71,18 @@ class CacheConfig:
     block_size: int = 16                 # tokens per KV block
     num_blocks: int | None = None        # explicit pool size; None = derive from the budget below
     kv_cache_memory: int | None = field(  # bytes for K+V of all layers; None = use memory_fraction
-        default=None, metadata={"help": "MiB of KV cache per worker", "scale": 2**20})
+        default=None, metadata={"help": "MiB of KV cache per worker", "scale": 2**20, "above": 0})
     memory_fraction: float = 0.3         # of free device memory (host RAM on CPU) when no budget given
     enable_prefix_caching: bool = True
     protected_fraction: float = 0.9      # most of the pool that reused prefix blocks may hold when
                                          #   free, ahead of used-once blocks (SLRU, engine/block_pool.py)
     # lower cache tiers (kv_transfer/tiers/): evicted prefix blocks are kept there and loaded back
-    host_cache_gb: float = field(default=0.0, metadata={"cli": "--kv-host-cache-gb", "help": (
+    host_cache_gb: float = field(default=0.0, metadata={"cli": "--kv-host-cache-gb", "min": 0, "help": (
         "GiB of host memory per worker that keeps KV blocks evicted from the device pool (0 = off)")})
     disk_cache_dir: str | None = field(default=None, metadata={"cli": "--kv-disk-cache-dir", "help": (
         "directory for a per-worker disk tier of evicted KV blocks (one checksummed file each; a "
         "restarted worker verifies and re-announces them)")})
-    disk_cache_gb: float = field(default=0.0, metadata={"cli": "--kv-disk-cache-gb", "help": (
+    disk_cache_gb: float = field(default=0.0, metadata={"cli": "--kv-disk-cache-gb", "min": 0, "help": (
         "GiB of disk per worker for --kv-disk-cache-dir (0 = off)")})
     tier_codec: str = field(default="none", metadata={"cli": "--kv-tier-codec", "choices": TIER_CODECS, "help": (
         "how the host and disk tiers keep KV blocks: as computed, or int8 / fp8 with a scale per block, "
@@ -109,12 +109,13 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = field(default=64, metadata={"help": "most requests one worker batches in a step"})
+    max_num_seqs: int = field(default=64, metadata={"help": "most requests one worker batches in a step", "min": 1})
     max_num_batched_tokens: int = field(   # token budget per step (prefill chunks + decodes)
-        default=2048, metadata={"help": "token budget of one engine step (longer prompts prefill in chunks of it)"})
+        default=2048, metadata={"min": 1, "help": (
+            "token budget of one engine step (longer prompts prefill in chunks of it)")})
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = field(   # engine/scheduler.py: a per-request chunk cap (vLLM's flag)
-        default=0, metadata={"help": (
+        default=0, metadata={"min": 0, "help": (
             "most prompt tokens one request computes in a step (0: up to the step's budget); a long prompt then "
             "shares each step with the short ones behind it instead of holding them for its whole prefill")})
     wait_for_inflight_prefix: bool = True  # a waiting request whose next uncached block a running
@@ -125,6 +126,13 @@ class SchedulerConfig:
         if self.long_prefill_token_threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be >= 0 (0 = off), got "
                              f"{self.long_prefill_token_threshold}")
+
+
+def check_tier_codec(kv_cache_dtype: str, tier_codec: str, where: str = "") -> None:
+    """ValueError unless the host/disk tiers' codec suits the KV cache: a quantized cache keeps its own codes."""
+    if kv_cache_dtype != "auto" and tier_codec not in ("none", kv_cache_dtype):
+        raise ValueError(f"{where}a quantized ({kv_cache_dtype}) KV cache keeps its own codes in the host/disk tiers: "
+                         f"tier codec (--kv-tier-codec) must be none or {kv_cache_dtype}, got {tier_codec}")
 
 
 @dataclass(frozen=True)
@@ -180,9 +188,7 @@ class EngineConfig:
                              f"{self.spec_ngram_k}, {self.spec_max_step_tokens}, {self.spec_ngram_n}")
         from pdcluster.engine.kv_quant import check_kv_cache_dtype
         check_kv_cache_dtype(self.kv_cache_dtype)
-        if self.kv_cache_dtype != "auto" and self.cache.tier_codec not in ("none", self.kv_cache_dtype):
-            raise ValueError(f"a {self.kv_cache_dtype} KV cache keeps its own codes in the host/disk tiers: "
-                             f"tier codec must be none or {self.kv_cache_dtype}, got {self.cache.tier_codec}")
+        check_tier_codec(self.kv_cache_dtype, self.cache.tier_codec)
 
     @property
     def max_model_len(self) -> int:

@@ -1,4 +1,4 @@
-"""Every option of every command has help text and shows its default (flags and unset options aside)."""
+"""Every option of every command has help text and shows its default (on/off flags aside; an unset one says so)."""
 import argparse
 
 import pytest
@@ -29,8 +29,9 @@ def test_every_option_has_help_and_its_default(name, monkeypatch):
         if isinstance(a, argparse._HelpAction):
             continue
         assert a.help and a.help.strip(), (name, a.option_strings or a.dest)
-        shown = a.option_strings and not (a.default is None or a.default is False)
-        if shown:
+        if a.option_strings and a.default is None:          # unset: its help says what happens then
+            assert "default" in cli.HelpFormatter("x")._get_help_string(a).lower(), (name, a.option_strings)
+        elif a.option_strings and a.default is not False:
             assert f"default: {a.default}" in text, (name, a.option_strings, a.default)
 
 
@@ -103,3 +104,42 @@ def test_override_rebuilds_nodes_and_refuses_unknown_paths():
         override(ClusterConfig(), dotted(kv__transprt="grpc"))
     with pytest.raises(ValueError, match="kv transport must be one of"):
         override(ClusterConfig(), dotted(kv__transport="udp"))
+
+
+@pytest.mark.parametrize("flags, says", [
+    ("--kv-cache-memory 0", "--kv-cache-memory must be an integer > 0, got 0"),
+    ("--kv-cache-memory -5", "--kv-cache-memory must be an integer > 0, got -5"),
+    ("--max-model-len -1", "--max-model-len must be an integer >= 1"),
+    ("--max-num-seqs 0", "--max-num-seqs must be an integer >= 1"),
+    ("--max-num-batched-tokens 0", "--max-num-batched-tokens must be an integer >= 1"),
+    ("--max-queue-wait -1", "--max-queue-wait must be a finite number >= 0 (0: off)"),
+    ("--admit-ttft -1", "--admit-ttft must be a finite number >= 0 (0: off)"),
+    ("--place-wait -1", "--place-wait must be a finite number >= 0 (0: off)"),
+    ("--health-timeout -1", "--health-timeout must be a finite number > 0"),
+    ("--prefill-timeout 0", "--prefill-timeout must be a finite number > 0"),
+    ("--worker-timeout nan", "--worker-timeout must be a finite number > 0"),
+    ("--local-prefill-max-tokens -3", "--local-prefill-max-tokens must be an integer >= 0"),
+    ("--kv-cache-dtype int8 --kv-tier-codec fp8", "tier codec (--kv-tier-codec) must be none or int8"),
+    ("--prefill-workers 0", "--prefill-workers 0 needs --local-prefill"),
+])
+def test_serve_flags_out_of_range_fail_at_parse_naming_the_flag(flags, says):
+    """Before, these were accepted: some failed inside every worker's engine after Ray and the model
+    loaded (a KV budget of 0, a negative context), some refused every request (a negative
+    --max-queue-wait), and --prefill-workers 0 without --local-prefill never became ready."""
+    from pdcluster.deploy.config import ClusterConfig
+    from pdcluster.deploy.flags import apply_flags
+    a = cli.build_parser().parse_args(["serve", *flags.split()])
+    with pytest.raises(ValueError) as e:
+        apply_flags(ClusterConfig(), a, a.tree_flags)
+    assert says in str(e.value)
+
+
+def test_in_range_flags_and_their_zero_offs_parse():
+    from pdcluster.deploy.config import ClusterConfig
+    from pdcluster.deploy.flags import apply_flags
+    a = cli.build_parser().parse_args(["serve", *("--prefill-workers 0 --local-prefill --max-queue-wait 0 "
+                                                  "--admit-ttft 2.5 --place-wait 0 --max-model-len 512 "
+                                                  "--kv-cache-memory 64").split()])
+    c = apply_flags(ClusterConfig(), a, a.tree_flags)
+    assert (c.router.max_queue_wait_s, c.router.admit_ttft_s, c.router.place_wait_s) == (None, 2.5, None)
+    assert c.engine.max_model_len == 512 and c.engine.cache.kv_cache_memory == 64 * 2**20

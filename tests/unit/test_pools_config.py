@@ -316,7 +316,7 @@ def test_tree_checks_per_pool_values_built_without_the_file():
         replace(c, pools=replace(c.pools, prefill=replace(c.pools.prefill, kv_cache_dtype="int3")))
     with pytest.raises(ValueError, match="cpu_int8_rows must be an integer >= 0"):
         replace(c, pools=replace(c.pools, decode=replace(c.pools.decode, cpu_int8_rows=-2)))
-    with pytest.raises(ValueError, match="cpu_int8_rows must be an integer >= 0"):   # serve --cpu-int8-rows -1
+    with pytest.raises(ValueError, match="--cpu-int8-rows must be an integer >= 0"):   # serve --cpu-int8-rows -1
         replace(c, engine=replace(c.engine, cpu_int8_rows=-1))
 
 
