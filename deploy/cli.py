@@ -90,6 +90,9 @@ def cmd_serve(a) -> int:
             TokenAuth.from_file(cfg.server.auth_token_file)
         if cfg.kv.secret_file:
             cluster_secret(cfg.kv.secret_file)
+        if cfg.server.tls_cert or cfg.server.tls_key:
+            from pdcluster.router.server import tls_pair
+            tls_pair(cfg.server.tls_cert, cfg.server.tls_key)
     except (OSError, ValueError) as e:
         print(f"pdcluster serve: {e}", file=sys.stderr)
         return 2
@@ -156,8 +159,13 @@ def cmd_generate(a) -> int:
         else:
             req.text = a.prompt
         if a.tls_ca:
-            with open(a.tls_ca, "rb") as f:
-                ch = grpc.aio.secure_channel(a.addr, grpc.ssl_channel_credentials(f.read()))
+            try:
+                with open(a.tls_ca, "rb") as f:
+                    ca = f.read()
+            except OSError as e:
+                print(f"error: --tls-ca: {e}", file=sys.stderr)
+                return 2
+            ch = grpc.aio.secure_channel(a.addr, grpc.ssl_channel_credentials(ca))
         else:
             ch = grpc.aio.insecure_channel(a.addr)
         async with ch:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -222,6 +223,20 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                             vocab_size=self.vocab_size, prefill_workers=len(p.prefill), decode_workers=len(p.decode))
 
 
+def tls_pair(cert: str | None, key: str | None) -> tuple[bytes, bytes]:
+    """(key PEM, certificate PEM) for a TLS endpoint; ValueError unless both are given and are PEM
+    files of a matching pair, OSError if one cannot be read."""
+    if not (cert and key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except ssl.SSLError as e:
+        raise ValueError(f"--tls-cert {cert} and --tls-key {key} are not a matching PEM certificate and "
+                         f"private key ({e})") from None
+    with open(key, "rb") as k, open(cert, "rb") as c:
+        return k.read(), c.read()
+
+
 class RouterServer:
     def __init__(self, router: Router, model_name: str, vocab_size: int, host: str = "127.0.0.1", port: int = 50051,
                  auth=None, tls_cert: str | None = None, tls_key: str | None = None,
@@ -236,12 +251,7 @@ class RouterServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, self.server)
-        if tls_cert or tls_key:
-            if not (tls_cert and tls_key):
-                raise ValueError("TLS needs both --tls-cert and --tls-key")
-            creds = grpc.ssl_server_credentials([(open(tls_key, "rb").read(), open(tls_cert, "rb").read())])
-        else:
-            creds = None
+        creds = grpc.ssl_server_credentials([tls_pair(tls_cert, tls_key)]) if tls_cert or tls_key else None
         self.port = self.servicer.port = bind_grpc(self.server, host, port, "the router's gRPC endpoint", "--port",
                                                    creds)
         self.host = host

@@ -63,6 +63,32 @@ def test_a_bad_token_or_secret_file_stops_serve_at_once_in_one_line(tmp_path, fl
     assert len(r.stderr.strip().splitlines()) == 1 and "starting pdcluster" not in r.stdout
 
 
+@pytest.mark.parametrize("which, words", [
+    ("cert only", "TLS needs both --tls-cert and --tls-key"),
+    ("missing files", "No such file"),
+    ("not PEM", "PEM"),
+])
+def test_bad_tls_files_stop_serve_at_once_in_one_line(tmp_path, which, words):
+    """Before, these were found only when the router's server was built, after every worker had
+    loaded, and ended in a traceback."""
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    args = {"cert only": ["--tls-cert", str(bad)],
+            "missing files": ["--tls-cert", str(tmp_path / "none.pem"), "--tls-key", str(tmp_path / "none.key")],
+            "not PEM": ["--tls-cert", str(bad), "--tls-key", str(bad)]}[which]
+    r = subprocess.run([str(BIN / "pdcluster"), "serve", "--port", "0", "--metrics-port", "0", "--http-port", "0",
+                        *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and words in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "starting pdcluster" not in r.stdout
+
+
+def test_generate_with_a_missing_ca_file_is_one_line(tmp_path):
+    r = subprocess.run([str(BIN / "pdcluster"), "generate", PROMPT, "--addr", "127.0.0.1:1", "--tls-ca",
+                        str(tmp_path / "none.pem")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "--tls-ca" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
 def generate(s, *extra):
     return subprocess.run([str(BIN / "pdcluster"), "generate", PROMPT, "--addr", s["addr"], "--max-tokens", "8",
                            *extra], capture_output=True, text=True, timeout=120)
