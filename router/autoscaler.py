@@ -125,16 +125,18 @@ MetricsSnapshot = Mapping[str, PoolMetrics]     # pool name -> its metrics
 def signal_value(signal: str, m: PoolMetrics, sent_tps: float | None = None) -> float | None:
     """The signal in its units; None = no data (a latency with no sample while the pool is busy;
     prefill_utilization without a rate yet, `sent_tps`: prompt tokens/s sent over the window, or
-    without a learned replica rate). A latency with no sample on an idle pool reads 0: an idle pool
-    may shrink."""
+    without a learned replica rate). A latency (decode_step_ms too) with no sample on an idle pool
+    reads 0: an idle pool may shrink."""
     if signal == "prefill_utilization":
         if sent_tps is None or not m.replica_prefill_tps:
             return None
         return sent_tps / (max(m.replicas, 1) * m.replica_prefill_tps)
     if signal == "queued_prompt_tokens_per_replica":
         return m.queued_prompt_tokens / max(m.replicas, 1)
-    if signal == "decode_step_ms":
-        return m.decode_step_ms or 0.0
+    if signal == "decode_step_ms":      # no decode-only step on a busy pool (each step carried prefill
+        if m.decode_step_ms is None:    # chunks, say) is no data, not an idle pool that may shrink
+            return 0.0 if m.idle else None
+        return m.decode_step_ms
     if signal == "kv_utilization":
         return m.kv_utilization
     v = {"p90_ttft": m.p90_ttft_ms, "p90_tpot": m.p90_tpot_ms}[signal]

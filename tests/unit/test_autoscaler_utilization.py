@@ -170,7 +170,12 @@ def test_pool_metrics_averages_the_step_time_of_decode_workers_that_stepped():
     assert pool_metrics("prefill", loads, decode_step_s=lambda w: steps[w.worker_id]).decode_step_ms is None
     # no worker stepped: nothing running decodes slowly, the pool reads 0 and may shrink
     idle = pool_metrics("decode", loads[2:3], decode_step_s=lambda w: None)
-    assert signal_value("decode_step_ms", idle) == 0.0
+    assert idle.idle and signal_value("decode_step_ms", idle) == 0.0
+    # a busy pool with no decode-only step (every step carried a prefill chunk) has no data: before, it
+    # read 0 and shrank while its KV was 90% full
+    busy = [WorkerLoad(f"decode-{i}", "decode", running=4, free_blocks=10, num_blocks=100) for i in range(3)]
+    m = pool_metrics("decode", busy, decode_step_s=lambda w: None)
+    assert not m.idle and m.decode_step_ms is None and signal_value("decode_step_ms", m) is None
 
 
 def test_decode_step_signal_acts_a_request_length_before_p90_tpot():
