@@ -306,7 +306,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="pdcluster clusters to start and measure: disagg = 1 prefill + 1 decode worker, "
                             "single = one 2-thread worker, each at the defaults; -int4: with the GGUF's 4-bit "
                             "weights packed and --cpu-compile; disagg-split: disagg-int4 with a bfloat16 prefill "
-                            "pool, deploy/pools-cpu.yaml (none: peers only)")
+                            "pool (-f32: a float32 one); -i8: the decode worker's batches of >= 12 rows on an "
+                            "int8 copy (disagg-split-i8 = deploy/pools-cpu.yaml); none: peers only")
     peers.add_argument("--concurrency", type=int, nargs="+", default=list(CONCURRENCY),
                        help="max requests in flight, one run each")
     peers.add_argument("--input-len", type=int, default=None, help="prompt tokens (default: 128)")

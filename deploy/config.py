@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from pdcluster.deploy.flags import check_bounds
 from pdcluster.deploy.netns import ShapedLink
-from pdcluster.deploy.pool_config import PoolsSection
+from pdcluster.deploy.pool_config import SLO_KEY, PoolsSection
 from pdcluster.engine.config import (DTYPE_BYTES, SPECULATIVE, CacheConfig, EngineConfig, SchedulerConfig,
                                      check_tier_codec)
 from pdcluster.engine.kv_quant import KV_CACHE_DTYPES
@@ -93,7 +93,8 @@ class EngineSection:
     cpu_int8_rows: int = field(default=0, metadata={"min": 0, "help": (
         "CPU hosts, packed int4 weights: steps of at least this many rows (decode batches, prefill chunks) run an "
         "int8 copy of the linears with activations rounded to int8 per row (1 byte per weight more; 1.3x per "
-        "decode step at 16 rows, 1.8x at 32, 3x faster prefill); 10 is the measured break-even here; 0 = off")})
+        "decode step at 16 rows, 1.8x at 32, 3x faster prefill); 12 is the break-even measured against q4x8 "
+        "(10 against torch's int4 kernel; bench/RESULTS.md); 0 = off")})
 
     @property
     def device(self) -> str:
@@ -237,6 +238,13 @@ def check_pools(c: ClusterConfig) -> None:
         rows = kw["cpu_int8_rows"]                                # the pool's, else the flag's
         if isinstance(rows, bool) or not isinstance(rows, int) or rows < 0:
             raise ValueError(f"{role} pool: cpu_int8_rows must be an integer >= 0 (0 = off), got {rows!r}")
+        if not 0 <= p.lo <= p.initial_replicas <= p.hi:    # pools.yaml's parser names the line; any tree holds it
+            raise ValueError(f"{role} pool: need 0 <= min_replicas ({p.lo}) <= initial_replicas "
+                             f"({p.initial_replicas}) <= max_replicas ({p.hi})")
+        t = p.autoscale.signal_target
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+            key = SLO_KEY.get(p.autoscale.signal, "target")
+            raise ValueError(f"{role} pool: autoscale signal {p.autoscale.signal} needs {key} > 0, got {t!r}")
     pre, dec = (c.engine_kwargs(r)["block_size"] for r in ("prefill", "decode"))
     if pre != dec:
         raise ValueError(block_size_mismatch(pre, dec))

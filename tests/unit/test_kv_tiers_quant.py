@@ -86,6 +86,6 @@ def test_a_quantized_pool_refuses_another_tier_codec():
         tiers(None, kv=quant_caches(), codec="fp8")
     m = ModelConfig("t", "t", vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2,
                     num_kv_heads=1, head_dim=4)
-    with pytest.raises(ValueError, match="tier codec must be none or int8"):
+    with pytest.raises(ValueError, match=r"tier codec \(--kv-tier-codec\) must be none or int8"):
         EngineConfig(m, cache=CacheConfig(tier_codec="fp8"), kv_cache_dtype="int8")
     EngineConfig(m, cache=CacheConfig(tier_codec="int8"), kv_cache_dtype="int8")         # its own codec: fine

@@ -320,6 +320,21 @@ def test_tree_checks_per_pool_values_built_without_the_file():
         replace(c, engine=replace(c.engine, cpu_int8_rows=-1))
 
 
+def test_tree_checks_replica_bounds_and_signal_targets_built_without_the_file():
+    """A tree built in code (bench/scenario.py's override) holds pools.yaml's rules too. Before, min 3 >
+    max 2 and a latency signal without its SLO passed, failing later inside autoscaling_rules (a TypeError)."""
+    from pdcluster.deploy.flags import dotted, override
+    with pytest.raises(ValueError, match=r"decode pool: need 0 <= min_replicas \(3\) <= initial_replicas \(1\) "
+                                         r"<= max_replicas \(2\)"):
+        override(ClusterConfig(), dotted(pools__decode__min_replicas=3, pools__decode__max_replicas=2))
+    with pytest.raises(ValueError, match="decode pool: autoscale signal p90_tpot needs tpot_slo_ms > 0, got None"):
+        override(ClusterConfig(), dotted(pools__decode__autoscale__signal="p90_tpot"))
+    ok = override(ClusterConfig(), dotted(pools__decode__autoscale__signal="p90_tpot",
+                                          pools__decode__autoscale__tpot_slo_ms=80.0,
+                                          pools__decode__min_replicas=1, pools__decode__max_replicas=3))
+    assert {n: r.target for n, r in ok.pools.autoscaling_rules().items()} == {"decode": 80.0}
+
+
 def test_cpu_compile_per_pool_over_the_flag():
     """pools.yaml's cpu_compile: the decode pool compiled, the prefill pool on serve's --cpu-compile (off)."""
     text, _ = edited("  cpu_compile: null", "  cpu_compile: true", after="\ndecode:")
