@@ -7,14 +7,14 @@
 Each result is a run of the same trace scenario at its own `--time-scale` (results at one time scale are pooled:
 their rounds together). The offered rate is the replayed
 requests over their arrival span (read from the trace file named in the result, so it must be where it was).
-Prints, per result, both sides' mean TTFT per round and over the rounds and their ratio; plots both against the
+Prints, per result, both sides' mean TTFT per round and over the rounds' requests (a round's mean weighted by the
+requests it completed; a round with none left out, its failures counted) and their ratio; plots both against the
 offered rate, with each --capacity (a side's served req/s at saturation, measured by a replay past it) as a line.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 from pdcluster.bench.trace_dataset import read_trace
 
@@ -40,8 +40,10 @@ def point(result: dict) -> dict:
     out = {"name": sc["name"], "time_scale": sc["dataset"]["time_scale"], "offered": offered_rate(sc["dataset"]),
            "labels": sc["labels"]}
     for side in ("baseline", "candidate"):
-        rounds = [r["mean_ttft_ms"] for r in result[side]["runs"]]
-        out[side] = {"rounds": rounds}
+        runs = result[side]["runs"]
+        out[side] = {"rounds": [r["mean_ttft_ms"] for r in runs if r["completed"]],    # a round that finished
+                     "completed": [r["completed"] for r in runs if r["completed"]],   # nothing has no mean
+                     "failed": sum(r["failed"] for r in runs)}
     return out
 
 
@@ -49,12 +51,17 @@ def merge(pts: list[dict]) -> list[dict]:
     """Results at the same time scale pooled (their rounds together), ordered by the offered rate."""
     by = {}
     for p in pts:
-        q = by.setdefault(p["time_scale"], {**p, "baseline": {"rounds": []}, "candidate": {"rounds": []}})
+        q = by.setdefault(p["time_scale"], {**p, **{s: {"rounds": [], "completed": [], "failed": 0}
+                                                    for s in ("baseline", "candidate")}})
         for side in ("baseline", "candidate"):
-            q[side]["rounds"] = q[side]["rounds"] + p[side]["rounds"]
+            for k in ("rounds", "completed", "failed"):
+                q[side][k] = q[side][k] + p[side][k]
     for q in by.values():
-        for side in ("baseline", "candidate"):
-            q[side]["mean"] = statistics.mean(q[side]["rounds"])
+        for side in ("baseline", "candidate"):      # the pooled requests' mean, as bench scenario pools rounds
+            r, n = q[side]["rounds"], q[side]["completed"]
+            if not n:
+                raise ValueError(f"x{q['time_scale']:g}: no {side} request completed")
+            q[side]["mean"] = sum(m * k for m, k in zip(r, n)) / sum(n)
         q["ratio"] = q["baseline"]["mean"] / q["candidate"]["mean"]
     return sorted(by.values(), key=lambda p: p["offered"])
 
@@ -91,7 +98,9 @@ def main(argv=None) -> int:
     for p in pts:
         cols = [f"{p[s]['mean']:,.1f} ({' / '.join(f'{x:,.0f}' for x in p[s]['rounds'])})"
                 for s in ("baseline", "candidate")]
-        print(f"{p['time_scale']:>10g} {p['offered']:6.2f} {cols[0]:>30} {cols[1]:>30} {p['ratio']:6.2f}x")
+        failed = f"   failed: {p['baseline']['failed']} / {p['candidate']['failed']}" if (
+            p["baseline"]["failed"] or p["candidate"]["failed"]) else ""
+        print(f"{p['time_scale']:>10g} {p['offered']:6.2f} {cols[0]:>30} {cols[1]:>30} {p['ratio']:6.2f}x{failed}")
     for label, v in caps.items():
         shares = ", ".join(f"x{p['time_scale']:g} offers {p['offered'] / v:.0%}" for p in pts)
         print(f"capacity {label}: {v:g} req/s; {shares}")

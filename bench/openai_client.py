@@ -17,7 +17,7 @@ import time
 import httpx
 
 from pdcluster.bench.datasets import BenchRequest
-from pdcluster.bench.metrics import RequestOutput
+from pdcluster.bench.metrics import ABORTED, RequestOutput
 
 BACKENDS = ("grpc", "openai", "openai-chat")
 
@@ -103,9 +103,11 @@ async def _generate(client: httpx.AsyncClient, base_url: str, b: dict, prompt_le
     if usage:
         out.prompt_tokens = usage.get("prompt_tokens", prompt_len)
         out.cached_prompt_tokens = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+    if not out.error and reason == "abort":
+        out.error = ABORTED                 # the gRPC client's key for the same end
     if not out.error and not chunks:
         out.error = "NO_TOKENS"
-    out.success = not out.error and reason != "abort"
+    out.success = not out.error
     return out
 
 

@@ -279,7 +279,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="baseline/candidate pairs, run alternately (2: B, C, B, C)")
     p.add_argument("--num-prompts", type=int, default=None,
                    help="override the scenario's request count (shared-prefix: spread over its groups, rounded up; "
-                        "default: the scenario's)")
+                        "not for multi-turn or a trace replay, whose --max-requests is it; default: the scenario's)")
     p.add_argument("--request-rate", type=float, default=None,
                    help="override the scenario's rate (req/s; inf; default: the scenario's)")
     p.add_argument("--seed", type=int, default=0, help="seeds the workload and the arrivals (same for every run)")
@@ -337,6 +337,11 @@ def main(a: argparse.Namespace) -> int:
             per_group = max(1, -(-a.num_prompts // sc.dataset["num_groups"]))
             sc = replace(sc, dataset=dict(sc.dataset, prompts_per_group=per_group))
         elif a.num_prompts is not None:
+            kind = str(sc.dataset["dataset"])
+            if kind == "multi-turn" or kind.startswith("mooncake:"):      # their counts are other fields
+                raise ValueError(f"--num-prompts does not apply to {sc.name} ("
+                                 + ("a trace replay: --max-requests" if kind != "multi-turn" else
+                                    "its conversations x turns") + ")")
             sc = replace(sc, dataset=dict(sc.dataset, num_prompts=a.num_prompts))
         if a.request_rate is not None:
             sc = replace(sc, request_rate=a.request_rate)

@@ -38,8 +38,11 @@ def breakdown(side: dict, arrive: list[float], long_wait_s: float) -> dict:
     """Per bin: requests, mean TTFT, own prefill and wait (ms), shares of the summed TTFT; and the long waits."""
     n, per_tok = len(arrive), prefill_s_per_token(side)
     ttft = [t / 1e3 for t in side["ttfts"]]
-    if len(ttft) % n or len(side["cached_lens"]) != len(ttft) or len(side["decode_workers"]) != len(ttft):
-        raise ValueError(f"{len(ttft)} TTFTs are not whole rounds of {n} requests with their placements")
+    rounds, failed = len(side["runs"]), sum(r.get("failed", 0) for r in side["runs"])
+    if failed:      # the samples carry no request index: with one missing, the rest pair with wrong arrivals
+        raise ValueError(f"{failed} requests failed: the TTFTs cannot be paired with their arrivals")
+    if len(ttft) != n * rounds or len(side["cached_lens"]) != len(ttft) or len(side["decode_workers"]) != len(ttft):
+        raise ValueError(f"{len(ttft)} TTFTs are not {rounds} rounds of {n} requests with their placements")
     comp = [i - c for i, c in zip(side["input_lens"], side["cached_lens"])]
     own = [min(c * per_tok, t) for c, t in zip(comp, ttft)]             # a request never waits less than 0
     total = sum(ttft)
@@ -53,7 +56,7 @@ def breakdown(side: dict, arrive: list[float], long_wait_s: float) -> dict:
                              wait_ms=1e3 * sum(ttft[j] - own[j] for j in idx) / len(idx),
                              ttft_share=sum(ttft[j] for j in idx) / total))
     long_s = spread_s = 0.0
-    for r in range(len(ttft) // n):
+    for r in range(rounds):
         js = range(r * n, (r + 1) * n)
         w = {j: side["decode_workers"][j] for j in js}
         for j in js:
@@ -67,7 +70,7 @@ def breakdown(side: dict, arrive: list[float], long_wait_s: float) -> dict:
             if others - busy:
                 spread_s += wait
     return dict(prefill_ms_per_token=per_tok * 1e3, own_share=sum(own) / total, bins=bins,
-                long_wait_s=long_s, long_wait_other_free_s=spread_s, rounds=len(ttft) // n)
+                long_wait_s=long_s, long_wait_other_free_s=spread_s, rounds=rounds)
 
 
 def main(argv=None) -> int:

@@ -6,12 +6,15 @@ import pytest
 from pdcluster.bench import load_curve
 
 
-def result(trace, time_scale, base_rounds, cand_rounds, name="trace-replay"):
-    side = lambda rounds: {"runs": [{"mean_ttft_ms": m} for m in rounds], "request_throughput": 1.0}  # noqa: E731
+def result(trace, time_scale, base_rounds, cand_rounds, name="trace-replay", cand_completed=None, cand_failed=0):
+    def side(rounds, completed=None, failed=0):
+        completed = completed or [10] * len(rounds)
+        return {"runs": [{"mean_ttft_ms": m, "completed": n, "failed": failed} for m, n in zip(rounds, completed)],
+                "request_throughput": 1.0}
     return {"scenario": {"name": name, "labels": ["device-only", "kv-tiers"],
                          "dataset": {"dataset": f"mooncake:{trace}", "time_scale": time_scale, "start": 0,
                                      "max_requests": 4, "conversation_sample": 1}},
-            "baseline": side(base_rounds), "candidate": side(cand_rounds)}
+            "baseline": side(base_rounds), "candidate": side(cand_rounds, cand_completed, cand_failed)}
 
 
 @pytest.fixture
@@ -48,3 +51,17 @@ def test_the_command_prints_the_table_and_refuses_other_scenarios(trace, tmp_pat
         load_curve.main([str(a), str(b)])                                  # two scenarios
     with pytest.raises(SystemExit):
         load_curve.main([str(a), "--capacity", "device-only"])             # no rate
+
+
+def test_rounds_pool_by_the_requests_they_completed_and_an_empty_one_is_left_out(trace, tmp_path, capsys):
+    """Before, the rounds' means were averaged: a round where every request failed (mean 0 ms) halved the
+    candidate's mean and doubled the ratio, and the failures were not shown."""
+    pts = load_curve.merge([load_curve.point(result(trace, 1.0, [300.0, 300.0], [200.0, 0.0],
+                                                    cand_completed=[10, 0], cand_failed=5)),
+                            load_curve.point(result(trace, 1.0, [300.0], [100.0], cand_completed=[30]))])
+    assert pts[0]["candidate"]["rounds"] == [200.0, 100.0] and pts[0]["candidate"]["failed"] == 10
+    assert pts[0]["candidate"]["mean"] == pytest.approx((200 * 10 + 100 * 30) / 40)
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps(result(trace, 1.0, [300.0], [100.0, 0.0], cand_completed=[10, 0], cand_failed=4)))
+    assert load_curve.main([str(a)]) == 0
+    assert "3.00x   failed: 0 / 8" in capsys.readouterr().out

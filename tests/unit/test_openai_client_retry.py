@@ -70,3 +70,21 @@ def test_raw_utf8_line_separators_inside_a_json_string_do_not_cut_its_line():
 
     out = asyncio.run(go())
     assert out.success and out.output_tokens == 3 and len(out.itl) == 2       # three chunks with text, none cut
+
+
+def test_a_stream_ended_with_abort_is_a_failure_under_the_abort_key():
+    """Before, it failed with an empty error key: the table printed a row named ''."""
+    from pdcluster.bench.metrics import ABORTED, calculate_metrics
+    sse = "".join(f"data: {json.dumps(m)}\n\n" for m in (
+        {"choices": [{"text": "a", "finish_reason": None}]},
+        {"choices": [{"text": "b", "finish_reason": "abort"}]},
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}})) + "data: [DONE]\n\n"
+
+    async def go():
+        server, url, _ = await _serve(0, sse)
+        async with server, httpx.AsyncClient(timeout=10) as c:
+            return await openai_client.generate(c, url, {"prompt": [1, 2, 3]}, 3, chat=False)
+
+    out = asyncio.run(go())
+    assert not out.success and out.error == ABORTED
+    assert calculate_metrics([out], 1.0, None)["errors"] == {ABORTED: 1}

@@ -253,6 +253,16 @@ def test_time_scale_overrides_a_trace_replay_and_is_refused_elsewhere():
         trace_override(SCENARIOS["multi-turn"], "time_scale", 0.05)
 
 
+@pytest.mark.parametrize("name, says", [("trace-replay", "a trace replay: --max-requests"),
+                                         ("multi-turn", "its conversations x turns")])
+def test_num_prompts_is_refused_where_the_dataset_counts_otherwise(name, says, capsys):
+    """Before, it was set and ignored: the run sent the scenario's own count."""
+    from pdcluster.bench.scenario import main
+    from pdcluster.deploy import cli
+    a = cli.build_parser().parse_args(["bench", "scenario", name, "--num-prompts", "10"])
+    assert main(a) == 2 and f"--num-prompts does not apply to {name} ({says})" in capsys.readouterr().err
+
+
 def test_tier_counters_are_per_run_deltas_summed_over_runs_and_workers():
     from pdcluster.bench.scenario_report import tier_deltas, tier_totals
     from pdcluster.messages import TierFigures

@@ -16,8 +16,9 @@ def trace(tmp_path):
     return p
 
 
-def side(ttfts_ms, inputs, cached, workers, prefill_s=1.0, prefill_tokens=1000):
+def side(ttfts_ms, inputs, cached, workers, prefill_s=1.0, prefill_tokens=1000, rounds=1, failed=0):
     return {"ttfts": ttfts_ms, "input_lens": inputs, "cached_lens": cached, "decode_workers": workers,
+            "runs": [{"failed": failed}] * rounds,
             "workers": [{"w0": {"engine": {"prefill_s": prefill_s, "prefill_tokens": prefill_tokens}}}]}
 
 
@@ -51,9 +52,13 @@ def test_a_long_wait_counts_as_spreadable_only_while_another_worker_had_nothing_
     assert b["long_wait_other_free_s"] == pytest.approx(1.49 + 1.9)      # 0 (a idle at t=0) and 3 (b done by 3 s)
 
 
-def test_a_result_that_is_not_whole_rounds_is_refused(trace):
+def test_a_result_that_is_not_whole_rounds_or_has_failures_is_refused(trace):
     s = side([1.0] * 3, [1] * 3, [0] * 3, ["a"] * 3)
-    with pytest.raises(ValueError, match="whole rounds"):
+    with pytest.raises(ValueError, match="3 TTFTs are not 1 rounds of 4 requests"):
+        tb.breakdown(s, arrivals(dataset(trace)), 0.5)
+    # 2 rounds of 4 with 2 failures each leave 4 samples: before, read as 1 whole round on the wrong arrivals
+    s = side([1.0] * 4, [1] * 4, [0] * 4, ["a"] * 4, rounds=2, failed=2)
+    with pytest.raises(ValueError, match="4 requests failed"):
         tb.breakdown(s, arrivals(dataset(trace)), 0.5)
 
 
