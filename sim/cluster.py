@@ -249,6 +249,9 @@ class Simulator:
     def _arrive(self, now: float, req: Request) -> None:
         self.records[req.rid] = Record(req.rid, req.arrival_s, req.input_len, req.output_len)
         job = Job(req, remaining=req.output_len)
+        if not any(d.blocks_for(req) <= d.num_blocks for d in self.inst.values() if isinstance(d, DecodeInstance)):
+            self._refuse(job)               # the router's admission: no decode pool could ever hold it
+            return
         if self.pending or not self._place(job, now):     # FIFO behind the ones already waiting
             self.pending.append(job)
             self.router_waits += 1
@@ -277,6 +280,9 @@ class Simulator:
                 self.index.expect(ch.prefill or ch.decode, hashes, now)
             d = self.inst[ch.decode]
             rec = self.records[req.rid]
+            if d.blocks_for(req) > d.num_blocks:  # its engine refuses it (check_fits): exclude d, choose again
+                exclude.add(d.wid)
+                continue
             if ch.kind == "local":
                 job.queued = max(0, req.input_len - int((ch.estimate or {}).get("cached_tokens", 0)))
                 reg.charge(d.wid, job.queued, +1)
@@ -286,8 +292,12 @@ class Simulator:
             if not d.reserve(job):              # NoRoom: exclude d, choose again
                 exclude.add(d.wid)
                 continue
-            d.reserved += 1
             p = self.inst[ch.prefill]
+            if not p.fits(req):                 # its engine refuses the prompt: exclude p, choose again
+                d.release(job)
+                exclude.add(p.wid)
+                continue
+            d.reserved += 1
             # the transfer skips what d holds on device or in its host tier (a reservation loads host
             # blocks, kv_transfer/tiers/multi.py step_tokens), loaded while the prefill runs
             cached_d, load_d = d.cache_hit(req, ("host",))

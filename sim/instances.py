@@ -126,6 +126,7 @@ class PrefillInstance(Instance):
         self.q: deque[Job] = deque()
         self.busy = False
         self.waiting_tokens = 0
+        self.held = 0                   # blocks the prompts being computed hold (their cached prefix is shared)
 
     @property
     def idle(self) -> bool:
@@ -136,8 +137,12 @@ class PrefillInstance(Instance):
         return self.busy
 
     def figures(self) -> dict:
-        return dict(free_blocks=self.num_blocks, num_blocks=self.num_blocks, waiting_tokens=self.waiting_tokens,
-                    **self.f)
+        return dict(free_blocks=self.num_blocks - self.held, num_blocks=self.num_blocks,
+                    waiting_tokens=self.waiting_tokens, **self.f)
+
+    def fits(self, req: Request) -> bool:
+        """The prompt fits this pool at all (the engine's check_fits: a prefill computes one token past it)."""
+        return -(-req.input_len // self.bs) <= self.num_blocks
 
     def submit(self, job: Job, now: float) -> None:
         job.todo = job.req.input_len
@@ -151,8 +156,16 @@ class PrefillInstance(Instance):
         load_s = 0.0                                 # tier loads of the jobs starting now, before the step
         for job in self.q:
             if job.started is None:
+                blocks = -(-job.req.input_len // self.bs)
+                hit = min(self.cache.lookup(job.req.hashes), (job.req.input_len - 1) // self.bs)
+                if self.held + blocks - hit > self.num_blocks:
+                    break                            # no blocks for it now: it and the ones behind it wait
                 job.started = now
-                job.cached, ld = self.cache_hit(job.req)
+                job.cached, ld = self.cache_hit(job.req)     # touches the blocks it uses: the resize spares them
+                need = blocks - min(hit, job.cached // self.bs)   # device hits are shared, tier hits load in
+                self.held += need
+                job.extra["prefill_blocks"] = need
+                self.cache.resize(self.num_blocks - self.held)
                 load_s += ld
                 self.f["prefix_hits"] += job.cached
                 self.f["prefix_queries"] += job.req.input_len
@@ -164,6 +177,8 @@ class PrefillInstance(Instance):
             budget -= take
             if budget <= 0:
                 break
+        if not taken:
+            return                                   # the head waits for blocks a finishing prompt frees
         dt = self.roof.prefill_s(chunks) * self.contention() + load_s
         self.busy = True
         self.sim.at(now + dt, self._done, taken, dt)
@@ -176,6 +191,8 @@ class PrefillInstance(Instance):
             self.waiting_tokens -= take
             if job.todo == 0:
                 self.q.remove(job)
+                self.held -= job.extra.pop("prefill_blocks", 0)   # its blocks stay as cached prefix
+                self.cache.resize(self.num_blocks - self.held)
                 self.cache.insert(job.req.hashes)
                 self.sim.prefill_done(job, self, now)
         self.busy = False
@@ -295,14 +312,18 @@ class DecodeInstance(Instance):
             self.running += self.joining[:room]
             self.joining = self.joining[room:]
         chunks = []                                  # [(job, prompt tokens this step)], FIFO from the head
-        budget = self.chunk_tokens
+        # engine/scheduler.py: one token budget for the step, the running sequences' decode rows first, and a
+        # waiting prompt starts only while fewer than max_num_seqs sequences run (prefilling ones included)
+        budget = self.chunk_tokens - len(self.running)
+        seqs = len(self.running) + sum(1 for j in self.local_q if j.started is not None)
         load_s = 0.0                                 # tier loads of the prompts starting now, before the step
         for job in list(self.local_q) if self.sim.cfg.local_batch_prompts else list(self.local_q)[:1]:
             if budget <= 0:
                 break
             if job.started is None:
-                if not (job.blocks or self.reserve(job)):
-                    break                            # no blocks for it: the ones behind it wait too
+                if seqs >= self.max_batch or not (job.blocks or self.reserve(job)):
+                    break                            # no slot or no blocks for it: the ones behind it wait too
+                seqs += 1
                 job.started = now
                 job.cached, ld = self.cache_hit(job.req)
                 load_s += ld

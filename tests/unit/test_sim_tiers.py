@@ -70,11 +70,14 @@ class Spy:
         return out
 
 
-def run_three(c, device_blocks=8):
-    """A, then B (evicts A from a device cache of 8 blocks), then A again: (sim, result, spy)."""
+def run_three(c, device_blocks=9):
+    """A, then B (evicts A from a prefill pool of 9 blocks: one 9-block prompt at a time), then A again:
+    (sim, result, spy)."""
     reqs = [Request(i, 10.0 * i, 8 * BS + 100, 3, h) for i, h in enumerate((A, B, A))]
     sim = Simulator(c, reqs)
-    sim.inst["prefill-0"].cache.resize(device_blocks)
+    p = sim.inst["prefill-0"]
+    p.num_blocks = device_blocks
+    p.cache.resize(device_blocks)
     spy = sim.policy = Spy(sim)
     return sim, sim.run(), spy
 
