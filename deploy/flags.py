@@ -58,7 +58,7 @@ def tree_flags(tree: Any, path: tuple[str, ...] = (), ctx: Mapping[str, str] | N
             yield from tree_flags(v, path + (f.name,), {**ctx, **f.metadata})
         elif "help" in f.metadata:
             m = f.metadata
-            t = type(v) if v is not None else _TYPES[str(f.type).split("|")[0].strip()]
+            t = _TYPES.get(str(f.type).split("|")[0].strip()) or type(v)     # the field's type, not its value's
             name = m.get("cli", "--" + f.name.replace("_", "-")).format(**ctx)
             yield Flag(path + (f.name,), name, v, t, m, m["help"].format(**ctx))
 

@@ -94,6 +94,8 @@ class LayerwiseSender(ABC):
             raise KVTransferError(f"transfer of {self.request_id!r} was aborted", "CANCELLED") from None
         except TimeoutError:
             self.abort()
+            if self._future.done() and not self._future.cancelled():
+                return self._future.result()        # settled between the wait and the abort: its outcome
             raise KVTransferError(f"transfer of {self.request_id!r} not acknowledged within {timeout:g} s",
                                   "DEADLINE_EXCEEDED") from None
 

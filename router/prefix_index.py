@@ -36,8 +36,10 @@ Exactness and how it degrades (the documented choice)
   follow it instead of racing to other workers while the first one prefills and the status poll
   has not reported its blocks yet. A "stored" event confirms a tentative block, "removed" drops
   it, and `expire` drops what no event confirmed within `expect_ttl_s`. A placement that fails or
-  is abandoned before the worker computes them takes its expectation back, `unexpect(w, hashes)`:
-  each expectation of a still-tentative block is counted, and the block goes when the last is taken back.
+  is abandoned before the worker computes them takes its expectation back: `expect` returns a claim
+  ({hash: the tentative entry's generation}) and `unexpect(w, claim)` withdraws it. Each expectation
+  of a still-tentative entry is counted, and the entry goes when the last is withdrawn; a claim never
+  touches an entry made after its own (the first confirmed, removed or expired, a newer one expected).
 Time is the caller's clock (`now`, default time.time()); single-threaded (the router's event loop).
 
 Kept across queries, for placement at fleet scale (router/placement/cost_vector.py):
@@ -104,6 +106,8 @@ class PrefixIndex:
         self.expect_ttl_s = expect_ttl_s
         self._tentative: dict[str, dict[int, float]] = {}   # worker -> {hash: expiry} not yet confirmed
         self._shared: dict[str, dict[int, int]] = {}   # worker -> {tentative hash: expectations beyond the first}
+        self._born: dict[str, dict[int, int]] = {}     # worker -> {tentative hash: generation (the expect call
+        self._expects = 0                              #   that made the entry: claims name it)}
         self._holders: dict[int, set[str]] = {}       # chain hash -> workers holding it on device
         self._by_worker: dict[str, set[int]] = {}     # worker -> chain hashes it holds on device
         self._lower: dict[int, dict[str, int]] = {}   # chain hash -> {worker: _LOWER_BIT mask}, mask != 0
@@ -150,11 +154,12 @@ class PrefixIndex:
             self._apply_lower(worker_id, kind, hashes, _LOWER_BIT[tier])
             return True
         mine, tentative, steps = self._by_worker[worker_id], self._tentative.get(worker_id, {}), self._steps
-        if self._shared.get(worker_id):
+        if tentative:
             hashes = list(hashes)
-            shared = self._shared[worker_id]
+            shared, born = self._shared.get(worker_id, {}), self._born.get(worker_id, {})
             for h in hashes:
                 shared.pop(h, None)             # confirmed or removed: no longer anyone's to take back
+                born.pop(h, None)
         if kind == "stored":
             for h in hashes:
                 tentative.pop(h, None)          # confirmed
@@ -189,10 +194,11 @@ class PrefixIndex:
                     if not entry:
                         del self._lower[h]
 
-    def expect(self, worker_id: str, hashes: Iterable[int], now: float | None = None) -> None:
+    def expect(self, worker_id: str, hashes: Iterable[int], now: float | None = None) -> dict[int, int]:
         """A prompt with these chain hashes was just sent to worker_id, which will cache its blocks:
         count them as held now, tentatively, until an event confirms or removes them or
-        expect_ttl_s passes."""
+        expect_ttl_s passes. Returns the claim unexpect() takes: {hash: generation} of the tentative
+        entries this call counted (none for blocks the worker holds confirmed)."""
         t = _now(now)
         if worker_id not in self._state:
             self.add_worker(worker_id, t)
@@ -203,12 +209,16 @@ class PrefixIndex:
         # set operations (no Python step per held block); the worker's big hash set is probed only
         # for the blocks not still tentative (tentative is a subset of mine)
         expiry, hs = t + self.expect_ttl_s, set(hashes)
+        self._expects += 1
+        gen, born = self._expects, self._born.setdefault(worker_id, {})
+        claim = {}
         still = tentative.keys() & hs if tentative else _EMPTY
         if still:
             tentative.update(dict.fromkeys(still, expiry))      # still tentative: expiry moves
             shared = self._shared.setdefault(worker_id, {})
             for h in still:
                 shared[h] = shared.get(h, 0) + 1
+                claim[h] = born[h]
         new = (hs - still if still else hs) - mine
         if new:
             holders, steps = self._holders, self._steps
@@ -221,18 +231,22 @@ class PrefixIndex:
                 steps.pop(h, None)
             mine |= new
             tentative.update(dict.fromkeys(new, expiry))
+            fresh = dict.fromkeys(new, gen)
+            born.update(fresh)
+            claim.update(fresh)
+        return claim
 
-    def unexpect(self, worker_id: str, hashes: Iterable[int]) -> None:
-        """Take back one expect(worker_id, hashes) whose prompt the worker will not compute (the
-        placement failed or was abandoned). Only blocks still tentative go, and only once every
-        expectation of them is taken back; a block an event confirmed stays."""
+    def unexpect(self, worker_id: str, claim: Mapping[int, int]) -> None:
+        """Withdraw one expect(worker_id, ...)'s claim: its prompt will not be computed there (the
+        placement failed or was abandoned). An entry goes once every expectation of it is withdrawn;
+        a block an event confirmed, and an entry made after the claim's, stay."""
         tentative = self._tentative.get(worker_id)
         if not tentative:
             return
-        shared, mine = self._shared.get(worker_id, {}), self._by_worker[worker_id]
-        for h in hashes:
-            if h not in tentative:
-                continue
+        shared, born, mine = self._shared.get(worker_id, {}), self._born[worker_id], self._by_worker[worker_id]
+        for h, g in claim.items():
+            if born.get(h) != g:
+                continue                        # confirmed, removed or expired since, or a newer entry
             n = shared.get(h)
             if n:
                 if n > 1:
@@ -241,6 +255,7 @@ class PrefixIndex:
                     del shared[h]
                 continue
             del tentative[h]
+            del born[h]
             if h in mine:
                 mine.discard(h)
                 self._unhold(h, worker_id)
@@ -325,10 +340,11 @@ class PrefixIndex:
         the horizon; returns the workers dropped now."""
         t = _now(now)
         for w, tentative in self._tentative.items():
-            shared = self._shared.get(w, {})
+            shared, born = self._shared.get(w, {}), self._born.get(w, {})
             for h in [h for h, expiry in tentative.items() if expiry < t]:
                 del tentative[h]
                 shared.pop(h, None)
+                born.pop(h, None)
                 if h in self._by_worker.get(w, ()):
                     self._by_worker[w].discard(h)
                     self._unhold(h, w)
@@ -534,6 +550,7 @@ class PrefixIndex:
     def _clear(self, worker_id: str) -> None:
         self._tentative.pop(worker_id, None)
         self._shared.pop(worker_id, None)
+        self._born.pop(worker_id, None)
         for h in self._by_worker.get(worker_id, ()):
             self._unhold(h, worker_id)
         if worker_id in self._by_worker:

@@ -31,8 +31,8 @@ class Attempt:
     first_logprobs: TokenLogprobs | None = None     # remote prefill: the first token's, when asked
     prompt_logprobs: tuple[TokenLogprobs, ...] = ()  # remote prefill: prompt tokens 1.., when asked
     pull: PullPlan | None = None    # local prefill: the prefix blocks its decode worker pulls from a peer
-    expected: tuple[str, list[int]] | None = None   # local prefill: (worker, hashes) the index expects there
-                                                    # until it computes them; taken back if it never does
+    expected: tuple[str, dict[int, int]] | None = None  # local prefill: (worker, the index's claim on the
+                                                        # blocks it computes there); withdrawn if it never does
 
     @property
     def decode_worker(self) -> str:
@@ -70,16 +70,16 @@ async def place(router, attempt_id: str, ids: list[int], params: SamplingParams,
         # local prefill priced on them meanwhile recomputes the whole prompt there (bench/RESULTS.md,
         # "KV-full fallback": the cost model's collapse at 1.75x); its stored events count them
         holder = choice.prefill or choice.decode
-        router.index.expect(holder, hashes, time.time())
+        claim = router.index.expect(holder, hashes, time.time())
         if choice.kind == "local":
             return replace(_start_local(workers, try_id, ids, params, salt, choice, outputs,
-                                        pull_plan(choice, hashes, workers)), expected=(holder, hashes))
+                                        pull_plan(choice, hashes, workers)), expected=(holder, claim))
         attempt = None
         try:
             attempt = await _prefill_remote(workers, try_id, ids, params, salt, choice, exclude, outputs)
         finally:
             if attempt is None:     # failed or cancelled: what it computed before, events confirm
-                router.index.unexpect(holder, hashes)
+                router.index.unexpect(holder, claim)
         if attempt is not None:
             return attempt
     raise Unavailable(f"no worker could take request {attempt_id} (excluded: {sorted(exclude) or 'none ready'})")

@@ -122,7 +122,8 @@ class RequestRun:
                 return
             stream = self.router.workers.decode[attempt.decode_worker].stream(self.attempt_id, first)
         async for item in stream:
-            self.expected = None                # the local prefill is done: its blocks are the worker's
+            if item.token_ids:                  # the local prefill is done: its blocks are the worker's (an empty
+                self.expected = None            # item may end a failed step's batch: nothing was computed)
             if not self.cached and item.num_cached_tokens and self.migrations == 0:
                 self.cached = item.num_cached_tokens
             toks, text = self._push_until_stop(item.token_ids)

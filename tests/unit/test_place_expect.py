@@ -8,7 +8,7 @@ import pytest
 
 from pdcluster.engine.hashing import block_hashes
 from pdcluster.engine.sampling_params import SamplingParams
-from pdcluster.messages import NoRoom, PrefillResult, Reservation
+from pdcluster.messages import NoRoom, PrefillResult, Reservation, TokenItem
 from pdcluster.router.errors import Unavailable, WorkerLost
 from pdcluster.router.lifecycle.place import place
 from tests.unit.test_place_wait import Client, router
@@ -179,3 +179,22 @@ def test_a_local_prefill_lost_or_cancelled_before_its_first_token_takes_its_expe
             await task
     asyncio.run(cancelled())
     assert not r.index.pending("decode-0")
+
+
+class AbortedStep(Reserving):
+    """A decode worker whose step fails: the engine thread ends the batch with an empty, finished item."""
+    async def stream(self, *args, **kw):
+        await asyncio.sleep(0.01)
+        yield TokenItem([], True, "abort", 0)
+
+
+def test_a_local_prefill_whose_step_failed_takes_its_expectation_back():
+    """The empty item a failed step ends with carries no token: the prompt was not computed. Before, any
+    item cleared the expectation, so the blocks stayed counted there for expect_ttl_s."""
+    ids = list(range(1, 2049))
+    r = local_router(AbortedStep("decode-0"))
+
+    async def go():
+        return [ev.finish_reason async for ev in r.generate(ids, SamplingParams(max_tokens=2), "a")]
+    assert asyncio.run(go()) == ["abort"]
+    assert not r.index.pending("decode-0") and r.index.match(block_hashes(ids, 16))["decode-0"] == 0

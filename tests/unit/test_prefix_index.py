@@ -169,36 +169,56 @@ def test_a_second_expect_moves_only_the_still_tentative_expiries():
     assert index.match([1, 2, 3, 4]) == {"a": 1} and index.pending("a") == frozenset()
     assert index.holders(2) == index.holders(4) == frozenset() and index.holders(1) == {"a"}
 
-def test_unexpect_takes_back_one_expectation_and_never_a_confirmed_block():
-    """A placement that fails before its worker computes the prompt takes its expect() back: the
-    blocks stop counting at once, not expect_ttl_s later. A block expected twice (a sibling choice,
-    a second prompt with the prefix) stays until both are taken back; a confirmed one stays."""
+def test_unexpect_withdraws_one_claim_and_never_a_confirmed_block():
+    """A placement that fails before its worker computes the prompt withdraws its expect()'s claim: the
+    blocks stop counting at once, not expect_ttl_s later. A block expected twice (a sibling choice, a
+    second prompt with the prefix) stays until both claims are withdrawn; a confirmed one stays."""
     index = PrefixIndex(expect_ttl_s=30.0)
     index.add_worker("b", now=0.0)
     index.apply("a", "stored", [1], seq=1, now=0.0)            # 1 held for real
-    index.expect("a", [1, 2, 3], now=1.0)                       # prompt x: 2 and 3 tentative
-    index.expect("a", [1, 2, 4], now=1.5)                       # prompt y shares 2
-    index.unexpect("a", [1, 2, 3])                              # x failed
+    x = index.expect("a", [1, 2, 3], now=1.0)                   # prompt x: 2 and 3 tentative
+    y = index.expect("a", [1, 2, 4], now=1.5)                   # prompt y shares 2
+    assert set(x) == {2, 3} and set(y) == {2, 4}                # 1 is confirmed: nobody's claim
+    index.unexpect("a", x)                                      # x failed
     assert index.match([1, 2, 3]) == {"a": 2, "b": 0} and index.pending("a") == {2, 4}
     assert index.holders(3) == frozenset() and index.holders(1) == {"a"}
-    index.unexpect("a", [1, 2, 4])                              # y failed too
+    index.unexpect("a", y)                                      # y failed too
     assert index.match([1, 2, 4]) == {"a": 1, "b": 0} and index.pending("a") == frozenset()
-    index.expect("a", [5, 6], now=2.0)
-    index.expect("a", [5, 6], now=2.0)
-    index.apply("a", "stored", [5], seq=2, now=2.5)             # confirmed: its count goes with it
-    index.unexpect("a", [5, 6])
+    p, q = index.expect("a", [5, 6], now=2.0), index.expect("a", [5, 6], now=2.0)
+    index.apply("a", "stored", [5], seq=2, now=2.5)             # confirmed: its claims go with it
+    index.unexpect("a", p)
     assert index.pending("a") == {6} and index.match([5, 6]) == {"a": 2, "b": 0}
-    index.unexpect("a", [5, 6])
+    index.unexpect("a", q)
     assert index.match([5, 6]) == {"a": 1, "b": 0} and index.pending("a") == frozenset()
-    index.unexpect("a", [5, 6])                                 # nothing left to take back: no change
-    index.unexpect("c", [5])                                    # an unknown worker: no change
+    index.unexpect("a", q)                                      # withdrawn already: no change
+    index.unexpect("c", q)                                      # an unknown worker: no change
     assert index.match([5, 6]) == {"a": 1, "b": 0}
-    index.expect("a", [7], now=3.0)
-    index.expect("a", [7], now=3.0)
-    index.expire(now=40.0)                                      # expired, its count with it: one
-    index.expect("a", [7], now=41.0)                            # expect after it is one take-back
-    index.unexpect("a", [7])
-    assert index.pending("a") == frozenset()
+
+
+@pytest.mark.parametrize("between", ["cached then evicted", "stored then removed", "resync", "expired"])
+def test_a_claim_never_withdraws_an_entry_made_after_it(between):
+    """Placement A's claim is stale once its entry is gone; placement B, expecting the same blocks
+    since, keeps them when A fails (before, A's take-back dropped B's: same-prefix prompts then went
+    elsewhere while B prefilled)."""
+    index = PrefixIndex(expect_ttl_s=30.0)
+    hs = [11, 12, 13]
+    if between == "cached then evicted":
+        index.apply("w", "stored", hs, seq=1, now=0.0)
+        a = index.expect("w", hs, now=1.0)                      # held: A counts nothing
+        index.apply("w", "removed", hs, seq=2, now=2.0)
+    elif between == "stored then removed":
+        a = index.expect("w", hs, now=1.0)
+        index.apply("w", "stored", hs, seq=1, now=2.0)
+        index.apply("w", "removed", hs, seq=2, now=3.0)
+    elif between == "resync":
+        a = index.expect("w", hs, now=1.0)
+        index.resync("w", [], seq=5, now=2.0)
+    else:
+        a = index.expect("w", hs, now=1.0)
+        index.expire(now=40.0)
+    index.expect("w", hs, now=41.0)                             # B
+    index.unexpect("w", a)                                      # A fails late
+    assert index.match(hs)["w"] == 3 and index.pending("w") == set(hs)
 
 
 # cache tiers (issue 19 point 2)
