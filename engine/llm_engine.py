@@ -272,7 +272,11 @@ class LLMEngine:
         if req.params.structured is not None:   # the prefill worker's grammar took it: so does ours
             self.grammars()
             self.runner.accept(req, [first_token])
-        self.scheduler.remote_kv_done(req, first_token)
+        try:
+            self.scheduler.remote_kv_done(req, first_token)
+        except ValueError:                      # finished by its first token: its matcher goes with it
+            self._release(request_id)
+            raise
 
     def queue_lengths(self) -> tuple[int, int]:
         """(running, waiting) requests; reservations for remote KV are in neither."""
@@ -368,6 +372,8 @@ class LLMEngine:
                 if d.stopped and id(req) not in finished:
                     self.scheduler.finish(req, Status.FINISHED_STOPPED)
                     finished.add(id(req))
+                elif d.stopped:                 # the step's last token also reached max_tokens: the stop
+                    req.status = Status.FINISHED_STOPPED     # string it completed is the reason (as vLLM's)
                 if id(req) in finished:
                     text += d.flush()
             done = id(req) in finished

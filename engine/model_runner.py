@@ -21,7 +21,7 @@ from pdcluster.engine.llama import LlamaModel
 from pdcluster.engine.logits_processors import stop_ids
 from pdcluster.engine.prefault import prefault
 from pdcluster.engine.request import Request
-from pdcluster.engine.sampler import History, make_generator, sample_rows
+from pdcluster.engine.sampler import History, make_generator, sample_rows, token_seed
 from pdcluster.engine.sampling_params import TokenLogprobs
 from pdcluster.engine.scheduler import ScheduledBatch
 from pdcluster.engine.spec.verify import accept_greedy, verify
@@ -199,7 +199,9 @@ class ModelRunner:
                 if r.params.has_penalties or r.params.min_tokens else None for r in reqs]
         toks, logprobs = sample_rows(logits, [r.params for r in reqs], [self._generator(r) for r in reqs], hist)
         for k in constrained:
-            self.grammars.accept(self.matchers[reqs[k].request_id], toks[k])
+            m = self.matchers[reqs[k].request_id]
+            self.grammars.accept(m, toks[k])
+            reqs[k].grammar_ended = m.is_terminated()   # a stop token of the grammar's own (engine/scheduler.py)
         for k, i in enumerate(want):
             out[i], lps[i] = toks[k], logprobs[k]
         return out, lps
@@ -293,6 +295,7 @@ class ModelRunner:
         m = self._matcher(req)
         for t in token_ids:
             self.grammars.accept(m, t)
+        req.grammar_ended = m.is_terminated()
 
     def _matcher(self, req: Request):
         if req.request_id not in self.matchers:
@@ -300,9 +303,13 @@ class ModelRunner:
         return self.matchers[req.request_id]
 
     def _generator(self, req: Request) -> torch.Generator | None:
-        if req.request_id not in self.generators:
-            self.generators[req.request_id] = make_generator(req.params)
-        return self.generators[req.request_id]
+        """req's RNG for the token it samples now; a seeded one at that token's own seed (engine/sampler.py)."""
+        g = self.generators.get(req.request_id)
+        if g is None:
+            g = self.generators[req.request_id] = make_generator(req.params)
+        if g is not None and req.params.seed is not None:
+            g.manual_seed(token_seed(req.params.seed, req.num_output_tokens))
+        return g
 
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)

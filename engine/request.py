@@ -56,6 +56,7 @@ class Request:
         self.num_preemptions = 0
         self.num_external_tokens = 0       # tokens the KV connector is loading (WAITING_FOR_REMOTE_KV)
         self.num_prefix_waits = 0          # times the scheduler passed it over: a running request was computing its next block
+        self.grammar_ended = False         # its response_format grammar accepted its last token: it stops there
         self.spec_token_ids: list[int] = []   # draft tokens this step verifies after token_ids (engine/spec/)
         self._hashes: list[int] = []    # chain hashes of the full blocks of token_ids
         # SamplingParams.prompt_logprobs: entry q - 1 is prompt token q's (q >= 1), filled as chunks compute

@@ -12,7 +12,10 @@ from, untruncated.
 
 Random rows use the exponential-race trick: argmax(p / E) with E ~ Exp(1) draws from p and needs
 one draw per vocabulary entry from the request's own generator, so a seeded request's tokens do
-not depend on what else is in the batch.
+not depend on what else is in the batch. A seeded request's generator is reseeded for each token
+(token_seed(seed, output index)): its stream is the same when a prefill worker samples the first
+token and a decode worker the rest, or a migration resumes it elsewhere (a generator made afresh
+there at the seed would repeat the first token's draws).
 """
 from __future__ import annotations
 
@@ -47,6 +50,15 @@ def clean_logits(logits: torch.Tensor) -> torch.Tensor:
         if bool(dead.any()):
             raise NonFiniteLogits(f"rows {dead.nonzero().flatten().tolist()} of the logits have no finite entry")
     return logits
+
+
+def token_seed(seed: int, index: int) -> int:
+    """The RNG seed of a seeded request's output token `index` (0: the first): a splitmix64 mix of both,
+    so the draws of every token are a function of (seed, index) alone, whichever engine samples it."""
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) % 2**63
 
 
 def make_generator(params: SamplingParams, device: str = "cpu") -> torch.Generator | None:

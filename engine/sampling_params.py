@@ -116,6 +116,9 @@ class SamplingParams:
                 raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {v!r}")
         if self.structured is not None:
             self.structured.validate()
+            if self.ignore_eos:             # the grammar's one way to end is EOS: past it nothing is allowed
+                raise ValueError("response_format cannot be combined with ignore_eos: the grammar ends the "
+                                 "output at its end-of-sequence token")
         if type(self.min_tokens) is not int or not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be an integer in [0, max_tokens], got {self.min_tokens!r}")
         for i, (t, b) in enumerate(self.logit_bias):

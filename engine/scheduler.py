@@ -419,6 +419,8 @@ class Scheduler:
             self.kv.pool.free(self.kv.pool.blocks[b] for b in reversed(extra))
 
     def stop_status(self, req: Request, tok: int) -> Status | None:
+        if req.grammar_ended:               # nothing may follow (a grammar whose stop tokens the engine's EOS
+            return Status("stop")           # set lacks would otherwise mask the next step from a finished matcher)
         reason = finish_reason(tok, req.num_output_tokens, req.num_tokens, req.params, req.eos_token_ids,
                                self.max_model_len)
         return Status(reason) if reason else None

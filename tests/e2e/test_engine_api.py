@@ -31,10 +31,10 @@ def test_sampling_params_validation(kw, field):
 
 def test_seeded_sampling_repeats_and_top_k_1_is_greedy(llm):
     p = ["Tell me a story about a dragon."] * 2
-    s = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
+    s = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)    # 16 tokens each
     a, b = llm.generate(p, s), llm.generate(p, s)
-    assert a[0].token_ids == b[0].token_ids == a[1].token_ids == b[1].token_ids
-    other = llm.generate(p[:1], SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=99))
+    assert a[0].token_ids == b[0].token_ids == a[1].token_ids == b[1].token_ids and len(a[0].token_ids) == 16
+    other = llm.generate(p[:1], SamplingParams(max_tokens=16, temperature=1.0, top_p=0.9, seed=99, ignore_eos=True))
     assert other[0].token_ids != a[0].token_ids
     g = llm.generate(p[:1], SamplingParams(max_tokens=12, temperature=0))[0].token_ids
     k1 = llm.generate(p[:1], SamplingParams(max_tokens=12, temperature=0.8, top_k=1, seed=5))[0].token_ids

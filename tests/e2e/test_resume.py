@@ -58,3 +58,70 @@ def test_outputs_that_cannot_resume_are_a_value_error_and_allocate_nothing(llm, 
     with pytest.raises(ValueError, match=match):
         llm.engine.add_request([1, 2, 3], params, output_ids=outputs)
     assert llm.engine.figures()["free_blocks"] == free and not llm.engine.has_work()
+
+
+def test_a_seeded_sampled_request_resumes_on_the_same_stream(llm):
+    """Each seeded token is drawn at its own seed (engine/sampler.token_seed). Before, a generator made
+    afresh where the request resumed (a decode worker after the prefill worker's first token, a
+    migration) restarted at the seed: its next token reused the first token's draws, and the stream
+    differed from the one engine's."""
+    prompt = llm.tokenizer.encode("Once upon a time, in a small village,", add_special_tokens=False)
+    p = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+    full, _ = run(llm.engine, prompt, p)
+    for k in (1, 5):                                          # the prefill worker's token, a migration's
+        assert run(llm.engine, prompt, p, full[:k])[0] == full
+    other, _ = run(llm.engine, prompt, replace(p, seed=8))
+    assert other != full                                      # the seed matters
+
+
+def test_a_stop_string_completed_by_the_last_allowed_token_is_the_finish_reason(llm):
+    """The detokenizer's stop string wins over the length the same step reached (as vLLM reports it)."""
+    prompt = llm.tokenizer.encode("1, 2, 3, 4,", add_special_tokens=False)
+    free = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0]
+    text = free.text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert stop.strip()
+    cut = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, stop=[stop]))[0]
+    n = len(cut.token_ids)
+    at_max = llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0, stop=[stop]))[0]
+    assert at_max.token_ids == cut.token_ids and at_max.finish_reason == cut.finish_reason == "stop"
+
+
+def test_response_format_with_ignore_eos_is_refused_and_a_finished_grammar_stops(llm):
+    """Before, the pair ran until the grammar ended, and the next step's mask from the finished grammar
+    failed the step: every request on the engine was aborted."""
+    s = StructuredOutput("json_schema", json.dumps(SCHEMA))
+    with pytest.raises(ValueError, match="response_format cannot be combined with ignore_eos"):
+        SamplingParams(max_tokens=30, structured=s, ignore_eos=True).validate()
+    prompt = llm.tokenizer.encode("Give a city and its population as JSON.", add_special_tokens=False)
+    out, reason = run(llm.engine, prompt, SamplingParams(max_tokens=60, temperature=0, structured=s))
+    assert reason == "stop" and json.loads(llm.tokenizer.decode(out, skip_special_tokens=True))
+
+
+def test_a_remote_first_token_that_finishes_the_request_releases_its_grammar(llm):
+    """start_remote's first token ends the request (a stop token): its grammar matcher goes with it.
+    Before, it stayed, and a later request with that id inherited the advanced grammar."""
+    from pdcluster.engine.kv_connector import KVConnector
+
+    class Landed(KVConnector):              # a transport that landed every reservation
+        def after_alloc(self, req, ids, n):
+            pass
+
+        def take_loaded(self, rid):
+            return None
+    eng, saved = llm.engine, llm.engine.connector
+    eng.connector = Landed()
+    try:
+        brace = llm.tokenizer.encode("{", add_special_tokens=False)[-1]
+        prompt = llm.tokenizer.encode("Give me a JSON object:", add_special_tokens=False)
+        s = StructuredOutput(kind="json_object")
+        eng.reserve_remote(prompt, SamplingParams(max_tokens=8, temperature=0, structured=s, stop_token_ids=(brace,)),
+                           "r1")
+        with pytest.raises(ValueError):
+            eng.start_remote("r1", brace)
+        assert "r1" not in eng.scheduler.requests and "r1" not in eng.runner.matchers
+        eng.reserve_remote(prompt, SamplingParams(max_tokens=8, temperature=0, structured=s), "r1")
+        eng.start_remote("r1", brace)       # a fresh grammar takes "{" again
+        eng.abort("r1")
+    finally:
+        eng.connector = saved
