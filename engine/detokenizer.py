@@ -28,6 +28,7 @@ class Detokenizer:
         self.min_tokens = min_tokens
         self.num_out = 0        # output tokens pushed so far
         self.floor = 0          # characters of text from the first min_tokens tokens: no stop string ends there
+        self._floor_due = 0     # the floor a first-min_tokens token that ended inside a character owes (0: none)
         self._backend = _rust_decoder(tokenizer)
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1
@@ -56,6 +57,8 @@ class Detokenizer:
         window, end = self._decode(self.ids[self.prefix:]), len(self.ids)
         if window.endswith("\ufffd"):  # an incomplete character: wait for more bytes
             if end - self.read < 4:
+                if self.num_out <= self.min_tokens:     # its text (to the whole character) is under the floor
+                    self._floor_due = len(self.text) + len(window.rstrip("\ufffd")) - len(prefix) + 1
                 return ""
             # 4 tokens on and still no whole character: the bytes before the last 3 tokens (an incomplete
             # character has at most 3 of its bytes) are what they are, invalid ones U+FFFD as in a full decode.
@@ -74,6 +77,9 @@ class Detokenizer:
         self.prefix, self.read = self.read, end
         if self.num_out <= self.min_tokens:
             self.floor = len(self.text)
+        elif self._floor_due:               # the character the last of them began, completed now
+            self.floor = max(self.floor, min(self._floor_due, len(self.text)))
+        self._floor_due = 0
         for s in self.stop:
             j = self.text.find(s, max(start, self.floor - len(s) + 1))
             if j != -1:

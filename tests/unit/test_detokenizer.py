@@ -116,3 +116,16 @@ def test_the_router_sends_no_token_past_the_one_that_completes_a_stop_string(tok
             if run.detok.stopped:
                 break
         assert sent == ids[:stop_at + 1] and run.out == sent and text + run.detok.flush() == " alpha beta "
+
+
+def test_min_tokens_floor_covers_a_character_its_last_token_began(tok):
+    """The first min_tokens tokens end inside a character ('日' is three byte tokens, the first with a
+    space): the stop string ' ' their text holds must not match. Before, the floor was left behind while
+    the character was incomplete and the stop matched inside the first min_tokens tokens."""
+    text = " — 日本 wörld"
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces = [tok.decode(ids[:k], skip_special_tokens=True) for k in range(1, len(ids) + 1)]
+    k = next(k for k, p in enumerate(pieces, 1) if p.endswith("\ufffd"))     # ' —', ' ' + '日''s first byte
+    d = Detokenizer(tok, tok.encode("Say:", add_special_tokens=False), stop=(" ",), min_tokens=k)
+    out = "".join(d.push([t]) for t in ids) + d.flush()
+    assert k == 2 and d.stopped and out == " — 日本"                     # cut at the first ' ' past ' — 日'
