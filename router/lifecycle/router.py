@@ -129,7 +129,10 @@ class Router:
         if c.max_queue_wait_s is None and deadline_s is None:
             return
         may_prefill = self.workers.loads_of("prefill") if c.remote_prefill else []
-        if not c.remote_prefill or c.policy == "cost-model" or n_prompt <= c.local_prefill_max_tokens:
+        cost = self.telemetry.cfg           # the cost model prefills locally only where its config lets it
+        local_ok = (cost.allow_local and (cost.local_max_tokens is None or n_prompt <= cost.local_max_tokens)
+                    if c.policy == "cost-model" else n_prompt <= c.local_prefill_max_tokens)
+        if not c.remote_prefill or local_ok:
             may_prefill += self.workers.loads_of("decode")          # a local prefill is an option too
         why = refusal(may_prefill, self.telemetry.prefill_tps, n_prompt, c.max_queue_wait_s, deadline_s)
         if why:

@@ -132,7 +132,7 @@ class Columns:
         if r >= self.nD:
             self.q[r] = max(w.queued_tokens, w.waiting_tokens) / rate
             return
-        self.q[r] = w.queued_tokens / rate
+        self.q[r] = max(w.queued_tokens, w.waiting_tokens) / rate    # its scheduler's backlog, ours or not
         n = max(w.running, w.in_flight)
         # (step_s on a prefill worker would create its perf as a decode's: decode rows only)
         step_n1 = tel.step_s(w, n + 1)

@@ -4,7 +4,7 @@ Options for a prompt of L tokens: every (prefill p, decode d) pair ("remote") an
 alone ("local": d prefills it itself). Estimates, in seconds (rates learned online, see Telemetry):
 
   remote(p, d) = queue_p + compute_p + tier_load_p + exposed + join_d + remote_overhead
-      queue_p    = tokens queued at p / rate_p
+      queue_p    = tokens queued at p / rate_p (the router's, or its scheduler's waiting ones if more)
       compute_p  = (L - cached at p) / rate_p
       transfer   = (L - cached at d) * wire bytes per token / bandwidth(p -> d)
                    (wire bytes: what the cluster's kv_compression puts on the wire, see
@@ -12,7 +12,7 @@ alone ("local": d prefills it itself). Estimates, in seconds (rates learned onli
       exposed    = max(transfer / num_layers, transfer - compute_p)   (layer-wise streaming hides
                    the rest behind the next layers' compute)
       join_d     = one decode step of d's running batch
-  local(d)     = queue_d + compute_d + tier_load_d + join_d  +  penalty
+  local(d)     = queue_d + compute_d + tier_load_d + join_d  +  penalty   (queue_d as queue_p)
       compute_d  = (L - cached at d) / local prefill rate of d
       penalty    = local_penalty * running_d * compute_d   (the decode stall its running requests
                    suffer while d prefills; a cost, not part of the TTFT)
@@ -257,7 +257,7 @@ class CostModel:
         n_d = max(d.running, d.in_flight)
         e = Estimate("local", None, d.worker_id, cached_tokens=cached_d, cached_tokens_decode=cached_d,
                      resident_tokens_decode=cached_d if resident_d is None else resident_d)
-        e.queue_s = d.queued_tokens / rate
+        e.queue_s = max(d.queued_tokens, d.waiting_tokens) / rate     # its scheduler's backlog, ours or not
         e.compute_s = (prompt_len - cached_d) / rate
         e.join_s = t.step_s(d, n_d)
         e.tier_load_s = load_d_s
@@ -436,7 +436,8 @@ class CostModel:
             if local_ok:        # estimate_local's cost, its float operations in its order
                 rate = tel.prefill_tps(d)
                 comp = (prompt_len - cd) / rate
-                cost = d.queued_tokens / rate + comp + load.get(d.worker_id, 0.0) + step_n + pen * n_d * comp
+                queue = max(d.queued_tokens, d.waiting_tokens) / rate
+                cost = queue + comp + load.get(d.worker_id, 0.0) + step_n + pen * n_d * comp
                 if dup_on and best_cached - cd > 0:
                     cost += c.duplicate_penalty * (best_cached - cd) / rate
                 stall = step_n + min(prompt_len - cd, chunk) / rate if n_d else 0.0

@@ -1,4 +1,6 @@
 """router/admission.py: the expected wait before a prefill starts, and the limit it is held to."""
+import pytest
+
 from pdcluster.router.admission import expected_wait_s, refusal
 from pdcluster.router.placement import WorkerLoad
 
@@ -55,3 +57,29 @@ def test_the_slo_check_reads_the_cost_models_own_estimate_else_the_chosen_worker
     why = slo_refusal(plain, loads, rate, 1000, 2.0)
     assert "4.00s" in why and "--admit-ttft (2s)" in why
     assert slo_refusal(priced, loads, rate, 1000, 0.3) and not slo_refusal(priced, loads, rate, 1000, 0.5)
+
+
+@pytest.mark.parametrize("cost, admitted", [("allow_local=False", False), ("local_max_tokens=256", False),
+                                            ("default", True)])
+def test_decode_workers_count_as_prefill_candidates_only_where_the_cost_model_may_prefill_locally(cost, admitted):
+    """Before, the cost-model policy always counted them: with local prefills off (or the prompt over
+    local_max_tokens) a request was admitted on an idle decode worker's wait, then placed behind a
+    500 s prefill backlog."""
+    from types import SimpleNamespace
+
+    from pdcluster.router.config import RouterConfig
+    from pdcluster.router.cost_config import CostConfig
+    from pdcluster.router.errors import Overloaded
+    from pdcluster.router.lifecycle.router import Router
+    kw = {"default": {}, "allow_local=False": {"allow_local": False}, "local_max_tokens=256": {"local_max_tokens": 256}}
+    kw = kw[cost]
+    r = Router(RouterConfig(max_queue_wait_s=30.0), None, (), 4096, cost_config=CostConfig(**kw))
+    r.workers.add("prefill", SimpleNamespace(worker_id="p0"))
+    r.workers.add("decode", SimpleNamespace(worker_id="d0"))
+    r.workers.loads["p0"].queued_tokens = 1_000_000                  # 500 s at the 2,000 tokens/s prior
+    r.workers.loads["d0"].num_blocks = r.workers.loads["d0"].free_blocks = 1000
+    if admitted:
+        r._admit_by_wait(2000, None)
+    else:
+        with pytest.raises(Overloaded, match="over --max-queue-wait"):
+            r._admit_by_wait(2000, None)

@@ -554,3 +554,17 @@ def test_estimate_as_dict_holds_its_fields_alone():
     assert e.cost_s == 1.5
     e.note = "extra"
     assert list(e.as_dict()) == [f.name for f in fields(Estimate)]
+
+
+def test_a_local_option_waits_behind_the_decode_workers_own_scheduler_queue():
+    """A decode worker whose scheduler reports 100,000 waiting prompt tokens (preempted requests to
+    recompute, say: none of them this router's queued ones) is not an idle place for a local prefill.
+    Before, a local option priced queued_tokens alone (the remote ones took the larger of the two), and
+    both decode workers looked idle. Every chooser (scalar estimates, the scan, the vectorized columns)."""
+    ds = [WorkerLoad("d0", "decode", num_blocks=4000, free_blocks=4000, prefill_tps=2000.0, waiting_tokens=100_000),
+          WorkerLoad("d1", "decode", num_blocks=4000, free_blocks=4000, prefill_tps=2000.0)]
+    cm = CostModel(CostConfig())
+    by = {e.decode: e for e in cm.estimates(200, [], ds, now=0.0)}
+    assert by["d0"].queue_s == pytest.approx(50.0) and by["d1"].queue_s == 0.0
+    for choose in (cm.choose, cm.choose_scan, cm.choose_exhaustive):    # the columns, the scan, every option
+        assert choose(200, [], ds, now=0.0).decode == "d1"
