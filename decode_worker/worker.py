@@ -218,7 +218,9 @@ class DecodeWorker:
 
     def status(self, drain_events: bool = False) -> WorkerStatus:
         """Load figures; with drain_events (the router's poll) also the block events since the last drain.
-        Each poll also sweeps expired reservations (queued on the engine thread, not waited for)."""
+        Each poll also sweeps expired reservations (queued on the engine thread, not waited for). Raises
+        once the engine thread has died: the router then counts the worker unhealthy."""
+        self.engine_thread.check_alive()
         self.engine_thread.call(self._expire_reservations)
         running, waiting = self.engine.queue_lengths()
         figures = self.engine.figures() | tier_load_counters(self.tiers, self.engine.kv_block_model_bytes())
@@ -229,8 +231,11 @@ class DecodeWorker:
                                tiers=tier_figures(self.tiers), pulls=PullFigures.of(self.connector.stats.as_dict()))
 
     def steps(self) -> int:
-        """Forward steps the engine has finished: rises while it works on anything."""
-        return self.engine.figures()["steps"]
+        """Forward steps the engine has finished, and its polls with work it could not schedule yet (no room
+        for a waiting prompt, loads in flight): rises while the engine thread lives and has anything to do.
+        Plain counters, read off the engine thread without walking its queues."""
+        self.engine_thread.check_alive()
+        return self.engine.stats.steps + self.engine.idle_polls
 
     def cached_hashes(self) -> CacheSnapshot:
         """Every cached chain hash by tier, at an event number: a full resync for the router's index."""

@@ -53,7 +53,18 @@ class EngineThread:
         return fut
 
     def run(self, fn: Callable[..., Any], *args, timeout: float | None = 60.0) -> Any:
+        self.check_alive()
         return self.call(fn, *args).result(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() or self._stop.is_set()
+
+    def check_alive(self) -> None:
+        """RuntimeError once the engine thread has died (a status poll that raises marks the worker
+        unhealthy: nothing it queues would ever run)."""
+        if not self.alive:
+            raise RuntimeError(f"engine thread died: {self.died!r}")
 
     def stop(self) -> None:
         self._stop.set()
@@ -77,7 +88,16 @@ class EngineThread:
             except queue.Empty:
                 return
 
+    died: BaseException | None = None     # what ended the engine thread, if anything did
+
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:      # not a step's failure (those are caught below): the loop's own;
+            self.died = e               # the thread ends, check_alive reports it
+            log.exception("engine thread died")
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             self._drain(block=not self.engine.has_work())
             if self._stop.is_set() or not self.engine.has_work():
@@ -87,10 +107,16 @@ class EngineThread:
             except Exception:
                 log.exception("engine step failed; aborting the running batch")
                 for req in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
-                    self.engine.abort(req.request_id)
+                    try:                # each on its own: one that fails must not end the loop (every
+                        self.engine.abort(req.request_id)       # later command would hang)
+                    except Exception:
+                        log.exception("aborting %s after the failed step failed too", req.request_id)
                     cb = self.listeners.pop(req.request_id, None)
                     if cb:
-                        cb(StepOutput(req, [], "", True))
+                        try:
+                            cb(StepOutput(req, [], "", True))
+                        except Exception:
+                            log.exception("listener for %s failed", req.request_id)
                 continue
             for o in outs:
                 rid = o.request.request_id

@@ -138,6 +138,7 @@ class LLMEngine:
         self.connector = connector or KVConnector()     # KV in and out of this engine (engine/kv_connector.py)
         self.detoks: dict[str, Detokenizer] = {}
         self.stats = StepStats()
+        self.idle_polls = 0             # steps that found work but nothing to schedule yet (room, loads)
         self.load_seconds = time.perf_counter() - t0
         log.info("engine ready: %s, %d KV blocks x %d tokens (%.0f MiB), %.1fs", cfg.model.name, n_blocks,
                  cfg.cache.block_size, self.runner.kv_cache_bytes() / 2**20, self.load_seconds)
@@ -330,8 +331,11 @@ class LLMEngine:
         sched.sends_done(conn.finished_sending())
         batch = sched.schedule()
         if not batch.reqs:
-            if sched.loading or sched.held:
-                time.sleep(0.001)       # only the connector can make progress: poll it, don't spin
+            if sched.loading or sched.held or sched.waiting:
+                # only the connector or a freed block can make progress: poll, don't spin; counted as the
+                # engine's own progress (a heartbeat's: alive and waiting, not stuck; decode_worker/worker.py)
+                self.idle_polls += 1
+                time.sleep(0.001)
             return []
         t0 = time.perf_counter()
         hook = None

@@ -200,7 +200,8 @@ class Scheduler:
 
     @property
     def num_waiting_tokens(self) -> int:
-        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+        # a copy first (one C call): status polls read this off the engine thread, which edits the queue
+        return sum(r.num_tokens - r.num_computed_tokens for r in list(self.waiting))
 
     # step
     def schedule(self) -> ScheduledBatch:

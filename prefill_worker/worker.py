@@ -120,7 +120,12 @@ class PrefillWorker:
             self.in_flight += 1
         try:
             self.engine_thread.run(add)
-            token, req, logprobs = done.result()
+            while True:                 # a died engine thread would never answer: its RPC thread must not wait on
+                try:
+                    token, req, logprobs = done.result(timeout=1.0)
+                    break
+                except TimeoutError:
+                    self.engine_thread.check_alive()
             t_prefill = time.perf_counter() - t0
             stats = None
             entry = self.engine_thread.run(lambda e: self.sends.pop(request_id))
@@ -174,7 +179,9 @@ class PrefillWorker:
         return serve_pull(self.engine_thread, transport, order, self.transfer_timeout_s, self.tiers, self.pull_stats)
 
     def status(self, drain_events: bool = False) -> WorkerStatus:
-        """Load figures; with drain_events (the router's poll) also the block events since the last drain."""
+        """Load figures; with drain_events (the router's poll) also the block events since the last drain.
+        Raises once the engine thread has died: the router then counts the worker unhealthy."""
+        self.engine_thread.check_alive()
         figures = self.engine.figures() | tier_load_counters(self.tiers, self.engine.kv_block_model_bytes())
         return WorkerStatus.of(self.worker_id, "prefill", self.incarnation, os.getpid(), figures,
                                self.events.drain() if drain_events else (None, ()), in_flight=self.in_flight,
