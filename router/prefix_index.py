@@ -391,6 +391,16 @@ class PrefixIndex:
         mask = self._lower.get(block_hash, {}).get(worker_id, 0)
         return frozenset(out | {t for t, b in _LOWER_BIT.items() if mask & b})
 
+    def first_pending(self, worker_id: str, hashes: list[int], n: int) -> int:
+        """The index of the first of hashes[:n] worker_id holds only tentatively (expected, not computed
+        yet); n if none."""
+        tentative = self._tentative.get(worker_id)
+        if tentative:
+            for i in range(min(n, len(hashes))):
+                if hashes[i] in tentative:
+                    return i
+        return n
+
     def pending(self, worker_id: str) -> frozenset[int]:
         """Blocks counted for worker_id only tentatively (expect()ed, no event confirmed them yet)."""
         return frozenset(self._tentative.get(worker_id, ()))

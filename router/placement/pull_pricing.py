@@ -151,7 +151,13 @@ def apply_pulls(model, estimates: list, prompt_len: int, hashes: list[int], hits
     extra = [w for w in loads if w not in hits]
     if extra:
         hits = hits | model.index.match_tiers(hashes, extra)
-    held = {w: h for w, h in hits.items() if h.total and w in loads}
+    held = {}
+    for w, h in hits.items():
+        if not h.total or w not in loads:
+            continue
+        k = model.index.first_pending(w, hashes, h.device)      # a pull is served from computed blocks only:
+        held[w] = h if k == h.device else TierHits(k, 0, 0)    # not from those a placement just sent it
+    held = {w: h for w, h in held.items() if h.total}
     if not held:
         return
     for e in estimates:

@@ -286,3 +286,18 @@ def test_status_tiers_set_the_spill_tier():
     assert poll(TierFigures("disk", capacity_blocks=8), TierFigures("host", capacity_blocks=4)) == "host"
     assert poll(TierFigures("host", capacity_blocks=0), TierFigures("disk", capacity_blocks=8)) == "disk"
     assert poll() == ""
+
+
+def test_blocks_a_placement_just_sent_to_the_holder_are_not_pulled_from_it():
+    """The holder serves pulls from blocks it has computed. Before, the tentative blocks place() counts
+    on a worker the moment it sends a prompt there were priced as pullable at link speed: the pull
+    failed on the holder (nothing there yet) and the puller recomputed after waiting for it."""
+    cm = model(link_bps=10e9)
+    assert choose(cm).estimate["pull_blocks"] == 125                        # computed: pulled (the control)
+    cm.index.apply("holder", "removed", HASHES[60:125], now=0.0)
+    cm.index.expect("holder", HASHES[:125], now=0.0)                        # 60 computed, 65 just expected
+    e = choose(cm).estimate
+    assert (e["pull_from"], e["pull_blocks"]) == ("holder", 60)
+    cm.index.apply("holder", "removed", HASHES[:60], now=0.0)
+    cm.index.expect("holder", HASHES[:125], now=0.0)                        # none computed: nothing to pull
+    assert choose(cm).estimate["pull_blocks"] == 0
