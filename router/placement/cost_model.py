@@ -38,7 +38,8 @@ chunk's step (step_s(running_d) + chunk / rate_d) <= tpot_slo_s. If no option pa
 cheapest KV-feasible one is taken anyway (estimate["tpot_ok"] False) unless `tpot_strict`. If no
 option is KV-feasible (every decode pool full now), the answer is the cheapest local one where it
 fits (a local prefill waits in d's own queue for blocks; a remote one needs its reservation now),
-marked `defer` when a remote prefill worker is usable (kv_full_defer): the router then waits for
+marked `defer` when a remote prefill worker is usable (kv_full_defer); where no local option may be
+taken (allow_local off, a prompt past local_max_tokens), the cheapest remote one, deferred: the router waits for
 room (asks again after each status poll) and takes the local fallback only after
 RouterConfig.place_wait_s, if set. Taken at once, that fallback collapsed a fleet whose decode
 workers prefill slowly (bench/RESULTS.md, "KV-full fallback").
@@ -351,6 +352,10 @@ class CostModel:
             pref = next((e for e in every if e.tpot_ok), every[0] if every else None)
             defer = kv_full_defer(self.cfg.kv_full_fallback, any(e.kind == "remote" for e in every),
                                   pref is not None and pref.kind == "remote")
+            if best is None:    # no local fallback (local prefills off, the prompt past local_max_tokens):
+                best = next((e for e in every if e.kind == "remote"             # wait for room on the
+                             and e.blocks_needed <= loads[e.decode].num_blocks), None)   # cheapest remote one
+                defer = best is not None
         if best is None:
             return None
         return Placement(best.prefill, best.decode, best.kind, best.as_dict() | {"options_kv_ok": len(ests)},
@@ -474,6 +479,8 @@ class CostModel:
             best = min((o for o in opts if o[3] == "local" and o[5] <= o[4].num_blocks),
                        key=lambda o: o[0], default=None)
             defer = kv_full_defer(c.kv_full_fallback, bool(ps), True)
+            if best is None and ps:     # no local fallback: the remote one, whose prices the scan skips
+                return self.choose_exhaustive(prompt_len, prefills, decodes, exclude, hashes=hashes, now=now)
         if best is None:
             return None
         d = best[4]

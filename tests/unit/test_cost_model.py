@@ -203,7 +203,8 @@ def test_full_decode_pool_excluded():
     assert (full.kind, full.decode, full.estimate["kv_ok"]) == ("local", "d0", False)
     assert cm.choose(2048, ps, ds, exclude={"d1"}).kind == "local"
     assert cm.choose(2048, ps, [replace(D("d0", free=10), num_blocks=100)]) is None   # would never fit
-    assert CostModel(cfg(allow_local=False)).choose(2048, ps, [D("d0", free=10)]) is None
+    off = CostModel(cfg(allow_local=False)).choose(2048, ps, [D("d0", free=10)])   # no local fallback: the
+    assert (off.kind, off.defer) == ("remote", True)                                # remote one, waiting for room
     assert cm.choose(100, ps, [D("d0", running=0, free=10)]).decode == "d0"   # a short one still fits
     fresh = WorkerLoad("d9", "decode")                                # never polled: capacity unknown
     assert cm.choose(2048, ps, [fresh]).decode == "d9"
@@ -568,3 +569,18 @@ def test_a_local_option_waits_behind_the_decode_workers_own_scheduler_queue():
     assert by["d0"].queue_s == pytest.approx(50.0) and by["d1"].queue_s == 0.0
     for choose in (cm.choose, cm.choose_scan, cm.choose_exhaustive):    # the columns, the scan, every option
         assert choose(200, [], ds, now=0.0).decode == "d1"
+
+
+@pytest.mark.parametrize("cfg", [dict(allow_local=False), dict(local_max_tokens=512)])
+def test_every_pool_full_without_a_local_fallback_waits_for_room_on_a_remote_option(cfg):
+    """Before, no option came back (the KV-full fallback was local only): place() answered UNAVAILABLE
+    at once though a remote placement fits as soon as a running request frees its blocks."""
+    ps = [WorkerLoad("p0", "prefill", prefill_tps=2e4)]
+    ds = [WorkerLoad("d0", "decode", num_blocks=1000, free_blocks=3, running=20)]
+    cm = CostModel(CostConfig(**cfg))
+    for choose in (cm.choose, cm.choose_scan, cm.choose_exhaustive):
+        got = choose(2000, ps, ds, now=0.0)
+        assert (got.kind, got.prefill, got.decode, got.defer) == ("remote", "p0", "d0", True)
+    assert CostModel(CostConfig()).choose(2000, ps, ds, now=0.0).kind == "local"     # local allowed: as before
+    ds[0].num_blocks = 100                                 # a pool that can never hold it: nothing
+    assert cm.choose(2000, ps, ds, now=0.0) is None
