@@ -11,27 +11,31 @@ prefill rates (router/telemetry.py; a worker's warm-up gives the first sample).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from pdcluster.router.placement import WorkerLoad
 
 
 def expected_wait_s(candidates: Iterable[WorkerLoad], prefill_tps: Callable[[WorkerLoad], float],
-                    own_tokens: int = 0) -> float | None:
+                    own_tokens: int = 0, cached: Mapping[str, float] | None = None) -> float | None:
     """Seconds until the best candidate would start a new prefill (own_tokens=0) or finish one of
-    own_tokens: (its backlog + own_tokens) / its prefill rate in tokens/s, the least over placeable
-    candidates. Backlog: the prompt tokens this router sent it and not yet prefilled, or what it
-    reported waiting, whichever is larger. None: no placeable candidate (placement answers that)."""
-    waits = [(max(w.queued_tokens, w.waiting_tokens) + own_tokens) / max(prefill_tps(w), 1e-9)
-             for w in candidates if w.placeable]
+    own_tokens: (its backlog + own_tokens - its cached tokens of them) / its prefill rate in tokens/s,
+    the least over placeable candidates. Backlog: the prompt tokens this router sent it and not yet
+    prefilled, or what it reported waiting, whichever is larger. cached: worker id -> tokens of the
+    prompt it holds. None: no placeable candidate (placement answers that)."""
+    cached = cached or {}
+    waits = [(max(w.queued_tokens, w.waiting_tokens) + max(0.0, own_tokens - cached.get(w.worker_id, 0.0)))
+             / max(prefill_tps(w), 1e-9) for w in candidates if w.placeable]
     return min(waits) if waits else None
 
 
 def refusal(candidates: Iterable[WorkerLoad], prefill_tps: Callable[[WorkerLoad], float], n_prompt: int,
-            max_queue_wait_s: float | None, deadline_s: float | None) -> str | None:
+            max_queue_wait_s: float | None, deadline_s: float | None,
+            cached: Mapping[str, float] | None = None) -> str | None:
     """Why a prompt of n_prompt tokens should be refused now, or None to admit it:
       - its prefill could not start within max_queue_wait_s, or
-      - its prefill could not finish (the first token) within the client's remaining deadline_s."""
+      - its prefill could not finish (the first token) within the client's remaining deadline_s (its
+        tokens each worker holds cached, `cached`, not computed again)."""
     candidates = list(candidates)
     if max_queue_wait_s is not None:
         wait = expected_wait_s(candidates, prefill_tps)
@@ -39,7 +43,7 @@ def refusal(candidates: Iterable[WorkerLoad], prefill_tps: Callable[[WorkerLoad]
             return (f"expected wait before the prefill starts is {wait:.1f}s, over --max-queue-wait "
                     f"({max_queue_wait_s:.1f}s): retry later or elsewhere")
     if deadline_s is not None:
-        first = expected_wait_s(candidates, prefill_tps, n_prompt)
+        first = expected_wait_s(candidates, prefill_tps, n_prompt, cached)
         if first is not None and first > deadline_s:
             return (f"expected time to the first token is {first:.1f}s, over the request's deadline "
                     f"({deadline_s:.1f}s left): retry later or elsewhere")

@@ -8,6 +8,7 @@ import asyncio
 import time
 import uuid
 
+from pdcluster.engine.hashing import block_hashes
 from pdcluster.engine.rules import blocks_for_lifetime
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.router.admission import refusal
@@ -72,7 +73,8 @@ class Router:
         first event; after it, failures end the stream with finish_reason "abort". deadline_s: the
         client's remaining time (None: none set)."""
         request_id = request_id or uuid.uuid4().hex
-        self._admit(request_id, len(prompt_ids), params.max_tokens, deadline_s)
+        self._admit(request_id, len(prompt_ids), params.max_tokens, deadline_s,
+                    prompt_ids if params.prompt_logprobs is None else None, cache_salt)   # no cache serves those
         self.in_flight.add(request_id)
         trace = Trace(time.perf_counter())
         self.metrics.admitted()
@@ -106,13 +108,14 @@ class Router:
                 log_request(request_id, trace, len(prompt_ids), ttft, e2e)
 
     # admission
-    def _admit(self, request_id: str, n_prompt: int, max_tokens: int, deadline_s: float | None) -> None:
+    def _admit(self, request_id: str, n_prompt: int, max_tokens: int, deadline_s: float | None,
+               prompt_ids: list[int] | None = None, cache_salt: str | None = None) -> None:
         """Refuse now what could never or not in time be served; the checks in the order a client sees them."""
         if request_id in self.in_flight:
             raise InvalidRequest(f"request_id {request_id!r} is already in flight", code="ALREADY_EXISTS")
         self._check_capacity(n_prompt, max_tokens)
         self.check_room()
-        self._admit_by_wait(n_prompt, deadline_s)
+        self._admit_by_wait(n_prompt, deadline_s, prompt_ids, cache_salt)
 
     def check_room(self) -> None:
         """Overloaded when the admission queue is full. The APIs ask before they tokenize a request
@@ -121,10 +124,12 @@ class Router:
             self.metrics.rejected("overloaded")
             raise Overloaded(f"admission queue full ({self.cfg.max_in_flight} requests in flight)")
 
-    def _admit_by_wait(self, n_prompt: int, deadline_s: float | None) -> None:
+    def _admit_by_wait(self, n_prompt: int, deadline_s: float | None, prompt_ids: list[int] | None = None,
+                       cache_salt: str | None = None) -> None:
         """Overloaded (RESOURCE_EXHAUSTED) now when the prompt's prefill could not start within
         --max-queue-wait, or its first token not come within the client's deadline
-        (router/admission.py)."""
+        (router/admission.py). The deadline's check credits each worker's cached prefix of prompt_ids
+        (the prefix index's device hits, discounted by its confidence, as the cost model counts them)."""
         c = self.cfg
         if c.max_queue_wait_s is None and deadline_s is None:
             return
@@ -134,7 +139,13 @@ class Router:
                     if c.policy == "cost-model" else n_prompt <= c.local_prefill_max_tokens)
         if not c.remote_prefill or local_ok:
             may_prefill += self.workers.loads_of("decode")          # a local prefill is an option too
-        why = refusal(may_prefill, self.telemetry.prefill_tps, n_prompt, c.max_queue_wait_s, deadline_s)
+        cached = None
+        if deadline_s is not None and prompt_ids and may_prefill:
+            hashes = block_hashes(prompt_ids, c.block_size, cache_salt)
+            now, bs = time.time(), c.block_size
+            cached = {w: min(n * bs, n_prompt - 1) * self.index.confidence(w, now)
+                      for w, n in self.index.match(hashes, [x.worker_id for x in may_prefill]).items()}
+        why = refusal(may_prefill, self.telemetry.prefill_tps, n_prompt, c.max_queue_wait_s, deadline_s, cached)
         if why:
             self.metrics.rejected("overloaded")
             raise Overloaded(why)

@@ -83,3 +83,27 @@ def test_decode_workers_count_as_prefill_candidates_only_where_the_cost_model_ma
     else:
         with pytest.raises(Overloaded, match="over --max-queue-wait"):
             r._admit_by_wait(2000, None)
+
+
+def test_the_deadline_check_credits_a_cached_prefix():
+    """A 20,000-token prompt all but its last block cached on an idle decode worker comes well within a
+    5 s deadline (the cost model says so too). Before, admission priced the whole prompt at the prefill
+    rate (10 s at the 2,000 tokens/s prior) and refused it on an idle cluster. The control: the same
+    length uncached is still refused."""
+    import time
+    from types import SimpleNamespace
+
+    from pdcluster.engine.hashing import block_hashes
+    from pdcluster.router.config import RouterConfig
+    from pdcluster.router.cost_config import CostConfig
+    from pdcluster.router.errors import Overloaded
+    from pdcluster.router.lifecycle.router import Router
+    r = Router(RouterConfig(block_size=16), None, (), 65536, cost_config=CostConfig(block_size=16))
+    r.workers.add("prefill", SimpleNamespace(worker_id="p0"))
+    r.workers.add("decode", SimpleNamespace(worker_id="d0"))
+    r.workers.loads["d0"].num_blocks = r.workers.loads["d0"].free_blocks = 4000
+    prompt = list(range(20_000))
+    r.index.apply("d0", "stored", block_hashes(prompt, 16)[:-1], seq=1, now=time.time())
+    r._admit_by_wait(len(prompt), 5.0, prompt)
+    with pytest.raises(Overloaded, match="over the request's deadline"):
+        r._admit_by_wait(len(prompt), 5.0, list(range(1, 20_001)))
