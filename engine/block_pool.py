@@ -70,6 +70,11 @@ class BlockPool:
     def num_free_blocks(self) -> int:
         return len(self.blank) + len(self.free_queue) + len(self.protected)
 
+    @property
+    def num_free_cached_blocks(self) -> int:
+        """Free blocks that hold a cached prefix block: counted free, yet a prompt that hits one takes it."""
+        return len(self.free_queue) + len(self.protected)
+
     def lookup(self, block_hash: int) -> Block | None:
         return self.cached.get(block_hash)
 

@@ -31,6 +31,10 @@ class KVCacheManager:
         return self.pool.num_free_blocks
 
     @property
+    def num_free_cached_blocks(self) -> int:
+        return self.pool.num_free_cached_blocks
+
+    @property
     def num_blocks(self) -> int:
         return self.pool.num_blocks
 

@@ -314,7 +314,8 @@ class LLMEngine:
     def figures(self) -> dict:
         """KV pool, queue, prefix-cache and step counters: what every worker reports to the router."""
         kv = self.kv
-        return dict(free_blocks=kv.num_free_blocks, num_blocks=kv.num_blocks,
+        return dict(free_blocks=kv.num_free_blocks, free_cached_blocks=kv.num_free_cached_blocks,
+                    num_blocks=kv.num_blocks,
                     waiting_tokens=self.scheduler.num_waiting_tokens, prefix_hits=kv.pool.hits,
                     prefix_queries=kv.pool.queries, **self.stats.as_dict())
 

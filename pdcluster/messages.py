@@ -155,6 +155,7 @@ class EngineFigures(Figures):
     """An engine's KV pool, queue, prefix-cache and cumulative step counters (LLMEngine.figures()).
     Counters start at 0 with the worker process and only rise; seconds are busy forward-step time."""
     free_blocks: int = 0
+    free_cached_blocks: int = 0     # of free_blocks, those holding a cached prefix block (a hit on one takes it)
     num_blocks: int = 0
     waiting_tokens: int = 0         # prompt tokens waiting in its scheduler
     prefix_hits: int = 0            # prompt tokens found in its prefix cache

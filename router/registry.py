@@ -161,6 +161,7 @@ class WorkerRegistry:
         w.incarnation = s.incarnation
         self.metrics.worker_status(worker_id, s)
         w.healthy, w.free_blocks, w.num_blocks = True, s.engine.free_blocks, s.engine.num_blocks
+        w.free_cached_blocks = s.engine.free_cached_blocks
         w.links = s.links                       # per-link transfer figures, kept for placement
         w.kv_address = s.kv_address or w.kv_address
         for e in s.block_events:

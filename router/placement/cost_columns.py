@@ -106,6 +106,7 @@ class Columns:
         self.pen_n = np.zeros(nD)               # local_penalty * nseq
         self.busy = np.zeros(nD)                # 1.0 where nseq > 0 (a local prefill stalls its batch)
         self.free_eff = np.zeros(nD, np.int64)  # free blocks; _ROOMY while the KV capacity is unknown
+        self.free_cached = np.zeros(nD, np.int64)   # of them, those holding cached blocks (cost_model.kv_fits)
         self.tpot_r = np.zeros(nD, bool)        # a remote option's TPOT guard: max(step at nseq + 1, 0) <= slo
         for r in range(n):
             self._fill(r)
@@ -140,5 +141,6 @@ class Columns:
         self.pen_n[r] = cm.cfg.local_penalty * n
         self.busy[r] = 1.0 if n else 0.0
         self.free_eff[r] = w.free_blocks if w.num_blocks > 1 else _ROOMY     # (capacity_known)
+        self.free_cached[r] = w.free_cached_blocks
         slo = cm.cfg.tpot_slo_s
         self.tpot_r[r] = slo is None or max(step_n1, 0.0) <= slo

@@ -75,8 +75,8 @@ def pick_guarded(opt, mask, guarded, nD, local_guard, slo, strict, chunk, L, cc,
 
 
 @njit(cache=True, nogil=True)
-def decide(L, need, nD, u, code, vals, blks, rate, q, zone, step_n, step_n1, pen_n, busy, free_eff, tpot_r,
-           pstarts, pzone, ginv, tt, tr_max, prank, dup_pen, local_ok, over, slo, local_guard, strict, chunk,
+def decide(L, need, nD, u, code, vals, blks, rate, q, zone, step_n, step_n1, pen_n, busy, free_eff, free_cached,
+           tpot_r, pstarts, pzone, ginv, tt, tr_max, prank, dup_pen, local_ok, over, slo, local_guard, strict, chunk,
            do_pick, terms, opt, mask, guarded, kv, best_p, wstart, ws, wdv, wpr, rows_buf):
     N = u.shape[0]
     nP = N - nD
@@ -95,7 +95,7 @@ def decide(L, need, nD, u, code, vals, blks, rate, q, zone, step_n, step_n1, pen
         b = need - blks[code[d]]
         if b < 0:
             b = 0
-        k = u[d] and free_eff[d] >= b
+        k = u[d] and free_eff[d] >= b + min(blks[code[d]], free_cached[d])     # cost_model.kv_fits
         kv[d] = k
         n_ud += u[d]
         n_kv += k
@@ -268,7 +268,7 @@ def warm() -> None:
     """Compile decide (and what it calls), or load it from numba's cache: one decision on one
     decode row and one prefill row."""
     f, i, b = np.ones(2), np.zeros(2, np.int64), np.ones(2, bool)
-    decide(16.0, 2, 1, b, i, np.zeros(1), np.zeros(1, np.int64), f, f, i, f[:1], f[:1], f[:1], f[:1], i[:1], b[:1],
+    decide(16.0, 2, 1, b, i, np.zeros(1), np.zeros(1, np.int64), f, f, i, f[:1], f[:1], f[:1], f[:1], i[:1], i[:1], b[:1],
            i[:1], i[:1], i[:1], np.zeros((2, 1, 1)), 0.0, i[:1], 0.0, True, 0.0, 0.0, False, False, 512.0, True,
            np.zeros((5, 2)), f.copy(), b.copy(), b.copy(), b[:1].copy(), i[:1].copy(), np.zeros(2, np.int64),
            np.zeros(1), np.zeros(1), np.zeros(1, np.int64), np.zeros(1, np.int64))

@@ -190,9 +190,10 @@ class CostModel:
         """(blocks needed, kv_ok, step seconds after, tpot_ok) of placing the prompt on d, resident_d of its tokens
         expected in d's device pool."""
         bs = self.cfg.block_size
-        blocks = max(0, blocks_at_first_token(prompt_len, bs) - int(resident_d // bs))
+        res = int(resident_d // bs)
+        blocks = max(0, blocks_at_first_token(prompt_len, bs) - res)
         after = max(self.telemetry.step_s(d, n_d + 1), stall_s)
-        return (blocks, not d.capacity_known or d.free_blocks >= blocks, after,
+        return (blocks, kv_fits(d, blocks, res), after,
                 self.cfg.tpot_slo_s is None or after <= self.cfg.tpot_slo_s)
 
     def _decode_checks(self, e: Estimate, d: WorkerLoad, prompt_len: int, n_d: int, stall_s: float) -> None:
@@ -434,8 +435,9 @@ class CostModel:
             n_d = max(d.running, d.in_flight)
             # d's verdicts, as _decode_verdicts gives them (local: stall = its chunk's step): the blocks d allocates
             # are all but its device hits (a host or disk hit loads into fresh ones), for either kind
-            blocks = max(0, need - int(resident.get(d.worker_id, 0.0) // c.block_size))
-            kv = kv_r = not d.capacity_known or d.free_blocks >= blocks
+            res = int(resident.get(d.worker_id, 0.0) // c.block_size)
+            blocks = max(0, need - res)
+            kv = kv_r = kv_fits(d, blocks, res)
             step_n, step_n1 = tel.step_s(d, n_d), tel.step_s(d, n_d + 1)
             kv_ok_count += (1 if local_ok and kv else 0) + (len(ps) if kv_r else 0)
             if local_ok:        # estimate_local's cost, its float operations in its order
@@ -497,6 +499,14 @@ class CostModel:
             e.duplicate_penalty_s = c.duplicate_penalty * (best_cached - e.cached_tokens) / rate
             e.cost_s += e.duplicate_penalty_s
         return Placement(e.prefill, e.decode, e.kind, e.as_dict() | {"options_kv_ok": kv_ok_count}, defer=defer)
+
+
+def kv_fits(d: WorkerLoad, blocks: int, resident_blocks: int) -> bool:
+    """d's pool holds a prompt that needs `blocks` new blocks beyond its resident_blocks device hits: its
+    free blocks (last reported) cover them and the hits that sit in free blocks too (a free cached block
+    counts as free, yet the prompt takes it: the engine's can_allocate, need + hits from free <= free;
+    which hits are free is not reported, so as many as can be). True while d's capacity is unknown."""
+    return not d.capacity_known or d.free_blocks >= blocks + min(resident_blocks, d.free_cached_blocks)
 
 
 # the KV-full fallback

@@ -29,13 +29,14 @@ class NumpyPricing:
             cc = vals_a.take(code)              # cached tokens per row
             best_cached = float(_MAX(cc * u))       # (cc >= 0)
             blocks = np.array([max(0, need - b) for b in blks], np.int64).take(code[:nD])
+            resident = np.array(blks, np.int64).take(code[:nD])
         else:
-            cc, best_cached, blocks = np.zeros(X.N), 0.0, need
+            cc, best_cached, blocks, resident = np.zeros(X.N), 0.0, need, 0
         dup_on = bool(c.duplicate_penalty and best_cached)
         local_ok = self._local_ok(prompt_len)
         n_ps = int(np.count_nonzero(u[nD:]))
         # decode verdicts (the local and remote option of d need the same blocks here: no lower tiers)
-        kv = X.free_eff >= blocks
+        kv = X.free_eff >= blocks + np.minimum(resident, X.free_cached)     # cost_model.kv_fits
         kv &= uD
         n_kv = int(np.count_nonzero(kv))
         kv_ok_count = (n_kv if local_ok else 0) + (n_ps * n_kv)

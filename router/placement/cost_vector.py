@@ -318,7 +318,7 @@ class VectorChooser(NumpyPricing):
                                            float(c.local_chunk_tokens))
         status, i, n_kv, n_ps, best_cached = k.decide(
             Lf, blocks_at_first_token(prompt_len, c.block_size), nD, u, code, vals_a, np.array(blks, np.int64),
-            X.rate, X.q, X.zone, X.step_n, X.step_n1, X.pen_n, X.busy, X.free_eff, X.tpot_r,
+            X.rate, X.q, X.zone, X.step_n, X.step_n1, X.pen_n, X.busy, X.free_eff, X.free_cached, X.tpot_r,
             X.pstarts, X.pzone, groups[1], tt, tr_max, X.prank_a, float(c.duplicate_penalty), bool(local_ok),
             float(c.remote_overhead_s), slo_f, guard, strict, chunk, not measured,
             B.terms, B.opt, B.mask, B.guarded, B.kv, B.best_p, B.wstart, B.ws, B.wdv, B.wpr, B.rows)

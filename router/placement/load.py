@@ -14,6 +14,8 @@ class WorkerLoad:
     in_flight: int = 0              # requests this router has on it now
     queued_tokens: int = 0          # prompt tokens this router sent and not yet finished (prefill)
     free_blocks: int = 0            # last reported (decode)
+    free_cached_blocks: int = 0     # of free_blocks, those holding cached prefix blocks: a prompt's hits among them
+                                    #   are counted free, yet the prompt takes them (cost_model.kv_fits)
     num_blocks: int = 1
     healthy: bool = True            # answered its last status poll
     incarnation: str | None = None  # the worker process's id as last reported; changes on a restart

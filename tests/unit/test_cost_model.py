@@ -584,3 +584,45 @@ def test_every_pool_full_without_a_local_fallback_waits_for_room_on_a_remote_opt
     assert CostModel(CostConfig()).choose(2000, ps, ds, now=0.0).kind == "local"     # local allowed: as before
     ds[0].num_blocks = 100                                 # a pool that can never hold it: nothing
     assert cm.choose(2000, ps, ds, now=0.0) is None
+
+
+def test_a_prompts_hits_in_free_cached_blocks_are_not_counted_free_as_well():
+    """The engine counts a free block that holds a cached prefix block as free, and a prompt hitting it takes
+    it (KVCacheManager.can_allocate: need + hits from free <= free). Before, the router took those hits off
+    the prompt's need and counted them free too: here 2 new blocks against 9 free said yes where the engine
+    says no (2 + 8 > 9), and the reservation came back NoRoom. Workers now report free_cached_blocks."""
+    from pdcluster.engine.kv_cache_manager import KVCacheManager
+    from pdcluster.engine.request import Request
+    from pdcluster.engine.sampling_params import SamplingParams
+    bs, nb = 16, 100
+    kv = KVCacheManager(nb, bs)
+    prefix = list(range(1000, 1000 + 8 * bs))                   # 8 blocks computed earlier, free now, cached
+    old = Request(prefix + [7], SamplingParams(max_tokens=1), block_size=bs)
+    kv.allocate(old, old.num_tokens)
+    old.num_computed_tokens = old.num_tokens
+    kv.cache_computed_blocks(old)
+    kv.free(old)
+    kv.allocate(Request(list(range(5000, 5000 + 91 * bs)), SamplingParams(max_tokens=1), block_size=bs), 91 * bs)
+    prompt = prefix + list(range(9000, 9000 + 2 * bs))         # 8 cached + 2 new blocks
+    req = Request(prompt, SamplingParams(max_tokens=4), block_size=bs)
+    hits = kv.computed_blocks(req)
+    assert len(hits) == 8 and not kv.can_allocate(req, req.num_prefill_tokens - 8 * bs, hits)
+    assert (kv.num_free_blocks, kv.num_free_cached_blocks) == (9, 8)
+    ix = PrefixIndex()
+    ix.apply("d0", "stored", block_hashes(prefix, bs), seq=1, now=0.0)
+    cm = CostModel(CostConfig(block_size=bs), ix)
+    d0 = WorkerLoad("d0", "decode", num_blocks=nb, free_blocks=kv.num_free_blocks,
+                    free_cached_blocks=kv.num_free_cached_blocks, prefill_tps=4000.0)
+    p0 = WorkerLoad("p0", "prefill", prefill_tps=20000.0)
+    hs = block_hashes(prompt, bs)
+    assert not any(e.kv_ok for e in cm.estimates(len(prompt), [p0], [d0], hashes=hs, now=0.0))
+    for choose in (cm.choose, cm.choose_scan, cm.choose_exhaustive):    # the KV-full fallback: wait for room
+        got = choose(len(prompt), [p0], [d0], hashes=hs, now=0.0)
+        assert got.defer and not got.estimate["kv_ok"]
+    d1 = WorkerLoad("d1", "decode", num_blocks=nb, free_blocks=nb, prefill_tps=4000.0, running=8)   # roomy, no hits
+    for choose in (cm.choose, cm.choose_scan, cm.choose_exhaustive):    # the columns (numba or numpy) too
+        assert choose(len(prompt), [], [d0, d1], hashes=hs, now=0.0).decode == "d1"
+    d0.free_cached_blocks = 0                                  # the hits in blocks another request holds: it fits
+    assert all(e.kv_ok for e in cm.estimates(len(prompt), [p0], [d0], hashes=hs, now=0.0))
+    for choose in (cm.choose, cm.choose_scan, cm.choose_exhaustive):
+        assert choose(len(prompt), [], [d0, d1], hashes=hs, now=0.0).decode == "d0"   # its hits: cheaper

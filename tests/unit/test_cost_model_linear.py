@@ -52,6 +52,7 @@ def fleet(rng: random.Random, ties: bool):
             running=rng.randint(0, 40), in_flight=rng.randint(0, 10), prefill_tps=rng.choice([None, 3e3, 1e4]),
             decode_step_s=rng.choice([None, (0.02, 0.002), (0.01, 0.01)]),
             num_blocks=rng.choice([1, 300, 2000]), free_blocks=rng.choice([0, 5, 150, 2000]),
+            free_cached_blocks=rng.choice([0, 0, 5, 150]),
             waiting_tokens=rng.choice([0, 300]), queued_tokens=rng.choice([0, 0, 900]))
         return WorkerLoad(f"d{i}", "decode", zone=rng.choice(zones), healthy=rng.random() > 0.1,
                           draining=rng.random() < 0.05, **kw)
@@ -127,7 +128,8 @@ def test_choose_equals_exhaustive_on_larger_fleets():
         ds = [WorkerLoad(f"d{i:02d}", "decode", zone=rng.choice(zones), running=rng.randint(0, 40),
                          in_flight=rng.randint(0, 10), prefill_tps=rng.choice([None, 3e3, 1e4]),
                          decode_step_s=rng.choice([None, (0.02, 0.002), (0.01, 0.01)]), num_blocks=2000,
-                         free_blocks=rng.choice([5, 150, 2000]), queued_tokens=rng.choice([0, 900]))
+                         free_blocks=rng.choice([5, 150, 2000]), free_cached_blocks=rng.choice([0, 5, 150]),
+                         queued_tokens=rng.choice([0, 900]))
               for i in rng.sample(range(99), rng.randint(10, 30))]
         if rng.random() < 0.3:
             ps.append(ds[0])
