@@ -179,8 +179,8 @@ class Cluster(Scaling):
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.router.cfg.status_interval_s)
-            try:
-                await self.router.refresh_loads()
+            try:        # a worker slow to answer keeps its poll going: the others are polled on time
+                await self.router.refresh_loads(wait_s=self.router.cfg.status_interval_s)
             except Exception:
                 log.exception("status poll failed")
 

@@ -30,7 +30,9 @@ class WorkerRegistry:
         self.decode: dict = {}                      # worker id -> DecodeClient
         self.loads: dict[str, WorkerLoad] = {}      # worker id -> what the router knows of it
         self._lists: dict[str, list[WorkerLoad]] = {}   # loads_of's lists, until membership changes (add / remove)
-        self.background: set[asyncio.Task] = set()  # aborts sent to lost workers, link probes
+        self.background: set[asyncio.Task] = set()  # aborts sent to lost workers, link probes, polls, resyncs
+        self._polls: dict[str, asyncio.Task] = {}   # worker id -> its status poll (refresh)
+        self._resyncs: dict[str, asyncio.Task] = {}  # worker id -> its prefix-index resync (refresh)
         self.prober = LinkProber(self)
         # role -> prompt tokens charged to that pool's workers, ever (the autoscaler's
         # prefill_utilization differences it over its window); a retried placement counts again
@@ -51,6 +53,8 @@ class WorkerRegistry:
         self.prefill.pop(worker_id, None)
         self.decode.pop(worker_id, None)
         self.loads.pop(worker_id, None)
+        self._polls.pop(worker_id, None)            # (a poll or resync still out finds it gone and ends)
+        self._resyncs.pop(worker_id, None)
         self._lists.clear()
         self.metrics.remove_worker(worker_id)
         self.index.remove_worker(worker_id)
@@ -110,42 +114,73 @@ class WorkerRegistry:
         return {"waited_s": waited, "stopped_busy": not idle, "left": left}
 
     # health and load
-    async def refresh(self) -> None:
+    async def refresh(self, wait_s: float | None = None) -> None:
         """Poll every worker's status at once (each poll bounded by the client's health timeout):
         free KV blocks, step timings (learned rates), link figures, and its prefix-cache block events
-        for the global index (resynced after a gap). A worker that misses the poll (dead, restarting,
-        hung) is unhealthy, so placement skips it, until it answers again; one that answers with a new
-        incarnation was restarted by Ray (max_restarts) and re-registers with an empty cache."""
-        now = time.time()
+        for the global index (resynced after a gap). A worker that misses the poll
+        (dead, restarting, hung) is unhealthy, so placement skips it, until it answers again; one that
+        answers with a new incarnation was restarted by Ray (max_restarts) and re-registers with an
+        empty cache. Each answer is taken in when it comes, stamped with that time. wait_s: return after
+        that long (the status loop's interval); a poll still out goes on and is taken in when it answers,
+        and its worker is not polled again meanwhile, so one slow worker never delays the others' polls;
+        so do resyncs (None: wait for every poll and resync)."""
         clients = dict(self.prefill) | dict(self.decode)
-        polls = await asyncio.gather(*(c.status(drain_events=True) for c in clients.values()), return_exceptions=True)
-        for worker_id, s in zip(clients, polls):
-            w = self.loads.get(worker_id)
-            if w is None:      # removed while the poll was out
-                continue
-            if isinstance(s, BaseException):
-                if w.healthy:
-                    log.warning("worker %s missed its status poll (%s): unhealthy until it answers", worker_id, s)
-                w.healthy = False
-                self.metrics.worker_status(worker_id, None)
-                continue
-            self._ingest(w, s, now)
+        out = []
+        for worker_id, c in clients.items():
+            t = self._polls.get(worker_id)
+            if t is None or t.done():
+                t = self._polls[worker_id] = self._spawn(self._poll(worker_id, c))
+            out.append(t)
+        if out:
+            await asyncio.wait(out, timeout=wait_s)
+        now = time.time()
         self.index.expire(now)
         self.prober.probe_idle_links(now)
         for worker_id in self.index.needs_resync():
-            if worker_id in clients:
-                try:
-                    snap = await clients[worker_id].cached_hashes()
-                    if worker_id not in self.loads:         # removed while the snapshot was out: nothing to index
-                        continue
-                    if isinstance(snap, CacheSnapshot):
-                        self.index.resync(worker_id, snap.device, seq=snap.seq, now=now,
-                                          lower={"host": snap.host, "disk": snap.disk})
-                    else:
-                        seq, hashes = snap
-                        self.index.resync(worker_id, hashes, seq=seq, now=now)
-                except Exception as e:
-                    log.warning("prefix index resync of %s failed: %s", worker_id, e)
+            t = self._resyncs.get(worker_id)
+            if worker_id in clients and (t is None or t.done()):
+                self._resyncs[worker_id] = self._spawn(self._resync(worker_id, clients[worker_id]))
+        pending = [t for t in self._resyncs.values() if not t.done()]
+        if wait_s is None and pending:      # waiting for every poll: for the resyncs too
+            await asyncio.wait(pending)
+
+    async def _poll(self, worker_id: str, client) -> None:
+        try:
+            s = await client.status(drain_events=True)
+        except Exception as e:
+            s = e
+        w = self.loads.get(worker_id)
+        if w is None or self.prefill.get(worker_id, self.decode.get(worker_id)) is not client:
+            return              # removed (or replaced) while the poll was out
+        if isinstance(s, BaseException):
+            if w.healthy:
+                log.warning("worker %s missed its status poll (%s): unhealthy until it answers", worker_id, s)
+            w.healthy = False
+            self.metrics.worker_status(worker_id, None)
+            return
+        self._ingest(w, s, time.time())
+
+    async def _resync(self, worker_id: str, client) -> None:
+        try:
+            snap = await client.cached_hashes()
+            if worker_id not in self.loads:         # removed while the snapshot was out: nothing to index
+                return
+            now = time.time()
+            if isinstance(snap, CacheSnapshot):
+                self.index.resync(worker_id, snap.device, seq=snap.seq, now=now,
+                                  lower={"host": snap.host, "disk": snap.disk})
+            else:
+                seq, hashes = snap
+                self.index.resync(worker_id, hashes, seq=seq, now=now)
+        except Exception as e:
+            log.warning("prefix index resync of %s failed: %s", worker_id, e)
+
+    def _spawn(self, coro) -> asyncio.Task:
+        """A task kept in `background` until it ends (close cancels what is left)."""
+        t = asyncio.ensure_future(coro)
+        self.background.add(t)
+        t.add_done_callback(self.background.discard)
+        return t
 
     def _ingest(self, w: WorkerLoad, s: WorkerStatus, now: float) -> None:
         """One answered poll: health (and a restart), load figures, index events, learned rates."""

@@ -54,8 +54,9 @@ class Router:
                             migrate_timeout_s: float = 60.0) -> dict:
         return await self.workers.retire(worker_id, stop, drain_timeout_s, migrate_timeout_s)
 
-    async def refresh_loads(self) -> None:
-        await self.workers.refresh()
+    async def refresh_loads(self, wait_s: float | None = None) -> None:
+        """Poll every worker (WorkerRegistry.refresh; wait_s: return then, slower polls going on)."""
+        await self.workers.refresh(wait_s)
 
     def ready(self) -> bool:
         return self.workers.ready()

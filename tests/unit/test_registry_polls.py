@@ -1,0 +1,66 @@
+"""router/registry.py refresh: each worker's status poll is taken in when it answers, and a slow one
+holds nobody else's. Before, refresh waited for the slowest poll (a hung or restarting worker: the 5 s
+health timeout) before taking in any: every healthy worker was polled every ~5.5 s instead of 0.5 s,
+its loads went stale and the prefix index counted it silent, discounting its cache hits. Stand-in
+worker handles (asyncio, no Ray) under the real Router, DecodeClient and status loop."""
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from pdcluster.deploy.launch import Cluster
+from pdcluster.messages import WorkerStatus
+from pdcluster.router.config import RouterConfig, Timeouts
+from pdcluster.router.lifecycle import Router
+from pdcluster.router.workers import DecodeClient
+
+pytestmark = pytest.mark.timeout(60)
+FIG = dict(free_blocks=500, num_blocks=1000, waiting_tokens=0, prefix_hits=0, prefix_queries=0, steps=0, tokens=0,
+           busy_s=0.0, prefill_tokens=0, prefill_s=0.0, decode_steps=0, decode_seqs=0, decode_s=0.0)
+
+
+class Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *a):
+        return asyncio.ensure_future(self.fn(*a))
+
+
+class Handle:
+    """A worker actor's handle: status answers at once, or never (hung)."""
+    def __init__(self, wid, hung, answered):
+        self.wid, self.hung, self.answered = wid, hung, answered
+        self.status, self.cached_hashes = Method(self._status), Method(self._snap)
+
+    async def _status(self, drain=False):
+        if self.hung:
+            await asyncio.sleep(3600)
+        self.answered.append(time.monotonic())
+        return WorkerStatus.of(self.wid, "decode", "inc", 1, FIG, (0, ()))
+
+    async def _snap(self):
+        return (0, [])
+
+
+def test_a_hung_worker_does_not_slow_the_others_polls_and_is_marked_unhealthy():
+    answered = []
+
+    async def go():
+        r = Router(RouterConfig(status_interval_s=0.2), None, (2,), 4096)
+        r.add_worker("decode", DecodeClient("decode-0", Handle("decode-0", False, answered), Timeouts(health_s=1.0)))
+        r.add_worker("decode", DecodeClient("decode-1", Handle("decode-1", True, []), Timeouts(health_s=1.0)))
+        poll = asyncio.ensure_future(Cluster._poll(SimpleNamespace(router=r)))
+        conf = []
+        for _ in range(12):
+            await asyncio.sleep(0.25)
+            conf.append(r.index.confidence("decode-0"))
+        poll.cancel()
+        await r.workers.close()
+        return r, conf
+    r, conf = asyncio.run(go())
+    gaps = [b - a for a, b in zip(answered, answered[1:])]
+    assert len(answered) >= 8 and max(gaps) < 0.8             # every ~0.2 s, not once per health timeout
+    assert min(conf) == 1.0                                    # never silent in the index
+    assert r.workers.loads["decode-0"].healthy and not r.workers.loads["decode-1"].healthy
