@@ -219,8 +219,9 @@ class DecodeWorker:
     def status(self, drain_events: bool = False) -> WorkerStatus:
         """Load figures; with drain_events (the router's poll) also the block events since the last drain.
         Each poll also sweeps expired reservations (queued on the engine thread, not waited for). Raises
-        once the engine thread has died: the router then counts the worker unhealthy."""
-        self.engine_thread.check_alive()
+        once the engine thread has died or while its steps keep failing: the router then counts the worker
+        unhealthy."""
+        self.engine_thread.check_healthy()
         self.engine_thread.call(self._expire_reservations)
         running, waiting = self.engine.queue_lengths()
         figures = self.engine.figures() | tier_load_counters(self.tiers, self.engine.kv_block_model_bytes())

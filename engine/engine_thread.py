@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
@@ -61,10 +62,18 @@ class EngineThread:
         return self._thread.is_alive() or self._stop.is_set()
 
     def check_alive(self) -> None:
-        """RuntimeError once the engine thread has died (a status poll that raises marks the worker
-        unhealthy: nothing it queues would ever run)."""
+        """RuntimeError once the engine thread has died: nothing it queues would ever run."""
         if not self.alive:
             raise RuntimeError(f"engine thread died: {self.died!r}")
+
+    def check_healthy(self) -> None:
+        """What a worker's status poll asks (one that raises marks the worker unhealthy: no placements):
+        check_alive, and RuntimeError while its steps keep failing (FAILING_STEPS in a row, the last
+        FAILING_FOR_S ago at most: each failure aborts its batch, and an emptied worker would draw the
+        next requests to the same end); after that long it takes requests again."""
+        self.check_alive()
+        if self.failed_steps >= self.FAILING_STEPS and time.monotonic() - self.last_failure < self.FAILING_FOR_S:
+            raise RuntimeError(f"engine steps failing: the last {self.failed_steps} failed")
 
     def stop(self) -> None:
         self._stop.set()
@@ -89,6 +98,10 @@ class EngineThread:
                 return
 
     died: BaseException | None = None     # what ended the engine thread, if anything did
+    failed_steps = 0                        # steps failed in a row (0 after one that succeeds)
+    last_failure = 0.0                      # time.monotonic() of the last failed step
+    FAILING_STEPS = 3                       # this many in a row, the last within FAILING_FOR_S: a failing engine
+    FAILING_FOR_S = 60.0
 
     def _run(self) -> None:
         try:
@@ -104,7 +117,10 @@ class EngineThread:
                 continue
             try:
                 outs = self.engine.step()
+                self.failed_steps = 0
             except Exception:
+                self.failed_steps += 1
+                self.last_failure = time.monotonic()
                 log.exception("engine step failed; aborting the running batch")
                 for req in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
                     try:                # each on its own: one that fails must not end the loop (every

@@ -180,8 +180,9 @@ class PrefillWorker:
 
     def status(self, drain_events: bool = False) -> WorkerStatus:
         """Load figures; with drain_events (the router's poll) also the block events since the last drain.
-        Raises once the engine thread has died: the router then counts the worker unhealthy."""
-        self.engine_thread.check_alive()
+        Raises once the engine thread has died or while its steps keep failing: the router then counts the
+        worker unhealthy."""
+        self.engine_thread.check_healthy()
         figures = self.engine.figures() | tier_load_counters(self.tiers, self.engine.kv_block_model_bytes())
         return WorkerStatus.of(self.worker_id, "prefill", self.incarnation, os.getpid(), figures,
                                self.events.drain() if drain_events else (None, ()), in_flight=self.in_flight,

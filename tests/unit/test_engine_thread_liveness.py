@@ -147,3 +147,25 @@ def test_the_waiting_queue_sums_while_the_engine_thread_changes_it():
         t.join()
         sys.setswitchinterval(old)
     assert errors == 0
+
+
+def test_an_engine_whose_steps_keep_failing_is_reported_until_it_has_not_failed_for_a_while(monkeypatch):
+    """Each failed step aborts its batch and empties the worker, which then drew the next requests (the
+    policies prefer an idle worker) to the same end while status said healthy. Now a status poll raises
+    after FAILING_STEPS failures in a row (the router marks the worker unhealthy) until FAILING_FOR_S
+    has passed since the last; a step that succeeds ends it at once. Commands still run meanwhile."""
+    eng = Failing()
+    et = EngineThread(eng)
+    for k in range(3):
+        et.run(lambda e, k=k: e.running.append(Req(f"r{k}")))
+        deadline = time.monotonic() + 5
+        while et.failed_steps < k + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if k < 2:
+            et.check_healthy()                                  # one or two failures: still healthy
+    with pytest.raises(RuntimeError, match="engine steps failing: the last 3 failed"):
+        et.check_healthy()
+    assert et.run(lambda e: "commands run", timeout=5) == "commands run"
+    monkeypatch.setattr(EngineThread, "FAILING_FOR_S", 0.0)    # that long without a failure: healthy again
+    et.check_healthy()
+    et.stop()
