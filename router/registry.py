@@ -87,7 +87,8 @@ class WorkerRegistry:
                      migrate_timeout_s: float = 60.0) -> dict:
         """Scale one worker down without dropping a request. `stop`: async, ends the worker process.
           1. drain: it takes no new placements (WorkerLoad.draining); wait up to drain_timeout_s for
-             the requests that hold it (in_flight: placing on it, prefilling or streaming) to finish;
+             the requests that hold it (in_flight: placing on it, prefilling or streaming) and the peer
+             pulls it serves (serving_s) to finish;
           2. still busy: stop it now. Its streams end as WorkerLost, so decode requests migrate (prompt
              + tokens sent, re-prefilled elsewhere) and prefills are placed again; wait up to
              migrate_timeout_s for them to leave;
@@ -262,9 +263,10 @@ class WorkerRegistry:
 
 
 async def _wait_idle(w: WorkerLoad, timeout_s: float, poll_s: float = 0.05) -> bool:
-    """True once no request holds `w`; False after timeout_s."""
+    """True once no request holds `w` and no peer pull it serves is out (its serving_s charge, a float:
+    a rounding residue is none); False after timeout_s."""
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while w.in_flight > 0:
+    while w.in_flight > 0 or w.serving_s > 1e-9:
         if asyncio.get_running_loop().time() >= deadline:
             return False
         await asyncio.sleep(poll_s)

@@ -110,3 +110,25 @@ def test_a_worker_removed_while_its_resync_is_out_stays_out_of_the_index():
     assert "d1" not in reg.loads
     assert index.workers == ["d0"] and index.holders(11) == {"d0"} and index.match([11, 12]) == {"d0": 2}
     assert "d1" not in index.needs_resync()
+
+
+def test_a_drain_waits_for_the_pulls_the_worker_serves():
+    """A draining holder still serves peer pulls ordered from it (charged as serving_s). Before, the drain
+    waited for its requests only, and stopped it mid-pull (the puller then recomputed). A rounding residue of
+    the float charge does not hold the drain."""
+    reg = WorkerRegistry(RouterConfig(), RouterMetrics(CollectorRegistry()), PrefixIndex(), Telemetry())
+    reg.add("decode", _Client("d0"))
+    w = reg.loads["d0"]
+    w.serving_s = 0.4                                       # a pull out
+    stopped = []
+
+    async def stop():
+        stopped.append(w.serving_s)
+
+    async def main():
+        async def pull_done():
+            await asyncio.sleep(0.2)
+            w.serving_s = 0.30000000000000004 - 0.1 - 0.2   # the charge taken back: ~5.6e-17 left
+        return (await asyncio.gather(reg.retire("d0", stop, drain_timeout_s=5.0), pull_done()))[0]
+    out = asyncio.run(main())
+    assert not out["stopped_busy"] and 0.15 < out["waited_s"] < 2.0 and stopped == [w.serving_s]
