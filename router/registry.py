@@ -33,6 +33,8 @@ class WorkerRegistry:
         self.background: set[asyncio.Task] = set()  # aborts sent to lost workers, link probes, polls, resyncs
         self._polls: dict[str, asyncio.Task] = {}   # worker id -> its status poll (refresh)
         self._resyncs: dict[str, asyncio.Task] = {}  # worker id -> its prefix-index resync (refresh)
+        self.retiring: set[str] = set()             # workers retire() is scaling down (their requests migrate
+                                                    #   without spending a retry: router/lifecycle/run.py)
         self.prober = LinkProber(self)
         # role -> prompt tokens charged to that pool's workers, ever (the autoscaler's
         # prefill_utilization differences it over its window); a retried placement counts again
@@ -96,6 +98,7 @@ class WorkerRegistry:
         Returns {"waited_s": seconds, "stopped_busy": bool, "left": requests still holding it at removal}."""
         w = self.loads[worker_id]
         w.draining = True
+        self.retiring.add(worker_id)
         clock = asyncio.get_running_loop()
         t0 = clock.time()
         log.info("draining %s: %d request(s) on it, waiting up to %.0fs", worker_id, w.in_flight, drain_timeout_s)

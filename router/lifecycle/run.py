@@ -48,6 +48,7 @@ class RequestRun:
         self.expected = None                # the current local attempt's index expectation, until its prefill ends
         self.cached = 0                     # prompt tokens served from a prefix cache (first attempt)
         self.migrations = 0
+        self.spent = 0                      # migrations counted against max_migrations (not a scale-down's)
         self.attempt_id = request_id        # the workers' id of the current attempt
         self.announced = False              # the client has had its first message (with the placement)
         self.finished = False               # the client has had its last message
@@ -142,6 +143,8 @@ class RequestRun:
         state, exclude the lost worker. False when every migration is spent and tokens were sent."""
         self.migrations += 1
         lost = e.worker_id if isinstance(e, WorkerLost) else None
+        if not (lost and lost in self.router.workers.retiring):     # a worker scaled down on purpose
+            self.spent += 1                                           # costs the request no retry
         log.warning("request %s: %s; migrating with %d tokens sent (attempt %d)", self.request_id, e, len(self.out),
                     self.migrations)
         if lost:
@@ -149,7 +152,7 @@ class RequestRun:
         self._unexpect()
         await self.router.workers.abort(self.attempt_id, self.holders, lost=lost)
         self.holders = []
-        if self.migrations > self.router.cfg.max_migrations:
+        if self.spent > self.router.cfg.max_migrations:
             if not self.out:
                 raise Unavailable(f"request {self.request_id}: every retry spent ({e})") from None
             return False

@@ -198,3 +198,36 @@ def test_a_local_prefill_whose_step_failed_takes_its_expectation_back():
         return [ev.finish_reason async for ev in r.generate(ids, SamplingParams(max_tokens=2), "a")]
     assert asyncio.run(go()) == ["abort"]
     assert not r.index.pending("decode-0") and r.index.match(block_hashes(ids, 16))["decode-0"] == 0
+
+
+class Finishing(Reserving):
+    """A decode worker that prefills and finishes the request in one item."""
+    async def stream(self, *args, **kw):
+        yield TokenItem([5], True, "length", 0)
+
+
+def test_a_scale_down_migrates_its_requests_without_spending_their_retries():
+    """retire() stops a busy worker on purpose: its requests migrate. Before, each such migration counted
+    against max_migrations (here 0), so a request on a scaled-down worker failed (UNAVAILABLE)."""
+    from pdcluster.router.config import RouterConfig
+    from pdcluster.router.lifecycle import Router
+
+    def fleet():
+        from types import SimpleNamespace
+        tok = SimpleNamespace(decode=lambda ids, **kw: "x" * len(ids))     # what the relay's detokenizer calls
+        r = Router(RouterConfig(policy="least-loaded", max_migrations=0, block_size=16), tok, (2,), 4096)
+        r.add_worker("decode", LostBeforeFirst("decode-0"))
+        r.add_worker("decode", Finishing("decode-1"))
+        for w in r.workers.loads.values():
+            w.num_blocks = w.free_blocks = 1000
+        r.workers.loads["decode-1"].in_flight = 1           # least-loaded: decode-0 first
+        return r
+
+    async def go(r):
+        return [ev.finish_reason async for ev in r.generate(list(range(1, 40)), SamplingParams(max_tokens=1), "a")]
+    r = fleet()
+    r.workers.retiring.add("decode-0")                      # being scaled down
+    assert asyncio.run(go(r)) == ["length"]                 # migrated to decode-1, served
+    r = fleet()                                             # the control: lost, not scaled down
+    with pytest.raises(Unavailable, match="every retry spent"):
+        asyncio.run(go(r))
