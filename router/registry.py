@@ -127,10 +127,13 @@ class WorkerRegistry:
         empty cache. Each answer is taken in when it comes, stamped with that time. wait_s: return after
         that long (the status loop's interval); a poll still out goes on and is taken in when it answers,
         and its worker is not polled again meanwhile, so one slow worker never delays the others' polls;
-        so do resyncs (None: wait for every poll and resync)."""
+        so do resyncs, and a worker is not polled while its resync is out (None: wait for every poll and
+        resync)."""
         clients = dict(self.prefill) | dict(self.decode)
         out = []
         for worker_id, c in clients.items():
+            if not _done(self._resyncs.get(worker_id)):
+                continue        # never beside its resync: events a poll drains meanwhile would be wiped by it
             t = self._polls.get(worker_id)
             if t is None or t.done():
                 t = self._polls[worker_id] = self._spawn(self._poll(worker_id, c))
@@ -141,8 +144,7 @@ class WorkerRegistry:
         self.index.expire(now)
         self.prober.probe_idle_links(now)
         for worker_id in self.index.needs_resync():
-            t = self._resyncs.get(worker_id)
-            if worker_id in clients and (t is None or t.done()):
+            if worker_id in clients and _done(self._resyncs.get(worker_id)) and _done(self._polls.get(worker_id)):
                 self._resyncs[worker_id] = self._spawn(self._resync(worker_id, clients[worker_id]))
         pending = [t for t in self._resyncs.values() if not t.done()]
         if wait_s is None and pending:      # waiting for every poll: for the resyncs too
@@ -263,6 +265,10 @@ class WorkerRegistry:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _done(task: asyncio.Task | None) -> bool:
+    return task is None or task.done()
 
 
 async def _wait_idle(w: WorkerLoad, timeout_s: float, poll_s: float = 0.05) -> bool:

@@ -64,3 +64,38 @@ def test_a_hung_worker_does_not_slow_the_others_polls_and_is_marked_unhealthy():
     assert len(answered) >= 8 and max(gaps) < 0.8             # every ~0.2 s, not once per health timeout
     assert min(conf) == 1.0                                    # never silent in the index
     assert r.workers.loads["decode-0"].healthy and not r.workers.loads["decode-1"].healthy
+
+
+def test_a_worker_is_not_polled_while_its_resync_is_out():
+    """A poll drains block events the worker never sends again; one taken in while the worker's resync
+    (a snapshot at an earlier event number) is out would be wiped by it. So the status loop skips the
+    worker until its resync has landed."""
+    from pdcluster.messages import CacheSnapshot, EngineFigures
+    calls = []
+
+    class Gapped:
+        worker_id = "d0"
+
+        async def status(self, drain_events=True):
+            calls.append(("status", time.monotonic()))
+            return WorkerStatus("d0", "decode", "inc", 1, EngineFigures(num_blocks=8), block_seq=5)
+
+        async def cached_hashes(self):
+            calls.append(("resync", time.monotonic()))
+            await asyncio.sleep(0.3)
+            calls.append(("resynced", time.monotonic()))
+            return CacheSnapshot(5, [11])
+
+    async def go():
+        r = Router(RouterConfig(), None, (2,), 4096)
+        r.workers.add("decode", Gapped())
+        for _ in range(8):
+            await r.workers.refresh(wait_s=0.05)
+            await asyncio.sleep(0.05)
+        await r.workers.close()
+        return r
+    r = asyncio.run(go())
+    start = next(t for k, t in calls if k == "resync")
+    end = next(t for k, t in calls if k == "resynced")
+    assert not [t for k, t in calls if k == "status" and start < t < end]     # no poll beside it
+    assert r.index.match([11]) == {"d0": 1} and r.index.is_exact("d0")
