@@ -10,16 +10,18 @@ Same answer, bit for bit: the same IEEE double operations in the same order as c
 numpy code (no fastmath, no reassociation), the same candidate bound, window and tie rules
 (cost_vector.py's module doc). Figures are finite (rates > 0), as the cost model's are.
 
-decide(...) -> (status, winner option or -1, KV-feasible decode rows, usable prefill rows, best cached)
-  status NO_DECODE: no usable decode row (choose answers None); SCAN: none KV-feasible (the
+decide(...) -> (status, winner option or -1, KV-feasible local options (0 where local is not allowed), KV-feasible
+  decode rows for a remote option, usable prefill rows, best cached)
+  status NO_DECODE: no usable decode row (choose answers None); SCAN: no option KV-feasible (the
   fallback's case: CostModel.choose_scan); PRICED: the buffers hold the prices, and with do_pick
   the winner: option i < nD is decode row i's local option, i >= nD decode row i - nD's remote one
   (its prefill-local row in best_p[i - nD]); -1: none passes (None).
 Buffers (the caller's, sized by the columns and the groups, written here):
   terms (5, N): [compute, queue + compute, add (prefill rows: duplicate + inf if unusable; the key
   adds it), cached tokens, duplicate penalty (0.0 where none)]; opt, mask, guarded (2 nD): option
-  costs, KV-feasible, and TPOT-guarded; kv (nD); best_p (nD); each group g's window (choose_scan's:
-  one entry per distinct (s, duplicate), lowest prefill id kept, by prefill id) in entries
+  costs, KV-feasible, and TPOT-guarded; kv (nD): each decode row's remote KV verdict; best_p (nD);
+  each group g's window (choose_scan's: one entry per distinct (s, duplicate), lowest prefill id
+  kept, by prefill id) in entries
   wstart[g]:wstart[g + 1] of ws (s), wdv (the duplicate its cost adds), wpr (prefill-local row);
   rows_buf (nP) scratch.
 """
@@ -88,24 +90,30 @@ def decide(L, need, nD, u, code, vals, blks, rate, q, zone, step_n, step_n1, pen
         cc[r] = c
         if u[r] and c > best_cached:
             best_cached = c
-    # decode verdicts
+    # decode verdicts (cost_model.kv_fits): a local option's into mask[d], a remote one's into kv[d]
     n_ud = 0
+    n_kl = 0
     n_kv = 0
     for d in range(nD):
         b = need - blks[code[d]]
         if b < 0:
             b = 0
-        k = u[d] and free_eff[d] >= b + min(blks[code[d]], free_cached[d])     # cost_model.kv_fits
+        kl = u[d] and free_eff[d] >= b
+        k = u[d] and free_eff[d] >= b + min(blks[code[d]], free_cached[d])
+        mask[d] = kl
         kv[d] = k
         n_ud += u[d]
+        n_kl += kl
         n_kv += k
     if n_ud == 0:
-        return NO_DECODE, -1, 0, 0, best_cached
+        return NO_DECODE, -1, 0, 0, 0, best_cached
     n_ps = 0
     for p in range(nD, N):
         n_ps += u[p]
-    if n_kv == 0:
-        return SCAN, -1, 0, n_ps, best_cached
+    if not local_ok:
+        n_kl = 0
+    if n_kl + n_ps * n_kv == 0:
+        return SCAN, -1, 0, 0, n_ps, best_cached
     # terms both roles price alike
     dup_on = dup_pen != 0.0 and best_cached != 0.0
     for r in range(N):
@@ -128,7 +136,6 @@ def decide(L, need, nD, u, code, vals, blks, rate, q, zone, step_n, step_n1, pen
             if dup_on:
                 v = v + dup0[d]
             opt[d] = v
-            mask[d] = kv[d]
         else:
             opt[d] = _INF
             mask[d] = False
@@ -146,7 +153,7 @@ def decide(L, need, nD, u, code, vals, blks, rate, q, zone, step_n, step_n1, pen
     i = -1
     if do_pick:
         i = pick_guarded(opt, mask, guarded, nD, local_guard, slo, strict, chunk, L, cc, rate, step_n, step_n1, busy)
-    return PRICED, i, n_kv, n_ps, best_cached
+    return PRICED, i, n_kl, n_kv, n_ps, best_cached
 
 
 @njit(cache=True, nogil=True)

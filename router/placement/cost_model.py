@@ -186,19 +186,19 @@ class CostModel:
         return max(transfer_s / max(self.cfg.num_layers, 1), transfer_s - compute_s)
 
     def _decode_verdicts(self, d: WorkerLoad, prompt_len: int, n_d: int, resident_d: float,
-                         stall_s: float) -> tuple[int, bool, float, bool]:
+                         stall_s: float, reserve: bool) -> tuple[int, bool, float, bool]:
         """(blocks needed, kv_ok, step seconds after, tpot_ok) of placing the prompt on d, resident_d of its tokens
-        expected in d's device pool."""
+        expected in d's device pool; reserve: a remote option's (kv_fits)."""
         bs = self.cfg.block_size
         res = int(resident_d // bs)
         blocks = max(0, blocks_at_first_token(prompt_len, bs) - res)
         after = max(self.telemetry.step_s(d, n_d + 1), stall_s)
-        return (blocks, kv_fits(d, blocks, res), after,
+        return (blocks, kv_fits(d, blocks, res, reserve), after,
                 self.cfg.tpot_slo_s is None or after <= self.cfg.tpot_slo_s)
 
     def _decode_checks(self, e: Estimate, d: WorkerLoad, prompt_len: int, n_d: int, stall_s: float) -> None:
         e.blocks_needed, e.kv_ok, e.step_s_after, e.tpot_ok = self._decode_verdicts(
-            d, prompt_len, n_d, e.resident_tokens_decode, stall_s)
+            d, prompt_len, n_d, e.resident_tokens_decode, stall_s, e.kind == "remote")
 
     def kv_codec(self, prompt_len: int, p: WorkerLoad, cached_d: float, measured_bps: float | None) -> str:
         """The codec p will pick for this transfer: p's own CompressionPolicy, on the figures p
@@ -437,7 +437,7 @@ class CostModel:
             # are all but its device hits (a host or disk hit loads into fresh ones), for either kind
             res = int(resident.get(d.worker_id, 0.0) // c.block_size)
             blocks = max(0, need - res)
-            kv = kv_r = kv_fits(d, blocks, res)
+            kv, kv_r = kv_fits(d, blocks, res, False), kv_fits(d, blocks, res, True)
             step_n, step_n1 = tel.step_s(d, n_d), tel.step_s(d, n_d + 1)
             kv_ok_count += (1 if local_ok and kv else 0) + (len(ps) if kv_r else 0)
             if local_ok:        # estimate_local's cost, its float operations in its order
@@ -501,12 +501,19 @@ class CostModel:
         return Placement(e.prefill, e.decode, e.kind, e.as_dict() | {"options_kv_ok": kv_ok_count}, defer=defer)
 
 
-def kv_fits(d: WorkerLoad, blocks: int, resident_blocks: int) -> bool:
-    """d's pool holds a prompt that needs `blocks` new blocks beyond its resident_blocks device hits: its
-    free blocks (last reported) cover them and the hits that sit in free blocks too (a free cached block
-    counts as free, yet the prompt takes it: the engine's can_allocate, need + hits from free <= free;
-    which hits are free is not reported, so as many as can be). True while d's capacity is unknown."""
-    return not d.capacity_known or d.free_blocks >= blocks + min(resident_blocks, d.free_cached_blocks)
+def kv_fits(d: WorkerLoad, blocks: int, resident_blocks: int, reserve: bool) -> bool:
+    """d's pool holds a prompt that needs `blocks` new blocks beyond its resident_blocks device hits. True
+    while d's capacity is unknown.
+    reserve (a remote option: d reserves the blocks when the prefill starts, or answers NoRoom): d's free
+    blocks (last reported) cover them and the hits that sit in free blocks too (a free cached block counts
+    as free, yet the prompt takes it: the engine's can_allocate, need + hits from free <= free; which hits
+    are free is not reported, so as many as can be).
+    Not reserve (a local prefill, which waits in d's own queue until its scheduler can allocate): the new
+    blocks alone. Counting the hits too would judge the prefix's holder full whenever its pool is full of
+    cached blocks, and send the prompt to a worker that recomputes it (bench/RESULTS.md, 12-07)."""
+    if not d.capacity_known:
+        return True
+    return d.free_blocks >= blocks + (min(resident_blocks, d.free_cached_blocks) if reserve else 0)
 
 
 # the KV-full fallback

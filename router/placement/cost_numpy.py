@@ -35,12 +35,14 @@ class NumpyPricing:
         dup_on = bool(c.duplicate_penalty and best_cached)
         local_ok = self._local_ok(prompt_len)
         n_ps = int(np.count_nonzero(u[nD:]))
-        # decode verdicts (the local and remote option of d need the same blocks here: no lower tiers)
-        kv = X.free_eff >= blocks + np.minimum(resident, X.free_cached)     # cost_model.kv_fits
+        # decode verdicts (cost_model.kv_fits; both options of d need the same blocks here: no lower tiers):
+        # kv_l a local option's, kv a remote one's (its hits in free cached blocks counted as taken too)
+        kv_l = (X.free_eff >= blocks) & uD
+        kv = X.free_eff >= blocks + np.minimum(resident, X.free_cached)
         kv &= uD
         n_kv = int(np.count_nonzero(kv))
-        kv_ok_count = (n_kv if local_ok else 0) + (n_ps * n_kv)
-        if not n_kv:
+        kv_ok_count = (int(np.count_nonzero(kv_l)) if local_ok else 0) + (n_ps * n_kv)
+        if not kv_ok_count:
             return SCAN                             # nothing KV-feasible: the fallback's case
         # terms both roles price alike: estimate_local's / estimate_remote's operations, all rows
         rem = L - cc
@@ -62,7 +64,7 @@ class NumpyPricing:
             ol += X.pen_n * comp[:nD]
             if dup_on:
                 ol += dup0[:nD]
-            mask[:nD] = kv
+            mask[:nD] = kv_l
         p_best = None
         if n_ps:
             groups = self._groups_for(code, memo, len(vals))

@@ -316,7 +316,7 @@ class VectorChooser(NumpyPricing):
         Lf, guard, slo_f, strict, chunk = (float(L), bool(local_ok and slo is not None),
                                            0.0 if slo is None else float(slo), bool(c.tpot_strict),
                                            float(c.local_chunk_tokens))
-        status, i, n_kv, n_ps, best_cached = k.decide(
+        status, i, n_kl, n_kv, n_ps, best_cached = k.decide(
             Lf, blocks_at_first_token(prompt_len, c.block_size), nD, u, code, vals_a, np.array(blks, np.int64),
             X.rate, X.q, X.zone, X.step_n, X.step_n1, X.pen_n, X.busy, X.free_eff, X.free_cached, X.tpot_r,
             X.pstarts, X.pzone, groups[1], tt, tr_max, X.prank_a, float(c.duplicate_penalty), bool(local_ok),
@@ -343,7 +343,7 @@ class VectorChooser(NumpyPricing):
                                X.rate, X.step_n, X.step_n1, X.busy)
         if i < 0:
             return None
-        kv_ok_count = (n_kv if local_ok else 0) + n_ps * n_kv
+        kv_ok_count = n_kl + n_ps * n_kv
         return self._placement(prompt_len, t, i, B.best_p, cc, best_cached, dup_on, kv_ok_count)
 
     def _window(self, s_row, k_row, rows_at, dupP, ccP, best_cached: float) -> list:

@@ -182,4 +182,5 @@ def apply_pulls(model, estimates: list, prompt_len: int, hashes: list[int], hits
         e.local_penalty_s = penalty
         # the TPOT guard on what d still computes: the tail's first chunk, not the whole prompt's
         stall = model.local_stall(d, n_d, e.compute_s * t.prefill_tps(d))
-        _, _, e.step_s_after, e.tpot_ok = model._decode_verdicts(d, prompt_len, n_d, e.resident_tokens_decode, stall)
+        _, _, e.step_s_after, e.tpot_ok = model._decode_verdicts(
+            d, prompt_len, n_d, e.resident_tokens_decode, stall, False)

@@ -586,11 +586,13 @@ def test_every_pool_full_without_a_local_fallback_waits_for_room_on_a_remote_opt
     assert cm.choose(2000, ps, ds, now=0.0) is None
 
 
-def test_a_prompts_hits_in_free_cached_blocks_are_not_counted_free_as_well():
+def test_a_reservations_hits_in_free_cached_blocks_are_not_counted_free_as_well():
     """The engine counts a free block that holds a cached prefix block as free, and a prompt hitting it takes
     it (KVCacheManager.can_allocate: need + hits from free <= free). Before, the router took those hits off
     the prompt's need and counted them free too: here 2 new blocks against 9 free said yes where the engine
-    says no (2 + 8 > 9), and the reservation came back NoRoom. Workers now report free_cached_blocks."""
+    says no (2 + 8 > 9), and the reservation came back NoRoom. Workers now report free_cached_blocks.
+    A local prefill is not a reservation: it waits in d's own queue, so its check is the new blocks alone
+    (counting the hits there sent prompts away from their prefix's holder: bench/RESULTS.md, 12-07)."""
     from pdcluster.engine.kv_cache_manager import KVCacheManager
     from pdcluster.engine.request import Request
     from pdcluster.engine.sampling_params import SamplingParams
@@ -610,19 +612,29 @@ def test_a_prompts_hits_in_free_cached_blocks_are_not_counted_free_as_well():
     assert (kv.num_free_blocks, kv.num_free_cached_blocks) == (9, 8)
     ix = PrefixIndex()
     ix.apply("d0", "stored", block_hashes(prefix, bs), seq=1, now=0.0)
+    remote_only = CostModel(CostConfig(block_size=bs, allow_local=False), ix)
     cm = CostModel(CostConfig(block_size=bs), ix)
     d0 = WorkerLoad("d0", "decode", num_blocks=nb, free_blocks=kv.num_free_blocks,
                     free_cached_blocks=kv.num_free_cached_blocks, prefill_tps=4000.0)
     p0 = WorkerLoad("p0", "prefill", prefill_tps=20000.0)
     hs = block_hashes(prompt, bs)
-    assert not any(e.kv_ok for e in cm.estimates(len(prompt), [p0], [d0], hashes=hs, now=0.0))
-    for choose in (cm.choose, cm.choose_scan, cm.choose_exhaustive):    # the KV-full fallback: wait for room
-        got = choose(len(prompt), [p0], [d0], hashes=hs, now=0.0)
+    est = {e.kind: e for e in cm.estimates(len(prompt), [p0], [d0], hashes=hs, now=0.0)}
+    assert not est["remote"].kv_ok and est["local"].kv_ok and est["local"].blocks_needed == 3     # + first token's
+    for choose in (remote_only.choose, remote_only.choose_scan, remote_only.choose_exhaustive):
+        got = choose(len(prompt), [p0], [d0], hashes=hs, now=0.0)       # the KV-full fallback: wait for room
         assert got.defer and not got.estimate["kv_ok"]
-    d1 = WorkerLoad("d1", "decode", num_blocks=nb, free_blocks=nb, prefill_tps=4000.0, running=8)   # roomy, no hits
-    for choose in (cm.choose, cm.choose_scan, cm.choose_exhaustive):    # the columns (numba or numpy) too
-        assert choose(len(prompt), [], [d0, d1], hashes=hs, now=0.0).decode == "d1"
+    d1 = WorkerLoad("d1", "decode", num_blocks=nb, free_blocks=nb, prefill_tps=4000.0)    # roomy, no hits
+    for choose in (remote_only.choose, remote_only.choose_scan, remote_only.choose_exhaustive):   # columns too
+        got = choose(len(prompt), [p0], [d0, d1], hashes=hs, now=0.0)
+        assert (got.kind, got.decode, got.defer) == ("remote", "d1", False)
+    for choose in (cm.choose, cm.choose_scan, cm.choose_exhaustive):    # local on the holder: its hits, cheaper
+        got = choose(len(prompt), [], [d0, d1], hashes=hs, now=0.0)
+        assert (got.kind, got.decode, got.defer) == ("local", "d0", False)
     d0.free_cached_blocks = 0                                  # the hits in blocks another request holds: it fits
     assert all(e.kv_ok for e in cm.estimates(len(prompt), [p0], [d0], hashes=hs, now=0.0))
+    for choose in (remote_only.choose, remote_only.choose_scan, remote_only.choose_exhaustive):
+        assert choose(len(prompt), [p0], [d0, d1], hashes=hs, now=0.0).decode == "d0"   # its hits: cheaper
+    d0.free_blocks = 2                                         # fewer than the 3 new blocks: full for either kind
+    assert not any(e.kv_ok for e in cm.estimates(len(prompt), [p0], [d0], hashes=hs, now=0.0))
     for choose in (cm.choose, cm.choose_scan, cm.choose_exhaustive):
-        assert choose(len(prompt), [], [d0, d1], hashes=hs, now=0.0).decode == "d0"   # its hits: cheaper
+        assert choose(len(prompt), [], [d0, d1], hashes=hs, now=0.0).decode == "d1"
