@@ -101,12 +101,7 @@ def cmd_serve(a) -> int:
         stop = asyncio.Event()
         print(f"starting pdcluster: {cfg.workers('prefill')} prefill + {cfg.workers('decode')} decode workers ...",
               flush=True)
-        cluster = Cluster(cfg)
-        try:
-            await cluster.start()
-        except BaseException:
-            await cluster.stop()     # whatever started (Ray, actors, servers) goes again
-            raise
+        cluster = await Cluster(cfg).start()     # on failure, whatever started (Ray, actors, servers) goes again
         if rules:
             cluster.start_autoscaler(rules, cfg.pools.autoscaler.interval_s)
         # after ray.init: Ray's driver installs its own fatal-signal handlers, ours must win

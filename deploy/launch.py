@@ -90,6 +90,15 @@ class Cluster(Scaling):
         self._autoscaler_task = None
 
     async def start(self) -> "Cluster":
+        """Start Ray (unless running), the workers, the router and its servers. On any failure what had
+        started is stopped again (stop()) before the error propagates."""
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> "Cluster":
         import ray
 
         from pdcluster.deploy.ray_env import runtime_env
@@ -131,8 +140,9 @@ class Cluster(Scaling):
                     if bar.disable:
                         log.info("worker %s ready (%d/%d)", st.worker_id, k, len(self.actors))
             except asyncio.TimeoutError:
-                for a in self.actors.values():
+                for a in self.actors.values():      # not loaded: killed at once (stop() would ask each to shut down)
                     ray.kill(a)
+                self.actors = {}
                 need = "GPU and " if c.engine.use_gpu else ""
                 raise RuntimeError(
                     f"workers did not start within {c.pools.start_timeout_s:.0f}s: does the Ray cluster have free "
@@ -184,11 +194,18 @@ class Cluster(Scaling):
             except Exception:
                 log.exception("status poll failed")
 
-    async def worker_status(self) -> dict[str, WorkerStatus]:
-        """{worker id: its WorkerStatus (pdcluster.messages)}."""
+    async def worker_status(self, timeout_s: float = 60.0) -> dict[str, WorkerStatus]:
+        """{worker id: its WorkerStatus (pdcluster.messages)}; TimeoutError naming the workers that did not
+        answer within timeout_s (a hung actor does not hang the caller)."""
         ids = list(self.actors)
-        res = await asyncio.gather(*(self.actors[i].status.remote() for i in ids))
-        return dict(zip(ids, res))
+        tasks = [asyncio.ensure_future(self.actors[i].status.remote()) for i in ids]
+        done, late = await asyncio.wait(tasks, timeout=timeout_s)
+        for t in late:
+            t.cancel()
+        if late:
+            raise TimeoutError(f"no status within {timeout_s:g}s from "
+                               + ", ".join(i for i, t in zip(ids, tasks) if t in late))
+        return {i: t.result() for i, t in zip(ids, tasks)}
 
     async def stop(self) -> None:
         import ray

@@ -99,3 +99,18 @@ def test_a_worker_is_not_polled_while_its_resync_is_out():
     end = next(t for k, t in calls if k == "resynced")
     assert not [t for k, t in calls if k == "status" and start < t < end]     # no poll beside it
     assert r.index.match([11]) == {"d0": 1} and r.index.is_exact("d0")
+
+
+def test_cluster_worker_status_names_a_hung_worker_instead_of_hanging():
+    """Cluster.worker_status (the benchmarks' and fault tests' snapshot) gave no bound: one hung actor hung it."""
+    async def go():
+        c = SimpleNamespace(actors={"decode-0": Handle("decode-0", False, []), "decode-1": Handle("decode-1", True, [])})
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"no status within 0.3s from decode-1$"):
+            await Cluster.worker_status(c, timeout_s=0.3)
+        late = time.monotonic() - t0
+        c.actors.pop("decode-1")
+        return late, await Cluster.worker_status(c, timeout_s=0.3)
+
+    late, ok = asyncio.run(go())
+    assert late < 2.0 and list(ok) == ["decode-0"] and ok["decode-0"].worker_id == "decode-0"
