@@ -24,8 +24,11 @@ Invariants
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Callable, Iterable
+
+log = logging.getLogger(__name__)
 
 
 class Block:
@@ -99,10 +102,9 @@ class BlockPool:
             b.reused = False
             b.ref_cnt = 1
             out.append(b)
-        if evicted and self.on_evict:
-            self.on_evict(evicted_ids, evicted)
-        if evicted and self.on_event:
-            self.on_event("removed", evicted)
+        if evicted:
+            _tell(self.on_evict, evicted_ids, evicted)
+            _tell(self.on_event, "removed", evicted)
         return out
 
     def touch(self, blocks: Iterable[Block]) -> None:
@@ -142,8 +144,7 @@ class BlockPool:
             return False
         block.block_hash = block_hash
         self.cached[block_hash] = block
-        if self.on_event:
-            self.on_event("stored", [block_hash])
+        _tell(self.on_event, "stored", [block_hash])
         return True
 
     def reset_prefix_cache(self, only: set[int] | None = None) -> None:
@@ -156,5 +157,16 @@ class BlockPool:
             self.protected.pop(b.block_id, None)         # uncached now: a blank block
             self.free_queue.pop(b.block_id, None)
             self.blank[b.block_id] = None
-        if removed and self.on_event:
-            self.on_event("removed", removed)
+        if removed:
+            _tell(self.on_event, "removed", removed)
+
+
+def _tell(observer: Callable | None, *args) -> None:
+    """Call an observer (a lower tier's copy-out, the router's event feed) after the pool's state is
+    whole: one that raises is logged, never lets the error undo or leak what the pool just did (an
+    allocate whose caller never got its blocks)."""
+    if observer is not None:
+        try:
+            observer(*args)
+        except Exception:
+            log.exception("block pool observer %r failed", observer)

@@ -191,3 +191,20 @@ def test_evicting_cached_blocks_tells_on_evict_first_with_their_ids():
     calls.clear()
     p.allocate(2)                             # free queue LRU: block 0 (uncached), then 1 (cached)
     assert calls == [("evict", [1], [11]), ("removed", [11])]
+
+
+def test_an_observer_that_raises_neither_leaks_the_allocated_blocks_nor_fails_the_caller(caplog):
+    """Before, a raising on_evict / on_event propagated out of allocate after its blocks were taken off the
+    free lists: the caller never got them, and they were lost to the pool for good."""
+    def boom(*_):
+        raise OSError("tier gone")
+
+    p = BlockPool(3, on_event=boom)
+    a = p.allocate(3)
+    assert p.cache_block(a[0], 11) and p.lookup(11) is a[0]      # cached, though the feed raised
+    p.free(a)
+    p.on_evict = boom
+    b = p.allocate(3)                                            # evicts 11: both observers raise
+    assert len(b) == 3 and p.num_free_blocks == 0 and p.lookup(11) is None
+    p.free(b)
+    assert p.num_free_blocks == 3 and sum("observer" in r.message for r in caplog.records) == 3
