@@ -120,6 +120,7 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
         self._held: set[str] = set()                   # ended during their load: freed when it stops
         self._done: list[tuple[str, bool]] = []
         self._in_step: list[_Load] = []                # in_step loads not yet all copied, oldest first
+        self._in_step_ids: set[str] = set()            # after_alloc chose in_step, load_in_step not yet asked
         self._layer_cv = threading.Condition(self._lock)   # a layer of an in_step load was issued
         self.loads = cfg.layerwise and (cfg.host_bytes > 0 or (self.disk_in_step and cfg.enabled))  # wait_layer wanted
         self._failed: list[str] = []                   # in_step loads that failed, not yet taken (failed_in_step)

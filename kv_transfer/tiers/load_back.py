@@ -83,6 +83,7 @@ class LoadBack:
                 job.reservation = reservation
                 if job.in_step:
                     self._in_step.append(job)
+                    self._in_step_ids.add(job.request_id)
                 self._loads[job.request_id] = job
         if job is None:
             return
@@ -115,9 +116,15 @@ class LoadBack:
             job.done.wait(timeout_s)
 
     def load_in_step(self, request) -> bool:
+        """after_alloc's choice for request (asked once, right after it). From the choice itself, not from the
+        job: the loader may have finished or failed the job already, and an in_step job is never reported
+        by finished_loading (its failure comes through failed_in_step), so a False there left the request
+        waiting for a load that had ended."""
         with self._lock:
-            job = self._loads.get(request.request_id)
-            return job is not None and job.in_step
+            if request.request_id in self._in_step_ids:
+                self._in_step_ids.discard(request.request_id)
+                return True
+            return False
 
     def wait_layer(self, layer: int) -> None:
         """Until layer `layer` of every in_step load is issued (engine thread, before that layer runs).
@@ -315,6 +322,7 @@ class LoadBack:
     def request_finished(self, request_id: str, block_ids: list[int]) -> bool:
         with self._lock:
             self._failed_reservations.discard(request_id)
+            self._in_step_ids.discard(request_id)
             job = self._loads.get(request_id)
             if job is None:
                 return False
@@ -325,6 +333,7 @@ class LoadBack:
     def request_aborted(self, request_id: str) -> None:
         with self._lock:
             self._failed_reservations.discard(request_id)
+            self._in_step_ids.discard(request_id)
             job = self._loads.get(request_id)
             if job is not None:
                 job.cancelled = True

@@ -414,3 +414,42 @@ def test_a_block_found_corrupt_while_its_write_batch_runs_is_not_announced_store
     assert replay(events, "disk") == held(tc, "disk") == set(hs[1:])
     assert events.unlocked == []
     tc.close()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_an_in_step_load_that_ends_before_load_in_step_is_asked_still_counts_as_in_step(fail, monkeypatch):
+    """The loader thread does not wait for the step: it may copy every layer (or fail) before the engine
+    thread asks load_in_step. That answered from the live job, so it said False: the scheduler parked the
+    request in `loading`, which only finished_loading releases, and that never names an in-step job: the
+    request waited for good. The answer is after_alloc's choice now. Real Scheduler and MultiConnector."""
+    from pdcluster.engine.config import SchedulerConfig
+    from pdcluster.engine.kv_cache_manager import KVCacheManager
+    from pdcluster.engine.kv_connector import KVConnector
+    from pdcluster.engine.request import Status
+    from pdcluster.engine.scheduler import Scheduler
+    from pdcluster.kv_transfer.tiers import MultiConnector
+    from tests.unit.test_kv_tiers import NB, tiers
+
+    tc, _events, _k, _v = tiers(None, host_blocks=16, layerwise=True)
+    try:
+        tc.evicted([0, 1, 2], req("a").block_hashes()[:3])
+        assert tc.wait_idle()                           # the prompt's first 3 blocks are in the host tier
+        if fail:
+            monkeypatch.setattr(tc, "_load_layers", lambda job: False)
+        conn = MultiConnector(tc, KVConnector())
+        sched = Scheduler(SchedulerConfig(), KVCacheManager(NB, BS), 64, conn)
+        orig = tc.after_alloc
+
+        def after_alloc(request, block_ids, n):          # the engine thread loses the CPU after queueing the load
+            orig(request, block_ids, n)
+            tc.wait_loaded(request.request_id, 10.0)
+        monkeypatch.setattr(tc, "after_alloc", after_alloc)
+        r = req("a2")
+        sched.add(r)
+        batch = sched.schedule()
+        assert r.request_id not in sched.loading and r.status == Status.RUNNING
+        assert [x.request_id for x in batch.reqs] == [r.request_id] and r.num_computed_tokens == 3 * BS
+        assert conn.failed_in_step() == ([r.request_id] if fail else [])    # a failure: recomputed, not lost
+        assert not tc._in_step_ids and conn.finished_loading() == []
+    finally:
+        tc.close()
