@@ -174,6 +174,8 @@ class DiskStore:
                 continue
             try:
                 h = int(p.name[:-len(SUFFIX)], 16)
+                if p.name != self.path(h).name:     # "0x..", "_", upper case: int() takes them, path(h) is not it
+                    raise ValueError(p.name)
                 entries.append((p.stat().st_mtime_ns, h, p))
             except (ValueError, OSError):
                 _remove(p)

@@ -453,3 +453,23 @@ def test_an_in_step_load_that_ends_before_load_in_step_is_asked_still_counts_as_
         assert not tc._in_step_ids and conn.finished_loading() == []
     finally:
         tc.close()
+
+
+def test_a_block_file_under_another_spelling_of_its_hash_is_not_announced_on_restart(tmp_path):
+    """int(name, 16) also takes "0x..", "_"-separated or upper-case names: such a file passed the header
+    check and was announced, yet loads read path(h), another name (a miss), and it never left the disk."""
+    from tests.unit.test_kv_tiers import tiers
+    tc, _, _, _ = tiers(tmp_path, host_blocks=0)
+    hs = req("a").block_hashes()[:2]
+    tc.evicted([0, 1], hs)
+    assert tc.wait_idle()
+    tc.close()
+    odd = tmp_path / f"0x{hs[1]:016x}.kvb"
+    (tmp_path / f"{hs[1]:016x}.kvb").rename(odd)
+    tc2, events, _, _ = tiers(tmp_path, host_blocks=0)
+    try:
+        assert tc2.tier_hashes()[1]["disk"] == [hs[0]] and not odd.exists()
+        assert tc2.figures()[0]["corrupt"] == 1 and sorted(p.name for p in tmp_path.glob("*.kvb")) == [
+            f"{hs[0]:016x}.kvb"]
+    finally:
+        tc2.close()
