@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from pdcluster.deploy.cli import HelpFormatter
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch threads")
     ap.add_argument("--batch", type=int, default=1, help="decode rows per step")
     ap.add_argument("--prompt-len", type=int, default=128, help="tokens per prompt")

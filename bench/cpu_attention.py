@@ -66,9 +66,12 @@ def add_shape_args(ap: argparse.ArgumentParser, blocks: int, threads: int, calls
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="decode rows per call")
-    ap.add_argument("--lens", type=int, nargs="+", default=[128, 256, 512], help="positions each row attends to")
+    from pdcluster.deploy.cli import HelpFormatter
+    from pdcluster.bench.outputs import Listed
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=Listed([1, 8, 32]), help="decode rows per call")
+    ap.add_argument("--lens", type=int, nargs="+", default=Listed([128, 256, 512]),
+                    help="positions each row attends to")
     add_shape_args(ap, blocks=8192, threads=2, calls=200)
     a = ap.parse_args(argv)
     from pdcluster.engine.attention import decode_attention

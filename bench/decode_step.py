@@ -31,7 +31,8 @@ import torch  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from pdcluster.deploy.cli import HelpFormatter
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2-135M)")
     ap.add_argument("--mode", default="gguf", choices=["gguf", "none", "int8", "int4"],
                     help="--quantization; gguf = unset (a GGUF file's own blocks stay packed)")

@@ -35,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from pdcluster.deploy.cli import HelpFormatter  # noqa: E402
+from pdcluster.bench.outputs import Listed  # noqa: E402
 
 
 def copy_bandwidth(nbytes: int = 256 * 2**20, reps: int = 5) -> float:
@@ -142,9 +143,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2-135M)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activations (both engines)")
-    ap.add_argument("--modes", nargs="+", default=["none", "int4", "int8"], choices=list(MODES),
+    ap.add_argument("--modes", nargs="+", default=Listed(["none", "int4", "int8"]), choices=list(MODES),
                     help="our engine's --quantization, one row each (GGUF int4: its Q4 weights as they are)")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="decode batch sizes, one row each")
+    ap.add_argument("--batches", type=int, nargs="+", default=Listed([1, 8, 32]),
+                    help="decode batch sizes, one row each")
     ap.add_argument("--prompt-len", type=int, default=128, help="decode rows' prompt tokens")
     ap.add_argument("--new-tokens", type=int, default=128, help="decode rows' output tokens (EOS ignored)")
     ap.add_argument("--prefill-seqs", type=int, default=8, help="prompts in the prefill row")

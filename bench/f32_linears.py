@@ -148,10 +148,12 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24, 32, 64, 128, 408],
+    from pdcluster.deploy.cli import HelpFormatter
+    from pdcluster.bench.outputs import Listed
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=Listed([1, 2, 4, 8, 16, 24, 32, 64, 128, 408]),
                     help="row counts M of x")
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts (linears part)")
+    ap.add_argument("--threads", type=int, nargs="+", default=Listed([1, 2]), help="torch thread counts (linears part)")
     ap.add_argument("--layers", type=int, default=30, help="distinct weights per shape")
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds per (threads, rows), sides alternating")
     ap.add_argument("--engine-threads", type=int, default=1, help="torch threads of the engine part")

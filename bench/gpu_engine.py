@@ -140,15 +140,18 @@ def throughput(path: str, batch: int, n: int, seed: int) -> dict:
 
 
 def main(argv=None) -> int:
+    from pdcluster.deploy.cli import HelpFormatter
+    from pdcluster.bench.outputs import Listed
     ap = argparse.ArgumentParser(prog="python -m pdcluster.bench.gpu_engine", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--tokenizer", required=True, help="folder with SmolLM2's tokenizer.json and its config")
     ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens compared per prompt")
     ap.add_argument("--seed", type=int, default=0, help="seeds the random model's weights and the prompts")
     ap.add_argument("--logit-scale", type=float, default=40.0, help="random embedding/head scale (peaked logits)")
-    ap.add_argument("--modes", nargs="*", default=["float32", "eager", "kv-int8", "w8a16", "w4a16", "spec-ngram"],
+    ap.add_argument("--modes", nargs="*",
+                    default=Listed(["float32", "eager", "kv-int8", "w8a16", "w4a16", "spec-ngram"]),
                     help="engine configurations to run, one row each")
-    ap.add_argument("--out", default="", help="write the rows as JSON here too")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here too")
     ap.add_argument("--cpu-smoke", action="store_true", help="check the script's plumbing on CPU (torch path, "
                     "2 layers, short runs); its figures mean nothing")
     a = ap.parse_args(argv)

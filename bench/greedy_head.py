@@ -132,8 +132,10 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16], help="hidden rows per call")
+    from pdcluster.deploy.cli import HelpFormatter
+    from pdcluster.bench.outputs import Listed
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=Listed([1, 2, 4, 8, 16]), help="hidden rows per call")
     ap.add_argument("--calls", type=int, default=20, help="calls per timed run")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per side (best taken)")
     ap.add_argument("--tokens", type=int, default=24, help="greedy tokens per prompt for the hidden rows")

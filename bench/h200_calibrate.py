@@ -28,10 +28,11 @@ def timed(fn, warm: int = 3, iters: int = 10) -> float:
 
 
 def main(argv=None) -> None:
+    from pdcluster.deploy.cli import HelpFormatter
     ap = argparse.ArgumentParser(prog="python -m pdcluster.bench.h200_calibrate", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--profile", default="H200", help="sim/hardware.py profile whose peaks the fractions use")
-    ap.add_argument("--out", default="", help="write the JSON here too")
+    ap.add_argument("--out", default=None, help="write the JSON here too")
     a = ap.parse_args(argv)
     import torch
     import torch.nn.functional as F

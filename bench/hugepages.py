@@ -110,8 +110,10 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 24, 96], help="rows per linear call")
+    from pdcluster.deploy.cli import HelpFormatter
+    from pdcluster.bench.outputs import Listed
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=Listed([1, 4, 24, 96]), help="rows per linear call")
     ap.add_argument("--repeats", type=int, default=9, help="linears part: passes per side, alternated")
     ap.add_argument("--repeats-engine", type=int, default=3, help="engine part: processes per side (0: skip)")
     outputs.add_args(ap)

@@ -164,11 +164,15 @@ def run_shape(variants, N: int, K: int, M: int, layers: int, reps: int, rounds: 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8], help="M: decode rows per call")
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts, one table block each")
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), help="NxK (out x in features)")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    from pdcluster.deploy.cli import HelpFormatter
+    from pdcluster.bench.outputs import Listed
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=Listed([1, 8]), help="M: decode rows per call")
+    ap.add_argument("--threads", type=int, nargs="+", default=Listed([1, 2]),
+                    help="torch thread counts, one table block each")
+    ap.add_argument("--shapes", nargs="+", default=Listed(SHAPES), help="weight shapes NxK (out x in features)")
+    ap.add_argument("--variants", nargs="+", default=Listed(VARIANTS), choices=VARIANTS,
+                    help="kernels to time (module doc), alternated within each round")
     ap.add_argument("--layers", type=int, default=30, help="distinct weights per shape and variant")
     ap.add_argument("--reps", type=int, default=20, help="passes over the weights per timed round")
     ap.add_argument("--rounds", type=int, default=5, help="rounds (variants alternate within each)")

@@ -117,9 +117,10 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv=None) -> int:
     from pdcluster.deploy.cli import HelpFormatter
+    from pdcluster.bench.outputs import Listed
     ap = argparse.ArgumentParser(prog="python -m pdcluster.bench.int8_head_rows", description=__doc__.split("\n\n")[0],
                                  formatter_class=HelpFormatter)
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 5, 8, 16], help="rows of x per call")
+    ap.add_argument("--rows", type=int, nargs="+", default=Listed([1, 2, 5, 8, 16]), help="rows of x per call")
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each path per row count, alternated")
     ap.add_argument("--calls", type=int, default=3, help="calls per timed run")
     ap.add_argument("--repeats-engine", type=int, default=3, help="engine generations per side (0: skip)")

@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pdcluster.deploy.cli import HelpFormatter  # noqa: E402
+from pdcluster.bench.outputs import Listed  # noqa: E402
 
 
 NO_GPU = ("pdcluster.bench.kernels needs an NVIDIA GPU (torch.cuda.is_available() is False on this machine).\n"
@@ -44,21 +45,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 epilog=__doc__[__doc__.index("    python"):])
     p.add_argument("--batch", type=int, default=64, help="decode batch (sequences)")
     p.add_argument("--context", type=int, default=4096, help="decode context per sequence (tokens)")
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--heads", type=int, default=32, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=8, help="KV heads (GQA groups)")
+    p.add_argument("--head-dim", type=int, default=128, help="elements per head")
     p.add_argument("--hidden", type=int, default=4096, help="rms_norm width")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    p.add_argument("--prefill-seqs", type=int, default=4)
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="dtype of activations, weights and KV cache")
+    p.add_argument("--prefill-seqs", type=int, default=4, help="sequences in the prefill attention call")
     p.add_argument("--prefill-len", type=int, default=2048, help="new tokens per prefill sequence (no prefix)")
     p.add_argument("--tokens", type=int, default=4096, help="rows for store_kv / rms_norm / rotary")
     p.add_argument("--pack-blocks", type=int, default=256, help="blocks per pack_kv / unpack_kv call")
-    p.add_argument("--linear-rows", type=int, nargs="*", default=[1, 16, 256],
+    p.add_argument("--linear-rows", type=int, nargs="*", default=Listed([1, 16, 256]),
                    help="rows of x for w4a16 / w8a16 (weight [4 * hidden, hidden], an MLP up projection)")
     p.add_argument("--num-splits", type=int, nargs="*", default=None,
-                   help="decode split-KV counts to time (default: the launcher's heuristic)")
-    p.add_argument("--only", nargs="*", choices=KERNELS, default=None, help="run only these kernels")
+                   help="decode split-KV counts to time (default: the launcher's heuristic only)")
+    p.add_argument("--only", nargs="*", choices=KERNELS, default=None, help="run only these kernels (default: all)")
     p.add_argument("--no-ref", action="store_true", help="skip the torch references (slow, memory hungry)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU under the interpreter")
     return p.parse_args(argv)

@@ -77,9 +77,9 @@ def _run(p: PrefillWorker, d: DecodeWorker, rid: str, ids: list[int], params: Sa
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--modes", default="off,auto,int8,fp8", help=f"comma-separated subset of {MODES}")
-    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--prompts", type=int, default=6, help="prompts sent through prefill, link and decode")
     ap.add_argument("--prompt-len", type=int, default=400, help="tokens per prompt (about)")
-    ap.add_argument("--output-len", type=int, default=16)
+    ap.add_argument("--output-len", type=int, default=16, help="greedy output tokens per prompt (EOS ignored)")
     ap.add_argument("--link-mbps", type=float, default=3.0, help="slow link's rate, MB/s (1 MB = 1e6 B)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     a = ap.parse_args(argv)

@@ -67,8 +67,9 @@ def one(mode: str, blocks: int, parent: str, staging: torch.Tensor) -> dict:
 
 
 def main(argv=None) -> int:
+    from pdcluster.deploy.cli import HelpFormatter
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--blocks", type=int, default=1000, help="blocks written and read per run")
     ap.add_argument("--rounds", type=int, default=3, help="runs of each mode, alternated")
     ap.add_argument("--dir", default=None, help="where to write (default: the system's temporary directory)")

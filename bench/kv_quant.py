@@ -41,20 +41,22 @@ def capacity_rows(model_cfg, kv_dtypes, block_size: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from pdcluster.deploy.cli import HelpFormatter
+    from pdcluster.bench.outputs import Listed
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2-135M)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--weights", nargs="+", default=["none", "int8", "int4"], choices=["none", "int8", "int4"],
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="activation dtype")
+    ap.add_argument("--weights", nargs="+", default=Listed(["none", "int8", "int4"]), choices=["none", "int8", "int4"],
                     help="weight quantization (engine/quant/), one engine each")
-    ap.add_argument("--kv", nargs="+", default=["auto", "int8"], choices=["auto", "int8", "fp8"],
+    ap.add_argument("--kv", nargs="+", default=Listed(["auto", "int8"]), choices=["auto", "int8", "fp8"],
                     help="KV cache dtype (engine/kv_quant.py), one engine each")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", type=int, nargs="+", default=Listed([1, 32]), help="decode batch sizes, one row each")
+    ap.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (random ids)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="output tokens per request (EOS ignored)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per (engine, batch) pair (median reported)")
     ap.add_argument("--kv-mib", type=int, default=256, help="KV cache budget per engine, MiB")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--out", default=None, help="write the results as JSON")
+    ap.add_argument("--out", default=None, help="write the results as JSON here (default: not written)")
     a = ap.parse_args(argv)
 
     from tqdm import tqdm

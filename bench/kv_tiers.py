@@ -179,7 +179,8 @@ def warm_restart(engine: LLMEngine, a, tmp: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from pdcluster.deploy.cli import HelpFormatter
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--requests", type=int, default=24, help="prompts per write-behind run")
     ap.add_argument("--concurrency", type=int, default=8, help="requests batched at a time (max_num_seqs)")
     ap.add_argument("--prompt-len", type=int, default=256, help="tokens per write-behind prompt")

@@ -67,10 +67,12 @@ def merge(pts: list[dict]) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    from pdcluster.deploy.cli import HelpFormatter
+    from pdcluster.bench.outputs import Listed
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("results", nargs="+", help="`bench scenario --out` results of one trace scenario")
-    ap.add_argument("--capacity", action="append", default=[], metavar="LABEL=REQ_S",
+    ap.add_argument("--capacity", action="append", default=Listed([]), metavar="LABEL=REQ_S",
                     help="a side's measured capacity, drawn as a line (repeat for several)")
     ap.add_argument("--target", type=float, default=2.0, help="the ratio target, drawn as a line (0: none)")
     ap.add_argument("--plot", default=None, help="write the PNG here")

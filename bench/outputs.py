@@ -29,3 +29,10 @@ def save(a: argparse.Namespace, result: dict, plot: Plot, draw: bool = True) -> 
         Path(a.out).write_text(json.dumps(result, indent=1))
     if a.plot and draw:
         plot(result, a.plot)
+
+
+class Listed(list):
+    """A list default that --help shows the way it is typed (`1 8 32`; `none` when empty), not as a Python list."""
+
+    def __str__(self) -> str:
+        return " ".join(map(str, self)) or "none"

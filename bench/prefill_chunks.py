@@ -113,10 +113,13 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--rows", type=int, nargs="+", default=[512, 768, 1024, 2048, 4096], help="rows per linear call")
+    from pdcluster.deploy.cli import HelpFormatter
+    from pdcluster.bench.outputs import Listed
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=Listed([512, 768, 1024, 2048, 4096]),
+                    help="rows per linear call")
     ap.add_argument("--repeats", type=int, default=3, help="linears part: passes per side, alternated")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[776, 1024, 1536, 2040],
+    ap.add_argument("--lengths", type=int, nargs="+", default=Listed([776, 1024, 1536, 2040]),
                     help="engine part: prompt tokens")
     ap.add_argument("--repeats-engine", type=int, default=3, help="engine part: prompts per side and length (0: skip)")
     outputs.add_args(ap)

@@ -93,11 +93,13 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--chunks", type=int, nargs="+", default=[8, 24, 96, 256], help="new rows of the chunk")
-    ap.add_argument("--contexts", type=int, nargs="+", default=[408, 1024, 3000],
+    from pdcluster.deploy.cli import HelpFormatter
+    from pdcluster.bench.outputs import Listed
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--chunks", type=int, nargs="+", default=Listed([8, 24, 96, 256]), help="new rows of the chunk")
+    ap.add_argument("--contexts", type=int, nargs="+", default=Listed([408, 1024, 3000]),
                     help="positions attended: cached prefix + the chunk")
-    ap.add_argument("--whole", type=int, nargs="*", default=[408, 1024, 2048],
+    ap.add_argument("--whole", type=int, nargs="*", default=Listed([408, 1024, 2048]),
                     help="whole prompts (no cached prefix) of these lengths too")
     add_shape_args(ap, blocks=4096, threads=1, calls=10)               # 1 thread: a serving worker's default
     ap.add_argument("--repeats-engine", type=int, default=8, help="engine part: repeats, paths alternating (0: skip)")

@@ -66,12 +66,13 @@ def main(argv=None) -> int:
     ap.add_argument("result", help="JSON written by `pdcluster bench scenario prefix-routing --out`")
     ds = SCENARIOS["prefix-routing"].dataset
     ap.add_argument("--prompts-per-group", type=int, default=None,
-                    help="default: the result's num_requests / num_groups")
-    ap.add_argument("--num-groups", type=int, default=ds["num_groups"])
-    ap.add_argument("--prefix-len", type=int, default=ds["prefix_len"])
-    ap.add_argument("--suffix-len", type=int, default=ds["suffix_len"])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vocab-size", type=int, default=49152, help="the model's (SmolLM2: 49152)")
+                    help="prompts per prefix group (default: the result's num_requests / --num-groups)")
+    ap.add_argument("--num-groups", type=int, default=ds["num_groups"],
+                    help="shared-prefix groups the scenario ran (to rebuild its prompts)")
+    ap.add_argument("--prefix-len", type=int, default=ds["prefix_len"], help="shared prefix tokens per group")
+    ap.add_argument("--suffix-len", type=int, default=ds["suffix_len"], help="per-prompt tokens after the prefix")
+    ap.add_argument("--seed", type=int, default=0, help="dataset seed the scenario ran with")
+    ap.add_argument("--vocab-size", type=int, default=49152, help="the model's vocabulary size, tokens (SmolLM2's)")
     a = ap.parse_args(argv)
     data = json.loads(Path(a.result).read_text())
     per_group = a.prompts_per_group or data["scenario"]["num_requests"] // a.num_groups

@@ -110,7 +110,8 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from pdcluster.deploy.cli import HelpFormatter
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--prefix-len", type=int, default=512, help="tokens of the pulled prefix (whole blocks)")
     ap.add_argument("--tail-len", type=int, default=32, help="tokens the puller computes after the prefix")
     ap.add_argument("--busy-len", type=int, default=1024, help="tokens of the holder's busy prompt (one step)")

@@ -101,8 +101,10 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 24, 96, 408], help="rows per linear call")
+    from pdcluster.deploy.cli import HelpFormatter
+    from pdcluster.bench.outputs import Listed
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=Listed([1, 4, 24, 96, 408]), help="rows per linear call")
     ap.add_argument("--repeats", type=int, default=7, help="linears part: passes per side, alternated")
     ap.add_argument("--repeats-engine", type=int, default=8, help="engine part: repeats per engine (0: skip)")
     ap.add_argument("--decode-tokens", type=int, default=32, help="engine part: decode steps timed after a hit")

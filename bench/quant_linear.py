@@ -24,6 +24,7 @@ import time
 
 import torch
 from pdcluster.deploy.cli import HelpFormatter  # noqa: E402
+from pdcluster.bench.outputs import Listed  # noqa: E402
 
 SHAPES = ((960, 576), (576, 576), (3072, 576), (576, 1536))
 LAYERS = 30
@@ -50,7 +51,8 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 32, 48, 64, 128, 512], help="rows of x per call")
+    ap.add_argument("--rows", type=int, nargs="+", default=Listed([1, 4, 16, 32, 48, 64, 128, 512]),
+                    help="rows of x per call")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per variant and row count (median)")
     ap.add_argument("--head", action="store_true", help="also time the 49152x576 LM head (f32, i4, i8)")
     a = ap.parse_args(argv)

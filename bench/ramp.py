@@ -199,22 +199,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter,
                                 epilog="Default pools config (--pools replaces it):\n\n" + POOLS_YAML)
-    p.add_argument("--steps", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.6, 1.2, 0.6, 0.2],
-                   help="request rate per step, req/s, comma-separated (default 0.2,0.6,1.2,0.6,0.2: "
-                        "one prefill replica saturates near 0.7 req/s of 256-token prompts on 2 shared cores)")
-    p.add_argument("--step-s", type=float, default=40.0, help="seconds per step (default 40)")
+    p.add_argument("--steps", type=lambda s: [float(x) for x in s.split(",")], default="0.2,0.6,1.2,0.6,0.2",
+                   help="request rate per step, req/s, comma-separated (one prefill replica saturates near "
+                        "0.7 req/s of 256-token prompts on 2 shared cores)")
+    p.add_argument("--step-s", type=float, default=40.0, help="seconds per step")
     p.add_argument("--tail-s", type=float, default=60.0,
-                   help="after the last step, wait up to this long for the pools to shrink to min (default 60)")
-    p.add_argument("--window-s", type=float, default=10.0, help="reporting window, seconds (default 10)")
-    p.add_argument("--input-len", type=int, default=256, help="prompt tokens, mean (+-25%%) (default 256)")
-    p.add_argument("--output-len", type=int, default=16, help="output tokens, mean (+-25%%) (default 16)")
+                   help="after the last step, wait up to this long for the pools to shrink to min, seconds")
+    p.add_argument("--window-s", type=float, default=10.0, help="reporting window, seconds")
+    p.add_argument("--input-len", type=int, default=256, help="prompt tokens, mean (+-25%%)")
+    p.add_argument("--output-len", type=int, default=16, help="output tokens, mean (+-25%%)")
     p.add_argument("--pools", default=None, help="pools YAML (deploy/pools.yaml format); default: the one below")
-    p.add_argument("--policy", default="least-loaded", help="placement policy (default least-loaded)")
+    p.add_argument("--policy", default="least-loaded", help="placement policy")
     p.add_argument("--kv-cache-mib", type=int, default=512,
-                   help="KV cache per worker, MiB (default 512: ~11k tokens of the embedded model in float32)")
-    p.add_argument("--drain-timeout-s", type=float, default=30.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench/ramp", help="writes OUT.json and OUT.png (default bench/ramp)")
+                   help="KV cache per worker, MiB (512: ~11k tokens of the embedded model in float32)")
+    p.add_argument("--drain-timeout-s", type=float, default=30.0,
+                   help="pools' drain_timeout_s: seconds a scaled-down replica's running requests get to "
+                        "finish before they migrate")
+    p.add_argument("--seed", type=int, default=0, help="seeds the arrivals and the prompts")
+    p.add_argument("--out", default="bench/ramp", help="writes OUT.json and OUT.png")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in ("pdcluster.router.lifecycle",):          # one line per request: too much for a progress bar

@@ -276,17 +276,19 @@ def plot(result: dict, path: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pdcluster.deploy.cli import HelpFormatter
     ap = argparse.ArgumentParser(prog="python -m pdcluster.bench.router_scale", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--workers", type=int, default=1000, help="workers in the sustained-rate fleet")
     ap.add_argument("--blocks", type=int, default=10_000_000, help="(worker, block) entries in its prefix index")
     ap.add_argument("--policies", default=",".join(POLICY_NAMES + (SCAN,)),
                     help=f"comma-separated placement policies ({SCAN}: the cost model's one-pass search)")
     ap.add_argument("--prompt-blocks", type=int, default=64, help="prompt length, blocks (sustained + workers sweep)")
-    ap.add_argument("--sweep-workers", default="10,100,1000,2000", help="workers sweep")
+    ap.add_argument("--sweep-workers", default="10,100,1000,2000", help="workers sweep, comma-separated worker counts")
     ap.add_argument("--sweep-entries-per-worker", type=int, default=500, help="index blocks per worker in sweeps")
-    ap.add_argument("--sweep-blocks", default="16,64,256,1024,2048", help="prompt-blocks sweep (at --sweep-fixed-workers)")
-    ap.add_argument("--sweep-fixed-workers", type=int, default=100)
+    ap.add_argument("--sweep-blocks", default="16,64,256,1024,2048",
+                    help="prompt-blocks sweep, comma-separated prompt lengths in blocks (at --sweep-fixed-workers)")
+    ap.add_argument("--sweep-fixed-workers", type=int, default=100, help="workers in the prompt-blocks sweep")
     ap.add_argument("--budget-s", type=float, default=0.5, help="seconds per timed cell (at least one decision)")
     ap.add_argument("--sustain-s", type=float, default=3.0, help="seconds per policy for the sustained rate")
     ap.add_argument("--lower-share", type=float, default=0.0,
@@ -294,12 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--churn", action="store_true",
                     help="sustained: each decision charges its workers as place() does and releases an older one")
     ap.add_argument("--churn-window", type=int, default=64, help="with --churn: decisions held at once")
-    ap.add_argument("--skip-sustained", action="store_true")
-    ap.add_argument("--skip-sweeps", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default="", help="write the results here")
-    ap.add_argument("--plot", default="", help="PNG of latency vs workers and vs prompt blocks")
-    ap.add_argument("--disable-tqdm", action="store_true")
+    ap.add_argument("--skip-sustained", action="store_true", help="skip the sustained-rate run")
+    ap.add_argument("--skip-sweeps", action="store_true", help="skip the workers and prompt-blocks sweeps")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the synthetic workload")
+    ap.add_argument("--json", default=None, help="write the results here as JSON")
+    ap.add_argument("--plot", default=None, help="PNG of latency vs workers and vs prompt blocks")
+    ap.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
     return ap
 
 

@@ -318,15 +318,16 @@ def print_summary(rows: list[Row], variants: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from pdcluster.deploy.cli import HelpFormatter
+    from pdcluster.bench.outputs import Listed
     p = argparse.ArgumentParser(prog="python -m pdcluster.bench.serving_overhead", description=__doc__.splitlines()[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS), help="clusters to measure")
+    p.add_argument("--setups", nargs="+", default=Listed(SETUPS), choices=list(SETUPS), help="clusters to measure")
     p.add_argument("--variant", action="append", default=None, metavar="NAME=DIR",
                    help="a code version: DIR first on PYTHONPATH (empty: the installed pdcluster); repeatable")
     p.add_argument("--probe", default="worker", choices=list(PROBES),
                    help="the engine probe runs as a worker runs its engine (its own thread, OpenMP threads "
                         "sleeping at barriers) or as bench/engine.py does (main thread, OpenMP threads spinning)")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="max requests in flight")
+    p.add_argument("--concurrency", type=int, nargs="+", default=Listed([1, 4, 16]), help="max requests in flight")
     p.add_argument("--rounds", type=int, default=3, help="batches per (concurrency, variant), alternating")
     p.add_argument("--num-prompts", type=int, default=4, help="requests per batch (at least the concurrency)")
     p.add_argument("--input-len", type=int, default=128, help="prompt tokens (random ids)")

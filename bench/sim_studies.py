@@ -228,15 +228,16 @@ def _jsonable(o):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pdcluster.deploy.cli import HelpFormatter
     ap = argparse.ArgumentParser(prog="python -m pdcluster.bench.sim_studies", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--trace", default=TRACE)
-    ap.add_argument("--model", default="llama-3-8b")
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--trace", default=TRACE, help="conversation trace JSONL (sim/trace.py format) to replay")
+    ap.add_argument("--model", default="llama-3-8b", help="simulated model profile (sim/models.py, case-insensitive)")
     ap.add_argument("--studies", default="a,b,c", help="comma-separated: a, a' (what explains a), b, "
                     "b' (the cost model's KV-full fallback), c")
     ap.add_argument("--duration-s", type=float, default=None, help="trace seconds to use (default: all)")
-    ap.add_argument("--slo-ttft-ms", type=float, default=2000.0)
-    ap.add_argument("--slo-tpot-ms", type=float, default=50.0)
+    ap.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="TTFT SLO, ms")
+    ap.add_argument("--slo-tpot-ms", type=float, default=50.0, help="TPOT SLO, ms")
     ap.add_argument("--attain", type=float, default=0.85, help="(a) SLO attainment that counts as 'at SLO'")
     ap.add_argument("--rates", default="0.5,0.75,1,1.25,1.5,2", help="(a) arrival-rate scales")
     ap.add_argument("--link-gbps", type=float, default=100.0, help="(a) the cross-datacenter link, Gb/s")
@@ -247,9 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--c-decode", type=int, default=6, help="(c) H20 decode instances (static; the autoscaler's max)")
     ap.add_argument("--c-min", type=int, default=3, help="(c) smallest static prefill pool tried (H200 TP2)")
     ap.add_argument("--c-max", type=int, default=9, help="(c) largest static prefill pool tried")
-    ap.add_argument("--c-attain", type=float, default=0.95)
-    ap.add_argument("--c-static", default="", help="(c) 'P,D': skip the static search, take this fleet (one an "
-                                                  "earlier search found) as the baseline")
+    ap.add_argument("--c-attain", type=float, default=0.95,
+                    help="(c) SLO attainment the static prefill pool must hold")
+    ap.add_argument("--c-static", default=None, help="(c) 'P,D': skip the static search, take this fleet (one an "
+                                                  "earlier search found) as the baseline (default: run the search)")
     ap.add_argument("--c-signal", default="prefill_utilization",
                     choices=("prefill_utilization", "queued_prompt_tokens_per_replica"), help="(c) prefill pool signal")
     ap.add_argument("--c-util-target", type=float, default=0.26,
@@ -270,14 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="(c) the decode pool's min_replicas (and start); default: --c-auto-min")
     ap.add_argument("--c-policies", default="cost-model,least-loaded", help="(c) placement policies (the first "
                                                                            "also for the static search)")
-    ap.add_argument("--c-up-delay", type=float, default=5.0)
-    ap.add_argument("--c-down-delay", type=float, default=120.0)
-    ap.add_argument("--c-cooldown", type=float, default=30.0)
+    ap.add_argument("--c-up-delay", type=float, default=5.0, help="(c) autoscaler upscale delay, seconds")
+    ap.add_argument("--c-down-delay", type=float, default=120.0, help="(c) autoscaler downscale delay, seconds")
+    ap.add_argument("--c-cooldown", type=float, default=30.0, help="(c) autoscaler cooldown after a change, seconds")
     ap.add_argument("--c-start-s", type=float, default=60.0, help="(c) seconds a new replica takes to load")
-    ap.add_argument("--json", default="")
-    ap.add_argument("--plot", default="")
+    ap.add_argument("--json", default=None, help="write the results here as JSON")
+    ap.add_argument("--plot", default=None, help="PNG of the studies' results")
     ap.add_argument("--progress", action="store_true", help="a tqdm bar per simulation")
-    ap.add_argument("--plot-from", default="", help="comma-separated result JSONs (of runs of different studies): "
+    ap.add_argument("--plot-from", default=None, help="comma-separated result JSONs (of runs of different studies): "
                                                     "merge them into --plot and run nothing")
     return ap
 

@@ -34,7 +34,7 @@ def variants_b(a, cfg: SimConfig) -> dict[str, tuple[SimConfig, bool]]:
     policies: dynamo-kv with Dynamo's request rejection (busy thresholds, --b-dynamo-busy), and
     policies with this router's TTFT-SLO admission (--b-admit-ttft, RouterConfig.admit_ttft_s)."""
     out = {p: (replace(cfg, policy=p), p in PUBLISHED) for p in POLICIES_B}
-    for spec in filter(None, a.b_dynamo_busy.split(",")):
+    for spec in filter(None, (a.b_dynamo_busy or "").split(",")):
         tokens, _, blocks = spec.partition(":")
         opts = (("busy_prefill_tokens", int(tokens)),) + ((("busy_decode_blocks", float(blocks)),) if blocks else ())
         out[f"dynamo-kv, rejection {spec}"] = (replace(cfg, policy="dynamo-kv", policy_options=opts), True)
@@ -105,7 +105,7 @@ def add_b_arguments(ap) -> None:
     ap.add_argument("--b-disk-gb", type=float, default=0.0, help="(b, b') GiB of disk KV tier per prefill instance")
     ap.add_argument("--b-decode-host-gb", type=float, default=0.0,
                     help="(b, b') GiB of host-memory KV tier per decode instance")
-    ap.add_argument("--b-dynamo-busy", default="",
+    ap.add_argument("--b-dynamo-busy", default=None,
                     help="(b) also dynamo-kv with Dynamo's request rejection, one row per busy-threshold pair "
                          "'prefill_tokens[:decode_blocks]', comma-separated (e.g. 32768:0.85); counted as published")
     ap.add_argument("--b-admit-ttft", type=float, default=0.0,

@@ -98,6 +98,7 @@ def plot(rows: dict, path: str) -> None:
 
 def main(argv=None) -> int:
     from pdcluster.deploy.cli import HelpFormatter
+    from pdcluster.bench.outputs import Listed
     ap = argparse.ArgumentParser(prog="python -m pdcluster.bench.spec_decode", description=__doc__,
                                  formatter_class=HelpFormatter)
     ap.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2-135M)")
@@ -111,7 +112,7 @@ def main(argv=None) -> int:
     ap.add_argument("--input-len", type=int, default=128, help="random prompts' tokens")
     ap.add_argument("--output-len", type=int, default=64, help="random prompts' output tokens (EOS ignored)")
     ap.add_argument("--concurrency", type=int, default=16, help="random-set requests in flight")
-    ap.add_argument("--workloads", nargs="+", choices=("copy", "random"), default=["copy", "random"],
+    ap.add_argument("--workloads", nargs="+", choices=("copy", "random"), default=Listed(["copy", "random"]),
                     help="which workloads to run")
     ap.add_argument("--repeats", type=int, default=2, help="on/off pairs per workload (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -113,7 +113,8 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from pdcluster.deploy.cli import HelpFormatter
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("--tier", choices=("host", "disk"), default="host", help="the lower tier the prefix loads from")
     ap.add_argument("--disk-dir", default=None, help="--tier disk: where its directories go (default: a temp dir)")
     ap.add_argument("--prefix-len", type=int, default=1024, help="tokens of the cached prefix (whole blocks)")

@@ -138,18 +138,18 @@ def sender_main(conn, args, grpc_port: int, tcp_port: int, raw_port: int, mc_por
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--layers", type=int, default=30, help="layers of KV sent (one K and one V tensor each)")
     ap.add_argument("--blocks", type=int, default=400, help="blocks per layer")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per block")
-    ap.add_argument("--kv-heads", type=int, default=3)
-    ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    ap.add_argument("--kv-heads", type=int, default=3, help="KV heads per token")
+    ap.add_argument("--head-dim", type=int, default=64, help="elements per head")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="KV cache dtype")
     ap.add_argument("--chunk-bytes", type=int, default=1 << 20, help="payload bytes per gRPC message")
     ap.add_argument("--tcp-chunk-bytes", type=int, default=None,
                     help="payload bytes per TCP frame (default: TcpKVTransport's)")
     ap.add_argument("--modes", default="grpc,tcp,raw", help="comma-separated subset of grpc,tcp,mooncake,raw")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="timed transfers per mode, alternated")
+    ap.add_argument("--seed", type=int, default=0, help="seeds the random KV tensors")
     args = ap.parse_args(argv)
     modes = [m for m in ("grpc", "tcp", "mooncake", "raw") if m in args.modes.split(",")]
     if "raw" not in modes or len(modes) < 2:

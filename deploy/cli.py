@@ -10,12 +10,12 @@ import sys
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows each option's default (not for on/off flags); an option unset by default says
-        "(default: none)" unless its help already tells what happens without it."""
+    """--help shows each option's default (not for on/off flags or required options); an option unset by
+        default says "(default: none)" unless its help already tells what happens without it."""
 
     def _get_help_string(self, action):
         h = action.help or ""
-        if ("%(default)" in h or not action.option_strings or action.default is False
+        if ("%(default)" in h or not action.option_strings or action.default is False or action.required
                 or action.default == argparse.SUPPRESS):
             return h
         if action.default is None:

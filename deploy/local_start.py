@@ -113,7 +113,7 @@ def ray_start_argv(entry: HostEntry, *, head: bool, address: str | None = None, 
         raise ValueError("give exactly one of head=True or address")
     argv = [ray, "start"]
     if head:
-        argv += ["--head", f"--port={port}"]
+        argv += ["--head", f"--port={port}", "--dashboard-host=127.0.0.1"]     # the dashboard stays on loopback
         if autoscaling_config:
             argv.append(f"--autoscaling-config={os.path.expanduser(autoscaling_config)}")
     else:
@@ -134,12 +134,14 @@ def _ray_executable() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pdcluster.deploy.local_start", description=__doc__.split("\n\n")[0])
+    from pdcluster.deploy.cli import HelpFormatter
+    ap = argparse.ArgumentParser(prog="python -m pdcluster.deploy.local_start", description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--map", required=True, help="host-to-pool map (deploy/local-hosts.yaml)")
     role = ap.add_mutually_exclusive_group(required=True)
     role.add_argument("--head", action="store_true", help="start the head node")
-    role.add_argument("--address", help="join the head at HOST:PORT (worker nodes)")
-    ap.add_argument("--port", type=int, default=6379, help="head: GCS port (default 6379)")
+    role.add_argument("--address", help="join the head at HOST:PORT (worker nodes; required without --head)")
+    ap.add_argument("--port", type=int, default=6379, help="head: GCS port")
     ap.add_argument("--autoscaling-config", default=None, help="head: Ray's bootstrap config (ray up sets it)")
     ap.add_argument("--ip", default=None, help="this host's key in the map (default: found from local addresses)")
     ap.add_argument("--dry-run", action="store_true", help="print the command instead of running it")

@@ -164,7 +164,8 @@ def test_host_map_to_ray_start_per_host():
     hosts = load_host_map(DEPLOY / "local-hosts.yaml")
     cfg = load("cluster-local.yaml")
     head = ray_start_argv(hosts[cfg["provider"]["head_ip"]], head=True, autoscaling_config="/b.yaml")
-    assert head == ["ray", "start", "--head", "--port=6379", "--autoscaling-config=/b.yaml"]  # router only
+    assert head == ["ray", "start", "--head", "--port=6379", "--dashboard-host=127.0.0.1",
+                    "--autoscaling-config=/b.yaml"]     # router only; the dashboard on loopback (as cluster-aws.yaml)
     for ip in cfg["provider"]["worker_ips"]:
         argv = ray_start_argv(hosts[ip], head=False, address="10.0.0.10:6379")
         assert argv[:3] == ["ray", "start", "--address=10.0.0.10:6379"]
