@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import re
+import secrets
 import tempfile
 
 from pdcluster.engine.config import ModelConfig
@@ -43,10 +44,10 @@ def load_tokenizer(cfg: ModelConfig):
     return AutoTokenizer.from_pretrained(cache)   # cold and warm paths yield the same object
 
 
-# Message contents are rendered as these placeholders (Unicode private-use characters, which no
-# chat template emits), so the template's own special tokens can be told from the content's.
+# Message contents are rendered as placeholders, U+E000 <nonce> <index> U+E001 (private-use characters,
+# which no chat template emits, around a random nonce no content holds), so the template's own special
+# tokens can be told from the content's. Content may hold U+E000/U+E001 themselves: valid text (icon fonts).
 _OPEN, _CLOSE = "\ue000", "\ue001"
-_PLACEHOLDER = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
 
 
 def apply_chat_template(tok, messages: list[dict]) -> list[int]:
@@ -58,10 +59,12 @@ def apply_chat_template(tok, messages: list[dict]) -> list[int]:
     (template text with the contents put back) is tokenized with special tokens split into plain
     text. Content without special-token strings gets exactly the template's usual ids.
     """
-    for m in messages:
-        if _OPEN in m["content"] or _CLOSE in m["content"]:
-            raise ValueError("message content holds U+E000/U+E001, which are reserved")
-    marked = [{**m, "content": f"{_OPEN}{i}{_CLOSE}"} for i, m in enumerate(messages)]
+    while True:                                     # a 64-bit nonce: a repeat is as good as impossible
+        nonce = secrets.token_hex(8)
+        if not any(nonce in m["content"] for m in messages):
+            break
+    marked = [{**m, "content": f"{_OPEN}{nonce}{i}{_CLOSE}"} for i, m in enumerate(messages)]
+    placeholder = re.compile(f"{_OPEN}{nonce}(\\d+){_CLOSE}")
     text = tok.apply_chat_template(marked, add_generation_prompt=True, tokenize=False)
     special = {t.content: i for i, t in tok.added_tokens_decoder.items() if t.special}
     cut = re.compile("(" + "|".join(map(re.escape, sorted(special, key=len, reverse=True))) + ")") \
@@ -71,6 +74,6 @@ def apply_chat_template(tok, messages: list[dict]) -> list[int]:
         if k % 2:                                   # a separator: one of the template's special tokens
             ids.append(special[part])
         elif part:
-            plain = _PLACEHOLDER.sub(lambda h: messages[int(h.group(1))]["content"], part)
+            plain = placeholder.sub(lambda h: messages[int(h.group(1))]["content"], part)
             ids += tok.encode(plain, add_special_tokens=False, split_special_tokens=True)
     return [int(i) for i in ids]

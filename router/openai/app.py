@@ -183,7 +183,7 @@ async def parsed(api: Api, model: type[BaseModel], request: Request):
 
 
 def check_model(api: Api, body) -> None:
-    if body.model != api.model:
+    if body.model and body.model != api.model:     # none named: the served one (vLLM's)
         raise OpenAIError(404, f"model {body.model!r} is not served here (GET /v1/models)", param="model",
                           code="model_not_found")
 
@@ -215,13 +215,14 @@ async def respond(api: Api, body, request: Request, chat: bool):
             await unless_gone(request, stream.collect(first, events), api)
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
-    return json_response(stream.whole())
+    # off the event loop: n choices x max_tokens x top_logprobs token texts are seconds of decoding
+    return json_response(await asyncio.get_running_loop().run_in_executor(api.tokenize, stream.whole))
 
 
 def json_response(obj: dict) -> Response:
     """obj as a JSON response, every non-ASCII character escaped: lone surrogates too (a tool answer's "\\udc00"
-    decodes to one), which JSONResponse's UTF-8 cannot encode."""
-    return Response(json.dumps(obj), media_type="application/json")
+    decodes to one), which JSONResponse's UTF-8 cannot encode. Strict JSON: a NaN or infinity raises."""
+    return Response(json.dumps(obj, allow_nan=False), media_type="application/json")
 
 
 CLIENT_GONE = 499           # nginx's "client closed request": never seen by the client, which has left
@@ -404,7 +405,7 @@ class Stream:
 
     @staticmethod
     def _data(obj: dict) -> str:
-        return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+        return f"data: {json.dumps(obj, separators=(',', ':'), allow_nan=False)}\n\n"
 
 
 async def _after(first, events):

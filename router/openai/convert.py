@@ -171,7 +171,7 @@ def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size:
                                  "output", param="messages" if chat else "prompt")
         p = make_sampling("", vocab_size, max_tokens=max_tokens if max_tokens is not None else max_context - len(ids),
                           temperature=req.temperature, top_p=req.top_p, top_k=0 if req.top_k == -1 else req.top_k, min_p=req.min_p,
-                          seed=req.seed, stop=stop, stop_token_ids=req.stop_token_ids or [],
+                          seed=None if req.seed is None else req.seed % 2**64, stop=stop, stop_token_ids=req.stop_token_ids or [],
                           ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
                           frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
                           logprobs=logprobs, structured=structured, min_tokens=req.min_tokens,
@@ -209,22 +209,48 @@ def token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
+MIN_LOGPROB = -9999.0       # what -inf (a token a grammar or bias masked) and NaN are shown as: JSON has no -inf
+
+
+def shown_logprob(v: float) -> float:
+    """v for a response: at least MIN_LOGPROB (OpenAI's and vLLM's floor), never a non-finite float."""
+    return v if v >= MIN_LOGPROB else MIN_LOGPROB
+
+
+def _texts(tokenizer):
+    """token id -> its text, each id decoded once per response (a long logprobs answer repeats ids a lot)."""
+    memo: dict[int, str] = {}
+
+    def text(t: int) -> str:
+        s = memo.get(t)
+        if s is None:
+            s = memo[t] = token_text(tokenizer, t)
+        return s
+    return text
+
+
 def chat_logprobs(tokenizer, lps: list[TokenLogprobs]) -> dict:
+    text = _texts(tokenizer)
+
     def one(t: int, lp: float) -> dict:
-        s = token_text(tokenizer, t)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+        s = text(t)
+        return {"token": s, "logprob": shown_logprob(lp), "bytes": list(s.encode())}
     return {"content": [one(x.token_id, x.logprob) | {"top_logprobs": [one(t, v) for t, v in x.top]} for x in lps]}
 
 
 def completion_logprobs(tokenizer, lps: list[TokenLogprobs], offset: int = 0, lead: list[int] = ()) -> dict:
-    """lead: tokens shown before lps with no logprob (an echoed prompt's first token: nothing precedes it)."""
-    tokens = [token_text(tokenizer, t) for t in lead] + [token_text(tokenizer, x.token_id) for x in lps]
+    """lead: tokens shown before lps with no logprob (an echoed prompt's first token: nothing precedes it).
+    Each top_logprobs entry holds the sampled token too (the legacy API's: up to logprobs + 1 entries)."""
+    text = _texts(tokenizer)
+    tokens = [text(t) for t in lead] + [text(x.token_id) for x in lps]
     offsets, pos = [], offset
     for s in tokens:
         offsets.append(pos)
         pos += len(s)
-    return {"tokens": tokens, "token_logprobs": [None] * len(lead) + [x.logprob for x in lps],
-            "top_logprobs": [None] * len(lead) + [{token_text(tokenizer, t): v for t, v in x.top} for x in lps],
+    return {"tokens": tokens, "token_logprobs": [None] * len(lead) + [shown_logprob(x.logprob) for x in lps],
+            "top_logprobs": [None] * len(lead) + [
+                {text(x.token_id): shown_logprob(x.logprob)} | {text(t): shown_logprob(v) for t, v in x.top}
+                for x in lps],
             "text_offset": offsets}
 
 

@@ -65,13 +65,13 @@ class ResponseFormat(Strict):
 
 class Sampling(Strict):
     """The fields completions and chat share."""
-    model: str
+    model: str | None = None                # None or "": the served model (vLLM's)
     max_tokens: int | None = None           # None: completions 16 (OpenAI's default), chat up to the context
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0                          # vLLM's extension; -1 also means off, other negatives are refused
     min_p: float = 0.0
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, lt=2**64)   # any int64 (OpenAI's), or a uint64; mod 2**64
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     n: int = 1                              # in [1, 16]: router/validate.py's check_choices, as gRPC's

@@ -481,7 +481,7 @@ HTTP_MATRIX = [
     ("frequency_penalty -2.5", COMPLETIONS, {"frequency_penalty": -2.5}, 400, "frequency_penalty"),
     ("repetition_penalty 0", COMPLETIONS, {"repetition_penalty": 0}, 400, "repetition_penalty"),
     ("repetition_penalty NaN", COMPLETIONS, {"repetition_penalty": NAN}, 400, "repetition_penalty"),
-    ("seed -1", COMPLETIONS, {"seed": -1}, 400, "seed"),
+    ("seed below int64 (-1 is served, as vLLM and OpenAI serve it)", COMPLETIONS, {"seed": -2**63 - 1}, 400, "seed"),
     ("seed 2^64", COMPLETIONS, {"seed": 2**64}, 400, "seed"),
     ("logprobs 21", COMPLETIONS, {"logprobs": 21}, 400, "logprobs"),
     ("logprobs -1", COMPLETIONS, {"logprobs": -1}, 400, "logprobs"),

@@ -282,5 +282,8 @@ def test_benign_chat_tokenizes_as_the_template_does(embedded):
     for msgs in convs:
         ref = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         assert apply_chat_template(tok, msgs) == tok.encode(ref, add_special_tokens=False)
-    with pytest.raises(ValueError, match="reserved"):
-        apply_chat_template(tok, [{"role": "user", "content": "\ue000"}])
+    # private-use characters are valid text (icon fonts), the placeholder's delimiters among them: kept as they are
+    # (before, U+E000/U+E001 in content were refused), even spelled as an old-style placeholder of another message
+    msgs = [{"role": "system", "content": "icon \ue000 here\ue001"}, {"role": "user", "content": "\ue0000\ue001 x"}]
+    ref = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert apply_chat_template(tok, msgs) == tok.encode(ref, add_special_tokens=False)
