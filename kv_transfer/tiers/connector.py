@@ -113,6 +113,9 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
         self.stats: dict[str, TierStats] = {}
         self.snapshot = SnapshotStats()
         self._lock = threading.Lock()                  # guards index, _pending, _loads, _done, _failed*, _released
+        # held by the writer for a whole write batch (whose events are its net change, sent at its end), and by
+        # tier_hashes: a resync snapshot never sees a batch half done (taken before _lock, never inside it)
+        self._batch = threading.Lock()
         self._pending: set[int] = set()                # hashes copied out, not yet stored by the writer
         self._queued_blocks = 0
         self.queue_limit = cfg.queue_blocks            # in blocks; register_caches bounds it by queue_bytes too
@@ -243,9 +246,10 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
         """(event sequence number, every ready block per tier): a resync of the router's index. The
         number is read first and each tier's events are recorded after its index changed, so every
         event up to it is reflected here; later ones may be too ("stored"/"removed" are idempotent)."""
-        seq = self.events.seq if self.events is not None else 0
-        with self._lock:
-            return seq, {t: [h for h in idx.hashes() if idx.get(h).ready] for t, idx in self.index.items()}
+        with self._batch:       # a batch's blocks stored and evicted again would stay in the router for good
+            seq = self.events.seq if self.events is not None else 0
+            with self._lock:
+                return seq, {t: [h for h in idx.hashes() if idx.get(h).ready] for t, idx in self.index.items()}
 
     def wait_idle(self, timeout_s: float = 30.0) -> bool:
         """Until the writer has stored every block evicted so far and the disk is verified (tests, benches)."""

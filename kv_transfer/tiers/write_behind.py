@@ -100,7 +100,8 @@ class WriteBehind:
                 if job[0] == "scan":
                     self._scan()
                 else:
-                    self._store(*job[1:])
+                    with self._batch:                   # tier_hashes waits for the batch's events
+                        self._store(*job[1:])
             except Exception:                           # a full disk, say: keep serving without the block
                 log.exception("KV tier writer: %s failed", job[0] if job else job)
             finally:

@@ -473,3 +473,39 @@ def test_a_block_file_under_another_spelling_of_its_hash_is_not_announced_on_res
             f"{hs[0]:016x}.kvb"]
     finally:
         tc2.close()
+
+
+def test_a_resync_snapshot_waits_for_a_write_batch_so_snapshot_and_events_end_as_the_tier():
+    """A batch's events are its net change, sent at its end. A snapshot taken in the middle listed a block the
+    batch had stored and then evicted: the net events never named it, so the router kept it for good."""
+    from tests.unit.test_kv_tiers import tiers
+    tc, events, _, _ = tiers(None, host_blocks=2)               # 2 host slots: the batch's third block evicts one
+    events.drain()
+    hs = req("a", n=17).block_hashes()[:3]
+    snap, puts = {}, []
+    put = tc.host.put
+
+    def resync():
+        snap["seq"], snap["tiers"] = tc.tier_hashes()
+
+    def slow_put(slot, data, scales):
+        puts.append(slot)
+        if len(puts) == 2:                                      # the first block stored, the second being written
+            t = snap["thread"] = threading.Thread(target=resync)
+            t.start()
+            t.join(0.3)                                         # the router's resync, on a worker RPC thread
+        return put(slot, data, scales)
+
+    try:
+        tc.host.put = slow_put
+        tc.evicted([0, 1, 2], hs)
+        assert tc.wait_idle()
+        snap["thread"].join(10)
+        view = set(snap["tiers"]["host"])
+        for seq, kind, got, tier in events.drain()[1]:
+            if seq > snap["seq"] and tier == "host":
+                view = view | set(got) if kind == "stored" else view - set(got)
+        held = set(tc.tier_hashes()[1]["host"])
+        assert len(puts) == 3 and len(held) == 2 and view == held
+    finally:
+        tc.close()
