@@ -18,6 +18,7 @@ from pdcluster.engine.kv_connector import CompletingPrompt, KVConnector
 from pdcluster.engine.llama import LlamaModel
 from pdcluster.engine.model_runner import DTYPES, ModelRunner, num_kv_blocks
 from pdcluster.engine.request import Request, Status
+from pdcluster.engine.rules import stops_by_token
 from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
 from pdcluster.engine.scheduler import Scheduler
 from pdcluster.engine.spec.decoder import SpecDecoder
@@ -369,6 +370,8 @@ class LLMEngine:
             d = self.detoks.get(req.request_id)
             if d is not None:
                 for j, t in enumerate(toks):
+                    if j == len(toks) - 1 and id(req) in finished and stops_by_token(t, req.params, req.eos_token_ids):
+                        break                   # a stop token: in token_ids, not in the text (engine/rules.py)
                     text += d.push([t])
                     if d.stopped:               # a stop string: the tokens after this one are dropped
                         del req.token_ids[n0 + j + 1:]

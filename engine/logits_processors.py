@@ -26,8 +26,9 @@ def apply_logit_bias(row: torch.Tensor, bias: tuple[tuple[int, float], ...]) -> 
 
 
 def stop_ids(p: SamplingParams, eos_token_ids) -> tuple[int, ...]:
-    """The ids min_tokens holds back: what would end the request by its token (engine/rules.py)."""
-    return tuple(dict.fromkeys((() if p.ignore_eos else tuple(eos_token_ids)) + p.stop_token_ids))
+    """The ids min_tokens holds back: the model's EOS ids (with ignore_eos too: vLLM masks them whatever
+    ignore_eos says, which only decides whether EOS ends the request) and stop_token_ids."""
+    return tuple(dict.fromkeys(tuple(eos_token_ids) + p.stop_token_ids))
 
 
 def mask_ids(row: torch.Tensor, ids: tuple[int, ...]) -> torch.Tensor:

@@ -42,7 +42,7 @@ class Request:
         self.request_id = request_id if request_id is not None else f"req-{next(_ids)}"
         self.params = params
         self.cache_salt = cache_salt
-        self.eos_token_ids = () if params.ignore_eos else tuple(eos_token_ids)
+        self.eos_token_ids = tuple(eos_token_ids)      # the model's; whether they end it is params.ignore_eos's call
         self.block_size = block_size
         self.arrival_time = time.monotonic()
         self.token_ids: list[int] = list(prompt_token_ids) + list(output_token_ids)   # prompt, then outputs

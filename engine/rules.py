@@ -13,11 +13,17 @@ def finish_reason(token: int, num_output: int, num_tokens: int, params: Sampling
                   eos_token_ids, max_model_len: int) -> str | None:
     """"stop" | "length" | None, right after `token` was appended: num_output tokens generated so
     far, num_tokens in all (prompt + output). Stop strings are the detokenizer's to judge."""
-    if (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+    if stops_by_token(token, params, eos_token_ids):
         return "stop"
     if num_output >= params.max_tokens or num_tokens >= max_model_len:
         return "length"
     return None
+
+
+def stops_by_token(token: int, params: SamplingParams, eos_token_ids) -> bool:
+    """token ends the request by itself (an EOS unless ignore_eos, or one of stop_token_ids). It stays in the
+    request's token ids, but its text is not the answer's: vLLM's (include_stop_str_in_output off)."""
+    return (token in eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids
 
 
 def blocks_for_lifetime(num_prompt_tokens: int, max_tokens: int, block_size: int) -> int:

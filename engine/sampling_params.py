@@ -30,7 +30,7 @@ class TokenLogprobs:
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0          # 0 = greedy (argmax)
-    top_p: float = 1.0                # 0 or 1 = disabled; else in (0, 1)
+    top_p: float = 1.0                # in (0, 1]; 1 = disabled
     top_k: int = 0                    # 0 = disabled
     min_p: float = 0.0                # in [0, 1]; 0 = disabled (engine/logits_processors.py)
     seed: int | None = None           # same seed + prompt + params => same tokens
@@ -88,8 +88,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         if not 0 <= self.temperature < float("inf"):  # also rejects NaN
             raise ValueError(f"temperature must be finite and >= 0, got {self.temperature!r}")
-        if not 0 <= self.top_p <= 1:
-            raise ValueError(f"top_p must be in [0, 1], got {self.top_p!r}")
+        if not 0 < self.top_p <= 1:       # vLLM's range: 0 is not "off" (the gRPC wire's 0 is mapped to 1 at the edge)
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):

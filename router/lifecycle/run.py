@@ -15,7 +15,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 
 from pdcluster.engine.detokenizer import Detokenizer
-from pdcluster.engine.rules import finish_reason
+from pdcluster.engine.rules import finish_reason, stops_by_token
 from pdcluster.engine.sampling_params import SamplingParams, TokenLogprobs
 from pdcluster.router.errors import Overloaded, Unavailable, WorkerLost
 from pdcluster.router.lifecycle.log import Trace
@@ -168,6 +168,8 @@ class RequestRun:
     # messages
     def _push(self, toks: list[int]) -> str:
         self.out += toks
+        if toks and stops_by_token(toks[-1], self.params, self.router.eos):    # only ever the last one:
+            toks = toks[:-1]                    # in the token ids, not in the text (engine/rules.py)
         return self.detok.push(toks) if toks else ""
 
     def _push_until_stop(self, toks: list[int]) -> tuple[list[int], str]:

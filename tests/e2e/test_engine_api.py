@@ -49,6 +49,7 @@ def test_stop_string_not_returned(llm):
     out2 = llm.generate(["1, 2, 3, 4,"], SamplingParams(max_tokens=12, temperature=0,
                                                         stop_token_ids=[base.token_ids[2]]))[0]
     assert out2.finish_reason == "stop" and out2.token_ids == base.token_ids[:3]
+    assert out2.text == llm.tokenizer.decode(base.token_ids[:2])       # the stop token's text is not returned
 
 
 def test_eos_and_ignore_eos(llm):

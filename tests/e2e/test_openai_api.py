@@ -84,6 +84,24 @@ def test_greedy_completion_over_http_equals_grpc(cluster, client, model):
         assert "".join(c.logprobs.tokens) == text
 
 
+def test_a_stop_token_ends_the_answer_without_its_text_over_grpc_and_http(cluster, client, model):
+    """A stop_token_ids token stays in the token ids but not in the text (vLLM's, include_stop_str_in_output
+    off); before, its text was returned. The router detokenizes what the workers send."""
+    async def grpc_run(stop_ids):
+        async with grpc.aio.insecure_channel(cluster.address) as ch:
+            msgs = await collect(pbg.GenerationStub(ch), pb.GenerateRequest(text=PROMPTS[0], sampling=pb.SamplingParams(
+                max_tokens=12, temperature=0.0, stop_token_ids=stop_ids)))
+        return [t for m in msgs for t in m.token_ids], "".join(m.text for m in msgs), msgs[-1].finish_reason
+    ids, _, _ = cluster.run(grpc_run([]))
+    k = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])      # a token not seen before it
+    got, text, reason = cluster.run(grpc_run([ids[k]]))
+    want = cluster.router.tokenizer.decode(ids[:k])
+    assert got == ids[:k + 1] and reason == pb.FINISH_REASON_STOP and text == want
+    r = sync(cluster, lambda: client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=12, temperature=0,
+                                                        extra_body={"stop_token_ids": [ids[k]]}))
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == k + 1
+
+
 def test_chat_streamed_with_usage_equals_unstreamed(cluster, client, model):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three colours."}]
     whole = sync(cluster, lambda: client.chat.completions.create(model=model, messages=msgs, max_tokens=16,

@@ -175,8 +175,9 @@ def test_min_tokens_holds_eos_and_stop_ids_back_until_enough_tokens_are_out():
     assert held == (1, 2)
     assert sample_rows(logits, [p], [None], [History([], [7], held)])[0] == [3]          # 1 out: both held
     assert sample_rows(logits, [p], [None], [History([], [7, 8], held)])[0] == [1]       # 2 out: free
-    ign = SamplingParams(temperature=0, min_tokens=2, ignore_eos=True)                  # EOS is no stop then
-    assert stop_ids(ign, (1,)) == () and sample_rows(logits, [ign], [None], [History([], [], ())])[0] == [1]
+    # ignore_eos: EOS does not end the request, yet min_tokens still holds it back (vLLM's; before, it was free)
+    ign = SamplingParams(temperature=0, min_tokens=2, ignore_eos=True)
+    assert stop_ids(ign, (1,)) == (1,) and sample_rows(logits, [ign], [None], [History([], [], (1,))])[0] == [2]
 
 
 def test_min_tokens_leaves_a_row_whose_only_candidate_is_a_stop_id():

@@ -23,3 +23,12 @@ def test_vllm_spellings_are_read_as_vllm_reads_them():
 def test_a_wrong_type_is_a_value_error_naming_the_field(kw, field):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("top_p", [0, 0.0, -0.1, 1.5])
+def test_top_p_is_in_vllm_s_range(top_p):
+    """0 is not "off" here (vLLM refuses it too): it sampled the whole distribution, the opposite of the
+    narrowest nucleus asked for. The gRPC wire's 0 ("unset") is mapped to 1 at the edge (router/validate.py)."""
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        SamplingParams(top_p=top_p)
+    assert SamplingParams(top_p=1e-9).top_p == 1e-9
