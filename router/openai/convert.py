@@ -164,6 +164,7 @@ def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size:
     structured = (structured_of(req) if plan is None
                   else StructuredOutput("json_schema", json.dumps(plan.schema()), compact=True))
     bias = logit_bias_of(req.logit_bias)
+    seed = None if req.seed is None else req.seed % 2**64       # any int64 (OpenAI's, vLLM's) -> the engine's
     params = []
     for ids in prompts:
         if max_tokens is None and len(ids) >= max_context:
@@ -171,7 +172,7 @@ def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size:
                                  "output", param="messages" if chat else "prompt")
         p = make_sampling("", vocab_size, max_tokens=max_tokens if max_tokens is not None else max_context - len(ids),
                           temperature=req.temperature, top_p=req.top_p, top_k=0 if req.top_k == -1 else req.top_k, min_p=req.min_p,
-                          seed=None if req.seed is None else req.seed % 2**64, stop=stop, stop_token_ids=req.stop_token_ids or [],
+                          seed=seed, stop=stop, stop_token_ids=req.stop_token_ids or [],
                           ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
                           frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
                           logprobs=logprobs, structured=structured, min_tokens=req.min_tokens,

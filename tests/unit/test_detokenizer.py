@@ -106,7 +106,8 @@ def test_the_router_sends_no_token_past_the_one_that_completes_a_stop_string(tok
     ids = tok.encode(" alpha beta STOP gamma delta", add_special_tokens=False)
     stop_at = next(i for i in range(len(ids)) if "STOP" in tok.decode(ids[:i + 1]))
     for split in (1, len(ids)):                         # token by token, or all in one item
-        run = RequestRun(SimpleNamespace(tokenizer=tok, eos=(2,)), "r", [1, 2], SamplingParams(max_tokens=20, stop=("STOP",)),
+        run = RequestRun(SimpleNamespace(tokenizer=tok, eos=(2,)), "r", [1, 2],
+                         SamplingParams(max_tokens=20, stop=("STOP",)),
                          None, Trace(0.0))
         sent, text = [], ""
         for k in range(0, len(ids), split):

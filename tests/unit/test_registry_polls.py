@@ -104,7 +104,8 @@ def test_a_worker_is_not_polled_while_its_resync_is_out():
 def test_cluster_worker_status_names_a_hung_worker_instead_of_hanging():
     """Cluster.worker_status (the benchmarks' and fault tests' snapshot) gave no bound: one hung actor hung it."""
     async def go():
-        c = SimpleNamespace(actors={"decode-0": Handle("decode-0", False, []), "decode-1": Handle("decode-1", True, [])})
+        c = SimpleNamespace(actors={"decode-0": Handle("decode-0", False, []),
+                                    "decode-1": Handle("decode-1", True, [])})
         t0 = time.monotonic()
         with pytest.raises(TimeoutError, match=r"no status within 0.3s from decode-1$"):
             await Cluster.worker_status(c, timeout_s=0.3)
