@@ -130,12 +130,16 @@ class WorkerRegistry:
         so do resyncs, and a worker is not polled while its resync is out (None: wait for every poll and
         resync)."""
         clients = dict(self.prefill) | dict(self.decode)
+        need = set(self.index.needs_resync())
         out = []
         for worker_id, c in clients.items():
             if not _done(self._resyncs.get(worker_id)):
                 continue        # never beside its resync: events a poll drains meanwhile would be wiped by it
             t = self._polls.get(worker_id)
             if t is None or t.done():
+                if worker_id in need:   # its resync first: a poll answering just past wait_s would else be
+                    self._resyncs[worker_id] = self._spawn(self._resync(worker_id, c))  # respawned before the
+                    continue            # check below every time, and the worker stayed approximate for good
                 t = self._polls[worker_id] = self._spawn(self._poll(worker_id, c))
             out.append(t)
         if out:
@@ -159,16 +163,27 @@ class WorkerRegistry:
         if w is None or self.prefill.get(worker_id, self.decode.get(worker_id)) is not client:
             return              # removed (or replaced) while the poll was out
         if isinstance(s, BaseException):
-            if w.healthy:
-                log.warning("worker %s missed its status poll (%s): unhealthy until it answers", worker_id, s)
-            w.healthy = False
-            self.metrics.worker_status(worker_id, None)
+            self._unhealthy(w, f"missed its status poll ({s})")
             return
         self._ingest(w, s, time.time())
 
+    def _unhealthy(self, w: WorkerLoad, why: str) -> None:
+        if w.healthy:
+            log.warning("worker %s %s: unhealthy until it answers a status poll", w.worker_id, why)
+        w.healthy = False
+        self.metrics.worker_status(w.worker_id, None)
+
     async def _resync(self, worker_id: str, client) -> None:
+        """The worker's cache snapshot into the index (bounded by the client's control timeout). It is not
+        polled meanwhile, so the snapshot stands for the poll's health check too: not answered within the
+        health timeout, the worker is unhealthy (as a missed poll makes it) until a poll answers."""
+        snapshot = asyncio.ensure_future(client.cached_hashes())
         try:
-            snap = await client.cached_hashes()
+            done, _ = await asyncio.wait({snapshot}, timeout=client.t.health_s)
+            w = self.loads.get(worker_id)
+            if not done and w is not None:
+                self._unhealthy(w, f"did not answer its prefix index resync within {client.t.health_s:g}s")
+            snap = await snapshot
             if worker_id not in self.loads:         # removed while the snapshot was out: nothing to index
                 return
             now = time.time()
@@ -180,6 +195,8 @@ class WorkerRegistry:
                 self.index.resync(worker_id, hashes, seq=seq, now=now)
         except Exception as e:
             log.warning("prefix index resync of %s failed: %s", worker_id, e)
+        finally:
+            snapshot.cancel()
 
     def _spawn(self, coro) -> asyncio.Task:
         """A task kept in `background` until it ends (close cancels what is left)."""

@@ -340,13 +340,15 @@ def test_registry_resyncs_a_gap_from_a_tiered_snapshot():
     from prometheus_client import CollectorRegistry
 
     from pdcluster.messages import CacheSnapshot, EngineFigures, WorkerStatus
-    from pdcluster.router.config import RouterConfig
+    from pdcluster.router.config import RouterConfig, Timeouts
     from pdcluster.router.metrics import RouterMetrics
     from pdcluster.router.registry import WorkerRegistry
     from pdcluster.router.telemetry import Telemetry
 
     class Worker:
-        """The registry's view of a worker (router/workers.py's client methods it calls)."""
+        """The registry's view of a worker (router/workers.py's client methods it calls, its timeouts)."""
+        t = Timeouts()
+
         def __init__(self, worker_id, snapshot):
             self.worker_id, self.snapshot = worker_id, snapshot
 

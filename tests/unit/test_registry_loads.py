@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from pdcluster.messages import CacheSnapshot, EngineFigures, WorkerStatus
-from pdcluster.router.config import RouterConfig
+from pdcluster.router.config import RouterConfig, Timeouts
 from pdcluster.router.metrics import RouterMetrics
 from pdcluster.router.prefix_index import PrefixIndex
 from pdcluster.router.registry import WorkerRegistry
@@ -83,6 +83,8 @@ def test_ready_needs_a_healthy_worker_of_each_role_it_uses():
 class _Resyncing:
     """A worker whose status shows a gap in its block events (seq 5, none sent): the router resyncs it, and the
     snapshot RPC takes 50 ms."""
+    t = Timeouts()
+
     def __init__(self, worker_id: str):
         self.worker_id = worker_id
 

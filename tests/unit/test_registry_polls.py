@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from pdcluster.deploy.launch import Cluster
-from pdcluster.messages import WorkerStatus
+from pdcluster.messages import CacheSnapshot, WorkerStatus
 from pdcluster.router.config import RouterConfig, Timeouts
 from pdcluster.router.lifecycle import Router
 from pdcluster.router.workers import DecodeClient
@@ -74,7 +74,7 @@ def test_a_worker_is_not_polled_while_its_resync_is_out():
     calls = []
 
     class Gapped:
-        worker_id = "d0"
+        worker_id, t = "d0", Timeouts()
 
         async def status(self, drain_events=True):
             calls.append(("status", time.monotonic()))
@@ -115,3 +115,65 @@ def test_cluster_worker_status_names_a_hung_worker_instead_of_hanging():
 
     late, ok = asyncio.run(go())
     assert late < 2.0 and list(ok) == ["decode-0"] and ok["decode-0"].worker_id == "decode-0"
+
+
+class Gap:
+    """A decode worker whose every poll answers after `delay_s` and reports event 5 with none sent (a gap:
+    its index entry needs a resync); `hang_on_resync`: it stops answering anything once the resync is asked."""
+    worker_id = "d0"
+
+    def __init__(self, delay_s=0.0, hang_on_resync=False):
+        self.delay_s, self.hang_on_resync, self.hung = delay_s, hang_on_resync, False
+        self.status, self.cached_hashes = Method(self._status), Method(self._snap)
+        self.polls = self.resyncs = 0
+
+    async def _status(self, drain=False):
+        self.polls += 1
+        await asyncio.sleep(3600 if self.hung else self.delay_s)
+        return WorkerStatus.of("d0", "decode", "inc", 1, FIG, (5, ()))
+
+    async def _snap(self):
+        self.resyncs += 1
+        if self.hang_on_resync:
+            self.hung = True
+            await asyncio.sleep(3600)
+        return CacheSnapshot(5, [11])
+
+
+def test_a_worker_whose_poll_answers_just_past_the_loop_s_wait_still_gets_its_resync():
+    """Each refresh respawned a poll that had ended since the last one before its resync check, which then
+    always saw a poll out: a worker polled in 1-2x the status interval was never resynced, stayed approximate
+    and its cache hits faded to nothing. Its resync now comes first."""
+    w = Gap(delay_s=0.15)
+
+    async def go():
+        r = Router(RouterConfig(status_interval_s=0.1), None, (2,), 4096)
+        r.add_worker("decode", DecodeClient("d0", w, Timeouts(health_s=1.0)))
+        poll = asyncio.ensure_future(Cluster._poll(SimpleNamespace(router=r)))     # the real status loop
+        await asyncio.sleep(2.0)
+        poll.cancel()
+        await r.workers.close()
+        return r
+    r = asyncio.run(go())
+    assert w.resyncs >= 1 and w.polls >= 3 and r.index.needs_resync() == [] and r.index.match([11]) == {"d0": 1}
+
+
+def test_a_worker_that_hangs_while_its_resync_is_out_is_unhealthy_within_the_health_timeout():
+    """It is not polled while its resync is out, and the resync's bound is control_s (10 s): a hung worker kept
+    its placements for control_s + health_s. The resync stands for the poll's health check now."""
+    w = Gap(hang_on_resync=True)
+
+    async def go():
+        r = Router(RouterConfig(status_interval_s=0.1), None, (2,), 4096)
+        r.add_worker("decode", DecodeClient("d0", w, Timeouts(health_s=0.5, control_s=30.0)))
+        poll = asyncio.ensure_future(Cluster._poll(SimpleNamespace(router=r)))
+        while not w.hung:
+            await asyncio.sleep(0.01)
+        t0 = time.monotonic()
+        while r.workers.loads["d0"].healthy and time.monotonic() - t0 < 10:
+            await asyncio.sleep(0.02)
+        took = time.monotonic() - t0
+        poll.cancel()
+        await r.workers.close()
+        return took
+    assert asyncio.run(go()) < 2.0
