@@ -41,6 +41,13 @@ class _EscapedRecord(logging.LogRecord):
         return escape(super().getMessage())
 
 
+def clip(value, limit: int = 64) -> str:
+    """repr of a client's value for an error message, at most ~limit characters: a message echoing it whole
+    could pass gRPC's 16 KiB metadata bound (the client then saw RESOURCE_EXHAUSTED, not its INVALID_ARGUMENT)."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} characters)"
+
+
 def install_escaping() -> None:
     """Make every LogRecord created from now on in this process escape its message. Idempotent."""
     if logging.getLogRecordFactory() is not _EscapedRecord:

@@ -14,6 +14,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pdcluster.logs import clip
 from pdcluster.ports import GRPC_NO_REUSEPORT, bind_grpc
 from pdcluster.router.conn_reset import reset_connection
 from pdcluster.router.errors import Overloaded, Unavailable
@@ -30,6 +31,14 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 # Largest request accepted (else RESOURCE_EXHAUSTED before parsing). A request is parsed on the event
 # loop: 4 MiB of packed ids parse in ~50 ms. A whole 8k-token context is ~0.1 MB of text.
 MAX_REQUEST_BYTES = 4 * 2**20
+MAX_STATUS_TEXT = 2048          # characters of a status message: gRPC refuses trailing metadata past 16 KiB, and
+                                # the client then sees RESOURCE_EXHAUSTED instead of the request's own status
+
+
+def status_text(e) -> str:
+    """An error's text for a status message, cut to MAX_STATUS_TEXT characters."""
+    t = str(e)
+    return t if len(t) <= MAX_STATUS_TEXT else t[:MAX_STATUS_TEXT - 3] + "..."
 
 
 class Malformed:
@@ -140,7 +149,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         mine = False                        # this call holds key in _client_ids
         try:
             if key in self._client_ids:
-                raise InvalidRequest(f"request_id {rid!r} is already in flight", code="ALREADY_EXISTS")
+                raise InvalidRequest(f"request_id {clip(rid)} is already in flight", code="ALREADY_EXISTS")
             if key is not None:
                 self._client_ids.add(key)
                 mine = True
@@ -177,13 +186,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                         raise SlowReader(f"client stopped reading: no message accepted for "
                                          f"{self.slow_reader_timeout_s:g}s; request {rid} cancelled") from None
         except InvalidRequest as e:
-            await context.abort(getattr(grpc.StatusCode, e.code), str(e))
+            await context.abort(getattr(grpc.StatusCode, e.code), status_text(e))
         except SlowReader as e:
             await self._cut_off(context, str(e))
         except Overloaded as e:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, status_text(e))
         except Unavailable as e:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, status_text(e))
         except grpc.aio.AbortError:
             raise
         except asyncio.CancelledError:
@@ -194,7 +203,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except Exception as e:  # never let one request take the router down
             log.exception("request failed")
             await context.abort(grpc.StatusCode.UNAVAILABLE if first else grpc.StatusCode.INTERNAL,
-                                f"request failed: {e}")
+                                status_text(f"request failed: {e}"))
         finally:
             if mine:
                 self._client_ids.discard(key)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.engine.structured import StructuredOutput
+from pdcluster.logs import clip
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_REQUEST_ID = 256         # characters
@@ -182,7 +183,8 @@ def tokenize_chat(msgs: list[dict], tokenizer, max_context: int, field: str = "c
                              f"({max_context} tokens) can hold", param=field)
     for m in msgs:
         if m["role"] not in CHAT_ROLES:
-            raise InvalidRequest(f"{field}: unknown role {m['role']!r} (one of {', '.join(CHAT_ROLES)})", param=field)
+            raise InvalidRequest(f"{field}: unknown role {clip(m['role'])} (one of {', '.join(CHAT_ROLES)})",
+                                 param=field)
     from pdcluster.engine.tokenizer import apply_chat_template
     try:
         return apply_chat_template(tokenizer, msgs)

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from pdcluster.logs import clip
 from pdcluster.router.errors import Overloaded
 from pdcluster.router.lifecycle.choices import choice_events
 from pdcluster.router.openai import convert
@@ -55,7 +56,7 @@ def validation_error(exc: ValidationError) -> OpenAIError:
         path.append(str(key))
     param = ".".join(path) or None
     if kind == "extra_forbidden":
-        return OpenAIError(400, f"unsupported parameter {param!r}", param=param, code="unsupported_parameter")
+        return OpenAIError(400, f"unsupported parameter {clip(param)}", param=param, code="unsupported_parameter")
     if param is None and kind == "missing":
         return OpenAIError(400, "the request body must be a JSON object of the request's fields")
     return OpenAIError(400, f"{param}: {msg}" if param else msg, param=param)
@@ -130,7 +131,7 @@ def _routes(api: Api) -> FastAPI:
     @app.get("/v1/models/{model:path}")
     async def model(model: str):            # OpenAI's retrieve: the served model, else 404
         if model != api.model:
-            raise OpenAIError(404, f"model {model!r} is not served here (GET /v1/models)", param="model",
+            raise OpenAIError(404, f"model {clip(model)} is not served here (GET /v1/models)", param="model",
                               code="model_not_found")
         return model_card()
 
@@ -184,7 +185,7 @@ async def parsed(api: Api, model: type[BaseModel], request: Request):
 
 def check_model(api: Api, body) -> None:
     if body.model and body.model != api.model:     # none named: the served one (vLLM's)
-        raise OpenAIError(404, f"model {body.model!r} is not served here (GET /v1/models)", param="model",
+        raise OpenAIError(404, f"model {clip(body.model)} is not served here (GET /v1/models)", param="model",
                           code="model_not_found")
 
 
