@@ -33,6 +33,7 @@ class WorkerRegistry:
         self.background: set[asyncio.Task] = set()  # aborts sent to lost workers, link probes, polls, resyncs
         self._polls: dict[str, asyncio.Task] = {}   # worker id -> its status poll (refresh)
         self._resyncs: dict[str, asyncio.Task] = {}  # worker id -> its prefix-index resync (refresh)
+        self._resynced_last: set[str] = set()       # workers whose latest task was a resync (the next is a poll)
         self.retiring: set[str] = set()             # workers retire() is scaling down (their requests migrate
                                                     #   without spending a retry: router/lifecycle/run.py)
         self.prober = LinkProber(self)
@@ -57,6 +58,7 @@ class WorkerRegistry:
         self.loads.pop(worker_id, None)
         self._polls.pop(worker_id, None)            # (a poll or resync still out finds it gone and ends)
         self._resyncs.pop(worker_id, None)
+        self._resynced_last.discard(worker_id)
         self._lists.clear()
         self.metrics.remove_worker(worker_id)
         self.index.remove_worker(worker_id)
@@ -137,9 +139,13 @@ class WorkerRegistry:
                 continue        # never beside its resync: events a poll drains meanwhile would be wiped by it
             t = self._polls.get(worker_id)
             if t is None or t.done():
-                if worker_id in need:   # its resync first: a poll answering just past wait_s would else be
-                    self._resyncs[worker_id] = self._spawn(self._resync(worker_id, c))  # respawned before the
-                    continue            # check below every time, and the worker stayed approximate for good
+                # a resync first, then a poll, in turns: a poll answering just past wait_s was respawned before
+                # the check below every time, and the worker stayed approximate for good; and a resync that
+                # keeps failing must not stop its polls (its health)
+                if worker_id in need and worker_id not in self._resynced_last:
+                    self._start_resync(worker_id, c)
+                    continue
+                self._resynced_last.discard(worker_id)
                 t = self._polls[worker_id] = self._spawn(self._poll(worker_id, c))
             out.append(t)
         if out:
@@ -148,8 +154,9 @@ class WorkerRegistry:
         self.index.expire(now)
         self.prober.probe_idle_links(now)
         for worker_id in self.index.needs_resync():
-            if worker_id in clients and _done(self._resyncs.get(worker_id)) and _done(self._polls.get(worker_id)):
-                self._resyncs[worker_id] = self._spawn(self._resync(worker_id, clients[worker_id]))
+            if (worker_id in clients and worker_id not in self._resynced_last and _done(self._resyncs.get(worker_id))
+                    and _done(self._polls.get(worker_id))):
+                self._start_resync(worker_id, clients[worker_id])
         pending = [t for t in self._resyncs.values() if not t.done()]
         if wait_s is None and pending:      # waiting for every poll: for the resyncs too
             await asyncio.wait(pending)
@@ -166,6 +173,10 @@ class WorkerRegistry:
             self._unhealthy(w, f"missed its status poll ({s})")
             return
         self._ingest(w, s, time.time())
+
+    def _start_resync(self, worker_id: str, client) -> None:
+        self._resyncs[worker_id] = self._spawn(self._resync(worker_id, client))
+        self._resynced_last.add(worker_id)
 
     def _unhealthy(self, w: WorkerLoad, why: str) -> None:
         if w.healthy:

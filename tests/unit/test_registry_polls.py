@@ -177,3 +177,25 @@ def test_a_worker_that_hangs_while_its_resync_is_out_is_unhealthy_within_the_hea
         await r.workers.close()
         return took
     assert asyncio.run(go()) < 2.0
+
+
+def test_a_resync_that_keeps_failing_does_not_stop_the_worker_s_polls():
+    """Resync and poll take turns while the index needs a resync: a snapshot that always fails must not keep
+    the worker from being polled (its health, its loads)."""
+    w = Gap()
+
+    async def broken():
+        w.resyncs += 1
+        raise RuntimeError("snapshot failed")
+    w.cached_hashes = SimpleNamespace(remote=lambda: asyncio.ensure_future(broken()))
+
+    async def go():
+        r = Router(RouterConfig(status_interval_s=0.05), None, (2,), 4096)
+        r.add_worker("decode", DecodeClient("d0", w, Timeouts(health_s=1.0)))
+        poll = asyncio.ensure_future(Cluster._poll(SimpleNamespace(router=r)))
+        await asyncio.sleep(1.0)
+        poll.cancel()
+        await r.workers.close()
+        return r
+    r = asyncio.run(go())
+    assert w.resyncs >= 3 and w.polls >= 3 and r.workers.loads["d0"].healthy and r.index.needs_resync() == ["d0"]
