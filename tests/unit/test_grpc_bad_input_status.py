@@ -15,23 +15,11 @@ from pdcluster.router.lifecycle.run import Event
 from pdcluster.router.proto import generation_pb2 as pb
 from pdcluster.router.proto import generation_pb2_grpc as pb_grpc
 from pdcluster.router.server import MAX_STATUS_TEXT, RouterServer
+from tests.unit.char_tok import VOCAB
+from tests.unit.char_tok import CharTok as Tok
 
 pytestmark = pytest.mark.timeout(60)
-VOCAB, CONTEXT = 1000, 256
-
-
-class Tok:
-    def encode(self, text, add_special_tokens=False, **kw):
-        return [ord(c) % VOCAB for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
-
-    def get_vocab(self):
-        return {"a": 0}
-
-    def convert_tokens_to_string(self, toks):
-        return "a"
+CONTEXT = 256
 
 
 class Router:

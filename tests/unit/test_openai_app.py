@@ -16,29 +16,11 @@ from pdcluster.engine.sampling_params import TokenLogprobs
 from pdcluster.router.lifecycle.run import Event
 from pdcluster.router.openai import app as app_mod
 from pdcluster.router.openai.app import Api, asgi_app
+from tests.unit.char_tok import VOCAB
+from tests.unit.char_tok import CharTok as Tok
 
 pytestmark = pytest.mark.timeout(60)
-VOCAB, CONTEXT = 1000, 256
-
-
-class Tok:
-    """One token per character (ord % VOCAB)."""
-    added_tokens_decoder: dict = {}
-
-    def encode(self, text, add_special_tokens=False, **kw):
-        return [ord(c) % VOCAB for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
-
-    def get_vocab(self):
-        return {"a": 0}
-
-    def convert_tokens_to_string(self, toks):
-        return "a"
-
-    def apply_chat_template(self, msgs, add_generation_prompt=True, tokenize=False):
-        return "".join(f"<{m['role']}>{m['content']}" for m in msgs) + "<assistant>"
+CONTEXT = 256
 
 
 class Router:

@@ -7,24 +7,9 @@ from pdcluster.engine.sampling_params import TokenLogprobs
 from pdcluster.router.openai import convert
 from pdcluster.router.openai.schemas import ChatCompletionRequest, CompletionRequest
 from pdcluster.router.validate import InvalidRequest
+from tests.unit.char_tok import CharTok as Tok
 
 VOCAB, CONTEXT = 1000, 64
-
-
-class Tok:
-    """A stand-in tokenizer: one token per character (ord % 1000); a template that joins roles."""
-    def encode(self, text, add_special_tokens=False):
-        return [ord(c) % VOCAB for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
-
-    def get_vocab(self):
-        return {"a": 0}
-
-    def convert_tokens_to_string(self, toks):
-        return "a"
-
 
 
 def parse(body: dict, chat=False, tok=None, vocab=VOCAB, context=CONTEXT):
