@@ -95,7 +95,10 @@ class Cluster(Scaling):
         try:
             return await self._start()
         except BaseException:
-            await self.stop()
+            try:
+                await self.stop()
+            except Exception:       # the start's own error is the one to see
+                log.exception("stopping what a failed start had started failed too")
             raise
 
     async def _start(self) -> "Cluster":
