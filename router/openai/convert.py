@@ -70,7 +70,10 @@ def chat_messages(req: ChatCompletionRequest, plan: tools.ToolPlan | None) -> li
     for i, m in enumerate(req.messages):
         if m.tool_calls is not None and m.role != "assistant":
             raise InvalidRequest(f"messages[{i}]: only assistant messages carry tool_calls", param="messages")
-        if m.content is None and not m.tool_calls:
+        if m.role != "assistant" and (m.refusal is not None or m.annotations is not None):
+            raise InvalidRequest(f"messages[{i}]: only assistant messages carry refusal or annotations",
+                                 param="messages")
+        if m.content is None and not m.tool_calls and m.refusal is None:
             raise InvalidRequest(f"messages[{i}]: content is required (null only beside tool_calls)",
                                  param="messages")
         if (m.role == "tool") != (m.tool_call_id is not None):

@@ -120,10 +120,17 @@ class ChatMessage(Strict):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None       # assistant messages: the calls it made (router/openai/tools.py)
     tool_call_id: str | None = Field(default=None, max_length=256)   # tool messages: the call answered
+    # what OpenAI's own assistant messages carry, so a transcript from it replays here (as vLLM takes it): a
+    # refusal is the message's text when it has no content; annotations (citations) and a null audio or
+    # function_call add nothing to the prompt
+    refusal: str | None = None
+    annotations: list[dict] | None = None
+    audio: None = None
+    function_call: None = None
 
     def text(self) -> str:
         if self.content is None:
-            return ""
+            return self.refusal or ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 

@@ -98,6 +98,25 @@ def test_chat_messages_roles_parts_and_logprobs(real_tok):
     assert plain.logprobs is None and plain.params[0][0].max_tokens == 2048 - len(plain.prompts[0])   # the rest
 
 
+def test_a_transcript_from_openai_replays_with_its_assistant_message_fields(real_tok):
+    """OpenAI's assistant messages carry refusal, annotations, audio and function_call (null or empty): a
+    conversation copied from it was a 400 (unknown fields); vLLM takes them. A refusal is the text of a message
+    without content; the others add nothing to the prompt."""
+    from pdcluster.engine.tokenizer import apply_chat_template
+    said = {"role": "assistant", "content": "Paris.", "refusal": None, "annotations": [], "audio": None,
+            "function_call": None}
+    refused = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+    job = parse({"messages": [{"role": "user", "content": "Capital?"}, said, refused,
+                              {"role": "user", "content": "ok"}]}, chat=True, tok=real_tok, vocab=49152, context=2048)
+    assert job.prompts == [apply_chat_template(real_tok, [
+        {"role": "user", "content": "Capital?"}, {"role": "assistant", "content": "Paris."},
+        {"role": "assistant", "content": "I can't help with that."}, {"role": "user", "content": "ok"}])]
+    for bad, param in [({"role": "assistant", "content": "x", "audio": {"id": "a"}}, "audio"),
+                       ({"role": "user", "content": "x", "refusal": "no"}, "messages")]:
+        with pytest.raises((ValidationError, InvalidRequest), match=param):
+            parse({"messages": [bad]}, chat=True, tok=real_tok, vocab=49152, context=2048)
+
+
 @pytest.mark.parametrize("body, param", [
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "hi", "temperature": -1}, "temperature"),
