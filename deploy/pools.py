@@ -234,6 +234,11 @@ def _pool(rd: _Reader, name: str, node: yaml.Node | None, parent: yaml.Node, bas
     if down >= up and ("scale_down_below" in a or "scale_up_above" in a):
         k = "scale_down_below" if "scale_down_below" in a else "scale_up_above"
         rd.fail(a[k][1], f"{key}.{k}", f"need scale_down_below < scale_up_above (got {down} and {up})")
+    if signal == "kv_utilization" and isinstance(target, (int, float)) and target * up >= 1:
+        where = a["target"][1] if "target" in a else (a["scale_up_above"][1] if "scale_up_above" in a else
+                                                      (m["autoscale"][1] if "autoscale" in m else (node or parent)))
+        rd.fail(where, f"{key}.target", f"target x scale_up_above = {target * up:g}: kv_utilization never exceeds "
+                                        "1, so the pool could never scale up (need target x scale_up_above < 1)")
     auto = AutoscaleConfig(
         signal=signal, target=_pick(target, None), ttft_slo_ms=_pick(slo["ttft_slo_ms"], None),
         tpot_slo_ms=_pick(slo["tpot_slo_ms"], None), scale_up_above=up, scale_down_below=down,

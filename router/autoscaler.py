@@ -97,6 +97,9 @@ class ScalingRule:
             raise ValueError("delays and cooldown must be >= 0")
         if self.window_s <= 0:
             raise ValueError(f"window_s must be > 0, got {self.window_s}")
+        if self.signal == "kv_utilization" and self.target * self.up_ratio >= 1:
+            raise ValueError(f"kv_utilization never exceeds 1: target x up_ratio = {self.target * self.up_ratio:g} "
+                             "means the pool never scales up (need < 1)")
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,10 @@ class PoolMetrics:
     """One pool at one instant, as `read_metrics` reports it.
 
     replicas counts every replica the pool has, starting ones included (so load a starting
-    replica will absorb is not answered with yet another replica)."""
+    replica will absorb is not answered with yet another replica). held also counts the registered
+    replicas that missed their last status poll (hung, or restarting under Ray): each still holds its
+    pool unit, so max_replicas bounds held (None: replicas), while the load and min_replicas count
+    the replicas that serve."""
     replicas: int
     queued_prompt_tokens: int = 0           # prefill: prompt tokens sent to the pool, not yet prefilled
     p90_ttft_ms: float | None = None        # over the recent window; None = no first token in it
@@ -113,6 +119,7 @@ class PoolMetrics:
     prompt_tokens_sent: int = 0             # prefill: cumulative prompt tokens the router sent to the pool
     replica_prefill_tps: float | None = None    # prefill: mean learned tokens/s of a live replica (None: none)
     decode_step_ms: float | None = None     # decode: mean measured step ms of live workers that stepped (None: none)
+    held: int | None = None                 # replicas + those not answering their polls (None: replicas)
 
     @property
     def idle(self) -> bool:
@@ -161,13 +168,15 @@ def pool_metrics(pool: str, loads: Iterable[Any], starting: int = 0, p90_ttft_ms
     learned prefill tokens/s (Telemetry.prefill_tps), averaged over the live workers. decode:
     `decode_step_s(load)` -> a worker's measured step seconds of its last poll or None
     (Telemetry.last_step_s), averaged over the live workers that stepped."""
-    live = [w for w in loads if w.role == pool and not w.draining and w.healthy]    # a dead or hung one serves nothing
+    mine = [w for w in loads if w.role == pool and not w.draining]
+    live = [w for w in mine if w.healthy]                   # a dead or hung one serves nothing
     kv = [1.0 - w.free_blocks / w.num_blocks for w in live if w.capacity_known] if pool == "decode" else []
     queued = sum(w.queued_tokens for w in live) if pool == "prefill" else 0
     tps = [prefill_tps(w) for w in live] if pool == "prefill" and prefill_tps is not None else []
     steps = [s for s in (decode_step_s(w) for w in live) if s is not None] \
         if pool == "decode" and decode_step_s is not None else []
-    return PoolMetrics(replicas=len(live) + starting, queued_prompt_tokens=queued, p90_ttft_ms=p90_ttft_ms,
+    return PoolMetrics(replicas=len(live) + starting, held=len(mine) + starting, queued_prompt_tokens=queued,
+                       p90_ttft_ms=p90_ttft_ms,
                        kv_utilization=sum(kv) / len(kv) if kv else 0.0, p90_tpot_ms=p90_tpot_ms,
                        prompt_tokens_sent=prompt_tokens_sent if pool == "prefill" else 0,
                        replica_prefill_tps=sum(tps) / len(tps) if tps else None,
@@ -227,6 +236,7 @@ class PoolPolicy:
 
     def decide(self, m: PoolMetrics, now: float) -> ScaleDecision:
         r, n = self.rule, m.replicas
+        units = n if m.held is None else max(m.held, n)    # what max_replicas bounds (PoolMetrics.held)
         value = signal_value(r.signal, m, self.sent_tps(m, now) if r.signal == "prefill_utilization" else None)
         load = None if value is None else value / r.target
         d = lambda delta, cause, why: self._act(  # noqa: E731
@@ -234,8 +244,8 @@ class PoolPolicy:
         # bounds first: a hard invariant, no delay or cooldown
         if n < r.min_replicas:
             return d(min(r.min_replicas - n, r.max_step), "below_min", f"below min_replicas={r.min_replicas}")
-        if n > r.max_replicas:
-            return d(-min(n - r.max_replicas, r.max_step), "above_max", f"above max_replicas={r.max_replicas}")
+        if units > r.max_replicas:
+            return d(-min(units - r.max_replicas, r.max_step), "above_max", f"above max_replicas={r.max_replicas}")
         if load is None:
             self.up_since = self.down_since = None
             return d(0, "no_data", f"no data: {r.signal} has no sample while the pool is busy"
@@ -247,14 +257,15 @@ class PoolPolicy:
             self.down_since = None
             self.up_since = now if self.up_since is None else self.up_since
             held = now - self.up_since
-            if n >= r.max_replicas:
-                return d(0, "at_max", f"{desc} > {r.up_ratio}: at max_replicas={r.max_replicas}")
+            if units >= r.max_replicas:
+                return d(0, "at_max", f"{desc} > {r.up_ratio}: at max_replicas={r.max_replicas}"
+                                      + (f" ({units - n} not answering)" if units > n else ""))
             if held < r.upscale_delay_s:
                 return d(0, "delay", f"{desc} > {r.up_ratio} for {held:.0f}s of upscale_delay_s={r.upscale_delay_s:g}")
             if self._cooling(now):
                 return d(0, "cooldown", f"{desc} > {r.up_ratio}: cooldown, {self._cooldown_left(now):.0f}s left")
             want = math.ceil(n * load / mid)
-            k = max(1, min(want - n, r.max_step, r.max_replicas - n))
+            k = max(1, min(want - n, r.max_step, r.max_replicas - units))
             return d(k, "load", f"{desc} > {r.up_ratio} for {held:.0f}s: {n} -> {n + k} (wants {want})")
         if load < r.down_ratio:
             self.up_since = None

@@ -31,7 +31,7 @@ def test_pool_metrics_counts_live_and_starting_replicas_and_skips_draining():
              load("decode-1", "decode", free_blocks=75, num_blocks=100),
              load("decode-2", "decode")]                         # capacity not reported yet: not in the mean
     p = pool_metrics("prefill", loads, starting=1, p90_ttft_ms=120.0)
-    assert p == PoolMetrics(replicas=3, queued_prompt_tokens=400, p90_ttft_ms=120.0)
+    assert p == PoolMetrics(replicas=3, queued_prompt_tokens=400, p90_ttft_ms=120.0, held=3)
     d = pool_metrics("decode", loads, p90_tpot_ms=30.0)
     assert d.replicas == 3 and d.queued_prompt_tokens == 0 and d.kv_utilization == pytest.approx(0.5)
     assert d.p90_tpot_ms == 30.0 and not d.idle
@@ -205,3 +205,33 @@ def test_serve_autoscales_the_pools_with_room_to_scale():
     assert off.autoscaling_rules() == {}
     from pdcluster.deploy.config import ClusterConfig
     assert ClusterConfig().pools.autoscaling_rules() == {}    # flags alone: fixed pools, no autoscaling
+
+
+def test_a_replica_that_misses_its_polls_still_counts_against_max_replicas():
+    """It still holds its pool unit (hung, or restarting under Ray). Counted as absent, a pool at max spawned
+    one more actor (which local Ray could not even place), then retired one the moment the worker answered
+    again. It does not serve, so the load and min_replicas count only the replicas that answer."""
+    from pdcluster.router.autoscaler import PoolPolicy, ScalingRule
+    rule = ScalingRule(signal="kv_utilization", target=0.8, min_replicas=1, max_replicas=2, upscale_delay_s=0,
+                       cooldown_s=0)
+    loads = [load("decode-0", "decode", free_blocks=5, num_blocks=100),
+             load("decode-1", "decode", free_blocks=5, num_blocks=100, healthy=False)]
+    m = pool_metrics("decode", loads)
+    assert (m.replicas, m.held) == (1, 2)
+    pol = PoolPolicy("decode", rule)
+    d = pol.decide(m, 0.0)
+    assert (d.delta, d.cause) == (0, "at_max") and "1 not answering" in d.reason
+    loads[1].healthy = True
+    assert pol.decide(pool_metrics("decode", loads), 1.0).cause == "at_max"       # and no above_max
+    wide = ScalingRule(signal="kv_utilization", target=0.5, min_replicas=1, max_replicas=3, upscale_delay_s=0,
+                       cooldown_s=0, max_step=4)
+    loads[1].healthy = False
+    assert PoolPolicy("decode", wide).decide(pool_metrics("decode", loads), 0.0).delta == 1    # up to max, not past
+
+
+def test_a_kv_utilization_rule_that_could_never_scale_up_is_refused():
+    """kv_utilization never exceeds 1, and scale-up needs load > up_ratio: target x up_ratio >= 1 never fires."""
+    from pdcluster.router.autoscaler import ScalingRule
+    with pytest.raises(ValueError, match="never scales up"):
+        ScalingRule(signal="kv_utilization", target=1.0)
+    ScalingRule(signal="kv_utilization", target=0.9)
