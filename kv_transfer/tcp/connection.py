@@ -188,7 +188,15 @@ class Connection:
                 elif item[1] is CANCEL:
                     self._end(sock, sender, cancel=True)
                 elif not sender._future.done():
-                    self._write_piece(sock, *item)
+                    try:
+                        self._write_piece(sock, *item)
+                    except OSError:
+                        raise
+                    except Exception as e:      # noqa: BLE001 - this piece's own failure (its encoding, memory):
+                        # frames go out whole, so the stream stays readable; only this sender fails (its END
+                        # follows, and the server fails its reservation), not every sender on the connection
+                        sender._settle(KVTransferError(f"KV transfer of {sender.request_id!r} to {self.address}: "
+                                                       f"a piece could not be sent: {e!r}", "INTERNAL"))
                 del item, sender  # free the piece's tensors while waiting for the next one
         except OSError as e:
             self._reader.join(_READER_GRACE_S)  # it reports the server's CLOSE reason, if any

@@ -84,3 +84,38 @@ def test_an_end_never_acknowledged_times_out_and_leaves_nothing_in_flight():
         stop.set()
         t.close()
         ls.close()
+
+
+def test_a_piece_that_cannot_be_encoded_fails_its_own_transfer_not_the_connection_s_others():
+    """The connection's one writer thread caught only OSError: a piece that failed to encode (here int8 on a
+    2-D K, which send_layer accepts) killed it, and every transfer on the connection failed CANCELLED."""
+    from pdcluster.kv_transfer import KVReceiver, KVTcpServer, cache_writer
+    kc, vc = [torch.zeros(8, 16, 2, 8) for _ in range(2)], [torch.zeros(8, 16, 2, 8) for _ in range(2)]
+    rx = KVReceiver()
+    srv = KVTcpServer(rx, secret="s")
+    srv.start_sync()
+    tr = TcpKVTransport(secret="s")
+    try:
+        good = rx.expect("good", [0, 1], 2, cache_writer(kc, vc))
+        bad = rx.expect("bad", [2], 2, cache_writer(kc, vc))
+        sg = tr.open(srv.address, "good", [0, 1])
+        conn = tr._conns[srv.address]                   # the one connection all three share
+        sg.send_layer(0, torch.ones(2, 16, 2, 8), torch.ones(2, 16, 2, 8))
+        sb = tr.open(srv.address, "bad", [2], codec="int8")
+        sb.send_layer(0, torch.ones(1, 512), torch.ones(1, 512))
+        with pytest.raises(KVTransferError) as e:
+            sb.finish(timeout=10)
+        assert e.value.status == "INTERNAL" and "could not be sent" in str(e.value)
+        sg.send_layer(1, torch.ones(2, 16, 2, 8), torch.ones(2, 16, 2, 8))
+        assert sg.finish(timeout=10).bytes > 0 and good.state.name == "COMPLETE"
+        assert torch.equal(kc[1][:2], torch.ones(2, 16, 2, 8))
+        assert bad.state.name == "PENDING"      # nothing reached it: the router's abort frees it, as for any send
+        again = rx.expect("again", [3], 2, cache_writer(kc, vc))       # that failed before its first frame
+        s3 = tr.open(srv.address, "again", [3])
+        for layer in range(2):
+            s3.send_layer(layer, torch.full((1, 16, 2, 8), 2.0), torch.full((1, 16, 2, 8), 2.0))
+        assert s3.finish(timeout=10).bytes > 0 and again.state.name == "COMPLETE" and tr._conns[srv.address] is conn
+        assert not conn.dead
+    finally:
+        tr.close()
+        srv.stop_sync()
