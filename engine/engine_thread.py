@@ -51,6 +51,8 @@ class EngineThread:
         """Run fn(engine, *args) on the engine thread between steps."""
         fut: Future = Future()
         self._cmds.put((fn, args, fut))
+        if not self._thread.is_alive():     # ended (or ending) meanwhile: nothing will run it
+            self._fail_queued()
         return fut
 
     def run(self, fn: Callable[..., Any], *args, timeout: float | None = 60.0) -> Any:
@@ -59,12 +61,14 @@ class EngineThread:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() or self._stop.is_set()
+        return self._thread.is_alive()
 
     def check_alive(self) -> None:
-        """RuntimeError once the engine thread has died: nothing it queues would ever run."""
+        """RuntimeError once the engine thread has ended, died or stopped: nothing it queues would ever run
+        (a prefill's wait, a decode stream's heartbeats and every later command end at once)."""
         if not self.alive:
-            raise RuntimeError(f"engine thread died: {self.died!r}")
+            raise RuntimeError(f"engine thread died: {self.died!r}" if self.died is not None
+                               else "engine stopped (the worker is shutting down)")
 
     def check_healthy(self) -> None:
         """What a worker's status poll asks (one that raises marks the worker unhealthy: no placements):
@@ -109,6 +113,18 @@ class EngineThread:
         except BaseException as e:      # not a step's failure (those are caught below): the loop's own;
             self.died = e               # the thread ends, check_alive reports it
             log.exception("engine thread died")
+        finally:                        # commands queued behind the end: their callers hear of it now
+            self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        why = RuntimeError(f"engine thread died: {self.died!r}" if self.died is not None else "engine stopped")
+        while True:
+            try:
+                item = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[2].set_running_or_notify_cancel():
+                item[2].set_exception(why)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -169,3 +169,31 @@ def test_an_engine_whose_steps_keep_failing_is_reported_until_it_has_not_failed_
     monkeypatch.setattr(EngineThread, "FAILING_FOR_S", 0.0)    # that long without a failure: healthy again
     et.check_healthy()
     et.stop()
+
+
+def test_a_stopped_engine_thread_ends_its_waiters_at_once():
+    """alive stayed True after stop(): a prefill waiting on check_alive looped forever, a decode stream kept
+    sending heartbeats that never moved, and every later command waited out its 60 s timeout."""
+    et = EngineThread(Failing())
+    blocker = threading.Event()
+    queued = et.call(lambda e: blocker.wait(5))          # holds the thread while stop() is asked
+    stopper = threading.Thread(target=et.stop)
+    stopper.start()
+    deadline = time.monotonic() + 5
+    while not et._stop.is_set() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)                                    # stop's sentinel is queued: this one comes behind it
+    later = et.call(lambda e: "never")
+    blocker.set()
+    stopper.join(10)
+    assert queued.result(5) is True and not et.alive
+    with pytest.raises(RuntimeError, match="engine stopped"):
+        later.result(5)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="engine stopped"):
+        et.run(lambda e: None)
+    with pytest.raises(RuntimeError, match="engine stopped"):
+        et.call(lambda e: None).result(5)
+    with pytest.raises(RuntimeError, match="engine stopped"):
+        et.check_healthy()
+    assert time.monotonic() - t0 < 1.0
