@@ -67,8 +67,12 @@ class EngineThread:
         """RuntimeError once the engine thread has ended, died or stopped: nothing it queues would ever run
         (a prefill's wait, a decode stream's heartbeats and every later command end at once)."""
         if not self.alive:
-            raise RuntimeError(f"engine thread died: {self.died!r}" if self.died is not None
-                               else "engine stopped (the worker is shutting down)")
+            raise self._ended()
+
+    def _ended(self) -> RuntimeError:
+        """Why nothing queued will run any more: the thread died, or it was stopped."""
+        return RuntimeError(f"engine thread died: {self.died!r}" if self.died is not None
+                            else "engine stopped (the worker is shutting down)")
 
     def check_healthy(self) -> None:
         """What a worker's status poll asks (one that raises marks the worker unhealthy: no placements):
@@ -117,7 +121,7 @@ class EngineThread:
             self._fail_queued()
 
     def _fail_queued(self) -> None:
-        why = RuntimeError(f"engine thread died: {self.died!r}" if self.died is not None else "engine stopped")
+        why = self._ended()
         while True:
             try:
                 item = self._cmds.get_nowait()

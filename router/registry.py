@@ -142,7 +142,7 @@ class WorkerRegistry:
                 # a resync first, then a poll, in turns: a poll answering just past wait_s was respawned before
                 # the check below every time, and the worker stayed approximate for good; and a resync that
                 # keeps failing must not stop its polls (its health)
-                if worker_id in need and worker_id not in self._resynced_last:
+                if worker_id in need and self._resync_due(worker_id):
                     self._start_resync(worker_id, c)
                     continue
                 self._resynced_last.discard(worker_id)
@@ -154,8 +154,7 @@ class WorkerRegistry:
         self.index.expire(now)
         self.prober.probe_idle_links(now)
         for worker_id in self.index.needs_resync():
-            if (worker_id in clients and worker_id not in self._resynced_last and _done(self._resyncs.get(worker_id))
-                    and _done(self._polls.get(worker_id))):
+            if worker_id in clients and self._resync_due(worker_id):
                 self._start_resync(worker_id, clients[worker_id])
         pending = [t for t in self._resyncs.values() if not t.done()]
         if wait_s is None and pending:      # waiting for every poll: for the resyncs too
@@ -173,6 +172,11 @@ class WorkerRegistry:
             self._unhealthy(w, f"missed its status poll ({s})")
             return
         self._ingest(w, s, time.time())
+
+    def _resync_due(self, worker_id: str) -> bool:
+        """Its turn for a resync (one after each poll while it needs them), and neither task is out."""
+        return (worker_id not in self._resynced_last and _done(self._resyncs.get(worker_id))
+                and _done(self._polls.get(worker_id)))
 
     def _start_resync(self, worker_id: str, client) -> None:
         self._resyncs[worker_id] = self._spawn(self._resync(worker_id, client))

@@ -12,6 +12,7 @@ from pdcluster.engine.hashing import block_hashes
 from pdcluster.engine.rules import blocks_for_lifetime
 from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.router.admission import refusal
+from pdcluster.router.placement.cost_model import cached_tokens
 from pdcluster.router.config import RouterConfig
 from pdcluster.router.cost_config import CostConfig
 from pdcluster.router.errors import Overloaded, Unavailable
@@ -143,8 +144,8 @@ class Router:
         cached = None
         if deadline_s is not None and prompt_ids and may_prefill:
             hashes = block_hashes(prompt_ids, c.block_size, cache_salt)
-            now, bs = time.time(), c.block_size
-            cached = {w: min(n * bs, n_prompt - 1) * self.index.confidence(w, now)
+            now = time.time()
+            cached = {w: cached_tokens(n, n_prompt, c.block_size, self.index.confidence(w, now))
                       for w, n in self.index.match(hashes, [x.worker_id for x in may_prefill]).items()}
         why = refusal(may_prefill, self.telemetry.prefill_tps, n_prompt, c.max_queue_wait_s, deadline_s, cached)
         if why:

@@ -172,8 +172,7 @@ class CostModel:
 
     # pieces
     def _cached(self, n_blocks: int, prompt_len: int, conf: float) -> float:
-        bs = self.cfg.block_size
-        return min(n_blocks, max(0, (prompt_len - 1) // bs)) * bs * conf
+        return cached_tokens(n_blocks, prompt_len, self.cfg.block_size, conf)
 
     def _transfer(self, prompt_len: int, cached_d: float, codec: str, bps: float) -> tuple[float, float]:
         """(wire bytes, seconds) of shipping the prompt's KV beyond d's cached prefix under `codec`
@@ -499,6 +498,12 @@ class CostModel:
             e.duplicate_penalty_s = c.duplicate_penalty * (best_cached - e.cached_tokens) / rate
             e.cost_s += e.duplicate_penalty_s
         return Placement(e.prefill, e.decode, e.kind, e.as_dict() | {"options_kv_ok": kv_ok_count}, defer=defer)
+
+
+def cached_tokens(n_blocks: int, prompt_len: int, block_size: int, conf: float) -> float:
+    """Expected tokens of a prompt a worker need not compute: its n_blocks hit blocks (whole blocks, at most
+    the prompt's last token's block before it: that token is always computed) x the index's confidence."""
+    return min(n_blocks, max(0, (prompt_len - 1) // block_size)) * block_size * conf
 
 
 def kv_fits(d: WorkerLoad, blocks: int, resident_blocks: int, reserve: bool) -> bool:

@@ -156,8 +156,10 @@ def apply_pulls(model, estimates: list, prompt_len: int, hashes: list[int], hits
         if not h.total or w not in loads:
             continue
         k = model.index.first_pending(w, hashes, h.device)      # a pull is served from computed blocks only:
-        held[w] = h if k == h.device else TierHits(k, 0, 0)    # not from those a placement just sent it
-    held = {w: h for w, h in held.items() if h.total}
+        if k == h.device:                                       # not from those a placement just sent it
+            held[w] = h
+        elif k:
+            held[w] = TierHits(k, 0, 0)
     if not held:
         return
     for e in estimates:
