@@ -6,6 +6,7 @@ choice j draws with seed + j).
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -223,14 +224,7 @@ def shown_logprob(v: float) -> float:
 
 def _texts(tokenizer):
     """token id -> its text, each id decoded once per response (a long logprobs answer repeats ids a lot)."""
-    memo: dict[int, str] = {}
-
-    def text(t: int) -> str:
-        s = memo.get(t)
-        if s is None:
-            s = memo[t] = token_text(tokenizer, t)
-        return s
-    return text
+    return functools.cache(functools.partial(token_text, tokenizer))
 
 
 def chat_logprobs(tokenizer, lps: list[TokenLogprobs]) -> dict:
