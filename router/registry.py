@@ -147,9 +147,7 @@ class WorkerRegistry:
                     continue
                 self._resynced_last.discard(worker_id)
                 t = self._polls[worker_id] = self._spawn(self._poll(worker_id, c))
-            elif wait_s is not None:
-                continue        # still out from an earlier round (slow or hung): not waited for again, so one
-            out.append(t)       # hung worker does not stretch every round by wait_s
+            out.append(t)
         if out:
             await asyncio.wait(out, timeout=wait_s)
         now = time.time()
