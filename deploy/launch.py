@@ -190,10 +190,16 @@ class Cluster(Scaling):
         return f"{self.cfg.server.host}:{self.server.port}"
 
     async def _poll(self) -> None:
+        """A round every status_interval_s, however long its polls take (a round waits for them at most
+        that long, and one still out goes on): a slow or hung worker neither delays nor spaces out the
+        others' polls."""
+        clock, interval = asyncio.get_running_loop(), self.router.cfg.status_interval_s
+        due = clock.time()
         while True:
-            await asyncio.sleep(self.router.cfg.status_interval_s)
-            try:        # a worker slow to answer keeps its poll going: the others are polled on time
-                await self.router.refresh_loads(wait_s=self.router.cfg.status_interval_s)
+            due = max(due + interval, clock.time())     # a round that overran starts the next one now
+            await asyncio.sleep(due - clock.time())
+            try:
+                await self.router.refresh_loads(wait_s=interval)
             except Exception:
                 log.exception("status poll failed")
 

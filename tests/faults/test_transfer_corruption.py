@@ -1,6 +1,7 @@
 """A KV transfer corrupted or cut on the wire is detected (crc32 / truncation), the reservation is
 fenced and freed, and recomputing gives exactly the undisturbed tokens. Real workers (no Ray), real
 sockets: a loopback proxy between the prefill and decode workers flips a byte or drops the link."""
+import re
 import socket
 import threading
 
@@ -71,10 +72,11 @@ def test_bad_transfer_detected_fenced_and_recomputed_exactly(workers, mode):
     with pytest.raises(KVTransferError) as e:
         p.prefill(f"bad-{mode}", ids, GREEDY, dest)
     assert proxy.fired
-    # detected as what it is, not as a timeout: the frame's checksum, or the connection's end
-    status, says = {"corrupt": ("DATA_LOSS", "checksum mismatch"),
-                    "drop": ("UNAVAILABLE", "closed the connection")}[mode]
-    assert e.value.status == status and says in str(e.value), e.value
+    # detected as what it is, not as a timeout (DEADLINE_EXCEEDED): the frame's checksum, or the connection's
+    # end, which the sender sees as an EOF or, when the proxy closes with bytes unread, as a reset (RST)
+    status, says = {"corrupt": ("DATA_LOSS", r"checksum mismatch"),
+                    "drop": ("UNAVAILABLE", r"closed the connection|broke: (ConnectionReset|BrokenPipe)Error")}[mode]
+    assert e.value.status == status and re.search(says, str(e.value)), e.value
     what = {"corrupt": "corrupted", "drop": "cut"}[mode]
     print(f"\n[faults] transfer {what} on the wire: detected ({e.value.status}: {e.value})")
     # nothing landed as complete; the router's abort (here by hand) fences the id and frees the blocks.

@@ -61,7 +61,8 @@ def test_a_hung_worker_does_not_slow_the_others_polls_and_is_marked_unhealthy():
         return r, conf
     r, conf = asyncio.run(go())
     gaps = [b - a for a, b in zip(answered, answered[1:])]
-    assert len(answered) >= 8 and max(gaps) < 0.8             # every ~0.2 s, not once per health timeout
+    # a round every ~0.2 s (15 in 3 s): neither once per health timeout nor spaced out by the hung poll's wait
+    assert len(answered) >= 12 and max(gaps) < 0.35
     assert min(conf) == 1.0                                    # never silent in the index
     assert r.workers.loads["decode-0"].healthy and not r.workers.loads["decode-1"].healthy
 
