@@ -160,6 +160,7 @@ class Cluster(Scaling):
             self.router.add_worker("prefill", PrefillClient(wid, h, self.timeouts), zone=c.pools.prefill.zone)
         for wid, h in dec.items():
             self.router.add_worker("decode", DecodeClient(wid, h, self.timeouts), zone=c.pools.decode.zone)
+        self.router.workers.on_gone = self.forget_dead      # (deploy/scaling.py)
         await self.router.refresh_loads()
         if self.router.context_tokens < self.router.max_context:
             log.warning("the decode workers' KV pools hold %d tokens: the served context length is %d, not the "

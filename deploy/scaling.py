@@ -7,6 +7,9 @@ The scaling half of `deploy.launch.Cluster` (a mixin); the policy is router/auto
                             that type), wait until it has loaded the model, register it with the router
     remove_replica(role)    Router.retire_worker: drain (no new placements, running requests finish or,
                             after drain_timeout_s, migrate), forget it, shut the actor down, ray.kill it
+    forget_dead(worker_id)  a worker whose status poll found its actor dead for good (no Ray restart left:
+                            router.errors.WorkerGone) leaves the router and the pool, so it no longer holds
+                            a slot under max_replicas; the autoscaler, if on, replaces it by its rules
     start_autoscaler(...)   PoolAutoscaler as a task: reads pool_metrics(), calls the two above
 
 One source of truth: placement and the autoscaler both read `router.workers.loads` (the WorkerLoads
@@ -87,6 +90,31 @@ class Scaling:
                                         migrate_timeout_s=self.cfg.timeouts.stream_gap_s)
         log.info("removed %s: the %s pool has %d workers", worker_id, role, len(self._pool(role)))
         return worker_id
+
+    async def forget_dead(self, worker_id: str) -> None:
+        """The registry's on_gone: confirm with a fresh call that the actor is dead (a dead actor answers
+        ActorDiedError at once; one restarting would queue the call and answer), then forget it."""
+        import ray
+        h = self.actors.get(worker_id)
+        if h is None:
+            return
+        try:
+            await asyncio.wait_for(h.status.remote(), self.timeouts.health_s)
+            return                                  # it answers: not dead (its next poll sees it healthy)
+        except ray.exceptions.ActorDiedError:
+            pass
+        except Exception as e:                      # no answer in time, or restarting: the polls go on
+            log.info("%s: not confirmed dead (%r); still polled", worker_id, e)
+            return
+        w = self.router.workers.loads.get(worker_id)
+        if self.actors.get(worker_id) is not h or w is None or worker_id in self.router.workers.retiring:
+            return                                  # removed or retiring meanwhile
+        role = w.role
+        self.actors.pop(worker_id)
+        self.router.workers.remove(worker_id)
+        self.router.metrics.dead.labels(role).inc()
+        log.error("%s is dead (no Ray restart left, max_restarts=%d): removed from the %s pool, which has %d "
+                  "workers now", worker_id, self.cfg.pools.max_restarts, role, len(self._pool(role)))
 
     def _pool(self, role: str) -> dict:
         return self.router.workers.prefill if role == "prefill" else self.router.workers.decode

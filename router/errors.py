@@ -9,6 +9,11 @@ class WorkerLost(Exception):
         self.worker_id = worker_id
 
 
+class WorkerGone(WorkerLost):
+    """The worker is dead for good (its actor's restarts are spent or it was killed without restart):
+    it will never answer again, so its pool slot is free for a replacement."""
+
+
 class Unavailable(Exception):
     """No worker can take the request (maps to UNAVAILABLE)."""
 

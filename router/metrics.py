@@ -99,6 +99,8 @@ class RouterMetrics:
             self.placements.labels(kind)
         self.restarts = Counter("pdcluster_worker_restarts", "Worker restarts seen (re-registrations)", ["worker"],
                                 registry=r)
+        self.dead = Counter("pdcluster_workers_dead", "Workers removed as dead for good (no Ray restart left)",
+                            ["pool"], registry=r)
         self.scale_decisions = Counter("pdcluster_autoscaler_decisions", "Autoscaler decisions per tick, by cause",
                                        ["pool", "direction", "cause"], registry=r)
         self.scale_actions = Counter("pdcluster_autoscaler_actions", "Replicas the autoscaler added or removed",

@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Awaitable, Callable
 
 from pdcluster.messages import CacheSnapshot, WorkerStatus
 from pdcluster.router.config import RouterConfig
-from pdcluster.router.errors import WorkerLost
+from pdcluster.router.errors import WorkerGone, WorkerLost
 from pdcluster.router.metrics import RouterMetrics
 from pdcluster.router.placement import WorkerLoad
 from pdcluster.router.prefix_index import PrefixIndex
@@ -40,6 +41,10 @@ class WorkerRegistry:
         # role -> prompt tokens charged to that pool's workers, ever (the autoscaler's
         # prefill_utilization differences it over its window); a retried placement counts again
         self.sent_tokens: dict[str, int] = {"prefill": 0, "decode": 0}
+        # the owner's removal of a worker whose poll found it dead for good (WorkerGone): async (worker id),
+        # deploy/scaling.py confirms and forgets it, freeing its pool slot; None: it stays, unhealthy
+        self.on_gone: Callable[[str], Awaitable[None]] | None = None
+        self._gone: set[str] = set()                # workers whose on_gone call is out
 
     # membership
     def add(self, role: str, client, zone: str = "") -> None:
@@ -170,8 +175,22 @@ class WorkerRegistry:
             return              # removed (or replaced) while the poll was out
         if isinstance(s, BaseException):
             self._unhealthy(w, f"missed its status poll ({s})")
+            if (isinstance(s, WorkerGone) and self.on_gone is not None and worker_id not in self._gone
+                    and worker_id not in self.retiring):        # (retire removes it itself)
+                self._gone.add(worker_id)
+                self._spawn(self._report_gone(worker_id))
             return
         self._ingest(w, s, time.time())
+
+    async def _report_gone(self, worker_id: str) -> None:
+        """One on_gone call at a time per worker; a later poll that finds it gone again reports it again
+        (the owner may not have been able to confirm it)."""
+        try:
+            await self.on_gone(worker_id)
+        except Exception:
+            log.exception("removing dead worker %s failed", worker_id)
+        finally:
+            self._gone.discard(worker_id)
 
     def _resync_due(self, worker_id: str) -> bool:
         """Its turn for a resync (one after each poll while it needs them), and neither task is out."""

@@ -1,7 +1,8 @@
 """The router's handles on worker actors: the only Ray code on the router side.
 
 Every call is bounded in time, and a dead, restarting, hung or unreachable actor surfaces as
-WorkerLost (the router re-places or migrates the request), never as a Ray exception type.
+WorkerLost (the router re-places or migrates the request), never as a Ray exception type; one dead
+for good (Ray's ActorDiedError: no restart left) as WorkerGone, a WorkerLost.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.messages import (CacheSnapshot, Heartbeat, KVDestination, NoRoom, PrefillResult, PullPlan, Reservation,
                                 TokenItem, WorkerStatus)
 from pdcluster.router.config import Timeouts
-from pdcluster.router.errors import WorkerLost
+from pdcluster.router.errors import WorkerGone, WorkerLost
 
 
 LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.WorkerCrashedError,
@@ -26,6 +27,8 @@ async def _call(worker_id: str, ref, timeout: float):
         return await asyncio.wait_for(ref, timeout)
     except asyncio.TimeoutError:
         raise WorkerLost(worker_id, f"no answer in {timeout:.0f}s") from None
+    except ray.exceptions.ActorDiedError:   # (a restart in progress reads as ActorUnavailableError)
+        raise WorkerGone(worker_id, "ActorDiedError") from None
     except LOST as e:
         raise WorkerLost(worker_id, type(e).__name__) from None
 
@@ -43,6 +46,8 @@ async def _next_item(worker_id: str, gen, timeout: float):
                 return await ref
     except TimeoutError:
         raise WorkerLost(worker_id, f"no answer in {timeout:.0f}s") from None
+    except ray.exceptions.ActorDiedError:
+        raise WorkerGone(worker_id, "ActorDiedError") from None
     except LOST as e:
         raise WorkerLost(worker_id, type(e).__name__) from None
 

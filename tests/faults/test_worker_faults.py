@@ -97,6 +97,20 @@ def test_decode_worker_killed_mid_stream_requests_migrate_token_exact(faulty, re
     moved = [r for r in recs if r["migrations"] >= 1]
     assert len(recs) == N and moved, recs              # at least one stream did move...
     assert all(r["decode"] == "decode-1" for r in moved)   # ...and its line names where it finished
+    # dead for good (killed without restart): it leaves the router and the pool, holding no slot
+    gone = faulty.run(wait_gone(faulty, "decode-0"))
+    m = faulty.pool_metrics()["decode"]
+    print(f"[faults] dead decode-0 removed from the pool {gone:.1f}s after the streams ended; "
+          f"decode pool: {m.replicas} replica(s), {m.held} held")
+    assert m.replicas == m.held == 1 and "decode-0" not in faulty.actors
+
+
+async def wait_gone(c, worker_id: str, timeout_s: float = 20.0) -> float:
+    t0 = time.monotonic()
+    while worker_id in c.router.workers.loads:
+        assert time.monotonic() - t0 < timeout_s, f"{worker_id} still registered after {timeout_s:g}s"
+        await asyncio.sleep(0.1)
+    return time.monotonic() - t0
 
 
 async def kill_mid_prefill(c, worker_id: str, timeout_s: float = 120.0) -> dict:
