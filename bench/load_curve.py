@@ -23,7 +23,7 @@ def arrivals(dataset: dict) -> list[float]:
     """A trace replay's (a scenario's `dataset`) send times, seconds from the first (trace_dataset.scale_rows' rule)."""
     rows = read_trace(dataset["dataset"].split(":", 1)[1], dataset.get("start", 0), dataset.get("max_requests"),
                       dataset.get("conversation_sample", 1))
-    return [(r["timestamp"] - rows[0]["timestamp"]) / 1000 * dataset["time_scale"] for r in rows]
+    return [(r.timestamp_ms - rows[0].timestamp_ms) / 1000 * dataset["time_scale"] for r in rows]
 
 
 def offered_rate(dataset: dict) -> float:

@@ -149,7 +149,7 @@ def study_c(a, reqs_base) -> dict:
             n_dec = nd
             out["static"][(need, nd)] = s
     out["static_best"] = [top, n_dec]
-    d_min = a.c_auto_min if a.c_decode_min is None else a.c_decode_min
+    d_min = out["decode_min"] = a.c_auto_min if a.c_decode_min is None else a.c_decode_min
     util = a.c_signal == "prefill_utilization"
     p_kw = dict(window_s=a.c_window_s, down_ratio=a.c_util_down_ratio) if util else {}
     rules = (("prefill", ScalingRule(a.c_signal, a.c_util_target if util else a.c_target, min_replicas=a.c_auto_min,
@@ -186,6 +186,17 @@ def study_c(a, reqs_base) -> dict:
     return out
 
 
+def replica_steps(c: dict, scale_log, pool: str) -> tuple[list[float], list[int]]:
+    """(seconds, replicas) of one pool in study (c)'s autoscaled run, from its start size (the decode
+    pool's own minimum, --c-decode-min, where given) through each scaling action."""
+    t, n = [0.0], [c["args_min"] if pool == "prefill" else c.get("decode_min", c["args_min"])]
+    for at, p, _delta, after in scale_log:
+        if p == pool:
+            t.append(at)
+            n.append(after)
+    return t, n
+
+
 def plot(result: dict, path: str) -> None:
     from matplotlib.figure import Figure
     fig = Figure(figsize=(15, 4.5), layout="constrained")
@@ -203,11 +214,7 @@ def plot(result: dict, path: str) -> None:
     if c.get("autoscaled"):
         pol, auto = next(iter(c["autoscaled"].items()))
         for pool in ("prefill", "decode"):
-            t, n = [0.0], [c["args_min"]]
-            for at, p, delta, after in auto["scale_log"]:
-                if p == pool:
-                    t.append(at)
-                    n.append(after)
+            t, n = replica_steps(c, auto["scale_log"], pool)
             ax[2].step(t, n, where="post", label=f"{pool} replicas, autoscaled ({pol}), as decided")
         ax[2].axhline(c["static_best"][0], color="tab:blue", ls="--", label="static prefill")
         ax[2].axhline(c["static_best"][1], color="tab:orange", ls=":", label="static decode")
@@ -284,8 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _rates(s: str) -> list[float]:
+    """A comma-separated list of arrival-rate scales, each > 0."""
+    rates = [float(x) for x in s.split(",")]
+    if not all(r > 0 for r in rates):
+        raise ValueError(f"rate scales must be > 0: {s}")
+    return rates
+
+
 def main(argv=None) -> None:
-    a = build_parser().parse_args(argv)
+    ap = build_parser()
+    a = ap.parse_args(argv)
     if a.plot_from:
         merged: dict = {}
         for path in a.plot_from.split(","):
@@ -293,12 +309,15 @@ def main(argv=None) -> None:
                 merged |= json.load(f)
         plot(merged, a.plot)
         return
-    a.rates = [float(x) for x in a.rates.split(",")]
-    a.b_rates = [float(x) for x in a.b_rates.split(",")]
+    try:
+        a.rates, a.b_rates, a.explain_rates = (_rates(s) for s in (a.rates, a.b_rates, a.explain_rates))
+        base = load_trace(a.trace, duration_s=a.duration_s)
+    except (ValueError, OSError) as e:
+        ap.error(str(e))
+    if not base:
+        ap.error(f"{a.trace}: no requests" + ("" if a.duration_s is None else f" in the first {a.duration_s:g} s"))
     a.c_policies = a.c_policies.split(",")
     a.b_fallbacks = a.b_fallbacks.split(",")
-    a.explain_rates = [float(x) for x in a.explain_rates.split(",")]
-    base = load_trace(a.trace, duration_s=a.duration_s)
     cache: dict = {}
 
     def reqs_at(rate: float):

@@ -61,7 +61,7 @@ def _case(name: str, summary: str, cfg, dataset: dict, rate: float) -> Case:
 
 def cases(trace: str | None = None, max_requests: int | None = None, time_scale: float = 0.4,
           prefix_prompts: int = 6) -> dict[str, Case]:
-    """The validation cases (module doc). max_requests: the trace slice's requests (default 24)."""
+    """The validation cases (module doc). max_requests: the trace slice's requests (default 16)."""
     trace = trace or trace_path()
     return {c.name: c for c in (
         _case("disagg-trace", "1 prefill + 1 decode worker, least-loaded, Mooncake trace slice", COLO.candidate,

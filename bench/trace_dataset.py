@@ -29,11 +29,12 @@ slice replays the same tokens as the whole trace.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Iterable
 
 import numpy as np
+
+from pdcluster.sim.trace import TraceLine, parse_line
 
 TRACE_BLOCK_TOKENS = 512        # tokens per hash id in the Mooncake traces
 
@@ -118,7 +119,8 @@ def conversation_key(hash_ids: list[int]) -> int:
     return hash_ids[1] if len(hash_ids) > 1 else hash_ids[0]
 
 
-def read_trace(path: str, start: int = 0, max_requests: int | None = None, conversation_sample: int = 1) -> list[dict]:
+def read_trace(path: str, start: int = 0, max_requests: int | None = None,
+               conversation_sample: int = 1) -> list[TraceLine]:
     """The first max_requests lines from line `start` of a Mooncake JSONL trace whose conversation is
     sampled (conversation_key % conversation_sample == 0), checked."""
     out = []
@@ -128,25 +130,22 @@ def read_trace(path: str, start: int = 0, max_requests: int | None = None, conve
                 continue
             if max_requests is not None and len(out) >= max_requests:
                 break
-            try:
-                row = json.loads(line)
-                ts, n_in, n_out, ids = row["timestamp"], row["input_length"], row["output_length"], row["hash_ids"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{i + 1}: not a Mooncake trace line ({e})") from None
-            if not ids or n_in < 1 or n_out < 0 or -(-n_in // TRACE_BLOCK_TOKENS) != len(ids):
+            r = parse_line(line, f"{path}:{i + 1}")
+            ts, n_in, n_out, ids = r.timestamp_ms, r.input_length, r.output_length, r.hash_ids
+            if -(-n_in // TRACE_BLOCK_TOKENS) != len(ids):
                 raise ValueError(f"{path}:{i + 1}: input_length {n_in} does not fill {len(ids)} blocks of "
                                  f"{TRACE_BLOCK_TOKENS} tokens")
             if conversation_sample > 1 and conversation_key(ids) % conversation_sample:
                 continue
-            if out and ts < out[-1]["timestamp"]:
-                raise ValueError(f"{path}:{i + 1}: timestamp {ts} before the previous line's")
-            out.append(row)
+            if out and ts < out[-1].timestamp_ms:
+                raise ValueError(f"{path}:{i + 1}: timestamp {ts:g} before the previous line's")
+            out.append(r)
     if not out:
         raise ValueError(f"{path}: no trace lines from line {start + 1}")
     return out
 
 
-def scale_rows(rows: list[dict], scale: TraceScale, ids: np.ndarray) -> list[TraceRequest]:
+def scale_rows(rows: list[TraceLine], scale: TraceScale, ids: np.ndarray) -> list[TraceRequest]:
     """The replayed requests of trace rows (already sliced by start / max_requests)."""
     b = scale.block_tokens
     cache: dict[int, list[int]] = {}        # hash id -> its B tokens (a trace repeats ids a lot)
@@ -157,15 +156,15 @@ def scale_rows(rows: list[dict], scale: TraceScale, ids: np.ndarray) -> list[Tra
             toks = cache[h] = block_tokens(h, b, ids, scale.seed)
         return toks
 
-    t0 = rows[0]["timestamp"]
+    t0 = rows[0].timestamp_ms
     out = []
     for row in rows:
-        hs = row["hash_ids"]
-        last = row["input_length"] - TRACE_BLOCK_TOKENS * (len(hs) - 1)     # 1..512 tokens
+        hs = row.hash_ids
+        last = row.input_length - TRACE_BLOCK_TOKENS * (len(hs) - 1)     # 1..512 tokens
         last_n = min(b, max(1, round(last * scale.length_factor)))
         prompt = [t for h in hs[:-1] for t in block(h)] + block(hs[-1])[:last_n]
-        out.append(TraceRequest(prompt, max(1, round(row["output_length"] * scale.output_factor)),
-                                (row["timestamp"] - t0) / 1000.0 * scale.time_scale, tuple(hs)))
+        out.append(TraceRequest(prompt, max(1, round(row.output_length * scale.output_factor)),
+                                (row.timestamp_ms - t0) / 1000.0 * scale.time_scale, tuple(hs)))
     return out
 
 

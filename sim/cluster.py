@@ -276,11 +276,12 @@ class Simulator:
                                       self.rcfg.admit_ttft_s):
                 return self._refuse(job)        # place.py: over the TTFT SLO, refused before anything is held
             self.placements += 1
-            if hashes:                          # place.py: the worker that computes the blocks
-                self.index.expect(ch.prefill or ch.decode, hashes, now)
+            holder = ch.prefill or ch.decode    # place.py: the worker that computes the blocks, claimed
+            claim = self.index.expect(holder, hashes, now) if hashes else None     # until a failed try
             d = self.inst[ch.decode]
             rec = self.records[req.rid]
             if d.blocks_for(req) > d.num_blocks:  # its engine refuses it (check_fits): exclude d, choose again
+                self._unexpect(holder, claim)
                 exclude.add(d.wid)
                 continue
             if ch.kind == "local":
@@ -290,11 +291,13 @@ class Simulator:
                 d.submit_local(job, now)
                 return True
             if not d.reserve(job):              # NoRoom: exclude d, choose again
+                self._unexpect(holder, claim)
                 exclude.add(d.wid)
                 continue
             p = self.inst[ch.prefill]
             if not p.fits(req):                 # its engine refuses the prompt: exclude p, choose again
                 d.release(job)
+                self._unexpect(holder, claim)
                 exclude.add(p.wid)
                 continue
             d.reserved += 1
@@ -310,6 +313,11 @@ class Simulator:
             p.submit(job, now)
             return True
         return False
+
+    def _unexpect(self, holder: str, claim) -> None:
+        """place.py's withdrawal of a failed try's claim (else the index counts blocks nobody computes)."""
+        if claim:
+            self.index.unexpect(holder, claim)
 
     def _refuse(self, job: Job) -> bool:
         """The router answered RESOURCE_EXHAUSTED: the request ends unserved (it counts against attainment)."""

@@ -17,6 +17,36 @@ class Request:
     hashes: tuple[int, ...]     # chain hashes of the prompt's full 512-token blocks
 
 
+@dataclass(frozen=True)
+class TraceLine:
+    """One checked trace line, in the trace's units."""
+    timestamp_ms: float
+    input_length: int           # tokens, >= 1
+    output_length: int          # tokens, >= 0
+    hash_ids: list[int]         # one per 512-token block (the last may be partial), each >= 0
+
+
+def parse_line(line: str, where: str) -> TraceLine:
+    """A trace line, its types checked (numbers not bool, lengths whole, hash ids a list of ints);
+    ValueError naming `where` (path:line) otherwise."""
+    try:
+        d = json.loads(line)
+        ts, n_in, n_out, ids = d["timestamp"], d["input_length"], d["output_length"], d["hash_ids"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{where}: not a Mooncake trace line ({e})") from None
+    if not _number(ts) or not all(_number(n) and n == int(n) for n in (n_in, n_out)):
+        raise ValueError(f"{where}: timestamp, input_length and output_length must be numbers, lengths whole")
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{where}: hash_ids must be a list of non-negative integers")
+    if n_in < 1 or n_out < 0:
+        raise ValueError(f"{where}: input_length must be >= 1 and output_length >= 0")
+    return TraceLine(float(ts), int(n_in), int(n_out), ids)
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x and abs(x) != float("inf")
+
+
 def chain(ids) -> tuple[int, ...]:
     """Chain hashes of a block id sequence: each names its whole prefix (equal ids at the same
     position after an equal prefix give equal hashes; Python's int-tuple hash is deterministic)."""
@@ -35,19 +65,15 @@ def load_trace(path: str, limit: int | None = None, start_s: float = 0.0, durati
     replay on a small model). Bad lines: ValueError naming the line."""
     if rate_scale <= 0 or length_scale <= 0:
         raise ValueError("rate_scale and length_scale must be > 0")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 (got {limit})")
     out = []
     with open(path) as f:
         for ln, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                d = json.loads(line)
-                t = float(d["timestamp"]) / 1000.0
-                n_in, n_out, ids = int(d["input_length"]), int(d["output_length"]), d["hash_ids"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{ln}: not a trace record ({e})") from None
-            if n_in < 1 or n_out < 0:
-                raise ValueError(f"{path}:{ln}: input_length must be >= 1 and output_length >= 0")
+            r = parse_line(line, f"{path}:{ln}")
+            t, n_in, n_out, ids = r.timestamp_ms / 1000.0, r.input_length, r.output_length, r.hash_ids
             if t < start_s or (duration_s is not None and t >= start_s + duration_s):
                 continue
             n_in_s = max(1, round(n_in * length_scale))

@@ -110,6 +110,14 @@ def test_trace_loader(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"timestamp": 0}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         load_trace(str(tmp_path / "bad.jsonl"))
+    for ids in (None, 3, ["x"]):        # a TypeError past the line's check before
+        write_trace(tmp_path / "bad.jsonl", [(0, 600, 1, ids)])
+        with pytest.raises(ValueError, match="bad.jsonl:1: hash_ids"):
+            load_trace(str(tmp_path / "bad.jsonl"))
+    assert len(load_trace(p, limit=1)) == 1
+    for limit in (0, -1):               # each gave one request
+        with pytest.raises(ValueError, match="limit"):
+            load_trace(p, limit=limit)
 
 
 def one_request_cfg(**kw):
@@ -242,3 +250,22 @@ def test_slo_admission_refuses_what_would_queue_past_the_ttft_slo():
     # Dynamo's request rejection (busy thresholds, DynamoKV): a worker past 60k active prompt tokens is busy
     dyn, _ = run(None, "dynamo-kv", (("busy_prefill_tokens", 60_000),))
     assert dyn["refused"] > 15 and dyn["ttft_p90"] < off["ttft_p90"] / 5
+
+
+def test_a_failed_try_withdraws_its_prefix_claim_as_place_py_does():
+    """place.py withdraws a remote try's tentative claim (index.unexpect) when the try fails; the
+    simulator kept it, so the index counted blocks on prefill-0 that it never computes, one more claim
+    per retry (each status poll), for expect_ttl_s."""
+    from pdcluster.sim.instances import Job
+    from pdcluster.sim.results import Record
+    cfg = SimConfig("llama-3-8b", prefill=PoolSpec("H200", 1), decode=PoolSpec("H20", 1), policy="least-loaded")
+    req = Request(0, 0.0, 4096, 16, chain([101, 102, 103, 104, 105, 106, 107, 108]))
+    sim = Simulator(cfg, [req])
+    d = sim.inst["decode-0"]
+    d.held = d.num_blocks       # full now; the registry's last poll still says free, so the policy picks it
+    sim.records[0] = Record(0, 0.0, 4096, 16)
+    job = Job(req, remaining=16)
+    for k in range(3):          # NoRoom each time
+        assert not sim._place(job, 0.5 * k)
+    assert d.reserved == 0 and not sim.index.pending("prefill-0")
+    assert sim.index.match(list(req.hashes)).get("prefill-0", 0) == 0

@@ -98,6 +98,14 @@ def test_bad_traces_and_scales_are_clear_errors(tmp_path, trace):
     bad.write_text('{"timestamp": 0}\n')
     with pytest.raises(ValueError, match="not a Mooncake trace line"):
         read_trace(str(bad))
+    # wrong types: a clear error naming the line, not a TypeError (bench serve catches ValueError)
+    good = {"timestamp": 0, "input_length": 600, "output_length": 1, "hash_ids": [0, 1]}
+    for field, value in [("input_length", None), ("input_length", "600"), ("output_length", True),
+                         ("input_length", 600.5), ("timestamp", None), ("timestamp", float("nan")),
+                         ("hash_ids", 3), ("hash_ids", ["a", "b"]), ("hash_ids", [0, -1])]:
+        bad.write_text(json.dumps(good | {field: value}) + "\n")
+        with pytest.raises(ValueError, match=r"bad.jsonl:1: .*(numbers|hash_ids)"):
+            read_trace(str(bad))
     with pytest.raises(ValueError, match="no trace lines"):
         read_trace(trace, start=10)
     with pytest.raises(ValueError, match="token_scale"):
@@ -114,8 +122,9 @@ def test_conversation_sampling_keeps_whole_conversations(tmp_path):
     p = tmp_path / "t.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
     kept = read_trace(str(p), conversation_sample=2)
-    assert [r["hash_ids"] for r in kept] == [[0, 10], [0, 12], [0, 10, 20], [0, 12, 22], [0]]   # key % 2 == 0
+    assert [r.hash_ids for r in kept] == [[0, 10], [0, 12], [0, 10, 20], [0, 12, 22], [0]]   # key % 2 == 0
     assert len(read_trace(str(p), conversation_sample=2, max_requests=3)) == 3
-    assert read_trace(str(p)) == rows
+    assert [(r.timestamp_ms, r.input_length, r.output_length, r.hash_ids) for r in read_trace(str(p))] == \
+        [(r["timestamp"], r["input_length"], r["output_length"], r["hash_ids"]) for r in rows]
     with pytest.raises(ValueError, match="conversation_sample"):
         TraceScale(conversation_sample=0)
