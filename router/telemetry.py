@@ -118,6 +118,7 @@ class WorkerPerf:
     pull_counters: PullFigures | None = None    # the last status poll's peer-pull figures (None: none yet)
     pull_sampled_at: float | None = None    # when its last pull time sample came (time.time())
     pull_tried_at: float | None = None      # when its last poll with a pull (landed or failed) came
+    incarnation: str | None = None          # the process the counters came from (WorkerStatus.incarnation)
 
 
 def pull_time_model(cfg: CostConfig) -> StepTimeModel:
@@ -155,21 +156,31 @@ class LinkTable:
             self._prior[(za, zb)] = self._prior[(zb, za)] = float(bps)
 
     def ingest(self, links: Iterable[LinkFigures], zones: Mapping[str, str] | None = None) -> None:
-        """Take a worker's measured links; links with new samples also feed their zone pair's EWMA."""
-        zones = zones or {}
+        """Take a worker's measured links; links with new samples also feed their zone pair's EWMA.
+        zones: every registered worker's zone; a link to or from a worker not in it (removed: the
+        prefill worker's meter still reports it) is skipped (None: all taken)."""
         self.version += 1
         for s in links:
             bps = float(s.ewma_bytes_per_s)
-            if bps <= 0:
+            if bps <= 0 or (zones is not None and (s.src_id not in zones or s.dst_id not in zones)):
                 continue
             key = (s.src_id, s.dst_id)
             old = self.links.get(key)
             count = s.count
             self.links[key] = LinkInfo(bps, count, float(s.last_sample_time))
             if old is None or count > old.count:
-                zk = (zones.get(key[0], ""), zones.get(key[1], ""))
+                zk = (zones.get(key[0], ""), zones.get(key[1], "")) if zones else ("", "")
                 prev = self.zone_bps.get(zk)
                 self.zone_bps[zk] = bps if prev is None else self.cfg.alpha * bps + (1 - self.cfg.alpha) * prev
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Forget the links to and from a worker that left (ids are never reused: the table would grow
+        with every replica the autoscaler ever started, and scan-priced decisions with it)."""
+        gone = [k for k in self.links if worker_id in k]
+        for k in gone:
+            del self.links[k]
+        if gone:
+            self.version += 1
 
     def zone_prior(self, src_zone: str, dst_zone: str) -> tuple[float, str]:
         zk = (src_zone, dst_zone)
@@ -233,6 +244,7 @@ class Telemetry:
 
     def remove_worker(self, worker_id: str) -> None:
         self.perf.pop(worker_id, None)
+        self.links.remove_worker(worker_id)
         self.epoch += 1
 
     def changed(self) -> None:
@@ -251,6 +263,8 @@ class Telemetry:
         if load.spill_tier != spill:
             load.spill_tier = spill
         perf = self.perf_of(load.worker_id, load.role)
+        if perf.incarnation != status.incarnation:      # a new process (a restart): its counters start over
+            perf.incarnation, perf.counters, perf.pull_counters = status.incarnation, None, None
         # counters start at zero with the worker: its first poll is a sample too (the warm-up's)
         old, perf.counters = perf.counters or EngineFigures(), new
         d = {k: getattr(new, k) - getattr(old, k) for k in COUNTERS}
