@@ -142,7 +142,7 @@ class EngineThread:
                 self.failed_steps += 1
                 self.last_failure = time.monotonic()
                 log.exception("engine step failed; aborting the running batch")
-                for req in list(self.engine.scheduler.running) + list(self.engine.scheduler.waiting):
+                for req in self.engine.scheduler.queued():
                     try:                # each on its own: one that fails must not end the loop (every
                         self.engine.abort(req.request_id)       # later command would hang)
                     except Exception:

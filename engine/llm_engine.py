@@ -281,8 +281,10 @@ class LLMEngine:
             raise
 
     def queue_lengths(self) -> tuple[int, int]:
-        """(running, waiting) requests; reservations for remote KV are in neither."""
-        return len(self.scheduler.running), len(self.scheduler.waiting)
+        """(running, waiting) requests; reservations for remote KV are in neither (those whose KV is in,
+        waiting for a batch slot, count as waiting)."""
+        s = self.scheduler
+        return len(s.running), len(s.waiting) + len(s.joining)
 
     def kv_caches(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per-layer K and V caches, [num_blocks, block_size, kv_heads, head_dim] each: what a

@@ -82,6 +82,9 @@ class Scheduler:
         self.connector = connector or KVConnector()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # remote prefills whose KV is in (RUNNING, first token appended), waiting, in arrival order, for a
+        # batch slot: they join `running` at the next schedule() while it has fewer than max_num_seqs
+        self.joining: deque[Request] = deque()
         self.requests: dict[str, Request] = {}              # every unfinished request, by id
         self.loading: dict[str, Request] = {}               # waiting for the connector's load
         self.held: dict[str, Request] = {}                  # finished; blocks kept for the connector
@@ -149,7 +152,7 @@ class Scheduler:
             self.finish(req, status)
             raise ValueError("the first token already finishes the request; nothing to decode")
         req.status = Status.RUNNING
-        self.running.append(req)
+        self.joining.append(req)
 
     def loads_done(self, results: list[tuple[str, bool]]) -> None:
         """The connector's loads that ended: a complete one counts its tokens as computed (and
@@ -181,6 +184,8 @@ class Scheduler:
                 continue                # ended, or a reservation (its remote KV decides: take_loaded)
             if req in self.running:
                 self.running.remove(req)
+            elif req in self.joining:
+                self.joining.remove(req)
             elif req in self.waiting:
                 self.waiting.remove(req)
             self._requeue(req)
@@ -195,8 +200,12 @@ class Scheduler:
             if req is not None:
                 self.kv.free(req)
 
+    def queued(self) -> list[Request]:
+        """The requests a step may run: running, joining and waiting (not loading, reserved or held)."""
+        return [*self.running, *self.joining, *self.waiting]
+
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.loading or self.held)
+        return bool(self.waiting or self.running or self.joining or self.loading or self.held)
 
     @property
     def num_waiting_tokens(self) -> int:
@@ -207,6 +216,8 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         out = ScheduledBatch()
         budget = self.cfg.max_num_batched_tokens
+        while self.joining and len(self.running) < self.cfg.max_num_seqs:     # the batch cap holds for them too
+            self.running.append(self.joining.popleft())
         # draft tokens this step may add: a step past spec.max_step_tokens rows is compute-bound, so
         # a drafted row there costs about what the token would cost in a step of its own
         spec_room = self.spec.max_step_tokens - len(self.running) if self.spec is not None else 0
@@ -433,6 +444,8 @@ class Scheduler:
             return
         if req in self.running:
             self.running.remove(req)
+        elif req in self.joining:
+            self.joining.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
         self.loading.pop(req.request_id, None)

@@ -35,6 +35,9 @@ class Failing:
     def has_work(self):
         return bool(self.running or self.waiting)
 
+    def queued(self):
+        return self.running + self.waiting
+
     def step(self):
         raise RuntimeError("step failed")
 

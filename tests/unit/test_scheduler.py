@@ -172,6 +172,27 @@ def test_remote_kv_request_holds_its_blocks_unstepped_then_runs_from_the_first_t
     assert "big" not in s.requests and s.kv.num_free_blocks == 8 - 3
 
 
+def test_remote_prefills_join_the_batch_within_max_num_seqs_in_arrival_order():
+    """A request whose KV came from a prefill worker joined `running` at once: a decode worker's batch
+    (almost all such requests) grew past max_num_seqs (the CUDA graphs' largest captured batch), and a
+    local request behind them stayed blocked by the cap they skipped. Now they wait for a slot, first
+    come first joined; an abort while waiting frees them."""
+    s = make(num_blocks=64, budget=64, max_seqs=2, connector=Reserving())
+    rs = [req(5, max_tokens=8, start=100 * i, rid=f"r{i}") for i in range(6)]
+    for r in rs:
+        s.add_remote(r)
+        s.remote_kv_done(r, 1)
+    b, _ = run_step(s)
+    assert [r.request_id for r in b.reqs] == ["r0", "r1"] and len(s.running) == 2
+    assert s.has_work() and s.abort("r3") is not None and rs[3] not in s.joining
+    s.abort("r0"), s.abort("r1")
+    b, _ = run_step(s)
+    assert [r.request_id for r in b.reqs] == ["r2", "r4"]       # in arrival order, r3 gone
+    for r in list(s.running) + list(s.joining):
+        s.abort(r.request_id)
+    assert s.kv.num_free_blocks == 64 and not s.has_work()
+
+
 class TierReserving(Reserving):
     """Reserving beside a cache tier that holds `tier` more blocks of every prompt, loadable in step;
     `in_step` False: their source went between step_tokens and after_alloc."""
