@@ -55,8 +55,11 @@ def apply_penalties(row: torch.Tensor, p: SamplingParams, prompt_ids: list[int],
     row = row.clone()
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.int64, device=row.device)
-        v = row[seen]
-        row[seen] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+        v = row[seen].double()      # float64: a penalty below float32's range (1e-300) is not 0 here
+        # a tiny penalty takes a positive logit past float32: kept finite (masked ids stay -inf), else
+        # inf - inf made the row NaN and the draw returned token 0
+        row[seen] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty).clamp(
+            max=torch.finfo(row.dtype).max).to(row.dtype)
     if (p.frequency_penalty or p.presence_penalty) and output_ids:
         counts = output_counts(output_ids, row.shape[-1], row.device)
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()

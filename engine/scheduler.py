@@ -103,9 +103,14 @@ class Scheduler:
         if need > self.kv.num_blocks:
             raise ValueError(f"prompt + max_tokens needs {need} KV blocks; the pool has {self.kv.num_blocks}")
 
+    def _check_new_id(self, request_id: str) -> None:
+        """ValueError if the id is in flight, or ended with its blocks still held for the connector (a
+        second request of that id ending held as well would overwrite the first's entry: its blocks leak)."""
+        if request_id in self.requests or request_id in self.held:
+            raise ValueError(f"request_id {request_id!r} is already in flight")
+
     def add(self, req: Request) -> None:
-        if req.request_id in self.requests:
-            raise ValueError(f"request_id {req.request_id!r} is already in flight")
+        self._check_new_id(req.request_id)
         self.check_fits(req.num_prompt_tokens, req.params.max_tokens)
         self.requests[req.request_id] = req
         self.waiting.append(req)
@@ -117,8 +122,7 @@ class Scheduler:
         the connector can load from a cache tier in step (step_tokens) are loaded from there; the
         rest come from outside. Returns (blocks not to send: hits + tier blocks, the ids of the
         blocks to fill from outside, in order). NoKVCapacity when the pool cannot hold it now."""
-        if req.request_id in self.requests:
-            raise ValueError(f"request_id {req.request_id!r} is already in flight")
+        self._check_new_id(req.request_id)
         self.check_fits(req.num_prompt_tokens, req.params.max_tokens)
         hits = self.kv.computed_blocks(req)
         local = len(hits) * self.kv.block_size
@@ -134,6 +138,8 @@ class Scheduler:
                     n_tier = 0
             self.connector.after_alloc(req, fill[n_tier:], n_new - n_tier * self.kv.block_size)
         except BaseException:
+            # undone whole: a tier load the first call started must not write into the freed blocks
+            self.connector.request_aborted(req.request_id)
             self.kv.free(req)
             raise
         req.status = Status.WAITING_FOR_REMOTE_KV

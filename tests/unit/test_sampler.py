@@ -233,3 +233,21 @@ def test_greedy_rows_take_the_first_of_tied_maxima():
     logits[2, :] = 1.0
     toks, _ = sample_rows(logits, [SamplingParams(temperature=0)] * 3, [None] * 3)
     assert toks == [7, 30000, 0] == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 1e-40, 1e-38])
+def test_a_tiny_repetition_penalty_keeps_the_row_finite(penalty):
+    """Positive logits of seen ids divided by a tiny penalty went to +inf: inf - inf after temperature
+    made the row NaN, the draw returned token 0 and the logprobs were NaN. They stay finite (the
+    largest float32), so the seen ids win, and a masked (-inf) id stays masked."""
+    import math
+
+    from pdcluster.engine.sampler import History, sample_rows
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
+    logits[0, 3], logits[0, 7], logits[0, 9] = 4.0, 2.0, float("-inf")
+    p = SamplingParams(temperature=1.0, repetition_penalty=penalty, logprobs=2, max_tokens=4)
+    toks, lps = sample_rows(logits, [p], [torch.Generator().manual_seed(1)], [History([3, 7, 9], [])])
+    assert toks[0] in (3, 7) and not math.isnan(lps[0].logprob)
+    assert all(math.isfinite(v) or v == float("-inf") for _, v in lps[0].top)
+    greedy = SamplingParams(temperature=0.0, repetition_penalty=penalty, max_tokens=4)
+    assert sample_rows(logits, [greedy], [None], [History([3, 7, 9], [])])[0][0] in (3, 7)

@@ -193,6 +193,52 @@ def test_remote_prefills_join_the_batch_within_max_num_seqs_in_arrival_order():
     assert s.kv.num_free_blocks == 64 and not s.has_work()
 
 
+def test_an_id_whose_blocks_are_still_held_is_refused_until_they_are_freed():
+    """A finished request whose blocks the connector still reads (held) left `requests`, so its id was
+    taken again; a second request of that id ending held overwrote the entry and the first's blocks
+    leaked. Now the id is refused while held, and free again once the send ends."""
+    class Sending(KVConnector):
+        def __init__(self):
+            self.sending = []
+
+        def request_finished(self, request_id, block_ids):
+            self.sending.append(request_id)
+            return True
+
+    s = make(num_blocks=16, budget=64, connector=Sending())
+    s.add(req(9, max_tokens=1, rid="x"))
+    run_step(s)
+    assert "x" in s.held
+    with pytest.raises(ValueError, match="already in flight"):
+        s.add(req(9, max_tokens=1, start=500, rid="x"))
+    with pytest.raises(ValueError, match="already in flight"):
+        s.add_remote(req(9, max_tokens=1, start=500, rid="x"))
+    s.sends_done(s.connector.sending)
+    assert s.kv.num_free_blocks == 16 and not s.has_work()
+    s.add(req(9, max_tokens=1, start=500, rid="x"))                  # free again
+
+
+def test_a_failed_reservation_tells_the_connector_so_a_started_tier_load_stops():
+    """add_remote's first after_alloc started a tier load; when the second raised, the blocks were freed
+    but the connector was never told, so the load could write into blocks the next request got."""
+    class SecondFails(TierReserving):
+        aborted = []
+
+        def after_alloc(self, request, block_ids, num_external_tokens):
+            if not self._next_tier:
+                raise RuntimeError("the receiver refused it")
+            super().after_alloc(request, block_ids, num_external_tokens)
+
+        def request_aborted(self, request_id):
+            self.aborted.append(request_id)
+
+    s = make(num_blocks=8, budget=8, connector=SecondFails(tier=2))
+    with pytest.raises(RuntimeError, match="refused"):
+        s.add_remote(req(13, max_tokens=2, rid="r"))
+    assert s.connector.tier_allocs and s.connector.aborted == ["r"]
+    assert s.kv.num_free_blocks == 8 and "r" not in s.requests
+
+
 class TierReserving(Reserving):
     """Reserving beside a cache tier that holds `tier` more blocks of every prompt, loadable in step;
     `in_step` False: their source went between step_tokens and after_alloc."""
