@@ -13,6 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pdcluster.engine.schema_limits import check_schema_patterns
 from pdcluster.logs import clip
 
 if TYPE_CHECKING:       # SamplingParams imports this module; the router stays torch-free
@@ -49,6 +50,7 @@ class StructuredOutput:
             if json_depth(parsed) > MAX_SCHEMA_DEPTH:
                 raise ValueError(f"response_format json_schema's schema nests objects and arrays deeper than "
                                  f"{MAX_SCHEMA_DEPTH} levels")
+            check_schema_patterns(parsed)       # regexes whose grammar would take seconds to compile
         elif self.schema is not None or self.compact:
             raise ValueError("response_format json_object takes no schema")
         if type(self.compact) is not bool:
