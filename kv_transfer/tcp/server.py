@@ -42,6 +42,9 @@ CLOSE_DRAIN_S = 10.0  # after CLOSE, how long a peer may keep writing before the
 _SCRATCH_BYTES = 1 << 20  # buffer that dropped payloads are read through
 MAX_CONNECTIONS = 256  # connections at once (one per prefill process, and per pulling peer): more are closed at once
 MAX_HANDSHAKING = 32  # of them not yet authenticated (each holds a thread and nothing else until WELCOME)
+MAX_HANDSHAKING_PER_HOST = 8  # of those from one address: one host's idle sockets cannot lock every peer out
+HANDSHAKE_S = 3.0  # HELLO to AUTH, all of it (one round trip; a silent socket holds its slot no longer)
+HANDSHAKE_DRAIN_S = 1.0  # after a failed handshake's CLOSE, the drain (the slot is free by then)
 MAX_REJECTED = 4096  # request ids answered with ERROR awaiting their END/CANCEL, per connection
 ACCEPT_RETRY_S = 0.1  # after a failed accept (out of file descriptors, say): try again this much later
 
@@ -79,6 +82,7 @@ class KVTcpServer(KVServerBase):
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._handshaking = 0  # of _conns, not yet through the handshake
+        self._handshaking_from: dict[str, int] = {}  # ... by peer address
         self._refused, self._refused_logged = 0, 0.0  # connections refused since the last warning, and its time
         self._acceptor: threading.Thread | None = None
         keep_large_buffers()
@@ -123,10 +127,12 @@ class KVTcpServer(KVServerBase):
                 if self._listener is None:
                     sock.close()
                     return
-                full = len(self._conns) >= MAX_CONNECTIONS or self._handshaking >= MAX_HANDSHAKING
+                host = peer[0] if isinstance(peer, tuple) else str(peer)
+                full = (len(self._conns) >= MAX_CONNECTIONS or self._handshaking >= MAX_HANDSHAKING
+                        or self._handshaking_from.get(host, 0) >= MAX_HANDSHAKING_PER_HOST)
                 if not full:
                     self._conns[sock] = thread
-                    self._handshaking += 1
+                    self._handshake_slot(host, +1)
             if full:  # nothing allocated for it: closed at once (one warning per 10 s of a flood)
                 sock.close()
                 self._refused += 1
@@ -142,8 +148,17 @@ class KVTcpServer(KVServerBase):
                 log.warning("KV TCP listener on port %d: no thread for %s (%s)", self.port, peer, e)
                 with self._lock:
                     self._conns.pop(sock, None)
-                    self._handshaking -= 1
+                    self._handshake_slot(host, -1)
                 sock.close()
+
+    def _handshake_slot(self, host: str, delta: int) -> None:
+        """Take (+1) or give back (-1) one handshake slot of `host` (under _lock)."""
+        self._handshaking += delta
+        n = self._handshaking_from.get(host, 0) + delta
+        if n > 0:
+            self._handshaking_from[host] = n
+        else:
+            self._handshaking_from.pop(host, None)
 
     def _serve(self, sock: socket.socket, peer) -> None:
         conn = _Connection(self, sock)
@@ -152,7 +167,9 @@ class KVTcpServer(KVServerBase):
                 welcome = conn.handshake()
             finally:
                 with self._lock:
-                    self._handshaking -= 1
+                    self._handshake_slot(peer[0] if isinstance(peer, tuple) else str(peer), -1)
+            if not welcome and conn.closing:
+                conn._drain(HANDSHAKE_DRAIN_S)      # the peer reads why (CLOSE), its slot already free
             if welcome:
                 conn.run()
         except Exception:
@@ -180,14 +197,14 @@ class _Connection:
     def handshake(self) -> bool:
         sock, secret = self.sock, self.server._secret
         proto.tune(sock)
-        deadline = time.monotonic() + proto.HANDSHAKE_TIMEOUT_S  # for all of it, however slowly bytes come
-        sock.settimeout(proto.HANDSHAKE_TIMEOUT_S)
+        deadline = time.monotonic() + HANDSHAKE_S  # for all of it, however slowly bytes come
+        sock.settimeout(HANDSHAKE_S)
         nonce = os.urandom(32)
         try:
             proto.send_control(sock, proto.HELLO, {"proto": proto.PROTO, "v": proto.VERSION, "nonce": nonce})
             msg = proto.recv_control(sock, expect=(proto.AUTH,), deadline=deadline, max_bytes=proto.MAX_AUTH_BYTES)
         except KVTransferError as e:
-            self.close_with(e)
+            self._close_with(e)     # (drained by _serve, once the handshake slot is free)
             return False
         except OSError:  # timed out or reset: nothing to answer
             return False
@@ -195,10 +212,10 @@ class _Connection:
             return False
         got = msg[1].get("mac")
         if msg[1].get("v") != proto.VERSION or not isinstance(got, bytes):
-            self.close_with(MalformedFrame(f"bad AUTH message (version {msg[1].get('v')!r})"))
+            self._close_with(MalformedFrame(f"bad AUTH message (version {msg[1].get('v')!r})"))
             return False
         if secret is not None and not hmac.compare_digest(got, proto.mac(secret, nonce)):
-            self.close_with(KVTransferError("wrong or missing KV secret", "UNAUTHENTICATED"))
+            self._close_with(KVTransferError("wrong or missing KV secret", "UNAUTHENTICATED"))
             return False
         proto.send_control(sock, proto.WELCOME, {})
         # every read and write from here: no progress for STALL_TIMEOUT_S ends the connection (the wait for the next
@@ -385,18 +402,13 @@ class _Connection:
         except OSError:
             pass
 
-    def close_with(self, error: KVTransferError) -> None:
-        """Send CLOSE from the only thread left, then drain."""
-        self._close_with(error)
-        self._drain()
-
-    def _drain(self) -> None:
+    def _drain(self, seconds: float = CLOSE_DRAIN_S) -> None:
         """Drop what the peer still sends until it closes (so it reads CLOSE rather than a
-        reset), for at most CLOSE_DRAIN_S."""
+        reset), for at most `seconds`."""
         try:
-            self.sock.settimeout(CLOSE_DRAIN_S)
+            self.sock.settimeout(seconds)
             scratch = bytearray(1 << 16)
-            deadline = time.monotonic() + CLOSE_DRAIN_S
+            deadline = time.monotonic() + seconds
             while time.monotonic() < deadline and self.sock.recv_into(scratch):
                 pass
         except OSError:

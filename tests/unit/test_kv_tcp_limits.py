@@ -97,10 +97,42 @@ def test_connections_past_the_caps_are_closed_at_once_and_nothing_is_allocated_b
             s.close()
 
 
+def test_one_hosts_silent_sockets_do_not_lock_the_other_peers_out(server, monkeypatch):
+    """32 silent unauthenticated sockets from anyone filled every handshake slot: no prefill worker could
+    (re)connect while they were re-opened every 10 s. A host now holds at most MAX_HANDSHAKING_PER_HOST
+    of them (another loopback address, 127.0.0.2, stands for another host), and a peer that fails its
+    handshake gives its slot back before the drain that lets it read why."""
+    monkeypatch.setattr(server_mod, "MAX_HANDSHAKING_PER_HOST", 2)
+    host, port = server.address.rsplit(":", 1)
+    idle = []
+    try:
+        for _ in range(3):
+            s = socket.socket()
+            s.bind(("127.0.0.2", 0))
+            s.connect((host, int(port)))
+            idle.append(s)
+        assert _wait(lambda: server._handshaking == 2)
+        assert _closed_within(idle[2], 5.0)                     # the host's third: refused at once
+        good = RawClient(server.address)                        # another host: served
+        assert good.welcome[0] == proto.WELCOME
+        good.close()
+        wrong = socket.create_connection((host, int(port)))     # a wrong secret: CLOSE, slot back at once
+        _, hello = proto.recv_control(wrong)
+        proto.send_control(wrong, proto.AUTH, {"v": proto.VERSION, "mac": b"x" * 32})
+        wrong.settimeout(5)
+        assert proto.recv_control(wrong)[1]["status"] == "UNAUTHENTICATED"
+        assert _wait(lambda: server._handshaking == 2, 0.5)     # only 127.0.0.2's two, while it drains
+        wrong.close()
+    finally:
+        for s in idle:
+            s.close()
+    assert _wait(lambda: server._handshaking == 0 and not server._handshaking_from)
+
+
 def test_the_handshake_has_one_deadline_and_a_small_auth(server, monkeypatch):
     """A byte at a time, each inside the old per-read timeout, used to hold an unauthenticated connection forever;
     and AUTH could declare 64 KiB."""
-    monkeypatch.setattr(proto, "HANDSHAKE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(server_mod, "HANDSHAKE_S", 1.0)
     host, port = server.address.rsplit(":", 1)
     slow = socket.create_connection((host, int(port)))
     proto.recv_control(slow)                                    # HELLO
