@@ -216,15 +216,25 @@ async def respond(api: Api, body, request: Request, chat: bool):
             await unless_gone(request, stream.collect(first, events), api)
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
-    # off the event loop: n choices x max_tokens x top_logprobs token texts are seconds of decoding
-    return json_response(await asyncio.get_running_loop().run_in_executor(api.tokenize, stream.whole))
+    # off the event loop: n choices x max_tokens x top_logprobs token texts are seconds of decoding, and the
+    # encoding of what they make (megabytes with echo and prompt logprobs) a fraction of a second more
+    body = await asyncio.get_running_loop().run_in_executor(api.tokenize, lambda: json_text(stream.whole()).encode())
+    return Response(body, media_type="application/json")      # (bytes: Response does not encode them again)
 
 
-def json_response(obj: dict) -> Response:
-    """obj as a JSON response, every non-ASCII character escaped: lone surrogates too (a tool answer's "\\udc00"
-    decodes to one), which JSONResponse's UTF-8 cannot encode. Strict JSON: a NaN or infinity raises."""
-    return Response(json.dumps(obj, allow_nan=False), media_type="application/json")
+def json_text(obj: dict) -> str:
+    """obj as JSON text, every non-ASCII character escaped: lone surrogates too (a tool answer's "\\udc00"
+    decodes to one), which JSONResponse's UTF-8 cannot encode. Strict JSON: a NaN or infinity raises.
+    Its choices are encoded one call each: one C call holds the GIL, and megabytes of echoed prompt
+    logprobs in one took the event loop's thread a quarter of a second."""
+    choices = obj.get("choices")
+    if not isinstance(choices, list) or len(choices) < 2:
+        return json.dumps(obj, allow_nan=False)
+    head = json.dumps({**obj, "choices": _CHOICES}, allow_nan=False)
+    return head.replace(json.dumps(_CHOICES), "[" + ", ".join(json.dumps(c, allow_nan=False) for c in choices) + "]", 1)
 
+
+_CHOICES = "\0choices\0"      # json_text's placeholder (\\u0000 in the text; the envelope holds no client string)
 
 CLIENT_GONE = 499           # nginx's "client closed request": never seen by the client, which has left
 
@@ -386,13 +396,13 @@ class Stream:
         try:
             async with aclosing(events):
                 async for k, ev in _after(first, events):
-                    chunk = self._tool_chunk(k, ev, k in started) if tools else self._chunk(k, ev, k in started)
-                    self.tokens_out[k] += len(ev.token_ids)
-                    if chunk is not None:
-                        if self.continuous_usage:
-                            p, out = len(self.job.prompts[k // self.job.n]), self.tokens_out[k]
-                            chunk["usage"] = {"prompt_tokens": p, "completion_tokens": out, "total_tokens": p + out}
-                        yield self._data(chunk)
+                    if ev.prompt_logprobs:      # a whole prompt's logprobs (echo): decoded and encoded off the loop
+                        line = await asyncio.get_running_loop().run_in_executor(
+                            self.api.tokenize, self._line, k, ev, k in started, tools)
+                    else:
+                        line = self._line(k, ev, k in started, tools)
+                    if line is not None:
+                        yield line
                     started.add(k)
                     self._record(k, ev)
         except Exception as e:              # noqa: BLE001 - after the 200: the error goes in the stream
@@ -403,6 +413,17 @@ class Stream:
             out["choices"], out["usage"] = [], convert.usage(self.choices, self.job.n)
             yield self._data(out)
         yield "data: [DONE]\n\n"
+
+    def _line(self, k: int, ev, started: bool, tools: bool) -> str | None:
+        """Choice k's event as an SSE data line (None: it adds nothing yet)."""
+        chunk = self._tool_chunk(k, ev, started) if tools else self._chunk(k, ev, started)
+        self.tokens_out[k] += len(ev.token_ids)
+        if chunk is None:
+            return None
+        if self.continuous_usage:
+            p, out = len(self.job.prompts[k // self.job.n]), self.tokens_out[k]
+            chunk["usage"] = {"prompt_tokens": p, "completion_tokens": out, "total_tokens": p + out}
+        return self._data(chunk)
 
     @staticmethod
     def _data(obj: dict) -> str:

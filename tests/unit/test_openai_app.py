@@ -152,3 +152,49 @@ def test_a_non_streamed_answer_is_built_off_the_event_loop(monkeypatch):
     loop_thread, r = run(Router(), go)
     assert r.status_code == 200 and strict(r.text)["choices"][0]["message"]["content"] == "hi"
     assert threads and threads[0] != loop_thread
+
+
+class EchoRouter(Router):
+    """Router whose first event carries the prompt's logprobs (prompt tokens 1..), when asked."""
+
+    async def generate(self, ids, params, rid, cache_salt=None, deadline_s=None):
+        first = True
+        async for ev in super().generate(ids, params, rid, cache_salt, deadline_s):
+            if first and params.prompt_logprobs is not None:
+                ev.prompt_logprobs = tuple(TokenLogprobs(t, -1.0, tuple(self.top[:params.logprobs])) for t in ids[1:])
+            first = False
+            yield ev
+
+
+def test_a_streamed_echo_with_prompt_logprobs_is_built_off_the_event_loop(monkeypatch):
+    """The echoed prompt's logprobs (every prompt token x its top alternatives) were decoded and encoded on
+    the loop: 1.5 s of stall for n=4 over an 8k prompt (review repro). The chunk that carries them is built
+    on the tokenizing thread; the per-token chunks after it stay on the loop."""
+    calls = []
+    line = app_mod.Stream._line
+
+    def recorded(self, k, ev, started, tools):
+        calls.append((bool(ev.prompt_logprobs), threading.get_ident()))
+        return line(self, k, ev, started, tools)
+    monkeypatch.setattr(app_mod.Stream, "_line", recorded)
+
+    async def go(c):
+        loop_thread = threading.get_ident()
+        body = {"model": "m", "prompt": "abc", "max_tokens": 2, "echo": True, "logprobs": 1, "stream": True, "n": 2}
+        r = await c.post("/completions", json=body)
+        return loop_thread, r
+
+    loop_thread, r = run(EchoRouter(text="hi"), go)
+    chunks = [strict(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+    firsts = [c["choices"][0] for c in chunks if c["choices"][0]["text"].startswith("abc")]
+    assert r.status_code == 200 and len(firsts) == 2 and all(f["logprobs"]["tokens"][:3] == list("abc") for f in firsts)
+    assert {t != loop_thread for echo, t in calls if echo} == {True}
+    assert {t == loop_thread for echo, t in calls if not echo} == {True}
+
+
+def test_json_text_encodes_choices_apart_into_the_same_text():
+    from pdcluster.router.openai.app import json_text
+    obj = {"id": "x", "choices": [{"text": "\udc00\u00e9", "n": 1.5}, {"text": "b"}], "usage": {"total_tokens": 3}}
+    assert json_text(obj) == json.dumps(obj)
+    with pytest.raises(ValueError):
+        json_text({"id": "x", "choices": [{"lp": float("nan")}, {}]})

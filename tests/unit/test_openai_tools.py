@@ -142,13 +142,13 @@ def test_a_history_call_whose_arguments_nest_past_the_parser_is_refused_not_a_50
                                           ("\\ud800\\u0041", "\ud800A"), ("\\ud83d\\ude00!", "\U0001F600!")])
 def test_lone_surrogates_in_a_streamed_answer_decode_alone_and_pairs_whole(escaped, text):
     """A high surrogate is held back only until it is known whether its low half follows; a lone one decodes alone
-    (it waited forever before, and the reply was lost). The whole response escapes it (app.json_response)."""
-    from pdcluster.router.openai.app import json_response
+    (it waited forever before, and the reply was lost). The whole response escapes it (app.json_text)."""
+    from pdcluster.router.openai.app import json_text
     from pdcluster.router.openai.tool_stream import AnswerReader
     answer = '{"content": "' + escaped + '"}'
     for size in (1, 3, 7, len(answer)):
         r = AnswerReader()
         got = "".join(r.feed(answer[i:i + size]).get("content", "") for i in range(0, len(answer), size))
         assert (got, r.content, r.state) == (text, text, "done"), size
-    body = json_response({"content": text}).body
+    body = json_text({"content": text})
     assert body.isascii() and json.loads(body) == {"content": text}
