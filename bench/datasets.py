@@ -99,6 +99,7 @@ def build_dataset(args: argparse.Namespace | dict[str, Any], vocab_size: int,
     reserved_ids: token ids a mooncake replay never draws (the tokenizer's special / added tokens)."""
     opts = dict(DEFAULTS)
     opts.update(vars(args) if isinstance(args, argparse.Namespace) else args)
+    check_counts(opts)
     rng = np.random.default_rng(opts["seed"])
     name = opts["dataset"]
     if name.startswith("sharegpt:"):
@@ -120,6 +121,23 @@ def build_dataset(args: argparse.Namespace | dict[str, Any], vocab_size: int,
     for r in reqs:
         r.ignore_eos = bool(opts["ignore_eos"])
     return reqs
+
+
+# option -> its least value (None is allowed where DEFAULTS has it): a bad one was turned into 1 token, or
+# surfaced as numpy's "negative dimensions are not allowed"
+_LEAST = {"num_prompts": 1, "seed": 0, "input_len": 1, "output_len": 1, "num_groups": 1, "prompts_per_group": 1,
+          "prefix_len": 0, "suffix_len": 1, "num_conversations": 1, "turns": 1, "first_input_len": 1,
+          "long_input_len": 1}
+
+
+def check_counts(opts: dict[str, Any]) -> None:
+    """ValueError naming the flag of a count or length below its least value (_LEAST)."""
+    for key, least in _LEAST.items():
+        v = opts.get(key)
+        if v is None and DEFAULTS[key] is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
+            raise ValueError(f"--{key.replace('_', '-')} must be an integer >= {least}, got {v!r}")
 
 
 def _output_len(opts: dict[str, Any]) -> int:

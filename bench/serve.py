@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pdcluster.bench import openai_client
-from pdcluster.bench.datasets import DATASETS, DEFAULTS, PATH_DATASETS, BenchRequest, build_dataset
+from pdcluster.bench.datasets import DATASETS, DEFAULTS, PATH_DATASETS, BenchRequest, build_dataset, check_counts
 from pdcluster.bench.metrics import RequestOutput, StreamRecorder, calculate_metrics, format_table, parse_goodput
 from pdcluster.router.proto import generation_pb2 as pb
 from pdcluster.router.proto import generation_pb2_grpc as pb_grpc
@@ -286,6 +286,7 @@ def reserved_ids(vocab_size: int, tokenizer=None) -> list[int]:
 def main(args: argparse.Namespace) -> int:
     try:
         goodput = parse_goodput(args.goodput) if args.goodput else None
+        check_counts(vars(args))        # before connecting: a bad count is the user's, not the server's
         addr, model, vocab_size, context, tokenizer = target(args)
         reserved = reserved_ids(vocab_size, tokenizer) if args.dataset.startswith("mooncake:") else ()
         requests = build_dataset(args, vocab_size, reserved)

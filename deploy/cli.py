@@ -73,19 +73,26 @@ def cmd_serve(a) -> int:
                                                 a.config)
 
     from pdcluster.ports import PortInUse, check_free
-    via = " (or router.port / router.metrics_port in --config)" if a.config else ""
+
+    def via(key: str) -> str:           # the file's key overrides the flag
+        return f" (router.{key} in {a.config})" if a.config else ""
     try:    # before Ray and the workers start: a taken port fails in a second, not after the model loads
-        check_free(cfg.server.host, cfg.server.port, "the router's gRPC endpoint", "--port" + via)
+        check_free(cfg.server.host, cfg.server.port, "the router's gRPC endpoint", "--port" + via("port"))
         check_free(cfg.server.host, cfg.server.metrics_port, "the router's Prometheus metrics",
-                   "--metrics-port (0 turns metrics off)" + via)
+                   "--metrics-port (0 turns metrics off)" + via("metrics_port"))
         check_free(cfg.server.host, cfg.server.http_port, "the router's OpenAI HTTP endpoint",
-                   "--http-port (0 turns HTTP off)" + via)
+                   "--http-port (0 turns HTTP off)" + via("http_port"))
     except PortInUse as e:
         print(f"pdcluster serve: {e.strerror}", file=sys.stderr)
+        return 2
+    except OSError as e:                # an address this host does not have, or a name that does not resolve
+        print(f"pdcluster serve: cannot bind --host {cfg.server.host!r}: {e.strerror or e}", file=sys.stderr)
         return 2
     from pdcluster.deploy.launch import cluster_secret
     from pdcluster.router.auth import TokenAuth
     try:    # the files a request path would read late: bad ones stop serve now, in one line
+        from pdcluster.engine.loader import load_model_config
+        load_model_config(cfg.model)    # (config.json or GGUF metadata: else a traceback once Ray had started)
         if cfg.server.auth_token_file:
             TokenAuth.from_file(cfg.server.auth_token_file)
         if cfg.kv.secret_file:

@@ -157,6 +157,7 @@ class ClusterConfig:
     def __post_init__(self):
         registry.check(self.kv.transport)        # ValueError naming the transports
         CompressionPolicy(self.kv.compression)   # ValueError naming the modes
+        registry.check_compression(self.kv.transport, self.kv.compression)      # (else every prefill actor fails)
         check_ranges(self)
         check_pools(self)
         if self.kv.link is not None and (self.kv.transport != "tcp" or self.address):
@@ -196,10 +197,18 @@ def check_ranges(c: ClusterConfig) -> None:
     parser checks for the file, checked for the flags too (a zero-worker pool never serves, a port past
     65535 wraps)."""
     s = c.server
-    for name, flag, v in (("port", "--port", s.port), ("http_port", "--http-port", s.http_port),
-                          ("metrics_port", "--metrics-port", s.metrics_port)):
+    ports = (("port", "--port", s.port), ("http_port", "--http-port", s.http_port),
+             ("metrics_port", "--metrics-port", s.metrics_port))
+    for name, flag, v in ports:
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535:
             raise ValueError(f"{flag} must be a port in [0, 65535] (0: any / off), got {v!r}")
+    for i, (_, flag, v) in enumerate(ports):        # each is free alone: the second listener failed after the
+        clash = next((f for _, f, w in ports[i + 1:] if v and w == v), None)      # model had loaded
+        if clash:
+            raise ValueError(f"{flag} and {clash} are both {v}: each listener needs its own port (router.port, "
+                             "router.http_port, router.metrics_port in --config)")
+    if not isinstance(s.host, str) or not s.host.strip():
+        raise ValueError(f"--host must be an address to bind (127.0.0.1, 0.0.0.0, ::), got {s.host!r}")
     counts = (("--decode-workers", c.pools.decode.initial_replicas, 1),
               ("--prefill-workers", c.pools.prefill.initial_replicas, 0),     # 0: local prefills only
               ("--threads-per-worker", c.engine.threads_per_worker, 1), ("--max-restarts", c.pools.max_restarts, 0))

@@ -70,8 +70,27 @@ def parse_host_map(data: object, source: str = "<map>") -> dict[str, HostEntry]:
     return out
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """safe_load that refuses a repeated key (PyYAML keeps the last: a host listed twice lost its first slots)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for kn, _ in node.value:
+            key = self.construct_object(kn, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"repeated key {key!r} (first on line {seen[key] + 1})", kn.start_mark)
+            seen[key] = kn.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
 def load_host_map(path: str | Path) -> dict[str, HostEntry]:
-    return parse_host_map(yaml.safe_load(Path(path).expanduser().read_text()), str(path))
+    text = Path(path).expanduser().read_text()
+    try:
+        data = yaml.load(text, Loader=_UniqueKeys)     # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return parse_host_map(data, str(path))
 
 
 def _resolve(host: str) -> list[str]:

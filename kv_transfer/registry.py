@@ -15,6 +15,7 @@ _CLASSES = {
     "mooncake": ("mooncake.server:MooncakeKVServer", "mooncake.transport:MooncakeKVTransport"),
 }
 TRANSPORTS = tuple(_CLASSES)        # the default ("tcp") first
+CODEC_TRANSPORTS = ("tcp", "grpc")  # those whose senders compress (a `codecs` attribute); Mooncake moves raw bytes
 TRANSFER_TIMEOUT_S = 30.0           # default bound on one request's KV transfer, on either end
 
 
@@ -22,6 +23,12 @@ def check(name: str) -> str:
     if name not in _CLASSES:
         raise ValueError(f"kv transport must be one of {TRANSPORTS}, got {name!r}")
     return name
+
+
+def check_compression(name: str, compression: str) -> None:
+    """ValueError when KV compression is asked of a transport that cannot compress."""
+    if compression != "off" and check(name) not in CODEC_TRANSPORTS:
+        raise ValueError(f"kv_compression {compression!r} needs the tcp or grpc transport, not {name!r}")
 
 
 def server_class(name: str) -> type:

@@ -48,7 +48,7 @@ GRPC_NO_REUSEPORT = ("grpc.so_reuseport", 0)
 
 def bind_grpc(server, host: str, port: int, what: str, flag: str, credentials=None) -> int:
     """server.add_(in)secure_port(host:port) -> the bound port; PortInUse when it is taken."""
-    target = f"{host}:{port}"
+    target = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"   # IPv6
     try:
         bound = (server.add_secure_port(target, credentials) if credentials is not None
                  else server.add_insecure_port(target))

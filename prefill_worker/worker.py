@@ -28,7 +28,7 @@ from pdcluster.kv_transfer.tiers.attach import attach_tiers, cache_snapshot, tie
 from pdcluster.kv_transfer.codec_policy import CompressionPolicy, prefill_seconds
 from pdcluster.kv_transfer.pull import serve_pull
 from pdcluster.kv_transfer.pull_stats import PullStats
-from pdcluster.kv_transfer.registry import TRANSFER_TIMEOUT_S, sender_class
+from pdcluster.kv_transfer.registry import TRANSFER_TIMEOUT_S, check_compression, sender_class
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,9 @@ class PrefillWorker:
         "auto" (kv_transfer/codec_policy.py: per transfer, by the link's measured bandwidth);
         tcp and grpc only (Mooncake moves the cache bytes uncompressed). kv_netns: tcp only, the KV
         connections' sockets are made in that `ip netns` namespace (a shaped link: deploy/netns.py)."""
+        check_compression(transport, kv_compression)
         sender = sender_class(transport)
         self.compression = CompressionPolicy(kv_compression)
-        if kv_compression != "off" and not hasattr(sender, "codecs"):
-            raise ValueError(f"kv_compression {kv_compression!r} needs the tcp or grpc transport, not {transport!r}")
         if kv_netns is not None and transport != "tcp":
             raise ValueError(f"kv_netns needs the tcp transport, not {transport!r}")
         self.worker_id, self.transport_name = worker_id, transport

@@ -218,6 +218,18 @@ def test_cli_namespace_builds_every_dataset():
         parser.parse_args(["--dataset", "nope"])
 
 
+@pytest.mark.parametrize("flag, value, says", [("--output-len", "0", ">= 1, got 0"), ("--input-len", "-10", ">= 1"),
+                                               ("--num-prompts", "-5", ">= 1"), ("--seed", "-1", ">= 0")])
+def test_bad_counts_are_named_errors_before_anything_connects(flag, value, says, capsys):
+    """--output-len 0 and --input-len -10 became 1-token lengths without a word; --num-prompts -5 surfaced as
+    numpy's "negative dimensions are not allowed". Now exit 2 naming the flag, before the server is asked."""
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    args = parser.parse_args(["--dataset", "random", "--addr", "127.0.0.1:1", flag, value])
+    assert serve.main(args) == 2
+    assert f"bench serve: {flag} must be an integer {says}" in capsys.readouterr().err
+
+
 def test_plot_comparison_writes_png(tmp_path):
     result = calculate_metrics(_outputs(), 2.0, {"ttft": 150.0})
     empty = calculate_metrics([StreamRecorder(0.0, 3).fail("UNAVAILABLE", 0.1)], 1.0, None)

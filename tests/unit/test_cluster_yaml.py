@@ -195,6 +195,15 @@ def test_parse_host_map_rejects_bad_entries():
             parse_host_map(bad, "m.yaml")
 
 
+@pytest.mark.parametrize("text", ["hosts:\n  10.0.0.11: {prefill: 2}\n  10.0.0.11: {decode: 2}\n",
+                                  "hosts:\n  10.0.0.11: {prefill: 2, prefill: 0}\n"])
+def test_a_repeated_host_or_key_is_an_error_not_a_silent_merge(tmp_path, text):
+    """PyYAML keeps a repeated key's last value: the first entry's slots vanished without a word."""
+    (tmp_path / "h.yaml").write_text(text)
+    with pytest.raises(ValueError, match="repeated key .* line 2"):
+        load_host_map(tmp_path / "h.yaml")
+
+
 def test_find_this_host():
     resolve = {"10.0.0.1": ["10.0.0.1"], "gpu-a": ["10.0.0.2"], "gpu-b": ["10.0.0.3"]}.get
     assert find_this_host(["10.0.0.1", "gpu-a"], is_local=lambda ip: ip == "10.0.0.2", resolve=resolve) == "gpu-a"

@@ -77,3 +77,44 @@ def test_serve_on_a_taken_port_says_so_in_one_line(taken, flag, what, tmp_path):
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"port {taken} on 127.0.0.1" in lines[0] and what in lines[0] and f"pick another with {flag}" in lines[0]
     assert "starting pdcluster" not in r.stdout
+
+
+def serve(tmp_path, *args):
+    return subprocess.run([str(VENV_BIN / "pdcluster"), "serve", *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+@pytest.mark.parametrize("args, says", [
+    # each port free alone: the second listener failed after every worker had loaded the model
+    (["--port", "18931", "--metrics-port", "18931", "--http-port", "0"], "--port and --metrics-port are both 18931"),
+    (["--host", "192.0.2.1"], "cannot bind --host '192.0.2.1'"),        # an address this host lacks: a traceback
+    (["--host", ""], "--host must be an address"),                      # bound every interface, then failed late
+    (["--model", "/nonexistent/model", "--port", "0", "--metrics-port", "0", "--http-port", "0"],
+     "/nonexistent/model: expected a Hugging Face model folder"),       # a traceback once Ray had started
+    (["--kv-transport", "mooncake", "--kv-compression", "int8"], "needs the tcp or grpc transport"),
+])
+def test_serve_refuses_what_cannot_start_in_one_line_before_anything_starts(tmp_path, args, says):
+    r = serve(tmp_path, *args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert says in r.stderr and "Traceback" not in r.stderr and "starting pdcluster" not in r.stdout, r.stderr
+
+
+def test_a_taken_port_set_in_the_config_file_names_its_key(taken, tmp_path):
+    (tmp_path / "pools.yaml").write_text(f"router:\n  http_port: {taken}\n  port: 0\n  metrics_port: 0\n")
+    r = serve(tmp_path, "--config", str(tmp_path / "pools.yaml"))
+    assert r.returncode == 2 and f"(router.http_port in {tmp_path / 'pools.yaml'})" in r.stderr, r.stderr
+
+
+def test_an_ipv6_host_binds_the_grpc_router():
+    """bind_grpc made "::1:0" of host ::1 (no brackets): gRPC could not parse it."""
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    from pdcluster.router.server import RouterServer
+
+    async def go():
+        s = RouterServer(None, "m", 10, "::1", 0)
+        assert s.port > 0
+        await s.server.stop(None)
+    asyncio.run(go())
