@@ -142,7 +142,9 @@ class DecodeWorker:
             engine.start_remote(rid, first_token)
         if not self.engine_thread.run(lambda e: rid in self._reserved):
             raise KeyError(rid)
-        self.connector.wait_loaded(rid, self.transfer_timeout_s)
+        # the engine's connector: with cache tiers it also waits for the reservation's blocks a tier loads (the
+        # pull connector alone waited only for the transfer, and a tier load still running aborted the request)
+        self.engine.connector.wait_loaded(rid, self.transfer_timeout_s)
         try:
             self.engine_thread.run(_start)
         except BaseException:
@@ -160,13 +162,12 @@ class DecodeWorker:
 
         def add(e: LLMEngine):
             self.fence.check(rid)
+            # queued only: admission (external_tokens, after_alloc) comes at the next step, on this thread, so
+            # the plan set after it is in time; set before, a refused duplicate id replaced the live request's
+            # plan and then dropped it
+            e.add_request(prompt_ids, params, rid, cache_salt, detokenize=False, output_ids=output_ids)
             if pull is not None and order_fn is not None:
                 self.connector.plan(rid, pull, order_fn)
-            try:
-                e.add_request(prompt_ids, params, rid, cache_salt, detokenize=False, output_ids=output_ids)
-            except BaseException:       # e.g. a duplicate id: leave that request's own transfer alone
-                self.connector.drop_plan(rid)
-                raise
             self._listen(rid, stream)
         self.engine_thread.run(add)
         return stream

@@ -182,6 +182,14 @@ class ClusterConfig:
         """The KV block size of every worker (both pools agree: check_pools)."""
         return self.engine_kwargs("decode")["block_size"]
 
+    @property
+    def local_chunk_tokens(self) -> int:
+        """Prompt tokens a decode worker's step computes at most while prefilling locally (its engine's
+        step budget, or its chunk cap where one is set): what the cost model's TPOT guard prices."""
+        k = self.engine_kwargs("decode")
+        cap = k["long_prefill_token_threshold"] if k["enable_chunked_prefill"] else 0
+        return min(k["max_num_batched_tokens"], cap) if cap > 0 else k["max_num_batched_tokens"]
+
     def dtype_bytes(self, role: str) -> int:
         return DTYPE_BYTES[self.engine_kwargs(role)["dtype"]]
 

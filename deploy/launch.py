@@ -154,7 +154,8 @@ class Cluster(Scaling):
         block_size = c.block_size
         self.router = Router(replace(c.router, block_size=block_size), tok, mcfg.eos_token_ids,
                              mcfg.max_position_embeddings,
-                             cost_config=replace(c.cost, kv_compression=c.kv.compression).with_model(
+                             cost_config=replace(c.cost, kv_compression=c.kv.compression,
+                                                 local_chunk_tokens=c.local_chunk_tokens).with_model(
                                  mcfg, c.dtype_bytes("prefill"), block_size))
         for wid, h in pre.items():
             self.router.add_worker("prefill", PrefillClient(wid, h, self.timeouts), zone=c.pools.prefill.zone)

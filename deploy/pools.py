@@ -324,8 +324,8 @@ def parse_pools_config(text: str, source: str = "<string>", base: ClusterConfig 
     rd = _Reader()
     top = rd.mapping(root, "", ("model", "router", "autoscaler", "prefill", "decode"))
     model = _pick(rd.value(top, "model", "", _opt_str), base.model)
-    r = rd.mapping(top["router"][1], "router", ("host", "port", "policy", "metrics_port", "http_port", "admit_ttft_s")
-                   ) if "router" in top else {}
+    r = rd.mapping(top["router"][1], "router", ("host", "port", "policy", "metrics_port", "http_port", "admit_ttft_s",
+                                                "tpot_slo_s")) if "router" in top else {}
     s = base.server
     server = replace(s, host=_pick(rd.value(r, "host", "router", _str), s.host),
                      port=_pick(rd.value(r, "port", "router", _int(0, 65535)), s.port),
@@ -334,6 +334,8 @@ def parse_pools_config(text: str, source: str = "<string>", base: ClusterConfig 
     policy = _pick(rd.value(r, "policy", "router", _one_of(POLICY_NAMES)), base.router.policy)
     admit = _pick(rd.value(r, "admit_ttft_s", "router", _opt(_num(0, lo_open=True))), base.router.admit_ttft_s)
     admit = None if admit is None else float(admit)
+    tpot = _pick(rd.value(r, "tpot_slo_s", "router", _opt(_num(0, lo_open=True))), base.cost.tpot_slo_s)
+    tpot = None if tpot is None else float(tpot)        # null: no TPOT guard (the cost model's)
     lp = rd.mapping(top["autoscaler"][1], "autoscaler", ("enabled", "interval_s")) if "autoscaler" in top else {}
     bl = base.pools.autoscaler
     loop = replace(bl, enabled=_pick(rd.value(lp, "enabled", "autoscaler", _bool), bl.enabled),
@@ -346,6 +348,7 @@ def parse_pools_config(text: str, source: str = "<string>", base: ClusterConfig 
     if rd.issues:
         raise PoolsConfigError(source, rd.issues)
     return replace(base, model=model, server=server, router=replace(base.router, policy=policy, admit_ttft_s=admit),
+                   cost=replace(base.cost, tpot_slo_s=tpot),
                    pools=replace(base.pools, autoscaler=loop, **pools),
                    engine=replace(base.engine, use_gpu=res["prefill"]["gpus"][0] > 0))
 

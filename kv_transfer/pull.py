@@ -52,13 +52,10 @@ class PullConnector(ReceiveConnector):
         self.stats = PullStats()                                    # this worker's pulls, both halves
 
     def plan(self, request_id: str, plan: PullPlan, order_fn: OrderFn) -> None:
-        """Pull for request_id when the scheduler admits it (engine thread, before add_request)."""
+        """Pull for request_id when the scheduler admits it (engine thread, after add_request queued it and
+        before the next step admits it)."""
         if plan.hashes:
             self._plans[request_id] = (plan, order_fn)
-
-    def drop_plan(self, request_id: str) -> None:
-        """Forget a plan whose request never reached the scheduler (add_request refused it)."""
-        self._plans.pop(request_id, None)
 
     # scheduler side
     def external_tokens(self, request, num_local_tokens: int) -> int:

@@ -57,8 +57,12 @@ class CostConfig:
     remote_overhead_s: float = 0.005        # reserve + prefill RPC hops of a remote placement
     local_penalty: float = 0.5              # weight of running requests' stall vs the new TTFT
     duplicate_penalty: float = 1.0          # weight of recomputing a prefix another worker holds (s per s)
-    local_chunk_tokens: int = 512           # prefill tokens per step on a decode worker (TPOT guard)
-    tpot_slo_s: float | None = 0.25         # decode step-time SLO; None disables the guard
+    local_chunk_tokens: int = 512           # prefill tokens per step on a decode worker (TPOT guard); a cluster
+                                            #   sets its decode engine's (ClusterConfig.local_chunk_tokens)
+    tpot_slo_s: float | None = field(default=0.25, metadata={   # None disables the guard
+        "cli": "--tpot-slo", "zero_is_none": True, "min": 0, "help": (
+            "cost model: the decode step time (seconds) a local prefill's chunks may not push a decode worker's "
+            "running requests past, where another option keeps under it (0 = no guard)")})
     tpot_strict: bool = False               # True: no option past the guard -> None
     allow_local: bool = True
     allow_remote: bool = True

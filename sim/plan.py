@@ -152,6 +152,7 @@ def pools_yaml(c: Candidate, a, hw_p: str, hw_d: str, slo: tuple[float, float]) 
 # replica = one device in this file) and the model ({a.model}: set `model:` to its weights on every node).
 router:
   policy: cost-model
+  tpot_slo_s: {slo[1]:g}          # the cost model's TPOT guard, as simulated
 {admit_yaml(a)}prefill:
   min_replicas: {c.n_prefill}
   max_replicas: {c.n_prefill}

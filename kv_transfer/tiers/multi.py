@@ -14,6 +14,7 @@ the inner one and the tiers (a reservation's host-tier blocks may have failed to
 """
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from pdcluster.engine.kv_connector import KVConnector
@@ -103,8 +104,10 @@ class MultiConnector(KVConnector):
             self.tiers.save_layer(layer, k_caches, v_caches, completing)
 
     def wait_loaded(self, request_id: str, timeout_s: float) -> None:
+        """Both loads, within one timeout_s."""
+        deadline = time.monotonic() + timeout_s
         self.tiers.wait_loaded(request_id, timeout_s)      # a reservation's blocks from a tier, if any
-        self.inner.wait_loaded(request_id, timeout_s)
+        self.inner.wait_loaded(request_id, max(0.0, deadline - time.monotonic()))
 
     def take_loaded(self, request_id: str) -> str | None:
         tiers = self.tiers.reservation_failed(request_id)  # a TierConnector

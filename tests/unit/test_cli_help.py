@@ -50,7 +50,7 @@ SERVE_FLAGS = {     # every flag serve has (each one it had before the tree kept
     "--cluster-secret-file": None, "--max-restarts": 3, "--worker-timeout": 60.0, "--prefill-timeout": 120.0,
     "--health-timeout": 5.0, "--transfer-timeout": 30.0, "--max-queue-wait": 30.0, "--admit-ttft": 0,
     "--drain-timeout": 30.0,
-    "--place-wait": 0, "--kv-full-fallback": "wait", "--peer-pull": False,
+    "--place-wait": 0, "--tpot-slo": 0.25, "--kv-full-fallback": "wait", "--peer-pull": False,
     "--config": None, "--log-level": "INFO", "--log-format": "text",
 }
 
@@ -88,6 +88,9 @@ def test_serve_flags_land_in_the_tree_in_its_units():
     a = cli.build_parser().parse_args(["serve", "--place-wait", "7.5", "--kv-full-fallback", "local"])
     c = apply_flags(ClusterConfig(), a, a.tree_flags)
     assert c.router.place_wait_s == 7.5 and c.cost.kv_full_fallback == "local"
+    for flag, want in (("0.05", 0.05), ("0", None)):        # the TPOT guard: settable, 0 turns it off
+        a = cli.build_parser().parse_args(["serve", "--tpot-slo", flag])
+        assert apply_flags(ClusterConfig(), a, a.tree_flags).cost.tpot_slo_s == want
     assert c.engine.engine_kwargs(None)["cuda_graphs"] is True                 # graphs unless --enforce-eager
     a = cli.build_parser().parse_args(["serve", "--enforce-eager", "--kv-tier-block-loads"])
     c = apply_flags(ClusterConfig(), a, a.tree_flags)

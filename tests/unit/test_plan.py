@@ -1,5 +1,6 @@
 """`pdcluster plan`: SLO parsing, names case-insensitive, bad input, and its pools.yaml read back by the
 real config loader. The search runs the simulator on a tiny trace (a second or so)."""
+import dataclasses
 import json
 
 import pytest
@@ -84,3 +85,28 @@ def test_plan_for_a_router_with_slo_admission_writes_it_into_pools_yaml(trace, t
     ok = tmp_path / "off.yaml"
     ok.write_text("router:\n  admit_ttft_s: null\n")
     assert load_pools_config(ok).router.admit_ttft_s is None
+
+
+def test_the_deployed_router_prices_local_prefills_as_planned(trace, tmp_path, capsys):
+    """plan simulated the cost model's TPOT guard at the plan's TPOT SLO over the decode engine's step budget
+    (2048 prompt tokens a step), while the router `serve --config` started ran the defaults: 0.25 s and 512.
+    pools.yaml now carries router.tpot_slo_s, and the cluster gives the cost model its decode engine's chunk."""
+    from pdcluster.deploy.config import ClusterConfig
+    from pdcluster.sim.cluster import SimConfig
+    out = tmp_path / "pools.yaml"
+    argv = ["plan", "--trace", trace, "--model", "llama-3-8b", "--slo", "ttft:2000,tpot:50", "--out", str(out)]
+    assert cli.main(argv) == 0
+    cfg = load_pools_config(out)
+    assert cfg.cost.tpot_slo_s == 0.05
+    assert cfg.local_chunk_tokens == SimConfig.local_chunk_tokens == 2048
+    assert ClusterConfig().local_chunk_tokens == 2048
+    e = ClusterConfig().engine
+    sched = dataclasses.replace(e.sched, long_prefill_token_threshold=256)
+    capped = ClusterConfig(engine=dataclasses.replace(e, sched=sched))
+    assert capped.local_chunk_tokens == 256
+    off = tmp_path / "off.yaml"
+    off.write_text("router:\n  tpot_slo_s: null\n")
+    assert load_pools_config(off).cost.tpot_slo_s is None
+    off.write_text("router:\n  tpot_slo_s: -1\n")
+    with pytest.raises(Exception, match=r"router\.tpot_slo_s: must be > 0"):
+        load_pools_config(off)
