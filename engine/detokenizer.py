@@ -34,8 +34,11 @@ class Detokenizer:
         self.hold = max((len(s) for s in stop), default=1) - 1
         # Decode windows, not the whole output: ids[prefix:read] were already turned into text; a new
         # step decodes ids[prefix:] and keeps what extends the previous window's text. A few prompt
-        # tokens of left context make leading spaces come out as in a full decode.
+        # tokens of left context make leading spaces come out as in a full decode; none that end inside a
+        # character (the output's bytes completing it vanished: window and context decoded as long)
         self.ids: list[int] = list(prompt_ids[-4:])
+        while self.ids and self._decode(self.ids).endswith("\ufffd"):
+            del self.ids[-1]
         self.prefix = 0
         self.read = len(self.ids)
         self.text = ""          # all complete text so far (stop string excluded once matched)
@@ -59,6 +62,12 @@ class Detokenizer:
             if end - self.read < 4:
                 if self.num_out <= self.min_tokens:     # its text (to the whole character) is under the floor
                     self._floor_due = len(self.text) + len(window.rstrip("\ufffd")) - len(prefix) + 1
+                elif self.stop:     # a stop string the whole characters before it complete ends it now (else
+                    whole = self.text + window.rstrip("\ufffd")[len(prefix):]     # the tokens after it went out)
+                    j = self._find_stop(whole, max(0, len(self.text) - self.hold - 1), max(self.floor, self._floor_due))
+                    if j is not None:
+                        self.text, self.stopped = whole[:j], True
+                        return self._release(final=True)
                 return ""
             # 4 tokens on and still no whole character: the bytes before the last 3 tokens (an incomplete
             # character has at most 3 of its bytes) are what they are, invalid ones U+FFFD as in a full decode.
@@ -80,12 +89,17 @@ class Detokenizer:
         elif self._floor_due:               # the character the last of them began, completed now
             self.floor = max(self.floor, min(self._floor_due, len(self.text)))
         self._floor_due = 0
-        for s in self.stop:
-            j = self.text.find(s, max(start, self.floor - len(s) + 1))
-            if j != -1:
-                self.text = self.text[:j]
-                self.stopped = True
+        j = self._find_stop(self.text, start, self.floor)
+        if j is not None:
+            self.text, self.stopped = self.text[:j], True
         return self._release(final=self.stopped)
+
+    def _find_stop(self, text: str, start: int, floor: int) -> int | None:
+        """Where the earliest stop string in text (from `start`, ending past `floor`: the min_tokens floor)
+        begins: the earliest, whatever the list's order (a stop matched later in the list but starting
+        earlier was partly emitted)."""
+        hits = [j for s in self.stop if (j := text.find(s, max(start, floor - len(s) + 1))) != -1]
+        return min(hits) if hits else None
 
     def flush(self) -> str:
         """Everything not yet released (at finish), the bytes of a character that never completed included

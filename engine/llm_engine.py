@@ -386,6 +386,8 @@ class LLMEngine:
                     req.status = Status.FINISHED_STOPPED     # string it completed is the reason (as vLLM's)
                 if id(req) in finished:
                     text += d.flush()
+                    if d.stopped:               # a stop string the last token's bytes completed: the reason
+                        req.status = Status.FINISHED_STOPPED
             done = id(req) in finished
             outs.append(StepOutput(req, toks, text, done, [lp] if lp is not None else []))
             if done:

@@ -190,6 +190,8 @@ class RequestRun:
         if reason:
             self.finished = True
             text += self.detok.flush()
+            if self.detok.stopped and reason == "length":   # a stop string only the flush completed: it is why
+                reason = "stop"
         asked = self.params.prompt_logprobs is not None and not self.announced
         ev = Event(toks, text, reason, self._usage() if reason else None, None if self.announced else placement,
                    logprobs, tuple(prompt_logprobs) if asked else None)

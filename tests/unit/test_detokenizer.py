@@ -130,3 +130,58 @@ def test_min_tokens_floor_covers_a_character_its_last_token_began(tok):
     d = Detokenizer(tok, tok.encode("Say:", add_special_tokens=False), stop=(" ",), min_tokens=k)
     out = "".join(d.push([t]) for t in ids) + d.flush()
     assert k == 2 and d.stopped and out == " — 日本"                     # cut at the first ' ' past ' — 日'
+
+
+@pytest.mark.parametrize("stop", [(">", "</answer>"), ("</answer>", ">")])
+def test_overlapping_stops_cut_at_the_earliest_whatever_their_order(tok, stop):
+    """One token completing two stops: the cut followed the list's order, so with (">", "</answer>") most of
+    "</answer>" went out ("...42</answer"), and the answer depended on how the client listed them."""
+    d = Detokenizer(tok, tok.encode("Q:", add_special_tokens=False), stop)
+    ids = tok.encode("The answer is 42</answer> and more", add_special_tokens=False)
+    got = "".join(d.push([t]) for t in ids if not d.stopped) + d.flush()
+    assert got == "The answer is 42" and d.stopped
+
+
+def test_a_stop_completed_by_a_token_ending_mid_character_stops_at_that_token(tok):
+    """' \\xc3' completes ". " and begins "ñ": the stop waited for the character, so the tokens after it
+    were sent and counted, and at max_tokens the text was cut but the reason said "length"."""
+    ids = tok.encode("Hello. ñ world", add_special_tokens=False)
+    d = Detokenizer(tok, tok.encode("Say:", add_special_tokens=False), (". ",))
+    out, pushed = "", 0
+    for t in ids:
+        out += d.push([t])
+        pushed += 1
+        if d.stopped:
+            break
+    assert (out, d.stopped) == ("Hello", True)
+    assert tok.decode(ids[:pushed]).endswith(". \ufffd")      # the token that completed it ends mid-character
+
+
+def test_a_prompt_ending_mid_character_loses_none_of_the_outputs_bytes(tok):
+    """The context (the prompt's last tokens) ended inside 🚀; the output's bytes completing it vanished:
+    ' launch' came out. Now the output reads as its own decode (the stray bytes as U+FFFD)."""
+    ids = tok.encode("Rocket 🚀 launch", add_special_tokens=False)
+    cut = next(i for i in range(1, len(ids)) if tok.decode(ids[:i]).endswith("\ufffd"))
+    d = Detokenizer(tok, ids[:cut])
+    got = "".join(d.push([t]) for t in ids[cut:]) + d.flush()
+    assert got == tok.decode(ids[cut:], skip_special_tokens=True) and got.endswith(" launch") and "\ufffd" in got
+
+
+def test_the_engine_reports_stop_for_a_stop_the_last_tokens_bytes_complete():
+    """Real LLMEngine, its forward pass forced to emit 'Hello. ñ world' token by token, max_tokens 3: the
+    third token completes ". " mid-character; finish_reason was "length" for a text cut at the stop."""
+    from pdcluster.engine.llm_engine import LLMEngine, build_config
+    from pdcluster.engine.sampling_params import SamplingParams
+    e = LLMEngine(build_config(None, speculative="off", num_threads=1, kv_cache_memory=16 << 20))
+    forced = e.tokenizer.encode("Hello. ñ world", add_special_tokens=False)
+    e.runner.run = lambda batch, hook=None, wait=None, drop=None: (
+        [forced[r.num_output_tokens] if batch.samples(i) else None for i, r in enumerate(batch.reqs)],
+        [None] * len(batch))
+    for max_tokens in (3, 10):
+        r = e.add_request(e.tokenizer.encode("Say:", add_special_tokens=False),
+                          SamplingParams(max_tokens=max_tokens, temperature=0, stop=(". ",)))
+        text, reason = "", None
+        while not r.is_finished:
+            for o in e.step():
+                text, reason = text + o.new_text, o.finish_reason or reason
+        assert (text, reason, r.num_output_tokens) == ("Hello", "stop", 3)
