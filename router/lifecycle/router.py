@@ -138,7 +138,8 @@ class Router:
         may_prefill = self.workers.loads_of("prefill") if c.remote_prefill else []
         cost = self.telemetry.cfg           # the cost model prefills locally only where its config lets it
         local_ok = (cost.allow_local and (cost.local_max_tokens is None or n_prompt <= cost.local_max_tokens)
-                    if c.policy == "cost-model" else n_prompt <= c.local_prefill_max_tokens)
+                    if c.policy == "cost-model"     # the other policies' LocalSwitch: short, or no prefill worker up
+                    else n_prompt <= c.local_prefill_max_tokens or not any(w.placeable for w in may_prefill))
         if not c.remote_prefill or local_ok:
             may_prefill += self.workers.loads_of("decode")          # a local prefill is an option too
         cached = None

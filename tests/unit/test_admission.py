@@ -85,6 +85,25 @@ def test_decode_workers_count_as_prefill_candidates_only_where_the_cost_model_ma
             r._admit_by_wait(2000, None)
 
 
+def test_with_no_prefill_worker_up_the_simple_policies_decode_workers_are_the_candidates():
+    """A simple policy (LocalSwitch) prefills on a decode worker when no prefill worker is up; admission
+    counted decode workers only for prompts under local_prefill_max_tokens, so it found no placeable
+    candidate and admitted the request without checking any wait, behind a 500 s local backlog."""
+    from types import SimpleNamespace
+
+    from pdcluster.router.config import RouterConfig
+    from pdcluster.router.errors import Overloaded
+    from pdcluster.router.lifecycle.router import Router
+    r = Router(RouterConfig(max_queue_wait_s=30.0, policy="least-loaded"), None, (), 4096)
+    r.workers.add("prefill", SimpleNamespace(worker_id="p0"))
+    r.workers.add("decode", SimpleNamespace(worker_id="d0"))
+    r.workers.loads["d0"].queued_tokens = 1_000_000                  # 500 s at the 2,000 tokens/s prior
+    r._admit_by_wait(2000, None)                                     # p0 is up and idle: admitted
+    r.workers.loads["p0"].healthy = False
+    with pytest.raises(Overloaded, match="over --max-queue-wait"):
+        r._admit_by_wait(2000, None)
+
+
 def test_the_deadline_check_credits_a_cached_prefix():
     """A 20,000-token prompt all but its last block cached on an idle decode worker comes well within a
     5 s deadline (the cost model says so too). Before, admission priced the whole prompt at the prefill
