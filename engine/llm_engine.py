@@ -272,8 +272,12 @@ class LLMEngine:
             self.abort(request_id)
             raise RuntimeError(f"KV for {request_id} not complete: {why}")
         if req.params.structured is not None:   # the prefill worker's grammar took it: so does ours
-            self.grammars()
-            self.runner.accept(req, [first_token])
+            try:
+                self.grammars()
+                self.runner.accept(req, [first_token])
+            except Exception:                   # ours refused it (another grammar build?): the reservation
+                self.abort(request_id)          # goes, not left for the router's abort to free
+                raise
         try:
             self.scheduler.remote_kv_done(req, first_token)
         except ValueError:                      # finished by its first token: its matcher goes with it

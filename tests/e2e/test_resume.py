@@ -125,3 +125,31 @@ def test_a_remote_first_token_that_finishes_the_request_releases_its_grammar(llm
         eng.abort("r1")
     finally:
         eng.connector = saved
+
+
+def test_a_remote_first_token_our_grammar_refuses_frees_the_reservation(llm):
+    """The prefill worker's grammar took a first token this worker's refuses (another grammar build, say):
+    start_remote raised and the reservation stayed in WAITING_FOR_REMOTE_KV, its blocks held until the
+    router's abort came (the decode worker had already forgotten it). Now it is aborted there and then."""
+    from pdcluster.engine.kv_connector import KVConnector
+
+    class Landed(KVConnector):
+        def after_alloc(self, req, ids, n):
+            pass
+
+        def take_loaded(self, rid):
+            return None
+    eng, saved = llm.engine, llm.engine.connector
+    eng.connector = Landed()
+    try:
+        free = eng.scheduler.kv.num_free_blocks
+        word = llm.tokenizer.encode(" hello", add_special_tokens=False)[-1]     # no JSON object starts so
+        prompt = llm.tokenizer.encode("Give me a JSON object:", add_special_tokens=False)
+        eng.reserve_remote(prompt, SamplingParams(max_tokens=8, temperature=0,
+                                                  structured=StructuredOutput(kind="json_object")), "r2")
+        with pytest.raises(RuntimeError, match="against the grammar's mask"):
+            eng.start_remote("r2", word)
+        assert "r2" not in eng.scheduler.requests and "r2" not in eng.runner.matchers
+        assert eng.scheduler.kv.num_free_blocks == free
+    finally:
+        eng.connector = saved
