@@ -72,7 +72,7 @@ def cmd_serve(a) -> int:
             logging.getLogger("pdcluster").info("%s: every pool has min_replicas == max_replicas: no autoscaling",
                                                 a.config)
 
-    from pdcluster.ports import PortInUse, check_free
+    from pdcluster.ports import PortInUse, check_free, host_port
 
     def via(key: str) -> str:           # the file's key overrides the flag
         return f" (router.{key} in {a.config})" if a.config else ""
@@ -117,10 +117,10 @@ def cmd_serve(a) -> int:
             loop.add_signal_handler(s, stop.set)
         print(f"pdcluster serving on {cluster.address} (Ctrl-C to stop)", flush=True)
         if cluster.metrics_port:
-            print(f"metrics on http://{cfg.server.host}:{cluster.metrics_port}/metrics", flush=True)
+            print(f"metrics on http://{host_port(cfg.server.host, cluster.metrics_port)}/metrics", flush=True)
         if cluster.http:
             scheme = "https" if cfg.server.tls_cert else "http"
-            print(f"OpenAI API on {scheme}://{cfg.server.host}:{cluster.http.port}/v1", flush=True)
+            print(f"OpenAI API on {scheme}://{host_port(cfg.server.host, cluster.http.port)}/v1", flush=True)
         try:
             await stop.wait()
             n = len(cluster.router.in_flight)

@@ -189,7 +189,8 @@ class Cluster(Scaling):
 
     @property
     def address(self) -> str:
-        return f"{self.cfg.server.host}:{self.server.port}"
+        from pdcluster.ports import host_port
+        return host_port(self.cfg.server.host, self.server.port)
 
     async def _poll(self) -> None:
         """A round every status_interval_s, however long its polls take (a round waits for them at most

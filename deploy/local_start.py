@@ -76,10 +76,16 @@ class _UniqueKeys(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for kn, _ in node.value:
+            if kn.tag == "tag:yaml.org,2002:merge":     # `<<: *anchor`: merged by super(), its keys may repeat
+                continue
             key = self.construct_object(kn, deep=deep)
-            if key in seen:
+            try:
+                first = seen.get(key)
+            except TypeError:                           # unhashable: super() says so (a YAMLError)
+                continue
+            if first is not None:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"repeated key {key!r} (first on line {seen[key] + 1})", kn.start_mark)
+                    None, None, f"repeated key {key!r} (first on line {first + 1})", kn.start_mark)
             seen[key] = kn.start_mark.line
         return super().construct_mapping(node, deep)
 

@@ -76,6 +76,9 @@ def nested_cost(pattern: str) -> tuple[int, int]:
         if c == "(":
             frames.append([1, 0, False, False])
             last = None
+            if pattern.startswith("?", i + 1):     # (?:  (?=  (?!  (?<=  (?<!  (?P<name>  (?<name>  (?i)  (?i:
+                i = _group_body(pattern, i + 2)    # its prefix is neither an atom (a delimiter) nor a quantifier
+                continue
         elif c == ")":
             if len(frames) > 1:
                 inner, chains, delimited, alt = frames.pop()
@@ -105,6 +108,20 @@ def nested_cost(pattern: str) -> tuple[int, int]:
             last = None                 # a second quantifier (lazy "?", possessive "+") modifies this one
         i += 1
     return sum(f[1] for f in frames), counted
+
+
+def _group_body(p: str, j: int) -> int:
+    """The index where a group's body starts, p[j:] following its "(?"."""
+    if p.startswith(("<=", "<!"), j):
+        return j + 2
+    if p.startswith(("P<", "<"), j):
+        end = p.find(">", j)
+        return len(p) if end < 0 else end + 1
+    if j < len(p) and p[j] in ":=!":
+        return j + 1
+    while j < len(p) and p[j] not in ":)":       # inline flags, (?P=name): up to its ":" or ")"
+        j += 1
+    return j + 1 if j < len(p) and p[j] == ":" else j
 
 
 def _atom(frames: list, delimiter: bool) -> None:

@@ -46,9 +46,14 @@ def check_free(host: str, port: int, what: str, flag: str) -> None:
 GRPC_NO_REUSEPORT = ("grpc.so_reuseport", 0)
 
 
+def host_port(host: str, port: int) -> str:
+    """host:port as gRPC targets and clients read it: an IPv6 host in brackets ([::1]:50051)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def bind_grpc(server, host: str, port: int, what: str, flag: str, credentials=None) -> int:
     """server.add_(in)secure_port(host:port) -> the bound port; PortInUse when it is taken."""
-    target = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"   # IPv6
+    target = host_port(host, port)
     try:
         bound = (server.add_secure_port(target, credentials) if credentials is not None
                  else server.add_insecure_port(target))

@@ -224,3 +224,15 @@ def test_main_dry_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "start --address=127.0.0.1:6379" in out and '{"decode_pool":2}' in out
     assert main(["--map", str(m), "--ip", "10.9.9.9", "--head", "--dry-run"]) == 2     # unmapped host
+
+
+def test_the_host_map_keeps_merge_keys_and_reports_an_unhashable_key_in_one_line(tmp_path):
+    """The repeated-key check saw `<<: *anchor` as a key (refusing a file safe_load took) and raised a raw
+    TypeError on a complex key."""
+    p = tmp_path / "h.yaml"
+    p.write_text("hosts:\n  10.0.0.1: &b {prefill: 1, decode: 1}\n  10.0.0.2: {<<: *b, decode: 2}\n")
+    hosts = load_host_map(p)
+    assert (hosts["10.0.0.2"].prefill, hosts["10.0.0.2"].decode) == (1, 2)
+    p.write_text("hosts:\n  ? [a, b]\n  : {prefill: 1}\n")
+    with pytest.raises(ValueError, match="unhashable"):
+        load_host_map(p)

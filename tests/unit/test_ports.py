@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pdcluster.ports import PortInUse, check_free
+from pdcluster.ports import PortInUse, check_free, host_port
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -115,6 +115,16 @@ def test_an_ipv6_host_binds_the_grpc_router():
 
     async def go():
         s = RouterServer(None, "m", 10, "::1", 0)
-        assert s.port > 0
+        await s.server.start()
+        import grpc
+        async with grpc.aio.insecure_channel(host_port("::1", s.port)) as ch:     # the address serve prints
+            await asyncio.wait_for(ch.channel_ready(), 5)
         await s.server.stop(None)
     asyncio.run(go())
+    from types import SimpleNamespace
+
+    from pdcluster.deploy.config import ClusterConfig, ServerSection
+    from pdcluster.deploy.launch import Cluster
+    c = Cluster(ClusterConfig(server=ServerSection(host="::1")))
+    c.server = SimpleNamespace(port=5)
+    assert c.address == "[::1]:5" and host_port("127.0.0.1", 5) == "127.0.0.1:5"

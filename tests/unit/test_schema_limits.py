@@ -26,6 +26,11 @@ def schema(*patterns):
     ("^([a-z]{1,32})*$", 64),                        # "*" counts 2
     ("^(a|[a-z]{1,5}){1,5}$", 25),                   # an alternation is no delimiter
     ("^(a?[a-z]{1,5}){1,5}$", 25),                   # nor a literal that may be absent
+    ("^(?:[a-z]{1,16}){1,16}$", 256),                # a group's "?:" is no delimiter (8.3 s to compile)
+    ("^(?P<w>[a-z]{1,5}){1,5}$", 25),
+    ("^(?=[a-z]{1,5}){1,5}$", 25),
+    ("^(?i:[a-z]{1,5}){1,5}$", 25),
+    (r"^(?:\d{1,3}\.){3}\d{1,3}$", 2),              # a real delimiter still counts
 ])
 def test_nested_weights(pattern, weight):
     assert nested_cost(pattern)[0] == weight
