@@ -27,6 +27,8 @@ def cluster_secret(path: str | None) -> str:
         s = f.readline().strip()
     if len(s) < 16:
         raise ValueError(f"{path}: the cluster secret must be at least 16 characters on its first line")
+    if not (s.isascii() and s.isprintable()):      # it travels as gRPC metadata (gRPC and Mooncake transports)
+        raise ValueError(f"{path}: the cluster secret must be printable ASCII (gRPC metadata carries it)")
     return s
 
 

@@ -87,10 +87,14 @@ def decode(q: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.T
     return (q.float() * scales[:, None, :, None]).to(dtype)
 
 
-def check_scales(scales: torch.Tensor) -> str | None:
-    """Why these scales may not land (None if they may): every scale finite and >= 0."""
+def check_scales(scales: torch.Tensor, codec: str, dtype: torch.dtype) -> str | None:
+    """Why these scales may not land in a `dtype` cache (None if they may): every scale finite and >= 0,
+    and none that takes a code past the dtype's range (1e37 in bf16, 1e5 in fp16: inf in the cache;
+    an encoder's scale is amax / QMAX, so scale x QMAX is a value the cache held)."""
     if scales.numel() and not bool(torch.isfinite(scales).all() and (scales >= 0).all()):
         return "scales must be finite and >= 0"
+    if scales.numel() and float(scales.max()) * QMAX[codec] > torch.finfo(dtype).max:
+        return f"a scale of {float(scales.max()):g} takes {codec} codes past {dtype}'s range"
     return None
 
 

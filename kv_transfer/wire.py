@@ -56,6 +56,7 @@ MAGIC = b"PDKV"
 VERSION = 1
 _PREFIX = struct.Struct("<4sI")  # magic, msgpack header length in bytes
 _ALIGN = 16  # payload offset alignment inside a frame, bytes
+MAX_RID_CHARS = 1024  # a frame's request id (the router's are at most ~270: echoed in statuses, kept small)
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -204,13 +205,15 @@ def _parse_header(h: object) -> FrameHeader:
     if codec not in kvcodec.CODECS:
         raise MalformedFrame(f"codec {codec!r:.40} is not one of {kvcodec.CODECS}")
     if codec != "none":
-        _check_quantized(dtype, shape, scales)
+        _check_quantized(dtype, shape, scales, codec)
     elif scales != b"":
         raise MalformedFrame("header 'scales' given for an unquantized frame")
     header = FrameHeader(
         request_id=_field(h, "rid", str), layer=_field(h, "layer", int), block_ids=tuple(blocks),
         dtype=dtype, shape=tuple(shape), nbytes=_field(h, "nbytes", int), crc=_field(h, "crc", int),
         chunk=_field(h, "chunk", int), chunks=_field(h, "chunks", int), codec=codec, scales=scales)
+    if len(header.request_id) > MAX_RID_CHARS:
+        raise MalformedFrame(f"a request id of {len(header.request_id)} characters (at most {MAX_RID_CHARS})")
     if header.layer < 0 or not 0 <= header.chunk < header.chunks:
         raise MalformedFrame(f"bad layer {header.layer} or chunk {header.chunk} of {header.chunks}")
     expected = kvcodec.payload_bytes(codec, shape, DTYPES[dtype])
@@ -219,7 +222,7 @@ def _parse_header(h: object) -> FrameHeader:
     return header
 
 
-def _check_quantized(dtype: str, shape: list, scales: object) -> None:
+def _check_quantized(dtype: str, shape: list, scales: object, codec: str) -> None:
     """A quantized frame decodes into a float cache of 4-D blocks and carries one finite scale >= 0
     per (K/V, block, kv_head)."""
     if DTYPES[dtype] not in kvcodec.FLOAT_DTYPES or len(shape) != 4:
@@ -230,7 +233,7 @@ def _check_quantized(dtype: str, shape: list, scales: object) -> None:
         got = len(scales) if isinstance(scales, bytes) else type(scales).__name__
         raise MalformedFrame(f"header 'scales' must be {want} bytes (2 x {shape[0]} blocks x "
                              f"{shape[2]} kv heads x float32), got {got}")
-    if (why := kvcodec.check_scales(_scales(scales))) is not None:
+    if (why := kvcodec.check_scales(_scales(scales), codec, DTYPES[dtype])) is not None:
         raise MalformedFrame(f"header 'scales': {why}")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 
@@ -10,6 +11,8 @@ from pdcluster.kv_transfer.errors import KVTransferError
 from pdcluster.kv_transfer.grpc.base import AioKVServer
 from pdcluster.kv_transfer.malloc_tuning import keep_large_buffers
 from pdcluster.kv_transfer.receiver import InboundStream, KVReceiver
+
+log = logging.getLogger(__name__)
 
 REJECT_DRAIN_S = 10.0  # how long a rejected stream may keep writing before it is cut off, seconds
 
@@ -39,7 +42,11 @@ class KVServer(AioKVServer):
         except KVTransferError as e:  # the reservation fails, the sender gets the status
             stream.fail(e)
             await _reject(frames, context, e)
-        except BaseException as e:  # cancelled by the client, or a bug: fail, never complete
+        except Exception as e:  # a bug, or the cache write's own failure: INTERNAL, as the TCP server answers
+            log.exception("gRPC KV stream failed")
+            stream.fail(e)
+            await _reject(frames, context, KVTransferError(f"internal error: {e!r}", "INTERNAL"))
+        except BaseException as e:  # cancelled by the client: fail, never complete
             stream.fail(e)
             raise
 

@@ -58,7 +58,7 @@ HANDSHAKE_TIMEOUT_S = 10.0  # HELLO to WELCOME, all of it (not per read: a byte 
 MAX_AUTH_BYTES = 256  # an AUTH body (a version and a 32-byte MAC: ~50 bytes)
 STALL_TIMEOUT_S = 30.0  # a server's read or write inside a message, or its reply, making no progress this long ends
                         # the connection (between messages an idle link waits as long as it likes)
-MAX_RID_CHARS = 1024  # a frame's request id
+MAX_RID_CHARS = wire.MAX_RID_CHARS  # a frame's request id
 
 
 class ConnectionLost(KVTransferError):

@@ -1,5 +1,6 @@
 """KV compression on the wire: codec round trip and error bounds, header validation (nothing lands
 from a bad compressed frame), TCP and gRPC transfers with int8 / fp8, and the per-link policy."""
+import struct
 import zlib
 
 import msgpack
@@ -123,6 +124,8 @@ def _bad_frames():
         "3-D blocks": _reframe(good, shape=[2, 16, 192], nbytes=2 * 2 * 16 * 192,
                                scales=scales[:2 * 2 * 192 * 4]),
         "payload of the unquantized size": _reframe(good, codec="none", scales=None),
+        # finite, but code x scale past bf16's range: the transfer completed with inf in the cache
+        "scale past the cache dtype's range": _reframe(good, scales=struct.pack("<f", 1e37) + scales[4:]),
     }
 
 

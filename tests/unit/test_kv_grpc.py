@@ -57,3 +57,38 @@ def test_secret_mismatch_is_unauthenticated(server, metadata):
     assert caches[0][0].abs().sum() == 0
 
 
+
+
+def test_a_long_request_id_is_invalid_argument_not_an_oversized_status(server):
+    """The id was echoed whole in the status: 20,000 characters overflowed gRPC's 16 KiB metadata and the
+    sender saw RESOURCE_EXHAUSTED. Ids are capped as the TCP server caps them (wire.MAX_RID_CHARS)."""
+    k = torch.ones(1, *BLOCK, dtype=torch.bfloat16)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        _push_raw(server.address, [wire.encode_frame("r" * 20_000, 0, [1], k, k)],
+                  metadata=(("x-pdcluster-secret", SECRET),))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 1024" in e.value.details()
+
+
+def test_a_failing_cache_write_is_internal_and_fails_the_reservation(server):
+    """Any error but a KVTransferError was re-raised: gRPC answered UNKNOWN (the TCP server says INTERNAL)."""
+    def bad_write(layer, ids, k, v):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    pending = server.receiver.expect("req", [1], 1, bad_write)
+    k = torch.ones(1, *BLOCK, dtype=torch.bfloat16)
+    with pytest.raises(grpc.aio.AioRpcError) as e:
+        _push_raw(server.address, [wire.encode_frame("req", 0, [1], k, k)], metadata=(("x-pdcluster-secret", SECRET),))
+    assert e.value.code() == grpc.StatusCode.INTERNAL and "CUDA error" in e.value.details()
+    assert pending.state is TransferState.FAILED
+
+
+@pytest.mark.parametrize("line, says", [("short", "at least 16"), ("geheimes-passwört-2026", "printable ASCII"),
+                                        ("tab\tinside-the-secret-line", "printable ASCII")])
+def test_a_cluster_secret_gRPC_metadata_cannot_carry_is_refused_at_start(tmp_path, line, says):
+    """A non-ASCII secret passed the length check; every gRPC (and Mooncake) transfer then failed with
+    INTERNAL: Invalid metadata, and the reservations waited out their timeouts."""
+    from pdcluster.deploy.launch import cluster_secret
+    (tmp_path / "s").write_text(line + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=says):
+        cluster_secret(str(tmp_path / "s"))
+    (tmp_path / "s").write_text("an-ascii-secret-of-enough-length\n")
+    assert cluster_secret(str(tmp_path / "s")) == "an-ascii-secret-of-enough-length"
