@@ -36,9 +36,7 @@ class Detokenizer:
         # step decodes ids[prefix:] and keeps what extends the previous window's text. A few prompt
         # tokens of left context make leading spaces come out as in a full decode; none that end inside a
         # character (the output's bytes completing it vanished: window and context decoded as long)
-        self.ids: list[int] = list(prompt_ids[-4:])
-        while self.ids and self._decode(self.ids).endswith("\ufffd"):
-            del self.ids[-1]
+        self.ids: list[int] = list(prompt_ids[-4:])     # (trimmed at the first push: _trim_context)
         self.prefix = 0
         self.read = len(self.ids)
         self.text = ""          # all complete text so far (stop string excluded once matched)
@@ -54,6 +52,8 @@ class Detokenizer:
         """Add tokens; return newly releasable text. Sets self.stopped when a stop string matched."""
         if self.stopped:
             return ""
+        if self.num_out == 0:
+            self._trim_context()
         self.num_out += len(token_ids)
         self.ids += token_ids
         prefix = self._decode(self.ids[self.prefix:self.read])
@@ -78,6 +78,13 @@ class Detokenizer:
                 if not window.endswith("\ufffd"):
                     break
         return self._extend(window[len(prefix):], end)
+
+    def _trim_context(self) -> None:
+        """Drop context tokens that end inside a character (decoded alone they end in U+FFFD: a window
+        would decode as long as its context once the output completed it, and the character vanished)."""
+        while self.ids and self._decode(self.ids).endswith("\ufffd"):
+            del self.ids[-1]
+        self.read = len(self.ids)
 
     def _extend(self, text: str, end: int) -> str:
         """text (what ids[read:end] add) joins self.text; the stop strings are looked for; what may go out now."""

@@ -77,10 +77,10 @@ class Router:
         request_id = request_id or uuid.uuid4().hex
         self._admit(request_id, len(prompt_ids), params.max_tokens, deadline_s,
                     prompt_ids if params.prompt_logprobs is None else None, cache_salt)   # no cache serves those
-        self.in_flight.add(request_id)
         trace = Trace(time.perf_counter())
+        run = RequestRun(self, request_id, prompt_ids, params, cache_salt, trace).events()   # (raising: nothing
+        self.in_flight.add(request_id)                                                        # counted yet)
         self.metrics.admitted()
-        run = RequestRun(self, request_id, prompt_ids, params, cache_salt, trace).events()
         try:
             async for ev in run:
                 if trace.t_first is None and ev.token_ids:

@@ -96,6 +96,11 @@ class RequestRun:
             if not self.out:
                 raise
             return None
+        except Exception:                     # a policy's bug: after tokens went out, the stream ends as an abort
+            if not self.out:                  # (with its usage), not as INTERNAL with no last message
+                raise
+            log.exception("placing %s again after %d tokens failed", self.attempt_id, len(self.out))
+            return None
         self.holders, self.attempt_id, self.expected = attempt.holders, attempt.attempt_id, attempt.expected
         if m == 0:
             self.cached, self.trace.placement = attempt.cached_tokens, attempt.placement
@@ -130,8 +135,9 @@ class RequestRun:
             toks, text = self._push_until_stop(item.token_ids)
             reason = item.finish_reason if item.finished else None
             if self.detok.stopped:              # a stop string (the worker does not know them): it wins
-                if reason is None:
-                    await self.router.workers.abort(self.attempt_id, self.holders[:1])
+                if reason is None:              # finished now (shielded: a cancel meanwhile sends no second abort)
+                    self.finished = True
+                    await asyncio.shield(self.router.workers.abort(self.attempt_id, self.holders[:1]))
                 reason = "stop"
             yield self._event(toks, text, reason, attempt.placement, list(item.logprobs)[:len(toks)],
                               item.prompt_logprobs)
