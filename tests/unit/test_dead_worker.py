@@ -55,7 +55,7 @@ def run(handles: dict, seconds: float):
 
 def test_a_dead_worker_is_confirmed_removed_and_frees_its_pool_slot():
     dead = Dying("decode-0", 2, ray.exceptions.ActorDiedError())
-    c, m = run({"decode-0": dead, "decode-1": Handle("decode-1", False, [])}, 1.5)
+    c, m = run({"decode-0": dead, "decode-1": Handle("decode-1", False, [])}, 1.0)
     assert "decode-0" not in c.actors and "decode-0" not in c.router.workers.loads
     assert m.replicas == 1 and m.held == 1                  # no slot held for it under max_replicas
     assert c.router.metrics.dead.labels("decode")._value.get() == 1
@@ -66,7 +66,7 @@ def test_a_restarting_or_hung_worker_stays_registered():
     """ActorUnavailableError (a restart under way) and a missed poll are WorkerLost, not WorkerGone:
     the worker stays (unhealthy) and rejoins when it answers."""
     restarting = Dying("decode-0", 1, ray.exceptions.ActorUnavailableError("restarting", b"\0" * 16))
-    c, m = run({"decode-0": restarting, "decode-1": Handle("decode-1", True, [])}, 1.5)
+    c, m = run({"decode-0": restarting, "decode-1": Handle("decode-1", True, [])}, 1.0)
     assert set(c.actors) == set(c.router.workers.loads) == {"decode-0", "decode-1"}
     assert m.replicas == 0 and m.held == 2
     assert c.router.metrics.dead.labels("decode")._value.get() == 0

@@ -87,11 +87,24 @@ def serve(tmp_path, *args):
 @pytest.mark.parametrize("args, says", [
     # each port free alone: the second listener failed after every worker had loaded the model
     (["--port", "18931", "--metrics-port", "18931", "--http-port", "0"], "--port and --metrics-port are both 18931"),
-    (["--host", "192.0.2.1"], "cannot bind --host '192.0.2.1'"),        # an address this host lacks: a traceback
     (["--host", ""], "--host must be an address"),                      # bound every interface, then failed late
+    (["--kv-transport", "mooncake", "--kv-compression", "int8"], "needs the tcp or grpc transport"),
+])
+def test_configs_that_cannot_start_are_value_errors(args, says):
+    """The config tree refuses them (`pdcluster serve` prints its ValueError in one line, exit 2)."""
+    from pdcluster.deploy import cli
+    from pdcluster.deploy.config import ClusterConfig
+    from pdcluster.deploy.flags import apply_flags
+    a = cli.build_parser().parse_args(["serve", *args])
+    with pytest.raises(ValueError, match=says):
+        apply_flags(ClusterConfig(), a, a.tree_flags)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--host", "192.0.2.1"], "cannot bind --host '192.0.2.1'"),        # an address this host lacks: a traceback
     (["--model", "/nonexistent/model", "--port", "0", "--metrics-port", "0", "--http-port", "0"],
      "/nonexistent/model: expected a Hugging Face model folder"),       # a traceback once Ray had started
-    (["--kv-transport", "mooncake", "--kv-compression", "int8"], "needs the tcp or grpc transport"),
+    (["--port", "18931", "--metrics-port", "18931", "--http-port", "0"], "--port and --metrics-port are both 18931"),
 ])
 def test_serve_refuses_what_cannot_start_in_one_line_before_anything_starts(tmp_path, args, says):
     r = serve(tmp_path, *args)
