@@ -66,7 +66,7 @@ def test_a_restarting_or_hung_worker_stays_registered():
     """ActorUnavailableError (a restart under way) and a missed poll are WorkerLost, not WorkerGone:
     the worker stays (unhealthy) and rejoins when it answers."""
     restarting = Dying("decode-0", 1, ray.exceptions.ActorUnavailableError("restarting", b"\0" * 16))
-    c, m = run({"decode-0": restarting, "decode-1": Handle("decode-1", True, [])}, 1.0)
+    c, m = run({"decode-0": restarting, "decode-1": Handle("decode-1", True, [])}, 1.5)   # past health_s
     assert set(c.actors) == set(c.router.workers.loads) == {"decode-0", "decode-1"}
     assert m.replicas == 0 and m.held == 2
     assert c.router.metrics.dead.labels("decode")._value.get() == 0
