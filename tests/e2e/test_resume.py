@@ -98,39 +98,9 @@ def test_response_format_with_ignore_eos_is_refused_and_a_finished_grammar_stops
     assert reason == "stop" and json.loads(llm.tokenizer.decode(out, skip_special_tokens=True))
 
 
-def test_a_remote_first_token_that_finishes_the_request_releases_its_grammar(llm):
-    """start_remote's first token ends the request (a stop token): its grammar matcher goes with it.
-    Before, it stayed, and a later request with that id inherited the advanced grammar."""
-    from pdcluster.engine.kv_connector import KVConnector
-
-    class Landed(KVConnector):              # a transport that landed every reservation
-        def after_alloc(self, req, ids, n):
-            pass
-
-        def take_loaded(self, rid):
-            return None
-    eng, saved = llm.engine, llm.engine.connector
-    eng.connector = Landed()
-    try:
-        brace = llm.tokenizer.encode("{", add_special_tokens=False)[-1]
-        prompt = llm.tokenizer.encode("Give me a JSON object:", add_special_tokens=False)
-        s = StructuredOutput(kind="json_object")
-        eng.reserve_remote(prompt, SamplingParams(max_tokens=8, temperature=0, structured=s, stop_token_ids=(brace,)),
-                           "r1")
-        with pytest.raises(ValueError):
-            eng.start_remote("r1", brace)
-        assert "r1" not in eng.scheduler.requests and "r1" not in eng.runner.matchers
-        eng.reserve_remote(prompt, SamplingParams(max_tokens=8, temperature=0, structured=s), "r1")
-        eng.start_remote("r1", brace)       # a fresh grammar takes "{" again
-        eng.abort("r1")
-    finally:
-        eng.connector = saved
-
-
-def test_a_remote_first_token_our_grammar_refuses_frees_the_reservation(llm):
-    """The prefill worker's grammar took a first token this worker's refuses (another grammar build, say):
-    start_remote raised and the reservation stayed in WAITING_FOR_REMOTE_KV, its blocks held until the
-    router's abort came (the decode worker had already forgotten it). Now it is aborted there and then."""
+@pytest.fixture
+def landed(llm):
+    """llm's engine behind a connector whose transport landed every reservation (restored after)."""
     from pdcluster.engine.kv_connector import KVConnector
 
     class Landed(KVConnector):
@@ -141,15 +111,38 @@ def test_a_remote_first_token_our_grammar_refuses_frees_the_reservation(llm):
             return None
     eng, saved = llm.engine, llm.engine.connector
     eng.connector = Landed()
-    try:
-        free = eng.scheduler.kv.num_free_blocks
-        word = llm.tokenizer.encode(" hello", add_special_tokens=False)[-1]     # no JSON object starts so
-        prompt = llm.tokenizer.encode("Give me a JSON object:", add_special_tokens=False)
-        eng.reserve_remote(prompt, SamplingParams(max_tokens=8, temperature=0,
-                                                  structured=StructuredOutput(kind="json_object")), "r2")
-        with pytest.raises(RuntimeError, match="against the grammar's mask"):
-            eng.start_remote("r2", word)
-        assert "r2" not in eng.scheduler.requests and "r2" not in eng.runner.matchers
-        assert eng.scheduler.kv.num_free_blocks == free
-    finally:
-        eng.connector = saved
+    yield eng
+    eng.connector = saved
+
+
+def test_a_remote_first_token_that_finishes_the_request_releases_its_grammar(llm, landed):
+    """start_remote's first token ends the request (a stop token): its grammar matcher goes with it.
+    Before, it stayed, and a later request with that id inherited the advanced grammar."""
+    eng = landed
+    brace = llm.tokenizer.encode("{", add_special_tokens=False)[-1]
+    prompt = llm.tokenizer.encode("Give me a JSON object:", add_special_tokens=False)
+    s = StructuredOutput(kind="json_object")
+    eng.reserve_remote(prompt, SamplingParams(max_tokens=8, temperature=0, structured=s, stop_token_ids=(brace,)),
+                       "r1")
+    with pytest.raises(ValueError):
+        eng.start_remote("r1", brace)
+    assert "r1" not in eng.scheduler.requests and "r1" not in eng.runner.matchers
+    eng.reserve_remote(prompt, SamplingParams(max_tokens=8, temperature=0, structured=s), "r1")
+    eng.start_remote("r1", brace)       # a fresh grammar takes "{" again
+    eng.abort("r1")
+
+
+def test_a_remote_first_token_our_grammar_refuses_frees_the_reservation(llm, landed):
+    """The prefill worker's grammar took a first token this worker's refuses (another grammar build, say):
+    start_remote raised and the reservation stayed in WAITING_FOR_REMOTE_KV, its blocks held until the
+    router's abort came (the decode worker had already forgotten it). Now it is aborted there and then."""
+    eng = landed
+    free = eng.scheduler.kv.num_free_blocks
+    word = llm.tokenizer.encode(" hello", add_special_tokens=False)[-1]     # no JSON object starts so
+    prompt = llm.tokenizer.encode("Give me a JSON object:", add_special_tokens=False)
+    eng.reserve_remote(prompt, SamplingParams(max_tokens=8, temperature=0,
+                                              structured=StructuredOutput(kind="json_object")), "r2")
+    with pytest.raises(RuntimeError, match="against the grammar's mask"):
+        eng.start_remote("r2", word)
+    assert "r2" not in eng.scheduler.requests and "r2" not in eng.runner.matchers
+    assert eng.scheduler.kv.num_free_blocks == free

@@ -270,3 +270,14 @@ def test_policy_auto_compresses_only_when_the_link_is_the_bottleneck():
 def test_prefill_seconds_from_the_step_counters():
     assert prefill_seconds(500, 0, 0.0) is None
     assert prefill_seconds(500, 1000, 2.0) == pytest.approx(1.0)
+
+
+def test_the_registry_names_the_transports_whose_senders_compress():
+    """kv_transfer/registry.CODEC_TRANSPORTS (checked in the config tree, before any actor starts) and the
+    senders' own `codecs` attribute (what the prefill worker used to ask) say the same."""
+    from pdcluster.kv_transfer.registry import CODEC_TRANSPORTS, check_compression, sender_class
+    assert all(hasattr(sender_class(t), "codecs") for t in CODEC_TRANSPORTS)
+    for t in CODEC_TRANSPORTS:
+        check_compression(t, "int8")
+    with pytest.raises(ValueError, match="tcp or grpc"):
+        check_compression("mooncake", "fp8")
