@@ -200,15 +200,18 @@ def test_bad_input_matrix_codes_and_next_request_served(c):
             for (name, _, code, word), ((got, details, _), ok) in zip(MATRIX, answers):
                 rows.append((name, got, details, got == code and word in details, ok))
             # the duplicate in-flight id (ALREADY_EXISTS) and GetModelInfo with garbage
+            # (in flight for sure: its first message has come, and 200 tokens are far from done then)
             long = pb.GenerateRequest(request_id="dup", text="Count to one hundred:",
-                                      sampling=pb.SamplingParams(max_tokens=40, ignore_eos=True))
-            first = asyncio.ensure_future(call(ch, ser(long)))
-            await asyncio.sleep(0.5)
+                                      sampling=pb.SamplingParams(max_tokens=200, ignore_eos=True))
+            first = ch.unary_stream(GENERATE, request_serializer=None,
+                                    response_deserializer=pb.GenerateResponse.FromString)(ser(long), timeout=60)
+            opened = await first.read()
             got, details, _ = await call(ch, ser(pb.GenerateRequest(request_id="dup", text="x",
                                                                     sampling=pb.SamplingParams(max_tokens=2))))
-            code1, _, msgs1 = await first
+            first.cancel()
+            nxt, _, msgs = await call(ch, ser(req()))
             rows.append(("duplicate in-flight request_id", got, details, got == EXISTS and "request_id" in details,
-                         served(code1, msgs1)))
+                         opened is not grpc.aio.EOF and served(nxt, msgs)))
             info = ch.unary_unary(INFO, request_serializer=None, response_deserializer=None)
             try:
                 await info(b"\xff\xff\xff", timeout=10)
