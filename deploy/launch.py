@@ -90,6 +90,10 @@ class Cluster(Scaling):
         self.starting: dict[str, object] = {}    # worker id -> actor spawned by add_replica, still loading
         self.autoscaler = None                   # router.autoscaler.PoolAutoscaler once start_autoscaler ran
         self._autoscaler_task = None
+        self.stopping = False                                # stop() began: nothing new is started
+        self.replacing: set[asyncio.Task] = set()           # replace_dead's tasks in flight
+        self.replaced_at: dict[str, tuple[str, float]] = {}  # role -> (last replacement's id, monotonic s it joined)
+        self.backoff: dict[str, float] = {}                  # role -> replace_dead's last delay, s
 
     async def start(self) -> "Cluster":
         """Start Ray (unless running), the workers, the router and its servers. On any failure what had
@@ -223,7 +227,9 @@ class Cluster(Scaling):
 
     async def stop(self) -> None:
         import ray
+        self.stopping = True
         await self.stop_autoscaler()
+        await self.stop_replacing()
         if self._poller:
             self._poller.cancel()
             try:

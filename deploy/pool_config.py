@@ -97,7 +97,7 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class AutoscalerLoop:
-    enabled: bool = True                # false: each pool stays at initial_replicas
+    enabled: bool = True                # false: each pool stays at initial_replicas (dead ones replaced)
     interval_s: float = 5.0             # control-loop tick
 
 

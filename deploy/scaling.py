@@ -9,7 +9,8 @@ The scaling half of `deploy.launch.Cluster` (a mixin); the policy is router/auto
                             after drain_timeout_s, migrate), forget it, shut the actor down, ray.kill it
     forget_dead(worker_id)  a worker whose status poll found its actor dead for good (no Ray restart left:
                             router.errors.WorkerGone) leaves the router and the pool, so it no longer holds
-                            a slot under max_replicas; the autoscaler, if on, replaces it by its rules
+                            a slot under max_replicas; the autoscaler, if it sizes that pool, replaces it by
+                            its rules, else replace_dead does (a fixed pool keeps its size)
     start_autoscaler(...)   PoolAutoscaler as a task: reads pool_metrics(), calls the two above
 
 One source of truth: placement and the autoscaler both read `router.workers.loads` (the WorkerLoads
@@ -19,9 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Mapping
 
 log = logging.getLogger(__name__)
+
+# replace_dead's back-off: a replacement that dies within SHORT_LIFE_S of joining (or fails to start)
+# doubles the wait before the next one, from BACKOFF_MIN_S up to BACKOFF_MAX_S; a longer life resets it
+SHORT_LIFE_S, BACKOFF_MIN_S, BACKOFF_MAX_S = 60.0, 1.0, 60.0
 
 
 class Scaling:
@@ -115,6 +121,37 @@ class Scaling:
         self.router.metrics.dead.labels(role).inc()
         log.error("%s is dead (no Ray restart left, max_restarts=%d): removed from the %s pool, which has %d "
                   "workers now", worker_id, self.cfg.pools.max_restarts, role, len(self._pool(role)))
+        if self.autoscaler is None or role not in self.autoscaler.policies:
+            self.replace_dead(role, worker_id)
+
+    def replace_dead(self, role: str, worker_id: str) -> None:
+        """Start a fresh `role` worker in place of dead `worker_id` (a task: the status poll that found
+        it dead goes on). At once, unless the role's last replacement died young; a start that fails is
+        retried with the same back-off until one joins or the cluster stops."""
+        if self.stopping:
+            return
+        joined = self.replaced_at.get(role)
+        young = joined is not None and time.monotonic() - joined[1] < SHORT_LIFE_S and joined[0] == worker_id
+        delay = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, 2 * self.backoff.get(role, 0.0))) if young else 0.0
+        self.backoff[role] = delay
+        t = asyncio.ensure_future(self._replace(role, worker_id, delay))
+        self.replacing.add(t)
+        t.add_done_callback(self.replacing.discard)
+
+    async def _replace(self, role: str, dead: str, delay: float) -> None:
+        while True:
+            if delay:
+                log.info("replacing dead %s in %.0fs", dead, delay)
+                await asyncio.sleep(delay)
+            try:
+                wid = await self.add_replica(role)
+            except Exception as e:                  # add_replica logged why; try again, later
+                delay = self.backoff[role] = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, 2 * delay))
+                log.error("replacing dead %s failed (%s); next try in %.0fs", dead, e, delay)
+                continue
+            self.replaced_at[role] = (wid, time.monotonic())
+            log.info("%s replaces dead %s", wid, dead)
+            return
 
     def _pool(self, role: str) -> dict:
         return self.router.workers.prefill if role == "prefill" else self.router.workers.decode
@@ -146,6 +183,12 @@ class Scaling:
         log.info("pool autoscaler on, every %gs: %s", interval_s,
                  "; ".join(f"{p} {r.signal} target {r.target:g} replicas [{r.min_replicas}, {r.max_replicas}]"
                            for p, r in rules.items()))
+
+    async def stop_replacing(self) -> None:
+        """Cancel replacements in flight (a replica still loading is killed by add_replica)."""
+        for t in list(self.replacing):
+            t.cancel()
+        await asyncio.gather(*self.replacing, return_exceptions=True)
 
     async def stop_autoscaler(self) -> None:
         """Stop ticking; cancel the actions in flight (a replica still loading is killed, a drain stops

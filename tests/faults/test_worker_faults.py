@@ -97,18 +97,30 @@ def test_decode_worker_killed_mid_stream_requests_migrate_token_exact(faulty, re
     moved = [r for r in recs if r["migrations"] >= 1]
     assert len(recs) == N and moved, recs              # at least one stream did move...
     assert all(r["decode"] == "decode-1" for r in moved)   # ...and its line names where it finished
-    # dead for good (killed without restart): it leaves the router and the pool, holding no slot
+    # dead for good (killed without restart): it leaves the router and the pool, holding no slot, and
+    # (no autoscaler sizes this pool) a fresh decode-2 takes its place
     gone = faulty.run(wait_gone(faulty, "decode-0"))
+    assert "decode-0" not in faulty.actors
+    back = faulty.run(wait_joined(faulty, "decode-2"))
     m = faulty.pool_metrics()["decode"]
-    print(f"[faults] dead decode-0 removed from the pool {gone:.1f}s after the streams ended; "
-          f"decode pool: {m.replicas} replica(s), {m.held} held")
-    assert m.replicas == m.held == 1 and "decode-0" not in faulty.actors
+    print(f"[faults] dead decode-0 removed from the pool {gone:.1f}s after the streams ended, replaced by "
+          f"decode-2 {back:.1f}s later; decode pool: {m.replicas} replica(s), {m.held} held")
+    assert m.replicas == m.held == 2 and set(faulty.router.workers.decode) == {"decode-1", "decode-2"}
 
 
 async def wait_gone(c, worker_id: str, timeout_s: float = 20.0) -> float:
     t0 = time.monotonic()
     while worker_id in c.router.workers.loads:
         assert time.monotonic() - t0 < timeout_s, f"{worker_id} still registered after {timeout_s:g}s"
+        await asyncio.sleep(0.1)
+    return time.monotonic() - t0
+
+
+async def wait_joined(c, worker_id: str, timeout_s: float = 120.0) -> float:
+    """Seconds until worker_id is registered and healthy (a replacement loads the model first)."""
+    t0 = time.monotonic()
+    while not (worker_id in c.router.workers.loads and c.router.workers.loads[worker_id].healthy):
+        assert time.monotonic() - t0 < timeout_s, f"{worker_id} not serving after {timeout_s:g}s"
         await asyncio.sleep(0.1)
     return time.monotonic() - t0
 
@@ -136,7 +148,7 @@ async def kill_mid_prefill(c, worker_id: str, timeout_s: float = 120.0) -> dict:
 def test_prefill_worker_killed_requests_prefill_locally_and_complete(faulty, long_reference, caplog):
     caplog.set_level(logging.INFO, logger="pdcluster.router.lifecycle")
     ids, ref = long_reference
-    # decode-0 is dead since the previous test; prefill-0 dies with prompts still queued on it
+    # decode-0 died in the previous test (decode-2 replaced it); prefill-0 dies with prompts still queued on it
 
     async def run():
         return await asyncio.gather(stream_all(faulty.address, ids),
@@ -151,11 +163,15 @@ def test_prefill_worker_killed_requests_prefill_locally_and_complete(faulty, lon
     assert seen["pending"] >= 1, seen                   # the precondition: it died holding prompts
     assert ok == N
     assert len(redone) >= seen["pending"] and len(recs) == N    # each pending prefill was placed again...
-    assert all(r["decode"] == "decode-1" for r in recs)
-    assert sum(r["kind"] == "local" for r in recs) >= seen["pending"]   # ...and prefilled on the decode worker
+    assert all(r["decode"] in ("decode-1", "decode-2") for r in recs)
+    # ...and prefilled on a decode worker, or on prefill-1 if the replacement had joined by then
+    assert sum(r["kind"] == "local" or r["prefill"] == "prefill-1" for r in recs) >= seen["pending"]
+    back = faulty.run(wait_joined(faulty, "prefill-1"))
+    print(f"[faults] prefill-0 replaced by prefill-1 ({back:.1f}s after the streams ended)")
+    assert set(faulty.router.workers.prefill) == {"prefill-1"}
 
     async def pools():
         await asyncio.sleep(0.5)
-        return (await faulty.actors["decode-1"].status.remote())
-    st = faulty.run(pools())
-    assert st.engine.free_blocks == st.engine.num_blocks and st.running == 0 and st.reserved == 0
+        return await asyncio.gather(*(faulty.actors[w].status.remote() for w in ("decode-1", "decode-2")))
+    for st in faulty.run(pools()):
+        assert st.engine.free_blocks == st.engine.num_blocks and st.running == 0 and st.reserved == 0

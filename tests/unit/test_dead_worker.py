@@ -4,10 +4,13 @@ fresh call and forgets it. Before, it stayed registered and unhealthy for good, 
 under max_replicas (PoolMetrics.held), so the pool could never get back to its size. Stand-in actor
 handles raising Ray's own exception types under the real Router, DecodeClient, status loop and Cluster."""
 import asyncio
+import time
+from types import SimpleNamespace
 
 import pytest
 import ray.exceptions
 
+from pdcluster.deploy import scaling
 from pdcluster.deploy.config import ClusterConfig
 from pdcluster.deploy.launch import Cluster
 from pdcluster.router.config import RouterConfig, Timeouts
@@ -34,12 +37,34 @@ class Dying(Handle):
         return await self._status(drain)
 
 
-def run(handles: dict, seconds: float):
-    """A cluster (not started: no Ray) whose router polls these decode handles for `seconds`."""
+class Spawner:
+    """Cluster.add_replica's stand-in (no Ray): registers make(worker id) as the next decode worker, as
+    add_replica does once a spawned actor has loaded; its first `fail` calls raise instead, as a start
+    that times out. `calls`: monotonic time of each call."""
+    def __init__(self, c, make=lambda wid: Handle(wid, False, []), fail=0):
+        self.c, self.make, self.fail, self.calls = c, make, fail, []
+
+    async def __call__(self, role):
+        self.calls.append(time.monotonic())
+        if len(self.calls) <= self.fail:
+            raise RuntimeError("not placed and loaded in time")
+        wid = f"{role}-{self.c._next_index[role]}"
+        self.c._next_index[role] += 1
+        self.c.actors[wid] = h = self.make(wid)
+        self.c.router.add_worker(role, DecodeClient(wid, h, self.c.timeouts))
+        return wid
+
+
+def run(handles: dict, seconds: float, setup=lambda c: None):
+    """A cluster (not started: no Ray) whose router polls these decode handles for `seconds`;
+    replacements come from a Spawner (setup(c) may swap it or set an autoscaler)."""
     async def go():
         c = Cluster(ClusterConfig())
         c.router = Router(RouterConfig(status_interval_s=0.1), None, (2,), 4096)
         c.timeouts = Timeouts(health_s=1.0)
+        c._next_index["decode"] = len(handles)
+        c.add_replica = Spawner(c)
+        setup(c)
         for wid, h in handles.items():
             c.actors[wid] = h
             c.router.add_worker("decode", DecodeClient(wid, h, c.timeouts))
@@ -48,6 +73,7 @@ def run(handles: dict, seconds: float):
         await asyncio.sleep(seconds)
         poll.cancel()
         metrics = c.pool_metrics()["decode"]
+        await c.stop_replacing()
         await c.router.workers.close()
         return c, metrics
     return asyncio.run(go())
@@ -55,11 +81,40 @@ def run(handles: dict, seconds: float):
 
 def test_a_dead_worker_is_confirmed_removed_and_frees_its_pool_slot():
     dead = Dying("decode-0", 2, ray.exceptions.ActorDiedError())
-    c, m = run({"decode-0": dead, "decode-1": Handle("decode-1", False, [])}, 1.0)
+    auto = lambda c: setattr(c, "autoscaler", SimpleNamespace(policies={"decode": None}))   # it sizes the pool
+    c, m = run({"decode-0": dead, "decode-1": Handle("decode-1", False, [])}, 1.0, auto)
     assert "decode-0" not in c.actors and "decode-0" not in c.router.workers.loads
     assert m.replicas == 1 and m.held == 1                  # no slot held for it under max_replicas
     assert c.router.metrics.dead.labels("decode")._value.get() == 1
     assert dead.calls <= 4      # 2 answers, the poll that found it dead, the confirming call: then left alone
+    assert c.add_replica.calls == []                        # the autoscaler replaces it, by its rules
+
+
+def test_a_dead_worker_of_a_pool_no_autoscaler_sizes_is_replaced_at_once():
+    dead = Dying("decode-0", 2, ray.exceptions.ActorDiedError())
+    c, m = run({"decode-0": dead, "decode-1": Handle("decode-1", False, [])}, 1.0)
+    assert set(c.router.workers.decode) == set(c.actors) == {"decode-1", "decode-2"}
+    assert m.replicas == m.held == 2 and len(c.add_replica.calls) == 1
+    assert c.router.workers.loads["decode-2"].healthy
+
+
+def test_replacements_that_die_young_or_fail_to_start_back_off(monkeypatch):
+    """Each replacement dies at its first poll: the next one waits twice as long as the last (from
+    BACKOFF_MIN_S), so a worker that crashes on start does not spin. Failed starts back off alike."""
+    monkeypatch.setattr(scaling, "BACKOFF_MIN_S", 0.1)
+    dies = lambda wid: Dying(wid, 0, ray.exceptions.ActorDiedError())
+    c, _ = run({"decode-0": dies("decode-0")}, 2.5, lambda c: setattr(c, "add_replica", Spawner(c, dies)))
+    t = c.add_replica.calls
+    gaps = [b - a for a, b in zip(t, t[1:])]
+    assert len(t) >= 3, t
+    for k, gap in enumerate(gaps):                          # detection takes a poll (0.1 s) on top
+        assert gap >= 0.1 * 2 ** k, gaps
+    assert len(t) <= 6, t                                   # 0, .1, .2, .4, .8 s waits; without them ~12
+
+    c, m = run({"decode-0": dies("decode-0")}, 1.5, lambda c: setattr(c, "add_replica", Spawner(c, fail=2)))
+    t = c.add_replica.calls
+    assert len(t) == 3 and t[1] - t[0] >= 0.1 and t[2] - t[1] >= 0.2, t    # failed twice, retried later
+    assert set(c.router.workers.decode) == {"decode-1"} and m.replicas == 1
 
 
 def test_a_restarting_or_hung_worker_stays_registered():
