@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 TRACE_BLOCK = 512           # tokens per hash id
 
@@ -57,12 +57,13 @@ def chain(ids) -> tuple[int, ...]:
     return tuple(out)
 
 
-def load_trace(path: str, limit: int | None = None, start_s: float = 0.0, duration_s: float | None = None,
+def load_trace(path: str, limit: int | None = None, start_s: float | None = None, duration_s: float | None = None,
                rate_scale: float = 1.0, length_scale: float = 1.0) -> list[Request]:
-    """Requests arriving in [start_s, start_s + duration_s) of the trace (seconds), re-timed from
-    0 and compressed by rate_scale (2.0 = twice the arrival rate); length_scale scales input and
-    output lengths (hash blocks kept whole: a block covers 512 * length_scale tokens, used to
-    replay on a small model). Bad lines: ValueError naming the line."""
+    """Requests arriving in [start_s, start_s + duration_s) of the trace (seconds; start_s None: the
+    first line's timestamp), re-timed so the first one kept arrives at 0 (a file cut from the middle of a trace starts at once, as
+    bench/trace_dataset.py replays it) and compressed by rate_scale (2.0 = twice the arrival rate);
+    length_scale scales input and output lengths (hash blocks kept whole: a block covers
+    512 * length_scale tokens, used to replay on a small model). Bad lines: ValueError naming the line."""
     if rate_scale <= 0 or length_scale <= 0:
         raise ValueError("rate_scale and length_scale must be > 0")
     if limit is not None and limit < 1:
@@ -74,15 +75,16 @@ def load_trace(path: str, limit: int | None = None, start_s: float = 0.0, durati
                 continue
             r = parse_line(line, f"{path}:{ln}")
             t, n_in, n_out, ids = r.timestamp_ms / 1000.0, r.input_length, r.output_length, r.hash_ids
+            start_s = t if start_s is None else start_s
             if t < start_s or (duration_s is not None and t >= start_s + duration_s):
                 continue
             n_in_s = max(1, round(n_in * length_scale))
             n_full = n_in // TRACE_BLOCK          # hash ids of full blocks only (the last may be partial)
-            out.append(Request(len(out), (t - start_s) / rate_scale, n_in_s, max(1, round(n_out * length_scale)),
-                               chain(ids[:n_full])))
+            out.append(Request(len(out), t, n_in_s, max(1, round(n_out * length_scale)), chain(ids[:n_full])))
             if limit is not None and len(out) >= limit:
                 break
-    return out
+    t0 = min((r.arrival_s for r in out), default=0.0)
+    return [replace(r, arrival_s=(r.arrival_s - t0) / rate_scale) for r in out]
 
 
 def warp(requests: list[Request], profile: list[tuple[float, float]]) -> list[Request]:

@@ -107,6 +107,12 @@ def test_trace_loader(tmp_path):
     assert [r.arrival_s for r in rs] == [0.0, 1.0, 4.5]
     assert rs[0].hashes == chain([1, 2]) and rs[1].hashes[:1] == rs[0].hashes[:1] and rs[2].hashes == ()
     assert [r.rid for r in load_trace(p, start_s=1.0, duration_s=5.0)] == [0]
+    # a file cut from the middle of a trace starts at once: re-timed from its first request, not the
+    # trace's 0 (which left an idle lead that the summaries' rates and the planner's cost counted)
+    assert [r.arrival_s for r in load_trace(p, start_s=1.0)] == [0.0, 7.0]
+    cut = write_trace(tmp_path / "cut.jsonl", [(1_875_000, 600, 5, [1]), (1_877_000, 600, 5, [2])])
+    assert [r.arrival_s for r in load_trace(cut, rate_scale=2.0)] == [0.0, 1.0]
+    assert len(load_trace(cut, duration_s=1.0)) == 1       # its first second, not the trace's
     (tmp_path / "bad.jsonl").write_text('{"timestamp": 0}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         load_trace(str(tmp_path / "bad.jsonl"))
