@@ -29,6 +29,8 @@ def arrivals(dataset: dict) -> list[float]:
 def offered_rate(dataset: dict) -> float:
     """Requests per second a trace replay offers: its requests over their arrival span (the first arrives at 0)."""
     a = arrivals(dataset)
+    if len(a) < 2 or a[-1] <= 0:
+        raise ValueError(f"its {len(a)} request(s) arrive over 0 s: no offered rate")
     return len(a) / a[-1]
 
 
@@ -40,6 +42,8 @@ def point(result: dict) -> dict:
     out = {"name": sc["name"], "time_scale": sc["dataset"]["time_scale"], "offered": offered_rate(sc["dataset"]),
            "labels": sc["labels"]}
     for side in ("baseline", "candidate"):
+        if result[side].get("not_run"):
+            raise ValueError(f"its {side} side was not run (--only)")
         runs = result[side]["runs"]
         out[side] = {"rounds": [r["mean_ttft_ms"] for r in runs if r["completed"]],    # a round that finished
                      "completed": [r["completed"] for r in runs if r["completed"]],   # nothing has no mean
@@ -93,7 +97,10 @@ def main(argv=None) -> int:
                 ap.error(f"{path}: not a trace scenario result ({e})")
     if len({p["name"] for p in pts}) > 1:
         ap.error(f"results of different scenarios: {sorted({p['name'] for p in pts})}")
-    pts = merge(pts)
+    try:
+        pts = merge(pts)
+    except ValueError as e:
+        ap.error(str(e))
     base, cand = pts[0]["labels"]
     print(f"{pts[0]['name']}: mean TTFT ms against the offered load")
     print(f"{'time scale':>10} {'req/s':>6} {base + ' (rounds)':>30} {cand + ' (rounds)':>30} {'ratio':>7}")

@@ -85,7 +85,14 @@ def main(argv=None) -> int:
         return 2
     arrive = arrivals(sc["dataset"])
     for side, label in zip(("baseline", "candidate"), sc.get("labels", ("baseline", "candidate"))):
-        b = breakdown(data[side], arrive, a.long_wait)
+        if data[side].get("not_run"):
+            print(f"{label}: not run")
+            continue
+        try:
+            b = breakdown(data[side], arrive, a.long_wait)
+        except ValueError as e:
+            print(f"{a.result}: {label}: {e}", file=sys.stderr)
+            return 2
         print(f"{label} ({b['rounds']} rounds): prefill {b['prefill_ms_per_token']:.2f} ms a token; own prefill "
               f"{b['own_share']:.0%} of the summed TTFT")
         print(f"  {'computed tokens':>15} {'n':>4} {'mean TTFT ms':>13} {'own ms':>8} {'wait ms':>8} "

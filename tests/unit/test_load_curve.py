@@ -65,3 +65,21 @@ def test_rounds_pool_by_the_requests_they_completed_and_an_empty_one_is_left_out
     a.write_text(json.dumps(result(trace, 1.0, [300.0], [100.0, 0.0], cand_completed=[10, 0], cand_failed=4)))
     assert load_curve.main([str(a)]) == 0
     assert "3.00x   failed: 0 / 8" in capsys.readouterr().out
+
+
+def test_results_without_a_rate_or_a_side_are_usage_errors_not_tracebacks(trace, tmp_path):
+    """A replay whose requests arrive over 0 s (time scale 0, one request) has no offered rate, and a
+    `bench scenario --only` result has one side: each was a ZeroDivisionError or ValueError traceback."""
+    one = result(trace, 1.0, [300.0], [100.0])
+    one["scenario"]["dataset"]["max_requests"] = 1
+    only = result(trace, 1.0, [300.0], [100.0])
+    only["candidate"] = {"not_run": True, "runs": []}
+    for r, said in ((result(trace, 0.0, [300.0], [100.0]), "arrive over 0 s"), (one, "arrive over 0 s"),
+                    (only, "candidate side was not run")):
+        with pytest.raises(ValueError, match=said):
+            load_curve.point(r)
+        p = tmp_path / "r.json"
+        p.write_text(json.dumps(r))
+        with pytest.raises(SystemExit) as e:
+            load_curve.main([str(p)])
+        assert e.value.code == 2

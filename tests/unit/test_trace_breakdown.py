@@ -74,3 +74,19 @@ def test_the_command_prints_both_sides_and_refuses_other_scenarios(trace, tmp_pa
     res["scenario"]["dataset"] = {"dataset": "multi-turn"}
     p.write_text(json.dumps(res))
     assert tb.main([str(p)]) == 2
+
+
+def test_a_side_not_run_is_skipped_and_a_refused_side_is_one_line(trace, tmp_path, capsys):
+    """`bench scenario --only` leaves one side not run; a side with failed requests cannot be broken
+    down: both ended in a traceback."""
+    s = side([300.0, 50.0, 400.0, 1500.0], [100, 40, 300, 2000], [0, 0, 0, 0], ["a", "a", "b", "b"])
+    res = {"scenario": {"name": "trace-replay", "labels": ["device-only", "kv-tiers"], "dataset": dataset(trace)},
+           "baseline": s, "candidate": {"not_run": True, "runs": []}}
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps(res))
+    assert tb.main([str(p)]) == 0
+    assert "device-only (1 rounds)" in capsys.readouterr().out
+    res["candidate"] = side([300.0, 50.0], [100, 40], [0, 0], ["a", "a"], failed=2)
+    p.write_text(json.dumps(res))
+    assert tb.main([str(p)]) == 2
+    assert "kv-tiers: 2 requests failed" in capsys.readouterr().err
