@@ -205,7 +205,8 @@ class Simulator:
                 shown = self.done
         bar.update(self.done - shown)
         bar.close()
-        if self.autoscaler is not None:
+        if self.autoscaler is not None:     # actions still waiting on simulated time end with the run
+            self.loop.run_until_complete(self.autoscaler.cancel_actions())
             self.loop.close()
         end = self.now
         insts = list(self.inst.values()) + self.retired

@@ -1,5 +1,6 @@
 """sim/: roofline step math, the prefix LRU, event order, the trace loader, and small end-to-end runs
 that must call the router's own policy, prefix index and autoscaler. Pure Python, fast."""
+import asyncio
 import json
 import math
 from pathlib import Path
@@ -215,6 +216,21 @@ def test_autoscaler_adds_replicas_under_load():
     assert ups and ups[0][0] >= 5.0                     # held for upscale_delay_s first
     assert any(r.prefill == "prefill-1" for r in res.records)   # a replica that joined took work
     assert res.gpu_hours > (1 + 2) * res.end_s / 3600  # the added replicas were billed
+
+
+
+def test_an_autoscaler_action_still_waiting_at_the_end_is_cancelled():
+    """A replica still loading when the last request finishes: its action was left pending on the
+    closed loop ("Task was destroyed but it is pending!" at exit)."""
+    rule = ScalingRule("queued_prompt_tokens_per_replica", 20_000, min_replicas=1, max_replicas=4,
+                       upscale_delay_s=5, downscale_delay_s=30, cooldown_s=10, max_step=2)
+    rs = [Request(i, i * 0.02, 30_000, 20, chain([i, 1])) for i in range(300)]
+    cfg = SimConfig("llama-3-8b", prefill=PoolSpec("H20", 1, min_count=1, max_count=4), decode=PoolSpec("H20", 2),
+                    policy="least-loaded", autoscale=(("prefill", rule),), replica_start_s=1e6)
+    sim = Simulator(cfg, rs)
+    res = sim.run()
+    assert [x for x in res.scale_log if x[1] == "prefill" and x[2] > 0]     # it decided to add one...
+    assert not [t for t in asyncio.all_tasks(sim.loop) if not t.done()]      # ...whose wait ended with the run
 
 
 def test_cost_model_waits_for_decode_kv_instead_of_prefilling_on_a_full_h20():
