@@ -120,7 +120,7 @@ def study_c(a, reqs_base) -> dict:
     out = {"profile": prof, "static": {}, "args_min": a.c_auto_min}
     slo = slo | dict(policy=a.c_policies[0])
     need = None
-    given = tuple(map(int, a.c_static.split(","))) if a.c_static else None
+    given = a.c_static_fleet if a.c_static else None
     if given:                   # a fleet an earlier search found: simulate only it
         need = given[0]
         s = simulate(SimConfig(a.model, prefill=PoolSpec("H200", need, tp=2), decode=PoolSpec("H20", given[1]),
@@ -186,40 +186,49 @@ def study_c(a, reqs_base) -> dict:
     return out
 
 
-def replica_steps(c: dict, scale_log, pool: str) -> tuple[list[float], list[int]]:
+def replica_steps(c: dict, scale_log, pool: str, end_s: float | None = None) -> tuple[list[float], list[int]]:
     """(seconds, replicas) of one pool in study (c)'s autoscaled run, from its start size (the decode
-    pool's own minimum, --c-decode-min, where given) through each scaling action."""
+    pool's own minimum, --c-decode-min, where given) through each scaling action to the run's end
+    (end_s: its last size held there, so a pool that never scaled still draws a line)."""
     t, n = [0.0], [c["args_min"] if pool == "prefill" else c.get("decode_min", c["args_min"])]
     for at, p, _delta, after in scale_log:
         if p == pool:
             t.append(at)
             n.append(after)
+    if end_s is not None and end_s > t[-1]:
+        t.append(end_s)
+        n.append(n[-1])
     return t, n
 
 
 def plot(result: dict, path: str) -> None:
+    """One panel per study the results hold ((a), (b), (c)); none: ValueError."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(15, 4.5), layout="constrained")
-    ax = fig.subplots(1, 3)
-    for name, v in result.get("a", {}).items():
-        ax[0].plot([r["rate"] for r in v["rows"]], [r["goodput_rps"] * 3600 / v["dollars_per_h"] for r in v["rows"]],
-                   marker="o", label=name)
-    ax[0].set(title="(a) SLO-meeting requests per $ vs arrival rate", xlabel="rate scale", ylabel="requests / $")
-    ax[0].legend(fontsize=7)
-    b = result.get("b", {})
-    names = list(b)
-    ax[1].barh(names, [b[n]["goodput_rps"] for n in names])
-    ax[1].set(title="(b) goodput at the SLO", xlabel="req/s")
     c = result.get("c", {})
-    if c.get("autoscaled"):
+    shown = [k for k, there in (("a", result.get("a")), ("b", result.get("b")), ("c", c.get("autoscaled"))) if there]
+    if not shown:
+        raise ValueError("no results of studies a, b or c to plot")
+    fig = Figure(figsize=(5 * len(shown), 4.5), layout="constrained")
+    ax = dict(zip(shown, fig.subplots(1, len(shown), squeeze=False)[0]))
+    if "a" in ax:
+        for name, v in result["a"].items():
+            ax["a"].plot([r["rate"] for r in v["rows"]],
+                         [r["goodput_rps"] * 3600 / v["dollars_per_h"] for r in v["rows"]], marker="o", label=name)
+        ax["a"].set(title="(a) SLO-meeting requests per $ vs arrival rate", xlabel="rate scale", ylabel="requests / $")
+        ax["a"].legend(fontsize=7)
+    if "b" in ax:
+        b = result["b"]
+        ax["b"].barh(list(b), [v["goodput_rps"] for v in b.values()])
+        ax["b"].set(title="(b) goodput at the SLO", xlabel="req/s")
+    if "c" in ax:
         pol, auto = next(iter(c["autoscaled"].items()))
         for pool in ("prefill", "decode"):
-            t, n = replica_steps(c, auto["scale_log"], pool)
-            ax[2].step(t, n, where="post", label=f"{pool} replicas, autoscaled ({pol}), as decided")
-        ax[2].axhline(c["static_best"][0], color="tab:blue", ls="--", label="static prefill")
-        ax[2].axhline(c["static_best"][1], color="tab:orange", ls=":", label="static decode")
-        ax[2].set(title="(c) replicas over the hour", xlabel="simulated s", ylabel="replicas")
-        ax[2].legend(fontsize=7)
+            t, n = replica_steps(c, auto["scale_log"], pool, auto.get("end_s"))
+            ax["c"].step(t, n, where="post", label=f"{pool} replicas, autoscaled ({pol}), as decided")
+        ax["c"].axhline(c["static_best"][0], color="tab:blue", ls="--", label="static prefill")
+        ax["c"].axhline(c["static_best"][1], color="tab:orange", ls=":", label="static decode")
+        ax["c"].set(title="(c) replicas over the hour", xlabel="simulated s", ylabel="replicas")
+        ax["c"].legend(fontsize=7)
     fig.savefig(path, dpi=100)
 
 
@@ -299,18 +308,54 @@ def _rates(s: str) -> list[float]:
     return rates
 
 
+STUDIES = ("a", "a'", "b", "b'", "c")
+
+
+def _check(ap, a) -> None:
+    """Usage errors (exit 2) for what the studies would otherwise meet as a traceback."""
+    from pdcluster.sim.models import model
+    unknown = set(a.studies.split(",")) - set(STUDIES)
+    if unknown:
+        ap.error(f"--studies: unknown {', '.join(sorted(unknown))}; choose from {', '.join(STUDIES)}")
+    try:
+        model(a.model)
+        a.rates, a.b_rates, a.explain_rates = (_rates(s) for s in (a.rates, a.b_rates, a.explain_rates))
+    except ValueError as e:
+        ap.error(str(e))
+    if a.c_static is not None:
+        try:
+            a.c_static_fleet = tuple(int(x) for x in a.c_static.split(","))
+        except ValueError:
+            a.c_static_fleet = ()
+        if len(a.c_static_fleet) != 2 or min(a.c_static_fleet) < 1:
+            ap.error(f"--c-static takes P,D (prefill and decode instances, each >= 1), got {a.c_static!r}")
+    if not 1 <= a.c_min <= a.c_max:
+        ap.error(f"need 1 <= --c-min ({a.c_min}) <= --c-max ({a.c_max})")
+    for spec in filter(None, (a.b_dynamo_busy or "").split(",")):
+        tokens, _, blocks = spec.partition(":")
+        try:
+            int(tokens), blocks and float(blocks)
+        except ValueError:
+            ap.error(f"--b-dynamo-busy takes TOKENS[:BLOCKS] items, got {spec!r}")
+
+
 def main(argv=None) -> None:
     ap = build_parser()
     a = ap.parse_args(argv)
+    if a.plot_from and not a.plot:
+        ap.error("--plot-from merges results into --plot: give --plot PNG")
     if a.plot_from:
         merged: dict = {}
         for path in a.plot_from.split(","):
             with open(path) as f:
                 merged |= json.load(f)
-        plot(merged, a.plot)
+        try:
+            plot(merged, a.plot)
+        except ValueError as e:
+            ap.error(f"--plot-from: {e}")
         return
+    _check(ap, a)
     try:
-        a.rates, a.b_rates, a.explain_rates = (_rates(s) for s in (a.rates, a.b_rates, a.explain_rates))
         base = load_trace(a.trace, duration_s=a.duration_s)
     except (ValueError, OSError) as e:
         ap.error(str(e))
@@ -342,7 +387,7 @@ def main(argv=None) -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump(_jsonable(result), f, indent=1)
-    if a.plot:
+    if a.plot and any(k in result for k in ("a", "b", "c")):
         plot(result, a.plot)
 
 
