@@ -287,14 +287,28 @@ def _sharegpt(path: str, opts: dict[str, Any]) -> list[BenchRequest]:
     return reqs
 
 
+def _trace_scale(opts: dict[str, Any]):
+    """The mooncake dataset's bench/trace_dataset.TraceScale (ValueError for a bad option)."""
+    from pdcluster.bench.trace_dataset import TraceScale
+    return TraceScale(block_size=opts["block_size"], token_scale=opts["token_scale"],
+                      output_scale=opts["output_scale"], time_scale=opts["time_scale"], start=opts["start"],
+                      max_requests=opts["max_requests"], conversation_sample=opts["conversation_sample"],
+                      seed=opts["seed"])
+
+
+def check_trace(opts: dict[str, Any]) -> None:
+    """For a mooncake:PATH dataset, what needs no server: its options, and that the file has lines to
+    replay from --start (ValueError / OSError); other datasets: nothing."""
+    if str(opts.get("dataset", "")).startswith("mooncake:"):
+        from pdcluster.bench.trace_dataset import read_trace
+        scale = _trace_scale(opts)
+        read_trace(opts["dataset"].split(":", 1)[1], scale.start, scale.max_requests, scale.conversation_sample)
+
+
 def _mooncake(path: str, vocab_size: int, reserved_ids: Iterable[int], opts: dict[str, Any]) -> list[BenchRequest]:
-    from pdcluster.bench.trace_dataset import TraceScale, load_trace
-    scale = TraceScale(block_size=opts["block_size"], token_scale=opts["token_scale"],
-                       output_scale=opts["output_scale"], time_scale=opts["time_scale"], start=opts["start"],
-                       max_requests=opts["max_requests"], conversation_sample=opts["conversation_sample"],
-                       seed=opts["seed"])
+    from pdcluster.bench.trace_dataset import load_trace
     return [BenchRequest(prompt_ids=r.prompt_ids, output_len=r.output_len, arrival_s=r.arrival_s)
-            for r in load_trace(path, scale, vocab_size, reserved_ids)]
+            for r in load_trace(path, _trace_scale(opts), vocab_size, reserved_ids)]
 
 
 def _first_exchange(turns: list[dict[str, str]]) -> tuple[str, str] | None:

@@ -25,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from pdcluster.bench import openai_client
-from pdcluster.bench.datasets import DATASETS, DEFAULTS, PATH_DATASETS, BenchRequest, build_dataset, check_counts
+from pdcluster.bench.datasets import (DATASETS, DEFAULTS, PATH_DATASETS, BenchRequest, build_dataset, check_counts,
+                                      check_trace)
 from pdcluster.bench.metrics import RequestOutput, StreamRecorder, calculate_metrics, format_table, parse_goodput
 from pdcluster.router.proto import generation_pb2 as pb
 from pdcluster.router.proto import generation_pb2_grpc as pb_grpc
@@ -287,6 +288,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         goodput = parse_goodput(args.goodput) if args.goodput else None
         check_counts(vars(args))        # before connecting: a bad count is the user's, not the server's
+        check_trace(vars(args))         # (and so is a bad trace option, or a trace with nothing to replay)
         addr, model, vocab_size, context, tokenizer = target(args)
         reserved = reserved_ids(vocab_size, tokenizer) if args.dataset.startswith("mooncake:") else ()
         requests = build_dataset(args, vocab_size, reserved)

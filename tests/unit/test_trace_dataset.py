@@ -128,3 +128,23 @@ def test_conversation_sampling_keeps_whole_conversations(tmp_path):
         [(r["timestamp"], r["input_length"], r["output_length"], r["hash_ids"]) for r in rows]
     with pytest.raises(ValueError, match="conversation_sample"):
         TraceScale(conversation_sample=0)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--max-requests", "0"], "max_requests >= 1"),
+    (["--token-scale", "0"], "token_scale must be >= 1"),
+    (["--start", "999999"], "no trace lines from line 1000000"),
+])
+def test_bench_serve_refuses_bad_trace_options_before_connecting(tmp_path, capsys, flags, says):
+    """Checked before GetModelInfo: with no server there, each was reported as the server's UNAVAILABLE."""
+    import argparse
+
+    from pdcluster.bench import serve
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(json.dumps({"timestamp": 0, "input_length": 600, "output_length": 4, "hash_ids": [1, 2]}) + "\n")
+    ap = argparse.ArgumentParser()
+    serve.add_arguments(ap)
+    args = ap.parse_args(["--addr", "127.0.0.1:1", "--dataset", f"mooncake:{trace}"] + flags)
+    assert serve.main(args) == 2
+    err = capsys.readouterr().err
+    assert says in err and "GetModelInfo" not in err
