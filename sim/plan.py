@@ -249,6 +249,8 @@ def main(a) -> int:
             raise ValueError("--host-cache-gb and --disk-cache-gb must be >= 0")
         if a.admit_ttft < 0:
             raise ValueError("--admit-ttft must be >= 0 seconds (0: off)")
+        if a.max_instances < 2:
+            raise ValueError(f"--max-instances must be >= 2 (one instance per pool), got {a.max_instances}")
         reqs = load_trace(a.trace, duration_s=a.duration_s, rate_scale=a.rate_scale)
         if not reqs:
             raise ValueError(f"{a.trace}: no requests")
@@ -263,7 +265,8 @@ def main(a) -> int:
                    host_cache_gb=a.host_cache_gb, disk_cache_gb=a.disk_cache_gb, admit_ttft_s=a.admit_ttft or None)
     b = best(cands, a.attain, a.budget)
     if b is None:
-        print("error: no configuration fits the budget", file=sys.stderr)
+        print(f"error: no configuration of at most {a.max_instances} instances"
+              f"{f' fits the budget (${a.budget:g}/h)' if a.budget else ' was found'}", file=sys.stderr)
         return 1
     s = b.summary
     print(f"\nbest: {b.label(hw_p, hw_d)} at ${s['dollars_per_h']:.2f}/h: predicted goodput {s['goodput_rps']:.3f} req/s "

@@ -46,8 +46,9 @@ def test_plan_writes_a_pools_yaml_serve_accepts(trace, tmp_path, capsys):
 
 def test_plan_budget_and_bad_input(trace, capsys):
     assert cli.main(["plan", "--trace", trace, "--model", "LLAMA-3-8B", "--budget", "1"]) == 1    # nothing fits $1/h
-    assert "no configuration fits the budget" in capsys.readouterr().err
-    for argv, msg in ((["--model", "gpt-9"], "unknown model"), (["--model", "llama-3-8b", "--prefill-hw", "tpu"],
+    assert "no configuration of at most 64 instances fits the budget ($1/h)" in capsys.readouterr().err
+    for argv, msg in ((["--model", "gpt-9"], "unknown model"),
+                      (["--model", "llama-3-8b", "--max-instances", "1"], "--max-instances must be >= 2"), (["--model", "llama-3-8b", "--prefill-hw", "tpu"],
                       "unknown hardware"), (["--model", "llama-3-8b", "--slo", "ttft:5"], "slo"),
                       (["--model", "llama-3-8b", "--validate"], "--validate runs the local cluster's model"),
                       (["--validate", "--validate-max-requests", "0"], "must be >= 1")):
