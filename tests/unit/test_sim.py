@@ -204,30 +204,28 @@ def test_end_to_end_is_deterministic_and_policies_differ():
     assert run("round-robin") != a      # control: the policy matters to the outcome
 
 
-def test_autoscaler_adds_replicas_under_load():
+def autoscaled_burst(replica_start_s: float) -> Simulator:
+    """300 prompts of 30k tokens in 6 s on one H20 prefill instance the autoscaler may take to 4."""
     rule = ScalingRule("queued_prompt_tokens_per_replica", 20_000, min_replicas=1, max_replicas=4,
                        upscale_delay_s=5, downscale_delay_s=30, cooldown_s=10, max_step=2)
     rs = [Request(i, i * 0.02, 30_000, 20, chain([i, 1])) for i in range(300)]
     cfg = SimConfig("llama-3-8b", prefill=PoolSpec("H20", 1, min_count=1, max_count=4), decode=PoolSpec("H20", 2),
-                    policy="least-loaded", autoscale=(("prefill", rule),), replica_start_s=10.0)
-    sim = Simulator(cfg, rs)
-    res = sim.run()
+                    policy="least-loaded", autoscale=(("prefill", rule),), replica_start_s=replica_start_s)
+    return Simulator(cfg, rs)
+
+
+def test_autoscaler_adds_replicas_under_load():
+    res = autoscaled_burst(10.0).run()
     ups = [x for x in res.scale_log if x[1] == "prefill" and x[2] > 0]
     assert ups and ups[0][0] >= 5.0                     # held for upscale_delay_s first
     assert any(r.prefill == "prefill-1" for r in res.records)   # a replica that joined took work
     assert res.gpu_hours > (1 + 2) * res.end_s / 3600  # the added replicas were billed
 
 
-
 def test_an_autoscaler_action_still_waiting_at_the_end_is_cancelled():
     """A replica still loading when the last request finishes: its action was left pending on the
     closed loop ("Task was destroyed but it is pending!" at exit)."""
-    rule = ScalingRule("queued_prompt_tokens_per_replica", 20_000, min_replicas=1, max_replicas=4,
-                       upscale_delay_s=5, downscale_delay_s=30, cooldown_s=10, max_step=2)
-    rs = [Request(i, i * 0.02, 30_000, 20, chain([i, 1])) for i in range(300)]
-    cfg = SimConfig("llama-3-8b", prefill=PoolSpec("H20", 1, min_count=1, max_count=4), decode=PoolSpec("H20", 2),
-                    policy="least-loaded", autoscale=(("prefill", rule),), replica_start_s=1e6)
-    sim = Simulator(cfg, rs)
+    sim = autoscaled_burst(1e6)
     res = sim.run()
     assert [x for x in res.scale_log if x[1] == "prefill" and x[2] > 0]     # it decided to add one...
     assert not [t for t in asyncio.all_tasks(sim.loop) if not t.done()]      # ...whose wait ended with the run
