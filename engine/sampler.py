@@ -83,6 +83,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         probs = sorted_l.softmax(-1)
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[0] = False                     # (a top_p under float32's least, e.g. 1e-320, compares as 0)
         sorted_l = sorted_l.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(0, idx, sorted_l)
     return logits

@@ -35,6 +35,10 @@ def test_top_k_and_top_p_masks():
     kept = ~torch.isinf(filter_logits(logits, 0, 0.8))
     assert kept.tolist() == [True, True, False, False] and probs[:2].sum() >= 0.8
     assert (~torch.isinf(filter_logits(logits, 0, 0.1))).tolist() == [True, False, False, False]
+    # a top_p that float32 rounds to 0 (HTTP takes float64) still keeps the top token: it dropped all of
+    # them, the softmax was NaN and every draw was id 0
+    for tiny in (1e-320, 1e-46):
+        assert (~torch.isinf(filter_logits(logits[[1, 0, 2, 3]], 0, tiny))).tolist() == [False, True, False, False]
 
 
 def test_seed_is_per_request_and_batch_independent():
