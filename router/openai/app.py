@@ -88,8 +88,12 @@ class Api:
             raise OpenAIError(503, "the server is shutting down: retry on another", "service_unavailable")
         r = self.router
         r.check_room()                      # a full queue is answered before the tokenizing
-        return await asyncio.get_running_loop().run_in_executor(
+        job = await asyncio.get_running_loop().run_in_executor(
             self.tokenize, convert.parse, body, r.tokenizer, self.vocab_size, r.context_tokens)
+        if len(job.prompts) * job.n > r.cfg.max_in_flight:     # never admitted, even idle: not a 429 to retry
+            raise OpenAIError(400, f"{len(job.prompts)} prompt(s) x n={job.n} is {len(job.prompts) * job.n} "
+                              f"choices; this server runs at most {r.cfg.max_in_flight} at once", param="n")
+        return job
 
 
 def asgi_app(api: Api):
@@ -177,10 +181,19 @@ async def parsed(api: Api, model: type[BaseModel], request: Request):
         raw = await request.body()
     except ClientDisconnect:                # gone, or cut at the body bound (BodyLimit answered 413): no one reads this
         raise OpenAIError(400, "the client left before its body was read") from None
+    body, err = await asyncio.get_running_loop().run_in_executor(api.tokenize, _validated, model, raw)
+    if err is not None:
+        raise err
+    return body
+
+
+def _validated(model: type[BaseModel], raw: bytes) -> tuple[BaseModel | None, OpenAIError | None]:
+    """(body, None) or (None, its OpenAI 400): both built here, on the tokenizing thread (a body of 900,000
+    bad items made pydantic's error list in ~2 s)."""
     try:
-        return await asyncio.get_running_loop().run_in_executor(api.tokenize, model.model_validate_json, raw)
+        return model.model_validate_json(raw), None
     except ValidationError as e:
-        raise validation_error(e) from None
+        return None, validation_error(e)
 
 
 def check_model(api: Api, body) -> None:
@@ -206,7 +219,7 @@ async def respond(api: Api, body, request: Request, chat: bool):
     except Exception as e:                  # noqa: BLE001
         await events.aclose()
         raise as_openai(e) from None
-    opts = body.stream_options if body.stream else None
+    opts = body.stream_options if body.stream else None    # (set without stream: refused by convert.parse)
     stream = Stream(api, job, base, chat, bool(opts and opts.include_usage),
                     bool(opts and opts.include_usage and opts.continuous_usage_stats))
     if body.stream:                         # from here the response watches its client and the drain (sse.py)
@@ -380,7 +393,7 @@ class Stream:
         if r.state == "raw":                 # not an envelope (the grammar's text always is): shown as it is
             delta, self.raw_sent[k] = {"content": r.buf[self.raw_sent.get(k, 0):]}, len(r.buf)
         reason = ev.finish_reason
-        if reason == "stop" and r.calls:
+        if reason == "stop" and r.calls and r.state == "done":     # a stop that cut the envelope: "stop" (read_answer's)
             reason = "tool_calls"
         if started and not (reason or delta.get("content") or delta.get("tool_calls") or ev.logprobs):
             return None

@@ -152,6 +152,8 @@ def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size:
     """CPU-bound (tokenizing): the server runs it off its event loop."""
     chat = isinstance(req, ChatCompletionRequest)
     n = check_choices(req.n)
+    if req.stream_options is not None and not req.stream:      # vLLM's rule: never silently ignored
+        raise InvalidRequest("stream_options can only be set when stream is true", param="stream_options")
     if not chat and req.best_of not in (None, req.n):
         raise InvalidRequest("best_of other than n is not supported", param="best_of")
     if chat and req.top_logprobs is not None and not req.logprobs:

@@ -184,6 +184,9 @@ def test_json_schema_response_parses_and_validates(cluster, client, model):
     (dict(min_tokens=9), 400, "min_tokens"),                       # more than max_tokens
     (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nope"}}}),
      400, "response_format"),
+    (dict(stream_options={"include_usage": True}), 400, "stream_options"),    # without stream: vLLM's 400
+    # more choices than the router ever runs at once: a 429 no retry could pass (each try started them all)
+    (dict(prompt=["Hi"] * 64, n=16), 400, "n"),
 ])
 def test_bad_input_gets_an_openai_error_and_leaks_nothing(cluster, model, kw, status, param):
     body = {"model": model, "prompt": "Hello", "max_tokens": 4} | kw

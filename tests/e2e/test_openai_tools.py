@@ -64,3 +64,16 @@ def test_a_tool_result_in_history_is_answered(cluster, client, model):
         "model": model, "messages": msgs[:1], "tools": [WEATHER_TOOL],
         "tool_choice": {"type": "function", "function": {"name": "nope"}}}))
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice"
+
+
+def test_a_stop_string_that_cuts_the_envelope_finishes_stop_streamed_as_whole(cluster, client, model):
+    """A stop string inside the call's arguments ends the answer before its envelope closes: no whole call,
+    so "stop" both ways. Streamed, it said "tool_calls" over arguments that are not JSON."""
+    kw = dict(model=model, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+              tools=[WEATHER_TOOL], tool_choice="required", temperature=0, max_tokens=64, stop=['"city"'])
+    whole = sync(cluster, lambda: client.chat.completions.create(**kw)).choices[0]
+    assert whole.finish_reason == "stop" and not whole.message.tool_calls
+    chunks = sync(cluster, lambda: list(client.chat.completions.create(**kw, stream=True)))
+    got = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert got and got[0].function.name == "get_weather"       # the cut came after the call's name was streamed
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
