@@ -4,6 +4,7 @@ Each RequestOutput also holds its completion as `outputs[0]` (a CompletionOutput
 from __future__ import annotations
 
 import numbers
+import weakref
 from dataclasses import dataclass, field
 
 from pdcluster.engine.llm_engine import LLMEngine, build_config
@@ -57,6 +58,20 @@ class LLM:
         if c.host_cache_gb > 0 or (c.disk_cache_dir and c.disk_cache_gb > 0):
             from pdcluster.kv_transfer.tiers import attach_tiers     # lazy: torch-only engines skip it
             self.tiers = attach_tiers(self.engine)
+        # the tiers' writer drains its queue at close(), or when the LLM is collected or the interpreter exits
+        # (its threads are daemons: without this, blocks still queued were lost and the next run came back colder)
+        self._close = weakref.finalize(self, self.tiers.close) if self.tiers is not None else None
+
+    def close(self) -> None:
+        """Store what the tiers still have queued and release the disk tier's directory (idempotent)."""
+        if self._close is not None:
+            self._close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _encode(self, prompt) -> list[int]:
         """Token ids of a prompt: text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}."""

@@ -225,3 +225,26 @@ def test_a_prefix_the_device_pool_never_evicted_comes_back_from_disk_after_a_res
             assert out.output_token_ids == ref.output_token_ids
         else:
             assert (out.num_cached_tokens, disk_hits) == (0, 0)
+
+
+EXITS_AFTER_GENERATE = """
+import sys
+from pdcluster.engine import LLM, SamplingParams
+llm = LLM(disk_cache_dir=sys.argv[1], disk_cache_gb=1.0, kv_cache_memory=64 * 2**20)
+prompts = [[(7 * i + 13 * j) % 40000 + 100 for i in range(256)] for j in range(6)]     # 6 x 16 full blocks
+llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0))
+"""
+
+
+def test_an_offline_llm_stores_every_queued_block_before_its_script_exits(tmp_path):
+    """The tiers' writer is a daemon thread: a script that ended right after generate() lost the blocks
+    still queued (about half in the review's run; here it even aborted, SIGABRT, in the interpreter's
+    teardown), so its next run came back colder. The LLM now drains the writer at exit (and at close(),
+    or as a context manager)."""
+    import subprocess
+    import sys
+    d = tmp_path / "tier"
+    r = subprocess.run([sys.executable, "-c", EXITS_AFTER_GENERATE, str(d)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(list(d.glob("*.kvb"))) == 6 * 16 and not list(d.glob(".*.tmp"))
