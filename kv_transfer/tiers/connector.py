@@ -154,6 +154,7 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
         if self.cfg.disk_dir is not None and self.cfg.disk_bytes > 0:
             disk = DiskStore(self.cfg.disk_dir, g)
             if self.cfg.disk_bytes // disk.file_bytes:            # room for one block at least
+                disk.lock()                                       # (until close(): one tier per directory)
                 self.disk = disk
                 self._add_tier("disk", self.cfg.disk_bytes // disk.file_bytes, disk.file_bytes)
         if not self.index:
@@ -267,3 +268,5 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
         for t in self._threads:
             t.join(timeout=10.0)
         self._threads = []
+        if self.disk is not None:
+            self.disk.unlock()

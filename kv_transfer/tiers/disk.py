@@ -23,9 +23,11 @@ so is one that cannot be read (EIO: a bad sector is a bad block). A failed write
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
+import re
 import struct
 import threading
 from pathlib import Path
@@ -40,6 +42,8 @@ log = logging.getLogger("pdcluster.kv_transfer.tiers.disk")
 MAGIC = b"PDKVBLK3"
 HEADER = struct.Struct("<8sQQQ")        # magic, hash, fingerprint, payload bytes (then row crcs, header crc)
 SUFFIX = ".kvb"
+LOCK = ".lock"              # held (flock) by the one process whose disk tier the directory is
+_TMP = re.compile(r"\.[0-9a-f]{16}\.kvb\.\d+\.tmp")     # write()'s temporary names: the only .tmp scan removes
 PAGE = 4096                             # file layout unit: O_DIRECT wants offsets and lengths aligned to it
 
 
@@ -70,6 +74,24 @@ class DiskStore:
         self._file_bytes = _pages(self.head + geom.block_bytes)  # header page(s), payload padded to whole pages
         self.direct = hasattr(os, "O_DIRECT")                   # False once the filesystem refuses it
         self._local = threading.local()                         # each writing thread's page-aligned buffer
+        self._lock_fd: int | None = None                        # lock()'s descriptor
+
+    def lock(self) -> None:
+        """Claim the directory for this process (flock on its .lock file) until unlock() or exit: two
+        tiers in one directory would evict, and scan away, each other's files. RuntimeError if held."""
+        fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"KV disk tier directory {self.dir} is in use by another engine (each worker or "
+                               "offline LLM needs its own --kv-disk-cache-dir)") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)                    # (closing the descriptor releases the flock)
 
     @property
     def header_bytes(self) -> int:
@@ -148,6 +170,15 @@ class DiskStore:
             self._corrupt(block_hash, why)
         return from_bytes(self.geom, memoryview(raw)[self.header_bytes:])
 
+    def touch(self, hashes) -> None:
+        """Mark blocks used now (their files' mtime): scan's order after a restart is the LRU's, so the
+        hot blocks a restart keeps are the last evicted. Best effort (a file gone is skipped)."""
+        for h in hashes:
+            try:
+                os.utime(self.path(h))
+            except OSError:
+                pass
+
     def open_rows(self, block_hash: int) -> "RowReader":
         """A layer-wise reader of block_hash's file (RowReader): each layer read and checked when asked,
         the header (and the scales, a few bytes) with the first. CorruptBlock if the file is gone (now)
@@ -162,12 +193,13 @@ class DiskStore:
         _remove(self.path(block_hash))
 
     def scan(self) -> tuple[list[int], int]:
-        """Warm restart: (hashes of the intact files, oldest first by mtime; corrupt files deleted).
+        """Warm restart: (hashes of the intact files, least recently used first: by mtime, which write and
+        touch set; corrupt files deleted).
         Every file is read and checked."""
         good, bad = [], 0
         entries = []
         for p in self.dir.iterdir():
-            if p.name.endswith(".tmp"):             # a write cut short
+            if _TMP.fullmatch(p.name):              # a write cut short (no other file of the directory is ours)
                 _remove(p)
                 continue
             if not p.name.endswith(SUFFIX):

@@ -202,6 +202,8 @@ class LoadBack:
         with self._lock:
             for h, tier, _ in job.parts:
                 self.index[tier].hit(h)
+        if per_tier.get("disk"):
+            self.disk.touch(per_tier["disk"])           # (this loader thread's, not the engine's)
         for tier, hs in per_tier.items():
             if hs:
                 st = self.stats[tier]
@@ -258,6 +260,8 @@ class LoadBack:
         with self._lock:
             for h, tier, _ in job.parts:
                 self.index[tier].hit(h)
+        if self.disk is not None:
+            self.disk.touch([h for h, tier, _ in job.parts if tier == "disk"])
         dt = time.perf_counter() - t
         for tier in self.index:
             n = sum(1 for _, tt, _ in job.parts if tt == tier)
@@ -272,16 +276,18 @@ class LoadBack:
         caller's pin, dropped here: the entry leaves now, or, where another load still pins it, is
         unready until that load unpins it (and fails too); "removed" is announced as it leaves."""
         idx, st = self.index["disk"], self.stats["disk"]
-        gone = []
+        gone, found = [], 0
         with self._lock:
             for h in hashes:
-                if h in idx:
+                e = idx.get(h)
+                if e is not None:
+                    found += not e.doomed           # counted once: by the first of its readers to find it bad
                     idx.doom(h)
                     if idx.unpin(h):
                         gone.append(h)
             st.blocks = len(idx)
             self._emit("removed", gone, "disk")     # under the lock: events keep the index's order
-        st.add(corrupt=len(hashes))
+        st.add(corrupt=found)
 
     def _unpin_locked(self, parts: list[tuple[int, str, int]]) -> None:
         """Drop one pin of each part (under the lock); doomed entries that leave with it are announced

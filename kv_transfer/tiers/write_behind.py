@@ -44,7 +44,8 @@ class WriteBehind:
         if not self.index:
             return
         t0 = time.perf_counter()
-        todo_ids, todo = [], []
+        todo_ids, todo, touched = [], [], []
+        disk = self.index.get("disk")
         with self._lock:
             for b, h in zip(block_ids, hashes):
                 if h in self._pending:
@@ -55,6 +56,8 @@ class WriteBehind:
                         idx.insert(h)               # held: only refresh its LRU position
                     else:
                         held = False
+                if disk is not None and h in disk:
+                    touched.append(h)               # (its file's too: by the writer, off this thread)
                 if held:
                     self.snapshot.skipped += 1
                     continue
@@ -67,6 +70,8 @@ class WriteBehind:
             self._queued_blocks += len(todo)
         if dropped:
             self._dropped(dropped)
+        if touched:
+            self._writes.put(("touch", touched))
         if not todo:
             return
         try:
@@ -99,6 +104,8 @@ class WriteBehind:
                     return
                 if job[0] == "scan":
                     self._scan()
+                elif job[0] == "touch":
+                    self.disk.touch(job[1])
                 else:
                     with self._batch:                   # tier_hashes waits for the batch's events
                         self._store(*job[1:])

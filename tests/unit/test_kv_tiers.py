@@ -128,15 +128,51 @@ def test_warm_restart_verifies_the_disk_and_drops_corrupt_files(tmp_path):
     raw = bytearray(victim.read_bytes())
     raw[FILE_HEAD + 100] ^= 0x40                                            # one bit of the payload
     victim.write_bytes(raw)
-    (tmp_path / ".x.kvb.1.tmp").write_bytes(b"half")                       # a write cut short
+    cut = tmp_path / f".{r.block_hashes()[0] ^ 1:016x}.kvb.1.tmp"
+    cut.write_bytes(b"half")                                               # a write cut short
+    (tmp_path / "notes.tmp").write_bytes(b"not ours")                      # not the tier's: it stays
     tc2, events, k2, v2 = tiers(tmp_path, host_blocks=0, kv=caches(7))     # the restarted worker
     assert kinds(events) == [("stored", "disk", 2)] and len(files) == 3
     seq, held = tc2.tier_hashes()
     assert seq == events.seq == 1 and sorted(held["disk"]) == sorted(r.block_hashes()[:2])
-    assert not victim.exists() and not (tmp_path / ".x.kvb.1.tmp").exists()
+    assert not victim.exists() and not cut.exists() and (tmp_path / "notes.tmp").exists()
     assert tc2.figures()[0]["corrupt"] == 1
     n, done = load(tc2, req("a2"), [4, 5, 6])
     assert n == 8 and done == [("a2", True)] and torch.equal(k2[0][4:6], want[:2])
+    tc2.close()
+
+
+def test_one_directory_holds_one_tier_at_a_time(tmp_path):
+    """Two tiers in one directory evicted (and scanned away) each other's files, each counting only its
+    own against its capacity: the second is refused while the first holds the directory."""
+    tc, _, _, _ = tiers(tmp_path, host_blocks=0)
+    with pytest.raises(RuntimeError, match="in use by another engine"):
+        tiers(tmp_path, host_blocks=0, kv=caches(7))
+    tc.close()
+    tc2, _, _, _ = tiers(tmp_path, host_blocks=0, kv=caches(7))      # released at close (or at exit)
+    tc2.close()
+
+
+def test_a_restart_keeps_the_disk_tiers_lru_order(tmp_path):
+    """The scan ordered files by their first write, and neither a refresh (a held block evicted or computed
+    again) nor a hit touched the file: the block used last before a restart was the first evicted after it."""
+    tc, _, k, _ = tiers(tmp_path, host_blocks=0, disk_blocks=4)
+    hs = [req(f"r{i}", salt=f"s{i}").block_hashes()[0] for i in range(6)]
+    for h in hs[:4]:                                    # A, B, C, D stored in that order
+        tc.evicted([0], [h])
+        assert tc.wait_idle()
+        time.sleep(0.01)
+    tc.evicted([0], [hs[0]])                            # A again: only its LRU position (and its file's mtime)
+    assert tc.wait_idle()
+    time.sleep(0.01)
+    r = req("hit", salt="s1")                           # B loaded back: a hit
+    n, done = load(tc, r, [5])
+    assert n == BS and done == [("hit", True)]
+    tc.close()
+    tc2, _, _, _ = tiers(tmp_path, host_blocks=0, disk_blocks=4, kv=caches(7))
+    assert tc2.index["disk"].hashes() == [hs[2], hs[3], hs[0], hs[1]]          # C, D, A, B: least recent first
+    tc2.evicted([1], [hs[4]])
+    assert tc2.wait_idle() and hs[2] not in tc2.index["disk"] and hs[0] in tc2.index["disk"]
     tc2.close()
 
 

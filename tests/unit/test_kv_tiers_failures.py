@@ -158,6 +158,29 @@ def test_a_corrupt_block_another_load_pins_leaves_when_that_load_ends(tmp_path):
     assert tc.wait_idle() and hs[0] in held(tc, "disk")
 
 
+def test_one_corrupt_block_two_readers_found_counts_once(tmp_path):
+    """Two pulls pinned one bad block before either read it: each counted it corrupt (2 for 1 block)."""
+    tc, _ = make(tmp_path, host_blocks=0, disk_blocks=8)
+    h = req("w", n=9).block_hashes()[0]
+    tc.evicted([0], [h])
+    assert tc.wait_idle()
+    p = tc.disk.path(h)
+    raw = bytearray(p.read_bytes())
+    raw[tc.disk.header_bytes + 10] ^= 0xFF
+    p.write_bytes(raw)
+    both, real = threading.Barrier(2), tc.disk.read
+    tc.disk.read = lambda x: (both.wait(10), real(x))[1]              # both pinned before either reads
+    got = []
+    readers = [threading.Thread(target=lambda: got.append(tc.read_blocks([h]))) for _ in range(2)]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join(10)
+    assert got == [None, None] and h not in tc.index["disk"]
+    assert {f["tier"]: f for f in tc.figures()}["disk"]["corrupt"] == 1
+    tc.close()
+
+
 @pytest.mark.parametrize("layerwise", [False, True])
 def test_an_unreadable_file_is_a_bad_block_for_loads_and_pulls(tmp_path, monkeypatch, layerwise):
     tc, _ = make(tmp_path, host_blocks=0, disk_blocks=8, layerwise=layerwise)
