@@ -67,7 +67,9 @@ class DecodeWorker:
                  kv_port: int = 0,
                  secret: str | None = None, transfer_timeout_s: float = TRANSFER_TIMEOUT_S, reservation_ttl_s: float = 300.0,
                  kv_transport: str = "tcp", kv_tcp_port: int = 0, kv_tcp_netns: str | None = None,
-                 kv_tcp_host: str | None = None):
+                 kv_tcp_host: str | None = None, tier_key: str | None = None):
+        """tier_key: the disk tier's subdirectory (deploy/scaling.py: a replica may take over a dead or retired
+        one's, warm; None: worker_id)."""
         check(kv_transport)
         self.worker_id = worker_id
         self.incarnation = uuid.uuid4().hex   # new on every (re)start of the process
@@ -82,7 +84,7 @@ class DecodeWorker:
         # beside the host/disk cache tiers when configured: the engine's connector
         self.connector = PullConnector(self.receiver, engine.cfg.model.num_layers, engine.cfg.cache.block_size, "",
                                        worker_id)
-        self.tiers = attach_tiers(engine, self.connector, worker_id)
+        self.tiers = attach_tiers(engine, self.connector, tier_key or worker_id)
         tcp = kv_transport == "tcp"
         # Mooncake registers the caches (CPU; GPU caches land through its own host staging buffers)
         try:

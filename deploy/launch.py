@@ -94,6 +94,8 @@ class Cluster(Scaling):
         self.replacing: set[asyncio.Task] = set()           # replace_dead's tasks in flight
         self.replaced_at: dict[str, tuple[str, float]] = {}  # role -> (last replacement's id, monotonic s it joined)
         self.backoff: dict[str, float] = {}                  # role -> replace_dead's last delay, s
+        self.tier_keys: dict[str, str] = {}                  # worker id -> its disk tier's key, where not its id
+        self.free_tier_keys: dict[str, list[str]] = {}       # role -> keys left by workers gone for good
 
     async def start(self) -> "Cluster":
         """Start Ray (unless running), the workers, the router and its servers. On any failure what had

@@ -34,13 +34,27 @@ class Scaling:
     """Mixed into Cluster; uses its cfg, router, actors, timeouts, engine_kwargs, worker_kwargs, starting,
     _next_index."""
 
-    def _spawn(self, role: str, wid: str):
-        """A `role` worker actor (loading asynchronously); every spawn of a role gets the same arguments."""
+    def _spawn(self, role: str, wid: str, tier_key: str | None = None):
+        """A `role` worker actor (loading asynchronously); every spawn of a role gets the same arguments but
+        its disk tier's subdirectory, tier_key (None: its id)."""
         from pdcluster.decode_worker import actor as decode_actor
         from pdcluster.prefill_worker import actor as prefill_actor
         spawn = prefill_actor.spawn if role == "prefill" else decode_actor.spawn
         e = self.cfg.engine
-        return spawn(wid, self.engine_kwargs[role], self.cfg.threads(role), e.use_gpu, **self.worker_kwargs[role])
+        kw = self.worker_kwargs[role] | ({"tier_key": tier_key} if tier_key not in (None, wid) else {})
+        return spawn(wid, self.engine_kwargs[role], self.cfg.threads(role), e.use_gpu, **kw)
+
+    # Disk tier subdirectories (kv_transfer/tiers/attach.py) by key: a worker's is its id, unless it took over
+    # one that a worker gone for good (retired, or dead) left: so a node keeps at most as many as the role had
+    # workers at once, not one per worker ever started, and the taker comes back warm (its scan verifies).
+    def _take_tier_key(self, role: str, wid: str) -> str:
+        free = self.free_tier_keys.setdefault(role, [])
+        key = free.pop(0) if free else wid
+        self.tier_keys[wid] = key
+        return key
+
+    def _leave_tier_key(self, role: str, wid: str) -> None:
+        self.free_tier_keys.setdefault(role, []).append(self.tier_keys.pop(wid, wid))
 
     async def add_replica(self, role: str) -> str:
         """One more `role` worker, registered once loaded; returns its id. A replica that does not load
@@ -52,12 +66,14 @@ class Scaling:
         bound = self.cfg.pools.replica_start_timeout_s
         wid = f"{role}-{self._next_index[role]}"
         self._next_index[role] += 1
-        h = self.starting[wid] = self._spawn(role, wid)
+        key = self._take_tier_key(role, wid)
+        h = self.starting[wid] = self._spawn(role, wid, key)
         log.info("adding %s: waiting for a free %s_pool slot and the model load (up to %.0fs)", wid, role, bound)
         try:
             await asyncio.wait_for(h.status.remote(), bound)
         except BaseException as e:
             ray.kill(h)
+            self._leave_tier_key(role, wid)
             why = (f"not placed and loaded within {bound:.0f}s: does the Ray cluster have "
                    f"(or can its autoscaler launch) a node with a free {role}_pool unit?"
                    if isinstance(e, asyncio.TimeoutError) else repr(e))
@@ -94,6 +110,7 @@ class Scaling:
 
         await self.router.retire_worker(worker_id, stop, drain_timeout_s=self.cfg.pools.drain_timeout_s,
                                         migrate_timeout_s=self.cfg.timeouts.stream_gap_s)
+        self._leave_tier_key(role, worker_id)
         log.info("removed %s: the %s pool has %d workers", worker_id, role, len(self._pool(role)))
         return worker_id
 
@@ -119,6 +136,7 @@ class Scaling:
         self.actors.pop(worker_id)
         self.router.workers.remove(worker_id)
         self.router.metrics.dead.labels(role).inc()
+        self._leave_tier_key(role, worker_id)
         log.error("%s is dead (no Ray restart left, max_restarts=%d): removed from the %s pool, which has %d "
                   "workers now", worker_id, self.cfg.pools.max_restarts, role, len(self._pool(role)))
         if self.autoscaler is None or role not in self.autoscaler.policies:

@@ -37,8 +37,9 @@ class PrefillWorker:
     def __init__(self, worker_id: str, engine: LLMEngine | Callable[[], LLMEngine], secret: str | None = None,
                  bandwidth_limit_bytes_per_s: float | None = None, transfer_timeout_s: float = TRANSFER_TIMEOUT_S,
                  transport: str = "tcp", kv_layerwise: bool = True, kv_compression: str = "off",
-                 kv_netns: str | None = None, kv_host: str | None = None):
-        """transport: a name in kv_transfer/registry.py: "tcp", "grpc" or "mooncake" (the decode side
+                 kv_netns: str | None = None, kv_host: str | None = None, tier_key: str | None = None):
+        """tier_key: the disk tier's subdirectory (deploy/scaling.py: a replica may take over a dead or retired
+        one's, warm; None: worker_id). transport: a name in kv_transfer/registry.py: "tcp", "grpc" or "mooncake" (the decode side
         pulls over Mooncake; its package is imported only when built); the decode workers must
         advertise the matching server (DecodeWorker's kv_transport). kv_layerwise False: whole-request
         transfer, every layer is handed to the sender after the last layer computed (the baseline
@@ -75,7 +76,7 @@ class PrefillWorker:
         self.transfer_timeout_s = transfer_timeout_s
         # ships each prompt's layers from the engine thread (whole-request mode: every layer after the last)
         self.sends = SendConnector(layerwise=kv_layerwise)
-        self.tiers = attach_tiers(engine, self.sends, worker_id)     # beside the host/disk tiers, if any
+        self.tiers = attach_tiers(engine, self.sends, tier_key or worker_id)     # beside the host/disk tiers, if any
         self.pull_stats = PullStats()                                 # the pulls it serves as holder
         self._lock = threading.Lock()
         self.in_flight = 0

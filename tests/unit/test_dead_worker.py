@@ -96,6 +96,7 @@ def test_a_dead_worker_of_a_pool_no_autoscaler_sizes_is_replaced_at_once():
     assert set(c.router.workers.decode) == set(c.actors) == {"decode-1", "decode-2"}
     assert m.replicas == m.held == 2 and len(c.add_replica.calls) == 1
     assert c.router.workers.loads["decode-2"].healthy
+    assert c.free_tier_keys["decode"] == ["decode-0"]       # its disk tier, for the next replica add_replica starts
 
 
 def test_replacements_that_die_young_or_fail_to_start_back_off(monkeypatch):
@@ -150,3 +151,23 @@ def test_ray_errors_map_to_worker_gone_only_for_a_dead_actor():
     assert asyncio.run(status_of(ray.exceptions.ActorDiedError())) is WorkerGone
     unavailable = ray.exceptions.ActorUnavailableError("restarting", b"\0" * 16)
     assert asyncio.run(status_of(unavailable)) is WorkerLost
+
+
+def test_a_worker_gone_for_good_leaves_its_disk_tier_to_the_next_replica(monkeypatch):
+    """Each worker's disk tier was a subdirectory named by its id, which is never reused: every replaced or
+    retired worker left its directory behind (disk use grew with each one started). A replica now takes
+    over a key such a worker left, so it comes back warm and the directories stay as many as the workers."""
+    from pdcluster.decode_worker import actor as decode_actor
+    spawned = []
+    monkeypatch.setattr(decode_actor, "spawn", lambda wid, *a, **kw: spawned.append((wid, kw.get("tier_key"))))
+    c = Cluster(ClusterConfig())
+    c.worker_kwargs, c.engine_kwargs = {"decode": {}}, {"decode": {}}
+    assert c._take_tier_key("decode", "decode-0") == "decode-0"
+    c._spawn("decode", "decode-0", "decode-0")
+    c._leave_tier_key("decode", "decode-0")                 # dead (forget_dead) or retired (remove_replica)
+    assert c._take_tier_key("decode", "decode-2") == "decode-0"
+    c._spawn("decode", "decode-2", "decode-0")
+    assert spawned == [("decode-0", None), ("decode-2", "decode-0")]   # the worker builds its tiers under it
+    assert c._take_tier_key("decode", "decode-3") == "decode-3"       # none left: its own
+    c._leave_tier_key("decode", "decode-2")
+    assert c.free_tier_keys["decode"] == ["decode-0"] and "decode-2" not in c.tier_keys
