@@ -92,7 +92,10 @@ def cmd_serve(a) -> int:
     from pdcluster.router.auth import TokenAuth
     try:    # the files a request path would read late: bad ones stop serve now, in one line
         from pdcluster.engine.loader import load_model_config
-        load_model_config(cfg.model)    # (config.json or GGUF metadata: else a traceback once Ray had started)
+        m = load_model_config(cfg.model)    # (config.json or GGUF metadata: else a traceback once Ray had started)
+        if cfg.engine.max_model_len is not None and not 1 <= cfg.engine.max_model_len <= m.max_position_embeddings:
+            raise ValueError(f"--max-model-len must be in [1, {m.max_position_embeddings}] (the model's context), "
+                             f"got {cfg.engine.max_model_len}")
         if cfg.server.auth_token_file:
             TokenAuth.from_file(cfg.server.auth_token_file)
         if cfg.kv.secret_file:

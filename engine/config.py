@@ -100,6 +100,11 @@ class CacheConfig:
         for name in ("host_cache_gb", "disk_cache_gb"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.block_size < 1 or (self.num_blocks is not None and self.num_blocks < 1):
+            raise ValueError(f"block_size and num_blocks must be >= 1, got {self.block_size}, {self.num_blocks}")
+        if not 0 < self.memory_fraction <= 1 or not 0 <= self.protected_fraction <= 1:
+            raise ValueError(f"memory_fraction must be in (0, 1] and protected_fraction in [0, 1], got "
+                             f"{self.memory_fraction}, {self.protected_fraction}")
         if self.tier_codec not in TIER_CODECS:
             raise ValueError(f"tier_codec must be one of {TIER_CODECS}, got {self.tier_codec!r}")
         if (self.disk_cache_gb > 0) != bool(self.disk_cache_dir):
@@ -123,6 +128,9 @@ class SchedulerConfig:
                                            #   of computing the same prefix twice
 
     def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens"):     # (0 scheduled nothing: generate() spun)
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.long_prefill_token_threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be >= 0 (0 = off), got "
                              f"{self.long_prefill_token_threshold}")

@@ -101,8 +101,9 @@ def build_config(model: str | None = None, *, max_model_len: int | None = None, 
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {knobs['dtype']!r}")
     m = load_model_config(model)
     if max_model_len is not None:
-        if max_model_len < 1:
-            raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
+        if not 1 <= max_model_len <= m.max_position_embeddings:     # (vLLM refuses past the model's too)
+            raise ValueError(f"max_model_len must be in [1, {m.max_position_embeddings}] (the model's context), "
+                             f"got {max_model_len}")
         m = replace(m, max_position_embeddings=min(max_model_len, m.max_position_embeddings))
     return EngineConfig(model=m, cache=CacheConfig(**pick[CacheConfig]),
                         sched=SchedulerConfig(**pick[SchedulerConfig]), **pick[EngineConfig])

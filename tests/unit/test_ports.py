@@ -105,6 +105,8 @@ def test_configs_that_cannot_start_are_value_errors(args, says):
     (["--model", "/nonexistent/model", "--port", "0", "--metrics-port", "0", "--http-port", "0"],
      "/nonexistent/model: expected a Hugging Face model folder"),       # a traceback once Ray had started
     (["--port", "18931", "--metrics-port", "18931", "--http-port", "0"], "--port and --metrics-port are both 18931"),
+    (["--max-model-len", "9000", "--port", "0", "--metrics-port", "0", "--http-port", "0"],
+     "--max-model-len must be in [1, 8192]"),                           # the workers' traceback once Ray had started
 ])
 def test_serve_refuses_what_cannot_start_in_one_line_before_anything_starts(tmp_path, args, says):
     r = serve(tmp_path, *args)

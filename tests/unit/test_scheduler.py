@@ -479,6 +479,28 @@ def test_long_prefill_threshold_is_checked():
         SchedulerConfig(long_prefill_token_threshold=-5)
 
 
+@pytest.mark.parametrize("kw, says", [
+    # only the CLI's flag parser held these: LLM(max_num_seqs=0) built, and generate() then spun for ever
+    (dict(max_num_seqs=0), "max_num_seqs must be >= 1"),
+    (dict(max_num_batched_tokens=-1), "max_num_batched_tokens must be >= 1"),
+])
+def test_a_step_that_could_schedule_nothing_is_refused(kw, says):
+    with pytest.raises(ValueError, match=says):
+        SchedulerConfig(**kw)
+
+
+@pytest.mark.parametrize("kw, says", [
+    (dict(block_size=0), "block_size and num_blocks must be >= 1"),          # was a ZeroDivisionError at load
+    (dict(num_blocks=0), "block_size and num_blocks must be >= 1"),
+    (dict(memory_fraction=1.5), "memory_fraction must be in"),
+    (dict(protected_fraction=-0.1), "protected_fraction in"),
+])
+def test_cache_sizes_out_of_range_are_refused(kw, says):
+    from pdcluster.engine.config import CacheConfig
+    with pytest.raises(ValueError, match=says):
+        CacheConfig(**kw)
+
+
 class _LoadsTwoBlocks(KVConnector):
     """A lower tier holding the first 2 blocks (8 tokens) of `only`'s prompts (None: all), loaded before the step,
     always whole, `delay` steps after the first."""
@@ -546,3 +568,12 @@ def test_drafts_only_when_the_last_token_is_the_one_left_to_compute():
         s.update(batch, [7 if batch.samples(i) else None for i in range(len(batch))])
     batch = s.schedule()                                # the last one: drafts may follow it (n-grams match)
     assert batch.num_new_tokens == [1 + len(r.spec_token_ids)]
+
+
+def test_a_max_model_len_past_the_models_context_is_refused():
+    """It was capped at the model's 8,192 without a word; vLLM refuses it too."""
+    from pdcluster.engine.llm_engine import build_config
+    assert build_config(max_model_len=4096).max_model_len == 4096
+    for bad in (0, 8193):
+        with pytest.raises(ValueError, match=r"max_model_len must be in \[1, 8192\]"):
+            build_config(max_model_len=bad)
