@@ -237,7 +237,8 @@ class ModelRunner:
     def _replayable(self, batch: ScheduledBatch) -> bool:
         g = self.graphs
         return (g is not None and g.bucket(len(batch)) is not None and pure_decode(batch.reqs, batch.num_new_tokens)
-                and all(len(r.block_ids) <= g.width for r in batch.reqs))
+                and all(len(r.block_ids) <= g.width for r in batch.reqs)
+                and not any(r.wants_prompt_logprobs for r in batch.reqs))   # (a 1-token prompt chunk is "decode")
 
     def _replay(self, batch: ScheduledBatch, layer_hook, layer_wait) -> torch.Tensor:
         """A pure-decode step as one graph replay. The connector's per-layer calls keep their meaning:

@@ -123,6 +123,30 @@ def test_logit_bias_greedy_matches_transformers_sequence_bias(llm, hf_ref):
     assert forced.token_ids == [42] * 5
 
 
+def test_one_token_prompt_chunks_are_not_replayed_as_decode_steps_while_prompt_logprobs_are_due(llm):
+    """A 1-token prompt chunk after the first (long_prefill_token_threshold=1) is a pure-decode row to CUDA graphs,
+    whose replay computes no prompt logprobs: a GPU runner returned 2 of a 12-token prompt's, misaligned. Here
+    a CPU runner is given graphs that replay the eager forward; the prompt's steps must not go to them."""
+    from types import SimpleNamespace
+
+    from pdcluster.engine import LLM
+    one = LLM(dtype="float32", quantization="none", kv_cache_memory=32 * 2**20, long_prefill_token_threshold=1,
+              speculative="off")
+    run, replayed = one.engine.runner, []
+
+    def replay(batch, hook, wait):                  # the graph's forward: the same hidden states, nothing else
+        replayed.append([r.request_id for r in batch.reqs])
+        ids, pos, meta, _ = run.prepare(batch)
+        return run.model.forward(ids, pos, meta, run.k_caches, run.v_caches, hook, wait)
+    run.graphs, run._replay = SimpleNamespace(bucket=lambda n: n, width=10**6), replay
+    prompt = ids_of(llm, PROMPTS[0])[:12]
+    want = llm.generate([prompt], SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=0))[0]
+    out = one.generate([prompt], SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=0))[0]
+    assert [e and e.token_id for e in out.prompt_logprobs] == [None] + prompt[1:]
+    assert all(abs(a.logprob - b.logprob) < 2e-3 for a, b in zip(out.prompt_logprobs[1:], want.prompt_logprobs[1:]))
+    assert out.token_ids == want.token_ids and replayed              # decode steps still replay
+
+
 @torch.inference_mode()
 def test_prompt_logprobs_match_transformers_chunked_and_past_a_warm_prefix_cache(llm, hf_ref):
     """Each prompt token's logprob and top-3 from the reference's own forward over the prompt, with the prompt cut
