@@ -59,13 +59,16 @@ class SamplingParams:
             if not isinstance(getattr(self, name), (list, tuple, dict)):
                 raise ValueError(f"{name} must be a list, got {type(getattr(self, name)).__name__}")
         bias = [tuple(x) for x in (self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias)]
-        if any(len(x) != 2 or type(x[0]) is not int for x in bias):
+        if any(len(x) != 2 or not _integral(x[0]) for x in bias):
             raise ValueError("logit_bias takes (token id, bias) pairs with integer ids")
+        # numpy's numbers as Python's (the values' range check below takes int and float only)
+        bias = [(int(t), float(b) if isinstance(b, numbers.Real) and not isinstance(b, (bool, int)) else b)
+                for t, b in bias]
         object.__setattr__(self, "logit_bias", tuple(sorted(bias, key=lambda x: x[0])))
         if not all(_integral(t) for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be integer token ids, got {list(self.stop_token_ids)[:8]!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        for name in ("max_tokens", "top_k", "min_tokens"):           # numpy's integers as Python's
+        for name in ("max_tokens", "top_k", "min_tokens", "seed"):   # numpy's integers as Python's
             if _integral(getattr(self, name)):
                 object.__setattr__(self, name, int(getattr(self, name)))
         if self.top_k == -1:                            # vLLM's "off" (0 here)
@@ -92,7 +95,7 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**64):
+        if self.seed is not None and (type(self.seed) is not int or not 0 <= self.seed < 2**64):   # (not a bool)
             raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         for s in self.stop:
             if not isinstance(s, str) or not s:
