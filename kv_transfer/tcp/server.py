@@ -45,6 +45,9 @@ MAX_HANDSHAKING = 32  # of them not yet authenticated (each holds a thread and n
 MAX_HANDSHAKING_PER_HOST = 8  # of those from one address: one host's idle sockets cannot lock every peer out
 HANDSHAKE_S = 3.0  # HELLO to AUTH, all of it (one round trip; a silent socket holds its slot no longer)
 HANDSHAKE_DRAIN_S = 1.0  # after a failed handshake's CLOSE, the drain (the slot is free by then)
+# failed handshakes drained at once, per address and in all: past them a failed one is closed without its
+# drain (the peer may miss why), so one host's failing handshakes cannot fill MAX_CONNECTIONS with drains
+MAX_DRAINING, MAX_DRAINING_PER_HOST = 32, 8
 MAX_REJECTED = 4096  # request ids answered with ERROR awaiting their END/CANCEL, per connection
 ACCEPT_RETRY_S = 0.1  # after a failed accept (out of file descriptors, say): try again this much later
 
@@ -83,6 +86,7 @@ class KVTcpServer(KVServerBase):
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._handshaking = 0  # of _conns, not yet through the handshake
         self._handshaking_from: dict[str, int] = {}  # ... by peer address
+        self._draining: dict[str, int] = {}  # peer address -> failed handshakes in their drain
         self._refused, self._refused_logged = 0, 0.0  # connections refused since the last warning, and its time
         self._acceptor: threading.Thread | None = None
         keep_large_buffers()
@@ -160,16 +164,33 @@ class KVTcpServer(KVServerBase):
         else:
             self._handshaking_from.pop(host, None)
 
+    def _drain_slot(self, host: str) -> bool:
+        """Take one of host's drain slots (under _lock); False when it or the server has none left."""
+        if self._draining.get(host, 0) >= MAX_DRAINING_PER_HOST or sum(self._draining.values()) >= MAX_DRAINING:
+            return False
+        self._draining[host] = self._draining.get(host, 0) + 1
+        return True
+
     def _serve(self, sock: socket.socket, peer) -> None:
         conn = _Connection(self, sock)
+        host = peer[0] if isinstance(peer, tuple) else str(peer)
         try:
             try:
                 welcome = conn.handshake()
             finally:
                 with self._lock:
-                    self._handshake_slot(peer[0] if isinstance(peer, tuple) else str(peer), -1)
+                    self._handshake_slot(host, -1)
             if not welcome and conn.closing:
-                conn._drain(HANDSHAKE_DRAIN_S)      # the peer reads why (CLOSE), its slot already free
+                with self._lock:
+                    drain = self._drain_slot(host)
+                if drain:                           # the peer reads why (CLOSE), its handshake slot already free
+                    try:
+                        conn._drain(HANDSHAKE_DRAIN_S)
+                    finally:
+                        with self._lock:
+                            n = self._draining.pop(host) - 1
+                            if n:
+                                self._draining[host] = n
             if welcome:
                 conn.run()
         except Exception:

@@ -129,6 +129,36 @@ def test_one_hosts_silent_sockets_do_not_lock_the_other_peers_out(server, monkey
     assert _wait(lambda: server._handshaking == 0 and not server._handshaking_from)
 
 
+def test_one_hosts_failed_handshakes_do_not_fill_the_connections_with_their_drains(server, monkeypatch):
+    """A failed handshake's socket stays open for its drain (so the peer reads why) and counted toward
+    MAX_CONNECTIONS: one host failing handshakes on purpose filled all 256 within 1.5 s and every real
+    peer was refused. A host's drains are capped now: past the cap a failed one is closed at once."""
+    monkeypatch.setattr(server_mod, "MAX_DRAINING_PER_HOST", 2)
+    monkeypatch.setattr(server_mod, "HANDSHAKE_DRAIN_S", 5.0)
+    host, port = server.address.rsplit(":", 1)
+    failed = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.bind(("127.0.0.3", 0))
+            s.connect((host, int(port)))
+            proto.recv_control(s)                               # HELLO
+            proto.send_control(s, proto.AUTH, {"v": proto.VERSION, "mac": b"x" * 32})
+            s.settimeout(5)
+            assert proto.recv_control(s)[1]["status"] == "UNAUTHENTICATED"
+            failed.append(s)
+        assert _wait(lambda: server._draining.get("127.0.0.3") == 2)
+        assert _closed_within(failed[2], 2.0) and _closed_within(failed[3], 2.0)    # no drain left for them
+        assert _wait(lambda: len(server._conns) == 2)           # only the two draining ones are held
+        good = RawClient(server.address)                        # another host: served
+        assert good.welcome[0] == proto.WELCOME
+        good.close()
+    finally:
+        for s in failed:
+            s.close()
+    assert _wait(lambda: not server._draining)
+
+
 def test_the_handshake_has_one_deadline_and_a_small_auth(server, monkeypatch):
     """A byte at a time, each inside the old per-read timeout, used to hold an unauthenticated connection forever;
     and AUTH could declare 64 KiB."""
