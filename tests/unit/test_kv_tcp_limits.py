@@ -39,6 +39,15 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
     return False
 
 
+def _connect_from(addr: str, server) -> socket.socket:
+    """A connection to server from loopback address `addr` (another host, as the server sees it)."""
+    host, port = server.address.rsplit(":", 1)
+    s = socket.socket()
+    s.bind((addr, 0))
+    s.connect((host, int(port)))
+    return s
+
+
 def _wait(cond, seconds=5.0) -> bool:
     deadline = time.monotonic() + seconds
     while not cond():
@@ -107,10 +116,7 @@ def test_one_hosts_silent_sockets_do_not_lock_the_other_peers_out(server, monkey
     idle = []
     try:
         for _ in range(3):
-            s = socket.socket()
-            s.bind(("127.0.0.2", 0))
-            s.connect((host, int(port)))
-            idle.append(s)
+            idle.append(_connect_from("127.0.0.2", server))
         assert _wait(lambda: server._handshaking == 2)
         assert _closed_within(idle[2], 5.0)                     # the host's third: refused at once
         good = RawClient(server.address)                        # another host: served
@@ -135,13 +141,10 @@ def test_one_hosts_failed_handshakes_do_not_fill_the_connections_with_their_drai
     peer was refused. A host's drains are capped now: past the cap a failed one is closed at once."""
     monkeypatch.setattr(server_mod, "MAX_DRAINING_PER_HOST", 2)
     monkeypatch.setattr(server_mod, "HANDSHAKE_DRAIN_S", 5.0)
-    host, port = server.address.rsplit(":", 1)
     failed = []
     try:
         for _ in range(4):
-            s = socket.socket()
-            s.bind(("127.0.0.3", 0))
-            s.connect((host, int(port)))
+            s = _connect_from("127.0.0.3", server)
             proto.recv_control(s)                               # HELLO
             proto.send_control(s, proto.AUTH, {"v": proto.VERSION, "mac": b"x" * 32})
             s.settimeout(5)
