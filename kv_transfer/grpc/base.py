@@ -14,6 +14,11 @@ from pdcluster.kv_transfer.serving import KVServerBase
 from pdcluster.ports import GRPC_NO_REUSEPORT, bind_grpc
 
 
+# calls served at once (authenticated or not, a refused one draining too), as the TCP server's MAX_CONNECTIONS;
+# past it gRPC answers RESOURCE_EXHAUSTED at once: peers without the secret cannot pile up streams without end
+MAX_STREAMS = 256
+
+
 class AioKVServer(KVServerBase):
     """A grpc.aio server of one method (`service`/`method`, raw bytes in and out) on the shared KV
     loop. With a secret, callers must send it as x-pdcluster-secret metadata (`_authorized`)."""
@@ -36,7 +41,7 @@ class AioKVServer(KVServerBase):
         """Serve on the running event loop."""
         opts = [("grpc.max_send_message_length", self._max_message_bytes),
                 ("grpc.max_receive_message_length", self._max_message_bytes), GRPC_NO_REUSEPORT]
-        self._server = grpc.aio.server(options=opts)
+        self._server = grpc.aio.server(options=opts, maximum_concurrent_rpcs=MAX_STREAMS)
         self._server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(self.service, {self.method: self._handler()}),))
         self.port = bind_grpc(self._server, self.host, self.port, self.listener,

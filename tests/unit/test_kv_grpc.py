@@ -92,3 +92,39 @@ def test_a_cluster_secret_gRPC_metadata_cannot_carry_is_refused_at_start(tmp_pat
         cluster_secret(str(tmp_path / "s"))
     (tmp_path / "s").write_text("an-ascii-secret-of-enough-length\n")
     assert cluster_secret(str(tmp_path / "s")) == "an-ascii-secret-of-enough-length"
+
+
+def test_calls_past_the_stream_cap_are_resource_exhausted(monkeypatch):
+    """Without a cap, peers without the secret could open Push streams without end (each refused one is held
+    while it drains, up to REJECT_DRAIN_S): past MAX_STREAMS at once gRPC now refuses at once."""
+    from pdcluster.kv_transfer.grpc import base
+    monkeypatch.setattr(base, "MAX_STREAMS", 2)
+    server = KVServer(KVReceiver(), secret=SECRET)
+    server.start_sync()
+    release = asyncio.Event()
+
+    async def go():
+        async def silent():                     # a stream that sends nothing until released
+            await release.wait()
+            return
+            yield
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            push = channel.stream_unary(wire.PUSH_METHOD)
+            held = [push(silent(), metadata=(("x-pdcluster-secret", SECRET),)) for _ in range(2)]
+            await asyncio.sleep(0.5)
+            try:
+                await push(iter([b"x"]), timeout=10)
+                code = grpc.StatusCode.OK
+            except grpc.aio.AioRpcError as e:
+                code = e.code()
+            release.set()
+            for call in held:
+                try:
+                    await call
+                except grpc.aio.AioRpcError:
+                    pass
+            return code
+    try:
+        assert asyncio.run_coroutine_threadsafe(go(), shared_loop()).result(30) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        server.stop_sync()
