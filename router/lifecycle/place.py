@@ -120,7 +120,9 @@ async def _prefill_remote(workers, attempt_id: str, ids: list[int], params: Samp
     """Reserve KV on the decode worker, then prefill on the prefill worker (which streams the KV
     there). None: this pair failed, the failed worker is in `exclude` now."""
     d, p = workers.decode[choice.decode], workers.prefill[choice.prefill]
-    n = len(ids) + len(outputs)            # tokens to prefill
+    # the tokens the prefill worker computes: the prompt less its cached prefix there, as a local prefill's
+    # charge (the whole prompt priced its holder as if it recomputed the prefix, and sent the next to another)
+    n = max(0, len(ids) + len(outputs) - int((choice.estimate or {}).get("cached_tokens", 0)))
     workers.charge(choice.decode, 0, +1)   # from the reserve on the request holds d: a drain waits for it
     # charged to the prefill worker from the choice on, before the first await: a burst's next
     # admission and placement see this prompt in its backlog (router/admission.py)

@@ -231,3 +231,50 @@ def test_a_scale_down_migrates_its_requests_without_spending_their_retries():
     r = fleet()                                             # the control: lost, not scaled down
     with pytest.raises(Unavailable, match="every retry spent"):
         asyncio.run(go(r))
+
+
+def test_a_remote_prefill_charges_its_worker_only_the_tokens_it_computes():
+    """A remote placement charged the prefill worker the whole prompt, its cached prefix too (a local one
+    charged the uncached tokens): with two 4,000-token prompts in flight on the holder of their prefix, its
+    queue read 8,000 tokens for 32 of work, and the next same-prefix prompt went to the other worker, which
+    recomputed the whole prefix."""
+    from pdcluster.router.config import RouterConfig
+    from pdcluster.router.cost_config import CostConfig
+    from pdcluster.router.lifecycle import Router
+    from tests.unit.lifecycle_standins import D, P, Tok
+
+    class Slow(P):
+        def __init__(self, wid):
+            super().__init__(wid)
+            self.go = asyncio.Event()
+
+        async def prefill(self, rid, ids, params, dest, salt, outputs=()):
+            await self.go.wait()
+            return PrefillResult(self.first, 0, 0.0, 0, 0.0, 0.0, "none")
+
+    async def go():
+        r = Router(RouterConfig(policy="cost-model", status_interval_s=0.01, max_queue_wait_s=None, block_size=16),
+                   Tok(), (2,), 65536, cost_config=CostConfig(block_size=16, tpot_slo_s=None, allow_local=False))
+        p0, p1 = Slow("p0"), Slow("p1")
+        for w, role in ((p0, "prefill"), (p1, "prefill"), (D("d0"), "decode")):
+            r.add_worker(role, w)
+        for w in r.workers.loads.values():
+            w.num_blocks, w.free_blocks, w.prefill_tps = 100000, 100000, 2000.0
+        ids = list(range(1, 4001))                  # 250 blocks, all on p0
+        hashes = block_hashes(ids, 16, None)
+        r.index.apply("p0", "stored", hashes, seq=1, now=0.0)
+        for w, seq in (("p0", 1), ("p1", 0), ("d0", 0)):
+            r.index.heartbeat(w, seq=seq)
+        tasks, seen = [], []
+        for k in range(3):
+            tasks.append(asyncio.ensure_future(place(r, f"r{k}", ids, SamplingParams(max_tokens=2), None, set(),
+                                                     fresh=True)))
+            await asyncio.sleep(0.01)
+            ch = r.policy.choose(len(ids), r.workers.loads_of("prefill"), r.workers.loads_of("decode"), hashes=hashes)
+            seen.append((r.workers.loads["p0"].queued_tokens, ch.prefill))
+        p0.go.set()
+        p1.go.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return seen
+    seen = asyncio.run(go())
+    assert seen == [(16, "p0"), (32, "p0"), (48, "p0")], seen      # the last block's tokens each (its first token)
