@@ -242,8 +242,11 @@ class PoolPolicy:
         d = lambda delta, cause, why: self._act(  # noqa: E731
             ScaleDecision(self.pool, delta, n, why, r.signal, value, load, cause), now)
         # bounds first: a hard invariant, no delay or cooldown
-        if n < r.min_replicas:
-            return d(min(r.min_replicas - n, r.max_step), "below_min", f"below min_replicas={r.min_replicas}")
+        if n < r.min_replicas:     # replicas not answering hold their units: none spawned past max (retired later)
+            room = r.max_replicas - units
+            return d(max(0, min(r.min_replicas - n, r.max_step, room)), "below_min",
+                     f"below min_replicas={r.min_replicas}" + ("" if room > 0 else
+                     f", but {units - n} not answering hold max_replicas={r.max_replicas}"))
         if units > r.max_replicas:
             return d(-min(units - r.max_replicas, r.max_step), "above_max", f"above max_replicas={r.max_replicas}")
         if load is None:

@@ -122,6 +122,20 @@ def test_retire_stops_a_busy_worker_after_the_bound_so_its_requests_migrate():
     assert res["stopped_busy"] and res["left"] == 0 and forgotten(r, "prefill-1")
 
 
+def test_a_retired_workers_id_leaves_the_retiring_set_after_its_streams_had_time_to_move():
+    """retire() added the id for good (ids never recur: one per scale-down ever, kept for the router's life)."""
+    r = make_router()
+
+    async def go():
+        async def stop():
+            pass
+        await r.retire_worker("prefill-1", stop, drain_timeout_s=0.1, migrate_timeout_s=0.2)
+        kept = "prefill-1" in r.workers.retiring       # still there for streams failing over from it (run.py)
+        await asyncio.sleep(0.3)
+        return kept, "prefill-1" in r.workers.retiring
+    assert asyncio.run(go()) == (True, False)
+
+
 # latency window and metrics
 
 def test_recent_window_quantile_and_expiry():
@@ -227,6 +241,13 @@ def test_a_replica_that_misses_its_polls_still_counts_against_max_replicas():
                        cooldown_s=0, max_step=4)
     loads[1].healthy = False
     assert PoolPolicy("decode", wide).decide(pool_metrics("decode", loads), 0.0).delta == 1    # up to max, not past
+    # below min_replicas with every unit held by replicas not answering: it spawned one past max, then retired one
+    loads[0].healthy = False
+    d = PoolPolicy("decode", rule).decide(pool_metrics("decode", loads), 0.0)
+    assert (d.delta, d.cause) == (0, "below_min") and "2 not answering hold max_replicas=2" in d.reason
+    three = [*loads, load("decode-2", "decode", healthy=False)]
+    assert PoolPolicy("decode", wide).decide(pool_metrics("decode", loads[:2]), 0.0).delta == 1     # room for one
+    assert PoolPolicy("decode", wide).decide(pool_metrics("decode", three), 0.0).delta == 0
 
 
 def test_a_kv_utilization_rule_that_could_never_scale_up_is_refused():
