@@ -10,8 +10,9 @@ each answer in [0, 1], and the highest sum wins (max-score-picker; ties here to 
                           (the "load" scorer of the issue)
 Default weights: prefix 3, queue 2 (the default profile llm-d ships, per the Red Hat docs), load 1.
 P/D (pd-profile-handler): the decode profile picks the decode worker first; if the prompt's
-tokens beyond that worker's cached prefix are at most `pd_threshold` tokens it prefills there
-(decode only), else the prefill profile picks a prefill worker with the same scorers.
+tokens beyond that worker's cached prefix are fewer than `pd_threshold` (llm-d's "non-cached suffix
+< pdThreshold") it prefills there (decode only), else the prefill profile picks a prefill worker
+with the same scorers.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ class LlmD:
         d = self._pick(ds, hits, n_blocks)
         uncached = prompt_len - hits.get(d.worker_id, 0.0) * self.block_size
         est = {"hit_blocks_decode": hits.get(d.worker_id, 0.0)}
-        if not ps or uncached <= self.pd_threshold:
+        if not ps or uncached < self.pd_threshold:         # (0: always P/D, a whole-prompt hit too)
             return Placement(None, d.worker_id, "local", est)
         p = self._pick(ps, hits, n_blocks)
         return Placement(p.worker_id, d.worker_id, "remote", est | {"hit_blocks_prefill": hits.get(p.worker_id, 0.0)})

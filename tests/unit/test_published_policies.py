@@ -61,6 +61,9 @@ def test_llmd_scores_by_hand():
     # P/D: the decode worker's uncached tokens against pd_threshold decide decode-only vs remote prefill
     pd = make_policy("llm-d", index=ix2, block_size=BS, pd_threshold=32)
     assert pd.choose(160, [P("p0")], [d0, d1], hashes=hs, now=0.0).kind == "local"     # d1 has it all cached
+    # pd_threshold 0 (the default) is "always P/D", a whole-prompt hit too (0 uncached <= 0 prefilled locally)
+    assert make_policy("llm-d", index=ix2, block_size=BS).choose(160, [P("p0")], [d0, d1], hashes=hs,
+                                                                 now=0.0).kind == "remote"
     got = make_policy("llm-d", index=ix, block_size=BS, pd_threshold=32).choose(160, [P("p0", in_flight=2), P("p1")],
                                                                                  [d0, d1], hashes=hs, now=0.0)
     assert (got.kind, got.prefill, got.decode) == ("remote", "p1", "d0")
