@@ -67,19 +67,24 @@ def check_bounds(tree: Any) -> None:
     """ValueError naming the first flag of `tree` whose value is not a finite number (an integer for an
     int flag) within its field's "min" / "above" bound; the value is shown in the flag's units."""
     for fl in tree_flags(tree):
-        lo, above, v = fl.meta.get("min"), fl.meta.get("above"), fl.value
-        if v is None or (lo is None and above is None):
-            continue
-        ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
-              and (fl.type is not int or isinstance(v, int)) and (lo is None or v >= lo)
-              and (above is None or v > above))
-        if not ok:
-            bound = f">= {lo:g}" if lo is not None else f"> {above:g}"
-            if fl.meta.get("zero_is_none") and above == 0:
-                bound = ">= 0 (0: off)"             # the flag's 0 is the field's None
-            kind = "an integer" if fl.type is int else "a finite number"
-            shown = v // fl.meta["scale"] if "scale" in fl.meta and isinstance(v, int) else v
-            raise ValueError(f"{fl.name} must be {kind} {bound}, got {shown!r}")
+        _check_bound(fl, fl.value)
+
+
+def _check_bound(fl: Flag, v: Any) -> None:
+    """check_bounds for one flag whose field would take `v` (field units)."""
+    lo, above = fl.meta.get("min"), fl.meta.get("above")
+    if v is None or (lo is None and above is None):
+        return
+    ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
+          and (fl.type is not int or isinstance(v, int)) and (lo is None or v >= lo)
+          and (above is None or v > above))
+    if not ok:
+        bound = f">= {lo:g}" if lo is not None else f"> {above:g}"
+        if fl.meta.get("zero_is_none") and above == 0:
+            bound = ">= 0 (0: off)"             # the flag's 0 is the field's None
+        kind = "an integer" if fl.type is int else "a finite number"
+        shown = v // fl.meta["scale"] if "scale" in fl.meta and isinstance(v, int) else v
+        raise ValueError(f"{fl.name} must be {kind} {bound}, got {shown!r}")
 
 
 def add_flags(parser: argparse.ArgumentParser, tree: Any) -> list[Flag]:
@@ -95,8 +100,12 @@ def add_flags(parser: argparse.ArgumentParser, tree: Any) -> list[Flag]:
 
 
 def apply_flags(tree: Any, args: argparse.Namespace, flags: list[Flag]) -> Any:
-    """`tree` with every flag's parsed value (in field units)."""
-    return override(tree, {fl.path: fl.to_field(getattr(args, fl.dest)) for fl in flags})
+    """`tree` with every flag's parsed value (in field units). A value out of its flag's bounds is a ValueError
+    naming the flag, before the tree's own checks (__post_init__) could name the field instead."""
+    values = {fl.path: fl.to_field(getattr(args, fl.dest)) for fl in flags}
+    for fl in flags:
+        _check_bound(fl, values[fl.path])
+    return override(tree, values)
 
 
 def override(tree: Any, values: Mapping[tuple[str, ...], Any]) -> Any:
