@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -41,12 +42,38 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                         "escaped either way")
 
 
+def check_gpus(cfg) -> None:
+    """A single-host cluster with --gpu (pools.yaml resources.gpus) takes one GPU per worker: ValueError when
+    this host has fewer (else Ray could never place them: serve waited start_timeout_s, 600 s, then failed)."""
+    if not cfg.engine.use_gpu or cfg.address:
+        return
+    import torch
+    need = cfg.pools.pool("prefill").initial_replicas + cfg.pools.pool("decode").initial_replicas
+    have = torch.cuda.device_count()
+    if have < need:
+        raise ValueError(f"--gpu: {need} workers take one GPU each; this host has {have} (torch.cuda.device_count())")
+
+
+def check_disk_tiers(cfg) -> None:
+    """On a single-host cluster, each pool's disk tier directory is created and writable now (OSError): else
+    every worker failed to start after Ray had, in tracebacks. On a joined cluster it is the nodes' to have."""
+    if cfg.address:
+        return
+    for role in ("prefill", "decode"):
+        kw = cfg.engine_kwargs(role)
+        d = kw.get("disk_cache_dir")
+        if d and kw.get("disk_cache_gb", 0) > 0:
+            os.makedirs(d, exist_ok=True)
+            if not os.access(d, os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, f"the {role} pool's KV disk tier directory is not writable", d)
+
+
 def cmd_serve(a) -> int:
     import uvloop
 
     from pdcluster.deploy.config import ClusterConfig
     from pdcluster.deploy.flags import apply_flags
-    from pdcluster.deploy.launch import Cluster
+    from pdcluster.deploy.launch import Cluster, StartFailed
     try:
         cfg = apply_flags(ClusterConfig(), a, a.tree_flags)
     except ValueError as e:
@@ -93,6 +120,8 @@ def cmd_serve(a) -> int:
     try:    # the files a request path would read late: bad ones stop serve now, in one line
         from pdcluster.engine.loader import load_model_config
         m = load_model_config(cfg.model)    # (config.json or GGUF metadata: else a traceback once Ray had started)
+        check_gpus(cfg)
+        check_disk_tiers(cfg)
         if cfg.engine.max_model_len is not None and not 1 <= cfg.engine.max_model_len <= m.max_position_embeddings:
             raise ValueError(f"--max-model-len must be in [1, {m.max_position_embeddings}] (the model's context), "
                              f"got {cfg.engine.max_model_len}")
@@ -144,6 +173,9 @@ def cmd_serve(a) -> int:
     except PortInUse as e:    # taken between the check above and the bind
         print(f"pdcluster serve: {e.strerror}", file=sys.stderr)
         return 2
+    except (StartFailed, ConnectionError) as e:     # workers not placed in time; no Ray cluster at --address
+        print(f"pdcluster serve: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -157,7 +189,7 @@ def cmd_generate(a) -> int:
         sp = pb.SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                                stop=a.stop or [])
         if a.seed is not None:
-            sp.seed = a.seed
+            sp.seed = a.seed % 2**64        # any int64 as the HTTP API takes it (the field is a uint64)
         req = pb.GenerateRequest(sampling=sp)
         if a.chat:
             req.chat.messages.add(role="user", content=a.prompt)

@@ -75,6 +75,10 @@ def worker_kwargs(c: ClusterConfig, secret: str) -> dict[str, dict]:
     return {"prefill": pre, "decode": dec}
 
 
+class StartFailed(RuntimeError):
+    """The workers could not be placed and loaded in time (serve says so in one line)."""
+
+
 class Cluster(Scaling):
     def __init__(self, cfg: ClusterConfig):
         self.cfg = cfg
@@ -155,7 +159,7 @@ class Cluster(Scaling):
                     ray.kill(a)
                 self.actors = {}
                 need = "GPU and " if c.engine.use_gpu else ""
-                raise RuntimeError(
+                raise StartFailed(
                     f"workers did not start within {c.pools.start_timeout_s:.0f}s: does the Ray cluster have free "
                     f"{need}prefill_pool/decode_pool resources? (ray status shows them)") from None
         # the block size and the KV codec are the engine's and the KV section's: passed down, not repeated

@@ -23,12 +23,11 @@ class PortInUse(OSError):
 
 
 def check_free(host: str, port: int, what: str, flag: str) -> None:
-    """Raise PortInUse if a listener could not bind host:port now (port 0 is always free).
+    """Raise PortInUse if a listener could not bind host:port now (port 0 is always free); OSError if it could
+    not bind host at all (an address this host lacks), port 0 too.
 
     SO_REUSEADDR as every server here sets it, so a port in TIME_WAIT counts as free.
     """
-    if port == 0:
-        return
     for family, _, _, _, addr in socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                                     flags=socket.AI_PASSIVE):
         with socket.socket(family, socket.SOCK_STREAM) as s:

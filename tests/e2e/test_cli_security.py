@@ -95,7 +95,8 @@ def generate(s, *extra):
 
 
 def test_generate_over_tls_with_a_token(served):
-    r = generate(served, "--tls-ca", str(served["cert"]), "--auth-token", "tok-alice-0123456789", "-v")
+    # (--seed -1: any int64, as the HTTP API takes it; the proto's uint64 field raised a traceback)
+    r = generate(served, "--tls-ca", str(served["cert"]), "--auth-token", "tok-alice-0123456789", "-v", "--seed", "-1")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
     assert "completion_tokens: 8" in r.stderr
 

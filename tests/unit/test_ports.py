@@ -2,6 +2,7 @@
 and metrics ports (checked by `pdcluster serve` before anything starts, and again at bind), and the
 decode workers' KV listeners. gRPC servers must not share a taken port through SO_REUSEPORT."""
 import asyncio
+import errno
 import os
 import socket
 import subprocess
@@ -25,6 +26,9 @@ def taken():
 
 def test_check_free(taken):
     check_free("127.0.0.1", 0, "x", "--x")               # ephemeral: always free
+    with pytest.raises(OSError) as e:                   # ...on an address this host has: port 0 skipped the bind,
+        check_free("192.0.2.1", 0, "x", "--x")          # and serve failed after Ray and the model load
+    assert e.value.errno == errno.EADDRNOTAVAIL and not isinstance(e.value, PortInUse)
     with pytest.raises(PortInUse) as e:
         check_free("127.0.0.1", taken, "the thing", "--thing-port")
     assert e.value.port == taken and e.value.strerror == (
@@ -143,3 +147,54 @@ def test_an_ipv6_host_binds_the_grpc_router():
     c = Cluster(ClusterConfig(server=ServerSection(host="::1")))
     c.server = SimpleNamespace(port=5)
     assert c.address == "[::1]:5" and host_port("127.0.0.1", 5) == "127.0.0.1:5"
+
+
+def test_gpu_workers_past_this_hosts_gpus_are_refused_before_ray_starts():
+    """--gpu gives each worker actor one GPU: on a host with fewer, Ray could never place them and serve
+    waited start_timeout_s (600 s) before failing. A cluster joined by --address has its own GPUs."""
+    import torch
+
+    from pdcluster.deploy.cli import check_gpus
+    from pdcluster.deploy.config import ClusterConfig
+    from pdcluster.deploy.flags import dotted, override
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this host has the 2 GPUs a 1 prefill + 1 decode cluster takes")
+    gpu = override(ClusterConfig(), dotted(engine__use_gpu=True))
+    with pytest.raises(ValueError, match=f"--gpu: 2 workers take one GPU each; this host has "
+                                         f"{torch.cuda.device_count()}"):
+        check_gpus(gpu)
+    check_gpus(override(gpu, dotted(address="10.0.0.1:6379")))     # no error
+    check_gpus(ClusterConfig())
+
+
+def test_a_disk_tier_directory_that_cannot_be_made_is_refused_before_ray_starts(tmp_path):
+    """Each worker made it itself: a bad --kv-disk-cache-dir failed every worker after Ray had started (three
+    tracebacks, exit 1)."""
+    from pdcluster.deploy.cli import check_disk_tiers
+    from pdcluster.deploy.config import ClusterConfig
+    from pdcluster.deploy.flags import dotted, override
+    (tmp_path / "file").write_text("")
+    tiers = dict(engine__cache__disk_cache_gb=1.0)
+    with pytest.raises(NotADirectoryError):
+        check_disk_tiers(override(ClusterConfig(), dotted(engine__cache__disk_cache_dir=str(tmp_path / "file" / "kv"),
+                                                          **tiers)))
+    check_disk_tiers(override(ClusterConfig(), dotted(engine__cache__disk_cache_dir=str(tmp_path / "kv"), **tiers)))
+    assert (tmp_path / "kv").is_dir()
+
+
+
+@pytest.mark.parametrize("error", [ConnectionError("Could not find any running Ray instance."),
+                                   "StartFailed"])
+def test_serve_that_cannot_join_ray_or_place_its_workers_says_so_in_one_line(monkeypatch, capsys, error):
+    """No Ray cluster at --address (ConnectionError) or workers not placed within start_timeout_s: each was a
+    traceback. Cluster.start stands in (a real join of a missing cluster retries for minutes)."""
+    from pdcluster.deploy import cli, launch
+    if error == "StartFailed":
+        error = launch.StartFailed("workers did not start within 600s: does the Ray cluster have free ...")
+
+    async def start(self):
+        raise error
+    monkeypatch.setattr(launch.Cluster, "start", start)
+    assert cli.main(["serve", "--port", "0", "--metrics-port", "0", "--http-port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"pdcluster serve: {error}\n", err
