@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import dataclass
 
@@ -241,6 +242,12 @@ def main(a) -> int:
         slo = parse_slo(a.slo)
         hw_p, hw_d = hardware(a.prefill_hw).name, hardware(a.decode_hw).name
         model_profile(a.model)
+        for flag in ("attain", "budget", "host_cache_gb", "disk_cache_gb", "admit_ttft", "rate_scale", "duration_s"):
+            v = getattr(a, flag)
+            if v is not None and not math.isfinite(v):      # (nan passed every range check below)
+                raise ValueError(f"--{flag.replace('_', '-')} must be a finite number, got {v}")
+        if a.out and not os.access(os.path.dirname(os.path.abspath(a.out)), os.W_OK):
+            raise ValueError(f"--out {a.out}: its directory does not exist or is not writable")  # (before the search)
         if not 0 < a.attain <= 1:
             raise ValueError("--attain must be in (0, 1]")
         if a.budget is not None and a.budget <= 0:

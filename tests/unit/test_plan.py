@@ -48,7 +48,11 @@ def test_plan_budget_and_bad_input(trace, capsys):
     assert cli.main(["plan", "--trace", trace, "--model", "LLAMA-3-8B", "--budget", "1"]) == 1    # nothing fits $1/h
     assert "no configuration of at most 64 instances fits the budget ($1/h)" in capsys.readouterr().err
     for argv, msg in ((["--model", "gpt-9"], "unknown model"),
-                      (["--model", "llama-3-8b", "--max-instances", "1"], "--max-instances must be >= 2"), (["--model", "llama-3-8b", "--prefill-hw", "tpu"],
+                      (["--model", "llama-3-8b", "--max-instances", "1"], "--max-instances must be >= 2"),
+                      (["--model", "llama-3-8b", "--rate-scale", "nan"], "--rate-scale must be a finite number"),
+                      (["--model", "llama-3-8b", "--admit-ttft", "nan"], "--admit-ttft must be a finite number"),
+                      (["--model", "llama-3-8b", "--out", "/nonexistent/dir/pools.yaml"], "its directory does not"),
+                      (["--model", "llama-3-8b", "--prefill-hw", "tpu"],
                       "unknown hardware"), (["--model", "llama-3-8b", "--slo", "ttft:5"], "slo"),
                       (["--model", "llama-3-8b", "--validate"], "--validate runs the local cluster's model"),
                       (["--validate", "--validate-max-requests", "0"], "must be >= 1")):
