@@ -323,7 +323,8 @@ def parse_pools_config(text: str, source: str = "<string>", base: ClusterConfig 
         raise PoolsConfigError(source, [Issue(1, "(top level)", "the file is empty")])
     rd = _Reader()
     top = rd.mapping(root, "", ("model", "router", "autoscaler", "prefill", "decode"))
-    model = _pick(rd.value(top, "model", "", _opt_str), base.model)
+    model = _pick(rd.value(top, "model", "", _opt_str), None)
+    model = base.model if model is None else model      # null or absent: serve's --model (default: the embedded)
     r = rd.mapping(top["router"][1], "router", ("host", "port", "policy", "metrics_port", "http_port", "admit_ttft_s",
                                                 "tpot_slo_s")) if "router" in top else {}
     s = base.server

@@ -66,6 +66,15 @@ def test_keys_the_file_leaves_out_keep_the_base():
     assert c.server.port == 6000 and c.kv.transport == "grpc" and c.server.metrics_port == base.server.metrics_port
 
 
+def test_model_null_keeps_serves_model_and_a_path_overrides_it():
+    """The shipped file's `model: null` discarded --model: `serve --model X --config deploy/pools.yaml` served the
+    embedded model, while the pools' nulls kept serve's flags."""
+    base = ClusterConfig(model="/models/x.gguf")
+    assert load_pools_config(SHIPPED, base=base).model == "/models/x.gguf"
+    assert parse_pools_config("model: /models/y.gguf\n", base=base).model == "/models/y.gguf"
+    assert parse_pools_config("model: null\n").model is None          # no --model either: the embedded one
+
+
 def test_per_pool_sizes_the_tree_cannot_express_name_key_and_line(tmp_path):
     text, line = edited("    cpus: 2\n    gpus: 1\n    threads: 2\n", "    cpus: 2\n    gpus: 0\n    threads: 2\n",
                         after="\ndecode:")
