@@ -579,29 +579,37 @@ def test_http_bad_input_matrix_gets_openai_errors_and_next_request_served(c):
 def test_http_admission_refusal_is_429_and_leaks_nothing(c, monkeypatch):
     """The admission bound refuses at once (429, OpenAI's rate-limit error body): a request while the
     in-flight set is full, and a request with n = 2 whose second choice finds it full (its first,
-    admitted, is cancelled and freed)."""
+    admitted, is cancelled and freed). More choices than the bound ever admits is a 400 (no retry passes)."""
     before = incarnations(c)
-    monkeypatch.setattr(c.router, "cfg", dataclasses.replace(c.router.cfg, max_in_flight=1))
 
     async def run():
         async with httpx.AsyncClient(timeout=60) as http:
-            long = {"prompt": "Count to one hundred:", "max_tokens": 60, "ignore_eos": True, "stream": True}
-            async with http.stream("POST", http_url(c, COMPLETIONS), content=http_body(c, COMPLETIONS, long),
-                                   headers={"content-type": "application/json"}) as streaming:
-                assert streaming.status_code == 200 and len(c.router.in_flight) == 1
-                t0 = time.monotonic()
-                full = await post(http, c, COMPLETIONS, http_body(c, COMPLETIONS, {}))
-                took = time.monotonic() - t0
-            await wait_idle(c)
-            two = await post(http, c, COMPLETIONS, http_body(c, COMPLETIONS, {"n": 2}))
+            async def beside_a_stream(bound: int, body: dict):
+                """body's answer while one long stream holds one of `bound` in-flight places, and how long it took."""
+                monkeypatch.setattr(c.router, "cfg", dataclasses.replace(c.router.cfg, max_in_flight=bound))
+                long = {"prompt": "Count to one hundred:", "max_tokens": 60, "ignore_eos": True, "stream": True}
+                async with http.stream("POST", http_url(c, COMPLETIONS), content=http_body(c, COMPLETIONS, long),
+                                       headers={"content-type": "application/json"}) as streaming:
+                    assert streaming.status_code == 200 and len(c.router.in_flight) == 1
+                    t0 = time.monotonic()
+                    r = await post(http, c, COMPLETIONS, http_body(c, COMPLETIONS, body))
+                    took = time.monotonic() - t0
+                await wait_idle(c)
+                return r, took
+            full, took = await beside_a_stream(1, {})
+            two, _ = await beside_a_stream(2, {"n": 2})
+            monkeypatch.setattr(c.router, "cfg", dataclasses.replace(c.router.cfg, max_in_flight=1))
+            never = await post(http, c, COMPLETIONS, http_body(c, COMPLETIONS, {"n": 2}))
             monkeypatch.undo()
-            return full, took, two, await http_served(http, c)
-    full, took, two, nxt = c.run(run())
+            return full, took, two, never, await http_served(http, c)
+    full, took, two, never, nxt = c.run(run())
     print(f"\n[faults] HTTP admission: full in-flight set -> {full.status_code} in {took * 1e3:.0f} ms; "
-          f"n=2 past the bound -> {two.status_code}; next request served: {nxt}")
+          f"n=2 past the bound -> {two.status_code}; n=2 over a bound of 1 -> {never.status_code}; "
+          f"next request served: {nxt}")
     for r in (full, two):
         assert r.status_code == 429 and is_openai_error(r), r.text
         assert r.json()["error"]["type"] == "rate_limit_exceeded" and "in flight" in r.json()["error"]["message"]
+    assert never.status_code == 400 and is_openai_error(never) and never.json()["error"]["param"] == "n", never.text
     assert took < 2.0 and nxt
     assert_unharmed(c, before)
 
