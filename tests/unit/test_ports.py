@@ -195,6 +195,9 @@ def test_serve_that_cannot_join_ray_or_place_its_workers_says_so_in_one_line(mon
     async def start(self):
         raise error
     monkeypatch.setattr(launch.Cluster, "start", start)
+    # (serve's own logging setup would leave a handler on this test's captured stderr: later tests' log lines
+    # from background threads then hit a closed file)
+    monkeypatch.setattr("pdcluster.logs.setup_logging", lambda *a, **kw: None)
     assert cli.main(["serve", "--port", "0", "--metrics-port", "0", "--http-port", "0"]) == 1
     err = capsys.readouterr().err
     assert err == f"pdcluster serve: {error}\n", err
