@@ -11,7 +11,7 @@ flag's unit in the field's units (MiB -> bytes).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}   # the dtypes a worker runs in, bytes per element
@@ -97,9 +97,7 @@ class CacheConfig:
         "a corrupt one recomputes the prompt; on a prefill worker disk hits always load whole blocks first)")})
 
     def __post_init__(self):
-        for name in ("host_cache_gb", "disk_cache_gb"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        check_mins(self)
         if self.block_size < 1 or (self.num_blocks is not None and self.num_blocks < 1):
             raise ValueError(f"block_size and num_blocks must be >= 1, got {self.block_size}, {self.num_blocks}")
         if not 0 < self.memory_fraction <= 1 or not 0 <= self.protected_fraction <= 1:
@@ -128,12 +126,16 @@ class SchedulerConfig:
                                            #   of computing the same prefix twice
 
     def __post_init__(self):
-        for name in ("max_num_seqs", "max_num_batched_tokens"):     # (0 scheduled nothing: generate() spun)
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.long_prefill_token_threshold < 0:
-            raise ValueError(f"long_prefill_token_threshold must be >= 0 (0 = off), got "
-                             f"{self.long_prefill_token_threshold}")
+        check_mins(self)        # (a max_num_seqs or step budget of 0 scheduled nothing: generate() spun for ever)
+
+
+def check_mins(cfg: Any) -> None:
+    """ValueError naming the first field of `cfg` below its metadata's "min" (the bound its flag shows:
+    deploy/flags.py); NaN fails too. Offline LLM(...) keywords reach the tree without the flags' check."""
+    for f in fields(cfg):
+        lo, v = f.metadata.get("min"), getattr(cfg, f.name)
+        if lo is not None and v is not None and not v >= lo:
+            raise ValueError(f"{f.name} must be >= {lo}, got {v}")
 
 
 def check_tier_codec(kv_cache_dtype: str, tier_codec: str, where: str = "") -> None:
