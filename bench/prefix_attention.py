@@ -21,7 +21,6 @@ import argparse
 import random
 import statistics
 import sys
-import time
 
 import torch
 
@@ -32,6 +31,7 @@ from pdcluster.bench.cpu_attention import add_shape_args, random_caches, side_by
 def engine_part(prompt_len: int, tail_len: int, repeats: int) -> dict:
     """Median ms of a cold prompt and of a prefix hit on one engine, each path in turn."""
     import pdcluster.engine.llama as llama
+    from pdcluster.bench.prefill_position import first_token_ms
     from pdcluster.engine import attention
     from pdcluster.engine.llm_engine import LLMEngine, build_config
     from pdcluster.engine.sampling_params import SamplingParams
@@ -43,11 +43,7 @@ def engine_part(prompt_len: int, tail_len: int, repeats: int) -> dict:
     fresh = lambda n: [rng.randrange(1000, 40000) for _ in range(n)]                   # noqa: E731
 
     def run(ids: list[int]) -> float:
-        t = time.perf_counter()
-        eng.add_request(ids, sp)
-        while eng.has_work():
-            eng.step()
-        return (time.perf_counter() - t) * 1e3
+        return first_token_ms(eng, ids, sp)
     sides = {"torch": attention.prefill_attention_sdpa, "op": attention.prefill_attention}
     prefix = fresh(prompt_len - tail_len)
     run(prefix + fresh(tail_len))                                       # caches the prefix
