@@ -20,6 +20,7 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from pdcluster.engine.llm_engine import LLMEngine, StepOutput
+from pdcluster.engine.request import Status
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,12 @@ class EngineThread:
             if item is not None and item[2].set_running_or_notify_cancel():
                 item[2].set_exception(why)
 
+    def _failed_batch(self) -> list:
+        """The requests a failed step ran (the engine's `stepping`): the rest of the queue never reached the
+        forward pass and stays. Every queued request if it failed before its batch was known (scheduling)."""
+        batch = getattr(self.engine, "stepping", None)
+        return self.engine.scheduler.queued() if batch is None else batch
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._drain(block=not self.engine.has_work())
@@ -141,14 +148,16 @@ class EngineThread:
             except Exception:
                 self.failed_steps += 1
                 self.last_failure = time.monotonic()
-                log.exception("engine step failed; aborting the running batch")
-                for req in self.engine.scheduler.queued():
+                log.exception("engine step failed; aborting its batch")
+                for req in self._failed_batch():
                     try:                # each on its own: one that fails must not end the loop (every
                         self.engine.abort(req.request_id)       # later command would hang)
                     except Exception:
                         log.exception("aborting %s after the failed step failed too", req.request_id)
                     cb = self.listeners.pop(req.request_id, None)
                     if cb:
+                        # one the step had finished lost its last tokens with it: its end is an abort too
+                        req.status = Status.FINISHED_ABORTED
                         try:
                             cb(StepOutput(req, [], "", True))
                         except Exception:

@@ -141,6 +141,9 @@ class LLMEngine:
         self.detoks: dict[str, Detokenizer] = {}
         self.stats = StepStats()
         self.idle_polls = 0             # steps that found work but nothing to schedule yet (room, loads)
+        # the requests of the step in progress once scheduled; None while scheduling: what a failed step
+        # aborts (engine/engine_thread.py: the batch only, or every queued request if it failed before)
+        self.stepping: list[Request] | None = None
         self.load_seconds = time.perf_counter() - t0
         log.info("engine ready: %s, %d KV blocks x %d tokens (%.0f MiB), %.1fs", cfg.model.name, n_blocks,
                  cfg.cache.block_size, self.runner.kv_cache_bytes() / 2**20, self.load_seconds)
@@ -335,10 +338,12 @@ class LLMEngine:
         before scheduling and between the forward pass and sampling) is not sampled, its step's
         results are dropped and it recomputes (Scheduler.loads_failed)."""
         sched, conn = self.scheduler, self.connector
+        self.stepping = None
         sched.loads_done(conn.finished_loading())
         sched.loads_failed(conn.failed_in_step())
         sched.sends_done(conn.finished_sending())
         batch = sched.schedule()
+        self.stepping = list(batch.reqs)
         if not batch.reqs:
             if sched.loading or sched.held or sched.waiting:
                 # only the connector or a freed block can make progress: poll, don't spin; counted as the
