@@ -96,8 +96,8 @@ class Cluster(Scaling):
         self._autoscaler_task = None
         self.stopping = False                                # stop() began: nothing new is started
         self.replacing: set[asyncio.Task] = set()           # replace_dead's tasks in flight
-        self.replaced_at: dict[str, tuple[str, float]] = {}  # role -> (last replacement's id, monotonic s it joined)
-        self.backoff: dict[str, float] = {}                  # role -> replace_dead's last delay, s
+        # replace_dead's replacements still live: worker id -> (monotonic s it joined, the wait before it, s)
+        self.replaced: dict[str, tuple[float, float]] = {}
         self.tier_keys: dict[str, str] = {}                  # worker id -> its disk tier's key, where not its id
         self.free_tier_keys: dict[str, list[str]] = {}       # role -> keys left by workers gone for good
 

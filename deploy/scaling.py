@@ -25,9 +25,16 @@ from typing import Mapping
 
 log = logging.getLogger(__name__)
 
-# replace_dead's back-off: a replacement that dies within SHORT_LIFE_S of joining (or fails to start)
-# doubles the wait before the next one, from BACKOFF_MIN_S up to BACKOFF_MAX_S; a longer life resets it
+# replace_dead's back-off, per chain of replacements (a dead worker, its replacement, that one's, ...): a
+# replacement that dies within SHORT_LIFE_S of joining (or fails to start) doubles its chain's wait before the
+# next one, from BACKOFF_MIN_S up to BACKOFF_MAX_S; a longer life ends the chain (the next death: at once).
+# Chains are apart: another worker's death, or a second crash loop, neither resets nor shares one's wait.
 SHORT_LIFE_S, BACKOFF_MIN_S, BACKOFF_MAX_S = 60.0, 1.0, 60.0
+
+
+def _doubled(delay: float) -> float:
+    """A chain's next wait after `delay` (s)."""
+    return min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, 2 * delay))
 
 
 class Scaling:
@@ -67,7 +74,11 @@ class Scaling:
         wid = f"{role}-{self._next_index[role]}"
         self._next_index[role] += 1
         key = self._take_tier_key(role, wid)
-        h = self.starting[wid] = self._spawn(role, wid, key)
+        try:
+            h = self.starting[wid] = self._spawn(role, wid, key)
+        except BaseException:                       # (Ray refused the actor): no worker holds the key
+            self._leave_tier_key(role, wid)
+            raise
         log.info("adding %s: waiting for a free %s_pool slot and the model load (up to %.0fs)", wid, role, bound)
         try:
             await asyncio.wait_for(h.status.remote(), bound)
@@ -111,6 +122,7 @@ class Scaling:
         await self.router.retire_worker(worker_id, stop, drain_timeout_s=self.cfg.pools.drain_timeout_s,
                                         migrate_timeout_s=self.cfg.timeouts.stream_gap_s)
         self._leave_tier_key(role, worker_id)
+        self.replaced.pop(worker_id, None)
         log.info("removed %s: the %s pool has %d workers", worker_id, role, len(self._pool(role)))
         return worker_id
 
@@ -144,14 +156,13 @@ class Scaling:
 
     def replace_dead(self, role: str, worker_id: str) -> None:
         """Start a fresh `role` worker in place of dead `worker_id` (a task: the status poll that found
-        it dead goes on). At once, unless the role's last replacement died young; a start that fails is
-        retried with the same back-off until one joins or the cluster stops."""
+        it dead goes on). At once, unless `worker_id` was itself a replacement that died young: then after
+        twice its chain's last wait; a start that fails is retried likewise until one joins or the cluster stops."""
+        joined, waited = self.replaced.pop(worker_id, (None, 0.0))
         if self.stopping:
             return
-        joined = self.replaced_at.get(role)
-        young = joined is not None and time.monotonic() - joined[1] < SHORT_LIFE_S and joined[0] == worker_id
-        delay = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, 2 * self.backoff.get(role, 0.0))) if young else 0.0
-        self.backoff[role] = delay
+        young = joined is not None and time.monotonic() - joined < SHORT_LIFE_S
+        delay = _doubled(waited) if young else 0.0
         t = asyncio.ensure_future(self._replace(role, worker_id, delay))
         self.replacing.add(t)
         t.add_done_callback(self.replacing.discard)
@@ -164,10 +175,10 @@ class Scaling:
             try:
                 wid = await self.add_replica(role)
             except Exception as e:                  # add_replica logged why; try again, later
-                delay = self.backoff[role] = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, 2 * delay))
+                delay = _doubled(delay)
                 log.error("replacing dead %s failed (%s); next try in %.0fs", dead, e, delay)
                 continue
-            self.replaced_at[role] = (wid, time.monotonic())
+            self.replaced[wid] = (time.monotonic(), delay)
             log.info("%s replaces dead %s", wid, dead)
             return
 

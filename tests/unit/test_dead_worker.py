@@ -171,3 +171,50 @@ def test_a_worker_gone_for_good_leaves_its_disk_tier_to_the_next_replica(monkeyp
     assert c._take_tier_key("decode", "decode-3") == "decode-3"       # none left: its own
     c._leave_tier_key("decode", "decode-2")
     assert c.free_tier_keys["decode"] == ["decode-0"] and "decode-2" not in c.tier_keys
+
+
+def test_two_crash_loops_back_off_apart(monkeypatch):
+    """Each chain of replacements backs off on its own. Before, the back-off was one per pool, keyed to its
+    last replacement: with two workers dying at once, the other chain's young deaths were replaced at once
+    (and reset the wait to 0), and any old worker's death reset a crash loop's wait too."""
+    monkeypatch.setattr(scaling, "BACKOFF_MIN_S", 0.1)
+    delays = []
+    replace = scaling.Scaling._replace
+
+    async def spy(self, role, dead, delay):
+        delays.append(delay)
+        return await replace(self, role, dead, delay)
+    monkeypatch.setattr(scaling.Scaling, "_replace", spy)
+    dies = lambda wid: Dying(wid, 0, ray.exceptions.ActorDiedError())
+    run({"decode-0": dies("decode-0"), "decode-1": dies("decode-1")}, 2.5,
+        lambda c: setattr(c, "add_replica", Spawner(c, dies)))
+    assert delays.count(0.0) == 2, delays                   # the two first deaths only
+    assert sorted(delays)[2:4] == [0.1, 0.1], delays        # each chain's first young death: the least wait
+
+
+def test_an_old_workers_death_leaves_a_crash_loops_wait_alone():
+    async def go():
+        c = Cluster(ClusterConfig())
+        c.add_replica = lambda role: asyncio.sleep(0, "decode-9")
+        c.replaced["decode-7"] = (time.monotonic(), 8.0)    # a crash loop: decode-7 joined after an 8 s wait
+        waits = []
+        c._replace = lambda role, dead, delay: waits.append((dead, delay)) or asyncio.sleep(0)
+        c.replace_dead("decode", "decode-1")                # up for days: replaced at once
+        c.replace_dead("decode", "decode-7")                # died young again: twice its chain's wait
+        await c.stop_replacing()
+        return waits
+    assert asyncio.run(go()) == [("decode-1", 0.0), ("decode-7", 16.0)]
+
+
+def test_a_spawn_ray_refuses_gives_its_disk_tier_key_back(monkeypatch):
+    """add_replica took a key before spawning the actor, outside the try that gives it back: a spawn that
+    raised (Ray refusing the actor) left the key held by no worker, one more leaked at each retry."""
+    c = Cluster(ClusterConfig())
+    c.free_tier_keys["decode"] = ["decode-0"]
+
+    def refuse(role, wid, key):
+        raise RuntimeError("the GCS is unreachable")
+    monkeypatch.setattr(c, "_spawn", refuse)
+    with pytest.raises(RuntimeError, match="unreachable"):
+        asyncio.run(c.add_replica("decode"))
+    assert c.tier_keys == {} and c.free_tier_keys["decode"] == ["decode-0"] and c.starting == {}
