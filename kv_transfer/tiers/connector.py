@@ -101,6 +101,7 @@ class TierConfig:
 
 
 class TierConnector(WriteBehind, LoadBack, KVConnector):
+    JOIN_S = 10.0           # close(): how long each thread may take to finish its queue
     def __init__(self, cfg: TierConfig, events=None, disk_in_step: bool = True):
         """events: the worker's BlockEventLog (engine/block_events.py), or None. disk_in_step: disk hits
         may load layer by layer in the step (False where the engine ships KV as it computes it)."""
@@ -136,6 +137,7 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
                                                           # wait_layer never queues behind a disk read
         self._threads: list[threading.Thread] = []
         self.ready = threading.Event()                 # set once the disk tier is verified (warm restart)
+        self._closed = False
 
     # setup
     def register_caches(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
@@ -143,6 +145,14 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
             if k_caches is self.k and v_caches is self.v:       # the same engine taking it back: as it was
                 return
             raise RuntimeError("a TierConnector serves one engine")
+        try:
+            self._register(k_caches, v_caches)
+        except BaseException:       # (a bad setting, out of memory): nothing of the tiers stays held
+            if self.disk is not None:
+                self.disk.unlock()
+            raise
+
+    def _register(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
         self.k, self.v = k_caches, v_caches
         self.device = k_caches[0].device
         self.geom = g = Geometry.of(k_caches, self.cfg.codec, self.cfg.model)
@@ -181,7 +191,7 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
         entries are pinned while read, so neither the writer's LRU nor another load can drop them;
         a corrupt disk file is dropped (and the read fails). Runs on the caller's thread: the engine
         steps meanwhile. Counted per tier as `served` blocks and a `serve_s` latency."""
-        if not self.index or not hashes:
+        if self._closed or not self.index or not hashes:
             return None
         parts: list[tuple[int, str, int]] = []
         with self._lock:
@@ -262,11 +272,31 @@ class TierConnector(WriteBehind, LoadBack, KVConnector):
         return False
 
     def close(self) -> None:
+        """Store what is queued, end the threads, release the disk directory; then the engine runs as without
+        tiers (a later prompt finds nothing below: no load would ever run). Idempotent. A writer still busy
+        after JOIN_S keeps the directory locked until it ends: another engine must not scan or write it
+        meanwhile."""
+        if self._closed:
+            return
+        self._closed = True
         self._writes.put(None)
         self._reads.put(None)
         self._layer_reads.put(None)
         for t in self._threads:
-            t.join(timeout=10.0)
+            t.join(timeout=self.JOIN_S)
+        busy = [t for t in self._threads if t.is_alive()]
         self._threads = []
-        if self.disk is not None:
+        self.loads = False
+        if self.disk is None:
+            return
+        if not busy:
             self.disk.unlock()
+            return
+        log.warning("KV tiers: %s still busy after %.0fs; the disk directory stays locked until done",
+                    ", ".join(t.name for t in busy), self.JOIN_S)
+
+        def unlock_when_done(disk=self.disk):
+            for t in busy:
+                t.join()
+            disk.unlock()
+        threading.Thread(target=unlock_when_done, name="kv-tier-unlock", daemon=True).start()

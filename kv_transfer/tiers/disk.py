@@ -18,7 +18,10 @@ page cache. Reads stay buffered.
 A file is written under a temporary name and renamed into place, so a crash leaves either the whole
 file or none (a leftover temporary is removed by `scan`). `read`, `scan` and `open_rows` check what
 they read: a file whose name, hash, layout, length or checksum is wrong is corrupt, and is deleted;
-so is one that cannot be read (EIO: a bad sector is a bad block). A failed write leaves no file.
+so is one that cannot be read (EIO: a bad sector is a bad block), or is not a regular file (a FIFO,
+which would block the open, a device, a symlink out of the directory). A failed write leaves no file.
+The directory is one process's: `lock` takes a flock on its .lock file (released by `unlock`, when the
+store is collected, or at exit; a forked child drops its copy of the descriptor).
 """
 from __future__ import annotations
 
@@ -28,8 +31,10 @@ import logging
 import mmap
 import os
 import re
+import stat
 import struct
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -45,6 +50,35 @@ SUFFIX = ".kvb"
 LOCK = ".lock"              # held (flock) by the one process whose disk tier the directory is
 _TMP = re.compile(r"\.[0-9a-f]{16}\.kvb\.\d+\.tmp")     # write()'s temporary names: the only .tmp scan removes
 PAGE = 4096                             # file layout unit: O_DIRECT wants offsets and lengths aligned to it
+
+
+def _open_file(path: Path):
+    """path opened for reading (binary) if it is a regular file. A FIFO would block the open (a scan at
+    start would never end), a device read a foreign stream, a symlink point outside the directory:
+    OSError for those (ELOOP, EINVAL), as for an unreadable file; FileNotFoundError if none is there."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)    # (no effect on a regular file's reads)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path.name} is not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+_LOCKED: "weakref.WeakSet[DiskStore]" = weakref.WeakSet()     # stores holding their directory's flock
+
+
+def _drop_locks_in_child() -> None:
+    """After fork, in the child: close its copies of the lock descriptors. A flock belongs to the open
+    file description, which fork shares: a child (a multiprocessing pool's worker) kept the directory
+    locked after the parent's engine closed it, until the child exited. The parent keeps its lock."""
+    for store in list(_LOCKED):
+        store._release_fd()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 def _pages(n: int) -> int:
@@ -75,6 +109,7 @@ class DiskStore:
         self.direct = hasattr(os, "O_DIRECT")                   # False once the filesystem refuses it
         self._local = threading.local()                         # each writing thread's page-aligned buffer
         self._lock_fd: int | None = None                        # lock()'s descriptor
+        self._lock_closer = None                                # closes it when the store is collected
 
     def lock(self) -> None:
         """Claim the directory for this process (flock on its .lock file) until unlock() or exit: two
@@ -87,11 +122,17 @@ class DiskStore:
             raise RuntimeError(f"KV disk tier directory {self.dir} is in use by another engine (each worker or "
                                "offline LLM needs its own --kv-disk-cache-dir)") from None
         self._lock_fd = fd
+        self._lock_closer = weakref.finalize(self, os.close, fd)    # a store dropped unclosed frees it too
+        _LOCKED.add(self)
 
     def unlock(self) -> None:
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            os.close(fd)                    # (closing the descriptor releases the flock)
+        _LOCKED.discard(self)
+        self._release_fd()                  # (closing the descriptor releases the flock)
+
+    def _release_fd(self) -> None:
+        closer, self._lock_fd, self._lock_closer = self._lock_closer, None, None
+        if closer is not None:
+            closer()
 
     @property
     def header_bytes(self) -> int:
@@ -159,7 +200,7 @@ class DiskStore:
         error: a bad sector is a bad block) or FileNotFoundError."""
         p = self.path(block_hash)
         try:
-            with open(p, "rb") as f:
+            with _open_file(p) as f:
                 raw = bytearray(f.read(self.file_bytes + 1))
         except FileNotFoundError:
             raise
@@ -214,7 +255,7 @@ class DiskStore:
                 bad += 1
         for _, h, p in sorted(entries):
             try:
-                with open(p, "rb") as f:
+                with _open_file(p) as f:
                     raw = f.read(self.file_bytes + 1)
             except OSError:
                 raw = b""
@@ -293,7 +334,7 @@ class RowReader:
     def __init__(self, store: DiskStore, block_hash: int):
         self.s, self.hash, self.crcs = store, block_hash, None
         try:
-            self.f = open(store.path(block_hash), "rb")
+            self.f = _open_file(store.path(block_hash))
         except FileNotFoundError:
             raise CorruptBlock(f"{store.path(block_hash).name}: gone", block_hash) from None
         except OSError as e:

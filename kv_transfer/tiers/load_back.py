@@ -38,7 +38,7 @@ class _Load:
 
 class LoadBack:
     def external_tokens(self, request, num_local_tokens: int) -> int:
-        if not self.index:
+        if self._closed or not self.index:           # (closed: no loader would run the load)
             return 0
         bs = self.geom.block_size
         last = (min(request.num_tokens, request.num_prefill_tokens) - 1) // bs   # keep the last token's block
@@ -93,7 +93,7 @@ class LoadBack:
         """external_tokens, counting only host-tier blocks when layerwise: a remote prefill's
         reservation cannot recompute, so it loads in step only what cannot fail (a pinned host slot),
         never a disk block (which can turn out corrupt)."""
-        if not self.loads or "host" not in self.index:
+        if self._closed or not self.loads or "host" not in self.index:
             return 0
         bs, idx = self.geom.block_size, self.index["host"]
         last = (min(request.num_tokens, request.num_prefill_tokens) - 1) // bs

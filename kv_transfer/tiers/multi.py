@@ -89,7 +89,11 @@ class MultiConnector(KVConnector):
     # worker side
     def register_caches(self, k_caches, v_caches) -> None:
         self.tiers.register_caches(k_caches, v_caches)
-        self.inner.register_caches(k_caches, v_caches)
+        try:
+            self.inner.register_caches(k_caches, v_caches)
+        except BaseException:       # the tiers' threads and disk directory are nobody's to close otherwise
+            self.tiers.close()
+            raise
 
     def wait_layer(self, layer: int) -> None:
         if self.tiers.loads:

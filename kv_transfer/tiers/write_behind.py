@@ -41,7 +41,7 @@ class WriteBehind:
             self.evicted(block_ids, hashes)
 
     def evicted(self, block_ids: list[int], hashes: list[int]) -> None:
-        if not self.index:
+        if self._closed or not self.index:            # (closed: no writer would store them)
             return
         t0 = time.perf_counter()
         todo_ids, todo, touched = [], [], []

@@ -187,13 +187,13 @@ def test_an_unreadable_file_is_a_bad_block_for_loads_and_pulls(tmp_path, monkeyp
     hs = req("w", n=13).block_hashes()[:3]
     tc.evicted([0, 1, 2], hs)
     assert tc.wait_idle()
-    real_open = open
+    real_open = disk_mod._open_file
 
-    def eio(path, *a, **kw):
+    def eio(path):
         if str(path).endswith(f"{hs[0]:016x}.kvb"):
             raise OSError(errno.EIO, "Input/output error")
-        return real_open(path, *a, **kw)
-    monkeypatch.setattr(disk_mod, "open", eio, raising=False)
+        return real_open(path)
+    monkeypatch.setattr(disk_mod, "_open_file", eio)
     if layerwise:                                       # loaded in the step: the failure names the request
         r = req("a", n=13)
         n = tc.external_tokens(r, 0)
@@ -209,8 +209,7 @@ def test_an_unreadable_file_is_a_bad_block_for_loads_and_pulls(tmp_path, monkeyp
     f = {x["tier"]: x for x in tc.figures()}["disk"]
     assert f["load_failures"] == 1 and f["corrupt"] == 1
     assert tc.external_tokens(req("b", n=13), 0) == 0   # never offered again
-    monkeypatch.setattr(disk_mod, "open", lambda *a, **kw: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")),
-                        raising=False)
+    monkeypatch.setattr(disk_mod, "_open_file", lambda path: (_ for _ in ()).throw(OSError(errno.EIO, "EIO")))
     assert tc.read_blocks(hs[1:2]) is None              # a peer's pull: refused, not raised
     assert hs[1] not in tc.index["disk"]
 
