@@ -11,6 +11,8 @@ flag's unit in the field's units (MiB -> bytes).
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -97,7 +99,7 @@ class CacheConfig:
         "a corrupt one recomputes the prompt; on a prefill worker disk hits always load whole blocks first)")})
 
     def __post_init__(self):
-        check_mins(self)
+        check_fields(self)
         if self.block_size < 1 or (self.num_blocks is not None and self.num_blocks < 1):
             raise ValueError(f"block_size and num_blocks must be >= 1, got {self.block_size}, {self.num_blocks}")
         if not 0 < self.memory_fraction <= 1 or not 0 <= self.protected_fraction <= 1:
@@ -126,16 +128,28 @@ class SchedulerConfig:
                                            #   of computing the same prefix twice
 
     def __post_init__(self):
-        check_mins(self)        # (a max_num_seqs or step budget of 0 scheduled nothing: generate() spun for ever)
+        check_fields(self)      # (a max_num_seqs or step budget of 0 scheduled nothing: generate() spun for ever)
 
 
-def check_mins(cfg: Any) -> None:
-    """ValueError naming the first field of `cfg` below its metadata's "min" (the bound its flag shows:
-    deploy/flags.py); NaN fails too. Offline LLM(...) keywords reach the tree without the flags' check."""
+def check_fields(cfg: Any) -> None:
+    """ValueError naming the first field of `cfg` whose value is not of its annotated kind (an int field an
+    integer, a float one a finite number, never a bool; a bool field a bool; None only where annotated) or
+    is outside its metadata's "min" / "above" (the bounds its flag shows: deploy/flags.py). Offline
+    LLM(...) keywords reach the tree without the flags' checks: a NaN, 1.5 blocks or "false" got in."""
     for f in fields(cfg):
-        lo, v = f.metadata.get("min"), getattr(cfg, f.name)
-        if lo is not None and v is not None and not v >= lo:
-            raise ValueError(f"{f.name} must be >= {lo}, got {v}")
+        kind, v = str(f.type), getattr(cfg, f.name)
+        base = kind.replace(" | None", "")
+        if v is None and kind.endswith("| None"):
+            continue
+        ok = {"int": isinstance(v, numbers.Integral) and not isinstance(v, bool),
+              "float": isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v),
+              "bool": isinstance(v, bool)}.get(base, True)
+        if not ok:
+            what = {"int": "an integer", "float": "a finite number", "bool": "True or False"}[base]
+            raise ValueError(f"{f.name} must be {what}, got {v!r}")
+        lo, above = f.metadata.get("min"), f.metadata.get("above")
+        if (lo is not None and not v >= lo) or (above is not None and not v > above):
+            raise ValueError(f"{f.name} must be {f'>= {lo}' if lo is not None else f'> {above}'}, got {v!r}")
 
 
 def check_tier_codec(kv_cache_dtype: str, tier_codec: str, where: str = "") -> None:
@@ -166,7 +180,7 @@ class EngineConfig:
     spec_ngram_k: int = 4                # most draft tokens per request per step (adaptive below it)
     spec_ngram_n: int = 4                # longest n-gram matched (shortest: 2)
     spec_max_step_tokens: int = 16       # drafts only while a step has fewer rows than this (engine/spec/decoder.py)
-    num_threads: int | None = None       # torch.set_num_threads on CPU hosts
+    num_threads: int | None = field(default=None, metadata={"min": 1})   # torch.set_num_threads on CPU hosts
     cuda_graphs: bool = True             # pure-decode steps replayed as CUDA graphs captured at start
                                          #   (engine/cuda_graphs.py; Triton backend on CUDA only, CPU
                                          #   steps: cpu_compile below); False = vLLM's --enforce-eager
@@ -187,6 +201,7 @@ class EngineConfig:
                                          #   the same results bit for bit, 5.3x fewer bytes a step; False = float32
 
     def __post_init__(self):
+        check_fields(self)
         from pdcluster.engine.quant.policy import check_mode
         check_mode(self.quantization)        # ValueError naming the modes
         if self.speculative not in SPECULATIVE:

@@ -5,6 +5,7 @@ Workers (prefill, decode, colocated) and the offline LLM all drive this one clas
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -101,7 +102,8 @@ def build_config(model: str | None = None, *, max_model_len: int | None = None, 
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {knobs['dtype']!r}")
     m = load_model_config(model)
     if max_model_len is not None:
-        if not 1 <= max_model_len <= m.max_position_embeddings:     # (vLLM refuses past the model's too)
+        if (not isinstance(max_model_len, numbers.Integral) or isinstance(max_model_len, bool)
+                or not 1 <= max_model_len <= m.max_position_embeddings):   # (vLLM refuses past the model's too)
             raise ValueError(f"max_model_len must be in [1, {m.max_position_embeddings}] (the model's context), "
                              f"got {max_model_len}")
         m = replace(m, max_position_embeddings=min(max_model_len, m.max_position_embeddings))

@@ -68,7 +68,7 @@ class SamplingParams:
         if not all(_integral(t) for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be integer token ids, got {list(self.stop_token_ids)[:8]!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        for name in ("max_tokens", "top_k", "min_tokens", "seed"):   # numpy's integers as Python's
+        for name in ("max_tokens", "top_k", "min_tokens", "seed", "logprobs", "prompt_logprobs"):   # numpy's ints too
             if _integral(getattr(self, name)):
                 object.__setattr__(self, name, int(getattr(self, name)))
         if self.top_k == -1:                            # vLLM's "off" (0 here)
@@ -79,6 +79,8 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
+        if type(self.ignore_eos) is not bool:          # ("false" is truthy: it generated to max_tokens)
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, numbers.Real):

@@ -15,6 +15,8 @@ def test_vllm_spellings_are_read_as_vllm_reads_them():
     # numpy's numbers for the seed and logit_bias too: refused before, the in-range np.float64(1.0) as out of range
     p = SamplingParams(seed=np.int64(3), logit_bias={np.int64(5): np.float64(1.0), 6: np.float32(-2)})
     assert type(p.seed) is int and p.logit_bias == ((5, 1.0), (6, -2.0)) and type(p.logit_bias[0][0]) is int
+    p = SamplingParams(logprobs=np.int64(2), prompt_logprobs=np.int32(1))      # (refused before)
+    assert (type(p.logprobs), type(p.prompt_logprobs)) == (int, int)
 
 
 @pytest.mark.parametrize("kw, field", [
@@ -23,6 +25,7 @@ def test_vllm_spellings_are_read_as_vllm_reads_them():
     (dict(max_tokens=3.0), "max_tokens"), (dict(stop_token_ids=[1.7]), "stop_token_ids"), (dict(top_k=None), "top_k"),
     (dict(stop_token_ids=5), "stop_token_ids"), (dict(repetition_penalty=True), "repetition_penalty"),
     (dict(seed=True), "seed"), (dict(logit_bias={5: True}), "logit_bias"),          # a bool is no number here
+    (dict(ignore_eos="false"), "ignore_eos"),       # truthy: it generated to max_tokens, past the EOS
 ])
 def test_a_wrong_type_is_a_value_error_naming_the_field(kw, field):
     with pytest.raises(ValueError, match=field):

@@ -501,6 +501,32 @@ def test_cache_sizes_out_of_range_are_refused(kw, says):
         CacheConfig(**kw)
 
 
+@pytest.mark.parametrize("kw, says", [
+    # LLM(...) keywords reach the tree without the flags' checks: each of these built, then failed later (a
+    # TypeError at allocation, an OverflowError, set_num_threads' RuntimeError) or ran on (NaN drafts: ~4x slower)
+    (dict(kv_cache_memory=float("inf")), "kv_cache_memory must be an integer"),
+    (dict(kv_cache_memory=0), "kv_cache_memory must be > 0"),
+    (dict(host_cache_gb=float("inf")), "host_cache_gb must be a finite number"),
+    (dict(num_blocks=float("nan")), "num_blocks must be an integer"),
+    (dict(max_num_seqs=1.5), "max_num_seqs must be an integer"),
+    (dict(enable_prefix_caching="false"), "enable_prefix_caching must be True or False"),
+    (dict(num_threads=-1), "num_threads must be >= 1"),
+    (dict(spec_ngram_k=float("nan")), "spec_ngram_k must be an integer"),
+    (dict(max_model_len=100.5), "max_model_len must be in"),
+])
+def test_offline_keywords_of_the_wrong_kind_are_refused(kw, says):
+    from pdcluster.engine.llm_engine import build_config
+    with pytest.raises(ValueError, match=says):
+        build_config(None, **kw)
+
+
+def test_numpy_integers_are_integers():
+    import numpy as np
+
+    from pdcluster.engine.llm_engine import build_config
+    assert build_config(None, max_num_seqs=np.int64(8)).sched.max_num_seqs == 8
+
+
 class _LoadsTwoBlocks(KVConnector):
     """A lower tier holding the first 2 blocks (8 tokens) of `only`'s prompts (None: all), loaded before the step,
     always whole, `delay` steps after the first."""
