@@ -64,6 +64,9 @@ class PoolsConfigError(ValueError):
 _NO = object()      # "key absent": the field's default applies
 
 
+NULL_TAG, BOOL_TAG = "tag:yaml.org,2002:null", "tag:yaml.org,2002:bool"
+
+
 class _Reader:
     """Walks the composed node tree, converting scalars and recording issues with their lines."""
 
@@ -75,7 +78,10 @@ class _Reader:
         self.issues.append(Issue(node.start_mark.line + 1, key, message))
 
     def mapping(self, node: yaml.Node, key: str, allowed: tuple[str, ...]) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-        """{name: (key node, value node)} of a mapping, flagging unknown and repeated keys."""
+        """{name: (key node, value node)} of a mapping, flagging unknown and repeated keys. A null (`key:` with
+        every child commented out, `key: null`) is an empty mapping: nothing set there."""
+        if isinstance(node, yaml.ScalarNode) and node.tag == NULL_TAG:
+            return {}
         if not isinstance(node, yaml.MappingNode):
             self.fail(node, key or "(top level)", f"expected a mapping, got {_kind(node)}")
             return {}
@@ -105,6 +111,8 @@ class _Reader:
         except (yaml.YAMLError, ValueError) as e:      # an unknown or a mistyped tag (`!foo 3`, `!!int abc`)
             self.fail(vn, path, f"cannot read {vn.tag} {vn.value!r}: {str(e).splitlines()[0][:120]}")
             return _NO
+        if vn.tag == BOOL_TAG and vn.value in getattr(check, "choices", ()):
+            v = vn.value                                # YAML 1.1 reads a bare `off` (`speculative: off`) as False
         problem = check(v)
         if problem:
             self.fail(vn, path, f"{problem} (got {v!r})")
@@ -153,12 +161,14 @@ def _bool(v) -> str | None:
 def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
     def one_of(v):
         return None if v in choices else f"must be one of {', '.join(choices)}"
+    one_of.choices = choices
     return one_of
 
 
 def _opt_one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
     def opt_one_of(v):
         return None if v is None or v in choices else f"must be one of {', '.join(choices)} or null"
+    opt_one_of.choices = choices
     return opt_one_of
 
 
@@ -319,6 +329,12 @@ def parse_pools_config(text: str, source: str = "<string>", base: ClusterConfig 
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         raise PoolsConfigError(source, [Issue(mark.line + 1 if mark else 1, "(syntax)", str(e.problem))]) from None
+    except yaml.reader.ReaderError as e:                # a character YAML does not allow (NUL, form feed, ...)
+        line = text[:e.position].count("\n") + 1 if isinstance(e.position, int) else 1
+        raise PoolsConfigError(source, [Issue(line, "(syntax)", f"character #x{e.character:04x} is not allowed "
+                                                               "in YAML")]) from None
+    except RecursionError:                              # nested past the parser's stack
+        raise PoolsConfigError(source, [Issue(1, "(syntax)", "nested too deeply")]) from None
     if root is None:
         raise PoolsConfigError(source, [Issue(1, "(top level)", "the file is empty")])
     rd = _Reader()

@@ -412,3 +412,32 @@ def test_flag_values_out_of_range_are_refused_naming_the_flag(path, value, flag)
     from pdcluster.deploy.flags import dotted, override
     with pytest.raises(ValueError, match=flag):
         override(ClusterConfig(), dotted(**{path: value}))
+
+
+@pytest.mark.parametrize("text, line, says", [
+    ("model: null\x00\n", 1, "character #x0000 is not allowed"),      # a ReaderError escaped as a traceback
+    ("decode:\n  dtype: float32\x0c\n", 2, "character #x000c is not allowed"),
+    ("model: " + "[" * 3000 + "]" * 3000 + "\n", 1, "nested too deeply"),    # a RecursionError did too
+])
+def test_text_yaml_cannot_read_is_a_config_error(text, line, says):
+    with pytest.raises(PoolsConfigError) as e:
+        parse_pools_config(text)
+    assert e.value.issues[0].line == line and says in e.value.issues[0].message
+
+
+def test_a_bare_off_is_the_choice_not_false():
+    """YAML 1.1 reads a bare `off` as False: `speculative: off`, the value the shipped file's comment lists,
+    was refused ("must be one of ngram, off or null (got False)")."""
+    c = parse_pools_config("decode:\n  speculative: off\nprefill:\n  speculative: ngram\n")
+    assert (c.pools.decode.speculative, c.pools.prefill.speculative) == ("off", "ngram")
+    with pytest.raises(PoolsConfigError, match="must be one of"):
+        parse_pools_config("decode:\n  speculative: yes\n")       # a bool that is no choice stays an error
+
+
+def test_a_null_section_is_an_empty_one():
+    """`kv_tiers:` with every child commented out (or `kv_tiers: null`: "null or absent: the engine's", as its
+    doc says) was refused as "expected a mapping"; so was an empty `router:` or pool."""
+    c = parse_pools_config("decode:\n  kv_tiers:\n  #  host_cache_gb: 1\nrouter: null\nprefill:\n")
+    base = ClusterConfig()
+    assert c.pools.decode.kv_tiers == base.pools.decode.kv_tiers and c.server == base.server
+    assert c.pools.prefill == parse_pools_config("prefill: {}\n").pools.prefill     # as an empty mapping
