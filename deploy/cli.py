@@ -120,6 +120,7 @@ def cmd_serve(a) -> int:
     try:    # the files a request path would read late: bad ones stop serve now, in one line
         from pdcluster.engine.loader import load_model_config
         m = load_model_config(cfg.model)    # (config.json or GGUF metadata: else a traceback once Ray had started)
+        check_tokenizer(m)
         check_gpus(cfg)
         check_disk_tiers(cfg)
         if cfg.engine.max_model_len is not None and not 1 <= cfg.engine.max_model_len <= m.max_position_embeddings:
@@ -168,15 +169,28 @@ def cmd_serve(a) -> int:
             print("shutting down ...", flush=True)
             await cluster.stop()
 
+    from ray.exceptions import RayError
     try:
         uvloop.run(main())
     except PortInUse as e:    # taken between the check above and the bind
         print(f"pdcluster serve: {e.strerror}", file=sys.stderr)
         return 2
-    except (StartFailed, ConnectionError) as e:     # workers not placed in time; no Ray cluster at --address
+    # workers not placed in time; no Ray cluster at --address; a worker killed while it loaded (out of memory)
+    except (StartFailed, ConnectionError, RayError) as e:
         print(f"pdcluster serve: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def check_tokenizer(m) -> None:
+    """ValueError unless model config m's tokenizer loads (the router loads it once Ray and the workers have
+    started: a folder without one failed there, in a traceback)."""
+    from pdcluster.engine.tokenizer import load_tokenizer
+    try:
+        load_tokenizer(m)
+    except Exception as e:      # transformers raises OSError, ValueError, TypeError, ... by what is missing
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot load the tokenizer of {m.path}: {first}") from None
 
 
 def cmd_generate(a) -> int:

@@ -10,7 +10,7 @@ import json
 import os
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from pdcluster.engine.config import ModelConfig
 from pdcluster.engine.quant.packed import Packed, quantize
@@ -42,8 +42,11 @@ def _weight_files(folder: str) -> dict[str, str]:
         raise FileNotFoundError(f"{folder}: no *.safetensors files")
     out = {}
     for path in files:
-        with safe_open(path, framework="pt") as f:
-            out.update(dict.fromkeys(f.keys(), path))
+        try:
+            with safe_open(path, framework="pt") as f:
+                out.update(dict.fromkeys(f.keys(), path))
+        except SafetensorError as e:        # (not an OSError or ValueError: serve's checks let it through)
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     return out
 
 

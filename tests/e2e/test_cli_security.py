@@ -187,3 +187,28 @@ def test_graceful_stop_does_not_wait_on_an_idle_keep_alive_client(served):
     text = log.read_text()
     assert "draining 0 stream(s) for up to 30s" in text and "drained" in text, text[-2000:]
     assert took < 20, f"stop took {took:.1f}s with one idle keep-alive connection (drain bound 30s)"
+
+
+@pytest.mark.parametrize("weights, words", [
+    ("readable", "cannot load the tokenizer"),      # Ray and the workers started, then the router's load failed
+    ("empty", "not a readable safetensors file"),   # safetensors' own error type got past the pre-flight
+])
+def test_a_broken_model_folder_stops_serve_at_once_in_one_line(tmp_path, weights, words):
+    """A folder with config.json and weights but no tokenizer, or a weights file that is not safetensors:
+    each ended in a traceback."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=576,
+        intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        max_position_embeddings=8192, bos_token_id=1, eos_token_id=2)))
+    if weights == "readable":
+        save_file({"model.norm.weight": torch.ones(576)}, str(tmp_path / "model.safetensors"))
+    else:
+        (tmp_path / "model.safetensors").write_bytes(b"")
+    r = subprocess.run([str(BIN / "pdcluster"), "serve", "--model", str(tmp_path), "--port", "0", "--metrics-port",
+                        "0", "--http-port", "0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and words in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "starting pdcluster" not in r.stdout
