@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import errno
 import logging
+import math
 import os
 import signal
 import sys
@@ -239,6 +240,29 @@ def cmd_generate(a) -> int:
     return asyncio.run(main())
 
 
+def _int64(text: str) -> int:
+    """An integer the wire's int64 fields hold (the server checks the field's own range)."""
+    v = int(text)
+    if not -2**63 <= v < 2**63:
+        raise argparse.ArgumentTypeError(f"{text} is out of the 64-bit integer range")
+    return v
+
+
+def _finite(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return v
+
+
+def _seconds(text: str) -> float:
+    """A deadline: a finite number of seconds > 0."""
+    v = _finite(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: a deadline must be > 0 seconds")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole `pdcluster` command tree."""
     ap = argparse.ArgumentParser(prog="pdcluster", description="Disaggregated prefill/decode LLM serving.",
@@ -252,15 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="stream a completion from a running server", formatter_class=HelpFormatter)
     g.add_argument("prompt", help="the prompt text")
     g.add_argument("--chat", action="store_true", help="send as a chat message (chat template applied)")
-    g.add_argument("--max-tokens", type=int, default=64, help="most tokens to generate")
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=0.0, help="nucleus mass; 0 = off")
-    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--max-tokens", type=_int64, default=64, help="most tokens to generate")
+    g.add_argument("--temperature", type=_finite, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=_finite, default=0.0, help="nucleus mass; 0 = off")
+    g.add_argument("--top-k", type=_int64, default=0, help="0 = off")
     g.add_argument("--seed", type=int, default=None,
                    help="seed of a sampled (temperature > 0) completion (default: none, unseeded)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--addr", default="127.0.0.1:50051", help="the router's gRPC address")
-    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds (default: none)")
+    g.add_argument("--timeout", type=_seconds, default=None, help="deadline in seconds (default: none)")
     g.add_argument("--tls-ca", default=None, help="PEM CA (or the server's own certificate): connect over TLS")
     g.add_argument("--auth-token", default=None,
                    help="bearer token for a server started with --auth-token-file (default: $PDCLUSTER_TOKEN)")

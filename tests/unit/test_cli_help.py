@@ -146,3 +146,18 @@ def test_in_range_flags_and_their_zero_offs_parse():
     c = apply_flags(ClusterConfig(), a, a.tree_flags)
     assert (c.router.max_queue_wait_s, c.router.admit_ttft_s, c.router.place_wait_s) == (None, 2.5, None)
     assert c.engine.max_model_len == 512 and c.engine.cache.kv_cache_memory == 64 * 2**20
+
+
+@pytest.mark.parametrize("args, says", [
+    # past int64, protobuf raised ValueError in a traceback; a NaN, infinite or negative deadline failed
+    # at once as DEADLINE_EXCEEDED, before the call even connected
+    (["--max-tokens", "99999999999999999999"], "out of the 64-bit integer range"),
+    (["--top-k", "-99999999999999999999"], "out of the 64-bit integer range"),
+    (["--timeout", "nan"], "not a finite number"), (["--timeout", "inf"], "not a finite number"),
+    (["--timeout", "-1"], "a deadline must be > 0 seconds"), (["--temperature", "inf"], "not a finite number"),
+])
+def test_generate_numbers_out_of_range_are_usage_errors(args, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(["generate", "hi", *args])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+    assert cli.build_parser().parse_args(["generate", "hi", "--timeout", "2.5"]).timeout == 2.5
