@@ -64,7 +64,11 @@ def check_disk_tiers(cfg) -> None:
         kw = cfg.engine_kwargs(role)
         d = kw.get("disk_cache_dir")
         if d and kw.get("disk_cache_gb", 0) > 0:
-            os.makedirs(d, exist_ok=True)
+            try:
+                os.makedirs(d, exist_ok=True)
+            except OSError as e:        # a file where the directory goes, a read-only parent: name the setting
+                raise OSError(e.errno, f"the {role} pool's KV disk tier directory (--kv-disk-cache-dir or the "
+                                       f"pool's kv_tiers.disk_cache_dir) cannot be made: {e.strerror}", d) from None
             if not os.access(d, os.W_OK | os.X_OK):
                 raise PermissionError(errno.EACCES, f"the {role} pool's KV disk tier directory is not writable", d)
 

@@ -175,8 +175,11 @@ def test_a_disk_tier_directory_that_cannot_be_made_is_refused_before_ray_starts(
     from pdcluster.deploy.flags import dotted, override
     (tmp_path / "file").write_text("")
     tiers = dict(engine__cache__disk_cache_gb=1.0)
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(NotADirectoryError, match="KV disk tier directory .--kv-disk-cache-dir"):
         check_disk_tiers(override(ClusterConfig(), dotted(engine__cache__disk_cache_dir=str(tmp_path / "file" / "kv"),
+                                                          **tiers)))
+    with pytest.raises(FileExistsError, match="--kv-disk-cache-dir"):      # (before: "[Errno 17] File exists")
+        check_disk_tiers(override(ClusterConfig(), dotted(engine__cache__disk_cache_dir=str(tmp_path / "file"),
                                                           **tiers)))
     check_disk_tiers(override(ClusterConfig(), dotted(engine__cache__disk_cache_dir=str(tmp_path / "kv"), **tiers)))
     assert (tmp_path / "kv").is_dir()
