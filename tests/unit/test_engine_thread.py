@@ -61,7 +61,7 @@ def test_a_failed_step_aborts_its_batch_and_the_waiting_requests_go_on():
     """Before, a step that raised aborted every queued request: one request whose step fails (a kernel
     error on its shape, say) ended every other one on the worker. Now only its batch's requests end
     (aborted); the waiting ones were never in the forward pass and run to their ends."""
-    t = EngineThread(lambda: LLMEngine(build_config(num_threads=1, max_num_seqs=1)))
+    t = EngineThread(lambda: LLMEngine(build_config(num_threads=1, max_num_seqs=1, kv_cache_memory=48 * 2**20)))
 
     def poison(e):
         run = e.runner.run
@@ -84,7 +84,7 @@ def test_a_failed_step_aborts_its_batch_and_the_waiting_requests_go_on():
 def test_a_request_the_failed_step_finished_hears_an_abort_not_a_clean_end():
     """A step that fails after the scheduler finished a request (its last token recorded, not delivered):
     its listener hears "abort", not "length" with its last token missing."""
-    t = EngineThread(lambda: LLMEngine(build_config(num_threads=1)))
+    t = EngineThread(lambda: LLMEngine(build_config(num_threads=1, kv_cache_memory=48 * 2**20)))
 
     def poison(e):
         update = e.scheduler.update
