@@ -91,11 +91,22 @@ class PullConnector(ReceiveConnector):
         threading.Thread(target=self._order, args=(entry[1], order, entry[0].holder, p), daemon=True,
                          name=f"pull-{rid}").start()
 
+    LANDED_GRACE_S = 2.0    # after the holder's "ok": how long its blocks may take to be seen landed
+
     def _order(self, order_fn: OrderFn, order: PullOrder, holder: str, p: PendingTransfer) -> None:
-        """Ask the holder; a refusal or error ends the reservation (failed) unless it completed."""
+        """Ask the holder; a refusal or error ends the reservation (failed) unless it completed. So does an
+        "ok" whose blocks have not landed (a holder acks only what this receiver acknowledged, so that is a
+        faulty one): else nothing ended the reservation, and the request waited for it for good."""
         try:
             res = order_fn(order)
-            why = None if res.ok else res.reason or "refused"
+            if not isinstance(res, PullResult):
+                why = f"answered {type(res).__name__}, not a PullResult"
+            elif not res.ok:
+                why = res.reason or "refused"
+            elif p.wait(self.LANDED_GRACE_S) is TransferState.PENDING:
+                why = "answered ok, but its blocks did not land"
+            else:
+                why = None
         except Exception as e:      # noqa: BLE001 - the holder's failure is a recompute, not an error
             why = f"{type(e).__name__}: {e}"
         if why is not None and p.end(TransferState.FAILED, f"pull from {holder}: {why}"):

@@ -90,3 +90,21 @@ def test_a_plan_the_scheduler_never_used_ends_with_its_request():
     assert c.external_tokens(req(), 0) == 6 * BS     # offered; the pool had no room, so it computed them
     assert c.request_finished("r", [0, 1]) is False
     assert c.external_tokens(req(), 0) == 0 and not c._plans and not c._range
+
+
+def test_an_ok_whose_blocks_never_land_fails_the_load(monkeypatch):
+    """Only a refusal or an error ended a pull's reservation: a holder that answered ok and sent nothing (or
+    an answer that is no PullResult) left it pending for good, the request waiting, its blocks held, while
+    the engine's idle polls kept the worker's heartbeat moving. Now the pull fails and the prompt computes."""
+    monkeypatch.setattr(PullConnector, "LANDED_GRACE_S", 0.05, raising=False)
+    for rid, answer in (("r", PullResult(True, blocks=6)), ("s", {"ok": True})):
+        c = connector()
+        c.plan(rid, plan(), lambda o, a=answer: a)
+        r = req(rid)
+        assert c.external_tokens(r, 0) == 6 * BS
+        c.after_alloc(r, [0, 1, 2, 3, 4, 5], 6 * BS)
+        for _ in range(300):
+            if (out := c.finished_loading()):
+                break
+            threading.Event().wait(0.01)
+        assert out == [(rid, False)] and c.receiver.pending() == [] and c.failed_pulls == 1
