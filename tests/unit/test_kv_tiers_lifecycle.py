@@ -77,16 +77,21 @@ def test_a_forked_child_does_not_keep_the_directory_locked(tmp_path):
     """A flock belongs to the open file description, which fork shares: a child forked while the tier was up
     (a multiprocessing pool) kept the directory locked after the engine closed. The child drops its copy."""
     tc = disk_tier(tmp_path)
+    r, w = os.pipe()
     pid = os.fork()
     if pid == 0:                                # the child: unrelated work outliving the engine
+        os.write(w, b"+")                       # (os.fork returned here: the at-fork hooks have run)
         time.sleep(30)
         os._exit(0)
     try:
+        assert os.read(r, 1) == b"+"
         tc.close()
         disk_tier(tmp_path, seed=7).close()     # before: "in use by another engine"
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+        os.close(r)
+        os.close(w)
 
 
 def test_a_failed_registration_leaves_the_directory_unlocked(tmp_path):
