@@ -102,6 +102,7 @@ class TierConfig:
 
 class TierConnector(WriteBehind, LoadBack, KVConnector):
     JOIN_S = 10.0           # close(): how long each thread may take to finish its queue
+
     def __init__(self, cfg: TierConfig, events=None, disk_in_step: bool = True):
         """events: the worker's BlockEventLog (engine/block_events.py), or None. disk_in_step: disk hits
         may load layer by layer in the step (False where the engine ships KV as it computes it)."""
