@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pdcluster.deploy.flags import check_bounds
 from pdcluster.deploy.netns import ShapedLink
 from pdcluster.deploy.pool_config import SLO_KEY, PoolsSection
-from pdcluster.engine.config import (DTYPE_BYTES, SPECULATIVE, CacheConfig, EngineConfig, SchedulerConfig,
+from pdcluster.engine.config import (DTYPE_BYTES, LOGPROBS_MODES, SPECULATIVE, CacheConfig, EngineConfig, SchedulerConfig,
                                      check_tier_codec)
 from pdcluster.engine.kv_quant import KV_CACHE_DTYPES
 from pdcluster.engine.quant.policy import QUANTIZATIONS
@@ -73,6 +73,11 @@ class EngineSection:
             "speculative decoding: ngram drafts tokens by prompt lookup (the sequence's last tokens matched "
             "earlier in it) and verifies them in the decode step, exact for greedy and sampled requests, "
             "adaptive per request (engine/spec/); off decodes one token per step; pools.yaml may set it per pool")})
+    logprobs_mode: str = field(default=EngineConfig.logprobs_mode, metadata={
+        "choices": LOGPROBS_MODES, "help": (
+            "what returned logprobs are of: raw_logprobs, the model's distribution (vLLM's default; a response "
+            "format's grammar applied) or processed_logprobs, the one each token is drawn from (after logit bias, "
+            "penalties and temperature), untruncated; prompt logprobs are always raw")})
     kv_cache_dtype: str = field(default=EngineConfig.kv_cache_dtype, metadata={
         "choices": KV_CACHE_DTYPES, "help": (
             "KV cache of every worker: auto (= --dtype) or int8 / fp8 codes with a scale per (block, KV head), "
@@ -108,7 +113,8 @@ class EngineSection:
         """build_config's keywords (plain data: they cross to the worker actors)."""
         from dataclasses import asdict
         return dict(model=model, dtype=self.dtype, quantization=self.quantization, kv_cache_dtype=self.kv_cache_dtype,
-                    device=self.device, speculative=self.speculative, max_model_len=self.max_model_len,
+                    device=self.device, speculative=self.speculative, logprobs_mode=self.logprobs_mode,
+                    max_model_len=self.max_model_len,
                     cuda_graphs=not self.enforce_eager, cpu_compile=self.cpu_compile,
                     cpu_int8_rows=self.cpu_int8_rows,
                     **asdict(self.cache), **asdict(self.sched))

@@ -19,6 +19,7 @@ from typing import Any
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}   # the dtypes a worker runs in, bytes per element
 TIER_CODECS = ("none", "int8", "fp8")   # KV below the device pool (kv_transfer/codec.py CODECS)
 SPECULATIVE = ("ngram", "off")       # speculative decoding modes (engine/spec/)
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs")   # what logprobs are of (vLLM's logprobs_mode; engine/sampler.py)
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -180,6 +181,9 @@ class EngineConfig:
     spec_ngram_k: int = 4                # most draft tokens per request per step (adaptive below it)
     spec_ngram_n: int = 4                # longest n-gram matched (shortest: 2)
     spec_max_step_tokens: int = 16       # drafts only while a step has fewer rows than this (engine/spec/decoder.py)
+    logprobs_mode: str = "raw_logprobs"  # raw_logprobs: the model's distribution (a grammar's mask applied, no
+                                         #   bias, penalty or temperature: vLLM's default) | processed_logprobs: the
+                                         #   distribution the token is drawn from (after them), untruncated
     num_threads: int | None = field(default=None, metadata={"min": 1})   # torch.set_num_threads on CPU hosts
     cuda_graphs: bool = True             # pure-decode steps replayed as CUDA graphs captured at start
                                          #   (engine/cuda_graphs.py; Triton backend on CUDA only, CPU
@@ -206,6 +210,8 @@ class EngineConfig:
         check_mode(self.quantization)        # ValueError naming the modes
         if self.speculative not in SPECULATIVE:
             raise ValueError(f"speculative must be one of {SPECULATIVE}, got {self.speculative!r}")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got {self.logprobs_mode!r}")
         if self.cpu_int8_rows < 0:
             raise ValueError(f"cpu_int8_rows must be >= 0 (0 = off), got {self.cpu_int8_rows}")
         if self.spec_ngram_k < 1 or self.spec_ngram_n < 2 or self.spec_max_step_tokens < 1:

@@ -197,7 +197,8 @@ class ModelRunner:
             self.grammars.mask(logits, constrained, [self._matcher(reqs[k]) for k in constrained])
         hist = [History(r.prompt_token_ids, r.output_token_ids, stop_ids(r.params, r.eos_token_ids))
                 if r.params.has_penalties or r.params.min_tokens else None for r in reqs]
-        toks, logprobs = sample_rows(logits, [r.params for r in reqs], [self._generator(r) for r in reqs], hist)
+        toks, logprobs = sample_rows(logits, [r.params for r in reqs], [self._generator(r) for r in reqs], hist,
+                                     raw_logprobs=self.cfg.logprobs_mode == "raw_logprobs")
         for k in constrained:
             m = self.matchers[reqs[k].request_id]
             self.grammars.accept(m, toks[k])

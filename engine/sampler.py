@@ -6,9 +6,11 @@ NaN logit never wins: NaN is ranked below every number, and a row with no number
 NonFiniteLogits instead of quietly returning token 0.
 
 Order for one row (vLLM's): logit bias and the min_tokens mask on the raw logits, then penalties, then
-temperature, then min-p, top-k and top-p; logprobs are the log-softmax of the row after penalties and
-temperature (greedy rows: after penalties), before any truncation: the distribution the token is drawn
-from, untruncated.
+temperature, then min-p, top-k and top-p. Logprobs (vLLM's logprobs_mode): raw (the engine's default, as
+vLLM's) are the log-softmax of the model's logits as they came (a grammar's mask applied: tokens it forbids
+are -inf), before bias, penalties and temperature; processed are of the row after bias, penalties and
+temperature (greedy rows: after bias and penalties), before any truncation: the distribution the token is
+drawn from, untruncated.
 
 Random rows use the exponential-race trick: argmax(p / E) with E ~ Exp(1) draws from p and needs
 one draw per vocabulary entry from the request's own generator, so a seeded request's tokens do
@@ -116,9 +118,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
 
 
 def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-                histories: list[History | None] | None = None) -> tuple[list[int], list[TokenLogprobs | None]]:
+                histories: list[History | None] | None = None, raw_logprobs: bool = False
+                ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """logits: float32 [N, V] (a grammar's mask already applied). histories: per row, needed where
-    that row's params have penalties or min_tokens. Returns N token ids and N logprobs (None where not asked)."""
+    that row's params have penalties or min_tokens. raw_logprobs: logprobs of the logits as given, else of
+    the processed row (module doc). Returns N token ids and N logprobs (None where not asked)."""
     logits = clean_logits(logits)
     out = logits.max(-1).indices.tolist()      # argmax's first-maximum rule, ~2.7x faster at V = 49152 on CPU
     lps: list[TokenLogprobs | None] = [None] * len(params)
@@ -126,6 +130,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
         if p.greedy and p.plain:
             continue
         row = logits[i]
+        raw = row.log_softmax(-1) if raw_logprobs and p.logprobs is not None else None
         if p.shapes_logits:
             row = apply_logit_bias(row, p.logit_bias)
             if p.min_tokens and len(histories[i].output_ids) < p.min_tokens:
@@ -137,7 +142,7 @@ def sample_rows(logits: torch.Tensor, params: list[SamplingParams], generators: 
             row = apply_penalties(row, p, h.prompt_ids, h.output_ids)
         if not p.greedy:
             row = apply_temperature(row, p.temperature)
-        logp = row.log_softmax(-1) if p.logprobs is not None else None
+        logp = raw if raw is not None else row.log_softmax(-1) if p.logprobs is not None else None
         if p.greedy:
             out[i] = int(row.argmax())
         else:

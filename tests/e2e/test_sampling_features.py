@@ -30,6 +30,32 @@ def test_logprobs_of_greedy_tokens_match_the_reference_distribution(llm, hf_ref)
 
 
 @torch.inference_mode()
+def test_sampled_logprobs_are_raw_by_default_or_processed_as_asked(llm, hf_ref):
+    """logprobs_mode, vLLM's: raw (the default, as vLLM's) are of the model's distribution; processed are of
+    the row the token is drawn from (after the repetition penalty and the temperature). The same seed draws
+    the same tokens either way."""
+    from pdcluster.engine import LLM
+    prompt = ids_of(llm, PROMPTS[3])
+    sp = SamplingParams(max_tokens=6, temperature=0.7, repetition_penalty=1.3, seed=11, logprobs=3)
+    raw = llm.generate([prompt], sp)[0]
+    with LLM(dtype="float32", quantization="none", kv_cache_memory=64 * 2**20,
+             logprobs_mode="processed_logprobs") as other:
+        processed = other.generate([prompt], sp)[0]
+    assert raw.token_ids == processed.token_ids
+    seq = prompt + raw.token_ids
+    logits = hf_ref(torch.tensor([seq[:-1]])).logits[0, len(prompt) - 1:]
+    penalty = RepetitionPenaltyLogitsProcessor(1.3)
+    for step, tok in enumerate(raw.token_ids):
+        want_raw = logits[step].log_softmax(-1)
+        row = penalty(torch.tensor([seq[:len(prompt) + step]]), logits[step:step + 1].clone())[0]
+        want_processed = (row / 0.7).log_softmax(-1)
+        for got, want in ((raw.logprobs[step], want_raw), (processed.logprobs[step], want_processed)):
+            assert got.token_id == tok and abs(got.logprob - float(want[tok])) < 2e-3, step
+            assert all(abs(v - float(want[t])) < 2e-3 for t, v in got.top), step
+    assert any(abs(a.logprob - b.logprob) > 0.05 for a, b in zip(raw.logprobs, processed.logprobs))
+
+
+@torch.inference_mode()
 def test_repetition_penalty_greedy_matches_transformers(llm, hf_ref):
     prompt = ids_of(llm, PROMPTS[3])                                    # "1, 2, 3, 4," invites repeats
     ours = llm.generate([prompt], SamplingParams(max_tokens=16, temperature=0, repetition_penalty=1.3))[0].token_ids

@@ -44,6 +44,7 @@ SERVE_FLAGS = {     # every flag serve has (each one it had before the tree kept
     "--max-model-len": None, "--local-prefill": False,
     "--local-prefill-max-tokens": 0, "--metrics-port": 9090, "--http-port": 8000, "--kv-transport": "tcp",
     "--kv-compression": "off", "--quantization": "none", "--kv-cache-dtype": "auto", "--speculative": "ngram",
+    "--logprobs-mode": "raw_logprobs",
     "--kv-host-cache-gb": 0.0, "--kv-disk-cache-dir": None, "--kv-disk-cache-gb": 0.0, "--kv-tier-codec": "none", "--kv-tier-block-loads": False,
     "--kv-tier-write-back": False,
     "--policy": "cost-model", "--auth-token-file": None, "--tls-cert": None, "--tls-key": None,
