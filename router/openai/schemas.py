@@ -167,7 +167,7 @@ class ChatCompletionRequest(Sampling):
 
 class TokenizeRequest(Strict):
     """vLLM's /tokenize: a completion's prompt or a chat's messages (with tools), as this server tokenizes them."""
-    model: str
+    model: str | None = None                # None or "": the served model (vLLM's)
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_CHAT_MESSAGES)
     tools: list[Tool] | None = None
@@ -177,5 +177,5 @@ class TokenizeRequest(Strict):
 
 
 class DetokenizeRequest(Strict):
-    model: str
+    model: str | None = None
     tokens: list[int] = Field(max_length=MAX_PROMPT_IDS)

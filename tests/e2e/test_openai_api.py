@@ -463,3 +463,6 @@ def test_tokenize_counts_what_the_completions_and_chat_prompts_take_and_detokeni
         bad = post(path, body)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
     assert post("/detokenize", {"tokens": [1], "model": "gpt-4"}).status_code == 404
+    for path, body in (("/tokenize", {"prompt": PROMPTS[2]}), ("/detokenize", {"tokens": r["tokens"]})):
+        unnamed = sync(cluster, lambda: httpx.post(url + path, json=body, timeout=60))     # (was a 400: model required)
+        assert unnamed.status_code == 200 and unnamed.json() == post(path, body).json(), unnamed.text
