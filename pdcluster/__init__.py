@@ -4,7 +4,7 @@ The distribution installs every top-level folder of the repository under this on
 (`pdcluster.engine`, `pdcluster.kernels`, `pdcluster.router`, ...; pyproject.toml's package-dir),
 so it claims no generic top-level import name. The offline API:
 
-    from pdcluster import LLM, SamplingParams
+    from pdcluster import LLM, SamplingParams, StructuredOutput
 """
 import os as _os
 import sys as _sys
@@ -32,6 +32,7 @@ def _scrub_checkout_paths() -> None:
 _scrub_checkout_paths()
 
 from pdcluster.engine.sampling_params import SamplingParams  # noqa: E402
+from pdcluster.engine.structured import StructuredOutput  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -43,4 +44,4 @@ def __getattr__(name):  # keep `import pdcluster` light: torch loads only when L
     raise AttributeError(f"module 'pdcluster' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutput", "RequestOutput", "CompletionOutput", "__version__"]

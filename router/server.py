@@ -248,6 +248,8 @@ def tls_pair(cert: str | None, key: str | None) -> tuple[bytes, bytes]:
     except ssl.SSLError as e:
         raise ValueError(f"--tls-cert {cert} and --tls-key {key} are not a matching PEM certificate and "
                          f"private key ({e})") from None
+    except OSError as e:        # (name the flags and the files: the bare error named neither)
+        raise OSError(e.errno, f"cannot read --tls-cert {cert} / --tls-key {key}: {e.strerror}") from None
     with open(key, "rb") as k, open(cert, "rb") as c:
         return k.read(), c.read()
 

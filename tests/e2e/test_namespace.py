@@ -44,7 +44,7 @@ def test_distribution_claims_only_pdcluster():
 def test_transformers_model_and_our_kernels_in_one_process(hf_ref):
     """hf_ref: transformers has loaded the embedded model in this process."""
     import pdcluster.kernels
-    from pdcluster import LLM, SamplingParams  # noqa: F401  (the public offline API)
+    from pdcluster import LLM, SamplingParams, StructuredOutput  # noqa: F401  (the public offline API)
     from transformers.utils import is_kernels_available
 
     assert Path(pdcluster.kernels.__file__).resolve() == ROOT / "kernels" / "__init__.py"
