@@ -142,17 +142,35 @@ def cmd_serve(a) -> int:
         print(f"pdcluster serve: {e}", file=sys.stderr)
         return 2
 
-    async def main() -> None:
+    async def main() -> int:
         stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        starting: asyncio.Future | None = None
+
+        def on_signal() -> None:
+            if starting is not None and not starting.done() and not stop.is_set():
+                starting.cancel()       # start() stops what it had started (Ray, actors) before it ends
+            stop.set()
+
+        def handlers() -> None:         # before the start, and again once Ray is up (its driver installs its own)
+            for s in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(s, on_signal)
+        handlers()
         print(f"starting pdcluster: {cfg.workers('prefill')} prefill + {cfg.workers('decode')} decode workers ...",
               flush=True)
-        cluster = await Cluster(cfg).start()     # on failure, whatever started (Ray, actors, servers) goes again
+        cluster = Cluster(cfg)
+        cluster.on_ray_up = handlers
+        starting = asyncio.ensure_future(cluster.start())   # on failure, whatever started goes again
+        try:
+            await starting
+        except asyncio.CancelledError:
+            if not stop.is_set():
+                raise
+            print("interrupted during start-up: stopped what had started", file=sys.stderr, flush=True)
+            return 130
+        handlers()
         if rules:
             cluster.start_autoscaler(rules, cfg.pools.autoscaler.interval_s)
-        # after ray.init: Ray's driver installs its own fatal-signal handlers, ours must win
-        loop = asyncio.get_running_loop()
-        for s in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(s, stop.set)
         print(f"pdcluster serving on {cluster.address} (Ctrl-C to stop)", flush=True)
         if cluster.metrics_port:
             print(f"metrics on http://{host_port(cfg.server.host, cluster.metrics_port)}/metrics", flush=True)
@@ -173,10 +191,11 @@ def cmd_serve(a) -> int:
         finally:
             print("shutting down ...", flush=True)
             await cluster.stop()
+        return 0
 
     from ray.exceptions import RayError
     try:
-        uvloop.run(main())
+        return uvloop.run(main())
     except PortInUse as e:    # taken between the check above and the bind
         print(f"pdcluster serve: {e.strerror}", file=sys.stderr)
         return 2
@@ -184,7 +203,6 @@ def cmd_serve(a) -> int:
     except (StartFailed, ConnectionError, RayError) as e:
         print(f"pdcluster serve: {e}", file=sys.stderr)
         return 1
-    return 0
 
 
 def check_tokenizer(m) -> None:

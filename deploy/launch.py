@@ -87,6 +87,8 @@ class Cluster(Scaling):
         self.http = None                         # router.openai.server.HttpServer when --http-port is set
         self.actors: dict[str, object] = {}
         self._owns_ray = False
+        self.on_ray_up = None                    # called once Ray is up in start() (serve: its signal handlers
+                                                 # again, as ray.init installs its own)
         self._poller = None
         self.metrics_port: int | None = None     # bound /metrics port when served
         # scaling (deploy/scaling.py): ids prefill-0.. / decode-0.. are taken by start(), later ones count on;
@@ -133,6 +135,8 @@ class Cluster(Scaling):
                 n_pre, n_dec = (max(p.initial_replicas, p.hi) for p in (c.pools.prefill, c.pools.decode))
                 init_local_ray((c.threads("prefill"), c.threads("decode")), n_pre, n_dec)
                 self._owns_ray = True
+        if self.on_ray_up is not None:
+            self.on_ray_up()
         mcfg = load_model_config(c.model)
         if c.engine.max_model_len:
             mcfg = replace(mcfg, max_position_embeddings=min(c.engine.max_model_len, mcfg.max_position_embeddings))
@@ -147,9 +151,9 @@ class Cluster(Scaling):
                   disable=None) as bar:     # no terminal (a log file, a service): a log line per worker instead
             if bar.disable:
                 log.info("starting %d workers (loading the model) ...", len(self.actors))
+            polls = {wid: asyncio.ensure_future(a.status.remote()) for wid, a in self.actors.items()}
             try:
-                for k, fut in enumerate(asyncio.as_completed([a.status.remote() for a in self.actors.values()],
-                                                             timeout=c.pools.start_timeout_s), 1):
+                for k, fut in enumerate(asyncio.as_completed(polls.values(), timeout=c.pools.start_timeout_s), 1):
                     st = await fut
                     bar.update(1)
                     if bar.disable:
@@ -162,6 +166,14 @@ class Cluster(Scaling):
                 raise StartFailed(
                     f"workers did not start within {c.pools.start_timeout_s:.0f}s: does the Ray cluster have free "
                     f"{need}prefill_pool/decode_pool resources? (ray status shows them)") from None
+            finally:    # a start cut short (a signal, a failed worker): a worker still loading is killed at once (stop()
+                for wid, t in polls.items():        # would wait for its load to ask it to shut down), and a poll that
+                    if not t.done():                # ended failing is not logged as "never retrieved"
+                        t.cancel()
+                        if wid in self.actors:
+                            ray.kill(self.actors.pop(wid))
+                    elif not t.cancelled():
+                        t.exception()
         # the block size and the KV codec are the engine's and the KV section's: passed down, not repeated
         block_size = c.block_size
         self.router = Router(replace(c.router, block_size=block_size), tok, mcfg.eos_token_ids,
