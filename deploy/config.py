@@ -45,7 +45,8 @@ class ServerSection:
     metrics_port: int = field(default=9090, metadata={
         "help": "Prometheus /metrics of the router on --host:PORT (0 = off)"})
     auth_token_file: str | None = field(default=None, metadata={"help": (   # None = no auth
-        "require `authorization: Bearer <token>`; one token (or tenant:token) per line; the tenant also "
+        "require `authorization: Bearer <token>`; one token (or tenant:token) per line, each at least 16 "
+        "characters; the tenant also "
         "isolates its prefix cache")})
     tls_cert: str | None = field(default=None, metadata={
         "help": "PEM certificate: serve the public endpoint over TLS"})
