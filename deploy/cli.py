@@ -168,7 +168,6 @@ def cmd_serve(a) -> int:
                 raise
             print("interrupted during start-up: stopped what had started", file=sys.stderr, flush=True)
             return 130
-        handlers()
         if rules:
             cluster.start_autoscaler(rules, cfg.pools.autoscaler.interval_s)
         print(f"pdcluster serving on {cluster.address} (Ctrl-C to stop)", flush=True)

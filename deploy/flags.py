@@ -16,6 +16,8 @@ import argparse
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Iterator, Mapping
 
+from pdcluster.engine.config import KINDS, in_bounds, of_kind
+
 _TYPES = {"int": int, "float": float, "str": str}
 
 
@@ -75,14 +77,12 @@ def _check_bound(fl: Flag, v: Any) -> None:
     lo, above = fl.meta.get("min"), fl.meta.get("above")
     if v is None or (lo is None and above is None):
         return
-    ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and v == v and abs(v) != float("inf")
-          and (fl.type is not int or isinstance(v, int)) and (lo is None or v >= lo)
-          and (above is None or v > above))
-    if not ok:
+    kind = "int" if fl.type is int else "float"
+    if not (of_kind(v, kind) and in_bounds(v, lo, above)):
         bound = f">= {lo:g}" if lo is not None else f"> {above:g}"
         if fl.meta.get("zero_is_none") and above == 0:
             bound = ">= 0 (0: off)"             # the flag's 0 is the field's None
-        kind = "an integer" if fl.type is int else "a finite number"
+        kind = KINDS[kind]
         shown = v // fl.meta["scale"] if "scale" in fl.meta and isinstance(v, int) else v
         raise ValueError(f"{fl.name} must be {kind} {bound}, got {shown!r}")
 

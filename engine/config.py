@@ -132,24 +132,40 @@ class SchedulerConfig:
         check_fields(self)      # (a max_num_seqs or step budget of 0 scheduled nothing: generate() spun for ever)
 
 
+KINDS = {"int": "an integer", "float": "a finite number", "bool": "True or False"}   # annotation -> what it takes
+
+
+def of_kind(v: Any, kind: str) -> bool:
+    """v is a value of annotated kind `kind`: "int" an integer, "float" a finite number (neither a bool), "bool" a
+    bool; any other kind takes anything."""
+    if kind == "bool":
+        return isinstance(v, bool)
+    if isinstance(v, bool):
+        return kind not in KINDS
+    if kind == "int":
+        return isinstance(v, numbers.Integral)
+    return kind != "float" or (isinstance(v, numbers.Real) and math.isfinite(v))
+
+
+def in_bounds(v: Any, lo: float | None, above: float | None) -> bool:
+    """v >= lo and v > above, each where given."""
+    return (lo is None or v >= lo) and (above is None or v > above)
+
+
 def check_fields(cfg: Any) -> None:
-    """ValueError naming the first field of `cfg` whose value is not of its annotated kind (an int field an
-    integer, a float one a finite number, never a bool; a bool field a bool; None only where annotated) or
-    is outside its metadata's "min" / "above" (the bounds its flag shows: deploy/flags.py). Offline
-    LLM(...) keywords reach the tree without the flags' checks: a NaN, 1.5 blocks or "false" got in."""
+    """ValueError naming the first field of `cfg` whose value is not of its annotated kind (of_kind; None only
+    where annotated) or is outside its metadata's "min" / "above" (the bounds its flag shows: deploy/flags.py,
+    which checks a flag's value with the same two). Offline LLM(...) keywords reach the tree without the flags'
+    checks: a NaN, 1.5 blocks or "false" got in."""
     for f in fields(cfg):
         kind, v = str(f.type), getattr(cfg, f.name)
         base = kind.replace(" | None", "")
         if v is None and kind.endswith("| None"):
             continue
-        ok = {"int": isinstance(v, numbers.Integral) and not isinstance(v, bool),
-              "float": isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v),
-              "bool": isinstance(v, bool)}.get(base, True)
-        if not ok:
-            what = {"int": "an integer", "float": "a finite number", "bool": "True or False"}[base]
-            raise ValueError(f"{f.name} must be {what}, got {v!r}")
+        if not of_kind(v, base):
+            raise ValueError(f"{f.name} must be {KINDS[base]}, got {v!r}")
         lo, above = f.metadata.get("min"), f.metadata.get("above")
-        if (lo is not None and not v >= lo) or (above is not None and not v > above):
+        if not in_bounds(v, lo, above):
             raise ValueError(f"{f.name} must be {f'>= {lo}' if lo is not None else f'> {above}'}, got {v!r}")
 
 

@@ -345,7 +345,7 @@ class LLMEngine:
         sched.loads_failed(conn.failed_in_step())
         sched.sends_done(conn.finished_sending())
         batch = sched.schedule()
-        self.stepping = list(batch.reqs)
+        self.stepping = batch.reqs
         if not batch.reqs:
             if sched.loading or sched.held or sched.waiting:
                 # only the connector or a freed block can make progress: poll, don't spin; counted as the
