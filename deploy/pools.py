@@ -27,7 +27,6 @@ dotted key, and all errors of a file are reported at once: `PoolsConfigError.iss
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -36,7 +35,7 @@ import yaml
 
 from pdcluster.deploy.config import ClusterConfig, block_size_mismatch
 from pdcluster.deploy.pool_config import SLO_KEY, AutoscaleConfig, PoolConfig, PoolTiers
-from pdcluster.engine.config import DTYPE_BYTES, SPECULATIVE, TIER_CODECS
+from pdcluster.engine.config import DTYPE_BYTES, SPECULATIVE, TIER_CODECS, finite
 from pdcluster.engine.kv_quant import KV_CACHE_DTYPES
 from pdcluster.engine.quant.policy import QUANTIZATIONS
 from pdcluster.router.autoscaler import FRACTION_SIGNALS, SIGNALS
@@ -136,7 +135,7 @@ def _int(lo: int, hi: int | None = None) -> Callable[[Any], str | None]:
 
 def _num(lo: float, hi: float | None = None, lo_open: bool = False) -> Callable[[Any], str | None]:
     def number(v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if not isinstance(v, (int, float)) or not finite(v):
             return "expected a number"
         if v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
             left = "(" if lo_open else "["

@@ -144,7 +144,18 @@ def of_kind(v: Any, kind: str) -> bool:
         return kind not in KINDS
     if kind == "int":
         return isinstance(v, numbers.Integral)
-    return kind != "float" or (isinstance(v, numbers.Real) and math.isfinite(v))
+    return kind != "float" or finite(v)
+
+
+def finite(v: Any) -> bool:
+    """v is a real number (not a bool) that a float holds finitely: an int past float's range (10**400) is not
+    (math.isfinite raises OverflowError on it)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def in_bounds(v: Any, lo: float | None, above: float | None) -> bool:

@@ -108,6 +108,8 @@ def test_override_rebuilds_nodes_and_refuses_unknown_paths():
         override(ClusterConfig(), dotted(kv__transprt="grpc"))
     with pytest.raises(ValueError, match="kv transport must be one of"):
         override(ClusterConfig(), dotted(kv__transport="udp"))
+    with pytest.raises(ValueError, match="--admit-ttft must be a finite number"):     # not OverflowError
+        override(ClusterConfig(), dotted(router__admit_ttft_s=10**400))
 
 
 @pytest.mark.parametrize("flags, says", [

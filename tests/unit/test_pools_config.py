@@ -132,6 +132,7 @@ def test_minimal_file_gets_defaults():
     ("interval_s: 5 ", "interval_s: 0 ", "", "autoscaler.interval_s", "must be > 0"),
     ("target: 8192 ", "target: [1, 2] ", "", "prefill.autoscale.target", "expected a single value"),
     ("target: 8192 ", "target: 1e3 ", "", "prefill.autoscale.target", "expected a number (got '1e3')"),
+    ("target: 8192 ", "target: 1" + "0" * 400 + " ", "", "prefill.autoscale.target", "expected a number"),  # no float
     ("target: 0.8 ", "target: 1.0 ", "", "decode.autoscale.target",       # kv_utilization never exceeds 1
      "could never scale up (need target x scale_up_above < 1)"),
 ])

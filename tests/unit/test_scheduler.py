@@ -507,6 +507,7 @@ def test_cache_sizes_out_of_range_are_refused(kw, says):
     (dict(kv_cache_memory=float("inf")), "kv_cache_memory must be an integer"),
     (dict(kv_cache_memory=0), "kv_cache_memory must be > 0"),
     (dict(host_cache_gb=float("inf")), "host_cache_gb must be a finite number"),
+    (dict(host_cache_gb=10**400), "host_cache_gb must be a finite number"),     # no float holds it (OverflowError)
     (dict(num_blocks=float("nan")), "num_blocks must be an integer"),
     (dict(max_num_seqs=1.5), "max_num_seqs must be an integer"),
     (dict(enable_prefix_caching="false"), "enable_prefix_caching must be True or False"),
