@@ -105,15 +105,24 @@ class Cluster(Scaling):
 
     async def start(self) -> "Cluster":
         """Start Ray (unless running), the workers, the router and its servers. On any failure what had
-        started is stopped again (stop()) before the error propagates."""
+        started is stopped again (stop()) before the error propagates; a cancel (serve's Ctrl-C) while that
+        runs neither cuts it short nor hides the start's own error."""
         try:
             return await self._start()
         except BaseException:
+            cleanup = asyncio.ensure_future(self._stop_after_failed_start())
             try:
-                await self.stop()
-            except Exception:       # the start's own error is the one to see
-                log.exception("stopping what a failed start had started failed too")
+                await asyncio.shield(cleanup)
+            except asyncio.CancelledError:
+                asyncio.current_task().uncancel()
+                await cleanup
             raise
+
+    async def _stop_after_failed_start(self) -> None:
+        try:
+            await self.stop()
+        except Exception:       # the start's own error is the one to see
+            log.exception("stopping what a failed start had started failed too")
 
     async def _start(self) -> "Cluster":
         import ray

@@ -32,6 +32,17 @@ log = logging.getLogger(__name__)
 SHORT_LIFE_S, BACKOFF_MIN_S, BACKOFF_MAX_S = 60.0, 1.0, 60.0
 
 
+def kill_soon(handle) -> None:
+    """ray.kill(handle) on a thread, not awaited: it waits on the GCS's reply (RPC timeouts when that is slow), and
+    the router's event loop serves every client meanwhile; callable where the caller is being cancelled."""
+    import ray
+
+    def done(f) -> None:
+        if not f.cancelled() and f.exception() is not None:
+            log.warning("killing an actor failed: %r", f.exception())
+    asyncio.get_running_loop().run_in_executor(None, ray.kill, handle).add_done_callback(done)
+
+
 def _doubled(delay: float) -> float:
     """A chain's next wait after `delay` (s)."""
     return min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, 2 * delay))
@@ -66,8 +77,6 @@ class Scaling:
     async def add_replica(self, role: str) -> str:
         """One more `role` worker, registered once loaded; returns its id. A replica that does not load
         within cfg.replica_start_timeout_s is killed and the call raises (the pool stays as it was)."""
-        import ray
-
         from pdcluster.router.workers import DecodeClient, PrefillClient
         client = PrefillClient if role == "prefill" else DecodeClient
         bound = self.cfg.pools.replica_start_timeout_s
@@ -83,7 +92,7 @@ class Scaling:
         try:
             await asyncio.wait_for(h.status.remote(), bound)
         except BaseException as e:
-            ray.kill(h)
+            kill_soon(h)
             self._leave_tier_key(role, wid)
             why = (f"not placed and loaded within {bound:.0f}s: does the Ray cluster have "
                    f"(or can its autoscaler launch) a node with a free {role}_pool unit?"
@@ -102,7 +111,6 @@ class Scaling:
     async def remove_replica(self, role: str, worker_id: str | None = None) -> str:
         """Retire one `role` worker (default: the non-draining one with the fewest requests, newest on
         ties) without dropping a request; returns its id. Never retires the pool's last live worker."""
-        import ray
         loads = self.router.workers.loads
         live = [w for w in loads.values() if w.role == role and not w.draining]
         if worker_id is None:
@@ -116,7 +124,7 @@ class Scaling:
                 await asyncio.wait_for(h.shutdown.remote(), 10.0)
             except Exception as e:
                 log.warning("shutdown of %s: %r; killing it", worker_id, e)
-            ray.kill(h)
+            kill_soon(h)
             self.actors.pop(worker_id, None)
 
         await self.router.retire_worker(worker_id, stop, drain_timeout_s=self.cfg.pools.drain_timeout_s,

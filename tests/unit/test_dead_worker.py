@@ -13,6 +13,7 @@ import ray.exceptions
 from pdcluster.deploy import scaling
 from pdcluster.deploy.config import ClusterConfig
 from pdcluster.deploy.launch import Cluster
+from pdcluster.deploy.pool_config import PoolsSection
 from pdcluster.router.config import RouterConfig, Timeouts
 from pdcluster.router.errors import WorkerGone, WorkerLost
 from pdcluster.router.lifecycle import Router
@@ -218,3 +219,61 @@ def test_a_spawn_ray_refuses_gives_its_disk_tier_key_back(monkeypatch):
     with pytest.raises(RuntimeError, match="unreachable"):
         asyncio.run(c.add_replica("decode"))
     assert c.tier_keys == {} and c.free_tier_keys["decode"] == ["decode-0"] and c.starting == {}
+
+
+def test_a_replica_that_never_loads_is_killed_off_the_event_loop(monkeypatch):
+    """ray.kill waits on the GCS's reply: on the router's loop a slow GCS stalled every client. add_replica's
+    timeout now returns at once and the kill runs on a thread (still done: the actor does not outlive it)."""
+    import threading
+    c = Cluster(ClusterConfig(pools=PoolsSection(replica_start_timeout_s=0.1)))
+    never = SimpleNamespace(status=SimpleNamespace(remote=lambda: asyncio.sleep(60)))
+    monkeypatch.setattr(c, "_spawn", lambda role, wid, key: never)
+    killed, main = [], threading.get_ident()
+
+    def slow_kill(h):
+        time.sleep(0.5)                                      # a slow GCS
+        killed.append((h, threading.get_ident()))
+    monkeypatch.setattr(ray, "kill", slow_kill)
+
+    async def go():
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="not placed and loaded within"):
+            await c.add_replica("decode")
+        took = time.monotonic() - t0
+        for _ in range(100):                                # the kill lands later, on its thread
+            if killed:
+                break
+            await asyncio.sleep(0.02)
+        return took
+    took = asyncio.run(go())
+    assert took < 0.4, took                                  # 0.1 s timeout, not + the 0.5 s kill
+    assert [h for h, _ in killed] == [never] and killed[0][1] != main
+    assert c.starting == {} and c.tier_keys == {}
+
+
+def test_a_cancel_while_a_failed_start_cleans_up_keeps_the_cleanup_and_the_error(monkeypatch):
+    """serve's Ctrl-C cancels a start in progress; one that came while a start that had already failed was
+    stopping what it had started cut that stop() short and replaced the start's error with the cancel."""
+    from pdcluster.deploy.launch import StartFailed
+    c = Cluster(ClusterConfig())
+    state = []
+
+    async def fail():
+        raise StartFailed("worker died while loading")
+
+    async def stop():
+        state.append("stopping")
+        await asyncio.sleep(0.3)
+        state.append("stopped")
+    monkeypatch.setattr(c, "_start", fail)
+    monkeypatch.setattr(c, "stop", stop)
+
+    async def go():
+        t = asyncio.ensure_future(c.start())
+        while not state:
+            await asyncio.sleep(0.01)
+        t.cancel()                                           # inside stop()
+        with pytest.raises(StartFailed, match="died while loading"):
+            await t
+    asyncio.run(go())
+    assert state == ["stopping", "stopped"]
