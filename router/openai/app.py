@@ -144,13 +144,17 @@ def _routes(api: Api) -> FastAPI:
         body = await parsed(api, TokenizeRequest, request)
         check_model(api, body)
         r = api.router
+
+        def reply() -> bytes:   # the whole reply off the loop: a prompt may be ~context x longest token bytes
+            ids = convert.tokenize(body, r.tokenizer, api.vocab_size, r.context_tokens)
+            return json_text({"count": len(ids), "max_model_len": r.context_tokens, "tokens": ids,
+                              "token_strs": r.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs
+                              else None}).encode()
         try:
-            ids = await asyncio.get_running_loop().run_in_executor(
-                api.tokenize, convert.tokenize, body, r.tokenizer, api.vocab_size, r.context_tokens)
+            out = await asyncio.get_running_loop().run_in_executor(api.tokenize, reply)
         except InvalidRequest as e:
             raise as_openai(e) from None
-        return {"count": len(ids), "max_model_len": r.context_tokens, "tokens": ids,
-                "token_strs": r.tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None}
+        return Response(out, media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(request: Request):

@@ -218,3 +218,23 @@ def test_json_text_encodes_choices_apart_into_the_same_text():
     assert json_text(obj) == json.dumps(obj)
     with pytest.raises(ValueError):
         json_text({"id": "x", "choices": [{"lp": float("nan")}, {}]})
+
+
+def test_tokenize_builds_its_whole_reply_off_the_event_loop(monkeypatch):
+    """/tokenize turned its ids into token strings and JSON on the loop: a prompt of ~context x the longest
+    token's bytes is ~166k ids on a 3k context, a second of stall per request (review repro)."""
+    threads = []
+
+    def to_tokens(self, ids):
+        threads.append(threading.get_ident())
+        return [chr(i) for i in ids]
+    monkeypatch.setattr(Tok, "convert_ids_to_tokens", to_tokens, raising=False)
+
+    async def go(c):
+        url = str(c.base_url.copy_with(path="/tokenize"))    # (at the root, as vLLM serves it)
+        return threading.get_ident(), await c.post(url, json={"prompt": "abc", "return_token_strs": True})
+
+    loop_thread, r = run(Router(), go)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert strict(r.text) == {"count": 3, "max_model_len": CONTEXT, "tokens": [97, 98, 99], "token_strs": list("abc")}
+    assert threads and threads[0] != loop_thread
