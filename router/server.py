@@ -72,6 +72,26 @@ def add_generation_service(servicer, server) -> None:
     server.add_registered_method_handlers(SERVICE, handlers)
 
 
+# logprob entries past which a reply message is built off the event loop: a 3,072-token prompt's logprobs with
+# 20 alternatives each are ~64k protobuf objects (tens of ms), times n choices
+OFF_LOOP_LOGPROBS = 256
+
+
+def message(rid: str, k: int, ev) -> pb.GenerateResponse:
+    """Choice k's event as the reply message."""
+    msg = pb.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=ev.text, index=k,
+                              finish_reason=FINISH.get(ev.finish_reason, pb.FINISH_REASON_UNSPECIFIED))
+    if ev.placement:
+        msg.placement.CopyFrom(pb.Placement(**ev.placement))
+    if ev.usage:
+        msg.usage.CopyFrom(pb.Usage(**ev.usage))
+    for out, lps in ((msg.logprobs, ev.logprobs), (msg.prompt_logprobs, ev.prompt_logprobs or ())):
+        for lp in lps:
+            out.add(token_id=lp.token_id, logprob=lp.logprob, top=[pb.TopLogprob(token_id=t, logprob=v)
+                                                                    for t, v in lp.top])
+    return msg
+
+
 class SlowReader(Exception):
     """The client left a write stalled past the slow-reader bound (maps to RESOURCE_EXHAUSTED)."""
 
@@ -165,17 +185,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             events = choice_events(r, choices, tenant, context.time_remaining())
             async with contextlib.aclosing(events):
                 async for k, ev in events:
-                    msg = pb.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=ev.text, index=k,
-                                              finish_reason=FINISH.get(ev.finish_reason,
-                                                                       pb.FINISH_REASON_UNSPECIFIED))
-                    if ev.placement:
-                        msg.placement.CopyFrom(pb.Placement(**ev.placement))
-                    if ev.usage:
-                        msg.usage.CopyFrom(pb.Usage(**ev.usage))
-                    for out, lps in ((msg.logprobs, ev.logprobs), (msg.prompt_logprobs, ev.prompt_logprobs or ())):
-                        for lp in lps:
-                            out.add(token_id=lp.token_id, logprob=lp.logprob,
-                                    top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top])
+                    if len(ev.prompt_logprobs or ()) + len(ev.logprobs) > OFF_LOOP_LOGPROBS:
+                        msg = await asyncio.get_running_loop().run_in_executor(self._tokenize, message, rid, k, ev)
+                    else:
+                        msg = message(rid, k, ev)
                     if first:   # its own batch: an abort must not resend it while a write is stuck
                         await context.send_initial_metadata(())
                     first = False
