@@ -14,6 +14,7 @@ from pdcluster.logs import clip
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 MAX_REQUEST_ID = 256         # characters
 MAX_STOP_TOKEN_IDS = 1024
+MAX_STOPS, MAX_STOP_CHARS = 64, 1024    # stop strings, and characters of one
 MAX_CHAT_MESSAGES = 4096
 MAX_CHOICES = 16             # n: sequences per prompt
 
@@ -52,8 +53,8 @@ def make_sampling(prefix: str, vocab_size: int, *, max_tokens: int, temperature:
         raise bad("max_tokens", f"must be >= 1, got {max_tokens}" + (" (0: not set; it is required)" if prefix else ""))
     if len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise bad("stop_token_ids", f"holds {len(stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS}")
-    if len(stop) > 64 or any(len(x) > 1024 for x in stop):
-        raise bad("stop", "takes at most 64 strings of at most 1024 characters")
+    if len(stop) > MAX_STOPS or any(len(x) > MAX_STOP_CHARS for x in stop):
+        raise bad("stop", f"takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters")
     if any(not x for x in stop):
         raise bad("stop", "strings must be non-empty")
     if not all(is_text(x) for x in stop):

@@ -5,13 +5,21 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
-from pdcluster.router.validate import MAX_CHAT_MESSAGES
+from pdcluster.router.openai.tools import MAX_TOOLS
+from pdcluster.router.validate import MAX_CHAT_MESSAGES, MAX_STOP_TOKEN_IDS, MAX_STOPS
 
 
 MAX_PROMPTS = 64                # prompts in one completions request
 MAX_PROMPT_IDS = 1 << 20        # token ids in one prompt: past any context served here
+# Every list a body holds is bounded in its schema: pydantic stops a list at its bound, where a 4 MiB list of
+# wrong items built an error each (~1M, seconds holding the GIL, so the event loop too). Past the semantic
+# checks' own bounds (router/validate.py) only where those are per-model: logit_bias's ids < the vocab size.
+MAX_LOGIT_BIAS = 1 << 18        # entries: past any vocab served here
+MAX_CONTENT_PARTS = 4096        # parts of one message's content
+MAX_ANNOTATIONS = 1024
+MAX_TOOL_CALLS = 1024           # calls in one assistant message
 
 
 def _prompt_shape(v) -> str:
@@ -72,8 +80,8 @@ class Sampling(Strict):
     top_k: int = 0                          # vLLM's extension; -1 also means off, other negatives are refused
     min_p: float = 0.0
     seed: int | None = Field(default=None, ge=-2**63, lt=2**64)   # any int64 (OpenAI's), or a uint64; mod 2**64
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOPS)] | None = None
+    stop_token_ids: Annotated[list[int], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     n: int = 1                              # in [1, 16]: router/validate.py's check_choices, as gRPC's
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -85,6 +93,14 @@ class Sampling(Strict):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     user: str | None = None                 # the caller's end-user label: recorded nowhere, harmless
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _bias_size(cls, v):
+        """A map's bound, before its entries are validated (pydantic bounds a dict only after: an error each)."""
+        if isinstance(v, dict) and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"holds {len(v)} entries; at most {MAX_LOGIT_BIAS}")
+        return v
 
 
 class CompletionRequest(Sampling):
@@ -116,15 +132,18 @@ class ToolCall(Strict):
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None    # None only for an assistant message with tool_calls
+    # None only for an assistant message with tool_calls
+    content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
     name: str | None = None
-    tool_calls: list[ToolCall] | None = None       # assistant messages: the calls it made (router/openai/tools.py)
+    # assistant messages: the calls it made (router/openai/tools.py)
+    tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOL_CALLS)] | None = None
+
     tool_call_id: str | None = Field(default=None, max_length=256)   # tool messages: the call answered
     # what OpenAI's own assistant messages carry, so a transcript from it replays here (as vLLM takes it): a
     # refusal is the message's text when it has no content; annotations (citations) and a null audio or
     # function_call add nothing to the prompt
     refusal: str | None = None
-    annotations: list[dict] | None = None
+    annotations: Annotated[list[dict], Field(max_length=MAX_ANNOTATIONS)] | None = None
     audio: None = None
     function_call: None = None
 
@@ -160,7 +179,7 @@ class ChatCompletionRequest(Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None   # None: auto with tools
     parallel_tool_calls: bool = True
 
@@ -170,7 +189,7 @@ class TokenizeRequest(Strict):
     model: str | None = None                # None or "": the served model (vLLM's)
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=MAX_CHAT_MESSAGES)
-    tools: list[Tool] | None = None
+    tools: Annotated[list[Tool], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
     return_token_strs: bool = False

@@ -1,5 +1,7 @@
 """router/openai/convert.py and schemas.py without a server: OpenAI bodies -> prompts and
 SamplingParams through the validation gRPC uses; events -> OpenAI's usage and logprobs shapes."""
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -196,3 +198,23 @@ def test_a_prompt_is_checked_against_the_one_shape_its_first_element_names(promp
     assert len(e.value.errors()) == 1 and words in str(e.value)
     for ok in ("a", ["a", "b"], [1, 2], [[1], [2, 3]]):
         assert CompletionRequest(model="m", prompt=ok).prompt == ok
+
+
+@pytest.mark.parametrize("body,field,words", [
+    ({"prompt": "x", "stop_token_ids": ["a"] * 900_000}, "stop_token_ids", "at most 1024 items"),
+    ({"prompt": "x", "stop": [1] * 900_000}, "stop", "valid string"),
+    ({"prompt": "x", "logit_bias": {str(i): "a" for i in range(300_000)}}, "logit_bias", "at most 262144"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}] * 500_000}]}, "messages", "at most 4096 items"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{}] * 500_000}, "tools", "at most 128 items"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{}] * 500_000}]}, "messages", "at most 1024 items"),
+    ({"messages": [{"role": "assistant", "content": "x", "annotations": [1] * 500_000}]}, "messages",
+     "at most 1024 items"),
+])
+def test_every_list_in_a_body_stops_at_its_bound(body, field, words):
+    """A 4 MiB body's list of wrong items built one error each (~1M: seconds holding the GIL, and so the event
+    loop, review repro); each list is bounded in its schema now, and pydantic stops at the bound."""
+    model = ChatCompletionRequest if "messages" in body else CompletionRequest
+    with pytest.raises(ValidationError) as e:
+        model.model_validate_json(json.dumps({"model": "m", **body}))
+    errors = e.value.errors()
+    assert len(errors) <= 2 and errors[0]["loc"][0] == field and words in str(e.value)
