@@ -105,9 +105,19 @@ def test_a_failed_registration_leaves_the_directory_unlocked(tmp_path):
         def register_caches(self, k, v):
             raise RuntimeError("the inner connector failed")
     tiers = TierConnector(TierConfig(disk_dir=str(tmp_path), disk_bytes=16 * FILE_BYTES))
-    with pytest.raises(RuntimeError, match="inner connector"):
-        MultiConnector(tiers, Failing()).register_caches(*caches())
-    assert not [t for t in tiers._threads if t.is_alive()]
+    started = []
+    real_start = threading.Thread.start
+
+    def start(t):                   # the tiers' threads, seen as they start (close() forgets its list)
+        started.append(t)
+        real_start(t)
+    threading.Thread.start = start
+    try:
+        with pytest.raises(RuntimeError, match="inner connector"):
+            MultiConnector(tiers, Failing()).register_caches(*caches())
+    finally:
+        threading.Thread.start = real_start
+    assert started and not [t for t in started if t.is_alive()]      # closed: its threads ended
     disk_tier(tmp_path, seed=7).close()
 
 
