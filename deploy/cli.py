@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import signal
+import struct
 import sys
 
 
@@ -276,6 +277,21 @@ def _finite(text: str) -> float:
     return v
 
 
+def _float32(text: str) -> float:
+    """A finite number the wire's 32-bit float fields hold as given: not past their range (it would go as
+    infinity), and not a nonzero that rounds to 0 (top_p's 0 is "off")."""
+    v = _finite(text)
+    try:
+        w = struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:       # (some Pythons raise; others pack an infinity)
+        w = math.inf
+    if math.isinf(w):
+        raise argparse.ArgumentTypeError(f"{text} is past a 32-bit float's range (the wire's)")
+    if v and not w:
+        raise argparse.ArgumentTypeError(f"{text} rounds to 0 in a 32-bit float (the wire's)")
+    return v
+
+
 def _seconds(text: str) -> float:
     """A deadline: a finite number of seconds > 0."""
     v = _finite(text)
@@ -298,8 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the prompt text")
     g.add_argument("--chat", action="store_true", help="send as a chat message (chat template applied)")
     g.add_argument("--max-tokens", type=_int64, default=64, help="most tokens to generate")
-    g.add_argument("--temperature", type=_finite, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=_finite, default=0.0, help="nucleus mass; 0 = off")
+    g.add_argument("--temperature", type=_float32, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=_float32, default=0.0, help="nucleus mass; 0 = off")
     g.add_argument("--top-k", type=_int64, default=0, help="0 = off")
     g.add_argument("--seed", type=int, default=None,
                    help="seed of a sampled (temperature > 0) completion (default: none, unseeded)")

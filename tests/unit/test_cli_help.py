@@ -158,6 +158,9 @@ def test_in_range_flags_and_their_zero_offs_parse():
     (["--top-k", "-99999999999999999999"], "out of the 64-bit integer range"),
     (["--timeout", "nan"], "not a finite number"), (["--timeout", "inf"], "not a finite number"),
     (["--timeout", "-1"], "a deadline must be > 0 seconds"), (["--temperature", "inf"], "not a finite number"),
+    # finite here but not on the wire (float32): 1e39 went as infinity (INVALID_ARGUMENT, exit 1), and 1e-46 as
+    # 0, which top_p reads as "off"
+    (["--temperature", "1e39"], "past a 32-bit float's range"), (["--top-p", "1e-46"], "rounds to 0"),
 ])
 def test_generate_numbers_out_of_range_are_usage_errors(args, says, capsys):
     with pytest.raises(SystemExit) as e:
