@@ -334,7 +334,7 @@ def parse_pools_config(text: str, source: str = "<string>", base: ClusterConfig 
                                                                "in YAML")]) from None
     except RecursionError:                              # nested past the parser's stack
         raise PoolsConfigError(source, [Issue(1, "(syntax)", "nested too deeply")]) from None
-    if root is None:
+    if root is None or (isinstance(root, yaml.ScalarNode) and root.tag == NULL_TAG):    # (a lone `~` or null too)
         raise PoolsConfigError(source, [Issue(1, "(top level)", "the file is empty")])
     rd = _Reader()
     top = rd.mapping(root, "", ("model", "router", "autoscaler", "prefill", "decode"))

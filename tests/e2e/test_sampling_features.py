@@ -1,6 +1,6 @@
-"""Sampling features on the real model against transformers: logprobs from the same logits the
-token is drawn from, the repetition penalty as transformers applies it, and JSON output enforced by
-a grammar (engine/structured.py)."""
+"""Sampling features on the real model against transformers: logprobs of the model's distribution (raw, the
+default) or of the row the token is drawn from (processed), the repetition penalty as transformers applies it,
+and JSON output enforced by a grammar (engine/structured.py)."""
 import json
 
 import pytest

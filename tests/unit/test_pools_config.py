@@ -207,8 +207,10 @@ def test_syntax_error_has_a_line(tmp_path):
     assert found and found[0][0] == "(syntax)" and found[0][1] >= 3
 
 
-def test_empty_file(tmp_path):
-    err, found = issues("# nothing\n", tmp_path)
+@pytest.mark.parametrize("text", ["# nothing\n", "~\n", "null  # the whole document\n"])
+def test_empty_file(tmp_path, text):
+    """A document that is only null sets nothing, as an empty one (it loaded as all defaults)."""
+    err, found = issues(text, tmp_path)
     assert found == [("(top level)", 1)] and "empty" in err
 
 
