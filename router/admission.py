@@ -46,7 +46,7 @@ def refusal(candidates: Iterable[WorkerLoad], prefill_tps: Callable[[WorkerLoad]
         first = expected_wait_s(candidates, prefill_tps, n_prompt, cached)
         if first is not None and first > deadline_s:
             return (f"expected time to the first token is {first:.1f}s, over the request's deadline "
-                    f"({deadline_s:.1f}s left): retry later or elsewhere")
+                    f"({deadline_s:.2g}s left): retry later or elsewhere")
     return None
 
 

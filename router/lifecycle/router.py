@@ -115,6 +115,9 @@ class Router:
         """Refuse now what could never or not in time be served; the checks in the order a client sees them."""
         if request_id in self.in_flight:
             raise InvalidRequest(f"request_id {request_id!r} is already in flight", code="ALREADY_EXISTS")
+        if deadline_s is not None and deadline_s <= 0:      # (API.md: a passed deadline, not an overload)
+            self.metrics.rejected("deadline")
+            raise InvalidRequest("the request's deadline passed before it was admitted", code="DEADLINE_EXCEEDED")
         self._check_capacity(n_prompt, max_tokens)
         self.check_room()
         self._admit_by_wait(n_prompt, deadline_s, prompt_ids, cache_salt)

@@ -126,3 +126,21 @@ def test_the_deadline_check_credits_a_cached_prefix():
     r._admit_by_wait(len(prompt), 5.0, prompt)
     with pytest.raises(Overloaded, match="over the request's deadline"):
         r._admit_by_wait(len(prompt), 5.0, list(range(1, 20_001)))
+
+
+def test_a_deadline_already_passed_is_deadline_exceeded_not_an_overload():
+    """A 2-10 ms gRPC deadline reached admission with nothing left: it was refused RESOURCE_EXHAUSTED ("0.0s
+    left", counted overloaded), which clients retry; API.md: a passed deadline is DEADLINE_EXCEEDED."""
+    from types import SimpleNamespace
+
+    from pdcluster.router.config import RouterConfig
+    from pdcluster.router.lifecycle.router import Router
+    from pdcluster.router.validate import InvalidRequest
+    r = Router(RouterConfig(block_size=16), None, (), 65536)
+    r.workers.add("decode", SimpleNamespace(worker_id="d0"))
+    for left in (0.0, -0.01):
+        with pytest.raises(InvalidRequest, match="deadline passed") as e:
+            r._admit("r1", 100, 10, left, list(range(100)))
+        assert e.value.code == "DEADLINE_EXCEEDED"
+    assert r.metrics.requests.labels("deadline")._value.get() == 2
+    assert r.metrics.requests.labels("overloaded")._value.get() == 0
