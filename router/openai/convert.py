@@ -160,6 +160,7 @@ def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     logprobs = (req.top_logprobs or 0) if chat and req.logprobs else (None if chat else req.logprobs)
     max_tokens = req.max_completion_tokens if chat and req.max_completion_tokens is not None else req.max_tokens
+    max_tokens_name = "max_completion_tokens" if chat and req.max_completion_tokens is not None else "max_tokens"
     for name in ("top_p", "repetition_penalty"):   # 0 means "unset" on the gRPC wire only: here it is refused
         if getattr(req, name) <= 0:
             raise InvalidRequest(f"{name} must be > 0, got {getattr(req, name)!r}", param=name)
@@ -176,15 +177,20 @@ def parse(req: CompletionRequest | ChatCompletionRequest, tokenizer, vocab_size:
         if max_tokens is None and len(ids) >= max_context:
             raise InvalidRequest(f"the prompt ({len(ids)} tokens) fills the {max_context}-token context: no room for "
                                  "output", param="messages" if chat else "prompt")
-        p = make_sampling("", vocab_size, max_tokens=max_tokens if max_tokens is not None else max_context - len(ids),
-                          temperature=req.temperature, top_p=req.top_p, top_k=0 if req.top_k == -1 else req.top_k, min_p=req.min_p,
-                          seed=seed, stop=stop, stop_token_ids=req.stop_token_ids or [],
-                          ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
-                          frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-                          logprobs=logprobs, structured=structured, min_tokens=req.min_tokens,
-                          logit_bias=bias, prompt_logprobs=logprobs if echo is not None else None)
-        check_fits(ids, p, max_context, "max_completion_tokens" if chat and req.max_completion_tokens is not None
-                   else "max_tokens")
+        try:
+            p = make_sampling("", vocab_size, max_tokens=max_tokens if max_tokens is not None else max_context - len(ids),
+                              temperature=req.temperature, top_p=req.top_p, top_k=0 if req.top_k == -1 else req.top_k,
+                              min_p=req.min_p, seed=seed, stop=stop, stop_token_ids=req.stop_token_ids or [],
+                              ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
+                              frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                              logprobs=logprobs, structured=structured, min_tokens=req.min_tokens,
+                              logit_bias=bias, prompt_logprobs=logprobs if echo is not None else None)
+        except InvalidRequest as e:     # the field as the client named it
+            if max_tokens_name == "max_tokens":
+                raise
+            raise InvalidRequest(str(e).replace("max_tokens", max_tokens_name), e.code,
+                                 e.param and e.param.replace("max_tokens", max_tokens_name)) from None
+        check_fits(ids, p, max_context, max_tokens_name)
         try:
             check_structured(p, tokenizer, vocab_size)
         except InvalidRequest as e:

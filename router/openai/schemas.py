@@ -94,6 +94,14 @@ class Sampling(Strict):
     response_format: ResponseFormat | None = None
     user: str | None = None                 # the caller's end-user label: recorded nowhere, harmless
 
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stops(cls, v):
+        """The list's own bound, said as such (past it, pydantic's union said "Input should be a valid string")."""
+        if isinstance(v, list) and len(v) > MAX_STOPS:
+            raise ValueError(f"takes at most {MAX_STOPS} strings, got {len(v)}")
+        return v
+
     @field_validator("logit_bias", mode="before")
     @classmethod
     def _bias_size(cls, v):

@@ -1,6 +1,7 @@
 """router/openai/convert.py and schemas.py without a server: OpenAI bodies -> prompts and
 SamplingParams through the validation gRPC uses; events -> OpenAI's usage and logprobs shapes."""
 import json
+import re
 
 import pytest
 from pydantic import ValidationError
@@ -202,7 +203,8 @@ def test_a_prompt_is_checked_against_the_one_shape_its_first_element_names(promp
 
 @pytest.mark.parametrize("body,field,words", [
     ({"prompt": "x", "stop_token_ids": ["a"] * 900_000}, "stop_token_ids", "at most 1024 items"),
-    ({"prompt": "x", "stop": [1] * 900_000}, "stop", "valid string"),
+    ({"prompt": "x", "stop": [1] * 900_000}, "stop", "at most 64 strings, got 900000"),
+    ({"prompt": "x", "stop": ["a"] * 65}, "stop", "at most 64 strings, got 65"),     # (was: "a valid string")
     ({"prompt": "x", "logit_bias": {str(i): "a" for i in range(300_000)}}, "logit_bias", "at most 262144"),
     ({"messages": [{"role": "user", "content": [{"type": "text"}] * 500_000}]}, "messages", "at most 4096 items"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{}] * 500_000}, "tools", "at most 128 items"),
@@ -218,3 +220,16 @@ def test_every_list_in_a_body_stops_at_its_bound(body, field, words):
         model.model_validate_json(json.dumps({"model": "m", **body}))
     errors = e.value.errors()
     assert len(errors) <= 2 and errors[0]["loc"][0] == field and words in str(e.value)
+
+
+@pytest.mark.parametrize("body, param, says", [
+    ({"max_completion_tokens": 0}, "max_completion_tokens", "max_completion_tokens must be >= 1"),
+    ({"max_completion_tokens": 3, "min_tokens": 5}, "min_tokens", "in [0, max_completion_tokens]"),
+    ({"max_tokens": 0}, "max_tokens", "max_tokens must be >= 1"),
+])
+def test_a_chat_error_names_the_length_field_the_client_sent(body, param, says):
+    """A chat sent max_completion_tokens: 0 and heard of "max_tokens", a field it never set."""
+    req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], **body)
+    with pytest.raises(InvalidRequest, match=re.escape(says)) as e:
+        convert.parse(req, Tok(), 256, 128)
+    assert e.value.param == param
