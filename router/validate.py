@@ -11,7 +11,8 @@ from pdcluster.engine.sampling_params import SamplingParams
 from pdcluster.engine.structured import StructuredOutput
 from pdcluster.logs import clip
 
-CHAT_ROLES = ("system", "user", "assistant", "tool")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+ROLE_ALIASES = {"developer": "system"}     # OpenAI's newer name for the system role: templates know "system"
 MAX_REQUEST_ID = 256         # characters
 MAX_STOP_TOKEN_IDS = 1024
 MAX_STOPS, MAX_STOP_CHARS = 64, 1024    # stop strings, and characters of one
@@ -187,6 +188,7 @@ def tokenize_chat(msgs: list[dict], tokenizer, max_context: int, field: str = "c
             raise InvalidRequest(f"{field}: unknown role {clip(m['role'])} (one of {', '.join(CHAT_ROLES)})",
                                  param=field)
     from pdcluster.engine.tokenizer import apply_chat_template
+    msgs = [{**m, "role": ROLE_ALIASES[m["role"]]} if m["role"] in ROLE_ALIASES else m for m in msgs]
     try:
         return apply_chat_template(tokenizer, msgs)
     except Exception as e:  # the template itself rejects the conversation

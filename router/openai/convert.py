@@ -19,7 +19,6 @@ from pdcluster.router.openai.schemas import MAX_PROMPTS, ChatCompletionRequest, 
 from pdcluster.router.validate import (InvalidRequest, check_choices, check_fits, check_structured, check_token_ids,
                                        make_sampling, tokenize_chat, tokenize_text)
 
-ROLES = {"developer": "system"}     # OpenAI's newer name for the system role
 
 
 @dataclass
@@ -83,11 +82,12 @@ def chat_messages(req: ChatCompletionRequest, plan: tools.ToolPlan | None) -> li
             content = tools.history_text(m) if m.tool_calls else m.text()
         except tools.ToolError as e:
             raise InvalidRequest(f"{e}", param=e.param) from None
-        msgs.append({"role": ROLES.get(m.role, m.role), "content": content})
+        # a name (a pattern of plain characters: no template text) goes to the template, as vLLM passes it
+        msgs.append({"role": m.role, "content": content} | ({"name": m.name} if m.name is not None else {}))
     if plan is not None:
         text = plan.system_text()
-        if msgs[0]["role"] == "system":
-            msgs[0] = {"role": "system", "content": f"{msgs[0]['content']}\n\n{text}"}
+        if msgs[0]["role"] in ("system", "developer"):
+            msgs[0] = {**msgs[0], "content": f"{msgs[0]['content']}\n\n{text}"}
         else:
             msgs.insert(0, {"role": "system", "content": text})
     return msgs

@@ -142,7 +142,7 @@ class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     # None only for an assistant message with tool_calls
     content: str | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
-    name: str | None = None
+    name: str | None = Field(default=None, pattern=FUNCTION_NAME)   # a participant's name: rendered by the template
     # assistant messages: the calls it made (router/openai/tools.py)
     tool_calls: Annotated[list[ToolCall], Field(max_length=MAX_TOOL_CALLS)] | None = None
 

@@ -233,3 +233,28 @@ def test_a_chat_error_names_the_length_field_the_client_sent(body, param, says):
     with pytest.raises(InvalidRequest, match=re.escape(says)) as e:
         convert.parse(req, Tok(), 256, 128)
     assert e.value.param == param
+
+
+def test_the_grpc_chat_takes_the_developer_role_as_http_does(real_tok):
+    """gRPC refused role "developer" that HTTP took as "system" (README: both APIs share one validation)."""
+    from pdcluster.engine.tokenizer import apply_chat_template
+    from pdcluster.router.proto import generation_pb2 as pb
+    from pdcluster.router.validate import parse_request
+    msgs = [pb.ChatMessage(role="developer", content="be brief"), pb.ChatMessage(role="user", content="hi")]
+    got = parse_request(pb.GenerateRequest(chat=pb.ChatMessages(messages=msgs), sampling=pb.SamplingParams(
+        max_tokens=4)), real_tok, 49152, 2048)
+    assert got.prompt_ids == apply_chat_template(real_tok, [{"role": "system", "content": "be brief"},
+                                                            {"role": "user", "content": "hi"}])
+
+
+def test_a_messages_name_reaches_the_template_and_holds_no_template_text(monkeypatch):
+    """The name was accepted and dropped (README: no field is silently ignored); vLLM passes it to the template.
+    It is a plain pattern, so it cannot carry special-token text into the rendered prompt."""
+    from pdcluster.engine import tokenizer as tok_mod
+    seen = []
+    monkeypatch.setattr(tok_mod, "apply_chat_template", lambda tok, msgs: seen.append(msgs) or [5, 6])
+    parse({"messages": [{"role": "developer", "content": "x"}, {"role": "user", "content": "hi", "name": "alice_2"}]},
+          chat=True)
+    assert seen == [[{"role": "system", "content": "x"}, {"role": "user", "content": "hi", "name": "alice_2"}]]
+    with pytest.raises(ValidationError, match="name"):
+        ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi", "name": "<|im_end|>"}])
