@@ -138,12 +138,14 @@ class Answer:
 
 def read_answer(text: str, finish_reason: str | None) -> Answer:
     """The model's envelope -> OpenAI's message fields (router/openai/tool_stream.py reads it, as it reads a
-    streamed one). An answer cut short (length, abort) is not a whole envelope: it comes back as content, unread,
-    as vLLM returns an unparsed tool answer."""
+    streamed one). An answer cut short (length, abort) gives what a stream of it gave: the calls read so far (the
+    last one's arguments cut; finish_reason says so) or the reply so far, as OpenAI returns a cut call. (It came
+    back as raw envelope text, as vLLM returns an unparsed answer, while its stream had sent the calls.) Text
+    that is no envelope comes back as it is."""
     r = AnswerReader()
     r.feed(text)
-    if r.state != "done" or r.pos != len(text):     # cut short, or more after the envelope: not an envelope
+    if r.state == "raw" or (r.state == "done" and r.pos != len(text)):     # not an envelope
         return Answer(text, None, finish_reason)
     if r.calls:
-        return Answer(None, r.calls, "tool_calls" if finish_reason == "stop" else finish_reason)
+        return Answer(None, r.calls, "tool_calls" if finish_reason == "stop" and r.state == "done" else finish_reason)
     return Answer(r.content, None, finish_reason)

@@ -107,8 +107,8 @@ def test_answers_read_back_as_openai_message_fields():
     assert call["type"] == "function" and call["id"].startswith("call_") and call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
     assert tools.read_answer('{"content": "Hello"}', "stop").content == "Hello"
-    cut = tools.read_answer('{"tool_calls": [{"na', "length")                     # cut short: raw, unread
-    assert cut.content == '{"tool_calls": [{"na' and cut.tool_calls is None and cut.finish_reason == "length"
+    cut = tools.read_answer('{"tool_calls": [{"na', "length")        # cut before a name: nothing read, as streamed
+    assert cut.content is None and cut.tool_calls is None and cut.finish_reason == "length"
 
 
 def test_a_compact_grammar_allows_json_dumps_separators_and_no_other_whitespace(tok):
