@@ -141,7 +141,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.port = 0                   # the bound port, set by RouterServer (conn_reset matches on it)
         self.draining = False           # set by RouterServer.drain: new calls get UNAVAILABLE
         self._calls: set[asyncio.Task] = set()      # Generate handlers in progress
-        self._client_ids: set[tuple] = set()         # (tenant, request_id) of the clients' named requests in flight
+        # (tenant, request_id) of the clients' named requests in flight -> the call (its handler task) holding it;
+        # a cancelled call's id is the client's again while its cleanup runs (a retry at once was ALREADY_EXISTS)
+        self._client_ids: dict[tuple, asyncio.Task] = {}
         self._cut: str | None = None    # why the calls left after a drain are being ended
         # Tokenizing a long prompt is CPU work (a 600 KB text: ~1 s): it runs on the router's one tokenizing
         # thread, which the HTTP API shares (validate.tokenize_executor), never on the event loop.
@@ -166,13 +168,17 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         rid = request.request_id or uuid.uuid4().hex
         tenant = tenant_of(context, self.auth)
         key = (tenant, rid) if request.request_id else None
-        mine = False                        # this call holds key in _client_ids
+        mine = task                         # this call's hold on key in _client_ids
+
+        def release() -> None:
+            if self._client_ids.get(key) is mine:
+                del self._client_ids[key]
         try:
-            if key in self._client_ids:
+            held = self._client_ids.get(key)
+            if held is not None and not held.cancelling():  # (a cancelled call's id is free while it cleans up)
                 raise InvalidRequest(f"request_id {clip(rid)} is already in flight", code="ALREADY_EXISTS")
             if key is not None:
-                self._client_ids.add(key)
-                mine = True
+                self._client_ids[key] = mine
             r.check_room()                  # a full queue is answered before the tokenizing
             parsed = await asyncio.get_running_loop().run_in_executor(
                 self._tokenize, parse_request, request, r.tokenizer, self.vocab_size, r.context_tokens)
@@ -218,8 +224,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE if first else grpc.StatusCode.INTERNAL,
                                 status_text(f"request failed: {e}"))
         finally:
-            if mine:
-                self._client_ids.discard(key)
+            release()
 
     async def _cut_off(self, context, reason: str) -> None:
         """A slow reader's request is already cancelled (its KV freed). Its status waits behind the

@@ -69,3 +69,45 @@ def test_a_reply_with_a_prompts_logprobs_is_built_off_the_event_loop(monkeypatch
         assert (lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top]) == (97, -1.0, [(7, -2.0), (8, -3.0)])
     assert {t != loop_thread for n, t in built if n} == {True}        # the two big ones: off the loop
     assert {t == loop_thread for n, t in built if not n} == {True}    # the rest: on it
+
+
+class SlowCleanup(Router):
+    """Streams a token every 50 ms until told to stop; a cancelled stream takes 0.5 s to clean up (the workers'
+    aborts)."""
+
+    async def generate(self, prompt_ids, params, request_id="", cache_salt=None, deadline_s=None):
+        try:
+            for _ in range(200):
+                yield Event([5], "x")
+                await asyncio.sleep(0.05)
+        finally:
+            await asyncio.shield(asyncio.sleep(0.5))
+
+
+def test_a_cancelled_request_id_is_free_for_its_client_at_once_and_never_freed_for_another_call():
+    """The id was held until the cancelled call's cleanup ended (50-200 ms on a real cluster): a client retrying
+    it at once heard ALREADY_EXISTS. Now the client's end of the call frees it; the old call's late cleanup must
+    not free it again under the retry."""
+    async def go():
+        server = RouterServer(SlowCleanup(), "m", VOCAB, "127.0.0.1", 0)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                stub = pb_grpc.GenerationStub(ch)
+                rq = pb.GenerateRequest(request_id="x", text="hi", sampling=pb.SamplingParams(max_tokens=200))
+                first = stub.Generate(rq)
+                await first.read()
+                first.cancel()
+                await asyncio.sleep(0.1)                        # inside the old call's 0.5 s cleanup
+                retry = stub.Generate(rq)
+                got = await retry.read()                        # served, not ALREADY_EXISTS
+                await asyncio.sleep(0.6)                        # the old call's cleanup ends meanwhile
+                third = stub.Generate(rq)
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await third.read()
+                retry.cancel()
+                return got, e.value.code()
+        finally:
+            await server.stop(0)
+    got, code = asyncio.run(go())
+    assert got.token_ids == [5] and code == grpc.StatusCode.ALREADY_EXISTS
