@@ -84,9 +84,13 @@ def prefill_attention_sdpa(q, k, v, k_cache, v_cache, seq: PrefillSeq, scale: fl
     ~3.7x faster here than the 3-D / enable_gqa call, which falls back to the unfused math path."""
     H, KVH = q.shape[1], k.shape[1]
     mask, causal = None, True
-    if seq.ctx_len > seq.q_len:  # a cached prefix: attend over the paged cache
+    # a cached prefix: attend over the paged cache; a quantized cache is read back even without one, so a chunk
+    # attends to the values every later read sees (as the Triton kernels do): not to its own unquantized rows,
+    # which made a request's tokens differ cold and with its prefix cached
+    if seq.ctx_len > seq.q_len or isinstance(k_cache, QuantKV):
         k = _gather(k_cache, seq.block_table, seq.ctx_len, q.dtype)
         v = _gather(v_cache, seq.block_table, seq.ctx_len, q.dtype)
+    if seq.ctx_len > seq.q_len:
         qpos = torch.arange(seq.ctx_len - seq.q_len, seq.ctx_len, device=q.device).unsqueeze(1)
         mask, causal = torch.arange(seq.ctx_len, device=q.device).unsqueeze(0) <= qpos, False  # [q_len, ctx_len]
     if H != KVH:

@@ -134,9 +134,15 @@ class LLMEngine:
         self.kv = KVCacheManager(n_blocks, cfg.cache.block_size, cfg.cache.enable_prefix_caching,
                                  protected_fraction=cfg.cache.protected_fraction)
         self.events: BlockEventLog | None = None        # prefix-cache events, once a worker asks for them
+        # engine/spec/: drafts in decode steps. Not over a quantized KV cache: a rejected draft's row raises its
+        # block's scale (kernels/store_kv.py: a scale only grows) and requantizes the rows before it, so drafting
+        # changed greedy output there
+        drafts = cfg.speculative == "ngram" and cfg.kv_cache_dtype == "auto"
+        if cfg.speculative == "ngram" and not drafts:
+            log.info("speculative decoding is off: the KV cache is %s (a rejected draft would change its block's "
+                     "scale)", cfg.kv_cache_dtype)
         self.spec = (SpecDecoder(k_max=cfg.spec_ngram_k, n_max=cfg.spec_ngram_n,
-                                 max_step_tokens=cfg.spec_max_step_tokens)
-                     if cfg.speculative == "ngram" else None)       # engine/spec/: drafts in decode steps
+                                 max_step_tokens=cfg.spec_max_step_tokens) if drafts else None)
         self.scheduler = Scheduler(cfg.sched, self.kv, cfg.max_model_len, spec=self.spec)
         self.runner = ModelRunner(cfg, self.model, n_blocks)
         self.connector = connector or KVConnector()     # KV in and out of this engine (engine/kv_connector.py)

@@ -109,3 +109,22 @@ def test_a_peer_pull_reads_an_int8_pools_blocks_dequantized(int8_llm):
     bid = torch.tensor([e.kv.pool.lookup(h).block_id for h in hashes])
     assert torch.equal(got.k[3], kc.data[bid].float() * kc.scale[bid][:, None, :, None])
     assert got.k[3].abs().max() > 0
+
+
+def test_int8_tokens_do_not_depend_on_the_prefix_cache_or_on_drafting():
+    """Review repros: over an int8 cache a prompt's first chunk attended to its own unquantized rows, later reads to
+    the dequantized ones, so the same greedy request gave other tokens from step 24 on once its prefix was cached;
+    and a rejected draft's row raised its block's scale (a scale only grows), so drafting changed greedy output.
+    The chunk reads the cache back now, and a quantized cache never drafts."""
+    p = "Once upon a time, there was a little girl named Lily. Lily loved to play. Once upon a time,"
+    q = "Photosynthesis is the process by which green plants use sunlight to make food. " * 3
+    sp = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    llm = LLM(dtype="float32", quantization="none", kv_cache_dtype="int8", kv_cache_memory=8 * 2**20,
+              speculative="ngram")
+    assert llm.engine.spec is None                           # asked for, and off over a quantized cache
+    cold = llm.generate([p], sp)[0]
+    warm = llm.generate([p], sp)[0]
+    batched = llm.generate([q, p], sp)[1]
+    assert warm.num_cached_tokens >= 16 and warm.token_ids == cold.token_ids
+    assert batched.token_ids == cold.token_ids
+    assert LLM(kv_cache_memory=8 * 2**20, speculative="ngram").engine.spec is not None   # float: drafts as before
