@@ -71,6 +71,9 @@ class Scenario:
                                                    #   candidate when it runs, in the flags' units (with_flags);
                                                    #   FRESH_DIR: a new empty directory for each run
     baseline_flags: Mapping[str, Any] = field(default_factory=dict)    # the same, over baseline
+    load: float | None = None                      # a trace replay's load: device-only's workers' busy share
+                                                   #   on the host that runs it (bench/trace_load.py): sets its
+                                                   #   time scale unless --time-scale does
 
 
 SCENARIOS: dict[str, Scenario] = {}
@@ -217,8 +220,10 @@ def scenario_requests(sc: Scenario, seed: int) -> tuple[list, int]:
     return build_dataset(opts, mcfg.vocab_size, reserved), mcfg.vocab_size
 
 
-async def run_scenario(sc: Scenario, rounds: int, seed: int, progress: bool = True, only: str | None = None) -> dict:
-    """Runs both sides alternately for `rounds` rounds (or `only` one of them) and builds the report."""
+async def run_scenario(sc: Scenario, rounds: int, seed: int, progress: bool = True, only: str | None = None,
+                       calibration: dict | None = None) -> dict:
+    """Runs both sides alternately for `rounds` rounds (or `only` one of them) and builds the report
+    (calibration: how a --load set the time scale, at_load's)."""
     from tqdm import tqdm
 
     if rounds < 1:
@@ -251,6 +256,8 @@ async def run_scenario(sc: Scenario, rounds: int, seed: int, progress: bool = Tr
                     wall_s=round(time.perf_counter() - t0, 1))
     if links:
         settings["kv_link"] = "; ".join(links) + (f" (no shaped link: {why_not})" if why_not else "")
+    if calibration:
+        settings["calibration"] = calibration
     return build_report(sc, settings, runs["baseline"], runs["candidate"], workers)
 
 
@@ -291,7 +298,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run one side only (e.g. the baseline while the candidate's flags are not in this build)")
     p.add_argument("--max-requests", type=int, default=None, help="override a trace replay's request count")
     p.add_argument("--time-scale", type=float, default=None,
-                   help="override a trace replay's time scale (replay s per trace s; lower: a higher load)")
+                   help="override a trace replay's time scale (replay s per trace s; lower: a higher load); "
+                        "instead of its --load")
+    p.add_argument("--load", type=float, default=None,
+                   help="a trace replay's load: the busy share it asks of device-only's workers on this host (past "
+                        "~0.87: past what they serve); a probe of this host's prefill speed sets the time scale "
+                        "(bench/trace_load.py; default: the scenario's, where it has one)")
     p.add_argument("--out", default=None, help="write {scenario, baseline, candidate, ratios} JSON here")
     p.add_argument("--plot", default=None, metavar="FILE.png", help="latency CDFs and throughput, side by side")
     p.add_argument("--disable-tqdm", action="store_true", help="no progress bars")
@@ -319,6 +331,22 @@ def trace_override(sc: Scenario, key: str, value) -> Scenario:
     if not str(sc.dataset["dataset"]).startswith("mooncake:"):
         raise ValueError(f"--{key.replace('_', '-')} applies to a trace replay; {sc.name} replays none")
     return replace(sc, dataset=dict(sc.dataset, **{key: value}))
+
+
+def at_load(sc: Scenario, load: float, seed: int) -> tuple[Scenario, dict]:
+    """sc replayed at the time scale that keeps its baseline's workers busy a `load` share here
+    (bench/trace_load.py), and what set it."""
+    from pdcluster.bench import trace_load
+    if not str(sc.dataset["dataset"]).startswith("mooncake:"):
+        raise ValueError(f"--load applies to a trace replay; {sc.name} replays none")
+    requests, _ = scenario_requests(trace_override(sc, "time_scale", 1.0), seed)
+    workers = sc.baseline.workers("prefill") + sc.baseline.workers("decode")
+    print(f"probing this host's prefill speed for a load of {load:g} ...", file=sys.stderr, flush=True)
+    ms = trace_load.probe_ms_per_token(trace_load.probe_prompts(requests))
+    scale = trace_load.time_scale_for(load, requests, workers, ms)
+    print(f"probe: {ms:.3f} ms a prompt token -> time scale x{scale:.4f}", file=sys.stderr, flush=True)
+    return trace_override(sc, "time_scale", scale), dict(load=load, probe_ms_per_token=round(ms, 4),
+                                                          time_scale=round(scale, 5))
 
 
 def main(a: argparse.Namespace) -> int:
@@ -352,8 +380,18 @@ def main(a: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"bench scenario: {e}", file=sys.stderr)
         return 2
+    calibration = None
     try:
-        report = asyncio.run(run_scenario(sc, a.rounds, a.seed, progress=not a.disable_tqdm, only=a.only))
+        if a.load is not None and a.time_scale is not None:
+            raise ValueError("give --load or --time-scale, not both")
+        if a.load is not None or (sc.load is not None and a.time_scale is None):
+            sc, calibration = at_load(sc, a.load if a.load is not None else sc.load, a.seed)
+    except ValueError as e:
+        print(f"bench scenario: {e}", file=sys.stderr)
+        return 2
+    try:
+        report = asyncio.run(run_scenario(sc, a.rounds, a.seed, progress=not a.disable_tqdm, only=a.only,
+                                          calibration=calibration))
     except (ValueError, OSError) as e:
         print(f"bench scenario: {e}", file=sys.stderr)
         return 2

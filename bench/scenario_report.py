@@ -9,6 +9,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from pdcluster.bench.metrics import _stats
+from pdcluster.bench.trace_load import busy_share
 
 if TYPE_CHECKING:
     from pdcluster.bench.scenario import Scenario
@@ -97,6 +98,7 @@ def build_report(sc: Scenario, settings: dict, baseline_runs: list[dict], candid
                           for r in runs]
         merged["workers"] = workers.get(side, [])
         merged["tiers"] = tier_totals(merged["workers"])
+        merged["busy_share"] = busy_share(merged["workers"], [r.get("duration") for r in runs])
         sides[side] = merged
     scenario = dict(name=sc.name, summary=sc.summary, labels=list(sc.labels), dataset=sc.dataset,
                     request_rate=sc.request_rate, burstiness=sc.burstiness, max_concurrency=sc.max_concurrency,
@@ -145,7 +147,12 @@ def format_report(report: dict) -> str:
                  f"{t} " + ", ".join(f"{k} {v}" for k, v in d.items() if k != "loaded_bytes")
                  for t, d in report[s]["tiers"].items())
              for s in ("baseline", "candidate") if report[s].get("tiers")]
-    return "\n".join(head + body + fails + tiers)
+    shares = [(report[s]["label"], report[s].get("busy_share")) for s in ("baseline", "candidate")]
+    load = ["workers busy (the load): " + ", ".join(f"{label} {v:.2f}" for label, v in shares if v is not None)
+            + (f"; time scale x{c['time_scale']:g} for a load of {c['load']:g} (probe: {c['probe_ms_per_token']:g} "
+               "ms a prompt token)" if (c := sc.get("calibration")) else "")] \
+        if any(v is not None for _, v in shares) else []
+    return "\n".join(head + body + fails + tiers + load)
 
 
 STEP_COUNTERS = ("prefill_tokens", "prefill_s", "decode_steps", "decode_seqs", "decode_s", "steps")   # EngineFigures
