@@ -20,7 +20,6 @@ from pdcluster.router.validate import (InvalidRequest, check_choices, check_fits
                                        make_sampling, tokenize_chat, tokenize_text)
 
 
-
 @dataclass
 class Job:
     """What one HTTP request asks for: its prompts (token ids) and one SamplingParams per choice."""
