@@ -68,12 +68,15 @@ def test_a_tool_result_in_history_is_answered(cluster, client, model):
 
 def test_a_stop_string_that_cuts_the_envelope_finishes_stop_streamed_as_whole(cluster, client, model):
     """A stop string inside the call's arguments ends the answer before its envelope closes: no whole call,
-    so "stop" both ways. Streamed, it said "tool_calls" over arguments that are not JSON."""
+    so "stop" both ways (streamed, it said "tool_calls" over arguments that are not JSON), and the whole answer
+    holds what the stream sent: the call read so far, its arguments cut (before, raw envelope text)."""
     kw = dict(model=model, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
               tools=[WEATHER_TOOL], tool_choice="required", temperature=0, max_tokens=64, stop=['"city"'])
     whole = sync(cluster, lambda: client.chat.completions.create(**kw)).choices[0]
-    assert whole.finish_reason == "stop" and not whole.message.tool_calls
     chunks = sync(cluster, lambda: list(client.chat.completions.create(**kw, stream=True)))
     got = [tc for ch in chunks if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
     assert got and got[0].function.name == "get_weather"       # the cut came after the call's name was streamed
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "stop"
+    assert whole.finish_reason == "stop" and whole.message.content is None
+    assert [(c.function.name, c.function.arguments) for c in whole.message.tool_calls] == \
+        [("get_weather", "".join(tc.function.arguments or "" for tc in got))]
