@@ -223,7 +223,7 @@ def scenario_requests(sc: Scenario, seed: int) -> tuple[list, int]:
 async def run_scenario(sc: Scenario, rounds: int, seed: int, progress: bool = True, only: str | None = None,
                        calibration: dict | None = None) -> dict:
     """Runs both sides alternately for `rounds` rounds (or `only` one of them) and builds the report
-    (calibration: how a --load set the time scale, at_load's)."""
+    (calibration: how a --load set the time scale, bench/trace_load.py at_load's)."""
     from tqdm import tqdm
 
     if rounds < 1:
@@ -333,22 +333,6 @@ def trace_override(sc: Scenario, key: str, value) -> Scenario:
     return replace(sc, dataset=dict(sc.dataset, **{key: value}))
 
 
-def at_load(sc: Scenario, load: float, seed: int) -> tuple[Scenario, dict]:
-    """sc replayed at the time scale that keeps its baseline's workers busy a `load` share here
-    (bench/trace_load.py), and what set it."""
-    from pdcluster.bench import trace_load
-    if not str(sc.dataset["dataset"]).startswith("mooncake:"):
-        raise ValueError(f"--load applies to a trace replay; {sc.name} replays none")
-    requests, _ = scenario_requests(trace_override(sc, "time_scale", 1.0), seed)
-    workers = sc.baseline.workers("prefill") + sc.baseline.workers("decode")
-    print(f"probing this host's prefill speed for a load of {load:g} ...", file=sys.stderr, flush=True)
-    ms = trace_load.probe_ms_per_token(trace_load.probe_prompts(requests))
-    scale = trace_load.time_scale_for(load, requests, workers, ms)
-    print(f"probe: {ms:.3f} ms a prompt token -> time scale x{scale:.4f}", file=sys.stderr, flush=True)
-    return trace_override(sc, "time_scale", scale), dict(load=load, probe_ms_per_token=round(ms, 4),
-                                                          time_scale=round(scale, 5))
-
-
 def main(a: argparse.Namespace) -> int:
     if a.list or not a.name:
         print(epilog())
@@ -377,14 +361,11 @@ def main(a: argparse.Namespace) -> int:
             sc = replace(sc, goodput=parse_goodput(a.goodput))
         if a.warmup is not None:
             sc = replace(sc, warmup=a.warmup)
-    except ValueError as e:
-        print(f"bench scenario: {e}", file=sys.stderr)
-        return 2
-    calibration = None
-    try:
         if a.load is not None and a.time_scale is not None:
             raise ValueError("give --load or --time-scale, not both")
+        calibration = None
         if a.load is not None or (sc.load is not None and a.time_scale is None):
+            from pdcluster.bench.trace_load import at_load
             sc, calibration = at_load(sc, a.load if a.load is not None else sc.load, a.seed)
     except ValueError as e:
         print(f"bench scenario: {e}", file=sys.stderr)

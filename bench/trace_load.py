@@ -20,6 +20,8 @@ N x WORKER_S_PER_PROBE_MS x p / (T x load x W). The fit is one host's; others di
 """
 from __future__ import annotations
 
+import sys
+
 # Device-only worker busy seconds per request of trace-replay's slice, per probe ms a token. Fitted 2026-12-08 on
 # an AMD EPYC without AVX-512 (2 vCPU): 382.6 busy s for 237 requests at x0.1 (bench/RESULTS.md), against the
 # probe on the same host, quiet: 2.99, 3.32, 3.28 ms a token.
@@ -85,3 +87,19 @@ def busy_share(workers: list[dict], durations: list[float]) -> float | None:
         busy, total = busy + sum(figs), total + len(figs) * d
     return busy / total if total else None
 
+
+
+def at_load(sc, load: float, seed: int) -> tuple:
+    """(Scenario sc replayed at the time scale that keeps its baseline's workers busy a `load` share here, what
+    set it)."""
+    from pdcluster.bench.scenario import scenario_requests, trace_override
+    if not str(sc.dataset["dataset"]).startswith("mooncake:"):
+        raise ValueError(f"--load applies to a trace replay; {sc.name} replays none")
+    requests, _ = scenario_requests(trace_override(sc, "time_scale", 1.0), seed)
+    workers = sc.baseline.workers("prefill") + sc.baseline.workers("decode")
+    print(f"probing this host's prefill speed for a load of {load:g} ...", file=sys.stderr, flush=True)
+    ms = probe_ms_per_token(probe_prompts(requests))
+    scale = time_scale_for(load, requests, workers, ms)
+    print(f"probe: {ms:.3f} ms a prompt token -> time scale x{scale:.4f}", file=sys.stderr, flush=True)
+    return trace_override(sc, "time_scale", scale), dict(load=load, probe_ms_per_token=round(ms, 4),
+                                                          time_scale=round(scale, 5))

@@ -94,20 +94,15 @@ class Sampling(Strict):
     response_format: ResponseFormat | None = None
     user: str | None = None                 # the caller's end-user label: recorded nowhere, harmless
 
-    @field_validator("stop", mode="before")
+    @field_validator("stop", "logit_bias", mode="before")
     @classmethod
-    def _stops(cls, v):
-        """The list's own bound, said as such (past it, pydantic's union said "Input should be a valid string")."""
-        if isinstance(v, list) and len(v) > MAX_STOPS:
-            raise ValueError(f"takes at most {MAX_STOPS} strings, got {len(v)}")
-        return v
-
-    @field_validator("logit_bias", mode="before")
-    @classmethod
-    def _bias_size(cls, v):
-        """A map's bound, before its entries are validated (pydantic bounds a dict only after: an error each)."""
-        if isinstance(v, dict) and len(v) > MAX_LOGIT_BIAS:
-            raise ValueError(f"holds {len(v)} entries; at most {MAX_LOGIT_BIAS}")
+    def _size(cls, v, info):
+        """A list's or map's bound, before its items are validated: pydantic bounds a map only after (an error per
+        entry), and past stop's bound its union said "Input should be a valid string"."""
+        bound = MAX_STOPS if info.field_name == "stop" else MAX_LOGIT_BIAS
+        if isinstance(v, (list, dict)) and len(v) > bound:
+            raise ValueError(f"takes at most {bound} {'strings' if info.field_name == 'stop' else 'entries'}, "
+                             f"got {len(v)}")
         return v
 
 

@@ -14,22 +14,17 @@ from pdcluster.router.proto import generation_pb2 as pb
 from pdcluster.router.proto import generation_pb2_grpc as pb_grpc
 from pdcluster.router.server import OFF_LOOP_LOGPROBS, RouterServer
 from tests.unit.char_tok import VOCAB
-from tests.unit.char_tok import CharTok as Tok
+from tests.unit.test_grpc_bad_input_status import Router as TwoTokens
 
 pytestmark = pytest.mark.timeout(60)
 CONTEXT = 2048
 
 
-class Router:
+class Router(TwoTokens):
     """Two tokens a request; the first event carries the prompt's logprobs when asked (2 alternatives each)."""
     def __init__(self):
-        self.tokenizer, self.tokenize_pool, self.context_tokens = Tok(), None, CONTEXT
-
-    def ready(self):
-        return True
-
-    def check_room(self):
-        pass
+        super().__init__()
+        self.context_tokens = CONTEXT
 
     async def generate(self, prompt_ids, params, request_id="", cache_salt=None, deadline_s=None):
         for i in range(2):

@@ -9,7 +9,8 @@ import pytest
 
 from pdcluster.bench import trace_load
 from pdcluster.bench.datasets import BenchRequest
-from pdcluster.bench.scenario import SCENARIOS, at_load, main
+from pdcluster.bench.scenario import SCENARIOS, main
+from pdcluster.bench.trace_load import at_load
 from pdcluster.deploy import cli
 
 pytestmark = pytest.mark.timeout(300)
