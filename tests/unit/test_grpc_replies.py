@@ -61,7 +61,8 @@ def test_a_reply_with_a_prompts_logprobs_is_built_off_the_event_loop(monkeypatch
     for m in firsts:
         assert len(m.prompt_logprobs) == len(prompt) - 1
         lp = m.prompt_logprobs[0]
-        assert (lp.token_id, lp.logprob, [(t.token_id, t.logprob) for t in lp.top]) == (97, -1.0, [(7, -2.0), (8, -3.0)])
+        top = [(t.token_id, t.logprob) for t in lp.top]
+        assert (lp.token_id, lp.logprob, top) == (97, -1.0, [(7, -2.0), (8, -3.0)])
     assert {t != loop_thread for n, t in built if n} == {True}        # the two big ones: off the loop
     assert {t == loop_thread for n, t in built if not n} == {True}    # the rest: on it
 
